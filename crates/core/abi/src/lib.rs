@@ -1,0 +1,352 @@
+#![doc = include_str!("../README.md")]
+#![no_std]
+#![deny(unsafe_code)]
+
+use core::fmt;
+
+/// Version of this ABI, returned in EAX of CPUID leaf [`CPUID_LEAF_ABI`].
+pub const ABI_VERSION: u32 = 1;
+/// CPUID leaf with the hypervisor vendor signature (EBX, ECX, EDX) and the highest hypervisor leaf (EAX).
+pub const CPUID_LEAF_SIGNATURE: u32 = 0x4000_0000;
+/// CPUID leaf with [`ABI_VERSION`] in EAX.
+pub const CPUID_LEAF_ABI: u32 = 0x4000_0001;
+/// The 12-byte vendor signature of L0, as CPUID returns it in EBX, ECX, EDX.
+pub const CPUID_SIGNATURE: &[u8; 12] = b"ihmiL0ihmiL0";
+/// The value [`Hypercall::Ping`] returns in RBX ("ihmi L0" in ASCII).
+pub const PING_REPLY: u64 = 0x0069_686d_6920_4c30;
+/// Longest single console write, in bytes.
+pub const CONSOLE_MAX: u64 = 256;
+/// Longest report record, in bytes.
+pub const REPORT_MAX: u64 = 256;
+
+/// Hypercall numbers (RAX on VMCALL).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
+pub enum Hypercall {
+    /// Liveness check; returns [`PING_REPLY`].
+    Ping = 0,
+    /// Print guest bytes on L0's console.
+    ConsoleWrite = 1,
+    /// Hand L0 a typed record for the running scenario to check.
+    Report = 2,
+    /// The guest is finished; L0 ends it and judges the scenario.
+    Done = 3,
+}
+
+impl Hypercall {
+    /// Decodes RAX; `None` for numbers the ABI does not define.
+    #[must_use]
+    pub const fn from_raw(nr: u64) -> Option<Self> {
+        Some(match nr {
+            0 => Self::Ping,
+            1 => Self::ConsoleWrite,
+            2 => Self::Report,
+            3 => Self::Done,
+            _ => return None,
+        })
+    }
+}
+
+/// Hypercall status (RAX on return).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[repr(i64)]
+pub enum Status {
+    /// Done.
+    #[default]
+    Ok = 0,
+    /// RAX held no known call number.
+    UnknownCall = -1,
+    /// An argument is out of range (length, kind).
+    InvalidArgument = -2,
+    /// A guest pointer does not translate to guest RAM.
+    BadAddress = -3,
+    /// The caller may not make this call (not ring 0).
+    Denied = -4,
+}
+
+impl Status {
+    /// The value placed in RAX.
+    #[must_use]
+    pub const fn to_raw(self) -> u64 {
+        self as i64 as u64
+    }
+
+    /// Decodes RAX after a VMCALL; `None` for values L0 never returns.
+    #[must_use]
+    pub const fn from_raw(raw: u64) -> Option<Self> {
+        Some(match raw as i64 {
+            0 => Self::Ok,
+            -1 => Self::UnknownCall,
+            -2 => Self::InvalidArgument,
+            -3 => Self::BadAddress,
+            -4 => Self::Denied,
+            _ => return None,
+        })
+    }
+
+    /// Short lower-case name, for logs.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::UnknownCall => "unknown-call",
+            Self::InvalidArgument => "invalid-argument",
+            Self::BadAddress => "bad-address",
+            Self::Denied => "denied",
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Kinds of [`Hypercall::Report`] records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
+pub enum ReportKind {
+    /// A [`CpuidRecord`]: what the guest saw for one CPUID leaf.
+    Cpuid = 1,
+}
+
+impl ReportKind {
+    /// Decodes the kind argument.
+    #[must_use]
+    pub const fn from_raw(raw: u64) -> Option<Self> {
+        match raw {
+            1 => Some(Self::Cpuid),
+            _ => None,
+        }
+    }
+
+    /// The exact record length this kind requires.
+    #[must_use]
+    pub const fn record_len(self) -> usize {
+        match self {
+            Self::Cpuid => CpuidRecord::LEN,
+        }
+    }
+}
+
+/// What the guest saw when it executed CPUID, so L0 can compare with what it returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CpuidRecord {
+    /// EAX input.
+    pub leaf: u32,
+    /// ECX input.
+    pub subleaf: u32,
+    /// Outputs EAX, EBX, ECX, EDX.
+    pub regs: [u32; 4],
+}
+
+impl CpuidRecord {
+    /// Length of the encoded record.
+    pub const LEN: usize = 24;
+
+    /// Little-endian encoding: leaf, subleaf, eax, ebx, ecx, edx.
+    #[must_use]
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut out = [0u8; Self::LEN];
+        let words = [
+            self.leaf,
+            self.subleaf,
+            self.regs[0],
+            self.regs[1],
+            self.regs[2],
+            self.regs[3],
+        ];
+        for (chunk, w) in out.chunks_exact_mut(4).zip(words) {
+            chunk.copy_from_slice(&w.to_le_bytes());
+        }
+        out
+    }
+
+    /// Decodes a record; `None` unless `bytes` has exactly [`Self::LEN`] bytes.
+    #[must_use]
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() != Self::LEN {
+            return None;
+        }
+        let mut w = [0u32; 6];
+        for (slot, chunk) in w.iter_mut().zip(bytes.chunks_exact(4)) {
+            *slot = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        }
+        Some(Self {
+            leaf: w[0],
+            subleaf: w[1],
+            regs: [w[2], w[3], w[4], w[5]],
+        })
+    }
+}
+
+/// The scenarios L0 and the test guest know. The name travels on L0's command line (`scenario=NAME`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Scenario {
+    /// The guest runs, calls CPUID and VMCALL; L0 checks the values the guest saw.
+    Boot = 1,
+    /// The guest reads a frame L0 owns; L0 must report an EPT violation and end the guest.
+    EptGuard = 2,
+    /// The guest makes malformed hypercalls; each must be rejected with the right status.
+    BadHypercall = 3,
+    /// Everything the guest can exercise, with L0's banner, features and exit counters.
+    Demo = 4,
+}
+
+impl Scenario {
+    /// Every scenario, in the order `ihmi test` runs them.
+    pub const ALL: [Scenario; 4] = [Self::Boot, Self::EptGuard, Self::BadHypercall, Self::Demo];
+
+    /// The command-line name.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Boot => "boot",
+            Self::EptGuard => "ept-guard",
+            Self::BadHypercall => "bad-hypercall",
+            Self::Demo => "demo",
+        }
+    }
+
+    /// Looks a scenario up by its command-line name.
+    #[must_use]
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.name() == name)
+    }
+
+    /// Decodes the number stored in [`BootInfo::scenario`].
+    #[must_use]
+    pub fn from_raw(raw: u32) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| *s as u32 == raw)
+    }
+}
+
+/// The `bad-hypercall` battery: each malformed call the test guest makes, in order, with the status L0
+/// must return. L0 judges from the statuses it actually returned; the guest checks what it saw.
+pub const BAD_HYPERCALL_CASES: &[(&str, Status)] = &[
+    ("unknown number 0xdead", Status::UnknownCall),
+    ("unknown number u64::MAX", Status::UnknownCall),
+    ("console write of 0 bytes", Status::InvalidArgument),
+    ("console write over CONSOLE_MAX", Status::InvalidArgument),
+    (
+        "console write from a non-canonical address",
+        Status::BadAddress,
+    ),
+    ("console write from an unmapped address", Status::BadAddress),
+    ("console write from an L0-owned frame", Status::BadAddress),
+    (
+        "console write crossing out of guest RAM",
+        Status::BadAddress,
+    ),
+    ("report of an unknown kind", Status::InvalidArgument),
+    ("report with a wrong length", Status::InvalidArgument),
+    ("report from an unmapped address", Status::BadAddress),
+];
+
+/// Magic value at the start of [`BootInfo`] ("IHMIBOOT").
+pub const BOOT_INFO_MAGIC: u64 = 0x544f_4f42_494d_4849;
+/// Largest number of RAM ranges in [`BootInfo`].
+pub const BOOT_INFO_MAX_RANGES: usize = 16;
+
+/// One range of guest RAM, `[start, start + len)` guest-physical.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct RamRange {
+    /// First byte.
+    pub start: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// What L0 tells one of our own guests at boot. Linux guests get the Linux boot protocol instead.
+///
+/// Raw `u64` fields are used here because this is a wire format shared with guest code; both sides wrap
+/// them in address types at the boundary.
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+pub struct BootInfo {
+    /// [`BOOT_INFO_MAGIC`].
+    pub magic: u64,
+    /// [`ABI_VERSION`].
+    pub abi_version: u32,
+    /// The scenario, as `Scenario as u32`.
+    pub scenario: u32,
+    /// Number of valid entries in `ram`.
+    pub ram_count: u64,
+    /// Guest RAM, sorted by address.
+    pub ram: [RamRange; BOOT_INFO_MAX_RANGES],
+    /// A guest-physical address that L0 owns (not guest RAM), for scenarios that probe the EPT.
+    pub probe_gpa: u64,
+}
+
+impl BootInfo {
+    /// The RAM ranges L0 filled in.
+    #[must_use]
+    pub fn ram(&self) -> &[RamRange] {
+        let n = (self.ram_count as usize).min(BOOT_INFO_MAX_RANGES);
+        &self.ram[..n]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hypercall_numbers_round_trip() {
+        for nr in 0..4 {
+            assert_eq!(Hypercall::from_raw(nr).map(|h| h as u64), Some(nr));
+        }
+        assert_eq!(Hypercall::from_raw(4), None);
+        assert_eq!(Hypercall::from_raw(u64::MAX), None);
+    }
+
+    #[test]
+    fn status_is_sign_extended() {
+        assert_eq!(Status::BadAddress.to_raw(), u64::MAX - 2);
+        for s in [
+            Status::Ok,
+            Status::UnknownCall,
+            Status::InvalidArgument,
+            Status::BadAddress,
+            Status::Denied,
+        ] {
+            assert_eq!(Status::from_raw(s.to_raw()), Some(s));
+        }
+        assert_eq!(Status::from_raw(1), None);
+    }
+
+    #[test]
+    fn cpuid_record_round_trip_and_length_check() {
+        let r = CpuidRecord {
+            leaf: 0x4000_0000,
+            subleaf: 0,
+            regs: [1, 2, 3, 0xdead_beef],
+        };
+        let bytes = r.encode();
+        assert_eq!(CpuidRecord::decode(&bytes), Some(r));
+        assert_eq!(CpuidRecord::decode(&bytes[..23]), None);
+        assert_eq!(
+            ReportKind::from_raw(1).map(ReportKind::record_len),
+            Some(CpuidRecord::LEN)
+        );
+        assert_eq!(ReportKind::from_raw(0), None);
+    }
+
+    #[test]
+    fn scenario_names_round_trip() {
+        for s in Scenario::ALL {
+            assert_eq!(Scenario::from_name(s.name()), Some(s));
+            assert_eq!(Scenario::from_raw(s as u32), Some(s));
+        }
+        assert_eq!(Scenario::from_name("nope"), None);
+    }
+
+    #[test]
+    fn signature_is_twelve_bytes_and_ping_reply_is_ascii() {
+        assert_eq!(CPUID_SIGNATURE.len(), 12);
+        assert_eq!(&PING_REPLY.to_be_bytes()[1..], b"ihmi L0");
+    }
+}

@@ -1,0 +1,129 @@
+//! The hypercall ABI of `ihmi-abi`, with every argument validated before L0 acts on it.
+
+use ihmi_abi::{CpuidRecord, Hypercall, ReportKind, Status, CONSOLE_MAX, PING_REPLY, REPORT_MAX};
+use ihmi_addr::{Gpa, Gva};
+use ihmi_paging::Cr3;
+use ihmi_vmcs::fields::guest;
+
+use crate::memory::GuestRamReader;
+use crate::{skip_instruction, Action, GuestEnd, Hypervisor, Platform, Vcpu};
+
+/// CR0.PG (SDM 2.5).
+const CR0_PG: u64 = 1 << 31;
+
+impl Hypervisor {
+    pub(crate) fn on_vmcall(
+        &mut self,
+        vcpu: &mut impl Vcpu,
+        platform: &mut impl Platform,
+    ) -> Action {
+        let regs = *vcpu.regs();
+        // CPL is the DPL of SS in the guest-state area (SDM 25.4.1); only the guest kernel may call L0.
+        let cpl = (vcpu.read(guest::SS_ACCESS_RIGHTS) >> 5) & 3;
+        let (status, value) = if cpl != 0 {
+            (Status::Denied, 0)
+        } else {
+            match Hypercall::from_raw(regs.rax) {
+                None => (Status::UnknownCall, 0),
+                Some(Hypercall::Ping) => (Status::Ok, PING_REPLY),
+                Some(Hypercall::ConsoleWrite) => {
+                    self.console_write(vcpu, platform, regs.rbx, regs.rcx)
+                }
+                Some(Hypercall::Report) => {
+                    (self.report(vcpu, platform, regs.rbx, regs.rcx, regs.rdx), 0)
+                }
+                Some(Hypercall::Done) => {
+                    self.log.record_hypercall(regs.rax, Status::Ok);
+                    return Action::End(GuestEnd::Done(regs.rbx));
+                }
+            }
+        };
+        self.log.record_hypercall(regs.rax, status);
+        let out = vcpu.regs();
+        out.rax = status.to_raw();
+        if status == Status::Ok {
+            out.rbx = value;
+        }
+        skip_instruction(vcpu);
+        Action::Resume
+    }
+
+    fn console_write(
+        &mut self,
+        vcpu: &mut impl Vcpu,
+        platform: &mut impl Platform,
+        gva: u64,
+        len: u64,
+    ) -> (Status, u64) {
+        if len == 0 || len > CONSOLE_MAX {
+            return (Status::InvalidArgument, 0);
+        }
+        let mut buf = [0u8; CONSOLE_MAX as usize];
+        let buf = &mut buf[..len as usize];
+        if let Err(s) = self.read_guest_virt(vcpu, platform, gva, buf) {
+            return (s, 0);
+        }
+        for line in buf.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            let mut clean = [0u8; CONSOLE_MAX as usize];
+            for (d, &s) in clean.iter_mut().zip(line) {
+                *d = if (0x20..0x7f).contains(&s) { s } else { b'.' };
+            }
+            let text = core::str::from_utf8(&clean[..line.len()]).unwrap_or("");
+            platform.guest_text(format_args!("guest| {text}"));
+        }
+        (Status::Ok, len)
+    }
+
+    fn report(
+        &mut self,
+        vcpu: &mut impl Vcpu,
+        platform: &mut impl Platform,
+        kind: u64,
+        gva: u64,
+        len: u64,
+    ) -> Status {
+        let Some(kind) = ReportKind::from_raw(kind) else {
+            return Status::InvalidArgument;
+        };
+        if len > REPORT_MAX || len as usize != kind.record_len() {
+            return Status::InvalidArgument;
+        }
+        let mut buf = [0u8; REPORT_MAX as usize];
+        let buf = &mut buf[..len as usize];
+        if let Err(s) = self.read_guest_virt(vcpu, platform, gva, buf) {
+            return s;
+        }
+        match kind {
+            ReportKind::Cpuid => match CpuidRecord::decode(buf) {
+                Some(record) => {
+                    self.log.record_cpuid_report(record);
+                    Status::Ok
+                }
+                None => Status::InvalidArgument,
+            },
+        }
+    }
+
+    /// Copies guest-virtual memory through the guest's own page tables; only guest RAM may be touched,
+    /// both by the page-table walk and by the data itself.
+    fn read_guest_virt(
+        &self,
+        vcpu: &mut impl Vcpu,
+        platform: &impl Platform,
+        gva: u64,
+        buf: &mut [u8],
+    ) -> Result<(), Status> {
+        let reader = GuestRamReader {
+            map: &self.memory,
+            platform,
+        };
+        if vcpu.read(guest::CR0) & CR0_PG == 0 {
+            use ihmi_paging::GuestPhysRead;
+            return reader
+                .read_bytes(Gpa::new(gva), buf)
+                .map_err(|_| Status::BadAddress);
+        }
+        let cr3 = Cr3::new(vcpu.read(guest::CR3));
+        ihmi_paging::read_virt(&reader, cr3, Gva::new(gva), buf).map_err(|_| Status::BadAddress)
+    }
+}

@@ -1,0 +1,326 @@
+#![doc = include_str!("../README.md")]
+#![no_std]
+#![deny(unsafe_code)]
+
+pub mod counters;
+mod cpuid;
+mod hypercall;
+pub mod io;
+pub mod memory;
+pub mod msr;
+pub mod scenario;
+
+#[cfg(test)]
+mod mock;
+#[cfg(test)]
+mod tests;
+
+use core::fmt;
+
+use ihmi_abi::Scenario;
+use ihmi_addr::{Gpa, Gva};
+use ihmi_vmcs::fields::{control, guest, ro};
+use ihmi_vmcs::{
+    EptViolationQualification, ExitReason, InterruptionInfo, InterruptionType, RawExitReason,
+    VmcsField,
+};
+
+pub use counters::ExitCounters;
+pub use memory::{MemoryMap, RegionKind};
+pub use scenario::{ScenarioLog, Verdict};
+
+/// Guest general-purpose registers as the exit stub saves them (RSP and RIP live in the VMCS).
+///
+/// The field order is the stub's push order reversed; `ihmi-vmx` checks the layout at compile time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct GuestRegs {
+    pub r15: u64,
+    pub r14: u64,
+    pub r13: u64,
+    pub r12: u64,
+    pub r11: u64,
+    pub r10: u64,
+    pub r9: u64,
+    pub r8: u64,
+    pub rbp: u64,
+    pub rdi: u64,
+    pub rsi: u64,
+    pub rdx: u64,
+    pub rcx: u64,
+    pub rbx: u64,
+    pub rax: u64,
+}
+
+/// The current virtual CPU: its VMCS and saved registers.
+pub trait Vcpu {
+    /// VMREAD of a field of the current VMCS.
+    fn read(&mut self, field: VmcsField) -> u64;
+    /// VMWRITE of a field of the current VMCS.
+    fn write(&mut self, field: VmcsField, value: u64);
+    /// The guest registers saved at exit, restored at entry.
+    fn regs(&mut self) -> &mut GuestRegs;
+}
+
+/// The machine around the vCPU.
+pub trait Platform {
+    /// CPUID as the host CPU answers it.
+    fn host_cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4];
+    /// Reads guest-physical memory that the caller has already checked is guest RAM.
+    fn read_phys(&self, gpa: Gpa, buf: &mut [u8]) -> bool;
+    /// Prints one line of L0's own on its console (serial and 0xE9).
+    fn log(&mut self, args: fmt::Arguments<'_>);
+    /// Prints one line of guest text, already sanitised and prefixed. It must never reach the channel
+    /// that carries L0's verdict markers.
+    fn guest_text(&mut self, args: fmt::Arguments<'_>);
+}
+
+/// What L0 does after an exit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Enter the guest again.
+    Resume,
+    /// Stop the guest for the given reason; L0 judges the scenario and stays up.
+    End(GuestEnd),
+}
+
+/// Why a guest stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestEnd {
+    /// The guest called `Done` with this code.
+    Done(u64),
+    /// The guest wrote "Shutdown" to port 0x8900 (its power-off path).
+    ShutdownRequest,
+    /// The guest asked for a reset through port 0xCF9.
+    ResetRequest,
+    /// The guest touched guest-physical memory its EPT does not allow.
+    EptViolation {
+        gpa: Gpa,
+        gla: Option<Gva>,
+        rip: u64,
+        qualification: EptViolationQualification,
+        region: Option<RegionKind>,
+    },
+    /// The EPT itself is malformed: an L0 bug.
+    EptMisconfig { gpa: Gpa },
+    /// The guest triple-faulted.
+    TripleFault { rip: u64 },
+    /// The guest received INIT.
+    Init,
+    /// The guest executed HLT with interrupts disabled: it can never wake up.
+    HaltedForever { rip: u64 },
+    /// An exit this handler does not support.
+    Unhandled {
+        reason: ExitReason,
+        qualification: u64,
+        rip: u64,
+    },
+}
+
+impl fmt::Display for GuestEnd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Done(code) => write!(f, "guest called Done({code})"),
+            Self::ShutdownRequest => f.write_str("guest requested shutdown (port 0x8900)"),
+            Self::ResetRequest => f.write_str("guest requested reset (port 0xcf9)"),
+            Self::EptViolation {
+                gpa,
+                gla,
+                rip,
+                qualification,
+                region,
+            } => {
+                write!(
+                    f,
+                    "EPT violation: gpa={gpa} ({}) access={} rip={rip:#x}",
+                    region_name(*region),
+                    access_name(qualification)
+                )?;
+                if let Some(gla) = gla {
+                    write!(f, " gva={gla}")?;
+                }
+                Ok(())
+            }
+            Self::EptMisconfig { gpa } => write!(f, "EPT misconfiguration at gpa={gpa} (L0 bug)"),
+            Self::TripleFault { rip } => write!(f, "guest triple fault at rip={rip:#x}"),
+            Self::Init => f.write_str("guest received INIT"),
+            Self::HaltedForever { rip } => {
+                write!(f, "guest halted with interrupts off at rip={rip:#x}")
+            }
+            Self::Unhandled {
+                reason,
+                qualification,
+                rip,
+            } => {
+                write!(
+                    f,
+                    "unhandled exit {} (qualification {qualification:#x}) at rip={rip:#x}",
+                    reason.name()
+                )
+            }
+        }
+    }
+}
+
+fn region_name(region: Option<RegionKind>) -> &'static str {
+    match region {
+        Some(r) => r.name(),
+        None => "unmapped",
+    }
+}
+
+fn access_name(q: &EptViolationQualification) -> &'static str {
+    if q.fetch() {
+        "execute"
+    } else if q.write() {
+        "write"
+    } else {
+        "read"
+    }
+}
+
+/// The exception vectors L0 intercepts (the VMCS exception bitmap): #BP only, to count and reinject it.
+pub const EXCEPTION_BITMAP: u32 = 1 << 3;
+
+/// L0's per-guest state and exit policy.
+#[derive(Debug)]
+pub struct Hypervisor {
+    /// Guest-physical memory and who owns each part.
+    pub memory: MemoryMap,
+    /// Per-reason exit counts.
+    pub counters: ExitCounters,
+    /// What the guest did that the scenario checks.
+    pub log: ScenarioLog,
+    /// The scenario being run.
+    pub scenario: Scenario,
+    e9_line: io::LineBuffer,
+    shutdown_port: io::ShutdownMatcher,
+}
+
+impl Hypervisor {
+    /// A hypervisor for one guest with the given memory map and scenario.
+    #[must_use]
+    pub fn new(memory: MemoryMap, scenario: Scenario) -> Self {
+        Self {
+            memory,
+            counters: ExitCounters::default(),
+            log: ScenarioLog::default(),
+            scenario,
+            e9_line: io::LineBuffer::default(),
+            shutdown_port: io::ShutdownMatcher::default(),
+        }
+    }
+
+    /// Handles one VM exit. Never panics on guest input: anything unexpected ends the guest.
+    pub fn handle_exit(&mut self, vcpu: &mut impl Vcpu, platform: &mut impl Platform) -> Action {
+        let raw = RawExitReason::from_raw(vcpu.read(ro::EXIT_REASON) as u32);
+        let reason = raw.basic();
+        self.counters.record(reason);
+        let action = match reason {
+            ExitReason::Cpuid => self.on_cpuid(vcpu, platform),
+            ExitReason::Vmcall => self.on_vmcall(vcpu, platform),
+            ExitReason::IoInstruction => self.on_io(vcpu, platform),
+            ExitReason::Rdmsr => self.on_rdmsr(vcpu),
+            ExitReason::Wrmsr => self.on_wrmsr(vcpu),
+            ExitReason::Hlt => self.on_hlt(vcpu),
+            ExitReason::ExceptionOrNmi => self.on_exception(vcpu),
+            ExitReason::EptViolation => self.on_ept_violation(vcpu),
+            ExitReason::EptMisconfig => Action::End(GuestEnd::EptMisconfig {
+                gpa: Gpa::new(vcpu.read(ro::GUEST_PHYSICAL_ADDR_FULL)),
+            }),
+            ExitReason::TripleFault => Action::End(GuestEnd::TripleFault {
+                rip: vcpu.read(guest::RIP),
+            }),
+            ExitReason::Init => Action::End(GuestEnd::Init),
+            other => Action::End(GuestEnd::Unhandled {
+                reason: other,
+                qualification: vcpu.read(ro::EXIT_QUALIFICATION),
+                rip: vcpu.read(guest::RIP),
+            }),
+        };
+        if let Action::End(end) = action {
+            self.log.end = Some(end);
+        }
+        action
+    }
+
+    fn on_hlt(&mut self, vcpu: &mut impl Vcpu) -> Action {
+        const RFLAGS_IF: u64 = 1 << 9;
+        if vcpu.read(guest::RFLAGS) & RFLAGS_IF == 0 {
+            return Action::End(GuestEnd::HaltedForever {
+                rip: vcpu.read(guest::RIP),
+            });
+        }
+        // No interrupt source is virtualised yet, so waking at once is a legal spurious wake-up.
+        skip_instruction(vcpu);
+        Action::Resume
+    }
+
+    fn on_exception(&mut self, vcpu: &mut impl Vcpu) -> Action {
+        let info = InterruptionInfo::from_raw(vcpu.read(ro::VMEXIT_INTERRUPTION_INFO) as u32);
+        self.counters.record_exception(info.vector());
+        // Reflect the event back into the guest exactly as it arrived.
+        let reinject = match info.interruption_type() {
+            InterruptionType::SoftwareException | InterruptionType::PrivilegedSoftwareException => {
+                let len = vcpu.read(ro::VMEXIT_INSTRUCTION_LEN);
+                vcpu.write(control::VMENTRY_INSTRUCTION_LEN, len);
+                InterruptionInfo::software_exception(info.vector())
+            }
+            InterruptionType::Nmi => InterruptionInfo::nmi(),
+            _ => {
+                let has_code = info.error_code_valid();
+                if has_code {
+                    let code = vcpu.read(ro::VMEXIT_INTERRUPTION_ERR_CODE);
+                    vcpu.write(control::VMENTRY_EXCEPTION_ERR_CODE, code);
+                }
+                InterruptionInfo::hardware_exception(info.vector(), has_code)
+            }
+        };
+        vcpu.write(
+            control::VMENTRY_INTERRUPTION_INFO_FIELD,
+            u64::from(reinject.raw()),
+        );
+        Action::Resume
+    }
+
+    fn on_ept_violation(&mut self, vcpu: &mut impl Vcpu) -> Action {
+        let gpa = Gpa::new(vcpu.read(ro::GUEST_PHYSICAL_ADDR_FULL));
+        let qualification = EptViolationQualification::from_raw(vcpu.read(ro::EXIT_QUALIFICATION));
+        let gla = qualification
+            .gla_valid()
+            .then(|| Gva::new(vcpu.read(ro::GUEST_LINEAR_ADDR)));
+        Action::End(GuestEnd::EptViolation {
+            gpa,
+            gla,
+            rip: vcpu.read(guest::RIP),
+            qualification,
+            region: self.memory.classify(gpa),
+        })
+    }
+}
+
+/// Moves the guest past the instruction that exited, dropping STI/MOV-SS blocking as the CPU would.
+pub(crate) fn skip_instruction(vcpu: &mut impl Vcpu) {
+    let len = vcpu.read(ro::VMEXIT_INSTRUCTION_LEN);
+    let rip = vcpu.read(guest::RIP);
+    vcpu.write(guest::RIP, rip.wrapping_add(len));
+    let blocking = vcpu.read(guest::INTERRUPTIBILITY_STATE);
+    if blocking & 0b11 != 0 {
+        vcpu.write(guest::INTERRUPTIBILITY_STATE, blocking & !0b11);
+    }
+}
+
+/// Injects a hardware exception (#GP, #UD, ...) into the guest at its current instruction.
+pub(crate) fn inject_exception(vcpu: &mut impl Vcpu, vector: u8, error_code: Option<u32>) {
+    if let Some(code) = error_code {
+        vcpu.write(control::VMENTRY_EXCEPTION_ERR_CODE, u64::from(code));
+    }
+    let info = InterruptionInfo::hardware_exception(vector, error_code.is_some());
+    vcpu.write(
+        control::VMENTRY_INTERRUPTION_INFO_FIELD,
+        u64::from(info.raw()),
+    );
+}
+
+/// General-protection fault vector.
+pub(crate) const GP: u8 = 13;

@@ -1,0 +1,431 @@
+//! Who owns each part of guest-physical space, and reads of guest RAM that respect it.
+
+use ihmi_addr::{Gpa, Hpa, PhysRange, PAGE_SIZE};
+use ihmi_paging::{GuestPhysRead, PhysReadError};
+
+use crate::Platform;
+
+/// What a guest-physical range is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RegionKind {
+    /// RAM the guest may use; mapped in its EPT.
+    GuestRam,
+    /// Memory L0 owns (its image, its frames, boot modules); never mapped for the guest.
+    L0,
+    /// Device memory passed through to the guest.
+    Mmio,
+}
+
+impl RegionKind {
+    /// Short name for reports.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::GuestRam => "guest RAM",
+            Self::L0 => "L0-owned",
+            Self::Mmio => "MMIO",
+        }
+    }
+}
+
+/// Capacity of a [`MemoryMap`].
+pub const MAX_REGIONS: usize = 64;
+
+/// Error adding a region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapError {
+    /// The map is full.
+    Full,
+    /// The new region overlaps one already in the map.
+    Overlap,
+    /// Empty range.
+    Empty,
+}
+
+/// A fixed-capacity, non-overlapping list of guest-physical regions, sorted by address.
+#[derive(Clone, Debug)]
+pub struct MemoryMap {
+    regions: [(PhysRange, RegionKind); MAX_REGIONS],
+    count: usize,
+}
+
+impl Default for MemoryMap {
+    fn default() -> Self {
+        let empty = PhysRange {
+            start: Hpa::new(0),
+            end: Hpa::new(0),
+        };
+        Self {
+            regions: [(empty, RegionKind::L0); MAX_REGIONS],
+            count: 0,
+        }
+    }
+}
+
+impl MemoryMap {
+    /// Adds a region; regions never overlap.
+    pub fn add(&mut self, range: PhysRange, kind: RegionKind) -> Result<(), MapError> {
+        if range.is_empty() {
+            return Err(MapError::Empty);
+        }
+        if self.regions().iter().any(|(r, _)| r.overlaps(&range)) {
+            return Err(MapError::Overlap);
+        }
+        if self.count == MAX_REGIONS {
+            return Err(MapError::Full);
+        }
+        let at = self
+            .regions()
+            .iter()
+            .position(|(r, _)| r.start > range.start)
+            .unwrap_or(self.count);
+        self.regions.copy_within(at..self.count, at + 1);
+        self.regions[at] = (range, kind);
+        self.count += 1;
+        Ok(())
+    }
+
+    /// All regions, sorted.
+    #[must_use]
+    pub fn regions(&self) -> &[(PhysRange, RegionKind)] {
+        &self.regions[..self.count]
+    }
+
+    /// Regions of one kind.
+    pub fn of_kind(&self, kind: RegionKind) -> impl Iterator<Item = PhysRange> + '_ {
+        self.regions()
+            .iter()
+            .filter(move |(_, k)| *k == kind)
+            .map(|(r, _)| *r)
+    }
+
+    /// The kind of the region holding `gpa`, if any.
+    #[must_use]
+    pub fn classify(&self, gpa: Gpa) -> Option<RegionKind> {
+        let addr = Hpa::from_identity_gpa(gpa);
+        self.regions()
+            .iter()
+            .find(|(r, _)| r.contains(addr))
+            .map(|(_, k)| *k)
+    }
+
+    /// Whether every byte of `[gpa, gpa + len)` is guest RAM.
+    #[must_use]
+    pub fn is_guest_ram(&self, gpa: Gpa, len: u64) -> bool {
+        let Some(end) = gpa.checked_add(len) else {
+            return false;
+        };
+        let mut at = gpa;
+        while at < end {
+            let Some((r, _)) = self.regions().iter().find(|(r, k)| {
+                *k == RegionKind::GuestRam && r.contains(Hpa::from_identity_gpa(at))
+            }) else {
+                return false;
+            };
+            // Adjacent RAM regions are fine: continue from the end of this one.
+            at = Gpa::new(r.end.raw());
+        }
+        true
+    }
+}
+
+/// Largest number of ranges [`MemoryMap::build`] takes in each input list.
+pub const MAX_INPUT_RANGES: usize = 32;
+
+impl MemoryMap {
+    /// Builds the guest's view of physical memory from the firmware memory map.
+    ///
+    /// `available` is the RAM the firmware reports free, `l0_owned` what L0 keeps for itself (its image,
+    /// boot modules, its frame pool), `devices` the device and firmware ranges passed through. Guest RAM is
+    /// `available` minus `l0_owned`, shrunk to whole pages; L0 ranges are grown to whole pages, so a
+    /// partly used page always belongs to L0.
+    pub fn build(
+        available: &[PhysRange],
+        l0_owned: &[PhysRange],
+        devices: &[PhysRange],
+    ) -> Result<Self, MapError> {
+        let mut map = Self::default();
+        for l0 in l0_owned {
+            let grown = PhysRange {
+                start: l0.start.align_down(PAGE_SIZE),
+                end: l0.end.align_up(PAGE_SIZE).unwrap_or(l0.end),
+            };
+            map.add_merging_l0(grown)?;
+        }
+        for ram in available {
+            let Some(start) = ram.start.align_up(PAGE_SIZE) else {
+                continue;
+            };
+            let end = ram.end.align_down(PAGE_SIZE);
+            if start >= end {
+                continue;
+            }
+            // Cut out every L0 range; what is left is guest RAM.
+            let mut rest = heapless_pieces::Pieces::new(PhysRange { start, end });
+            for (l0, kind) in map.regions() {
+                if *kind == RegionKind::L0 {
+                    rest.subtract(*l0);
+                }
+            }
+            for piece in rest.iter() {
+                map.add(piece, RegionKind::GuestRam)?;
+            }
+        }
+        for dev in devices {
+            // A device range may overlap what the firmware calls RAM only by mistake; RAM wins.
+            if map.regions().iter().all(|(r, _)| !r.overlaps(dev)) {
+                map.add(*dev, RegionKind::Mmio)?;
+            }
+        }
+        Ok(map)
+    }
+
+    fn add_merging_l0(&mut self, range: PhysRange) -> Result<(), MapError> {
+        // L0 ranges may touch or overlap each other (a module right after the image): merge them.
+        let mut merged = range;
+        while let Some(i) = self.regions().iter().position(|(r, k)| {
+            *k == RegionKind::L0 && r.start <= merged.end && merged.start <= r.end
+        }) {
+            let (r, _) = self.regions[i];
+            merged = PhysRange {
+                start: r.start.min(merged.start),
+                end: r.end.max(merged.end),
+            };
+            self.regions.copy_within(i + 1..self.count, i);
+            self.count -= 1;
+        }
+        self.add(merged, RegionKind::L0)
+    }
+}
+
+/// Picks `size` bytes for L0's frame pool: the highest `align`-aligned block of available RAM that
+/// overlaps none of `taken`. High memory keeps the pool away from where guests are loaded.
+#[must_use]
+pub fn choose_pool(
+    available: &[PhysRange],
+    taken: &[PhysRange],
+    size: u64,
+    align: u64,
+) -> Option<PhysRange> {
+    let mut best: Option<PhysRange> = None;
+    for ram in available {
+        let mut end = ram.end.align_down(align);
+        while let Some(start) = end.checked_sub(size) {
+            if start < ram.start {
+                break;
+            }
+            let cand = PhysRange { start, end };
+            match taken.iter().find(|t| t.overlaps(&cand)) {
+                None => {
+                    if best.is_none_or(|b| cand.start > b.start) {
+                        best = Some(cand);
+                    }
+                    break;
+                }
+                // Slide below the obstacle and try again.
+                Some(t) => end = t.start.align_down(align),
+            }
+        }
+    }
+    best
+}
+
+mod heapless_pieces {
+    use ihmi_addr::PhysRange;
+
+    const MAX: usize = 16;
+
+    /// What is left of one range after cutting holes out of it.
+    pub struct Pieces {
+        items: [PhysRange; MAX],
+        len: usize,
+    }
+
+    impl Pieces {
+        pub fn new(r: PhysRange) -> Self {
+            Self {
+                items: [r; MAX],
+                len: 1,
+            }
+        }
+
+        pub fn subtract(&mut self, hole: PhysRange) {
+            let mut out = [self.items[0]; MAX];
+            let mut n = 0;
+            for p in &self.items[..self.len] {
+                if !p.overlaps(&hole) {
+                    out[n] = *p;
+                    n += 1;
+                    continue;
+                }
+                for part in [
+                    PhysRange {
+                        start: p.start,
+                        end: hole.start,
+                    },
+                    PhysRange {
+                        start: hole.end,
+                        end: p.end,
+                    },
+                ] {
+                    if part.start < part.end
+                        && n < MAX
+                        && part.start >= p.start
+                        && part.end <= p.end
+                    {
+                        out[n] = part;
+                        n += 1;
+                    }
+                }
+            }
+            self.items = out;
+            self.len = n;
+        }
+
+        pub fn iter(&self) -> impl Iterator<Item = PhysRange> + '_ {
+            self.items[..self.len].iter().copied()
+        }
+    }
+}
+
+/// Guest-physical reads for page walks on behalf of the guest: only guest RAM is readable, so a guest
+/// cannot make L0 read its own frames by pointing a page table or a buffer at them.
+pub(crate) struct GuestRamReader<'a, P: Platform> {
+    pub map: &'a MemoryMap,
+    pub platform: &'a P,
+}
+
+impl<P: Platform> GuestPhysRead for GuestRamReader<'_, P> {
+    fn read_bytes(&self, gpa: Gpa, buf: &mut [u8]) -> Result<(), PhysReadError> {
+        if !self.map.is_guest_ram(gpa, buf.len() as u64) || !self.platform.read_phys(gpa, buf) {
+            return Err(PhysReadError { gpa });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+
+    fn range(start: u64, end: u64) -> PhysRange {
+        PhysRange {
+            start: Hpa::new(start),
+            end: Hpa::new(end),
+        }
+    }
+
+    #[test]
+    fn regions_stay_sorted_and_disjoint() {
+        let mut m = MemoryMap::default();
+        m.add(range(0x20_0000, 0x30_0000), RegionKind::L0).unwrap();
+        m.add(range(0, 0x20_0000), RegionKind::GuestRam).unwrap();
+        m.add(range(0x30_0000, 0x100_0000), RegionKind::GuestRam)
+            .unwrap();
+        assert_eq!(
+            m.add(range(0x2f_f000, 0x30_1000), RegionKind::Mmio),
+            Err(MapError::Overlap)
+        );
+        assert_eq!(m.add(range(5, 5), RegionKind::Mmio), Err(MapError::Empty));
+        let starts: [u64; 3] = core::array::from_fn(|i| m.regions()[i].0.start.raw());
+        assert_eq!(starts, [0, 0x20_0000, 0x30_0000]);
+        assert_eq!(m.classify(Gpa::new(0x20_1000)), Some(RegionKind::L0));
+        assert_eq!(m.classify(Gpa::new(0x100_0000)), None);
+    }
+
+    #[test]
+    fn guest_ram_spans_must_not_touch_other_regions() {
+        let mut m = MemoryMap::default();
+        m.add(range(0, 0x1000), RegionKind::GuestRam).unwrap();
+        m.add(range(0x1000, 0x2000), RegionKind::GuestRam).unwrap();
+        m.add(range(0x2000, 0x3000), RegionKind::L0).unwrap();
+        assert!(
+            m.is_guest_ram(Gpa::new(0xff0), 0x20),
+            "adjacent RAM regions join"
+        );
+        assert!(
+            !m.is_guest_ram(Gpa::new(0x1ff0), 0x20),
+            "crossing into L0 memory"
+        );
+        assert!(!m.is_guest_ram(Gpa::new(u64::MAX - 4), 8), "overflow");
+        assert!(m.is_guest_ram(Gpa::new(0x10), 0));
+    }
+
+    #[test]
+    fn build_cuts_l0_out_of_ram_at_page_granularity() {
+        let available = [range(0, 0x9f000), range(0x10_0000, 0x1000_0000)];
+        let l0 = [
+            range(0x10_0000, 0x11_8123),
+            range(0x11_8123, 0x12_0000),
+            range(0xf00_0000, 0x1000_0000),
+        ];
+        let devices = [
+            range(0xa_0000, 0xc_0000),
+            range(0xfee0_0000, 0xfee0_1000),
+            range(0x10_0000, 0x10_1000),
+        ];
+        let m = MemoryMap::build(&available, &l0, &devices).unwrap();
+        let got: std::vec::Vec<_> = m
+            .regions()
+            .iter()
+            .map(|(r, k)| (r.start.raw(), r.end.raw(), *k))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (0, 0x9f000, RegionKind::GuestRam),
+                (0xa_0000, 0xc_0000, RegionKind::Mmio),
+                (0x10_0000, 0x12_0000, RegionKind::L0),
+                (0x12_0000, 0xf00_0000, RegionKind::GuestRam),
+                (0xf00_0000, 0x1000_0000, RegionKind::L0),
+                (0xfee0_0000, 0xfee0_1000, RegionKind::Mmio),
+            ]
+        );
+        assert!(!m.is_guest_ram(Gpa::new(0x11_f000), 1));
+    }
+
+    #[test]
+    fn build_keeps_partial_pages_for_l0_and_splits_ram_around_holes() {
+        let m = MemoryMap::build(&[range(0x1000, 0x10000)], &[range(0x4800, 0x4900)], &[]).unwrap();
+        let got: std::vec::Vec<_> = m
+            .regions()
+            .iter()
+            .map(|(r, k)| (r.start.raw(), r.end.raw(), *k))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (0x1000, 0x4000, RegionKind::GuestRam),
+                (0x4000, 0x5000, RegionKind::L0),
+                (0x5000, 0x10000, RegionKind::GuestRam)
+            ]
+        );
+    }
+
+    #[test]
+    fn pool_is_the_highest_free_aligned_block() {
+        let available = [range(0, 0x9f000), range(0x10_0000, 0x1000_0000)];
+        let taken = [range(0xfe0_0000, 0xff0_1000)];
+        let pool = choose_pool(&available, &taken, 0x40_0000, 0x20_0000).unwrap();
+        assert_eq!(
+            (pool.start.raw(), pool.end.raw()),
+            (0xfa0_0000, 0xfe0_0000),
+            "just below the taken range"
+        );
+        assert!(choose_pool(&[range(0, 0x10_0000)], &[], 0x40_0000, 0x20_0000).is_none());
+    }
+
+    #[test]
+    fn full_map_is_an_error() {
+        let mut m = MemoryMap::default();
+        for i in 0..MAX_REGIONS as u64 {
+            m.add(range(i * 0x1000, i * 0x1000 + 0x1000), RegionKind::GuestRam)
+                .unwrap();
+        }
+        assert_eq!(
+            m.add(range(0x100_0000, 0x100_1000), RegionKind::GuestRam),
+            Err(MapError::Full)
+        );
+    }
+}

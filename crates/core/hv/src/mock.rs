@@ -1,0 +1,148 @@
+//! A recording mock of the vCPU and the platform (the vmi-rs mock-driver idea): tests assert the exact
+//! sequence of VMCS accesses and platform calls an exit produces.
+
+extern crate std;
+
+use core::cell::RefCell;
+use core::fmt;
+use std::collections::BTreeMap;
+use std::string::{String, ToString};
+use std::vec::Vec;
+
+use ihmi_addr::Gpa;
+use ihmi_vmcs::fields::{guest, ro};
+use ihmi_vmcs::VmcsField;
+
+use crate::{GuestRegs, Platform, Vcpu};
+
+/// One recorded call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Call {
+    Read(VmcsField),
+    Write(VmcsField, u64),
+    HostCpuid(u32, u32),
+    ReadPhys(Gpa, usize),
+    Log(String),
+    GuestText(String),
+}
+
+#[derive(Debug, Default)]
+pub struct MockVcpu {
+    pub fields: BTreeMap<VmcsField, u64>,
+    pub regs: GuestRegs,
+    pub calls: Vec<Call>,
+}
+
+impl MockVcpu {
+    /// A vCPU that just exited with `reason`, in ring 0 with paging on and interrupts enabled.
+    pub fn exited(reason: u32, rip: u64, instruction_len: u64) -> Self {
+        let mut v = Self::default();
+        v.fields.insert(ro::EXIT_REASON, u64::from(reason));
+        v.fields.insert(guest::RIP, rip);
+        v.fields.insert(ro::VMEXIT_INSTRUCTION_LEN, instruction_len);
+        v.fields.insert(guest::SS_ACCESS_RIGHTS, 0xc093);
+        v.fields.insert(guest::CR0, 0x8000_0031);
+        v.fields.insert(guest::CR3, 0x1000);
+        v.fields.insert(guest::RFLAGS, 0x202);
+        v
+    }
+
+    /// Writes recorded so far.
+    pub fn writes(&self) -> Vec<(VmcsField, u64)> {
+        self.calls
+            .iter()
+            .filter_map(|c| match c {
+                Call::Write(f, v) => Some((*f, *v)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+impl Vcpu for MockVcpu {
+    fn read(&mut self, field: VmcsField) -> u64 {
+        self.calls.push(Call::Read(field));
+        self.fields.get(&field).copied().unwrap_or(0)
+    }
+    fn write(&mut self, field: VmcsField, value: u64) {
+        self.calls.push(Call::Write(field, value));
+        self.fields.insert(field, value);
+    }
+    fn regs(&mut self) -> &mut GuestRegs {
+        &mut self.regs
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct MockPlatform {
+    /// Guest-physical memory by page number.
+    pub pages: BTreeMap<u64, [u8; 4096]>,
+    pub calls: RefCell<Vec<Call>>,
+}
+
+impl MockPlatform {
+    pub fn write_u64(&mut self, gpa: u64, value: u64) {
+        self.write_bytes(gpa, &value.to_le_bytes());
+    }
+    pub fn write_bytes(&mut self, gpa: u64, bytes: &[u8]) {
+        for (i, b) in bytes.iter().enumerate() {
+            let a = gpa + i as u64;
+            self.pages.entry(a / 4096).or_insert([0; 4096])[(a % 4096) as usize] = *b;
+        }
+    }
+    /// Guest text L0 printed, and a check that none of it went through L0's own log channel.
+    pub fn guest_texts(&self) -> Vec<String> {
+        let calls = self.calls.borrow();
+        assert!(!calls
+            .iter()
+            .any(|c| matches!(c, Call::Log(s) if s.starts_with("guest|"))));
+        calls
+            .iter()
+            .filter_map(|c| match c {
+                Call::GuestText(s) => Some(s.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+    pub fn phys_reads(&self) -> Vec<(Gpa, usize)> {
+        self.calls
+            .borrow()
+            .iter()
+            .filter_map(|c| match c {
+                Call::ReadPhys(g, n) => Some((*g, *n)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+impl Platform for MockPlatform {
+    fn host_cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        self.calls.borrow_mut().push(Call::HostCpuid(leaf, subleaf));
+        // A host that has VMX (leaf 1 ECX bit 5) and nothing in the hypervisor range.
+        match leaf {
+            1 => [0x906ea, 0x0010_0800, 0x7ffa_fbbf, 0xbfeb_fbff],
+            0x4000_0000 => [0xdead, 0xbeef, 0xdead, 0xbeef],
+            _ => [leaf, 0, 0, 0],
+        }
+    }
+    fn read_phys(&self, gpa: Gpa, buf: &mut [u8]) -> bool {
+        self.calls.borrow_mut().push(Call::ReadPhys(gpa, buf.len()));
+        for (i, b) in buf.iter_mut().enumerate() {
+            let a = gpa.raw() + i as u64;
+            *b = self
+                .pages
+                .get(&(a / 4096))
+                .map_or(0, |p| p[(a % 4096) as usize]);
+        }
+        true
+    }
+    fn log(&mut self, args: fmt::Arguments<'_>) {
+        self.calls.borrow_mut().push(Call::Log(args.to_string()));
+    }
+    fn guest_text(&mut self, args: fmt::Arguments<'_>) {
+        self.calls
+            .borrow_mut()
+            .push(Call::GuestText(args.to_string()));
+    }
+}

@@ -1,0 +1,59 @@
+//! MSR policy. The same table drives the VMCS MSR bitmap (what exits) and the handler (what happens).
+
+use crate::{inject_exception, skip_instruction, Action, Hypervisor, Vcpu, GP};
+
+/// IA32_FEATURE_CONTROL (SDM Vol. 4, Table 2-2).
+pub const IA32_FEATURE_CONTROL: u32 = 0x3a;
+/// First and last VMX capability MSRs, IA32_VMX_BASIC..IA32_VMX_VMFUNC (SDM Appendix A).
+pub const IA32_VMX_FIRST: u32 = 0x480;
+/// See [`IA32_VMX_FIRST`].
+pub const IA32_VMX_LAST: u32 = 0x491;
+/// Feature-control value the guest reads: locked, VMX off inside and outside SMX.
+const FEATURE_CONTROL_LOCKED_NO_VMX: u64 = 1;
+
+/// MSRs whose reads and writes exit to L0 (everything else in the bitmap's ranges goes straight through).
+pub const INTERCEPTED: &[(u32, u32)] = &[
+    (IA32_FEATURE_CONTROL, IA32_FEATURE_CONTROL),
+    (IA32_VMX_FIRST, IA32_VMX_LAST),
+];
+
+/// Whether the policy intercepts `msr`.
+#[must_use]
+pub fn is_intercepted(msr: u32) -> bool {
+    INTERCEPTED.iter().any(|&(a, b)| (a..=b).contains(&msr))
+}
+
+impl Hypervisor {
+    pub(crate) fn on_rdmsr(&mut self, vcpu: &mut impl Vcpu) -> Action {
+        let msr = vcpu.regs().rcx as u32;
+        let value = match msr {
+            IA32_FEATURE_CONTROL => Some(FEATURE_CONTROL_LOCKED_NO_VMX),
+            // VMX is hidden, so its capability MSRs do not exist; so does every MSR we do not know
+            // (reads outside the bitmap ranges always exit).
+            _ => None,
+        };
+        self.log.msr_reads += 1;
+        match value {
+            Some(v) => {
+                let regs = vcpu.regs();
+                regs.rax = v & 0xffff_ffff;
+                regs.rdx = v >> 32;
+                skip_instruction(vcpu);
+            }
+            None => {
+                self.log.injected_gp += 1;
+                inject_exception(vcpu, GP, Some(0));
+            }
+        }
+        Action::Resume
+    }
+
+    pub(crate) fn on_wrmsr(&mut self, vcpu: &mut impl Vcpu) -> Action {
+        // Every intercepted MSR is read-only to the guest (feature control is locked; VMX MSRs do not
+        // exist), and so is any MSR outside the bitmap's ranges.
+        self.log.msr_writes += 1;
+        self.log.injected_gp += 1;
+        inject_exception(vcpu, GP, Some(0));
+        Action::Resume
+    }
+}

@@ -1,0 +1,356 @@
+//! What each Bochs scenario must observe. L0 prints `IHMI-PASS` only when [`judge`] says so.
+
+use core::fmt;
+
+use ihmi_abi::{
+    CpuidRecord, Hypercall, Scenario, Status, BAD_HYPERCALL_CASES, CPUID_LEAF_ABI,
+    CPUID_LEAF_SIGNATURE,
+};
+use ihmi_addr::{Gpa, PAGE_SIZE};
+use ihmi_vmcs::ExitReason;
+
+use crate::{ExitCounters, GuestEnd, RegionKind};
+
+const MAX_CPUID: usize = 32;
+const MAX_REPORTS: usize = 16;
+const MAX_HYPERCALLS: usize = 64;
+
+/// What the guest did, as far as the scenarios care.
+#[derive(Clone, Debug, Default)]
+pub struct ScenarioLog {
+    cpuid_returned: heapless_table::Table<(u32, u32, [u32; 4]), MAX_CPUID>,
+    cpuid_reports: heapless_table::Table<CpuidRecord, MAX_REPORTS>,
+    hypercalls: heapless_table::Table<(u64, Status), MAX_HYPERCALLS>,
+    /// Intercepted RDMSRs.
+    pub msr_reads: u64,
+    /// Intercepted WRMSRs.
+    pub msr_writes: u64,
+    /// #GP faults L0 injected.
+    pub injected_gp: u64,
+    /// Intercepted port accesses.
+    pub io_exits: u64,
+    /// How the guest ended, once it has.
+    pub end: Option<GuestEnd>,
+}
+
+impl ScenarioLog {
+    /// Remembers what L0 returned for a CPUID leaf (the latest answer per leaf).
+    pub fn record_cpuid(&mut self, leaf: u32, subleaf: u32, regs: [u32; 4]) {
+        let known = self
+            .cpuid_returned
+            .as_slice()
+            .iter()
+            .position(|e| e.0 == leaf && e.1 == subleaf);
+        match known {
+            Some(i) => self.cpuid_returned.set(i, (leaf, subleaf, regs)),
+            None => self.cpuid_returned.push((leaf, subleaf, regs)),
+        }
+    }
+
+    /// Remembers what the guest says it saw.
+    pub fn record_cpuid_report(&mut self, record: CpuidRecord) {
+        self.cpuid_reports.push(record);
+    }
+
+    /// Remembers a hypercall and the status L0 gave it.
+    pub fn record_hypercall(&mut self, nr: u64, status: Status) {
+        self.hypercalls.push((nr, status));
+    }
+
+    /// The hypercalls so far, in order.
+    #[must_use]
+    pub fn hypercalls(&self) -> &[(u64, Status)] {
+        self.hypercalls.as_slice()
+    }
+}
+
+/// Tiny fixed-capacity vector; extra pushes are counted, not stored.
+mod heapless_table {
+    #[derive(Clone, Debug)]
+    pub struct Table<T: Copy + Default, const N: usize> {
+        items: [T; N],
+        len: usize,
+        pub dropped: u64,
+    }
+
+    impl<T: Copy + Default, const N: usize> Default for Table<T, N> {
+        fn default() -> Self {
+            Self {
+                items: [T::default(); N],
+                len: 0,
+                dropped: 0,
+            }
+        }
+    }
+
+    impl<T: Copy + Default, const N: usize> Table<T, N> {
+        pub fn push(&mut self, item: T) {
+            if self.len < N {
+                self.items[self.len] = item;
+                self.len += 1;
+            } else {
+                self.dropped += 1;
+            }
+        }
+        pub fn as_slice(&self) -> &[T] {
+            &self.items[..self.len]
+        }
+        pub fn set(&mut self, i: usize, item: T) {
+            if i < self.len {
+                self.items[i] = item;
+            }
+        }
+    }
+}
+
+/// The outcome of a scenario.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Everything the scenario requires was observed.
+    Pass,
+    /// Something was missing or wrong.
+    Fail(FailReason),
+}
+
+/// Why a scenario failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailReason {
+    /// The guest has not ended (L0 judged too early: a bug).
+    NotEnded,
+    /// The guest ended the wrong way.
+    WrongEnd {
+        expected: &'static str,
+        got: GuestEnd,
+    },
+    /// The guest's own checks failed (it called `Done` with this non-zero code).
+    GuestCheckFailed(u64),
+    /// The guest never reported what it saw for this leaf.
+    MissingCpuidReport(u32),
+    /// The guest saw something other than what L0 returned.
+    CpuidMismatch(u32),
+    /// CPUID leaf 1 showed VMX, or did not show the hypervisor bit.
+    CpuidPolicyNotApplied,
+    /// Hypercall number `index` of the battery got the wrong status (None: it never happened).
+    HypercallStatus {
+        index: usize,
+        expected: Status,
+        got: Option<Status>,
+    },
+    /// The scenario needs at least one exit of this kind and saw none.
+    MissingExit(ExitReason),
+    /// An intercepted #BP was not seen.
+    MissingException(u8),
+    /// The probe address is not L0-owned in L0's own map: the scenario could prove nothing.
+    ProbeNotL0Owned,
+}
+
+impl fmt::Display for FailReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NotEnded => f.write_str("guest has not ended"),
+            Self::WrongEnd { expected, got } => write!(f, "expected {expected}, but {got}"),
+            Self::GuestCheckFailed(code) => {
+                write!(f, "the guest's own checks failed (Done({code}))")
+            }
+            Self::MissingCpuidReport(leaf) => {
+                write!(f, "no report of CPUID leaf {leaf:#x} from the guest")
+            }
+            Self::CpuidMismatch(leaf) => write!(
+                f,
+                "guest saw other values than L0 returned for CPUID leaf {leaf:#x}"
+            ),
+            Self::CpuidPolicyNotApplied => {
+                f.write_str("CPUID leaf 1 shows VMX or lacks the hypervisor bit")
+            }
+            Self::HypercallStatus {
+                index,
+                expected,
+                got,
+            } => match got {
+                Some(got) => write!(
+                    f,
+                    "hypercall case {index} returned {got}, expected {expected}"
+                ),
+                None => write!(
+                    f,
+                    "hypercall case {index} never happened (expected {expected})"
+                ),
+            },
+            Self::MissingExit(r) => write!(f, "no {} exit was handled", r.name()),
+            Self::MissingException(v) => write!(f, "no intercepted exception with vector {v}"),
+            Self::ProbeNotL0Owned => f.write_str("the probe address is not L0-owned"),
+        }
+    }
+}
+
+/// Leaves the guest must report in `boot` and `demo`.
+const REPORTED_LEAVES: [u32; 4] = [0, 1, CPUID_LEAF_SIGNATURE, CPUID_LEAF_ABI];
+
+fn check_cpuid(log: &ScenarioLog) -> Result<(), FailReason> {
+    for leaf in REPORTED_LEAVES {
+        let report = log
+            .cpuid_reports
+            .as_slice()
+            .iter()
+            .find(|r| r.leaf == leaf && r.subleaf == 0)
+            .ok_or(FailReason::MissingCpuidReport(leaf))?;
+        let returned = log
+            .cpuid_returned
+            .as_slice()
+            .iter()
+            .find(|e| e.0 == leaf && e.1 == 0)
+            .ok_or(FailReason::CpuidMismatch(leaf))?;
+        if returned.2 != report.regs {
+            return Err(FailReason::CpuidMismatch(leaf));
+        }
+        if leaf == 1 && (report.regs[2] & (1 << 5) != 0 || report.regs[2] & (1 << 31) == 0) {
+            return Err(FailReason::CpuidPolicyNotApplied);
+        }
+    }
+    Ok(())
+}
+
+fn expect_done_zero(log: &ScenarioLog) -> Result<(), FailReason> {
+    match log.end {
+        None => Err(FailReason::NotEnded),
+        Some(GuestEnd::Done(0)) => Ok(()),
+        Some(GuestEnd::Done(code)) => Err(FailReason::GuestCheckFailed(code)),
+        Some(got) => Err(FailReason::WrongEnd {
+            expected: "the guest to call Done(0)",
+            got,
+        }),
+    }
+}
+
+fn expect_ping(log: &ScenarioLog) -> Result<(), FailReason> {
+    let ping = Hypercall::Ping as u64;
+    if log
+        .hypercalls()
+        .iter()
+        .any(|&(nr, s)| nr == ping && s == Status::Ok)
+    {
+        Ok(())
+    } else {
+        Err(FailReason::MissingExit(ExitReason::Vmcall))
+    }
+}
+
+fn check(
+    scenario: Scenario,
+    log: &ScenarioLog,
+    counters: &ExitCounters,
+    probe: Gpa,
+    probe_region: Option<RegionKind>,
+) -> Result<(), FailReason> {
+    match scenario {
+        Scenario::Boot => {
+            expect_done_zero(log)?;
+            check_cpuid(log)?;
+            expect_ping(log)
+        }
+        Scenario::EptGuard => {
+            if probe_region != Some(RegionKind::L0) {
+                return Err(FailReason::ProbeNotL0Owned);
+            }
+            match log.end {
+                None => Err(FailReason::NotEnded),
+                Some(GuestEnd::EptViolation {
+                    gpa,
+                    region: Some(RegionKind::L0),
+                    qualification,
+                    ..
+                }) if gpa.align_down(PAGE_SIZE) == probe.align_down(PAGE_SIZE)
+                    && qualification.read() =>
+                {
+                    Ok(())
+                }
+                Some(got) => Err(FailReason::WrongEnd {
+                    expected: "an EPT violation reading the L0-owned probe frame",
+                    got,
+                }),
+            }
+        }
+        Scenario::BadHypercall => {
+            expect_done_zero(log)?;
+            // The guest prints between the cases; its successful console writes are not part of the
+            // battery (every case in it must be rejected), so they are left out before comparing.
+            let console_ok = (Hypercall::ConsoleWrite as u64, Status::Ok);
+            let mut calls = [(0u64, Status::Ok); MAX_HYPERCALLS];
+            let mut n = 0;
+            for call in log.hypercalls().iter().filter(|c| **c != console_ok) {
+                calls[n] = *call;
+                n += 1;
+            }
+            let calls = &calls[..n];
+            for (index, &(_, expected)) in BAD_HYPERCALL_CASES.iter().enumerate() {
+                let got = calls.get(index).map(|c| c.1);
+                if got != Some(expected) {
+                    return Err(FailReason::HypercallStatus {
+                        index,
+                        expected,
+                        got,
+                    });
+                }
+            }
+            // After the battery L0 must still answer a well-formed call.
+            let next = calls.get(BAD_HYPERCALL_CASES.len()).copied();
+            if next != Some((Hypercall::Ping as u64, Status::Ok)) {
+                return Err(FailReason::HypercallStatus {
+                    index: BAD_HYPERCALL_CASES.len(),
+                    expected: Status::Ok,
+                    got: next.map(|c| c.1),
+                });
+            }
+            Ok(())
+        }
+        Scenario::Demo => {
+            match log.end {
+                None => return Err(FailReason::NotEnded),
+                Some(GuestEnd::ShutdownRequest) => {}
+                Some(GuestEnd::Done(code)) if code != 0 => {
+                    return Err(FailReason::GuestCheckFailed(code))
+                }
+                Some(got) => {
+                    return Err(FailReason::WrongEnd {
+                        expected: "a shutdown request on port 0x8900",
+                        got,
+                    })
+                }
+            }
+            check_cpuid(log)?;
+            expect_ping(log)?;
+            for reason in [
+                ExitReason::Cpuid,
+                ExitReason::Vmcall,
+                ExitReason::IoInstruction,
+                ExitReason::Rdmsr,
+                ExitReason::Wrmsr,
+                ExitReason::Hlt,
+                ExitReason::ExceptionOrNmi,
+            ] {
+                if counters.get(reason) == 0 {
+                    return Err(FailReason::MissingExit(reason));
+                }
+            }
+            if counters.exceptions(3) == 0 {
+                return Err(FailReason::MissingException(3));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Judges a finished scenario.
+#[must_use]
+pub fn judge(
+    scenario: Scenario,
+    log: &ScenarioLog,
+    counters: &ExitCounters,
+    probe: Gpa,
+    probe_region: Option<RegionKind>,
+) -> Verdict {
+    match check(scenario, log, counters, probe, probe_region) {
+        Ok(()) => Verdict::Pass,
+        Err(reason) => Verdict::Fail(reason),
+    }
+}

@@ -1,0 +1,496 @@
+//! Exit-handling tests against the recording mock.
+
+extern crate std;
+
+use std::vec;
+
+use ihmi_abi::{
+    CpuidRecord, Hypercall, ReportKind, Scenario, Status, BAD_HYPERCALL_CASES, PING_REPLY,
+};
+use ihmi_addr::{Gpa, Hpa, PhysRange};
+use ihmi_vmcs::fields::{control, guest, ro};
+use ihmi_vmcs::ExitReason;
+
+use crate::mock::{Call, MockPlatform, MockVcpu};
+use crate::scenario::{judge, FailReason};
+use crate::{Action, GuestEnd, Hypervisor, MemoryMap, RegionKind, Verdict};
+
+// Basic exit reasons (SDM Appendix C), as the VMCS reports them.
+const EXIT_EXCEPTION: u32 = 0;
+const EXIT_TRIPLE_FAULT: u32 = 2;
+const EXIT_CPUID: u32 = 10;
+const EXIT_HLT: u32 = 12;
+const EXIT_RDTSC: u32 = 16;
+const EXIT_VMCALL: u32 = 18;
+const EXIT_IO: u32 = 30;
+const EXIT_RDMSR: u32 = 31;
+const EXIT_WRMSR: u32 = 32;
+const EXIT_EPT_VIOLATION: u32 = 48;
+
+/// Guest RAM 0..16 MiB except an L0 hole at 8..9 MiB.
+const L0_HOLE: u64 = 0x80_0000;
+
+fn hv(scenario: Scenario) -> Hypervisor {
+    let mut m = MemoryMap::default();
+    let r = |a: u64, b: u64| PhysRange {
+        start: Hpa::new(a),
+        end: Hpa::new(b),
+    };
+    m.add(r(0, L0_HOLE), RegionKind::GuestRam).unwrap();
+    m.add(r(L0_HOLE, L0_HOLE + 0x10_0000), RegionKind::L0)
+        .unwrap();
+    m.add(r(L0_HOLE + 0x10_0000, 0x100_0000), RegionKind::GuestRam)
+        .unwrap();
+    Hypervisor::new(m, scenario)
+}
+
+/// Guest page tables at 0x1000.. mapping GVA 0..1 GiB to GPA 0..1 GiB with 2 MiB pages.
+fn platform_with_identity_paging() -> MockPlatform {
+    let mut p = MockPlatform::default();
+    p.write_u64(0x1000, 0x2000 | 0x3);
+    p.write_u64(0x2000, 0x3000 | 0x3);
+    for i in 0..512u64 {
+        p.write_u64(0x3000 + i * 8, (i << 21) | 0x83);
+    }
+    p
+}
+
+fn vmcall(nr: u64, args: [u64; 4]) -> MockVcpu {
+    let mut v = MockVcpu::exited(EXIT_VMCALL, 0x10_0000, 3);
+    v.regs.rax = nr;
+    v.regs.rbx = args[0];
+    v.regs.rcx = args[1];
+    v.regs.rdx = args[2];
+    v.regs.rsi = args[3];
+    v
+}
+
+#[test]
+fn ping_touches_only_the_registers_rip_and_nothing_else() {
+    let mut h = hv(Scenario::Boot);
+    let mut v = vmcall(Hypercall::Ping as u64, [0; 4]);
+    let mut p = MockPlatform::default();
+    assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume);
+    assert_eq!(
+        v.calls,
+        vec![
+            Call::Read(ro::EXIT_REASON),
+            Call::Read(guest::SS_ACCESS_RIGHTS),
+            Call::Read(ro::VMEXIT_INSTRUCTION_LEN),
+            Call::Read(guest::RIP),
+            Call::Write(guest::RIP, 0x10_0003),
+            Call::Read(guest::INTERRUPTIBILITY_STATE),
+        ]
+    );
+    assert_eq!((v.regs.rax, v.regs.rbx), (0, PING_REPLY));
+    assert!(p.calls.borrow().is_empty());
+    assert_eq!(h.counters.get(ExitReason::Vmcall), 1);
+}
+
+#[test]
+fn hypercall_from_user_mode_is_denied_without_reading_memory() {
+    let mut h = hv(Scenario::Boot);
+    let mut v = vmcall(Hypercall::ConsoleWrite as u64, [0x5000, 4, 0, 0]);
+    v.fields.insert(guest::SS_ACCESS_RIGHTS, 0xc0f3); // DPL 3
+    let mut p = platform_with_identity_paging();
+    assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume);
+    assert_eq!(ihmi_abi::Status::from_raw(v.regs.rax), Some(Status::Denied));
+    assert!(p.phys_reads().is_empty());
+    assert_eq!(
+        v.fields[&guest::RIP],
+        0x10_0003,
+        "the guest continues after the call"
+    );
+}
+
+#[test]
+fn unknown_hypercall_is_rejected_and_the_guest_continues() {
+    let mut h = hv(Scenario::Boot);
+    for nr in [4, 0xdead, u64::MAX] {
+        let mut v = vmcall(nr, [0; 4]);
+        let mut p = MockPlatform::default();
+        assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume);
+        assert_eq!(Status::from_raw(v.regs.rax), Some(Status::UnknownCall));
+        assert_eq!(v.regs.rbx, 0, "no result value on failure");
+    }
+}
+
+#[test]
+fn console_write_walks_guest_page_tables_and_prints_a_prefixed_line() {
+    let mut h = hv(Scenario::Boot);
+    let mut p = platform_with_identity_paging();
+    p.write_bytes(0x5000, b"IHMI-PASS boot\n");
+    let mut v = vmcall(Hypercall::ConsoleWrite as u64, [0x5000, 15, 0, 0]);
+    assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume);
+    assert_eq!(Status::from_raw(v.regs.rax), Some(Status::Ok));
+    assert_eq!(v.regs.rbx, 15);
+    assert_eq!(
+        p.guest_texts(),
+        vec!["guest| IHMI-PASS boot"],
+        "guest text is prefixed and kept off the marker channel"
+    );
+}
+
+#[test]
+fn console_write_validation() {
+    let mut p = platform_with_identity_paging();
+    p.write_bytes(0x5000, b"x");
+    let cases: [([u64; 4], Status); 5] = [
+        ([0x5000, 0, 0, 0], Status::InvalidArgument),
+        ([0x5000, 257, 0, 0], Status::InvalidArgument),
+        ([0x8000_0000_0000_0000, 1, 0, 0], Status::BadAddress),
+        ([0x4000_0000, 1, 0, 0], Status::BadAddress), // beyond the 1 GiB the tables map
+        ([L0_HOLE + 0x10, 1, 0, 0], Status::BadAddress),
+    ];
+    for (args, expected) in cases {
+        let mut h = hv(Scenario::Boot);
+        let mut v = vmcall(Hypercall::ConsoleWrite as u64, args);
+        assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume);
+        assert_eq!(
+            Status::from_raw(v.regs.rax),
+            Some(expected),
+            "args {args:x?}"
+        );
+    }
+    // L0 never read a byte of its own memory on the guest's behalf.
+    assert!(p
+        .phys_reads()
+        .iter()
+        .all(|(g, n)| g.raw() + *n as u64 <= L0_HOLE || g.raw() >= L0_HOLE + 0x10_0000));
+}
+
+#[test]
+fn page_tables_pointing_into_l0_memory_are_not_walked() {
+    let mut h = hv(Scenario::Boot);
+    let mut p = platform_with_identity_paging();
+    let mut v = vmcall(Hypercall::ConsoleWrite as u64, [0x5000, 1, 0, 0]);
+    v.fields.insert(guest::CR3, L0_HOLE); // a forged CR3 in L0 memory
+    h.handle_exit(&mut v, &mut p);
+    assert_eq!(Status::from_raw(v.regs.rax), Some(Status::BadAddress));
+    assert!(
+        p.phys_reads().is_empty(),
+        "the walk stopped before reading L0 memory"
+    );
+}
+
+#[test]
+fn report_records_cpuid_and_rejects_bad_kinds_and_lengths() {
+    let mut h = hv(Scenario::Boot);
+    let mut p = platform_with_identity_paging();
+    let rec = CpuidRecord {
+        leaf: 1,
+        subleaf: 0,
+        regs: [1, 2, 3, 4],
+    };
+    p.write_bytes(0x6000, &rec.encode());
+    for (args, expected) in [
+        ([ReportKind::Cpuid as u64, 0x6000, 24, 0], Status::Ok),
+        ([99, 0x6000, 24, 0], Status::InvalidArgument),
+        (
+            [ReportKind::Cpuid as u64, 0x6000, 23, 0],
+            Status::InvalidArgument,
+        ),
+        (
+            [ReportKind::Cpuid as u64, 0x6000, u64::MAX, 0],
+            Status::InvalidArgument,
+        ),
+    ] {
+        let mut v = vmcall(Hypercall::Report as u64, args);
+        h.handle_exit(&mut v, &mut p);
+        assert_eq!(Status::from_raw(v.regs.rax), Some(expected));
+    }
+    assert_eq!(h.log.hypercalls().len(), 4);
+}
+
+#[test]
+fn cpuid_hides_vmx_and_announces_ihmi() {
+    let mut h = hv(Scenario::Boot);
+    let mut p = MockPlatform::default();
+    let mut v = MockVcpu::exited(EXIT_CPUID, 0x1000, 2);
+    v.regs.rax = 1;
+    assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume);
+    assert_eq!(v.regs.rcx & (1 << 5), 0);
+    assert_ne!(v.regs.rcx & (1 << 31), 0);
+    assert_eq!(v.fields[&guest::RIP], 0x1002);
+
+    let mut v = MockVcpu::exited(EXIT_CPUID, 0x1000, 2);
+    v.regs.rax = 0x4000_0000;
+    h.handle_exit(&mut v, &mut p);
+    let sig: std::vec::Vec<u8> = [v.regs.rbx, v.regs.rcx, v.regs.rdx]
+        .iter()
+        .flat_map(|r| (*r as u32).to_le_bytes())
+        .collect();
+    assert_eq!(&sig[..], ihmi_abi::CPUID_SIGNATURE);
+    assert_eq!(v.regs.rax, 0x4000_0001);
+    assert!(
+        !p.calls.borrow().contains(&Call::HostCpuid(0x4000_0000, 0)),
+        "the host's hypervisor leaves never leak"
+    );
+}
+
+#[test]
+fn vmx_msrs_fault_and_feature_control_reads_locked() {
+    let mut h = hv(Scenario::Boot);
+    let mut p = MockPlatform::default();
+    let mut v = MockVcpu::exited(EXIT_RDMSR, 0x1000, 2);
+    v.regs.rcx = 0x3a;
+    h.handle_exit(&mut v, &mut p);
+    assert_eq!((v.regs.rax, v.regs.rdx), (1, 0));
+    assert_eq!(v.fields[&guest::RIP], 0x1002);
+
+    let mut v = MockVcpu::exited(EXIT_RDMSR, 0x1000, 2);
+    v.regs.rcx = 0x480;
+    h.handle_exit(&mut v, &mut p);
+    assert_eq!(
+        v.writes(),
+        vec![
+            (control::VMENTRY_EXCEPTION_ERR_CODE, 0),
+            (control::VMENTRY_INTERRUPTION_INFO_FIELD, 0x8000_0b0d)
+        ],
+        "#GP(0) injected, RIP untouched"
+    );
+
+    let mut v = MockVcpu::exited(EXIT_WRMSR, 0x1000, 2);
+    v.regs.rcx = 0x3a;
+    h.handle_exit(&mut v, &mut p);
+    assert_eq!(
+        v.writes().last(),
+        Some(&(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0x8000_0b0d))
+    );
+    assert_eq!(h.log.injected_gp, 2);
+}
+
+fn io_out(port: u16, byte: u8) -> MockVcpu {
+    let mut v = MockVcpu::exited(EXIT_IO, 0x2000, 1);
+    v.fields
+        .insert(ro::EXIT_QUALIFICATION, u64::from(port) << 16); // 1 byte, OUT, DX form
+    v.regs.rax = u64::from(byte);
+    v
+}
+
+#[test]
+fn debug_port_lines_and_the_shutdown_port() {
+    let mut h = hv(Scenario::Demo);
+    let mut p = MockPlatform::default();
+    for &b in b"hi\n" {
+        assert_eq!(h.handle_exit(&mut io_out(0xe9, b), &mut p), Action::Resume);
+    }
+    assert_eq!(p.guest_texts(), vec!["guest| hi"]);
+    let mut last = Action::Resume;
+    for &b in b"Shutdown" {
+        last = h.handle_exit(&mut io_out(0x8900, b), &mut p);
+    }
+    assert_eq!(last, Action::End(GuestEnd::ShutdownRequest));
+    assert_eq!(
+        h.handle_exit(&mut io_out(0xcf9, 0x06), &mut p),
+        Action::End(GuestEnd::ResetRequest)
+    );
+}
+
+#[test]
+fn string_io_ends_the_guest_instead_of_guessing() {
+    let mut h = hv(Scenario::Demo);
+    let mut v = MockVcpu::exited(EXIT_IO, 0x2000, 2);
+    v.fields
+        .insert(ro::EXIT_QUALIFICATION, (0xe9 << 16) | (1 << 4));
+    assert!(matches!(
+        h.handle_exit(&mut v, &mut MockPlatform::default()),
+        Action::End(GuestEnd::Unhandled { .. })
+    ));
+}
+
+#[test]
+fn hlt_resumes_with_interrupts_on_and_ends_with_them_off() {
+    let mut h = hv(Scenario::Demo);
+    let mut p = MockPlatform::default();
+    let mut v = MockVcpu::exited(EXIT_HLT, 0x3000, 1);
+    assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume);
+    assert_eq!(v.fields[&guest::RIP], 0x3001);
+    let mut v = MockVcpu::exited(EXIT_HLT, 0x3000, 1);
+    v.fields.insert(guest::RFLAGS, 0x2);
+    assert_eq!(
+        h.handle_exit(&mut v, &mut p),
+        Action::End(GuestEnd::HaltedForever { rip: 0x3000 })
+    );
+}
+
+#[test]
+fn breakpoint_is_counted_and_reinjected_as_a_software_exception() {
+    let mut h = hv(Scenario::Demo);
+    let mut v = MockVcpu::exited(EXIT_EXCEPTION, 0x3000, 1);
+    v.fields.insert(ro::VMEXIT_INTERRUPTION_INFO, 0x8000_0603);
+    assert_eq!(
+        h.handle_exit(&mut v, &mut MockPlatform::default()),
+        Action::Resume
+    );
+    assert_eq!(
+        v.writes(),
+        vec![
+            (control::VMENTRY_INSTRUCTION_LEN, 1),
+            (control::VMENTRY_INTERRUPTION_INFO_FIELD, 0x8000_0603)
+        ]
+    );
+    assert_eq!(h.counters.exceptions(3), 1);
+}
+
+#[test]
+fn ept_violation_on_an_l0_frame_ends_the_guest_and_changes_nothing() {
+    let mut h = hv(Scenario::EptGuard);
+    let mut v = MockVcpu::exited(EXIT_EPT_VIOLATION, 0x4000, 3);
+    v.fields
+        .insert(ro::GUEST_PHYSICAL_ADDR_FULL, L0_HOLE + 0x123);
+    v.fields.insert(ro::EXIT_QUALIFICATION, 0x181); // read, GLA valid, caused by translation
+    v.fields.insert(ro::GUEST_LINEAR_ADDR, L0_HOLE + 0x123);
+    let Action::End(end) = h.handle_exit(&mut v, &mut MockPlatform::default()) else {
+        panic!("guest must end")
+    };
+    assert!(matches!(
+        end,
+        GuestEnd::EptViolation {
+            region: Some(RegionKind::L0),
+            rip: 0x4000,
+            ..
+        }
+    ));
+    assert!(
+        v.writes().is_empty(),
+        "no VMCS (and so no EPT pointer) change"
+    );
+    assert_eq!(
+        judge(
+            Scenario::EptGuard,
+            &h.log,
+            &h.counters,
+            Gpa::new(L0_HOLE),
+            Some(RegionKind::L0)
+        ),
+        Verdict::Pass
+    );
+    assert!(!h.memory.is_guest_ram(Gpa::new(L0_HOLE), 1));
+}
+
+#[test]
+fn triple_fault_and_unknown_exits_end_the_guest_not_l0() {
+    let mut h = hv(Scenario::Boot);
+    let mut p = MockPlatform::default();
+    let mut v = MockVcpu::exited(EXIT_TRIPLE_FAULT, 0x5000, 0);
+    assert_eq!(
+        h.handle_exit(&mut v, &mut p),
+        Action::End(GuestEnd::TripleFault { rip: 0x5000 })
+    );
+    let mut v = MockVcpu::exited(EXIT_RDTSC, 0x5000, 2);
+    assert!(matches!(
+        h.handle_exit(&mut v, &mut p),
+        Action::End(GuestEnd::Unhandled {
+            reason: ExitReason::Rdtsc,
+            ..
+        })
+    ));
+    let mut v = MockVcpu::exited(0xffff, 0x5000, 2);
+    assert!(matches!(
+        h.handle_exit(&mut v, &mut p),
+        Action::End(GuestEnd::Unhandled { .. })
+    ));
+    assert_eq!(h.counters.total(), 3);
+}
+
+#[test]
+fn boot_verdict_requires_matching_cpuid_reports() {
+    let mut h = hv(Scenario::Boot);
+    let mut p = platform_with_identity_paging();
+    let probe = Gpa::new(L0_HOLE);
+    for leaf in [0u32, 1, 0x4000_0000, 0x4000_0001] {
+        let mut v = MockVcpu::exited(EXIT_CPUID, 0x1000, 2);
+        v.regs.rax = u64::from(leaf);
+        h.handle_exit(&mut v, &mut p);
+        let seen = [
+            v.regs.rax as u32,
+            v.regs.rbx as u32,
+            v.regs.rcx as u32,
+            v.regs.rdx as u32,
+        ];
+        let rec = CpuidRecord {
+            leaf,
+            subleaf: 0,
+            regs: seen,
+        };
+        p.write_bytes(0x6000, &rec.encode());
+        h.handle_exit(
+            &mut vmcall(Hypercall::Report as u64, [1, 0x6000, 24, 0]),
+            &mut p,
+        );
+    }
+    h.handle_exit(&mut vmcall(Hypercall::Ping as u64, [0; 4]), &mut p);
+    assert_eq!(
+        judge(Scenario::Boot, &h.log, &h.counters, probe, None),
+        Verdict::Fail(FailReason::NotEnded)
+    );
+    h.handle_exit(&mut vmcall(Hypercall::Done as u64, [0; 4]), &mut p);
+    assert_eq!(
+        judge(Scenario::Boot, &h.log, &h.counters, probe, None),
+        Verdict::Pass
+    );
+
+    // A guest that saw something else than L0 returned fails the scenario.
+    let bad = CpuidRecord {
+        leaf: 1,
+        subleaf: 0,
+        regs: [0; 4],
+    };
+    let mut h2 = hv(Scenario::Boot);
+    let mut v = MockVcpu::exited(EXIT_CPUID, 0x1000, 2);
+    v.regs.rax = 1;
+    h2.handle_exit(&mut v, &mut p);
+    p.write_bytes(0x6000, &bad.encode());
+    h2.handle_exit(
+        &mut vmcall(Hypercall::Report as u64, [1, 0x6000, 24, 0]),
+        &mut p,
+    );
+    h2.handle_exit(&mut vmcall(Hypercall::Done as u64, [0; 4]), &mut p);
+    assert!(matches!(
+        judge(Scenario::Boot, &h2.log, &h2.counters, probe, None),
+        Verdict::Fail(_)
+    ));
+}
+
+#[test]
+fn bad_hypercall_verdict_follows_the_statuses_l0_returned() {
+    let mut h = hv(Scenario::BadHypercall);
+    let mut p = MockPlatform::default();
+    for (_, status) in BAD_HYPERCALL_CASES {
+        h.log.record_hypercall(0, *status);
+        // The guest's progress lines between the cases do not count.
+        h.log
+            .record_hypercall(Hypercall::ConsoleWrite as u64, Status::Ok);
+    }
+    h.handle_exit(&mut vmcall(Hypercall::Ping as u64, [0; 4]), &mut p);
+    h.handle_exit(&mut vmcall(Hypercall::Done as u64, [0; 4]), &mut p);
+    assert_eq!(
+        judge(
+            Scenario::BadHypercall,
+            &h.log,
+            &h.counters,
+            Gpa::new(0),
+            None
+        ),
+        Verdict::Pass
+    );
+
+    let mut h = hv(Scenario::BadHypercall);
+    h.log.record_hypercall(0, Status::Ok); // case 0 accepted: a validation hole
+    h.handle_exit(&mut vmcall(Hypercall::Done as u64, [0; 4]), &mut p);
+    assert_eq!(
+        judge(
+            Scenario::BadHypercall,
+            &h.log,
+            &h.counters,
+            Gpa::new(0),
+            None
+        ),
+        Verdict::Fail(FailReason::HypercallStatus {
+            index: 0,
+            expected: Status::UnknownCall,
+            got: Some(Status::Ok)
+        })
+    );
+}
