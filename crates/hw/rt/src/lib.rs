@@ -1,0 +1,6 @@
+#![doc = include_str!("../README.md")]
+#![no_std]
+
+pub mod console;
+pub mod cpu;
+pub mod mem;

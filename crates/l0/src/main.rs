@@ -1,0 +1,454 @@
+//! ihmi L0: the trusted bottom layer. It boots by multiboot2, takes the machine, turns VMX on, gives one
+//! guest an EPT that maps guest RAM and leaves out every frame L0 owns, launches it, and handles its exits
+//! with the policy in `ihmi-hv`. The flow of this file is the boot order:
+//! boot → console → CPU tables → memory → VMX → EPT → guest → VMCS → launch → exits → verdict.
+
+#![no_std]
+#![no_main]
+
+mod boot;
+mod cpu_tables;
+mod frames;
+mod guest;
+mod vmcs_setup;
+
+use core::cell::UnsafeCell;
+use core::fmt::{self, Write};
+
+use ihmi_abi::Scenario;
+use ihmi_addr::{Gpa, Hpa, PhysRange};
+use ihmi_hv::scenario::{judge, Verdict};
+use ihmi_hv::{Action, GuestEnd, GuestRegs, Hypervisor, MemoryMap, Platform};
+use ihmi_rt::console::{Console, Sink};
+use ihmi_vmcs::fields::ro;
+use ihmi_vmcs::{field_name, RawExitReason, VmInstructionError, VmxCapabilities, DUMP_FIELDS};
+use ihmi_vmx::{ActiveVmcs, HwVcpu};
+
+ihmi_rt::provide_mem_functions!();
+
+/// Prints one line on serial and port 0xE9.
+macro_rules! log {
+    ($($arg:tt)*) => {{
+        let _ = core::fmt::Write::write_fmt(
+            &mut ihmi_rt::console::Console(ihmi_rt::console::Sink::Both),
+            format_args!("{}\n", format_args!($($arg)*)),
+        );
+    }};
+}
+pub(crate) use log;
+
+/// Multiboot2 boot-loader magic in EAX (multiboot2 spec §3.3).
+const MULTIBOOT2_MAGIC: u32 = 0x36d7_6289;
+/// L0's frame pool: EPT tables, VMXON/VMCS regions, bitmaps.
+const POOL_SIZE: u64 = 4 * 1024 * 1024;
+/// Only the first 4 GiB are identity-mapped by the boot page tables.
+const MAPPED_LIMIT: u64 = 4 * 1024 * 1024 * 1024;
+
+/// Everything the exit handler needs. Lives in a static because the exit stub calls a plain function.
+struct L0State {
+    hv: Hypervisor,
+    vmcs: ActiveVmcs,
+    probe: Gpa,
+}
+
+struct StateCell(UnsafeCell<Option<L0State>>);
+// SAFETY: L0 runs on one CPU with interrupts off. The state is written once before VMLAUNCH and afterwards
+// touched only by the exit handler, which never nests (exits cannot happen while L0 runs).
+unsafe impl Sync for StateCell {}
+static STATE: StateCell = StateCell(UnsafeCell::new(None));
+
+/// The scenario name, kept for failure paths that run before or outside the hypervisor state.
+static SCENARIO_NAME: ScenarioName = ScenarioName(UnsafeCell::new("unknown"));
+struct ScenarioName(UnsafeCell<&'static str>);
+// SAFETY: written once during boot on the only CPU, read afterwards.
+unsafe impl Sync for ScenarioName {}
+
+fn scenario_name() -> &'static str {
+    // SAFETY: see `ScenarioName`; reads never race with the single boot-time write.
+    unsafe { *SCENARIO_NAME.0.get() }
+}
+
+extern "C" {
+    static __l0_start: u8;
+    static __l0_end: u8;
+}
+
+#[no_mangle]
+extern "C" fn l0_main(magic: u32, info: u32) -> ! {
+    ihmi_rt::console::init_serial();
+    log!("");
+    log!(
+        "ihmi L0 {}: trusted hypervisor for in-box monitoring",
+        env!("CARGO_PKG_VERSION")
+    );
+    if magic != MULTIBOOT2_MAGIC {
+        fail(format_args!(
+            "not started by a multiboot2 loader (magic {magic:#x}); boot the ISO with GRUB"
+        ));
+    }
+    let tables = cpu_tables::init();
+
+    // SAFETY: a multiboot2 loader passed `info` (magic checked above); it points at a valid boot
+    // information structure in memory that nothing has reused yet.
+    let mbi = match unsafe {
+        multiboot2::BootInformation::load(info as usize as *const multiboot2::BootInformationHeader)
+    } {
+        Ok(m) => m,
+        Err(_) => fail(format_args!(
+            "the multiboot2 boot information at {info:#x} is malformed"
+        )),
+    };
+    let cmdline = mbi
+        .command_line_tag()
+        .and_then(|t| t.cmdline().ok())
+        .unwrap_or("");
+    let scenario_arg = cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("scenario="))
+        .unwrap_or("demo");
+    let Some(scenario) = Scenario::from_name(scenario_arg) else {
+        fail(format_args!(
+            "unknown scenario '{scenario_arg}' on the command line"
+        ));
+    };
+    // SAFETY: single CPU at boot; nothing reads the name concurrently.
+    unsafe { *SCENARIO_NAME.0.get() = scenario.name() };
+    log!("scenario: {}", scenario.name());
+
+    // Memory: what the firmware reports free, minus what L0 keeps.
+    let mut available = [PhysRange {
+        start: Hpa::new(0),
+        end: Hpa::new(0),
+    }; ihmi_hv::memory::MAX_INPUT_RANGES];
+    let mut n_available = 0;
+    let Some(mmap) = mbi.memory_map_tag() else {
+        fail(format_args!("the boot loader gave no memory map"))
+    };
+    for area in mmap.memory_areas() {
+        if area.typ() != multiboot2::MemoryAreaType::Available || n_available == available.len() {
+            continue;
+        }
+        let end = area.end_address().min(MAPPED_LIMIT);
+        if area.start_address() < end {
+            available[n_available] = PhysRange {
+                start: Hpa::new(area.start_address()),
+                end: Hpa::new(end),
+            };
+            n_available += 1;
+        }
+    }
+    let available = &available[..n_available];
+    let image = PhysRange {
+        start: Hpa::new(core::ptr::addr_of!(__l0_start) as u64),
+        end: Hpa::new(core::ptr::addr_of!(__l0_end) as u64),
+    };
+    let mut owned = [image; 12];
+    let mut n_owned = 1;
+    owned[n_owned] = PhysRange {
+        start: Hpa::new(mbi.start_address() as u64),
+        end: Hpa::new(mbi.end_address() as u64),
+    };
+    n_owned += 1;
+    let mut guest_module: Option<&'static [u8]> = None;
+    for module in mbi.module_tags() {
+        let range = PhysRange {
+            start: Hpa::new(u64::from(module.start_address())),
+            end: Hpa::new(u64::from(module.end_address())),
+        };
+        if n_owned < owned.len() - 1 {
+            owned[n_owned] = range;
+            n_owned += 1;
+        }
+        if module.cmdline().ok() == Some("testguest") {
+            // SAFETY: GRUB loaded the module at [start, end) in RAM; L0 owns that range (it is in `owned`,
+            // so never mapped for the guest) and never writes it.
+            guest_module = Some(unsafe {
+                core::slice::from_raw_parts(range.start.raw() as *const u8, range.len() as usize)
+            });
+        }
+    }
+    let Some(pool) = ihmi_hv::memory::choose_pool(
+        available,
+        &owned[..n_owned],
+        POOL_SIZE,
+        ihmi_addr::LARGE_PAGE_SIZE,
+    ) else {
+        fail(format_args!(
+            "no room for L0's {} MiB frame pool; give the machine more memory",
+            POOL_SIZE >> 20
+        ));
+    };
+    owned[n_owned] = pool;
+    n_owned += 1;
+    let devices = [
+        PhysRange {
+            start: Hpa::new(0xa_0000),
+            end: Hpa::new(0xc_0000),
+        }, // legacy VGA
+        PhysRange {
+            start: Hpa::new(0xfec0_0000),
+            end: Hpa::new(0xfec0_1000),
+        }, // I/O APIC
+        PhysRange {
+            start: Hpa::new(0xfee0_0000),
+            end: Hpa::new(0xfee0_1000),
+        }, // local APIC
+    ];
+    let memory = match MemoryMap::build(available, &owned[..n_owned], &devices) {
+        Ok(m) => m,
+        Err(e) => fail(format_args!("cannot build the guest memory map: {e:?}")),
+    };
+    for (range, kind) in memory.regions() {
+        log!(
+            "memory: {:#011x}-{:#011x} {}",
+            range.start.raw(),
+            range.end.raw(),
+            kind.name()
+        );
+    }
+    let mut frames = frames::Pool::new(pool);
+
+    // VMX.
+    if ihmi_rt::cpu::cpuid(1, 0)[2] & (1 << 5) == 0 {
+        fail(format_args!(
+            "this CPU has no VMX; choose a VMX-capable CPU model (e.g. corei7_skylake_x)"
+        ));
+    }
+    // SAFETY: CPUID reports VMX, so the VMX capability MSRs exist; `read` only reads the ones its own
+    // feature checks allow.
+    let caps = VmxCapabilities::read(|msr| unsafe { ihmi_rt::cpu::rdmsr(msr) });
+    let features = caps.features();
+    let yes = |b: bool| if b { "yes" } else { "no" };
+    log!(
+        "VMX: EPT {}, VMFUNC (EPTP switching) {}, #VE {}, unrestricted guest {}",
+        yes(features.ept),
+        yes(features.eptp_switching),
+        yes(features.ept_violation_ve),
+        yes(features.unrestricted_guest)
+    );
+    log!("VMX features: {features}");
+    if !features.ept {
+        fail(format_args!("this CPU has VMX but no EPT; L0 needs EPT"));
+    }
+    let vmxon = frames.alloc_zeroed();
+    // SAFETY: `vmxon` is a fresh frame from L0's pool (identity-mapped, reserved for good); we run at CPL0
+    // with interrupts off and have not entered VMX operation before.
+    if let Err(e) = unsafe { ihmi_vmx::enable(vmxon, &caps) } {
+        fail(format_args!("{e}"));
+    }
+    log!("VMX on (VMCS revision {:#x})", caps.revision_id());
+
+    let ept = guest::build_ept(&memory, &mut frames);
+    let probe = Gpa::new(vmxon.raw());
+    let Some(module) = guest_module else {
+        fail(format_args!(
+            "no 'testguest' module; the ISO must load it with module2"
+        ));
+    };
+    let boot = guest::load(module, &memory, scenario, probe);
+    let vmcs_frame = frames.alloc_zeroed();
+    // SAFETY: VMX is on; `vmcs_frame` is a fresh pool frame used for nothing else.
+    let mut vmcs = match unsafe { ihmi_vmx::load_vmcs(vmcs_frame, &caps) } {
+        Ok(v) => v,
+        Err(e) => fail(format_args!("{e}")),
+    };
+    if let Err(e) = vmcs_setup::configure(&mut vmcs, &caps, &tables, &mut frames, ept, &boot) {
+        log!("VMCS setup failed: {e}");
+        dump_vmcs(&vmcs);
+        fail(format_args!("VMCS setup failed: {e}"));
+    }
+    log!(
+        "frames: {} of {} pool frames used",
+        frames.used(),
+        frames.total()
+    );
+    log!("launching the guest at rip={:#x}", boot.entry);
+
+    let regs = GuestRegs {
+        rdi: boot.boot_info.raw(),
+        ..GuestRegs::default()
+    };
+    // SAFETY: single CPU at boot; the exit handler is not running yet.
+    let state = unsafe { &mut *STATE.0.get() };
+    *state = Some(L0State {
+        hv: Hypervisor::new(memory, scenario),
+        vmcs,
+        probe,
+    });
+    let Some(st) = state.as_mut() else {
+        fail(format_args!("state lost"))
+    };
+    // SAFETY: `configure` set host RIP to the exit stub and host RSP to the top of L0's exit stack, and
+    // filled valid host and guest state; both handlers are safe on that stack at any exit.
+    unsafe { ihmi_vmx::launch(&mut st.vmcs, &regs, on_exit, on_entry_failed) }
+}
+
+/// Physical memory and CPU as the exit policy sees them.
+struct HwPlatform;
+
+impl Platform for HwPlatform {
+    fn host_cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        ihmi_rt::cpu::cpuid(leaf, subleaf)
+    }
+
+    fn read_phys(&self, gpa: Gpa, buf: &mut [u8]) -> bool {
+        if gpa.raw().saturating_add(buf.len() as u64) > MAPPED_LIMIT {
+            return false;
+        }
+        // SAFETY: ihmi-hv only asks for ranges it checked are guest RAM; guest RAM lies below 4 GiB and is
+        // identity-mapped for L0, and the guest is stopped while L0 runs, so nothing writes it meanwhile.
+        unsafe {
+            core::ptr::copy_nonoverlapping(gpa.raw() as *const u8, buf.as_mut_ptr(), buf.len())
+        };
+        true
+    }
+
+    fn log(&mut self, args: fmt::Arguments<'_>) {
+        log!("{args}");
+    }
+
+    fn guest_text(&mut self, args: fmt::Arguments<'_>) {
+        // Serial only: port 0xE9 carries L0's own lines (and its verdict markers) and nothing a guest wrote.
+        let _ = writeln!(Console(Sink::Serial), "{args}");
+    }
+}
+
+fn state() -> &'static mut L0State {
+    // SAFETY: see `StateCell`: one CPU, no nesting; the state was set before VMLAUNCH.
+    match unsafe { (*STATE.0.get()).as_mut() } {
+        Some(s) => s,
+        None => fail(format_args!("VM exit before L0 state was set up")),
+    }
+}
+
+extern "C" fn on_exit(regs: &mut GuestRegs) {
+    let st = state();
+    let raw = RawExitReason::from_raw(st.vmcs.read(ro::EXIT_REASON) as u32);
+    if raw.entry_failure() {
+        log!(
+            "VM entry failed: {} (exit qualification {:#x})",
+            raw.basic().name(),
+            st.vmcs.read(ro::EXIT_QUALIFICATION)
+        );
+        dump_vmcs(&st.vmcs);
+        fail(format_args!("VM entry failed: {}", raw.basic().name()));
+    }
+    let mut vcpu = HwVcpu::new(&mut st.vmcs, regs);
+    if let Action::End(end) = st.hv.handle_exit(&mut vcpu, &mut HwPlatform) {
+        finish(end);
+    }
+}
+
+extern "C" fn on_entry_failed(rflags: u64) -> ! {
+    const CF: u64 = 1;
+    const ZF: u64 = 1 << 6;
+    let st = state();
+    if rflags & ZF != 0 {
+        let err: VmInstructionError = st.vmcs.instruction_error();
+        log!(
+            "VM entry failed: VMfailValid, VM-instruction error {} ({err})",
+            err.raw()
+        );
+    } else if rflags & CF != 0 {
+        log!("VM entry failed: VMfailInvalid (no valid current VMCS)");
+    } else {
+        log!("VM entry failed with rflags {rflags:#x}");
+    }
+    dump_vmcs(&st.vmcs);
+    fail(format_args!("VM entry failed"))
+}
+
+/// The guest has stopped: report, judge, and power off.
+fn finish(end: GuestEnd) -> ! {
+    let st = state();
+    log!("guest ended: {end}");
+    log!("exit counters ({} exits):", st.hv.counters.total());
+    for (reason, count) in st.hv.counters.nonzero() {
+        log!("  {:<24} {count:>8}", reason.name());
+    }
+    let probe_region = st.hv.memory.classify(st.probe);
+    match judge(
+        st.hv.scenario,
+        &st.hv.log,
+        &st.hv.counters,
+        st.probe,
+        probe_region,
+    ) {
+        Verdict::Pass => {
+            log!("IHMI-PASS {}", st.hv.scenario.name());
+            power_off()
+        }
+        Verdict::Fail(reason) => fail(format_args!("{reason}")),
+    }
+}
+
+/// Prints every VMCS field that can be read, for a failed VM entry.
+fn dump_vmcs(vmcs: &ActiveVmcs) {
+    log!("VMCS dump ({}):", vmcs.region());
+    for field in DUMP_FIELDS {
+        if let Some(v) = vmcs.try_read(*field) {
+            log!("  {:<40} {v:#018x}", field_name(*field));
+        }
+    }
+}
+
+/// Prints the failure marker and powers off. Never returns, never hangs silently.
+pub(crate) fn fail(reason: fmt::Arguments<'_>) -> ! {
+    log!("IHMI-FAIL {}: {reason}", scenario_name());
+    power_off()
+}
+
+fn power_off() -> ! {
+    log!("IHMI-END");
+    ihmi_rt::console::drain_serial();
+    // Bochs's shutdown port; real hardware ignores it and halts below.
+    for b in b"Shutdown" {
+        // SAFETY: port 0x8900 is Bochs's power-off port and unused elsewhere; L0 is done with the machine.
+        unsafe { x86::io::outb(0x8900, *b) };
+    }
+    ihmi_rt::cpu::halt_forever()
+}
+
+/// Called from the exception stubs: an exception in L0 is a bug, so report everything and stop.
+pub(crate) fn fatal_exception(f: &cpu_tables::ExceptionFrame) -> ! {
+    let cr2: u64;
+    // SAFETY: reading CR2 has no side effect.
+    unsafe { core::arch::asm!("mov {}, cr2", out(reg) cr2, options(nomem, nostack)) };
+    log!("L0 EXCEPTION vector {} error {:#x} at rip={:#x} cs={:#x} rflags={:#x} rsp={:#x} cr2={cr2:#x}", f.vector, f.error_code, f.rip, f.cs, f.rflags, f.rsp);
+    log!(
+        "  rax={:#018x} rbx={:#018x} rcx={:#018x} rdx={:#018x}",
+        f.rax,
+        f.rbx,
+        f.rcx,
+        f.rdx
+    );
+    log!(
+        "  rsi={:#018x} rdi={:#018x} rbp={:#018x} r8 ={:#018x}",
+        f.rsi,
+        f.rdi,
+        f.rbp,
+        f.r8
+    );
+    log!(
+        "  r9 ={:#018x} r10={:#018x} r11={:#018x} r12={:#018x}",
+        f.r9,
+        f.r10,
+        f.r11,
+        f.r12
+    );
+    log!(
+        "  r13={:#018x} r14={:#018x} r15={:#018x}",
+        f.r13,
+        f.r14,
+        f.r15
+    );
+    fail(format_args!(
+        "exception {} in L0 at rip={:#x}",
+        f.vector, f.rip
+    ))
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    fail(format_args!("L0 panic: {info}"))
+}
