@@ -1,0 +1,410 @@
+#![doc = include_str!("../README.md")]
+#![forbid(unsafe_code)]
+
+mod bochs;
+mod cpu;
+mod deps;
+mod images;
+mod scenario;
+mod template;
+mod verdict;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+use crate::bochs::{RunOptions, RunReport};
+use crate::cpu::CpuModel;
+use crate::images::Layout;
+use crate::scenario::Scenario;
+
+/// Lines of the E9 stream and of the Bochs log shown after a FAIL.
+const TAIL_LINES: usize = 30;
+const DEFAULT_TIMEOUT_SECS: u64 = 300;
+const DEFAULT_MEGS: u32 = 256;
+
+/// Exit code when `ihmi` could not do its job at all (as opposed to a scenario that FAILed).
+const EXIT_ERROR: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ihmi",
+    version,
+    about = "Build the ihmi images and run L0 scenarios under Bochs"
+)]
+struct Cli {
+    /// Bochs CPU model to emulate (`ihmi models` lists them and their VMX features)
+    #[arg(long, global = true, value_name = "MODEL", default_value = cpu::DEFAULT_MODEL)]
+    cpu: String,
+
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Build L0, the test guest and one GRUB ISO per known scenario; print their paths
+    Build,
+    /// Build, then boot one scenario under Bochs; exit 0 on PASS, 1 on FAIL
+    Run {
+        /// Scenario name, passed to L0 as `scenario=<name>`
+        scenario: String,
+        /// Kill Bochs and FAIL after this many seconds
+        #[arg(long, value_name = "SECS", default_value_t = DEFAULT_TIMEOUT_SECS,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        timeout: u64,
+        /// Guest RAM in MiB
+        #[arg(long, value_name = "N", default_value_t = DEFAULT_MEGS,
+              value_parser = clap::value_parser!(u32).range(16..))]
+        megs: u32,
+        /// Do not stream the serial console (COM1)
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Run the `demo` scenario with the console streamed; exit 0 on PASS
+    Demo,
+    /// Run the host unit tests, then every Bochs scenario; exit non-zero if anything failed
+    Test {
+        /// Skip `cargo test --workspace`
+        #[arg(long)]
+        no_unit: bool,
+        /// Run only this Bochs scenario
+        #[arg(long, value_name = "NAME")]
+        only: Option<String>,
+    },
+    /// List the Bochs CPU models and which VMX features each exposes
+    Models,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Cmd::Models => {
+            print!("{}", cpu::table());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Build => {
+            cpu::select(&cli.cpu, scenario::BASE, "L0")?;
+            build(&scenario::known().map(|s| s.name).collect::<Vec<_>>())
+        }
+        Cmd::Run {
+            scenario,
+            timeout,
+            megs,
+            quiet,
+        } => {
+            let opts = RunOptions {
+                cpu: model_for(&cli.cpu, &scenario)?,
+                megs,
+                timeout: Duration::from_secs(timeout),
+                quiet,
+            };
+            if !scenario::is_known(&scenario) {
+                eprintln!(
+                    "[ihmi] note: `{scenario}` is not in ihmi's scenario list ({}, demo); running \
+                     it anyway",
+                    scenario::test_names()
+                );
+            }
+            run_one(&scenario, &opts)
+        }
+        Cmd::Demo => {
+            let opts = RunOptions {
+                cpu: model_for(&cli.cpu, scenario::DEMO.name)?,
+                megs: DEFAULT_MEGS,
+                timeout: Duration::from_secs(DEFAULT_TIMEOUT_SECS),
+                quiet: false,
+            };
+            run_one(scenario::DEMO.name, &opts)
+        }
+        Cmd::Test { no_unit, only } => test(&cli.cpu, no_unit, only.as_deref()),
+    }
+}
+
+/// The `--cpu` model, refused if it lacks what `scenario` needs.
+fn model_for(name: &str, scenario: &str) -> Result<&'static CpuModel> {
+    scenario::validate_name(scenario)?;
+    Ok(cpu::select(
+        name,
+        scenario::requirements(scenario),
+        &format!("scenario {scenario}"),
+    )?)
+}
+
+/// Checks the host tools, builds L0 and the guest, and makes one ISO per scenario.
+fn build_images(layout: &Layout, scenarios: &[&str]) -> Result<Vec<PathBuf>> {
+    deps::ensure()?;
+    images::build_bare(layout)?;
+    scenarios
+        .iter()
+        .map(|s| images::make_iso(layout, s))
+        .collect()
+}
+
+fn build(scenarios: &[&str]) -> Result<ExitCode> {
+    let layout = Layout::discover()?;
+    let isos = build_images(&layout, scenarios)?;
+    for path in [layout.l0_elf(), layout.guest_elf()].iter().chain(&isos) {
+        println!("{}", relative(&layout, path).display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_one(scenario: &str, opts: &RunOptions) -> Result<ExitCode> {
+    let layout = Layout::discover()?;
+    bochs::install_interrupt_handler()?;
+    build_images(&layout, &[scenario])?;
+    eprintln!(
+        "[ihmi] booting scenario {scenario} under Bochs (cpu {}, {} MiB, timeout {} s)",
+        opts.cpu.name,
+        opts.megs,
+        opts.timeout.as_secs()
+    );
+    let report = bochs::run(&layout, scenario, opts)?;
+    print_result(&layout, scenario, &report);
+    Ok(if report.verdict.is_pass() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// One result line per scenario, and the details a failure needs.
+fn print_result(layout: &Layout, scenario: &str, report: &RunReport) {
+    let secs = report.elapsed.as_secs_f64();
+    match &report.verdict {
+        verdict::Verdict::Pass => println!("[ihmi] scenario {scenario}: PASS ({secs:.1} s)"),
+        verdict::Verdict::Fail(reason) => {
+            println!("[ihmi] scenario {scenario}: FAIL ({secs:.1} s): {reason}");
+            let dir = relative(layout, &report.run_dir);
+            print_tail(
+                &format!("E9 console ({})", dir.join(bochs::OUTPUT).display()),
+                &report.e9,
+            );
+            print_tail(
+                &format!("Bochs log ({})", dir.join(bochs::LOG).display()),
+                &report.log,
+            );
+        }
+    }
+}
+
+fn print_tail(what: &str, text: &str) {
+    println!("[ihmi] --- last {TAIL_LINES} lines of the {what} ---");
+    for line in verdict::tail(text, TAIL_LINES) {
+        println!("{line}");
+    }
+    println!("[ihmi] --- end ---");
+}
+
+fn relative<'a>(layout: &Layout, path: &'a Path) -> &'a Path {
+    path.strip_prefix(&layout.root).unwrap_or(path)
+}
+
+fn test(cpu_name: &str, no_unit: bool, only: Option<&str>) -> Result<ExitCode> {
+    let selected: Vec<&Scenario> = match only {
+        None => scenario::TEST_SCENARIOS.iter().collect(),
+        Some(name) => match scenario::TEST_SCENARIOS.iter().find(|s| s.name == name) {
+            Some(s) => vec![s],
+            None => bail!(
+                "no test scenario `{name}`; the scenarios are: {}",
+                scenario::test_names()
+            ),
+        },
+    };
+    // Refuse the model before spending minutes on unit tests.
+    let mut model = None;
+    for s in &selected {
+        model = Some(cpu::select(
+            cpu_name,
+            s.requires,
+            &format!("scenario {}", s.name),
+        )?);
+    }
+    let model = model.context("no scenarios selected")?;
+    let layout = Layout::discover()?;
+    bochs::install_interrupt_handler()?;
+
+    let mut passed = 0usize;
+    let mut failed = 0usize;
+    if !no_unit {
+        let started = Instant::now();
+        let ok = unit_tests(&layout)?;
+        let secs = started.elapsed().as_secs_f64();
+        let word = if ok { "PASS" } else { "FAIL" };
+        println!("[ihmi] unit tests (cargo test --workspace): {word} ({secs:.1} s)");
+        if ok {
+            passed += 1;
+        } else {
+            failed += 1;
+        }
+    }
+
+    let names: Vec<&str> = selected.iter().map(|s| s.name).collect();
+    match build_images(&layout, &names) {
+        Err(err) => {
+            // Every scenario fails without images; say why once and keep the summary honest.
+            println!("[ihmi] building the images failed: {err:#}");
+            for name in &names {
+                println!("[ihmi] scenario {name}: FAIL (0.0 s): images were not built");
+            }
+            failed += names.len();
+        }
+        Ok(_) => {
+            let opts = RunOptions {
+                cpu: model,
+                megs: DEFAULT_MEGS,
+                timeout: Duration::from_secs(DEFAULT_TIMEOUT_SECS),
+                quiet: true,
+            };
+            for name in &names {
+                eprintln!("[ihmi] running scenario {name} (cpu {})", model.name);
+                match bochs::run(&layout, name, &opts) {
+                    Ok(report) => {
+                        print_result(&layout, name, &report);
+                        if report.verdict.is_pass() {
+                            passed += 1;
+                        } else {
+                            failed += 1;
+                        }
+                    }
+                    Err(err) => {
+                        println!("[ihmi] scenario {name}: FAIL (0.0 s): {err:#}");
+                        failed += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    println!("{passed} passed, {failed} failed");
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `cargo test --workspace`, output straight to the terminal.
+fn unit_tests(layout: &Layout) -> Result<bool> {
+    eprintln!("[ihmi] $ cargo test --workspace");
+    let status = Command::new(images::cargo())
+        .current_dir(&layout.root)
+        .args(["test", "--workspace"])
+        .stdin(Stdio::null())
+        .status()
+        .context("could not run cargo test")?;
+    Ok(status.success())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("ihmi").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_defaults() {
+        let cli = parse(&["run", "boot"]).unwrap();
+        assert_eq!(cli.cpu, "corei7_skylake_x");
+        let Cmd::Run {
+            scenario,
+            timeout,
+            megs,
+            quiet,
+        } = cli.command
+        else {
+            panic!("expected run");
+        };
+        assert_eq!(
+            (scenario.as_str(), timeout, megs, quiet),
+            ("boot", 300, 256, false)
+        );
+    }
+
+    #[test]
+    fn run_flags_and_global_cpu_anywhere() {
+        let cli = parse(&[
+            "run",
+            "ept-guard",
+            "--cpu",
+            "tigerlake",
+            "--timeout",
+            "20",
+            "--megs",
+            "512",
+            "--quiet",
+        ])
+        .unwrap();
+        assert_eq!(cli.cpu, "tigerlake");
+        assert!(matches!(
+            cli.command,
+            Cmd::Run {
+                timeout: 20,
+                megs: 512,
+                quiet: true,
+                ..
+            }
+        ));
+        let cli = parse(&["--cpu", "broadwell_ult", "demo"]).unwrap();
+        assert_eq!(cli.cpu, "broadwell_ult");
+        assert!(matches!(cli.command, Cmd::Demo));
+    }
+
+    #[test]
+    fn test_flags() {
+        let cli = parse(&["test", "--no-unit", "--only", "boot"]).unwrap();
+        let Cmd::Test { no_unit, only } = cli.command else {
+            panic!("expected test");
+        };
+        assert!(no_unit);
+        assert_eq!(only.as_deref(), Some("boot"));
+        assert!(matches!(
+            parse(&["test"]).unwrap().command,
+            Cmd::Test {
+                no_unit: false,
+                only: None
+            }
+        ));
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        assert!(parse(&["run"]).is_err());
+        assert!(parse(&["run", "boot", "--timeout", "0"]).is_err());
+        assert!(parse(&["run", "boot", "--megs", "lots"]).is_err());
+        assert!(parse(&["frobnicate"]).is_err());
+    }
+
+    #[test]
+    fn model_refusal_names_the_scenario() {
+        let model = model_for("corei5_lynnfield_750", "boot").unwrap();
+        assert_eq!(model.name, "corei5_lynnfield_750");
+        let msg = model_for("p4_willamette", "boot").unwrap_err().to_string();
+        assert!(msg.contains("which scenario boot needs"), "{msg}");
+        let msg = model_for("nope", "boot").unwrap_err().to_string();
+        assert!(msg.contains("unknown Bochs CPU model"), "{msg}");
+        assert!(model_for(cpu::DEFAULT_MODEL, "Bad Name").is_err());
+    }
+}

@@ -1,0 +1,129 @@
+//! The Bochs scenarios: names L0 understands (`scenario=<name>` on its command line) and what each
+//! needs from the emulated CPU.
+
+use thiserror::Error;
+
+use crate::cpu::Feature;
+
+/// What every L0 scenario needs: L0 itself runs its guest under VMX with EPT.
+pub const BASE: &[Feature] = &[Feature::Vmx, Feature::Ept];
+
+/// One scenario L0 can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scenario {
+    pub name: &'static str,
+    /// CPU features the scenario needs; `ihmi` refuses a `--cpu` model that lacks one.
+    pub requires: &'static [Feature],
+}
+
+impl Scenario {
+    pub const fn new(name: &'static str) -> Self {
+        Scenario {
+            name,
+            requires: BASE,
+        }
+    }
+}
+
+/// What `ihmi test` runs, in order. A new scenario is one line here; one that needs more than VMX + EPT
+/// says so, e.g. `Scenario { name: "gate", requires: &[Feature::Vmx, Feature::Ept, Feature::Vmfunc] }`.
+pub const TEST_SCENARIOS: &[Scenario] = &[
+    Scenario::new("boot"),
+    Scenario::new("ept-guard"),
+    Scenario::new("bad-hypercall"),
+    DEMO,
+];
+
+/// What `ihmi demo` runs.
+pub const DEMO: Scenario = Scenario::new("demo");
+
+/// Every scenario `ihmi` knows (the demo is part of the test list).
+pub fn known() -> impl Iterator<Item = &'static Scenario> {
+    TEST_SCENARIOS.iter()
+}
+
+/// What the scenario called `name` needs. One `ihmi` does not list gets the base requirements, since L0
+/// may know scenarios this table does not list yet.
+pub fn requirements(name: &str) -> &'static [Feature] {
+    known()
+        .find(|s| s.name == name)
+        .map_or(BASE, |s| s.requires)
+}
+
+/// Whether `ihmi` lists `name` among its scenarios.
+pub fn is_known(name: &str) -> bool {
+    known().any(|s| s.name == name)
+}
+
+/// Names of the test scenarios, for messages.
+pub fn test_names() -> String {
+    TEST_SCENARIOS
+        .iter()
+        .map(|s| s.name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ScenarioError {
+    #[error(
+        "invalid scenario name `{0}`: use 1-64 characters from a-z, 0-9 and '-', starting with a \
+         letter or digit"
+    )]
+    InvalidName(String),
+}
+
+/// Scenario names end up in grub.cfg, file names and Bochs's config, so they are kept to a charset
+/// that needs no quoting in any of them.
+pub fn validate_name(name: &str) -> Result<(), ScenarioError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ScenarioError::InvalidName(name.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_list_is_in_order_and_valid() {
+        let names: Vec<_> = TEST_SCENARIOS.iter().map(|s| s.name).collect();
+        assert_eq!(names, ["boot", "ept-guard", "bad-hypercall", "demo"]);
+        for s in known() {
+            validate_name(s.name).unwrap();
+            assert!(s.requires.contains(&Feature::Vmx) && s.requires.contains(&Feature::Ept));
+        }
+    }
+
+    #[test]
+    fn names_are_checked() {
+        for bad in [
+            "",
+            "-x",
+            "Boot",
+            "a b",
+            "a\"b",
+            "x;reboot",
+            "ä",
+            &"a".repeat(65),
+        ] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_name("ept-guard2").is_ok());
+    }
+
+    #[test]
+    fn unknown_names_get_base_requirements() {
+        assert_eq!(requirements("future-thing"), BASE);
+        assert_eq!(requirements("demo"), DEMO.requires);
+        assert!(is_known("boot") && !is_known("future-thing"));
+    }
+}
