@@ -7,7 +7,6 @@
 #![no_main]
 
 mod boot;
-mod cpu_tables;
 mod frames;
 mod guest;
 mod vmcs_setup;
@@ -86,7 +85,7 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
             "not started by a multiboot2 loader (magic {magic:#x}); boot the ISO with GRUB"
         ));
     }
-    let tables = cpu_tables::init();
+    let tables = ihmi_rt::tables::init(fatal_exception);
 
     // SAFETY: a multiboot2 loader passed `info` (magic checked above); it points at a valid boot
     // information structure in memory that nothing has reused yet.
@@ -409,8 +408,8 @@ fn power_off() -> ! {
     ihmi_rt::cpu::halt_forever()
 }
 
-/// Called from the exception stubs: an exception in L0 is a bug, so report everything and stop.
-pub(crate) fn fatal_exception(f: &cpu_tables::ExceptionFrame) -> ! {
+/// L0's exception handler: an exception in L0 is a bug, so report everything and stop.
+fn fatal_exception(f: &mut ihmi_rt::tables::ExceptionFrame) {
     let cr2: u64;
     // SAFETY: reading CR2 has no side effect.
     unsafe { core::arch::asm!("mov {}, cr2", out(reg) cr2, options(nomem, nostack)) };

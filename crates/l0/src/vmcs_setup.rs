@@ -5,6 +5,7 @@ use core::cell::UnsafeCell;
 
 use ihmi_ept::EptView;
 use ihmi_hv::{io::INTERCEPTED_PORTS, msr::INTERCEPTED, EXCEPTION_BITMAP};
+use ihmi_rt::tables::{TableBases, CODE_SELECTOR, DATA_SELECTOR, TSS_SELECTOR};
 use ihmi_vmcs::fields::{control, guest, host};
 use ihmi_vmcs::{
     EntryControls, ExitControls, IoBitmaps, MsrBitmap, PinbasedControls, PrimaryControls,
@@ -12,7 +13,6 @@ use ihmi_vmcs::{
 };
 use ihmi_vmx::{ActiveVmcs, VmxError};
 
-use crate::cpu_tables::{HostTables, CODE_SELECTOR, DATA_SELECTOR, TSS_SELECTOR};
 use crate::fail;
 use crate::frames::Pool;
 use crate::guest::GuestBoot;
@@ -47,7 +47,7 @@ fn adjust_failed(what: &str, e: impl core::fmt::Display) -> ! {
 pub fn configure(
     vmcs: &mut ActiveVmcs,
     caps: &VmxCapabilities,
-    tables: &HostTables,
+    tables: &TableBases,
     frames: &mut Pool,
     ept: EptView,
     boot: &GuestBoot,
@@ -141,9 +141,9 @@ pub fn configure(
     vmcs.write(host::TR_SELECTOR, u64::from(TSS_SELECTOR))?;
     vmcs.write(host::FS_BASE, 0)?;
     vmcs.write(host::GS_BASE, 0)?;
-    vmcs.write(host::TR_BASE, tables.tss_base)?;
-    vmcs.write(host::GDTR_BASE, tables.gdt_base)?;
-    vmcs.write(host::IDTR_BASE, tables.idt_base)?;
+    vmcs.write(host::TR_BASE, tables.tss)?;
+    vmcs.write(host::GDTR_BASE, tables.gdt)?;
+    vmcs.write(host::IDTR_BASE, tables.idt)?;
     vmcs.write(host::IA32_SYSENTER_CS, 0)?;
     vmcs.write(host::IA32_SYSENTER_ESP, 0)?;
     vmcs.write(host::IA32_SYSENTER_EIP, 0)?;

@@ -4,3 +4,4 @@
 pub mod console;
 pub mod cpu;
 pub mod mem;
+pub mod tables;
