@@ -16,7 +16,7 @@ use core::fmt::{self, Write};
 
 use ihmi_abi::Scenario;
 use ihmi_addr::{Gpa, Hpa, PhysRange};
-use ihmi_hv::scenario::{judge, Verdict};
+use ihmi_hv::scenario::{judge, judge_entry_failure, EntryFailure, Verdict};
 use ihmi_hv::{Action, GuestEnd, GuestRegs, Hypervisor, MemoryMap, Platform};
 use ihmi_rt::console::{Console, Sink};
 use ihmi_vmcs::fields::ro;
@@ -256,6 +256,7 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
         dump_vmcs(&vmcs);
         fail(format_args!("VMCS setup failed: {e}"));
     }
+    break_vmcs_for_scenario(&mut vmcs, scenario);
     log!(
         "frames: {} of {} pool frames used",
         frames.used(),
@@ -280,6 +281,27 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
     // SAFETY: `configure` set host RIP to the exit stub and host RSP to the top of L0's exit stack, and
     // filled valid host and guest state; both handlers are safe on that stack at any exit.
     unsafe { ihmi_vmx::launch(&mut st.vmcs, &regs, on_exit, on_entry_failed) }
+}
+
+/// The entry-failure scenarios break the VMCS on purpose, each in one well-defined way, so the failure
+/// reporting paths run for real: CR3-target count above 4 is an invalid control field (SDM 27.2.1.1), and
+/// RFLAGS bit 1 clear is invalid guest state (SDM 27.3.1.4).
+fn break_vmcs_for_scenario(vmcs: &mut ActiveVmcs, scenario: Scenario) {
+    use ihmi_vmcs::fields::{control, guest};
+    let broken = match scenario {
+        Scenario::EntryBadControl => vmcs.write(control::CR3_TARGET_COUNT, 5),
+        Scenario::EntryBadGuestState => vmcs.write(guest::RFLAGS, 0),
+        _ => return,
+    };
+    match broken {
+        Ok(()) => log!(
+            "scenario {}: VMCS deliberately made invalid",
+            scenario.name()
+        ),
+        Err(e) => fail(format_args!(
+            "could not break the VMCS for the scenario: {e}"
+        )),
+    }
 }
 
 /// Physical memory and CPU as the exit policy sees them.
@@ -330,7 +352,7 @@ extern "C" fn on_exit(regs: &mut GuestRegs) {
             st.vmcs.read(ro::EXIT_QUALIFICATION)
         );
         dump_vmcs(&st.vmcs);
-        fail(format_args!("VM entry failed: {}", raw.basic().name()));
+        entry_failed(st.hv.scenario, EntryFailure::Exit(raw.basic()));
     }
     let mut vcpu = HwVcpu::new(&mut st.vmcs, regs);
     if let Action::End(end) = st.hv.handle_exit(&mut vcpu, &mut HwPlatform) {
@@ -342,19 +364,33 @@ extern "C" fn on_entry_failed(rflags: u64) -> ! {
     const CF: u64 = 1;
     const ZF: u64 = 1 << 6;
     let st = state();
-    if rflags & ZF != 0 {
+    let failure = if rflags & ZF != 0 {
         let err: VmInstructionError = st.vmcs.instruction_error();
         log!(
             "VM entry failed: VMfailValid, VM-instruction error {} ({err})",
             err.raw()
         );
-    } else if rflags & CF != 0 {
-        log!("VM entry failed: VMfailInvalid (no valid current VMCS)");
+        EntryFailure::FailValid(err)
     } else {
-        log!("VM entry failed with rflags {rflags:#x}");
-    }
+        if rflags & CF == 0 {
+            log!("VM entry failed with neither CF nor ZF set (rflags {rflags:#x}); treating as VMfailInvalid");
+        }
+        log!("VM entry failed: VMfailInvalid (no valid current VMCS)");
+        EntryFailure::FailInvalid
+    };
     dump_vmcs(&st.vmcs);
-    fail(format_args!("VM entry failed"))
+    entry_failed(st.hv.scenario, failure)
+}
+
+/// A VM entry failed and has been reported: pass only if the scenario asked for exactly this failure.
+fn entry_failed(scenario: Scenario, failure: EntryFailure) -> ! {
+    match judge_entry_failure(scenario, failure) {
+        Verdict::Pass => {
+            log!("IHMI-PASS {}", scenario.name());
+            power_off()
+        }
+        Verdict::Fail(reason) => fail(format_args!("{reason}")),
+    }
 }
 
 /// The guest has stopped: report, judge, and power off.

@@ -193,11 +193,24 @@ pub enum Scenario {
     BadHypercall = 3,
     /// Everything the guest can exercise, with L0's banner, features and exit counters.
     Demo = 4,
+    /// L0 breaks a VM-execution control on purpose: VMLAUNCH must fail (VMfailValid) and L0 must report
+    /// the decoded VM-instruction error and a VMCS dump instead of hanging.
+    EntryBadControl = 5,
+    /// L0 breaks the guest state on purpose: VM entry must fail with a VM-entry-failure exit, reported
+    /// with its decoded reason and a VMCS dump.
+    EntryBadGuestState = 6,
 }
 
 impl Scenario {
     /// Every scenario, in the order `ihmi test` runs them.
-    pub const ALL: [Scenario; 4] = [Self::Boot, Self::EptGuard, Self::BadHypercall, Self::Demo];
+    pub const ALL: [Scenario; 6] = [
+        Self::Boot,
+        Self::EptGuard,
+        Self::BadHypercall,
+        Self::Demo,
+        Self::EntryBadControl,
+        Self::EntryBadGuestState,
+    ];
 
     /// The command-line name.
     #[must_use]
@@ -207,6 +220,8 @@ impl Scenario {
             Self::EptGuard => "ept-guard",
             Self::BadHypercall => "bad-hypercall",
             Self::Demo => "demo",
+            Self::EntryBadControl => "entry-bad-control",
+            Self::EntryBadGuestState => "entry-bad-guest-state",
         }
     }
 

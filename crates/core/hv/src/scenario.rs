@@ -7,7 +7,7 @@ use ihmi_abi::{
     CPUID_LEAF_SIGNATURE,
 };
 use ihmi_addr::{Gpa, PAGE_SIZE};
-use ihmi_vmcs::ExitReason;
+use ihmi_vmcs::{ExitReason, VmInstructionError};
 
 use crate::{ExitCounters, GuestEnd, RegionKind};
 
@@ -142,6 +142,10 @@ pub enum FailReason {
     MissingException(u8),
     /// The probe address is not L0-owned in L0's own map: the scenario could prove nothing.
     ProbeNotL0Owned,
+    /// VM entry failed in a way the scenario did not ask for.
+    UnexpectedEntryFailure(EntryFailure),
+    /// The scenario is about VM-entry failure, but the guest ran.
+    EntryDidNotFail,
 }
 
 impl fmt::Display for FailReason {
@@ -179,6 +183,18 @@ impl fmt::Display for FailReason {
             Self::MissingExit(r) => write!(f, "no {} exit was handled", r.name()),
             Self::MissingException(v) => write!(f, "no intercepted exception with vector {v}"),
             Self::ProbeNotL0Owned => f.write_str("the probe address is not L0-owned"),
+            Self::UnexpectedEntryFailure(EntryFailure::FailInvalid) => {
+                f.write_str("unexpected VM entry failure: VMfailInvalid")
+            }
+            Self::UnexpectedEntryFailure(EntryFailure::FailValid(e)) => {
+                write!(f, "unexpected VM entry failure: {e}")
+            }
+            Self::UnexpectedEntryFailure(EntryFailure::Exit(r)) => {
+                write!(f, "unexpected VM entry failure: {}", r.name())
+            }
+            Self::EntryDidNotFail => {
+                f.write_str("VM entry was expected to fail, but the guest ran")
+            }
         }
     }
 }
@@ -337,6 +353,37 @@ fn check(
             }
             Ok(())
         }
+        Scenario::EntryBadControl | Scenario::EntryBadGuestState => {
+            Err(FailReason::EntryDidNotFail)
+        }
+    }
+}
+
+/// How a VM entry failed (SDM 27.8: VMfailInvalid, VMfailValid, or a VM-entry-failure exit).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryFailure {
+    /// VMfailInvalid: no valid current VMCS.
+    FailInvalid,
+    /// VMfailValid with this VM-instruction error.
+    FailValid(VmInstructionError),
+    /// The entry got as far as loading guest state and exited with this reason.
+    Exit(ExitReason),
+}
+
+/// Judges a failed VM entry: only the two entry-failure scenarios expect one, each a specific kind.
+#[must_use]
+pub fn judge_entry_failure(scenario: Scenario, failure: EntryFailure) -> Verdict {
+    let expected = match scenario {
+        Scenario::EntryBadControl => {
+            EntryFailure::FailValid(VmInstructionError::EntryInvalidControlFields)
+        }
+        Scenario::EntryBadGuestState => EntryFailure::Exit(ExitReason::EntryFailInvalidGuestState),
+        _ => return Verdict::Fail(FailReason::UnexpectedEntryFailure(failure)),
+    };
+    if failure == expected {
+        Verdict::Pass
+    } else {
+        Verdict::Fail(FailReason::UnexpectedEntryFailure(failure))
     }
 }
 

@@ -494,3 +494,47 @@ fn bad_hypercall_verdict_follows_the_statuses_l0_returned() {
         })
     );
 }
+
+#[test]
+fn entry_failures_pass_only_where_expected() {
+    use crate::scenario::{judge_entry_failure, EntryFailure};
+    use ihmi_vmcs::VmInstructionError;
+    let control = EntryFailure::FailValid(VmInstructionError::EntryInvalidControlFields);
+    let guest_state = EntryFailure::Exit(ExitReason::EntryFailInvalidGuestState);
+    assert_eq!(
+        judge_entry_failure(Scenario::EntryBadControl, control),
+        Verdict::Pass
+    );
+    assert_eq!(
+        judge_entry_failure(Scenario::EntryBadGuestState, guest_state),
+        Verdict::Pass
+    );
+    assert!(matches!(
+        judge_entry_failure(Scenario::EntryBadControl, guest_state),
+        Verdict::Fail(_)
+    ));
+    assert!(matches!(
+        judge_entry_failure(Scenario::Boot, control),
+        Verdict::Fail(_)
+    ));
+    assert!(matches!(
+        judge_entry_failure(Scenario::EntryBadGuestState, EntryFailure::FailInvalid),
+        Verdict::Fail(_)
+    ));
+    // A guest that ran in an entry-failure scenario is a failure too.
+    let mut h = hv(Scenario::EntryBadControl);
+    h.handle_exit(
+        &mut vmcall(Hypercall::Done as u64, [0; 4]),
+        &mut MockPlatform::default(),
+    );
+    assert_eq!(
+        judge(
+            Scenario::EntryBadControl,
+            &h.log,
+            &h.counters,
+            Gpa::new(0),
+            None
+        ),
+        Verdict::Fail(FailReason::EntryDidNotFail)
+    );
+}

@@ -60,6 +60,8 @@ extern "C" fn guest_main(info: *const BootInfo) -> ! {
         Scenario::EptGuard => ept_guard(&info),
         Scenario::BadHypercall => bad_hypercalls(&info),
         Scenario::Demo => demo(),
+        // L0 breaks VM entry in these; the guest running at all is the failure.
+        Scenario::EntryBadControl | Scenario::EntryBadGuestState => 97,
     };
     done(code)
 }

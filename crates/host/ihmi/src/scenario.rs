@@ -32,6 +32,8 @@ pub const TEST_SCENARIOS: &[Scenario] = &[
     Scenario::new("ept-guard"),
     Scenario::new("bad-hypercall"),
     DEMO,
+    Scenario::new("entry-bad-control"),
+    Scenario::new("entry-bad-guest-state"),
 ];
 
 /// What `ihmi demo` runs.
@@ -96,7 +98,17 @@ mod tests {
     #[test]
     fn test_list_is_in_order_and_valid() {
         let names: Vec<_> = TEST_SCENARIOS.iter().map(|s| s.name).collect();
-        assert_eq!(names, ["boot", "ept-guard", "bad-hypercall", "demo"]);
+        assert_eq!(
+            names,
+            [
+                "boot",
+                "ept-guard",
+                "bad-hypercall",
+                "demo",
+                "entry-bad-control",
+                "entry-bad-guest-state"
+            ]
+        );
         for s in known() {
             validate_name(s.name).unwrap();
             assert!(s.requires.contains(&Feature::Vmx) && s.requires.contains(&Feature::Ept));
