@@ -4,6 +4,9 @@
 
 use core::fmt;
 
+pub mod guest_os;
+pub mod monitor;
+
 /// Version of this ABI, returned in EAX of CPUID leaf [`CPUID_LEAF_ABI`].
 pub const ABI_VERSION: u32 = 1;
 /// CPUID leaf with the hypervisor vendor signature (EBX, ECX, EDX) and the highest hypervisor leaf (EAX).

@@ -4,6 +4,8 @@
 
 mod hypercall;
 mod idt;
+mod process;
+mod user_programs;
 
 use hypercall::hypercall;
 use ihmi_abi::{
@@ -203,6 +205,19 @@ fn demo() -> u64 {
     // SAFETY: with the PICs masked, enabling interrupts delivers nothing; HLT exits to L0, which resumes us.
     unsafe { core::arch::asm!("sti", "hlt", "cli") };
     say!("testguest: woke from HLT");
+    // User mode: init spawns worker and intruder; every process makes real system calls.
+    process::init();
+    match process::run_init(0, 0) {
+        Ok(0) => say!("testguest: init exited with 0 (pids and the process tree as expected)"),
+        Ok(code) => {
+            say!("testguest: init exited with {code}");
+            failures += 1;
+        }
+        Err(e) => {
+            say!("testguest: could not create init: {e}");
+            failures += 1;
+        }
+    }
     if failures != 0 {
         return failures;
     }
@@ -217,7 +232,7 @@ fn demo() -> u64 {
 
 /// RDMSR as one 2-byte instruction, with no `nomem` promise, so the compiler keeps it where it is
 /// relative to the #GP bookkeeping around it.
-fn rdmsr(msr: u32) -> u64 {
+pub(crate) fn rdmsr(msr: u32) -> u64 {
     let (lo, hi): (u32, u32);
     // SAFETY: at CPL0 RDMSR either returns a value or raises #GP, which the guest's handler recovers from
     // when the caller expects it.
@@ -226,7 +241,7 @@ fn rdmsr(msr: u32) -> u64 {
 }
 
 /// WRMSR as one 2-byte instruction; see [`rdmsr`].
-fn wrmsr(msr: u32, value: u64) {
+pub(crate) fn wrmsr(msr: u32, value: u64) {
     // SAFETY: as for `rdmsr`.
     unsafe {
         core::arch::asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32)

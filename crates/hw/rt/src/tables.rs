@@ -13,8 +13,15 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 pub const CODE_SELECTOR: u16 = 0x08;
 /// Data segment selector.
 pub const DATA_SELECTOR: u16 = 0x10;
-/// Task-state segment selector.
+/// Task-state segment selector (a 16-byte descriptor: slots 0x18 and 0x20).
 pub const TSS_SELECTOR: u16 = 0x18;
+/// The base SYSRET derives user selectors from (IA32_STAR[63:48], SDM Vol. 2B SYSRET): 64-bit SYSRET
+/// loads SS = base + 8 and CS = base + 16, both with RPL 3.
+pub const SYSRET_BASE: u16 = 0x28;
+/// User data selector (RPL 3), as SYSRET loads it.
+pub const USER_DATA_SELECTOR: u16 = SYSRET_BASE + 8 + 3;
+/// User 64-bit code selector (RPL 3), as SYSRET loads it.
+pub const USER_CODE_SELECTOR: u16 = SYSRET_BASE + 16 + 3;
 
 /// 64-bit task-state segment (SDM 8.7, Figure 8-11).
 #[repr(C, packed)]
@@ -47,7 +54,7 @@ const IST_STACK_SIZE: usize = 16 * 1024;
 
 #[repr(C, align(16))]
 struct Tables {
-    gdt: [u64; 5],
+    gdt: [u64; 8],
     tss: Tss,
     idt: [IdtGate; 32],
     ist1: [u8; IST_STACK_SIZE],
@@ -68,7 +75,7 @@ const EMPTY_GATE: IdtGate = IdtGate {
     _reserved: 0,
 };
 static TABLES: TablesCell = TablesCell(UnsafeCell::new(Tables {
-    gdt: [0; 5],
+    gdt: [0; 8],
     tss: Tss {
         _reserved0: 0,
         rsp: [0; 3],
@@ -129,7 +136,8 @@ pub struct TableBases {
     pub tss: u64,
 }
 
-/// Installs the GDT (null, code 0x08, data 0x10, TSS 0x18), the TSS and the IDT, reloads every segment
+/// Installs the GDT (null, code 0x08, data 0x10, TSS 0x18, user segments from [`SYSRET_BASE`]), the TSS
+/// and the IDT, reloads every segment
 /// register, and routes all 32 exception vectors to `handler` on IST1.
 ///
 /// Call once, at boot, with interrupts off, while running on a GDT with the same code and data selectors.
@@ -148,6 +156,9 @@ pub fn init(handler: ExceptionHandler) -> TableBases {
         // 16-byte available 64-bit TSS descriptor (SDM 8.2.3, Figure 8-4).
         tss_limit | ((tss & 0xff_ffff) << 16) | (0x89 << 40) | (((tss >> 24) & 0xff) << 56),
         tss >> 32,
+        0x00cf_fa00_0000_ffff, // 0x28: 32-bit user code (SYSRET's base; never loaded)
+        0x00cf_f200_0000_ffff, // 0x30: user data, DPL 3
+        0x00af_fa00_0000_ffff, // 0x38: 64-bit user code, DPL 3
     ];
     let stubs = core::ptr::addr_of!(ihmi_rt_exception_stubs) as u64;
     for (vector, gate) in t.idt.iter_mut().enumerate() {
@@ -163,7 +174,7 @@ pub fn init(handler: ExceptionHandler) -> TableBases {
         };
     }
     let gdtr = DescriptorRegister {
-        limit: (size_of::<[u64; 5]>() - 1) as u16,
+        limit: (size_of::<[u64; 8]>() - 1) as u16,
         base: t.gdt.as_ptr() as u64,
     };
     let idtr = DescriptorRegister {

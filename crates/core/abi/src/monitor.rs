@@ -1,0 +1,63 @@
+//! The contract between the in-box gate (or the out-of-box VMCALL) and the monitor's single entry point.
+//!
+//! A caller passes a request code and up to four arguments; the monitor's invocation checkpoint decodes
+//! them into a typed request and refuses anything else. The monitor never takes data describing the
+//! guest from the caller: it reads the guest's own structures (the current process, its name, its
+//! parent) through introspection, so a compromised caller can lie only about what it asks, not about
+//! what happened.
+
+/// Request codes (first argument of the entry point).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
+pub enum RequestCode {
+    /// Do nothing and return: the null invocation the benchmark measures.
+    Null = 0,
+    /// A system call is being made: args = (number, arg0, arg1, arg2).
+    Syscall = 1,
+    /// A process is about to be created: args = (GVA of the new process record, program number).
+    ProcessCreate = 2,
+}
+
+impl RequestCode {
+    /// Decodes a request code; `None` for anything the monitor does not serve.
+    #[must_use]
+    pub const fn from_raw(raw: u64) -> Option<Self> {
+        Some(match raw {
+            0 => Self::Null,
+            1 => Self::Syscall,
+            2 => Self::ProcessCreate,
+            _ => return None,
+        })
+    }
+}
+
+/// What the monitor returns to its caller (RAX after the gate).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(i64)]
+pub enum Verdict {
+    /// Carry on.
+    Allow = 0,
+    /// The policy refuses the operation (a process creation is not permitted).
+    Deny = 1,
+    /// The request failed the invocation checkpoint and was ignored.
+    Rejected = -1,
+}
+
+impl Verdict {
+    /// The register value.
+    #[must_use]
+    pub const fn to_raw(self) -> u64 {
+        self as i64 as u64
+    }
+
+    /// Decodes a register value.
+    #[must_use]
+    pub const fn from_raw(raw: u64) -> Option<Self> {
+        Some(match raw as i64 {
+            0 => Self::Allow,
+            1 => Self::Deny,
+            -1 => Self::Rejected,
+            _ => return None,
+        })
+    }
+}
