@@ -2,7 +2,7 @@
 
 use ihmi_abi::{BootInfo, RamRange, Scenario, ABI_VERSION, BOOT_INFO_MAGIC, BOOT_INFO_MAX_RANGES};
 use ihmi_addr::{Gpa, Gva, PAGE_SIZE};
-use ihmi_ept::{EptView, MemType, Perm};
+use ihmi_ept::EptView;
 use ihmi_hv::{MemoryMap, RegionKind};
 use ihmi_paging::{MapFlags, PageSize, PageTable, PageTableBuilder, TableAlloc};
 
@@ -32,30 +32,21 @@ pub struct GuestBoot {
     pub boot_info: Gpa,
 }
 
-/// The guest's EPT: guest RAM read/write/execute and write-back, devices read/write uncached, and
-/// nothing else. Every L0 frame is absent, so any guest access to one is an EPT violation.
+/// The guest's EPT (the guest view of `ihmi_hv::views`): guest RAM read/write/execute and write-back,
+/// devices read/write uncached, nothing else. Every L0 frame is absent, so any guest access to one is an
+/// EPT violation.
 pub fn build_ept(memory: &MemoryMap, frames: &mut Pool) -> EptView {
-    let mut view = match EptView::new(frames) {
-        Ok(v) => v,
-        Err(e) => fail(format_args!("EPT: {e}")),
-    };
-    for (range, kind) in memory.regions() {
-        let (perm, memtype) = match kind {
-            RegionKind::GuestRam => (Perm::RWX, MemType::WriteBack),
-            RegionKind::Mmio => (Perm::RW, MemType::Uncacheable),
-            RegionKind::L0 => continue,
-        };
-        let gpa = Gpa::new(range.start.raw());
-        if let Err(e) = view.map_identity(frames, gpa, range.len(), perm, memtype) {
-            fail(format_args!("EPT mapping {gpa}+{:#x}: {e}", range.len()));
+    match ihmi_hv::views::build_guest_view(frames, memory, None, &[]) {
+        Ok(view) => {
+            log!(
+                "EPT: root {} ({} 2 MiB pages split)",
+                view.root(),
+                view.split_count()
+            );
+            view
         }
+        Err(e) => fail(format_args!("EPT: {e}")),
     }
-    log!(
-        "EPT: root {} ({} 2 MiB pages split)",
-        view.root(),
-        view.split_count()
-    );
-    view
 }
 
 /// Writes into guest RAM that L0 has checked is guest RAM.

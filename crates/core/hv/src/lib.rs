@@ -9,6 +9,7 @@ pub mod io;
 pub mod memory;
 pub mod msr;
 pub mod scenario;
+pub mod views;
 
 #[cfg(test)]
 mod mock;

@@ -14,6 +14,8 @@ pub enum RegionKind {
     L0,
     /// Device memory passed through to the guest.
     Mmio,
+    /// The in-VM monitor's frames: present only in the monitor view (the gate frame excepted).
+    Monitor,
 }
 
 impl RegionKind {
@@ -24,6 +26,7 @@ impl RegionKind {
             Self::GuestRam => "guest RAM",
             Self::L0 => "L0-owned",
             Self::Mmio => "MMIO",
+            Self::Monitor => "monitor",
         }
     }
 }
@@ -82,6 +85,41 @@ impl MemoryMap {
         self.regions.copy_within(at..self.count, at + 1);
         self.regions[at] = (range, kind);
         self.count += 1;
+        Ok(())
+    }
+
+    /// Hands `range`, which must lie inside one guest-RAM region, to another owner (the monitor): the
+    /// RAM region is split around it.
+    pub fn reassign(&mut self, range: PhysRange, kind: RegionKind) -> Result<(), MapError> {
+        let Some(i) = self.regions().iter().position(|(r, k)| {
+            *k == RegionKind::GuestRam && r.start <= range.start && range.end <= r.end
+        }) else {
+            return Err(MapError::Overlap);
+        };
+        let (ram, _) = self.regions[i];
+        self.regions.copy_within(i + 1..self.count, i);
+        self.count -= 1;
+        for (part, k) in [
+            (
+                PhysRange {
+                    start: ram.start,
+                    end: range.start,
+                },
+                RegionKind::GuestRam,
+            ),
+            (range, kind),
+            (
+                PhysRange {
+                    start: range.end,
+                    end: ram.end,
+                },
+                RegionKind::GuestRam,
+            ),
+        ] {
+            if !part.is_empty() {
+                self.add(part, k)?;
+            }
+        }
         Ok(())
     }
 
@@ -414,6 +452,42 @@ mod tests {
             "just below the taken range"
         );
         assert!(choose_pool(&[range(0, 0x10_0000)], &[], 0x40_0000, 0x20_0000).is_none());
+    }
+
+    #[test]
+    fn reassign_splits_ram_and_refuses_anything_else() {
+        let mut m = MemoryMap::default();
+        m.add(range(0, 0x100_0000), RegionKind::GuestRam).unwrap();
+        m.add(range(0x100_0000, 0x110_0000), RegionKind::L0)
+            .unwrap();
+        m.reassign(range(0x20_0000, 0x40_0000), RegionKind::Monitor)
+            .unwrap();
+        let got: std::vec::Vec<_> = m
+            .regions()
+            .iter()
+            .map(|(r, k)| (r.start.raw(), r.end.raw(), *k))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (0, 0x20_0000, RegionKind::GuestRam),
+                (0x20_0000, 0x40_0000, RegionKind::Monitor),
+                (0x40_0000, 0x100_0000, RegionKind::GuestRam),
+                (0x100_0000, 0x110_0000, RegionKind::L0),
+            ]
+        );
+        assert!(
+            !m.is_guest_ram(Gpa::new(0x30_0000), 1),
+            "monitor memory is not guest RAM"
+        );
+        assert_eq!(
+            m.reassign(range(0xf0_0000, 0x101_0000), RegionKind::Monitor),
+            Err(MapError::Overlap)
+        );
+        assert_eq!(
+            m.reassign(range(0x30_0000, 0x31_0000), RegionKind::Monitor),
+            Err(MapError::Overlap)
+        );
     }
 
     #[test]

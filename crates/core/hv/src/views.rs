@@ -1,0 +1,255 @@
+//! The two EPT views of in-VM monitoring (BRIEF.md §1), built from the memory map.
+//!
+//! - View 0, the guest view: guest RAM read/write/execute, devices read/write, the monitor's frames
+//!   absent except the gate frame, which is read + execute like every frame holding hooks.
+//! - View 1, the monitor view: guest RAM read/write but never executable, the monitor's data read/write,
+//!   its code read + execute, the gate frame executable, devices absent.
+//!
+//! L0's own frames are absent from both. A VMFUNC to view 1 from anywhere but the gate lands on a
+//! non-executable page and exits on the next instruction fetch; a CR3 load of the monitor's root in
+//! view 0 cannot be walked because the monitor's page tables are not present there.
+
+use ihmi_addr::{Gpa, Hpa, PhysRange};
+use ihmi_ept::{EptAlloc, EptError, EptView, MemType, Perm, ViewId};
+
+use crate::{MemoryMap, RegionKind};
+
+/// EPTP-list index of the guest view.
+pub const GUEST_VIEW: u16 = 0;
+/// EPTP-list index of the monitor view.
+pub const MONITOR_VIEW: u16 = 1;
+
+/// The view ids as typed values.
+#[must_use]
+pub fn view_id(index: u16) -> Option<ViewId> {
+    ViewId::new(index)
+}
+
+/// Where the monitor sits inside its region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MonitorLayout {
+    /// Every monitor frame (image, page tables, stack, event ring), guest-physical.
+    pub region: PhysRange,
+    /// The monitor's code: executable in the monitor view only.
+    pub code: PhysRange,
+    /// The gate frame: the one page present in both views.
+    pub gate: PhysRange,
+}
+
+impl MonitorLayout {
+    /// Whether `code` and `gate` lie inside `region`, page-aligned and disjoint.
+    #[must_use]
+    pub fn is_well_formed(&self) -> bool {
+        let inside = |r: &PhysRange| {
+            self.region.start <= r.start && r.end <= self.region.end && !r.is_empty()
+        };
+        let aligned = |r: &PhysRange| {
+            r.start.is_aligned(ihmi_addr::PAGE_SIZE) && r.end.is_aligned(ihmi_addr::PAGE_SIZE)
+        };
+        inside(&self.code)
+            && inside(&self.gate)
+            && aligned(&self.code)
+            && aligned(&self.gate)
+            && !self.code.overlaps(&self.gate)
+    }
+}
+
+fn gpa(h: Hpa) -> Gpa {
+    Gpa::new(h.raw())
+}
+
+/// The guest view. `read_exec_only` lists guest frames that must not be writable in it (the guest
+/// kernel's code, where hooks live).
+pub fn build_guest_view(
+    alloc: &mut impl EptAlloc,
+    memory: &MemoryMap,
+    monitor: Option<&MonitorLayout>,
+    read_exec_only: &[PhysRange],
+) -> Result<EptView, EptError> {
+    let mut view = EptView::new(alloc)?;
+    for (range, kind) in memory.regions() {
+        let (perm, memtype) = match kind {
+            RegionKind::GuestRam => (Perm::RWX, MemType::WriteBack),
+            RegionKind::Mmio => (Perm::RW, MemType::Uncacheable),
+            RegionKind::L0 | RegionKind::Monitor => continue,
+        };
+        view.map_identity(alloc, gpa(range.start), range.len(), perm, memtype)?;
+    }
+    if let Some(m) = monitor {
+        view.map_identity(
+            alloc,
+            gpa(m.gate.start),
+            m.gate.len(),
+            Perm::RX,
+            MemType::WriteBack,
+        )?;
+    }
+    for r in read_exec_only {
+        view.protect(alloc, gpa(r.start), r.len(), Perm::RX)?;
+    }
+    Ok(view)
+}
+
+/// The monitor view. `execute_only` says whether the CPU supports execute-only EPT pages (then the gate
+/// frame is execute-only; otherwise read + execute).
+pub fn build_monitor_view(
+    alloc: &mut impl EptAlloc,
+    memory: &MemoryMap,
+    monitor: &MonitorLayout,
+    execute_only: bool,
+) -> Result<EptView, EptError> {
+    let mut view = EptView::new(alloc)?;
+    for (range, kind) in memory.regions() {
+        match kind {
+            RegionKind::GuestRam => view.map_identity(
+                alloc,
+                gpa(range.start),
+                range.len(),
+                Perm::RW,
+                MemType::WriteBack,
+            )?,
+            RegionKind::Monitor | RegionKind::Mmio | RegionKind::L0 => {}
+        }
+    }
+    let r = monitor.region;
+    // Data everywhere first, then code and gate carved out of it with their own rights.
+    view.map_identity(alloc, gpa(r.start), r.len(), Perm::RW, MemType::WriteBack)?;
+    view.protect(alloc, gpa(monitor.code.start), monitor.code.len(), Perm::RX)?;
+    let gate_perm = if execute_only {
+        Perm::EXECUTE
+    } else {
+        Perm::RX
+    };
+    view.protect(
+        alloc,
+        gpa(monitor.gate.start),
+        monitor.gate.len(),
+        gate_perm,
+    )?;
+    Ok(view)
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::boxed::Box;
+    use std::collections::HashMap;
+
+    use ihmi_ept::EptTable;
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Tables {
+        tables: HashMap<u64, Box<EptTable>>,
+        next: u64,
+    }
+
+    impl EptAlloc for Tables {
+        fn alloc_zeroed(&mut self) -> Option<Hpa> {
+            self.next += 0x1000;
+            let a = 0x7_0000_0000 + self.next;
+            self.tables.insert(a, Box::new(EptTable::new()));
+            Some(Hpa::new(a))
+        }
+        fn table_mut(&mut self, hpa: Hpa) -> Option<&mut EptTable> {
+            self.tables.get_mut(&hpa.raw()).map(|b| &mut **b)
+        }
+        fn table(&self, hpa: Hpa) -> Option<&EptTable> {
+            self.tables.get(&hpa.raw()).map(|b| &**b)
+        }
+    }
+
+    fn r(a: u64, b: u64) -> PhysRange {
+        PhysRange {
+            start: Hpa::new(a),
+            end: Hpa::new(b),
+        }
+    }
+
+    fn setup() -> (MemoryMap, MonitorLayout) {
+        let mut m = MemoryMap::build(
+            &[r(0, 0x1000_0000)],
+            &[r(0xf00_0000, 0x1000_0000)],
+            &[r(0xfee0_0000, 0xfee0_1000)],
+        )
+        .unwrap();
+        let layout = MonitorLayout {
+            region: r(0x800_0000, 0x820_0000),
+            gate: r(0x800_0000, 0x800_1000),
+            code: r(0x800_1000, 0x801_0000),
+        };
+        m.reassign(layout.region, RegionKind::Monitor).unwrap();
+        (m, layout)
+    }
+
+    fn perm(view: &EptView, t: &Tables, addr: u64) -> Option<Perm> {
+        view.lookup(t, Gpa::new(addr)).map(|m| m.perm)
+    }
+
+    #[test]
+    fn guest_view_hides_monitor_and_l0_and_write_protects_code() {
+        let (m, layout) = setup();
+        let mut t = Tables::default();
+        let v0 = build_guest_view(&mut t, &m, Some(&layout), &[r(0x100_0000, 0x100_4000)]).unwrap();
+        assert_eq!(perm(&v0, &t, 0x10_0000), Some(Perm::RWX), "guest RAM");
+        assert_eq!(
+            perm(&v0, &t, 0x100_2000),
+            Some(Perm::RX),
+            "guest kernel code: no writes"
+        );
+        assert_eq!(
+            perm(&v0, &t, 0x100_4000),
+            Some(Perm::RWX),
+            "next page untouched"
+        );
+        assert_eq!(perm(&v0, &t, 0x800_0000), Some(Perm::RX), "gate");
+        assert_eq!(perm(&v0, &t, 0x800_1000), None, "monitor code");
+        assert_eq!(perm(&v0, &t, 0x81f_f000), None, "monitor data");
+        assert_eq!(perm(&v0, &t, 0xf00_0000), None, "L0");
+        assert_eq!(perm(&v0, &t, 0xfee0_0000), Some(Perm::RW), "device");
+    }
+
+    #[test]
+    fn monitor_view_reads_everything_and_executes_only_monitor_code_and_gate() {
+        let (m, layout) = setup();
+        assert!(layout.is_well_formed());
+        let mut t = Tables::default();
+        let v1 = build_monitor_view(&mut t, &m, &layout, true).unwrap();
+        assert_eq!(
+            perm(&v1, &t, 0x10_0000),
+            Some(Perm::RW),
+            "guest RAM, never executable"
+        );
+        assert_eq!(perm(&v1, &t, 0x100_2000), Some(Perm::RW));
+        assert_eq!(
+            perm(&v1, &t, 0x800_0000),
+            Some(Perm::EXECUTE),
+            "gate, execute-only"
+        );
+        assert_eq!(perm(&v1, &t, 0x800_1000), Some(Perm::RX), "monitor code");
+        assert_eq!(perm(&v1, &t, 0x801_0000), Some(Perm::RW), "monitor data");
+        assert_eq!(perm(&v1, &t, 0xf00_0000), None, "L0");
+        assert_eq!(
+            perm(&v1, &t, 0xfee0_0000),
+            None,
+            "devices stay out of the monitor view"
+        );
+        let v1_rx = build_monitor_view(&mut t, &m, &layout, false).unwrap();
+        assert_eq!(
+            perm(&v1_rx, &t, 0x800_0000),
+            Some(Perm::RX),
+            "gate without execute-only support"
+        );
+    }
+
+    #[test]
+    fn layouts_outside_their_region_are_rejected() {
+        let (_, mut layout) = setup();
+        layout.code = r(0x7ff_f000, 0x801_0000);
+        assert!(!layout.is_well_formed());
+        let (_, mut layout) = setup();
+        layout.gate = layout.code;
+        assert!(!layout.is_well_formed());
+    }
+}
