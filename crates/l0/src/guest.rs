@@ -1,12 +1,12 @@
 //! The guest: its EPT, its image, its first page tables and the boot information it starts with.
 
 use ihmi_abi::{BootInfo, RamRange, Scenario, ABI_VERSION, BOOT_INFO_MAGIC, BOOT_INFO_MAX_RANGES};
-use ihmi_addr::{Gpa, Gva, PAGE_SIZE};
-use ihmi_ept::EptView;
+use ihmi_addr::{Gpa, Gva, Hpa, PhysRange, PAGE_SIZE};
 use ihmi_hv::{MemoryMap, RegionKind};
 use ihmi_paging::{MapFlags, PageSize, PageTable, PageTableBuilder, TableAlloc};
 
-use crate::frames::Pool;
+use crate::elf_image::Image;
+use crate::monitor::Loaded;
 use crate::{fail, log};
 
 /// Guest-physical area where L0 builds the guest's first page tables (low RAM every PC has).
@@ -32,21 +32,66 @@ pub struct GuestBoot {
     pub boot_info: Gpa,
 }
 
-/// The guest's EPT (the guest view of `ihmi_hv::views`): guest RAM read/write/execute and write-back,
-/// devices read/write uncached, nothing else. Every L0 frame is absent, so any guest access to one is an
-/// EPT violation.
-pub fn build_ept(memory: &MemoryMap, frames: &mut Pool) -> EptView {
-    match ihmi_hv::views::build_guest_view(frames, memory, None, &[]) {
-        Ok(view) => {
-            log!(
-                "EPT: root {} ({} 2 MiB pages split)",
-                view.root(),
-                view.split_count()
-            );
-            view
+/// Guest-physical ranges of the guest image: all of it, and the executable part (kernel code, where the
+/// hooks live; the guest view maps it read + execute only).
+pub struct Regions {
+    pub all: Ranges,
+    pub code: Ranges,
+}
+
+/// Up to 16 page-aligned ranges, without a heap.
+pub struct Ranges {
+    items: [PhysRange; 16],
+    len: usize,
+}
+
+impl Ranges {
+    const fn new() -> Self {
+        Self {
+            items: [PhysRange {
+                start: Hpa::new(0),
+                end: Hpa::new(0),
+            }; 16],
+            len: 0,
         }
-        Err(e) => fail(format_args!("EPT: {e}")),
     }
+
+    fn push(&mut self, r: PhysRange) {
+        if self.len == self.items.len() {
+            fail(format_args!(
+                "the guest image has more than {} loadable segments",
+                self.items.len()
+            ));
+        }
+        self.items[self.len] = r;
+        self.len += 1;
+    }
+
+    pub fn as_slice(&self) -> &[PhysRange] {
+        &self.items[..self.len]
+    }
+}
+
+/// Where the guest image will sit, plus the low 1 MiB where L0 puts the guest's boot structures.
+pub fn regions(image: &Image<'_>) -> Regions {
+    let mut all = Ranges::new();
+    let mut code = Ranges::new();
+    all.push(PhysRange {
+        start: Hpa::new(0),
+        end: Hpa::new(0x10_0000),
+    });
+    for ph in image.load_segments() {
+        let start = Hpa::new(ph.p_paddr).align_down(PAGE_SIZE);
+        let end = Hpa::new(ph.p_paddr.saturating_add(ph.p_memsz))
+            .align_up(PAGE_SIZE)
+            .unwrap_or(start);
+        let r = PhysRange { start, end };
+        all.push(r);
+        if ph.p_flags & elf::abi::PF_X != 0 {
+            code.push(r);
+        }
+    }
+    Regions { all, code }
 }
 
 /// Writes into guest RAM that L0 has checked is guest RAM.
@@ -90,38 +135,17 @@ impl TableAlloc for BootTableAlloc<'_> {
 }
 
 /// Loads the guest ELF into guest RAM and prepares its page tables, GDT, stack and boot information.
-pub fn load(image: &[u8], memory: &MemoryMap, scenario: Scenario, probe: Gpa) -> GuestBoot {
-    use elf::endian::LittleEndian;
-    let file = match elf::ElfBytes::<LittleEndian>::minimal_parse(image) {
-        Ok(f) => f,
-        Err(_) => fail(format_args!("the guest module is not an ELF file")),
-    };
-    if file.ehdr.class != elf::file::Class::ELF64 || file.ehdr.e_machine != elf::abi::EM_X86_64 {
-        fail(format_args!("the guest module is not an x86-64 ELF64 file"));
-    }
-    let Some(segments) = file.segments() else {
-        fail(format_args!("the guest ELF has no program headers"))
-    };
-    for ph in segments.iter().filter(|ph| ph.p_type == elf::abi::PT_LOAD) {
+pub fn load(
+    image: &Image<'_>,
+    memory: &MemoryMap,
+    scenario: Scenario,
+    probe: Gpa,
+    monitor: Option<&Loaded>,
+    page_1g: bool,
+) -> GuestBoot {
+    for ph in image.load_segments() {
         let dst = guest_bytes(memory, Gpa::new(ph.p_paddr), ph.p_memsz);
-        let Some(src) = ph
-            .p_offset
-            .checked_add(ph.p_filesz)
-            .and_then(|end| image.get(ph.p_offset as usize..end as usize))
-        else {
-            fail(format_args!(
-                "guest ELF segment at {:#x} lies outside the file",
-                ph.p_paddr
-            ));
-        };
-        if src.len() > dst.len() {
-            fail(format_args!(
-                "guest ELF segment at {:#x} has filesz > memsz",
-                ph.p_paddr
-            ));
-        }
-        dst[..src.len()].copy_from_slice(src);
-        dst[src.len()..].fill(0);
+        image.copy_segment(&ph, dst);
         log!("guest: loaded {:#x} bytes at {:#x}", ph.p_memsz, ph.p_paddr);
     }
 
@@ -134,8 +158,7 @@ pub fn load(image: &[u8], memory: &MemoryMap, scenario: Scenario, probe: Gpa) ->
         Err(e) => fail(format_args!("guest page tables: {e}")),
     };
     // The guest's page tables may map anything: the EPT, not the guest's tables, is what protects L0.
-    // 1 GiB pages only where the CPU has them (CPUID.80000001H:EDX.Page1GB, SDM 4.1.4).
-    let largest = if ihmi_rt::cpu::cpuid(0x8000_0001, 0)[3] & (1 << 26) != 0 {
+    let largest = if page_1g {
         PageSize::Size1G
     } else {
         PageSize::Size2M
@@ -168,6 +191,12 @@ pub fn load(image: &[u8], memory: &MemoryMap, scenario: Scenario, probe: Gpa) ->
         ram_count: 0,
         ram: [RamRange::default(); BOOT_INFO_MAX_RANGES],
         probe_gpa: probe.raw(),
+        monitor_mode: match monitor {
+            Some(_) => ihmi_abi::monitor::Mode::InBox as u32,
+            None => ihmi_abi::monitor::Mode::None as u32,
+        },
+        _reserved: 0,
+        gate_gva: monitor.map_or(0, |m| m.gate_gva.raw()),
     };
     for range in memory
         .of_kind(RegionKind::GuestRam)
@@ -185,7 +214,7 @@ pub fn load(image: &[u8], memory: &MemoryMap, scenario: Scenario, probe: Gpa) ->
     let _ = guest_bytes(memory, Gpa::new(BOOT_STACK_TOP.raw() - 0x1_0000), 0x1_0000);
 
     GuestBoot {
-        entry: file.ehdr.e_entry,
+        entry: image.entry(),
         cr3: tables.root(),
         gdt: BOOT_GDT,
         gdt_limit: 23,

@@ -7,15 +7,17 @@
 #![no_main]
 
 mod boot;
+mod elf_image;
 mod frames;
 mod guest;
+mod monitor;
 mod vmcs_setup;
 
 use core::cell::UnsafeCell;
 use core::fmt::{self, Write};
 
 use ihmi_abi::Scenario;
-use ihmi_addr::{Gpa, Hpa, PhysRange};
+use ihmi_addr::{Gpa, Gva, Hpa, PhysRange};
 use ihmi_hv::scenario::{judge, judge_entry_failure, EntryFailure, Verdict};
 use ihmi_hv::{Action, GuestEnd, GuestRegs, Hypervisor, MemoryMap, Platform};
 use ihmi_rt::console::{Console, Sink};
@@ -48,6 +50,8 @@ struct L0State {
     hv: Hypervisor,
     vmcs: ActiveVmcs,
     probe: Gpa,
+    /// The in-VM monitor, when the scenario runs one.
+    monitor: Option<monitor::Loaded>,
 }
 
 struct StateCell(UnsafeCell<Option<L0State>>);
@@ -149,6 +153,7 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
     };
     n_owned += 1;
     let mut guest_module: Option<&'static [u8]> = None;
+    let mut monitor_module: Option<&'static [u8]> = None;
     for module in mbi.module_tags() {
         let range = PhysRange {
             start: Hpa::new(u64::from(module.start_address())),
@@ -158,12 +163,15 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
             owned[n_owned] = range;
             n_owned += 1;
         }
-        if module.cmdline().ok() == Some("testguest") {
-            // SAFETY: GRUB loaded the module at [start, end) in RAM; L0 owns that range (it is in `owned`,
-            // so never mapped for the guest) and never writes it.
-            guest_module = Some(unsafe {
-                core::slice::from_raw_parts(range.start.raw() as *const u8, range.len() as usize)
-            });
+        // SAFETY: GRUB loaded the module at [start, end) in RAM; L0 owns that range (it is in `owned`, so
+        // never mapped for the guest) and never writes it.
+        let bytes = unsafe {
+            core::slice::from_raw_parts(range.start.raw() as *const u8, range.len() as usize)
+        };
+        match module.cmdline().ok() {
+            Some("testguest") => guest_module = Some(bytes),
+            Some("monitor") => monitor_module = Some(bytes),
+            _ => {}
         }
     }
     let Some(pool) = ihmi_hv::memory::choose_pool(
@@ -193,7 +201,7 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
             end: Hpa::new(0xfee0_1000),
         }, // local APIC
     ];
-    let memory = match MemoryMap::build(available, &owned[..n_owned], &devices) {
+    let mut memory = match MemoryMap::build(available, &owned[..n_owned], &devices) {
         Ok(m) => m,
         Err(e) => fail(format_args!("cannot build the guest memory map: {e:?}")),
     };
@@ -237,21 +245,106 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
     }
     log!("VMX on (VMCS revision {:#x})", caps.revision_id());
 
-    let ept = guest::build_ept(&memory, &mut frames);
     let probe = Gpa::new(vmxon.raw());
     let Some(module) = guest_module else {
         fail(format_args!(
             "no 'testguest' module; the ISO must load it with module2"
         ));
     };
-    let boot = guest::load(module, &memory, scenario, probe);
+    let guest_image = elf_image::Image::parse(module, "guest");
+    let guest_regions = guest::regions(&guest_image);
+    // 1 GiB pages only where the CPU has them (CPUID.80000001H:EDX.Page1GB, SDM 4.1.4).
+    let page_1g = ihmi_rt::cpu::cpuid(0x8000_0001, 0)[3] & (1 << 26) != 0;
+
+    // In-VM monitoring: monitor frames out of guest RAM, then two views switched by VMFUNC.
+    let monitor = if scenario.uses_monitor() {
+        if !features.eptp_switching {
+            fail(format_args!(
+                "this CPU has no VMFUNC EPTP switching, which in-box monitoring needs; choose a CPU model that has it (e.g. corei7_skylake_x)"
+            ));
+        }
+        let Some(bytes) = monitor_module else {
+            fail(format_args!(
+                "no 'monitor' module; the ISO must load it with module2"
+            ));
+        };
+        let current = Gva::new(guest_image.symbol("CURRENT_PROCESS"));
+        Some(monitor::load(
+            bytes,
+            &mut memory,
+            guest_regions.all.as_slice(),
+            current,
+            page_1g,
+        ))
+    } else {
+        None
+    };
+    let layout = monitor.as_ref().map(|m| m.layout);
+    let guest_view = ihmi_hv::views::build_guest_view(
+        &mut frames,
+        &memory,
+        layout.as_ref(),
+        guest_regions.code.as_slice(),
+    )
+    .unwrap_or_else(|e| fail(format_args!("guest view: {e}")));
+    log!(
+        "EPT view 0 (guest): root {} ({} 2 MiB pages split)",
+        guest_view.root(),
+        guest_view.split_count()
+    );
+    let eptp_list = match &layout {
+        Some(l) => {
+            let monitor_view = ihmi_hv::views::build_monitor_view(
+                &mut frames,
+                &memory,
+                l,
+                features.ept_execute_only,
+            )
+            .unwrap_or_else(|e| fail(format_args!("monitor view: {e}")));
+            log!(
+                "EPT view 1 (monitor): root {} ({} 2 MiB pages split)",
+                monitor_view.root(),
+                monitor_view.split_count()
+            );
+            let frame = frames.alloc_zeroed();
+            // SAFETY: a fresh, zeroed, page-aligned pool frame; EptpList is exactly one page.
+            let list = unsafe { &mut *(frame.raw() as *mut ihmi_ept::EptpList) };
+            for (index, view) in [
+                (ihmi_hv::views::GUEST_VIEW, &guest_view),
+                (ihmi_hv::views::MONITOR_VIEW, &monitor_view),
+            ] {
+                let Some(id) = ihmi_hv::views::view_id(index) else {
+                    fail(format_args!("bad view index {index}"))
+                };
+                list.set(id, view.eptp());
+            }
+            Some(frame)
+        }
+        None => None,
+    };
+    let boot = guest::load(
+        &guest_image,
+        &memory,
+        scenario,
+        probe,
+        monitor.as_ref(),
+        page_1g,
+    );
     let vmcs_frame = frames.alloc_zeroed();
     // SAFETY: VMX is on; `vmcs_frame` is a fresh pool frame used for nothing else.
     let mut vmcs = match unsafe { ihmi_vmx::load_vmcs(vmcs_frame, &caps) } {
         Ok(v) => v,
         Err(e) => fail(format_args!("{e}")),
     };
-    if let Err(e) = vmcs_setup::configure(&mut vmcs, &caps, &tables, &mut frames, ept, &boot) {
+    if let Err(e) = vmcs_setup::configure(
+        &mut vmcs,
+        &caps,
+        &tables,
+        &mut frames,
+        guest_view.eptp(),
+        eptp_list,
+        &boot,
+    ) {
         log!("VMCS setup failed: {e}");
         dump_vmcs(&vmcs);
         fail(format_args!("VMCS setup failed: {e}"));
@@ -274,6 +367,7 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
         hv: Hypervisor::new(memory, scenario),
         vmcs,
         probe,
+        monitor,
     });
     let Some(st) = state.as_mut() else {
         fail(format_args!("state lost"))
@@ -354,6 +448,8 @@ extern "C" fn on_exit(regs: &mut GuestRegs) {
         dump_vmcs(&st.vmcs);
         entry_failed(st.hv.scenario, EntryFailure::Exit(raw.basic()));
     }
+    // What the monitor saw happened before this exit: show it first.
+    drain_monitor(st);
     let mut vcpu = HwVcpu::new(&mut st.vmcs, regs);
     if let Action::End(end) = st.hv.handle_exit(&mut vcpu, &mut HwPlatform) {
         finish(end);
@@ -396,7 +492,15 @@ fn entry_failed(scenario: Scenario, failure: EntryFailure) -> ! {
 /// The guest has stopped: report, judge, and power off.
 fn finish(end: GuestEnd) -> ! {
     let st = state();
+    drain_monitor(st);
     log!("guest ended: {end}");
+    if let Some(m) = &st.monitor {
+        log!(
+            "monitor: {} events, {} dropped",
+            m.ring().produced(),
+            m.ring().dropped()
+        );
+    }
     log!("exit counters ({} exits):", st.hv.counters.total());
     for (reason, count) in st.hv.counters.nonzero() {
         log!("  {:<24} {count:>8}", reason.name());
@@ -415,6 +519,20 @@ fn finish(end: GuestEnd) -> ! {
         }
         Verdict::Fail(reason) => fail(format_args!("{reason}")),
     }
+}
+
+/// Takes the monitor's new events out of its ring: each becomes a JSON line on the console and an entry
+/// in the scenario log.
+fn drain_monitor(st: &mut L0State) {
+    let Some(m) = &st.monitor else { return };
+    let ring = m.ring();
+    let log_events = &mut st.hv.log;
+    let os = &m.os;
+    ring.drain(|e| {
+        log!("event| {}", e.json("inbox", os));
+        log_events.record_monitor_event(e);
+    });
+    log_events.monitor_dropped = ring.dropped();
 }
 
 /// Prints every VMCS field that can be read, for a failed VM entry.

@@ -3,13 +3,14 @@
 
 use core::cell::UnsafeCell;
 
-use ihmi_ept::EptView;
+use ihmi_addr::Hpa;
+use ihmi_ept::Eptp;
 use ihmi_hv::{io::INTERCEPTED_PORTS, msr::INTERCEPTED, EXCEPTION_BITMAP};
 use ihmi_rt::tables::{TableBases, CODE_SELECTOR, DATA_SELECTOR, TSS_SELECTOR};
 use ihmi_vmcs::fields::{control, guest, host};
 use ihmi_vmcs::{
     EntryControls, ExitControls, IoBitmaps, MsrBitmap, PinbasedControls, PrimaryControls,
-    SecondaryControls, SegmentAccessRights, VmxCapabilities,
+    SecondaryControls, SegmentAccessRights, VmFuncControls, VmxCapabilities,
 };
 use ihmi_vmx::{ActiveVmcs, VmxError};
 
@@ -49,7 +50,8 @@ pub fn configure(
     caps: &VmxCapabilities,
     tables: &TableBases,
     frames: &mut Pool,
-    ept: EptView,
+    eptp: Eptp,
+    eptp_list: Option<Hpa>,
     boot: &GuestBoot,
 ) -> Result<(), VmxError> {
     // Controls: ask for what L0 needs, take what the CPU forces.
@@ -65,9 +67,15 @@ pub fn configure(
             PrimaryControls::empty(),
         )
         .unwrap_or_else(|e| adjust_failed("processor-based controls", e));
+    // In-box monitoring switches EPT views with VMFUNC: VM functions and EPTP switching are then required.
+    let vmfunc_required = if eptp_list.is_some() {
+        SecondaryControls::ENABLE_VM_FUNCTIONS
+    } else {
+        SecondaryControls::empty()
+    };
     let secondary = caps
         .adjust_secondary(
-            SecondaryControls::ENABLE_EPT,
+            SecondaryControls::ENABLE_EPT | vmfunc_required,
             SecondaryControls::ENABLE_RDTSCP
                 | SecondaryControls::ENABLE_INVPCID
                 | SecondaryControls::ENABLE_XSAVES_XRSTORS,
@@ -103,7 +111,14 @@ pub fn configure(
     vmcs.write(control::CR0_GUEST_HOST_MASK, 0)?;
     vmcs.write(control::CR4_GUEST_HOST_MASK, CR4_VMXE)?;
     vmcs.write(control::CR4_READ_SHADOW, GUEST_CR4)?;
-    vmcs.write(control::EPTP_FULL, ept.eptp().raw())?;
+    vmcs.write(control::EPTP_FULL, eptp.raw())?;
+    if let Some(list) = eptp_list {
+        let vmfunc = caps
+            .adjust_vmfunc(VmFuncControls::EPTP_SWITCHING)
+            .unwrap_or_else(|e| adjust_failed("VM-function controls", e));
+        vmcs.write(control::VM_FUNCTION_CONTROLS_FULL, vmfunc.bits())?;
+        vmcs.write(control::EPTP_LIST_ADDR_FULL, list.raw())?;
+    }
 
     // Bitmaps: built from the same tables the exit policy uses.
     let msr_frame = frames.alloc_zeroed();

@@ -202,18 +202,28 @@ pub enum Scenario {
     /// L0 breaks the guest state on purpose: VM entry must fail with a VM-entry-failure exit, reported
     /// with its decoded reason and a VMCS dump.
     EntryBadGuestState = 6,
+    /// In-VM monitoring: the guest's processes run with the monitor in-box; L0 checks the monitor's
+    /// event stream against the workload.
+    Sim = 7,
 }
 
 impl Scenario {
     /// Every scenario, in the order `ihmi test` runs them.
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 7] = [
         Self::Boot,
         Self::EptGuard,
         Self::BadHypercall,
         Self::Demo,
         Self::EntryBadControl,
         Self::EntryBadGuestState,
+        Self::Sim,
     ];
+
+    /// Whether L0 loads the in-VM monitor for this scenario.
+    #[must_use]
+    pub const fn uses_monitor(self) -> bool {
+        matches!(self, Self::Sim)
+    }
 
     /// The command-line name.
     #[must_use]
@@ -225,6 +235,7 @@ impl Scenario {
             Self::Demo => "demo",
             Self::EntryBadControl => "entry-bad-control",
             Self::EntryBadGuestState => "entry-bad-guest-state",
+            Self::Sim => "sim",
         }
     }
 
@@ -297,6 +308,12 @@ pub struct BootInfo {
     pub ram: [RamRange; BOOT_INFO_MAX_RANGES],
     /// A guest-physical address that L0 owns (not guest RAM), for scenarios that probe the EPT.
     pub probe_gpa: u64,
+    /// How to reach the monitor (`monitor::Mode as u32`).
+    pub monitor_mode: u32,
+    /// Reserved, zero.
+    pub _reserved: u32,
+    /// Guest-virtual address of the gate's entry point, in in-box mode.
+    pub gate_gva: u64,
 }
 
 impl BootInfo {

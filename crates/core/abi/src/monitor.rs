@@ -61,3 +61,51 @@ impl Verdict {
         })
     }
 }
+
+/// Magic at the start of [`MonitorConfig`] ("IHMICONF").
+pub const CONFIG_MAGIC: u64 = 0x464e_4f43_494d_4849;
+/// Largest allow-list L0 can hand the monitor.
+pub const MAX_ALLOWED: usize = 8;
+
+/// What L0 writes into the monitor's data before the guest can call it (the monitor symbol
+/// `IHMI_MONITOR_CONFIG`). The guest never sees or touches it: it lives in monitor frames.
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+pub struct MonitorConfig {
+    /// [`CONFIG_MAGIC`].
+    pub magic: u64,
+    /// Monitor-virtual address where guest-physical address 0 is mapped (the direct map).
+    pub direct_map_base: u64,
+    /// Guest RAM the direct map covers; reads elsewhere are refused.
+    pub ram: [crate::RamRange; crate::BOOT_INFO_MAX_RANGES],
+    /// Valid entries in `ram`.
+    pub ram_count: u64,
+    /// Guest-virtual address of the guest kernel's "current process" pointer.
+    pub current_process_ptr: u64,
+    /// Process names the creation policy allows (NUL-padded); zero entries means allow all.
+    pub allowed: [[u8; crate::guest_os::COMM_LEN]; MAX_ALLOWED],
+    /// Valid entries in `allowed`.
+    pub allowed_count: u64,
+}
+
+/// How a guest reaches the monitor. L0 tells the guest in [`crate::BootInfo`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Mode {
+    /// No monitor.
+    None = 0,
+    /// In-box: call the gate at [`crate::BootInfo::gate_gva`].
+    InBox = 1,
+}
+
+impl Mode {
+    /// Decodes the boot-information field.
+    #[must_use]
+    pub const fn from_raw(raw: u32) -> Option<Self> {
+        Some(match raw {
+            0 => Self::None,
+            1 => Self::InBox,
+            _ => return None,
+        })
+    }
+}

@@ -9,11 +9,14 @@ use ihmi_abi::{
 use ihmi_addr::{Gpa, PAGE_SIZE};
 use ihmi_vmcs::{ExitReason, VmInstructionError};
 
+use ihmi_monitor::{event::comm_bytes, Event, EventKind};
+
 use crate::{ExitCounters, GuestEnd, RegionKind};
 
 const MAX_CPUID: usize = 32;
 const MAX_REPORTS: usize = 16;
 const MAX_HYPERCALLS: usize = 64;
+const MAX_MONITOR_EVENTS: usize = 64;
 
 /// What the guest did, as far as the scenarios care.
 #[derive(Clone, Debug, Default)]
@@ -31,6 +34,9 @@ pub struct ScenarioLog {
     pub io_exits: u64,
     /// How the guest ended, once it has.
     pub end: Option<GuestEnd>,
+    monitor_events: heapless_table::Table<Event, MAX_MONITOR_EVENTS>,
+    /// Events the monitor's ring dropped (its own count, read when L0 drained it).
+    pub monitor_dropped: u64,
 }
 
 impl ScenarioLog {
@@ -55,6 +61,17 @@ impl ScenarioLog {
     /// Remembers a hypercall and the status L0 gave it.
     pub fn record_hypercall(&mut self, nr: u64, status: Status) {
         self.hypercalls.push((nr, status));
+    }
+
+    /// Remembers an event L0 drained from the monitor's ring.
+    pub fn record_monitor_event(&mut self, event: &Event) {
+        self.monitor_events.push(*event);
+    }
+
+    /// The monitor's events so far, in order.
+    #[must_use]
+    pub fn monitor_events(&self) -> &[Event] {
+        self.monitor_events.as_slice()
     }
 
     /// The hypercalls so far, in order.
@@ -142,6 +159,16 @@ pub enum FailReason {
     MissingException(u8),
     /// The probe address is not L0-owned in L0's own map: the scenario could prove nothing.
     ProbeNotL0Owned,
+    /// The monitor's event `index` differs from what the workload must produce (None: it is missing).
+    MonitorEvent {
+        index: usize,
+        expected: ExpectedEvent,
+        got: Option<SeenEvent>,
+    },
+    /// The monitor produced more events than the workload explains (this many).
+    ExtraMonitorEvents(usize),
+    /// The monitor's ring dropped events.
+    MonitorDropped(u64),
     /// VM entry failed in a way the scenario did not ask for.
     UnexpectedEntryFailure(EntryFailure),
     /// The scenario is about VM-entry failure, but the guest ran.
@@ -192,6 +219,28 @@ impl fmt::Display for FailReason {
             Self::UnexpectedEntryFailure(EntryFailure::Exit(r)) => {
                 write!(f, "unexpected VM entry failure: {}", r.name())
             }
+            Self::MonitorEvent {
+                index,
+                expected,
+                got,
+            } => {
+                write!(f, "monitor event {index}: expected {expected}, got ")?;
+                match got {
+                    Some(e) => write!(
+                        f,
+                        "kind {} pid {} ppid {} nr {} verdict {}",
+                        e.kind, e.pid, e.ppid, e.nr, e.verdict
+                    ),
+                    None => f.write_str("nothing"),
+                }
+            }
+            Self::ExtraMonitorEvents(n) => {
+                write!(
+                    f,
+                    "the monitor produced {n} events the workload does not explain"
+                )
+            }
+            Self::MonitorDropped(n) => write!(f, "the monitor's ring dropped {n} events"),
             Self::EntryDidNotFail => {
                 f.write_str("VM entry was expected to fail, but the guest ran")
             }
@@ -356,7 +405,153 @@ fn check(
         Scenario::EntryBadControl | Scenario::EntryBadGuestState => {
             Err(FailReason::EntryDidNotFail)
         }
+        Scenario::Sim => {
+            expect_done_zero(log)?;
+            check_monitor_events(log, &SIM_WORKLOAD)
+        }
     }
+}
+
+/// The fields of a monitor event a failure report shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeenEvent {
+    /// Raw kind.
+    pub kind: u16,
+    /// Process.
+    pub pid: u32,
+    /// Parent.
+    pub ppid: u32,
+    /// System-call number or raw request code.
+    pub nr: u64,
+    /// Raw verdict.
+    pub verdict: i32,
+}
+
+impl From<&Event> for SeenEvent {
+    fn from(e: &Event) -> Self {
+        Self {
+            kind: e.kind,
+            pid: e.pid,
+            ppid: e.ppid,
+            nr: e.nr,
+            verdict: e.verdict,
+        }
+    }
+}
+
+/// One event the workload must produce, by what it says about the guest (the time stamp and the
+/// system-call arguments are left out: they depend on the build).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExpectedEvent {
+    /// The kind.
+    pub kind: EventKind,
+    /// The process.
+    pub pid: u32,
+    /// Its parent (process creation only; 0 otherwise).
+    pub ppid: u32,
+    /// Its name.
+    pub comm: &'static str,
+    /// The system-call number (system calls only).
+    pub nr: u64,
+    /// The verdict.
+    pub verdict: ihmi_abi::monitor::Verdict,
+}
+
+impl ExpectedEvent {
+    fn matches(&self, e: &Event) -> bool {
+        let ppid_ok = self.kind != EventKind::ProcessCreate || e.ppid == self.ppid;
+        let nr_ok = self.kind != EventKind::Syscall || e.nr == self.nr;
+        e.kind() == Some(self.kind)
+            && e.pid == self.pid
+            && ppid_ok
+            && nr_ok
+            && comm_bytes(&e.comm) == self.comm.as_bytes()
+            && e.verdict == self.verdict as i32
+    }
+}
+
+impl fmt::Display for ExpectedEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} by {}:{} (ppid {}, nr {}, {:?})",
+            self.kind.name(),
+            self.comm,
+            self.pid,
+            self.ppid,
+            self.nr,
+            self.verdict
+        )
+    }
+}
+
+const fn create(pid: u32, ppid: u32, comm: &'static str, allow: bool) -> ExpectedEvent {
+    ExpectedEvent {
+        kind: EventKind::ProcessCreate,
+        pid,
+        ppid,
+        comm,
+        nr: 0,
+        verdict: if allow {
+            ihmi_abi::monitor::Verdict::Allow
+        } else {
+            ihmi_abi::monitor::Verdict::Deny
+        },
+    }
+}
+
+const fn syscall(pid: u32, comm: &'static str, nr: u64) -> ExpectedEvent {
+    ExpectedEvent {
+        kind: EventKind::Syscall,
+        pid,
+        ppid: 0,
+        comm,
+        nr,
+        verdict: ihmi_abi::monitor::Verdict::Allow,
+    }
+}
+
+/// What the test guest's process workload (`user_programs.rs`) must make the monitor see, in order:
+/// init writes, asks its pid, spawns worker (which writes, asks its pid and exits), tries to spawn
+/// intruder (refused by the allow-list), and exits.
+pub const SIM_WORKLOAD: [ExpectedEvent; 11] = {
+    use ihmi_abi::guest_os::{SYS_EXIT, SYS_GETPID, SYS_SPAWN, SYS_WRITE};
+    [
+        create(1, 0, "init", true),
+        syscall(1, "init", SYS_WRITE),
+        syscall(1, "init", SYS_GETPID),
+        syscall(1, "init", SYS_SPAWN),
+        create(2, 1, "worker", true),
+        syscall(2, "worker", SYS_WRITE),
+        syscall(2, "worker", SYS_GETPID),
+        syscall(2, "worker", SYS_EXIT),
+        syscall(1, "init", SYS_SPAWN),
+        create(3, 1, "intruder", false),
+        syscall(1, "init", SYS_EXIT),
+    ]
+};
+
+/// The monitor's stream must be exactly `expected`, with nothing dropped.
+fn check_monitor_events(log: &ScenarioLog, expected: &[ExpectedEvent]) -> Result<(), FailReason> {
+    if log.monitor_dropped != 0 {
+        return Err(FailReason::MonitorDropped(log.monitor_dropped));
+    }
+    let got = log.monitor_events();
+    for (index, exp) in expected.iter().enumerate() {
+        let e = got.get(index);
+        if !e.is_some_and(|e| exp.matches(e)) {
+            return Err(FailReason::MonitorEvent {
+                index,
+                expected: *exp,
+                got: e.map(SeenEvent::from),
+            });
+        }
+    }
+    let extra = got.len().saturating_sub(expected.len()) + log.monitor_events.dropped as usize;
+    if extra != 0 {
+        return Err(FailReason::ExtraMonitorEvents(extra));
+    }
+    Ok(())
 }
 
 /// How a VM entry failed (SDM 27.8: VMfailInvalid, VMfailValid, or a VM-entry-failure exit).

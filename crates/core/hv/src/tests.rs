@@ -538,3 +538,76 @@ fn entry_failures_pass_only_where_expected() {
         Verdict::Fail(FailReason::EntryDidNotFail)
     );
 }
+
+/// The monitor events the sim workload must produce, built from the expectation table itself.
+fn sim_events() -> std::vec::Vec<ihmi_monitor::Event> {
+    crate::scenario::SIM_WORKLOAD
+        .iter()
+        .enumerate()
+        .map(|(i, x)| {
+            let mut e = ihmi_monitor::Event {
+                seq: i as u64,
+                kind: x.kind as u16,
+                pid: x.pid,
+                ppid: x.ppid,
+                nr: x.nr,
+                verdict: x.verdict as i32,
+                ..ihmi_monitor::Event::EMPTY
+            };
+            e.comm[..x.comm.len()].copy_from_slice(x.comm.as_bytes());
+            e
+        })
+        .collect()
+}
+
+fn sim_verdict(events: &[ihmi_monitor::Event], dropped: u64) -> Verdict {
+    let mut h = hv(Scenario::Sim);
+    h.handle_exit(
+        &mut vmcall(Hypercall::Done as u64, [0; 4]),
+        &mut MockPlatform::default(),
+    );
+    for e in events {
+        h.log.record_monitor_event(e);
+    }
+    h.log.monitor_dropped = dropped;
+    judge(Scenario::Sim, &h.log, &h.counters, Gpa::new(0), None)
+}
+
+#[test]
+fn sim_verdict_requires_exactly_the_workload_events() {
+    let good = sim_events();
+    assert_eq!(sim_verdict(&good, 0), Verdict::Pass);
+
+    // The intruder allowed instead of denied.
+    let mut allowed = good.clone();
+    allowed[9].verdict = ihmi_abi::monitor::Verdict::Allow as i32;
+    assert!(matches!(
+        sim_verdict(&allowed, 0),
+        Verdict::Fail(FailReason::MonitorEvent { index: 9, .. })
+    ));
+    // A missing event, an extra one, a wrong name, and a drop all fail.
+    assert!(matches!(
+        sim_verdict(&good[..10], 0),
+        Verdict::Fail(FailReason::MonitorEvent {
+            index: 10,
+            got: None,
+            ..
+        })
+    ));
+    let mut extra = good.clone();
+    extra.push(good[1]);
+    assert_eq!(
+        sim_verdict(&extra, 0),
+        Verdict::Fail(FailReason::ExtraMonitorEvents(1))
+    );
+    let mut renamed = good.clone();
+    renamed[1].comm[0] = b'I';
+    assert!(matches!(
+        sim_verdict(&renamed, 0),
+        Verdict::Fail(FailReason::MonitorEvent { index: 1, .. })
+    ));
+    assert_eq!(
+        sim_verdict(&good, 2),
+        Verdict::Fail(FailReason::MonitorDropped(2))
+    );
+}

@@ -2,6 +2,7 @@
 #![no_std]
 #![no_main]
 
+mod hooks;
 mod hypercall;
 mod idt;
 mod process;
@@ -49,6 +50,10 @@ extern "C" fn guest_main(info: *const BootInfo) -> ! {
         done(90);
     }
     idt::init();
+    hooks::init(
+        ihmi_abi::monitor::Mode::from_raw(info.monitor_mode),
+        info.gate_gva,
+    );
     let Some(scenario) = Scenario::from_raw(info.scenario) else {
         done(91)
     };
@@ -62,6 +67,7 @@ extern "C" fn guest_main(info: *const BootInfo) -> ! {
         Scenario::EptGuard => ept_guard(&info),
         Scenario::BadHypercall => bad_hypercalls(&info),
         Scenario::Demo => demo(),
+        Scenario::Sim => sim(),
         // L0 breaks VM entry in these; the guest running at all is the failure.
         Scenario::EntryBadControl | Scenario::EntryBadGuestState => 97,
     };
@@ -171,6 +177,29 @@ fn bad_hypercalls(info: &BootInfo) -> u64 {
         status == Status::Ok.to_raw()
     );
     failures
+}
+
+/// In-VM monitoring: the process workload with the monitor in-box. L0 judges the monitor's events; the
+/// guest only checks that the hooks reach a monitor and that init saw what it expected.
+fn sim() -> u64 {
+    if !hooks::enabled() {
+        say!("testguest: no monitor gate configured");
+        return 1;
+    }
+    let null = hooks::call(ihmi_abi::monitor::RequestCode::Null, [0; 4]);
+    say!("testguest: null monitor call returned {null:?}");
+    process::init();
+    match process::run_init(0, 0) {
+        Ok(0) if null == Some(ihmi_abi::monitor::Verdict::Allow) => 0,
+        Ok(code) => {
+            say!("testguest: init exited with {code}");
+            2
+        }
+        Err(e) => {
+            say!("testguest: could not create init: {e}");
+            3
+        }
+    }
 }
 
 fn demo() -> u64 {

@@ -12,7 +12,7 @@ use ihmi_addr::{Gpa, Gva, PAGE_SIZE};
 use ihmi_paging::{MapFlags, PageTable, PageTableBuilder, PageTableEntry, TableAlloc};
 use ihmi_rt::tables::{CODE_SELECTOR, SYSRET_BASE};
 
-use crate::say;
+use crate::{hooks, say};
 
 /// Where user programs are mapped in every process (PML4 slot 1, away from the kernel's identity map).
 pub const USER_BASE: u64 = 0x0000_0080_0000_0000;
@@ -184,6 +184,12 @@ fn create(program: usize, ppid: u32) -> Result<usize, i64> {
         comm,
         cr3,
     };
+    let record = core::ptr::addr_of!(k.processes[slot]) as u64;
+    // The creation path asks the monitor before the process exists for anyone; a refusal undoes it.
+    if !hooks::process_create(record, program as u64) {
+        say!("kernel: creation of '{name}' refused by the monitor");
+        return Err(EPERM);
+    }
     k.count += 1;
     Ok(slot)
 }
@@ -281,7 +287,7 @@ fn user_bytes(ptr: u64, len: u64, out: &mut [u8]) -> Option<usize> {
 
 #[no_mangle]
 extern "C" fn ihmi_syscall_dispatch(nr: u64, a0: u64, a1: u64, a2: u64) -> u64 {
-    let _ = a2;
+    hooks::syscall(nr, a0, a1, a2);
     let result: i64 = match nr {
         SYS_WRITE => {
             let mut buf = [0u8; 128];

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use crate::scenario::validate_name;
 
 /// The packages the bare-metal build produces, in the order GRUB loads them.
-const BARE_PACKAGES: &[&str] = &["ihmi-l0", "ihmi-testguest"];
+const BARE_PACKAGES: &[&str] = &["ihmi-l0", "ihmi-testguest", "ihmi-monitor-image"];
 
 /// Codegen for the freestanding binaries (BRIEF.md section 3: static, no PIE). Only the bare build
 /// sees these flags; that is why it has its own target directory.
@@ -68,6 +68,11 @@ impl Layout {
 
     pub fn guest_elf(&self) -> PathBuf {
         self.bare_binary("ihmi-testguest")
+    }
+
+    /// The in-VM monitor image (package `ihmi-monitor-image`, binary `ihmi-monitor`).
+    pub fn monitor_elf(&self) -> PathBuf {
+        self.bare_binary("ihmi-monitor")
     }
 
     /// `target/ihmi`: ISOs and per-run directories.
@@ -133,8 +138,8 @@ pub fn build_bare(layout: &Layout) -> Result<()> {
     Ok(())
 }
 
-/// GRUB's config for one scenario: boot L0 with the scenario on its command line and the test guest
-/// as a multiboot2 module.
+/// GRUB's config for one scenario: boot L0 with the scenario on its command line, and the test guest and
+/// the monitor image as multiboot2 modules (L0 loads the monitor only for scenarios that use it).
 pub fn grub_cfg(scenario: &str) -> String {
     format!(
         "set timeout=0\n\
@@ -142,6 +147,7 @@ pub fn grub_cfg(scenario: &str) -> String {
          menuentry \"ihmi {scenario}\" {{\n    \
              multiboot2 /boot/ihmi-l0.elf scenario={scenario}\n    \
              module2 /boot/testguest.elf testguest\n    \
+             module2 /boot/monitor.elf monitor\n    \
              boot\n\
          }}\n"
     )
@@ -158,6 +164,7 @@ pub fn make_iso(layout: &Layout, scenario: &str) -> Result<PathBuf> {
     for (from, to) in [
         (layout.l0_elf(), boot.join("ihmi-l0.elf")),
         (layout.guest_elf(), boot.join("testguest.elf")),
+        (layout.monitor_elf(), boot.join("monitor.elf")),
     ] {
         fs::copy(&from, &to).with_context(|| {
             format!(
@@ -202,6 +209,7 @@ mod tests {
              menuentry \"ihmi ept-guard\" {\n\
              \x20   multiboot2 /boot/ihmi-l0.elf scenario=ept-guard\n\
              \x20   module2 /boot/testguest.elf testguest\n\
+             \x20   module2 /boot/monitor.elf monitor\n\
              \x20   boot\n\
              }\n"
         );

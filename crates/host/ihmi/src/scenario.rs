@@ -34,7 +34,14 @@ pub const TEST_SCENARIOS: &[Scenario] = &[
     DEMO,
     Scenario::new("entry-bad-control"),
     Scenario::new("entry-bad-guest-state"),
+    Scenario {
+        name: "sim",
+        requires: IN_BOX,
+    },
 ];
+
+/// What in-box monitoring needs on top of [`BASE`]: VMFUNC EPTP switching for the gate.
+pub const IN_BOX: &[Feature] = &[Feature::Vmx, Feature::Ept, Feature::Vmfunc];
 
 /// What `ihmi demo` runs.
 pub const DEMO: Scenario = Scenario::new("demo");
@@ -106,7 +113,8 @@ mod tests {
                 "bad-hypercall",
                 "demo",
                 "entry-bad-control",
-                "entry-bad-guest-state"
+                "entry-bad-guest-state",
+                "sim"
             ]
         );
         for s in known() {

@@ -1,0 +1,309 @@
+//! Loads the in-VM monitor: carves its frames out of guest RAM, copies its image, builds its address
+//! space (the one-way mapping: the monitor sees all guest RAM through a direct map, the guest sees
+//! nothing of the monitor), patches the gate and writes the monitor's configuration.
+
+use ihmi_abi::monitor::{MonitorConfig, CONFIG_MAGIC, MAX_ALLOWED};
+use ihmi_abi::{RamRange, BOOT_INFO_MAX_RANGES};
+use ihmi_addr::{Gpa, Gva, Hpa, PhysRange, LARGE_PAGE_SIZE, PAGE_SIZE};
+use ihmi_hv::views::MonitorLayout;
+use ihmi_hv::{MemoryMap, RegionKind};
+use ihmi_paging::{MapFlags, PageSize, PageTable, PageTableBuilder, TableAlloc};
+
+use ihmi_monitor::{EventRing, OsProfile};
+
+use crate::elf_image::Image;
+use crate::{fail, log};
+
+/// Where guest-physical address 0 appears in the monitor's address space.
+pub const DIRECT_MAP_BASE: u64 = 0xffff_8000_0000_0000;
+/// PCID the monitor's address space uses (the guest's kernel uses its own).
+const MONITOR_PCID: u64 = 1;
+/// Frames reserved after the image for the monitor's page tables.
+const TABLE_FRAMES: u64 = 64;
+/// Process names the creation policy allows in the scenarios; `intruder` is deliberately absent.
+const ALLOWED: [&str; 3] = ["init", "worker", "bench"];
+
+/// A loaded monitor.
+#[derive(Clone, Copy, Debug)]
+pub struct Loaded {
+    pub layout: MonitorLayout,
+    /// Guest-virtual address of the gate's entry, the same in both address spaces.
+    pub gate_gva: Gva,
+    /// Guest-physical address of the event ring.
+    ring: Gpa,
+    /// The guest kernel as the monitor sees it (for naming system calls in events).
+    pub os: OsProfile,
+}
+
+impl Loaded {
+    /// The monitor's event ring.
+    pub fn ring(&self) -> &'static mut EventRing {
+        // SAFETY: `ring` is the address of the monitor's `IHMI_EVENT_RING` symbol inside the monitor
+        // region, identity-mapped for L0, aligned as the image laid it out. L0 runs only while the guest,
+        // and so the monitor, is stopped, and callers do not keep two of these references alive.
+        unsafe { &mut *(self.ring.raw() as *mut EventRing) }
+    }
+}
+
+/// Bump allocator for the monitor's page tables, inside its own region.
+struct RegionTables {
+    start: Gpa,
+    next: Gpa,
+    end: Gpa,
+}
+
+impl TableAlloc for RegionTables {
+    fn alloc_zeroed(&mut self) -> Option<Gpa> {
+        let frame = self.next;
+        let next = frame.checked_add(PAGE_SIZE)?;
+        if next > self.end {
+            return None;
+        }
+        // SAFETY: the frame is inside the monitor region, which L0 took from guest RAM before the guest
+        // runs; it is identity-mapped for L0 and used for nothing else.
+        unsafe { core::ptr::write_bytes(frame.raw() as *mut u8, 0, PAGE_SIZE as usize) };
+        self.next = next;
+        Some(frame)
+    }
+
+    fn table_mut(&mut self, gpa: Gpa) -> Option<&mut PageTable> {
+        if gpa < self.start || gpa >= self.next || !gpa.is_aligned(PAGE_SIZE) {
+            return None;
+        }
+        // SAFETY: a frame this allocator handed out (in [start, next)), page aligned, identity-mapped,
+        // used only as a page table.
+        Some(unsafe { &mut *(gpa.raw() as *mut PageTable) })
+    }
+}
+
+fn bytes_at(gpa: Gpa, len: u64) -> &'static mut [u8] {
+    // SAFETY: callers pass ranges inside the monitor region, which L0 owns until the guest runs and which
+    // the guest can never map afterwards (absent from its view).
+    unsafe { core::slice::from_raw_parts_mut(gpa.raw() as *mut u8, len as usize) }
+}
+
+/// Loads the monitor image into frames taken from guest RAM; `taken` lists guest-physical ranges that
+/// must stay guest RAM (the guest image, its boot structures). `current_process_ptr` comes from the
+/// guest kernel's own symbol table.
+pub fn load(
+    image_bytes: &[u8],
+    memory: &mut MemoryMap,
+    taken: &[PhysRange],
+    current_process_ptr: Gva,
+    page_1g: bool,
+) -> Loaded {
+    let image = Image::parse(image_bytes, "monitor");
+    let base = image.symbol("__gate_start");
+    let gate_end = image.symbol("__gate_end");
+    let code_end = image.symbol("__code_end");
+    let image_end = image.symbol("__image_end");
+    let size = image_end
+        .checked_sub(base)
+        .unwrap_or_else(|| fail(format_args!("monitor image ends before it starts")));
+    let region_size = (size + TABLE_FRAMES * PAGE_SIZE).next_multiple_of(LARGE_PAGE_SIZE);
+
+    let ram: heapless_ranges::Ranges = memory.of_kind(RegionKind::GuestRam).collect();
+    let Some(region) =
+        ihmi_hv::memory::choose_pool(ram.as_slice(), taken, region_size, LARGE_PAGE_SIZE)
+    else {
+        fail(format_args!(
+            "no room for the monitor's {} KiB in guest RAM",
+            region_size >> 10
+        ));
+    };
+    if let Err(e) = memory.reassign(region, RegionKind::Monitor) {
+        fail(format_args!("cannot reserve monitor memory: {e:?}"));
+    }
+    let at = |va: u64| Gpa::new(region.start.raw() + (va - base));
+
+    for ph in image.load_segments() {
+        if ph.p_vaddr < base || ph.p_vaddr.saturating_add(ph.p_memsz) > image_end {
+            fail(format_args!(
+                "monitor segment at {:#x} lies outside the image",
+                ph.p_vaddr
+            ));
+        }
+        image.copy_segment(&ph, bytes_at(at(ph.p_vaddr), ph.p_memsz));
+    }
+    let gate = PhysRange {
+        start: Hpa::new(at(base).raw()),
+        end: Hpa::new(at(gate_end).raw()),
+    };
+    let code = PhysRange {
+        start: Hpa::new(at(gate_end).raw()),
+        end: Hpa::new(at(code_end).raw()),
+    };
+    let layout = MonitorLayout { region, code, gate };
+    if !layout.is_well_formed() || gate.len() != PAGE_SIZE {
+        fail(format_args!(
+            "monitor image layout is malformed: {layout:?}"
+        ));
+    }
+    // The guest reaches the gate at its guest-physical address (the guest identity-maps low memory);
+    // the monitor's address space maps it at the same address, so the gate continues after its CR3 load.
+    let gate_gva = Gva::new(gate.start.raw());
+    if gate_gva.raw() < image_end && gate_gva.raw() + PAGE_SIZE > base {
+        fail(format_args!(
+            "the gate's address {gate_gva} collides with the monitor image"
+        ));
+    }
+
+    // The monitor's address space.
+    let table_start = at(image_end);
+    let mut tables = RegionTables {
+        start: table_start,
+        next: table_start,
+        end: Gpa::new(region.end.raw()),
+    };
+    let mut pt = PageTableBuilder::new(&mut tables)
+        .unwrap_or_else(|e| fail(format_args!("monitor page tables: {e}")));
+    let largest = if page_1g {
+        PageSize::Size1G
+    } else {
+        PageSize::Size2M
+    };
+    for ph in image.load_segments() {
+        let mut flags = MapFlags::empty();
+        if ph.p_flags & elf::abi::PF_W != 0 {
+            flags |= MapFlags::WRITABLE;
+        }
+        if ph.p_flags & elf::abi::PF_X != 0 {
+            flags |= MapFlags::EXECUTABLE;
+        }
+        let len = ph.p_memsz.next_multiple_of(PAGE_SIZE);
+        if let Err(e) = pt.map(
+            &mut tables,
+            Gva::new(ph.p_vaddr),
+            at(ph.p_vaddr),
+            len,
+            flags,
+        ) {
+            fail(format_args!(
+                "monitor page tables, segment {:#x}: {e}",
+                ph.p_vaddr
+            ));
+        }
+    }
+    if let Err(e) = pt.map(
+        &mut tables,
+        gate_gva,
+        Gpa::new(gate.start.raw()),
+        PAGE_SIZE,
+        MapFlags::EXECUTABLE,
+    ) {
+        fail(format_args!("monitor page tables, gate: {e}"));
+    }
+    for r in memory.of_kind(RegionKind::GuestRam) {
+        let va = Gva::new(DIRECT_MAP_BASE + r.start.raw());
+        if let Err(e) = pt.map_with(
+            &mut tables,
+            va,
+            Gpa::new(r.start.raw()),
+            r.len(),
+            MapFlags::WRITABLE,
+            largest,
+        ) {
+            fail(format_args!(
+                "monitor direct map of {:#x}: {e}",
+                r.start.raw()
+            ));
+        }
+    }
+    let monitor_cr3 = pt.root().raw() | MONITOR_PCID;
+
+    // Patch the gate's CR3 immediate: `movabs $imm64, %rax` is 48 B8 followed by the immediate.
+    let imm = at(image.symbol("ihmi_gate_cr3_imm"));
+    let insn = bytes_at(imm, 10);
+    if insn[..2] != [0x48, 0xb8] {
+        fail(format_args!(
+            "the gate's CR3 load is not a movabs to RAX; the gate and L0 disagree"
+        ));
+    }
+    insn[2..].copy_from_slice(&monitor_cr3.to_le_bytes());
+
+    // The configuration.
+    let mut config = MonitorConfig {
+        magic: CONFIG_MAGIC,
+        direct_map_base: DIRECT_MAP_BASE,
+        ram: [RamRange::default(); BOOT_INFO_MAX_RANGES],
+        ram_count: 0,
+        current_process_ptr: current_process_ptr.raw(),
+        allowed: [[0; ihmi_abi::guest_os::COMM_LEN]; MAX_ALLOWED],
+        allowed_count: 0,
+    };
+    for r in memory
+        .of_kind(RegionKind::GuestRam)
+        .take(BOOT_INFO_MAX_RANGES)
+    {
+        config.ram[config.ram_count as usize] = RamRange {
+            start: r.start.raw(),
+            len: r.len(),
+        };
+        config.ram_count += 1;
+    }
+    for (slot, name) in config.allowed.iter_mut().zip(ALLOWED) {
+        slot[..name.len()].copy_from_slice(name.as_bytes());
+        config.allowed_count += 1;
+    }
+    let config_at = bytes_at(
+        at(image.symbol("IHMI_MONITOR_CONFIG")),
+        core::mem::size_of::<MonitorConfig>() as u64,
+    );
+    // SAFETY: `config_at` is exactly size_of::<MonitorConfig>() bytes of monitor data; unaligned-safe.
+    unsafe { core::ptr::write_unaligned(config_at.as_mut_ptr() as *mut MonitorConfig, config) };
+
+    log!(
+        "monitor: {} KiB at {:#x}, gate at {gate_gva}, CR3 {monitor_cr3:#x}, {} table frames",
+        region.len() >> 10,
+        region.start.raw(),
+        (tables.next.raw() - table_start.raw()) / PAGE_SIZE
+    );
+    let ring = at(image.symbol("IHMI_EVENT_RING"));
+    if !ring.is_aligned(core::mem::align_of::<EventRing>() as u64) {
+        fail(format_args!(
+            "the monitor's event ring at {ring} is misaligned"
+        ));
+    }
+    Loaded {
+        layout,
+        gate_gva,
+        ring,
+        os: OsProfile::testguest(current_process_ptr),
+    }
+}
+
+mod heapless_ranges {
+    use ihmi_addr::{Hpa, PhysRange};
+
+    const MAX: usize = 32;
+
+    /// A few ranges collected without a heap.
+    pub struct Ranges {
+        items: [PhysRange; MAX],
+        len: usize,
+    }
+
+    impl Ranges {
+        pub fn as_slice(&self) -> &[PhysRange] {
+            &self.items[..self.len]
+        }
+    }
+
+    impl FromIterator<PhysRange> for Ranges {
+        fn from_iter<I: IntoIterator<Item = PhysRange>>(iter: I) -> Self {
+            let empty = PhysRange {
+                start: Hpa::new(0),
+                end: Hpa::new(0),
+            };
+            let mut r = Self {
+                items: [empty; MAX],
+                len: 0,
+            };
+            for item in iter.into_iter().take(MAX) {
+                r.items[r.len] = item;
+                r.len += 1;
+            }
+            r
+        }
+    }
+}

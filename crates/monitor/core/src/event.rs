@@ -1,0 +1,443 @@
+//! Events, the ring that carries them from the monitor to L0, and their JSON encoding.
+
+use core::fmt;
+
+use ihmi_abi::guest_os::COMM_LEN;
+use ihmi_abi::monitor::Verdict;
+
+use crate::os::OsProfile;
+
+/// What an event records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum EventKind {
+    /// A system call: `nr` and `args[..3]` are its number and first arguments.
+    Syscall = 1,
+    /// A process is being created: `pid`, `ppid` and `comm` describe the new process.
+    ProcessCreate = 2,
+    /// A request failed the invocation checkpoint: `detail` says why, `nr` and `args` are the raw
+    /// request code and arguments.
+    Rejected = 3,
+}
+
+impl EventKind {
+    /// Decodes the stored kind.
+    #[must_use]
+    pub const fn from_raw(raw: u16) -> Option<Self> {
+        Some(match raw {
+            1 => Self::Syscall,
+            2 => Self::ProcessCreate,
+            3 => Self::Rejected,
+            _ => return None,
+        })
+    }
+
+    /// The `"event"` value in JSON.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Syscall => "syscall",
+            Self::ProcessCreate => "process_create",
+            Self::Rejected => "rejected",
+        }
+    }
+}
+
+/// Why the invocation checkpoint refused a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum RejectReason {
+    /// The request code is not one the monitor serves.
+    UnknownRequest = 1,
+    /// An argument is out of range, misaligned, or contradicts the guest's own state.
+    BadArgument = 2,
+    /// A guest pointer did not translate to readable guest RAM.
+    GuestMemory = 3,
+    /// The monitor's own state failed its check (configuration or event ring).
+    MonitorState = 4,
+    /// A request that needs a running process came when the guest kernel has none.
+    NoCurrentProcess = 5,
+}
+
+impl RejectReason {
+    /// Decodes the stored reason.
+    #[must_use]
+    pub const fn from_raw(raw: u16) -> Option<Self> {
+        Some(match raw {
+            1 => Self::UnknownRequest,
+            2 => Self::BadArgument,
+            3 => Self::GuestMemory,
+            4 => Self::MonitorState,
+            5 => Self::NoCurrentProcess,
+            _ => return None,
+        })
+    }
+
+    /// The `"reason"` value in JSON.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::UnknownRequest => "unknown-request",
+            Self::BadArgument => "bad-argument",
+            Self::GuestMemory => "guest-memory",
+            Self::MonitorState => "monitor-state",
+            Self::NoCurrentProcess => "no-current-process",
+        }
+    }
+}
+
+/// One event, as stored in the ring. Plain integers only, so a reader in another address space (L0)
+/// can copy it out and decode it defensively.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct Event {
+    /// Position in the monitor's stream, counting dropped events too: a gap is a loss.
+    pub seq: u64,
+    /// The guest's time stamp counter when the monitor was entered.
+    pub tsc: u64,
+    /// [`EventKind`] as a number.
+    pub kind: u16,
+    /// [`RejectReason`] for rejected requests, 0 otherwise.
+    pub detail: u16,
+    /// The [`Verdict`] the monitor returned, as a number.
+    pub verdict: i32,
+    /// The process the event is about (for a creation: the new process).
+    pub pid: u32,
+    /// Its parent.
+    pub ppid: u32,
+    /// Its name, NUL-padded, exactly as the guest stores it.
+    pub comm: [u8; COMM_LEN],
+    /// The system-call number, or the raw request code of a rejected request.
+    pub nr: u64,
+    /// System-call arguments, or the raw arguments of a rejected request.
+    pub args: [u64; 4],
+}
+
+const _: () = assert!(core::mem::size_of::<Event>() == 88);
+
+impl Default for Event {
+    fn default() -> Self {
+        Self::EMPTY
+    }
+}
+
+impl Event {
+    /// An all-zero event (kind 0: never valid).
+    pub const EMPTY: Self = Self {
+        seq: 0,
+        tsc: 0,
+        kind: 0,
+        detail: 0,
+        verdict: 0,
+        pid: 0,
+        ppid: 0,
+        comm: [0; COMM_LEN],
+        nr: 0,
+        args: [0; 4],
+    };
+
+    /// The decoded kind.
+    #[must_use]
+    pub const fn kind(&self) -> Option<EventKind> {
+        EventKind::from_raw(self.kind)
+    }
+
+    /// Whether two events say the same thing about the guest: everything but the time stamp. The
+    /// in-box and out-of-box monitors must agree on this for the same workload.
+    #[must_use]
+    pub fn same_observation(&self, other: &Self) -> bool {
+        Self { tsc: 0, ..*self } == Self { tsc: 0, ..*other }
+    }
+
+    /// Writes the event as one JSON object on one line (no newline). `mode` names how the monitor was
+    /// reached (`"inbox"`, `"outbox"`). Guest-supplied bytes (the process name) are escaped, so no
+    /// guest can end the line, close the object or add a field.
+    pub fn write_json(&self, w: &mut impl fmt::Write, mode: &str, os: &OsProfile) -> fmt::Result {
+        write!(w, "{{\"seq\":{},\"tsc\":{},\"mode\":", self.seq, self.tsc)?;
+        write_json_str(w, mode.as_bytes())?;
+        let Some(kind) = self.kind() else {
+            return write!(w, ",\"event\":\"invalid\",\"kind\":{}}}", self.kind);
+        };
+        write!(w, ",\"event\":\"{}\"", kind.name())?;
+        match kind {
+            EventKind::Syscall => {
+                write!(w, ",\"pid\":{},\"comm\":", self.pid)?;
+                write_json_str(w, comm_bytes(&self.comm))?;
+                write!(w, ",\"nr\":{},\"name\":", self.nr)?;
+                match os.syscall_name(self.nr) {
+                    Some(name) => write_json_str(w, name.as_bytes())?,
+                    None => w.write_str("null")?,
+                }
+                write!(
+                    w,
+                    ",\"args\":[{},{},{}]",
+                    self.args[0], self.args[1], self.args[2]
+                )?;
+            }
+            EventKind::ProcessCreate => {
+                write!(w, ",\"pid\":{},\"ppid\":{},\"comm\":", self.pid, self.ppid)?;
+                write_json_str(w, comm_bytes(&self.comm))?;
+            }
+            EventKind::Rejected => {
+                let reason =
+                    RejectReason::from_raw(self.detail).map_or("unknown", RejectReason::name);
+                write!(
+                    w,
+                    ",\"reason\":\"{reason}\",\"code\":{},\"args\":[{},{},{},{}]",
+                    self.nr, self.args[0], self.args[1], self.args[2], self.args[3]
+                )?;
+            }
+        }
+        let verdict = match Verdict::from_raw(self.verdict as i64 as u64) {
+            Some(Verdict::Allow) => "allow",
+            Some(Verdict::Deny) => "deny",
+            Some(Verdict::Rejected) => "rejected",
+            None => "invalid",
+        };
+        write!(w, ",\"verdict\":\"{verdict}\"}}")
+    }
+}
+
+/// An [`Event`] as its JSON line, for `format_args!`.
+#[derive(Debug)]
+pub struct Json<'a> {
+    event: &'a Event,
+    mode: &'a str,
+    os: &'a OsProfile,
+}
+
+impl fmt::Display for Json<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.event.write_json(f, self.mode, self.os)
+    }
+}
+
+impl Event {
+    /// The event as a [`fmt::Display`] JSON line (see [`Event::write_json`]).
+    #[must_use]
+    pub const fn json<'a>(&'a self, mode: &'a str, os: &'a OsProfile) -> Json<'a> {
+        Json {
+            event: self,
+            mode,
+            os,
+        }
+    }
+}
+
+/// The name up to its first NUL.
+#[must_use]
+pub fn comm_bytes(comm: &[u8; COMM_LEN]) -> &[u8] {
+    let len = comm.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
+    &comm[..len]
+}
+
+/// A JSON string: printable ASCII as is (with `"` and `\` escaped), every other byte as `\u00XX`.
+fn write_json_str(w: &mut impl fmt::Write, bytes: &[u8]) -> fmt::Result {
+    w.write_char('"')?;
+    for &b in bytes {
+        match b {
+            b'"' => w.write_str("\\\"")?,
+            b'\\' => w.write_str("\\\\")?,
+            0x20..=0x7e => w.write_char(char::from(b))?,
+            _ => write!(w, "\\u{b:04x}")?,
+        }
+    }
+    w.write_char('"')
+}
+
+/// Slots in the ring.
+pub const RING_LEN: usize = 64;
+
+/// A single-producer (the monitor), single-consumer (L0) ring in monitor memory. The guest can neither
+/// read nor write it; L0 reads it only while the guest is stopped, so no atomics are needed.
+#[derive(Clone, Debug)]
+#[repr(C)]
+pub struct EventRing {
+    /// Events produced, stored or not: the next sequence number.
+    produced: u64,
+    /// Events stored.
+    written: u64,
+    /// Events the consumer has taken.
+    consumed: u64,
+    /// Events lost to a full ring.
+    dropped: u64,
+    entries: [Event; RING_LEN],
+}
+
+impl Default for EventRing {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl EventRing {
+    /// An empty ring.
+    #[must_use]
+    pub const fn new() -> Self {
+        Self {
+            produced: 0,
+            written: 0,
+            consumed: 0,
+            dropped: 0,
+            entries: [Event::EMPTY; RING_LEN],
+        }
+    }
+
+    /// Whether the counters are consistent (the monitor's self-check before it acts).
+    #[must_use]
+    pub fn is_consistent(&self) -> bool {
+        self.consumed <= self.written
+            && self.written - self.consumed <= RING_LEN as u64
+            && self.written.checked_add(self.dropped) == Some(self.produced)
+    }
+
+    /// Stores `event` with the next sequence number; a full ring counts a drop instead. Returns whether
+    /// it was stored.
+    pub fn push(&mut self, mut event: Event) -> bool {
+        event.seq = self.produced;
+        self.produced = self.produced.wrapping_add(1);
+        if self.written.wrapping_sub(self.consumed) >= RING_LEN as u64 {
+            self.dropped = self.dropped.wrapping_add(1);
+            return false;
+        }
+        self.entries[(self.written % RING_LEN as u64) as usize] = event;
+        self.written = self.written.wrapping_add(1);
+        true
+    }
+
+    /// Hands every stored, unconsumed event to `f`, oldest first, and marks them consumed. Returns how
+    /// many. Defensive against corrupt counters: it never reads more than one ring's worth.
+    pub fn drain(&mut self, mut f: impl FnMut(&Event)) -> usize {
+        let pending = self
+            .written
+            .wrapping_sub(self.consumed)
+            .min(RING_LEN as u64);
+        let first = self.written.wrapping_sub(pending);
+        for i in 0..pending {
+            f(&self.entries[(first.wrapping_add(i) % RING_LEN as u64) as usize]);
+        }
+        self.consumed = self.written;
+        pending as usize
+    }
+
+    /// Events lost to a full ring so far.
+    #[must_use]
+    pub const fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// Makes the counters inconsistent, as a stray write into monitor memory would.
+    #[cfg(test)]
+    pub(crate) fn corrupt_for_test(&mut self) {
+        self.consumed = self.written.wrapping_add(1);
+    }
+
+    /// Events produced so far (stored or dropped).
+    #[must_use]
+    pub const fn produced(&self) -> u64 {
+        self.produced
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::string::String;
+
+    use super::*;
+
+    fn ev(kind: EventKind, pid: u32) -> Event {
+        Event {
+            kind: kind as u16,
+            pid,
+            ..Event::EMPTY
+        }
+    }
+
+    #[test]
+    fn ring_keeps_order_and_counts_drops_with_visible_gaps() {
+        let mut ring = EventRing::new();
+        for pid in 0..RING_LEN as u32 + 3 {
+            let stored = ring.push(ev(EventKind::Syscall, pid));
+            assert_eq!(stored, (pid as usize) < RING_LEN);
+        }
+        assert_eq!(ring.dropped(), 3);
+        assert_eq!(ring.produced(), RING_LEN as u64 + 3);
+        assert!(ring.is_consistent());
+        let mut seen = std::vec::Vec::new();
+        assert_eq!(ring.drain(|e| seen.push((e.seq, e.pid))), RING_LEN);
+        assert_eq!(seen.first(), Some(&(0, 0)));
+        assert_eq!(
+            seen.last(),
+            Some(&(RING_LEN as u64 - 1, RING_LEN as u32 - 1))
+        );
+        // After the drain there is room again, and the next event's sequence shows the 3 lost ones.
+        assert!(ring.push(ev(EventKind::Syscall, 99)));
+        let mut next = None;
+        ring.drain(|e| next = Some(e.seq));
+        assert_eq!(next, Some(RING_LEN as u64 + 3));
+        assert_eq!(ring.drain(|_| panic!("nothing left")), 0);
+    }
+
+    #[test]
+    fn drain_survives_corrupt_counters() {
+        let mut ring = EventRing::new();
+        ring.written = 1_000;
+        assert!(!ring.is_consistent());
+        assert_eq!(ring.drain(|_| {}), RING_LEN);
+    }
+
+    #[test]
+    fn json_escapes_guest_bytes_so_no_line_can_be_forged() {
+        let mut e = ev(EventKind::ProcessCreate, 7);
+        e.ppid = 1;
+        e.comm[..10].copy_from_slice(b"a\"}\n{\"x\\\x01\xff");
+        let mut out = String::new();
+        e.write_json(
+            &mut out,
+            "inbox",
+            &OsProfile::testguest(ihmi_addr::Gva::new(0)),
+        )
+        .unwrap();
+        assert!(!out.contains('\n'));
+        assert_eq!(
+            out,
+            r#"{"seq":0,"tsc":0,"mode":"inbox","event":"process_create","pid":7,"ppid":1,"comm":"a\"}\u000a{\"x\\\u0001\u00ff","verdict":"allow"}"#
+        );
+    }
+
+    #[test]
+    fn syscall_and_rejected_json() {
+        let os = OsProfile::testguest(ihmi_addr::Gva::new(0));
+        let mut e = ev(EventKind::Syscall, 1);
+        e.comm[..4].copy_from_slice(b"init");
+        e.nr = 39;
+        e.args = [1, 2, 3, 4];
+        e.seq = 5;
+        e.tsc = 77;
+        let mut out = String::new();
+        e.write_json(&mut out, "outbox", &os).unwrap();
+        assert_eq!(
+            out,
+            r#"{"seq":5,"tsc":77,"mode":"outbox","event":"syscall","pid":1,"comm":"init","nr":39,"name":"getpid","args":[1,2,3],"verdict":"allow"}"#
+        );
+        let mut r = ev(EventKind::Rejected, 0);
+        r.detail = RejectReason::UnknownRequest as u16;
+        r.nr = 0xdead;
+        r.verdict = -1;
+        out.clear();
+        r.write_json(&mut out, "inbox", &os).unwrap();
+        assert_eq!(
+            out,
+            r#"{"seq":0,"tsc":0,"mode":"inbox","event":"rejected","reason":"unknown-request","code":57005,"args":[0,0,0,0],"verdict":"rejected"}"#
+        );
+    }
+
+    #[test]
+    fn same_observation_ignores_only_the_time_stamp() {
+        let a = ev(EventKind::Syscall, 1);
+        let b = Event { tsc: 5, ..a };
+        assert!(a.same_observation(&b));
+        assert!(!a.same_observation(&Event { pid: 2, ..b }));
+    }
+}

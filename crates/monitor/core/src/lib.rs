@@ -1,0 +1,205 @@
+#![doc = include_str!("../README.md")]
+#![no_std]
+#![deny(unsafe_code)]
+
+pub mod event;
+pub mod introspect;
+pub mod os;
+pub mod policy;
+
+use ihmi_abi::monitor::{RequestCode, Verdict};
+use ihmi_addr::Gva;
+use ihmi_paging::{Cr3, GuestPhysRead};
+
+pub use event::{Event, EventKind, EventRing, RejectReason};
+pub use introspect::{IntrospectError, Introspector};
+pub use os::{OsProfile, ProcessInfo};
+pub use policy::Policy;
+
+/// What the caller of the entry point knows that the guest cannot forge: the guest's CR3 at the call
+/// (saved by the gate, or read from the VMCS by L0) and the time stamp.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallContext {
+    /// The guest's CR3 when it called.
+    pub cr3: Cr3,
+    /// Time stamp counter at entry.
+    pub tsc: u64,
+}
+
+/// Counts the monitor keeps about its own invocations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Every call of [`Monitor::handle`].
+    pub invocations: u64,
+    /// Calls the checkpoint refused.
+    pub rejected: u64,
+    /// Process creations the policy refused.
+    pub denied: u64,
+}
+
+/// The monitor: an OS profile, a policy, and its counts.
+#[derive(Clone, Debug)]
+pub struct Monitor {
+    os: OsProfile,
+    policy: Policy,
+    stats: Stats,
+}
+
+impl Monitor {
+    /// A monitor for the kernel `os` describes.
+    #[must_use]
+    pub const fn new(os: OsProfile, policy: Policy) -> Self {
+        Self {
+            os,
+            policy,
+            stats: Stats {
+                invocations: 0,
+                rejected: 0,
+                denied: 0,
+            },
+        }
+    }
+
+    /// The OS profile (for encoding events).
+    #[must_use]
+    pub const fn os(&self) -> &OsProfile {
+        &self.os
+    }
+
+    /// The monitor's counts.
+    #[must_use]
+    pub const fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// The single entry point and its invocation checkpoint. `code` and `args` come from the guest and
+    /// may be anything (a jump into the middle of a gate with forged registers ends here too): each is
+    /// checked before the monitor acts, and a request that fails is answered [`Verdict::Rejected`] and
+    /// recorded as a `rejected` event.
+    pub fn handle(
+        &mut self,
+        code: u64,
+        args: [u64; 4],
+        ctx: &CallContext,
+        mem: &impl GuestPhysRead,
+        ring: &mut EventRing,
+    ) -> Verdict {
+        self.stats.invocations = self.stats.invocations.wrapping_add(1);
+        if !ring.is_consistent() {
+            // The ring cannot take an event; the refusal still counts.
+            self.stats.rejected = self.stats.rejected.wrapping_add(1);
+            return Verdict::Rejected;
+        }
+        let intro = Introspector::new(mem, ctx.cr3);
+        let outcome = match RequestCode::from_raw(code) {
+            None => Err(RejectReason::UnknownRequest),
+            Some(RequestCode::Null) => {
+                if args == [0; 4] {
+                    Ok(None)
+                } else {
+                    Err(RejectReason::BadArgument)
+                }
+            }
+            Some(RequestCode::Syscall) => self.on_syscall(&intro, args).map(Some),
+            Some(RequestCode::ProcessCreate) => self.on_process_create(&intro, args).map(Some),
+        };
+        match outcome {
+            Ok(None) => Verdict::Allow,
+            Ok(Some(mut event)) => {
+                event.tsc = ctx.tsc;
+                ring.push(event);
+                Verdict::from_raw(event.verdict as i64 as u64).unwrap_or(Verdict::Rejected)
+            }
+            Err(reason) => {
+                self.stats.rejected = self.stats.rejected.wrapping_add(1);
+                ring.push(Event {
+                    tsc: ctx.tsc,
+                    kind: EventKind::Rejected as u16,
+                    detail: reason as u16,
+                    verdict: Verdict::Rejected as i32,
+                    nr: code,
+                    args,
+                    ..Event::EMPTY
+                });
+                Verdict::Rejected
+            }
+        }
+    }
+
+    fn current<M: GuestPhysRead>(
+        &self,
+        intro: &Introspector<'_, M>,
+    ) -> Result<Option<ProcessInfo>, RejectReason> {
+        let Some(record) = self
+            .os
+            .current_process(intro)
+            .map_err(|_| RejectReason::GuestMemory)?
+        else {
+            return Ok(None);
+        };
+        self.os
+            .read_process(intro, record)
+            .map(Some)
+            .map_err(|_| RejectReason::GuestMemory)
+    }
+
+    /// args = (number, arg0, arg1, arg2). Who made the call is read from the guest kernel.
+    fn on_syscall<M: GuestPhysRead>(
+        &mut self,
+        intro: &Introspector<'_, M>,
+        args: [u64; 4],
+    ) -> Result<Event, RejectReason> {
+        let who = self.current(intro)?.ok_or(RejectReason::NoCurrentProcess)?;
+        Ok(Event {
+            kind: EventKind::Syscall as u16,
+            verdict: Verdict::Allow as i32,
+            pid: who.pid,
+            ppid: who.ppid,
+            comm: who.comm,
+            nr: args[0],
+            args: [args[1], args[2], args[3], 0],
+            ..Event::EMPTY
+        })
+    }
+
+    /// args = (GVA of the new, not yet live, process record, program number, 0, 0). The record must be
+    /// readable and well formed, and its parent must be the running process (or none, for the first).
+    fn on_process_create<M: GuestPhysRead>(
+        &mut self,
+        intro: &Introspector<'_, M>,
+        args: [u64; 4],
+    ) -> Result<Event, RejectReason> {
+        if args[2] != 0 || args[3] != 0 {
+            return Err(RejectReason::BadArgument);
+        }
+        let record = Gva::new(args[0]);
+        if !record.is_canonical() || record.raw() == 0 {
+            return Err(RejectReason::BadArgument);
+        }
+        let new = self.os.read_process(intro, record).map_err(|e| match e {
+            IntrospectError::Misaligned(_) | IntrospectError::Overflow(_) => {
+                RejectReason::BadArgument
+            }
+            _ => RejectReason::GuestMemory,
+        })?;
+        let parent_pid = self.current(intro)?.map_or(0, |p| p.pid);
+        if new.pid == 0 || new.ppid != parent_pid || new.comm[0] == 0 {
+            return Err(RejectReason::BadArgument);
+        }
+        let verdict = self.policy.check_create(&new.comm);
+        if verdict == Verdict::Deny {
+            self.stats.denied = self.stats.denied.wrapping_add(1);
+        }
+        Ok(Event {
+            kind: EventKind::ProcessCreate as u16,
+            verdict: verdict as i32,
+            pid: new.pid,
+            ppid: new.ppid,
+            comm: new.comm,
+            ..Event::EMPTY
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

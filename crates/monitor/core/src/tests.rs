@@ -1,0 +1,342 @@
+//! The checkpoint and the introspection against a guest whose memory and page tables live in a map.
+
+extern crate std;
+use std::boxed::Box;
+use std::collections::HashMap;
+use std::vec::Vec;
+
+use ihmi_abi::guest_os::{process_layout, COMM_LEN};
+use ihmi_abi::monitor::{RequestCode, Verdict};
+use ihmi_addr::{Gpa, Gva, PAGE_SIZE};
+use ihmi_paging::{
+    Cr3, GuestPhysRead, MapFlags, PageTable, PageTableBuilder, PhysReadError, TableAlloc,
+};
+
+use super::*;
+
+/// Guest-physical memory: page tables and data pages, nothing else readable.
+#[derive(Default)]
+struct Guest {
+    tables: HashMap<u64, Box<PageTable>>,
+    data: HashMap<u64, Box<[u8; 4096]>>,
+    next_table: u64,
+}
+
+impl TableAlloc for Guest {
+    fn alloc_zeroed(&mut self) -> Option<Gpa> {
+        let gpa = 0x80_0000 + self.next_table;
+        self.next_table += PAGE_SIZE;
+        self.tables.insert(gpa, Box::new(PageTable::new()));
+        Some(Gpa::new(gpa))
+    }
+    fn table_mut(&mut self, gpa: Gpa) -> Option<&mut PageTable> {
+        self.tables.get_mut(&gpa.raw()).map(|t| &mut **t)
+    }
+}
+
+impl GuestPhysRead for Guest {
+    fn read_bytes(&self, gpa: Gpa, buf: &mut [u8]) -> Result<(), PhysReadError> {
+        for (i, b) in buf.iter_mut().enumerate() {
+            let addr = gpa.raw() + i as u64;
+            let (page, off) = (addr & !0xfff, (addr & 0xfff) as usize);
+            *b = if let Some(t) = self.tables.get(&page) {
+                t.entries[off / 8].raw().to_le_bytes()[off % 8]
+            } else if let Some(d) = self.data.get(&page) {
+                d[off]
+            } else {
+                return Err(PhysReadError {
+                    gpa: Gpa::new(addr),
+                });
+            };
+        }
+        Ok(())
+    }
+}
+
+/// Kernel data at this GVA, backed by guest-physical `DATA_GPA`.
+const KERNEL: u64 = 0xffff_8000_0010_0000;
+const DATA_GPA: u64 = 0x10_0000;
+const CURRENT: u64 = KERNEL;
+const PARENT_RECORD: u64 = KERNEL + 0x1000;
+const NEW_RECORD: u64 = KERNEL + 0x1040;
+/// A record that straddles the end of the mapping: its name is unreadable.
+const EDGE_RECORD: u64 = KERNEL + 0x4000 - 16;
+
+impl Guest {
+    fn write(&mut self, gva: u64, bytes: &[u8]) {
+        for (i, &b) in bytes.iter().enumerate() {
+            let gpa = gva - KERNEL + DATA_GPA + i as u64;
+            self.data
+                .entry(gpa & !0xfff)
+                .or_insert_with(|| Box::new([0; 4096]))[(gpa & 0xfff) as usize] = b;
+        }
+    }
+
+    fn record(&mut self, at: u64, pid: u32, ppid: u32, name: &[u8]) {
+        let mut comm = [0u8; COMM_LEN];
+        comm[..name.len()].copy_from_slice(name);
+        self.write(at + process_layout::PID, &pid.to_le_bytes());
+        self.write(at + process_layout::PPID, &ppid.to_le_bytes());
+        self.write(at + process_layout::COMM, &comm);
+    }
+}
+
+fn setup() -> (Guest, Cr3, Monitor) {
+    let mut g = Guest::default();
+    for page in 0..4 {
+        g.data
+            .insert(DATA_GPA + page * PAGE_SIZE, Box::new([0; 4096]));
+    }
+    let mut pt = PageTableBuilder::new(&mut g).unwrap();
+    pt.map(
+        &mut g,
+        Gva::new(KERNEL),
+        Gpa::new(DATA_GPA),
+        4 * PAGE_SIZE,
+        MapFlags::WRITABLE,
+    )
+    .unwrap();
+    let cr3 = pt.cr3();
+    g.record(PARENT_RECORD, 1, 0, b"init");
+    g.write(CURRENT, &PARENT_RECORD.to_le_bytes());
+    let mut policy = Policy::allow_all();
+    policy.allow(b"init").unwrap();
+    policy.allow(b"worker").unwrap();
+    let monitor = Monitor::new(OsProfile::testguest(Gva::new(CURRENT)), policy);
+    (g, cr3, monitor)
+}
+
+fn events(ring: &mut EventRing) -> Vec<Event> {
+    let mut v = Vec::new();
+    ring.drain(|e| v.push(*e));
+    v
+}
+
+fn call(
+    m: &mut Monitor,
+    g: &Guest,
+    cr3: Cr3,
+    ring: &mut EventRing,
+    code: u64,
+    args: [u64; 4],
+) -> Verdict {
+    m.handle(code, args, &CallContext { cr3, tsc: 42 }, g, ring)
+}
+
+#[test]
+fn null_request_records_nothing() {
+    let (g, cr3, mut m) = setup();
+    let mut ring = EventRing::new();
+    assert_eq!(
+        call(&mut m, &g, cr3, &mut ring, RequestCode::Null as u64, [0; 4]),
+        Verdict::Allow
+    );
+    assert!(events(&mut ring).is_empty());
+    assert_eq!(m.stats().invocations, 1);
+}
+
+#[test]
+fn syscall_event_names_the_running_process_from_guest_memory() {
+    let (g, cr3, mut m) = setup();
+    let mut ring = EventRing::new();
+    let v = call(
+        &mut m,
+        &g,
+        cr3,
+        &mut ring,
+        RequestCode::Syscall as u64,
+        [39, 7, 8, 9],
+    );
+    assert_eq!(v, Verdict::Allow);
+    let e = events(&mut ring);
+    assert_eq!(e.len(), 1);
+    assert_eq!(e[0].kind(), Some(EventKind::Syscall));
+    assert_eq!((e[0].pid, e[0].nr, e[0].args), (1, 39, [7, 8, 9, 0]));
+    assert_eq!(event::comm_bytes(&e[0].comm), b"init");
+    assert_eq!(e[0].tsc, 42);
+}
+
+#[test]
+fn process_creation_follows_the_allow_list() {
+    let (mut g, cr3, mut m) = setup();
+    let mut ring = EventRing::new();
+    g.record(NEW_RECORD, 2, 1, b"worker");
+    let create = RequestCode::ProcessCreate as u64;
+    assert_eq!(
+        call(&mut m, &g, cr3, &mut ring, create, [NEW_RECORD, 1, 0, 0]),
+        Verdict::Allow
+    );
+    g.record(NEW_RECORD, 3, 1, b"intruder");
+    assert_eq!(
+        call(&mut m, &g, cr3, &mut ring, create, [NEW_RECORD, 2, 0, 0]),
+        Verdict::Deny
+    );
+    let e = events(&mut ring);
+    let seen: Vec<_> = e
+        .iter()
+        .map(|e| {
+            (
+                e.pid,
+                e.ppid,
+                event::comm_bytes(&e.comm).to_vec(),
+                e.verdict,
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (2, 1, b"worker".to_vec(), Verdict::Allow as i32),
+            (3, 1, b"intruder".to_vec(), Verdict::Deny as i32)
+        ]
+    );
+    assert_eq!(m.stats().denied, 1);
+}
+
+/// Forged requests, as a jump into the middle of a gate would make them: each is refused, recorded,
+/// and leaves the monitor answering the next good request.
+#[test]
+fn checkpoint_rejects_forged_requests() {
+    let (mut g, cr3, mut m) = setup();
+    let mut ring = EventRing::new();
+    g.record(NEW_RECORD, 2, 7, b"worker"); // wrong parent
+    g.record(EDGE_RECORD, 2, 1, b"worker");
+    let create = RequestCode::ProcessCreate as u64;
+    let cases: [(u64, [u64; 4], RejectReason); 9] = [
+        (0xdead_beef, [0; 4], RejectReason::UnknownRequest),
+        (u64::MAX, [0; 4], RejectReason::UnknownRequest),
+        (
+            RequestCode::Null as u64,
+            [1, 0, 0, 0],
+            RejectReason::BadArgument,
+        ),
+        (create, [NEW_RECORD, 1, 0, 0], RejectReason::BadArgument),
+        (create, [NEW_RECORD + 4, 1, 0, 0], RejectReason::BadArgument),
+        (create, [0, 1, 0, 0], RejectReason::BadArgument),
+        (
+            create,
+            [0x0000_8000_0000_0000, 1, 0, 0],
+            RejectReason::BadArgument,
+        ),
+        (
+            create,
+            [KERNEL + 0x10_0000, 1, 0, 0],
+            RejectReason::GuestMemory,
+        ),
+        (create, [PARENT_RECORD, 1, 5, 0], RejectReason::BadArgument),
+    ];
+    for (code, args, _) in cases {
+        assert_eq!(
+            call(&mut m, &g, cr3, &mut ring, code, args),
+            Verdict::Rejected,
+            "code {code:#x} args {args:x?}"
+        );
+    }
+    // The edge record's name runs off the mapping: a bad translation, not a fault.
+    assert_eq!(
+        call(&mut m, &g, cr3, &mut ring, create, [EDGE_RECORD, 1, 0, 0]),
+        Verdict::Rejected
+    );
+    let e = events(&mut ring);
+    assert_eq!(e.len(), cases.len() + 1);
+    for (ev, (code, args, reason)) in e.iter().zip(cases) {
+        assert_eq!(ev.kind(), Some(EventKind::Rejected));
+        assert_eq!(RejectReason::from_raw(ev.detail), Some(reason), "{code:#x}");
+        assert_eq!((ev.nr, ev.args), (code, args));
+    }
+    assert_eq!(
+        RejectReason::from_raw(e[cases.len()].detail),
+        Some(RejectReason::GuestMemory)
+    );
+    assert_eq!(m.stats().rejected, cases.len() as u64 + 1);
+    // Still serving.
+    assert_eq!(
+        call(
+            &mut m,
+            &g,
+            cr3,
+            &mut ring,
+            RequestCode::Syscall as u64,
+            [1, 0, 0, 0]
+        ),
+        Verdict::Allow
+    );
+}
+
+#[test]
+fn syscall_without_a_running_process_is_rejected() {
+    let (mut g, cr3, mut m) = setup();
+    g.write(CURRENT, &0u64.to_le_bytes());
+    let mut ring = EventRing::new();
+    assert_eq!(
+        call(
+            &mut m,
+            &g,
+            cr3,
+            &mut ring,
+            RequestCode::Syscall as u64,
+            [1, 0, 0, 0]
+        ),
+        Verdict::Rejected
+    );
+    assert_eq!(
+        RejectReason::from_raw(events(&mut ring)[0].detail),
+        Some(RejectReason::NoCurrentProcess)
+    );
+    // A dangling current pointer is a bad translation, not a fault.
+    g.write(CURRENT, &(KERNEL + 0x40_0000).to_le_bytes());
+    assert_eq!(
+        call(
+            &mut m,
+            &g,
+            cr3,
+            &mut ring,
+            RequestCode::Syscall as u64,
+            [1, 0, 0, 0]
+        ),
+        Verdict::Rejected
+    );
+    assert_eq!(
+        RejectReason::from_raw(events(&mut ring)[0].detail),
+        Some(RejectReason::GuestMemory)
+    );
+}
+
+#[test]
+fn corrupt_ring_is_refused_before_acting() {
+    let (g, cr3, mut m) = setup();
+    let mut ring = EventRing::new();
+    ring.corrupt_for_test();
+    assert!(!ring.is_consistent());
+    assert_eq!(
+        call(
+            &mut m,
+            &g,
+            cr3,
+            &mut ring,
+            RequestCode::Syscall as u64,
+            [1, 0, 0, 0]
+        ),
+        Verdict::Rejected
+    );
+    assert_eq!(m.stats().rejected, 1);
+    assert_eq!(ring.produced(), 0, "nothing written into a corrupt ring");
+}
+
+#[test]
+fn oversized_reads_are_refused() {
+    let (g, cr3, _) = setup();
+    let intro = Introspector::new(&g, cr3);
+    let mut big = [0u8; introspect::MAX_READ + 1];
+    assert_eq!(
+        intro.read_gva(Gva::new(KERNEL), &mut big),
+        Err(IntrospectError::TooLong(introspect::MAX_READ + 1))
+    );
+    let mut ok = [0u8; 8];
+    intro.read_gva(Gva::new(CURRENT), &mut ok).unwrap();
+    assert_eq!(u64::from_le_bytes(ok), PARENT_RECORD);
+    assert_eq!(
+        intro.translate(Gva::new(KERNEL + 0x1234)),
+        Ok(Gpa::new(DATA_GPA + 0x1234))
+    );
+}

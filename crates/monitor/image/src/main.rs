@@ -1,0 +1,186 @@
+#![doc = include_str!("../README.md")]
+#![no_std]
+#![no_main]
+
+use core::cell::UnsafeCell;
+
+use ihmi_abi::monitor::{MonitorConfig, Verdict, CONFIG_MAGIC};
+use ihmi_addr::{Gpa, Gva};
+use ihmi_monitor::{CallContext, EventRing, Monitor, OsProfile, Policy};
+use ihmi_paging::{Cr3, GuestPhysRead, PhysReadError};
+
+ihmi_rt::provide_mem_functions!();
+
+/// Single-CPU cells: the monitor runs with interrupts off, entered only through the gate, never
+/// re-entered while it runs.
+struct Cell<T>(UnsafeCell<T>);
+// SAFETY: see above; one invocation at a time on one CPU.
+unsafe impl<T> Sync for Cell<T> {}
+
+/// Written by L0 before the guest runs.
+#[no_mangle]
+static IHMI_MONITOR_CONFIG: Cell<MonitorConfig> = Cell(UnsafeCell::new(MonitorConfig {
+    magic: 0,
+    direct_map_base: 0,
+    ram: [ihmi_abi::RamRange { start: 0, len: 0 }; ihmi_abi::BOOT_INFO_MAX_RANGES],
+    ram_count: 0,
+    current_process_ptr: 0,
+    allowed: [[0; ihmi_abi::guest_os::COMM_LEN]; ihmi_abi::monitor::MAX_ALLOWED],
+    allowed_count: 0,
+}));
+
+/// Drained by L0.
+#[no_mangle]
+static IHMI_EVENT_RING: Cell<EventRing> = Cell(UnsafeCell::new(EventRing::new()));
+
+/// The gate saves the guest's CR3 and RSP here (monitor memory, invisible to the guest).
+#[no_mangle]
+static IHMI_GATE_SAVE: Cell<[u64; 2]> = Cell(UnsafeCell::new([0; 2]));
+
+/// The guest's x87/SSE state while the monitor runs: the monitor is Rust and may use SSE registers, and
+/// the guest's may be live (a system call from user mode).
+#[repr(C, align(16))]
+struct FxArea([u8; 512]);
+#[no_mangle]
+static IHMI_GATE_FXSAVE: Cell<FxArea> = Cell(UnsafeCell::new(FxArea([0; 512])));
+
+const STACK_SIZE: usize = 32 * 1024;
+#[repr(C, align(16))]
+struct Stack([u8; STACK_SIZE]);
+#[no_mangle]
+static IHMI_MONITOR_STACK: Cell<Stack> = Cell(UnsafeCell::new(Stack([0; STACK_SIZE])));
+
+static MONITOR: Cell<Option<Monitor>> = Cell(UnsafeCell::new(None));
+
+/// Guest-physical reads through the direct map, refused outside guest RAM so a guest pointer can never
+/// make the monitor fault or read its own (or L0's) frames.
+struct DirectMap<'a> {
+    config: &'a MonitorConfig,
+}
+
+impl GuestPhysRead for DirectMap<'_> {
+    fn read_bytes(&self, gpa: Gpa, buf: &mut [u8]) -> Result<(), PhysReadError> {
+        let len = buf.len() as u64;
+        let n = (self.config.ram_count as usize).min(self.config.ram.len());
+        let inside = self.config.ram[..n].iter().any(|r| {
+            gpa.raw() >= r.start
+                && gpa
+                    .raw()
+                    .checked_add(len)
+                    .is_some_and(|end| end <= r.start.saturating_add(r.len))
+        });
+        if !inside {
+            return Err(PhysReadError { gpa });
+        }
+        let src = self.config.direct_map_base.wrapping_add(gpa.raw()) as *const u8;
+        // SAFETY: the range is guest RAM (checked against the configuration L0 wrote) and L0 mapped all
+        // guest RAM readable at `direct_map_base + gpa` in the monitor's page tables.
+        unsafe { core::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) };
+        Ok(())
+    }
+}
+
+fn monitor(config: &MonitorConfig) -> &'static mut Monitor {
+    // SAFETY: one invocation at a time (see `Cell`); no other reference to MONITOR is alive.
+    let slot = unsafe { &mut *MONITOR.0.get() };
+    slot.get_or_insert_with(|| {
+        let mut policy = Policy::allow_all();
+        let n = (config.allowed_count as usize).min(config.allowed.len());
+        for name in &config.allowed[..n] {
+            let len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+            // The configuration holds at most MAX_ALLOWED names, which the policy can take.
+            let _ = policy.allow(&name[..len]);
+        }
+        Monitor::new(
+            OsProfile::testguest(Gva::new(config.current_process_ptr)),
+            policy,
+        )
+    })
+}
+
+/// The single entry point, called by the gate on the monitor stack in the monitor's address space.
+#[no_mangle]
+extern "C" fn ihmi_monitor_entry(code: u64, a0: u64, a1: u64, a2: u64, a3: u64) -> u64 {
+    // SAFETY: L0 wrote the configuration before the guest could call the gate; nothing writes it now.
+    let config = unsafe { &*IHMI_MONITOR_CONFIG.0.get() };
+    if config.magic != CONFIG_MAGIC {
+        return Verdict::Rejected.to_raw();
+    }
+    // SAFETY: the gate wrote the guest's CR3 just before calling us; one invocation at a time.
+    let guest_cr3 = unsafe { (*IHMI_GATE_SAVE.0.get())[0] };
+    // SAFETY: one invocation at a time; L0 reads the ring only while the guest (and so we) are stopped.
+    let ring = unsafe { &mut *IHMI_EVENT_RING.0.get() };
+    let ctx = CallContext {
+        cr3: Cr3::new(guest_cr3),
+        tsc: ihmi_rt::cpu::rdtsc(),
+    };
+    monitor(config)
+        .handle(code, [a0, a1, a2, a3], &ctx, &DirectMap { config }, ring)
+        .to_raw()
+}
+
+// The gate: this page is mapped at the same virtual address in the guest's and the monitor's address
+// spaces, executable in both views. Request code and arguments arrive as in a C call (RDI, RSI, RDX, RCX,
+// R8); the verdict returns in RAX; RFLAGS, RSP and CR3 come back exactly as they were.
+core::arch::global_asm!(
+    r#"
+    .section .gate, "ax"
+    .global ihmi_gate_entry
+ihmi_gate_entry:
+    pushfq
+    cli
+    mov %rcx, %r10                 /* VMFUNC takes ECX */
+    xor %eax, %eax                 /* VM function 0: EPTP switching */
+    mov $1, %ecx                   /* EPTP-list index 1: the monitor view */
+    vmfunc
+    mov %cr3, %r11                 /* the guest's CR3, restored on the way out */
+    .global ihmi_gate_cr3_imm
+ihmi_gate_cr3_imm:
+    movabs $0, %rax                /* L0 patches the monitor's CR3 (root | PCID 1) into this immediate */
+    mov %cr4, %rcx
+    bt $17, %rcx                   /* CR4.PCIDE: keep the guest's TLB entries */
+    jnc 1f
+    bts $63, %rax
+1:  mov %rax, %cr3
+    movabs $IHMI_GATE_SAVE, %rax
+    mov %r11, 0(%rax)
+    mov %rsp, 8(%rax)
+    movabs $(IHMI_MONITOR_STACK + {stack_size}), %rsp
+    movabs $IHMI_GATE_FXSAVE, %rax
+    fxsave64 (%rax)
+    mov %r10, %rcx
+    movabs $ihmi_monitor_entry, %rax
+    call *%rax
+    mov %rax, %r10                 /* the verdict */
+    movabs $IHMI_GATE_FXSAVE, %rax
+    fxrstor64 (%rax)
+    movabs $IHMI_GATE_SAVE, %rcx
+    mov 8(%rcx), %rsp
+    mov 0(%rcx), %r11
+    mov %cr4, %rcx
+    bt $17, %rcx
+    jnc 2f
+    bts $63, %r11                  /* return without flushing the guest's PCID */
+2:  mov %r11, %cr3
+    xor %eax, %eax
+    xor %ecx, %ecx                 /* EPTP-list index 0: the guest view */
+    vmfunc
+    mov %r10, %rax
+    xor %ecx, %ecx                 /* leave no monitor values in scratch registers */
+    xor %r11d, %r11d
+    popfq
+    ret
+"#,
+    stack_size = const STACK_SIZE,
+    options(att_syntax)
+);
+
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo<'_>) -> ! {
+    // The monitor cannot print (it has no device); a ud2 in monitor code is an invalid-opcode exception
+    // delivered through the guest IDT, which the monitor view cannot execute: L0 sees and reports it.
+    loop {
+        // SAFETY: ud2 only raises #UD.
+        unsafe { core::arch::asm!("ud2", options(nomem, nostack)) };
+    }
+}
