@@ -80,6 +80,13 @@ impl<'a> Image<'a> {
         }
     }
 
+    /// The load (physical) address of virtual address `va`, from the segment that contains it.
+    pub fn phys_of(&self, va: u64) -> Option<u64> {
+        self.load_segments()
+            .find(|ph| va >= ph.p_vaddr && va - ph.p_vaddr < ph.p_memsz)
+            .map(|ph| ph.p_paddr + (va - ph.p_vaddr))
+    }
+
     /// The entry point.
     pub fn entry(&self) -> u64 {
         self.file.ehdr.e_entry

@@ -34,12 +34,14 @@ pub struct GuestBoot {
 
 /// Guest-physical ranges of the guest image: all of it, and the executable part (kernel code, where the
 /// hooks live; the guest view maps it read + execute only).
+#[derive(Clone, Copy)]
 pub struct Regions {
     pub all: Ranges,
     pub code: Ranges,
 }
 
 /// Up to 16 page-aligned ranges, without a heap.
+#[derive(Clone, Copy)]
 pub struct Ranges {
     items: [PhysRange; 16],
     len: usize,
@@ -92,6 +94,29 @@ pub fn regions(image: &Image<'_>) -> Regions {
         }
     }
     Regions { all, code }
+}
+
+/// Writes the gate's address into the guest kernel's hook pointer (its symbol `IHMI_HOOK_GATE`), which
+/// must lie in the kernel's code so the guest view keeps it read-only. Returns where it is.
+pub fn install_hook(image: &Image<'_>, memory: &MemoryMap, regions: &Regions, gate: Gva) -> Gpa {
+    let va = image.symbol("IHMI_HOOK_GATE");
+    let Some(pa) = image.phys_of(va) else {
+        fail(format_args!(
+            "the guest's IHMI_HOOK_GATE ({va:#x}) is in no loadable segment"
+        ));
+    };
+    let gpa = Gpa::new(pa);
+    let in_code =
+        regions.code.as_slice().iter().any(|r| {
+            r.start.raw() <= pa && pa.checked_add(8).is_some_and(|end| end <= r.end.raw())
+        });
+    if !in_code || !gpa.is_aligned(8) {
+        fail(format_args!(
+            "the guest's IHMI_HOOK_GATE at {gpa} is not an aligned word of kernel code; the guest view could not protect it"
+        ));
+    }
+    guest_bytes(memory, gpa, 8).copy_from_slice(&gate.raw().to_le_bytes());
+    gpa
 }
 
 /// Writes into guest RAM that L0 has checked is guest RAM.
@@ -187,7 +212,7 @@ pub fn load(
     let mut info = BootInfo {
         magic: BOOT_INFO_MAGIC,
         abi_version: ABI_VERSION,
-        scenario: scenario as u32,
+        scenario: scenario.to_raw(),
         ram_count: 0,
         ram: [RamRange::default(); BOOT_INFO_MAX_RANGES],
         probe_gpa: probe.raw(),

@@ -52,6 +52,10 @@ struct L0State {
     probe: Gpa,
     /// The in-VM monitor, when the scenario runs one.
     monitor: Option<monitor::Loaded>,
+    /// The guest kernel's code (where its hooks are).
+    guest_code: guest::Ranges,
+    /// The hooks' gate pointer in guest memory.
+    hook: Option<Gpa>,
 }
 
 struct StateCell(UnsafeCell<Option<L0State>>);
@@ -292,6 +296,7 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
         guest_view.root(),
         guest_view.split_count()
     );
+    let mut monitor_eptp = None;
     let eptp_list = match &layout {
         Some(l) => {
             let monitor_view = ihmi_hv::views::build_monitor_view(
@@ -306,6 +311,7 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
                 monitor_view.root(),
                 monitor_view.split_count()
             );
+            monitor_eptp = Some(monitor_view.eptp());
             let frame = frames.alloc_zeroed();
             // SAFETY: a fresh, zeroed, page-aligned pool frame; EptpList is exactly one page.
             let list = unsafe { &mut *(frame.raw() as *mut ihmi_ept::EptpList) };
@@ -330,6 +336,18 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
         monitor.as_ref(),
         page_1g,
     );
+    let hook = monitor
+        .as_ref()
+        .map(|m| guest::install_hook(&guest_image, &memory, &guest_regions, m.gate_gva));
+    let guard = monitor_eptp.map(|m| {
+        ihmi_hv::Guard::new(
+            ihmi_hv::ViewEptps {
+                guest: guest_view.eptp().raw(),
+                monitor: m.raw(),
+            },
+            hook.zip(monitor.as_ref().map(|m| m.gate_gva.raw())),
+        )
+    });
     let vmcs_frame = frames.alloc_zeroed();
     // SAFETY: VMX is on; `vmcs_frame` is a fresh pool frame used for nothing else.
     let mut vmcs = match unsafe { ihmi_vmx::load_vmcs(vmcs_frame, &caps) } {
@@ -363,11 +381,15 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
     };
     // SAFETY: single CPU at boot; the exit handler is not running yet.
     let state = unsafe { &mut *STATE.0.get() };
+    let mut hv = Hypervisor::new(memory, scenario);
+    hv.guard = guard;
     *state = Some(L0State {
-        hv: Hypervisor::new(memory, scenario),
+        hv,
         vmcs,
         probe,
         monitor,
+        guest_code: guest_regions.code,
+        hook,
     });
     let Some(st) = state.as_mut() else {
         fail(format_args!("state lost"))
@@ -420,6 +442,12 @@ impl Platform for HwPlatform {
 
     fn log(&mut self, args: fmt::Arguments<'_>) {
         log!("{args}");
+    }
+
+    fn write_msr(&mut self, msr: u32, value: u64) {
+        // SAFETY: the exit policy passes only IA32_LSTAR here, after deciding the guest may set it. L0
+        // never executes SYSCALL, so the guest's value can live in the real MSR while L0 runs.
+        unsafe { ihmi_rt::cpu::wrmsr(msr, value) };
     }
 
     fn guest_text(&mut self, args: fmt::Arguments<'_>) {
@@ -505,6 +533,9 @@ fn finish(end: GuestEnd) -> ! {
     for (reason, count) in st.hv.counters.nonzero() {
         log!("  {:<24} {count:>8}", reason.name());
     }
+    if let Some(attack) = st.hv.scenario.attack() {
+        judge_attack_run(st, attack);
+    }
     let probe_region = st.hv.memory.classify(st.probe);
     match judge(
         st.hv.scenario,
@@ -519,6 +550,52 @@ fn finish(end: GuestEnd) -> ! {
         }
         Verdict::Fail(reason) => fail(format_args!("{reason}")),
     }
+}
+
+/// An attack scenario has ended: audit the monitor, judge, print the `attack|` line, pass or fail.
+fn judge_attack_run(st: &mut L0State, attack: ihmi_abi::Attack) -> ! {
+    use ihmi_hv::attacks::{judge_attack, write_attack_json, AttackContext, MonitorAudit};
+    let Some(m) = &st.monitor else {
+        fail(format_args!("attack scenario without a monitor"))
+    };
+    let checksum = m.checksum();
+    let audit = MonitorAudit {
+        image_intact: checksum == m.checksum_at_load,
+        ring_consistent: m.ring().is_consistent(),
+    };
+    log!(
+        "monitor audit: image checksum {checksum:#018x} (at load {:#018x}), ring consistent: {}",
+        m.checksum_at_load,
+        audit.ring_consistent
+    );
+    let ctx = AttackContext {
+        gate: m.layout.gate,
+        guest_code: st.guest_code.as_slice(),
+        hook: st.hook,
+        audit,
+    };
+    let outcome = judge_attack(attack, &st.hv.log, &ctx);
+    struct Line<'a>(
+        &'a ihmi_hv::attacks::AttackOutcome,
+        &'a ihmi_hv::ScenarioLog,
+    );
+    impl fmt::Display for Line<'_> {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write_attack_json(f, self.0, self.1)
+        }
+    }
+    log!("attack| {}", Line(&outcome, &st.hv.log));
+    if outcome.passed() {
+        log!("IHMI-PASS {}", st.hv.scenario.name());
+        power_off()
+    }
+    fail(format_args!(
+        "attack {}: blocked={} reported={} monitor_intact={}",
+        attack.name(),
+        outcome.blocked,
+        outcome.reported,
+        outcome.monitor_intact
+    ))
 }
 
 /// Takes the monitor's new events out of its ring: each becomes a JSON line on the console and an entry

@@ -33,9 +33,36 @@ pub struct Loaded {
     ring: Gpa,
     /// The guest kernel as the monitor sees it (for naming system calls in events).
     pub os: OsProfile,
+    /// What never changes after loading: gate, code and read-only data; the configuration; the page
+    /// tables.
+    fixed: [PhysRange; 3],
+    /// Their checksum when L0 finished loading.
+    pub checksum_at_load: u64,
 }
 
 impl Loaded {
+    /// The checksum (FNV-1a, 64 bit) of the parts of the monitor that never change after loading. In the
+    /// page tables the CPU's accessed and dirty bits (SDM 4.8) are left out: the CPU sets them itself.
+    pub fn checksum(&self) -> u64 {
+        const ACCESSED_DIRTY: u64 = (1 << 5) | (1 << 6);
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut feed = |bytes: &[u8]| {
+            for &b in bytes {
+                h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        };
+        let [code, config, tables] = &self.fixed;
+        for r in [code, config] {
+            feed(bytes_at(Gpa::new(r.start.raw()), r.len()));
+        }
+        for entry in bytes_at(Gpa::new(tables.start.raw()), tables.len()).chunks_exact(8) {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(entry);
+            feed(&(u64::from_le_bytes(word) & !ACCESSED_DIRTY).to_le_bytes());
+        }
+        h
+    }
+
     /// The monitor's event ring.
     pub fn ring(&self) -> &'static mut EventRing {
         // SAFETY: `ring` is the address of the monitor's `IHMI_EVENT_RING` symbol inside the monitor
@@ -264,12 +291,28 @@ pub fn load(
             "the monitor's event ring at {ring} is misaligned"
         ));
     }
-    Loaded {
+    let phys = |a: Gpa, b: Gpa| PhysRange {
+        start: Hpa::new(a.raw()),
+        end: Hpa::new(b.raw()),
+    };
+    let config_start = at(image.symbol("IHMI_MONITOR_CONFIG"));
+    let config_end = config_start
+        .checked_add(core::mem::size_of::<MonitorConfig>() as u64)
+        .unwrap_or(config_start);
+    let mut loaded = Loaded {
         layout,
         gate_gva,
         ring,
         os: OsProfile::testguest(current_process_ptr),
-    }
+        fixed: [
+            phys(at(base), at(image.symbol("__data_start"))),
+            phys(config_start, config_end),
+            phys(table_start, tables.next),
+        ],
+        checksum_at_load: 0,
+    };
+    loaded.checksum_at_load = loaded.checksum();
+    loaded
 }
 
 mod heapless_ranges {

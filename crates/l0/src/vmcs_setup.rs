@@ -5,7 +5,11 @@ use core::cell::UnsafeCell;
 
 use ihmi_addr::Hpa;
 use ihmi_ept::Eptp;
-use ihmi_hv::{io::INTERCEPTED_PORTS, msr::INTERCEPTED, EXCEPTION_BITMAP};
+use ihmi_hv::{
+    io::INTERCEPTED_PORTS,
+    msr::{INTERCEPTED, WRITE_INTERCEPTED},
+    EXCEPTION_BITMAP,
+};
 use ihmi_rt::tables::{TableBases, CODE_SELECTOR, DATA_SELECTOR, TSS_SELECTOR};
 use ihmi_vmcs::fields::{control, guest, host};
 use ihmi_vmcs::{
@@ -129,6 +133,15 @@ pub fn configure(
             if msr_bitmap.intercept_read(msr).is_err() || msr_bitmap.intercept_write(msr).is_err() {
                 fail(format_args!(
                     "MSR {msr:#x} in the intercept policy is outside the bitmap"
+                ));
+            }
+        }
+    }
+    for &(first, last) in WRITE_INTERCEPTED {
+        for msr in first..=last {
+            if msr_bitmap.intercept_write(msr).is_err() {
+                fail(format_args!(
+                    "MSR {msr:#x} in the write-intercept policy is outside the bitmap"
                 ));
             }
         }

@@ -4,8 +4,11 @@
 
 use core::fmt;
 
+pub mod attack;
 pub mod guest_os;
 pub mod monitor;
+
+pub use attack::Attack;
 
 /// Version of this ABI, returned in EAX of CPUID leaf [`CPUID_LEAF_ABI`].
 pub const ABI_VERSION: u32 = 1;
@@ -186,43 +189,71 @@ impl CpuidRecord {
 
 /// The scenarios L0 and the test guest know. The name travels on L0's command line (`scenario=NAME`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u32)]
 pub enum Scenario {
     /// The guest runs, calls CPUID and VMCALL; L0 checks the values the guest saw.
-    Boot = 1,
+    Boot,
     /// The guest reads a frame L0 owns; L0 must report an EPT violation and end the guest.
-    EptGuard = 2,
+    EptGuard,
     /// The guest makes malformed hypercalls; each must be rejected with the right status.
-    BadHypercall = 3,
+    BadHypercall,
     /// Everything the guest can exercise, with L0's banner, features and exit counters.
-    Demo = 4,
+    Demo,
     /// L0 breaks a VM-execution control on purpose: VMLAUNCH must fail (VMfailValid) and L0 must report
     /// the decoded VM-instruction error and a VMCS dump instead of hanging.
-    EntryBadControl = 5,
+    EntryBadControl,
     /// L0 breaks the guest state on purpose: VM entry must fail with a VM-entry-failure exit, reported
     /// with its decoded reason and a VMCS dump.
-    EntryBadGuestState = 6,
+    EntryBadGuestState,
     /// In-VM monitoring: the guest's processes run with the monitor in-box; L0 checks the monitor's
     /// event stream against the workload.
-    Sim = 7,
+    Sim,
+    /// The compromised guest kernel tries one attack on the in-box monitor; L0 judges whether it was
+    /// blocked and reported, and whether the monitor is intact.
+    Attack(Attack),
 }
+
+/// Raw numbers of the attack scenarios start here (`ATTACK_BASE + attack number`).
+const ATTACK_BASE: u32 = 100;
 
 impl Scenario {
     /// Every scenario, in the order `ihmi test` runs them.
-    pub const ALL: [Scenario; 7] = [
-        Self::Boot,
-        Self::EptGuard,
-        Self::BadHypercall,
-        Self::Demo,
-        Self::EntryBadControl,
-        Self::EntryBadGuestState,
-        Self::Sim,
-    ];
+    pub const ALL: [Scenario; 7 + Attack::ALL.len()] = {
+        let mut all = [Self::Boot; 7 + Attack::ALL.len()];
+        let fixed = [
+            Self::Boot,
+            Self::EptGuard,
+            Self::BadHypercall,
+            Self::Demo,
+            Self::EntryBadControl,
+            Self::EntryBadGuestState,
+            Self::Sim,
+        ];
+        let mut i = 0;
+        while i < fixed.len() {
+            all[i] = fixed[i];
+            i += 1;
+        }
+        let mut j = 0;
+        while j < Attack::ALL.len() {
+            all[fixed.len() + j] = Self::Attack(Attack::ALL[j]);
+            j += 1;
+        }
+        all
+    };
 
     /// Whether L0 loads the in-VM monitor for this scenario.
     #[must_use]
     pub const fn uses_monitor(self) -> bool {
-        matches!(self, Self::Sim)
+        matches!(self, Self::Sim | Self::Attack(_))
+    }
+
+    /// The attack this scenario runs, if it is one.
+    #[must_use]
+    pub const fn attack(self) -> Option<Attack> {
+        match self {
+            Self::Attack(a) => Some(a),
+            _ => None,
+        }
     }
 
     /// The command-line name.
@@ -236,6 +267,22 @@ impl Scenario {
             Self::EntryBadControl => "entry-bad-control",
             Self::EntryBadGuestState => "entry-bad-guest-state",
             Self::Sim => "sim",
+            Self::Attack(a) => a.scenario_name(),
+        }
+    }
+
+    /// The number stored in [`BootInfo::scenario`].
+    #[must_use]
+    pub const fn to_raw(self) -> u32 {
+        match self {
+            Self::Boot => 1,
+            Self::EptGuard => 2,
+            Self::BadHypercall => 3,
+            Self::Demo => 4,
+            Self::EntryBadControl => 5,
+            Self::EntryBadGuestState => 6,
+            Self::Sim => 7,
+            Self::Attack(a) => ATTACK_BASE + a as u32,
         }
     }
 
@@ -248,7 +295,7 @@ impl Scenario {
     /// Decodes the number stored in [`BootInfo::scenario`].
     #[must_use]
     pub fn from_raw(raw: u32) -> Option<Self> {
-        Self::ALL.into_iter().find(|s| *s as u32 == raw)
+        Self::ALL.into_iter().find(|s| s.to_raw() == raw)
     }
 }
 
@@ -300,7 +347,7 @@ pub struct BootInfo {
     pub magic: u64,
     /// [`ABI_VERSION`].
     pub abi_version: u32,
-    /// The scenario, as `Scenario as u32`.
+    /// The scenario, as [`Scenario::to_raw`].
     pub scenario: u32,
     /// Number of valid entries in `ram`.
     pub ram_count: u64,
@@ -374,7 +421,7 @@ mod tests {
     fn scenario_names_round_trip() {
         for s in Scenario::ALL {
             assert_eq!(Scenario::from_name(s.name()), Some(s));
-            assert_eq!(Scenario::from_raw(s as u32), Some(s));
+            assert_eq!(Scenario::from_raw(s.to_raw()), Some(s));
         }
         assert_eq!(Scenario::from_name("nope"), None);
     }

@@ -2,8 +2,10 @@
 #![no_std]
 #![deny(unsafe_code)]
 
+pub mod attacks;
 pub mod counters;
 mod cpuid;
+pub mod guard;
 mod hypercall;
 pub mod io;
 pub mod memory;
@@ -27,6 +29,7 @@ use ihmi_vmcs::{
 };
 
 pub use counters::ExitCounters;
+pub use guard::{Alert, Guard, ViewEptps};
 pub use memory::{MemoryMap, RegionKind};
 pub use scenario::{ScenarioLog, Verdict};
 
@@ -74,6 +77,8 @@ pub trait Platform {
     /// Prints one line of guest text, already sanitised and prefixed. It must never reach the channel
     /// that carries L0's verdict markers.
     fn guest_text(&mut self, args: fmt::Arguments<'_>);
+    /// Writes an MSR the guest owns but L0 intercepts (IA32_LSTAR), once L0 has allowed the write.
+    fn write_msr(&mut self, msr: u32, value: u64);
 }
 
 /// What L0 does after an exit.
@@ -101,11 +106,15 @@ pub enum GuestEnd {
         rip: u64,
         qualification: EptViolationQualification,
         region: Option<RegionKind>,
+        /// The EPT view the guest was in (with an in-box monitor).
+        view: Option<u16>,
     },
+    /// The hooks' gate pointer changed (L0's audit noticed it).
+    HookTampered { gpa: Gpa },
     /// The EPT itself is malformed: an L0 bug.
     EptMisconfig { gpa: Gpa },
     /// The guest triple-faulted.
-    TripleFault { rip: u64 },
+    TripleFault { rip: u64, view: Option<u16> },
     /// The guest received INIT.
     Init,
     /// The guest executed HLT with interrupts disabled: it can never wake up.
@@ -130,6 +139,7 @@ impl fmt::Display for GuestEnd {
                 rip,
                 qualification,
                 region,
+                view,
             } => {
                 write!(
                     f,
@@ -140,10 +150,16 @@ impl fmt::Display for GuestEnd {
                 if let Some(gla) = gla {
                     write!(f, " gva={gla}")?;
                 }
-                Ok(())
+                write_view(f, *view)
+            }
+            Self::HookTampered { gpa } => {
+                write!(f, "the hooks' gate pointer at {gpa} was changed")
             }
             Self::EptMisconfig { gpa } => write!(f, "EPT misconfiguration at gpa={gpa} (L0 bug)"),
-            Self::TripleFault { rip } => write!(f, "guest triple fault at rip={rip:#x}"),
+            Self::TripleFault { rip, view } => {
+                write!(f, "guest triple fault at rip={rip:#x}")?;
+                write_view(f, *view)
+            }
             Self::Init => f.write_str("guest received INIT"),
             Self::HaltedForever { rip } => {
                 write!(f, "guest halted with interrupts off at rip={rip:#x}")
@@ -160,6 +176,15 @@ impl fmt::Display for GuestEnd {
                 )
             }
         }
+    }
+}
+
+fn write_view(f: &mut fmt::Formatter<'_>, view: Option<u16>) -> fmt::Result {
+    match view {
+        Some(views::GUEST_VIEW) => f.write_str(" in view 0 (guest)"),
+        Some(views::MONITOR_VIEW) => f.write_str(" in view 1 (monitor)"),
+        Some(v) => write!(f, " in view {v}"),
+        None => Ok(()),
     }
 }
 
@@ -194,6 +219,8 @@ pub struct Hypervisor {
     pub log: ScenarioLog,
     /// The scenario being run.
     pub scenario: Scenario,
+    /// Protection of an in-box monitor, when the guest has one.
+    pub guard: Option<Guard>,
     e9_line: io::LineBuffer,
     shutdown_port: io::ShutdownMatcher,
 }
@@ -207,6 +234,7 @@ impl Hypervisor {
             counters: ExitCounters::default(),
             log: ScenarioLog::default(),
             scenario,
+            guard: None,
             e9_line: io::LineBuffer::default(),
             shutdown_port: io::ShutdownMatcher::default(),
         }
@@ -217,12 +245,27 @@ impl Hypervisor {
         let raw = RawExitReason::from_raw(vcpu.read(ro::EXIT_REASON) as u32);
         let reason = raw.basic();
         self.counters.record(reason);
-        let action = match reason {
+        let audit = self.audit_hook(platform);
+        let action = audit.unwrap_or_else(|| self.dispatch(reason, vcpu, platform));
+        if let Action::End(end) = action {
+            self.log.end = Some(end);
+        }
+        action
+    }
+
+    fn dispatch(
+        &mut self,
+        reason: ExitReason,
+        vcpu: &mut impl Vcpu,
+        platform: &mut impl Platform,
+    ) -> Action {
+        match reason {
             ExitReason::Cpuid => self.on_cpuid(vcpu, platform),
             ExitReason::Vmcall => self.on_vmcall(vcpu, platform),
             ExitReason::IoInstruction => self.on_io(vcpu, platform),
             ExitReason::Rdmsr => self.on_rdmsr(vcpu),
-            ExitReason::Wrmsr => self.on_wrmsr(vcpu),
+            ExitReason::Wrmsr => self.on_wrmsr(vcpu, platform),
+            ExitReason::Vmfunc => self.on_vmfunc(vcpu, platform),
             ExitReason::Hlt => self.on_hlt(vcpu),
             ExitReason::ExceptionOrNmi => self.on_exception(vcpu),
             ExitReason::EptViolation => self.on_ept_violation(vcpu),
@@ -231,6 +274,7 @@ impl Hypervisor {
             }),
             ExitReason::TripleFault => Action::End(GuestEnd::TripleFault {
                 rip: vcpu.read(guest::RIP),
+                view: self.current_view(vcpu),
             }),
             ExitReason::Init => Action::End(GuestEnd::Init),
             other => Action::End(GuestEnd::Unhandled {
@@ -238,11 +282,7 @@ impl Hypervisor {
                 qualification: vcpu.read(ro::EXIT_QUALIFICATION),
                 rip: vcpu.read(guest::RIP),
             }),
-        };
-        if let Action::End(end) = action {
-            self.log.end = Some(end);
         }
-        action
     }
 
     fn on_hlt(&mut self, vcpu: &mut impl Vcpu) -> Action {
@@ -296,6 +336,7 @@ impl Hypervisor {
             rip: vcpu.read(guest::RIP),
             qualification,
             region: self.memory.classify(gpa),
+            view: self.current_view(vcpu),
         })
     }
 }

@@ -24,6 +24,7 @@ pub enum Call {
     ReadPhys(Gpa, usize),
     Log(String),
     GuestText(String),
+    WriteMsr(u32, u64),
 }
 
 #[derive(Debug, Default)]
@@ -136,6 +137,9 @@ impl Platform for MockPlatform {
                 .map_or(0, |p| p[(a % 4096) as usize]);
         }
         true
+    }
+    fn write_msr(&mut self, msr: u32, value: u64) {
+        self.calls.borrow_mut().push(Call::WriteMsr(msr, value));
     }
     fn log(&mut self, args: fmt::Arguments<'_>) {
         self.calls.borrow_mut().push(Call::Log(args.to_string()));

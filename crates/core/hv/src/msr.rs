@@ -1,6 +1,7 @@
 //! MSR policy. The same table drives the VMCS MSR bitmap (what exits) and the handler (what happens).
 
-use crate::{inject_exception, skip_instruction, Action, Hypervisor, Vcpu, GP};
+use crate::guard::IA32_LSTAR;
+use crate::{inject_exception, skip_instruction, Action, Hypervisor, Platform, Vcpu, GP};
 
 /// IA32_FEATURE_CONTROL (SDM Vol. 4, Table 2-2).
 pub const IA32_FEATURE_CONTROL: u32 = 0x3a;
@@ -16,6 +17,10 @@ pub const INTERCEPTED: &[(u32, u32)] = &[
     (IA32_FEATURE_CONTROL, IA32_FEATURE_CONTROL),
     (IA32_VMX_FIRST, IA32_VMX_LAST),
 ];
+
+/// MSRs whose writes exit to L0 while reads go straight through: the system-call entry, which L0 locks
+/// once the guest kernel has installed it (see `guard`).
+pub const WRITE_INTERCEPTED: &[(u32, u32)] = &[(IA32_LSTAR, IA32_LSTAR)];
 
 /// Whether the policy intercepts `msr`.
 #[must_use]
@@ -48,10 +53,19 @@ impl Hypervisor {
         Action::Resume
     }
 
-    pub(crate) fn on_wrmsr(&mut self, vcpu: &mut impl Vcpu) -> Action {
-        // Every intercepted MSR is read-only to the guest (feature control is locked; VMX MSRs do not
-        // exist), and so is any MSR outside the bitmap's ranges.
+    pub(crate) fn on_wrmsr(
+        &mut self,
+        vcpu: &mut impl Vcpu,
+        platform: &mut impl Platform,
+    ) -> Action {
         self.log.msr_writes += 1;
+        let regs = *vcpu.regs();
+        if regs.rcx as u32 == IA32_LSTAR {
+            let value = (regs.rdx << 32) | (regs.rax & 0xffff_ffff);
+            return self.on_lstar_write(vcpu, platform, value);
+        }
+        // Every other intercepted MSR is read-only to the guest (feature control is locked; VMX MSRs do
+        // not exist), and so is any MSR outside the bitmap's ranges.
         self.log.injected_gp += 1;
         inject_exception(vcpu, GP, Some(0));
         Action::Resume

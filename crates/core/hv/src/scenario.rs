@@ -16,7 +16,8 @@ use crate::{ExitCounters, GuestEnd, RegionKind};
 const MAX_CPUID: usize = 32;
 const MAX_REPORTS: usize = 16;
 const MAX_HYPERCALLS: usize = 64;
-const MAX_MONITOR_EVENTS: usize = 64;
+const MAX_MONITOR_EVENTS: usize = 128;
+const MAX_ALERTS: usize = 16;
 
 /// What the guest did, as far as the scenarios care.
 #[derive(Clone, Debug, Default)]
@@ -35,6 +36,7 @@ pub struct ScenarioLog {
     /// How the guest ended, once it has.
     pub end: Option<GuestEnd>,
     monitor_events: heapless_table::Table<Event, MAX_MONITOR_EVENTS>,
+    alerts: heapless_table::Table<crate::Alert, MAX_ALERTS>,
     /// Events the monitor's ring dropped (its own count, read when L0 drained it).
     pub monitor_dropped: u64,
 }
@@ -66,6 +68,17 @@ impl ScenarioLog {
     /// Remembers an event L0 drained from the monitor's ring.
     pub fn record_monitor_event(&mut self, event: &Event) {
         self.monitor_events.push(*event);
+    }
+
+    /// Remembers an alert L0 raised.
+    pub fn record_alert(&mut self, alert: crate::Alert) {
+        self.alerts.push(alert);
+    }
+
+    /// The alerts so far, in order.
+    #[must_use]
+    pub fn alerts(&self) -> &[crate::Alert] {
+        self.alerts.as_slice()
     }
 
     /// The monitor's events so far, in order.
@@ -169,6 +182,8 @@ pub enum FailReason {
     ExtraMonitorEvents(usize),
     /// The monitor's ring dropped events.
     MonitorDropped(u64),
+    /// Attack scenarios are judged by `attacks::judge_attack`, not here.
+    AttackScenario,
     /// VM entry failed in a way the scenario did not ask for.
     UnexpectedEntryFailure(EntryFailure),
     /// The scenario is about VM-entry failure, but the guest ran.
@@ -241,6 +256,9 @@ impl fmt::Display for FailReason {
                 )
             }
             Self::MonitorDropped(n) => write!(f, "the monitor's ring dropped {n} events"),
+            Self::AttackScenario => {
+                f.write_str("attack scenarios are judged by attacks::judge_attack")
+            }
             Self::EntryDidNotFail => {
                 f.write_str("VM entry was expected to fail, but the guest ran")
             }
@@ -405,6 +423,7 @@ fn check(
         Scenario::EntryBadControl | Scenario::EntryBadGuestState => {
             Err(FailReason::EntryDidNotFail)
         }
+        Scenario::Attack(_) => Err(FailReason::AttackScenario),
         Scenario::Sim => {
             expect_done_zero(log)?;
             check_monitor_events(log, &SIM_WORKLOAD)

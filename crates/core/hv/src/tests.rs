@@ -376,7 +376,10 @@ fn triple_fault_and_unknown_exits_end_the_guest_not_l0() {
     let mut v = MockVcpu::exited(EXIT_TRIPLE_FAULT, 0x5000, 0);
     assert_eq!(
         h.handle_exit(&mut v, &mut p),
-        Action::End(GuestEnd::TripleFault { rip: 0x5000 })
+        Action::End(GuestEnd::TripleFault {
+            rip: 0x5000,
+            view: None
+        })
     );
     let mut v = MockVcpu::exited(EXIT_RDTSC, 0x5000, 2);
     assert!(matches!(
@@ -610,4 +613,372 @@ fn sim_verdict_requires_exactly_the_workload_events() {
         sim_verdict(&good, 2),
         Verdict::Fail(FailReason::MonitorDropped(2))
     );
+}
+
+const EXIT_VMFUNC: u32 = 59;
+const GUEST_EPTP: u64 = 0xa01e;
+const MONITOR_EPTP: u64 = 0xb01e;
+const HOOK_GPA: u64 = 0x20_0000;
+const GATE: u64 = 0xf0_0000;
+
+fn guarded(scenario: Scenario) -> (Hypervisor, MockPlatform) {
+    let mut h = hv(scenario);
+    h.guard = Some(crate::Guard::new(
+        crate::ViewEptps {
+            guest: GUEST_EPTP,
+            monitor: MONITOR_EPTP,
+        },
+        Some((Gpa::new(HOOK_GPA), GATE)),
+    ));
+    let mut p = MockPlatform::default();
+    p.write_u64(HOOK_GPA, GATE);
+    (h, p)
+}
+
+#[test]
+fn vmfunc_with_a_bad_index_injects_ud_and_raises_an_alert_without_touching_the_eptp() {
+    let (mut h, mut p) = guarded(Scenario::Boot);
+    let mut v = MockVcpu::exited(EXIT_VMFUNC, 0x7000, 3);
+    v.regs.rax = 0;
+    v.regs.rcx = 600;
+    assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume);
+    assert_eq!(
+        v.writes(),
+        vec![(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0x8000_0306)],
+        "only a #UD injection: no EPTP write, RIP not advanced"
+    );
+    assert_eq!(
+        h.log.alerts(),
+        [crate::Alert::VmfuncRefused {
+            function: 0,
+            index: 600,
+            rip: 0x7000
+        }]
+    );
+    assert!(p.calls.borrow().iter().any(
+        |c| matches!(c, Call::Log(s) if s.starts_with("alert| {\"alert\":\"vmfunc-refused\""))
+    ));
+}
+
+fn wrmsr_lstar(value: u64) -> MockVcpu {
+    let mut v = MockVcpu::exited(EXIT_WRMSR, 0x8000, 2);
+    v.regs.rcx = u64::from(crate::guard::IA32_LSTAR);
+    v.regs.rax = value & 0xffff_ffff;
+    v.regs.rdx = value >> 32;
+    v
+}
+
+#[test]
+fn lstar_is_installed_once_then_locked() {
+    let (mut h, mut p) = guarded(Scenario::Boot);
+    let entry = 0xffff_ffff_8100_0040;
+    let mut v = wrmsr_lstar(entry);
+    assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume);
+    assert_eq!(
+        v.fields[&guest::RIP],
+        0x8002,
+        "the first write is performed"
+    );
+    assert!(p
+        .calls
+        .borrow()
+        .contains(&Call::WriteMsr(crate::guard::IA32_LSTAR, entry)));
+    // The same value again is harmless; a new one is refused with #GP and an alert.
+    let mut same = wrmsr_lstar(entry);
+    h.handle_exit(&mut same, &mut p);
+    assert_eq!(same.fields[&guest::RIP], 0x8002);
+    let mut other = wrmsr_lstar(0x1000);
+    h.handle_exit(&mut other, &mut p);
+    assert_eq!(other.fields[&guest::RIP], 0x8000, "not skipped");
+    assert_eq!(
+        other.fields[&control::VMENTRY_INTERRUPTION_INFO_FIELD],
+        0x8000_0b0d,
+        "#GP(0)"
+    );
+    let writes = p
+        .calls
+        .borrow()
+        .iter()
+        .filter(|c| matches!(c, Call::WriteMsr(..)))
+        .count();
+    assert_eq!(writes, 1, "the refused value never reached the MSR");
+    assert!(matches!(
+        h.log.alerts(),
+        [crate::Alert::LstarWriteRefused { value: 0x1000, .. }]
+    ));
+    // Without a monitor there is nothing to lock.
+    let mut free = hv(Scenario::Boot);
+    let mut p2 = MockPlatform::default();
+    free.handle_exit(&mut wrmsr_lstar(1), &mut p2);
+    free.handle_exit(&mut wrmsr_lstar(2), &mut p2);
+    assert!(free.log.alerts().is_empty());
+}
+
+#[test]
+fn a_changed_hook_pointer_ends_the_guest_at_the_next_exit() {
+    let (mut h, mut p) = guarded(Scenario::Boot);
+    assert_eq!(
+        h.handle_exit(&mut vmcall(Hypercall::Ping as u64, [0; 4]), &mut p),
+        Action::Resume
+    );
+    p.write_u64(HOOK_GPA, 0);
+    let end = h.handle_exit(&mut vmcall(Hypercall::Ping as u64, [0; 4]), &mut p);
+    assert_eq!(
+        end,
+        Action::End(GuestEnd::HookTampered {
+            gpa: Gpa::new(HOOK_GPA)
+        })
+    );
+    assert!(matches!(
+        h.log.alerts(),
+        [crate::Alert::HookTampered {
+            found: 0,
+            expected: GATE,
+            ..
+        }]
+    ));
+}
+
+#[test]
+fn ept_violations_name_the_view_the_guest_was_in() {
+    let (mut h, mut p) = guarded(Scenario::Boot);
+    let mut v = MockVcpu::exited(EXIT_EPT_VIOLATION, 0x1234, 0);
+    v.fields.insert(control::EPTP_FULL, MONITOR_EPTP);
+    v.fields.insert(ro::GUEST_PHYSICAL_ADDR_FULL, 0x1234);
+    v.fields.insert(ro::EXIT_QUALIFICATION, 0b100); // instruction fetch
+    assert!(matches!(
+        h.handle_exit(&mut v, &mut p),
+        Action::End(GuestEnd::EptViolation { view: Some(1), .. })
+    ));
+}
+
+mod attack_judge {
+    extern crate std;
+
+    use ihmi_abi::attack::{Attack, FLOOD_REQUESTS, FORGED_REQUEST};
+    use ihmi_abi::monitor::Verdict as MV;
+    use ihmi_addr::{Gpa, Gva, Hpa, PhysRange};
+    use ihmi_monitor::{Event, EventKind, RejectReason};
+    use ihmi_vmcs::EptViolationQualification;
+
+    use crate::attacks::{judge_attack, write_attack_json, AttackContext, MonitorAudit};
+    use crate::{GuestEnd, RegionKind, ScenarioLog};
+
+    const GATE: u64 = 0xf80_0000;
+    const CODE: PhysRange = PhysRange {
+        start: Hpa::new(0x100_0000),
+        end: Hpa::new(0x100_6000),
+    };
+    const CODE_SLICE: &[PhysRange] = &[CODE];
+
+    fn ctx(intact: bool) -> AttackContext<'static> {
+        AttackContext {
+            gate: PhysRange {
+                start: Hpa::new(GATE),
+                end: Hpa::new(GATE + 0x1000),
+            },
+            guest_code: CODE_SLICE,
+            hook: Some(Gpa::new(0x100_5ff8)),
+            audit: MonitorAudit {
+                image_intact: intact,
+                ring_consistent: true,
+            },
+        }
+    }
+
+    /// Qualification bits (SDM Table 28-7): 0 read, 1 write, 2 fetch.
+    fn ept(gpa: u64, q: u64, region: Option<RegionKind>, view: u16, rip: u64) -> GuestEnd {
+        GuestEnd::EptViolation {
+            gpa: Gpa::new(gpa),
+            gla: Some(Gva::new(gpa)),
+            rip,
+            qualification: EptViolationQualification::from_raw(q),
+            region,
+            view: Some(view),
+        }
+    }
+
+    fn log_ending(end: GuestEnd) -> ScenarioLog {
+        let mut log = ScenarioLog::default();
+        log.end = Some(end);
+        log
+    }
+
+    fn verdict(a: Attack, log: &ScenarioLog, intact: bool) -> (bool, bool, bool) {
+        let o = judge_attack(a, log, &ctx(intact));
+        (o.blocked, o.reported, o.monitor_intact)
+    }
+
+    #[test]
+    fn hardware_blocked_attacks_need_the_right_violation() {
+        let monitor_read = log_ending(ept(
+            GATE + 0x1000,
+            1,
+            Some(RegionKind::Monitor),
+            0,
+            0x100_0629,
+        ));
+        assert_eq!(
+            verdict(Attack::ForgedPte, &monitor_read, true),
+            (true, true, true)
+        );
+        assert_eq!(
+            verdict(Attack::Cr3Switch, &monitor_read, true),
+            (true, true, true)
+        );
+        // The same violation does not prove other attacks were stopped.
+        assert!(!verdict(Attack::VmfuncOutsideGate, &monitor_read, true).0);
+        assert!(!verdict(Attack::GateOverwrite, &monitor_read, true).0);
+        // A guest that simply finished proves nothing about an EPT-blocked attack.
+        let done = log_ending(GuestEnd::Done(0));
+        assert_eq!(
+            verdict(Attack::ForgedPte, &done, true),
+            (false, false, true)
+        );
+        // A changed monitor fails the third column whatever happened.
+        assert!(!verdict(Attack::ForgedPte, &monitor_read, false).2);
+
+        let fetch_in_monitor_view = log_ending(ept(
+            0x100_13af,
+            4,
+            Some(RegionKind::GuestRam),
+            1,
+            0x100_13af,
+        ));
+        for a in [
+            Attack::VmfuncOutsideGate,
+            Attack::GateRemap,
+            Attack::TrapInMonitor,
+        ] {
+            assert_eq!(
+                verdict(a, &fetch_in_monitor_view, true),
+                (true, true, true),
+                "{a:?}"
+            );
+        }
+        let hook_write = log_ending(ept(
+            0x100_3b40,
+            2,
+            Some(RegionKind::GuestRam),
+            0,
+            0x100_1417,
+        ));
+        assert_eq!(
+            verdict(Attack::HookOverwrite, &hook_write, true),
+            (true, true, true)
+        );
+        assert!(
+            !verdict(Attack::HookStarve, &hook_write, true).0,
+            "not the hook pointer"
+        );
+        let starve = log_ending(ept(
+            0x100_5ff8,
+            2,
+            Some(RegionKind::GuestRam),
+            0,
+            0x100_138b,
+        ));
+        assert_eq!(
+            verdict(Attack::HookStarve, &starve, true),
+            (true, true, true)
+        );
+        let gate_write = log_ending(ept(GATE, 2, Some(RegionKind::Monitor), 0, 0x100_1420));
+        assert_eq!(
+            verdict(Attack::GateOverwrite, &gate_write, true),
+            (true, true, true)
+        );
+        assert!(
+            !verdict(Attack::EventForge, &gate_write, true).0,
+            "the gate is not the ring"
+        );
+    }
+
+    fn rejected(seq: u64) -> Event {
+        Event {
+            seq,
+            kind: EventKind::Rejected as u16,
+            detail: RejectReason::UnknownRequest as u16,
+            verdict: MV::Rejected as i32,
+            nr: FORGED_REQUEST,
+            ..Event::EMPTY
+        }
+    }
+
+    #[test]
+    fn flood_must_be_accounted_for_event_by_event() {
+        let mut log = log_ending(GuestEnd::Done(0));
+        for seq in 0..64 {
+            log.record_monitor_event(&rejected(seq));
+        }
+        log.monitor_dropped = FLOOD_REQUESTS - 64;
+        assert_eq!(verdict(Attack::EventFlood, &log, true), (true, true, true));
+        // One event unaccounted for: neither blocked nor reported.
+        log.monitor_dropped -= 1;
+        assert!(!verdict(Attack::EventFlood, &log, true).0);
+        // A gap larger than the counted drops means the stream was tampered with.
+        let mut gappy = log_ending(GuestEnd::Done(0));
+        gappy.record_monitor_event(&rejected(0));
+        gappy.record_monitor_event(&rejected(5));
+        assert!(!verdict(Attack::EventFlood, &gappy, true).2);
+    }
+
+    #[test]
+    fn gate_middle_needs_both_the_rejection_and_the_stopped_exit_gate() {
+        let mut log = log_ending(ept(0x6000_6620, 1, None, 0, GATE + 0x74));
+        assert!(
+            !verdict(Attack::GateMiddle, &log, true).0,
+            "no rejection seen"
+        );
+        log.record_monitor_event(&rejected(0));
+        assert_eq!(verdict(Attack::GateMiddle, &log, true), (true, true, true));
+        let mut json = std::string::String::new();
+        write_attack_json(
+            &mut json,
+            &judge_attack(Attack::GateMiddle, &log, &ctx(true)),
+            &log,
+        )
+        .unwrap();
+        let v: std::vec::Vec<&str> = json.split('"').collect();
+        assert!(json.starts_with(r#"{"attack":"gate-middle","item":5,"blocked":true,"reported":true,"monitor_intact":true,"detail":""#), "{json}");
+        assert!(v.len() % 2 == 1, "quotes balanced: {json}");
+    }
+
+    #[test]
+    fn alert_based_attacks_need_the_alert_and_a_healthy_guest() {
+        let mut log = log_ending(GuestEnd::Done(0));
+        assert_eq!(
+            verdict(Attack::VmfuncBadIndex, &log, true),
+            (true, false, true)
+        );
+        for index in [7, 600] {
+            log.record_alert(crate::Alert::VmfuncRefused {
+                function: 0,
+                index,
+                rip: 0,
+            });
+        }
+        assert_eq!(
+            verdict(Attack::VmfuncBadIndex, &log, true),
+            (true, true, true)
+        );
+        let mut lstar = log_ending(GuestEnd::Done(0));
+        lstar.record_alert(crate::Alert::LstarWriteRefused {
+            value: 1,
+            locked: 2,
+            rip: 0,
+        });
+        assert_eq!(
+            verdict(Attack::LstarRedirect, &lstar, true),
+            (false, true, true),
+            "no syscall reached the monitor afterwards"
+        );
+        lstar.record_monitor_event(&Event {
+            kind: EventKind::Syscall as u16,
+            ..Event::EMPTY
+        });
+        assert_eq!(
+            verdict(Attack::LstarRedirect, &lstar, true),
+            (true, true, true)
+        );
+    }
 }

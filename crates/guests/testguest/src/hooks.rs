@@ -1,38 +1,45 @@
 //! The guest kernel's monitor hooks: the system-call path and the process-creation path call the
-//! monitor through the gate L0 placed (in-box mode). The gate address comes from L0 at boot; the hook
-//! code lives in kernel text, which the guest view maps read + execute only.
+//! monitor through the gate L0 placed (in-box mode). The gate address lives in `IHMI_HOOK_GATE`, which
+//! L0 writes before the guest runs and which sits in the kernel's text, read + execute only in view 0:
+//! the kernel can use its hooks but cannot redirect or silence them, and L0 audits the value at every
+//! exit besides.
 
-use core::sync::atomic::{AtomicU64, Ordering};
+use ihmi_abi::monitor::{RequestCode, Verdict};
 
-use ihmi_abi::monitor::{Mode, RequestCode, Verdict};
-
-/// The gate's entry, or 0 when no monitor is configured.
-static GATE: AtomicU64 = AtomicU64::new(0);
+/// The gate's entry, or 0 when no monitor is configured. Written by L0 only.
+#[no_mangle]
+#[used]
+#[link_section = ".ihmi_hooks"]
+pub static IHMI_HOOK_GATE: u64 = 0;
 
 type GateFn = extern "C" fn(code: u64, a0: u64, a1: u64, a2: u64, a3: u64) -> u64;
 
-/// Records how to reach the monitor.
-pub fn init(mode: Option<Mode>, gate_gva: u64) {
-    if mode == Some(Mode::InBox) && gate_gva != 0 {
-        GATE.store(gate_gva, Ordering::SeqCst);
-    }
+/// The gate address L0 installed (read afresh every time: L0 wrote it behind the compiler's back).
+pub fn gate() -> u64 {
+    // SAFETY: a plain aligned read of a static; volatile so the compiler does not fold in its initial 0.
+    unsafe { core::ptr::read_volatile(core::ptr::addr_of!(IHMI_HOOK_GATE)) }
 }
 
 /// Whether hooks reach a monitor.
 pub fn enabled() -> bool {
-    GATE.load(Ordering::SeqCst) != 0
+    gate() != 0
 }
 
-/// Calls the monitor; `None` without one.
-pub fn call(code: RequestCode, args: [u64; 4]) -> Option<Verdict> {
-    let gate = GATE.load(Ordering::SeqCst);
+/// Calls the monitor with a raw request code; the raw verdict, or `None` without a monitor.
+pub fn call_raw(code: u64, args: [u64; 4]) -> Option<u64> {
+    let gate = gate();
     if gate == 0 {
         return None;
     }
     // SAFETY: L0 mapped the gate at this address (identity-mapped guest-physical memory), executable in
     // the guest view, and it follows the C calling convention: five integer arguments, result in RAX.
     let gate: GateFn = unsafe { core::mem::transmute::<usize, GateFn>(gate as usize) };
-    Verdict::from_raw(gate(code as u64, args[0], args[1], args[2], args[3]))
+    Some(gate(code, args[0], args[1], args[2], args[3]))
+}
+
+/// Calls the monitor; `None` without one.
+pub fn call(code: RequestCode, args: [u64; 4]) -> Option<Verdict> {
+    call_raw(code as u64, args).and_then(Verdict::from_raw)
 }
 
 /// The system-call hook, at the top of the dispatcher.

@@ -8,8 +8,13 @@ use ihmi_rt::tables::ExceptionFrame;
 use crate::{done, say};
 
 static BREAKPOINTS: AtomicU64 = AtomicU64::new(0);
-static EXPECT_GP: AtomicBool = AtomicBool::new(false);
-static GP_SEEN: AtomicBool = AtomicBool::new(false);
+/// The vector `expect_fault` waits for (0 = none), and the length of the instruction to skip.
+static EXPECT_VECTOR: AtomicU64 = AtomicU64::new(0);
+static EXPECT_SKIP: AtomicU64 = AtomicU64::new(0);
+static FAULT_SEEN: AtomicBool = AtomicBool::new(false);
+/// Single-step traps (#DB) the handler lets through while an attack steps into the gate.
+static STEPS_ALLOWED: AtomicBool = AtomicBool::new(false);
+static STEPS: AtomicU64 = AtomicU64::new(0);
 
 /// Installs the guest's GDT, TSS and IDT.
 pub fn init() {
@@ -23,11 +28,28 @@ pub fn breakpoints() -> u64 {
 
 /// Runs `f`, which must raise #GP on a 2-byte instruction (RDMSR/WRMSR); returns whether it did.
 pub fn expect_gp(f: impl FnOnce()) -> bool {
-    GP_SEEN.store(false, Ordering::SeqCst);
-    EXPECT_GP.store(true, Ordering::SeqCst);
+    expect_fault(13, 2, f)
+}
+
+/// Runs `f`, which must raise exception `vector` on an instruction `len` bytes long; the handler skips
+/// that instruction. Returns whether the exception came.
+pub fn expect_fault(vector: u64, len: u64, f: impl FnOnce()) -> bool {
+    FAULT_SEEN.store(false, Ordering::SeqCst);
+    EXPECT_SKIP.store(len, Ordering::SeqCst);
+    EXPECT_VECTOR.store(vector, Ordering::SeqCst);
     f();
-    EXPECT_GP.store(false, Ordering::SeqCst);
-    GP_SEEN.load(Ordering::SeqCst)
+    EXPECT_VECTOR.store(0, Ordering::SeqCst);
+    FAULT_SEEN.load(Ordering::SeqCst)
+}
+
+/// From now on, single-step traps return to the stepped code (an attack steps into the gate).
+pub fn allow_single_steps() {
+    STEPS_ALLOWED.store(true, Ordering::SeqCst);
+}
+
+/// Single-step traps taken so far.
+pub fn steps() -> u64 {
+    STEPS.load(Ordering::SeqCst)
 }
 
 fn on_exception(frame: &mut ExceptionFrame) {
@@ -35,10 +57,13 @@ fn on_exception(frame: &mut ExceptionFrame) {
         3 => {
             BREAKPOINTS.fetch_add(1, Ordering::SeqCst);
         }
-        13 if EXPECT_GP.load(Ordering::SeqCst) => {
-            GP_SEEN.store(true, Ordering::SeqCst);
-            EXPECT_GP.store(false, Ordering::SeqCst);
-            frame.rip += 2; // RDMSR and WRMSR are two bytes long
+        v if v != 0 && v == EXPECT_VECTOR.load(Ordering::SeqCst) => {
+            FAULT_SEEN.store(true, Ordering::SeqCst);
+            EXPECT_VECTOR.store(0, Ordering::SeqCst);
+            frame.rip += EXPECT_SKIP.load(Ordering::SeqCst);
+        }
+        1 if STEPS_ALLOWED.load(Ordering::SeqCst) => {
+            STEPS.fetch_add(1, Ordering::SeqCst);
         }
         v => {
             say!(

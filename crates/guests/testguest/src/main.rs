@@ -2,6 +2,7 @@
 #![no_std]
 #![no_main]
 
+mod attacks;
 mod hooks;
 mod hypercall;
 mod idt;
@@ -50,10 +51,6 @@ extern "C" fn guest_main(info: *const BootInfo) -> ! {
         done(90);
     }
     idt::init();
-    hooks::init(
-        ihmi_abi::monitor::Mode::from_raw(info.monitor_mode),
-        info.gate_gva,
-    );
     let Some(scenario) = Scenario::from_raw(info.scenario) else {
         done(91)
     };
@@ -68,6 +65,7 @@ extern "C" fn guest_main(info: *const BootInfo) -> ! {
         Scenario::BadHypercall => bad_hypercalls(&info),
         Scenario::Demo => demo(),
         Scenario::Sim => sim(),
+        Scenario::Attack(attack) => attacks::run(attack, &info),
         // L0 breaks VM entry in these; the guest running at all is the failure.
         Scenario::EntryBadControl | Scenario::EntryBadGuestState => 97,
     };

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
 
+mod attacks;
 mod bochs;
 mod cpu;
 mod deps;
@@ -75,6 +76,13 @@ enum Cmd {
         #[arg(long, value_name = "NAME")]
         only: Option<String>,
     },
+    /// Run the attack suite (BRIEF.md section 4) and print whether each attack was blocked, reported
+    /// and survived with the monitor intact; exit 0 only if all were
+    Attacks {
+        /// One JSON object per attack instead of the table
+        #[arg(long)]
+        json: bool,
+    },
     /// List the Bochs CPU models and which VMX features each exposes
     Models,
 }
@@ -131,7 +139,64 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             run_one(scenario::DEMO.name, &opts)
         }
         Cmd::Test { no_unit, only } => test(&cli.cpu, no_unit, only.as_deref()),
+        Cmd::Attacks { json } => run_attacks(&cli.cpu, json),
     }
+}
+
+fn run_attacks(cpu_name: &str, json: bool) -> Result<ExitCode> {
+    let model = cpu::select(cpu_name, scenario::IN_BOX, "the attack suite")?;
+    let layout = Layout::discover()?;
+    bochs::install_interrupt_handler()?;
+    let names: Vec<&str> = scenario::ATTACK_SCENARIOS.iter().map(|s| s.name).collect();
+    build_images(&layout, &names)?;
+    let opts = RunOptions {
+        cpu: model,
+        megs: DEFAULT_MEGS,
+        timeout: Duration::from_secs(DEFAULT_TIMEOUT_SECS),
+        quiet: true,
+    };
+    let mut reports = Vec::new();
+    for (name, attack) in names.iter().zip(ihmi_abi::Attack::ALL) {
+        eprintln!("[ihmi] attack {} (cpu {})", attack.name(), model.name);
+        let item = u64::from(attack.brief_item());
+        let report = match bochs::run(&layout, name, &opts) {
+            Ok(run) => match (attacks::parse(&run.e9), &run.verdict) {
+                (Ok(Some(r)), verdict::Verdict::Pass) => r,
+                // L0's line said the attack failed, or the run failed around it: not a pass either way.
+                (Ok(Some(mut r)), verdict::Verdict::Fail(why)) => {
+                    if r.passed() {
+                        r.blocked = false;
+                        r.detail = format!("{}; but the run failed: {why}", r.detail);
+                    }
+                    r
+                }
+                (Ok(None), verdict::Verdict::Fail(why)) => {
+                    attacks::AttackReport::missing(attack.name(), item, why)
+                }
+                (Ok(None), verdict::Verdict::Pass) => attacks::AttackReport::missing(
+                    attack.name(),
+                    item,
+                    "the run passed without one",
+                ),
+                (Err(e), _) => {
+                    attacks::AttackReport::missing(attack.name(), item, &format!("{e:#}"))
+                }
+            },
+            Err(e) => attacks::AttackReport::missing(attack.name(), item, &format!("{e:#}")),
+        };
+        if json {
+            println!("{}", report.to_json());
+        }
+        reports.push(report);
+    }
+    if !json {
+        print!("{}", attacks::table(&reports));
+    }
+    Ok(if reports.iter().all(attacks::AttackReport::passed) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// The `--cpu` model, refused if it lacks what `scenario` needs.

@@ -3,6 +3,8 @@
 
 use thiserror::Error;
 
+use ihmi_abi::Attack;
+
 use crate::cpu::Feature;
 
 /// What every L0 scenario needs: L0 itself runs its guest under VMX with EPT.
@@ -25,9 +27,41 @@ impl Scenario {
     }
 }
 
-/// What `ihmi test` runs, in order. A new scenario is one line here; one that needs more than VMX + EPT
-/// says so, e.g. `Scenario { name: "gate", requires: &[Feature::Vmx, Feature::Ept, Feature::Vmfunc] }`.
-pub const TEST_SCENARIOS: &[Scenario] = &[
+/// What `ihmi test` runs, in order: the base scenarios, then the attack suite.
+pub const TEST_SCENARIOS: &[Scenario] = &ALL_TESTS;
+
+/// The attack suite (`ihmi attacks`), one scenario per attack of `ihmi_abi::Attack::ALL`.
+pub const ATTACK_SCENARIOS: [Scenario; Attack::ALL.len()] = {
+    let mut out = [DEMO; Attack::ALL.len()];
+    let mut i = 0;
+    while i < out.len() {
+        out[i] = Scenario {
+            name: Attack::ALL[i].scenario_name(),
+            requires: IN_BOX,
+        };
+        i += 1;
+    }
+    out
+};
+
+const ALL_TESTS: [Scenario; BASE_SCENARIOS.len() + ATTACK_SCENARIOS.len()] = {
+    let mut out = [DEMO; BASE_SCENARIOS.len() + ATTACK_SCENARIOS.len()];
+    let mut i = 0;
+    while i < BASE_SCENARIOS.len() {
+        out[i] = BASE_SCENARIOS[i];
+        i += 1;
+    }
+    let mut j = 0;
+    while j < ATTACK_SCENARIOS.len() {
+        out[i + j] = ATTACK_SCENARIOS[j];
+        j += 1;
+    }
+    out
+};
+
+/// The scenarios before the attack suite. A new one is one line here; one that needs more than VMX +
+/// EPT says so, as `sim` does.
+const BASE_SCENARIOS: [Scenario; 7] = [
     Scenario::new("boot"),
     Scenario::new("ept-guard"),
     Scenario::new("bad-hypercall"),
@@ -104,7 +138,7 @@ mod tests {
 
     #[test]
     fn test_list_is_in_order_and_valid() {
-        let names: Vec<_> = TEST_SCENARIOS.iter().map(|s| s.name).collect();
+        let names: Vec<_> = TEST_SCENARIOS.iter().map(|s| s.name).take(7).collect();
         assert_eq!(
             names,
             [
@@ -117,6 +151,17 @@ mod tests {
                 "sim"
             ]
         );
+        // Then every attack, each named as L0 knows it and needing VMFUNC.
+        let attacks: Vec<_> = TEST_SCENARIOS[7..].iter().collect();
+        assert_eq!(attacks.len(), Attack::ALL.len());
+        for (s, a) in attacks.iter().zip(Attack::ALL) {
+            assert_eq!(s.name, format!("attack-{}", a.name()));
+            assert_eq!(
+                ihmi_abi::Scenario::from_name(s.name),
+                Some(ihmi_abi::Scenario::Attack(a))
+            );
+            assert!(s.requires.contains(&Feature::Vmfunc));
+        }
         for s in known() {
             validate_name(s.name).unwrap();
             assert!(s.requires.contains(&Feature::Vmx) && s.requires.contains(&Feature::Ept));

@@ -1,0 +1,122 @@
+//! The attack suite (BRIEF.md §4, items 1–11): what the compromised test-guest kernel tries in each
+//! `attack-*` scenario. L0 judges each run and prints one `attack|` JSON line per attack.
+
+/// One attack. The number is the item of BRIEF.md §4 it belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Attack {
+    /// 1. Read monitor code through a page-table entry the guest forged for it.
+    ForgedPte = 1,
+    /// 2. `mov cr3` to the monitor's page-table root (read out of the gate's code).
+    Cr3Switch = 2,
+    /// 3. `VMFUNC(0, 1)` from the guest's own code instead of the gate.
+    VmfuncOutsideGate = 3,
+    /// 4. `VMFUNC(0, n)` with indexes that are not views.
+    VmfuncBadIndex = 4,
+    /// 5. Jump into the middle of the entry gate with forged registers, then into the exit gate.
+    GateMiddle = 5,
+    /// 6. Overwrite the hook in the guest kernel's code.
+    HookOverwrite = 6,
+    /// 6. Overwrite the gate page.
+    GateOverwrite = 7,
+    /// 7. Remap the gate's virtual address to an attacker frame holding a copy of the gate.
+    GateRemap = 8,
+    /// 8. Point `MSR_LSTAR` at an entry that skips the system-call hook.
+    LstarRedirect = 9,
+    /// 9. Single-step (RFLAGS.TF) into the gate, so a #DB arrives in the monitor view.
+    TrapInMonitor = 10,
+    /// 10. Flood the monitor with requests until its event ring overflows.
+    EventFlood = 11,
+    /// 10. Write a forged event into the monitor's event ring.
+    EventForge = 12,
+    /// 11. Starve the monitor: clear the hook's gate pointer so hooks stop firing.
+    HookStarve = 13,
+}
+
+impl Attack {
+    /// Every attack, in the order `ihmi attacks` runs them.
+    pub const ALL: [Attack; 13] = [
+        Self::ForgedPte,
+        Self::Cr3Switch,
+        Self::VmfuncOutsideGate,
+        Self::VmfuncBadIndex,
+        Self::GateMiddle,
+        Self::HookOverwrite,
+        Self::GateOverwrite,
+        Self::GateRemap,
+        Self::LstarRedirect,
+        Self::TrapInMonitor,
+        Self::EventFlood,
+        Self::EventForge,
+        Self::HookStarve,
+    ];
+
+    /// The attack's short name (the scenario is `attack-<name>`).
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::ForgedPte => "forged-pte",
+            Self::Cr3Switch => "cr3-switch",
+            Self::VmfuncOutsideGate => "vmfunc-outside-gate",
+            Self::VmfuncBadIndex => "vmfunc-bad-index",
+            Self::GateMiddle => "gate-middle",
+            Self::HookOverwrite => "hook-overwrite",
+            Self::GateOverwrite => "gate-overwrite",
+            Self::GateRemap => "gate-remap",
+            Self::LstarRedirect => "lstar-redirect",
+            Self::TrapInMonitor => "trap-in-monitor",
+            Self::EventFlood => "event-flood",
+            Self::EventForge => "event-forge",
+            Self::HookStarve => "hook-starve",
+        }
+    }
+
+    /// The scenario name, `attack-<name>`.
+    #[must_use]
+    pub const fn scenario_name(self) -> &'static str {
+        match self {
+            Self::ForgedPte => "attack-forged-pte",
+            Self::Cr3Switch => "attack-cr3-switch",
+            Self::VmfuncOutsideGate => "attack-vmfunc-outside-gate",
+            Self::VmfuncBadIndex => "attack-vmfunc-bad-index",
+            Self::GateMiddle => "attack-gate-middle",
+            Self::HookOverwrite => "attack-hook-overwrite",
+            Self::GateOverwrite => "attack-gate-overwrite",
+            Self::GateRemap => "attack-gate-remap",
+            Self::LstarRedirect => "attack-lstar-redirect",
+            Self::TrapInMonitor => "attack-trap-in-monitor",
+            Self::EventFlood => "attack-event-flood",
+            Self::EventForge => "attack-event-forge",
+            Self::HookStarve => "attack-hook-starve",
+        }
+    }
+
+    /// The item of BRIEF.md §4 the attack belongs to.
+    #[must_use]
+    pub const fn brief_item(self) -> u32 {
+        match self {
+            Self::ForgedPte => 1,
+            Self::Cr3Switch => 2,
+            Self::VmfuncOutsideGate => 3,
+            Self::VmfuncBadIndex => 4,
+            Self::GateMiddle => 5,
+            Self::HookOverwrite | Self::GateOverwrite => 6,
+            Self::GateRemap => 7,
+            Self::LstarRedirect => 8,
+            Self::TrapInMonitor => 9,
+            Self::EventFlood | Self::EventForge => 10,
+            Self::HookStarve => 11,
+        }
+    }
+
+    /// Decodes the number.
+    #[must_use]
+    pub fn from_raw(raw: u32) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| *a as u32 == raw)
+    }
+}
+
+/// How many requests the `event-flood` guest sends: more than the ring holds between two drains.
+pub const FLOOD_REQUESTS: u64 = 200;
+/// The request code the forged calls use: no monitor request has it.
+pub const FORGED_REQUEST: u64 = 0x00ba_d0c0_de00;

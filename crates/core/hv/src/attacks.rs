@@ -1,0 +1,301 @@
+//! Judging the attack suite: for each attack of BRIEF.md §4, was it blocked, was it reported, and is
+//! the monitor intact? L0 prints the answer as one `attack|` JSON line and passes the scenario only when
+//! all three hold.
+
+use core::fmt::{self, Write};
+
+use ihmi_abi::attack::{Attack, FLOOD_REQUESTS, FORGED_REQUEST};
+use ihmi_abi::monitor::Verdict as MonitorVerdict;
+use ihmi_addr::{Gpa, Hpa, PhysRange};
+use ihmi_monitor::{EventKind, RejectReason};
+
+use crate::views::{GUEST_VIEW, MONITOR_VIEW};
+use crate::{Alert, GuestEnd, RegionKind, ScenarioLog};
+
+/// What L0 measured of the monitor after the attack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MonitorAudit {
+    /// The checksum of the monitor's code, configuration and page tables equals the one taken at load.
+    pub image_intact: bool,
+    /// The event ring's counters are consistent.
+    pub ring_consistent: bool,
+}
+
+/// Where things are, for telling which frame an attack hit.
+#[derive(Clone, Copy, Debug)]
+pub struct AttackContext<'a> {
+    /// The gate frame.
+    pub gate: PhysRange,
+    /// The guest kernel's code (where hooks live).
+    pub guest_code: &'a [PhysRange],
+    /// The hooks' gate pointer, guest-physical.
+    pub hook: Option<Gpa>,
+    /// The monitor, as L0 found it afterwards.
+    pub audit: MonitorAudit,
+}
+
+/// The verdict on one attack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttackOutcome {
+    /// The attack.
+    pub attack: Attack,
+    /// The attack did not get what it wanted.
+    pub blocked: bool,
+    /// L0 or the monitor reported it.
+    pub reported: bool,
+    /// The monitor's code, configuration, page tables and event stream are intact.
+    pub monitor_intact: bool,
+}
+
+impl AttackOutcome {
+    /// All three hold.
+    #[must_use]
+    pub const fn passed(&self) -> bool {
+        self.blocked && self.reported && self.monitor_intact
+    }
+}
+
+/// What each defence rests on, in one sentence (shown in the report's detail).
+#[must_use]
+pub const fn defence(attack: Attack) -> &'static str {
+    match attack {
+        Attack::ForgedPte => "monitor frames are not present in view 0, whatever the guest's page tables say",
+        Attack::Cr3Switch => "the monitor's page tables are not present in view 0, so the walk faults in EPT",
+        Attack::VmfuncOutsideGate => "guest memory is not executable in view 1; only the gate page is",
+        Attack::VmfuncBadIndex => "the EPTP list holds only the two views; other indexes exit to L0, which injects #UD",
+        Attack::GateMiddle => "the entry gate loads CR3 and the stack from immediates and the checkpoint validates every request; the exit gate grants nothing in view 0",
+        Attack::HookOverwrite => "the guest kernel's code is read + execute only in view 0",
+        Attack::GateOverwrite => "the gate frame is read + execute only in view 0",
+        Attack::GateRemap => "a remapped gate runs VMFUNC from guest memory, which view 1 does not execute",
+        Attack::LstarRedirect => "L0 intercepts WRMSR to IA32_LSTAR and refuses to move the locked entry",
+        Attack::TrapInMonitor => "exceptions taken in view 1 are delivered to guest handlers that view 1 does not execute",
+        Attack::EventFlood => "the ring drops and counts what it cannot hold, and sequence numbers show every gap",
+        Attack::EventForge => "the event ring lives in monitor frames, absent from view 0",
+        Attack::HookStarve => "the hooks' gate pointer sits in read + execute kernel text, and L0 audits it at every exit",
+    }
+}
+
+struct Ept {
+    gpa: Gpa,
+    region: Option<RegionKind>,
+    view: Option<u16>,
+    read: bool,
+    write: bool,
+    fetch: bool,
+    rip: u64,
+}
+
+fn ept_end(log: &ScenarioLog) -> Option<Ept> {
+    match log.end? {
+        GuestEnd::EptViolation {
+            gpa,
+            region,
+            view,
+            qualification,
+            rip,
+            ..
+        } => Some(Ept {
+            gpa,
+            region,
+            view,
+            read: qualification.read(),
+            write: qualification.write(),
+            fetch: qualification.fetch(),
+            rip,
+        }),
+        _ => None,
+    }
+}
+
+fn contains(r: &PhysRange, gpa: Gpa) -> bool {
+    r.contains(Hpa::new(gpa.raw()))
+}
+
+fn done_zero(log: &ScenarioLog) -> bool {
+    log.end == Some(GuestEnd::Done(0))
+}
+
+/// Every drained event is well formed and the sequence numbers run on with no gap but the counted drops.
+fn stream_intact(log: &ScenarioLog) -> bool {
+    let events = log.monitor_events();
+    let well_formed = events.iter().all(|e| e.kind().is_some());
+    let gaps: u64 = events
+        .windows(2)
+        .map(|w| w[1].seq.wrapping_sub(w[0].seq).wrapping_sub(1))
+        .sum();
+    let starts_at_zero = events.first().is_none_or(|e| e.seq == 0);
+    well_formed && starts_at_zero && gaps <= log.monitor_dropped
+}
+
+/// Judges one attack run.
+#[must_use]
+pub fn judge_attack(attack: Attack, log: &ScenarioLog, ctx: &AttackContext<'_>) -> AttackOutcome {
+    let ept = ept_end(log);
+    let in_view = |v: u16| ept.as_ref().is_some_and(|e| e.view == Some(v));
+    // An EPT violation is blocked and reported at once: the access never happened, and L0 printed it.
+    let (blocked, reported) = match attack {
+        Attack::ForgedPte => {
+            let hit = ept.as_ref().is_some_and(|e| {
+                e.region == Some(RegionKind::Monitor) && e.read && in_view(GUEST_VIEW)
+            });
+            (hit, hit)
+        }
+        Attack::Cr3Switch | Attack::EventForge => {
+            let write_needed = attack == Attack::EventForge;
+            let hit = ept.as_ref().is_some_and(|e| {
+                e.region == Some(RegionKind::Monitor)
+                    && in_view(GUEST_VIEW)
+                    && (!write_needed || e.write)
+                    && !contains(&ctx.gate, e.gpa)
+            });
+            (hit, hit)
+        }
+        Attack::VmfuncOutsideGate | Attack::GateRemap => {
+            let hit = ept.as_ref().is_some_and(|e| {
+                e.fetch && e.region == Some(RegionKind::GuestRam) && in_view(MONITOR_VIEW)
+            });
+            (hit, hit)
+        }
+        Attack::TrapInMonitor => {
+            let ept_hit = ept
+                .as_ref()
+                .is_some_and(|e| e.fetch && in_view(MONITOR_VIEW));
+            let triple = matches!(
+                log.end,
+                Some(GuestEnd::TripleFault {
+                    view: Some(MONITOR_VIEW),
+                    ..
+                })
+            );
+            (ept_hit || triple, ept_hit || triple)
+        }
+        Attack::VmfuncBadIndex => {
+            let refused: usize = log
+                .alerts()
+                .iter()
+                .filter(|a| matches!(a, Alert::VmfuncRefused { .. }))
+                .count();
+            (done_zero(log), refused >= 2)
+        }
+        Attack::GateMiddle => {
+            let rejected = log.monitor_events().iter().any(|e| {
+                e.kind() == Some(EventKind::Rejected)
+                    && e.nr == FORGED_REQUEST
+                    && e.verdict == MonitorVerdict::Rejected as i32
+            });
+            let exit_gate_stopped = ept
+                .as_ref()
+                .is_some_and(|e| in_view(GUEST_VIEW) && contains(&ctx.gate, Gpa::new(e.rip)));
+            (rejected && exit_gate_stopped, rejected && exit_gate_stopped)
+        }
+        Attack::HookOverwrite => {
+            let hit = ept.as_ref().is_some_and(|e| {
+                e.write && in_view(GUEST_VIEW) && ctx.guest_code.iter().any(|r| contains(r, e.gpa))
+            });
+            (hit, hit)
+        }
+        Attack::GateOverwrite => {
+            let hit = ept
+                .as_ref()
+                .is_some_and(|e| e.write && in_view(GUEST_VIEW) && contains(&ctx.gate, e.gpa));
+            (hit, hit)
+        }
+        Attack::HookStarve => {
+            let hook = ctx.hook;
+            let ept_hit = ept.as_ref().is_some_and(|e| {
+                e.write && hook.is_some_and(|h| h.align_down(8) == e.gpa.align_down(8))
+            });
+            let audit_hit = matches!(log.end, Some(GuestEnd::HookTampered { .. }));
+            (ept_hit || audit_hit, ept_hit || audit_hit)
+        }
+        Attack::LstarRedirect => {
+            let refused = log
+                .alerts()
+                .iter()
+                .any(|a| matches!(a, Alert::LstarWriteRefused { .. }));
+            let still_hooked = log
+                .monitor_events()
+                .iter()
+                .any(|e| e.kind() == Some(EventKind::Syscall));
+            (done_zero(log) && still_hooked, refused)
+        }
+        Attack::EventFlood => {
+            let drained = log.monitor_events();
+            let all_forged = drained.iter().all(|e| {
+                e.kind() == Some(EventKind::Rejected)
+                    && e.nr == FORGED_REQUEST
+                    && RejectReason::from_raw(e.detail) == Some(RejectReason::UnknownRequest)
+            });
+            let accounted = drained.len() as u64 + log.monitor_dropped == FLOOD_REQUESTS;
+            (
+                done_zero(log) && all_forged && accounted,
+                log.monitor_dropped > 0 && accounted,
+            )
+        }
+    };
+    AttackOutcome {
+        attack,
+        blocked,
+        reported,
+        monitor_intact: ctx.audit.image_intact && ctx.audit.ring_consistent && stream_intact(log),
+    }
+}
+
+/// Writes the `attack|` line's JSON object.
+pub fn write_attack_json(
+    w: &mut impl Write,
+    outcome: &AttackOutcome,
+    log: &ScenarioLog,
+) -> fmt::Result {
+    write!(
+        w,
+        "{{\"attack\":\"{}\",\"item\":{},\"blocked\":{},\"reported\":{},\"monitor_intact\":{},\"detail\":\"",
+        outcome.attack.name(),
+        outcome.attack.brief_item(),
+        outcome.blocked,
+        outcome.reported,
+        outcome.monitor_intact
+    )?;
+    let mut esc = JsonEscape(w);
+    write!(esc, "{}", defence(outcome.attack))?;
+    for alert in log.alerts() {
+        write!(esc, "; L0 alert {}", alert.name())?;
+    }
+    if log.monitor_dropped > 0 {
+        write!(
+            esc,
+            "; the monitor's ring dropped {} events",
+            log.monitor_dropped
+        )?;
+    }
+    let rejected = log
+        .monitor_events()
+        .iter()
+        .filter(|e| e.kind() == Some(EventKind::Rejected))
+        .count();
+    if rejected > 0 {
+        write!(esc, "; the monitor rejected {rejected} requests")?;
+    }
+    match &log.end {
+        Some(end) => write!(esc, "; {end}")?,
+        None => esc.write_str("; the guest has not ended")?,
+    }
+    w.write_str("\"}")
+}
+
+/// Escapes what passes through it for the inside of a JSON string.
+struct JsonEscape<'a, W: Write>(&'a mut W);
+
+impl<W: Write> Write for JsonEscape<'_, W> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for c in s.chars() {
+            match c {
+                '"' => self.0.write_str("\\\"")?,
+                '\\' => self.0.write_str("\\\\")?,
+                c if (c as u32) < 0x20 => write!(self.0, "\\u{:04x}", c as u32)?,
+                c => self.0.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
+}
