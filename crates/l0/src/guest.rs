@@ -6,7 +6,6 @@ use ihmi_hv::{MemoryMap, RegionKind};
 use ihmi_paging::{MapFlags, PageSize, PageTable, PageTableBuilder, TableAlloc};
 
 use crate::elf_image::Image;
-use crate::monitor::Loaded;
 use crate::{fail, log};
 
 /// Guest-physical area where L0 builds the guest's first page tables (low RAM every PC has).
@@ -96,13 +95,30 @@ pub fn regions(image: &Image<'_>) -> Regions {
     Regions { all, code }
 }
 
-/// Writes the gate's address into the guest kernel's hook pointer (its symbol `IHMI_HOOK_GATE`), which
-/// must lie in the kernel's code so the guest view keeps it read-only. Returns where it is.
-pub fn install_hook(image: &Image<'_>, memory: &MemoryMap, regions: &Regions, gate: Gva) -> Gpa {
-    let va = image.symbol("IHMI_HOOK_GATE");
+/// Tells the guest kernel's hooks how to reach the monitor: the mode into `IHMI_HOOK_MODE` and the
+/// gate's address (0 out of the box) into `IHMI_HOOK_GATE`. Both must be aligned words of the kernel's
+/// code, so the guest view keeps them read-only. Returns where the gate pointer is.
+pub fn install_hook(
+    image: &Image<'_>,
+    memory: &MemoryMap,
+    regions: &Regions,
+    mode: ihmi_abi::monitor::Mode,
+    gate: Option<Gva>,
+) -> Gpa {
+    let mode_at = hook_word(image, regions, "IHMI_HOOK_MODE");
+    guest_bytes(memory, mode_at, 8).copy_from_slice(&(mode as u64).to_le_bytes());
+    let gate_at = hook_word(image, regions, "IHMI_HOOK_GATE");
+    let gate = gate.map_or(0, Gva::raw);
+    guest_bytes(memory, gate_at, 8).copy_from_slice(&gate.to_le_bytes());
+    gate_at
+}
+
+/// The guest-physical address of the hook word `name`, checked to lie in kernel code.
+fn hook_word(image: &Image<'_>, regions: &Regions, name: &str) -> Gpa {
+    let va = image.symbol(name);
     let Some(pa) = image.phys_of(va) else {
         fail(format_args!(
-            "the guest's IHMI_HOOK_GATE ({va:#x}) is in no loadable segment"
+            "the guest's {name} ({va:#x}) is in no loadable segment"
         ));
     };
     let gpa = Gpa::new(pa);
@@ -112,10 +128,9 @@ pub fn install_hook(image: &Image<'_>, memory: &MemoryMap, regions: &Regions, ga
         });
     if !in_code || !gpa.is_aligned(8) {
         fail(format_args!(
-            "the guest's IHMI_HOOK_GATE at {gpa} is not an aligned word of kernel code; the guest view could not protect it"
+            "the guest's {name} at {gpa} is not an aligned word of kernel code; the guest view could not protect it"
         ));
     }
-    guest_bytes(memory, gpa, 8).copy_from_slice(&gate.raw().to_le_bytes());
     gpa
 }
 
@@ -165,7 +180,8 @@ pub fn load(
     memory: &MemoryMap,
     scenario: Scenario,
     probe: Gpa,
-    monitor: Option<&Loaded>,
+    monitor: ihmi_abi::monitor::Mode,
+    gate: Option<Gva>,
     page_1g: bool,
 ) -> GuestBoot {
     for ph in image.load_segments() {
@@ -216,12 +232,9 @@ pub fn load(
         ram_count: 0,
         ram: [RamRange::default(); BOOT_INFO_MAX_RANGES],
         probe_gpa: probe.raw(),
-        monitor_mode: match monitor {
-            Some(_) => ihmi_abi::monitor::Mode::InBox as u32,
-            None => ihmi_abi::monitor::Mode::None as u32,
-        },
+        monitor_mode: monitor as u32,
         _reserved: 0,
-        gate_gva: monitor.map_or(0, |m| m.gate_gva.raw()),
+        gate_gva: gate.map_or(0, Gva::raw),
     };
     for range in memory
         .of_kind(RegionKind::GuestRam)

@@ -11,11 +11,13 @@ mod elf_image;
 mod frames;
 mod guest;
 mod monitor;
+mod outbox;
 mod vmcs_setup;
 
 use core::cell::UnsafeCell;
 use core::fmt::{self, Write};
 
+use ihmi_abi::monitor::Mode;
 use ihmi_abi::Scenario;
 use ihmi_addr::{Gpa, Gva, Hpa, PhysRange};
 use ihmi_hv::scenario::{judge, judge_entry_failure, EntryFailure, Verdict};
@@ -46,16 +48,18 @@ const POOL_SIZE: u64 = 4 * 1024 * 1024;
 const MAPPED_LIMIT: u64 = 4 * 1024 * 1024 * 1024;
 
 /// Everything the exit handler needs. Lives in a static because the exit stub calls a plain function.
-struct L0State {
-    hv: Hypervisor,
-    vmcs: ActiveVmcs,
-    probe: Gpa,
+pub(crate) struct L0State {
+    pub(crate) hv: Hypervisor,
+    pub(crate) vmcs: ActiveVmcs,
+    pub(crate) probe: Gpa,
     /// The in-VM monitor, when the scenario runs one.
-    monitor: Option<monitor::Loaded>,
+    pub(crate) monitor: Option<monitor::Loaded>,
     /// The guest kernel's code (where its hooks are).
-    guest_code: guest::Ranges,
+    pub(crate) guest_code: guest::Ranges,
     /// The hooks' gate pointer in guest memory.
-    hook: Option<Gpa>,
+    pub(crate) hook: Option<Gpa>,
+    /// The out-of-box monitor VM, when the scenario runs one.
+    pub(crate) outbox: Option<outbox::MonitorVm>,
 }
 
 struct StateCell(UnsafeCell<Option<L0State>>);
@@ -260,13 +264,17 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
     // 1 GiB pages only where the CPU has them (CPUID.80000001H:EDX.Page1GB, SDM 4.1.4).
     let page_1g = ihmi_rt::cpu::cpuid(0x8000_0001, 0)[3] & (1 << 26) != 0;
 
-    // In-VM monitoring: monitor frames out of guest RAM, then two views switched by VMFUNC.
-    let monitor = if scenario.uses_monitor() {
-        if !features.eptp_switching {
-            fail(format_args!(
-                "this CPU has no VMFUNC EPTP switching, which in-box monitoring needs; choose a CPU model that has it (e.g. corei7_skylake_x)"
-            ));
-        }
+    // The monitor: in the box (two views of the guest switched by VMFUNC) or out of it (the same image
+    // as the kernel of a VM of its own). Its frames come out of guest RAM either way.
+    let mode = scenario.monitor_mode();
+    if mode == Mode::InBox && !features.eptp_switching {
+        fail(format_args!(
+            "this CPU has no VMFUNC EPTP switching, which in-box monitoring needs; choose a CPU model that has it (e.g. corei7_skylake_x), or run the out-of-box mode"
+        ));
+    }
+    let monitor = if mode == Mode::None {
+        None
+    } else {
         let Some(bytes) = monitor_module else {
             fail(format_args!(
                 "no 'monitor' module; the ISO must load it with module2"
@@ -280,10 +288,9 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
             current,
             page_1g,
         ))
-    } else {
-        None
     };
-    let layout = monitor.as_ref().map(|m| m.layout);
+    let inbox = monitor.as_ref().filter(|_| mode == Mode::InBox);
+    let layout = inbox.map(|m| m.layout);
     let guest_view = ihmi_hv::views::build_guest_view(
         &mut frames,
         &memory,
@@ -328,41 +335,38 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
         }
         None => None,
     };
-    let boot = guest::load(
-        &guest_image,
-        &memory,
-        scenario,
-        probe,
-        monitor.as_ref(),
-        page_1g,
-    );
+    let gate = inbox.map(|m| m.gate_gva);
+    let boot = guest::load(&guest_image, &memory, scenario, probe, mode, gate, page_1g);
     let hook = monitor
         .as_ref()
-        .map(|m| guest::install_hook(&guest_image, &memory, &guest_regions, m.gate_gva));
+        .map(|_| guest::install_hook(&guest_image, &memory, &guest_regions, mode, gate));
     let guard = monitor_eptp.map(|m| {
         ihmi_hv::Guard::new(
             ihmi_hv::ViewEptps {
                 guest: guest_view.eptp().raw(),
                 monitor: m.raw(),
             },
-            hook.zip(monitor.as_ref().map(|m| m.gate_gva.raw())),
+            hook.zip(gate.map(Gva::raw)),
         )
     });
+    // The out-of-box monitor VM's VMCS is set up first; the guest's is current at launch.
+    let outbox = match (&monitor, mode) {
+        (Some(m), Mode::OutBox) => Some(outbox::setup(m, &memory, &caps, &tables, &mut frames)),
+        _ => None,
+    };
     let vmcs_frame = frames.alloc_zeroed();
     // SAFETY: VMX is on; `vmcs_frame` is a fresh pool frame used for nothing else.
     let mut vmcs = match unsafe { ihmi_vmx::load_vmcs(vmcs_frame, &caps) } {
         Ok(v) => v,
         Err(e) => fail(format_args!("{e}")),
     };
-    if let Err(e) = vmcs_setup::configure(
-        &mut vmcs,
-        &caps,
-        &tables,
-        &mut frames,
-        guest_view.eptp(),
+    let params = vmcs_setup::VmParams {
+        eptp: guest_view.eptp(),
         eptp_list,
-        &boot,
-    ) {
+        boot: &boot,
+        exceptions: ihmi_hv::EXCEPTION_BITMAP,
+    };
+    if let Err(e) = vmcs_setup::configure(&mut vmcs, &caps, &tables, &mut frames, &params) {
         log!("VMCS setup failed: {e}");
         dump_vmcs(&vmcs);
         fail(format_args!("VMCS setup failed: {e}"));
@@ -383,6 +387,8 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
     let state = unsafe { &mut *STATE.0.get() };
     let mut hv = Hypervisor::new(memory, scenario);
     hv.guard = guard;
+    hv.outbox_monitor = outbox.is_some();
+    let outbox = outbox.map(|o| o.with_guest_vmcs(vmcs_frame));
     *state = Some(L0State {
         hv,
         vmcs,
@@ -390,6 +396,7 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
         monitor,
         guest_code: guest_regions.code,
         hook,
+        outbox,
     });
     let Some(st) = state.as_mut() else {
         fail(format_args!("state lost"))
@@ -476,11 +483,21 @@ extern "C" fn on_exit(regs: &mut GuestRegs) {
         dump_vmcs(&st.vmcs);
         entry_failed(st.hv.scenario, EntryFailure::Exit(raw.basic()));
     }
+    if st
+        .outbox
+        .as_ref()
+        .is_some_and(outbox::MonitorVm::is_running)
+    {
+        outbox::on_exit(st, regs);
+        return;
+    }
     // What the monitor saw happened before this exit: show it first.
     drain_monitor(st);
     let mut vcpu = HwVcpu::new(&mut st.vmcs, regs);
-    if let Action::End(end) = st.hv.handle_exit(&mut vcpu, &mut HwPlatform) {
-        finish(end);
+    match st.hv.handle_exit(&mut vcpu, &mut HwPlatform) {
+        Action::Resume => {}
+        Action::End(end) => finish(end),
+        Action::CallMonitor { code, args } => outbox::enter(st, regs, code, args),
     }
 }
 
@@ -527,6 +544,13 @@ fn finish(end: GuestEnd) -> ! {
             "monitor: {} events, {} dropped",
             m.ring().produced(),
             m.ring().dropped()
+        );
+    }
+    if let Some(o) = &st.outbox {
+        log!(
+            "monitor VM: {} calls, {} exits of its own",
+            o.calls(),
+            o.exits()
         );
     }
     log!("exit counters ({} exits):", st.hv.counters.total());
@@ -600,20 +624,21 @@ fn judge_attack_run(st: &mut L0State, attack: ihmi_abi::Attack) -> ! {
 
 /// Takes the monitor's new events out of its ring: each becomes a JSON line on the console and an entry
 /// in the scenario log.
-fn drain_monitor(st: &mut L0State) {
+pub(crate) fn drain_monitor(st: &mut L0State) {
     let Some(m) = &st.monitor else { return };
     let ring = m.ring();
     let log_events = &mut st.hv.log;
     let os = &m.os;
+    let mode = st.hv.scenario.monitor_mode().name();
     ring.drain(|e| {
-        log!("event| {}", e.json("inbox", os));
+        log!("event| {}", e.json(mode, os));
         log_events.record_monitor_event(e);
     });
     log_events.monitor_dropped = ring.dropped();
 }
 
 /// Prints every VMCS field that can be read, for a failed VM entry.
-fn dump_vmcs(vmcs: &ActiveVmcs) {
+pub(crate) fn dump_vmcs(vmcs: &ActiveVmcs) {
     log!("VMCS dump ({}):", vmcs.region());
     for field in DUMP_FIELDS {
         if let Some(v) = vmcs.try_read(*field) {

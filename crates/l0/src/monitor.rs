@@ -33,6 +33,12 @@ pub struct Loaded {
     ring: Gpa,
     /// The guest kernel as the monitor sees it (for naming system calls in events).
     pub os: OsProfile,
+    /// The root of the monitor's page tables.
+    pub root: Gpa,
+    /// Where L0 enters the monitor when it runs as a VM of its own (out of the box).
+    pub outbox_entry: u64,
+    /// The top of the monitor's stack, monitor-virtual.
+    pub stack_top: u64,
     /// What never changes after loading: gate, code and read-only data; the configuration; the page
     /// tables.
     fixed: [PhysRange; 3],
@@ -304,6 +310,9 @@ pub fn load(
         gate_gva,
         ring,
         os: OsProfile::testguest(current_process_ptr),
+        root: pt.root(),
+        outbox_entry: image.symbol("ihmi_outbox_entry"),
+        stack_top: image.symbol("IHMI_MONITOR_STACK_TOP"),
         fixed: [
             phys(at(base), at(image.symbol("__data_start"))),
             phys(config_start, config_end),

@@ -8,7 +8,6 @@ use ihmi_ept::Eptp;
 use ihmi_hv::{
     io::INTERCEPTED_PORTS,
     msr::{INTERCEPTED, WRITE_INTERCEPTED},
-    EXCEPTION_BITMAP,
 };
 use ihmi_rt::tables::{TableBases, CODE_SELECTOR, DATA_SELECTOR, TSS_SELECTOR};
 use ihmi_vmcs::fields::{control, guest, host};
@@ -48,16 +47,33 @@ fn adjust_failed(what: &str, e: impl core::fmt::Display) -> ! {
     fail(format_args!("this CPU lacks {what} L0 needs: {e}"))
 }
 
+/// What differs between the VMs L0 runs (the guest, the out-of-box monitor VM).
+#[derive(Debug)]
+pub struct VmParams<'a> {
+    /// The EPT the VM starts with.
+    pub eptp: Eptp,
+    /// The EPTP list for VMFUNC, when the VM switches views itself.
+    pub eptp_list: Option<Hpa>,
+    /// Where it starts: entry, CR3, GDT, stack.
+    pub boot: &'a GuestBoot,
+    /// The exception bitmap: which exceptions exit to L0.
+    pub exceptions: u32,
+}
+
 /// Writes the whole VMCS. Errors name the field that the CPU refused.
 pub fn configure(
     vmcs: &mut ActiveVmcs,
     caps: &VmxCapabilities,
     tables: &TableBases,
     frames: &mut Pool,
-    eptp: Eptp,
-    eptp_list: Option<Hpa>,
-    boot: &GuestBoot,
+    vm: &VmParams<'_>,
 ) -> Result<(), VmxError> {
+    let VmParams {
+        eptp,
+        eptp_list,
+        boot,
+        exceptions,
+    } = *vm;
     // Controls: ask for what L0 needs, take what the CPU forces.
     let pin = caps
         .adjust_pinbased(PinbasedControls::empty(), PinbasedControls::empty())
@@ -110,7 +126,7 @@ pub fn configure(
     )?;
     vmcs.write(control::VMEXIT_CONTROLS, u64::from(exit.bits()))?;
     vmcs.write(control::VMENTRY_CONTROLS, u64::from(entry.bits()))?;
-    vmcs.write(control::EXCEPTION_BITMAP, u64::from(EXCEPTION_BITMAP))?;
+    vmcs.write(control::EXCEPTION_BITMAP, u64::from(exceptions))?;
     vmcs.write(control::CR3_TARGET_COUNT, 0)?;
     vmcs.write(control::CR0_GUEST_HOST_MASK, 0)?;
     vmcs.write(control::CR4_GUEST_HOST_MASK, CR4_VMXE)?;

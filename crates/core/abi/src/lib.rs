@@ -37,6 +37,9 @@ pub enum Hypercall {
     Report = 2,
     /// The guest is finished; L0 ends it and judges the scenario.
     Done = 3,
+    /// Out-of-box monitoring: RBX = request code, RCX, RDX, RSI, RDI = its arguments; L0 runs the
+    /// request in the monitor VM and returns the monitor's verdict in RAX.
+    Monitor = 4,
 }
 
 impl Hypercall {
@@ -48,6 +51,7 @@ impl Hypercall {
             1 => Self::ConsoleWrite,
             2 => Self::Report,
             3 => Self::Done,
+            4 => Self::Monitor,
             _ => return None,
         })
     }
@@ -207,6 +211,9 @@ pub enum Scenario {
     /// In-VM monitoring: the guest's processes run with the monitor in-box; L0 checks the monitor's
     /// event stream against the workload.
     Sim,
+    /// The same workload with the same monitor out of the box: in a monitor VM of its own, reached
+    /// by VMCALL. Its event stream must be the in-box one.
+    SimOutbox,
     /// The compromised guest kernel tries one attack on the in-box monitor; L0 judges whether it was
     /// blocked and reported, and whether the monitor is intact.
     Attack(Attack),
@@ -217,8 +224,8 @@ const ATTACK_BASE: u32 = 100;
 
 impl Scenario {
     /// Every scenario, in the order `ihmi test` runs them.
-    pub const ALL: [Scenario; 7 + Attack::ALL.len()] = {
-        let mut all = [Self::Boot; 7 + Attack::ALL.len()];
+    pub const ALL: [Scenario; 8 + Attack::ALL.len()] = {
+        let mut all = [Self::Boot; 8 + Attack::ALL.len()];
         let fixed = [
             Self::Boot,
             Self::EptGuard,
@@ -227,6 +234,7 @@ impl Scenario {
             Self::EntryBadControl,
             Self::EntryBadGuestState,
             Self::Sim,
+            Self::SimOutbox,
         ];
         let mut i = 0;
         while i < fixed.len() {
@@ -241,10 +249,14 @@ impl Scenario {
         all
     };
 
-    /// Whether L0 loads the in-VM monitor for this scenario.
+    /// How the guest reaches the monitor in this scenario.
     #[must_use]
-    pub const fn uses_monitor(self) -> bool {
-        matches!(self, Self::Sim | Self::Attack(_))
+    pub const fn monitor_mode(self) -> monitor::Mode {
+        match self {
+            Self::Sim | Self::Attack(_) => monitor::Mode::InBox,
+            Self::SimOutbox => monitor::Mode::OutBox,
+            _ => monitor::Mode::None,
+        }
     }
 
     /// The attack this scenario runs, if it is one.
@@ -267,6 +279,7 @@ impl Scenario {
             Self::EntryBadControl => "entry-bad-control",
             Self::EntryBadGuestState => "entry-bad-guest-state",
             Self::Sim => "sim",
+            Self::SimOutbox => "sim-outbox",
             Self::Attack(a) => a.scenario_name(),
         }
     }
@@ -282,6 +295,7 @@ impl Scenario {
             Self::EntryBadControl => 5,
             Self::EntryBadGuestState => 6,
             Self::Sim => 7,
+            Self::SimOutbox => 8,
             Self::Attack(a) => ATTACK_BASE + a as u32,
         }
     }
@@ -378,10 +392,10 @@ mod tests {
 
     #[test]
     fn hypercall_numbers_round_trip() {
-        for nr in 0..4 {
+        for nr in 0..5 {
             assert_eq!(Hypercall::from_raw(nr).map(|h| h as u64), Some(nr));
         }
-        assert_eq!(Hypercall::from_raw(4), None);
+        assert_eq!(Hypercall::from_raw(5), None);
         assert_eq!(Hypercall::from_raw(u64::MAX), None);
     }
 

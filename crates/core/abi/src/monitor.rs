@@ -88,6 +88,9 @@ pub struct MonitorConfig {
     pub allowed_count: u64,
 }
 
+/// RAX of the VMCALL with which the monitor VM hands its verdict (in RBX) back to L0.
+pub const OUTBOX_DONE: u64 = 0x6f75_7462_6f78; // "outbox"
+
 /// How a guest reaches the monitor. L0 tells the guest in [`crate::BootInfo`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
@@ -96,15 +99,28 @@ pub enum Mode {
     None = 0,
     /// In-box: call the gate at [`crate::BootInfo::gate_gva`].
     InBox = 1,
+    /// Out-of-box: [`crate::Hypercall::Monitor`]; L0 runs the request in the monitor VM.
+    OutBox = 2,
 }
 
 impl Mode {
+    /// The name used in events and reports.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::InBox => "inbox",
+            Self::OutBox => "outbox",
+        }
+    }
+
     /// Decodes the boot-information field.
     #[must_use]
     pub const fn from_raw(raw: u32) -> Option<Self> {
         Some(match raw {
             0 => Self::None,
             1 => Self::InBox,
+            2 => Self::OutBox,
             _ => return None,
         })
     }

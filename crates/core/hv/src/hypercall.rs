@@ -36,6 +36,16 @@ impl Hypervisor {
                     self.log.record_hypercall(regs.rax, Status::Ok);
                     return Action::End(GuestEnd::Done(regs.rbx));
                 }
+                Some(Hypercall::Monitor) if self.outbox_monitor => {
+                    // L0 runs the request in the monitor VM; its verdict becomes RAX.
+                    self.log.record_hypercall(regs.rax, Status::Ok);
+                    skip_instruction(vcpu);
+                    return Action::CallMonitor {
+                        code: regs.rbx,
+                        args: [regs.rcx, regs.rdx, regs.rsi, regs.rdi],
+                    };
+                }
+                Some(Hypercall::Monitor) => (Status::UnknownCall, 0),
             }
         };
         self.log.record_hypercall(regs.rax, status);

@@ -10,6 +10,7 @@ mod hypercall;
 pub mod io;
 pub mod memory;
 pub mod msr;
+pub mod outbox;
 pub mod scenario;
 pub mod views;
 
@@ -88,6 +89,9 @@ pub enum Action {
     Resume,
     /// Stop the guest for the given reason; L0 judges the scenario and stays up.
     End(GuestEnd),
+    /// Run this monitor request in the out-of-box monitor VM, then resume the guest with the verdict
+    /// in RAX (the guest's VMCALL has been skipped already).
+    CallMonitor { code: u64, args: [u64; 4] },
 }
 
 /// Why a guest stopped.
@@ -221,6 +225,8 @@ pub struct Hypervisor {
     pub scenario: Scenario,
     /// Protection of an in-box monitor, when the guest has one.
     pub guard: Option<Guard>,
+    /// Whether an out-of-box monitor VM serves [`ihmi_abi::Hypercall::Monitor`].
+    pub outbox_monitor: bool,
     e9_line: io::LineBuffer,
     shutdown_port: io::ShutdownMatcher,
 }
@@ -235,6 +241,7 @@ impl Hypervisor {
             log: ScenarioLog::default(),
             scenario,
             guard: None,
+            outbox_monitor: false,
             e9_line: io::LineBuffer::default(),
             shutdown_port: io::ShutdownMatcher::default(),
         }

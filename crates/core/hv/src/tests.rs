@@ -982,3 +982,64 @@ mod attack_judge {
         );
     }
 }
+
+#[test]
+fn monitor_hypercall_goes_to_the_monitor_vm_only_when_there_is_one() {
+    // Without a monitor VM it is an unknown call, and nothing else happens.
+    let mut h = hv(Scenario::Sim);
+    let mut v = vmcall(Hypercall::Monitor as u64, [1, 2, 3, 4]);
+    v.regs.rdi = 5;
+    assert_eq!(
+        h.handle_exit(&mut v, &mut MockPlatform::default()),
+        Action::Resume
+    );
+    assert_eq!(v.regs.rax, Status::UnknownCall.to_raw());
+    // With one, L0 is told to run the request (code in RBX, arguments in RCX, RDX, RSI, RDI), and the
+    // guest's VMCALL is already skipped so it resumes after it.
+    let mut h = hv(Scenario::SimOutbox);
+    h.outbox_monitor = true;
+    let mut v = vmcall(Hypercall::Monitor as u64, [1, 2, 3, 4]);
+    v.regs.rdi = 5;
+    assert_eq!(
+        h.handle_exit(&mut v, &mut MockPlatform::default()),
+        Action::CallMonitor {
+            code: 1,
+            args: [2, 3, 4, 5]
+        }
+    );
+    assert_eq!(v.fields[&guest::RIP], 0x10_0003);
+    // From ring 3 it is denied like every hypercall.
+    let mut user = vmcall(Hypercall::Monitor as u64, [1, 2, 3, 4]);
+    user.fields.insert(guest::SS_ACCESS_RIGHTS, 0xc0f3);
+    assert_eq!(
+        h.handle_exit(&mut user, &mut MockPlatform::default()),
+        Action::Resume
+    );
+    assert_eq!(user.regs.rax, Status::Denied.to_raw());
+}
+
+#[test]
+fn monitor_vm_exits_other_than_its_verdict_are_faults() {
+    use crate::outbox::{decode_exit, MonitorVmExit};
+    let mut done = vmcall(ihmi_abi::monitor::OUTBOX_DONE, [0, 0, 0, 0]);
+    done.regs.rbx = 1;
+    assert_eq!(decode_exit(&mut done), MonitorVmExit::Done { verdict: 1 });
+    // A VMCALL with another number, or any other exit, is a broken monitor VM.
+    let mut other = vmcall(Hypercall::Ping as u64, [0; 4]);
+    assert!(matches!(
+        decode_exit(&mut other),
+        MonitorVmExit::Fault {
+            reason: ExitReason::Vmcall,
+            ..
+        }
+    ));
+    let mut ept = MockVcpu::exited(EXIT_EPT_VIOLATION, 0x6000_1000, 0);
+    assert!(matches!(
+        decode_exit(&mut ept),
+        MonitorVmExit::Fault {
+            reason: ExitReason::EptViolation,
+            rip: 0x6000_1000,
+            ..
+        }
+    ));
+}

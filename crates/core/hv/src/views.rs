@@ -129,6 +129,35 @@ pub fn build_monitor_view(
     Ok(view)
 }
 
+/// The out-of-box monitor VM's only view: guest RAM read-only and never executable (it introspects,
+/// never writes or runs guest memory), the monitor's own frames as in the monitor view, nothing else.
+pub fn build_outbox_view(
+    alloc: &mut impl EptAlloc,
+    memory: &MemoryMap,
+    monitor: &MonitorLayout,
+) -> Result<EptView, EptError> {
+    let mut view = EptView::new(alloc)?;
+    for (range, kind) in memory.regions() {
+        if *kind == RegionKind::GuestRam {
+            view.map_identity(
+                alloc,
+                gpa(range.start),
+                range.len(),
+                Perm::READ,
+                MemType::WriteBack,
+            )?;
+        }
+    }
+    let r = monitor.region;
+    view.map_identity(alloc, gpa(r.start), r.len(), Perm::RW, MemType::WriteBack)?;
+    let code = PhysRange {
+        start: monitor.gate.start,
+        end: monitor.code.end,
+    };
+    view.protect(alloc, gpa(code.start), code.len(), Perm::RX)?;
+    Ok(view)
+}
+
 #[cfg(test)]
 mod tests {
     extern crate std;
@@ -241,6 +270,22 @@ mod tests {
             Some(Perm::RX),
             "gate without execute-only support"
         );
+    }
+
+    #[test]
+    fn outbox_view_reads_guest_ram_and_never_writes_or_runs_it() {
+        let (m, layout) = setup();
+        let mut t = Tables::default();
+        let v = build_outbox_view(&mut t, &m, &layout).unwrap();
+        assert_eq!(
+            perm(&v, &t, 0x10_0000),
+            Some(Perm::READ),
+            "guest RAM, read-only"
+        );
+        assert_eq!(perm(&v, &t, 0x800_1000), Some(Perm::RX), "monitor code");
+        assert_eq!(perm(&v, &t, 0x801_0000), Some(Perm::RW), "monitor data");
+        assert_eq!(perm(&v, &t, 0xf00_0000), None, "L0");
+        assert_eq!(perm(&v, &t, 0xfee0_0000), None, "devices");
     }
 
     #[test]

@@ -64,7 +64,7 @@ extern "C" fn guest_main(info: *const BootInfo) -> ! {
         Scenario::EptGuard => ept_guard(&info),
         Scenario::BadHypercall => bad_hypercalls(&info),
         Scenario::Demo => demo(),
-        Scenario::Sim => sim(),
+        Scenario::Sim | Scenario::SimOutbox => sim(),
         Scenario::Attack(attack) => attacks::run(attack, &info),
         // L0 breaks VM entry in these; the guest running at all is the failure.
         Scenario::EntryBadControl | Scenario::EntryBadGuestState => 97,

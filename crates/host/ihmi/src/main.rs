@@ -5,6 +5,7 @@ mod attacks;
 mod bochs;
 mod cpu;
 mod deps;
+mod events;
 mod images;
 mod scenario;
 mod template;
@@ -335,6 +336,7 @@ fn test(cpu_name: &str, no_unit: bool, only: Option<&str>) -> Result<ExitCode> {
                 timeout: Duration::from_secs(DEFAULT_TIMEOUT_SECS),
                 quiet: true,
             };
+            let mut outputs = std::collections::HashMap::new();
             for name in &names {
                 eprintln!("[ihmi] running scenario {name} (cpu {})", model.name);
                 match bochs::run(&layout, name, &opts) {
@@ -342,12 +344,35 @@ fn test(cpu_name: &str, no_unit: bool, only: Option<&str>) -> Result<ExitCode> {
                         print_result(&layout, name, &report);
                         if report.verdict.is_pass() {
                             passed += 1;
+                            outputs.insert(*name, report.e9);
                         } else {
                             failed += 1;
                         }
                     }
                     Err(err) => {
                         println!("[ihmi] scenario {name}: FAIL (0.0 s): {err:#}");
+                        failed += 1;
+                    }
+                }
+            }
+            // The in-box and out-of-box monitors must see the same events for the same workload.
+            for (a, b) in scenario::SAME_STREAM {
+                if !(names.contains(a) && names.contains(b)) {
+                    continue;
+                }
+                let check = match (outputs.get(a), outputs.get(b)) {
+                    (Some(x), Some(y)) => events::same_stream(a, x, b, y),
+                    _ => Err(anyhow::anyhow!(
+                        "{a} or {b} failed, so there is nothing to compare"
+                    )),
+                };
+                match check {
+                    Ok(n) => {
+                        println!("[ihmi] check {a} = {b} ({n} events, tsc and mode aside): PASS");
+                        passed += 1;
+                    }
+                    Err(e) => {
+                        println!("[ihmi] check {a} = {b}: FAIL: {e:#}");
                         failed += 1;
                     }
                 }

@@ -61,7 +61,7 @@ const ALL_TESTS: [Scenario; BASE_SCENARIOS.len() + ATTACK_SCENARIOS.len()] = {
 
 /// The scenarios before the attack suite. A new one is one line here; one that needs more than VMX +
 /// EPT says so, as `sim` does.
-const BASE_SCENARIOS: [Scenario; 7] = [
+const BASE_SCENARIOS: [Scenario; 8] = [
     Scenario::new("boot"),
     Scenario::new("ept-guard"),
     Scenario::new("bad-hypercall"),
@@ -72,7 +72,13 @@ const BASE_SCENARIOS: [Scenario; 7] = [
         name: "sim",
         requires: IN_BOX,
     },
+    // The out-of-box baseline needs no VMFUNC: it must run where in-box monitoring cannot.
+    Scenario::new("sim-outbox"),
 ];
+
+/// Scenario pairs that run the same workload in-box and out of the box: `ihmi test` checks that the
+/// monitor's event streams are the same.
+pub const SAME_STREAM: &[(&str, &str)] = &[("sim", "sim-outbox")];
 
 /// What in-box monitoring needs on top of [`BASE`]: VMFUNC EPTP switching for the gate.
 pub const IN_BOX: &[Feature] = &[Feature::Vmx, Feature::Ept, Feature::Vmfunc];
@@ -138,7 +144,7 @@ mod tests {
 
     #[test]
     fn test_list_is_in_order_and_valid() {
-        let names: Vec<_> = TEST_SCENARIOS.iter().map(|s| s.name).take(7).collect();
+        let names: Vec<_> = TEST_SCENARIOS.iter().map(|s| s.name).take(8).collect();
         assert_eq!(
             names,
             [
@@ -148,11 +154,12 @@ mod tests {
                 "demo",
                 "entry-bad-control",
                 "entry-bad-guest-state",
-                "sim"
+                "sim",
+                "sim-outbox"
             ]
         );
         // Then every attack, each named as L0 knows it and needing VMFUNC.
-        let attacks: Vec<_> = TEST_SCENARIOS[7..].iter().collect();
+        let attacks: Vec<_> = TEST_SCENARIOS[8..].iter().collect();
         assert_eq!(attacks.len(), Attack::ALL.len());
         for (s, a) in attacks.iter().zip(Attack::ALL) {
             assert_eq!(s.name, format!("attack-{}", a.name()));

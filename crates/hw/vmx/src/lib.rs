@@ -2,7 +2,7 @@
 #![no_std]
 
 use core::fmt;
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 use ihmi_addr::Hpa;
 use ihmi_hv::{GuestRegs, Vcpu};
@@ -120,6 +120,23 @@ pub unsafe fn load_vmcs(region: Hpa, caps: &VmxCapabilities) -> Result<ActiveVmc
 }
 
 impl ActiveVmcs {
+    /// Makes the VMCS at `region` current instead (VMPTRLD). With `first_entry`, the next VM entry from
+    /// the exit stub is a VMLAUNCH, as a VMCS whose launch state is clear requires.
+    ///
+    /// # Safety
+    /// 1. `region` was set up by [`load_vmcs`] and fully configured, and is not current on another CPU.
+    /// 2. `first_entry` is true exactly when that VMCS has never been entered.
+    /// 3. Called from the exit handler (or before the first launch): the caller's saved registers are
+    ///    the ones the next entry loads, so they must be the new VM's.
+    pub unsafe fn switch_to(&mut self, region: Hpa, first_entry: bool) -> Result<(), VmxError> {
+        // SAFETY: VMX is on (an ActiveVmcs exists) and `region` is a configured VMCS (precondition 1).
+        unsafe { x86::bits64::vmx::vmptrld(region.raw()) }
+            .map_err(|_| VmxError::VmptrldFailed(region))?;
+        self.region = region;
+        IHMI_LAUNCH_NEXT.store(u8::from(first_entry), Ordering::SeqCst);
+        Ok(())
+    }
+
     /// The physical address of the VMCS.
     #[must_use]
     pub fn region(&self) -> Hpa {
@@ -219,6 +236,9 @@ pub type EntryFailedHandler = extern "C" fn(rflags: u64) -> !;
 static IHMI_EXIT_HANDLER: AtomicUsize = AtomicUsize::new(0);
 #[no_mangle]
 static IHMI_ENTRY_FAILED: AtomicUsize = AtomicUsize::new(0);
+/// Set by [`ActiveVmcs::switch_to`] for a VMCS never launched; the exit stub then enters with VMLAUNCH.
+#[no_mangle]
+static IHMI_LAUNCH_NEXT: AtomicU8 = AtomicU8::new(0);
 
 /// The host RIP to put in the VMCS: the exit stub.
 #[must_use]
@@ -318,8 +338,15 @@ ihmi_vmx_exit_stub:
     pop %rcx
     pop %rbx
     pop %rax
+    /* A VMCS the handler just made current for the first time needs VMLAUNCH (SDM 26.1: its launch
+       state is clear). The test and the store touch no register the guest sees. */
+    testb $1, IHMI_LAUNCH_NEXT(%rip)
+    jnz 1f
     vmresume
-    pushfq
+    jmp 2f
+1:  movb $0, IHMI_LAUNCH_NEXT(%rip)
+    vmlaunch
+2:  pushfq
     pop %rdi
     and $-16, %rsp
     call *IHMI_ENTRY_FAILED(%rip)

@@ -175,6 +175,31 @@ ihmi_gate_cr3_imm:
     options(att_syntax)
 );
 
+// The out-of-box entry: the same monitor as the kernel of a VM of its own. L0 enters it here with the
+// request in RDI, RSI, RDX, RCX, R8 (as the gate passes it), the guest's CR3 in R9, RSP at the top of
+// the monitor stack and CR3 at the monitor's root; the verdict goes back by VMCALL.
+core::arch::global_asm!(
+    r#"
+    .section .text.ihmi_outbox, "ax"
+    .global ihmi_outbox_entry
+ihmi_outbox_entry:
+    movabs $IHMI_GATE_SAVE, %rax
+    mov %r9, 0(%rax)
+    movabs $ihmi_monitor_entry, %rax
+    call *%rax
+    mov %rax, %rbx
+    movabs ${done}, %rax
+    vmcall
+    ud2
+
+    .global IHMI_MONITOR_STACK_TOP
+    .set IHMI_MONITOR_STACK_TOP, IHMI_MONITOR_STACK + {stack_size}
+"#,
+    done = const ihmi_abi::monitor::OUTBOX_DONE,
+    stack_size = const STACK_SIZE,
+    options(att_syntax)
+);
+
 #[panic_handler]
 fn panic(_: &core::panic::PanicInfo<'_>) -> ! {
     // The monitor cannot print (it has no device); a ud2 in monitor code is an invalid-opcode exception
