@@ -44,6 +44,8 @@ pub(crate) use log;
 const MULTIBOOT2_MAGIC: u32 = 0x36d7_6289;
 /// L0's frame pool: EPT tables, VMXON/VMCS regions, bitmaps.
 const POOL_SIZE: u64 = 4 * 1024 * 1024;
+/// Rejected-request events printed per drain of the monitor's ring; the rest are counted.
+const REJECTED_PRINTED_PER_DRAIN: u64 = 8;
 /// Only the first 4 GiB are identity-mapped by the boot page tables.
 const MAPPED_LIMIT: u64 = 4 * 1024 * 1024 * 1024;
 
@@ -60,6 +62,8 @@ pub(crate) struct L0State {
     pub(crate) hook: Option<Gpa>,
     /// The out-of-box monitor VM, when the scenario runs one.
     pub(crate) outbox: Option<outbox::MonitorVm>,
+    /// The open benchmark window's start.
+    bench_start: Option<(ihmi_hv::bench::BenchMark, ihmi_hv::bench::MonitorCounts)>,
 }
 
 struct StateCell(UnsafeCell<Option<L0State>>);
@@ -397,6 +401,7 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
         guest_code: guest_regions.code,
         hook,
         outbox,
+        bench_start: None,
     });
     let Some(st) = state.as_mut() else {
         fail(format_args!("state lost"))
@@ -494,7 +499,11 @@ extern "C" fn on_exit(regs: &mut GuestRegs) {
     // What the monitor saw happened before this exit: show it first.
     drain_monitor(st);
     let mut vcpu = HwVcpu::new(&mut st.vmcs, regs);
-    match st.hv.handle_exit(&mut vcpu, &mut HwPlatform) {
+    let action = st.hv.handle_exit(&mut vcpu, &mut HwPlatform);
+    if let Some(mark) = st.hv.bench_mark.take() {
+        bench_mark(st, mark);
+    }
+    match action {
         Action::Resume => {}
         Action::End(end) => finish(end),
         Action::CallMonitor { code, args } => outbox::enter(st, regs, code, args),
@@ -576,6 +585,45 @@ fn finish(end: GuestEnd) -> ! {
     }
 }
 
+/// A benchmark window opened or closed: count what happened in it and print one `bench|` line.
+fn bench_mark(st: &mut L0State, mark: ihmi_hv::bench::BenchMark) {
+    use ihmi_hv::bench::{window, MonitorCounts};
+    let counts = MonitorCounts {
+        monitor_vm_exits: st.outbox.as_ref().map_or(0, outbox::MonitorVm::exits),
+        invocations: st.monitor.as_ref().map_or(0, monitor::Loaded::invocations),
+    };
+    if !mark.end {
+        st.bench_start = Some((mark, counts));
+        log!("bench| {{\"start\":\"{}\"}}", mark.bench.name());
+        return;
+    }
+    let Some(start) = st.bench_start.take().filter(|(s, _)| s.bench == mark.bench) else {
+        fail(format_args!(
+            "benchmark window {} ended without starting",
+            mark.bench.name()
+        ));
+    };
+    let r = window(start, (mark, counts));
+    let mode = st.hv.scenario.monitor_mode();
+    // The gate's switches per pass, counted in its code at load; out of the box, two VMCS switches
+    // (to the monitor VM and back) per invocation.
+    let (vmfuncs, cr3_loads) = match (mode, &st.monitor) {
+        (Mode::InBox, Some(m)) => (m.gate_vmfuncs, m.gate_cr3_loads),
+        _ => (0, 0),
+    };
+    let vmcs_switches = if mode == Mode::OutBox { 2 } else { 0 };
+    log!(
+        "bench| {{\"bench\":\"{}\",\"mode\":\"{}\",\"calls\":{},\"tsc\":{},\"exits\":{},\"invocations\":{},\"vmfuncs_per_invocation\":{vmfuncs},\"cr3_loads_per_invocation\":{cr3_loads},\"vmcs_switches_per_invocation\":{vmcs_switches}}}",
+        r.bench.name(),
+        mode.name(),
+        r.calls,
+        r.tsc,
+        r.exits,
+        r.invocations
+    );
+    st.hv.log.record_bench(r);
+}
+
 /// An attack scenario has ended: audit the monitor, judge, print the `attack|` line, pass or fail.
 fn judge_attack_run(st: &mut L0State, attack: ihmi_abi::Attack) -> ! {
     use ihmi_hv::attacks::{judge_attack, write_attack_json, AttackContext, MonitorAudit};
@@ -630,10 +678,26 @@ pub(crate) fn drain_monitor(st: &mut L0State) {
     let log_events = &mut st.hv.log;
     let os = &m.os;
     let mode = st.hv.scenario.monitor_mode().name();
+    // A benchmark's thousands of events are counted, not printed: printing them would dwarf what is
+    // measured.
+    let print = !matches!(st.hv.scenario, Scenario::Bench(_));
+    // Rejected requests are what a flood is made of: a few are printed per drain, the rest counted and
+    // said, so a guest cannot flood the console either.
+    let mut rejected = 0u64;
     ring.drain(|e| {
-        log!("event| {}", e.json(mode, os));
+        let is_rejected = e.kind() == Some(ihmi_monitor::EventKind::Rejected);
+        rejected += u64::from(is_rejected);
+        if print && (!is_rejected || rejected <= REJECTED_PRINTED_PER_DRAIN) {
+            log!("event| {}", e.json(mode, os));
+        }
         log_events.record_monitor_event(e);
     });
+    if print && rejected > REJECTED_PRINTED_PER_DRAIN {
+        log!(
+            "monitor: {} more rejected requests in this drain, counted but not printed",
+            rejected - REJECTED_PRINTED_PER_DRAIN
+        );
+    }
     log_events.monitor_dropped = ring.dropped();
 }
 

@@ -39,6 +39,12 @@ pub struct Loaded {
     pub outbox_entry: u64,
     /// The top of the monitor's stack, monitor-virtual.
     pub stack_top: u64,
+    /// The monitor's count of its own invocations.
+    invocations: Gpa,
+    /// VMFUNC and CR3-load instructions in the gate, counted in its code by L0 at load.
+    pub gate_vmfuncs: u64,
+    /// See `gate_vmfuncs`.
+    pub gate_cr3_loads: u64,
     /// What never changes after loading: gate, code and read-only data; the configuration; the page
     /// tables.
     fixed: [PhysRange; 3],
@@ -47,6 +53,13 @@ pub struct Loaded {
 }
 
 impl Loaded {
+    /// How often the monitor's entry point has run.
+    pub fn invocations(&self) -> u64 {
+        // SAFETY: the monitor's `IHMI_INVOCATIONS` (an aligned u64, checked at load) in the identity-
+        // mapped monitor region; the monitor is stopped while L0 runs.
+        unsafe { core::ptr::read_volatile(self.invocations.raw() as *const u64) }
+    }
+
     /// The checksum (FNV-1a, 64 bit) of the parts of the monitor that never change after loading. In the
     /// page tables the CPU's accessed and dirty bits (SDM 4.8) are left out: the CPU sets them itself.
     pub fn checksum(&self) -> u64 {
@@ -305,6 +318,15 @@ pub fn load(
     let config_end = config_start
         .checked_add(core::mem::size_of::<MonitorConfig>() as u64)
         .unwrap_or(config_start);
+    let invocations = at(image.symbol("IHMI_INVOCATIONS"));
+    if !invocations.is_aligned(8) {
+        fail(format_args!(
+            "the monitor's invocation counter at {invocations} is misaligned"
+        ));
+    }
+    let (gate_vmfuncs, gate_cr3_loads) =
+        count_switches(bytes_at(Gpa::new(gate.start.raw()), PAGE_SIZE));
+    log!("gate: {gate_vmfuncs} VMFUNC and {gate_cr3_loads} CR3 loads in its code");
     let mut loaded = Loaded {
         layout,
         gate_gva,
@@ -313,6 +335,9 @@ pub fn load(
         root: pt.root(),
         outbox_entry: image.symbol("ihmi_outbox_entry"),
         stack_top: image.symbol("IHMI_MONITOR_STACK_TOP"),
+        invocations,
+        gate_vmfuncs,
+        gate_cr3_loads,
         fixed: [
             phys(at(base), at(image.symbol("__data_start"))),
             phys(config_start, config_end),
@@ -322,6 +347,17 @@ pub fn load(
     };
     loaded.checksum_at_load = loaded.checksum();
     loaded
+}
+
+/// Counts `VMFUNC` (0F 01 D4) and `mov %reg, %cr3` (0F 22 with ModRM mod = 11, reg = 3) in the gate's
+/// code: the view and address-space switches one pass through the gate makes.
+fn count_switches(code: &[u8]) -> (u64, u64) {
+    let vmfuncs = code.windows(3).filter(|w| *w == [0x0f, 0x01, 0xd4]).count();
+    let cr3 = code
+        .windows(3)
+        .filter(|w| w[0] == 0x0f && w[1] == 0x22 && w[2] & 0xf8 == 0xd8)
+        .count();
+    (vmfuncs as u64, cr3 as u64)
 }
 
 mod heapless_ranges {

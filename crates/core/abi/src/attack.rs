@@ -117,6 +117,6 @@ impl Attack {
 }
 
 /// How many requests the `event-flood` guest sends: more than the ring holds between two drains.
-pub const FLOOD_REQUESTS: u64 = 200;
+pub const FLOOD_REQUESTS: u64 = crate::monitor::RING_LEN as u64 + 136;
 /// The request code the forged calls use: no monitor request has it.
 pub const FORGED_REQUEST: u64 = 0x00ba_d0c0_de00;

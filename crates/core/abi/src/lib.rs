@@ -5,6 +5,7 @@
 use core::fmt;
 
 pub mod attack;
+pub mod bench;
 pub mod guest_os;
 pub mod monitor;
 
@@ -40,6 +41,9 @@ pub enum Hypercall {
     /// Out-of-box monitoring: RBX = request code, RCX, RDX, RSI, RDI = its arguments; L0 runs the
     /// request in the monitor VM and returns the monitor's verdict in RAX.
     Monitor = 4,
+    /// Benchmark window mark: RBX = [`bench::Bench`], RCX = 0 at the start, 1 at the end; at the end
+    /// RDX = the guest's time-stamp-counter delta over the window and RSI = the calls measured.
+    Bench = 5,
 }
 
 impl Hypercall {
@@ -52,6 +56,7 @@ impl Hypercall {
             2 => Self::Report,
             3 => Self::Done,
             4 => Self::Monitor,
+            5 => Self::Bench,
             _ => return None,
         })
     }
@@ -217,6 +222,8 @@ pub enum Scenario {
     /// The compromised guest kernel tries one attack on the in-box monitor; L0 judges whether it was
     /// blocked and reported, and whether the monitor is intact.
     Attack(Attack),
+    /// The invocation benchmark with the monitor reached this way (or not at all, for `None`).
+    Bench(monitor::Mode),
 }
 
 /// Raw numbers of the attack scenarios start here (`ATTACK_BASE + attack number`).
@@ -224,8 +231,8 @@ const ATTACK_BASE: u32 = 100;
 
 impl Scenario {
     /// Every scenario, in the order `ihmi test` runs them.
-    pub const ALL: [Scenario; 8 + Attack::ALL.len()] = {
-        let mut all = [Self::Boot; 8 + Attack::ALL.len()];
+    pub const ALL: [Scenario; 11 + Attack::ALL.len()] = {
+        let mut all = [Self::Boot; 11 + Attack::ALL.len()];
         let fixed = [
             Self::Boot,
             Self::EptGuard,
@@ -235,6 +242,9 @@ impl Scenario {
             Self::EntryBadGuestState,
             Self::Sim,
             Self::SimOutbox,
+            Self::Bench(monitor::Mode::None),
+            Self::Bench(monitor::Mode::InBox),
+            Self::Bench(monitor::Mode::OutBox),
         ];
         let mut i = 0;
         while i < fixed.len() {
@@ -255,6 +265,7 @@ impl Scenario {
         match self {
             Self::Sim | Self::Attack(_) => monitor::Mode::InBox,
             Self::SimOutbox => monitor::Mode::OutBox,
+            Self::Bench(mode) => mode,
             _ => monitor::Mode::None,
         }
     }
@@ -280,6 +291,9 @@ impl Scenario {
             Self::EntryBadGuestState => "entry-bad-guest-state",
             Self::Sim => "sim",
             Self::SimOutbox => "sim-outbox",
+            Self::Bench(monitor::Mode::None) => "bench-none",
+            Self::Bench(monitor::Mode::InBox) => "bench-inbox",
+            Self::Bench(monitor::Mode::OutBox) => "bench-outbox",
             Self::Attack(a) => a.scenario_name(),
         }
     }
@@ -296,6 +310,7 @@ impl Scenario {
             Self::EntryBadGuestState => 6,
             Self::Sim => 7,
             Self::SimOutbox => 8,
+            Self::Bench(mode) => 9 + mode as u32,
             Self::Attack(a) => ATTACK_BASE + a as u32,
         }
     }
@@ -392,10 +407,10 @@ mod tests {
 
     #[test]
     fn hypercall_numbers_round_trip() {
-        for nr in 0..5 {
+        for nr in 0..6 {
             assert_eq!(Hypercall::from_raw(nr).map(|h| h as u64), Some(nr));
         }
-        assert_eq!(Hypercall::from_raw(5), None);
+        assert_eq!(Hypercall::from_raw(6), None);
         assert_eq!(Hypercall::from_raw(u64::MAX), None);
     }
 

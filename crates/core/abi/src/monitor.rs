@@ -62,6 +62,10 @@ impl Verdict {
     }
 }
 
+/// Slots in the monitor's event ring: enough that a benchmark window (which makes no exit in-box, so
+/// L0 cannot drain meanwhile) never overflows it.
+pub const RING_LEN: usize = 4096;
+
 /// Magic at the start of [`MonitorConfig`] ("IHMICONF").
 pub const CONFIG_MAGIC: u64 = 0x464e_4f43_494d_4849;
 /// Largest allow-list L0 can hand the monitor.

@@ -226,7 +226,7 @@ pub fn judge_attack(attack: Attack, log: &ScenarioLog, ctx: &AttackContext<'_>) 
                     && e.nr == FORGED_REQUEST
                     && RejectReason::from_raw(e.detail) == Some(RejectReason::UnknownRequest)
             });
-            let accounted = drained.len() as u64 + log.monitor_dropped == FLOOD_REQUESTS;
+            let accounted = log.monitor_drained + log.monitor_dropped == FLOOD_REQUESTS;
             (
                 done_zero(log) && all_forged && accounted,
                 log.monitor_dropped > 0 && accounted,
@@ -268,11 +268,7 @@ pub fn write_attack_json(
             log.monitor_dropped
         )?;
     }
-    let rejected = log
-        .monitor_events()
-        .iter()
-        .filter(|e| e.kind() == Some(EventKind::Rejected))
-        .count();
+    let rejected = log.monitor_rejected;
     if rejected > 0 {
         write!(esc, "; the monitor rejected {rejected} requests")?;
     }

@@ -46,6 +46,7 @@ impl Hypervisor {
                     };
                 }
                 Some(Hypercall::Monitor) => (Status::UnknownCall, 0),
+                Some(Hypercall::Bench) => self.bench_mark(regs.rbx, regs.rcx, regs.rdx, regs.rsi),
             }
         };
         self.log.record_hypercall(regs.rax, status);

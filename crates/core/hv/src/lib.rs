@@ -3,6 +3,7 @@
 #![deny(unsafe_code)]
 
 pub mod attacks;
+pub mod bench;
 pub mod counters;
 mod cpuid;
 pub mod guard;
@@ -227,6 +228,8 @@ pub struct Hypervisor {
     pub guard: Option<Guard>,
     /// Whether an out-of-box monitor VM serves [`ihmi_abi::Hypercall::Monitor`].
     pub outbox_monitor: bool,
+    /// A benchmark window mark the guest just made, for L0 to add its monitor-side counts to.
+    pub bench_mark: Option<bench::BenchMark>,
     e9_line: io::LineBuffer,
     shutdown_port: io::ShutdownMatcher,
 }
@@ -242,6 +245,7 @@ impl Hypervisor {
             scenario,
             guard: None,
             outbox_monitor: false,
+            bench_mark: None,
             e9_line: io::LineBuffer::default(),
             shutdown_port: io::ShutdownMatcher::default(),
         }

@@ -16,7 +16,8 @@ use crate::{ExitCounters, GuestEnd, RegionKind};
 const MAX_CPUID: usize = 32;
 const MAX_REPORTS: usize = 16;
 const MAX_HYPERCALLS: usize = 64;
-const MAX_MONITOR_EVENTS: usize = 128;
+/// Monitor events the scenario log keeps.
+pub const MAX_MONITOR_EVENTS: usize = 128;
 const MAX_ALERTS: usize = 16;
 
 /// What the guest did, as far as the scenarios care.
@@ -39,6 +40,11 @@ pub struct ScenarioLog {
     alerts: heapless_table::Table<crate::Alert, MAX_ALERTS>,
     /// Events the monitor's ring dropped (its own count, read when L0 drained it).
     pub monitor_dropped: u64,
+    /// Events L0 drained from the ring (the log keeps only the first [`MAX_MONITOR_EVENTS`]).
+    pub monitor_drained: u64,
+    /// Of those, requests the monitor's checkpoint rejected.
+    pub monitor_rejected: u64,
+    bench_results: heapless_table::Table<crate::bench::BenchResult, 4>,
 }
 
 impl ScenarioLog {
@@ -67,7 +73,22 @@ impl ScenarioLog {
 
     /// Remembers an event L0 drained from the monitor's ring.
     pub fn record_monitor_event(&mut self, event: &Event) {
+        self.monitor_drained += 1;
+        if event.kind() == Some(EventKind::Rejected) {
+            self.monitor_rejected += 1;
+        }
         self.monitor_events.push(*event);
+    }
+
+    /// Remembers a finished benchmark window.
+    pub fn record_bench(&mut self, result: crate::bench::BenchResult) {
+        self.bench_results.push(result);
+    }
+
+    /// The finished benchmark windows.
+    #[must_use]
+    pub fn bench_results(&self) -> &[crate::bench::BenchResult] {
+        self.bench_results.as_slice()
     }
 
     /// Remembers an alert L0 raised.
@@ -184,6 +205,8 @@ pub enum FailReason {
     MonitorDropped(u64),
     /// Attack scenarios are judged by `attacks::judge_attack`, not here.
     AttackScenario,
+    /// The benchmark's counts do not have the structure its mode must give.
+    Bench(crate::bench::BenchFault),
     /// VM entry failed in a way the scenario did not ask for.
     UnexpectedEntryFailure(EntryFailure),
     /// The scenario is about VM-entry failure, but the guest ran.
@@ -259,6 +282,7 @@ impl fmt::Display for FailReason {
             Self::AttackScenario => {
                 f.write_str("attack scenarios are judged by attacks::judge_attack")
             }
+            Self::Bench(fault) => write!(f, "benchmark structure: {fault:?}"),
             Self::EntryDidNotFail => {
                 f.write_str("VM entry was expected to fail, but the guest ran")
             }
@@ -424,6 +448,10 @@ fn check(
             Err(FailReason::EntryDidNotFail)
         }
         Scenario::Attack(_) => Err(FailReason::AttackScenario),
+        Scenario::Bench(mode) => {
+            expect_done_zero(log)?;
+            crate::bench::check(mode, log.bench_results()).map_err(FailReason::Bench)
+        }
         // The same workload must give the same stream whether the monitor is in the box or out of it.
         Scenario::Sim | Scenario::SimOutbox => {
             expect_done_zero(log)?;

@@ -907,10 +907,11 @@ mod attack_judge {
     #[test]
     fn flood_must_be_accounted_for_event_by_event() {
         let mut log = log_ending(GuestEnd::Done(0));
-        for seq in 0..64 {
+        let stored = ihmi_abi::monitor::RING_LEN as u64;
+        for seq in 0..stored {
             log.record_monitor_event(&rejected(seq));
         }
-        log.monitor_dropped = FLOOD_REQUESTS - 64;
+        log.monitor_dropped = FLOOD_REQUESTS - stored;
         assert_eq!(verdict(Attack::EventFlood, &log, true), (true, true, true));
         // One event unaccounted for: neither blocked nor reported.
         log.monitor_dropped -= 1;

@@ -3,6 +3,7 @@
 #![no_main]
 
 mod attacks;
+mod bench;
 mod hooks;
 mod hypercall;
 mod idt;
@@ -66,6 +67,7 @@ extern "C" fn guest_main(info: *const BootInfo) -> ! {
         Scenario::Demo => demo(),
         Scenario::Sim | Scenario::SimOutbox => sim(),
         Scenario::Attack(attack) => attacks::run(attack, &info),
+        Scenario::Bench(_) => bench::run(),
         // L0 breaks VM entry in these; the guest running at all is the failure.
         Scenario::EntryBadControl | Scenario::EntryBadGuestState => 97,
     };

@@ -6,7 +6,7 @@
 //! - `init`: write, getpid (expects pid 1), spawn worker (expects pid 2), spawn intruder, exit(0 or 1).
 //! - `worker`: write, getpid, exit(0).
 //! - `intruder`: write, exit(0); the process-creation policy will refuse it.
-//! - `bench`: RDI times getpid, exit(0).
+//! - `bench`: RDI times getpid, then exit with its own time-stamp-counter delta over those calls.
 
 core::arch::global_asm!(
     r#"
@@ -74,13 +74,21 @@ intruder_msg_end:
     .global user_bench
 user_bench:
     mov %rdi, %rbx
+    rdtsc
+    shl $32, %rdx
+    or %rdx, %rax
+    mov %rax, %r12
 1:  test %rbx, %rbx
     jz 2f
     mov $39, %eax
     syscall
     dec %rbx
     jmp 1b
-2:  xor %edi, %edi
+2:  rdtsc
+    shl $32, %rdx
+    or %rdx, %rax
+    sub %r12, %rax
+    mov %rax, %rdi
     mov $60, %eax
     syscall
     ud2

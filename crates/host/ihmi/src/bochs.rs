@@ -47,6 +47,8 @@ pub struct RunReport {
     pub verdict: Verdict,
     pub elapsed: Duration,
     pub e9: String,
+    /// When each piece of `e9` arrived (Bochs writes port 0xE9 to its standard output).
+    pub e9_arrivals: Arrivals,
     pub log: String,
     pub run_dir: PathBuf,
 }
@@ -114,10 +116,14 @@ fn stop(child: &mut Child) {
 }
 
 /// Copies everything a pipe yields into `keep` and `also`, until EOF.
+/// When each piece of a stream arrived: (bytes received so far, time since the run started).
+pub type Arrivals = Vec<(usize, Duration)>;
+
 fn drain(
     mut pipe: impl Read + Send + 'static,
     keep: Arc<Mutex<Vec<u8>>>,
     also: Arc<Mutex<File>>,
+    arrivals: Option<(Arc<Mutex<Arrivals>>, Instant)>,
 ) -> JoinHandle<()> {
     thread::spawn(move || {
         let mut buf = [0u8; 4096];
@@ -125,12 +131,25 @@ fn drain(
             match pipe.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    keep.lock().unwrap().extend_from_slice(&buf[..n]);
+                    let mut kept = keep.lock().unwrap();
+                    kept.extend_from_slice(&buf[..n]);
+                    if let Some((log, started)) = &arrivals {
+                        log.lock().unwrap().push((kept.len(), started.elapsed()));
+                    }
+                    drop(kept);
                     let _ = also.lock().unwrap().write_all(&buf[..n]);
                 }
             }
         }
     })
+}
+
+/// When the byte at `offset` of a stream arrived, from its arrival log.
+pub fn arrival_of(arrivals: &[(usize, Duration)], offset: usize) -> Option<Duration> {
+    arrivals
+        .iter()
+        .find(|(received, _)| *received > offset)
+        .map(|(_, t)| *t)
 }
 
 /// Follows a file another process appends to, like `tail -f`.
@@ -214,17 +233,20 @@ pub fn run(layout: &Layout, scenario: &str, opts: &RunOptions) -> Result<RunRepo
     RUNNING_GROUP.store(child.id(), Ordering::SeqCst);
 
     let e9 = Arc::new(Mutex::new(Vec::new()));
+    let e9_arrivals = Arc::new(Mutex::new(Arrivals::new()));
     let stderr = Arc::new(Mutex::new(Vec::new()));
     let readers = [
         drain(
             child.stdout.take().expect("stdout is piped"),
             Arc::clone(&e9),
             Arc::clone(&out_file),
+            Some((Arc::clone(&e9_arrivals), started)),
         ),
         drain(
             child.stderr.take().expect("stderr is piped"),
             Arc::clone(&stderr),
             Arc::clone(&out_file),
+            None,
         ),
     ];
 
@@ -279,10 +301,12 @@ pub fn run(layout: &Layout, scenario: &str, opts: &RunOptions) -> Result<RunRepo
         stderr: &stderr,
         exit,
     });
+    let e9_arrivals = std::mem::take(&mut *e9_arrivals.lock().unwrap());
     Ok(RunReport {
         verdict,
         elapsed,
         e9,
+        e9_arrivals,
         log,
         run_dir: dir,
     })

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod attacks;
+mod bench;
 mod bochs;
 mod cpu;
 mod deps;
@@ -84,6 +85,13 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Run the invocation benchmark (no monitor, in-box, out-of-box) and print per-call instructions,
+    /// VM exits, VMFUNCs, CR3 loads, modeled cycles and Bochs wall time
+    Bench {
+        /// One JSON object per measurement after the table
+        #[arg(long)]
+        json: bool,
+    },
     /// List the Bochs CPU models and which VMX features each exposes
     Models,
 }
@@ -141,7 +149,58 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Test { no_unit, only } => test(&cli.cpu, no_unit, only.as_deref()),
         Cmd::Attacks { json } => run_attacks(&cli.cpu, json),
+        Cmd::Bench { json } => run_bench(&cli.cpu, json),
     }
+}
+
+fn run_bench(cpu_name: &str, json: bool) -> Result<ExitCode> {
+    let model = cpu::select(cpu_name, scenario::BASE, "the benchmark")?;
+    // In-box needs VMFUNC; on a CPU without it the other two modes still run, and the table says why
+    // one is missing.
+    let inbox_ok = cpu::select(cpu_name, scenario::IN_BOX, "in-box monitoring").is_ok();
+    let names: Vec<&str> = scenario::BENCH_SCENARIOS
+        .iter()
+        .map(|s| s.name)
+        .filter(|n| inbox_ok || *n != "bench-inbox")
+        .collect();
+    let layout = Layout::discover()?;
+    bochs::install_interrupt_handler()?;
+    build_images(&layout, &names)?;
+    let opts = RunOptions {
+        cpu: model,
+        megs: DEFAULT_MEGS,
+        timeout: Duration::from_secs(DEFAULT_TIMEOUT_SECS),
+        quiet: true,
+    };
+    let mut rows = Vec::new();
+    let mut ok = true;
+    for name in &names {
+        eprintln!("[ihmi] benchmark {name} (cpu {})", model.name);
+        let report = bochs::run(&layout, name, &opts)?;
+        if !report.verdict.is_pass() {
+            print_result(&layout, name, &report);
+            ok = false;
+            continue;
+        }
+        rows.extend(bench::parse(&report.e9, &report.e9_arrivals)?);
+    }
+    if !inbox_ok {
+        println!(
+            "[ihmi] no in-box rows: CPU model {} has no VMFUNC EPTP switching",
+            model.name
+        );
+    }
+    print!("{}", bench::table(&rows));
+    if json {
+        for r in &rows {
+            println!("{}", r.to_json());
+        }
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn run_attacks(cpu_name: &str, json: bool) -> Result<ExitCode> {

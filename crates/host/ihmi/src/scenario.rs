@@ -44,17 +44,22 @@ pub const ATTACK_SCENARIOS: [Scenario; Attack::ALL.len()] = {
     out
 };
 
-const ALL_TESTS: [Scenario; BASE_SCENARIOS.len() + ATTACK_SCENARIOS.len()] = {
-    let mut out = [DEMO; BASE_SCENARIOS.len() + ATTACK_SCENARIOS.len()];
+const ALL_TESTS: [Scenario; BASE_SCENARIOS.len() + BENCH_SCENARIOS.len() + ATTACK_SCENARIOS.len()] = {
+    let mut out = [DEMO; BASE_SCENARIOS.len() + BENCH_SCENARIOS.len() + ATTACK_SCENARIOS.len()];
     let mut i = 0;
     while i < BASE_SCENARIOS.len() {
         out[i] = BASE_SCENARIOS[i];
         i += 1;
     }
     let mut j = 0;
-    while j < ATTACK_SCENARIOS.len() {
-        out[i + j] = ATTACK_SCENARIOS[j];
+    while j < BENCH_SCENARIOS.len() {
+        out[i + j] = BENCH_SCENARIOS[j];
         j += 1;
+    }
+    let mut k = 0;
+    while k < ATTACK_SCENARIOS.len() {
+        out[i + j + k] = ATTACK_SCENARIOS[k];
+        k += 1;
     }
     out
 };
@@ -74,6 +79,17 @@ const BASE_SCENARIOS: [Scenario; 8] = [
     },
     // The out-of-box baseline needs no VMFUNC: it must run where in-box monitoring cannot.
     Scenario::new("sim-outbox"),
+];
+
+/// The invocation benchmark, one scenario per mode (`ihmi bench`). They are in `ihmi test` too, where
+/// L0's verdict checks their structure (no exit in-box, two per call out of the box), never time.
+pub const BENCH_SCENARIOS: [Scenario; 3] = [
+    Scenario::new("bench-none"),
+    Scenario {
+        name: "bench-inbox",
+        requires: IN_BOX,
+    },
+    Scenario::new("bench-outbox"),
 ];
 
 /// Scenario pairs that run the same workload in-box and out of the box: `ihmi test` checks that the
@@ -144,7 +160,7 @@ mod tests {
 
     #[test]
     fn test_list_is_in_order_and_valid() {
-        let names: Vec<_> = TEST_SCENARIOS.iter().map(|s| s.name).take(8).collect();
+        let names: Vec<_> = TEST_SCENARIOS.iter().map(|s| s.name).take(11).collect();
         assert_eq!(
             names,
             [
@@ -155,11 +171,14 @@ mod tests {
                 "entry-bad-control",
                 "entry-bad-guest-state",
                 "sim",
-                "sim-outbox"
+                "sim-outbox",
+                "bench-none",
+                "bench-inbox",
+                "bench-outbox"
             ]
         );
         // Then every attack, each named as L0 knows it and needing VMFUNC.
-        let attacks: Vec<_> = TEST_SCENARIOS[8..].iter().collect();
+        let attacks: Vec<_> = TEST_SCENARIOS[11..].iter().collect();
         assert_eq!(attacks.len(), Attack::ALL.len());
         for (s, a) in attacks.iter().zip(Attack::ALL) {
             assert_eq!(s.name, format!("attack-{}", a.name()));

@@ -246,7 +246,7 @@ fn write_json_str(w: &mut impl fmt::Write, bytes: &[u8]) -> fmt::Result {
 }
 
 /// Slots in the ring.
-pub const RING_LEN: usize = 64;
+pub const RING_LEN: usize = ihmi_abi::monitor::RING_LEN;
 
 /// A single-producer (the monitor), single-consumer (L0) ring in monitor memory. The guest can neither
 /// read nor write it; L0 reads it only while the guest is stopped, so no atomics are needed.
@@ -382,7 +382,7 @@ mod tests {
     #[test]
     fn drain_survives_corrupt_counters() {
         let mut ring = EventRing::new();
-        ring.written = 1_000;
+        ring.written = 3 * RING_LEN as u64;
         assert!(!ring.is_consistent());
         assert_eq!(ring.drain(|_| {}), RING_LEN);
     }

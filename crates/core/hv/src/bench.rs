@@ -1,0 +1,235 @@
+//! The invocation benchmark's windows, as L0 counts them. The guest marks the start and end of each
+//! window with the `Bench` hypercall; L0 counts the VM exits and monitor invocations in between, and
+//! the guest's time stamp counter (which counts retired instructions under Bochs's `sync=none`) gives
+//! the instructions. The cost model that turns counts into cycles lives in the host CLI, in one place.
+//!
+//! The scenario verdict checks only structure, never time: in-box and no-monitor windows make no VM
+//! exit at all, out-of-box ones exactly two per monitor invocation.
+
+use ihmi_abi::bench::{Bench, NULL_CALLS, SYSCALLS};
+use ihmi_abi::monitor::Mode;
+use ihmi_abi::Status;
+
+use crate::Hypervisor;
+
+/// A mark the guest made: the start or the end of a window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BenchMark {
+    /// The window.
+    pub bench: Bench,
+    /// End (true) or start.
+    pub end: bool,
+    /// At the end: the guest's TSC delta over the window.
+    pub tsc: u64,
+    /// At the end: the calls measured.
+    pub calls: u64,
+    /// The guest's VM exits so far, this mark's own exit included.
+    pub guest_exits: u64,
+}
+
+/// What L0 counts besides the guest's exits at a mark.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MonitorCounts {
+    /// Exits of the out-of-box monitor VM.
+    pub monitor_vm_exits: u64,
+    /// Calls of the monitor's entry point.
+    pub invocations: u64,
+}
+
+/// One finished window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BenchResult {
+    /// The window.
+    pub bench: Bench,
+    /// Calls the guest measured.
+    pub calls: u64,
+    /// The guest's TSC delta over them: instructions retired, each VM transition counting one.
+    pub tsc: u64,
+    /// VM exits in the window (the guest's and the monitor VM's), the marks' own left out.
+    pub exits: u64,
+    /// Monitor invocations in the window.
+    pub invocations: u64,
+}
+
+impl Default for BenchResult {
+    fn default() -> Self {
+        Self {
+            bench: Bench::InvokeNull,
+            calls: 0,
+            tsc: 0,
+            exits: 0,
+            invocations: 0,
+        }
+    }
+}
+
+/// Why a benchmark run's structure is wrong.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchFault {
+    /// A window never finished.
+    Missing(Bench),
+    /// The guest measured another number of calls.
+    Calls { bench: Bench, got: u64 },
+    /// Fewer monitor invocations than calls with a monitor, or some without one.
+    Invocations { bench: Bench, got: u64 },
+    /// VM exits where the mode must make none, or not exactly two per out-of-box invocation.
+    Exits { bench: Bench, got: u64 },
+}
+
+impl Hypervisor {
+    pub(crate) fn bench_mark(
+        &mut self,
+        bench: u64,
+        phase: u64,
+        tsc: u64,
+        calls: u64,
+    ) -> (Status, u64) {
+        let Some(bench) = Bench::from_raw(bench) else {
+            return (Status::InvalidArgument, 0);
+        };
+        if phase > 1 {
+            return (Status::InvalidArgument, 0);
+        }
+        self.bench_mark = Some(BenchMark {
+            bench,
+            end: phase == 1,
+            tsc,
+            calls,
+            guest_exits: self.counters.total(),
+        });
+        (Status::Ok, 0)
+    }
+}
+
+/// The window between two marks.
+#[must_use]
+pub fn window(start: (BenchMark, MonitorCounts), end: (BenchMark, MonitorCounts)) -> BenchResult {
+    let (s, sm) = start;
+    let (e, em) = end;
+    // The end mark's own exit is counted in `e.guest_exits`; the start mark's in `s.guest_exits`.
+    let guest = e
+        .guest_exits
+        .saturating_sub(s.guest_exits)
+        .saturating_sub(1);
+    BenchResult {
+        bench: e.bench,
+        calls: e.calls,
+        tsc: e.tsc,
+        exits: guest + em.monitor_vm_exits.saturating_sub(sm.monitor_vm_exits),
+        invocations: em.invocations.saturating_sub(sm.invocations),
+    }
+}
+
+/// The structural verdict on one benchmark run in `mode`.
+pub fn check(mode: Mode, results: &[BenchResult]) -> Result<(), BenchFault> {
+    for bench in Bench::ALL {
+        let r = results
+            .iter()
+            .find(|r| r.bench == bench)
+            .ok_or(BenchFault::Missing(bench))?;
+        let expected_calls = match bench {
+            Bench::InvokeNull => NULL_CALLS,
+            Bench::InvokeSyscall => SYSCALLS,
+        };
+        if r.calls != expected_calls {
+            return Err(BenchFault::Calls {
+                bench,
+                got: r.calls,
+            });
+        }
+        let invocations_ok = match mode {
+            Mode::None => r.invocations == 0,
+            Mode::InBox | Mode::OutBox => r.invocations >= r.calls,
+        };
+        if !invocations_ok {
+            return Err(BenchFault::Invocations {
+                bench,
+                got: r.invocations,
+            });
+        }
+        let exits_ok = match mode {
+            Mode::None | Mode::InBox => r.exits == 0,
+            Mode::OutBox => r.exits == 2 * r.invocations,
+        };
+        if !exits_ok {
+            return Err(BenchFault::Exits {
+                bench,
+                got: r.exits,
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mark(bench: Bench, end: bool, guest_exits: u64) -> BenchMark {
+        BenchMark {
+            bench,
+            end,
+            tsc: 1000,
+            calls: if bench == Bench::InvokeNull {
+                NULL_CALLS
+            } else {
+                SYSCALLS
+            },
+            guest_exits,
+        }
+    }
+
+    fn result(bench: Bench, exits: u64, invocations: u64) -> BenchResult {
+        let start = (mark(bench, false, 10), MonitorCounts::default());
+        let end = (
+            mark(bench, true, 11 + exits / 2),
+            MonitorCounts {
+                monitor_vm_exits: exits - exits / 2,
+                invocations,
+            },
+        );
+        window(start, end)
+    }
+
+    #[test]
+    fn windows_leave_out_the_marks_and_add_the_monitor_vm() {
+        let r = result(Bench::InvokeNull, 0, NULL_CALLS);
+        assert_eq!((r.exits, r.invocations, r.tsc), (0, NULL_CALLS, 1000));
+        let r = result(Bench::InvokeNull, 2 * NULL_CALLS, NULL_CALLS);
+        assert_eq!(r.exits, 2 * NULL_CALLS);
+    }
+
+    #[test]
+    fn structure_per_mode() {
+        let inbox = [
+            result(Bench::InvokeNull, 0, NULL_CALLS),
+            result(Bench::InvokeSyscall, 0, SYSCALLS + 2),
+        ];
+        assert_eq!(check(Mode::InBox, &inbox), Ok(()));
+        assert!(matches!(
+            check(Mode::OutBox, &inbox),
+            Err(BenchFault::Exits { .. })
+        ));
+        assert!(matches!(
+            check(Mode::None, &inbox),
+            Err(BenchFault::Invocations { .. })
+        ));
+        let outbox = [
+            result(Bench::InvokeNull, 2 * NULL_CALLS, NULL_CALLS),
+            result(Bench::InvokeSyscall, 2 * (SYSCALLS + 2), SYSCALLS + 2),
+        ];
+        assert_eq!(check(Mode::OutBox, &outbox), Ok(()));
+        let one_exit_more = [
+            outbox[0],
+            result(Bench::InvokeSyscall, 2 * SYSCALLS + 5, SYSCALLS + 2),
+        ];
+        assert!(matches!(
+            check(Mode::OutBox, &one_exit_more),
+            Err(BenchFault::Exits { .. })
+        ));
+        assert_eq!(
+            check(Mode::InBox, &inbox[..1]),
+            Err(BenchFault::Missing(Bench::InvokeSyscall))
+        );
+    }
+}
