@@ -43,6 +43,20 @@ _start:
     options(att_syntax)
 );
 
+/// Turns on process-context identifiers where the CPU has them (CPUID.1:ECX.PCID, SDM 4.10.1), so the
+/// in-box gate's CR3 loads keep the kernel's TLB entries. Returns whether it did.
+fn enable_pcid() -> bool {
+    const CPUID_PCID: u32 = 1 << 17;
+    const CR4_PCIDE: u64 = 1 << 17;
+    if ihmi_rt::cpu::cpuid(1, 0)[2] & CPUID_PCID == 0 {
+        return false;
+    }
+    // SAFETY: the CPU has PCIDs, the guest is in IA-32e mode and its CR3 (page-aligned, L0-built) has
+    // bits 11:0 clear, which is what setting CR4.PCIDE requires (SDM 4.10.1).
+    unsafe { ihmi_rt::cpu::write_cr4(ihmi_rt::cpu::read_cr4() | CR4_PCIDE) };
+    true
+}
+
 #[no_mangle]
 extern "C" fn guest_main(info: *const BootInfo) -> ! {
     // SAFETY: L0 passes the guest-physical address of a BootInfo it wrote, identity-mapped by the page
@@ -52,13 +66,15 @@ extern "C" fn guest_main(info: *const BootInfo) -> ! {
         done(90);
     }
     idt::init();
+    let pcid = enable_pcid();
     let Some(scenario) = Scenario::from_raw(info.scenario) else {
         done(91)
     };
     say!(
-        "testguest: running scenario {} ({} RAM ranges)",
+        "testguest: running scenario {} ({} RAM ranges, PCIDs {})",
         scenario.name(),
-        info.ram().len()
+        info.ram().len(),
+        if pcid { "on" } else { "off" }
     );
     let code = match scenario {
         Scenario::Boot => boot_checks(),
