@@ -6,6 +6,7 @@ use ihmi_hv::{MemoryMap, RegionKind};
 use ihmi_paging::{MapFlags, PageSize, PageTable, PageTableBuilder, TableAlloc};
 
 use crate::elf_image::Image;
+pub use crate::ranges::Ranges;
 use crate::{fail, log};
 
 /// Guest-physical area where L0 builds the guest's first page tables (low RAM every PC has).
@@ -37,40 +38,6 @@ pub struct GuestBoot {
 pub struct Regions {
     pub all: Ranges,
     pub code: Ranges,
-}
-
-/// Up to 16 page-aligned ranges, without a heap.
-#[derive(Clone, Copy)]
-pub struct Ranges {
-    items: [PhysRange; 16],
-    len: usize,
-}
-
-impl Ranges {
-    const fn new() -> Self {
-        Self {
-            items: [PhysRange {
-                start: Hpa::new(0),
-                end: Hpa::new(0),
-            }; 16],
-            len: 0,
-        }
-    }
-
-    fn push(&mut self, r: PhysRange) {
-        if self.len == self.items.len() {
-            fail(format_args!(
-                "the guest image has more than {} loadable segments",
-                self.items.len()
-            ));
-        }
-        self.items[self.len] = r;
-        self.len += 1;
-    }
-
-    pub fn as_slice(&self) -> &[PhysRange] {
-        &self.items[..self.len]
-    }
 }
 
 /// Where the guest image will sit, plus the low 1 MiB where L0 puts the guest's boot structures.
@@ -132,6 +99,21 @@ fn hook_word(image: &Image<'_>, regions: &Regions, name: &str) -> Gpa {
         ));
     }
     gpa
+}
+
+/// Guest RAM as the boot information and the monitor's configuration list it: at most
+/// [`BOOT_INFO_MAX_RANGES`] ranges (what does not fit is left out, so never read, never handed out).
+pub fn ram_ranges(memory: &MemoryMap) -> ([RamRange; BOOT_INFO_MAX_RANGES], u64) {
+    let mut out = [RamRange::default(); BOOT_INFO_MAX_RANGES];
+    let mut n = 0;
+    for (slot, range) in out.iter_mut().zip(memory.of_kind(RegionKind::GuestRam)) {
+        *slot = RamRange {
+            start: range.start.raw(),
+            len: range.len(),
+        };
+        n += 1;
+    }
+    (out, n)
 }
 
 /// Writes into guest RAM that L0 has checked is guest RAM.
@@ -236,16 +218,7 @@ pub fn load(
         _reserved: 0,
         gate_gva: gate.map_or(0, Gva::raw),
     };
-    for range in memory
-        .of_kind(RegionKind::GuestRam)
-        .take(BOOT_INFO_MAX_RANGES)
-    {
-        info.ram[info.ram_count as usize] = RamRange {
-            start: range.start.raw(),
-            len: range.len(),
-        };
-        info.ram_count += 1;
-    }
+    (info.ram, info.ram_count) = ram_ranges(memory);
     let dst = guest_bytes(memory, BOOT_INFO, core::mem::size_of::<BootInfo>() as u64);
     // SAFETY: `dst` is guest RAM of exactly size_of::<BootInfo>() bytes; the write is unaligned-safe.
     unsafe { core::ptr::write_unaligned(dst.as_mut_ptr() as *mut BootInfo, info) };

@@ -12,6 +12,7 @@ mod frames;
 mod guest;
 mod monitor;
 mod outbox;
+mod ranges;
 mod vmcs_setup;
 
 use core::cell::UnsafeCell;

@@ -12,6 +12,7 @@ use ihmi_paging::{MapFlags, PageSize, PageTable, PageTableBuilder, TableAlloc};
 use ihmi_monitor::{EventRing, OsProfile};
 
 use crate::elf_image::Image;
+use crate::ranges::Ranges;
 use crate::{fail, log};
 
 /// Where guest-physical address 0 appears in the monitor's address space.
@@ -148,7 +149,7 @@ pub fn load(
         .unwrap_or_else(|| fail(format_args!("monitor image ends before it starts")));
     let region_size = (size + TABLE_FRAMES * PAGE_SIZE).next_multiple_of(LARGE_PAGE_SIZE);
 
-    let ram: heapless_ranges::Ranges = memory.of_kind(RegionKind::GuestRam).collect();
+    let ram: Ranges = memory.of_kind(RegionKind::GuestRam).collect();
     let Some(region) =
         ihmi_hv::memory::choose_pool(ram.as_slice(), taken, region_size, LARGE_PAGE_SIZE)
     else {
@@ -277,16 +278,9 @@ pub fn load(
         allowed: [[0; ihmi_abi::guest_os::COMM_LEN]; MAX_ALLOWED],
         allowed_count: 0,
     };
-    for r in memory
-        .of_kind(RegionKind::GuestRam)
-        .take(BOOT_INFO_MAX_RANGES)
-    {
-        config.ram[config.ram_count as usize] = RamRange {
-            start: r.start.raw(),
-            len: r.len(),
-        };
-        config.ram_count += 1;
-    }
+    let (ram, count) = crate::guest::ram_ranges(memory);
+    config.ram = ram;
+    config.ram_count = count;
     for (slot, name) in config.allowed.iter_mut().zip(ALLOWED) {
         slot[..name.len()].copy_from_slice(name.as_bytes());
         config.allowed_count += 1;
@@ -358,40 +352,4 @@ fn count_switches(code: &[u8]) -> (u64, u64) {
         .filter(|w| w[0] == 0x0f && w[1] == 0x22 && w[2] & 0xf8 == 0xd8)
         .count();
     (vmfuncs as u64, cr3 as u64)
-}
-
-mod heapless_ranges {
-    use ihmi_addr::{Hpa, PhysRange};
-
-    const MAX: usize = 32;
-
-    /// A few ranges collected without a heap.
-    pub struct Ranges {
-        items: [PhysRange; MAX],
-        len: usize,
-    }
-
-    impl Ranges {
-        pub fn as_slice(&self) -> &[PhysRange] {
-            &self.items[..self.len]
-        }
-    }
-
-    impl FromIterator<PhysRange> for Ranges {
-        fn from_iter<I: IntoIterator<Item = PhysRange>>(iter: I) -> Self {
-            let empty = PhysRange {
-                start: Hpa::new(0),
-                end: Hpa::new(0),
-            };
-            let mut r = Self {
-                items: [empty; MAX],
-                len: 0,
-            };
-            for item in iter.into_iter().take(MAX) {
-                r.items[r.len] = item;
-                r.len += 1;
-            }
-            r
-        }
-    }
 }

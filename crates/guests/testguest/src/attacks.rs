@@ -238,30 +238,12 @@ fn gate_middle(gate: u64) -> u64 {
         say!("attack: could not find the gate's VMFUNC and exit");
         return 1;
     };
-    let verdict: u64;
-    // SAFETY: none for the guest: the attack enters the gate past its first instructions. The frame it
-    // builds (flags, then a return address) is what the gate's exit pops; 128 bytes are skipped first
-    // so the pushes cannot hit the red zone.
-    unsafe {
-        core::arch::asm!(
-            "sub rsp, 128",
-            "lea r11, [rip + 2f]",
-            "push r11",
-            "push 2",
-            "jmp {target}",
-            "2:",
-            "add rsp, 128",
-            target = in(reg) vmfunc,
-            inout("rax") 0u64 => verdict,
-            inout("rcx") 1u64 => _,
-            inout("rdi") FORGED_REQUEST => _,
-            inout("rsi") 0x1111u64 => _,
-            inout("rdx") 0x2222u64 => _,
-            inout("r8") 0x4444u64 => _,
-            inout("r10") 0x3333u64 => _,
-            out("r9") _, out("r11") _,
-        );
-    }
+    // The forged registers: VMFUNC's EAX = 0 and ECX = 1 (the monitor view), then a request code no
+    // one serves and junk arguments.
+    let verdict = jump_with_frame(
+        vmfunc,
+        [0, 1, FORGED_REQUEST, 0x1111, 0x2222, 0x4444, 0x3333],
+    );
     let rejected = Verdict::from_raw(verdict) == Some(Verdict::Rejected);
     say!("attack: mid-gate entry answered {verdict:#x} (rejected: {rejected})");
     if !rejected {
@@ -270,7 +252,18 @@ fn gate_middle(gate: u64) -> u64 {
     // The exit half starts after the `call *%rax` (2 bytes) the pattern begins with.
     let exit = exit + 2;
     say!("attack: jumping into the exit gate at {exit:#x}");
-    // SAFETY: none: the attack runs the gate's exit half in view 0.
+    jump_with_frame(exit, [0; 7]);
+    say!("attack: the exit gate returned");
+    1
+}
+
+/// Jumps to `target` inside the gate with RAX, RCX, RDI, RSI, RDX, R8, R10 = `regs` and the frame the
+/// gate's exit pops (flags, then a return address) on the stack; returns RAX when control comes back.
+fn jump_with_frame(target: u64, regs: [u64; 7]) -> u64 {
+    let rax: u64;
+    // SAFETY: none for the guest: this is how the attacks enter the gate past its first instructions.
+    // 128 bytes are skipped first so the pushes cannot hit the red zone; the gate's exit pops exactly
+    // the two words pushed here.
     unsafe {
         core::arch::asm!(
             "sub rsp, 128",
@@ -280,12 +273,18 @@ fn gate_middle(gate: u64) -> u64 {
             "jmp {target}",
             "2:",
             "add rsp, 128",
-            target = in(reg) exit,
-            out("rax") _, out("rcx") _, out("r10") _, out("r11") _,
+            target = in(reg) target,
+            inout("rax") regs[0] => rax,
+            inout("rcx") regs[1] => _,
+            inout("rdi") regs[2] => _,
+            inout("rsi") regs[3] => _,
+            inout("rdx") regs[4] => _,
+            inout("r8") regs[5] => _,
+            inout("r10") regs[6] => _,
+            out("r9") _, out("r11") _,
         );
     }
-    say!("attack: the exit gate returned");
-    1
+    rax
 }
 
 /// Attack 7: A new address space in which the gate's address maps a copy of the gate; then a hook fires.

@@ -166,12 +166,7 @@ fn run_bench(cpu_name: &str, json: bool) -> Result<ExitCode> {
     let layout = Layout::discover()?;
     bochs::install_interrupt_handler()?;
     build_images(&layout, &names)?;
-    let opts = RunOptions {
-        cpu: model,
-        megs: DEFAULT_MEGS,
-        timeout: Duration::from_secs(DEFAULT_TIMEOUT_SECS),
-        quiet: true,
-    };
+    let opts = batch_options(model);
     let mut rows = Vec::new();
     let mut ok = true;
     for name in &names {
@@ -209,12 +204,7 @@ fn run_attacks(cpu_name: &str, json: bool) -> Result<ExitCode> {
     bochs::install_interrupt_handler()?;
     let names: Vec<&str> = scenario::ATTACK_SCENARIOS.iter().map(|s| s.name).collect();
     build_images(&layout, &names)?;
-    let opts = RunOptions {
-        cpu: model,
-        megs: DEFAULT_MEGS,
-        timeout: Duration::from_secs(DEFAULT_TIMEOUT_SECS),
-        quiet: true,
-    };
+    let opts = batch_options(model);
     let mut reports = Vec::new();
     for (name, attack) in names.iter().zip(ihmi_abi::Attack::ALL) {
         eprintln!("[ihmi] attack {} (cpu {})", attack.name(), model.name);
@@ -257,6 +247,16 @@ fn run_attacks(cpu_name: &str, json: bool) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// How `test`, `bench` and `attacks` run each scenario: default size and timeout, console not streamed.
+fn batch_options(model: &'static CpuModel) -> RunOptions {
+    RunOptions {
+        cpu: model,
+        megs: DEFAULT_MEGS,
+        timeout: Duration::from_secs(DEFAULT_TIMEOUT_SECS),
+        quiet: true,
+    }
 }
 
 /// The `--cpu` model, refused if it lacks what `scenario` needs.
@@ -389,12 +389,7 @@ fn test(cpu_name: &str, no_unit: bool, only: Option<&str>) -> Result<ExitCode> {
             failed += names.len();
         }
         Ok(_) => {
-            let opts = RunOptions {
-                cpu: model,
-                megs: DEFAULT_MEGS,
-                timeout: Duration::from_secs(DEFAULT_TIMEOUT_SECS),
-                quiet: true,
-            };
+            let opts = batch_options(model);
             let mut outputs = std::collections::HashMap::new();
             for name in &names {
                 eprintln!("[ihmi] running scenario {name} (cpu {})", model.name);
