@@ -13,7 +13,7 @@ use crate::{fail, log};
 const BOOT_TABLES: Gpa = Gpa::new(0x1_0000);
 const BOOT_TABLES_END: Gpa = Gpa::new(0x2_0000);
 /// The guest's first GDT.
-const BOOT_GDT: Gpa = Gpa::new(0x2_0000);
+pub const BOOT_GDT: Gpa = Gpa::new(0x2_0000);
 /// The [`BootInfo`] block.
 const BOOT_INFO: Gpa = Gpa::new(0x2_1000);
 /// The guest's first stack: [0x7_0000, 0x8_0000).
@@ -29,7 +29,10 @@ pub struct GuestBoot {
     pub gdt: Gpa,
     pub gdt_limit: u16,
     pub stack_top: Gpa,
+    /// Handed to the guest in RDI and RSI (our guest reads RDI, Linux's 64-bit entry RSI).
     pub boot_info: Gpa,
+    pub code_selector: u16,
+    pub data_selector: u16,
 }
 
 /// Guest-physical ranges of the guest image: all of it, and the executable part (kernel code, where the
@@ -38,6 +41,16 @@ pub struct GuestBoot {
 pub struct Regions {
     pub all: Ranges,
     pub code: Ranges,
+}
+
+impl Regions {
+    /// No ranges (a guest that is not our test guest).
+    pub const fn empty() -> Self {
+        Self {
+            all: Ranges::new(),
+            code: Ranges::new(),
+        }
+    }
 }
 
 /// Where the guest image will sit, plus the low 1 MiB where L0 puts the guest's boot structures.
@@ -117,7 +130,7 @@ pub fn ram_ranges(memory: &MemoryMap) -> ([RamRange; BOOT_INFO_MAX_RANGES], u64)
 }
 
 /// Writes into guest RAM that L0 has checked is guest RAM.
-fn guest_bytes(memory: &MemoryMap, gpa: Gpa, len: u64) -> &'static mut [u8] {
+pub(crate) fn guest_bytes(memory: &MemoryMap, gpa: Gpa, len: u64) -> &'static mut [u8] {
     if !memory.is_guest_ram(gpa, len) {
         fail(format_args!(
             "guest image or boot data at {gpa}+{len:#x} is not in guest RAM"
@@ -172,41 +185,9 @@ pub fn load(
         log!("guest: loaded {:#x} bytes at {:#x}", ph.p_memsz, ph.p_paddr);
     }
 
-    let mut alloc = BootTableAlloc {
-        memory,
-        next: BOOT_TABLES,
-    };
-    let mut tables = match PageTableBuilder::new(&mut alloc) {
-        Ok(t) => t,
-        Err(e) => fail(format_args!("guest page tables: {e}")),
-    };
-    // The guest's page tables may map anything: the EPT, not the guest's tables, is what protects L0.
-    let largest = if page_1g {
-        PageSize::Size1G
-    } else {
-        PageSize::Size2M
-    };
-    let flags = MapFlags::WRITABLE | MapFlags::EXECUTABLE;
-    if let Err(e) = tables.map_with(
-        &mut alloc,
-        Gva::new(0),
-        Gpa::new(0),
-        IDENTITY_LIMIT,
-        flags,
-        largest,
-    ) {
-        fail(format_args!("guest page tables: {e}"));
-    }
-
+    let cr3 = identity_tables(memory, page_1g);
     // GDT: null, 64-bit code (0x08), data (0x10).
-    let gdt = guest_bytes(memory, BOOT_GDT, 24);
-    for (slot, desc) in
-        gdt.chunks_exact_mut(8)
-            .zip([0u64, 0x00af_9a00_0000_ffff, 0x00cf_9200_0000_ffff])
-    {
-        slot.copy_from_slice(&desc.to_le_bytes());
-    }
-
+    let gdt_limit = write_gdt(memory, &[0, CODE64, DATA]);
     let mut info = BootInfo {
         magic: BOOT_INFO_MAGIC,
         abi_version: ABI_VERSION,
@@ -226,10 +207,64 @@ pub fn load(
 
     GuestBoot {
         entry: image.entry(),
-        cr3: tables.root(),
+        cr3,
         gdt: BOOT_GDT,
-        gdt_limit: 23,
+        gdt_limit,
         stack_top: BOOT_STACK_TOP,
         boot_info: BOOT_INFO,
+        code_selector: 0x08,
+        data_selector: 0x10,
     }
+}
+
+/// A flat 64-bit code segment and a flat data segment (SDM 3.4.5).
+pub const CODE64: u64 = 0x00af_9a00_0000_ffff;
+/// See [`CODE64`].
+pub const DATA: u64 = 0x00cf_9200_0000_ffff;
+
+/// The guest's first page tables, in low RAM: the first 4 GiB identity-mapped, writable and
+/// executable. The guest's page tables may map anything: the EPT, not the guest's tables, is what
+/// protects L0. Returns the root.
+pub fn identity_tables(memory: &MemoryMap, page_1g: bool) -> Gpa {
+    let mut alloc = BootTableAlloc {
+        memory,
+        next: BOOT_TABLES,
+    };
+    let mut tables = match PageTableBuilder::new(&mut alloc) {
+        Ok(t) => t,
+        Err(e) => fail(format_args!("guest page tables: {e}")),
+    };
+    // 1 GiB pages only where the CPU has them.
+    let largest = if page_1g {
+        PageSize::Size1G
+    } else {
+        PageSize::Size2M
+    };
+    let flags = MapFlags::WRITABLE | MapFlags::EXECUTABLE;
+    if let Err(e) = tables.map_with(
+        &mut alloc,
+        Gva::new(0),
+        Gpa::new(0),
+        IDENTITY_LIMIT,
+        flags,
+        largest,
+    ) {
+        fail(format_args!("guest page tables: {e}"));
+    }
+    tables.root()
+}
+
+/// Writes the guest's first GDT at [`BOOT_GDT`]; returns its limit.
+pub fn write_gdt(memory: &MemoryMap, descriptors: &[u64]) -> u16 {
+    let len = descriptors.len() * 8;
+    let gdt = guest_bytes(memory, BOOT_GDT, len as u64);
+    for (slot, desc) in gdt.chunks_exact_mut(8).zip(descriptors) {
+        slot.copy_from_slice(&desc.to_le_bytes());
+    }
+    (len - 1) as u16
+}
+
+/// Where and how big the guest's first stack is.
+pub const fn boot_stack() -> Gpa {
+    BOOT_STACK_TOP
 }

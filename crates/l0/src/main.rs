@@ -10,6 +10,7 @@ mod boot;
 mod elf_image;
 mod frames;
 mod guest;
+mod linux;
 mod monitor;
 mod outbox;
 mod ranges;
@@ -103,6 +104,12 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
         ));
     }
     let tables = ihmi_rt::tables::init(fatal_exception);
+    // XSETBV always exits and L0 executes it for the guest, which needs CR4.OSXSAVE in L0 too.
+    if ihmi_rt::cpu::cpuid(1, 0)[2] & (1 << 26) != 0 {
+        // SAFETY: the CPU has XSAVE (CPUID.1:ECX.XSAVE); setting OSXSAVE only enables XGETBV/XSETBV and
+        // the XSAVE family, and XCR0 keeps its reset value (x87) until a guest sets it.
+        unsafe { ihmi_rt::cpu::write_cr4(ihmi_rt::cpu::read_cr4() | (1 << 18)) };
+    }
 
     // SAFETY: a multiboot2 loader passed `info` (magic checked above); it points at a valid boot
     // information structure in memory that nothing has reused yet.
@@ -140,7 +147,29 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
     let Some(mmap) = mbi.memory_map_tag() else {
         fail(format_args!("the boot loader gave no memory map"))
     };
+    let mut firmware = [linux::FirmwareRange {
+        range: available[0],
+        kind: ihmi_linux::E820Kind::Reserved,
+    }; ihmi_linux::E820_MAX];
+    let mut n_firmware = 0;
     for area in mmap.memory_areas() {
+        let kind = match area.typ() {
+            multiboot2::MemoryAreaType::Available => ihmi_linux::E820Kind::Ram,
+            multiboot2::MemoryAreaType::AcpiAvailable => ihmi_linux::E820Kind::Acpi,
+            multiboot2::MemoryAreaType::ReservedHibernate => ihmi_linux::E820Kind::Nvs,
+            multiboot2::MemoryAreaType::Defective => ihmi_linux::E820Kind::Unusable,
+            _ => ihmi_linux::E820Kind::Reserved,
+        };
+        if n_firmware < firmware.len() && area.start_address() < MAPPED_LIMIT {
+            firmware[n_firmware] = linux::FirmwareRange {
+                range: PhysRange {
+                    start: Hpa::new(area.start_address()),
+                    end: Hpa::new(area.end_address().min(MAPPED_LIMIT)),
+                },
+                kind,
+            };
+            n_firmware += 1;
+        }
         if area.typ() != multiboot2::MemoryAreaType::Available || n_available == available.len() {
             continue;
         }
@@ -154,6 +183,7 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
         }
     }
     let available = &available[..n_available];
+    let firmware = &firmware[..n_firmware];
     let image = PhysRange {
         start: Hpa::new(core::ptr::addr_of!(__l0_start) as u64),
         end: Hpa::new(core::ptr::addr_of!(__l0_end) as u64),
@@ -167,15 +197,22 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
     n_owned += 1;
     let mut guest_module: Option<&'static [u8]> = None;
     let mut monitor_module: Option<&'static [u8]> = None;
+    let mut linux_module: Option<(&'static [u8], &str)> = None;
+    let mut initrd_module: Option<&'static [u8]> = None;
     for module in mbi.module_tags() {
         let range = PhysRange {
             start: Hpa::new(u64::from(module.start_address())),
             end: Hpa::new(u64::from(module.end_address())),
         };
-        if n_owned < owned.len() - 1 {
-            owned[n_owned] = range;
-            n_owned += 1;
+        // One slot stays free for the frame pool. A module L0 could not record would become guest RAM.
+        if n_owned >= owned.len() - 1 {
+            fail(format_args!(
+                "more boot modules than L0 can keep track of ({})",
+                owned.len() - 3
+            ));
         }
+        owned[n_owned] = range;
+        n_owned += 1;
         // SAFETY: GRUB loaded the module at [start, end) in RAM; L0 owns that range (it is in `owned`, so
         // never mapped for the guest) and never writes it.
         let bytes = unsafe {
@@ -184,6 +221,11 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
         match module.cmdline().ok() {
             Some("testguest") => guest_module = Some(bytes),
             Some("monitor") => monitor_module = Some(bytes),
+            Some("initrd") => initrd_module = Some(bytes),
+            // `linux` then the kernel's command line.
+            Some(c) if c == "linux" || c.starts_with("linux ") => {
+                linux_module = Some((bytes, c.strip_prefix("linux").unwrap_or("").trim()));
+            }
             _ => {}
         }
     }
@@ -218,6 +260,13 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
         Ok(m) => m,
         Err(e) => fail(format_args!("cannot build the guest memory map: {e:?}")),
     };
+    // A commodity kernel owns the machine's devices and firmware tables: everything below 4 GiB that is
+    // neither RAM nor L0's passes through.
+    if scenario.is_linux() {
+        if let Err(e) = memory.fill_gaps_as_mmio(Hpa::new(MAPPED_LIMIT)) {
+            fail(format_args!("cannot pass the devices through: {e:?}"));
+        }
+    }
     for (range, kind) in memory.regions() {
         log!(
             "memory: {:#011x}-{:#011x} {}",
@@ -265,7 +314,12 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
         ));
     };
     let guest_image = elf_image::Image::parse(module, "guest");
-    let guest_regions = guest::regions(&guest_image);
+    // A Linux guest's code is its own business until the monitors are on; the test guest's is protected.
+    let guest_regions = if scenario.is_linux() {
+        guest::Regions::empty()
+    } else {
+        guest::regions(&guest_image)
+    };
     // 1 GiB pages only where the CPU has them (CPUID.80000001H:EDX.Page1GB, SDM 4.1.4).
     let page_1g = ihmi_rt::cpu::cpuid(0x8000_0001, 0)[3] & (1 << 26) != 0;
 
@@ -341,7 +395,21 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
         None => None,
     };
     let gate = inbox.map(|m| m.gate_gva);
-    let boot = guest::load(&guest_image, &memory, scenario, probe, mode, gate, page_1g);
+    let boot = if scenario.is_linux() {
+        let Some((kernel, cmdline)) = linux_module else {
+            fail(format_args!(
+                "no 'linux' module; the ISO must load the kernel with `module2 /boot/bzImage linux <command line>`"
+            ));
+        };
+        let modules = linux::Modules {
+            kernel,
+            cmdline,
+            initrd: initrd_module,
+        };
+        linux::load(&modules, &memory, firmware, page_1g)
+    } else {
+        guest::load(&guest_image, &memory, scenario, probe, mode, gate, page_1g)
+    };
     let hook = monitor
         .as_ref()
         .map(|_| guest::install_hook(&guest_image, &memory, &guest_regions, mode, gate));
@@ -365,11 +433,17 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
         Ok(v) => v,
         Err(e) => fail(format_args!("{e}")),
     };
+    // Linux handles its own breakpoints and idles in HLT with interrupts on: neither needs L0.
     let params = vmcs_setup::VmParams {
         eptp: guest_view.eptp(),
         eptp_list,
         boot: &boot,
-        exceptions: ihmi_hv::EXCEPTION_BITMAP,
+        exceptions: if scenario.is_linux() {
+            0
+        } else {
+            ihmi_hv::EXCEPTION_BITMAP
+        },
+        hlt_exits: !scenario.is_linux(),
     };
     if let Err(e) = vmcs_setup::configure(&mut vmcs, &caps, &tables, &mut frames, &params) {
         log!("VMCS setup failed: {e}");
@@ -386,6 +460,7 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
 
     let regs = GuestRegs {
         rdi: boot.boot_info.raw(),
+        rsi: boot.boot_info.raw(),
         ..GuestRegs::default()
     };
     // SAFETY: single CPU at boot; the exit handler is not running yet.
@@ -455,6 +530,25 @@ impl Platform for HwPlatform {
 
     fn log(&mut self, args: fmt::Arguments<'_>) {
         log!("{args}");
+    }
+
+    fn port_in(&mut self, port: u16) -> u8 {
+        // SAFETY: only the keyboard controller's port is passed on, and reading its status has no side
+        // effect L0 depends on.
+        unsafe { x86::io::inb(port) }
+    }
+
+    fn port_out(&mut self, port: u16, value: u8) {
+        // SAFETY: a keyboard-controller command other than the reset pulse, which ihmi-hv filtered out.
+        unsafe { x86::io::outb(port, value) }
+    }
+
+    fn xsetbv(&mut self, xcr0: u64) {
+        // SAFETY: ihmi-hv checked the value against what the CPU supports (as XSETBV itself would) and
+        // L0 set CR4.OSXSAVE at boot where the CPU has XSAVE; L0's own code never depends on XCR0.
+        unsafe {
+            core::arch::asm!("xsetbv", in("ecx") 0u32, in("eax") xcr0 as u32, in("edx") (xcr0 >> 32) as u32, options(nostack, nomem))
+        };
     }
 
     fn write_msr(&mut self, msr: u32, value: u64) {

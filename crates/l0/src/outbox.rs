@@ -86,6 +86,8 @@ pub fn setup(
         gdt_limit: 0,
         stack_top: Gpa::new(m.stack_top),
         boot_info: Gpa::new(0),
+        code_selector: 0x08,
+        data_selector: 0x10,
     };
     // Every exception exits: the monitor VM has no IDT, and a fault in it is L0's to report.
     let params = vmcs_setup::VmParams {
@@ -93,6 +95,7 @@ pub fn setup(
         eptp_list: None,
         boot: &boot,
         exceptions: u32::MAX,
+        hlt_exits: true,
     };
     if let Err(e) = vmcs_setup::configure(&mut vmcs, caps, tables, frames, &params) {
         log!("monitor VM VMCS setup failed: {e}");

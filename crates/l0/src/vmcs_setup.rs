@@ -58,6 +58,8 @@ pub struct VmParams<'a> {
     pub boot: &'a GuestBoot,
     /// The exception bitmap: which exceptions exit to L0.
     pub exceptions: u32,
+    /// Whether HLT exits (the test guest's scenarios count it; Linux idles in it).
+    pub hlt_exits: bool,
 }
 
 /// Writes the whole VMCS. Errors name the field that the CPU refused.
@@ -73,15 +75,20 @@ pub fn configure(
         eptp_list,
         boot,
         exceptions,
+        hlt_exits,
     } = *vm;
     // Controls: ask for what L0 needs, take what the CPU forces.
     let pin = caps
         .adjust_pinbased(PinbasedControls::empty(), PinbasedControls::empty())
         .unwrap_or_else(|e| adjust_failed("pin-based controls", e));
+    let hlt = if hlt_exits {
+        PrimaryControls::HLT_EXITING
+    } else {
+        PrimaryControls::empty()
+    };
     let primary = caps
         .adjust_primary(
-            PrimaryControls::HLT_EXITING
-                | PrimaryControls::USE_IO_BITMAPS
+            hlt | PrimaryControls::USE_IO_BITMAPS
                 | PrimaryControls::USE_MSR_BITMAPS
                 | PrimaryControls::SECONDARY_CONTROLS,
             PrimaryControls::empty(),
@@ -213,7 +220,7 @@ pub fn configure(
     vmcs.write(guest::RFLAGS, 0x2)?;
     let code = SegmentAccessRights::code64().raw();
     let data = SegmentAccessRights::data().raw();
-    vmcs.write(guest::CS_SELECTOR, 0x08)?;
+    vmcs.write(guest::CS_SELECTOR, u64::from(boot.code_selector))?;
     vmcs.write(guest::CS_BASE, 0)?;
     vmcs.write(guest::CS_LIMIT, 0xffff_ffff)?;
     vmcs.write(guest::CS_ACCESS_RIGHTS, u64::from(code))?;
@@ -249,7 +256,7 @@ pub fn configure(
             guest::GS_ACCESS_RIGHTS,
         ),
     ] {
-        vmcs.write(sel, 0x10)?;
+        vmcs.write(sel, u64::from(boot.data_selector))?;
         vmcs.write(base, 0)?;
         vmcs.write(limit, 0xffff_ffff)?;
         vmcs.write(ar, u64::from(data))?;

@@ -224,6 +224,9 @@ pub enum Scenario {
     Attack(Attack),
     /// The invocation benchmark with the monitor reached this way (or not at all, for `None`).
     Bench(monitor::Mode),
+    /// An unmodified Linux kernel (the `linux` module) boots with its initramfs (`initrd`) and runs
+    /// its /init, which ends the run through L0's debug and power-off ports.
+    LinuxBoot,
 }
 
 /// Raw numbers of the attack scenarios start here (`ATTACK_BASE + attack number`).
@@ -231,8 +234,8 @@ const ATTACK_BASE: u32 = 100;
 
 impl Scenario {
     /// Every scenario, in the order `ihmi test` runs them.
-    pub const ALL: [Scenario; 11 + Attack::ALL.len()] = {
-        let mut all = [Self::Boot; 11 + Attack::ALL.len()];
+    pub const ALL: [Scenario; 12 + Attack::ALL.len()] = {
+        let mut all = [Self::Boot; 12 + Attack::ALL.len()];
         let fixed = [
             Self::Boot,
             Self::EptGuard,
@@ -245,6 +248,7 @@ impl Scenario {
             Self::Bench(monitor::Mode::None),
             Self::Bench(monitor::Mode::InBox),
             Self::Bench(monitor::Mode::OutBox),
+            Self::LinuxBoot,
         ];
         let mut i = 0;
         while i < fixed.len() {
@@ -268,6 +272,12 @@ impl Scenario {
             Self::Bench(mode) => mode,
             _ => monitor::Mode::None,
         }
+    }
+
+    /// Whether the guest is a Linux kernel rather than the test guest.
+    #[must_use]
+    pub const fn is_linux(self) -> bool {
+        matches!(self, Self::LinuxBoot)
     }
 
     /// The attack this scenario runs, if it is one.
@@ -294,6 +304,7 @@ impl Scenario {
             Self::Bench(monitor::Mode::None) => "bench-none",
             Self::Bench(monitor::Mode::InBox) => "bench-inbox",
             Self::Bench(monitor::Mode::OutBox) => "bench-outbox",
+            Self::LinuxBoot => "linux-boot",
             Self::Attack(a) => a.scenario_name(),
         }
     }
@@ -311,6 +322,7 @@ impl Scenario {
             Self::Sim => 7,
             Self::SimOutbox => 8,
             Self::Bench(mode) => 9 + mode as u32,
+            Self::LinuxBoot => 12,
             Self::Attack(a) => ATTACK_BASE + a as u32,
         }
     }

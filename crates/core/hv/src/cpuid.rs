@@ -7,15 +7,45 @@ use ihmi_abi::{ABI_VERSION, CPUID_LEAF_ABI, CPUID_LEAF_SIGNATURE, CPUID_SIGNATUR
 const LEAF1_ECX_VMX: u32 = 1 << 5;
 /// CPUID.1:ECX bit 31, reserved by Intel for hypervisors to announce themselves.
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+/// CPUID.1:ECX.OSXSAVE and CPUID.(7,0):ECX.OSPKE mirror CR4.OSXSAVE and CR4.PKE (SDM Vol. 2A, CPUID):
+/// the guest's CR4, not L0's, which CPUID executed in L0 would show.
+const LEAF1_ECX_OSXSAVE: u32 = 1 << 27;
+const LEAF7_ECX_OSPKE: u32 = 1 << 4;
+const CR4_OSXSAVE: u64 = 1 << 18;
+const CR4_PKE: u64 = 1 << 22;
 /// Last hypervisor leaf we define.
 const LAST_HV_LEAF: u32 = CPUID_LEAF_ABI;
 
-/// The answer the guest gets for one leaf.
-pub(crate) fn policy(platform: &mut impl Platform, leaf: u32, subleaf: u32) -> [u32; 4] {
+fn mirror(value: u32, bit: u32, on: bool) -> u32 {
+    if on {
+        value | bit
+    } else {
+        value & !bit
+    }
+}
+
+/// The answer a guest whose CR4 is `guest_cr4` gets for one leaf.
+pub(crate) fn policy(
+    platform: &mut impl Platform,
+    leaf: u32,
+    subleaf: u32,
+    guest_cr4: u64,
+) -> [u32; 4] {
     match leaf {
         1 => {
             let mut r = platform.host_cpuid(leaf, subleaf);
             r[2] = (r[2] & !LEAF1_ECX_VMX) | LEAF1_ECX_HYPERVISOR;
+            // Only where the CPU has XSAVE at all does the bit mean anything.
+            if r[2] & (1 << 26) != 0 {
+                r[2] = mirror(r[2], LEAF1_ECX_OSXSAVE, guest_cr4 & CR4_OSXSAVE != 0);
+            }
+            r
+        }
+        7 if subleaf == 0 => {
+            let mut r = platform.host_cpuid(leaf, subleaf);
+            if r[2] & (1 << 3) != 0 {
+                r[2] = mirror(r[2], LEAF7_ECX_OSPKE, guest_cr4 & CR4_PKE != 0);
+            }
             r
         }
         CPUID_LEAF_SIGNATURE => {
@@ -39,7 +69,8 @@ impl Hypervisor {
     ) -> Action {
         let regs = vcpu.regs();
         let (leaf, subleaf) = (regs.rax as u32, regs.rcx as u32);
-        let r = policy(platform, leaf, subleaf);
+        let guest_cr4 = vcpu.read(ihmi_vmcs::fields::guest::CR4);
+        let r = policy(platform, leaf, subleaf, guest_cr4);
         let regs = vcpu.regs();
         regs.rax = u64::from(r[0]);
         regs.rbx = u64::from(r[1]);

@@ -13,8 +13,15 @@ pub const SHUTDOWN_PORT: u16 = 0x8900;
 /// The PCI reset control register; bit 2 set in a write resets the machine.
 pub const RESET_PORT: u16 = 0xcf9;
 
+/// The keyboard controller's command port: 0xFE pulses the CPU's reset line (the classic PC reboot).
+/// A guest that owns the devices must not be able to reset the machine under L0, so this port exits;
+/// every other command goes on to the controller.
+pub const KBC_PORT: u16 = 0x64;
+/// The keyboard controller command that resets the machine.
+const KBC_RESET: u8 = 0xfe;
+
 /// Ports that exit to L0 (the VMCS I/O bitmaps are built from this list).
-pub const INTERCEPTED_PORTS: &[u16] = &[DEBUG_PORT, SHUTDOWN_PORT, RESET_PORT];
+pub const INTERCEPTED_PORTS: &[u16] = &[DEBUG_PORT, SHUTDOWN_PORT, RESET_PORT, KBC_PORT];
 
 const LINE_MAX: usize = 120;
 
@@ -108,7 +115,8 @@ impl Hypervisor {
         if q.is_in() {
             let value: u32 = match port {
                 DEBUG_PORT => 0xe9, // what Bochs returns, so a guest can detect the console
-                _ => 0xffff_ffff,   // the other intercepted ports are write-only
+                KBC_PORT if size == 1 => u32::from(platform.port_in(KBC_PORT)),
+                _ => 0xffff_ffff, // the other intercepted ports are write-only
             };
             let mask = if size >= 4 {
                 u64::from(u32::MAX)
@@ -122,13 +130,19 @@ impl Hypervisor {
         }
         let byte = vcpu.regs().rax as u8;
         match port {
-            DEBUG_PORT => self
-                .e9_line
-                .push(byte, |line| print_guest_line(platform, line)),
+            DEBUG_PORT => {
+                let lines = &mut self.log.debug_lines;
+                self.e9_line.push(byte, |line| {
+                    *lines += 1;
+                    print_guest_line(platform, line);
+                });
+            }
             SHUTDOWN_PORT if self.shutdown_port.push(byte) => {
                 return Action::End(GuestEnd::ShutdownRequest);
             }
             RESET_PORT if byte & 0b100 != 0 => return Action::End(GuestEnd::ResetRequest),
+            KBC_PORT if byte == KBC_RESET => return Action::End(GuestEnd::ResetRequest),
+            KBC_PORT if size == 1 => platform.port_out(KBC_PORT, byte),
             _ => {}
         }
         skip_instruction(vcpu);

@@ -14,6 +14,7 @@ pub mod msr;
 pub mod outbox;
 pub mod scenario;
 pub mod views;
+pub mod xsetbv;
 
 #[cfg(test)]
 mod mock;
@@ -81,6 +82,12 @@ pub trait Platform {
     fn guest_text(&mut self, args: fmt::Arguments<'_>);
     /// Writes an MSR the guest owns but L0 intercepts (IA32_LSTAR), once L0 has allowed the write.
     fn write_msr(&mut self, msr: u32, value: u64);
+    /// Sets XCR0 to a value L0 has checked, on the guest's behalf (XSETBV always exits).
+    fn xsetbv(&mut self, xcr0: u64);
+    /// Reads a byte from a device port L0 intercepts but passes on (the keyboard controller).
+    fn port_in(&mut self, port: u16) -> u8;
+    /// Writes a byte to such a port, once L0 has checked it.
+    fn port_out(&mut self, port: u16, value: u8);
 }
 
 /// What L0 does after an exit.
@@ -277,6 +284,7 @@ impl Hypervisor {
             ExitReason::Rdmsr => self.on_rdmsr(vcpu),
             ExitReason::Wrmsr => self.on_wrmsr(vcpu, platform),
             ExitReason::Vmfunc => self.on_vmfunc(vcpu, platform),
+            ExitReason::Xsetbv => self.on_xsetbv(vcpu, platform),
             ExitReason::Hlt => self.on_hlt(vcpu),
             ExitReason::ExceptionOrNmi => self.on_exception(vcpu),
             ExitReason::EptViolation => self.on_ept_violation(vcpu),

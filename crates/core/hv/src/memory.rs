@@ -123,6 +123,23 @@ impl MemoryMap {
         Ok(())
     }
 
+    /// Passes every address below `limit` that no region covers through to the guest as a device
+    /// range: a commodity kernel owns the machine's devices and firmware tables, and only L0's and the
+    /// monitor's frames are kept from it.
+    pub fn fill_gaps_as_mmio(&mut self, limit: Hpa) -> Result<(), MapError> {
+        let mut gaps = heapless_pieces::Pieces::new(PhysRange {
+            start: Hpa::new(0),
+            end: limit,
+        });
+        for (r, _) in self.regions() {
+            gaps.subtract(*r);
+        }
+        for gap in gaps.iter() {
+            self.add(gap, RegionKind::Mmio)?;
+        }
+        Ok(())
+    }
+
     /// All regions, sorted.
     #[must_use]
     pub fn regions(&self) -> &[(PhysRange, RegionKind)] {
@@ -271,7 +288,8 @@ pub fn choose_pool(
 mod heapless_pieces {
     use ihmi_addr::PhysRange;
 
-    const MAX: usize = 16;
+    /// As many pieces as a map has regions: cutting a map's regions out of one range never needs more.
+    const MAX: usize = super::MAX_REGIONS;
 
     /// What is left of one range after cutting holes out of it.
     pub struct Pieces {
@@ -352,6 +370,34 @@ mod tests {
             start: Hpa::new(start),
             end: Hpa::new(end),
         }
+    }
+
+    #[test]
+    fn gaps_below_the_limit_become_devices_and_nothing_else_moves() {
+        let mut m = MemoryMap::build(
+            &[range(0, 0x9_f000), range(0x10_0000, 0x1000_0000)],
+            &[range(0x10_0000, 0x14_0000)],
+            &[range(0xfee0_0000, 0xfee0_1000)],
+        )
+        .unwrap();
+        let before: std::vec::Vec<_> = m.regions().to_vec();
+        m.fill_gaps_as_mmio(Hpa::new(0x1_0000_0000)).unwrap();
+        let mmio: std::vec::Vec<_> = m.of_kind(RegionKind::Mmio).collect();
+        assert_eq!(
+            mmio,
+            [
+                range(0x9_f000, 0x10_0000),
+                range(0x1000_0000, 0xfee0_0000),
+                range(0xfee0_0000, 0xfee0_1000),
+                range(0xfee0_1000, 0x1_0000_0000),
+            ]
+        );
+        for r in before {
+            assert!(m.regions().contains(&r), "{r:?} kept");
+        }
+        // Everything below the limit is now something.
+        let covered: u64 = m.regions().iter().map(|(r, _)| r.len()).sum();
+        assert_eq!(covered, 0x1_0000_0000);
     }
 
     #[test]

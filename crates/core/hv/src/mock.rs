@@ -25,6 +25,9 @@ pub enum Call {
     Log(String),
     GuestText(String),
     WriteMsr(u32, u64),
+    Xsetbv(u64),
+    PortIn(u16),
+    PortOut(u16, u8),
 }
 
 #[derive(Debug, Default)]
@@ -137,6 +140,16 @@ impl Platform for MockPlatform {
                 .map_or(0, |p| p[(a % 4096) as usize]);
         }
         true
+    }
+    fn port_in(&mut self, port: u16) -> u8 {
+        self.calls.borrow_mut().push(Call::PortIn(port));
+        0x1c
+    }
+    fn port_out(&mut self, port: u16, value: u8) {
+        self.calls.borrow_mut().push(Call::PortOut(port, value));
+    }
+    fn xsetbv(&mut self, xcr0: u64) {
+        self.calls.borrow_mut().push(Call::Xsetbv(xcr0));
     }
     fn write_msr(&mut self, msr: u32, value: u64) {
         self.calls.borrow_mut().push(Call::WriteMsr(msr, value));

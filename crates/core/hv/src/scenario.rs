@@ -34,6 +34,8 @@ pub struct ScenarioLog {
     pub injected_gp: u64,
     /// Intercepted port accesses.
     pub io_exits: u64,
+    /// Whole lines the guest wrote to the debug port (0xE9).
+    pub debug_lines: u64,
     /// How the guest ended, once it has.
     pub end: Option<GuestEnd>,
     monitor_events: heapless_table::Table<Event, MAX_MONITOR_EVENTS>,
@@ -448,6 +450,17 @@ fn check(
             Err(FailReason::EntryDidNotFail)
         }
         Scenario::Attack(_) => Err(FailReason::AttackScenario),
+        // Linux booted, ran our /init, and /init's last program wrote its line on the debug port and
+        // asked for the power-off L0 intercepts.
+        Scenario::LinuxBoot => match log.end {
+            None => Err(FailReason::NotEnded),
+            Some(GuestEnd::ShutdownRequest) if log.debug_lines > 0 => Ok(()),
+            Some(got) => Err(FailReason::WrongEnd {
+                expected:
+                    "the guest's /init to print on port 0xE9 and power off through port 0x8900",
+                got,
+            }),
+        },
         Scenario::Bench(mode) => {
             expect_done_zero(log)?;
             crate::bench::check(mode, log.bench_results()).map_err(FailReason::Bench)

@@ -1044,3 +1044,77 @@ fn monitor_vm_exits_other_than_its_verdict_are_faults() {
         }
     ));
 }
+
+#[test]
+fn keyboard_controller_commands_pass_but_its_reset_pulse_ends_the_guest() {
+    let mut h = hv(Scenario::LinuxBoot);
+    let mut p = MockPlatform::default();
+    // A status read goes to the controller, and its answer to the guest.
+    let mut read = MockVcpu::exited(EXIT_IO, 0x2000, 1);
+    read.fields
+        .insert(ro::EXIT_QUALIFICATION, (0x64 << 16) | (1 << 3)); // IN AL, 0x64
+    assert_eq!(h.handle_exit(&mut read, &mut p), Action::Resume);
+    assert_eq!(read.regs.rax & 0xff, 0x1c);
+    // An ordinary command goes on; the reset pulse does not, and ends the guest instead.
+    assert_eq!(
+        h.handle_exit(&mut io_out(0x64, 0xad), &mut p),
+        Action::Resume
+    );
+    assert_eq!(
+        h.handle_exit(&mut io_out(0x64, 0xfe), &mut p),
+        Action::End(GuestEnd::ResetRequest)
+    );
+    let calls = p.calls.borrow();
+    assert!(calls.contains(&Call::PortIn(0x64)));
+    assert!(calls.contains(&Call::PortOut(0x64, 0xad)));
+    assert!(
+        !calls.contains(&Call::PortOut(0x64, 0xfe)),
+        "the reset never reached the device"
+    );
+}
+
+#[test]
+fn cpuid_osxsave_follows_the_guest_cr4_not_l0s() {
+    let mut h = hv(Scenario::LinuxBoot);
+    let mut p = MockPlatform::default();
+    for (cr4, expected) in [(0u64, 0u32), (1 << 18, 1 << 27)] {
+        let mut v = MockVcpu::exited(EXIT_CPUID, 0x1000, 2);
+        v.regs.rax = 1;
+        v.fields.insert(guest::CR4, cr4);
+        h.handle_exit(&mut v, &mut p);
+        // The mock host reports XSAVE (bit 26) and OSXSAVE (bit 27) set.
+        assert_eq!(v.regs.rcx as u32 & (1 << 27), expected, "CR4 {cr4:#x}");
+    }
+}
+
+#[test]
+fn xsetbv_is_checked_then_performed() {
+    const EXIT_XSETBV: u32 = 55;
+    let mut h = hv(Scenario::LinuxBoot);
+    let mut p = MockPlatform::default();
+    // The mock host's CPUID leaf 0xD reports XCR0 bits 0xd (x87, AVX, bit 3): x87 alone is valid.
+    let mut ok = MockVcpu::exited(EXIT_XSETBV, 0x3000, 3);
+    ok.regs.rax = 1;
+    assert_eq!(h.handle_exit(&mut ok, &mut p), Action::Resume);
+    assert_eq!(ok.fields[&guest::RIP], 0x3003);
+    assert!(p.calls.borrow().contains(&Call::Xsetbv(1)));
+    // AVX without SSE, or a non-zero index, gets #GP and changes nothing.
+    for (rax, rcx) in [(0b101u64, 0u64), (1, 1)] {
+        let mut bad = MockVcpu::exited(EXIT_XSETBV, 0x3000, 3);
+        bad.regs.rax = rax;
+        bad.regs.rcx = rcx;
+        h.handle_exit(&mut bad, &mut p);
+        assert_eq!(bad.fields[&guest::RIP], 0x3000);
+        assert_eq!(
+            bad.fields[&control::VMENTRY_INTERRUPTION_INFO_FIELD],
+            0x8000_0b0d
+        );
+    }
+    let sets = p
+        .calls
+        .borrow()
+        .iter()
+        .filter(|c| matches!(c, Call::Xsetbv(_)))
+        .count();
+    assert_eq!(sets, 1);
+}

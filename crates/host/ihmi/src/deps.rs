@@ -36,6 +36,59 @@ struct Requirement {
     package: &'static str,
 }
 
+/// Where Debian's `linux-source-6.1` puts the kernel source.
+pub const LINUX_SOURCE: &str = "/usr/src/linux-source-6.1.tar.xz";
+/// Debian's `busybox-static`: a statically linked busybox for the guest's initramfs.
+pub const BUSYBOX: &str = "/bin/busybox";
+
+/// What building the Linux guest images needs: the kernel source and the tools its build uses, and
+/// busybox for the initramfs.
+pub const LINUX_PACKAGES: &[&str] = &[
+    "linux-source-6.1",
+    "busybox-static",
+    "flex",
+    "bison",
+    "bc",
+    "libelf-dev",
+    "xz-utils",
+    "make",
+];
+
+const LINUX_REQUIREMENTS: &[Requirement] = &[
+    Requirement {
+        need: Need::Path(LINUX_SOURCE),
+        package: "linux-source-6.1",
+    },
+    Requirement {
+        need: Need::Path(BUSYBOX),
+        package: "busybox-static",
+    },
+    Requirement {
+        need: Need::Program("flex"),
+        package: "flex",
+    },
+    Requirement {
+        need: Need::Program("bison"),
+        package: "bison",
+    },
+    Requirement {
+        need: Need::Program("bc"),
+        package: "bc",
+    },
+    Requirement {
+        need: Need::Path("/usr/include/gelf.h"),
+        package: "libelf-dev",
+    },
+    Requirement {
+        need: Need::Program("xz"),
+        package: "xz-utils",
+    },
+    Requirement {
+        need: Need::Program("make"),
+        package: "make",
+    },
+];
+
 const REQUIREMENTS: &[Requirement] = &[
     Requirement {
         need: Need::Program("grub-mkrescue"),
@@ -75,8 +128,8 @@ pub fn find_program(program: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn missing() -> Vec<Requirement> {
-    REQUIREMENTS
+fn missing(requirements: &[Requirement]) -> Vec<Requirement> {
+    requirements
         .iter()
         .copied()
         .filter(|r| match r.need {
@@ -107,13 +160,22 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-fn install_command() -> String {
-    format!("apt-get install -y {}", PACKAGES.join(" "))
+fn install_command(packages: &[&str]) -> String {
+    format!("apt-get install -y {}", packages.join(" "))
 }
 
-/// Makes sure every tool is there; as root, installs the missing ones with apt.
+/// Makes sure every tool for booting scenarios is there; as root, installs the missing ones with apt.
 pub fn ensure() -> Result<()> {
-    let gone = missing();
+    ensure_set(REQUIREMENTS, PACKAGES)
+}
+
+/// Makes sure what building the Linux guest images needs is there, as [`ensure`] does.
+pub fn ensure_linux() -> Result<()> {
+    ensure_set(LINUX_REQUIREMENTS, LINUX_PACKAGES)
+}
+
+fn ensure_set(requirements: &[Requirement], packages: &[&str]) -> Result<()> {
+    let gone = missing(requirements);
     if gone.is_empty() {
         return Ok(());
     }
@@ -121,18 +183,18 @@ pub fn ensure() -> Result<()> {
         bail!(
             "missing {}: install them with `sudo apt-get update && sudo {}`",
             describe(&gone),
-            install_command()
+            install_command(packages)
         );
     }
     eprintln!(
         "[ihmi] missing {}; installing with apt-get (running as root)",
         describe(&gone)
     );
-    run_apt(&["update"])?;
+    run_apt(&["update"], packages)?;
     let mut install = vec!["install", "-y"];
-    install.extend_from_slice(PACKAGES);
-    run_apt(&install)?;
-    let still = missing();
+    install.extend_from_slice(packages);
+    run_apt(&install, packages)?;
+    let still = missing(requirements);
     if !still.is_empty() {
         bail!(
             "still missing after apt-get install: {}; check the apt output above",
@@ -142,7 +204,7 @@ pub fn ensure() -> Result<()> {
     Ok(())
 }
 
-fn run_apt(args: &[&str]) -> Result<()> {
+fn run_apt(args: &[&str], packages: &[&str]) -> Result<()> {
     eprintln!("[ihmi] $ apt-get {}", args.join(" "));
     let status = Command::new("apt-get")
         .args(args)
@@ -154,7 +216,7 @@ fn run_apt(args: &[&str]) -> Result<()> {
         bail!(
             "`apt-get {}` failed ({status}); run `{}` by hand",
             args.join(" "),
-            install_command()
+            install_command(packages)
         );
     }
     Ok(())
@@ -168,6 +230,9 @@ mod tests {
     fn every_requirement_names_a_listed_package() {
         for r in REQUIREMENTS {
             assert!(PACKAGES.contains(&r.package), "{r:?}");
+        }
+        for r in LINUX_REQUIREMENTS {
+            assert!(LINUX_PACKAGES.contains(&r.package), "{r:?}");
         }
     }
 

@@ -139,8 +139,12 @@ pub fn build_bare(layout: &Layout) -> Result<()> {
 }
 
 /// GRUB's config for one scenario: boot L0 with the scenario on its command line, and the test guest and
-/// the monitor image as multiboot2 modules (L0 loads the monitor only for scenarios that use it).
-pub fn grub_cfg(scenario: &str) -> String {
+/// the monitor image as multiboot2 modules (L0 loads the monitor only for scenarios that use it). A
+/// Linux scenario adds the kernel, with its command line after the word `linux`, and the initramfs.
+pub fn grub_cfg(scenario: &str, linux_cmdline: Option<&str>) -> String {
+    let linux = linux_cmdline.map_or(String::new(), |c| {
+        format!("module2 /boot/bzImage linux {c}\n    module2 /boot/initrd.cpio initrd\n    ")
+    });
     format!(
         "set timeout=0\n\
          set default=0\n\
@@ -148,14 +152,18 @@ pub fn grub_cfg(scenario: &str) -> String {
              multiboot2 /boot/ihmi-l0.elf scenario={scenario}\n    \
              module2 /boot/testguest.elf testguest\n    \
              module2 /boot/monitor.elf monitor\n    \
-             boot\n\
+             {linux}boot\n\
          }}\n"
     )
 }
 
 /// Stages the ISO tree for `scenario` and runs `grub-mkrescue`; returns the ISO's path. The tree is
 /// shared, so ISOs are made one at a time.
-pub fn make_iso(layout: &Layout, scenario: &str) -> Result<PathBuf> {
+pub fn make_iso(
+    layout: &Layout,
+    scenario: &str,
+    linux: Option<&crate::linux::LinuxImages>,
+) -> Result<PathBuf> {
     validate_name(scenario)?;
     let tree = layout.iso_tree();
     let boot = tree.join("boot");
@@ -174,7 +182,23 @@ pub fn make_iso(layout: &Layout, scenario: &str) -> Result<PathBuf> {
             )
         })?;
     }
-    fs::write(boot.join("grub/grub.cfg"), grub_cfg(scenario)).context("cannot write grub.cfg")?;
+    for name in ["bzImage", "initrd.cpio"] {
+        let _ = fs::remove_file(boot.join(name));
+    }
+    if let Some(l) = linux {
+        if l.cmdline.contains(['"', '\n', '\\', '$', ';']) {
+            bail!("the kernel command line may not contain quotes, backslashes, `$`, `;` or newlines (GRUB would read them)");
+        }
+        for (from, to) in [(&l.kernel, "bzImage"), (&l.initrd, "initrd.cpio")] {
+            fs::copy(from, boot.join(to))
+                .with_context(|| format!("cannot copy {}", from.display()))?;
+        }
+    }
+    fs::write(
+        boot.join("grub/grub.cfg"),
+        grub_cfg(scenario, linux.map(|l| l.cmdline.as_str())),
+    )
+    .context("cannot write grub.cfg")?;
 
     let iso = layout.iso(scenario);
     let out = Command::new("grub-mkrescue")
@@ -202,8 +226,11 @@ mod tests {
 
     #[test]
     fn grub_cfg_boots_l0_with_scenario_and_guest_module() {
+        assert!(grub_cfg("linux-boot", Some("console=ttyS0 nokaslr")).contains(
+            "    module2 /boot/bzImage linux console=ttyS0 nokaslr\n    module2 /boot/initrd.cpio initrd\n    boot\n"
+        ));
         assert_eq!(
-            grub_cfg("ept-guard"),
+            grub_cfg("ept-guard", None),
             "set timeout=0\n\
              set default=0\n\
              menuentry \"ihmi ept-guard\" {\n\

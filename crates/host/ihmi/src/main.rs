@@ -4,11 +4,14 @@
 mod attacks;
 mod bench;
 mod bochs;
+mod cpio;
 mod cpu;
 mod deps;
 mod events;
 mod images;
+mod linux;
 mod scenario;
+mod symbols;
 mod template;
 mod verdict;
 
@@ -66,6 +69,9 @@ enum Cmd {
         /// Do not stream the serial console (COM1)
         #[arg(long)]
         quiet: bool,
+        /// The Linux kernel's command line, for Linux scenarios
+        #[arg(long, value_name = "ARGS", default_value = linux::DEFAULT_CMDLINE)]
+        cmdline: String,
     },
     /// Run the `demo` scenario with the console streamed; exit 0 on PASS
     Demo,
@@ -122,6 +128,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             timeout,
             megs,
             quiet,
+            cmdline,
         } => {
             let opts = RunOptions {
                 cpu: model_for(&cli.cpu, &scenario)?,
@@ -136,7 +143,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                     scenario::test_names()
                 );
             }
-            run_one(&scenario, &opts)
+            run_one(&scenario, &opts, &cmdline)
         }
         Cmd::Demo => {
             let opts = RunOptions {
@@ -145,7 +152,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 timeout: Duration::from_secs(DEFAULT_TIMEOUT_SECS),
                 quiet: false,
             };
-            run_one(scenario::DEMO.name, &opts)
+            run_one(scenario::DEMO.name, &opts, linux::DEFAULT_CMDLINE)
         }
         Cmd::Test { no_unit, only } => test(&cli.cpu, no_unit, only.as_deref()),
         Cmd::Attacks { json } => run_attacks(&cli.cpu, json),
@@ -165,7 +172,7 @@ fn run_bench(cpu_name: &str, json: bool) -> Result<ExitCode> {
         .collect();
     let layout = Layout::discover()?;
     bochs::install_interrupt_handler()?;
-    build_images(&layout, &names)?;
+    build_images(&layout, &names, linux::DEFAULT_CMDLINE)?;
     let opts = batch_options(model);
     let mut rows = Vec::new();
     let mut ok = true;
@@ -173,7 +180,7 @@ fn run_bench(cpu_name: &str, json: bool) -> Result<ExitCode> {
         eprintln!("[ihmi] benchmark {name} (cpu {})", model.name);
         let report = bochs::run(&layout, name, &opts)?;
         if !report.verdict.is_pass() {
-            print_result(&layout, name, &report);
+            print_result(&layout, name, &report, None);
             ok = false;
             continue;
         }
@@ -203,7 +210,7 @@ fn run_attacks(cpu_name: &str, json: bool) -> Result<ExitCode> {
     let layout = Layout::discover()?;
     bochs::install_interrupt_handler()?;
     let names: Vec<&str> = scenario::ATTACK_SCENARIOS.iter().map(|s| s.name).collect();
-    build_images(&layout, &names)?;
+    build_images(&layout, &names, linux::DEFAULT_CMDLINE)?;
     let opts = batch_options(model);
     let mut reports = Vec::new();
     for (name, attack) in names.iter().zip(ihmi_abi::Attack::ALL) {
@@ -270,28 +277,58 @@ fn model_for(name: &str, scenario: &str) -> Result<&'static CpuModel> {
 }
 
 /// Checks the host tools, builds L0 and the guest, and makes one ISO per scenario.
-fn build_images(layout: &Layout, scenarios: &[&str]) -> Result<Vec<PathBuf>> {
+/// What `build_images` made: one ISO per scenario, and the Linux guest's images if one needed them.
+struct Built {
+    isos: Vec<PathBuf>,
+    symbols: Option<symbols::SystemMap>,
+}
+
+fn build_images(layout: &Layout, scenarios: &[&str], cmdline: &str) -> Result<Built> {
     deps::ensure()?;
     images::build_bare(layout)?;
-    scenarios
+    // The Linux guest's images are built (or found in the cache) once, for the scenarios that boot it.
+    let linux = if scenarios.iter().any(|s| scenario::is_linux(s)) {
+        Some(linux::prepare(layout, cmdline)?)
+    } else {
+        None
+    };
+    let isos = scenarios
         .iter()
-        .map(|s| images::make_iso(layout, s))
-        .collect()
+        .map(|s| {
+            let l = linux.as_ref().filter(|_| scenario::is_linux(s));
+            images::make_iso(layout, s, l)
+        })
+        .collect::<Result<_>>()?;
+    let symbols = match linux {
+        Some(l) => {
+            let map = symbols::SystemMap::load(&l.system_map)?;
+            // The monitors hook these; a kernel without them is refused now, by name, not at boot.
+            for name in linux::HOOK_SYMBOLS {
+                map.require(name)?;
+            }
+            Some(map)
+        }
+        None => None,
+    };
+    Ok(Built { isos, symbols })
 }
 
 fn build(scenarios: &[&str]) -> Result<ExitCode> {
     let layout = Layout::discover()?;
-    let isos = build_images(&layout, scenarios)?;
-    for path in [layout.l0_elf(), layout.guest_elf()].iter().chain(&isos) {
+    let built = build_images(&layout, scenarios, linux::DEFAULT_CMDLINE)?;
+    for path in [layout.l0_elf(), layout.guest_elf()]
+        .iter()
+        .chain(&built.isos)
+    {
         println!("{}", relative(&layout, path).display());
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_one(scenario: &str, opts: &RunOptions) -> Result<ExitCode> {
+fn run_one(scenario: &str, opts: &RunOptions, cmdline: &str) -> Result<ExitCode> {
     let layout = Layout::discover()?;
     bochs::install_interrupt_handler()?;
-    build_images(&layout, &[scenario])?;
+    let built = build_images(&layout, &[scenario], cmdline)?;
     eprintln!(
         "[ihmi] booting scenario {scenario} under Bochs (cpu {}, {} MiB, timeout {} s)",
         opts.cpu.name,
@@ -299,7 +336,7 @@ fn run_one(scenario: &str, opts: &RunOptions) -> Result<ExitCode> {
         opts.timeout.as_secs()
     );
     let report = bochs::run(&layout, scenario, opts)?;
-    print_result(&layout, scenario, &report);
+    print_result(&layout, scenario, &report, built.symbols.as_ref());
     Ok(if report.verdict.is_pass() {
         ExitCode::SUCCESS
     } else {
@@ -307,8 +344,14 @@ fn run_one(scenario: &str, opts: &RunOptions) -> Result<ExitCode> {
     })
 }
 
-/// One result line per scenario, and the details a failure needs.
-fn print_result(layout: &Layout, scenario: &str, report: &RunReport) {
+/// One result line per scenario, and the details a failure needs (with kernel symbols for the guest's
+/// instruction pointers when the guest was Linux).
+fn print_result(
+    layout: &Layout,
+    scenario: &str,
+    report: &RunReport,
+    symbols: Option<&symbols::SystemMap>,
+) {
     let secs = report.elapsed.as_secs_f64();
     match &report.verdict {
         verdict::Verdict::Pass => println!("[ihmi] scenario {scenario}: PASS ({secs:.1} s)"),
@@ -323,6 +366,11 @@ fn print_result(layout: &Layout, scenario: &str, report: &RunReport) {
                 &format!("Bochs log ({})", dir.join(bochs::LOG).display()),
                 &report.log,
             );
+            if let Some(map) = symbols.filter(|_| scenario::is_linux(scenario)) {
+                for line in symbols::annotate(map, &report.e9) {
+                    println!("[ihmi] {line}");
+                }
+            }
         }
     }
 }
@@ -379,7 +427,7 @@ fn test(cpu_name: &str, no_unit: bool, only: Option<&str>) -> Result<ExitCode> {
     }
 
     let names: Vec<&str> = selected.iter().map(|s| s.name).collect();
-    match build_images(&layout, &names) {
+    match build_images(&layout, &names, linux::DEFAULT_CMDLINE) {
         Err(err) => {
             // Every scenario fails without images; say why once and keep the summary honest.
             println!("[ihmi] building the images failed: {err:#}");
@@ -388,14 +436,15 @@ fn test(cpu_name: &str, no_unit: bool, only: Option<&str>) -> Result<ExitCode> {
             }
             failed += names.len();
         }
-        Ok(_) => {
+        Ok(built) => {
+            let symbols = built.symbols;
             let opts = batch_options(model);
             let mut outputs = std::collections::HashMap::new();
             for name in &names {
                 eprintln!("[ihmi] running scenario {name} (cpu {})", model.name);
                 match bochs::run(&layout, name, &opts) {
                     Ok(report) => {
-                        print_result(&layout, name, &report);
+                        print_result(&layout, name, &report, symbols.as_ref());
                         if report.verdict.is_pass() {
                             passed += 1;
                             outputs.insert(*name, report.e9);
@@ -477,6 +526,7 @@ mod tests {
             timeout,
             megs,
             quiet,
+            ..
         } = cli.command
         else {
             panic!("expected run");

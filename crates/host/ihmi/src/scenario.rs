@@ -66,7 +66,7 @@ const ALL_TESTS: [Scenario; BASE_SCENARIOS.len() + BENCH_SCENARIOS.len() + ATTAC
 
 /// The scenarios before the attack suite. A new one is one line here; one that needs more than VMX +
 /// EPT says so, as `sim` does.
-const BASE_SCENARIOS: [Scenario; 8] = [
+const BASE_SCENARIOS: [Scenario; 9] = [
     Scenario::new("boot"),
     Scenario::new("ept-guard"),
     Scenario::new("bad-hypercall"),
@@ -79,6 +79,8 @@ const BASE_SCENARIOS: [Scenario; 8] = [
     },
     // The out-of-box baseline needs no VMFUNC: it must run where in-box monitoring cannot.
     Scenario::new("sim-outbox"),
+    // An unmodified Linux kernel (the `tiny` profile) to its /init and back out through L0.
+    Scenario::new("linux-boot"),
 ];
 
 /// The invocation benchmark, one scenario per mode (`ihmi bench`). They are in `ihmi test` too, where
@@ -91,6 +93,11 @@ pub const BENCH_SCENARIOS: [Scenario; 3] = [
     },
     Scenario::new("bench-outbox"),
 ];
+
+/// Whether `name` boots the Linux guest (and so needs its kernel and initramfs on the ISO).
+pub fn is_linux(name: &str) -> bool {
+    ihmi_abi::Scenario::from_name(name).is_some_and(ihmi_abi::Scenario::is_linux)
+}
 
 /// Scenario pairs that run the same workload in-box and out of the box: `ihmi test` checks that the
 /// monitor's event streams are the same.
@@ -160,7 +167,7 @@ mod tests {
 
     #[test]
     fn test_list_is_in_order_and_valid() {
-        let names: Vec<_> = TEST_SCENARIOS.iter().map(|s| s.name).take(11).collect();
+        let names: Vec<_> = TEST_SCENARIOS.iter().map(|s| s.name).take(12).collect();
         assert_eq!(
             names,
             [
@@ -172,13 +179,14 @@ mod tests {
                 "entry-bad-guest-state",
                 "sim",
                 "sim-outbox",
+                "linux-boot",
                 "bench-none",
                 "bench-inbox",
                 "bench-outbox"
             ]
         );
         // Then every attack, each named as L0 knows it and needing VMFUNC.
-        let attacks: Vec<_> = TEST_SCENARIOS[11..].iter().collect();
+        let attacks: Vec<_> = TEST_SCENARIOS[12..].iter().collect();
         assert_eq!(attacks.len(), Attack::ALL.len());
         for (s, a) in attacks.iter().zip(Attack::ALL) {
             assert_eq!(s.name, format!("attack-{}", a.name()));
@@ -216,5 +224,6 @@ mod tests {
         assert_eq!(requirements("future-thing"), BASE);
         assert_eq!(requirements("demo"), DEMO.requires);
         assert!(is_known("boot") && !is_known("future-thing"));
+        assert!(is_linux("linux-boot") && !is_linux("sim") && !is_linux("future-thing"));
     }
 }

@@ -1,0 +1,308 @@
+//! The Linux guest's images: the kernel of a profile, built once and cached, and the initramfs (busybox,
+//! our /init and our static workload programs). Nothing here is committed as a binary.
+//!
+//! - `tiny`: Debian's `linux-source-6.1`, `make tinyconfig`, then `guest/linux/tiny.config` merged in;
+//!   built out of tree under `target/ihmi/linux/`, keyed by the source package's version and the
+//!   fragment, so a changed fragment rebuilds and an unchanged one never does.
+
+use std::collections::hash_map::DefaultHasher;
+use std::fs;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+
+use crate::cpio::Archive;
+use crate::deps;
+use crate::images::{cargo, Layout};
+
+/// The kernel command line unless `--cmdline` says otherwise: the serial console at the speed that
+/// keeps Bochs fast, and no KASLR so System.map's addresses are the running ones.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0,115200 nokaslr panic=-1";
+
+/// Kernel symbols the Linux monitors hook: the system-call entry and the process-creation point.
+pub const HOOK_SYMBOLS: &[&str] = &["entry_SYSCALL_64", "wake_up_new_task", "__fentry__"];
+
+/// What a Linux scenario boots.
+#[derive(Debug, Clone)]
+pub struct LinuxImages {
+    pub kernel: PathBuf,
+    pub system_map: PathBuf,
+    pub initrd: PathBuf,
+    pub cmdline: String,
+}
+
+/// The static programs the initramfs carries (package `ihmi-linux-workload`).
+const WORKLOAD_PROGRAMS: &[&str] = &["ihmi-poweroff"];
+const WORKLOAD_TARGET: &str = "x86_64-unknown-linux-gnu";
+
+/// Builds (or finds cached) the `tiny` kernel and a fresh initramfs.
+pub fn prepare(layout: &Layout, cmdline: &str) -> Result<LinuxImages> {
+    deps::ensure_linux()?;
+    let (kernel, system_map) = tiny_kernel(layout)?;
+    let programs = build_workload(layout)?;
+    let initrd = build_initramfs(layout, &programs)?;
+    Ok(LinuxImages {
+        kernel,
+        system_map,
+        initrd,
+        cmdline: cmdline.to_string(),
+    })
+}
+
+fn linux_dir(layout: &Layout) -> PathBuf {
+    layout.out_dir().join("linux")
+}
+
+fn run(cmd: &mut Command, what: &str) -> Result<()> {
+    let status = cmd
+        .stdin(Stdio::null())
+        .status()
+        .with_context(|| format!("could not start {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status}); see its output above");
+    }
+    Ok(())
+}
+
+fn source_version() -> Result<String> {
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${Version}", "linux-source-6.1"])
+        .output()
+        .context("could not run dpkg-query")?;
+    if !out.status.success() {
+        bail!("linux-source-6.1 is not installed: apt-get install linux-source-6.1");
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The `tiny` kernel's bzImage and System.map, building them if the cache has none for this source
+/// version and fragment.
+fn tiny_kernel(layout: &Layout) -> Result<(PathBuf, PathBuf)> {
+    let fragment_path = layout.root.join("guest/linux/tiny.config");
+    let fragment = fs::read(&fragment_path)
+        .with_context(|| format!("cannot read {}", fragment_path.display()))?;
+    let version = source_version()?;
+    let mut h = DefaultHasher::new();
+    (&version, &fragment).hash(&mut h);
+    let dir = linux_dir(layout).join(format!("tiny-{version}-{:016x}", h.finish()));
+    let (bzimage, system_map) = (dir.join("bzImage"), dir.join("System.map"));
+    if bzimage.is_file() && system_map.is_file() {
+        return Ok((bzimage, system_map));
+    }
+
+    let src = linux_dir(layout).join("linux-source-6.1");
+    let extracted = linux_dir(layout).join(format!(".extracted-{version}"));
+    if !extracted.is_file() {
+        if src.exists() {
+            fs::remove_dir_all(&src).context("cannot clear the old kernel source")?;
+        }
+        fs::create_dir_all(linux_dir(layout))?;
+        eprintln!(
+            "[ihmi] extracting {} (linux-source {version})",
+            deps::LINUX_SOURCE
+        );
+        run(
+            Command::new("tar")
+                .arg("-xf")
+                .arg(deps::LINUX_SOURCE)
+                .arg("-C")
+                .arg(linux_dir(layout)),
+            "tar",
+        )?;
+        fs::write(&extracted, &version)?;
+    }
+    let build = dir.join("build");
+    fs::create_dir_all(&build)?;
+    let make = |args: &[&str]| {
+        let mut c = Command::new("make");
+        c.arg("-C")
+            .arg(&src)
+            .arg(format!("O={}", build.display()))
+            .args(args);
+        c
+    };
+    eprintln!(
+        "[ihmi] configuring the tiny kernel (tinyconfig + {})",
+        fragment_path.display()
+    );
+    run(&mut make(&["-s", "tinyconfig"]), "make tinyconfig")?;
+    run(
+        Command::new(src.join("scripts/kconfig/merge_config.sh"))
+            .current_dir(&src)
+            .arg("-m")
+            .arg("-O")
+            .arg(&build)
+            .arg(build.join(".config"))
+            .arg(&fragment_path)
+            .stdout(Stdio::null()),
+        "merge_config.sh",
+    )?;
+    run(&mut make(&["-s", "olddefconfig"]), "make olddefconfig")?;
+    check_config(&build.join(".config"), &fragment)?;
+    let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
+    eprintln!("[ihmi] building the tiny kernel with {jobs} jobs (about 2 minutes on 2 cores)");
+    run(
+        &mut make(&["-s", &format!("-j{jobs}"), "bzImage"]),
+        "the kernel build",
+    )?;
+    fs::copy(build.join("arch/x86/boot/bzImage"), &bzimage)?;
+    fs::copy(build.join("System.map"), &system_map)?;
+    Ok((bzimage, system_map))
+}
+
+/// Every `=y` and `=n` of the fragment must have survived Kconfig: a dependency it missed would build a
+/// kernel without what the monitors rely on, silently.
+fn check_config(config: &Path, fragment: &[u8]) -> Result<()> {
+    let built = fs::read_to_string(config)?;
+    for line in String::from_utf8_lossy(fragment).lines() {
+        let line = line.trim();
+        let Some((name, value)) = line.split_once('=') else {
+            continue;
+        };
+        if line.starts_with('#') {
+            continue;
+        }
+        let ok = match value {
+            "n" => !built.lines().any(|l| l == format!("{name}=y")),
+            _ => built.lines().any(|l| l == line),
+        };
+        if !ok {
+            bail!("{line} from guest/linux/tiny.config did not survive Kconfig (a missing dependency?)");
+        }
+    }
+    Ok(())
+}
+
+/// Whether `elf` is a statically linked executable (no PT_INTERP program header).
+pub fn is_static_elf(elf: &[u8]) -> bool {
+    const PT_INTERP: u32 = 3;
+    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |o: usize| {
+        elf.get(o..o + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let u64_at = |o: usize| {
+        elf.get(o..o + 8)
+            .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+    };
+    if elf.get(..4) != Some(b"\x7fELF") || elf.get(4) != Some(&2) {
+        return false;
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
+    else {
+        return false;
+    };
+    (0..usize::from(phnum)).all(|i| {
+        let at = phoff as usize + i * usize::from(phentsize);
+        u32_at(at).is_some_and(|t| t != PT_INTERP)
+    })
+}
+
+/// Builds the workload programs as static binaries; returns (name, path) pairs.
+fn build_workload(layout: &Layout) -> Result<Vec<(&'static str, PathBuf)>> {
+    let target_dir = layout.root.join("target/linux-workload");
+    let mut cmd = Command::new(cargo());
+    cmd.current_dir(&layout.root)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "ihmi-linux-workload",
+            "--target",
+            WORKLOAD_TARGET,
+        ])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS");
+    run(&mut cmd, "building the workload programs")?;
+    WORKLOAD_PROGRAMS
+        .iter()
+        .map(|name| {
+            let path = target_dir.join(WORKLOAD_TARGET).join("release").join(name);
+            let bytes =
+                fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            if !is_static_elf(&bytes) {
+                bail!("{} is not statically linked", path.display());
+            }
+            Ok((*name, path))
+        })
+        .collect()
+}
+
+/// The initramfs: busybox, /init, the workload programs, and the nodes init needs before devtmpfs.
+fn build_initramfs(layout: &Layout, programs: &[(&str, PathBuf)]) -> Result<PathBuf> {
+    let busybox =
+        fs::read(deps::BUSYBOX).with_context(|| format!("cannot read {}", deps::BUSYBOX))?;
+    if !is_static_elf(&busybox) {
+        bail!(
+            "{} is not statically linked: apt-get install busybox-static",
+            deps::BUSYBOX
+        );
+    }
+    let init_path = layout.root.join("guest/linux/init");
+    let init =
+        fs::read(&init_path).with_context(|| format!("cannot read {}", init_path.display()))?;
+    let mut a = Archive::new();
+    for d in ["bin", "dev", "proc", "sys", "tmp", "etc"] {
+        a.dir(d);
+    }
+    a.char_dev("dev/console", 0o600, 5, 1);
+    a.char_dev("dev/null", 0o666, 1, 3);
+    a.file("bin/busybox", 0o755, &busybox);
+    a.symlink("bin/sh", "busybox");
+    a.file("init", 0o755, &init);
+    for (name, path) in programs {
+        let bytes = fs::read(path)?;
+        a.file(&format!("bin/{name}"), 0o755, &bytes);
+    }
+    let out = linux_dir(layout).join("initrd.cpio");
+    fs::create_dir_all(linux_dir(layout))?;
+    fs::write(&out, a.finish()).with_context(|| format!("cannot write {}", out.display()))?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An ELF64 header with one program header of type `ptype`.
+    fn elf_with_phdr(ptype: u32) -> Vec<u8> {
+        let mut e = vec![0u8; 64 + 56];
+        e[..4].copy_from_slice(b"\x7fELF");
+        e[4] = 2; // ELFCLASS64
+        e[0x20..0x28].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+        e[0x36..0x38].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+        e[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
+        e[64..68].copy_from_slice(&ptype.to_le_bytes());
+        e
+    }
+
+    #[test]
+    fn static_elf_check() {
+        assert!(is_static_elf(&elf_with_phdr(1)), "PT_LOAD only");
+        assert!(!is_static_elf(&elf_with_phdr(3)), "PT_INTERP");
+        let mut truncated = elf_with_phdr(1);
+        truncated.truncate(66);
+        assert!(!is_static_elf(&truncated), "program header cut off");
+        let sh = fs::read("/bin/sh").unwrap();
+        assert!(!is_static_elf(&sh), "/bin/sh is dynamically linked");
+        assert!(!is_static_elf(b"not an elf"));
+        assert!(!is_static_elf(&[]));
+    }
+
+    #[test]
+    fn config_check_catches_lost_options() {
+        let dir = std::env::temp_dir().join(format!("ihmi-cfg-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let cfg = dir.join(".config");
+        fs::write(&cfg, "CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C=y\n").unwrap();
+        assert!(check_config(&cfg, b"CONFIG_A=y\nCONFIG_B=n\n# comment\n").is_ok());
+        let err = check_config(&cfg, b"CONFIG_B=y\n").unwrap_err().to_string();
+        assert!(err.contains("CONFIG_B=y"), "{err}");
+        assert!(check_config(&cfg, b"CONFIG_C=n\n").is_err());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,188 @@
+//! Booting an unmodified Linux kernel as the guest, with the 64-bit boot protocol (`ihmi-linux` holds
+//! the protocol; this places things in guest RAM). The kernel goes where it asks (`pref_address`), the
+//! initrd as high as the kernel allows, the zero page and the command line in low RAM, and the e820
+//! map is the firmware's with L0's and the monitor's frames marked reserved.
+
+use ihmi_addr::{Gpa, Hpa, PhysRange, PAGE_SIZE};
+use ihmi_hv::{MemoryMap, RegionKind};
+use ihmi_linux::{BootParams, E820Entry, E820Kind, Kernel, BOOT_CS, BOOT_DS, E820_MAX};
+
+use crate::guest::{self, GuestBoot};
+use crate::{fail, log};
+
+/// The zero page and the command line, in low RAM next to the boot tables.
+const ZERO_PAGE: Gpa = Gpa::new(0x2_2000);
+const CMDLINE: Gpa = Gpa::new(0x2_3000);
+
+/// What GRUB loaded for a Linux scenario.
+#[derive(Clone, Copy, Debug)]
+pub struct Modules<'a> {
+    pub kernel: &'a [u8],
+    pub cmdline: &'a str,
+    pub initrd: Option<&'a [u8]>,
+}
+
+/// One range of the firmware's memory map, with its e820 type.
+#[derive(Clone, Copy, Debug)]
+pub struct FirmwareRange {
+    pub range: PhysRange,
+    pub kind: E820Kind,
+}
+
+/// Loads the kernel, the initrd and the boot structures; returns how to start the guest.
+pub fn load(
+    m: &Modules<'_>,
+    memory: &MemoryMap,
+    firmware: &[FirmwareRange],
+    page_1g: bool,
+) -> GuestBoot {
+    let kernel =
+        Kernel::parse(m.kernel).unwrap_or_else(|e| fail(format_args!("the linux module: {e}")));
+    let load_at = Gpa::new(kernel.pref_address);
+    let span = u64::from(kernel.init_size).max(kernel.payload.len() as u64);
+    if !memory.is_guest_ram(load_at, span) {
+        fail(format_args!(
+            "the kernel wants {:#x}..{:#x} (init_size), which is not all guest RAM; boot with more memory",
+            load_at.raw(),
+            load_at.raw() + span
+        ));
+    }
+    guest::guest_bytes(memory, load_at, kernel.payload.len() as u64)
+        .copy_from_slice(kernel.payload);
+    log!(
+        "linux: boot protocol {}.{}, {} KiB kernel at {load_at}, needs {} KiB there",
+        kernel.version >> 8,
+        kernel.version & 0xff,
+        kernel.payload.len() >> 10,
+        kernel.init_size >> 10
+    );
+
+    let mut params = BootParams::new(&kernel);
+    let cmdline = m.cmdline.as_bytes();
+    if let Err(e) = params.set_cmdline(&kernel, CMDLINE.raw(), cmdline.len()) {
+        fail(format_args!("kernel command line: {e}"));
+    }
+    let dst = guest::guest_bytes(memory, CMDLINE, cmdline.len() as u64 + 1);
+    dst[..cmdline.len()].copy_from_slice(cmdline);
+    dst[cmdline.len()] = 0;
+    log!("linux: command line \"{}\"", m.cmdline);
+
+    if let Some(initrd) = m.initrd {
+        let avoid = PhysRange {
+            start: Hpa::new(load_at.raw()),
+            end: Hpa::new(load_at.raw() + span),
+        };
+        let at = place_initrd(
+            memory,
+            initrd.len() as u64,
+            u64::from(kernel.initrd_addr_max),
+            avoid,
+        );
+        guest::guest_bytes(memory, at, initrd.len() as u64).copy_from_slice(initrd);
+        params.set_initrd(at.raw(), initrd.len() as u64);
+        log!("linux: {} KiB initrd at {at}", initrd.len() >> 10);
+    }
+
+    let (e820, n) = e820_map(memory, firmware);
+    if let Err(e) = params.set_e820(&e820[..n]) {
+        fail(format_args!("e820 map: {e}"));
+    }
+    for e in &e820[..n] {
+        log!(
+            "linux: e820 {:#011x}-{:#011x} {:?}",
+            e.addr,
+            e.addr + e.size,
+            e.kind
+        );
+    }
+    guest::guest_bytes(memory, ZERO_PAGE, 4096).copy_from_slice(params.as_bytes());
+
+    let cr3 = guest::identity_tables(memory, page_1g);
+    // The 64-bit boot protocol's GDT: __BOOT_CS at 0x10, __BOOT_DS at 0x18.
+    let gdt_limit = guest::write_gdt(memory, &[0, 0, guest::CODE64, guest::DATA]);
+    GuestBoot {
+        entry: kernel.entry_64(),
+        cr3,
+        gdt: guest::BOOT_GDT,
+        gdt_limit,
+        stack_top: guest::boot_stack(),
+        boot_info: ZERO_PAGE,
+        code_selector: BOOT_CS,
+        data_selector: BOOT_DS,
+    }
+}
+
+/// The highest page-aligned place for `len` bytes of initrd in guest RAM, ending at or below `max`
+/// (the kernel's `initrd_addr_max`) and clear of `avoid` (the kernel's start-up area).
+fn place_initrd(memory: &MemoryMap, len: u64, max: u64, avoid: PhysRange) -> Gpa {
+    let need = len.next_multiple_of(PAGE_SIZE);
+    let mut best: Option<u64> = None;
+    for r in memory.of_kind(RegionKind::GuestRam) {
+        let top = r.end.raw().min(max.saturating_add(1)) & !(PAGE_SIZE - 1);
+        let Some(start) = top.checked_sub(need) else {
+            continue;
+        };
+        let candidate = PhysRange {
+            start: Hpa::new(start),
+            end: Hpa::new(top),
+        };
+        if start >= r.start.raw() && !candidate.overlaps(&avoid) && best.is_none_or(|b| start > b) {
+            best = Some(start);
+        }
+    }
+    match best {
+        Some(at) => Gpa::new(at),
+        None => fail(format_args!(
+            "no room for the {} KiB initrd in guest RAM below {max:#x}; boot with more memory",
+            len >> 10
+        )),
+    }
+}
+
+/// The e820 map: the firmware's, with its available RAM split as L0's map has it (L0's and the
+/// monitor's frames reserved), in address order.
+fn e820_map(memory: &MemoryMap, firmware: &[FirmwareRange]) -> ([E820Entry; E820_MAX], usize) {
+    let mut out = [E820Entry {
+        addr: 0,
+        size: 0,
+        kind: E820Kind::Reserved,
+    }; E820_MAX];
+    let mut n = 0;
+    let mut push = |range: PhysRange, kind: E820Kind| {
+        if range.is_empty() {
+            return;
+        }
+        if n == E820_MAX {
+            fail(format_args!("more than {E820_MAX} e820 entries"));
+        }
+        out[n] = E820Entry {
+            addr: range.start.raw(),
+            size: range.len(),
+            kind,
+        };
+        n += 1;
+    };
+    for fw in firmware {
+        if fw.kind != E820Kind::Ram {
+            push(fw.range, fw.kind);
+            continue;
+        }
+        // Split what the firmware calls RAM by who owns it now.
+        for (r, kind) in memory.regions() {
+            let part = PhysRange {
+                start: r.start.max(fw.range.start),
+                end: r.end.min(fw.range.end),
+            };
+            if part.start >= part.end {
+                continue;
+            }
+            let kind = match kind {
+                RegionKind::GuestRam => E820Kind::Ram,
+                RegionKind::L0 | RegionKind::Monitor | RegionKind::Mmio => E820Kind::Reserved,
+            };
+            push(part, kind);
+        }
+    }
+    out[..n].sort_unstable_by_key(|e| e.addr);
+    (out, n)
+}
