@@ -199,6 +199,7 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
     let mut monitor_module: Option<&'static [u8]> = None;
     let mut linux_module: Option<(&'static [u8], &str)> = None;
     let mut initrd_module: Option<&'static [u8]> = None;
+    let mut profile_module: Option<&'static [u8]> = None;
     for module in mbi.module_tags() {
         let range = PhysRange {
             start: Hpa::new(u64::from(module.start_address())),
@@ -222,6 +223,7 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
             Some("testguest") => guest_module = Some(bytes),
             Some("monitor") => monitor_module = Some(bytes),
             Some("initrd") => initrd_module = Some(bytes),
+            Some("linux-profile") => profile_module = Some(bytes),
             // `linux` then the kernel's command line.
             Some(c) if c == "linux" || c.starts_with("linux ") => {
                 linux_module = Some((bytes, c.strip_prefix("linux").unwrap_or("").trim()));
@@ -467,6 +469,29 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
     let state = unsafe { &mut *STATE.0.get() };
     let mut hv = Hypervisor::new(memory, scenario);
     hv.guard = guard;
+    if scenario.is_linux() {
+        // What the host found in the kernel's own System.map and BTF.
+        let Some(text) = profile_module.and_then(|b| core::str::from_utf8(b).ok()) else {
+            fail(format_args!(
+                "no 'linux-profile' module (the guest profile `ihmi` derives from System.map and BTF)"
+            ));
+        };
+        match ihmi_linux::LinuxProfile::parse(text) {
+            Ok(p) => {
+                log!(
+                    "linux: profile: current_task {:#x}, task_struct pid@{:#x} tgid@{:#x} comm@{:#x} real_parent@{:#x}, PTI PGD pairs {}",
+                    p.current_task,
+                    p.pid.offset,
+                    p.tgid.offset,
+                    p.comm.offset,
+                    p.real_parent.offset,
+                    p.pti_pgd_pair
+                );
+                hv.linux = Some(p);
+            }
+            Err(e) => fail(format_args!("{e}")),
+        }
+    }
     hv.outbox_monitor = outbox.is_some();
     let outbox = outbox.map(|o| o.with_guest_vmcs(vmcs_frame));
     *state = Some(L0State {
@@ -530,6 +555,12 @@ impl Platform for HwPlatform {
 
     fn log(&mut self, args: fmt::Arguments<'_>) {
         log!("{args}");
+    }
+
+    fn read_msr(&mut self, msr: u32) -> u64 {
+        // SAFETY: ihmi-hv asks only for IA32_KERNEL_GS_BASE, which every x86-64 CPU has; L0 never changes
+        // it, so it holds the guest's value.
+        unsafe { ihmi_rt::cpu::rdmsr(msr) }
     }
 
     fn port_in(&mut self, port: u16) -> u8 {
@@ -643,6 +674,11 @@ fn finish(end: GuestEnd) -> ! {
     let st = state();
     drain_monitor(st);
     log!("guest ended: {end}");
+    match &st.hv.log.end_task {
+        Some(Ok(t)) => log!("linux: running task at the end: {t}"),
+        Some(Err(e)) => log!("linux: the running task could not be read: {e}"),
+        None => {}
+    }
     if let Some(m) = &st.monitor {
         log!(
             "monitor: {} events, {} dropped",

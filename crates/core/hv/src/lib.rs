@@ -9,6 +9,7 @@ mod cpuid;
 pub mod guard;
 mod hypercall;
 pub mod io;
+pub mod linux;
 pub mod memory;
 pub mod msr;
 pub mod outbox;
@@ -84,6 +85,8 @@ pub trait Platform {
     fn write_msr(&mut self, msr: u32, value: u64);
     /// Sets XCR0 to a value L0 has checked, on the guest's behalf (XSETBV always exits).
     fn xsetbv(&mut self, xcr0: u64);
+    /// Reads an MSR that holds guest state L0 does not switch (IA32_KERNEL_GS_BASE).
+    fn read_msr(&mut self, msr: u32) -> u64;
     /// Reads a byte from a device port L0 intercepts but passes on (the keyboard controller).
     fn port_in(&mut self, port: u16) -> u8;
     /// Writes a byte to such a port, once L0 has checked it.
@@ -237,6 +240,8 @@ pub struct Hypervisor {
     pub outbox_monitor: bool,
     /// A benchmark window mark the guest just made, for L0 to add its monitor-side counts to.
     pub bench_mark: Option<bench::BenchMark>,
+    /// What the host found out about a Linux guest's kernel (System.map and BTF).
+    pub linux: Option<ihmi_linux::LinuxProfile>,
     e9_line: io::LineBuffer,
     shutdown_port: io::ShutdownMatcher,
 }
@@ -253,6 +258,7 @@ impl Hypervisor {
             guard: None,
             outbox_monitor: false,
             bench_mark: None,
+            linux: None,
             e9_line: io::LineBuffer::default(),
             shutdown_port: io::ShutdownMatcher::default(),
         }
@@ -267,6 +273,10 @@ impl Hypervisor {
         let action = audit.unwrap_or_else(|| self.dispatch(reason, vcpu, platform));
         if let Action::End(end) = action {
             self.log.end = Some(end);
+            // Which task a Linux guest was running when it ended, read through its own structures.
+            if self.linux.is_some() {
+                self.log.end_task = Some(self.current_linux_task(vcpu, platform));
+            }
         }
         action
     }

@@ -27,6 +27,7 @@ pub enum Call {
     WriteMsr(u32, u64),
     Xsetbv(u64),
     PortIn(u16),
+    ReadMsr(u32),
     PortOut(u16, u8),
 }
 
@@ -81,6 +82,8 @@ impl Vcpu for MockVcpu {
 pub struct MockPlatform {
     /// Guest-physical memory by page number.
     pub pages: BTreeMap<u64, [u8; 4096]>,
+    /// MSR values `read_msr` returns.
+    pub msrs: BTreeMap<u32, u64>,
     pub calls: RefCell<Vec<Call>>,
 }
 
@@ -140,6 +143,10 @@ impl Platform for MockPlatform {
                 .map_or(0, |p| p[(a % 4096) as usize]);
         }
         true
+    }
+    fn read_msr(&mut self, msr: u32) -> u64 {
+        self.calls.borrow_mut().push(Call::ReadMsr(msr));
+        self.msrs.get(&msr).copied().unwrap_or(0)
     }
     fn port_in(&mut self, port: u16) -> u8 {
         self.calls.borrow_mut().push(Call::PortIn(port));

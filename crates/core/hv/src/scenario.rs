@@ -36,6 +36,8 @@ pub struct ScenarioLog {
     pub io_exits: u64,
     /// Whole lines the guest wrote to the debug port (0xE9).
     pub debug_lines: u64,
+    /// The task a Linux guest was running when it ended (read with the guest profile).
+    pub end_task: Option<Result<crate::linux::TaskInfo, crate::linux::TaskError>>,
     /// How the guest ended, once it has.
     pub end: Option<GuestEnd>,
     monitor_events: heapless_table::Table<Event, MAX_MONITOR_EVENTS>,
@@ -207,6 +209,10 @@ pub enum FailReason {
     MonitorDropped(u64),
     /// Attack scenarios are judged by `attacks::judge_attack`, not here.
     AttackScenario,
+    /// A Linux guest ended from another task than the scenario's.
+    WrongTask(crate::linux::TaskInfo),
+    /// The running Linux task could not be read.
+    NoTask(crate::linux::TaskError),
     /// The benchmark's counts do not have the structure its mode must give.
     Bench(crate::bench::BenchFault),
     /// VM entry failed in a way the scenario did not ask for.
@@ -285,6 +291,8 @@ impl fmt::Display for FailReason {
                 f.write_str("attack scenarios are judged by attacks::judge_attack")
             }
             Self::Bench(fault) => write!(f, "benchmark structure: {fault:?}"),
+            Self::WrongTask(t) => write!(f, "the guest ended from the wrong task: {t}"),
+            Self::NoTask(e) => write!(f, "cannot read the running task: {e}"),
             Self::EntryDidNotFail => {
                 f.write_str("VM entry was expected to fail, but the guest ran")
             }
@@ -452,9 +460,20 @@ fn check(
         Scenario::Attack(_) => Err(FailReason::AttackScenario),
         // Linux booted, ran our /init, and /init's last program wrote its line on the debug port and
         // asked for the power-off L0 intercepts.
+        // The task that did it must be /init's last program, as the kernel's own task_struct says it:
+        // pid 1 (init exec'd it), named ihmi-poweroff, child of the idle task (tgid 0).
         Scenario::LinuxBoot => match log.end {
             None => Err(FailReason::NotEnded),
-            Some(GuestEnd::ShutdownRequest) if log.debug_lines > 0 => Ok(()),
+            Some(GuestEnd::ShutdownRequest) if log.debug_lines > 0 => match log.end_task {
+                Some(Ok(t))
+                    if t.pid == 1 && t.ppid == 0 && comm_bytes(&t.comm) == b"ihmi-poweroff" =>
+                {
+                    Ok(())
+                }
+                Some(Ok(t)) => Err(FailReason::WrongTask(t)),
+                Some(Err(e)) => Err(FailReason::NoTask(e)),
+                None => Err(FailReason::NoTask(crate::linux::TaskError::NoProfile)),
+            },
             Some(got) => Err(FailReason::WrongEnd {
                 expected:
                     "the guest's /init to print on port 0xE9 and power off through port 0x8900",

@@ -1118,3 +1118,120 @@ fn xsetbv_is_checked_then_performed() {
         .count();
     assert_eq!(sets, 1);
 }
+
+#[test]
+fn the_running_linux_task_is_read_through_the_profile() {
+    use ihmi_linux::profile::{Field, LinuxProfile};
+    let mut h = hv(Scenario::LinuxBoot);
+    h.linux = Some(LinuxProfile {
+        current_task: 0x8, // a per-CPU offset
+        init_top_pgt: 0,
+        entry_syscall_64: 0,
+        pid: Field {
+            offset: 0x10,
+            size: 4,
+        },
+        tgid: Field {
+            offset: 0x14,
+            size: 4,
+        },
+        comm: Field {
+            offset: 0x20,
+            size: 16,
+        },
+        real_parent: Field {
+            offset: 0x18,
+            size: 8,
+        },
+        pti_pgd_pair: false,
+    });
+    let mut p = platform_with_identity_paging();
+    // Per-CPU area at 0x10_0000 (the kernel's GS base); current_task -> task at 0x30_0000, whose
+    // parent is the task at 0x30_1000.
+    p.write_u64(0x10_0008, 0x30_0000);
+    p.write_bytes(0x30_0010, &7u32.to_le_bytes());
+    p.write_bytes(0x30_0014, &7u32.to_le_bytes());
+    p.write_u64(0x30_0018, 0x30_1000);
+    p.write_bytes(0x30_0020, b"ihmi-poweroff\0\0\0");
+    p.write_bytes(0x30_1014, &1u32.to_le_bytes());
+    // In the kernel: GS is the kernel's.
+    let mut v = MockVcpu::exited(EXIT_IO, 0x2000, 1);
+    v.fields.insert(guest::GS_BASE, 0x10_0000);
+    let t = h.current_linux_task(&mut v, &mut p).unwrap();
+    assert_eq!((t.task, t.pid, t.tgid, t.ppid), (0x30_0000, 7, 7, 1));
+    assert_eq!(&t.comm[..13], b"ihmi-poweroff");
+    // In user mode: the kernel's GS base is in IA32_KERNEL_GS_BASE, and GS is the user's.
+    let mut user = MockVcpu::exited(EXIT_IO, 0x2000, 1);
+    user.fields.insert(guest::SS_ACCESS_RIGHTS, 0xc0f3);
+    user.fields.insert(guest::GS_BASE, 0xdead_0000);
+    p.msrs.insert(0xc000_0102, 0x10_0000);
+    assert_eq!(h.current_linux_task(&mut user, &mut p).unwrap().pid, 7);
+    // A dangling pointer is an error, and so is a profile whose sizes do not fit.
+    p.write_u64(0x10_0008, 0x7fff_0000_0000);
+    assert!(matches!(
+        h.current_linux_task(&mut v, &mut p),
+        Err(crate::linux::TaskError::Walk(_))
+    ));
+    h.linux.as_mut().unwrap().comm.size = 8;
+    assert_eq!(
+        h.current_linux_task(&mut v, &mut p),
+        Err(crate::linux::TaskError::FieldSize("comm"))
+    );
+    h.linux = None;
+    assert_eq!(
+        h.current_linux_task(&mut v, &mut p),
+        Err(crate::linux::TaskError::NoProfile)
+    );
+}
+
+#[test]
+fn linux_boot_passes_only_for_init_s_last_program() {
+    use crate::linux::{TaskError, TaskInfo};
+    let task = |pid: u32, ppid: u32, comm: &[u8]| {
+        let mut c = [0u8; 16];
+        c[..comm.len()].copy_from_slice(comm);
+        TaskInfo {
+            task: 0xffff_8880_0000_0000,
+            pid,
+            tgid: pid,
+            ppid,
+            comm: c,
+        }
+    };
+    let verdict = |end: GuestEnd, lines: u64, t: Option<Result<TaskInfo, TaskError>>| {
+        let mut h = hv(Scenario::LinuxBoot);
+        h.log.end = Some(end);
+        h.log.debug_lines = lines;
+        h.log.end_task = t;
+        judge(Scenario::LinuxBoot, &h.log, &h.counters, Gpa::new(0), None)
+    };
+    let good = Some(Ok(task(1, 0, b"ihmi-poweroff")));
+    assert_eq!(verdict(GuestEnd::ShutdownRequest, 1, good), Verdict::Pass);
+    // Another task, another parent, no line on the debug port, no profile, another ending: all fail.
+    for (end, lines, t) in [
+        (
+            GuestEnd::ShutdownRequest,
+            1,
+            Some(Ok(task(42, 1, b"ihmi-poweroff"))),
+        ),
+        (
+            GuestEnd::ShutdownRequest,
+            1,
+            Some(Ok(task(1, 5, b"ihmi-poweroff"))),
+        ),
+        (GuestEnd::ShutdownRequest, 1, Some(Ok(task(1, 0, b"sh")))),
+        (GuestEnd::ShutdownRequest, 0, good),
+        (
+            GuestEnd::ShutdownRequest,
+            1,
+            Some(Err(TaskError::NoProfile)),
+        ),
+        (GuestEnd::ShutdownRequest, 1, None),
+        (GuestEnd::ResetRequest, 1, good),
+    ] {
+        assert!(
+            matches!(verdict(end, lines, t), Verdict::Fail(_)),
+            "{end:?} {t:?}"
+        );
+    }
+}

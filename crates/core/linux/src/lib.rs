@@ -4,6 +4,10 @@
 
 use core::fmt;
 
+pub mod profile;
+
+pub use profile::LinuxProfile;
+
 /// Offset of the setup header in a bzImage and in the zero page (boot.rst, "THE REAL-MODE KERNEL
 /// HEADER").
 pub const SETUP_HEADER: usize = 0x1f1;

@@ -52,6 +52,7 @@ pub const LINUX_PACKAGES: &[&str] = &[
     "libelf-dev",
     "xz-utils",
     "make",
+    "dwarves",
 ];
 
 const LINUX_REQUIREMENTS: &[Requirement] = &[
@@ -86,6 +87,10 @@ const LINUX_REQUIREMENTS: &[Requirement] = &[
     Requirement {
         need: Need::Program("make"),
         package: "make",
+    },
+    Requirement {
+        need: Need::Program("pahole"),
+        package: "dwarves",
     },
 ];
 

@@ -143,7 +143,10 @@ pub fn build_bare(layout: &Layout) -> Result<()> {
 /// Linux scenario adds the kernel, with its command line after the word `linux`, and the initramfs.
 pub fn grub_cfg(scenario: &str, linux_cmdline: Option<&str>) -> String {
     let linux = linux_cmdline.map_or(String::new(), |c| {
-        format!("module2 /boot/bzImage linux {c}\n    module2 /boot/initrd.cpio initrd\n    ")
+        format!(
+            "module2 /boot/bzImage linux {c}\n    module2 /boot/initrd.cpio initrd\n    \
+             module2 /boot/linux-profile.txt linux-profile\n    "
+        )
     });
     format!(
         "set timeout=0\n\
@@ -182,14 +185,18 @@ pub fn make_iso(
             )
         })?;
     }
-    for name in ["bzImage", "initrd.cpio"] {
+    for name in ["bzImage", "initrd.cpio", "linux-profile.txt"] {
         let _ = fs::remove_file(boot.join(name));
     }
     if let Some(l) = linux {
         if l.cmdline.contains(['"', '\n', '\\', '$', ';']) {
             bail!("the kernel command line may not contain quotes, backslashes, `$`, `;` or newlines (GRUB would read them)");
         }
-        for (from, to) in [(&l.kernel, "bzImage"), (&l.initrd, "initrd.cpio")] {
+        for (from, to) in [
+            (&l.kernel, "bzImage"),
+            (&l.initrd, "initrd.cpio"),
+            (&l.profile, "linux-profile.txt"),
+        ] {
             fs::copy(from, boot.join(to))
                 .with_context(|| format!("cannot copy {}", from.display()))?;
         }
@@ -227,7 +234,7 @@ mod tests {
     #[test]
     fn grub_cfg_boots_l0_with_scenario_and_guest_module() {
         assert!(grub_cfg("linux-boot", Some("console=ttyS0 nokaslr")).contains(
-            "    module2 /boot/bzImage linux console=ttyS0 nokaslr\n    module2 /boot/initrd.cpio initrd\n    boot\n"
+            "    module2 /boot/bzImage linux console=ttyS0 nokaslr\n    module2 /boot/initrd.cpio initrd\n    module2 /boot/linux-profile.txt linux-profile\n    boot\n"
         ));
         assert_eq!(
             grub_cfg("ept-guard", None),

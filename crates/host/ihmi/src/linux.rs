@@ -13,9 +13,13 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
+use ihmi_btf::Btf;
+use ihmi_linux::profile::{Field, LinuxProfile};
+
 use crate::cpio::Archive;
 use crate::deps;
 use crate::images::{cargo, Layout};
+use crate::symbols::SystemMap;
 
 /// The kernel command line unless `--cmdline` says otherwise: the serial console at the speed that
 /// keeps Bochs fast, and no KASLR so System.map's addresses are the running ones.
@@ -29,6 +33,8 @@ pub const HOOK_SYMBOLS: &[&str] = &["entry_SYSCALL_64", "wake_up_new_task", "__f
 pub struct LinuxImages {
     pub kernel: PathBuf,
     pub system_map: PathBuf,
+    /// The guest profile L0 gets: symbols and struct layouts (`ihmi_linux::LinuxProfile`).
+    pub profile: PathBuf,
     pub initrd: PathBuf,
     pub cmdline: String,
 }
@@ -40,12 +46,13 @@ const WORKLOAD_TARGET: &str = "x86_64-unknown-linux-gnu";
 /// Builds (or finds cached) the `tiny` kernel and a fresh initramfs.
 pub fn prepare(layout: &Layout, cmdline: &str) -> Result<LinuxImages> {
     deps::ensure_linux()?;
-    let (kernel, system_map) = tiny_kernel(layout)?;
+    let (kernel, system_map, profile) = tiny_kernel(layout)?;
     let programs = build_workload(layout)?;
     let initrd = build_initramfs(layout, &programs)?;
     Ok(LinuxImages {
         kernel,
         system_map,
+        profile,
         initrd,
         cmdline: cmdline.to_string(),
     })
@@ -77,9 +84,9 @@ fn source_version() -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-/// The `tiny` kernel's bzImage and System.map, building them if the cache has none for this source
-/// version and fragment.
-fn tiny_kernel(layout: &Layout) -> Result<(PathBuf, PathBuf)> {
+/// The `tiny` kernel's bzImage, System.map and guest profile, building them if the cache has none for
+/// this source version and fragment.
+fn tiny_kernel(layout: &Layout) -> Result<(PathBuf, PathBuf, PathBuf)> {
     let fragment_path = layout.root.join("guest/linux/tiny.config");
     let fragment = fs::read(&fragment_path)
         .with_context(|| format!("cannot read {}", fragment_path.display()))?;
@@ -87,9 +94,13 @@ fn tiny_kernel(layout: &Layout) -> Result<(PathBuf, PathBuf)> {
     let mut h = DefaultHasher::new();
     (&version, &fragment).hash(&mut h);
     let dir = linux_dir(layout).join(format!("tiny-{version}-{:016x}", h.finish()));
-    let (bzimage, system_map) = (dir.join("bzImage"), dir.join("System.map"));
-    if bzimage.is_file() && system_map.is_file() {
-        return Ok((bzimage, system_map));
+    let (bzimage, system_map, profile) = (
+        dir.join("bzImage"),
+        dir.join("System.map"),
+        dir.join("profile.txt"),
+    );
+    if bzimage.is_file() && system_map.is_file() && profile.is_file() {
+        return Ok((bzimage, system_map, profile));
     }
 
     let src = linux_dir(layout).join("linux-source-6.1");
@@ -147,9 +158,53 @@ fn tiny_kernel(layout: &Layout) -> Result<(PathBuf, PathBuf)> {
         &mut make(&["-s", &format!("-j{jobs}"), "bzImage"]),
         "the kernel build",
     )?;
-    fs::copy(build.join("arch/x86/boot/bzImage"), &bzimage)?;
+    let config = fs::read_to_string(build.join(".config"))?;
+    let p = guest_profile(&build.join("System.map"), &build.join("vmlinux"), &config)?;
+    fs::write(&profile, p.to_string())?;
     fs::copy(build.join("System.map"), &system_map)?;
-    Ok((bzimage, system_map))
+    // The bzImage last: its presence says the cache entry is complete.
+    fs::copy(build.join("arch/x86/boot/bzImage"), &bzimage)?;
+    Ok((bzimage, system_map, profile))
+}
+
+/// The guest profile of a kernel: symbols from its System.map, struct layouts from the BTF in its
+/// vmlinux, and whether page-table isolation is built in (from its .config).
+pub fn guest_profile(system_map: &Path, vmlinux: &Path, config: &str) -> Result<LinuxProfile> {
+    use object::{Object, ObjectSection};
+    let map = SystemMap::load(system_map)?;
+    let elf = fs::read(vmlinux).with_context(|| format!("cannot read {}", vmlinux.display()))?;
+    let file = object::File::parse(&*elf)
+        .with_context(|| format!("{} is not an ELF file", vmlinux.display()))?;
+    let section = file.section_by_name(".BTF").with_context(|| {
+        format!(
+            "{} has no .BTF section: build the kernel with CONFIG_DEBUG_INFO_BTF",
+            vmlinux.display()
+        )
+    })?;
+    let data = section.data().context("cannot read the .BTF section")?;
+    let btf = Btf::parse(data).map_err(|e| anyhow::anyhow!("{}: {e}", vmlinux.display()))?;
+    let field = |name: &str| -> Result<Field> {
+        let m = btf.member("task_struct", name).map_err(|e| {
+            anyhow::anyhow!(
+                "task_struct.{name} in the BTF of {}: {e}",
+                vmlinux.display()
+            )
+        })?;
+        Ok(Field {
+            offset: m.offset,
+            size: m.size,
+        })
+    };
+    Ok(LinuxProfile {
+        current_task: map.require("current_task")?,
+        init_top_pgt: map.require("init_top_pgt")?,
+        entry_syscall_64: map.require("entry_SYSCALL_64")?,
+        pid: field("pid")?,
+        tgid: field("tgid")?,
+        comm: field("comm")?,
+        real_parent: field("real_parent")?,
+        pti_pgd_pair: config.lines().any(|l| l == "CONFIG_PAGE_TABLE_ISOLATION=y"),
+    })
 }
 
 /// Every `=y` and `=n` of the fragment must have survived Kconfig: a dependency it missed would build a

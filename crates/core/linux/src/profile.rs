@@ -1,0 +1,266 @@
+//! What L0 and the monitors need to know about one guest kernel, found by the host in the kernel's own
+//! `System.map` and BTF, and handed to L0 as a small text module. One definition serves both sides:
+//! the host writes it with [`fmt::Display`], L0 reads it with [`LinuxProfile::parse`].
+//!
+//! ```text
+//! ihmi-linux-profile 1
+//! symbol current_task 0xffffffff8180a8c0
+//! field task_struct.pid 0x4b8 4
+//! flag pti_pgd_pair 1
+//! ```
+
+use core::fmt;
+
+/// The first line.
+const HEADER: &str = "ihmi-linux-profile 1";
+
+/// A struct member: byte offset and size.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Field {
+    pub offset: u64,
+    pub size: u64,
+}
+
+/// One guest kernel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinuxProfile {
+    /// The running task pointer: a kernel address, or (SMP kernels) an offset into the per-CPU area
+    /// that the kernel's GS base points at.
+    pub current_task: u64,
+    /// The kernel's top-level page table (`init_top_pgt`), where the gate's mapping will go.
+    pub init_top_pgt: u64,
+    /// The system-call entry the kernel installs in IA32_LSTAR.
+    pub entry_syscall_64: u64,
+    /// `task_struct.pid`.
+    pub pid: Field,
+    /// `task_struct.tgid`.
+    pub tgid: Field,
+    /// `task_struct.comm`.
+    pub comm: Field,
+    /// `task_struct.real_parent`.
+    pub real_parent: Field,
+    /// Page-table isolation is built in: every PGD is an 8 KiB pair (kernel half first), so the kernel
+    /// PGD of a user CR3 is found by clearing bit 12.
+    pub pti_pgd_pair: bool,
+}
+
+/// Why a profile could not be read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProfileError {
+    /// Not a profile (first line), or of another version.
+    Header,
+    /// A line that is not `symbol`, `field` or `flag` with the right number of values.
+    Line(usize),
+    /// A value that is not a number.
+    Number(usize),
+    /// A required entry is missing (its name).
+    Missing(&'static str),
+}
+
+impl fmt::Display for ProfileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Header => write!(f, "not a guest profile (the first line must be `{HEADER}`)"),
+            Self::Line(n) => write!(f, "guest profile line {n} is malformed"),
+            Self::Number(n) => write!(f, "guest profile line {n} has a bad number"),
+            Self::Missing(name) => write!(f, "the guest profile lacks `{name}`"),
+        }
+    }
+}
+
+fn number(s: &str) -> Option<u64> {
+    match s.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+impl LinuxProfile {
+    /// Reads a profile; every entry is required.
+    pub fn parse(text: &str) -> Result<Self, ProfileError> {
+        let mut lines = text.lines().enumerate();
+        if lines.next().map(|(_, l)| l.trim()) != Some(HEADER) {
+            return Err(ProfileError::Header);
+        }
+        let mut p = Self::default();
+        let mut seen = 0u32;
+        for (i, line) in lines {
+            let n = i + 1;
+            let words: [&str; 4] = {
+                let mut w = [""; 4];
+                let mut it = line.split_whitespace();
+                for slot in &mut w {
+                    *slot = it.next().unwrap_or("");
+                }
+                if it.next().is_some() {
+                    return Err(ProfileError::Line(n));
+                }
+                w
+            };
+            let num = |s: &str| number(s).ok_or(ProfileError::Number(n));
+            match words {
+                ["", ..] => continue,
+                ["symbol", name, value, ""] => {
+                    let v = num(value)?;
+                    let (slot, bit) = match name {
+                        "current_task" => (&mut p.current_task, 0),
+                        "init_top_pgt" => (&mut p.init_top_pgt, 1),
+                        "entry_SYSCALL_64" => (&mut p.entry_syscall_64, 2),
+                        _ => return Err(ProfileError::Line(n)),
+                    };
+                    *slot = v;
+                    seen |= 1 << bit;
+                }
+                ["field", name, offset, size] => {
+                    let f = Field {
+                        offset: num(offset)?,
+                        size: num(size)?,
+                    };
+                    let (slot, bit) = match name {
+                        "task_struct.pid" => (&mut p.pid, 3),
+                        "task_struct.tgid" => (&mut p.tgid, 4),
+                        "task_struct.comm" => (&mut p.comm, 5),
+                        "task_struct.real_parent" => (&mut p.real_parent, 6),
+                        _ => return Err(ProfileError::Line(n)),
+                    };
+                    *slot = f;
+                    seen |= 1 << bit;
+                }
+                ["flag", "pti_pgd_pair", value, ""] => {
+                    p.pti_pgd_pair = num(value)? != 0;
+                    seen |= 1 << 7;
+                }
+                _ => return Err(ProfileError::Line(n)),
+            }
+        }
+        const NAMES: [&str; 8] = [
+            "symbol current_task",
+            "symbol init_top_pgt",
+            "symbol entry_SYSCALL_64",
+            "field task_struct.pid",
+            "field task_struct.tgid",
+            "field task_struct.comm",
+            "field task_struct.real_parent",
+            "flag pti_pgd_pair",
+        ];
+        for (bit, name) in NAMES.iter().enumerate() {
+            if seen & (1 << bit) == 0 {
+                return Err(ProfileError::Missing(name));
+            }
+        }
+        Ok(p)
+    }
+
+    /// The kernel PGD to walk for kernel addresses, from the CR3 the guest had (a user CR3 under
+    /// page-table isolation points at the user half of the pair).
+    #[must_use]
+    pub const fn kernel_pgd(&self, cr3: u64) -> u64 {
+        let root = cr3 & 0x000f_ffff_ffff_f000;
+        if self.pti_pgd_pair {
+            root & !(1 << 12)
+        } else {
+            root
+        }
+    }
+}
+
+impl fmt::Display for LinuxProfile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{HEADER}")?;
+        writeln!(f, "symbol current_task {:#x}", self.current_task)?;
+        writeln!(f, "symbol init_top_pgt {:#x}", self.init_top_pgt)?;
+        writeln!(f, "symbol entry_SYSCALL_64 {:#x}", self.entry_syscall_64)?;
+        for (name, fld) in [
+            ("pid", self.pid),
+            ("tgid", self.tgid),
+            ("comm", self.comm),
+            ("real_parent", self.real_parent),
+        ] {
+            writeln!(f, "field task_struct.{name} {:#x} {}", fld.offset, fld.size)?;
+        }
+        writeln!(f, "flag pti_pgd_pair {}", u8::from(self.pti_pgd_pair))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::string::ToString;
+
+    use super::*;
+
+    fn sample() -> LinuxProfile {
+        LinuxProfile {
+            current_task: 0xffff_ffff_8180_a8c0,
+            init_top_pgt: 0xffff_ffff_8180_0000,
+            entry_syscall_64: 0xffff_ffff_8120_0080,
+            pid: Field {
+                offset: 0x4b8,
+                size: 4,
+            },
+            tgid: Field {
+                offset: 0x4bc,
+                size: 4,
+            },
+            comm: Field {
+                offset: 0x6b0,
+                size: 16,
+            },
+            real_parent: Field {
+                offset: 0x4c8,
+                size: 8,
+            },
+            pti_pgd_pair: true,
+        }
+    }
+
+    #[test]
+    fn written_profiles_read_back() {
+        let text = sample().to_string();
+        assert!(text.starts_with("ihmi-linux-profile 1\n"));
+        assert_eq!(LinuxProfile::parse(&text), Ok(sample()));
+    }
+
+    #[test]
+    fn every_entry_is_required_and_checked() {
+        let text = sample().to_string();
+        let without_comm: std::string::String = text
+            .lines()
+            .filter(|l| !l.contains(".comm"))
+            .map(|l| l.to_string() + "\n")
+            .collect();
+        assert_eq!(
+            LinuxProfile::parse(&without_comm),
+            Err(ProfileError::Missing("field task_struct.comm"))
+        );
+        assert_eq!(LinuxProfile::parse("hello\n"), Err(ProfileError::Header));
+        let bad = text.replace("0x4b8 4", "0xzz 4");
+        assert!(matches!(
+            LinuxProfile::parse(&bad),
+            Err(ProfileError::Number(_))
+        ));
+        let extra = text.replace("flag pti_pgd_pair 1", "flag pti_pgd_pair 1 2");
+        assert!(matches!(
+            LinuxProfile::parse(&extra),
+            Err(ProfileError::Line(_))
+        ));
+        let unknown = text.replace("symbol init_top_pgt", "symbol something_else");
+        assert!(matches!(
+            LinuxProfile::parse(&unknown),
+            Err(ProfileError::Line(_))
+        ));
+    }
+
+    #[test]
+    fn kernel_pgd_of_a_user_cr3() {
+        let p = sample();
+        // PTI: the user PGD is the second page of the pair, with a PCID in the low bits.
+        assert_eq!(p.kernel_pgd(0x0123_5000 | 0x801), 0x0123_4000);
+        assert_eq!(p.kernel_pgd(0x0123_4000), 0x0123_4000);
+        let no_pti = LinuxProfile {
+            pti_pgd_pair: false,
+            ..p
+        };
+        assert_eq!(no_pti.kernel_pgd(0x0123_5003), 0x0123_5000);
+    }
+}
