@@ -186,3 +186,30 @@ fn e820_map(memory: &MemoryMap, firmware: &[FirmwareRange]) -> ([E820Entry; E820
     out[..n].sort_unstable_by_key(|e| e.addr);
     (out, n)
 }
+
+/// Where the kernel will sit from its load address on, through its start-up area (`init_size`).
+pub fn kernel_span(image: &[u8]) -> PhysRange {
+    let kernel =
+        Kernel::parse(image).unwrap_or_else(|e| fail(format_args!("the linux module: {e}")));
+    let span = u64::from(kernel.init_size).max(kernel.payload.len() as u64);
+    PhysRange {
+        start: Hpa::new(kernel.pref_address),
+        end: Hpa::new(kernel.pref_address + span),
+    }
+}
+
+/// The guest-physical address of a kernel-image symbol: the kernel text mapping starts at
+/// `__START_KERNEL_map` and, for a kernel that is not relocated (no KASLR, loaded where it asked),
+/// maps physical address 0.
+pub fn kernel_text_pa(va: u64, memory: &MemoryMap) -> Gpa {
+    const START_KERNEL_MAP: u64 = 0xffff_ffff_8000_0000;
+    let Some(pa) = va.checked_sub(START_KERNEL_MAP) else {
+        fail(format_args!("{va:#x} is not in the kernel image"));
+    };
+    if !memory.is_guest_ram(Gpa::new(pa), 8) {
+        fail(format_args!(
+            "kernel symbol {va:#x} (physical {pa:#x}) is not in guest RAM"
+        ));
+    }
+    Gpa::new(pa)
+}

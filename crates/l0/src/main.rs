@@ -333,6 +333,29 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
             "this CPU has no VMFUNC EPTP switching, which in-box monitoring needs; choose a CPU model that has it (e.g. corei7_skylake_x), or run the out-of-box mode"
         ));
     }
+    // A Linux guest: what the host found in the kernel's own System.map and BTF.
+    let linux_profile = scenario.is_linux().then(|| {
+        let Some(text) = profile_module.and_then(|b| core::str::from_utf8(b).ok()) else {
+            fail(format_args!(
+                "no 'linux-profile' module (the guest profile `ihmi` derives from System.map and BTF)"
+            ));
+        };
+        match ihmi_linux::LinuxProfile::parse(text) {
+            Ok(p) => {
+                log!(
+                    "linux: profile: current_task {:#x}, task_struct pid@{:#x} tgid@{:#x} comm@{:#x} real_parent@{:#x}, PTI PGD pairs {}",
+                    p.current_task,
+                    p.pid.offset,
+                    p.tgid.offset,
+                    p.comm.offset,
+                    p.real_parent.offset,
+                    p.pti_pgd_pair
+                );
+                p
+            }
+            Err(e) => fail(format_args!("{e}")),
+        }
+    });
     let monitor = if mode == Mode::None {
         None
     } else {
@@ -341,12 +364,30 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
                 "no 'monitor' module; the ISO must load it with module2"
             ));
         };
-        let current = Gva::new(guest_image.symbol("CURRENT_PROCESS"));
+        // The monitor's frames come out of guest RAM, away from what the guest needs where it is.
+        let (os, taken) = match (linux_profile, linux_module) {
+            (Some(p), Some((kernel, _))) => {
+                let span = linux::kernel_span(kernel);
+                let mut taken = guest::Ranges::new();
+                taken.push(PhysRange {
+                    start: Hpa::new(0),
+                    end: Hpa::new(0x10_0000),
+                });
+                taken.push(span);
+                (monitor::MonitorOs::Linux(p), taken)
+            }
+            _ => (
+                monitor::MonitorOs::TestGuest {
+                    current: Gva::new(guest_image.symbol("CURRENT_PROCESS")),
+                },
+                guest_regions.all,
+            ),
+        };
         Some(monitor::load(
             bytes,
             &mut memory,
-            guest_regions.all.as_slice(),
-            current,
+            taken.as_slice(),
+            &os,
             page_1g,
         ))
     };
@@ -412,17 +453,32 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
     } else {
         guest::load(&guest_image, &memory, scenario, probe, mode, gate, page_1g)
     };
+    // The test guest's hooks learn where the gate is; a Linux kernel's system calls are redirected
+    // when it installs its entry.
     let hook = monitor
         .as_ref()
+        .filter(|_| !scenario.is_linux())
         .map(|_| guest::install_hook(&guest_image, &memory, &guest_regions, mode, gate));
     let guard = monitor_eptp.map(|m| {
-        ihmi_hv::Guard::new(
+        let mut g = ihmi_hv::Guard::new(
             ihmi_hv::ViewEptps {
                 guest: guest_view.eptp().raw(),
                 monitor: m.raw(),
             },
             hook.zip(gate.map(Gva::raw)),
-        )
+        );
+        // Linux: the system-call gate goes in front of the kernel's entry when the kernel installs it.
+        if let (Some(p), Some(info)) = (linux_profile, inbox.and_then(|m| m.linux_gate)) {
+            g.linux_gate = Some(ihmi_hv::LinuxGate {
+                gate_entry: info.gate_entry,
+                kernel_entry_slot: info.kernel_entry_slot,
+                pgd: linux::kernel_text_pa(p.init_top_pgt, &memory),
+                slot: info.slot,
+                pml4e: info.pml4e,
+                pti_pgd_pair: p.pti_pgd_pair,
+            });
+        }
+        g
     });
     // The out-of-box monitor VM's VMCS is set up first; the guest's is current at launch.
     let outbox = match (&monitor, mode) {
@@ -469,29 +525,7 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
     let state = unsafe { &mut *STATE.0.get() };
     let mut hv = Hypervisor::new(memory, scenario);
     hv.guard = guard;
-    if scenario.is_linux() {
-        // What the host found in the kernel's own System.map and BTF.
-        let Some(text) = profile_module.and_then(|b| core::str::from_utf8(b).ok()) else {
-            fail(format_args!(
-                "no 'linux-profile' module (the guest profile `ihmi` derives from System.map and BTF)"
-            ));
-        };
-        match ihmi_linux::LinuxProfile::parse(text) {
-            Ok(p) => {
-                log!(
-                    "linux: profile: current_task {:#x}, task_struct pid@{:#x} tgid@{:#x} comm@{:#x} real_parent@{:#x}, PTI PGD pairs {}",
-                    p.current_task,
-                    p.pid.offset,
-                    p.tgid.offset,
-                    p.comm.offset,
-                    p.real_parent.offset,
-                    p.pti_pgd_pair
-                );
-                hv.linux = Some(p);
-            }
-            Err(e) => fail(format_args!("{e}")),
-        }
-    }
+    hv.linux = linux_profile;
     hv.outbox_monitor = outbox.is_some();
     let outbox = outbox.map(|o| o.with_guest_vmcs(vmcs_frame));
     *state = Some(L0State {
@@ -555,6 +589,18 @@ impl Platform for HwPlatform {
 
     fn log(&mut self, args: fmt::Arguments<'_>) {
         log!("{args}");
+    }
+
+    fn write_phys(&mut self, gpa: Gpa, bytes: &[u8]) -> bool {
+        if gpa.raw().saturating_add(bytes.len() as u64) > MAPPED_LIMIT {
+            return false;
+        }
+        // SAFETY: ihmi-hv writes only what L0 set up for it (the gate page's kernel-entry slot, the
+        // kernel's top-level page table) below 4 GiB, identity-mapped for L0; the guest is stopped.
+        unsafe {
+            core::ptr::copy_nonoverlapping(bytes.as_ptr(), gpa.raw() as *mut u8, bytes.len())
+        };
+        true
     }
 
     fn read_msr(&mut self, msr: u32) -> u64 {

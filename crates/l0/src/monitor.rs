@@ -2,10 +2,10 @@
 //! space (the one-way mapping: the monitor sees all guest RAM through a direct map, the guest sees
 //! nothing of the monitor), patches the gate and writes the monitor's configuration.
 
-use ihmi_abi::monitor::{MonitorConfig, CONFIG_MAGIC, MAX_ALLOWED};
+use ihmi_abi::monitor::{MonitorConfig, CONFIG_MAGIC, MAX_ALLOWED, OS_LINUX, OS_TESTGUEST};
 use ihmi_abi::{RamRange, BOOT_INFO_MAX_RANGES};
 use ihmi_addr::{Gpa, Gva, Hpa, PhysRange, LARGE_PAGE_SIZE, PAGE_SIZE};
-use ihmi_hv::views::MonitorLayout;
+use ihmi_hv::views::{LinuxGatePages, MonitorLayout};
 use ihmi_hv::{MemoryMap, RegionKind};
 use ihmi_paging::{MapFlags, PageSize, PageTable, PageTableBuilder, TableAlloc};
 
@@ -24,6 +24,84 @@ const TABLE_FRAMES: u64 = 64;
 /// Process names the creation policy allows in the scenarios; `intruder` is deliberately absent.
 const ALLOWED: [&str; 3] = ["init", "worker", "bench"];
 
+/// Which guest kernel the monitor watches.
+#[derive(Clone, Copy, Debug)]
+pub enum MonitorOs {
+    /// ihmi's test guest, whose `CURRENT_PROCESS` is at this address.
+    TestGuest { current: Gva },
+    /// A Linux kernel, described by the profile the host derived from its System.map and BTF.
+    Linux(ihmi_linux::LinuxProfile),
+}
+
+impl MonitorOs {
+    fn current_ptr(&self) -> Gva {
+        match self {
+            Self::TestGuest { current } => *current,
+            Self::Linux(p) => Gva::new(p.current_task),
+        }
+    }
+
+    fn profile(&self) -> OsProfile {
+        match self {
+            Self::TestGuest { current } => OsProfile::testguest(*current),
+            Self::Linux(p) => OsProfile::linux(
+                Gva::new(p.current_task),
+                p.tgid.offset,
+                p.real_parent.offset,
+                p.comm.offset,
+                p.pti_pgd_pair,
+            ),
+        }
+    }
+}
+
+/// Where the Linux system-call gate goes, for L0's guard to install when the kernel sets IA32_LSTAR.
+#[derive(Clone, Copy, Debug)]
+pub struct LinuxGateInfo {
+    /// The gate's system-call entry, guest-virtual.
+    pub gate_entry: u64,
+    /// Where in the gate page the kernel's own entry is kept.
+    pub kernel_entry_slot: Gpa,
+    /// The PML4 slot and the entry that maps the gate's tables.
+    pub slot: u64,
+    pub pml4e: u64,
+}
+
+/// Page-table entry bits (SDM 4.5): present, writable, accessed, dirty, execute-disable.
+const PTE_P: u64 = 1 << 0;
+const PTE_W: u64 = 1 << 1;
+const PTE_A: u64 = 1 << 5;
+const PTE_D: u64 = 1 << 6;
+const PTE_NX: u64 = 1 << 63;
+
+/// Fills the three tables that map the gate (read + execute) and the scratch page after it (read/write,
+/// never executable) at `gate_gva` in a Linux kernel's address spaces; returns the PML4 entry that
+/// points at them. Supervisor-only, and the accessed and dirty bits are set in advance: the guest view
+/// shows these tables read-only, so the CPU must never need to write them.
+fn build_linux_gate_tables(
+    gate_gva: Gva,
+    gate: Gpa,
+    scratch: Gpa,
+    pdpt: Gpa,
+    pd: Gpa,
+    ptab: Gpa,
+) -> u64 {
+    let index = |level: u32| ((gate_gva.raw() >> (12 + 9 * (level - 1))) & 0x1ff) as usize;
+    let entry = |table: Gpa, i: usize, value: u64| {
+        bytes_at(Gpa::new(table.raw() + i as u64 * 8), 8).copy_from_slice(&value.to_le_bytes());
+    };
+    let upper = PTE_P | PTE_W | PTE_A;
+    entry(pdpt, index(3), pd.raw() | upper);
+    entry(pd, index(2), ptab.raw() | upper);
+    entry(ptab, index(1), gate.raw() | PTE_P | PTE_A);
+    entry(
+        ptab,
+        index(1) + 1,
+        scratch.raw() | PTE_P | PTE_W | PTE_A | PTE_D | PTE_NX,
+    );
+    pdpt.raw() | upper
+}
+
 /// A loaded monitor.
 #[derive(Clone, Copy, Debug)]
 pub struct Loaded {
@@ -34,6 +112,8 @@ pub struct Loaded {
     ring: Gpa,
     /// The guest kernel as the monitor sees it (for naming system calls in events).
     pub os: OsProfile,
+    /// Linux: how to put the system-call gate in front of the kernel's entry.
+    pub linux_gate: Option<LinuxGateInfo>,
     /// The root of the monitor's page tables.
     pub root: Gpa,
     /// Where L0 enters the monitor when it runs as a VM of its own (out of the box).
@@ -136,7 +216,7 @@ pub fn load(
     image_bytes: &[u8],
     memory: &mut MemoryMap,
     taken: &[PhysRange],
-    current_process_ptr: Gva,
+    os: &MonitorOs,
     page_1g: bool,
 ) -> Loaded {
     let image = Image::parse(image_bytes, "monitor");
@@ -180,15 +260,19 @@ pub fn load(
         start: Hpa::new(at(gate_end).raw()),
         end: Hpa::new(at(code_end).raw()),
     };
-    let layout = MonitorLayout { region, code, gate };
-    if !layout.is_well_formed() || gate.len() != PAGE_SIZE {
-        fail(format_args!(
-            "monitor image layout is malformed: {layout:?}"
-        ));
-    }
-    // The guest reaches the gate at its guest-physical address (the guest identity-maps low memory);
-    // the monitor's address space maps it at the same address, so the gate continues after its CR3 load.
-    let gate_gva = Gva::new(gate.start.raw());
+    let mut layout = MonitorLayout {
+        region,
+        code,
+        gate,
+        linux: None,
+    };
+    // The test guest reaches the gate at its guest-physical address (it identity-maps low memory); a
+    // Linux kernel at a fixed address in a PML4 slot reserved for hypervisors. The monitor's address
+    // space maps it at the same address, so the gate continues after its CR3 load.
+    let gate_gva = match os {
+        MonitorOs::TestGuest { .. } => Gva::new(gate.start.raw()),
+        MonitorOs::Linux(_) => Gva::new(ihmi_abi::monitor::LINUX_GATE_GVA),
+    };
     if gate_gva.raw() < image_end && gate_gva.raw() + PAGE_SIZE > base {
         fail(format_args!(
             "the gate's address {gate_gva} collides with the monitor image"
@@ -202,6 +286,33 @@ pub fn load(
         next: table_start,
         end: Gpa::new(region.end.raw()),
     };
+    // Linux: the scratch page and the three tables that map gate and scratch in the kernel's address
+    // spaces, allocated first so they are one contiguous run the guest view can show.
+    let linux_pages = match os {
+        MonitorOs::Linux(_) => {
+            let mut frame = || {
+                tables
+                    .alloc_zeroed()
+                    .unwrap_or_else(|| fail(format_args!("no room for the gate's pages")))
+            };
+            let (scratch, pdpt, pd, ptab) = (frame(), frame(), frame(), frame());
+            let range = |a: Gpa, pages: u64| PhysRange {
+                start: Hpa::new(a.raw()),
+                end: Hpa::new(a.raw() + pages * PAGE_SIZE),
+            };
+            layout.linux = Some(LinuxGatePages {
+                scratch: range(scratch, 1),
+                tables: range(pdpt, 3),
+            });
+            Some((scratch, pdpt, pd, ptab))
+        }
+        MonitorOs::TestGuest { .. } => None,
+    };
+    if !layout.is_well_formed() || gate.len() != PAGE_SIZE {
+        fail(format_args!(
+            "monitor image layout is malformed: {layout:?}"
+        ));
+    }
     let mut pt = PageTableBuilder::new(&mut tables)
         .unwrap_or_else(|e| fail(format_args!("monitor page tables: {e}")));
     let largest = if page_1g {
@@ -256,17 +367,44 @@ pub fn load(
             ));
         }
     }
+    let mut linux_gate = None;
+    if let Some((scratch, pdpt, pd, ptab)) = linux_pages {
+        if let Err(e) = pt.map(
+            &mut tables,
+            Gva::new(ihmi_abi::monitor::LINUX_SCRATCH_GVA),
+            scratch,
+            PAGE_SIZE,
+            MapFlags::WRITABLE,
+        ) {
+            fail(format_args!("monitor page tables, scratch page: {e}"));
+        }
+        let pml4e = build_linux_gate_tables(
+            gate_gva,
+            Gpa::new(gate.start.raw()),
+            scratch,
+            pdpt,
+            pd,
+            ptab,
+        );
+        linux_gate = Some(LinuxGateInfo {
+            gate_entry: gate_gva.raw() + (image.symbol("ihmi_gate_syscall") - base),
+            kernel_entry_slot: at(image.symbol("ihmi_gate_kernel_entry")),
+            slot: (gate_gva.raw() >> 39) & 0x1ff,
+            pml4e,
+        });
+    }
     let monitor_cr3 = pt.root().raw() | MONITOR_PCID;
 
-    // Patch the gate's CR3 immediate: `movabs $imm64, %rax` is 48 B8 followed by the immediate.
-    let imm = at(image.symbol("ihmi_gate_cr3_imm"));
-    let insn = bytes_at(imm, 10);
-    if insn[..2] != [0x48, 0xb8] {
-        fail(format_args!(
-            "the gate's CR3 load is not a movabs to RAX; the gate and L0 disagree"
-        ));
+    // Patch the gates' CR3 immediates: `movabs $imm64, %rax` is 48 B8 followed by the immediate.
+    for symbol in ["ihmi_gate_cr3_imm", "ihmi_gate_syscall_cr3_imm"] {
+        let insn = bytes_at(at(image.symbol(symbol)), 10);
+        if insn[..2] != [0x48, 0xb8] {
+            fail(format_args!(
+                "the gate's CR3 load ({symbol}) is not a movabs to RAX; the gate and L0 disagree"
+            ));
+        }
+        insn[2..].copy_from_slice(&monitor_cr3.to_le_bytes());
     }
-    insn[2..].copy_from_slice(&monitor_cr3.to_le_bytes());
 
     // The configuration.
     let mut config = MonitorConfig {
@@ -274,10 +412,22 @@ pub fn load(
         direct_map_base: DIRECT_MAP_BASE,
         ram: [RamRange::default(); BOOT_INFO_MAX_RANGES],
         ram_count: 0,
-        current_process_ptr: current_process_ptr.raw(),
+        current_process_ptr: os.current_ptr().raw(),
         allowed: [[0; ihmi_abi::guest_os::COMM_LEN]; MAX_ALLOWED],
         allowed_count: 0,
+        os: OS_TESTGUEST,
+        pid_offset: 0,
+        parent_offset: 0,
+        comm_offset: 0,
+        pti_pgd_pair: 0,
     };
+    if let MonitorOs::Linux(p) = os {
+        config.os = OS_LINUX;
+        config.pid_offset = p.tgid.offset;
+        config.parent_offset = p.real_parent.offset;
+        config.comm_offset = p.comm.offset;
+        config.pti_pgd_pair = u64::from(p.pti_pgd_pair);
+    }
     let (ram, count) = crate::guest::ram_ranges(memory);
     config.ram = ram;
     config.ram_count = count;
@@ -325,7 +475,8 @@ pub fn load(
         layout,
         gate_gva,
         ring,
-        os: OsProfile::testguest(current_process_ptr),
+        os: os.profile(),
+        linux_gate,
         root: pt.root(),
         outbox_entry: image.symbol("ihmi_outbox_entry"),
         stack_top: image.symbol("IHMI_MONITOR_STACK_TOP"),

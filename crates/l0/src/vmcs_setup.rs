@@ -7,7 +7,7 @@ use ihmi_addr::Hpa;
 use ihmi_ept::Eptp;
 use ihmi_hv::{
     io::INTERCEPTED_PORTS,
-    msr::{INTERCEPTED, WRITE_INTERCEPTED},
+    msr::{INTERCEPTED, READ_INTERCEPTED, WRITE_INTERCEPTED},
 };
 use ihmi_rt::tables::{TableBases, CODE_SELECTOR, DATA_SELECTOR, TSS_SELECTOR};
 use ihmi_vmcs::fields::{control, guest, host};
@@ -156,6 +156,15 @@ pub fn configure(
             if msr_bitmap.intercept_read(msr).is_err() || msr_bitmap.intercept_write(msr).is_err() {
                 fail(format_args!(
                     "MSR {msr:#x} in the intercept policy is outside the bitmap"
+                ));
+            }
+        }
+    }
+    for &(first, last) in READ_INTERCEPTED {
+        for msr in first..=last {
+            if msr_bitmap.intercept_read(msr).is_err() {
+                fail(format_args!(
+                    "MSR {msr:#x} in the read-intercept policy is outside the bitmap"
                 ));
             }
         }

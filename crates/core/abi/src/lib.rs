@@ -227,6 +227,9 @@ pub enum Scenario {
     /// An unmodified Linux kernel (the `linux` module) boots with its initramfs (`initrd`) and runs
     /// its /init, which ends the run through L0's debug and power-off ports.
     LinuxBoot,
+    /// The same with the in-box system-call monitor on: the kernel's SYSCALL entry goes through the
+    /// gate, and L0 checks the monitor's events against the workload.
+    LinuxSim,
 }
 
 /// Raw numbers of the attack scenarios start here (`ATTACK_BASE + attack number`).
@@ -234,8 +237,8 @@ const ATTACK_BASE: u32 = 100;
 
 impl Scenario {
     /// Every scenario, in the order `ihmi test` runs them.
-    pub const ALL: [Scenario; 12 + Attack::ALL.len()] = {
-        let mut all = [Self::Boot; 12 + Attack::ALL.len()];
+    pub const ALL: [Scenario; 13 + Attack::ALL.len()] = {
+        let mut all = [Self::Boot; 13 + Attack::ALL.len()];
         let fixed = [
             Self::Boot,
             Self::EptGuard,
@@ -249,6 +252,7 @@ impl Scenario {
             Self::Bench(monitor::Mode::InBox),
             Self::Bench(monitor::Mode::OutBox),
             Self::LinuxBoot,
+            Self::LinuxSim,
         ];
         let mut i = 0;
         while i < fixed.len() {
@@ -267,7 +271,7 @@ impl Scenario {
     #[must_use]
     pub const fn monitor_mode(self) -> monitor::Mode {
         match self {
-            Self::Sim | Self::Attack(_) => monitor::Mode::InBox,
+            Self::Sim | Self::Attack(_) | Self::LinuxSim => monitor::Mode::InBox,
             Self::SimOutbox => monitor::Mode::OutBox,
             Self::Bench(mode) => mode,
             _ => monitor::Mode::None,
@@ -277,7 +281,7 @@ impl Scenario {
     /// Whether the guest is a Linux kernel rather than the test guest.
     #[must_use]
     pub const fn is_linux(self) -> bool {
-        matches!(self, Self::LinuxBoot)
+        matches!(self, Self::LinuxBoot | Self::LinuxSim)
     }
 
     /// The attack this scenario runs, if it is one.
@@ -305,6 +309,7 @@ impl Scenario {
             Self::Bench(monitor::Mode::InBox) => "bench-inbox",
             Self::Bench(monitor::Mode::OutBox) => "bench-outbox",
             Self::LinuxBoot => "linux-boot",
+            Self::LinuxSim => "linux-sim",
             Self::Attack(a) => a.scenario_name(),
         }
     }
@@ -323,6 +328,7 @@ impl Scenario {
             Self::SimOutbox => 8,
             Self::Bench(mode) => 9 + mode as u32,
             Self::LinuxBoot => 12,
+            Self::LinuxSim => 13,
             Self::Attack(a) => ATTACK_BASE + a as u32,
         }
     }

@@ -90,7 +90,32 @@ pub struct MonitorConfig {
     pub allowed: [[u8; crate::guest_os::COMM_LEN]; MAX_ALLOWED],
     /// Valid entries in `allowed`.
     pub allowed_count: u64,
+    /// The guest kernel: [`OS_TESTGUEST`] or [`OS_LINUX`].
+    pub os: u64,
+    /// Offsets in the guest's process record (Linux: `task_struct`): the process id, the parent (a
+    /// pid for the test guest, a pointer to the parent's record for Linux), the name.
+    pub pid_offset: u64,
+    pub parent_offset: u64,
+    pub comm_offset: u64,
+    /// Linux: the kernel PGD is the even page of a CR3's 8 KiB pair (page-table isolation built in).
+    pub pti_pgd_pair: u64,
 }
+
+/// [`MonitorConfig::os`] for ihmi's own test guest.
+pub const OS_TESTGUEST: u64 = 0;
+/// [`MonitorConfig::os`] for Linux.
+pub const OS_LINUX: u64 = 1;
+
+/// Where the in-box gate sits in a Linux guest's address space: PML4 slot 466, an "unused hole" of the
+/// x86-64 layout (the kernel's Documentation/x86/x86_64/mm.rst). L0 installs the slot in the kernel's
+/// top-level page table before any process exists, and Linux copies every slot from
+/// `KERNEL_PGD_BOUNDARY` (the direct map's, 273) up into each new page table, so every address space
+/// inherits it. (The hypervisor-reserved slots 256-272 lie below that boundary and are never copied.)
+pub const LINUX_GATE_GVA: u64 = 0xffff_e900_0000_0000;
+/// The per-CPU scratch page next to the gate, guest-writable: the system-call gate parks RAX and RCX
+/// there before it may switch views (they are the guest's own registers, so the guest gains nothing
+/// by changing them).
+pub const LINUX_SCRATCH_GVA: u64 = LINUX_GATE_GVA + 0x1000;
 
 /// RAX of the VMCALL with which the monitor VM hands its verdict (in RBX) back to L0.
 pub const OUTBOX_DONE: u64 = 0x6f75_7462_6f78; // "outbox"

@@ -27,6 +27,24 @@ pub struct ViewEptps {
     pub monitor: u64,
 }
 
+/// How L0 puts the system-call gate in front of a Linux kernel's SYSCALL entry, when the kernel
+/// installs it (in `syscall_init`: after the kernel has built its top-level page table, before any
+/// process exists to copy it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinuxGate {
+    /// What IA32_LSTAR gets: the gate's system-call entry.
+    pub gate_entry: u64,
+    /// Where the gate page keeps the kernel's own entry, to jump on to.
+    pub kernel_entry_slot: Gpa,
+    /// The kernel's top-level page table (`init_top_pgt`), guest-physical.
+    pub pgd: Gpa,
+    /// The PML4 slot of the gate and the entry that maps it.
+    pub slot: u64,
+    pub pml4e: u64,
+    /// Page-table isolation built in: the user half of the PGD pair gets the slot too.
+    pub pti_pgd_pair: bool,
+}
+
 /// L0's protection state for one guest with an in-box monitor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Guard {
@@ -37,6 +55,8 @@ pub struct Guard {
     /// The system-call entry the kernel installed; later writes that change it are refused. The kernel
     /// is trusted while it boots (when it sets LSTAR once) and assumed compromised afterwards.
     lstar: Option<u64>,
+    /// For a Linux guest: the system-call gate to put in front of the kernel's entry.
+    pub linux_gate: Option<LinuxGate>,
 }
 
 impl Guard {
@@ -47,7 +67,14 @@ impl Guard {
             views,
             hook,
             lstar: None,
+            linux_gate: None,
         }
+    }
+
+    /// The system-call entry the guest kernel installed, once it has.
+    #[must_use]
+    pub const fn kernel_lstar(&self) -> Option<u64> {
+        self.lstar
     }
 
     /// The view whose EPTP is `eptp`, if it is one of ours.
@@ -206,9 +233,19 @@ impl Hypervisor {
             }
             Some(_) => {}
             None => {
-                platform.write_msr(IA32_LSTAR, value);
+                let gate = self.guard.as_ref().and_then(|g| g.linux_gate);
+                let installed = match gate {
+                    Some(gate) => install_linux_gate(platform, &gate, value),
+                    None => value,
+                };
+                platform.write_msr(IA32_LSTAR, installed);
                 if let Some(g) = self.guard.as_mut() {
                     g.lstar = Some(value);
+                }
+                if gate.is_some() {
+                    platform.log(format_args!(
+                        "linux: system calls now enter through the gate at {installed:#x} (the kernel's entry {value:#x})"
+                    ));
                 }
             }
         }
@@ -235,5 +272,50 @@ impl Hypervisor {
         };
         self.alert(platform, alert);
         Some(Action::End(GuestEnd::HookTampered { gpa }))
+    }
+}
+
+/// Puts the gate in front of the kernel's entry `kernel_entry`: the gate page learns where to jump on,
+/// the kernel's PGD (and its user half) map the gate's slot. Returns what IA32_LSTAR gets.
+fn install_linux_gate(platform: &mut impl Platform, gate: &LinuxGate, kernel_entry: u64) -> u64 {
+    let slot_at = |pgd: Gpa| pgd.checked_add(gate.slot * 8);
+    // The slot must be free in the kernel's table (and its user half): a kernel laid out otherwise
+    // keeps its own mapping and goes unmonitored, rather than losing memory to the gate.
+    let mut free = true;
+    for half in [0, 4096] {
+        let mut entry = [0u8; 8];
+        let read = gate
+            .pgd
+            .checked_add(half)
+            .and_then(slot_at)
+            .is_some_and(|at| platform.read_phys(at, &mut entry));
+        free &= read && entry == [0; 8];
+    }
+    if !free {
+        platform.log(format_args!(
+            "linux: PML4 slot {} of the kernel's page table is in use; system calls are not monitored",
+            gate.slot
+        ));
+        return kernel_entry;
+    }
+    let mut ok = platform.write_phys(gate.kernel_entry_slot, &kernel_entry.to_le_bytes());
+    for (half, wanted) in [(0, true), (4096, gate.pti_pgd_pair)] {
+        if !wanted {
+            continue;
+        }
+        ok &= gate
+            .pgd
+            .checked_add(half)
+            .and_then(slot_at)
+            .is_some_and(|at| platform.write_phys(at, &gate.pml4e.to_le_bytes()));
+    }
+    if ok {
+        gate.gate_entry
+    } else {
+        // Without the mapping, SYSCALL through the gate would fault: leave the kernel's entry, say so.
+        platform.log(format_args!(
+            "linux: could not install the system-call gate; system calls are not monitored"
+        ));
+        kernel_entry
     }
 }

@@ -33,7 +33,7 @@ use ihmi_vmcs::{
 };
 
 pub use counters::ExitCounters;
-pub use guard::{Alert, Guard, ViewEptps};
+pub use guard::{Alert, Guard, LinuxGate, ViewEptps};
 pub use memory::{MemoryMap, RegionKind};
 pub use scenario::{ScenarioLog, Verdict};
 
@@ -85,6 +85,9 @@ pub trait Platform {
     fn write_msr(&mut self, msr: u32, value: u64);
     /// Sets XCR0 to a value L0 has checked, on the guest's behalf (XSETBV always exits).
     fn xsetbv(&mut self, xcr0: u64);
+    /// Writes `bytes` at `gpa` (guest RAM or monitor memory), once L0 has decided to; false if the
+    /// range is not memory L0 can reach.
+    fn write_phys(&mut self, gpa: Gpa, bytes: &[u8]) -> bool;
     /// Reads an MSR that holds guest state L0 does not switch (IA32_KERNEL_GS_BASE).
     fn read_msr(&mut self, msr: u32) -> u64;
     /// Reads a byte from a device port L0 intercepts but passes on (the keyboard controller).
@@ -291,7 +294,7 @@ impl Hypervisor {
             ExitReason::Cpuid => self.on_cpuid(vcpu, platform),
             ExitReason::Vmcall => self.on_vmcall(vcpu, platform),
             ExitReason::IoInstruction => self.on_io(vcpu, platform),
-            ExitReason::Rdmsr => self.on_rdmsr(vcpu),
+            ExitReason::Rdmsr => self.on_rdmsr(vcpu, platform),
             ExitReason::Wrmsr => self.on_wrmsr(vcpu, platform),
             ExitReason::Vmfunc => self.on_vmfunc(vcpu, platform),
             ExitReason::Xsetbv => self.on_xsetbv(vcpu, platform),

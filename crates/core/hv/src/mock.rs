@@ -28,6 +28,7 @@ pub enum Call {
     Xsetbv(u64),
     PortIn(u16),
     ReadMsr(u32),
+    WritePhys(Gpa, Vec<u8>),
     PortOut(u16, u8),
 }
 
@@ -142,6 +143,13 @@ impl Platform for MockPlatform {
                 .get(&(a / 4096))
                 .map_or(0, |p| p[(a % 4096) as usize]);
         }
+        true
+    }
+    fn write_phys(&mut self, gpa: Gpa, bytes: &[u8]) -> bool {
+        self.calls
+            .borrow_mut()
+            .push(Call::WritePhys(gpa, bytes.to_vec()));
+        self.write_bytes(gpa.raw(), bytes);
         true
     }
     fn read_msr(&mut self, msr: u32) -> u64 {

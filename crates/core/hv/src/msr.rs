@@ -18,9 +18,12 @@ pub const INTERCEPTED: &[(u32, u32)] = &[
     (IA32_VMX_FIRST, IA32_VMX_LAST),
 ];
 
-/// MSRs whose writes exit to L0 while reads go straight through: the system-call entry, which L0 locks
-/// once the guest kernel has installed it (see `guard`).
+/// MSRs whose writes exit to L0: the system-call entry, which L0 locks once the guest kernel has
+/// installed it and, for a Linux guest with a monitor, points at the gate (see `guard`).
 pub const WRITE_INTERCEPTED: &[(u32, u32)] = &[(IA32_LSTAR, IA32_LSTAR)];
+/// MSRs whose reads exit to L0: the system-call entry, so a guest reads the kernel's own value even
+/// while the MSR holds the gate's.
+pub const READ_INTERCEPTED: &[(u32, u32)] = &[(IA32_LSTAR, IA32_LSTAR)];
 
 /// Whether the policy intercepts `msr`.
 #[must_use]
@@ -29,10 +32,20 @@ pub fn is_intercepted(msr: u32) -> bool {
 }
 
 impl Hypervisor {
-    pub(crate) fn on_rdmsr(&mut self, vcpu: &mut impl Vcpu) -> Action {
+    pub(crate) fn on_rdmsr(
+        &mut self,
+        vcpu: &mut impl Vcpu,
+        platform: &mut impl Platform,
+    ) -> Action {
         let msr = vcpu.regs().rcx as u32;
         let value = match msr {
             IA32_FEATURE_CONTROL => Some(FEATURE_CONTROL_LOCKED_NO_VMX),
+            IA32_LSTAR => Some(
+                self.guard
+                    .as_ref()
+                    .and_then(crate::Guard::kernel_lstar)
+                    .unwrap_or_else(|| platform.read_msr(IA32_LSTAR)),
+            ),
             // VMX is hidden, so its capability MSRs do not exist; so does every MSR we do not know
             // (reads outside the bitmap ranges always exit).
             _ => None,

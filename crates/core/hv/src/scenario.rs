@@ -38,6 +38,8 @@ pub struct ScenarioLog {
     pub debug_lines: u64,
     /// The task a Linux guest was running when it ended (read with the guest profile).
     pub end_task: Option<Result<crate::linux::TaskInfo, crate::linux::TaskError>>,
+    /// How far the monitor's events follow the Linux workload program's system calls.
+    pub linux_trail: SyscallTrail,
     /// How the guest ended, once it has.
     pub end: Option<GuestEnd>,
     monitor_events: heapless_table::Table<Event, MAX_MONITOR_EVENTS>,
@@ -78,6 +80,7 @@ impl ScenarioLog {
     /// Remembers an event L0 drained from the monitor's ring.
     pub fn record_monitor_event(&mut self, event: &Event) {
         self.monitor_drained += 1;
+        self.linux_trail.follow(event);
         if event.kind() == Some(EventKind::Rejected) {
             self.monitor_rejected += 1;
         }
@@ -213,6 +216,8 @@ pub enum FailReason {
     WrongTask(crate::linux::TaskInfo),
     /// The running Linux task could not be read.
     NoTask(crate::linux::TaskError),
+    /// The monitor's events did not show the Linux workload's system calls (how far they got).
+    WorkloadNotSeen(SyscallTrail),
     /// The benchmark's counts do not have the structure its mode must give.
     Bench(crate::bench::BenchFault),
     /// VM entry failed in a way the scenario did not ask for.
@@ -293,6 +298,16 @@ impl fmt::Display for FailReason {
             Self::Bench(fault) => write!(f, "benchmark structure: {fault:?}"),
             Self::WrongTask(t) => write!(f, "the guest ended from the wrong task: {t}"),
             Self::NoTask(e) => write!(f, "cannot read the running task: {e}"),
+            Self::WorkloadNotSeen(t) => write!(
+                f,
+                "the monitor saw {} of the workload's {} system calls ({} events named {}; pid {}, parent {})",
+                t.matched,
+                LINUX_WORKLOAD.1.len(),
+                t.events,
+                LINUX_WORKLOAD.0,
+                t.pid,
+                t.ppid
+            ),
             Self::EntryDidNotFail => {
                 f.write_str("VM entry was expected to fail, but the guest ran")
             }
@@ -460,26 +475,22 @@ fn check(
         Scenario::Attack(_) => Err(FailReason::AttackScenario),
         // Linux booted, ran our /init, and /init's last program wrote its line on the debug port and
         // asked for the power-off L0 intercepts.
-        // The task that did it must be /init's last program, as the kernel's own task_struct says it:
-        // pid 1 (init exec'd it), named ihmi-poweroff, child of the idle task (tgid 0).
-        Scenario::LinuxBoot => match log.end {
-            None => Err(FailReason::NotEnded),
-            Some(GuestEnd::ShutdownRequest) if log.debug_lines > 0 => match log.end_task {
-                Some(Ok(t))
-                    if t.pid == 1 && t.ppid == 0 && comm_bytes(&t.comm) == b"ihmi-poweroff" =>
-                {
-                    Ok(())
-                }
-                Some(Ok(t)) => Err(FailReason::WrongTask(t)),
-                Some(Err(e)) => Err(FailReason::NoTask(e)),
-                None => Err(FailReason::NoTask(crate::linux::TaskError::NoProfile)),
-            },
-            Some(got) => Err(FailReason::WrongEnd {
-                expected:
-                    "the guest's /init to print on port 0xE9 and power off through port 0x8900",
-                got,
-            }),
-        },
+        Scenario::LinuxBoot => linux_run_ended_well(log),
+        // And the monitor in front of the kernel's SYSCALL entry saw the workload's calls, from the
+        // right process, with nothing rejected.
+        Scenario::LinuxSim => {
+            linux_run_ended_well(log)?;
+            if log.monitor_rejected != 0 {
+                return Err(FailReason::ExtraMonitorEvents(
+                    log.monitor_rejected as usize,
+                ));
+            }
+            if log.linux_trail.complete() {
+                Ok(())
+            } else {
+                Err(FailReason::WorkloadNotSeen(log.linux_trail))
+            }
+        }
         Scenario::Bench(mode) => {
             expect_done_zero(log)?;
             crate::bench::check(mode, log.bench_results()).map_err(FailReason::Bench)
@@ -489,6 +500,48 @@ fn check(
             expect_done_zero(log)?;
             check_monitor_events(log, &SIM_WORKLOAD)
         }
+    }
+}
+
+/// The Linux workload program (`crates/guests/linux-workload`, `ihmi-workload`) and the system calls it
+/// makes, in order: getppid, getuid, getgid (x86-64 numbers).
+pub const LINUX_WORKLOAD: (&str, [u64; 3]) = ("ihmi-workload", [110, 102, 104]);
+
+/// How far the monitor's events follow [`LINUX_WORKLOAD`]: events stream past (a Linux guest makes
+/// thousands), so the log keeps this state, not the events.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyscallTrail {
+    /// System-call events named like the workload program.
+    pub events: u64,
+    /// How many of its expected calls came, in order, from one process.
+    pub matched: usize,
+    /// That process and its parent.
+    pub pid: u32,
+    pub ppid: u32,
+}
+
+impl SyscallTrail {
+    fn follow(&mut self, e: &Event) {
+        let (name, calls) = LINUX_WORKLOAD;
+        if e.kind() != Some(EventKind::Syscall) || comm_bytes(&e.comm) != name.as_bytes() {
+            return;
+        }
+        self.events += 1;
+        if self.matched == calls.len() || e.nr != calls[self.matched] {
+            return;
+        }
+        if self.matched == 0 {
+            (self.pid, self.ppid) = (e.pid, e.ppid);
+        }
+        if e.pid == self.pid {
+            self.matched += 1;
+        }
+    }
+
+    /// The workload's calls all came, from a child of init.
+    #[must_use]
+    pub fn complete(&self) -> bool {
+        self.matched == LINUX_WORKLOAD.1.len() && self.pid > 1 && self.ppid == 1
     }
 }
 
@@ -632,6 +685,26 @@ fn check_monitor_events(log: &ScenarioLog, expected: &[ExpectedEvent]) -> Result
         return Err(FailReason::ExtraMonitorEvents(extra));
     }
     Ok(())
+}
+
+/// A Linux run ended through L0's ports from /init's last program: pid 1 (init exec'd it), named
+/// ihmi-poweroff, child of the idle task (tgid 0), as the kernel's own task_struct says.
+fn linux_run_ended_well(log: &ScenarioLog) -> Result<(), FailReason> {
+    match log.end {
+        None => Err(FailReason::NotEnded),
+        Some(GuestEnd::ShutdownRequest) if log.debug_lines > 0 => match log.end_task {
+            Some(Ok(t)) if t.pid == 1 && t.ppid == 0 && comm_bytes(&t.comm) == b"ihmi-poweroff" => {
+                Ok(())
+            }
+            Some(Ok(t)) => Err(FailReason::WrongTask(t)),
+            Some(Err(e)) => Err(FailReason::NoTask(e)),
+            None => Err(FailReason::NoTask(crate::linux::TaskError::NoProfile)),
+        },
+        Some(got) => Err(FailReason::WrongEnd {
+            expected: "the guest's /init to print on port 0xE9 and power off through port 0x8900",
+            got,
+        }),
+    }
 }
 
 /// How a VM entry failed (SDM 27.8: VMfailInvalid, VMfailValid, or a VM-entry-failure exit).

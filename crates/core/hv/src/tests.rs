@@ -1235,3 +1235,99 @@ fn linux_boot_passes_only_for_init_s_last_program() {
         );
     }
 }
+
+fn linux_guarded() -> (Hypervisor, MockPlatform, crate::LinuxGate) {
+    let (mut h, p) = guarded(Scenario::LinuxSim);
+    let gate = crate::LinuxGate {
+        gate_entry: 0xffff_e900_0000_00ad,
+        kernel_entry_slot: Gpa::new(0x40_0ff8),
+        pgd: Gpa::new(0x50_0000),
+        slot: 466,
+        pml4e: 0x60_0023,
+        pti_pgd_pair: true,
+    };
+    h.guard.as_mut().unwrap().hook = None;
+    h.guard.as_mut().unwrap().linux_gate = Some(gate);
+    (h, p, gate)
+}
+
+#[test]
+fn the_kernel_s_syscall_entry_is_redirected_through_the_gate_once() {
+    let (mut h, mut p, gate) = linux_guarded();
+    let kernel_entry = 0xffff_ffff_8120_0080;
+    h.handle_exit(&mut wrmsr_lstar(kernel_entry), &mut p);
+    let calls = p.calls.borrow().clone();
+    // The gate learns where to go on, both halves of the kernel's PGD map the gate's slot, and the MSR
+    // gets the gate.
+    assert!(calls.contains(&Call::WritePhys(
+        gate.kernel_entry_slot,
+        kernel_entry.to_le_bytes().to_vec()
+    )));
+    for half in [0, 4096] {
+        assert!(calls.contains(&Call::WritePhys(
+            Gpa::new(gate.pgd.raw() + half + 466 * 8),
+            gate.pml4e.to_le_bytes().to_vec()
+        )));
+    }
+    assert!(calls.contains(&Call::WriteMsr(crate::guard::IA32_LSTAR, gate.gate_entry)));
+    // A read of LSTAR shows the kernel's own value.
+    let mut rd = MockVcpu::exited(EXIT_RDMSR, 0x9000, 2);
+    rd.regs.rcx = u64::from(crate::guard::IA32_LSTAR);
+    h.handle_exit(&mut rd, &mut p);
+    assert_eq!((rd.regs.rdx << 32) | rd.regs.rax, kernel_entry);
+    // Moving it later is refused, as for any guarded guest.
+    let mut other = wrmsr_lstar(0x1000);
+    h.handle_exit(&mut other, &mut p);
+    assert_eq!(other.fields[&guest::RIP], 0x8000, "refused");
+}
+
+#[test]
+fn an_occupied_slot_leaves_the_kernel_s_entry_alone() {
+    let (mut h, mut p, gate) = linux_guarded();
+    p.write_u64(gate.pgd.raw() + 466 * 8, 0x1234_5067);
+    let kernel_entry = 0xffff_ffff_8120_0080;
+    h.handle_exit(&mut wrmsr_lstar(kernel_entry), &mut p);
+    let calls = p.calls.borrow();
+    assert!(calls.contains(&Call::WriteMsr(crate::guard::IA32_LSTAR, kernel_entry)));
+    assert!(
+        !calls.iter().any(|c| matches!(c, Call::WritePhys(..))),
+        "nothing of the kernel's was overwritten"
+    );
+    assert!(calls
+        .iter()
+        .any(|c| matches!(c, Call::Log(s) if s.contains("slot 466") && s.contains("in use"))));
+}
+
+#[test]
+fn the_linux_workload_trail_needs_its_calls_in_order_from_one_child_of_init() {
+    use crate::scenario::LINUX_WORKLOAD;
+    let ev = |pid: u32, ppid: u32, comm: &[u8], nr: u64| {
+        let mut e = ihmi_monitor::Event {
+            kind: ihmi_monitor::EventKind::Syscall as u16,
+            pid,
+            ppid,
+            nr,
+            ..ihmi_monitor::Event::EMPTY
+        };
+        e.comm[..comm.len()].copy_from_slice(comm);
+        e
+    };
+    let name = LINUX_WORKLOAD.0.as_bytes();
+    let mut log = crate::ScenarioLog::default();
+    for e in [
+        ev(1, 0, b"init", 110),
+        ev(26, 1, name, 12),
+        ev(26, 1, name, 110),
+        ev(27, 1, name, 102), // another process by the same name does not count
+        ev(26, 1, name, 102),
+        ev(26, 1, name, 104),
+    ] {
+        log.record_monitor_event(&e);
+    }
+    assert!(log.linux_trail.complete(), "{:?}", log.linux_trail);
+    let mut out_of_order = crate::ScenarioLog::default();
+    for nr in [102, 110, 104] {
+        out_of_order.record_monitor_event(&ev(26, 1, name, nr));
+    }
+    assert!(!out_of_order.linux_trail.complete());
+}

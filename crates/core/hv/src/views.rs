@@ -34,6 +34,17 @@ pub struct MonitorLayout {
     pub code: PhysRange,
     /// The gate frame: the one page present in both views.
     pub gate: PhysRange,
+    /// Linux: the per-CPU scratch page the system-call gate parks RAX and RCX in (read/write in the
+    /// guest view, never executable) and the page tables that map the gate and it in the kernel's
+    /// address spaces (read-only in the guest view: the CPU walks them, the kernel cannot change them).
+    pub linux: Option<LinuxGatePages>,
+}
+
+/// The monitor frames a Linux guest's view shows besides the gate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinuxGatePages {
+    pub scratch: PhysRange,
+    pub tables: PhysRange,
 }
 
 impl MonitorLayout {
@@ -46,11 +57,17 @@ impl MonitorLayout {
         let aligned = |r: &PhysRange| {
             r.start.is_aligned(ihmi_addr::PAGE_SIZE) && r.end.is_aligned(ihmi_addr::PAGE_SIZE)
         };
+        let linux_ok = self.linux.is_none_or(|l| {
+            [l.scratch, l.tables].iter().all(|r| {
+                inside(r) && aligned(r) && !r.overlaps(&self.code) && !r.overlaps(&self.gate)
+            }) && !l.scratch.overlaps(&l.tables)
+        });
         inside(&self.code)
             && inside(&self.gate)
             && aligned(&self.code)
             && aligned(&self.gate)
             && !self.code.overlaps(&self.gate)
+            && linux_ok
     }
 }
 
@@ -83,6 +100,22 @@ pub fn build_guest_view(
             Perm::RX,
             MemType::WriteBack,
         )?;
+        if let Some(l) = m.linux {
+            view.map_identity(
+                alloc,
+                gpa(l.scratch.start),
+                l.scratch.len(),
+                Perm::RW,
+                MemType::WriteBack,
+            )?;
+            view.map_identity(
+                alloc,
+                gpa(l.tables.start),
+                l.tables.len(),
+                Perm::READ,
+                MemType::WriteBack,
+            )?;
+        }
     }
     for r in read_exec_only {
         view.protect(alloc, gpa(r.start), r.len(), Perm::RX)?;
@@ -207,6 +240,7 @@ mod tests {
             region: r(0x800_0000, 0x820_0000),
             gate: r(0x800_0000, 0x800_1000),
             code: r(0x800_1000, 0x801_0000),
+            linux: None,
         };
         m.reassign(layout.region, RegionKind::Monitor).unwrap();
         (m, layout)
@@ -286,6 +320,28 @@ mod tests {
         assert_eq!(perm(&v, &t, 0x801_0000), Some(Perm::RW), "monitor data");
         assert_eq!(perm(&v, &t, 0xf00_0000), None, "L0");
         assert_eq!(perm(&v, &t, 0xfee0_0000), None, "devices");
+    }
+
+    #[test]
+    fn linux_guest_view_shows_the_scratch_writable_and_the_gate_tables_read_only() {
+        let (m, mut layout) = setup();
+        layout.linux = Some(LinuxGatePages {
+            scratch: r(0x810_0000, 0x810_1000),
+            tables: r(0x810_1000, 0x810_4000),
+        });
+        assert!(layout.is_well_formed());
+        let mut t = Tables::default();
+        let v0 = build_guest_view(&mut t, &m, Some(&layout), &[]).unwrap();
+        assert_eq!(perm(&v0, &t, 0x810_0000), Some(Perm::RW), "scratch");
+        assert_eq!(perm(&v0, &t, 0x810_2000), Some(Perm::READ), "gate tables");
+        assert_eq!(perm(&v0, &t, 0x810_4000), None, "the rest of the monitor");
+        assert_eq!(perm(&v0, &t, 0x800_0000), Some(Perm::RX), "gate");
+        let mut bad = layout;
+        bad.linux = Some(LinuxGatePages {
+            scratch: r(0x800_0000, 0x800_1000),
+            tables: r(0x810_1000, 0x810_4000),
+        });
+        assert!(!bad.is_well_formed(), "scratch on the gate");
     }
 
     #[test]

@@ -66,7 +66,7 @@ const ALL_TESTS: [Scenario; BASE_SCENARIOS.len() + BENCH_SCENARIOS.len() + ATTAC
 
 /// The scenarios before the attack suite. A new one is one line here; one that needs more than VMX +
 /// EPT says so, as `sim` does.
-const BASE_SCENARIOS: [Scenario; 9] = [
+const BASE_SCENARIOS: [Scenario; 10] = [
     Scenario::new("boot"),
     Scenario::new("ept-guard"),
     Scenario::new("bad-hypercall"),
@@ -81,6 +81,11 @@ const BASE_SCENARIOS: [Scenario; 9] = [
     Scenario::new("sim-outbox"),
     // An unmodified Linux kernel (the `tiny` profile) to its /init and back out through L0.
     Scenario::new("linux-boot"),
+    // The same with the in-box system-call monitor in front of the kernel's SYSCALL entry.
+    Scenario {
+        name: "linux-sim",
+        requires: IN_BOX,
+    },
 ];
 
 /// The invocation benchmark, one scenario per mode (`ihmi bench`). They are in `ihmi test` too, where
@@ -167,7 +172,7 @@ mod tests {
 
     #[test]
     fn test_list_is_in_order_and_valid() {
-        let names: Vec<_> = TEST_SCENARIOS.iter().map(|s| s.name).take(12).collect();
+        let names: Vec<_> = TEST_SCENARIOS.iter().map(|s| s.name).take(13).collect();
         assert_eq!(
             names,
             [
@@ -180,13 +185,14 @@ mod tests {
                 "sim",
                 "sim-outbox",
                 "linux-boot",
+                "linux-sim",
                 "bench-none",
                 "bench-inbox",
                 "bench-outbox"
             ]
         );
         // Then every attack, each named as L0 knows it and needing VMFUNC.
-        let attacks: Vec<_> = TEST_SCENARIOS[12..].iter().collect();
+        let attacks: Vec<_> = TEST_SCENARIOS[13..].iter().collect();
         assert_eq!(attacks.len(), Attack::ALL.len());
         for (s, a) in attacks.iter().zip(Attack::ALL) {
             assert_eq!(s.name, format!("attack-{}", a.name()));

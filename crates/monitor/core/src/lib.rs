@@ -90,7 +90,7 @@ impl Monitor {
             self.stats.rejected = self.stats.rejected.wrapping_add(1);
             return Verdict::Rejected;
         }
-        let intro = Introspector::new(mem, ctx.cr3);
+        let intro = Introspector::new(mem, Cr3::new(self.os.kernel_cr3(ctx.cr3.raw())));
         let outcome = match RequestCode::from_raw(code) {
             None => Err(RejectReason::UnknownRequest),
             Some(RequestCode::Null) => {

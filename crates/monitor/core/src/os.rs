@@ -13,6 +13,8 @@ use crate::introspect::{IntrospectError, Introspector};
 pub enum OsFamily {
     /// ihmi's own test guest (`ihmi_abi::guest_os`).
     TestGuest,
+    /// Linux on x86-64.
+    Linux,
 }
 
 /// How to find the parent's pid from a process record.
@@ -20,6 +22,8 @@ pub enum OsFamily {
 pub enum ParentField {
     /// A `u32` pid stored in the record at this offset.
     Pid(u64),
+    /// A pointer at `pointer` to the parent's record, whose `u32` pid is at the profile's `pid`.
+    Pointer(u64),
 }
 
 /// Offsets and addresses of one guest kernel.
@@ -37,6 +41,9 @@ pub struct OsProfile {
     pub comm: u64,
     /// Alignment every record address must have.
     pub record_align: u64,
+    /// Linux with page-table isolation built in: kernel addresses are read through the even (kernel)
+    /// page of the CR3's 8 KiB PGD pair.
+    pub pti_pgd_pair: bool,
 }
 
 /// What the monitor knows of one process.
@@ -62,6 +69,39 @@ impl OsProfile {
             parent: ParentField::Pid(process_layout::PPID),
             comm: process_layout::COMM,
             record_align: 8,
+            pti_pgd_pair: false,
+        }
+    }
+
+    /// A Linux kernel: `current_ptr` is its `current_task`, the offsets are `task_struct`'s (from its
+    /// BTF): `pid` is the process id (`tgid`), `parent` the `real_parent` pointer.
+    #[must_use]
+    pub const fn linux(
+        current_ptr: Gva,
+        pid: u64,
+        parent: u64,
+        comm: u64,
+        pti_pgd_pair: bool,
+    ) -> Self {
+        Self {
+            family: OsFamily::Linux,
+            current_ptr,
+            pid,
+            parent: ParentField::Pointer(parent),
+            comm,
+            record_align: 8,
+            pti_pgd_pair,
+        }
+    }
+
+    /// The page-table root to read kernel memory through, from the CR3 the guest had.
+    #[must_use]
+    pub const fn kernel_cr3(&self, cr3: u64) -> u64 {
+        let root = cr3 & 0x000f_ffff_ffff_f000;
+        if self.pti_pgd_pair {
+            root & !(1 << 12)
+        } else {
+            root
         }
     }
 
@@ -77,6 +117,7 @@ impl OsProfile {
                 SYS_EXIT => Some("exit"),
                 _ => None,
             },
+            OsFamily::Linux => linux_syscall_name(nr),
         }
     }
 
@@ -106,9 +147,90 @@ impl OsProfile {
         let pid = intro.read_u32(at(self.pid)?)?;
         let ppid = match self.parent {
             ParentField::Pid(off) => intro.read_u32(at(off)?)?,
+            ParentField::Pointer(off) => {
+                let parent = Gva::new(intro.read_u64(at(off)?)?);
+                let pid_at = parent
+                    .checked_add(self.pid)
+                    .ok_or(IntrospectError::Overflow(parent))?;
+                intro.read_u32(pid_at)?
+            }
         };
         let mut comm = [0u8; COMM_LEN];
         intro.read_gva(at(self.comm)?, &mut comm)?;
         Ok(ProcessInfo { pid, ppid, comm })
     }
+}
+
+/// Names of the x86-64 Linux system calls the events name (numbers from the kernel's
+/// arch/x86/entry/syscalls/syscall_64.tbl, a stable ABI); others are reported by number.
+const fn linux_syscall_name(nr: u64) -> Option<&'static str> {
+    Some(match nr {
+        0 => "read",
+        1 => "write",
+        2 => "open",
+        3 => "close",
+        4 => "stat",
+        5 => "fstat",
+        6 => "lstat",
+        7 => "poll",
+        8 => "lseek",
+        9 => "mmap",
+        10 => "mprotect",
+        11 => "munmap",
+        12 => "brk",
+        13 => "rt_sigaction",
+        14 => "rt_sigprocmask",
+        15 => "rt_sigreturn",
+        16 => "ioctl",
+        17 => "pread64",
+        20 => "writev",
+        21 => "access",
+        22 => "pipe",
+        32 => "dup",
+        33 => "dup2",
+        39 => "getpid",
+        56 => "clone",
+        57 => "fork",
+        58 => "vfork",
+        59 => "execve",
+        60 => "exit",
+        61 => "wait4",
+        62 => "kill",
+        63 => "uname",
+        72 => "fcntl",
+        79 => "getcwd",
+        80 => "chdir",
+        83 => "mkdir",
+        87 => "unlink",
+        88 => "symlink",
+        89 => "readlink",
+        95 => "umask",
+        96 => "gettimeofday",
+        97 => "getrlimit",
+        98 => "getrusage",
+        99 => "sysinfo",
+        102 => "getuid",
+        104 => "getgid",
+        107 => "geteuid",
+        108 => "getegid",
+        109 => "setpgid",
+        110 => "getppid",
+        111 => "getpgrp",
+        112 => "setsid",
+        158 => "arch_prctl",
+        165 => "mount",
+        173 => "ioperm",
+        186 => "gettid",
+        217 => "getdents64",
+        218 => "set_tid_address",
+        228 => "clock_gettime",
+        231 => "exit_group",
+        257 => "openat",
+        262 => "newfstatat",
+        273 => "set_robust_list",
+        302 => "prlimit64",
+        318 => "getrandom",
+        334 => "rseq",
+        _ => return None,
+    })
 }

@@ -340,3 +340,40 @@ fn oversized_reads_are_refused() {
         Ok(Gpa::new(DATA_GPA + 0x1234))
     );
 }
+
+/// A Linux-like guest: `current_task` points at a task whose process id is `tgid`, whose parent is a
+/// pointer, read through the kernel half of a page-table-isolation CR3 pair.
+#[test]
+fn linux_profile_reads_tgid_parent_pointer_and_uses_the_kernel_pgd() {
+    let (mut g, cr3, _) = setup();
+    const TASK: u64 = KERNEL + 0x2000;
+    const PARENT: u64 = KERNEL + 0x2400;
+    const TGID: u64 = 0x14;
+    const REAL_PARENT: u64 = 0x18;
+    const COMM: u64 = 0x40;
+    g.write(CURRENT, &TASK.to_le_bytes());
+    g.write(TASK + TGID, &26u32.to_le_bytes());
+    g.write(TASK + REAL_PARENT, &PARENT.to_le_bytes());
+    g.write(TASK + COMM, b"ihmi-workload\0");
+    g.write(PARENT + TGID, &1u32.to_le_bytes());
+    let os = OsProfile::linux(Gva::new(CURRENT), TGID, REAL_PARENT, COMM, true);
+    let mut m = Monitor::new(os, Policy::allow_all());
+    let mut ring = EventRing::new();
+    // The user half of the pair (bit 12) with a PCID: the monitor must read through the kernel half.
+    let user_cr3 = Cr3::new(cr3.raw() | 0x1000 | 0x802);
+    let v = m.handle(
+        RequestCode::Syscall as u64,
+        [110, 0, 0, 0],
+        &CallContext {
+            cr3: user_cr3,
+            tsc: 1,
+        },
+        &g,
+        &mut ring,
+    );
+    assert_eq!(v, Verdict::Allow);
+    let e = events(&mut ring);
+    assert_eq!((e[0].pid, e[0].ppid, e[0].nr), (26, 1, 110));
+    assert_eq!(event::comm_bytes(&e[0].comm), b"ihmi-workload");
+    assert_eq!(m.os().syscall_name(110), Some("getppid"));
+}

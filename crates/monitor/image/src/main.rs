@@ -28,6 +28,11 @@ static IHMI_MONITOR_CONFIG: Cell<MonitorConfig> = Cell(UnsafeCell::new(MonitorCo
     current_process_ptr: 0,
     allowed: [[0; ihmi_abi::guest_os::COMM_LEN]; ihmi_abi::monitor::MAX_ALLOWED],
     allowed_count: 0,
+    os: 0,
+    pid_offset: 0,
+    parent_offset: 0,
+    comm_offset: 0,
+    pti_pgd_pair: 0,
 }));
 
 /// Calls of the entry point, for L0's benchmark accounting (L0 reads it while the monitor is stopped).
@@ -96,10 +101,19 @@ fn monitor(config: &MonitorConfig) -> &'static mut Monitor {
             // The configuration holds at most MAX_ALLOWED names, which the policy can take.
             let _ = policy.allow(&name[..len]);
         }
-        Monitor::new(
-            OsProfile::testguest(Gva::new(config.current_process_ptr)),
-            policy,
-        )
+        let current = Gva::new(config.current_process_ptr);
+        let os = if config.os == ihmi_abi::monitor::OS_LINUX {
+            OsProfile::linux(
+                current,
+                config.pid_offset,
+                config.parent_offset,
+                config.comm_offset,
+                config.pti_pgd_pair != 0,
+            )
+        } else {
+            OsProfile::testguest(current)
+        };
+        Monitor::new(os, policy)
     })
 }
 
@@ -203,6 +217,105 @@ ihmi_outbox_entry:
 "#,
     done = const ihmi_abi::monitor::OUTBOX_DONE,
     stack_size = const STACK_SIZE,
+    options(att_syntax)
+);
+
+// The Linux system-call gate, in the gate page (mapped at LINUX_GATE_GVA in the kernel's address
+// spaces and the monitor's). L0 points IA32_LSTAR here. SYSCALL arrives with RCX = the user RIP,
+// R11 = the user RFLAGS, RAX = the call number, the user's RSP and (with KPTI) the user CR3, interrupts
+// off; every other register is the user's and must reach the kernel's entry unchanged. Only RAX and
+// RCX may be used before the view switch: they go to the guest's scratch page first. The guest CR3 is
+// kept in monitor memory (never the scratch page) so nothing the guest writes can choose the CR3 the
+// gate loads on its way back in the monitor view. The way back ends in a jump to the kernel's own
+// entry, read from the gate page (read + execute only in the guest view), where L0 wrote it.
+core::arch::global_asm!(
+    r#"
+    .section .gate, "ax"
+    .global ihmi_gate_syscall
+ihmi_gate_syscall:
+    movabs %rax, {scratch}
+    mov %rcx, %rax
+    movabs %rax, {scratch} + 8
+    xor %eax, %eax
+    mov $1, %ecx
+    vmfunc
+    mov %cr3, %rcx                 /* the guest's CR3, kept in RCX across the switch */
+    mov %cr4, %rax
+    bt $17, %rax                   /* CF = CR4.PCIDE; movabs leaves flags alone */
+    .global ihmi_gate_syscall_cr3_imm
+ihmi_gate_syscall_cr3_imm:
+    movabs $0, %rax                /* L0 patches the monitor's CR3 (root | PCID 1) in here */
+    jnc 1f
+    bts $63, %rax
+1:  mov %rax, %cr3
+    movabs $IHMI_GATE_SAVE, %rax
+    mov %rcx, 0(%rax)
+    mov %rsp, 8(%rax)
+    movabs $(IHMI_MONITOR_STACK + {stack_size}), %rsp
+    push %r11
+    push %r10
+    push %r9
+    push %r8
+    push %rdi
+    push %rsi
+    push %rdx
+    push %rbx
+    push %rbp
+    push %r12
+    push %r13
+    push %r14
+    push %r15
+    sub $8, %rsp                   /* 13 pushes + 8: 16-byte aligned at the call */
+    movabs $IHMI_GATE_FXSAVE, %rax
+    fxsave64 (%rax)
+    /* ihmi_monitor_entry(Syscall, nr, arg0, arg1, arg2) */
+    mov %rdx, %r8
+    mov %rsi, %rcx
+    mov %rdi, %rdx
+    movabs {scratch}, %rax
+    mov %rax, %rsi
+    mov ${syscall_request}, %edi
+    movabs $ihmi_monitor_entry, %rax
+    call *%rax
+    movabs $IHMI_GATE_FXSAVE, %rax
+    fxrstor64 (%rax)
+    add $8, %rsp
+    pop %r15
+    pop %r14
+    pop %r13
+    pop %r12
+    pop %rbp
+    pop %rbx
+    pop %rdx
+    pop %rsi
+    pop %rdi
+    pop %r8
+    pop %r9
+    pop %r10
+    pop %r11
+    movabs $IHMI_GATE_SAVE, %rax
+    mov 8(%rax), %rsp
+    mov 0(%rax), %rcx
+    mov %cr4, %rax
+    bt $17, %rax
+    jnc 2f
+    bts $63, %rcx                  /* back without flushing the guest's PCID */
+2:  mov %rcx, %cr3
+    xor %eax, %eax
+    xor %ecx, %ecx
+    vmfunc
+    movabs {scratch} + 8, %rax
+    mov %rax, %rcx
+    movabs {scratch}, %rax
+    jmp *ihmi_gate_kernel_entry(%rip)
+    .balign 8
+    .global ihmi_gate_kernel_entry
+ihmi_gate_kernel_entry:
+    .quad 0                        /* L0 writes the kernel's own IA32_LSTAR value here */
+"#,
+    scratch = const ihmi_abi::monitor::LINUX_SCRATCH_GVA,
+    stack_size = const STACK_SIZE,
+    syscall_request = const ihmi_abi::monitor::RequestCode::Syscall as u64,
     options(att_syntax)
 );
 
