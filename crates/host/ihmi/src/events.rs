@@ -28,6 +28,42 @@ pub fn observations(output: &str) -> Result<Vec<Value>> {
         .collect()
 }
 
+/// What a run's monitor reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventSummary {
+    /// Event lines in the output.
+    pub events: usize,
+    /// Events the monitor's ring dropped, as L0 counted them (None if the run never said).
+    pub dropped: Option<u64>,
+}
+
+/// Writes the run's events to `path`, one JSON object per line, exactly as L0 printed them, and says
+/// how many there were and how many the ring dropped.
+pub fn write_events(output: &str, path: &std::path::Path) -> Result<EventSummary> {
+    let mut text = String::new();
+    let mut events = 0;
+    for json in output.lines().filter_map(|l| l.strip_prefix(PREFIX)) {
+        serde_json::from_str::<Value>(json).with_context(|| format!("bad event line: {json}"))?;
+        text.push_str(json);
+        text.push('\n');
+        events += 1;
+    }
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(EventSummary {
+        events,
+        dropped: dropped(output),
+    })
+}
+
+/// L0's count of dropped events, from its `monitor: N events, M dropped` line (the last one).
+fn dropped(output: &str) -> Option<u64> {
+    output.lines().rev().find_map(|l| {
+        let rest = l.strip_prefix("monitor: ")?;
+        let (_, after) = rest.split_once(" events, ")?;
+        after.strip_suffix(" dropped")?.parse().ok()
+    })
+}
+
 /// Succeeds when both outputs hold the same events (sequence numbers, processes, system calls and
 /// their arguments, verdicts); says where they first differ otherwise.
 pub fn same_stream(a_name: &str, a: &str, b_name: &str, b: &str) -> Result<usize> {
@@ -56,6 +92,30 @@ mod tests {
 
     const IN: &str = "guest| x\nevent| {\"seq\":0,\"tsc\":5,\"mode\":\"inbox\",\"event\":\"syscall\",\"pid\":1,\"nr\":39}\n";
     const OUT: &str = "event| {\"seq\":0,\"tsc\":9,\"mode\":\"outbox\",\"event\":\"syscall\",\"pid\":1,\"nr\":39}\n";
+
+    #[test]
+    fn events_go_to_the_file_as_json_lines_with_the_drop_count() {
+        let dir = std::env::temp_dir().join(format!("ihmi-events-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("events.jsonl");
+        let out = format!("{IN}{OUT}monitor: 2 events, 3 dropped\n");
+        let s = write_events(&out, &path).unwrap();
+        assert_eq!(
+            s,
+            EventSummary {
+                events: 2,
+                dropped: Some(3)
+            }
+        );
+        let written = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(written.lines().count(), 2);
+        assert!(written
+            .lines()
+            .all(|l| serde_json::from_str::<Value>(l).is_ok()));
+        assert_eq!(write_events("nothing\n", &path).unwrap().dropped, None);
+        assert!(write_events("event| {broken\n", &path).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn streams_compare_without_time_and_mode() {

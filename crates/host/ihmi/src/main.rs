@@ -72,6 +72,9 @@ enum Cmd {
         /// The Linux kernel's command line, for Linux scenarios
         #[arg(long, value_name = "ARGS", default_value = linux::DEFAULT_CMDLINE)]
         cmdline: String,
+        /// Write the monitor's events to this file, one JSON object per line
+        #[arg(long, value_name = "FILE")]
+        events: Option<PathBuf>,
     },
     /// Run the `demo` scenario with the console streamed; exit 0 on PASS
     Demo,
@@ -129,6 +132,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             megs,
             quiet,
             cmdline,
+            events,
         } => {
             let opts = RunOptions {
                 cpu: model_for(&cli.cpu, &scenario)?,
@@ -143,7 +147,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                     scenario::test_names()
                 );
             }
-            run_one(&scenario, &opts, &cmdline)
+            run_one(&scenario, &opts, &cmdline, events.as_deref())
         }
         Cmd::Demo => {
             let opts = RunOptions {
@@ -152,7 +156,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 timeout: Duration::from_secs(DEFAULT_TIMEOUT_SECS),
                 quiet: false,
             };
-            run_one(scenario::DEMO.name, &opts, linux::DEFAULT_CMDLINE)
+            run_one(scenario::DEMO.name, &opts, linux::DEFAULT_CMDLINE, None)
         }
         Cmd::Test { no_unit, only } => test(&cli.cpu, no_unit, only.as_deref()),
         Cmd::Attacks { json } => run_attacks(&cli.cpu, json),
@@ -325,7 +329,12 @@ fn build(scenarios: &[&str]) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_one(scenario: &str, opts: &RunOptions, cmdline: &str) -> Result<ExitCode> {
+fn run_one(
+    scenario: &str,
+    opts: &RunOptions,
+    cmdline: &str,
+    events: Option<&Path>,
+) -> Result<ExitCode> {
     let layout = Layout::discover()?;
     bochs::install_interrupt_handler()?;
     let built = build_images(&layout, &[scenario], cmdline)?;
@@ -337,6 +346,21 @@ fn run_one(scenario: &str, opts: &RunOptions, cmdline: &str) -> Result<ExitCode>
     );
     let report = bochs::run(&layout, scenario, opts)?;
     print_result(&layout, scenario, &report, built.symbols.as_ref());
+    if let Some(path) = events {
+        let s = events::write_events(&report.e9, path)?;
+        let dropped = match s.dropped {
+            Some(0) => "none dropped".to_string(),
+            Some(n) => format!(
+                "{n} DROPPED by the monitor's full ring (their sequence numbers are missing)"
+            ),
+            None => "no monitor in this run".to_string(),
+        };
+        println!(
+            "[ihmi] {} events written to {} ({dropped})",
+            s.events,
+            path.display()
+        );
+    }
     Ok(if report.verdict.is_pass() {
         ExitCode::SUCCESS
     } else {
@@ -526,6 +550,7 @@ mod tests {
             timeout,
             megs,
             quiet,
+            events,
             ..
         } = cli.command
         else {
@@ -534,6 +559,11 @@ mod tests {
         assert_eq!(
             (scenario.as_str(), timeout, megs, quiet),
             ("boot", 300, 256, false)
+        );
+        assert_eq!(events, None);
+        let with = parse(&["run", "linux-sim", "--events", "out.jsonl"]).unwrap();
+        assert!(
+            matches!(with.command, Cmd::Run { events: Some(ref p), .. } if p == Path::new("out.jsonl"))
         );
     }
 
