@@ -14,6 +14,19 @@ use core::fmt;
 /// The first line.
 const HEADER: &str = "ihmi-linux-profile 1";
 
+/// The kernel PGD of a CR3: its root without PCID or flags and, when page-table isolation is built in
+/// (every PGD an 8 KiB pair, kernel half first), without bit 12, since a user CR3 points at the user
+/// half (the kernel's arch/x86/include/asm/pgtable.h, `kernel_to_user_pgdp`).
+#[must_use]
+pub const fn kernel_pgd(cr3: u64, pti_pgd_pair: bool) -> u64 {
+    let root = cr3 & 0x000f_ffff_ffff_f000;
+    if pti_pgd_pair {
+        root & !(1 << 12)
+    } else {
+        root
+    }
+}
+
 /// A struct member: byte offset and size.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Field {
@@ -151,16 +164,10 @@ impl LinuxProfile {
         Ok(p)
     }
 
-    /// The kernel PGD to walk for kernel addresses, from the CR3 the guest had (a user CR3 under
-    /// page-table isolation points at the user half of the pair).
+    /// The kernel PGD to walk for kernel addresses, from the CR3 the guest had.
     #[must_use]
     pub const fn kernel_pgd(&self, cr3: u64) -> u64 {
-        let root = cr3 & 0x000f_ffff_ffff_f000;
-        if self.pti_pgd_pair {
-            root & !(1 << 12)
-        } else {
-            root
-        }
+        kernel_pgd(cr3, self.pti_pgd_pair)
     }
 }
 

@@ -97,12 +97,7 @@ impl OsProfile {
     /// The page-table root to read kernel memory through, from the CR3 the guest had.
     #[must_use]
     pub const fn kernel_cr3(&self, cr3: u64) -> u64 {
-        let root = cr3 & 0x000f_ffff_ffff_f000;
-        if self.pti_pgd_pair {
-            root & !(1 << 12)
-        } else {
-            root
-        }
+        ihmi_linux::profile::kernel_pgd(cr3, self.pti_pgd_pair)
     }
 
     /// The system call's name, where the profile knows it.
