@@ -3,6 +3,8 @@
 //! initrd as high as the kernel allows, the zero page and the command line in low RAM, and the e820
 //! map is the firmware's with L0's and the monitor's frames marked reserved.
 
+use core::fmt::Write;
+
 use ihmi_addr::{Gpa, Hpa, PhysRange, PAGE_SIZE};
 use ihmi_hv::{MemoryMap, RegionKind};
 use ihmi_linux::{BootParams, E820Entry, E820Kind, Kernel, BOOT_CS, BOOT_DS, E820_MAX};
@@ -22,6 +24,24 @@ pub struct Modules<'a> {
     pub initrd: Option<&'a [u8]>,
 }
 
+/// A command line being put together, without a heap (one byte is kept for the NUL).
+struct LineBuf {
+    bytes: [u8; 4096],
+    len: usize,
+}
+
+impl Write for LineBuf {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        let end = self.len + s.len();
+        if end >= self.bytes.len() {
+            return Err(core::fmt::Error);
+        }
+        self.bytes[self.len..end].copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
 /// One range of the firmware's memory map, with its e820 type.
 #[derive(Clone, Copy, Debug)]
 pub struct FirmwareRange {
@@ -34,6 +54,7 @@ pub fn load(
     m: &Modules<'_>,
     memory: &MemoryMap,
     firmware: &[FirmwareRange],
+    monitor: Option<Gpa>,
     page_1g: bool,
 ) -> GuestBoot {
     let kernel =
@@ -58,14 +79,30 @@ pub fn load(
     );
 
     let mut params = BootParams::new(&kernel);
-    let cmdline = m.cmdline.as_bytes();
+    // With a monitor, the command line also says where it is: the attack scenario aims there, and the
+    // threat model assumes an attacker can find it anyway (hiding it would be obscurity, not defence).
+    let mut line = LineBuf {
+        bytes: [0; 4096],
+        len: 0,
+    };
+    let written = match monitor {
+        Some(at) => write!(line, "{} ihmi.monitor={:#x}", m.cmdline, at.raw()),
+        None => line.write_str(m.cmdline),
+    };
+    if written.is_err() {
+        fail(format_args!("the kernel command line is too long"));
+    }
+    let cmdline = &line.bytes[..line.len];
     if let Err(e) = params.set_cmdline(&kernel, CMDLINE.raw(), cmdline.len()) {
         fail(format_args!("kernel command line: {e}"));
     }
     let dst = guest::guest_bytes(memory, CMDLINE, cmdline.len() as u64 + 1);
     dst[..cmdline.len()].copy_from_slice(cmdline);
     dst[cmdline.len()] = 0;
-    log!("linux: command line \"{}\"", m.cmdline);
+    log!(
+        "linux: command line \"{}\"",
+        core::str::from_utf8(cmdline).unwrap_or("?")
+    );
 
     if let Some(initrd) = m.initrd {
         let avoid = PhysRange {

@@ -449,7 +449,10 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
             cmdline,
             initrd: initrd_module,
         };
-        linux::load(&modules, &memory, firmware, page_1g)
+        let monitor_at = monitor
+            .as_ref()
+            .map(|m| Gpa::new(m.layout.region.start.raw()));
+        linux::load(&modules, &memory, firmware, monitor_at, page_1g)
     } else {
         guest::load(&guest_image, &memory, scenario, probe, mode, gate, page_1g)
     };

@@ -230,6 +230,9 @@ pub enum Scenario {
     /// The same with the in-box system-call monitor on: the kernel's SYSCALL entry goes through the
     /// gate, and L0 checks the monitor's events against the workload.
     LinuxSim,
+    /// The same with a compromised root in the Linux guest: it tries to move IA32_LSTAR off the gate
+    /// through /dev/cpu/0/msr and to read the monitor's memory through /dev/mem.
+    LinuxAttack,
 }
 
 /// Raw numbers of the attack scenarios start here (`ATTACK_BASE + attack number`).
@@ -237,8 +240,8 @@ const ATTACK_BASE: u32 = 100;
 
 impl Scenario {
     /// Every scenario, in the order `ihmi test` runs them.
-    pub const ALL: [Scenario; 13 + Attack::ALL.len()] = {
-        let mut all = [Self::Boot; 13 + Attack::ALL.len()];
+    pub const ALL: [Scenario; 14 + Attack::ALL.len()] = {
+        let mut all = [Self::Boot; 14 + Attack::ALL.len()];
         let fixed = [
             Self::Boot,
             Self::EptGuard,
@@ -253,6 +256,7 @@ impl Scenario {
             Self::Bench(monitor::Mode::OutBox),
             Self::LinuxBoot,
             Self::LinuxSim,
+            Self::LinuxAttack,
         ];
         let mut i = 0;
         while i < fixed.len() {
@@ -271,7 +275,9 @@ impl Scenario {
     #[must_use]
     pub const fn monitor_mode(self) -> monitor::Mode {
         match self {
-            Self::Sim | Self::Attack(_) | Self::LinuxSim => monitor::Mode::InBox,
+            Self::Sim | Self::Attack(_) | Self::LinuxSim | Self::LinuxAttack => {
+                monitor::Mode::InBox
+            }
             Self::SimOutbox => monitor::Mode::OutBox,
             Self::Bench(mode) => mode,
             _ => monitor::Mode::None,
@@ -281,7 +287,7 @@ impl Scenario {
     /// Whether the guest is a Linux kernel rather than the test guest.
     #[must_use]
     pub const fn is_linux(self) -> bool {
-        matches!(self, Self::LinuxBoot | Self::LinuxSim)
+        matches!(self, Self::LinuxBoot | Self::LinuxSim | Self::LinuxAttack)
     }
 
     /// The attack this scenario runs, if it is one.
@@ -310,6 +316,7 @@ impl Scenario {
             Self::Bench(monitor::Mode::OutBox) => "bench-outbox",
             Self::LinuxBoot => "linux-boot",
             Self::LinuxSim => "linux-sim",
+            Self::LinuxAttack => "linux-attack",
             Self::Attack(a) => a.scenario_name(),
         }
     }
@@ -329,6 +336,7 @@ impl Scenario {
             Self::Bench(mode) => 9 + mode as u32,
             Self::LinuxBoot => 12,
             Self::LinuxSim => 13,
+            Self::LinuxAttack => 14,
             Self::Attack(a) => ATTACK_BASE + a as u32,
         }
     }

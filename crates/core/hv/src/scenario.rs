@@ -216,6 +216,8 @@ pub enum FailReason {
     WrongTask(crate::linux::TaskInfo),
     /// The running Linux task could not be read.
     NoTask(crate::linux::TaskError),
+    /// An attack step was not refused (which one).
+    AttackNotBlocked(&'static str),
     /// The monitor's events did not show the Linux workload's system calls (how far they got).
     WorkloadNotSeen(SyscallTrail),
     /// The benchmark's counts do not have the structure its mode must give.
@@ -298,6 +300,7 @@ impl fmt::Display for FailReason {
             Self::Bench(fault) => write!(f, "benchmark structure: {fault:?}"),
             Self::WrongTask(t) => write!(f, "the guest ended from the wrong task: {t}"),
             Self::NoTask(e) => write!(f, "cannot read the running task: {e}"),
+            Self::AttackNotBlocked(what) => write!(f, "not blocked: {what}"),
             Self::WorkloadNotSeen(t) => write!(
                 f,
                 "the monitor saw {} of the workload's {} system calls ({} events named {}; pid {}, parent {})",
@@ -489,6 +492,39 @@ fn check(
                 Ok(())
             } else {
                 Err(FailReason::WorkloadNotSeen(log.linux_trail))
+            }
+        }
+        // The compromised root's two moves: the LSTAR write refused by L0 (an alert), and the /dev/mem
+        // read of the monitor stopped by the guest view (an EPT violation on a monitor frame, in view 0,
+        // which ends the guest).
+        Scenario::LinuxAttack => {
+            let refused = log
+                .alerts()
+                .iter()
+                .any(|a| matches!(a, crate::Alert::LstarWriteRefused { .. }));
+            if !refused {
+                return Err(FailReason::AttackNotBlocked(
+                    "moving IA32_LSTAR off the gate",
+                ));
+            }
+            match log.end {
+                None => Err(FailReason::NotEnded),
+                Some(GuestEnd::EptViolation {
+                    region: Some(RegionKind::Monitor),
+                    qualification,
+                    view: Some(crate::views::GUEST_VIEW),
+                    ..
+                }) if qualification.read() => match log.end_task {
+                    // Stopped while the attacker was the running task.
+                    Some(Ok(t)) if comm_bytes(&t.comm) == b"ihmi-attack" => Ok(()),
+                    Some(Ok(t)) => Err(FailReason::WrongTask(t)),
+                    Some(Err(e)) => Err(FailReason::NoTask(e)),
+                    None => Err(FailReason::NoTask(crate::linux::TaskError::NoProfile)),
+                },
+                Some(got) => Err(FailReason::WrongEnd {
+                    expected: "an EPT violation reading a monitor frame in the guest view",
+                    got,
+                }),
             }
         }
         Scenario::Bench(mode) => {

@@ -1331,3 +1331,71 @@ fn the_linux_workload_trail_needs_its_calls_in_order_from_one_child_of_init() {
     }
     assert!(!out_of_order.linux_trail.complete());
 }
+
+#[test]
+fn linux_attack_needs_the_refused_lstar_write_and_the_stopped_monitor_read() {
+    use crate::linux::TaskInfo;
+    use ihmi_vmcs::EptViolationQualification;
+    let attacker = {
+        let mut comm = [0u8; 16];
+        comm[..11].copy_from_slice(b"ihmi-attack");
+        TaskInfo {
+            task: 0,
+            pid: 25,
+            tgid: 25,
+            ppid: 1,
+            comm,
+        }
+    };
+    let monitor_read = GuestEnd::EptViolation {
+        gpa: Gpa::new(0xf80_1000),
+        gla: None,
+        rip: 0xffff_ffff_810e_f702,
+        qualification: EptViolationQualification::from_raw(1),
+        region: Some(RegionKind::Monitor),
+        view: Some(0),
+    };
+    let verdict = |alert: bool, end: GuestEnd, task: TaskInfo| {
+        let mut h = hv(Scenario::LinuxAttack);
+        if alert {
+            h.log.record_alert(crate::Alert::LstarWriteRefused {
+                value: 1,
+                locked: 2,
+                rip: 3,
+            });
+        }
+        h.log.end = Some(end);
+        h.log.end_task = Some(Ok(task));
+        judge(
+            Scenario::LinuxAttack,
+            &h.log,
+            &h.counters,
+            Gpa::new(0),
+            None,
+        )
+    };
+    assert_eq!(verdict(true, monitor_read, attacker), Verdict::Pass);
+    assert!(matches!(
+        verdict(false, monitor_read, attacker),
+        Verdict::Fail(FailReason::AttackNotBlocked(_))
+    ));
+    assert!(matches!(
+        verdict(true, GuestEnd::ShutdownRequest, attacker),
+        Verdict::Fail(FailReason::WrongEnd { .. })
+    ));
+    let mut other = attacker;
+    other.comm[0] = b'X';
+    assert!(matches!(
+        verdict(true, monitor_read, other),
+        Verdict::Fail(FailReason::WrongTask(_))
+    ));
+    let l0_read = GuestEnd::EptViolation {
+        gpa: Gpa::new(0xfa0_0000),
+        gla: None,
+        rip: 0xffff_ffff_810e_f702,
+        qualification: EptViolationQualification::from_raw(1),
+        region: Some(RegionKind::L0),
+        view: Some(0),
+    };
+    assert!(matches!(verdict(true, l0_read, attacker), Verdict::Fail(_)));
+}

@@ -201,9 +201,17 @@ pub fn make_iso(
                 .with_context(|| format!("cannot copy {}", from.display()))?;
         }
     }
+    let cmdline = linux.map(|l| {
+        let extra = crate::scenario::kernel_args(scenario);
+        if extra.is_empty() {
+            l.cmdline.clone()
+        } else {
+            format!("{} {extra}", l.cmdline)
+        }
+    });
     fs::write(
         boot.join("grub/grub.cfg"),
-        grub_cfg(scenario, linux.map(|l| l.cmdline.as_str())),
+        grub_cfg(scenario, cmdline.as_deref()),
     )
     .context("cannot write grub.cfg")?;
 

@@ -40,7 +40,7 @@ pub struct LinuxImages {
 }
 
 /// The static programs the initramfs carries (package `ihmi-linux-workload`).
-const WORKLOAD_PROGRAMS: &[&str] = &["ihmi-poweroff", "ihmi-workload"];
+const WORKLOAD_PROGRAMS: &[&str] = &["ihmi-poweroff", "ihmi-workload", "ihmi-attack"];
 const WORKLOAD_TARGET: &str = "x86_64-unknown-linux-gnu";
 
 /// Builds (or finds cached) the `tiny` kernel and a fresh initramfs.

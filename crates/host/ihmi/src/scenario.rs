@@ -66,7 +66,7 @@ const ALL_TESTS: [Scenario; BASE_SCENARIOS.len() + BENCH_SCENARIOS.len() + ATTAC
 
 /// The scenarios before the attack suite. A new one is one line here; one that needs more than VMX +
 /// EPT says so, as `sim` does.
-const BASE_SCENARIOS: [Scenario; 10] = [
+const BASE_SCENARIOS: [Scenario; 11] = [
     Scenario::new("boot"),
     Scenario::new("ept-guard"),
     Scenario::new("bad-hypercall"),
@@ -86,7 +86,20 @@ const BASE_SCENARIOS: [Scenario; 10] = [
         name: "linux-sim",
         requires: IN_BOX,
     },
+    // And a compromised root attacking it (its kernel command line says `ihmi.attack`).
+    Scenario {
+        name: "linux-attack",
+        requires: IN_BOX,
+    },
 ];
+
+/// Kernel arguments a Linux scenario adds to the command line: the attack scenario tells its /init.
+pub fn kernel_args(name: &str) -> &'static str {
+    match name {
+        "linux-attack" => "ihmi.attack",
+        _ => "",
+    }
+}
 
 /// The invocation benchmark, one scenario per mode (`ihmi bench`). They are in `ihmi test` too, where
 /// L0's verdict checks their structure (no exit in-box, two per call out of the box), never time.
@@ -172,7 +185,7 @@ mod tests {
 
     #[test]
     fn test_list_is_in_order_and_valid() {
-        let names: Vec<_> = TEST_SCENARIOS.iter().map(|s| s.name).take(13).collect();
+        let names: Vec<_> = TEST_SCENARIOS.iter().map(|s| s.name).take(14).collect();
         assert_eq!(
             names,
             [
@@ -186,13 +199,14 @@ mod tests {
                 "sim-outbox",
                 "linux-boot",
                 "linux-sim",
+                "linux-attack",
                 "bench-none",
                 "bench-inbox",
                 "bench-outbox"
             ]
         );
         // Then every attack, each named as L0 knows it and needing VMFUNC.
-        let attacks: Vec<_> = TEST_SCENARIOS[13..].iter().collect();
+        let attacks: Vec<_> = TEST_SCENARIOS[14..].iter().collect();
         assert_eq!(attacks.len(), Attack::ALL.len());
         for (s, a) in attacks.iter().zip(Attack::ALL) {
             assert_eq!(s.name, format!("attack-{}", a.name()));

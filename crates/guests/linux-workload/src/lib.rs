@@ -1,0 +1,41 @@
+//! What the Linux guest's programs share: the two I/O ports L0 watches. A line written to port 0xE9
+//! reaches L0, which relays it as a `guest|` line; "Shutdown" written to port 0x8900 ends the run
+//! (Bochs's power-off port, which L0 intercepts first). Root only: the ports are granted with ioperm.
+
+use std::io;
+
+const DEBUG_PORT: u16 = 0xe9;
+const SHUTDOWN_PORT: u16 = 0x8900;
+
+fn outb(port: u16, value: u8) {
+    // SAFETY: the port was granted with ioperm; OUT to it has no effect on this process's memory.
+    unsafe {
+        std::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nostack, nomem))
+    };
+}
+
+fn grant(port: u16) -> io::Result<()> {
+    // SAFETY: ioperm only changes this process's I/O permission bitmap.
+    if unsafe { libc::ioperm(libc::c_ulong::from(port), 1, 1) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Writes `line` and a newline to L0's debug port.
+pub fn debug_line(line: &str) -> io::Result<()> {
+    grant(DEBUG_PORT)?;
+    for b in line.bytes().chain(std::iter::once(b'\n')) {
+        outb(DEBUG_PORT, b);
+    }
+    Ok(())
+}
+
+/// Asks L0 to end the run. Returns only if nothing intercepted the request.
+pub fn power_off() -> io::Result<()> {
+    grant(SHUTDOWN_PORT)?;
+    for b in b"Shutdown" {
+        outb(SHUTDOWN_PORT, *b);
+    }
+    Ok(())
+}
