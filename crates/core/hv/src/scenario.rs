@@ -514,13 +514,10 @@ fn check(
                     qualification,
                     view: Some(crate::views::GUEST_VIEW),
                     ..
-                }) if qualification.read() => match log.end_task {
+                }) if qualification.read() => {
                     // Stopped while the attacker was the running task.
-                    Some(Ok(t)) if comm_bytes(&t.comm) == b"ihmi-attack" => Ok(()),
-                    Some(Ok(t)) => Err(FailReason::WrongTask(t)),
-                    Some(Err(e)) => Err(FailReason::NoTask(e)),
-                    None => Err(FailReason::NoTask(crate::linux::TaskError::NoProfile)),
-                },
+                    expect_end_task(log, |t| comm_bytes(&t.comm) == b"ihmi-attack")
+                }
                 Some(got) => Err(FailReason::WrongEnd {
                     expected: "an EPT violation reading a monitor frame in the guest view",
                     got,
@@ -723,19 +720,27 @@ fn check_monitor_events(log: &ScenarioLog, expected: &[ExpectedEvent]) -> Result
     Ok(())
 }
 
+/// The task a Linux guest was running when it ended must be the one `expected` describes.
+fn expect_end_task(
+    log: &ScenarioLog,
+    expected: impl Fn(&crate::linux::TaskInfo) -> bool,
+) -> Result<(), FailReason> {
+    match log.end_task {
+        Some(Ok(t)) if expected(&t) => Ok(()),
+        Some(Ok(t)) => Err(FailReason::WrongTask(t)),
+        Some(Err(e)) => Err(FailReason::NoTask(e)),
+        None => Err(FailReason::NoTask(crate::linux::TaskError::NoProfile)),
+    }
+}
+
 /// A Linux run ended through L0's ports from /init's last program: pid 1 (init exec'd it), named
 /// ihmi-poweroff, child of the idle task (tgid 0), as the kernel's own task_struct says.
 fn linux_run_ended_well(log: &ScenarioLog) -> Result<(), FailReason> {
     match log.end {
         None => Err(FailReason::NotEnded),
-        Some(GuestEnd::ShutdownRequest) if log.debug_lines > 0 => match log.end_task {
-            Some(Ok(t)) if t.pid == 1 && t.ppid == 0 && comm_bytes(&t.comm) == b"ihmi-poweroff" => {
-                Ok(())
-            }
-            Some(Ok(t)) => Err(FailReason::WrongTask(t)),
-            Some(Err(e)) => Err(FailReason::NoTask(e)),
-            None => Err(FailReason::NoTask(crate::linux::TaskError::NoProfile)),
-        },
+        Some(GuestEnd::ShutdownRequest) if log.debug_lines > 0 => expect_end_task(log, |t| {
+            t.pid == 1 && t.ppid == 0 && comm_bytes(&t.comm) == b"ihmi-poweroff"
+        }),
         Some(got) => Err(FailReason::WrongEnd {
             expected: "the guest's /init to print on port 0xE9 and power off through port 0x8900",
             got,
