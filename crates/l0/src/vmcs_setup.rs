@@ -151,30 +151,21 @@ pub fn configure(
     let msr_frame = frames.alloc_zeroed();
     // SAFETY: a fresh, zeroed, page-aligned pool frame, identity-mapped; MsrBitmap is a 4 KiB page layout.
     let msr_bitmap = unsafe { &mut *(msr_frame.raw() as *mut MsrBitmap) };
-    for &(first, last) in INTERCEPTED {
-        for msr in first..=last {
-            if msr_bitmap.intercept_read(msr).is_err() || msr_bitmap.intercept_write(msr).is_err() {
-                fail(format_args!(
-                    "MSR {msr:#x} in the intercept policy is outside the bitmap"
-                ));
-            }
-        }
-    }
-    for &(first, last) in READ_INTERCEPTED {
-        for msr in first..=last {
-            if msr_bitmap.intercept_read(msr).is_err() {
-                fail(format_args!(
-                    "MSR {msr:#x} in the read-intercept policy is outside the bitmap"
-                ));
-            }
-        }
-    }
-    for &(first, last) in WRITE_INTERCEPTED {
-        for msr in first..=last {
-            if msr_bitmap.intercept_write(msr).is_err() {
-                fail(format_args!(
-                    "MSR {msr:#x} in the write-intercept policy is outside the bitmap"
-                ));
+    // Each policy table, with which accesses it intercepts and its name for the message.
+    for (table, read, write, policy) in [
+        (INTERCEPTED, true, true, "intercept"),
+        (READ_INTERCEPTED, true, false, "read-intercept"),
+        (WRITE_INTERCEPTED, false, true, "write-intercept"),
+    ] {
+        for &(first, last) in table {
+            for msr in first..=last {
+                let read_ok = !read || msr_bitmap.intercept_read(msr).is_ok();
+                let write_ok = !write || msr_bitmap.intercept_write(msr).is_ok();
+                if !(read_ok && write_ok) {
+                    fail(format_args!(
+                        "MSR {msr:#x} in the {policy} policy is outside the bitmap"
+                    ));
+                }
             }
         }
     }
