@@ -242,7 +242,8 @@ impl Hypervisor {
                 if let Some(g) = self.guard.as_mut() {
                     g.lstar = Some(value);
                 }
-                if gate.is_some() {
+                // Only when the gate went in: install_linux_gate has said why when it did not.
+                if gate.is_some() && installed != value {
                     platform.log(format_args!(
                         "linux: system calls now enter through the gate at {installed:#x} (the kernel's entry {value:#x})"
                     ));

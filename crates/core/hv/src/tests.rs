@@ -1296,6 +1296,12 @@ fn an_occupied_slot_leaves_the_kernel_s_entry_alone() {
     assert!(calls
         .iter()
         .any(|c| matches!(c, Call::Log(s) if s.contains("slot 466") && s.contains("in use"))));
+    assert!(
+        !calls
+            .iter()
+            .any(|c| matches!(c, Call::Log(s) if s.contains("now enter through the gate"))),
+        "no claim that the gate is in front"
+    );
 }
 
 #[test]
