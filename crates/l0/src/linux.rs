@@ -60,7 +60,7 @@ pub fn load(
     let kernel =
         Kernel::parse(m.kernel).unwrap_or_else(|e| fail(format_args!("the linux module: {e}")));
     let load_at = Gpa::new(kernel.pref_address);
-    let span = u64::from(kernel.init_size).max(kernel.payload.len() as u64);
+    let span = kernel.span();
     if !memory.is_guest_ram(load_at, span) {
         fail(format_args!(
             "the kernel wants {:#x}..{:#x} (init_size), which is not all guest RAM; boot with more memory",
@@ -228,7 +228,7 @@ fn e820_map(memory: &MemoryMap, firmware: &[FirmwareRange]) -> ([E820Entry; E820
 pub fn kernel_span(image: &[u8]) -> PhysRange {
     let kernel =
         Kernel::parse(image).unwrap_or_else(|e| fail(format_args!("the linux module: {e}")));
-    let span = u64::from(kernel.init_size).max(kernel.payload.len() as u64);
+    let span = kernel.span();
     PhysRange {
         start: Hpa::new(kernel.pref_address),
         end: Hpa::new(kernel.pref_address + span),

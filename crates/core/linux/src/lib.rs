@@ -141,6 +141,13 @@ impl<'a> Kernel<'a> {
         })
     }
 
+    /// Bytes the kernel occupies from `pref_address` while it starts: its start-up area (`init_size`,
+    /// decompression included), or the payload itself if that is larger.
+    #[must_use]
+    pub fn span(&self) -> u64 {
+        u64::from(self.init_size).max(self.payload.len() as u64)
+    }
+
     /// The 64-bit entry point once loaded at `pref_address`.
     #[must_use]
     pub const fn entry_64(&self) -> u64 {
@@ -298,6 +305,7 @@ mod tests {
         assert_eq!(k.entry_64(), 0x100_0200);
         assert_eq!(k.init_size, 0x80_0000);
         assert_eq!(k.payload.len(), 100);
+        assert_eq!(k.span(), 0x80_0000, "init_size, larger than the payload");
         assert_eq!(k.payload[0], 0xaa);
     }
 
