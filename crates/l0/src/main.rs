@@ -66,6 +66,9 @@ pub(crate) struct L0State {
     pub(crate) outbox: Option<outbox::MonitorVm>,
     /// The open benchmark window's start.
     bench_start: Option<(ihmi_hv::bench::BenchMark, ihmi_hv::bench::MonitorCounts)>,
+    /// The guest's EPT view and the frames it may still need (a Linux guest's hook changes it).
+    guest_view: ihmi_ept::EptView,
+    frames: frames::Pool,
 }
 
 struct StateCell(UnsafeCell<Option<L0State>>);
@@ -128,7 +131,7 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
     let scenario_arg = cmdline
         .split_whitespace()
         .find_map(|w| w.strip_prefix("scenario="))
-        .unwrap_or("demo");
+        .unwrap_or("testguest-demo");
     let Some(scenario) = Scenario::from_name(scenario_arg) else {
         fail(format_args!(
             "unknown scenario '{scenario_arg}' on the command line"
@@ -383,11 +386,21 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
                 guest_regions.all,
             ),
         };
+        // The process-creation allow-list: the test guest's own, or for Linux `allow=` on L0's
+        // command line (none: monitor without enforcing).
+        let allowed = match os {
+            monitor::MonitorOs::TestGuest { .. } => monitor::TESTGUEST_ALLOWED,
+            monitor::MonitorOs::Linux(_) => cmdline
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("allow="))
+                .unwrap_or(""),
+        };
         Some(monitor::load(
             bytes,
             &mut memory,
             taken.as_slice(),
             &os,
+            allowed,
             page_1g,
         ))
     };
@@ -479,6 +492,16 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
                 slot: info.slot,
                 pml4e: info.pml4e,
                 pti_pgd_pair: p.pti_pgd_pair,
+                gate_page: info.gate_page,
+                exec_hook: Some(ihmi_hv::linux_hooks::ExecHook {
+                    site: p.exec_hook,
+                    site_pa: linux::kernel_text_pa(p.exec_hook, &memory),
+                    trampoline: info.hook_trampoline,
+                    slot_va: info.hook_slot,
+                    table: info.hook_table,
+                    gate_page: info.gate_page,
+                    pgd: linux::kernel_text_pa(p.init_top_pgt, &memory),
+                }),
             });
         }
         g
@@ -540,6 +563,8 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
         hook,
         outbox,
         bench_start: None,
+        guest_view,
+        frames,
     });
     let Some(st) = state.as_mut() else {
         fail(format_args!("state lost"))
@@ -571,9 +596,23 @@ fn break_vmcs_for_scenario(vmcs: &mut ActiveVmcs, scenario: Scenario) {
 }
 
 /// Physical memory and CPU as the exit policy sees them.
-struct HwPlatform;
+struct HwPlatform<'a> {
+    guest_view: &'a mut ihmi_ept::EptView,
+    frames: &'a mut frames::Pool,
+}
 
-impl Platform for HwPlatform {
+impl Platform for HwPlatform<'_> {
+    fn protect_guest(&mut self, gpa: Gpa, len: u64, perm: ihmi_ept::Perm) -> bool {
+        if let Err(e) = self.guest_view.protect(self.frames, gpa, len, perm) {
+            log!("EPT view 0: cannot change {gpa} (+{len:#x}) to {perm:?}: {e}");
+            return false;
+        }
+        // SAFETY: VMX is on and the view's EPTP is the one the guest runs with in view 0; a
+        // single-context invalidation drops what the CPU cached of the old permissions.
+        unsafe { ihmi_vmx::invept_single(self.guest_view.eptp().raw()) };
+        true
+    }
+
     fn host_cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4] {
         ihmi_rt::cpu::cpuid(leaf, subleaf)
     }
@@ -674,7 +713,11 @@ extern "C" fn on_exit(regs: &mut GuestRegs) {
     // What the monitor saw happened before this exit: show it first.
     drain_monitor(st);
     let mut vcpu = HwVcpu::new(&mut st.vmcs, regs);
-    let action = st.hv.handle_exit(&mut vcpu, &mut HwPlatform);
+    let mut platform = HwPlatform {
+        guest_view: &mut st.guest_view,
+        frames: &mut st.frames,
+    };
+    let action = st.hv.handle_exit(&mut vcpu, &mut platform);
     if let Some(mark) = st.hv.bench_mark.take() {
         bench_mark(st, mark);
     }

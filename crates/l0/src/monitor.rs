@@ -21,8 +21,8 @@ pub const DIRECT_MAP_BASE: u64 = 0xffff_8000_0000_0000;
 const MONITOR_PCID: u64 = 1;
 /// Frames reserved after the image for the monitor's page tables.
 const TABLE_FRAMES: u64 = 64;
-/// Process names the creation policy allows in the scenarios; `intruder` is deliberately absent.
-const ALLOWED: [&str; 3] = ["init", "worker", "bench"];
+/// Process names the test guest's creation policy allows; `intruder` is deliberately absent.
+pub const TESTGUEST_ALLOWED: &str = "init,worker,bench";
 
 /// Which guest kernel the monitor watches.
 #[derive(Clone, Copy, Debug)]
@@ -50,6 +50,7 @@ impl MonitorOs {
                 p.real_parent.offset,
                 p.comm.offset,
                 p.pti_pgd_pair,
+                p.binprm_filename.offset,
             ),
         }
     }
@@ -65,6 +66,13 @@ pub struct LinuxGateInfo {
     /// The PML4 slot and the entry that maps the gate's tables.
     pub slot: u64,
     pub pml4e: u64,
+    /// The gate page, guest-physical.
+    pub gate_page: Gpa,
+    /// The process-creation trampoline: its 2 MiB slot in the kernel's image mapping, its entry
+    /// there, and the page table (filled) that maps the slot's first page to the gate page.
+    pub hook_slot: u64,
+    pub hook_trampoline: u64,
+    pub hook_table: Gpa,
 }
 
 /// Page-table entry bits (SDM 4.5): present, writable, accessed, dirty, execute-disable.
@@ -77,7 +85,9 @@ const PTE_NX: u64 = 1 << 63;
 /// Fills the three tables that map the gate (read + execute) and the scratch page after it (read/write,
 /// never executable) at `gate_gva` in a Linux kernel's address spaces; returns the PML4 entry that
 /// points at them. Supervisor-only, and the accessed and dirty bits are set in advance: the guest view
-/// shows these tables read-only, so the CPU must never need to write them.
+/// shows these tables read-only, so the CPU must never need to write them. (The process-creation
+/// trampoline's table, `hook_table`, is filled the same way: one entry, the gate page at the start of
+/// its 2 MiB slot.)
 fn build_linux_gate_tables(
     gate_gva: Gva,
     gate: Gpa,
@@ -217,6 +227,7 @@ pub fn load(
     memory: &mut MemoryMap,
     taken: &[PhysRange],
     os: &MonitorOs,
+    allowed: &str,
     page_1g: bool,
 ) -> Loaded {
     let image = Image::parse(image_bytes, "monitor");
@@ -295,16 +306,16 @@ pub fn load(
                     .alloc_zeroed()
                     .unwrap_or_else(|| fail(format_args!("no room for the gate's pages")))
             };
-            let (scratch, pdpt, pd, ptab) = (frame(), frame(), frame(), frame());
+            let (scratch, pdpt, pd, ptab, hook) = (frame(), frame(), frame(), frame(), frame());
             let range = |a: Gpa, pages: u64| PhysRange {
                 start: Hpa::new(a.raw()),
                 end: Hpa::new(a.raw() + pages * PAGE_SIZE),
             };
             layout.linux = Some(LinuxGatePages {
                 scratch: range(scratch, 1),
-                tables: range(pdpt, 3),
+                tables: range(pdpt, 4),
             });
-            Some((scratch, pdpt, pd, ptab))
+            Some((scratch, pdpt, pd, ptab, hook))
         }
         MonitorOs::TestGuest { .. } => None,
     };
@@ -368,7 +379,7 @@ pub fn load(
         }
     }
     let mut linux_gate = None;
-    if let Some((scratch, pdpt, pd, ptab)) = linux_pages {
+    if let (Some((scratch, pdpt, pd, ptab, hook_table)), MonitorOs::Linux(p)) = (linux_pages, os) {
         if let Err(e) = pt.map(
             &mut tables,
             Gva::new(ihmi_abi::monitor::LINUX_SCRATCH_GVA),
@@ -386,24 +397,32 @@ pub fn load(
             pd,
             ptab,
         );
+        // The trampoline's slot: the kernel's image mapping ends at `_end`, rounded up to 2 MiB; one
+        // slot is left between as a margin.
+        let hook_slot = p
+            .kernel_end
+            .checked_next_multiple_of(LARGE_PAGE_SIZE)
+            .and_then(|e| e.checked_add(LARGE_PAGE_SIZE))
+            .unwrap_or_else(|| fail(format_args!("the kernel's _end is out of range")));
+        bytes_at(hook_table, 8).copy_from_slice(&(gate.start.raw() | PTE_P | PTE_A).to_le_bytes());
+        let gate_entry_gva = gate_gva.raw() + (image.symbol("ihmi_gate_entry") - base);
+        patch_movabs(&image, at, "ihmi_hook_gate_imm", gate_entry_gva);
         linux_gate = Some(LinuxGateInfo {
             gate_entry: gate_gva.raw() + (image.symbol("ihmi_gate_syscall") - base),
             kernel_entry_slot: at(image.symbol("ihmi_gate_kernel_entry")),
             slot: (gate_gva.raw() >> 39) & 0x1ff,
             pml4e,
+            gate_page: Gpa::new(gate.start.raw()),
+            hook_slot,
+            hook_trampoline: hook_slot + (image.symbol("ihmi_hook_exec") - base),
+            hook_table,
         });
     }
     let monitor_cr3 = pt.root().raw() | MONITOR_PCID;
 
-    // Patch the gates' CR3 immediates: `movabs $imm64, %rax` is 48 B8 followed by the immediate.
+    // The gates' CR3 immediates.
     for symbol in ["ihmi_gate_cr3_imm", "ihmi_gate_syscall_cr3_imm"] {
-        let insn = bytes_at(at(image.symbol(symbol)), 10);
-        if insn[..2] != [0x48, 0xb8] {
-            fail(format_args!(
-                "the gate's CR3 load ({symbol}) is not a movabs to RAX; the gate and L0 disagree"
-            ));
-        }
-        insn[2..].copy_from_slice(&monitor_cr3.to_le_bytes());
+        patch_movabs(&image, at, symbol, monitor_cr3);
     }
 
     // The configuration.
@@ -420,6 +439,7 @@ pub fn load(
         parent_offset: 0,
         comm_offset: 0,
         pti_pgd_pair: 0,
+        binprm_filename_offset: 0,
     };
     if let MonitorOs::Linux(p) = os {
         config.os = OS_LINUX;
@@ -427,13 +447,30 @@ pub fn load(
         config.parent_offset = p.real_parent.offset;
         config.comm_offset = p.comm.offset;
         config.pti_pgd_pair = u64::from(p.pti_pgd_pair);
+        config.binprm_filename_offset = p.binprm_filename.offset;
     }
     let (ram, count) = crate::guest::ram_ranges(memory);
     config.ram = ram;
     config.ram_count = count;
-    for (slot, name) in config.allowed.iter_mut().zip(ALLOWED) {
+    for name in allowed.split(',').filter(|n| !n.is_empty()) {
+        let Some(slot) = config.allowed.get_mut(config.allowed_count as usize) else {
+            fail(format_args!(
+                "the allow-list has more than {MAX_ALLOWED} names"
+            ));
+        };
+        if name.len() > slot.len() {
+            fail(format_args!(
+                "allow-list name '{name}' is longer than a process name ({} bytes)",
+                slot.len()
+            ));
+        }
         slot[..name.len()].copy_from_slice(name.as_bytes());
         config.allowed_count += 1;
+    }
+    if config.allowed_count > 0 {
+        log!("monitor: allow-list {allowed}");
+    } else {
+        log!("monitor: no allow-list; every process creation is allowed");
     }
     let config_at = bytes_at(
         at(image.symbol("IHMI_MONITOR_CONFIG")),
@@ -492,6 +529,18 @@ pub fn load(
     };
     loaded.checksum_at_load = loaded.checksum();
     loaded
+}
+
+/// Writes `value` into the immediate of the `movabs $imm64, %rax` (48 B8 imm64) at the image symbol
+/// `symbol`, which `at` places in the monitor region.
+fn patch_movabs(image: &Image<'_>, at: impl Fn(u64) -> Gpa, symbol: &str, value: u64) {
+    let insn = bytes_at(at(image.symbol(symbol)), 10);
+    if insn[..2] != [0x48, 0xb8] {
+        fail(format_args!(
+            "{symbol} is not a movabs to RAX; the monitor image and L0 disagree"
+        ));
+    }
+    insn[2..].copy_from_slice(&value.to_le_bytes());
 }
 
 /// Counts `VMFUNC` (0F 01 D4) and `mov %reg, %cr3` (0F 22 with ModRM mod = 11, reg = 3) in the gate's

@@ -306,7 +306,7 @@ impl Scenario {
             Self::Boot => "boot",
             Self::EptGuard => "ept-guard",
             Self::BadHypercall => "bad-hypercall",
-            Self::Demo => "demo",
+            Self::Demo => "testguest-demo",
             Self::EntryBadControl => "entry-bad-control",
             Self::EntryBadGuestState => "entry-bad-guest-state",
             Self::Sim => "sim",

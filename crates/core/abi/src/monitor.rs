@@ -16,6 +16,9 @@ pub enum RequestCode {
     Syscall = 1,
     /// A process is about to be created: args = (GVA of the new process record, program number).
     ProcessCreate = 2,
+    /// Linux: the running process is about to execute a new program (`execve`): args = (GVA of the
+    /// kernel's `linux_binprm`, 0, 0, 0).
+    Exec = 3,
 }
 
 impl RequestCode {
@@ -26,6 +29,7 @@ impl RequestCode {
             0 => Self::Null,
             1 => Self::Syscall,
             2 => Self::ProcessCreate,
+            3 => Self::Exec,
             _ => return None,
         })
     }
@@ -69,7 +73,11 @@ pub const RING_LEN: usize = 4096;
 /// Magic at the start of [`MonitorConfig`] ("IHMICONF").
 pub const CONFIG_MAGIC: u64 = 0x464e_4f43_494d_4849;
 /// Largest allow-list L0 can hand the monitor.
-pub const MAX_ALLOWED: usize = 8;
+pub const MAX_ALLOWED: usize = 16;
+/// Bytes of a program's path an event keeps (NUL-padded; longer paths are cut and flagged).
+pub const PATH_LEN: usize = 64;
+/// Longest path the monitor reads to find a program's name (the kernel's PATH_MAX).
+pub const PATH_MAX: usize = 4096;
 
 /// What L0 writes into the monitor's data before the guest can call it (the monitor symbol
 /// `IHMI_MONITOR_CONFIG`). The guest never sees or touches it: it lives in monitor frames.
@@ -99,6 +107,8 @@ pub struct MonitorConfig {
     pub comm_offset: u64,
     /// Linux: the kernel PGD is the even page of a CR3's 8 KiB pair (page-table isolation built in).
     pub pti_pgd_pair: u64,
+    /// Linux: offset of `filename` (the path `execve` was given) in the kernel's `linux_binprm`.
+    pub binprm_filename_offset: u64,
 }
 
 /// [`MonitorConfig::os`] for ihmi's own test guest.

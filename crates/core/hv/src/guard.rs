@@ -8,9 +8,11 @@
 
 use core::fmt;
 
-use ihmi_addr::Gpa;
+use ihmi_addr::{Gpa, PAGE_SIZE};
 use ihmi_vmcs::fields::{control, guest};
+use ihmi_vmcs::EptViolationQualification;
 
+use crate::linux_hooks::{self, ArmedHook, ExecHook};
 use crate::{inject_exception, skip_instruction, Action, GuestEnd, Hypervisor, Platform, Vcpu};
 
 /// IA32_LSTAR, the 64-bit SYSCALL entry point (SDM Vol. 4, Table 2-2).
@@ -43,6 +45,11 @@ pub struct LinuxGate {
     pub pml4e: u64,
     /// Page-table isolation built in: the user half of the PGD pair gets the slot too.
     pub pti_pgd_pair: bool,
+    /// The gate page, guest-physical: readable but not executable in the guest view until the first
+    /// system call, when L0 installs the process-creation hook and opens it.
+    pub gate_page: Gpa,
+    /// The process-creation hook to install then, if the monitor has one.
+    pub exec_hook: Option<ExecHook>,
 }
 
 /// L0's protection state for one guest with an in-box monitor.
@@ -57,6 +64,11 @@ pub struct Guard {
     lstar: Option<u64>,
     /// For a Linux guest: the system-call gate to put in front of the kernel's entry.
     pub linux_gate: Option<LinuxGate>,
+    /// Linux: the gate's PML4 entry in the kernel's top-level table, audited once installed.
+    linux_slot: Option<(Gpa, u64)>,
+    /// Linux: whether the first system call has opened the gate (and the hook went in, if it did).
+    gate_open: bool,
+    armed_hook: Option<ArmedHook>,
 }
 
 impl Guard {
@@ -68,7 +80,28 @@ impl Guard {
             hook,
             lstar: None,
             linux_gate: None,
+            linux_slot: None,
+            gate_open: false,
+            armed_hook: None,
         }
+    }
+
+    /// The process-creation hook, once installed.
+    #[must_use]
+    pub const fn armed_hook(&self) -> Option<&ArmedHook> {
+        self.armed_hook.as_ref()
+    }
+
+    /// Every word L0 audits at each exit, with the value it must hold: the test guest's gate pointer,
+    /// and for Linux the gate's PML4 entry and the hook trampoline's page-directory entry.
+    fn audited(&self) -> impl Iterator<Item = (Gpa, u64)> {
+        [
+            self.hook,
+            self.linux_slot,
+            self.armed_hook.map(|a| a.audited()),
+        ]
+        .into_iter()
+        .flatten()
     }
 
     /// The system-call entry the guest kernel installed, once it has.
@@ -241,6 +274,12 @@ impl Hypervisor {
                 platform.write_msr(IA32_LSTAR, installed);
                 if let Some(g) = self.guard.as_mut() {
                     g.lstar = Some(value);
+                    if let Some(gate) = gate.filter(|_| installed != value) {
+                        g.linux_slot = gate
+                            .pgd
+                            .checked_add(gate.slot * 8)
+                            .map(|at| (at, gate.pml4e));
+                    }
                 }
                 // Only when the gate went in: install_linux_gate has said why when it did not.
                 if gate.is_some() && installed != value {
@@ -254,18 +293,19 @@ impl Hypervisor {
         Action::Resume
     }
 
-    /// Checks the hooks' gate pointer; a changed pointer is an alert and ends the guest.
+    /// Checks every audited word (see [`Guard::audited`]); a changed one is an alert and ends the
+    /// guest.
     pub(crate) fn audit_hook(&mut self, platform: &mut impl Platform) -> Option<Action> {
-        let (gpa, expected) = self.guard.as_ref()?.hook?;
-        let mut buf = [0u8; 8];
-        let found = if platform.read_phys(gpa, &mut buf) {
-            u64::from_le_bytes(buf)
-        } else {
-            0
-        };
-        if found == expected {
-            return None;
-        }
+        let guard = self.guard.as_ref()?;
+        let (gpa, found, expected) = guard.audited().find_map(|(gpa, expected)| {
+            let mut buf = [0u8; 8];
+            let found = if platform.read_phys(gpa, &mut buf) {
+                u64::from_le_bytes(buf)
+            } else {
+                0
+            };
+            (found != expected).then_some((gpa, found, expected))
+        })?;
         let alert = Alert::HookTampered {
             gpa,
             found,
@@ -273,6 +313,58 @@ impl Hypervisor {
         };
         self.alert(platform, alert);
         Some(Action::End(GuestEnd::HookTampered { gpa }))
+    }
+
+    /// A Linux guest's first system call, which finds the gate not yet executable (see
+    /// [`crate::linux_hooks`]): installs the process-creation hook, opens the gate, and lets the
+    /// SYSCALL run again. `None` for any other EPT violation.
+    pub(crate) fn open_linux_gate(
+        &mut self,
+        vcpu: &mut impl Vcpu,
+        platform: &mut impl Platform,
+        gpa: Gpa,
+        q: &EptViolationQualification,
+    ) -> Option<Action> {
+        let view = self.current_view(vcpu);
+        let guard = self.guard.as_mut()?;
+        let gate = guard.linux_gate?;
+        let on_gate = gpa.raw() & !(PAGE_SIZE - 1) == gate.gate_page.raw();
+        if guard.gate_open || !q.fetch() || !on_gate || view != Some(crate::views::GUEST_VIEW) {
+            return None;
+        }
+        guard.gate_open = true;
+        let rip = vcpu.read(guest::RIP);
+        let armed = match gate.exec_hook.as_ref() {
+            Some(hook) => match linux_hooks::install(platform, hook) {
+                Ok(a) => {
+                    platform.log(format_args!(
+                        "linux: first system call (rip {rip:#x}): begin_new_exec at {:#x} now calls the process-creation trampoline at {:#x}",
+                        hook.site, hook.trampoline
+                    ));
+                    Some(a)
+                }
+                Err(e) => {
+                    platform.log(format_args!(
+                        "linux: process creation is not monitored: {e}"
+                    ));
+                    None
+                }
+            },
+            None => None,
+        };
+        guard.armed_hook = armed;
+        for (page, perm) in linux_hooks::view_changes(gate.gate_page, armed.as_ref())
+            .into_iter()
+            .flatten()
+        {
+            if !platform.protect_guest(page, PAGE_SIZE, perm) {
+                platform.log(format_args!(
+                    "linux: L0 could not change the guest view at {page}"
+                ));
+                return None;
+            }
+        }
+        Some(Action::Resume)
     }
 }
 

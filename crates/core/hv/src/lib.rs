@@ -10,6 +10,7 @@ pub mod guard;
 mod hypercall;
 pub mod io;
 pub mod linux;
+pub mod linux_hooks;
 pub mod memory;
 pub mod msr;
 pub mod outbox;
@@ -94,6 +95,9 @@ pub trait Platform {
     fn port_in(&mut self, port: u16) -> u8;
     /// Writes a byte to such a port, once L0 has checked it.
     fn port_out(&mut self, port: u16, value: u8);
+    /// Sets the permissions of guest-physical `[gpa, gpa + len)` in the guest's EPT view (view 0) and
+    /// invalidates what the CPU cached of it; false if L0 could not.
+    fn protect_guest(&mut self, gpa: Gpa, len: u64, perm: ihmi_ept::Perm) -> bool;
 }
 
 /// What L0 does after an exit.
@@ -300,7 +304,7 @@ impl Hypervisor {
             ExitReason::Xsetbv => self.on_xsetbv(vcpu, platform),
             ExitReason::Hlt => self.on_hlt(vcpu),
             ExitReason::ExceptionOrNmi => self.on_exception(vcpu),
-            ExitReason::EptViolation => self.on_ept_violation(vcpu),
+            ExitReason::EptViolation => self.on_ept_violation(vcpu, platform),
             ExitReason::EptMisconfig => Action::End(GuestEnd::EptMisconfig {
                 gpa: Gpa::new(vcpu.read(ro::GUEST_PHYSICAL_ADDR_FULL)),
             }),
@@ -356,9 +360,12 @@ impl Hypervisor {
         Action::Resume
     }
 
-    fn on_ept_violation(&mut self, vcpu: &mut impl Vcpu) -> Action {
+    fn on_ept_violation(&mut self, vcpu: &mut impl Vcpu, platform: &mut impl Platform) -> Action {
         let gpa = Gpa::new(vcpu.read(ro::GUEST_PHYSICAL_ADDR_FULL));
         let qualification = EptViolationQualification::from_raw(vcpu.read(ro::EXIT_QUALIFICATION));
+        if let Some(action) = self.open_linux_gate(vcpu, platform, gpa, &qualification) {
+            return action;
+        }
         let gla = qualification
             .gla_valid()
             .then(|| Gva::new(vcpu.read(ro::GUEST_LINEAR_ADDR)));

@@ -30,6 +30,7 @@ pub enum Call {
     ReadMsr(u32),
     WritePhys(Gpa, Vec<u8>),
     PortOut(u16, u8),
+    ProtectGuest(Gpa, u64, ihmi_ept::Perm),
 }
 
 #[derive(Debug, Default)]
@@ -162,6 +163,12 @@ impl Platform for MockPlatform {
     }
     fn port_out(&mut self, port: u16, value: u8) {
         self.calls.borrow_mut().push(Call::PortOut(port, value));
+    }
+    fn protect_guest(&mut self, gpa: Gpa, len: u64, perm: ihmi_ept::Perm) -> bool {
+        self.calls
+            .borrow_mut()
+            .push(Call::ProtectGuest(gpa, len, perm));
+        true
     }
     fn xsetbv(&mut self, xcr0: u64) {
         self.calls.borrow_mut().push(Call::Xsetbv(xcr0));

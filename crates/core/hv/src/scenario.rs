@@ -39,7 +39,7 @@ pub struct ScenarioLog {
     /// The task a Linux guest was running when it ended (read with the guest profile).
     pub end_task: Option<Result<crate::linux::TaskInfo, crate::linux::TaskError>>,
     /// How far the monitor's events follow the Linux workload program's system calls.
-    pub linux_trail: SyscallTrail,
+    pub linux_trail: LinuxTrail,
     /// How the guest ended, once it has.
     pub end: Option<GuestEnd>,
     monitor_events: heapless_table::Table<Event, MAX_MONITOR_EVENTS>,
@@ -219,7 +219,7 @@ pub enum FailReason {
     /// An attack step was not refused (which one).
     AttackNotBlocked(&'static str),
     /// The monitor's events did not show the Linux workload's system calls (how far they got).
-    WorkloadNotSeen(SyscallTrail),
+    WorkloadNotSeen(LinuxTrail),
     /// The benchmark's counts do not have the structure its mode must give.
     Bench(crate::bench::BenchFault),
     /// VM entry failed in a way the scenario did not ask for.
@@ -303,13 +303,16 @@ impl fmt::Display for FailReason {
             Self::AttackNotBlocked(what) => write!(f, "not blocked: {what}"),
             Self::WorkloadNotSeen(t) => write!(
                 f,
-                "the monitor saw {} of the workload's {} system calls ({} events named {}; pid {}, parent {})",
+                "the monitor saw {} of the workload's {} system calls ({} events named {}; pid {}, parent {}; its exec by pid {}); the intruder refused {} times, ran: {}",
                 t.matched,
                 LINUX_WORKLOAD.1.len(),
                 t.events,
                 LINUX_WORKLOAD.0,
                 t.pid,
-                t.ppid
+                t.ppid,
+                t.workload_exec_pid,
+                t.intruder_refused,
+                t.intruder_ran
             ),
             Self::EntryDidNotFail => {
                 f.write_str("VM entry was expected to fail, but the guest ran")
@@ -539,11 +542,17 @@ fn check(
 /// The Linux workload program (`crates/guests/linux-workload`, `ihmi-workload`) and the system calls it
 /// makes, in order: getppid, getuid, getgid (x86-64 numbers).
 pub const LINUX_WORKLOAD: (&str, [u64; 3]) = ("ihmi-workload", [110, 102, 104]);
+/// Where /init runs it from.
+pub const LINUX_WORKLOAD_PATH: &[u8] = b"/bin/ihmi-workload";
+/// The program /init runs that the allow-list does not name, and its name once running.
+pub const LINUX_INTRUDER_PATH: &[u8] = b"/bin/ihmi-intruder";
+pub const LINUX_INTRUDER: &[u8] = b"ihmi-intruder";
 
-/// How far the monitor's events follow [`LINUX_WORKLOAD`]: events stream past (a Linux guest makes
-/// thousands), so the log keeps this state, not the events.
+/// How far the monitor's events follow /init's workload: [`LINUX_WORKLOAD`] run from its path and making
+/// its calls, and [`LINUX_INTRUDER`] refused. Events stream past (a Linux guest makes thousands), so the
+/// log keeps this state, not the events.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SyscallTrail {
+pub struct LinuxTrail {
     /// System-call events named like the workload program.
     pub events: u64,
     /// How many of its expected calls came, in order, from one process.
@@ -551,10 +560,34 @@ pub struct SyscallTrail {
     /// That process and its parent.
     pub pid: u32,
     pub ppid: u32,
+    /// The process the exec monitor saw start the workload program (allowed), 0 before.
+    pub workload_exec_pid: u32,
+    /// Refused executions of the intruder.
+    pub intruder_refused: u64,
+    /// Whether anything says the intruder ran: an allowed execution, or a system call by its name.
+    pub intruder_ran: bool,
 }
 
-impl SyscallTrail {
+impl LinuxTrail {
     fn follow(&mut self, e: &Event) {
+        if e.kind() == Some(EventKind::Exec) {
+            let path = ihmi_monitor::event::nul_padded(&e.path);
+            let allowed = e.verdict == ihmi_abi::monitor::Verdict::Allow as i32;
+            if path == LINUX_WORKLOAD_PATH && allowed {
+                self.workload_exec_pid = e.pid;
+            }
+            if path == LINUX_INTRUDER_PATH {
+                if allowed {
+                    self.intruder_ran = true;
+                } else if e.verdict == ihmi_abi::monitor::Verdict::Deny as i32 {
+                    self.intruder_refused += 1;
+                }
+            }
+            return;
+        }
+        if e.kind() == Some(EventKind::Syscall) && comm_bytes(&e.comm) == LINUX_INTRUDER {
+            self.intruder_ran = true;
+        }
         let (name, calls) = LINUX_WORKLOAD;
         if e.kind() != Some(EventKind::Syscall) || comm_bytes(&e.comm) != name.as_bytes() {
             return;
@@ -571,10 +604,16 @@ impl SyscallTrail {
         }
     }
 
-    /// The workload's calls all came, from a child of init.
+    /// The workload's calls all came, from a child of init that the exec monitor saw start the
+    /// workload program; the intruder was refused and never ran.
     #[must_use]
     pub fn complete(&self) -> bool {
-        self.matched == LINUX_WORKLOAD.1.len() && self.pid > 1 && self.ppid == 1
+        self.matched == LINUX_WORKLOAD.1.len()
+            && self.pid > 1
+            && self.ppid == 1
+            && self.workload_exec_pid == self.pid
+            && self.intruder_refused > 0
+            && !self.intruder_ran
     }
 }
 

@@ -1143,6 +1143,9 @@ fn the_running_linux_task_is_read_through_the_profile() {
             offset: 0x18,
             size: 8,
         },
+        exec_hook: 0,
+        kernel_end: 0,
+        binprm_filename: Field::default(),
         pti_pgd_pair: false,
     });
     let mut p = platform_with_identity_paging();
@@ -1245,6 +1248,16 @@ fn linux_guarded() -> (Hypervisor, MockPlatform, crate::LinuxGate) {
         slot: 466,
         pml4e: 0x60_0023,
         pti_pgd_pair: true,
+        gate_page: Gpa::new(LINUX_GATE_PAGE),
+        exec_hook: Some(crate::linux_hooks::ExecHook {
+            site: 0xffff_ffff_8112_6cf9,
+            site_pa: Gpa::new(0x112_6cf9),
+            trampoline: HOOK_SLOT + 0x1d8,
+            slot_va: HOOK_SLOT,
+            table: Gpa::new(0x40_4000),
+            gate_page: Gpa::new(LINUX_GATE_PAGE),
+            pgd: Gpa::new(0x50_0000),
+        }),
     };
     h.guard.as_mut().unwrap().hook = None;
     h.guard.as_mut().unwrap().linux_gate = Some(gate);
@@ -1318,9 +1331,22 @@ fn the_linux_workload_trail_needs_its_calls_in_order_from_one_child_of_init() {
         e.comm[..comm.len()].copy_from_slice(comm);
         e
     };
+    let exec = |pid: u32, path: &[u8], verdict: ihmi_abi::monitor::Verdict| {
+        let mut e = ihmi_monitor::Event {
+            kind: ihmi_monitor::EventKind::Exec as u16,
+            pid,
+            ppid: 1,
+            verdict: verdict as i32,
+            ..ihmi_monitor::Event::EMPTY
+        };
+        e.path[..path.len()].copy_from_slice(path);
+        e
+    };
+    use ihmi_abi::monitor::Verdict::{Allow, Deny};
     let name = LINUX_WORKLOAD.0.as_bytes();
     let mut log = crate::ScenarioLog::default();
     for e in [
+        exec(26, b"/bin/ihmi-workload", Allow),
         ev(1, 0, b"init", 110),
         ev(26, 1, name, 12),
         ev(26, 1, name, 110),
@@ -1330,7 +1356,28 @@ fn the_linux_workload_trail_needs_its_calls_in_order_from_one_child_of_init() {
     ] {
         log.record_monitor_event(&e);
     }
+    assert!(
+        !log.linux_trail.complete(),
+        "the intruder has not been refused yet"
+    );
+    log.record_monitor_event(&exec(28, b"/bin/ihmi-intruder", Deny));
     assert!(log.linux_trail.complete(), "{:?}", log.linux_trail);
+    // Had the intruder made a system call, it ran.
+    let mut ran = log.clone();
+    ran.record_monitor_event(&ev(28, 1, b"ihmi-intruder", 39));
+    assert!(!ran.linux_trail.complete());
+    // The workload's calls must come from the process the exec monitor saw start it.
+    let mut other = crate::ScenarioLog::default();
+    for e in [
+        exec(30, b"/bin/ihmi-workload", Allow),
+        ev(26, 1, name, 110),
+        ev(26, 1, name, 102),
+        ev(26, 1, name, 104),
+        exec(28, b"/bin/ihmi-intruder", Deny),
+    ] {
+        other.record_monitor_event(&e);
+    }
+    assert!(!other.linux_trail.complete());
     let mut out_of_order = crate::ScenarioLog::default();
     for nr in [102, 110, 104] {
         out_of_order.record_monitor_event(&ev(26, 1, name, nr));
@@ -1404,4 +1451,130 @@ fn linux_attack_needs_the_refused_lstar_write_and_the_stopped_monitor_read() {
         view: Some(0),
     };
     assert!(matches!(verdict(true, l0_read, attacker), Verdict::Fail(_)));
+}
+
+const LINUX_GATE_PAGE: u64 = 0x40_0000;
+/// The trampoline's 2 MiB slot: PML4 511, PDPT 510, PD 16.
+const HOOK_SLOT: u64 = 0xffff_ffff_8200_0000;
+
+/// The kernel's page tables down to the page directory of its image mapping, and the hooked
+/// function's first bytes as ftrace leaves them.
+fn linux_kernel_memory(p: &mut MockPlatform) {
+    p.write_u64(0x50_0000 + 511 * 8, 0x51_0063);
+    p.write_u64(0x51_0000 + 510 * 8, 0x52_0063);
+    p.write_bytes(0x112_6cf9, &crate::linux_hooks::FENTRY_NOP);
+}
+
+/// The first system call of a Linux guest, which finds the gate closed.
+fn first_syscall() -> MockVcpu {
+    let mut v = MockVcpu::exited(EXIT_EPT_VIOLATION, 0xffff_e900_0000_00b1, 0);
+    v.fields
+        .insert(ro::GUEST_PHYSICAL_ADDR_FULL, LINUX_GATE_PAGE + 0xb1);
+    v.fields.insert(ro::EXIT_QUALIFICATION, 0x84 | 0x1); // fetch; readable
+    v.fields.insert(control::EPTP_FULL, GUEST_EPTP);
+    v
+}
+
+#[test]
+fn the_first_system_call_installs_the_exec_hook_and_opens_the_gate() {
+    let (mut h, mut p, gate) = linux_guarded();
+    linux_kernel_memory(&mut p);
+    let mut v = first_syscall();
+    assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume);
+    assert_eq!(
+        v.fields[&guest::RIP],
+        0xffff_e900_0000_00b1,
+        "the SYSCALL runs again"
+    );
+    let calls = p.calls.borrow().clone();
+    let hook = gate.exec_hook.unwrap();
+    // The slot's page-directory entry points at the trampoline's table; the call reaches the trampoline.
+    let pd_entry = Gpa::new(0x52_0000 + 16 * 8);
+    assert!(calls.contains(&Call::WritePhys(
+        pd_entry,
+        (0x40_4000u64 | 0x23).to_le_bytes().to_vec()
+    )));
+    let rel = (hook.trampoline as i64 - (hook.site as i64 + 5)) as i32;
+    let mut call = vec![0xe8];
+    call.extend_from_slice(&rel.to_le_bytes());
+    assert!(calls.contains(&Call::WritePhys(hook.site_pa, call)));
+    // The page with the call is no longer writable; the gate is executable.
+    assert!(calls.contains(&Call::ProtectGuest(
+        Gpa::new(0x112_6000),
+        4096,
+        ihmi_ept::Perm::RX
+    )));
+    assert!(calls.contains(&Call::ProtectGuest(
+        Gpa::new(LINUX_GATE_PAGE),
+        4096,
+        ihmi_ept::Perm::RX
+    )));
+    assert!(h.guard.as_ref().unwrap().armed_hook().is_some());
+    // Only once: a later fetch violation on the gate is an attack, and ends the guest.
+    assert!(matches!(
+        h.handle_exit(&mut first_syscall(), &mut p),
+        Action::End(GuestEnd::EptViolation { .. })
+    ));
+}
+
+#[test]
+fn a_changed_trampoline_mapping_is_noticed_at_the_next_exit() {
+    let (mut h, mut p, _) = linux_guarded();
+    linux_kernel_memory(&mut p);
+    h.handle_exit(&mut first_syscall(), &mut p);
+    // The kernel points the slot somewhere else (its own code at the trampoline's address).
+    p.write_u64(0x52_0000 + 16 * 8, 0x7777_7063);
+    let action = h.handle_exit(&mut MockVcpu::exited(EXIT_CPUID, 0x1000, 2), &mut p);
+    assert_eq!(
+        action,
+        Action::End(GuestEnd::HookTampered {
+            gpa: Gpa::new(0x52_0000 + 16 * 8)
+        })
+    );
+    assert!(matches!(
+        h.log.alerts(),
+        [crate::Alert::HookTampered {
+            found: 0x7777_7063,
+            ..
+        }]
+    ));
+}
+
+#[test]
+fn a_site_without_the_fentry_nop_is_left_alone_and_said_so() {
+    let (mut h, mut p, gate) = linux_guarded();
+    linux_kernel_memory(&mut p);
+    // ftrace is tracing the function: the site holds a call already.
+    p.write_bytes(0x112_6cf9, &[0xe8, 1, 2, 3, 4]);
+    assert_eq!(h.handle_exit(&mut first_syscall(), &mut p), Action::Resume);
+    let calls = p.calls.borrow().clone();
+    assert!(
+        !calls.iter().any(|c| matches!(c, Call::WritePhys(..))),
+        "nothing written"
+    );
+    assert!(calls.iter().any(
+        |c| matches!(c, Call::Log(s) if s.contains("process creation is not monitored") && s.contains("__fentry__"))
+    ));
+    // System calls still go through: the gate opens.
+    assert!(calls.contains(&Call::ProtectGuest(
+        gate.gate_page,
+        4096,
+        ihmi_ept::Perm::RX
+    )));
+    assert!(h.guard.as_ref().unwrap().armed_hook().is_none());
+}
+
+#[test]
+fn an_occupied_trampoline_slot_is_refused() {
+    let (mut h, mut p, _) = linux_guarded();
+    linux_kernel_memory(&mut p);
+    p.write_u64(0x52_0000 + 16 * 8, 0x0200_00e3); // a 2 MiB page of the kernel's
+    h.handle_exit(&mut first_syscall(), &mut p);
+    let calls = p.calls.borrow().clone();
+    assert!(calls
+        .iter()
+        .any(|c| matches!(c, Call::Log(s) if s.contains("needs that 2 MiB slot free"))));
+    assert!(!calls
+        .iter()
+        .any(|c| matches!(c, Call::WritePhys(g, _) if *g == Gpa::new(0x112_6cf9))));
 }

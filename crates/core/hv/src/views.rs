@@ -93,11 +93,17 @@ pub fn build_guest_view(
         view.map_identity(alloc, gpa(range.start), range.len(), perm, memtype)?;
     }
     if let Some(m) = monitor {
+        // A Linux guest's gate opens at its first system call (`crate::linux_hooks`).
+        let gate = if m.linux.is_some() {
+            Perm::READ
+        } else {
+            Perm::RX
+        };
         view.map_identity(
             alloc,
             gpa(m.gate.start),
             m.gate.len(),
-            Perm::RX,
+            gate,
             MemType::WriteBack,
         )?;
         if let Some(l) = m.linux {
@@ -335,7 +341,11 @@ mod tests {
         assert_eq!(perm(&v0, &t, 0x810_0000), Some(Perm::RW), "scratch");
         assert_eq!(perm(&v0, &t, 0x810_2000), Some(Perm::READ), "gate tables");
         assert_eq!(perm(&v0, &t, 0x810_4000), None, "the rest of the monitor");
-        assert_eq!(perm(&v0, &t, 0x800_0000), Some(Perm::RX), "gate");
+        assert_eq!(
+            perm(&v0, &t, 0x800_0000),
+            Some(Perm::READ),
+            "gate, closed until the first system call"
+        );
         let mut bad = layout;
         bad.linux = Some(LinuxGatePages {
             scratch: r(0x800_0000, 0x800_1000),

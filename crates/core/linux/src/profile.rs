@@ -3,7 +3,7 @@
 //! the host writes it with [`fmt::Display`], L0 reads it with [`LinuxProfile::parse`].
 //!
 //! ```text
-//! ihmi-linux-profile 1
+//! ihmi-linux-profile 2
 //! symbol current_task 0xffffffff8180a8c0
 //! field task_struct.pid 0x4b8 4
 //! flag pti_pgd_pair 1
@@ -12,7 +12,7 @@
 use core::fmt;
 
 /// The first line.
-const HEADER: &str = "ihmi-linux-profile 1";
+const HEADER: &str = "ihmi-linux-profile 2";
 
 /// The kernel PGD of a CR3: its root without PCID or flags and, when page-table isolation is built in
 /// (every PGD an 8 KiB pair, kernel half first), without bit 12, since a user CR3 points at the user
@@ -44,6 +44,15 @@ pub struct LinuxProfile {
     pub init_top_pgt: u64,
     /// The system-call entry the kernel installs in IA32_LSTAR.
     pub entry_syscall_64: u64,
+    /// The process-creation hook point: `begin_new_exec`, which the binary loader calls with the
+    /// `linux_binprm` in RDI once it has opened and accepted a program, before the point of no return
+    /// (a failed `execve` of a missing file never gets there; a refusal there fails the `execve`
+    /// cleanly).
+    pub exec_hook: u64,
+    /// The end of the kernel image (`_end`): the kernel maps nothing in the 2 MiB slots of its image
+    /// mapping above it once it has booted, so the hook's trampoline can go there, within reach of a
+    /// 32-bit call from kernel text.
+    pub kernel_end: u64,
     /// `task_struct.pid`.
     pub pid: Field,
     /// `task_struct.tgid`.
@@ -52,6 +61,8 @@ pub struct LinuxProfile {
     pub comm: Field,
     /// `task_struct.real_parent`.
     pub real_parent: Field,
+    /// `linux_binprm.filename`: the path `execve` was given.
+    pub binprm_filename: Field,
     /// Page-table isolation is built in: every PGD is an 8 KiB pair (kernel half first), so the kernel
     /// PGD of a user CR3 is found by clearing bit 12.
     pub pti_pgd_pair: bool,
@@ -119,6 +130,8 @@ impl LinuxProfile {
                         "current_task" => (&mut p.current_task, 0),
                         "init_top_pgt" => (&mut p.init_top_pgt, 1),
                         "entry_SYSCALL_64" => (&mut p.entry_syscall_64, 2),
+                        "begin_new_exec" => (&mut p.exec_hook, 8),
+                        "_end" => (&mut p.kernel_end, 9),
                         _ => return Err(ProfileError::Line(n)),
                     };
                     *slot = v;
@@ -134,6 +147,7 @@ impl LinuxProfile {
                         "task_struct.tgid" => (&mut p.tgid, 4),
                         "task_struct.comm" => (&mut p.comm, 5),
                         "task_struct.real_parent" => (&mut p.real_parent, 6),
+                        "linux_binprm.filename" => (&mut p.binprm_filename, 10),
                         _ => return Err(ProfileError::Line(n)),
                     };
                     *slot = f;
@@ -146,7 +160,7 @@ impl LinuxProfile {
                 _ => return Err(ProfileError::Line(n)),
             }
         }
-        const NAMES: [&str; 8] = [
+        const NAMES: [&str; 11] = [
             "symbol current_task",
             "symbol init_top_pgt",
             "symbol entry_SYSCALL_64",
@@ -155,6 +169,9 @@ impl LinuxProfile {
             "field task_struct.comm",
             "field task_struct.real_parent",
             "flag pti_pgd_pair",
+            "symbol begin_new_exec",
+            "symbol _end",
+            "field linux_binprm.filename",
         ];
         for (bit, name) in NAMES.iter().enumerate() {
             if seen & (1 << bit) == 0 {
@@ -177,6 +194,8 @@ impl fmt::Display for LinuxProfile {
         writeln!(f, "symbol current_task {:#x}", self.current_task)?;
         writeln!(f, "symbol init_top_pgt {:#x}", self.init_top_pgt)?;
         writeln!(f, "symbol entry_SYSCALL_64 {:#x}", self.entry_syscall_64)?;
+        writeln!(f, "symbol begin_new_exec {:#x}", self.exec_hook)?;
+        writeln!(f, "symbol _end {:#x}", self.kernel_end)?;
         for (name, fld) in [
             ("pid", self.pid),
             ("tgid", self.tgid),
@@ -185,6 +204,11 @@ impl fmt::Display for LinuxProfile {
         ] {
             writeln!(f, "field task_struct.{name} {:#x} {}", fld.offset, fld.size)?;
         }
+        writeln!(
+            f,
+            "field linux_binprm.filename {:#x} {}",
+            self.binprm_filename.offset, self.binprm_filename.size
+        )?;
         writeln!(f, "flag pti_pgd_pair {}", u8::from(self.pti_pgd_pair))
     }
 }
@@ -201,6 +225,8 @@ mod tests {
             current_task: 0xffff_ffff_8180_a8c0,
             init_top_pgt: 0xffff_ffff_8180_0000,
             entry_syscall_64: 0xffff_ffff_8120_0080,
+            exec_hook: 0xffff_ffff_8112_606f,
+            kernel_end: 0xffff_ffff_81c1_8000,
             pid: Field {
                 offset: 0x4b8,
                 size: 4,
@@ -217,6 +243,10 @@ mod tests {
                 offset: 0x4c8,
                 size: 8,
             },
+            binprm_filename: Field {
+                offset: 0x60,
+                size: 8,
+            },
             pti_pgd_pair: true,
         }
     }
@@ -224,7 +254,7 @@ mod tests {
     #[test]
     fn written_profiles_read_back() {
         let text = sample().to_string();
-        assert!(text.starts_with("ihmi-linux-profile 1\n"));
+        assert!(text.starts_with("ihmi-linux-profile 2\n"));
         assert_eq!(LinuxProfile::parse(&text), Ok(sample()));
     }
 

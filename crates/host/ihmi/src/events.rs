@@ -56,7 +56,7 @@ pub fn write_events(output: &str, path: &std::path::Path) -> Result<EventSummary
 }
 
 /// L0's count of dropped events, from its `monitor: N events, M dropped` line (the last one).
-fn dropped(output: &str) -> Option<u64> {
+pub fn dropped(output: &str) -> Option<u64> {
     output.lines().rev().find_map(|l| {
         let rest = l.strip_prefix("monitor: ")?;
         let (_, after) = rest.split_once(" events, ")?;

@@ -141,7 +141,8 @@ pub fn build_bare(layout: &Layout) -> Result<()> {
 /// GRUB's config for one scenario: boot L0 with the scenario on its command line, and the test guest and
 /// the monitor image as multiboot2 modules (L0 loads the monitor only for scenarios that use it). A
 /// Linux scenario adds the kernel, with its command line after the word `linux`, and the initramfs.
-pub fn grub_cfg(scenario: &str, linux_cmdline: Option<&str>) -> String {
+pub fn grub_cfg(scenario: &str, linux_cmdline: Option<&str>, allow: Option<&str>) -> String {
+    let allow = allow.map_or(String::new(), |a| format!(" allow={a}"));
     let linux = linux_cmdline.map_or(String::new(), |c| {
         format!(
             "module2 /boot/bzImage linux {c}\n    module2 /boot/initrd.cpio initrd\n    \
@@ -152,7 +153,7 @@ pub fn grub_cfg(scenario: &str, linux_cmdline: Option<&str>) -> String {
         "set timeout=0\n\
          set default=0\n\
          menuentry \"ihmi {scenario}\" {{\n    \
-             multiboot2 /boot/ihmi-l0.elf scenario={scenario}\n    \
+             multiboot2 /boot/ihmi-l0.elf scenario={scenario}{allow}\n    \
              module2 /boot/testguest.elf testguest\n    \
              module2 /boot/monitor.elf monitor\n    \
              {linux}boot\n\
@@ -211,7 +212,11 @@ pub fn make_iso(
     });
     fs::write(
         boot.join("grub/grub.cfg"),
-        grub_cfg(scenario, cmdline.as_deref()),
+        grub_cfg(
+            scenario,
+            cmdline.as_deref(),
+            linux.map(|l| l.allow.as_str()).filter(|a| !a.is_empty()),
+        ),
     )
     .context("cannot write grub.cfg")?;
 
@@ -241,11 +246,19 @@ mod tests {
 
     #[test]
     fn grub_cfg_boots_l0_with_scenario_and_guest_module() {
-        assert!(grub_cfg("linux-boot", Some("console=ttyS0 nokaslr")).contains(
+        let linux = grub_cfg(
+            "linux-sim",
+            Some("console=ttyS0 nokaslr"),
+            Some("busybox,exe"),
+        );
+        assert!(
+            linux.contains("multiboot2 /boot/ihmi-l0.elf scenario=linux-sim allow=busybox,exe\n")
+        );
+        assert!(linux.contains(
             "    module2 /boot/bzImage linux console=ttyS0 nokaslr\n    module2 /boot/initrd.cpio initrd\n    module2 /boot/linux-profile.txt linux-profile\n    boot\n"
         ));
         assert_eq!(
-            grub_cfg("ept-guard", None),
+            grub_cfg("ept-guard", None, None),
             "set timeout=0\n\
              set default=0\n\
              menuentry \"ihmi ept-guard\" {\n\

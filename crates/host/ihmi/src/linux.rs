@@ -25,8 +25,59 @@ use crate::symbols::SystemMap;
 /// keeps Bochs fast, and no KASLR so System.map's addresses are the running ones.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0,115200 nokaslr panic=-1";
 
+/// The programs a Linux guest may run unless `--allow` says otherwise: what /init runs (busybox and its
+/// applets, which busybox runs through /proc/self/exe, so the kernel names them `exe`), our workload
+/// programs, and nothing else: `ihmi-intruder` is refused.
+pub const DEFAULT_ALLOW: &str = "busybox,exe,mount,ihmi-workload,ihmi-attack,ihmi-poweroff";
+
+/// How a Linux guest is booted: its kernel command line and the programs the process-creation monitor
+/// allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestOptions {
+    pub cmdline: String,
+    /// Comma-separated program names; empty: monitor without enforcing.
+    pub allow: String,
+}
+
+impl Default for GuestOptions {
+    fn default() -> Self {
+        Self {
+            cmdline: DEFAULT_CMDLINE.to_string(),
+            allow: DEFAULT_ALLOW.to_string(),
+        }
+    }
+}
+
+impl GuestOptions {
+    /// Checks the allow-list as L0 will take it: at most 16 names of 1-16 bytes from a-z, A-Z, 0-9,
+    /// `.`, `_`, `+` and `-`.
+    pub fn new(cmdline: String, allow: String) -> Result<Self> {
+        let names: Vec<&str> = allow.split(',').filter(|n| !n.is_empty()).collect();
+        if names.len() > ihmi_abi::monitor::MAX_ALLOWED {
+            bail!(
+                "--allow names {} programs; the monitor takes at most {}",
+                names.len(),
+                ihmi_abi::monitor::MAX_ALLOWED
+            );
+        }
+        for name in &names {
+            let ok = name.len() <= ihmi_abi::guest_os::COMM_LEN
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._+-".contains(&b));
+            if !ok {
+                bail!("--allow: `{name}` is not a program name (1-16 characters from a-z, A-Z, 0-9, `.`, `_`, `+`, `-`; no paths)");
+            }
+        }
+        Ok(Self {
+            cmdline,
+            allow: names.join(","),
+        })
+    }
+}
+
 /// Kernel symbols the Linux monitors hook: the system-call entry and the process-creation point.
-pub const HOOK_SYMBOLS: &[&str] = &["entry_SYSCALL_64", "wake_up_new_task", "__fentry__"];
+pub const HOOK_SYMBOLS: &[&str] = &["entry_SYSCALL_64", "begin_new_exec", "__fentry__"];
 
 /// What a Linux scenario boots.
 #[derive(Debug, Clone)]
@@ -37,14 +88,21 @@ pub struct LinuxImages {
     pub profile: PathBuf,
     pub initrd: PathBuf,
     pub cmdline: String,
+    /// The allow-list L0 hands the process-creation monitor (`allow=` on L0's command line).
+    pub allow: String,
 }
 
 /// The static programs the initramfs carries (package `ihmi-linux-workload`).
-const WORKLOAD_PROGRAMS: &[&str] = &["ihmi-poweroff", "ihmi-workload", "ihmi-attack"];
+const WORKLOAD_PROGRAMS: &[&str] = &[
+    "ihmi-poweroff",
+    "ihmi-workload",
+    "ihmi-attack",
+    "ihmi-intruder",
+];
 const WORKLOAD_TARGET: &str = "x86_64-unknown-linux-gnu";
 
 /// Builds (or finds cached) the `tiny` kernel and a fresh initramfs.
-pub fn prepare(layout: &Layout, cmdline: &str) -> Result<LinuxImages> {
+pub fn prepare(layout: &Layout, guest: &GuestOptions) -> Result<LinuxImages> {
     deps::ensure_linux()?;
     let (kernel, system_map, profile) = tiny_kernel(layout)?;
     let programs = build_workload(layout)?;
@@ -54,7 +112,8 @@ pub fn prepare(layout: &Layout, cmdline: &str) -> Result<LinuxImages> {
         system_map,
         profile,
         initrd,
-        cmdline: cmdline.to_string(),
+        cmdline: guest.cmdline.clone(),
+        allow: guest.allow.clone(),
     })
 }
 
@@ -99,8 +158,21 @@ fn tiny_kernel(layout: &Layout) -> Result<(PathBuf, PathBuf, PathBuf)> {
         dir.join("System.map"),
         dir.join("profile.txt"),
     );
-    if bzimage.is_file() && system_map.is_file() && profile.is_file() {
-        return Ok((bzimage, system_map, profile));
+    if bzimage.is_file() && system_map.is_file() {
+        // A profile written by an older ihmi is derived again from the kernel the cache kept.
+        let current = fs::read_to_string(&profile)
+            .ok()
+            .is_some_and(|t| LinuxProfile::parse(&t).is_ok());
+        let vmlinux = dir.join("build/vmlinux");
+        if !current && vmlinux.is_file() {
+            let config = fs::read_to_string(dir.join("build/.config"))?;
+            let p = guest_profile(&system_map, &vmlinux, &config)?;
+            fs::write(&profile, p.to_string())?;
+            return Ok((bzimage, system_map, profile));
+        }
+        if current {
+            return Ok((bzimage, system_map, profile));
+        }
     }
 
     let src = linux_dir(layout).join("linux-source-6.1");
@@ -183,26 +255,27 @@ pub fn guest_profile(system_map: &Path, vmlinux: &Path, config: &str) -> Result<
     })?;
     let data = section.data().context("cannot read the .BTF section")?;
     let btf = Btf::parse(data).map_err(|e| anyhow::anyhow!("{}: {e}", vmlinux.display()))?;
-    let field = |name: &str| -> Result<Field> {
-        let m = btf.member("task_struct", name).map_err(|e| {
-            anyhow::anyhow!(
-                "task_struct.{name} in the BTF of {}: {e}",
-                vmlinux.display()
-            )
-        })?;
+    let member = |ty: &str, name: &str| -> Result<Field> {
+        let m = btf
+            .member(ty, name)
+            .map_err(|e| anyhow::anyhow!("{ty}.{name} in the BTF of {}: {e}", vmlinux.display()))?;
         Ok(Field {
             offset: m.offset,
             size: m.size,
         })
     };
+    let field = |name: &str| member("task_struct", name);
     Ok(LinuxProfile {
         current_task: map.require("current_task")?,
         init_top_pgt: map.require("init_top_pgt")?,
         entry_syscall_64: map.require("entry_SYSCALL_64")?,
+        exec_hook: map.require("begin_new_exec")?,
+        kernel_end: map.require("_end")?,
         pid: field("pid")?,
         tgid: field("tgid")?,
         comm: field("comm")?,
         real_parent: field("real_parent")?,
+        binprm_filename: member("linux_binprm", "filename")?,
         pti_pgd_pair: config.lines().any(|l| l == "CONFIG_PAGE_TABLE_ISOLATION=y"),
     })
 }

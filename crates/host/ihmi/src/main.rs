@@ -6,6 +6,7 @@ mod bench;
 mod bochs;
 mod cpio;
 mod cpu;
+mod demo;
 mod deps;
 mod events;
 mod images;
@@ -72,12 +73,22 @@ enum Cmd {
         /// The Linux kernel's command line, for Linux scenarios
         #[arg(long, value_name = "ARGS", default_value = linux::DEFAULT_CMDLINE)]
         cmdline: String,
+        /// Programs a Linux guest may run (comma-separated names, the last part of each path
+        /// `execve` is given); any other is refused. `--allow ''` turns enforcement off
+        #[arg(long, value_name = "NAMES", default_value = linux::DEFAULT_ALLOW)]
+        allow: String,
         /// Write the monitor's events to this file, one JSON object per line
         #[arg(long, value_name = "FILE")]
         events: Option<PathBuf>,
     },
-    /// Run the `demo` scenario with the console streamed; exit 0 on PASS
-    Demo,
+    /// Boot the `tiny` Linux with the system-call and process-creation monitors in the box, run a
+    /// short workload (one program not on the allow-list), show the events live, then a summary;
+    /// exit 0 on PASS
+    Demo {
+        /// Also write the monitor's events to this file, one JSON object per line
+        #[arg(long, value_name = "FILE")]
+        events: Option<PathBuf>,
+    },
     /// Run the host unit tests, then every Bochs scenario; exit non-zero if anything failed
     Test {
         /// Skip `cargo test --workspace`
@@ -132,6 +143,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             megs,
             quiet,
             cmdline,
+            allow,
             events,
         } => {
             let opts = RunOptions {
@@ -142,21 +154,36 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             };
             if !scenario::is_known(&scenario) {
                 eprintln!(
-                    "[ihmi] note: `{scenario}` is not in ihmi's scenario list ({}, demo); running \
+                    "[ihmi] note: `{scenario}` is not in ihmi's scenario list ({}); running \
                      it anyway",
                     scenario::test_names()
                 );
             }
-            run_one(&scenario, &opts, &cmdline, events.as_deref())
+            let guest = linux::GuestOptions::new(cmdline, allow)?;
+            run_one(&scenario, &opts, &guest, events.as_deref()).map(|r| exit_code(&r))
         }
-        Cmd::Demo => {
+        Cmd::Demo { events } => {
             let opts = RunOptions {
-                cpu: model_for(&cli.cpu, scenario::DEMO.name)?,
+                cpu: model_for(&cli.cpu, scenario::LINUX_DEMO)?,
                 megs: DEFAULT_MEGS,
                 timeout: Duration::from_secs(DEFAULT_TIMEOUT_SECS),
                 quiet: false,
             };
-            run_one(scenario::DEMO.name, &opts, linux::DEFAULT_CMDLINE, None)
+            eprintln!(
+                "[ihmi] demo: Linux (the `tiny` profile) with the in-box system-call and process-creation monitors; allow-list {}",
+                linux::DEFAULT_ALLOW
+            );
+            let report = run_one(
+                scenario::LINUX_DEMO,
+                &opts,
+                &linux::GuestOptions::default(),
+                events.as_deref(),
+            )?;
+            // The summary only for a run that passed: L0 checked the events first.
+            if report.verdict.is_pass() {
+                print!("{}", demo::Summary::from_output(&report.e9)?.render());
+            }
+            Ok(exit_code(&report))
         }
         Cmd::Test { no_unit, only } => test(&cli.cpu, no_unit, only.as_deref()),
         Cmd::Attacks { json } => run_attacks(&cli.cpu, json),
@@ -176,7 +203,7 @@ fn run_bench(cpu_name: &str, json: bool) -> Result<ExitCode> {
         .collect();
     let layout = Layout::discover()?;
     bochs::install_interrupt_handler()?;
-    build_images(&layout, &names, linux::DEFAULT_CMDLINE)?;
+    build_images(&layout, &names, &linux::GuestOptions::default())?;
     let opts = batch_options(model);
     let mut rows = Vec::new();
     let mut ok = true;
@@ -214,7 +241,7 @@ fn run_attacks(cpu_name: &str, json: bool) -> Result<ExitCode> {
     let layout = Layout::discover()?;
     bochs::install_interrupt_handler()?;
     let names: Vec<&str> = scenario::ATTACK_SCENARIOS.iter().map(|s| s.name).collect();
-    build_images(&layout, &names, linux::DEFAULT_CMDLINE)?;
+    build_images(&layout, &names, &linux::GuestOptions::default())?;
     let opts = batch_options(model);
     let mut reports = Vec::new();
     for (name, attack) in names.iter().zip(ihmi_abi::Attack::ALL) {
@@ -287,12 +314,12 @@ struct Built {
     symbols: Option<symbols::SystemMap>,
 }
 
-fn build_images(layout: &Layout, scenarios: &[&str], cmdline: &str) -> Result<Built> {
+fn build_images(layout: &Layout, scenarios: &[&str], guest: &linux::GuestOptions) -> Result<Built> {
     deps::ensure()?;
     images::build_bare(layout)?;
     // The Linux guest's images are built (or found in the cache) once, for the scenarios that boot it.
     let linux = if scenarios.iter().any(|s| scenario::is_linux(s)) {
-        Some(linux::prepare(layout, cmdline)?)
+        Some(linux::prepare(layout, guest)?)
     } else {
         None
     };
@@ -319,7 +346,7 @@ fn build_images(layout: &Layout, scenarios: &[&str], cmdline: &str) -> Result<Bu
 
 fn build(scenarios: &[&str]) -> Result<ExitCode> {
     let layout = Layout::discover()?;
-    let built = build_images(&layout, scenarios, linux::DEFAULT_CMDLINE)?;
+    let built = build_images(&layout, scenarios, &linux::GuestOptions::default())?;
     for path in [layout.l0_elf(), layout.guest_elf()]
         .iter()
         .chain(&built.isos)
@@ -332,12 +359,12 @@ fn build(scenarios: &[&str]) -> Result<ExitCode> {
 fn run_one(
     scenario: &str,
     opts: &RunOptions,
-    cmdline: &str,
+    guest: &linux::GuestOptions,
     events: Option<&Path>,
-) -> Result<ExitCode> {
+) -> Result<RunReport> {
     let layout = Layout::discover()?;
     bochs::install_interrupt_handler()?;
-    let built = build_images(&layout, &[scenario], cmdline)?;
+    let built = build_images(&layout, &[scenario], guest)?;
     eprintln!(
         "[ihmi] booting scenario {scenario} under Bochs (cpu {}, {} MiB, timeout {} s)",
         opts.cpu.name,
@@ -361,11 +388,15 @@ fn run_one(
             path.display()
         );
     }
-    Ok(if report.verdict.is_pass() {
+    Ok(report)
+}
+
+fn exit_code(report: &RunReport) -> ExitCode {
+    if report.verdict.is_pass() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
-    })
+    }
 }
 
 /// One result line per scenario, and the details a failure needs (with kernel symbols for the guest's
@@ -451,7 +482,7 @@ fn test(cpu_name: &str, no_unit: bool, only: Option<&str>) -> Result<ExitCode> {
     }
 
     let names: Vec<&str> = selected.iter().map(|s| s.name).collect();
-    match build_images(&layout, &names, linux::DEFAULT_CMDLINE) {
+    match build_images(&layout, &names, &linux::GuestOptions::default()) {
         Err(err) => {
             // Every scenario fails without images; say why once and keep the summary honest.
             println!("[ihmi] building the images failed: {err:#}");
@@ -593,7 +624,7 @@ mod tests {
         ));
         let cli = parse(&["--cpu", "broadwell_ult", "demo"]).unwrap();
         assert_eq!(cli.cpu, "broadwell_ult");
-        assert!(matches!(cli.command, Cmd::Demo));
+        assert!(matches!(cli.command, Cmd::Demo { events: None }));
     }
 
     #[test]

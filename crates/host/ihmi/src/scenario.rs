@@ -124,8 +124,11 @@ pub const SAME_STREAM: &[(&str, &str)] = &[("sim", "sim-outbox")];
 /// What in-box monitoring needs on top of [`BASE`]: VMFUNC EPTP switching for the gate.
 pub const IN_BOX: &[Feature] = &[Feature::Vmx, Feature::Ept, Feature::Vmfunc];
 
-/// What `ihmi demo` runs.
-pub const DEMO: Scenario = Scenario::new("demo");
+/// The test guest's tour of L0 (every exit it can cause, L0's banner and counters).
+pub const DEMO: Scenario = Scenario::new("testguest-demo");
+
+/// What `ihmi demo` runs: the `tiny` Linux with both monitors in the box.
+pub const LINUX_DEMO: &str = "linux-sim";
 
 /// Every scenario `ihmi` knows (the demo is part of the test list).
 pub fn known() -> impl Iterator<Item = &'static Scenario> {
@@ -192,7 +195,7 @@ mod tests {
                 "boot",
                 "ept-guard",
                 "bad-hypercall",
-                "demo",
+                "testguest-demo",
                 "entry-bad-control",
                 "entry-bad-guest-state",
                 "sim",
@@ -242,7 +245,7 @@ mod tests {
     #[test]
     fn unknown_names_get_base_requirements() {
         assert_eq!(requirements("future-thing"), BASE);
-        assert_eq!(requirements("demo"), DEMO.requires);
+        assert_eq!(requirements("testguest-demo"), DEMO.requires);
         assert!(is_known("boot") && !is_known("future-thing"));
         assert!(is_linux("linux-boot") && !is_linux("sim") && !is_linux("future-thing"));
     }

@@ -3,7 +3,7 @@
 use core::fmt;
 
 use ihmi_abi::guest_os::COMM_LEN;
-use ihmi_abi::monitor::Verdict;
+use ihmi_abi::monitor::{Verdict, PATH_LEN};
 
 use crate::os::OsProfile;
 
@@ -18,6 +18,9 @@ pub enum EventKind {
     /// A request failed the invocation checkpoint: `detail` says why, `nr` and `args` are the raw
     /// request code and arguments.
     Rejected = 3,
+    /// Linux: a process is about to run a new program (`execve`): `pid`, `ppid` and `comm` describe
+    /// it as it is, `path` is the program; `detail` is 1 when the path was longer than `path` holds.
+    Exec = 4,
 }
 
 impl EventKind {
@@ -28,6 +31,7 @@ impl EventKind {
             1 => Self::Syscall,
             2 => Self::ProcessCreate,
             3 => Self::Rejected,
+            4 => Self::Exec,
             _ => return None,
         })
     }
@@ -39,6 +43,7 @@ impl EventKind {
             Self::Syscall => "syscall",
             Self::ProcessCreate => "process_create",
             Self::Rejected => "rejected",
+            Self::Exec => "exec",
         }
     }
 }
@@ -111,9 +116,11 @@ pub struct Event {
     pub nr: u64,
     /// System-call arguments, or the raw arguments of a rejected request.
     pub args: [u64; 4],
+    /// The program an `exec` event is about, NUL-padded.
+    pub path: [u8; PATH_LEN],
 }
 
-const _: () = assert!(core::mem::size_of::<Event>() == 88);
+const _: () = assert!(core::mem::size_of::<Event>() == 88 + PATH_LEN);
 
 impl Default for Event {
     fn default() -> Self {
@@ -134,6 +141,7 @@ impl Event {
         comm: [0; COMM_LEN],
         nr: 0,
         args: [0; 4],
+        path: [0; PATH_LEN],
     };
 
     /// The decoded kind.
@@ -177,6 +185,15 @@ impl Event {
             EventKind::ProcessCreate => {
                 write!(w, ",\"pid\":{},\"ppid\":{},\"comm\":", self.pid, self.ppid)?;
                 write_json_str(w, comm_bytes(&self.comm))?;
+            }
+            EventKind::Exec => {
+                write!(w, ",\"pid\":{},\"ppid\":{},\"comm\":", self.pid, self.ppid)?;
+                write_json_str(w, comm_bytes(&self.comm))?;
+                w.write_str(",\"filename\":")?;
+                write_json_str(w, nul_padded(&self.path))?;
+                if self.detail != 0 {
+                    w.write_str(",\"filename_truncated\":true")?;
+                }
             }
             EventKind::Rejected => {
                 let reason =
@@ -227,8 +244,14 @@ impl Event {
 /// The name up to its first NUL.
 #[must_use]
 pub fn comm_bytes(comm: &[u8; COMM_LEN]) -> &[u8] {
-    let len = comm.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
-    &comm[..len]
+    nul_padded(comm)
+}
+
+/// Bytes up to the first NUL (all of them without one).
+#[must_use]
+pub fn nul_padded(bytes: &[u8]) -> &[u8] {
+    let len = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    &bytes[..len]
 }
 
 /// A JSON string: printable ASCII as is (with `"` and `\` escaped), every other byte as `\u00XX`.

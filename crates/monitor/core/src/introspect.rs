@@ -3,7 +3,7 @@
 
 use core::fmt;
 
-use ihmi_addr::{Gpa, Gva};
+use ihmi_addr::{Gpa, Gva, PAGE_SIZE};
 use ihmi_paging::{Cr3, GuestPhysRead, PhysReadError, WalkError};
 
 /// Longest single read, so no request can make the monitor copy without bound.
@@ -22,6 +22,10 @@ pub enum IntrospectError {
     Misaligned(Gva),
     /// An offset from a guest pointer ran past the top of the address space.
     Overflow(Gva),
+    /// A pointer that must be a kernel (upper-half) address is not.
+    NotKernel(Gva),
+    /// A string at this address has no terminator within the length the caller allows.
+    Unterminated(Gva),
 }
 
 impl From<WalkError> for IntrospectError {
@@ -44,6 +48,8 @@ impl fmt::Display for IntrospectError {
             Self::Phys(e) => e.fmt(f),
             Self::Misaligned(gva) => write!(f, "{gva} is misaligned for its structure"),
             Self::Overflow(gva) => write!(f, "offset from {gva} overflows"),
+            Self::NotKernel(gva) => write!(f, "{gva} is not a kernel address"),
+            Self::Unterminated(gva) => write!(f, "the string at {gva} is not terminated"),
         }
     }
 }
@@ -80,6 +86,25 @@ impl<'m, M: GuestPhysRead> Introspector<'m, M> {
             return Err(IntrospectError::TooLong(buf.len()));
         }
         Ok(ihmi_paging::read_virt(self.mem, self.cr3, gva, buf)?)
+    }
+
+    /// A NUL-terminated string at `gva` into `buf`, a page at most per read so that nothing past the
+    /// terminator is touched; returns its length. No terminator within `buf` is an error.
+    pub fn read_c_string(&self, gva: Gva, buf: &mut [u8]) -> Result<usize, IntrospectError> {
+        let mut len = 0;
+        while len < buf.len() {
+            let at = gva
+                .checked_add(len as u64)
+                .ok_or(IntrospectError::Overflow(gva))?;
+            let to_page_end = (PAGE_SIZE - (at.raw() & (PAGE_SIZE - 1))) as usize;
+            let chunk = to_page_end.min(64).min(buf.len() - len);
+            self.read_gva(at, &mut buf[len..len + chunk])?;
+            if let Some(nul) = buf[len..len + chunk].iter().position(|&b| b == 0) {
+                return Ok(len + nul);
+            }
+            len += chunk;
+        }
+        Err(IntrospectError::Unterminated(gva))
     }
 
     /// A little-endian `u32` at `gva`.

@@ -7,7 +7,7 @@ pub mod introspect;
 pub mod os;
 pub mod policy;
 
-use ihmi_abi::monitor::{RequestCode, Verdict};
+use ihmi_abi::monitor::{RequestCode, Verdict, PATH_LEN, PATH_MAX};
 use ihmi_addr::Gva;
 use ihmi_paging::{Cr3, GuestPhysRead};
 
@@ -33,7 +33,7 @@ pub struct Stats {
     pub invocations: u64,
     /// Calls the checkpoint refused.
     pub rejected: u64,
-    /// Process creations the policy refused.
+    /// Process creations (and, on Linux, program executions) the policy refused.
     pub denied: u64,
 }
 
@@ -102,6 +102,7 @@ impl Monitor {
             }
             Some(RequestCode::Syscall) => self.on_syscall(&intro, args).map(Some),
             Some(RequestCode::ProcessCreate) => self.on_process_create(&intro, args).map(Some),
+            Some(RequestCode::Exec) => self.on_exec(&intro, args).map(Some),
         };
         match outcome {
             Ok(None) => Verdict::Allow,
@@ -158,6 +159,49 @@ impl Monitor {
             comm: who.comm,
             nr: args[0],
             args: [args[1], args[2], args[3], 0],
+            ..Event::EMPTY
+        })
+    }
+
+    /// args = (GVA of the kernel's `linux_binprm`, 0, 0, 0): the running process is about to run the
+    /// program the record names. Linux only; the record and the path it points at must be readable
+    /// kernel memory, and the path terminated within the kernel's PATH_MAX.
+    fn on_exec<M: GuestPhysRead>(
+        &mut self,
+        intro: &Introspector<'_, M>,
+        args: [u64; 4],
+    ) -> Result<Event, RejectReason> {
+        if self.os.family != os::OsFamily::Linux || args[1..] != [0; 3] {
+            return Err(RejectReason::BadArgument);
+        }
+        let who = self.current(intro)?.ok_or(RejectReason::NoCurrentProcess)?;
+        let mut path = [0u8; PATH_MAX];
+        let len = self
+            .os
+            .exec_path(intro, Gva::new(args[0]), &mut path)
+            .map_err(|e| match e {
+                IntrospectError::Walk(_) | IntrospectError::Phys(_) => RejectReason::GuestMemory,
+                _ => RejectReason::BadArgument,
+            })?;
+        if len == 0 {
+            return Err(RejectReason::BadArgument);
+        }
+        let path = &path[..len];
+        let verdict = self.policy.check_program(path);
+        if verdict == Verdict::Deny {
+            self.stats.denied = self.stats.denied.wrapping_add(1);
+        }
+        let mut kept = [0u8; PATH_LEN];
+        let n = len.min(PATH_LEN);
+        kept[..n].copy_from_slice(&path[..n]);
+        Ok(Event {
+            kind: EventKind::Exec as u16,
+            detail: u16::from(len > PATH_LEN),
+            verdict: verdict as i32,
+            pid: who.pid,
+            ppid: who.ppid,
+            comm: who.comm,
+            path: kept,
             ..Event::EMPTY
         })
     }

@@ -44,6 +44,8 @@ pub struct OsProfile {
     /// Linux with page-table isolation built in: kernel addresses are read through the even (kernel)
     /// page of the CR3's 8 KiB PGD pair.
     pub pti_pgd_pair: bool,
+    /// Linux: offset of the program's path pointer in the kernel's `linux_binprm`.
+    pub binprm_filename: u64,
 }
 
 /// What the monitor knows of one process.
@@ -70,11 +72,13 @@ impl OsProfile {
             comm: process_layout::COMM,
             record_align: 8,
             pti_pgd_pair: false,
+            binprm_filename: 0,
         }
     }
 
     /// A Linux kernel: `current_ptr` is its `current_task`, the offsets are `task_struct`'s (from its
-    /// BTF): `pid` is the process id (`tgid`), `parent` the `real_parent` pointer.
+    /// BTF): `pid` is the process id (`tgid`), `parent` the `real_parent` pointer; `binprm_filename`
+    /// is `linux_binprm.filename`'s.
     #[must_use]
     pub const fn linux(
         current_ptr: Gva,
@@ -82,6 +86,7 @@ impl OsProfile {
         parent: u64,
         comm: u64,
         pti_pgd_pair: bool,
+        binprm_filename: u64,
     ) -> Self {
         Self {
             family: OsFamily::Linux,
@@ -91,6 +96,7 @@ impl OsProfile {
             comm,
             record_align: 8,
             pti_pgd_pair,
+            binprm_filename,
         }
     }
 
@@ -123,6 +129,32 @@ impl OsProfile {
     ) -> Result<Option<Gva>, IntrospectError> {
         let ptr = intro.read_u64(self.current_ptr)?;
         Ok((ptr != 0).then_some(Gva::new(ptr)))
+    }
+
+    /// The path a Linux `execve` was given, read from the kernel's `linux_binprm` at `bprm` into `buf`;
+    /// returns its length. The record must be a kernel address (upper half) and 8-byte aligned, the
+    /// path a kernel address too; a path without a terminator within `buf` is refused.
+    pub fn exec_path<M: GuestPhysRead>(
+        &self,
+        intro: &Introspector<'_, M>,
+        bprm: Gva,
+        buf: &mut [u8],
+    ) -> Result<usize, IntrospectError> {
+        let kernel = |a: Gva| a.is_canonical() && a.raw() >> 63 == 1;
+        if !kernel(bprm) {
+            return Err(IntrospectError::NotKernel(bprm));
+        }
+        if !bprm.is_aligned(8) {
+            return Err(IntrospectError::Misaligned(bprm));
+        }
+        let field = bprm
+            .checked_add(self.binprm_filename)
+            .ok_or(IntrospectError::Overflow(bprm))?;
+        let path = Gva::new(intro.read_u64(field)?);
+        if !kernel(path) {
+            return Err(IntrospectError::NotKernel(path));
+        }
+        intro.read_c_string(path, buf)
     }
 
     /// Reads a process record. A misaligned address is refused before anything is read.

@@ -1,5 +1,10 @@
 //! The process-creation policy: an allow-list of process names, as the seed paper's process-creation
 //! monitor enforced. An empty list allows everything (monitoring without enforcement).
+//!
+//! For Linux the name is the program's: the last component of the path `execve` was given, the name
+//! the kernel gives the process once it runs it. A name is not an identity: a copy of a refused
+//! program under an allowed name passes. The list keeps honest programs honest and makes an unlisted
+//! one visible and refused; it is not a code-signing policy.
 
 use ihmi_abi::guest_os::COMM_LEN;
 use ihmi_abi::monitor::Verdict;
@@ -7,7 +12,7 @@ use ihmi_abi::monitor::Verdict;
 use crate::event::comm_bytes;
 
 /// Most names an allow-list holds.
-pub const MAX_NAMES: usize = 16;
+pub const MAX_NAMES: usize = ihmi_abi::monitor::MAX_ALLOWED;
 
 /// Why a name could not be added.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,10 +61,21 @@ impl Policy {
     /// The verdict on creating a process named `comm` (compared up to its first NUL).
     #[must_use]
     pub fn check_create(&self, comm: &[u8; COMM_LEN]) -> Verdict {
+        self.check_name(comm_bytes(comm))
+    }
+
+    /// The verdict on running the program at `path`: its last component is the name checked, whole
+    /// (a name longer than any listed one is never allowed).
+    #[must_use]
+    pub fn check_program(&self, path: &[u8]) -> Verdict {
+        let name = path.rsplit(|&b| b == b'/').next().unwrap_or(path);
+        self.check_name(name)
+    }
+
+    fn check_name(&self, name: &[u8]) -> Verdict {
         if !self.is_enforcing() {
             return Verdict::Allow;
         }
-        let name = comm_bytes(comm);
         if self.names[..self.count]
             .iter()
             .any(|n| comm_bytes(n) == name)
@@ -105,5 +121,29 @@ mod tests {
             p.allow(&[b'a' + i as u8]).unwrap();
         }
         assert_eq!(p.allow(b"z"), Err(PolicyError::Full));
+    }
+
+    #[test]
+    fn programs_are_judged_by_their_last_path_component() {
+        let mut p = Policy::allow_all();
+        assert_eq!(p.check_program(b"/tmp/anything"), Verdict::Allow);
+        p.allow(b"ls").unwrap();
+        p.allow(b"ihmi-workload").unwrap();
+        assert_eq!(p.check_program(b"/bin/ls"), Verdict::Allow);
+        assert_eq!(p.check_program(b"ls"), Verdict::Allow);
+        assert_eq!(p.check_program(b"./ls"), Verdict::Allow);
+        assert_eq!(p.check_program(b"/bin/ihmi-workload"), Verdict::Allow);
+        assert_eq!(
+            p.check_program(b"/bin/ls/"),
+            Verdict::Deny,
+            "empty last part"
+        );
+        assert_eq!(p.check_program(b"/ls/intruder"), Verdict::Deny);
+        assert_eq!(p.check_program(b"/bin/lsx"), Verdict::Deny);
+        // Longer than a process name: compared whole, never cut to fit.
+        assert_eq!(
+            p.check_program(b"/bin/ihmi-workload-but-longer"),
+            Verdict::Deny
+        );
     }
 }

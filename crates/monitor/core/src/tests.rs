@@ -356,7 +356,7 @@ fn linux_profile_reads_tgid_parent_pointer_and_uses_the_kernel_pgd() {
     g.write(TASK + REAL_PARENT, &PARENT.to_le_bytes());
     g.write(TASK + COMM, b"ihmi-workload\0");
     g.write(PARENT + TGID, &1u32.to_le_bytes());
-    let os = OsProfile::linux(Gva::new(CURRENT), TGID, REAL_PARENT, COMM, true);
+    let os = OsProfile::linux(Gva::new(CURRENT), TGID, REAL_PARENT, COMM, true, 0x60);
     let mut m = Monitor::new(os, Policy::allow_all());
     let mut ring = EventRing::new();
     // The user half of the pair (bit 12) with a PCID: the monitor must read through the kernel half.
@@ -376,4 +376,100 @@ fn linux_profile_reads_tgid_parent_pointer_and_uses_the_kernel_pgd() {
     assert_eq!((e[0].pid, e[0].ppid, e[0].nr), (26, 1, 110));
     assert_eq!(event::comm_bytes(&e[0].comm), b"ihmi-workload");
     assert_eq!(m.os().syscall_name(110), Some("getppid"));
+}
+
+/// A Linux guest about to run a program: the event names the process as it is and the program's
+/// path; the allow-list decides by the path's last component; forged records are rejected.
+#[test]
+fn linux_exec_names_the_program_and_follows_the_allow_list() {
+    let (mut g, cr3, _) = setup();
+    const TASK: u64 = KERNEL + 0x2000;
+    const PARENT: u64 = KERNEL + 0x2400;
+    const BPRM: u64 = KERNEL + 0x2800;
+    const PATH: u64 = KERNEL + 0x2900;
+    const FILENAME: u64 = 0x60;
+    g.write(CURRENT, &TASK.to_le_bytes());
+    g.write(TASK + 0x14, &30u32.to_le_bytes());
+    g.write(TASK + 0x18, &PARENT.to_le_bytes());
+    g.write(TASK + 0x40, b"sh\0");
+    g.write(PARENT + 0x14, &1u32.to_le_bytes());
+    g.write(BPRM + FILENAME, &PATH.to_le_bytes());
+    let os = OsProfile::linux(Gva::new(CURRENT), 0x14, 0x18, 0x40, false, FILENAME);
+    let mut policy = Policy::allow_all();
+    policy.allow(b"ls").unwrap();
+    let mut m = Monitor::new(os, policy);
+    let mut ring = EventRing::new();
+    let exec = |m: &mut Monitor, g: &Guest, ring: &mut EventRing, bprm: u64| {
+        call(m, g, cr3, ring, RequestCode::Exec as u64, [bprm, 0, 0, 0])
+    };
+
+    g.write(PATH, b"/bin/ls\0");
+    assert_eq!(exec(&mut m, &g, &mut ring, BPRM), Verdict::Allow);
+    g.write(PATH, b"/tmp/intruder\0");
+    assert_eq!(exec(&mut m, &g, &mut ring, BPRM), Verdict::Deny);
+    let e = events(&mut ring);
+    assert_eq!(e.len(), 2);
+    assert_eq!(e[1].kind(), Some(EventKind::Exec));
+    assert_eq!((e[1].pid, e[1].ppid), (30, 1));
+    assert_eq!(event::comm_bytes(&e[1].comm), b"sh");
+    assert_eq!(event::nul_padded(&e[1].path), b"/tmp/intruder");
+    let mut json = std::string::String::new();
+    e[1].write_json(&mut json, "inbox", m.os()).unwrap();
+    assert!(
+        json.contains(r#""event":"exec","pid":30,"ppid":1,"comm":"sh","filename":"/tmp/intruder","verdict":"deny""#),
+        "{json}"
+    );
+    assert_eq!(m.stats().denied, 1);
+
+    // A path longer than an event keeps: judged whole, kept cut, and flagged.
+    let long = [b"/very".repeat(20).as_slice(), b"/ls\0"].concat();
+    g.write(PATH, &long);
+    assert_eq!(exec(&mut m, &g, &mut ring, BPRM), Verdict::Allow);
+    let e = events(&mut ring);
+    assert_eq!(e[0].detail, 1);
+    assert_eq!(&e[0].path[..], &long[..ihmi_abi::monitor::PATH_LEN]);
+
+    // Forgeries: a user-half or misaligned record, extra arguments, a path running off the mapping.
+    for (bprm, extra) in [(0x7fff_0000_0000, 0), (BPRM + 1, 0), (BPRM, 5)] {
+        let v = call(
+            &mut m,
+            &g,
+            cr3,
+            &mut ring,
+            RequestCode::Exec as u64,
+            [bprm, extra, 0, 0],
+        );
+        assert_eq!(v, Verdict::Rejected);
+    }
+    let end = KERNEL + 4 * PAGE_SIZE;
+    g.write(end - 8, b"/noend!!");
+    g.write(BPRM + FILENAME, &(end - 8).to_le_bytes());
+    assert_eq!(exec(&mut m, &g, &mut ring, BPRM), Verdict::Rejected);
+    let e = events(&mut ring);
+    let reasons: Vec<_> = e.iter().map(|e| RejectReason::from_raw(e.detail)).collect();
+    assert_eq!(
+        reasons,
+        [
+            Some(RejectReason::BadArgument),
+            Some(RejectReason::BadArgument),
+            Some(RejectReason::BadArgument),
+            Some(RejectReason::GuestMemory),
+        ]
+    );
+}
+
+/// The test guest has no `execve`: the request is refused there.
+#[test]
+fn exec_is_refused_for_the_test_guest() {
+    let (g, cr3, mut m) = setup();
+    let mut ring = EventRing::new();
+    let v = call(
+        &mut m,
+        &g,
+        cr3,
+        &mut ring,
+        RequestCode::Exec as u64,
+        [KERNEL, 0, 0, 0],
+    );
+    assert_eq!(v, Verdict::Rejected);
 }

@@ -33,6 +33,7 @@ static IHMI_MONITOR_CONFIG: Cell<MonitorConfig> = Cell(UnsafeCell::new(MonitorCo
     parent_offset: 0,
     comm_offset: 0,
     pti_pgd_pair: 0,
+    binprm_filename_offset: 0,
 }));
 
 /// Calls of the entry point, for L0's benchmark accounting (L0 reads it while the monitor is stopped).
@@ -109,6 +110,7 @@ fn monitor(config: &MonitorConfig) -> &'static mut Monitor {
                 config.parent_offset,
                 config.comm_offset,
                 config.pti_pgd_pair != 0,
+                config.binprm_filename_offset,
             )
         } else {
             OsProfile::testguest(current)
@@ -147,6 +149,7 @@ core::arch::global_asm!(
     .section .gate, "ax"
     .global ihmi_gate_entry
 ihmi_gate_entry:
+    endbr64                        /* a kernel with indirect branch tracking calls it indirectly */
     pushfq
     cli
     mov %rcx, %r10                 /* VMFUNC takes ECX */
@@ -233,6 +236,7 @@ core::arch::global_asm!(
     .section .gate, "ax"
     .global ihmi_gate_syscall
 ihmi_gate_syscall:
+    endbr64                        /* SYSCALL targets need it under indirect branch tracking */
     movabs %rax, {scratch}
     mov %rcx, %rax
     movabs %rax, {scratch} + 8
@@ -316,6 +320,59 @@ ihmi_gate_kernel_entry:
     scratch = const ihmi_abi::monitor::LINUX_SCRATCH_GVA,
     stack_size = const STACK_SIZE,
     syscall_request = const ihmi_abi::monitor::RequestCode::Syscall as u64,
+    options(att_syntax)
+);
+
+// The Linux process-creation trampoline, in the gate page, which L0 also maps in a free 2 MiB slot
+// of the kernel's image mapping: the call L0 writes over the `__fentry__` NOP of `begin_new_exec` lands
+// here with the function's arguments live (RDI = the `linux_binprm`) and the stack holding the return
+// into the function, then the return to its caller. Every register the function may read comes back
+// as it was. The monitor is reached through the call gate at its own address (L0 patches it in): the
+// trampoline's alias is not mapped in the monitor's address space. Any verdict but allow refuses the
+// program: the trampoline then returns -EPERM to `begin_new_exec`'s caller (the binary loader, which
+// fails the `execve` with it) without running it.
+core::arch::global_asm!(
+    r#"
+    .section .gate, "ax"
+    .global ihmi_hook_exec
+ihmi_hook_exec:
+    endbr64
+    push %rax
+    push %rcx
+    push %rdx
+    push %rsi
+    push %rdi
+    push %r8
+    push %r9
+    push %r10
+    push %r11
+    mov %rdi, %rsi                 /* ihmi_monitor_entry(Exec, bprm, 0, 0, 0) */
+    mov ${exec_request}, %edi
+    xor %edx, %edx
+    xor %ecx, %ecx
+    xor %r8d, %r8d
+    .global ihmi_hook_gate_imm
+ihmi_hook_gate_imm:
+    movabs $0, %rax                /* L0 patches the call gate's address here */
+    call *%rax
+    test %rax, %rax                /* 0 = allow; pops keep the flags */
+    pop %r11
+    pop %r10
+    pop %r9
+    pop %r8
+    pop %rdi
+    pop %rsi
+    pop %rdx
+    pop %rcx
+    pop %rax
+    jnz 1f
+    ret                            /* on into begin_new_exec */
+1:  add $8, %rsp                   /* drop the return into it: return from it instead */
+    mov ${eperm}, %rax
+    ret
+"#,
+    exec_request = const ihmi_abi::monitor::RequestCode::Exec as u64,
+    eperm = const -1i64,
     options(att_syntax)
 );
 

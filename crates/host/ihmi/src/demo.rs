@@ -1,0 +1,182 @@
+//! The closing summary of `ihmi demo`: what the two monitors saw in the Linux guest, from the event lines
+//! L0 printed (`event| {json}`) and its own counts.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+
+/// One program start the process-creation monitor saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exec {
+    pub pid: u64,
+    pub ppid: u64,
+    pub comm: String,
+    pub filename: String,
+    pub verdict: String,
+}
+
+/// What the demo's monitors reported.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// System-call events, and their count per call name (or number).
+    pub syscalls: u64,
+    pub by_call: BTreeMap<String, u64>,
+    /// Distinct processes that made system calls, by name.
+    pub processes: BTreeMap<String, u64>,
+    /// Program starts, in order.
+    pub execs: Vec<Exec>,
+    /// Requests the monitor's checkpoint refused.
+    pub rejected: u64,
+    /// Events the ring dropped (L0's count), if the run said.
+    pub dropped: Option<u64>,
+}
+
+fn field<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
+    v.as_object()?.get(name)
+}
+
+fn text(v: &Value, name: &str) -> String {
+    field(v, name)
+        .and_then(Value::as_str)
+        .unwrap_or("?")
+        .to_string()
+}
+
+fn number(v: &Value, name: &str) -> u64 {
+    field(v, name).and_then(Value::as_u64).unwrap_or(0)
+}
+
+impl Summary {
+    /// Reads every event line of a run's output.
+    pub fn from_output(output: &str) -> Result<Self> {
+        let mut s = Self {
+            dropped: crate::events::dropped(output),
+            ..Self::default()
+        };
+        let mut pids = BTreeMap::<String, std::collections::BTreeSet<u64>>::new();
+        for json in output.lines().filter_map(|l| l.strip_prefix("event| ")) {
+            let v: Value =
+                serde_json::from_str(json).with_context(|| format!("bad event line: {json}"))?;
+            match field(&v, "event").and_then(Value::as_str) {
+                Some("syscall") => {
+                    s.syscalls += 1;
+                    let name = match field(&v, "name").and_then(Value::as_str) {
+                        Some(n) => n.to_string(),
+                        None => format!("#{}", number(&v, "nr")),
+                    };
+                    *s.by_call.entry(name).or_default() += 1;
+                    pids.entry(text(&v, "comm"))
+                        .or_default()
+                        .insert(number(&v, "pid"));
+                }
+                Some("exec") => s.execs.push(Exec {
+                    pid: number(&v, "pid"),
+                    ppid: number(&v, "ppid"),
+                    comm: text(&v, "comm"),
+                    filename: text(&v, "filename"),
+                    verdict: text(&v, "verdict"),
+                }),
+                Some("rejected") => s.rejected += 1,
+                _ => {}
+            }
+        }
+        s.processes = pids
+            .into_iter()
+            .map(|(name, set)| (name, set.len() as u64))
+            .collect();
+        Ok(s)
+    }
+
+    /// The summary as the demo prints it.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "[ihmi] demo summary");
+        let _ = writeln!(
+            out,
+            "  system calls seen by the in-box system-call monitor: {}",
+            self.syscalls
+        );
+        let mut top: Vec<_> = self.by_call.iter().collect();
+        top.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        let top: Vec<String> = top
+            .iter()
+            .take(8)
+            .map(|(name, n)| format!("{name} {n}"))
+            .collect();
+        let _ = writeln!(out, "    most frequent: {}", top.join(", "));
+        let procs: Vec<String> = self
+            .processes
+            .iter()
+            .map(|(name, n)| {
+                if *n == 1 {
+                    name.clone()
+                } else {
+                    format!("{name} (x{n})")
+                }
+            })
+            .collect();
+        let _ = writeln!(out, "    from processes: {}", procs.join(", "));
+        let _ = writeln!(
+            out,
+            "  programs started, seen by the in-box process-creation monitor: {}",
+            self.execs.len()
+        );
+        for e in &self.execs {
+            let _ = writeln!(
+                out,
+                "    {:<6} pid {:>3} (parent {:>3}, was {:<14}) {}",
+                e.verdict, e.pid, e.ppid, e.comm, e.filename
+            );
+        }
+        let refused: Vec<&Exec> = self.execs.iter().filter(|e| e.verdict != "allow").collect();
+        if refused.is_empty() {
+            let _ = writeln!(out, "  refused: none");
+        } else {
+            for e in refused {
+                let _ = writeln!(
+                    out,
+                    "  REFUSED: {} (pid {}, started by {}): not on the allow-list; execve failed with EPERM",
+                    e.filename, e.pid, e.comm
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "  requests the monitor's checkpoint rejected: {}",
+            self.rejected
+        );
+        let _ = match self.dropped {
+            Some(n) => writeln!(out, "  events dropped by a full ring: {n}"),
+            None => writeln!(out, "  events dropped: not reported (did the run end?)"),
+        };
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_counts_calls_processes_and_refusals() {
+        let out = "\
+event| {\"seq\":0,\"tsc\":1,\"mode\":\"inbox\",\"event\":\"syscall\",\"pid\":5,\"comm\":\"sh\",\"nr\":39,\"name\":\"getpid\",\"args\":[0,0,0],\"verdict\":\"allow\"}
+guest| hello
+event| {\"seq\":1,\"tsc\":2,\"mode\":\"inbox\",\"event\":\"syscall\",\"pid\":6,\"comm\":\"sh\",\"nr\":999,\"name\":null,\"args\":[0,0,0],\"verdict\":\"allow\"}
+event| {\"seq\":2,\"tsc\":3,\"mode\":\"inbox\",\"event\":\"exec\",\"pid\":7,\"ppid\":1,\"comm\":\"init\",\"filename\":\"/bin/ihmi-intruder\",\"verdict\":\"deny\"}
+monitor: 3 events, 0 dropped
+";
+        let s = Summary::from_output(out).unwrap();
+        assert_eq!(s.syscalls, 2);
+        assert_eq!(s.by_call.get("getpid"), Some(&1));
+        assert_eq!(s.by_call.get("#999"), Some(&1));
+        assert_eq!(s.processes.get("sh"), Some(&2));
+        assert_eq!(s.execs.len(), 1);
+        assert_eq!(s.dropped, Some(0));
+        let text = s.render();
+        assert!(text.contains("REFUSED: /bin/ihmi-intruder (pid 7, started by init)"));
+        assert!(text.contains("events dropped by a full ring: 0"));
+    }
+}
