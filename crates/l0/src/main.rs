@@ -401,15 +401,22 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
             taken.as_slice(),
             &os,
             allowed,
+            mode,
             page_1g,
         ))
     };
     let inbox = monitor.as_ref().filter(|_| mode == Mode::InBox);
     let layout = inbox.map(|m| m.layout);
+    // A Linux guest sees the gate page and its tables in both modes: out of the box its hooks' VMCALL
+    // stubs live there.
+    let shown = monitor
+        .as_ref()
+        .filter(|_| mode == Mode::InBox || scenario.is_linux())
+        .map(|m| m.layout);
     let guest_view = ihmi_hv::views::build_guest_view(
         &mut frames,
         &memory,
-        layout.as_ref(),
+        shown.as_ref(),
         guest_regions.code.as_slice(),
     )
     .unwrap_or_else(|e| fail(format_args!("guest view: {e}")));
@@ -475,16 +482,18 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
         .as_ref()
         .filter(|_| !scenario.is_linux())
         .map(|_| guest::install_hook(&guest_image, &memory, &guest_regions, mode, gate));
-    let guard = monitor_eptp.map(|m| {
+    // The guard: in the box, of the views; for Linux in either mode, of the hooks.
+    let linux_monitor = monitor.as_ref().filter(|_| scenario.is_linux());
+    let guard = (monitor_eptp.is_some() || linux_monitor.is_some()).then(|| {
         let mut g = ihmi_hv::Guard::new(
             ihmi_hv::ViewEptps {
                 guest: guest_view.eptp().raw(),
-                monitor: m.raw(),
+                monitor: monitor_eptp.map(|m| m.raw()),
             },
             hook.zip(gate.map(Gva::raw)),
         );
         // Linux: the system-call gate goes in front of the kernel's entry when the kernel installs it.
-        if let (Some(p), Some(info)) = (linux_profile, inbox.and_then(|m| m.linux_gate)) {
+        if let (Some(p), Some(info)) = (linux_profile, linux_monitor.and_then(|m| m.linux_gate)) {
             g.linux_gate = Some(ihmi_hv::LinuxGate {
                 gate_entry: info.gate_entry,
                 kernel_entry_slot: info.kernel_entry_slot,
@@ -502,6 +511,7 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
                     gate_page: info.gate_page,
                     pgd: linux::kernel_text_pa(p.init_top_pgt, &memory),
                 }),
+                outbox_syscall: info.outbox_syscall,
             });
         }
         g
@@ -724,7 +734,11 @@ extern "C" fn on_exit(regs: &mut GuestRegs) {
     match action {
         Action::Resume => {}
         Action::End(end) => finish(end),
-        Action::CallMonitor { code, args } => outbox::enter(st, regs, code, args),
+        Action::CallMonitor {
+            code,
+            args,
+            verdict_to_rax,
+        } => outbox::enter(st, regs, code, args, verdict_to_rax),
     }
 }
 

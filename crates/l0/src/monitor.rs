@@ -73,6 +73,8 @@ pub struct LinuxGateInfo {
     pub hook_slot: u64,
     pub hook_trampoline: u64,
     pub hook_table: Gpa,
+    /// Out of the box: where the system-call stub's VMCALL is.
+    pub outbox_syscall: Option<u64>,
 }
 
 /// Page-table entry bits (SDM 4.5): present, writable, accessed, dirty, execute-disable.
@@ -228,6 +230,7 @@ pub fn load(
     taken: &[PhysRange],
     os: &MonitorOs,
     allowed: &str,
+    mode: ihmi_abi::monitor::Mode,
     page_1g: bool,
 ) -> Loaded {
     let image = Image::parse(image_bytes, "monitor");
@@ -405,10 +408,18 @@ pub fn load(
             .and_then(|e| e.checked_add(LARGE_PAGE_SIZE))
             .unwrap_or_else(|| fail(format_args!("the kernel's _end is out of range")));
         bytes_at(hook_table, 8).copy_from_slice(&(gate.start.raw() | PTE_P | PTE_A).to_le_bytes());
-        let gate_entry_gva = gate_gva.raw() + (image.symbol("ihmi_gate_entry") - base);
-        patch_movabs(&image, at, "ihmi_hook_gate_imm", gate_entry_gva);
+        // In the box the hooks go through the gates; out of the box through the VMCALL stubs.
+        let outbox = mode == ihmi_abi::monitor::Mode::OutBox;
+        let in_gate = |symbol: &str| gate_gva.raw() + (image.symbol(symbol) - base);
+        let (syscall_entry, hook_call) = if outbox {
+            ("ihmi_outbox_syscall", "ihmi_outbox_call")
+        } else {
+            ("ihmi_gate_syscall", "ihmi_gate_entry")
+        };
+        patch_movabs(&image, at, "ihmi_hook_gate_imm", in_gate(hook_call));
         linux_gate = Some(LinuxGateInfo {
-            gate_entry: gate_gva.raw() + (image.symbol("ihmi_gate_syscall") - base),
+            gate_entry: in_gate(syscall_entry),
+            outbox_syscall: outbox.then(|| in_gate("ihmi_outbox_syscall_vmcall")),
             kernel_entry_slot: at(image.symbol("ihmi_gate_kernel_entry")),
             slot: (gate_gva.raw() >> 39) & 0x1ff,
             pml4e,

@@ -30,6 +30,9 @@ pub struct MonitorVm {
     running: bool,
     /// The guest's registers while the monitor VM runs.
     saved: GuestRegs,
+    /// Whether the verdict goes back in the guest's RAX (not for a Linux system call, whose RAX is
+    /// the kernel's to read).
+    verdict_to_rax: bool,
     calls: u64,
     exits: ExitCounters,
 }
@@ -110,6 +113,7 @@ pub fn setup(
         launched: false,
         running: false,
         saved: GuestRegs::default(),
+        verdict_to_rax: true,
         calls: 0,
         exits: ExitCounters::default(),
     }
@@ -117,12 +121,19 @@ pub fn setup(
 
 /// The guest asked for a monitor call: switch to the monitor VM with the request in the registers the
 /// monitor's entry takes (RDI, RSI, RDX, RCX, R8; the guest's CR3 in R9).
-pub fn enter(st: &mut L0State, regs: &mut GuestRegs, code: u64, args: [u64; 4]) {
+pub fn enter(
+    st: &mut L0State,
+    regs: &mut GuestRegs,
+    code: u64,
+    args: [u64; 4],
+    verdict_to_rax: bool,
+) {
     let guest_cr3 = st.vmcs.read(guest::CR3);
     let Some(vm) = st.outbox.as_mut() else {
         fail(format_args!("monitor call without a monitor VM"))
     };
     vm.saved = *regs;
+    vm.verdict_to_rax = verdict_to_rax;
     vm.calls += 1;
     // SAFETY: the monitor VM's VMCS was configured by `setup` and is used on this CPU only; it is
     // entered with VMLAUNCH exactly the first time; `regs` is rewritten below to the monitor's.
@@ -167,7 +178,9 @@ pub fn on_exit(st: &mut L0State, regs: &mut GuestRegs) {
             }
             vm.running = false;
             *regs = vm.saved;
-            regs.rax = verdict;
+            if vm.verdict_to_rax {
+                regs.rax = verdict;
+            }
             crate::drain_monitor(st);
         }
         ihmi_hv::outbox::MonitorVmExit::Fault {

@@ -233,6 +233,9 @@ pub enum Scenario {
     /// The same with a compromised root in the Linux guest: it tries to move IA32_LSTAR off the gate
     /// through /dev/cpu/0/msr and to read the monitor's memory through /dev/mem.
     LinuxAttack,
+    /// `LinuxSim` with the same two monitors out of the box: the system-call and exec hooks make a
+    /// VMCALL and L0 runs the request in the monitor VM.
+    LinuxSimOutbox,
 }
 
 /// Raw numbers of the attack scenarios start here (`ATTACK_BASE + attack number`).
@@ -240,8 +243,8 @@ const ATTACK_BASE: u32 = 100;
 
 impl Scenario {
     /// Every scenario, in the order `ihmi test` runs them.
-    pub const ALL: [Scenario; 14 + Attack::ALL.len()] = {
-        let mut all = [Self::Boot; 14 + Attack::ALL.len()];
+    pub const ALL: [Scenario; 15 + Attack::ALL.len()] = {
+        let mut all = [Self::Boot; 15 + Attack::ALL.len()];
         let fixed = [
             Self::Boot,
             Self::EptGuard,
@@ -257,6 +260,7 @@ impl Scenario {
             Self::LinuxBoot,
             Self::LinuxSim,
             Self::LinuxAttack,
+            Self::LinuxSimOutbox,
         ];
         let mut i = 0;
         while i < fixed.len() {
@@ -278,7 +282,7 @@ impl Scenario {
             Self::Sim | Self::Attack(_) | Self::LinuxSim | Self::LinuxAttack => {
                 monitor::Mode::InBox
             }
-            Self::SimOutbox => monitor::Mode::OutBox,
+            Self::SimOutbox | Self::LinuxSimOutbox => monitor::Mode::OutBox,
             Self::Bench(mode) => mode,
             _ => monitor::Mode::None,
         }
@@ -287,7 +291,10 @@ impl Scenario {
     /// Whether the guest is a Linux kernel rather than the test guest.
     #[must_use]
     pub const fn is_linux(self) -> bool {
-        matches!(self, Self::LinuxBoot | Self::LinuxSim | Self::LinuxAttack)
+        matches!(
+            self,
+            Self::LinuxBoot | Self::LinuxSim | Self::LinuxAttack | Self::LinuxSimOutbox
+        )
     }
 
     /// The attack this scenario runs, if it is one.
@@ -317,6 +324,7 @@ impl Scenario {
             Self::LinuxBoot => "linux-boot",
             Self::LinuxSim => "linux-sim",
             Self::LinuxAttack => "linux-attack",
+            Self::LinuxSimOutbox => "linux-sim-outbox",
             Self::Attack(a) => a.scenario_name(),
         }
     }
@@ -337,6 +345,7 @@ impl Scenario {
             Self::LinuxBoot => 12,
             Self::LinuxSim => 13,
             Self::LinuxAttack => 14,
+            Self::LinuxSimOutbox => 15,
             Self::Attack(a) => ATTACK_BASE + a as u32,
         }
     }

@@ -25,8 +25,9 @@ const UD: u8 = 6;
 pub struct ViewEptps {
     /// View 0, the guest's.
     pub guest: u64,
-    /// View 1, the monitor's.
-    pub monitor: u64,
+    /// View 1, the monitor's; none when the monitor is out of the box (a Linux guest still needs the
+    /// guard for its hooks).
+    pub monitor: Option<u64>,
 }
 
 /// How L0 puts the system-call gate in front of a Linux kernel's SYSCALL entry, when the kernel
@@ -50,6 +51,9 @@ pub struct LinuxGate {
     pub gate_page: Gpa,
     /// The process-creation hook to install then, if the monitor has one.
     pub exec_hook: Option<ExecHook>,
+    /// Out of the box: the address of the system-call stub's VMCALL, which L0 takes as a system call
+    /// to show the monitor VM (RAX = number, RDI, RSI, RDX = arguments), leaving every register alone.
+    pub outbox_syscall: Option<u64>,
 }
 
 /// L0's protection state for one guest with an in-box monitor.
@@ -115,7 +119,7 @@ impl Guard {
     pub const fn view_of(&self, eptp: u64) -> Option<u16> {
         if eptp == self.views.guest {
             Some(crate::views::GUEST_VIEW)
-        } else if eptp == self.views.monitor {
+        } else if matches!(self.views.monitor, Some(m) if m == eptp) {
             Some(crate::views::MONITOR_VIEW)
         } else {
             None
@@ -313,6 +317,23 @@ impl Hypervisor {
         };
         self.alert(platform, alert);
         Some(Action::End(GuestEnd::HookTampered { gpa }))
+    }
+
+    /// Out of the box, the VMCALL of the Linux system-call stub: a system call for the monitor VM. Any
+    /// other VMCALL is a hypercall. An attacker who jumps to the stub with chosen registers only
+    /// reports a system call that did not happen, from the process the monitor reads itself.
+    pub(crate) fn outbox_linux_syscall(&mut self, vcpu: &mut impl Vcpu) -> Option<Action> {
+        let site = self.guard.as_ref()?.linux_gate?.outbox_syscall?;
+        if vcpu.read(guest::RIP) != site {
+            return None;
+        }
+        let r = *vcpu.regs();
+        skip_instruction(vcpu);
+        Some(Action::CallMonitor {
+            code: ihmi_abi::monitor::RequestCode::Syscall as u64,
+            args: [r.rax, r.rdi, r.rsi, r.rdx],
+            verdict_to_rax: false,
+        })
     }
 
     /// A Linux guest's first system call, which finds the gate not yet executable (see

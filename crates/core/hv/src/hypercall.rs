@@ -20,6 +20,11 @@ impl Hypervisor {
         let regs = *vcpu.regs();
         // CPL is the DPL of SS in the guest-state area (SDM 25.4.1); only the guest kernel may call L0.
         let cpl = (vcpu.read(guest::SS_ACCESS_RIGHTS) >> 5) & 3;
+        if cpl == 0 && self.outbox_monitor {
+            if let Some(action) = self.outbox_linux_syscall(vcpu) {
+                return action;
+            }
+        }
         let (status, value) = if cpl != 0 {
             (Status::Denied, 0)
         } else {
@@ -43,6 +48,7 @@ impl Hypervisor {
                     return Action::CallMonitor {
                         code: regs.rbx,
                         args: [regs.rcx, regs.rdx, regs.rsi, regs.rdi],
+                        verdict_to_rax: true,
                     };
                 }
                 Some(Hypercall::Monitor) => (Status::UnknownCall, 0),

@@ -107,9 +107,14 @@ pub enum Action {
     Resume,
     /// Stop the guest for the given reason; L0 judges the scenario and stays up.
     End(GuestEnd),
-    /// Run this monitor request in the out-of-box monitor VM, then resume the guest with the verdict
-    /// in RAX (the guest's VMCALL has been skipped already).
-    CallMonitor { code: u64, args: [u64; 4] },
+    /// Run this monitor request in the out-of-box monitor VM, then resume the guest (whose VMCALL has
+    /// been skipped already) with the verdict in RAX, or, for a Linux system call on its way to the
+    /// kernel (`verdict_to_rax` false), with every register as it was.
+    CallMonitor {
+        code: u64,
+        args: [u64; 4],
+        verdict_to_rax: bool,
+    },
 }
 
 /// Why a guest stopped.

@@ -482,9 +482,10 @@ fn check(
         // Linux booted, ran our /init, and /init's last program wrote its line on the debug port and
         // asked for the power-off L0 intercepts.
         Scenario::LinuxBoot => linux_run_ended_well(log),
-        // And the monitor in front of the kernel's SYSCALL entry saw the workload's calls, from the
-        // right process, with nothing rejected.
-        Scenario::LinuxSim => {
+        // And the monitors (in front of the kernel's SYSCALL entry, and in its exec path) saw the
+        // workload's program start and its calls, from the right process, and refused the intruder,
+        // with nothing rejected; in the box or out of it.
+        Scenario::LinuxSim | Scenario::LinuxSimOutbox => {
             linux_run_ended_well(log)?;
             if log.monitor_rejected != 0 {
                 return Err(FailReason::ExtraMonitorEvents(

@@ -626,7 +626,7 @@ fn guarded(scenario: Scenario) -> (Hypervisor, MockPlatform) {
     h.guard = Some(crate::Guard::new(
         crate::ViewEptps {
             guest: GUEST_EPTP,
-            monitor: MONITOR_EPTP,
+            monitor: Some(MONITOR_EPTP),
         },
         Some((Gpa::new(HOOK_GPA), GATE)),
     ));
@@ -1005,7 +1005,8 @@ fn monitor_hypercall_goes_to_the_monitor_vm_only_when_there_is_one() {
         h.handle_exit(&mut v, &mut MockPlatform::default()),
         Action::CallMonitor {
             code: 1,
-            args: [2, 3, 4, 5]
+            args: [2, 3, 4, 5],
+            verdict_to_rax: true,
         }
     );
     assert_eq!(v.fields[&guest::RIP], 0x10_0003);
@@ -1258,6 +1259,7 @@ fn linux_guarded() -> (Hypervisor, MockPlatform, crate::LinuxGate) {
             gate_page: Gpa::new(LINUX_GATE_PAGE),
             pgd: Gpa::new(0x50_0000),
         }),
+        outbox_syscall: None,
     };
     h.guard.as_mut().unwrap().hook = None;
     h.guard.as_mut().unwrap().linux_gate = Some(gate);
@@ -1577,4 +1579,34 @@ fn an_occupied_trampoline_slot_is_refused() {
     assert!(!calls
         .iter()
         .any(|c| matches!(c, Call::WritePhys(g, _) if *g == Gpa::new(0x112_6cf9))));
+}
+
+#[test]
+fn out_of_the_box_the_stub_s_vmcall_is_a_system_call_that_leaves_registers_alone() {
+    let (mut h, mut p, mut gate) = linux_guarded();
+    const STUB: u64 = 0xffff_e900_0000_0300;
+    gate.outbox_syscall = Some(STUB);
+    h.guard.as_mut().unwrap().linux_gate = Some(gate);
+    h.outbox_monitor = true;
+    let mut v = MockVcpu::exited(EXIT_VMCALL, STUB, 3);
+    v.regs.rax = 39; // getpid, not a hypercall number
+    v.regs.rdi = 1;
+    v.regs.rsi = 2;
+    v.regs.rdx = 3;
+    let before = v.regs;
+    assert_eq!(
+        h.handle_exit(&mut v, &mut p),
+        Action::CallMonitor {
+            code: ihmi_abi::monitor::RequestCode::Syscall as u64,
+            args: [39, 1, 2, 3],
+            verdict_to_rax: false,
+        }
+    );
+    assert_eq!(v.fields[&guest::RIP], STUB + 3, "on to the jump to the kernel");
+    assert_eq!(v.regs, before, "no register changed");
+    // A VMCALL anywhere else is a hypercall as always.
+    let mut other = MockVcpu::exited(EXIT_VMCALL, STUB + 0x40, 3);
+    other.regs.rax = 39;
+    h.handle_exit(&mut other, &mut p);
+    assert_eq!(other.regs.rax, ihmi_abi::Status::UnknownCall.to_raw());
 }

@@ -87,7 +87,10 @@ extern "C" fn guest_main(info: *const BootInfo) -> ! {
         // L0 breaks VM entry in these; the guest running at all is the failure.
         Scenario::EntryBadControl | Scenario::EntryBadGuestState => 97,
         // L0 boots Linux in this one; the test guest running at all is the failure.
-        Scenario::LinuxBoot | Scenario::LinuxSim | Scenario::LinuxAttack => 96,
+        Scenario::LinuxBoot
+        | Scenario::LinuxSim
+        | Scenario::LinuxAttack
+        | Scenario::LinuxSimOutbox => 96,
     };
     done(code)
 }

@@ -376,6 +376,41 @@ ihmi_hook_gate_imm:
     options(att_syntax)
 );
 
+// The Linux hooks out of the box, also in the gate page (shown to the guest read + execute; the
+// monitor itself runs in a VM of its own). The system-call stub is IA32_LSTAR's target: its VMCALL, at
+// an address L0 knows, is a system call for the monitor VM, after which every register is as the
+// SYSCALL left it and the stub jumps on to the kernel's entry. The call stub is what the
+// process-creation trampoline calls instead of the call gate: the `Monitor` hypercall (RAX), with the
+// request code in RBX and its first argument in RCX; the verdict comes back in RAX.
+core::arch::global_asm!(
+    r#"
+    .section .gate, "ax"
+    .global ihmi_outbox_syscall
+ihmi_outbox_syscall:
+    endbr64
+    .global ihmi_outbox_syscall_vmcall
+ihmi_outbox_syscall_vmcall:
+    vmcall
+    jmp *ihmi_gate_kernel_entry(%rip)
+
+    .global ihmi_outbox_call
+ihmi_outbox_call:
+    endbr64
+    push %rbx
+    mov %rdi, %rbx
+    mov %rsi, %rcx
+    xor %edx, %edx
+    xor %esi, %esi
+    xor %edi, %edi
+    mov ${monitor_call}, %eax
+    vmcall
+    pop %rbx
+    ret
+"#,
+    monitor_call = const ihmi_abi::Hypercall::Monitor as u64,
+    options(att_syntax)
+);
+
 #[panic_handler]
 fn panic(_: &core::panic::PanicInfo<'_>) -> ! {
     // The monitor cannot print (it has no device); a ud2 in monitor code is an invalid-opcode exception
