@@ -917,7 +917,7 @@ pub(crate) fn drain_monitor(st: &mut L0State) {
     let mode = st.hv.scenario.monitor_mode().name();
     // A benchmark's thousands of events are counted, not printed: printing them would dwarf what is
     // measured.
-    let print = !matches!(st.hv.scenario, Scenario::Bench(_));
+    let print = !matches!(st.hv.scenario, Scenario::Bench(_) | Scenario::LinuxBench(_));
     // Rejected requests are what a flood is made of: a few are printed per drain, the rest counted and
     // said, so a guest cannot flood the console either.
     let mut rejected = 0u64;

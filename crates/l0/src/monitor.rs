@@ -516,9 +516,25 @@ pub fn load(
             "the monitor's invocation counter at {invocations} is misaligned"
         ));
     }
-    let (gate_vmfuncs, gate_cr3_loads) =
-        count_switches(bytes_at(Gpa::new(gate.start.raw()), PAGE_SIZE));
-    log!("gate: {gate_vmfuncs} VMFUNC and {gate_cr3_loads} CR3 loads in its code");
+    // One pass through a gate: its switches, counted in its own code. Both gates must agree, since
+    // the benchmark reports one figure per invocation whichever gate made it.
+    let switches_in = |start: &str, end: &str| {
+        let (s, e) = (image.symbol(start), image.symbol(end));
+        if e <= s || e > gate_end {
+            fail(format_args!(
+                "the gate's {start}..{end} is not inside the gate page"
+            ));
+        }
+        count_switches(bytes_at(at(s), e - s))
+    };
+    let (gate_vmfuncs, gate_cr3_loads) = switches_in("ihmi_gate_entry", "ihmi_gate_entry_end");
+    let syscall_gate = switches_in("ihmi_gate_syscall", "ihmi_gate_syscall_end");
+    if syscall_gate != (gate_vmfuncs, gate_cr3_loads) {
+        fail(format_args!(
+            "the system-call gate makes {syscall_gate:?} (VMFUNC, CR3) switches, the call gate ({gate_vmfuncs}, {gate_cr3_loads})"
+        ));
+    }
+    log!("gate: {gate_vmfuncs} VMFUNC and {gate_cr3_loads} CR3 loads per pass (each gate)");
     let mut loaded = Loaded {
         layout,
         gate_gva,

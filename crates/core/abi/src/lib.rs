@@ -236,6 +236,9 @@ pub enum Scenario {
     /// `LinuxSim` with the same two monitors out of the box: the system-call and exec hooks make a
     /// VMCALL and L0 runs the request in the monitor VM.
     LinuxSimOutbox,
+    /// The Linux overhead benchmark (`ihmi-bench` instead of the workload), with the monitors reached
+    /// this way (or none).
+    LinuxBench(monitor::Mode),
 }
 
 /// Raw numbers of the attack scenarios start here (`ATTACK_BASE + attack number`).
@@ -243,8 +246,8 @@ const ATTACK_BASE: u32 = 100;
 
 impl Scenario {
     /// Every scenario, in the order `ihmi test` runs them.
-    pub const ALL: [Scenario; 15 + Attack::ALL.len()] = {
-        let mut all = [Self::Boot; 15 + Attack::ALL.len()];
+    pub const ALL: [Scenario; 18 + Attack::ALL.len()] = {
+        let mut all = [Self::Boot; 18 + Attack::ALL.len()];
         let fixed = [
             Self::Boot,
             Self::EptGuard,
@@ -261,6 +264,9 @@ impl Scenario {
             Self::LinuxSim,
             Self::LinuxAttack,
             Self::LinuxSimOutbox,
+            Self::LinuxBench(monitor::Mode::None),
+            Self::LinuxBench(monitor::Mode::InBox),
+            Self::LinuxBench(monitor::Mode::OutBox),
         ];
         let mut i = 0;
         while i < fixed.len() {
@@ -283,7 +289,7 @@ impl Scenario {
                 monitor::Mode::InBox
             }
             Self::SimOutbox | Self::LinuxSimOutbox => monitor::Mode::OutBox,
-            Self::Bench(mode) => mode,
+            Self::Bench(mode) | Self::LinuxBench(mode) => mode,
             _ => monitor::Mode::None,
         }
     }
@@ -293,7 +299,11 @@ impl Scenario {
     pub const fn is_linux(self) -> bool {
         matches!(
             self,
-            Self::LinuxBoot | Self::LinuxSim | Self::LinuxAttack | Self::LinuxSimOutbox
+            Self::LinuxBoot
+                | Self::LinuxSim
+                | Self::LinuxAttack
+                | Self::LinuxSimOutbox
+                | Self::LinuxBench(_)
         )
     }
 
@@ -325,6 +335,9 @@ impl Scenario {
             Self::LinuxSim => "linux-sim",
             Self::LinuxAttack => "linux-attack",
             Self::LinuxSimOutbox => "linux-sim-outbox",
+            Self::LinuxBench(monitor::Mode::None) => "linux-bench-none",
+            Self::LinuxBench(monitor::Mode::InBox) => "linux-bench-inbox",
+            Self::LinuxBench(monitor::Mode::OutBox) => "linux-bench-outbox",
             Self::Attack(a) => a.scenario_name(),
         }
     }
@@ -346,6 +359,7 @@ impl Scenario {
             Self::LinuxSim => 13,
             Self::LinuxAttack => 14,
             Self::LinuxSimOutbox => 15,
+            Self::LinuxBench(mode) => 16 + mode as u32,
             Self::Attack(a) => ATTACK_BASE + a as u32,
         }
     }

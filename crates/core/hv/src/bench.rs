@@ -6,7 +6,7 @@
 //! The scenario verdict checks only structure, never time: in-box and no-monitor windows make no VM
 //! exit at all, out-of-box ones exactly two per monitor invocation.
 
-use ihmi_abi::bench::{Bench, NULL_CALLS, SYSCALLS};
+use ihmi_abi::bench::{Bench, LINUX_MARK_PREFIX};
 use ihmi_abi::monitor::Mode;
 use ihmi_abi::Status;
 
@@ -120,6 +120,80 @@ pub fn window(start: (BenchMark, MonitorCounts), end: (BenchMark, MonitorCounts)
     }
 }
 
+/// A Linux benchmark mark, from a complete line the guest wrote on port 0xE9 (without its newline);
+/// `exits` is the guest's exit count so far, the newline's own exit included. Each byte of the line
+/// was an exit of its own: at the end mark they happened inside the window and are taken out, so the
+/// window counts only the loop's exits (the newline's is the mark's own, which [`window`] leaves out).
+#[must_use]
+pub fn parse_linux_mark(line: &[u8], exits: u64) -> Option<BenchMark> {
+    let text = core::str::from_utf8(line).ok()?;
+    let mut words = text.strip_prefix(LINUX_MARK_PREFIX)?.split(' ');
+    let phase = words.next()?;
+    let bench = Bench::from_name(words.next()?).filter(|b| Bench::LINUX.contains(b))?;
+    let mark = match phase {
+        "begin" => BenchMark {
+            bench,
+            end: false,
+            tsc: 0,
+            calls: 0,
+            guest_exits: exits,
+        },
+        "end" => BenchMark {
+            bench,
+            end: true,
+            calls: words.next()?.parse().ok()?,
+            tsc: words.next()?.parse().ok()?,
+            guest_exits: exits.saturating_sub(line.len() as u64),
+        },
+        _ => return None,
+    };
+    words.next().is_none().then_some(mark)
+}
+
+/// The structural verdict on a Linux benchmark run in `mode`: both windows with the operations the
+/// program measured; no monitor invocation without a monitor, and with one at least one per system
+/// call of the system-call loop (two per operation) and one exec event per fork-exec; no exit in the
+/// system-call loop but the out-of-box monitor's two per invocation. (The fork-exec loop's new
+/// processes make exits of their own, CPUID in the C library's start-up, in every mode.)
+pub fn check_linux(mode: Mode, results: &[BenchResult]) -> Result<(), BenchFault> {
+    for bench in Bench::LINUX {
+        let r = results
+            .iter()
+            .find(|r| r.bench == bench)
+            .ok_or(BenchFault::Missing(bench))?;
+        if r.calls != bench.calls() {
+            return Err(BenchFault::Calls {
+                bench,
+                got: r.calls,
+            });
+        }
+        let per_op = if bench == Bench::LinuxSyscall { 2 } else { 1 };
+        let invocations_ok = match mode {
+            Mode::None => r.invocations == 0,
+            Mode::InBox | Mode::OutBox => r.invocations >= per_op * r.calls,
+        };
+        if !invocations_ok {
+            return Err(BenchFault::Invocations {
+                bench,
+                got: r.invocations,
+            });
+        }
+        let exits_ok = match (bench, mode) {
+            (Bench::LinuxSyscall, Mode::None | Mode::InBox) => r.exits == 0,
+            (Bench::LinuxSyscall, Mode::OutBox) => r.exits == 2 * r.invocations,
+            (_, Mode::OutBox) => r.exits >= 2 * r.invocations,
+            _ => true,
+        };
+        if !exits_ok {
+            return Err(BenchFault::Exits {
+                bench,
+                got: r.exits,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The structural verdict on one benchmark run in `mode`.
 pub fn check(mode: Mode, results: &[BenchResult]) -> Result<(), BenchFault> {
     for bench in Bench::ALL {
@@ -127,11 +201,7 @@ pub fn check(mode: Mode, results: &[BenchResult]) -> Result<(), BenchFault> {
             .iter()
             .find(|r| r.bench == bench)
             .ok_or(BenchFault::Missing(bench))?;
-        let expected_calls = match bench {
-            Bench::InvokeNull => NULL_CALLS,
-            Bench::InvokeSyscall => SYSCALLS,
-        };
-        if r.calls != expected_calls {
+        if r.calls != bench.calls() {
             return Err(BenchFault::Calls {
                 bench,
                 got: r.calls,
@@ -165,18 +235,78 @@ pub fn check(mode: Mode, results: &[BenchResult]) -> Result<(), BenchFault> {
 mod tests {
     use super::*;
 
+    use ihmi_abi::bench::{NULL_CALLS, SYSCALLS};
+
     fn mark(bench: Bench, end: bool, guest_exits: u64) -> BenchMark {
         BenchMark {
             bench,
             end,
             tsc: 1000,
-            calls: if bench == Bench::InvokeNull {
-                NULL_CALLS
-            } else {
-                SYSCALLS
-            },
+            calls: bench.calls(),
             guest_exits,
         }
+    }
+
+    #[test]
+    fn linux_marks_leave_their_own_bytes_out_of_the_window() {
+        let begin = parse_linux_mark(b"ihmi-bench: begin linux-syscall", 100).unwrap();
+        assert_eq!(
+            (begin.bench, begin.end, begin.guest_exits),
+            (Bench::LinuxSyscall, false, 100)
+        );
+        let line = b"ihmi-bench: end linux-syscall 1000 123456";
+        // The loop made no exit: 100 at the start, then the end line's bytes and its newline.
+        let end = parse_linux_mark(line, 100 + line.len() as u64 + 1).unwrap();
+        assert_eq!((end.calls, end.tsc), (1000, 123_456));
+        let r = window(
+            (begin, MonitorCounts::default()),
+            (end, MonitorCounts::default()),
+        );
+        assert_eq!(r.exits, 0);
+        for bad in [
+            &b"ihmi-bench: end linux-syscall 1000"[..],
+            b"ihmi-bench: begin invoke-null",
+            b"ihmi-bench: middle linux-syscall",
+            b"ihmi-bench: begin linux-syscall extra",
+            b"bench: begin linux-syscall",
+        ] {
+            assert_eq!(parse_linux_mark(bad, 5), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn linux_structure_per_mode() {
+        let r = |bench: Bench, exits: u64, invocations: u64| BenchResult {
+            bench,
+            calls: bench.calls(),
+            tsc: 1,
+            exits,
+            invocations,
+        };
+        let ops = Bench::LinuxSyscall.calls();
+        let forks = Bench::LinuxForkExec.calls();
+        let none = [r(Bench::LinuxSyscall, 0, 0), r(Bench::LinuxForkExec, 60, 0)];
+        assert_eq!(check_linux(Mode::None, &none), Ok(()));
+        let inbox = [
+            r(Bench::LinuxSyscall, 0, 2 * ops),
+            r(Bench::LinuxForkExec, 60, 40 * forks),
+        ];
+        assert_eq!(check_linux(Mode::InBox, &inbox), Ok(()));
+        assert!(check_linux(Mode::None, &inbox).is_err());
+        let outbox = [
+            r(Bench::LinuxSyscall, 4 * ops, 2 * ops),
+            r(Bench::LinuxForkExec, 60 + 80 * forks, 40 * forks),
+        ];
+        assert_eq!(check_linux(Mode::OutBox, &outbox), Ok(()));
+        let an_exit_in_the_loop = [r(Bench::LinuxSyscall, 1, 2 * ops), inbox[1]];
+        assert!(matches!(
+            check_linux(Mode::InBox, &an_exit_in_the_loop),
+            Err(BenchFault::Exits { .. })
+        ));
+        assert_eq!(
+            check_linux(Mode::InBox, &inbox[..1]),
+            Err(BenchFault::Missing(Bench::LinuxForkExec))
+        );
     }
 
     fn result(bench: Bench, exits: u64, invocations: u64) -> BenchResult {

@@ -132,10 +132,20 @@ impl Hypervisor {
         match port {
             DEBUG_PORT => {
                 let lines = &mut self.log.debug_lines;
+                // The Linux benchmark marks its windows with lines here.
+                let bench = matches!(self.scenario, ihmi_abi::Scenario::LinuxBench(_));
+                let exits = self.counters.total();
+                let mut mark = None;
                 self.e9_line.push(byte, |line| {
                     *lines += 1;
                     print_guest_line(platform, line);
+                    if bench {
+                        mark = crate::bench::parse_linux_mark(line, exits);
+                    }
                 });
+                if mark.is_some() {
+                    self.bench_mark = mark;
+                }
             }
             SHUTDOWN_PORT if self.shutdown_port.push(byte) => {
                 return Action::End(GuestEnd::ShutdownRequest);

@@ -532,6 +532,16 @@ fn check(
             expect_done_zero(log)?;
             crate::bench::check(mode, log.bench_results()).map_err(FailReason::Bench)
         }
+        // The Linux benchmark ran to its end and its windows have the structure of their mode.
+        Scenario::LinuxBench(mode) => {
+            linux_run_ended_well(log)?;
+            if log.monitor_rejected != 0 {
+                return Err(FailReason::ExtraMonitorEvents(
+                    log.monitor_rejected as usize,
+                ));
+            }
+            crate::bench::check_linux(mode, log.bench_results()).map_err(FailReason::Bench)
+        }
         // The same workload must give the same stream whether the monitor is in the box or out of it.
         Scenario::Sim | Scenario::SimOutbox => {
             expect_done_zero(log)?;

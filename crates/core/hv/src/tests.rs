@@ -1602,7 +1602,11 @@ fn out_of_the_box_the_stub_s_vmcall_is_a_system_call_that_leaves_registers_alone
             verdict_to_rax: false,
         }
     );
-    assert_eq!(v.fields[&guest::RIP], STUB + 3, "on to the jump to the kernel");
+    assert_eq!(
+        v.fields[&guest::RIP],
+        STUB + 3,
+        "on to the jump to the kernel"
+    );
     assert_eq!(v.regs, before, "no register changed");
     // A VMCALL anywhere else is a hypercall as always.
     let mut other = MockVcpu::exited(EXIT_VMCALL, STUB + 0x40, 3);

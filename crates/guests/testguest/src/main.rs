@@ -90,7 +90,8 @@ extern "C" fn guest_main(info: *const BootInfo) -> ! {
         Scenario::LinuxBoot
         | Scenario::LinuxSim
         | Scenario::LinuxAttack
-        | Scenario::LinuxSimOutbox => 96,
+        | Scenario::LinuxSimOutbox
+        | Scenario::LinuxBench(_) => 96,
     };
     done(code)
 }

@@ -51,6 +51,11 @@ pub const NOT_MODELED: &str =
 /// in another VM.
 pub const SIM_INVOKE_RATIO: f64 = 11.0;
 
+/// SIM's application overheads against no monitor, in percent (in-box, out-of-box): its system-call
+/// monitor and its process-creation monitor (Sharif et al., CCS 2009).
+pub const SIM_SYSCALL_OVERHEAD: (f64, f64) = (4.15, 46.10);
+pub const SIM_PROCESS_OVERHEAD: (f64, f64) = (13.0, 690.0);
+
 /// One window, per call.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BenchRow {
@@ -62,8 +67,11 @@ pub struct BenchRow {
     pub exits: f64,
     pub vmfuncs: f64,
     pub cr3_loads: f64,
-    /// System calls per call (1 in invoke-syscall).
+    /// System calls per call (1 in invoke-syscall, 2 in linux-syscall; the fork-exec loop's are not
+    /// known without a monitor, so they are not priced).
     pub syscalls: f64,
+    /// Monitor invocations per call (for a Linux operation: the system calls and exec events it made).
+    pub invocations: f64,
     pub modeled_cycles: f64,
     /// Bochs wall time per call, from when L0's start and end lines arrived.
     pub bochs_ns: Option<f64>,
@@ -80,6 +88,7 @@ impl BenchRow {
             "exits": round1(self.exits),
             "vmfuncs": round1(self.vmfuncs),
             "cr3_loads": round1(self.cr3_loads),
+            "invocations": round1(self.invocations),
             "modeled_cycles": round1(self.modeled_cycles),
             "bochs_ns": self.bochs_ns.map(round1),
         })
@@ -144,16 +153,24 @@ pub fn parse(e9: &str, arrivals: &[(usize, Duration)]) -> Result<Vec<BenchRow>> 
             bail!("bench line with no calls: {json}");
         }
         let invocations = num("invocations")?;
-        let exits = num("exits")?
-            / if invocations > 0.0 {
-                invocations
-            } else {
-                calls
-            };
+        // The invocation benchmark reports per invocation; the Linux one per operation, which makes
+        // many (or, without a monitor, none).
+        let linux = bench.starts_with("linux-");
+        let per = if linux || invocations <= 0.0 {
+            calls
+        } else {
+            invocations
+        };
+        let exits = num("exits")? / per;
         let instructions = num("tsc")? / calls;
-        let vmfuncs = num("vmfuncs_per_invocation")?;
-        let cr3_loads = num("cr3_loads_per_invocation")?;
-        let syscalls = if bench == "invoke-syscall" { 1.0 } else { 0.0 };
+        let scale = if linux { invocations / calls } else { 1.0 };
+        let vmfuncs = num("vmfuncs_per_invocation")? * scale;
+        let cr3_loads = num("cr3_loads_per_invocation")? * scale;
+        let syscalls = match bench.as_str() {
+            "invoke-syscall" => 1.0,
+            "linux-syscall" => 2.0,
+            _ => 0.0,
+        };
         let started = starts
             .iter()
             .rev()
@@ -172,6 +189,7 @@ pub fn parse(e9: &str, arrivals: &[(usize, Duration)]) -> Result<Vec<BenchRow>> 
             vmfuncs,
             cr3_loads,
             syscalls,
+            invocations: invocations / calls,
             modeled_cycles: modeled_cycles(
                 &COST,
                 instructions,
@@ -241,6 +259,81 @@ pub fn table(rows: &[BenchRow]) -> String {
     out
 }
 
+/// The table `ihmi bench --linux` prints: per operation, then each monitored mode's overhead against
+/// no monitor beside SIM's.
+pub fn linux_table(rows: &[BenchRow]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<16} {:<7} {:>5} {:>13} {:>11} {:>7} {:>8} {:>9} {:>15} {:>12}",
+        "bench",
+        "mode",
+        "ops",
+        "instructions",
+        "invocations",
+        "exits",
+        "VMFUNCs",
+        "CR3 loads",
+        "modeled cycles",
+        "Bochs us/op"
+    );
+    for r in rows {
+        let us = r
+            .bochs_ns
+            .map_or("n/a".to_string(), |n| format!("{:.1}", n / 1000.0));
+        let _ = writeln!(
+            out,
+            "{:<16} {:<7} {:>5} {:>13.0} {:>11.1} {:>7.1} {:>8.1} {:>9.1} {:>15.0} {:>12}",
+            r.bench,
+            r.mode,
+            r.calls,
+            r.instructions,
+            r.invocations,
+            r.exits,
+            r.vmfuncs,
+            r.cr3_loads,
+            r.modeled_cycles,
+            us
+        );
+    }
+    let find = |b: &str, m: &str| rows.iter().find(|r| r.bench == b && r.mode == m);
+    let pct = |x: f64, base: f64| 100.0 * (x - base) / base;
+    for (bench, what, sim) in [
+        ("linux-syscall", "system calls", SIM_SYSCALL_OVERHEAD),
+        ("linux-fork-exec", "process creation", SIM_PROCESS_OVERHEAD),
+    ] {
+        let Some(none) = find(bench, "none") else {
+            continue;
+        };
+        let mut parts = Vec::new();
+        for mode in ["inbox", "outbox"] {
+            let Some(r) = find(bench, mode) else { continue };
+            let bochs = match (r.bochs_ns, none.bochs_ns) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{:+.0}%", pct(a, b)),
+                _ => "n/a".to_string(),
+            };
+            parts.push(format!(
+                "{mode} {:+.1}% modeled ({:+.1}% instructions, {bochs} Bochs time)",
+                pct(r.modeled_cycles, none.modeled_cycles),
+                pct(r.instructions, none.instructions),
+            ));
+        }
+        let _ = writeln!(
+            out,
+            "{what} ({bench}) overhead vs none: {}; SIM (CCS 2009): in-box {:.2}%, out-of-box {:.2}%",
+            parts.join("; "),
+            sim.0,
+            sim.1
+        );
+    }
+    let _ = writeln!(
+        out,
+        "model: VMFUNC {} cycles, CR3 load {}, syscall {} (linux-syscall's two per operation only), VM exit round trip {}, other instructions {} cycle each; {NOT_MODELED}",
+        COST.vmfunc, COST.cr3_load, COST.syscall, COST.exit_round_trip, COST.cycles_per_instruction
+    );
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,8 +386,48 @@ mod tests {
             assert!(json.get(k).is_some(), "{k}");
         }
         assert!(table(&rows).contains("invoke-null"));
+        assert_eq!(r.invocations, 1.0);
         // Without arrival times there is no wall time, and nothing pretends otherwise.
         assert_eq!(parse(E9, &[]).unwrap()[0].bochs_ns, None);
         assert!(parse("bench| {\"bench\":\"x\"}\n", &[]).is_err());
+    }
+
+    #[test]
+    fn linux_rows_are_per_operation_with_overheads_against_none() {
+        let line = |mode: &str, tsc: u64, exits: u64, inv: u64| {
+            format!(
+                "bench| {{\"bench\":\"linux-syscall\",\"mode\":\"{mode}\",\"calls\":1000,\"tsc\":{tsc},\"exits\":{exits},\"invocations\":{inv},\"vmfuncs_per_invocation\":{v},\"cr3_loads_per_invocation\":{v},\"vmcs_switches_per_invocation\":0}}\n",
+                v = if mode == "inbox" { 2 } else { 0 }
+            )
+        };
+        let e9 = [
+            line("none", 1_000_000, 0, 0),
+            line("inbox", 3_000_000, 0, 2000),
+            line("outbox", 5_000_000, 4000, 2000),
+        ]
+        .concat();
+        let rows = parse(&e9, &[]).unwrap();
+        let inbox = &rows[1];
+        // Per operation: 2 invocations, each with the gate's 2 VMFUNCs and 2 CR3 loads.
+        assert_eq!(
+            (inbox.invocations, inbox.vmfuncs, inbox.cr3_loads),
+            (2.0, 4.0, 4.0)
+        );
+        assert_eq!(
+            rows[2].exits, 4.0,
+            "two exits per invocation, two invocations per operation"
+        );
+        assert_eq!(rows[0].syscalls, 2.0);
+        let t = linux_table(&rows);
+        assert!(
+            t.contains("system calls (linux-syscall) overhead vs none: inbox +"),
+            "{t}"
+        );
+        assert!(
+            t.contains("SIM (CCS 2009): in-box 4.15%, out-of-box 46.10%"),
+            "{t}"
+        );
+        // 1000 instructions per operation, 4 of them priced as 2 system calls: 996 + 362 = 1358.
+        assert_eq!(rows[0].modeled_cycles, 996.0 + 362.0);
     }
 }

@@ -26,9 +26,11 @@ use crate::symbols::SystemMap;
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0,115200 nokaslr panic=-1";
 
 /// The programs a Linux guest may run unless `--allow` says otherwise: what /init runs (busybox and its
-/// applets, which busybox runs through /proc/self/exe, so the kernel names them `exe`), our workload
-/// programs, and nothing else: `ihmi-intruder` is refused.
-pub const DEFAULT_ALLOW: &str = "busybox,exe,mount,ihmi-workload,ihmi-attack,ihmi-poweroff";
+/// applets, which busybox runs through /proc/self/exe, so the kernel names them `exe`; `true`, which
+/// the benchmark runs by its path), our workload programs, and nothing else: `ihmi-intruder` is
+/// refused.
+pub const DEFAULT_ALLOW: &str =
+    "busybox,exe,mount,true,ihmi-workload,ihmi-attack,ihmi-bench,ihmi-poweroff";
 
 /// How a Linux guest is booted: its kernel command line and the programs the process-creation monitor
 /// allows.
@@ -98,6 +100,7 @@ const WORKLOAD_PROGRAMS: &[&str] = &[
     "ihmi-workload",
     "ihmi-attack",
     "ihmi-intruder",
+    "ihmi-bench",
 ];
 const WORKLOAD_TARGET: &str = "x86_64-unknown-linux-gnu";
 

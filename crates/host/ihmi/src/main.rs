@@ -111,6 +111,10 @@ enum Cmd {
         /// One JSON object per measurement after the table
         #[arg(long)]
         json: bool,
+        /// The Linux overhead benchmark instead: a system-call loop and a fork + exec loop in the
+        /// `tiny` Linux, per operation, with the overhead against no monitor
+        #[arg(long)]
+        linux: bool,
     },
     /// List the Bochs CPU models and which VMX features each exposes
     Models,
@@ -187,19 +191,24 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Test { no_unit, only } => test(&cli.cpu, no_unit, only.as_deref()),
         Cmd::Attacks { json } => run_attacks(&cli.cpu, json),
-        Cmd::Bench { json } => run_bench(&cli.cpu, json),
+        Cmd::Bench { json, linux } => run_bench(&cli.cpu, json, linux),
     }
 }
 
-fn run_bench(cpu_name: &str, json: bool) -> Result<ExitCode> {
+fn run_bench(cpu_name: &str, json: bool, linux: bool) -> Result<ExitCode> {
     let model = cpu::select(cpu_name, scenario::BASE, "the benchmark")?;
     // In-box needs VMFUNC; on a CPU without it the other two modes still run, and the table says why
     // one is missing.
     let inbox_ok = cpu::select(cpu_name, scenario::IN_BOX, "in-box monitoring").is_ok();
-    let names: Vec<&str> = scenario::BENCH_SCENARIOS
+    let set: &[scenario::Scenario] = if linux {
+        &scenario::LINUX_BENCH_SCENARIOS
+    } else {
+        &scenario::BENCH_SCENARIOS
+    };
+    let names: Vec<&str> = set
         .iter()
         .map(|s| s.name)
-        .filter(|n| inbox_ok || *n != "bench-inbox")
+        .filter(|n| inbox_ok || !n.ends_with("-inbox"))
         .collect();
     let layout = Layout::discover()?;
     bochs::install_interrupt_handler()?;
@@ -223,7 +232,14 @@ fn run_bench(cpu_name: &str, json: bool) -> Result<ExitCode> {
             model.name
         );
     }
-    print!("{}", bench::table(&rows));
+    print!(
+        "{}",
+        if linux {
+            bench::linux_table(&rows)
+        } else {
+            bench::table(&rows)
+        }
+    );
     if json {
         for r in &rows {
             println!("{}", r.to_json());

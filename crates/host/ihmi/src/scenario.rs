@@ -44,8 +44,13 @@ pub const ATTACK_SCENARIOS: [Scenario; Attack::ALL.len()] = {
     out
 };
 
-const ALL_TESTS: [Scenario; BASE_SCENARIOS.len() + BENCH_SCENARIOS.len() + ATTACK_SCENARIOS.len()] = {
-    let mut out = [DEMO; BASE_SCENARIOS.len() + BENCH_SCENARIOS.len() + ATTACK_SCENARIOS.len()];
+const TESTS_LEN: usize = BASE_SCENARIOS.len()
+    + BENCH_SCENARIOS.len()
+    + LINUX_BENCH_SCENARIOS.len()
+    + ATTACK_SCENARIOS.len();
+
+const ALL_TESTS: [Scenario; TESTS_LEN] = {
+    let mut out = [DEMO; TESTS_LEN];
     let mut i = 0;
     while i < BASE_SCENARIOS.len() {
         out[i] = BASE_SCENARIOS[i];
@@ -54,6 +59,10 @@ const ALL_TESTS: [Scenario; BASE_SCENARIOS.len() + BENCH_SCENARIOS.len() + ATTAC
     let mut j = 0;
     while j < BENCH_SCENARIOS.len() {
         out[i + j] = BENCH_SCENARIOS[j];
+        j += 1;
+    }
+    while j < BENCH_SCENARIOS.len() + LINUX_BENCH_SCENARIOS.len() {
+        out[i + j] = LINUX_BENCH_SCENARIOS[j - BENCH_SCENARIOS.len()];
         j += 1;
     }
     let mut k = 0;
@@ -95,13 +104,26 @@ const BASE_SCENARIOS: [Scenario; 12] = [
     Scenario::new("linux-sim-outbox"),
 ];
 
-/// Kernel arguments a Linux scenario adds to the command line: the attack scenario tells its /init.
+/// Kernel arguments a Linux scenario adds to the command line: the attack and benchmark scenarios
+/// tell their /init.
 pub fn kernel_args(name: &str) -> &'static str {
     match name {
         "linux-attack" => "ihmi.attack",
+        n if n.starts_with("linux-bench-") => "ihmi.bench",
         _ => "",
     }
 }
+
+/// The Linux overhead benchmark, one scenario per mode (`ihmi bench --linux`); in `ihmi test` too,
+/// where L0 checks their structure.
+pub const LINUX_BENCH_SCENARIOS: [Scenario; 3] = [
+    Scenario::new("linux-bench-none"),
+    Scenario {
+        name: "linux-bench-inbox",
+        requires: IN_BOX,
+    },
+    Scenario::new("linux-bench-outbox"),
+];
 
 /// The invocation benchmark, one scenario per mode (`ihmi bench`). They are in `ihmi test` too, where
 /// L0's verdict checks their structure (no exit in-box, two per call out of the box), never time.
@@ -194,7 +216,7 @@ mod tests {
 
     #[test]
     fn test_list_is_in_order_and_valid() {
-        let names: Vec<_> = TEST_SCENARIOS.iter().map(|s| s.name).take(15).collect();
+        let names: Vec<_> = TEST_SCENARIOS.iter().map(|s| s.name).take(18).collect();
         assert_eq!(
             names,
             [
@@ -212,11 +234,14 @@ mod tests {
                 "linux-sim-outbox",
                 "bench-none",
                 "bench-inbox",
-                "bench-outbox"
+                "bench-outbox",
+                "linux-bench-none",
+                "linux-bench-inbox",
+                "linux-bench-outbox"
             ]
         );
         // Then every attack, each named as L0 knows it and needing VMFUNC.
-        let attacks: Vec<_> = TEST_SCENARIOS[15..].iter().collect();
+        let attacks: Vec<_> = TEST_SCENARIOS[18..].iter().collect();
         assert_eq!(attacks.len(), Attack::ALL.len());
         for (s, a) in attacks.iter().zip(Attack::ALL) {
             assert_eq!(s.name, format!("attack-{}", a.name()));

@@ -193,6 +193,8 @@ ihmi_gate_cr3_imm:
     xor %r11d, %r11d
     popfq
     ret
+    .global ihmi_gate_entry_end
+ihmi_gate_entry_end:
 "#,
     stack_size = const STACK_SIZE,
     options(att_syntax)
@@ -312,6 +314,8 @@ ihmi_gate_syscall_cr3_imm:
     mov %rax, %rcx
     movabs {scratch}, %rax
     jmp *ihmi_gate_kernel_entry(%rip)
+    .global ihmi_gate_syscall_end
+ihmi_gate_syscall_end:
     .balign 8
     .global ihmi_gate_kernel_entry
 ihmi_gate_kernel_entry:
