@@ -1,6 +1,7 @@
 //! Reads of guest memory that never trust a guest pointer: bounded in size, translated through the
 //! guest's own page tables in software, and failing with an error rather than a fault.
 
+use core::cell::RefCell;
 use core::fmt;
 
 use ihmi_addr::{Gpa, Gva, PAGE_SIZE};
@@ -54,17 +55,109 @@ impl fmt::Display for IntrospectError {
     }
 }
 
+/// Entries of a [`TranslationCache`].
+pub const TRANSLATION_CACHE_LEN: usize = 64;
+
+/// Remembered translations of kernel (upper-half) pages, kept across invocations: the monitor's
+/// software TLB. Only for a kernel whose upper half is one mapping shared by every address space and
+/// does not move under the structures the monitor reads (Linux: every page table copies the kernel's
+/// top-level entries, and task structures live in the direct map). A stale entry could mislead the
+/// monitor only about data the guest kernel controls anyway, and every read through it is still
+/// checked to be guest RAM by the reader underneath.
+#[derive(Clone, Debug)]
+pub struct TranslationCache {
+    /// (guest-virtual page | 1, guest-physical page); 0 is an empty slot.
+    entries: [(u64, u64); TRANSLATION_CACHE_LEN],
+    hits: u64,
+    misses: u64,
+}
+
+impl Default for TranslationCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TranslationCache {
+    /// An empty cache.
+    #[must_use]
+    pub const fn new() -> Self {
+        Self {
+            entries: [(0, 0); TRANSLATION_CACHE_LEN],
+            hits: 0,
+            misses: 0,
+        }
+    }
+
+    fn slot(page: u64) -> usize {
+        ((page >> 12) as usize) % TRANSLATION_CACHE_LEN
+    }
+
+    fn lookup(&mut self, page: u64) -> Option<u64> {
+        let (tag, gpa) = self.entries[Self::slot(page)];
+        if tag == page | 1 {
+            self.hits += 1;
+            Some(gpa)
+        } else {
+            self.misses += 1;
+            None
+        }
+    }
+
+    fn insert(&mut self, page: u64, gpa_page: u64) {
+        self.entries[Self::slot(page)] = (page | 1, gpa_page);
+    }
+
+    /// Lookups answered and missed so far.
+    #[must_use]
+    pub const fn stats(&self) -> (u64, u64) {
+        (self.hits, self.misses)
+    }
+}
+
 /// Guest memory as one address space (one guest CR3) sees it.
 #[derive(Debug)]
 pub struct Introspector<'m, M> {
     mem: &'m M,
     cr3: Cr3,
+    cache: Option<&'m RefCell<TranslationCache>>,
 }
 
 impl<'m, M: GuestPhysRead> Introspector<'m, M> {
     /// Reads through `mem` (guest-physical memory) with the guest's page tables at `cr3`.
     pub const fn new(mem: &'m M, cr3: Cr3) -> Self {
-        Self { mem, cr3 }
+        Self {
+            mem,
+            cr3,
+            cache: None,
+        }
+    }
+
+    /// The same, remembering kernel-page translations in `cache` (see [`TranslationCache`]).
+    pub const fn with_cache(mem: &'m M, cr3: Cr3, cache: &'m RefCell<TranslationCache>) -> Self {
+        Self {
+            mem,
+            cr3,
+            cache: Some(cache),
+        }
+    }
+
+    /// The guest-physical page of the page at `page` (page-aligned), through the cache for kernel
+    /// pages when there is one.
+    fn page_gpa(&self, page: Gva) -> Result<Gpa, IntrospectError> {
+        let kernel = page.raw() >> 63 == 1;
+        let cache = self.cache.filter(|_| kernel);
+        if let Some(c) = cache {
+            if let Some(gpa) = c.borrow_mut().lookup(page.raw()) {
+                return Ok(Gpa::new(gpa));
+            }
+        }
+        let t = ihmi_paging::translate(self.mem, self.cr3, page)?;
+        let gpa = t.gpa.raw() & !(PAGE_SIZE - 1);
+        if let Some(c) = cache {
+            c.borrow_mut().insert(page.raw(), gpa);
+        }
+        Ok(Gpa::new(gpa))
     }
 
     /// Guest-physical read.
@@ -80,12 +173,28 @@ impl<'m, M: GuestPhysRead> Introspector<'m, M> {
         Ok(ihmi_paging::translate(self.mem, self.cr3, gva)?.gpa)
     }
 
-    /// Guest-virtual read, each page translated through the guest's own tables.
+    /// Guest-virtual read, each page translated through the guest's own tables (or the cache).
     pub fn read_gva(&self, gva: Gva, buf: &mut [u8]) -> Result<(), IntrospectError> {
         if buf.len() > MAX_READ {
             return Err(IntrospectError::TooLong(buf.len()));
         }
-        Ok(ihmi_paging::read_virt(self.mem, self.cr3, gva, buf)?)
+        if !gva.is_canonical() {
+            return Err(IntrospectError::Walk(WalkError::NonCanonical(gva)));
+        }
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = gva
+                .checked_add(done as u64)
+                .filter(|a| a.is_canonical())
+                .ok_or(IntrospectError::Walk(WalkError::NonCanonical(gva)))?;
+            let offset = at.raw() & (PAGE_SIZE - 1);
+            let page = self.page_gpa(Gva::new(at.raw() - offset))?;
+            let chunk = ((PAGE_SIZE - offset) as usize).min(buf.len() - done);
+            self.mem
+                .read_bytes(Gpa::new(page.raw() + offset), &mut buf[done..done + chunk])?;
+            done += chunk;
+        }
+        Ok(())
     }
 
     /// A NUL-terminated string at `gva` into `buf`, a page at most per read so that nothing past the

@@ -12,7 +12,7 @@ use ihmi_addr::Gva;
 use ihmi_paging::{Cr3, GuestPhysRead};
 
 pub use event::{Event, EventKind, EventRing, RejectReason};
-pub use introspect::{IntrospectError, Introspector};
+pub use introspect::{IntrospectError, Introspector, TranslationCache};
 pub use os::{OsProfile, ProcessInfo};
 pub use policy::Policy;
 
@@ -37,9 +37,16 @@ pub struct Stats {
     pub denied: u64,
 }
 
-/// The monitor: an OS profile, a policy, and its counts.
+/// The monitor: an OS profile, a policy, its counts, and (for Linux) its kernel-page translations.
 #[derive(Clone, Debug)]
 pub struct Monitor {
+    state: State,
+    tlb: core::cell::RefCell<TranslationCache>,
+}
+
+/// What the handlers change, apart from the translation cache they read through.
+#[derive(Clone, Debug)]
+struct State {
     os: OsProfile,
     policy: Policy,
     stats: Stats,
@@ -50,26 +57,35 @@ impl Monitor {
     #[must_use]
     pub const fn new(os: OsProfile, policy: Policy) -> Self {
         Self {
-            os,
-            policy,
-            stats: Stats {
-                invocations: 0,
-                rejected: 0,
-                denied: 0,
+            state: State {
+                os,
+                policy,
+                stats: Stats {
+                    invocations: 0,
+                    rejected: 0,
+                    denied: 0,
+                },
             },
+            tlb: core::cell::RefCell::new(TranslationCache::new()),
         }
+    }
+
+    /// The kernel-page translation cache's hits and misses so far.
+    #[must_use]
+    pub fn translation_stats(&self) -> (u64, u64) {
+        self.tlb.borrow().stats()
     }
 
     /// The OS profile (for encoding events).
     #[must_use]
     pub const fn os(&self) -> &OsProfile {
-        &self.os
+        &self.state.os
     }
 
     /// The monitor's counts.
     #[must_use]
     pub const fn stats(&self) -> &Stats {
-        &self.stats
+        &self.state.stats
     }
 
     /// The single entry point and its invocation checkpoint. `code` and `args` come from the guest and
@@ -84,13 +100,20 @@ impl Monitor {
         mem: &impl GuestPhysRead,
         ring: &mut EventRing,
     ) -> Verdict {
-        self.stats.invocations = self.stats.invocations.wrapping_add(1);
+        let Self { state: st, tlb } = self;
+        st.stats.invocations = st.stats.invocations.wrapping_add(1);
         if !ring.is_consistent() {
             // The ring cannot take an event; the refusal still counts.
-            self.stats.rejected = self.stats.rejected.wrapping_add(1);
+            st.stats.rejected = st.stats.rejected.wrapping_add(1);
             return Verdict::Rejected;
         }
-        let intro = Introspector::new(mem, Cr3::new(self.os.kernel_cr3(ctx.cr3.raw())));
+        let kernel_cr3 = Cr3::new(st.os.kernel_cr3(ctx.cr3.raw()));
+        // Linux's upper half is one mapping in every address space: its translations are kept.
+        let intro = if st.os.family == os::OsFamily::Linux {
+            Introspector::with_cache(mem, kernel_cr3, tlb)
+        } else {
+            Introspector::new(mem, kernel_cr3)
+        };
         let outcome = match RequestCode::from_raw(code) {
             None => Err(RejectReason::UnknownRequest),
             Some(RequestCode::Null) => {
@@ -100,9 +123,9 @@ impl Monitor {
                     Err(RejectReason::BadArgument)
                 }
             }
-            Some(RequestCode::Syscall) => self.on_syscall(&intro, args).map(Some),
-            Some(RequestCode::ProcessCreate) => self.on_process_create(&intro, args).map(Some),
-            Some(RequestCode::Exec) => self.on_exec(&intro, args).map(Some),
+            Some(RequestCode::Syscall) => st.on_syscall(&intro, args).map(Some),
+            Some(RequestCode::ProcessCreate) => st.on_process_create(&intro, args).map(Some),
+            Some(RequestCode::Exec) => st.on_exec(&intro, args).map(Some),
         };
         match outcome {
             Ok(None) => Verdict::Allow,
@@ -112,7 +135,7 @@ impl Monitor {
                 Verdict::from_raw(event.verdict as i64 as u64).unwrap_or(Verdict::Rejected)
             }
             Err(reason) => {
-                self.stats.rejected = self.stats.rejected.wrapping_add(1);
+                st.stats.rejected = st.stats.rejected.wrapping_add(1);
                 ring.push(Event {
                     tsc: ctx.tsc,
                     kind: EventKind::Rejected as u16,
@@ -126,7 +149,9 @@ impl Monitor {
             }
         }
     }
+}
 
+impl State {
     fn current<M: GuestPhysRead>(
         &self,
         intro: &Introspector<'_, M>,

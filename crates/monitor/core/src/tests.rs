@@ -376,6 +376,36 @@ fn linux_profile_reads_tgid_parent_pointer_and_uses_the_kernel_pgd() {
     assert_eq!((e[0].pid, e[0].ppid, e[0].nr), (26, 1, 110));
     assert_eq!(event::comm_bytes(&e[0].comm), b"ihmi-workload");
     assert_eq!(m.os().syscall_name(110), Some("getppid"));
+    // The kernel pages it read are remembered: a second call walks no page table and sees the same.
+    let (_, misses) = m.translation_stats();
+    assert!(misses > 0);
+    m.handle(
+        RequestCode::Syscall as u64,
+        [102, 0, 0, 0],
+        &CallContext {
+            cr3: user_cr3,
+            tsc: 2,
+        },
+        &g,
+        &mut ring,
+    );
+    assert_eq!(m.translation_stats().1, misses, "no new miss");
+    assert!(m.translation_stats().0 >= misses);
+    let e = events(&mut ring);
+    assert_eq!((e[0].pid, e[0].ppid, e[0].nr), (26, 1, 102));
+    // Data still comes from guest memory, not the cache: a renamed task shows its new name.
+    g.write(TASK + COMM, b"renamed\0\0\0\0\0\0\0");
+    m.handle(
+        RequestCode::Syscall as u64,
+        [39, 0, 0, 0],
+        &CallContext {
+            cr3: user_cr3,
+            tsc: 3,
+        },
+        &g,
+        &mut ring,
+    );
+    assert_eq!(event::comm_bytes(&events(&mut ring)[0].comm), b"renamed");
 }
 
 /// A Linux guest about to run a program: the event names the process as it is and the program's
