@@ -67,8 +67,8 @@ pub(crate) struct L0State {
     /// The open benchmark window's start.
     bench_start: Option<(ihmi_hv::bench::BenchMark, ihmi_hv::bench::MonitorCounts)>,
     /// The guest's EPT view and the frames it may still need (a Linux guest's hook changes it).
-    guest_view: ihmi_ept::EptView,
-    frames: frames::Pool,
+    pub(crate) guest_view: ihmi_ept::EptView,
+    pub(crate) frames: frames::Pool,
 }
 
 struct StateCell(UnsafeCell<Option<L0State>>);
@@ -606,9 +606,9 @@ fn break_vmcs_for_scenario(vmcs: &mut ActiveVmcs, scenario: Scenario) {
 }
 
 /// Physical memory and CPU as the exit policy sees them.
-struct HwPlatform<'a> {
-    guest_view: &'a mut ihmi_ept::EptView,
-    frames: &'a mut frames::Pool,
+pub(crate) struct HwPlatform<'a> {
+    pub(crate) guest_view: &'a mut ihmi_ept::EptView,
+    pub(crate) frames: &'a mut frames::Pool,
 }
 
 impl Platform for HwPlatform<'_> {
@@ -657,7 +657,7 @@ impl Platform for HwPlatform<'_> {
 
     fn read_msr(&mut self, msr: u32) -> u64 {
         // SAFETY: ihmi-hv asks only for IA32_KERNEL_GS_BASE, which every x86-64 CPU has; L0 never changes
-        // it, so it holds the guest's value.
+        // it (nor runs SWAPGS), so it holds the guest's value.
         unsafe { ihmi_rt::cpu::rdmsr(msr) }
     }
 

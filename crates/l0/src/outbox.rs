@@ -129,6 +129,13 @@ pub fn enter(
     verdict_to_rax: bool,
 ) {
     let guest_cr3 = st.vmcs.read(guest::CR3);
+    let percpu_base = ihmi_hv::linux::percpu_base(
+        &mut HwVcpu::new(&mut st.vmcs, regs),
+        &mut crate::HwPlatform {
+            guest_view: &mut st.guest_view,
+            frames: &mut st.frames,
+        },
+    );
     let Some(vm) = st.outbox.as_mut() else {
         fail(format_args!("monitor call without a monitor VM"))
     };
@@ -158,6 +165,7 @@ pub fn enter(
         rcx: args[2],
         r8: args[3],
         r9: guest_cr3,
+        r10: percpu_base,
         ..GuestRegs::default()
     };
 }

@@ -69,6 +69,17 @@ impl fmt::Display for TaskError {
     }
 }
 
+/// The guest kernel's per-CPU base now: in user mode it waits in IA32_KERNEL_GS_BASE (SWAPGS swaps it
+/// in on entry), in the kernel it is GS's.
+pub fn percpu_base(vcpu: &mut impl Vcpu, platform: &mut impl Platform) -> u64 {
+    let cpl = (vcpu.read(guest::SS_ACCESS_RIGHTS) >> 5) & 3;
+    if cpl == 3 {
+        platform.read_msr(IA32_KERNEL_GS_BASE)
+    } else {
+        vcpu.read(guest::GS_BASE)
+    }
+}
+
 impl Hypervisor {
     /// The task the guest kernel has running now.
     pub fn current_linux_task(
@@ -88,14 +99,7 @@ impl Hypervisor {
             }
         }
         let current = if p.current_task < PER_CPU_LIMIT {
-            // In user mode the kernel's GS base waits in IA32_KERNEL_GS_BASE; in the kernel it is GS.
-            let cpl = (vcpu.read(guest::SS_ACCESS_RIGHTS) >> 5) & 3;
-            let base = if cpl == 3 {
-                platform.read_msr(IA32_KERNEL_GS_BASE)
-            } else {
-                vcpu.read(guest::GS_BASE)
-            };
-            base.wrapping_add(p.current_task)
+            percpu_base(vcpu, platform).wrapping_add(p.current_task)
         } else {
             p.current_task
         };

@@ -24,6 +24,9 @@ pub struct CallContext {
     pub cr3: Cr3,
     /// Time stamp counter at entry.
     pub tsc: u64,
+    /// The guest kernel's per-CPU base when it called (its GS base), for kernels that keep the
+    /// running task per CPU.
+    pub percpu_base: u64,
 }
 
 /// Counts the monitor keeps about its own invocations.
@@ -50,6 +53,8 @@ struct State {
     os: OsProfile,
     policy: Policy,
     stats: Stats,
+    /// The caller's per-CPU base, for this invocation.
+    percpu_base: u64,
 }
 
 impl Monitor {
@@ -65,6 +70,7 @@ impl Monitor {
                     rejected: 0,
                     denied: 0,
                 },
+                percpu_base: 0,
             },
             tlb: core::cell::RefCell::new(TranslationCache::new()),
         }
@@ -102,6 +108,7 @@ impl Monitor {
     ) -> Verdict {
         let Self { state: st, tlb } = self;
         st.stats.invocations = st.stats.invocations.wrapping_add(1);
+        st.percpu_base = ctx.percpu_base;
         if !ring.is_consistent() {
             // The ring cannot take an event; the refusal still counts.
             st.stats.rejected = st.stats.rejected.wrapping_add(1);
@@ -158,7 +165,7 @@ impl State {
     ) -> Result<Option<ProcessInfo>, RejectReason> {
         let Some(record) = self
             .os
-            .current_process(intro)
+            .current_process(intro, self.percpu_base)
             .map_err(|_| RejectReason::GuestMemory)?
         else {
             return Ok(None);

@@ -8,6 +8,9 @@ use ihmi_paging::GuestPhysRead;
 
 use crate::introspect::{IntrospectError, Introspector};
 
+/// Per-CPU symbols are offsets into the per-CPU area below this; kernel addresses are far above it.
+const PER_CPU_LIMIT: u64 = 1 << 32;
+
 /// Which kernel family the profile describes (for system-call names).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OsFamily {
@@ -122,12 +125,25 @@ impl OsProfile {
         }
     }
 
+    /// Where the running task pointer is: `current_ptr` itself, or for a kernel that keeps it per CPU
+    /// (`current_ptr` is then an offset below 4 GiB, as System.map gives per-CPU symbols) that offset
+    /// from the caller's per-CPU base.
+    #[must_use]
+    pub const fn current_ptr_at(&self, percpu_base: u64) -> Gva {
+        if self.current_ptr.raw() < PER_CPU_LIMIT {
+            Gva::new(percpu_base.wrapping_add(self.current_ptr.raw()))
+        } else {
+            self.current_ptr
+        }
+    }
+
     /// The record of the running process, or `None` when the kernel runs none.
     pub fn current_process<M: GuestPhysRead>(
         &self,
         intro: &Introspector<'_, M>,
+        percpu_base: u64,
     ) -> Result<Option<Gva>, IntrospectError> {
-        let ptr = intro.read_u64(self.current_ptr)?;
+        let ptr = intro.read_u64(self.current_ptr_at(percpu_base))?;
         Ok((ptr != 0).then_some(Gva::new(ptr)))
     }
 

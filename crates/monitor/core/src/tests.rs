@@ -120,7 +120,17 @@ fn call(
     code: u64,
     args: [u64; 4],
 ) -> Verdict {
-    m.handle(code, args, &CallContext { cr3, tsc: 42 }, g, ring)
+    m.handle(
+        code,
+        args,
+        &CallContext {
+            cr3,
+            tsc: 42,
+            percpu_base: 0,
+        },
+        g,
+        ring,
+    )
 }
 
 #[test]
@@ -367,6 +377,7 @@ fn linux_profile_reads_tgid_parent_pointer_and_uses_the_kernel_pgd() {
         &CallContext {
             cr3: user_cr3,
             tsc: 1,
+            percpu_base: 0,
         },
         &g,
         &mut ring,
@@ -385,6 +396,7 @@ fn linux_profile_reads_tgid_parent_pointer_and_uses_the_kernel_pgd() {
         &CallContext {
             cr3: user_cr3,
             tsc: 2,
+            percpu_base: 0,
         },
         &g,
         &mut ring,
@@ -401,6 +413,7 @@ fn linux_profile_reads_tgid_parent_pointer_and_uses_the_kernel_pgd() {
         &CallContext {
             cr3: user_cr3,
             tsc: 3,
+            percpu_base: 0,
         },
         &g,
         &mut ring,
@@ -502,4 +515,56 @@ fn exec_is_refused_for_the_test_guest() {
         [KERNEL, 0, 0, 0],
     );
     assert_eq!(v, Verdict::Rejected);
+}
+
+/// An SMP Linux keeps `current_task` per CPU: the profile's address is an offset from the caller's
+/// per-CPU base (its GS base), which the gate hands the monitor.
+#[test]
+fn per_cpu_current_task_is_read_from_the_callers_per_cpu_area() {
+    let (mut g, cr3, _) = setup();
+    const PERCPU: u64 = KERNEL + 0x3000;
+    const OFFSET: u64 = 0x28;
+    const TASK: u64 = KERNEL + 0x2000;
+    const PARENT: u64 = KERNEL + 0x2400;
+    g.write(PERCPU + OFFSET, &TASK.to_le_bytes());
+    g.write(TASK + 0x14, &41u32.to_le_bytes());
+    g.write(TASK + 0x18, &PARENT.to_le_bytes());
+    g.write(TASK + 0x40, b"smp\0");
+    g.write(PARENT + 0x14, &1u32.to_le_bytes());
+    let os = OsProfile::linux(Gva::new(OFFSET), 0x14, 0x18, 0x40, false, 0x60);
+    let mut m = Monitor::new(os, Policy::allow_all());
+    let mut ring = EventRing::new();
+    let ctx = CallContext {
+        cr3,
+        tsc: 1,
+        percpu_base: PERCPU,
+    };
+    assert_eq!(
+        m.handle(
+            RequestCode::Syscall as u64,
+            [39, 0, 0, 0],
+            &ctx,
+            &g,
+            &mut ring
+        ),
+        Verdict::Allow
+    );
+    let e = events(&mut ring);
+    assert_eq!((e[0].pid, e[0].ppid), (41, 1));
+    assert_eq!(event::comm_bytes(&e[0].comm), b"smp");
+    // Without the base the offset is no kernel address: the request is rejected, not misread.
+    let no_base = CallContext {
+        percpu_base: 0,
+        ..ctx
+    };
+    assert_eq!(
+        m.handle(
+            RequestCode::Syscall as u64,
+            [39, 0, 0, 0],
+            &no_base,
+            &g,
+            &mut ring
+        ),
+        Verdict::Rejected
+    );
 }

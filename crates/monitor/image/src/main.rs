@@ -44,9 +44,11 @@ static IHMI_INVOCATIONS: AtomicU64 = AtomicU64::new(0);
 #[no_mangle]
 static IHMI_EVENT_RING: Cell<EventRing> = Cell(UnsafeCell::new(EventRing::new()));
 
-/// The gate saves the guest's CR3 and RSP here (monitor memory, invisible to the guest).
+/// The gate saves the guest's CR3 and RSP here (monitor memory, invisible to the guest), and the guest
+/// kernel's per-CPU base (its GS base: IA32_GS_BASE when called from the kernel, IA32_KERNEL_GS_BASE
+/// when entered by SYSCALL from user mode), where an SMP Linux keeps `current_task`.
 #[no_mangle]
-static IHMI_GATE_SAVE: Cell<[u64; 2]> = Cell(UnsafeCell::new([0; 2]));
+static IHMI_GATE_SAVE: Cell<[u64; 3]> = Cell(UnsafeCell::new([0; 3]));
 
 /// The guest's x87/SSE state while the monitor runs: the monitor is Rust and may use SSE registers, and
 /// the guest's may be live (a system call from user mode).
@@ -128,13 +130,15 @@ extern "C" fn ihmi_monitor_entry(code: u64, a0: u64, a1: u64, a2: u64, a3: u64) 
     if config.magic != CONFIG_MAGIC {
         return Verdict::Rejected.to_raw();
     }
-    // SAFETY: the gate wrote the guest's CR3 just before calling us; one invocation at a time.
-    let guest_cr3 = unsafe { (*IHMI_GATE_SAVE.0.get())[0] };
+    // SAFETY: the gate wrote the guest's CR3 and per-CPU base just before calling us; one invocation
+    // at a time.
+    let [guest_cr3, _, percpu_base] = unsafe { *IHMI_GATE_SAVE.0.get() };
     // SAFETY: one invocation at a time; L0 reads the ring only while the guest (and so we) are stopped.
     let ring = unsafe { &mut *IHMI_EVENT_RING.0.get() };
     let ctx = CallContext {
         cr3: Cr3::new(guest_cr3),
         tsc: ihmi_rt::cpu::rdtsc(),
+        percpu_base,
     };
     monitor(config)
         .handle(code, [a0, a1, a2, a3], &ctx, &DirectMap { config }, ring)
@@ -169,6 +173,14 @@ ihmi_gate_cr3_imm:
     mov %r11, 0(%rax)
     mov %rsp, 8(%rax)
     movabs $(IHMI_MONITOR_STACK + {stack_size}), %rsp
+    mov %rdx, %r11                 /* RDMSR takes EDX: keep the second argument */
+    mov $0xc0000101, %ecx          /* IA32_GS_BASE: called from the kernel, GS is its per-CPU base */
+    rdmsr
+    shl $32, %rdx
+    or %rdx, %rax
+    movabs $IHMI_GATE_SAVE, %rcx
+    mov %rax, 16(%rcx)
+    mov %r11, %rdx
     movabs $IHMI_GATE_FXSAVE, %rax
     fxsave64 (%rax)
     mov %r10, %rcx
@@ -201,7 +213,8 @@ ihmi_gate_entry_end:
 );
 
 // The out-of-box entry: the same monitor as the kernel of a VM of its own. L0 enters it here with the
-// request in RDI, RSI, RDX, RCX, R8 (as the gate passes it), the guest's CR3 in R9, RSP at the top of
+// request in RDI, RSI, RDX, RCX, R8 (as the gate passes it), the guest's CR3 in R9, its kernel's
+// per-CPU base in R10, RSP at the top of
 // the monitor stack and CR3 at the monitor's root; the verdict goes back by VMCALL.
 core::arch::global_asm!(
     r#"
@@ -210,6 +223,7 @@ core::arch::global_asm!(
 ihmi_outbox_entry:
     movabs $IHMI_GATE_SAVE, %rax
     mov %r9, 0(%rax)
+    mov %r10, 16(%rax)
     movabs $ihmi_monitor_entry, %rax
     call *%rax
     mov %rax, %rbx
@@ -272,6 +286,13 @@ ihmi_gate_syscall_cr3_imm:
     push %r14
     push %r15
     sub $8, %rsp                   /* 13 pushes + 8: 16-byte aligned at the call */
+    mov $0xc0000102, %ecx          /* IA32_KERNEL_GS_BASE: from user mode, the kernel's per-CPU base */
+    rdmsr
+    shl $32, %rdx
+    or %rdx, %rax
+    movabs $IHMI_GATE_SAVE, %rcx
+    mov %rax, 16(%rcx)
+    mov 56(%rsp), %rdx             /* the caller's RDX again (pushed seventh) */
     movabs $IHMI_GATE_FXSAVE, %rax
     fxsave64 (%rax)
     /* ihmi_monitor_entry(Syscall, nr, arg0, arg1, arg2) */
