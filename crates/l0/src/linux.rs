@@ -55,27 +55,25 @@ pub fn load(
     memory: &MemoryMap,
     firmware: &[FirmwareRange],
     monitor: Option<Gpa>,
+    gate_pages: Option<PhysRange>,
     page_1g: bool,
 ) -> GuestBoot {
-    let kernel =
-        Kernel::parse(m.kernel).unwrap_or_else(|e| fail(format_args!("the linux module: {e}")));
-    let load_at = Gpa::new(kernel.pref_address);
+    let kernel = placed(m.kernel, memory);
+    let load_at = Gpa::new(kernel.load_address);
     let span = kernel.span();
-    if !memory.is_guest_ram(load_at, span) {
-        fail(format_args!(
-            "the kernel wants {:#x}..{:#x} (init_size), which is not all guest RAM; boot with more memory",
-            load_at.raw(),
-            load_at.raw() + span
-        ));
-    }
     guest::guest_bytes(memory, load_at, kernel.payload.len() as u64)
         .copy_from_slice(kernel.payload);
     log!(
-        "linux: boot protocol {}.{}, {} KiB kernel at {load_at}, needs {} KiB there",
+        "linux: boot protocol {}.{}, {} KiB kernel at {load_at}, needs {} KiB there{}",
         kernel.version >> 8,
         kernel.version & 0xff,
         kernel.payload.len() >> 10,
-        kernel.init_size >> 10
+        kernel.init_size >> 10,
+        if kernel.phys_offset() != 0 {
+            " (relocated: its preferred address is not free guest RAM)"
+        } else {
+            ""
+        }
     );
 
     let mut params = BootParams::new(&kernel);
@@ -120,7 +118,13 @@ pub fn load(
         log!("linux: {} KiB initrd at {at}", initrd.len() >> 10);
     }
 
-    let (e820, n) = e820_map(memory, firmware);
+    // The gate's pages: RAM in the e820 map, claimed by a setup_data entry, so the kernel reserves
+    // them and maps them in its direct map (its page-table walkers, e.g. the W^X check of kernels
+    // built with CONFIG_DEBUG_WX, read every table the gate's PML4 slot leads to through it).
+    if let Some(pages) = gate_pages {
+        params.set_setup_data(pages.start.raw());
+    }
+    let (e820, n) = e820_map(memory, firmware, gate_pages);
     if let Err(e) = params.set_e820(&e820[..n]) {
         fail(format_args!("e820 map: {e}"));
     }
@@ -178,7 +182,11 @@ fn place_initrd(memory: &MemoryMap, len: u64, max: u64, avoid: PhysRange) -> Gpa
 
 /// The e820 map: the firmware's, with its available RAM split as L0's map has it (L0's and the
 /// monitor's frames reserved), in address order.
-fn e820_map(memory: &MemoryMap, firmware: &[FirmwareRange]) -> ([E820Entry; E820_MAX], usize) {
+fn e820_map(
+    memory: &MemoryMap,
+    firmware: &[FirmwareRange],
+    gate_pages: Option<PhysRange>,
+) -> ([E820Entry; E820_MAX], usize) {
     let mut out = [E820Entry {
         addr: 0,
         size: 0,
@@ -213,34 +221,80 @@ fn e820_map(memory: &MemoryMap, firmware: &[FirmwareRange]) -> ([E820Entry; E820
             if part.start >= part.end {
                 continue;
             }
-            let kind = match kind {
+            let e820_kind = match kind {
                 RegionKind::GuestRam => E820Kind::Ram,
                 RegionKind::L0 | RegionKind::Monitor | RegionKind::Mmio => E820Kind::Reserved,
             };
-            push(part, kind);
+            // The gate's pages inside the monitor's region are RAM (claimed by setup_data).
+            match gate_pages.filter(|g| *kind == RegionKind::Monitor && part.overlaps(g)) {
+                Some(g) => {
+                    let (lo, hi) = (g.start.max(part.start), g.end.min(part.end));
+                    push(
+                        PhysRange {
+                            start: part.start,
+                            end: lo,
+                        },
+                        E820Kind::Reserved,
+                    );
+                    push(PhysRange { start: lo, end: hi }, E820Kind::Ram);
+                    push(
+                        PhysRange {
+                            start: hi,
+                            end: part.end,
+                        },
+                        E820Kind::Reserved,
+                    );
+                }
+                None => push(part, e820_kind),
+            }
         }
     }
     out[..n].sort_unstable_by_key(|e| e.addr);
     (out, n)
 }
 
-/// Where the kernel will sit from its load address on, through its start-up area (`init_size`).
-pub fn kernel_span(image: &[u8]) -> PhysRange {
-    let kernel =
+/// The kernel, placed: where it asks to be if that is all guest RAM, else (a relocatable kernel
+/// such as Debian's, when the boot loader's modules sit there) the lowest aligned place that is. The
+/// same answer before the monitor is carved out of guest RAM (which avoids the kernel's span) and after.
+pub fn placed<'a>(image: &'a [u8], memory: &MemoryMap) -> Kernel<'a> {
+    let mut kernel =
         Kernel::parse(image).unwrap_or_else(|e| fail(format_args!("the linux module: {e}")));
-    let span = kernel.span();
+    if kernel
+        .place(|at, span| memory.is_guest_ram(Gpa::new(at), span))
+        .is_none()
+    {
+        fail(format_args!(
+            "the kernel wants {:#x}..{:#x} (init_size), which is not all guest RAM, and {}; boot with more memory",
+            kernel.pref_address,
+            kernel.pref_address + kernel.span(),
+            if kernel.relocatable {
+                "no other aligned place below 4 GiB is"
+            } else {
+                "it is not relocatable"
+            }
+        ));
+    }
+    kernel
+}
+
+/// Where the kernel will sit from its load address on, through its start-up area (`init_size`).
+pub fn kernel_span(image: &[u8], memory: &MemoryMap) -> PhysRange {
+    let kernel = placed(image, memory);
     PhysRange {
-        start: Hpa::new(kernel.pref_address),
-        end: Hpa::new(kernel.pref_address + span),
+        start: Hpa::new(kernel.load_address),
+        end: Hpa::new(kernel.load_address + kernel.span()),
     }
 }
 
 /// The guest-physical address of a kernel-image symbol: the kernel text mapping starts at
-/// `__START_KERNEL_map` and, for a kernel that is not relocated (no KASLR, loaded where it asked),
-/// maps physical address 0.
-pub fn kernel_text_pa(va: u64, memory: &MemoryMap) -> Gpa {
+/// `__START_KERNEL_map` and maps physical address 0, plus `phys_offset` for a kernel that was loaded
+/// elsewhere than it asked ([`placed`]); KASLR is off (`nokaslr`), so nothing else moves it.
+pub fn kernel_text_pa(va: u64, phys_offset: u64, memory: &MemoryMap) -> Gpa {
     const START_KERNEL_MAP: u64 = 0xffff_ffff_8000_0000;
-    let Some(pa) = va.checked_sub(START_KERNEL_MAP) else {
+    let Some(pa) = va
+        .checked_sub(START_KERNEL_MAP)
+        .and_then(|p| p.checked_add(phys_offset))
+    else {
         fail(format_args!("{va:#x} is not in the kernel image"));
     };
     if !memory.is_guest_ram(Gpa::new(pa), 8) {

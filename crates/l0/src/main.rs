@@ -370,7 +370,7 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
         // The monitor's frames come out of guest RAM, away from what the guest needs where it is.
         let (os, taken) = match (linux_profile, linux_module) {
             (Some(p), Some((kernel, _))) => {
-                let span = linux::kernel_span(kernel);
+                let span = linux::kernel_span(kernel, &memory);
                 let mut taken = guest::Ranges::new();
                 taken.push(PhysRange {
                     start: Hpa::new(0),
@@ -472,7 +472,8 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
         let monitor_at = monitor
             .as_ref()
             .map(|m| Gpa::new(m.layout.region.start.raw()));
-        linux::load(&modules, &memory, firmware, monitor_at, page_1g)
+        let gate_pages = shown.and_then(|l| l.linux).map(|l| l.all());
+        linux::load(&modules, &memory, firmware, monitor_at, gate_pages, page_1g)
     } else {
         guest::load(&guest_image, &memory, scenario, probe, mode, gate, page_1g)
     };
@@ -493,23 +494,28 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
             hook.zip(gate.map(Gva::raw)),
         );
         // Linux: the system-call gate goes in front of the kernel's entry when the kernel installs it.
-        if let (Some(p), Some(info)) = (linux_profile, linux_monitor.and_then(|m| m.linux_gate)) {
+        if let (Some(p), Some(info), Some((kernel, _))) = (
+            linux_profile,
+            linux_monitor.and_then(|m| m.linux_gate),
+            linux_module,
+        ) {
+            let phys_offset = linux::placed(kernel, &memory).phys_offset();
             g.linux_gate = Some(ihmi_hv::LinuxGate {
                 gate_entry: info.gate_entry,
                 kernel_entry_slot: info.kernel_entry_slot,
-                pgd: linux::kernel_text_pa(p.init_top_pgt, &memory),
+                pgd: linux::kernel_text_pa(p.init_top_pgt, phys_offset, &memory),
                 slot: info.slot,
                 pml4e: info.pml4e,
                 pti_pgd_pair: p.pti_pgd_pair,
                 gate_page: info.gate_page,
                 exec_hook: Some(ihmi_hv::linux_hooks::ExecHook {
                     site: p.exec_hook,
-                    site_pa: linux::kernel_text_pa(p.exec_hook, &memory),
+                    site_pa: linux::kernel_text_pa(p.exec_hook, phys_offset, &memory),
                     trampoline: info.hook_trampoline,
                     slot_va: info.hook_slot,
                     table: info.hook_table,
                     gate_page: info.gate_page,
-                    pgd: linux::kernel_text_pa(p.init_top_pgt, &memory),
+                    pgd: linux::kernel_text_pa(p.init_top_pgt, phys_offset, &memory),
                 }),
                 outbox_syscall: info.outbox_syscall,
             });

@@ -309,15 +309,24 @@ pub fn load(
                     .alloc_zeroed()
                     .unwrap_or_else(|| fail(format_args!("no room for the gate's pages")))
             };
+            let setup = frame();
             let (scratch, pdpt, pd, ptab, hook) = (frame(), frame(), frame(), frame(), frame());
             let range = |a: Gpa, pages: u64| PhysRange {
                 start: Hpa::new(a.raw()),
                 end: Hpa::new(a.raw() + pages * PAGE_SIZE),
             };
             layout.linux = Some(LinuxGatePages {
+                setup_data: range(setup, 1),
                 scratch: range(scratch, 1),
                 tables: range(pdpt, 4),
             });
+            // The setup_data header (boot.rst): next = 0, an unassigned type the kernel ignores, and
+            // the length of everything after the header up to the last table.
+            let len = 6 * PAGE_SIZE - 16;
+            let header = bytes_at(setup, 16);
+            header[..8].copy_from_slice(&0u64.to_le_bytes());
+            header[8..12].copy_from_slice(&ihmi_linux::SETUP_IHMI.to_le_bytes());
+            header[12..16].copy_from_slice(&(len as u32).to_le_bytes());
             Some((scratch, pdpt, pd, ptab, hook))
         }
         MonitorOs::TestGuest { .. } => None,

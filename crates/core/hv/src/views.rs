@@ -40,11 +40,25 @@ pub struct MonitorLayout {
     pub linux: Option<LinuxGatePages>,
 }
 
-/// The monitor frames a Linux guest's view shows besides the gate.
+/// The monitor frames a Linux guest's view shows besides the gate: the `setup_data` header that
+/// makes the kernel keep them (reserved, and mapped in its direct map, where its page-table walkers
+/// look), the scratch page, and the gate's page tables. One contiguous run, in that order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LinuxGatePages {
+    pub setup_data: PhysRange,
     pub scratch: PhysRange,
     pub tables: PhysRange,
+}
+
+impl LinuxGatePages {
+    /// The whole run.
+    #[must_use]
+    pub fn all(&self) -> PhysRange {
+        PhysRange {
+            start: self.setup_data.start,
+            end: self.tables.end,
+        }
+    }
 }
 
 impl MonitorLayout {
@@ -58,9 +72,10 @@ impl MonitorLayout {
             r.start.is_aligned(ihmi_addr::PAGE_SIZE) && r.end.is_aligned(ihmi_addr::PAGE_SIZE)
         };
         let linux_ok = self.linux.is_none_or(|l| {
-            [l.scratch, l.tables].iter().all(|r| {
+            [l.setup_data, l.scratch, l.tables].iter().all(|r| {
                 inside(r) && aligned(r) && !r.overlaps(&self.code) && !r.overlaps(&self.gate)
-            }) && !l.scratch.overlaps(&l.tables)
+            }) && l.setup_data.end == l.scratch.start
+                && l.scratch.end == l.tables.start
         });
         inside(&self.code)
             && inside(&self.gate)
@@ -107,6 +122,13 @@ pub fn build_guest_view(
             MemType::WriteBack,
         )?;
         if let Some(l) = m.linux {
+            view.map_identity(
+                alloc,
+                gpa(l.setup_data.start),
+                l.setup_data.len(),
+                Perm::READ,
+                MemType::WriteBack,
+            )?;
             view.map_identity(
                 alloc,
                 gpa(l.scratch.start),
@@ -332,6 +354,7 @@ mod tests {
     fn linux_guest_view_shows_the_scratch_writable_and_the_gate_tables_read_only() {
         let (m, mut layout) = setup();
         layout.linux = Some(LinuxGatePages {
+            setup_data: r(0x80f_f000, 0x810_0000),
             scratch: r(0x810_0000, 0x810_1000),
             tables: r(0x810_1000, 0x810_4000),
         });
@@ -348,6 +371,7 @@ mod tests {
         );
         let mut bad = layout;
         bad.linux = Some(LinuxGatePages {
+            setup_data: r(0x80f_f000, 0x800_0000),
             scratch: r(0x800_0000, 0x800_1000),
             tables: r(0x810_1000, 0x810_4000),
         });

@@ -91,12 +91,17 @@ fn u64_at(b: &[u8], off: usize) -> Result<u64, BootError> {
 pub struct Kernel<'a> {
     /// The setup header as in the image, from 0x1f1 to its declared end.
     header: &'a [u8],
-    /// The protected-mode kernel, loaded at [`Kernel::pref_address`].
+    /// The protected-mode kernel, loaded at [`Kernel::load_address`].
     pub payload: &'a [u8],
     /// Boot protocol version.
     pub version: u16,
     /// Where the kernel wants to be loaded.
     pub pref_address: u64,
+    /// Where it will be loaded: `pref_address` unless [`Kernel::place`] moved it.
+    pub load_address: u64,
+    /// Whether it may be loaded elsewhere (`relocatable_kernel`), and at what alignment.
+    pub relocatable: bool,
+    pub kernel_alignment: u32,
     /// Memory it needs from there during start-up (decompression included).
     pub init_size: u32,
     /// The highest address the initrd may end below.
@@ -135,25 +140,63 @@ impl<'a> Kernel<'a> {
             payload,
             version,
             pref_address: u64_at(image, 0x258)?,
+            load_address: u64_at(image, 0x258)?,
+            relocatable: u8_at(image, 0x234)? != 0,
+            kernel_alignment: u32_at(image, 0x230)?,
             init_size: u32_at(image, 0x260)?,
             initrd_addr_max: u32_at(image, 0x22c)?,
             cmdline_size: u32_at(image, 0x238)?,
         })
     }
 
-    /// Bytes the kernel occupies from `pref_address` while it starts: its start-up area (`init_size`,
+    /// Bytes the kernel occupies from its load address while it starts: its start-up area (`init_size`,
     /// decompression included), or the payload itself if that is larger.
     #[must_use]
     pub fn span(&self) -> u64 {
         u64::from(self.init_size).max(self.payload.len() as u64)
     }
 
-    /// The 64-bit entry point once loaded at `pref_address`.
+    /// The 64-bit entry point once loaded at `load_address`.
     #[must_use]
     pub const fn entry_64(&self) -> u64 {
-        self.pref_address + ENTRY_64_OFFSET
+        self.load_address + ENTRY_64_OFFSET
+    }
+
+    /// Chooses the load address: `pref_address` if `fits(address, span)`, else, for a relocatable
+    /// kernel, the lowest address above it at the kernel's alignment that fits (below 4 GiB). `None`
+    /// if nothing fits. A relocated 64-bit kernel keeps its virtual addresses: its image mapping then
+    /// starts at `load_address - pref_address` ([`Kernel::phys_offset`]).
+    pub fn place(&mut self, fits: impl Fn(u64, u64) -> bool) -> Option<u64> {
+        let span = self.span();
+        if fits(self.pref_address, span) {
+            self.load_address = self.pref_address;
+            return Some(self.load_address);
+        }
+        let align = u64::from(self.kernel_alignment);
+        if !self.relocatable || !align.is_power_of_two() {
+            return None;
+        }
+        let mut at = self.pref_address.next_multiple_of(align);
+        while at + span <= 1 << 32 {
+            if fits(at, span) {
+                self.load_address = at;
+                return Some(at);
+            }
+            at += align;
+        }
+        None
+    }
+
+    /// How far the kernel was moved from where it asked to be.
+    #[must_use]
+    pub const fn phys_offset(&self) -> u64 {
+        self.load_address - self.pref_address
     }
 }
+
+/// The `setup_data` type ihmi uses for the gate's pages: not one the kernel knows (boot.rst lists 1 to
+/// 9 and `SETUP_INDIRECT`), so it only reserves the range and keeps it in its direct map.
+pub const SETUP_IHMI: u32 = 0x6968_6d69; // "ihmi"
 
 /// The kind of an e820 range (zero-page.rst; ACPI's address range types).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -206,8 +249,13 @@ impl BootParams {
         let mut p = Self { bytes };
         p.bytes[0x210] = LOADER_UNDEFINED;
         p.bytes[0x211] |= LOADED_HIGH | CAN_USE_HEAP;
-        p.put_u32(0x214, kernel.pref_address as u32);
+        p.put_u32(0x214, kernel.load_address as u32);
         p
+    }
+
+    /// The first `setup_data` header, guest-physical (boot.rst, `setup_data`).
+    pub fn set_setup_data(&mut self, pa: u64) {
+        self.bytes[0x250..0x258].copy_from_slice(&pa.to_le_bytes());
     }
 
     fn put_u32(&mut self, off: usize, v: u32) {
@@ -294,6 +342,34 @@ mod tests {
         b[0x260..0x264].copy_from_slice(&0x80_0000u32.to_le_bytes());
         b[3 * 512] = 0xaa; // first payload byte
         b
+    }
+
+    #[test]
+    fn a_relocatable_kernel_moves_to_the_first_aligned_place_that_fits() {
+        let mut img = image();
+        // Free from 0x1500000 on: the preferred 0x1000000 is taken (by the boot loader's modules).
+        let fits = |at: u64, span: u64| at >= 0x150_0000 && at + span <= 0x1000_0000;
+        let mut k = Kernel::parse(&img).unwrap();
+        assert_eq!(k.place(fits), None, "not relocatable");
+        img[0x234] = 1;
+        img[0x230..0x234].copy_from_slice(&0x20_0000u32.to_le_bytes());
+        let mut k = Kernel::parse(&img).unwrap();
+        assert_eq!(k.place(fits), Some(0x160_0000));
+        assert_eq!((k.load_address, k.phys_offset()), (0x160_0000, 0x60_0000));
+        assert_eq!(k.entry_64(), 0x160_0200);
+        assert_eq!(
+            u32::from_le_bytes(
+                BootParams::new(&k).as_bytes()[0x214..0x218]
+                    .try_into()
+                    .unwrap()
+            ),
+            0x160_0000,
+            "code32_start says where it is"
+        );
+        // Where it asked to be, when that fits.
+        let mut k = Kernel::parse(&img).unwrap();
+        assert_eq!(k.place(|_, _| true), Some(0x100_0000));
+        assert_eq!(k.phys_offset(), 0);
     }
 
     #[test]

@@ -32,10 +32,21 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0,115200 nokaslr panic=-1";
 pub const DEFAULT_ALLOW: &str =
     "busybox,exe,mount,true,ihmi-workload,ihmi-attack,ihmi-bench,ihmi-poweroff";
 
-/// How a Linux guest is booted: its kernel command line and the programs the process-creation monitor
-/// allows.
+/// Which Linux kernel a guest boots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Profile {
+    /// A small kernel built here from Debian's linux-source with guest/linux/tiny.config.
+    #[default]
+    Tiny,
+    /// Debian's stock kernel (the package linux-image-amd64 depends on), downloaded, not installed.
+    Debian,
+}
+
+/// How a Linux guest is booted: its kernel, its command line and the programs the process-creation
+/// monitor allows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestOptions {
+    pub profile: Profile,
     pub cmdline: String,
     /// Comma-separated program names; empty: monitor without enforcing.
     pub allow: String,
@@ -44,6 +55,7 @@ pub struct GuestOptions {
 impl Default for GuestOptions {
     fn default() -> Self {
         Self {
+            profile: Profile::Tiny,
             cmdline: DEFAULT_CMDLINE.to_string(),
             allow: DEFAULT_ALLOW.to_string(),
         }
@@ -53,7 +65,7 @@ impl Default for GuestOptions {
 impl GuestOptions {
     /// Checks the allow-list as L0 will take it: at most 16 names of 1-16 bytes from a-z, A-Z, 0-9,
     /// `.`, `_`, `+` and `-`.
-    pub fn new(cmdline: String, allow: String) -> Result<Self> {
+    pub fn new(profile: Profile, cmdline: String, allow: String) -> Result<Self> {
         let names: Vec<&str> = allow.split(',').filter(|n| !n.is_empty()).collect();
         if names.len() > ihmi_abi::monitor::MAX_ALLOWED {
             bail!(
@@ -72,6 +84,7 @@ impl GuestOptions {
             }
         }
         Ok(Self {
+            profile,
             cmdline,
             allow: names.join(","),
         })
@@ -107,7 +120,10 @@ const WORKLOAD_TARGET: &str = "x86_64-unknown-linux-gnu";
 /// Builds (or finds cached) the `tiny` kernel and a fresh initramfs.
 pub fn prepare(layout: &Layout, guest: &GuestOptions) -> Result<LinuxImages> {
     deps::ensure_linux()?;
-    let (kernel, system_map, profile) = tiny_kernel(layout)?;
+    let (kernel, system_map, profile) = match guest.profile {
+        Profile::Tiny => tiny_kernel(layout)?,
+        Profile::Debian => debian_kernel(layout)?,
+    };
     let programs = build_workload(layout)?;
     let initrd = build_initramfs(layout, &programs)?;
     Ok(LinuxImages {
@@ -146,6 +162,173 @@ fn source_version() -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// Debian's stock kernel, its System.map and its guest profile, cached under
+/// `target/ihmi/linux/debian-<package>/`: the image package `linux-image-amd64` depends on is
+/// downloaded with `apt-get download` (not installed), and only its /boot is unpacked. Its
+/// /boot/System.map is a stub ("the real System.map is in the -dbg package"), so the kernel's own
+/// System.map comes from `<package>-dbg` (about 860 MB, of which only that file is unpacked; the
+/// download is deleted afterwards). The profile's struct layouts come from the BTF in the vmlinux
+/// inside the vmlinuz (unpacked with the kernel source's scripts/extract-vmlinux).
+fn debian_kernel(layout: &Layout) -> Result<(PathBuf, PathBuf, PathBuf)> {
+    let out = Command::new("apt-cache")
+        .args(["depends", "linux-image-amd64"])
+        .output()
+        .context("could not run apt-cache")?;
+    let deps = String::from_utf8_lossy(&out.stdout);
+    let Some(package) = deps.lines().find_map(|l| {
+        l.trim()
+            .strip_prefix("Depends: ")
+            .filter(|p| p.starts_with("linux-image-") && !p.contains('<'))
+            .map(str::to_string)
+    }) else {
+        bail!("apt-cache does not know linux-image-amd64's kernel package: run `apt-get update` (as root)");
+    };
+    let dir = linux_dir(layout).join(format!("debian-{package}"));
+    let (bzimage, system_map, profile) = (
+        dir.join("bzImage"),
+        dir.join("System.map"),
+        dir.join("profile.txt"),
+    );
+    let vmlinux = dir.join("vmlinux");
+    let config = dir.join("config");
+    if bzimage.is_file() && system_map.is_file() && vmlinux.is_file() && config.is_file() {
+        let current = fs::read_to_string(&profile)
+            .ok()
+            .is_some_and(|t| LinuxProfile::parse(&t).is_ok());
+        if !current {
+            let p = guest_profile(&system_map, &vmlinux, &fs::read_to_string(&config)?)?;
+            fs::write(&profile, p.to_string())?;
+        }
+        return Ok((bzimage, system_map, profile));
+    }
+    let download = dir.join("download");
+    if download.exists() {
+        fs::remove_dir_all(&download)?;
+    }
+    fs::create_dir_all(&download)?;
+    eprintln!("[ihmi] downloading {package} (Debian's stock kernel) with apt-get download");
+    run(
+        Command::new("apt-get")
+            .args(["download", &package])
+            .current_dir(&download),
+        &format!("apt-get download {package}"),
+    )?;
+    let deb = fs::read_dir(&download)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .with_context(|| format!("apt-get download {package} left no .deb"))?;
+    // Only /boot: the modules are not needed (the initramfs is ours) and take hundreds of MiB.
+    let unpacked = download.join("root");
+    fs::create_dir_all(&unpacked)?;
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg("dpkg-deb --fsys-tarfile \"$0\" | tar -x -C \"$1\" ./boot")
+        .arg(&deb)
+        .arg(&unpacked)
+        .status()
+        .context("could not run dpkg-deb")?;
+    if !status.success() {
+        bail!("unpacking {} failed ({status})", deb.display());
+    }
+    let boot_file = |prefix: &str| -> Result<PathBuf> {
+        fs::read_dir(unpacked.join("boot"))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(prefix))
+            })
+            .with_context(|| format!("{} has no /boot/{prefix}*", deb.display()))
+    };
+    let (vmlinuz, cfg) = (boot_file("vmlinuz-")?, boot_file("config-")?);
+    let kver = package
+        .strip_prefix("linux-image-")
+        .unwrap_or(&package)
+        .to_string();
+    let dbg = format!("{package}-dbg");
+    eprintln!("[ihmi] downloading {dbg} for the kernel's System.map (the image ships a stub)");
+    let dbg_dir = download.join("dbg");
+    fs::create_dir_all(&dbg_dir)?;
+    run(
+        Command::new("apt-get")
+            .args(["download", &dbg])
+            .current_dir(&dbg_dir),
+        &format!("apt-get download {dbg}"),
+    )?;
+    let dbg_deb = fs::read_dir(&dbg_dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .with_context(|| format!("apt-get download {dbg} left no .deb"))?;
+    let member = format!("./usr/lib/debug/boot/System.map-{kver}");
+    // tar stops at the first match, so dpkg-deb may die of a broken pipe: the file decides.
+    let _ = Command::new("sh")
+        .arg("-c")
+        .arg("dpkg-deb --fsys-tarfile \"$0\" | tar -x --occurrence=1 -C \"$1\" \"$2\"")
+        .arg(&dbg_deb)
+        .arg(&unpacked)
+        .arg(&member)
+        .stderr(Stdio::null())
+        .status()
+        .context("could not run dpkg-deb")?;
+    let map = unpacked.join(&member);
+    if !map.is_file() {
+        bail!("{} has no {member}", dbg_deb.display());
+    }
+    let src = ensure_source(layout)?;
+    eprintln!(
+        "[ihmi] extracting vmlinux (for its BTF) from {}",
+        vmlinuz.display()
+    );
+    let extracted = Command::new("sh")
+        .arg(src.join("scripts/extract-vmlinux"))
+        .arg(&vmlinuz)
+        .stdin(Stdio::null())
+        .output()
+        .context("could not run scripts/extract-vmlinux")?;
+    if !extracted.status.success() || extracted.stdout.is_empty() {
+        bail!(
+            "scripts/extract-vmlinux could not unpack {}: {}",
+            vmlinuz.display(),
+            String::from_utf8_lossy(&extracted.stderr).trim()
+        );
+    }
+    fs::write(&vmlinux, &extracted.stdout)?;
+    fs::copy(&cfg, &config)?;
+    let p = guest_profile(&map, &vmlinux, &fs::read_to_string(&config)?)?;
+    fs::write(&profile, p.to_string())?;
+    fs::copy(&map, &system_map)?;
+    fs::copy(&vmlinuz, &bzimage)?;
+    fs::remove_dir_all(&download)?;
+    Ok((bzimage, system_map, profile))
+}
+
+/// The kernel source tree, extracted from Debian's linux-source package once per version.
+fn ensure_source(layout: &Layout) -> Result<PathBuf> {
+    let version = source_version()?;
+    let src = linux_dir(layout).join("linux-source-6.1");
+    let extracted = linux_dir(layout).join(format!(".extracted-{version}"));
+    if !extracted.is_file() {
+        if src.exists() {
+            fs::remove_dir_all(&src).context("cannot clear the old kernel source")?;
+        }
+        fs::create_dir_all(linux_dir(layout))?;
+        eprintln!(
+            "[ihmi] extracting {} (linux-source {version})",
+            deps::LINUX_SOURCE
+        );
+        run(
+            Command::new("tar")
+                .arg("-xf")
+                .arg(deps::LINUX_SOURCE)
+                .arg("-C")
+                .arg(linux_dir(layout)),
+            "tar",
+        )?;
+        fs::write(&extracted, &version)?;
+    }
+    Ok(src)
+}
+
 /// The `tiny` kernel's bzImage, System.map and guest profile, building them if the cache has none for
 /// this source version and fragment.
 fn tiny_kernel(layout: &Layout) -> Result<(PathBuf, PathBuf, PathBuf)> {
@@ -178,27 +361,7 @@ fn tiny_kernel(layout: &Layout) -> Result<(PathBuf, PathBuf, PathBuf)> {
         }
     }
 
-    let src = linux_dir(layout).join("linux-source-6.1");
-    let extracted = linux_dir(layout).join(format!(".extracted-{version}"));
-    if !extracted.is_file() {
-        if src.exists() {
-            fs::remove_dir_all(&src).context("cannot clear the old kernel source")?;
-        }
-        fs::create_dir_all(linux_dir(layout))?;
-        eprintln!(
-            "[ihmi] extracting {} (linux-source {version})",
-            deps::LINUX_SOURCE
-        );
-        run(
-            Command::new("tar")
-                .arg("-xf")
-                .arg(deps::LINUX_SOURCE)
-                .arg("-C")
-                .arg(linux_dir(layout)),
-            "tar",
-        )?;
-        fs::write(&extracted, &version)?;
-    }
+    let src = ensure_source(layout)?;
     let build = dir.join("build");
     fs::create_dir_all(&build)?;
     let make = |args: &[&str]| {

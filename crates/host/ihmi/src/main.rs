@@ -73,6 +73,10 @@ enum Cmd {
         /// The Linux kernel's command line, for Linux scenarios
         #[arg(long, value_name = "ARGS", default_value = linux::DEFAULT_CMDLINE)]
         cmdline: String,
+        /// Which Linux kernel Linux scenarios boot: `tiny` (built here) or `debian` (Debian's stock
+        /// kernel, downloaded; about 80 s to boot under Bochs)
+        #[arg(long, value_enum, default_value_t = linux::Profile::Tiny)]
+        profile: linux::Profile,
         /// Programs a Linux guest may run (comma-separated names, the last part of each path
         /// `execve` is given); any other is refused. `--allow ''` turns enforcement off
         #[arg(long, value_name = "NAMES", default_value = linux::DEFAULT_ALLOW)]
@@ -147,6 +151,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             megs,
             quiet,
             cmdline,
+            profile,
             allow,
             events,
         } => {
@@ -163,7 +168,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                     scenario::test_names()
                 );
             }
-            let guest = linux::GuestOptions::new(cmdline, allow)?;
+            let guest = linux::GuestOptions::new(profile, cmdline, allow)?;
             run_one(&scenario, &opts, &guest, events.as_deref()).map(|r| exit_code(&r))
         }
         Cmd::Demo { events } => {
