@@ -150,6 +150,22 @@ pub fn parse_linux_mark(line: &[u8], exits: u64) -> Option<BenchMark> {
     words.next().is_none().then_some(mark)
 }
 
+/// The window of `bench`, which must have measured the operations the guest program makes.
+fn finished(bench: Bench, results: &[BenchResult]) -> Result<&BenchResult, BenchFault> {
+    let r = results
+        .iter()
+        .find(|r| r.bench == bench)
+        .ok_or(BenchFault::Missing(bench))?;
+    if r.calls == bench.calls() {
+        Ok(r)
+    } else {
+        Err(BenchFault::Calls {
+            bench,
+            got: r.calls,
+        })
+    }
+}
+
 /// The structural verdict on a Linux benchmark run in `mode`: both windows with the operations the
 /// program measured; no monitor invocation without a monitor, and with one at least one per system
 /// call of the system-call loop (two per operation) and one exec event per fork-exec; no exit in the
@@ -157,16 +173,7 @@ pub fn parse_linux_mark(line: &[u8], exits: u64) -> Option<BenchMark> {
 /// processes make exits of their own, CPUID in the C library's start-up, in every mode.)
 pub fn check_linux(mode: Mode, results: &[BenchResult]) -> Result<(), BenchFault> {
     for bench in Bench::LINUX {
-        let r = results
-            .iter()
-            .find(|r| r.bench == bench)
-            .ok_or(BenchFault::Missing(bench))?;
-        if r.calls != bench.calls() {
-            return Err(BenchFault::Calls {
-                bench,
-                got: r.calls,
-            });
-        }
+        let r = finished(bench, results)?;
         let per_op = if bench == Bench::LinuxSyscall { 2 } else { 1 };
         let invocations_ok = match mode {
             Mode::None => r.invocations == 0,
@@ -197,16 +204,7 @@ pub fn check_linux(mode: Mode, results: &[BenchResult]) -> Result<(), BenchFault
 /// The structural verdict on one benchmark run in `mode`.
 pub fn check(mode: Mode, results: &[BenchResult]) -> Result<(), BenchFault> {
     for bench in Bench::ALL {
-        let r = results
-            .iter()
-            .find(|r| r.bench == bench)
-            .ok_or(BenchFault::Missing(bench))?;
-        if r.calls != bench.calls() {
-            return Err(BenchFault::Calls {
-                bench,
-                got: r.calls,
-            });
-        }
+        let r = finished(bench, results)?;
         let invocations_ok = match mode {
             Mode::None => r.invocations == 0,
             Mode::InBox | Mode::OutBox => r.invocations >= r.calls,

@@ -207,16 +207,7 @@ fn debian_kernel(layout: &Layout) -> Result<(PathBuf, PathBuf, PathBuf)> {
     }
     fs::create_dir_all(&download)?;
     eprintln!("[ihmi] downloading {package} (Debian's stock kernel) with apt-get download");
-    run(
-        Command::new("apt-get")
-            .args(["download", &package])
-            .current_dir(&download),
-        &format!("apt-get download {package}"),
-    )?;
-    let deb = fs::read_dir(&download)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .with_context(|| format!("apt-get download {package} left no .deb"))?;
+    let deb = apt_download(&package, &download)?;
     // Only /boot: the modules are not needed (the initramfs is ours) and take hundreds of MiB.
     let unpacked = download.join("root");
     fs::create_dir_all(&unpacked)?;
@@ -249,16 +240,7 @@ fn debian_kernel(layout: &Layout) -> Result<(PathBuf, PathBuf, PathBuf)> {
     eprintln!("[ihmi] downloading {dbg} for the kernel's System.map (the image ships a stub)");
     let dbg_dir = download.join("dbg");
     fs::create_dir_all(&dbg_dir)?;
-    run(
-        Command::new("apt-get")
-            .args(["download", &dbg])
-            .current_dir(&dbg_dir),
-        &format!("apt-get download {dbg}"),
-    )?;
-    let dbg_deb = fs::read_dir(&dbg_dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .with_context(|| format!("apt-get download {dbg} left no .deb"))?;
+    let dbg_deb = apt_download(&dbg, &dbg_dir)?;
     let member = format!("./usr/lib/debug/boot/System.map-{kver}");
     // tar stops at the first match, so dpkg-deb may die of a broken pipe: the file decides.
     let _ = Command::new("sh")
@@ -300,6 +282,20 @@ fn debian_kernel(layout: &Layout) -> Result<(PathBuf, PathBuf, PathBuf)> {
     fs::copy(&vmlinuz, &bzimage)?;
     fs::remove_dir_all(&download)?;
     Ok((bzimage, system_map, profile))
+}
+
+/// Downloads `package`'s .deb into the empty directory `dir` (`apt-get download`); returns its path.
+fn apt_download(package: &str, dir: &Path) -> Result<PathBuf> {
+    run(
+        Command::new("apt-get")
+            .args(["download", package])
+            .current_dir(dir),
+        &format!("apt-get download {package} (is the package index current? `apt-get update`)"),
+    )?;
+    fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .with_context(|| format!("apt-get download {package} left no .deb"))
 }
 
 /// The kernel source tree, extracted from Debian's linux-source package once per version.
