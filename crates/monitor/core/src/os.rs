@@ -260,6 +260,8 @@ const fn linux_syscall_name(nr: u64) -> Option<&'static str> {
         110 => "getppid",
         111 => "getpgrp",
         112 => "setsid",
+        131 => "sigaltstack",
+        157 => "prctl",
         158 => "arch_prctl",
         165 => "mount",
         173 => "ioperm",
