@@ -16,10 +16,10 @@ use crate::{fail, log};
 const ZERO_PAGE: Gpa = Gpa::new(0x2_2000);
 const CMDLINE: Gpa = Gpa::new(0x2_3000);
 
-/// What GRUB loaded for a Linux scenario.
+/// What GRUB loaded for a Linux scenario (the kernel already [`placed`]).
 #[derive(Clone, Copy, Debug)]
 pub struct Modules<'a> {
-    pub kernel: &'a [u8],
+    pub kernel: Kernel<'a>,
     pub cmdline: &'a str,
     pub initrd: Option<&'a [u8]>,
 }
@@ -58,7 +58,7 @@ pub fn load(
     gate_pages: Option<PhysRange>,
     page_1g: bool,
 ) -> GuestBoot {
-    let kernel = placed(m.kernel, memory);
+    let kernel = m.kernel;
     let load_at = Gpa::new(kernel.load_address);
     let span = kernel.span();
     guest::guest_bytes(memory, load_at, kernel.payload.len() as u64)
@@ -254,8 +254,8 @@ fn e820_map(
 }
 
 /// The kernel, placed: where it asks to be if that is all guest RAM, else (a relocatable kernel
-/// such as Debian's, when the boot loader's modules sit there) the lowest aligned place that is. The
-/// same answer before the monitor is carved out of guest RAM (which avoids the kernel's span) and after.
+/// such as Debian's, when the boot loader's modules sit there) the lowest aligned place that is.
+/// Decided once, before the monitor is carved out of guest RAM (which then avoids the kernel's span).
 pub fn placed<'a>(image: &'a [u8], memory: &MemoryMap) -> Kernel<'a> {
     let mut kernel =
         Kernel::parse(image).unwrap_or_else(|e| fail(format_args!("the linux module: {e}")));
@@ -278,8 +278,7 @@ pub fn placed<'a>(image: &'a [u8], memory: &MemoryMap) -> Kernel<'a> {
 }
 
 /// Where the kernel will sit from its load address on, through its start-up area (`init_size`).
-pub fn kernel_span(image: &[u8], memory: &MemoryMap) -> PhysRange {
-    let kernel = placed(image, memory);
+pub fn kernel_span(kernel: &Kernel<'_>) -> PhysRange {
     PhysRange {
         start: Hpa::new(kernel.load_address),
         end: Hpa::new(kernel.load_address + kernel.span()),

@@ -359,6 +359,15 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
             Err(e) => fail(format_args!("{e}")),
         }
     });
+    // A Linux kernel is placed once, before the monitor takes its frames out of guest RAM.
+    let linux_kernel = scenario.is_linux().then(|| {
+        let Some((kernel, cmdline)) = linux_module else {
+            fail(format_args!(
+                "no 'linux' module; the ISO must load the kernel with `module2 /boot/bzImage linux <command line>`"
+            ));
+        };
+        (linux::placed(kernel, &memory), cmdline)
+    });
     let monitor = if mode == Mode::None {
         None
     } else {
@@ -368,9 +377,9 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
             ));
         };
         // The monitor's frames come out of guest RAM, away from what the guest needs where it is.
-        let (os, taken) = match (linux_profile, linux_module) {
+        let (os, taken) = match (linux_profile, &linux_kernel) {
             (Some(p), Some((kernel, _))) => {
-                let span = linux::kernel_span(kernel, &memory);
+                let span = linux::kernel_span(kernel);
                 let mut taken = guest::Ranges::new();
                 taken.push(PhysRange {
                     start: Hpa::new(0),
@@ -458,12 +467,7 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
         None => None,
     };
     let gate = inbox.map(|m| m.gate_gva);
-    let boot = if scenario.is_linux() {
-        let Some((kernel, cmdline)) = linux_module else {
-            fail(format_args!(
-                "no 'linux' module; the ISO must load the kernel with `module2 /boot/bzImage linux <command line>`"
-            ));
-        };
+    let boot = if let Some((kernel, cmdline)) = linux_kernel {
         let modules = linux::Modules {
             kernel,
             cmdline,
@@ -497,9 +501,9 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
         if let (Some(p), Some(info), Some((kernel, _))) = (
             linux_profile,
             linux_monitor.and_then(|m| m.linux_gate),
-            linux_module,
+            &linux_kernel,
         ) {
-            let phys_offset = linux::placed(kernel, &memory).phys_offset();
+            let phys_offset = kernel.phys_offset();
             g.linux_gate = Some(ihmi_hv::LinuxGate {
                 gate_entry: info.gate_entry,
                 kernel_entry_slot: info.kernel_entry_slot,

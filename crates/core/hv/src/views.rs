@@ -122,27 +122,13 @@ pub fn build_guest_view(
             MemType::WriteBack,
         )?;
         if let Some(l) = m.linux {
-            view.map_identity(
-                alloc,
-                gpa(l.setup_data.start),
-                l.setup_data.len(),
-                Perm::READ,
-                MemType::WriteBack,
-            )?;
-            view.map_identity(
-                alloc,
-                gpa(l.scratch.start),
-                l.scratch.len(),
-                Perm::RW,
-                MemType::WriteBack,
-            )?;
-            view.map_identity(
-                alloc,
-                gpa(l.tables.start),
-                l.tables.len(),
-                Perm::READ,
-                MemType::WriteBack,
-            )?;
+            for (r, perm) in [
+                (l.setup_data, Perm::READ),
+                (l.scratch, Perm::RW),
+                (l.tables, Perm::READ),
+            ] {
+                view.map_identity(alloc, gpa(r.start), r.len(), perm, MemType::WriteBack)?;
+            }
         }
     }
     for r in read_exec_only {
