@@ -23,10 +23,9 @@ use ihmi_abi::monitor::Mode;
 use ihmi_abi::Scenario;
 use ihmi_addr::{Gpa, Gva, Hpa, PhysRange};
 use ihmi_hv::scenario::{judge, judge_entry_failure, EntryFailure, Verdict};
-use ihmi_hv::{Action, GuestEnd, GuestRegs, Hypervisor, MemoryMap, Platform};
+use ihmi_hv::{Action, GuestEnd, GuestRegs, Hypervisor, MemoryMap, Platform, Vcpu};
 use ihmi_rt::console::{Console, Sink};
-use ihmi_vmcs::fields::ro;
-use ihmi_vmcs::{field_name, RawExitReason, VmInstructionError, VmxCapabilities, DUMP_FIELDS};
+use ihmi_vmcs::{field_name, VmExit, VmInstructionError, VmxCapabilities, DUMP_FIELDS};
 use ihmi_vmx::{ActiveVmcs, HwVcpu};
 
 ihmi_rt::provide_mem_functions!();
@@ -712,15 +711,17 @@ fn state() -> &'static mut L0State {
 
 extern "C" fn on_exit(regs: &mut GuestRegs) {
     let st = state();
-    let raw = RawExitReason::from_raw(st.vmcs.read(ro::EXIT_REASON) as u32);
-    if raw.entry_failure() {
+    if let VmExit::EntryFailure {
+        reason,
+        qualification,
+    } = HwVcpu::new(&mut st.vmcs, regs).exit()
+    {
         log!(
-            "VM entry failed: {} (exit qualification {:#x})",
-            raw.basic().name(),
-            st.vmcs.read(ro::EXIT_QUALIFICATION)
+            "VM entry failed: {} (exit qualification {qualification:#x})",
+            reason.name()
         );
         dump_vmcs(&st.vmcs);
-        entry_failed(st.hv.scenario, EntryFailure::Exit(raw.basic()));
+        entry_failed(st.hv.scenario, EntryFailure::Exit(reason));
     }
     if st
         .outbox

@@ -1,5 +1,7 @@
 //! CPUID policy: the host's answers, with VMX hidden and ihmi's hypervisor leaves added.
 
+use ihmi_vmcs::Instruction;
+
 use crate::{skip_instruction, Action, Hypervisor, Platform, Vcpu};
 use ihmi_abi::{ABI_VERSION, CPUID_LEAF_ABI, CPUID_LEAF_SIGNATURE, CPUID_SIGNATURE};
 
@@ -66,6 +68,7 @@ impl Hypervisor {
         &mut self,
         vcpu: &mut impl Vcpu,
         platform: &mut impl Platform,
+        instruction: Instruction,
     ) -> Action {
         let regs = vcpu.regs();
         let (leaf, subleaf) = (regs.rax as u32, regs.rcx as u32);
@@ -77,7 +80,7 @@ impl Hypervisor {
         regs.rcx = u64::from(r[2]);
         regs.rdx = u64::from(r[3]);
         self.log.record_cpuid(leaf, subleaf, r);
-        skip_instruction(vcpu);
+        skip_instruction(vcpu, instruction);
         Action::Resume
     }
 }

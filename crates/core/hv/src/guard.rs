@@ -10,7 +10,7 @@ use core::fmt;
 
 use ihmi_addr::{Gpa, PAGE_SIZE};
 use ihmi_vmcs::fields::{control, guest};
-use ihmi_vmcs::EptViolationQualification;
+use ihmi_vmcs::{EptViolationQualification, Instruction};
 
 use crate::linux_hooks::{self, ArmedHook, ExecHook};
 use crate::{inject_exception, skip_instruction, Action, GuestEnd, Hypervisor, Platform, Vcpu};
@@ -251,6 +251,7 @@ impl Hypervisor {
         vcpu: &mut impl Vcpu,
         platform: &mut impl Platform,
         value: u64,
+        instruction: Instruction,
     ) -> Action {
         let locked = self.guard.as_ref().and_then(|g| g.lstar);
         match locked {
@@ -293,7 +294,7 @@ impl Hypervisor {
                 }
             }
         }
-        skip_instruction(vcpu);
+        skip_instruction(vcpu, instruction);
         Action::Resume
     }
 
@@ -322,13 +323,17 @@ impl Hypervisor {
     /// Out of the box, the VMCALL of the Linux system-call stub: a system call for the monitor VM. Any
     /// other VMCALL is a hypercall. An attacker who jumps to the stub with chosen registers only
     /// reports a system call that did not happen, from the process the monitor reads itself.
-    pub(crate) fn outbox_linux_syscall(&mut self, vcpu: &mut impl Vcpu) -> Option<Action> {
+    pub(crate) fn outbox_linux_syscall(
+        &mut self,
+        vcpu: &mut impl Vcpu,
+        instruction: Instruction,
+    ) -> Option<Action> {
         let site = self.guard.as_ref()?.linux_gate?.outbox_syscall?;
         if vcpu.read(guest::RIP) != site {
             return None;
         }
         let r = *vcpu.regs();
-        skip_instruction(vcpu);
+        skip_instruction(vcpu, instruction);
         Some(Action::CallMonitor {
             code: ihmi_abi::monitor::RequestCode::Syscall as u64,
             args: [r.rax, r.rdi, r.rsi, r.rdx],

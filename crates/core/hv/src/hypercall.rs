@@ -4,6 +4,7 @@ use ihmi_abi::{CpuidRecord, Hypercall, ReportKind, Status, CONSOLE_MAX, PING_REP
 use ihmi_addr::{Gpa, Gva};
 use ihmi_paging::Cr3;
 use ihmi_vmcs::fields::guest;
+use ihmi_vmcs::Instruction;
 
 use crate::memory::GuestRamReader;
 use crate::{skip_instruction, Action, GuestEnd, Hypervisor, Platform, Vcpu};
@@ -16,12 +17,13 @@ impl Hypervisor {
         &mut self,
         vcpu: &mut impl Vcpu,
         platform: &mut impl Platform,
+        instruction: Instruction,
     ) -> Action {
         let regs = *vcpu.regs();
         // CPL is the DPL of SS in the guest-state area (SDM 25.4.1); only the guest kernel may call L0.
         let cpl = (vcpu.read(guest::SS_ACCESS_RIGHTS) >> 5) & 3;
         if cpl == 0 && self.outbox_monitor {
-            if let Some(action) = self.outbox_linux_syscall(vcpu) {
+            if let Some(action) = self.outbox_linux_syscall(vcpu, instruction) {
                 return action;
             }
         }
@@ -44,7 +46,7 @@ impl Hypervisor {
                 Some(Hypercall::Monitor) if self.outbox_monitor => {
                     // L0 runs the request in the monitor VM; its verdict becomes RAX.
                     self.log.record_hypercall(regs.rax, Status::Ok);
-                    skip_instruction(vcpu);
+                    skip_instruction(vcpu, instruction);
                     return Action::CallMonitor {
                         code: regs.rbx,
                         args: [regs.rcx, regs.rdx, regs.rsi, regs.rdi],
@@ -61,7 +63,7 @@ impl Hypervisor {
         if status == Status::Ok {
             out.rbx = value;
         }
-        skip_instruction(vcpu);
+        skip_instruction(vcpu, instruction);
         Action::Resume
     }
 

@@ -1,7 +1,6 @@
 //! Port I/O policy. Only the ports in [`INTERCEPTED_PORTS`] exit; the rest go to the devices directly.
 
-use ihmi_vmcs::fields::ro;
-use ihmi_vmcs::IoQualification;
+use ihmi_vmcs::{Instruction, IoQualification};
 
 use crate::{skip_instruction, Action, GuestEnd, Hypervisor, Platform, Vcpu};
 
@@ -97,8 +96,13 @@ fn print_guest_line(platform: &mut impl Platform, line: &[u8]) {
 }
 
 impl Hypervisor {
-    pub(crate) fn on_io(&mut self, vcpu: &mut impl Vcpu, platform: &mut impl Platform) -> Action {
-        let q = IoQualification::from_raw(vcpu.read(ro::EXIT_QUALIFICATION));
+    pub(crate) fn on_io(
+        &mut self,
+        vcpu: &mut impl Vcpu,
+        platform: &mut impl Platform,
+        q: IoQualification,
+        instruction: Instruction,
+    ) -> Action {
         let rip = vcpu.read(ihmi_vmcs::fields::guest::RIP);
         if q.is_string() {
             // INS/OUTS would need the guest's segments and paging; none of our guests use them on the
@@ -125,7 +129,7 @@ impl Hypervisor {
             };
             let regs = vcpu.regs();
             regs.rax = (regs.rax & !mask) | (u64::from(value) & mask);
-            skip_instruction(vcpu);
+            skip_instruction(vcpu, instruction);
             return Action::Resume;
         }
         let byte = vcpu.regs().rax as u8;
@@ -155,7 +159,7 @@ impl Hypervisor {
             KBC_PORT if size == 1 => platform.port_out(KBC_PORT, byte),
             _ => {}
         }
-        skip_instruction(vcpu);
+        skip_instruction(vcpu, instruction);
         Action::Resume
     }
 }

@@ -13,6 +13,7 @@ pub mod linux;
 pub mod linux_hooks;
 pub mod memory;
 pub mod msr;
+pub mod nested;
 pub mod outbox;
 pub mod scenario;
 pub mod views;
@@ -27,9 +28,9 @@ use core::fmt;
 
 use ihmi_abi::Scenario;
 use ihmi_addr::{Gpa, Gva};
-use ihmi_vmcs::fields::{control, guest, ro};
+use ihmi_vmcs::fields::{control, guest};
 use ihmi_vmcs::{
-    EptViolationQualification, ExitReason, InterruptionInfo, InterruptionType, RawExitReason,
+    EptViolationQualification, ExitReason, Instruction, InterruptionInfo, InterruptionType, VmExit,
     VmcsField,
 };
 
@@ -63,6 +64,9 @@ pub struct GuestRegs {
 
 /// The current virtual CPU: its VMCS and saved registers.
 pub trait Vcpu {
+    /// The exit that just happened, decoded from its exit-information fields by the VMX layer (no
+    /// handler reads an exit-reason number or an exit-information field itself).
+    fn exit(&mut self) -> VmExit;
     /// VMREAD of a field of the current VMCS.
     fn read(&mut self, field: VmcsField) -> u64;
     /// VMWRITE of a field of the current VMCS.
@@ -278,11 +282,10 @@ impl Hypervisor {
 
     /// Handles one VM exit. Never panics on guest input: anything unexpected ends the guest.
     pub fn handle_exit(&mut self, vcpu: &mut impl Vcpu, platform: &mut impl Platform) -> Action {
-        let raw = RawExitReason::from_raw(vcpu.read(ro::EXIT_REASON) as u32);
-        let reason = raw.basic();
-        self.counters.record(reason);
+        let exit = vcpu.exit();
+        self.counters.record(exit.reason());
         let audit = self.audit_hook(platform);
-        let action = audit.unwrap_or_else(|| self.dispatch(reason, vcpu, platform));
+        let action = audit.unwrap_or_else(|| self.dispatch(exit, vcpu, platform));
         if let Action::End(end) = action {
             self.log.end = Some(end);
             // Which task a Linux guest was running when it ended, read through its own structures.
@@ -295,38 +298,59 @@ impl Hypervisor {
 
     fn dispatch(
         &mut self,
-        reason: ExitReason,
+        exit: VmExit,
         vcpu: &mut impl Vcpu,
         platform: &mut impl Platform,
     ) -> Action {
-        match reason {
-            ExitReason::Cpuid => self.on_cpuid(vcpu, platform),
-            ExitReason::Vmcall => self.on_vmcall(vcpu, platform),
-            ExitReason::IoInstruction => self.on_io(vcpu, platform),
-            ExitReason::Rdmsr => self.on_rdmsr(vcpu, platform),
-            ExitReason::Wrmsr => self.on_wrmsr(vcpu, platform),
-            ExitReason::Vmfunc => self.on_vmfunc(vcpu, platform),
-            ExitReason::Xsetbv => self.on_xsetbv(vcpu, platform),
-            ExitReason::Hlt => self.on_hlt(vcpu),
-            ExitReason::ExceptionOrNmi => self.on_exception(vcpu),
-            ExitReason::EptViolation => self.on_ept_violation(vcpu, platform),
-            ExitReason::EptMisconfig => Action::End(GuestEnd::EptMisconfig {
-                gpa: Gpa::new(vcpu.read(ro::GUEST_PHYSICAL_ADDR_FULL)),
-            }),
-            ExitReason::TripleFault => Action::End(GuestEnd::TripleFault {
+        match exit {
+            VmExit::Cpuid(i) => self.on_cpuid(vcpu, platform, i),
+            VmExit::Vmcall(i) => self.on_vmcall(vcpu, platform, i),
+            VmExit::Io {
+                qualification,
+                instruction,
+            } => self.on_io(vcpu, platform, qualification, instruction),
+            VmExit::Rdmsr(i) => self.on_rdmsr(vcpu, platform, i),
+            VmExit::Wrmsr(i) => self.on_wrmsr(vcpu, platform, i),
+            VmExit::Vmfunc(_) => self.on_vmfunc(vcpu, platform),
+            VmExit::Xsetbv(i) => self.on_xsetbv(vcpu, platform, i),
+            VmExit::Hlt(i) => self.on_hlt(vcpu, i),
+            VmExit::Exception {
+                info,
+                error_code,
+                instruction_len,
+            } => self.on_exception(vcpu, info, error_code, instruction_len),
+            VmExit::EptViolation {
+                gpa,
+                gla,
+                qualification,
+            } => self.on_ept_violation(vcpu, platform, gpa, gla, qualification),
+            VmExit::EptMisconfig { gpa } => Action::End(GuestEnd::EptMisconfig { gpa }),
+            VmExit::TripleFault => Action::End(GuestEnd::TripleFault {
                 rip: vcpu.read(guest::RIP),
                 view: self.current_view(vcpu),
             }),
-            ExitReason::Init => Action::End(GuestEnd::Init),
-            other => Action::End(GuestEnd::Unhandled {
-                reason: other,
-                qualification: vcpu.read(ro::EXIT_QUALIFICATION),
-                rip: vcpu.read(guest::RIP),
-            }),
+            VmExit::Init => Action::End(GuestEnd::Init),
+            VmExit::Vmx { instruction, .. } => nested::on_vmx_instruction(vcpu, instruction),
+            VmExit::ExternalInterrupt { .. }
+            | VmExit::CrAccess { .. }
+            | VmExit::EntryFailure { .. }
+            | VmExit::Other { .. } => {
+                let qualification = match exit {
+                    VmExit::CrAccess { qualification, .. } => qualification.raw(),
+                    VmExit::EntryFailure { qualification, .. }
+                    | VmExit::Other { qualification, .. } => qualification,
+                    _ => 0,
+                };
+                Action::End(GuestEnd::Unhandled {
+                    reason: exit.reason(),
+                    qualification,
+                    rip: vcpu.read(guest::RIP),
+                })
+            }
         }
     }
 
-    fn on_hlt(&mut self, vcpu: &mut impl Vcpu) -> Action {
+    fn on_hlt(&mut self, vcpu: &mut impl Vcpu, instruction: Instruction) -> Action {
         const RFLAGS_IF: u64 = 1 << 9;
         if vcpu.read(guest::RFLAGS) & RFLAGS_IF == 0 {
             return Action::End(GuestEnd::HaltedForever {
@@ -334,28 +358,30 @@ impl Hypervisor {
             });
         }
         // No interrupt source is virtualised yet, so waking at once is a legal spurious wake-up.
-        skip_instruction(vcpu);
+        skip_instruction(vcpu, instruction);
         Action::Resume
     }
 
-    fn on_exception(&mut self, vcpu: &mut impl Vcpu) -> Action {
-        let info = InterruptionInfo::from_raw(vcpu.read(ro::VMEXIT_INTERRUPTION_INFO) as u32);
+    fn on_exception(
+        &mut self,
+        vcpu: &mut impl Vcpu,
+        info: InterruptionInfo,
+        error_code: Option<u32>,
+        instruction_len: u64,
+    ) -> Action {
         self.counters.record_exception(info.vector());
         // Reflect the event back into the guest exactly as it arrived.
         let reinject = match info.interruption_type() {
             InterruptionType::SoftwareException | InterruptionType::PrivilegedSoftwareException => {
-                let len = vcpu.read(ro::VMEXIT_INSTRUCTION_LEN);
-                vcpu.write(control::VMENTRY_INSTRUCTION_LEN, len);
+                vcpu.write(control::VMENTRY_INSTRUCTION_LEN, instruction_len);
                 InterruptionInfo::software_exception(info.vector())
             }
             InterruptionType::Nmi => InterruptionInfo::nmi(),
             _ => {
-                let has_code = info.error_code_valid();
-                if has_code {
-                    let code = vcpu.read(ro::VMEXIT_INTERRUPTION_ERR_CODE);
-                    vcpu.write(control::VMENTRY_EXCEPTION_ERR_CODE, code);
+                if let Some(code) = error_code {
+                    vcpu.write(control::VMENTRY_EXCEPTION_ERR_CODE, u64::from(code));
                 }
-                InterruptionInfo::hardware_exception(info.vector(), has_code)
+                InterruptionInfo::hardware_exception(info.vector(), error_code.is_some())
             }
         };
         vcpu.write(
@@ -365,15 +391,17 @@ impl Hypervisor {
         Action::Resume
     }
 
-    fn on_ept_violation(&mut self, vcpu: &mut impl Vcpu, platform: &mut impl Platform) -> Action {
-        let gpa = Gpa::new(vcpu.read(ro::GUEST_PHYSICAL_ADDR_FULL));
-        let qualification = EptViolationQualification::from_raw(vcpu.read(ro::EXIT_QUALIFICATION));
+    fn on_ept_violation(
+        &mut self,
+        vcpu: &mut impl Vcpu,
+        platform: &mut impl Platform,
+        gpa: Gpa,
+        gla: Option<Gva>,
+        qualification: EptViolationQualification,
+    ) -> Action {
         if let Some(action) = self.open_linux_gate(vcpu, platform, gpa, &qualification) {
             return action;
         }
-        let gla = qualification
-            .gla_valid()
-            .then(|| Gva::new(vcpu.read(ro::GUEST_LINEAR_ADDR)));
         Action::End(GuestEnd::EptViolation {
             gpa,
             gla,
@@ -386,10 +414,9 @@ impl Hypervisor {
 }
 
 /// Moves the guest past the instruction that exited, dropping STI/MOV-SS blocking as the CPU would.
-pub(crate) fn skip_instruction(vcpu: &mut impl Vcpu) {
-    let len = vcpu.read(ro::VMEXIT_INSTRUCTION_LEN);
+pub(crate) fn skip_instruction(vcpu: &mut impl Vcpu, instruction: Instruction) {
     let rip = vcpu.read(guest::RIP);
-    vcpu.write(guest::RIP, rip.wrapping_add(len));
+    vcpu.write(guest::RIP, rip.wrapping_add(instruction.len));
     let blocking = vcpu.read(guest::INTERRUPTIBILITY_STATE);
     if blocking & 0b11 != 0 {
         vcpu.write(guest::INTERRUPTIBILITY_STATE, blocking & !0b11);

@@ -67,6 +67,11 @@ impl MockVcpu {
 }
 
 impl Vcpu for MockVcpu {
+    /// Decoded from the fields the test set, as the VMX layer does; not recorded, since handlers never
+    /// read exit-information fields themselves.
+    fn exit(&mut self) -> ihmi_vmcs::VmExit {
+        ihmi_vmcs::VmExit::decode(|f| self.fields.get(&f).copied().unwrap_or(0))
+    }
     fn read(&mut self, field: VmcsField) -> u64 {
         self.calls.push(Call::Read(field));
         self.fields.get(&field).copied().unwrap_or(0)

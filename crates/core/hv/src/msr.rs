@@ -1,5 +1,7 @@
 //! MSR policy. The same table drives the VMCS MSR bitmap (what exits) and the handler (what happens).
 
+use ihmi_vmcs::Instruction;
+
 use crate::guard::IA32_LSTAR;
 use crate::{inject_exception, skip_instruction, Action, Hypervisor, Platform, Vcpu, GP};
 
@@ -36,6 +38,7 @@ impl Hypervisor {
         &mut self,
         vcpu: &mut impl Vcpu,
         platform: &mut impl Platform,
+        instruction: Instruction,
     ) -> Action {
         let msr = vcpu.regs().rcx as u32;
         let value = match msr {
@@ -56,7 +59,7 @@ impl Hypervisor {
                 let regs = vcpu.regs();
                 regs.rax = v & 0xffff_ffff;
                 regs.rdx = v >> 32;
-                skip_instruction(vcpu);
+                skip_instruction(vcpu, instruction);
             }
             None => {
                 self.log.injected_gp += 1;
@@ -70,12 +73,13 @@ impl Hypervisor {
         &mut self,
         vcpu: &mut impl Vcpu,
         platform: &mut impl Platform,
+        instruction: Instruction,
     ) -> Action {
         self.log.msr_writes += 1;
         let regs = *vcpu.regs();
         if regs.rcx as u32 == IA32_LSTAR {
             let value = (regs.rdx << 32) | (regs.rax & 0xffff_ffff);
-            return self.on_lstar_write(vcpu, platform, value);
+            return self.on_lstar_write(vcpu, platform, value, instruction);
         }
         // Every other intercepted MSR is read-only to the guest (feature control is locked; VMX MSRs do
         // not exist), and so is any MSR outside the bitmap's ranges.

@@ -3,8 +3,8 @@
 //! past.
 
 use ihmi_abi::monitor::OUTBOX_DONE;
-use ihmi_vmcs::fields::{guest, ro};
-use ihmi_vmcs::{ExitReason, RawExitReason};
+use ihmi_vmcs::fields::guest;
+use ihmi_vmcs::{ExitReason, VmExit};
 
 use crate::Vcpu;
 
@@ -22,21 +22,28 @@ pub enum MonitorVmExit {
         reason: ExitReason,
         /// Where the monitor VM was.
         rip: u64,
-        /// The exit qualification.
+        /// The exit qualification (for EPT exits, the guest-physical address).
         qualification: u64,
     },
 }
 
 /// Decodes an exit of the monitor VM (its VMCS is current).
 pub fn decode_exit(vcpu: &mut impl Vcpu) -> MonitorVmExit {
-    let reason = RawExitReason::from_raw(vcpu.read(ro::EXIT_REASON) as u32).basic();
+    let exit = vcpu.exit();
     let regs = *vcpu.regs();
-    if reason == ExitReason::Vmcall && regs.rax == OUTBOX_DONE {
+    if matches!(exit, VmExit::Vmcall(_)) && regs.rax == OUTBOX_DONE {
         return MonitorVmExit::Done { verdict: regs.rbx };
     }
+    let qualification = match exit {
+        VmExit::Other { qualification, .. } | VmExit::EntryFailure { qualification, .. } => {
+            qualification
+        }
+        VmExit::EptViolation { gpa, .. } | VmExit::EptMisconfig { gpa } => gpa.raw(),
+        _ => 0,
+    };
     MonitorVmExit::Fault {
-        reason,
+        reason: exit.reason(),
         rip: vcpu.read(guest::RIP),
-        qualification: vcpu.read(ro::EXIT_QUALIFICATION),
+        qualification,
     }
 }

@@ -74,9 +74,7 @@ fn ping_touches_only_the_registers_rip_and_nothing_else() {
     assert_eq!(
         v.calls,
         vec![
-            Call::Read(ro::EXIT_REASON),
             Call::Read(guest::SS_ACCESS_RIGHTS),
-            Call::Read(ro::VMEXIT_INSTRUCTION_LEN),
             Call::Read(guest::RIP),
             Call::Write(guest::RIP, 0x10_0003),
             Call::Read(guest::INTERRUPTIBILITY_STATE),
@@ -395,6 +393,27 @@ fn triple_fault_and_unknown_exits_end_the_guest_not_l0() {
         Action::End(GuestEnd::Unhandled { .. })
     ));
     assert_eq!(h.counters.total(), 3);
+}
+
+#[test]
+fn vmx_instructions_get_ud_while_l0_offers_no_vmx() {
+    // VMXON (27), VMPTRLD (21), VMREAD (23), INVEPT (50): the guest sees what a CPU without VMX gives.
+    for reason in [27, 21, 23, 50] {
+        let mut h = hv(Scenario::Boot);
+        let mut p = MockPlatform::default();
+        let mut v = MockVcpu::exited(reason, 0x5000, 4);
+        assert_eq!(
+            h.handle_exit(&mut v, &mut p),
+            Action::Resume,
+            "reason {reason}"
+        );
+        assert_eq!(
+            v.writes(),
+            vec![(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0x8000_0306)],
+            "#UD, hardware exception, no error code; RIP stays at the instruction"
+        );
+        assert!(p.calls.borrow().is_empty());
+    }
 }
 
 #[test]

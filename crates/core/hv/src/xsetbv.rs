@@ -1,6 +1,8 @@
 //! XSETBV, which exits unconditionally (SDM 26.1.2): L0 checks the new XCR0 as the CPU would and sets it
 //! on the guest's behalf. A value the CPU would refuse gets the guest the #GP(0) the CPU would give.
 
+use ihmi_vmcs::Instruction;
+
 use crate::{inject_exception, skip_instruction, Action, Hypervisor, Platform, Vcpu, GP};
 
 /// XCR0 bits (SDM 13.3): x87 must be set; AVX needs SSE; the AVX-512 trio needs AVX and comes whole.
@@ -23,6 +25,7 @@ impl Hypervisor {
         &mut self,
         vcpu: &mut impl Vcpu,
         platform: &mut impl Platform,
+        instruction: Instruction,
     ) -> Action {
         let regs = *vcpu.regs();
         let index = regs.rcx as u32;
@@ -35,7 +38,7 @@ impl Hypervisor {
             return Action::Resume;
         }
         platform.xsetbv(value);
-        skip_instruction(vcpu);
+        skip_instruction(vcpu, instruction);
         Action::Resume
     }
 }

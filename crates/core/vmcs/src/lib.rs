@@ -13,6 +13,7 @@ mod exit;
 mod field;
 mod qual;
 mod segment;
+mod vmexit;
 
 pub use bitmap::{IoBitmapPage, IoBitmaps, MsrBitmap, MsrOutOfRange, PortRangeError};
 pub use caps::{VmxCapabilities, VmxFeatures, EPTP_LIST_ENTRIES};
@@ -28,3 +29,4 @@ pub use qual::{
     InterruptionInfo, InterruptionType, IoQualification,
 };
 pub use segment::SegmentAccessRights;
+pub use vmexit::{Instruction, VmExit, VmxInstruction, VmxInstructionInfo};

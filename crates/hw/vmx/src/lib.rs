@@ -7,7 +7,7 @@ use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use ihmi_addr::Hpa;
 use ihmi_hv::{GuestRegs, Vcpu};
 use ihmi_vmcs::fields::ro;
-use ihmi_vmcs::{field_name, VmInstructionError, VmcsField, VmxCapabilities};
+use ihmi_vmcs::{field_name, VmExit, VmInstructionError, VmcsField, VmxCapabilities};
 
 /// IA32_FEATURE_CONTROL and its bits (SDM Vol. 4, Table 2-2; SDM 24.7 "Enabling and entering VMX").
 const IA32_FEATURE_CONTROL: u32 = 0x3a;
@@ -196,6 +196,10 @@ impl<'a> HwVcpu<'a> {
 }
 
 impl Vcpu for HwVcpu<'_> {
+    fn exit(&mut self) -> VmExit {
+        VmExit::decode(|field| self.vmcs.read(field))
+    }
+
     fn read(&mut self, field: VmcsField) -> u64 {
         self.vmcs.read(field)
     }
