@@ -22,8 +22,11 @@ use core::fmt::{self, Write};
 use ihmi_abi::monitor::Mode;
 use ihmi_abi::Scenario;
 use ihmi_addr::{Gpa, Gva, Hpa, PhysRange};
-use ihmi_hv::scenario::{judge, judge_entry_failure, EntryFailure, Verdict};
 use ihmi_hv::{Action, GuestEnd, GuestRegs, Hypervisor, MemoryMap, Platform, Vcpu};
+use ihmi_judge::{
+    judge_entry_failure, AttackContext, BenchContext, EntryFailure, Facts, Judge, MonitorAudit,
+    MonitorCounts, Verdict,
+};
 use ihmi_rt::console::{Console, Sink};
 use ihmi_vmcs::{field_name, VmExit, VmInstructionError, VmxCapabilities, DUMP_FIELDS};
 use ihmi_vmx::{ActiveVmcs, HwVcpu};
@@ -63,8 +66,8 @@ pub(crate) struct L0State {
     pub(crate) hook: Option<Gpa>,
     /// The out-of-box monitor VM, when the scenario runs one.
     pub(crate) outbox: Option<outbox::MonitorVm>,
-    /// The open benchmark window's start.
-    bench_start: Option<(ihmi_hv::bench::BenchMark, ihmi_hv::bench::MonitorCounts)>,
+    /// The scenario's judge: it observes the exits and the monitor's events.
+    pub(crate) judge: Judge,
     /// The guest's EPT view and the frames it may still need (a Linux guest's hook changes it).
     pub(crate) guest_view: ihmi_ept::EptView,
     pub(crate) frames: frames::Pool,
@@ -566,9 +569,20 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
         rsi: boot.boot_info.raw(),
         ..GuestRegs::default()
     };
+    // What a benchmark line says of one invocation: the gate's switches per pass, counted in its code
+    // at load (in the box only).
+    let (vmfuncs, cr3_loads) = match (mode, &monitor) {
+        (Mode::InBox, Some(m)) => (m.gate_vmfuncs, m.gate_cr3_loads),
+        _ => (0, 0),
+    };
+    let bench_context = BenchContext {
+        mode,
+        vmfuncs,
+        cr3_loads,
+    };
     // SAFETY: single CPU at boot; the exit handler is not running yet.
     let state = unsafe { &mut *STATE.0.get() };
-    let mut hv = Hypervisor::new(memory, scenario);
+    let mut hv = Hypervisor::new(memory);
     hv.guard = guard;
     hv.linux = linux_profile;
     hv.outbox_monitor = outbox.is_some();
@@ -581,7 +595,7 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
         guest_code: guest_regions.code,
         hook,
         outbox,
-        bench_start: None,
+        judge: Judge::new(scenario, bench_context),
         guest_view,
         frames,
     });
@@ -594,19 +608,16 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
 }
 
 /// The entry-failure scenarios break the VMCS on purpose, each in one well-defined way, so the failure
-/// reporting paths run for real: CR3-target count above 4 is an invalid control field (SDM 27.2.1.1), and
-/// RFLAGS bit 1 clear is invalid guest state (SDM 27.3.1.4).
+/// reporting paths run for real.
 fn break_vmcs_for_scenario(vmcs: &mut ActiveVmcs, scenario: Scenario) {
-    use ihmi_vmcs::fields::{control, guest};
-    let broken = match scenario {
-        Scenario::EntryBadControl => vmcs.write(control::CR3_TARGET_COUNT, 5),
-        Scenario::EntryBadGuestState => vmcs.write(guest::RFLAGS, 0),
-        _ => return,
+    let Some(fault) = ihmi_judge::setup::vmcs_fault(scenario) else {
+        return;
     };
-    match broken {
+    match vmcs.write(fault.field, fault.value) {
         Ok(()) => log!(
-            "scenario {}: VMCS deliberately made invalid",
-            scenario.name()
+            "scenario {}: VMCS deliberately made invalid: {}",
+            scenario.name(),
+            fault.why
         ),
         Err(e) => fail(format_args!(
             "could not break the VMCS for the scenario: {e}"
@@ -721,7 +732,7 @@ extern "C" fn on_exit(regs: &mut GuestRegs) {
             reason.name()
         );
         dump_vmcs(&st.vmcs);
-        entry_failed(st.hv.scenario, EntryFailure::Exit(reason));
+        entry_failed(st.judge.scenario(), EntryFailure::Exit(reason));
     }
     if st
         .outbox
@@ -738,10 +749,14 @@ extern "C" fn on_exit(regs: &mut GuestRegs) {
         guest_view: &mut st.guest_view,
         frames: &mut st.frames,
     };
-    let action = st.hv.handle_exit(&mut vcpu, &mut platform);
-    if let Some(mark) = st.hv.bench_mark.take() {
-        bench_mark(st, mark);
-    }
+    // The monitor's counts now, for a benchmark window this exit may open or close.
+    let counts = MonitorCounts {
+        monitor_vm_exits: st.outbox.as_ref().map_or(0, outbox::MonitorVm::exits),
+        invocations: st.monitor.as_ref().map_or(0, monitor::Loaded::invocations),
+    };
+    let mut console = Console(Sink::Both);
+    let mut observer = st.judge.observer(counts, &mut console);
+    let action = st.hv.handle_exit(&mut vcpu, &mut platform, &mut observer);
     match action {
         Action::Resume => {}
         Action::End(end) => finish(end),
@@ -772,7 +787,7 @@ extern "C" fn on_entry_failed(rflags: u64) -> ! {
         EntryFailure::FailInvalid
     };
     dump_vmcs(&st.vmcs);
-    entry_failed(st.hv.scenario, failure)
+    entry_failed(st.judge.scenario(), failure)
 }
 
 /// A VM entry failed and has been reported: pass only if the scenario asked for exactly this failure.
@@ -791,11 +806,6 @@ fn finish(end: GuestEnd) -> ! {
     let st = state();
     drain_monitor(st);
     log!("guest ended: {end}");
-    match &st.hv.log.end_task {
-        Some(Ok(t)) => log!("linux: running task at the end: {t}"),
-        Some(Err(e)) => log!("linux: the running task could not be read: {e}"),
-        None => {}
-    }
     if let Some(m) = &st.monitor {
         log!(
             "monitor: {} events, {} dropped",
@@ -814,108 +824,44 @@ fn finish(end: GuestEnd) -> ! {
     for (reason, count) in st.hv.counters.nonzero() {
         log!("  {:<24} {count:>8}", reason.name());
     }
-    if let Some(attack) = st.hv.scenario.attack() {
-        judge_attack_run(st, attack);
-    }
-    let probe_region = st.hv.memory.classify(st.probe);
-    match judge(
-        st.hv.scenario,
-        &st.hv.log,
-        &st.hv.counters,
-        st.probe,
-        probe_region,
-    ) {
+    // An attack scenario also needs the monitor as L0 finds it now.
+    let audit = st
+        .monitor
+        .as_ref()
+        .filter(|_| st.judge.scenario().attack().is_some())
+        .map(|m| {
+            let checksum = m.checksum();
+            let audit = MonitorAudit {
+                image_intact: checksum == m.checksum_at_load,
+                ring_consistent: m.ring().is_consistent(),
+            };
+            log!(
+                "monitor audit: image checksum {checksum:#018x} (at load {:#018x}), ring consistent: {}",
+                m.checksum_at_load,
+                audit.ring_consistent
+            );
+            AttackContext {
+                gate: m.layout.gate,
+                guest_code: st.guest_code.as_slice(),
+                hook: st.hook,
+                audit,
+            }
+        });
+    let facts = Facts {
+        probe: st.probe,
+        probe_region: st.hv.memory.classify(st.probe),
+        attack: audit,
+    };
+    match st
+        .judge
+        .verdict(&st.hv.counters, &facts, &mut Console(Sink::Both))
+    {
         Verdict::Pass => {
-            log!("IHMI-PASS {}", st.hv.scenario.name());
+            log!("IHMI-PASS {}", st.judge.scenario().name());
             power_off()
         }
         Verdict::Fail(reason) => fail(format_args!("{reason}")),
     }
-}
-
-/// A benchmark window opened or closed: count what happened in it and print one `bench|` line.
-fn bench_mark(st: &mut L0State, mark: ihmi_hv::bench::BenchMark) {
-    use ihmi_hv::bench::{window, MonitorCounts};
-    let counts = MonitorCounts {
-        monitor_vm_exits: st.outbox.as_ref().map_or(0, outbox::MonitorVm::exits),
-        invocations: st.monitor.as_ref().map_or(0, monitor::Loaded::invocations),
-    };
-    if !mark.end {
-        st.bench_start = Some((mark, counts));
-        log!("bench| {{\"start\":\"{}\"}}", mark.bench.name());
-        return;
-    }
-    let Some(start) = st.bench_start.take().filter(|(s, _)| s.bench == mark.bench) else {
-        fail(format_args!(
-            "benchmark window {} ended without starting",
-            mark.bench.name()
-        ));
-    };
-    let r = window(start, (mark, counts));
-    let mode = st.hv.scenario.monitor_mode();
-    // The gate's switches per pass, counted in its code at load; out of the box, two VMCS switches
-    // (to the monitor VM and back) per invocation.
-    let (vmfuncs, cr3_loads) = match (mode, &st.monitor) {
-        (Mode::InBox, Some(m)) => (m.gate_vmfuncs, m.gate_cr3_loads),
-        _ => (0, 0),
-    };
-    let vmcs_switches = if mode == Mode::OutBox { 2 } else { 0 };
-    log!(
-        "bench| {{\"bench\":\"{}\",\"mode\":\"{}\",\"calls\":{},\"tsc\":{},\"exits\":{},\"invocations\":{},\"vmfuncs_per_invocation\":{vmfuncs},\"cr3_loads_per_invocation\":{cr3_loads},\"vmcs_switches_per_invocation\":{vmcs_switches}}}",
-        r.bench.name(),
-        mode.name(),
-        r.calls,
-        r.tsc,
-        r.exits,
-        r.invocations
-    );
-    st.hv.log.record_bench(r);
-}
-
-/// An attack scenario has ended: audit the monitor, judge, print the `attack|` line, pass or fail.
-fn judge_attack_run(st: &mut L0State, attack: ihmi_abi::Attack) -> ! {
-    use ihmi_hv::attacks::{judge_attack, write_attack_json, AttackContext, MonitorAudit};
-    let Some(m) = &st.monitor else {
-        fail(format_args!("attack scenario without a monitor"))
-    };
-    let checksum = m.checksum();
-    let audit = MonitorAudit {
-        image_intact: checksum == m.checksum_at_load,
-        ring_consistent: m.ring().is_consistent(),
-    };
-    log!(
-        "monitor audit: image checksum {checksum:#018x} (at load {:#018x}), ring consistent: {}",
-        m.checksum_at_load,
-        audit.ring_consistent
-    );
-    let ctx = AttackContext {
-        gate: m.layout.gate,
-        guest_code: st.guest_code.as_slice(),
-        hook: st.hook,
-        audit,
-    };
-    let outcome = judge_attack(attack, &st.hv.log, &ctx);
-    struct Line<'a>(
-        &'a ihmi_hv::attacks::AttackOutcome,
-        &'a ihmi_hv::ScenarioLog,
-    );
-    impl fmt::Display for Line<'_> {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            write_attack_json(f, self.0, self.1)
-        }
-    }
-    log!("attack| {}", Line(&outcome, &st.hv.log));
-    if outcome.passed() {
-        log!("IHMI-PASS {}", st.hv.scenario.name());
-        power_off()
-    }
-    fail(format_args!(
-        "attack {}: blocked={} reported={} monitor_intact={}",
-        attack.name(),
-        outcome.blocked,
-        outcome.reported,
-        outcome.monitor_intact
-    ))
 }
 
 /// Takes the monitor's new events out of its ring: each becomes a JSON line on the console and an entry
@@ -923,12 +869,10 @@ fn judge_attack_run(st: &mut L0State, attack: ihmi_abi::Attack) -> ! {
 pub(crate) fn drain_monitor(st: &mut L0State) {
     let Some(m) = &st.monitor else { return };
     let ring = m.ring();
-    let log_events = &mut st.hv.log;
+    let judge = &mut st.judge;
     let os = &m.os;
-    let mode = st.hv.scenario.monitor_mode().name();
-    // A benchmark's thousands of events are counted, not printed: printing them would dwarf what is
-    // measured.
-    let print = !matches!(st.hv.scenario, Scenario::Bench(_) | Scenario::LinuxBench(_));
+    let mode = judge.scenario().monitor_mode().name();
+    let print = ihmi_judge::setup::prints_events(judge.scenario());
     // Rejected requests are what a flood is made of: a few are printed per drain, the rest counted and
     // said, so a guest cannot flood the console either.
     let mut rejected = 0u64;
@@ -938,7 +882,7 @@ pub(crate) fn drain_monitor(st: &mut L0State) {
         if print && (!is_rejected || rejected <= REJECTED_PRINTED_PER_DRAIN) {
             log!("event| {}", e.json(mode, os));
         }
-        log_events.record_monitor_event(e);
+        judge.record_monitor_event(e);
     });
     if print && rejected > REJECTED_PRINTED_PER_DRAIN {
         log!(
@@ -946,7 +890,7 @@ pub(crate) fn drain_monitor(st: &mut L0State) {
             rejected - REJECTED_PRINTED_PER_DRAIN
         );
     }
-    log_events.monitor_dropped = ring.dropped();
+    judge.set_monitor_dropped(ring.dropped());
 }
 
 /// Prints every VMCS field that can be read, for a failed VM entry.

@@ -397,6 +397,10 @@ pub const BAD_HYPERCALL_CASES: &[(&str, Status)] = &[
     ("report of an unknown kind", Status::InvalidArgument),
     ("report with a wrong length", Status::InvalidArgument),
     ("report from an unmapped address", Status::BadAddress),
+    (
+        "benchmark end mark without its start",
+        Status::InvalidArgument,
+    ),
 ];
 
 /// Magic value at the start of [`BootInfo`] ("IHMIBOOT").

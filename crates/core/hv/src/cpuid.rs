@@ -2,7 +2,7 @@
 
 use ihmi_vmcs::Instruction;
 
-use crate::{skip_instruction, Action, Hypervisor, Platform, Vcpu};
+use crate::{skip_instruction, Action, Hypervisor, Observation, Observer, Platform, Vcpu};
 use ihmi_abi::{ABI_VERSION, CPUID_LEAF_ABI, CPUID_LEAF_SIGNATURE, CPUID_SIGNATURE};
 
 /// CPUID.1:ECX.VMX (SDM Vol. 2A, CPUID, Table 3-10). Hidden: the guest gets no nested VMX from L0.
@@ -68,6 +68,7 @@ impl Hypervisor {
         &mut self,
         vcpu: &mut impl Vcpu,
         platform: &mut impl Platform,
+        obs: &mut impl Observer,
         instruction: Instruction,
     ) -> Action {
         let regs = vcpu.regs();
@@ -79,7 +80,11 @@ impl Hypervisor {
         regs.rbx = u64::from(r[1]);
         regs.rcx = u64::from(r[2]);
         regs.rdx = u64::from(r[3]);
-        self.log.record_cpuid(leaf, subleaf, r);
+        obs.observe(Observation::Cpuid {
+            leaf,
+            subleaf,
+            regs: r,
+        });
         skip_instruction(vcpu, instruction);
         Action::Resume
     }

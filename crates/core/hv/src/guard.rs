@@ -13,7 +13,10 @@ use ihmi_vmcs::fields::{control, guest};
 use ihmi_vmcs::{EptViolationQualification, Instruction};
 
 use crate::linux_hooks::{self, ArmedHook, ExecHook};
-use crate::{inject_exception, skip_instruction, Action, GuestEnd, Hypervisor, Platform, Vcpu};
+use crate::{
+    inject_exception, skip_instruction, Action, GuestEnd, Hypervisor, Observation, Observer,
+    Platform, Vcpu,
+};
 
 /// IA32_LSTAR, the 64-bit SYSCALL entry point (SDM Vol. 4, Table 2-2).
 pub const IA32_LSTAR: u32 = 0xc000_0082;
@@ -218,9 +221,9 @@ impl Hypervisor {
         guard.view_of(vcpu.read(control::EPTP_FULL))
     }
 
-    fn alert(&mut self, platform: &mut impl Platform, alert: Alert) {
+    fn alert(&mut self, platform: &mut impl Platform, obs: &mut impl Observer, alert: Alert) {
         platform.log(format_args!("alert| {alert}"));
-        self.log.record_alert(alert);
+        obs.observe(Observation::Alert(alert));
     }
 
     /// VMFUNC exits only when the function or the index is not enabled: no view changes, the guest
@@ -229,11 +232,13 @@ impl Hypervisor {
         &mut self,
         vcpu: &mut impl Vcpu,
         platform: &mut impl Platform,
+        obs: &mut impl Observer,
     ) -> Action {
         let regs = *vcpu.regs();
         let rip = vcpu.read(guest::RIP);
         self.alert(
             platform,
+            obs,
             Alert::VmfuncRefused {
                 function: regs.rax & 0xffff_ffff,
                 index: regs.rcx & 0xffff_ffff,
@@ -250,22 +255,29 @@ impl Hypervisor {
         &mut self,
         vcpu: &mut impl Vcpu,
         platform: &mut impl Platform,
+        obs: &mut impl Observer,
         value: u64,
         instruction: Instruction,
     ) -> Action {
         let locked = self.guard.as_ref().and_then(|g| g.lstar);
+        let refused = locked.is_some_and(|l| l != value);
+        obs.observe(Observation::Msr {
+            msr: IA32_LSTAR,
+            write: true,
+            faulted: refused,
+        });
         match locked {
-            Some(l) if l != value => {
+            Some(l) if refused => {
                 let rip = vcpu.read(guest::RIP);
                 self.alert(
                     platform,
+                    obs,
                     Alert::LstarWriteRefused {
                         value,
                         locked: l,
                         rip,
                     },
                 );
-                self.log.injected_gp += 1;
                 inject_exception(vcpu, crate::GP, Some(0));
                 return Action::Resume;
             }
@@ -300,7 +312,11 @@ impl Hypervisor {
 
     /// Checks every audited word (see [`Guard::audited`]); a changed one is an alert and ends the
     /// guest.
-    pub(crate) fn audit_hook(&mut self, platform: &mut impl Platform) -> Option<Action> {
+    pub(crate) fn audit_hook(
+        &mut self,
+        platform: &mut impl Platform,
+        obs: &mut impl Observer,
+    ) -> Option<Action> {
         let guard = self.guard.as_ref()?;
         let (gpa, found, expected) = guard.audited().find_map(|(gpa, expected)| {
             let mut buf = [0u8; 8];
@@ -316,7 +332,7 @@ impl Hypervisor {
             found,
             expected,
         };
-        self.alert(platform, alert);
+        self.alert(platform, obs, alert);
         Some(Action::End(GuestEnd::HookTampered { gpa }))
     }
 

@@ -7,7 +7,9 @@ use ihmi_vmcs::fields::guest;
 use ihmi_vmcs::Instruction;
 
 use crate::memory::GuestRamReader;
-use crate::{skip_instruction, Action, GuestEnd, Hypervisor, Platform, Vcpu};
+use crate::{
+    skip_instruction, Action, GuestEnd, Hypervisor, Observation, Observer, Platform, Vcpu,
+};
 
 /// CR0.PG (SDM 2.5).
 const CR0_PG: u64 = 1 << 31;
@@ -17,6 +19,7 @@ impl Hypervisor {
         &mut self,
         vcpu: &mut impl Vcpu,
         platform: &mut impl Platform,
+        obs: &mut impl Observer,
         instruction: Instruction,
     ) -> Action {
         let regs = *vcpu.regs();
@@ -27,6 +30,7 @@ impl Hypervisor {
                 return action;
             }
         }
+        let mut mark = None;
         let (status, value) = if cpl != 0 {
             (Status::Denied, 0)
         } else {
@@ -36,16 +40,23 @@ impl Hypervisor {
                 Some(Hypercall::ConsoleWrite) => {
                     self.console_write(vcpu, platform, regs.rbx, regs.rcx)
                 }
-                Some(Hypercall::Report) => {
-                    (self.report(vcpu, platform, regs.rbx, regs.rcx, regs.rdx), 0)
-                }
+                Some(Hypercall::Report) => (
+                    self.report(vcpu, platform, obs, regs.rbx, regs.rcx, regs.rdx),
+                    0,
+                ),
                 Some(Hypercall::Done) => {
-                    self.log.record_hypercall(regs.rax, Status::Ok);
+                    obs.observe(Observation::Hypercall {
+                        nr: regs.rax,
+                        status: Status::Ok,
+                    });
                     return Action::End(GuestEnd::Done(regs.rbx));
                 }
                 Some(Hypercall::Monitor) if self.outbox_monitor => {
                     // L0 runs the request in the monitor VM; its verdict becomes RAX.
-                    self.log.record_hypercall(regs.rax, Status::Ok);
+                    obs.observe(Observation::Hypercall {
+                        nr: regs.rax,
+                        status: Status::Ok,
+                    });
                     skip_instruction(vcpu, instruction);
                     return Action::CallMonitor {
                         code: regs.rbx,
@@ -54,10 +65,28 @@ impl Hypervisor {
                     };
                 }
                 Some(Hypercall::Monitor) => (Status::UnknownCall, 0),
-                Some(Hypercall::Bench) => self.bench_mark(regs.rbx, regs.rcx, regs.rdx, regs.rsi),
+                Some(Hypercall::Bench) => {
+                    let exits = self.counters.total();
+                    match self
+                        .bench
+                        .mark(regs.rbx, regs.rcx, regs.rdx, regs.rsi, exits)
+                    {
+                        Ok(m) => {
+                            mark = Some(m);
+                            (Status::Ok, 0)
+                        }
+                        Err(status) => (status, 0),
+                    }
+                }
             }
         };
-        self.log.record_hypercall(regs.rax, status);
+        obs.observe(Observation::Hypercall {
+            nr: regs.rax,
+            status,
+        });
+        if let Some(m) = mark {
+            obs.observe(Observation::BenchMark(m));
+        }
         let out = vcpu.regs();
         out.rax = status.to_raw();
         if status == Status::Ok {
@@ -97,6 +126,7 @@ impl Hypervisor {
         &mut self,
         vcpu: &mut impl Vcpu,
         platform: &mut impl Platform,
+        obs: &mut impl Observer,
         kind: u64,
         gva: u64,
         len: u64,
@@ -115,7 +145,7 @@ impl Hypervisor {
         match kind {
             ReportKind::Cpuid => match CpuidRecord::decode(buf) {
                 Some(record) => {
-                    self.log.record_cpuid_report(record);
+                    obs.observe(Observation::CpuidReport(record));
                     Status::Ok
                 }
                 None => Status::InvalidArgument,

@@ -2,7 +2,9 @@
 
 use ihmi_vmcs::{Instruction, IoQualification};
 
-use crate::{skip_instruction, Action, GuestEnd, Hypervisor, Platform, Vcpu};
+use crate::{
+    skip_instruction, Action, GuestEnd, Hypervisor, Observation, Observer, Platform, Vcpu,
+};
 
 /// The debug console port. Guest bytes are collected into lines and printed with a `guest|` prefix, so a
 /// guest can never produce a line that starts like one of L0's markers.
@@ -100,6 +102,7 @@ impl Hypervisor {
         &mut self,
         vcpu: &mut impl Vcpu,
         platform: &mut impl Platform,
+        obs: &mut impl Observer,
         q: IoQualification,
         instruction: Instruction,
     ) -> Action {
@@ -115,7 +118,10 @@ impl Hypervisor {
         }
         let port = q.port();
         let size = q.size();
-        self.log.io_exits += 1;
+        obs.observe(Observation::Io {
+            port,
+            write: !q.is_in(),
+        });
         if q.is_in() {
             let value: u32 = match port {
                 DEBUG_PORT => 0xe9, // what Bochs returns, so a guest can detect the console
@@ -135,21 +141,11 @@ impl Hypervisor {
         let byte = vcpu.regs().rax as u8;
         match port {
             DEBUG_PORT => {
-                let lines = &mut self.log.debug_lines;
-                // The Linux benchmark marks its windows with lines here.
-                let bench = matches!(self.scenario, ihmi_abi::Scenario::LinuxBench(_));
                 let exits = self.counters.total();
-                let mut mark = None;
                 self.e9_line.push(byte, |line| {
-                    *lines += 1;
                     print_guest_line(platform, line);
-                    if bench {
-                        mark = crate::bench::parse_linux_mark(line, exits);
-                    }
+                    obs.observe(Observation::DebugLine { line, exits });
                 });
-                if mark.is_some() {
-                    self.bench_mark = mark;
-                }
             }
             SHUTDOWN_PORT if self.shutdown_port.push(byte) => {
                 return Action::End(GuestEnd::ShutdownRequest);

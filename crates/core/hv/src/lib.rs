@@ -2,8 +2,7 @@
 #![no_std]
 #![deny(unsafe_code)]
 
-pub mod attacks;
-pub mod bench;
+mod bench;
 pub mod counters;
 mod cpuid;
 pub mod guard;
@@ -14,11 +13,14 @@ pub mod linux_hooks;
 pub mod memory;
 pub mod msr;
 pub mod nested;
+pub mod observe;
 pub mod outbox;
-pub mod scenario;
 pub mod views;
 pub mod xsetbv;
 
+// The mock names this crate as other crates do, so the same file also builds `ihmi-hv-mock`.
+#[cfg(test)]
+extern crate self as ihmi_hv;
 #[cfg(test)]
 mod mock;
 #[cfg(test)]
@@ -26,7 +28,6 @@ mod tests;
 
 use core::fmt;
 
-use ihmi_abi::Scenario;
 use ihmi_addr::{Gpa, Gva};
 use ihmi_vmcs::fields::{control, guest};
 use ihmi_vmcs::{
@@ -37,7 +38,7 @@ use ihmi_vmcs::{
 pub use counters::ExitCounters;
 pub use guard::{Alert, Guard, LinuxGate, ViewEptps};
 pub use memory::{MemoryMap, RegionKind};
-pub use scenario::{ScenarioLog, Verdict};
+pub use observe::{BenchMark, Observation, Observer, Unobserved};
 
 /// Guest general-purpose registers as the exit stub saves them (RSP and RIP live in the VMCS).
 ///
@@ -246,16 +247,12 @@ pub struct Hypervisor {
     pub memory: MemoryMap,
     /// Per-reason exit counts.
     pub counters: ExitCounters,
-    /// What the guest did that the scenario checks.
-    pub log: ScenarioLog,
-    /// The scenario being run.
-    pub scenario: Scenario,
     /// Protection of an in-box monitor, when the guest has one.
     pub guard: Option<Guard>,
     /// Whether an out-of-box monitor VM serves [`ihmi_abi::Hypercall::Monitor`].
     pub outbox_monitor: bool,
-    /// A benchmark window mark the guest just made, for L0 to add its monitor-side counts to.
-    pub bench_mark: Option<bench::BenchMark>,
+    /// The benchmark window the guest has open, if any.
+    bench: bench::BenchWindow,
     /// What the host found out about a Linux guest's kernel (System.map and BTF).
     pub linux: Option<ihmi_linux::LinuxProfile>,
     e9_line: io::LineBuffer,
@@ -263,35 +260,47 @@ pub struct Hypervisor {
 }
 
 impl Hypervisor {
-    /// A hypervisor for one guest with the given memory map and scenario.
+    /// A hypervisor for one guest with the given memory map.
     #[must_use]
-    pub fn new(memory: MemoryMap, scenario: Scenario) -> Self {
+    pub fn new(memory: MemoryMap) -> Self {
         Self {
             memory,
             counters: ExitCounters::default(),
-            log: ScenarioLog::default(),
-            scenario,
             guard: None,
             outbox_monitor: false,
-            bench_mark: None,
+            bench: bench::BenchWindow::default(),
             linux: None,
             e9_line: io::LineBuffer::default(),
             shutdown_port: io::ShutdownMatcher::default(),
         }
     }
 
-    /// Handles one VM exit. Never panics on guest input: anything unexpected ends the guest.
-    pub fn handle_exit(&mut self, vcpu: &mut impl Vcpu, platform: &mut impl Platform) -> Action {
+    /// Handles one VM exit, telling `obs` what it did. Never panics on guest input: anything
+    /// unexpected ends the guest, and the end is observed with the task a Linux guest was running.
+    pub fn handle_exit(
+        &mut self,
+        vcpu: &mut impl Vcpu,
+        platform: &mut impl Platform,
+        obs: &mut impl Observer,
+    ) -> Action {
         let exit = vcpu.exit();
         self.counters.record(exit.reason());
-        let audit = self.audit_hook(platform);
-        let action = audit.unwrap_or_else(|| self.dispatch(exit, vcpu, platform));
+        let audit = self.audit_hook(platform, obs);
+        let action = audit.unwrap_or_else(|| self.dispatch(exit, vcpu, platform, obs));
         if let Action::End(end) = action {
-            self.log.end = Some(end);
             // Which task a Linux guest was running when it ended, read through its own structures.
-            if self.linux.is_some() {
-                self.log.end_task = Some(self.current_linux_task(vcpu, platform));
+            let task = self
+                .linux
+                .is_some()
+                .then(|| self.current_linux_task(vcpu, platform));
+            match &task {
+                Some(Ok(t)) => platform.log(format_args!("linux: running task at the end: {t}")),
+                Some(Err(e)) => platform.log(format_args!(
+                    "linux: the running task could not be read: {e}"
+                )),
+                None => {}
             }
+            obs.observe(Observation::Ended { end, task });
         }
         action
     }
@@ -301,18 +310,19 @@ impl Hypervisor {
         exit: VmExit,
         vcpu: &mut impl Vcpu,
         platform: &mut impl Platform,
+        obs: &mut impl Observer,
     ) -> Action {
         match exit {
-            VmExit::Cpuid(i) => self.on_cpuid(vcpu, platform, i),
-            VmExit::Vmcall(i) => self.on_vmcall(vcpu, platform, i),
+            VmExit::Cpuid(i) => self.on_cpuid(vcpu, platform, obs, i),
+            VmExit::Vmcall(i) => self.on_vmcall(vcpu, platform, obs, i),
             VmExit::Io {
                 qualification,
                 instruction,
-            } => self.on_io(vcpu, platform, qualification, instruction),
-            VmExit::Rdmsr(i) => self.on_rdmsr(vcpu, platform, i),
-            VmExit::Wrmsr(i) => self.on_wrmsr(vcpu, platform, i),
-            VmExit::Vmfunc(_) => self.on_vmfunc(vcpu, platform),
-            VmExit::Xsetbv(i) => self.on_xsetbv(vcpu, platform, i),
+            } => self.on_io(vcpu, platform, obs, qualification, instruction),
+            VmExit::Rdmsr(i) => self.on_rdmsr(vcpu, platform, obs, i),
+            VmExit::Wrmsr(i) => self.on_wrmsr(vcpu, platform, obs, i),
+            VmExit::Vmfunc(_) => self.on_vmfunc(vcpu, platform, obs),
+            VmExit::Xsetbv(i) => self.on_xsetbv(vcpu, platform, obs, i),
             VmExit::Hlt(i) => self.on_hlt(vcpu, i),
             VmExit::Exception {
                 info,

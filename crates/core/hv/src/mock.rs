@@ -1,6 +1,10 @@
-//! A recording mock of the vCPU and the platform (the vmi-rs mock-driver idea): tests assert the exact
-//! sequence of VMCS accesses and platform calls an exit produces.
+//! A recording mock of the vCPU, the platform and an observer (the vmi-rs mock-driver idea): tests
+//! assert the exact sequence of VMCS accesses and platform calls an exit produces, and what it
+//! reported. Compiled into this crate's tests, and as the crate `ihmi-hv-mock` (the same file) for
+//! other crates' tests and the fuzz targets; a feature of this crate would pull `std` into L0 through
+//! workspace feature unification.
 
+#[allow(unused_extern_crates)] // needed inside no_std ihmi-hv, redundant in ihmi-hv-mock
 extern crate std;
 
 use core::cell::RefCell;
@@ -13,7 +17,7 @@ use ihmi_addr::Gpa;
 use ihmi_vmcs::fields::{guest, ro};
 use ihmi_vmcs::VmcsField;
 
-use crate::{GuestRegs, Platform, Vcpu};
+use ihmi_hv::{Alert, GuestRegs, Observation, Observer, Platform, Vcpu};
 
 /// One recorded call.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -188,5 +192,109 @@ impl Platform for MockPlatform {
         self.calls
             .borrow_mut()
             .push(Call::GuestText(args.to_string()));
+    }
+}
+
+/// One observation, owned (a debug line is copied out).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Seen {
+    /// Any observation but a debug line, as it came.
+    Other(Observation<'static>),
+    /// A debug-port line and the exit count with it.
+    DebugLine(Vec<u8>, u64),
+}
+
+/// An observer that keeps everything, in order.
+#[derive(Debug, Default)]
+pub struct Recorder {
+    pub seen: Vec<Seen>,
+}
+
+impl Observer for Recorder {
+    fn observe(&mut self, observation: Observation<'_>) {
+        let seen = match observation {
+            Observation::DebugLine { line, exits } => Seen::DebugLine(line.to_vec(), exits),
+            Observation::Cpuid {
+                leaf,
+                subleaf,
+                regs,
+            } => Seen::Other(Observation::Cpuid {
+                leaf,
+                subleaf,
+                regs,
+            }),
+            Observation::CpuidReport(r) => Seen::Other(Observation::CpuidReport(r)),
+            Observation::Hypercall { nr, status } => {
+                Seen::Other(Observation::Hypercall { nr, status })
+            }
+            Observation::Msr {
+                msr,
+                write,
+                faulted,
+            } => Seen::Other(Observation::Msr {
+                msr,
+                write,
+                faulted,
+            }),
+            Observation::Xsetbv { xcr0, faulted } => {
+                Seen::Other(Observation::Xsetbv { xcr0, faulted })
+            }
+            Observation::Io { port, write } => Seen::Other(Observation::Io { port, write }),
+            Observation::Alert(a) => Seen::Other(Observation::Alert(a)),
+            Observation::BenchMark(m) => Seen::Other(Observation::BenchMark(m)),
+            Observation::Ended { end, task } => Seen::Other(Observation::Ended { end, task }),
+        };
+        self.seen.push(seen);
+    }
+}
+
+impl Recorder {
+    /// The alerts, in order.
+    pub fn alerts(&self) -> Vec<Alert> {
+        self.seen
+            .iter()
+            .filter_map(|s| match s {
+                Seen::Other(Observation::Alert(a)) => Some(*a),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The hypercalls and their statuses, in order.
+    pub fn hypercalls(&self) -> Vec<(u64, ihmi_abi::Status)> {
+        self.seen
+            .iter()
+            .filter_map(|s| match s {
+                Seen::Other(Observation::Hypercall { nr, status }) => Some((*nr, *status)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// MSR accesses and XSETBVs L0 answered with #GP.
+    pub fn gp_faults(&self) -> usize {
+        self.seen
+            .iter()
+            .filter(|s| {
+                matches!(
+                    s,
+                    Seen::Other(
+                        Observation::Msr { faulted: true, .. }
+                            | Observation::Xsetbv { faulted: true, .. }
+                    )
+                )
+            })
+            .count()
+    }
+
+    /// The debug-port lines, as text.
+    pub fn debug_lines(&self) -> Vec<String> {
+        self.seen
+            .iter()
+            .filter_map(|s| match s {
+                Seen::DebugLine(l, _) => Some(String::from_utf8_lossy(l).into_owned()),
+                _ => None,
+            })
+            .collect()
     }
 }

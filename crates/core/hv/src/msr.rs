@@ -3,7 +3,10 @@
 use ihmi_vmcs::Instruction;
 
 use crate::guard::IA32_LSTAR;
-use crate::{inject_exception, skip_instruction, Action, Hypervisor, Platform, Vcpu, GP};
+use crate::{
+    inject_exception, skip_instruction, Action, Hypervisor, Observation, Observer, Platform, Vcpu,
+    GP,
+};
 
 /// IA32_FEATURE_CONTROL (SDM Vol. 4, Table 2-2).
 pub const IA32_FEATURE_CONTROL: u32 = 0x3a;
@@ -38,6 +41,7 @@ impl Hypervisor {
         &mut self,
         vcpu: &mut impl Vcpu,
         platform: &mut impl Platform,
+        obs: &mut impl Observer,
         instruction: Instruction,
     ) -> Action {
         let msr = vcpu.regs().rcx as u32;
@@ -53,7 +57,11 @@ impl Hypervisor {
             // (reads outside the bitmap ranges always exit).
             _ => None,
         };
-        self.log.msr_reads += 1;
+        obs.observe(Observation::Msr {
+            msr,
+            write: false,
+            faulted: value.is_none(),
+        });
         match value {
             Some(v) => {
                 let regs = vcpu.regs();
@@ -61,10 +69,7 @@ impl Hypervisor {
                 regs.rdx = v >> 32;
                 skip_instruction(vcpu, instruction);
             }
-            None => {
-                self.log.injected_gp += 1;
-                inject_exception(vcpu, GP, Some(0));
-            }
+            None => inject_exception(vcpu, GP, Some(0)),
         }
         Action::Resume
     }
@@ -73,17 +78,22 @@ impl Hypervisor {
         &mut self,
         vcpu: &mut impl Vcpu,
         platform: &mut impl Platform,
+        obs: &mut impl Observer,
         instruction: Instruction,
     ) -> Action {
-        self.log.msr_writes += 1;
         let regs = *vcpu.regs();
-        if regs.rcx as u32 == IA32_LSTAR {
+        let msr = regs.rcx as u32;
+        if msr == IA32_LSTAR {
             let value = (regs.rdx << 32) | (regs.rax & 0xffff_ffff);
-            return self.on_lstar_write(vcpu, platform, value, instruction);
+            return self.on_lstar_write(vcpu, platform, obs, value, instruction);
         }
         // Every other intercepted MSR is read-only to the guest (feature control is locked; VMX MSRs do
         // not exist), and so is any MSR outside the bitmap's ranges.
-        self.log.injected_gp += 1;
+        obs.observe(Observation::Msr {
+            msr,
+            write: true,
+            faulted: true,
+        });
         inject_exception(vcpu, GP, Some(0));
         Action::Resume
     }

@@ -4,16 +4,13 @@ extern crate std;
 
 use std::vec;
 
-use ihmi_abi::{
-    CpuidRecord, Hypercall, ReportKind, Scenario, Status, BAD_HYPERCALL_CASES, PING_REPLY,
-};
+use ihmi_abi::{CpuidRecord, Hypercall, ReportKind, Status, PING_REPLY};
 use ihmi_addr::{Gpa, Hpa, PhysRange};
 use ihmi_vmcs::fields::{control, guest, ro};
 use ihmi_vmcs::ExitReason;
 
-use crate::mock::{Call, MockPlatform, MockVcpu};
-use crate::scenario::{judge, FailReason};
-use crate::{Action, GuestEnd, Hypervisor, MemoryMap, RegionKind, Verdict};
+use crate::mock::{Call, MockPlatform, MockVcpu, Recorder, Seen};
+use crate::{Action, GuestEnd, Hypervisor, MemoryMap, Observation, RegionKind};
 
 // Basic exit reasons (SDM Appendix C), as the VMCS reports them.
 const EXIT_EXCEPTION: u32 = 0;
@@ -30,7 +27,32 @@ const EXIT_EPT_VIOLATION: u32 = 48;
 /// Guest RAM 0..16 MiB except an L0 hole at 8..9 MiB.
 const L0_HOLE: u64 = 0x80_0000;
 
-fn hv(scenario: Scenario) -> Hypervisor {
+/// The hypervisor under test and everything it reported.
+struct TestHv {
+    hv: Hypervisor,
+    rec: Recorder,
+}
+
+impl TestHv {
+    fn handle_exit(&mut self, v: &mut MockVcpu, p: &mut MockPlatform) -> Action {
+        self.hv.handle_exit(v, p, &mut self.rec)
+    }
+}
+
+impl core::ops::Deref for TestHv {
+    type Target = Hypervisor;
+    fn deref(&self) -> &Hypervisor {
+        &self.hv
+    }
+}
+
+impl core::ops::DerefMut for TestHv {
+    fn deref_mut(&mut self) -> &mut Hypervisor {
+        &mut self.hv
+    }
+}
+
+fn hv() -> TestHv {
     let mut m = MemoryMap::default();
     let r = |a: u64, b: u64| PhysRange {
         start: Hpa::new(a),
@@ -41,7 +63,10 @@ fn hv(scenario: Scenario) -> Hypervisor {
         .unwrap();
     m.add(r(L0_HOLE + 0x10_0000, 0x100_0000), RegionKind::GuestRam)
         .unwrap();
-    Hypervisor::new(m, scenario)
+    TestHv {
+        hv: Hypervisor::new(m),
+        rec: Recorder::default(),
+    }
 }
 
 /// Guest page tables at 0x1000.. mapping GVA 0..1 GiB to GPA 0..1 GiB with 2 MiB pages.
@@ -67,7 +92,7 @@ fn vmcall(nr: u64, args: [u64; 4]) -> MockVcpu {
 
 #[test]
 fn ping_touches_only_the_registers_rip_and_nothing_else() {
-    let mut h = hv(Scenario::Boot);
+    let mut h = hv();
     let mut v = vmcall(Hypercall::Ping as u64, [0; 4]);
     let mut p = MockPlatform::default();
     assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume);
@@ -87,7 +112,7 @@ fn ping_touches_only_the_registers_rip_and_nothing_else() {
 
 #[test]
 fn hypercall_from_user_mode_is_denied_without_reading_memory() {
-    let mut h = hv(Scenario::Boot);
+    let mut h = hv();
     let mut v = vmcall(Hypercall::ConsoleWrite as u64, [0x5000, 4, 0, 0]);
     v.fields.insert(guest::SS_ACCESS_RIGHTS, 0xc0f3); // DPL 3
     let mut p = platform_with_identity_paging();
@@ -103,7 +128,7 @@ fn hypercall_from_user_mode_is_denied_without_reading_memory() {
 
 #[test]
 fn unknown_hypercall_is_rejected_and_the_guest_continues() {
-    let mut h = hv(Scenario::Boot);
+    let mut h = hv();
     for nr in [4, 0xdead, u64::MAX] {
         let mut v = vmcall(nr, [0; 4]);
         let mut p = MockPlatform::default();
@@ -115,7 +140,7 @@ fn unknown_hypercall_is_rejected_and_the_guest_continues() {
 
 #[test]
 fn console_write_walks_guest_page_tables_and_prints_a_prefixed_line() {
-    let mut h = hv(Scenario::Boot);
+    let mut h = hv();
     let mut p = platform_with_identity_paging();
     p.write_bytes(0x5000, b"IHMI-PASS boot\n");
     let mut v = vmcall(Hypercall::ConsoleWrite as u64, [0x5000, 15, 0, 0]);
@@ -141,7 +166,7 @@ fn console_write_validation() {
         ([L0_HOLE + 0x10, 1, 0, 0], Status::BadAddress),
     ];
     for (args, expected) in cases {
-        let mut h = hv(Scenario::Boot);
+        let mut h = hv();
         let mut v = vmcall(Hypercall::ConsoleWrite as u64, args);
         assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume);
         assert_eq!(
@@ -159,7 +184,7 @@ fn console_write_validation() {
 
 #[test]
 fn page_tables_pointing_into_l0_memory_are_not_walked() {
-    let mut h = hv(Scenario::Boot);
+    let mut h = hv();
     let mut p = platform_with_identity_paging();
     let mut v = vmcall(Hypercall::ConsoleWrite as u64, [0x5000, 1, 0, 0]);
     v.fields.insert(guest::CR3, L0_HOLE); // a forged CR3 in L0 memory
@@ -173,7 +198,7 @@ fn page_tables_pointing_into_l0_memory_are_not_walked() {
 
 #[test]
 fn report_records_cpuid_and_rejects_bad_kinds_and_lengths() {
-    let mut h = hv(Scenario::Boot);
+    let mut h = hv();
     let mut p = platform_with_identity_paging();
     let rec = CpuidRecord {
         leaf: 1,
@@ -197,12 +222,12 @@ fn report_records_cpuid_and_rejects_bad_kinds_and_lengths() {
         h.handle_exit(&mut v, &mut p);
         assert_eq!(Status::from_raw(v.regs.rax), Some(expected));
     }
-    assert_eq!(h.log.hypercalls().len(), 4);
+    assert_eq!(h.rec.hypercalls().len(), 4);
 }
 
 #[test]
 fn cpuid_hides_vmx_and_announces_ihmi() {
-    let mut h = hv(Scenario::Boot);
+    let mut h = hv();
     let mut p = MockPlatform::default();
     let mut v = MockVcpu::exited(EXIT_CPUID, 0x1000, 2);
     v.regs.rax = 1;
@@ -228,7 +253,7 @@ fn cpuid_hides_vmx_and_announces_ihmi() {
 
 #[test]
 fn vmx_msrs_fault_and_feature_control_reads_locked() {
-    let mut h = hv(Scenario::Boot);
+    let mut h = hv();
     let mut p = MockPlatform::default();
     let mut v = MockVcpu::exited(EXIT_RDMSR, 0x1000, 2);
     v.regs.rcx = 0x3a;
@@ -255,7 +280,7 @@ fn vmx_msrs_fault_and_feature_control_reads_locked() {
         v.writes().last(),
         Some(&(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0x8000_0b0d))
     );
-    assert_eq!(h.log.injected_gp, 2);
+    assert_eq!(h.rec.gp_faults(), 2);
 }
 
 fn io_out(port: u16, byte: u8) -> MockVcpu {
@@ -268,12 +293,17 @@ fn io_out(port: u16, byte: u8) -> MockVcpu {
 
 #[test]
 fn debug_port_lines_and_the_shutdown_port() {
-    let mut h = hv(Scenario::Demo);
+    let mut h = hv();
     let mut p = MockPlatform::default();
     for &b in b"hi\n" {
         assert_eq!(h.handle_exit(&mut io_out(0xe9, b), &mut p), Action::Resume);
     }
     assert_eq!(p.guest_texts(), vec!["guest| hi"]);
+    assert_eq!(
+        h.rec.debug_lines(),
+        vec!["hi"],
+        "the line is observed as well"
+    );
     let mut last = Action::Resume;
     for &b in b"Shutdown" {
         last = h.handle_exit(&mut io_out(0x8900, b), &mut p);
@@ -287,7 +317,7 @@ fn debug_port_lines_and_the_shutdown_port() {
 
 #[test]
 fn string_io_ends_the_guest_instead_of_guessing() {
-    let mut h = hv(Scenario::Demo);
+    let mut h = hv();
     let mut v = MockVcpu::exited(EXIT_IO, 0x2000, 2);
     v.fields
         .insert(ro::EXIT_QUALIFICATION, (0xe9 << 16) | (1 << 4));
@@ -299,7 +329,7 @@ fn string_io_ends_the_guest_instead_of_guessing() {
 
 #[test]
 fn hlt_resumes_with_interrupts_on_and_ends_with_them_off() {
-    let mut h = hv(Scenario::Demo);
+    let mut h = hv();
     let mut p = MockPlatform::default();
     let mut v = MockVcpu::exited(EXIT_HLT, 0x3000, 1);
     assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume);
@@ -314,7 +344,7 @@ fn hlt_resumes_with_interrupts_on_and_ends_with_them_off() {
 
 #[test]
 fn breakpoint_is_counted_and_reinjected_as_a_software_exception() {
-    let mut h = hv(Scenario::Demo);
+    let mut h = hv();
     let mut v = MockVcpu::exited(EXIT_EXCEPTION, 0x3000, 1);
     v.fields.insert(ro::VMEXIT_INTERRUPTION_INFO, 0x8000_0603);
     assert_eq!(
@@ -333,7 +363,7 @@ fn breakpoint_is_counted_and_reinjected_as_a_software_exception() {
 
 #[test]
 fn ept_violation_on_an_l0_frame_ends_the_guest_and_changes_nothing() {
-    let mut h = hv(Scenario::EptGuard);
+    let mut h = hv();
     let mut v = MockVcpu::exited(EXIT_EPT_VIOLATION, 0x4000, 3);
     v.fields
         .insert(ro::GUEST_PHYSICAL_ADDR_FULL, L0_HOLE + 0x123);
@@ -355,21 +385,16 @@ fn ept_violation_on_an_l0_frame_ends_the_guest_and_changes_nothing() {
         "no VMCS (and so no EPT pointer) change"
     );
     assert_eq!(
-        judge(
-            Scenario::EptGuard,
-            &h.log,
-            &h.counters,
-            Gpa::new(L0_HOLE),
-            Some(RegionKind::L0)
-        ),
-        Verdict::Pass
+        h.rec.seen.last(),
+        Some(&Seen::Other(Observation::Ended { end, task: None })),
+        "the end is reported, without a task (not a Linux guest)"
     );
     assert!(!h.memory.is_guest_ram(Gpa::new(L0_HOLE), 1));
 }
 
 #[test]
 fn triple_fault_and_unknown_exits_end_the_guest_not_l0() {
-    let mut h = hv(Scenario::Boot);
+    let mut h = hv();
     let mut p = MockPlatform::default();
     let mut v = MockVcpu::exited(EXIT_TRIPLE_FAULT, 0x5000, 0);
     assert_eq!(
@@ -399,7 +424,7 @@ fn triple_fault_and_unknown_exits_end_the_guest_not_l0() {
 fn vmx_instructions_get_ud_while_l0_offers_no_vmx() {
     // VMXON (27), VMPTRLD (21), VMREAD (23), INVEPT (50): the guest sees what a CPU without VMX gives.
     for reason in [27, 21, 23, 50] {
-        let mut h = hv(Scenario::Boot);
+        let mut h = hv();
         let mut p = MockPlatform::default();
         let mut v = MockVcpu::exited(reason, 0x5000, 4);
         assert_eq!(
@@ -416,232 +441,14 @@ fn vmx_instructions_get_ud_while_l0_offers_no_vmx() {
     }
 }
 
-#[test]
-fn boot_verdict_requires_matching_cpuid_reports() {
-    let mut h = hv(Scenario::Boot);
-    let mut p = platform_with_identity_paging();
-    let probe = Gpa::new(L0_HOLE);
-    for leaf in [0u32, 1, 0x4000_0000, 0x4000_0001] {
-        let mut v = MockVcpu::exited(EXIT_CPUID, 0x1000, 2);
-        v.regs.rax = u64::from(leaf);
-        h.handle_exit(&mut v, &mut p);
-        let seen = [
-            v.regs.rax as u32,
-            v.regs.rbx as u32,
-            v.regs.rcx as u32,
-            v.regs.rdx as u32,
-        ];
-        let rec = CpuidRecord {
-            leaf,
-            subleaf: 0,
-            regs: seen,
-        };
-        p.write_bytes(0x6000, &rec.encode());
-        h.handle_exit(
-            &mut vmcall(Hypercall::Report as u64, [1, 0x6000, 24, 0]),
-            &mut p,
-        );
-    }
-    h.handle_exit(&mut vmcall(Hypercall::Ping as u64, [0; 4]), &mut p);
-    assert_eq!(
-        judge(Scenario::Boot, &h.log, &h.counters, probe, None),
-        Verdict::Fail(FailReason::NotEnded)
-    );
-    h.handle_exit(&mut vmcall(Hypercall::Done as u64, [0; 4]), &mut p);
-    assert_eq!(
-        judge(Scenario::Boot, &h.log, &h.counters, probe, None),
-        Verdict::Pass
-    );
-
-    // A guest that saw something else than L0 returned fails the scenario.
-    let bad = CpuidRecord {
-        leaf: 1,
-        subleaf: 0,
-        regs: [0; 4],
-    };
-    let mut h2 = hv(Scenario::Boot);
-    let mut v = MockVcpu::exited(EXIT_CPUID, 0x1000, 2);
-    v.regs.rax = 1;
-    h2.handle_exit(&mut v, &mut p);
-    p.write_bytes(0x6000, &bad.encode());
-    h2.handle_exit(
-        &mut vmcall(Hypercall::Report as u64, [1, 0x6000, 24, 0]),
-        &mut p,
-    );
-    h2.handle_exit(&mut vmcall(Hypercall::Done as u64, [0; 4]), &mut p);
-    assert!(matches!(
-        judge(Scenario::Boot, &h2.log, &h2.counters, probe, None),
-        Verdict::Fail(_)
-    ));
-}
-
-#[test]
-fn bad_hypercall_verdict_follows_the_statuses_l0_returned() {
-    let mut h = hv(Scenario::BadHypercall);
-    let mut p = MockPlatform::default();
-    for (_, status) in BAD_HYPERCALL_CASES {
-        h.log.record_hypercall(0, *status);
-        // The guest's progress lines between the cases do not count.
-        h.log
-            .record_hypercall(Hypercall::ConsoleWrite as u64, Status::Ok);
-    }
-    h.handle_exit(&mut vmcall(Hypercall::Ping as u64, [0; 4]), &mut p);
-    h.handle_exit(&mut vmcall(Hypercall::Done as u64, [0; 4]), &mut p);
-    assert_eq!(
-        judge(
-            Scenario::BadHypercall,
-            &h.log,
-            &h.counters,
-            Gpa::new(0),
-            None
-        ),
-        Verdict::Pass
-    );
-
-    let mut h = hv(Scenario::BadHypercall);
-    h.log.record_hypercall(0, Status::Ok); // case 0 accepted: a validation hole
-    h.handle_exit(&mut vmcall(Hypercall::Done as u64, [0; 4]), &mut p);
-    assert_eq!(
-        judge(
-            Scenario::BadHypercall,
-            &h.log,
-            &h.counters,
-            Gpa::new(0),
-            None
-        ),
-        Verdict::Fail(FailReason::HypercallStatus {
-            index: 0,
-            expected: Status::UnknownCall,
-            got: Some(Status::Ok)
-        })
-    );
-}
-
-#[test]
-fn entry_failures_pass_only_where_expected() {
-    use crate::scenario::{judge_entry_failure, EntryFailure};
-    use ihmi_vmcs::VmInstructionError;
-    let control = EntryFailure::FailValid(VmInstructionError::EntryInvalidControlFields);
-    let guest_state = EntryFailure::Exit(ExitReason::EntryFailInvalidGuestState);
-    assert_eq!(
-        judge_entry_failure(Scenario::EntryBadControl, control),
-        Verdict::Pass
-    );
-    assert_eq!(
-        judge_entry_failure(Scenario::EntryBadGuestState, guest_state),
-        Verdict::Pass
-    );
-    assert!(matches!(
-        judge_entry_failure(Scenario::EntryBadControl, guest_state),
-        Verdict::Fail(_)
-    ));
-    assert!(matches!(
-        judge_entry_failure(Scenario::Boot, control),
-        Verdict::Fail(_)
-    ));
-    assert!(matches!(
-        judge_entry_failure(Scenario::EntryBadGuestState, EntryFailure::FailInvalid),
-        Verdict::Fail(_)
-    ));
-    // A guest that ran in an entry-failure scenario is a failure too.
-    let mut h = hv(Scenario::EntryBadControl);
-    h.handle_exit(
-        &mut vmcall(Hypercall::Done as u64, [0; 4]),
-        &mut MockPlatform::default(),
-    );
-    assert_eq!(
-        judge(
-            Scenario::EntryBadControl,
-            &h.log,
-            &h.counters,
-            Gpa::new(0),
-            None
-        ),
-        Verdict::Fail(FailReason::EntryDidNotFail)
-    );
-}
-
-/// The monitor events the sim workload must produce, built from the expectation table itself.
-fn sim_events() -> std::vec::Vec<ihmi_monitor::Event> {
-    crate::scenario::SIM_WORKLOAD
-        .iter()
-        .enumerate()
-        .map(|(i, x)| {
-            let mut e = ihmi_monitor::Event {
-                seq: i as u64,
-                kind: x.kind as u16,
-                pid: x.pid,
-                ppid: x.ppid,
-                nr: x.nr,
-                verdict: x.verdict as i32,
-                ..ihmi_monitor::Event::EMPTY
-            };
-            e.comm[..x.comm.len()].copy_from_slice(x.comm.as_bytes());
-            e
-        })
-        .collect()
-}
-
-fn sim_verdict(events: &[ihmi_monitor::Event], dropped: u64) -> Verdict {
-    let mut h = hv(Scenario::Sim);
-    h.handle_exit(
-        &mut vmcall(Hypercall::Done as u64, [0; 4]),
-        &mut MockPlatform::default(),
-    );
-    for e in events {
-        h.log.record_monitor_event(e);
-    }
-    h.log.monitor_dropped = dropped;
-    judge(Scenario::Sim, &h.log, &h.counters, Gpa::new(0), None)
-}
-
-#[test]
-fn sim_verdict_requires_exactly_the_workload_events() {
-    let good = sim_events();
-    assert_eq!(sim_verdict(&good, 0), Verdict::Pass);
-
-    // The intruder allowed instead of denied.
-    let mut allowed = good.clone();
-    allowed[9].verdict = ihmi_abi::monitor::Verdict::Allow as i32;
-    assert!(matches!(
-        sim_verdict(&allowed, 0),
-        Verdict::Fail(FailReason::MonitorEvent { index: 9, .. })
-    ));
-    // A missing event, an extra one, a wrong name, and a drop all fail.
-    assert!(matches!(
-        sim_verdict(&good[..10], 0),
-        Verdict::Fail(FailReason::MonitorEvent {
-            index: 10,
-            got: None,
-            ..
-        })
-    ));
-    let mut extra = good.clone();
-    extra.push(good[1]);
-    assert_eq!(
-        sim_verdict(&extra, 0),
-        Verdict::Fail(FailReason::ExtraMonitorEvents(1))
-    );
-    let mut renamed = good.clone();
-    renamed[1].comm[0] = b'I';
-    assert!(matches!(
-        sim_verdict(&renamed, 0),
-        Verdict::Fail(FailReason::MonitorEvent { index: 1, .. })
-    ));
-    assert_eq!(
-        sim_verdict(&good, 2),
-        Verdict::Fail(FailReason::MonitorDropped(2))
-    );
-}
-
 const EXIT_VMFUNC: u32 = 59;
 const GUEST_EPTP: u64 = 0xa01e;
 const MONITOR_EPTP: u64 = 0xb01e;
 const HOOK_GPA: u64 = 0x20_0000;
 const GATE: u64 = 0xf0_0000;
 
-fn guarded(scenario: Scenario) -> (Hypervisor, MockPlatform) {
-    let mut h = hv(scenario);
+fn guarded() -> (TestHv, MockPlatform) {
+    let mut h = hv();
     h.guard = Some(crate::Guard::new(
         crate::ViewEptps {
             guest: GUEST_EPTP,
@@ -656,7 +463,7 @@ fn guarded(scenario: Scenario) -> (Hypervisor, MockPlatform) {
 
 #[test]
 fn vmfunc_with_a_bad_index_injects_ud_and_raises_an_alert_without_touching_the_eptp() {
-    let (mut h, mut p) = guarded(Scenario::Boot);
+    let (mut h, mut p) = guarded();
     let mut v = MockVcpu::exited(EXIT_VMFUNC, 0x7000, 3);
     v.regs.rax = 0;
     v.regs.rcx = 600;
@@ -667,7 +474,7 @@ fn vmfunc_with_a_bad_index_injects_ud_and_raises_an_alert_without_touching_the_e
         "only a #UD injection: no EPTP write, RIP not advanced"
     );
     assert_eq!(
-        h.log.alerts(),
+        h.rec.alerts().as_slice(),
         [crate::Alert::VmfuncRefused {
             function: 0,
             index: 600,
@@ -689,7 +496,7 @@ fn wrmsr_lstar(value: u64) -> MockVcpu {
 
 #[test]
 fn lstar_is_installed_once_then_locked() {
-    let (mut h, mut p) = guarded(Scenario::Boot);
+    let (mut h, mut p) = guarded();
     let entry = 0xffff_ffff_8100_0040;
     let mut v = wrmsr_lstar(entry);
     assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume);
@@ -722,20 +529,20 @@ fn lstar_is_installed_once_then_locked() {
         .count();
     assert_eq!(writes, 1, "the refused value never reached the MSR");
     assert!(matches!(
-        h.log.alerts(),
+        h.rec.alerts().as_slice(),
         [crate::Alert::LstarWriteRefused { value: 0x1000, .. }]
     ));
     // Without a monitor there is nothing to lock.
-    let mut free = hv(Scenario::Boot);
+    let mut free = hv();
     let mut p2 = MockPlatform::default();
     free.handle_exit(&mut wrmsr_lstar(1), &mut p2);
     free.handle_exit(&mut wrmsr_lstar(2), &mut p2);
-    assert!(free.log.alerts().is_empty());
+    assert!(free.rec.alerts().is_empty());
 }
 
 #[test]
 fn a_changed_hook_pointer_ends_the_guest_at_the_next_exit() {
-    let (mut h, mut p) = guarded(Scenario::Boot);
+    let (mut h, mut p) = guarded();
     assert_eq!(
         h.handle_exit(&mut vmcall(Hypercall::Ping as u64, [0; 4]), &mut p),
         Action::Resume
@@ -749,7 +556,7 @@ fn a_changed_hook_pointer_ends_the_guest_at_the_next_exit() {
         })
     );
     assert!(matches!(
-        h.log.alerts(),
+        h.rec.alerts().as_slice(),
         [crate::Alert::HookTampered {
             found: 0,
             expected: GATE,
@@ -760,7 +567,7 @@ fn a_changed_hook_pointer_ends_the_guest_at_the_next_exit() {
 
 #[test]
 fn ept_violations_name_the_view_the_guest_was_in() {
-    let (mut h, mut p) = guarded(Scenario::Boot);
+    let (mut h, mut p) = guarded();
     let mut v = MockVcpu::exited(EXIT_EPT_VIOLATION, 0x1234, 0);
     v.fields.insert(control::EPTP_FULL, MONITOR_EPTP);
     v.fields.insert(ro::GUEST_PHYSICAL_ADDR_FULL, 0x1234);
@@ -771,242 +578,10 @@ fn ept_violations_name_the_view_the_guest_was_in() {
     ));
 }
 
-mod attack_judge {
-    extern crate std;
-
-    use ihmi_abi::attack::{Attack, FLOOD_REQUESTS, FORGED_REQUEST};
-    use ihmi_abi::monitor::Verdict as MV;
-    use ihmi_addr::{Gpa, Gva, Hpa, PhysRange};
-    use ihmi_monitor::{Event, EventKind, RejectReason};
-    use ihmi_vmcs::EptViolationQualification;
-
-    use crate::attacks::{judge_attack, write_attack_json, AttackContext, MonitorAudit};
-    use crate::{GuestEnd, RegionKind, ScenarioLog};
-
-    const GATE: u64 = 0xf80_0000;
-    const CODE: PhysRange = PhysRange {
-        start: Hpa::new(0x100_0000),
-        end: Hpa::new(0x100_6000),
-    };
-    const CODE_SLICE: &[PhysRange] = &[CODE];
-
-    fn ctx(intact: bool) -> AttackContext<'static> {
-        AttackContext {
-            gate: PhysRange {
-                start: Hpa::new(GATE),
-                end: Hpa::new(GATE + 0x1000),
-            },
-            guest_code: CODE_SLICE,
-            hook: Some(Gpa::new(0x100_5ff8)),
-            audit: MonitorAudit {
-                image_intact: intact,
-                ring_consistent: true,
-            },
-        }
-    }
-
-    /// Qualification bits (SDM Table 28-7): 0 read, 1 write, 2 fetch.
-    fn ept(gpa: u64, q: u64, region: Option<RegionKind>, view: u16, rip: u64) -> GuestEnd {
-        GuestEnd::EptViolation {
-            gpa: Gpa::new(gpa),
-            gla: Some(Gva::new(gpa)),
-            rip,
-            qualification: EptViolationQualification::from_raw(q),
-            region,
-            view: Some(view),
-        }
-    }
-
-    fn log_ending(end: GuestEnd) -> ScenarioLog {
-        let mut log = ScenarioLog::default();
-        log.end = Some(end);
-        log
-    }
-
-    fn verdict(a: Attack, log: &ScenarioLog, intact: bool) -> (bool, bool, bool) {
-        let o = judge_attack(a, log, &ctx(intact));
-        (o.blocked, o.reported, o.monitor_intact)
-    }
-
-    #[test]
-    fn hardware_blocked_attacks_need_the_right_violation() {
-        let monitor_read = log_ending(ept(
-            GATE + 0x1000,
-            1,
-            Some(RegionKind::Monitor),
-            0,
-            0x100_0629,
-        ));
-        assert_eq!(
-            verdict(Attack::ForgedPte, &monitor_read, true),
-            (true, true, true)
-        );
-        assert_eq!(
-            verdict(Attack::Cr3Switch, &monitor_read, true),
-            (true, true, true)
-        );
-        // The same violation does not prove other attacks were stopped.
-        assert!(!verdict(Attack::VmfuncOutsideGate, &monitor_read, true).0);
-        assert!(!verdict(Attack::GateOverwrite, &monitor_read, true).0);
-        // A guest that simply finished proves nothing about an EPT-blocked attack.
-        let done = log_ending(GuestEnd::Done(0));
-        assert_eq!(
-            verdict(Attack::ForgedPte, &done, true),
-            (false, false, true)
-        );
-        // A changed monitor fails the third column whatever happened.
-        assert!(!verdict(Attack::ForgedPte, &monitor_read, false).2);
-
-        let fetch_in_monitor_view = log_ending(ept(
-            0x100_13af,
-            4,
-            Some(RegionKind::GuestRam),
-            1,
-            0x100_13af,
-        ));
-        for a in [
-            Attack::VmfuncOutsideGate,
-            Attack::GateRemap,
-            Attack::TrapInMonitor,
-        ] {
-            assert_eq!(
-                verdict(a, &fetch_in_monitor_view, true),
-                (true, true, true),
-                "{a:?}"
-            );
-        }
-        let hook_write = log_ending(ept(
-            0x100_3b40,
-            2,
-            Some(RegionKind::GuestRam),
-            0,
-            0x100_1417,
-        ));
-        assert_eq!(
-            verdict(Attack::HookOverwrite, &hook_write, true),
-            (true, true, true)
-        );
-        assert!(
-            !verdict(Attack::HookStarve, &hook_write, true).0,
-            "not the hook pointer"
-        );
-        let starve = log_ending(ept(
-            0x100_5ff8,
-            2,
-            Some(RegionKind::GuestRam),
-            0,
-            0x100_138b,
-        ));
-        assert_eq!(
-            verdict(Attack::HookStarve, &starve, true),
-            (true, true, true)
-        );
-        let gate_write = log_ending(ept(GATE, 2, Some(RegionKind::Monitor), 0, 0x100_1420));
-        assert_eq!(
-            verdict(Attack::GateOverwrite, &gate_write, true),
-            (true, true, true)
-        );
-        assert!(
-            !verdict(Attack::EventForge, &gate_write, true).0,
-            "the gate is not the ring"
-        );
-    }
-
-    fn rejected(seq: u64) -> Event {
-        Event {
-            seq,
-            kind: EventKind::Rejected as u16,
-            detail: RejectReason::UnknownRequest as u16,
-            verdict: MV::Rejected as i32,
-            nr: FORGED_REQUEST,
-            ..Event::EMPTY
-        }
-    }
-
-    #[test]
-    fn flood_must_be_accounted_for_event_by_event() {
-        let mut log = log_ending(GuestEnd::Done(0));
-        let stored = ihmi_abi::monitor::RING_LEN as u64;
-        for seq in 0..stored {
-            log.record_monitor_event(&rejected(seq));
-        }
-        log.monitor_dropped = FLOOD_REQUESTS - stored;
-        assert_eq!(verdict(Attack::EventFlood, &log, true), (true, true, true));
-        // One event unaccounted for: neither blocked nor reported.
-        log.monitor_dropped -= 1;
-        assert!(!verdict(Attack::EventFlood, &log, true).0);
-        // A gap larger than the counted drops means the stream was tampered with.
-        let mut gappy = log_ending(GuestEnd::Done(0));
-        gappy.record_monitor_event(&rejected(0));
-        gappy.record_monitor_event(&rejected(5));
-        assert!(!verdict(Attack::EventFlood, &gappy, true).2);
-    }
-
-    #[test]
-    fn gate_middle_needs_both_the_rejection_and_the_stopped_exit_gate() {
-        let mut log = log_ending(ept(0x6000_6620, 1, None, 0, GATE + 0x74));
-        assert!(
-            !verdict(Attack::GateMiddle, &log, true).0,
-            "no rejection seen"
-        );
-        log.record_monitor_event(&rejected(0));
-        assert_eq!(verdict(Attack::GateMiddle, &log, true), (true, true, true));
-        let mut json = std::string::String::new();
-        write_attack_json(
-            &mut json,
-            &judge_attack(Attack::GateMiddle, &log, &ctx(true)),
-            &log,
-        )
-        .unwrap();
-        let v: std::vec::Vec<&str> = json.split('"').collect();
-        assert!(json.starts_with(r#"{"attack":"gate-middle","item":5,"blocked":true,"reported":true,"monitor_intact":true,"detail":""#), "{json}");
-        assert!(v.len() % 2 == 1, "quotes balanced: {json}");
-    }
-
-    #[test]
-    fn alert_based_attacks_need_the_alert_and_a_healthy_guest() {
-        let mut log = log_ending(GuestEnd::Done(0));
-        assert_eq!(
-            verdict(Attack::VmfuncBadIndex, &log, true),
-            (true, false, true)
-        );
-        for index in [7, 600] {
-            log.record_alert(crate::Alert::VmfuncRefused {
-                function: 0,
-                index,
-                rip: 0,
-            });
-        }
-        assert_eq!(
-            verdict(Attack::VmfuncBadIndex, &log, true),
-            (true, true, true)
-        );
-        let mut lstar = log_ending(GuestEnd::Done(0));
-        lstar.record_alert(crate::Alert::LstarWriteRefused {
-            value: 1,
-            locked: 2,
-            rip: 0,
-        });
-        assert_eq!(
-            verdict(Attack::LstarRedirect, &lstar, true),
-            (false, true, true),
-            "no syscall reached the monitor afterwards"
-        );
-        lstar.record_monitor_event(&Event {
-            kind: EventKind::Syscall as u16,
-            ..Event::EMPTY
-        });
-        assert_eq!(
-            verdict(Attack::LstarRedirect, &lstar, true),
-            (true, true, true)
-        );
-    }
-}
-
 #[test]
 fn monitor_hypercall_goes_to_the_monitor_vm_only_when_there_is_one() {
     // Without a monitor VM it is an unknown call, and nothing else happens.
-    let mut h = hv(Scenario::Sim);
+    let mut h = hv();
     let mut v = vmcall(Hypercall::Monitor as u64, [1, 2, 3, 4]);
     v.regs.rdi = 5;
     assert_eq!(
@@ -1016,7 +591,7 @@ fn monitor_hypercall_goes_to_the_monitor_vm_only_when_there_is_one() {
     assert_eq!(v.regs.rax, Status::UnknownCall.to_raw());
     // With one, L0 is told to run the request (code in RBX, arguments in RCX, RDX, RSI, RDI), and the
     // guest's VMCALL is already skipped so it resumes after it.
-    let mut h = hv(Scenario::SimOutbox);
+    let mut h = hv();
     h.outbox_monitor = true;
     let mut v = vmcall(Hypercall::Monitor as u64, [1, 2, 3, 4]);
     v.regs.rdi = 5;
@@ -1067,7 +642,7 @@ fn monitor_vm_exits_other_than_its_verdict_are_faults() {
 
 #[test]
 fn keyboard_controller_commands_pass_but_its_reset_pulse_ends_the_guest() {
-    let mut h = hv(Scenario::LinuxBoot);
+    let mut h = hv();
     let mut p = MockPlatform::default();
     // A status read goes to the controller, and its answer to the guest.
     let mut read = MockVcpu::exited(EXIT_IO, 0x2000, 1);
@@ -1095,7 +670,7 @@ fn keyboard_controller_commands_pass_but_its_reset_pulse_ends_the_guest() {
 
 #[test]
 fn cpuid_osxsave_follows_the_guest_cr4_not_l0s() {
-    let mut h = hv(Scenario::LinuxBoot);
+    let mut h = hv();
     let mut p = MockPlatform::default();
     for (cr4, expected) in [(0u64, 0u32), (1 << 18, 1 << 27)] {
         let mut v = MockVcpu::exited(EXIT_CPUID, 0x1000, 2);
@@ -1110,7 +685,7 @@ fn cpuid_osxsave_follows_the_guest_cr4_not_l0s() {
 #[test]
 fn xsetbv_is_checked_then_performed() {
     const EXIT_XSETBV: u32 = 55;
-    let mut h = hv(Scenario::LinuxBoot);
+    let mut h = hv();
     let mut p = MockPlatform::default();
     // The mock host's CPUID leaf 0xD reports XCR0 bits 0xd (x87, AVX, bit 3): x87 alone is valid.
     let mut ok = MockVcpu::exited(EXIT_XSETBV, 0x3000, 3);
@@ -1142,7 +717,7 @@ fn xsetbv_is_checked_then_performed() {
 #[test]
 fn the_running_linux_task_is_read_through_the_profile() {
     use ihmi_linux::profile::{Field, LinuxProfile};
-    let mut h = hv(Scenario::LinuxBoot);
+    let mut h = hv();
     h.linux = Some(LinuxProfile {
         current_task: 0x8, // a per-CPU offset
         init_top_pgt: 0,
@@ -1207,60 +782,8 @@ fn the_running_linux_task_is_read_through_the_profile() {
     );
 }
 
-#[test]
-fn linux_boot_passes_only_for_init_s_last_program() {
-    use crate::linux::{TaskError, TaskInfo};
-    let task = |pid: u32, ppid: u32, comm: &[u8]| {
-        let mut c = [0u8; 16];
-        c[..comm.len()].copy_from_slice(comm);
-        TaskInfo {
-            task: 0xffff_8880_0000_0000,
-            pid,
-            tgid: pid,
-            ppid,
-            comm: c,
-        }
-    };
-    let verdict = |end: GuestEnd, lines: u64, t: Option<Result<TaskInfo, TaskError>>| {
-        let mut h = hv(Scenario::LinuxBoot);
-        h.log.end = Some(end);
-        h.log.debug_lines = lines;
-        h.log.end_task = t;
-        judge(Scenario::LinuxBoot, &h.log, &h.counters, Gpa::new(0), None)
-    };
-    let good = Some(Ok(task(1, 0, b"ihmi-poweroff")));
-    assert_eq!(verdict(GuestEnd::ShutdownRequest, 1, good), Verdict::Pass);
-    // Another task, another parent, no line on the debug port, no profile, another ending: all fail.
-    for (end, lines, t) in [
-        (
-            GuestEnd::ShutdownRequest,
-            1,
-            Some(Ok(task(42, 1, b"ihmi-poweroff"))),
-        ),
-        (
-            GuestEnd::ShutdownRequest,
-            1,
-            Some(Ok(task(1, 5, b"ihmi-poweroff"))),
-        ),
-        (GuestEnd::ShutdownRequest, 1, Some(Ok(task(1, 0, b"sh")))),
-        (GuestEnd::ShutdownRequest, 0, good),
-        (
-            GuestEnd::ShutdownRequest,
-            1,
-            Some(Err(TaskError::NoProfile)),
-        ),
-        (GuestEnd::ShutdownRequest, 1, None),
-        (GuestEnd::ResetRequest, 1, good),
-    ] {
-        assert!(
-            matches!(verdict(end, lines, t), Verdict::Fail(_)),
-            "{end:?} {t:?}"
-        );
-    }
-}
-
-fn linux_guarded() -> (Hypervisor, MockPlatform, crate::LinuxGate) {
-    let (mut h, p) = guarded(Scenario::LinuxSim);
+fn linux_guarded() -> (TestHv, MockPlatform, crate::LinuxGate) {
+    let (mut h, p) = guarded();
     let gate = crate::LinuxGate {
         gate_entry: 0xffff_e900_0000_00ad,
         kernel_entry_slot: Gpa::new(0x40_0ff8),
@@ -1336,142 +859,6 @@ fn an_occupied_slot_leaves_the_kernel_s_entry_alone() {
             .any(|c| matches!(c, Call::Log(s) if s.contains("now enter through the gate"))),
         "no claim that the gate is in front"
     );
-}
-
-#[test]
-fn the_linux_workload_trail_needs_its_calls_in_order_from_one_child_of_init() {
-    use crate::scenario::LINUX_WORKLOAD;
-    let ev = |pid: u32, ppid: u32, comm: &[u8], nr: u64| {
-        let mut e = ihmi_monitor::Event {
-            kind: ihmi_monitor::EventKind::Syscall as u16,
-            pid,
-            ppid,
-            nr,
-            ..ihmi_monitor::Event::EMPTY
-        };
-        e.comm[..comm.len()].copy_from_slice(comm);
-        e
-    };
-    let exec = |pid: u32, path: &[u8], verdict: ihmi_abi::monitor::Verdict| {
-        let mut e = ihmi_monitor::Event {
-            kind: ihmi_monitor::EventKind::Exec as u16,
-            pid,
-            ppid: 1,
-            verdict: verdict as i32,
-            ..ihmi_monitor::Event::EMPTY
-        };
-        e.path[..path.len()].copy_from_slice(path);
-        e
-    };
-    use ihmi_abi::monitor::Verdict::{Allow, Deny};
-    let name = LINUX_WORKLOAD.0.as_bytes();
-    let mut log = crate::ScenarioLog::default();
-    for e in [
-        exec(26, b"/bin/ihmi-workload", Allow),
-        ev(1, 0, b"init", 110),
-        ev(26, 1, name, 12),
-        ev(26, 1, name, 110),
-        ev(27, 1, name, 102), // another process by the same name does not count
-        ev(26, 1, name, 102),
-        ev(26, 1, name, 104),
-    ] {
-        log.record_monitor_event(&e);
-    }
-    assert!(
-        !log.linux_trail.complete(),
-        "the intruder has not been refused yet"
-    );
-    log.record_monitor_event(&exec(28, b"/bin/ihmi-intruder", Deny));
-    assert!(log.linux_trail.complete(), "{:?}", log.linux_trail);
-    // Had the intruder made a system call, it ran.
-    let mut ran = log.clone();
-    ran.record_monitor_event(&ev(28, 1, b"ihmi-intruder", 39));
-    assert!(!ran.linux_trail.complete());
-    // The workload's calls must come from the process the exec monitor saw start it.
-    let mut other = crate::ScenarioLog::default();
-    for e in [
-        exec(30, b"/bin/ihmi-workload", Allow),
-        ev(26, 1, name, 110),
-        ev(26, 1, name, 102),
-        ev(26, 1, name, 104),
-        exec(28, b"/bin/ihmi-intruder", Deny),
-    ] {
-        other.record_monitor_event(&e);
-    }
-    assert!(!other.linux_trail.complete());
-    let mut out_of_order = crate::ScenarioLog::default();
-    for nr in [102, 110, 104] {
-        out_of_order.record_monitor_event(&ev(26, 1, name, nr));
-    }
-    assert!(!out_of_order.linux_trail.complete());
-}
-
-#[test]
-fn linux_attack_needs_the_refused_lstar_write_and_the_stopped_monitor_read() {
-    use crate::linux::TaskInfo;
-    use ihmi_vmcs::EptViolationQualification;
-    let attacker = {
-        let mut comm = [0u8; 16];
-        comm[..11].copy_from_slice(b"ihmi-attack");
-        TaskInfo {
-            task: 0,
-            pid: 25,
-            tgid: 25,
-            ppid: 1,
-            comm,
-        }
-    };
-    let monitor_read = GuestEnd::EptViolation {
-        gpa: Gpa::new(0xf80_1000),
-        gla: None,
-        rip: 0xffff_ffff_810e_f702,
-        qualification: EptViolationQualification::from_raw(1),
-        region: Some(RegionKind::Monitor),
-        view: Some(0),
-    };
-    let verdict = |alert: bool, end: GuestEnd, task: TaskInfo| {
-        let mut h = hv(Scenario::LinuxAttack);
-        if alert {
-            h.log.record_alert(crate::Alert::LstarWriteRefused {
-                value: 1,
-                locked: 2,
-                rip: 3,
-            });
-        }
-        h.log.end = Some(end);
-        h.log.end_task = Some(Ok(task));
-        judge(
-            Scenario::LinuxAttack,
-            &h.log,
-            &h.counters,
-            Gpa::new(0),
-            None,
-        )
-    };
-    assert_eq!(verdict(true, monitor_read, attacker), Verdict::Pass);
-    assert!(matches!(
-        verdict(false, monitor_read, attacker),
-        Verdict::Fail(FailReason::AttackNotBlocked(_))
-    ));
-    assert!(matches!(
-        verdict(true, GuestEnd::ShutdownRequest, attacker),
-        Verdict::Fail(FailReason::WrongEnd { .. })
-    ));
-    let mut other = attacker;
-    other.comm[0] = b'X';
-    assert!(matches!(
-        verdict(true, monitor_read, other),
-        Verdict::Fail(FailReason::WrongTask(_))
-    ));
-    let l0_read = GuestEnd::EptViolation {
-        gpa: Gpa::new(0xfa0_0000),
-        gla: None,
-        rip: 0xffff_ffff_810e_f702,
-        qualification: EptViolationQualification::from_raw(1),
-        region: Some(RegionKind::L0),
-        view: Some(0),
-    };
-    assert!(matches!(verdict(true, l0_read, attacker), Verdict::Fail(_)));
 }
 
 const LINUX_GATE_PAGE: u64 = 0x40_0000;
@@ -1553,7 +940,7 @@ fn a_changed_trampoline_mapping_is_noticed_at_the_next_exit() {
         })
     );
     assert!(matches!(
-        h.log.alerts(),
+        h.rec.alerts().as_slice(),
         [crate::Alert::HookTampered {
             found: 0x7777_7063,
             ..
@@ -1632,4 +1019,45 @@ fn out_of_the_box_the_stub_s_vmcall_is_a_system_call_that_leaves_registers_alone
     other.regs.rax = 39;
     h.handle_exit(&mut other, &mut p);
     assert_eq!(other.regs.rax, ihmi_abi::Status::UnknownCall.to_raw());
+}
+
+#[test]
+fn bench_marks_open_and_close_windows_and_an_unpaired_end_is_refused() {
+    use ihmi_abi::bench::Bench;
+    let mut h = hv();
+    let mut p = MockPlatform::default();
+    let bench = Hypercall::Bench as u64;
+    let null = Bench::InvokeNull as u64;
+    // An end mark with no window open: refused like any invalid argument, and nothing measured.
+    let mut v = vmcall(bench, [null, 1, 1234, 20]);
+    assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume);
+    assert_eq!(Status::from_raw(v.regs.rax), Some(Status::InvalidArgument));
+    assert!(!h
+        .rec
+        .seen
+        .iter()
+        .any(|s| matches!(s, Seen::Other(Observation::BenchMark(_)))));
+    // A start, then its end: both observed, the end with what the guest measured.
+    h.handle_exit(&mut vmcall(bench, [null, 0, 0, 0]), &mut p);
+    let mut v = vmcall(bench, [null, 1, 1234, 20]);
+    h.handle_exit(&mut v, &mut p);
+    assert_eq!(Status::from_raw(v.regs.rax), Some(Status::Ok));
+    let marks: std::vec::Vec<_> = h
+        .rec
+        .seen
+        .iter()
+        .filter_map(|s| match s {
+            Seen::Other(Observation::BenchMark(m)) => Some((m.end, m.tsc, m.calls, m.guest_exits)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(marks, vec![(false, 0, 0, 2), (true, 1234, 20, 3)]);
+    assert_eq!(
+        h.rec.hypercalls(),
+        vec![
+            (bench, Status::InvalidArgument),
+            (bench, Status::Ok),
+            (bench, Status::Ok)
+        ]
+    );
 }

@@ -3,7 +3,10 @@
 
 use ihmi_vmcs::Instruction;
 
-use crate::{inject_exception, skip_instruction, Action, Hypervisor, Platform, Vcpu, GP};
+use crate::{
+    inject_exception, skip_instruction, Action, Hypervisor, Observation, Observer, Platform, Vcpu,
+    GP,
+};
 
 /// XCR0 bits (SDM 13.3): x87 must be set; AVX needs SSE; the AVX-512 trio needs AVX and comes whole.
 const X87: u64 = 1 << 0;
@@ -25,6 +28,7 @@ impl Hypervisor {
         &mut self,
         vcpu: &mut impl Vcpu,
         platform: &mut impl Platform,
+        obs: &mut impl Observer,
         instruction: Instruction,
     ) -> Action {
         let regs = *vcpu.regs();
@@ -32,8 +36,12 @@ impl Hypervisor {
         let value = (regs.rdx << 32) | (regs.rax & 0xffff_ffff);
         let leaf = platform.host_cpuid(0xd, 0);
         let supported = u64::from(leaf[0]) | (u64::from(leaf[3]) << 32);
-        if index != 0 || !valid_xcr0(value, supported) {
-            self.log.injected_gp += 1;
+        let faulted = index != 0 || !valid_xcr0(value, supported);
+        obs.observe(Observation::Xsetbv {
+            xcr0: value,
+            faulted,
+        });
+        if faulted {
             inject_exception(vcpu, GP, Some(0));
             return Action::Resume;
         }

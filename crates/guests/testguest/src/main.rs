@@ -165,7 +165,8 @@ fn bad_hypercalls(info: &BootInfo) -> u64 {
     let console = Hypercall::ConsoleWrite as u64;
     let report = Hypercall::Report as u64;
     let cpuid = ReportKind::Cpuid as u64;
-    let calls: [(u64, [u64; 4]); 11] = [
+    let bench_end = [ihmi_abi::bench::Bench::InvokeNull as u64, 1, 0, 0];
+    let calls: [(u64, [u64; 4]); BAD_HYPERCALL_CASES.len()] = [
         (0xdead, [0; 4]),
         (u64::MAX, [0; 4]),
         (console, [p, 0, 0, 0]),
@@ -177,6 +178,7 @@ fn bad_hypercalls(info: &BootInfo) -> u64 {
         (report, [99, p, CpuidRecord::LEN as u64, 0]),
         (report, [cpuid, p, CpuidRecord::LEN as u64 - 1, 0]),
         (report, [cpuid, unmapped, CpuidRecord::LEN as u64, 0]),
+        (Hypercall::Bench as u64, bench_end),
     ];
     let mut failures = 0;
     for (i, ((nr, args), (name, expected))) in calls.iter().zip(BAD_HYPERCALL_CASES).enumerate() {

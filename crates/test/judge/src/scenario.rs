@@ -9,9 +9,9 @@ use ihmi_abi::{
 use ihmi_addr::{Gpa, PAGE_SIZE};
 use ihmi_vmcs::{ExitReason, VmInstructionError};
 
+use ihmi_hv::linux::{TaskError, TaskInfo};
+use ihmi_hv::{Alert, ExitCounters, GuestEnd, Observation, RegionKind};
 use ihmi_monitor::{event::comm_bytes, Event, EventKind};
-
-use crate::{ExitCounters, GuestEnd, RegionKind};
 
 const MAX_CPUID: usize = 32;
 const MAX_REPORTS: usize = 16;
@@ -26,24 +26,16 @@ pub struct ScenarioLog {
     cpuid_returned: heapless_table::Table<(u32, u32, [u32; 4]), MAX_CPUID>,
     cpuid_reports: heapless_table::Table<CpuidRecord, MAX_REPORTS>,
     hypercalls: heapless_table::Table<(u64, Status), MAX_HYPERCALLS>,
-    /// Intercepted RDMSRs.
-    pub msr_reads: u64,
-    /// Intercepted WRMSRs.
-    pub msr_writes: u64,
-    /// #GP faults L0 injected.
-    pub injected_gp: u64,
-    /// Intercepted port accesses.
-    pub io_exits: u64,
     /// Whole lines the guest wrote to the debug port (0xE9).
     pub debug_lines: u64,
     /// The task a Linux guest was running when it ended (read with the guest profile).
-    pub end_task: Option<Result<crate::linux::TaskInfo, crate::linux::TaskError>>,
+    pub end_task: Option<Result<TaskInfo, TaskError>>,
     /// How far the monitor's events follow the Linux workload program's system calls.
     pub linux_trail: LinuxTrail,
     /// How the guest ended, once it has.
     pub end: Option<GuestEnd>,
     monitor_events: heapless_table::Table<Event, MAX_MONITOR_EVENTS>,
-    alerts: heapless_table::Table<crate::Alert, MAX_ALERTS>,
+    alerts: heapless_table::Table<Alert, MAX_ALERTS>,
     /// Events the monitor's ring dropped (its own count, read when L0 drained it).
     pub monitor_dropped: u64,
     /// Events L0 drained from the ring (the log keeps only the first [`MAX_MONITOR_EVENTS`]).
@@ -54,6 +46,29 @@ pub struct ScenarioLog {
 }
 
 impl ScenarioLog {
+    /// Remembers what the exit policy reported, as far as a verdict needs it.
+    pub fn record(&mut self, observation: &Observation<'_>) {
+        match *observation {
+            Observation::Cpuid {
+                leaf,
+                subleaf,
+                regs,
+            } => self.record_cpuid(leaf, subleaf, regs),
+            Observation::CpuidReport(record) => self.record_cpuid_report(record),
+            Observation::Hypercall { nr, status } => self.record_hypercall(nr, status),
+            Observation::DebugLine { .. } => self.debug_lines += 1,
+            Observation::Alert(alert) => self.record_alert(alert),
+            Observation::Ended { end, task } => {
+                self.end = Some(end);
+                self.end_task = task;
+            }
+            Observation::Msr { .. }
+            | Observation::Xsetbv { .. }
+            | Observation::Io { .. }
+            | Observation::BenchMark(_) => {}
+        }
+    }
+
     /// Remembers what L0 returned for a CPUID leaf (the latest answer per leaf).
     pub fn record_cpuid(&mut self, leaf: u32, subleaf: u32, regs: [u32; 4]) {
         let known = self
@@ -99,13 +114,13 @@ impl ScenarioLog {
     }
 
     /// Remembers an alert L0 raised.
-    pub fn record_alert(&mut self, alert: crate::Alert) {
+    pub fn record_alert(&mut self, alert: Alert) {
         self.alerts.push(alert);
     }
 
     /// The alerts so far, in order.
     #[must_use]
-    pub fn alerts(&self) -> &[crate::Alert] {
+    pub fn alerts(&self) -> &[Alert] {
         self.alerts.as_slice()
     }
 
@@ -212,10 +227,14 @@ pub enum FailReason {
     MonitorDropped(u64),
     /// Attack scenarios are judged by `attacks::judge_attack`, not here.
     AttackScenario,
+    /// An attack scenario ran without an in-box monitor to attack.
+    NoMonitor,
+    /// The attack was not blocked, not reported, or left the monitor damaged.
+    Attack(crate::attacks::AttackOutcome),
     /// A Linux guest ended from another task than the scenario's.
-    WrongTask(crate::linux::TaskInfo),
+    WrongTask(TaskInfo),
     /// The running Linux task could not be read.
-    NoTask(crate::linux::TaskError),
+    NoTask(TaskError),
     /// An attack step was not refused (which one).
     AttackNotBlocked(&'static str),
     /// The monitor's events did not show the Linux workload's system calls (how far they got).
@@ -297,6 +316,15 @@ impl fmt::Display for FailReason {
             Self::AttackScenario => {
                 f.write_str("attack scenarios are judged by attacks::judge_attack")
             }
+            Self::NoMonitor => f.write_str("the attack scenario ran without a monitor"),
+            Self::Attack(o) => write!(
+                f,
+                "attack {}: blocked={} reported={} monitor_intact={}",
+                o.attack.name(),
+                o.blocked,
+                o.reported,
+                o.monitor_intact
+            ),
             Self::Bench(fault) => write!(f, "benchmark structure: {fault:?}"),
             Self::WrongTask(t) => write!(f, "the guest ended from the wrong task: {t}"),
             Self::NoTask(e) => write!(f, "cannot read the running task: {e}"),
@@ -505,7 +533,7 @@ fn check(
             let refused = log
                 .alerts()
                 .iter()
-                .any(|a| matches!(a, crate::Alert::LstarWriteRefused { .. }));
+                .any(|a| matches!(a, Alert::LstarWriteRefused { .. }));
             if !refused {
                 return Err(FailReason::AttackNotBlocked(
                     "moving IA32_LSTAR off the gate",
@@ -516,7 +544,7 @@ fn check(
                 Some(GuestEnd::EptViolation {
                     region: Some(RegionKind::Monitor),
                     qualification,
-                    view: Some(crate::views::GUEST_VIEW),
+                    view: Some(ihmi_hv::views::GUEST_VIEW),
                     ..
                 }) if qualification.read() => {
                     // Stopped while the attacker was the running task.
@@ -773,13 +801,13 @@ fn check_monitor_events(log: &ScenarioLog, expected: &[ExpectedEvent]) -> Result
 /// The task a Linux guest was running when it ended must be the one `expected` describes.
 fn expect_end_task(
     log: &ScenarioLog,
-    expected: impl Fn(&crate::linux::TaskInfo) -> bool,
+    expected: impl Fn(&TaskInfo) -> bool,
 ) -> Result<(), FailReason> {
     match log.end_task {
         Some(Ok(t)) if expected(&t) => Ok(()),
         Some(Ok(t)) => Err(FailReason::WrongTask(t)),
         Some(Err(e)) => Err(FailReason::NoTask(e)),
-        None => Err(FailReason::NoTask(crate::linux::TaskError::NoProfile)),
+        None => Err(FailReason::NoTask(TaskError::NoProfile)),
     }
 }
 

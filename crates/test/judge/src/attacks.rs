@@ -9,8 +9,10 @@ use ihmi_abi::monitor::Verdict as MonitorVerdict;
 use ihmi_addr::{Gpa, Hpa, PhysRange};
 use ihmi_monitor::{EventKind, RejectReason};
 
-use crate::views::{GUEST_VIEW, MONITOR_VIEW};
-use crate::{Alert, GuestEnd, RegionKind, ScenarioLog};
+use ihmi_hv::views::{GUEST_VIEW, MONITOR_VIEW};
+use ihmi_hv::{Alert, GuestEnd, RegionKind};
+
+use crate::ScenarioLog;
 
 /// What L0 measured of the monitor after the attack.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -241,8 +243,17 @@ pub fn judge_attack(attack: Attack, log: &ScenarioLog, ctx: &AttackContext<'_>) 
     }
 }
 
-/// Writes the `attack|` line's JSON object.
-pub fn write_attack_json(
+/// The `attack|` line's JSON object for one outcome, with what the log says happened.
+#[derive(Clone, Copy, Debug)]
+pub struct AttackLine<'a>(pub &'a AttackOutcome, pub &'a ScenarioLog);
+
+impl fmt::Display for AttackLine<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_attack_json(f, self.0, self.1)
+    }
+}
+
+fn write_attack_json(
     w: &mut impl Write,
     outcome: &AttackOutcome,
     log: &ScenarioLog,

@@ -1,0 +1,856 @@
+//! The verdicts, fed the way L0 feeds them: exits through the exit policy with its recording mock,
+//! monitor events straight into the log.
+
+extern crate std;
+
+use std::string::String;
+
+use ihmi_abi::{CpuidRecord, Hypercall, Scenario, Status, BAD_HYPERCALL_CASES};
+use ihmi_addr::{Gpa, Hpa, PhysRange};
+use ihmi_hv::{Action, GuestEnd, Hypervisor, MemoryMap, RegionKind};
+use ihmi_hv_mock::{MockPlatform, MockVcpu};
+use ihmi_vmcs::ExitReason;
+
+use crate::scenario::judge;
+use crate::{BenchContext, FailReason, Judge, MonitorCounts, Verdict};
+
+// Basic exit reasons (SDM Appendix C), as the VMCS reports them.
+const EXIT_CPUID: u32 = 10;
+const EXIT_VMCALL: u32 = 18;
+
+/// Guest RAM 0..16 MiB except an L0 hole at 8..9 MiB.
+const L0_HOLE: u64 = 0x80_0000;
+
+/// One run: the exit policy, and the judge observing it.
+struct Run {
+    hv: Hypervisor,
+    judge: Judge,
+    /// What the judge printed (bench and attack lines).
+    out: String,
+}
+
+impl Run {
+    fn handle_exit(&mut self, v: &mut MockVcpu, p: &mut MockPlatform) -> Action {
+        let mut obs = self.judge.observer(MonitorCounts::default(), &mut self.out);
+        self.hv.handle_exit(v, p, &mut obs)
+    }
+}
+
+fn hv(scenario: Scenario) -> Run {
+    let mut m = MemoryMap::default();
+    let r = |a: u64, b: u64| PhysRange {
+        start: Hpa::new(a),
+        end: Hpa::new(b),
+    };
+    m.add(r(0, L0_HOLE), RegionKind::GuestRam).unwrap();
+    m.add(r(L0_HOLE, L0_HOLE + 0x10_0000), RegionKind::L0)
+        .unwrap();
+    m.add(r(L0_HOLE + 0x10_0000, 0x100_0000), RegionKind::GuestRam)
+        .unwrap();
+    let ctx = BenchContext {
+        mode: scenario.monitor_mode(),
+        vmfuncs: 0,
+        cr3_loads: 0,
+    };
+    Run {
+        hv: Hypervisor::new(m),
+        judge: Judge::new(scenario, ctx),
+        out: String::new(),
+    }
+}
+
+/// Guest page tables at 0x1000.. mapping GVA 0..1 GiB to GPA 0..1 GiB with 2 MiB pages.
+fn platform_with_identity_paging() -> MockPlatform {
+    let mut p = MockPlatform::default();
+    p.write_u64(0x1000, 0x2000 | 0x3);
+    p.write_u64(0x2000, 0x3000 | 0x3);
+    for i in 0..512u64 {
+        p.write_u64(0x3000 + i * 8, (i << 21) | 0x83);
+    }
+    p
+}
+
+fn vmcall(nr: u64, args: [u64; 4]) -> MockVcpu {
+    let mut v = MockVcpu::exited(EXIT_VMCALL, 0x10_0000, 3);
+    v.regs.rax = nr;
+    v.regs.rbx = args[0];
+    v.regs.rcx = args[1];
+    v.regs.rdx = args[2];
+    v.regs.rsi = args[3];
+    v
+}
+
+#[test]
+fn boot_verdict_requires_matching_cpuid_reports() {
+    let mut h = hv(Scenario::Boot);
+    let mut p = platform_with_identity_paging();
+    let probe = Gpa::new(L0_HOLE);
+    for leaf in [0u32, 1, 0x4000_0000, 0x4000_0001] {
+        let mut v = MockVcpu::exited(EXIT_CPUID, 0x1000, 2);
+        v.regs.rax = u64::from(leaf);
+        h.handle_exit(&mut v, &mut p);
+        let seen = [
+            v.regs.rax as u32,
+            v.regs.rbx as u32,
+            v.regs.rcx as u32,
+            v.regs.rdx as u32,
+        ];
+        let rec = CpuidRecord {
+            leaf,
+            subleaf: 0,
+            regs: seen,
+        };
+        p.write_bytes(0x6000, &rec.encode());
+        h.handle_exit(
+            &mut vmcall(Hypercall::Report as u64, [1, 0x6000, 24, 0]),
+            &mut p,
+        );
+    }
+    h.handle_exit(&mut vmcall(Hypercall::Ping as u64, [0; 4]), &mut p);
+    assert_eq!(
+        judge(Scenario::Boot, &h.judge.log, &h.hv.counters, probe, None),
+        Verdict::Fail(FailReason::NotEnded)
+    );
+    h.handle_exit(&mut vmcall(Hypercall::Done as u64, [0; 4]), &mut p);
+    assert_eq!(
+        judge(Scenario::Boot, &h.judge.log, &h.hv.counters, probe, None),
+        Verdict::Pass
+    );
+
+    // A guest that saw something else than L0 returned fails the scenario.
+    let bad = CpuidRecord {
+        leaf: 1,
+        subleaf: 0,
+        regs: [0; 4],
+    };
+    let mut h2 = hv(Scenario::Boot);
+    let mut v = MockVcpu::exited(EXIT_CPUID, 0x1000, 2);
+    v.regs.rax = 1;
+    h2.handle_exit(&mut v, &mut p);
+    p.write_bytes(0x6000, &bad.encode());
+    h2.handle_exit(
+        &mut vmcall(Hypercall::Report as u64, [1, 0x6000, 24, 0]),
+        &mut p,
+    );
+    h2.handle_exit(&mut vmcall(Hypercall::Done as u64, [0; 4]), &mut p);
+    assert!(matches!(
+        judge(Scenario::Boot, &h2.judge.log, &h2.hv.counters, probe, None),
+        Verdict::Fail(_)
+    ));
+}
+
+#[test]
+fn bad_hypercall_verdict_follows_the_statuses_l0_returned() {
+    let mut h = hv(Scenario::BadHypercall);
+    let mut p = MockPlatform::default();
+    for (_, status) in BAD_HYPERCALL_CASES {
+        h.judge.log.record_hypercall(0, *status);
+        // The guest's progress lines between the cases do not count.
+        h.judge
+            .log
+            .record_hypercall(Hypercall::ConsoleWrite as u64, Status::Ok);
+    }
+    h.handle_exit(&mut vmcall(Hypercall::Ping as u64, [0; 4]), &mut p);
+    h.handle_exit(&mut vmcall(Hypercall::Done as u64, [0; 4]), &mut p);
+    assert_eq!(
+        judge(
+            Scenario::BadHypercall,
+            &h.judge.log,
+            &h.hv.counters,
+            Gpa::new(0),
+            None
+        ),
+        Verdict::Pass
+    );
+
+    let mut h = hv(Scenario::BadHypercall);
+    h.judge.log.record_hypercall(0, Status::Ok); // case 0 accepted: a validation hole
+    h.handle_exit(&mut vmcall(Hypercall::Done as u64, [0; 4]), &mut p);
+    assert_eq!(
+        judge(
+            Scenario::BadHypercall,
+            &h.judge.log,
+            &h.hv.counters,
+            Gpa::new(0),
+            None
+        ),
+        Verdict::Fail(FailReason::HypercallStatus {
+            index: 0,
+            expected: Status::UnknownCall,
+            got: Some(Status::Ok)
+        })
+    );
+}
+
+#[test]
+fn entry_failures_pass_only_where_expected() {
+    use crate::scenario::{judge_entry_failure, EntryFailure};
+    use ihmi_vmcs::VmInstructionError;
+    let control = EntryFailure::FailValid(VmInstructionError::EntryInvalidControlFields);
+    let guest_state = EntryFailure::Exit(ExitReason::EntryFailInvalidGuestState);
+    assert_eq!(
+        judge_entry_failure(Scenario::EntryBadControl, control),
+        Verdict::Pass
+    );
+    assert_eq!(
+        judge_entry_failure(Scenario::EntryBadGuestState, guest_state),
+        Verdict::Pass
+    );
+    assert!(matches!(
+        judge_entry_failure(Scenario::EntryBadControl, guest_state),
+        Verdict::Fail(_)
+    ));
+    assert!(matches!(
+        judge_entry_failure(Scenario::Boot, control),
+        Verdict::Fail(_)
+    ));
+    assert!(matches!(
+        judge_entry_failure(Scenario::EntryBadGuestState, EntryFailure::FailInvalid),
+        Verdict::Fail(_)
+    ));
+    // A guest that ran in an entry-failure scenario is a failure too.
+    let mut h = hv(Scenario::EntryBadControl);
+    h.handle_exit(
+        &mut vmcall(Hypercall::Done as u64, [0; 4]),
+        &mut MockPlatform::default(),
+    );
+    assert_eq!(
+        judge(
+            Scenario::EntryBadControl,
+            &h.judge.log,
+            &h.hv.counters,
+            Gpa::new(0),
+            None
+        ),
+        Verdict::Fail(FailReason::EntryDidNotFail)
+    );
+}
+
+/// The monitor events the sim workload must produce, built from the expectation table itself.
+fn sim_events() -> std::vec::Vec<ihmi_monitor::Event> {
+    crate::scenario::SIM_WORKLOAD
+        .iter()
+        .enumerate()
+        .map(|(i, x)| {
+            let mut e = ihmi_monitor::Event {
+                seq: i as u64,
+                kind: x.kind as u16,
+                pid: x.pid,
+                ppid: x.ppid,
+                nr: x.nr,
+                verdict: x.verdict as i32,
+                ..ihmi_monitor::Event::EMPTY
+            };
+            e.comm[..x.comm.len()].copy_from_slice(x.comm.as_bytes());
+            e
+        })
+        .collect()
+}
+
+fn sim_verdict(events: &[ihmi_monitor::Event], dropped: u64) -> Verdict {
+    let mut h = hv(Scenario::Sim);
+    h.handle_exit(
+        &mut vmcall(Hypercall::Done as u64, [0; 4]),
+        &mut MockPlatform::default(),
+    );
+    for e in events {
+        h.judge.log.record_monitor_event(e);
+    }
+    h.judge.log.monitor_dropped = dropped;
+    judge(
+        Scenario::Sim,
+        &h.judge.log,
+        &h.hv.counters,
+        Gpa::new(0),
+        None,
+    )
+}
+
+#[test]
+fn sim_verdict_requires_exactly_the_workload_events() {
+    let good = sim_events();
+    assert_eq!(sim_verdict(&good, 0), Verdict::Pass);
+
+    // The intruder allowed instead of denied.
+    let mut allowed = good.clone();
+    allowed[9].verdict = ihmi_abi::monitor::Verdict::Allow as i32;
+    assert!(matches!(
+        sim_verdict(&allowed, 0),
+        Verdict::Fail(FailReason::MonitorEvent { index: 9, .. })
+    ));
+    // A missing event, an extra one, a wrong name, and a drop all fail.
+    assert!(matches!(
+        sim_verdict(&good[..10], 0),
+        Verdict::Fail(FailReason::MonitorEvent {
+            index: 10,
+            got: None,
+            ..
+        })
+    ));
+    let mut extra = good.clone();
+    extra.push(good[1]);
+    assert_eq!(
+        sim_verdict(&extra, 0),
+        Verdict::Fail(FailReason::ExtraMonitorEvents(1))
+    );
+    let mut renamed = good.clone();
+    renamed[1].comm[0] = b'I';
+    assert!(matches!(
+        sim_verdict(&renamed, 0),
+        Verdict::Fail(FailReason::MonitorEvent { index: 1, .. })
+    ));
+    assert_eq!(
+        sim_verdict(&good, 2),
+        Verdict::Fail(FailReason::MonitorDropped(2))
+    );
+}
+
+mod attack_judge {
+    extern crate std;
+
+    use ihmi_abi::attack::{Attack, FLOOD_REQUESTS, FORGED_REQUEST};
+    use ihmi_abi::monitor::Verdict as MV;
+    use ihmi_addr::{Gpa, Gva, Hpa, PhysRange};
+    use ihmi_monitor::{Event, EventKind, RejectReason};
+    use ihmi_vmcs::EptViolationQualification;
+
+    use ihmi_hv::{GuestEnd, RegionKind};
+
+    use crate::attacks::{judge_attack, AttackContext, AttackLine, MonitorAudit};
+    use crate::ScenarioLog;
+
+    const GATE: u64 = 0xf80_0000;
+    const CODE: PhysRange = PhysRange {
+        start: Hpa::new(0x100_0000),
+        end: Hpa::new(0x100_6000),
+    };
+    const CODE_SLICE: &[PhysRange] = &[CODE];
+
+    fn ctx(intact: bool) -> AttackContext<'static> {
+        AttackContext {
+            gate: PhysRange {
+                start: Hpa::new(GATE),
+                end: Hpa::new(GATE + 0x1000),
+            },
+            guest_code: CODE_SLICE,
+            hook: Some(Gpa::new(0x100_5ff8)),
+            audit: MonitorAudit {
+                image_intact: intact,
+                ring_consistent: true,
+            },
+        }
+    }
+
+    /// Qualification bits (SDM Table 28-7): 0 read, 1 write, 2 fetch.
+    fn ept(gpa: u64, q: u64, region: Option<RegionKind>, view: u16, rip: u64) -> GuestEnd {
+        GuestEnd::EptViolation {
+            gpa: Gpa::new(gpa),
+            gla: Some(Gva::new(gpa)),
+            rip,
+            qualification: EptViolationQualification::from_raw(q),
+            region,
+            view: Some(view),
+        }
+    }
+
+    fn log_ending(end: GuestEnd) -> ScenarioLog {
+        let mut log = ScenarioLog::default();
+        log.end = Some(end);
+        log
+    }
+
+    fn verdict(a: Attack, log: &ScenarioLog, intact: bool) -> (bool, bool, bool) {
+        let o = judge_attack(a, log, &ctx(intact));
+        (o.blocked, o.reported, o.monitor_intact)
+    }
+
+    #[test]
+    fn hardware_blocked_attacks_need_the_right_violation() {
+        let monitor_read = log_ending(ept(
+            GATE + 0x1000,
+            1,
+            Some(RegionKind::Monitor),
+            0,
+            0x100_0629,
+        ));
+        assert_eq!(
+            verdict(Attack::ForgedPte, &monitor_read, true),
+            (true, true, true)
+        );
+        assert_eq!(
+            verdict(Attack::Cr3Switch, &monitor_read, true),
+            (true, true, true)
+        );
+        // The same violation does not prove other attacks were stopped.
+        assert!(!verdict(Attack::VmfuncOutsideGate, &monitor_read, true).0);
+        assert!(!verdict(Attack::GateOverwrite, &monitor_read, true).0);
+        // A guest that simply finished proves nothing about an EPT-blocked attack.
+        let done = log_ending(GuestEnd::Done(0));
+        assert_eq!(
+            verdict(Attack::ForgedPte, &done, true),
+            (false, false, true)
+        );
+        // A changed monitor fails the third column whatever happened.
+        assert!(!verdict(Attack::ForgedPte, &monitor_read, false).2);
+
+        let fetch_in_monitor_view = log_ending(ept(
+            0x100_13af,
+            4,
+            Some(RegionKind::GuestRam),
+            1,
+            0x100_13af,
+        ));
+        for a in [
+            Attack::VmfuncOutsideGate,
+            Attack::GateRemap,
+            Attack::TrapInMonitor,
+        ] {
+            assert_eq!(
+                verdict(a, &fetch_in_monitor_view, true),
+                (true, true, true),
+                "{a:?}"
+            );
+        }
+        let hook_write = log_ending(ept(
+            0x100_3b40,
+            2,
+            Some(RegionKind::GuestRam),
+            0,
+            0x100_1417,
+        ));
+        assert_eq!(
+            verdict(Attack::HookOverwrite, &hook_write, true),
+            (true, true, true)
+        );
+        assert!(
+            !verdict(Attack::HookStarve, &hook_write, true).0,
+            "not the hook pointer"
+        );
+        let starve = log_ending(ept(
+            0x100_5ff8,
+            2,
+            Some(RegionKind::GuestRam),
+            0,
+            0x100_138b,
+        ));
+        assert_eq!(
+            verdict(Attack::HookStarve, &starve, true),
+            (true, true, true)
+        );
+        let gate_write = log_ending(ept(GATE, 2, Some(RegionKind::Monitor), 0, 0x100_1420));
+        assert_eq!(
+            verdict(Attack::GateOverwrite, &gate_write, true),
+            (true, true, true)
+        );
+        assert!(
+            !verdict(Attack::EventForge, &gate_write, true).0,
+            "the gate is not the ring"
+        );
+    }
+
+    fn rejected(seq: u64) -> Event {
+        Event {
+            seq,
+            kind: EventKind::Rejected as u16,
+            detail: RejectReason::UnknownRequest as u16,
+            verdict: MV::Rejected as i32,
+            nr: FORGED_REQUEST,
+            ..Event::EMPTY
+        }
+    }
+
+    #[test]
+    fn flood_must_be_accounted_for_event_by_event() {
+        let mut log = log_ending(GuestEnd::Done(0));
+        let stored = ihmi_abi::monitor::RING_LEN as u64;
+        for seq in 0..stored {
+            log.record_monitor_event(&rejected(seq));
+        }
+        log.monitor_dropped = FLOOD_REQUESTS - stored;
+        assert_eq!(verdict(Attack::EventFlood, &log, true), (true, true, true));
+        // One event unaccounted for: neither blocked nor reported.
+        log.monitor_dropped -= 1;
+        assert!(!verdict(Attack::EventFlood, &log, true).0);
+        // A gap larger than the counted drops means the stream was tampered with.
+        let mut gappy = log_ending(GuestEnd::Done(0));
+        gappy.record_monitor_event(&rejected(0));
+        gappy.record_monitor_event(&rejected(5));
+        assert!(!verdict(Attack::EventFlood, &gappy, true).2);
+    }
+
+    #[test]
+    fn gate_middle_needs_both_the_rejection_and_the_stopped_exit_gate() {
+        let mut log = log_ending(ept(0x6000_6620, 1, None, 0, GATE + 0x74));
+        assert!(
+            !verdict(Attack::GateMiddle, &log, true).0,
+            "no rejection seen"
+        );
+        log.record_monitor_event(&rejected(0));
+        assert_eq!(verdict(Attack::GateMiddle, &log, true), (true, true, true));
+        let outcome = judge_attack(Attack::GateMiddle, &log, &ctx(true));
+        let json = std::format!("{}", AttackLine(&outcome, &log));
+        let v: std::vec::Vec<&str> = json.split('"').collect();
+        assert!(json.starts_with(r#"{"attack":"gate-middle","item":5,"blocked":true,"reported":true,"monitor_intact":true,"detail":""#), "{json}");
+        assert!(v.len() % 2 == 1, "quotes balanced: {json}");
+    }
+
+    #[test]
+    fn alert_based_attacks_need_the_alert_and_a_healthy_guest() {
+        let mut log = log_ending(GuestEnd::Done(0));
+        assert_eq!(
+            verdict(Attack::VmfuncBadIndex, &log, true),
+            (true, false, true)
+        );
+        for index in [7, 600] {
+            log.record_alert(ihmi_hv::Alert::VmfuncRefused {
+                function: 0,
+                index,
+                rip: 0,
+            });
+        }
+        assert_eq!(
+            verdict(Attack::VmfuncBadIndex, &log, true),
+            (true, true, true)
+        );
+        let mut lstar = log_ending(GuestEnd::Done(0));
+        lstar.record_alert(ihmi_hv::Alert::LstarWriteRefused {
+            value: 1,
+            locked: 2,
+            rip: 0,
+        });
+        assert_eq!(
+            verdict(Attack::LstarRedirect, &lstar, true),
+            (false, true, true),
+            "no syscall reached the monitor afterwards"
+        );
+        lstar.record_monitor_event(&Event {
+            kind: EventKind::Syscall as u16,
+            ..Event::EMPTY
+        });
+        assert_eq!(
+            verdict(Attack::LstarRedirect, &lstar, true),
+            (true, true, true)
+        );
+    }
+}
+
+#[test]
+fn linux_boot_passes_only_for_init_s_last_program() {
+    use ihmi_hv::linux::{TaskError, TaskInfo};
+    let task = |pid: u32, ppid: u32, comm: &[u8]| {
+        let mut c = [0u8; 16];
+        c[..comm.len()].copy_from_slice(comm);
+        TaskInfo {
+            task: 0xffff_8880_0000_0000,
+            pid,
+            tgid: pid,
+            ppid,
+            comm: c,
+        }
+    };
+    let verdict = |end: GuestEnd, lines: u64, t: Option<Result<TaskInfo, TaskError>>| {
+        let mut h = hv(Scenario::LinuxBoot);
+        h.judge.log.end = Some(end);
+        h.judge.log.debug_lines = lines;
+        h.judge.log.end_task = t;
+        judge(
+            Scenario::LinuxBoot,
+            &h.judge.log,
+            &h.hv.counters,
+            Gpa::new(0),
+            None,
+        )
+    };
+    let good = Some(Ok(task(1, 0, b"ihmi-poweroff")));
+    assert_eq!(verdict(GuestEnd::ShutdownRequest, 1, good), Verdict::Pass);
+    // Another task, another parent, no line on the debug port, no profile, another ending: all fail.
+    for (end, lines, t) in [
+        (
+            GuestEnd::ShutdownRequest,
+            1,
+            Some(Ok(task(42, 1, b"ihmi-poweroff"))),
+        ),
+        (
+            GuestEnd::ShutdownRequest,
+            1,
+            Some(Ok(task(1, 5, b"ihmi-poweroff"))),
+        ),
+        (GuestEnd::ShutdownRequest, 1, Some(Ok(task(1, 0, b"sh")))),
+        (GuestEnd::ShutdownRequest, 0, good),
+        (
+            GuestEnd::ShutdownRequest,
+            1,
+            Some(Err(TaskError::NoProfile)),
+        ),
+        (GuestEnd::ShutdownRequest, 1, None),
+        (GuestEnd::ResetRequest, 1, good),
+    ] {
+        assert!(
+            matches!(verdict(end, lines, t), Verdict::Fail(_)),
+            "{end:?} {t:?}"
+        );
+    }
+}
+
+#[test]
+fn the_linux_workload_trail_needs_its_calls_in_order_from_one_child_of_init() {
+    use crate::scenario::LINUX_WORKLOAD;
+    let ev = |pid: u32, ppid: u32, comm: &[u8], nr: u64| {
+        let mut e = ihmi_monitor::Event {
+            kind: ihmi_monitor::EventKind::Syscall as u16,
+            pid,
+            ppid,
+            nr,
+            ..ihmi_monitor::Event::EMPTY
+        };
+        e.comm[..comm.len()].copy_from_slice(comm);
+        e
+    };
+    let exec = |pid: u32, path: &[u8], verdict: ihmi_abi::monitor::Verdict| {
+        let mut e = ihmi_monitor::Event {
+            kind: ihmi_monitor::EventKind::Exec as u16,
+            pid,
+            ppid: 1,
+            verdict: verdict as i32,
+            ..ihmi_monitor::Event::EMPTY
+        };
+        e.path[..path.len()].copy_from_slice(path);
+        e
+    };
+    use ihmi_abi::monitor::Verdict::{Allow, Deny};
+    let name = LINUX_WORKLOAD.0.as_bytes();
+    let mut log = crate::ScenarioLog::default();
+    for e in [
+        exec(26, b"/bin/ihmi-workload", Allow),
+        ev(1, 0, b"init", 110),
+        ev(26, 1, name, 12),
+        ev(26, 1, name, 110),
+        ev(27, 1, name, 102), // another process by the same name does not count
+        ev(26, 1, name, 102),
+        ev(26, 1, name, 104),
+    ] {
+        log.record_monitor_event(&e);
+    }
+    assert!(
+        !log.linux_trail.complete(),
+        "the intruder has not been refused yet"
+    );
+    log.record_monitor_event(&exec(28, b"/bin/ihmi-intruder", Deny));
+    assert!(log.linux_trail.complete(), "{:?}", log.linux_trail);
+    // Had the intruder made a system call, it ran.
+    let mut ran = log.clone();
+    ran.record_monitor_event(&ev(28, 1, b"ihmi-intruder", 39));
+    assert!(!ran.linux_trail.complete());
+    // The workload's calls must come from the process the exec monitor saw start it.
+    let mut other = crate::ScenarioLog::default();
+    for e in [
+        exec(30, b"/bin/ihmi-workload", Allow),
+        ev(26, 1, name, 110),
+        ev(26, 1, name, 102),
+        ev(26, 1, name, 104),
+        exec(28, b"/bin/ihmi-intruder", Deny),
+    ] {
+        other.record_monitor_event(&e);
+    }
+    assert!(!other.linux_trail.complete());
+    let mut out_of_order = crate::ScenarioLog::default();
+    for nr in [102, 110, 104] {
+        out_of_order.record_monitor_event(&ev(26, 1, name, nr));
+    }
+    assert!(!out_of_order.linux_trail.complete());
+}
+
+#[test]
+fn linux_attack_needs_the_refused_lstar_write_and_the_stopped_monitor_read() {
+    use ihmi_hv::linux::TaskInfo;
+    use ihmi_vmcs::EptViolationQualification;
+    let attacker = {
+        let mut comm = [0u8; 16];
+        comm[..11].copy_from_slice(b"ihmi-attack");
+        TaskInfo {
+            task: 0,
+            pid: 25,
+            tgid: 25,
+            ppid: 1,
+            comm,
+        }
+    };
+    let monitor_read = GuestEnd::EptViolation {
+        gpa: Gpa::new(0xf80_1000),
+        gla: None,
+        rip: 0xffff_ffff_810e_f702,
+        qualification: EptViolationQualification::from_raw(1),
+        region: Some(RegionKind::Monitor),
+        view: Some(0),
+    };
+    let verdict = |alert: bool, end: GuestEnd, task: TaskInfo| {
+        let mut h = hv(Scenario::LinuxAttack);
+        if alert {
+            h.judge.log.record_alert(ihmi_hv::Alert::LstarWriteRefused {
+                value: 1,
+                locked: 2,
+                rip: 3,
+            });
+        }
+        h.judge.log.end = Some(end);
+        h.judge.log.end_task = Some(Ok(task));
+        judge(
+            Scenario::LinuxAttack,
+            &h.judge.log,
+            &h.hv.counters,
+            Gpa::new(0),
+            None,
+        )
+    };
+    assert_eq!(verdict(true, monitor_read, attacker), Verdict::Pass);
+    assert!(matches!(
+        verdict(false, monitor_read, attacker),
+        Verdict::Fail(FailReason::AttackNotBlocked(_))
+    ));
+    assert!(matches!(
+        verdict(true, GuestEnd::ShutdownRequest, attacker),
+        Verdict::Fail(FailReason::WrongEnd { .. })
+    ));
+    let mut other = attacker;
+    other.comm[0] = b'X';
+    assert!(matches!(
+        verdict(true, monitor_read, other),
+        Verdict::Fail(FailReason::WrongTask(_))
+    ));
+    let l0_read = GuestEnd::EptViolation {
+        gpa: Gpa::new(0xfa0_0000),
+        gla: None,
+        rip: 0xffff_ffff_810e_f702,
+        qualification: EptViolationQualification::from_raw(1),
+        region: Some(RegionKind::L0),
+        view: Some(0),
+    };
+    assert!(matches!(verdict(true, l0_read, attacker), Verdict::Fail(_)));
+}
+
+#[test]
+fn ept_guard_passes_only_on_a_read_of_the_l0_probe_frame() {
+    use ihmi_vmcs::EptViolationQualification;
+    let probe = Gpa::new(L0_HOLE + 0x2000);
+    let end = |gpa: u64, q: u64, region: Option<RegionKind>| GuestEnd::EptViolation {
+        gpa: Gpa::new(gpa),
+        gla: None,
+        rip: 0x4000,
+        qualification: EptViolationQualification::from_raw(q),
+        region,
+        view: None,
+    };
+    let verdict = |end: GuestEnd, probe_region: Option<RegionKind>| {
+        let mut h = hv(Scenario::EptGuard);
+        h.judge.log.end = Some(end);
+        judge(
+            Scenario::EptGuard,
+            &h.judge.log,
+            &h.hv.counters,
+            probe,
+            probe_region,
+        )
+    };
+    let l0 = Some(RegionKind::L0);
+    assert_eq!(verdict(end(probe.raw() + 8, 1, l0), l0), Verdict::Pass);
+    assert_eq!(
+        verdict(end(probe.raw(), 1, l0), Some(RegionKind::GuestRam)),
+        Verdict::Fail(FailReason::ProbeNotL0Owned)
+    );
+    for wrong in [
+        end(probe.raw() + 0x1000, 1, l0),
+        end(probe.raw(), 2, l0),
+        end(probe.raw(), 1, Some(RegionKind::Monitor)),
+        GuestEnd::ShutdownRequest,
+    ] {
+        assert!(
+            matches!(
+                verdict(wrong, l0),
+                Verdict::Fail(FailReason::WrongEnd { .. })
+            ),
+            "{wrong:?}"
+        );
+    }
+}
+
+#[test]
+fn benchmark_windows_are_counted_between_their_marks_and_reported() {
+    use ihmi_abi::bench::Bench;
+    let mut h = hv(Scenario::Bench(ihmi_abi::monitor::Mode::InBox));
+    let mut p = MockPlatform::default();
+    let mark = |end: u64, tsc: u64, calls: u64| {
+        vmcall(
+            Hypercall::Bench as u64,
+            [Bench::InvokeNull as u64, end, tsc, calls],
+        )
+    };
+    h.handle_exit(&mut mark(0, 0, 0), &mut p);
+    // Two exits inside the window.
+    for _ in 0..2 {
+        h.handle_exit(&mut MockVcpu::exited(EXIT_CPUID, 0x1000, 2), &mut p);
+    }
+    let mut obs = h.judge.observer(
+        MonitorCounts {
+            monitor_vm_exits: 0,
+            invocations: 7,
+        },
+        &mut h.out,
+    );
+    h.hv.handle_exit(&mut mark(1, 5000, 7), &mut p, &mut obs);
+    let results = h.judge.log.bench_results();
+    assert_eq!(results.len(), 1);
+    assert_eq!(
+        (
+            results[0].calls,
+            results[0].tsc,
+            results[0].exits,
+            results[0].invocations
+        ),
+        (7, 5000, 2, 7)
+    );
+    assert!(
+        h.out.starts_with("bench| {\"start\":\"invoke-null\"}\n"),
+        "{}",
+        h.out
+    );
+    assert!(
+        h.out.contains(r#""bench":"invoke-null","mode":"inbox","calls":7,"tsc":5000,"exits":2,"invocations":7,"#),
+        "{}",
+        h.out
+    );
+}
+
+#[test]
+fn linux_marks_come_from_debug_lines_of_the_linux_benchmark_only() {
+    let io_out = |byte: u8| {
+        let mut v = MockVcpu::exited(30, 0x2000, 1);
+        v.fields
+            .insert(ihmi_vmcs::fields::ro::EXIT_QUALIFICATION, 0xe9 << 16);
+        v.regs.rax = u64::from(byte);
+        v
+    };
+    let lines = b"ihmi-bench: begin linux-syscall\nihmi-bench: end linux-syscall 1000 99\n";
+    let mut p = MockPlatform::default();
+    let mut bench = hv(Scenario::LinuxBench(ihmi_abi::monitor::Mode::None));
+    let mut other = hv(Scenario::LinuxSim);
+    for &b in lines {
+        bench.handle_exit(&mut io_out(b), &mut p);
+        other.handle_exit(&mut io_out(b), &mut p);
+    }
+    let r = bench.judge.log.bench_results();
+    assert_eq!(r.len(), 1);
+    assert_eq!((r[0].calls, r[0].tsc, r[0].exits), (1000, 99, 0));
+    assert!(other.judge.log.bench_results().is_empty());
+    assert!(other.out.is_empty());
+    // An end line with no begin is said and ignored.
+    let mut unpaired = hv(Scenario::LinuxBench(ihmi_abi::monitor::Mode::None));
+    for &b in b"ihmi-bench: end linux-syscall 1000 99\n" {
+        unpaired.handle_exit(&mut io_out(b), &mut p);
+    }
+    assert!(unpaired.judge.log.bench_results().is_empty());
+    assert!(
+        unpaired.out.contains("without its start"),
+        "{}",
+        unpaired.out
+    );
+}
