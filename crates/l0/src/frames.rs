@@ -3,7 +3,7 @@
 
 use core::cell::UnsafeCell;
 
-use ihmi_addr::{Hpa, PhysRange, PAGE_SIZE};
+use ihmi_addr::{Hpa, HpaRange, PAGE_SIZE};
 use ihmi_ept::{EptAlloc, EptTable};
 use ihmi_frames::FrameAllocator;
 
@@ -23,7 +23,7 @@ pub struct Pool {
 
 impl Pool {
     /// Takes `range` (page-aligned, at most 4 MiB, owned by L0, identity-mapped) as the pool.
-    pub fn new(range: PhysRange) -> Self {
+    pub fn new(range: HpaRange) -> Self {
         let frames = ((range.len() / PAGE_SIZE) as usize).min(MAX_FRAMES);
         // SAFETY: called once at boot on the only CPU, so this is the only reference to the bitmap.
         let bitmap = unsafe { &mut *BITMAP.0.get() };

@@ -1,7 +1,7 @@
 //! The guest: its EPT, its image, its first page tables and the boot information it starts with.
 
 use ihmi_abi::{BootInfo, RamRange, Scenario, ABI_VERSION, BOOT_INFO_MAGIC, BOOT_INFO_MAX_RANGES};
-use ihmi_addr::{Gpa, Gva, Hpa, PhysRange, PAGE_SIZE};
+use ihmi_addr::{Gpa, GpaRange, Gva, PAGE_SIZE};
 use ihmi_hv::{MemoryMap, RegionKind};
 use ihmi_paging::{MapFlags, PageSize, PageTable, PageTableBuilder, TableAlloc};
 
@@ -57,16 +57,13 @@ impl Regions {
 pub fn regions(image: &Image<'_>) -> Regions {
     let mut all = Ranges::new();
     let mut code = Ranges::new();
-    all.push(PhysRange {
-        start: Hpa::new(0),
-        end: Hpa::new(0x10_0000),
-    });
+    all.push(GpaRange::new(Gpa::new(0), Gpa::new(0x10_0000)));
     for ph in image.load_segments() {
-        let start = Hpa::new(ph.p_paddr).align_down(PAGE_SIZE);
-        let end = Hpa::new(ph.p_paddr.saturating_add(ph.p_memsz))
+        let start = Gpa::new(ph.p_paddr).align_down(PAGE_SIZE);
+        let end = Gpa::new(ph.p_paddr.saturating_add(ph.p_memsz))
             .align_up(PAGE_SIZE)
             .unwrap_or(start);
-        let r = PhysRange { start, end };
+        let r = GpaRange::new(start, end);
         all.push(r);
         if ph.p_flags & elf::abi::PF_X != 0 {
             code.push(r);

@@ -5,7 +5,7 @@
 
 use core::fmt::Write;
 
-use ihmi_addr::{Gpa, Hpa, PhysRange, PAGE_SIZE};
+use ihmi_addr::{Gpa, GpaRange, PAGE_SIZE};
 use ihmi_hv::{MemoryMap, RegionKind};
 use ihmi_linux::{BootParams, E820Entry, E820Kind, Kernel, BOOT_CS, BOOT_DS, E820_MAX};
 
@@ -42,10 +42,10 @@ impl Write for LineBuf {
     }
 }
 
-/// One range of the firmware's memory map, with its e820 type.
+/// One range of the firmware's memory map, with its e820 type, as the guest sees it (identity).
 #[derive(Clone, Copy, Debug)]
 pub struct FirmwareRange {
-    pub range: PhysRange,
+    pub range: GpaRange,
     pub kind: E820Kind,
 }
 
@@ -55,7 +55,7 @@ pub fn load(
     memory: &MemoryMap,
     firmware: &[FirmwareRange],
     monitor: Option<Gpa>,
-    gate_pages: Option<PhysRange>,
+    gate_pages: Option<GpaRange>,
     page_1g: bool,
 ) -> GuestBoot {
     let kernel = m.kernel;
@@ -103,10 +103,7 @@ pub fn load(
     );
 
     if let Some(initrd) = m.initrd {
-        let avoid = PhysRange {
-            start: Hpa::new(load_at.raw()),
-            end: Hpa::new(load_at.raw() + span),
-        };
+        let avoid = GpaRange::new(load_at, Gpa::new(load_at.raw() + span));
         let at = place_initrd(
             memory,
             initrd.len() as u64,
@@ -155,7 +152,7 @@ pub fn load(
 
 /// The highest page-aligned place for `len` bytes of initrd in guest RAM, ending at or below `max`
 /// (the kernel's `initrd_addr_max`) and clear of `avoid` (the kernel's start-up area).
-fn place_initrd(memory: &MemoryMap, len: u64, max: u64, avoid: PhysRange) -> Gpa {
+fn place_initrd(memory: &MemoryMap, len: u64, max: u64, avoid: GpaRange) -> Gpa {
     let need = len.next_multiple_of(PAGE_SIZE);
     let mut best: Option<u64> = None;
     for r in memory.of_kind(RegionKind::GuestRam) {
@@ -163,10 +160,7 @@ fn place_initrd(memory: &MemoryMap, len: u64, max: u64, avoid: PhysRange) -> Gpa
         let Some(start) = top.checked_sub(need) else {
             continue;
         };
-        let candidate = PhysRange {
-            start: Hpa::new(start),
-            end: Hpa::new(top),
-        };
+        let candidate = GpaRange::new(Gpa::new(start), Gpa::new(top));
         if start >= r.start.raw() && !candidate.overlaps(&avoid) && best.is_none_or(|b| start > b) {
             best = Some(start);
         }
@@ -185,7 +179,7 @@ fn place_initrd(memory: &MemoryMap, len: u64, max: u64, avoid: PhysRange) -> Gpa
 fn e820_map(
     memory: &MemoryMap,
     firmware: &[FirmwareRange],
-    gate_pages: Option<PhysRange>,
+    gate_pages: Option<GpaRange>,
 ) -> ([E820Entry; E820_MAX], usize) {
     let mut out = [E820Entry {
         addr: 0,
@@ -193,7 +187,7 @@ fn e820_map(
         kind: E820Kind::Reserved,
     }; E820_MAX];
     let mut n = 0;
-    let mut push = |range: PhysRange, kind: E820Kind| {
+    let mut push = |range: GpaRange, kind: E820Kind| {
         if range.is_empty() {
             return;
         }
@@ -214,7 +208,7 @@ fn e820_map(
         }
         // Split what the firmware calls RAM by who owns it now.
         for (r, kind) in memory.regions() {
-            let part = PhysRange {
+            let part = GpaRange {
                 start: r.start.max(fw.range.start),
                 end: r.end.min(fw.range.end),
             };
@@ -230,15 +224,15 @@ fn e820_map(
                 Some(g) => {
                     let (lo, hi) = (g.start.max(part.start), g.end.min(part.end));
                     push(
-                        PhysRange {
+                        GpaRange {
                             start: part.start,
                             end: lo,
                         },
                         E820Kind::Reserved,
                     );
-                    push(PhysRange { start: lo, end: hi }, E820Kind::Ram);
+                    push(GpaRange { start: lo, end: hi }, E820Kind::Ram);
                     push(
-                        PhysRange {
+                        GpaRange {
                             start: hi,
                             end: part.end,
                         },
@@ -278,11 +272,11 @@ pub fn placed<'a>(image: &'a [u8], memory: &MemoryMap) -> Kernel<'a> {
 }
 
 /// Where the kernel will sit from its load address on, through its start-up area (`init_size`).
-pub fn kernel_span(kernel: &Kernel<'_>) -> PhysRange {
-    PhysRange {
-        start: Hpa::new(kernel.load_address),
-        end: Hpa::new(kernel.load_address + kernel.span()),
-    }
+pub fn kernel_span(kernel: &Kernel<'_>) -> GpaRange {
+    GpaRange::new(
+        Gpa::new(kernel.load_address),
+        Gpa::new(kernel.load_address + kernel.span()),
+    )
 }
 
 /// The guest-physical address of a kernel-image symbol: the kernel text mapping starts at

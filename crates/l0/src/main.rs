@@ -13,16 +13,17 @@ mod guest;
 mod linux;
 mod monitor;
 mod outbox;
+mod platform;
 mod ranges;
 mod vmcs_setup;
 
 use core::cell::UnsafeCell;
-use core::fmt::{self, Write};
+use core::fmt;
 
 use ihmi_abi::monitor::Mode;
 use ihmi_abi::Scenario;
-use ihmi_addr::{Gpa, Gva, Hpa, PhysRange};
-use ihmi_hv::{Action, GuestEnd, GuestRegs, Hypervisor, MemoryMap, Platform, Vcpu};
+use ihmi_addr::{Gpa, GpaRange, Gva, Hpa, HpaRange};
+use ihmi_hv::{Action, GuestEnd, GuestRegs, Hypervisor, MemoryMap, Vcpu};
 use ihmi_judge::{
     judge_entry_failure, AttackContext, BenchContext, EntryFailure, Facts, Judge, MonitorAudit,
     MonitorCounts, Verdict,
@@ -30,6 +31,7 @@ use ihmi_judge::{
 use ihmi_rt::console::{Console, Sink};
 use ihmi_vmcs::{field_name, VmExit, VmInstructionError, VmxCapabilities, DUMP_FIELDS};
 use ihmi_vmx::{ActiveVmcs, HwVcpu};
+use platform::HwPlatform;
 
 ihmi_rt::provide_mem_functions!();
 
@@ -70,6 +72,10 @@ pub(crate) struct L0State {
     pub(crate) judge: Judge,
     /// The guest's EPT view and the frames it may still need (a Linux guest's hook changes it).
     pub(crate) guest_view: ihmi_ept::EptView,
+    /// The guest's memory map, which fences every access L0 makes on the guest's behalf.
+    pub(crate) fence: MemoryMap,
+    /// The monitor word the exit policy may have L0 write (the Linux gate's kernel entry).
+    pub(crate) monitor_word: Option<Gpa>,
     pub(crate) frames: frames::Pool,
 }
 
@@ -144,16 +150,14 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
     log!("scenario: {}", scenario.name());
 
     // Memory: what the firmware reports free, minus what L0 keeps.
-    let mut available = [PhysRange {
-        start: Hpa::new(0),
-        end: Hpa::new(0),
-    }; ihmi_hv::memory::MAX_INPUT_RANGES];
+    let mut available =
+        [HpaRange::new(Hpa::new(0), Hpa::new(0)); ihmi_hv::memory::MAX_INPUT_RANGES];
     let mut n_available = 0;
     let Some(mmap) = mbi.memory_map_tag() else {
         fail(format_args!("the boot loader gave no memory map"))
     };
     let mut firmware = [linux::FirmwareRange {
-        range: available[0],
+        range: GpaRange::new(Gpa::new(0), Gpa::new(0)),
         kind: ihmi_linux::E820Kind::Reserved,
     }; ihmi_linux::E820_MAX];
     let mut n_firmware = 0;
@@ -166,11 +170,12 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
             _ => ihmi_linux::E820Kind::Reserved,
         };
         if n_firmware < firmware.len() && area.start_address() < MAPPED_LIMIT {
+            // The guest's e820 map is the firmware's: its EPT maps guest-physical space 1:1.
             firmware[n_firmware] = linux::FirmwareRange {
-                range: PhysRange {
-                    start: Hpa::new(area.start_address()),
-                    end: Hpa::new(area.end_address().min(MAPPED_LIMIT)),
-                },
+                range: GpaRange::new(
+                    Gpa::new(area.start_address()),
+                    Gpa::new(area.end_address().min(MAPPED_LIMIT)),
+                ),
                 kind,
             };
             n_firmware += 1;
@@ -180,25 +185,22 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
         }
         let end = area.end_address().min(MAPPED_LIMIT);
         if area.start_address() < end {
-            available[n_available] = PhysRange {
-                start: Hpa::new(area.start_address()),
-                end: Hpa::new(end),
-            };
+            available[n_available] = HpaRange::new(Hpa::new(area.start_address()), Hpa::new(end));
             n_available += 1;
         }
     }
     let available = &available[..n_available];
     let firmware = &firmware[..n_firmware];
-    let image = PhysRange {
-        start: Hpa::new(core::ptr::addr_of!(__l0_start) as u64),
-        end: Hpa::new(core::ptr::addr_of!(__l0_end) as u64),
-    };
+    let image = HpaRange::new(
+        Hpa::new(core::ptr::addr_of!(__l0_start) as u64),
+        Hpa::new(core::ptr::addr_of!(__l0_end) as u64),
+    );
     let mut owned = [image; 12];
     let mut n_owned = 1;
-    owned[n_owned] = PhysRange {
-        start: Hpa::new(mbi.start_address() as u64),
-        end: Hpa::new(mbi.end_address() as u64),
-    };
+    owned[n_owned] = HpaRange::new(
+        Hpa::new(mbi.start_address() as u64),
+        Hpa::new(mbi.end_address() as u64),
+    );
     n_owned += 1;
     let mut guest_module: Option<&'static [u8]> = None;
     let mut monitor_module: Option<&'static [u8]> = None;
@@ -206,10 +208,10 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
     let mut initrd_module: Option<&'static [u8]> = None;
     let mut profile_module: Option<&'static [u8]> = None;
     for module in mbi.module_tags() {
-        let range = PhysRange {
-            start: Hpa::new(u64::from(module.start_address())),
-            end: Hpa::new(u64::from(module.end_address())),
-        };
+        let range = HpaRange::new(
+            Hpa::new(u64::from(module.start_address())),
+            Hpa::new(u64::from(module.end_address())),
+        );
         // One slot stays free for the frame pool. A module L0 could not record would become guest RAM.
         if n_owned >= owned.len() - 1 {
             fail(format_args!(
@@ -250,18 +252,9 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
     owned[n_owned] = pool;
     n_owned += 1;
     let devices = [
-        PhysRange {
-            start: Hpa::new(0xa_0000),
-            end: Hpa::new(0xc_0000),
-        }, // legacy VGA
-        PhysRange {
-            start: Hpa::new(0xfec0_0000),
-            end: Hpa::new(0xfec0_1000),
-        }, // I/O APIC
-        PhysRange {
-            start: Hpa::new(0xfee0_0000),
-            end: Hpa::new(0xfee0_1000),
-        }, // local APIC
+        HpaRange::new(Hpa::new(0xa_0000), Hpa::new(0xc_0000)), // legacy VGA
+        HpaRange::new(Hpa::new(0xfec0_0000), Hpa::new(0xfec0_1000)), // I/O APIC
+        HpaRange::new(Hpa::new(0xfee0_0000), Hpa::new(0xfee0_1000)), // local APIC
     ];
     let mut memory = match MemoryMap::build(available, &owned[..n_owned], &devices) {
         Ok(m) => m,
@@ -270,7 +263,7 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
     // A commodity kernel owns the machine's devices and firmware tables: everything below 4 GiB that is
     // neither RAM nor L0's passes through.
     if scenario.is_linux() {
-        if let Err(e) = memory.fill_gaps_as_mmio(Hpa::new(MAPPED_LIMIT)) {
+        if let Err(e) = memory.fill_gaps_as_mmio(Gpa::new(MAPPED_LIMIT)) {
             fail(format_args!("cannot pass the devices through: {e:?}"));
         }
     }
@@ -383,10 +376,7 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
             (Some(p), Some((kernel, _))) => {
                 let span = linux::kernel_span(kernel);
                 let mut taken = guest::Ranges::new();
-                taken.push(PhysRange {
-                    start: Hpa::new(0),
-                    end: Hpa::new(0x10_0000),
-                });
+                taken.push(GpaRange::new(Gpa::new(0), Gpa::new(0x10_0000)));
                 taken.push(span);
                 (monitor::MonitorOs::Linux(p), taken)
             }
@@ -424,7 +414,7 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
         .as_ref()
         .filter(|_| mode == Mode::InBox || scenario.is_linux())
         .map(|m| m.layout);
-    let guest_view = ihmi_hv::views::build_guest_view(
+    let guest_view = ihmi_hv::guard::views::build_guest_view(
         &mut frames,
         &memory,
         shown.as_ref(),
@@ -439,7 +429,7 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
     let mut monitor_eptp = None;
     let eptp_list = match &layout {
         Some(l) => {
-            let monitor_view = ihmi_hv::views::build_monitor_view(
+            let monitor_view = ihmi_hv::guard::views::build_monitor_view(
                 &mut frames,
                 &memory,
                 l,
@@ -455,13 +445,10 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
             let frame = frames.alloc_zeroed();
             // SAFETY: a fresh, zeroed, page-aligned pool frame; EptpList is exactly one page.
             let list = unsafe { &mut *(frame.raw() as *mut ihmi_ept::EptpList) };
-            for (index, view) in [
-                (ihmi_hv::views::GUEST_VIEW, &guest_view),
-                (ihmi_hv::views::MONITOR_VIEW, &monitor_view),
+            for (id, view) in [
+                (ihmi_hv::guard::views::GUEST_VIEW, &guest_view),
+                (ihmi_hv::guard::views::MONITOR_VIEW, &monitor_view),
             ] {
-                let Some(id) = ihmi_hv::views::view_id(index) else {
-                    fail(format_args!("bad view index {index}"))
-                };
                 list.set(id, view.eptp());
             }
             Some(frame)
@@ -475,9 +462,7 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
             cmdline,
             initrd: initrd_module,
         };
-        let monitor_at = monitor
-            .as_ref()
-            .map(|m| Gpa::new(m.layout.region.start.raw()));
+        let monitor_at = monitor.as_ref().map(|m| m.layout.region.start);
         let gate_pages = shown.and_then(|l| l.linux).map(|l| l.all());
         linux::load(&modules, &memory, firmware, monitor_at, gate_pages, page_1g)
     } else {
@@ -492,10 +477,10 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
     // The guard: in the box, of the views; for Linux in either mode, of the hooks.
     let linux_monitor = monitor.as_ref().filter(|_| scenario.is_linux());
     let guard = (monitor_eptp.is_some() || linux_monitor.is_some()).then(|| {
-        let mut g = ihmi_hv::Guard::new(
+        let g = ihmi_hv::Guard::new(
             ihmi_hv::ViewEptps {
-                guest: guest_view.eptp().raw(),
-                monitor: monitor_eptp.map(|m| m.raw()),
+                guest: guest_view.eptp(),
+                monitor: monitor_eptp,
             },
             hook.zip(gate.map(Gva::raw)),
         );
@@ -506,24 +491,24 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
             &linux_kernel,
         ) {
             let phys_offset = kernel.phys_offset();
-            g.linux_gate = Some(ihmi_hv::LinuxGate {
-                gate_entry: info.gate_entry,
-                kernel_entry_slot: info.kernel_entry_slot,
+            return g.with_linux_gate(ihmi_hv::LinuxGate {
+                gate_entry: Gva::new(info.gate_entry),
+                kernel_entry_slot: ihmi_hv::MonitorWord::new(info.kernel_entry_slot),
                 pgd: linux::kernel_text_pa(p.init_top_pgt, phys_offset, &memory),
                 slot: info.slot,
                 pml4e: info.pml4e,
                 pti_pgd_pair: p.pti_pgd_pair,
                 gate_page: info.gate_page,
-                exec_hook: Some(ihmi_hv::linux_hooks::ExecHook {
-                    site: p.exec_hook,
+                exec_hook: Some(ihmi_hv::linux::hooks::ExecHook {
+                    site: Gva::new(p.exec_hook),
                     site_pa: linux::kernel_text_pa(p.exec_hook, phys_offset, &memory),
-                    trampoline: info.hook_trampoline,
-                    slot_va: info.hook_slot,
+                    trampoline: Gva::new(info.hook_trampoline),
+                    slot_va: Gva::new(info.hook_slot),
                     table: info.hook_table,
                     gate_page: info.gate_page,
                     pgd: linux::kernel_text_pa(p.init_top_pgt, phys_offset, &memory),
                 }),
-                outbox_syscall: info.outbox_syscall,
+                outbox_syscall: info.outbox_syscall.map(Gva::new),
             });
         }
         g
@@ -582,6 +567,11 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
     };
     // SAFETY: single CPU at boot; the exit handler is not running yet.
     let state = unsafe { &mut *STATE.0.get() };
+    let fence = memory.clone();
+    let monitor_word = monitor
+        .as_ref()
+        .and_then(|m| m.linux_gate)
+        .map(|g| g.kernel_entry_slot);
     let mut hv = Hypervisor::new(memory);
     hv.guard = guard;
     hv.linux = linux_profile;
@@ -597,6 +587,8 @@ extern "C" fn l0_main(magic: u32, info: u32) -> ! {
         outbox,
         judge: Judge::new(scenario, bench_context),
         guest_view,
+        fence,
+        monitor_word,
         frames,
     });
     let Some(st) = state.as_mut() else {
@@ -622,93 +614,6 @@ fn break_vmcs_for_scenario(vmcs: &mut ActiveVmcs, scenario: Scenario) {
         Err(e) => fail(format_args!(
             "could not break the VMCS for the scenario: {e}"
         )),
-    }
-}
-
-/// Physical memory and CPU as the exit policy sees them.
-pub(crate) struct HwPlatform<'a> {
-    pub(crate) guest_view: &'a mut ihmi_ept::EptView,
-    pub(crate) frames: &'a mut frames::Pool,
-}
-
-impl Platform for HwPlatform<'_> {
-    fn protect_guest(&mut self, gpa: Gpa, len: u64, perm: ihmi_ept::Perm) -> bool {
-        if let Err(e) = self.guest_view.protect(self.frames, gpa, len, perm) {
-            log!("EPT view 0: cannot change {gpa} (+{len:#x}) to {perm:?}: {e}");
-            return false;
-        }
-        // SAFETY: VMX is on and the view's EPTP is the one the guest runs with in view 0; a
-        // single-context invalidation drops what the CPU cached of the old permissions.
-        unsafe { ihmi_vmx::invept_single(self.guest_view.eptp().raw()) };
-        true
-    }
-
-    fn host_cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4] {
-        ihmi_rt::cpu::cpuid(leaf, subleaf)
-    }
-
-    fn read_phys(&self, gpa: Gpa, buf: &mut [u8]) -> bool {
-        if gpa.raw().saturating_add(buf.len() as u64) > MAPPED_LIMIT {
-            return false;
-        }
-        // SAFETY: ihmi-hv only asks for ranges it checked are guest RAM; guest RAM lies below 4 GiB and is
-        // identity-mapped for L0, and the guest is stopped while L0 runs, so nothing writes it meanwhile.
-        unsafe {
-            core::ptr::copy_nonoverlapping(gpa.raw() as *const u8, buf.as_mut_ptr(), buf.len())
-        };
-        true
-    }
-
-    fn log(&mut self, args: fmt::Arguments<'_>) {
-        log!("{args}");
-    }
-
-    fn write_phys(&mut self, gpa: Gpa, bytes: &[u8]) -> bool {
-        if gpa.raw().saturating_add(bytes.len() as u64) > MAPPED_LIMIT {
-            return false;
-        }
-        // SAFETY: ihmi-hv writes only what L0 set up for it (the gate page's kernel-entry slot, the
-        // kernel's top-level page table) below 4 GiB, identity-mapped for L0; the guest is stopped.
-        unsafe {
-            core::ptr::copy_nonoverlapping(bytes.as_ptr(), gpa.raw() as *mut u8, bytes.len())
-        };
-        true
-    }
-
-    fn read_msr(&mut self, msr: u32) -> u64 {
-        // SAFETY: ihmi-hv asks only for IA32_KERNEL_GS_BASE, which every x86-64 CPU has; L0 never changes
-        // it (nor runs SWAPGS), so it holds the guest's value.
-        unsafe { ihmi_rt::cpu::rdmsr(msr) }
-    }
-
-    fn port_in(&mut self, port: u16) -> u8 {
-        // SAFETY: only the keyboard controller's port is passed on, and reading its status has no side
-        // effect L0 depends on.
-        unsafe { x86::io::inb(port) }
-    }
-
-    fn port_out(&mut self, port: u16, value: u8) {
-        // SAFETY: a keyboard-controller command other than the reset pulse, which ihmi-hv filtered out.
-        unsafe { x86::io::outb(port, value) }
-    }
-
-    fn xsetbv(&mut self, xcr0: u64) {
-        // SAFETY: ihmi-hv checked the value against what the CPU supports (as XSETBV itself would) and
-        // L0 set CR4.OSXSAVE at boot where the CPU has XSAVE; L0's own code never depends on XCR0.
-        unsafe {
-            core::arch::asm!("xsetbv", in("ecx") 0u32, in("eax") xcr0 as u32, in("edx") (xcr0 >> 32) as u32, options(nostack, nomem))
-        };
-    }
-
-    fn write_msr(&mut self, msr: u32, value: u64) {
-        // SAFETY: the exit policy passes only IA32_LSTAR here, after deciding the guest may set it. L0
-        // never executes SYSCALL, so the guest's value can live in the real MSR while L0 runs.
-        unsafe { ihmi_rt::cpu::wrmsr(msr, value) };
-    }
-
-    fn guest_text(&mut self, args: fmt::Arguments<'_>) {
-        // Serial only: port 0xE9 carries L0's own lines (and its verdict markers) and nothing a guest wrote.
-        let _ = writeln!(Console(Sink::Serial), "{args}");
     }
 }
 
@@ -748,6 +653,8 @@ extern "C" fn on_exit(regs: &mut GuestRegs) {
     let mut platform = HwPlatform {
         guest_view: &mut st.guest_view,
         frames: &mut st.frames,
+        fence: &st.fence,
+        monitor_word: st.monitor_word,
     };
     // The monitor's counts now, for a benchmark window this exit may open or close.
     let counts = MonitorCounts {
@@ -802,9 +709,12 @@ fn entry_failed(scenario: Scenario, failure: EntryFailure) -> ! {
 }
 
 /// The guest has stopped: report, judge, and power off.
-fn finish(end: GuestEnd) -> ! {
+pub(crate) fn finish(end: GuestEnd) -> ! {
     let st = state();
     drain_monitor(st);
+    // Ends L0 decides itself (a broken monitor VM) reach the judge here; the exit policy's were
+    // observed already.
+    st.judge.record_end(end);
     log!("guest ended: {end}");
     if let Some(m) = &st.monitor {
         log!(

@@ -4,8 +4,8 @@
 
 use ihmi_abi::monitor::{MonitorConfig, CONFIG_MAGIC, MAX_ALLOWED, OS_LINUX, OS_TESTGUEST};
 use ihmi_abi::{RamRange, BOOT_INFO_MAX_RANGES};
-use ihmi_addr::{Gpa, Gva, Hpa, PhysRange, LARGE_PAGE_SIZE, PAGE_SIZE};
-use ihmi_hv::views::{LinuxGatePages, MonitorLayout};
+use ihmi_addr::{Gpa, GpaRange, Gva, LARGE_PAGE_SIZE, PAGE_SIZE};
+use ihmi_hv::guard::views::{LinuxGatePages, MonitorLayout};
 use ihmi_hv::{MemoryMap, RegionKind};
 use ihmi_paging::{MapFlags, PageSize, PageTable, PageTableBuilder, TableAlloc};
 
@@ -140,7 +140,7 @@ pub struct Loaded {
     pub gate_cr3_loads: u64,
     /// What never changes after loading: gate, code and read-only data; the configuration; the page
     /// tables.
-    fixed: [PhysRange; 3],
+    fixed: [GpaRange; 3],
     /// Their checksum when L0 finished loading.
     pub checksum_at_load: u64,
 }
@@ -165,9 +165,9 @@ impl Loaded {
         };
         let [code, config, tables] = &self.fixed;
         for r in [code, config] {
-            feed(bytes_at(Gpa::new(r.start.raw()), r.len()));
+            feed(bytes_at(r.start, r.len()));
         }
-        for entry in bytes_at(Gpa::new(tables.start.raw()), tables.len()).chunks_exact(8) {
+        for entry in bytes_at(tables.start, tables.len()).chunks_exact(8) {
             let mut word = [0u8; 8];
             word.copy_from_slice(entry);
             feed(&(u64::from_le_bytes(word) & !ACCESSED_DIRTY).to_le_bytes());
@@ -227,7 +227,7 @@ fn bytes_at(gpa: Gpa, len: u64) -> &'static mut [u8] {
 pub fn load(
     image_bytes: &[u8],
     memory: &mut MemoryMap,
-    taken: &[PhysRange],
+    taken: &[GpaRange],
     os: &MonitorOs,
     allowed: &str,
     mode: ihmi_abi::monitor::Mode,
@@ -266,14 +266,8 @@ pub fn load(
         }
         image.copy_segment(&ph, bytes_at(at(ph.p_vaddr), ph.p_memsz));
     }
-    let gate = PhysRange {
-        start: Hpa::new(at(base).raw()),
-        end: Hpa::new(at(gate_end).raw()),
-    };
-    let code = PhysRange {
-        start: Hpa::new(at(gate_end).raw()),
-        end: Hpa::new(at(code_end).raw()),
-    };
+    let gate = GpaRange::new(at(base), at(gate_end));
+    let code = GpaRange::new(at(gate_end), at(code_end));
     let mut layout = MonitorLayout {
         region,
         code,
@@ -298,7 +292,7 @@ pub fn load(
     let mut tables = RegionTables {
         start: table_start,
         next: table_start,
-        end: Gpa::new(region.end.raw()),
+        end: region.end,
     };
     // Linux: the scratch page and the three tables that map gate and scratch in the kernel's address
     // spaces, allocated first so they are one contiguous run the guest view can show.
@@ -311,10 +305,8 @@ pub fn load(
             };
             let setup = frame();
             let (scratch, pdpt, pd, ptab, hook) = (frame(), frame(), frame(), frame(), frame());
-            let range = |a: Gpa, pages: u64| PhysRange {
-                start: Hpa::new(a.raw()),
-                end: Hpa::new(a.raw() + pages * PAGE_SIZE),
-            };
+            let range =
+                |a: Gpa, pages: u64| GpaRange::new(a, Gpa::new(a.raw() + pages * PAGE_SIZE));
             layout.linux = Some(LinuxGatePages {
                 setup_data: range(setup, 1),
                 scratch: range(scratch, 1),
@@ -368,7 +360,7 @@ pub fn load(
     if let Err(e) = pt.map(
         &mut tables,
         gate_gva,
-        Gpa::new(gate.start.raw()),
+        gate.start,
         PAGE_SIZE,
         MapFlags::EXECUTABLE,
     ) {
@@ -379,7 +371,7 @@ pub fn load(
         if let Err(e) = pt.map_with(
             &mut tables,
             va,
-            Gpa::new(r.start.raw()),
+            r.start,
             r.len(),
             MapFlags::WRITABLE,
             largest,
@@ -401,14 +393,7 @@ pub fn load(
         ) {
             fail(format_args!("monitor page tables, scratch page: {e}"));
         }
-        let pml4e = build_linux_gate_tables(
-            gate_gva,
-            Gpa::new(gate.start.raw()),
-            scratch,
-            pdpt,
-            pd,
-            ptab,
-        );
+        let pml4e = build_linux_gate_tables(gate_gva, gate.start, scratch, pdpt, pd, ptab);
         // The trampoline's slot: the kernel's image mapping ends at `_end`, rounded up to 2 MiB; one
         // slot is left between as a margin.
         let hook_slot = p
@@ -432,7 +417,7 @@ pub fn load(
             kernel_entry_slot: at(image.symbol("ihmi_gate_kernel_entry")),
             slot: (gate_gva.raw() >> 39) & 0x1ff,
             pml4e,
-            gate_page: Gpa::new(gate.start.raw()),
+            gate_page: gate.start,
             hook_slot,
             hook_trampoline: hook_slot + (image.symbol("ihmi_hook_exec") - base),
             hook_table,
@@ -511,10 +496,7 @@ pub fn load(
             "the monitor's event ring at {ring} is misaligned"
         ));
     }
-    let phys = |a: Gpa, b: Gpa| PhysRange {
-        start: Hpa::new(a.raw()),
-        end: Hpa::new(b.raw()),
-    };
+    let phys = GpaRange::new;
     let config_start = at(image.symbol("IHMI_MONITOR_CONFIG"));
     let config_end = config_start
         .checked_add(core::mem::size_of::<MonitorConfig>() as u64)

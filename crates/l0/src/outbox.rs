@@ -68,7 +68,7 @@ pub fn setup(
     tables: &TableBases,
     frames: &mut Pool,
 ) -> MonitorVm {
-    let view = ihmi_hv::views::build_outbox_view(frames, memory, &m.layout)
+    let view = ihmi_hv::guard::views::build_outbox_view(frames, memory, &m.layout)
         .unwrap_or_else(|e| fail(format_args!("monitor VM EPT: {e}")));
     log!(
         "monitor VM: EPT root {} (guest RAM read-only), entry {:#x}",
@@ -134,6 +134,8 @@ pub fn enter(
         &mut crate::HwPlatform {
             guest_view: &mut st.guest_view,
             frames: &mut st.frames,
+            fence: &st.fence,
+            monitor_word: st.monitor_word,
         },
     );
     let Some(vm) = st.outbox.as_mut() else {
@@ -172,12 +174,12 @@ pub fn enter(
 
 /// An exit of the monitor VM: its verdict goes back to the guest, anything else is a fault.
 pub fn on_exit(st: &mut L0State, regs: &mut GuestRegs) {
-    let exit = ihmi_hv::outbox::decode_exit(&mut HwVcpu::new(&mut st.vmcs, regs));
+    let exit = ihmi_hv::monitor_vm::decode_exit(&mut HwVcpu::new(&mut st.vmcs, regs));
     let Some(vm) = st.outbox.as_mut() else {
         fail(format_args!("monitor VM exit without a monitor VM"))
     };
     match exit {
-        ihmi_hv::outbox::MonitorVmExit::Done { verdict } => {
+        ihmi_hv::monitor_vm::MonitorVmExit::Done { verdict } => {
             vm.exits.record(ihmi_vmcs::ExitReason::Vmcall);
             // SAFETY: the guest's VMCS was launched before any monitor call; `regs` is set to the
             // guest's saved registers below, before the stub resumes.
@@ -191,20 +193,19 @@ pub fn on_exit(st: &mut L0State, regs: &mut GuestRegs) {
             }
             crate::drain_monitor(st);
         }
-        ihmi_hv::outbox::MonitorVmExit::Fault {
+        ihmi_hv::monitor_vm::MonitorVmExit::Fault {
             reason,
             rip,
             qualification,
         } => {
-            log!(
-                "monitor VM fault: {} at rip={rip:#x} (qualification {qualification:#x})",
-                reason.name()
-            );
+            // A broken monitor ends the guest whose request it was serving, reported and judged; L0
+            // stays up.
             dump_vmcs(&st.vmcs);
-            fail(format_args!(
-                "the monitor VM stopped with {} at rip={rip:#x}",
-                reason.name()
-            ));
+            crate::finish(ihmi_hv::GuestEnd::MonitorVmFault {
+                reason,
+                rip,
+                qualification,
+            });
         }
     }
 }

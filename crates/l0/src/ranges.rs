@@ -1,6 +1,6 @@
 //! Fixed-capacity lists of physical ranges: L0 has no heap.
 
-use ihmi_addr::{Hpa, PhysRange};
+use ihmi_addr::{Gpa, GpaRange};
 
 use crate::fail;
 
@@ -10,23 +10,20 @@ const MAX: usize = ihmi_hv::memory::MAX_REGIONS;
 /// Up to [`MAX`] ranges.
 #[derive(Clone, Copy)]
 pub struct Ranges {
-    items: [PhysRange; MAX],
+    items: [GpaRange; MAX],
     len: usize,
 }
 
 impl Ranges {
     pub const fn new() -> Self {
         Self {
-            items: [PhysRange {
-                start: Hpa::new(0),
-                end: Hpa::new(0),
-            }; MAX],
+            items: [GpaRange::new(Gpa::new(0), Gpa::new(0)); MAX],
             len: 0,
         }
     }
 
     /// Appends `r`; a full list is an L0 bug and stops L0 with a message, never a silent loss.
-    pub fn push(&mut self, r: PhysRange) {
+    pub fn push(&mut self, r: GpaRange) {
         if self.len == MAX {
             fail(format_args!("more than {MAX} physical ranges in one list"));
         }
@@ -34,13 +31,13 @@ impl Ranges {
         self.len += 1;
     }
 
-    pub fn as_slice(&self) -> &[PhysRange] {
+    pub fn as_slice(&self) -> &[GpaRange] {
         &self.items[..self.len]
     }
 }
 
-impl FromIterator<PhysRange> for Ranges {
-    fn from_iter<I: IntoIterator<Item = PhysRange>>(iter: I) -> Self {
+impl FromIterator<GpaRange> for Ranges {
+    fn from_iter<I: IntoIterator<Item = GpaRange>>(iter: I) -> Self {
         let mut r = Self::new();
         for item in iter {
             r.push(item);

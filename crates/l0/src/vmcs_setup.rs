@@ -5,7 +5,7 @@ use core::cell::UnsafeCell;
 
 use ihmi_addr::Hpa;
 use ihmi_ept::Eptp;
-use ihmi_hv::{
+use ihmi_hv::policy::{
     io::INTERCEPTED_PORTS,
     msr::{INTERCEPTED, READ_INTERCEPTED, WRITE_INTERCEPTED},
 };

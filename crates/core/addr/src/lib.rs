@@ -129,6 +129,17 @@ impl Gpa {
     }
 }
 
+impl Gpa {
+    /// The guest-physical address of a host-physical one in an identity-mapped region: L0 builds the
+    /// guest's EPT as an identity map, so the guest's physical space mirrors the machine's.
+    ///
+    /// Only valid where L0 built the EPT as an identity map; callers say so by using this name.
+    #[must_use]
+    pub const fn from_identity_hpa(hpa: Hpa) -> Self {
+        Gpa(hpa.0)
+    }
+}
+
 impl Hpa {
     /// The host-physical address of a guest-physical one in an identity-mapped region.
     ///
@@ -191,47 +202,119 @@ impl fmt::Debug for Gfn {
     }
 }
 
-/// A half-open physical range `[start, end)`, used for memory maps and ownership.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub struct PhysRange {
-    /// First byte.
-    pub start: Hpa,
-    /// One past the last byte.
-    pub end: Hpa,
+/// The address types, for code generic over them ([`Range`]). Implemented by [`Gpa`], [`Hpa`] and
+/// [`Gva`] only.
+pub trait Address: Copy + Ord + fmt::Debug + private::Sealed {
+    /// Wraps a raw address.
+    fn from_raw(raw: u64) -> Self;
+    /// The raw value.
+    fn to_raw(self) -> u64;
 }
 
-impl PhysRange {
-    /// A range from `start` of `len` bytes, or `None` on overflow.
-    #[must_use]
-    pub const fn from_len(start: Hpa, len: u64) -> Option<Self> {
-        match start.checked_add(len) {
-            Some(end) => Some(Self { start, end }),
-            None => None,
+mod private {
+    pub trait Sealed {}
+}
+
+macro_rules! address_impl {
+    ($($t:ident),*) => {$(
+        impl private::Sealed for $t {}
+        impl Address for $t {
+            fn from_raw(raw: u64) -> Self {
+                Self(raw)
+            }
+            fn to_raw(self) -> u64 {
+                self.0
+            }
         }
+    )*};
+}
+address_impl!(Gpa, Hpa, Gva);
+
+/// A half-open range `[start, end)` of one kind of address: memory maps, ownership, layouts.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
+pub struct Range<A> {
+    /// First byte.
+    pub start: A,
+    /// One past the last byte.
+    pub end: A,
+}
+
+/// A range of host-physical memory (what L0 owns, the firmware's map).
+pub type HpaRange = Range<Hpa>;
+/// A range of guest-physical memory (the guest's memory map, the monitor's region in it).
+pub type GpaRange = Range<Gpa>;
+/// A range of guest-virtual addresses.
+pub type GvaRange = Range<Gva>;
+
+impl<A: Address> Range<A> {
+    /// `[start, end)`.
+    #[must_use]
+    pub const fn new(start: A, end: A) -> Self {
+        Self { start, end }
     }
 
-    /// Length in bytes.
+    /// A range from `start` of `len` bytes, or `None` on overflow.
     #[must_use]
-    pub const fn len(&self) -> u64 {
-        self.end.raw().saturating_sub(self.start.raw())
+    pub fn from_len(start: A, len: u64) -> Option<Self> {
+        let end = start.to_raw().checked_add(len)?;
+        Some(Self {
+            start,
+            end: A::from_raw(end),
+        })
+    }
+
+    /// Length in bytes (0 for an inverted range).
+    #[must_use]
+    pub fn len(&self) -> u64 {
+        self.end.to_raw().saturating_sub(self.start.to_raw())
     }
 
     /// Whether the range holds no byte.
     #[must_use]
-    pub const fn is_empty(&self) -> bool {
+    pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
     /// Whether `addr` lies inside.
     #[must_use]
-    pub const fn contains(&self, addr: Hpa) -> bool {
-        addr.raw() >= self.start.raw() && addr.raw() < self.end.raw()
+    pub fn contains(&self, addr: A) -> bool {
+        addr >= self.start && addr < self.end
+    }
+
+    /// Whether `[addr, addr + len)` lies inside (false on overflow).
+    #[must_use]
+    pub fn contains_range(&self, addr: A, len: u64) -> bool {
+        addr.to_raw()
+            .checked_add(len)
+            .is_some_and(|end| addr >= self.start && end <= self.end.to_raw())
     }
 
     /// Whether the two ranges share a byte.
     #[must_use]
-    pub const fn overlaps(&self, other: &PhysRange) -> bool {
-        self.start.raw() < other.end.raw() && other.start.raw() < self.end.raw()
+    pub fn overlaps(&self, other: &Self) -> bool {
+        self.start < other.end && other.start < self.end
+    }
+}
+
+impl GpaRange {
+    /// The guest-physical range of an identity-mapped host range (see [`Gpa::from_identity_hpa`]).
+    #[must_use]
+    pub const fn from_identity(r: HpaRange) -> Self {
+        Self {
+            start: Gpa::from_identity_hpa(r.start),
+            end: Gpa::from_identity_hpa(r.end),
+        }
+    }
+}
+
+impl HpaRange {
+    /// The host-physical range behind an identity-mapped guest range (see [`Hpa::from_identity_gpa`]).
+    #[must_use]
+    pub const fn from_identity(r: GpaRange) -> Self {
+        Self {
+            start: Hpa::from_identity_gpa(r.start),
+            end: Hpa::from_identity_gpa(r.end),
+        }
     }
 }
 
@@ -269,13 +352,21 @@ mod tests {
 
     #[test]
     fn ranges() {
-        let a = PhysRange::from_len(Hpa::new(0x1000), 0x1000).unwrap();
-        let b = PhysRange::from_len(Hpa::new(0x1fff), 2).unwrap();
-        let c = PhysRange::from_len(Hpa::new(0x2000), 1).unwrap();
+        let a = HpaRange::from_len(Hpa::new(0x1000), 0x1000).unwrap();
+        let b = HpaRange::from_len(Hpa::new(0x1fff), 2).unwrap();
+        let c = HpaRange::from_len(Hpa::new(0x2000), 1).unwrap();
         assert!(a.overlaps(&b));
         assert!(!a.overlaps(&c));
         assert!(a.contains(Hpa::new(0x1fff)));
         assert!(!a.contains(Hpa::new(0x2000)));
-        assert!(PhysRange::from_len(Hpa::new(u64::MAX), 2).is_none());
+        assert!(HpaRange::from_len(Hpa::new(u64::MAX), 2).is_none());
+        assert!(a.contains_range(Hpa::new(0x1800), 0x800));
+        assert!(!a.contains_range(Hpa::new(0x1800), 0x801));
+        assert!(!a.contains_range(Hpa::new(u64::MAX), 2), "overflow");
+        let g = GpaRange::from_identity(a);
+        assert_eq!((g.start, g.len()), (Gpa::new(0x1000), 0x1000));
+        assert_eq!(HpaRange::from_identity(g), a);
+        let inverted = GvaRange::new(Gva::new(2), Gva::new(1));
+        assert!(inverted.is_empty());
     }
 }

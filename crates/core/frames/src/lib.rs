@@ -4,7 +4,7 @@
 
 use core::fmt;
 
-use ihmi_addr::{Hpa, PhysRange, PAGE_SIZE};
+use ihmi_addr::{Hpa, HpaRange, PAGE_SIZE};
 
 const WORD_BITS: usize = u64::BITS as usize;
 
@@ -191,9 +191,9 @@ impl<'a> FrameAllocator<'a> {
 
     /// The bytes the pool covers.
     #[must_use]
-    pub fn range(&self) -> PhysRange {
+    pub fn range(&self) -> HpaRange {
         // `new` checked that the end fits.
-        PhysRange {
+        HpaRange {
             start: self.base,
             end: Hpa::new(self.base.raw() + self.frames as u64 * PAGE_SIZE),
         }
@@ -311,7 +311,7 @@ mod tests {
         let a = FrameAllocator::new(Hpa::new(0x4000), 2, &mut bm).unwrap();
         assert_eq!(
             a.range(),
-            PhysRange::from_len(Hpa::new(0x4000), 0x2000).unwrap()
+            HpaRange::from_len(Hpa::new(0x4000), 0x2000).unwrap()
         );
         assert!(a.owns(Hpa::new(0x4000)));
         assert!(a.owns(Hpa::new(0x5fff)));

@@ -1,6 +1,6 @@
 //! Who owns each part of guest-physical space, and reads of guest RAM that respect it.
 
-use ihmi_addr::{Gpa, Hpa, PhysRange, PAGE_SIZE};
+use ihmi_addr::{Address, Gpa, GpaRange, HpaRange, Range, PAGE_SIZE};
 use ihmi_paging::{GuestPhysRead, PhysReadError};
 
 use crate::Platform;
@@ -48,16 +48,13 @@ pub enum MapError {
 /// A fixed-capacity, non-overlapping list of guest-physical regions, sorted by address.
 #[derive(Clone, Debug)]
 pub struct MemoryMap {
-    regions: [(PhysRange, RegionKind); MAX_REGIONS],
+    regions: [(GpaRange, RegionKind); MAX_REGIONS],
     count: usize,
 }
 
 impl Default for MemoryMap {
     fn default() -> Self {
-        let empty = PhysRange {
-            start: Hpa::new(0),
-            end: Hpa::new(0),
-        };
+        let empty = GpaRange::new(Gpa::new(0), Gpa::new(0));
         Self {
             regions: [(empty, RegionKind::L0); MAX_REGIONS],
             count: 0,
@@ -67,7 +64,7 @@ impl Default for MemoryMap {
 
 impl MemoryMap {
     /// Adds a region; regions never overlap.
-    pub fn add(&mut self, range: PhysRange, kind: RegionKind) -> Result<(), MapError> {
+    pub fn add(&mut self, range: GpaRange, kind: RegionKind) -> Result<(), MapError> {
         if range.is_empty() {
             return Err(MapError::Empty);
         }
@@ -90,7 +87,7 @@ impl MemoryMap {
 
     /// Hands `range`, which must lie inside one guest-RAM region, to another owner (the monitor): the
     /// RAM region is split around it.
-    pub fn reassign(&mut self, range: PhysRange, kind: RegionKind) -> Result<(), MapError> {
+    pub fn reassign(&mut self, range: GpaRange, kind: RegionKind) -> Result<(), MapError> {
         let Some(i) = self.regions().iter().position(|(r, k)| {
             *k == RegionKind::GuestRam && r.start <= range.start && range.end <= r.end
         }) else {
@@ -100,21 +97,9 @@ impl MemoryMap {
         self.regions.copy_within(i + 1..self.count, i);
         self.count -= 1;
         for (part, k) in [
-            (
-                PhysRange {
-                    start: ram.start,
-                    end: range.start,
-                },
-                RegionKind::GuestRam,
-            ),
+            (GpaRange::new(ram.start, range.start), RegionKind::GuestRam),
             (range, kind),
-            (
-                PhysRange {
-                    start: range.end,
-                    end: ram.end,
-                },
-                RegionKind::GuestRam,
-            ),
+            (GpaRange::new(range.end, ram.end), RegionKind::GuestRam),
         ] {
             if !part.is_empty() {
                 self.add(part, k)?;
@@ -126,11 +111,8 @@ impl MemoryMap {
     /// Passes every address below `limit` that no region covers through to the guest as a device
     /// range: a commodity kernel owns the machine's devices and firmware tables, and only L0's and the
     /// monitor's frames are kept from it.
-    pub fn fill_gaps_as_mmio(&mut self, limit: Hpa) -> Result<(), MapError> {
-        let mut gaps = heapless_pieces::Pieces::new(PhysRange {
-            start: Hpa::new(0),
-            end: limit,
-        });
+    pub fn fill_gaps_as_mmio(&mut self, limit: Gpa) -> Result<(), MapError> {
+        let mut gaps = heapless_pieces::Pieces::new(GpaRange::new(Gpa::new(0), limit));
         for (r, _) in self.regions() {
             gaps.subtract(*r);
         }
@@ -142,12 +124,12 @@ impl MemoryMap {
 
     /// All regions, sorted.
     #[must_use]
-    pub fn regions(&self) -> &[(PhysRange, RegionKind)] {
+    pub fn regions(&self) -> &[(GpaRange, RegionKind)] {
         &self.regions[..self.count]
     }
 
     /// Regions of one kind.
-    pub fn of_kind(&self, kind: RegionKind) -> impl Iterator<Item = PhysRange> + '_ {
+    pub fn of_kind(&self, kind: RegionKind) -> impl Iterator<Item = GpaRange> + '_ {
         self.regions()
             .iter()
             .filter(move |(_, k)| *k == kind)
@@ -157,10 +139,9 @@ impl MemoryMap {
     /// The kind of the region holding `gpa`, if any.
     #[must_use]
     pub fn classify(&self, gpa: Gpa) -> Option<RegionKind> {
-        let addr = Hpa::from_identity_gpa(gpa);
         self.regions()
             .iter()
-            .find(|(r, _)| r.contains(addr))
+            .find(|(r, _)| r.contains(gpa))
             .map(|(_, k)| *k)
     }
 
@@ -172,13 +153,15 @@ impl MemoryMap {
         };
         let mut at = gpa;
         while at < end {
-            let Some((r, _)) = self.regions().iter().find(|(r, k)| {
-                *k == RegionKind::GuestRam && r.contains(Hpa::from_identity_gpa(at))
-            }) else {
+            let Some((r, _)) = self
+                .regions()
+                .iter()
+                .find(|(r, k)| *k == RegionKind::GuestRam && r.contains(at))
+            else {
                 return false;
             };
             // Adjacent RAM regions are fine: continue from the end of this one.
-            at = Gpa::new(r.end.raw());
+            at = r.end;
         }
         true
     }
@@ -188,26 +171,28 @@ impl MemoryMap {
 pub const MAX_INPUT_RANGES: usize = 32;
 
 impl MemoryMap {
-    /// Builds the guest's view of physical memory from the firmware memory map.
+    /// Builds the guest's view of physical memory from the firmware memory map. L0 gives the guest
+    /// an identity-mapped EPT, so each host range becomes the guest range with the same addresses:
+    /// this is the one place the two kinds of address meet.
     ///
     /// `available` is the RAM the firmware reports free, `l0_owned` what L0 keeps for itself (its image,
     /// boot modules, its frame pool), `devices` the device and firmware ranges passed through. Guest RAM is
     /// `available` minus `l0_owned`, shrunk to whole pages; L0 ranges are grown to whole pages, so a
     /// partly used page always belongs to L0.
     pub fn build(
-        available: &[PhysRange],
-        l0_owned: &[PhysRange],
-        devices: &[PhysRange],
+        available: &[HpaRange],
+        l0_owned: &[HpaRange],
+        devices: &[HpaRange],
     ) -> Result<Self, MapError> {
         let mut map = Self::default();
-        for l0 in l0_owned {
-            let grown = PhysRange {
-                start: l0.start.align_down(PAGE_SIZE),
-                end: l0.end.align_up(PAGE_SIZE).unwrap_or(l0.end),
-            };
+        for l0 in l0_owned.iter().map(|r| GpaRange::from_identity(*r)) {
+            let grown = GpaRange::new(
+                l0.start.align_down(PAGE_SIZE),
+                l0.end.align_up(PAGE_SIZE).unwrap_or(l0.end),
+            );
             map.add_merging_l0(grown)?;
         }
-        for ram in available {
+        for ram in available.iter().map(|r| GpaRange::from_identity(*r)) {
             let Some(start) = ram.start.align_up(PAGE_SIZE) else {
                 continue;
             };
@@ -216,7 +201,7 @@ impl MemoryMap {
                 continue;
             }
             // Cut out every L0 range; what is left is guest RAM.
-            let mut rest = heapless_pieces::Pieces::new(PhysRange { start, end });
+            let mut rest = heapless_pieces::Pieces::new(GpaRange::new(start, end));
             for (l0, kind) in map.regions() {
                 if *kind == RegionKind::L0 {
                     rest.subtract(*l0);
@@ -226,26 +211,23 @@ impl MemoryMap {
                 map.add(piece, RegionKind::GuestRam)?;
             }
         }
-        for dev in devices {
+        for dev in devices.iter().map(|r| GpaRange::from_identity(*r)) {
             // A device range may overlap what the firmware calls RAM only by mistake; RAM wins.
-            if map.regions().iter().all(|(r, _)| !r.overlaps(dev)) {
-                map.add(*dev, RegionKind::Mmio)?;
+            if map.regions().iter().all(|(r, _)| !r.overlaps(&dev)) {
+                map.add(dev, RegionKind::Mmio)?;
             }
         }
         Ok(map)
     }
 
-    fn add_merging_l0(&mut self, range: PhysRange) -> Result<(), MapError> {
+    fn add_merging_l0(&mut self, range: GpaRange) -> Result<(), MapError> {
         // L0 ranges may touch or overlap each other (a module right after the image): merge them.
         let mut merged = range;
         while let Some(i) = self.regions().iter().position(|(r, k)| {
             *k == RegionKind::L0 && r.start <= merged.end && merged.start <= r.end
         }) {
             let (r, _) = self.regions[i];
-            merged = PhysRange {
-                start: r.start.min(merged.start),
-                end: r.end.max(merged.end),
-            };
+            merged = GpaRange::new(r.start.min(merged.start), r.end.max(merged.end));
             self.regions.copy_within(i + 1..self.count, i);
             self.count -= 1;
         }
@@ -253,23 +235,25 @@ impl MemoryMap {
     }
 }
 
-/// Picks `size` bytes for L0's frame pool: the highest `align`-aligned block of available RAM that
-/// overlaps none of `taken`. High memory keeps the pool away from where guests are loaded.
+/// Picks `size` bytes of `available` memory: the highest `align`-aligned block (a power of two) that
+/// overlaps none of `taken`. L0's frame pool (host memory) and the monitor's region (guest RAM) are
+/// placed this way: high memory keeps them away from where guests are loaded.
 #[must_use]
-pub fn choose_pool(
-    available: &[PhysRange],
-    taken: &[PhysRange],
+pub fn choose_pool<A: Address>(
+    available: &[Range<A>],
+    taken: &[Range<A>],
     size: u64,
     align: u64,
-) -> Option<PhysRange> {
-    let mut best: Option<PhysRange> = None;
+) -> Option<Range<A>> {
+    let down = |a: u64| a & !(align - 1);
+    let mut best: Option<Range<A>> = None;
     for ram in available {
-        let mut end = ram.end.align_down(align);
+        let mut end = down(ram.end.to_raw());
         while let Some(start) = end.checked_sub(size) {
-            if start < ram.start {
+            if start < ram.start.to_raw() {
                 break;
             }
-            let cand = PhysRange { start, end };
+            let cand = Range::new(A::from_raw(start), A::from_raw(end));
             match taken.iter().find(|t| t.overlaps(&cand)) {
                 None => {
                     if best.is_none_or(|b| cand.start > b.start) {
@@ -278,7 +262,7 @@ pub fn choose_pool(
                     break;
                 }
                 // Slide below the obstacle and try again.
-                Some(t) => end = t.start.align_down(align),
+                Some(t) => end = down(t.start.to_raw()),
             }
         }
     }
@@ -286,7 +270,7 @@ pub fn choose_pool(
 }
 
 mod heapless_pieces {
-    use ihmi_addr::PhysRange;
+    use ihmi_addr::GpaRange as PhysRange;
 
     /// As many pieces as a map has regions: cutting a map's regions out of one range never needs more.
     const MAX: usize = super::MAX_REGIONS;
@@ -353,10 +337,24 @@ pub(crate) struct GuestRamReader<'a, P: Platform> {
 
 impl<P: Platform> GuestPhysRead for GuestRamReader<'_, P> {
     fn read_bytes(&self, gpa: Gpa, buf: &mut [u8]) -> Result<(), PhysReadError> {
-        if !self.map.is_guest_ram(gpa, buf.len() as u64) || !self.platform.read_phys(gpa, buf) {
+        if !self.map.is_guest_ram(gpa, buf.len() as u64) {
             return Err(PhysReadError { gpa });
         }
-        Ok(())
+        self.platform
+            .read_guest(gpa, buf)
+            .map_err(|_| PhysReadError { gpa })
+    }
+}
+
+/// Guest-physical reads straight through the platform, whose own fence refuses anything but guest
+/// RAM: for walking tables whose location L0 chose itself (the kernel's top-level table).
+pub(crate) struct PlatformReader<'a, P: Platform>(pub &'a P);
+
+impl<P: Platform> GuestPhysRead for PlatformReader<'_, P> {
+    fn read_bytes(&self, gpa: Gpa, buf: &mut [u8]) -> Result<(), PhysReadError> {
+        self.0
+            .read_guest(gpa, buf)
+            .map_err(|_| PhysReadError { gpa })
     }
 }
 
@@ -365,23 +363,28 @@ mod tests {
     extern crate std;
     use super::*;
 
-    fn range(start: u64, end: u64) -> PhysRange {
-        PhysRange {
-            start: Hpa::new(start),
-            end: Hpa::new(end),
-        }
+    use ihmi_addr::Hpa;
+
+    /// A guest range, as the map keeps them.
+    fn range(start: u64, end: u64) -> GpaRange {
+        GpaRange::new(Gpa::new(start), Gpa::new(end))
+    }
+
+    /// A host range, as the firmware and L0 report them.
+    fn hrange(start: u64, end: u64) -> HpaRange {
+        HpaRange::new(Hpa::new(start), Hpa::new(end))
     }
 
     #[test]
     fn gaps_below_the_limit_become_devices_and_nothing_else_moves() {
         let mut m = MemoryMap::build(
-            &[range(0, 0x9_f000), range(0x10_0000, 0x1000_0000)],
-            &[range(0x10_0000, 0x14_0000)],
-            &[range(0xfee0_0000, 0xfee0_1000)],
+            &[hrange(0, 0x9_f000), hrange(0x10_0000, 0x1000_0000)],
+            &[hrange(0x10_0000, 0x14_0000)],
+            &[hrange(0xfee0_0000, 0xfee0_1000)],
         )
         .unwrap();
         let before: std::vec::Vec<_> = m.regions().to_vec();
-        m.fill_gaps_as_mmio(Hpa::new(0x1_0000_0000)).unwrap();
+        m.fill_gaps_as_mmio(Gpa::new(0x1_0000_0000)).unwrap();
         let mmio: std::vec::Vec<_> = m.of_kind(RegionKind::Mmio).collect();
         assert_eq!(
             mmio,
@@ -438,16 +441,16 @@ mod tests {
 
     #[test]
     fn build_cuts_l0_out_of_ram_at_page_granularity() {
-        let available = [range(0, 0x9f000), range(0x10_0000, 0x1000_0000)];
+        let available = [hrange(0, 0x9f000), hrange(0x10_0000, 0x1000_0000)];
         let l0 = [
-            range(0x10_0000, 0x11_8123),
-            range(0x11_8123, 0x12_0000),
-            range(0xf00_0000, 0x1000_0000),
+            hrange(0x10_0000, 0x11_8123),
+            hrange(0x11_8123, 0x12_0000),
+            hrange(0xf00_0000, 0x1000_0000),
         ];
         let devices = [
-            range(0xa_0000, 0xc_0000),
-            range(0xfee0_0000, 0xfee0_1000),
-            range(0x10_0000, 0x10_1000),
+            hrange(0xa_0000, 0xc_0000),
+            hrange(0xfee0_0000, 0xfee0_1000),
+            hrange(0x10_0000, 0x10_1000),
         ];
         let m = MemoryMap::build(&available, &l0, &devices).unwrap();
         let got: std::vec::Vec<_> = m
@@ -471,7 +474,8 @@ mod tests {
 
     #[test]
     fn build_keeps_partial_pages_for_l0_and_splits_ram_around_holes() {
-        let m = MemoryMap::build(&[range(0x1000, 0x10000)], &[range(0x4800, 0x4900)], &[]).unwrap();
+        let m =
+            MemoryMap::build(&[hrange(0x1000, 0x10000)], &[hrange(0x4800, 0x4900)], &[]).unwrap();
         let got: std::vec::Vec<_> = m
             .regions()
             .iter()

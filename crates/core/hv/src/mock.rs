@@ -13,11 +13,13 @@ use std::collections::BTreeMap;
 use std::string::{String, ToString};
 use std::vec::Vec;
 
-use ihmi_addr::Gpa;
+use ihmi_addr::{Gpa, GpaRange};
 use ihmi_vmcs::fields::{guest, ro};
 use ihmi_vmcs::VmcsField;
 
-use ihmi_hv::{Alert, GuestRegs, Observation, Observer, Platform, Vcpu};
+use ihmi_hv::{
+    Alert, GuestRegs, MonitorWord, Observation, Observer, Platform, PlatformError, Vcpu,
+};
 
 /// One recorded call.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,6 +36,7 @@ pub enum Call {
     ReadMsr(u32),
     WritePhys(Gpa, Vec<u8>),
     PortOut(u16, u8),
+    WriteMonitor(Gpa, u64),
     ProtectGuest(Gpa, u64, ihmi_ept::Perm),
 }
 
@@ -89,6 +92,15 @@ impl Vcpu for MockVcpu {
     }
 }
 
+/// The platform operations that can fail, for arming a fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Op {
+    ReadGuest,
+    WriteGuest,
+    WriteMonitor,
+    ProtectGuest,
+}
+
 #[derive(Debug, Default)]
 pub struct MockPlatform {
     /// Guest-physical memory by page number.
@@ -96,6 +108,10 @@ pub struct MockPlatform {
     /// MSR values `read_msr` returns.
     pub msrs: BTreeMap<u32, u64>,
     pub calls: RefCell<Vec<Call>>,
+    /// Calls made so far of each fallible operation.
+    counts: RefCell<BTreeMap<Op, usize>>,
+    /// Armed faults: the operation fails on exactly this (1-based) call.
+    faults: BTreeMap<Op, usize>,
 }
 
 impl MockPlatform {
@@ -107,6 +123,35 @@ impl MockPlatform {
             let a = gpa + i as u64;
             self.pages.entry(a / 4096).or_insert([0; 4096])[(a % 4096) as usize] = *b;
         }
+    }
+    pub fn read_u64(&self, gpa: u64) -> u64 {
+        let mut b = [0u8; 8];
+        for (i, byte) in b.iter_mut().enumerate() {
+            let a = gpa + i as u64;
+            *byte = self
+                .pages
+                .get(&(a / 4096))
+                .map_or(0, |p| p[(a % 4096) as usize]);
+        }
+        u64::from_le_bytes(b)
+    }
+    /// Makes the `n`-th call (counting from 1, from now) of `op` fail.
+    pub fn fail_on(&mut self, op: Op, n: usize) {
+        let done = self.counts.borrow().get(&op).copied().unwrap_or(0);
+        self.faults.insert(op, done + n);
+    }
+    /// Counts a call of `op`; an error if it is the armed one.
+    fn attempt(&self, op: Op, gpa: Gpa, len: u64) -> Result<(), PlatformError> {
+        let mut counts = self.counts.borrow_mut();
+        let n = counts.entry(op).or_insert(0);
+        *n += 1;
+        if self.faults.get(&op) == Some(n) {
+            return Err(match op {
+                Op::ProtectGuest => PlatformError::View { gpa, len },
+                _ => PlatformError::Fenced { gpa, len },
+            });
+        }
+        Ok(())
     }
     /// Guest text L0 printed, and a check that none of it went through L0's own log channel.
     pub fn guest_texts(&self) -> Vec<String> {
@@ -122,6 +167,17 @@ impl MockPlatform {
             })
             .collect()
     }
+    /// L0's own console lines.
+    pub fn logs(&self) -> Vec<String> {
+        self.calls
+            .borrow()
+            .iter()
+            .filter_map(|c| match c {
+                Call::Log(s) => Some(s.clone()),
+                _ => None,
+            })
+            .collect()
+    }
     pub fn phys_reads(&self) -> Vec<(Gpa, usize)> {
         self.calls
             .borrow()
@@ -130,6 +186,20 @@ impl MockPlatform {
                 Call::ReadPhys(g, n) => Some((*g, *n)),
                 _ => None,
             })
+            .collect()
+    }
+    /// Every call that changed guest memory, the monitor word or the guest view, in order.
+    pub fn changes(&self) -> Vec<Call> {
+        self.calls
+            .borrow()
+            .iter()
+            .filter(|c| {
+                matches!(
+                    c,
+                    Call::WritePhys(..) | Call::WriteMonitor(..) | Call::ProtectGuest(..)
+                )
+            })
+            .cloned()
             .collect()
     }
 }
@@ -144,8 +214,9 @@ impl Platform for MockPlatform {
             _ => [leaf, 0, 0, 0],
         }
     }
-    fn read_phys(&self, gpa: Gpa, buf: &mut [u8]) -> bool {
+    fn read_guest(&self, gpa: Gpa, buf: &mut [u8]) -> Result<(), PlatformError> {
         self.calls.borrow_mut().push(Call::ReadPhys(gpa, buf.len()));
+        self.attempt(Op::ReadGuest, gpa, buf.len() as u64)?;
         for (i, b) in buf.iter_mut().enumerate() {
             let a = gpa.raw() + i as u64;
             *b = self
@@ -153,14 +224,23 @@ impl Platform for MockPlatform {
                 .get(&(a / 4096))
                 .map_or(0, |p| p[(a % 4096) as usize]);
         }
-        true
+        Ok(())
     }
-    fn write_phys(&mut self, gpa: Gpa, bytes: &[u8]) -> bool {
+    fn write_guest(&mut self, gpa: Gpa, bytes: &[u8]) -> Result<(), PlatformError> {
         self.calls
             .borrow_mut()
             .push(Call::WritePhys(gpa, bytes.to_vec()));
+        self.attempt(Op::WriteGuest, gpa, bytes.len() as u64)?;
         self.write_bytes(gpa.raw(), bytes);
-        true
+        Ok(())
+    }
+    fn write_monitor(&mut self, word: MonitorWord, value: u64) -> Result<(), PlatformError> {
+        self.calls
+            .borrow_mut()
+            .push(Call::WriteMonitor(word.gpa(), value));
+        self.attempt(Op::WriteMonitor, word.gpa(), 8)?;
+        self.write_u64(word.gpa().raw(), value);
+        Ok(())
     }
     fn read_msr(&mut self, msr: u32) -> u64 {
         self.calls.borrow_mut().push(Call::ReadMsr(msr));
@@ -173,11 +253,15 @@ impl Platform for MockPlatform {
     fn port_out(&mut self, port: u16, value: u8) {
         self.calls.borrow_mut().push(Call::PortOut(port, value));
     }
-    fn protect_guest(&mut self, gpa: Gpa, len: u64, perm: ihmi_ept::Perm) -> bool {
+    fn protect_guest(
+        &mut self,
+        range: GpaRange,
+        perm: ihmi_ept::Perm,
+    ) -> Result<(), PlatformError> {
         self.calls
             .borrow_mut()
-            .push(Call::ProtectGuest(gpa, len, perm));
-        true
+            .push(Call::ProtectGuest(range.start, range.len(), perm));
+        self.attempt(Op::ProtectGuest, range.start, range.len())
     }
     fn xsetbv(&mut self, xcr0: u64) {
         self.calls.borrow_mut().push(Call::Xsetbv(xcr0));

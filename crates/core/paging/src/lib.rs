@@ -289,6 +289,14 @@ pub enum WalkError {
         /// The level of the entry.
         level: u8,
     },
+    /// An entry on the way maps a large page, so there is no table below it (see
+    /// [`entry_address`]).
+    LargePage {
+        /// The address being walked.
+        gva: Gva,
+        /// The level of the entry.
+        level: u8,
+    },
     /// A paging structure or the data could not be read.
     Phys(PhysReadError),
     /// The translation exists but does not allow the requested access.
@@ -311,6 +319,12 @@ impl fmt::Display for WalkError {
             Self::NotPresent { gva, level } => write!(f, "{gva}: level-{level} entry not present"),
             Self::ReservedBits { gva, level } => {
                 write!(f, "{gva}: level-{level} entry sets reserved bits")
+            }
+            Self::LargePage { gva, level } => {
+                write!(
+                    f,
+                    "{gva}: level-{level} entry maps a large page, not a table"
+                )
             }
             Self::Phys(e) => e.fmt(f),
             Self::Protection { gva } => write!(f, "{gva}: access not allowed"),
@@ -377,7 +391,7 @@ pub fn translate_with_maxphyaddr(
     let mut table = cr3.root();
     let (mut writable, mut user, mut executable) = (true, true, true);
     for level in (1..=4u8).rev() {
-        let entry_addr = Gpa::new(table.raw() + index(gva.raw(), level) as u64 * 8);
+        let entry_addr = entry_in(table, gva, level).ok_or(WalkError::NotPresent { gva, level })?;
         let entry = PageTableEntry(mem.read_u64(entry_addr)?);
         if !entry.is_present() {
             return Err(WalkError::NotPresent { gva, level });
@@ -419,6 +433,39 @@ pub fn translate_with_maxphyaddr(
     }
     // Level 1 always returns above.
     Err(WalkError::NotPresent { gva, level: 1 })
+}
+
+/// Where the entry for `gva` at `level` (1 = PT ... 4 = PML4) sits in the tables under `root`: the
+/// walk follows the entries above it, which must be present and point at tables, not large pages.
+/// Used to find (and then write or audit) one entry of the guest's own page tables.
+pub fn entry_address(
+    mem: &impl GuestPhysRead,
+    root: Gpa,
+    gva: Gva,
+    level: u8,
+) -> Result<Gpa, WalkError> {
+    if !gva.is_canonical() {
+        return Err(WalkError::NonCanonical(gva));
+    }
+    let level = level.clamp(1, 4);
+    let mut table = root;
+    for upper in (level + 1..=4).rev() {
+        let at = entry_in(table, gva, upper).ok_or(WalkError::NotPresent { gva, level: upper })?;
+        let entry = PageTableEntry(mem.read_u64(at)?);
+        if !entry.is_present() {
+            return Err(WalkError::NotPresent { gva, level: upper });
+        }
+        if entry.is_huge() {
+            return Err(WalkError::LargePage { gva, level: upper });
+        }
+        table = entry.addr();
+    }
+    entry_in(table, gva, level).ok_or(WalkError::NotPresent { gva, level })
+}
+
+/// The address of the entry for `gva` in the level-`level` table at `table`.
+fn entry_in(table: Gpa, gva: Gva, level: u8) -> Option<Gpa> {
+    table.checked_add(index(gva.raw(), level) as u64 * 8)
 }
 
 /// [`translate`], then a [`WalkError::Protection`] error unless `access` is allowed.
@@ -1097,6 +1144,65 @@ mod tests {
         assert_eq!(
             translate(&mem, cr3, far),
             Err(WalkError::NotPresent { gva: far, level: 3 })
+        );
+    }
+
+    #[test]
+    fn entry_addresses_follow_the_tables_down_to_the_level_asked() {
+        let (mut mem, mut b) = setup();
+        let root = b.root();
+        // A 4 KiB page and a 2 MiB page, in different page directories' reach.
+        b.map_with(
+            &mut mem,
+            Gva::new(0x40_1000),
+            Gpa::new(0x9000),
+            PAGE_SIZE,
+            RWX,
+            PageSize::Size4K,
+        )
+        .unwrap();
+        b.map(
+            &mut mem,
+            Gva::new(0x20_0000),
+            Gpa::new(0x20_0000),
+            LARGE_PAGE_SIZE,
+            RWX,
+        )
+        .unwrap();
+        let small = Gva::new(0x40_1000);
+        for level in 1..=4u8 {
+            let at = entry_address(&mem, root, small, level).unwrap();
+            let expected = mem.entry_mut(root, small.raw(), level) as *mut PageTableEntry;
+            let table = mem.tables.values().find(|t| {
+                let p = t.entries.as_ptr() as usize;
+                (p..p + 4096).contains(&(expected as usize))
+            });
+            assert!(table.is_some());
+            assert_eq!(at.raw() % 8, 0);
+            assert_eq!(
+                at.page_offset(),
+                index(small.raw(), level) as u64 * 8,
+                "level {level}"
+            );
+        }
+        let large = Gva::new(0x20_0000);
+        assert!(entry_address(&mem, root, large, 2).is_ok());
+        assert_eq!(
+            entry_address(&mem, root, large, 1),
+            Err(WalkError::LargePage {
+                gva: large,
+                level: 2
+            })
+        );
+        let far = Gva::new(0x40_0000_0000);
+        assert_eq!(
+            entry_address(&mem, root, far, 2),
+            Err(WalkError::NotPresent { gva: far, level: 3 })
+        );
+        let bad = Gva::new(0x8000_0000_0000);
+        assert_eq!(
+            entry_address(&mem, root, bad, 4),
+            Err(WalkError::NonCanonical(bad))
         );
     }
 

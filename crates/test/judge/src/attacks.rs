@@ -6,10 +6,11 @@ use core::fmt::{self, Write};
 
 use ihmi_abi::attack::{Attack, FLOOD_REQUESTS, FORGED_REQUEST};
 use ihmi_abi::monitor::Verdict as MonitorVerdict;
-use ihmi_addr::{Gpa, Hpa, PhysRange};
+use ihmi_addr::{Gpa, GpaRange};
 use ihmi_monitor::{EventKind, RejectReason};
 
-use ihmi_hv::views::{GUEST_VIEW, MONITOR_VIEW};
+use ihmi_ept::ViewId;
+use ihmi_hv::guard::views::{GUEST_VIEW, MONITOR_VIEW};
 use ihmi_hv::{Alert, GuestEnd, RegionKind};
 
 use crate::ScenarioLog;
@@ -27,9 +28,9 @@ pub struct MonitorAudit {
 #[derive(Clone, Copy, Debug)]
 pub struct AttackContext<'a> {
     /// The gate frame.
-    pub gate: PhysRange,
+    pub gate: GpaRange,
     /// The guest kernel's code (where hooks live).
-    pub guest_code: &'a [PhysRange],
+    pub guest_code: &'a [GpaRange],
     /// The hooks' gate pointer, guest-physical.
     pub hook: Option<Gpa>,
     /// The monitor, as L0 found it afterwards.
@@ -80,7 +81,7 @@ pub const fn defence(attack: Attack) -> &'static str {
 struct Ept {
     gpa: Gpa,
     region: Option<RegionKind>,
-    view: Option<u16>,
+    view: Option<ViewId>,
     read: bool,
     write: bool,
     fetch: bool,
@@ -109,8 +110,8 @@ fn ept_end(log: &ScenarioLog) -> Option<Ept> {
     }
 }
 
-fn contains(r: &PhysRange, gpa: Gpa) -> bool {
-    r.contains(Hpa::new(gpa.raw()))
+fn contains(r: &GpaRange, gpa: Gpa) -> bool {
+    r.contains(gpa)
 }
 
 fn done_zero(log: &ScenarioLog) -> bool {
@@ -133,7 +134,7 @@ fn stream_intact(log: &ScenarioLog) -> bool {
 #[must_use]
 pub fn judge_attack(attack: Attack, log: &ScenarioLog, ctx: &AttackContext<'_>) -> AttackOutcome {
     let ept = ept_end(log);
-    let in_view = |v: u16| ept.as_ref().is_some_and(|e| e.view == Some(v));
+    let in_view = |v: ViewId| ept.as_ref().is_some_and(|e| e.view == Some(v));
     // An EPT violation is blocked and reported at once: the access never happened, and L0 printed it.
     let (blocked, reported) = match attack {
         Attack::ForgedPte => {

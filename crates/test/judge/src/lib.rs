@@ -78,6 +78,11 @@ impl Judge {
         self.log.record_monitor_event(event);
     }
 
+    /// How the guest ended, when L0 ended it itself (the exit policy's ends are observed).
+    pub fn record_end(&mut self, end: ihmi_hv::GuestEnd) {
+        self.log.end = Some(end);
+    }
+
     /// The monitor ring's own count of the events it dropped.
     pub fn set_monitor_dropped(&mut self, dropped: u64) {
         self.log.monitor_dropped = dropped;

@@ -544,7 +544,7 @@ fn check(
                 Some(GuestEnd::EptViolation {
                     region: Some(RegionKind::Monitor),
                     qualification,
-                    view: Some(ihmi_hv::views::GUEST_VIEW),
+                    view: Some(ihmi_hv::guard::views::GUEST_VIEW),
                     ..
                 }) if qualification.read() => {
                     // Stopped while the attacker was the running task.

@@ -6,7 +6,7 @@ extern crate std;
 use std::string::String;
 
 use ihmi_abi::{CpuidRecord, Hypercall, Scenario, Status, BAD_HYPERCALL_CASES};
-use ihmi_addr::{Gpa, Hpa, PhysRange};
+use ihmi_addr::{Gpa, GpaRange};
 use ihmi_hv::{Action, GuestEnd, Hypervisor, MemoryMap, RegionKind};
 use ihmi_hv_mock::{MockPlatform, MockVcpu};
 use ihmi_vmcs::ExitReason;
@@ -38,10 +38,7 @@ impl Run {
 
 fn hv(scenario: Scenario) -> Run {
     let mut m = MemoryMap::default();
-    let r = |a: u64, b: u64| PhysRange {
-        start: Hpa::new(a),
-        end: Hpa::new(b),
-    };
+    let r = |a: u64, b: u64| GpaRange::new(Gpa::new(a), Gpa::new(b));
     m.add(r(0, L0_HOLE), RegionKind::GuestRam).unwrap();
     m.add(r(L0_HOLE, L0_HOLE + 0x10_0000), RegionKind::L0)
         .unwrap();
@@ -310,7 +307,8 @@ mod attack_judge {
 
     use ihmi_abi::attack::{Attack, FLOOD_REQUESTS, FORGED_REQUEST};
     use ihmi_abi::monitor::Verdict as MV;
-    use ihmi_addr::{Gpa, Gva, Hpa, PhysRange};
+    use ihmi_addr::{Gpa, GpaRange, Gva};
+    use ihmi_ept::ViewId;
     use ihmi_monitor::{Event, EventKind, RejectReason};
     use ihmi_vmcs::EptViolationQualification;
 
@@ -320,18 +318,12 @@ mod attack_judge {
     use crate::ScenarioLog;
 
     const GATE: u64 = 0xf80_0000;
-    const CODE: PhysRange = PhysRange {
-        start: Hpa::new(0x100_0000),
-        end: Hpa::new(0x100_6000),
-    };
-    const CODE_SLICE: &[PhysRange] = &[CODE];
+    const CODE: GpaRange = GpaRange::new(Gpa::new(0x100_0000), Gpa::new(0x100_6000));
+    const CODE_SLICE: &[GpaRange] = &[CODE];
 
     fn ctx(intact: bool) -> AttackContext<'static> {
         AttackContext {
-            gate: PhysRange {
-                start: Hpa::new(GATE),
-                end: Hpa::new(GATE + 0x1000),
-            },
+            gate: GpaRange::new(Gpa::new(GATE), Gpa::new(GATE + 0x1000)),
             guest_code: CODE_SLICE,
             hook: Some(Gpa::new(0x100_5ff8)),
             audit: MonitorAudit {
@@ -349,7 +341,7 @@ mod attack_judge {
             rip,
             qualification: EptViolationQualification::from_raw(q),
             region,
-            view: Some(view),
+            view: ViewId::new(view),
         }
     }
 
@@ -681,7 +673,7 @@ fn linux_attack_needs_the_refused_lstar_write_and_the_stopped_monitor_read() {
         rip: 0xffff_ffff_810e_f702,
         qualification: EptViolationQualification::from_raw(1),
         region: Some(RegionKind::Monitor),
-        view: Some(0),
+        view: Some(ihmi_hv::guard::views::GUEST_VIEW),
     };
     let verdict = |alert: bool, end: GuestEnd, task: TaskInfo| {
         let mut h = hv(Scenario::LinuxAttack);
@@ -723,7 +715,7 @@ fn linux_attack_needs_the_refused_lstar_write_and_the_stopped_monitor_read() {
         rip: 0xffff_ffff_810e_f702,
         qualification: EptViolationQualification::from_raw(1),
         region: Some(RegionKind::L0),
-        view: Some(0),
+        view: Some(ihmi_hv::guard::views::GUEST_VIEW),
     };
     assert!(matches!(verdict(true, l0_read, attacker), Verdict::Fail(_)));
 }

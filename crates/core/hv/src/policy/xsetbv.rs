@@ -1,18 +1,15 @@
 //! XSETBV, which exits unconditionally (SDM 26.1.2): L0 checks the new XCR0 as the CPU would and sets it
 //! on the guest's behalf. A value the CPU would refuse gets the guest the #GP(0) the CPU would give.
 
+use ihmi_arch::vector::GP;
+use ihmi_arch::xcr0::{AVX, AVX512, SSE, X87};
 use ihmi_vmcs::Instruction;
 
 use crate::{
     inject_exception, skip_instruction, Action, Hypervisor, Observation, Observer, Platform, Vcpu,
-    GP,
 };
 
-/// XCR0 bits (SDM 13.3): x87 must be set; AVX needs SSE; the AVX-512 trio needs AVX and comes whole.
-const X87: u64 = 1 << 0;
-const SSE: u64 = 1 << 1;
-const AVX: u64 = 1 << 2;
-const AVX512: u64 = 0b111 << 5;
+// XCR0 rules (SDM 13.3): x87 must be set; AVX needs SSE; the AVX-512 trio needs AVX and comes whole.
 
 /// Whether `value` is an XCR0 the CPU accepts, given the bits it supports (CPUID.(EAX=0DH,ECX=0):EDX:EAX).
 #[must_use]

@@ -8,11 +8,8 @@ use ihmi_vmcs::Instruction;
 
 use crate::memory::GuestRamReader;
 use crate::{
-    skip_instruction, Action, GuestEnd, Hypervisor, Observation, Observer, Platform, Vcpu,
+    cpl, skip_instruction, Action, GuestEnd, Hypervisor, Observation, Observer, Platform, Vcpu,
 };
-
-/// CR0.PG (SDM 2.5).
-const CR0_PG: u64 = 1 << 31;
 
 impl Hypervisor {
     pub(crate) fn on_vmcall(
@@ -23,8 +20,8 @@ impl Hypervisor {
         instruction: Instruction,
     ) -> Action {
         let regs = *vcpu.regs();
-        // CPL is the DPL of SS in the guest-state area (SDM 25.4.1); only the guest kernel may call L0.
-        let cpl = (vcpu.read(guest::SS_ACCESS_RIGHTS) >> 5) & 3;
+        // Only the guest kernel may call L0.
+        let cpl = cpl(vcpu);
         if cpl == 0 && self.outbox_monitor {
             if let Some(action) = self.outbox_linux_syscall(vcpu, instruction) {
                 return action;
@@ -38,10 +35,10 @@ impl Hypervisor {
                 None => (Status::UnknownCall, 0),
                 Some(Hypercall::Ping) => (Status::Ok, PING_REPLY),
                 Some(Hypercall::ConsoleWrite) => {
-                    self.console_write(vcpu, platform, regs.rbx, regs.rcx)
+                    self.console_write(vcpu, platform, Gva::new(regs.rbx), regs.rcx)
                 }
                 Some(Hypercall::Report) => (
-                    self.report(vcpu, platform, obs, regs.rbx, regs.rcx, regs.rdx),
+                    self.report(vcpu, platform, obs, regs.rbx, Gva::new(regs.rcx), regs.rdx),
                     0,
                 ),
                 Some(Hypercall::Done) => {
@@ -100,7 +97,7 @@ impl Hypervisor {
         &mut self,
         vcpu: &mut impl Vcpu,
         platform: &mut impl Platform,
-        gva: u64,
+        gva: Gva,
         len: u64,
     ) -> (Status, u64) {
         if len == 0 || len > CONSOLE_MAX {
@@ -128,7 +125,7 @@ impl Hypervisor {
         platform: &mut impl Platform,
         obs: &mut impl Observer,
         kind: u64,
-        gva: u64,
+        gva: Gva,
         len: u64,
     ) -> Status {
         let Some(kind) = ReportKind::from_raw(kind) else {
@@ -159,20 +156,21 @@ impl Hypervisor {
         &self,
         vcpu: &mut impl Vcpu,
         platform: &impl Platform,
-        gva: u64,
+        gva: Gva,
         buf: &mut [u8],
     ) -> Result<(), Status> {
         let reader = GuestRamReader {
             map: &self.memory,
             platform,
         };
-        if vcpu.read(guest::CR0) & CR0_PG == 0 {
+        if vcpu.read(guest::CR0) & ihmi_arch::cr::CR0_PG == 0 {
             use ihmi_paging::GuestPhysRead;
+            // Paging off: the address is guest-physical.
             return reader
-                .read_bytes(Gpa::new(gva), buf)
+                .read_bytes(Gpa::new(gva.raw()), buf)
                 .map_err(|_| Status::BadAddress);
         }
         let cr3 = Cr3::new(vcpu.read(guest::CR3));
-        ihmi_paging::read_virt(&reader, cr3, Gva::new(gva), buf).map_err(|_| Status::BadAddress)
+        ihmi_paging::read_virt(&reader, cr3, gva, buf).map_err(|_| Status::BadAddress)
     }
 }

@@ -1,9 +1,10 @@
 //! CPUID policy: the host's answers, with VMX hidden and ihmi's hypervisor leaves added.
 
+use ihmi_abi::{ABI_VERSION, CPUID_LEAF_ABI, CPUID_LEAF_SIGNATURE, CPUID_SIGNATURE};
+use ihmi_arch::cr;
 use ihmi_vmcs::Instruction;
 
 use crate::{skip_instruction, Action, Hypervisor, Observation, Observer, Platform, Vcpu};
-use ihmi_abi::{ABI_VERSION, CPUID_LEAF_ABI, CPUID_LEAF_SIGNATURE, CPUID_SIGNATURE};
 
 /// CPUID.1:ECX.VMX (SDM Vol. 2A, CPUID, Table 3-10). Hidden: the guest gets no nested VMX from L0.
 const LEAF1_ECX_VMX: u32 = 1 << 5;
@@ -13,8 +14,6 @@ const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 /// the guest's CR4, not L0's, which CPUID executed in L0 would show.
 const LEAF1_ECX_OSXSAVE: u32 = 1 << 27;
 const LEAF7_ECX_OSPKE: u32 = 1 << 4;
-const CR4_OSXSAVE: u64 = 1 << 18;
-const CR4_PKE: u64 = 1 << 22;
 /// Last hypervisor leaf we define.
 const LAST_HV_LEAF: u32 = CPUID_LEAF_ABI;
 
@@ -39,14 +38,14 @@ pub(crate) fn policy(
             r[2] = (r[2] & !LEAF1_ECX_VMX) | LEAF1_ECX_HYPERVISOR;
             // Only where the CPU has XSAVE at all does the bit mean anything.
             if r[2] & (1 << 26) != 0 {
-                r[2] = mirror(r[2], LEAF1_ECX_OSXSAVE, guest_cr4 & CR4_OSXSAVE != 0);
+                r[2] = mirror(r[2], LEAF1_ECX_OSXSAVE, guest_cr4 & cr::CR4_OSXSAVE != 0);
             }
             r
         }
         7 if subleaf == 0 => {
             let mut r = platform.host_cpuid(leaf, subleaf);
             if r[2] & (1 << 3) != 0 {
-                r[2] = mirror(r[2], LEAF7_ECX_OSPKE, guest_cr4 & CR4_PKE != 0);
+                r[2] = mirror(r[2], LEAF7_ECX_OSPKE, guest_cr4 & cr::CR4_PKE != 0);
             }
             r
         }

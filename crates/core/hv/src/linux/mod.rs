@@ -1,3 +1,7 @@
+//! What L0 knows and changes of a Linux guest: its running task, read from outside (here), the
+//! system-call gate it puts in front of the kernel's entry ([`gate`]) and the process-creation hook
+//! ([`hooks`]).
+//!
 //! Reading a running Linux guest's state from outside, through the guest profile the host derived from
 //! the kernel's own System.map and BTF: which task is running, its pid, name and parent. L0 uses it to
 //! say (and the `linux-boot` verdict to check) which task ended the run; the monitors read the same
@@ -5,15 +9,19 @@
 
 use core::fmt;
 
+pub mod gate;
+pub mod hooks;
+
+#[cfg(test)]
+mod tests;
+
 use ihmi_addr::Gva;
+use ihmi_arch::msr::IA32_KERNEL_GSBASE;
 use ihmi_paging::{Cr3, WalkError};
 use ihmi_vmcs::fields::guest;
 
 use crate::memory::GuestRamReader;
-use crate::{Hypervisor, Platform, Vcpu};
-
-/// IA32_KERNEL_GS_BASE: the kernel's GS base while the guest runs in user mode (SWAPGS swaps it in).
-const IA32_KERNEL_GS_BASE: u32 = 0xc000_0102;
+use crate::{cpl, Hypervisor, Platform, Vcpu};
 /// Per-CPU symbols are offsets into the per-CPU area below this; kernel addresses are far above it.
 const PER_CPU_LIMIT: u64 = 1 << 32;
 
@@ -72,9 +80,8 @@ impl fmt::Display for TaskError {
 /// The guest kernel's per-CPU base now: in user mode it waits in IA32_KERNEL_GS_BASE (SWAPGS swaps it
 /// in on entry), in the kernel it is GS's.
 pub fn percpu_base(vcpu: &mut impl Vcpu, platform: &mut impl Platform) -> u64 {
-    let cpl = (vcpu.read(guest::SS_ACCESS_RIGHTS) >> 5) & 3;
-    if cpl == 3 {
-        platform.read_msr(IA32_KERNEL_GS_BASE)
+    if cpl(vcpu) == 3 {
+        platform.read_msr(IA32_KERNEL_GSBASE)
     } else {
         vcpu.read(guest::GS_BASE)
     }

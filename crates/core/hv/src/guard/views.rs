@@ -9,31 +9,32 @@
 //! non-executable page and exits on the next instruction fetch; a CR3 load of the monitor's root in
 //! view 0 cannot be walked because the monitor's page tables are not present there.
 
-use ihmi_addr::{Gpa, Hpa, PhysRange};
+use ihmi_addr::GpaRange;
 use ihmi_ept::{EptAlloc, EptError, EptView, MemType, Perm, ViewId};
 
 use crate::{MemoryMap, RegionKind};
 
 /// EPTP-list index of the guest view.
-pub const GUEST_VIEW: u16 = 0;
+pub const GUEST_VIEW: ViewId = view(0);
 /// EPTP-list index of the monitor view.
-pub const MONITOR_VIEW: u16 = 1;
+pub const MONITOR_VIEW: ViewId = view(1);
 
-/// The view ids as typed values.
-#[must_use]
-pub fn view_id(index: u16) -> Option<ViewId> {
-    ViewId::new(index)
+const fn view(index: u16) -> ViewId {
+    match ViewId::new(index) {
+        Some(v) => v,
+        None => panic!("the EPTP list has 512 entries"),
+    }
 }
 
 /// Where the monitor sits inside its region.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MonitorLayout {
     /// Every monitor frame (image, page tables, stack, event ring), guest-physical.
-    pub region: PhysRange,
+    pub region: GpaRange,
     /// The monitor's code: executable in the monitor view only.
-    pub code: PhysRange,
+    pub code: GpaRange,
     /// The gate frame: the one page present in both views.
-    pub gate: PhysRange,
+    pub gate: GpaRange,
     /// Linux: the per-CPU scratch page the system-call gate parks RAX and RCX in (read/write in the
     /// guest view, never executable) and the page tables that map the gate and it in the kernel's
     /// address spaces (read-only in the guest view: the CPU walks them, the kernel cannot change them).
@@ -45,19 +46,16 @@ pub struct MonitorLayout {
 /// look), the scratch page, and the gate's page tables. One contiguous run, in that order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LinuxGatePages {
-    pub setup_data: PhysRange,
-    pub scratch: PhysRange,
-    pub tables: PhysRange,
+    pub setup_data: GpaRange,
+    pub scratch: GpaRange,
+    pub tables: GpaRange,
 }
 
 impl LinuxGatePages {
     /// The whole run.
     #[must_use]
-    pub fn all(&self) -> PhysRange {
-        PhysRange {
-            start: self.setup_data.start,
-            end: self.tables.end,
-        }
+    pub fn all(&self) -> GpaRange {
+        GpaRange::new(self.setup_data.start, self.tables.end)
     }
 }
 
@@ -65,10 +63,10 @@ impl MonitorLayout {
     /// Whether `code` and `gate` lie inside `region`, page-aligned and disjoint.
     #[must_use]
     pub fn is_well_formed(&self) -> bool {
-        let inside = |r: &PhysRange| {
+        let inside = |r: &GpaRange| {
             self.region.start <= r.start && r.end <= self.region.end && !r.is_empty()
         };
-        let aligned = |r: &PhysRange| {
+        let aligned = |r: &GpaRange| {
             r.start.is_aligned(ihmi_addr::PAGE_SIZE) && r.end.is_aligned(ihmi_addr::PAGE_SIZE)
         };
         let linux_ok = self.linux.is_none_or(|l| {
@@ -86,17 +84,13 @@ impl MonitorLayout {
     }
 }
 
-fn gpa(h: Hpa) -> Gpa {
-    Gpa::new(h.raw())
-}
-
 /// The guest view. `read_exec_only` lists guest frames that must not be writable in it (the guest
 /// kernel's code, where hooks live).
 pub fn build_guest_view(
     alloc: &mut impl EptAlloc,
     memory: &MemoryMap,
     monitor: Option<&MonitorLayout>,
-    read_exec_only: &[PhysRange],
+    read_exec_only: &[GpaRange],
 ) -> Result<EptView, EptError> {
     let mut view = EptView::new(alloc)?;
     for (range, kind) in memory.regions() {
@@ -105,7 +99,7 @@ pub fn build_guest_view(
             RegionKind::Mmio => (Perm::RW, MemType::Uncacheable),
             RegionKind::L0 | RegionKind::Monitor => continue,
         };
-        view.map_identity(alloc, gpa(range.start), range.len(), perm, memtype)?;
+        view.map_identity(alloc, range.start, range.len(), perm, memtype)?;
     }
     if let Some(m) = monitor {
         // A Linux guest's gate opens at its first system call (`crate::linux_hooks`).
@@ -114,25 +108,19 @@ pub fn build_guest_view(
         } else {
             Perm::RX
         };
-        view.map_identity(
-            alloc,
-            gpa(m.gate.start),
-            m.gate.len(),
-            gate,
-            MemType::WriteBack,
-        )?;
+        view.map_identity(alloc, m.gate.start, m.gate.len(), gate, MemType::WriteBack)?;
         if let Some(l) = m.linux {
             for (r, perm) in [
                 (l.setup_data, Perm::READ),
                 (l.scratch, Perm::RW),
                 (l.tables, Perm::READ),
             ] {
-                view.map_identity(alloc, gpa(r.start), r.len(), perm, MemType::WriteBack)?;
+                view.map_identity(alloc, r.start, r.len(), perm, MemType::WriteBack)?;
             }
         }
     }
     for r in read_exec_only {
-        view.protect(alloc, gpa(r.start), r.len(), Perm::RX)?;
+        view.protect(alloc, r.start, r.len(), Perm::RX)?;
     }
     Ok(view)
 }
@@ -150,7 +138,7 @@ pub fn build_monitor_view(
         match kind {
             RegionKind::GuestRam => view.map_identity(
                 alloc,
-                gpa(range.start),
+                range.start,
                 range.len(),
                 Perm::RW,
                 MemType::WriteBack,
@@ -160,19 +148,14 @@ pub fn build_monitor_view(
     }
     let r = monitor.region;
     // Data everywhere first, then code and gate carved out of it with their own rights.
-    view.map_identity(alloc, gpa(r.start), r.len(), Perm::RW, MemType::WriteBack)?;
-    view.protect(alloc, gpa(monitor.code.start), monitor.code.len(), Perm::RX)?;
+    view.map_identity(alloc, r.start, r.len(), Perm::RW, MemType::WriteBack)?;
+    view.protect(alloc, monitor.code.start, monitor.code.len(), Perm::RX)?;
     let gate_perm = if execute_only {
         Perm::EXECUTE
     } else {
         Perm::RX
     };
-    view.protect(
-        alloc,
-        gpa(monitor.gate.start),
-        monitor.gate.len(),
-        gate_perm,
-    )?;
+    view.protect(alloc, monitor.gate.start, monitor.gate.len(), gate_perm)?;
     Ok(view)
 }
 
@@ -188,7 +171,7 @@ pub fn build_outbox_view(
         if *kind == RegionKind::GuestRam {
             view.map_identity(
                 alloc,
-                gpa(range.start),
+                range.start,
                 range.len(),
                 Perm::READ,
                 MemType::WriteBack,
@@ -196,12 +179,9 @@ pub fn build_outbox_view(
         }
     }
     let r = monitor.region;
-    view.map_identity(alloc, gpa(r.start), r.len(), Perm::RW, MemType::WriteBack)?;
-    let code = PhysRange {
-        start: monitor.gate.start,
-        end: monitor.code.end,
-    };
-    view.protect(alloc, gpa(code.start), code.len(), Perm::RX)?;
+    view.map_identity(alloc, r.start, r.len(), Perm::RW, MemType::WriteBack)?;
+    let code = GpaRange::new(monitor.gate.start, monitor.code.end);
+    view.protect(alloc, code.start, code.len(), Perm::RX)?;
     Ok(view)
 }
 
@@ -211,6 +191,7 @@ mod tests {
     use std::boxed::Box;
     use std::collections::HashMap;
 
+    use ihmi_addr::{Gpa, Hpa, HpaRange};
     use ihmi_ept::EptTable;
 
     use super::*;
@@ -236,18 +217,19 @@ mod tests {
         }
     }
 
-    fn r(a: u64, b: u64) -> PhysRange {
-        PhysRange {
-            start: Hpa::new(a),
-            end: Hpa::new(b),
-        }
+    fn r(a: u64, b: u64) -> GpaRange {
+        GpaRange::new(Gpa::new(a), Gpa::new(b))
+    }
+
+    fn h(a: u64, b: u64) -> HpaRange {
+        HpaRange::new(Hpa::new(a), Hpa::new(b))
     }
 
     fn setup() -> (MemoryMap, MonitorLayout) {
         let mut m = MemoryMap::build(
-            &[r(0, 0x1000_0000)],
-            &[r(0xf00_0000, 0x1000_0000)],
-            &[r(0xfee0_0000, 0xfee0_1000)],
+            &[h(0, 0x1000_0000)],
+            &[h(0xf00_0000, 0x1000_0000)],
+            &[h(0xfee0_0000, 0xfee0_1000)],
         )
         .unwrap();
         let layout = MonitorLayout {

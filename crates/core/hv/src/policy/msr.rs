@@ -1,26 +1,22 @@
 //! MSR policy. The same table drives the VMCS MSR bitmap (what exits) and the handler (what happens).
 
+use ihmi_arch::msr::{
+    FEATURE_CONTROL_LOCK, IA32_FEATURE_CONTROL, IA32_LSTAR, IA32_VMX_BASIC, IA32_VMX_VMFUNC,
+};
+use ihmi_arch::vector::GP;
 use ihmi_vmcs::Instruction;
 
-use crate::guard::IA32_LSTAR;
 use crate::{
     inject_exception, skip_instruction, Action, Hypervisor, Observation, Observer, Platform, Vcpu,
-    GP,
 };
 
-/// IA32_FEATURE_CONTROL (SDM Vol. 4, Table 2-2).
-pub const IA32_FEATURE_CONTROL: u32 = 0x3a;
-/// First and last VMX capability MSRs, IA32_VMX_BASIC..IA32_VMX_VMFUNC (SDM Appendix A).
-pub const IA32_VMX_FIRST: u32 = 0x480;
-/// See [`IA32_VMX_FIRST`].
-pub const IA32_VMX_LAST: u32 = 0x491;
 /// Feature-control value the guest reads: locked, VMX off inside and outside SMX.
-const FEATURE_CONTROL_LOCKED_NO_VMX: u64 = 1;
+const FEATURE_CONTROL_LOCKED_NO_VMX: u64 = FEATURE_CONTROL_LOCK;
 
 /// MSRs whose reads and writes exit to L0 (everything else in the bitmap's ranges goes straight through).
 pub const INTERCEPTED: &[(u32, u32)] = &[
     (IA32_FEATURE_CONTROL, IA32_FEATURE_CONTROL),
-    (IA32_VMX_FIRST, IA32_VMX_LAST),
+    (IA32_VMX_BASIC, IA32_VMX_VMFUNC),
 ];
 
 /// MSRs whose writes exit to L0: the system-call entry, which L0 locks once the guest kernel has

@@ -6,12 +6,10 @@
 //! that executes a VMX instruction anyway gets what a CPU without VMX enabled gives it: #UD (SDM Vol.
 //! 3C, chapter 31, each instruction's "IF (not in VMX operation) ... THEN #UD"). The guest goes on.
 
+use ihmi_arch::vector::UD;
 use ihmi_vmcs::VmxInstruction;
 
 use crate::{inject_exception, Action, Vcpu};
-
-/// Invalid-opcode exception vector.
-const UD: u8 = 6;
 
 /// A VMX instruction from a guest that L0 offers no VMX: #UD, and the guest continues at the
 /// instruction (faults leave RIP where it is).

@@ -1,0 +1,313 @@
+//! What L0 enforces at exits to protect an in-box monitor: knowing which EPT view the guest was in,
+//! refusing VMFUNCs that name no view, locking the system-call entry MSR once the kernel has set it,
+//! auditing the words the hooks depend on, and the alerts it raises for each.
+//!
+//! Most attacks never reach here: the EPT views ([`views`]) stop them in hardware and L0 sees an
+//! EPT violation. This module covers the attacks that arrive as other exits, and adds the audit that
+//! notices a hook whose gate pointer or mapping has changed, whatever changed it.
+
+pub mod views;
+
+#[cfg(test)]
+mod tests;
+
+use core::fmt;
+
+use ihmi_addr::Gpa;
+use ihmi_arch::msr::IA32_LSTAR;
+use ihmi_arch::vector::{GP, UD};
+use ihmi_ept::{Eptp, ViewId};
+use ihmi_vmcs::fields::{control, guest};
+use ihmi_vmcs::Instruction;
+
+use crate::linux::gate::LinuxGuard;
+use crate::platform::read_guest_u64;
+use crate::{
+    inject_exception, skip_instruction, Action, GuestEnd, Hypervisor, LinuxGate, Observation,
+    Observer, Platform, Vcpu,
+};
+
+/// The EPTP values of the two views, to tell from the VMCS which one the guest was in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ViewEptps {
+    /// View 0, the guest's.
+    pub guest: Eptp,
+    /// View 1, the monitor's; none when the monitor is out of the box (a Linux guest still needs the
+    /// guard for its hooks).
+    pub monitor: Option<Eptp>,
+}
+
+/// L0's protection state for one guest with a monitor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Guard {
+    /// The views.
+    pub views: ViewEptps,
+    /// Where the guest kernel keeps the gate address its hooks call, and the value it must hold.
+    pub hook: Option<(Gpa, u64)>,
+    /// The system-call entry the kernel installed; later writes that change it are refused. The kernel
+    /// is trusted while it boots (when it sets LSTAR once) and assumed compromised afterwards.
+    lstar: Option<u64>,
+    /// For a Linux guest: the system-call gate, and the process-creation hook it brings.
+    linux: Option<LinuxGuard>,
+}
+
+impl Guard {
+    /// A guard for these views; the hook is audited when given.
+    #[must_use]
+    pub const fn new(views: ViewEptps, hook: Option<(Gpa, u64)>) -> Self {
+        Self {
+            views,
+            hook,
+            lstar: None,
+            linux: None,
+        }
+    }
+
+    /// The same guard, for a Linux guest whose system-call gate goes in front of the kernel's entry.
+    #[must_use]
+    pub const fn with_linux_gate(self, gate: LinuxGate) -> Self {
+        Self {
+            linux: Some(LinuxGuard::new(gate)),
+            ..self
+        }
+    }
+
+    /// The Linux gate's state, for a Linux guest.
+    #[must_use]
+    pub const fn linux(&self) -> Option<&LinuxGuard> {
+        self.linux.as_ref()
+    }
+
+    pub(crate) fn linux_mut(&mut self) -> Option<&mut LinuxGuard> {
+        self.linux.as_mut()
+    }
+
+    /// Every word L0 audits at each exit, with the value it must hold: the test guest's gate pointer,
+    /// and for Linux the gate's PML4 entry and the hook trampoline's page-directory entry.
+    fn audited(&self) -> impl Iterator<Item = (Gpa, u64)> + '_ {
+        self.hook
+            .into_iter()
+            .chain(self.linux.iter().flat_map(LinuxGuard::audited))
+    }
+
+    /// The system-call entry the guest kernel installed, once it has.
+    #[must_use]
+    pub const fn kernel_lstar(&self) -> Option<u64> {
+        self.lstar
+    }
+
+    /// The view whose EPTP is `eptp`, if it is one of ours.
+    #[must_use]
+    pub fn view_of(&self, eptp: Eptp) -> Option<ViewId> {
+        if eptp == self.views.guest {
+            Some(views::GUEST_VIEW)
+        } else if self.views.monitor == Some(eptp) {
+            Some(views::MONITOR_VIEW)
+        } else {
+            None
+        }
+    }
+}
+
+/// Something the guest tried that L0 refused or noticed, while the guest may keep running.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Alert {
+    /// VMFUNC named a function or an EPTP-list index that is not enabled (SDM 26.5.6: a VM exit).
+    VmfuncRefused {
+        /// EAX: the VM function.
+        function: u64,
+        /// ECX: the EPTP-list index.
+        index: u64,
+        /// Where the guest executed it.
+        rip: u64,
+    },
+    /// WRMSR tried to move the system-call entry away from the one the kernel installed.
+    LstarWriteRefused {
+        /// The value the guest tried to write.
+        value: u64,
+        /// The locked value.
+        locked: u64,
+        /// Where the guest executed it.
+        rip: u64,
+    },
+    /// A word the hooks depend on no longer holds what L0 put there.
+    HookTampered {
+        /// Where the word lives.
+        gpa: Gpa,
+        /// What it holds now.
+        found: u64,
+        /// What it must hold.
+        expected: u64,
+    },
+}
+
+impl Default for Alert {
+    fn default() -> Self {
+        Self::VmfuncRefused {
+            function: 0,
+            index: 0,
+            rip: 0,
+        }
+    }
+}
+
+impl Alert {
+    /// The alert's name in reports.
+    #[must_use]
+    pub const fn name(&self) -> &'static str {
+        match self {
+            Self::VmfuncRefused { .. } => "vmfunc-refused",
+            Self::LstarWriteRefused { .. } => "lstar-write-refused",
+            Self::HookTampered { .. } => "hook-tampered",
+        }
+    }
+}
+
+/// One JSON object per alert: `{"alert":"...",...}`.
+impl fmt::Display for Alert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{{\"alert\":\"{}\"", self.name())?;
+        match *self {
+            Self::VmfuncRefused {
+                function,
+                index,
+                rip,
+            } => write!(
+                f,
+                ",\"function\":{function},\"index\":{index},\"rip\":\"{rip:#x}\",\"action\":\"#UD injected\""
+            )?,
+            Self::LstarWriteRefused { value, locked, rip } => write!(
+                f,
+                ",\"value\":\"{value:#x}\",\"locked\":\"{locked:#x}\",\"rip\":\"{rip:#x}\",\"action\":\"#GP injected\""
+            )?,
+            Self::HookTampered {
+                gpa,
+                found,
+                expected,
+            } => write!(
+                f,
+                ",\"gpa\":\"{gpa}\",\"found\":\"{found:#x}\",\"expected\":\"{expected:#x}\",\"action\":\"guest stopped\""
+            )?,
+        }
+        f.write_str("}")
+    }
+}
+
+impl Hypervisor {
+    /// The view the guest was in at this exit: `None` without a monitor (one view only).
+    pub fn current_view(&self, vcpu: &mut impl Vcpu) -> Option<ViewId> {
+        let guard = self.guard.as_ref()?;
+        guard.view_of(Eptp::from_raw(vcpu.read(control::EPTP_FULL)))
+    }
+
+    pub(crate) fn alert(
+        &mut self,
+        platform: &mut impl Platform,
+        obs: &mut impl Observer,
+        alert: Alert,
+    ) {
+        platform.log(format_args!("alert| {alert}"));
+        obs.observe(Observation::Alert(alert));
+    }
+
+    /// VMFUNC exits only when the function or the index is not enabled: no view changes, the guest
+    /// gets the #UD it would get without VM functions, and L0 says so.
+    pub(crate) fn on_vmfunc(
+        &mut self,
+        vcpu: &mut impl Vcpu,
+        platform: &mut impl Platform,
+        obs: &mut impl Observer,
+    ) -> Action {
+        let regs = *vcpu.regs();
+        let rip = vcpu.read(guest::RIP);
+        self.alert(
+            platform,
+            obs,
+            Alert::VmfuncRefused {
+                function: regs.rax & 0xffff_ffff,
+                index: regs.rcx & 0xffff_ffff,
+                rip,
+            },
+        );
+        inject_exception(vcpu, UD, None);
+        Action::Resume
+    }
+
+    /// WRMSR to IA32_LSTAR (the only write-intercepted MSR L0 lets through): a non-canonical value
+    /// gets the #GP the CPU would give; the first value is installed (behind the Linux gate, when
+    /// there is one) and, with a monitor, locked; a different one later is refused with #GP.
+    pub(crate) fn on_lstar_write(
+        &mut self,
+        vcpu: &mut impl Vcpu,
+        platform: &mut impl Platform,
+        obs: &mut impl Observer,
+        value: u64,
+        instruction: Instruction,
+    ) -> Action {
+        let locked = self.guard.as_ref().and_then(|g| g.lstar);
+        let refused = locked.is_some_and(|l| l != value);
+        let canonical = ihmi_arch::is_canonical(value);
+        obs.observe(Observation::Msr {
+            msr: IA32_LSTAR,
+            write: true,
+            faulted: refused || !canonical,
+        });
+        if !canonical {
+            // The CPU refuses a non-canonical address in LSTAR (SDM Vol. 4, IA32_LSTAR; WRMSR #GP);
+            // L0 must not try to install one itself.
+            inject_exception(vcpu, GP, Some(0));
+            return Action::Resume;
+        }
+        match locked {
+            Some(l) if refused => {
+                let rip = vcpu.read(guest::RIP);
+                self.alert(
+                    platform,
+                    obs,
+                    Alert::LstarWriteRefused {
+                        value,
+                        locked: l,
+                        rip,
+                    },
+                );
+                inject_exception(vcpu, GP, Some(0));
+                return Action::Resume;
+            }
+            Some(_) => {}
+            None => {
+                let installed = match self.guard.as_mut().and_then(Guard::linux_mut) {
+                    Some(linux) => linux.install(platform, value),
+                    None => value,
+                };
+                platform.write_msr(IA32_LSTAR, installed);
+                if let Some(g) = self.guard.as_mut() {
+                    g.lstar = Some(value);
+                }
+            }
+        }
+        skip_instruction(vcpu, instruction);
+        Action::Resume
+    }
+
+    /// Checks every audited word (see [`Guard::audited`]); a changed one, or one L0 cannot read any
+    /// more, is an alert and ends the guest.
+    pub(crate) fn audit(
+        &mut self,
+        platform: &mut impl Platform,
+        obs: &mut impl Observer,
+    ) -> Option<Action> {
+        let guard = self.guard.as_ref()?;
+        let (gpa, found, expected) = guard.audited().find_map(|(gpa, expected)| {
+            // An unreadable word cannot be vouched for: it counts as changed.
+            let found = read_guest_u64(platform, gpa).unwrap_or(!expected);
+            (found != expected).then_some((gpa, found, expected))
+        })?;
+        let alert = Alert::HookTampered {
+            gpa,
+            found,
+            expected,
+        };
+        self.alert(platform, obs, alert);
+        Some(Action::End(GuestEnd::HookTampered { gpa }))
+    }
+}

@@ -1,0 +1,281 @@
+//! The Linux system-call gate: L0 puts it in front of the kernel's SYSCALL entry when the kernel
+//! installs that entry, opens it at the first system call (installing the process-creation hook
+//! then, see [`super::hooks`]), and audits the mappings it depends on afterwards.
+//!
+//! 1. At the kernel's WRMSR to IA32_LSTAR (`syscall_init`: after the kernel has built its top-level
+//!    page table, before any process exists to copy it), [`LinuxGuard::install`] records the
+//!    kernel's entry in the gate page, maps the gate's PML4 slot in `init_top_pgt` (and its
+//!    page-table-isolation user half), and LSTAR gets the gate's entry instead.
+//! 2. The gate page is readable but not executable in the guest view until the first system call,
+//!    whose EPT violation is where L0 installs the hook and opens the gate
+//!    ([`Hypervisor::open_linux_gate`]).
+//! 3. Out of the box the same entry is a stub whose VMCALL L0 takes as a system call for the
+//!    monitor VM ([`Hypervisor::outbox_linux_syscall`]).
+//!
+//! A step that fails leaves the guest in a state the monitors can stand behind: the kernel's own
+//! entry (unmonitored, and said so) if the gate cannot go in; no hook (said so) if the hook cannot
+//! be made safe; a stopped guest if the gate cannot be opened, since its system calls would fault.
+
+use ihmi_addr::{Gpa, GpaRange, Gva, PAGE_SIZE};
+use ihmi_ept::Perm;
+use ihmi_vmcs::fields::guest;
+use ihmi_vmcs::{EptViolationQualification, Instruction};
+
+use super::hooks::{self, ArmedHook, ExecHook};
+use crate::guard::views::GUEST_VIEW;
+use crate::platform::read_guest_u64;
+use crate::{
+    skip_instruction, Action, GuestEnd, Hypervisor, MonitorWord, Platform, PlatformError, Vcpu,
+};
+
+/// How L0 puts the system-call gate in front of a Linux kernel's SYSCALL entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinuxGate {
+    /// What IA32_LSTAR gets: the gate's system-call entry.
+    pub gate_entry: Gva,
+    /// Where the gate page keeps the kernel's own entry, to jump on to.
+    pub kernel_entry_slot: MonitorWord,
+    /// The kernel's top-level page table (`init_top_pgt`), guest-physical.
+    pub pgd: Gpa,
+    /// The PML4 slot of the gate and the entry that maps it.
+    pub slot: u64,
+    pub pml4e: u64,
+    /// Page-table isolation built in: the user half of the PGD pair gets the slot too.
+    pub pti_pgd_pair: bool,
+    /// The gate page, guest-physical: readable but not executable in the guest view until the first
+    /// system call, when L0 installs the process-creation hook and opens it.
+    pub gate_page: Gpa,
+    /// The process-creation hook to install then, if the monitor has one.
+    pub exec_hook: Option<ExecHook>,
+    /// Out of the box: the address of the system-call stub's VMCALL, which L0 takes as a system call
+    /// to show the monitor VM (RAX = number, RDI, RSI, RDX = arguments), leaving every register alone.
+    pub outbox_syscall: Option<Gva>,
+}
+
+impl LinuxGate {
+    /// Where the gate's PML4 entry goes in the kernel half (0) or the user half (4096) of the PGD.
+    fn slot_at(&self, half: u64) -> Option<Gpa> {
+        self.pgd.checked_add(half)?.checked_add(self.slot * 8)
+    }
+
+    /// The PGD halves that get the slot: the kernel's, and with page-table isolation its user half.
+    fn halves(&self) -> impl Iterator<Item = u64> {
+        [Some(0), self.pti_pgd_pair.then_some(PAGE_SIZE)]
+            .into_iter()
+            .flatten()
+    }
+}
+
+/// The gate's state in one guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinuxGuard {
+    gate: LinuxGate,
+    /// Whether the gate went in at the kernel's LSTAR write (its PML4 entries are then audited).
+    installed: bool,
+    /// Whether the first system call has opened the gate.
+    open: bool,
+    /// The process-creation hook, once installed.
+    armed: Option<ArmedHook>,
+}
+
+impl LinuxGuard {
+    pub(crate) const fn new(gate: LinuxGate) -> Self {
+        Self {
+            gate,
+            installed: false,
+            open: false,
+            armed: None,
+        }
+    }
+
+    /// The configuration.
+    #[must_use]
+    pub const fn gate(&self) -> &LinuxGate {
+        &self.gate
+    }
+
+    /// Whether the gate is open (the first system call went through it).
+    #[must_use]
+    pub const fn is_open(&self) -> bool {
+        self.open
+    }
+
+    /// The process-creation hook, once installed.
+    #[must_use]
+    pub const fn armed_hook(&self) -> Option<&ArmedHook> {
+        self.armed.as_ref()
+    }
+
+    /// What the audit checks: the gate's PML4 entry in every half it went into, and the hook's
+    /// page-directory entry.
+    pub(crate) fn audited(&self) -> impl Iterator<Item = (Gpa, u64)> + '_ {
+        let slots = self
+            .gate
+            .halves()
+            .filter(|_| self.installed)
+            .filter_map(|half| self.gate.slot_at(half))
+            .map(|at| (at, self.gate.pml4e));
+        slots.chain(self.armed.map(|a| a.audited()))
+    }
+
+    /// Puts the gate in front of the kernel's entry `kernel_entry`: the gate page learns where to
+    /// jump on, the kernel's PGD halves map the gate's slot. Returns what IA32_LSTAR gets: the gate's
+    /// entry, or the kernel's own when the gate could not go in (said on the console).
+    pub(crate) fn install(&mut self, platform: &mut impl Platform, kernel_entry: u64) -> u64 {
+        let gate = self.gate;
+        // The slot must be free in the kernel's table (and its user half): a kernel laid out otherwise
+        // keeps its own mapping and goes unmonitored, rather than losing memory to the gate.
+        for half in [0, PAGE_SIZE] {
+            let entry = gate.slot_at(half).map(|at| read_guest_u64(platform, at));
+            let why = match entry {
+                Some(Ok(0)) => continue,
+                Some(Ok(_)) => "is in use",
+                Some(Err(_)) | None => "cannot be read",
+            };
+            platform.log(format_args!(
+                "linux: PML4 slot {} of the kernel's page table {why}; system calls are not monitored",
+                gate.slot
+            ));
+            return kernel_entry;
+        }
+        if let Err(e) = self.map_gate(platform, kernel_entry) {
+            // Without the mapping, SYSCALL through the gate would fault: leave the kernel's entry.
+            platform.log(format_args!(
+                "linux: could not install the system-call gate ({e}); system calls are not monitored"
+            ));
+            return kernel_entry;
+        }
+        self.installed = true;
+        platform.log(format_args!(
+            "linux: system calls now enter through the gate at {} (the kernel's entry {kernel_entry:#x})",
+            gate.gate_entry
+        ));
+        gate.gate_entry.raw()
+    }
+
+    /// The writes of [`Self::install`]; a failure takes back the PML4 entries already written.
+    fn map_gate(
+        &self,
+        platform: &mut impl Platform,
+        kernel_entry: u64,
+    ) -> Result<(), PlatformError> {
+        let gate = &self.gate;
+        platform.write_monitor(gate.kernel_entry_slot, kernel_entry)?;
+        let mut written = [None; 2];
+        for (i, half) in gate.halves().enumerate() {
+            let at = gate.slot_at(half).ok_or(PlatformError::Fenced {
+                gpa: gate.pgd,
+                len: PAGE_SIZE + 8 * 512,
+            })?;
+            if let Err(e) = platform.write_guest(at, &gate.pml4e.to_le_bytes()) {
+                for done in written.iter().flatten() {
+                    let _ = platform.write_guest(*done, &[0; 8]);
+                }
+                return Err(e);
+            }
+            written[i] = Some(at);
+        }
+        Ok(())
+    }
+}
+
+impl Hypervisor {
+    /// Out of the box, the VMCALL of the Linux system-call stub: a system call for the monitor VM. Any
+    /// other VMCALL is a hypercall. An attacker who jumps to the stub with chosen registers only
+    /// reports a system call that did not happen, from the process the monitor reads itself.
+    pub(crate) fn outbox_linux_syscall(
+        &mut self,
+        vcpu: &mut impl Vcpu,
+        instruction: Instruction,
+    ) -> Option<Action> {
+        let site = self.guard.as_ref()?.linux()?.gate().outbox_syscall?;
+        if vcpu.read(guest::RIP) != site.raw() {
+            return None;
+        }
+        let r = *vcpu.regs();
+        skip_instruction(vcpu, instruction);
+        Some(Action::CallMonitor {
+            code: ihmi_abi::monitor::RequestCode::Syscall as u64,
+            args: [r.rax, r.rdi, r.rsi, r.rdx],
+            verdict_to_rax: false,
+        })
+    }
+
+    /// A Linux guest's first system call, which finds the gate not yet executable: installs the
+    /// process-creation hook (when it can be made safe), opens the gate, and lets the SYSCALL run
+    /// again. `None` for any other EPT violation.
+    pub(crate) fn open_linux_gate(
+        &mut self,
+        vcpu: &mut impl Vcpu,
+        platform: &mut impl Platform,
+        gpa: Gpa,
+        q: &EptViolationQualification,
+    ) -> Option<Action> {
+        let view = self.current_view(vcpu);
+        let linux = self.guard.as_mut()?.linux_mut()?;
+        let gate = linux.gate;
+        let on_gate = gpa.align_down(PAGE_SIZE) == gate.gate_page;
+        if linux.open || !linux.installed || !q.fetch() || !on_gate || view != Some(GUEST_VIEW) {
+            return None;
+        }
+        let rip = vcpu.read(guest::RIP);
+        linux.armed = match gate.exec_hook.as_ref() {
+            Some(hook) => match arm_hook(platform, hook, rip) {
+                Ok(armed) => armed,
+                Err(error) => {
+                    return Some(Action::End(GuestEnd::GuardFailed {
+                        what: "take out the process-creation hook it could not write-protect",
+                        error,
+                    }))
+                }
+            },
+            None => None,
+        };
+        let gate_range = GpaRange::new(gate.gate_page, gate.gate_page.checked_add(PAGE_SIZE)?);
+        if let Err(error) = platform.protect_guest(gate_range, Perm::RX) {
+            // The gate stays closed, so every system call would fault here again: stop the guest
+            // rather than loop, and take the hook out (it would call a gate that does not run).
+            if let Some(armed) = linux.armed.take() {
+                let _ = hooks::remove(platform, &armed);
+            }
+            return Some(Action::End(GuestEnd::GuardFailed {
+                what: "open the system-call gate",
+                error,
+            }));
+        }
+        linux.open = true;
+        Some(Action::Resume)
+    }
+}
+
+/// Installs the process-creation hook and write-protects the page that holds its call. A hook that
+/// cannot go in is left out, and one whose page cannot be protected is taken out again (the guest
+/// could rewrite it unseen); the console says so and the guest runs without process-creation
+/// monitoring. `Err` only when such a hook could not be taken out either.
+fn arm_hook(
+    platform: &mut impl Platform,
+    hook: &ExecHook,
+    rip: u64,
+) -> Result<Option<ArmedHook>, PlatformError> {
+    let armed = match hooks::install(platform, hook) {
+        Ok(a) => a,
+        Err(e) => {
+            platform.log(format_args!(
+                "linux: process creation is not monitored: {e}"
+            ));
+            return Ok(None);
+        }
+    };
+    if let Err(e) = platform.protect_guest(armed.call_page(), Perm::RX) {
+        hooks::remove(platform, &armed)?;
+        platform.log(format_args!(
+            "linux: process creation is not monitored: the page of the hook's call cannot be write-protected ({e})"
+        ));
+        return Ok(None);
+    }
+    platform.log(format_args!(
+        "linux: first system call (rip {rip:#x}): begin_new_exec at {} now calls the process-creation trampoline at {}",
+        hook.site, hook.trampoline
+    ));
+    Ok(Some(armed))
+}

@@ -1,0 +1,476 @@
+//! A Linux guest: its running task, the system-call gate, the process-creation hook, and what happens
+//! when L0 cannot do one of its steps.
+
+extern crate std;
+
+use std::vec;
+
+use ihmi_addr::{Gpa, Gva};
+use ihmi_arch::msr::IA32_LSTAR;
+use ihmi_vmcs::fields::guest;
+
+use crate::mock::{Call, MockVcpu, Op, Seen};
+use crate::testing::*;
+use crate::{Action, GuestEnd, Observation};
+
+#[test]
+fn the_running_linux_task_is_read_through_the_profile() {
+    use ihmi_linux::profile::{Field, LinuxProfile};
+    let mut h = hv();
+    h.linux = Some(LinuxProfile {
+        current_task: 0x8, // a per-CPU offset
+        init_top_pgt: 0,
+        entry_syscall_64: 0,
+        pid: Field {
+            offset: 0x10,
+            size: 4,
+        },
+        tgid: Field {
+            offset: 0x14,
+            size: 4,
+        },
+        comm: Field {
+            offset: 0x20,
+            size: 16,
+        },
+        real_parent: Field {
+            offset: 0x18,
+            size: 8,
+        },
+        exec_hook: 0,
+        kernel_end: 0,
+        binprm_filename: Field::default(),
+        pti_pgd_pair: false,
+    });
+    let mut p = platform_with_identity_paging();
+    // Per-CPU area at 0x10_0000 (the kernel's GS base); current_task -> task at 0x30_0000, whose
+    // parent is the task at 0x30_1000.
+    p.write_u64(0x10_0008, 0x30_0000);
+    p.write_bytes(0x30_0010, &7u32.to_le_bytes());
+    p.write_bytes(0x30_0014, &7u32.to_le_bytes());
+    p.write_u64(0x30_0018, 0x30_1000);
+    p.write_bytes(0x30_0020, b"ihmi-poweroff\0\0\0");
+    p.write_bytes(0x30_1014, &1u32.to_le_bytes());
+    // In the kernel: GS is the kernel's.
+    let mut v = MockVcpu::exited(EXIT_IO, 0x2000, 1);
+    v.fields.insert(guest::GS_BASE, 0x10_0000);
+    let t = h.current_linux_task(&mut v, &mut p).unwrap();
+    assert_eq!((t.task, t.pid, t.tgid, t.ppid), (0x30_0000, 7, 7, 1));
+    assert_eq!(&t.comm[..13], b"ihmi-poweroff");
+    // In user mode: the kernel's GS base is in IA32_KERNEL_GS_BASE, and GS is the user's.
+    let mut user = MockVcpu::exited(EXIT_IO, 0x2000, 1);
+    user.fields.insert(guest::SS_ACCESS_RIGHTS, 0xc0f3);
+    user.fields.insert(guest::GS_BASE, 0xdead_0000);
+    p.msrs.insert(0xc000_0102, 0x10_0000);
+    assert_eq!(h.current_linux_task(&mut user, &mut p).unwrap().pid, 7);
+    // A dangling pointer is an error, and so is a profile whose sizes do not fit.
+    p.write_u64(0x10_0008, 0x7fff_0000_0000);
+    assert!(matches!(
+        h.current_linux_task(&mut v, &mut p),
+        Err(crate::linux::TaskError::Walk(_))
+    ));
+    h.linux.as_mut().unwrap().comm.size = 8;
+    assert_eq!(
+        h.current_linux_task(&mut v, &mut p),
+        Err(crate::linux::TaskError::FieldSize("comm"))
+    );
+    h.linux = None;
+    assert_eq!(
+        h.current_linux_task(&mut v, &mut p),
+        Err(crate::linux::TaskError::NoProfile)
+    );
+}
+
+#[test]
+fn the_kernel_s_syscall_entry_is_redirected_through_the_gate_once() {
+    let (mut h, mut p, gate) = linux_guarded();
+    let kernel_entry = 0xffff_ffff_8120_0080;
+    h.handle_exit(&mut wrmsr_lstar(kernel_entry), &mut p);
+    let calls = p.calls.borrow().clone();
+    // The gate learns where to go on, both halves of the kernel's PGD map the gate's slot, and the MSR
+    // gets the gate.
+    assert!(calls.contains(&Call::WriteMonitor(
+        gate.kernel_entry_slot.gpa(),
+        kernel_entry
+    )));
+    for half in [0, 4096] {
+        assert!(calls.contains(&Call::WritePhys(
+            Gpa::new(gate.pgd.raw() + half + 466 * 8),
+            gate.pml4e.to_le_bytes().to_vec()
+        )));
+    }
+    assert!(calls.contains(&Call::WriteMsr(IA32_LSTAR, gate.gate_entry.raw())));
+    // A read of LSTAR shows the kernel's own value.
+    let mut rd = MockVcpu::exited(EXIT_RDMSR, 0x9000, 2);
+    rd.regs.rcx = u64::from(IA32_LSTAR);
+    h.handle_exit(&mut rd, &mut p);
+    assert_eq!((rd.regs.rdx << 32) | rd.regs.rax, kernel_entry);
+    // Moving it later is refused, as for any guarded guest.
+    let mut other = wrmsr_lstar(0x1000);
+    h.handle_exit(&mut other, &mut p);
+    assert_eq!(other.fields[&guest::RIP], 0x8000, "refused");
+}
+
+#[test]
+fn an_occupied_slot_leaves_the_kernel_s_entry_alone() {
+    let (mut h, mut p, gate) = linux_guarded();
+    p.write_u64(gate.pgd.raw() + 466 * 8, 0x1234_5067);
+    let kernel_entry = 0xffff_ffff_8120_0080;
+    h.handle_exit(&mut wrmsr_lstar(kernel_entry), &mut p);
+    let calls = p.calls.borrow();
+    assert!(calls.contains(&Call::WriteMsr(IA32_LSTAR, kernel_entry)));
+    assert!(
+        !calls
+            .iter()
+            .any(|c| matches!(c, Call::WritePhys(..) | Call::WriteMonitor(..))),
+        "nothing of the kernel's was overwritten"
+    );
+    assert!(calls
+        .iter()
+        .any(|c| matches!(c, Call::Log(s) if s.contains("slot 466") && s.contains("in use"))));
+    assert!(
+        !calls
+            .iter()
+            .any(|c| matches!(c, Call::Log(s) if s.contains("now enter through the gate"))),
+        "no claim that the gate is in front"
+    );
+}
+
+#[test]
+fn the_first_system_call_installs_the_exec_hook_and_opens_the_gate() {
+    let (mut h, mut p, gate) = linux_guarded();
+    linux_kernel_memory(&mut p);
+    install_gate(&mut h, &mut p);
+    let mut v = first_syscall();
+    assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume);
+    assert_eq!(
+        v.fields[&guest::RIP],
+        0xffff_e900_0000_00b1,
+        "the SYSCALL runs again"
+    );
+    let calls = p.calls.borrow().clone();
+    let hook = gate.exec_hook.unwrap();
+    // The slot's page-directory entry points at the trampoline's table; the call reaches the trampoline.
+    let pd_entry = Gpa::new(0x52_0000 + 16 * 8);
+    assert!(calls.contains(&Call::WritePhys(
+        pd_entry,
+        (0x40_4000u64 | 0x23).to_le_bytes().to_vec()
+    )));
+    let rel = (hook.trampoline.raw() as i64 - (hook.site.raw() as i64 + 5)) as i32;
+    let mut call = vec![0xe8];
+    call.extend_from_slice(&rel.to_le_bytes());
+    assert!(calls.contains(&Call::WritePhys(hook.site_pa, call)));
+    // The page with the call is no longer writable; the gate is executable.
+    assert!(calls.contains(&Call::ProtectGuest(
+        Gpa::new(0x112_6000),
+        4096,
+        ihmi_ept::Perm::RX
+    )));
+    assert!(calls.contains(&Call::ProtectGuest(
+        Gpa::new(LINUX_GATE_PAGE),
+        4096,
+        ihmi_ept::Perm::RX
+    )));
+    assert!(h
+        .guard
+        .as_ref()
+        .unwrap()
+        .linux()
+        .unwrap()
+        .armed_hook()
+        .is_some());
+    // Only once: a later fetch violation on the gate is an attack, and ends the guest.
+    assert!(matches!(
+        h.handle_exit(&mut first_syscall(), &mut p),
+        Action::End(GuestEnd::EptViolation { .. })
+    ));
+}
+
+#[test]
+fn a_changed_trampoline_mapping_is_noticed_at_the_next_exit() {
+    let (mut h, mut p, _) = linux_guarded();
+    linux_kernel_memory(&mut p);
+    install_gate(&mut h, &mut p);
+    h.handle_exit(&mut first_syscall(), &mut p);
+    // The kernel points the slot somewhere else (its own code at the trampoline's address).
+    p.write_u64(0x52_0000 + 16 * 8, 0x7777_7063);
+    let action = h.handle_exit(&mut MockVcpu::exited(EXIT_CPUID, 0x1000, 2), &mut p);
+    assert_eq!(
+        action,
+        Action::End(GuestEnd::HookTampered {
+            gpa: Gpa::new(0x52_0000 + 16 * 8)
+        })
+    );
+    assert!(matches!(
+        h.rec.alerts().as_slice(),
+        [crate::Alert::HookTampered {
+            found: 0x7777_7063,
+            ..
+        }]
+    ));
+}
+
+#[test]
+fn a_site_without_the_fentry_nop_is_left_alone_and_said_so() {
+    let (mut h, mut p, gate) = linux_guarded();
+    linux_kernel_memory(&mut p);
+    install_gate(&mut h, &mut p);
+    // ftrace is tracing the function: the site holds a call already.
+    p.write_bytes(0x112_6cf9, &[0xe8, 1, 2, 3, 4]);
+    assert_eq!(h.handle_exit(&mut first_syscall(), &mut p), Action::Resume);
+    let calls = p.calls.borrow().clone();
+    assert!(
+        !calls.iter().any(|c| matches!(c, Call::WritePhys(..))),
+        "nothing written"
+    );
+    assert!(calls.iter().any(
+        |c| matches!(c, Call::Log(s) if s.contains("process creation is not monitored") && s.contains("__fentry__"))
+    ));
+    // System calls still go through: the gate opens.
+    assert!(calls.contains(&Call::ProtectGuest(
+        gate.gate_page,
+        4096,
+        ihmi_ept::Perm::RX
+    )));
+    assert!(h
+        .guard
+        .as_ref()
+        .unwrap()
+        .linux()
+        .unwrap()
+        .armed_hook()
+        .is_none());
+}
+
+#[test]
+fn an_occupied_trampoline_slot_is_refused() {
+    let (mut h, mut p, _) = linux_guarded();
+    linux_kernel_memory(&mut p);
+    install_gate(&mut h, &mut p);
+    p.write_u64(0x52_0000 + 16 * 8, 0x0200_00e3); // a 2 MiB page of the kernel's
+    h.handle_exit(&mut first_syscall(), &mut p);
+    let calls = p.calls.borrow().clone();
+    assert!(calls
+        .iter()
+        .any(|c| matches!(c, Call::Log(s) if s.contains("needs that 2 MiB slot free"))));
+    assert!(!calls
+        .iter()
+        .any(|c| matches!(c, Call::WritePhys(g, _) if *g == Gpa::new(0x112_6cf9))));
+}
+
+#[test]
+fn out_of_the_box_the_stub_s_vmcall_is_a_system_call_that_leaves_registers_alone() {
+    let (mut h, mut p, mut gate) = linux_guarded();
+    const STUB: u64 = 0xffff_e900_0000_0300;
+    gate.outbox_syscall = Some(Gva::new(STUB));
+    let views = h.guard.unwrap().views;
+    h.guard = Some(crate::Guard::new(views, None).with_linux_gate(gate));
+    h.outbox_monitor = true;
+    let mut v = MockVcpu::exited(EXIT_VMCALL, STUB, 3);
+    v.regs.rax = 39; // getpid, not a hypercall number
+    v.regs.rdi = 1;
+    v.regs.rsi = 2;
+    v.regs.rdx = 3;
+    let before = v.regs;
+    assert_eq!(
+        h.handle_exit(&mut v, &mut p),
+        Action::CallMonitor {
+            code: ihmi_abi::monitor::RequestCode::Syscall as u64,
+            args: [39, 1, 2, 3],
+            verdict_to_rax: false,
+        }
+    );
+    assert_eq!(
+        v.fields[&guest::RIP],
+        STUB + 3,
+        "on to the jump to the kernel"
+    );
+    assert_eq!(v.regs, before, "no register changed");
+    // A VMCALL anywhere else is a hypercall as always.
+    let mut other = MockVcpu::exited(EXIT_VMCALL, STUB + 0x40, 3);
+    other.regs.rax = 39;
+    h.handle_exit(&mut other, &mut p);
+    assert_eq!(other.regs.rax, ihmi_abi::Status::UnknownCall.to_raw());
+}
+
+/// The kernel's entry the tests install.
+const KERNEL_ENTRY: u64 = 0xffff_ffff_8120_0080;
+
+/// Where the gate's PML4 entry goes in the kernel half and the user half of the PGD.
+fn slots(gate: &crate::LinuxGate) -> [u64; 2] {
+    [0, 4096].map(|half| gate.pgd.raw() + half + gate.slot * 8)
+}
+
+#[test]
+fn a_gate_that_cannot_be_mapped_leaves_the_kernel_s_entry_and_nothing_behind() {
+    // Each write of the installation failing in turn: the monitor word, the kernel half, the user
+    // half. Whatever went in before the failure is taken out, and LSTAR gets the kernel's entry.
+    for (op, n) in [
+        (Op::WriteMonitor, 1),
+        (Op::WriteGuest, 1),
+        (Op::WriteGuest, 2),
+    ] {
+        let (mut h, mut p, gate) = linux_guarded();
+        p.fail_on(op, n);
+        let mut v = wrmsr_lstar(KERNEL_ENTRY);
+        assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume, "{op:?} {n}");
+        assert!(p
+            .calls
+            .borrow()
+            .contains(&Call::WriteMsr(IA32_LSTAR, KERNEL_ENTRY)));
+        for at in slots(&gate) {
+            assert_eq!(
+                p.read_u64(at),
+                0,
+                "{op:?} {n}: the PGD slot at {at:#x} is empty"
+            );
+        }
+        assert!(p
+            .logs()
+            .iter()
+            .any(|l| l.contains("could not install the system-call gate")));
+        // Nothing is audited that did not go in, and the first fetch of the closed gate is no system
+        // call of a gate that never went in: it ends the guest as the EPT violation it is.
+        assert_eq!(
+            h.handle_exit(&mut MockVcpu::exited(EXIT_CPUID, 0x1000, 2), &mut p),
+            Action::Resume
+        );
+        assert!(matches!(
+            h.handle_exit(&mut first_syscall(), &mut p),
+            Action::End(GuestEnd::EptViolation { .. })
+        ));
+    }
+}
+
+#[test]
+fn an_unreadable_pgd_slot_is_said_so_and_leaves_the_kernel_s_entry() {
+    let (mut h, mut p, _) = linux_guarded();
+    p.fail_on(Op::ReadGuest, 2); // the user half
+    h.handle_exit(&mut wrmsr_lstar(KERNEL_ENTRY), &mut p);
+    assert!(p
+        .calls
+        .borrow()
+        .contains(&Call::WriteMsr(IA32_LSTAR, KERNEL_ENTRY)));
+    assert!(p
+        .logs()
+        .iter()
+        .any(|l| l.contains("slot 466") && l.contains("cannot be read")));
+    assert!(p.changes().is_empty(), "nothing written");
+}
+
+#[test]
+fn a_hook_that_cannot_go_in_leaves_nothing_behind_and_the_gate_opens() {
+    // Each read and write of the hook's installation failing in turn: the site's bytes, the walk to
+    // the page directory (two levels), the slot's entry; the entry's write, the call's write. (The
+    // exit's first two reads are the audit's, of the gate's PML4 entries.)
+    for (op, n) in [
+        (Op::ReadGuest, 3),
+        (Op::ReadGuest, 4),
+        (Op::ReadGuest, 5),
+        (Op::ReadGuest, 6),
+        (Op::WriteGuest, 1),
+        (Op::WriteGuest, 2),
+    ] {
+        let (mut h, mut p, gate) = linux_guarded();
+        linux_kernel_memory(&mut p);
+        install_gate(&mut h, &mut p);
+        p.fail_on(op, n);
+        assert_eq!(
+            h.handle_exit(&mut first_syscall(), &mut p),
+            Action::Resume,
+            "{op:?} {n}"
+        );
+        let linux = *h.guard.as_ref().unwrap().linux().unwrap();
+        assert!(linux.armed_hook().is_none(), "{op:?} {n}");
+        assert!(linux.is_open(), "system calls still go through the gate");
+        assert_eq!(
+            p.read_u64(0x52_0000 + 16 * 8),
+            0,
+            "{op:?} {n}: slot entry empty"
+        );
+        let mut site = [0u8; 5];
+        site.copy_from_slice(&p.read_u64(0x112_6cf9).to_le_bytes()[..5]);
+        assert_eq!(
+            site,
+            crate::linux::hooks::FENTRY_NOP,
+            "{op:?} {n}: the NOP is intact"
+        );
+        assert!(p
+            .logs()
+            .iter()
+            .any(|l| l.contains("process creation is not monitored")));
+        assert!(p.changes().contains(&Call::ProtectGuest(
+            gate.gate_page,
+            4096,
+            ihmi_ept::Perm::RX
+        )));
+    }
+}
+
+#[test]
+fn a_hook_whose_page_cannot_be_protected_is_taken_out_again() {
+    let (mut h, mut p, gate) = linux_guarded();
+    linux_kernel_memory(&mut p);
+    install_gate(&mut h, &mut p);
+    p.fail_on(Op::ProtectGuest, 1); // the page of the hook's call
+    assert_eq!(h.handle_exit(&mut first_syscall(), &mut p), Action::Resume);
+    let linux = *h.guard.as_ref().unwrap().linux().unwrap();
+    assert!(linux.armed_hook().is_none());
+    assert!(linux.is_open());
+    let mut site = [0u8; 5];
+    site.copy_from_slice(&p.read_u64(0x112_6cf9).to_le_bytes()[..5]);
+    assert_eq!(site, crate::linux::hooks::FENTRY_NOP, "the NOP is back");
+    assert_eq!(p.read_u64(0x52_0000 + 16 * 8), 0, "the slot is empty again");
+    assert!(p
+        .logs()
+        .iter()
+        .any(|l| l.contains("cannot be write-protected")));
+    assert!(p.changes().contains(&Call::ProtectGuest(
+        gate.gate_page,
+        4096,
+        ihmi_ept::Perm::RX
+    )));
+    // ... and if it cannot be taken out either, the guest stops: an unprotected hook is not run.
+    let (mut h, mut p, _) = linux_guarded();
+    linux_kernel_memory(&mut p);
+    install_gate(&mut h, &mut p);
+    p.fail_on(Op::ProtectGuest, 1);
+    p.fail_on(Op::WriteGuest, 3); // the NOP going back
+    assert!(matches!(
+        h.handle_exit(&mut first_syscall(), &mut p),
+        Action::End(GuestEnd::GuardFailed { .. })
+    ));
+    assert!(!h.guard.as_ref().unwrap().linux().unwrap().is_open());
+}
+
+#[test]
+fn a_gate_that_cannot_be_opened_stops_the_guest_and_stays_closed() {
+    let (mut h, mut p, _) = linux_guarded();
+    linux_kernel_memory(&mut p);
+    install_gate(&mut h, &mut p);
+    p.fail_on(Op::ProtectGuest, 2); // the gate page
+    let end = h.handle_exit(&mut first_syscall(), &mut p);
+    assert!(
+        matches!(end, Action::End(GuestEnd::GuardFailed { what, .. }) if what.contains("system-call gate")),
+        "{end:?}"
+    );
+    let linux = *h.guard.as_ref().unwrap().linux().unwrap();
+    assert!(
+        !linux.is_open(),
+        "a failure to protect never leaves a gate open"
+    );
+    assert!(
+        linux.armed_hook().is_none(),
+        "and the hook that would call it is out"
+    );
+    let mut site = [0u8; 5];
+    site.copy_from_slice(&p.read_u64(0x112_6cf9).to_le_bytes()[..5]);
+    assert_eq!(site, crate::linux::hooks::FENTRY_NOP);
+    assert!(matches!(
+        h.rec.seen.last(),
+        Some(Seen::Other(Observation::Ended {
+            end: GuestEnd::GuardFailed { .. },
+            ..
+        }))
+    ));
+}

@@ -1,0 +1,67 @@
+//! The vCPU as the exit policy sees it: the decoded exit, the VMCS, the saved registers.
+
+use ihmi_vmcs::fields::{control, guest};
+use ihmi_vmcs::{Instruction, InterruptionInfo, VmExit, VmcsField};
+
+/// Guest general-purpose registers as the exit stub saves them (RSP and RIP live in the VMCS).
+///
+/// The field order is the stub's push order reversed; `ihmi-vmx` checks the layout at compile time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct GuestRegs {
+    pub r15: u64,
+    pub r14: u64,
+    pub r13: u64,
+    pub r12: u64,
+    pub r11: u64,
+    pub r10: u64,
+    pub r9: u64,
+    pub r8: u64,
+    pub rbp: u64,
+    pub rdi: u64,
+    pub rsi: u64,
+    pub rdx: u64,
+    pub rcx: u64,
+    pub rbx: u64,
+    pub rax: u64,
+}
+
+/// The current virtual CPU: its VMCS and saved registers.
+pub trait Vcpu {
+    /// The exit that just happened, decoded from its exit-information fields by the VMX layer (no
+    /// handler reads an exit-reason number or an exit-information field itself).
+    fn exit(&mut self) -> VmExit;
+    /// VMREAD of a guest-state or control field of the current VMCS.
+    fn read(&mut self, field: VmcsField) -> u64;
+    /// VMWRITE of a guest-state or control field of the current VMCS.
+    fn write(&mut self, field: VmcsField, value: u64);
+    /// The guest registers saved at exit, restored at entry.
+    fn regs(&mut self) -> &mut GuestRegs;
+}
+
+/// The guest's current privilege level: the DPL of SS in the guest-state area (SDM 25.4.1).
+pub(crate) fn cpl(vcpu: &mut impl Vcpu) -> u64 {
+    (vcpu.read(guest::SS_ACCESS_RIGHTS) >> 5) & 3
+}
+
+/// Moves the guest past the instruction that exited, dropping STI/MOV-SS blocking as the CPU would.
+pub(crate) fn skip_instruction(vcpu: &mut impl Vcpu, instruction: Instruction) {
+    let rip = vcpu.read(guest::RIP);
+    vcpu.write(guest::RIP, rip.wrapping_add(instruction.len));
+    let blocking = vcpu.read(guest::INTERRUPTIBILITY_STATE);
+    if blocking & 0b11 != 0 {
+        vcpu.write(guest::INTERRUPTIBILITY_STATE, blocking & !0b11);
+    }
+}
+
+/// Injects a hardware exception (#GP, #UD, ...) into the guest at its current instruction.
+pub(crate) fn inject_exception(vcpu: &mut impl Vcpu, vector: u8, error_code: Option<u32>) {
+    if let Some(code) = error_code {
+        vcpu.write(control::VMENTRY_EXCEPTION_ERR_CODE, u64::from(code));
+    }
+    let info = InterruptionInfo::hardware_exception(vector, error_code.is_some());
+    vcpu.write(
+        control::VMENTRY_INTERRUPTION_INFO_FIELD,
+        u64::from(info.raw()),
+    );
+}

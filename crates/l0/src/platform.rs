@@ -1,0 +1,135 @@
+//! The machine as the exit policy reaches it ([`ihmi_hv::Platform`]): guest RAM behind the memory
+//! map's fence, one granted word of monitor memory, the guest's EPT view, and the few MSRs, ports and
+//! CPU instructions L0 performs on the guest's behalf.
+
+use core::fmt::{self, Write};
+
+use ihmi_addr::{Gpa, GpaRange};
+use ihmi_ept::{EptView, Perm};
+use ihmi_hv::{MemoryMap, MonitorWord, Platform, PlatformError};
+use ihmi_rt::console::{Console, Sink};
+
+use crate::frames::Pool;
+use crate::log;
+
+/// Physical memory and CPU as the exit policy sees them.
+pub(crate) struct HwPlatform<'a> {
+    pub(crate) guest_view: &'a mut EptView,
+    pub(crate) frames: &'a mut Pool,
+    /// The guest's memory map: reads and writes on its behalf must land in guest RAM.
+    pub(crate) fence: &'a MemoryMap,
+    /// The one monitor word the exit policy may have written (the Linux gate's kernel entry).
+    pub(crate) monitor_word: Option<Gpa>,
+}
+
+impl HwPlatform<'_> {
+    fn fenced(&self, gpa: Gpa, len: u64) -> Result<(), PlatformError> {
+        if self.fence.is_guest_ram(gpa, len) {
+            Ok(())
+        } else {
+            Err(PlatformError::Fenced { gpa, len })
+        }
+    }
+}
+
+impl Platform for HwPlatform<'_> {
+    fn host_cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        ihmi_rt::cpu::cpuid(leaf, subleaf)
+    }
+
+    fn read_guest(&self, gpa: Gpa, buf: &mut [u8]) -> Result<(), PlatformError> {
+        self.fenced(gpa, buf.len() as u64)?;
+        // SAFETY: the range is guest RAM (checked against the map just now), which lies below 4 GiB,
+        // is identity-mapped for L0 and is not L0's own memory; the guest is stopped while L0 runs, so
+        // nothing writes it meanwhile.
+        unsafe {
+            core::ptr::copy_nonoverlapping(gpa.raw() as *const u8, buf.as_mut_ptr(), buf.len())
+        };
+        Ok(())
+    }
+
+    fn write_guest(&mut self, gpa: Gpa, bytes: &[u8]) -> Result<(), PlatformError> {
+        self.fenced(gpa, bytes.len() as u64)?;
+        // SAFETY: as in `read_guest`: guest RAM, checked, identity-mapped, not L0's; no reference to
+        // it is alive in L0 while the exit policy runs.
+        unsafe {
+            core::ptr::copy_nonoverlapping(bytes.as_ptr(), gpa.raw() as *mut u8, bytes.len())
+        };
+        Ok(())
+    }
+
+    fn write_monitor(&mut self, word: MonitorWord, value: u64) -> Result<(), PlatformError> {
+        let gpa = word.gpa();
+        if self.monitor_word != Some(gpa) || !gpa.is_aligned(8) {
+            return Err(PlatformError::Fenced { gpa, len: 8 });
+        }
+        // SAFETY: the one aligned word of the monitor's gate page L0 granted when it loaded the
+        // monitor (checked just now): identity-mapped, monitor memory that the monitor never writes,
+        // and no reference to it is alive in L0.
+        unsafe { core::ptr::write_volatile(gpa.raw() as *mut u64, value) };
+        Ok(())
+    }
+
+    fn protect_guest(&mut self, range: GpaRange, perm: Perm) -> Result<(), PlatformError> {
+        let view_error = PlatformError::View {
+            gpa: range.start,
+            len: range.len(),
+        };
+        if let Err(e) = self
+            .guest_view
+            .protect(self.frames, range.start, range.len(), perm)
+        {
+            log!(
+                "EPT view 0: cannot change {}+{:#x} to {perm:?}: {e}",
+                range.start,
+                range.len()
+            );
+            return Err(view_error);
+        }
+        // SAFETY: VMX is on and the view's EPTP is the one the guest runs with in view 0; a
+        // single-context invalidation drops what the CPU cached of the old permissions.
+        unsafe { ihmi_vmx::invept_single(self.guest_view.eptp().raw()) };
+        Ok(())
+    }
+
+    fn log(&mut self, args: fmt::Arguments<'_>) {
+        log!("{args}");
+    }
+
+    fn guest_text(&mut self, args: fmt::Arguments<'_>) {
+        // Serial only: port 0xE9 carries L0's own lines (and its verdict markers) and nothing a guest wrote.
+        let _ = writeln!(Console(Sink::Serial), "{args}");
+    }
+
+    fn read_msr(&mut self, msr: u32) -> u64 {
+        // SAFETY: ihmi-hv asks only for IA32_KERNEL_GS_BASE and IA32_LSTAR, which every x86-64 CPU
+        // has; L0 never changes them (nor runs SWAPGS or SYSCALL), so they hold the guest's values.
+        unsafe { ihmi_rt::cpu::rdmsr(msr) }
+    }
+
+    fn write_msr(&mut self, msr: u32, value: u64) {
+        // SAFETY: the exit policy passes only IA32_LSTAR here, with a canonical value it decided the
+        // guest may set. L0 never executes SYSCALL, so the guest's value can live in the real MSR
+        // while L0 runs.
+        unsafe { ihmi_rt::cpu::wrmsr(msr, value) };
+    }
+
+    fn xsetbv(&mut self, xcr0: u64) {
+        // SAFETY: ihmi-hv checked the value against what the CPU supports (as XSETBV itself would) and
+        // L0 set CR4.OSXSAVE at boot where the CPU has XSAVE; L0's own code never depends on XCR0.
+        unsafe {
+            core::arch::asm!("xsetbv", in("ecx") 0u32, in("eax") xcr0 as u32, in("edx") (xcr0 >> 32) as u32, options(nostack, nomem))
+        };
+    }
+
+    fn port_in(&mut self, port: u16) -> u8 {
+        // SAFETY: only the keyboard controller's port is passed on, and reading its status has no side
+        // effect L0 depends on.
+        unsafe { x86::io::inb(port) }
+    }
+
+    fn port_out(&mut self, port: u16, value: u8) {
+        // SAFETY: a keyboard-controller command other than the reset pulse, which ihmi-hv filtered out.
+        unsafe { x86::io::outb(port, value) }
+    }
+}
