@@ -99,7 +99,7 @@ boot_gdt_ptr:
 boot_pml4: .skip 4096
 boot_pdpt: .skip 4096
 boot_pd:   .skip 4096 * 4
-boot_stack: .skip 65536
+boot_stack: .skip 262144                 /* 256 KiB: the boot stages move L0's state (the judge's log is ~20 KiB) by value */
 boot_stack_top:
 boot_magic: .long 0
 boot_info:  .long 0

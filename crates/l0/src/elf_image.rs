@@ -1,69 +1,69 @@
-//! ELF images L0 loads from multiboot2 modules: the guest kernel and the monitor.
+//! ELF images L0 loads from multiboot2 modules: the test guest's kernel and the monitor.
 
 use elf::endian::LittleEndian;
 use elf::segment::ProgramHeader;
 use elf::ElfBytes;
 
-use crate::fail;
+use crate::error::{ImageProblem, LoadError};
 
 /// A parsed, checked x86-64 ELF64 image.
 pub struct Image<'a> {
-    pub file: ElfBytes<'a, LittleEndian>,
+    file: ElfBytes<'a, LittleEndian>,
     bytes: &'a [u8],
     what: &'static str,
 }
 
 impl<'a> Image<'a> {
     /// Parses `bytes`; `what` names the module in errors.
-    pub fn parse(bytes: &'a [u8], what: &'static str) -> Self {
-        let file = match ElfBytes::<LittleEndian>::minimal_parse(bytes) {
-            Ok(f) => f,
-            Err(_) => fail(format_args!("the {what} module is not an ELF file")),
-        };
+    pub fn parse(bytes: &'a [u8], what: &'static str) -> Result<Self, LoadError> {
+        let bad = |problem| LoadError::Image { what, problem };
+        let file = ElfBytes::<LittleEndian>::minimal_parse(bytes)
+            .map_err(|_| bad(ImageProblem::NotElf))?;
         if file.ehdr.class != elf::file::Class::ELF64 || file.ehdr.e_machine != elf::abi::EM_X86_64
         {
-            fail(format_args!(
-                "the {what} module is not an x86-64 ELF64 file"
-            ));
+            return Err(bad(ImageProblem::NotX86_64));
         }
-        Self { file, bytes, what }
+        let image = Self { file, bytes, what };
+        // Every later use walks the program headers: check once that there are some.
+        if image.file.segments().is_none() {
+            return Err(bad(ImageProblem::NoProgramHeaders));
+        }
+        Ok(image)
+    }
+
+    fn problem(&self, problem: ImageProblem) -> LoadError {
+        LoadError::Image {
+            what: self.what,
+            problem,
+        }
     }
 
     /// The loadable segments.
     pub fn load_segments(&self) -> impl Iterator<Item = ProgramHeader> + '_ {
-        let segments = match self.file.segments() {
-            Some(s) => s,
-            None => fail(format_args!("the {} ELF has no program headers", self.what)),
-        };
-        segments
+        self.file
+            .segments()
             .into_iter()
+            .flatten()
             .filter(|ph| ph.p_type == elf::abi::PT_LOAD)
     }
 
     /// Copies one segment into `dst` (its memory image: file bytes, then zeros).
-    pub fn copy_segment(&self, ph: &ProgramHeader, dst: &mut [u8]) {
-        let Some(src) = ph
+    pub fn copy_segment(&self, ph: &ProgramHeader, dst: &mut [u8]) -> Result<(), LoadError> {
+        let src = ph
             .p_offset
             .checked_add(ph.p_filesz)
             .and_then(|end| self.bytes.get(ph.p_offset as usize..end as usize))
-        else {
-            fail(format_args!(
-                "{} ELF segment at {:#x} lies outside the file",
-                self.what, ph.p_vaddr
-            ));
-        };
+            .ok_or(self.problem(ImageProblem::SegmentOutsideFile { vaddr: ph.p_vaddr }))?;
         if src.len() > dst.len() {
-            fail(format_args!(
-                "{} ELF segment at {:#x} has filesz > memsz",
-                self.what, ph.p_vaddr
-            ));
+            return Err(self.problem(ImageProblem::FileLargerThanMemory { vaddr: ph.p_vaddr }));
         }
         dst[..src.len()].copy_from_slice(src);
         dst[src.len()..].fill(0);
+        Ok(())
     }
 
-    /// The value of a symbol from the image's own symbol table; a missing symbol is fatal and named.
-    pub fn symbol(&self, name: &str) -> u64 {
+    /// The value of a symbol from the image's own symbol table; a missing symbol is named.
+    pub fn symbol(&self, name: &'static str) -> Result<u64, LoadError> {
         let found = match self.file.symbol_table() {
             Ok(Some((symbols, strings))) => symbols
                 .iter()
@@ -71,13 +71,7 @@ impl<'a> Image<'a> {
                 .map(|s| s.st_value),
             _ => None,
         };
-        match found {
-            Some(v) => v,
-            None => fail(format_args!(
-                "symbol '{name}' not found in the {} image; rebuild it with `ihmi build`",
-                self.what
-            )),
-        }
+        found.ok_or(self.problem(ImageProblem::MissingSymbol(name)))
     }
 
     /// The load (physical) address of virtual address `va`, from the segment that contains it.
@@ -90,5 +84,15 @@ impl<'a> Image<'a> {
     /// The entry point.
     pub fn entry(&self) -> u64 {
         self.file.ehdr.e_entry
+    }
+
+    /// A problem with `name` in this image.
+    pub fn misaligned(&self, name: &'static str) -> LoadError {
+        self.problem(ImageProblem::Misaligned(name))
+    }
+
+    /// `name` lies outside where it must be.
+    pub fn outside(&self, name: &'static str) -> LoadError {
+        self.problem(ImageProblem::SymbolOutside(name))
     }
 }

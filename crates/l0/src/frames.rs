@@ -1,13 +1,14 @@
-//! L0's frame pool: the bitmap allocator of `ihmi-frames` over identity-mapped memory, and the table
-//! allocator the EPT builder needs.
+//! L0's frame pool: the bitmap allocator of `ihmi-frames` over identity-mapped memory, the typed pages
+//! L0 fills for the CPU (bitmaps, the EPTP list), and the table allocator the EPT builder needs.
 
 use core::cell::UnsafeCell;
 
 use ihmi_addr::{Hpa, HpaRange, PAGE_SIZE};
-use ihmi_ept::{EptAlloc, EptTable};
-use ihmi_frames::FrameAllocator;
+use ihmi_ept::{EptAlloc, EptTable, EptpList};
+use ihmi_frames::{Frame, FrameAllocator, FrameError};
+use ihmi_vmcs::{IoBitmaps, MsrBitmap};
 
-use crate::fail;
+use crate::error::LoadError;
 
 const MAX_FRAMES: usize = 1024;
 
@@ -16,49 +17,68 @@ struct BitmapCell(UnsafeCell<[u64; ihmi_frames::bitmap_words(MAX_FRAMES)]>);
 unsafe impl Sync for BitmapCell {}
 static BITMAP: BitmapCell = BitmapCell(UnsafeCell::new([0; ihmi_frames::bitmap_words(MAX_FRAMES)]));
 
+/// A hardware structure that fills whole pages and that L0 builds in pool frames.
+///
+/// # Safety
+/// 1. The type's size is exactly `PAGES` pages and its alignment at most 4 KiB.
+/// 2. All-zero bytes are a valid value (a fresh frame is zeroed).
+pub unsafe trait PageLayout {
+    /// How many contiguous pages the structure spans.
+    const PAGES: usize;
+}
+
+// SAFETY: one page of bytes (SDM 25.6.9), `#[repr(C, align(4096))]`; zeros intercept nothing.
+unsafe impl PageLayout for MsrBitmap {
+    const PAGES: usize = 1;
+}
+// SAFETY: two pages of bytes, bitmaps A and B (SDM 25.6.4); zeros intercept nothing.
+unsafe impl PageLayout for IoBitmaps {
+    const PAGES: usize = 2;
+}
+// SAFETY: 512 EPTPs in one page (SDM 25.6.14); zeros are invalid (unused) entries.
+unsafe impl PageLayout for EptpList {
+    const PAGES: usize = 1;
+}
+
+const _: () = assert!(core::mem::size_of::<MsrBitmap>() == PAGE_SIZE as usize);
+const _: () = assert!(core::mem::size_of::<IoBitmaps>() == 2 * PAGE_SIZE as usize);
+const _: () = assert!(core::mem::size_of::<EptpList>() == PAGE_SIZE as usize);
+
 /// L0's frames.
 pub struct Pool {
     alloc: FrameAllocator<'static>,
 }
 
 impl Pool {
-    /// Takes `range` (page-aligned, at most 4 MiB, owned by L0, identity-mapped) as the pool.
-    pub fn new(range: HpaRange) -> Self {
+    /// Takes `range` (page-aligned, L0-owned, identity-mapped) as the pool, up to 4 MiB of it.
+    pub fn new(range: HpaRange) -> Result<Self, FrameError> {
         let frames = ((range.len() / PAGE_SIZE) as usize).min(MAX_FRAMES);
         // SAFETY: called once at boot on the only CPU, so this is the only reference to the bitmap.
         let bitmap = unsafe { &mut *BITMAP.0.get() };
-        match FrameAllocator::new(range.start, frames, bitmap) {
-            Ok(alloc) => Self { alloc },
-            Err(e) => fail(format_args!("frame pool: {e}")),
-        }
+        Ok(Self {
+            alloc: FrameAllocator::new(range.start, frames, bitmap)?,
+        })
     }
 
-    /// A zeroed frame; running out of L0 frames is fatal (the pool is sized for the worst case).
-    pub fn alloc_zeroed(&mut self) -> Hpa {
-        match self.try_alloc_zeroed() {
-            Some(f) => f,
-            None => fail(format_args!("L0 frame pool exhausted")),
-        }
+    /// A zeroed frame.
+    pub fn frame(&mut self) -> Result<Frame, LoadError> {
+        let frame = self.alloc.alloc_frame().ok_or(LoadError::OutOfFrames)?;
+        zero(frame.start(), 1);
+        Ok(frame)
     }
 
-    fn try_alloc_zeroed(&mut self) -> Option<Hpa> {
-        let frame = self.alloc.alloc()?;
-        // SAFETY: the frame comes from L0's pool: L0 owns it, nothing else uses it, and it is
-        // identity-mapped by L0's page tables.
-        unsafe { core::ptr::write_bytes(frame.raw() as *mut u8, 0, PAGE_SIZE as usize) };
-        Some(frame)
-    }
-
-    /// `count` contiguous zeroed frames.
-    pub fn alloc_contiguous_zeroed(&mut self, count: usize) -> Hpa {
-        let Some(base) = self.alloc.alloc_contiguous(count, 1) else {
-            fail(format_args!(
-                "L0 frame pool exhausted ({count} contiguous frames)"
-            ))
-        };
-        // SAFETY: as in `try_alloc_zeroed`, for `count` frames.
-        unsafe { core::ptr::write_bytes(base.raw() as *mut u8, 0, count * PAGE_SIZE as usize) };
-        base
+    /// A zeroed structure of type `T` in fresh pool frames, filled by `fill`; its address, which
+    /// belongs to the CPU structure it is handed to from now on.
+    pub fn page<T: PageLayout>(&mut self, fill: impl FnOnce(&mut T)) -> Result<Hpa, LoadError> {
+        let start = self
+            .alloc
+            .alloc_contiguous(T::PAGES, 1)
+            .ok_or(LoadError::OutOfFrames)?;
+        zero(start, T::PAGES);
+        // SAFETY: `T::PAGES` fresh, zeroed, page-aligned, contiguous pool frames that nothing else
+        // references; `PageLayout` promises the size, the alignment and that zeros are a valid `T`.
+        fill(unsafe { &mut *(start.raw() as *mut T) });
+        Ok(start)
     }
 
     /// Frames in use.
@@ -72,9 +92,18 @@ impl Pool {
     }
 }
 
+/// Zeroes `pages` pages at `start`.
+fn zero(start: Hpa, pages: usize) {
+    // SAFETY: callers pass frames just taken from L0's pool: L0 owns them, nothing else uses them, and
+    // they are identity-mapped by L0's page tables.
+    unsafe { core::ptr::write_bytes(start.raw() as *mut u8, 0, pages * PAGE_SIZE as usize) };
+}
+
 impl EptAlloc for Pool {
     fn alloc_zeroed(&mut self) -> Option<Hpa> {
-        self.try_alloc_zeroed()
+        let frame = self.alloc.alloc()?;
+        zero(frame, 1);
+        Some(frame)
     }
 
     fn table_mut(&mut self, hpa: Hpa) -> Option<&mut EptTable> {

@@ -1,27 +1,213 @@
 //! Booting an unmodified Linux kernel as the guest, with the 64-bit boot protocol (`ihmi-linux` holds
-//! the protocol; this places things in guest RAM). The kernel goes where it asks (`pref_address`), the
-//! initrd as high as the kernel allows, the zero page and the command line in low RAM, and the e820
-//! map is the firmware's with L0's and the monitor's frames marked reserved.
+//! the protocol and the placement rules; this copies things into guest RAM). The kernel goes where it
+//! asks (`pref_address`, or the lowest aligned free place for a relocatable kernel), the initrd as
+//! high as the kernel allows, the zero page and the command line in low RAM, and the e820 map is the
+//! firmware's with L0's and the monitor's frames marked reserved.
 
 use core::fmt::Write;
 
-use ihmi_addr::{Gpa, GpaRange, PAGE_SIZE};
+use ihmi_addr::{Gpa, GpaRange};
 use ihmi_hv::{MemoryMap, RegionKind};
-use ihmi_linux::{BootParams, E820Entry, E820Kind, Kernel, BOOT_CS, BOOT_DS, E820_MAX};
+use ihmi_linux::place::{self, FirmwareRange, Owner};
+use ihmi_linux::profile::LinuxProfile;
+use ihmi_linux::{BootParams, Kernel, BOOT_CS, BOOT_DS, E820_MAX};
 
-use crate::guest::{self, GuestBoot};
-use crate::{fail, log};
+use crate::boot_info::{BootInfo, Line};
+use crate::error::LoadError;
+use crate::guest::{self, GuestBoot, GuestRam};
+use crate::log;
+use crate::ranges::List;
 
 /// The zero page and the command line, in low RAM next to the boot tables.
 const ZERO_PAGE: Gpa = Gpa::new(0x2_2000);
 const CMDLINE: Gpa = Gpa::new(0x2_3000);
 
-/// What GRUB loaded for a Linux scenario (the kernel already [`placed`]).
-#[derive(Clone, Copy, Debug)]
-pub struct Modules<'a> {
-    pub kernel: Kernel<'a>,
-    pub cmdline: &'a str,
-    pub initrd: Option<&'a [u8]>,
+/// A Linux guest, as far as L0 knows it before loading: the kernel (placed), its profile, its
+/// command line and initramfs.
+pub struct LinuxGuest {
+    pub kernel: Kernel<'static>,
+    pub profile: LinuxProfile,
+    pub cmdline: Line,
+    pub initrd: Option<&'static [u8]>,
+}
+
+impl LinuxGuest {
+    /// The kernel of the `linux` module, placed once, before the monitor is carved out of guest RAM
+    /// (which then avoids the kernel's span), with the profile of the `linux-profile` module.
+    pub fn prepare(boot: &BootInfo, memory: &MemoryMap) -> Result<Self, LoadError> {
+        let text = boot
+            .modules
+            .linux_profile
+            .and_then(|b| core::str::from_utf8(b).ok())
+            .ok_or(LoadError::MissingModule {
+                name: "linux-profile",
+                how: "the guest profile `ihmi` derives from System.map and BTF must be on the ISO",
+            })?;
+        let profile = LinuxProfile::parse(text).map_err(LoadError::Profile)?;
+        log!(
+            "linux: profile: current_task {:#x}, task_struct pid@{:#x} tgid@{:#x} comm@{:#x} real_parent@{:#x}, PTI PGD pairs {}",
+            profile.current_task,
+            profile.pid.offset,
+            profile.tgid.offset,
+            profile.comm.offset,
+            profile.real_parent.offset,
+            profile.pti_pgd_pair
+        );
+        let image = boot.modules.linux.ok_or(LoadError::MissingModule {
+            name: "linux",
+            how: "the ISO must load the kernel with `module2 /boot/bzImage linux <command line>`",
+        })?;
+        let mut kernel = Kernel::parse(image)?;
+        if kernel
+            .place(|at, span| memory.is_guest_ram(Gpa::new(at), span))
+            .is_none()
+        {
+            return Err(LoadError::KernelPlacement {
+                want: kernel.pref_address,
+                span: kernel.span(),
+                relocatable: kernel.relocatable,
+            });
+        }
+        Ok(Self {
+            kernel,
+            profile,
+            cmdline: boot.linux_cmdline,
+            initrd: boot.modules.initrd,
+        })
+    }
+
+    /// Where the kernel sits from its load address on, through its start-up area (`init_size`).
+    pub fn span(&self) -> GpaRange {
+        GpaRange::new(
+            Gpa::new(self.kernel.load_address),
+            Gpa::new(self.kernel.load_address + self.kernel.span()),
+        )
+    }
+
+    /// The guest-physical address of a kernel-image symbol, which must be guest RAM.
+    pub fn text_pa(&self, va: u64, memory: &MemoryMap) -> Result<Gpa, LoadError> {
+        place::kernel_text_pa(va, self.kernel.phys_offset())
+            .filter(|pa| memory.is_guest_ram(*pa, 8))
+            .ok_or(LoadError::Linux(
+                "a kernel symbol of the profile is not in the kernel image in guest RAM",
+            ))
+    }
+
+    /// Loads the kernel, the initrd and the boot structures; returns how to start the guest.
+    /// `monitor` is where the monitor is (said on the command line), `gate_pages` the gate's pages
+    /// the kernel must see as RAM.
+    pub fn load(
+        &self,
+        ram: &mut GuestRam<'_>,
+        firmware: &[FirmwareRange],
+        monitor: Option<Gpa>,
+        gate_pages: Option<GpaRange>,
+        page_1g: bool,
+    ) -> Result<GuestBoot, LoadError> {
+        let kernel = &self.kernel;
+        let load_at = Gpa::new(kernel.load_address);
+        ram.bytes(load_at, kernel.payload.len() as u64)?
+            .copy_from_slice(kernel.payload);
+        log!(
+            "linux: boot protocol {}.{}, {} KiB kernel at {load_at}, needs {} KiB there{}",
+            kernel.version >> 8,
+            kernel.version & 0xff,
+            kernel.payload.len() >> 10,
+            kernel.init_size >> 10,
+            if kernel.phys_offset() != 0 {
+                " (relocated: its preferred address is not free guest RAM)"
+            } else {
+                ""
+            }
+        );
+
+        let mut params = BootParams::new(kernel);
+        // With a monitor, the command line also says where it is: the attack scenario aims there, and
+        // the threat model assumes an attacker can find it anyway (hiding it would be obscurity).
+        let mut line = LineBuf {
+            bytes: [0; 4096],
+            len: 0,
+        };
+        let written = match monitor {
+            Some(at) => write!(
+                line,
+                "{} ihmi.monitor={:#x}",
+                self.cmdline.as_str(),
+                at.raw()
+            ),
+            None => line.write_str(self.cmdline.as_str()),
+        };
+        written.map_err(|_| LoadError::CmdlineTooLong)?;
+        let cmdline = &line.bytes[..line.len];
+        params.set_cmdline(kernel, CMDLINE.raw(), cmdline.len())?;
+        let dst = ram.bytes(CMDLINE, cmdline.len() as u64 + 1)?;
+        dst[..cmdline.len()].copy_from_slice(cmdline);
+        dst[cmdline.len()] = 0;
+        log!(
+            "linux: command line \"{}\"",
+            core::str::from_utf8(cmdline).unwrap_or("?")
+        );
+
+        if let Some(initrd) = self.initrd {
+            let rams = ram.map().of_kind(RegionKind::GuestRam);
+            let at = place::initrd_place(
+                rams,
+                initrd.len() as u64,
+                u64::from(kernel.initrd_addr_max),
+                self.span(),
+            )
+            .ok_or(LoadError::Linux(
+                "no room for the initrd in guest RAM below the kernel's initrd_addr_max; boot with more memory",
+            ))?;
+            ram.bytes(at, initrd.len() as u64)?.copy_from_slice(initrd);
+            params.set_initrd(at.raw(), initrd.len() as u64);
+            log!("linux: {} KiB initrd at {at}", initrd.len() >> 10);
+        }
+
+        // The gate's pages: RAM in the e820 map, claimed by a setup_data entry, so the kernel reserves
+        // them and maps them in its direct map (its page-table walkers, e.g. the W^X check of kernels
+        // built with CONFIG_DEBUG_WX, read every table the gate's PML4 slot leads to through it).
+        if let Some(pages) = gate_pages {
+            params.set_setup_data(pages.start.raw());
+        }
+        let owners = List::<(GpaRange, Owner), { ihmi_hv::memory::MAX_REGIONS }>::collect(
+            ram.map().regions().iter().map(|(r, kind)| {
+                let owner = match kind {
+                    RegionKind::GuestRam => Owner::Guest,
+                    RegionKind::Monitor => Owner::Monitor,
+                    RegionKind::L0 | RegionKind::Mmio => Owner::Other,
+                };
+                (*r, owner)
+            }),
+        )
+        .map_err(|_| LoadError::Linux("more memory regions than the e820 map takes"))?;
+        let (e820, n) = place::e820_map(firmware, owners.as_slice(), gate_pages)?;
+        params.set_e820(&e820[..n.min(E820_MAX)])?;
+        for e in &e820[..n] {
+            log!(
+                "linux: e820 {:#011x}-{:#011x} {:?}",
+                e.addr,
+                e.addr + e.size,
+                e.kind
+            );
+        }
+        ram.bytes(ZERO_PAGE, 4096)?
+            .copy_from_slice(params.as_bytes());
+
+        let cr3 = guest::identity_tables(ram, page_1g)?;
+        // The 64-bit boot protocol's GDT: __BOOT_CS at 0x10, __BOOT_DS at 0x18.
+        let gdt_limit = guest::write_gdt(ram, &[0, 0, guest::CODE64, guest::DATA])?;
+        Ok(GuestBoot {
+            entry: kernel.entry_64(),
+            cr3,
+            gdt: guest::BOOT_GDT,
+            gdt_limit,
+            stack_top: guest::boot_stack(),
+            boot_info: ZERO_PAGE,
+            code_selector: BOOT_CS,
+            data_selector: BOOT_DS,
+        })
+    }
 }
 
 /// A command line being put together, without a heap (one byte is kept for the NUL).
@@ -40,260 +226,4 @@ impl Write for LineBuf {
         self.len = end;
         Ok(())
     }
-}
-
-/// One range of the firmware's memory map, with its e820 type, as the guest sees it (identity).
-#[derive(Clone, Copy, Debug)]
-pub struct FirmwareRange {
-    pub range: GpaRange,
-    pub kind: E820Kind,
-}
-
-/// Loads the kernel, the initrd and the boot structures; returns how to start the guest.
-pub fn load(
-    m: &Modules<'_>,
-    memory: &MemoryMap,
-    firmware: &[FirmwareRange],
-    monitor: Option<Gpa>,
-    gate_pages: Option<GpaRange>,
-    page_1g: bool,
-) -> GuestBoot {
-    let kernel = m.kernel;
-    let load_at = Gpa::new(kernel.load_address);
-    let span = kernel.span();
-    guest::guest_bytes(memory, load_at, kernel.payload.len() as u64)
-        .copy_from_slice(kernel.payload);
-    log!(
-        "linux: boot protocol {}.{}, {} KiB kernel at {load_at}, needs {} KiB there{}",
-        kernel.version >> 8,
-        kernel.version & 0xff,
-        kernel.payload.len() >> 10,
-        kernel.init_size >> 10,
-        if kernel.phys_offset() != 0 {
-            " (relocated: its preferred address is not free guest RAM)"
-        } else {
-            ""
-        }
-    );
-
-    let mut params = BootParams::new(&kernel);
-    // With a monitor, the command line also says where it is: the attack scenario aims there, and the
-    // threat model assumes an attacker can find it anyway (hiding it would be obscurity, not defence).
-    let mut line = LineBuf {
-        bytes: [0; 4096],
-        len: 0,
-    };
-    let written = match monitor {
-        Some(at) => write!(line, "{} ihmi.monitor={:#x}", m.cmdline, at.raw()),
-        None => line.write_str(m.cmdline),
-    };
-    if written.is_err() {
-        fail(format_args!("the kernel command line is too long"));
-    }
-    let cmdline = &line.bytes[..line.len];
-    if let Err(e) = params.set_cmdline(&kernel, CMDLINE.raw(), cmdline.len()) {
-        fail(format_args!("kernel command line: {e}"));
-    }
-    let dst = guest::guest_bytes(memory, CMDLINE, cmdline.len() as u64 + 1);
-    dst[..cmdline.len()].copy_from_slice(cmdline);
-    dst[cmdline.len()] = 0;
-    log!(
-        "linux: command line \"{}\"",
-        core::str::from_utf8(cmdline).unwrap_or("?")
-    );
-
-    if let Some(initrd) = m.initrd {
-        let avoid = GpaRange::new(load_at, Gpa::new(load_at.raw() + span));
-        let at = place_initrd(
-            memory,
-            initrd.len() as u64,
-            u64::from(kernel.initrd_addr_max),
-            avoid,
-        );
-        guest::guest_bytes(memory, at, initrd.len() as u64).copy_from_slice(initrd);
-        params.set_initrd(at.raw(), initrd.len() as u64);
-        log!("linux: {} KiB initrd at {at}", initrd.len() >> 10);
-    }
-
-    // The gate's pages: RAM in the e820 map, claimed by a setup_data entry, so the kernel reserves
-    // them and maps them in its direct map (its page-table walkers, e.g. the W^X check of kernels
-    // built with CONFIG_DEBUG_WX, read every table the gate's PML4 slot leads to through it).
-    if let Some(pages) = gate_pages {
-        params.set_setup_data(pages.start.raw());
-    }
-    let (e820, n) = e820_map(memory, firmware, gate_pages);
-    if let Err(e) = params.set_e820(&e820[..n]) {
-        fail(format_args!("e820 map: {e}"));
-    }
-    for e in &e820[..n] {
-        log!(
-            "linux: e820 {:#011x}-{:#011x} {:?}",
-            e.addr,
-            e.addr + e.size,
-            e.kind
-        );
-    }
-    guest::guest_bytes(memory, ZERO_PAGE, 4096).copy_from_slice(params.as_bytes());
-
-    let cr3 = guest::identity_tables(memory, page_1g);
-    // The 64-bit boot protocol's GDT: __BOOT_CS at 0x10, __BOOT_DS at 0x18.
-    let gdt_limit = guest::write_gdt(memory, &[0, 0, guest::CODE64, guest::DATA]);
-    GuestBoot {
-        entry: kernel.entry_64(),
-        cr3,
-        gdt: guest::BOOT_GDT,
-        gdt_limit,
-        stack_top: guest::boot_stack(),
-        boot_info: ZERO_PAGE,
-        code_selector: BOOT_CS,
-        data_selector: BOOT_DS,
-    }
-}
-
-/// The highest page-aligned place for `len` bytes of initrd in guest RAM, ending at or below `max`
-/// (the kernel's `initrd_addr_max`) and clear of `avoid` (the kernel's start-up area).
-fn place_initrd(memory: &MemoryMap, len: u64, max: u64, avoid: GpaRange) -> Gpa {
-    let need = len.next_multiple_of(PAGE_SIZE);
-    let mut best: Option<u64> = None;
-    for r in memory.of_kind(RegionKind::GuestRam) {
-        let top = r.end.raw().min(max.saturating_add(1)) & !(PAGE_SIZE - 1);
-        let Some(start) = top.checked_sub(need) else {
-            continue;
-        };
-        let candidate = GpaRange::new(Gpa::new(start), Gpa::new(top));
-        if start >= r.start.raw() && !candidate.overlaps(&avoid) && best.is_none_or(|b| start > b) {
-            best = Some(start);
-        }
-    }
-    match best {
-        Some(at) => Gpa::new(at),
-        None => fail(format_args!(
-            "no room for the {} KiB initrd in guest RAM below {max:#x}; boot with more memory",
-            len >> 10
-        )),
-    }
-}
-
-/// The e820 map: the firmware's, with its available RAM split as L0's map has it (L0's and the
-/// monitor's frames reserved), in address order.
-fn e820_map(
-    memory: &MemoryMap,
-    firmware: &[FirmwareRange],
-    gate_pages: Option<GpaRange>,
-) -> ([E820Entry; E820_MAX], usize) {
-    let mut out = [E820Entry {
-        addr: 0,
-        size: 0,
-        kind: E820Kind::Reserved,
-    }; E820_MAX];
-    let mut n = 0;
-    let mut push = |range: GpaRange, kind: E820Kind| {
-        if range.is_empty() {
-            return;
-        }
-        if n == E820_MAX {
-            fail(format_args!("more than {E820_MAX} e820 entries"));
-        }
-        out[n] = E820Entry {
-            addr: range.start.raw(),
-            size: range.len(),
-            kind,
-        };
-        n += 1;
-    };
-    for fw in firmware {
-        if fw.kind != E820Kind::Ram {
-            push(fw.range, fw.kind);
-            continue;
-        }
-        // Split what the firmware calls RAM by who owns it now.
-        for (r, kind) in memory.regions() {
-            let part = GpaRange {
-                start: r.start.max(fw.range.start),
-                end: r.end.min(fw.range.end),
-            };
-            if part.start >= part.end {
-                continue;
-            }
-            let e820_kind = match kind {
-                RegionKind::GuestRam => E820Kind::Ram,
-                RegionKind::L0 | RegionKind::Monitor | RegionKind::Mmio => E820Kind::Reserved,
-            };
-            // The gate's pages inside the monitor's region are RAM (claimed by setup_data).
-            match gate_pages.filter(|g| *kind == RegionKind::Monitor && part.overlaps(g)) {
-                Some(g) => {
-                    let (lo, hi) = (g.start.max(part.start), g.end.min(part.end));
-                    push(
-                        GpaRange {
-                            start: part.start,
-                            end: lo,
-                        },
-                        E820Kind::Reserved,
-                    );
-                    push(GpaRange { start: lo, end: hi }, E820Kind::Ram);
-                    push(
-                        GpaRange {
-                            start: hi,
-                            end: part.end,
-                        },
-                        E820Kind::Reserved,
-                    );
-                }
-                None => push(part, e820_kind),
-            }
-        }
-    }
-    out[..n].sort_unstable_by_key(|e| e.addr);
-    (out, n)
-}
-
-/// The kernel, placed: where it asks to be if that is all guest RAM, else (a relocatable kernel
-/// such as Debian's, when the boot loader's modules sit there) the lowest aligned place that is.
-/// Decided once, before the monitor is carved out of guest RAM (which then avoids the kernel's span).
-pub fn placed<'a>(image: &'a [u8], memory: &MemoryMap) -> Kernel<'a> {
-    let mut kernel =
-        Kernel::parse(image).unwrap_or_else(|e| fail(format_args!("the linux module: {e}")));
-    if kernel
-        .place(|at, span| memory.is_guest_ram(Gpa::new(at), span))
-        .is_none()
-    {
-        fail(format_args!(
-            "the kernel wants {:#x}..{:#x} (init_size), which is not all guest RAM, and {}; boot with more memory",
-            kernel.pref_address,
-            kernel.pref_address + kernel.span(),
-            if kernel.relocatable {
-                "no other aligned place below 4 GiB is"
-            } else {
-                "it is not relocatable"
-            }
-        ));
-    }
-    kernel
-}
-
-/// Where the kernel will sit from its load address on, through its start-up area (`init_size`).
-pub fn kernel_span(kernel: &Kernel<'_>) -> GpaRange {
-    GpaRange::new(
-        Gpa::new(kernel.load_address),
-        Gpa::new(kernel.load_address + kernel.span()),
-    )
-}
-
-/// The guest-physical address of a kernel-image symbol: the kernel text mapping starts at
-/// `__START_KERNEL_map` and maps physical address 0, plus `phys_offset` for a kernel that was loaded
-/// elsewhere than it asked ([`placed`]); KASLR is off (`nokaslr`), so nothing else moves it.
-pub fn kernel_text_pa(va: u64, phys_offset: u64, memory: &MemoryMap) -> Gpa {
-    const START_KERNEL_MAP: u64 = 0xffff_ffff_8000_0000;
-    let Some(pa) = va
-        .checked_sub(START_KERNEL_MAP)
-        .and_then(|p| p.checked_add(phys_offset))
-    else {
-        fail(format_args!("{va:#x} is not in the kernel image"));
-    };
-    if !memory.is_guest_ram(Gpa::new(pa), 8) {
-        fail(format_args!(
-            "kernel symbol {va:#x} (physical {pa:#x}) is not in guest RAM"
-        ));
-    }
-    Gpa::new(pa)
 }

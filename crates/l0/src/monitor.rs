@@ -1,26 +1,25 @@
-//! Loads the in-VM monitor: carves its frames out of guest RAM, copies its image, builds its address
-//! space (the one-way mapping: the monitor sees all guest RAM through a direct map, the guest sees
-//! nothing of the monitor), patches the gate and writes the monitor's configuration.
+//! Boot stage: the in-VM monitor. L0 carves its frames out of guest RAM, copies its image, builds its
+//! address space (the one-way mapping: the monitor sees all guest RAM through a direct map, the guest
+//! sees nothing of the monitor), patches the gates and writes the monitor's configuration. Where
+//! everything goes and what the words are comes from `ihmi-layout`; this module only writes.
 
-use ihmi_abi::monitor::{MonitorConfig, CONFIG_MAGIC, MAX_ALLOWED, OS_LINUX, OS_TESTGUEST};
-use ihmi_abi::{RamRange, BOOT_INFO_MAX_RANGES};
+use ihmi_abi::monitor::{Mode, MonitorConfig, CONFIG_MAGIC, OS_LINUX, OS_TESTGUEST};
 use ihmi_addr::{Gpa, GpaRange, Gva, LARGE_PAGE_SIZE, PAGE_SIZE};
 use ihmi_hv::guard::views::{LinuxGatePages, MonitorLayout};
 use ihmi_hv::{MemoryMap, RegionKind};
+use ihmi_layout::{GateTables, ImageSymbols, Placement};
+use ihmi_monitor::{EventRing, OsProfile};
 use ihmi_paging::{MapFlags, PageSize, PageTable, PageTableBuilder, TableAlloc};
 
-use ihmi_monitor::{EventRing, OsProfile};
-
 use crate::elf_image::Image;
+use crate::error::LoadError;
+use crate::log;
 use crate::ranges::Ranges;
-use crate::{fail, log};
 
 /// Where guest-physical address 0 appears in the monitor's address space.
 pub const DIRECT_MAP_BASE: u64 = 0xffff_8000_0000_0000;
 /// PCID the monitor's address space uses (the guest's kernel uses its own).
 const MONITOR_PCID: u64 = 1;
-/// Frames reserved after the image for the monitor's page tables.
-const TABLE_FRAMES: u64 = 64;
 /// Process names the test guest's creation policy allows; `intruder` is deliberately absent.
 pub const TESTGUEST_ALLOWED: &str = "init,worker,bench";
 
@@ -56,11 +55,72 @@ impl MonitorOs {
     }
 }
 
+/// The monitor's frames, L0's to write while the guest does not run and L0's to read afterwards:
+/// every access is bounds-checked against the region, and a slice borrows this handle.
+pub struct MonitorMemory {
+    region: GpaRange,
+}
+
+impl MonitorMemory {
+    /// The handle for the monitor's region.
+    ///
+    /// # Safety
+    /// 1. `region` is the monitor's: taken out of guest RAM (the memory map says `Monitor`), below
+    ///    4 GiB and identity-mapped for L0.
+    /// 2. No other handle for it exists.
+    unsafe fn claim(region: GpaRange) -> Self {
+        Self { region }
+    }
+
+    /// `range`, which must lie inside the region.
+    fn bytes(&mut self, range: GpaRange) -> Result<&mut [u8], LoadError> {
+        let r = self.check(range)?;
+        // SAFETY: inside the region (checked), which `claim`'s preconditions make L0's to access;
+        // the slice borrows `self` mutably, so it is the only one alive.
+        Ok(unsafe { core::slice::from_raw_parts_mut(r.start.raw() as *mut u8, r.len() as usize) })
+    }
+
+    /// `range`, read-only.
+    fn bytes_ref(&self, range: GpaRange) -> Result<&[u8], LoadError> {
+        let r = self.check(range)?;
+        // SAFETY: as in `bytes`, shared: no `&mut` slice of the region can be alive while `self` is
+        // borrowed shared.
+        Ok(unsafe { core::slice::from_raw_parts(r.start.raw() as *const u8, r.len() as usize) })
+    }
+
+    fn check(&self, range: GpaRange) -> Result<GpaRange, LoadError> {
+        if self.region.contains_range(range.start, range.len()) && range.start <= range.end {
+            Ok(range)
+        } else {
+            Err(LoadError::Layout(ihmi_layout::LayoutError::Outside(
+                range.start.raw(),
+            )))
+        }
+    }
+
+    fn word(&mut self, at: Gpa) -> Result<&mut [u8], LoadError> {
+        self.bytes(GpaRange::new(at, Gpa::new(at.raw() + 8)))
+    }
+
+    /// The page at `gpa` (page-aligned, inside the region) as a page table.
+    fn table(&mut self, gpa: Gpa) -> Option<&mut PageTable> {
+        if !gpa.is_aligned(PAGE_SIZE) {
+            return None;
+        }
+        let bytes = self
+            .bytes(GpaRange::new(gpa, Gpa::new(gpa.raw() + PAGE_SIZE)))
+            .ok()?;
+        // SAFETY: a page-aligned page of the region borrowed exclusively from `self`; `PageTable` is
+        // 512 plain `u64` entries (4 KiB, 4 KiB-aligned), valid for any bytes.
+        Some(unsafe { &mut *(bytes.as_mut_ptr() as *mut PageTable) })
+    }
+}
+
 /// Where the Linux system-call gate goes, for L0's guard to install when the kernel sets IA32_LSTAR.
 #[derive(Clone, Copy, Debug)]
 pub struct LinuxGateInfo {
-    /// The gate's system-call entry, guest-virtual.
-    pub gate_entry: u64,
+    /// The gate's system-call entry (out of the box: the VMCALL stub's).
+    pub gate_entry: Gva,
     /// Where in the gate page the kernel's own entry is kept.
     pub kernel_entry_slot: Gpa,
     /// The PML4 slot and the entry that maps the gate's tables.
@@ -70,57 +130,20 @@ pub struct LinuxGateInfo {
     pub gate_page: Gpa,
     /// The process-creation trampoline: its 2 MiB slot in the kernel's image mapping, its entry
     /// there, and the page table (filled) that maps the slot's first page to the gate page.
-    pub hook_slot: u64,
-    pub hook_trampoline: u64,
+    pub hook_slot: Gva,
+    pub hook_trampoline: Gva,
     pub hook_table: Gpa,
     /// Out of the box: where the system-call stub's VMCALL is.
-    pub outbox_syscall: Option<u64>,
-}
-
-/// Page-table entry bits (SDM 4.5): present, writable, accessed, dirty, execute-disable.
-const PTE_P: u64 = 1 << 0;
-const PTE_W: u64 = 1 << 1;
-const PTE_A: u64 = 1 << 5;
-const PTE_D: u64 = 1 << 6;
-const PTE_NX: u64 = 1 << 63;
-
-/// Fills the three tables that map the gate (read + execute) and the scratch page after it (read/write,
-/// never executable) at `gate_gva` in a Linux kernel's address spaces; returns the PML4 entry that
-/// points at them. Supervisor-only, and the accessed and dirty bits are set in advance: the guest view
-/// shows these tables read-only, so the CPU must never need to write them. (The process-creation
-/// trampoline's table, `hook_table`, is filled the same way: one entry, the gate page at the start of
-/// its 2 MiB slot.)
-fn build_linux_gate_tables(
-    gate_gva: Gva,
-    gate: Gpa,
-    scratch: Gpa,
-    pdpt: Gpa,
-    pd: Gpa,
-    ptab: Gpa,
-) -> u64 {
-    let index = |level: u32| ((gate_gva.raw() >> (12 + 9 * (level - 1))) & 0x1ff) as usize;
-    let entry = |table: Gpa, i: usize, value: u64| {
-        bytes_at(Gpa::new(table.raw() + i as u64 * 8), 8).copy_from_slice(&value.to_le_bytes());
-    };
-    let upper = PTE_P | PTE_W | PTE_A;
-    entry(pdpt, index(3), pd.raw() | upper);
-    entry(pd, index(2), ptab.raw() | upper);
-    entry(ptab, index(1), gate.raw() | PTE_P | PTE_A);
-    entry(
-        ptab,
-        index(1) + 1,
-        scratch.raw() | PTE_P | PTE_W | PTE_A | PTE_D | PTE_NX,
-    );
-    pdpt.raw() | upper
+    pub outbox_syscall: Option<Gva>,
 }
 
 /// A loaded monitor.
-#[derive(Clone, Copy, Debug)]
 pub struct Loaded {
+    memory: MonitorMemory,
     pub layout: MonitorLayout,
     /// Guest-virtual address of the gate's entry, the same in both address spaces.
     pub gate_gva: Gva,
-    /// Guest-physical address of the event ring.
+    /// The event ring, inside the region (checked at load: aligned, whole).
     ring: Gpa,
     /// The guest kernel as the monitor sees it (for naming system calls in events).
     pub os: OsProfile,
@@ -132,7 +155,7 @@ pub struct Loaded {
     pub outbox_entry: u64,
     /// The top of the monitor's stack, monitor-virtual.
     pub stack_top: u64,
-    /// The monitor's count of its own invocations.
+    /// The monitor's count of its own invocations (an aligned `u64`, checked at load).
     invocations: Gpa,
     /// VMFUNC and CR3-load instructions in the gate, counted in its code by L0 at load.
     pub gate_vmfuncs: u64,
@@ -148,132 +171,114 @@ pub struct Loaded {
 impl Loaded {
     /// How often the monitor's entry point has run.
     pub fn invocations(&self) -> u64 {
-        // SAFETY: the monitor's `IHMI_INVOCATIONS` (an aligned u64, checked at load) in the identity-
-        // mapped monitor region; the monitor is stopped while L0 runs.
-        unsafe { core::ptr::read_volatile(self.invocations.raw() as *const u64) }
+        self.memory
+            .bytes_ref(GpaRange::new(
+                self.invocations,
+                Gpa::new(self.invocations.raw() + 8),
+            ))
+            .map_or(0, |b| {
+                // SAFETY: 8 bytes of the region, aligned (checked at load); a volatile read, since the
+                // monitor writes the counter behind the compiler's back (it is stopped now).
+                unsafe { core::ptr::read_volatile(b.as_ptr() as *const u64) }
+            })
     }
 
-    /// The checksum (FNV-1a, 64 bit) of the parts of the monitor that never change after loading. In the
-    /// page tables the CPU's accessed and dirty bits (SDM 4.8) are left out: the CPU sets them itself.
+    /// The checksum of the parts of the monitor that never change after loading.
     pub fn checksum(&self) -> u64 {
-        const ACCESSED_DIRTY: u64 = (1 << 5) | (1 << 6);
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        let mut feed = |bytes: &[u8]| {
-            for &b in bytes {
-                h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
-            }
-        };
         let [code, config, tables] = &self.fixed;
-        for r in [code, config] {
-            feed(bytes_at(r.start, r.len()));
-        }
-        for entry in bytes_at(tables.start, tables.len()).chunks_exact(8) {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(entry);
-            feed(&(u64::from_le_bytes(word) & !ACCESSED_DIRTY).to_le_bytes());
-        }
-        h
+        let parts = [code, config].map(|r| self.memory.bytes_ref(*r).unwrap_or(&[]));
+        let tables = self.memory.bytes_ref(*tables).unwrap_or(&[]);
+        ihmi_layout::checksum(parts, tables)
     }
 
     /// The monitor's event ring.
-    pub fn ring(&self) -> &'static mut EventRing {
-        // SAFETY: `ring` is the address of the monitor's `IHMI_EVENT_RING` symbol inside the monitor
-        // region, identity-mapped for L0, aligned as the image laid it out. L0 runs only while the guest,
-        // and so the monitor, is stopped, and callers do not keep two of these references alive.
-        unsafe { &mut *(self.ring.raw() as *mut EventRing) }
+    pub fn ring(&mut self) -> &mut EventRing {
+        let size = core::mem::size_of::<EventRing>() as u64;
+        let ring = self.ring;
+        match self
+            .memory
+            .bytes(GpaRange::new(ring, Gpa::new(ring.raw() + size)))
+        {
+            // SAFETY: `size_of::<EventRing>()` bytes of the region at the monitor's `IHMI_EVENT_RING`,
+            // aligned (checked at load), borrowed exclusively from `self`; the ring is counters and
+            // events of plain integers and bytes, valid for any contents; the monitor is stopped.
+            Ok(b) => unsafe { &mut *(b.as_mut_ptr() as *mut EventRing) },
+            // Checked at load: the ring lies inside the region.
+            Err(_) => panic!("the monitor's event ring left its region"),
+        }
     }
 }
 
 /// Bump allocator for the monitor's page tables, inside its own region.
-struct RegionTables {
+struct RegionTables<'m> {
+    memory: &'m mut MonitorMemory,
     start: Gpa,
     next: Gpa,
     end: Gpa,
 }
 
-impl TableAlloc for RegionTables {
+impl TableAlloc for RegionTables<'_> {
     fn alloc_zeroed(&mut self) -> Option<Gpa> {
         let frame = self.next;
         let next = frame.checked_add(PAGE_SIZE)?;
         if next > self.end {
             return None;
         }
-        // SAFETY: the frame is inside the monitor region, which L0 took from guest RAM before the guest
-        // runs; it is identity-mapped for L0 and used for nothing else.
-        unsafe { core::ptr::write_bytes(frame.raw() as *mut u8, 0, PAGE_SIZE as usize) };
+        self.memory.bytes(GpaRange::new(frame, next)).ok()?.fill(0);
         self.next = next;
         Some(frame)
     }
 
     fn table_mut(&mut self, gpa: Gpa) -> Option<&mut PageTable> {
-        if gpa < self.start || gpa >= self.next || !gpa.is_aligned(PAGE_SIZE) {
+        if gpa < self.start || gpa >= self.next {
             return None;
         }
-        // SAFETY: a frame this allocator handed out (in [start, next)), page aligned, identity-mapped,
-        // used only as a page table.
-        Some(unsafe { &mut *(gpa.raw() as *mut PageTable) })
+        self.memory.table(gpa)
     }
 }
 
-fn bytes_at(gpa: Gpa, len: u64) -> &'static mut [u8] {
-    // SAFETY: callers pass ranges inside the monitor region, which L0 owns until the guest runs and which
-    // the guest can never map afterwards (absent from its view).
-    unsafe { core::slice::from_raw_parts_mut(gpa.raw() as *mut u8, len as usize) }
+impl RegionTables<'_> {
+    fn frame(&mut self) -> Result<Gpa, LoadError> {
+        self.alloc_zeroed()
+            .ok_or(LoadError::PageTables("the monitor's page tables"))
+    }
+}
+
+/// The Linux gate's pages in the monitor region: the `setup_data` header, the scratch page, the
+/// gate's three tables and the trampoline's, one contiguous run (allocated first among the tables).
+#[derive(Clone, Copy)]
+struct LinuxPages {
+    setup: Gpa,
+    scratch: Gpa,
+    tables: GateTables,
+    hook_table: Gpa,
 }
 
 /// Loads the monitor image into frames taken from guest RAM; `taken` lists guest-physical ranges that
-/// must stay guest RAM (the guest image, its boot structures). `current_process_ptr` comes from the
-/// guest kernel's own symbol table.
+/// must stay guest RAM (the guest image, its boot structures, a Linux kernel's span).
 pub fn load(
     image_bytes: &[u8],
     memory: &mut MemoryMap,
     taken: &[GpaRange],
     os: &MonitorOs,
     allowed: &str,
-    mode: ihmi_abi::monitor::Mode,
+    mode: Mode,
     page_1g: bool,
-) -> Loaded {
-    let image = Image::parse(image_bytes, "monitor");
-    let base = image.symbol("__gate_start");
-    let gate_end = image.symbol("__gate_end");
-    let code_end = image.symbol("__code_end");
-    let image_end = image.symbol("__image_end");
-    let size = image_end
-        .checked_sub(base)
-        .unwrap_or_else(|| fail(format_args!("monitor image ends before it starts")));
-    let region_size = (size + TABLE_FRAMES * PAGE_SIZE).next_multiple_of(LARGE_PAGE_SIZE);
-
-    let ram: Ranges = memory.of_kind(RegionKind::GuestRam).collect();
-    let Some(region) =
-        ihmi_hv::memory::choose_pool(ram.as_slice(), taken, region_size, LARGE_PAGE_SIZE)
-    else {
-        fail(format_args!(
-            "no room for the monitor's {} KiB in guest RAM",
-            region_size >> 10
-        ));
+) -> Result<Loaded, LoadError> {
+    let image = Image::parse(image_bytes, "monitor")?;
+    let symbols = ImageSymbols {
+        gate_start: image.symbol("__gate_start")?,
+        gate_end: image.symbol("__gate_end")?,
+        code_end: image.symbol("__code_end")?,
+        data_start: image.symbol("__data_start")?,
+        image_end: image.symbol("__image_end")?,
     };
-    if let Err(e) = memory.reassign(region, RegionKind::Monitor) {
-        fail(format_args!("cannot reserve monitor memory: {e:?}"));
-    }
-    let at = |va: u64| Gpa::new(region.start.raw() + (va - base));
-
+    let (place, mut mem) = take_region(memory, taken, symbols)?;
     for ph in image.load_segments() {
-        if ph.p_vaddr < base || ph.p_vaddr.saturating_add(ph.p_memsz) > image_end {
-            fail(format_args!(
-                "monitor segment at {:#x} lies outside the image",
-                ph.p_vaddr
-            ));
-        }
-        image.copy_segment(&ph, bytes_at(at(ph.p_vaddr), ph.p_memsz));
+        let dst = mem.bytes(place.range(ph.p_vaddr, ph.p_memsz)?)?;
+        image.copy_segment(&ph, dst)?;
     }
-    let gate = GpaRange::new(at(base), at(gate_end));
-    let code = GpaRange::new(at(gate_end), at(code_end));
-    let mut layout = MonitorLayout {
-        region,
-        code,
-        gate,
-        linux: None,
-    };
+    let gate = place.gate();
     // The test guest reaches the gate at its guest-physical address (it identity-maps low memory); a
     // Linux kernel at a fixed address in a PML4 slot reserved for hypervisors. The monitor's address
     // space maps it at the same address, so the gate continues after its CR3 load.
@@ -281,60 +286,167 @@ pub fn load(
         MonitorOs::TestGuest { .. } => Gva::new(gate.start.raw()),
         MonitorOs::Linux(_) => Gva::new(ihmi_abi::monitor::LINUX_GATE_GVA),
     };
-    if gate_gva.raw() < image_end && gate_gva.raw() + PAGE_SIZE > base {
-        fail(format_args!(
-            "the gate's address {gate_gva} collides with the monitor image"
-        ));
-    }
+    place.check_gate_address(gate_gva)?;
 
-    // The monitor's address space.
-    let table_start = at(image_end);
+    // The monitor's address space, in the frames after the image.
+    let table_area = place.tables();
     let mut tables = RegionTables {
-        start: table_start,
-        next: table_start,
-        end: region.end,
+        memory: &mut mem,
+        start: table_area.start,
+        next: table_area.start,
+        end: table_area.end,
     };
-    // Linux: the scratch page and the three tables that map gate and scratch in the kernel's address
-    // spaces, allocated first so they are one contiguous run the guest view can show.
     let linux_pages = match os {
-        MonitorOs::Linux(_) => {
-            let mut frame = || {
-                tables
-                    .alloc_zeroed()
-                    .unwrap_or_else(|| fail(format_args!("no room for the gate's pages")))
-            };
-            let setup = frame();
-            let (scratch, pdpt, pd, ptab, hook) = (frame(), frame(), frame(), frame(), frame());
-            let range =
-                |a: Gpa, pages: u64| GpaRange::new(a, Gpa::new(a.raw() + pages * PAGE_SIZE));
-            layout.linux = Some(LinuxGatePages {
-                setup_data: range(setup, 1),
-                scratch: range(scratch, 1),
-                tables: range(pdpt, 4),
-            });
-            // The setup_data header (boot.rst): next = 0, an unassigned type the kernel ignores, and
-            // the length of everything after the header up to the last table.
-            let len = 6 * PAGE_SIZE - 16;
-            let header = bytes_at(setup, 16);
-            header[..8].copy_from_slice(&0u64.to_le_bytes());
-            header[8..12].copy_from_slice(&ihmi_linux::SETUP_IHMI.to_le_bytes());
-            header[12..16].copy_from_slice(&(len as u32).to_le_bytes());
-            Some((scratch, pdpt, pd, ptab, hook))
-        }
+        MonitorOs::Linux(_) => Some(linux_pages(&mut tables)?),
         MonitorOs::TestGuest { .. } => None,
     };
-    if !layout.is_well_formed() || gate.len() != PAGE_SIZE {
-        fail(format_args!(
-            "monitor image layout is malformed: {layout:?}"
-        ));
-    }
-    let mut pt = PageTableBuilder::new(&mut tables)
-        .unwrap_or_else(|e| fail(format_args!("monitor page tables: {e}")));
-    let largest = if page_1g {
-        PageSize::Size1G
-    } else {
-        PageSize::Size2M
+    let layout = MonitorLayout {
+        region: place.region(),
+        code: place.code(),
+        gate,
+        linux: linux_pages.map(|l| {
+            let pages = |a: Gpa, n: u64| GpaRange::new(a, Gpa::new(a.raw() + n * PAGE_SIZE));
+            LinuxGatePages {
+                setup_data: pages(l.setup, 1),
+                scratch: pages(l.scratch, 1),
+                tables: pages(l.tables.pdpt, 4),
+            }
+        }),
     };
+    if !layout.is_well_formed() {
+        return Err(LoadError::Layout(ihmi_layout::LayoutError::Outside(
+            place.region().start.raw(),
+        )));
+    }
+    let root = address_space(
+        &mut tables,
+        &image,
+        &place,
+        gate_gva,
+        memory,
+        linux_pages,
+        page_1g,
+    )?;
+    let linux_gate = match (linux_pages, os) {
+        (Some(pages), MonitorOs::Linux(p)) => Some(linux_gate(
+            tables.memory,
+            &image,
+            &place,
+            gate_gva,
+            pages,
+            p.kernel_end,
+            mode,
+        )?),
+        _ => None,
+    };
+    let tables_used = GpaRange::new(table_area.start, tables.next);
+    let monitor_cr3 = root.raw() | MONITOR_PCID;
+    // The gates' CR3 immediates.
+    for symbol in ["ihmi_gate_cr3_imm", "ihmi_gate_syscall_cr3_imm"] {
+        patch_movabs(&mut mem, &place, &image, symbol, monitor_cr3)?;
+    }
+    let config = write_config(&mut mem, &image, &place, memory, os, allowed)?;
+    log!(
+        "monitor: {} KiB at {:#x}, gate at {gate_gva}, CR3 {monitor_cr3:#x}, {} table frames",
+        place.region().len() >> 10,
+        place.region().start.raw(),
+        tables_used.len() / PAGE_SIZE
+    );
+    let ring = place.range(
+        image.symbol("IHMI_EVENT_RING")?,
+        core::mem::size_of::<EventRing>() as u64,
+    )?;
+    if !ring
+        .start
+        .is_aligned(core::mem::align_of::<EventRing>() as u64)
+    {
+        return Err(image.misaligned("IHMI_EVENT_RING"));
+    }
+    let invocations = place.at(image.symbol("IHMI_INVOCATIONS")?)?;
+    if !invocations.is_aligned(8) {
+        return Err(image.misaligned("IHMI_INVOCATIONS"));
+    }
+    let (gate_vmfuncs, gate_cr3_loads) = gate_switches(&mem, &image, &place, symbols.gate_end)?;
+    let mut loaded = Loaded {
+        memory: mem,
+        layout,
+        gate_gva,
+        ring: ring.start,
+        os: os.profile(),
+        linux_gate,
+        root,
+        outbox_entry: image.symbol("ihmi_outbox_entry")?,
+        stack_top: image.symbol("IHMI_MONITOR_STACK_TOP")?,
+        invocations,
+        gate_vmfuncs,
+        gate_cr3_loads,
+        fixed: [place.fixed_image(), config, tables_used],
+        checksum_at_load: 0,
+    };
+    loaded.checksum_at_load = loaded.checksum();
+    Ok(loaded)
+}
+
+/// The monitor's region: sized for the image and its tables, placed high in guest RAM clear of
+/// `taken`, taken out of guest RAM in the memory map, and claimed.
+fn take_region(
+    memory: &mut MemoryMap,
+    taken: &[GpaRange],
+    symbols: ImageSymbols,
+) -> Result<(Placement, MonitorMemory), LoadError> {
+    let region_size = symbols.region_size()?;
+    let ram = Ranges::collect(memory.of_kind(RegionKind::GuestRam))
+        .map_err(|_| LoadError::MemoryMap(ihmi_hv::memory::MapError::Full))?;
+    let region = ihmi_hv::memory::choose_pool(ram.as_slice(), taken, region_size, LARGE_PAGE_SIZE)
+        .ok_or(LoadError::NoMonitorRoom {
+            kib: region_size >> 10,
+        })?;
+    memory.reassign(region, RegionKind::Monitor)?;
+    let place = Placement::new(symbols, region)?;
+    // SAFETY: `region` was just taken out of guest RAM for the monitor (the map now says so); guest
+    // RAM is below 4 GiB and identity-mapped for L0; this is the one handle for it.
+    Ok((place, unsafe { MonitorMemory::claim(region) }))
+}
+
+/// Linux: the gate's pages, allocated first among the tables so they are one contiguous run the guest
+/// view can show, with the `setup_data` header that makes the kernel keep them.
+fn linux_pages(tables: &mut RegionTables<'_>) -> Result<LinuxPages, LoadError> {
+    let setup = tables.frame()?;
+    let scratch = tables.frame()?;
+    let gate_tables = GateTables {
+        pdpt: tables.frame()?,
+        pd: tables.frame()?,
+        pt: tables.frame()?,
+    };
+    let hook_table = tables.frame()?;
+    // Everything after the header, up to the last table.
+    let len = (6 * PAGE_SIZE - 16) as u32;
+    tables
+        .memory
+        .bytes(GpaRange::new(setup, Gpa::new(setup.raw() + 16)))?
+        .copy_from_slice(&ihmi_layout::setup_data_header(ihmi_linux::SETUP_IHMI, len));
+    Ok(LinuxPages {
+        setup,
+        scratch,
+        tables: gate_tables,
+        hook_table,
+    })
+}
+
+/// The monitor's own address space: its image with the rights its segments ask for, the gate at
+/// the guest's address for it, all guest RAM through the direct map (never executable), and for
+/// Linux the scratch page. Returns the root.
+fn address_space(
+    tables: &mut RegionTables<'_>,
+    image: &Image<'_>,
+    place: &Placement,
+    gate_gva: Gva,
+    memory: &MemoryMap,
+    linux: Option<LinuxPages>,
+    page_1g: bool,
+) -> Result<Gpa, LoadError> {
+    let pt_error = |_| LoadError::PageTables("the monitor's page tables");
+    let mut pt = PageTableBuilder::new(tables).map_err(pt_error)?;
     for ph in image.load_segments() {
         let mut flags = MapFlags::empty();
         if ph.p_flags & elf::abi::PF_W != 0 {
@@ -344,101 +456,121 @@ pub fn load(
             flags |= MapFlags::EXECUTABLE;
         }
         let len = ph.p_memsz.next_multiple_of(PAGE_SIZE);
-        if let Err(e) = pt.map(
-            &mut tables,
+        pt.map(
+            tables,
             Gva::new(ph.p_vaddr),
-            at(ph.p_vaddr),
+            place.at(ph.p_vaddr)?,
             len,
             flags,
-        ) {
-            fail(format_args!(
-                "monitor page tables, segment {:#x}: {e}",
-                ph.p_vaddr
-            ));
-        }
+        )
+        .map_err(pt_error)?;
     }
-    if let Err(e) = pt.map(
-        &mut tables,
+    pt.map(
+        tables,
         gate_gva,
-        gate.start,
+        place.gate().start,
         PAGE_SIZE,
         MapFlags::EXECUTABLE,
-    ) {
-        fail(format_args!("monitor page tables, gate: {e}"));
-    }
+    )
+    .map_err(pt_error)?;
+    let largest = if page_1g {
+        PageSize::Size1G
+    } else {
+        PageSize::Size2M
+    };
     for r in memory.of_kind(RegionKind::GuestRam) {
         let va = Gva::new(DIRECT_MAP_BASE + r.start.raw());
-        if let Err(e) = pt.map_with(
-            &mut tables,
-            va,
-            r.start,
-            r.len(),
-            MapFlags::WRITABLE,
-            largest,
-        ) {
-            fail(format_args!(
-                "monitor direct map of {:#x}: {e}",
-                r.start.raw()
-            ));
-        }
+        pt.map_with(tables, va, r.start, r.len(), MapFlags::WRITABLE, largest)
+            .map_err(pt_error)?;
     }
-    let mut linux_gate = None;
-    if let (Some((scratch, pdpt, pd, ptab, hook_table)), MonitorOs::Linux(p)) = (linux_pages, os) {
-        if let Err(e) = pt.map(
-            &mut tables,
+    if let Some(l) = linux {
+        pt.map(
+            tables,
             Gva::new(ihmi_abi::monitor::LINUX_SCRATCH_GVA),
-            scratch,
+            l.scratch,
             PAGE_SIZE,
             MapFlags::WRITABLE,
-        ) {
-            fail(format_args!("monitor page tables, scratch page: {e}"));
-        }
-        let pml4e = build_linux_gate_tables(gate_gva, gate.start, scratch, pdpt, pd, ptab);
-        // The trampoline's slot: the kernel's image mapping ends at `_end`, rounded up to 2 MiB; one
-        // slot is left between as a margin.
-        let hook_slot = p
-            .kernel_end
-            .checked_next_multiple_of(LARGE_PAGE_SIZE)
-            .and_then(|e| e.checked_add(LARGE_PAGE_SIZE))
-            .unwrap_or_else(|| fail(format_args!("the kernel's _end is out of range")));
-        bytes_at(hook_table, 8).copy_from_slice(&(gate.start.raw() | PTE_P | PTE_A).to_le_bytes());
-        // In the box the hooks go through the gates; out of the box through the VMCALL stubs.
-        let outbox = mode == ihmi_abi::monitor::Mode::OutBox;
-        let in_gate = |symbol: &str| gate_gva.raw() + (image.symbol(symbol) - base);
-        let (syscall_entry, hook_call) = if outbox {
-            ("ihmi_outbox_syscall", "ihmi_outbox_call")
+        )
+        .map_err(pt_error)?;
+    }
+    Ok(pt.root())
+}
+
+/// Linux: fills the gate's tables and the trampoline's, points the exec trampoline at the gate (in
+/// the box) or at the VMCALL stub (out of it), and says where everything is for the guard.
+fn linux_gate(
+    mem: &mut MonitorMemory,
+    image: &Image<'_>,
+    place: &Placement,
+    gate_gva: Gva,
+    pages: LinuxPages,
+    kernel_end: u64,
+    mode: Mode,
+) -> Result<LinuxGateInfo, LoadError> {
+    let gate = place.gate().start;
+    let (entries, pml4e) =
+        ihmi_layout::gate_table_entries(gate_gva, gate, pages.scratch, pages.tables);
+    for (at, value) in entries {
+        mem.word(at)?.copy_from_slice(&value.to_le_bytes());
+    }
+    let hook_slot = ihmi_layout::hook_slot(kernel_end)?;
+    mem.word(pages.hook_table)?
+        .copy_from_slice(&ihmi_layout::trampoline_entry(gate).to_le_bytes());
+    let base = image.symbol("__gate_start")?;
+    let in_gate = |symbol: &'static str| -> Result<Gva, LoadError> {
+        Ok(Gva::new(gate_gva.raw() + (image.symbol(symbol)? - base)))
+    };
+    // In the box the hooks go through the gates; out of the box through the VMCALL stubs.
+    let outbox = mode == Mode::OutBox;
+    let (syscall_entry, hook_call) = if outbox {
+        ("ihmi_outbox_syscall", "ihmi_outbox_call")
+    } else {
+        ("ihmi_gate_syscall", "ihmi_gate_entry")
+    };
+    patch_movabs(
+        mem,
+        place,
+        image,
+        "ihmi_hook_gate_imm",
+        in_gate(hook_call)?.raw(),
+    )?;
+    Ok(LinuxGateInfo {
+        gate_entry: in_gate(syscall_entry)?,
+        outbox_syscall: if outbox {
+            Some(in_gate("ihmi_outbox_syscall_vmcall")?)
         } else {
-            ("ihmi_gate_syscall", "ihmi_gate_entry")
-        };
-        patch_movabs(&image, at, "ihmi_hook_gate_imm", in_gate(hook_call));
-        linux_gate = Some(LinuxGateInfo {
-            gate_entry: in_gate(syscall_entry),
-            outbox_syscall: outbox.then(|| in_gate("ihmi_outbox_syscall_vmcall")),
-            kernel_entry_slot: at(image.symbol("ihmi_gate_kernel_entry")),
-            slot: (gate_gva.raw() >> 39) & 0x1ff,
-            pml4e,
-            gate_page: gate.start,
-            hook_slot,
-            hook_trampoline: hook_slot + (image.symbol("ihmi_hook_exec") - base),
-            hook_table,
-        });
-    }
-    let monitor_cr3 = pt.root().raw() | MONITOR_PCID;
+            None
+        },
+        kernel_entry_slot: place.at(image.symbol("ihmi_gate_kernel_entry")?)?,
+        slot: ihmi_layout::pml4_slot(gate_gva),
+        pml4e,
+        gate_page: gate,
+        hook_slot,
+        hook_trampoline: Gva::new(hook_slot.raw() + (image.symbol("ihmi_hook_exec")? - base)),
+        hook_table: pages.hook_table,
+    })
+}
 
-    // The gates' CR3 immediates.
-    for symbol in ["ihmi_gate_cr3_imm", "ihmi_gate_syscall_cr3_imm"] {
-        patch_movabs(&image, at, symbol, monitor_cr3);
-    }
-
-    // The configuration.
+/// Writes the monitor's configuration (what it watches, where guest RAM is, the allow-list);
+/// returns where it is.
+fn write_config(
+    mem: &mut MonitorMemory,
+    image: &Image<'_>,
+    place: &Placement,
+    memory: &MemoryMap,
+    os: &MonitorOs,
+    allowed: &str,
+) -> Result<GpaRange, LoadError> {
+    let (allowed_names, allowed_count) = ihmi_layout::allow_list(allowed)?;
+    let (ram, ram_count) = crate::guest::ram_ranges(memory);
     let mut config = MonitorConfig {
         magic: CONFIG_MAGIC,
         direct_map_base: DIRECT_MAP_BASE,
-        ram: [RamRange::default(); BOOT_INFO_MAX_RANGES],
-        ram_count: 0,
+        ram,
+        ram_count,
         current_process_ptr: os.current_ptr().raw(),
-        allowed: [[0; ihmi_abi::guest_os::COMM_LEN]; MAX_ALLOWED],
-        allowed_count: 0,
+        allowed: allowed_names,
+        allowed_count,
         os: OS_TESTGUEST,
         pid_offset: 0,
         parent_offset: 0,
@@ -454,120 +586,59 @@ pub fn load(
         config.pti_pgd_pair = u64::from(p.pti_pgd_pair);
         config.binprm_filename_offset = p.binprm_filename.offset;
     }
-    let (ram, count) = crate::guest::ram_ranges(memory);
-    config.ram = ram;
-    config.ram_count = count;
-    for name in allowed.split(',').filter(|n| !n.is_empty()) {
-        let Some(slot) = config.allowed.get_mut(config.allowed_count as usize) else {
-            fail(format_args!(
-                "the allow-list has more than {MAX_ALLOWED} names"
-            ));
-        };
-        if name.len() > slot.len() {
-            fail(format_args!(
-                "allow-list name '{name}' is longer than a process name ({} bytes)",
-                slot.len()
-            ));
-        }
-        slot[..name.len()].copy_from_slice(name.as_bytes());
-        config.allowed_count += 1;
-    }
-    if config.allowed_count > 0 {
+    if allowed_count > 0 {
         log!("monitor: allow-list {allowed}");
     } else {
         log!("monitor: no allow-list; every process creation is allowed");
     }
-    let config_at = bytes_at(
-        at(image.symbol("IHMI_MONITOR_CONFIG")),
+    let range = place.range(
+        image.symbol("IHMI_MONITOR_CONFIG")?,
         core::mem::size_of::<MonitorConfig>() as u64,
-    );
-    // SAFETY: `config_at` is exactly size_of::<MonitorConfig>() bytes of monitor data; unaligned-safe.
-    unsafe { core::ptr::write_unaligned(config_at.as_mut_ptr() as *mut MonitorConfig, config) };
+    )?;
+    let at = mem.bytes(range)?;
+    // SAFETY: `at` is exactly size_of::<MonitorConfig>() bytes of monitor data; unaligned-safe.
+    unsafe { core::ptr::write_unaligned(at.as_mut_ptr() as *mut MonitorConfig, config) };
+    Ok(range)
+}
 
-    log!(
-        "monitor: {} KiB at {:#x}, gate at {gate_gva}, CR3 {monitor_cr3:#x}, {} table frames",
-        region.len() >> 10,
-        region.start.raw(),
-        (tables.next.raw() - table_start.raw()) / PAGE_SIZE
-    );
-    let ring = at(image.symbol("IHMI_EVENT_RING"));
-    if !ring.is_aligned(core::mem::align_of::<EventRing>() as u64) {
-        fail(format_args!(
-            "the monitor's event ring at {ring} is misaligned"
-        ));
-    }
-    let phys = GpaRange::new;
-    let config_start = at(image.symbol("IHMI_MONITOR_CONFIG"));
-    let config_end = config_start
-        .checked_add(core::mem::size_of::<MonitorConfig>() as u64)
-        .unwrap_or(config_start);
-    let invocations = at(image.symbol("IHMI_INVOCATIONS"));
-    if !invocations.is_aligned(8) {
-        fail(format_args!(
-            "the monitor's invocation counter at {invocations} is misaligned"
-        ));
-    }
-    // One pass through a gate: its switches, counted in its own code. Both gates must agree, since
-    // the benchmark reports one figure per invocation whichever gate made it.
-    let switches_in = |start: &str, end: &str| {
-        let (s, e) = (image.symbol(start), image.symbol(end));
+/// One pass through a gate: its VMFUNCs and CR3 loads, counted in its own code. Both gates must
+/// agree, since the benchmark reports one figure per invocation whichever gate made it.
+fn gate_switches(
+    mem: &MonitorMemory,
+    image: &Image<'_>,
+    place: &Placement,
+    gate_end: u64,
+) -> Result<(u64, u64), LoadError> {
+    let switches_in = |start: &'static str, end: &'static str| {
+        let (s, e) = (image.symbol(start)?, image.symbol(end)?);
         if e <= s || e > gate_end {
-            fail(format_args!(
-                "the gate's {start}..{end} is not inside the gate page"
-            ));
+            return Err(image.outside(end));
         }
-        count_switches(bytes_at(at(s), e - s))
+        Ok(ihmi_layout::count_switches(
+            mem.bytes_ref(place.range(s, e - s)?)?,
+        ))
     };
-    let (gate_vmfuncs, gate_cr3_loads) = switches_in("ihmi_gate_entry", "ihmi_gate_entry_end");
-    let syscall_gate = switches_in("ihmi_gate_syscall", "ihmi_gate_syscall_end");
-    if syscall_gate != (gate_vmfuncs, gate_cr3_loads) {
-        fail(format_args!(
-            "the system-call gate makes {syscall_gate:?} (VMFUNC, CR3) switches, the call gate ({gate_vmfuncs}, {gate_cr3_loads})"
-        ));
+    let call_gate = switches_in("ihmi_gate_entry", "ihmi_gate_entry_end")?;
+    if switches_in("ihmi_gate_syscall", "ihmi_gate_syscall_end")? != call_gate {
+        return Err(image.outside("ihmi_gate_syscall_end"));
     }
-    log!("gate: {gate_vmfuncs} VMFUNC and {gate_cr3_loads} CR3 loads per pass (each gate)");
-    let mut loaded = Loaded {
-        layout,
-        gate_gva,
-        ring,
-        os: os.profile(),
-        linux_gate,
-        root: pt.root(),
-        outbox_entry: image.symbol("ihmi_outbox_entry"),
-        stack_top: image.symbol("IHMI_MONITOR_STACK_TOP"),
-        invocations,
-        gate_vmfuncs,
-        gate_cr3_loads,
-        fixed: [
-            phys(at(base), at(image.symbol("__data_start"))),
-            phys(config_start, config_end),
-            phys(table_start, tables.next),
-        ],
-        checksum_at_load: 0,
-    };
-    loaded.checksum_at_load = loaded.checksum();
-    loaded
+    log!(
+        "gate: {} VMFUNC and {} CR3 loads per pass (each gate)",
+        call_gate.0,
+        call_gate.1
+    );
+    Ok(call_gate)
 }
 
-/// Writes `value` into the immediate of the `movabs $imm64, %rax` (48 B8 imm64) at the image symbol
-/// `symbol`, which `at` places in the monitor region.
-fn patch_movabs(image: &Image<'_>, at: impl Fn(u64) -> Gpa, symbol: &str, value: u64) {
-    let insn = bytes_at(at(image.symbol(symbol)), 10);
-    if insn[..2] != [0x48, 0xb8] {
-        fail(format_args!(
-            "{symbol} is not a movabs to RAX; the monitor image and L0 disagree"
-        ));
-    }
-    insn[2..].copy_from_slice(&value.to_le_bytes());
-}
-
-/// Counts `VMFUNC` (0F 01 D4) and `mov %reg, %cr3` (0F 22 with ModRM mod = 11, reg = 3) in the gate's
-/// code: the view and address-space switches one pass through the gate makes.
-fn count_switches(code: &[u8]) -> (u64, u64) {
-    let vmfuncs = code.windows(3).filter(|w| *w == [0x0f, 0x01, 0xd4]).count();
-    let cr3 = code
-        .windows(3)
-        .filter(|w| w[0] == 0x0f && w[1] == 0x22 && w[2] & 0xf8 == 0xd8)
-        .count();
-    (vmfuncs as u64, cr3 as u64)
+/// Writes `value` into the immediate of the `movabs $imm64, %rax` at the image symbol `symbol`.
+fn patch_movabs(
+    mem: &mut MonitorMemory,
+    place: &Placement,
+    image: &Image<'_>,
+    symbol: &'static str,
+    value: u64,
+) -> Result<(), LoadError> {
+    let insn = mem.bytes(place.range(image.symbol(symbol)?, 10)?)?;
+    ihmi_layout::patch_movabs(insn, value)?;
+    Ok(())
 }

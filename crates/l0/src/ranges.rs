@@ -1,47 +1,47 @@
-//! Fixed-capacity lists of physical ranges: L0 has no heap.
+//! A fixed-capacity list (L0 has no heap), for the ranges and entries its boot stages collect.
 
-use ihmi_addr::{Gpa, GpaRange};
-
-use crate::fail;
-
-/// Most ranges one list holds (as many as a memory map has regions).
-const MAX: usize = ihmi_hv::memory::MAX_REGIONS;
-
-/// Up to [`MAX`] ranges.
+/// Up to `N` items.
 #[derive(Clone, Copy)]
-pub struct Ranges {
-    items: [GpaRange; MAX],
+pub struct List<T: Copy + Default, const N: usize> {
+    items: [T; N],
     len: usize,
 }
 
-impl Ranges {
-    pub const fn new() -> Self {
+/// The list is full: the item was not added (the caller says what that means).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Full;
+
+impl<T: Copy + Default, const N: usize> List<T, N> {
+    pub fn new() -> Self {
         Self {
-            items: [GpaRange::new(Gpa::new(0), Gpa::new(0)); MAX],
+            items: [T::default(); N],
             len: 0,
         }
     }
 
-    /// Appends `r`; a full list is an L0 bug and stops L0 with a message, never a silent loss.
-    pub fn push(&mut self, r: GpaRange) {
-        if self.len == MAX {
-            fail(format_args!("more than {MAX} physical ranges in one list"));
-        }
-        self.items[self.len] = r;
+    /// Appends `item`, or says the list is full.
+    pub fn push(&mut self, item: T) -> Result<(), Full> {
+        let slot = self.items.get_mut(self.len).ok_or(Full)?;
+        *slot = item;
         self.len += 1;
+        Ok(())
     }
 
-    pub fn as_slice(&self) -> &[GpaRange] {
+    pub fn as_slice(&self) -> &[T] {
         &self.items[..self.len]
     }
 }
 
-impl FromIterator<GpaRange> for Ranges {
-    fn from_iter<I: IntoIterator<Item = GpaRange>>(iter: I) -> Self {
-        let mut r = Self::new();
+impl<T: Copy + Default, const N: usize> List<T, N> {
+    /// All of `iter`, or `Full` if it has more than `N` items.
+    pub fn collect(iter: impl IntoIterator<Item = T>) -> Result<Self, Full> {
+        let mut l = Self::new();
         for item in iter {
-            r.push(item);
+            l.push(item)?;
         }
-        r
+        Ok(l)
     }
 }
+
+/// Guest-physical ranges: as many as a memory map has regions.
+pub type Ranges = List<ihmi_addr::GpaRange, { ihmi_hv::memory::MAX_REGIONS }>;

@@ -4,6 +4,10 @@
 use core::cell::UnsafeCell;
 
 use ihmi_addr::Hpa;
+use ihmi_arch::cr::{
+    CR0_ET, CR0_MP, CR0_NE, CR0_PE, CR0_PG, CR0_WP, CR4_OSFXSR, CR4_OSXMMEXCPT, CR4_PAE, CR4_VMXE,
+};
+use ihmi_arch::msr::{EFER_LMA, EFER_LME, EFER_NXE, IA32_EFER, IA32_PAT};
 use ihmi_ept::Eptp;
 use ihmi_hv::policy::{
     io::INTERCEPTED_PORTS,
@@ -12,27 +16,20 @@ use ihmi_hv::policy::{
 use ihmi_rt::tables::{TableBases, CODE_SELECTOR, DATA_SELECTOR, TSS_SELECTOR};
 use ihmi_vmcs::fields::{control, guest, host};
 use ihmi_vmcs::{
-    EntryControls, ExitControls, IoBitmaps, MsrBitmap, PinbasedControls, PrimaryControls,
-    SecondaryControls, SegmentAccessRights, VmFuncControls, VmxCapabilities,
+    ControlError, EntryControls, ExitControls, IoBitmaps, MsrBitmap, PinbasedControls,
+    PrimaryControls, SecondaryControls, SegmentAccessRights, VmFuncControls, VmxCapabilities,
 };
 use ihmi_vmx::{ActiveVmcs, VmxError};
 
-use crate::fail;
+use crate::error::LoadError;
 use crate::frames::Pool;
 use crate::guest::GuestBoot;
 
-/// IA32_EFER bits (SDM 2.2.1).
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
-const EFER_NXE: u64 = 1 << 11;
-const IA32_EFER: u32 = 0xc000_0080;
-const IA32_PAT: u32 = 0x277;
 /// CR0 and CR4 bits the guest starts with (SDM 2.5): protected mode, paging, FPU/SSE usable.
-const GUEST_CR0: u64 = (1 << 0) | (1 << 1) | (1 << 4) | (1 << 5) | (1 << 16) | (1 << 31);
-const GUEST_CR4: u64 = (1 << 5) | (1 << 9) | (1 << 10);
-/// CR4.VMXE must stay set in VMX non-root operation (the CR4 fixed bits); the guest's reads of it come
-/// from the read shadow, which says 0, and its writes to it exit.
-const CR4_VMXE: u64 = 1 << 13;
+const GUEST_CR0: u64 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
+const GUEST_CR4: u64 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
+// CR4.VMXE must stay set in VMX non-root operation (the CR4 fixed bits); the guest's reads of it come
+// from the read shadow, which says 0, and its writes to it exit.
 
 /// Stack the exit stub and the exit handler run on.
 const EXIT_STACK_SIZE: usize = 64 * 1024;
@@ -43,8 +40,55 @@ struct ExitStackCell(UnsafeCell<ExitStack>);
 unsafe impl Sync for ExitStackCell {}
 static EXIT_STACK: ExitStackCell = ExitStackCell(UnsafeCell::new(ExitStack([0; EXIT_STACK_SIZE])));
 
-fn adjust_failed(what: &str, e: impl core::fmt::Display) -> ! {
-    fail(format_args!("this CPU lacks {what} L0 needs: {e}"))
+/// Why a VMCS could not be set up.
+#[derive(Debug)]
+pub enum SetupError {
+    /// The CPU does not allow a control L0 needs.
+    Controls {
+        which: &'static str,
+        error: ControlError,
+    },
+    /// An MSR of the policy's tables lies outside the MSR bitmap's ranges.
+    MsrOutsideBitmap { msr: u32, policy: &'static str },
+    /// The CPU refused a VMWRITE.
+    Vmwrite(VmxError),
+    /// No frame left for a bitmap.
+    OutOfFrames,
+}
+
+impl From<VmxError> for SetupError {
+    fn from(e: VmxError) -> Self {
+        Self::Vmwrite(e)
+    }
+}
+
+impl From<LoadError> for SetupError {
+    /// The pool's one error: it is exhausted.
+    fn from(_: LoadError) -> Self {
+        Self::OutOfFrames
+    }
+}
+
+impl core::fmt::Display for SetupError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Controls { which, error } => {
+                write!(f, "this CPU lacks {which} L0 needs: {error}")
+            }
+            Self::MsrOutsideBitmap { msr, policy } => {
+                write!(
+                    f,
+                    "MSR {msr:#x} in the {policy} policy is outside the bitmap"
+                )
+            }
+            Self::Vmwrite(e) => write!(f, "{e}"),
+            Self::OutOfFrames => f.write_str("L0's frame pool is exhausted"),
+        }
+    }
+}
+
+fn controls(which: &'static str) -> impl Fn(ControlError) -> SetupError {
+    move |error| SetupError::Controls { which, error }
 }
 
 /// What differs between the VMs L0 runs (the guest, the out-of-box monitor VM).
@@ -62,25 +106,39 @@ pub struct VmParams<'a> {
     pub hlt_exits: bool,
 }
 
-/// Writes the whole VMCS. Errors name the field that the CPU refused.
+/// Writes the whole VMCS: controls, bitmaps, host state, guest state. Errors name what the CPU
+/// refused.
 pub fn configure(
     vmcs: &mut ActiveVmcs,
     caps: &VmxCapabilities,
     tables: &TableBases,
     frames: &mut Pool,
     vm: &VmParams<'_>,
-) -> Result<(), VmxError> {
+) -> Result<(), SetupError> {
+    let (exit, entry) = write_controls(vmcs, caps, vm)?;
+    write_bitmaps(vmcs, frames)?;
+    write_host_state(vmcs, tables, exit)?;
+    write_guest_state(vmcs, caps, vm.boot, entry)
+}
+
+/// The VM-execution, VM-exit and VM-entry controls (SDM 25.6-25.8): what L0 needs, adjusted to
+/// what the CPU allows and forces. Returns the exit and entry controls, which decide what else is
+/// loaded and saved.
+fn write_controls(
+    vmcs: &mut ActiveVmcs,
+    caps: &VmxCapabilities,
+    vm: &VmParams<'_>,
+) -> Result<(ExitControls, EntryControls), SetupError> {
     let VmParams {
         eptp,
         eptp_list,
-        boot,
         exceptions,
         hlt_exits,
+        ..
     } = *vm;
-    // Controls: ask for what L0 needs, take what the CPU forces.
     let pin = caps
         .adjust_pinbased(PinbasedControls::empty(), PinbasedControls::empty())
-        .unwrap_or_else(|e| adjust_failed("pin-based controls", e));
+        .map_err(controls("pin-based controls"))?;
     let hlt = if hlt_exits {
         PrimaryControls::HLT_EXITING
     } else {
@@ -93,7 +151,7 @@ pub fn configure(
                 | PrimaryControls::SECONDARY_CONTROLS,
             PrimaryControls::empty(),
         )
-        .unwrap_or_else(|e| adjust_failed("processor-based controls", e));
+        .map_err(controls("processor-based controls"))?;
     // In-box monitoring switches EPT views with VMFUNC: VM functions and EPTP switching are then required.
     let vmfunc_required = if eptp_list.is_some() {
         SecondaryControls::ENABLE_VM_FUNCTIONS
@@ -107,7 +165,7 @@ pub fn configure(
                 | SecondaryControls::ENABLE_INVPCID
                 | SecondaryControls::ENABLE_XSAVES_XRSTORS,
         )
-        .unwrap_or_else(|e| adjust_failed("secondary controls", e));
+        .map_err(controls("secondary controls"))?;
     let exit = caps
         .adjust_exit(
             ExitControls::HOST_ADDRESS_SPACE_SIZE
@@ -115,13 +173,13 @@ pub fn configure(
                 | ExitControls::LOAD_IA32_EFER,
             ExitControls::SAVE_IA32_PAT | ExitControls::LOAD_IA32_PAT,
         )
-        .unwrap_or_else(|e| adjust_failed("VM-exit controls", e));
+        .map_err(controls("VM-exit controls"))?;
     let entry = caps
         .adjust_entry(
             EntryControls::IA32E_MODE_GUEST | EntryControls::LOAD_IA32_EFER,
             EntryControls::LOAD_IA32_PAT,
         )
-        .unwrap_or_else(|e| adjust_failed("VM-entry controls", e));
+        .map_err(controls("VM-entry controls"))?;
     vmcs.write(control::PINBASED_EXEC_CONTROLS, u64::from(pin.bits()))?;
     vmcs.write(
         control::PRIMARY_PROCBASED_EXEC_CONTROLS,
@@ -142,44 +200,54 @@ pub fn configure(
     if let Some(list) = eptp_list {
         let vmfunc = caps
             .adjust_vmfunc(VmFuncControls::EPTP_SWITCHING)
-            .unwrap_or_else(|e| adjust_failed("VM-function controls", e));
+            .map_err(controls("VM-function controls"))?;
         vmcs.write(control::VM_FUNCTION_CONTROLS_FULL, vmfunc.bits())?;
         vmcs.write(control::EPTP_LIST_ADDR_FULL, list.raw())?;
     }
 
-    // Bitmaps: built from the same tables the exit policy uses.
-    let msr_frame = frames.alloc_zeroed();
-    // SAFETY: a fresh, zeroed, page-aligned pool frame, identity-mapped; MsrBitmap is a 4 KiB page layout.
-    let msr_bitmap = unsafe { &mut *(msr_frame.raw() as *mut MsrBitmap) };
-    // Each policy table, with which accesses it intercepts and its name for the message.
-    for (table, read, write, policy) in [
-        (INTERCEPTED, true, true, "intercept"),
-        (READ_INTERCEPTED, true, false, "read-intercept"),
-        (WRITE_INTERCEPTED, false, true, "write-intercept"),
-    ] {
-        for &(first, last) in table {
-            for msr in first..=last {
-                let read_ok = !read || msr_bitmap.intercept_read(msr).is_ok();
-                let write_ok = !write || msr_bitmap.intercept_write(msr).is_ok();
-                if !(read_ok && write_ok) {
-                    fail(format_args!(
-                        "MSR {msr:#x} in the {policy} policy is outside the bitmap"
-                    ));
+    Ok((exit, entry))
+}
+
+/// The MSR and I/O bitmaps, built from the same tables the exit policy uses.
+fn write_bitmaps(vmcs: &mut ActiveVmcs, frames: &mut Pool) -> Result<(), SetupError> {
+    let mut outside = None;
+    let msr_bitmap = frames.page(|bitmap: &mut MsrBitmap| {
+        // Each policy table, with which accesses it intercepts and its name for the message.
+        for (table, read, write, policy) in [
+            (INTERCEPTED, true, true, "intercept"),
+            (READ_INTERCEPTED, true, false, "read-intercept"),
+            (WRITE_INTERCEPTED, false, true, "write-intercept"),
+        ] {
+            for msr in table.iter().flat_map(|&(first, last)| first..=last) {
+                let read_ok = !read || bitmap.intercept_read(msr).is_ok();
+                let write_ok = !write || bitmap.intercept_write(msr).is_ok();
+                if !(read_ok && write_ok) && outside.is_none() {
+                    outside = Some(SetupError::MsrOutsideBitmap { msr, policy });
                 }
             }
         }
+    })?;
+    if let Some(e) = outside {
+        return Err(e);
     }
-    vmcs.write(control::MSR_BITMAPS_ADDR_FULL, msr_frame.raw())?;
-    let io_frames = frames.alloc_contiguous_zeroed(2);
-    // SAFETY: two fresh, zeroed, contiguous, page-aligned pool frames; IoBitmaps is exactly two pages.
-    let io_bitmaps = unsafe { &mut *(io_frames.raw() as *mut IoBitmaps) };
-    for &port in INTERCEPTED_PORTS {
-        io_bitmaps.intercept(port);
-    }
-    vmcs.write(control::IO_BITMAP_A_ADDR_FULL, io_frames.raw())?;
-    vmcs.write(control::IO_BITMAP_B_ADDR_FULL, io_frames.raw() + 4096)?;
+    vmcs.write(control::MSR_BITMAPS_ADDR_FULL, msr_bitmap.raw())?;
+    let io_bitmaps = frames.page(|bitmaps: &mut IoBitmaps| {
+        for &port in INTERCEPTED_PORTS {
+            bitmaps.intercept(port);
+        }
+    })?;
+    vmcs.write(control::IO_BITMAP_A_ADDR_FULL, io_bitmaps.raw())?;
+    vmcs.write(control::IO_BITMAP_B_ADDR_FULL, io_bitmaps.raw() + 4096)?;
 
-    // Host state: what L0 runs with now.
+    Ok(())
+}
+
+/// The host state (SDM 25.5): what L0 runs with now, and the exit stub on L0's exit stack.
+fn write_host_state(
+    vmcs: &mut ActiveVmcs,
+    tables: &TableBases,
+    exit: ExitControls,
+) -> Result<(), SetupError> {
     vmcs.write(host::CR0, ihmi_rt::cpu::read_cr0())?;
     vmcs.write(host::CR3, ihmi_rt::cpu::read_cr3())?;
     vmcs.write(host::CR4, ihmi_rt::cpu::read_cr4())?;
@@ -210,7 +278,18 @@ pub fn configure(
     vmcs.write(host::RSP, stack_top & !0xf)?;
     vmcs.write(host::RIP, ihmi_vmx::exit_stub_address())?;
 
-    // Guest state: 64-bit mode with the page tables, GDT and stack L0 prepared.
+    Ok(())
+}
+
+/// The guest state (SDM 25.4): 64-bit mode with the page tables, GDT and stack L0 prepared.
+fn write_guest_state(
+    vmcs: &mut ActiveVmcs,
+    caps: &VmxCapabilities,
+    boot: &GuestBoot,
+    entry: EntryControls,
+) -> Result<(), SetupError> {
+    // SAFETY: IA32_PAT exists on every x86-64 CPU.
+    let pat = unsafe { ihmi_rt::cpu::rdmsr(IA32_PAT) };
     vmcs.write(guest::CR0, caps.fix_cr0(GUEST_CR0, false))?;
     vmcs.write(guest::CR3, boot.cr3.raw())?;
     vmcs.write(guest::CR4, caps.fix_cr4(GUEST_CR4 | CR4_VMXE))?;

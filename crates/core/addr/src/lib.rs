@@ -231,7 +231,7 @@ macro_rules! address_impl {
 address_impl!(Gpa, Hpa, Gva);
 
 /// A half-open range `[start, end)` of one kind of address: memory maps, ownership, layouts.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash, Default)]
 pub struct Range<A> {
     /// First byte.
     pub start: A,

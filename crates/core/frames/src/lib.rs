@@ -47,6 +47,20 @@ impl fmt::Display for FrameError {
     }
 }
 
+/// One 4 KiB frame an allocator handed out. It is owned, not `Copy`: whoever holds it is its one user
+/// (a VMXON region, a VMCS, a bitmap, an EPTP list), and its address reaches hardware structures only
+/// through [`Frame::start`].
+#[derive(Debug, PartialEq, Eq)]
+pub struct Frame(Hpa);
+
+impl Frame {
+    /// The frame's first byte.
+    #[must_use]
+    pub const fn start(&self) -> Hpa {
+        self.0
+    }
+}
+
 /// Bitmap allocator over the frames `[base, base + frames * 4 KiB)`.
 pub struct FrameAllocator<'a> {
     base: Hpa,
@@ -117,6 +131,11 @@ impl<'a> FrameAllocator<'a> {
             }
         }
         None
+    }
+
+    /// One free frame as an owned [`Frame`], or `None` if the pool is exhausted.
+    pub fn alloc_frame(&mut self) -> Option<Frame> {
+        self.alloc().map(Frame)
     }
 
     /// Like [`alloc`](Self::alloc), but says [`FrameError::Empty`] instead of `None`.

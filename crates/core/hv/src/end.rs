@@ -68,6 +68,9 @@ pub enum GuestEnd {
         rip: u64,
         qualification: u64,
     },
+    /// L0 could not go on serving the guest (a VMX instruction of its own failed: an L0 or hardware
+    /// fault, not the guest's), so it stopped the guest rather than itself.
+    L0Stopped { why: &'static str },
     /// An exit this handler does not support.
     Unhandled {
         reason: ExitReason,
@@ -110,6 +113,7 @@ impl fmt::Display for GuestEnd {
                 write_view(f, *view)
             }
             Self::Init => f.write_str("guest received INIT"),
+            Self::L0Stopped { why } => write!(f, "L0 stopped the guest: {why}"),
             Self::GuardFailed { what, error } => {
                 write!(f, "L0 could not {what} ({error}); the guest is stopped")
             }

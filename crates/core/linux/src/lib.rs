@@ -4,6 +4,7 @@
 
 use core::fmt;
 
+pub mod place;
 pub mod profile;
 
 pub use profile::LinuxProfile;
@@ -199,12 +200,13 @@ impl<'a> Kernel<'a> {
 pub const SETUP_IHMI: u32 = 0x6968_6d69; // "ihmi"
 
 /// The kind of an e820 range (zero-page.rst; ACPI's address range types).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[repr(u32)]
 pub enum E820Kind {
     /// Usable RAM.
     Ram = 1,
     /// Reserved: not RAM for the kernel.
+    #[default]
     Reserved = 2,
     /// ACPI tables the kernel may reclaim once read.
     Acpi = 3,

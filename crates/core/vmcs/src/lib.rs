@@ -5,6 +5,7 @@
 #[cfg(test)]
 extern crate std;
 
+mod arena;
 mod bitmap;
 mod caps;
 mod controls;
@@ -15,6 +16,7 @@ mod qual;
 mod segment;
 mod vmexit;
 
+pub use arena::{ArenaError, Entry, VmcsArena, VmcsId};
 pub use bitmap::{IoBitmapPage, IoBitmaps, MsrBitmap, MsrOutOfRange, PortRangeError};
 pub use caps::{VmxCapabilities, VmxFeatures, EPTP_LIST_ENTRIES};
 pub use controls::{

@@ -5,9 +5,13 @@ use core::fmt;
 use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 use ihmi_addr::Hpa;
+use ihmi_frames::Frame;
 use ihmi_hv::{GuestRegs, Vcpu};
 use ihmi_vmcs::fields::ro;
-use ihmi_vmcs::{field_name, VmExit, VmInstructionError, VmcsField, VmxCapabilities};
+use ihmi_vmcs::{
+    field_name, ArenaError, VmExit, VmInstructionError, VmcsArena, VmcsField, VmcsId,
+    VmxCapabilities,
+};
 
 /// IA32_FEATURE_CONTROL and its bits (SDM Vol. 4, Table 2-2; SDM 24.7 "Enabling and entering VMX").
 const IA32_FEATURE_CONTROL: u32 = 0x3a;
@@ -29,6 +33,8 @@ pub enum VmxError {
     VmclearFailed(Hpa),
     /// VMPTRLD failed on the given region.
     VmptrldFailed(Hpa),
+    /// The VMCS arena refused (full, or an id it does not hold).
+    Arena(ArenaError),
     /// VMWRITE failed; the current VMCS gives the reason.
     VmwriteFailed {
         field: VmcsField,
@@ -48,6 +54,7 @@ impl fmt::Display for VmxError {
             Self::VmxonFailed => f.write_str("VMXON failed"),
             Self::VmclearFailed(a) => write!(f, "VMCLEAR of {a} failed"),
             Self::VmptrldFailed(a) => write!(f, "VMPTRLD of {a} failed"),
+            Self::Arena(e) => write!(f, "VMCS arena: {e}"),
             Self::VmwriteFailed { field, error } => {
                 write!(f, "VMWRITE of {} failed: {error}", field_name(*field))
             }
@@ -58,10 +65,11 @@ impl fmt::Display for VmxError {
 /// Enters VMX root operation.
 ///
 /// # Safety
-/// 1. `vmxon_region` is a 4 KiB-aligned frame that L0 owns, mapped at its physical address, and stays
-///    reserved for as long as VMX is on.
+/// 1. `vmxon` is a frame that L0 owns, mapped at its physical address, and stays reserved (the caller
+///    keeps it) for as long as VMX is on.
 /// 2. The caller runs at CPL 0 with interrupts off and is not yet in VMX operation.
-pub unsafe fn enable(vmxon_region: Hpa, caps: &VmxCapabilities) -> Result<(), VmxError> {
+pub unsafe fn enable(vmxon: &Frame, caps: &VmxCapabilities) -> Result<(), VmxError> {
+    let vmxon_region = vmxon.start();
     if ihmi_rt::cpu::cpuid(1, 0)[2] & (1 << 5) == 0 {
         return Err(VmxError::NoVmx);
     }
@@ -97,46 +105,108 @@ fn write_revision(region: Hpa, revision: u32) {
     unsafe { p.write_volatile(revision & 0x7fff_ffff) };
 }
 
-/// Proof that a VMCS is current on this CPU; VMREAD and VMWRITE need one.
+/// Proof that a VMCS is current on this CPU; VMREAD and VMWRITE need one. The [`Vmcss`] that owns
+/// every VMCS hands it out.
 #[derive(Debug)]
 pub struct ActiveVmcs {
     region: Hpa,
 }
 
-/// Clears `region`, stamps the revision id and makes it the current VMCS.
-///
-/// # Safety
-/// 1. VMX operation is on ([`enable`] succeeded).
-/// 2. `region` is a 4 KiB frame L0 owns, identity-mapped, used for nothing else.
-pub unsafe fn load_vmcs(region: Hpa, caps: &VmxCapabilities) -> Result<ActiveVmcs, VmxError> {
-    write_revision(region, caps.revision_id());
-    // SAFETY: preconditions 1 and 2: VMX is on and the region is ours and carries the revision id.
-    unsafe { x86::bits64::vmx::vmclear(region.raw()) }
-        .map_err(|_| VmxError::VmclearFailed(region))?;
-    // SAFETY: as above; the region was just cleared, so it may be loaded.
-    unsafe { x86::bits64::vmx::vmptrld(region.raw()) }
-        .map_err(|_| VmxError::VmptrldFailed(region))?;
-    Ok(ActiveVmcs { region })
+/// Most VMCSs L0 keeps: the guest's and the out-of-box monitor VM's today, one per L2 with nested
+/// VMX.
+pub const MAX_VMCS: usize = 8;
+
+/// Every VMCS L0 owns, by [`VmcsId`], and the one that is current (VMREAD and VMWRITE go to it).
+#[derive(Debug, Default)]
+pub struct Vmcss {
+    arena: VmcsArena<Hpa, MAX_VMCS>,
+    active: Option<ActiveVmcs>,
 }
 
-impl ActiveVmcs {
-    /// Makes the VMCS at `region` current instead (VMPTRLD). With `first_entry`, the next VM entry from
-    /// the exit stub is a VMLAUNCH, as a VMCS whose launch state is clear requires.
+impl Vmcss {
+    /// No VMCS yet.
+    #[must_use]
+    pub const fn new() -> Self {
+        Self {
+            arena: VmcsArena::new(),
+            active: None,
+        }
+    }
+
+    /// A VMCS at `region`: its revision id stamped, cleared (launch state clear) and made current, so
+    /// the caller can fill it in.
     ///
     /// # Safety
-    /// 1. `region` was set up by [`load_vmcs`] and fully configured, and is not current on another CPU.
-    /// 2. `first_entry` is true exactly when that VMCS has never been entered.
-    /// 3. Called from the exit handler (or before the first launch): the caller's saved registers are
-    ///    the ones the next entry loads, so they must be the new VM's.
-    pub unsafe fn switch_to(&mut self, region: Hpa, first_entry: bool) -> Result<(), VmxError> {
-        // SAFETY: VMX is on (an ActiveVmcs exists) and `region` is a configured VMCS (precondition 1).
+    /// 1. VMX operation is on ([`enable`] succeeded).
+    /// 2. `frame` is identity-mapped.
+    /// 3. The caller makes the VMCS it wants to run current before the next VM entry.
+    pub unsafe fn create(
+        &mut self,
+        frame: Frame,
+        caps: &VmxCapabilities,
+    ) -> Result<VmcsId, VmxError> {
+        // The frame is the VMCS's for good: the arena keeps its address, nothing gives it back.
+        let region = frame.start();
+        write_revision(region, caps.revision_id());
+        // SAFETY: preconditions 1 and 2: VMX is on and the region is ours and carries the revision id.
+        unsafe { x86::bits64::vmx::vmclear(region.raw()) }
+            .map_err(|_| VmxError::VmclearFailed(region))?;
+        // SAFETY: as above; the region was just cleared, so it may be loaded.
         unsafe { x86::bits64::vmx::vmptrld(region.raw()) }
             .map_err(|_| VmxError::VmptrldFailed(region))?;
-        self.region = region;
-        IHMI_LAUNCH_NEXT.store(u8::from(first_entry), Ordering::SeqCst);
+        let id = self.arena.add(region).map_err(VmxError::Arena)?;
+        self.active = Some(ActiveVmcs { region });
+        Ok(id)
+    }
+
+    /// Makes `id` current (VMPTRLD) for the next VM entry, which the exit stub makes a VMLAUNCH if
+    /// this VMCS has never been entered (SDM 26.1: its launch state is clear) and a VMRESUME
+    /// otherwise.
+    ///
+    /// # Safety
+    /// 1. `id`'s VMCS is fully configured and is not current on another CPU.
+    /// 2. Called from the exit handler: the caller's saved registers are the ones the next entry
+    ///    loads, so they must be the new VM's.
+    pub unsafe fn switch_to(&mut self, id: VmcsId) -> Result<(), VmxError> {
+        let region = self
+            .arena
+            .region(id)
+            .ok_or(VmxError::Arena(ArenaError::Unknown(id)))?;
+        // SAFETY: VMX is on (a VMCS was created) and the region is a configured VMCS (precondition 1).
+        unsafe { x86::bits64::vmx::vmptrld(region.raw()) }
+            .map_err(|_| VmxError::VmptrldFailed(region))?;
+        let entry = self.arena.enter(id).map_err(VmxError::Arena)?;
+        self.active = Some(ActiveVmcs { region });
+        IHMI_LAUNCH_NEXT.store(u8::from(entry.launch), Ordering::SeqCst);
         Ok(())
     }
 
+    /// The current VMCS.
+    ///
+    /// # Panics
+    /// If no VMCS was ever created: L0 creates its guest's before it enables exits, so an exit (or
+    /// set-up code) without one is a broken invariant.
+    pub fn active(&mut self) -> &mut ActiveVmcs {
+        match self.active.as_mut() {
+            Some(a) => a,
+            None => panic!("no current VMCS"),
+        }
+    }
+
+    /// The current VMCS, if any, for reading (a dump after a failure).
+    #[must_use]
+    pub fn active_ref(&self) -> Option<&ActiveVmcs> {
+        self.active.as_ref()
+    }
+
+    /// Which VMCS is current.
+    #[must_use]
+    pub fn current(&self) -> Option<VmcsId> {
+        self.arena.current()
+    }
+}
+
+impl ActiveVmcs {
     /// The physical address of the VMCS.
     #[must_use]
     pub fn region(&self) -> Hpa {
@@ -253,18 +323,23 @@ pub fn exit_stub_address() -> u64 {
     ihmi_vmx_exit_stub as *const () as u64
 }
 
-/// Enters the guest for the first time. Never returns: exits run `on_exit`, failures `on_failure`.
+/// Enters the current VMCS's guest for the first time. Never returns: exits run `on_exit`, failures
+/// `on_failure`.
 ///
 /// # Safety
-/// 1. `vmcs` is fully set up: host RIP = [`exit_stub_address`], host RSP = the 16-byte-aligned top of a
+/// 1. The current VMCS is fully set up and has never been entered: host RIP = [`exit_stub_address`], host RSP = the 16-byte-aligned top of a
 ///    stack reserved for exits, host and guest state valid.
 /// 2. `on_exit` and `on_failure` are safe to call on that stack at any exit.
 pub unsafe fn launch(
-    _vmcs: &mut ActiveVmcs,
+    vmcss: &mut Vmcss,
     regs: &GuestRegs,
     on_exit: ExitHandler,
     on_failure: EntryFailedHandler,
 ) -> ! {
+    // The current VMCS is entered now, by VMLAUNCH; later entries of it resume.
+    if let Some(id) = vmcss.current() {
+        let _ = vmcss.arena.enter(id);
+    }
     IHMI_EXIT_HANDLER.store(on_exit as usize, Ordering::SeqCst);
     IHMI_ENTRY_FAILED.store(on_failure as usize, Ordering::SeqCst);
     // SAFETY: preconditions 1 and 2; `regs` is a valid GuestRegs for the stub to load.

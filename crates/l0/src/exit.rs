@@ -1,0 +1,207 @@
+//! The last step of the boot flow and everything after it: VM exits go to the exit policy
+//! (`ihmi-hv`), observed by the scenario's judge; the monitor's events are drained; and when the guest
+//! ends, L0 reports, asks the judge for the verdict, prints it, and powers off. Nothing here ends L0
+//! because of the guest: a guest's fault ends the guest ([`finish`]).
+
+use core::fmt::Write;
+
+use ihmi_hv::{Action, GuestEnd, GuestRegs, Vcpu};
+use ihmi_judge::{
+    judge_entry_failure, AttackContext, EntryFailure, Facts, MonitorAudit, MonitorCounts, Verdict,
+};
+use ihmi_rt::console::{Console, Sink};
+use ihmi_vmcs::{VmExit, VmInstructionError};
+use ihmi_vmx::HwVcpu;
+
+use crate::state::{self, L0State};
+use crate::{dump_vmcs, log, outbox, power_off};
+
+/// Rejected-request events printed per drain of the monitor's ring; the rest are counted.
+const REJECTED_PRINTED_PER_DRAIN: u64 = 8;
+
+/// The state for this exit: the handlers below are the only ones the exit stub calls, one per exit.
+fn state() -> &'static mut L0State {
+    // SAFETY: called once at the top of each handler below, which the exit stub runs once per exit;
+    // the state was installed before the first entry and the launch's reference is gone.
+    match unsafe { state::get() } {
+        Some(st) => st,
+        // The stub is armed only by the launch, after `install`: an exit without state is an L0 bug.
+        None => panic!("VM exit before L0 state was set up"),
+    }
+}
+
+/// What the exit stub calls after every VM exit; returning resumes the current VMCS's guest.
+pub extern "C" fn on_exit(regs: &mut GuestRegs) {
+    let st = state();
+    if let VmExit::EntryFailure {
+        reason,
+        qualification,
+    } = HwVcpu::new(st.vmcss.active(), regs).exit()
+    {
+        log!(
+            "VM entry failed: {} (exit qualification {qualification:#x})",
+            reason.name()
+        );
+        dump_vmcs(&st.vmcss);
+        entry_failed(st, EntryFailure::Exit(reason));
+    }
+    if st
+        .outbox
+        .as_ref()
+        .is_some_and(outbox::MonitorVm::is_running)
+    {
+        if let Err(end) = outbox::on_exit(st, regs) {
+            finish(st, end);
+        }
+        return;
+    }
+    // What the monitor saw happened before this exit: show it first.
+    drain_monitor(st);
+    // The monitor's counts now, for a benchmark window this exit may open or close.
+    let counts = MonitorCounts {
+        monitor_vm_exits: st.outbox.as_ref().map_or(0, outbox::MonitorVm::exits),
+        invocations: st.monitor.as_ref().map_or(0, |m| m.invocations()),
+    };
+    let mut vcpu = HwVcpu::new(st.vmcss.active(), regs);
+    let mut platform = st.machine.platform();
+    let mut console = Console(Sink::Both);
+    let mut observer = st.judge.observer(counts, &mut console);
+    let action = st.hv.handle_exit(&mut vcpu, &mut platform, &mut observer);
+    match action {
+        Action::Resume => {}
+        Action::End(end) => finish(st, end),
+        Action::CallMonitor {
+            code,
+            args,
+            verdict_to_rax,
+        } => {
+            if let Err(end) = outbox::enter(st, regs, code, args, verdict_to_rax) {
+                finish(st, end);
+            }
+        }
+    }
+}
+
+/// What the stubs call when VMLAUNCH or VMRESUME fails outright; gets RFLAGS right after it.
+pub extern "C" fn on_entry_failed(rflags: u64) -> ! {
+    const CF: u64 = 1;
+    const ZF: u64 = 1 << 6;
+    let st = state();
+    let failure = if rflags & ZF != 0 {
+        let err: VmInstructionError = st.vmcss.active().instruction_error();
+        log!(
+            "VM entry failed: VMfailValid, VM-instruction error {} ({err})",
+            err.raw()
+        );
+        EntryFailure::FailValid(err)
+    } else {
+        if rflags & CF == 0 {
+            log!("VM entry failed with neither CF nor ZF set (rflags {rflags:#x}); treating as VMfailInvalid");
+        }
+        log!("VM entry failed: VMfailInvalid (no valid current VMCS)");
+        EntryFailure::FailInvalid
+    };
+    dump_vmcs(&st.vmcss);
+    entry_failed(st, failure)
+}
+
+/// A VM entry failed and has been reported: pass only if the scenario asked for exactly this failure.
+fn entry_failed(st: &mut L0State, failure: EntryFailure) -> ! {
+    report(st, judge_entry_failure(st.judge.scenario(), failure))
+}
+
+/// The guest has stopped: report, judge, and power off.
+pub fn finish(st: &mut L0State, end: GuestEnd) -> ! {
+    drain_monitor(st);
+    // Ends L0 decides itself (a broken monitor VM) reach the judge here; the exit policy's were
+    // observed already.
+    st.judge.record_end(end);
+    log!("guest ended: {end}");
+    if let Some(m) = st.monitor.as_mut() {
+        let ring = m.ring();
+        let (produced, dropped) = (ring.produced(), ring.dropped());
+        log!("monitor: {produced} events, {dropped} dropped");
+    }
+    if let Some(o) = &st.outbox {
+        log!(
+            "monitor VM: {} calls, {} exits of its own",
+            o.calls(),
+            o.exits()
+        );
+    }
+    log!("exit counters ({} exits):", st.hv.counters.total());
+    for (reason, count) in st.hv.counters.nonzero() {
+        log!("  {:<24} {count:>8}", reason.name());
+    }
+    // An attack scenario also needs the monitor as L0 finds it now.
+    let attack = st.judge.scenario().attack().is_some();
+    let audit = st.monitor.as_mut().filter(|_| attack).map(|m| {
+        let checksum = m.checksum();
+        let audit = MonitorAudit {
+            image_intact: checksum == m.checksum_at_load,
+            ring_consistent: m.ring().is_consistent(),
+        };
+        log!(
+            "monitor audit: image checksum {checksum:#018x} (at load {:#018x}), ring consistent: {}",
+            m.checksum_at_load,
+            audit.ring_consistent
+        );
+        AttackContext {
+            gate: m.layout.gate,
+            guest_code: st.guest_code.as_slice(),
+            hook: st.hook,
+            audit,
+        }
+    });
+    let facts = Facts {
+        probe: st.probe,
+        probe_region: st.hv.memory.classify(st.probe),
+        attack: audit,
+    };
+    let verdict = st
+        .judge
+        .verdict(&st.hv.counters, &facts, &mut Console(Sink::Both));
+    report(st, verdict)
+}
+
+/// Prints the verdict's marker and powers off.
+fn report(st: &L0State, verdict: Verdict) -> ! {
+    let name = st.judge.scenario().name();
+    match verdict {
+        Verdict::Pass => log!("IHMI-PASS {name}"),
+        Verdict::Fail(reason) => log!("IHMI-FAIL {name}: {reason}"),
+    }
+    power_off()
+}
+
+/// Takes the monitor's new events out of its ring: each becomes a JSON line on the console and an entry
+/// in the judge's log.
+pub fn drain_monitor(st: &mut L0State) {
+    let Some(m) = st.monitor.as_mut() else {
+        return;
+    };
+    let judge = &mut st.judge;
+    let os = m.os;
+    let mode = judge.scenario().monitor_mode().name();
+    let print = ihmi_judge::setup::prints_events(judge.scenario());
+    let ring = m.ring();
+    // Rejected requests are what a flood is made of: a few are printed per drain, the rest counted and
+    // said, so a guest cannot flood the console either.
+    let mut rejected = 0u64;
+    let mut console = Console(Sink::Both);
+    ring.drain(|e| {
+        let is_rejected = e.kind() == Some(ihmi_monitor::EventKind::Rejected);
+        rejected += u64::from(is_rejected);
+        if print && (!is_rejected || rejected <= REJECTED_PRINTED_PER_DRAIN) {
+            let _ = writeln!(console, "event| {}", e.json(mode, &os));
+        }
+        judge.record_monitor_event(e);
+    });
+    if print && rejected > REJECTED_PRINTED_PER_DRAIN {
+        log!(
+            "monitor: {} more rejected requests in this drain, counted but not printed",
+            rejected - REJECTED_PRINTED_PER_DRAIN
+        );
+    }
+    judge.set_monitor_dropped(ring.dropped());
+}

@@ -1,0 +1,402 @@
+//! Boot stages from the guest on: which guest the scenario boots ([`Guest::prepare`]), the monitor
+//! ([`load_monitor`]), then [`setup`]: the EPT views, the guest's memory (image or kernel, boot
+//! structures, hooks), the guard, and the VMs (the out-of-box monitor VM first, the guest's VMCS
+//! last, so it is current at launch). What comes out is L0's whole state, ready to launch.
+
+use ihmi_abi::monitor::Mode;
+use ihmi_abi::Scenario;
+use ihmi_addr::{Gpa, GpaRange, Gva};
+use ihmi_hv::linux::hooks::ExecHook;
+use ihmi_hv::{Guard, GuestRegs, Hypervisor, LinuxGate, MemoryMap, MonitorWord, ViewEptps};
+use ihmi_judge::{BenchContext, Judge};
+use ihmi_rt::tables::TableBases;
+use ihmi_vmcs::VmcsId;
+use ihmi_vmx::Vmcss;
+
+use crate::boot_info::BootInfo;
+use crate::error::LoadError;
+use crate::frames::Pool;
+use crate::guest::{GuestBoot, GuestRam, TestGuest};
+use crate::linux::LinuxGuest;
+use crate::memory::MemoryPlan;
+use crate::monitor::{self, Loaded, MonitorOs};
+use crate::outbox::MonitorVm;
+use crate::ranges::Ranges;
+use crate::state::{L0State, Machine};
+use crate::vmcs_setup::{self, VmParams};
+use crate::vmx::Vmx;
+use crate::{dump_vmcs, log, outbox, views};
+
+/// The guest a scenario boots.
+// One value, on L0's boot stack: there is no heap to box the larger variant into.
+#[allow(clippy::large_enum_variant)]
+pub enum Guest {
+    /// ihmi's test guest.
+    Test(TestGuest<'static>),
+    /// An unmodified Linux kernel.
+    Linux(LinuxGuest),
+}
+
+impl Guest {
+    /// The guest the scenario boots, from its module(s); a Linux kernel is placed now, before the
+    /// monitor takes its frames out of guest RAM.
+    pub fn prepare(boot: &BootInfo, memory: &MemoryMap) -> Result<Self, LoadError> {
+        if boot.scenario.is_linux() {
+            return Ok(Self::Linux(LinuxGuest::prepare(boot, memory)?));
+        }
+        let bytes = boot.modules.testguest.ok_or(LoadError::MissingModule {
+            name: "testguest",
+            how: "the ISO must load it with module2",
+        })?;
+        Ok(Self::Test(TestGuest::parse(bytes)?))
+    }
+
+    /// The guest's code, which the guest view keeps read + execute only (the test guest's hooks live
+    /// there; a Linux guest's code is its own business until the monitors are on).
+    fn protected_code(&self) -> Ranges {
+        match self {
+            Self::Test(t) => t.code,
+            Self::Linux(_) => Ranges::new(),
+        }
+    }
+}
+
+/// The monitor, if the scenario runs one: in the box (two views of the guest switched by VMFUNC) or
+/// out of it (the same image as the kernel of a VM of its own). Its frames come out of guest RAM
+/// either way, away from what the guest needs where it is.
+pub fn load_monitor(
+    boot: &BootInfo,
+    memory: &mut MemoryMap,
+    guest: &Guest,
+    scenario: Scenario,
+    vmx: &Vmx,
+) -> Result<Option<Loaded>, LoadError> {
+    let mode = scenario.monitor_mode();
+    if mode == Mode::None {
+        return Ok(None);
+    }
+    let bytes = boot.modules.monitor.ok_or(LoadError::MissingModule {
+        name: "monitor",
+        how: "the ISO must load it with module2",
+    })?;
+    let full = |_| LoadError::MemoryMap(ihmi_hv::memory::MapError::Full);
+    // The process-creation allow-list: the test guest's own, or for Linux `allow=` on L0's command
+    // line (none: monitor without enforcing).
+    let (os, taken, allowed) = match guest {
+        Guest::Linux(l) => {
+            let mut taken = Ranges::new();
+            taken
+                .push(GpaRange::new(Gpa::new(0), Gpa::new(0x10_0000)))
+                .map_err(full)?;
+            taken.push(l.span()).map_err(full)?;
+            (
+                MonitorOs::Linux(l.profile),
+                taken,
+                boot.cmdline.value("allow").unwrap_or(""),
+            )
+        }
+        Guest::Test(t) => (
+            MonitorOs::TestGuest {
+                current: Gva::new(t.image.symbol("CURRENT_PROCESS")?),
+            },
+            t.all,
+            monitor::TESTGUEST_ALLOWED,
+        ),
+    };
+    monitor::load(
+        bytes,
+        memory,
+        taken.as_slice(),
+        &os,
+        allowed,
+        mode,
+        vmx.page_1g,
+    )
+    .map(Some)
+}
+
+/// L0's state, ready to launch, and the registers the guest starts with.
+pub struct Launch {
+    pub state: L0State,
+    pub regs: GuestRegs,
+}
+
+/// The remaining stages: views, guest memory, guard, VMs.
+pub fn setup(
+    boot: &BootInfo,
+    plan: MemoryPlan,
+    vmx: Vmx,
+    tables: &TableBases,
+    guest: Guest,
+    monitor: Option<Loaded>,
+    scenario: Scenario,
+) -> Result<Launch, LoadError> {
+    let MemoryPlan { memory, mut frames } = plan;
+    let mode = scenario.monitor_mode();
+    let inbox = monitor
+        .as_ref()
+        .filter(|_| mode == Mode::InBox)
+        .map(|m| m.layout);
+    // A Linux guest sees the gate page and its tables in both modes: out of the box its hooks'
+    // VMCALL stubs live there.
+    let shown = monitor
+        .as_ref()
+        .filter(|_| mode == Mode::InBox || scenario.is_linux())
+        .map(|m| m.layout);
+    let guest_code = guest.protected_code();
+    let views = views::build(
+        &mut frames,
+        &memory,
+        shown.as_ref(),
+        inbox.as_ref(),
+        &guest_code,
+        &vmx.features,
+    )?;
+
+    // The guest's memory: its image and boot structures, and the test guest's hooks.
+    let gate = monitor
+        .as_ref()
+        .filter(|_| mode == Mode::InBox)
+        .map(|m| m.gate_gva);
+    let probe = vmx.probe();
+    let (boot_state, hook) = load_guest(
+        boot,
+        &memory,
+        &guest,
+        monitor.as_ref(),
+        shown.as_ref(),
+        scenario,
+        gate,
+        probe,
+        &vmx,
+    )?;
+
+    // The guard: in the box, of the views; for Linux in either mode, of the hooks.
+    let guard = guard(&guest, monitor.as_ref(), &views, hook, gate, &memory)?;
+
+    // The VMs: the out-of-box monitor VM's VMCS first, the guest's last (current at launch).
+    let (vmcss, guest_vmcs, outbox) = create_vms(
+        &memory,
+        &vmx,
+        tables,
+        &mut frames,
+        monitor.as_ref(),
+        &views,
+        &boot_state,
+        scenario,
+    )?;
+    log!(
+        "frames: {} of {} pool frames used",
+        frames.used(),
+        frames.total()
+    );
+
+    // What a benchmark line says of one invocation: the gate's switches per pass, counted in its
+    // code at load (in the box only).
+    let (vmfuncs, cr3_loads) = match (mode, &monitor) {
+        (Mode::InBox, Some(m)) => (m.gate_vmfuncs, m.gate_cr3_loads),
+        _ => (0, 0),
+    };
+    let judge = Judge::new(
+        scenario,
+        BenchContext {
+            mode,
+            vmfuncs,
+            cr3_loads,
+        },
+    );
+    let monitor_word = monitor
+        .as_ref()
+        .and_then(|m| m.linux_gate)
+        .map(|g| g.kernel_entry_slot);
+    let fence = memory.clone();
+    let mut hv = Hypervisor::new(memory);
+    hv.guard = guard;
+    hv.linux = match &guest {
+        Guest::Linux(l) => Some(l.profile),
+        Guest::Test(_) => None,
+    };
+    hv.outbox_monitor = outbox.is_some();
+    let regs = GuestRegs {
+        rdi: boot_state.boot_info.raw(),
+        rsi: boot_state.boot_info.raw(),
+        ..GuestRegs::default()
+    };
+    Ok(Launch {
+        state: L0State {
+            hv,
+            vmcss,
+            guest_vmcs,
+            outbox,
+            monitor,
+            judge,
+            probe,
+            guest_code,
+            hook,
+            machine: Machine {
+                guest_view: views.guest,
+                frames,
+                fence,
+                monitor_word,
+            },
+        },
+        regs,
+    })
+}
+
+/// The guard of the guest's monitor: the views (in the box), the test guest's hook word, and for a
+/// Linux guest the system-call gate to put in front of the kernel's entry when it installs it.
+fn guard(
+    guest: &Guest,
+    monitor: Option<&Loaded>,
+    views: &views::Views,
+    hook: Option<Gpa>,
+    gate: Option<Gva>,
+    memory: &MemoryMap,
+) -> Result<Option<Guard>, LoadError> {
+    let inbox = views.monitor.is_some();
+    let linux = match guest {
+        Guest::Linux(l) => monitor.map(|m| (l, m)),
+        Guest::Test(_) => None,
+    };
+    if !inbox && linux.is_none() {
+        return Ok(None);
+    }
+    let guard = Guard::new(
+        ViewEptps {
+            guest: views.guest.eptp(),
+            monitor: views.monitor.map(|(eptp, _)| eptp),
+        },
+        hook.zip(gate.map(Gva::raw)),
+    );
+    let Some((l, info)) = linux.and_then(|(l, m)| m.linux_gate.map(|g| (l, g))) else {
+        return Ok(Some(guard));
+    };
+    let p = &l.profile;
+    let pgd = l.text_pa(p.init_top_pgt, memory)?;
+    Ok(Some(guard.with_linux_gate(LinuxGate {
+        gate_entry: info.gate_entry,
+        kernel_entry_slot: MonitorWord::new(info.kernel_entry_slot),
+        pgd,
+        slot: info.slot,
+        pml4e: info.pml4e,
+        pti_pgd_pair: p.pti_pgd_pair,
+        gate_page: info.gate_page,
+        exec_hook: Some(ExecHook {
+            site: Gva::new(p.exec_hook),
+            site_pa: l.text_pa(p.exec_hook, memory)?,
+            trampoline: info.hook_trampoline,
+            slot_va: info.hook_slot,
+            table: info.hook_table,
+            gate_page: info.gate_page,
+            pgd,
+        }),
+        outbox_syscall: info.outbox_syscall,
+    })))
+}
+
+/// Loads the guest into its RAM: the test guest's image and boot information (and its hooks' gate
+/// pointer, with a monitor), or the Linux kernel, initrd and boot structures. Returns how it starts,
+/// and where the test guest's hook word is.
+#[allow(clippy::too_many_arguments)]
+fn load_guest(
+    boot: &BootInfo,
+    memory: &MemoryMap,
+    guest: &Guest,
+    monitor: Option<&Loaded>,
+    shown: Option<&ihmi_hv::guard::views::MonitorLayout>,
+    scenario: Scenario,
+    gate: Option<Gva>,
+    probe: Gpa,
+    vmx: &Vmx,
+) -> Result<(GuestBoot, Option<Gpa>), LoadError> {
+    let mode = scenario.monitor_mode();
+    // SAFETY: the guest has not run yet, guest RAM is identity-mapped below 4 GiB, and this is the
+    // only writer of it (the monitor's frames were taken out of guest RAM already).
+    let mut ram = unsafe { GuestRam::new(memory) };
+    match guest {
+        Guest::Linux(l) => {
+            let monitor_at = monitor.map(|m| m.layout.region.start);
+            let gate_pages = shown.and_then(|l| l.linux).map(|l| l.all());
+            let b = l.load(
+                &mut ram,
+                boot.firmware.as_slice(),
+                monitor_at,
+                gate_pages,
+                vmx.page_1g,
+            )?;
+            Ok((b, None))
+        }
+        Guest::Test(t) => {
+            let b = t.load(&mut ram, scenario, probe, mode, gate, vmx.page_1g)?;
+            let hook = match monitor {
+                Some(_) => Some(t.install_hook(&mut ram, mode, gate)?),
+                None => None,
+            };
+            Ok((b, hook))
+        }
+    }
+}
+
+/// The VMCSs: the out-of-box monitor VM's first (when the scenario has one), the guest's last, so
+/// it is current at launch; with the VMCS fault the scenario injects, if any.
+#[allow(clippy::too_many_arguments)]
+fn create_vms(
+    memory: &MemoryMap,
+    vmx: &Vmx,
+    tables: &TableBases,
+    frames: &mut Pool,
+    monitor: Option<&Loaded>,
+    views: &views::Views,
+    boot_state: &GuestBoot,
+    scenario: Scenario,
+) -> Result<(Vmcss, VmcsId, Option<MonitorVm>), LoadError> {
+    let mut vmcss = Vmcss::new();
+    let outbox = match (monitor, scenario.monitor_mode()) {
+        (Some(m), Mode::OutBox) => Some(outbox::setup(
+            m, &mut vmcss, memory, &vmx.caps, tables, frames,
+        )?),
+        _ => None,
+    };
+    let frame = frames.frame()?;
+    // SAFETY: VMX is on; `frame` is a fresh, identity-mapped pool frame given to the arena for good;
+    // this VMCS stays current until the launch enters it.
+    let guest_vmcs = unsafe { vmcss.create(frame, &vmx.caps) }.map_err(|error| LoadError::Vmx {
+        what: "the guest's VMCS",
+        error,
+    })?;
+    // Linux handles its own breakpoints and idles in HLT with interrupts on: neither needs L0.
+    let params = VmParams {
+        eptp: views.guest.eptp(),
+        eptp_list: views.monitor.map(|(_, list)| list),
+        boot: boot_state,
+        exceptions: if scenario.is_linux() {
+            0
+        } else {
+            ihmi_hv::EXCEPTION_BITMAP
+        },
+        hlt_exits: !scenario.is_linux(),
+    };
+    if let Err(error) = vmcs_setup::configure(vmcss.active(), &vmx.caps, tables, frames, &params) {
+        dump_vmcs(&vmcss);
+        return Err(LoadError::VmcsSetup {
+            which: "the guest",
+            error,
+        });
+    }
+    if let Some(fault) = ihmi_judge::setup::vmcs_fault(scenario) {
+        vmcss
+            .active()
+            .write(fault.field, fault.value)
+            .map_err(|error| LoadError::Vmx {
+                what: "breaking the VMCS for the scenario",
+                error,
+            })?;
+        log!(
+            "scenario {}: VMCS deliberately made invalid: {}",
+            scenario.name(),
+            fault.why
+        );
+    }
+    Ok((vmcss, guest_vmcs, outbox))
+}
