@@ -18,7 +18,7 @@ use ihmi_vmcs::fields::{guest, ro};
 use ihmi_vmcs::VmcsField;
 
 use ihmi_hv::{
-    Alert, GuestRegs, MonitorWord, Observation, Observer, Platform, PlatformError, Vcpu,
+    Alert, GuestRegs, MemoryMap, MonitorWord, Observation, Observer, Platform, PlatformError, Vcpu,
 };
 
 /// One recorded call.
@@ -112,6 +112,8 @@ pub struct MockPlatform {
     counts: RefCell<BTreeMap<Op, usize>>,
     /// Armed faults: the operation fails on exactly this (1-based) call.
     faults: BTreeMap<Op, usize>,
+    /// With a map, guest reads and writes outside its guest RAM are refused, as L0's platform does.
+    pub fence: Option<MemoryMap>,
 }
 
 impl MockPlatform {
@@ -152,6 +154,12 @@ impl MockPlatform {
             });
         }
         Ok(())
+    }
+    fn fenced(&self, gpa: Gpa, len: u64) -> Result<(), PlatformError> {
+        match &self.fence {
+            Some(map) if !map.is_guest_ram(gpa, len) => Err(PlatformError::Fenced { gpa, len }),
+            _ => Ok(()),
+        }
     }
     /// Guest text L0 printed, and a check that none of it went through L0's own log channel.
     pub fn guest_texts(&self) -> Vec<String> {
@@ -210,6 +218,8 @@ impl Platform for MockPlatform {
         // A host that has VMX (leaf 1 ECX bit 5) and nothing in the hypervisor range.
         match leaf {
             1 => [0x906ea, 0x0010_0800, 0x7ffa_fbbf, 0xbfeb_fbff],
+            // FSRM (EDX bit 4) and MD_CLEAR (bit 10).
+            7 => [0, 0, 0, (1 << 10) | (1 << 4)],
             0x4000_0000 => [0xdead, 0xbeef, 0xdead, 0xbeef],
             _ => [leaf, 0, 0, 0],
         }
@@ -217,6 +227,7 @@ impl Platform for MockPlatform {
     fn read_guest(&self, gpa: Gpa, buf: &mut [u8]) -> Result<(), PlatformError> {
         self.calls.borrow_mut().push(Call::ReadPhys(gpa, buf.len()));
         self.attempt(Op::ReadGuest, gpa, buf.len() as u64)?;
+        self.fenced(gpa, buf.len() as u64)?;
         for (i, b) in buf.iter_mut().enumerate() {
             let a = gpa.raw() + i as u64;
             *b = self
@@ -231,6 +242,7 @@ impl Platform for MockPlatform {
             .borrow_mut()
             .push(Call::WritePhys(gpa, bytes.to_vec()));
         self.attempt(Op::WriteGuest, gpa, bytes.len() as u64)?;
+        self.fenced(gpa, bytes.len() as u64)?;
         self.write_bytes(gpa.raw(), bytes);
         Ok(())
     }

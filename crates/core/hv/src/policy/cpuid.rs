@@ -1,4 +1,5 @@
-//! CPUID policy: the host's answers, with VMX hidden and ihmi's hypervisor leaves added.
+//! CPUID policy: the host's answers, with VMX and fast short REP MOVSB hidden and ihmi's hypervisor
+//! leaves added.
 
 use ihmi_abi::{ABI_VERSION, CPUID_LEAF_ABI, CPUID_LEAF_SIGNATURE, CPUID_SIGNATURE};
 use ihmi_arch::cr;
@@ -14,6 +15,14 @@ const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 /// the guest's CR4, not L0's, which CPUID executed in L0 would show.
 const LEAF1_ECX_OSXSAVE: u32 = 1 << 27;
 const LEAF7_ECX_OSPKE: u32 = 1 << 4;
+/// CPUID.(7,0):EDX.FSRM, fast short REP MOVSB (SDM Vol. 2A, CPUID). Hidden: Linux 6.1 takes FSRM to
+/// imply ERMS and drops memmove's short-copy check (`memmove_64.S`), yet clears ERMS whenever
+/// IA32_MISC_ENABLE.FAST_STRING reads 0, which it always does on Bochs 2.7 (MSR 0x1a0 is not
+/// implemented). A forward memmove of under 32 bytes then copies over all memory: Linux on the
+/// `tigerlake` and `corei7_icelake_u` models, the two that report FSRM, wiped its own page tables at
+/// its first short printk, on bare Bochs as under L0. FSRM only lets a kernel skip a length check,
+/// so hiding it costs a guest nothing.
+const LEAF7_EDX_FSRM: u32 = 1 << 4;
 /// Last hypervisor leaf we define.
 const LAST_HV_LEAF: u32 = CPUID_LEAF_ABI;
 
@@ -47,6 +56,7 @@ pub(crate) fn policy(
             if r[2] & (1 << 3) != 0 {
                 r[2] = mirror(r[2], LEAF7_ECX_OSPKE, guest_cr4 & cr::CR4_PKE != 0);
             }
+            r[3] &= !LEAF7_EDX_FSRM;
             r
         }
         CPUID_LEAF_SIGNATURE => {

@@ -446,3 +446,15 @@ fn bench_marks_open_and_close_windows_and_an_unpaired_end_is_refused() {
         ]
     );
 }
+
+#[test]
+fn cpuid_hides_fast_short_rep_mov() {
+    let mut h = hv();
+    let mut p = MockPlatform::default();
+    let mut v = MockVcpu::exited(EXIT_CPUID, 0x1000, 2);
+    v.regs.rax = 7;
+    v.regs.rcx = 0;
+    h.handle_exit(&mut v, &mut p);
+    // The mock host reports FSRM (bit 4) and MD_CLEAR (bit 10) in leaf 7 EDX: only FSRM goes.
+    assert_eq!(v.regs.rdx as u32, 1 << 10);
+}
