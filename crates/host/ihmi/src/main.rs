@@ -9,6 +9,7 @@ mod cpu;
 mod demo;
 mod deps;
 mod events;
+mod fuzz;
 mod images;
 mod linux;
 mod scenario;
@@ -97,14 +98,33 @@ enum Cmd {
         #[arg(long, value_enum, default_value_t = linux::Profile::Tiny)]
         profile: linux::Profile,
     },
-    /// Run the host unit tests, then every Bochs scenario; exit non-zero if anything failed
+    /// Run the host unit tests, every fuzz target for a fixed time, then every Bochs scenario; exit
+    /// non-zero if anything failed
     Test {
         /// Skip `cargo test --workspace`
         #[arg(long)]
         no_unit: bool,
-        /// Run only this Bochs scenario
+        /// Skip the fuzz targets
+        #[arg(long)]
+        no_fuzz: bool,
+        /// Seconds each fuzz target runs
+        #[arg(long, value_name = "SECS", default_value_t = fuzz::DEFAULT_SECONDS,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        fuzz_seconds: u64,
+        /// Run only this Bochs scenario (and neither the unit tests' nor the fuzzers' absence is
+        /// implied: combine with --no-unit and --no-fuzz)
         #[arg(long, value_name = "NAME")]
         only: Option<String>,
+    },
+    /// Run the fuzz targets (cargo-fuzz, libFuzzer) for a fixed time each, from their checked-in
+    /// corpora; exit non-zero if one found a crash
+    Fuzz {
+        /// Seconds each target runs
+        #[arg(long, value_name = "SECS", default_value_t = fuzz::DEFAULT_SECONDS,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        seconds: u64,
+        /// Only these targets (default: all)
+        targets: Vec<String>,
     },
     /// Run the attack suite (BRIEF.md section 4) and print whether each attack was blocked, reported
     /// and survived with the monitor intact; exit 0 only if all were
@@ -198,7 +218,18 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             Ok(exit_code(&report))
         }
-        Cmd::Test { no_unit, only } => test(&cli.cpu, no_unit, only.as_deref()),
+        Cmd::Test {
+            no_unit,
+            no_fuzz,
+            fuzz_seconds,
+            only,
+        } => test(
+            &cli.cpu,
+            no_unit,
+            (!no_fuzz).then_some(fuzz_seconds),
+            only.as_deref(),
+        ),
+        Cmd::Fuzz { seconds, targets } => run_fuzz(seconds, &targets),
         Cmd::Attacks { json } => run_attacks(&cli.cpu, json),
         Cmd::Bench { json, linux } => run_bench(&cli.cpu, json, linux),
     }
@@ -467,7 +498,67 @@ fn relative<'a>(layout: &Layout, path: &'a Path) -> &'a Path {
     path.strip_prefix(&layout.root).unwrap_or(path)
 }
 
-fn test(cpu_name: &str, no_unit: bool, only: Option<&str>) -> Result<ExitCode> {
+/// Builds the fuzz targets and runs `targets` (all when empty) for `seconds` each; one line per
+/// target. Returns (passed, failed).
+fn fuzz_checks(layout: &Layout, seconds: u64, targets: &[&'static str]) -> (usize, usize) {
+    let prepared = fuzz::ensure_tools().and_then(|()| fuzz::build(layout));
+    if let Err(err) = prepared {
+        println!("[ihmi] fuzz targets: FAIL: {err:#}");
+        return (0, targets.len().max(1));
+    }
+    let (mut passed, mut failed) = (0, 0);
+    for target in targets {
+        match fuzz::run(layout, target, seconds) {
+            Ok(o) if o.passed => {
+                println!(
+                    "[ihmi] fuzz {target}: PASS ({:.1} s): {}",
+                    o.elapsed.as_secs_f64(),
+                    o.detail
+                );
+                passed += 1;
+            }
+            Ok(o) => {
+                println!(
+                    "[ihmi] fuzz {target}: FAIL ({:.1} s): {}",
+                    o.elapsed.as_secs_f64(),
+                    o.detail
+                );
+                failed += 1;
+            }
+            Err(err) => {
+                println!("[ihmi] fuzz {target}: FAIL: {err:#}");
+                failed += 1;
+            }
+        }
+    }
+    (passed, failed)
+}
+
+fn run_fuzz(seconds: u64, names: &[String]) -> Result<ExitCode> {
+    let targets: Vec<&'static str> = if names.is_empty() {
+        fuzz::TARGETS.to_vec()
+    } else {
+        names
+            .iter()
+            .map(|n| fuzz::target(n))
+            .collect::<Result<_>>()?
+    };
+    let layout = Layout::discover()?;
+    let (passed, failed) = fuzz_checks(&layout, seconds, &targets);
+    println!("{passed} passed, {failed} failed");
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn test(
+    cpu_name: &str,
+    no_unit: bool,
+    fuzz_seconds: Option<u64>,
+    only: Option<&str>,
+) -> Result<ExitCode> {
     let selected: Vec<&Scenario> = match only {
         None => scenario::TEST_SCENARIOS.iter().collect(),
         Some(name) => match scenario::TEST_SCENARIOS.iter().find(|s| s.name == name) {
@@ -504,6 +595,11 @@ fn test(cpu_name: &str, no_unit: bool, only: Option<&str>) -> Result<ExitCode> {
         } else {
             failed += 1;
         }
+    }
+    if let Some(seconds) = fuzz_seconds {
+        let (p, f) = fuzz_checks(&layout, seconds, fuzz::TARGETS);
+        passed += p;
+        failed += f;
     }
 
     let names: Vec<&str> = selected.iter().map(|s| s.name).collect();
@@ -666,19 +762,32 @@ mod tests {
 
     #[test]
     fn test_flags() {
-        let cli = parse(&["test", "--no-unit", "--only", "boot"]).unwrap();
-        let Cmd::Test { no_unit, only } = cli.command else {
+        let cli = parse(&["test", "--no-unit", "--no-fuzz", "--only", "boot"]).unwrap();
+        let Cmd::Test {
+            no_unit,
+            no_fuzz,
+            only,
+            ..
+        } = cli.command
+        else {
             panic!("expected test");
         };
-        assert!(no_unit);
+        assert!(no_unit && no_fuzz);
         assert_eq!(only.as_deref(), Some("boot"));
         assert!(matches!(
             parse(&["test"]).unwrap().command,
             Cmd::Test {
                 no_unit: false,
+                no_fuzz: false,
+                fuzz_seconds: fuzz::DEFAULT_SECONDS,
                 only: None
             }
         ));
+        assert!(matches!(
+            parse(&["fuzz", "--seconds", "5", "bzimage"]).unwrap().command,
+            Cmd::Fuzz { seconds: 5, ref targets } if targets == &["bzimage"]
+        ));
+        assert!(parse(&["test", "--fuzz-seconds", "0"]).is_err());
     }
 
     #[test]

@@ -1,0 +1,133 @@
+//! The exit handler on a vCPU whose exits are arbitrary (any exit reason and exit-information
+//! fields, any registers), for a guest with an in-box monitor and a Linux system-call gate and hook
+//! (the guard's paths), over arbitrary guest memory. Whatever happens: no panic, each exit either
+//! resumes, calls the monitor or ends the guest with its end observed, and nothing is observed to
+//! end twice.
+#![no_main]
+
+use arbitrary::Arbitrary;
+use ihmi_addr::{Gpa, GpaRange, Gva};
+use ihmi_ept::Eptp;
+use ihmi_hv::linux::hooks::ExecHook;
+use ihmi_hv::{
+    Action, Guard, Hypervisor, LinuxGate, MemoryMap, MonitorWord, Observation, RegionKind,
+    ViewEptps,
+};
+use ihmi_hv_mock::{MockPlatform, MockVcpu, Recorder, Seen};
+use ihmi_vmcs::fields::{control, guest, ro};
+use libfuzzer_sys::fuzz_target;
+
+const GUEST_EPTP: u64 = 0xa01e;
+const MONITOR_EPTP: u64 = 0xb01e;
+
+#[derive(Arbitrary, Debug)]
+struct Exit {
+    reason: u16,
+    qualification: u64,
+    gpa: u32,
+    gla: u64,
+    interruption: u32,
+    len: u8,
+    rip: u64,
+    rax: u64,
+    rcx: u64,
+    rdx: u64,
+    rbx: u64,
+    monitor_view: bool,
+    user: bool,
+    rflags: u64,
+}
+
+#[derive(Arbitrary, Debug)]
+struct Input {
+    memory: Vec<(u32, u64)>,
+    outbox: bool,
+    exits: Vec<Exit>,
+}
+
+fuzz_target!(|input: Input| {
+    let mut map = MemoryMap::default();
+    let r = |a: u64, b: u64| GpaRange::new(Gpa::new(a), Gpa::new(b));
+    map.add(r(0, 0x80_0000), RegionKind::GuestRam).unwrap();
+    map.add(r(0x80_0000, 0x90_0000), RegionKind::L0).unwrap();
+    map.add(r(0x90_0000, 0xf00_0000), RegionKind::GuestRam)
+        .unwrap();
+    map.add(r(0xf00_0000, 0xf20_0000), RegionKind::Monitor)
+        .unwrap();
+    let mut p = MockPlatform::default();
+    for (at, value) in input.memory.iter().take(512) {
+        p.write_u64((u64::from(*at) % 0xf20_0000) & !7, *value);
+    }
+    p.fence = Some(map.clone());
+    let gate = LinuxGate {
+        gate_entry: Gva::new(0xffff_e900_0000_00ad),
+        kernel_entry_slot: MonitorWord::new(Gpa::new(0xf00_0ff8)),
+        pgd: Gpa::new(0x50_0000),
+        slot: 466,
+        pml4e: 0xf00_1023,
+        pti_pgd_pair: true,
+        gate_page: Gpa::new(0xf00_0000),
+        exec_hook: Some(ExecHook {
+            site: Gva::new(0xffff_ffff_8112_6cf9),
+            site_pa: Gpa::new(0x112_6cf9),
+            trampoline: Gva::new(0xffff_ffff_8200_01d8),
+            slot_va: Gva::new(0xffff_ffff_8200_0000),
+            table: Gpa::new(0xf00_4000),
+            gate_page: Gpa::new(0xf00_0000),
+            pgd: Gpa::new(0x50_0000),
+        }),
+        outbox_syscall: input.outbox.then_some(Gva::new(0xffff_e900_0000_0300)),
+    };
+    let mut hv = Hypervisor::new(map);
+    hv.outbox_monitor = input.outbox;
+    hv.guard = Some(
+        Guard::new(
+            ViewEptps {
+                guest: Eptp::from_raw(GUEST_EPTP),
+                monitor: Some(Eptp::from_raw(MONITOR_EPTP)),
+            },
+            None,
+        )
+        .with_linux_gate(gate),
+    );
+    let mut rec = Recorder::default();
+    for e in input.exits.iter().take(32) {
+        let mut v = MockVcpu::exited(u32::from(e.reason) % 80, e.rip, u64::from(e.len % 16));
+        v.fields.insert(ro::EXIT_QUALIFICATION, e.qualification);
+        v.fields
+            .insert(ro::GUEST_PHYSICAL_ADDR_FULL, u64::from(e.gpa));
+        v.fields.insert(ro::GUEST_LINEAR_ADDR, e.gla);
+        v.fields
+            .insert(ro::VMEXIT_INTERRUPTION_INFO, u64::from(e.interruption));
+        v.fields.insert(
+            control::EPTP_FULL,
+            if e.monitor_view {
+                MONITOR_EPTP
+            } else {
+                GUEST_EPTP
+            },
+        );
+        v.fields.insert(guest::RFLAGS, e.rflags);
+        if e.user {
+            v.fields.insert(guest::SS_ACCESS_RIGHTS, 0xc0f3);
+        }
+        (v.regs.rax, v.regs.rcx, v.regs.rdx, v.regs.rbx) = (e.rax, e.rcx, e.rdx, e.rbx);
+        let seen_before = rec.seen.len();
+        let action = hv.handle_exit(&mut v, &mut p, &mut rec);
+        let ended = rec.seen[seen_before..]
+            .iter()
+            .filter(|s| matches!(s, Seen::Other(Observation::Ended { .. })))
+            .count();
+        match action {
+            Action::End(end) => {
+                assert_eq!(ended, 1, "an end is observed once");
+                assert!(matches!(
+                    rec.seen.last(),
+                    Some(Seen::Other(Observation::Ended { end: e, .. })) if *e == end
+                ));
+                break;
+            }
+            Action::Resume | Action::CallMonitor { .. } => assert_eq!(ended, 0),
+        }
+    }
+});

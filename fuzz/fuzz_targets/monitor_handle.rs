@@ -1,0 +1,107 @@
+//! The monitor's single entry point with guest-chosen request codes, arguments, CR3 and per-CPU base,
+//! over guest memory the guest controls (its page tables, task structures and paths included), for
+//! both guest kernels it knows. Whatever comes: no panic, a verdict for every call, at most one event
+//! per call, a rejected request answered `Rejected` with a `rejected` event, and a ring that stays
+//! consistent.
+#![no_main]
+
+use std::collections::BTreeMap;
+
+use arbitrary::Arbitrary;
+use ihmi_abi::monitor::Verdict;
+use ihmi_addr::{Gpa, Gva};
+use ihmi_monitor::{CallContext, EventKind, EventRing, Monitor, OsProfile, Policy};
+use ihmi_paging::{Cr3, GuestPhysRead, PhysReadError};
+use libfuzzer_sys::fuzz_target;
+
+/// Guest memory: 64 MiB of RAM, words the input sets, zeros elsewhere.
+struct Memory(BTreeMap<u64, u64>);
+
+const RAM_END: u64 = 0x400_0000;
+
+impl GuestPhysRead for Memory {
+    fn read_bytes(&self, gpa: Gpa, buf: &mut [u8]) -> Result<(), PhysReadError> {
+        let end = gpa
+            .raw()
+            .checked_add(buf.len() as u64)
+            .ok_or(PhysReadError { gpa })?;
+        if end > RAM_END {
+            return Err(PhysReadError { gpa });
+        }
+        for (i, b) in buf.iter_mut().enumerate() {
+            let a = gpa.raw() + i as u64;
+            let word = self.0.get(&(a & !7)).copied().unwrap_or(0);
+            *b = word.to_le_bytes()[(a & 7) as usize];
+        }
+        Ok(())
+    }
+}
+
+#[derive(Arbitrary, Debug)]
+struct Call {
+    code: u8,
+    args: [u64; 4],
+    cr3: u32,
+    percpu_base: u64,
+}
+
+#[derive(Arbitrary, Debug)]
+struct Input {
+    linux: bool,
+    enforcing: bool,
+    memory: Vec<(u32, u64)>,
+    calls: Vec<Call>,
+}
+
+fuzz_target!(|input: Input| {
+    let memory = Memory(
+        input
+            .memory
+            .iter()
+            .take(1024)
+            .map(|&(a, v)| ((u64::from(a) % RAM_END) & !7, v))
+            .collect(),
+    );
+    let os = if input.linux {
+        OsProfile::linux(Gva::new(0x1_8040), 0x2ec, 0x2f0, 0x440, true, 0x48)
+    } else {
+        OsProfile::testguest(Gva::new(0x10_2000))
+    };
+    let mut policy = Policy::allow_all();
+    if input.enforcing {
+        let _ = policy.allow(b"init");
+    }
+    let mut monitor = Monitor::new(os, policy);
+    let mut ring = Box::new(EventRing::new());
+    for (i, call) in input.calls.iter().take(64).enumerate() {
+        let ctx = CallContext {
+            cr3: Cr3::new(u64::from(call.cr3) & !0xfff),
+            tsc: i as u64,
+            percpu_base: call.percpu_base,
+        };
+        let produced = ring.produced();
+        let verdict = monitor.handle(
+            u64::from(call.code % 8),
+            call.args,
+            &ctx,
+            &memory,
+            &mut ring,
+        );
+        assert!(ring.is_consistent());
+        assert!(
+            ring.produced() - produced <= 1,
+            "one event per call at most"
+        );
+        if verdict == Verdict::Rejected && ring.produced() > produced {
+            let mut last = None;
+            ring.drain(|e| last = Some(*e));
+            let last = last.expect("the event just produced");
+            assert!(
+                last.kind() == Some(EventKind::Rejected)
+                    || last.verdict == Verdict::Rejected as i32
+            );
+        } else {
+            ring.drain(|_| {});
+        }
+    }
+});
