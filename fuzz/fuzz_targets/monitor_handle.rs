@@ -2,7 +2,7 @@
 //! over guest memory the guest controls (its page tables, task structures and paths included), for
 //! both guest kernels it knows. Whatever comes: no panic, a verdict for every call, at most one event
 //! per call, a rejected request answered `Rejected` with a `rejected` event, and a ring that stays
-//! consistent.
+//! consistent; every event's JSON line is one line that reads back.
 #![no_main]
 
 use std::collections::BTreeMap;
@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 use arbitrary::Arbitrary;
 use ihmi_abi::monitor::Verdict;
 use ihmi_addr::{Gpa, Gva};
-use ihmi_monitor::{CallContext, EventKind, EventRing, Monitor, OsProfile, Policy};
+use ihmi_monitor::{CallContext, Event, EventKind, EventRing, Monitor, OsProfile, Policy};
+use ihmi_wire::EventLine;
 use ihmi_paging::{Cr3, GuestPhysRead, PhysReadError};
 use libfuzzer_sys::fuzz_target;
 
@@ -94,14 +95,26 @@ fuzz_target!(|input: Input| {
         );
         if verdict == Verdict::Rejected && ring.produced() > produced {
             let mut last = None;
-            ring.drain(|e| last = Some(*e));
+            ring.drain(|e| {
+                check_line(e, monitor.os());
+                last = Some(*e);
+            });
             let last = last.expect("the event just produced");
             assert!(
                 last.kind() == Some(EventKind::Rejected)
                     || last.verdict == Verdict::Rejected as i32
             );
         } else {
-            ring.drain(|_| {});
+            ring.drain(|e| check_line(e, monitor.os()));
         }
     }
 });
+
+/// The event's `event|` line, with guest-chosen names in it, is one line that reads back as the
+/// event it was written from.
+fn check_line(e: &Event, os: &OsProfile) {
+    let line = format!("{}", e.json("inbox", os));
+    assert!(!line.contains('\n'), "{line}");
+    let back: EventLine<String> = serde_json::from_str(&line).expect("the line reads back");
+    assert_eq!(back.seq(), e.seq, "{line}");
+}

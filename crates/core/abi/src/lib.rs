@@ -245,7 +245,8 @@ pub enum Scenario {
 const ATTACK_BASE: u32 = 100;
 
 impl Scenario {
-    /// Every scenario, in the order `ihmi test` runs them.
+    /// Every scenario, in the order `ihmi test` runs them (and the host's scenario table lists them):
+    /// the test guest's, Linux's, the two benchmarks', then the attack suite.
     pub const ALL: [Scenario; 18 + Attack::ALL.len()] = {
         let mut all = [Self::Boot; 18 + Attack::ALL.len()];
         let fixed = [
@@ -257,13 +258,13 @@ impl Scenario {
             Self::EntryBadGuestState,
             Self::Sim,
             Self::SimOutbox,
-            Self::Bench(monitor::Mode::None),
-            Self::Bench(monitor::Mode::InBox),
-            Self::Bench(monitor::Mode::OutBox),
             Self::LinuxBoot,
             Self::LinuxSim,
             Self::LinuxAttack,
             Self::LinuxSimOutbox,
+            Self::Bench(monitor::Mode::None),
+            Self::Bench(monitor::Mode::InBox),
+            Self::Bench(monitor::Mode::OutBox),
             Self::LinuxBench(monitor::Mode::None),
             Self::LinuxBench(monitor::Mode::InBox),
             Self::LinuxBench(monitor::Mode::OutBox),

@@ -5,50 +5,29 @@
 use std::fmt::Write as _;
 
 use anyhow::{Context, Result};
-use serde_json::Value;
 
 /// The prefix of L0's verdict line for an attack.
 const PREFIX: &str = "attack| ";
 
-/// One attack's outcome, as L0 reported it (or as `ihmi` found the run when L0 could not report).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AttackReport {
-    pub attack: String,
-    pub item: u64,
-    pub blocked: bool,
-    pub reported: bool,
-    pub monitor_intact: bool,
-    pub detail: String,
+/// One attack's outcome, as L0 reported it (or as `ihmi` found the run when L0 could not report): the
+/// type L0's judge writes the line from.
+pub type AttackReport = ihmi_wire::AttackLine<String>;
+
+/// A run that produced no verdict line: nothing is claimed.
+pub fn missing(attack: &str, item: u64, why: &str) -> AttackReport {
+    AttackReport {
+        attack: attack.to_string(),
+        item,
+        blocked: false,
+        reported: false,
+        monitor_intact: false,
+        detail: format!("no verdict from L0: {why}"),
+    }
 }
 
-impl AttackReport {
-    /// All three hold.
-    pub fn passed(&self) -> bool {
-        self.blocked && self.reported && self.monitor_intact
-    }
-
-    /// A run that produced no verdict line: nothing is claimed.
-    pub fn missing(attack: &str, item: u64, why: &str) -> Self {
-        Self {
-            attack: attack.to_string(),
-            item,
-            blocked: false,
-            reported: false,
-            monitor_intact: false,
-            detail: format!("no verdict from L0: {why}"),
-        }
-    }
-
-    /// The JSON object `ihmi attacks --json` prints.
-    pub fn to_json(&self) -> Value {
-        serde_json::json!({
-            "attack": self.attack,
-            "blocked": self.blocked,
-            "reported": self.reported,
-            "monitor_intact": self.monitor_intact,
-            "detail": self.detail,
-        })
-    }
+/// The JSON line `ihmi attacks --json` prints: L0's line, re-encoded.
+pub fn to_json(r: &AttackReport) -> String {
+    serde_json::to_string(r).expect("an attack report is plain data")
 }
 
 /// L0's verdict line in the E9 output of one run. The last one counts; a malformed one is an error.
@@ -56,31 +35,9 @@ pub fn parse(e9: &str) -> Result<Option<AttackReport>> {
     let Some(line) = e9.lines().rev().find_map(|l| l.strip_prefix(PREFIX)) else {
         return Ok(None);
     };
-    let v: Value =
-        serde_json::from_str(line).with_context(|| format!("bad attack line: {line}"))?;
-    let field = |k: &str| {
-        v.get(k)
-            .with_context(|| format!("attack line lacks `{k}`: {line}"))
-    };
-    let flag = |k: &str| -> Result<bool> {
-        field(k)?
-            .as_bool()
-            .with_context(|| format!("`{k}` is not a boolean: {line}"))
-    };
-    let text = |k: &str| -> Result<String> {
-        Ok(field(k)?
-            .as_str()
-            .with_context(|| format!("`{k}` is not a string: {line}"))?
-            .to_string())
-    };
-    Ok(Some(AttackReport {
-        attack: text("attack")?,
-        item: field("item")?.as_u64().unwrap_or(0),
-        blocked: flag("blocked")?,
-        reported: flag("reported")?,
-        monitor_intact: flag("monitor_intact")?,
-        detail: text("detail")?,
-    }))
+    serde_json::from_str(line)
+        .with_context(|| format!("bad attack line: {line}"))
+        .map(Some)
 }
 
 /// The table `ihmi attacks` prints.
@@ -126,12 +83,8 @@ mod tests {
         assert_eq!(r.attack, "forged-pte");
         assert_eq!(r.item, 1);
         assert!(r.passed());
-        let json = r.to_json();
-        let keys: Vec<_> = json.as_object().unwrap().keys().cloned().collect();
-        assert_eq!(
-            keys,
-            ["attack", "blocked", "detail", "monitor_intact", "reported"]
-        );
+        let json = to_json(&r);
+        assert_eq!(parse(&format!("{PREFIX}{json}")).unwrap(), Some(r.clone()));
         assert!(table(&[r]).contains("1 of 1 attacks"));
     }
 
@@ -140,7 +93,7 @@ mod tests {
         assert_eq!(parse("IHMI-FAIL x: boom\n").unwrap(), None);
         assert!(parse("attack| {\"attack\":\"x\"}\n").is_err());
         assert!(parse("attack| {not json\n").is_err());
-        let m = AttackReport::missing("cr3-switch", 2, "timeout");
+        let m = missing("cr3-switch", 2, "timeout");
         assert!(!m.passed() && !m.blocked && !m.reported && !m.monitor_intact);
         assert!(table(&[m]).contains("0 of 1 attacks"));
     }

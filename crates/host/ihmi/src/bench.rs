@@ -10,6 +10,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use ihmi_wire::BenchLine;
 use serde_json::Value;
 
 use crate::bochs::arrival_of;
@@ -129,44 +130,35 @@ pub fn parse(e9: &str, arrivals: &[(usize, Duration)]) -> Result<Vec<BenchRow>> 
         let Some(json) = line.trim_end().strip_prefix("bench| ") else {
             continue;
         };
-        let v: Value =
+        let line: BenchLine<String> =
             serde_json::from_str(json).with_context(|| format!("bad bench line: {json}"))?;
         let at = arrival_of(arrivals, end);
-        if let Some(name) = v.get("start").and_then(Value::as_str) {
-            starts.push((name.to_string(), at));
-            continue;
-        }
-        let num = |k: &str| {
-            v.get(k)
-                .and_then(Value::as_f64)
-                .with_context(|| format!("bench line lacks `{k}`: {json}"))
+        let w = match line {
+            BenchLine::Start(s) => {
+                starts.push((s.start, at));
+                continue;
+            }
+            BenchLine::Window(w) => w,
         };
-        let text = |k: &str| {
-            v.get(k)
-                .and_then(Value::as_str)
-                .map(str::to_string)
-                .with_context(|| format!("bench line lacks `{k}`: {json}"))
-        };
-        let bench = text("bench")?;
-        let calls = num("calls")?;
-        if calls <= 0.0 {
+        if w.calls == 0 {
             bail!("bench line with no calls: {json}");
         }
-        let invocations = num("invocations")?;
+        let calls = w.calls as f64;
+        let invocations = w.invocations as f64;
         // The invocation benchmark reports per invocation; the Linux one per operation, which makes
         // many (or, without a monitor, none).
-        let linux = bench.starts_with("linux-");
+        let linux = w.bench.starts_with("linux-");
         let per = if linux || invocations <= 0.0 {
             calls
         } else {
             invocations
         };
-        let exits = num("exits")? / per;
-        let instructions = num("tsc")? / calls;
+        let exits = w.exits as f64 / per;
+        let instructions = w.tsc as f64 / calls;
         let scale = if linux { invocations / calls } else { 1.0 };
-        let vmfuncs = num("vmfuncs_per_invocation")? * scale;
-        let cr3_loads = num("cr3_loads_per_invocation")? * scale;
-        let syscalls = match bench.as_str() {
+        let vmfuncs = w.vmfuncs_per_invocation as f64 * scale;
+        let cr3_loads = w.cr3_loads_per_invocation as f64 * scale;
+        let syscalls = match w.bench.as_str() {
             "invoke-syscall" => 1.0,
             "linux-syscall" => 2.0,
             _ => 0.0,
@@ -174,16 +166,16 @@ pub fn parse(e9: &str, arrivals: &[(usize, Duration)]) -> Result<Vec<BenchRow>> 
         let started = starts
             .iter()
             .rev()
-            .find(|(n, _)| *n == bench)
+            .find(|(n, _)| *n == w.bench)
             .and_then(|(_, t)| *t);
         let bochs_ns = match (started, at) {
             (Some(s), Some(e)) if e > s => Some((e - s).as_nanos() as f64 / calls),
             _ => None,
         };
         rows.push(BenchRow {
-            bench,
-            mode: text("mode")?,
-            calls: calls as u64,
+            bench: w.bench,
+            mode: w.mode,
+            calls: w.calls,
             instructions,
             exits,
             vmfuncs,

@@ -456,7 +456,7 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "boots Bochs: needs bochs and grub-mkrescue (cargo test -p ihmi -- --ignored)"]
+    #[ignore = "boots Bochs: `ihmi test` runs it once bochs and grub-mkrescue are installed"]
     fn bochs_pass_marker_then_shutdown_passes() {
         let r = boot_grub_script(
             "smoke",
@@ -473,7 +473,7 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "boots Bochs: needs bochs and grub-mkrescue (cargo test -p ihmi -- --ignored)"]
+    #[ignore = "boots Bochs: `ihmi test` runs it once bochs and grub-mkrescue are installed"]
     fn bochs_fail_marker_fails() {
         let r = boot_grub_script(
             "smoke-fail",
@@ -488,7 +488,7 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "boots Bochs: needs bochs and grub-mkrescue (cargo test -p ihmi -- --ignored)"]
+    #[ignore = "boots Bochs: `ihmi test` runs it once bochs and grub-mkrescue are installed"]
     fn bochs_shutdown_without_marker_fails() {
         let r = boot_grub_script("smoke-none", "", true, Duration::from_secs(60));
         let Verdict::Fail(reason) = &r.verdict else {
@@ -498,7 +498,7 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "boots Bochs: needs bochs and grub-mkrescue (cargo test -p ihmi -- --ignored)"]
+    #[ignore = "boots Bochs: `ihmi test` runs it once bochs and grub-mkrescue are installed"]
     fn bochs_hang_times_out() {
         let r = boot_grub_script("smoke-hang", "", false, Duration::from_secs(3));
         let Verdict::Fail(reason) = &r.verdict else {

@@ -4,14 +4,14 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use anyhow::{Context, Result};
-use serde_json::Value;
+use anyhow::Result;
+use ihmi_wire::EventLine;
 
 /// One program start the process-creation monitor saw.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Exec {
-    pub pid: u64,
-    pub ppid: u64,
+    pub pid: u32,
+    pub ppid: u32,
     pub comm: String,
     pub filename: String,
     pub verdict: String,
@@ -33,21 +33,6 @@ pub struct Summary {
     pub dropped: Option<u64>,
 }
 
-fn field<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
-    v.as_object()?.get(name)
-}
-
-fn text(v: &Value, name: &str) -> String {
-    field(v, name)
-        .and_then(Value::as_str)
-        .unwrap_or("?")
-        .to_string()
-}
-
-fn number(v: &Value, name: &str) -> u64 {
-    field(v, name).and_then(Value::as_u64).unwrap_or(0)
-}
-
 impl Summary {
     /// Reads every event line of a run's output.
     pub fn from_output(output: &str) -> Result<Self> {
@@ -55,31 +40,37 @@ impl Summary {
             dropped: crate::events::dropped(output),
             ..Self::default()
         };
-        let mut pids = BTreeMap::<String, std::collections::BTreeSet<u64>>::new();
-        for json in output.lines().filter_map(|l| l.strip_prefix("event| ")) {
-            let v: Value =
-                serde_json::from_str(json).with_context(|| format!("bad event line: {json}"))?;
-            match field(&v, "event").and_then(Value::as_str) {
-                Some("syscall") => {
+        let mut pids = BTreeMap::<String, std::collections::BTreeSet<u32>>::new();
+        for event in crate::events::parse(output)? {
+            match event {
+                EventLine::Syscall {
+                    pid,
+                    comm,
+                    nr,
+                    name,
+                    ..
+                } => {
                     s.syscalls += 1;
-                    let name = match field(&v, "name").and_then(Value::as_str) {
-                        Some(n) => n.to_string(),
-                        None => format!("#{}", number(&v, "nr")),
-                    };
+                    let name = name.unwrap_or_else(|| format!("#{nr}"));
                     *s.by_call.entry(name).or_default() += 1;
-                    pids.entry(text(&v, "comm"))
-                        .or_default()
-                        .insert(number(&v, "pid"));
+                    pids.entry(comm).or_default().insert(pid);
                 }
-                Some("exec") => s.execs.push(Exec {
-                    pid: number(&v, "pid"),
-                    ppid: number(&v, "ppid"),
-                    comm: text(&v, "comm"),
-                    filename: text(&v, "filename"),
-                    verdict: text(&v, "verdict"),
+                EventLine::Exec {
+                    pid,
+                    ppid,
+                    comm,
+                    filename,
+                    verdict,
+                    ..
+                } => s.execs.push(Exec {
+                    pid,
+                    ppid,
+                    comm,
+                    filename,
+                    verdict,
                 }),
-                Some("rejected") => s.rejected += 1,
-                _ => {}
+                EventLine::Rejected { .. } => s.rejected += 1,
+                EventLine::ProcessCreate { .. } | EventLine::Invalid { .. } => {}
             }
         }
         s.processes = pids

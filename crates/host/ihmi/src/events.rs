@@ -2,30 +2,26 @@
 //! monitor's ring), and the check that two runs of the same workload saw the same events.
 
 use anyhow::{bail, Context, Result};
-use serde_json::Value;
+use ihmi_wire::EventLine;
 
 const PREFIX: &str = "event| ";
 
-/// Fields that say how or when an event was observed rather than what happened in the guest.
-const OBSERVATION_FIELDS: &[&str] = &["tsc", "mode"];
-
-/// The events in a run's output, in order, each without its observation fields and the `ignored` ones.
-pub fn observations(output: &str, ignored: &[&str]) -> Result<Vec<Value>> {
+/// The events in a run's output, in order, read into the type L0 writes them from.
+pub fn parse(output: &str) -> Result<Vec<EventLine<String>>> {
     output
         .lines()
         .filter_map(|l| l.strip_prefix(PREFIX))
-        .map(|json| {
-            let mut v: Value =
-                serde_json::from_str(json).with_context(|| format!("bad event line: {json}"))?;
-            let obj = v
-                .as_object_mut()
-                .with_context(|| format!("event is not an object: {json}"))?;
-            for f in OBSERVATION_FIELDS.iter().chain(ignored) {
-                obj.remove(*f);
-            }
-            Ok(v)
-        })
+        .map(|json| serde_json::from_str(json).with_context(|| format!("bad event line: {json}")))
         .collect()
+}
+
+/// The events in a run's output, each without how and when it was observed (and without its
+/// arguments when `args_aside`).
+pub fn observations(output: &str, args_aside: bool) -> Result<Vec<EventLine<String>>> {
+    Ok(parse(output)?
+        .iter()
+        .map(|e| e.observation(args_aside))
+        .collect())
 }
 
 /// What a run's monitor reported.
@@ -43,7 +39,8 @@ pub fn write_events(output: &str, path: &std::path::Path) -> Result<EventSummary
     let mut text = String::new();
     let mut events = 0;
     for json in output.lines().filter_map(|l| l.strip_prefix(PREFIX)) {
-        serde_json::from_str::<Value>(json).with_context(|| format!("bad event line: {json}"))?;
+        serde_json::from_str::<EventLine<String>>(json)
+            .with_context(|| format!("bad event line: {json}"))?;
         text.push_str(json);
         text.push('\n');
         events += 1;
@@ -65,21 +62,22 @@ pub fn dropped(output: &str) -> Option<u64> {
 }
 
 /// Succeeds when both outputs hold the same events (sequence numbers, processes, system calls and
-/// their arguments, verdicts), but for the `ignored` fields; says where they first differ otherwise.
+/// their arguments, verdicts), but for the arguments when `args_aside`; says where they first differ
+/// otherwise.
 pub fn same_stream(
     a_name: &str,
     a: &str,
     b_name: &str,
     b: &str,
-    ignored: &[&str],
+    args_aside: bool,
 ) -> Result<usize> {
-    let (ea, eb) = (observations(a, ignored)?, observations(b, ignored)?);
+    let (ea, eb) = (observations(a, args_aside)?, observations(b, args_aside)?);
     if ea.is_empty() {
         bail!("{a_name} printed no events");
     }
     for (i, (x, y)) in ea.iter().zip(&eb).enumerate() {
         if x != y {
-            bail!("event {i} differs: {a_name} saw {x}, {b_name} saw {y}");
+            bail!("event {i} differs: {a_name} saw {x:?}, {b_name} saw {y:?}");
         }
     }
     if ea.len() != eb.len() {
@@ -95,16 +93,34 @@ pub fn same_stream(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ihmi_wire::{Json, Text};
 
-    const IN: &str = "guest| x\nevent| {\"seq\":0,\"tsc\":5,\"mode\":\"inbox\",\"event\":\"syscall\",\"pid\":1,\"nr\":39}\n";
-    const OUT: &str = "event| {\"seq\":0,\"tsc\":9,\"mode\":\"outbox\",\"event\":\"syscall\",\"pid\":1,\"nr\":39}\n";
+    /// A system-call event line as L0 writes it.
+    fn syscall(mode: &str, tsc: u64, nr: u64, args: [u64; 3]) -> String {
+        let e = EventLine::Syscall {
+            seq: 0,
+            tsc,
+            mode: Text::Str(mode),
+            pid: 1,
+            comm: Text::Bytes(b"init"),
+            nr,
+            name: None,
+            args,
+            verdict: Text::Str("allow"),
+        };
+        format!("event| {}\n", Json(&e))
+    }
 
     #[test]
     fn events_go_to_the_file_as_json_lines_with_the_drop_count() {
         let dir = std::env::temp_dir().join(format!("ihmi-events-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("events.jsonl");
-        let out = format!("{IN}{OUT}monitor: 2 events, 3 dropped\n");
+        let out = format!(
+            "guest| x\n{}{}monitor: 2 events, 3 dropped\n",
+            syscall("inbox", 5, 39, [0; 3]),
+            syscall("outbox", 9, 39, [0; 3])
+        );
         let s = write_events(&out, &path).unwrap();
         assert_eq!(
             s,
@@ -117,31 +133,37 @@ mod tests {
         assert_eq!(written.lines().count(), 2);
         assert!(written
             .lines()
-            .all(|l| serde_json::from_str::<Value>(l).is_ok()));
+            .all(|l| serde_json::from_str::<EventLine<String>>(l).is_ok()));
         assert_eq!(write_events("nothing\n", &path).unwrap().dropped, None);
         assert!(write_events("event| {broken\n", &path).is_err());
+        assert!(write_events("event| {\"event\":\"syscall\"}\n", &path).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn streams_compare_without_time_and_mode() {
-        assert_eq!(same_stream("sim", IN, "sim-outbox", OUT, &[]).unwrap(), 1);
-        let other = OUT.replace("\"nr\":39", "\"nr\":1");
-        let err = same_stream("sim", IN, "sim-outbox", &other, &[])
+        let a = syscall("inbox", 5, 39, [1, 2, 3]);
+        let b = syscall("outbox", 9, 39, [1, 2, 3]);
+        assert_eq!(same_stream("sim", &a, "sim-outbox", &b, false).unwrap(), 1);
+        let other = syscall("outbox", 9, 1, [1, 2, 3]);
+        let err = same_stream("sim", &a, "sim-outbox", &other, false)
             .unwrap_err()
             .to_string();
         assert!(err.contains("event 0 differs"), "{err}");
-        // A field the pair ignores may differ; the others may not.
+        // The arguments may differ when the pair sets them aside; nothing else may.
+        let args = syscall("outbox", 9, 39, [4, 5, 6]);
+        assert!(same_stream("sim", &a, "sim-outbox", &args, false).is_err());
         assert_eq!(
-            same_stream("sim", IN, "sim-outbox", &other, &["nr"]).unwrap(),
+            same_stream("sim", &a, "sim-outbox", &args, true).unwrap(),
             1
         );
-        let longer = format!("{OUT}{OUT}");
-        assert!(same_stream("sim", IN, "sim-outbox", &longer, &[]).is_err());
+        assert!(same_stream("sim", &a, "sim-outbox", &other, true).is_err());
+        let longer = format!("{b}{b}");
+        assert!(same_stream("sim", &a, "sim-outbox", &longer, false).is_err());
         assert!(
-            same_stream("sim", "", "sim-outbox", "", &[]).is_err(),
+            same_stream("sim", "", "sim-outbox", "", false).is_err(),
             "no events proves nothing"
         );
-        assert!(observations("event| {oops", &[]).is_err());
+        assert!(observations("event| {oops", false).is_err());
     }
 }

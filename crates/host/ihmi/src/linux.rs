@@ -465,28 +465,20 @@ fn check_config(config: &Path, fragment: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Whether `elf` is a statically linked executable (no PT_INTERP program header).
+/// Whether `elf` is a statically linked 64-bit executable (no PT_INTERP program header). Anything
+/// `object` cannot read as ELF64, program headers included, is not.
 pub fn is_static_elf(elf: &[u8]) -> bool {
-    const PT_INTERP: u32 = 3;
-    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
-    let u32_at = |o: usize| {
-        elf.get(o..o + 4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    };
-    let u64_at = |o: usize| {
-        elf.get(o..o + 8)
-            .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
-    };
-    if elf.get(..4) != Some(b"\x7fELF") || elf.get(4) != Some(&2) {
-        return false;
-    }
-    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
-    else {
+    use object::read::elf::{FileHeader, ProgramHeader};
+    let Ok(header) = object::elf::FileHeader64::<object::Endianness>::parse(elf) else {
         return false;
     };
-    (0..usize::from(phnum)).all(|i| {
-        let at = phoff as usize + i * usize::from(phentsize);
-        u32_at(at).is_some_and(|t| t != PT_INTERP)
+    let Ok(endian) = header.endian() else {
+        return false;
+    };
+    header.program_headers(endian, elf).is_ok_and(|phdrs| {
+        phdrs
+            .iter()
+            .all(|p| p.p_type(endian) != object::elf::PT_INTERP)
     })
 }
 
@@ -563,6 +555,8 @@ mod tests {
         let mut e = vec![0u8; 64 + 56];
         e[..4].copy_from_slice(b"\x7fELF");
         e[4] = 2; // ELFCLASS64
+        e[5] = 1; // ELFDATA2LSB
+        e[6] = 1; // EV_CURRENT
         e[0x20..0x28].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
         e[0x36..0x38].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
         e[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes()); // e_phnum

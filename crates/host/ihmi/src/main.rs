@@ -315,21 +315,17 @@ fn run_attacks(cpu_name: &str, json: bool) -> Result<ExitCode> {
                     r
                 }
                 (Ok(None), verdict::Verdict::Fail(why)) => {
-                    attacks::AttackReport::missing(attack.name(), item, why)
+                    attacks::missing(attack.name(), item, why)
                 }
-                (Ok(None), verdict::Verdict::Pass) => attacks::AttackReport::missing(
-                    attack.name(),
-                    item,
-                    "the run passed without one",
-                ),
-                (Err(e), _) => {
-                    attacks::AttackReport::missing(attack.name(), item, &format!("{e:#}"))
+                (Ok(None), verdict::Verdict::Pass) => {
+                    attacks::missing(attack.name(), item, "the run passed without one")
                 }
+                (Err(e), _) => attacks::missing(attack.name(), item, &format!("{e:#}")),
             },
-            Err(e) => attacks::AttackReport::missing(attack.name(), item, &format!("{e:#}")),
+            Err(e) => attacks::missing(attack.name(), item, &format!("{e:#}")),
         };
         if json {
-            println!("{}", report.to_json());
+            println!("{}", attacks::to_json(&report));
         }
         reports.push(report);
     }
@@ -613,6 +609,15 @@ fn test(
             failed += names.len();
         }
         Ok(built) => {
+            // The Bochs harness's own tests need Bochs and GRUB, which building the images has just
+            // made sure of.
+            if !no_unit {
+                if harness_tests(&layout)? {
+                    passed += 1;
+                } else {
+                    failed += 1;
+                }
+            }
             let symbols = built.symbols;
             let opts = batch_options(model);
             let mut outputs = std::collections::HashMap::new();
@@ -635,24 +640,23 @@ fn test(
                 }
             }
             // The in-box and out-of-box monitors must see the same events for the same workload.
-            for (a, b, ignored) in scenario::SAME_STREAM {
-                if !(names.contains(a) && names.contains(b)) {
+            for &(a, b, args_aside) in scenario::SAME_STREAM {
+                if !(names.contains(&a) && names.contains(&b)) {
                     continue;
                 }
                 let check = match (outputs.get(a), outputs.get(b)) {
-                    (Some(x), Some(y)) => events::same_stream(a, x, b, y, ignored),
+                    (Some(x), Some(y)) => events::same_stream(a, x, b, y, args_aside),
                     _ => Err(anyhow::anyhow!(
                         "{a} or {b} failed, so there is nothing to compare"
                     )),
                 };
                 match check {
                     Ok(n) => {
-                        let aside = ["tsc", "mode"]
-                            .iter()
-                            .chain(ignored.iter())
-                            .copied()
-                            .collect::<Vec<_>>()
-                            .join(", ");
+                        let aside = if args_aside {
+                            "tsc, mode, args"
+                        } else {
+                            "tsc, mode"
+                        };
                         println!("[ihmi] check {a} = {b} ({n} events, {aside} aside): PASS");
                         passed += 1;
                     }
@@ -671,6 +675,25 @@ fn test(
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The Bochs harness's tests (`bochs::tests::bochs_*`, ignored by a plain `cargo test` because they
+/// boot Bochs): a GRUB script that prints the pass marker must pass, the fail marker must fail, a
+/// shutdown without a marker must fail, and a hang must time out.
+fn harness_tests(layout: &Layout) -> Result<bool> {
+    eprintln!("[ihmi] $ cargo test -p ihmi --bin ihmi -- --ignored bochs::tests::bochs_");
+    let started = Instant::now();
+    let status = Command::new(images::cargo())
+        .current_dir(&layout.root)
+        .args(["test", "-q", "-p", "ihmi", "--bin", "ihmi", "--"])
+        .args(["--ignored", "bochs::tests::bochs_"])
+        .stdin(Stdio::null())
+        .status()
+        .context("could not run cargo test")?;
+    let word = if status.success() { "PASS" } else { "FAIL" };
+    let secs = started.elapsed().as_secs_f64();
+    println!("[ihmi] Bochs harness tests (pass, fail, no marker, hang): {word} ({secs:.1} s)");
+    Ok(status.success())
 }
 
 /// `cargo test --workspace`, output straight to the terminal.

@@ -3,6 +3,7 @@
 
 use thiserror::Error;
 
+use ihmi_abi::monitor::Mode;
 use ihmi_abi::Attack;
 
 use crate::cpu::Feature;
@@ -10,106 +11,60 @@ use crate::cpu::Feature;
 /// What every L0 scenario needs: L0 itself runs its guest under VMX with EPT.
 pub const BASE: &[Feature] = &[Feature::Vmx, Feature::Ept];
 
-/// One scenario L0 can run.
+/// One scenario L0 can run: `ihmi_abi::Scenario` (the catalogue L0 and the guests are built from)
+/// with what it needs from the CPU model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Scenario {
+    pub scenario: ihmi_abi::Scenario,
     pub name: &'static str,
     /// CPU features the scenario needs; `ihmi` refuses a `--cpu` model that lacks one.
     pub requires: &'static [Feature],
 }
 
 impl Scenario {
-    pub const fn new(name: &'static str) -> Self {
+    /// The scenario and its needs: in-box monitoring needs VMFUNC for the gate; everything else,
+    /// the out-of-box baseline included, runs where VMX and EPT do.
+    pub const fn of(scenario: ihmi_abi::Scenario) -> Self {
         Scenario {
-            name,
-            requires: BASE,
+            scenario,
+            name: scenario.name(),
+            requires: match scenario.monitor_mode() {
+                Mode::InBox => IN_BOX,
+                Mode::None | Mode::OutBox => BASE,
+            },
         }
     }
 }
 
-/// What `ihmi test` runs, in order: the base scenarios, then the attack suite.
-pub const TEST_SCENARIOS: &[Scenario] = &ALL_TESTS;
+/// What `ihmi test` runs, in order: every scenario of `ihmi_abi::Scenario::ALL`.
+pub const TEST_SCENARIOS: [Scenario; ihmi_abi::Scenario::ALL.len()] = {
+    let all = ihmi_abi::Scenario::ALL;
+    let mut out = [DEMO; ihmi_abi::Scenario::ALL.len()];
+    let mut i = 0;
+    while i < out.len() {
+        out[i] = Scenario::of(all[i]);
+        i += 1;
+    }
+    out
+};
 
 /// The attack suite (`ihmi attacks`), one scenario per attack of `ihmi_abi::Attack::ALL`.
 pub const ATTACK_SCENARIOS: [Scenario; Attack::ALL.len()] = {
     let mut out = [DEMO; Attack::ALL.len()];
     let mut i = 0;
     while i < out.len() {
-        out[i] = Scenario {
-            name: Attack::ALL[i].scenario_name(),
-            requires: IN_BOX,
-        };
+        out[i] = Scenario::of(ihmi_abi::Scenario::Attack(Attack::ALL[i]));
         i += 1;
     }
     out
 };
-
-const TESTS_LEN: usize = BASE_SCENARIOS.len()
-    + BENCH_SCENARIOS.len()
-    + LINUX_BENCH_SCENARIOS.len()
-    + ATTACK_SCENARIOS.len();
-
-const ALL_TESTS: [Scenario; TESTS_LEN] = {
-    let mut out = [DEMO; TESTS_LEN];
-    let mut i = 0;
-    while i < BASE_SCENARIOS.len() {
-        out[i] = BASE_SCENARIOS[i];
-        i += 1;
-    }
-    let mut j = 0;
-    while j < BENCH_SCENARIOS.len() {
-        out[i + j] = BENCH_SCENARIOS[j];
-        j += 1;
-    }
-    while j < BENCH_SCENARIOS.len() + LINUX_BENCH_SCENARIOS.len() {
-        out[i + j] = LINUX_BENCH_SCENARIOS[j - BENCH_SCENARIOS.len()];
-        j += 1;
-    }
-    let mut k = 0;
-    while k < ATTACK_SCENARIOS.len() {
-        out[i + j + k] = ATTACK_SCENARIOS[k];
-        k += 1;
-    }
-    out
-};
-
-/// The scenarios before the attack suite. A new one is one line here; one that needs more than VMX +
-/// EPT says so, as `sim` does.
-const BASE_SCENARIOS: [Scenario; 12] = [
-    Scenario::new("boot"),
-    Scenario::new("ept-guard"),
-    Scenario::new("bad-hypercall"),
-    DEMO,
-    Scenario::new("entry-bad-control"),
-    Scenario::new("entry-bad-guest-state"),
-    Scenario {
-        name: "sim",
-        requires: IN_BOX,
-    },
-    // The out-of-box baseline needs no VMFUNC: it must run where in-box monitoring cannot.
-    Scenario::new("sim-outbox"),
-    // An unmodified Linux kernel (the `tiny` profile) to its /init and back out through L0.
-    Scenario::new("linux-boot"),
-    // The same with the in-box system-call monitor in front of the kernel's SYSCALL entry.
-    Scenario {
-        name: "linux-sim",
-        requires: IN_BOX,
-    },
-    // And a compromised root attacking it (its kernel command line says `ihmi.attack`).
-    Scenario {
-        name: "linux-attack",
-        requires: IN_BOX,
-    },
-    // The same two monitors out of the box (no VMFUNC needed).
-    Scenario::new("linux-sim-outbox"),
-];
 
 /// Kernel arguments a Linux scenario adds to the command line: the attack and benchmark scenarios
 /// tell their /init.
 pub fn kernel_args(name: &str) -> &'static str {
-    match name {
-        "linux-attack" => "ihmi.attack",
-        n if n.starts_with("linux-bench-") => "ihmi.bench",
+    match ihmi_abi::Scenario::from_name(name) {
+        Some(ihmi_abi::Scenario::LinuxAttack) => "ihmi.attack",
+        Some(ihmi_abi::Scenario::LinuxBench(_)) => "ihmi.bench",
         _ => "",
     }
 }
@@ -117,23 +72,17 @@ pub fn kernel_args(name: &str) -> &'static str {
 /// The Linux overhead benchmark, one scenario per mode (`ihmi bench --linux`); in `ihmi test` too,
 /// where L0 checks their structure.
 pub const LINUX_BENCH_SCENARIOS: [Scenario; 3] = [
-    Scenario::new("linux-bench-none"),
-    Scenario {
-        name: "linux-bench-inbox",
-        requires: IN_BOX,
-    },
-    Scenario::new("linux-bench-outbox"),
+    Scenario::of(ihmi_abi::Scenario::LinuxBench(Mode::None)),
+    Scenario::of(ihmi_abi::Scenario::LinuxBench(Mode::InBox)),
+    Scenario::of(ihmi_abi::Scenario::LinuxBench(Mode::OutBox)),
 ];
 
 /// The invocation benchmark, one scenario per mode (`ihmi bench`). They are in `ihmi test` too, where
 /// L0's verdict checks their structure (no exit in-box, two per call out of the box), never time.
 pub const BENCH_SCENARIOS: [Scenario; 3] = [
-    Scenario::new("bench-none"),
-    Scenario {
-        name: "bench-inbox",
-        requires: IN_BOX,
-    },
-    Scenario::new("bench-outbox"),
+    Scenario::of(ihmi_abi::Scenario::Bench(Mode::None)),
+    Scenario::of(ihmi_abi::Scenario::Bench(Mode::InBox)),
+    Scenario::of(ihmi_abi::Scenario::Bench(Mode::OutBox)),
 ];
 
 /// Whether `name` boots the Linux guest (and so needs its kernel and initramfs on the ISO).
@@ -142,18 +91,19 @@ pub fn is_linux(name: &str) -> bool {
 }
 
 /// Scenario pairs that run the same workload in-box and out of the box: `ihmi test` checks that the
-/// monitor's event streams are the same, but for the fields named (Linux randomises its processes'
-/// address spaces at every boot, so system-call arguments that are user pointers differ).
-pub const SAME_STREAM: &[(&str, &str, &[&str])] = &[
-    ("sim", "sim-outbox", &[]),
-    ("linux-sim", "linux-sim-outbox", &["args"]),
+/// monitor's event streams are the same, but for the arguments when the flag is set (Linux randomises
+/// its processes' address spaces at every boot, so system-call arguments that are user pointers
+/// differ).
+pub const SAME_STREAM: &[(&str, &str, bool)] = &[
+    ("sim", "sim-outbox", false),
+    ("linux-sim", "linux-sim-outbox", true),
 ];
 
 /// What in-box monitoring needs on top of [`BASE`]: VMFUNC EPTP switching for the gate.
 pub const IN_BOX: &[Feature] = &[Feature::Vmx, Feature::Ept, Feature::Vmfunc];
 
 /// The test guest's tour of L0 (every exit it can cause, L0's banner and counters).
-pub const DEMO: Scenario = Scenario::new("testguest-demo");
+pub const DEMO: Scenario = Scenario::of(ihmi_abi::Scenario::Demo);
 
 /// What `ihmi demo` runs: the `tiny` Linux with both monitors in the box.
 pub const LINUX_DEMO: &str = "linux-sim";

@@ -4,6 +4,7 @@ use core::fmt;
 
 use ihmi_abi::guest_os::COMM_LEN;
 use ihmi_abi::monitor::{Verdict, PATH_LEN};
+use ihmi_wire::{EventLine, Text};
 
 use crate::os::OsProfile;
 
@@ -157,61 +158,72 @@ impl Event {
         Self { tsc: 0, ..*self } == Self { tsc: 0, ..*other }
     }
 
-    /// Writes the event as one JSON object on one line (no newline). `mode` names how the monitor was
-    /// reached (`"inbox"`, `"outbox"`). Guest-supplied bytes (the process name) are escaped, so no
-    /// guest can end the line, close the object or add a field.
-    pub fn write_json(&self, w: &mut impl fmt::Write, mode: &str, os: &OsProfile) -> fmt::Result {
-        write!(w, "{{\"seq\":{},\"tsc\":{},\"mode\":", self.seq, self.tsc)?;
-        write_json_str(w, mode.as_bytes())?;
-        let Some(kind) = self.kind() else {
-            return write!(w, ",\"event\":\"invalid\",\"kind\":{}}}", self.kind);
-        };
-        write!(w, ",\"event\":\"{}\"", kind.name())?;
-        match kind {
-            EventKind::Syscall => {
-                write!(w, ",\"pid\":{},\"comm\":", self.pid)?;
-                write_json_str(w, comm_bytes(&self.comm))?;
-                write!(w, ",\"nr\":{},\"name\":", self.nr)?;
-                match os.syscall_name(self.nr) {
-                    Some(name) => write_json_str(w, name.as_bytes())?,
-                    None => w.write_str("null")?,
-                }
-                write!(
-                    w,
-                    ",\"args\":[{},{},{}]",
-                    self.args[0], self.args[1], self.args[2]
-                )?;
-            }
-            EventKind::ProcessCreate => {
-                write!(w, ",\"pid\":{},\"ppid\":{},\"comm\":", self.pid, self.ppid)?;
-                write_json_str(w, comm_bytes(&self.comm))?;
-            }
-            EventKind::Exec => {
-                write!(w, ",\"pid\":{},\"ppid\":{},\"comm\":", self.pid, self.ppid)?;
-                write_json_str(w, comm_bytes(&self.comm))?;
-                w.write_str(",\"filename\":")?;
-                write_json_str(w, nul_padded(&self.path))?;
-                if self.detail != 0 {
-                    w.write_str(",\"filename_truncated\":true")?;
-                }
-            }
-            EventKind::Rejected => {
-                let reason =
-                    RejectReason::from_raw(self.detail).map_or("unknown", RejectReason::name);
-                write!(
-                    w,
-                    ",\"reason\":\"{reason}\",\"code\":{},\"args\":[{},{},{},{}]",
-                    self.nr, self.args[0], self.args[1], self.args[2], self.args[3]
-                )?;
-            }
-        }
-        let verdict = match Verdict::from_raw(self.verdict as i64 as u64) {
+    /// The event as its `event|` line (`ihmi_wire::EventLine`). `mode` names how the monitor was
+    /// reached (`"inbox"`, `"outbox"`). Guest-supplied bytes (process and file names) are
+    /// [`Text::Bytes`], which the encoder escapes, so no guest can end the line, close the object or
+    /// add a field.
+    #[must_use]
+    pub fn line<'a>(&'a self, mode: &'a str, os: &'a OsProfile) -> EventLine<Text<'a>> {
+        let (seq, tsc, mode) = (self.seq, self.tsc, Text::Str(mode));
+        let verdict = Text::Str(match Verdict::from_raw(self.verdict as i64 as u64) {
             Some(Verdict::Allow) => "allow",
             Some(Verdict::Deny) => "deny",
             Some(Verdict::Rejected) => "rejected",
             None => "invalid",
+        });
+        let comm = Text::Bytes(comm_bytes(&self.comm));
+        let Some(kind) = self.kind() else {
+            return EventLine::Invalid {
+                seq,
+                tsc,
+                mode,
+                kind: u64::from(self.kind),
+            };
         };
-        write!(w, ",\"verdict\":\"{verdict}\"}}")
+        match kind {
+            EventKind::Syscall => EventLine::Syscall {
+                seq,
+                tsc,
+                mode,
+                pid: self.pid,
+                comm,
+                nr: self.nr,
+                name: os.syscall_name(self.nr).map(Text::Str),
+                args: [self.args[0], self.args[1], self.args[2]],
+                verdict,
+            },
+            EventKind::ProcessCreate => EventLine::ProcessCreate {
+                seq,
+                tsc,
+                mode,
+                pid: self.pid,
+                ppid: self.ppid,
+                comm,
+                verdict,
+            },
+            EventKind::Exec => EventLine::Exec {
+                seq,
+                tsc,
+                mode,
+                pid: self.pid,
+                ppid: self.ppid,
+                comm,
+                filename: Text::Bytes(nul_padded(&self.path)),
+                filename_truncated: self.detail != 0,
+                verdict,
+            },
+            EventKind::Rejected => EventLine::Rejected {
+                seq,
+                tsc,
+                mode,
+                reason: Text::Str(
+                    RejectReason::from_raw(self.detail).map_or("unknown", RejectReason::name),
+                ),
+                code: self.nr,
+                args: self.args,
+                verdict,
+            },
+        }
     }
 }
 
@@ -225,12 +237,12 @@ pub struct Json<'a> {
 
 impl fmt::Display for Json<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.event.write_json(f, self.mode, self.os)
+        ihmi_wire::Json(&self.event.line(self.mode, self.os)).fmt(f)
     }
 }
 
 impl Event {
-    /// The event as a [`fmt::Display`] JSON line (see [`Event::write_json`]).
+    /// The event as a [`fmt::Display`] JSON line (see [`Event::line`]).
     #[must_use]
     pub const fn json<'a>(&'a self, mode: &'a str, os: &'a OsProfile) -> Json<'a> {
         Json {
@@ -252,20 +264,6 @@ pub fn comm_bytes(comm: &[u8; COMM_LEN]) -> &[u8] {
 pub fn nul_padded(bytes: &[u8]) -> &[u8] {
     let len = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
     &bytes[..len]
-}
-
-/// A JSON string: printable ASCII as is (with `"` and `\` escaped), every other byte as `\u00XX`.
-fn write_json_str(w: &mut impl fmt::Write, bytes: &[u8]) -> fmt::Result {
-    w.write_char('"')?;
-    for &b in bytes {
-        match b {
-            b'"' => w.write_str("\\\"")?,
-            b'\\' => w.write_str("\\\\")?,
-            0x20..=0x7e => w.write_char(char::from(b))?,
-            _ => write!(w, "\\u{b:04x}")?,
-        }
-    }
-    w.write_char('"')
 }
 
 /// Slots in the ring.
@@ -365,7 +363,6 @@ impl EventRing {
 #[cfg(test)]
 mod tests {
     extern crate std;
-    use std::string::String;
 
     use super::*;
 
@@ -415,17 +412,12 @@ mod tests {
         let mut e = ev(EventKind::ProcessCreate, 7);
         e.ppid = 1;
         e.comm[..10].copy_from_slice(b"a\"}\n{\"x\\\x01\xff");
-        let mut out = String::new();
-        e.write_json(
-            &mut out,
-            "inbox",
-            &OsProfile::testguest(ihmi_addr::Gva::new(0)),
-        )
-        .unwrap();
+        let os = OsProfile::testguest(ihmi_addr::Gva::new(0));
+        let out = std::format!("{}", e.json("inbox", &os));
         assert!(!out.contains('\n'));
         assert_eq!(
             out,
-            r#"{"seq":0,"tsc":0,"mode":"inbox","event":"process_create","pid":7,"ppid":1,"comm":"a\"}\u000a{\"x\\\u0001\u00ff","verdict":"allow"}"#
+            "{\"event\":\"process_create\",\"seq\":0,\"tsc\":0,\"mode\":\"inbox\",\"pid\":7,\"ppid\":1,\"comm\":\"a\\\"}\\n{\\\"x\\\\\\u0001\u{ff}\",\"verdict\":\"allow\"}"
         );
     }
 
@@ -438,21 +430,19 @@ mod tests {
         e.args = [1, 2, 3, 4];
         e.seq = 5;
         e.tsc = 77;
-        let mut out = String::new();
-        e.write_json(&mut out, "outbox", &os).unwrap();
+        let mut out = std::format!("{}", e.json("outbox", &os));
         assert_eq!(
             out,
-            r#"{"seq":5,"tsc":77,"mode":"outbox","event":"syscall","pid":1,"comm":"init","nr":39,"name":"getpid","args":[1,2,3],"verdict":"allow"}"#
+            r#"{"event":"syscall","seq":5,"tsc":77,"mode":"outbox","pid":1,"comm":"init","nr":39,"name":"getpid","args":[1,2,3],"verdict":"allow"}"#
         );
         let mut r = ev(EventKind::Rejected, 0);
         r.detail = RejectReason::UnknownRequest as u16;
         r.nr = 0xdead;
         r.verdict = -1;
-        out.clear();
-        r.write_json(&mut out, "inbox", &os).unwrap();
+        out = std::format!("{}", r.json("inbox", &os));
         assert_eq!(
             out,
-            r#"{"seq":0,"tsc":0,"mode":"inbox","event":"rejected","reason":"unknown-request","code":57005,"args":[0,0,0,0],"verdict":"rejected"}"#
+            r#"{"event":"rejected","seq":0,"tsc":0,"mode":"inbox","reason":"unknown-request","code":57005,"args":[0,0,0,0],"verdict":"rejected"}"#
         );
     }
 

@@ -456,10 +456,9 @@ fn linux_exec_names_the_program_and_follows_the_allow_list() {
     assert_eq!((e[1].pid, e[1].ppid), (30, 1));
     assert_eq!(event::comm_bytes(&e[1].comm), b"sh");
     assert_eq!(event::nul_padded(&e[1].path), b"/tmp/intruder");
-    let mut json = std::string::String::new();
-    e[1].write_json(&mut json, "inbox", m.os()).unwrap();
+    let json = std::format!("{}", e[1].json("inbox", m.os()));
     assert!(
-        json.contains(r#""event":"exec","pid":30,"ppid":1,"comm":"sh","filename":"/tmp/intruder","verdict":"deny""#),
+        json.contains(r#""mode":"inbox","pid":30,"ppid":1,"comm":"sh","filename":"/tmp/intruder","verdict":"deny""#),
         "{json}"
     );
     assert_eq!(m.stats().denied, 1);

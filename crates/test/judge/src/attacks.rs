@@ -2,7 +2,7 @@
 //! the monitor intact? L0 prints the answer as one `attack|` JSON line and passes the scenario only when
 //! all three hold.
 
-use core::fmt::{self, Write};
+use core::fmt;
 
 use ihmi_abi::attack::{Attack, FLOOD_REQUESTS, FORGED_REQUEST};
 use ihmi_abi::monitor::Verdict as MonitorVerdict;
@@ -12,6 +12,8 @@ use ihmi_monitor::{EventKind, RejectReason};
 use ihmi_ept::ViewId;
 use ihmi_hv::guard::views::{GUEST_VIEW, MONITOR_VIEW};
 use ihmi_hv::{Alert, GuestEnd, RegionKind};
+
+use ihmi_wire::Text;
 
 use crate::ScenarioLog;
 
@@ -250,60 +252,44 @@ pub struct AttackLine<'a>(pub &'a AttackOutcome, pub &'a ScenarioLog);
 
 impl fmt::Display for AttackLine<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write_attack_json(f, self.0, self.1)
+        let (outcome, log) = (self.0, self.1);
+        let detail = Detail(outcome.attack, log);
+        let line = ihmi_wire::AttackLine {
+            attack: Text::Str(outcome.attack.name()),
+            item: u64::from(outcome.attack.brief_item()),
+            blocked: outcome.blocked,
+            reported: outcome.reported,
+            monitor_intact: outcome.monitor_intact,
+            detail: Text::Display(&detail),
+        };
+        ihmi_wire::Json(&line).fmt(f)
     }
 }
 
-fn write_attack_json(
-    w: &mut impl Write,
-    outcome: &AttackOutcome,
-    log: &ScenarioLog,
-) -> fmt::Result {
-    write!(
-        w,
-        "{{\"attack\":\"{}\",\"item\":{},\"blocked\":{},\"reported\":{},\"monitor_intact\":{},\"detail\":\"",
-        outcome.attack.name(),
-        outcome.attack.brief_item(),
-        outcome.blocked,
-        outcome.reported,
-        outcome.monitor_intact
-    )?;
-    let mut esc = JsonEscape(w);
-    write!(esc, "{}", defence(outcome.attack))?;
-    for alert in log.alerts() {
-        write!(esc, "; L0 alert {}", alert.name())?;
-    }
-    if log.monitor_dropped > 0 {
-        write!(
-            esc,
-            "; the monitor's ring dropped {} events",
-            log.monitor_dropped
-        )?;
-    }
-    let rejected = log.monitor_rejected;
-    if rejected > 0 {
-        write!(esc, "; the monitor rejected {rejected} requests")?;
-    }
-    match &log.end {
-        Some(end) => write!(esc, "; {end}")?,
-        None => esc.write_str("; the guest has not ended")?,
-    }
-    w.write_str("\"}")
-}
+/// The line's `detail`: the defence, then what the log says happened.
+struct Detail<'a>(Attack, &'a ScenarioLog);
 
-/// Escapes what passes through it for the inside of a JSON string.
-struct JsonEscape<'a, W: Write>(&'a mut W);
-
-impl<W: Write> Write for JsonEscape<'_, W> {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        for c in s.chars() {
-            match c {
-                '"' => self.0.write_str("\\\"")?,
-                '\\' => self.0.write_str("\\\\")?,
-                c if (c as u32) < 0x20 => write!(self.0, "\\u{:04x}", c as u32)?,
-                c => self.0.write_char(c)?,
-            }
+impl fmt::Display for Detail<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let log = self.1;
+        write!(f, "{}", defence(self.0))?;
+        for alert in log.alerts() {
+            write!(f, "; L0 alert {}", alert.name())?;
         }
-        Ok(())
+        if log.monitor_dropped > 0 {
+            write!(
+                f,
+                "; the monitor's ring dropped {} events",
+                log.monitor_dropped
+            )?;
+        }
+        let rejected = log.monitor_rejected;
+        if rejected > 0 {
+            write!(f, "; the monitor rejected {rejected} requests")?;
+        }
+        match &log.end {
+            Some(end) => write!(f, "; {end}"),
+            None => f.write_str("; the guest has not ended"),
+        }
     }
 }

@@ -11,6 +11,7 @@ use core::fmt::Write;
 use ihmi_abi::bench::{Bench, LINUX_MARK_PREFIX};
 use ihmi_abi::monitor::Mode;
 use ihmi_hv::BenchMark;
+use ihmi_wire::{BenchLine, BenchStart, BenchWindow, Json, Text};
 
 /// What L0 counts besides the guest's exits at a mark.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -95,7 +96,10 @@ impl Windows {
     ) -> Option<BenchResult> {
         if !mark.end {
             self.open = Some((mark, counts));
-            let _ = writeln!(out, "bench| {{\"start\":\"{}\"}}", mark.bench.name());
+            let start = BenchLine::Start(BenchStart {
+                start: Text::Str(mark.bench.name()),
+            });
+            let _ = writeln!(out, "bench| {}", Json(&start));
             return None;
         }
         let Some(start) = self.open.take().filter(|(s, _)| s.bench == mark.bench) else {
@@ -109,18 +113,18 @@ impl Windows {
         let r = window(start, (mark, counts));
         // Out of the box, two VMCS switches (to the monitor VM and back) per invocation.
         let vmcs_switches = if self.ctx.mode == Mode::OutBox { 2 } else { 0 };
-        let _ = writeln!(
-            out,
-            "bench| {{\"bench\":\"{}\",\"mode\":\"{}\",\"calls\":{},\"tsc\":{},\"exits\":{},\"invocations\":{},\"vmfuncs_per_invocation\":{},\"cr3_loads_per_invocation\":{},\"vmcs_switches_per_invocation\":{vmcs_switches}}}",
-            r.bench.name(),
-            self.ctx.mode.name(),
-            r.calls,
-            r.tsc,
-            r.exits,
-            r.invocations,
-            self.ctx.vmfuncs,
-            self.ctx.cr3_loads,
-        );
+        let line = BenchLine::Window(BenchWindow {
+            bench: Text::Str(r.bench.name()),
+            mode: Text::Str(self.ctx.mode.name()),
+            calls: r.calls,
+            tsc: r.tsc,
+            exits: r.exits,
+            invocations: r.invocations,
+            vmfuncs_per_invocation: self.ctx.vmfuncs,
+            cr3_loads_per_invocation: self.ctx.cr3_loads,
+            vmcs_switches_per_invocation: vmcs_switches,
+        });
+        let _ = writeln!(out, "bench| {}", Json(&line));
         Some(r)
     }
 }

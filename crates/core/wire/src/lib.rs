@@ -1,0 +1,265 @@
+//! The JSON lines L0 prints and the host reads back. One type per line, generic over the string type:
+//! the writer uses [`Text`], the reader `String`. See README.md.
+
+#![no_std]
+
+#[cfg(test)]
+extern crate std;
+
+#[cfg(feature = "std")]
+extern crate alloc;
+
+use core::fmt;
+
+use serde::{Deserialize, Serialize, Serializer};
+
+/// The longest line [`Json`] prints: the largest `event|` line (a 64-byte file name and a 16-byte
+/// process name, every byte escaped to six characters) takes well under half of it.
+pub const LINE_MAX: usize = 4096;
+
+/// A string on the writer's side.
+#[derive(Clone, Copy)]
+pub enum Text<'a> {
+    Str(&'a str),
+    /// Bytes a guest chose: each byte is written as the character of the same number, so every byte
+    /// string is valid text and reads back unchanged (as U+0000..=U+00FF).
+    Bytes(&'a [u8]),
+    /// Whatever a `Display` value prints (a verdict's explanation built from parts).
+    Display(&'a dyn fmt::Display),
+}
+
+impl fmt::Debug for Text<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", DisplayText(self))
+    }
+}
+
+impl<'a> From<&'a str> for Text<'a> {
+    fn from(s: &'a str) -> Self {
+        Self::Str(s)
+    }
+}
+
+/// A [`Text`]'s characters, for `collect_str`.
+struct DisplayText<'t, 'a>(&'t Text<'a>);
+
+impl fmt::Display for DisplayText<'_, '_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self.0 {
+            Text::Str(s) => f.write_str(s),
+            Text::Bytes(b) => b
+                .iter()
+                .try_for_each(|&b| fmt::Write::write_char(f, char::from(b))),
+            Text::Display(d) => d.fmt(f),
+        }
+    }
+}
+
+impl fmt::Debug for DisplayText<'_, '_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "\"{self}\"")
+    }
+}
+
+impl Serialize for Text<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&DisplayText(self))
+    }
+}
+
+/// A line's value as compact JSON, for `write!`. The value is encoded into a stack buffer first, so a
+/// line is printed whole or, if it would not fit [`LINE_MAX`], as `{"error":"line-too-long"}`.
+pub struct Json<'a, T: Serialize>(pub &'a T);
+
+impl<T: Serialize> fmt::Debug for Json<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl<T: Serialize> fmt::Display for Json<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut buf = [0u8; LINE_MAX];
+        match serde_json_core::to_slice(self.0, &mut buf) {
+            Ok(n) => f.write_str(core::str::from_utf8(&buf[..n]).map_err(|_| fmt::Error)?),
+            Err(_) => f.write_str(TOO_LONG),
+        }
+    }
+}
+
+/// What [`Json`] prints for a value that does not fit.
+pub const TOO_LONG: &str = r#"{"error":"line-too-long"}"#;
+
+/// The line an attack scenario ends with (`attack| {...}`), after L0's judge has seen the run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttackLine<S> {
+    /// The attack's name (`ihmi_abi::Attack::name`).
+    pub attack: S,
+    /// Its item number in BRIEF.md §4.
+    pub item: u64,
+    pub blocked: bool,
+    pub reported: bool,
+    pub monitor_intact: bool,
+    /// The defence and what happened: alerts, drops, refusals and how the guest ended.
+    pub detail: S,
+}
+
+impl<S> AttackLine<S> {
+    /// All three hold.
+    pub const fn passed(&self) -> bool {
+        self.blocked && self.reported && self.monitor_intact
+    }
+}
+
+/// A benchmark window's first mark (`bench| {"start":...}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BenchStart<S> {
+    pub start: S,
+}
+
+/// A benchmark window's result (`bench| {...}`), the counts L0 measured between the two marks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BenchWindow<S> {
+    /// The benchmark (`ihmi_abi::Bench::name`).
+    pub bench: S,
+    /// How the monitor was reached (`ihmi_abi::monitor::Mode::name`).
+    pub mode: S,
+    /// Operations in the window.
+    pub calls: u64,
+    /// The guest's time-stamp-counter delta over the window (Bochs: instructions retired).
+    pub tsc: u64,
+    pub exits: u64,
+    /// Monitor invocations the monitor counted.
+    pub invocations: u64,
+    pub vmfuncs_per_invocation: u64,
+    pub cr3_loads_per_invocation: u64,
+    pub vmcs_switches_per_invocation: u64,
+}
+
+/// Either `bench|` line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "std", derive(Deserialize))]
+#[serde(untagged)]
+pub enum BenchLine<S> {
+    Start(BenchStart<S>),
+    Window(BenchWindow<S>),
+}
+
+/// One monitor event (`event| {...}`), as L0 prints it while draining the monitor's ring. `seq` is the
+/// monitor's sequence number, `tsc` and `mode` say when and how it was observed (not what happened).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "std", derive(Deserialize))]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum EventLine<S> {
+    /// A system call the system-call monitor saw.
+    Syscall {
+        seq: u64,
+        tsc: u64,
+        mode: S,
+        pid: u32,
+        comm: S,
+        nr: u64,
+        /// The call's name in the guest's profile, `null` for a number it does not know.
+        name: Option<S>,
+        args: [u64; 3],
+        verdict: S,
+    },
+    /// A process the process-creation monitor saw created.
+    ProcessCreate {
+        seq: u64,
+        tsc: u64,
+        mode: S,
+        pid: u32,
+        ppid: u32,
+        comm: S,
+        verdict: S,
+    },
+    /// A program start (execve) and the allow-list's verdict.
+    Exec {
+        seq: u64,
+        tsc: u64,
+        mode: S,
+        pid: u32,
+        ppid: u32,
+        comm: S,
+        filename: S,
+        /// The file name was longer than the event holds.
+        #[serde(default, skip_serializing_if = "is_false")]
+        filename_truncated: bool,
+        verdict: S,
+    },
+    /// A request the monitor's checkpoint refused.
+    Rejected {
+        seq: u64,
+        tsc: u64,
+        mode: S,
+        reason: S,
+        code: u64,
+        args: [u64; 4],
+        verdict: S,
+    },
+    /// A ring slot whose kind the writer does not know.
+    Invalid {
+        seq: u64,
+        tsc: u64,
+        mode: S,
+        kind: u64,
+    },
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+const fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+impl<S> EventLine<S> {
+    /// The event's sequence number.
+    pub const fn seq(&self) -> u64 {
+        match self {
+            Self::Syscall { seq, .. }
+            | Self::ProcessCreate { seq, .. }
+            | Self::Exec { seq, .. }
+            | Self::Rejected { seq, .. }
+            | Self::Invalid { seq, .. } => *seq,
+        }
+    }
+}
+
+#[cfg(feature = "std")]
+impl EventLine<alloc::string::String> {
+    /// What the event says about the guest, with how and when it was observed (`tsc`, `mode`) set
+    /// aside, and with the arguments set aside too when `args_aside` (two monitors that read them at
+    /// different points may disagree on them).
+    #[must_use]
+    pub fn observation(&self, args_aside: bool) -> Self {
+        let mut e = self.clone();
+        match &mut e {
+            Self::Syscall {
+                tsc, mode, args, ..
+            } => {
+                (*tsc, *mode) = (0, alloc::string::String::new());
+                if args_aside {
+                    *args = [0; 3];
+                }
+            }
+            Self::Rejected {
+                tsc, mode, args, ..
+            } => {
+                (*tsc, *mode) = (0, alloc::string::String::new());
+                if args_aside {
+                    *args = [0; 4];
+                }
+            }
+            Self::ProcessCreate { tsc, mode, .. }
+            | Self::Exec { tsc, mode, .. }
+            | Self::Invalid { tsc, mode, .. } => {
+                (*tsc, *mode) = (0, alloc::string::String::new());
+            }
+        }
+        e
+    }
+}
+
+#[cfg(test)]
+mod tests;
