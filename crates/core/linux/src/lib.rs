@@ -164,7 +164,8 @@ impl<'a> Kernel<'a> {
     }
 
     /// Chooses the load address: `pref_address` if `fits(address, span)`, else, for a relocatable
-    /// kernel, the lowest address above it at the kernel's alignment that fits (below 4 GiB). `None`
+    /// kernel, the lowest address above it at the kernel's alignment (at least 2 MiB) that fits
+    /// (below 4 GiB). `None`
     /// if nothing fits. A relocated 64-bit kernel keeps its virtual addresses: its image mapping then
     /// starts at `load_address - pref_address` ([`Kernel::phys_offset`]).
     pub fn place(&mut self, fits: impl Fn(u64, u64) -> bool) -> Option<u64> {
@@ -177,13 +178,17 @@ impl<'a> Kernel<'a> {
         if !self.relocatable || !align.is_power_of_two() {
             return None;
         }
-        let mut at = self.pref_address.next_multiple_of(align);
-        while at + span <= 1 << 32 {
+        // Candidates step by at least 2 MiB (a multiple of any smaller power of two, and the least
+        // alignment an x86-64 kernel is built with), so a header claiming 1-byte alignment cannot
+        // make the search billions of steps long.
+        let step = align.max(MIN_RELOCATION_STEP);
+        let mut at = self.pref_address.checked_next_multiple_of(step)?;
+        while at.checked_add(span).is_some_and(|end| end <= 1 << 32) {
             if fits(at, span) {
                 self.load_address = at;
                 return Some(at);
             }
-            at += align;
+            at += step;
         }
         None
     }
@@ -194,6 +199,10 @@ impl<'a> Kernel<'a> {
         self.load_address - self.pref_address
     }
 }
+
+/// The smallest step [`Kernel::place`] searches by: x86-64's `CONFIG_PHYSICAL_ALIGN` is a multiple of
+/// 2 MiB.
+pub const MIN_RELOCATION_STEP: u64 = 0x20_0000;
 
 /// The `setup_data` type ihmi uses for the gate's pages: not one the kernel knows (boot.rst lists 1 to
 /// 9 and `SETUP_INDIRECT`), so it only reserves the range and keeps it in its direct map.
@@ -372,6 +381,13 @@ mod tests {
         let mut k = Kernel::parse(&img).unwrap();
         assert_eq!(k.place(|_, _| true), Some(0x100_0000));
         assert_eq!(k.phys_offset(), 0);
+        // A header claiming 1-byte alignment is searched in 2 MiB steps (the fuzzer found the
+        // byte-by-byte search taking seconds), and nothing that fits is a refusal, quickly.
+        img[0x230..0x234].copy_from_slice(&1u32.to_le_bytes());
+        let mut k = Kernel::parse(&img).unwrap();
+        assert_eq!(k.place(fits), Some(0x160_0000));
+        let mut k = Kernel::parse(&img).unwrap();
+        assert_eq!(k.place(|_, _| false), None);
     }
 
     #[test]

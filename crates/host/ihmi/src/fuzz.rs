@@ -28,6 +28,10 @@ pub const DEFAULT_SECONDS: u64 = 20;
 /// The cargo-fuzz release the project uses (BRIEF.md §3: it builds from crates.io here).
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
+/// Seconds one input may take before libFuzzer calls it a hang and fails the run: a loop a header
+/// field controls (the fuzzer found one in `Kernel::place`), not slowness.
+const UNIT_TIMEOUT_SECS: u64 = 5;
+
 /// One target's result.
 #[derive(Debug)]
 pub struct Outcome {
@@ -137,6 +141,7 @@ pub fn run(layout: &Layout, target: &'static str, seconds: u64) -> Result<Outcom
         .arg(format!("-max_total_time={seconds}"))
         .arg(format!("-artifact_prefix={}/", artifacts.display()))
         .arg("-rss_limit_mb=2048")
+        .arg(format!("-timeout={UNIT_TIMEOUT_SECS}"))
         .output()
         .context("could not run cargo fuzz")?;
     let elapsed = started.elapsed();

@@ -98,10 +98,11 @@ enum Cmd {
         #[arg(long, value_enum, default_value_t = linux::Profile::Tiny)]
         profile: linux::Profile,
     },
-    /// Run the host unit tests, every fuzz target for a fixed time, then every Bochs scenario; exit
-    /// non-zero if anything failed
+    /// Run the host unit tests, every fuzz target for a fixed time, the Bochs harness's own tests,
+    /// then every Bochs scenario the CPU model can run (the others are refused before booting, with
+    /// the reason); exit non-zero if anything failed
     Test {
-        /// Skip `cargo test --workspace`
+        /// Skip `cargo test --workspace` and the Bochs harness's tests
         #[arg(long)]
         no_unit: bool,
         /// Skip the fuzz targets
@@ -555,26 +556,9 @@ fn test(
     fuzz_seconds: Option<u64>,
     only: Option<&str>,
 ) -> Result<ExitCode> {
-    let selected: Vec<&Scenario> = match only {
-        None => scenario::TEST_SCENARIOS.iter().collect(),
-        Some(name) => match scenario::TEST_SCENARIOS.iter().find(|s| s.name == name) {
-            Some(s) => vec![s],
-            None => bail!(
-                "no test scenario `{name}`; the scenarios are: {}",
-                scenario::test_names()
-            ),
-        },
-    };
-    // Refuse the model before spending minutes on unit tests.
-    let mut model = None;
-    for s in &selected {
-        model = Some(cpu::select(
-            cpu_name,
-            s.requires,
-            &format!("scenario {}", s.name),
-        )?);
-    }
-    let model = model.context("no scenarios selected")?;
+    // Refuse what the model cannot run before spending minutes on unit tests.
+    let plan = plan_tests(cpu_name, only)?;
+    let (model, selected) = (plan.model, plan.run);
     let layout = Layout::discover()?;
     bochs::install_interrupt_handler()?;
 
@@ -669,11 +653,81 @@ fn test(
         }
     }
 
-    println!("{passed} passed, {failed} failed");
+    for (s, why) in &plan.refused {
+        println!("[ihmi] scenario {}: REFUSED before booting: {why}", s.name);
+    }
+    if plan.refused.is_empty() {
+        println!("{passed} passed, {failed} failed");
+    } else {
+        println!(
+            "{passed} passed, {failed} failed, {} refused (cpu {} cannot run them)",
+            plan.refused.len(),
+            model.name
+        );
+    }
     Ok(if failed == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    })
+}
+
+/// What `ihmi test` will run on a model, and what it refuses up front, each with its reason.
+#[derive(Debug)]
+struct TestPlan {
+    model: &'static cpu::CpuModel,
+    run: Vec<&'static Scenario>,
+    refused: Vec<(&'static Scenario, String)>,
+}
+
+/// Splits the test scenarios (or the one `only` names) into those the model can run and those it
+/// cannot, with why. One scenario asked for by name that the model cannot run is an error, as is a
+/// model that can run none.
+fn plan_tests(cpu_name: &str, only: Option<&str>) -> Result<TestPlan> {
+    let selected: Vec<&'static Scenario> = match only {
+        None => scenario::TEST_SCENARIOS.iter().collect(),
+        Some(name) => match scenario::TEST_SCENARIOS.iter().find(|s| s.name == name) {
+            Some(s) => {
+                let model = cpu::select(cpu_name, s.requires, &format!("scenario {}", s.name))?;
+                return Ok(TestPlan {
+                    model,
+                    run: vec![s],
+                    refused: Vec::new(),
+                });
+            }
+            None => bail!(
+                "no test scenario `{name}`; the scenarios are: {}",
+                scenario::test_names()
+            ),
+        },
+    };
+    let model = cpu::select(cpu_name, &[], "ihmi test")?;
+    let (run, refused): (Vec<_>, Vec<_>) = selected
+        .into_iter()
+        .partition(|s| model.missing(s.requires).is_empty());
+    let refused: Vec<_> = refused
+        .into_iter()
+        .map(|s: &'static Scenario| {
+            let missing: Vec<String> = model
+                .missing(s.requires)
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            let why = format!("cpu {} has no {}", model.name, missing.join(" and no "));
+            (s, why)
+        })
+        .collect();
+    if run.is_empty() {
+        bail!(
+            "cpu {} can run none of the test scenarios: {}",
+            model.name,
+            refused.first().map_or("", |(_, why)| why.as_str())
+        );
+    }
+    Ok(TestPlan {
+        model,
+        run,
+        refused,
     })
 }
 
@@ -715,6 +769,27 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("ihmi").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn a_model_without_vmfunc_refuses_in_box_scenarios_up_front() {
+        let all = plan_tests("tigerlake", None).unwrap();
+        assert!(all.refused.is_empty());
+        assert_eq!(all.run.len(), scenario::TEST_SCENARIOS.len());
+        let ivy = plan_tests("corei7_ivy_bridge_3770k", None).unwrap();
+        assert!(!ivy.refused.is_empty() && !ivy.run.is_empty());
+        for (s, why) in &ivy.refused {
+            assert!(s.requires.contains(&cpu::Feature::Vmfunc), "{}", s.name);
+            assert!(why.contains("has no VMFUNC"), "{why}");
+        }
+        assert!(ivy.run.iter().all(|s| s.name != "sim"));
+        assert!(ivy.run.iter().any(|s| s.name == "sim-outbox"));
+        // One scenario by name that the model cannot run, or a model that can run none: an error.
+        assert!(plan_tests("corei7_ivy_bridge_3770k", Some("sim")).is_err());
+        assert!(plan_tests("corei7_ivy_bridge_3770k", Some("sim-outbox")).is_ok());
+        let none = plan_tests("bx_generic", None).unwrap_err().to_string();
+        assert!(none.contains("none of the test scenarios"), "{none}");
+        assert!(plan_tests("no-such-cpu", None).is_err());
     }
 
     #[test]

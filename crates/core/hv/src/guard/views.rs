@@ -102,7 +102,7 @@ pub fn build_guest_view(
         view.map_identity(alloc, range.start, range.len(), perm, memtype)?;
     }
     if let Some(m) = monitor {
-        // A Linux guest's gate opens at its first system call (`crate::linux_hooks`).
+        // A Linux guest's gate opens at its first system call (`crate::linux::gate`).
         let gate = if m.linux.is_some() {
             Perm::READ
         } else {

@@ -1,5 +1,5 @@
 //! The Linux overhead benchmark's guest side (`ihmi bench --linux`): two loops, each between two marks
-//! on port 0xE9 that L0 turns into a window (`ihmi_hv::bench::parse_linux_mark`):
+//! on port 0xE9 that L0 turns into a window (`ihmi_judge::bench::parse_linux_mark`):
 //! - linux-syscall: `getpid` and a 64-byte `read` of /dev/zero, `LINUX_SYSCALL_OPS` times;
 //! - linux-fork-exec: `fork`, `execv("/bin/true")` in the child, `waitpid` in the parent,
 //!   `LINUX_FORK_EXECS` times.

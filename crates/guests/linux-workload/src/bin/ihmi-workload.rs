@@ -1,5 +1,5 @@
 //! The Linux guest's known program: three system calls in a fixed order (getppid, getuid, getgid), so
-//! the monitor's events can be checked against what it did (`ihmi_hv::scenario::LINUX_WORKLOAD`).
+//! the monitor's events can be checked against what it did (`ihmi_judge::scenario::LINUX_WORKLOAD`).
 
 fn main() {
     // SAFETY: getppid takes no arguments, touches no memory and cannot fail.
