@@ -149,7 +149,7 @@ impl fmt::Display for LoadError {
                 relocatable,
             } => write!(
                 f,
-                "the kernel wants {want:#x}..{:#x} (init_size), which is not all guest RAM, and {}; boot with more memory",
+                "the kernel wants {want:#x}..{:#x} (init_size), which is not all guest RAM, and {}; give the guest more memory, or smaller boot modules (GRUB loads them below the kernel)",
                 want + span,
                 if *relocatable {
                     "no other aligned place below 4 GiB is"

@@ -95,3 +95,44 @@ fn monitor_vm_exits_other_than_its_verdict_are_faults() {
         }
     ));
 }
+
+/// The acceptance rule of the VMX layer, kept by a test: outside `ihmi-vmcs` (which decodes) and
+/// `ihmi-vmx` (which reads the VMCS), no source of the exit policy, the judges or L0 names a raw
+/// VM-exit information field. They see `VmExit`. Test doubles, which must set raw fields to fake an
+/// exit, are exempt.
+#[test]
+fn no_raw_exit_field_is_read_outside_the_vmx_layer() {
+    use std::path::{Path, PathBuf};
+    fn sources(dir: &Path, out: &mut std::vec::Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                sources(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+    let crates = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut files = std::vec::Vec::new();
+    for dir in [
+        "core/hv/src",
+        "test/judge/src",
+        "l0/src",
+        "monitor/core/src",
+    ] {
+        sources(&crates.join(dir), &mut files);
+    }
+    assert!(files.len() > 20, "found the sources");
+    let doubles = ["tests.rs", "mock.rs", "testing.rs"];
+    for file in files {
+        if doubles.iter().any(|d| file.ends_with(d)) {
+            continue;
+        }
+        let text = std::fs::read_to_string(&file).unwrap();
+        for (n, line) in text.lines().enumerate() {
+            let raw = line.contains("fields::ro") || line.contains("ro::");
+            assert!(!raw, "{}:{}: raw exit field: {line}", file.display(), n + 1);
+        }
+    }
+}

@@ -140,12 +140,14 @@ pub fn build_bare(layout: &Layout) -> Result<()> {
 
 /// GRUB's config for one scenario: boot L0 with the scenario on its command line, and the test guest and
 /// the monitor image as multiboot2 modules (L0 loads the monitor only for scenarios that use it). A
-/// Linux scenario adds the kernel, with its command line after the word `linux`, and the initramfs.
+/// Linux scenario adds the kernel, with its command line after the word `linux`, and the initramfs,
+/// which GRUB must pass on compressed (`--nounzip`; it would inflate it otherwise, below the tiny
+/// kernel's fixed 16 MiB) and the kernel inflates itself.
 pub fn grub_cfg(scenario: &str, linux_cmdline: Option<&str>, allow: Option<&str>) -> String {
     let allow = allow.map_or(String::new(), |a| format!(" allow={a}"));
     let linux = linux_cmdline.map_or(String::new(), |c| {
         format!(
-            "module2 /boot/bzImage linux {c}\n    module2 /boot/initrd.cpio initrd\n    \
+            "module2 /boot/bzImage linux {c}\n    module2 --nounzip /boot/initrd.cpio.gz initrd\n    \
              module2 /boot/linux-profile.txt linux-profile\n    "
         )
     });
@@ -186,7 +188,7 @@ pub fn make_iso(
             )
         })?;
     }
-    for name in ["bzImage", "initrd.cpio", "linux-profile.txt"] {
+    for name in ["bzImage", "initrd.cpio.gz", "linux-profile.txt"] {
         let _ = fs::remove_file(boot.join(name));
     }
     if let Some(l) = linux {
@@ -195,7 +197,7 @@ pub fn make_iso(
         }
         for (from, to) in [
             (&l.kernel, "bzImage"),
-            (&l.initrd, "initrd.cpio"),
+            (&l.initrd, "initrd.cpio.gz"),
             (&l.profile, "linux-profile.txt"),
         ] {
             fs::copy(from, boot.join(to))
@@ -255,7 +257,7 @@ mod tests {
             linux.contains("multiboot2 /boot/ihmi-l0.elf scenario=linux-sim allow=busybox,exe\n")
         );
         assert!(linux.contains(
-            "    module2 /boot/bzImage linux console=ttyS0 nokaslr\n    module2 /boot/initrd.cpio initrd\n    module2 /boot/linux-profile.txt linux-profile\n    boot\n"
+            "    module2 /boot/bzImage linux console=ttyS0 nokaslr\n    module2 --nounzip /boot/initrd.cpio.gz initrd\n    module2 /boot/linux-profile.txt linux-profile\n    boot\n"
         ));
         assert_eq!(
             grub_cfg("ept-guard", None, None),
