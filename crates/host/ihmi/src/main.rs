@@ -17,6 +17,7 @@ mod symbols;
 mod template;
 mod verdict;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -558,31 +559,25 @@ fn test(
 ) -> Result<ExitCode> {
     // Refuse what the model cannot run before spending minutes on unit tests.
     let plan = plan_tests(cpu_name, only)?;
-    let (model, selected) = (plan.model, plan.run);
     let layout = Layout::discover()?;
     bochs::install_interrupt_handler()?;
 
-    let mut passed = 0usize;
-    let mut failed = 0usize;
+    let mut tally = Tally::default();
     if !no_unit {
         let started = Instant::now();
         let ok = unit_tests(&layout)?;
         let secs = started.elapsed().as_secs_f64();
         let word = if ok { "PASS" } else { "FAIL" };
         println!("[ihmi] unit tests (cargo test --workspace): {word} ({secs:.1} s)");
-        if ok {
-            passed += 1;
-        } else {
-            failed += 1;
-        }
+        tally.record(ok);
     }
     if let Some(seconds) = fuzz_seconds {
         let (p, f) = fuzz_checks(&layout, seconds, fuzz::TARGETS);
-        passed += p;
-        failed += f;
+        tally.passed += p;
+        tally.failed += f;
     }
 
-    let names: Vec<&str> = selected.iter().map(|s| s.name).collect();
+    let names: Vec<&str> = plan.run.iter().map(|s| s.name).collect();
     match build_images(&layout, &names, &linux::GuestOptions::default()) {
         Err(err) => {
             // Every scenario fails without images; say why once and keep the summary honest.
@@ -590,79 +585,30 @@ fn test(
             for name in &names {
                 println!("[ihmi] scenario {name}: FAIL (0.0 s): images were not built");
             }
-            failed += names.len();
+            tally.failed += names.len();
         }
         Ok(built) => {
             // The Bochs harness's own tests need Bochs and GRUB, which building the images has just
             // made sure of.
             if !no_unit {
-                if harness_tests(&layout)? {
-                    passed += 1;
-                } else {
-                    failed += 1;
-                }
+                tally.record(harness_tests(&layout)?);
             }
-            let symbols = built.symbols;
-            let opts = batch_options(model);
-            let mut outputs = std::collections::HashMap::new();
-            for name in &names {
-                eprintln!("[ihmi] running scenario {name} (cpu {})", model.name);
-                match bochs::run(&layout, name, &opts) {
-                    Ok(report) => {
-                        print_result(&layout, name, &report, symbols.as_ref());
-                        if report.verdict.is_pass() {
-                            passed += 1;
-                            outputs.insert(*name, report.e9);
-                        } else {
-                            failed += 1;
-                        }
-                    }
-                    Err(err) => {
-                        println!("[ihmi] scenario {name}: FAIL (0.0 s): {err:#}");
-                        failed += 1;
-                    }
-                }
-            }
-            // The in-box and out-of-box monitors must see the same events for the same workload.
-            for &(a, b, args_aside) in scenario::SAME_STREAM {
-                if !(names.contains(&a) && names.contains(&b)) {
-                    continue;
-                }
-                let check = match (outputs.get(a), outputs.get(b)) {
-                    (Some(x), Some(y)) => events::same_stream(a, x, b, y, args_aside),
-                    _ => Err(anyhow::anyhow!(
-                        "{a} or {b} failed, so there is nothing to compare"
-                    )),
-                };
-                match check {
-                    Ok(n) => {
-                        let aside = if args_aside {
-                            "tsc, mode, args"
-                        } else {
-                            "tsc, mode"
-                        };
-                        println!("[ihmi] check {a} = {b} ({n} events, {aside} aside): PASS");
-                        passed += 1;
-                    }
-                    Err(e) => {
-                        println!("[ihmi] check {a} = {b}: FAIL: {e:#}");
-                        failed += 1;
-                    }
-                }
-            }
+            let outputs = run_scenarios(&layout, plan.model, &names, &built, &mut tally);
+            same_stream_checks(&names, &outputs, &mut tally);
         }
     }
 
     for (s, why) in &plan.refused {
         println!("[ihmi] scenario {}: REFUSED before booting: {why}", s.name);
     }
+    let (passed, failed) = (tally.passed, tally.failed);
     if plan.refused.is_empty() {
         println!("{passed} passed, {failed} failed");
     } else {
         println!(
             "{passed} passed, {failed} failed, {} refused (cpu {} cannot run them)",
             plan.refused.len(),
-            model.name
+            plan.model.name
         );
     }
     Ok(if failed == 0 {
@@ -670,6 +616,83 @@ fn test(
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Checks passed and failed so far.
+#[derive(Debug, Default)]
+struct Tally {
+    passed: usize,
+    failed: usize,
+}
+
+impl Tally {
+    fn record(&mut self, ok: bool) {
+        if ok {
+            self.passed += 1;
+        } else {
+            self.failed += 1;
+        }
+    }
+}
+
+/// Boots each scenario in turn; returns the E9 output of those that passed.
+fn run_scenarios<'n>(
+    layout: &Layout,
+    model: &'static cpu::CpuModel,
+    names: &[&'n str],
+    built: &Built,
+    tally: &mut Tally,
+) -> HashMap<&'n str, String> {
+    let opts = batch_options(model);
+    let mut outputs = HashMap::new();
+    for name in names {
+        eprintln!("[ihmi] running scenario {name} (cpu {})", model.name);
+        match bochs::run(layout, name, &opts) {
+            Ok(report) => {
+                print_result(layout, name, &report, built.symbols.as_ref());
+                tally.record(report.verdict.is_pass());
+                if report.verdict.is_pass() {
+                    outputs.insert(*name, report.e9);
+                }
+            }
+            Err(err) => {
+                println!("[ihmi] scenario {name}: FAIL (0.0 s): {err:#}");
+                tally.record(false);
+            }
+        }
+    }
+    outputs
+}
+
+/// The in-box and out-of-box monitors must see the same events for the same workload: one check
+/// per pair of `scenario::SAME_STREAM` that ran.
+fn same_stream_checks(names: &[&str], outputs: &HashMap<&str, String>, tally: &mut Tally) {
+    for &(a, b, args_aside) in scenario::SAME_STREAM {
+        if !(names.contains(&a) && names.contains(&b)) {
+            continue;
+        }
+        let check = match (outputs.get(a), outputs.get(b)) {
+            (Some(x), Some(y)) => events::same_stream(a, x, b, y, args_aside),
+            _ => Err(anyhow::anyhow!(
+                "{a} or {b} failed, so there is nothing to compare"
+            )),
+        };
+        match check {
+            Ok(n) => {
+                let aside = if args_aside {
+                    "tsc, mode, args"
+                } else {
+                    "tsc, mode"
+                };
+                println!("[ihmi] check {a} = {b} ({n} events, {aside} aside): PASS");
+                tally.record(true);
+            }
+            Err(e) => {
+                println!("[ihmi] check {a} = {b}: FAIL: {e:#}");
+                tally.record(false);
+            }
+        }
+    }
 }
 
 /// What `ihmi test` will run on a model, and what it refuses up front, each with its reason.

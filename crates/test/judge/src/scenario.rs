@@ -414,95 +414,9 @@ fn check(
             check_cpuid(log)?;
             expect_ping(log)
         }
-        Scenario::EptGuard => {
-            if probe_region != Some(RegionKind::L0) {
-                return Err(FailReason::ProbeNotL0Owned);
-            }
-            match log.end {
-                None => Err(FailReason::NotEnded),
-                Some(GuestEnd::EptViolation {
-                    gpa,
-                    region: Some(RegionKind::L0),
-                    qualification,
-                    ..
-                }) if gpa.align_down(PAGE_SIZE) == probe.align_down(PAGE_SIZE)
-                    && qualification.read() =>
-                {
-                    Ok(())
-                }
-                Some(got) => Err(FailReason::WrongEnd {
-                    expected: "an EPT violation reading the L0-owned probe frame",
-                    got,
-                }),
-            }
-        }
-        Scenario::BadHypercall => {
-            expect_done_zero(log)?;
-            // The guest prints between the cases; its successful console writes are not part of the
-            // battery (every case in it must be rejected), so they are left out before comparing.
-            let console_ok = (Hypercall::ConsoleWrite as u64, Status::Ok);
-            let mut calls = [(0u64, Status::Ok); MAX_HYPERCALLS];
-            let mut n = 0;
-            for call in log.hypercalls().iter().filter(|c| **c != console_ok) {
-                calls[n] = *call;
-                n += 1;
-            }
-            let calls = &calls[..n];
-            for (index, &(_, expected)) in BAD_HYPERCALL_CASES.iter().enumerate() {
-                let got = calls.get(index).map(|c| c.1);
-                if got != Some(expected) {
-                    return Err(FailReason::HypercallStatus {
-                        index,
-                        expected,
-                        got,
-                    });
-                }
-            }
-            // After the battery L0 must still answer a well-formed call.
-            let next = calls.get(BAD_HYPERCALL_CASES.len()).copied();
-            if next != Some((Hypercall::Ping as u64, Status::Ok)) {
-                return Err(FailReason::HypercallStatus {
-                    index: BAD_HYPERCALL_CASES.len(),
-                    expected: Status::Ok,
-                    got: next.map(|c| c.1),
-                });
-            }
-            Ok(())
-        }
-        Scenario::Demo => {
-            match log.end {
-                None => return Err(FailReason::NotEnded),
-                Some(GuestEnd::ShutdownRequest) => {}
-                Some(GuestEnd::Done(code)) if code != 0 => {
-                    return Err(FailReason::GuestCheckFailed(code))
-                }
-                Some(got) => {
-                    return Err(FailReason::WrongEnd {
-                        expected: "a shutdown request on port 0x8900",
-                        got,
-                    })
-                }
-            }
-            check_cpuid(log)?;
-            expect_ping(log)?;
-            for reason in [
-                ExitReason::Cpuid,
-                ExitReason::Vmcall,
-                ExitReason::IoInstruction,
-                ExitReason::Rdmsr,
-                ExitReason::Wrmsr,
-                ExitReason::Hlt,
-                ExitReason::ExceptionOrNmi,
-            ] {
-                if counters.get(reason) == 0 {
-                    return Err(FailReason::MissingExit(reason));
-                }
-            }
-            if counters.exceptions(3) == 0 {
-                return Err(FailReason::MissingException(3));
-            }
-            Ok(())
-        }
+        Scenario::EptGuard => check_ept_guard(log, probe, probe_region),
+        Scenario::BadHypercall => check_bad_hypercalls(log),
+        Scenario::Demo => check_demo(log, counters),
         Scenario::EntryBadControl | Scenario::EntryBadGuestState => {
             Err(FailReason::EntryDidNotFail)
         }
@@ -510,52 +424,8 @@ fn check(
         // Linux booted, ran our /init, and /init's last program wrote its line on the debug port and
         // asked for the power-off L0 intercepts.
         Scenario::LinuxBoot => linux_run_ended_well(log),
-        // And the monitors (in front of the kernel's SYSCALL entry, and in its exec path) saw the
-        // workload's program start and its calls, from the right process, and refused the intruder,
-        // with nothing rejected; in the box or out of it.
-        Scenario::LinuxSim | Scenario::LinuxSimOutbox => {
-            linux_run_ended_well(log)?;
-            if log.monitor_rejected != 0 {
-                return Err(FailReason::ExtraMonitorEvents(
-                    log.monitor_rejected as usize,
-                ));
-            }
-            if log.linux_trail.complete() {
-                Ok(())
-            } else {
-                Err(FailReason::WorkloadNotSeen(log.linux_trail))
-            }
-        }
-        // The compromised root's two moves: the LSTAR write refused by L0 (an alert), and the /dev/mem
-        // read of the monitor stopped by the guest view (an EPT violation on a monitor frame, in view 0,
-        // which ends the guest).
-        Scenario::LinuxAttack => {
-            let refused = log
-                .alerts()
-                .iter()
-                .any(|a| matches!(a, Alert::LstarWriteRefused { .. }));
-            if !refused {
-                return Err(FailReason::AttackNotBlocked(
-                    "moving IA32_LSTAR off the gate",
-                ));
-            }
-            match log.end {
-                None => Err(FailReason::NotEnded),
-                Some(GuestEnd::EptViolation {
-                    region: Some(RegionKind::Monitor),
-                    qualification,
-                    view: Some(ihmi_hv::guard::views::GUEST_VIEW),
-                    ..
-                }) if qualification.read() => {
-                    // Stopped while the attacker was the running task.
-                    expect_end_task(log, |t| comm_bytes(&t.comm) == b"ihmi-attack")
-                }
-                Some(got) => Err(FailReason::WrongEnd {
-                    expected: "an EPT violation reading a monitor frame in the guest view",
-                    got,
-                }),
-            }
-        }
+        Scenario::LinuxSim | Scenario::LinuxSimOutbox => check_linux_sim(log),
+        Scenario::LinuxAttack => check_linux_attack(log),
         Scenario::Bench(mode) => {
             expect_done_zero(log)?;
             crate::bench::check(mode, log.bench_results()).map_err(FailReason::Bench)
@@ -563,11 +433,7 @@ fn check(
         // The Linux benchmark ran to its end and its windows have the structure of their mode.
         Scenario::LinuxBench(mode) => {
             linux_run_ended_well(log)?;
-            if log.monitor_rejected != 0 {
-                return Err(FailReason::ExtraMonitorEvents(
-                    log.monitor_rejected as usize,
-                ));
-            }
+            expect_nothing_rejected(log)?;
             crate::bench::check_linux(mode, log.bench_results()).map_err(FailReason::Bench)
         }
         // The same workload must give the same stream whether the monitor is in the box or out of it.
@@ -575,6 +441,155 @@ fn check(
             expect_done_zero(log)?;
             check_monitor_events(log, &SIM_WORKLOAD)
         }
+    }
+}
+
+/// `ept-guard`: the guest read the L0-owned probe frame and was ended by an EPT violation on it.
+fn check_ept_guard(
+    log: &ScenarioLog,
+    probe: Gpa,
+    probe_region: Option<RegionKind>,
+) -> Result<(), FailReason> {
+    if probe_region != Some(RegionKind::L0) {
+        return Err(FailReason::ProbeNotL0Owned);
+    }
+    match log.end {
+        None => Err(FailReason::NotEnded),
+        Some(GuestEnd::EptViolation {
+            gpa,
+            region: Some(RegionKind::L0),
+            qualification,
+            ..
+        }) if gpa.align_down(PAGE_SIZE) == probe.align_down(PAGE_SIZE) && qualification.read() => {
+            Ok(())
+        }
+        Some(got) => Err(FailReason::WrongEnd {
+            expected: "an EPT violation reading the L0-owned probe frame",
+            got,
+        }),
+    }
+}
+
+/// `bad-hypercall`: every case of the battery got its status, and L0 answered a ping after it.
+fn check_bad_hypercalls(log: &ScenarioLog) -> Result<(), FailReason> {
+    expect_done_zero(log)?;
+    // The guest prints between the cases; its successful console writes are not part of the battery
+    // (every case in it must be rejected), so they are left out before comparing.
+    let console_ok = (Hypercall::ConsoleWrite as u64, Status::Ok);
+    let mut calls = [(0u64, Status::Ok); MAX_HYPERCALLS];
+    let mut n = 0;
+    for call in log.hypercalls().iter().filter(|c| **c != console_ok) {
+        calls[n] = *call;
+        n += 1;
+    }
+    let calls = &calls[..n];
+    for (index, &(_, expected)) in BAD_HYPERCALL_CASES.iter().enumerate() {
+        let got = calls.get(index).map(|c| c.1);
+        if got != Some(expected) {
+            return Err(FailReason::HypercallStatus {
+                index,
+                expected,
+                got,
+            });
+        }
+    }
+    // After the battery L0 must still answer a well-formed call.
+    let next = calls.get(BAD_HYPERCALL_CASES.len()).copied();
+    if next != Some((Hypercall::Ping as u64, Status::Ok)) {
+        return Err(FailReason::HypercallStatus {
+            index: BAD_HYPERCALL_CASES.len(),
+            expected: Status::Ok,
+            got: next.map(|c| c.1),
+        });
+    }
+    Ok(())
+}
+
+/// `testguest-demo`: the guest asked to power off after causing every exit kind it can.
+fn check_demo(log: &ScenarioLog, counters: &ExitCounters) -> Result<(), FailReason> {
+    match log.end {
+        None => return Err(FailReason::NotEnded),
+        Some(GuestEnd::ShutdownRequest) => {}
+        Some(GuestEnd::Done(code)) if code != 0 => return Err(FailReason::GuestCheckFailed(code)),
+        Some(got) => {
+            return Err(FailReason::WrongEnd {
+                expected: "a shutdown request on port 0x8900",
+                got,
+            })
+        }
+    }
+    check_cpuid(log)?;
+    expect_ping(log)?;
+    for reason in [
+        ExitReason::Cpuid,
+        ExitReason::Vmcall,
+        ExitReason::IoInstruction,
+        ExitReason::Rdmsr,
+        ExitReason::Wrmsr,
+        ExitReason::Hlt,
+        ExitReason::ExceptionOrNmi,
+    ] {
+        if counters.get(reason) == 0 {
+            return Err(FailReason::MissingExit(reason));
+        }
+    }
+    if counters.exceptions(3) == 0 {
+        return Err(FailReason::MissingException(3));
+    }
+    Ok(())
+}
+
+/// The monitor refused no request.
+fn expect_nothing_rejected(log: &ScenarioLog) -> Result<(), FailReason> {
+    if log.monitor_rejected == 0 {
+        Ok(())
+    } else {
+        Err(FailReason::ExtraMonitorEvents(
+            log.monitor_rejected as usize,
+        ))
+    }
+}
+
+/// `linux-sim`, in the box or out of it: the monitors (in front of the kernel's SYSCALL entry, and in
+/// its exec path) saw the workload's program start and its calls, from the right process, and
+/// refused the intruder, with nothing rejected.
+fn check_linux_sim(log: &ScenarioLog) -> Result<(), FailReason> {
+    linux_run_ended_well(log)?;
+    expect_nothing_rejected(log)?;
+    if log.linux_trail.complete() {
+        Ok(())
+    } else {
+        Err(FailReason::WorkloadNotSeen(log.linux_trail))
+    }
+}
+
+/// `linux-attack`: the compromised root's two moves failed. The LSTAR write was refused by L0 (an
+/// alert), and the /dev/mem read of the monitor was stopped by the guest view (an EPT violation on a
+/// monitor frame, in view 0, which ends the guest) while the attacker was the running task.
+fn check_linux_attack(log: &ScenarioLog) -> Result<(), FailReason> {
+    let refused = log
+        .alerts()
+        .iter()
+        .any(|a| matches!(a, Alert::LstarWriteRefused { .. }));
+    if !refused {
+        return Err(FailReason::AttackNotBlocked(
+            "moving IA32_LSTAR off the gate",
+        ));
+    }
+    match log.end {
+        None => Err(FailReason::NotEnded),
+        Some(GuestEnd::EptViolation {
+            region: Some(RegionKind::Monitor),
+            qualification,
+            view: Some(ihmi_hv::guard::views::GUEST_VIEW),
+            ..
+        }) if qualification.read() => {
+            expect_end_task(log, |t| comm_bytes(&t.comm) == b"ihmi-attack")
+        }
+        Some(got) => Err(FailReason::WrongEnd {
+            expected: "an EPT violation reading a monitor frame in the guest view",
+            got,
+        }),
     }
 }
 
