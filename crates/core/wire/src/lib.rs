@@ -214,6 +214,16 @@ const fn is_false(b: &bool) -> bool {
 }
 
 impl<S> EventLine<S> {
+    /// The process the event is about (none for a refused request or an unknown kind).
+    pub const fn pid(&self) -> Option<u32> {
+        match self {
+            Self::Syscall { pid, .. }
+            | Self::ProcessCreate { pid, .. }
+            | Self::Exec { pid, .. } => Some(*pid),
+            Self::Rejected { .. } | Self::Invalid { .. } => None,
+        }
+    }
+
     /// The event's sequence number.
     pub const fn seq(&self) -> u64 {
         match self {
@@ -228,34 +238,44 @@ impl<S> EventLine<S> {
 
 #[cfg(feature = "std")]
 impl EventLine<alloc::string::String> {
-    /// What the event says about the guest, with how and when it was observed (`tsc`, `mode`) set
-    /// aside, and with the arguments set aside too when `args_aside` (two monitors that read them at
-    /// different points may disagree on them).
+    /// What the event says about the guest, with how, when and in which order it was observed
+    /// (`tsc`, `mode`, `seq`) set aside, and with the arguments set aside too when `args_aside` (two
+    /// monitors that read them at different points may disagree on them).
     #[must_use]
     pub fn observation(&self, args_aside: bool) -> Self {
         let mut e = self.clone();
+        let clear = |seq: &mut u64, tsc: &mut u64, mode: &mut alloc::string::String| {
+            (*seq, *tsc) = (0, 0);
+            mode.clear();
+        };
         match &mut e {
             Self::Syscall {
-                tsc, mode, args, ..
+                seq,
+                tsc,
+                mode,
+                args,
+                ..
             } => {
-                (*tsc, *mode) = (0, alloc::string::String::new());
+                clear(seq, tsc, mode);
                 if args_aside {
                     *args = [0; 3];
                 }
             }
             Self::Rejected {
-                tsc, mode, args, ..
+                seq,
+                tsc,
+                mode,
+                args,
+                ..
             } => {
-                (*tsc, *mode) = (0, alloc::string::String::new());
+                clear(seq, tsc, mode);
                 if args_aside {
                     *args = [0; 4];
                 }
             }
-            Self::ProcessCreate { tsc, mode, .. }
-            | Self::Exec { tsc, mode, .. }
-            | Self::Invalid { tsc, mode, .. } => {
-                (*tsc, *mode) = (0, alloc::string::String::new());
-            }
+            Self::ProcessCreate { seq, tsc, mode, .. }
+            | Self::Exec { seq, tsc, mode, .. }
+            | Self::Invalid { seq, tsc, mode, .. } => clear(seq, tsc, mode),
         }
         e
     }

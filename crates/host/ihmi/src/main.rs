@@ -94,8 +94,8 @@ enum Cmd {
         /// Also write the monitor's events to this file, one JSON object per line
         #[arg(long, value_name = "FILE")]
         events: Option<PathBuf>,
-        /// Which Linux kernel: `tiny` (built here, ~20 s under Bochs) or `debian` (Debian's stock
-        /// kernel, downloaded; ~70 s)
+        /// Which Linux kernel: `tiny` (built here; the demo takes about 30 s under Bochs) or `debian`
+        /// (Debian's stock kernel, downloaded; about 105 s)
         #[arg(long, value_enum, default_value_t = linux::Profile::Tiny)]
         profile: linux::Profile,
     },
@@ -680,11 +680,11 @@ fn same_stream_checks(names: &[&str], outputs: &HashMap<&str, String>, tally: &m
         match check {
             Ok(n) => {
                 let aside = if args_aside {
-                    "tsc, mode, args"
+                    "seq, tsc, mode, args"
                 } else {
-                    "tsc, mode"
+                    "seq, tsc, mode"
                 };
-                println!("[ihmi] check {a} = {b} ({n} events, {aside} aside): PASS");
+                println!("[ihmi] check {a} = {b} ({n} events, per process, {aside} aside): PASS");
                 tally.record(true);
             }
             Err(e) => {
