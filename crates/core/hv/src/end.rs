@@ -14,7 +14,7 @@ use crate::{PlatformError, RegionKind};
 pub enum Action {
     /// Enter the guest again.
     Resume,
-    /// Stop the guest for the given reason; L0 judges the scenario and stays up.
+    /// Stop the guest for the given reason; L0 reports the end to its observer and stays up.
     End(GuestEnd),
     /// Run this monitor request in the out-of-box monitor VM, then resume the guest (whose VMCALL has
     /// been skipped already) with the verdict in RAX, or, for a Linux system call on its way to the

@@ -2,7 +2,7 @@
 //! monitor's ring), and the check that two runs of the same workload saw the same events.
 
 use anyhow::{bail, Context, Result};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use ihmi_wire::EventLine;
 
@@ -63,55 +63,128 @@ pub fn dropped(output: &str) -> Option<u64> {
     })
 }
 
-/// Succeeds when both outputs hold the same events process by process: for every pid the same events
-/// in the same order (its program starts, its system calls with their numbers and arguments, the
-/// verdicts), and the same refused requests in the same order; but for the arguments when
-/// `args_aside`. The order *between* processes is the scheduler's, which the length of a VM exit can
-/// change (a timer tick lands elsewhere), so it is not compared; the sequence numbers, which count
-/// in that order, are set aside with it. Says where the runs first differ otherwise.
+/// How two runs of the same workload must agree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Agreement {
+    /// A guest that does the same thing in the same order every time (the test guest): for every
+    /// process, the same events in the same order, arguments included.
+    Exact,
+    /// A guest with a scheduler, timer ticks and asynchronous signals (Linux), where a VM exit's
+    /// length moves where a tick lands: which process runs next, and whether SIGCHLD's handler runs
+    /// before or after its parent's `wait4` (and so whether that `wait4` is interrupted and made
+    /// again), differ between two good runs. For every process: the same process creations and
+    /// program starts in the same order (pid, parent, name, file, verdict), the same system calls
+    /// (by number, with their verdicts) as a set, and the same refused requests in order; arguments
+    /// (user pointers, randomised at every boot) aside.
+    Scheduled,
+}
+
+impl Agreement {
+    /// What the check sets aside, for its PASS line.
+    pub const fn aside(self) -> &'static str {
+        match self {
+            Self::Exact => "seq, tsc and mode aside",
+            Self::Scheduled => {
+                "starts in order and calls as a set, per process; seq, tsc, mode and args aside"
+            }
+        }
+    }
+}
+
+/// Succeeds when both outputs hold the same events process by process, as `agreement` says (the
+/// order *between* processes is the scheduler's, and the sequence numbers that count in it are set
+/// aside with it); says where the runs first differ otherwise.
 pub fn same_stream(
     a_name: &str,
     a: &str,
     b_name: &str,
     b: &str,
-    args_aside: bool,
+    agreement: Agreement,
 ) -> Result<usize> {
+    let args_aside = agreement == Agreement::Scheduled;
     let (ea, eb) = (observations(a, args_aside)?, observations(b, args_aside)?);
     if ea.is_empty() {
         bail!("{a_name} printed no events");
     }
     let (pa, pb) = (by_process(&ea), by_process(&eb));
-    let name =
-        |pid: &Option<u32>| pid.map_or("the refused requests".to_string(), |p| format!("pid {p}"));
     for (pid, xs) in &pa {
         let Some(ys) = pb.get(pid) else {
             bail!(
                 "{b_name} saw nothing of {}, which {a_name} saw {} events of",
-                name(pid),
+                who(*pid),
                 xs.len()
             );
         };
-        for (i, (x, y)) in xs.iter().zip(ys).enumerate() {
-            if x != y {
-                bail!(
-                    "event {i} of {} differs: {a_name} saw {x:?}, {b_name} saw {y:?}",
-                    name(pid)
-                );
+        match agreement {
+            Agreement::Exact => same_sequence(xs, ys, &who(*pid), a_name, b_name)?,
+            Agreement::Scheduled => {
+                let starts = |es: &[&EventLine<String>]| -> Vec<EventLine<String>> {
+                    es.iter()
+                        .filter(|e| !matches!(e, EventLine::Syscall { .. }))
+                        .map(|e| (*e).clone())
+                        .collect()
+                };
+                let (sa, sb) = (starts(xs), starts(ys));
+                let (sa, sb): (Vec<_>, Vec<_>) = (sa.iter().collect(), sb.iter().collect());
+                same_sequence(&sa, &sb, &who(*pid), a_name, b_name)?;
+                let (ca, cb) = (calls(xs), calls(ys));
+                if let Some((nr, v)) = ca.difference(&cb).next() {
+                    bail!(
+                        "{}: {a_name} saw system call {nr} ({v}), {b_name} did not",
+                        who(*pid)
+                    );
+                }
+                if let Some((nr, v)) = cb.difference(&ca).next() {
+                    bail!(
+                        "{}: {b_name} saw system call {nr} ({v}), {a_name} did not",
+                        who(*pid)
+                    );
+                }
             }
-        }
-        if xs.len() != ys.len() {
-            bail!(
-                "{a_name} saw {} events of {}, {b_name} {}",
-                xs.len(),
-                name(pid),
-                ys.len()
-            );
         }
     }
     if let Some(pid) = pb.keys().find(|p| !pa.contains_key(p)) {
-        bail!("{a_name} saw nothing of {}, which {b_name} saw", name(pid));
+        bail!("{a_name} saw nothing of {}, which {b_name} saw", who(*pid));
     }
     Ok(ea.len())
+}
+
+fn who(pid: Option<u32>) -> String {
+    pid.map_or("the refused requests".to_string(), |p| format!("pid {p}"))
+}
+
+/// The same events in the same order.
+fn same_sequence(
+    xs: &[&EventLine<String>],
+    ys: &[&EventLine<String>],
+    whose: &str,
+    a_name: &str,
+    b_name: &str,
+) -> Result<()> {
+    for (i, (x, y)) in xs.iter().zip(ys).enumerate() {
+        if x != y {
+            bail!("event {i} of {whose} differs: {a_name} saw {x:?}, {b_name} saw {y:?}");
+        }
+    }
+    if xs.len() != ys.len() {
+        bail!(
+            "{a_name} saw {} events of {whose}, {b_name} {}",
+            xs.len(),
+            ys.len()
+        );
+    }
+    Ok(())
+}
+
+/// A process's system calls, by number and verdict.
+fn calls(events: &[&EventLine<String>]) -> BTreeSet<(u64, String)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            EventLine::Syscall { nr, verdict, .. } => Some((*nr, verdict.clone())),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The events of each process (and the refused requests, under `None`), each list in stream order.
@@ -181,24 +254,27 @@ mod tests {
     fn streams_compare_without_time_and_mode() {
         let a = syscall("inbox", 5, 39, [1, 2, 3]);
         let b = syscall("outbox", 9, 39, [1, 2, 3]);
-        assert_eq!(same_stream("sim", &a, "sim-outbox", &b, false).unwrap(), 1);
+        assert_eq!(
+            same_stream("sim", &a, "sim-outbox", &b, Agreement::Exact).unwrap(),
+            1
+        );
         let other = syscall("outbox", 9, 1, [1, 2, 3]);
-        let err = same_stream("sim", &a, "sim-outbox", &other, false)
+        let err = same_stream("sim", &a, "sim-outbox", &other, Agreement::Exact)
             .unwrap_err()
             .to_string();
         assert!(err.contains("event 0 of pid 1 differs"), "{err}");
         // The arguments may differ when the pair sets them aside; nothing else may.
         let args = syscall("outbox", 9, 39, [4, 5, 6]);
-        assert!(same_stream("sim", &a, "sim-outbox", &args, false).is_err());
+        assert!(same_stream("sim", &a, "sim-outbox", &args, Agreement::Exact).is_err());
         assert_eq!(
-            same_stream("sim", &a, "sim-outbox", &args, true).unwrap(),
+            same_stream("sim", &a, "sim-outbox", &args, Agreement::Scheduled).unwrap(),
             1
         );
-        assert!(same_stream("sim", &a, "sim-outbox", &other, true).is_err());
+        assert!(same_stream("sim", &a, "sim-outbox", &other, Agreement::Scheduled).is_err());
         let longer = format!("{b}{b}");
-        assert!(same_stream("sim", &a, "sim-outbox", &longer, false).is_err());
+        assert!(same_stream("sim", &a, "sim-outbox", &longer, Agreement::Exact).is_err());
         assert!(
-            same_stream("sim", "", "sim-outbox", "", false).is_err(),
+            same_stream("sim", "", "sim-outbox", "", Agreement::Exact).is_err(),
             "no events proves nothing"
         );
         assert!(observations("event| {oops", false).is_err());
@@ -210,24 +286,94 @@ mod tests {
         // pid 1 reads while pid 23 starts, in either order.
         let a = [line(1, 0, 0), line(23, 1, 273), line(23, 2, 39)].concat();
         let b = [line(23, 0, 273), line(1, 1, 0), line(23, 2, 39)].concat();
-        assert_eq!(same_stream("in", &a, "out", &b, false).unwrap(), 3);
+        assert_eq!(
+            same_stream("in", &a, "out", &b, Agreement::Exact).unwrap(),
+            3
+        );
         // But one process's own order, a missing event or a missing process is a difference.
         let swapped = [line(1, 0, 0), line(23, 1, 39), line(23, 2, 273)].concat();
-        let err = same_stream("in", &a, "out", &swapped, false)
+        let err = same_stream("in", &a, "out", &swapped, Agreement::Exact)
             .unwrap_err()
             .to_string();
         assert!(err.contains("event 0 of pid 23 differs"), "{err}");
         let short = [line(1, 0, 0), line(23, 1, 273)].concat();
-        let err = same_stream("in", &a, "out", &short, false)
+        let err = same_stream("in", &a, "out", &short, Agreement::Exact)
             .unwrap_err()
             .to_string();
         assert!(err.contains("saw 2 events of pid 23, out 1"), "{err}");
         let other = [line(1, 0, 0), line(24, 1, 273), line(24, 2, 39)].concat();
-        let err = same_stream("in", &a, "out", &other, false)
+        let err = same_stream("in", &a, "out", &other, Agreement::Exact)
             .unwrap_err()
             .to_string();
         assert!(err.contains("out saw nothing of pid 23"), "{err}");
         let extra = [a.clone(), line(25, 3, 39)].concat();
-        assert!(same_stream("in", &a, "out", &extra, false).is_err());
+        assert!(same_stream("in", &a, "out", &extra, Agreement::Exact).is_err());
+    }
+
+    #[test]
+    fn a_scheduled_guest_agrees_on_starts_in_order_and_calls_as_a_set() {
+        let call = |pid, nr| syscall_of(pid, 0, "inbox", 0, nr, [0; 3]);
+        let exec = |pid, file: &str, verdict: &str| {
+            let e = EventLine::Exec {
+                seq: 0,
+                tsc: 0,
+                mode: Text::Str("inbox"),
+                pid,
+                ppid: 1,
+                comm: Text::Bytes(b"init"),
+                filename: Text::Str(file),
+                filename_truncated: false,
+                verdict: Text::Str(verdict),
+            };
+            format!("event| {}\n", Json(&e))
+        };
+        let (wait4, sigreturn) = (61, 15);
+        let a = [
+            exec(2, "/bin/ls", "allow"),
+            call(1, wait4),
+            call(1, sigreturn),
+            exec(3, "/bin/x", "deny"),
+        ]
+        .concat();
+        // SIGCHLD's handler before the wait4, and the wait4 made twice: the same agreement.
+        let b = [
+            exec(2, "/bin/ls", "allow"),
+            call(1, sigreturn),
+            call(1, wait4),
+            call(1, wait4),
+            exec(3, "/bin/x", "deny"),
+        ]
+        .concat();
+        assert!(same_stream("in", &a, "out", &b, Agreement::Exact).is_err());
+        assert_eq!(
+            same_stream("in", &a, "out", &b, Agreement::Scheduled).unwrap(),
+            4
+        );
+        // A call only one run saw, another verdict, or a program start missing: a difference.
+        let c = [
+            exec(2, "/bin/ls", "allow"),
+            call(1, wait4),
+            exec(3, "/bin/x", "deny"),
+        ]
+        .concat();
+        let err = same_stream("in", &a, "out", &c, Agreement::Scheduled)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pid 1: in saw system call 15"), "{err}");
+        let d = [
+            exec(2, "/bin/ls", "allow"),
+            call(1, wait4),
+            call(1, sigreturn),
+            exec(3, "/bin/x", "allow"),
+        ]
+        .concat();
+        assert!(same_stream("in", &a, "out", &d, Agreement::Scheduled).is_err());
+        let e = [
+            call(1, wait4),
+            call(1, sigreturn),
+            exec(3, "/bin/x", "deny"),
+        ]
+        .concat();
+        assert!(same_stream("in", &a, "out", &e, Agreement::Scheduled).is_err());
     }
 }

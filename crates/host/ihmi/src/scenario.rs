@@ -7,6 +7,7 @@ use ihmi_abi::monitor::Mode;
 use ihmi_abi::Attack;
 
 use crate::cpu::Feature;
+use crate::events::Agreement;
 
 /// What every L0 scenario needs: L0 itself runs its guest under VMX with EPT.
 pub const BASE: &[Feature] = &[Feature::Vmx, Feature::Ept];
@@ -91,12 +92,10 @@ pub fn is_linux(name: &str) -> bool {
 }
 
 /// Scenario pairs that run the same workload in-box and out of the box: `ihmi test` checks that the
-/// monitor's event streams are the same, but for the arguments when the flag is set (Linux randomises
-/// its processes' address spaces at every boot, so system-call arguments that are user pointers
-/// differ).
-pub const SAME_STREAM: &[(&str, &str, bool)] = &[
-    ("sim", "sim-outbox", false),
-    ("linux-sim", "linux-sim-outbox", true),
+/// monitor saw the same events in both, as the pair's guest allows (`events::Agreement`).
+pub const SAME_STREAM: &[(&str, &str, Agreement)] = &[
+    ("sim", "sim-outbox", Agreement::Exact),
+    ("linux-sim", "linux-sim-outbox", Agreement::Scheduled),
 ];
 
 /// What in-box monitoring needs on top of [`BASE`]: VMFUNC EPTP switching for the gate.
