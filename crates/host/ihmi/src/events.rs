@@ -1,9 +1,9 @@
 //! The monitor's event lines in a run's output (`event| {json}`, printed by L0 as it drains the
 //! monitor's ring), and the check that two runs of the same workload saw the same events.
 
-use anyhow::{bail, Context, Result};
 use std::collections::{BTreeMap, BTreeSet};
 
+use anyhow::{bail, Context, Result};
 use ihmi_wire::EventLine;
 
 const PREFIX: &str = "event| ";
@@ -118,15 +118,7 @@ pub fn same_stream(
         match agreement {
             Agreement::Exact => same_sequence(xs, ys, &who(*pid), a_name, b_name)?,
             Agreement::Scheduled => {
-                let starts = |es: &[&EventLine<String>]| -> Vec<EventLine<String>> {
-                    es.iter()
-                        .filter(|e| !matches!(e, EventLine::Syscall { .. }))
-                        .map(|e| (*e).clone())
-                        .collect()
-                };
-                let (sa, sb) = (starts(xs), starts(ys));
-                let (sa, sb): (Vec<_>, Vec<_>) = (sa.iter().collect(), sb.iter().collect());
-                same_sequence(&sa, &sb, &who(*pid), a_name, b_name)?;
+                same_sequence(&starts(xs), &starts(ys), &who(*pid), a_name, b_name)?;
                 let (ca, cb) = (calls(xs), calls(ys));
                 if let Some((nr, v)) = ca.difference(&cb).next() {
                     bail!(
@@ -174,6 +166,15 @@ fn same_sequence(
         );
     }
     Ok(())
+}
+
+/// A process's events but its system calls: its creation, its program starts, refused requests.
+fn starts<'e>(events: &[&'e EventLine<String>]) -> Vec<&'e EventLine<String>> {
+    events
+        .iter()
+        .copied()
+        .filter(|e| !matches!(e, EventLine::Syscall { .. }))
+        .collect()
 }
 
 /// A process's system calls, by number and verdict.
