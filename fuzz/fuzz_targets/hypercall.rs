@@ -4,14 +4,11 @@
 #![no_main]
 
 use arbitrary::Arbitrary;
-use ihmi_addr::{Gpa, GpaRange};
-use ihmi_hv::{Action, Hypervisor, MemoryMap, RegionKind};
-use ihmi_hv_mock::{MockPlatform, MockVcpu, Recorder};
+use ihmi_hv::{Action, Hypervisor};
+use ihmi_hv_mock::{memory_with_l0_hole, MockPlatform, MockVcpu, Recorder, L0_HOLE};
 use ihmi_vmcs::fields::guest;
 use libfuzzer_sys::fuzz_target;
 
-/// Guest RAM 0..16 MiB except an L0 hole at 8..9 MiB.
-const L0_HOLE: u64 = 0x80_0000;
 
 #[derive(Arbitrary, Debug)]
 struct Call {
@@ -33,13 +30,7 @@ struct Input {
 }
 
 fuzz_target!(|input: Input| {
-    let mut map = MemoryMap::default();
-    let r = |a: u64, b: u64| GpaRange::new(Gpa::new(a), Gpa::new(b));
-    map.add(r(0, L0_HOLE), RegionKind::GuestRam).unwrap();
-    map.add(r(L0_HOLE, L0_HOLE + 0x10_0000), RegionKind::L0)
-        .unwrap();
-    map.add(r(L0_HOLE + 0x10_0000, 0x100_0000), RegionKind::GuestRam)
-        .unwrap();
+    let map = memory_with_l0_hole();
     let mut p = MockPlatform::default();
     for (at, value) in input.memory.iter().take(256) {
         p.write_u64(u64::from(*at) & 0xff_fff8, *value);

@@ -18,8 +18,26 @@ use ihmi_vmcs::fields::{guest, ro};
 use ihmi_vmcs::VmcsField;
 
 use ihmi_hv::{
-    Alert, GuestRegs, MemoryMap, MonitorWord, Observation, Observer, Platform, PlatformError, Vcpu,
+    Alert, GuestRegs, MemoryMap, MonitorWord, Observation, Observer, Platform, PlatformError,
+    RegionKind, Vcpu,
 };
+
+/// Where the test memory map's L0 hole starts: guest RAM is 0..16 MiB except 8..9 MiB, which L0 owns.
+pub const L0_HOLE: u64 = 0x80_0000;
+
+/// The memory map the exit policy's tests, the judges' tests and the hypercall fuzz target share:
+/// guest RAM 0..16 MiB with an L0-owned hole at [`L0_HOLE`]..+1 MiB.
+#[must_use]
+pub fn memory_with_l0_hole() -> MemoryMap {
+    let mut m = MemoryMap::default();
+    let r = |a: u64, b: u64| GpaRange::new(Gpa::new(a), Gpa::new(b));
+    m.add(r(0, L0_HOLE), RegionKind::GuestRam).unwrap();
+    m.add(r(L0_HOLE, L0_HOLE + 0x10_0000), RegionKind::L0)
+        .unwrap();
+    m.add(r(L0_HOLE + 0x10_0000, 0x100_0000), RegionKind::GuestRam)
+        .unwrap();
+    m
+}
 
 /// One recorded call.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -3,13 +3,13 @@
 
 extern crate std;
 
-use ihmi_addr::{Gpa, GpaRange, Gva};
+use ihmi_addr::{Gpa, Gva};
 use ihmi_arch::msr::IA32_LSTAR;
 use ihmi_ept::Eptp;
 use ihmi_vmcs::fields::{control, ro};
 
 use crate::mock::{MockPlatform, MockVcpu, Recorder};
-use crate::{Action, Hypervisor, MemoryMap, RegionKind};
+use crate::{Action, Hypervisor};
 
 /// The hypervisor under test and everything it reported.
 pub(crate) struct TestHv {
@@ -56,19 +56,11 @@ pub(crate) const EXIT_WRMSR: u32 = 32;
 
 pub(crate) const EXIT_EPT_VIOLATION: u32 = 48;
 
-/// Guest RAM 0..16 MiB except an L0 hole at 8..9 MiB.
-pub(crate) const L0_HOLE: u64 = 0x80_0000;
+pub(crate) use crate::mock::L0_HOLE;
 
 pub(crate) fn hv() -> TestHv {
-    let mut m = MemoryMap::default();
-    let r = |a: u64, b: u64| GpaRange::new(Gpa::new(a), Gpa::new(b));
-    m.add(r(0, L0_HOLE), RegionKind::GuestRam).unwrap();
-    m.add(r(L0_HOLE, L0_HOLE + 0x10_0000), RegionKind::L0)
-        .unwrap();
-    m.add(r(L0_HOLE + 0x10_0000, 0x100_0000), RegionKind::GuestRam)
-        .unwrap();
     TestHv {
-        hv: Hypervisor::new(m),
+        hv: Hypervisor::new(crate::mock::memory_with_l0_hole()),
         rec: Recorder::default(),
     }
 }

@@ -8,11 +8,14 @@ use ihmi_wire::EventLine;
 
 const PREFIX: &str = "event| ";
 
+/// The JSON of each event line in a run's output, in order.
+fn event_lines(output: &str) -> impl Iterator<Item = &str> {
+    output.lines().filter_map(|l| l.strip_prefix(PREFIX))
+}
+
 /// The events in a run's output, in order, read into the type L0 writes them from.
 pub fn parse(output: &str) -> Result<Vec<EventLine<String>>> {
-    output
-        .lines()
-        .filter_map(|l| l.strip_prefix(PREFIX))
+    event_lines(output)
         .map(|json| serde_json::from_str(json).with_context(|| format!("bad event line: {json}")))
         .collect()
 }
@@ -40,7 +43,7 @@ pub struct EventSummary {
 pub fn write_events(output: &str, path: &std::path::Path) -> Result<EventSummary> {
     let mut text = String::new();
     let mut events = 0;
-    for json in output.lines().filter_map(|l| l.strip_prefix(PREFIX)) {
+    for json in event_lines(output) {
         serde_json::from_str::<EventLine<String>>(json)
             .with_context(|| format!("bad event line: {json}"))?;
         text.push_str(json);

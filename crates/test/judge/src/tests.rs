@@ -6,9 +6,9 @@ extern crate std;
 use std::string::String;
 
 use ihmi_abi::{CpuidRecord, Hypercall, Scenario, Status, BAD_HYPERCALL_CASES};
-use ihmi_addr::{Gpa, GpaRange};
-use ihmi_hv::{Action, GuestEnd, Hypervisor, MemoryMap, RegionKind};
-use ihmi_hv_mock::{MockPlatform, MockVcpu};
+use ihmi_addr::Gpa;
+use ihmi_hv::{Action, GuestEnd, Hypervisor, RegionKind};
+use ihmi_hv_mock::{memory_with_l0_hole, MockPlatform, MockVcpu, L0_HOLE};
 use ihmi_vmcs::ExitReason;
 
 use crate::scenario::judge;
@@ -17,9 +17,6 @@ use crate::{BenchContext, FailReason, Judge, MonitorCounts, Verdict};
 // Basic exit reasons (SDM Appendix C), as the VMCS reports them.
 const EXIT_CPUID: u32 = 10;
 const EXIT_VMCALL: u32 = 18;
-
-/// Guest RAM 0..16 MiB except an L0 hole at 8..9 MiB.
-const L0_HOLE: u64 = 0x80_0000;
 
 /// One run: the exit policy, and the judge observing it.
 struct Run {
@@ -37,13 +34,7 @@ impl Run {
 }
 
 fn hv(scenario: Scenario) -> Run {
-    let mut m = MemoryMap::default();
-    let r = |a: u64, b: u64| GpaRange::new(Gpa::new(a), Gpa::new(b));
-    m.add(r(0, L0_HOLE), RegionKind::GuestRam).unwrap();
-    m.add(r(L0_HOLE, L0_HOLE + 0x10_0000), RegionKind::L0)
-        .unwrap();
-    m.add(r(L0_HOLE + 0x10_0000, 0x100_0000), RegionKind::GuestRam)
-        .unwrap();
+    let m = memory_with_l0_hole();
     let ctx = BenchContext {
         mode: scenario.monitor_mode(),
         vmfuncs: 0,
