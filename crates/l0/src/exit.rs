@@ -133,35 +133,56 @@ pub fn finish(st: &mut L0State, end: GuestEnd) -> ! {
     for (reason, count) in st.hv.counters.nonzero() {
         log!("  {:<24} {count:>8}", reason.name());
     }
-    // An attack scenario also needs the monitor as L0 finds it now.
-    let attack = st.judge.scenario().attack().is_some();
-    let audit = st.monitor.as_mut().filter(|_| attack).map(|m| {
-        let checksum = m.checksum();
+    // Every run with a monitor ends with the monitor as L0 finds it now; an attack's verdict needs
+    // where its parts are too.
+    let wrote = st.machine.monitor_word.map(|w| w.value);
+    let audit = st.monitor.as_mut().map(|m| {
+        let integrity = m.integrity(wrote);
         let audit = MonitorAudit {
-            image_intact: checksum == m.checksum_at_load,
+            image_intact: integrity.intact(),
             ring_consistent: m.ring().is_consistent(),
         };
         log!(
-            "monitor audit: image checksum {checksum:#018x} (at load {:#018x}), ring consistent: {}",
-            m.checksum_at_load,
+            "monitor audit: checksum {:#018x} (at load {:#018x}){}, ring consistent: {}",
+            integrity.checksum,
+            integrity.at_load,
+            Granted(integrity.word),
             audit.ring_consistent
         );
-        AttackContext {
-            gate: m.layout.gate,
+        (audit, m.layout.gate)
+    });
+    let attack = audit
+        .filter(|_| st.judge.scenario().attack().is_some())
+        .map(|(audit, gate)| AttackContext {
+            gate,
             guest_code: st.guest_code.as_slice(),
             hook: st.hook,
             audit,
-        }
-    });
+        });
     let facts = Facts {
         probe: st.probe,
         probe_region: st.hv.memory.classify(st.probe),
-        attack: audit,
+        monitor: audit.map(|(a, _)| a),
+        attack,
     };
     let verdict = st
         .judge
         .verdict(&st.hv.counters, &facts, &mut Console(Sink::Both));
     report(st, verdict)
+}
+
+/// The granted word in the audit line: what it holds against what L0 wrote.
+struct Granted(Option<(u64, u64)>);
+
+impl core::fmt::Display for Granted {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            Some((found, wrote)) => {
+                write!(f, ", kernel entry word {found:#x} (L0 wrote {wrote:#x})")
+            }
+            None => Ok(()),
+        }
+    }
 }
 
 /// Prints the verdict's marker and powers off.

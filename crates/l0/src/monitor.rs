@@ -162,10 +162,40 @@ pub struct Loaded {
     /// See `gate_vmfuncs`.
     pub gate_cr3_loads: u64,
     /// What never changes after loading: gate, code and read-only data; the configuration; the page
-    /// tables.
-    fixed: [GpaRange; 3],
+    /// tables (and for Linux the `setup_data` page before them).
+    fixed: Fixed,
     /// Their checksum when L0 finished loading.
     pub checksum_at_load: u64,
+}
+
+/// The parts of the monitor region that must never change after loading, and the two holes in them:
+/// the Linux scratch page, which the gate writes in view 0 by design, and the word of the gate page
+/// L0 writes when the kernel installs its system-call entry (checked against what L0 wrote instead).
+#[derive(Clone, Copy, Debug)]
+struct Fixed {
+    image: GpaRange,
+    config: GpaRange,
+    /// Linux: the `setup_data` page, read-only in view 0 (none for the test guest).
+    setup: Option<GpaRange>,
+    /// The page tables (for Linux those after the scratch page).
+    tables: GpaRange,
+    /// The granted word inside `image`, if any.
+    word: Option<Gpa>,
+}
+
+/// The monitor as L0 found it: every fixed byte as at load, and the granted word as L0 last wrote it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Integrity {
+    pub checksum: u64,
+    pub at_load: u64,
+    /// The granted word: what it holds, and what L0 wrote there.
+    pub word: Option<(u64, u64)>,
+}
+
+impl Integrity {
+    pub fn intact(&self) -> bool {
+        self.checksum == self.at_load && self.word.is_none_or(|(found, wrote)| found == wrote)
+    }
 }
 
 impl Loaded {
@@ -183,12 +213,49 @@ impl Loaded {
             })
     }
 
-    /// The checksum of the parts of the monitor that never change after loading.
-    pub fn checksum(&self) -> u64 {
-        let [code, config, tables] = &self.fixed;
-        let parts = [code, config].map(|r| self.memory.bytes_ref(*r).unwrap_or(&[]));
-        let tables = self.memory.bytes_ref(*tables).unwrap_or(&[]);
-        ihmi_layout::checksum(parts, tables)
+    /// The checksum of the parts of the monitor that never change after loading ([`Fixed`]).
+    fn checksum(&self) -> u64 {
+        let f = &self.fixed;
+        let bytes = |r: GpaRange| self.memory.bytes_ref(r).unwrap_or(&[]);
+        // The image without the granted word: from its start to the word, and after it.
+        let (before, after) = match f.word {
+            Some(w) => (
+                GpaRange::new(f.image.start, w),
+                GpaRange::new(Gpa::new(w.raw() + 8), f.image.end),
+            ),
+            None => (f.image, GpaRange::new(f.image.end, f.image.end)),
+        };
+        let setup = f.setup.unwrap_or(GpaRange::new(f.config.end, f.config.end));
+        ihmi_layout::checksum([before, after, f.config, setup].map(bytes), bytes(f.tables))
+    }
+
+    /// The value of an aligned word of the region.
+    fn word(&self, at: Gpa) -> Option<u64> {
+        let b = self
+            .memory
+            .bytes_ref(GpaRange::new(at, Gpa::new(at.raw() + 8)))
+            .ok()?;
+        // SAFETY: 8 bytes of the region, aligned (the granted word is checked at load); volatile, as
+        // the gate and L0 write it behind the compiler's back.
+        Some(unsafe { core::ptr::read_volatile(b.as_ptr() as *const u64) })
+    }
+
+    /// The granted word's value at load (L0 expects it there until it writes the word).
+    pub fn granted_word_at_load(&self) -> Option<(Gpa, u64)> {
+        let at = self.fixed.word?;
+        Some((at, self.word(at)?))
+    }
+
+    /// The monitor as L0 finds it now; `wrote` is what L0 last wrote into the granted word.
+    pub fn integrity(&self, wrote: Option<u64>) -> Integrity {
+        Integrity {
+            checksum: self.checksum(),
+            at_load: self.checksum_at_load,
+            word: self
+                .fixed
+                .word
+                .and_then(|at| Some((self.word(at)?, wrote.unwrap_or(0)))),
+        }
     }
 
     /// The monitor's event ring.
@@ -380,7 +447,17 @@ pub fn load(
         invocations,
         gate_vmfuncs,
         gate_cr3_loads,
-        fixed: [place.fixed_image(), config, tables_used],
+        fixed: Fixed {
+            image: place.fixed_image(),
+            config,
+            // Linux: the setup_data page, the scratch page, then tables (`linux_pages`).
+            setup: linux_pages.map(|l| GpaRange::new(l.setup, l.scratch)),
+            tables: match linux_pages {
+                Some(l) => GpaRange::new(Gpa::new(l.scratch.raw() + PAGE_SIZE), tables_used.end),
+                None => tables_used,
+            },
+            word: linux_gate.map(|g| g.kernel_entry_slot),
+        },
         checksum_at_load: 0,
     };
     loaded.checksum_at_load = loaded.checksum();

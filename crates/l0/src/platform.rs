@@ -11,6 +11,7 @@ use ihmi_rt::console::{Console, Sink};
 
 use crate::frames::Pool;
 use crate::log;
+use crate::state::GrantedWord;
 
 /// Physical memory and CPU as the exit policy sees them.
 pub(crate) struct HwPlatform<'a> {
@@ -19,7 +20,7 @@ pub(crate) struct HwPlatform<'a> {
     /// The guest's memory map: reads and writes on its behalf must land in guest RAM.
     pub(crate) fence: &'a MemoryMap,
     /// The one monitor word the exit policy may have written (the Linux gate's kernel entry).
-    pub(crate) monitor_word: Option<Gpa>,
+    pub(crate) monitor_word: Option<&'a mut GrantedWord>,
 }
 
 impl HwPlatform<'_> {
@@ -60,9 +61,11 @@ impl Platform for HwPlatform<'_> {
 
     fn write_monitor(&mut self, word: MonitorWord, value: u64) -> Result<(), PlatformError> {
         let gpa = word.gpa();
-        if self.monitor_word != Some(gpa) || !gpa.is_aligned(8) {
-            return Err(PlatformError::Fenced { gpa, len: 8 });
-        }
+        let granted = match self.monitor_word.as_deref_mut() {
+            Some(g) if g.at == gpa && gpa.is_aligned(8) => g,
+            _ => return Err(PlatformError::Fenced { gpa, len: 8 }),
+        };
+        granted.value = value;
         // SAFETY: the one aligned word of the monitor's gate page L0 granted when it loaded the
         // monitor (checked just now): identity-mapped, monitor memory that the monitor never writes,
         // and no reference to it is alive in L0.

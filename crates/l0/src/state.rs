@@ -25,7 +25,15 @@ pub struct Machine {
     /// The guest's memory map, which fences every access L0 makes on the guest's behalf.
     pub fence: MemoryMap,
     /// The monitor word the exit policy may have L0 write (the Linux gate's kernel entry).
-    pub monitor_word: Option<Gpa>,
+    pub monitor_word: Option<GrantedWord>,
+}
+
+/// The one word of monitor memory L0 may write for the exit policy, and what it last wrote there
+/// (0 at load): the monitor's integrity check expects exactly that value in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GrantedWord {
+    pub at: Gpa,
+    pub value: u64,
 }
 
 impl Machine {
@@ -35,7 +43,7 @@ impl Machine {
             guest_view: &mut self.guest_view,
             frames: &mut self.frames,
             fence: &self.fence,
-            monitor_word: self.monitor_word,
+            monitor_word: self.monitor_word.as_mut(),
         }
     }
 }

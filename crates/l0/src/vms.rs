@@ -22,7 +22,7 @@ use crate::memory::MemoryPlan;
 use crate::monitor::{self, Loaded, MonitorOs};
 use crate::outbox::MonitorVm;
 use crate::ranges::Ranges;
-use crate::state::{L0State, Machine};
+use crate::state::{GrantedWord, L0State, Machine};
 use crate::vmcs_setup::{self, VmParams};
 use crate::vmx::Vmx;
 use crate::{dump_vmcs, log, outbox, views};
@@ -207,8 +207,8 @@ pub fn setup(
     );
     let monitor_word = monitor
         .as_ref()
-        .and_then(|m| m.linux_gate)
-        .map(|g| g.kernel_entry_slot);
+        .and_then(Loaded::granted_word_at_load)
+        .map(|(at, value)| GrantedWord { at, value });
     let fence = memory.clone();
     let mut hv = Hypervisor::new(memory);
     hv.guard = guard;

@@ -28,7 +28,9 @@ pub struct Facts<'a> {
     /// L0's own memory map says it is.
     pub probe: Gpa,
     pub probe_region: Option<RegionKind>,
-    /// For a run with an in-box monitor: where its parts are and how L0 found it after the run.
+    /// For a run with a monitor: how L0 found it after the run. Every such run must leave it intact.
+    pub monitor: Option<MonitorAudit>,
+    /// For an attack run: where the monitor's parts are, and the same audit.
     pub attack: Option<AttackContext<'a>>,
 }
 
@@ -106,6 +108,11 @@ impl Judge {
             } else {
                 Verdict::Fail(FailReason::Attack(outcome))
             };
+        }
+        if let Some(audit) = facts.monitor {
+            if !(audit.image_intact && audit.ring_consistent) {
+                return Verdict::Fail(FailReason::MonitorChanged(audit));
+            }
         }
         scenario::judge(
             self.scenario,

@@ -13,6 +13,8 @@ use ihmi_hv::linux::{TaskError, TaskInfo};
 use ihmi_hv::{Alert, ExitCounters, GuestEnd, Observation, RegionKind};
 use ihmi_monitor::{event::comm_bytes, Event, EventKind};
 
+use crate::attacks::MonitorAudit;
+
 const MAX_CPUID: usize = 32;
 const MAX_REPORTS: usize = 16;
 const MAX_HYPERCALLS: usize = 64;
@@ -229,6 +231,8 @@ pub enum FailReason {
     AttackScenario,
     /// An attack scenario ran without an in-box monitor to attack.
     NoMonitor,
+    /// The monitor's fixed parts or its ring's counters are not as at load after the run.
+    MonitorChanged(MonitorAudit),
     /// The attack was not blocked, not reported, or left the monitor damaged.
     Attack(crate::attacks::AttackOutcome),
     /// A Linux guest ended from another task than the scenario's.
@@ -317,6 +321,11 @@ impl fmt::Display for FailReason {
                 f.write_str("attack scenarios are judged by attacks::judge_attack")
             }
             Self::NoMonitor => f.write_str("the attack scenario ran without a monitor"),
+            Self::MonitorChanged(a) => write!(
+                f,
+                "the monitor changed during the run: fixed parts intact={}, ring consistent={}",
+                a.image_intact, a.ring_consistent
+            ),
             Self::Attack(o) => write!(
                 f,
                 "attack {}: blocked={} reported={} monitor_intact={}",

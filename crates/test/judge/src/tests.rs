@@ -837,3 +837,32 @@ fn linux_marks_come_from_debug_lines_of_the_linux_benchmark_only() {
         unpaired.out
     );
 }
+
+#[test]
+fn a_run_that_leaves_the_monitor_changed_fails_whatever_the_scenario_says() {
+    use crate::{Facts, MonitorAudit};
+    let h = hv(Scenario::LinuxSim);
+    let facts = |image_intact: bool, ring_consistent: bool| Facts {
+        probe: Gpa::new(0),
+        probe_region: None,
+        monitor: Some(MonitorAudit {
+            image_intact,
+            ring_consistent,
+        }),
+        attack: None,
+    };
+    let mut out = String::new();
+    for (image, ring) in [(false, true), (true, false)] {
+        assert!(matches!(
+            h.judge
+                .verdict(&h.hv.counters, &facts(image, ring), &mut out),
+            Verdict::Fail(FailReason::MonitorChanged(_))
+        ));
+    }
+    // Intact, the scenario's own judge decides (this log never ended).
+    assert_eq!(
+        h.judge
+            .verdict(&h.hv.counters, &facts(true, true), &mut out),
+        Verdict::Fail(FailReason::NotEnded)
+    );
+}
