@@ -10,8 +10,8 @@ use ihmi_addr::{Gpa, GpaRange, Gva};
 use ihmi_ept::Eptp;
 use ihmi_hv::linux::hooks::ExecHook;
 use ihmi_hv::{
-    Action, Guard, Hypervisor, LinuxGate, MemoryMap, MonitorWord, Observation, RegionKind,
-    ViewEptps,
+    Action, Guard, Hypervisor, KernelImage, LinuxGate, MemoryMap, MonitorWord, Observation,
+    RegionKind, ViewEptps,
 };
 use ihmi_hv_mock::{MockPlatform, MockVcpu, Recorder, Seen};
 use ihmi_vmcs::fields::{control, guest, ro};
@@ -77,6 +77,11 @@ fuzz_target!(|input: Input| {
             pgd: Gpa::new(0x50_0000),
         }),
         outbox_syscall: input.outbox.then_some(Gva::new(0xffff_e900_0000_0300)),
+        kernel: KernelImage {
+            text: GpaRange::new(Gpa::new(0x100_0000), Gpa::new(0x140_2000)),
+            rodata: GpaRange::new(Gpa::new(0x160_0000), Gpa::new(0x181_0000)),
+            idt: GpaRange::new(Gpa::new(0x1bb_1000), Gpa::new(0x1bb_2000)),
+        },
     };
     let mut hv = Hypervisor::new(map);
     hv.outbox_monitor = input.outbox;

@@ -6,7 +6,7 @@
 
 use core::fmt::Write;
 
-use ihmi_addr::{Gpa, GpaRange};
+use ihmi_addr::{Gpa, GpaRange, PAGE_SIZE};
 use ihmi_hv::{MemoryMap, RegionKind};
 use ihmi_linux::place::{self, FirmwareRange, Owner};
 use ihmi_linux::profile::LinuxProfile;
@@ -91,6 +91,23 @@ impl LinuxGuest {
             .ok_or(LoadError::Linux(
                 "a kernel symbol of the profile is not in the kernel image in guest RAM",
             ))
+    }
+
+    /// The guest-physical pages of the kernel-image span `[va[0], va[1])`, rounded out to whole pages,
+    /// which must be guest RAM.
+    pub fn image_pages(&self, va: [u64; 2], memory: &MemoryMap) -> Result<GpaRange, LoadError> {
+        let start = self.text_pa(va[0], memory)?.align_down(PAGE_SIZE);
+        let end = self
+            .text_pa(va[1].saturating_sub(1), memory)?
+            .align_down(PAGE_SIZE)
+            .raw()
+            + PAGE_SIZE;
+        if va[1] <= va[0] || !memory.is_guest_ram(start, end - start.raw()) {
+            return Err(LoadError::Linux(
+                "a kernel section of the profile is empty or not in guest RAM",
+            ));
+        }
+        Ok(GpaRange::new(start, Gpa::new(end)))
     }
 
     /// Loads the kernel, the initrd and the boot structures; returns how to start the guest.

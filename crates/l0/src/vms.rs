@@ -7,7 +7,9 @@ use ihmi_abi::monitor::Mode;
 use ihmi_abi::Scenario;
 use ihmi_addr::{Gpa, GpaRange, Gva};
 use ihmi_hv::linux::hooks::ExecHook;
-use ihmi_hv::{Guard, GuestRegs, Hypervisor, LinuxGate, MemoryMap, MonitorWord, ViewEptps};
+use ihmi_hv::{
+    Guard, GuestRegs, Hypervisor, KernelImage, LinuxGate, MemoryMap, MonitorWord, ViewEptps,
+};
 use ihmi_judge::{BenchContext, Judge};
 use ihmi_rt::tables::TableBases;
 use ihmi_vmcs::VmcsId;
@@ -292,6 +294,11 @@ fn guard(
             pgd,
         }),
         outbox_syscall: info.outbox_syscall,
+        kernel: KernelImage {
+            text: l.image_pages(p.text, memory)?,
+            rodata: l.image_pages(p.rodata, memory)?,
+            idt: l.image_pages([p.idt_table, p.idt_table + 1], memory)?,
+        },
     })))
 }
 

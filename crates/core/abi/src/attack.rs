@@ -120,3 +120,59 @@ impl Attack {
 pub const FLOOD_REQUESTS: u64 = crate::monitor::RING_LEN as u64 + 136;
 /// The request code the forged calls use: no monitor request has it.
 pub const FORGED_REQUEST: u64 = 0x00ba_d0c0_de00;
+
+/// What the compromised root of a Linux guest tries in one `linux-attack*` scenario (issue 13's
+/// classes). `ihmi-attack` reads which from the kernel command line (`ihmi.attack=<name>`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum LinuxAttack {
+    /// Move IA32_LSTAR off the gate through /dev/cpu/0/msr, then read the monitor through /dev/mem.
+    Root = 0,
+    /// Patch kernel text through a /dev/mem mapping: one byte in the page of the hooked function's
+    /// caller (so later execs would skip the hook).
+    KernelText = 1,
+    /// Point the gate's PML4 slot in the user half of the kernel's PGD (which every new process
+    /// copies) somewhere else through a /dev/mem mapping.
+    GatePgd = 2,
+}
+
+impl LinuxAttack {
+    /// Every Linux attack, in the order `ihmi test` runs them.
+    pub const ALL: [LinuxAttack; 3] = [Self::Root, Self::KernelText, Self::GatePgd];
+
+    /// The name on the kernel command line (`ihmi.attack=<name>`).
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Root => "root",
+            Self::KernelText => "kernel-text",
+            Self::GatePgd => "gate-pgd",
+        }
+    }
+
+    /// The scenario's name.
+    #[must_use]
+    pub const fn scenario_name(self) -> &'static str {
+        match self {
+            Self::Root => "linux-attack",
+            Self::KernelText => "linux-attack-kernel-text",
+            Self::GatePgd => "linux-attack-gate-pgd",
+        }
+    }
+
+    /// What the scenario adds to the kernel command line.
+    #[must_use]
+    pub const fn kernel_arg(self) -> &'static str {
+        match self {
+            Self::Root => "ihmi.attack=root",
+            Self::KernelText => "ihmi.attack=kernel-text",
+            Self::GatePgd => "ihmi.attack=gate-pgd",
+        }
+    }
+
+    /// The attack named `name` on the command line.
+    #[must_use]
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.name() == name)
+    }
+}

@@ -9,7 +9,7 @@ pub mod bench;
 pub mod guest_os;
 pub mod monitor;
 
-pub use attack::Attack;
+pub use attack::{Attack, LinuxAttack};
 
 /// Version of this ABI, returned in EAX of CPUID leaf [`CPUID_LEAF_ABI`].
 pub const ABI_VERSION: u32 = 1;
@@ -230,9 +230,9 @@ pub enum Scenario {
     /// The same with the in-box system-call monitor on: the kernel's SYSCALL entry goes through the
     /// gate, and L0 checks the monitor's events against the workload.
     LinuxSim,
-    /// The same with a compromised root in the Linux guest: it tries to move IA32_LSTAR off the gate
-    /// through /dev/cpu/0/msr and to read the monitor's memory through /dev/mem.
-    LinuxAttack,
+    /// The same with a compromised root in the Linux guest, which tries one attack
+    /// ([`LinuxAttack`]); L0 judges whether it was blocked and reported.
+    LinuxAttack(LinuxAttack),
     /// `LinuxSim` with the same two monitors out of the box: the system-call and exec hooks make a
     /// VMCALL and L0 runs the request in the monitor VM.
     LinuxSimOutbox,
@@ -243,12 +243,14 @@ pub enum Scenario {
 
 /// Raw numbers of the attack scenarios start here (`ATTACK_BASE + attack number`).
 const ATTACK_BASE: u32 = 100;
+/// And those of the Linux attacks after the first (`LINUX_ATTACK_BASE + attack number`).
+const LINUX_ATTACK_BASE: u32 = 40;
 
 impl Scenario {
     /// Every scenario, in the order `ihmi test` runs them (and the host's scenario table lists them):
     /// the test guest's, Linux's, the two benchmarks', then the attack suite.
-    pub const ALL: [Scenario; 18 + Attack::ALL.len()] = {
-        let mut all = [Self::Boot; 18 + Attack::ALL.len()];
+    pub const ALL: [Scenario; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len()] = {
+        let mut all = [Self::Boot; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len()];
         let fixed = [
             Self::Boot,
             Self::EptGuard,
@@ -260,7 +262,7 @@ impl Scenario {
             Self::SimOutbox,
             Self::LinuxBoot,
             Self::LinuxSim,
-            Self::LinuxAttack,
+            Self::LinuxAttack(LinuxAttack::Root),
             Self::LinuxSimOutbox,
             Self::Bench(monitor::Mode::None),
             Self::Bench(monitor::Mode::InBox),
@@ -274,9 +276,16 @@ impl Scenario {
             all[i] = fixed[i];
             i += 1;
         }
+        // The other Linux attacks, then the test guest's.
+        let mut k = 1;
+        while k < LinuxAttack::ALL.len() {
+            all[i] = Self::LinuxAttack(LinuxAttack::ALL[k]);
+            i += 1;
+            k += 1;
+        }
         let mut j = 0;
         while j < Attack::ALL.len() {
-            all[fixed.len() + j] = Self::Attack(Attack::ALL[j]);
+            all[i + j] = Self::Attack(Attack::ALL[j]);
             j += 1;
         }
         all
@@ -286,7 +295,7 @@ impl Scenario {
     #[must_use]
     pub const fn monitor_mode(self) -> monitor::Mode {
         match self {
-            Self::Sim | Self::Attack(_) | Self::LinuxSim | Self::LinuxAttack => {
+            Self::Sim | Self::Attack(_) | Self::LinuxSim | Self::LinuxAttack(_) => {
                 monitor::Mode::InBox
             }
             Self::SimOutbox | Self::LinuxSimOutbox => monitor::Mode::OutBox,
@@ -302,7 +311,7 @@ impl Scenario {
             self,
             Self::LinuxBoot
                 | Self::LinuxSim
-                | Self::LinuxAttack
+                | Self::LinuxAttack(_)
                 | Self::LinuxSimOutbox
                 | Self::LinuxBench(_)
         )
@@ -313,6 +322,15 @@ impl Scenario {
     pub const fn attack(self) -> Option<Attack> {
         match self {
             Self::Attack(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    /// The Linux attack this scenario runs, if it is one.
+    #[must_use]
+    pub const fn linux_attack(self) -> Option<LinuxAttack> {
+        match self {
+            Self::LinuxAttack(a) => Some(a),
             _ => None,
         }
     }
@@ -334,7 +352,7 @@ impl Scenario {
             Self::Bench(monitor::Mode::OutBox) => "bench-outbox",
             Self::LinuxBoot => "linux-boot",
             Self::LinuxSim => "linux-sim",
-            Self::LinuxAttack => "linux-attack",
+            Self::LinuxAttack(a) => a.scenario_name(),
             Self::LinuxSimOutbox => "linux-sim-outbox",
             Self::LinuxBench(monitor::Mode::None) => "linux-bench-none",
             Self::LinuxBench(monitor::Mode::InBox) => "linux-bench-inbox",
@@ -358,7 +376,8 @@ impl Scenario {
             Self::Bench(mode) => 9 + mode as u32,
             Self::LinuxBoot => 12,
             Self::LinuxSim => 13,
-            Self::LinuxAttack => 14,
+            Self::LinuxAttack(LinuxAttack::Root) => 14,
+            Self::LinuxAttack(a) => LINUX_ATTACK_BASE + a as u32,
             Self::LinuxSimOutbox => 15,
             Self::LinuxBench(mode) => 16 + mode as u32,
             Self::Attack(a) => ATTACK_BASE + a as u32,
@@ -507,6 +526,11 @@ mod tests {
             assert_eq!(Scenario::from_raw(s.to_raw()), Some(s));
         }
         assert_eq!(Scenario::from_name("nope"), None);
+        for a in LinuxAttack::ALL {
+            let n = Scenario::ALL.iter().filter(|s| s.linux_attack() == Some(a));
+            assert_eq!(n.count(), 1, "{a:?} once");
+            assert_eq!(LinuxAttack::from_name(a.name()), Some(a));
+        }
     }
 
     #[test]

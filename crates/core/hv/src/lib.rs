@@ -35,7 +35,7 @@ use ihmi_vmcs::{EptViolationQualification, VmExit};
 pub use counters::ExitCounters;
 pub use end::{Action, GuestEnd};
 pub use guard::{Alert, Guard, ViewEptps};
-pub use linux::gate::LinuxGate;
+pub use linux::gate::{KernelImage, LinuxGate, Locked};
 pub use memory::{MemoryMap, RegionKind};
 pub use observe::{BenchMark, Observation, Observer, Unobserved};
 pub use platform::{MonitorWord, Platform, PlatformError};
@@ -142,7 +142,7 @@ impl Hypervisor {
                 gpa,
                 gla,
                 qualification,
-            } => self.on_ept_violation(vcpu, platform, gpa, gla, qualification),
+            } => self.on_ept_violation(vcpu, platform, obs, gpa, gla, qualification),
             VmExit::EptMisconfig { gpa } => Action::End(GuestEnd::EptMisconfig { gpa }),
             VmExit::TripleFault => Action::End(GuestEnd::TripleFault {
                 rip: vcpu.read(guest::RIP),
@@ -170,17 +170,29 @@ impl Hypervisor {
     }
 
     /// An EPT violation is a guest touching what its view does not allow, which ends it; the one
-    /// planned violation is a Linux guest's first system call, which opens the gate.
+    /// planned violation is a Linux guest's first system call, which opens the gate. A write to what
+    /// L0 locked in a Linux kernel is also an alert.
     fn on_ept_violation(
         &mut self,
         vcpu: &mut impl Vcpu,
         platform: &mut impl Platform,
+        obs: &mut impl Observer,
         gpa: Gpa,
         gla: Option<Gva>,
         qualification: EptViolationQualification,
     ) -> Action {
         if let Some(action) = self.open_linux_gate(vcpu, platform, gpa, &qualification) {
             return action;
+        }
+        let locked = self
+            .guard
+            .as_ref()
+            .and_then(Guard::linux)
+            .and_then(|l| l.locked_at(gpa))
+            .filter(|_| qualification.write());
+        if let Some(what) = locked {
+            let rip = vcpu.read(guest::RIP);
+            self.alert(platform, obs, Alert::LockedWrite { what, gpa, rip });
         }
         Action::End(GuestEnd::EptViolation {
             gpa,

@@ -3,7 +3,7 @@
 
 extern crate std;
 
-use ihmi_addr::{Gpa, Gva};
+use ihmi_addr::{Gpa, GpaRange, Gva};
 use ihmi_arch::msr::IA32_LSTAR;
 use ihmi_ept::Eptp;
 use ihmi_vmcs::fields::{control, ro};
@@ -146,6 +146,11 @@ pub(crate) fn linux_guarded() -> (TestHv, MockPlatform, crate::LinuxGate) {
             pgd: Gpa::new(0x50_0000),
         }),
         outbox_syscall: None,
+        kernel: crate::KernelImage {
+            text: GpaRange::new(Gpa::new(0x100_0000), Gpa::new(0x140_2000)),
+            rodata: GpaRange::new(Gpa::new(0x160_0000), Gpa::new(0x181_0000)),
+            idt: GpaRange::new(Gpa::new(0x1bb_1000), Gpa::new(0x1bb_2000)),
+        },
     };
     let guard = h.guard.unwrap();
     h.guard = Some(crate::Guard::new(guard.views, None).with_linux_gate(gate));

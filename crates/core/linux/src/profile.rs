@@ -3,7 +3,7 @@
 //! the host writes it with [`fmt::Display`], L0 reads it with [`LinuxProfile::parse`].
 //!
 //! ```text
-//! ihmi-linux-profile 2
+//! ihmi-linux-profile 3
 //! symbol current_task 0xffffffff8180a8c0
 //! field task_struct.pid 0x4b8 4
 //! flag pti_pgd_pair 1
@@ -12,7 +12,7 @@
 use core::fmt;
 
 /// The first line.
-const HEADER: &str = "ihmi-linux-profile 2";
+const HEADER: &str = "ihmi-linux-profile 3";
 
 /// The kernel PGD of a CR3: its root without PCID or flags and, when page-table isolation is built in
 /// (every PGD an 8 KiB pair, kernel half first), without bit 12, since a user CR3 points at the user
@@ -53,6 +53,13 @@ pub struct LinuxProfile {
     /// mapping above it once it has booted, so the hook's trampoline can go there, within reach of a
     /// 32-bit call from kernel text.
     pub kernel_end: u64,
+    /// The kernel's text (`_stext`..`_etext`) and read-only data (`__start_rodata`..`__end_rodata`),
+    /// which never change once it has booted: L0 write-protects them then. The gaps between them the
+    /// kernel frees at boot (`mark_rodata_ro`), so they are not included.
+    pub text: [u64; 2],
+    pub rodata: [u64; 2],
+    /// The interrupt descriptor table (`idt_table`, one page).
+    pub idt_table: u64,
     /// `task_struct.pid`.
     pub pid: Field,
     /// `task_struct.tgid`.
@@ -132,6 +139,11 @@ impl LinuxProfile {
                         "entry_SYSCALL_64" => (&mut p.entry_syscall_64, 2),
                         "begin_new_exec" => (&mut p.exec_hook, 8),
                         "_end" => (&mut p.kernel_end, 9),
+                        "_stext" => (&mut p.text[0], 11),
+                        "_etext" => (&mut p.text[1], 12),
+                        "__start_rodata" => (&mut p.rodata[0], 13),
+                        "__end_rodata" => (&mut p.rodata[1], 14),
+                        "idt_table" => (&mut p.idt_table, 15),
                         _ => return Err(ProfileError::Line(n)),
                     };
                     *slot = v;
@@ -160,7 +172,7 @@ impl LinuxProfile {
                 _ => return Err(ProfileError::Line(n)),
             }
         }
-        const NAMES: [&str; 11] = [
+        const NAMES: [&str; 16] = [
             "symbol current_task",
             "symbol init_top_pgt",
             "symbol entry_SYSCALL_64",
@@ -172,6 +184,11 @@ impl LinuxProfile {
             "symbol begin_new_exec",
             "symbol _end",
             "field linux_binprm.filename",
+            "symbol _stext",
+            "symbol _etext",
+            "symbol __start_rodata",
+            "symbol __end_rodata",
+            "symbol idt_table",
         ];
         for (bit, name) in NAMES.iter().enumerate() {
             if seen & (1 << bit) == 0 {
@@ -196,6 +213,15 @@ impl fmt::Display for LinuxProfile {
         writeln!(f, "symbol entry_SYSCALL_64 {:#x}", self.entry_syscall_64)?;
         writeln!(f, "symbol begin_new_exec {:#x}", self.exec_hook)?;
         writeln!(f, "symbol _end {:#x}", self.kernel_end)?;
+        for (name, value) in [
+            ("_stext", self.text[0]),
+            ("_etext", self.text[1]),
+            ("__start_rodata", self.rodata[0]),
+            ("__end_rodata", self.rodata[1]),
+            ("idt_table", self.idt_table),
+        ] {
+            writeln!(f, "symbol {name} {value:#x}")?;
+        }
         for (name, fld) in [
             ("pid", self.pid),
             ("tgid", self.tgid),
@@ -227,6 +253,9 @@ mod tests {
             entry_syscall_64: 0xffff_ffff_8120_0080,
             exec_hook: 0xffff_ffff_8112_606f,
             kernel_end: 0xffff_ffff_81c1_8000,
+            text: [0xffff_ffff_8100_0000, 0xffff_ffff_8140_10b2],
+            rodata: [0xffff_ffff_8160_0000, 0xffff_ffff_8181_0000],
+            idt_table: 0xffff_ffff_81bb_1000,
             pid: Field {
                 offset: 0x4b8,
                 size: 4,
@@ -254,7 +283,7 @@ mod tests {
     #[test]
     fn written_profiles_read_back() {
         let text = sample().to_string();
-        assert!(text.starts_with("ihmi-linux-profile 2\n"));
+        assert!(text.starts_with("ihmi-linux-profile 3\n"));
         assert_eq!(LinuxProfile::parse(&text), Ok(sample()));
     }
 

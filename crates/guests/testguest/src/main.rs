@@ -89,7 +89,7 @@ extern "C" fn guest_main(info: *const BootInfo) -> ! {
         // L0 boots Linux in this one; the test guest running at all is the failure.
         Scenario::LinuxBoot
         | Scenario::LinuxSim
-        | Scenario::LinuxAttack
+        | Scenario::LinuxAttack(_)
         | Scenario::LinuxSimOutbox
         | Scenario::LinuxBench(_) => 96,
     };

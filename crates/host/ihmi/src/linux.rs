@@ -125,7 +125,7 @@ pub fn prepare(layout: &Layout, guest: &GuestOptions) -> Result<LinuxImages> {
         Profile::Debian => debian_kernel(layout)?,
     };
     let programs = build_workload(layout)?;
-    let initrd = build_initramfs(layout, &programs)?;
+    let initrd = build_initramfs(layout, &programs, &attacker_map(&system_map)?)?;
     Ok(LinuxImages {
         kernel,
         system_map,
@@ -433,6 +433,9 @@ pub fn guest_profile(system_map: &Path, vmlinux: &Path, config: &str) -> Result<
         entry_syscall_64: map.require("entry_SYSCALL_64")?,
         exec_hook: map.require("begin_new_exec")?,
         kernel_end: map.require("_end")?,
+        text: [map.require("_stext")?, map.require("_etext")?],
+        rodata: [map.require("__start_rodata")?, map.require("__end_rodata")?],
+        idt_table: map.require("idt_table")?,
         pid: field("pid")?,
         tgid: field("tgid")?,
         comm: field("comm")?,
@@ -517,7 +520,39 @@ fn build_workload(layout: &Layout) -> Result<Vec<(&'static str, PathBuf)>> {
 }
 
 /// The initramfs: busybox, /init, the workload programs, and the nodes init needs before devtmpfs.
-fn build_initramfs(layout: &Layout, programs: &[(&str, PathBuf)]) -> Result<PathBuf> {
+/// Kernel symbols the Linux attacks use, as System.map lists them (a name may appear more than once).
+const ATTACKER_SYMBOLS: &[&str] = &["_text", "begin_new_exec", "load_elf_binary", "init_top_pgt"];
+
+/// What the compromised root knows of the kernel: the lines of its System.map (which distributions
+/// publish) for [`ATTACKER_SYMBOLS`], put in the initramfs as `/etc/ihmi-attacker.map`.
+fn attacker_map(system_map: &Path) -> Result<String> {
+    let text = fs::read_to_string(system_map)
+        .with_context(|| format!("cannot read {}", system_map.display()))?;
+    let mut out = String::new();
+    for name in ATTACKER_SYMBOLS {
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.split_whitespace().nth(2) == Some(name))
+            .collect();
+        if lines.is_empty() {
+            bail!(
+                "{} has no `{name}`, which the Linux attack scenarios need",
+                system_map.display()
+            );
+        }
+        for l in lines {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    Ok(out)
+}
+
+fn build_initramfs(
+    layout: &Layout,
+    programs: &[(&str, PathBuf)],
+    attacker_map: &str,
+) -> Result<PathBuf> {
     let busybox =
         fs::read(deps::BUSYBOX).with_context(|| format!("cannot read {}", deps::BUSYBOX))?;
     if !is_static_elf(&busybox) {
@@ -538,6 +573,7 @@ fn build_initramfs(layout: &Layout, programs: &[(&str, PathBuf)]) -> Result<Path
     a.file("bin/busybox", 0o755, &busybox);
     a.symlink("bin/sh", "busybox");
     a.file("init", 0o755, &init);
+    a.file("etc/ihmi-attacker.map", 0o644, attacker_map.as_bytes());
     for (name, path) in programs {
         let bytes = fs::read(path)?;
         a.file(&format!("bin/{name}"), 0o755, &bytes);

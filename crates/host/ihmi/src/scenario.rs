@@ -64,7 +64,7 @@ pub const ATTACK_SCENARIOS: [Scenario; Attack::ALL.len()] = {
 /// tell their /init.
 pub fn kernel_args(name: &str) -> &'static str {
     match ihmi_abi::Scenario::from_name(name) {
-        Some(ihmi_abi::Scenario::LinuxAttack) => "ihmi.attack",
+        Some(ihmi_abi::Scenario::LinuxAttack(a)) => a.kernel_arg(),
         Some(ihmi_abi::Scenario::LinuxBench(_)) => "ihmi.bench",
         _ => "",
     }
@@ -189,8 +189,16 @@ mod tests {
                 "linux-bench-outbox"
             ]
         );
+        // Then the other Linux attacks, each with its kernel argument.
+        let linux = &TEST_SCENARIOS[18..18 + ihmi_abi::LinuxAttack::ALL.len() - 1];
+        for (s, a) in linux.iter().zip(&ihmi_abi::LinuxAttack::ALL[1..]) {
+            assert_eq!(s.name, a.scenario_name());
+            assert!(is_linux(s.name) && s.requires.contains(&Feature::Vmfunc));
+            assert_eq!(kernel_args(s.name), format!("ihmi.attack={}", a.name()));
+        }
+        assert_eq!(kernel_args("linux-attack"), "ihmi.attack=root");
         // Then every attack, each named as L0 knows it and needing VMFUNC.
-        let attacks: Vec<_> = TEST_SCENARIOS[18..].iter().collect();
+        let attacks: Vec<_> = TEST_SCENARIOS[18 + linux.len()..].iter().collect();
         assert_eq!(attacks.len(), Attack::ALL.len());
         for (s, a) in attacks.iter().zip(Attack::ALL) {
             assert_eq!(s.name, format!("attack-{}", a.name()));

@@ -3,14 +3,14 @@
 use core::fmt;
 
 use ihmi_abi::{
-    CpuidRecord, Hypercall, Scenario, Status, BAD_HYPERCALL_CASES, CPUID_LEAF_ABI,
+    CpuidRecord, Hypercall, LinuxAttack, Scenario, Status, BAD_HYPERCALL_CASES, CPUID_LEAF_ABI,
     CPUID_LEAF_SIGNATURE,
 };
 use ihmi_addr::{Gpa, PAGE_SIZE};
 use ihmi_vmcs::{ExitReason, VmInstructionError};
 
 use ihmi_hv::linux::{TaskError, TaskInfo};
-use ihmi_hv::{Alert, ExitCounters, GuestEnd, Observation, RegionKind};
+use ihmi_hv::{Alert, ExitCounters, GuestEnd, Locked, Observation, RegionKind};
 use ihmi_monitor::{event::comm_bytes, Event, EventKind};
 
 use crate::attacks::MonitorAudit;
@@ -241,6 +241,8 @@ pub enum FailReason {
     NoTask(TaskError),
     /// An attack step was not refused (which one).
     AttackNotBlocked(&'static str),
+    /// Blocked, but L0 raised no alert saying what it was.
+    AttackNotReported(&'static str),
     /// The monitor's events did not show the Linux workload's system calls (how far they got).
     WorkloadNotSeen(LinuxTrail),
     /// The benchmark's counts do not have the structure its mode must give.
@@ -338,6 +340,7 @@ impl fmt::Display for FailReason {
             Self::WrongTask(t) => write!(f, "the guest ended from the wrong task: {t}"),
             Self::NoTask(e) => write!(f, "cannot read the running task: {e}"),
             Self::AttackNotBlocked(what) => write!(f, "not blocked: {what}"),
+            Self::AttackNotReported(what) => write!(f, "blocked but not reported: {what}"),
             Self::WorkloadNotSeen(t) => write!(
                 f,
                 "the monitor saw {} of the workload's {} system calls ({} events named {}; pid {}, parent {}; its exec by pid {}); the intruder refused {} times, ran: {}",
@@ -434,7 +437,15 @@ fn check(
         // asked for the power-off L0 intercepts.
         Scenario::LinuxBoot => linux_run_ended_well(log),
         Scenario::LinuxSim | Scenario::LinuxSimOutbox => check_linux_sim(log),
-        Scenario::LinuxAttack => check_linux_attack(log),
+        Scenario::LinuxAttack(LinuxAttack::Root) => check_linux_attack(log),
+        Scenario::LinuxAttack(LinuxAttack::KernelText) => {
+            check_locked_write(log, Locked::KernelText, "patching kernel text")
+        }
+        Scenario::LinuxAttack(LinuxAttack::GatePgd) => check_locked_write(
+            log,
+            Locked::GatePath,
+            "redirecting the gate's slot in the kernel's PGD",
+        ),
         Scenario::Bench(mode) => {
             expect_done_zero(log)?;
             crate::bench::check(mode, log.bench_results()).map_err(FailReason::Bench)
@@ -600,6 +611,39 @@ fn check_linux_attack(log: &ScenarioLog) -> Result<(), FailReason> {
             got,
         }),
     }
+}
+
+/// A Linux attack on what L0 locked when the gate opened: the write was refused by the guest view
+/// (an EPT violation writing guest RAM in view 0, which ends the guest), L0 said what it was (an
+/// alert naming `what`), and the attacker was the running task.
+fn check_locked_write(
+    log: &ScenarioLog,
+    what: Locked,
+    attack: &'static str,
+) -> Result<(), FailReason> {
+    let end_gpa = match log.end {
+        None => return Err(FailReason::NotEnded),
+        Some(GuestEnd::EptViolation {
+            gpa,
+            region: Some(RegionKind::GuestRam),
+            qualification,
+            view: Some(ihmi_hv::guard::views::GUEST_VIEW),
+            ..
+        }) if qualification.write() => gpa,
+        Some(got) => {
+            return Err(FailReason::WrongEnd {
+                expected: "an EPT violation writing locked guest RAM in the guest view",
+                got,
+            })
+        }
+    };
+    let reported = log.alerts().iter().any(
+        |a| matches!(a, Alert::LockedWrite { what: w, gpa, .. } if *w == what && *gpa == end_gpa),
+    );
+    if !reported {
+        return Err(FailReason::AttackNotReported(attack));
+    }
+    expect_end_task(log, |t| comm_bytes(&t.comm) == b"ihmi-attack")
 }
 
 /// The Linux workload program (`crates/guests/linux-workload`, `ihmi-workload`) and the system calls it

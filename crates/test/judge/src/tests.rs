@@ -667,7 +667,7 @@ fn linux_attack_needs_the_refused_lstar_write_and_the_stopped_monitor_read() {
         view: Some(ihmi_hv::guard::views::GUEST_VIEW),
     };
     let verdict = |alert: bool, end: GuestEnd, task: TaskInfo| {
-        let mut h = hv(Scenario::LinuxAttack);
+        let mut h = hv(Scenario::LinuxAttack(ihmi_abi::LinuxAttack::Root));
         if alert {
             h.judge.log.record_alert(ihmi_hv::Alert::LstarWriteRefused {
                 value: 1,
@@ -678,7 +678,7 @@ fn linux_attack_needs_the_refused_lstar_write_and_the_stopped_monitor_read() {
         h.judge.log.end = Some(end);
         h.judge.log.end_task = Some(Ok(task));
         judge(
-            Scenario::LinuxAttack,
+            Scenario::LinuxAttack(ihmi_abi::LinuxAttack::Root),
             &h.judge.log,
             &h.hv.counters,
             Gpa::new(0),
@@ -865,4 +865,62 @@ fn a_run_that_leaves_the_monitor_changed_fails_whatever_the_scenario_says() {
             .verdict(&h.hv.counters, &facts(true, true), &mut out),
         Verdict::Fail(FailReason::NotEnded)
     );
+}
+
+#[test]
+fn a_locked_write_attack_needs_the_refused_write_its_alert_and_the_attacker_running() {
+    use ihmi_abi::LinuxAttack;
+    use ihmi_hv::linux::TaskInfo;
+    use ihmi_hv::{Alert, Locked};
+    use ihmi_vmcs::EptViolationQualification;
+    let mut comm = [0u8; 16];
+    comm[..11].copy_from_slice(b"ihmi-attack");
+    let attacker = TaskInfo {
+        task: 0,
+        pid: 30,
+        tgid: 30,
+        ppid: 1,
+        comm,
+    };
+    let write_at = |gpa: u64, q: u64| GuestEnd::EptViolation {
+        gpa: Gpa::new(gpa),
+        gla: None,
+        rip: 0x40_1000,
+        qualification: EptViolationQualification::from_raw(q),
+        region: Some(RegionKind::GuestRam),
+        view: Some(ihmi_hv::guard::views::GUEST_VIEW),
+    };
+    let verdict = |alert: Option<(Locked, u64)>, end: GuestEnd| {
+        let s = Scenario::LinuxAttack(LinuxAttack::KernelText);
+        let mut h = hv(s);
+        if let Some((what, gpa)) = alert {
+            h.judge.log.record_alert(Alert::LockedWrite {
+                what,
+                gpa: Gpa::new(gpa),
+                rip: 0x40_1000,
+            });
+        }
+        h.judge.log.end = Some(end);
+        h.judge.log.end_task = Some(Ok(attacker));
+        judge(s, &h.judge.log, &h.hv.counters, Gpa::new(0), None)
+    };
+    let text = Some((Locked::KernelText, 0x112_6000));
+    assert_eq!(verdict(text, write_at(0x112_6000, 0x2)), Verdict::Pass);
+    assert!(matches!(
+        verdict(None, write_at(0x112_6000, 0x2)),
+        Verdict::Fail(FailReason::AttackNotReported(_))
+    ));
+    assert!(matches!(
+        verdict(Some((Locked::Idt, 0x112_6000)), write_at(0x112_6000, 0x2)),
+        Verdict::Fail(FailReason::AttackNotReported(_))
+    ));
+    // A read, or a clean power-off, is not the refused write.
+    assert!(matches!(
+        verdict(text, write_at(0x112_6000, 0x1)),
+        Verdict::Fail(FailReason::WrongEnd { .. })
+    ));
+    assert!(matches!(
+        verdict(text, GuestEnd::ShutdownRequest),
+        Verdict::Fail(FailReason::WrongEnd { .. })
+    ));
 }

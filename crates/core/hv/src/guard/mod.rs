@@ -20,7 +20,7 @@ use ihmi_ept::{Eptp, ViewId};
 use ihmi_vmcs::fields::{control, guest};
 use ihmi_vmcs::Instruction;
 
-use crate::linux::gate::LinuxGuard;
+use crate::linux::gate::{LinuxGuard, Locked};
 use crate::platform::read_guest_u64;
 use crate::{
     inject_exception, skip_instruction, Action, GuestEnd, Hypervisor, LinuxGate, Observation,
@@ -130,6 +130,9 @@ pub enum Alert {
         /// Where the guest executed it.
         rip: u64,
     },
+    /// The guest wrote to what L0 locked when a Linux kernel's gate opened (its text, read-only
+    /// data, IDT, or a page table on the gate's path); the write did not happen.
+    LockedWrite { what: Locked, gpa: Gpa, rip: u64 },
     /// A word the hooks depend on no longer holds what L0 put there.
     HookTampered {
         /// Where the word lives.
@@ -159,6 +162,7 @@ impl Alert {
             Self::VmfuncRefused { .. } => "vmfunc-refused",
             Self::LstarWriteRefused { .. } => "lstar-write-refused",
             Self::HookTampered { .. } => "hook-tampered",
+            Self::LockedWrite { .. } => "locked-write",
         }
     }
 }
@@ -179,6 +183,11 @@ impl fmt::Display for Alert {
             Self::LstarWriteRefused { value, locked, rip } => write!(
                 f,
                 ",\"value\":\"{value:#x}\",\"locked\":\"{locked:#x}\",\"rip\":\"{rip:#x}\",\"action\":\"#GP injected\""
+            )?,
+            Self::LockedWrite { what, gpa, rip } => write!(
+                f,
+                ",\"what\":\"{}\",\"gpa\":\"{gpa}\",\"rip\":\"{rip:#x}\",\"action\":\"write refused, guest stopped\"",
+                what.name()
             )?,
             Self::HookTampered {
                 gpa,

@@ -23,6 +23,7 @@ use ihmi_vmcs::{EptViolationQualification, Instruction};
 
 use super::hooks::{self, ArmedHook, ExecHook};
 use crate::guard::views::GUEST_VIEW;
+use crate::memory::PlatformReader;
 use crate::platform::read_guest_u64;
 use crate::{
     skip_instruction, Action, GuestEnd, Hypervisor, MonitorWord, Platform, PlatformError, Vcpu,
@@ -50,7 +51,46 @@ pub struct LinuxGate {
     /// Out of the box: the address of the system-call stub's VMCALL, which L0 takes as a system call
     /// to show the monitor VM (RAX = number, RDI, RSI, RDX = arguments), leaving every register alone.
     pub outbox_syscall: Option<Gva>,
+    /// What of the booted kernel never changes again, guest-physical: L0 write-protects it in the
+    /// guest view when the gate opens.
+    pub kernel: KernelImage,
 }
+
+/// The parts of a booted Linux kernel that stay as they are until it stops, guest-physical: its text,
+/// its read-only data (read-only after init included) and its interrupt descriptor table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelImage {
+    pub text: GpaRange,
+    pub rodata: GpaRange,
+    pub idt: GpaRange,
+}
+
+/// What one write-protected range of a Linux guest is, for the alert a write to it raises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Locked {
+    KernelText,
+    KernelRodata,
+    Idt,
+    /// A page table on the translation path of the gate or of the process-creation trampoline.
+    GatePath,
+}
+
+impl Locked {
+    /// The name in alerts.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::KernelText => "kernel text",
+            Self::KernelRodata => "kernel read-only data",
+            Self::Idt => "interrupt descriptor table",
+            Self::GatePath => "page table on the gate's path",
+        }
+    }
+}
+
+/// How many ranges L0 locks: text, read-only data, the IDT, and up to four page-table pages (the two
+/// PGD halves, the trampoline's page-directory-pointer table and page directory).
+const MAX_LOCKED: usize = 7;
 
 impl LinuxGate {
     /// Where the gate's PML4 entry goes in the kernel half (0) or the user half (4096) of the PGD.
@@ -76,6 +116,8 @@ pub struct LinuxGuard {
     open: bool,
     /// The process-creation hook, once installed.
     armed: Option<ArmedHook>,
+    /// What L0 write-protected when the gate opened.
+    locked: [Option<(GpaRange, Locked)>; MAX_LOCKED],
 }
 
 impl LinuxGuard {
@@ -85,7 +127,65 @@ impl LinuxGuard {
             installed: false,
             open: false,
             armed: None,
+            locked: [None; MAX_LOCKED],
         }
+    }
+
+    /// The locked range `gpa` is in, if any.
+    #[must_use]
+    pub fn locked_at(&self, gpa: Gpa) -> Option<Locked> {
+        self.locked
+            .iter()
+            .flatten()
+            .find(|(r, _)| r.contains(gpa))
+            .map(|(_, what)| *what)
+    }
+
+    /// Write-protects, in the guest view, what of the booted kernel never changes (text and read-only
+    /// data read + execute, the IDT read-only) and the page tables on the translation path of
+    /// the gate and of the trampoline (read-only: the kernel's own entries there carry the accessed
+    /// bit already, so the CPU never needs to write them). Called when the gate opens: by then the
+    /// kernel has applied its alternatives, static keys and ftrace NOPs and made its read-only data
+    /// read-only, and runs /init.
+    fn lock_kernel(&mut self, platform: &mut impl Platform) -> Result<(), PlatformError> {
+        let gate = self.gate;
+        let page = |at: Gpa| {
+            GpaRange::new(
+                at.align_down(PAGE_SIZE),
+                at.align_down(PAGE_SIZE)
+                    .checked_add(PAGE_SIZE)
+                    .unwrap_or(at),
+            )
+        };
+        let k = gate.kernel;
+        let mut ranges: [Option<(GpaRange, Locked)>; MAX_LOCKED] = [None; MAX_LOCKED];
+        ranges[0] = Some((k.text, Locked::KernelText));
+        ranges[1] = Some((k.rodata, Locked::KernelRodata));
+        ranges[2] = Some((k.idt, Locked::Idt));
+        for (i, half) in gate.halves().enumerate() {
+            ranges[3 + i] = gate.slot_at(half).map(|at| (page(at), Locked::GatePath));
+        }
+        if let Some(hook) = gate.exec_hook.filter(|_| self.armed.is_some()) {
+            let tables = PlatformReader(platform);
+            for (i, level) in [3u8, 2].into_iter().enumerate() {
+                let at = ihmi_paging::entry_address(&tables, hook.pgd, hook.slot_va, level)
+                    .map_err(|_| PlatformError::Fenced {
+                        gpa: hook.pgd,
+                        len: PAGE_SIZE,
+                    })?;
+                ranges[5 + i] = Some((page(at), Locked::GatePath));
+            }
+        }
+        for (range, what) in ranges.iter().flatten() {
+            // Read-only data stays executable: the vDSO that user processes run is in it.
+            let perm = match what {
+                Locked::KernelText | Locked::KernelRodata => Perm::RX,
+                Locked::Idt | Locked::GatePath => Perm::READ,
+            };
+            platform.protect_guest(*range, perm)?;
+        }
+        self.locked = ranges;
+        Ok(())
     }
 
     /// The configuration.
@@ -231,6 +331,21 @@ impl Hypervisor {
             },
             None => None,
         };
+        if let Err(error) = linux.lock_kernel(platform) {
+            // Unlocked, the kernel's code and the gate's mapping could be changed unseen.
+            if let Some(armed) = linux.armed.take() {
+                let _ = hooks::remove(platform, &armed);
+            }
+            return Some(Action::End(GuestEnd::GuardFailed {
+                what: "write-protect the kernel's code and the gate's page tables",
+                error,
+            }));
+        }
+        let k = gate.kernel;
+        platform.log(format_args!(
+            "linux: kernel text {}..{}, read-only data {}..{} and IDT {} now read-only in the guest view",
+            k.text.start, k.text.end, k.rodata.start, k.rodata.end, k.idt.start
+        ));
         let gate_range = GpaRange::new(gate.gate_page, gate.gate_page.checked_add(PAGE_SIZE)?);
         if let Err(error) = platform.protect_guest(gate_range, Perm::RX) {
             // The gate stays closed, so every system call would fault here again: stop the guest

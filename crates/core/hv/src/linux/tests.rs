@@ -7,7 +7,7 @@ use std::vec;
 
 use ihmi_addr::{Gpa, Gva};
 use ihmi_arch::msr::IA32_LSTAR;
-use ihmi_vmcs::fields::guest;
+use ihmi_vmcs::fields::{control, guest, ro};
 
 use crate::mock::{Call, MockVcpu, Op, Seen};
 use crate::testing::*;
@@ -39,6 +39,9 @@ fn the_running_linux_task_is_read_through_the_profile() {
         },
         exec_hook: 0,
         kernel_end: 0,
+        text: [0; 2],
+        rodata: [0; 2],
+        idt_table: 0,
         binprm_filename: Field::default(),
         pti_pgd_pair: false,
     });
@@ -448,7 +451,8 @@ fn a_gate_that_cannot_be_opened_stops_the_guest_and_stays_closed() {
     let (mut h, mut p, _) = linux_guarded();
     linux_kernel_memory(&mut p);
     install_gate(&mut h, &mut p);
-    p.fail_on(Op::ProtectGuest, 2); // the gate page
+    // The hook's call page, then the seven locked ranges, then the gate page.
+    p.fail_on(Op::ProtectGuest, 9);
     let end = h.handle_exit(&mut first_syscall(), &mut p);
     assert!(
         matches!(end, Action::End(GuestEnd::GuardFailed { what, .. }) if what.contains("system-call gate")),
@@ -473,4 +477,81 @@ fn a_gate_that_cannot_be_opened_stops_the_guest_and_stays_closed() {
             ..
         }))
     ));
+}
+
+#[test]
+fn the_open_gate_locks_the_kernel_image_and_the_page_tables_on_its_path() {
+    use ihmi_ept::Perm;
+    let (mut h, mut p, gate) = linux_guarded();
+    linux_kernel_memory(&mut p);
+    install_gate(&mut h, &mut p);
+    assert_eq!(h.handle_exit(&mut first_syscall(), &mut p), Action::Resume);
+    let k = gate.kernel;
+    let protected = p.changes();
+    for (at, len, perm) in [
+        (k.text.start, k.text.len(), Perm::RX),
+        (k.rodata.start, k.rodata.len(), Perm::RX), // the vDSO runs from it
+        (k.idt.start, 4096, Perm::READ),
+        // Both halves of the PGD pair (the gate's slot), the trampoline's PDPT and page directory.
+        (Gpa::new(0x50_0000), 4096, Perm::READ),
+        (Gpa::new(0x50_1000), 4096, Perm::READ),
+        (Gpa::new(0x51_0000), 4096, Perm::READ),
+        (Gpa::new(0x52_0000), 4096, Perm::READ),
+    ] {
+        assert!(
+            protected.contains(&Call::ProtectGuest(at, len, perm)),
+            "{at} {perm:?}"
+        );
+    }
+    let linux = *h.guard.as_ref().unwrap().linux().unwrap();
+    assert_eq!(
+        linux.locked_at(Gpa::new(0x112_6cf9)),
+        Some(crate::Locked::KernelText)
+    );
+    assert_eq!(
+        linux.locked_at(Gpa::new(0x50_1000 + 466 * 8)),
+        Some(crate::Locked::GatePath)
+    );
+    assert_eq!(
+        linux.locked_at(Gpa::new(0x150_0000)),
+        None,
+        "the text/rodata gap the kernel freed"
+    );
+
+    // A write to a locked page (here the PTI user half of the PGD, the gate's slot) is refused by
+    // the view; L0 says what it was and stops the guest.
+    let mut v = MockVcpu::exited(EXIT_EPT_VIOLATION, 0xffff_ffff_8110_0000, 0);
+    v.fields
+        .insert(ro::GUEST_PHYSICAL_ADDR_FULL, 0x50_1000 + 466 * 8);
+    v.fields.insert(ro::EXIT_QUALIFICATION, 0x2 | 0x1 << 3); // write; readable
+    v.fields.insert(control::EPTP_FULL, GUEST_EPTP);
+    assert!(matches!(
+        h.handle_exit(&mut v, &mut p),
+        Action::End(GuestEnd::EptViolation { .. })
+    ));
+    assert!(matches!(
+        h.rec.alerts().as_slice(),
+        [crate::Alert::LockedWrite {
+            what: crate::Locked::GatePath,
+            ..
+        }]
+    ));
+}
+
+#[test]
+fn a_kernel_that_cannot_be_locked_stops_with_the_gate_closed_and_the_hook_out() {
+    let (mut h, mut p, _) = linux_guarded();
+    linux_kernel_memory(&mut p);
+    install_gate(&mut h, &mut p);
+    p.fail_on(Op::ProtectGuest, 2); // the kernel's text
+    let end = h.handle_exit(&mut first_syscall(), &mut p);
+    assert!(
+        matches!(end, Action::End(GuestEnd::GuardFailed { what, .. }) if what.contains("kernel's code")),
+        "{end:?}"
+    );
+    let linux = *h.guard.as_ref().unwrap().linux().unwrap();
+    assert!(!linux.is_open() && linux.armed_hook().is_none());
+    let mut site = [0u8; 5];
+    site.copy_from_slice(&p.read_u64(0x112_6cf9).to_le_bytes()[..5]);
+    assert_eq!(site, crate::linux::hooks::FENTRY_NOP);
 }

