@@ -131,7 +131,7 @@ pub fn finish(st: &mut L0State, end: GuestEnd) -> ! {
     }
     log!("exit counters ({} exits):", st.hv.counters.total());
     for (reason, count) in st.hv.counters.nonzero() {
-        log!("  {:<24} {count:>8}", reason.name());
+        log!("  {:<30} {count:>8}", reason.name());
     }
     // Every run with a monitor ends with the monitor as L0 finds it now; an attack's verdict needs
     // where its parts are too.

@@ -104,6 +104,7 @@ pub fn setup(
         boot: &boot,
         exceptions: u32::MAX,
         hlt_exits: true,
+        audit_period: None,
     };
     if let Err(error) = vmcs_setup::configure(vmcss.active(), caps, tables, frames, &params) {
         dump_vmcs(vmcss);

@@ -21,6 +21,8 @@ use ihmi_vmcs::{
 };
 use ihmi_vmx::{ActiveVmcs, VmxError};
 
+use crate::log;
+
 use crate::error::LoadError;
 use crate::frames::Pool;
 use crate::guest::GuestBoot;
@@ -104,6 +106,10 @@ pub struct VmParams<'a> {
     pub exceptions: u32,
     /// Whether HLT exits (the test guest's scenarios count it; Linux idles in it).
     pub hlt_exits: bool,
+    /// The longest the guest may run without an exit, in TSC ticks, when L0 audits what the guest
+    /// could change without one (a Linux guest's gate mapping): the VMX-preemption timer, where the
+    /// CPU has it, is loaded with this at every entry.
+    pub audit_period: Option<u64>,
 }
 
 /// Writes the whole VMCS: controls, bitmaps, host state, guest state. Errors name what the CPU
@@ -134,11 +140,32 @@ fn write_controls(
         eptp_list,
         exceptions,
         hlt_exits,
+        audit_period,
         ..
     } = *vm;
+    let timer = if audit_period.is_some() {
+        PinbasedControls::VMX_PREEMPTION_TIMER
+    } else {
+        PinbasedControls::empty()
+    };
     let pin = caps
-        .adjust_pinbased(PinbasedControls::empty(), PinbasedControls::empty())
+        .adjust_pinbased(PinbasedControls::empty(), timer)
         .map_err(controls("pin-based controls"))?;
+    if let Some(ticks) = audit_period {
+        if pin.contains(PinbasedControls::VMX_PREEMPTION_TIMER) {
+            // Without "save VMX-preemption timer value" the field keeps this value, so every entry
+            // starts a full period again (SDM 26.7.4).
+            let rate = caps.preemption_timer_rate();
+            let value = (ticks >> rate).clamp(1, u64::from(u32::MAX));
+            vmcs.write(guest::VMX_PREEMPTION_TIMER_VALUE, value)?;
+            log!(
+                "vmx: audit every {} TSC ticks without an exit (VMX-preemption timer {value}, rate 2^{rate})",
+                value << rate
+            );
+        } else {
+            log!("vmx: no VMX-preemption timer: L0 audits at the guest's own exits only");
+        }
+    }
     let hlt = if hlt_exits {
         PrimaryControls::HLT_EXITING
     } else {

@@ -134,11 +134,19 @@ pub enum LinuxAttack {
     /// Point the gate's PML4 slot in the user half of the kernel's PGD (which every new process
     /// copies) somewhere else through a /dev/mem mapping.
     GatePgd = 2,
+    /// Point the gate's PML4 slot in the PGDs of running processes (their copies of the kernel's) at
+    /// a copy of the gate's page tables in the attacker's own pages, through /dev/mem.
+    ProcessPgd = 3,
 }
 
 impl LinuxAttack {
     /// Every Linux attack, in the order `ihmi test` runs them.
-    pub const ALL: [LinuxAttack; 3] = [Self::Root, Self::KernelText, Self::GatePgd];
+    pub const ALL: [LinuxAttack; 4] = [
+        Self::Root,
+        Self::KernelText,
+        Self::GatePgd,
+        Self::ProcessPgd,
+    ];
 
     /// The name on the kernel command line (`ihmi.attack=<name>`).
     #[must_use]
@@ -147,6 +155,7 @@ impl LinuxAttack {
             Self::Root => "root",
             Self::KernelText => "kernel-text",
             Self::GatePgd => "gate-pgd",
+            Self::ProcessPgd => "process-pgd",
         }
     }
 
@@ -157,6 +166,7 @@ impl LinuxAttack {
             Self::Root => "linux-attack",
             Self::KernelText => "linux-attack-kernel-text",
             Self::GatePgd => "linux-attack-gate-pgd",
+            Self::ProcessPgd => "linux-attack-process-pgd",
         }
     }
 
@@ -167,6 +177,7 @@ impl LinuxAttack {
             Self::Root => "ihmi.attack=root",
             Self::KernelText => "ihmi.attack=kernel-text",
             Self::GatePgd => "ihmi.attack=gate-pgd",
+            Self::ProcessPgd => "ihmi.attack=process-pgd",
         }
     }
 

@@ -91,7 +91,7 @@ impl Hypervisor {
     ) -> Action {
         let exit = vcpu.exit();
         self.counters.record(exit.reason());
-        let audit = self.audit(platform, obs);
+        let audit = self.audit(vcpu, platform, obs);
         let action = audit.unwrap_or_else(|| self.dispatch(exit, vcpu, platform, obs));
         if let Action::End(end) = action {
             // Which task a Linux guest was running when it ended, read through its own structures.
@@ -149,6 +149,8 @@ impl Hypervisor {
                 view: self.current_view(vcpu),
             }),
             VmExit::Init => Action::End(GuestEnd::Init),
+            // The timer only makes the audit above run while the guest makes no exits of its own.
+            VmExit::PreemptionTimer => Action::Resume,
             VmExit::Vmx { instruction, .. } => nested::on_vmx_instruction(vcpu, instruction),
             VmExit::ExternalInterrupt { .. }
             | VmExit::CrAccess { .. }

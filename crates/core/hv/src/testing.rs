@@ -6,7 +6,7 @@ extern crate std;
 use ihmi_addr::{Gpa, GpaRange, Gva};
 use ihmi_arch::msr::IA32_LSTAR;
 use ihmi_ept::Eptp;
-use ihmi_vmcs::fields::{control, ro};
+use ihmi_vmcs::fields::{control, guest, ro};
 
 use crate::mock::{MockPlatform, MockVcpu, Recorder};
 use crate::{Action, Hypervisor};
@@ -185,5 +185,9 @@ pub(crate) fn first_syscall() -> MockVcpu {
         .insert(ro::GUEST_PHYSICAL_ADDR_FULL, LINUX_GATE_PAGE + 0xb1);
     v.fields.insert(ro::EXIT_QUALIFICATION, 0x84 | 0x1); // fetch; readable
     v.fields.insert(control::EPTP_FULL, GUEST_EPTP);
+    v.fields.insert(guest::CR3, LINUX_USER_CR3);
     v
 }
+
+/// A user CR3 of the Linux guest: the user half of the kernel's PGD pair, PCID 1.
+pub(crate) const LINUX_USER_CR3: u64 = 0x50_1001;

@@ -164,6 +164,9 @@ pub enum VmExit {
     },
     /// An external interrupt (external-interrupt exiting).
     ExternalInterrupt { info: InterruptionInfo },
+    /// The VMX-preemption timer counted down to zero (SDM 26.5.1): the guest ran that long without
+    /// another exit.
+    PreemptionTimer,
     /// The guest triple-faulted.
     TripleFault,
     /// The guest received INIT.
@@ -262,6 +265,7 @@ impl VmExit {
                 info: InterruptionInfo::from_raw(read(ro::VMEXIT_INTERRUPTION_INFO) as u32),
             },
             ExitReason::TripleFault => Self::TripleFault,
+            ExitReason::PreemptionTimer => Self::PreemptionTimer,
             ExitReason::Init => Self::Init,
             ExitReason::Hlt => Self::Hlt(instruction(&mut read)),
             ExitReason::Cpuid => Self::Cpuid(instruction(&mut read)),
@@ -322,6 +326,7 @@ impl VmExit {
             Self::Exception { .. } => ExitReason::ExceptionOrNmi,
             Self::ExternalInterrupt { .. } => ExitReason::ExternalInterrupt,
             Self::TripleFault => ExitReason::TripleFault,
+            Self::PreemptionTimer => ExitReason::PreemptionTimer,
             Self::Init => ExitReason::Init,
             Self::Hlt(_) => ExitReason::Hlt,
             Self::Cpuid(_) => ExitReason::Cpuid,

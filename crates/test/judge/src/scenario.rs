@@ -441,6 +441,7 @@ fn check(
         Scenario::LinuxAttack(LinuxAttack::KernelText) => {
             check_locked_write(log, Locked::KernelText, "patching kernel text")
         }
+        Scenario::LinuxAttack(LinuxAttack::ProcessPgd) => check_process_pgd(log),
         Scenario::LinuxAttack(LinuxAttack::GatePgd) => check_locked_write(
             log,
             Locked::GatePath,
@@ -642,6 +643,32 @@ fn check_locked_write(
     );
     if !reported {
         return Err(FailReason::AttackNotReported(attack));
+    }
+    expect_end_task(log, |t| comm_bytes(&t.comm) == b"ihmi-attack")
+}
+
+/// `linux-attack-process-pgd`: the gate's slot in a process's PGD was changed (pages the kernel owns,
+/// which L0 cannot lock); L0's audit of the PGD the guest runs on found it (an alert), at the latest
+/// one audit period into that process's run, and stopped the guest while the attacker ran.
+fn check_process_pgd(log: &ScenarioLog) -> Result<(), FailReason> {
+    let gpa = match log.end {
+        None => return Err(FailReason::NotEnded),
+        Some(GuestEnd::HookTampered { gpa }) => gpa,
+        Some(got) => {
+            return Err(FailReason::WrongEnd {
+                expected: "L0's audit finding the gate's slot changed",
+                got,
+            })
+        }
+    };
+    let reported = log
+        .alerts()
+        .iter()
+        .any(|a| matches!(a, Alert::HookTampered { gpa: at, .. } if *at == gpa));
+    if !reported {
+        return Err(FailReason::AttackNotReported(
+            "redirecting the gate in a process's PGD",
+        ));
     }
     expect_end_task(log, |t| comm_bytes(&t.comm) == b"ihmi-attack")
 }

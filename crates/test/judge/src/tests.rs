@@ -924,3 +924,45 @@ fn a_locked_write_attack_needs_the_refused_write_its_alert_and_the_attacker_runn
         Verdict::Fail(FailReason::WrongEnd { .. })
     ));
 }
+
+#[test]
+fn a_process_pgd_attack_needs_the_audit_to_stop_the_attacker_and_say_where() {
+    use ihmi_abi::LinuxAttack;
+    use ihmi_hv::linux::TaskInfo;
+    use ihmi_hv::Alert;
+    let mut comm = [0u8; 16];
+    comm[..11].copy_from_slice(b"ihmi-attack");
+    let attacker = TaskInfo {
+        task: 0,
+        pid: 25,
+        tgid: 25,
+        ppid: 1,
+        comm,
+    };
+    let s = Scenario::LinuxAttack(LinuxAttack::ProcessPgd);
+    let verdict = |alert_at: Option<u64>, end: GuestEnd| {
+        let mut h = hv(s);
+        if let Some(at) = alert_at {
+            h.judge.log.record_alert(Alert::HookTampered {
+                gpa: Gpa::new(at),
+                found: 1,
+                expected: 2,
+            });
+        }
+        h.judge.log.end = Some(end);
+        h.judge.log.end_task = Some(Ok(attacker));
+        judge(s, &h.judge.log, &h.hv.counters, Gpa::new(0), None)
+    };
+    let tampered = GuestEnd::HookTampered {
+        gpa: Gpa::new(0xfed_2e90),
+    };
+    assert_eq!(verdict(Some(0xfed_2e90), tampered), Verdict::Pass);
+    assert!(matches!(
+        verdict(Some(0x1000), tampered),
+        Verdict::Fail(FailReason::AttackNotReported(_))
+    ));
+    assert!(matches!(
+        verdict(None, GuestEnd::ShutdownRequest),
+        Verdict::Fail(FailReason::WrongEnd { .. })
+    ));
+}

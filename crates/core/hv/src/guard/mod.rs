@@ -298,19 +298,30 @@ impl Hypervisor {
         Action::Resume
     }
 
-    /// Checks every audited word (see [`Guard::audited`]); a changed one, or one L0 cannot read any
-    /// more, is an alert and ends the guest.
+    /// Checks every audited word (see [`Guard::audited`]), and for a Linux guest in its own view the
+    /// gate's slot in the PGD it runs on; a changed one, or one L0 cannot read any more, is an alert
+    /// and ends the guest.
     pub(crate) fn audit(
         &mut self,
+        vcpu: &mut impl Vcpu,
         platform: &mut impl Platform,
         obs: &mut impl Observer,
     ) -> Option<Action> {
+        let in_guest_view = self.current_view(vcpu) == Some(views::GUEST_VIEW)
+            || self.guard.as_ref()?.views.monitor.is_none();
         let guard = self.guard.as_ref()?;
-        let (gpa, found, expected) = guard.audited().find_map(|(gpa, expected)| {
-            // An unreadable word cannot be vouched for: it counts as changed.
-            let found = read_guest_u64(platform, gpa).unwrap_or(!expected);
-            (found != expected).then_some((gpa, found, expected))
-        })?;
+        let cr3 = vcpu.read(guest::CR3);
+        let running = guard
+            .linux
+            .iter()
+            .filter(|_| in_guest_view)
+            .flat_map(|l| l.running_slots(cr3));
+        let (gpa, found, expected) =
+            guard.audited().chain(running).find_map(|(gpa, expected)| {
+                // An unreadable word cannot be vouched for: it counts as changed.
+                let found = read_guest_u64(platform, gpa).unwrap_or(!expected);
+                (found != expected).then_some((gpa, found, expected))
+            })?;
         let alert = Alert::HookTampered {
             gpa,
             found,

@@ -29,6 +29,13 @@ use crate::{
     skip_instruction, Action, GuestEnd, Hypervisor, MonitorWord, Platform, PlatformError, Vcpu,
 };
 
+/// The longest a monitored Linux guest runs without L0 auditing the gate's mapping, in TSC ticks: the
+/// VMX-preemption timer forces an exit after this long without one. A kernel that changes the gate's
+/// slot in the PGD of a process is noticed if that process is running at an exit, which comes at the
+/// latest this many ticks into its run (Bochs counts one tick per instruction: 16.8 million guest
+/// instructions; 5.6 ms at a 3 GHz TSC).
+pub const AUDIT_PERIOD_TSC: u64 = 1 << 24;
+
 /// How L0 puts the system-call gate in front of a Linux kernel's SYSCALL entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LinuxGate {
@@ -216,6 +223,17 @@ impl LinuxGuard {
             .filter_map(|half| self.gate.slot_at(half))
             .map(|at| (at, self.gate.pml4e));
         slots.chain(self.armed.map(|a| a.audited()))
+    }
+
+    /// The gate's slot in the PGD of the address space the guest runs on (`cr3`), in every half it
+    /// has, once the gate is open. Every process's PGD copies the kernel's upper half, the gate's slot
+    /// included, when it is made (`pgd_alloc`); a kernel that changes one process's copy hides that
+    /// process's system calls, so the copy in use is audited at each exit.
+    pub(crate) fn running_slots(&self, cr3: u64) -> impl Iterator<Item = (Gpa, u64)> + '_ {
+        let pgd = Gpa::new(ihmi_linux::profile::kernel_pgd(cr3, self.gate.pti_pgd_pair));
+        let gate = LinuxGate { pgd, ..self.gate };
+        let halves = self.gate.halves().filter(|_| self.open);
+        halves.filter_map(move |half| gate.slot_at(half).map(|at| (at, gate.pml4e)))
     }
 
     /// Puts the gate in front of the kernel's entry `kernel_entry`: the gate page learns where to

@@ -525,6 +525,7 @@ fn the_open_gate_locks_the_kernel_image_and_the_page_tables_on_its_path() {
         .insert(ro::GUEST_PHYSICAL_ADDR_FULL, 0x50_1000 + 466 * 8);
     v.fields.insert(ro::EXIT_QUALIFICATION, 0x2 | 0x1 << 3); // write; readable
     v.fields.insert(control::EPTP_FULL, GUEST_EPTP);
+    v.fields.insert(guest::CR3, LINUX_USER_CR3);
     assert!(matches!(
         h.handle_exit(&mut v, &mut p),
         Action::End(GuestEnd::EptViolation { .. })
@@ -554,4 +555,40 @@ fn a_kernel_that_cannot_be_locked_stops_with_the_gate_closed_and_the_hook_out() 
     let mut site = [0u8; 5];
     site.copy_from_slice(&p.read_u64(0x112_6cf9).to_le_bytes()[..5]);
     assert_eq!(site, crate::linux::hooks::FENTRY_NOP);
+}
+
+#[test]
+fn a_process_pgd_whose_gate_slot_was_changed_is_noticed_at_its_next_exit() {
+    let (mut h, mut p, gate) = linux_guarded();
+    linux_kernel_memory(&mut p);
+    install_gate(&mut h, &mut p);
+    h.handle_exit(&mut first_syscall(), &mut p);
+    // A process's PGD pair at 0x70_0000, as pgd_alloc copies it: the gate's slot in both halves, the
+    // user half's pointing elsewhere (a copy of the gate that skips the monitor).
+    p.write_u64(0x70_0000 + 466 * 8, gate.pml4e);
+    p.write_u64(0x70_1000 + 466 * 8, 0x7777_7023);
+    let exit_on = |cr3: u64, eptp: u64| {
+        let mut v = MockVcpu::exited(EXIT_CPUID, 0x1000, 2);
+        v.fields.insert(guest::CR3, cr3);
+        v.fields.insert(control::EPTP_FULL, eptp);
+        v
+    };
+    // Another process, or the monitor's own address space inside the gate: nothing to see.
+    assert_eq!(
+        h.handle_exit(&mut exit_on(LINUX_USER_CR3, GUEST_EPTP), &mut p),
+        Action::Resume
+    );
+    assert_eq!(
+        h.handle_exit(&mut exit_on(0x70_1002, MONITOR_EPTP), &mut p),
+        Action::Resume
+    );
+    // The tampered process running in its own view, on its user or its kernel CR3.
+    for cr3 in [0x70_1002, 0x70_0002] {
+        assert_eq!(
+            h.handle_exit(&mut exit_on(cr3, GUEST_EPTP), &mut p),
+            Action::End(GuestEnd::HookTampered {
+                gpa: Gpa::new(0x70_1000 + 466 * 8)
+            })
+        );
+    }
 }

@@ -13,6 +13,10 @@
 //!   kernel text, written through a shared /dev/mem mapping of its page.
 //! - `gate-pgd`: point the gate's PML4 slot in the page-table-isolation user half of the kernel's
 //!   PGD, which every new process copies, at another frame, through a /dev/mem mapping.
+//! - `process-pgd`: the same in the PGDs of the running processes (kernel pages L0 cannot lock),
+//!   found by scanning guest RAM, pointing the slot at a copy of the gate's page tables in the
+//!   attacker's own locked pages (so everything keeps working, as a real attacker's would, until it
+//!   swaps the gate page in the copy for its own).
 //!
 //! Each step is told to L0 on port 0xE9. A blocked write or read stops the guest: it never returns.
 
@@ -43,6 +47,7 @@ fn main() -> ExitCode {
         Some(LinuxAttack::Root) => root(&cmdline),
         Some(LinuxAttack::KernelText) => kernel_text(),
         Some(LinuxAttack::GatePgd) => gate_pgd(&cmdline),
+        Some(LinuxAttack::ProcessPgd) => process_pgd(&cmdline),
         None => Err(format!(
             "no known ihmi.attack= on the command line ({:?})",
             LinuxAttack::ALL.map(LinuxAttack::name)
@@ -145,47 +150,69 @@ impl Kernel {
     }
 }
 
-/// One page of physical memory, mapped shared and writable through /dev/mem.
+/// Physical memory from a page boundary on, mapped shared and writable through /dev/mem.
 struct PhysPage {
     ptr: *mut u8,
+    len: usize,
 }
 
 impl PhysPage {
+    /// The page that holds `pa`.
     fn map(mem: &File, pa: u64) -> io::Result<Self> {
-        // SAFETY: a fresh shared mapping of one page of /dev/mem; nothing else in this process
-        // refers to the address range the kernel picks.
+        Self::map_range(mem, pa & !(PAGE - 1), PAGE)
+    }
+
+    /// `len` bytes from the page-aligned `pa` on.
+    fn map_range(mem: &File, pa: u64, len: u64) -> io::Result<Self> {
+        // SAFETY: a fresh shared mapping of /dev/mem; nothing else in this process refers to the
+        // address range the kernel picks.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                PAGE as usize,
+                len as usize,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 mem.as_raw_fd(),
-                (pa & !(PAGE - 1)) as libc::off_t,
+                pa as libc::off_t,
             )
         };
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        Ok(Self { ptr: ptr.cast() })
+        Ok(Self {
+            ptr: ptr.cast(),
+            len: len as usize,
+        })
     }
 
     fn read_u64(&self, offset: usize) -> u64 {
-        assert!(offset + 8 <= PAGE as usize);
-        // SAFETY: inside the mapped page; a volatile read of memory the kernel may change.
+        assert!(offset + 8 <= self.len);
+        // SAFETY: inside the mapping; a volatile read of memory the kernel may change.
         unsafe { self.ptr.wrapping_add(offset).cast::<u64>().read_volatile() }
     }
 
     fn write_u8(&self, offset: usize, value: u8) {
-        assert!(offset < PAGE as usize);
-        // SAFETY: inside the mapped page, mapped writable.
+        assert!(offset < self.len);
+        // SAFETY: inside the mapping, which is writable.
         unsafe { self.ptr.wrapping_add(offset).write_volatile(value) }
     }
 
     fn write_u64(&self, offset: usize, value: u64) {
-        assert!(offset + 8 <= PAGE as usize);
+        assert!(offset + 8 <= self.len);
         // SAFETY: as in `write_u8`.
-        unsafe { self.ptr.wrapping_add(offset).cast::<u64>().write_volatile(value) }
+        unsafe {
+            self.ptr
+                .wrapping_add(offset)
+                .cast::<u64>()
+                .write_volatile(value)
+        }
+    }
+}
+
+impl Drop for PhysPage {
+    fn drop(&mut self) {
+        // SAFETY: the mapping this value made, unmapped once.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }
 
@@ -241,22 +268,29 @@ fn kernel_text() -> Result<(), String> {
     Ok(())
 }
 
-fn gate_pgd(cmdline: &str) -> Result<(), String> {
-    let k = Kernel::learn()?;
-    let monitor = monitor_address(cmdline)?;
-    let mem = open_mem()?;
-    // The user half of init_top_pgt's 8 KiB pair; the gate's slot is the entry that points into the
-    // monitor's region (the frames L0 took for the gate's tables).
+/// The monitor's 2 MiB region, from the command line.
+const MONITOR_SIZE: u64 = 2 << 20;
+const ADDRESS: u64 = 0x000f_ffff_ffff_f000;
+
+/// The gate's slot in the user half of init_top_pgt: the PML4 entry that points into the monitor's
+/// region (the frames L0 took for the gate's tables). Returns the mapped page, the slot and the entry.
+fn gate_slot(k: &Kernel, mem: &File, monitor: u64) -> Result<(PhysPage, u64, usize, u64), String> {
     let user_half = k.pa(k.symbol("init_top_pgt")?) + PAGE;
-    let page = PhysPage::map(&mem, user_half).map_err(|e| format!("mapping the PGD: {e}"))?;
-    let in_monitor = |e: u64| {
-        let to = e & 0x000f_ffff_ffff_f000;
-        e & 1 != 0 && (monitor..monitor + (2 << 20)).contains(&to)
-    };
+    let page = PhysPage::map(mem, user_half).map_err(|e| format!("mapping the PGD: {e}"))?;
+    let in_monitor =
+        |e: u64| e & 1 != 0 && (monitor..monitor + MONITOR_SIZE).contains(&(e & ADDRESS));
     let slot = (256..512)
         .find(|&i| in_monitor(page.read_u64(i * 8)))
         .ok_or("no PML4 entry of the user half points into the monitor")?;
     let entry = page.read_u64(slot * 8);
+    Ok((page, user_half, slot, entry))
+}
+
+fn gate_pgd(cmdline: &str) -> Result<(), String> {
+    let k = Kernel::learn()?;
+    let monitor = monitor_address(cmdline)?;
+    let mem = open_mem()?;
+    let (page, user_half, slot, entry) = gate_slot(&k, &mem, monitor)?;
     // Anywhere else: the next frame, where an attacker would have put a copy of the gate's tables.
     let forged = entry + PAGE;
     say(&format!(
@@ -264,5 +298,119 @@ fn gate_pgd(cmdline: &str) -> Result<(), String> {
     ));
     page.write_u64(slot * 8, forged);
     say("ihmi-attack: redirecting the gate's slot was ACCEPTED: new processes copy it");
+    Ok(())
+}
+
+/// Guest RAM as the kernel lists it in /proc/iomem (`System RAM`), physical `[start, end)`.
+fn system_ram() -> Result<Vec<(u64, u64)>, String> {
+    let iomem = fs::read_to_string("/proc/iomem").map_err(|e| format!("/proc/iomem: {e}"))?;
+    Ok(iomem
+        .lines()
+        .filter(|l| !l.starts_with(' ') && l.trim_end().ends_with(": System RAM"))
+        .filter_map(|l| {
+            let (a, b) = l.split(':').next()?.trim().split_once('-')?;
+            Some((
+                u64::from_str_radix(a, 16).ok()?,
+                u64::from_str_radix(b, 16).ok()? + 1,
+            ))
+        })
+        .collect())
+}
+
+/// The physical address of one of this process's pages (root reads PFNs in /proc/self/pagemap).
+fn own_frame(va: *const u8) -> Result<u64, String> {
+    let pagemap = File::open("/proc/self/pagemap").map_err(|e| format!("pagemap: {e}"))?;
+    let mut entry = [0u8; 8];
+    pagemap
+        .read_exact_at(&mut entry, (va as u64 / PAGE) * 8)
+        .map_err(|e| format!("pagemap: {e}"))?;
+    let e = u64::from_le_bytes(entry);
+    if e & (1 << 63) == 0 || e & ((1 << 55) - 1) == 0 {
+        return Err("pagemap shows no frame (not root?)".into());
+    }
+    Ok((e & ((1 << 55) - 1)) * PAGE)
+}
+
+fn process_pgd(cmdline: &str) -> Result<(), String> {
+    let k = Kernel::learn()?;
+    let monitor = monitor_address(cmdline)?;
+    let mem = open_mem()?;
+    let (_, user_half, slot, entry) = gate_slot(&k, &mem, monitor)?;
+    // A copy of the gate's three tables in three locked pages of ours, linked to each other.
+    // SAFETY: a fresh private anonymous mapping of three pages.
+    let copy = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            3 * PAGE as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_LOCKED | libc::MAP_POPULATE,
+            -1,
+            0,
+        )
+    };
+    if copy == libc::MAP_FAILED {
+        return Err(format!("mmap: {}", io::Error::last_os_error()));
+    }
+    let copy: &mut [u64] = {
+        // SAFETY: the three pages just mapped, ours alone, as 1536 u64s.
+        unsafe { std::slice::from_raw_parts_mut(copy.cast::<u64>(), 3 * 512) }
+    };
+    let mut frames = [0u64; 3];
+    for (i, f) in frames.iter_mut().enumerate() {
+        *f = own_frame(copy.as_ptr().wrapping_add(i * 512).cast())?;
+    }
+    let mut table = entry & ADDRESS;
+    for level in 0..3 {
+        let mut bytes = vec![0u8; PAGE as usize];
+        mem.read_exact_at(&mut bytes, table)
+            .map_err(|e| format!("reading the gate's table at {table:#x}: {e}"))?;
+        let dst = &mut copy[level * 512..(level + 1) * 512];
+        for (i, w) in bytes.chunks_exact(8).enumerate() {
+            dst[i] = u64::from_le_bytes(w.try_into().expect("8 bytes"));
+        }
+        if level < 2 {
+            // The one present entry leads on; point it at our copy of the next table.
+            let next = (0..512)
+                .find(|&i| dst[i] & 1 != 0)
+                .ok_or("a gate table with no present entry")?;
+            table = dst[next] & ADDRESS;
+            dst[next] = (dst[next] & !ADDRESS) | frames[level + 1];
+        }
+    }
+    let forged = (entry & !ADDRESS) | frames[0];
+    // Every other page that holds the gate's entry in that slot is a process's PGD half: scan RAM.
+    let kernel_pgd = user_half - PAGE;
+    let mut changed = 0u64;
+    let window = MONITOR_SIZE; // 2 MiB windows; the monitor's region is one of them, skipped whole
+    for (start, end) in system_ram()? {
+        let mut at = start & !(PAGE - 1);
+        while at < end {
+            let next = ((at / window + 1) * window).min(end);
+            if (monitor..monitor + MONITOR_SIZE).contains(&at) {
+                at = next;
+                continue;
+            }
+            let pages = PhysPage::map_range(&mem, at, next - at)
+                .map_err(|e| format!("mapping {at:#x}: {e}"))?;
+            for page in (0..next - at).step_by(PAGE as usize) {
+                let pa = at + page;
+                let offset = page as usize + slot * 8;
+                if pa != kernel_pgd && pa != user_half && pages.read_u64(offset) == entry {
+                    pages.write_u64(offset, forged);
+                    changed += 1;
+                }
+            }
+            at = next;
+        }
+    }
+    say(&format!(
+        "ihmi-attack: the gate's slot {slot} now points at our copy of its tables ({forged:#x}) in {changed} process PGD halves"
+    ));
+    // Keep running on the redirected mapping, making system calls through it.
+    for _ in 0..1000 {
+        // SAFETY: getpid has no arguments and no effect.
+        unsafe { libc::getpid() };
+    }
+    say("ihmi-attack: redirecting the gate in the processes' PGDs went UNNOTICED");
     Ok(())
 }
