@@ -137,15 +137,24 @@ pub enum LinuxAttack {
     /// Point the gate's PML4 slot in the PGDs of running processes (their copies of the kernel's) at
     /// a copy of the gate's page tables in the attacker's own pages, through /dev/mem.
     ProcessPgd = 3,
+    /// Make [`LINUX_FLOOD_CALLS`] system calls as fast as it can, more than the event ring holds
+    /// between two exits, hoping the monitor drops what they would show.
+    Flood = 4,
 }
+
+/// How many `getpid` calls the `flood` attack makes: nearly five rings' worth.
+pub const LINUX_FLOOD_CALLS: u64 = 20_000;
+/// The call it floods with (`getpid`, x86-64).
+pub const LINUX_FLOOD_NR: u64 = 39;
 
 impl LinuxAttack {
     /// Every Linux attack, in the order `ihmi test` runs them.
-    pub const ALL: [LinuxAttack; 4] = [
+    pub const ALL: [LinuxAttack; 5] = [
         Self::Root,
         Self::KernelText,
         Self::GatePgd,
         Self::ProcessPgd,
+        Self::Flood,
     ];
 
     /// The name on the kernel command line (`ihmi.attack=<name>`).
@@ -156,6 +165,7 @@ impl LinuxAttack {
             Self::KernelText => "kernel-text",
             Self::GatePgd => "gate-pgd",
             Self::ProcessPgd => "process-pgd",
+            Self::Flood => "flood",
         }
     }
 
@@ -167,6 +177,7 @@ impl LinuxAttack {
             Self::KernelText => "linux-attack-kernel-text",
             Self::GatePgd => "linux-attack-gate-pgd",
             Self::ProcessPgd => "linux-attack-process-pgd",
+            Self::Flood => "linux-attack-flood",
         }
     }
 
@@ -178,6 +189,7 @@ impl LinuxAttack {
             Self::KernelText => "ihmi.attack=kernel-text",
             Self::GatePgd => "ihmi.attack=gate-pgd",
             Self::ProcessPgd => "ihmi.attack=process-pgd",
+            Self::Flood => "ihmi.attack=flood",
         }
     }
 

@@ -69,6 +69,10 @@ impl Verdict {
 /// Slots in the monitor's event ring: enough that a benchmark window (which makes no exit in-box, so
 /// L0 cannot drain meanwhile) never overflows it.
 pub const RING_LEN: usize = 4096;
+/// Undrained events at which the in-box monitor asks L0 to drain its ring
+/// ([`crate::Hypercall::RingHighWater`]): one exit per this many events under a flood, none for a
+/// burst that fits (the Linux benchmark's 2,000-event window).
+pub const RING_HIGH_WATER: usize = RING_LEN * 3 / 4;
 
 /// Magic at the start of [`MonitorConfig`] ("IHMICONF").
 pub const CONFIG_MAGIC: u64 = 0x464e_4f43_494d_4849;

@@ -353,6 +353,18 @@ impl EventRing {
         self.consumed = self.written.wrapping_add(1);
     }
 
+    /// Events stored and not yet drained.
+    #[must_use]
+    pub const fn pending(&self) -> u64 {
+        self.written.wrapping_sub(self.consumed)
+    }
+
+    /// Whether the ring is past its high-water mark and should be drained now.
+    #[must_use]
+    pub const fn wants_drain(&self) -> bool {
+        self.pending() >= ihmi_abi::monitor::RING_HIGH_WATER as u64
+    }
+
     /// Events produced so far (stored or dropped).
     #[must_use]
     pub const fn produced(&self) -> u64 {
@@ -384,6 +396,7 @@ mod tests {
         assert_eq!(ring.dropped(), 3);
         assert_eq!(ring.produced(), RING_LEN as u64 + 3);
         assert!(ring.is_consistent());
+        assert!(ring.wants_drain(), "a full ring wants draining");
         let mut seen = std::vec::Vec::new();
         assert_eq!(ring.drain(|e| seen.push((e.seq, e.pid))), RING_LEN);
         assert_eq!(seen.first(), Some(&(0, 0)));
@@ -397,6 +410,20 @@ mod tests {
         ring.drain(|e| next = Some(e.seq));
         assert_eq!(next, Some(RING_LEN as u64 + 3));
         assert_eq!(ring.drain(|_| panic!("nothing left")), 0);
+        assert_eq!(ring.pending(), 0);
+        assert!(!ring.wants_drain());
+    }
+
+    #[test]
+    fn the_high_water_mark_is_three_quarters_of_the_ring() {
+        let mut ring = EventRing::new();
+        for pid in 0..ihmi_abi::monitor::RING_HIGH_WATER as u32 - 1 {
+            ring.push(ev(EventKind::Syscall, pid));
+        }
+        assert!(!ring.wants_drain());
+        ring.push(ev(EventKind::Syscall, 0));
+        assert!(ring.wants_drain());
+        assert_eq!(ring.pending(), RING_LEN as u64 * 3 / 4);
     }
 
     #[test]

@@ -140,9 +140,31 @@ extern "C" fn ihmi_monitor_entry(code: u64, a0: u64, a1: u64, a2: u64, a3: u64) 
         tsc: ihmi_rt::cpu::rdtsc(),
         percpu_base,
     };
-    monitor(config)
-        .handle(code, [a0, a1, a2, a3], &ctx, &DirectMap { config }, ring)
-        .to_raw()
+    let verdict = monitor(config).handle(code, [a0, a1, a2, a3], &ctx, &DirectMap { config }, ring);
+    if ring.wants_drain() {
+        ask_l0_to_drain();
+    }
+    verdict.to_raw()
+}
+
+/// One VMCALL from the monitor view: L0 drains the ring at the exit, so a flood loses nothing. L0
+/// answers in RAX (and RBX, which LLVM keeps for itself in inline assembly, so it is saved around the
+/// call by hand).
+fn ask_l0_to_drain() {
+    let mut rax = ihmi_abi::Hypercall::RingHighWater as u64;
+    // SAFETY: VMCALL exits to L0, which returns a status in RAX and a value in RBX and changes no
+    // memory of ours; RBX is restored from the scratch register before LLVM sees it.
+    unsafe {
+        core::arch::asm!(
+            "mov {saved}, rbx",
+            "vmcall",
+            "mov rbx, {saved}",
+            saved = out(reg) _,
+            inout("rax") rax,
+            options(nostack),
+        )
+    };
+    let _ = rax;
 }
 
 // The gate: this page is mapped at the same virtual address in the guest's and the monitor's address

@@ -74,7 +74,7 @@ pub const fn defence(attack: Attack) -> &'static str {
         Attack::GateRemap => "a remapped gate runs VMFUNC from guest memory, which view 1 does not execute",
         Attack::LstarRedirect => "L0 intercepts WRMSR to IA32_LSTAR and refuses to move the locked entry",
         Attack::TrapInMonitor => "exceptions taken in view 1 are delivered to guest handlers that view 1 does not execute",
-        Attack::EventFlood => "the ring drops and counts what it cannot hold, and sequence numbers show every gap",
+        Attack::EventFlood => "past its high-water mark the monitor has L0 drain the ring (one exit per 3,072 events), so nothing is lost; a drop would be counted and show as a sequence gap",
         Attack::EventForge => "the event ring lives in monitor frames, absent from view 0",
         Attack::HookStarve => "the hooks' gate pointer sits in read + execute kernel text, and L0 audits it at every exit",
     }
@@ -232,9 +232,11 @@ pub fn judge_attack(attack: Attack, log: &ScenarioLog, ctx: &AttackContext<'_>) 
                     && RejectReason::from_raw(e.detail) == Some(RejectReason::UnknownRequest)
             });
             let accounted = log.monitor_drained + log.monitor_dropped == FLOOD_REQUESTS;
+            // Reported: every forged request is an event L0 drained, none lost (the monitor asked for
+            // a drain at its high-water mark).
             (
                 done_zero(log) && all_forged && accounted,
-                log.monitor_dropped > 0 && accounted,
+                log.monitor_dropped == 0 && log.ring_drains > 0 && accounted,
             )
         }
     };

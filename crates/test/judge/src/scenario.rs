@@ -44,6 +44,10 @@ pub struct ScenarioLog {
     pub monitor_drained: u64,
     /// Of those, requests the monitor's checkpoint rejected.
     pub monitor_rejected: u64,
+    /// Of those, the Linux flood attack's calls (`getpid` by `ihmi-attack`).
+    pub flood_calls: u64,
+    /// Times the in-box monitor asked L0 to drain its ring (and L0 did).
+    pub ring_drains: u64,
     bench_results: heapless_table::Table<crate::bench::BenchResult, 4>,
 }
 
@@ -57,7 +61,12 @@ impl ScenarioLog {
                 regs,
             } => self.record_cpuid(leaf, subleaf, regs),
             Observation::CpuidReport(record) => self.record_cpuid_report(record),
-            Observation::Hypercall { nr, status } => self.record_hypercall(nr, status),
+            Observation::Hypercall { nr, status } => {
+                if nr == Hypercall::RingHighWater as u64 && status == Status::Ok {
+                    self.ring_drains += 1;
+                }
+                self.record_hypercall(nr, status);
+            }
             Observation::DebugLine { .. } => self.debug_lines += 1,
             Observation::Alert(alert) => self.record_alert(alert),
             Observation::Ended { end, task } => {
@@ -100,6 +109,12 @@ impl ScenarioLog {
         self.linux_trail.follow(event);
         if event.kind() == Some(EventKind::Rejected) {
             self.monitor_rejected += 1;
+        }
+        if event.kind() == Some(EventKind::Syscall)
+            && event.nr == ihmi_abi::attack::LINUX_FLOOD_NR
+            && comm_bytes(&event.comm) == b"ihmi-attack"
+        {
+            self.flood_calls += 1;
         }
         self.monitor_events.push(*event);
     }
@@ -241,6 +256,13 @@ pub enum FailReason {
     NoTask(TaskError),
     /// An attack step was not refused (which one).
     AttackNotBlocked(&'static str),
+    /// A flood of events was not all kept.
+    EventsLost {
+        expected: u64,
+        seen: u64,
+        dropped: u64,
+        drains: u64,
+    },
     /// Blocked, but L0 raised no alert saying what it was.
     AttackNotReported(&'static str),
     /// The monitor's events did not show the Linux workload's system calls (how far they got).
@@ -341,6 +363,15 @@ impl fmt::Display for FailReason {
             Self::NoTask(e) => write!(f, "cannot read the running task: {e}"),
             Self::AttackNotBlocked(what) => write!(f, "not blocked: {what}"),
             Self::AttackNotReported(what) => write!(f, "blocked but not reported: {what}"),
+            Self::EventsLost {
+                expected,
+                seen,
+                dropped,
+                drains,
+            } => write!(
+                f,
+                "the flood's {expected} calls gave {seen} events, {dropped} dropped, after {drains} high-water drains"
+            ),
             Self::WorkloadNotSeen(t) => write!(
                 f,
                 "the monitor saw {} of the workload's {} system calls ({} events named {}; pid {}, parent {}; its exec by pid {}); the intruder refused {} times, ran: {}",
@@ -442,6 +473,7 @@ fn check(
             check_locked_write(log, Locked::KernelText, "patching kernel text")
         }
         Scenario::LinuxAttack(LinuxAttack::ProcessPgd) => check_process_pgd(log),
+        Scenario::LinuxAttack(LinuxAttack::Flood) => check_flood(log),
         Scenario::LinuxAttack(LinuxAttack::GatePgd) => check_locked_write(
             log,
             Locked::GatePath,
@@ -671,6 +703,23 @@ fn check_process_pgd(log: &ScenarioLog) -> Result<(), FailReason> {
         ));
     }
     expect_end_task(log, |t| comm_bytes(&t.comm) == b"ihmi-attack")
+}
+
+/// `linux-attack-flood`: every one of the flood's calls reached L0 as an event and none was dropped,
+/// because the monitor asked for the ring to be drained each time it passed its high-water mark.
+fn check_flood(log: &ScenarioLog) -> Result<(), FailReason> {
+    linux_run_ended_well(log)?;
+    let calls = ihmi_abi::attack::LINUX_FLOOD_CALLS;
+    let drains = calls / ihmi_abi::monitor::RING_HIGH_WATER as u64;
+    if log.monitor_dropped != 0 || log.flood_calls != calls || log.ring_drains < drains {
+        return Err(FailReason::EventsLost {
+            expected: calls,
+            seen: log.flood_calls,
+            dropped: log.monitor_dropped,
+            drains: log.ring_drains,
+        });
+    }
+    Ok(())
 }
 
 /// The Linux workload program (`crates/guests/linux-workload`, `ihmi-workload`) and the system calls it

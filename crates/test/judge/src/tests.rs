@@ -444,16 +444,30 @@ mod attack_judge {
 
     #[test]
     fn flood_must_be_accounted_for_event_by_event() {
+        // The monitor asked for a drain at its high-water mark: every request is an event.
         let mut log = log_ending(GuestEnd::Done(0));
-        let stored = ihmi_abi::monitor::RING_LEN as u64;
-        for seq in 0..stored {
+        for seq in 0..FLOOD_REQUESTS {
             log.record_monitor_event(&rejected(seq));
         }
-        log.monitor_dropped = FLOOD_REQUESTS - stored;
+        log.ring_drains = 1;
         assert_eq!(verdict(Attack::EventFlood, &log, true), (true, true, true));
+        // Without the drain the ring drops what it cannot hold: counted (blocked), but lost.
+        let mut lossy = log_ending(GuestEnd::Done(0));
+        let stored = ihmi_abi::monitor::RING_LEN as u64;
+        for seq in 0..stored {
+            lossy.record_monitor_event(&rejected(seq));
+        }
+        lossy.monitor_dropped = FLOOD_REQUESTS - stored;
+        assert_eq!(
+            verdict(Attack::EventFlood, &lossy, true),
+            (true, false, true)
+        );
         // One event unaccounted for: neither blocked nor reported.
-        log.monitor_dropped -= 1;
-        assert!(!verdict(Attack::EventFlood, &log, true).0);
+        lossy.monitor_dropped -= 1;
+        assert_eq!(
+            verdict(Attack::EventFlood, &lossy, true),
+            (false, false, true)
+        );
         // A gap larger than the counted drops means the stream was tampered with.
         let mut gappy = log_ending(GuestEnd::Done(0));
         gappy.record_monitor_event(&rejected(0));
@@ -965,4 +979,50 @@ fn a_process_pgd_attack_needs_the_audit_to_stop_the_attacker_and_say_where() {
         verdict(None, GuestEnd::ShutdownRequest),
         Verdict::Fail(FailReason::WrongEnd { .. })
     ));
+}
+
+#[test]
+fn the_linux_flood_passes_only_with_every_call_seen_and_nothing_dropped() {
+    use ihmi_abi::attack::{LINUX_FLOOD_CALLS, LINUX_FLOOD_NR};
+    use ihmi_abi::LinuxAttack;
+    use ihmi_hv::linux::TaskInfo;
+    use ihmi_monitor::{Event, EventKind};
+    let s = Scenario::LinuxAttack(LinuxAttack::Flood);
+    let run = |calls: u64, dropped: u64, drains: u64| {
+        let mut h = hv(s);
+        let mut e = Event {
+            kind: EventKind::Syscall as u16,
+            nr: LINUX_FLOOD_NR,
+            ..Event::EMPTY
+        };
+        e.comm[..11].copy_from_slice(b"ihmi-attack");
+        for _ in 0..calls {
+            h.judge.log.record_monitor_event(&e);
+        }
+        h.judge.log.monitor_dropped = dropped;
+        h.judge.log.ring_drains = drains;
+        h.judge.log.debug_lines = 1;
+        h.judge.log.end = Some(GuestEnd::ShutdownRequest);
+        let mut comm = [0u8; 16];
+        comm[..13].copy_from_slice(b"ihmi-poweroff");
+        h.judge.log.end_task = Some(Ok(TaskInfo {
+            task: 0,
+            pid: 1,
+            tgid: 1,
+            ppid: 0,
+            comm,
+        }));
+        judge(s, &h.judge.log, &h.hv.counters, Gpa::new(0), None)
+    };
+    assert_eq!(run(LINUX_FLOOD_CALLS, 0, 6), Verdict::Pass);
+    for (calls, dropped, drains) in [
+        (LINUX_FLOOD_CALLS - 1, 1, 6),
+        (LINUX_FLOOD_CALLS, 0, 0),
+        (LINUX_FLOOD_CALLS - 10, 0, 6),
+    ] {
+        assert!(matches!(
+            run(calls, dropped, drains),
+            Verdict::Fail(FailReason::EventsLost { .. })
+        ));
+    }
 }

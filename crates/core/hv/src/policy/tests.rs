@@ -458,3 +458,20 @@ fn cpuid_hides_fast_short_rep_mov() {
     // The mock host reports FSRM (bit 4) and MD_CLEAR (bit 10) in leaf 7 EDX: only FSRM goes.
     assert_eq!(v.regs.rdx as u32, 1 << 10);
 }
+
+#[test]
+fn only_the_monitor_view_may_ask_for_its_ring_to_be_drained() {
+    let (mut h, mut p) = guarded();
+    let nr = Hypercall::RingHighWater as u64;
+    for (eptp, status) in [(GUEST_EPTP, Status::Denied), (MONITOR_EPTP, Status::Ok)] {
+        let mut v = vmcall(nr, [0; 4]);
+        v.fields.insert(control::EPTP_FULL, eptp);
+        assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume);
+        assert_eq!(Status::from_raw(v.regs.rax), Some(status), "{eptp:#x}");
+    }
+    // Without views (no in-box monitor) nobody may.
+    let mut h = hv();
+    let mut v = vmcall(nr, [0; 4]);
+    h.handle_exit(&mut v, &mut p);
+    assert_eq!(Status::from_raw(v.regs.rax), Some(Status::Denied));
+}

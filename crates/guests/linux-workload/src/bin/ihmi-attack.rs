@@ -17,6 +17,8 @@
 //!   found by scanning guest RAM, pointing the slot at a copy of the gate's page tables in the
 //!   attacker's own locked pages (so everything keeps working, as a real attacker's would, until it
 //!   swaps the gate page in the copy for its own).
+//! - `flood`: make `LINUX_FLOOD_CALLS` system calls back to back, more events than the monitor's ring
+//!   holds, so that what they show would be lost.
 //!
 //! Each step is told to L0 on port 0xE9. A blocked write or read stops the guest: it never returns.
 
@@ -48,6 +50,10 @@ fn main() -> ExitCode {
         Some(LinuxAttack::KernelText) => kernel_text(),
         Some(LinuxAttack::GatePgd) => gate_pgd(&cmdline),
         Some(LinuxAttack::ProcessPgd) => process_pgd(&cmdline),
+        Some(LinuxAttack::Flood) => {
+            flood();
+            return ExitCode::SUCCESS;
+        }
         None => Err(format!(
             "no known ihmi.attack= on the command line ({:?})",
             LinuxAttack::ALL.map(LinuxAttack::name)
@@ -413,4 +419,16 @@ fn process_pgd(cmdline: &str) -> Result<(), String> {
     }
     say("ihmi-attack: redirecting the gate in the processes' PGDs went UNNOTICED");
     Ok(())
+}
+
+fn flood() {
+    say(&format!(
+        "ihmi-attack: flooding the monitor with {} getpid calls",
+        ihmi_abi::attack::LINUX_FLOOD_CALLS
+    ));
+    for _ in 0..ihmi_abi::attack::LINUX_FLOOD_CALLS {
+        // SAFETY: getpid takes no arguments and changes nothing.
+        unsafe { libc::syscall(ihmi_abi::attack::LINUX_FLOOD_NR as libc::c_long) };
+    }
+    say("ihmi-attack: flood done");
 }
