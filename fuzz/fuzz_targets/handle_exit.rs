@@ -8,6 +8,7 @@
 use arbitrary::Arbitrary;
 use ihmi_addr::{Gpa, GpaRange, Gva};
 use ihmi_ept::Eptp;
+use ihmi_hv::linux::gate::GateEntry;
 use ihmi_hv::linux::hooks::ExecHook;
 use ihmi_hv::{
     Action, Guard, Hypervisor, KernelImage, LinuxGate, MemoryMap, MonitorWord, Observation,
@@ -60,8 +61,16 @@ fuzz_target!(|input: Input| {
     }
     p.fence = Some(map.clone());
     let gate = LinuxGate {
-        gate_entry: Gva::new(0xffff_e900_0000_00ad),
-        kernel_entry_slot: MonitorWord::new(Gpa::new(0xf00_0ff8)),
+        entries: [
+            (0xffff_e900_0000_00ad, 0xf00_0fe8, 0xffff_e900_0000_0300),
+            (0xffff_e900_0000_02ad, 0xf00_0ff0, 0xffff_e900_0000_0310),
+            (0xffff_e900_0000_03ad, 0xf00_0ff8, 0xffff_e900_0000_0320),
+        ]
+        .map(|(gate, slot, stub)| GateEntry {
+            gate: Gva::new(gate),
+            kernel_slot: MonitorWord::new(Gpa::new(slot)),
+            outbox_vmcall: input.outbox.then_some(Gva::new(stub)),
+        }),
         pgd: Gpa::new(0x50_0000),
         slot: 466,
         pml4e: 0xf00_1023,
@@ -76,7 +85,6 @@ fuzz_target!(|input: Input| {
             gate_page: Gpa::new(0xf00_0000),
             pgd: Gpa::new(0x50_0000),
         }),
-        outbox_syscall: input.outbox.then_some(Gva::new(0xffff_e900_0000_0300)),
         kernel: KernelImage {
             text: GpaRange::new(Gpa::new(0x100_0000), Gpa::new(0x140_2000)),
             rodata: GpaRange::new(Gpa::new(0x160_0000), Gpa::new(0x181_0000)),

@@ -9,7 +9,6 @@ use ihmi_hv_mock::{memory_with_l0_hole, MockPlatform, MockVcpu, Recorder, L0_HOL
 use ihmi_vmcs::fields::guest;
 use libfuzzer_sys::fuzz_target;
 
-
 #[derive(Arbitrary, Debug)]
 struct Call {
     rax: u8,

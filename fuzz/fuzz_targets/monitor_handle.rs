@@ -11,8 +11,8 @@ use arbitrary::Arbitrary;
 use ihmi_abi::monitor::Verdict;
 use ihmi_addr::{Gpa, Gva};
 use ihmi_monitor::{CallContext, Event, EventKind, EventRing, Monitor, OsProfile, Policy};
-use ihmi_wire::EventLine;
 use ihmi_paging::{Cr3, GuestPhysRead, PhysReadError};
+use ihmi_wire::EventLine;
 use libfuzzer_sys::fuzz_target;
 
 /// Guest memory: 64 MiB of RAM, words the input sets, zeros elsewhere.

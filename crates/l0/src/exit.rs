@@ -135,7 +135,7 @@ pub fn finish(st: &mut L0State, end: GuestEnd) -> ! {
     }
     // Every run with a monitor ends with the monitor as L0 finds it now; an attack's verdict needs
     // where its parts are too.
-    let wrote = st.machine.monitor_word.map(|w| w.value);
+    let wrote = st.machine.monitor_words.map(|w| w.map(|g| g.value));
     let audit = st.monitor.as_mut().map(|m| {
         let integrity = m.integrity(wrote);
         let audit = MonitorAudit {
@@ -146,7 +146,7 @@ pub fn finish(st: &mut L0State, end: GuestEnd) -> ! {
             "monitor audit: checksum {:#018x} (at load {:#018x}){}, ring consistent: {}",
             integrity.checksum,
             integrity.at_load,
-            Granted(integrity.word),
+            Granted(integrity.words),
             audit.ring_consistent
         );
         (audit, m.layout.gate)
@@ -171,17 +171,22 @@ pub fn finish(st: &mut L0State, end: GuestEnd) -> ! {
     report(st, verdict)
 }
 
-/// The granted word in the audit line: what it holds against what L0 wrote.
-struct Granted(Option<(u64, u64)>);
+/// The granted words in the audit line: what each holds against what L0 wrote.
+struct Granted(Option<[(u64, u64); 3]>);
 
 impl core::fmt::Display for Granted {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        match self.0 {
-            Some((found, wrote)) => {
-                write!(f, ", kernel entry word {found:#x} (L0 wrote {wrote:#x})")
+        let Some(words) = self.0 else {
+            return Ok(());
+        };
+        f.write_str(", kernel entry words")?;
+        for (found, wrote) in words {
+            write!(f, " {found:#x}")?;
+            if found != wrote {
+                write!(f, " (L0 wrote {wrote:#x})")?;
             }
-            None => Ok(()),
         }
+        Ok(())
     }
 }
 

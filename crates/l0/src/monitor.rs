@@ -119,10 +119,10 @@ impl MonitorMemory {
 /// Where the Linux system-call gate goes, for L0's guard to install when the kernel sets IA32_LSTAR.
 #[derive(Clone, Copy, Debug)]
 pub struct LinuxGateInfo {
-    /// The gate's system-call entry (out of the box: the VMCALL stub's).
-    pub gate_entry: Gva,
-    /// Where in the gate page the kernel's own entry is kept.
-    pub kernel_entry_slot: Gpa,
+    /// The gate's entries (out of the box: the VMCALL stubs), in the order of `SyscallEntry::ALL`:
+    /// where the CPU enters, where the gate page keeps the kernel's own entry, and out of the box
+    /// the stub's VMCALL.
+    pub entries: [(Gva, Gpa, Option<Gva>); 3],
     /// The PML4 slot and the entry that maps the gate's tables.
     pub slot: u64,
     pub pml4e: u64,
@@ -133,8 +133,13 @@ pub struct LinuxGateInfo {
     pub hook_slot: Gva,
     pub hook_trampoline: Gva,
     pub hook_table: Gpa,
-    /// Out of the box: where the system-call stub's VMCALL is.
-    pub outbox_syscall: Option<Gva>,
+}
+
+impl LinuxGateInfo {
+    /// The gate-page words L0 may write (the kernel's own entries), one per entry.
+    pub fn kernel_slots(&self) -> [Gpa; 3] {
+        self.entries.map(|(_, slot, _)| slot)
+    }
 }
 
 /// A loaded monitor.
@@ -179,22 +184,26 @@ struct Fixed {
     setup: Option<GpaRange>,
     /// The page tables (for Linux those after the scratch page).
     tables: GpaRange,
-    /// The granted word inside `image`, if any.
-    word: Option<Gpa>,
+    /// The granted words inside `image` (none for the test guest).
+    words: Option<[Gpa; 3]>,
 }
 
-/// The monitor as L0 found it: every fixed byte as at load, and the granted word as L0 last wrote it.
+/// The monitor as L0 found it: every fixed byte as at load, and the granted words as L0 last wrote
+/// them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Integrity {
     pub checksum: u64,
     pub at_load: u64,
-    /// The granted word: what it holds, and what L0 wrote there.
-    pub word: Option<(u64, u64)>,
+    /// The granted words: what each holds, and what L0 wrote there.
+    pub words: Option<[(u64, u64); 3]>,
 }
 
 impl Integrity {
     pub fn intact(&self) -> bool {
-        self.checksum == self.at_load && self.word.is_none_or(|(found, wrote)| found == wrote)
+        self.checksum == self.at_load
+            && self
+                .words
+                .is_none_or(|w| w.iter().all(|(found, wrote)| found == wrote))
     }
 }
 
@@ -217,11 +226,11 @@ impl Loaded {
     fn checksum(&self) -> u64 {
         let f = &self.fixed;
         let bytes = |r: GpaRange| self.memory.bytes_ref(r).unwrap_or(&[]);
-        // The image without the granted word: from its start to the word, and after it.
-        let (before, after) = match f.word {
+        // The image without the granted words (three in a row): before them, and after them.
+        let (before, after) = match f.words {
             Some(w) => (
-                GpaRange::new(f.image.start, w),
-                GpaRange::new(Gpa::new(w.raw() + 8), f.image.end),
+                GpaRange::new(f.image.start, w[0]),
+                GpaRange::new(Gpa::new(w[2].raw() + 8), f.image.end),
             ),
             None => (f.image, GpaRange::new(f.image.end, f.image.end)),
         };
@@ -240,21 +249,25 @@ impl Loaded {
         Some(unsafe { core::ptr::read_volatile(b.as_ptr() as *const u64) })
     }
 
-    /// The granted word's value at load (L0 expects it there until it writes the word).
-    pub fn granted_word_at_load(&self) -> Option<(Gpa, u64)> {
-        let at = self.fixed.word?;
-        Some((at, self.word(at)?))
+    /// The granted words and their values at load (L0 expects them there until it writes them).
+    pub fn granted_words_at_load(&self) -> Option<[(Gpa, u64); 3]> {
+        let w = self.fixed.words?;
+        Some([
+            (w[0], self.word(w[0])?),
+            (w[1], self.word(w[1])?),
+            (w[2], self.word(w[2])?),
+        ])
     }
 
-    /// The monitor as L0 finds it now; `wrote` is what L0 last wrote into the granted word.
-    pub fn integrity(&self, wrote: Option<u64>) -> Integrity {
+    /// The monitor as L0 finds it now; `wrote` is what L0 last wrote into each granted word.
+    pub fn integrity(&self, wrote: Option<[u64; 3]>) -> Integrity {
+        let words = self.fixed.words.zip(wrote).map(|(at, wrote)| {
+            [0, 1, 2].map(|i| (self.word(at[i]).unwrap_or(!wrote[i]), wrote[i]))
+        });
         Integrity {
             checksum: self.checksum(),
             at_load: self.checksum_at_load,
-            word: self
-                .fixed
-                .word
-                .and_then(|at| Some((self.word(at)?, wrote.unwrap_or(0)))),
+            words,
         }
     }
 
@@ -409,7 +422,12 @@ pub fn load(
     let tables_used = GpaRange::new(table_area.start, tables.next);
     let monitor_cr3 = root.raw() | MONITOR_PCID;
     // The gates' CR3 immediates.
-    for symbol in ["ihmi_gate_cr3_imm", "ihmi_gate_syscall_cr3_imm"] {
+    for symbol in [
+        "ihmi_gate_cr3_imm",
+        "ihmi_gate_syscall_cr3_imm",
+        "ihmi_gate_sysenter_cr3_imm",
+        "ihmi_gate_int80_cr3_imm",
+    ] {
         patch_movabs(&mut mem, &place, &image, symbol, monitor_cr3)?;
     }
     let config = write_config(&mut mem, &image, &place, memory, os, allowed)?;
@@ -456,7 +474,7 @@ pub fn load(
                 Some(l) => GpaRange::new(Gpa::new(l.scratch.raw() + PAGE_SIZE), tables_used.end),
                 None => tables_used,
             },
-            word: linux_gate.map(|g| g.kernel_entry_slot),
+            words: linux_gate.map(|g| g.kernel_slots()),
         },
         checksum_at_load: 0,
     };
@@ -599,11 +617,49 @@ fn linux_gate(
     };
     // In the box the hooks go through the gates; out of the box through the VMCALL stubs.
     let outbox = mode == Mode::OutBox;
-    let (syscall_entry, hook_call) = if outbox {
-        ("ihmi_outbox_syscall", "ihmi_outbox_call")
+    let hook_call = if outbox {
+        "ihmi_outbox_call"
     } else {
-        ("ihmi_gate_syscall", "ihmi_gate_entry")
+        "ihmi_gate_entry"
     };
+    // Per entry (`SyscallEntry::ALL`): the gate, the stub, its VMCALL, the kernel's word.
+    const ENTRIES: [[&str; 4]; 3] = [
+        [
+            "ihmi_gate_syscall",
+            "ihmi_outbox_syscall",
+            "ihmi_outbox_syscall_vmcall",
+            "ihmi_gate_kernel_entry",
+        ],
+        [
+            "ihmi_gate_sysenter",
+            "ihmi_outbox_sysenter",
+            "ihmi_outbox_sysenter_vmcall",
+            "ihmi_gate_kernel_sysenter",
+        ],
+        [
+            "ihmi_gate_int80",
+            "ihmi_outbox_int80",
+            "ihmi_outbox_int80_vmcall",
+            "ihmi_gate_kernel_int80",
+        ],
+    ];
+    let mut entries = [(Gva::new(0), Gpa::new(0), None); 3];
+    for (out, [gate_entry, stub, vmcall, word]) in entries.iter_mut().zip(ENTRIES) {
+        let slot = place.at(image.symbol(word)?)?;
+        if !slot.is_aligned(8) {
+            return Err(image.misaligned(word));
+        }
+        *out = if outbox {
+            (in_gate(stub)?, slot, Some(in_gate(vmcall)?))
+        } else {
+            (in_gate(gate_entry)?, slot, None)
+        };
+    }
+    // The three words are one run, which the integrity check leaves out as a whole.
+    let [a, b, c] = entries.map(|(_, slot, _)| slot.raw());
+    if b != a + 8 || c != b + 8 {
+        return Err(image.misaligned("ihmi_gate_kernel_entry"));
+    }
     patch_movabs(
         mem,
         place,
@@ -612,13 +668,7 @@ fn linux_gate(
         in_gate(hook_call)?.raw(),
     )?;
     Ok(LinuxGateInfo {
-        gate_entry: in_gate(syscall_entry)?,
-        outbox_syscall: if outbox {
-            Some(in_gate("ihmi_outbox_syscall_vmcall")?)
-        } else {
-            None
-        },
-        kernel_entry_slot: place.at(image.symbol("ihmi_gate_kernel_entry")?)?,
+        entries,
         slot: ihmi_layout::pml4_slot(gate_gva),
         pml4e,
         gate_page: gate,
@@ -696,8 +746,14 @@ fn gate_switches(
         ))
     };
     let call_gate = switches_in("ihmi_gate_entry", "ihmi_gate_entry_end")?;
-    if switches_in("ihmi_gate_syscall", "ihmi_gate_syscall_end")? != call_gate {
-        return Err(image.outside("ihmi_gate_syscall_end"));
+    for (start, end) in [
+        ("ihmi_gate_syscall", "ihmi_gate_syscall_end"),
+        ("ihmi_gate_sysenter", "ihmi_gate_sysenter_end"),
+        ("ihmi_gate_int80", "ihmi_gate_int80_end"),
+    ] {
+        if switches_in(start, end)? != call_gate {
+            return Err(image.outside(end));
+        }
     }
     log!(
         "gate: {} VMFUNC and {} CR3 loads per pass (each gate)",

@@ -19,8 +19,8 @@ pub(crate) struct HwPlatform<'a> {
     pub(crate) frames: &'a mut Pool,
     /// The guest's memory map: reads and writes on its behalf must land in guest RAM.
     pub(crate) fence: &'a MemoryMap,
-    /// The one monitor word the exit policy may have written (the Linux gate's kernel entry).
-    pub(crate) monitor_word: Option<&'a mut GrantedWord>,
+    /// The monitor words the exit policy may have written (the Linux gate's kernel entries).
+    pub(crate) monitor_words: Option<&'a mut [GrantedWord; 3]>,
 }
 
 impl HwPlatform<'_> {
@@ -61,10 +61,12 @@ impl Platform for HwPlatform<'_> {
 
     fn write_monitor(&mut self, word: MonitorWord, value: u64) -> Result<(), PlatformError> {
         let gpa = word.gpa();
-        let granted = match self.monitor_word.as_deref_mut() {
-            Some(g) if g.at == gpa && gpa.is_aligned(8) => g,
-            _ => return Err(PlatformError::Fenced { gpa, len: 8 }),
-        };
+        let granted = self
+            .monitor_words
+            .as_deref_mut()
+            .and_then(|w| w.iter_mut().find(|g| g.at == gpa))
+            .filter(|_| gpa.is_aligned(8))
+            .ok_or(PlatformError::Fenced { gpa, len: 8 })?;
         granted.value = value;
         // SAFETY: the one aligned word of the monitor's gate page L0 granted when it loaded the
         // monitor (checked just now): identity-mapped, monitor memory that the monitor never writes,

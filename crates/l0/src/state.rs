@@ -24,12 +24,12 @@ pub struct Machine {
     pub frames: Pool,
     /// The guest's memory map, which fences every access L0 makes on the guest's behalf.
     pub fence: MemoryMap,
-    /// The monitor word the exit policy may have L0 write (the Linux gate's kernel entry).
-    pub monitor_word: Option<GrantedWord>,
+    /// The monitor words the exit policy may have L0 write (the Linux gate's kernel entries).
+    pub monitor_words: Option<[GrantedWord; 3]>,
 }
 
-/// The one word of monitor memory L0 may write for the exit policy, and what it last wrote there
-/// (0 at load): the monitor's integrity check expects exactly that value in it.
+/// A word of monitor memory L0 may write for the exit policy, and what it last wrote there (its value
+/// at load until then): the monitor's integrity check expects exactly that value in it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GrantedWord {
     pub at: Gpa,
@@ -43,7 +43,7 @@ impl Machine {
             guest_view: &mut self.guest_view,
             frames: &mut self.frames,
             fence: &self.fence,
-            monitor_word: self.monitor_word.as_mut(),
+            monitor_words: self.monitor_words.as_mut(),
         }
     }
 }

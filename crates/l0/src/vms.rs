@@ -6,6 +6,7 @@
 use ihmi_abi::monitor::Mode;
 use ihmi_abi::Scenario;
 use ihmi_addr::{Gpa, GpaRange, Gva};
+use ihmi_hv::linux::gate::GateEntry;
 use ihmi_hv::linux::hooks::ExecHook;
 use ihmi_hv::{
     Guard, GuestRegs, Hypervisor, KernelImage, LinuxGate, MemoryMap, MonitorWord, ViewEptps,
@@ -207,10 +208,10 @@ pub fn setup(
             cr3_loads,
         },
     );
-    let monitor_word = monitor
+    let monitor_words = monitor
         .as_ref()
-        .and_then(Loaded::granted_word_at_load)
-        .map(|(at, value)| GrantedWord { at, value });
+        .and_then(Loaded::granted_words_at_load)
+        .map(|w| w.map(|(at, value)| GrantedWord { at, value }));
     let fence = memory.clone();
     let mut hv = Hypervisor::new(memory);
     hv.guard = guard;
@@ -239,7 +240,7 @@ pub fn setup(
                 guest_view: views.guest,
                 frames,
                 fence,
-                monitor_word,
+                monitor_words,
             },
         },
         regs,
@@ -277,8 +278,11 @@ fn guard(
     let p = &l.profile;
     let pgd = l.text_pa(p.init_top_pgt, memory)?;
     Ok(Some(guard.with_linux_gate(LinuxGate {
-        gate_entry: info.gate_entry,
-        kernel_entry_slot: MonitorWord::new(info.kernel_entry_slot),
+        entries: info.entries.map(|(gate, slot, outbox_vmcall)| GateEntry {
+            gate,
+            kernel_slot: MonitorWord::new(slot),
+            outbox_vmcall,
+        }),
         pgd,
         slot: info.slot,
         pml4e: info.pml4e,
@@ -293,7 +297,6 @@ fn guard(
             gate_page: info.gate_page,
             pgd,
         }),
-        outbox_syscall: info.outbox_syscall,
         kernel: KernelImage {
             text: l.image_pages(p.text, memory)?,
             rodata: l.image_pages(p.rodata, memory)?,

@@ -140,7 +140,16 @@ pub enum LinuxAttack {
     /// Make [`LINUX_FLOOD_CALLS`] system calls as fast as it can, more than the event ring holds
     /// between two exits, hoping the monitor drops what they would show.
     Flood = 4,
+    /// Make [`LINUX_COMPAT_CALLS`] `getpid` calls through each 32-bit entry from a 64-bit program:
+    /// `int $0x80`, and SYSENTER (in a child each, since SYSENTER's return lands in the 32-bit vDSO
+    /// a 64-bit process does not have).
+    Compat = 5,
 }
+
+/// How many calls the `compat` attack makes through each 32-bit entry.
+pub const LINUX_COMPAT_CALLS: u64 = 50;
+/// The call it makes: `getpid` in the i386 table.
+pub const LINUX_COMPAT_NR: u64 = 20;
 
 /// How many `getpid` calls the `flood` attack makes: nearly five rings' worth.
 pub const LINUX_FLOOD_CALLS: u64 = 20_000;
@@ -149,12 +158,13 @@ pub const LINUX_FLOOD_NR: u64 = 39;
 
 impl LinuxAttack {
     /// Every Linux attack, in the order `ihmi test` runs them.
-    pub const ALL: [LinuxAttack; 5] = [
+    pub const ALL: [LinuxAttack; 6] = [
         Self::Root,
         Self::KernelText,
         Self::GatePgd,
         Self::ProcessPgd,
         Self::Flood,
+        Self::Compat,
     ];
 
     /// The name on the kernel command line (`ihmi.attack=<name>`).
@@ -166,6 +176,7 @@ impl LinuxAttack {
             Self::GatePgd => "gate-pgd",
             Self::ProcessPgd => "process-pgd",
             Self::Flood => "flood",
+            Self::Compat => "compat",
         }
     }
 
@@ -178,6 +189,7 @@ impl LinuxAttack {
             Self::GatePgd => "linux-attack-gate-pgd",
             Self::ProcessPgd => "linux-attack-process-pgd",
             Self::Flood => "linux-attack-flood",
+            Self::Compat => "linux-attack-compat",
         }
     }
 
@@ -190,6 +202,7 @@ impl LinuxAttack {
             Self::GatePgd => "ihmi.attack=gate-pgd",
             Self::ProcessPgd => "ihmi.attack=process-pgd",
             Self::Flood => "ihmi.attack=flood",
+            Self::Compat => "ihmi.attack=compat",
         }
     }
 

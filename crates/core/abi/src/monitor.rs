@@ -19,6 +19,64 @@ pub enum RequestCode {
     /// Linux: the running process is about to execute a new program (`execve`): args = (GVA of the
     /// kernel's `linux_binprm`, 0, 0, 0).
     Exec = 3,
+    /// Linux: a 32-bit system call through `int $0x80`: args = (i386 number, EBX, ECX, EDX).
+    SyscallInt80 = 4,
+    /// Linux: a 32-bit system call through SYSENTER: args = (i386 number, EBX, ECX, EDX).
+    SyscallSysenter = 5,
+}
+
+/// The ways into a Linux kernel's system-call handling, each behind a gate entry of its own: SYSCALL
+/// from 64-bit code (IA32_LSTAR), and the 32-bit ones every kernel with IA32 emulation has, SYSENTER
+/// (IA32_SYSENTER_EIP) and `int $0x80` (the IDT). SYSCALL from compatibility mode (IA32_CSTAR) faults
+/// on Intel CPUs; L0 locks that MSR without a gate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum SyscallEntry {
+    Syscall = 0,
+    Sysenter = 1,
+    Int80 = 2,
+}
+
+impl SyscallEntry {
+    /// Every entry, in the order of the gate's kernel-entry words.
+    pub const ALL: [SyscallEntry; 3] = [Self::Syscall, Self::Sysenter, Self::Int80];
+
+    /// The request its gate makes.
+    #[must_use]
+    pub const fn request(self) -> RequestCode {
+        match self {
+            Self::Syscall => RequestCode::Syscall,
+            Self::Sysenter => RequestCode::SyscallSysenter,
+            Self::Int80 => RequestCode::SyscallInt80,
+        }
+    }
+
+    /// Whether its calls use the i386 numbers and registers.
+    #[must_use]
+    pub const fn is_compat(self) -> bool {
+        !matches!(self, Self::Syscall)
+    }
+
+    /// The name in events.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Syscall => "syscall",
+            Self::Sysenter => "sysenter",
+            Self::Int80 => "int80",
+        }
+    }
+
+    /// Decodes an event's `detail`.
+    #[must_use]
+    pub const fn from_raw(raw: u16) -> Option<Self> {
+        Some(match raw {
+            0 => Self::Syscall,
+            1 => Self::Sysenter,
+            2 => Self::Int80,
+            _ => return None,
+        })
+    }
 }
 
 impl RequestCode {
@@ -30,6 +88,8 @@ impl RequestCode {
             1 => Self::Syscall,
             2 => Self::ProcessCreate,
             3 => Self::Exec,
+            4 => Self::SyscallInt80,
+            5 => Self::SyscallSysenter,
             _ => return None,
         })
     }

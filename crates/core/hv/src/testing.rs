@@ -129,8 +129,16 @@ pub(crate) fn wrmsr_lstar(value: u64) -> MockVcpu {
 pub(crate) fn linux_guarded() -> (TestHv, MockPlatform, crate::LinuxGate) {
     let (mut h, p) = guarded();
     let gate = crate::LinuxGate {
-        gate_entry: Gva::new(0xffff_e900_0000_00ad),
-        kernel_entry_slot: crate::MonitorWord::new(Gpa::new(0x40_0ff8)),
+        entries: [
+            (0xffff_e900_0000_00ad, 0x40_0ff8),
+            (0xffff_e900_0000_02ad, 0x40_0fe8),
+            (0xffff_e900_0000_03ad, 0x40_0ff0),
+        ]
+        .map(|(gate, slot)| crate::linux::gate::GateEntry {
+            gate: Gva::new(gate),
+            kernel_slot: crate::MonitorWord::new(Gpa::new(slot)),
+            outbox_vmcall: None,
+        }),
         pgd: Gpa::new(0x50_0000),
         slot: 466,
         pml4e: 0x60_0023,
@@ -145,7 +153,6 @@ pub(crate) fn linux_guarded() -> (TestHv, MockPlatform, crate::LinuxGate) {
             gate_page: Gpa::new(LINUX_GATE_PAGE),
             pgd: Gpa::new(0x50_0000),
         }),
-        outbox_syscall: None,
         kernel: crate::KernelImage {
             text: GpaRange::new(Gpa::new(0x100_0000), Gpa::new(0x140_2000)),
             rodata: GpaRange::new(Gpa::new(0x160_0000), Gpa::new(0x181_0000)),

@@ -159,6 +159,9 @@ pub enum EventLine<S> {
         mode: S,
         pid: u32,
         comm: S,
+        /// Which way into the kernel it came (`syscall`, or the 32-bit `sysenter` and `int80`, whose
+        /// numbers are the i386 table's).
+        entry: S,
         nr: u64,
         /// The call's name in the guest's profile, `null` for a number it does not know.
         name: Option<S>,

@@ -46,12 +46,17 @@ impl Summary {
                 EventLine::Syscall {
                     pid,
                     comm,
+                    entry,
                     nr,
                     name,
                     ..
                 } => {
                     s.syscalls += 1;
-                    let name = name.unwrap_or_else(|| format!("#{nr}"));
+                    let mut name = name.unwrap_or_else(|| format!("#{nr}"));
+                    // A 32-bit call is counted apart: its number and name are the i386 table's.
+                    if entry != "syscall" {
+                        name = format!("{name} ({entry})");
+                    }
                     *s.by_call.entry(name).or_default() += 1;
                     pids.entry(comm).or_default().insert(pid);
                 }
@@ -153,15 +158,17 @@ mod tests {
     #[test]
     fn summary_counts_calls_processes_and_refusals() {
         let out = "\
-event| {\"seq\":0,\"tsc\":1,\"mode\":\"inbox\",\"event\":\"syscall\",\"pid\":5,\"comm\":\"sh\",\"nr\":39,\"name\":\"getpid\",\"args\":[0,0,0],\"verdict\":\"allow\"}
+event| {\"seq\":0,\"tsc\":1,\"mode\":\"inbox\",\"event\":\"syscall\",\"pid\":5,\"comm\":\"sh\",\"entry\":\"syscall\",\"nr\":39,\"name\":\"getpid\",\"args\":[0,0,0],\"verdict\":\"allow\"}
 guest| hello
-event| {\"seq\":1,\"tsc\":2,\"mode\":\"inbox\",\"event\":\"syscall\",\"pid\":6,\"comm\":\"sh\",\"nr\":999,\"name\":null,\"args\":[0,0,0],\"verdict\":\"allow\"}
+event| {\"seq\":1,\"tsc\":2,\"mode\":\"inbox\",\"event\":\"syscall\",\"pid\":6,\"comm\":\"sh\",\"entry\":\"syscall\",\"nr\":999,\"name\":null,\"args\":[0,0,0],\"verdict\":\"allow\"}
+event| {\"seq\":3,\"tsc\":4,\"mode\":\"inbox\",\"event\":\"syscall\",\"pid\":6,\"comm\":\"sh\",\"entry\":\"int80\",\"nr\":20,\"name\":\"getpid\",\"args\":[0,0,0],\"verdict\":\"allow\"}
 event| {\"seq\":2,\"tsc\":3,\"mode\":\"inbox\",\"event\":\"exec\",\"pid\":7,\"ppid\":1,\"comm\":\"init\",\"filename\":\"/bin/ihmi-intruder\",\"verdict\":\"deny\"}
 monitor: 3 events, 0 dropped
 ";
         let s = Summary::from_output(out).unwrap();
-        assert_eq!(s.syscalls, 2);
+        assert_eq!(s.syscalls, 3);
         assert_eq!(s.by_call.get("getpid"), Some(&1));
+        assert_eq!(s.by_call.get("getpid (int80)"), Some(&1));
         assert_eq!(s.by_call.get("#999"), Some(&1));
         assert_eq!(s.processes.get("sh"), Some(&2));
         assert_eq!(s.execs.len(), 1);

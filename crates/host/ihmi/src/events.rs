@@ -217,6 +217,7 @@ mod tests {
             mode: Text::Str(mode),
             pid,
             comm: Text::Bytes(b"init"),
+            entry: Text::Str("syscall"),
             nr,
             name: None,
             args,

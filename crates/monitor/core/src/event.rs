@@ -3,7 +3,7 @@
 use core::fmt;
 
 use ihmi_abi::guest_os::COMM_LEN;
-use ihmi_abi::monitor::{Verdict, PATH_LEN};
+use ihmi_abi::monitor::{SyscallEntry, Verdict, PATH_LEN};
 use ihmi_wire::{EventLine, Text};
 
 use crate::os::OsProfile;
@@ -181,17 +181,26 @@ impl Event {
             };
         };
         match kind {
-            EventKind::Syscall => EventLine::Syscall {
-                seq,
-                tsc,
-                mode,
-                pid: self.pid,
-                comm,
-                nr: self.nr,
-                name: os.syscall_name(self.nr).map(Text::Str),
-                args: [self.args[0], self.args[1], self.args[2]],
-                verdict,
-            },
+            EventKind::Syscall => {
+                let entry = SyscallEntry::from_raw(self.detail);
+                let name = match entry {
+                    Some(e) if e.is_compat() => os.compat_syscall_name(self.nr),
+                    Some(_) => os.syscall_name(self.nr),
+                    None => None,
+                };
+                EventLine::Syscall {
+                    seq,
+                    tsc,
+                    mode,
+                    pid: self.pid,
+                    comm,
+                    entry: Text::Str(entry.map_or("invalid", SyscallEntry::name)),
+                    nr: self.nr,
+                    name: name.map(Text::Str),
+                    args: [self.args[0], self.args[1], self.args[2]],
+                    verdict,
+                }
+            }
             EventKind::ProcessCreate => EventLine::ProcessCreate {
                 seq,
                 tsc,
@@ -460,7 +469,7 @@ mod tests {
         let mut out = std::format!("{}", e.json("outbox", &os));
         assert_eq!(
             out,
-            r#"{"event":"syscall","seq":5,"tsc":77,"mode":"outbox","pid":1,"comm":"init","nr":39,"name":"getpid","args":[1,2,3],"verdict":"allow"}"#
+            r#"{"event":"syscall","seq":5,"tsc":77,"mode":"outbox","pid":1,"comm":"init","entry":"syscall","nr":39,"name":"getpid","args":[1,2,3],"verdict":"allow"}"#
         );
         let mut r = ev(EventKind::Rejected, 0);
         r.detail = RejectReason::UnknownRequest as u16;

@@ -7,7 +7,7 @@ pub mod introspect;
 pub mod os;
 pub mod policy;
 
-use ihmi_abi::monitor::{RequestCode, Verdict, PATH_LEN, PATH_MAX};
+use ihmi_abi::monitor::{RequestCode, SyscallEntry, Verdict, PATH_LEN, PATH_MAX};
 use ihmi_addr::Gva;
 use ihmi_paging::{Cr3, GuestPhysRead};
 
@@ -130,7 +130,15 @@ impl Monitor {
                     Err(RejectReason::BadArgument)
                 }
             }
-            Some(RequestCode::Syscall) => st.on_syscall(&intro, args).map(Some),
+            Some(RequestCode::Syscall) => {
+                st.on_syscall(&intro, args, SyscallEntry::Syscall).map(Some)
+            }
+            Some(RequestCode::SyscallInt80) => {
+                st.on_syscall(&intro, args, SyscallEntry::Int80).map(Some)
+            }
+            Some(RequestCode::SyscallSysenter) => st
+                .on_syscall(&intro, args, SyscallEntry::Sysenter)
+                .map(Some),
             Some(RequestCode::ProcessCreate) => st.on_process_create(&intro, args).map(Some),
             Some(RequestCode::Exec) => st.on_exec(&intro, args).map(Some),
         };
@@ -176,15 +184,24 @@ impl State {
             .map_err(|_| RejectReason::GuestMemory)
     }
 
-    /// args = (number, arg0, arg1, arg2). Who made the call is read from the guest kernel.
+    /// args = (number, arg0, arg1, arg2), through `entry` (a 32-bit entry: i386 number and registers,
+    /// Linux only). Who made the call is read from the guest kernel.
     fn on_syscall<M: GuestPhysRead>(
         &mut self,
         intro: &Introspector<'_, M>,
         args: [u64; 4],
+        entry: SyscallEntry,
     ) -> Result<Event, RejectReason> {
+        if entry.is_compat()
+            && (self.os.family != os::OsFamily::Linux
+                || args.iter().any(|&a| a > u64::from(u32::MAX)))
+        {
+            return Err(RejectReason::BadArgument);
+        }
         let who = self.current(intro)?.ok_or(RejectReason::NoCurrentProcess)?;
         Ok(Event {
             kind: EventKind::Syscall as u16,
+            detail: entry as u16,
             verdict: Verdict::Allow as i32,
             pid: who.pid,
             ppid: who.ppid,

@@ -109,6 +109,15 @@ impl OsProfile {
         ihmi_linux::profile::kernel_pgd(cr3, self.pti_pgd_pair)
     }
 
+    /// The name of a 32-bit system call (i386 numbers), where the profile knows it.
+    #[must_use]
+    pub const fn compat_syscall_name(&self, nr: u64) -> Option<&'static str> {
+        match self.family {
+            OsFamily::TestGuest => None,
+            OsFamily::Linux => linux_compat_syscall_name(nr),
+        }
+    }
+
     /// The system call's name, where the profile knows it.
     #[must_use]
     pub const fn syscall_name(&self, nr: u64) -> Option<&'static str> {
@@ -276,6 +285,83 @@ const fn linux_syscall_name(nr: u64) -> Option<&'static str> {
         302 => "prlimit64",
         318 => "getrandom",
         334 => "rseq",
+        _ => return None,
+    })
+}
+
+/// Names of the same calls in the i386 table (the kernel's arch/x86/entry/syscalls/syscall_32.tbl),
+/// which 32-bit entries (`int $0x80`, SYSENTER) use even from 64-bit programs.
+const fn linux_compat_syscall_name(nr: u64) -> Option<&'static str> {
+    Some(match nr {
+        1 => "exit",
+        2 => "fork",
+        3 => "read",
+        4 => "write",
+        5 => "open",
+        6 => "close",
+        10 => "unlink",
+        11 => "execve",
+        12 => "chdir",
+        19 => "lseek",
+        20 => "getpid",
+        21 => "mount",
+        24 => "getuid",
+        33 => "access",
+        37 => "kill",
+        39 => "mkdir",
+        41 => "dup",
+        42 => "pipe",
+        45 => "brk",
+        47 => "getgid",
+        49 => "geteuid",
+        50 => "getegid",
+        54 => "ioctl",
+        55 => "fcntl",
+        57 => "setpgid",
+        60 => "umask",
+        63 => "dup2",
+        64 => "getppid",
+        65 => "getpgrp",
+        66 => "setsid",
+        76 => "getrlimit",
+        77 => "getrusage",
+        78 => "gettimeofday",
+        83 => "symlink",
+        85 => "readlink",
+        90 => "mmap",
+        91 => "munmap",
+        101 => "ioperm",
+        106 => "stat",
+        107 => "lstat",
+        108 => "fstat",
+        114 => "wait4",
+        116 => "sysinfo",
+        120 => "clone",
+        122 => "uname",
+        125 => "mprotect",
+        146 => "writev",
+        168 => "poll",
+        172 => "prctl",
+        173 => "rt_sigreturn",
+        174 => "rt_sigaction",
+        175 => "rt_sigprocmask",
+        180 => "pread64",
+        183 => "getcwd",
+        186 => "sigaltstack",
+        190 => "vfork",
+        192 => "mmap2",
+        220 => "getdents64",
+        224 => "gettid",
+        252 => "exit_group",
+        258 => "set_tid_address",
+        265 => "clock_gettime",
+        295 => "openat",
+        300 => "fstatat64",
+        311 => "set_robust_list",
+        340 => "prlimit64",
+        355 => "getrandom",
+        384 => "arch_prctl",
+        386 => "rseq",
         _ => return None,
     })
 }

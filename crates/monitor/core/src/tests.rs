@@ -419,6 +419,37 @@ fn linux_profile_reads_tgid_parent_pointer_and_uses_the_kernel_pgd() {
         &mut ring,
     );
     assert_eq!(event::comm_bytes(&events(&mut ring)[0].comm), b"renamed");
+
+    // A 32-bit call: the event says which entry it came through and names it from the i386 table.
+    let ctx = CallContext {
+        cr3: user_cr3,
+        tsc: 4,
+        percpu_base: 0,
+    };
+    for (code, entry) in [
+        (RequestCode::SyscallInt80, "int80"),
+        (RequestCode::SyscallSysenter, "sysenter"),
+    ] {
+        let v = m.handle(code as u64, [20, 1, 2, 3], &ctx, &g, &mut ring);
+        assert_eq!(v, Verdict::Allow);
+        let e = events(&mut ring);
+        let line = std::format!("{}", e[0].json("inbox", m.os()));
+        assert!(
+            line.contains(&std::format!(
+                "\"entry\":\"{entry}\",\"nr\":20,\"name\":\"getpid\""
+            )),
+            "{line}"
+        );
+    }
+    // 32-bit registers hold no more than 32 bits: anything else did not come from the gate.
+    let v = m.handle(
+        RequestCode::SyscallInt80 as u64,
+        [20, 1 << 32, 0, 0],
+        &ctx,
+        &g,
+        &mut ring,
+    );
+    assert_eq!(v, Verdict::Rejected);
 }
 
 /// A Linux guest about to run a program: the event names the process as it is and the program's

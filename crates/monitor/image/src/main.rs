@@ -261,19 +261,26 @@ ihmi_outbox_entry:
     options(att_syntax)
 );
 
-// The Linux system-call gate, in the gate page (mapped at LINUX_GATE_GVA in the kernel's address
-// spaces and the monitor's). L0 points IA32_LSTAR here. SYSCALL arrives with RCX = the user RIP,
-// R11 = the user RFLAGS, RAX = the call number, the user's RSP and (with KPTI) the user CR3, interrupts
-// off; every other register is the user's and must reach the kernel's entry unchanged. Only RAX and
-// RCX may be used before the view switch: they go to the guest's scratch page first. The guest CR3 is
-// kept in monitor memory (never the scratch page) so nothing the guest writes can choose the CR3 the
-// gate loads on its way back in the monitor view. The way back ends in a jump to the kernel's own
-// entry, read from the gate page (read + execute only in the guest view), where L0 wrote it.
+// The Linux system-call gates, in the gate page (mapped at LINUX_GATE_GVA in the kernel's address
+// spaces and the monitor's): one per way into the kernel, each ending in a jump to the kernel's own
+// entry for it, read from the gate page (read + execute only in the guest view), where L0 wrote it.
+// - SYSCALL (IA32_LSTAR) arrives with RCX = the user RIP, R11 = the user RFLAGS, RAX = the call number,
+//   the user's RSP and (with KPTI) the user CR3, interrupts off.
+// - SYSENTER (IA32_SYSENTER_EIP) arrives on the kernel's SYSENTER stack, interrupts off, with the
+//   i386 number in EAX and the arguments in EBX, ECX, EDX.
+// - `int $0x80` (IDT vector 0x80, an interrupt gate) arrives on the kernel's entry stack with the
+//   interrupt frame pushed, interrupts off, registers as for SYSENTER.
+// Every register is the caller's and must reach the kernel's entry unchanged; only RAX and RCX may
+// be used before the view switch: they go to the guest's scratch page first. The guest CR3 is kept
+// in monitor memory (never the scratch page) so nothing the guest writes can choose the CR3 the gate
+// loads on its way back in the monitor view. All three run on the monitor's own stack, so none
+// touches a kernel stack.
 core::arch::global_asm!(
     r#"
+    .macro IHMI_SYSCALL_GATE name, request, kernel_entry, compat
     .section .gate, "ax"
-    .global ihmi_gate_syscall
-ihmi_gate_syscall:
+    .global \name
+\name:
     endbr64                        /* SYSCALL targets need it under indirect branch tracking */
     movabs %rax, {scratch}
     mov %rcx, %rax
@@ -284,8 +291,8 @@ ihmi_gate_syscall:
     mov %cr3, %rcx                 /* the guest's CR3, kept in RCX across the switch */
     mov %cr4, %rax
     bt $17, %rax                   /* CF = CR4.PCIDE; movabs leaves flags alone */
-    .global ihmi_gate_syscall_cr3_imm
-ihmi_gate_syscall_cr3_imm:
+    .global \name\()_cr3_imm
+\name\()_cr3_imm:
     movabs $0, %rax                /* L0 patches the monitor's CR3 (root | PCID 1) in here */
     jnc 1f
     bts $63, %rax
@@ -317,13 +324,23 @@ ihmi_gate_syscall_cr3_imm:
     mov 56(%rsp), %rdx             /* the caller's RDX again (pushed seventh) */
     movabs $IHMI_GATE_FXSAVE, %rax
     fxsave64 (%rax)
+  .if \compat
+    /* ihmi_monitor_entry(request, eax, ebx, ecx, edx): the i386 registers, zero-extended */
+    mov %edx, %r8d
+    movabs {scratch} + 8, %rax
+    mov %eax, %ecx
+    mov %ebx, %edx
+    movabs {scratch}, %rax
+    mov %eax, %esi
+  .else
     /* ihmi_monitor_entry(Syscall, nr, arg0, arg1, arg2) */
     mov %rdx, %r8
     mov %rsi, %rcx
     mov %rdi, %rdx
     movabs {scratch}, %rax
     mov %rax, %rsi
-    mov ${syscall_request}, %edi
+  .endif
+    mov $\request, %edi
     movabs $ihmi_monitor_entry, %rax
     call *%rax
     movabs $IHMI_GATE_FXSAVE, %rax
@@ -356,17 +373,33 @@ ihmi_gate_syscall_cr3_imm:
     movabs {scratch} + 8, %rax
     mov %rax, %rcx
     movabs {scratch}, %rax
-    jmp *ihmi_gate_kernel_entry(%rip)
-    .global ihmi_gate_syscall_end
-ihmi_gate_syscall_end:
+    jmp *\kernel_entry(%rip)
+    .global \name\()_end
+\name\()_end:
+    .endm
+
+    IHMI_SYSCALL_GATE ihmi_gate_syscall, {syscall}, ihmi_gate_kernel_entry, 0
+    IHMI_SYSCALL_GATE ihmi_gate_sysenter, {sysenter}, ihmi_gate_kernel_sysenter, 1
+    IHMI_SYSCALL_GATE ihmi_gate_int80, {int80}, ihmi_gate_kernel_int80, 1
+
+    .section .gate, "ax"
     .balign 8
+    /* L0 writes the kernel's own entries here, in this order (`SyscallEntry::ALL`). */
     .global ihmi_gate_kernel_entry
 ihmi_gate_kernel_entry:
-    .quad 0                        /* L0 writes the kernel's own IA32_LSTAR value here */
+    .quad 0                        /* IA32_LSTAR */
+    .global ihmi_gate_kernel_sysenter
+ihmi_gate_kernel_sysenter:
+    .quad 0                        /* IA32_SYSENTER_EIP */
+    .global ihmi_gate_kernel_int80
+ihmi_gate_kernel_int80:
+    .quad 0                        /* the IDT's vector 0x80 */
 "#,
     scratch = const ihmi_abi::monitor::LINUX_SCRATCH_GVA,
     stack_size = const STACK_SIZE,
-    syscall_request = const ihmi_abi::monitor::RequestCode::Syscall as u64,
+    syscall = const ihmi_abi::monitor::RequestCode::Syscall as u64,
+    sysenter = const ihmi_abi::monitor::RequestCode::SyscallSysenter as u64,
+    int80 = const ihmi_abi::monitor::RequestCode::SyscallInt80 as u64,
     options(att_syntax)
 );
 
@@ -439,6 +472,23 @@ ihmi_outbox_syscall:
 ihmi_outbox_syscall_vmcall:
     vmcall
     jmp *ihmi_gate_kernel_entry(%rip)
+
+    /* The same for the 32-bit entries: each VMCALL's address tells L0 which entry it was. */
+    .global ihmi_outbox_sysenter
+ihmi_outbox_sysenter:
+    endbr64
+    .global ihmi_outbox_sysenter_vmcall
+ihmi_outbox_sysenter_vmcall:
+    vmcall
+    jmp *ihmi_gate_kernel_sysenter(%rip)
+
+    .global ihmi_outbox_int80
+ihmi_outbox_int80:
+    endbr64
+    .global ihmi_outbox_int80_vmcall
+ihmi_outbox_int80_vmcall:
+    vmcall
+    jmp *ihmi_gate_kernel_int80(%rip)
 
     .global ihmi_outbox_call
 ihmi_outbox_call:

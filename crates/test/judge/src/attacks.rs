@@ -7,6 +7,7 @@ use core::fmt;
 use ihmi_abi::attack::{Attack, FLOOD_REQUESTS, FORGED_REQUEST};
 use ihmi_abi::monitor::Verdict as MonitorVerdict;
 use ihmi_addr::{Gpa, GpaRange};
+use ihmi_arch::msr::IA32_LSTAR;
 use ihmi_monitor::{EventKind, RejectReason};
 
 use ihmi_ept::ViewId;
@@ -214,10 +215,15 @@ pub fn judge_attack(attack: Attack, log: &ScenarioLog, ctx: &AttackContext<'_>) 
             (ept_hit || audit_hit, ept_hit || audit_hit)
         }
         Attack::LstarRedirect => {
-            let refused = log
-                .alerts()
-                .iter()
-                .any(|a| matches!(a, Alert::LstarWriteRefused { .. }));
+            let refused = log.alerts().iter().any(|a| {
+                matches!(
+                    a,
+                    Alert::EntryMsrWriteRefused {
+                        msr: IA32_LSTAR,
+                        ..
+                    }
+                )
+            });
             let still_hooked = log
                 .monitor_events()
                 .iter()

@@ -2,11 +2,13 @@
 
 use core::fmt;
 
+use ihmi_abi::monitor::SyscallEntry;
 use ihmi_abi::{
     CpuidRecord, Hypercall, LinuxAttack, Scenario, Status, BAD_HYPERCALL_CASES, CPUID_LEAF_ABI,
     CPUID_LEAF_SIGNATURE,
 };
 use ihmi_addr::{Gpa, PAGE_SIZE};
+use ihmi_arch::msr::IA32_LSTAR;
 use ihmi_vmcs::{ExitReason, VmInstructionError};
 
 use ihmi_hv::linux::{TaskError, TaskInfo};
@@ -46,6 +48,9 @@ pub struct ScenarioLog {
     pub monitor_rejected: u64,
     /// Of those, the Linux flood attack's calls (`getpid` by `ihmi-attack`).
     pub flood_calls: u64,
+    /// And the compat attack's (`getpid` by `ihmi-attack` in the i386 table), per 32-bit entry
+    /// (indexed by `SyscallEntry`).
+    pub compat_calls: [u64; 3],
     /// Times the in-box monitor asked L0 to drain its ring (and L0 did).
     pub ring_drains: u64,
     bench_results: heapless_table::Table<crate::bench::BenchResult, 4>,
@@ -110,11 +115,22 @@ impl ScenarioLog {
         if event.kind() == Some(EventKind::Rejected) {
             self.monitor_rejected += 1;
         }
-        if event.kind() == Some(EventKind::Syscall)
-            && event.nr == ihmi_abi::attack::LINUX_FLOOD_NR
-            && comm_bytes(&event.comm) == b"ihmi-attack"
-        {
-            self.flood_calls += 1;
+        let by_attacker =
+            event.kind() == Some(EventKind::Syscall) && comm_bytes(&event.comm) == b"ihmi-attack";
+        match SyscallEntry::from_raw(event.detail) {
+            Some(SyscallEntry::Syscall)
+                if by_attacker && event.nr == ihmi_abi::attack::LINUX_FLOOD_NR =>
+            {
+                self.flood_calls += 1;
+            }
+            Some(e)
+                if by_attacker
+                    && e.is_compat()
+                    && event.nr == ihmi_abi::attack::LINUX_COMPAT_NR =>
+            {
+                self.compat_calls[e as usize] += 1;
+            }
+            _ => {}
         }
         self.monitor_events.push(*event);
     }
@@ -256,6 +272,12 @@ pub enum FailReason {
     NoTask(TaskError),
     /// An attack step was not refused (which one).
     AttackNotBlocked(&'static str),
+    /// Calls through one way into the kernel did not all reach the monitor.
+    EntryNotMonitored {
+        entry: &'static str,
+        made: u64,
+        seen: u64,
+    },
     /// A flood of events was not all kept.
     EventsLost {
         expected: u64,
@@ -363,6 +385,10 @@ impl fmt::Display for FailReason {
             Self::NoTask(e) => write!(f, "cannot read the running task: {e}"),
             Self::AttackNotBlocked(what) => write!(f, "not blocked: {what}"),
             Self::AttackNotReported(what) => write!(f, "blocked but not reported: {what}"),
+            Self::EntryNotMonitored { entry, made, seen } => write!(
+                f,
+                "{made} system calls through {entry} gave {seen} events"
+            ),
             Self::EventsLost {
                 expected,
                 seen,
@@ -474,6 +500,7 @@ fn check(
         }
         Scenario::LinuxAttack(LinuxAttack::ProcessPgd) => check_process_pgd(log),
         Scenario::LinuxAttack(LinuxAttack::Flood) => check_flood(log),
+        Scenario::LinuxAttack(LinuxAttack::Compat) => check_compat(log),
         Scenario::LinuxAttack(LinuxAttack::GatePgd) => check_locked_write(
             log,
             Locked::GatePath,
@@ -620,10 +647,15 @@ fn check_linux_sim(log: &ScenarioLog) -> Result<(), FailReason> {
 /// alert), and the /dev/mem read of the monitor was stopped by the guest view (an EPT violation on a
 /// monitor frame, in view 0, which ends the guest) while the attacker was the running task.
 fn check_linux_attack(log: &ScenarioLog) -> Result<(), FailReason> {
-    let refused = log
-        .alerts()
-        .iter()
-        .any(|a| matches!(a, Alert::LstarWriteRefused { .. }));
+    let refused = log.alerts().iter().any(|a| {
+        matches!(
+            a,
+            Alert::EntryMsrWriteRefused {
+                msr: IA32_LSTAR,
+                ..
+            }
+        )
+    });
     if !refused {
         return Err(FailReason::AttackNotBlocked(
             "moving IA32_LSTAR off the gate",
@@ -718,6 +750,24 @@ fn check_flood(log: &ScenarioLog) -> Result<(), FailReason> {
             dropped: log.monitor_dropped,
             drains: log.ring_drains,
         });
+    }
+    Ok(())
+}
+
+/// `linux-attack-compat`: every call the attacker made through `int $0x80` and SYSENTER reached the
+/// monitor as an event naming its entry (and no more than it made: the gate saw each once).
+fn check_compat(log: &ScenarioLog) -> Result<(), FailReason> {
+    linux_run_ended_well(log)?;
+    let calls = ihmi_abi::attack::LINUX_COMPAT_CALLS;
+    for entry in [SyscallEntry::Int80, SyscallEntry::Sysenter] {
+        let seen = log.compat_calls[entry as usize];
+        if seen != calls {
+            return Err(FailReason::EntryNotMonitored {
+                entry: entry.name(),
+                made: calls,
+                seen,
+            });
+        }
     }
     Ok(())
 }

@@ -510,7 +510,8 @@ mod attack_judge {
             (true, true, true)
         );
         let mut lstar = log_ending(GuestEnd::Done(0));
-        lstar.record_alert(ihmi_hv::Alert::LstarWriteRefused {
+        lstar.record_alert(ihmi_hv::Alert::EntryMsrWriteRefused {
+            msr: 0xc000_0082,
             value: 1,
             locked: 2,
             rip: 0,
@@ -683,11 +684,14 @@ fn linux_attack_needs_the_refused_lstar_write_and_the_stopped_monitor_read() {
     let verdict = |alert: bool, end: GuestEnd, task: TaskInfo| {
         let mut h = hv(Scenario::LinuxAttack(ihmi_abi::LinuxAttack::Root));
         if alert {
-            h.judge.log.record_alert(ihmi_hv::Alert::LstarWriteRefused {
-                value: 1,
-                locked: 2,
-                rip: 3,
-            });
+            h.judge
+                .log
+                .record_alert(ihmi_hv::Alert::EntryMsrWriteRefused {
+                    msr: 0xc000_0082,
+                    value: 1,
+                    locked: 2,
+                    rip: 3,
+                });
         }
         h.judge.log.end = Some(end);
         h.judge.log.end_task = Some(Ok(task));
@@ -1023,6 +1027,62 @@ fn the_linux_flood_passes_only_with_every_call_seen_and_nothing_dropped() {
         assert!(matches!(
             run(calls, dropped, drains),
             Verdict::Fail(FailReason::EventsLost { .. })
+        ));
+    }
+}
+
+#[test]
+fn the_compat_attack_needs_every_32_bit_call_seen_through_its_own_entry() {
+    use ihmi_abi::attack::{LINUX_COMPAT_CALLS, LINUX_COMPAT_NR};
+    use ihmi_abi::monitor::SyscallEntry;
+    use ihmi_abi::LinuxAttack;
+    use ihmi_hv::linux::TaskInfo;
+    use ihmi_monitor::{Event, EventKind};
+    let s = Scenario::LinuxAttack(LinuxAttack::Compat);
+    let run = |int80: u64, sysenter: u64| {
+        let mut h = hv(s);
+        for (entry, n) in [
+            (SyscallEntry::Int80, int80),
+            (SyscallEntry::Sysenter, sysenter),
+        ] {
+            let mut e = Event {
+                kind: EventKind::Syscall as u16,
+                detail: entry as u16,
+                nr: LINUX_COMPAT_NR,
+                ..Event::EMPTY
+            };
+            e.comm[..11].copy_from_slice(b"ihmi-attack");
+            for _ in 0..n {
+                h.judge.log.record_monitor_event(&e);
+            }
+        }
+        // A 64-bit getpid (39) or a 64-bit call numbered 20 (writev) counts for neither.
+        let mut other = Event {
+            kind: EventKind::Syscall as u16,
+            nr: LINUX_COMPAT_NR,
+            ..Event::EMPTY
+        };
+        other.comm[..11].copy_from_slice(b"ihmi-attack");
+        h.judge.log.record_monitor_event(&other);
+        h.judge.log.debug_lines = 1;
+        h.judge.log.end = Some(GuestEnd::ShutdownRequest);
+        let mut comm = [0u8; 16];
+        comm[..13].copy_from_slice(b"ihmi-poweroff");
+        h.judge.log.end_task = Some(Ok(TaskInfo {
+            task: 0,
+            pid: 1,
+            tgid: 1,
+            ppid: 0,
+            comm,
+        }));
+        judge(s, &h.judge.log, &h.hv.counters, Gpa::new(0), None)
+    };
+    let n = LINUX_COMPAT_CALLS;
+    assert_eq!(run(n, n), Verdict::Pass);
+    for (int80, sysenter) in [(0, n), (n, 0), (n - 1, n), (n, n + 1)] {
+        assert!(matches!(
+            run(int80, sysenter),
+            Verdict::Fail(FailReason::EntryNotMonitored { .. })
         ));
     }
 }

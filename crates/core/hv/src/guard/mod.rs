@@ -14,7 +14,7 @@ mod tests;
 use core::fmt;
 
 use ihmi_addr::Gpa;
-use ihmi_arch::msr::IA32_LSTAR;
+use ihmi_arch::msr::{IA32_CSTAR, IA32_LSTAR, IA32_SYSENTER_EIP};
 use ihmi_arch::vector::{GP, UD};
 use ihmi_ept::{Eptp, ViewId};
 use ihmi_vmcs::fields::{control, guest};
@@ -44,9 +44,10 @@ pub struct Guard {
     pub views: ViewEptps,
     /// Where the guest kernel keeps the gate address its hooks call, and the value it must hold.
     pub hook: Option<(Gpa, u64)>,
-    /// The system-call entry the kernel installed; later writes that change it are refused. The kernel
-    /// is trusted while it boots (when it sets LSTAR once) and assumed compromised afterwards.
-    lstar: Option<u64>,
+    /// The system-call entries the kernel installed, one per [`ENTRY_MSRS`]; later writes that change
+    /// one are refused. The kernel is trusted while it boots (when it sets each once) and assumed
+    /// compromised afterwards.
+    entry_msrs: [Option<u64>; ENTRY_MSRS.len()],
     /// For a Linux guest: the system-call gate, and the process-creation hook it brings.
     linux: Option<LinuxGuard>,
 }
@@ -58,7 +59,7 @@ impl Guard {
         Self {
             views,
             hook,
-            lstar: None,
+            entry_msrs: [None; ENTRY_MSRS.len()],
             linux: None,
         }
     }
@@ -93,7 +94,15 @@ impl Guard {
     /// The system-call entry the guest kernel installed, once it has.
     #[must_use]
     pub const fn kernel_lstar(&self) -> Option<u64> {
-        self.lstar
+        self.entry_msrs[0]
+    }
+
+    /// The value the guest kernel installed in the entry MSR `msr` (one of [`ENTRY_MSRS`]), once it
+    /// has.
+    #[must_use]
+    pub fn kernel_entry_msr(&self, msr: u32) -> Option<u64> {
+        let i = ENTRY_MSRS.iter().position(|&m| m == msr)?;
+        self.entry_msrs[i]
     }
 
     /// The view whose EPTP is `eptp`, if it is one of ours.
@@ -109,6 +118,11 @@ impl Guard {
     }
 }
 
+/// The MSRs that hold a system-call entry point, which L0 locks once the kernel has set them: the
+/// 64-bit SYSCALL entry, the SYSENTER entry, and the compatibility-mode SYSCALL entry (unused on
+/// Intel CPUs, where that SYSCALL faults, but locked all the same).
+pub const ENTRY_MSRS: [u32; 3] = [IA32_LSTAR, IA32_SYSENTER_EIP, IA32_CSTAR];
+
 /// Something the guest tried that L0 refused or noticed, while the guest may keep running.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Alert {
@@ -121,8 +135,11 @@ pub enum Alert {
         /// Where the guest executed it.
         rip: u64,
     },
-    /// WRMSR tried to move the system-call entry away from the one the kernel installed.
-    LstarWriteRefused {
+    /// WRMSR tried to move a system-call entry ([`ENTRY_MSRS`]) away from the one the kernel
+    /// installed.
+    EntryMsrWriteRefused {
+        /// The MSR.
+        msr: u32,
         /// The value the guest tried to write.
         value: u64,
         /// The locked value.
@@ -160,7 +177,7 @@ impl Alert {
     pub const fn name(&self) -> &'static str {
         match self {
             Self::VmfuncRefused { .. } => "vmfunc-refused",
-            Self::LstarWriteRefused { .. } => "lstar-write-refused",
+            Self::EntryMsrWriteRefused { .. } => "entry-msr-write-refused",
             Self::HookTampered { .. } => "hook-tampered",
             Self::LockedWrite { .. } => "locked-write",
         }
@@ -180,9 +197,14 @@ impl fmt::Display for Alert {
                 f,
                 ",\"function\":{function},\"index\":{index},\"rip\":\"{rip:#x}\",\"action\":\"#UD injected\""
             )?,
-            Self::LstarWriteRefused { value, locked, rip } => write!(
+            Self::EntryMsrWriteRefused {
+                msr,
+                value,
+                locked,
+                rip,
+            } => write!(
                 f,
-                ",\"value\":\"{value:#x}\",\"locked\":\"{locked:#x}\",\"rip\":\"{rip:#x}\",\"action\":\"#GP injected\""
+                ",\"msr\":\"{msr:#x}\",\"value\":\"{value:#x}\",\"locked\":\"{locked:#x}\",\"rip\":\"{rip:#x}\",\"action\":\"#GP injected\""
             )?,
             Self::LockedWrite { what, gpa, rip } => write!(
                 f,
@@ -242,28 +264,35 @@ impl Hypervisor {
         Action::Resume
     }
 
-    /// WRMSR to IA32_LSTAR (the only write-intercepted MSR L0 lets through): a non-canonical value
-    /// gets the #GP the CPU would give; the first value is installed (behind the Linux gate, when
-    /// there is one) and, with a monitor, locked; a different one later is refused with #GP.
-    pub(crate) fn on_lstar_write(
+    /// WRMSR to a system-call entry MSR ([`ENTRY_MSRS`], the only write-intercepted MSRs L0 lets
+    /// through): a non-canonical value gets the #GP the CPU would give; the first value is installed
+    /// (behind the Linux gate, when there is one: LSTAR and SYSENTER_EIP) and, with a monitor, locked;
+    /// a different one later is refused with #GP.
+    pub(crate) fn on_entry_msr_write(
         &mut self,
         vcpu: &mut impl Vcpu,
         platform: &mut impl Platform,
         obs: &mut impl Observer,
+        msr: u32,
         value: u64,
         instruction: Instruction,
     ) -> Action {
-        let locked = self.guard.as_ref().and_then(|g| g.lstar);
+        let index = ENTRY_MSRS.iter().position(|&m| m == msr);
+        let locked = self
+            .guard
+            .as_ref()
+            .zip(index)
+            .and_then(|(g, i)| g.entry_msrs[i]);
         let refused = locked.is_some_and(|l| l != value);
         let canonical = ihmi_arch::is_canonical(value);
         obs.observe(Observation::Msr {
-            msr: IA32_LSTAR,
+            msr,
             write: true,
             faulted: refused || !canonical,
         });
         if !canonical {
-            // The CPU refuses a non-canonical address in LSTAR (SDM Vol. 4, IA32_LSTAR; WRMSR #GP);
-            // L0 must not try to install one itself.
+            // The CPU refuses a non-canonical address in these MSRs (SDM Vol. 4; WRMSR #GP); L0 must
+            // not try to install one itself.
             inject_exception(vcpu, GP, Some(0));
             return Action::Resume;
         }
@@ -273,7 +302,8 @@ impl Hypervisor {
                 self.alert(
                     platform,
                     obs,
-                    Alert::LstarWriteRefused {
+                    Alert::EntryMsrWriteRefused {
+                        msr,
                         value,
                         locked: l,
                         rip,
@@ -284,13 +314,21 @@ impl Hypervisor {
             }
             Some(_) => {}
             None => {
-                let installed = match self.guard.as_mut().and_then(Guard::linux_mut) {
-                    Some(linux) => linux.install(platform, value),
-                    None => value,
+                let linux = self.guard.as_mut().and_then(Guard::linux_mut);
+                let installed = match (msr, linux) {
+                    (IA32_LSTAR, Some(l)) => l.install(platform, value),
+                    (IA32_SYSENTER_EIP, Some(l)) => l.install_sysenter(platform, value),
+                    _ => value,
                 };
-                platform.write_msr(IA32_LSTAR, installed);
-                if let Some(g) = self.guard.as_mut() {
-                    g.lstar = Some(value);
+                // SYSENTER_EIP lives in the VMCS's guest state; the others are the CPU's own MSRs,
+                // which L0 does not use.
+                if msr == IA32_SYSENTER_EIP {
+                    vcpu.write(guest::IA32_SYSENTER_EIP, installed);
+                } else {
+                    platform.write_msr(msr, installed);
+                }
+                if let Some((g, i)) = self.guard.as_mut().zip(index) {
+                    g.entry_msrs[i] = Some(value);
                 }
             }
         }

@@ -74,7 +74,7 @@ fn lstar_is_installed_once_then_locked() {
     assert_eq!(writes, 1, "the refused value never reached the MSR");
     assert!(matches!(
         h.rec.alerts().as_slice(),
-        [crate::Alert::LstarWriteRefused { value: 0x1000, .. }]
+        [crate::Alert::EntryMsrWriteRefused { value: 0x1000, .. }]
     ));
     // Without a monitor there is nothing to lock.
     let mut free = hv();

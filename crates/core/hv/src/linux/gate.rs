@@ -16,6 +16,7 @@
 //! entry (unmonitored, and said so) if the gate cannot go in; no hook (said so) if the hook cannot
 //! be made safe; a stopped guest if the gate cannot be opened, since its system calls would fault.
 
+use ihmi_abi::monitor::SyscallEntry;
 use ihmi_addr::{Gpa, GpaRange, Gva, PAGE_SIZE};
 use ihmi_ept::Perm;
 use ihmi_vmcs::fields::guest;
@@ -36,13 +37,27 @@ use crate::{
 /// instructions; 5.6 ms at a 3 GHz TSC).
 pub const AUDIT_PERIOD_TSC: u64 = 1 << 24;
 
-/// How L0 puts the system-call gate in front of a Linux kernel's SYSCALL entry.
+/// One way into the kernel's system-call handling, as the gate takes it over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GateEntry {
+    /// What the entry point (IA32_LSTAR, IA32_SYSENTER_EIP, the IDT's vector 0x80) gets instead of
+    /// the kernel's: the gate's entry for it, or out of the box the stub whose VMCALL L0 takes.
+    pub gate: Gva,
+    /// Where the gate page keeps the kernel's own entry, to jump on to.
+    pub kernel_slot: MonitorWord,
+    /// Out of the box: the stub's VMCALL, which L0 takes as a system call through this entry for the
+    /// monitor VM, leaving every register alone.
+    pub outbox_vmcall: Option<Gva>,
+}
+
+/// The IDT vector of `int $0x80`.
+const INT80: u64 = 0x80;
+
+/// How L0 puts the system-call gate in front of a Linux kernel's entries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LinuxGate {
-    /// What IA32_LSTAR gets: the gate's system-call entry.
-    pub gate_entry: Gva,
-    /// Where the gate page keeps the kernel's own entry, to jump on to.
-    pub kernel_entry_slot: MonitorWord,
+    /// The gate's entries, in the order of [`SyscallEntry::ALL`].
+    pub entries: [GateEntry; 3],
     /// The kernel's top-level page table (`init_top_pgt`), guest-physical.
     pub pgd: Gpa,
     /// The PML4 slot of the gate and the entry that maps it.
@@ -55,9 +70,6 @@ pub struct LinuxGate {
     pub gate_page: Gpa,
     /// The process-creation hook to install then, if the monitor has one.
     pub exec_hook: Option<ExecHook>,
-    /// Out of the box: the address of the system-call stub's VMCALL, which L0 takes as a system call
-    /// to show the monitor VM (RAX = number, RDI, RSI, RDX = arguments), leaving every register alone.
-    pub outbox_syscall: Option<Gva>,
     /// What of the booted kernel never changes again, guest-physical: L0 write-protects it in the
     /// guest view when the gate opens.
     pub kernel: KernelImage,
@@ -100,6 +112,12 @@ impl Locked {
 const MAX_LOCKED: usize = 7;
 
 impl LinuxGate {
+    /// The gate's entry for `entry`.
+    #[must_use]
+    pub const fn entry(&self, entry: SyscallEntry) -> &GateEntry {
+        &self.entries[entry as usize]
+    }
+
     /// Where the gate's PML4 entry goes in the kernel half (0) or the user half (4096) of the PGD.
     fn slot_at(&self, half: u64) -> Option<Gpa> {
         self.pgd.checked_add(half)?.checked_add(self.slot * 8)
@@ -264,11 +282,71 @@ impl LinuxGuard {
             return kernel_entry;
         }
         self.installed = true;
+        let entry = gate.entry(SyscallEntry::Syscall).gate;
         platform.log(format_args!(
-            "linux: system calls now enter through the gate at {} (the kernel's entry {kernel_entry:#x})",
-            gate.gate_entry
+            "linux: system calls now enter through the gate at {entry} (the kernel's entry {kernel_entry:#x})"
         ));
-        gate.gate_entry.raw()
+        entry.raw()
+    }
+
+    /// Puts the gate in front of the kernel's SYSENTER entry `kernel_entry` once the SYSCALL gate is
+    /// in (its mapping serves both). Returns what IA32_SYSENTER_EIP gets.
+    pub(crate) fn install_sysenter(
+        &mut self,
+        platform: &mut impl Platform,
+        kernel_entry: u64,
+    ) -> u64 {
+        let entry = *self.gate.entry(SyscallEntry::Sysenter);
+        if !self.installed {
+            platform.log(format_args!(
+                "linux: no system-call gate, so SYSENTER calls are not monitored"
+            ));
+            return kernel_entry;
+        }
+        if let Err(e) = platform.write_monitor(entry.kernel_slot, kernel_entry) {
+            platform.log(format_args!(
+                "linux: SYSENTER calls are not monitored ({e})"
+            ));
+            return kernel_entry;
+        }
+        platform.log(format_args!(
+            "linux: SYSENTER now enters through the gate at {} (the kernel's entry {kernel_entry:#x})",
+            entry.gate
+        ));
+        entry.gate.raw()
+    }
+
+    /// Puts the gate in front of the kernel's `int $0x80` handler, in the IDT at `idt` (L0 writes
+    /// the descriptor's offset; the kernel's own handler goes into the gate page). A kernel without
+    /// the vector (no IA32 emulation) keeps its IDT. Called when the gate opens, before the IDT is
+    /// locked; `Err` only when the IDT could not be read or written.
+    fn install_int80(&mut self, platform: &mut impl Platform) -> Result<(), PlatformError> {
+        let entry = *self.gate.entry(SyscallEntry::Int80);
+        let at =
+            self.gate
+                .kernel
+                .idt
+                .start
+                .checked_add(INT80 * 16)
+                .ok_or(PlatformError::Fenced {
+                    gpa: self.gate.kernel.idt.start,
+                    len: 16,
+                })?;
+        let mut d = [0u8; 16];
+        platform.read_guest(at, &mut d)?;
+        let Some(handler) = idt_gate_offset(&d) else {
+            platform.log(format_args!(
+                "linux: the IDT has no int $0x80 gate (no IA32 emulation): nothing to monitor there"
+            ));
+            return Ok(());
+        };
+        platform.write_monitor(entry.kernel_slot, handler)?;
+        platform.write_guest(at, &with_idt_gate_offset(d, entry.gate.raw()))?;
+        platform.log(format_args!(
+            "linux: int $0x80 now enters through the gate at {} (the kernel's handler {handler:#x})",
+            entry.gate
+        ));
+        Ok(())
     }
 
     /// The writes of [`Self::install`]; a failure takes back the PML4 entries already written.
@@ -278,7 +356,7 @@ impl LinuxGuard {
         kernel_entry: u64,
     ) -> Result<(), PlatformError> {
         let gate = &self.gate;
-        platform.write_monitor(gate.kernel_entry_slot, kernel_entry)?;
+        platform.write_monitor(gate.entry(SyscallEntry::Syscall).kernel_slot, kernel_entry)?;
         let mut written = [None; 2];
         for (i, half) in gate.halves().enumerate() {
             let at = gate.slot_at(half).ok_or(PlatformError::Fenced {
@@ -298,23 +376,33 @@ impl LinuxGuard {
 }
 
 impl Hypervisor {
-    /// Out of the box, the VMCALL of the Linux system-call stub: a system call for the monitor VM. Any
-    /// other VMCALL is a hypercall. An attacker who jumps to the stub with chosen registers only
+    /// Out of the box, the VMCALL of one of the Linux system-call stubs: a system call through that
+    /// entry for the monitor VM (64-bit: RAX = number, RDI, RSI, RDX; 32-bit: EAX, EBX, ECX, EDX).
+    /// Any other VMCALL is a hypercall. An attacker who jumps to a stub with chosen registers only
     /// reports a system call that did not happen, from the process the monitor reads itself.
     pub(crate) fn outbox_linux_syscall(
         &mut self,
         vcpu: &mut impl Vcpu,
         instruction: Instruction,
     ) -> Option<Action> {
-        let site = self.guard.as_ref()?.linux()?.gate().outbox_syscall?;
-        if vcpu.read(guest::RIP) != site.raw() {
-            return None;
-        }
+        let gate = *self.guard.as_ref()?.linux()?.gate();
+        let rip = vcpu.read(guest::RIP);
+        let entry = SyscallEntry::ALL.into_iter().find(|e| {
+            gate.entry(*e)
+                .outbox_vmcall
+                .is_some_and(|at| at.raw() == rip)
+        })?;
         let r = *vcpu.regs();
         skip_instruction(vcpu, instruction);
+        let low = |v: u64| v & 0xffff_ffff;
+        let args = if entry.is_compat() {
+            [low(r.rax), low(r.rbx), low(r.rcx), low(r.rdx)]
+        } else {
+            [r.rax, r.rdi, r.rsi, r.rdx]
+        };
         Some(Action::CallMonitor {
-            code: ihmi_abi::monitor::RequestCode::Syscall as u64,
-            args: [r.rax, r.rdi, r.rsi, r.rdx],
+            code: entry.request() as u64,
+            args,
             verdict_to_rax: false,
         })
     }
@@ -349,6 +437,15 @@ impl Hypervisor {
             },
             None => None,
         };
+        if let Err(error) = linux.install_int80(platform) {
+            if let Some(armed) = linux.armed.take() {
+                let _ = hooks::remove(platform, &armed);
+            }
+            return Some(Action::End(GuestEnd::GuardFailed {
+                what: "put the gate in front of int $0x80",
+                error,
+            }));
+        }
         if let Err(error) = linux.lock_kernel(platform) {
             // Unlocked, the kernel's code and the gate's mapping could be changed unseen.
             if let Some(armed) = linux.armed.take() {
@@ -411,4 +508,26 @@ fn arm_hook(
         hook.site, hook.trampoline
     ));
     Ok(Some(armed))
+}
+
+/// The handler offset of a present 64-bit interrupt or trap gate descriptor (SDM 6.14.1), `None` for
+/// anything else.
+fn idt_gate_offset(d: &[u8; 16]) -> Option<u64> {
+    let kind = d[5] & 0x0f;
+    let present = d[5] & 0x80 != 0;
+    if !present || !(kind == 0xe || kind == 0xf) {
+        return None;
+    }
+    let lo = u64::from(u16::from_le_bytes([d[0], d[1]]));
+    let mid = u64::from(u16::from_le_bytes([d[6], d[7]]));
+    let hi = u64::from(u32::from_le_bytes([d[8], d[9], d[10], d[11]]));
+    Some(lo | mid << 16 | hi << 32)
+}
+
+/// The descriptor with its handler offset replaced, everything else (selector, IST, type, DPL) kept.
+fn with_idt_gate_offset(mut d: [u8; 16], offset: u64) -> [u8; 16] {
+    d[0..2].copy_from_slice(&(offset as u16).to_le_bytes());
+    d[6..8].copy_from_slice(&((offset >> 16) as u16).to_le_bytes());
+    d[8..12].copy_from_slice(&((offset >> 32) as u32).to_le_bytes());
+    d
 }

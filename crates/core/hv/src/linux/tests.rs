@@ -93,7 +93,7 @@ fn the_kernel_s_syscall_entry_is_redirected_through_the_gate_once() {
     // The gate learns where to go on, both halves of the kernel's PGD map the gate's slot, and the MSR
     // gets the gate.
     assert!(calls.contains(&Call::WriteMonitor(
-        gate.kernel_entry_slot.gpa(),
+        gate.entries[0].kernel_slot.gpa(),
         kernel_entry
     )));
     for half in [0, 4096] {
@@ -102,7 +102,7 @@ fn the_kernel_s_syscall_entry_is_redirected_through_the_gate_once() {
             gate.pml4e.to_le_bytes().to_vec()
         )));
     }
-    assert!(calls.contains(&Call::WriteMsr(IA32_LSTAR, gate.gate_entry.raw())));
+    assert!(calls.contains(&Call::WriteMsr(IA32_LSTAR, gate.entries[0].gate.raw())));
     // A read of LSTAR shows the kernel's own value.
     let mut rd = MockVcpu::exited(EXIT_RDMSR, 0x9000, 2);
     rd.regs.rcx = u64::from(IA32_LSTAR);
@@ -265,7 +265,7 @@ fn an_occupied_trampoline_slot_is_refused() {
 fn out_of_the_box_the_stub_s_vmcall_is_a_system_call_that_leaves_registers_alone() {
     let (mut h, mut p, mut gate) = linux_guarded();
     const STUB: u64 = 0xffff_e900_0000_0300;
-    gate.outbox_syscall = Some(Gva::new(STUB));
+    gate.entries[0].outbox_vmcall = Some(Gva::new(STUB));
     let views = h.guard.unwrap().views;
     h.guard = Some(crate::Guard::new(views, None).with_linux_gate(gate));
     h.outbox_monitor = true;
@@ -591,4 +591,140 @@ fn a_process_pgd_whose_gate_slot_was_changed_is_noticed_at_its_next_exit() {
             })
         );
     }
+}
+
+/// WRMSR of `msr` with `value`.
+fn wrmsr(msr: u32, value: u64) -> MockVcpu {
+    let mut v = wrmsr_lstar(value);
+    v.regs.rcx = u64::from(msr);
+    v
+}
+
+#[test]
+fn sysenter_goes_through_its_gate_entry_and_is_locked_like_lstar() {
+    use ihmi_arch::msr::IA32_SYSENTER_EIP;
+    let (mut h, mut p, gate) = linux_guarded();
+    install_gate(&mut h, &mut p);
+    let kernel_sysenter = 0xffff_ffff_81c0_18f0;
+    let mut v = wrmsr(IA32_SYSENTER_EIP, kernel_sysenter);
+    assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume);
+    // The VMCS's guest SYSENTER_EIP is the gate's entry; the gate page keeps the kernel's.
+    assert_eq!(
+        v.fields[&guest::IA32_SYSENTER_EIP],
+        gate.entries[1].gate.raw()
+    );
+    assert_eq!(
+        p.read_u64(gate.entries[1].kernel_slot.gpa().raw()),
+        kernel_sysenter
+    );
+    let mut rd = MockVcpu::exited(EXIT_RDMSR, 0x9000, 2);
+    rd.regs.rcx = u64::from(IA32_SYSENTER_EIP);
+    rd.fields
+        .insert(guest::IA32_SYSENTER_EIP, gate.entries[1].gate.raw());
+    h.handle_exit(&mut rd, &mut p);
+    assert_eq!(
+        (rd.regs.rdx << 32) | rd.regs.rax,
+        kernel_sysenter,
+        "reads show the kernel's"
+    );
+    // Moving it later is refused with #GP and an alert naming the MSR.
+    let mut moved = wrmsr(IA32_SYSENTER_EIP, 0x1000);
+    h.handle_exit(&mut moved, &mut p);
+    assert_eq!(
+        moved.fields[&control::VMENTRY_INTERRUPTION_INFO_FIELD],
+        0x8000_0b0d,
+        "#GP(0)"
+    );
+    assert!(matches!(
+        h.rec.alerts().as_slice(),
+        [crate::Alert::EntryMsrWriteRefused {
+            msr: IA32_SYSENTER_EIP,
+            value: 0x1000,
+            ..
+        }]
+    ));
+}
+
+#[test]
+fn without_the_syscall_gate_sysenter_keeps_the_kernel_s_entry_and_cstar_is_locked_anyway() {
+    use ihmi_arch::msr::{IA32_CSTAR, IA32_SYSENTER_EIP};
+    let (mut h, mut p, _) = linux_guarded();
+    // No LSTAR write yet, so no gate mapping: SYSENTER stays the kernel's, said on the console.
+    let mut v = wrmsr(IA32_SYSENTER_EIP, 0xffff_ffff_81c0_18f0);
+    h.handle_exit(&mut v, &mut p);
+    assert_eq!(v.fields[&guest::IA32_SYSENTER_EIP], 0xffff_ffff_81c0_18f0);
+    assert!(p
+        .logs()
+        .iter()
+        .any(|l| l.contains("SYSENTER calls are not monitored")));
+    // CSTAR: installed as given, then locked.
+    h.handle_exit(&mut wrmsr(IA32_CSTAR, 0xffff_ffff_81c0_19b0), &mut p);
+    assert!(p
+        .calls
+        .borrow()
+        .contains(&Call::WriteMsr(IA32_CSTAR, 0xffff_ffff_81c0_19b0)));
+    let mut moved = wrmsr(IA32_CSTAR, 0xffff_ffff_8100_0000);
+    h.handle_exit(&mut moved, &mut p);
+    assert_eq!(
+        moved.fields[&control::VMENTRY_INTERRUPTION_INFO_FIELD],
+        0x8000_0b0d
+    );
+    assert!(matches!(
+        h.rec.alerts().last(),
+        Some(crate::Alert::EntryMsrWriteRefused {
+            msr: IA32_CSTAR,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn the_open_gate_takes_over_int_0x80_in_the_idt_and_keeps_the_kernel_s_handler() {
+    let (mut h, mut p, gate) = linux_guarded();
+    linux_kernel_memory(&mut p);
+    // The kernel's IDT entry 0x80: a present DPL-3 interrupt gate to 0xffffffff81c00c10, selector 0x10.
+    let handler: u64 = 0xffff_ffff_81c0_0c10;
+    let at = gate.kernel.idt.start.raw() + 0x80 * 16;
+    let mut d = [0u8; 16];
+    d[0..2].copy_from_slice(&(handler as u16).to_le_bytes());
+    d[2..4].copy_from_slice(&0x10u16.to_le_bytes());
+    d[5] = 0xee;
+    d[6..8].copy_from_slice(&((handler >> 16) as u16).to_le_bytes());
+    d[8..12].copy_from_slice(&((handler >> 32) as u32).to_le_bytes());
+    p.write_bytes(at, &d);
+    install_gate(&mut h, &mut p);
+    assert_eq!(h.handle_exit(&mut first_syscall(), &mut p), Action::Resume);
+    assert_eq!(p.read_u64(gate.entries[2].kernel_slot.gpa().raw()), handler);
+    let lo = p.read_u64(at);
+    let hi = p.read_u64(at + 8);
+    let offset = (lo & 0xffff) | ((lo >> 48) << 16) | ((hi & 0xffff_ffff) << 32);
+    assert_eq!(offset, gate.entries[2].gate.raw());
+    assert_eq!(
+        (lo >> 16) & 0xffff_ffff,
+        (0x10 | 0xee << 24),
+        "selector, IST, type and DPL kept"
+    );
+}
+
+#[test]
+fn out_of_the_box_a_32_bit_stub_s_vmcall_is_a_compat_system_call() {
+    let (mut h, mut p, mut gate) = linux_guarded();
+    const STUB: u64 = 0xffff_e900_0000_0320;
+    gate.entries[2].outbox_vmcall = Some(Gva::new(STUB));
+    let views = h.guard.unwrap().views;
+    h.guard = Some(crate::Guard::new(views, None).with_linux_gate(gate));
+    h.outbox_monitor = true;
+    let mut v = MockVcpu::exited(EXIT_VMCALL, STUB, 3);
+    v.regs.rax = 0xdead_0000_0014; // getpid in the i386 table, with junk above 32 bits
+    v.regs.rbx = 1;
+    v.regs.rcx = 2;
+    v.regs.rdx = 3;
+    assert_eq!(
+        h.handle_exit(&mut v, &mut p),
+        Action::CallMonitor {
+            code: ihmi_abi::monitor::RequestCode::SyscallInt80 as u64,
+            args: [0x14, 1, 2, 3],
+            verdict_to_rax: false,
+        }
+    );
 }

@@ -1,7 +1,8 @@
 //! MSR policy. The same table drives the VMCS MSR bitmap (what exits) and the handler (what happens).
 
 use ihmi_arch::msr::{
-    FEATURE_CONTROL_LOCK, IA32_FEATURE_CONTROL, IA32_LSTAR, IA32_VMX_BASIC, IA32_VMX_VMFUNC,
+    FEATURE_CONTROL_LOCK, IA32_CSTAR, IA32_FEATURE_CONTROL, IA32_LSTAR, IA32_SYSENTER_EIP,
+    IA32_VMX_BASIC, IA32_VMX_VMFUNC,
 };
 use ihmi_arch::vector::GP;
 use ihmi_vmcs::Instruction;
@@ -19,12 +20,18 @@ pub const INTERCEPTED: &[(u32, u32)] = &[
     (IA32_VMX_BASIC, IA32_VMX_VMFUNC),
 ];
 
-/// MSRs whose writes exit to L0: the system-call entry, which L0 locks once the guest kernel has
-/// installed it and, for a Linux guest with a monitor, points at the gate (see `guard`).
-pub const WRITE_INTERCEPTED: &[(u32, u32)] = &[(IA32_LSTAR, IA32_LSTAR)];
-/// MSRs whose reads exit to L0: the system-call entry, so a guest reads the kernel's own value even
-/// while the MSR holds the gate's.
-pub const READ_INTERCEPTED: &[(u32, u32)] = &[(IA32_LSTAR, IA32_LSTAR)];
+/// MSRs whose writes exit to L0: the system-call entries, which L0 locks once the guest kernel has
+/// installed them and, for a Linux guest with a monitor, points at the gate (see `guard`).
+pub const WRITE_INTERCEPTED: &[(u32, u32)] = &[
+    (IA32_LSTAR, IA32_CSTAR),
+    (IA32_SYSENTER_EIP, IA32_SYSENTER_EIP),
+];
+/// MSRs whose reads exit to L0: the entries the gate stands in front of, so a guest reads the
+/// kernel's own value even while the MSR holds the gate's.
+pub const READ_INTERCEPTED: &[(u32, u32)] = &[
+    (IA32_LSTAR, IA32_LSTAR),
+    (IA32_SYSENTER_EIP, IA32_SYSENTER_EIP),
+];
 
 /// Whether the policy intercepts `msr`.
 #[must_use]
@@ -48,6 +55,12 @@ impl Hypervisor {
                     .as_ref()
                     .and_then(crate::Guard::kernel_lstar)
                     .unwrap_or_else(|| platform.read_msr(IA32_LSTAR)),
+            ),
+            IA32_SYSENTER_EIP => Some(
+                self.guard
+                    .as_ref()
+                    .and_then(|g| g.kernel_entry_msr(IA32_SYSENTER_EIP))
+                    .unwrap_or_else(|| vcpu.read(ihmi_vmcs::fields::guest::IA32_SYSENTER_EIP)),
             ),
             // VMX is hidden, so its capability MSRs do not exist; so does every MSR we do not know
             // (reads outside the bitmap ranges always exit).
@@ -79,9 +92,9 @@ impl Hypervisor {
     ) -> Action {
         let regs = *vcpu.regs();
         let msr = regs.rcx as u32;
-        if msr == IA32_LSTAR {
+        if crate::guard::ENTRY_MSRS.contains(&msr) {
             let value = (regs.rdx << 32) | (regs.rax & 0xffff_ffff);
-            return self.on_lstar_write(vcpu, platform, obs, value, instruction);
+            return self.on_entry_msr_write(vcpu, platform, obs, msr, value, instruction);
         }
         // Every other intercepted MSR is read-only to the guest (feature control is locked; VMX MSRs do
         // not exist), and so is any MSR outside the bitmap's ranges.

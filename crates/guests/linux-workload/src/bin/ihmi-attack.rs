@@ -19,6 +19,8 @@
 //!   swaps the gate page in the copy for its own).
 //! - `flood`: make `LINUX_FLOOD_CALLS` system calls back to back, more events than the monitor's ring
 //!   holds, so that what they show would be lost.
+//! - `compat`: make system calls through the 32-bit entries a 64-bit program can still use,
+//!   `int $0x80` and SYSENTER, which a monitor of SYSCALL alone never sees.
 //!
 //! Each step is told to L0 on port 0xE9. A blocked write or read stops the guest: it never returns.
 
@@ -54,6 +56,10 @@ fn main() -> ExitCode {
             flood();
             return ExitCode::SUCCESS;
         }
+        Some(LinuxAttack::Compat) => match compat() {
+            Ok(()) => return ExitCode::SUCCESS,
+            Err(e) => Err(e),
+        },
         None => Err(format!(
             "no known ihmi.attack= on the command line ({:?})",
             LinuxAttack::ALL.map(LinuxAttack::name)
@@ -431,4 +437,90 @@ fn flood() {
         unsafe { libc::syscall(ihmi_abi::attack::LINUX_FLOOD_NR as libc::c_long) };
     }
     say("ihmi-attack: flood done");
+}
+
+/// `getpid` through `int $0x80`: the i386 number in EAX, the result in EAX.
+fn int80_getpid() -> u32 {
+    let mut eax = ihmi_abi::attack::LINUX_COMPAT_NR as u32;
+    // SAFETY: the 32-bit system-call entry; getpid takes no arguments and changes no memory.
+    unsafe {
+        core::arch::asm!(
+            "int 0x80",
+            inout("eax") eax,
+            // Kernels before 5.x zeroed R8-R11 on the way back from a 32-bit entry.
+            lateout("r8") _,
+            lateout("r9") _,
+            lateout("r10") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    eax
+}
+
+/// `getpid` through SYSENTER, in a child: SYSENTER keeps no return address, and the kernel returns
+/// to the landing pad of the 32-bit vDSO, which a 64-bit process does not have, so the child ends
+/// there by a signal. The kernel reads the stack EBP points at (the sixth argument) first, so EBP
+/// points at a page below 4 GiB.
+fn sysenter_getpid_in_child(low_stack: u64) -> Result<(), String> {
+    // SAFETY: fork in a single-threaded program; the child only runs the asm below and never returns.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork: {}", io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        // SAFETY: the child gives up its stack and registers to the kernel; it never comes back.
+        unsafe {
+            core::arch::asm!(
+                "mov rsp, {stack}",
+                "mov rbp, {stack}",
+                "sysenter",
+                "ud2",
+                stack = in(reg) low_stack,
+                in("eax") ihmi_abi::attack::LINUX_COMPAT_NR as u32,
+                options(noreturn),
+            );
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waits for the child just made.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    Ok(())
+}
+
+fn compat() -> Result<(), String> {
+    let calls = ihmi_abi::attack::LINUX_COMPAT_CALLS;
+    // SAFETY: getpid has no effect.
+    let pid = unsafe { libc::getpid() } as u32;
+    for _ in 0..calls {
+        let got = int80_getpid();
+        if got != pid {
+            return Err(format!("int $0x80 getpid gave {got}, not {pid}"));
+        }
+    }
+    say(&format!(
+        "ihmi-attack: {calls} getpid calls through int $0x80 returned our pid {pid}"
+    ));
+    // SAFETY: a fresh private anonymous page below 4 GiB for the children's SYSENTER stack.
+    let low = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            PAGE as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_32BIT | libc::MAP_POPULATE,
+            -1,
+            0,
+        )
+    };
+    if low == libc::MAP_FAILED {
+        return Err(format!("mmap below 4 GiB: {}", io::Error::last_os_error()));
+    }
+    let stack = low as u64 + PAGE - 64;
+    for _ in 0..calls {
+        sysenter_getpid_in_child(stack)?;
+    }
+    say(&format!(
+        "ihmi-attack: {calls} getpid calls through SYSENTER made, one child each"
+    ));
+    Ok(())
 }
