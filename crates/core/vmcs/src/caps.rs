@@ -330,6 +330,7 @@ impl VmxCapabilities {
             secondary_controls: primary.contains(PrimaryControls::SECONDARY_CONTROLS),
             true_controls: self.true_controls(),
             preemption_timer: pin.contains(PinbasedControls::VMX_PREEMPTION_TIMER),
+            mode_based_execute: secondary.contains(SecondaryControls::MODE_BASED_EPT),
         }
     }
 
@@ -434,6 +435,8 @@ pub struct VmxFeatures {
     pub true_controls: bool,
     /// "Activate VMX-preemption timer" may be 1.
     pub preemption_timer: bool,
+    /// "Mode-based execute control for EPT" may be 1 (separate supervisor and user execute rights).
+    pub mode_based_execute: bool,
 }
 
 impl fmt::Display for VmxFeatures {
@@ -463,6 +466,7 @@ impl fmt::Display for VmxFeatures {
             ("secondary", self.secondary_controls),
             ("true-ctls", self.true_controls),
             ("preempt-timer", self.preemption_timer),
+            ("MBEC", self.mode_based_execute),
         ];
         for (i, (name, on)) in items.iter().enumerate() {
             let sep = if i == 0 { "" } else { " " };
