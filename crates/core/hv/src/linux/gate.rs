@@ -248,10 +248,14 @@ impl LinuxGuard {
     /// included, when it is made (`pgd_alloc`); a kernel that changes one process's copy hides that
     /// process's system calls, so the copy in use is audited at each exit.
     pub(crate) fn running_slots(&self, cr3: u64) -> impl Iterator<Item = (Gpa, u64)> + '_ {
+        // Runs at every exit: no copy of the gate's description (Bochs prices a copy by the byte).
         let pgd = Gpa::new(ihmi_linux::profile::kernel_pgd(cr3, self.gate.pti_pgd_pair));
-        let gate = LinuxGate { pgd, ..self.gate };
+        let (slot, pml4e) = (self.gate.slot, self.gate.pml4e);
         let halves = self.gate.halves().filter(|_| self.open);
-        halves.filter_map(move |half| gate.slot_at(half).map(|at| (at, gate.pml4e)))
+        halves.filter_map(move |half| {
+            let at = pgd.checked_add(half)?.checked_add(slot * 8)?;
+            Some((at, pml4e))
+        })
     }
 
     /// Puts the gate in front of the kernel's entry `kernel_entry`: the gate page learns where to
@@ -385,7 +389,7 @@ impl Hypervisor {
         vcpu: &mut impl Vcpu,
         instruction: Instruction,
     ) -> Option<Action> {
-        let gate = *self.guard.as_ref()?.linux()?.gate();
+        let gate = self.guard.as_ref()?.linux()?.gate();
         let rip = vcpu.read(guest::RIP);
         let entry = SyscallEntry::ALL.into_iter().find(|e| {
             gate.entry(*e)
