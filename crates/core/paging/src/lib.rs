@@ -377,6 +377,7 @@ pub fn translate(mem: &impl GuestPhysRead, cr3: Cr3, gva: Gva) -> Result<Transla
 
 /// Like [`translate`], with address bits at and above `maxphyaddr` (`CPUID.80000008H:EAX[7:0]`) reserved,
 /// as the real CPU treats them. Values outside 32..=52 are clamped into that range.
+#[inline]
 pub fn translate_with_maxphyaddr(
     mem: &impl GuestPhysRead,
     cr3: Cr3,

@@ -97,7 +97,9 @@ impl Monitor {
     /// The single entry point and its invocation checkpoint. `code` and `args` come from the guest and
     /// may be anything (a jump into the middle of a gate with forged registers ends here too): each is
     /// checked before the monitor acts, and a request that fails is answered [`Verdict::Rejected`] and
-    /// recorded as a `rejected` event.
+    /// recorded as a `rejected` event. Inlined into the image's entry point, its only caller there:
+    /// a call would copy the request and the event through the stack, which Bochs prices by the byte.
+    #[inline(always)]
     pub fn handle(
         &mut self,
         code: u64,
@@ -130,15 +132,19 @@ impl Monitor {
                     Err(RejectReason::BadArgument)
                 }
             }
-            Some(RequestCode::Syscall) => {
-                st.on_syscall(&intro, args, SyscallEntry::Syscall).map(Some)
+            // One call site for the three entries, so the event is built once where it is pushed.
+            Some(
+                code @ (RequestCode::Syscall
+                | RequestCode::SyscallInt80
+                | RequestCode::SyscallSysenter),
+            ) => {
+                let entry = match code {
+                    RequestCode::SyscallInt80 => SyscallEntry::Int80,
+                    RequestCode::SyscallSysenter => SyscallEntry::Sysenter,
+                    _ => SyscallEntry::Syscall,
+                };
+                st.on_syscall(&intro, args, entry).map(Some)
             }
-            Some(RequestCode::SyscallInt80) => {
-                st.on_syscall(&intro, args, SyscallEntry::Int80).map(Some)
-            }
-            Some(RequestCode::SyscallSysenter) => st
-                .on_syscall(&intro, args, SyscallEntry::Sysenter)
-                .map(Some),
             Some(RequestCode::ProcessCreate) => st.on_process_create(&intro, args).map(Some),
             Some(RequestCode::Exec) => st.on_exec(&intro, args).map(Some),
         };
