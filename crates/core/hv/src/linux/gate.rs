@@ -143,6 +143,8 @@ pub struct LinuxGuard {
     armed: Option<ArmedHook>,
     /// What L0 write-protected when the gate opened.
     locked: [Option<(GpaRange, Locked)>; MAX_LOCKED],
+    /// Whether a CR3 has pointed at the user half of a PGD pair (page-table isolation on at run time).
+    pti_in_use: bool,
 }
 
 impl LinuxGuard {
@@ -153,6 +155,7 @@ impl LinuxGuard {
             open: false,
             armed: None,
             locked: [None; MAX_LOCKED],
+            pti_in_use: false,
         }
     }
 
@@ -244,14 +247,26 @@ impl LinuxGuard {
     }
 
     /// The gate's slot in the PGD of the address space the guest runs on (`cr3`), in every half it
-    /// has, once the gate is open. Every process's PGD copies the kernel's upper half, the gate's slot
+    /// uses, once the gate is open. Every process's PGD copies the kernel's upper half, the gate's slot
     /// included, when it is made (`pgd_alloc`); a kernel that changes one process's copy hides that
     /// process's system calls, so the copy in use is audited at each exit.
-    pub(crate) fn running_slots(&self, cr3: u64) -> impl Iterator<Item = (Gpa, u64)> + '_ {
+    ///
+    /// A kernel built with page-table isolation allocates every PGD as a pair but may run without it
+    /// (a CPU that reports it is not vulnerable, e.g. `tigerlake`): then the user halves stay empty and
+    /// no CR3 ever points at one. So the user half counts only once a CR3 has pointed at a user half.
+    pub(crate) fn running_slots(&mut self, cr3: u64) -> impl Iterator<Item = (Gpa, u64)> + '_ {
+        if self.gate.pti_pgd_pair && cr3 & PAGE_SIZE != 0 {
+            self.pti_in_use = true;
+        }
         // Runs at every exit: no copy of the gate's description (Bochs prices a copy by the byte).
         let pgd = Gpa::new(ihmi_linux::profile::kernel_pgd(cr3, self.gate.pti_pgd_pair));
         let (slot, pml4e) = (self.gate.slot, self.gate.pml4e);
-        let halves = self.gate.halves().filter(|_| self.open);
+        let pti_in_use = self.pti_in_use;
+        let halves = self
+            .gate
+            .halves()
+            .filter(move |&half| half == 0 || pti_in_use)
+            .filter(|_| self.open);
         halves.filter_map(move |half| {
             let at = pgd.checked_add(half)?.checked_add(slot * 8)?;
             Some((at, pml4e))

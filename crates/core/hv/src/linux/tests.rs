@@ -728,3 +728,48 @@ fn out_of_the_box_a_32_bit_stub_s_vmcall_is_a_compat_system_call() {
         }
     );
 }
+
+#[test]
+fn with_page_table_isolation_off_at_run_time_the_empty_user_halves_are_not_audited() {
+    let (mut h, mut p, gate) = linux_guarded();
+    linux_kernel_memory(&mut p);
+    install_gate(&mut h, &mut p);
+    // The first system call comes from a kernel CR3: the CPU is not vulnerable, so the kernel never
+    // switches to user halves.
+    let mut first = first_syscall();
+    first.fields.insert(guest::CR3, 0x50_0000);
+    h.handle_exit(&mut first, &mut p);
+    // A process PGD pair as pgd_alloc makes it then: the kernel half has the slot, the user half is
+    // empty.
+    p.write_u64(0x70_0000 + 466 * 8, gate.pml4e);
+    let exit_on = |cr3: u64| {
+        let mut v = MockVcpu::exited(EXIT_CPUID, 0x1000, 2);
+        v.fields.insert(guest::CR3, cr3);
+        v.fields.insert(control::EPTP_FULL, GUEST_EPTP);
+        v
+    };
+    assert_eq!(
+        h.handle_exit(&mut exit_on(0x70_0000), &mut p),
+        Action::Resume
+    );
+    // Its kernel half is still audited.
+    p.write_u64(0x70_0000 + 466 * 8, 0x7777_7023);
+    assert_eq!(
+        h.handle_exit(&mut exit_on(0x70_0000), &mut p),
+        Action::End(GuestEnd::HookTampered {
+            gpa: Gpa::new(0x70_0000 + 466 * 8)
+        })
+    );
+    // Once a CR3 points at a user half, user halves count too.
+    let (mut h, mut p, gate) = linux_guarded();
+    linux_kernel_memory(&mut p);
+    install_gate(&mut h, &mut p);
+    h.handle_exit(&mut first_syscall(), &mut p); // from the user half of init_top_pgt's pair
+    p.write_u64(0x70_0000 + 466 * 8, gate.pml4e);
+    assert_eq!(
+        h.handle_exit(&mut exit_on(0x70_0000), &mut p),
+        Action::End(GuestEnd::HookTampered {
+            gpa: Gpa::new(0x70_1000 + 466 * 8)
+        })
+    );
+}
