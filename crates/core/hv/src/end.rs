@@ -45,7 +45,8 @@ pub enum GuestEnd {
         /// The EPT view the guest was in (with an in-box monitor).
         view: Option<ViewId>,
     },
-    /// The hooks' gate pointer changed (L0's audit noticed it).
+    /// A word the hooks depend on changed (L0's audit noticed it): the test guest's gate pointer, or
+    /// a Linux guest's gate mapping (a PML4 slot, the trampoline's page-directory entry).
     HookTampered { gpa: Gpa },
     /// The EPT itself is malformed: an L0 bug.
     EptMisconfig { gpa: Gpa },
@@ -104,9 +105,10 @@ impl fmt::Display for GuestEnd {
                 }
                 write_view(f, *view)
             }
-            Self::HookTampered { gpa } => {
-                write!(f, "the hooks' gate pointer at {gpa} was changed")
-            }
+            Self::HookTampered { gpa } => write!(
+                f,
+                "a word the hooks depend on (a gate pointer, or the gate's mapping) at {gpa} was changed"
+            ),
             Self::EptMisconfig { gpa } => write!(f, "EPT misconfiguration at gpa={gpa} (L0 bug)"),
             Self::TripleFault { rip, view } => {
                 write!(f, "guest triple fault at rip={rip:#x}")?;
