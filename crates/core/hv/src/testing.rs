@@ -169,10 +169,12 @@ pub(crate) const LINUX_GATE_PAGE: u64 = 0x40_0000;
 /// The trampoline's 2 MiB slot: PML4 511, PDPT 510, PD 16.
 pub(crate) const HOOK_SLOT: u64 = 0xffff_ffff_8200_0000;
 
-/// The kernel's page tables down to the page directory of its image mapping, and the hooked
-/// function's first bytes as ftrace leaves them.
+/// The kernel's page tables down to the page directory of its image mapping (with page-table
+/// isolation on), and the hooked function's first bytes as ftrace leaves them.
 pub(crate) fn linux_kernel_memory(p: &mut MockPlatform) {
     p.write_u64(0x50_0000 + 511 * 8, 0x51_0063);
+    // Page-table isolation on: the user half maps the kernel's entry text (PML4 slot 511 too).
+    p.write_u64(0x50_1000 + 511 * 8, 0x54_0063);
     p.write_u64(0x51_0000 + 510 * 8, 0x52_0063);
     p.write_bytes(0x112_6cf9, &crate::linux::hooks::FENTRY_NOP);
 }

@@ -348,18 +348,14 @@ impl Hypervisor {
         let in_guest_view = self.current_view(vcpu) == Some(views::GUEST_VIEW)
             || self.guard.as_ref()?.views.monitor.is_none();
         let cr3 = vcpu.read(guest::CR3);
-        let guard = self.guard.as_mut()?;
-        let mut running = [None; 2];
-        if let Some(l) = guard.linux.as_mut().filter(|_| in_guest_view) {
-            for (out, slot) in running.iter_mut().zip(l.running_slots(cr3)) {
-                *out = Some(slot);
-            }
-        }
         let guard = self.guard.as_ref()?;
-        let (gpa, found, expected) = guard
-            .audited()
-            .chain(running.into_iter().flatten())
-            .find_map(|(gpa, expected)| {
+        let running = guard
+            .linux
+            .iter()
+            .filter(|_| in_guest_view)
+            .flat_map(|l| l.running_slots(cr3));
+        let (gpa, found, expected) =
+            guard.audited().chain(running).find_map(|(gpa, expected)| {
                 // An unreadable word cannot be vouched for: it counts as changed.
                 let found = read_guest_u64(platform, gpa).unwrap_or(!expected);
                 (found != expected).then_some((gpa, found, expected))

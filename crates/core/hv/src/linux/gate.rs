@@ -143,7 +143,8 @@ pub struct LinuxGuard {
     armed: Option<ArmedHook>,
     /// What L0 write-protected when the gate opened.
     locked: [Option<(GpaRange, Locked)>; MAX_LOCKED],
-    /// Whether a CR3 has pointed at the user half of a PGD pair (page-table isolation on at run time).
+    /// Whether the kernel runs with page-table isolation (its user halves in use), found when the
+    /// gate opens.
     pti_in_use: bool,
 }
 
@@ -252,12 +253,9 @@ impl LinuxGuard {
     /// process's system calls, so the copy in use is audited at each exit.
     ///
     /// A kernel built with page-table isolation allocates every PGD as a pair but may run without it
-    /// (a CPU that reports it is not vulnerable, e.g. `tigerlake`): then the user halves stay empty and
-    /// no CR3 ever points at one. So the user half counts only once a CR3 has pointed at a user half.
-    pub(crate) fn running_slots(&mut self, cr3: u64) -> impl Iterator<Item = (Gpa, u64)> + '_ {
-        if self.gate.pti_pgd_pair && cr3 & PAGE_SIZE != 0 {
-            self.pti_in_use = true;
-        }
+    /// (a CPU that reports it is not vulnerable): then the user halves stay empty and no CR3 ever
+    /// points at one, so they are audited only when isolation is on ([`Self::detect_pti`]).
+    pub(crate) fn running_slots(&self, cr3: u64) -> impl Iterator<Item = (Gpa, u64)> + '_ {
         // Runs at every exit: no copy of the gate's description (Bochs prices a copy by the byte).
         let pgd = Gpa::new(ihmi_linux::profile::kernel_pgd(cr3, self.gate.pti_pgd_pair));
         let (slot, pml4e) = (self.gate.slot, self.gate.pml4e);
@@ -271,6 +269,32 @@ impl LinuxGuard {
             let at = pgd.checked_add(half)?.checked_add(slot * 8)?;
             Some((at, pml4e))
         })
+    }
+
+    /// Whether the kernel runs with page-table isolation: then it has filled the upper half of
+    /// `init_top_pgt`'s user half (entry text, CPU entry area) by the time /init runs; without it
+    /// that half holds only the gate's slot, which L0 wrote. Called when the gate opens.
+    fn detect_pti(&mut self, platform: &mut impl Platform) -> Result<(), PlatformError> {
+        self.pti_in_use = false;
+        if !self.gate.pti_pgd_pair {
+            return Ok(());
+        }
+        let user = self
+            .gate
+            .pgd
+            .checked_add(PAGE_SIZE)
+            .ok_or(PlatformError::Fenced {
+                gpa: self.gate.pgd,
+                len: 2 * PAGE_SIZE,
+            })?;
+        let mut half = [0u8; 2048];
+        platform.read_guest(user.checked_add(2048).unwrap_or(user), &mut half)?;
+        let slot = self.gate.slot;
+        self.pti_in_use = half
+            .chunks_exact(8)
+            .enumerate()
+            .any(|(i, e)| i as u64 + 256 != slot && e.iter().any(|&b| b != 0));
+        Ok(())
     }
 
     /// Puts the gate in front of the kernel's entry `kernel_entry`: the gate page learns where to
@@ -456,6 +480,15 @@ impl Hypervisor {
             },
             None => None,
         };
+        if let Err(error) = linux.detect_pti(platform) {
+            if let Some(armed) = linux.armed.take() {
+                let _ = hooks::remove(platform, &armed);
+            }
+            return Some(Action::End(GuestEnd::GuardFailed {
+                what: "read the kernel's page table",
+                error,
+            }));
+        }
         if let Err(error) = linux.install_int80(platform) {
             if let Some(armed) = linux.armed.take() {
                 let _ = hooks::remove(platform, &armed);

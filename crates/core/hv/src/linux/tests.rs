@@ -733,9 +733,10 @@ fn out_of_the_box_a_32_bit_stub_s_vmcall_is_a_compat_system_call() {
 fn with_page_table_isolation_off_at_run_time_the_empty_user_halves_are_not_audited() {
     let (mut h, mut p, gate) = linux_guarded();
     linux_kernel_memory(&mut p);
+    // The CPU is not vulnerable: the kernel leaves init_top_pgt's user half empty (but for the slot
+    // L0 writes) and never switches to user halves.
+    p.write_u64(0x50_1000 + 511 * 8, 0);
     install_gate(&mut h, &mut p);
-    // The first system call comes from a kernel CR3: the CPU is not vulnerable, so the kernel never
-    // switches to user halves.
     let mut first = first_syscall();
     first.fields.insert(guest::CR3, 0x50_0000);
     h.handle_exit(&mut first, &mut p);
@@ -760,11 +761,11 @@ fn with_page_table_isolation_off_at_run_time_the_empty_user_halves_are_not_audit
             gpa: Gpa::new(0x70_0000 + 466 * 8)
         })
     );
-    // Once a CR3 points at a user half, user halves count too.
+    // With isolation on (the user half maps the entry text), user halves count too.
     let (mut h, mut p, gate) = linux_guarded();
     linux_kernel_memory(&mut p);
     install_gate(&mut h, &mut p);
-    h.handle_exit(&mut first_syscall(), &mut p); // from the user half of init_top_pgt's pair
+    h.handle_exit(&mut first_syscall(), &mut p);
     p.write_u64(0x70_0000 + 466 * 8, gate.pml4e);
     assert_eq!(
         h.handle_exit(&mut exit_on(0x70_0000), &mut p),
