@@ -8,7 +8,7 @@ use ihmi_abi::{
     CPUID_LEAF_SIGNATURE,
 };
 use ihmi_addr::{Gpa, PAGE_SIZE};
-use ihmi_arch::msr::IA32_LSTAR;
+use ihmi_arch::msr::{IA32_LSTAR, IA32_SYSENTER_EIP};
 use ihmi_vmcs::{ExitReason, VmInstructionError};
 
 use ihmi_hv::linux::{TaskError, TaskInfo};
@@ -643,22 +643,23 @@ fn check_linux_sim(log: &ScenarioLog) -> Result<(), FailReason> {
     }
 }
 
-/// `linux-attack`: the compromised root's two moves failed. The LSTAR write was refused by L0 (an
-/// alert), and the /dev/mem read of the monitor was stopped by the guest view (an EPT violation on a
+/// `linux-attack`: the compromised root's moves failed. The LSTAR and SYSENTER_EIP writes were
+/// refused by L0 (an alert each), and the /dev/mem read of the monitor was stopped by the guest view (an EPT violation on a
 /// monitor frame, in view 0, which ends the guest) while the attacker was the running task.
 fn check_linux_attack(log: &ScenarioLog) -> Result<(), FailReason> {
-    let refused = log.alerts().iter().any(|a| {
-        matches!(
-            a,
-            Alert::EntryMsrWriteRefused {
-                msr: IA32_LSTAR,
-                ..
-            }
-        )
-    });
-    if !refused {
+    let refused = |which: u32| {
+        log.alerts()
+            .iter()
+            .any(|a| matches!(a, Alert::EntryMsrWriteRefused { msr, .. } if *msr == which))
+    };
+    if !refused(IA32_LSTAR) {
         return Err(FailReason::AttackNotBlocked(
             "moving IA32_LSTAR off the gate",
+        ));
+    }
+    if !refused(IA32_SYSENTER_EIP) {
+        return Err(FailReason::AttackNotBlocked(
+            "moving IA32_SYSENTER_EIP off the gate",
         ));
     }
     match log.end {

@@ -681,13 +681,13 @@ fn linux_attack_needs_the_refused_lstar_write_and_the_stopped_monitor_read() {
         region: Some(RegionKind::Monitor),
         view: Some(ihmi_hv::guard::views::GUEST_VIEW),
     };
-    let verdict = |alert: bool, end: GuestEnd, task: TaskInfo| {
+    let verdict_of = |msrs: &[u32], end: GuestEnd, task: TaskInfo| {
         let mut h = hv(Scenario::LinuxAttack(ihmi_abi::LinuxAttack::Root));
-        if alert {
+        for &msr in msrs {
             h.judge
                 .log
                 .record_alert(ihmi_hv::Alert::EntryMsrWriteRefused {
-                    msr: 0xc000_0082,
+                    msr,
                     value: 1,
                     locked: 2,
                     rip: 3,
@@ -703,11 +703,22 @@ fn linux_attack_needs_the_refused_lstar_write_and_the_stopped_monitor_read() {
             None,
         )
     };
+    // LSTAR and SYSENTER_EIP both refused, or one of them not.
+    let verdict = |alerts: bool, end: GuestEnd, task: TaskInfo| {
+        let both: &[u32] = if alerts { &[0xc000_0082, 0x176] } else { &[] };
+        verdict_of(both, end, task)
+    };
     assert_eq!(verdict(true, monitor_read, attacker), Verdict::Pass);
     assert!(matches!(
         verdict(false, monitor_read, attacker),
         Verdict::Fail(FailReason::AttackNotBlocked(_))
     ));
+    for only in [0xc000_0082, 0x176] {
+        assert!(matches!(
+            verdict_of(&[only], monitor_read, attacker),
+            Verdict::Fail(FailReason::AttackNotBlocked(_))
+        ));
+    }
     assert!(matches!(
         verdict(true, GuestEnd::ShutdownRequest, attacker),
         Verdict::Fail(FailReason::WrongEnd { .. })

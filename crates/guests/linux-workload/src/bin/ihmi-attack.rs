@@ -3,8 +3,8 @@
 //! kernel is what its System.map says (`/etc/ihmi-attacker.map`, a few of its lines) and what root
 //! can read in /proc.
 //!
-//! - `root`: move the system-call entry off the monitor's gate by writing IA32_LSTAR through
-//!   /dev/cpu/0/msr (the kernel executes the WRMSR; L0 must refuse it), then read the monitor's memory
+//! - `root`: move the system-call entries off the monitor's gates by writing IA32_LSTAR and
+//!   IA32_SYSENTER_EIP through /dev/cpu/0/msr (the kernel executes the WRMSRs; L0 must refuse them), then read the monitor's memory
 //!   through /dev/mem, page by page from the address L0 put on the kernel command line
 //!   (`ihmi.monitor=`; the threat model assumes an attacker can find it). The first pages are the ones
 //!   the guest is meant to see (the gate, read + execute); the first private page must stop it.
@@ -34,6 +34,7 @@ use ihmi_abi::LinuxAttack;
 use ihmi_linux_workload::debug_line;
 
 const IA32_LSTAR: u64 = 0xc000_0082;
+const IA32_SYSENTER_EIP: u64 = 0x176;
 const PAGE: u64 = 4096;
 
 fn say(line: &str) {
@@ -82,13 +83,18 @@ fn monitor_address(cmdline: &str) -> Result<u64, String> {
 }
 
 fn root(cmdline: &str) -> Result<(), String> {
-    let moved = OpenOptions::new()
-        .write(true)
-        .open("/dev/cpu/0/msr")
-        .and_then(|f| f.write_at(&0xffff_ffff_8100_0000u64.to_le_bytes(), IA32_LSTAR));
-    match moved {
-        Ok(_) => say("ihmi-attack: moving IA32_LSTAR was ACCEPTED"),
-        Err(e) => say(&format!("ihmi-attack: moving IA32_LSTAR was refused ({e})")),
+    for (name, msr) in [
+        ("IA32_LSTAR", IA32_LSTAR),
+        ("IA32_SYSENTER_EIP", IA32_SYSENTER_EIP),
+    ] {
+        let moved = OpenOptions::new()
+            .write(true)
+            .open("/dev/cpu/0/msr")
+            .and_then(|f| f.write_at(&0xffff_ffff_8100_0000u64.to_le_bytes(), msr));
+        match moved {
+            Ok(_) => say(&format!("ihmi-attack: moving {name} was ACCEPTED")),
+            Err(e) => say(&format!("ihmi-attack: moving {name} was refused ({e})")),
+        }
     }
     let monitor = monitor_address(cmdline)?;
     let mem = File::open("/dev/mem").map_err(|e| format!("/dev/mem: {e}"))?;
