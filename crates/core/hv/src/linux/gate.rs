@@ -297,6 +297,35 @@ impl LinuxGuard {
         Ok(())
     }
 
+    /// What opening the gate takes once the hook is in (or left out): learn whether page-table
+    /// isolation is on, put the gate in front of `int $0x80`, lock the kernel, and make the gate
+    /// page (`gate_range`) executable. A failed step is named; the caller takes the hook out.
+    fn open_steps(
+        &mut self,
+        platform: &mut impl Platform,
+        gate_range: GpaRange,
+    ) -> Result<(), (&'static str, PlatformError)> {
+        let named = |what: &'static str| move |e| (what, e);
+        self.detect_pti(platform)
+            .map_err(named("read the kernel's page table"))?;
+        self.install_int80(platform)
+            .map_err(named("put the gate in front of int $0x80"))?;
+        // Unlocked, the kernel's code and the gate's mapping could be changed unseen.
+        self.lock_kernel(platform).map_err(named(
+            "write-protect the kernel's code and the gate's page tables",
+        ))?;
+        let k = self.gate.kernel;
+        platform.log(format_args!(
+            "linux: kernel text {}..{}, read-only data {}..{} and IDT {} now read-only in the guest view",
+            k.text.start, k.text.end, k.rodata.start, k.rodata.end, k.idt.start
+        ));
+        // If this fails the gate stays closed and every system call would fault here again: the
+        // guest is stopped rather than left to loop.
+        platform
+            .protect_guest(gate_range, Perm::RX)
+            .map_err(named("open the system-call gate"))
+    }
+
     /// Puts the gate in front of the kernel's entry `kernel_entry`: the gate page learns where to
     /// jump on, the kernel's PGD halves map the gate's slot. Returns what IA32_LSTAR gets: the gate's
     /// entry, or the kernel's own when the gate could not go in (said on the console).
@@ -467,6 +496,7 @@ impl Hypervisor {
         if linux.open || !linux.installed || !q.fetch() || !on_gate || view != Some(GUEST_VIEW) {
             return None;
         }
+        let gate_range = GpaRange::new(gate.gate_page, gate.gate_page.checked_add(PAGE_SIZE)?);
         let rip = vcpu.read(guest::RIP);
         linux.armed = match gate.exec_hook.as_ref() {
             Some(hook) => match arm_hook(platform, hook, rip) {
@@ -480,50 +510,12 @@ impl Hypervisor {
             },
             None => None,
         };
-        if let Err(error) = linux.detect_pti(platform) {
+        if let Err((what, error)) = linux.open_steps(platform, gate_range) {
+            // Whatever step failed, the hook would call a gate that is not safely open: take it out.
             if let Some(armed) = linux.armed.take() {
                 let _ = hooks::remove(platform, &armed);
             }
-            return Some(Action::End(GuestEnd::GuardFailed {
-                what: "read the kernel's page table",
-                error,
-            }));
-        }
-        if let Err(error) = linux.install_int80(platform) {
-            if let Some(armed) = linux.armed.take() {
-                let _ = hooks::remove(platform, &armed);
-            }
-            return Some(Action::End(GuestEnd::GuardFailed {
-                what: "put the gate in front of int $0x80",
-                error,
-            }));
-        }
-        if let Err(error) = linux.lock_kernel(platform) {
-            // Unlocked, the kernel's code and the gate's mapping could be changed unseen.
-            if let Some(armed) = linux.armed.take() {
-                let _ = hooks::remove(platform, &armed);
-            }
-            return Some(Action::End(GuestEnd::GuardFailed {
-                what: "write-protect the kernel's code and the gate's page tables",
-                error,
-            }));
-        }
-        let k = gate.kernel;
-        platform.log(format_args!(
-            "linux: kernel text {}..{}, read-only data {}..{} and IDT {} now read-only in the guest view",
-            k.text.start, k.text.end, k.rodata.start, k.rodata.end, k.idt.start
-        ));
-        let gate_range = GpaRange::new(gate.gate_page, gate.gate_page.checked_add(PAGE_SIZE)?);
-        if let Err(error) = platform.protect_guest(gate_range, Perm::RX) {
-            // The gate stays closed, so every system call would fault here again: stop the guest
-            // rather than loop, and take the hook out (it would call a gate that does not run).
-            if let Some(armed) = linux.armed.take() {
-                let _ = hooks::remove(platform, &armed);
-            }
-            return Some(Action::End(GuestEnd::GuardFailed {
-                what: "open the system-call gate",
-                error,
-            }));
+            return Some(Action::End(GuestEnd::GuardFailed { what, error }));
         }
         linux.open = true;
         Some(Action::Resume)
