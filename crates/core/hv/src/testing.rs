@@ -164,6 +164,17 @@ pub(crate) fn linux_guarded() -> (TestHv, MockPlatform, crate::LinuxGate) {
     (h, p, gate)
 }
 
+/// [`linux_guarded`] out of the box, with the stub of entry `entry` (`SyscallEntry` order) making its
+/// VMCALL at `stub`.
+pub(crate) fn outbox_linux_guarded(entry: usize, stub: u64) -> (TestHv, MockPlatform) {
+    let (mut h, p, mut gate) = linux_guarded();
+    gate.entries[entry].outbox_vmcall = Some(Gva::new(stub));
+    let views = h.guard.unwrap().views;
+    h.guard = Some(crate::Guard::new(views, None).with_linux_gate(gate));
+    h.outbox_monitor = true;
+    (h, p)
+}
+
 pub(crate) const LINUX_GATE_PAGE: u64 = 0x40_0000;
 
 /// The trampoline's 2 MiB slot: PML4 511, PDPT 510, PD 16.

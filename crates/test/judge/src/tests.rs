@@ -47,6 +47,32 @@ fn hv(scenario: Scenario) -> Run {
     }
 }
 
+/// A Linux task as L0 reads it through the guest profile.
+fn linux_task(pid: u32, ppid: u32, comm: &[u8]) -> ihmi_hv::linux::TaskInfo {
+    let mut c = [0u8; 16];
+    c[..comm.len()].copy_from_slice(comm);
+    ihmi_hv::linux::TaskInfo {
+        task: 0,
+        pid,
+        tgid: pid,
+        ppid,
+        comm: c,
+    }
+}
+
+/// The compromised root of the Linux attack scenarios, as the running task.
+fn attacker_task(pid: u32) -> ihmi_hv::linux::TaskInfo {
+    linux_task(pid, 1, b"ihmi-attack")
+}
+
+/// A Linux run that ended the way /init ends it: a line on port 0xE9, then power-off by pid 1
+/// `ihmi-poweroff`.
+fn end_as_init_does(log: &mut crate::ScenarioLog) {
+    log.debug_lines = 1;
+    log.end = Some(GuestEnd::ShutdownRequest);
+    log.end_task = Some(Ok(linux_task(1, 0, b"ihmi-poweroff")));
+}
+
 /// Guest page tables at 0x1000.. mapping GVA 0..1 GiB to GPA 0..1 GiB with 2 MiB pages.
 fn platform_with_identity_paging() -> MockPlatform {
     let mut p = MockPlatform::default();
@@ -662,17 +688,7 @@ fn the_linux_workload_trail_needs_its_calls_in_order_from_one_child_of_init() {
 fn linux_attack_needs_the_refused_lstar_write_and_the_stopped_monitor_read() {
     use ihmi_hv::linux::TaskInfo;
     use ihmi_vmcs::EptViolationQualification;
-    let attacker = {
-        let mut comm = [0u8; 16];
-        comm[..11].copy_from_slice(b"ihmi-attack");
-        TaskInfo {
-            task: 0,
-            pid: 25,
-            tgid: 25,
-            ppid: 1,
-            comm,
-        }
-    };
+    let attacker = attacker_task(25);
     let monitor_read = GuestEnd::EptViolation {
         gpa: Gpa::new(0xf80_1000),
         gla: None,
@@ -899,18 +915,9 @@ fn a_run_that_leaves_the_monitor_changed_fails_whatever_the_scenario_says() {
 #[test]
 fn a_locked_write_attack_needs_the_refused_write_its_alert_and_the_attacker_running() {
     use ihmi_abi::LinuxAttack;
-    use ihmi_hv::linux::TaskInfo;
     use ihmi_hv::{Alert, Locked};
     use ihmi_vmcs::EptViolationQualification;
-    let mut comm = [0u8; 16];
-    comm[..11].copy_from_slice(b"ihmi-attack");
-    let attacker = TaskInfo {
-        task: 0,
-        pid: 30,
-        tgid: 30,
-        ppid: 1,
-        comm,
-    };
+    let attacker = attacker_task(30);
     let write_at = |gpa: u64, q: u64| GuestEnd::EptViolation {
         gpa: Gpa::new(gpa),
         gla: None,
@@ -957,17 +964,8 @@ fn a_locked_write_attack_needs_the_refused_write_its_alert_and_the_attacker_runn
 #[test]
 fn a_process_pgd_attack_needs_the_audit_to_stop_the_attacker_and_say_where() {
     use ihmi_abi::LinuxAttack;
-    use ihmi_hv::linux::TaskInfo;
     use ihmi_hv::Alert;
-    let mut comm = [0u8; 16];
-    comm[..11].copy_from_slice(b"ihmi-attack");
-    let attacker = TaskInfo {
-        task: 0,
-        pid: 25,
-        tgid: 25,
-        ppid: 1,
-        comm,
-    };
+    let attacker = attacker_task(25);
     let s = Scenario::LinuxAttack(LinuxAttack::ProcessPgd);
     let verdict = |alert_at: Option<u64>, end: GuestEnd| {
         let mut h = hv(s);
@@ -1000,7 +998,6 @@ fn a_process_pgd_attack_needs_the_audit_to_stop_the_attacker_and_say_where() {
 fn the_linux_flood_passes_only_with_every_call_seen_and_nothing_dropped() {
     use ihmi_abi::attack::{LINUX_FLOOD_CALLS, LINUX_FLOOD_NR};
     use ihmi_abi::LinuxAttack;
-    use ihmi_hv::linux::TaskInfo;
     use ihmi_monitor::{Event, EventKind};
     let s = Scenario::LinuxAttack(LinuxAttack::Flood);
     let run = |calls: u64, dropped: u64, drains: u64| {
@@ -1016,17 +1013,7 @@ fn the_linux_flood_passes_only_with_every_call_seen_and_nothing_dropped() {
         }
         h.judge.log.monitor_dropped = dropped;
         h.judge.log.ring_drains = drains;
-        h.judge.log.debug_lines = 1;
-        h.judge.log.end = Some(GuestEnd::ShutdownRequest);
-        let mut comm = [0u8; 16];
-        comm[..13].copy_from_slice(b"ihmi-poweroff");
-        h.judge.log.end_task = Some(Ok(TaskInfo {
-            task: 0,
-            pid: 1,
-            tgid: 1,
-            ppid: 0,
-            comm,
-        }));
+        end_as_init_does(&mut h.judge.log);
         judge(s, &h.judge.log, &h.hv.counters, Gpa::new(0), None)
     };
     assert_eq!(run(LINUX_FLOOD_CALLS, 0, 6), Verdict::Pass);
@@ -1047,7 +1034,6 @@ fn the_compat_attack_needs_every_32_bit_call_seen_through_its_own_entry() {
     use ihmi_abi::attack::{LINUX_COMPAT_CALLS, LINUX_COMPAT_NR};
     use ihmi_abi::monitor::SyscallEntry;
     use ihmi_abi::LinuxAttack;
-    use ihmi_hv::linux::TaskInfo;
     use ihmi_monitor::{Event, EventKind};
     let s = Scenario::LinuxAttack(LinuxAttack::Compat);
     let run = |int80: u64, sysenter: u64| {
@@ -1075,17 +1061,7 @@ fn the_compat_attack_needs_every_32_bit_call_seen_through_its_own_entry() {
         };
         other.comm[..11].copy_from_slice(b"ihmi-attack");
         h.judge.log.record_monitor_event(&other);
-        h.judge.log.debug_lines = 1;
-        h.judge.log.end = Some(GuestEnd::ShutdownRequest);
-        let mut comm = [0u8; 16];
-        comm[..13].copy_from_slice(b"ihmi-poweroff");
-        h.judge.log.end_task = Some(Ok(TaskInfo {
-            task: 0,
-            pid: 1,
-            tgid: 1,
-            ppid: 0,
-            comm,
-        }));
+        end_as_init_does(&mut h.judge.log);
         judge(s, &h.judge.log, &h.hv.counters, Gpa::new(0), None)
     };
     let n = LINUX_COMPAT_CALLS;

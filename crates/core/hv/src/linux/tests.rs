@@ -5,7 +5,7 @@ extern crate std;
 
 use std::vec;
 
-use ihmi_addr::{Gpa, Gva};
+use ihmi_addr::Gpa;
 use ihmi_arch::msr::IA32_LSTAR;
 use ihmi_vmcs::fields::{control, guest, ro};
 
@@ -263,12 +263,8 @@ fn an_occupied_trampoline_slot_is_refused() {
 
 #[test]
 fn out_of_the_box_the_stub_s_vmcall_is_a_system_call_that_leaves_registers_alone() {
-    let (mut h, mut p, mut gate) = linux_guarded();
     const STUB: u64 = 0xffff_e900_0000_0300;
-    gate.entries[0].outbox_vmcall = Some(Gva::new(STUB));
-    let views = h.guard.unwrap().views;
-    h.guard = Some(crate::Guard::new(views, None).with_linux_gate(gate));
-    h.outbox_monitor = true;
+    let (mut h, mut p) = outbox_linux_guarded(0, STUB);
     let mut v = MockVcpu::exited(EXIT_VMCALL, STUB, 3);
     v.regs.rax = 39; // getpid, not a hypercall number
     v.regs.rdi = 1;
@@ -708,12 +704,8 @@ fn the_open_gate_takes_over_int_0x80_in_the_idt_and_keeps_the_kernel_s_handler()
 
 #[test]
 fn out_of_the_box_a_32_bit_stub_s_vmcall_is_a_compat_system_call() {
-    let (mut h, mut p, mut gate) = linux_guarded();
     const STUB: u64 = 0xffff_e900_0000_0320;
-    gate.entries[2].outbox_vmcall = Some(Gva::new(STUB));
-    let views = h.guard.unwrap().views;
-    h.guard = Some(crate::Guard::new(views, None).with_linux_gate(gate));
-    h.outbox_monitor = true;
+    let (mut h, mut p) = outbox_linux_guarded(2, STUB);
     let mut v = MockVcpu::exited(EXIT_VMCALL, STUB, 3);
     v.regs.rax = 0xdead_0000_0014; // getpid in the i386 table, with junk above 32 bits
     v.regs.rbx = 1;
