@@ -133,6 +133,16 @@ pub fn finish(st: &mut L0State, end: GuestEnd) -> ! {
     for (reason, count) in st.hv.counters.nonzero() {
         log!("  {:<30} {count:>8}", reason.name());
     }
+    let nmi = st.hv.nmi_counts();
+    if nmi.taken > 0 {
+        log!(
+            "nmi: L0 took {} ({} with the guest in the monitor's view, {} merged into a waiting one), delivered {}",
+            nmi.taken,
+            nmi.in_monitor_view,
+            nmi.merged,
+            nmi.delivered
+        );
+    }
     // Every run with a monitor ends with the monitor as L0 finds it now; an attack's verdict needs
     // where its parts are too.
     let wrote = st.machine.monitor_words.map(|w| w.map(|g| g.value));

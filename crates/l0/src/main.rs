@@ -83,7 +83,7 @@ fn boot(magic: u32, info: u32) -> Result<Infallible, LoadError> {
     let scenario = boot.scenario;
     SCENARIO.store(scenario.to_raw(), Ordering::Relaxed);
     log!("scenario: {}", scenario.name());
-    let tables = ihmi_rt::tables::init(fatal_exception);
+    let tables = ihmi_rt::tables::init(on_exception);
     enable_os_xsave();
     let mut plan = memory::plan(&mut boot, scenario.is_linux())?;
     let vmx = vmx::on(&mut plan.frames)?;
@@ -150,7 +150,18 @@ pub(crate) fn power_off() -> ! {
     ihmi_rt::cpu::halt_forever()
 }
 
-/// L0's exception handler: an exception in L0 is a bug, so report everything and stop.
+/// L0's exception handler. An NMI is the guest's (a device it owns raised it, or another CPU sent it):
+/// L0 keeps it for the guest and goes on. Any other exception in L0 is a bug: report everything and
+/// stop.
+fn on_exception(f: &mut ihmi_rt::tables::ExceptionFrame) {
+    if f.vector == u64::from(ihmi_arch::vector::NMI) {
+        platform::NMI_FOR_GUEST.store(true, core::sync::atomic::Ordering::SeqCst);
+        return;
+    }
+    fatal_exception(f);
+}
+
+/// An exception in L0: report everything and stop.
 fn fatal_exception(f: &mut ihmi_rt::tables::ExceptionFrame) {
     let cr2: u64;
     // SAFETY: reading CR2 has no side effect.

@@ -105,6 +105,7 @@ pub fn setup(
         exceptions: u32::MAX,
         hlt_exits: true,
         audit_period: None,
+        nmi_exiting: true,
     };
     if let Err(error) = vmcs_setup::configure(vmcss.active(), caps, tables, frames, &params) {
         dump_vmcs(vmcss);
@@ -198,6 +199,13 @@ pub fn on_exit(st: &mut L0State, regs: &mut GuestRegs) -> Result<(), GuestEnd> {
                 regs.rax = verdict;
             }
             crate::exit::drain_monitor(st);
+            Ok(())
+        }
+        MonitorVmExit::Interrupted { nmi } => {
+            if nmi {
+                crate::platform::NMI_FOR_GUEST.store(true, core::sync::atomic::Ordering::SeqCst);
+                ihmi_rt::cpu::unblock_nmis();
+            }
             Ok(())
         }
         MonitorVmExit::Fault {

@@ -3,6 +3,7 @@
 //! CPU instructions L0 performs on the guest's behalf.
 
 use core::fmt::{self, Write};
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use ihmi_addr::{Gpa, GpaRange};
 use ihmi_ept::{EptView, Perm};
@@ -12,6 +13,10 @@ use ihmi_rt::console::{Console, Sink};
 use crate::frames::Pool;
 use crate::log;
 use crate::state::GrantedWord;
+
+/// An NMI arrived while L0 ran (its handler on vector 2 sets this) or while the out-of-box monitor VM
+/// ran (its NMI exit does): it belongs to the guest, which the exit policy gives it to.
+pub(crate) static NMI_FOR_GUEST: AtomicBool = AtomicBool::new(false);
 
 /// Physical memory and CPU as the exit policy sees them.
 pub(crate) struct HwPlatform<'a> {
@@ -136,5 +141,13 @@ impl Platform for HwPlatform<'_> {
     fn port_out(&mut self, port: u16, value: u8) {
         // SAFETY: a keyboard-controller command other than the reset pulse, which ihmi-hv filtered out.
         unsafe { x86::io::outb(port, value) }
+    }
+
+    fn take_nmi(&mut self) -> bool {
+        NMI_FOR_GUEST.swap(false, Ordering::SeqCst)
+    }
+
+    fn unblock_nmis(&mut self) {
+        ihmi_rt::cpu::unblock_nmis();
     }
 }

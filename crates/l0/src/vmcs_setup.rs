@@ -110,6 +110,10 @@ pub struct VmParams<'a> {
     /// could change without one (a Linux guest's gate mapping): the VMX-preemption timer, where the
     /// CPU has it, is loaded with this at every entry.
     pub audit_period: Option<u64>,
+    /// Whether L0 takes the VM's NMIs (NMI exiting with virtual NMIs): a guest with a monitor must
+    /// never take one in the monitor's view, and the monitor VM has no handler for one. The
+    /// VMX-preemption timer is then on as well, to bring a guest with a held NMI back soon.
+    pub nmi_exiting: bool,
 }
 
 /// Writes the whole VMCS: controls, bitmaps, host state, guest state. Errors name what the CPU
@@ -141,16 +145,32 @@ fn write_controls(
         exceptions,
         hlt_exits,
         audit_period,
+        nmi_exiting,
         ..
     } = *vm;
-    let timer = if audit_period.is_some() {
+    let timer = if audit_period.is_some() || nmi_exiting {
         PinbasedControls::VMX_PREEMPTION_TIMER
     } else {
         PinbasedControls::empty()
     };
+    // L0 needs virtual NMIs to know when the guest can take an NMI it injects (SDM 25.4.2: blocking by
+    // NMI then tracks the guest's own handler, up to its IRET).
+    let nmis = if nmi_exiting {
+        PinbasedControls::NMI_EXITING | PinbasedControls::VIRTUAL_NMIS
+    } else {
+        PinbasedControls::empty()
+    };
     let pin = caps
-        .adjust_pinbased(PinbasedControls::empty(), timer)
+        .adjust_pinbased(nmis, timer)
         .map_err(controls("pin-based controls"))?;
+    if nmi_exiting && !pin.contains(PinbasedControls::VMX_PREEMPTION_TIMER) {
+        log!("vmx: no VMX-preemption timer: an NMI held for the guest waits for its next exit");
+    }
+    if nmi_exiting && audit_period.is_none() && pin.contains(PinbasedControls::VMX_PREEMPTION_TIMER)
+    {
+        // On only for held NMIs, which set it short while they wait: otherwise as long as it goes.
+        vmcs.write(guest::VMX_PREEMPTION_TIMER_VALUE, u64::from(u32::MAX))?;
+    }
     if let Some(ticks) = audit_period {
         if pin.contains(PinbasedControls::VMX_PREEMPTION_TIMER) {
             // Without "save VMX-preemption timer value" the field keeps this value, so every entry

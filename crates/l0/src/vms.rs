@@ -389,6 +389,7 @@ fn create_vms(
         // A monitored Linux guest can change the gate's slot in a process's PGD without an exit.
         audit_period: (scenario.is_linux() && monitor.is_some())
             .then_some(ihmi_hv::linux::gate::AUDIT_PERIOD_TSC),
+        nmi_exiting: monitor.is_some(),
     };
     if let Err(error) = vmcs_setup::configure(vmcss.active(), &vmx.caps, tables, frames, &params) {
         dump_vmcs(&vmcss);

@@ -144,7 +144,20 @@ pub enum LinuxAttack {
     /// `int $0x80`, and SYSENTER (in a child each, since SYSENTER's return lands in the 32-bit vDSO
     /// a 64-bit process does not have).
     Compat = 5,
+    /// Turn a periodic device interrupt into NMIs (the RTC's, routed by the I/O APIC with delivery
+    /// mode NMI, through /dev/mem and the RTC's ports) while making system calls, so NMIs arrive
+    /// while the guest is inside the gate, in the monitor's view; then report on port 0xE9 how many
+    /// NMIs the kernel counted ([`LINUX_NMI_REPORT`]).
+    Nmi = 6,
 }
+
+/// How many `getpid` calls the `nmi` attack makes while the NMIs arrive.
+pub const LINUX_NMI_CALLS: u64 = 4_000;
+/// The fewest NMIs the `nmi` attack must have caused for its run to count.
+pub const LINUX_NMI_MIN: u64 = 20;
+/// The start of the `nmi` attack's report line on port 0xE9; the NMIs the kernel counted over the
+/// attack (the `NMI:` line of /proc/interrupts) follow in decimal.
+pub const LINUX_NMI_REPORT: &str = "ihmi-nmi seen=";
 
 /// How many calls the `compat` attack makes through each 32-bit entry.
 pub const LINUX_COMPAT_CALLS: u64 = 50;
@@ -158,13 +171,14 @@ pub const LINUX_FLOOD_NR: u64 = 39;
 
 impl LinuxAttack {
     /// Every Linux attack, in the order `ihmi test` runs them.
-    pub const ALL: [LinuxAttack; 6] = [
+    pub const ALL: [LinuxAttack; 7] = [
         Self::Root,
         Self::KernelText,
         Self::GatePgd,
         Self::ProcessPgd,
         Self::Flood,
         Self::Compat,
+        Self::Nmi,
     ];
 
     /// The name on the kernel command line (`ihmi.attack=<name>`).
@@ -177,6 +191,7 @@ impl LinuxAttack {
             Self::ProcessPgd => "process-pgd",
             Self::Flood => "flood",
             Self::Compat => "compat",
+            Self::Nmi => "nmi",
         }
     }
 
@@ -190,6 +205,7 @@ impl LinuxAttack {
             Self::ProcessPgd => "linux-attack-process-pgd",
             Self::Flood => "linux-attack-flood",
             Self::Compat => "linux-attack-compat",
+            Self::Nmi => "linux-attack-nmi",
         }
     }
 
@@ -203,6 +219,7 @@ impl LinuxAttack {
             Self::ProcessPgd => "ihmi.attack=process-pgd",
             Self::Flood => "ihmi.attack=flood",
             Self::Compat => "ihmi.attack=compat",
+            Self::Nmi => "ihmi.attack=nmi",
         }
     }
 

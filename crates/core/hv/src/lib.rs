@@ -61,6 +61,8 @@ pub struct Hypervisor {
     pub linux: Option<ihmi_linux::LinuxProfile>,
     /// The benchmark window the guest has open, if any.
     bench: policy::bench::BenchWindow,
+    /// The NMI waiting for the guest, and what happened to the others.
+    nmi: policy::nmi::NmiState,
     e9_line: policy::io::LineBuffer,
     shutdown_port: policy::io::ShutdownMatcher,
 }
@@ -76,6 +78,7 @@ impl Hypervisor {
             outbox_monitor: false,
             linux: None,
             bench: policy::bench::BenchWindow::default(),
+            nmi: policy::nmi::NmiState::default(),
             e9_line: policy::io::LineBuffer::default(),
             shutdown_port: policy::io::ShutdownMatcher::default(),
         }
@@ -93,6 +96,9 @@ impl Hypervisor {
         self.counters.record(exit.reason());
         let audit = self.audit(vcpu, platform, obs);
         let action = audit.unwrap_or_else(|| self.dispatch(exit, vcpu, platform, obs));
+        if !matches!(action, Action::End(_)) {
+            self.deliver_nmi(vcpu, platform, obs);
+        }
         if let Action::End(end) = action {
             // Which task a Linux guest was running when it ended, read through its own structures.
             let task = self
@@ -130,6 +136,11 @@ impl Hypervisor {
             VmExit::Vmfunc(_) => self.on_vmfunc(vcpu, platform, obs),
             VmExit::Xsetbv(i) => self.on_xsetbv(vcpu, platform, obs, i),
             VmExit::Hlt(i) => policy::exception::on_hlt(vcpu, i),
+            VmExit::Nmi { vectoring } => {
+                self.counters.record_exception(ihmi_arch::vector::NMI);
+                self.on_nmi_exit(vcpu, platform, obs, vectoring);
+                Action::Resume
+            }
             VmExit::Exception {
                 info,
                 error_code,

@@ -54,6 +54,7 @@ pub enum Call {
     ReadMsr(u32),
     WritePhys(Gpa, Vec<u8>),
     PortOut(u16, u8),
+    UnblockNmis,
     WriteMonitor(Gpa, u64),
     ProtectGuest(Gpa, u64, ihmi_ept::Perm),
 }
@@ -132,6 +133,8 @@ pub struct MockPlatform {
     faults: BTreeMap<Op, usize>,
     /// With a map, guest reads and writes outside its guest RAM are refused, as L0's platform does.
     pub fence: Option<MemoryMap>,
+    /// An NMI L0 took while it ran, which `take_nmi` hands over once.
+    pub host_nmi: bool,
 }
 
 impl MockPlatform {
@@ -283,6 +286,12 @@ impl Platform for MockPlatform {
     fn port_out(&mut self, port: u16, value: u8) {
         self.calls.borrow_mut().push(Call::PortOut(port, value));
     }
+    fn take_nmi(&mut self) -> bool {
+        core::mem::take(&mut self.host_nmi)
+    }
+    fn unblock_nmis(&mut self) {
+        self.calls.borrow_mut().push(Call::UnblockNmis);
+    }
     fn protect_guest(
         &mut self,
         range: GpaRange,
@@ -338,6 +347,14 @@ impl Observer for Recorder {
                 regs,
             }),
             Observation::CpuidReport(r) => Seen::Other(Observation::CpuidReport(r)),
+            Observation::NmiTaken {
+                in_monitor_view,
+                merged,
+            } => Seen::Other(Observation::NmiTaken {
+                in_monitor_view,
+                merged,
+            }),
+            Observation::NmiDelivered => Seen::Other(Observation::NmiDelivered),
             Observation::Hypercall { nr, status } => {
                 Seen::Other(Observation::Hypercall { nr, status })
             }

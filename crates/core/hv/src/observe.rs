@@ -54,6 +54,11 @@ pub enum Observation<'a> {
     DebugLine { line: &'a [u8], exits: u64 },
     /// Something L0 refused or noticed while the guest keeps running (or not: see `Ended`).
     Alert(Alert),
+    /// L0 took an NMI (see [`crate::policy::nmi`]): `in_monitor_view` when it found the guest in the
+    /// monitor's view, `merged` when another NMI was already waiting.
+    NmiTaken { in_monitor_view: bool, merged: bool },
+    /// L0 injected the waiting NMI into the guest.
+    NmiDelivered,
     /// A benchmark window opened or closed.
     BenchMark(BenchMark),
     /// The guest ended; for a Linux guest, the task it was running then, read through the kernel's

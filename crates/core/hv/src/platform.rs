@@ -77,6 +77,12 @@ pub trait Platform {
     fn port_in(&mut self, port: u16) -> u8;
     /// Writes a byte to such a port, once L0 has checked it.
     fn port_out(&mut self, port: u16, value: u8);
+    /// Whether an NMI arrived while L0 itself ran (or the out-of-box monitor VM did) since the last
+    /// call: it belongs to the guest, and clears with this call.
+    fn take_nmi(&mut self) -> bool;
+    /// After an NMI exit: lifts the blocking of NMIs the exit left in L0 (the CPU's blocking lasts
+    /// until an IRET), so the next NMI arrives at all.
+    fn unblock_nmis(&mut self);
 }
 
 /// Reads one little-endian word of guest RAM.

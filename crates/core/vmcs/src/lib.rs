@@ -31,4 +31,4 @@ pub use qual::{
     InterruptionInfo, InterruptionType, IoQualification,
 };
 pub use segment::SegmentAccessRights;
-pub use vmexit::{Instruction, VmExit, VmxInstruction, VmxInstructionInfo};
+pub use vmexit::{Instruction, Vectored, VmExit, VmxInstruction, VmxInstructionInfo};

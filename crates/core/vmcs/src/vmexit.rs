@@ -152,6 +152,16 @@ impl VmxInstructionInfo {
     }
 }
 
+/// An event whose delivery through the guest's IDT a VM exit interrupted: what re-injecting it needs
+/// (the error code, and for software interrupts and exceptions the instruction length).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Vectored {
+    /// The IDT-vectoring information (valid).
+    pub info: InterruptionInfo,
+    pub error_code: Option<u32>,
+    pub instruction_len: u64,
+}
+
 /// One VM exit, with the information each kind needs, decoded once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VmExit {
@@ -162,6 +172,9 @@ pub enum VmExit {
         error_code: Option<u32>,
         instruction_len: u64,
     },
+    /// An NMI, with NMI exiting on. When it arrived while the CPU was delivering another event, that
+    /// event (the IDT-vectoring information, SDM 28.2.4) must be re-injected.
+    Nmi { vectoring: Option<Vectored> },
     /// An external interrupt (external-interrupt exiting).
     ExternalInterrupt { info: InterruptionInfo },
     /// The VMX-preemption timer counted down to zero (SDM 26.5.1): the guest ran that long without
@@ -242,6 +255,27 @@ impl VmExit {
         match reason {
             ExitReason::ExceptionOrNmi => {
                 let info = InterruptionInfo::from_raw(read(ro::VMEXIT_INTERRUPTION_INFO) as u32);
+                if info.interruption_type() == InterruptionType::Nmi {
+                    let vectoring = InterruptionInfo::from_raw(read(ro::IDT_VECTORING_INFO) as u32);
+                    return Self::Nmi {
+                        vectoring: vectoring.valid().then(|| Vectored {
+                            info: vectoring,
+                            error_code: vectoring
+                                .error_code_valid()
+                                .then(|| read(ro::IDT_VECTORING_ERR_CODE) as u32),
+                            instruction_len: if matches!(
+                                vectoring.interruption_type(),
+                                InterruptionType::SoftwareInterrupt
+                                    | InterruptionType::SoftwareException
+                                    | InterruptionType::PrivilegedSoftwareException
+                            ) {
+                                read(ro::VMEXIT_INSTRUCTION_LEN)
+                            } else {
+                                0
+                            },
+                        }),
+                    };
+                }
                 let error_code = info
                     .error_code_valid()
                     .then(|| read(ro::VMEXIT_INTERRUPTION_ERR_CODE) as u32);
@@ -323,7 +357,7 @@ impl VmExit {
     #[must_use]
     pub const fn reason(&self) -> ExitReason {
         match self {
-            Self::Exception { .. } => ExitReason::ExceptionOrNmi,
+            Self::Exception { .. } | Self::Nmi { .. } => ExitReason::ExceptionOrNmi,
             Self::ExternalInterrupt { .. } => ExitReason::ExternalInterrupt,
             Self::TripleFault => ExitReason::TripleFault,
             Self::PreemptionTimer => ExitReason::PreemptionTimer,
@@ -449,6 +483,46 @@ mod tests {
             }
         ));
         assert!(!f.read.contains(&ro::VMEXIT_INTERRUPTION_ERR_CODE));
+    }
+
+    #[test]
+    fn an_nmi_brings_the_event_whose_delivery_it_interrupted() {
+        // No event in delivery: nothing more is read.
+        let mut f = Fields::new(&[
+            (ro::EXIT_REASON, 0),
+            (ro::VMEXIT_INTERRUPTION_INFO, 0x8000_0202),
+        ]);
+        assert_eq!(f.decode(), VmExit::Nmi { vectoring: None });
+        assert!(!f.read.contains(&ro::IDT_VECTORING_ERR_CODE));
+        // INT 0x80 in delivery: its length comes along, no error code.
+        let mut f = Fields::new(&[
+            (ro::EXIT_REASON, 0),
+            (ro::VMEXIT_INTERRUPTION_INFO, 0x8000_0202),
+            (ro::IDT_VECTORING_INFO, 0x8000_0480),
+            (ro::VMEXIT_INSTRUCTION_LEN, 2),
+        ]);
+        let VmExit::Nmi { vectoring: Some(v) } = f.decode() else {
+            panic!("not an NMI with an event in delivery");
+        };
+        assert_eq!(
+            (v.info.vector(), v.error_code, v.instruction_len),
+            (0x80, None, 2)
+        );
+        // A #PF in delivery: its error code, no length.
+        let mut f = Fields::new(&[
+            (ro::EXIT_REASON, 0),
+            (ro::VMEXIT_INTERRUPTION_INFO, 0x8000_0202),
+            (ro::IDT_VECTORING_INFO, 0x8000_0b0e),
+            (ro::IDT_VECTORING_ERR_CODE, 2),
+        ]);
+        let VmExit::Nmi { vectoring: Some(v) } = f.decode() else {
+            panic!("not an NMI with an event in delivery");
+        };
+        assert_eq!((v.error_code, v.instruction_len), (Some(2), 0));
+        assert_eq!(
+            v.info.interruption_type(),
+            InterruptionType::HardwareException
+        );
     }
 
     #[test]

@@ -8,6 +8,31 @@ pub fn halt_forever() -> ! {
     }
 }
 
+/// Ends the blocking of NMIs that an NMI leaves behind (an NMI that caused a VM exit blocks later ones
+/// once the exit completes, SDM 28.1): an IRET to the next instruction, on the same stack, with the
+/// same flags and code segment. Only IRET lifts that blocking.
+pub fn unblock_nmis() {
+    // SAFETY: builds a 64-bit interrupt frame (SS, RSP, RFLAGS, CS, RIP) for the instruction after
+    // IRETQ on the current stack and returns through it: RSP, RFLAGS and CS come back as they were;
+    // only the scratch register is clobbered.
+    unsafe {
+        core::arch::asm!(
+            "mov {tmp}, rsp",
+            "push {ss}",
+            "push {tmp}",
+            "pushfq",
+            "mov {tmp:e}, cs",
+            "push {tmp}",
+            "lea {tmp}, [rip + 2f]",
+            "push {tmp}",
+            "iretq",
+            "2:",
+            tmp = out(reg) _,
+            ss = in(reg) u64::from(crate::tables::DATA_SELECTOR),
+        );
+    }
+}
+
 /// Executes CPUID for `leaf`/`subleaf`; returns `[eax, ebx, ecx, edx]`.
 #[must_use]
 pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {

@@ -12,6 +12,7 @@ use ihmi_arch::msr::{IA32_LSTAR, IA32_SYSENTER_EIP};
 use ihmi_vmcs::{ExitReason, VmInstructionError};
 
 use ihmi_hv::linux::{TaskError, TaskInfo};
+use ihmi_hv::policy::nmi::NmiCounts;
 use ihmi_hv::{Alert, ExitCounters, GuestEnd, Locked, Observation, RegionKind};
 use ihmi_monitor::{event::comm_bytes, Event, EventKind};
 
@@ -53,6 +54,10 @@ pub struct ScenarioLog {
     pub compat_calls: [u64; 3],
     /// Times the in-box monitor asked L0 to drain its ring (and L0 did).
     pub ring_drains: u64,
+    /// What L0 did with NMIs, counted from its observations.
+    pub nmis: NmiCounts,
+    /// The NMIs the guest kernel says it took, from the `nmi` attack's report line.
+    pub guest_nmis: Option<u64>,
     bench_results: heapless_table::Table<crate::bench::BenchResult, 4>,
 }
 
@@ -72,7 +77,22 @@ impl ScenarioLog {
                 }
                 self.record_hypercall(nr, status);
             }
-            Observation::DebugLine { .. } => self.debug_lines += 1,
+            Observation::DebugLine { line, .. } => {
+                self.debug_lines += 1;
+                let report = ihmi_abi::attack::LINUX_NMI_REPORT.as_bytes();
+                if let Some(n) = line.strip_prefix(report).and_then(parse_decimal) {
+                    self.guest_nmis = Some(n);
+                }
+            }
+            Observation::NmiTaken {
+                in_monitor_view,
+                merged,
+            } => {
+                self.nmis.taken += 1;
+                self.nmis.in_monitor_view += u64::from(in_monitor_view);
+                self.nmis.merged += u64::from(merged);
+            }
+            Observation::NmiDelivered => self.nmis.delivered += 1,
             Observation::Alert(alert) => self.record_alert(alert),
             Observation::Ended { end, task } => {
                 self.end = Some(end);
@@ -278,6 +298,14 @@ pub enum FailReason {
         made: u64,
         seen: u64,
     },
+    /// NMIs were not all delivered to the guest, or the attack made too few of them (or none in the
+    /// monitor's view) to show anything.
+    NmisLost {
+        /// What L0 did with them.
+        l0: NmiCounts,
+        /// What the guest kernel counted.
+        guest: Option<u64>,
+    },
     /// A flood of events was not all kept.
     EventsLost {
         expected: u64,
@@ -388,6 +416,15 @@ impl fmt::Display for FailReason {
             Self::EntryNotMonitored { entry, made, seen } => write!(
                 f,
                 "{made} system calls through {entry} gave {seen} events"
+            ),
+            Self::NmisLost { l0, guest } => write!(
+                f,
+                "L0 took {} NMIs ({} in the monitor's view, {} merged) and delivered {}; the guest counted {}",
+                l0.taken,
+                l0.in_monitor_view,
+                l0.merged,
+                l0.delivered,
+                guest.map_or(-1, |g| g as i64)
             ),
             Self::EventsLost {
                 expected,
@@ -501,6 +538,7 @@ fn check(
         Scenario::LinuxAttack(LinuxAttack::ProcessPgd) => check_process_pgd(log),
         Scenario::LinuxAttack(LinuxAttack::Flood) => check_flood(log),
         Scenario::LinuxAttack(LinuxAttack::Compat) => check_compat(log),
+        Scenario::LinuxAttack(LinuxAttack::Nmi) => check_nmi(log),
         Scenario::LinuxAttack(LinuxAttack::GatePgd) => check_locked_write(
             log,
             Locked::GatePath,
@@ -771,6 +809,36 @@ fn check_compat(log: &ScenarioLog) -> Result<(), FailReason> {
         }
     }
     Ok(())
+}
+
+/// `linux-attack-nmi`: NMIs arrived, some of them while the guest was in the monitor's view, and
+/// every one reached the guest kernel (once it was back in its own view): L0 delivered one per NMI
+/// it took (less those merged into one already waiting, as the CPU would) and the kernel counted
+/// exactly as many. Before L0 took NMIs, the first one in the monitor's view ended the guest.
+fn check_nmi(log: &ScenarioLog) -> Result<(), FailReason> {
+    linux_run_ended_well(log)?;
+    let n = log.nmis;
+    let all_delivered = n.delivered + n.merged == n.taken;
+    let made_enough = n.taken >= ihmi_abi::attack::LINUX_NMI_MIN && n.in_monitor_view > 0;
+    if !(all_delivered && made_enough && log.guest_nmis == Some(n.delivered)) {
+        return Err(FailReason::NmisLost {
+            l0: n,
+            guest: log.guest_nmis,
+        });
+    }
+    Ok(())
+}
+
+/// A whole line of ASCII digits as a number; `None` for anything else or an overflow.
+fn parse_decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        d.is_ascii_digit()
+            .then(|| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
+            .flatten()
+    })
 }
 
 /// The Linux workload program (`crates/guests/linux-workload`, `ihmi-workload`) and the system calls it

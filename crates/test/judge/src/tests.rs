@@ -1073,3 +1073,55 @@ fn the_compat_attack_needs_every_32_bit_call_seen_through_its_own_entry() {
         ));
     }
 }
+
+#[test]
+fn the_nmi_attack_needs_nmis_in_the_monitor_view_and_every_one_delivered_and_counted() {
+    use ihmi_abi::attack::{LINUX_NMI_MIN, LINUX_NMI_REPORT};
+    use ihmi_abi::LinuxAttack;
+    use ihmi_hv::Observation;
+    use std::string::ToString;
+    let s = Scenario::LinuxAttack(LinuxAttack::Nmi);
+    // `taken` NMIs, the first `in_monitor` of them in the monitor's view, `merged` of those merged,
+    // `lost` never delivered; the guest reports `report`.
+    let run = |taken: u64, in_monitor: u64, merged: u64, lost: u64, report: Option<&str>| {
+        let mut h = hv(s);
+        for i in 0..taken {
+            let merge = i < merged;
+            h.judge.log.record(&Observation::NmiTaken {
+                in_monitor_view: i < in_monitor,
+                merged: merge,
+            });
+            if !merge && i >= lost {
+                h.judge.log.record(&Observation::NmiDelivered);
+            }
+        }
+        if let Some(r) = report {
+            let line = std::format!("{LINUX_NMI_REPORT}{r}");
+            h.judge.log.record(&Observation::DebugLine {
+                line: line.as_bytes(),
+                exits: 1,
+            });
+        }
+        end_as_init_does(&mut h.judge.log);
+        judge(s, &h.judge.log, &h.hv.counters, Gpa::new(0), None)
+    };
+    let n = LINUX_NMI_MIN * 2;
+    let all = n.to_string();
+    assert_eq!(run(n, 5, 0, 0, Some(&all)), Verdict::Pass);
+    // Two merged into waiting ones: the guest took two fewer, as it would on bare metal.
+    assert_eq!(run(n, 5, 2, 0, Some(&(n - 2).to_string())), Verdict::Pass);
+    let few = (LINUX_NMI_MIN - 1).to_string();
+    for (taken, in_monitor, lost, report) in [
+        (n, 0, 0, Some(all.as_str())), // none hit the gate: nothing was shown
+        (LINUX_NMI_MIN - 1, 5, 0, Some(few.as_str())), // too few to count
+        (n, 5, 1, Some(all.as_str())), // one never delivered
+        (n, 5, 0, Some("7")),          // the guest counted other than L0 delivered
+        (n, 5, 0, Some("4x")),         // not a count
+        (n, 5, 0, None),               // no report
+    ] {
+        assert!(matches!(
+            run(taken, in_monitor, 0, lost, report),
+            Verdict::Fail(FailReason::NmisLost { .. })
+        ));
+    }
+}

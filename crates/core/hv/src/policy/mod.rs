@@ -7,6 +7,7 @@ pub mod exception;
 mod hypercall;
 pub mod io;
 pub mod msr;
+pub mod nmi;
 pub mod xsetbv;
 
 #[cfg(test)]

@@ -475,3 +475,133 @@ fn only_the_monitor_view_may_ask_for_its_ring_to_be_drained() {
     h.handle_exit(&mut v, &mut p);
     assert_eq!(Status::from_raw(v.regs.rax), Some(Status::Denied));
 }
+
+/// The VM-exit interruption information of an NMI exit: valid, type NMI, vector 2.
+const NMI_EXIT_INFO: u64 = 0x8000_0202;
+const EXIT_PREEMPTION_TIMER: u32 = 52;
+/// The audit period L0 loads into the VMX-preemption timer.
+const AUDIT_TIMER: u64 = 1 << 24;
+
+/// The next exit of the same vCPU, in the view `eptp`: as the CPU does at every exit, the VM-entry
+/// interruption information is no longer valid.
+fn next_exit(v: &mut MockVcpu, reason: u32, eptp: u64) {
+    v.fields.insert(ro::EXIT_REASON, u64::from(reason));
+    v.fields.insert(control::EPTP_FULL, eptp);
+    let entry = v
+        .fields
+        .entry(control::VMENTRY_INTERRUPTION_INFO_FIELD)
+        .or_default();
+    *entry &= !(1 << 31);
+    v.calls.clear();
+}
+
+fn nmi_exit(eptp: u64) -> MockVcpu {
+    let mut v = MockVcpu::exited(EXIT_EXCEPTION, 0xffff_ffff_8100_0000, 0);
+    v.fields.insert(ro::VMEXIT_INTERRUPTION_INFO, NMI_EXIT_INFO);
+    v.fields.insert(control::EPTP_FULL, eptp);
+    v.fields
+        .insert(guest::VMX_PREEMPTION_TIMER_VALUE, AUDIT_TIMER);
+    v
+}
+
+fn injected_nmi(v: &MockVcpu) -> bool {
+    v.fields
+        .get(&control::VMENTRY_INTERRUPTION_INFO_FIELD)
+        .copied()
+        == Some(u64::from(ihmi_vmcs::InterruptionInfo::nmi().raw()))
+}
+
+#[test]
+fn an_nmi_in_the_guest_view_is_injected_at_once_and_l0_unblocks_nmis() {
+    let (mut h, mut p) = guarded();
+    let mut v = nmi_exit(GUEST_EPTP);
+    assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume);
+    assert!(injected_nmi(&v));
+    assert!(p.calls.borrow().contains(&Call::UnblockNmis));
+    assert_eq!(
+        v.fields[&guest::VMX_PREEMPTION_TIMER_VALUE],
+        AUDIT_TIMER,
+        "no polling for an NMI delivered at once"
+    );
+    let counts = h.nmi_counts();
+    assert_eq!(
+        (counts.taken, counts.in_monitor_view, counts.delivered),
+        (1, 0, 1)
+    );
+    assert!(h.rec.seen.contains(&Seen::Other(Observation::NmiDelivered)));
+}
+
+#[test]
+fn an_nmi_in_the_monitor_view_waits_until_the_guest_is_back_in_its_own() {
+    use crate::policy::nmi::NMI_POLL_TIMER;
+    let (mut h, mut p) = guarded();
+    let mut v = nmi_exit(MONITOR_EPTP);
+    assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume);
+    assert!(!injected_nmi(&v), "never delivered in the monitor's view");
+    assert_eq!(v.fields[&guest::VMX_PREEMPTION_TIMER_VALUE], NMI_POLL_TIMER);
+    // The timer brings the guest back while it is still in the monitor's view: it keeps waiting.
+    next_exit(&mut v, EXIT_PREEMPTION_TIMER, MONITOR_EPTP);
+    assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume);
+    assert!(!injected_nmi(&v));
+    // A second NMI meanwhile merges into the waiting one, as the CPU latches only one.
+    next_exit(&mut v, EXIT_EXCEPTION, MONITOR_EPTP);
+    assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume);
+    assert!(!injected_nmi(&v));
+    // Back in the guest's view: delivered, and the audit period is back.
+    next_exit(&mut v, EXIT_PREEMPTION_TIMER, GUEST_EPTP);
+    assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume);
+    assert!(injected_nmi(&v));
+    assert_eq!(v.fields[&guest::VMX_PREEMPTION_TIMER_VALUE], AUDIT_TIMER);
+    let c = h.nmi_counts();
+    assert_eq!(
+        (c.taken, c.in_monitor_view, c.merged, c.delivered),
+        (2, 2, 1, 1)
+    );
+}
+
+#[test]
+fn an_nmi_waits_while_the_guest_blocks_nmis_or_another_event_goes_in() {
+    let (mut h, mut p) = guarded();
+    // The guest is in its own NMI handler (virtual-NMI blocking): wait for its IRET.
+    let mut v = nmi_exit(GUEST_EPTP);
+    v.fields.insert(guest::INTERRUPTIBILITY_STATE, 1 << 3);
+    assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume);
+    assert!(!injected_nmi(&v));
+    v.fields.insert(guest::INTERRUPTIBILITY_STATE, 0);
+    next_exit(&mut v, EXIT_PREEMPTION_TIMER, GUEST_EPTP);
+    assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume);
+    assert!(injected_nmi(&v));
+
+    // An NMI that interrupted the delivery of an interrupt: the interrupt goes in first.
+    let vectoring = u64::from(ihmi_vmcs::InterruptionInfo::external_interrupt(0xec).raw());
+    next_exit(&mut v, EXIT_EXCEPTION, GUEST_EPTP);
+    v.fields.insert(ro::IDT_VECTORING_INFO, vectoring);
+    assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume);
+    assert_eq!(
+        v.fields[&control::VMENTRY_INTERRUPTION_INFO_FIELD],
+        vectoring
+    );
+    v.fields.insert(ro::IDT_VECTORING_INFO, 0);
+    next_exit(&mut v, EXIT_PREEMPTION_TIMER, GUEST_EPTP);
+    assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume);
+    assert!(injected_nmi(&v));
+    assert_eq!(h.nmi_counts().delivered, 2);
+}
+
+#[test]
+fn an_nmi_l0_took_while_it_ran_goes_to_the_guest() {
+    let (mut h, mut p) = guarded();
+    p.host_nmi = true;
+    let mut v = vmcall(Hypercall::Ping as u64, [0; 4]);
+    v.fields.insert(control::EPTP_FULL, GUEST_EPTP);
+    assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume);
+    assert!(injected_nmi(&v));
+    assert!(!p.host_nmi, "handed over once");
+    assert_eq!(h.nmi_counts().taken, 1);
+    // Without one, nothing is injected and nothing counted.
+    let mut v = vmcall(Hypercall::Ping as u64, [0; 4]);
+    v.fields.insert(control::EPTP_FULL, GUEST_EPTP);
+    assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume);
+    assert!(!injected_nmi(&v));
+    assert_eq!((h.nmi_counts().taken, h.nmi_counts().delivered), (1, 1));
+}

@@ -21,6 +21,11 @@
 //!   holds, so that what they show would be lost.
 //! - `compat`: make system calls through the 32-bit entries a 64-bit program can still use,
 //!   `int $0x80` and SYSENTER, which a monitor of SYSCALL alone never sees.
+//! - `nmi`: make NMIs arrive at any instruction, the gate's included: the RTC's periodic interrupt,
+//!   routed by the I/O APIC with delivery mode NMI (its redirection entry rewritten through /dev/mem,
+//!   the RTC programmed through its ports), while making system calls; then count what the kernel
+//!   took (/proc/interrupts) and report it on port 0xE9. An NMI the CPU delivered inside the
+//!   monitor's view would end the guest.
 //!
 //! Each step is told to L0 on port 0xE9. A blocked write or read stops the guest: it never returns.
 
@@ -58,6 +63,10 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Some(LinuxAttack::Compat) => match compat() {
+            Ok(()) => return ExitCode::SUCCESS,
+            Err(e) => Err(e),
+        },
+        Some(LinuxAttack::Nmi) => match nmi() {
             Ok(()) => return ExitCode::SUCCESS,
             Err(e) => Err(e),
         },
@@ -207,6 +216,23 @@ impl PhysPage {
         assert!(offset + 8 <= self.len);
         // SAFETY: inside the mapping; a volatile read of memory the kernel may change.
         unsafe { self.ptr.wrapping_add(offset).cast::<u64>().read_volatile() }
+    }
+
+    fn read_u32(&self, offset: usize) -> u32 {
+        assert!(offset + 4 <= self.len);
+        // SAFETY: inside the mapping; a device register, read once.
+        unsafe { self.ptr.wrapping_add(offset).cast::<u32>().read_volatile() }
+    }
+
+    fn write_u32(&self, offset: usize, value: u32) {
+        assert!(offset + 4 <= self.len);
+        // SAFETY: inside the mapping, which is writable.
+        unsafe {
+            self.ptr
+                .wrapping_add(offset)
+                .cast::<u32>()
+                .write_volatile(value)
+        }
     }
 
     fn write_u8(&self, offset: usize, value: u8) {
@@ -529,4 +555,124 @@ fn compat() -> Result<(), String> {
         "ihmi-attack: {calls} getpid calls through SYSENTER made, one child each"
     ));
     Ok(())
+}
+
+/// The I/O APIC's registers (its default base; /proc/iomem names it "IOAPIC 0" when the kernel
+/// uses it): an index register and a data window.
+const IOAPIC_BASE: u64 = 0xfec0_0000;
+const IOAPIC_INDEX: usize = 0x00;
+const IOAPIC_DATA: usize = 0x10;
+/// The RTC's interrupt: ISA IRQ 8, I/O APIC pin 8 (no interrupt-source override moves it).
+const RTC_PIN: u32 = 8;
+/// A redirection entry's low word for an NMI (delivery mode 100b), edge-triggered, unmasked, to the
+/// physical destination in the high word (APIC ID 0, the only CPU).
+const NMI_ENTRY: u32 = 0b100 << 8;
+/// The RTC's index and data ports, its registers A (rate), B (interrupt enables) and C (flags, which
+/// reading acknowledges), B's periodic-interrupt enable and A's 32.768 kHz divider with rate 6
+/// (1,024 interrupts a second).
+const RTC_INDEX: u16 = 0x70;
+const RTC_DATA: u16 = 0x71;
+const RTC_A: u8 = 0x0a;
+const RTC_B: u8 = 0x0b;
+const RTC_C: u8 = 0x0c;
+const RTC_PIE: u8 = 1 << 6;
+const RTC_1024_HZ: u8 = 0x26;
+
+fn port_out(port: u16, value: u8) {
+    // SAFETY: the port was granted with ioperm; OUT changes no memory of this process.
+    unsafe {
+        std::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nostack, nomem))
+    };
+}
+
+fn port_in(port: u16) -> u8 {
+    let value: u8;
+    // SAFETY: as above.
+    unsafe {
+        std::arch::asm!("in al, dx", in("dx") port, out("al") value, options(nostack, nomem))
+    };
+    value
+}
+
+/// An RTC register (the index keeps bit 7, the chipset's NMI mask, clear).
+fn rtc(reg: u8) -> u8 {
+    port_out(RTC_INDEX, reg);
+    port_in(RTC_DATA)
+}
+
+fn set_rtc(reg: u8, value: u8) {
+    port_out(RTC_INDEX, reg);
+    port_out(RTC_DATA, value);
+}
+
+/// The NMIs the kernel has taken: the first count on the `NMI:` line of /proc/interrupts.
+fn kernel_nmis() -> Result<u64, String> {
+    let text =
+        fs::read_to_string("/proc/interrupts").map_err(|e| format!("/proc/interrupts: {e}"))?;
+    text.lines()
+        .find_map(|l| l.trim_start().strip_prefix("NMI:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| "no NMI count in /proc/interrupts".to_string())
+}
+
+struct IoApic(PhysPage);
+
+impl IoApic {
+    fn read(&self, reg: u32) -> u32 {
+        self.0.write_u32(IOAPIC_INDEX, reg);
+        self.0.read_u32(IOAPIC_DATA)
+    }
+
+    fn write(&self, reg: u32, value: u32) {
+        self.0.write_u32(IOAPIC_INDEX, reg);
+        self.0.write_u32(IOAPIC_DATA, value);
+    }
+}
+
+fn nmi() -> Result<(), String> {
+    // SAFETY: ioperm only changes this process's I/O permission bitmap.
+    if unsafe { libc::ioperm(libc::c_ulong::from(RTC_INDEX), 2, 1) } != 0 {
+        return Err(format!(
+            "ioperm for the RTC: {}",
+            io::Error::last_os_error()
+        ));
+    }
+    let mem = open_mem()?;
+    let ioapic =
+        IoApic(PhysPage::map(&mem, IOAPIC_BASE).map_err(|e| format!("mapping the I/O APIC: {e}"))?);
+    let (low, high) = (0x10 + 2 * RTC_PIN, 0x11 + 2 * RTC_PIN);
+    let saved = (ioapic.read(low), ioapic.read(high));
+    let (saved_a, saved_b) = (rtc(RTC_A), rtc(RTC_B));
+    let before = kernel_nmis()?;
+    say(&format!(
+        "ihmi-attack: routing the RTC (I/O APIC pin {RTC_PIN}, entry {:#x}:{:#x}) as NMIs at 1024 Hz during {} getpid calls",
+        saved.1,
+        saved.0,
+        ihmi_abi::attack::LINUX_NMI_CALLS
+    ));
+    ioapic.write(high, 0);
+    ioapic.write(low, NMI_ENTRY);
+    set_rtc(RTC_A, RTC_1024_HZ);
+    set_rtc(RTC_B, saved_b | RTC_PIE);
+    rtc(RTC_C);
+    for _ in 0..ihmi_abi::attack::LINUX_NMI_CALLS {
+        // SAFETY: getpid takes no arguments and changes nothing.
+        unsafe { libc::syscall(libc::SYS_getpid) };
+        // Acknowledge the tick, so the next one raises the line (an edge) again.
+        rtc(RTC_C);
+    }
+    set_rtc(RTC_B, saved_b & !RTC_PIE);
+    set_rtc(RTC_A, saved_a);
+    rtc(RTC_C);
+    ioapic.write(low, saved.0 | (1 << 16));
+    ioapic.write(high, saved.1);
+    ioapic.write(low, saved.0);
+    let seen = kernel_nmis()? - before;
+    say(&format!(
+        "ihmi-attack: the kernel took {seen} NMIs and the guest is still running"
+    ));
+    println!("{}{seen}", ihmi_abi::attack::LINUX_NMI_REPORT);
+    debug_line(&format!("{}{seen}", ihmi_abi::attack::LINUX_NMI_REPORT))
+        .map_err(|e| format!("port 0xE9: {e}"))
 }
