@@ -90,6 +90,7 @@ fuzz_target!(|input: Input| {
             rodata: GpaRange::new(Gpa::new(0x160_0000), Gpa::new(0x181_0000)),
             idt: GpaRange::new(Gpa::new(0x1bb_1000), Gpa::new(0x1bb_2000)),
         },
+        call_vmcall: input.outbox.then_some(Gva::new(0xffff_e900_0000_0340)),
     };
     let mut hv = Hypervisor::new(map);
     hv.outbox_monitor = input.outbox;

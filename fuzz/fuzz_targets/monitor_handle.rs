@@ -1,4 +1,5 @@
-//! The monitor's single entry point with guest-chosen request codes, arguments, CR3 and per-CPU base,
+//! The monitor's single entry point with guest-chosen request codes, arguments, CR3, per-CPU base,
+//! entry and caller stack (Linux exec requests checked against a fuzzed frame),
 //! over guest memory the guest controls (its page tables, task structures and paths included), for
 //! both guest kernels it knows. Whatever comes: no panic, a verdict for every call, at most one event
 //! per call, a rejected request answered `Rejected` with a `rejected` event, and a ring that stays
@@ -8,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use arbitrary::Arbitrary;
-use ihmi_abi::monitor::Verdict;
+use ihmi_abi::monitor::{Entry, Verdict};
 use ihmi_addr::{Gpa, Gva};
 use ihmi_monitor::{CallContext, Event, EventKind, EventRing, Monitor, OsProfile, Policy};
 use ihmi_paging::{Cr3, GuestPhysRead, PhysReadError};
@@ -65,6 +66,7 @@ fuzz_target!(|input: Input| {
     );
     let os = if input.linux {
         OsProfile::linux(Gva::new(0x1_8040), 0x2ec, 0x2f0, 0x440, true, 0x48)
+            .with_exec_returns(0xffff_ffff_8200_0123, 0xffff_ffff_8112_6cfe)
     } else {
         OsProfile::testguest(Gva::new(0x10_2000))
     };
@@ -75,10 +77,14 @@ fuzz_target!(|input: Input| {
     let mut monitor = Monitor::new(os, policy);
     let mut ring = Box::new(EventRing::new());
     for (i, call) in input.calls.iter().take(64).enumerate() {
+        // The code's upper bits choose the entry; the caller's stack is the per-CPU base's neighbour
+        // (both guest-chosen kernel addresses), so the existing corpus keeps its meaning.
         let ctx = CallContext {
             cr3: Cr3::new(u64::from(call.cr3) & !0xfff),
             tsc: i as u64,
             percpu_base: call.percpu_base,
+            entry: Entry::from_raw(u64::from(call.code / 8 % 3)),
+            caller_rsp: call.percpu_base.wrapping_add(u64::from(call.cr3) & 0xff8),
         };
         let produced = ring.produced();
         let verdict = monitor.handle(

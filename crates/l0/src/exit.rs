@@ -74,8 +74,14 @@ pub extern "C" fn on_exit(regs: &mut GuestRegs) {
             code,
             args,
             verdict_to_rax,
+            entry,
+            caller_rsp,
         } => {
-            if let Err(end) = outbox::enter(st, regs, code, args, verdict_to_rax) {
+            let from = outbox::Caller {
+                entry,
+                rsp: caller_rsp,
+            };
+            if let Err(end) = outbox::enter(st, regs, code, args, verdict_to_rax, from) {
                 finish(st, end);
             }
         }

@@ -133,6 +133,12 @@ pub struct LinuxGateInfo {
     pub hook_slot: Gva,
     pub hook_trampoline: Gva,
     pub hook_table: Gpa,
+    /// Where the trampoline's call of the gate returns, in the slot (the monitor checks it on every
+    /// exec request's stack).
+    pub hook_return: Gva,
+    /// Out of the box: the call stub's VMCALL, the only place a `Monitor` hypercall of a Linux guest
+    /// may come from.
+    pub call_vmcall: Option<Gva>,
 }
 
 impl LinuxGateInfo {
@@ -430,7 +436,15 @@ pub fn load(
     ] {
         patch_movabs(&mut mem, &place, &image, symbol, monitor_cr3)?;
     }
-    let config = write_config(&mut mem, &image, &place, memory, os, allowed)?;
+    let config = write_config(
+        &mut mem,
+        &image,
+        &place,
+        memory,
+        os,
+        allowed,
+        linux_gate.as_ref(),
+    )?;
     log!(
         "monitor: {} KiB at {:#x}, gate at {gate_gva}, CR3 {monitor_cr3:#x}, {} table frames",
         place.region().len() >> 10,
@@ -674,7 +688,13 @@ fn linux_gate(
         gate_page: gate,
         hook_slot,
         hook_trampoline: Gva::new(hook_slot.raw() + (image.symbol("ihmi_hook_exec")? - base)),
+        hook_return: Gva::new(hook_slot.raw() + (image.symbol("ihmi_hook_gate_return")? - base)),
         hook_table: pages.hook_table,
+        call_vmcall: if outbox {
+            Some(in_gate("ihmi_outbox_call_vmcall")?)
+        } else {
+            None
+        },
     })
 }
 
@@ -687,6 +707,7 @@ fn write_config(
     memory: &MemoryMap,
     os: &MonitorOs,
     allowed: &str,
+    linux_gate: Option<&LinuxGateInfo>,
 ) -> Result<GpaRange, LoadError> {
     let (allowed_names, allowed_count) = ihmi_layout::allow_list(allowed)?;
     let (ram, ram_count) = crate::guest::ram_ranges(memory);
@@ -704,6 +725,8 @@ fn write_config(
         comm_offset: 0,
         pti_pgd_pair: 0,
         binprm_filename_offset: 0,
+        exec_hook_return: 0,
+        exec_site_return: 0,
     };
     if let MonitorOs::Linux(p) = os {
         config.os = OS_LINUX;
@@ -712,6 +735,11 @@ fn write_config(
         config.comm_offset = p.comm.offset;
         config.pti_pgd_pair = u64::from(p.pti_pgd_pair);
         config.binprm_filename_offset = p.binprm_filename.offset;
+        if let Some(g) = linux_gate {
+            // The hook's call at the hooked site is a 5-byte CALL: the function goes on past it.
+            config.exec_hook_return = g.hook_return.raw();
+            config.exec_site_return = p.exec_hook + 5;
+        }
     }
     if allowed_count > 0 {
         log!("monitor: allow-list {allowed}");

@@ -128,6 +128,14 @@ pub fn setup(
 
 /// The guest asked for a monitor call: switch to the monitor VM with the request in the registers the
 /// monitor's entry takes (RDI, RSI, RDX, RCX, R8; the guest's CR3 in R9, its per-CPU base in R10).
+/// Where a monitor request came from, as L0 saw it: the entry (the VMCALL's address decides) and the
+/// guest's RSP at the VMCALL, which the monitor reads the caller's frame from.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    pub entry: ihmi_abi::monitor::Entry,
+    pub rsp: u64,
+}
+
 /// A failure to switch is L0's or the CPU's, not the guest's: the guest is stopped, reported.
 pub fn enter(
     st: &mut L0State,
@@ -135,6 +143,7 @@ pub fn enter(
     code: u64,
     args: [u64; 4],
     verdict_to_rax: bool,
+    from: Caller,
 ) -> Result<(), GuestEnd> {
     let stopped = |why| GuestEnd::L0Stopped { why };
     let guest_cr3 = st.vmcss.active().read(guest::CR3);
@@ -172,6 +181,8 @@ pub fn enter(
         r8: args[3],
         r9: guest_cr3,
         r10: percpu_base,
+        r11: from.rsp,
+        r12: from.entry as u64,
         ..GuestRegs::default()
     };
     Ok(())

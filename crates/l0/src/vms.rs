@@ -302,6 +302,7 @@ fn guard(
             rodata: l.image_pages(p.rodata, memory)?,
             idt: l.image_pages([p.idt_table, p.idt_table + 1], memory)?,
         },
+        call_vmcall: info.call_vmcall,
     })))
 }
 

@@ -25,6 +25,33 @@ pub enum RequestCode {
     SyscallSysenter = 5,
 }
 
+/// Which way a request reached the monitor, as the gate code itself (in the box) or L0 (out of it)
+/// records it where the guest cannot write. On Linux each way serves its own requests only: the call
+/// gate is the process-creation trampoline's (exec requests), the system-call gates make system-call
+/// requests; anything else is a forgery and is rejected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
+pub enum Entry {
+    /// The call gate (`ihmi_gate_entry`), or out of the box the call stub's VMCALL.
+    CallGate = 0,
+    /// A system-call gate, or out of the box a system-call stub's VMCALL.
+    SyscallGate = 1,
+    /// Out of the box: a `Monitor` hypercall from anywhere else in a Linux guest.
+    Unverified = 2,
+}
+
+impl Entry {
+    /// Decodes the recorded entry; anything unknown counts as unverified.
+    #[must_use]
+    pub const fn from_raw(raw: u64) -> Self {
+        match raw {
+            0 => Self::CallGate,
+            1 => Self::SyscallGate,
+            _ => Self::Unverified,
+        }
+    }
+}
+
 /// The ways into a Linux kernel's system-call handling, each behind a gate entry of its own: SYSCALL
 /// from 64-bit code (IA32_LSTAR), and the 32-bit ones every kernel with IA32 emulation has, SYSENTER
 /// (IA32_SYSENTER_EIP) and `int $0x80` (the IDT). SYSCALL from compatibility mode (IA32_CSTAR) faults
@@ -173,6 +200,11 @@ pub struct MonitorConfig {
     pub pti_pgd_pair: u64,
     /// Linux: offset of `filename` (the path `execve` was given) in the kernel's `linux_binprm`.
     pub binprm_filename_offset: u64,
+    /// Linux: where the process-creation trampoline's call of the gate returns (in its alias in the
+    /// kernel's image mapping), and where the hooked function's call of the trampoline returns: an exec
+    /// request is served only with both on the calling kernel stack, as a real exec leaves them.
+    pub exec_hook_return: u64,
+    pub exec_site_return: u64,
 }
 
 /// [`MonitorConfig::os`] for ihmi's own test guest.

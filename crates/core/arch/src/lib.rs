@@ -35,13 +35,15 @@ pub mod cr {
     pub const CR0_PG: u64 = 1 << 31;
 
     /// CR4: physical-address extension, OS FXSAVE support, OS SIMD exceptions, VMX enable, PCIDs,
-    /// OS XSAVE support, protection keys.
+    /// OS XSAVE support, supervisor-mode execution and access prevention, protection keys.
     pub const CR4_PAE: u64 = 1 << 5;
     pub const CR4_OSFXSR: u64 = 1 << 9;
     pub const CR4_OSXMMEXCPT: u64 = 1 << 10;
     pub const CR4_VMXE: u64 = 1 << 13;
     pub const CR4_PCIDE: u64 = 1 << 17;
     pub const CR4_OSXSAVE: u64 = 1 << 18;
+    pub const CR4_SMEP: u64 = 1 << 20;
+    pub const CR4_SMAP: u64 = 1 << 21;
     pub const CR4_PKE: u64 = 1 << 22;
 }
 
@@ -88,6 +90,8 @@ mod tests {
         assert_eq!(cr::CR0_PG, Cr0::CR0_ENABLE_PAGING.bits() as u64);
         assert_eq!(cr::CR0_WP, Cr0::CR0_WRITE_PROTECT.bits() as u64);
         assert_eq!(cr::CR4_VMXE, Cr4::CR4_ENABLE_VMX.bits() as u64);
+        assert_eq!(cr::CR4_SMEP, Cr4::CR4_ENABLE_SMEP.bits() as u64);
+        assert_eq!(cr::CR4_SMAP, Cr4::CR4_ENABLE_SMAP.bits() as u64);
         assert_eq!(cr::CR4_OSXSAVE, Cr4::CR4_ENABLE_OS_XSAVE.bits() as u64);
         assert_eq!(cr::CR4_PKE, Cr4::CR4_ENABLE_PROTECTION_KEY.bits() as u64);
         assert_eq!(cr::CR4_PCIDE, Cr4::CR4_ENABLE_PCID.bits() as u64);

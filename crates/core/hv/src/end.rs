@@ -23,6 +23,10 @@ pub enum Action {
         code: u64,
         args: [u64; 4],
         verdict_to_rax: bool,
+        /// Which way the request came in, as L0 saw it (the VMCALL's address).
+        entry: ihmi_abi::monitor::Entry,
+        /// The guest's RSP at its VMCALL.
+        caller_rsp: u64,
     },
 }
 

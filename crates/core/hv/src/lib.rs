@@ -41,7 +41,7 @@ pub use observe::{BenchMark, Observation, Observer, Unobserved};
 pub use platform::{MonitorWord, Platform, PlatformError};
 pub use vcpu::{GuestRegs, Vcpu};
 
-pub(crate) use vcpu::{cpl, inject_exception, skip_instruction};
+pub(crate) use vcpu::{cpl, gpr, inject_exception, skip_instruction};
 
 /// The exception vectors L0 intercepts (the VMCS exception bitmap): #BP only, to count and reinject it.
 pub const EXCEPTION_BITMAP: u32 = 1 << ihmi_arch::vector::BP;
@@ -163,12 +163,13 @@ impl Hypervisor {
             // The timer only makes the audit above run while the guest makes no exits of its own.
             VmExit::PreemptionTimer => Action::Resume,
             VmExit::Vmx { instruction, .. } => nested::on_vmx_instruction(vcpu, instruction),
+            VmExit::CrAccess { qualification, .. } => {
+                self.on_cr_access(vcpu, platform, obs, qualification)
+            }
             VmExit::ExternalInterrupt { .. }
-            | VmExit::CrAccess { .. }
             | VmExit::EntryFailure { .. }
             | VmExit::Other { .. } => {
                 let qualification = match exit {
-                    VmExit::CrAccess { qualification, .. } => qualification.raw(),
                     VmExit::EntryFailure { qualification, .. }
                     | VmExit::Other { qualification, .. } => qualification,
                     _ => 0,

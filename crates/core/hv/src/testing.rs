@@ -158,6 +158,7 @@ pub(crate) fn linux_guarded() -> (TestHv, MockPlatform, crate::LinuxGate) {
             rodata: GpaRange::new(Gpa::new(0x160_0000), Gpa::new(0x181_0000)),
             idt: GpaRange::new(Gpa::new(0x1bb_1000), Gpa::new(0x1bb_2000)),
         },
+        call_vmcall: None,
     };
     let guard = h.guard.unwrap();
     h.guard = Some(crate::Guard::new(guard.views, None).with_linux_gate(gate));

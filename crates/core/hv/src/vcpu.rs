@@ -1,7 +1,7 @@
 //! The vCPU as the exit policy sees it: the decoded exit, the VMCS, the saved registers.
 
 use ihmi_vmcs::fields::{control, guest};
-use ihmi_vmcs::{Instruction, InterruptionInfo, VmExit, VmcsField};
+use ihmi_vmcs::{Gpr, Instruction, InterruptionInfo, VmExit, VmcsField};
 
 /// Guest general-purpose registers as the exit stub saves them (RSP and RIP live in the VMCS).
 ///
@@ -37,6 +37,29 @@ pub trait Vcpu {
     fn write(&mut self, field: VmcsField, value: u64);
     /// The guest registers saved at exit, restored at entry.
     fn regs(&mut self) -> &mut GuestRegs;
+}
+
+/// The value of general-purpose register `r` at the exit (RSP from the guest-state area).
+pub(crate) fn gpr(vcpu: &mut impl Vcpu, r: Gpr) -> u64 {
+    let regs = *vcpu.regs();
+    match r {
+        Gpr::Rax => regs.rax,
+        Gpr::Rcx => regs.rcx,
+        Gpr::Rdx => regs.rdx,
+        Gpr::Rbx => regs.rbx,
+        Gpr::Rsp => vcpu.read(guest::RSP),
+        Gpr::Rbp => regs.rbp,
+        Gpr::Rsi => regs.rsi,
+        Gpr::Rdi => regs.rdi,
+        Gpr::R8 => regs.r8,
+        Gpr::R9 => regs.r9,
+        Gpr::R10 => regs.r10,
+        Gpr::R11 => regs.r11,
+        Gpr::R12 => regs.r12,
+        Gpr::R13 => regs.r13,
+        Gpr::R14 => regs.r14,
+        Gpr::R15 => regs.r15,
+    }
 }
 
 /// The guest's current privilege level: the DPL of SS in the guest-state area (SDM 25.4.1).

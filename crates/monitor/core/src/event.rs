@@ -63,6 +63,12 @@ pub enum RejectReason {
     MonitorState = 4,
     /// A request that needs a running process came when the guest kernel has none.
     NoCurrentProcess = 5,
+    /// The request came through an entry that does not make it (a Linux system-call request through
+    /// the call gate, an exec request through anything but it): a forgery by code in the kernel.
+    WrongEntry = 6,
+    /// An exec request whose calling kernel stack does not show the process-creation hook's frame:
+    /// made by kernel code other than the hooked function.
+    NotFromHook = 7,
 }
 
 impl RejectReason {
@@ -75,6 +81,8 @@ impl RejectReason {
             3 => Self::GuestMemory,
             4 => Self::MonitorState,
             5 => Self::NoCurrentProcess,
+            6 => Self::WrongEntry,
+            7 => Self::NotFromHook,
             _ => return None,
         })
     }
@@ -88,6 +96,8 @@ impl RejectReason {
             Self::GuestMemory => "guest-memory",
             Self::MonitorState => "monitor-state",
             Self::NoCurrentProcess => "no-current-process",
+            Self::WrongEntry => "wrong-entry",
+            Self::NotFromHook => "not-from-hook",
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod introspect;
 pub mod os;
 pub mod policy;
 
+pub use ihmi_abi::monitor::Entry;
 use ihmi_abi::monitor::{RequestCode, SyscallEntry, Verdict, PATH_LEN, PATH_MAX};
 use ihmi_addr::Gva;
 use ihmi_paging::{Cr3, GuestPhysRead};
@@ -27,6 +28,11 @@ pub struct CallContext {
     /// The guest kernel's per-CPU base when it called (its GS base), for kernels that keep the
     /// running task per CPU.
     pub percpu_base: u64,
+    /// Which way the request came in (recorded by the gate's code or by L0, never by the guest).
+    pub entry: Entry,
+    /// Through the call gate: the caller's stack pointer as the gate found it after saving RFLAGS (out
+    /// of the box, after the call stub's push), so the return into the caller is 8 bytes above it.
+    pub caller_rsp: u64,
 }
 
 /// Counts the monitor keeps about its own invocations.
@@ -123,8 +129,13 @@ impl Monitor {
         } else {
             Introspector::new(mem, kernel_cr3)
         };
-        let outcome = match RequestCode::from_raw(code) {
+        let request = RequestCode::from_raw(code);
+        let outcome = match request {
             None => Err(RejectReason::UnknownRequest),
+            // On Linux each entry makes its own requests only: anything else is kernel code calling in.
+            Some(r) if st.os.family == os::OsFamily::Linux && !linux_entry_makes(ctx.entry, r) => {
+                Err(RejectReason::WrongEntry)
+            }
             Some(RequestCode::Null) => {
                 if args == [0; 4] {
                     Ok(None)
@@ -146,7 +157,7 @@ impl Monitor {
                 st.on_syscall(&intro, args, entry).map(Some)
             }
             Some(RequestCode::ProcessCreate) => st.on_process_create(&intro, args).map(Some),
-            Some(RequestCode::Exec) => st.on_exec(&intro, args).map(Some),
+            Some(RequestCode::Exec) => st.on_exec(&intro, args, ctx).map(Some),
         };
         match outcome {
             Ok(None) => Verdict::Allow,
@@ -171,6 +182,26 @@ impl Monitor {
         }
     }
 }
+
+/// Whether, on Linux, requests `r` may come through `entry`: system calls through the system-call
+/// gates, exec requests through the call gate (the process-creation trampoline's).
+const fn linux_entry_makes(entry: Entry, r: RequestCode) -> bool {
+    match entry {
+        Entry::SyscallGate => matches!(
+            r,
+            RequestCode::Syscall | RequestCode::SyscallInt80 | RequestCode::SyscallSysenter
+        ),
+        Entry::CallGate => matches!(r, RequestCode::Exec),
+        Entry::Unverified => false,
+    }
+}
+
+/// Where the exec frame's words sit above the caller's stack pointer at the gate: RFLAGS (or the call
+/// stub's RBX), the return into the trampoline, its pushes (R11 lowest, then R10, R9, R8, RDI, RSI,
+/// RDX, RCX, RAX), the return into the hooked function.
+const EXEC_FRAME_HOOK_RETURN: u64 = 8;
+const EXEC_FRAME_BPRM: u64 = 16 + 4 * 8;
+const EXEC_FRAME_SITE_RETURN: u64 = 16 + 9 * 8;
 
 impl State {
     fn current<M: GuestPhysRead>(
@@ -225,9 +256,13 @@ impl State {
         &mut self,
         intro: &Introspector<'_, M>,
         args: [u64; 4],
+        ctx: &CallContext,
     ) -> Result<Event, RejectReason> {
         if self.os.family != os::OsFamily::Linux || args[1..] != [0; 3] {
             return Err(RejectReason::BadArgument);
+        }
+        if let Some(returns) = self.os.exec_returns {
+            self.check_exec_frame(intro, args[0], ctx.caller_rsp, returns)?;
         }
         let who = self.current(intro)?.ok_or(RejectReason::NoCurrentProcess)?;
         let mut path = [0u8; PATH_MAX];
@@ -259,6 +294,38 @@ impl State {
             path: kept,
             ..Event::EMPTY
         })
+    }
+
+    /// The calling kernel stack must hold the frame a real exec leaves (see `ihmi_hook_exec` in the
+    /// monitor image): the return into the trampoline above the gate's saved RFLAGS, the trampoline's
+    /// nine saved registers with RDI the `linux_binprm` it passed, then the return into the hooked
+    /// function past its call site.
+    fn check_exec_frame<M: GuestPhysRead>(
+        &self,
+        intro: &Introspector<'_, M>,
+        bprm: u64,
+        caller_rsp: u64,
+        [hook_return, site_return]: [u64; 2],
+    ) -> Result<(), RejectReason> {
+        let at = |offset: u64| -> Result<u64, RejectReason> {
+            let gva = Gva::new(
+                caller_rsp
+                    .checked_add(offset)
+                    .ok_or(RejectReason::NotFromHook)?,
+            );
+            intro.read_u64(gva).map_err(|_| RejectReason::NotFromHook)
+        };
+        let frame = [
+            (EXEC_FRAME_HOOK_RETURN, hook_return),
+            (EXEC_FRAME_BPRM, bprm),
+            (EXEC_FRAME_SITE_RETURN, site_return),
+        ];
+        for (offset, expected) in frame {
+            if at(offset)? != expected {
+                return Err(RejectReason::NotFromHook);
+            }
+        }
+        Ok(())
     }
 
     /// args = (GVA of the new, not yet live, process record, program number, 0, 0). The record must be

@@ -49,6 +49,9 @@ pub struct OsProfile {
     pub pti_pgd_pair: bool,
     /// Linux: offset of the program's path pointer in the kernel's `linux_binprm`.
     pub binprm_filename: u64,
+    /// Linux: the two return addresses a real exec request has on its stack (the trampoline's call
+    /// of the gate, the hooked function's call of the trampoline), when the monitor checks them.
+    pub exec_returns: Option<[u64; 2]>,
 }
 
 /// What the monitor knows of one process.
@@ -76,6 +79,7 @@ impl OsProfile {
             record_align: 8,
             pti_pgd_pair: false,
             binprm_filename: 0,
+            exec_returns: None,
         }
     }
 
@@ -100,6 +104,18 @@ impl OsProfile {
             record_align: 8,
             pti_pgd_pair,
             binprm_filename,
+            exec_returns: None,
+        }
+    }
+
+    /// The same profile, checking that every exec request's kernel stack holds the process-creation
+    /// hook's frame with these returns (the trampoline's call of the gate, the hooked function's call
+    /// of the trampoline).
+    #[must_use]
+    pub const fn with_exec_returns(self, hook_return: u64, site_return: u64) -> Self {
+        Self {
+            exec_returns: Some([hook_return, site_return]),
+            ..self
         }
     }
 

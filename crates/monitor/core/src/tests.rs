@@ -127,6 +127,14 @@ fn call(
             cr3,
             tsc: 42,
             percpu_base: 0,
+            // What the real gates record: the system-call gates their requests, the call gate the rest.
+            entry: match RequestCode::from_raw(code) {
+                Some(
+                    RequestCode::Syscall | RequestCode::SyscallInt80 | RequestCode::SyscallSysenter,
+                ) => Entry::SyscallGate,
+                _ => Entry::CallGate,
+            },
+            caller_rsp: 0,
         },
         g,
         ring,
@@ -378,6 +386,8 @@ fn linux_profile_reads_tgid_parent_pointer_and_uses_the_kernel_pgd() {
             cr3: user_cr3,
             tsc: 1,
             percpu_base: 0,
+            entry: Entry::SyscallGate,
+            caller_rsp: 0,
         },
         &g,
         &mut ring,
@@ -397,6 +407,8 @@ fn linux_profile_reads_tgid_parent_pointer_and_uses_the_kernel_pgd() {
             cr3: user_cr3,
             tsc: 2,
             percpu_base: 0,
+            entry: Entry::SyscallGate,
+            caller_rsp: 0,
         },
         &g,
         &mut ring,
@@ -414,6 +426,8 @@ fn linux_profile_reads_tgid_parent_pointer_and_uses_the_kernel_pgd() {
             cr3: user_cr3,
             tsc: 3,
             percpu_base: 0,
+            entry: Entry::SyscallGate,
+            caller_rsp: 0,
         },
         &g,
         &mut ring,
@@ -425,6 +439,8 @@ fn linux_profile_reads_tgid_parent_pointer_and_uses_the_kernel_pgd() {
         cr3: user_cr3,
         tsc: 4,
         percpu_base: 0,
+        entry: Entry::SyscallGate,
+        caller_rsp: 0,
     };
     for (code, entry) in [
         (RequestCode::SyscallInt80, "int80"),
@@ -568,6 +584,8 @@ fn per_cpu_current_task_is_read_from_the_callers_per_cpu_area() {
         cr3,
         tsc: 1,
         percpu_base: PERCPU,
+        entry: Entry::SyscallGate,
+        caller_rsp: 0,
     };
     assert_eq!(
         m.handle(
@@ -596,5 +614,96 @@ fn per_cpu_current_task_is_read_from_the_callers_per_cpu_area() {
             &mut ring
         ),
         Verdict::Rejected
+    );
+}
+
+/// On Linux each entry makes its own requests only, and an exec request needs the hook's frame on
+/// the calling kernel stack: ring-0 code calling the gate itself is rejected, with the reason.
+#[test]
+fn linux_requests_need_their_own_entry_and_an_exec_needs_the_hook_s_frame() {
+    let (mut g, cr3, _) = setup();
+    const TASK: u64 = KERNEL + 0x2000;
+    const PARENT: u64 = KERNEL + 0x2400;
+    const BPRM: u64 = KERNEL + 0x2800;
+    const PATH: u64 = KERNEL + 0x2900;
+    const STACK: u64 = KERNEL + 0x3000;
+    const HOOK_RETURN: u64 = 0xffff_ffff_8200_0123;
+    const SITE_RETURN: u64 = 0xffff_ffff_8112_6cfe;
+    g.write(CURRENT, &TASK.to_le_bytes());
+    g.write(TASK + 0x14, &30u32.to_le_bytes());
+    g.write(TASK + 0x18, &PARENT.to_le_bytes());
+    g.write(TASK + 0x40, b"sh\0");
+    g.write(PARENT + 0x14, &1u32.to_le_bytes());
+    g.write(BPRM + 0x60, &PATH.to_le_bytes());
+    g.write(PATH, b"/bin/ls\0");
+    let os = OsProfile::linux(Gva::new(CURRENT), 0x14, 0x18, 0x40, false, 0x60)
+        .with_exec_returns(HOOK_RETURN, SITE_RETURN);
+    let mut m = Monitor::new(os, Policy::allow_all());
+    let mut ring = EventRing::new();
+    // The frame a real exec leaves: saved RFLAGS, the return into the trampoline, its nine pushes
+    // (RDI, the binprm, fifth from the bottom), the return into the hooked function.
+    let mut frame = [0u64; 12];
+    frame[1] = HOOK_RETURN;
+    frame[6] = BPRM;
+    frame[11] = SITE_RETURN;
+    let write_frame = |g: &mut Guest, frame: &[u64; 12]| {
+        for (i, w) in frame.iter().enumerate() {
+            g.write(STACK + 8 * i as u64, &w.to_le_bytes());
+        }
+    };
+    write_frame(&mut g, &frame);
+    let mut req = |g: &Guest, code: RequestCode, entry: Entry, rsp: u64, bprm: u64| {
+        let ctx = CallContext {
+            cr3,
+            tsc: 7,
+            percpu_base: 0,
+            entry,
+            caller_rsp: rsp,
+        };
+        let v = m.handle(code as u64, [bprm, 0, 0, 0], &ctx, g, &mut ring);
+        let e = events(&mut ring);
+        (v, e[0].kind(), RejectReason::from_raw(e[0].detail))
+    };
+    let exec = RequestCode::Exec;
+    assert_eq!(
+        req(&g, exec, Entry::CallGate, STACK, BPRM),
+        (Verdict::Allow, Some(EventKind::Exec), None)
+    );
+    let rejected = |why| (Verdict::Rejected, Some(EventKind::Rejected), Some(why));
+    // Through the wrong entry: an exec request from a system-call gate or from an unverified
+    // VMCALL, a system call through the call gate.
+    for (code, entry) in [
+        (exec, Entry::SyscallGate),
+        (exec, Entry::Unverified),
+        (RequestCode::Syscall, Entry::CallGate),
+        (RequestCode::Null, Entry::CallGate),
+    ] {
+        assert_eq!(
+            req(&g, code, entry, STACK, BPRM),
+            rejected(RejectReason::WrongEntry)
+        );
+    }
+    // Through the call gate from elsewhere: another stack, another binprm than the trampoline
+    // pushed, a return that is not the trampoline's or not the hooked site's, a stack off guest RAM.
+    assert_eq!(
+        req(&g, exec, Entry::CallGate, STACK + 8, BPRM),
+        rejected(RejectReason::NotFromHook)
+    );
+    assert_eq!(
+        req(&g, exec, Entry::CallGate, STACK, BPRM + 0x100),
+        rejected(RejectReason::NotFromHook)
+    );
+    for (i, wrong) in [(1, HOOK_RETURN + 1), (11, SITE_RETURN - 5)] {
+        let mut f = frame;
+        f[i] = wrong;
+        write_frame(&mut g, &f);
+        assert_eq!(
+            req(&g, exec, Entry::CallGate, STACK, BPRM),
+            rejected(RejectReason::NotFromHook)
+        );
+    }
+    assert_eq!(
+        req(&g, exec, Entry::CallGate, 0xffff_ffff_ffff_fff0, BPRM),
+        rejected(RejectReason::NotFromHook)
     );
 }

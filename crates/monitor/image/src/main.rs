@@ -5,7 +5,7 @@
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use ihmi_abi::monitor::{MonitorConfig, Verdict, CONFIG_MAGIC};
+use ihmi_abi::monitor::{Entry, MonitorConfig, Verdict, CONFIG_MAGIC};
 use ihmi_addr::{Gpa, Gva};
 use ihmi_monitor::{CallContext, EventRing, Monitor, OsProfile, Policy};
 use ihmi_paging::{Cr3, GuestPhysRead, PhysReadError};
@@ -34,6 +34,8 @@ static IHMI_MONITOR_CONFIG: Cell<MonitorConfig> = Cell(UnsafeCell::new(MonitorCo
     comm_offset: 0,
     pti_pgd_pair: 0,
     binprm_filename_offset: 0,
+    exec_hook_return: 0,
+    exec_site_return: 0,
 }));
 
 /// Calls of the entry point, for L0's benchmark accounting (L0 reads it while the monitor is stopped).
@@ -44,11 +46,13 @@ static IHMI_INVOCATIONS: AtomicU64 = AtomicU64::new(0);
 #[no_mangle]
 static IHMI_EVENT_RING: Cell<EventRing> = Cell(UnsafeCell::new(EventRing::new()));
 
-/// The gate saves the guest's CR3 and RSP here (monitor memory, invisible to the guest), and the guest
+/// The gate saves the guest's CR3 and RSP here (monitor memory, invisible to the guest), the guest
 /// kernel's per-CPU base (its GS base: IA32_GS_BASE when called from the kernel, IA32_KERNEL_GS_BASE
-/// when entered by SYSCALL from user mode), where an SMP Linux keeps `current_task`.
+/// when entered by SYSCALL from user mode), where an SMP Linux keeps `current_task`, and which gate it
+/// was (`ihmi_abi::monitor::Entry`): the gate's own code writes it after the view switch, so a guest
+/// cannot choose it.
 #[no_mangle]
-static IHMI_GATE_SAVE: Cell<[u64; 3]> = Cell(UnsafeCell::new([0; 3]));
+static IHMI_GATE_SAVE: Cell<[u64; 4]> = Cell(UnsafeCell::new([0; 4]));
 
 /// The guest's x87/SSE state while the monitor runs: the monitor is Rust and may use SSE registers, and
 /// the guest's may be live (a system call from user mode).
@@ -106,14 +110,19 @@ fn monitor(config: &MonitorConfig) -> &'static mut Monitor {
         }
         let current = Gva::new(config.current_process_ptr);
         let os = if config.os == ihmi_abi::monitor::OS_LINUX {
-            OsProfile::linux(
+            let linux = OsProfile::linux(
                 current,
                 config.pid_offset,
                 config.parent_offset,
                 config.comm_offset,
                 config.pti_pgd_pair != 0,
                 config.binprm_filename_offset,
-            )
+            );
+            if config.exec_hook_return != 0 {
+                linux.with_exec_returns(config.exec_hook_return, config.exec_site_return)
+            } else {
+                linux
+            }
         } else {
             OsProfile::testguest(current)
         };
@@ -132,13 +141,15 @@ extern "C" fn ihmi_monitor_entry(code: u64, a0: u64, a1: u64, a2: u64, a3: u64) 
     }
     // SAFETY: the gate wrote the guest's CR3 and per-CPU base just before calling us; one invocation
     // at a time.
-    let [guest_cr3, _, percpu_base] = unsafe { *IHMI_GATE_SAVE.0.get() };
+    let [guest_cr3, caller_rsp, percpu_base, entry] = unsafe { *IHMI_GATE_SAVE.0.get() };
     // SAFETY: one invocation at a time; L0 reads the ring only while the guest (and so we) are stopped.
     let ring = unsafe { &mut *IHMI_EVENT_RING.0.get() };
     let ctx = CallContext {
         cr3: Cr3::new(guest_cr3),
         tsc: ihmi_rt::cpu::rdtsc(),
         percpu_base,
+        entry: Entry::from_raw(entry),
+        caller_rsp,
     };
     let verdict = monitor(config).handle(code, [a0, a1, a2, a3], &ctx, &DirectMap { config }, ring);
     if ring.wants_drain() {
@@ -194,6 +205,7 @@ ihmi_gate_cr3_imm:
     movabs $IHMI_GATE_SAVE, %rax
     mov %r11, 0(%rax)
     mov %rsp, 8(%rax)
+    movq ${call_gate}, 24(%rax)    /* which gate: this one */
     movabs $(IHMI_MONITOR_STACK + {stack_size}), %rsp
     mov %rdx, %r11                 /* RDMSR takes EDX: keep the second argument */
     mov $0xc0000101, %ecx          /* IA32_GS_BASE: called from the kernel, GS is its per-CPU base */
@@ -231,13 +243,15 @@ ihmi_gate_cr3_imm:
 ihmi_gate_entry_end:
 "#,
     stack_size = const STACK_SIZE,
+    call_gate = const ihmi_abi::monitor::Entry::CallGate as u64,
     options(att_syntax)
 );
 
 // The out-of-box entry: the same monitor as the kernel of a VM of its own. L0 enters it here with the
 // request in RDI, RSI, RDX, RCX, R8 (as the gate passes it), the guest's CR3 in R9, its kernel's
-// per-CPU base in R10, RSP at the top of
-// the monitor stack and CR3 at the monitor's root; the verdict goes back by VMCALL.
+// per-CPU base in R10, the guest's RSP at its VMCALL in R11 and the entry L0 saw it come through
+// (`Entry`) in R12, RSP at the top of the monitor stack and CR3 at the monitor's root; the verdict
+// goes back by VMCALL.
 core::arch::global_asm!(
     r#"
     .section .text.ihmi_outbox, "ax"
@@ -245,7 +259,9 @@ core::arch::global_asm!(
 ihmi_outbox_entry:
     movabs $IHMI_GATE_SAVE, %rax
     mov %r9, 0(%rax)
+    mov %r11, 8(%rax)
     mov %r10, 16(%rax)
+    mov %r12, 24(%rax)
     movabs $ihmi_monitor_entry, %rax
     call *%rax
     mov %rax, %rbx
@@ -300,6 +316,7 @@ core::arch::global_asm!(
     movabs $IHMI_GATE_SAVE, %rax
     mov %rcx, 0(%rax)
     mov %rsp, 8(%rax)
+    movq ${syscall_gate}, 24(%rax) /* which gate: a system-call one */
     movabs $(IHMI_MONITOR_STACK + {stack_size}), %rsp
     push %r11
     push %r10
@@ -400,6 +417,7 @@ ihmi_gate_kernel_int80:
     syscall = const ihmi_abi::monitor::RequestCode::Syscall as u64,
     sysenter = const ihmi_abi::monitor::RequestCode::SyscallSysenter as u64,
     int80 = const ihmi_abi::monitor::RequestCode::SyscallInt80 as u64,
+    syscall_gate = const ihmi_abi::monitor::Entry::SyscallGate as u64,
     options(att_syntax)
 );
 
@@ -435,6 +453,8 @@ ihmi_hook_exec:
 ihmi_hook_gate_imm:
     movabs $0, %rax                /* L0 patches the call gate's address here */
     call *%rax
+    .global ihmi_hook_gate_return
+ihmi_hook_gate_return:             /* the monitor checks this return is on an exec request's stack */
     test %rax, %rax                /* 0 = allow; pops keep the flags */
     pop %r11
     pop %r10
@@ -500,6 +520,8 @@ ihmi_outbox_call:
     xor %esi, %esi
     xor %edi, %edi
     mov ${monitor_call}, %eax
+    .global ihmi_outbox_call_vmcall
+ihmi_outbox_call_vmcall:
     vmcall
     pop %rbx
     ret

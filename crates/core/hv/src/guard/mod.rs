@@ -6,6 +6,7 @@
 //! EPT violation. This module covers the attacks that arrive as other exits, and adds the audit that
 //! notices a hook whose gate pointer or mapping has changed, whatever changed it.
 
+pub mod cr;
 pub mod views;
 
 #[cfg(test)]
@@ -50,6 +51,8 @@ pub struct Guard {
     entry_msrs: [Option<u64>; ENTRY_MSRS.len()],
     /// For a Linux guest: the system-call gate, and the process-creation hook it brings.
     linux: Option<LinuxGuard>,
+    /// The protection bits of CR0 and CR4 pinned since the gate opened.
+    pub(crate) pins: cr::CrPins,
 }
 
 impl Guard {
@@ -61,6 +64,7 @@ impl Guard {
             hook,
             entry_msrs: [None; ENTRY_MSRS.len()],
             linux: None,
+            pins: cr::CrPins { cr0: 0, cr4: 0 },
         }
     }
 
@@ -89,6 +93,12 @@ impl Guard {
         self.hook
             .into_iter()
             .chain(self.linux.iter().flat_map(LinuxGuard::audited))
+    }
+
+    /// The protection bits of CR0 and CR4 L0 pinned (none before the Linux gate opens).
+    #[must_use]
+    pub const fn pins(&self) -> cr::CrPins {
+        self.pins
     }
 
     /// The system-call entry the guest kernel installed, once it has.
@@ -147,6 +157,18 @@ pub enum Alert {
         /// Where the guest executed it.
         rip: u64,
     },
+    /// A MOV to CR0 or CR4 would have cleared a protection bit L0 pinned ([`cr`]); it did not happen
+    /// and the guest got #GP.
+    CrPinRefused {
+        /// The control register, 0 or 4.
+        cr: u8,
+        /// The value the guest tried to load.
+        value: u64,
+        /// The pinned bits it would have cleared.
+        cleared: u64,
+        /// Where the guest executed it.
+        rip: u64,
+    },
     /// The guest wrote to what L0 locked when a Linux kernel's gate opened (its text, read-only
     /// data, IDT, or a page table on the gate's path); the write did not happen.
     LockedWrite { what: Locked, gpa: Gpa, rip: u64 },
@@ -180,6 +202,7 @@ impl Alert {
             Self::EntryMsrWriteRefused { .. } => "entry-msr-write-refused",
             Self::HookTampered { .. } => "hook-tampered",
             Self::LockedWrite { .. } => "locked-write",
+            Self::CrPinRefused { .. } => "cr-pin-refused",
         }
     }
 }
@@ -205,6 +228,16 @@ impl fmt::Display for Alert {
             } => write!(
                 f,
                 ",\"msr\":\"{msr:#x}\",\"value\":\"{value:#x}\",\"locked\":\"{locked:#x}\",\"rip\":\"{rip:#x}\",\"action\":\"#GP injected\""
+            )?,
+            Self::CrPinRefused {
+                cr,
+                value,
+                cleared,
+                rip,
+            } => write!(
+                f,
+                ",\"cr\":{cr},\"value\":\"{value:#x}\",\"cleared\":\"{}\",\"rip\":\"{rip:#x}\",\"action\":\"#GP injected\"",
+                cr::PinNames { cr, bits: cleared }
             )?,
             Self::LockedWrite { what, gpa, rip } => write!(
                 f,

@@ -73,6 +73,9 @@ pub struct LinuxGate {
     /// What of the booted kernel never changes again, guest-physical: L0 write-protects it in the
     /// guest view when the gate opens.
     pub kernel: KernelImage,
+    /// Out of the box: the call stub's VMCALL, the only place the exec trampoline's `Monitor`
+    /// hypercalls come from; one from anywhere else is passed on marked unverified.
+    pub call_vmcall: Option<Gva>,
 }
 
 /// The parts of a booted Linux kernel that stay as they are until it stops, guest-physical: its text,
@@ -476,6 +479,8 @@ impl Hypervisor {
             code: entry.request() as u64,
             args,
             verdict_to_rax: false,
+            entry: ihmi_abi::monitor::Entry::SyscallGate,
+            caller_rsp: vcpu.read(guest::RSP),
         })
     }
 
@@ -518,6 +523,7 @@ impl Hypervisor {
             return Some(Action::End(GuestEnd::GuardFailed { what, error }));
         }
         linux.open = true;
+        self.pin_control_registers(vcpu, platform);
         Some(Action::Resume)
     }
 }

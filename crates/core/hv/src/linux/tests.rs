@@ -277,6 +277,8 @@ fn out_of_the_box_the_stub_s_vmcall_is_a_system_call_that_leaves_registers_alone
             code: ihmi_abi::monitor::RequestCode::Syscall as u64,
             args: [39, 1, 2, 3],
             verdict_to_rax: false,
+            entry: ihmi_abi::monitor::Entry::SyscallGate,
+            caller_rsp: 0,
         }
     );
     assert_eq!(
@@ -717,8 +719,43 @@ fn out_of_the_box_a_32_bit_stub_s_vmcall_is_a_compat_system_call() {
             code: ihmi_abi::monitor::RequestCode::SyscallInt80 as u64,
             args: [0x14, 1, 2, 3],
             verdict_to_rax: false,
+            entry: ihmi_abi::monitor::Entry::SyscallGate,
+            caller_rsp: 0,
         }
     );
+}
+
+#[test]
+fn out_of_the_box_a_monitor_call_is_verified_only_from_the_call_stub() {
+    use ihmi_abi::monitor::{Entry, RequestCode};
+    const CALL_VMCALL: u64 = 0xffff_e900_0000_0400;
+    let (mut h, mut p) = outbox_linux_guarded(0, 0xffff_e900_0000_0300);
+    let mut call = |h: &mut TestHv, rip: u64| {
+        let mut v = MockVcpu::exited(EXIT_VMCALL, rip, 3);
+        v.fields.insert(guest::RSP, 0xffff_c900_0001_3e58);
+        v.fields.insert(control::EPTP_FULL, GUEST_EPTP);
+        v.fields.insert(guest::CR3, LINUX_USER_CR3);
+        v.regs.rax = ihmi_abi::Hypercall::Monitor as u64;
+        v.regs.rbx = RequestCode::Exec as u64;
+        v.regs.rcx = 0xffff_8880_0123_4000;
+        match h.handle_exit(&mut v, &mut p) {
+            Action::CallMonitor {
+                entry, caller_rsp, ..
+            } => (entry, caller_rsp),
+            other => panic!("{other:?}"),
+        }
+    };
+    // The gate's call stub is not set in this guard: every call is unverified.
+    assert_eq!(call(&mut h, CALL_VMCALL).0, Entry::Unverified);
+    let mut gate = *h.guard.as_ref().unwrap().linux().unwrap().gate();
+    gate.call_vmcall = Some(ihmi_addr::Gva::new(CALL_VMCALL));
+    let views = h.guard.unwrap().views;
+    h.guard = Some(crate::Guard::new(views, None).with_linux_gate(gate));
+    assert_eq!(
+        call(&mut h, CALL_VMCALL),
+        (Entry::CallGate, 0xffff_c900_0001_3e58)
+    );
+    assert_eq!(call(&mut h, CALL_VMCALL + 0x10).0, Entry::Unverified);
 }
 
 #[test]
@@ -765,4 +802,99 @@ fn with_page_table_isolation_off_at_run_time_the_empty_user_halves_are_not_audit
             gpa: Gpa::new(0x70_1000 + 466 * 8)
         })
     );
+}
+
+const EXIT_CR_ACCESS: u32 = 28;
+
+/// A MOV to CR`cr` from RAX holding `value`.
+fn mov_to_cr(cr: u64, value: u64) -> MockVcpu {
+    let mut v = MockVcpu::exited(EXIT_CR_ACCESS, 0xffff_ffff_8100_1234, 3);
+    v.fields.insert(ro::EXIT_QUALIFICATION, cr); // MOV to CR, from RAX (register 0)
+    v.fields.insert(guest::CR3, LINUX_USER_CR3);
+    v.fields.insert(control::EPTP_FULL, GUEST_EPTP);
+    v.regs.rax = value;
+    v
+}
+
+/// The gate opened with the kernel's CR0 and CR4 as Linux leaves them: WP, SMEP and SMAP set.
+fn opened_with_pins() -> (TestHv, crate::mock::MockPlatform) {
+    use ihmi_arch::cr::{CR0_WP, CR4_SMAP, CR4_SMEP};
+    let (mut h, mut p, _) = linux_guarded();
+    linux_kernel_memory(&mut p);
+    install_gate(&mut h, &mut p);
+    let mut v = first_syscall();
+    v.fields.insert(guest::CR0, 0x8005_0033);
+    v.fields
+        .insert(guest::CR4, 0x0000_06f0 | CR4_SMEP | CR4_SMAP);
+    v.fields.insert(control::CR4_READ_SHADOW, 0x20);
+    assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume);
+    assert_eq!(v.fields[&control::CR0_GUEST_HOST_MASK], CR0_WP);
+    assert_eq!(v.fields[&control::CR0_READ_SHADOW] & CR0_WP, CR0_WP);
+    assert_eq!(
+        v.fields[&control::CR4_GUEST_HOST_MASK],
+        ihmi_arch::cr::CR4_VMXE | CR4_SMEP | CR4_SMAP
+    );
+    assert_eq!(
+        v.fields[&control::CR4_READ_SHADOW],
+        0x20 | CR4_SMEP | CR4_SMAP,
+        "the guest reads its bits as it set them; VMXE stays hidden"
+    );
+    let pins = h.guard.as_ref().unwrap().pins();
+    assert_eq!((pins.cr0, pins.cr4), (CR0_WP, CR4_SMEP | CR4_SMAP));
+    (h, p)
+}
+
+#[test]
+fn opening_the_gate_pins_wp_smep_and_smap_and_clearing_one_is_refused() {
+    use ihmi_arch::cr::{CR0_WP, CR4_SMAP};
+    let (mut h, mut p) = opened_with_pins();
+    for (cr, value, cleared) in [
+        (0, 0x8005_0033 & !CR0_WP, CR0_WP),
+        (4, 0x0000_06f0 | ihmi_arch::cr::CR4_SMEP, CR4_SMAP),
+    ] {
+        let mut v = mov_to_cr(cr, value);
+        assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume);
+        assert_eq!(
+            v.fields[&control::VMENTRY_INTERRUPTION_INFO_FIELD],
+            u64::from(ihmi_vmcs::InterruptionInfo::hardware_exception(13, true).raw()),
+            "#GP, and the write does not happen"
+        );
+        assert_eq!(v.fields[&guest::RIP], 0xffff_ffff_8100_1234, "not skipped");
+        assert!(!v
+            .writes()
+            .iter()
+            .any(|(f, _)| *f == guest::CR0 || *f == guest::CR4));
+        assert_eq!(
+            h.rec.alerts().last(),
+            Some(&crate::Alert::CrPinRefused {
+                cr: cr as u8,
+                value,
+                cleared,
+                rip: 0xffff_ffff_8100_1234,
+            })
+        );
+    }
+}
+
+#[test]
+fn setting_cr4_vmxe_without_vmx_gets_gp_and_no_alert_and_other_cr_exits_end_the_guest() {
+    let (mut h, mut p) = opened_with_pins();
+    let alerts = |h: &TestHv| h.rec.alerts().len();
+    let before = alerts(&h);
+    let mut v = mov_to_cr(
+        4,
+        0x0000_26f0 | ihmi_arch::cr::CR4_SMEP | ihmi_arch::cr::CR4_SMAP,
+    );
+    assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume);
+    assert_eq!(
+        v.fields[&control::VMENTRY_INTERRUPTION_INFO_FIELD],
+        u64::from(ihmi_vmcs::InterruptionInfo::hardware_exception(13, true).raw())
+    );
+    assert_eq!(alerts(&h), before);
+    // A MOV to CR3 never exits (no CR3 exiting): if one did, it is no exit L0 asked for.
+    let mut v = mov_to_cr(3, 0x1000);
+    assert!(matches!(
+        h.handle_exit(&mut v, &mut p),
+        Action::End(GuestEnd::Unhandled { .. })
+    ));
 }

@@ -1,5 +1,6 @@
 //! The hypercall ABI of `ihmi-abi`, with every argument validated before L0 acts on it.
 
+use ihmi_abi::monitor::Entry;
 use ihmi_abi::{CpuidRecord, Hypercall, ReportKind, Status, CONSOLE_MAX, PING_REPLY, REPORT_MAX};
 use ihmi_addr::{Gpa, Gva};
 use ihmi_paging::Cr3;
@@ -49,7 +50,16 @@ impl Hypervisor {
                     return Action::End(GuestEnd::Done(regs.rbx));
                 }
                 Some(Hypercall::Monitor) if self.outbox_monitor => {
-                    // L0 runs the request in the monitor VM; its verdict becomes RAX.
+                    // L0 runs the request in the monitor VM; its verdict becomes RAX. A Linux guest's
+                    // come from the call stub only (the exec trampoline's): L0 says whether this one
+                    // did, and the monitor refuses it if not.
+                    let rip = vcpu.read(guest::RIP);
+                    let linux = self.guard.as_ref().and_then(crate::Guard::linux);
+                    let entry = match linux.map(|l| l.gate().call_vmcall) {
+                        Some(Some(at)) if at.raw() == rip => Entry::CallGate,
+                        Some(_) => Entry::Unverified,
+                        None => Entry::CallGate,
+                    };
                     obs.observe(Observation::Hypercall {
                         nr: regs.rax,
                         status: Status::Ok,
@@ -59,6 +69,8 @@ impl Hypervisor {
                         code: regs.rbx,
                         args: [regs.rcx, regs.rdx, regs.rsi, regs.rdi],
                         verdict_to_rax: true,
+                        entry,
+                        caller_rsp: vcpu.read(guest::RSP),
                     };
                 }
                 Some(Hypercall::Monitor) => (Status::UnknownCall, 0),

@@ -319,6 +319,8 @@ fn monitor_hypercall_goes_to_the_monitor_vm_only_when_there_is_one() {
             code: 1,
             args: [2, 3, 4, 5],
             verdict_to_rax: true,
+            entry: ihmi_abi::monitor::Entry::CallGate,
+            caller_rsp: 0,
         }
     );
     assert_eq!(v.fields[&guest::RIP], 0x10_0003);
