@@ -149,7 +149,16 @@ pub enum LinuxAttack {
     /// while the guest is inside the gate, in the monitor's view; then report on port 0xE9 how many
     /// NMIs the kernel counted ([`LINUX_NMI_REPORT`]).
     Nmi = 6,
+    /// Run code in ring 0 without touching kernel text (a supervisor-executable mapping of the
+    /// attacker's own page, added to the kernel's page tables through /dev/mem, reached through a
+    /// sysctl handler pointer in kernel data), and from there: call the monitor's gate with a forged
+    /// system-call request and a forged exec request, then clear CR4.SMAP and CR0.WP (each in a child
+    /// process, since the refusal is a #GP the kernel answers by killing the task).
+    Forge = 7,
 }
+
+/// The `forge` attack's forged system-call request: `execve`, as if the running process had made it.
+pub const LINUX_FORGED_SYSCALL_NR: u64 = 59;
 
 /// How many `getpid` calls the `nmi` attack makes while the NMIs arrive.
 pub const LINUX_NMI_CALLS: u64 = 4_000;
@@ -171,7 +180,7 @@ pub const LINUX_FLOOD_NR: u64 = 39;
 
 impl LinuxAttack {
     /// Every Linux attack, in the order `ihmi test` runs them.
-    pub const ALL: [LinuxAttack; 7] = [
+    pub const ALL: [LinuxAttack; 8] = [
         Self::Root,
         Self::KernelText,
         Self::GatePgd,
@@ -179,6 +188,7 @@ impl LinuxAttack {
         Self::Flood,
         Self::Compat,
         Self::Nmi,
+        Self::Forge,
     ];
 
     /// The name on the kernel command line (`ihmi.attack=<name>`).
@@ -192,6 +202,7 @@ impl LinuxAttack {
             Self::Flood => "flood",
             Self::Compat => "compat",
             Self::Nmi => "nmi",
+            Self::Forge => "forge",
         }
     }
 
@@ -206,6 +217,7 @@ impl LinuxAttack {
             Self::Flood => "linux-attack-flood",
             Self::Compat => "linux-attack-compat",
             Self::Nmi => "linux-attack-nmi",
+            Self::Forge => "linux-attack-forge",
         }
     }
 
@@ -220,6 +232,7 @@ impl LinuxAttack {
             Self::Flood => "ihmi.attack=flood",
             Self::Compat => "ihmi.attack=compat",
             Self::Nmi => "ihmi.attack=nmi",
+            Self::Forge => "ihmi.attack=forge",
         }
     }
 

@@ -521,7 +521,14 @@ fn build_workload(layout: &Layout) -> Result<Vec<(&'static str, PathBuf)>> {
 
 /// The initramfs: busybox, /init, the workload programs, and the nodes init needs before devtmpfs.
 /// Kernel symbols the Linux attacks use, as System.map lists them (a name may appear more than once).
-const ATTACKER_SYMBOLS: &[&str] = &["_text", "begin_new_exec", "load_elf_binary", "init_top_pgt"];
+const ATTACKER_SYMBOLS: &[&str] = &[
+    "_text",
+    "begin_new_exec",
+    "load_elf_binary",
+    "init_top_pgt",
+    "printk_sysctls",
+    "proc_dointvec",
+];
 
 /// What the compromised root knows of the kernel: the lines of its System.map (which distributions
 /// publish) for [`ATTACKER_SYMBOLS`], put in the initramfs as `/etc/ihmi-attacker.map`.

@@ -11,10 +11,11 @@ use ihmi_addr::{Gpa, PAGE_SIZE};
 use ihmi_arch::msr::{IA32_LSTAR, IA32_SYSENTER_EIP};
 use ihmi_vmcs::{ExitReason, VmInstructionError};
 
+use ihmi_abi::monitor::RequestCode;
 use ihmi_hv::linux::{TaskError, TaskInfo};
 use ihmi_hv::policy::nmi::NmiCounts;
 use ihmi_hv::{Alert, ExitCounters, GuestEnd, Locked, Observation, RegionKind};
-use ihmi_monitor::{event::comm_bytes, Event, EventKind};
+use ihmi_monitor::{event::comm_bytes, Event, EventKind, RejectReason};
 
 use crate::attacks::MonitorAudit;
 
@@ -54,6 +55,9 @@ pub struct ScenarioLog {
     pub compat_calls: [u64; 3],
     /// Times the in-box monitor asked L0 to drain its ring (and L0 did).
     pub ring_drains: u64,
+    /// Rejected requests of the `forge` attack: its system call through the call gate (wrong
+    /// entry), its exec without the hook's frame (not from the hook).
+    pub forged_rejected: [u64; 2],
     /// What L0 did with NMIs, counted from its observations.
     pub nmis: NmiCounts,
     /// The NMIs the guest kernel says it took, from the `nmi` attack's report line.
@@ -134,6 +138,21 @@ impl ScenarioLog {
         self.linux_trail.follow(event);
         if event.kind() == Some(EventKind::Rejected) {
             self.monitor_rejected += 1;
+            let forged = match (
+                RejectReason::from_raw(event.detail),
+                RequestCode::from_raw(event.nr),
+            ) {
+                (Some(RejectReason::WrongEntry), Some(RequestCode::Syscall))
+                    if event.args[0] == ihmi_abi::attack::LINUX_FORGED_SYSCALL_NR =>
+                {
+                    Some(0)
+                }
+                (Some(RejectReason::NotFromHook), Some(RequestCode::Exec)) => Some(1),
+                _ => None,
+            };
+            if let Some(i) = forged {
+                self.forged_rejected[i] += 1;
+            }
         }
         let by_attacker =
             event.kind() == Some(EventKind::Syscall) && comm_bytes(&event.comm) == b"ihmi-attack";
@@ -306,6 +325,12 @@ pub enum FailReason {
         /// What the guest kernel counted.
         guest: Option<u64>,
     },
+    /// A request forged by ring-0 code was not rejected for the reason it should have been: how many
+    /// of each (system call through the call gate; exec without the hook's frame) were.
+    ForgeryNotRejected {
+        wrong_entry: u64,
+        not_from_hook: u64,
+    },
     /// A flood of events was not all kept.
     EventsLost {
         expected: u64,
@@ -416,6 +441,13 @@ impl fmt::Display for FailReason {
             Self::EntryNotMonitored { entry, made, seen } => write!(
                 f,
                 "{made} system calls through {entry} gave {seen} events"
+            ),
+            Self::ForgeryNotRejected {
+                wrong_entry,
+                not_from_hook,
+            } => write!(
+                f,
+                "the forged system call was rejected for its entry {wrong_entry} times and the forged exec for its frame {not_from_hook} times (1 each expected)"
             ),
             Self::NmisLost { l0, guest } => write!(
                 f,
@@ -539,6 +571,7 @@ fn check(
         Scenario::LinuxAttack(LinuxAttack::Flood) => check_flood(log),
         Scenario::LinuxAttack(LinuxAttack::Compat) => check_compat(log),
         Scenario::LinuxAttack(LinuxAttack::Nmi) => check_nmi(log),
+        Scenario::LinuxAttack(LinuxAttack::Forge) => check_forge(log),
         Scenario::LinuxAttack(LinuxAttack::GatePgd) => check_locked_write(
             log,
             Locked::GatePath,
@@ -825,6 +858,33 @@ fn check_nmi(log: &ScenarioLog) -> Result<(), FailReason> {
             l0: n,
             guest: log.guest_nmis,
         });
+    }
+    Ok(())
+}
+
+/// `linux-attack-forge`: ring-0 code (the attacker's page, mapped supervisor-executable) called the
+/// gate with a forged system-call request and a forged exec request, and the monitor rejected each
+/// for the reason that gives it away (the entry; the missing hook frame); it then tried to clear
+/// CR4.SMAP and CR0.WP and L0 refused both with an alert. The run goes on to its normal end.
+fn check_forge(log: &ScenarioLog) -> Result<(), FailReason> {
+    linux_run_ended_well(log)?;
+    let [wrong_entry, not_from_hook] = log.forged_rejected;
+    if (wrong_entry, not_from_hook) != (1, 1) {
+        return Err(FailReason::ForgeryNotRejected {
+            wrong_entry,
+            not_from_hook,
+        });
+    }
+    for (cr, bit, what) in [
+        (4, ihmi_arch::cr::CR4_SMAP, "clearing CR4.SMAP"),
+        (0, ihmi_arch::cr::CR0_WP, "clearing CR0.WP"),
+    ] {
+        let refused = log.alerts().iter().any(|a| {
+            matches!(a, Alert::CrPinRefused { cr: c, cleared, .. } if *c == cr && *cleared == bit)
+        });
+        if !refused {
+            return Err(FailReason::AttackNotReported(what));
+        }
     }
     Ok(())
 }

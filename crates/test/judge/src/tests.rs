@@ -1125,3 +1125,73 @@ fn the_nmi_attack_needs_nmis_in_the_monitor_view_and_every_one_delivered_and_cou
         ));
     }
 }
+
+#[test]
+fn the_forge_attack_needs_both_forgeries_rejected_for_their_reason_and_both_pins_kept() {
+    use ihmi_abi::attack::LINUX_FORGED_SYSCALL_NR;
+    use ihmi_abi::monitor::RequestCode;
+    use ihmi_abi::LinuxAttack;
+    use ihmi_arch::cr::{CR0_WP, CR4_SMAP};
+    use ihmi_monitor::{Event, EventKind, RejectReason};
+    let s = Scenario::LinuxAttack(LinuxAttack::Forge);
+    let rejected = |why: RejectReason, code: RequestCode, a0: u64| Event {
+        kind: EventKind::Rejected as u16,
+        detail: why as u16,
+        nr: code as u64,
+        args: [a0, 0, 0, 0],
+        ..Event::EMPTY
+    };
+    let syscall = rejected(
+        RejectReason::WrongEntry,
+        RequestCode::Syscall,
+        LINUX_FORGED_SYSCALL_NR,
+    );
+    let exec = rejected(
+        RejectReason::NotFromHook,
+        RequestCode::Exec,
+        0xffff_88ff_8000_0080,
+    );
+    let pin = |cr: u8, cleared: u64| ihmi_hv::Alert::CrPinRefused {
+        cr,
+        value: 0,
+        cleared,
+        rip: 0xffff_88ff_8000_0050,
+    };
+    let run = |events: &[Event], alerts: &[ihmi_hv::Alert]| {
+        let mut h = hv(s);
+        for e in events {
+            h.judge.log.record_monitor_event(e);
+        }
+        for a in alerts {
+            h.judge.log.record_alert(*a);
+        }
+        end_as_init_does(&mut h.judge.log);
+        judge(s, &h.judge.log, &h.hv.counters, Gpa::new(0), None)
+    };
+    let pins = [pin(4, CR4_SMAP), pin(0, CR0_WP)];
+    assert_eq!(run(&[syscall, exec], &pins), Verdict::Pass);
+    // A forgery accepted (no rejection), or rejected for another reason, fails.
+    let other = rejected(RejectReason::BadArgument, RequestCode::Exec, 0);
+    for events in [
+        &[syscall][..],
+        &[exec][..],
+        &[syscall, other][..],
+        &[syscall, exec, exec][..],
+    ] {
+        assert!(matches!(
+            run(events, &pins),
+            Verdict::Fail(FailReason::ForgeryNotRejected { .. })
+        ));
+    }
+    // A pin that did not hold (no alert for it) fails.
+    for alerts in [
+        &pins[..1],
+        &pins[1..],
+        &[pin(4, ihmi_arch::cr::CR4_SMEP), pins[1]][..],
+    ] {
+        assert!(matches!(
+            run(&[syscall, exec], alerts),
+            Verdict::Fail(FailReason::AttackNotReported(_))
+        ));
+    }
+}

