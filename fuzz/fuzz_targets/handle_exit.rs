@@ -9,7 +9,7 @@ use arbitrary::Arbitrary;
 use ihmi_addr::{Gpa, GpaRange, Gva};
 use ihmi_ept::Eptp;
 use ihmi_hv::linux::gate::GateEntry;
-use ihmi_hv::linux::hooks::ExecHook;
+use ihmi_hv::linux::hooks::{ExecHook, HookSite};
 use ihmi_hv::{
     Action, Guard, Hypervisor, KernelImage, LinuxGate, MemoryMap, MonitorWord, Observation,
     RegionKind, ViewEptps,
@@ -91,6 +91,11 @@ fuzz_target!(|input: Input| {
             idt: GpaRange::new(Gpa::new(0x1bb_1000), Gpa::new(0x1bb_2000)),
         },
         call_vmcall: input.outbox.then_some(Gva::new(0xffff_e900_0000_0340)),
+        io_uring_hook: Some(HookSite {
+            site: Gva::new(0xffff_ffff_8116_0f20),
+            site_pa: Gpa::new(0x116_0f20),
+            trampoline: Gva::new(0xffff_ffff_8200_0260),
+        }),
     };
     let mut hv = Hypervisor::new(map);
     hv.outbox_monitor = input.outbox;

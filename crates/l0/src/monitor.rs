@@ -136,6 +136,9 @@ pub struct LinuxGateInfo {
     /// Where the trampoline's call of the gate returns, in the slot (the monitor checks it on every
     /// exec request's stack).
     pub hook_return: Gva,
+    /// The same for the io_uring hook's trampoline.
+    pub io_uring_trampoline: Gva,
+    pub io_uring_return: Gva,
     /// Out of the box: the call stub's VMCALL, the only place a `Monitor` hypercall of a Linux guest
     /// may come from.
     pub call_vmcall: Option<Gva>,
@@ -674,21 +677,23 @@ fn linux_gate(
     if b != a + 8 || c != b + 8 {
         return Err(image.misaligned("ihmi_gate_kernel_entry"));
     }
-    patch_movabs(
-        mem,
-        place,
-        image,
-        "ihmi_hook_gate_imm",
-        in_gate(hook_call)?.raw(),
-    )?;
+    for imm in ["ihmi_hook_exec_gate_imm", "ihmi_hook_io_uring_gate_imm"] {
+        patch_movabs(mem, place, image, imm, in_gate(hook_call)?.raw())?;
+    }
+    // Where each trampoline is in the slot, and where its call of the gate returns.
+    let in_slot = |symbol: &'static str| -> Result<Gva, LoadError> {
+        Ok(Gva::new(hook_slot.raw() + (image.symbol(symbol)? - base)))
+    };
     Ok(LinuxGateInfo {
         entries,
         slot: ihmi_layout::pml4_slot(gate_gva),
         pml4e,
         gate_page: gate,
         hook_slot,
-        hook_trampoline: Gva::new(hook_slot.raw() + (image.symbol("ihmi_hook_exec")? - base)),
-        hook_return: Gva::new(hook_slot.raw() + (image.symbol("ihmi_hook_gate_return")? - base)),
+        hook_trampoline: in_slot("ihmi_hook_exec")?,
+        hook_return: in_slot("ihmi_hook_exec_gate_return")?,
+        io_uring_trampoline: in_slot("ihmi_hook_io_uring")?,
+        io_uring_return: in_slot("ihmi_hook_io_uring_gate_return")?,
         hook_table: pages.hook_table,
         call_vmcall: if outbox {
             Some(in_gate("ihmi_outbox_call_vmcall")?)
@@ -727,6 +732,9 @@ fn write_config(
         binprm_filename_offset: 0,
         exec_hook_return: 0,
         exec_site_return: 0,
+        io_uring_hook_return: 0,
+        io_uring_site_return: 0,
+        io_kiocb_opcode_offset: 0,
     };
     if let MonitorOs::Linux(p) = os {
         config.os = OS_LINUX;
@@ -739,6 +747,11 @@ fn write_config(
             // The hook's call at the hooked site is a 5-byte CALL: the function goes on past it.
             config.exec_hook_return = g.hook_return.raw();
             config.exec_site_return = p.exec_hook + 5;
+            if let Some((site, opcode)) = p.io_uring {
+                config.io_uring_hook_return = g.io_uring_return.raw();
+                config.io_uring_site_return = site + 5;
+                config.io_kiocb_opcode_offset = opcode.offset;
+            }
         }
     }
     if allowed_count > 0 {

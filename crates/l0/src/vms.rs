@@ -7,7 +7,7 @@ use ihmi_abi::monitor::Mode;
 use ihmi_abi::Scenario;
 use ihmi_addr::{Gpa, GpaRange, Gva};
 use ihmi_hv::linux::gate::GateEntry;
-use ihmi_hv::linux::hooks::ExecHook;
+use ihmi_hv::linux::hooks::{ExecHook, HookSite};
 use ihmi_hv::{
     Guard, GuestRegs, Hypervisor, KernelImage, LinuxGate, MemoryMap, MonitorWord, ViewEptps,
 };
@@ -303,6 +303,14 @@ fn guard(
             idt: l.image_pages([p.idt_table, p.idt_table + 1], memory)?,
         },
         call_vmcall: info.call_vmcall,
+        io_uring_hook: match p.io_uring {
+            Some((site, _)) => Some(HookSite {
+                site: Gva::new(site),
+                site_pa: l.text_pa(site, memory)?,
+                trampoline: info.io_uring_trampoline,
+            }),
+            None => None,
+        },
     })))
 }
 

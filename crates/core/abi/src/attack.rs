@@ -155,7 +155,15 @@ pub enum LinuxAttack {
     /// system-call request and a forged exec request, then clear CR4.SMAP and CR0.WP (each in a child
     /// process, since the refusal is a #GP the kernel answers by killing the task).
     Forge = 7,
+    /// Do through an io_uring ring what a system-call monitor watches for: open (create) a file,
+    /// write it, close it, make a directory ([`LINUX_IO_URING_OPS`]), with no system call but
+    /// `io_uring_setup` and `io_uring_enter`.
+    IoUring = 8,
 }
+
+/// The operations the `io-uring` attack submits, in order (`IORING_OP_*`: openat, write, close,
+/// mkdirat).
+pub const LINUX_IO_URING_OPS: [u8; 4] = [18, 23, 19, 37];
 
 /// The `forge` attack's forged system-call request: `execve`, as if the running process had made it.
 pub const LINUX_FORGED_SYSCALL_NR: u64 = 59;
@@ -180,7 +188,7 @@ pub const LINUX_FLOOD_NR: u64 = 39;
 
 impl LinuxAttack {
     /// Every Linux attack, in the order `ihmi test` runs them.
-    pub const ALL: [LinuxAttack; 8] = [
+    pub const ALL: [LinuxAttack; 9] = [
         Self::Root,
         Self::KernelText,
         Self::GatePgd,
@@ -189,6 +197,7 @@ impl LinuxAttack {
         Self::Compat,
         Self::Nmi,
         Self::Forge,
+        Self::IoUring,
     ];
 
     /// The name on the kernel command line (`ihmi.attack=<name>`).
@@ -203,6 +212,7 @@ impl LinuxAttack {
             Self::Compat => "compat",
             Self::Nmi => "nmi",
             Self::Forge => "forge",
+            Self::IoUring => "io-uring",
         }
     }
 
@@ -218,6 +228,7 @@ impl LinuxAttack {
             Self::Compat => "linux-attack-compat",
             Self::Nmi => "linux-attack-nmi",
             Self::Forge => "linux-attack-forge",
+            Self::IoUring => "linux-attack-io-uring",
         }
     }
 
@@ -233,6 +244,7 @@ impl LinuxAttack {
             Self::Compat => "ihmi.attack=compat",
             Self::Nmi => "ihmi.attack=nmi",
             Self::Forge => "ihmi.attack=forge",
+            Self::IoUring => "ihmi.attack=io-uring",
         }
     }
 

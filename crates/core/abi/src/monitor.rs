@@ -23,6 +23,9 @@ pub enum RequestCode {
     SyscallInt80 = 4,
     /// Linux: a 32-bit system call through SYSENTER: args = (i386 number, EBX, ECX, EDX).
     SyscallSysenter = 5,
+    /// Linux: an operation submitted through an io_uring ring is about to be issued: args = (GVA of
+    /// the kernel's `io_kiocb`, 0, 0, 0).
+    IoUring = 6,
 }
 
 /// Which way a request reached the monitor, as the gate code itself (in the box) or L0 (out of it)
@@ -117,6 +120,7 @@ impl RequestCode {
             3 => Self::Exec,
             4 => Self::SyscallInt80,
             5 => Self::SyscallSysenter,
+            6 => Self::IoUring,
             _ => return None,
         })
     }
@@ -205,6 +209,11 @@ pub struct MonitorConfig {
     /// request is served only with both on the calling kernel stack, as a real exec leaves them.
     pub exec_hook_return: u64,
     pub exec_site_return: u64,
+    /// Linux: the same two returns for the io_uring hook (in `io_issue_sqe`), 0 without it.
+    pub io_uring_hook_return: u64,
+    pub io_uring_site_return: u64,
+    /// Linux: offset of `opcode` (one byte) in the kernel's `io_kiocb`.
+    pub io_kiocb_opcode_offset: u64,
 }
 
 /// [`MonitorConfig::os`] for ihmi's own test guest.

@@ -159,6 +159,7 @@ pub(crate) fn linux_guarded() -> (TestHv, MockPlatform, crate::LinuxGate) {
             idt: GpaRange::new(Gpa::new(0x1bb_1000), Gpa::new(0x1bb_2000)),
         },
         call_vmcall: None,
+        io_uring_hook: None,
     };
     let guard = h.guard.unwrap();
     h.guard = Some(crate::Guard::new(guard.views, None).with_linux_gate(gate));

@@ -73,6 +73,10 @@ pub struct LinuxProfile {
     /// Page-table isolation is built in: every PGD is an 8 KiB pair (kernel half first), so the kernel
     /// PGD of a user CR3 is found by clearing bit 12.
     pub pti_pgd_pair: bool,
+    /// With io_uring: the io_uring hook point, `io_issue_sqe`, which issues every operation a ring
+    /// submits (with the `io_kiocb` in RDI), and `io_kiocb.opcode`. Optional: a kernel without
+    /// io_uring has neither.
+    pub io_uring: Option<(u64, Field)>,
 }
 
 /// Why a profile could not be read.
@@ -115,6 +119,8 @@ impl LinuxProfile {
         }
         let mut p = Self::default();
         let mut seen = 0u32;
+        // The io_uring entries are optional, but come together.
+        let mut io_uring_seen = 0u8;
         for (i, line) in lines {
             let n = i + 1;
             let words: [&str; 4] = {
@@ -144,6 +150,11 @@ impl LinuxProfile {
                         "__start_rodata" => (&mut p.rodata[0], 13),
                         "__end_rodata" => (&mut p.rodata[1], 14),
                         "idt_table" => (&mut p.idt_table, 15),
+                        "io_issue_sqe" => {
+                            p.io_uring.get_or_insert_with(Default::default).0 = v;
+                            io_uring_seen |= 1;
+                            continue;
+                        }
                         _ => return Err(ProfileError::Line(n)),
                     };
                     *slot = v;
@@ -160,6 +171,11 @@ impl LinuxProfile {
                         "task_struct.comm" => (&mut p.comm, 5),
                         "task_struct.real_parent" => (&mut p.real_parent, 6),
                         "linux_binprm.filename" => (&mut p.binprm_filename, 10),
+                        "io_kiocb.opcode" => {
+                            p.io_uring.get_or_insert_with(Default::default).1 = f;
+                            io_uring_seen |= 2;
+                            continue;
+                        }
                         _ => return Err(ProfileError::Line(n)),
                     };
                     *slot = f;
@@ -194,6 +210,11 @@ impl LinuxProfile {
             if seen & (1 << bit) == 0 {
                 return Err(ProfileError::Missing(name));
             }
+        }
+        match io_uring_seen {
+            0 | 3 => {}
+            1 => return Err(ProfileError::Missing("field io_kiocb.opcode")),
+            _ => return Err(ProfileError::Missing("symbol io_issue_sqe")),
         }
         Ok(p)
     }
@@ -235,6 +256,14 @@ impl fmt::Display for LinuxProfile {
             "field linux_binprm.filename {:#x} {}",
             self.binprm_filename.offset, self.binprm_filename.size
         )?;
+        if let Some((hook, opcode)) = self.io_uring {
+            writeln!(f, "symbol io_issue_sqe {hook:#x}")?;
+            writeln!(
+                f,
+                "field io_kiocb.opcode {:#x} {}",
+                opcode.offset, opcode.size
+            )?;
+        }
         writeln!(f, "flag pti_pgd_pair {}", u8::from(self.pti_pgd_pair))
     }
 }
@@ -277,6 +306,13 @@ mod tests {
                 size: 8,
             },
             pti_pgd_pair: true,
+            io_uring: Some((
+                0xffff_ffff_8116_0f20,
+                Field {
+                    offset: 0x8,
+                    size: 1,
+                },
+            )),
         }
     }
 
@@ -285,6 +321,30 @@ mod tests {
         let text = sample().to_string();
         assert!(text.starts_with("ihmi-linux-profile 3\n"));
         assert_eq!(LinuxProfile::parse(&text), Ok(sample()));
+    }
+
+    #[test]
+    fn the_io_uring_entries_are_optional_but_come_together() {
+        let text = sample().to_string();
+        let without = |what: &str| -> std::string::String {
+            text.lines()
+                .filter(|l| !l.contains(what))
+                .map(|l| l.to_string() + "\n")
+                .collect()
+        };
+        let none = LinuxProfile {
+            io_uring: None,
+            ..sample()
+        };
+        assert_eq!(LinuxProfile::parse(&without("io_")), Ok(none));
+        assert_eq!(
+            LinuxProfile::parse(&without("io_kiocb")),
+            Err(ProfileError::Missing("field io_kiocb.opcode"))
+        );
+        assert_eq!(
+            LinuxProfile::parse(&without("io_issue_sqe")),
+            Err(ProfileError::Missing("symbol io_issue_sqe"))
+        );
     }
 
     #[test]

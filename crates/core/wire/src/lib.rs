@@ -192,6 +192,19 @@ pub enum EventLine<S> {
         filename_truncated: bool,
         verdict: S,
     },
+    /// An operation a process submitted through an io_uring ring, as the kernel issues it.
+    IoUring {
+        seq: u64,
+        tsc: u64,
+        mode: S,
+        pid: u32,
+        comm: S,
+        /// The operation's number (`IORING_OP_*`) and name, `null` for a number the profile does
+        /// not know.
+        opcode: u64,
+        op: Option<S>,
+        verdict: S,
+    },
     /// A request the monitor's checkpoint refused.
     Rejected {
         seq: u64,
@@ -222,7 +235,8 @@ impl<S> EventLine<S> {
         match self {
             Self::Syscall { pid, .. }
             | Self::ProcessCreate { pid, .. }
-            | Self::Exec { pid, .. } => Some(*pid),
+            | Self::Exec { pid, .. }
+            | Self::IoUring { pid, .. } => Some(*pid),
             Self::Rejected { .. } | Self::Invalid { .. } => None,
         }
     }
@@ -233,6 +247,7 @@ impl<S> EventLine<S> {
             Self::Syscall { seq, .. }
             | Self::ProcessCreate { seq, .. }
             | Self::Exec { seq, .. }
+            | Self::IoUring { seq, .. }
             | Self::Rejected { seq, .. }
             | Self::Invalid { seq, .. } => *seq,
         }
@@ -278,6 +293,7 @@ impl EventLine<alloc::string::String> {
             }
             Self::ProcessCreate { seq, tsc, mode, .. }
             | Self::Exec { seq, tsc, mode, .. }
+            | Self::IoUring { seq, tsc, mode, .. }
             | Self::Invalid { seq, tsc, mode, .. } => clear(seq, tsc, mode),
         }
         e

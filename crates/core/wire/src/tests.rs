@@ -153,6 +153,16 @@ mod host {
                 mode: Text::Str("inbox"),
                 kind: 9,
             },
+            EventLine::IoUring {
+                seq: 5,
+                tsc: 14,
+                mode: Text::Str("inbox"),
+                pid: 3,
+                comm: Text::Bytes(b"iou-wrk-3"),
+                opcode: 37,
+                op: Some(Text::Str("mkdirat")),
+                verdict: Text::Str("allow"),
+            },
         ];
         for (i, e) in events.iter().enumerate() {
             let s = line(e);

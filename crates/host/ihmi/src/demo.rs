@@ -74,6 +74,18 @@ impl Summary {
                     filename,
                     verdict,
                 }),
+                EventLine::IoUring {
+                    pid,
+                    comm,
+                    opcode,
+                    op,
+                    ..
+                } => {
+                    // Counted with the calls, named as io_uring operations.
+                    let op = op.unwrap_or_else(|| format!("#{opcode}"));
+                    *s.by_call.entry(format!("{op} (io_uring)")).or_default() += 1;
+                    pids.entry(comm).or_default().insert(pid);
+                }
                 EventLine::Rejected { .. } => s.rejected += 1,
                 EventLine::ProcessCreate { .. } | EventLine::Invalid { .. } => {}
             }

@@ -442,6 +442,12 @@ pub fn guest_profile(system_map: &Path, vmlinux: &Path, config: &str) -> Result<
         real_parent: field("real_parent")?,
         binprm_filename: member("linux_binprm", "filename")?,
         pti_pgd_pair: config.lines().any(|l| l == "CONFIG_PAGE_TABLE_ISOLATION=y"),
+        // A kernel with io_uring issues every submitted operation through `io_issue_sqe`; one
+        // without it (or one that inlined it) has no such hook point, and its rings go unwatched.
+        io_uring: match map.get("io_issue_sqe") {
+            Some(at) => Some((at, member("io_kiocb", "opcode")?)),
+            None => None,
+        },
     })
 }
 

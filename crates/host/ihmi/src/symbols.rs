@@ -63,6 +63,11 @@ impl SystemMap {
         })
     }
 
+    /// The address of `name`, if the kernel has it.
+    pub fn get(&self, name: &str) -> Option<u64> {
+        self.all.iter().find(|(_, n)| n == name).map(|(a, _)| *a)
+    }
+
     /// The address of `name`, or an error that names the symbol and the kernel.
     pub fn require(&self, name: &str) -> Result<u64> {
         match self.all.iter().find(|(_, n)| n == name) {

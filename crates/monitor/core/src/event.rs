@@ -22,6 +22,9 @@ pub enum EventKind {
     /// Linux: a process is about to run a new program (`execve`): `pid`, `ppid` and `comm` describe
     /// it as it is, `path` is the program; `detail` is 1 when the path was longer than `path` holds.
     Exec = 4,
+    /// Linux: an operation submitted through an io_uring ring is being issued: `pid` and `comm` are
+    /// the submitting process (or its io_uring worker thread), `nr` the operation (`IORING_OP_*`).
+    IoUring = 5,
 }
 
 impl EventKind {
@@ -33,6 +36,7 @@ impl EventKind {
             2 => Self::ProcessCreate,
             3 => Self::Rejected,
             4 => Self::Exec,
+            5 => Self::IoUring,
             _ => return None,
         })
     }
@@ -45,6 +49,7 @@ impl EventKind {
             Self::ProcessCreate => "process_create",
             Self::Rejected => "rejected",
             Self::Exec => "exec",
+            Self::IoUring => "io_uring",
         }
     }
 }
@@ -229,6 +234,16 @@ impl Event {
                 comm,
                 filename: Text::Bytes(nul_padded(&self.path)),
                 filename_truncated: self.detail != 0,
+                verdict,
+            },
+            EventKind::IoUring => EventLine::IoUring {
+                seq,
+                tsc,
+                mode,
+                pid: self.pid,
+                comm,
+                opcode: self.nr,
+                op: os.io_uring_op_name(self.nr).map(Text::Str),
                 verdict,
             },
             EventKind::Rejected => EventLine::Rejected {

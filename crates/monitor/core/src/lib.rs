@@ -14,7 +14,7 @@ use ihmi_paging::{Cr3, GuestPhysRead};
 
 pub use event::{Event, EventKind, EventRing, RejectReason};
 pub use introspect::{IntrospectError, Introspector, TranslationCache};
-pub use os::{OsProfile, ProcessInfo};
+pub use os::{IoUringHook, OsProfile, ProcessInfo};
 pub use policy::Policy;
 
 /// What the caller of the entry point knows that the guest cannot forge: the guest's CR3 at the call
@@ -158,6 +158,7 @@ impl Monitor {
             }
             Some(RequestCode::ProcessCreate) => st.on_process_create(&intro, args).map(Some),
             Some(RequestCode::Exec) => st.on_exec(&intro, args, ctx).map(Some),
+            Some(RequestCode::IoUring) => st.on_io_uring(&intro, args, ctx).map(Some),
         };
         match outcome {
             Ok(None) => Verdict::Allow,
@@ -191,10 +192,13 @@ const fn linux_entry_makes(entry: Entry, r: RequestCode) -> bool {
             r,
             RequestCode::Syscall | RequestCode::SyscallInt80 | RequestCode::SyscallSysenter
         ),
-        Entry::CallGate => matches!(r, RequestCode::Exec),
+        Entry::CallGate => matches!(r, RequestCode::Exec | RequestCode::IoUring),
         Entry::Unverified => false,
     }
 }
+
+/// Where kernel addresses start (the upper half).
+const KERNEL_HALF: u64 = 0xffff_8000_0000_0000;
 
 /// Where the exec frame's words sit above the caller's stack pointer at the gate: RFLAGS (or the call
 /// stub's RBX), the return into the trampoline, its pushes (R11 lowest, then R10, R9, R8, RDI, RSI,
@@ -296,6 +300,43 @@ impl State {
         })
     }
 
+    /// args = (GVA of the kernel's `io_kiocb`, 0, 0, 0), from the hook in `io_issue_sqe`, with its
+    /// frame on the calling stack as for exec requests. Every operation is allowed; the event names it.
+    fn on_io_uring<M: GuestPhysRead>(
+        &mut self,
+        intro: &Introspector<'_, M>,
+        args: [u64; 4],
+        ctx: &CallContext,
+    ) -> Result<Event, RejectReason> {
+        let hook = self.os.io_uring.ok_or(RejectReason::UnknownRequest)?;
+        if args[1..] != [0; 3] {
+            return Err(RejectReason::BadArgument);
+        }
+        self.check_exec_frame(intro, args[0], ctx.caller_rsp, hook.returns)?;
+        let who = self.current(intro)?.ok_or(RejectReason::NoCurrentProcess)?;
+        let req = Gva::new(args[0]);
+        if !req.is_canonical() || args[0] < KERNEL_HALF {
+            return Err(RejectReason::BadArgument);
+        }
+        let at = Gva::new(
+            args[0]
+                .checked_add(hook.opcode)
+                .ok_or(RejectReason::BadArgument)?,
+        );
+        let mut opcode = [0u8; 1];
+        intro
+            .read_gva(at, &mut opcode)
+            .map_err(|_| RejectReason::GuestMemory)?;
+        Ok(Event {
+            kind: EventKind::IoUring as u16,
+            verdict: Verdict::Allow as i32,
+            pid: who.pid,
+            comm: who.comm,
+            nr: u64::from(opcode[0]),
+            ..Event::EMPTY
+        })
+    }
+
     /// The calling kernel stack must hold the frame a real exec leaves (see `ihmi_hook_exec` in the
     /// monitor image): the return into the trampoline above the gate's saved RFLAGS, the trampoline's
     /// nine saved registers with RDI the `linux_binprm` it passed, then the return into the hooked
@@ -315,15 +356,14 @@ impl State {
             );
             intro.read_u64(gva).map_err(|_| RejectReason::NotFromHook)
         };
-        let frame = [
-            (EXEC_FRAME_HOOK_RETURN, hook_return),
-            (EXEC_FRAME_BPRM, bprm),
-            (EXEC_FRAME_SITE_RETURN, site_return),
-        ];
-        for (offset, expected) in frame {
-            if at(offset)? != expected {
-                return Err(RejectReason::NotFromHook);
-            }
+        if at(EXEC_FRAME_HOOK_RETURN)? != hook_return || at(EXEC_FRAME_BPRM)? != bprm {
+            return Err(RejectReason::NotFromHook);
+        }
+        // L0 puts the call after the function's ENDBR64 when it has one (a kernel built for indirect
+        // branch tracking), which it sees only once the kernel has booted: 4 bytes further then.
+        let site = at(EXEC_FRAME_SITE_RETURN)?;
+        if site != site_return && site != site_return.wrapping_add(4) {
+            return Err(RejectReason::NotFromHook);
         }
         Ok(())
     }

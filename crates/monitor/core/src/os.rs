@@ -52,6 +52,18 @@ pub struct OsProfile {
     /// Linux: the two return addresses a real exec request has on its stack (the trampoline's call
     /// of the gate, the hooked function's call of the trampoline), when the monitor checks them.
     pub exec_returns: Option<[u64; 2]>,
+    /// Linux: the same for the io_uring hook, and where `io_kiocb` keeps its one-byte `opcode`
+    /// (none without the hook).
+    pub io_uring: Option<IoUringHook>,
+}
+
+/// What the monitor needs for a Linux kernel's io_uring hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IoUringHook {
+    /// The two returns a real request has on its stack, as for exec requests.
+    pub returns: [u64; 2],
+    /// Offset of `io_kiocb.opcode`.
+    pub opcode: u64,
 }
 
 /// What the monitor knows of one process.
@@ -80,6 +92,7 @@ impl OsProfile {
             pti_pgd_pair: false,
             binprm_filename: 0,
             exec_returns: None,
+            io_uring: None,
         }
     }
 
@@ -105,6 +118,7 @@ impl OsProfile {
             pti_pgd_pair,
             binprm_filename,
             exec_returns: None,
+            io_uring: None,
         }
     }
 
@@ -119,10 +133,28 @@ impl OsProfile {
         }
     }
 
+    /// The same profile, serving io_uring requests from the hook in `io_issue_sqe`.
+    #[must_use]
+    pub const fn with_io_uring(self, hook: IoUringHook) -> Self {
+        Self {
+            io_uring: Some(hook),
+            ..self
+        }
+    }
+
     /// The page-table root to read kernel memory through, from the CR3 the guest had.
     #[must_use]
     pub const fn kernel_cr3(&self, cr3: u64) -> u64 {
         ihmi_linux::profile::kernel_pgd(cr3, self.pti_pgd_pair)
+    }
+
+    /// The name of an io_uring operation (`IORING_OP_*`, user-space ABI), where the profile knows it.
+    #[must_use]
+    pub const fn io_uring_op_name(&self, op: u64) -> Option<&'static str> {
+        match self.family {
+            OsFamily::TestGuest => None,
+            OsFamily::Linux => linux_io_uring_op_name(op),
+        }
     }
 
     /// The name of a 32-bit system call (i386 numbers), where the profile knows it.
@@ -301,6 +333,9 @@ const fn linux_syscall_name(nr: u64) -> Option<&'static str> {
         302 => "prlimit64",
         318 => "getrandom",
         334 => "rseq",
+        425 => "io_uring_setup",
+        426 => "io_uring_enter",
+        427 => "io_uring_register",
         _ => return None,
     })
 }
@@ -378,6 +413,63 @@ const fn linux_compat_syscall_name(nr: u64) -> Option<&'static str> {
         355 => "getrandom",
         384 => "arch_prctl",
         386 => "rseq",
+        _ => return None,
+    })
+}
+
+/// Linux 6.1's io_uring operations (`enum io_uring_op` in its `include/uapi/linux/io_uring.h`),
+/// lower-cased without the `IORING_OP_` prefix.
+const fn linux_io_uring_op_name(op: u64) -> Option<&'static str> {
+    Some(match op {
+        0 => "nop",
+        1 => "readv",
+        2 => "writev",
+        3 => "fsync",
+        4 => "read_fixed",
+        5 => "write_fixed",
+        6 => "poll_add",
+        7 => "poll_remove",
+        8 => "sync_file_range",
+        9 => "sendmsg",
+        10 => "recvmsg",
+        11 => "timeout",
+        12 => "timeout_remove",
+        13 => "accept",
+        14 => "async_cancel",
+        15 => "link_timeout",
+        16 => "connect",
+        17 => "fallocate",
+        18 => "openat",
+        19 => "close",
+        20 => "files_update",
+        21 => "statx",
+        22 => "read",
+        23 => "write",
+        24 => "fadvise",
+        25 => "madvise",
+        26 => "send",
+        27 => "recv",
+        28 => "openat2",
+        29 => "epoll_ctl",
+        30 => "splice",
+        31 => "provide_buffers",
+        32 => "remove_buffers",
+        33 => "tee",
+        34 => "shutdown",
+        35 => "renameat",
+        36 => "unlinkat",
+        37 => "mkdirat",
+        38 => "symlinkat",
+        39 => "linkat",
+        40 => "msg_ring",
+        41 => "fsetxattr",
+        42 => "setxattr",
+        43 => "fgetxattr",
+        44 => "getxattr",
+        45 => "socket",
+        46 => "uring_cmd",
+        47 => "send_zc",
+        48 => "sendmsg_zc",
         _ => return None,
     })
 }

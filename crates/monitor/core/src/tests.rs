@@ -693,7 +693,19 @@ fn linux_requests_need_their_own_entry_and_an_exec_needs_the_hook_s_frame() {
         req(&g, exec, Entry::CallGate, STACK, BPRM + 0x100),
         rejected(RejectReason::NotFromHook)
     );
-    for (i, wrong) in [(1, HOOK_RETURN + 1), (11, SITE_RETURN - 5)] {
+    // After an ENDBR64 the call is 4 bytes further, and so is its return.
+    let mut f = frame;
+    f[11] = SITE_RETURN + 4;
+    write_frame(&mut g, &f);
+    assert_eq!(
+        req(&g, exec, Entry::CallGate, STACK, BPRM),
+        (Verdict::Allow, Some(EventKind::Exec), None)
+    );
+    for (i, wrong) in [
+        (1, HOOK_RETURN + 1),
+        (11, SITE_RETURN - 5),
+        (11, SITE_RETURN + 8),
+    ] {
         let mut f = frame;
         f[i] = wrong;
         write_frame(&mut g, &f);
@@ -705,5 +717,76 @@ fn linux_requests_need_their_own_entry_and_an_exec_needs_the_hook_s_frame() {
     assert_eq!(
         req(&g, exec, Entry::CallGate, 0xffff_ffff_ffff_fff0, BPRM),
         rejected(RejectReason::NotFromHook)
+    );
+}
+
+/// An io_uring operation from the hook in `io_issue_sqe`: named from the `io_kiocb`'s opcode, with
+/// the hook's frame checked as for exec; a kernel without the hook configured refuses the request.
+#[test]
+fn linux_io_uring_names_the_operation_from_the_kernel_s_request() {
+    let (mut g, cr3, _) = setup();
+    const TASK: u64 = KERNEL + 0x2000;
+    const PARENT: u64 = KERNEL + 0x2400;
+    const REQ: u64 = KERNEL + 0x2800;
+    const STACK: u64 = KERNEL + 0x3000;
+    const HOOK_RETURN: u64 = 0xffff_ffff_8200_0283;
+    const SITE_RETURN: u64 = 0xffff_ffff_8116_0f25;
+    g.write(CURRENT, &TASK.to_le_bytes());
+    g.write(TASK + 0x14, &31u32.to_le_bytes());
+    g.write(TASK + 0x18, &PARENT.to_le_bytes());
+    g.write(TASK + 0x40, b"iou-wrk-31\0");
+    g.write(PARENT + 0x14, &1u32.to_le_bytes());
+    g.write(REQ + 0x8, &[18]); // IORING_OP_OPENAT
+    let mut frame = [0u64; 12];
+    frame[1] = HOOK_RETURN;
+    frame[6] = REQ;
+    frame[11] = SITE_RETURN;
+    for (i, w) in frame.iter().enumerate() {
+        g.write(STACK + 8 * i as u64, &w.to_le_bytes());
+    }
+    let linux = OsProfile::linux(Gva::new(CURRENT), 0x14, 0x18, 0x40, false, 0x60);
+    let ctx = CallContext {
+        cr3,
+        tsc: 9,
+        percpu_base: 0,
+        entry: Entry::CallGate,
+        caller_rsp: STACK,
+    };
+    let mut ring = EventRing::new();
+    let args = [REQ, 0, 0, 0];
+    let code = RequestCode::IoUring as u64;
+    let mut without = Monitor::new(linux, Policy::allow_all());
+    assert_eq!(
+        without.handle(code, args, &ctx, &g, &mut ring),
+        Verdict::Rejected
+    );
+    assert_eq!(
+        RejectReason::from_raw(events(&mut ring)[0].detail),
+        Some(RejectReason::UnknownRequest)
+    );
+    let hook = IoUringHook {
+        returns: [HOOK_RETURN, SITE_RETURN],
+        opcode: 0x8,
+    };
+    let mut m = Monitor::new(linux.with_io_uring(hook), Policy::allow_all());
+    assert_eq!(m.handle(code, args, &ctx, &g, &mut ring), Verdict::Allow);
+    let e = events(&mut ring);
+    assert_eq!(
+        (e[0].kind(), e[0].nr, e[0].pid),
+        (Some(EventKind::IoUring), 18, 31)
+    );
+    let json = std::format!("{}", e[0].json("inbox", m.os()));
+    assert!(
+        json.contains(r#""event":"io_uring","#) && json.contains(r#""opcode":18,"op":"openat""#),
+        "{json}"
+    );
+    // Not from the hook: another request than the trampoline pushed.
+    assert_eq!(
+        m.handle(code, [REQ + 0x100, 0, 0, 0], &ctx, &g, &mut ring),
+        Verdict::Rejected
+    );
+    assert_eq!(
+        RejectReason::from_raw(events(&mut ring)[0].detail),
+        Some(RejectReason::NotFromHook)
     );
 }

@@ -7,7 +7,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use ihmi_abi::monitor::{Entry, MonitorConfig, Verdict, CONFIG_MAGIC};
 use ihmi_addr::{Gpa, Gva};
-use ihmi_monitor::{CallContext, EventRing, Monitor, OsProfile, Policy};
+use ihmi_monitor::{CallContext, EventRing, IoUringHook, Monitor, OsProfile, Policy};
 use ihmi_paging::{Cr3, GuestPhysRead, PhysReadError};
 
 ihmi_rt::provide_mem_functions!();
@@ -36,6 +36,9 @@ static IHMI_MONITOR_CONFIG: Cell<MonitorConfig> = Cell(UnsafeCell::new(MonitorCo
     binprm_filename_offset: 0,
     exec_hook_return: 0,
     exec_site_return: 0,
+    io_uring_hook_return: 0,
+    io_uring_site_return: 0,
+    io_kiocb_opcode_offset: 0,
 }));
 
 /// Calls of the entry point, for L0's benchmark accounting (L0 reads it while the monitor is stopped).
@@ -118,8 +121,16 @@ fn monitor(config: &MonitorConfig) -> &'static mut Monitor {
                 config.pti_pgd_pair != 0,
                 config.binprm_filename_offset,
             );
-            if config.exec_hook_return != 0 {
+            let linux = if config.exec_hook_return != 0 {
                 linux.with_exec_returns(config.exec_hook_return, config.exec_site_return)
+            } else {
+                linux
+            };
+            if config.io_uring_hook_return != 0 {
+                linux.with_io_uring(IoUringHook {
+                    returns: [config.io_uring_hook_return, config.io_uring_site_return],
+                    opcode: config.io_kiocb_opcode_offset,
+                })
             } else {
                 linux
             }
@@ -421,19 +432,21 @@ ihmi_gate_kernel_int80:
     options(att_syntax)
 );
 
-// The Linux process-creation trampoline, in the gate page, which L0 also maps in a free 2 MiB slot
-// of the kernel's image mapping: the call L0 writes over the `__fentry__` NOP of `begin_new_exec` lands
-// here with the function's arguments live (RDI = the `linux_binprm`) and the stack holding the return
-// into the function, then the return to its caller. Every register the function may read comes back
-// as it was. The monitor is reached through the call gate at its own address (L0 patches it in): the
-// trampoline's alias is not mapped in the monitor's address space. Any verdict but allow refuses the
-// program: the trampoline then returns -EPERM to `begin_new_exec`'s caller (the binary loader, which
-// fails the `execve` with it) without running it.
+// The Linux hooks' trampolines, in the gate page, which L0 also maps in a free 2 MiB slot of the
+// kernel's image mapping: the call L0 writes over the `__fentry__` NOP of the hooked function
+// (`begin_new_exec` for process creation, `io_issue_sqe` for io_uring) lands here with the function's
+// arguments live (RDI = the `linux_binprm`, or the `io_kiocb`) and the stack holding the return into
+// the function, then the return to its caller. Every register the function may read comes back as it
+// was. The monitor is reached through the call gate at its own address (L0 patches it in): the
+// trampoline's alias is not mapped in the monitor's address space. Any verdict but allow refuses: the
+// trampoline then returns -EPERM to the function's caller (the binary loader, which fails the `execve`
+// with it; io_uring, which completes the operation with it) without running it.
 core::arch::global_asm!(
     r#"
+    .macro IHMI_HOOK_TRAMPOLINE name, request
     .section .gate, "ax"
-    .global ihmi_hook_exec
-ihmi_hook_exec:
+    .global \name
+\name:
     endbr64
     push %rax
     push %rcx
@@ -444,17 +457,17 @@ ihmi_hook_exec:
     push %r9
     push %r10
     push %r11
-    mov %rdi, %rsi                 /* ihmi_monitor_entry(Exec, bprm, 0, 0, 0) */
-    mov ${exec_request}, %edi
+    mov %rdi, %rsi                 /* ihmi_monitor_entry(request, RDI, 0, 0, 0) */
+    mov $\request, %edi
     xor %edx, %edx
     xor %ecx, %ecx
     xor %r8d, %r8d
-    .global ihmi_hook_gate_imm
-ihmi_hook_gate_imm:
+    .global \name\()_gate_imm
+\name\()_gate_imm:
     movabs $0, %rax                /* L0 patches the call gate's address here */
     call *%rax
-    .global ihmi_hook_gate_return
-ihmi_hook_gate_return:             /* the monitor checks this return is on an exec request's stack */
+    .global \name\()_gate_return
+\name\()_gate_return:              /* the monitor checks this return is on the request's stack */
     test %rax, %rax                /* 0 = allow; pops keep the flags */
     pop %r11
     pop %r10
@@ -466,12 +479,17 @@ ihmi_hook_gate_return:             /* the monitor checks this return is on an ex
     pop %rcx
     pop %rax
     jnz 1f
-    ret                            /* on into begin_new_exec */
+    ret                            /* on into the hooked function */
 1:  add $8, %rsp                   /* drop the return into it: return from it instead */
     mov ${eperm}, %rax
     ret
+    .endm
+
+    IHMI_HOOK_TRAMPOLINE ihmi_hook_exec, {exec_request}
+    IHMI_HOOK_TRAMPOLINE ihmi_hook_io_uring, {io_uring_request}
 "#,
     exec_request = const ihmi_abi::monitor::RequestCode::Exec as u64,
+    io_uring_request = const ihmi_abi::monitor::RequestCode::IoUring as u64,
     eperm = const -1i64,
     options(att_syntax)
 );

@@ -58,6 +58,9 @@ pub struct ScenarioLog {
     /// Rejected requests of the `forge` attack: its system call through the call gate (wrong
     /// entry), its exec without the hook's frame (not from the hook).
     pub forged_rejected: [u64; 2],
+    /// io_uring events of the attacker (or its io_uring worker threads), per operation of
+    /// [`ihmi_abi::attack::LINUX_IO_URING_OPS`].
+    pub io_uring_ops: [u64; 4],
     /// What L0 did with NMIs, counted from its observations.
     pub nmis: NmiCounts,
     /// The NMIs the guest kernel says it took, from the `nmi` attack's report line.
@@ -152,6 +155,15 @@ impl ScenarioLog {
             };
             if let Some(i) = forged {
                 self.forged_rejected[i] += 1;
+            }
+        }
+        let comm = comm_bytes(&event.comm);
+        if event.kind() == Some(EventKind::IoUring)
+            && (comm == b"ihmi-attack" || comm.starts_with(b"iou-wrk-"))
+        {
+            let ops = ihmi_abi::attack::LINUX_IO_URING_OPS;
+            if let Some(i) = ops.iter().position(|&op| u64::from(op) == event.nr) {
+                self.io_uring_ops[i] += 1;
             }
         }
         let by_attacker =
@@ -331,6 +343,8 @@ pub enum FailReason {
         wrong_entry: u64,
         not_from_hook: u64,
     },
+    /// An operation the attacker submitted through io_uring (`IORING_OP_*`) made no event.
+    IoUringNotSeen { opcode: u8 },
     /// A flood of events was not all kept.
     EventsLost {
         expected: u64,
@@ -448,6 +462,10 @@ impl fmt::Display for FailReason {
             } => write!(
                 f,
                 "the forged system call was rejected for its entry {wrong_entry} times and the forged exec for its frame {not_from_hook} times (1 each expected)"
+            ),
+            Self::IoUringNotSeen { opcode } => write!(
+                f,
+                "the io_uring operation {opcode} the attacker submitted made no io_uring event"
             ),
             Self::NmisLost { l0, guest } => write!(
                 f,
@@ -572,6 +590,7 @@ fn check(
         Scenario::LinuxAttack(LinuxAttack::Compat) => check_compat(log),
         Scenario::LinuxAttack(LinuxAttack::Nmi) => check_nmi(log),
         Scenario::LinuxAttack(LinuxAttack::Forge) => check_forge(log),
+        Scenario::LinuxAttack(LinuxAttack::IoUring) => check_io_uring(log),
         Scenario::LinuxAttack(LinuxAttack::GatePgd) => check_locked_write(
             log,
             Locked::GatePath,
@@ -887,6 +906,22 @@ fn check_forge(log: &ScenarioLog) -> Result<(), FailReason> {
         }
     }
     Ok(())
+}
+
+/// `linux-attack-io-uring`: every operation the attacker submitted through its ring (and which took
+/// effect: the attacker checks and fails otherwise) reached the monitor as an io_uring event naming it,
+/// made by the attacker or one of its io_uring worker threads.
+fn check_io_uring(log: &ScenarioLog) -> Result<(), FailReason> {
+    linux_run_ended_well(log)?;
+    let ops = ihmi_abi::attack::LINUX_IO_URING_OPS;
+    match ops
+        .iter()
+        .zip(log.io_uring_ops)
+        .find(|(_, seen)| *seen == 0)
+    {
+        Some((&opcode, _)) => Err(FailReason::IoUringNotSeen { opcode }),
+        None => Ok(()),
+    }
 }
 
 /// A whole line of ASCII digits as a number; `None` for anything else or an overflow.

@@ -1195,3 +1195,35 @@ fn the_forge_attack_needs_both_forgeries_rejected_for_their_reason_and_both_pins
         ));
     }
 }
+
+#[test]
+fn the_io_uring_attack_needs_an_event_for_every_operation_it_submitted() {
+    use ihmi_abi::attack::LINUX_IO_URING_OPS;
+    use ihmi_abi::LinuxAttack;
+    use ihmi_monitor::{Event, EventKind};
+    let s = Scenario::LinuxAttack(LinuxAttack::IoUring);
+    let run = |ops: &[u8], comm: &[u8]| {
+        let mut h = hv(s);
+        for &op in ops {
+            let mut e = Event {
+                kind: EventKind::IoUring as u16,
+                nr: u64::from(op),
+                ..Event::EMPTY
+            };
+            e.comm[..comm.len()].copy_from_slice(comm);
+            h.judge.log.record_monitor_event(&e);
+        }
+        end_as_init_does(&mut h.judge.log);
+        judge(s, &h.judge.log, &h.hv.counters, Gpa::new(0), None)
+    };
+    assert_eq!(run(&LINUX_IO_URING_OPS, b"ihmi-attack"), Verdict::Pass);
+    assert_eq!(run(&LINUX_IO_URING_OPS, b"iou-wrk-25"), Verdict::Pass);
+    assert!(matches!(
+        run(&LINUX_IO_URING_OPS[..3], b"ihmi-attack"),
+        Verdict::Fail(FailReason::IoUringNotSeen { opcode: 37 })
+    ));
+    assert!(matches!(
+        run(&LINUX_IO_URING_OPS, b"sh"),
+        Verdict::Fail(FailReason::IoUringNotSeen { .. })
+    ));
+}

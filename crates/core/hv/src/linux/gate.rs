@@ -22,7 +22,7 @@ use ihmi_ept::Perm;
 use ihmi_vmcs::fields::guest;
 use ihmi_vmcs::{EptViolationQualification, Instruction};
 
-use super::hooks::{self, ArmedHook, ExecHook};
+use super::hooks::{self, ArmedCall, ArmedHook, ExecHook, HookSite};
 use crate::guard::views::GUEST_VIEW;
 use crate::memory::PlatformReader;
 use crate::platform::read_guest_u64;
@@ -70,6 +70,8 @@ pub struct LinuxGate {
     pub gate_page: Gpa,
     /// The process-creation hook to install then, if the monitor has one.
     pub exec_hook: Option<ExecHook>,
+    /// The io_uring hook, through the same slot, if the kernel has io_uring.
+    pub io_uring_hook: Option<HookSite>,
     /// What of the booted kernel never changes again, guest-physical: L0 write-protects it in the
     /// guest view when the gate opens.
     pub kernel: KernelImage,
@@ -144,6 +146,8 @@ pub struct LinuxGuard {
     open: bool,
     /// The process-creation hook, once installed.
     armed: Option<ArmedHook>,
+    /// The io_uring hook's call, once installed.
+    armed_io_uring: Option<ArmedCall>,
     /// What L0 write-protected when the gate opened.
     locked: [Option<(GpaRange, Locked)>; MAX_LOCKED],
     /// Whether the kernel runs with page-table isolation (its user halves in use), found when the
@@ -158,6 +162,7 @@ impl LinuxGuard {
             installed: false,
             open: false,
             armed: None,
+            armed_io_uring: None,
             locked: [None; MAX_LOCKED],
             pti_in_use: false,
         }
@@ -236,6 +241,12 @@ impl LinuxGuard {
     #[must_use]
     pub const fn armed_hook(&self) -> Option<&ArmedHook> {
         self.armed.as_ref()
+    }
+
+    /// The io_uring hook's call, once installed.
+    #[must_use]
+    pub const fn armed_io_uring(&self) -> Option<&ArmedCall> {
+        self.armed_io_uring.as_ref()
     }
 
     /// What the audit checks: the gate's PML4 entry in every half it went into, and the hook's
@@ -515,8 +526,25 @@ impl Hypervisor {
             },
             None => None,
         };
+        // The io_uring hook goes through the slot the process-creation hook mapped.
+        linux.armed_io_uring = match (linux.armed, gate.io_uring_hook.as_ref()) {
+            (Some(_), Some(site)) => match arm_site(platform, site) {
+                Ok(armed) => armed,
+                Err(error) => {
+                    return Some(Action::End(GuestEnd::GuardFailed {
+                        what: "take out the io_uring hook it could not write-protect",
+                        error,
+                    }))
+                }
+            },
+            _ => None,
+        };
         if let Err((what, error)) = linux.open_steps(platform, gate_range) {
-            // Whatever step failed, the hook would call a gate that is not safely open: take it out.
+            // Whatever step failed, the hooks would call a gate that is not safely open: take them
+            // out.
+            if let Some(armed) = linux.armed_io_uring.take() {
+                let _ = hooks::remove_site(platform, &armed);
+            }
             if let Some(armed) = linux.armed.take() {
                 let _ = hooks::remove(platform, &armed);
             }
@@ -556,6 +584,33 @@ fn arm_hook(
     platform.log(format_args!(
         "linux: first system call (rip {rip:#x}): begin_new_exec at {} now calls the process-creation trampoline at {}",
         hook.site, hook.trampoline
+    ));
+    Ok(Some(armed))
+}
+
+/// Installs the io_uring hook and write-protects the page of its call, as [`arm_hook`] does: one
+/// that cannot go in or be protected is left out, with a line on the console.
+fn arm_site(
+    platform: &mut impl Platform,
+    site: &HookSite,
+) -> Result<Option<ArmedCall>, PlatformError> {
+    let armed = match hooks::install_site(platform, site) {
+        Ok(a) => a,
+        Err(e) => {
+            platform.log(format_args!("linux: io_uring is not monitored: {e}"));
+            return Ok(None);
+        }
+    };
+    if let Err(e) = platform.protect_guest(armed.call_page(), Perm::RX) {
+        hooks::remove_site(platform, &armed)?;
+        platform.log(format_args!(
+            "linux: io_uring is not monitored: the page of the hook's call cannot be write-protected ({e})"
+        ));
+        return Ok(None);
+    }
+    platform.log(format_args!(
+        "linux: io_issue_sqe at {} now calls the io_uring trampoline at {}",
+        site.site, site.trampoline
     ));
     Ok(Some(armed))
 }

@@ -21,6 +21,9 @@
 //!
 //! The kernel can still change its own page table entry for the trampoline's slot, or the top-level
 //! slot of the gate; L0 audits both at every exit (the hook's integrity check, BRIEF.md §4 item 11).
+//!
+//! More functions are hooked the same way through the same slot ([`HookSite`], [`install_site`]):
+//! `io_issue_sqe`, where a kernel with io_uring issues every operation a ring submits.
 
 use core::fmt;
 
@@ -51,6 +54,34 @@ pub struct ExecHook {
     pub gate_page: Gpa,
     /// The kernel's top-level page table (`init_top_pgt`).
     pub pgd: Gpa,
+}
+
+/// Another hooked function, reached through the same slot as the process-creation hook (its
+/// trampoline is elsewhere in the gate page): the io_uring hook in `io_issue_sqe`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HookSite {
+    /// The function, and where its first bytes are.
+    pub site: Gva,
+    pub site_pa: Gpa,
+    /// Its trampoline, in the slot.
+    pub trampoline: Gva,
+}
+
+/// A call L0 wrote over a hooked function's NOP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ArmedCall {
+    /// Where (guest-physical), and the five bytes.
+    pub call_at: Gpa,
+    pub call: [u8; 5],
+}
+
+impl ArmedCall {
+    /// The page that holds the call, which the guest view makes read + execute only.
+    #[must_use]
+    pub fn call_page(&self) -> GpaRange {
+        let start = self.call_at.align_down(PAGE_SIZE);
+        GpaRange::new(start, Gpa::new(start.raw() + PAGE_SIZE))
+    }
 }
 
 /// The hook as installed: what L0 audits afterwards, and what it takes out again if it must.
@@ -118,20 +149,54 @@ fn call_rel32(site: Gva, target: Gva) -> Option<[u8; 5]> {
     Some([0xe8, r[0], r[1], r[2], r[3]])
 }
 
-/// Puts the hook in (steps 1 and 2 of the module's description): checks everything first, then
-/// writes the page-directory entry and the call. The caller changes the guest view's permissions.
-pub fn install(platform: &mut impl Platform, hook: &ExecHook) -> Result<ArmedHook, HookError> {
+/// The call to write over a function's `__fentry__` NOP (after its ENDBR64, if it has one), once the
+/// site is checked to hold the NOP and the trampoline to be in reach.
+fn prepare_call(platform: &impl Platform, s: &HookSite) -> Result<ArmedCall, HookError> {
     let mut head = [0u8; 9];
-    platform.read_guest(hook.site_pa, &mut head)?;
+    platform.read_guest(s.site_pa, &mut head)?;
     let offset = if head[..4] == ENDBR64 { 4 } else { 0 };
     if head[offset..offset + 5] != FENTRY_NOP {
         return Err(HookError::NotAnFentrySite { found: head });
     }
-    let site = Gva::new(hook.site.raw().wrapping_add(offset as u64));
-    let call = call_rel32(site, hook.trampoline).ok_or(HookError::OutOfReach {
+    let site = Gva::new(s.site.raw().wrapping_add(offset as u64));
+    let call = call_rel32(site, s.trampoline).ok_or(HookError::OutOfReach {
         site,
-        trampoline: hook.trampoline,
+        trampoline: s.trampoline,
     })?;
+    let call_at = s
+        .site_pa
+        .checked_add(offset as u64)
+        .ok_or(PlatformError::Fenced {
+            gpa: s.site_pa,
+            len: 9,
+        })?;
+    Ok(ArmedCall { call_at, call })
+}
+
+/// Hooks one more function through the slot the process-creation hook mapped (so only after
+/// [`install`]): checks the site, then writes the call. The caller changes the guest view.
+pub fn install_site(platform: &mut impl Platform, s: &HookSite) -> Result<ArmedCall, HookError> {
+    let armed = prepare_call(platform, s)?;
+    platform.write_guest(armed.call_at, &armed.call)?;
+    Ok(armed)
+}
+
+/// Takes such a call out again: the NOP back.
+pub fn remove_site(platform: &mut impl Platform, armed: &ArmedCall) -> Result<(), PlatformError> {
+    platform.write_guest(armed.call_at, &FENTRY_NOP)
+}
+
+/// Puts the hook in (steps 1 and 2 of the module's description): checks everything first, then
+/// writes the page-directory entry and the call. The caller changes the guest view's permissions.
+pub fn install(platform: &mut impl Platform, hook: &ExecHook) -> Result<ArmedHook, HookError> {
+    let ArmedCall { call_at, call } = prepare_call(
+        platform,
+        &HookSite {
+            site: hook.site,
+            site_pa: hook.site_pa,
+            trampoline: hook.trampoline,
+        },
+    )?;
     // The kernel's page-directory entry for the slot, found by the one page walker.
     let tables = PlatformReader(platform);
     let pd_entry = ihmi_paging::entry_address(&tables, hook.pgd, hook.slot_va, 2)
@@ -150,13 +215,6 @@ pub fn install(platform: &mut impl Platform, hook: &ExecHook) -> Result<ArmedHoo
         PteFlags::PRESENT | PteFlags::WRITABLE | PteFlags::ACCESSED,
     )
     .raw();
-    let call_at = hook
-        .site_pa
-        .checked_add(offset as u64)
-        .ok_or(PlatformError::Fenced {
-            gpa: hook.site_pa,
-            len: 9,
-        })?;
     platform.write_guest(pd_entry, &pd_value.to_le_bytes())?;
     if let Err(e) = platform.write_guest(call_at, &call) {
         // Leave nothing half done: without the call the slot's mapping is harmless, but take it out.

@@ -44,6 +44,7 @@ fn the_running_linux_task_is_read_through_the_profile() {
         idt_table: 0,
         binprm_filename: Field::default(),
         pti_pgd_pair: false,
+        io_uring: None,
     });
     let mut p = platform_with_identity_paging();
     // Per-CPU area at 0x10_0000 (the kernel's GS base); current_task -> task at 0x30_0000, whose
@@ -897,4 +898,53 @@ fn setting_cr4_vmxe_without_vmx_gets_gp_and_no_alert_and_other_cr_exits_end_the_
         h.handle_exit(&mut v, &mut p),
         Action::End(GuestEnd::Unhandled { .. })
     ));
+}
+
+#[test]
+fn the_io_uring_hook_goes_in_through_the_same_slot_or_is_left_out_with_a_message() {
+    use crate::linux::hooks::{HookSite, FENTRY_NOP};
+    use ihmi_addr::Gva;
+    const SITE: u64 = 0xffff_ffff_8116_0f20;
+    const SITE_PA: u64 = 0x116_0f20;
+    let trampoline = HOOK_SLOT + 0x260;
+    for nop in [true, false] {
+        let (mut h, mut p, mut gate) = linux_guarded();
+        gate.io_uring_hook = Some(HookSite {
+            site: Gva::new(SITE),
+            site_pa: Gpa::new(SITE_PA),
+            trampoline: Gva::new(trampoline),
+        });
+        let views = h.guard.unwrap().views;
+        h.guard = Some(crate::Guard::new(views, None).with_linux_gate(gate));
+        linux_kernel_memory(&mut p);
+        if nop {
+            p.write_bytes(SITE_PA, &FENTRY_NOP);
+        }
+        install_gate(&mut h, &mut p);
+        assert_eq!(h.handle_exit(&mut first_syscall(), &mut p), Action::Resume);
+        let linux = h.guard.as_ref().unwrap().linux().unwrap();
+        assert!(linux.is_open() && linux.armed_hook().is_some());
+        let calls = p.calls.borrow().clone();
+        if nop {
+            let rel = (trampoline as i64 - (SITE as i64 + 5)) as i32;
+            let mut call = vec![0xe8];
+            call.extend_from_slice(&rel.to_le_bytes());
+            assert!(calls.contains(&Call::WritePhys(Gpa::new(SITE_PA), call)));
+            assert!(calls.contains(&Call::ProtectGuest(
+                Gpa::new(0x116_0000),
+                4096,
+                ihmi_ept::Perm::RX
+            )));
+            assert!(linux.armed_io_uring().is_some());
+        } else {
+            assert!(linux.armed_io_uring().is_none());
+            assert!(!calls
+                .iter()
+                .any(|c| matches!(c, Call::WritePhys(at, _) if *at == Gpa::new(SITE_PA))));
+            assert!(p
+                .logs()
+                .iter()
+                .any(|l| l.contains("io_uring is not monitored")));
+        }
+    }
 }

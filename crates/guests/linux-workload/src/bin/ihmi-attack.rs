@@ -32,6 +32,8 @@
 //!   kernel data), and read /proc/sys/kernel/printk. From there it calls the monitor's gate with a
 //!   forged system-call request and a forged exec request, and, each in a child, clears CR4.SMAP
 //!   and CR0.WP.
+//! - `io-uring`: create a file, write it, close it and make a directory through an io_uring ring,
+//!   whose operations a monitor of system calls alone sees only as `io_uring_enter`.
 //!
 //! Each step is told to L0 on port 0xE9. A blocked write or read stops the guest: it never returns.
 
@@ -77,6 +79,10 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Some(LinuxAttack::Forge) => match forge(&cmdline) {
+            Ok(()) => return ExitCode::SUCCESS,
+            Err(e) => Err(e),
+        },
+        Some(LinuxAttack::IoUring) => match io_uring() {
             Ok(()) => return ExitCode::SUCCESS,
             Err(e) => Err(e),
         },
@@ -965,5 +971,182 @@ fn forge(cmdline: &str) -> Result<(), String> {
     ring0.leave(&mem)?;
     result?;
     say("ihmi-attack: ring-0 code ran, but the monitor rejected both forgeries and L0 kept the pins");
+    Ok(())
+}
+
+/// io_uring's user-space ABI (the kernel's include/uapi/linux/io_uring.h): the system calls, the
+/// mmap offsets of the rings, `io_uring_params` with its ring offsets, and the SQE and CQE layouts.
+mod uring {
+    pub const SYS_SETUP: libc::c_long = 425;
+    pub const SYS_ENTER: libc::c_long = 426;
+    pub const OFF_SQ_RING: i64 = 0;
+    pub const OFF_CQ_RING: i64 = 0x0800_0000;
+    pub const OFF_SQES: i64 = 0x1000_0000;
+    pub const ENTER_GETEVENTS: u32 = 1;
+    pub const SQE_SIZE: usize = 64;
+    pub const CQE_SIZE: usize = 16;
+
+    /// `io_uring_params`: the entry counts, then the SQ ring's offsets (head, tail, ring mask,
+    /// ring entries, flags, dropped, array) from byte 40, the CQ ring's (head, tail, ring mask,
+    /// ring entries, overflow, cqes) from byte 80.
+    #[repr(C)]
+    pub struct Params {
+        pub sq_entries: u32,
+        pub cq_entries: u32,
+        pub rest: [u32; 28],
+    }
+
+    impl Params {
+        pub fn sq(&self, i: usize) -> usize {
+            self.rest[(40 - 8) / 4 + i] as usize
+        }
+        pub fn cq(&self, i: usize) -> usize {
+            self.rest[(80 - 8) / 4 + i] as usize
+        }
+    }
+}
+
+/// A mapping of one of the ring's regions.
+fn map_ring(fd: i32, len: usize, offset: i64) -> Result<*mut u8, String> {
+    // SAFETY: a fresh shared mapping of the ring's region; the kernel sized it.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_POPULATE,
+            fd,
+            offset,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(format!("mapping the ring: {}", io::Error::last_os_error()));
+    }
+    Ok(p.cast())
+}
+
+/// One ring, set up, submitting one operation at a time and waiting for its completion.
+struct Ring {
+    fd: i32,
+    sq: *mut u8,
+    cq: *mut u8,
+    sqes: *mut u8,
+    p: uring::Params,
+}
+
+impl Ring {
+    fn new() -> Result<Self, String> {
+        let mut p = uring::Params {
+            sq_entries: 0,
+            cq_entries: 0,
+            rest: [0; 28],
+        };
+        // SAFETY: io_uring_setup writes the parameters it was given a pointer to.
+        let fd = unsafe { libc::syscall(uring::SYS_SETUP, 4, &mut p as *mut uring::Params) };
+        if fd < 0 {
+            return Err(format!("io_uring_setup: {}", io::Error::last_os_error()));
+        }
+        let fd = fd as i32;
+        let sq = map_ring(fd, p.sq(6) + p.sq_entries as usize * 4, uring::OFF_SQ_RING)?;
+        let cq = map_ring(
+            fd,
+            p.cq(5) + p.cq_entries as usize * uring::CQE_SIZE,
+            uring::OFF_CQ_RING,
+        )?;
+        let sqes = map_ring(fd, p.sq_entries as usize * uring::SQE_SIZE, uring::OFF_SQES)?;
+        Ok(Self {
+            fd,
+            sq,
+            cq,
+            sqes,
+            p,
+        })
+    }
+
+    /// A ring word at `offset` (the kernel's offsets, inside the mapping it sized).
+    fn load(base: *mut u8, offset: usize) -> u32 {
+        // SAFETY: inside one of the ring's mappings; the kernel writes it concurrently, hence volatile.
+        unsafe { base.wrapping_add(offset).cast::<u32>().read_volatile() }
+    }
+
+    fn store(base: *mut u8, offset: usize, value: u32) {
+        // SAFETY: as above; this word is ours to write (the SQ tail and array, the CQ head).
+        unsafe {
+            base.wrapping_add(offset)
+                .cast::<u32>()
+                .write_volatile(value)
+        }
+    }
+
+    /// Submits one SQE (`opcode`, `fd`, `addr`, `len`, the operation's flags) and returns its result.
+    fn run(&self, opcode: u8, fd: i32, addr: u64, len: u32, op_flags: u32) -> Result<i32, String> {
+        use std::sync::atomic::{fence, Ordering};
+        let mut sqe = [0u8; uring::SQE_SIZE];
+        sqe[0] = opcode;
+        sqe[4..8].copy_from_slice(&fd.to_le_bytes());
+        sqe[16..24].copy_from_slice(&addr.to_le_bytes());
+        sqe[24..28].copy_from_slice(&len.to_le_bytes());
+        sqe[28..32].copy_from_slice(&op_flags.to_le_bytes());
+        sqe[32..40].copy_from_slice(&u64::from(opcode).to_le_bytes());
+        let tail = Self::load(self.sq, self.p.sq(1));
+        let slot = (tail & Self::load(self.sq, self.p.sq(2))) as usize;
+        let at = self.sqes.wrapping_add(slot * uring::SQE_SIZE);
+        // SAFETY: one SQE slot of the SQE mapping, which holds `sq_entries` of them.
+        unsafe { std::ptr::copy_nonoverlapping(sqe.as_ptr(), at, sqe.len()) };
+        Self::store(self.sq, self.p.sq(6) + slot * 4, slot as u32);
+        fence(Ordering::Release);
+        Self::store(self.sq, self.p.sq(1), tail.wrapping_add(1));
+        // SAFETY: io_uring_enter on our ring, no signal mask.
+        let n = unsafe {
+            libc::syscall(
+                uring::SYS_ENTER,
+                self.fd,
+                1,
+                1,
+                uring::ENTER_GETEVENTS,
+                0usize,
+                0usize,
+            )
+        };
+        if n < 0 {
+            return Err(format!("io_uring_enter: {}", io::Error::last_os_error()));
+        }
+        fence(Ordering::Acquire);
+        let head = Self::load(self.cq, self.p.cq(0));
+        if head == Self::load(self.cq, self.p.cq(1)) {
+            return Err("no completion".into());
+        }
+        let mask = Self::load(self.cq, self.p.cq(2));
+        let cqe = self.p.cq(5) + (head & mask) as usize * uring::CQE_SIZE;
+        let res = Self::load(self.cq, cqe + 8) as i32;
+        Self::store(self.cq, self.p.cq(0), head.wrapping_add(1));
+        Ok(res)
+    }
+}
+
+fn io_uring() -> Result<(), String> {
+    const AT_FDCWD: i32 = -100;
+    let [openat, write, close, mkdirat] = ihmi_abi::attack::LINUX_IO_URING_OPS;
+    let file = b"/ihmi-uring-file\0";
+    let dir = b"/ihmi-uring-dir\0";
+    let text = b"written through io_uring\n";
+    let ring = Ring::new()?;
+    say("ihmi-attack: creating a file, writing it, closing it and making a directory through io_uring");
+    let flags = (libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC) as u32;
+    let fd = ring.run(openat, AT_FDCWD, file.as_ptr() as u64, 0o644, flags)?;
+    if fd < 0 {
+        return Err(format!("openat through io_uring: error {fd}"));
+    }
+    let n = ring.run(write, fd, text.as_ptr() as u64, text.len() as u32, 0)?;
+    let closed = ring.run(close, fd, 0, 0, 0)?;
+    let made = ring.run(mkdirat, AT_FDCWD, dir.as_ptr() as u64, 0o755, 0)?;
+    let written = fs::read("/ihmi-uring-file").map_err(|e| format!("/ihmi-uring-file: {e}"))?;
+    let is_dir = fs::metadata("/ihmi-uring-dir").is_ok_and(|m| m.is_dir());
+    if n != text.len() as i32 || closed != 0 || made != 0 || written != text || !is_dir {
+        return Err(format!(
+            "the ring's operations did not all take effect (write {n}, close {closed}, mkdirat {made})"
+        ));
+    }
+    say("ihmi-attack: the file and the directory exist; every operation took effect");
     Ok(())
 }
