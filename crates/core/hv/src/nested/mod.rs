@@ -5,6 +5,14 @@
 //! Today L0 offers no VMX: CPUID hides it and CR4.VMXE reads as 0 through the read shadow. A guest
 //! that executes a VMX instruction anyway gets what a CPU without VMX enabled gives it: #UD (SDM Vol.
 //! 3C, chapter 31, each instruction's "IF (not in VMX operation) ... THEN #UD"). The guest goes on.
+//!
+//! What is built of nested VMX so far, host-tested and not yet wired into the exit policy:
+//! [`caps`], the capability MSRs L0 will offer L1 for each milestone, checked against a replay of
+//! Linux 6.1's `kvm_intel` acceptance.
+
+pub mod caps;
+#[cfg(test)]
+mod tests;
 
 use ihmi_arch::vector::UD;
 use ihmi_vmcs::VmxInstruction;

@@ -1,0 +1,301 @@
+//! The offered VMX capabilities against Linux 6.1's `kvm_intel`: a replay of what its
+//! `setup_vmcs_config` and `hardware_setup` check (arch/x86/kvm/vmx/vmx.c, the masks of vmx.h, as
+//! NESTED.md A.1.1-A.1.2 records them), written here from those facts.
+
+extern crate std;
+
+use std::string::String;
+
+use ihmi_arch::msr;
+use ihmi_vmcs::VmxCapabilities;
+
+use super::caps::{NestedFeatures, OfferError, VirtualVmx, FEATURE_CONTROL, VMCS12_REVISION};
+
+/// Linux 6.1's required (`min`) and optional (`opt`) controls for x86-64, per capability MSR.
+const PIN: (u32, u32) = (0x9, (1 << 5) | (1 << 6) | (1 << 7));
+const PROC: (u32, u32) = (
+    0x2199_8e8c,
+    (1 << 12)
+        | (1 << 17)
+        | (1 << 21)
+        | (1 << 22)
+        | (1 << 25)
+        | (1 << 27)
+        | (1 << 28)
+        | (1 << 30)
+        | (1 << 31),
+);
+const PROC2_OPT: u32 = 0b1100_0111_0001_1011_1111_1111_1111_1111;
+const EXIT: (u32, u32) = (
+    0x8204,
+    (1 << 12)
+        | (1 << 18)
+        | (1 << 19)
+        | (1 << 20)
+        | (1 << 21)
+        | (1 << 22)
+        | (1 << 23)
+        | (1 << 24)
+        | (1 << 25),
+);
+const ENTRY: (u32, u32) = (
+    0x204,
+    (1 << 13) | (1 << 14) | (1 << 15) | (1 << 16) | (1 << 17) | (1 << 18),
+);
+/// Entry and exit controls KVM wants both or neither of: perf-global, PAT, EFER, BNDCFGS, RTIT.
+const PAIRS: [(u32, u32); 5] = [
+    (1 << 13, 1 << 12),
+    (1 << 14, 1 << 19),
+    (1 << 15, 1 << 21),
+    (1 << 16, 1 << 23),
+    (1 << 18, 1 << 25),
+];
+const SECONDARY: u32 = 1 << 31;
+const TERTIARY: u32 = 1 << 17;
+const PROC2_EPT: u32 = 1 << 1;
+const PROC2_VPID: u32 = 1 << 5;
+
+/// What `kvm_intel` ends up using.
+#[derive(Debug, PartialEq, Eq)]
+struct Kvm61 {
+    pin: u32,
+    proc: u32,
+    proc2: u32,
+    exit: u32,
+    entry: u32,
+    ept: bool,
+}
+
+/// `adjust_vmx_controls`: the required and optional bits the MSR allows, plus its default-1 bits;
+/// an error if a required one is not allowed. The MSR is read with plain RDMSR: one that faults
+/// stops `kvm_intel` too.
+fn adjust(what: &'static str, (min, opt): (u32, u32), value: Option<u64>) -> Result<u32, String> {
+    let value = value.ok_or(std::format!("RDMSR of the {what} capability faults"))?;
+    let (low, high) = (value as u32, (value >> 32) as u32);
+    let ctl = ((min | opt) & high) | low;
+    if min & !ctl != 0 {
+        return Err(std::format!(
+            "{what}: required {:#x} not allowed",
+            min & !ctl
+        ));
+    }
+    Ok(ctl)
+}
+
+/// Whether Linux 6.1's `kvm_intel` loads on a CPU whose VMX MSRs `read` answers (`None`: #GP).
+fn kvm61_accepts(read: impl Fn(u32) -> Option<u64>) -> Result<Kvm61, String> {
+    // The kernel's feat_ctl.c first: the MSR must read, locked with VMX outside SMX.
+    let fc = read(msr::IA32_FEATURE_CONTROL).ok_or("IA32_FEATURE_CONTROL faults")?;
+    if fc & 0b101 != 0b101 {
+        return Err("VMX disabled in IA32_FEATURE_CONTROL".into());
+    }
+    let proc = adjust("processor-based", PROC, read(msr::IA32_VMX_PROCBASED_CTLS))?;
+    let proc2 = if proc & SECONDARY != 0 {
+        adjust(
+            "secondary",
+            (0, PROC2_OPT),
+            read(msr::IA32_VMX_PROCBASED_CTLS2),
+        )?
+    } else {
+        0
+    };
+    // rdmsr_safe: a fault reads as 0. Capabilities without their control are an error.
+    let ept_vpid = read(msr::IA32_VMX_EPT_VPID_CAP).unwrap_or(0);
+    if proc2 & PROC2_EPT == 0 && ept_vpid as u32 != 0 {
+        return Err("EPT capabilities without the EPT control".into());
+    }
+    if proc2 & PROC2_VPID == 0 && ept_vpid >> 32 != 0 {
+        return Err("VPID capabilities without the VPID control".into());
+    }
+    if proc & TERTIARY != 0 {
+        read(0x492).ok_or("tertiary controls allowed but IA32_VMX_PROCBASED_CTLS3 faults")?;
+    }
+    let exit = adjust("exit", EXIT, read(msr::IA32_VMX_EXIT_CTLS))?;
+    let pin = adjust("pin-based", PIN, read(msr::IA32_VMX_PINBASED_CTLS))?;
+    let entry = adjust("entry", ENTRY, read(msr::IA32_VMX_ENTRY_CTLS))?;
+    for (n, x) in PAIRS {
+        if (entry & n == 0) != (exit & x == 0) {
+            return Err(std::format!(
+                "entry control {n:#x} and exit control {x:#x} differ"
+            ));
+        }
+    }
+    let basic = read(msr::IA32_VMX_BASIC).ok_or("IA32_VMX_BASIC faults")? >> 32;
+    if basic & 0x1fff > 4096 || basic & (1 << 16) != 0 || (basic >> 18) & 15 != 6 {
+        return Err(std::format!("IA32_VMX_BASIC high half {basic:#x} refused"));
+    }
+    read(msr::IA32_VMX_MISC).ok_or("IA32_VMX_MISC faults")?;
+    // hardware_setup: EPT only with 4-level walks, write-back tables and global INVEPT.
+    let ept = proc2 & PROC2_EPT != 0
+        && ept_vpid & (1 << 6 | 1 << 14 | 1 << 26) == 1 << 6 | 1 << 14 | 1 << 26;
+    Ok(Kvm61 {
+        pin,
+        proc,
+        proc2,
+        exit,
+        entry,
+        ept,
+    })
+}
+
+/// A host CPU that allows every control L0 uses, as a VMX CPU with EPT, VPID and VM functions
+/// reports them.
+fn host(overrides: &[(u32, u64)]) -> VmxCapabilities {
+    let table = [
+        (msr::IA32_VMX_BASIC, 0x00d8_1000_0000_0001),
+        (msr::IA32_VMX_PINBASED_CTLS, 0x0000_007f_0000_0016),
+        (msr::IA32_VMX_PROCBASED_CTLS, 0xfff9_fffe_0401_e172),
+        (msr::IA32_VMX_EXIT_CTLS, 0x01ff_ffff_0003_6dff),
+        (msr::IA32_VMX_ENTRY_CTLS, 0x0003_ffff_0000_11ff),
+        (msr::IA32_VMX_MISC, 0x0000_0000_0000_0005),
+        (msr::IA32_VMX_CR0_FIXED0, 0x8000_0021),
+        (msr::IA32_VMX_CR0_FIXED1, 0xffff_ffff),
+        (msr::IA32_VMX_CR4_FIXED0, 0x2000),
+        (msr::IA32_VMX_CR4_FIXED1, 0x0037_67ff),
+        (msr::IA32_VMX_VMCS_ENUM, 0x2e),
+        (msr::IA32_VMX_PROCBASED_CTLS2, 0x0017_b0ff_0000_0000),
+        (msr::IA32_VMX_EPT_VPID_CAP, 0x0000_0f01_0673_4141),
+        (msr::IA32_VMX_TRUE_PINBASED_CTLS, 0x0000_007f_0000_0016),
+        (msr::IA32_VMX_TRUE_PROCBASED_CTLS, 0xfff9_fffe_0400_6172),
+        (msr::IA32_VMX_TRUE_EXIT_CTLS, 0x01ff_ffff_0003_6dfb),
+        (msr::IA32_VMX_TRUE_ENTRY_CTLS, 0x0003_ffff_0000_11fb),
+        (msr::IA32_VMX_VMFUNC, 1),
+    ];
+    VmxCapabilities::read(|index| {
+        overrides
+            .iter()
+            .chain(&table)
+            .find(|(i, _)| *i == index)
+            .map_or(0, |(_, v)| *v)
+    })
+}
+
+const BOTH: [NestedFeatures; 2] = [NestedFeatures::ShadowPaging, NestedFeatures::NestedEpt];
+
+#[test]
+fn every_offer_is_one_linux_6_1_kvm_loads_on() {
+    for features in BOTH {
+        let v = VirtualVmx::offer(&host(&[]), features).unwrap();
+        let kvm = kvm61_accepts(|i| v.read_msr(i)).unwrap_or_else(|e| panic!("{features:?}: {e}"));
+        // What KVM will ask for: exits on external interrupts and NMIs, virtual NMIs, the bitmaps;
+        // EPT exactly with nested EPT.
+        assert_eq!(kvm.pin & 0x29, 0x29, "{features:?}");
+        assert_eq!(kvm.proc & (1 << 25 | 1 << 28), 1 << 25 | 1 << 28);
+        assert_eq!(
+            kvm.exit & (1 << 15),
+            1 << 15,
+            "acknowledge interrupt on exit"
+        );
+        assert_eq!(kvm.ept, features == NestedFeatures::NestedEpt);
+        assert_eq!(
+            kvm.proc2 & (1 << 13 | 1 << 14),
+            0,
+            "no VM functions, no VMCS shadowing"
+        );
+        assert_eq!(
+            (kvm.proc2 & PROC2_VPID, kvm.pin & (1 << 6 | 1 << 7)),
+            (0, 0)
+        );
+    }
+}
+
+#[test]
+fn the_replay_refuses_what_kvm_refuses() {
+    // So that the test above can fail: each table is refused for its own reason.
+    let v = VirtualVmx::offer(&host(&[]), NestedFeatures::NestedEpt).unwrap();
+    let with = |index: u32, value: Option<u64>| {
+        move |i: u32| if i == index { value } else { v.read_msr(i) }
+    };
+    let exit = v.read_msr(msr::IA32_VMX_EXIT_CTLS).unwrap();
+    let entry = v.read_msr(msr::IA32_VMX_ENTRY_CTLS).unwrap();
+    let basic = v.read_msr(msr::IA32_VMX_BASIC).unwrap();
+    let refused = [
+        kvm61_accepts(with(msr::IA32_VMX_EXIT_CTLS, Some(exit & !(1 << 47)))), // no ack-interrupt
+        kvm61_accepts(with(msr::IA32_VMX_EXIT_CTLS, Some(exit & !(1 << 53)))), // EFER load unpaired
+        kvm61_accepts(with(msr::IA32_VMX_ENTRY_CTLS, Some(entry & !(1 << 41)))), // no IA-32e guest
+        kvm61_accepts(with(msr::IA32_VMX_PROCBASED_CTLS2, Some(0))), // EPT caps without EPT
+        kvm61_accepts(with(msr::IA32_VMX_BASIC, Some(basic & !(0xf << 50)))), // uncacheable VMCS
+        kvm61_accepts(with(msr::IA32_VMX_MISC, None)),
+        kvm61_accepts(with(msr::IA32_FEATURE_CONTROL, Some(1))), // locked with VMX off
+        kvm61_accepts(with(msr::IA32_VMX_PINBASED_CTLS, None)),
+    ];
+    for (i, r) in refused.iter().enumerate() {
+        assert!(r.is_err(), "table {i} accepted: {r:?}");
+    }
+}
+
+#[test]
+fn an_offer_needs_the_controls_it_passes_through() {
+    // A CPU without NMI exiting (pin bit 3), or without EPT underneath for nested EPT.
+    let no_nmi = host(&[(msr::IA32_VMX_PINBASED_CTLS, 0x0000_0077_0000_0016)]);
+    assert_eq!(
+        VirtualVmx::offer(&no_nmi, NestedFeatures::ShadowPaging),
+        Err(OfferError {
+            msr: msr::IA32_VMX_PINBASED_CTLS,
+            missing: 1 << 3
+        })
+    );
+    let no_ept = host(&[(msr::IA32_VMX_PROCBASED_CTLS2, 0x0017_b0fd_0000_0000)]);
+    assert!(VirtualVmx::offer(&no_ept, NestedFeatures::ShadowPaging).is_ok());
+    assert_eq!(
+        VirtualVmx::offer(&no_ept, NestedFeatures::NestedEpt)
+            .unwrap_err()
+            .msr,
+        msr::IA32_VMX_PROCBASED_CTLS2
+    );
+}
+
+#[test]
+fn the_msrs_read_as_the_sdm_lays_them_out() {
+    for features in BOTH {
+        let v = VirtualVmx::offer(&host(&[]), features).unwrap();
+        let basic = v.read_msr(msr::IA32_VMX_BASIC).unwrap();
+        assert_eq!(basic as u32, VMCS12_REVISION);
+        assert_eq!(basic & (1 << 31), 0, "revision bit 31 is 0");
+        assert_eq!((basic >> 32) & 0x1fff, 4096);
+        assert_ne!(basic & (1 << 55), 0, "TRUE controls");
+        assert_eq!(v.read_msr(msr::IA32_FEATURE_CONTROL), Some(FEATURE_CONTROL));
+        // Every control MSR: allowed-0 within allowed-1; the TRUE allowed-0 within the other.
+        for (plain, true_msr) in [
+            (
+                msr::IA32_VMX_PINBASED_CTLS,
+                msr::IA32_VMX_TRUE_PINBASED_CTLS,
+            ),
+            (
+                msr::IA32_VMX_PROCBASED_CTLS,
+                msr::IA32_VMX_TRUE_PROCBASED_CTLS,
+            ),
+            (msr::IA32_VMX_EXIT_CTLS, msr::IA32_VMX_TRUE_EXIT_CTLS),
+            (msr::IA32_VMX_ENTRY_CTLS, msr::IA32_VMX_TRUE_ENTRY_CTLS),
+        ] {
+            let (p, t) = (v.read_msr(plain).unwrap(), v.read_msr(true_msr).unwrap());
+            for value in [p, t] {
+                assert_eq!(value as u32 & !((value >> 32) as u32), 0, "{plain:#x}");
+            }
+            assert_eq!(t as u32 & !(p as u32), 0, "{true_msr:#x}");
+            assert_eq!(p >> 32, t >> 32, "{plain:#x}: one allowed-1 set");
+        }
+        // The MSRs a CPU has only with what they describe: never VM functions; the secondary
+        // controls and EPT capabilities only with nested EPT.
+        let epted = features == NestedFeatures::NestedEpt;
+        assert_eq!(v.read_msr(msr::IA32_VMX_PROCBASED_CTLS2).is_some(), epted);
+        assert_eq!(v.read_msr(msr::IA32_VMX_EPT_VPID_CAP).is_some(), epted);
+        let proc = v.read_msr(msr::IA32_VMX_PROCBASED_CTLS).unwrap();
+        assert_eq!(proc & (1 << 63) != 0, epted);
+        assert_eq!(v.read_msr(msr::IA32_VMX_VMFUNC), None);
+        assert_eq!(v.read_msr(0x492), None);
+        // The fixed CR bits: protected mode, paging and NE in CR0 (no unrestricted guest), VMXE in
+        // CR4; VMCS_ENUM names the highest field index L0 knows.
+        assert_eq!(v.read_msr(msr::IA32_VMX_CR0_FIXED0), Some(0x8000_0021));
+        assert_eq!(v.read_msr(msr::IA32_VMX_CR4_FIXED0), Some(0x2000));
+        let max = ihmi_vmcs::fields::ALL
+            .iter()
+            .map(|f| f.index())
+            .max()
+            .unwrap();
+        assert_eq!(
+            v.read_msr(msr::IA32_VMX_VMCS_ENUM),
+            Some(u64::from(max) << 1)
+        );
+    }
+}
