@@ -152,7 +152,7 @@ pub enum LinuxAttack {
     /// Run code in ring 0 without touching kernel text (a supervisor-executable mapping of the
     /// attacker's own page, added to the kernel's page tables through /dev/mem, reached through a
     /// sysctl handler pointer in kernel data), and from there: call the monitor's gate with a forged
-    /// system-call request and a forged exec request, then clear CR4.SMAP and CR0.WP (each in a child
+    /// system-call request and a forged exec request, then clear CR4.SMEP and CR0.WP (each in a child
     /// process, since the refusal is a #GP the kernel answers by killing the task).
     Forge = 7,
     /// Do through an io_uring ring what a system-call monitor watches for: open (create) a file,

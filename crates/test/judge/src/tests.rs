@@ -1131,7 +1131,7 @@ fn the_forge_attack_needs_both_forgeries_rejected_for_their_reason_and_both_pins
     use ihmi_abi::attack::LINUX_FORGED_SYSCALL_NR;
     use ihmi_abi::monitor::RequestCode;
     use ihmi_abi::LinuxAttack;
-    use ihmi_arch::cr::{CR0_WP, CR4_SMAP};
+    use ihmi_arch::cr::{CR0_WP, CR4_SMEP};
     use ihmi_monitor::{Event, EventKind, RejectReason};
     let s = Scenario::LinuxAttack(LinuxAttack::Forge);
     let rejected = |why: RejectReason, code: RequestCode, a0: u64| Event {
@@ -1168,7 +1168,7 @@ fn the_forge_attack_needs_both_forgeries_rejected_for_their_reason_and_both_pins
         end_as_init_does(&mut h.judge.log);
         judge(s, &h.judge.log, &h.hv.counters, Gpa::new(0), None)
     };
-    let pins = [pin(4, CR4_SMAP), pin(0, CR0_WP)];
+    let pins = [pin(4, CR4_SMEP), pin(0, CR0_WP)];
     assert_eq!(run(&[syscall, exec], &pins), Verdict::Pass);
     // A forgery accepted (no rejection), or rejected for another reason, fails.
     let other = rejected(RejectReason::BadArgument, RequestCode::Exec, 0);
@@ -1187,7 +1187,7 @@ fn the_forge_attack_needs_both_forgeries_rejected_for_their_reason_and_both_pins
     for alerts in [
         &pins[..1],
         &pins[1..],
-        &[pin(4, ihmi_arch::cr::CR4_SMEP), pins[1]][..],
+        &[pin(4, ihmi_arch::cr::CR4_SMAP), pins[1]][..],
     ] {
         assert!(matches!(
             run(&[syscall, exec], alerts),

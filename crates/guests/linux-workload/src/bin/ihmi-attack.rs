@@ -30,7 +30,7 @@
 //!   executable at an unused kernel address (a new entry in the direct map's page directory pointer
 //!   table, through /dev/mem), point the `kernel.printk` sysctl's handler at it (the table is
 //!   kernel data), and read /proc/sys/kernel/printk. From there it calls the monitor's gate with a
-//!   forged system-call request and a forged exec request, and, each in a child, clears CR4.SMAP
+//!   forged system-call request and a forged exec request, and, each in a child, clears CR4.SMEP
 //!   and CR0.WP.
 //! - `io-uring`: create a file, write it, close it and make a directory through an io_uring ring,
 //!   whose operations a monitor of system calls alone sees only as `io_uring_enter`.
@@ -697,7 +697,7 @@ fn nmi() -> Result<(), String> {
 // handler: `int handler(table, write, buffer, lenp, ppos)`. Position-independent; its data block
 // follows it in the same page. The operation is the data block's first word:
 // 1 = call the gate at word 1 with request word 2 and first argument word 3, the verdict into word 4;
-// 2 = clear CR4.SMAP; 3 = clear CR0.WP. It returns 0 with nothing read.
+// 2 = clear CR4.SMEP; 3 = clear CR0.WP. It returns 0 with nothing read.
 core::arch::global_asm!(
     r#"
     .section .rodata.ihmi_forge, "a"
@@ -727,7 +727,7 @@ ihmi_forge_code:
     mov %rax, 32(%rcx)
     jmp 9f
 2:  mov %cr4, %rax
-    btr $21, %rax
+    btr $20, %rax
     mov %rax, %cr4
     jmp 9f
 3:  mov %cr0, %rax
@@ -964,7 +964,7 @@ fn forge(cmdline: &str) -> Result<(), String> {
             return Err(format!("the forged {request:?} request was not rejected"));
         }
     }
-    let pins = [(2, "clearing CR4.SMAP"), (3, "clearing CR0.WP")];
+    let pins = [(2, "clearing CR4.SMEP"), (3, "clearing CR0.WP")];
     let result = pins
         .into_iter()
         .try_for_each(|(op, what)| in_child(&ring0, op, what));
