@@ -200,12 +200,12 @@ const fn linux_entry_makes(entry: Entry, r: RequestCode) -> bool {
 /// Where kernel addresses start (the upper half).
 const KERNEL_HALF: u64 = 0xffff_8000_0000_0000;
 
-/// Where the exec frame's words sit above the caller's stack pointer at the gate: RFLAGS (or the call
+/// Where a hooked call's frame words sit above the caller's stack pointer at the gate: RFLAGS (or the call
 /// stub's RBX), the return into the trampoline, its pushes (R11 lowest, then R10, R9, R8, RDI, RSI,
 /// RDX, RCX, RAX), the return into the hooked function.
-const EXEC_FRAME_HOOK_RETURN: u64 = 8;
-const EXEC_FRAME_BPRM: u64 = 16 + 4 * 8;
-const EXEC_FRAME_SITE_RETURN: u64 = 16 + 9 * 8;
+const HOOK_FRAME_RETURN: u64 = 8;
+const HOOK_FRAME_ARG: u64 = 16 + 4 * 8;
+const HOOK_FRAME_SITE_RETURN: u64 = 16 + 9 * 8;
 
 impl State {
     fn current<M: GuestPhysRead>(
@@ -266,7 +266,7 @@ impl State {
             return Err(RejectReason::BadArgument);
         }
         if let Some(returns) = self.os.exec_returns {
-            self.check_exec_frame(intro, args[0], ctx.caller_rsp, returns)?;
+            self.check_hook_frame(intro, args[0], ctx.caller_rsp, returns)?;
         }
         let who = self.current(intro)?.ok_or(RejectReason::NoCurrentProcess)?;
         let mut path = [0u8; PATH_MAX];
@@ -312,7 +312,7 @@ impl State {
         if args[1..] != [0; 3] {
             return Err(RejectReason::BadArgument);
         }
-        self.check_exec_frame(intro, args[0], ctx.caller_rsp, hook.returns)?;
+        self.check_hook_frame(intro, args[0], ctx.caller_rsp, hook.returns)?;
         let who = self.current(intro)?.ok_or(RejectReason::NoCurrentProcess)?;
         let req = Gva::new(args[0]);
         if !req.is_canonical() || args[0] < KERNEL_HALF {
@@ -337,14 +337,14 @@ impl State {
         })
     }
 
-    /// The calling kernel stack must hold the frame a real exec leaves (see `ihmi_hook_exec` in the
-    /// monitor image): the return into the trampoline above the gate's saved RFLAGS, the trampoline's
-    /// nine saved registers with RDI the `linux_binprm` it passed, then the return into the hooked
-    /// function past its call site.
-    fn check_exec_frame<M: GuestPhysRead>(
+    /// The calling kernel stack must hold the frame a real hooked call leaves (see
+    /// `IHMI_HOOK_TRAMPOLINE` in the monitor image): the return into the trampoline above the gate's
+    /// saved RFLAGS, the trampoline's nine saved registers with RDI the argument it passed (the
+    /// `linux_binprm`, the `io_kiocb`), then the return into the hooked function past its call site.
+    fn check_hook_frame<M: GuestPhysRead>(
         &self,
         intro: &Introspector<'_, M>,
-        bprm: u64,
+        arg: u64,
         caller_rsp: u64,
         [hook_return, site_return]: [u64; 2],
     ) -> Result<(), RejectReason> {
@@ -356,12 +356,12 @@ impl State {
             );
             intro.read_u64(gva).map_err(|_| RejectReason::NotFromHook)
         };
-        if at(EXEC_FRAME_HOOK_RETURN)? != hook_return || at(EXEC_FRAME_BPRM)? != bprm {
+        if at(HOOK_FRAME_RETURN)? != hook_return || at(HOOK_FRAME_ARG)? != arg {
             return Err(RejectReason::NotFromHook);
         }
         // L0 puts the call after the function's ENDBR64 when it has one (a kernel built for indirect
         // branch tracking), which it sees only once the kernel has booted: 4 bytes further then.
-        let site = at(EXEC_FRAME_SITE_RETURN)?;
+        let site = at(HOOK_FRAME_SITE_RETURN)?;
         if site != site_return && site != site_return.wrapping_add(4) {
             return Err(RejectReason::NotFromHook);
         }

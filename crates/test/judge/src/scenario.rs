@@ -166,8 +166,7 @@ impl ScenarioLog {
                 self.io_uring_ops[i] += 1;
             }
         }
-        let by_attacker =
-            event.kind() == Some(EventKind::Syscall) && comm_bytes(&event.comm) == b"ihmi-attack";
+        let by_attacker = event.kind() == Some(EventKind::Syscall) && comm == b"ihmi-attack";
         match SyscallEntry::from_raw(event.detail) {
             Some(SyscallEntry::Syscall)
                 if by_attacker && event.nr == ihmi_abi::attack::LINUX_FLOOD_NR =>

@@ -574,11 +574,9 @@ fn arm_hook(
             return Ok(None);
         }
     };
-    if let Err(e) = platform.protect_guest(armed.call_page(), Perm::RX) {
-        hooks::remove(platform, &armed)?;
-        platform.log(format_args!(
-            "linux: process creation is not monitored: the page of the hook's call cannot be write-protected ({e})"
-        ));
+    if !protect_call(platform, &armed.call, "process creation", |p| {
+        hooks::remove(p, &armed)
+    })? {
         return Ok(None);
     }
     platform.log(format_args!(
@@ -586,6 +584,25 @@ fn arm_hook(
         hook.site, hook.trampoline
     ));
     Ok(Some(armed))
+}
+
+/// Makes the page of a hook's call read + execute only in the guest view; if it cannot, takes the
+/// hook out again (`remove`: the guest could rewrite the call unseen) and says that `what` is not
+/// monitored. `Ok(false)` then; `Err` only when the hook could not be taken out either.
+fn protect_call<P: Platform>(
+    platform: &mut P,
+    call: &ArmedCall,
+    what: &str,
+    remove: impl FnOnce(&mut P) -> Result<(), PlatformError>,
+) -> Result<bool, PlatformError> {
+    let Err(e) = platform.protect_guest(call.call_page(), Perm::RX) else {
+        return Ok(true);
+    };
+    remove(platform)?;
+    platform.log(format_args!(
+        "linux: {what} is not monitored: the page of the hook's call cannot be write-protected ({e})"
+    ));
+    Ok(false)
 }
 
 /// Installs the io_uring hook and write-protects the page of its call, as [`arm_hook`] does: one
@@ -601,11 +618,9 @@ fn arm_site(
             return Ok(None);
         }
     };
-    if let Err(e) = platform.protect_guest(armed.call_page(), Perm::RX) {
-        hooks::remove_site(platform, &armed)?;
-        platform.log(format_args!(
-            "linux: io_uring is not monitored: the page of the hook's call cannot be write-protected ({e})"
-        ));
+    if !protect_call(platform, &armed, "io_uring", |p| {
+        hooks::remove_site(p, &armed)
+    })? {
         return Ok(None);
     }
     platform.log(format_args!(

@@ -90,9 +90,8 @@ pub struct ArmedHook {
     /// The kernel's page-directory entry for the trampoline's slot, and the value L0 wrote there.
     pub pd_entry: Gpa,
     pub pd_value: u64,
-    /// Where the call went (guest-physical), and the five bytes written over the NOP.
-    pub call_at: Gpa,
-    pub call: [u8; 5],
+    /// The call written over the hooked function's NOP.
+    pub call: ArmedCall,
 }
 
 /// Why the hook could not go in. The guest keeps running, without process-creation monitoring.
@@ -189,7 +188,7 @@ pub fn remove_site(platform: &mut impl Platform, armed: &ArmedCall) -> Result<()
 /// Puts the hook in (steps 1 and 2 of the module's description): checks everything first, then
 /// writes the page-directory entry and the call. The caller changes the guest view's permissions.
 pub fn install(platform: &mut impl Platform, hook: &ExecHook) -> Result<ArmedHook, HookError> {
-    let ArmedCall { call_at, call } = prepare_call(
+    let call = prepare_call(
         platform,
         &HookSite {
             site: hook.site,
@@ -216,7 +215,7 @@ pub fn install(platform: &mut impl Platform, hook: &ExecHook) -> Result<ArmedHoo
     )
     .raw();
     platform.write_guest(pd_entry, &pd_value.to_le_bytes())?;
-    if let Err(e) = platform.write_guest(call_at, &call) {
+    if let Err(e) = platform.write_guest(call.call_at, &call.call) {
         // Leave nothing half done: without the call the slot's mapping is harmless, but take it out.
         let _ = platform.write_guest(pd_entry, &[0; 8]);
         return Err(e.into());
@@ -224,14 +223,13 @@ pub fn install(platform: &mut impl Platform, hook: &ExecHook) -> Result<ArmedHoo
     Ok(ArmedHook {
         pd_entry,
         pd_value,
-        call_at,
         call,
     })
 }
 
 /// Takes an installed hook out: the NOP back over the call, the slot's page-directory entry cleared.
 pub fn remove(platform: &mut impl Platform, armed: &ArmedHook) -> Result<(), PlatformError> {
-    platform.write_guest(armed.call_at, &FENTRY_NOP)?;
+    remove_site(platform, &armed.call)?;
     platform.write_guest(armed.pd_entry, &[0; 8])
 }
 
@@ -242,13 +240,6 @@ impl ArmedHook {
     #[must_use]
     pub fn audited(&self) -> (Gpa, u64) {
         (self.pd_entry, self.pd_value)
-    }
-
-    /// The page that holds the call, which the guest view makes read + execute only.
-    #[must_use]
-    pub fn call_page(&self) -> GpaRange {
-        let start = self.call_at.align_down(PAGE_SIZE);
-        GpaRange::new(start, Gpa::new(start.raw() + PAGE_SIZE))
     }
 }
 

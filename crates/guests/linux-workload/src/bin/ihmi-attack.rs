@@ -44,7 +44,7 @@ use std::os::unix::fs::FileExt;
 use std::process::ExitCode;
 
 use ihmi_abi::LinuxAttack;
-use ihmi_linux_workload::debug_line;
+use ihmi_linux_workload::{debug_line, grant, inb, outb};
 
 const IA32_LSTAR: u64 = 0xc000_0082;
 const IA32_SYSENTER_EIP: u64 = 0x176;
@@ -594,31 +594,15 @@ const RTC_C: u8 = 0x0c;
 const RTC_PIE: u8 = 1 << 6;
 const RTC_1024_HZ: u8 = 0x26;
 
-fn port_out(port: u16, value: u8) {
-    // SAFETY: the port was granted with ioperm; OUT changes no memory of this process.
-    unsafe {
-        std::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nostack, nomem))
-    };
-}
-
-fn port_in(port: u16) -> u8 {
-    let value: u8;
-    // SAFETY: as above.
-    unsafe {
-        std::arch::asm!("in al, dx", in("dx") port, out("al") value, options(nostack, nomem))
-    };
-    value
-}
-
 /// An RTC register (the index keeps bit 7, the chipset's NMI mask, clear).
 fn rtc(reg: u8) -> u8 {
-    port_out(RTC_INDEX, reg);
-    port_in(RTC_DATA)
+    outb(RTC_INDEX, reg);
+    inb(RTC_DATA)
 }
 
 fn set_rtc(reg: u8, value: u8) {
-    port_out(RTC_INDEX, reg);
-    port_out(RTC_DATA, value);
+    outb(RTC_INDEX, reg);
+    outb(RTC_DATA, value);
 }
 
 /// The NMIs the kernel has taken: the first count on the `NMI:` line of /proc/interrupts.
@@ -647,13 +631,7 @@ impl IoApic {
 }
 
 fn nmi() -> Result<(), String> {
-    // SAFETY: ioperm only changes this process's I/O permission bitmap.
-    if unsafe { libc::ioperm(libc::c_ulong::from(RTC_INDEX), 2, 1) } != 0 {
-        return Err(format!(
-            "ioperm for the RTC: {}",
-            io::Error::last_os_error()
-        ));
-    }
+    grant(RTC_INDEX, 2).map_err(|e| format!("ioperm for the RTC: {e}"))?;
     let mem = open_mem()?;
     let ioapic =
         IoApic(PhysPage::map(&mem, IOAPIC_BASE).map_err(|e| format!("mapping the I/O APIC: {e}"))?);
