@@ -1,6 +1,7 @@
 //! The monitor's single entry point with guest-chosen request codes, arguments, CR3, per-CPU base,
 //! entry and caller stack (Linux exec requests checked against a fuzzed frame),
-//! over guest memory the guest controls (its page tables, task structures and paths included), for
+//! over guest memory the guest controls (its page tables, task structures, paths and the page cache
+//! of the program an exec runs included), for
 //! both guest kernels it knows. Whatever comes: no panic, a verdict for every call, at most one event
 //! per call, a rejected request answered `Rejected` with a `rejected` event, and a ring that stays
 //! consistent; every event's JSON line is one line that reads back.
@@ -11,7 +12,9 @@ use std::collections::BTreeMap;
 use arbitrary::Arbitrary;
 use ihmi_abi::monitor::{Entry, Verdict};
 use ihmi_addr::{Gpa, Gva};
-use ihmi_monitor::{CallContext, Event, EventKind, EventRing, Monitor, OsProfile, Policy};
+use ihmi_monitor::{
+    CallContext, Event, EventKind, EventRing, FileLayout, Monitor, OsProfile, Policy,
+};
 use ihmi_paging::{Cr3, GuestPhysRead, PhysReadError};
 use ihmi_wire::EventLine;
 use libfuzzer_sys::fuzz_target;
@@ -67,12 +70,29 @@ fuzz_target!(|input: Input| {
     let os = if input.linux {
         OsProfile::linux(Gva::new(0x1_8040), 0x2ec, 0x2f0, 0x440, true, 0x48)
             .with_exec_returns(0xffff_ffff_8200_0123, 0xffff_ffff_8112_6cfe)
+            // The tiny kernel's layout, but for 16 slots a node.
+            .with_files(FileLayout {
+                binprm_file: 0x40,
+                file_mapping: 0xf0,
+                mapping_host: 0,
+                mapping_pages: 0x10,
+                inode_ino: 0x40,
+                inode_size: 0x50,
+                inode_ctime: 0x78,
+                inode_mtime: 0x68,
+                node_shift: 0,
+                node_slots: 0x28,
+                chunk_shift: 4,
+                page_struct_size: 64,
+                vmemmap_base: Gva::new(0xffff_ffff_8170_0000),
+            })
     } else {
         OsProfile::testguest(Gva::new(0x10_2000))
     };
     let mut policy = Policy::allow_all();
     if input.enforcing {
         let _ = policy.allow(b"init");
+        let _ = policy.allow_digest([0x5a; 32]);
     }
     let mut monitor = Monitor::new(os, policy);
     let mut ring = Box::new(EventRing::new());

@@ -223,10 +223,9 @@ pub fn drain_monitor(st: &mut L0State) {
         return;
     };
     let judge = &mut st.judge;
-    let os = m.os;
     let mode = judge.scenario().monitor_mode().name();
     let print = ihmi_judge::setup::prints_events(judge.scenario());
-    let ring = m.ring();
+    let (ring, os) = m.ring_and_os();
     // Rejected requests are what a flood is made of: a few are printed per drain, the rest counted and
     // said, so a guest cannot flood the console either.
     let mut rejected = 0u64;
@@ -235,7 +234,7 @@ pub fn drain_monitor(st: &mut L0State) {
         let is_rejected = e.kind() == Some(ihmi_monitor::EventKind::Rejected);
         rejected += u64::from(is_rejected);
         if print && (!is_rejected || rejected <= REJECTED_PRINTED_PER_DRAIN) {
-            let _ = writeln!(console, "event| {}", e.json(mode, &os));
+            let _ = writeln!(console, "event| {}", e.json(mode, os));
         }
         judge.record_monitor_event(e);
     });

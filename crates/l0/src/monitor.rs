@@ -24,6 +24,9 @@ const MONITOR_PCID: u64 = 1;
 pub const TESTGUEST_ALLOWED: &str = "init,worker,bench";
 
 /// Which guest kernel the monitor watches.
+// One value, made once when the monitor is loaded: the test guest's variant wastes nothing that
+// matters.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Copy, Debug)]
 pub enum MonitorOs {
     /// ihmi's test guest, whose `CURRENT_PROCESS` is at this address.
@@ -282,16 +285,26 @@ impl Loaded {
 
     /// The monitor's event ring.
     pub fn ring(&mut self) -> &mut EventRing {
+        self.ring_and_os().0
+    }
+
+    /// The event ring and the guest kernel as the monitor sees it, for decoding what the ring holds
+    /// (borrowed, not copied: L0 drains at every exit, and Bochs prices a copy by the byte).
+    pub fn ring_and_os(&mut self) -> (&mut EventRing, &OsProfile) {
         let size = core::mem::size_of::<EventRing>() as u64;
         let ring = self.ring;
         match self
             .memory
             .bytes(GpaRange::new(ring, Gpa::new(ring.raw() + size)))
         {
-            // SAFETY: `size_of::<EventRing>()` bytes of the region at the monitor's `IHMI_EVENT_RING`,
-            // aligned (checked at load), borrowed exclusively from `self`; the ring is counters and
-            // events of plain integers and bytes, valid for any contents; the monitor is stopped.
-            Ok(b) => unsafe { &mut *(b.as_mut_ptr() as *mut EventRing) },
+            Ok(b) => {
+                // SAFETY: `size_of::<EventRing>()` bytes of the region at the monitor's
+                // `IHMI_EVENT_RING`, aligned (checked at load), borrowed exclusively from `self`; the
+                // ring is counters and events of plain integers and bytes, valid for any contents;
+                // the monitor is stopped.
+                let ring = unsafe { &mut *(b.as_mut_ptr() as *mut EventRing) };
+                (ring, &self.os)
+            }
             // Checked at load: the ring lies inside the region.
             Err(_) => panic!("the monitor's event ring left its region"),
         }
@@ -714,7 +727,7 @@ fn write_config(
     allowed: &str,
     linux_gate: Option<&LinuxGateInfo>,
 ) -> Result<GpaRange, LoadError> {
-    let (allowed_names, allowed_count) = ihmi_layout::allow_list(allowed)?;
+    let list = ihmi_layout::allow_list(allowed)?;
     let (ram, ram_count) = crate::guest::ram_ranges(memory);
     let mut config = MonitorConfig {
         magic: CONFIG_MAGIC,
@@ -722,8 +735,8 @@ fn write_config(
         ram,
         ram_count,
         current_process_ptr: os.current_ptr().raw(),
-        allowed: allowed_names,
-        allowed_count,
+        allowed: list.names,
+        allowed_count: list.name_count,
         os: OS_TESTGUEST,
         pid_offset: 0,
         parent_offset: 0,
@@ -735,8 +748,32 @@ fn write_config(
         io_uring_hook_return: 0,
         io_uring_site_return: 0,
         io_kiocb_opcode_offset: 0,
+        allowed_digests: list.digests,
+        allowed_digest_count: list.digest_count,
+        files: ihmi_abi::monitor::FileOffsets::default(),
     };
     if let MonitorOs::Linux(p) = os {
+        // Linux programs are allowed by what they are, never by what they are called.
+        if list.name_count > 0 {
+            return Err(ihmi_layout::AllowError::NameNotIdentity.into());
+        }
+        let f = &p.files;
+        config.files = ihmi_abi::monitor::FileOffsets {
+            binprm_file: f.binprm_file.offset,
+            file_mapping: f.file_mapping.offset,
+            mapping_host: f.mapping_host.offset,
+            mapping_pages: f.mapping_pages.offset + f.xa_head.offset,
+            inode_ino: f.inode_ino.offset,
+            inode_size: f.inode_size.offset,
+            inode_ctime: f.inode_ctime.offset,
+            inode_mtime: f.inode_mtime.offset,
+            node_shift: f.node_shift.offset,
+            node_slots: f.node_slots.offset,
+            // The slots array is 8 bytes a slot, a power of two of them.
+            chunk_shift: u64::from((f.node_slots.size / 8).trailing_zeros()),
+            page_struct_size: f.page_size,
+            vmemmap_base: f.vmemmap_base,
+        };
         config.os = OS_LINUX;
         config.pid_offset = p.tgid.offset;
         config.parent_offset = p.real_parent.offset;
@@ -754,8 +791,13 @@ fn write_config(
             }
         }
     }
-    if allowed_count > 0 {
+    if list.name_count > 0 {
         log!("monitor: allow-list {allowed}");
+    } else if list.digest_count > 0 {
+        log!(
+            "monitor: allow-list of {} program identities (SHA-256)",
+            list.digest_count
+        );
     } else {
         log!("monitor: no allow-list; every process creation is allowed");
     }

@@ -159,7 +159,41 @@ pub enum LinuxAttack {
     /// write it, close it, make a directory ([`LINUX_IO_URING_OPS`]), with no system call but
     /// `io_uring_setup` and `io_uring_enter`.
     IoUring = 8,
+    /// Run a refused program (`ihmi-intruder`) under the identities of allowed ones: a copy and a
+    /// hard link under allowed names, a symbolic link, a script named like an allowed program with
+    /// the intruder as its interpreter, and an allowed program changed by a byte (once as a fresh
+    /// copy, once after it had run); run allowed programs under other names; and load code into
+    /// its own memory, which no exec brings in ([`LINUX_IDENTITY_RUNS`]).
+    Identity = 9,
 }
+
+/// The `identity` attack's executions, in order: the path it runs, and whether the allow-list
+/// must let it. Each refused disguise but the changed ones is the intruder's content; the renamed
+/// copy is `ihmi-workload`'s; the script at `/tmp/script` runs `/bin/sh` (busybox). Every changed
+/// program is `ihmi-workload` changed, so nothing that runs by mistake can do harm.
+pub const LINUX_IDENTITY_RUNS: [(&str, bool); 11] = [
+    ("/bin/ihmi-intruder", false),
+    ("/bin/ihmi-workload", true),
+    ("/tmp/ihmi-workload", false), // a copy of the intruder
+    ("/tmp/busybox", false),       // a hard link to it
+    ("/tmp/ihmi-bench", false),    // a symbolic link to it
+    ("/tmp/ihmi-poweroff", false), // `#!/bin/ihmi-intruder`
+    ("/tmp/ihmi-attack", false),   // ihmi-workload with a byte appended
+    ("/tmp/renamed", true),        // a copy of ihmi-workload
+    ("/tmp/renamed", true),        // again: its digest from the monitor's cache
+    ("/tmp/script", true),         // `#!/bin/sh`
+    ("/tmp/renamed", false),       // the same copy, after a byte was appended to it
+];
+/// Where in [`LINUX_IDENTITY_RUNS`] the intruder's disguises are (its content, other names).
+pub const LINUX_IDENTITY_INTRUDER: [usize; 4] = [2, 3, 4, 5];
+/// The start of the `identity` attack's line on port 0xE9 saying what its loaded code returned, in
+/// decimal ([`LINUX_IDENTITY_LOADED`] when it ran).
+pub const LINUX_IDENTITY_LOADER_REPORT: &str = "ihmi-identity loaded=";
+/// The start of its line on port 0xE9 with the time stamp counter's ticks over the first run of
+/// `/tmp/renamed` (hashed) and the second (cached): `first=N cached=M`.
+pub const LINUX_IDENTITY_TIMING_REPORT: &str = "ihmi-identity exec-tsc ";
+/// What the code it loads into its own memory returns.
+pub const LINUX_IDENTITY_LOADED: u64 = 0x1d_1d;
 
 /// The operations the `io-uring` attack submits, in order (`IORING_OP_*`: openat, write, close,
 /// mkdirat).
@@ -188,7 +222,7 @@ pub const LINUX_FLOOD_NR: u64 = 39;
 
 impl LinuxAttack {
     /// Every Linux attack, in the order `ihmi test` runs them.
-    pub const ALL: [LinuxAttack; 9] = [
+    pub const ALL: [LinuxAttack; 10] = [
         Self::Root,
         Self::KernelText,
         Self::GatePgd,
@@ -198,6 +232,7 @@ impl LinuxAttack {
         Self::Nmi,
         Self::Forge,
         Self::IoUring,
+        Self::Identity,
     ];
 
     /// The name on the kernel command line (`ihmi.attack=<name>`).
@@ -213,6 +248,7 @@ impl LinuxAttack {
             Self::Nmi => "nmi",
             Self::Forge => "forge",
             Self::IoUring => "io-uring",
+            Self::Identity => "identity",
         }
     }
 
@@ -229,6 +265,7 @@ impl LinuxAttack {
             Self::Nmi => "linux-attack-nmi",
             Self::Forge => "linux-attack-forge",
             Self::IoUring => "linux-attack-io-uring",
+            Self::Identity => "linux-attack-identity",
         }
     }
 
@@ -245,6 +282,7 @@ impl LinuxAttack {
             Self::Nmi => "ihmi.attack=nmi",
             Self::Forge => "ihmi.attack=forge",
             Self::IoUring => "ihmi.attack=io-uring",
+            Self::Identity => "ihmi.attack=identity",
         }
     }
 

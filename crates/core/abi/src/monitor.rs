@@ -214,6 +214,39 @@ pub struct MonitorConfig {
     pub io_uring_site_return: u64,
     /// Linux: offset of `opcode` (one byte) in the kernel's `io_kiocb`.
     pub io_kiocb_opcode_offset: u64,
+    /// Linux: the SHA-256 digests of the programs the exec policy allows; zero entries means allow
+    /// all. (Linux programs are allowed by identity; `allowed` names serve the test guest.)
+    pub allowed_digests: [[u8; 32]; MAX_ALLOWED],
+    /// Valid entries in `allowed_digests`.
+    pub allowed_digest_count: u64,
+    /// Linux: where the kernel keeps an exec's file, for the program's identity.
+    pub files: FileOffsets,
+}
+
+/// Where a Linux kernel keeps the bytes of the file an exec runs (offsets from its BTF; see the
+/// monitor's `identity` module). All zero: not known, so no program has an identity.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct FileOffsets {
+    /// `linux_binprm.file`, `file.f_mapping`, `address_space.host`.
+    pub binprm_file: u64,
+    pub file_mapping: u64,
+    pub mapping_host: u64,
+    /// `address_space.i_pages` plus `xarray.xa_head`.
+    pub mapping_pages: u64,
+    /// `inode.i_ino`, `.i_size`, `.i_ctime`, `.i_mtime`.
+    pub inode_ino: u64,
+    pub inode_size: u64,
+    pub inode_ctime: u64,
+    pub inode_mtime: u64,
+    /// `xa_node.shift`, `xa_node.slots`, and log2 of the slots per node.
+    pub node_shift: u64,
+    pub node_slots: u64,
+    pub chunk_shift: u64,
+    /// `sizeof(struct page)`.
+    pub page_struct_size: u64,
+    /// The address of the kernel variable `vmemmap_base`; 0 when not known.
+    pub vmemmap_base: u64,
 }
 
 /// [`MonitorConfig::os`] for ihmi's own test guest.

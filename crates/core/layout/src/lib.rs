@@ -296,38 +296,79 @@ pub fn count_switches(code: &[u8]) -> (u64, u64) {
 /// Why an allow-list cannot be the monitor's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AllowError {
-    /// More names than the monitor's table holds.
+    /// More names, or more identities, than the monitor's table holds.
     TooMany,
     /// A name longer than a process name.
     TooLong,
+    /// `sha256:` not followed by 64 hexadecimal digits.
+    BadDigest,
+    /// A name where the guest needs identities (Linux programs are allowed by content).
+    NameNotIdentity,
 }
 
 impl fmt::Display for AllowError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::TooMany => write!(f, "the allow-list has more than {MAX_ALLOWED} names"),
+            Self::TooMany => write!(f, "the allow-list has more than {MAX_ALLOWED} entries of a kind"),
             Self::TooLong => write!(
                 f,
                 "an allow-list name is longer than a process name ({COMM_LEN} bytes)"
+            ),
+            Self::BadDigest => {
+                f.write_str("an allow-list `sha256:` entry is not 64 hexadecimal digits")
+            }
+            Self::NameNotIdentity => f.write_str(
+                "a Linux allow-list takes program identities (`sha256:` and 64 hexadecimal digits), not names",
             ),
         }
     }
 }
 
-/// The allow-list (comma-separated program names; empty: allow everything) as the monitor's table
-/// and its count.
-pub fn allow_list(names: &str) -> Result<([[u8; COMM_LEN]; MAX_ALLOWED], u64), AllowError> {
-    let mut table = [[0u8; COMM_LEN]; MAX_ALLOWED];
-    let mut count = 0usize;
-    for name in names.split(',').filter(|n| !n.is_empty()) {
-        let slot = table.get_mut(count).ok_or(AllowError::TooMany)?;
-        if name.len() > COMM_LEN {
+/// An allow-list as the monitor's tables: process names and program identities.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AllowList {
+    pub names: [[u8; COMM_LEN]; MAX_ALLOWED],
+    pub name_count: u64,
+    pub digests: [[u8; 32]; MAX_ALLOWED],
+    pub digest_count: u64,
+}
+
+/// Parses an allow-list: comma-separated entries, each a process name or `sha256:` and a program's
+/// digest in hexadecimal; empty: allow everything.
+pub fn allow_list(entries: &str) -> Result<AllowList, AllowError> {
+    let mut list = AllowList {
+        names: [[0u8; COMM_LEN]; MAX_ALLOWED],
+        name_count: 0,
+        digests: [[0u8; 32]; MAX_ALLOWED],
+        digest_count: 0,
+    };
+    for entry in entries.split(',').filter(|n| !n.is_empty()) {
+        if let Some(hex) = entry.strip_prefix("sha256:") {
+            let slot = list
+                .digests
+                .get_mut(list.digest_count as usize)
+                .ok_or(AllowError::TooMany)?;
+            if hex.len() != 64 {
+                return Err(AllowError::BadDigest);
+            }
+            for (byte, pair) in slot.iter_mut().zip(hex.as_bytes().chunks_exact(2)) {
+                let digit = |c: u8| (c as char).to_digit(16).ok_or(AllowError::BadDigest);
+                *byte = (digit(pair[0])? << 4 | digit(pair[1])?) as u8;
+            }
+            list.digest_count += 1;
+            continue;
+        }
+        let slot = list
+            .names
+            .get_mut(list.name_count as usize)
+            .ok_or(AllowError::TooMany)?;
+        if entry.len() > COMM_LEN {
             return Err(AllowError::TooLong);
         }
-        slot[..name.len()].copy_from_slice(name.as_bytes());
-        count += 1;
+        slot[..entry.len()].copy_from_slice(entry.as_bytes());
+        list.name_count += 1;
     }
-    Ok((table, count as u64))
+    Ok(list)
 }
 
 /// The checksum (FNV-1a, 64 bit) of the parts of the monitor that never change after loading: the
@@ -355,6 +396,7 @@ pub fn checksum<'a>(fixed: impl IntoIterator<Item = &'a [u8]>, tables: &[u8]) ->
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
     use super::*;
 
     const SYMS: ImageSymbols = ImageSymbols {
@@ -451,13 +493,29 @@ mod tests {
 
     #[test]
     fn allow_lists_fit_the_monitor_s_table_or_are_refused() {
-        let (t, n) = allow_list("busybox,,exe").unwrap();
-        assert_eq!(n, 2);
-        assert_eq!(&t[0][..7], b"busybox");
-        assert_eq!(&t[1][..4], b"exe\0");
-        assert_eq!(allow_list(""), Ok(([[0; COMM_LEN]; MAX_ALLOWED], 0)));
+        let l = allow_list("busybox,,exe").unwrap();
+        assert_eq!((l.name_count, l.digest_count), (2, 0));
+        assert_eq!(&l.names[0][..7], b"busybox");
+        assert_eq!(&l.names[1][..4], b"exe\0");
+        let empty = allow_list("").unwrap();
+        assert_eq!((empty.name_count, empty.digest_count), (0, 0));
         assert_eq!(allow_list("a23456789012345678"), Err(AllowError::TooLong));
         let many = "a,".repeat(MAX_ALLOWED + 1);
+        assert_eq!(allow_list(&many), Err(AllowError::TooMany));
+        // Identities: 64 hexadecimal digits, either case, each table full at MAX_ALLOWED.
+        let d: std::string::String = "00ff".repeat(15) + "A1b2";
+        let l = allow_list(&std::format!("sha256:{d},init")).unwrap();
+        assert_eq!((l.name_count, l.digest_count), (1, 1));
+        assert_eq!(l.digests[0][..2], [0x00, 0xff]);
+        assert_eq!(l.digests[0][30..], [0xa1, 0xb2]);
+        for bad in [&d[1..], &(d.clone() + "0"), &d.replace('A', "g")] {
+            assert_eq!(
+                allow_list(&std::format!("sha256:{bad}")),
+                Err(AllowError::BadDigest),
+                "{bad}"
+            );
+        }
+        let many = std::format!("sha256:{d},").repeat(MAX_ALLOWED + 1);
         assert_eq!(allow_list(&many), Err(AllowError::TooMany));
     }
 

@@ -3,16 +3,17 @@
 //! the host writes it with [`fmt::Display`], L0 reads it with [`LinuxProfile::parse`].
 //!
 //! ```text
-//! ihmi-linux-profile 3
+//! ihmi-linux-profile 4
 //! symbol current_task 0xffffffff8180a8c0
 //! field task_struct.pid 0x4b8 4
+//! size page 64
 //! flag pti_pgd_pair 1
 //! ```
 
 use core::fmt;
 
 /// The first line.
-const HEADER: &str = "ihmi-linux-profile 3";
+const HEADER: &str = "ihmi-linux-profile 4";
 
 /// The kernel PGD of a CR3: its root without PCID or flags and, when page-table isolation is built in
 /// (every PGD an 8 KiB pair, kernel half first), without bit 12, since a user CR3 points at the user
@@ -77,6 +78,84 @@ pub struct LinuxProfile {
     /// submits (with the `io_kiocb` in RDI), and `io_kiocb.opcode`. Optional: a kernel without
     /// io_uring has neither.
     pub io_uring: Option<(u64, Field)>,
+    /// Where the kernel keeps the bytes of the file an exec runs, for the program's identity.
+    pub files: FileFields,
+}
+
+/// The members and sizes the monitor follows from a `linux_binprm` to its file's pages in the page
+/// cache (include/linux/xarray.h, include/linux/fs.h).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FileFields {
+    /// `linux_binprm.file`, `file.f_mapping`, `address_space.host`, `address_space.i_pages`,
+    /// `xarray.xa_head`.
+    pub binprm_file: Field,
+    pub file_mapping: Field,
+    pub mapping_host: Field,
+    pub mapping_pages: Field,
+    pub xa_head: Field,
+    /// `inode.i_ino`, `inode.i_size`, `inode.i_ctime`, `inode.i_mtime`.
+    pub inode_ino: Field,
+    pub inode_size: Field,
+    pub inode_ctime: Field,
+    pub inode_mtime: Field,
+    /// `xa_node.shift` and `xa_node.slots` (its size says the slots per node).
+    pub node_shift: Field,
+    pub node_slots: Field,
+    /// `sizeof(struct page)`.
+    pub page_size: u64,
+    /// The kernel variable `vmemmap_base`: where the `struct page` array starts.
+    pub vmemmap_base: u64,
+}
+
+/// The `field` lines of [`FileFields`], in order.
+const FILE_FIELD_NAMES: [&str; 11] = [
+    "linux_binprm.file",
+    "file.f_mapping",
+    "address_space.host",
+    "address_space.i_pages",
+    "xarray.xa_head",
+    "inode.i_ino",
+    "inode.i_size",
+    "inode.i_ctime",
+    "inode.i_mtime",
+    "xa_node.shift",
+    "xa_node.slots",
+];
+
+impl FileFields {
+    fn fields_mut(&mut self) -> [&mut Field; 11] {
+        [
+            &mut self.binprm_file,
+            &mut self.file_mapping,
+            &mut self.mapping_host,
+            &mut self.mapping_pages,
+            &mut self.xa_head,
+            &mut self.inode_ino,
+            &mut self.inode_size,
+            &mut self.inode_ctime,
+            &mut self.inode_mtime,
+            &mut self.node_shift,
+            &mut self.node_slots,
+        ]
+    }
+
+    /// The fields in [`FILE_FIELD_NAMES`] order.
+    #[must_use]
+    pub const fn fields(&self) -> [Field; 11] {
+        [
+            self.binprm_file,
+            self.file_mapping,
+            self.mapping_host,
+            self.mapping_pages,
+            self.xa_head,
+            self.inode_ino,
+            self.inode_size,
+            self.inode_ctime,
+            self.inode_mtime,
+            self.node_shift,
+            self.node_slots,
+        ]
+    }
 }
 
 /// Why a profile could not be read.
@@ -90,6 +169,10 @@ pub enum ProfileError {
     Number(usize),
     /// A required entry is missing (its name).
     Missing(&'static str),
+    /// A required `field` line is missing (the member's name).
+    MissingField(&'static str),
+    /// An entry no kernel has (its name).
+    Implausible(&'static str),
 }
 
 impl fmt::Display for ProfileError {
@@ -99,6 +182,8 @@ impl fmt::Display for ProfileError {
             Self::Line(n) => write!(f, "guest profile line {n} is malformed"),
             Self::Number(n) => write!(f, "guest profile line {n} has a bad number"),
             Self::Missing(name) => write!(f, "the guest profile lacks `{name}`"),
+            Self::MissingField(name) => write!(f, "the guest profile lacks `field {name}`"),
+            Self::Implausible(name) => write!(f, "the guest profile's `{name}` is implausible"),
         }
     }
 }
@@ -121,6 +206,7 @@ impl LinuxProfile {
         let mut seen = 0u32;
         // The io_uring entries are optional, but come together.
         let mut io_uring_seen = 0u8;
+        let mut files_seen = 0u32;
         for (i, line) in lines {
             let n = i + 1;
             let words: [&str; 4] = {
@@ -150,6 +236,7 @@ impl LinuxProfile {
                         "__start_rodata" => (&mut p.rodata[0], 13),
                         "__end_rodata" => (&mut p.rodata[1], 14),
                         "idt_table" => (&mut p.idt_table, 15),
+                        "vmemmap_base" => (&mut p.files.vmemmap_base, 16),
                         "io_issue_sqe" => {
                             p.io_uring.get_or_insert_with(Default::default).0 = v;
                             io_uring_seen |= 1;
@@ -176,10 +263,21 @@ impl LinuxProfile {
                             io_uring_seen |= 2;
                             continue;
                         }
-                        _ => return Err(ProfileError::Line(n)),
+                        other => match FILE_FIELD_NAMES.iter().position(|&x| x == other) {
+                            Some(i) => {
+                                *p.files.fields_mut()[i] = f;
+                                files_seen |= 1 << i;
+                                continue;
+                            }
+                            None => return Err(ProfileError::Line(n)),
+                        },
                     };
                     *slot = f;
                     seen |= 1 << bit;
+                }
+                ["size", "page", value, ""] => {
+                    p.files.page_size = num(value)?;
+                    seen |= 1 << 17;
                 }
                 ["flag", "pti_pgd_pair", value, ""] => {
                     p.pti_pgd_pair = num(value)? != 0;
@@ -188,7 +286,7 @@ impl LinuxProfile {
                 _ => return Err(ProfileError::Line(n)),
             }
         }
-        const NAMES: [&str; 16] = [
+        const NAMES: [&str; 18] = [
             "symbol current_task",
             "symbol init_top_pgt",
             "symbol entry_SYSCALL_64",
@@ -205,11 +303,25 @@ impl LinuxProfile {
             "symbol __start_rodata",
             "symbol __end_rodata",
             "symbol idt_table",
+            "symbol vmemmap_base",
+            "size page",
         ];
         for (bit, name) in NAMES.iter().enumerate() {
             if seen & (1 << bit) == 0 {
                 return Err(ProfileError::Missing(name));
             }
+        }
+        for (i, name) in FILE_FIELD_NAMES.iter().enumerate() {
+            if files_seen & (1 << i) == 0 {
+                return Err(ProfileError::MissingField(name));
+            }
+        }
+        let slots = p.files.node_slots.size;
+        if slots % 8 != 0 || !(slots / 8).is_power_of_two() || !(32..=2048).contains(&slots) {
+            return Err(ProfileError::Implausible("field xa_node.slots"));
+        }
+        if p.files.page_size == 0 {
+            return Err(ProfileError::Implausible("size page"));
         }
         match io_uring_seen {
             0 | 3 => {}
@@ -264,6 +376,11 @@ impl fmt::Display for LinuxProfile {
                 opcode.offset, opcode.size
             )?;
         }
+        writeln!(f, "symbol vmemmap_base {:#x}", self.files.vmemmap_base)?;
+        writeln!(f, "size page {}", self.files.page_size)?;
+        for (name, fld) in FILE_FIELD_NAMES.iter().zip(self.files.fields()) {
+            writeln!(f, "field {name} {:#x} {}", fld.offset, fld.size)?;
+        }
         writeln!(f, "flag pti_pgd_pair {}", u8::from(self.pti_pgd_pair))
     }
 }
@@ -313,13 +430,52 @@ mod tests {
                     size: 1,
                 },
             )),
+            files: FileFields {
+                binprm_file: Field {
+                    offset: 0x40,
+                    size: 8,
+                },
+                file_mapping: Field {
+                    offset: 0xf0,
+                    size: 8,
+                },
+                mapping_host: Field { offset: 0, size: 8 },
+                mapping_pages: Field {
+                    offset: 0x8,
+                    size: 16,
+                },
+                xa_head: Field { offset: 8, size: 8 },
+                inode_ino: Field {
+                    offset: 0x40,
+                    size: 8,
+                },
+                inode_size: Field {
+                    offset: 0x50,
+                    size: 8,
+                },
+                inode_ctime: Field {
+                    offset: 0x78,
+                    size: 16,
+                },
+                inode_mtime: Field {
+                    offset: 0x68,
+                    size: 16,
+                },
+                node_shift: Field { offset: 0, size: 1 },
+                node_slots: Field {
+                    offset: 0x28,
+                    size: 128,
+                },
+                page_size: 64,
+                vmemmap_base: 0xffff_ffff_816b_1ca0,
+            },
         }
     }
 
     #[test]
     fn written_profiles_read_back() {
         let text = sample().to_string();
-        assert!(text.starts_with("ihmi-linux-profile 3\n"));
+        assert!(text.starts_with("ihmi-linux-profile 4\n"));
         assert_eq!(LinuxProfile::parse(&text), Ok(sample()));
     }
 
@@ -370,6 +526,20 @@ mod tests {
             LinuxProfile::parse(&extra),
             Err(ProfileError::Line(_))
         ));
+        let without_slots: std::string::String = text
+            .lines()
+            .filter(|l| !l.contains("xa_node.slots"))
+            .map(|l| l.to_string() + "\n")
+            .collect();
+        assert_eq!(
+            LinuxProfile::parse(&without_slots),
+            Err(ProfileError::MissingField("xa_node.slots"))
+        );
+        let odd = text.replace("xa_node.slots 0x28 128", "xa_node.slots 0x28 120");
+        assert_eq!(
+            LinuxProfile::parse(&odd),
+            Err(ProfileError::Implausible("field xa_node.slots"))
+        );
         let unknown = text.replace("symbol init_top_pgt", "symbol something_else");
         assert!(matches!(
             LinuxProfile::parse(&unknown),

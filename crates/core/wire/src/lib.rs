@@ -26,6 +26,8 @@ pub enum Text<'a> {
     Bytes(&'a [u8]),
     /// Whatever a `Display` value prints (a verdict's explanation built from parts).
     Display(&'a dyn fmt::Display),
+    /// The bytes of little-endian words in hexadecimal, lowercase (a digest kept as words).
+    HexWords(&'a [u64]),
 }
 
 impl fmt::Debug for Text<'_> {
@@ -51,6 +53,10 @@ impl fmt::Display for DisplayText<'_, '_> {
                 .iter()
                 .try_for_each(|&b| fmt::Write::write_char(f, char::from(b))),
             Text::Display(d) => d.fmt(f),
+            Text::HexWords(w) => w
+                .iter()
+                .flat_map(|w| w.to_le_bytes())
+                .try_for_each(|b| write!(f, "{b:02x}")),
         }
     }
 }
@@ -166,6 +172,9 @@ pub enum EventLine<S> {
         /// The call's name in the guest's profile, `null` for a number it does not know.
         name: Option<S>,
         args: [u64; 3],
+        /// The call makes memory executable (`mmap`, `mprotect`, `pkey_mprotect` with `PROT_EXEC`).
+        #[serde(default, skip_serializing_if = "is_false")]
+        exec_mapping: bool,
         verdict: S,
     },
     /// A process the process-creation monitor saw created.
@@ -190,6 +199,12 @@ pub enum EventLine<S> {
         /// The file name was longer than the event holds.
         #[serde(default, skip_serializing_if = "is_false")]
         filename_truncated: bool,
+        /// The SHA-256 of the file the kernel runs (for a script, its interpreter), in hexadecimal:
+        /// what the allow-list judges. `null` when the monitor could not read it all.
+        sha256: Option<S>,
+        /// Why there is no digest.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        unhashed: Option<S>,
         verdict: S,
     },
     /// An operation a process submitted through an io_uring ring, as the kernel issues it.

@@ -113,6 +113,7 @@ mod host {
                 nr: 39,
                 name: Some(Text::Str("getpid")),
                 args: [1, 2, 3],
+                exec_mapping: true,
                 verdict: Text::Str("allow"),
             },
             EventLine::Syscall {
@@ -125,6 +126,7 @@ mod host {
                 nr: 999,
                 name: None,
                 args: [0; 3],
+                exec_mapping: false,
                 verdict: Text::Str("allow"),
             },
             EventLine::Exec {
@@ -136,6 +138,8 @@ mod host {
                 comm: Text::Bytes(b"sh"),
                 filename: Text::Bytes(b"/bin/ihmi-intruder"),
                 filename_truncated: true,
+                sha256: Some(Text::HexWords(&[0x0123_4567_89ab_cdef, 0, 0, u64::MAX])),
+                unhashed: None,
                 verdict: Text::Str("deny"),
             },
             EventLine::Rejected {
@@ -180,6 +184,19 @@ mod host {
             "{syscall}"
         );
         assert!(!line(&events[1]).contains("truncated"));
+        assert!(syscall.contains(r#""args":[1,2,3],"exec_mapping":true,"verdict""#));
+        assert!(!line(&events[1]).contains("exec_mapping"));
+        // A digest kept as words prints as the bytes of each, little-endian, in order.
+        let exec = line(&events[2]);
+        let digest = std::format!(
+            "efcdab8967452301{}{}ffffffffffffffff",
+            "0".repeat(16),
+            "0".repeat(16)
+        );
+        assert!(
+            exec.contains(&std::format!(r#""sha256":"{digest}","verdict""#)),
+            "{exec}"
+        );
         let a: EventLine<String> = serde_json::from_str(&syscall).unwrap();
         let b: EventLine<String> =
             serde_json::from_str(&syscall.replace("[1,2,3]", "[4,5,6]")).unwrap();

@@ -229,6 +229,11 @@ impl<'a> Btf<'a> {
         Err(BtfError::NoStruct)
     }
 
+    /// The size of struct `name` in bytes.
+    pub fn struct_size(&self, name: &str) -> Result<u64, BtfError> {
+        self.size_of(self.find_struct(name)?)
+    }
+
     /// `member` of struct `name`: its byte offset and size, found through anonymous members.
     pub fn member(&self, name: &str, member: &str) -> Result<Member, BtfError> {
         let id = self.find_struct(name)?;

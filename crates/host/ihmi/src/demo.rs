@@ -14,6 +14,8 @@ pub struct Exec {
     pub ppid: u32,
     pub comm: String,
     pub filename: String,
+    /// The program's SHA-256 (hexadecimal), or why the monitor has none.
+    pub sha256: Result<String, String>,
     pub verdict: String,
 }
 
@@ -65,6 +67,8 @@ impl Summary {
                     ppid,
                     comm,
                     filename,
+                    sha256,
+                    unhashed,
                     verdict,
                     ..
                 } => s.execs.push(Exec {
@@ -72,6 +76,7 @@ impl Summary {
                     ppid,
                     comm,
                     filename,
+                    sha256: sha256.ok_or_else(|| unhashed.unwrap_or_default()),
                     verdict,
                 }),
                 EventLine::IoUring {
@@ -143,9 +148,16 @@ impl Summary {
             let _ = writeln!(out, "  refused: none");
         } else {
             for e in refused {
+                let why = match &e.sha256 {
+                    Ok(d) => format!(
+                        "its content (sha256 {}…) is not on the allow-list",
+                        &d[..d.len().min(16)]
+                    ),
+                    Err(why) => format!("its content could not be read ({why})"),
+                };
                 let _ = writeln!(
                     out,
-                    "  REFUSED: {} (pid {}, started by {}): not on the allow-list; execve failed with EPERM",
+                    "  REFUSED: {} (pid {}, started by {}): {why}; execve failed with EPERM",
                     e.filename, e.pid, e.comm
                 );
             }
@@ -174,7 +186,7 @@ event| {\"seq\":0,\"tsc\":1,\"mode\":\"inbox\",\"event\":\"syscall\",\"pid\":5,\
 guest| hello
 event| {\"seq\":1,\"tsc\":2,\"mode\":\"inbox\",\"event\":\"syscall\",\"pid\":6,\"comm\":\"sh\",\"entry\":\"syscall\",\"nr\":999,\"name\":null,\"args\":[0,0,0],\"verdict\":\"allow\"}
 event| {\"seq\":3,\"tsc\":4,\"mode\":\"inbox\",\"event\":\"syscall\",\"pid\":6,\"comm\":\"sh\",\"entry\":\"int80\",\"nr\":20,\"name\":\"getpid\",\"args\":[0,0,0],\"verdict\":\"allow\"}
-event| {\"seq\":2,\"tsc\":3,\"mode\":\"inbox\",\"event\":\"exec\",\"pid\":7,\"ppid\":1,\"comm\":\"init\",\"filename\":\"/bin/ihmi-intruder\",\"verdict\":\"deny\"}
+event| {\"seq\":2,\"tsc\":3,\"mode\":\"inbox\",\"event\":\"exec\",\"pid\":7,\"ppid\":1,\"comm\":\"init\",\"filename\":\"/bin/ihmi-intruder\",\"sha256\":\"7050b5940f81866d8db6a9d4d87bda91373a6c9ff7dc83c3c483c4e4cb762ae3\",\"verdict\":\"deny\"}
 monitor: 3 events, 0 dropped
 ";
         let s = Summary::from_output(out).unwrap();
@@ -186,7 +198,7 @@ monitor: 3 events, 0 dropped
         assert_eq!(s.execs.len(), 1);
         assert_eq!(s.dropped, Some(0));
         let text = s.render();
-        assert!(text.contains("REFUSED: /bin/ihmi-intruder (pid 7, started by init)"));
+        assert!(text.contains("REFUSED: /bin/ihmi-intruder (pid 7, started by init): its content (sha256 7050b5940f81866d…) is not on the allow-list"), "{text}");
         assert!(text.contains("events dropped by a full ring: 0"));
     }
 }

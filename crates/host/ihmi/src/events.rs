@@ -221,6 +221,7 @@ mod tests {
             nr,
             name: None,
             args,
+            exec_mapping: false,
             verdict: Text::Str("allow"),
         };
         format!("event| {}\n", Json(&e))
@@ -328,6 +329,8 @@ mod tests {
                 comm: Text::Bytes(b"init"),
                 filename: Text::Str(file),
                 filename_truncated: false,
+                sha256: None,
+                unhashed: None,
                 verdict: Text::Str(verdict),
             };
             format!("event| {}\n", Json(&e))

@@ -12,8 +12,11 @@ use crate::scenario::validate_name;
 const BARE_PACKAGES: &[&str] = &["ihmi-l0", "ihmi-testguest", "ihmi-monitor-image"];
 
 /// Codegen for the freestanding binaries (BRIEF.md section 3: static, no PIE). Only the bare build
-/// sees these flags; that is why it has its own target directory.
-const BARE_RUSTFLAGS: &str = "-C relocation-model=static -C force-frame-pointers=yes";
+/// sees these flags; that is why it has its own target directory. `sha2` is built with its portable
+/// code only: its default picks SHA-NI at run time with CPUID, and a CPUID in the monitor's view
+/// would be a VM exit.
+const BARE_RUSTFLAGS: &str =
+    "-C relocation-model=static -C force-frame-pointers=yes --cfg sha2_backend=\"soft\"";
 
 /// The host target: `rustup` cannot fetch `x86_64-unknown-none` here (BRIEF.md section 3).
 const BARE_TARGET: &str = "x86_64-unknown-linux-gnu";
@@ -251,11 +254,11 @@ mod tests {
         let linux = grub_cfg(
             "linux-sim",
             Some("console=ttyS0 nokaslr"),
-            Some("busybox,exe"),
+            Some("sha256:00ff,sha256:ab12"),
         );
-        assert!(
-            linux.contains("multiboot2 /boot/ihmi-l0.elf scenario=linux-sim allow=busybox,exe\n")
-        );
+        assert!(linux.contains(
+            "multiboot2 /boot/ihmi-l0.elf scenario=linux-sim allow=sha256:00ff,sha256:ab12\n"
+        ));
         assert!(linux.contains(
             "    module2 /boot/bzImage linux console=ttyS0 nokaslr\n    module2 --nounzip /boot/initrd.cpio.gz initrd\n    module2 /boot/linux-profile.txt linux-profile\n    boot\n"
         ));

@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context, Result};
 
 use ihmi_btf::Btf;
-use ihmi_linux::profile::{Field, LinuxProfile};
+use ihmi_linux::profile::{Field, FileFields, LinuxProfile};
 
 use crate::cpio::Archive;
 use crate::deps;
@@ -25,12 +25,11 @@ use crate::symbols::SystemMap;
 /// keeps Bochs fast, and no KASLR so System.map's addresses are the running ones.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0,115200 nokaslr panic=-1";
 
-/// The programs a Linux guest may run unless `--allow` says otherwise: what /init runs (busybox and its
-/// applets, which busybox runs through /proc/self/exe, so the kernel names them `exe`; `true`, which
-/// the benchmark runs by its path), our workload programs, and nothing else: `ihmi-intruder` is
-/// refused.
+/// The programs a Linux guest may run unless `--allow` says otherwise, named by their files in the
+/// initramfs, allowed by their content: busybox (the shell that runs /init, and every applet, which
+/// are links to it), our workload programs, and nothing else: `ihmi-intruder` is refused.
 pub const DEFAULT_ALLOW: &str =
-    "busybox,exe,mount,true,ihmi-workload,ihmi-attack,ihmi-bench,ihmi-poweroff";
+    "/bin/busybox,/bin/ihmi-workload,/bin/ihmi-attack,/bin/ihmi-bench,/bin/ihmi-poweroff";
 
 /// Which Linux kernel a guest boots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -48,7 +47,8 @@ pub enum Profile {
 pub struct GuestOptions {
     pub profile: Profile,
     pub cmdline: String,
-    /// Comma-separated program names; empty: monitor without enforcing.
+    /// Comma-separated programs: paths of files in the initramfs (hashed by the host) or
+    /// `sha256:<64 hex digits>`; empty: monitor without enforcing.
     pub allow: String,
 }
 
@@ -63,31 +63,113 @@ impl Default for GuestOptions {
 }
 
 impl GuestOptions {
-    /// Checks the allow-list as L0 will take it: at most 16 names of 1-16 bytes from a-z, A-Z, 0-9,
-    /// `.`, `_`, `+` and `-`.
+    /// Checks the allow-list's form: at most 16 programs, each the absolute path of a file in the
+    /// initramfs or `sha256:` and 64 hexadecimal digits. Whether a path names a file is checked when
+    /// the initramfs is built ([`prepare`]).
     pub fn new(profile: Profile, cmdline: String, allow: String) -> Result<Self> {
-        let names: Vec<&str> = allow.split(',').filter(|n| !n.is_empty()).collect();
-        if names.len() > ihmi_abi::monitor::MAX_ALLOWED {
+        let entries: Vec<&str> = allow.split(',').filter(|n| !n.is_empty()).collect();
+        if entries.len() > ihmi_abi::monitor::MAX_ALLOWED {
             bail!(
                 "--allow names {} programs; the monitor takes at most {}",
-                names.len(),
+                entries.len(),
                 ihmi_abi::monitor::MAX_ALLOWED
             );
         }
-        for name in &names {
-            let ok = name.len() <= ihmi_abi::guest_os::COMM_LEN
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"._+-".contains(&b));
+        for entry in &entries {
+            let ok = match entry.strip_prefix("sha256:") {
+                Some(hex) => hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()),
+                None => {
+                    entry.starts_with('/')
+                        && entry.len() <= 255
+                        && entry
+                            .bytes()
+                            .all(|b| b.is_ascii_graphic() && !b" \"'".contains(&b))
+                }
+            };
             if !ok {
-                bail!("--allow: `{name}` is not a program name (1-16 characters from a-z, A-Z, 0-9, `.`, `_`, `+`, `-`; no paths)");
+                bail!("--allow: `{entry}` is neither the absolute path of a file in the initramfs (e.g. /bin/busybox) nor `sha256:` and 64 hexadecimal digits; programs are allowed by their content, not their names");
             }
         }
         Ok(Self {
             profile,
             cmdline,
-            allow: names.join(","),
+            allow: entries.join(","),
         })
+    }
+}
+
+/// A program the allow-list names: as the user named it, and its SHA-256 in hexadecimal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub label: String,
+    pub sha256: String,
+}
+
+/// The SHA-256 of `bytes` in lowercase hexadecimal.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// What the initramfs holds, for finding the files an allow-list names: regular files by path (no
+/// leading slash) and symbolic links with their targets.
+#[derive(Debug, Default)]
+pub struct InitramfsFiles {
+    files: std::collections::BTreeMap<String, Vec<u8>>,
+    links: std::collections::BTreeMap<String, String>,
+}
+
+impl InitramfsFiles {
+    /// The content at `path` (absolute), through symbolic links as the kernel would follow them.
+    pub fn content(&self, path: &str) -> Option<&[u8]> {
+        let mut at = path.trim_start_matches('/').to_string();
+        for _ in 0..8 {
+            if let Some(bytes) = self.files.get(&at) {
+                return Some(bytes);
+            }
+            let target = self.links.get(&at)?;
+            at = if let Some(abs) = target.strip_prefix('/') {
+                abs.to_string()
+            } else {
+                match at.rsplit_once('/') {
+                    Some((dir, _)) => format!("{dir}/{target}"),
+                    None => target.clone(),
+                }
+            };
+        }
+        None
+    }
+
+    /// The allow-list's programs with their digests: each path hashed from the file it names, each
+    /// `sha256:` entry as given.
+    pub fn identities(&self, allow: &str) -> Result<Vec<Identity>> {
+        allow
+            .split(',')
+            .filter(|e| !e.is_empty())
+            .map(|entry| {
+                let sha256 = match entry.strip_prefix("sha256:") {
+                    Some(hex) => hex.to_ascii_lowercase(),
+                    None => sha256_hex(self.content(entry).with_context(|| {
+                        format!(
+                            "--allow: {entry} is not a file in the initramfs (it has {}); busybox's applets are /bin/busybox",
+                            self.files
+                                .keys()
+                                .filter(|k| k.starts_with("bin/"))
+                                .map(|k| format!("/{k}"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    })?),
+                };
+                Ok(Identity {
+                    label: entry.to_string(),
+                    sha256,
+                })
+            })
+            .collect()
     }
 }
 
@@ -103,8 +185,11 @@ pub struct LinuxImages {
     pub profile: PathBuf,
     pub initrd: PathBuf,
     pub cmdline: String,
-    /// The allow-list L0 hands the process-creation monitor (`allow=` on L0's command line).
+    /// The allow-list L0 hands the process-creation monitor (`allow=` on L0's command line): the
+    /// identities' digests, `sha256:<hex>` each.
     pub allow: String,
+    /// The same programs as the user named them.
+    pub identities: Vec<Identity>,
 }
 
 /// The static programs the initramfs carries (package `ihmi-linux-workload`).
@@ -125,14 +210,20 @@ pub fn prepare(layout: &Layout, guest: &GuestOptions) -> Result<LinuxImages> {
         Profile::Debian => debian_kernel(layout)?,
     };
     let programs = build_workload(layout)?;
-    let initrd = build_initramfs(layout, &programs, &attacker_map(&system_map)?)?;
+    let (initrd, files) = build_initramfs(layout, &programs, &attacker_map(&system_map)?)?;
+    let identities = files.identities(&guest.allow)?;
     Ok(LinuxImages {
         kernel,
         system_map,
         profile,
         initrd,
         cmdline: guest.cmdline.clone(),
-        allow: guest.allow.clone(),
+        allow: identities
+            .iter()
+            .map(|i| format!("sha256:{}", i.sha256))
+            .collect::<Vec<_>>()
+            .join(","),
+        identities,
     })
 }
 
@@ -448,6 +539,23 @@ pub fn guest_profile(system_map: &Path, vmlinux: &Path, config: &str) -> Result<
             Some(at) => Some((at, member("io_kiocb", "opcode")?)),
             None => None,
         },
+        files: FileFields {
+            binprm_file: member("linux_binprm", "file")?,
+            file_mapping: member("file", "f_mapping")?,
+            mapping_host: member("address_space", "host")?,
+            mapping_pages: member("address_space", "i_pages")?,
+            xa_head: member("xarray", "xa_head")?,
+            inode_ino: member("inode", "i_ino")?,
+            inode_size: member("inode", "i_size")?,
+            inode_ctime: member("inode", "i_ctime")?,
+            inode_mtime: member("inode", "i_mtime")?,
+            node_shift: member("xa_node", "shift")?,
+            node_slots: member("xa_node", "slots")?,
+            page_size: btf.struct_size("page").map_err(|e| {
+                anyhow::anyhow!("struct page in the BTF of {}: {e}", vmlinux.display())
+            })?,
+            vmemmap_base: map.require("vmemmap_base")?,
+        },
     })
 }
 
@@ -565,7 +673,7 @@ fn build_initramfs(
     layout: &Layout,
     programs: &[(&str, PathBuf)],
     attacker_map: &str,
-) -> Result<PathBuf> {
+) -> Result<(PathBuf, InitramfsFiles)> {
     let busybox =
         fs::read(deps::BUSYBOX).with_context(|| format!("cannot read {}", deps::BUSYBOX))?;
     if !is_static_elf(&busybox) {
@@ -578,24 +686,35 @@ fn build_initramfs(
     let init =
         fs::read(&init_path).with_context(|| format!("cannot read {}", init_path.display()))?;
     let mut a = Archive::new();
+    let mut kept = InitramfsFiles::default();
     for d in ["bin", "dev", "proc", "sys", "tmp", "etc"] {
         a.dir(d);
     }
     a.char_dev("dev/console", 0o600, 5, 1);
     a.char_dev("dev/null", 0o666, 1, 3);
-    a.file("bin/busybox", 0o755, &busybox);
-    a.symlink("bin/sh", "busybox");
-    a.file("init", 0o755, &init);
-    a.file("etc/ihmi-attacker.map", 0o644, attacker_map.as_bytes());
+    let mut file = |a: &mut Archive, name: &str, perm: u32, bytes: Vec<u8>| {
+        a.file(name, perm, &bytes);
+        kept.files.insert(name.to_string(), bytes);
+    };
+    file(&mut a, "bin/busybox", 0o755, busybox);
+    file(&mut a, "init", 0o755, init);
+    file(
+        &mut a,
+        "etc/ihmi-attacker.map",
+        0o644,
+        attacker_map.as_bytes().to_vec(),
+    );
     for (name, path) in programs {
-        let bytes = fs::read(path)?;
-        a.file(&format!("bin/{name}"), 0o755, &bytes);
+        file(&mut a, &format!("bin/{name}"), 0o755, fs::read(path)?);
     }
+    a.symlink("bin/sh", "busybox");
+    kept.links
+        .insert("bin/sh".to_string(), "busybox".to_string());
     let out = linux_dir(layout).join("initrd.cpio.gz");
     fs::create_dir_all(linux_dir(layout))?;
     fs::write(&out, gzip(&a.finish())?)
         .with_context(|| format!("cannot write {}", out.display()))?;
-    Ok(out)
+    Ok((out, kept))
 }
 
 /// The archive gzip-compressed (both kernel profiles have `CONFIG_RD_GZIP`): a third of the size, so
@@ -610,6 +729,50 @@ fn gzip(bytes: &[u8]) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn allow_lists_name_files_or_digests_and_resolve_through_links() {
+        let ok = |a: &str| GuestOptions::new(Profile::Tiny, String::new(), a.to_string());
+        assert_eq!(ok("/bin/a,,/bin/b").unwrap().allow, "/bin/a,/bin/b");
+        let hex = "0123456789abcdef".repeat(4);
+        assert!(ok(&format!("sha256:{hex}")).is_ok());
+        for bad in [
+            "busybox",
+            "exe",
+            "sha256:12",
+            "/bin/a b",
+            &format!("sha256:{hex}0"),
+        ] {
+            let e = ok(bad).unwrap_err().to_string();
+            assert!(e.contains("not their names"), "{bad}: {e}");
+        }
+        let many = "/bin/x,".repeat(ihmi_abi::monitor::MAX_ALLOWED + 1);
+        assert!(ok(&many).is_err());
+
+        let mut f = InitramfsFiles::default();
+        f.files.insert("bin/busybox".into(), b"busybox".to_vec());
+        f.files.insert("bin/other".into(), b"other".to_vec());
+        f.links.insert("bin/sh".into(), "busybox".into());
+        f.links.insert("bin/abs".into(), "/bin/other".into());
+        f.links.insert("bin/loop".into(), "loop".into());
+        assert_eq!(f.content("/bin/sh"), Some(&b"busybox"[..]));
+        assert_eq!(f.content("/bin/abs"), Some(&b"other"[..]));
+        assert_eq!(f.content("/bin/loop"), None);
+        let ids = f
+            .identities(&format!("/bin/sh,sha256:{}", hex.to_uppercase()))
+            .unwrap();
+        assert_eq!(ids[0].label, "/bin/sh");
+        assert_eq!(ids[0].sha256, sha256_hex(b"busybox"));
+        // FIPS 180-2's first example.
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(ids[1].sha256, hex);
+        let e = format!("{:#}", f.identities("/bin/ls").unwrap_err());
+        assert!(e.contains("/bin/ls is not a file in the initramfs"), "{e}");
+        assert!(e.contains("/bin/busybox, /bin/other"), "{e}");
+    }
 
     /// An ELF64 header with one program header of type `ptype`.
     fn elf_with_phdr(ptype: u32) -> Vec<u8> {

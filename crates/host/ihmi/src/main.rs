@@ -79,9 +79,10 @@ enum Cmd {
         /// kernel, downloaded; about 80 s to boot under Bochs)
         #[arg(long, value_enum, default_value_t = linux::Profile::Tiny)]
         profile: linux::Profile,
-        /// Programs a Linux guest may run (comma-separated names, the last part of each path
-        /// `execve` is given); any other is refused. `--allow ''` turns enforcement off
-        #[arg(long, value_name = "NAMES", default_value = linux::DEFAULT_ALLOW)]
+        /// Programs a Linux guest may run, by content: comma-separated paths of files in the
+        /// initramfs (the host hashes them) or `sha256:<64 hex digits>`. A program whose SHA-256 is
+        /// not listed is refused, whatever its name or path. `--allow ''` turns enforcement off
+        #[arg(long, value_name = "PROGRAMS", default_value = linux::DEFAULT_ALLOW)]
         allow: String,
         /// Write the monitor's events to this file, one JSON object per line
         #[arg(long, value_name = "FILE")]
@@ -373,7 +374,11 @@ fn build_images(layout: &Layout, scenarios: &[&str], guest: &linux::GuestOptions
     images::build_bare(layout)?;
     // The Linux guest's images are built (or found in the cache) once, for the scenarios that boot it.
     let linux = if scenarios.iter().any(|s| scenario::is_linux(s)) {
-        Some(linux::prepare(layout, guest)?)
+        let l = linux::prepare(layout, guest)?;
+        for i in &l.identities {
+            eprintln!("[ihmi] allowed program: {} (sha256 {})", i.label, i.sha256);
+        }
+        Some(l)
     } else {
         None
     };

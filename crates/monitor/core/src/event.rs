@@ -12,7 +12,9 @@ use crate::os::OsProfile;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u16)]
 pub enum EventKind {
-    /// A system call: `nr` and `args[..3]` are its number and first arguments.
+    /// A system call: `nr` and `args[..3]` are its number and first arguments; `detail` is the
+    /// entry it came through (`SyscallEntry`), with [`SYSCALL_EXEC_MAPPING`] set for a call that
+    /// maps memory executable.
     Syscall = 1,
     /// A process is being created: `pid`, `ppid` and `comm` describe the new process.
     ProcessCreate = 2,
@@ -20,7 +22,10 @@ pub enum EventKind {
     /// request code and arguments.
     Rejected = 3,
     /// Linux: a process is about to run a new program (`execve`): `pid`, `ppid` and `comm` describe
-    /// it as it is, `path` is the program; `detail` is 1 when the path was longer than `path` holds.
+    /// it as it is, `path` is the path it was given, `args` the SHA-256 of the file it runs (its four
+    /// little-endian words in order). `detail` bit 0 is set when the path was longer than `path`
+    /// holds; `detail >> EXEC_IDENTITY_SHIFT` is 0 with a digest, else the
+    /// [`crate::IdentityError`] that left the program without one.
     Exec = 4,
     /// Linux: an operation submitted through an io_uring ring is being issued: `pid` and `comm` are
     /// the submitting process (or its io_uring worker thread), `nr` the operation (`IORING_OP_*`).
@@ -52,6 +57,26 @@ impl EventKind {
             Self::IoUring => "io_uring",
         }
     }
+}
+
+/// In a system-call event's `detail`: the call makes memory executable at run time (`mmap`,
+/// `mprotect` or `pkey_mprotect` with `PROT_EXEC`): code that no exec brought in, as a loader inside
+/// an allowed program makes.
+pub const SYSCALL_EXEC_MAPPING: u16 = 0x100;
+
+/// Where an exec event's `detail` keeps why the program has no digest.
+pub const EXEC_IDENTITY_SHIFT: u16 = 8;
+
+/// A digest as an event's four argument words.
+#[must_use]
+pub fn digest_words(d: &crate::identity::Sha256Digest) -> [u64; 4] {
+    let mut w = [0u64; 4];
+    for (word, bytes) in w.iter_mut().zip(d.chunks_exact(8)) {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(bytes);
+        *word = u64::from_le_bytes(b);
+    }
+    w
 }
 
 /// Why the invocation checkpoint refused a request.
@@ -166,6 +191,12 @@ impl Event {
         EventKind::from_raw(self.kind)
     }
 
+    /// A system-call event's entry (its `detail` without the flags).
+    #[must_use]
+    pub const fn syscall_entry(&self) -> Option<SyscallEntry> {
+        SyscallEntry::from_raw(self.detail & 0xff)
+    }
+
     /// Whether two events say the same thing about the guest: everything but the time stamp. The
     /// in-box and out-of-box monitors must agree on this for the same workload.
     #[must_use]
@@ -197,7 +228,7 @@ impl Event {
         };
         match kind {
             EventKind::Syscall => {
-                let entry = SyscallEntry::from_raw(self.detail);
+                let entry = self.syscall_entry();
                 let name = match entry {
                     Some(e) if e.is_compat() => os.compat_syscall_name(self.nr),
                     Some(_) => os.syscall_name(self.nr),
@@ -213,6 +244,7 @@ impl Event {
                     nr: self.nr,
                     name: name.map(Text::Str),
                     args: [self.args[0], self.args[1], self.args[2]],
+                    exec_mapping: self.detail & SYSCALL_EXEC_MAPPING != 0,
                     verdict,
                 }
             }
@@ -233,7 +265,17 @@ impl Event {
                 ppid: self.ppid,
                 comm,
                 filename: Text::Bytes(nul_padded(&self.path)),
-                filename_truncated: self.detail != 0,
+                filename_truncated: self.detail & 1 != 0,
+                sha256: match self.detail >> EXEC_IDENTITY_SHIFT {
+                    0 => Some(Text::HexWords(&self.args)),
+                    _ => None,
+                },
+                unhashed: match self.detail >> EXEC_IDENTITY_SHIFT {
+                    0 => None,
+                    why => Some(Text::Str(
+                        crate::IdentityError::from_raw(why).map_or("unknown", |e| e.name()),
+                    )),
+                },
                 verdict,
             },
             EventKind::IoUring => EventLine::IoUring {

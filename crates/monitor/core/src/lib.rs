@@ -3,6 +3,7 @@
 #![deny(unsafe_code)]
 
 pub mod event;
+pub mod identity;
 pub mod introspect;
 pub mod os;
 pub mod policy;
@@ -13,6 +14,7 @@ use ihmi_addr::Gva;
 use ihmi_paging::{Cr3, GuestPhysRead};
 
 pub use event::{Event, EventKind, EventRing, RejectReason};
+pub use identity::{DigestCache, FileLayout, IdentityError};
 pub use introspect::{IntrospectError, Introspector, TranslationCache};
 pub use os::{IoUringHook, OsProfile, ProcessInfo};
 pub use policy::Policy;
@@ -61,6 +63,8 @@ struct State {
     stats: Stats,
     /// The caller's per-CPU base, for this invocation.
     percpu_base: u64,
+    /// Linux: the digests of the programs hashed last.
+    digests: DigestCache,
 }
 
 impl Monitor {
@@ -77,9 +81,16 @@ impl Monitor {
                     denied: 0,
                 },
                 percpu_base: 0,
+                digests: DigestCache::new(),
             },
             tlb: core::cell::RefCell::new(TranslationCache::new()),
         }
+    }
+
+    /// Programs hashed so far, and exec identities answered from the digest cache.
+    #[must_use]
+    pub const fn identity_stats(&self) -> (u64, u64) {
+        (self.state.digests.hashed, self.state.digests.hits)
     }
 
     /// The kernel-page translation cache's hits and misses so far.
@@ -197,6 +208,18 @@ const fn linux_entry_makes(entry: Entry, r: RequestCode) -> bool {
     }
 }
 
+/// Whether Linux system call `nr` through `entry`, with `prot` its third argument, maps memory
+/// executable: `mmap` (`mmap2` in the i386 table), `mprotect` or `pkey_mprotect` with `PROT_EXEC`.
+const fn makes_executable(entry: SyscallEntry, nr: u64, prot: u64) -> bool {
+    const PROT_EXEC: u64 = 4;
+    let maps = if entry.is_compat() {
+        matches!(nr, 192 | 125 | 380)
+    } else {
+        matches!(nr, 9 | 10 | 329)
+    };
+    maps && prot & PROT_EXEC != 0
+}
+
 /// Where kernel addresses start (the upper half).
 const KERNEL_HALF: u64 = 0xffff_8000_0000_0000;
 
@@ -240,9 +263,15 @@ impl State {
             return Err(RejectReason::BadArgument);
         }
         let who = self.current(intro)?.ok_or(RejectReason::NoCurrentProcess)?;
+        let flags =
+            if self.os.family == os::OsFamily::Linux && makes_executable(entry, args[0], args[3]) {
+                event::SYSCALL_EXEC_MAPPING
+            } else {
+                0
+            };
         Ok(Event {
             kind: EventKind::Syscall as u16,
-            detail: entry as u16,
+            detail: entry as u16 | flags,
             verdict: Verdict::Allow as i32,
             pid: who.pid,
             ppid: who.ppid,
@@ -255,7 +284,9 @@ impl State {
 
     /// args = (GVA of the kernel's `linux_binprm`, 0, 0, 0): the running process is about to run the
     /// program the record names. Linux only; the record and the path it points at must be readable
-    /// kernel memory, and the path terminated within the kernel's PATH_MAX.
+    /// kernel memory, and the path terminated within the kernel's PATH_MAX. The program is judged by
+    /// its identity, the SHA-256 of the file the record's `file` is ([`identity`]); the path is
+    /// recorded for the reader.
     fn on_exec<M: GuestPhysRead>(
         &mut self,
         intro: &Introspector<'_, M>,
@@ -281,20 +312,33 @@ impl State {
             return Err(RejectReason::BadArgument);
         }
         let path = &path[..len];
-        let verdict = self.policy.check_program(path);
+        let identity = match &self.os.files {
+            Some(files) => {
+                identity::program_digest(intro, files, Gva::new(args[0]), &mut self.digests)
+            }
+            None => Err(IdentityError::NoLayout),
+        };
+        let verdict = self
+            .policy
+            .check_identity(identity.as_ref().map_err(|e| *e));
         if verdict == Verdict::Deny {
             self.stats.denied = self.stats.denied.wrapping_add(1);
         }
         let mut kept = [0u8; PATH_LEN];
         let n = len.min(PATH_LEN);
         kept[..n].copy_from_slice(&path[..n]);
+        let (digest, why) = match identity {
+            Ok(d) => (event::digest_words(&d), 0),
+            Err(e) => ([0; 4], e as u16),
+        };
         Ok(Event {
             kind: EventKind::Exec as u16,
-            detail: u16::from(len > PATH_LEN),
+            detail: u16::from(len > PATH_LEN) | why << event::EXEC_IDENTITY_SHIFT,
             verdict: verdict as i32,
             pid: who.pid,
             ppid: who.ppid,
             comm: who.comm,
+            args: digest,
             path: kept,
             ..Event::EMPTY
         })

@@ -55,6 +55,9 @@ pub struct OsProfile {
     /// Linux: the same for the io_uring hook, and where `io_kiocb` keeps its one-byte `opcode`
     /// (none without the hook).
     pub io_uring: Option<IoUringHook>,
+    /// Linux: how to find the bytes of the file an exec runs, for its identity (none: no digests,
+    /// and a program list refuses every exec).
+    pub files: Option<crate::identity::FileLayout>,
 }
 
 /// What the monitor needs for a Linux kernel's io_uring hook.
@@ -93,6 +96,7 @@ impl OsProfile {
             binprm_filename: 0,
             exec_returns: None,
             io_uring: None,
+            files: None,
         }
     }
 
@@ -119,6 +123,7 @@ impl OsProfile {
             binprm_filename,
             exec_returns: None,
             io_uring: None,
+            files: None,
         }
     }
 
@@ -138,6 +143,15 @@ impl OsProfile {
     pub const fn with_io_uring(self, hook: IoUringHook) -> Self {
         Self {
             io_uring: Some(hook),
+            ..self
+        }
+    }
+
+    /// The same profile, hashing the programs execs run through the page cache as `files` says.
+    #[must_use]
+    pub const fn with_files(self, files: crate::identity::FileLayout) -> Self {
+        Self {
+            files: Some(files),
             ..self
         }
     }

@@ -1,17 +1,19 @@
-//! The process-creation policy: an allow-list of process names, as the seed paper's process-creation
-//! monitor enforced. An empty list allows everything (monitoring without enforcement).
-//!
-//! For Linux the name is the program's: the last component of the path `execve` was given, the name
-//! the kernel gives the process once it runs it. A name is not an identity: a copy of a refused
-//! program under an allowed name passes. The list keeps honest programs honest and makes an unlisted
-//! one visible and refused; it is not a code-signing policy.
+//! The process-creation policy, two allow-lists, each allowing everything while empty (monitoring
+//! without enforcement):
+//! - process names, as the seed paper's process-creation monitor enforced, for the test guest, whose
+//!   processes are not files;
+//! - program identities, for Linux: the SHA-256 of the file the kernel is about to run
+//!   ([`crate::identity`]). A name is not an identity (a copy of a refused program under an allowed
+//!   name would pass), so Linux programs are judged by content only, and a program whose content the
+//!   monitor cannot read is refused while the list enforces.
 
 use ihmi_abi::guest_os::COMM_LEN;
 use ihmi_abi::monitor::Verdict;
 
 use crate::event::comm_bytes;
+use crate::identity::{IdentityError, Sha256Digest};
 
-/// Most names an allow-list holds.
+/// Most names an allow-list holds, and most identities.
 pub const MAX_NAMES: usize = ihmi_abi::monitor::MAX_ALLOWED;
 
 /// Why a name could not be added.
@@ -23,11 +25,13 @@ pub enum PolicyError {
     BadName,
 }
 
-/// The allow-list.
+/// The allow-lists.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
     names: [[u8; COMM_LEN]; MAX_NAMES],
     count: usize,
+    digests: [Sha256Digest; MAX_NAMES],
+    digest_count: usize,
 }
 
 impl Policy {
@@ -37,6 +41,32 @@ impl Policy {
         Self {
             names: [[0; COMM_LEN]; MAX_NAMES],
             count: 0,
+            digests: [[0; 32]; MAX_NAMES],
+            digest_count: 0,
+        }
+    }
+
+    /// Adds a program identity; from then on only listed programs may run.
+    pub fn allow_digest(&mut self, digest: Sha256Digest) -> Result<(), PolicyError> {
+        let slot = self
+            .digests
+            .get_mut(self.digest_count)
+            .ok_or(PolicyError::Full)?;
+        *slot = digest;
+        self.digest_count += 1;
+        Ok(())
+    }
+
+    /// The verdict on running the program whose content has `digest` (or could not be hashed, for
+    /// the reason given: refused while the list enforces).
+    #[must_use]
+    pub fn check_identity(&self, digest: Result<&Sha256Digest, IdentityError>) -> Verdict {
+        if self.digest_count == 0 {
+            return Verdict::Allow;
+        }
+        match digest {
+            Ok(d) if self.digests[..self.digest_count].contains(d) => Verdict::Allow,
+            _ => Verdict::Deny,
         }
     }
 
@@ -52,7 +82,7 @@ impl Policy {
         Ok(())
     }
 
-    /// Whether the policy enforces a list.
+    /// Whether the name list enforces.
     #[must_use]
     pub const fn is_enforcing(&self) -> bool {
         self.count > 0
@@ -62,14 +92,6 @@ impl Policy {
     #[must_use]
     pub fn check_create(&self, comm: &[u8; COMM_LEN]) -> Verdict {
         self.check_name(comm_bytes(comm))
-    }
-
-    /// The verdict on running the program at `path`: its last component is the name checked, whole
-    /// (a name longer than any listed one is never allowed).
-    #[must_use]
-    pub fn check_program(&self, path: &[u8]) -> Verdict {
-        let name = path.rsplit(|&b| b == b'/').next().unwrap_or(path);
-        self.check_name(name)
     }
 
     fn check_name(&self, name: &[u8]) -> Verdict {
@@ -124,26 +146,31 @@ mod tests {
     }
 
     #[test]
-    fn programs_are_judged_by_their_last_path_component() {
+    fn programs_are_judged_by_identity_and_an_unhashed_one_is_refused() {
         let mut p = Policy::allow_all();
-        assert_eq!(p.check_program(b"/tmp/anything"), Verdict::Allow);
-        p.allow(b"ls").unwrap();
-        p.allow(b"ihmi-workload").unwrap();
-        assert_eq!(p.check_program(b"/bin/ls"), Verdict::Allow);
-        assert_eq!(p.check_program(b"ls"), Verdict::Allow);
-        assert_eq!(p.check_program(b"./ls"), Verdict::Allow);
-        assert_eq!(p.check_program(b"/bin/ihmi-workload"), Verdict::Allow);
+        assert_eq!(p.check_identity(Ok(&[7; 32])), Verdict::Allow);
         assert_eq!(
-            p.check_program(b"/bin/ls/"),
-            Verdict::Deny,
-            "empty last part"
+            p.check_identity(Err(IdentityError::NotResident)),
+            Verdict::Allow,
+            "no list: nothing enforced"
         );
-        assert_eq!(p.check_program(b"/ls/intruder"), Verdict::Deny);
-        assert_eq!(p.check_program(b"/bin/lsx"), Verdict::Deny);
-        // Longer than a process name: compared whole, never cut to fit.
+        p.allow_digest([1; 32]).unwrap();
+        p.allow_digest([2; 32]).unwrap();
+        assert_eq!(p.check_identity(Ok(&[1; 32])), Verdict::Allow);
+        assert_eq!(p.check_identity(Ok(&[2; 32])), Verdict::Allow);
+        let mut near = [1u8; 32];
+        near[31] = 0;
+        assert_eq!(p.check_identity(Ok(&near)), Verdict::Deny);
         assert_eq!(
-            p.check_program(b"/bin/ihmi-workload-but-longer"),
+            p.check_identity(Err(IdentityError::NotResident)),
             Verdict::Deny
         );
+        // Names do not enter into it, and the lists fill separately.
+        p.allow(b"intruder").unwrap();
+        assert_eq!(p.check_identity(Ok(&[9; 32])), Verdict::Deny);
+        for i in 2..MAX_NAMES {
+            p.allow_digest([i as u8 + 10; 32]).unwrap();
+        }
+        assert_eq!(p.allow_digest([0; 32]), Err(PolicyError::Full));
     }
 }

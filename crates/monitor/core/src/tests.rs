@@ -468,10 +468,118 @@ fn linux_profile_reads_tgid_parent_pointer_and_uses_the_kernel_pgd() {
     assert_eq!(v, Verdict::Rejected);
 }
 
-/// A Linux guest about to run a program: the event names the process as it is and the program's
-/// path; the allow-list decides by the path's last component; forged records are rejected.
+/// Where the page-cache test keeps its kernel objects (all in the 4 mapped pages) and its files' frames.
+const FILE_LAYOUT: FileLayout = FileLayout {
+    binprm_file: 0x30,
+    file_mapping: 0x10,
+    mapping_host: 0x00,
+    mapping_pages: 0x18,
+    inode_ino: 0x40,
+    inode_size: 0x48,
+    inode_ctime: 0x50,
+    inode_mtime: 0x60,
+    node_shift: 0,
+    node_slots: 0x28,
+    // Four slots a node, so that a few pages make a tree of two levels.
+    chunk_shift: 2,
+    page_struct_size: 64,
+    vmemmap_base: Gva::new(KERNEL + 0x8),
+};
+const VMEMMAP: u64 = 0xffff_ea00_0000_0000;
+const FILE_FRAMES: u64 = 0x20_0000;
+
+/// One program file in the mock kernel: its `file`, `address_space` and `inode` records at `at`
+/// (0x100 bytes), its pages in fresh frames `FILE_FRAMES + first_frame..`, its XArray nodes at
+/// `at + 0x100..`.
+struct MockFile {
+    at: u64,
+    pages: u64,
+    first_frame: u64,
+}
+
+impl MockFile {
+    fn new(g: &mut Guest, at: u64, first_frame: u64, content: &[u8]) -> Self {
+        let pages = (content.len() as u64).div_ceil(PAGE_SIZE);
+        for (i, chunk) in content.chunks(4096).enumerate() {
+            let mut page = Box::new([0u8; 4096]);
+            page[..chunk.len()].copy_from_slice(chunk);
+            g.data
+                .insert(FILE_FRAMES + (first_frame + i as u64) * PAGE_SIZE, page);
+        }
+        let f = Self {
+            at,
+            pages,
+            first_frame,
+        };
+        let (file, mapping, inode) = (at, at + 0x20, at + 0x80);
+        g.write(file + FILE_LAYOUT.file_mapping, &mapping.to_le_bytes());
+        g.write(mapping + FILE_LAYOUT.mapping_host, &inode.to_le_bytes());
+        g.write(inode + FILE_LAYOUT.inode_ino, &(at >> 4).to_le_bytes());
+        g.write(
+            inode + FILE_LAYOUT.inode_size,
+            &(content.len() as u64).to_le_bytes(),
+        );
+        g.write(inode + FILE_LAYOUT.inode_mtime, &1u64.to_le_bytes());
+        f.build_tree(g);
+        f
+    }
+
+    fn page(&self, i: u64) -> u64 {
+        VMEMMAP + ((FILE_FRAMES >> 12) + self.first_frame + i) * 64
+    }
+
+    fn set_head(&self, g: &mut Guest, entry: u64) {
+        g.write(
+            self.at + 0x20 + FILE_LAYOUT.mapping_pages,
+            &entry.to_le_bytes(),
+        );
+    }
+
+    /// The XArray Linux builds for one page per slot: the head alone for one page, else nodes of
+    /// four slots, levels enough for the last index.
+    fn build_tree(&self, g: &mut Guest) {
+        if self.pages <= 1 {
+            self.set_head(g, self.page(0));
+            return;
+        }
+        let mut shift = 0;
+        while (self.pages - 1) >> shift >= 4 {
+            shift += 2;
+        }
+        let mut next = self.at + 0x100;
+        let head = self.node(g, &mut next, shift, 0);
+        self.set_head(g, head);
+    }
+
+    fn node(&self, g: &mut Guest, next: &mut u64, shift: u64, base: u64) -> u64 {
+        let at = *next;
+        *next += 0x50;
+        g.write(at + FILE_LAYOUT.node_shift, &[shift as u8]);
+        for slot in 0..4u64 {
+            let first = base + (slot << shift);
+            let entry = if first >= self.pages {
+                0
+            } else if shift == 0 {
+                self.page(first)
+            } else {
+                self.node(g, next, shift - 2, first)
+            };
+            g.write(at + FILE_LAYOUT.node_slots + 8 * slot, &entry.to_le_bytes());
+        }
+        at | 2
+    }
+}
+
+fn sha256(bytes: &[u8]) -> identity::Sha256Digest {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes).into()
+}
+
+/// A Linux guest about to run a program: the event names the process as it is, the path it was given
+/// and the SHA-256 of the file the kernel runs, read from the page cache; the allow-list judges that
+/// identity, so a copy is what it is whatever its name. Forged records are rejected.
 #[test]
-fn linux_exec_names_the_program_and_follows_the_allow_list() {
+fn linux_exec_is_judged_by_the_identity_of_the_file_it_runs() {
     let (mut g, cr3, _) = setup();
     const TASK: u64 = KERNEL + 0x2000;
     const PARENT: u64 = KERNEL + 0x2400;
@@ -484,36 +592,112 @@ fn linux_exec_names_the_program_and_follows_the_allow_list() {
     g.write(TASK + 0x40, b"sh\0");
     g.write(PARENT + 0x14, &1u32.to_le_bytes());
     g.write(BPRM + FILENAME, &PATH.to_le_bytes());
-    let os = OsProfile::linux(Gva::new(CURRENT), 0x14, 0x18, 0x40, false, FILENAME);
+    g.write(KERNEL + 0x8, &VMEMMAP.to_le_bytes());
+    // An allowed program of 6 pages and a bit, an intruder of one page, a copy of the allowed one.
+    let allowed: Vec<u8> = (0..6 * 4096 + 100).map(|i| (i * 7 % 251) as u8).collect();
+    let intruder = b"\x7fELF an intruder".repeat(40);
+    let good = MockFile::new(&mut g, KERNEL + 0x1100, 0, &allowed);
+    let bad = MockFile::new(&mut g, KERNEL + 0x3000, 10, &intruder);
+    let copy = MockFile::new(&mut g, KERNEL + 0x3400, 20, &allowed);
+    let os = OsProfile::linux(Gva::new(CURRENT), 0x14, 0x18, 0x40, false, FILENAME)
+        .with_files(FILE_LAYOUT);
     let mut policy = Policy::allow_all();
-    policy.allow(b"ls").unwrap();
+    policy.allow_digest(sha256(&allowed)).unwrap();
     let mut m = Monitor::new(os, policy);
     let mut ring = EventRing::new();
-    let exec = |m: &mut Monitor, g: &Guest, ring: &mut EventRing, bprm: u64| {
-        call(m, g, cr3, ring, RequestCode::Exec as u64, [bprm, 0, 0, 0])
+    let exec = |m: &mut Monitor, g: &mut Guest, ring: &mut EventRing, file: &MockFile| {
+        g.write(BPRM + FILE_LAYOUT.binprm_file, &file.at.to_le_bytes());
+        call(m, g, cr3, ring, RequestCode::Exec as u64, [BPRM, 0, 0, 0])
     };
 
     g.write(PATH, b"/bin/ls\0");
-    assert_eq!(exec(&mut m, &g, &mut ring, BPRM), Verdict::Allow);
-    g.write(PATH, b"/tmp/intruder\0");
-    assert_eq!(exec(&mut m, &g, &mut ring, BPRM), Verdict::Deny);
+    assert_eq!(exec(&mut m, &mut g, &mut ring, &good), Verdict::Allow);
+    assert_eq!(m.identity_stats(), (1, 0));
+    // The intruder under the allowed name, and the allowed program under another name.
+    assert_eq!(exec(&mut m, &mut g, &mut ring, &bad), Verdict::Deny);
+    g.write(PATH, b"/tmp/renamed\0");
+    assert_eq!(exec(&mut m, &mut g, &mut ring, &copy), Verdict::Allow);
     let e = events(&mut ring);
-    assert_eq!(e.len(), 2);
+    assert_eq!(e.len(), 3);
     assert_eq!(e[1].kind(), Some(EventKind::Exec));
     assert_eq!((e[1].pid, e[1].ppid), (30, 1));
     assert_eq!(event::comm_bytes(&e[1].comm), b"sh");
-    assert_eq!(event::nul_padded(&e[1].path), b"/tmp/intruder");
+    assert_eq!(event::nul_padded(&e[1].path), b"/bin/ls");
+    assert_eq!(e[1].args, event::digest_words(&sha256(&intruder)));
+    let hex: std::string::String = sha256(&intruder)
+        .iter()
+        .map(|b| std::format!("{b:02x}"))
+        .collect();
     let json = std::format!("{}", e[1].json("inbox", m.os()));
     assert!(
-        json.contains(r#""mode":"inbox","pid":30,"ppid":1,"comm":"sh","filename":"/tmp/intruder","verdict":"deny""#),
+        json.contains(&std::format!(r#""mode":"inbox","pid":30,"ppid":1,"comm":"sh","filename":"/bin/ls","sha256":"{hex}","verdict":"deny""#)),
         "{json}"
     );
     assert_eq!(m.stats().denied, 1);
 
-    // A path longer than an event keeps: judged whole, kept cut, and flagged.
+    // Once hashed, a version is answered from the cache; a write through the kernel changes the
+    // inode's times, so the next exec hashes again and sees the change. A write straight into the
+    // frame leaves them alone: the cached digest stands (the stated limit).
+    assert_eq!(exec(&mut m, &mut g, &mut ring, &good), Verdict::Allow);
+    assert_eq!(m.identity_stats(), (3, 1));
+    g.data.get_mut(&(FILE_FRAMES + 5 * PAGE_SIZE)).unwrap()[9] ^= 1;
+    assert_eq!(exec(&mut m, &mut g, &mut ring, &good), Verdict::Allow);
+    g.write(
+        good.at + 0x80 + FILE_LAYOUT.inode_mtime,
+        &2u64.to_le_bytes(),
+    );
+    assert_eq!(exec(&mut m, &mut g, &mut ring, &good), Verdict::Deny);
+    assert_eq!(m.identity_stats(), (4, 2));
+    g.data.get_mut(&(FILE_FRAMES + 5 * PAGE_SIZE)).unwrap()[9] ^= 1;
+    g.write(
+        good.at + 0x80 + FILE_LAYOUT.inode_ctime,
+        &3u64.to_le_bytes(),
+    );
+    assert_eq!(exec(&mut m, &mut g, &mut ring, &good), Verdict::Allow);
+
+    // A multi-page folio: pages 4 and 5 one folio (its struct pages consecutive), slot 5 a sibling
+    // entry naming slot 4 in the second leaf.
+    let leaf = good.at + 0x100 + 2 * 0x50;
+    g.write(leaf + FILE_LAYOUT.node_slots + 8, &2u64.to_le_bytes());
+    g.write(
+        good.at + 0x80 + FILE_LAYOUT.inode_ctime,
+        &4u64.to_le_bytes(),
+    );
+    assert_eq!(exec(&mut m, &mut g, &mut ring, &good), Verdict::Allow);
+
+    // A page not in memory (a value entry: evicted), a node of the wrong height: no digest, and
+    // refused while the list enforces.
+    g.write(leaf + FILE_LAYOUT.node_slots, &0x1234_5001u64.to_le_bytes());
+    g.write(
+        good.at + 0x80 + FILE_LAYOUT.inode_ctime,
+        &5u64.to_le_bytes(),
+    );
+    assert_eq!(exec(&mut m, &mut g, &mut ring, &good), Verdict::Deny);
+    g.write(leaf + FILE_LAYOUT.node_slots, &good.page(4).to_le_bytes());
+    g.write(leaf + FILE_LAYOUT.node_shift, &[2]);
+    assert_eq!(exec(&mut m, &mut g, &mut ring, &good), Verdict::Deny);
+    let e = events(&mut ring);
+    let unhashed: Vec<_> = e
+        .iter()
+        .map(|e| IdentityError::from_raw(e.detail >> event::EXEC_IDENTITY_SHIFT))
+        .collect();
+    assert_eq!(
+        unhashed[unhashed.len() - 2..],
+        [
+            Some(IdentityError::NotResident),
+            Some(IdentityError::Malformed)
+        ]
+    );
+    let json = std::format!("{}", e[e.len() - 2].json("inbox", m.os()));
+    assert!(
+        json.contains(r#""sha256":null,"unhashed":"not-resident","verdict":"deny""#),
+        "{json}"
+    );
+
+    // A path longer than an event keeps: kept cut, and flagged.
     let long = [b"/very".repeat(20).as_slice(), b"/ls\0"].concat();
     g.write(PATH, &long);
-    assert_eq!(exec(&mut m, &g, &mut ring, BPRM), Verdict::Allow);
+    assert_eq!(exec(&mut m, &mut g, &mut ring, &copy), Verdict::Allow);
     let e = events(&mut ring);
     assert_eq!(e[0].detail, 1);
     assert_eq!(&e[0].path[..], &long[..ihmi_abi::monitor::PATH_LEN]);
@@ -533,7 +717,7 @@ fn linux_exec_names_the_program_and_follows_the_allow_list() {
     let end = KERNEL + 4 * PAGE_SIZE;
     g.write(end - 8, b"/noend!!");
     g.write(BPRM + FILENAME, &(end - 8).to_le_bytes());
-    assert_eq!(exec(&mut m, &g, &mut ring, BPRM), Verdict::Rejected);
+    assert_eq!(exec(&mut m, &mut g, &mut ring, &copy), Verdict::Rejected);
     let e = events(&mut ring);
     let reasons: Vec<_> = e.iter().map(|e| RejectReason::from_raw(e.detail)).collect();
     assert_eq!(
@@ -544,6 +728,62 @@ fn linux_exec_names_the_program_and_follows_the_allow_list() {
             Some(RejectReason::BadArgument),
             Some(RejectReason::GuestMemory),
         ]
+    );
+}
+
+/// One page: the XArray's head is the page itself. Without a list the program runs, its digest
+/// recorded.
+#[test]
+fn a_one_page_program_is_hashed_from_the_head_entry() {
+    let (mut g, cr3, _) = setup();
+    const TASK: u64 = KERNEL + 0x2000;
+    const BPRM: u64 = KERNEL + 0x2800;
+    const PATH: u64 = KERNEL + 0x2900;
+    g.write(CURRENT, &TASK.to_le_bytes());
+    g.write(TASK + 0x14, &30u32.to_le_bytes());
+    g.write(TASK + 0x18, &TASK.to_le_bytes());
+    g.write(TASK + 0x40, b"sh\0");
+    g.write(BPRM + 0x60, &PATH.to_le_bytes());
+    g.write(PATH, b"/bin/true\0");
+    g.write(KERNEL + 0x8, &VMEMMAP.to_le_bytes());
+    let small = b"#!/bin/sh\nexit 0\n";
+    let f = MockFile::new(&mut g, KERNEL + 0x3000, 3, small);
+    g.write(BPRM + FILE_LAYOUT.binprm_file, &f.at.to_le_bytes());
+    let os =
+        OsProfile::linux(Gva::new(CURRENT), 0x14, 0x18, 0x40, false, 0x60).with_files(FILE_LAYOUT);
+    let mut m = Monitor::new(os, Policy::allow_all());
+    let mut ring = EventRing::new();
+    let v = call(
+        &mut m,
+        &g,
+        cr3,
+        &mut ring,
+        RequestCode::Exec as u64,
+        [BPRM, 0, 0, 0],
+    );
+    assert_eq!(v, Verdict::Allow);
+    let e = events(&mut ring);
+    assert_eq!(e[0].args, event::digest_words(&sha256(small)));
+    // Page 1 of a one-page head does not exist: a file that claims more is not resident.
+    g.write(f.at + 0x80 + FILE_LAYOUT.inode_size, &5000u64.to_le_bytes());
+    let mut policy = Policy::allow_all();
+    policy.allow_digest(sha256(small)).unwrap();
+    let os =
+        OsProfile::linux(Gva::new(CURRENT), 0x14, 0x18, 0x40, false, 0x60).with_files(FILE_LAYOUT);
+    let mut m = Monitor::new(os, policy);
+    let v = call(
+        &mut m,
+        &g,
+        cr3,
+        &mut ring,
+        RequestCode::Exec as u64,
+        [BPRM, 0, 0, 0],
+    );
+    assert_eq!(v, Verdict::Deny);
+    let e = events(&mut ring);
+    assert_eq!(
+        IdentityError::from_raw(e[0].detail >> event::EXEC_IDENTITY_SHIFT),
+        Some(IdentityError::NotResident)
     );
 }
 
@@ -789,4 +1029,49 @@ fn linux_io_uring_names_the_operation_from_the_kernel_s_request() {
         RejectReason::from_raw(events(&mut ring)[0].detail),
         Some(RejectReason::NotFromHook)
     );
+}
+
+/// A loader inside an allowed program brings code in without an exec: the calls that make memory
+/// executable are flagged on their events (i386 numbers through the 32-bit entries).
+#[test]
+fn linux_calls_that_map_memory_executable_are_flagged() {
+    let (mut g, cr3, _) = setup();
+    const TASK: u64 = KERNEL + 0x2000;
+    g.write(CURRENT, &TASK.to_le_bytes());
+    g.write(TASK + 0x14, &30u32.to_le_bytes());
+    g.write(TASK + 0x18, &TASK.to_le_bytes());
+    g.write(TASK + 0x40, b"loader\0");
+    let os = OsProfile::linux(Gva::new(CURRENT), 0x14, 0x18, 0x40, false, 0x60);
+    let mut m = Monitor::new(os, Policy::allow_all());
+    let mut ring = EventRing::new();
+    let (x64, i386) = (RequestCode::Syscall, RequestCode::SyscallInt80);
+    for (code, nr, prot, flagged) in [
+        (x64, 10, 5, true),   // mprotect(PROT_READ | PROT_EXEC)
+        (x64, 9, 7, true),    // mmap(RWX)
+        (x64, 329, 4, true),  // pkey_mprotect
+        (x64, 10, 3, false),  // mprotect(RW)
+        (x64, 1, 4, false),   // write
+        (i386, 125, 4, true), // mprotect
+        (i386, 192, 5, true), // mmap2
+        (i386, 10, 4, false), // unlink
+    ] {
+        let v = call(
+            &mut m,
+            &g,
+            cr3,
+            &mut ring,
+            code as u64,
+            [nr, 0x1000, 0x1000, prot],
+        );
+        assert_eq!(v, Verdict::Allow);
+        let e = events(&mut ring);
+        assert_eq!(
+            e[0].detail & event::SYSCALL_EXEC_MAPPING != 0,
+            flagged,
+            "{code:?} {nr}"
+        );
+        assert!(e[0].syscall_entry().is_some());
+        let json = std::format!("{}", e[0].json("inbox", m.os()));
+        assert_eq!(json.contains(r#""exec_mapping":true"#), flagged, "{json}");
+    }
 }

@@ -7,7 +7,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use ihmi_abi::monitor::{Entry, MonitorConfig, Verdict, CONFIG_MAGIC};
 use ihmi_addr::{Gpa, Gva};
-use ihmi_monitor::{CallContext, EventRing, IoUringHook, Monitor, OsProfile, Policy};
+use ihmi_monitor::{CallContext, EventRing, FileLayout, IoUringHook, Monitor, OsProfile, Policy};
 use ihmi_paging::{Cr3, GuestPhysRead, PhysReadError};
 
 ihmi_rt::provide_mem_functions!();
@@ -39,6 +39,23 @@ static IHMI_MONITOR_CONFIG: Cell<MonitorConfig> = Cell(UnsafeCell::new(MonitorCo
     io_uring_hook_return: 0,
     io_uring_site_return: 0,
     io_kiocb_opcode_offset: 0,
+    allowed_digests: [[0; 32]; ihmi_abi::monitor::MAX_ALLOWED],
+    allowed_digest_count: 0,
+    files: ihmi_abi::monitor::FileOffsets {
+        binprm_file: 0,
+        file_mapping: 0,
+        mapping_host: 0,
+        mapping_pages: 0,
+        inode_ino: 0,
+        inode_size: 0,
+        inode_ctime: 0,
+        inode_mtime: 0,
+        node_shift: 0,
+        node_slots: 0,
+        chunk_shift: 0,
+        page_struct_size: 0,
+        vmemmap_base: 0,
+    },
 }));
 
 /// Calls of the entry point, for L0's benchmark accounting (L0 reads it while the monitor is stopped).
@@ -111,6 +128,11 @@ fn monitor(config: &MonitorConfig) -> &'static mut Monitor {
             // The configuration holds at most MAX_ALLOWED names, which the policy can take.
             let _ = policy.allow(&name[..len]);
         }
+        let n = (config.allowed_digest_count as usize).min(config.allowed_digests.len());
+        for digest in &config.allowed_digests[..n] {
+            // As many as the policy takes.
+            let _ = policy.allow_digest(*digest);
+        }
         let current = Gva::new(config.current_process_ptr);
         let os = if config.os == ihmi_abi::monitor::OS_LINUX {
             let linux = OsProfile::linux(
@@ -126,10 +148,31 @@ fn monitor(config: &MonitorConfig) -> &'static mut Monitor {
             } else {
                 linux
             };
-            if config.io_uring_hook_return != 0 {
+            let linux = if config.io_uring_hook_return != 0 {
                 linux.with_io_uring(IoUringHook {
                     returns: [config.io_uring_hook_return, config.io_uring_site_return],
                     opcode: config.io_kiocb_opcode_offset,
+                })
+            } else {
+                linux
+            };
+            let f = &config.files;
+            // L0 writes a layout the profile's parser checked: 4 to 256 slots a node.
+            if f.vmemmap_base != 0 && (2..=8).contains(&f.chunk_shift) {
+                linux.with_files(FileLayout {
+                    binprm_file: f.binprm_file,
+                    file_mapping: f.file_mapping,
+                    mapping_host: f.mapping_host,
+                    mapping_pages: f.mapping_pages,
+                    inode_ino: f.inode_ino,
+                    inode_size: f.inode_size,
+                    inode_ctime: f.inode_ctime,
+                    inode_mtime: f.inode_mtime,
+                    node_shift: f.node_shift,
+                    node_slots: f.node_slots,
+                    chunk_shift: f.chunk_shift as u32,
+                    page_struct_size: f.page_struct_size,
+                    vmemmap_base: Gva::new(f.vmemmap_base),
                 })
             } else {
                 linux

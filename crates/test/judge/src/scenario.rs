@@ -25,6 +25,27 @@ const MAX_HYPERCALLS: usize = 64;
 /// Monitor events the scenario log keeps.
 pub const MAX_MONITOR_EVENTS: usize = 128;
 const MAX_ALERTS: usize = 16;
+/// Executions of the attacker's the log keeps.
+pub const MAX_IDENTITY_RUNS: usize = 16;
+
+/// One exec event of the attacker: the path, whether it was allowed, the program's digest (as the
+/// event's words), if it had one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdentityRun {
+    pub path: [u8; ihmi_abi::monitor::PATH_LEN],
+    pub allowed: bool,
+    pub digest: Option<[u64; 4]>,
+}
+
+impl Default for IdentityRun {
+    fn default() -> Self {
+        Self {
+            path: [0; ihmi_abi::monitor::PATH_LEN],
+            allowed: false,
+            digest: None,
+        }
+    }
+}
 
 /// What the guest did, as far as the scenarios care.
 #[derive(Clone, Debug, Default)]
@@ -65,6 +86,12 @@ pub struct ScenarioLog {
     pub nmis: NmiCounts,
     /// The NMIs the guest kernel says it took, from the `nmi` attack's report line.
     pub guest_nmis: Option<u64>,
+    /// The programs the attacker's children were about to run (the `identity` attack's), in order.
+    pub identity_runs: heapless_table::Table<IdentityRun, MAX_IDENTITY_RUNS>,
+    /// System calls of the attacker the monitor flagged as making memory executable.
+    pub exec_mappings: u64,
+    /// What the `identity` attack's loaded code returned, from its report line.
+    pub identity_loaded: Option<u64>,
     bench_results: heapless_table::Table<crate::bench::BenchResult, 4>,
 }
 
@@ -89,6 +116,10 @@ impl ScenarioLog {
                 let report = ihmi_abi::attack::LINUX_NMI_REPORT.as_bytes();
                 if let Some(n) = line.strip_prefix(report).and_then(parse_decimal) {
                     self.guest_nmis = Some(n);
+                }
+                let loaded = ihmi_abi::attack::LINUX_IDENTITY_LOADER_REPORT.as_bytes();
+                if let Some(n) = line.strip_prefix(loaded).and_then(parse_decimal) {
+                    self.identity_loaded = Some(n);
                 }
             }
             Observation::NmiTaken {
@@ -166,8 +197,19 @@ impl ScenarioLog {
                 self.io_uring_ops[i] += 1;
             }
         }
+        if event.kind() == Some(EventKind::Exec) && comm == b"ihmi-attack" {
+            self.identity_runs.push(IdentityRun {
+                path: event.path,
+                allowed: event.verdict == ihmi_abi::monitor::Verdict::Allow as i32,
+                digest: (event.detail >> ihmi_monitor::event::EXEC_IDENTITY_SHIFT == 0)
+                    .then_some(event.args),
+            });
+        }
         let by_attacker = event.kind() == Some(EventKind::Syscall) && comm == b"ihmi-attack";
-        match SyscallEntry::from_raw(event.detail) {
+        if by_attacker && event.detail & ihmi_monitor::event::SYSCALL_EXEC_MAPPING != 0 {
+            self.exec_mappings += 1;
+        }
+        match event.syscall_entry() {
             Some(SyscallEntry::Syscall)
                 if by_attacker && event.nr == ihmi_abi::attack::LINUX_FLOOD_NR =>
             {
@@ -344,6 +386,8 @@ pub enum FailReason {
     },
     /// An operation the attacker submitted through io_uring (`IORING_OP_*`) made no event.
     IoUringNotSeen { opcode: u8 },
+    /// The `identity` attack's executions were not judged by what they run (what was wrong).
+    IdentityNotJudged(&'static str),
     /// A flood of events was not all kept.
     EventsLost {
         expected: u64,
@@ -462,6 +506,7 @@ impl fmt::Display for FailReason {
                 f,
                 "the forged system call was rejected for its entry {wrong_entry} times and the forged exec for its frame {not_from_hook} times (1 each expected)"
             ),
+            Self::IdentityNotJudged(what) => write!(f, "program identity: {what}"),
             Self::IoUringNotSeen { opcode } => write!(
                 f,
                 "the io_uring operation {opcode} the attacker submitted made no io_uring event"
@@ -590,6 +635,7 @@ fn check(
         Scenario::LinuxAttack(LinuxAttack::Nmi) => check_nmi(log),
         Scenario::LinuxAttack(LinuxAttack::Forge) => check_forge(log),
         Scenario::LinuxAttack(LinuxAttack::IoUring) => check_io_uring(log),
+        Scenario::LinuxAttack(LinuxAttack::Identity) => check_identity(log),
         Scenario::LinuxAttack(LinuxAttack::GatePgd) => check_locked_write(
             log,
             Locked::GatePath,
@@ -922,6 +968,54 @@ fn check_io_uring(log: &ScenarioLog) -> Result<(), FailReason> {
         Some((&opcode, _)) => Err(FailReason::IoUringNotSeen { opcode }),
         None => Ok(()),
     }
+}
+
+/// `linux-attack-identity`: every execution of the attacker's was judged by what it runs, not what
+/// it is called: the monitor saw each path of [`ihmi_abi::attack::LINUX_IDENTITY_RUNS`] in order
+/// with the verdict it lists, every one with a digest; the intruder's disguises have the
+/// intruder's digest, the renamed copy the allowed program's, each changed program another. The
+/// code the attacker loaded into its own memory ran (no exec brings it in, so nothing can refuse
+/// it) and the call that made it executable was flagged.
+fn check_identity(log: &ScenarioLog) -> Result<(), FailReason> {
+    use ihmi_abi::attack::{LINUX_IDENTITY_INTRUDER, LINUX_IDENTITY_LOADED, LINUX_IDENTITY_RUNS};
+    linux_run_ended_well(log)?;
+    let runs = log.identity_runs.as_slice();
+    let as_listed = runs.len() == LINUX_IDENTITY_RUNS.len()
+        && log.identity_runs.dropped == 0
+        && runs
+            .iter()
+            .zip(LINUX_IDENTITY_RUNS)
+            .all(|(r, (path, allowed))| {
+                ihmi_monitor::event::nul_padded(&r.path) == path.as_bytes() && r.allowed == allowed
+            });
+    if !as_listed {
+        return Err(FailReason::IdentityNotJudged(
+            "the executions or their verdicts are not the ones listed",
+        ));
+    }
+    let mut d = [[0u64; 4]; MAX_IDENTITY_RUNS];
+    for (slot, r) in d.iter_mut().zip(runs) {
+        *slot = r
+            .digest
+            .ok_or(FailReason::IdentityNotJudged("a program had no digest"))?;
+    }
+    if LINUX_IDENTITY_INTRUDER.iter().any(|&i| d[i] != d[0]) {
+        return Err(FailReason::IdentityNotJudged(
+            "a disguise of the intruder has another digest than the intruder",
+        ));
+    }
+    // 1: ihmi-workload; 6: it with a byte appended; 7, 8: a copy of it; 10: that copy, changed.
+    if d[6] == d[1] || d[7] != d[1] || d[8] != d[1] || d[10] == d[7] {
+        return Err(FailReason::IdentityNotJudged(
+            "a copy's digest differs from its original's, or a changed program's does not",
+        ));
+    }
+    if log.identity_loaded != Some(LINUX_IDENTITY_LOADED) || log.exec_mappings == 0 {
+        return Err(FailReason::IdentityNotJudged(
+            "the loaded code did not run, or making it executable was not flagged",
+        ));
+    }
+    Ok(())
 }
 
 /// A whole line of ASCII digits as a number; `None` for anything else or an overflow.

@@ -1227,3 +1227,92 @@ fn the_io_uring_attack_needs_an_event_for_every_operation_it_submitted() {
         Verdict::Fail(FailReason::IoUringNotSeen { .. })
     ));
 }
+
+#[test]
+fn the_identity_attack_needs_every_run_judged_by_content_and_the_loader_flagged() {
+    use ihmi_abi::attack::{
+        LINUX_IDENTITY_LOADED, LINUX_IDENTITY_LOADER_REPORT, LINUX_IDENTITY_RUNS,
+    };
+    use ihmi_abi::monitor::{SyscallEntry, Verdict as Says};
+    use ihmi_abi::LinuxAttack;
+    use ihmi_monitor::event::{EXEC_IDENTITY_SHIFT, SYSCALL_EXEC_MAPPING};
+    use ihmi_monitor::{Event, EventKind, IdentityError};
+    let s = Scenario::LinuxAttack(LinuxAttack::Identity);
+    let (intruder, workload, other) = ([1u64; 4], [2u64; 4], [3u64; 4]);
+    // The digests a correct monitor reports, run by run.
+    let good = [
+        intruder, workload, intruder, intruder, intruder, intruder, other, workload, workload,
+        [4; 4], other,
+    ];
+    let exec = |(path, allowed): (&str, bool), digest: [u64; 4]| {
+        let mut e = Event {
+            kind: EventKind::Exec as u16,
+            verdict: if allowed { Says::Allow } else { Says::Deny } as i32,
+            comm: *b"ihmi-attack\0\0\0\0\0",
+            args: digest,
+            ..Event::EMPTY
+        };
+        e.path[..path.len()].copy_from_slice(path.as_bytes());
+        e
+    };
+    let mapping = Event {
+        kind: EventKind::Syscall as u16,
+        detail: SyscallEntry::Syscall as u16 | SYSCALL_EXEC_MAPPING,
+        comm: *b"ihmi-attack\0\0\0\0\0",
+        nr: 10,
+        args: [0x7f00_0000_0000, 4096, 5, 0],
+        ..Event::EMPTY
+    };
+    let run = |events: &[Event], loaded: Option<u64>| {
+        let mut h = hv(s);
+        for e in events {
+            h.judge.log.record_monitor_event(e);
+        }
+        if let Some(n) = loaded {
+            let line = std::format!("{LINUX_IDENTITY_LOADER_REPORT}{n}");
+            h.judge.log.record(&ihmi_hv::Observation::DebugLine {
+                line: line.as_bytes(),
+                exits: 1,
+            });
+        }
+        end_as_init_does(&mut h.judge.log);
+        judge(s, &h.judge.log, &h.hv.counters, Gpa::new(0), None)
+    };
+    let runs: std::vec::Vec<Event> = LINUX_IDENTITY_RUNS
+        .iter()
+        .zip(good)
+        .map(|(&r, d)| exec(r, d))
+        .collect();
+    let with = |extra: &[Event]| [runs.as_slice(), extra].concat();
+    assert_eq!(
+        run(&with(&[mapping]), Some(LINUX_IDENTITY_LOADED)),
+        Verdict::Pass
+    );
+    // The loader not flagged, or its code not run.
+    assert!(matches!(
+        run(&runs, Some(LINUX_IDENTITY_LOADED)),
+        Verdict::Fail(FailReason::IdentityNotJudged(_))
+    ));
+    assert!(matches!(
+        run(&with(&[mapping]), None),
+        Verdict::Fail(FailReason::IdentityNotJudged(_))
+    ));
+    // A disguise allowed (judged by name), a run missing, one without a digest, a copy whose digest
+    // is not its original's, a change not seen.
+    let mut allowed = runs.clone();
+    allowed[2].verdict = Says::Allow as i32;
+    let mut unhashed = runs.clone();
+    unhashed[3].detail = (IdentityError::NotResident as u16) << EXEC_IDENTITY_SHIFT;
+    let mut copy = runs.clone();
+    copy[7].args = other;
+    let mut unchanged = runs.clone();
+    unchanged[10].args = workload;
+    for bad in [allowed, runs[1..].to_vec(), unhashed, copy, unchanged] {
+        let mut events = bad;
+        events.push(mapping);
+        assert!(matches!(
+            run(&events, Some(LINUX_IDENTITY_LOADED)),
+            Verdict::Fail(FailReason::IdentityNotJudged(_))
+        ));
+    }
+}

@@ -34,6 +34,10 @@
 //!   and CR0.WP.
 //! - `io-uring`: create a file, write it, close it and make a directory through an io_uring ring,
 //!   whose operations a monitor of system calls alone sees only as `io_uring_enter`.
+//! - `identity`: run the refused `ihmi-intruder` as allowed programs (a copy and a hard link under
+//!   their names, a symbolic link, a script named like one with the intruder as its interpreter),
+//!   run allowed programs changed by a byte and under other names, and load code into its own
+//!   memory, which no exec brings in (`ihmi_abi::attack::LINUX_IDENTITY_RUNS`).
 //!
 //! Each step is told to L0 on port 0xE9. A blocked write or read stops the guest: it never returns.
 
@@ -83,6 +87,10 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Some(LinuxAttack::IoUring) => match io_uring() {
+            Ok(()) => return ExitCode::SUCCESS,
+            Err(e) => Err(e),
+        },
+        Some(LinuxAttack::Identity) => match identity() {
             Ok(()) => return ExitCode::SUCCESS,
             Err(e) => Err(e),
         },
@@ -1127,4 +1135,109 @@ fn io_uring() -> Result<(), String> {
     }
     say("ihmi-attack: the file and the directory exist; every operation took effect");
     Ok(())
+}
+
+/// Makes the files the `identity` attack runs; each is a path of `LINUX_IDENTITY_RUNS`.
+fn identity_files() -> io::Result<()> {
+    use std::os::unix::fs::{symlink, PermissionsExt};
+    let exe = |path: &str, bytes: &[u8]| -> io::Result<()> {
+        fs::write(path, bytes)?;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o755))
+    };
+    let workload = fs::read("/bin/ihmi-workload")?;
+    fs::copy("/bin/ihmi-intruder", "/tmp/ihmi-workload")?;
+    fs::hard_link("/bin/ihmi-intruder", "/tmp/busybox")?;
+    symlink("/bin/ihmi-intruder", "/tmp/ihmi-bench")?;
+    exe("/tmp/ihmi-poweroff", b"#!/bin/ihmi-intruder\n")?;
+    exe("/tmp/ihmi-attack", &[workload.as_slice(), b"\0"].concat())?;
+    exe("/tmp/renamed", &workload)?;
+    exe("/tmp/script", b"#!/bin/sh\nexit 0\n")
+}
+
+/// Runs `path`: `Ok(true)` if it ran and exited 0, `Ok(false)` if the kernel refused the execve
+/// with EPERM (the monitor's refusal), an error otherwise.
+fn run_program(path: &str) -> Result<bool, String> {
+    match std::process::Command::new(path).status() {
+        Ok(s) if s.success() => Ok(true),
+        Ok(s) => Err(format!("{path} ran and failed ({s})")),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => Ok(false),
+        Err(e) => Err(format!("{path}: {e}")),
+    }
+}
+
+fn identity() -> Result<(), String> {
+    use ihmi_abi::attack::{
+        LINUX_IDENTITY_LOADER_REPORT, LINUX_IDENTITY_RUNS, LINUX_IDENTITY_TIMING_REPORT,
+    };
+    identity_files().map_err(|e| format!("making the disguises: {e}"))?;
+    say("ihmi-attack: running the intruder as itself, copied, hard-linked, symbolic-linked and as a script's interpreter, and allowed programs changed and renamed");
+    let mut ticks = Vec::new();
+    let mut wrong = Vec::new();
+    for (i, &(path, allowed)) in LINUX_IDENTITY_RUNS.iter().enumerate() {
+        if i == LINUX_IDENTITY_RUNS.len() - 1 {
+            // The renamed copy has run (and been hashed): change it through the kernel.
+            OpenOptions::new()
+                .append(true)
+                .open(path)
+                .and_then(|mut f| io::Write::write_all(&mut f, b"\0"))
+                .map_err(|e| format!("changing {path}: {e}"))?;
+        }
+        // SAFETY: RDTSC reads the time stamp counter; nothing else.
+        let start = unsafe { core::arch::x86_64::_rdtsc() };
+        let ran = run_program(path)?;
+        // SAFETY: as above.
+        let end = unsafe { core::arch::x86_64::_rdtsc() };
+        if path == "/tmp/renamed" && ran {
+            ticks.push(end.wrapping_sub(start));
+        }
+        let what = if ran { "ran" } else { "was refused" };
+        say(&format!("ihmi-attack: {path} {what}"));
+        if ran != allowed {
+            wrong.push(path);
+        }
+    }
+    if let [first, cached] = ticks[..] {
+        say(&format!(
+            "{LINUX_IDENTITY_TIMING_REPORT}first={first} cached={cached}"
+        ));
+    }
+    let loaded = load_code()?;
+    say(&format!("{LINUX_IDENTITY_LOADER_REPORT}{loaded}"));
+    if !wrong.is_empty() {
+        return Err(format!("the allow-list judged these wrongly: {wrong:?}"));
+    }
+    Ok(())
+}
+
+/// A loader inside an allowed program: code copied into anonymous memory, made executable with
+/// mprotect, and called. Returns what it returned.
+fn load_code() -> Result<u64, String> {
+    let loaded = ihmi_abi::attack::LINUX_IDENTITY_LOADED as u32;
+    // mov eax, imm32; ret
+    let mut code = vec![0xb8];
+    code.extend_from_slice(&loaded.to_le_bytes());
+    code.push(0xc3);
+    // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
+    let page = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            PAGE as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if page == libc::MAP_FAILED {
+        return Err(format!("mmap: {}", io::Error::last_os_error()));
+    }
+    // SAFETY: the page is ours, writable, and longer than the code.
+    unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), page.cast::<u8>(), code.len()) };
+    // SAFETY: changes the protection of our own page only.
+    if unsafe { libc::mprotect(page, PAGE as usize, libc::PROT_READ | libc::PROT_EXEC) } != 0 {
+        return Err(format!("mprotect: {}", io::Error::last_os_error()));
+    }
+    // SAFETY: the page holds a complete function of the C ABI that takes nothing and returns EAX.
+    let f: extern "C" fn() -> u32 = unsafe { std::mem::transmute(page) };
+    Ok(u64::from(f()))
 }
