@@ -38,6 +38,8 @@ pub enum LoadError {
     Cpu(&'static str),
     /// VMXON or a VMCS operation failed.
     Vmx { what: &'static str, error: VmxError },
+    /// The CPU cannot back the VMX that the scenario has L0 offer its guest.
+    NestedOffer(ihmi_hv::nested::caps::OfferError),
     /// A module is not the ELF image L0 expects.
     Image {
         what: &'static str,
@@ -140,6 +142,7 @@ impl fmt::Display for LoadError {
             Self::MemoryMap(e) => write!(f, "cannot build the guest memory map: {e:?}"),
             Self::Cpu(what) => f.write_str(what),
             Self::Vmx { what, error } => write!(f, "{what}: {error}"),
+            Self::NestedOffer(e) => write!(f, "cannot offer the guest nested VMX: {e}"),
             Self::Image { what, problem } => write!(f, "the {what} module: {problem}"),
             Self::Profile(e) => write!(f, "{e}"),
             Self::Kernel(e) => write!(f, "the linux module: {e}"),

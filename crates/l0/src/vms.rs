@@ -220,6 +220,17 @@ pub fn setup(
         Guest::Test(_) => None,
     };
     hv.outbox_monitor = outbox.is_some();
+    if scenario.offers_vmx() {
+        use ihmi_hv::nested::caps::{NestedFeatures, VirtualVmx};
+        // Milestone M1 offers shadow paging only: no EPT for the guest's own guests yet.
+        let offer = VirtualVmx::offer(&vmx.caps, NestedFeatures::ShadowPaging)
+            .map_err(LoadError::NestedOffer)?;
+        hv.nested = Some(ihmi_hv::nested::vmx::NestedVmx::new(offer));
+        log!(
+            "nested: VMX offered to the guest (shadow paging, VMCS revision {:#x})",
+            ihmi_hv::nested::caps::VMCS12_REVISION
+        );
+    }
     let regs = GuestRegs {
         rdi: boot_state.boot_info.raw(),
         rsi: boot_state.boot_info.raw(),

@@ -244,6 +244,9 @@ pub enum Scenario {
     /// The Linux overhead benchmark (`ihmi-bench` instead of the workload), with the monitors reached
     /// this way (or none).
     LinuxBench(monitor::Mode),
+    /// Nested VMX, milestone M1: L0 offers the test guest VMX, and the guest enters and leaves VMX
+    /// operation, with the faults and failures of the SDM for each wrong way of doing it.
+    NestedVmxon,
 }
 
 /// Raw numbers of the attack scenarios start here (`ATTACK_BASE + attack number`).
@@ -253,9 +256,9 @@ const LINUX_ATTACK_BASE: u32 = 40;
 
 impl Scenario {
     /// Every scenario, in the order `ihmi test` runs them (and the host's scenario table lists them):
-    /// the test guest's, Linux's, the two benchmarks', then the attack suite.
-    pub const ALL: [Scenario; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len()] = {
-        let mut all = [Self::Boot; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len()];
+    /// the test guest's, Linux's, the two benchmarks', the attack suite, then nested VMX's.
+    pub const ALL: [Scenario; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 1] = {
+        let mut all = [Self::Boot; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 1];
         let fixed = [
             Self::Boot,
             Self::EptGuard,
@@ -293,6 +296,8 @@ impl Scenario {
             all[i + j] = Self::Attack(Attack::ALL[j]);
             j += 1;
         }
+        // Then nested VMX's milestones.
+        all[i + j] = Self::NestedVmxon;
         all
     };
 
@@ -363,7 +368,14 @@ impl Scenario {
             Self::LinuxBench(monitor::Mode::InBox) => "linux-bench-inbox",
             Self::LinuxBench(monitor::Mode::OutBox) => "linux-bench-outbox",
             Self::Attack(a) => a.scenario_name(),
+            Self::NestedVmxon => "nested-vmxon",
         }
+    }
+
+    /// Whether L0 offers the guest VMX (nested VMX, NESTED.md Part A).
+    #[must_use]
+    pub const fn offers_vmx(self) -> bool {
+        matches!(self, Self::NestedVmxon)
     }
 
     /// The number stored in [`BootInfo::scenario`].
@@ -386,6 +398,7 @@ impl Scenario {
             Self::LinuxSimOutbox => 15,
             Self::LinuxBench(mode) => 16 + mode as u32,
             Self::Attack(a) => ATTACK_BASE + a as u32,
+            Self::NestedVmxon => 19,
         }
     }
 

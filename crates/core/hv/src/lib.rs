@@ -59,6 +59,8 @@ pub struct Hypervisor {
     pub outbox_monitor: bool,
     /// What the host found out about a Linux guest's kernel (System.map and BTF).
     pub linux: Option<ihmi_linux::LinuxProfile>,
+    /// Nested VMX, when the scenario offers the guest VMX (none: VMX is hidden).
+    pub nested: Option<nested::vmx::NestedVmx>,
     /// The benchmark window the guest has open, if any.
     bench: policy::bench::BenchWindow,
     /// The NMI waiting for the guest, and what happened to the others.
@@ -77,6 +79,7 @@ impl Hypervisor {
             guard: None,
             outbox_monitor: false,
             linux: None,
+            nested: None,
             bench: policy::bench::BenchWindow::default(),
             nmi: policy::nmi::NmiState::default(),
             e9_line: policy::io::LineBuffer::default(),
@@ -162,10 +165,26 @@ impl Hypervisor {
             VmExit::Init => Action::End(GuestEnd::Init),
             // The timer only makes the audit above run while the guest makes no exits of its own.
             VmExit::PreemptionTimer => Action::Resume,
-            VmExit::Vmx { instruction, .. } => nested::on_vmx_instruction(vcpu, instruction),
-            VmExit::CrAccess { qualification, .. } => {
-                self.on_cr_access(vcpu, platform, obs, qualification)
-            }
+            VmExit::Vmx {
+                instruction,
+                info,
+                displacement,
+                instruction_len,
+            } => self.on_vmx(
+                vcpu,
+                platform,
+                obs,
+                nested::vmx::VmxExit {
+                    instruction,
+                    info,
+                    displacement,
+                    len: instruction_len,
+                },
+            ),
+            VmExit::CrAccess {
+                qualification,
+                instruction,
+            } => self.on_cr_access(vcpu, platform, obs, qualification, instruction),
             VmExit::ExternalInterrupt { .. }
             | VmExit::EntryFailure { .. }
             | VmExit::Other { .. } => {

@@ -355,6 +355,13 @@ impl Observer for Recorder {
                 merged,
             }),
             Observation::NmiDelivered => Seen::Other(Observation::NmiDelivered),
+            Observation::Vmx {
+                instruction,
+                outcome,
+            } => Seen::Other(Observation::Vmx {
+                instruction,
+                outcome,
+            }),
             Observation::Hypercall { nr, status } => {
                 Seen::Other(Observation::Hypercall { nr, status })
             }

@@ -54,6 +54,11 @@ pub enum Observation<'a> {
     DebugLine { line: &'a [u8], exits: u64 },
     /// Something L0 refused or noticed while the guest keeps running (or not: see `Ended`).
     Alert(Alert),
+    /// A VMX instruction of the guest's, emulated (nested VMX offered) and what it came to.
+    Vmx {
+        instruction: ihmi_vmcs::VmxInstruction,
+        outcome: crate::nested::vmx::VmxOutcome,
+    },
     /// L0 took an NMI (see [`crate::policy::nmi`]): `in_monitor_view` when it found the guest in the
     /// monitor's view, `merged` when another NMI was already waiting.
     NmiTaken { in_monitor_view: bool, merged: bool },

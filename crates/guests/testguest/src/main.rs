@@ -7,6 +7,7 @@ mod bench;
 mod hooks;
 mod hypercall;
 mod idt;
+mod nested;
 mod process;
 mod user_programs;
 
@@ -84,6 +85,7 @@ extern "C" fn guest_main(info: *const BootInfo) -> ! {
         Scenario::Sim | Scenario::SimOutbox => sim(),
         Scenario::Attack(attack) => attacks::run(attack, &info),
         Scenario::Bench(_) => bench::run(),
+        Scenario::NestedVmxon => nested::run(&info),
         // L0 breaks VM entry in these; the guest running at all is the failure.
         Scenario::EntryBadControl | Scenario::EntryBadGuestState => 97,
         // L0 boots Linux in this one; the test guest running at all is the failure.

@@ -9,7 +9,8 @@ use ihmi_abi::{
 };
 use ihmi_addr::{Gpa, PAGE_SIZE};
 use ihmi_arch::msr::{IA32_LSTAR, IA32_SYSENTER_EIP};
-use ihmi_vmcs::{ExitReason, VmInstructionError};
+use ihmi_hv::nested::vmx::VmxOutcome;
+use ihmi_vmcs::{ExitReason, VmInstructionError, VmxInstruction};
 
 use ihmi_abi::monitor::RequestCode;
 use ihmi_hv::linux::{TaskError, TaskInfo};
@@ -25,6 +26,18 @@ const MAX_HYPERCALLS: usize = 64;
 /// Monitor events the scenario log keeps.
 pub const MAX_MONITOR_EVENTS: usize = 128;
 const MAX_ALERTS: usize = 16;
+/// Emulated VMX instructions the log keeps.
+const MAX_VMX: usize = 32;
+
+/// One emulated VMX instruction and what it came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VmxStep(pub VmxInstruction, pub VmxOutcome);
+
+impl Default for VmxStep {
+    fn default() -> Self {
+        Self(VmxInstruction::Vmxon, VmxOutcome::NotEmulated)
+    }
+}
 /// Executions of the attacker's the log keeps.
 pub const MAX_IDENTITY_RUNS: usize = 16;
 
@@ -92,6 +105,8 @@ pub struct ScenarioLog {
     pub exec_mappings: u64,
     /// What the `identity` attack's loaded code returned, from its report line.
     pub identity_loaded: Option<u64>,
+    /// The guest's VMX instructions L0 emulated, and what each came to, in order.
+    pub vmx: heapless_table::Table<VmxStep, MAX_VMX>,
     bench_results: heapless_table::Table<crate::bench::BenchResult, 4>,
 }
 
@@ -131,6 +146,10 @@ impl ScenarioLog {
                 self.nmis.merged += u64::from(merged);
             }
             Observation::NmiDelivered => self.nmis.delivered += 1,
+            Observation::Vmx {
+                instruction,
+                outcome,
+            } => self.vmx.push(VmxStep(instruction, outcome)),
             Observation::Alert(alert) => self.record_alert(alert),
             Observation::Ended { end, task } => {
                 self.end = Some(end);
@@ -388,6 +407,8 @@ pub enum FailReason {
     IoUringNotSeen { opcode: u8 },
     /// The `identity` attack's executions were not judged by what they run (what was wrong).
     IdentityNotJudged(&'static str),
+    /// The guest's VMX instructions did not come to the outcomes the SDM gives them.
+    VmxSteps,
     /// A flood of events was not all kept.
     EventsLost {
         expected: u64,
@@ -507,6 +528,9 @@ impl fmt::Display for FailReason {
                 "the forged system call was rejected for its entry {wrong_entry} times and the forged exec for its frame {not_from_hook} times (1 each expected)"
             ),
             Self::IdentityNotJudged(what) => write!(f, "program identity: {what}"),
+            Self::VmxSteps => f.write_str(
+                "the guest's VMX instructions did not come to the SDM's outcomes, in order (see L0's `nested:` lines)",
+            ),
             Self::IoUringNotSeen { opcode } => write!(
                 f,
                 "the io_uring operation {opcode} the attacker submitted made no io_uring event"
@@ -641,6 +665,7 @@ fn check(
             Locked::GatePath,
             "redirecting the gate's slot in the kernel's PGD",
         ),
+        Scenario::NestedVmxon => check_nested_vmxon(log),
         Scenario::Bench(mode) => {
             expect_done_zero(log)?;
             crate::bench::check(mode, log.bench_results()).map_err(FailReason::Bench)
@@ -1013,6 +1038,47 @@ fn check_identity(log: &ScenarioLog) -> Result<(), FailReason> {
     if log.identity_loaded != Some(LINUX_IDENTITY_LOADED) || log.exec_mappings == 0 {
         return Err(FailReason::IdentityNotJudged(
             "the loaded code did not run, or making it executable was not flagged",
+        ));
+    }
+    Ok(())
+}
+
+/// What `nested-vmxon`'s guest does with VMX, in order, and what each step must come to
+/// (`crates/guests/testguest`, `nested_vmxon`): VMXON with CR4.VMXE clear, VMXOFF outside VMX
+/// operation, VMXON of a region without L0's revision, of a region in L0's memory (refused with an
+/// alert), of a misaligned pointer, then VMXON, VMXON again (no current VMCS: VMfailInvalid), VMXOFF,
+/// and VMXOFF again (outside VMX operation: #UD).
+pub const NESTED_VMXON_STEPS: [VmxStep; 9] = [
+    VmxStep(VmxInstruction::Vmxon, VmxOutcome::Fault { vector: 6 }),
+    VmxStep(VmxInstruction::Vmxoff, VmxOutcome::Fault { vector: 6 }),
+    VmxStep(VmxInstruction::Vmxon, VmxOutcome::FailInvalid),
+    VmxStep(VmxInstruction::Vmxon, VmxOutcome::FailInvalid),
+    VmxStep(VmxInstruction::Vmxon, VmxOutcome::FailInvalid),
+    VmxStep(VmxInstruction::Vmxon, VmxOutcome::Succeed),
+    VmxStep(VmxInstruction::Vmxon, VmxOutcome::FailInvalid),
+    VmxStep(VmxInstruction::Vmxoff, VmxOutcome::Succeed),
+    VmxStep(VmxInstruction::Vmxoff, VmxOutcome::Fault { vector: 6 }),
+];
+
+/// `nested-vmxon`: the guest saw VMX offered and its checks passed (`Done(0)`), L0 emulated exactly
+/// [`NESTED_VMXON_STEPS`], and the region in L0's memory was refused with an alert.
+fn check_nested_vmxon(log: &ScenarioLog) -> Result<(), FailReason> {
+    expect_done_zero(log)?;
+    if log.vmx.dropped != 0 || log.vmx.as_slice() != NESTED_VMXON_STEPS {
+        return Err(FailReason::VmxSteps);
+    }
+    let alerted = log.alerts().iter().any(|a| {
+        matches!(
+            a,
+            Alert::VmxRegionRefused {
+                region: ihmi_hv::RegionKind::L0,
+                ..
+            }
+        )
+    });
+    if !alerted {
+        return Err(FailReason::AttackNotReported(
+            "a VMXON region in L0's memory",
         ));
     }
     Ok(())

@@ -1316,3 +1316,47 @@ fn the_identity_attack_needs_every_run_judged_by_content_and_the_loader_flagged(
         ));
     }
 }
+
+#[test]
+fn nested_vmxon_needs_every_step_s_outcome_in_order_and_the_l0_region_alert() {
+    use crate::scenario::{VmxStep, NESTED_VMXON_STEPS};
+    use ihmi_hv::nested::vmx::VmxOutcome;
+    use ihmi_hv::{Alert, RegionKind};
+    use ihmi_vmcs::VmxInstruction;
+    let s = Scenario::NestedVmxon;
+    let alert = Alert::VmxRegionRefused {
+        gpa: Gpa::new(0xfa0_0000),
+        region: RegionKind::L0,
+        rip: 0x100_4d76,
+    };
+    let run = |steps: &[VmxStep], alerts: &[Alert]| {
+        let mut h = hv(s);
+        for &VmxStep(instruction, outcome) in steps {
+            h.judge.log.record(&ihmi_hv::Observation::Vmx {
+                instruction,
+                outcome,
+            });
+        }
+        for a in alerts {
+            h.judge.log.record_alert(*a);
+        }
+        h.judge.log.end = Some(GuestEnd::Done(0));
+        judge(s, &h.judge.log, &h.hv.counters, Gpa::new(0), None)
+    };
+    assert_eq!(run(&NESTED_VMXON_STEPS, &[alert]), Verdict::Pass);
+    assert!(matches!(
+        run(&NESTED_VMXON_STEPS, &[]),
+        Verdict::Fail(FailReason::AttackNotReported(_))
+    ));
+    // A step missing, one more, one answered otherwise (VMXON in VMX operation succeeding).
+    let mut other = NESTED_VMXON_STEPS;
+    other[6] = VmxStep(VmxInstruction::Vmxon, VmxOutcome::Succeed);
+    let more = [
+        NESTED_VMXON_STEPS.as_slice(),
+        &[VmxStep(VmxInstruction::Vmxoff, VmxOutcome::Succeed)],
+    ]
+    .concat();
+    for steps in [&NESTED_VMXON_STEPS[1..], more.as_slice(), other.as_slice()] {
+        assert_eq!(run(steps, &[alert]), Verdict::Fail(FailReason::VmxSteps));
+    }
+}

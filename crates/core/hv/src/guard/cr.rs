@@ -115,6 +115,7 @@ impl Hypervisor {
         platform: &mut impl Platform,
         obs: &mut impl Observer,
         qualification: CrAccessQualification,
+        instruction: ihmi_vmcs::Instruction,
     ) -> Action {
         let cr = qualification.cr();
         if qualification.access_type() != CrAccessType::MovToCr || !matches!(cr, 0 | 4) {
@@ -140,8 +141,34 @@ impl Hypervisor {
                 },
             );
         }
+        if cleared == 0 && cr == 4 && self.nested.is_some() {
+            return self.on_cr4_vmxe(vcpu, platform, value, instruction);
+        }
         // Either a pinned bit cleared or CR4.VMXE set: the write does not happen.
         inject_exception(vcpu, GP, Some(0));
+        Action::Resume
+    }
+
+    /// With nested VMX, a MOV to CR4 that changes VMXE (the only bit the mask adds beyond the pins):
+    /// the guest reads VMXE as it wrote it through the read shadow, and the real bit stays set, as VMX
+    /// non-root operation requires. Clearing it in VMX operation, or setting a bit the CPU does not
+    /// allow in CR4, is #GP (SDM 23.8, and MOV to CR4's "Protected Mode Exceptions").
+    fn on_cr4_vmxe(
+        &mut self,
+        vcpu: &mut impl Vcpu,
+        platform: &mut impl Platform,
+        value: u64,
+        instruction: ihmi_vmcs::Instruction,
+    ) -> Action {
+        let allowed = platform.read_msr(ihmi_arch::msr::IA32_VMX_CR4_FIXED1);
+        let in_vmx = self.nested.is_some_and(|n| n.vmxon_region().is_some());
+        if value & !allowed != 0 || (in_vmx && value & CR4_VMXE == 0) {
+            inject_exception(vcpu, GP, Some(0));
+            return Action::Resume;
+        }
+        vcpu.write(guest::CR4, value | CR4_VMXE);
+        vcpu.write(control::CR4_READ_SHADOW, value);
+        crate::skip_instruction(vcpu, instruction);
         Action::Resume
     }
 }

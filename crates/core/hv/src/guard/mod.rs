@@ -172,6 +172,16 @@ pub enum Alert {
     /// The guest wrote to what L0 locked when a Linux kernel's gate opened (its text, read-only
     /// data, IDT, or a page table on the gate's path); the write did not happen.
     LockedWrite { what: Locked, gpa: Gpa, rip: u64 },
+    /// A VMX instruction named a region (VMXON, VMCS) in L0's or the monitor's memory: refused
+    /// with VMfailInvalid.
+    VmxRegionRefused {
+        /// The pointer the guest gave.
+        gpa: Gpa,
+        /// Whose memory it is.
+        region: crate::RegionKind,
+        /// Where the guest executed it.
+        rip: u64,
+    },
     /// A word the hooks depend on no longer holds what L0 put there.
     HookTampered {
         /// Where the word lives.
@@ -203,6 +213,7 @@ impl Alert {
             Self::HookTampered { .. } => "hook-tampered",
             Self::LockedWrite { .. } => "locked-write",
             Self::CrPinRefused { .. } => "cr-pin-refused",
+            Self::VmxRegionRefused { .. } => "vmx-region-refused",
         }
     }
 }
@@ -243,6 +254,11 @@ impl fmt::Display for Alert {
                 f,
                 ",\"what\":\"{}\",\"gpa\":\"{gpa}\",\"rip\":\"{rip:#x}\",\"action\":\"write refused, guest stopped\"",
                 what.name()
+            )?,
+            Self::VmxRegionRefused { gpa, region, rip } => write!(
+                f,
+                ",\"gpa\":\"{gpa}\",\"region\":\"{}\",\"rip\":\"{rip:#x}\",\"action\":\"VMfailInvalid\"",
+                region.name()
             )?,
             Self::HookTampered {
                 gpa,

@@ -299,3 +299,224 @@ fn the_msrs_read_as_the_sdm_lays_them_out() {
         );
     }
 }
+
+/// VMX operation as L0 emulates it (milestone M1), against the mock: each wrong way into or out of
+/// VMX operation gets the SDM's answer, and the right way changes the state.
+mod vmx_operation {
+    use super::std::vec::Vec;
+
+    use ihmi_arch::cr::CR4_VMXE;
+    use ihmi_vmcs::fields::{control, guest, ro};
+    use ihmi_vmcs::{InterruptionInfo, VmxInstruction};
+
+    use super::super::caps::{NestedFeatures, VirtualVmx, VMCS12_REVISION};
+    use super::super::vmx::{NestedVmx, VmxOutcome};
+    use super::host;
+    use crate::mock::{MockPlatform, MockVcpu, L0_HOLE};
+    use crate::testing::{hv, platform_with_identity_paging, TestHv};
+    use crate::{Action, Alert, GuestEnd, Observation, RegionKind};
+
+    const VMXON: u32 = 27;
+    const VMXOFF: u32 = 26;
+    const VMCLEAR: u32 = 19;
+    const RIP: u64 = 0x10_0000;
+    /// Where the operand (the region pointer) is, and the region.
+    const OPERAND: u64 = 0x5000;
+    const REGION: u64 = 0x6000;
+    /// `[rax]`: 64-bit addresses, segment DS, no index, base RAX.
+    const INFO_RAX: u64 = (2 << 7) | (3 << 15) | (1 << 22);
+
+    fn nested() -> (TestHv, MockPlatform) {
+        let mut h = hv();
+        let offer = VirtualVmx::offer(&host(&[]), NestedFeatures::ShadowPaging).unwrap();
+        h.hv.nested = Some(NestedVmx::new(offer));
+        let mut p = platform_with_identity_paging();
+        p.write_bytes(REGION, &VMCS12_REVISION.to_le_bytes());
+        p.write_u64(OPERAND, REGION);
+        (h, p)
+    }
+
+    /// The guest in 64-bit ring 0 with CR4.VMXE set as it sees it, executing `reason` on `[rax]`.
+    fn vmx_exit(reason: u32, len: u64) -> MockVcpu {
+        let mut v = MockVcpu::exited(reason, RIP, len);
+        v.fields.insert(ro::VMEXIT_INSTRUCTION_INFO, INFO_RAX);
+        v.fields.insert(guest::IA32_EFER_FULL, 0x500);
+        v.fields.insert(guest::CS_ACCESS_RIGHTS, 0xa09b);
+        v.fields.insert(guest::CR4, 0x2020 | CR4_VMXE);
+        v.fields.insert(control::CR4_GUEST_HOST_MASK, CR4_VMXE);
+        v.fields.insert(control::CR4_READ_SHADOW, CR4_VMXE);
+        v.regs.rax = OPERAND;
+        v
+    }
+
+    fn outcomes(h: &TestHv) -> Vec<(VmxInstruction, VmxOutcome)> {
+        h.rec
+            .seen
+            .iter()
+            .filter_map(|s| match s {
+                crate::mock::Seen::Other(Observation::Vmx {
+                    instruction,
+                    outcome,
+                }) => Some((*instruction, *outcome)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn injected(v: &MockVcpu) -> Option<u64> {
+        v.fields
+            .get(&control::VMENTRY_INTERRUPTION_INFO_FIELD)
+            .map(|&i| u64::from(InterruptionInfo::from_raw(i as u32).vector()))
+    }
+
+    #[test]
+    fn vmxon_and_vmxoff_follow_the_sdm() {
+        let (mut h, mut p) = nested();
+        // Right: VMsucceed, the status flags clear, past the instruction.
+        let mut v = vmx_exit(VMXON, 4);
+        v.fields.insert(guest::RFLAGS, 0x202 | 0x8d5);
+        assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume);
+        assert_eq!(v.fields[&guest::RFLAGS], 0x202);
+        assert_eq!(v.fields[&guest::RIP], RIP + 4);
+        assert_eq!(
+            h.nested.unwrap().vmxon_region(),
+            Some(ihmi_addr::Gpa::new(REGION))
+        );
+        // Again, in VMX operation with no current VMCS: VMfailInvalid (CF alone).
+        let mut v = vmx_exit(VMXON, 4);
+        h.handle_exit(&mut v, &mut p);
+        assert_eq!(v.fields[&guest::RFLAGS], 0x203);
+        // VMXOFF leaves; a second one is #UD, the guest left at the instruction.
+        let mut v = vmx_exit(VMXOFF, 3);
+        h.handle_exit(&mut v, &mut p);
+        assert_eq!(h.nested.unwrap().vmxon_region(), None);
+        let mut v = vmx_exit(VMXOFF, 3);
+        h.handle_exit(&mut v, &mut p);
+        assert_eq!((injected(&v), v.fields[&guest::RIP]), (Some(6), RIP));
+        assert_eq!(
+            outcomes(&h),
+            [
+                (VmxInstruction::Vmxon, VmxOutcome::Succeed),
+                (VmxInstruction::Vmxon, VmxOutcome::FailInvalid),
+                (VmxInstruction::Vmxoff, VmxOutcome::Succeed),
+                (VmxInstruction::Vmxoff, VmxOutcome::Fault { vector: 6 }),
+            ]
+        );
+    }
+
+    #[test]
+    fn wrong_vmxons_fault_or_fail_and_an_l0_region_is_an_alert() {
+        let (mut h, mut p) = nested();
+        let run = |h: &mut TestHv, p: &mut MockPlatform, change: &dyn Fn(&mut MockVcpu)| {
+            let mut v = vmx_exit(VMXON, 4);
+            change(&mut v);
+            h.handle_exit(&mut v, p);
+            v
+        };
+        // CR4.VMXE clear as the guest sees it (the real bit is set): #UD. At CPL 3: #GP(0).
+        let v = run(&mut h, &mut p, &|v| {
+            v.fields.insert(control::CR4_READ_SHADOW, 0);
+        });
+        assert_eq!(injected(&v), Some(6));
+        let v = run(&mut h, &mut p, &|v| {
+            v.fields.insert(guest::SS_ACCESS_RIGHTS, 0xc0f3);
+        });
+        assert_eq!(injected(&v), Some(13));
+        // Misaligned, beyond the address width, L0's, not L0's revision: VMfailInvalid each.
+        for (pointer, revision) in [
+            (REGION + 8, VMCS12_REVISION),
+            (1 << 50, VMCS12_REVISION),
+            (L0_HOLE, VMCS12_REVISION),
+            (REGION, VMCS12_REVISION ^ 1),
+            (REGION, VMCS12_REVISION | 1 << 31),
+        ] {
+            p.write_u64(OPERAND, pointer);
+            p.write_bytes(REGION, &revision.to_le_bytes());
+            let v = run(&mut h, &mut p, &|_| {});
+            assert_eq!(v.fields[&guest::RFLAGS] & 0x41, 1, "{pointer:#x}");
+            assert_eq!(h.nested.unwrap().vmxon_region(), None);
+        }
+        assert_eq!(
+            h.rec.alerts(),
+            [Alert::VmxRegionRefused {
+                gpa: ihmi_addr::Gpa::new(L0_HOLE),
+                region: RegionKind::L0,
+                rip: RIP,
+            }]
+        );
+        // An operand that does not translate to guest RAM (here: in L0's hole): #GP(0).
+        p.write_bytes(REGION, &VMCS12_REVISION.to_le_bytes());
+        let v = run(&mut h, &mut p, &|v| v.regs.rax = L0_HOLE + 0x100);
+        assert_eq!(injected(&v), Some(13));
+    }
+
+    #[test]
+    fn the_vmcs_instructions_fault_outside_vmx_operation_and_are_not_emulated_inside() {
+        let (mut h, mut p) = nested();
+        let mut v = vmx_exit(VMCLEAR, 4);
+        assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume);
+        assert_eq!(injected(&v), Some(6));
+        h.handle_exit(&mut vmx_exit(VMXON, 4), &mut p);
+        let mut v = vmx_exit(VMCLEAR, 4);
+        assert!(matches!(
+            h.handle_exit(&mut v, &mut p),
+            Action::End(GuestEnd::Unhandled { .. })
+        ));
+        // Without nested VMX, every VMX instruction is #UD and nothing is observed.
+        let mut plain = hv();
+        let mut v = vmx_exit(VMXON, 4);
+        assert_eq!(plain.handle_exit(&mut v, &mut p), Action::Resume);
+        assert_eq!(injected(&v), Some(6));
+        assert!(outcomes(&plain).is_empty());
+    }
+
+    #[test]
+    fn cr4_vmxe_lives_in_the_read_shadow_and_cpuid_and_the_msrs_show_the_offer() {
+        let (mut h, mut p) = nested();
+        let mov_cr4 = |value: u64| {
+            let mut v = MockVcpu::exited(28, RIP, 3); // control-register access
+            v.fields.insert(ro::EXIT_QUALIFICATION, 4); // MOV to CR4 from RAX
+            v.fields.insert(guest::CR4, 0x2020);
+            v.fields.insert(control::CR4_GUEST_HOST_MASK, CR4_VMXE);
+            v.regs.rax = value;
+            v
+        };
+        p.msrs.insert(ihmi_arch::msr::IA32_VMX_CR4_FIXED1, 0x3727ff);
+        let mut v = mov_cr4(0x20 | CR4_VMXE);
+        assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume);
+        assert_eq!(v.fields[&guest::CR4], 0x20 | CR4_VMXE);
+        assert_eq!(v.fields[&control::CR4_READ_SHADOW], 0x20 | CR4_VMXE);
+        assert_eq!(v.fields[&guest::RIP], RIP + 3);
+        // Clearing it keeps the real bit; a bit the CPU does not allow is #GP.
+        let mut v = mov_cr4(0x20);
+        h.handle_exit(&mut v, &mut p);
+        assert_eq!(v.fields[&guest::CR4], 0x20 | CR4_VMXE);
+        assert_eq!(v.fields[&control::CR4_READ_SHADOW], 0x20);
+        let mut v = mov_cr4(0x20 | 1 << 30);
+        h.handle_exit(&mut v, &mut p);
+        assert_eq!(injected(&v), Some(13));
+        // In VMX operation, clearing it is #GP.
+        h.handle_exit(&mut vmx_exit(VMXON, 4), &mut p);
+        let mut v = mov_cr4(0x20);
+        h.handle_exit(&mut v, &mut p);
+        assert_eq!(injected(&v), Some(13));
+        // CPUID.1:ECX.VMX, IA32_FEATURE_CONTROL and the capability MSRs from the offer.
+        let mut v = MockVcpu::exited(10, RIP, 2);
+        v.regs.rax = 1;
+        h.handle_exit(&mut v, &mut p);
+        assert_ne!(v.regs.rcx & (1 << 5), 0);
+        for (msr, value) in [
+            (0x3a, Some(5)),
+            (0x480, h.nested.unwrap().offer().read_msr(0x480)),
+            (0x48b, None),
+        ] {
+            let mut v = MockVcpu::exited(31, RIP, 2);
+            v.regs.rcx = msr;
+            h.handle_exit(&mut v, &mut p);
+            match value {
+                Some(x) => assert_eq!((v.regs.rdx << 32) | v.regs.rax, x, "{msr:#x}"),
+                None => assert_eq!(injected(&v), Some(13), "{msr:#x}"),
+            }
+        }
+    }
+}

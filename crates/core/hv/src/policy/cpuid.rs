@@ -7,7 +7,7 @@ use ihmi_vmcs::Instruction;
 
 use crate::{skip_instruction, Action, Hypervisor, Observation, Observer, Platform, Vcpu};
 
-/// CPUID.1:ECX.VMX (SDM Vol. 2A, CPUID, Table 3-10). Hidden: the guest gets no nested VMX from L0.
+/// CPUID.1:ECX.VMX (SDM Vol. 2A, CPUID, Table 3-10). Hidden unless the scenario offers nested VMX.
 const LEAF1_ECX_VMX: u32 = 1 << 5;
 /// CPUID.1:ECX bit 31, reserved by Intel for hypervisors to announce themselves.
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
@@ -34,17 +34,18 @@ fn mirror(value: u32, bit: u32, on: bool) -> u32 {
     }
 }
 
-/// The answer a guest whose CR4 is `guest_cr4` gets for one leaf.
+/// The answer a guest whose CR4 is `guest_cr4` gets for one leaf; `vmx`: L0 offers it nested VMX.
 pub(crate) fn policy(
     platform: &mut impl Platform,
     leaf: u32,
     subleaf: u32,
     guest_cr4: u64,
+    vmx: bool,
 ) -> [u32; 4] {
     match leaf {
         1 => {
             let mut r = platform.host_cpuid(leaf, subleaf);
-            r[2] = (r[2] & !LEAF1_ECX_VMX) | LEAF1_ECX_HYPERVISOR;
+            r[2] = mirror(r[2], LEAF1_ECX_VMX, vmx) | LEAF1_ECX_HYPERVISOR;
             // Only where the CPU has XSAVE at all does the bit mean anything.
             if r[2] & (1 << 26) != 0 {
                 r[2] = mirror(r[2], LEAF1_ECX_OSXSAVE, guest_cr4 & cr::CR4_OSXSAVE != 0);
@@ -83,7 +84,7 @@ impl Hypervisor {
         let regs = vcpu.regs();
         let (leaf, subleaf) = (regs.rax as u32, regs.rcx as u32);
         let guest_cr4 = vcpu.read(ihmi_vmcs::fields::guest::CR4);
-        let r = policy(platform, leaf, subleaf, guest_cr4);
+        let r = policy(platform, leaf, subleaf, guest_cr4, self.nested.is_some());
         let regs = vcpu.regs();
         regs.rax = u64::from(r[0]);
         regs.rbx = u64::from(r[1]);

@@ -49,6 +49,11 @@ impl Hypervisor {
     ) -> Action {
         let msr = vcpu.regs().rcx as u32;
         let value = match msr {
+            // With nested VMX: locked with VMX on outside SMX, and the offer's capabilities (an MSR
+            // the offered CPU does not have faults).
+            IA32_FEATURE_CONTROL | IA32_VMX_BASIC..=IA32_VMX_VMFUNC if self.nested.is_some() => {
+                self.nested.as_ref().and_then(|n| n.offer().read_msr(msr))
+            }
             IA32_FEATURE_CONTROL => Some(FEATURE_CONTROL_LOCKED_NO_VMX),
             IA32_LSTAR => Some(
                 self.guard
