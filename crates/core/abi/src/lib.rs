@@ -247,6 +247,10 @@ pub enum Scenario {
     /// Nested VMX, milestone M1: L0 offers the test guest VMX, and the guest enters and leaves VMX
     /// operation, with the faults and failures of the SDM for each wrong way of doing it.
     NestedVmxon,
+    /// Nested VMX, the first half of milestone M2: in VMX operation, the guest makes a VMCS current,
+    /// writes and reads its fields, clears it and loads it again, with the SDM's VMfailValid errors
+    /// for each wrong way.
+    NestedVmcs,
 }
 
 /// Raw numbers of the attack scenarios start here (`ATTACK_BASE + attack number`).
@@ -257,8 +261,8 @@ const LINUX_ATTACK_BASE: u32 = 40;
 impl Scenario {
     /// Every scenario, in the order `ihmi test` runs them (and the host's scenario table lists them):
     /// the test guest's, Linux's, the two benchmarks', the attack suite, then nested VMX's.
-    pub const ALL: [Scenario; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 1] = {
-        let mut all = [Self::Boot; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 1];
+    pub const ALL: [Scenario; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 2] = {
+        let mut all = [Self::Boot; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 2];
         let fixed = [
             Self::Boot,
             Self::EptGuard,
@@ -298,6 +302,7 @@ impl Scenario {
         }
         // Then nested VMX's milestones.
         all[i + j] = Self::NestedVmxon;
+        all[i + j + 1] = Self::NestedVmcs;
         all
     };
 
@@ -369,13 +374,14 @@ impl Scenario {
             Self::LinuxBench(monitor::Mode::OutBox) => "linux-bench-outbox",
             Self::Attack(a) => a.scenario_name(),
             Self::NestedVmxon => "nested-vmxon",
+            Self::NestedVmcs => "nested-vmcs",
         }
     }
 
     /// Whether L0 offers the guest VMX (nested VMX, NESTED.md Part A).
     #[must_use]
     pub const fn offers_vmx(self) -> bool {
-        matches!(self, Self::NestedVmxon)
+        matches!(self, Self::NestedVmxon | Self::NestedVmcs)
     }
 
     /// The number stored in [`BootInfo::scenario`].
@@ -399,6 +405,7 @@ impl Scenario {
             Self::LinuxBench(mode) => 16 + mode as u32,
             Self::Attack(a) => ATTACK_BASE + a as u32,
             Self::NestedVmxon => 19,
+            Self::NestedVmcs => 20,
         }
     }
 

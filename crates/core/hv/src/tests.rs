@@ -99,7 +99,8 @@ fn monitor_vm_exits_other_than_its_verdict_are_faults() {
 /// The acceptance rule of the VMX layer, kept by a test: outside `ihmi-vmcs` (which decodes) and
 /// `ihmi-vmx` (which reads the VMCS), no source of the exit policy, the judges or L0 names a raw
 /// VM-exit information field. They see `VmExit`. Test doubles, which must set raw fields to fake an
-/// exit, are exempt.
+/// exit, are exempt, and so is the VMCS12 model (`nested/vmcs12.rs`), whose exit-information fields
+/// are L1's, which L0 writes.
 #[test]
 fn no_raw_exit_field_is_read_outside_the_vmx_layer() {
     use std::path::{Path, PathBuf};
@@ -124,7 +125,7 @@ fn no_raw_exit_field_is_read_outside_the_vmx_layer() {
         sources(&crates.join(dir), &mut files);
     }
     assert!(files.len() > 20, "found the sources");
-    let doubles = ["tests.rs", "mock.rs", "testing.rs"];
+    let doubles = ["tests.rs", "mock.rs", "testing.rs", "nested/vmcs12.rs"];
     for file in files {
         if doubles.iter().any(|d| file.ends_with(d)) {
             continue;

@@ -62,6 +62,33 @@ pub(crate) fn gpr(vcpu: &mut impl Vcpu, r: Gpr) -> u64 {
     }
 }
 
+/// Sets general-purpose register `r` (RSP in the guest-state area).
+pub(crate) fn set_gpr(vcpu: &mut impl Vcpu, r: Gpr, value: u64) {
+    if r == Gpr::Rsp {
+        vcpu.write(guest::RSP, value);
+        return;
+    }
+    let regs = vcpu.regs();
+    let slot = match r {
+        Gpr::Rax => &mut regs.rax,
+        Gpr::Rcx => &mut regs.rcx,
+        Gpr::Rdx => &mut regs.rdx,
+        Gpr::Rbx => &mut regs.rbx,
+        Gpr::Rbp => &mut regs.rbp,
+        Gpr::Rsi => &mut regs.rsi,
+        Gpr::Rdi => &mut regs.rdi,
+        Gpr::R8 => &mut regs.r8,
+        Gpr::R9 => &mut regs.r9,
+        Gpr::R10 => &mut regs.r10,
+        Gpr::R11 => &mut regs.r11,
+        Gpr::R12 => &mut regs.r12,
+        Gpr::R13 => &mut regs.r13,
+        Gpr::R14 => &mut regs.r14,
+        Gpr::Rsp | Gpr::R15 => &mut regs.r15,
+    };
+    *slot = value;
+}
+
 /// The guest's current privilege level: the DPL of SS in the guest-state area (SDM 25.4.1).
 pub(crate) fn cpl(vcpu: &mut impl Vcpu) -> u64 {
     (vcpu.read(guest::SS_ACCESS_RIGHTS) >> 5) & 3

@@ -386,7 +386,8 @@ const fn dump_select<const N: usize>(all: &[VmcsField]) -> [VmcsField; N] {
     out
 }
 
-const DUMP_LEN: usize = dump_len(fields::ALL_FIELDS);
+/// How many fields [`DUMP_FIELDS`] holds.
+pub const DUMP_LEN: usize = dump_len(fields::ALL_FIELDS);
 
 /// Fields worth printing after a failed VM entry: all controls, guest state, host state and exit
 /// information, with only the FULL encoding of each 64-bit field (64-bit software reads all 64 bits

@@ -25,7 +25,7 @@ pub use controls::{
 };
 pub use error::VmInstructionError;
 pub use exit::{ExitReason, RawExitReason, EXIT_REASON_COUNT};
-pub use field::{field_name, fields, FieldKind, FieldWidth, VmcsField, DUMP_FIELDS};
+pub use field::{field_name, fields, FieldKind, FieldWidth, VmcsField, DUMP_FIELDS, DUMP_LEN};
 pub use qual::{
     exception_has_error_code, CrAccessQualification, CrAccessType, EptViolationQualification, Gpr,
     InterruptionInfo, InterruptionType, IoQualification,

@@ -665,7 +665,10 @@ fn check(
             Locked::GatePath,
             "redirecting the gate's slot in the kernel's PGD",
         ),
-        Scenario::NestedVmxon => check_nested_vmxon(log),
+        Scenario::NestedVmxon => {
+            check_vmx_steps(log, &NESTED_VMXON_STEPS, "a VMXON region in L0's memory")
+        }
+        Scenario::NestedVmcs => check_vmx_steps(log, &NESTED_VMCS_STEPS, "a VMCS in L0's memory"),
         Scenario::Bench(mode) => {
             expect_done_zero(log)?;
             crate::bench::check(mode, log.bench_results()).map_err(FailReason::Bench)
@@ -1060,11 +1063,58 @@ pub const NESTED_VMXON_STEPS: [VmxStep; 9] = [
     VmxStep(VmxInstruction::Vmxoff, VmxOutcome::Fault { vector: 6 }),
 ];
 
-/// `nested-vmxon`: the guest saw VMX offered and its checks passed (`Done(0)`), L0 emulated exactly
-/// [`NESTED_VMXON_STEPS`], and the region in L0's memory was refused with an alert.
-fn check_nested_vmxon(log: &ScenarioLog) -> Result<(), FailReason> {
+/// What `nested-vmcs`'s guest does in VMX operation, in order (`crates/guests/testguest`,
+/// `run_vmcs`): VMXON; VMREAD and VMPTRST with no current VMCS; VMPTRLD of the VMXON region then (no
+/// current VMCS: VMfailInvalid); VMPTRLD; VMPTRST; VMPTRLD of the VMXON region, of a region without
+/// the revision identifier and of L0's memory (VMfailValid 10, 11, 9, each followed by the VMREAD of
+/// the error field); VMWRITE and VMREAD of guest RIP; VMWRITE and VMREAD of a 16-bit field; VMREAD of
+/// no field (12) and VMWRITE of a read-only one (13), each with its VMREAD of the error; VMREAD to
+/// memory; VMCLEAR; VMREAD with no current VMCS; VMPTRLD and VMREAD again; VMCLEAR of the VMXON
+/// region (3) and its error; VMXOFF.
+pub const NESTED_VMCS_STEPS: [VmxStep; 28] = {
+    use VmxInstruction::{Vmclear, Vmptrld, Vmptrst, Vmread, Vmwrite, Vmxoff, Vmxon};
+    use VmxOutcome::{FailInvalid, FailValid, Succeed};
+    [
+        VmxStep(Vmxon, Succeed),
+        VmxStep(Vmread, FailInvalid),
+        VmxStep(Vmptrst, Succeed),
+        VmxStep(Vmptrld, FailInvalid),
+        VmxStep(Vmptrld, Succeed),
+        VmxStep(Vmptrst, Succeed),
+        VmxStep(Vmptrld, FailValid(10)),
+        VmxStep(Vmread, Succeed),
+        VmxStep(Vmptrld, FailValid(11)),
+        VmxStep(Vmread, Succeed),
+        VmxStep(Vmptrld, FailValid(9)),
+        VmxStep(Vmread, Succeed),
+        VmxStep(Vmwrite, Succeed),
+        VmxStep(Vmread, Succeed),
+        VmxStep(Vmwrite, Succeed),
+        VmxStep(Vmread, Succeed),
+        VmxStep(Vmread, FailValid(12)),
+        VmxStep(Vmread, Succeed),
+        VmxStep(Vmwrite, FailValid(13)),
+        VmxStep(Vmread, Succeed),
+        VmxStep(Vmread, Succeed),
+        VmxStep(Vmclear, Succeed),
+        VmxStep(Vmread, FailInvalid),
+        VmxStep(Vmptrld, Succeed),
+        VmxStep(Vmread, Succeed),
+        VmxStep(Vmclear, FailValid(3)),
+        VmxStep(Vmread, Succeed),
+        VmxStep(Vmxoff, Succeed),
+    ]
+};
+
+/// `nested-vmxon`, `nested-vmcs`: the guest saw VMX offered and its checks passed (`Done(0)`), L0
+/// emulated exactly `steps`, and the region in L0's memory was refused with an alert.
+fn check_vmx_steps(
+    log: &ScenarioLog,
+    steps: &[VmxStep],
+    l0_region: &'static str,
+) -> Result<(), FailReason> {
     expect_done_zero(log)?;
-    if log.vmx.dropped != 0 || log.vmx.as_slice() != NESTED_VMXON_STEPS {
+    if log.vmx.dropped != 0 || log.vmx.as_slice() != steps {
         return Err(FailReason::VmxSteps);
     }
     let alerted = log.alerts().iter().any(|a| {
@@ -1077,9 +1127,7 @@ fn check_nested_vmxon(log: &ScenarioLog) -> Result<(), FailReason> {
         )
     });
     if !alerted {
-        return Err(FailReason::AttackNotReported(
-            "a VMXON region in L0's memory",
-        ));
+        return Err(FailReason::AttackNotReported(l0_region));
     }
     Ok(())
 }

@@ -1318,12 +1318,21 @@ fn the_identity_attack_needs_every_run_judged_by_content_and_the_loader_flagged(
 }
 
 #[test]
-fn nested_vmxon_needs_every_step_s_outcome_in_order_and_the_l0_region_alert() {
-    use crate::scenario::{VmxStep, NESTED_VMXON_STEPS};
+fn the_nested_scenarios_need_every_step_s_outcome_in_order_and_the_l0_region_alert() {
+    use crate::scenario::{NESTED_VMCS_STEPS, NESTED_VMXON_STEPS};
+    for (s, steps) in [
+        (Scenario::NestedVmxon, NESTED_VMXON_STEPS.as_slice()),
+        (Scenario::NestedVmcs, NESTED_VMCS_STEPS.as_slice()),
+    ] {
+        nested_steps_judged(s, steps);
+    }
+}
+
+fn nested_steps_judged(s: Scenario, expected: &[crate::scenario::VmxStep]) {
+    use crate::scenario::VmxStep;
     use ihmi_hv::nested::vmx::VmxOutcome;
     use ihmi_hv::{Alert, RegionKind};
     use ihmi_vmcs::VmxInstruction;
-    let s = Scenario::NestedVmxon;
     let alert = Alert::VmxRegionRefused {
         gpa: Gpa::new(0xfa0_0000),
         region: RegionKind::L0,
@@ -1343,20 +1352,20 @@ fn nested_vmxon_needs_every_step_s_outcome_in_order_and_the_l0_region_alert() {
         h.judge.log.end = Some(GuestEnd::Done(0));
         judge(s, &h.judge.log, &h.hv.counters, Gpa::new(0), None)
     };
-    assert_eq!(run(&NESTED_VMXON_STEPS, &[alert]), Verdict::Pass);
+    assert_eq!(run(expected, &[alert]), Verdict::Pass);
     assert!(matches!(
-        run(&NESTED_VMXON_STEPS, &[]),
+        run(expected, &[]),
         Verdict::Fail(FailReason::AttackNotReported(_))
     ));
-    // A step missing, one more, one answered otherwise (VMXON in VMX operation succeeding).
-    let mut other = NESTED_VMXON_STEPS;
-    other[6] = VmxStep(VmxInstruction::Vmxon, VmxOutcome::Succeed);
+    // A step missing, one more, one answered otherwise.
+    let mut other = expected.to_vec();
+    other[1] = VmxStep(VmxInstruction::Vmxon, VmxOutcome::Succeed);
     let more = [
-        NESTED_VMXON_STEPS.as_slice(),
+        expected,
         &[VmxStep(VmxInstruction::Vmxoff, VmxOutcome::Succeed)],
     ]
     .concat();
-    for steps in [&NESTED_VMXON_STEPS[1..], more.as_slice(), other.as_slice()] {
+    for steps in [&expected[1..], more.as_slice(), other.as_slice()] {
         assert_eq!(run(steps, &[alert]), Verdict::Fail(FailReason::VmxSteps));
     }
 }

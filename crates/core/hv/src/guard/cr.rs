@@ -161,7 +161,10 @@ impl Hypervisor {
         instruction: ihmi_vmcs::Instruction,
     ) -> Action {
         let allowed = platform.read_msr(ihmi_arch::msr::IA32_VMX_CR4_FIXED1);
-        let in_vmx = self.nested.is_some_and(|n| n.vmxon_region().is_some());
+        let in_vmx = self
+            .nested
+            .as_ref()
+            .is_some_and(|n| n.vmxon_region().is_some());
         if value & !allowed != 0 || (in_vmx && value & CR4_VMXE == 0) {
             inject_exception(vcpu, GP, Some(0));
             return Action::Resume;

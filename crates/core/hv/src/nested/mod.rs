@@ -12,9 +12,13 @@
 //!   6.1's `kvm_intel` acceptance;
 //! - [`vmx`], VMX operation itself: CPUID.VMX, IA32_FEATURE_CONTROL and the capability MSRs read from
 //!   the offer, CR4.VMXE through the read shadow, VMXON and VMXOFF with the SDM's checks (milestone
-//!   M1). The VMCS instructions come next (M2).
+//!   M1), and the current VMCS and its fields: VMCLEAR, VMPTRLD, VMPTRST, VMREAD, VMWRITE (the first
+//!   half of M2);
+//! - [`vmcs12`], the VMCS12s L0 keeps in its own memory. VMLAUNCH and VMRESUME come next (the VMCS02
+//!   merge, exit reflection).
 
 pub mod caps;
 #[cfg(test)]
 mod tests;
+pub mod vmcs12;
 pub mod vmx;

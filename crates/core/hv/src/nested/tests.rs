@@ -319,6 +319,15 @@ mod vmx_operation {
     const VMXON: u32 = 27;
     const VMXOFF: u32 = 26;
     const VMCLEAR: u32 = 19;
+    const VMLAUNCH: u32 = 20;
+    const VMPTRLD: u32 = 21;
+    const VMPTRST: u32 = 22;
+    const VMREAD: u32 = 23;
+    const VMWRITE: u32 = 25;
+    const INVEPT: u32 = 50;
+    const INVVPID: u32 = 53;
+    /// A VMCS region.
+    const VMCS: u64 = 0x7000;
     const RIP: u64 = 0x10_0000;
     /// Where the operand (the region pointer) is, and the region.
     const OPERAND: u64 = 0x5000;
@@ -379,7 +388,7 @@ mod vmx_operation {
         assert_eq!(v.fields[&guest::RFLAGS], 0x202);
         assert_eq!(v.fields[&guest::RIP], RIP + 4);
         assert_eq!(
-            h.nested.unwrap().vmxon_region(),
+            h.nested.as_ref().unwrap().vmxon_region(),
             Some(ihmi_addr::Gpa::new(REGION))
         );
         // Again, in VMX operation with no current VMCS: VMfailInvalid (CF alone).
@@ -389,7 +398,7 @@ mod vmx_operation {
         // VMXOFF leaves; a second one is #UD, the guest left at the instruction.
         let mut v = vmx_exit(VMXOFF, 3);
         h.handle_exit(&mut v, &mut p);
-        assert_eq!(h.nested.unwrap().vmxon_region(), None);
+        assert_eq!(h.nested.as_ref().unwrap().vmxon_region(), None);
         let mut v = vmx_exit(VMXOFF, 3);
         h.handle_exit(&mut v, &mut p);
         assert_eq!((injected(&v), v.fields[&guest::RIP]), (Some(6), RIP));
@@ -434,7 +443,7 @@ mod vmx_operation {
             p.write_bytes(REGION, &revision.to_le_bytes());
             let v = run(&mut h, &mut p, &|_| {});
             assert_eq!(v.fields[&guest::RFLAGS] & 0x41, 1, "{pointer:#x}");
-            assert_eq!(h.nested.unwrap().vmxon_region(), None);
+            assert_eq!(h.nested.as_ref().unwrap().vmxon_region(), None);
         }
         assert_eq!(
             h.rec.alerts(),
@@ -451,15 +460,27 @@ mod vmx_operation {
     }
 
     #[test]
-    fn the_vmcs_instructions_fault_outside_vmx_operation_and_are_not_emulated_inside() {
+    fn outside_vmx_operation_the_vmcs_instructions_fault_and_vmlaunch_is_not_emulated_yet() {
         let (mut h, mut p) = nested();
         let mut v = vmx_exit(VMCLEAR, 4);
         assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume);
         assert_eq!(injected(&v), Some(6));
         h.handle_exit(&mut vmx_exit(VMXON, 4), &mut p);
-        let mut v = vmx_exit(VMCLEAR, 4);
+        // No EPT, no VPID offered: INVEPT and INVVPID do not exist, in VMX operation too.
+        for reason in [INVEPT, INVVPID] {
+            let mut v = vmx_exit(reason, 5);
+            h.handle_exit(&mut v, &mut p);
+            assert_eq!(injected(&v), Some(6));
+        }
+        // VMLAUNCH with no current VMCS fails invalid; with one, it is not emulated yet.
+        let mut v = vmx_exit(VMLAUNCH, 3);
+        h.handle_exit(&mut v, &mut p);
+        assert_eq!(v.fields[&guest::RFLAGS] & 0x41, 1);
+        p.write_bytes(VMCS, &VMCS12_REVISION.to_le_bytes());
+        p.write_u64(OPERAND, VMCS);
+        h.handle_exit(&mut vmx_exit(VMPTRLD, 4), &mut p);
         assert!(matches!(
-            h.handle_exit(&mut v, &mut p),
+            h.handle_exit(&mut vmx_exit(VMLAUNCH, 3), &mut p),
             Action::End(GuestEnd::Unhandled { .. })
         ));
         // Without nested VMX, every VMX instruction is #UD and nothing is observed.
@@ -468,6 +489,123 @@ mod vmx_operation {
         assert_eq!(plain.handle_exit(&mut v, &mut p), Action::Resume);
         assert_eq!(injected(&v), Some(6));
         assert!(outcomes(&plain).is_empty());
+    }
+
+    /// In VMX operation, with `vmcs` current.
+    fn with_current_vmcs() -> (TestHv, MockPlatform) {
+        let (mut h, mut p) = nested();
+        h.handle_exit(&mut vmx_exit(VMXON, 4), &mut p);
+        p.write_bytes(VMCS, &VMCS12_REVISION.to_le_bytes());
+        p.write_u64(OPERAND, VMCS);
+        h.handle_exit(&mut vmx_exit(VMPTRLD, 4), &mut p);
+        assert_eq!(
+            h.nested.as_ref().unwrap().current_vmcs(),
+            Some(ihmi_addr::Gpa::new(VMCS))
+        );
+        (h, p)
+    }
+
+    /// VMREAD or VMWRITE with the field encoding in RCX (Reg2 = 1) and the value in RDX (Reg1 = 2).
+    fn vmread_vmwrite(reason: u32, field: u64, value: u64) -> MockVcpu {
+        let mut v = vmx_exit(reason, 3);
+        v.fields.insert(
+            ro::VMEXIT_INSTRUCTION_INFO,
+            (1 << 10) | (2 << 3) | (1 << 28) | (2 << 7),
+        );
+        v.regs.rcx = field;
+        v.regs.rdx = value;
+        v
+    }
+
+    #[test]
+    fn vmread_and_vmwrite_keep_fields_with_their_widths_and_fail_valid_with_the_sdm_s_numbers() {
+        let (mut h, mut p) = with_current_vmcs();
+        let rip = guest::RIP.raw().into();
+        h.handle_exit(&mut vmread_vmwrite(VMWRITE, rip, 0xdead_beef_1234), &mut p);
+        let mut v = vmread_vmwrite(VMREAD, rip, 0);
+        h.handle_exit(&mut v, &mut p);
+        assert_eq!(
+            (v.regs.rdx, v.fields[&guest::RFLAGS] & 0x41),
+            (0xdead_beef_1234, 0)
+        );
+        // A 16-bit field keeps 16 bits; the HIGH half of a 64-bit field is bits 63:32.
+        let cs = guest::CS_SELECTOR.raw().into();
+        h.handle_exit(&mut vmread_vmwrite(VMWRITE, cs, 0x1_2345), &mut p);
+        let mut v = vmread_vmwrite(VMREAD, cs, 0);
+        h.handle_exit(&mut v, &mut p);
+        assert_eq!(v.regs.rdx, 0x2345);
+        let link = guest::LINK_PTR_FULL.raw().into();
+        h.handle_exit(
+            &mut vmread_vmwrite(VMWRITE, link, 0x1111_2222_3333_4444),
+            &mut p,
+        );
+        let mut v = vmread_vmwrite(VMREAD, u64::from(guest::LINK_PTR_HIGH.raw()), 0);
+        h.handle_exit(&mut v, &mut p);
+        assert_eq!(v.regs.rdx, 0x1111_2222);
+        // No such field (12), a read-only one (13), an encoding above 32 bits (12): VMfailValid,
+        // the number in the VM-instruction error field.
+        let error = |h: &mut TestHv, p: &mut MockPlatform| {
+            let f = ro::VM_INSTRUCTION_ERROR.raw().into();
+            let mut v = vmread_vmwrite(VMREAD, f, 0);
+            h.handle_exit(&mut v, p);
+            v.regs.rdx
+        };
+        for (reason, field, n) in [
+            (VMREAD, 1u64 << 15, 12),
+            (VMWRITE, ro::EXIT_REASON.raw().into(), 13),
+            (VMREAD, rip | 1 << 32, 12),
+        ] {
+            let mut v = vmread_vmwrite(reason, field, 1);
+            h.handle_exit(&mut v, &mut p);
+            assert_eq!(v.fields[&guest::RFLAGS] & 0x41, 0x40, "{field:#x}");
+            assert_eq!(error(&mut h, &mut p), n, "{field:#x}");
+        }
+    }
+
+    #[test]
+    fn vmptrld_and_vmclear_check_their_pointer_and_the_values_survive_in_the_region() {
+        let (mut h, mut p) = with_current_vmcs();
+        let rip = guest::RIP.raw().into();
+        h.handle_exit(&mut vmread_vmwrite(VMWRITE, rip, 0x4242), &mut p);
+        let error = |h: &mut TestHv, p: &mut MockPlatform| {
+            let mut v = vmread_vmwrite(VMREAD, ro::VM_INSTRUCTION_ERROR.raw().into(), 0);
+            h.handle_exit(&mut v, p);
+            v.regs.rdx
+        };
+        // The VMXON pointer (10 for VMPTRLD, 3 for VMCLEAR), a misaligned one (9, 2), L0's memory (9,
+        // with an alert), a region without the revision identifier (11).
+        p.write_bytes(REGION + 0x2000, &(VMCS12_REVISION ^ 1).to_le_bytes());
+        for (reason, pointer, n) in [
+            (VMPTRLD, REGION, 10),
+            (VMCLEAR, REGION, 3),
+            (VMPTRLD, VMCS + 8, 9),
+            (VMCLEAR, VMCS + 8, 2),
+            (VMPTRLD, L0_HOLE, 9),
+            (VMPTRLD, REGION + 0x2000, 11),
+        ] {
+            p.write_u64(OPERAND, pointer);
+            let mut v = vmx_exit(reason, 4);
+            h.handle_exit(&mut v, &mut p);
+            assert_eq!(v.fields[&guest::RFLAGS] & 0x41, 0x40, "{pointer:#x}");
+            assert_eq!(error(&mut h, &mut p), n, "{pointer:#x}");
+        }
+        assert_eq!(h.rec.alerts().len(), 1);
+        // VMCLEAR writes L0's copy into the region; the next VMPTRLD reads it back.
+        p.write_u64(OPERAND, VMCS);
+        h.handle_exit(&mut vmx_exit(VMCLEAR, 4), &mut p);
+        assert_eq!(h.nested.as_ref().unwrap().current_vmcs(), None);
+        assert_eq!(
+            p.read_u64(VMCS + super::super::vmcs12::SAVED_AT as u64),
+            super::super::vmcs12::SAVED_MAGIC
+        );
+        h.handle_exit(&mut vmx_exit(VMPTRLD, 4), &mut p);
+        let mut v = vmread_vmwrite(VMREAD, rip, 0);
+        h.handle_exit(&mut v, &mut p);
+        assert_eq!(v.regs.rdx, 0x4242);
+        // VMPTRST stores the current VMCS.
+        p.write_u64(OPERAND, 0);
+        h.handle_exit(&mut vmx_exit(VMPTRST, 4), &mut p);
+        assert_eq!(p.read_u64(OPERAND), VMCS);
     }
 
     #[test]
@@ -507,7 +645,7 @@ mod vmx_operation {
         assert_ne!(v.regs.rcx & (1 << 5), 0);
         for (msr, value) in [
             (0x3a, Some(5)),
-            (0x480, h.nested.unwrap().offer().read_msr(0x480)),
+            (0x480, h.nested.as_ref().unwrap().offer().read_msr(0x480)),
             (0x48b, None),
         ] {
             let mut v = MockVcpu::exited(31, RIP, 2);

@@ -1,25 +1,29 @@
 //! VMX operation as L0 emulates it for its guest, the L1 hypervisor: entering and leaving it
-//! (VMXON, VMXOFF) with the SDM's checks in the SDM's order (Vol. 3C, chapter 31, each
-//! instruction's "Operation"), the guest's CR4.VMXE through the read shadow, and the operand of a
-//! VMX instruction decoded from the exit's instruction information (SDM 28.2.5).
+//! (VMXON, VMXOFF), the current VMCS (VMCLEAR, VMPTRLD, VMPTRST) and its fields (VMREAD, VMWRITE),
+//! each with the SDM's checks in the SDM's order (Vol. 3C, chapter 31, each instruction's
+//! "Operation"), the guest's CR4.VMXE through the read shadow, and the operands decoded from the
+//! exit's instruction information (SDM 28.2.5).
 //!
-//! The rest of the instruction set (VMCLEAR, VMPTRLD, VMPTRST, VMREAD, VMWRITE, VMLAUNCH,
-//! VMRESUME, INVEPT, INVVPID) gets its architectural faults outside VMX operation (#UD) and at
-//! CPL > 0 (#GP); inside VMX operation it is not emulated yet (NESTED.md, milestone M2), and the
-//! guest is ended with that said, rather than given an answer no CPU would give.
+//! VMLAUNCH and VMRESUME (with a current VMCS) are not emulated yet (NESTED.md, milestone M2: the
+//! VMCS02 merge and exit reflection come with them); the guest is ended with that said, rather than
+//! given an answer no CPU would give. INVEPT and INVVPID are #UD: the offer has no EPT and no VPID.
 //!
-//! VMfail when there is no current VMCS is VMfailInvalid (SDM 31.2, "VMfail(ErrorNumber)"). L0
-//! offers no VMPTRLD yet, so a VMXON in VMX operation fails invalid, not with error 15.
+//! VMfail (SDM 31.2) is VMfailValid with the error number in the current VMCS12 when there is one,
+//! VMfailInvalid otherwise.
+//!
+//! Every region pointer (VMXON, VMCLEAR, VMPTRLD) must be 4 KiB aligned, within 46 address bits and
+//! a whole page of guest RAM; one in L0's or the monitor's memory is refused with an alert too.
 
-use ihmi_addr::{Gpa, Gva};
+use ihmi_addr::{Gpa, Gva, PAGE_SIZE};
 use ihmi_arch::cr::{CR0_PE, CR4_VMXE};
 use ihmi_arch::vector::{GP, UD};
 use ihmi_vmcs::fields::{control, guest};
-use ihmi_vmcs::{Gpr, VmxInstruction, VmxInstructionInfo};
+use ihmi_vmcs::{Gpr, VmcsField, VmxInstruction, VmxInstructionInfo};
 
 use super::caps::{VirtualVmx, VMCS12_REVISION};
+use super::vmcs12::{FieldError, Vmcs12, Vmcs12Cache, SAVED_AT, SAVED_LEN, VM_INSTRUCTION_ERROR};
 use crate::memory::GuestRamReader;
-use crate::vcpu::{cpl, gpr};
+use crate::vcpu::{cpl, gpr, set_gpr};
 use crate::{
     inject_exception, skip_instruction, Action, Alert, GuestEnd, Hypervisor, Observation, Observer,
     Platform, RegionKind, Vcpu,
@@ -37,11 +41,23 @@ const CS_L: u64 = 1 << 13;
 /// Physical-address bits L0 accepts in a VMX region pointer (L0's guests see no wider memory).
 const PHYS_ADDR_BITS: u32 = 46;
 
+/// VM-instruction error numbers (SDM 31.4).
+mod error {
+    pub const VMCLEAR_INVALID_ADDRESS: u32 = 2;
+    pub const VMCLEAR_VMXON_POINTER: u32 = 3;
+    pub const VMPTRLD_INVALID_ADDRESS: u32 = 9;
+    pub const VMPTRLD_VMXON_POINTER: u32 = 10;
+    pub const VMPTRLD_INCORRECT_REVISION: u32 = 11;
+    pub const UNSUPPORTED_COMPONENT: u32 = 12;
+    pub const VMWRITE_READ_ONLY: u32 = 13;
+    pub const VMXON_IN_ROOT: u32 = 15;
+}
+
 /// A VMX instruction's exit, as the VMX layer decoded it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct VmxExit {
     pub instruction: VmxInstruction,
-    /// Its operand (SDM 28.2.5).
+    /// Its operands (SDM 28.2.5).
     pub info: VmxInstructionInfo,
     /// The displacement of a memory operand (the exit qualification).
     pub displacement: u64,
@@ -55,19 +71,22 @@ pub enum VmxOutcome {
     Succeed,
     /// VMfailInvalid: CF set (no current VMCS to hold an error number).
     FailInvalid,
+    /// VMfailValid: ZF set, this error number in the current VMCS12's VM-instruction error field.
+    FailValid(u32),
     /// A fault instead of the instruction (#UD, #GP(0)).
     Fault { vector: u8 },
-    /// In VMX operation, an instruction L0 does not emulate yet: the guest was ended.
+    /// An instruction L0 does not emulate yet: the guest was ended.
     NotEmulated,
 }
 
 impl VmxOutcome {
-    /// The outcome in reports.
+    /// The outcome in reports (with the error number of a VMfailValid beside it).
     #[must_use]
     pub const fn name(self) -> &'static str {
         match self {
             Self::Succeed => "VMsucceed",
             Self::FailInvalid => "VMfailInvalid",
+            Self::FailValid(_) => "VMfailValid",
             Self::Fault { vector: UD } => "#UD",
             Self::Fault { vector: GP } => "#GP(0)",
             Self::Fault { .. } => "fault",
@@ -76,7 +95,7 @@ impl VmxOutcome {
     }
 }
 
-/// Why a VMX region pointer was refused (VMfailInvalid).
+/// Why a VMX region pointer was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RegionRefusal {
     /// Not 4 KiB aligned, or beyond the physical-address width.
@@ -100,19 +119,28 @@ impl core::fmt::Display for RegionRefusal {
     }
 }
 
-/// The guest's VMX state: the capabilities L0 offers it, and whether it is in VMX operation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The guest's VMX state: the capabilities L0 offers it, whether it is in VMX operation, its
+/// current VMCS and the VMCS12s L0 holds.
+#[derive(Clone, Debug)]
 pub struct NestedVmx {
     offer: VirtualVmx,
     /// The VMXON region, while the guest is in VMX operation.
     vmxon: Option<Gpa>,
+    /// The current VMCS (VMPTRLD's), a key of `cache`.
+    current: Option<Gpa>,
+    cache: Vmcs12Cache,
 }
 
 impl NestedVmx {
     /// A guest offered `offer`, not in VMX operation.
     #[must_use]
-    pub const fn new(offer: VirtualVmx) -> Self {
-        Self { offer, vmxon: None }
+    pub fn new(offer: VirtualVmx) -> Self {
+        Self {
+            offer,
+            vmxon: None,
+            current: None,
+            cache: Vmcs12Cache::default(),
+        }
     }
 
     /// The capability MSRs the guest reads.
@@ -125,6 +153,30 @@ impl NestedVmx {
     #[must_use]
     pub const fn vmxon_region(&self) -> Option<Gpa> {
         self.vmxon
+    }
+
+    /// The current VMCS, if any.
+    #[must_use]
+    pub const fn current_vmcs(&self) -> Option<Gpa> {
+        self.current
+    }
+
+    /// The current VMCS12.
+    fn current_mut(&mut self) -> Option<&mut Vmcs12> {
+        let gpa = self.current?;
+        self.cache.get_mut(gpa)
+    }
+
+    /// VMfail(`n`): VMfailValid into the current VMCS12, else VMfailInvalid.
+    fn fail(&mut self, n: u32) -> VmxOutcome {
+        match self.current_mut() {
+            Some(v) => {
+                // The field is one a VMCS12 keeps.
+                let _ = v.set(VM_INSTRUCTION_ERROR, u64::from(n));
+                VmxOutcome::FailValid(n)
+            }
+            None => VmxOutcome::FailInvalid,
+        }
     }
 }
 
@@ -144,10 +196,16 @@ fn guest_view(vcpu: &mut impl Vcpu) -> (u64, u64) {
     (cr0, cr4)
 }
 
-/// The linear address of a VMX instruction's memory operand (SDM 28.2.5, table "Format of the
+/// Whether the guest runs 64-bit code (IA32_EFER.LMA and CS.L).
+fn long_mode(vcpu: &mut impl Vcpu) -> bool {
+    vcpu.read(guest::IA32_EFER_FULL) & EFER_LMA != 0
+        && vcpu.read(guest::CS_ACCESS_RIGHTS) & CS_L != 0
+}
+
+/// The linear address of a VMX instruction's memory operand (SDM 28.2.5, tables "Format of the
 /// VM-Exit Instruction-Information Field as Used for VMCLEAR, VMPTRLD, VMPTRST, VMXON, XRSTORS,
-/// and XSAVES"): base + index << scale + displacement, cut to the address size, plus the segment's
-/// base (in 64-bit mode only FS's and GS's count).
+/// and XSAVES" and "... for VMREAD and VMWRITE"): base + index << scale + displacement, cut to the
+/// address size, plus the segment's base (in 64-bit mode only FS's and GS's count).
 fn operand_address(vcpu: &mut impl Vcpu, info: VmxInstructionInfo, displacement: u64) -> Gva {
     let reg = |vcpu: &mut _, n: u8| gpr(vcpu, Gpr::from_number(n));
     let mut addr = displacement;
@@ -162,10 +220,8 @@ fn operand_address(vcpu: &mut impl Vcpu, info: VmxInstructionInfo, displacement:
         1 => addr & 0xffff_ffff,
         _ => addr,
     };
-    let long_mode = vcpu.read(guest::IA32_EFER_FULL) & EFER_LMA != 0
-        && vcpu.read(guest::CS_ACCESS_RIGHTS) & CS_L != 0;
     let segment = info.segment();
-    if !long_mode || segment >= 4 {
+    if !long_mode(vcpu) || segment >= 4 {
         let base = match segment {
             0 => guest::ES_BASE,
             1 => guest::CS_BASE,
@@ -189,57 +245,54 @@ impl Hypervisor {
         obs: &mut impl Observer,
         exit: VmxExit,
     ) -> Action {
-        let VmxExit {
-            instruction,
-            displacement,
-            len,
-            ..
-        } = exit;
-        let Some(nested) = self.nested else {
+        if self.nested.is_none() {
             inject_exception(vcpu, UD, None);
             return Action::Resume;
-        };
+        }
         let rip = vcpu.read(guest::RIP);
-        let outcome = self.vmx_outcome(vcpu, platform, obs, nested, exit);
-        platform.log(format_args!(
-            "nested: {instruction:?} at {rip:#x}: {}",
-            outcome.name()
-        ));
+        let outcome = self.vmx_outcome(vcpu, platform, obs, exit);
+        let instruction = exit.instruction;
+        match outcome {
+            VmxOutcome::FailValid(n) => platform.log(format_args!(
+                "nested: {instruction:?} at {rip:#x}: VMfailValid({n})"
+            )),
+            _ => platform.log(format_args!(
+                "nested: {instruction:?} at {rip:#x}: {}",
+                outcome.name()
+            )),
+        }
         obs.observe(Observation::Vmx {
             instruction,
             outcome,
         });
         let rflags = vcpu.read(guest::RFLAGS) & !STATUS_FLAGS;
-        match outcome {
-            VmxOutcome::Succeed | VmxOutcome::FailInvalid => {
-                let fail = if outcome == VmxOutcome::FailInvalid {
-                    CF
-                } else {
-                    0
-                };
-                vcpu.write(guest::RFLAGS, rflags | fail);
-                skip_instruction(vcpu, ihmi_vmcs::Instruction { len });
-                Action::Resume
-            }
+        let flags = match outcome {
+            VmxOutcome::Succeed => 0,
+            VmxOutcome::FailInvalid => CF,
+            VmxOutcome::FailValid(_) => ZF,
             VmxOutcome::Fault { vector } => {
                 inject_exception(vcpu, vector, (vector == GP).then_some(0));
-                Action::Resume
+                return Action::Resume;
             }
-            VmxOutcome::NotEmulated => Action::End(GuestEnd::Unhandled {
-                reason: instruction.reason(),
-                qualification: displacement,
-                rip,
-            }),
-        }
+            VmxOutcome::NotEmulated => {
+                return Action::End(GuestEnd::Unhandled {
+                    reason: instruction.reason(),
+                    qualification: exit.displacement,
+                    rip,
+                })
+            }
+        };
+        vcpu.write(guest::RFLAGS, rflags | flags);
+        skip_instruction(vcpu, ihmi_vmcs::Instruction { len: exit.len });
+        Action::Resume
     }
 
-    /// The SDM's checks, in its order, and the state change of a successful VMXON or VMXOFF.
+    /// The SDM's checks, in its order, and what a successful instruction changes.
     fn vmx_outcome(
         &mut self,
         vcpu: &mut impl Vcpu,
         platform: &mut impl Platform,
         obs: &mut impl Observer,
-        nested: NestedVmx,
         exit: VmxExit,
     ) -> VmxOutcome {
         let VmxExit {
@@ -250,16 +303,21 @@ impl Hypervisor {
         } = exit;
         let ud = VmxOutcome::Fault { vector: UD };
         let gp = VmxOutcome::Fault { vector: GP };
+        let Some(nested) = self.nested.as_ref() else {
+            return ud;
+        };
         let (cr0, cr4) = guest_view(vcpu);
         let in_vmx = nested.vmxon.is_some();
-        let efer = vcpu.read(guest::IA32_EFER_FULL);
-        let compat_mode = efer & EFER_LMA != 0 && vcpu.read(guest::CS_ACCESS_RIGHTS) & CS_L == 0;
+        let compat_mode = vcpu.read(guest::IA32_EFER_FULL) & EFER_LMA != 0
+            && vcpu.read(guest::CS_ACCESS_RIGHTS) & CS_L == 0;
         // Common to all: no VMX outside protected mode, in virtual-8086 mode or compatibility mode
         // (the CPU checks those, and a register operand of VMXON, before it exits; they are checked
         // again here for the state the guest sees); VMXON also needs CR4.VMXE as the guest set it,
-        // the others VMX operation.
+        // the others VMX operation. The offer has no EPT and no VPID: INVEPT and INVVPID do not
+        // exist for the guest.
         let entered = match instruction {
             VmxInstruction::Vmxon => cr4 & CR4_VMXE != 0,
+            VmxInstruction::Invept | VmxInstruction::Invvpid => false,
             _ => in_vmx,
         };
         if !entered || cr0 & CR0_PE == 0 || vcpu.read(guest::RFLAGS) & RFLAGS_VM != 0 || compat_mode
@@ -270,10 +328,7 @@ impl Hypervisor {
             return gp;
         }
         match instruction {
-            VmxInstruction::Vmxon if in_vmx => {
-                // VMfail(VMXON executed in VMX root operation), with no current VMCS.
-                VmxOutcome::FailInvalid
-            }
+            VmxInstruction::Vmxon if in_vmx => self.fail_nested(error::VMXON_IN_ROOT),
             VmxInstruction::Vmxon => {
                 let offer = nested.offer();
                 let fixed0_cr0 = offer
@@ -291,59 +346,196 @@ impl Hypervisor {
                 {
                     return gp;
                 }
-                let Some(region) = self.read_operand_u64(vcpu, platform, info, displacement) else {
+                let Some(pointer) = self.read_operand(vcpu, platform, info, displacement, 8) else {
                     // The operand does not translate to guest RAM. A CPU would raise #PF; L0 cannot
                     // set the guest's CR2 from here, so it raises #GP(0).
                     return gp;
                 };
-                match self.check_region(platform, region) {
+                match self.check_region(vcpu, platform, obs, instruction, pointer, true) {
                     Ok(gpa) => {
                         if let Some(n) = self.nested.as_mut() {
                             n.vmxon = Some(gpa);
+                            n.current = None;
                         }
                         VmxOutcome::Succeed
                     }
-                    Err(why) => {
-                        if let RegionRefusal::NotGuestRam(Some(
-                            kind @ (RegionKind::L0 | RegionKind::Monitor),
-                        )) = why
-                        {
-                            let rip = vcpu.read(guest::RIP);
-                            self.alert(
-                                platform,
-                                obs,
-                                Alert::VmxRegionRefused {
-                                    gpa: Gpa::new(region),
-                                    region: kind,
-                                    rip,
-                                },
-                            );
-                        }
-                        platform.log(format_args!(
-                            "nested: VMXON region {region:#x} refused: {why}"
-                        ));
-                        VmxOutcome::FailInvalid
-                    }
+                    // Outside VMX operation there is no current VMCS.
+                    Err(_) => VmxOutcome::FailInvalid,
                 }
             }
             VmxInstruction::Vmxoff => {
                 if let Some(n) = self.nested.as_mut() {
                     n.vmxon = None;
+                    n.current = None;
                 }
                 VmxOutcome::Succeed
             }
-            _ => VmxOutcome::NotEmulated,
+            VmxInstruction::Vmclear | VmxInstruction::Vmptrld => {
+                let Some(pointer) = self.read_operand(vcpu, platform, info, displacement, 8) else {
+                    return gp;
+                };
+                let clear = instruction == VmxInstruction::Vmclear;
+                let (invalid, vmxon_pointer) = if clear {
+                    (error::VMCLEAR_INVALID_ADDRESS, error::VMCLEAR_VMXON_POINTER)
+                } else {
+                    (error::VMPTRLD_INVALID_ADDRESS, error::VMPTRLD_VMXON_POINTER)
+                };
+                // The SDM's order: the address, the VMXON pointer, then (VMPTRLD) the revision.
+                let Ok(gpa) = self.check_region(vcpu, platform, obs, instruction, pointer, false)
+                else {
+                    return self.fail_nested(invalid);
+                };
+                if Some(gpa) == self.nested.as_ref().and_then(|n| n.vmxon) {
+                    return self.fail_nested(vmxon_pointer);
+                }
+                if !clear
+                    && self
+                        .check_region(vcpu, platform, obs, instruction, pointer, true)
+                        .is_err()
+                {
+                    return self.fail_nested(error::VMPTRLD_INCORRECT_REVISION);
+                }
+                if clear {
+                    self.vmclear(platform, gpa);
+                } else {
+                    self.vmptrld(platform, gpa);
+                }
+                VmxOutcome::Succeed
+            }
+            VmxInstruction::Vmptrst => {
+                let current = nested.current.map_or(u64::MAX, Gpa::raw);
+                let at = operand_address(vcpu, info, displacement);
+                if !self.write_guest_virt(vcpu, platform, at, &current.to_le_bytes()) {
+                    return gp;
+                }
+                VmxOutcome::Succeed
+            }
+            VmxInstruction::Vmread | VmxInstruction::Vmwrite => {
+                if nested.current.is_none() {
+                    return VmxOutcome::FailInvalid;
+                }
+                self.vmread_vmwrite(vcpu, platform, instruction, info, displacement)
+            }
+            VmxInstruction::Vmlaunch | VmxInstruction::Vmresume => {
+                if nested.current.is_none() {
+                    return VmxOutcome::FailInvalid;
+                }
+                VmxOutcome::NotEmulated
+            }
+            VmxInstruction::Invept | VmxInstruction::Invvpid => ud,
         }
     }
 
-    /// The 64-bit memory operand of a VMX instruction, read through the guest's page tables from
-    /// guest RAM only.
-    fn read_operand_u64(
+    fn fail_nested(&mut self, n: u32) -> VmxOutcome {
+        self.nested
+            .as_mut()
+            .map_or(VmxOutcome::FailInvalid, |v| v.fail(n))
+    }
+
+    /// VMCLEAR of a checked region: its VMCS12 (L0's, or what the region holds) goes back to the
+    /// region with the launch state clear, and is current no more.
+    fn vmclear(&mut self, platform: &mut impl Platform, gpa: Gpa) {
+        let Some(n) = self.nested.as_mut() else {
+            return;
+        };
+        let mut v = match n.cache.take(gpa) {
+            Some(v) => v,
+            None => load_region(platform, gpa),
+        };
+        v.launched = false;
+        save_region(platform, gpa, &v);
+        if n.current == Some(gpa) {
+            n.current = None;
+        }
+    }
+
+    /// VMPTRLD of a checked region: its VMCS12 comes into L0's cache (from the region if not there;
+    /// the one it displaces goes back to its own region) and becomes current.
+    fn vmptrld(&mut self, platform: &mut impl Platform, gpa: Gpa) {
+        let Some(n) = self.nested.as_mut() else {
+            return;
+        };
+        if n.cache.get_mut(gpa).is_none() {
+            let v = load_region(platform, gpa);
+            if let Some((old, evicted)) = n.cache.insert(gpa, v) {
+                save_region(platform, old, &evicted);
+            }
+        }
+        n.current = Some(gpa);
+    }
+
+    /// VMREAD (field in Reg2, destination Reg1 or memory) and VMWRITE (field in Reg2, source Reg1 or
+    /// memory) on the current VMCS12. Memory operands are 64 bits in 64-bit mode, 32 otherwise.
+    fn vmread_vmwrite(
+        &mut self,
+        vcpu: &mut impl Vcpu,
+        platform: &mut impl Platform,
+        instruction: VmxInstruction,
+        info: VmxInstructionInfo,
+        displacement: u64,
+    ) -> VmxOutcome {
+        let wide = long_mode(vcpu);
+        let size = if wide { 8 } else { 4 };
+        let encoding = gpr(vcpu, Gpr::from_number(info.reg2()));
+        let field = if encoding >> 32 == 0 {
+            Some(VmcsField::new(encoding as u32))
+        } else {
+            None
+        };
+        let field_error = |e: FieldError| match e {
+            FieldError::Unsupported => error::UNSUPPORTED_COMPONENT,
+            FieldError::ReadOnly => error::VMWRITE_READ_ONLY,
+        };
+        if instruction == VmxInstruction::Vmread {
+            let value = match field.map(|f| self.current_vmcs12().map(|v| v.read(f))) {
+                Some(Some(Ok(value))) => value,
+                Some(Some(Err(e))) => return self.fail_nested(field_error(e)),
+                Some(None) => return VmxOutcome::FailInvalid,
+                None => return self.fail_nested(error::UNSUPPORTED_COMPONENT),
+            };
+            let value = if wide { value } else { value & 0xffff_ffff };
+            if info.is_register() {
+                set_gpr(vcpu, Gpr::from_number(info.reg1()), value);
+            } else {
+                let at = operand_address(vcpu, info, displacement);
+                if !self.write_guest_virt(vcpu, platform, at, &value.to_le_bytes()[..size]) {
+                    return VmxOutcome::Fault { vector: GP };
+                }
+            }
+            return VmxOutcome::Succeed;
+        }
+        let value = if info.is_register() {
+            gpr(vcpu, Gpr::from_number(info.reg1()))
+        } else {
+            match self.read_operand(vcpu, platform, info, displacement, size) {
+                Some(v) => v,
+                None => return VmxOutcome::Fault { vector: GP },
+            }
+        };
+        let value = if wide { value } else { value & 0xffff_ffff };
+        let Some(field) = field else {
+            return self.fail_nested(error::UNSUPPORTED_COMPONENT);
+        };
+        match self.current_vmcs12().map(|v| v.write(field, value)) {
+            Some(Ok(())) => VmxOutcome::Succeed,
+            Some(Err(e)) => self.fail_nested(field_error(e)),
+            None => VmxOutcome::FailInvalid,
+        }
+    }
+
+    fn current_vmcs12(&mut self) -> Option<&mut Vmcs12> {
+        self.nested.as_mut()?.current_mut()
+    }
+
+    /// The `size`-byte memory operand of a VMX instruction (little-endian, zero-extended), read
+    /// through the guest's page tables from guest RAM only.
+    fn read_operand(
         &self,
         vcpu: &mut impl Vcpu,
         platform: &impl Platform,
         info: VmxInstructionInfo,
         displacement: u64,
+        size: usize,
     ) -> Option<u64> {
         let at = operand_address(vcpu, info, displacement);
         let reader = GuestRamReader {
@@ -352,28 +544,111 @@ impl Hypervisor {
         };
         let mut b = [0u8; 8];
         let cr3 = ihmi_paging::Cr3::new(vcpu.read(guest::CR3));
-        ihmi_paging::read_virt(&reader, cr3, at, &mut b).ok()?;
+        ihmi_paging::read_virt(&reader, cr3, at, &mut b[..size]).ok()?;
         Some(u64::from_le_bytes(b))
     }
 
-    /// A VMX region pointer (SDM 31.3, VMXON): 4 KiB aligned, within the physical-address width,
-    /// a whole page of guest RAM (never an L0 or monitor frame), holding L0's revision identifier.
-    fn check_region(&self, platform: &impl Platform, pointer: u64) -> Result<Gpa, RegionRefusal> {
-        if pointer & 0xfff != 0 || pointer >> PHYS_ADDR_BITS != 0 {
-            return Err(RegionRefusal::Malformed);
+    /// Stores `bytes` at `gva` through the guest's page tables, as the guest's own store would:
+    /// only to writable guest RAM, each page translated. Whether it could.
+    fn write_guest_virt(
+        &self,
+        vcpu: &mut impl Vcpu,
+        platform: &mut impl Platform,
+        gva: Gva,
+        bytes: &[u8],
+    ) -> bool {
+        let cr3 = ihmi_paging::Cr3::new(vcpu.read(guest::CR3));
+        let mut done = 0usize;
+        while done < bytes.len() {
+            let Some(at) = gva.checked_add(done as u64) else {
+                return false;
+            };
+            let reader = GuestRamReader {
+                map: &self.memory,
+                platform: &*platform,
+            };
+            let Ok(t) = ihmi_paging::translate(&reader, cr3, at) else {
+                return false;
+            };
+            let in_page = (PAGE_SIZE - (at.raw() & (PAGE_SIZE - 1))) as usize;
+            let n = in_page.min(bytes.len() - done);
+            if !t.writable
+                || !self.memory.is_guest_ram(t.gpa, n as u64)
+                || platform.write_guest(t.gpa, &bytes[done..done + n]).is_err()
+            {
+                return false;
+            }
+            done += n;
         }
-        let gpa = Gpa::new(pointer);
-        if !self.memory.is_guest_ram(gpa, 4096) {
-            return Err(RegionRefusal::NotGuestRam(self.memory.classify(gpa)));
-        }
-        let mut rev = [0u8; 4];
-        platform
-            .read_guest(gpa, &mut rev)
-            .map_err(|_| RegionRefusal::NotGuestRam(None))?;
-        let rev = u32::from_le_bytes(rev);
-        if rev != VMCS12_REVISION {
-            return Err(RegionRefusal::Revision(rev));
-        }
-        Ok(gpa)
+        true
     }
+
+    /// A VMX region pointer: 4 KiB aligned, within the physical-address width, a whole page of
+    /// guest RAM (never an L0 or monitor frame: refused with an alert), and, when `revision` says so,
+    /// holding L0's revision identifier.
+    fn check_region(
+        &mut self,
+        vcpu: &mut impl Vcpu,
+        platform: &mut impl Platform,
+        obs: &mut impl Observer,
+        instruction: VmxInstruction,
+        pointer: u64,
+        revision: bool,
+    ) -> Result<Gpa, RegionRefusal> {
+        let checked = (|| {
+            if pointer & 0xfff != 0 || pointer >> PHYS_ADDR_BITS != 0 {
+                return Err(RegionRefusal::Malformed);
+            }
+            let gpa = Gpa::new(pointer);
+            if !self.memory.is_guest_ram(gpa, PAGE_SIZE) {
+                return Err(RegionRefusal::NotGuestRam(self.memory.classify(gpa)));
+            }
+            if revision {
+                let mut rev = [0u8; 4];
+                platform
+                    .read_guest(gpa, &mut rev)
+                    .map_err(|_| RegionRefusal::NotGuestRam(None))?;
+                let rev = u32::from_le_bytes(rev);
+                if rev != VMCS12_REVISION {
+                    return Err(RegionRefusal::Revision(rev));
+                }
+            }
+            Ok(gpa)
+        })();
+        if let Err(why) = checked {
+            if let RegionRefusal::NotGuestRam(Some(kind @ (RegionKind::L0 | RegionKind::Monitor))) =
+                why
+            {
+                let rip = vcpu.read(guest::RIP);
+                self.alert(
+                    platform,
+                    obs,
+                    Alert::VmxRegionRefused {
+                        gpa: Gpa::new(pointer),
+                        region: kind,
+                        rip,
+                    },
+                );
+            }
+            platform.log(format_args!(
+                "nested: {instruction:?} region {pointer:#x} refused: {why}"
+            ));
+        }
+        checked
+    }
+}
+
+/// What a checked VMCS region holds of L0's copy (a clear VMCS12 if nothing, or if it cannot be read).
+fn load_region(platform: &impl Platform, gpa: Gpa) -> Vmcs12 {
+    let mut saved = [0u8; SAVED_LEN];
+    match platform.read_guest(Gpa::new(gpa.raw() + SAVED_AT as u64), &mut saved) {
+        Ok(()) => Vmcs12::load(&saved),
+        Err(_) => Vmcs12::default(),
+    }
+}
+
+/// Writes L0's copy of a VMCS12 back into its (checked) region.
+fn save_region(platform: &mut impl Platform, gpa: Gpa, v: &Vmcs12) {
+    // The region is a whole page of guest RAM (checked when it was loaded or cleared).
+    let _ = platform.write_guest(Gpa::new(gpa.raw() + SAVED_AT as u64), &v.save());
 }
