@@ -1,8 +1,9 @@
 //! The exit handler on a vCPU whose exits are arbitrary (any exit reason and exit-information
 //! fields, any registers), for a guest with an in-box monitor and a Linux system-call gate and hook
-//! (the guard's paths), over arbitrary guest memory. Whatever happens: no panic, each exit either
-//! resumes, calls the monitor or ends the guest with its end observed, and nothing is observed to
-//! end twice.
+//! (the guard's paths), over arbitrary guest memory, with nested VMX offered in half the runs (so
+//! VMX instructions with arbitrary operands reach the emulation). Whatever happens: no panic, each
+//! exit either resumes, calls the monitor or ends the guest with its end observed, and nothing is
+//! observed to end twice.
 #![no_main]
 
 use arbitrary::Arbitrary;
@@ -10,6 +11,8 @@ use ihmi_addr::{Gpa, GpaRange, Gva};
 use ihmi_ept::Eptp;
 use ihmi_hv::linux::gate::GateEntry;
 use ihmi_hv::linux::hooks::{ExecHook, HookSite};
+use ihmi_hv::nested::caps::{NestedFeatures, VirtualVmx};
+use ihmi_hv::nested::vmx::NestedVmx;
 use ihmi_hv::{
     Action, Guard, Hypervisor, KernelImage, LinuxGate, MemoryMap, MonitorWord, Observation,
     RegionKind, ViewEptps,
@@ -99,6 +102,12 @@ fuzz_target!(|input: Input| {
     };
     let mut hv = Hypervisor::new(map);
     hv.outbox_monitor = input.outbox;
+    // Chosen by the memory list's length, so the existing corpus keeps its meaning.
+    if input.memory.len() % 2 == 1 {
+        hv.nested = Some(NestedVmx::new(
+            VirtualVmx::offer(&host_caps(), NestedFeatures::ShadowPaging).unwrap(),
+        ));
+    }
     hv.guard = Some(
         Guard::new(
             ViewEptps {
@@ -118,6 +127,16 @@ fuzz_target!(|input: Input| {
         v.fields.insert(ro::GUEST_LINEAR_ADDR, e.gla);
         v.fields
             .insert(ro::VMEXIT_INTERRUPTION_INFO, u64::from(e.interruption));
+        // A VMX instruction's operand information: the same fuzzed word. With nested VMX the guest
+        // has set CR4.VMXE (in the read shadow), so VMXON can succeed and the VMCS instructions run.
+        v.fields
+            .insert(ro::VMEXIT_INSTRUCTION_INFO, u64::from(e.interruption));
+        if hv.nested.is_some() {
+            let vmxe = ihmi_arch::cr::CR4_VMXE;
+            v.fields.insert(guest::CR4, 0x20 | vmxe);
+            v.fields.insert(control::CR4_GUEST_HOST_MASK, vmxe);
+            v.fields.insert(control::CR4_READ_SHADOW, vmxe);
+        }
         v.fields.insert(
             control::EPTP_FULL,
             if e.monitor_view {
@@ -150,3 +169,34 @@ fuzz_target!(|input: Input| {
         }
     }
 });
+
+/// A host CPU with VMX, EPT, VPID and VM functions, as Bochs's `corei7_skylake_x` reports them.
+fn host_caps() -> ihmi_vmcs::VmxCapabilities {
+    use ihmi_arch::msr;
+    let table = [
+        (msr::IA32_VMX_BASIC, 0x00d8_1000_0000_0001),
+        (msr::IA32_VMX_PINBASED_CTLS, 0x0000_007f_0000_0016),
+        (msr::IA32_VMX_PROCBASED_CTLS, 0xfff9_fffe_0401_e172),
+        (msr::IA32_VMX_EXIT_CTLS, 0x01ff_ffff_0003_6dff),
+        (msr::IA32_VMX_ENTRY_CTLS, 0x0003_ffff_0000_11ff),
+        (msr::IA32_VMX_MISC, 0x0000_0000_0000_0005),
+        (msr::IA32_VMX_CR0_FIXED0, 0x8000_0021),
+        (msr::IA32_VMX_CR0_FIXED1, 0xffff_ffff),
+        (msr::IA32_VMX_CR4_FIXED0, 0x2000),
+        (msr::IA32_VMX_CR4_FIXED1, 0x0037_67ff),
+        (msr::IA32_VMX_VMCS_ENUM, 0x2e),
+        (msr::IA32_VMX_PROCBASED_CTLS2, 0x0017_b0ff_0000_0000),
+        (msr::IA32_VMX_EPT_VPID_CAP, 0x0000_0f01_0673_4141),
+        (msr::IA32_VMX_TRUE_PINBASED_CTLS, 0x0000_007f_0000_0016),
+        (msr::IA32_VMX_TRUE_PROCBASED_CTLS, 0xfff9_fffe_0400_6172),
+        (msr::IA32_VMX_TRUE_EXIT_CTLS, 0x01ff_ffff_0003_6dfb),
+        (msr::IA32_VMX_TRUE_ENTRY_CTLS, 0x0003_ffff_0000_11fb),
+        (msr::IA32_VMX_VMFUNC, 1),
+    ];
+    ihmi_vmcs::VmxCapabilities::read(|index| {
+        table
+            .iter()
+            .find(|(i, _)| *i == index)
+            .map_or(0, |(_, v)| *v)
+    })
+}
