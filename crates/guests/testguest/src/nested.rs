@@ -247,6 +247,21 @@ fn vmread_to_memory(field: u64) -> (u64, u64) {
     (value, rflags)
 }
 
+/// VMLAUNCH (`launch`) or VMRESUME; RFLAGS after it (it fails here: the checks before the entry).
+fn vmentry(launch: bool) -> u64 {
+    let rflags: u64;
+    if launch {
+        // SAFETY: a VM entry that fails goes on after the instruction with RFLAGS set; one that
+        // passed its checks is not emulated (L0 ends the guest), so nothing returns into a changed
+        // state.
+        unsafe { core::arch::asm!("vmlaunch", "pushfq", "pop {f}", f = out(reg) rflags) };
+    } else {
+        // SAFETY: as for VMLAUNCH.
+        unsafe { core::arch::asm!("vmresume", "pushfq", "pop {f}", f = out(reg) rflags) };
+    }
+    rflags
+}
+
 /// VMWRITE of `value` into `field`; RFLAGS.
 fn vmwrite(field: u64, value: u64) -> u64 {
     let rflags: u64;
@@ -363,6 +378,32 @@ pub fn run_vmcs(info: &BootInfo) -> u64 {
     check(
         vmread(GUEST_RIP).0 == rip,
         "its fields kept their values through VMCLEAR",
+    );
+    // The checks before a VM entry, on this VMCS12.
+    check(
+        failed_with(vmentry(false), 5),
+        "VMRESUME of a clear VMCS: VMfailValid(5)",
+    );
+    check(
+        failed_with(vmentry(true), 7),
+        "VMLAUNCH with every control zero: VMfailValid(7)",
+    );
+    // The controls as a hypervisor would set them: what each TRUE capability MSR makes 1, and a
+    // 64-bit host. The host state stays zero.
+    let must = |m: u32| rdmsr(m) & 0xffff_ffff;
+    let controls = [
+        (0x4000, must(0x48d)),          // pin-based
+        (0x4002, must(0x48e)),          // primary processor-based
+        (0x400c, must(0x48f) | 1 << 9), // VM-exit, host address-space size
+        (0x4012, must(0x490)),          // VM-entry
+    ];
+    check(
+        controls.iter().all(|&(f, v)| status(vmwrite(f, v)).is_ok()),
+        "VMWRITE of the four control words",
+    );
+    check(
+        failed_with(vmentry(true), 8),
+        "VMLAUNCH with a zero host state: VMfailValid(8)",
     );
     check(
         failed_with(vmclear(&vmxon_region), 3),

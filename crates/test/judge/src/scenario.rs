@@ -27,7 +27,7 @@ const MAX_HYPERCALLS: usize = 64;
 pub const MAX_MONITOR_EVENTS: usize = 128;
 const MAX_ALERTS: usize = 16;
 /// Emulated VMX instructions the log keeps.
-const MAX_VMX: usize = 32;
+const MAX_VMX: usize = 64;
 
 /// One emulated VMX instruction and what it came to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1069,10 +1069,14 @@ pub const NESTED_VMXON_STEPS: [VmxStep; 9] = [
 /// the revision identifier and of L0's memory (VMfailValid 10, 11, 9, each followed by the VMREAD of
 /// the error field); VMWRITE and VMREAD of guest RIP; VMWRITE and VMREAD of a 16-bit field; VMREAD of
 /// no field (12) and VMWRITE of a read-only one (13), each with its VMREAD of the error; VMREAD to
-/// memory; VMCLEAR; VMREAD with no current VMCS; VMPTRLD and VMREAD again; VMCLEAR of the VMXON
-/// region (3) and its error; VMXOFF.
-pub const NESTED_VMCS_STEPS: [VmxStep; 28] = {
-    use VmxInstruction::{Vmclear, Vmptrld, Vmptrst, Vmread, Vmwrite, Vmxoff, Vmxon};
+/// memory; VMCLEAR; VMREAD with no current VMCS; VMPTRLD and VMREAD again; the checks before a VM
+/// entry: VMRESUME of the clear VMCS (5), VMLAUNCH with every control zero (7), four VMWRITEs of
+/// valid control words, VMLAUNCH with a zero host state (8), each error read back; VMCLEAR of the
+/// VMXON region (3) and its error; VMXOFF.
+pub const NESTED_VMCS_STEPS: [VmxStep; 38] = {
+    use VmxInstruction::{
+        Vmclear, Vmlaunch, Vmptrld, Vmptrst, Vmread, Vmresume, Vmwrite, Vmxoff, Vmxon,
+    };
     use VmxOutcome::{FailInvalid, FailValid, Succeed};
     [
         VmxStep(Vmxon, Succeed),
@@ -1099,6 +1103,16 @@ pub const NESTED_VMCS_STEPS: [VmxStep; 28] = {
         VmxStep(Vmclear, Succeed),
         VmxStep(Vmread, FailInvalid),
         VmxStep(Vmptrld, Succeed),
+        VmxStep(Vmread, Succeed),
+        VmxStep(Vmresume, FailValid(5)),
+        VmxStep(Vmread, Succeed),
+        VmxStep(Vmlaunch, FailValid(7)),
+        VmxStep(Vmread, Succeed),
+        VmxStep(Vmwrite, Succeed),
+        VmxStep(Vmwrite, Succeed),
+        VmxStep(Vmwrite, Succeed),
+        VmxStep(Vmwrite, Succeed),
+        VmxStep(Vmlaunch, FailValid(8)),
         VmxStep(Vmread, Succeed),
         VmxStep(Vmclear, FailValid(3)),
         VmxStep(Vmread, Succeed),

@@ -14,10 +14,13 @@
 //!   the offer, CR4.VMXE through the read shadow, VMXON and VMXOFF with the SDM's checks (milestone
 //!   M1), and the current VMCS and its fields: VMCLEAR, VMPTRLD, VMPTRST, VMREAD, VMWRITE (the first
 //!   half of M2);
-//! - [`vmcs12`], the VMCS12s L0 keeps in its own memory. VMLAUNCH and VMRESUME come next (the VMCS02
+//! - [`vmcs12`], the VMCS12s L0 keeps in its own memory;
+//! - [`entry`], what VMLAUNCH and VMRESUME check before anything is loaded (launch state, controls,
+//!   host state: VMfailValid 4, 5, 7, 8). The entry itself comes next (guest-state checks, the VMCS02
 //!   merge, exit reflection).
 
 pub mod caps;
+pub mod entry;
 #[cfg(test)]
 mod tests;
 pub mod vmcs12;

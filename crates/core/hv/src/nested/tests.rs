@@ -314,7 +314,7 @@ mod vmx_operation {
     use super::host;
     use crate::mock::{MockPlatform, MockVcpu, L0_HOLE};
     use crate::testing::{hv, platform_with_identity_paging, TestHv};
-    use crate::{Action, Alert, GuestEnd, Observation, RegionKind};
+    use crate::{Action, Alert, Observation, RegionKind};
 
     const VMXON: u32 = 27;
     const VMXOFF: u32 = 26;
@@ -460,7 +460,7 @@ mod vmx_operation {
     }
 
     #[test]
-    fn outside_vmx_operation_the_vmcs_instructions_fault_and_vmlaunch_is_not_emulated_yet() {
+    fn outside_vmx_operation_the_vmcs_instructions_fault_and_vmlaunch_checks_before_entering() {
         let (mut h, mut p) = nested();
         let mut v = vmx_exit(VMCLEAR, 4);
         assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume);
@@ -472,17 +472,24 @@ mod vmx_operation {
             h.handle_exit(&mut v, &mut p);
             assert_eq!(injected(&v), Some(6));
         }
-        // VMLAUNCH with no current VMCS fails invalid; with one, it is not emulated yet.
+        // VMLAUNCH with no current VMCS fails invalid; with one whose controls are all zero, valid
+        // with error 7; under MOV-SS blocking, 26.
         let mut v = vmx_exit(VMLAUNCH, 3);
         h.handle_exit(&mut v, &mut p);
         assert_eq!(v.fields[&guest::RFLAGS] & 0x41, 1);
         p.write_bytes(VMCS, &VMCS12_REVISION.to_le_bytes());
         p.write_u64(OPERAND, VMCS);
         h.handle_exit(&mut vmx_exit(VMPTRLD, 4), &mut p);
-        assert!(matches!(
-            h.handle_exit(&mut vmx_exit(VMLAUNCH, 3), &mut p),
-            Action::End(GuestEnd::Unhandled { .. })
-        ));
+        let mut v = vmx_exit(VMLAUNCH, 3);
+        assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume);
+        assert_eq!(v.fields[&guest::RFLAGS] & 0x41, 0x40);
+        let mut v = vmx_exit(VMLAUNCH, 3);
+        v.fields.insert(guest::INTERRUPTIBILITY_STATE, 0b10);
+        h.handle_exit(&mut v, &mut p);
+        assert_eq!(
+            outcomes(&h).last(),
+            Some(&(VmxInstruction::Vmlaunch, VmxOutcome::FailValid(26)))
+        );
         // Without nested VMX, every VMX instruction is #UD and nothing is observed.
         let mut plain = hv();
         let mut v = vmx_exit(VMXON, 4);
@@ -656,5 +663,134 @@ mod vmx_operation {
                 None => assert_eq!(injected(&v), Some(13), "{msr:#x}"),
             }
         }
+    }
+}
+
+/// What VMLAUNCH and VMRESUME check before the entry: a VMCS12 a hypervisor would write passes, and
+/// breaking any one rule gives that rule's refusal.
+mod entry_checks {
+    use ihmi_arch::msr;
+    use ihmi_vmcs::fields::{control, host};
+    use ihmi_vmcs::VmcsField;
+
+    use super::super::caps::{NestedFeatures, VirtualVmx};
+    use super::super::entry::{check, EntryRefusal};
+    use super::super::vmcs12::Vmcs12;
+    use super::host as host_caps;
+
+    fn offer() -> VirtualVmx {
+        VirtualVmx::offer(&host_caps(&[]), NestedFeatures::ShadowPaging).unwrap()
+    }
+
+    /// The least every control word must set, a 64-bit host that L1's own state would be.
+    fn good(offer: &VirtualVmx) -> Vmcs12 {
+        let must = |m: u32| offer.read_msr(m).unwrap() & 0xffff_ffff;
+        let mut v = Vmcs12::default();
+        for (f, value) in [
+            (
+                control::PINBASED_EXEC_CONTROLS,
+                must(msr::IA32_VMX_TRUE_PINBASED_CTLS),
+            ),
+            (
+                control::PRIMARY_PROCBASED_EXEC_CONTROLS,
+                must(msr::IA32_VMX_TRUE_PROCBASED_CTLS),
+            ),
+            (
+                control::VMEXIT_CONTROLS,
+                must(msr::IA32_VMX_TRUE_EXIT_CTLS) | 1 << 9,
+            ),
+            (
+                control::VMENTRY_CONTROLS,
+                must(msr::IA32_VMX_TRUE_ENTRY_CTLS),
+            ),
+            (host::CR0, 0x8000_0031),
+            (host::CR4, 0x2020),
+            (host::CR3, 0x1000),
+            (host::CS_SELECTOR, 0x10),
+            (host::SS_SELECTOR, 0x18),
+            (host::TR_SELECTOR, 0x28),
+            (host::RIP, 0xffff_ffff_8100_0000),
+            (host::GS_BASE, 0xffff_8880_0000_0000),
+            (control::VMEXIT_MSR_STORE_COUNT, 1),
+            (control::VMEXIT_MSR_STORE_ADDR_FULL, 0x2000),
+        ] {
+            v.write(f, value).unwrap();
+        }
+        v
+    }
+
+    #[test]
+    fn a_hypervisor_s_vmcs_passes_and_each_broken_rule_is_refused_with_its_number() {
+        let o = offer();
+        let v = good(&o);
+        assert_eq!(check(&v, &o, true, true), Ok(()));
+        assert_eq!(
+            check(&v, &o, false, true).map_err(EntryRefusal::instruction_error),
+            Err(5),
+            "VMRESUME of a clear VMCS"
+        );
+        let mut launched = v.clone();
+        launched.launched = true;
+        assert_eq!(
+            check(&launched, &o, true, true).map_err(EntryRefusal::instruction_error),
+            Err(4)
+        );
+        assert_eq!(check(&launched, &o, false, true), Ok(()));
+        let broken = |f: VmcsField, value: u64| {
+            let mut b = v.clone();
+            b.write(f, value).unwrap();
+            check(&b, &o, true, true).map_err(EntryRefusal::instruction_error)
+        };
+        let pin = v.read(control::PINBASED_EXEC_CONTROLS).unwrap();
+        let proc = v.read(control::PRIMARY_PROCBASED_EXEC_CONTROLS).unwrap();
+        for (f, value, n) in [
+            // Controls (7): a default-1 bit clear, a bit the offer does not allow, virtual NMIs
+            // without NMI exiting, secondary controls (not offered), an unaligned MSR area, an
+            // injected event of a reserved type and an NMI that is not vector 2.
+            (control::PINBASED_EXEC_CONTROLS, 0, 7),
+            (control::PINBASED_EXEC_CONTROLS, pin | 1 << 30, 7),
+            (control::PINBASED_EXEC_CONTROLS, pin | 1 << 5, 7),
+            (control::PRIMARY_PROCBASED_EXEC_CONTROLS, proc | 1 << 31, 7),
+            (control::VMEXIT_MSR_STORE_ADDR_FULL, 0x2008, 7),
+            (
+                control::VMENTRY_INTERRUPTION_INFO_FIELD,
+                1 << 31 | 1 << 8,
+                7,
+            ),
+            (
+                control::VMENTRY_INTERRUPTION_INFO_FIELD,
+                1 << 31 | 2 << 8 | 3,
+                7,
+            ),
+            (
+                control::VMENTRY_INTERRUPTION_INFO_FIELD,
+                1 << 31 | 3 << 8 | 13,
+                7,
+            ),
+            // Host state (8): CR0 without PG, CR4 without VMXE, a wide CR3, a selector with RPL, a
+            // null TR, a non-canonical base or RIP, a 32-bit host for a 64-bit L1.
+            (host::CR0, 0x31, 8),
+            (host::CR4, 0x20, 8),
+            (host::CR3, 1 << 50, 8),
+            (host::CS_SELECTOR, 0x13, 8),
+            (host::TR_SELECTOR, 0, 8),
+            (host::GS_BASE, 0x0000_8000_0000_0000, 8),
+            (host::RIP, 0x0001_0000_0000_0000, 8),
+            (
+                control::VMEXIT_CONTROLS,
+                v.read(control::VMEXIT_CONTROLS).unwrap() & !(1 << 9),
+                8,
+            ),
+        ] {
+            assert_eq!(broken(f, value), Err(n), "{f} = {value:#x}");
+        }
+        // A #GP injected with its error code is a valid event.
+        let mut gp = v.clone();
+        gp.write(
+            control::VMENTRY_INTERRUPTION_INFO_FIELD,
+            1 << 31 | 1 << 11 | 3 << 8 | 13,
+        )
+        .unwrap();
+        assert_eq!(check(&gp, &o, true, true), Ok(()));
     }
 }

@@ -4,9 +4,11 @@
 //! "Operation"), the guest's CR4.VMXE through the read shadow, and the operands decoded from the
 //! exit's instruction information (SDM 28.2.5).
 //!
-//! VMLAUNCH and VMRESUME (with a current VMCS) are not emulated yet (NESTED.md, milestone M2: the
-//! VMCS02 merge and exit reflection come with them); the guest is ended with that said, rather than
-//! given an answer no CPU would give. INVEPT and INVVPID are #UD: the offer has no EPT and no VPID.
+//! VMLAUNCH and VMRESUME make the checks that come before the entry (the launch state, MOV SS
+//! blocking, the controls and the host state: [`super::entry`]) and fail valid as the SDM says; an
+//! entry that passes them is not emulated yet (NESTED.md, milestone M2: the guest-state checks, the
+//! VMCS02 merge and exit reflection come with it), and the guest is ended with that said, rather
+//! than given an answer no CPU would give. INVEPT and INVVPID are #UD: the offer has no EPT and no VPID.
 //!
 //! VMfail (SDM 31.2) is VMfailValid with the error number in the current VMCS12 when there is one,
 //! VMfailInvalid otherwise.
@@ -51,6 +53,7 @@ mod error {
     pub const UNSUPPORTED_COMPONENT: u32 = 12;
     pub const VMWRITE_READ_ONLY: u32 = 13;
     pub const VMXON_IN_ROOT: u32 = 15;
+    pub const ENTRY_BLOCKED_BY_MOV_SS: u32 = 26;
 }
 
 /// A VMX instruction's exit, as the VMX layer decoded it.
@@ -420,7 +423,24 @@ impl Hypervisor {
                 if nested.current.is_none() {
                     return VmxOutcome::FailInvalid;
                 }
-                VmxOutcome::NotEmulated
+                // Events blocked by MOV SS: VMfailValid(26) (SDM 31.3, VMLAUNCH/VMRESUME).
+                if vcpu.read(guest::INTERRUPTIBILITY_STATE) & 0b10 != 0 {
+                    return self.fail_nested(error::ENTRY_BLOCKED_BY_MOV_SS);
+                }
+                let l1_ia32e = vcpu.read(guest::IA32_EFER_FULL) & EFER_LMA != 0;
+                let launch = instruction == VmxInstruction::Vmlaunch;
+                let offer = *nested.offer();
+                let refused = self
+                    .current_vmcs12()
+                    .and_then(|v| super::entry::check(v, &offer, launch, l1_ia32e).err());
+                match refused {
+                    Some(why) => {
+                        platform.log(format_args!("nested: {instruction:?} refused: {why:?}"));
+                        self.fail_nested(why.instruction_error())
+                    }
+                    // The checks passed: the entry itself is not emulated yet.
+                    None => VmxOutcome::NotEmulated,
+                }
             }
             VmxInstruction::Invept | VmxInstruction::Invvpid => ud,
         }
