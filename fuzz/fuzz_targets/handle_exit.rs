@@ -17,7 +17,7 @@ use ihmi_hv::{
     Action, Guard, Hypervisor, KernelImage, LinuxGate, MemoryMap, MonitorWord, Observation,
     RegionKind, ViewEptps,
 };
-use ihmi_hv_mock::{MockPlatform, MockVcpu, Recorder, Seen};
+use ihmi_hv_mock::{vmx_host_caps, MockPlatform, MockVcpu, Recorder, Seen};
 use ihmi_vmcs::fields::{control, guest, ro};
 use libfuzzer_sys::fuzz_target;
 
@@ -105,7 +105,7 @@ fuzz_target!(|input: Input| {
     // Chosen by the memory list's length, so the existing corpus keeps its meaning.
     if input.memory.len() % 2 == 1 {
         hv.nested = Some(NestedVmx::new(
-            VirtualVmx::offer(&host_caps(), NestedFeatures::ShadowPaging).unwrap(),
+            VirtualVmx::offer(&vmx_host_caps(&[]), NestedFeatures::ShadowPaging).unwrap(),
         ));
     }
     hv.guard = Some(
@@ -169,34 +169,3 @@ fuzz_target!(|input: Input| {
         }
     }
 });
-
-/// A host CPU with VMX, EPT, VPID and VM functions, as Bochs's `corei7_skylake_x` reports them.
-fn host_caps() -> ihmi_vmcs::VmxCapabilities {
-    use ihmi_arch::msr;
-    let table = [
-        (msr::IA32_VMX_BASIC, 0x00d8_1000_0000_0001),
-        (msr::IA32_VMX_PINBASED_CTLS, 0x0000_007f_0000_0016),
-        (msr::IA32_VMX_PROCBASED_CTLS, 0xfff9_fffe_0401_e172),
-        (msr::IA32_VMX_EXIT_CTLS, 0x01ff_ffff_0003_6dff),
-        (msr::IA32_VMX_ENTRY_CTLS, 0x0003_ffff_0000_11ff),
-        (msr::IA32_VMX_MISC, 0x0000_0000_0000_0005),
-        (msr::IA32_VMX_CR0_FIXED0, 0x8000_0021),
-        (msr::IA32_VMX_CR0_FIXED1, 0xffff_ffff),
-        (msr::IA32_VMX_CR4_FIXED0, 0x2000),
-        (msr::IA32_VMX_CR4_FIXED1, 0x0037_67ff),
-        (msr::IA32_VMX_VMCS_ENUM, 0x2e),
-        (msr::IA32_VMX_PROCBASED_CTLS2, 0x0017_b0ff_0000_0000),
-        (msr::IA32_VMX_EPT_VPID_CAP, 0x0000_0f01_0673_4141),
-        (msr::IA32_VMX_TRUE_PINBASED_CTLS, 0x0000_007f_0000_0016),
-        (msr::IA32_VMX_TRUE_PROCBASED_CTLS, 0xfff9_fffe_0400_6172),
-        (msr::IA32_VMX_TRUE_EXIT_CTLS, 0x01ff_ffff_0003_6dfb),
-        (msr::IA32_VMX_TRUE_ENTRY_CTLS, 0x0003_ffff_0000_11fb),
-        (msr::IA32_VMX_VMFUNC, 1),
-    ];
-    ihmi_vmcs::VmxCapabilities::read(|index| {
-        table
-            .iter()
-            .find(|(i, _)| *i == index)
-            .map_or(0, |(_, v)| *v)
-    })
-}

@@ -34,24 +34,6 @@ impl Region {
     }
 }
 
-/// VMXON with the region pointer at `*pointer`, as one 4-byte instruction (`F3 0F C7 30`); returns
-/// RFLAGS after it.
-fn vmxon(pointer: &u64) -> u64 {
-    let rflags: u64;
-    // SAFETY: VMXON reads the 8-byte pointer and, on success, enters VMX operation, which L0
-    // emulates; it faults (and the handler skips it) or sets RFLAGS. No memory of ours changes.
-    unsafe {
-        core::arch::asm!(
-            "vmxon qword ptr [rax]",
-            "pushfq",
-            "pop {f}",
-            in("rax") core::ptr::from_ref(pointer),
-            f = out(reg) rflags,
-        );
-    }
-    rflags
-}
-
 /// VMXOFF (`0F 01 C4`, 3 bytes); returns RFLAGS after it.
 fn vmxoff() -> u64 {
     let rflags: u64;
@@ -207,6 +189,8 @@ macro_rules! on_pointer {
         }
     };
 }
+// VMXON is 4 bytes with RAX as the pointer's register (`F3 0F C7 30`): the #UD checks skip that.
+on_pointer!(vmxon, "vmxon");
 on_pointer!(vmclear, "vmclear");
 on_pointer!(vmptrld, "vmptrld");
 on_pointer!(vmptrst, "vmptrst");

@@ -138,36 +138,9 @@ fn kvm61_accepts(read: impl Fn(u32) -> Option<u64>) -> Result<Kvm61, String> {
     })
 }
 
-/// A host CPU that allows every control L0 uses, as a VMX CPU with EPT, VPID and VM functions
-/// reports them.
+/// The mock's host CPU (`crate::mock::vmx_host_caps`).
 fn host(overrides: &[(u32, u64)]) -> VmxCapabilities {
-    let table = [
-        (msr::IA32_VMX_BASIC, 0x00d8_1000_0000_0001),
-        (msr::IA32_VMX_PINBASED_CTLS, 0x0000_007f_0000_0016),
-        (msr::IA32_VMX_PROCBASED_CTLS, 0xfff9_fffe_0401_e172),
-        (msr::IA32_VMX_EXIT_CTLS, 0x01ff_ffff_0003_6dff),
-        (msr::IA32_VMX_ENTRY_CTLS, 0x0003_ffff_0000_11ff),
-        (msr::IA32_VMX_MISC, 0x0000_0000_0000_0005),
-        (msr::IA32_VMX_CR0_FIXED0, 0x8000_0021),
-        (msr::IA32_VMX_CR0_FIXED1, 0xffff_ffff),
-        (msr::IA32_VMX_CR4_FIXED0, 0x2000),
-        (msr::IA32_VMX_CR4_FIXED1, 0x0037_67ff),
-        (msr::IA32_VMX_VMCS_ENUM, 0x2e),
-        (msr::IA32_VMX_PROCBASED_CTLS2, 0x0017_b0ff_0000_0000),
-        (msr::IA32_VMX_EPT_VPID_CAP, 0x0000_0f01_0673_4141),
-        (msr::IA32_VMX_TRUE_PINBASED_CTLS, 0x0000_007f_0000_0016),
-        (msr::IA32_VMX_TRUE_PROCBASED_CTLS, 0xfff9_fffe_0400_6172),
-        (msr::IA32_VMX_TRUE_EXIT_CTLS, 0x01ff_ffff_0003_6dfb),
-        (msr::IA32_VMX_TRUE_ENTRY_CTLS, 0x0003_ffff_0000_11fb),
-        (msr::IA32_VMX_VMFUNC, 1),
-    ];
-    VmxCapabilities::read(|index| {
-        overrides
-            .iter()
-            .chain(&table)
-            .find(|(i, _)| *i == index)
-            .map_or(0, |(_, v)| *v)
-    })
+    crate::mock::vmx_host_caps(overrides)
 }
 
 const BOTH: [NestedFeatures; 2] = [NestedFeatures::ShadowPaging, NestedFeatures::NestedEpt];
