@@ -14,8 +14,8 @@ use ihmi_hv::linux::hooks::{ExecHook, HookSite};
 use ihmi_hv::nested::caps::{NestedFeatures, VirtualVmx};
 use ihmi_hv::nested::vmx::NestedVmx;
 use ihmi_hv::{
-    Action, Guard, Hypervisor, KernelImage, LinuxGate, MemoryMap, MonitorWord, Observation,
-    RegionKind, ViewEptps,
+    Action, Guard, Hypervisor, KernelImage, LinuxGate, MemoryMap, MonitorWord, NestedSwitch,
+    Observation, RegionKind, ViewEptps,
 };
 use ihmi_hv_mock::{vmx_host_caps, MockPlatform, MockVcpu, Recorder, Seen};
 use ihmi_vmcs::fields::{control, guest, ro};
@@ -166,6 +166,17 @@ fuzz_target!(|input: Input| {
                 break;
             }
             Action::Resume | Action::CallMonitor { .. } => assert_eq!(ended, 0),
+            // Nested VMX: L0 would make the other VMCS current; the policy fills it in, and the
+            // next fuzzed exits come from L2 (or L1 again).
+            Action::SwitchVmcs(to) => {
+                assert_eq!(ended, 0);
+                let mut other = MockVcpu::default();
+                assert_eq!(
+                    hv.on_vmcs_switched(&mut other, &mut rec, to),
+                    Action::Resume
+                );
+                assert_eq!(hv.in_l2(), to == NestedSwitch::ToL2);
+            }
         }
     }
 });

@@ -5,7 +5,7 @@
 
 use core::fmt::Write;
 
-use ihmi_hv::{Action, GuestEnd, GuestRegs, Vcpu};
+use ihmi_hv::{Action, GuestEnd, GuestRegs, NestedSwitch, Vcpu};
 use ihmi_judge::{
     judge_entry_failure, AttackContext, EntryFailure, Facts, MonitorAudit, MonitorCounts, Verdict,
 };
@@ -33,10 +33,15 @@ fn state() -> &'static mut L0State {
 /// What the exit stub calls after every VM exit; returning resumes the current VMCS's guest.
 pub extern "C" fn on_exit(regs: &mut GuestRegs) {
     let st = state();
-    if let VmExit::EntryFailure {
-        reason,
-        qualification,
-    } = HwVcpu::new(st.vmcss.active(), regs).exit()
+    // A failed entry to L2 is L1's to hear about (the exit policy reflects it).
+    let exit = HwVcpu::new(st.vmcss.active(), regs).exit();
+    if let (
+        VmExit::EntryFailure {
+            reason,
+            qualification,
+        },
+        false,
+    ) = (exit, st.hv.in_l2())
     {
         log!(
             "VM entry failed: {} (exit qualification {qualification:#x})",
@@ -70,6 +75,11 @@ pub extern "C" fn on_exit(regs: &mut GuestRegs) {
     match action {
         Action::Resume => {}
         Action::End(end) => finish(st, end),
+        Action::SwitchVmcs(to) => {
+            if let Err(end) = nested_switch(st, regs, to) {
+                finish(st, end);
+            }
+        }
         Action::CallMonitor {
             code,
             args,
@@ -85,6 +95,36 @@ pub extern "C" fn on_exit(regs: &mut GuestRegs) {
                 finish(st, end);
             }
         }
+    }
+}
+
+/// Nested VMX: VMCS02 for L2 or VMCS01 for L1 made current, and the exit policy fills it in.
+fn nested_switch(st: &mut L0State, regs: &mut GuestRegs, to: NestedSwitch) -> Result<(), GuestEnd> {
+    let id = match to {
+        NestedSwitch::ToL2 => st.nested_vmcs.ok_or(GuestEnd::L0Stopped {
+            why: "an entry to L2 without a VMCS02",
+        })?,
+        NestedSwitch::ToL1 => st.guest_vmcs,
+    };
+    // SAFETY: both VMCSs are configured (VMCS02's host state at boot; its guest state and controls
+    // are written right below, before the entry); the one CPU runs them; the registers the stub
+    // restores are L1's or L2's, which a VMX transition shares.
+    unsafe { st.vmcss.switch_to(id) }.map_err(|_| GuestEnd::L0Stopped {
+        why: "VMPTRLD of a nested VMCS failed",
+    })?;
+    let mut vcpu = HwVcpu::new(st.vmcss.active(), regs);
+    let counts = MonitorCounts {
+        monitor_vm_exits: 0,
+        invocations: 0,
+    };
+    let mut console = Console(Sink::Both);
+    let mut observer = st.judge.observer(counts, &mut console);
+    match st.hv.on_vmcs_switched(&mut vcpu, &mut observer, to) {
+        Action::Resume => Ok(()),
+        Action::End(end) => Err(end),
+        _ => Err(GuestEnd::L0Stopped {
+            why: "a nested switch asked for another",
+        }),
     }
 }
 
@@ -134,6 +174,25 @@ pub fn finish(st: &mut L0State, end: GuestEnd) -> ! {
             o.calls(),
             o.exits()
         );
+    }
+    if let Some(n) = st.hv.nested_stats() {
+        if n.entries > 0 || n.entry_failures > 0 {
+            log!(
+                "nested: {} entries to L2 ({} failed the guest-state checks), {} exits from L2, {} of them reflected to L1",
+                n.entries,
+                n.entry_failures,
+                n.l2_exits,
+                n.reflected
+            );
+        }
+        if n.round_trips > 0 {
+            log!(
+                "nested: L0 exits per reflected exit (the exit, L1's handling, its VMRESUME): {} at most, {} in all over {}",
+                n.round_trip_max,
+                n.round_trip_total,
+                n.round_trips
+            );
+        }
     }
     log!("exit counters ({} exits):", st.hv.counters.total());
     for (reason, count) in st.hv.counters.nonzero() {

@@ -213,14 +213,7 @@ fn write_controls(
                 | SecondaryControls::ENABLE_XSAVES_XRSTORS,
         )
         .map_err(controls("secondary controls"))?;
-    let exit = caps
-        .adjust_exit(
-            ExitControls::HOST_ADDRESS_SPACE_SIZE
-                | ExitControls::SAVE_IA32_EFER
-                | ExitControls::LOAD_IA32_EFER,
-            ExitControls::SAVE_IA32_PAT | ExitControls::LOAD_IA32_PAT,
-        )
-        .map_err(controls("VM-exit controls"))?;
+    let exit = exit_controls(caps)?;
     let entry = caps
         .adjust_entry(
             EntryControls::IA32E_MODE_GUEST | EntryControls::LOAD_IA32_EFER,
@@ -253,6 +246,38 @@ fn write_controls(
     }
 
     Ok((exit, entry))
+}
+
+/// The VM-exit controls of every VMCS L0 runs: a 64-bit host, IA32_EFER saved and loaded, and
+/// IA32_PAT where the CPU can.
+fn exit_controls(caps: &VmxCapabilities) -> Result<ExitControls, SetupError> {
+    caps.adjust_exit(
+        ExitControls::HOST_ADDRESS_SPACE_SIZE
+            | ExitControls::SAVE_IA32_EFER
+            | ExitControls::LOAD_IA32_EFER,
+        ExitControls::SAVE_IA32_PAT | ExitControls::LOAD_IA32_PAT,
+    )
+    .map_err(controls("VM-exit controls"))
+}
+
+/// VMCS02, the VMCS L2 runs on: L0's host state, and no MSR areas. Its controls and guest state
+/// come from the exit policy at every entry to L2 (`ihmi_hv::nested::l2::write_vmcs02`).
+pub fn configure_nested(
+    vmcs: &mut ActiveVmcs,
+    caps: &VmxCapabilities,
+    tables: &TableBases,
+) -> Result<(), SetupError> {
+    let exit = exit_controls(caps)?;
+    write_host_state(vmcs, tables, exit)?;
+    for count in [
+        control::VMEXIT_MSR_STORE_COUNT,
+        control::VMEXIT_MSR_LOAD_COUNT,
+        control::VMENTRY_MSR_LOAD_COUNT,
+        control::CR3_TARGET_COUNT,
+    ] {
+        vmcs.write(count, 0)?;
+    }
+    Ok(())
 }
 
 /// The MSR and I/O bitmaps, built from the same tables the exit policy uses.

@@ -178,7 +178,7 @@ pub fn setup(
     let guard = guard(&guest, monitor.as_ref(), &views, hook, gate, &memory)?;
 
     // The VMs: the out-of-box monitor VM's VMCS first, the guest's last (current at launch).
-    let (vmcss, guest_vmcs, outbox) = create_vms(
+    let (vmcss, guest_vmcs, nested_vmcs, outbox) = create_vms(
         &memory,
         &vmx,
         tables,
@@ -241,6 +241,7 @@ pub fn setup(
             hv,
             vmcss,
             guest_vmcs,
+            nested_vmcs,
             outbox,
             monitor,
             judge,
@@ -380,13 +381,32 @@ fn create_vms(
     views: &views::Views,
     boot_state: &GuestBoot,
     scenario: Scenario,
-) -> Result<(Vmcss, VmcsId, Option<MonitorVm>), LoadError> {
+) -> Result<(Vmcss, VmcsId, Option<VmcsId>, Option<MonitorVm>), LoadError> {
     let mut vmcss = Vmcss::new();
     let outbox = match (monitor, scenario.monitor_mode()) {
         (Some(m), Mode::OutBox) => Some(outbox::setup(
             m, &mut vmcss, memory, &vmx.caps, tables, frames,
         )?),
         _ => None,
+    };
+    // With nested VMX, the VMCS L2 runs on (VMCS02): L0's host state now, the rest from each entry.
+    let nested_vmcs = if scenario.offers_vmx() {
+        let frame = frames.frame()?;
+        // SAFETY: VMX is on; `frame` is a fresh, identity-mapped pool frame given to the arena for
+        // good; the guest's VMCS is made current after it, before the launch.
+        let id = unsafe { vmcss.create(frame, &vmx.caps) }.map_err(|error| LoadError::Vmx {
+            what: "the VMCS for the guest's own guest (VMCS02)",
+            error,
+        })?;
+        vmcs_setup::configure_nested(vmcss.active(), &vmx.caps, tables).map_err(|error| {
+            LoadError::VmcsSetup {
+                which: "the guest's own guest (VMCS02)",
+                error,
+            }
+        })?;
+        Some(id)
+    } else {
+        None
     };
     let frame = frames.frame()?;
     // SAFETY: VMX is on; `frame` is a fresh, identity-mapped pool frame given to the arena for good;
@@ -432,5 +452,5 @@ fn create_vms(
             fault.why
         );
     }
-    Ok((vmcss, guest_vmcs, outbox))
+    Ok((vmcss, guest_vmcs, nested_vmcs, outbox))
 }

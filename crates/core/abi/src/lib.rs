@@ -251,7 +251,14 @@ pub enum Scenario {
     /// writes and reads its fields, clears it and loads it again, with the SDM's VMfailValid errors
     /// for each wrong way.
     NestedVmcs,
+    /// Nested VMX, milestone M2: the test guest as a tiny hypervisor runs a 64-bit guest of its own
+    /// (L2), which makes the exits L1 asked for and some it did not; L1 injects an event into it.
+    NestedMini,
 }
+
+/// CPUIDs `nested-mini`'s L2 makes; each is reflected to L1 (the test guest and L0's judge agree on
+/// it here).
+pub const NESTED_MINI_CPUIDS: usize = 8;
 
 /// Raw numbers of the attack scenarios start here (`ATTACK_BASE + attack number`).
 const ATTACK_BASE: u32 = 100;
@@ -261,8 +268,8 @@ const LINUX_ATTACK_BASE: u32 = 40;
 impl Scenario {
     /// Every scenario, in the order `ihmi test` runs them (and the host's scenario table lists them):
     /// the test guest's, Linux's, the two benchmarks', the attack suite, then nested VMX's.
-    pub const ALL: [Scenario; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 2] = {
-        let mut all = [Self::Boot; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 2];
+    pub const ALL: [Scenario; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 3] = {
+        let mut all = [Self::Boot; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 3];
         let fixed = [
             Self::Boot,
             Self::EptGuard,
@@ -303,6 +310,7 @@ impl Scenario {
         // Then nested VMX's milestones.
         all[i + j] = Self::NestedVmxon;
         all[i + j + 1] = Self::NestedVmcs;
+        all[i + j + 2] = Self::NestedMini;
         all
     };
 
@@ -375,13 +383,17 @@ impl Scenario {
             Self::Attack(a) => a.scenario_name(),
             Self::NestedVmxon => "nested-vmxon",
             Self::NestedVmcs => "nested-vmcs",
+            Self::NestedMini => "nested-mini",
         }
     }
 
     /// Whether L0 offers the guest VMX (nested VMX, NESTED.md Part A).
     #[must_use]
     pub const fn offers_vmx(self) -> bool {
-        matches!(self, Self::NestedVmxon | Self::NestedVmcs)
+        matches!(
+            self,
+            Self::NestedVmxon | Self::NestedVmcs | Self::NestedMini
+        )
     }
 
     /// The number stored in [`BootInfo::scenario`].
@@ -406,6 +418,7 @@ impl Scenario {
             Self::Attack(a) => ATTACK_BASE + a as u32,
             Self::NestedVmxon => 19,
             Self::NestedVmcs => 20,
+            Self::NestedMini => 21,
         }
     }
 

@@ -16,6 +16,9 @@ pub enum Action {
     Resume,
     /// Stop the guest for the given reason; L0 reports the end to its observer and stays up.
     End(GuestEnd),
+    /// Nested VMX: make the other VMCS current (VMCS02 to enter L2, VMCS01 to go back to L1), call
+    /// [`crate::Hypervisor::on_vmcs_switched`] with it, and enter it.
+    SwitchVmcs(NestedSwitch),
     /// Run this monitor request in the out-of-box monitor VM, then resume the guest (whose VMCALL has
     /// been skipped already) with the verdict in RAX, or, for a Linux system call on its way to the
     /// kernel (`verdict_to_rax` false), with every register as it was.
@@ -28,6 +31,15 @@ pub enum Action {
         /// The guest's RSP at its VMCALL.
         caller_rsp: u64,
     },
+}
+
+/// Which way a nested-VMX switch goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NestedSwitch {
+    /// L1's VMLAUNCH or VMRESUME passed its checks: into L2, on VMCS02.
+    ToL2,
+    /// An exit from L2 is L1's: back to L1, on VMCS01, at its VMCS12's host state.
+    ToL1,
 }
 
 /// Why a guest stopped.

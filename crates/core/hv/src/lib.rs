@@ -33,7 +33,7 @@ use ihmi_vmcs::fields::guest;
 use ihmi_vmcs::{EptViolationQualification, VmExit};
 
 pub use counters::ExitCounters;
-pub use end::{Action, GuestEnd};
+pub use end::{Action, GuestEnd, NestedSwitch};
 pub use guard::{Alert, Guard, ViewEptps};
 pub use linux::gate::{KernelImage, LinuxGate, Locked};
 pub use memory::{MemoryMap, RegionKind};
@@ -97,6 +97,15 @@ impl Hypervisor {
     ) -> Action {
         let exit = vcpu.exit();
         self.counters.record(exit.reason());
+        if self.in_l2() {
+            // L0's audit and NMI delivery are L1's: they run when L1 does.
+            let action = self.on_l2_exit(exit, vcpu, platform, obs);
+            if let Action::End(end) = action {
+                obs.observe(Observation::Ended { end, task: None });
+            }
+            return action;
+        }
+        self.count_l1_exit();
         let audit = self.audit(vcpu, platform, obs);
         let action = audit.unwrap_or_else(|| self.dispatch(exit, vcpu, platform, obs));
         if !matches!(action, Action::End(_)) {

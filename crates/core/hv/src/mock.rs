@@ -379,6 +379,12 @@ impl Observer for Recorder {
             }
             Observation::Io { port, write } => Seen::Other(Observation::Io { port, write }),
             Observation::Alert(a) => Seen::Other(Observation::Alert(a)),
+            Observation::L2Entry { launch, round_trip } => {
+                Seen::Other(Observation::L2Entry { launch, round_trip })
+            }
+            Observation::L2Exit { reason, reflected } => {
+                Seen::Other(Observation::L2Exit { reason, reflected })
+            }
             Observation::BenchMark(m) => Seen::Other(Observation::BenchMark(m)),
             Observation::Ended { end, task } => Seen::Other(Observation::Ended { end, task }),
         };

@@ -59,6 +59,18 @@ pub enum Observation<'a> {
         instruction: ihmi_vmcs::VmxInstruction,
         outcome: crate::nested::vmx::VmxOutcome,
     },
+    /// Nested VMX: L0 entered L2 for L1 (VMLAUNCH or VMRESUME). `round_trip`, after an exit L1
+    /// handled: the L0 exits from that exit from L2 up to this entry, both included (NESTED.md A.1.6:
+    /// the cost of one reflected exit).
+    L2Entry {
+        launch: bool,
+        round_trip: Option<u64>,
+    },
+    /// Nested VMX: an exit from L2, and whether it went to L1 (`reflected`) or was L0's own.
+    L2Exit {
+        reason: ihmi_vmcs::ExitReason,
+        reflected: bool,
+    },
     /// L0 took an NMI (see [`crate::policy::nmi`]): `in_monitor_view` when it found the guest in the
     /// monitor's view, `merged` when another NMI was already waiting.
     NmiTaken { in_monitor_view: bool, merged: bool },

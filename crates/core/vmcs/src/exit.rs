@@ -27,7 +27,8 @@ macro_rules! exit_reasons {
                 }
             }
 
-            const fn number(self) -> u16 {
+            /// The basic exit-reason number (SDM Appendix C).
+            pub const fn number(self) -> u16 {
                 match self {
                     $( Self::$variant => $number, )*
                     Self::Unknown(n) => n,

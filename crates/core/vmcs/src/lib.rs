@@ -31,4 +31,6 @@ pub use qual::{
     InterruptionInfo, InterruptionType, IoQualification,
 };
 pub use segment::SegmentAccessRights;
-pub use vmexit::{Instruction, Vectored, VmExit, VmxInstruction, VmxInstructionInfo};
+pub use vmexit::{
+    ExitInformation, Instruction, Vectored, VmExit, VmxInstruction, VmxInstructionInfo,
+};

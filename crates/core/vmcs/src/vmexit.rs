@@ -162,6 +162,81 @@ pub struct Vectored {
     pub instruction_len: u64,
 }
 
+/// The exit-information fields of one exit as the CPU wrote them, undecoded: what a hypervisor
+/// passes on when the exit belongs to a guest hypervisor (nested VMX: L0 copies them into L1's
+/// VMCS12, SDM 28.2). The fields an exit does not define hold whatever the CPU left there.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExitInformation {
+    pub reason: u32,
+    pub qualification: u64,
+    pub guest_linear: u64,
+    pub guest_physical: u64,
+    pub interruption_info: u32,
+    pub interruption_error: u32,
+    pub idt_vectoring_info: u32,
+    pub idt_vectoring_error: u32,
+    pub instruction_len: u32,
+    pub instruction_info: u32,
+}
+
+impl ExitInformation {
+    /// Reads the current exit's information fields (`read` is a VMREAD of the current VMCS).
+    pub fn read(mut read: impl FnMut(VmcsField) -> u64) -> Self {
+        Self {
+            reason: read(ro::EXIT_REASON) as u32,
+            qualification: read(ro::EXIT_QUALIFICATION),
+            guest_linear: read(ro::GUEST_LINEAR_ADDR),
+            guest_physical: read(ro::GUEST_PHYSICAL_ADDR_FULL),
+            interruption_info: read(ro::VMEXIT_INTERRUPTION_INFO) as u32,
+            interruption_error: read(ro::VMEXIT_INTERRUPTION_ERR_CODE) as u32,
+            idt_vectoring_info: read(ro::IDT_VECTORING_INFO) as u32,
+            idt_vectoring_error: read(ro::IDT_VECTORING_ERR_CODE) as u32,
+            instruction_len: read(ro::VMEXIT_INSTRUCTION_LEN) as u32,
+            instruction_info: read(ro::VMEXIT_INSTRUCTION_INFO) as u32,
+        }
+    }
+
+    /// The information fields with their values, to write into another VMCS.
+    #[must_use]
+    pub fn fields(&self) -> [(VmcsField, u64); 10] {
+        [
+            (ro::EXIT_REASON, u64::from(self.reason)),
+            (ro::EXIT_QUALIFICATION, self.qualification),
+            (ro::GUEST_LINEAR_ADDR, self.guest_linear),
+            (ro::GUEST_PHYSICAL_ADDR_FULL, self.guest_physical),
+            (
+                ro::VMEXIT_INTERRUPTION_INFO,
+                u64::from(self.interruption_info),
+            ),
+            (
+                ro::VMEXIT_INTERRUPTION_ERR_CODE,
+                u64::from(self.interruption_error),
+            ),
+            (ro::IDT_VECTORING_INFO, u64::from(self.idt_vectoring_info)),
+            (
+                ro::IDT_VECTORING_ERR_CODE,
+                u64::from(self.idt_vectoring_error),
+            ),
+            (ro::VMEXIT_INSTRUCTION_LEN, u64::from(self.instruction_len)),
+            (
+                ro::VMEXIT_INSTRUCTION_INFO,
+                u64::from(self.instruction_info),
+            ),
+        ]
+    }
+
+    /// The information of a VM-entry failure the hypervisor found itself (a guest-state check,
+    /// SDM 27.8): the basic reason with bit 31 set, and the qualification.
+    #[must_use]
+    pub fn entry_failure(reason: ExitReason, qualification: u64) -> Self {
+        Self {
+            reason: reason.number() as u32 | 1 << 31,
+            qualification,
+            ..Self::default()
+        }
+    }
+}
+
 /// One VM exit, with the information each kind needs, decoded once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VmExit {

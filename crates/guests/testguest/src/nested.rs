@@ -8,6 +8,8 @@
 
 use ihmi_abi::BootInfo;
 
+pub mod mini;
+
 use crate::{idt, rdmsr, say};
 
 const CF: u64 = 1 << 0;

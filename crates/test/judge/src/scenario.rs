@@ -28,6 +28,30 @@ pub const MAX_MONITOR_EVENTS: usize = 128;
 const MAX_ALERTS: usize = 16;
 /// Emulated VMX instructions the log keeps.
 const MAX_VMX: usize = 64;
+/// Exits from L2 the log keeps, in order.
+const MAX_L2_EXITS: usize = 32;
+
+/// One exit from L2: its reason, and whether it went to L1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct L2ExitStep(pub ExitReason, pub bool);
+
+impl Default for L2ExitStep {
+    fn default() -> Self {
+        Self(ExitReason::Unknown(0), false)
+    }
+}
+
+/// The nested path as L0 saw it: entries to L2, its exits, the cost of each reflected one.
+#[derive(Clone, Debug, Default)]
+pub struct NestedLog {
+    pub launches: u64,
+    pub resumes: u64,
+    pub exits: heapless_table::Table<L2ExitStep, MAX_L2_EXITS>,
+    /// L0 exits per reflected exit (the exit, L1's handling, the entry back): the largest and sum.
+    pub round_trip_max: u64,
+    pub round_trip_total: u64,
+    pub round_trips: u64,
+}
 
 /// One emulated VMX instruction and what it came to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,6 +131,8 @@ pub struct ScenarioLog {
     pub identity_loaded: Option<u64>,
     /// The guest's VMX instructions L0 emulated, and what each came to, in order.
     pub vmx: heapless_table::Table<VmxStep, MAX_VMX>,
+    /// Nested VMX: L2's entries and exits.
+    pub nested: NestedLog,
     bench_results: heapless_table::Table<crate::bench::BenchResult, 4>,
 }
 
@@ -150,6 +176,22 @@ impl ScenarioLog {
                 instruction,
                 outcome,
             } => self.vmx.push(VmxStep(instruction, outcome)),
+            Observation::L2Entry { launch, round_trip } => {
+                let n = &mut self.nested;
+                if launch {
+                    n.launches += 1;
+                } else {
+                    n.resumes += 1;
+                }
+                if let Some(r) = round_trip {
+                    n.round_trips += 1;
+                    n.round_trip_total += r;
+                    n.round_trip_max = n.round_trip_max.max(r);
+                }
+            }
+            Observation::L2Exit { reason, reflected } => {
+                self.nested.exits.push(L2ExitStep(reason, reflected));
+            }
             Observation::Alert(alert) => self.record_alert(alert),
             Observation::Ended { end, task } => {
                 self.end = Some(end);
@@ -409,6 +451,8 @@ pub enum FailReason {
     IdentityNotJudged(&'static str),
     /// The guest's VMX instructions did not come to the outcomes the SDM gives them.
     VmxSteps,
+    /// L2 did not run as the scenario has it: which part.
+    NestedRun(&'static str),
     /// A flood of events was not all kept.
     EventsLost {
         expected: u64,
@@ -528,6 +572,7 @@ impl fmt::Display for FailReason {
                 "the forged system call was rejected for its entry {wrong_entry} times and the forged exec for its frame {not_from_hook} times (1 each expected)"
             ),
             Self::IdentityNotJudged(what) => write!(f, "program identity: {what}"),
+            Self::NestedRun(what) => write!(f, "nested VMX, L2: {what} (see L0's `nested:` lines)"),
             Self::VmxSteps => f.write_str(
                 "the guest's VMX instructions did not come to the SDM's outcomes, in order (see L0's `nested:` lines)",
             ),
@@ -669,6 +714,7 @@ fn check(
             check_vmx_steps(log, &NESTED_VMXON_STEPS, "a VMXON region in L0's memory")
         }
         Scenario::NestedVmcs => check_vmx_steps(log, &NESTED_VMCS_STEPS, "a VMCS in L0's memory"),
+        Scenario::NestedMini => check_nested_mini(log),
         Scenario::Bench(mode) => {
             expect_done_zero(log)?;
             crate::bench::check(mode, log.bench_results()).map_err(FailReason::Bench)
@@ -1119,6 +1165,52 @@ pub const NESTED_VMCS_STEPS: [VmxStep; 38] = {
         VmxStep(Vmxoff, Succeed),
     ]
 };
+
+pub use ihmi_abi::NESTED_MINI_CPUIDS;
+
+/// The most L0 exits one reflected exit may cost (the exit from L2, L1's VMREADs and VMWRITEs, its
+/// VMRESUME) without VMCS shadowing: NESTED.md's M2 target.
+pub const NESTED_MAX_ROUND_TRIP: u64 = 12;
+
+/// `nested-mini`'s L2 exits in order (`crates/guests/testguest`, `run_mini`): the CPUIDs, its
+/// `int3` (L1's exception bitmap has #BP), a port read L1's I/O bitmap selects, one it does not
+/// (L0 passes it through: L1 let L2 have the port), and the VMCALL that ends it. Its `ud2` makes no
+/// exit at all: neither L0's nor L1's bitmap has #UD, so L2's own handler takes it.
+pub const NESTED_MINI_EXITS: [L2ExitStep; NESTED_MINI_CPUIDS + 4] = {
+    let mut steps = [L2ExitStep(ExitReason::Cpuid, true); NESTED_MINI_CPUIDS + 4];
+    steps[NESTED_MINI_CPUIDS] = L2ExitStep(ExitReason::ExceptionOrNmi, true);
+    steps[NESTED_MINI_CPUIDS + 1] = L2ExitStep(ExitReason::IoInstruction, true);
+    steps[NESTED_MINI_CPUIDS + 2] = L2ExitStep(ExitReason::IoInstruction, false);
+    steps[NESTED_MINI_CPUIDS + 3] = L2ExitStep(ExitReason::Vmcall, true);
+    steps
+};
+
+/// `nested-mini`: L1's own checks passed (`Done(0)`: every exit it saw had the reason, the
+/// qualification or interruption information and the guest state it expected; the event it injected
+/// reached L2's handler; L2's `ud2` was taken in L2), L0 entered L2 once by VMLAUNCH and once by
+/// VMRESUME after each reflected exit but the last, L2's exits were exactly [`NESTED_MINI_EXITS`],
+/// and no reflected exit cost more than [`NESTED_MAX_ROUND_TRIP`] L0 exits.
+fn check_nested_mini(log: &ScenarioLog) -> Result<(), FailReason> {
+    expect_done_zero(log)?;
+    let n = &log.nested;
+    if n.exits.dropped != 0 || n.exits.as_slice() != NESTED_MINI_EXITS {
+        return Err(FailReason::NestedRun(
+            "its exits were not the expected ones, reflected or kept as expected, in order",
+        ));
+    }
+    let reflected = NESTED_MINI_EXITS.iter().filter(|s| s.1).count() as u64;
+    if n.launches != 1 || n.resumes != reflected - 1 {
+        return Err(FailReason::NestedRun(
+            "not one VMLAUNCH and one VMRESUME per reflected exit but the last",
+        ));
+    }
+    if n.round_trips != reflected - 1 || n.round_trip_max > NESTED_MAX_ROUND_TRIP {
+        return Err(FailReason::NestedRun(
+            "a reflected exit cost more L0 exits than the target",
+        ));
+    }
+    Ok(())
+}
 
 /// `nested-vmxon`, `nested-vmcs`: the guest saw VMX offered and its checks passed (`Done(0)`), L0
 /// emulated exactly `steps`, and the region in L0's memory was refused with an alert.

@@ -1369,3 +1369,67 @@ fn nested_steps_judged(s: Scenario, expected: &[crate::scenario::VmxStep]) {
         assert_eq!(run(steps, &[alert]), Verdict::Fail(FailReason::VmxSteps));
     }
 }
+
+#[test]
+fn nested_mini_needs_exactly_its_exits_one_launch_a_resume_per_reflection_and_cheap_round_trips() {
+    use crate::scenario::{L2ExitStep, NESTED_MAX_ROUND_TRIP, NESTED_MINI_EXITS};
+    use ihmi_hv::Observation;
+    let s = Scenario::NestedMini;
+    // What L0 sees when L2 runs as it should: the launch, then each exit, then (after each reflected
+    // one but the last) a VMRESUME with the round trip.
+    let run = |exits: &[L2ExitStep], round_trip: u64, end: GuestEnd| {
+        let mut h = hv(s);
+        let rec = |h: &mut Run, o: Observation<'_>| h.judge.log.record(&o);
+        rec(
+            &mut h,
+            Observation::L2Entry {
+                launch: true,
+                round_trip: None,
+            },
+        );
+        for (i, &L2ExitStep(reason, reflected)) in exits.iter().enumerate() {
+            rec(&mut h, Observation::L2Exit { reason, reflected });
+            if reflected && i + 1 < exits.len() {
+                rec(
+                    &mut h,
+                    Observation::L2Entry {
+                        launch: false,
+                        round_trip: Some(round_trip),
+                    },
+                );
+            }
+        }
+        h.judge.log.end = Some(end);
+        judge(s, &h.judge.log, &h.hv.counters, Gpa::new(0), None)
+    };
+    let ok = GuestEnd::Done(0);
+    assert_eq!(run(&NESTED_MINI_EXITS, 8, ok), Verdict::Pass);
+    assert_eq!(
+        run(&NESTED_MINI_EXITS, NESTED_MAX_ROUND_TRIP, ok),
+        Verdict::Pass
+    );
+    let nested = |r: Verdict| matches!(r, Verdict::Fail(FailReason::NestedRun(_)));
+    assert!(nested(run(
+        &NESTED_MINI_EXITS,
+        NESTED_MAX_ROUND_TRIP + 1,
+        ok
+    )));
+    // One CPUID fewer, the free port reflected, one exit more.
+    let fewer = &NESTED_MINI_EXITS[1..];
+    let mut wrong = NESTED_MINI_EXITS.to_vec();
+    let free = wrong.len() - 2;
+    wrong[free].1 = true;
+    let more = [
+        NESTED_MINI_EXITS.as_slice(),
+        &[L2ExitStep(ihmi_vmcs::ExitReason::Hlt, false)],
+    ]
+    .concat();
+    for exits in [fewer, wrong.as_slice(), more.as_slice()] {
+        assert!(nested(run(exits, 8, ok)), "{exits:?}");
+    }
+    // L1's own checks failed.
+    assert!(matches!(
+        run(&NESTED_MINI_EXITS, 8, GuestEnd::Done(3)),
+        Verdict::Fail(_)
+    ));
+}

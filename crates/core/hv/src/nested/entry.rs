@@ -286,3 +286,235 @@ fn check_host_state(v: &Vmcs12, offer: &VirtualVmx, l1_in_ia32e: bool) -> Result
     }
     Ok(())
 }
+
+/// The guest-state checks of SDM 27.3.1 on `v` (the controls passed [`check`]), the ones that
+/// apply without unrestricted guest, virtual-8086 mode or SMM, none of which the offer has. A
+/// failure is not VMfail: it is a VM exit to L1 with reason 33 ("VM-entry failure due to invalid
+/// guest state"), L1 back at its host state.
+pub fn check_guest_state(v: &Vmcs12, offer: &VirtualVmx) -> Result<(), &'static str> {
+    use ihmi_vmcs::fields::guest;
+    let cap = |m: u32| offer.read_msr(m).unwrap_or(0);
+    let entry = read(v, control::VMENTRY_CONTROLS);
+    let ia32e = entry & ENTRY_IA32E_GUEST != 0;
+    let cr0 = read(v, guest::CR0);
+    let cr4 = read(v, guest::CR4);
+    let (cr0_fixed0, cr0_fixed1) = (cap(msr::IA32_VMX_CR0_FIXED0), cap(msr::IA32_VMX_CR0_FIXED1));
+    let (cr4_fixed0, cr4_fixed1) = (cap(msr::IA32_VMX_CR4_FIXED0), cap(msr::IA32_VMX_CR4_FIXED1));
+    if cr0 & cr0_fixed0 != cr0_fixed0 || cr0 & !cr0_fixed1 != 0 {
+        return Err("guest CR0 outside the fixed bits");
+    }
+    if cr4 & cr4_fixed0 != cr4_fixed0 || cr4 & !cr4_fixed1 != 0 {
+        return Err("guest CR4 outside the fixed bits");
+    }
+    const CR0_PG: u64 = 1 << 31;
+    const CR4_PCIDE: u64 = 1 << 17;
+    if ia32e && (cr0 & CR0_PG == 0 || cr4 & CR4_PAE == 0) {
+        return Err("IA-32e mode guest without CR0.PG or CR4.PAE");
+    }
+    if !ia32e && cr4 & CR4_PCIDE != 0 {
+        return Err("CR4.PCIDE outside IA-32e mode");
+    }
+    if read(v, guest::CR3) >> PHYS_ADDR_BITS != 0 {
+        return Err("guest CR3 beyond the physical-address width");
+    }
+    const ENTRY_LOAD_DEBUG: u64 = 1 << 2;
+    if entry & ENTRY_LOAD_DEBUG != 0 {
+        // IA32_DEBUGCTL: LBR, BTF, TR, BTS, BTINT, BTS_OFF_OS/USR, FREEZE_*, RTM (bits 0-1, 6-15).
+        if read(v, guest::IA32_DEBUGCTL_FULL) & !0xffc3 != 0 {
+            return Err("guest IA32_DEBUGCTL reserved bits");
+        }
+        if read(v, guest::DR7) >> 32 != 0 {
+            return Err("guest DR7 bits 63:32 set");
+        }
+    }
+    for (f, what) in [
+        (
+            guest::IA32_SYSENTER_ESP,
+            "guest IA32_SYSENTER_ESP not canonical",
+        ),
+        (
+            guest::IA32_SYSENTER_EIP,
+            "guest IA32_SYSENTER_EIP not canonical",
+        ),
+        (guest::FS_BASE, "guest FS base not canonical"),
+        (guest::GS_BASE, "guest GS base not canonical"),
+        (guest::TR_BASE, "guest TR base not canonical"),
+        (guest::LDTR_BASE, "guest LDTR base not canonical"),
+        (guest::GDTR_BASE, "guest GDTR base not canonical"),
+        (guest::IDTR_BASE, "guest IDTR base not canonical"),
+    ] {
+        if !canonical(read(v, f)) {
+            return Err(what);
+        }
+    }
+    const ENTRY_LOAD_PAT: u64 = 1 << 14;
+    if entry & ENTRY_LOAD_PAT != 0
+        && read(v, guest::IA32_PAT_FULL)
+            .to_le_bytes()
+            .iter()
+            .any(|t| !matches!(t, 0 | 1 | 4..=7))
+    {
+        return Err("guest IA32_PAT with a reserved memory type");
+    }
+    const ENTRY_LOAD_EFER: u64 = 1 << 15;
+    if entry & ENTRY_LOAD_EFER != 0 {
+        let efer = read(v, guest::IA32_EFER_FULL);
+        if efer & !(1 | EFER_LME | EFER_LMA | 1 << 11) != 0
+            || (efer & EFER_LMA != 0) != ia32e
+            || (cr0 & CR0_PG != 0 && (efer & EFER_LME != 0) != (efer & EFER_LMA != 0))
+        {
+            return Err(
+                "guest IA32_EFER reserved bits, or LMA/LME against the IA-32e mode guest control",
+            );
+        }
+    }
+    check_segments(v, ia32e)?;
+    for (f, what) in [
+        (guest::GDTR_LIMIT, "guest GDTR limit above 16 bits"),
+        (guest::IDTR_LIMIT, "guest IDTR limit above 16 bits"),
+    ] {
+        if read(v, f) >> 16 != 0 {
+            return Err(what);
+        }
+    }
+    let cs_l = read(v, guest::CS_ACCESS_RIGHTS) & (1 << 13) != 0;
+    let rip = read(v, guest::RIP);
+    if (ia32e && cs_l && !canonical(rip)) || (!(ia32e && cs_l) && rip >> 32 != 0) {
+        return Err("guest RIP not canonical (64-bit code) or above 32 bits");
+    }
+    let rflags = read(v, guest::RFLAGS);
+    const RFLAGS_RESERVED: u64 = !0x3f_ffff | 1 << 15 | 1 << 5 | 1 << 3;
+    if rflags & RFLAGS_RESERVED != 0 || rflags & 2 == 0 {
+        return Err("guest RFLAGS reserved bits");
+    }
+    if ia32e && rflags & (1 << 17) != 0 {
+        return Err("guest RFLAGS.VM in IA-32e mode");
+    }
+    let injection = read(v, control::VMENTRY_INTERRUPTION_INFO_FIELD);
+    let injects_interrupt = injection & (1 << 31) != 0 && (injection >> 8) & 7 == 0;
+    if injects_interrupt && rflags & (1 << 9) == 0 {
+        return Err("an external interrupt injected with RFLAGS.IF clear");
+    }
+    // Activity states: active, or those IA32_VMX_MISC bits 8:6 name (HLT, shutdown, wait-for-SIPI).
+    let activity = read(v, guest::ACTIVITY_STATE);
+    let misc = cap(msr::IA32_VMX_MISC);
+    if activity > 3 || (activity != 0 && misc & (1 << (5 + activity)) == 0) {
+        return Err("guest activity state not supported");
+    }
+    let ss_dpl = (read(v, guest::SS_ACCESS_RIGHTS) >> 5) & 3;
+    if activity == 1 && ss_dpl != 0 {
+        return Err("HLT activity state with SS.DPL not 0");
+    }
+    let blocking = read(v, guest::INTERRUPTIBILITY_STATE);
+    if blocking >> 5 != 0 {
+        return Err("guest interruptibility reserved bits");
+    }
+    if blocking & 0b11 == 0b11 {
+        return Err("blocking by STI and by MOV SS both set");
+    }
+    if rflags & (1 << 9) == 0 && blocking & 1 != 0 {
+        return Err("blocking by STI with RFLAGS.IF clear");
+    }
+    if injects_interrupt && blocking & 0b11 != 0 {
+        return Err("an external interrupt injected under blocking by STI or MOV SS");
+    }
+    if blocking & (1 << 2) != 0 {
+        return Err("blocking by SMI outside SMM");
+    }
+    let pending = read(v, guest::PENDING_DBG_EXCEPTIONS);
+    if pending & !(0xf | 1 << 12 | 1 << 14 | 1 << 16) != 0 {
+        return Err("guest pending debug exceptions reserved bits");
+    }
+    // No shadow VMCS is offered: the link pointer must be all ones (SDM 27.3.1.5 lets another value
+    // name a VMCS with the right revision; without VMCS shadowing KVM and every known L1 set ~0).
+    if read(v, guest::LINK_PTR_FULL) != u64::MAX {
+        return Err("VMCS link pointer not all ones (no shadow VMCS is offered)");
+    }
+    Ok(())
+}
+
+/// The segment registers (SDM 27.3.1.2), without virtual-8086 mode or unrestricted guest.
+fn check_segments(v: &Vmcs12, ia32e: bool) -> Result<(), &'static str> {
+    use ihmi_vmcs::fields::guest;
+    const UNUSABLE: u64 = 1 << 16;
+    let ar = |f| read(v, f);
+    let (cs, ss, tr, ldtr) = (
+        ar(guest::CS_ACCESS_RIGHTS),
+        ar(guest::SS_ACCESS_RIGHTS),
+        ar(guest::TR_ACCESS_RIGHTS),
+        ar(guest::LDTR_ACCESS_RIGHTS),
+    );
+    let kind = |a: u64| a & 0xf;
+    let s = |a: u64| a & (1 << 4) != 0;
+    let dpl = |a: u64| (a >> 5) & 3;
+    let present = |a: u64| a & (1 << 7) != 0;
+    let reserved = |a: u64| a & (0xf00 | 0xfffe_0000) != 0;
+    let granular = |a: u64, limit: u64| {
+        let g = a & (1 << 15) != 0;
+        (limit & 0xfff == 0xfff || !g) && (limit >> 20 == 0 || g)
+    };
+    if read(v, guest::TR_SELECTOR) & 4 != 0 {
+        return Err("guest TR selector with TI set");
+    }
+    if ldtr & UNUSABLE == 0 && read(v, guest::LDTR_SELECTOR) & 4 != 0 {
+        return Err("guest LDTR selector with TI set");
+    }
+    if read(v, guest::SS_SELECTOR) & 3 != read(v, guest::CS_SELECTOR) & 3 {
+        return Err("guest SS and CS selectors with different RPLs");
+    }
+    if cs & UNUSABLE != 0 || !matches!(kind(cs), 9 | 11 | 13 | 15) || !s(cs) || !present(cs) {
+        return Err("guest CS not a usable, present, accessed code segment");
+    }
+    if reserved(cs) || !granular(cs, read(v, guest::CS_LIMIT)) {
+        return Err("guest CS access-rights reserved bits or limit against granularity");
+    }
+    if matches!(kind(cs), 9 | 11) && dpl(cs) != dpl(ss) {
+        return Err("guest CS (non-conforming) DPL differs from SS DPL");
+    }
+    if ia32e && cs & (1 << 13) != 0 && cs & (1 << 14) != 0 {
+        return Err("guest CS with both L and D/B set in IA-32e mode");
+    }
+    if dpl(ss) != read(v, guest::SS_SELECTOR) & 3 {
+        return Err("guest SS DPL differs from its RPL");
+    }
+    if ss & UNUSABLE == 0 && (!matches!(kind(ss), 3 | 7) || !s(ss) || !present(ss)) {
+        return Err("guest SS not a present read/write data segment");
+    }
+    for (a, limit) in [
+        (ss, guest::SS_LIMIT),
+        (ar(guest::DS_ACCESS_RIGHTS), guest::DS_LIMIT),
+        (ar(guest::ES_ACCESS_RIGHTS), guest::ES_LIMIT),
+        (ar(guest::FS_ACCESS_RIGHTS), guest::FS_LIMIT),
+        (ar(guest::GS_ACCESS_RIGHTS), guest::GS_LIMIT),
+    ] {
+        if a & UNUSABLE != 0 {
+            continue;
+        }
+        let readable = kind(a) & 8 == 0 || kind(a) & 2 != 0;
+        if kind(a) & 1 == 0 || !readable || !s(a) || !present(a) {
+            return Err(
+                "a usable data segment (SS, DS, ES, FS, GS) not accessed, readable, present",
+            );
+        }
+        if reserved(a) || !granular(a, read(v, limit)) {
+            return Err(
+                "a data segment's access-rights reserved bits or limit against granularity",
+            );
+        }
+    }
+    let tr_kind_ok = if ia32e {
+        kind(tr) == 11
+    } else {
+        matches!(kind(tr), 3 | 11)
+    };
+    if tr & UNUSABLE != 0 || !tr_kind_ok || s(tr) || !present(tr) || reserved(tr) {
+        return Err("guest TR not a usable, present, busy TSS");
+    }
+    if !granular(tr, read(v, guest::TR_LIMIT)) {
+        return Err("guest TR limit against granularity");
+    }
+    if ldtr & UNUSABLE == 0 && (kind(ldtr) != 2 || s(ldtr) || !present(ldtr) || reserved(ldtr)) {
+        return Err("guest LDTR usable but not a present LDT");
+    }
+    Ok(())
+}

@@ -15,12 +15,19 @@
 //!   M1), and the current VMCS and its fields: VMCLEAR, VMPTRLD, VMPTRST, VMREAD, VMWRITE (the first
 //!   half of M2);
 //! - [`vmcs12`], the VMCS12s L0 keeps in its own memory;
-//! - [`entry`], what VMLAUNCH and VMRESUME check before anything is loaded (launch state, controls,
-//!   host state: VMfailValid 4, 5, 7, 8). The entry itself comes next (guest-state checks, the VMCS02
-//!   merge, exit reflection).
+//! - [`entry`], what VMLAUNCH and VMRESUME check: the launch state, controls and host state before
+//!   anything is loaded (VMfailValid 4, 5, 7, 8), then the guest state (a failure is an exit to L1
+//!   with reason 33);
+//! - [`l2`], VMCS02 as VMCS12's guest state merged with L0's own controls, what an exit from L2 saves
+//!   into VMCS12, L1's host state loaded back, and whose each exit from L2 is (L1's or L0's);
+//! - [`run`], the entry and exit paths on the hypervisor, and their costs.
+//!
+//! Next: VMCS shadowing, then Linux + KVM as L1 (NESTED.md milestones M2-shadow, M3).
 
 pub mod caps;
 pub mod entry;
+pub mod l2;
+pub mod run;
 #[cfg(test)]
 mod tests;
 pub mod vmcs12;

@@ -767,3 +767,495 @@ mod entry_checks {
         assert_eq!(check(&gp, &o, true, true), Ok(()));
     }
 }
+
+/// Running L2 (milestone M2): the guest-state checks, VMCS02 as the merge of VMCS12 and L0's
+/// controls, whose each exit from L2 is, and the whole path through the hypervisor against the mock:
+/// VMLAUNCH, an entry, a reflected exit, L1 back at its host state, an exit L0 keeps.
+mod running_l2 {
+    use super::std::vec::Vec;
+
+    use ihmi_arch::cr::CR4_VMXE;
+    use ihmi_vmcs::fields::{control, guest, host, ro};
+    use ihmi_vmcs::{ExitReason, VmcsField};
+
+    use super::super::caps::{NestedFeatures, VirtualVmx, VMCS12_REVISION};
+    use super::super::entry::check_guest_state;
+    use super::super::l2::{load_l1_host_state, owner, write_vmcs02, L0Controls, Owner};
+    use super::super::vmcs12::Vmcs12;
+    use super::super::vmx::NestedVmx;
+    use super::host as host_caps;
+    use crate::mock::{MockPlatform, MockVcpu};
+    use crate::testing::{hv, platform_with_identity_paging};
+    use crate::{Action, NestedSwitch, Observation, Platform, Vcpu};
+
+    fn offer() -> VirtualVmx {
+        VirtualVmx::offer(&host_caps(&[]), NestedFeatures::ShadowPaging).unwrap()
+    }
+
+    const L2_RIP: u64 = 0x40_0000;
+    const HOST_RIP: u64 = 0x20_0000;
+
+    /// A VMCS12 a tiny hypervisor writes: valid controls, its own 64-bit state as host state, and a
+    /// 64-bit L2 at `L2_RIP` sharing its tables.
+    fn vmcs12(offer: &VirtualVmx) -> Vmcs12 {
+        let must = |m: u32| offer.read_msr(m).unwrap() & 0xffff_ffff;
+        let mut v = Vmcs12::default();
+        let fields: &[(VmcsField, u64)] = &[
+            (
+                control::PINBASED_EXEC_CONTROLS,
+                must(ihmi_arch::msr::IA32_VMX_TRUE_PINBASED_CTLS),
+            ),
+            (
+                control::PRIMARY_PROCBASED_EXEC_CONTROLS,
+                must(ihmi_arch::msr::IA32_VMX_TRUE_PROCBASED_CTLS) | 1 << 25,
+            ),
+            (control::IO_BITMAP_A_ADDR_FULL, 0x8000),
+            (control::IO_BITMAP_B_ADDR_FULL, 0x9000),
+            (control::EXCEPTION_BITMAP, 1 << 3),
+            (
+                control::VMEXIT_CONTROLS,
+                must(ihmi_arch::msr::IA32_VMX_TRUE_EXIT_CTLS) | 1 << 9 | 1 << 20 | 1 << 21,
+            ),
+            (
+                control::VMENTRY_CONTROLS,
+                must(ihmi_arch::msr::IA32_VMX_TRUE_ENTRY_CTLS) | 1 << 9 | 1 << 15,
+            ),
+            (host::CR0, 0x8000_0031),
+            (host::CR4, 0x2020),
+            (host::CR3, 0x1000),
+            (host::CS_SELECTOR, 0x8),
+            (host::SS_SELECTOR, 0x10),
+            (host::DS_SELECTOR, 0x10),
+            (host::TR_SELECTOR, 0x28),
+            (host::TR_BASE, 0x5000),
+            (host::GDTR_BASE, 0x4000),
+            (host::IDTR_BASE, 0x4800),
+            (host::IA32_EFER_FULL, 0x500),
+            (host::RIP, HOST_RIP),
+            (host::RSP, 0x20_8000),
+            (guest::CR0, 0x8000_0031),
+            (guest::CR4, 0x2020),
+            (guest::CR3, 0x1000),
+            (guest::IA32_EFER_FULL, 0x500),
+            (guest::CS_SELECTOR, 0x8),
+            (guest::CS_ACCESS_RIGHTS, 0xa09b),
+            (guest::CS_LIMIT, 0xffff_ffff),
+            (guest::SS_SELECTOR, 0x10),
+            (guest::SS_ACCESS_RIGHTS, 0xc093),
+            (guest::SS_LIMIT, 0xffff_ffff),
+            (guest::DS_SELECTOR, 0x10),
+            (guest::DS_ACCESS_RIGHTS, 0xc093),
+            (guest::DS_LIMIT, 0xffff_ffff),
+            (guest::ES_ACCESS_RIGHTS, 1 << 16),
+            (guest::FS_ACCESS_RIGHTS, 1 << 16),
+            (guest::GS_ACCESS_RIGHTS, 1 << 16),
+            (guest::LDTR_ACCESS_RIGHTS, 1 << 16),
+            (guest::TR_SELECTOR, 0x28),
+            (guest::TR_ACCESS_RIGHTS, 0x8b),
+            (guest::TR_LIMIT, 0x67),
+            (guest::TR_BASE, 0x5000),
+            (guest::GDTR_BASE, 0x4000),
+            (guest::GDTR_LIMIT, 0x37),
+            (guest::IDTR_BASE, 0x4800),
+            (guest::IDTR_LIMIT, 0x1ff),
+            (guest::RIP, L2_RIP),
+            (guest::RSP, 0x41_0000),
+            (guest::RFLAGS, 0x2),
+            (guest::DR7, 0x400),
+            (guest::LINK_PTR_FULL, u64::MAX),
+        ];
+        for &(f, value) in fields {
+            v.write(f, value).unwrap();
+        }
+        v
+    }
+
+    #[test]
+    fn a_64_bit_l2_passes_the_guest_state_checks_and_each_broken_rule_fails() {
+        let o = offer();
+        let v = vmcs12(&o);
+        assert_eq!(check_guest_state(&v, &o), Ok(()));
+        let broken = |f: VmcsField, value: u64| {
+            let mut b = v.clone();
+            b.write(f, value).unwrap();
+            check_guest_state(&b, &o)
+        };
+        for (f, value) in [
+            (guest::CR0, 0x31),                         // PG clear (fixed0)
+            (guest::CR4, 0x20),                         // VMXE clear (fixed0)
+            (guest::CR3, 1 << 50),                      // beyond the address width
+            (guest::CS_ACCESS_RIGHTS, 1 << 16),         // CS unusable
+            (guest::CS_ACCESS_RIGHTS, 0xe09b),          // L and D both set
+            (guest::SS_ACCESS_RIGHTS, 0xc09b),          // SS a code segment
+            (guest::TR_ACCESS_RIGHTS, 0x89),            // TSS not busy
+            (guest::TR_ACCESS_RIGHTS, 1 << 16),         // TR unusable
+            (guest::LDTR_ACCESS_RIGHTS, 0x82 | 1 << 4), // an LDT with S set
+            (guest::CS_LIMIT, 0xfff0_0000),             // a limit the G bit cannot give
+            (guest::RIP, 0x0000_8000_0000_0000),        // non-canonical
+            (guest::RFLAGS, 0x0),                       // bit 1 clear
+            (guest::RFLAGS, 0x2 | 1 << 15),             // reserved
+            (guest::RFLAGS, 0x2 | 1 << 17),             // VM in IA-32e mode
+            (guest::IA32_EFER_FULL, 0x100),             // LMA clear for an IA-32e guest
+            (guest::GDTR_BASE, 0x0000_8000_0000_0000),
+            (guest::IDTR_LIMIT, 0x1_0000),
+            (guest::ACTIVITY_STATE, 4),
+            (guest::INTERRUPTIBILITY_STATE, 0b11), // STI and MOV SS
+            (guest::INTERRUPTIBILITY_STATE, 0b1),  // STI with IF clear
+            (guest::INTERRUPTIBILITY_STATE, 1 << 5),
+            (guest::PENDING_DBG_EXCEPTIONS, 1 << 13),
+            (guest::LINK_PTR_FULL, 0x7000),
+        ] {
+            assert!(broken(f, value).is_err(), "{f} = {value:#x} passed");
+        }
+        // An external interrupt injected into an L2 with IF clear.
+        assert!(broken(control::VMENTRY_INTERRUPTION_INFO_FIELD, 1 << 31 | 0x30).is_err());
+    }
+
+    fn l0_controls() -> L0Controls {
+        L0Controls {
+            pin: 1 << 6,                                   // VMX-preemption timer
+            primary: 1 << 7 | 1 << 25 | 1 << 28 | 1 << 31, // HLT, I/O and MSR bitmaps, secondary
+            secondary: 1 << 1 | 1 << 13,                   // EPT, VM functions
+            exit: 1 << 9 | 1 << 15 | 1 << 20 | 1 << 21,    // 64-bit host, ack, EFER
+            entry: 1 << 9 | 1 << 14 | 1 << 15,             // IA-32e, PAT, EFER
+            exceptions: 1 << 3,
+            eptp: 0xabc0_001e,
+            cr0_mask: 0,
+            cr4_mask: CR4_VMXE,
+            tsc_offset: 100,
+            preemption_timer: 5000,
+            l1_efer: 0xd01,
+            l1_pat: 0x0007_0406_0007_0406,
+            l1_dr7: 0x400,
+            l1_debugctl: 0,
+        }
+    }
+
+    fn written(v: &MockVcpu, f: VmcsField) -> u64 {
+        v.fields
+            .get(&f)
+            .copied()
+            .unwrap_or_else(|| panic!("{f} not written"))
+    }
+
+    #[test]
+    fn vmcs02_is_vmcs12_s_guest_state_with_l0_s_controls_merged_in() {
+        let o = offer();
+        let mut v = vmcs12(&o);
+        v.write(control::EXCEPTION_BITMAP, 1 << 6).unwrap();
+        v.write(control::CR4_GUEST_HOST_MASK, 0x20).unwrap(); // L1 owns PAE
+        v.write(control::CR4_READ_SHADOW, 0x20).unwrap();
+        v.write(
+            control::VMENTRY_INTERRUPTION_INFO_FIELD,
+            1 << 31 | 3 << 8 | 3,
+        )
+        .unwrap();
+        let mut vcpu = MockVcpu::default();
+        write_vmcs02(&v, &l0_controls(), &mut vcpu);
+        assert_eq!(written(&vcpu, guest::RIP), L2_RIP);
+        assert_eq!(written(&vcpu, guest::CR3), 0x1000);
+        assert_eq!(written(&vcpu, guest::CR4), 0x2020 | CR4_VMXE);
+        assert_eq!(
+            written(&vcpu, guest::IA32_EFER_FULL),
+            0x500,
+            "VMCS12 loads EFER"
+        );
+        assert_eq!(written(&vcpu, guest::LINK_PTR_FULL), u64::MAX);
+        let primary = written(&vcpu, control::PRIMARY_PROCBASED_EXEC_CONTROLS);
+        assert_ne!(primary & 1 << 24, 0, "unconditional I/O exiting");
+        assert_eq!(primary & (1 << 25 | 1 << 28), 0, "no I/O or MSR bitmaps");
+        assert_ne!(primary & 1 << 7, 0, "L0's HLT exiting stays");
+        let secondary = written(&vcpu, control::SECONDARY_PROCBASED_EXEC_CONTROLS);
+        assert_eq!(secondary, 1 << 1, "EPT, never VM functions");
+        assert_eq!(written(&vcpu, control::EPTP_FULL), 0xabc0_001e);
+        assert_eq!(written(&vcpu, control::EXCEPTION_BITMAP), 1 << 3 | 1 << 6);
+        assert_eq!(
+            written(&vcpu, control::CR4_GUEST_HOST_MASK),
+            0x20 | CR4_VMXE
+        );
+        // PAE from L1's shadow, VMXE (L0's only) as L2 has it.
+        assert_eq!(written(&vcpu, control::CR4_READ_SHADOW), 0x20 | CR4_VMXE);
+        assert_eq!(written(&vcpu, guest::VMX_PREEMPTION_TIMER_VALUE), 5000);
+        assert_eq!(written(&vcpu, control::TSC_OFFSET_FULL), 100);
+        let exit = written(&vcpu, control::VMEXIT_CONTROLS);
+        assert_eq!(exit & 1 << 15, 0, "no acknowledge-on-exit unless L1 asks");
+        assert_ne!(written(&vcpu, control::VMENTRY_CONTROLS) & 1 << 9, 0);
+        assert_eq!(
+            written(&vcpu, control::VMENTRY_INTERRUPTION_INFO_FIELD),
+            1 << 31 | 3 << 8 | 3,
+            "L1's event is injected"
+        );
+        // Without L1's "load IA32_EFER", L2 keeps L1's with LMA and LME from the IA-32e control.
+        let mut no_efer = v.clone();
+        let entry = no_efer.read(control::VMENTRY_CONTROLS).unwrap();
+        no_efer
+            .write(control::VMENTRY_CONTROLS, entry & !(1 << 15))
+            .unwrap();
+        let mut vcpu = MockVcpu::default();
+        write_vmcs02(&no_efer, &l0_controls(), &mut vcpu);
+        assert_eq!(written(&vcpu, guest::IA32_EFER_FULL), 0xd01);
+        assert_eq!(written(&vcpu, guest::IA32_PAT_FULL), 0x0007_0406_0007_0406);
+    }
+
+    #[test]
+    fn l1_gets_its_host_state_back() {
+        let v = vmcs12(&offer());
+        let mut vcpu = MockVcpu::default();
+        vcpu.fields
+            .insert(control::VMENTRY_CONTROLS, 1 << 9 | 1 << 15);
+        vcpu.fields.insert(guest::INTERRUPTIBILITY_STATE, 0b1011);
+        load_l1_host_state(&v, &mut vcpu);
+        for (f, value) in [
+            (guest::RIP, HOST_RIP),
+            (guest::RSP, 0x20_8000),
+            (guest::RFLAGS, 0x2),
+            (guest::CR3, 0x1000),
+            (guest::CR4, 0x2020),
+            (guest::IA32_EFER_FULL, 0x500),
+            (guest::CS_SELECTOR, 0x8),
+            (guest::CS_ACCESS_RIGHTS, 0xa09b),
+            (guest::SS_ACCESS_RIGHTS, 0xc093),
+            (guest::ES_ACCESS_RIGHTS, 1 << 16), // a null selector: unusable
+            (guest::TR_BASE, 0x5000),
+            (guest::TR_ACCESS_RIGHTS, 0x8b),
+            (guest::GDTR_LIMIT, 0xffff),
+            (guest::IDTR_BASE, 0x4800),
+            (guest::DR7, 0x400),
+            (guest::INTERRUPTIBILITY_STATE, 0b1000), // only NMI blocking survives
+            (control::VMENTRY_INTERRUPTION_INFO_FIELD, 0),
+        ] {
+            assert_eq!(written(&vcpu, f), value, "{f}");
+        }
+    }
+
+    /// An exit from L2 as the CPU reports it.
+    fn l2_exit(reason: u32) -> MockVcpu {
+        MockVcpu::exited(reason, L2_RIP, 2)
+    }
+
+    #[test]
+    fn each_exit_from_l2_goes_where_the_sdm_and_l1_s_controls_say() {
+        let o = offer();
+        let v = vmcs12(&o);
+        let mut p = MockPlatform::default();
+        p.write_bytes(0x8000 + 0x80 / 8, &[1]); // port 0x80 in L1's bitmap A
+        let read_l1 = |p: &dyn Platform, at: u64| {
+            let mut b = [0u8];
+            p.read_guest(ihmi_addr::Gpa::new(at), &mut b)
+                .ok()
+                .map(|()| b[0])
+        };
+        let whose = |vcpu: &mut MockVcpu, v: &Vmcs12, p: &MockPlatform| {
+            let exit = vcpu.exit();
+            owner(&exit, v, vcpu, p, read_l1)
+        };
+        // Exceptions: #BP is in L1's bitmap, #UD is not (L0's bitmap took it).
+        let mut e = l2_exit(0);
+        e.fields.insert(ro::VMEXIT_INTERRUPTION_INFO, 0x8000_0603);
+        assert_eq!(whose(&mut e, &v, &p), Owner::L1);
+        e.fields.insert(ro::VMEXIT_INTERRUPTION_INFO, 0x8000_0306);
+        assert_eq!(whose(&mut e, &v, &p), Owner::L0);
+        // #PF: bit clear, so exits whose error code does not match (mask 1, match 1: not-present).
+        let mut pf = v.clone();
+        pf.write(control::PAGE_FAULT_ERR_CODE_MASK, 1).unwrap();
+        pf.write(control::PAGE_FAULT_ERR_CODE_MATCH, 1).unwrap();
+        e.fields.insert(ro::VMEXIT_INTERRUPTION_INFO, 0x8000_0b0e);
+        e.fields.insert(ro::VMEXIT_INTERRUPTION_ERR_CODE, 0);
+        assert_eq!(whose(&mut e, &pf, &p), Owner::L1);
+        e.fields.insert(ro::VMEXIT_INTERRUPTION_ERR_CODE, 1);
+        assert_eq!(whose(&mut e, &pf, &p), Owner::L0);
+        // Port I/O: 1 byte IN from 0x80 is in the bitmap, 0x61 is not; a word at 0x7f covers 0x80.
+        let mut io = l2_exit(30);
+        io.fields
+            .insert(ro::EXIT_QUALIFICATION, 0x80 << 16 | 1 << 3);
+        assert_eq!(whose(&mut io, &v, &p), Owner::L1);
+        io.fields
+            .insert(ro::EXIT_QUALIFICATION, 0x61 << 16 | 1 << 3);
+        assert_eq!(whose(&mut io, &v, &p), Owner::L0);
+        io.fields
+            .insert(ro::EXIT_QUALIFICATION, 0x7f << 16 | 1 << 3 | 1);
+        assert_eq!(whose(&mut io, &v, &p), Owner::L1);
+        // Without MSR bitmaps every MSR access is L1's; with them, the bit decides.
+        let mut rdmsr = l2_exit(31);
+        rdmsr.regs.rcx = 0x10;
+        assert_eq!(whose(&mut rdmsr, &v, &p), Owner::L1);
+        let mut bitmaps = v.clone();
+        let proc = bitmaps
+            .read(control::PRIMARY_PROCBASED_EXEC_CONTROLS)
+            .unwrap();
+        bitmaps
+            .write(control::PRIMARY_PROCBASED_EXEC_CONTROLS, proc | 1 << 28)
+            .unwrap();
+        bitmaps
+            .write(control::MSR_BITMAPS_ADDR_FULL, 0xa000)
+            .unwrap();
+        assert_eq!(whose(&mut rdmsr, &bitmaps, &p), Owner::L0);
+        p.write_bytes(0xa000 + 2, &[1]); // read bit of MSR 0x10
+        assert_eq!(whose(&mut rdmsr, &bitmaps, &p), Owner::L1);
+        rdmsr.regs.rcx = 0x4000_0000; // outside both ranges
+        assert_eq!(whose(&mut rdmsr, &bitmaps, &p), Owner::L1);
+        // HLT is L1's only with its HLT exiting.
+        assert_eq!(whose(&mut l2_exit(12), &v, &p), Owner::L0);
+        // MOV to CR4 changing a bit L1 masks (PAE) is L1's; one only L0 masks is L0's.
+        let mut cr = v.clone();
+        cr.write(control::CR4_GUEST_HOST_MASK, 0x20).unwrap();
+        cr.write(control::CR4_READ_SHADOW, 0x20).unwrap();
+        let mut mov = l2_exit(28);
+        mov.fields.insert(ro::EXIT_QUALIFICATION, 4); // MOV to CR4 from RAX
+        mov.regs.rax = 0x0;
+        assert_eq!(whose(&mut mov, &cr, &p), Owner::L1);
+        mov.regs.rax = 0x20 | CR4_VMXE;
+        assert_eq!(whose(&mut mov, &cr, &p), Owner::L0);
+        // Always L1's: CPUID, VMCALL, the VMX instructions, triple fault. Always L0's: its EPT and
+        // its timer.
+        for reason in [10, 18, 19, 20, 24, 2] {
+            assert_eq!(
+                whose(&mut l2_exit(reason), &v, &p),
+                Owner::L1,
+                "reason {reason}"
+            );
+        }
+        for reason in [48, 49, 52] {
+            assert_eq!(
+                whose(&mut l2_exit(reason), &v, &p),
+                Owner::L0,
+                "reason {reason}"
+            );
+        }
+    }
+
+    /// The hypervisor with nested VMX, L1 in VMX operation with `vmcs12` current.
+    fn in_vmx_operation(v: Vmcs12) -> (crate::testing::TestHv, MockPlatform) {
+        let mut h = hv();
+        let mut n = NestedVmx::new(offer());
+        n.test_make_current(ihmi_addr::Gpa::new(0x7000), v);
+        h.hv.nested = Some(n);
+        let mut p = platform_with_identity_paging();
+        p.write_bytes(0x7000, &VMCS12_REVISION.to_le_bytes());
+        (h, p)
+    }
+
+    /// L1's VMLAUNCH, in 64-bit ring 0 with CR4.VMXE set.
+    fn vmlaunch() -> MockVcpu {
+        let mut v = MockVcpu::exited(20, 0x10_0000, 3);
+        v.fields.insert(guest::IA32_EFER_FULL, 0x500);
+        v.fields.insert(guest::CS_ACCESS_RIGHTS, 0xa09b);
+        v.fields.insert(guest::CR4, 0x2020 | CR4_VMXE);
+        v.fields.insert(control::CR4_GUEST_HOST_MASK, CR4_VMXE);
+        v.fields.insert(control::CR4_READ_SHADOW, CR4_VMXE);
+        v.fields.insert(control::EPTP_FULL, 0xabc0_001e);
+        v
+    }
+
+    fn l2_observations(h: &crate::testing::TestHv) -> Vec<Observation<'static>> {
+        h.rec
+            .seen
+            .iter()
+            .filter_map(|s| match s {
+                crate::mock::Seen::Other(
+                    o @ (Observation::L2Entry { .. } | Observation::L2Exit { .. }),
+                ) => Some(*o),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn vmlaunch_enters_l2_a_cpuid_goes_back_to_l1_and_an_exit_l0_keeps_stays_in_l2() {
+        let (mut h, mut p) = in_vmx_operation(vmcs12(&offer()));
+        let mut vmcs01 = vmlaunch();
+        assert_eq!(
+            h.handle_exit(&mut vmcs01, &mut p),
+            Action::SwitchVmcs(NestedSwitch::ToL2)
+        );
+        // L1's RIP stays at its VMLAUNCH: it goes on at its host state when L2 exits.
+        assert_eq!(vmcs01.fields[&guest::RIP], 0x10_0000);
+        let mut vmcs02 = MockVcpu::default();
+        assert_eq!(
+            h.hv.on_vmcs_switched(&mut vmcs02, &mut h.rec, NestedSwitch::ToL2),
+            Action::Resume
+        );
+        assert!(h.in_l2());
+        assert_eq!(written(&vmcs02, guest::RIP), L2_RIP);
+        assert_eq!(written(&vmcs02, control::EPTP_FULL), 0xabc0_001e);
+        // L2's CPUID: reflected, with L2's state and the exit's information in VMCS12.
+        let mut exit = MockVcpu::exited(10, L2_RIP + 4, 2);
+        exit.fields
+            .extend(vmcs02.fields.iter().filter(|(f, _)| **f != guest::RIP));
+        exit.calls.clear();
+        assert_eq!(
+            h.handle_exit(&mut exit, &mut p),
+            Action::SwitchVmcs(NestedSwitch::ToL1)
+        );
+        assert!(
+            exit.writes().is_empty(),
+            "a reflected exit changes nothing in VMCS02"
+        );
+        let mut l1 = vmlaunch();
+        assert_eq!(
+            h.hv.on_vmcs_switched(&mut l1, &mut h.rec, NestedSwitch::ToL1),
+            Action::Resume
+        );
+        assert!(!h.in_l2());
+        assert_eq!(written(&l1, guest::RIP), HOST_RIP);
+        let v = h.hv.nested.as_mut().unwrap().test_current().unwrap();
+        assert_eq!(v.read(ro::EXIT_REASON), Ok(10));
+        assert_eq!(v.read(ro::VMEXIT_INSTRUCTION_LEN), Ok(2));
+        assert_eq!(v.read(guest::RIP), Ok(L2_RIP + 4));
+        assert!(v.launched);
+        // L1 resumes it: the round trip (the exit, this VMRESUME) is counted.
+        let mut resume = vmlaunch();
+        resume.fields.insert(ro::EXIT_REASON, 24);
+        assert_eq!(
+            h.handle_exit(&mut resume, &mut p),
+            Action::SwitchVmcs(NestedSwitch::ToL2)
+        );
+        let mut vmcs02 = MockVcpu::default();
+        h.hv.on_vmcs_switched(&mut vmcs02, &mut h.rec, NestedSwitch::ToL2);
+        // An I/O exit L1 did not ask for (port 0x61): L0 passes the byte through, L2 goes on.
+        let mut io = MockVcpu::exited(30, L2_RIP + 6, 2);
+        io.fields
+            .insert(ro::EXIT_QUALIFICATION, 0x61 << 16 | 1 << 3 | 1 << 6);
+        assert_eq!(h.handle_exit(&mut io, &mut p), Action::Resume);
+        assert_eq!(io.fields[&guest::RIP], L2_RIP + 8);
+        assert!(h.in_l2());
+        assert_eq!(
+            l2_observations(&h),
+            [
+                Observation::L2Entry {
+                    launch: true,
+                    round_trip: None
+                },
+                Observation::L2Exit {
+                    reason: ExitReason::Cpuid,
+                    reflected: true
+                },
+                Observation::L2Entry {
+                    launch: false,
+                    round_trip: Some(2)
+                },
+                Observation::L2Exit {
+                    reason: ExitReason::IoInstruction,
+                    reflected: false
+                },
+            ]
+        );
+        let stats = h.nested_stats().unwrap();
+        assert_eq!((stats.entries, stats.l2_exits, stats.reflected), (2, 2, 1));
+    }
+
+    #[test]
+    fn an_entry_with_a_bad_guest_state_exits_to_l1_with_reason_33() {
+        let mut bad = vmcs12(&offer());
+        bad.write(guest::RFLAGS, 0).unwrap();
+        let (mut h, mut p) = in_vmx_operation(bad);
+        let mut vmcs01 = vmlaunch();
+        assert_eq!(h.handle_exit(&mut vmcs01, &mut p), Action::Resume);
+        assert!(!h.in_l2());
+        assert_eq!(vmcs01.fields[&guest::RIP], HOST_RIP);
+        let v = h.hv.nested.as_mut().unwrap().test_current().unwrap();
+        assert_eq!(v.read(ro::EXIT_REASON), Ok(33 | 1 << 31));
+        assert!(!v.launched, "a failed VMLAUNCH leaves the VMCS clear");
+        assert_eq!(h.nested_stats().unwrap().entry_failures, 1);
+    }
+}

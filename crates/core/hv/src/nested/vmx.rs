@@ -5,10 +5,9 @@
 //! exit's instruction information (SDM 28.2.5).
 //!
 //! VMLAUNCH and VMRESUME make the checks that come before the entry (the launch state, MOV SS
-//! blocking, the controls and the host state: [`super::entry`]) and fail valid as the SDM says; an
-//! entry that passes them is not emulated yet (NESTED.md, milestone M2: the guest-state checks, the
-//! VMCS02 merge and exit reflection come with it), and the guest is ended with that said, rather
-//! than given an answer no CPU would give. INVEPT and INVVPID are #UD: the offer has no EPT and no VPID.
+//! blocking, the controls and the host state: [`super::entry`]) and fail valid as the SDM says; then
+//! the guest-state checks, which fail with an exit to L1; an entry that passes them all runs L2
+//! ([`super::run`], [`super::l2`]). INVEPT and INVVPID are #UD: the offer has no EPT and no VPID.
 //!
 //! VMfail (SDM 31.2) is VMfailValid with the error number in the current VMCS12 when there is one,
 //! VMfailInvalid otherwise.
@@ -23,6 +22,8 @@ use ihmi_vmcs::fields::{control, guest};
 use ihmi_vmcs::{Gpr, VmcsField, VmxInstruction, VmxInstructionInfo};
 
 use super::caps::{VirtualVmx, VMCS12_REVISION};
+use super::l2::L0Controls;
+use super::run::NestedStats;
 use super::vmcs12::{FieldError, Vmcs12, Vmcs12Cache, SAVED_AT, SAVED_LEN, VM_INSTRUCTION_ERROR};
 use crate::memory::GuestRamReader;
 use crate::vcpu::{cpl, gpr, set_gpr};
@@ -78,6 +79,12 @@ pub enum VmxOutcome {
     FailValid(u32),
     /// A fault instead of the instruction (#UD, #GP(0)).
     Fault { vector: u8 },
+    /// VMLAUNCH or VMRESUME passed every check: L0 enters L2 (L1 goes on at its host state when L2
+    /// exits to it).
+    Entered,
+    /// VMLAUNCH or VMRESUME failed the guest-state checks: an exit to L1 with reason 33, L1 at its
+    /// host state.
+    EntryFailed,
     /// An instruction L0 does not emulate yet: the guest was ended.
     NotEmulated,
 }
@@ -93,6 +100,8 @@ impl VmxOutcome {
             Self::Fault { vector: UD } => "#UD",
             Self::Fault { vector: GP } => "#GP(0)",
             Self::Fault { .. } => "fault",
+            Self::Entered => "entered L2",
+            Self::EntryFailed => "VM-entry failure (invalid guest state)",
             Self::NotEmulated => "not emulated",
         }
     }
@@ -122,8 +131,17 @@ impl core::fmt::Display for RegionRefusal {
     }
 }
 
+/// Which level runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    /// L1, the guest hypervisor, on VMCS01.
+    L1,
+    /// L1's guest, on VMCS02.
+    L2,
+}
+
 /// The guest's VMX state: the capabilities L0 offers it, whether it is in VMX operation, its
-/// current VMCS and the VMCS12s L0 holds.
+/// current VMCS and the VMCS12s L0 holds, which level runs, and the nested path's costs.
 #[derive(Clone, Debug)]
 pub struct NestedVmx {
     offer: VirtualVmx,
@@ -132,6 +150,12 @@ pub struct NestedVmx {
     /// The current VMCS (VMPTRLD's), a key of `cache`.
     current: Option<Gpa>,
     cache: Vmcs12Cache,
+    pub(crate) level: Level,
+    /// L0's controls in VMCS01 at the last entry to L2, merged into VMCS02.
+    pub(crate) l0: L0Controls,
+    /// Whether the entry in progress is a VMLAUNCH.
+    pub(crate) launching: bool,
+    pub(crate) stats: NestedStats,
 }
 
 impl NestedVmx {
@@ -143,6 +167,10 @@ impl NestedVmx {
             vmxon: None,
             current: None,
             cache: Vmcs12Cache::default(),
+            level: Level::L1,
+            l0: L0Controls::default(),
+            launching: false,
+            stats: NestedStats::default(),
         }
     }
 
@@ -165,9 +193,23 @@ impl NestedVmx {
     }
 
     /// The current VMCS12.
-    fn current_mut(&mut self) -> Option<&mut Vmcs12> {
+    pub(crate) fn current_mut(&mut self) -> Option<&mut Vmcs12> {
         let gpa = self.current?;
         self.cache.get_mut(gpa)
+    }
+
+    /// Puts `v` in the cache as the current VMCS at `gpa` (tests of the paths that need one).
+    #[cfg(test)]
+    pub(crate) fn test_make_current(&mut self, gpa: Gpa, v: Vmcs12) {
+        self.vmxon = Some(Gpa::new(0x6000));
+        let _ = self.cache.insert(gpa, v);
+        self.current = Some(gpa);
+    }
+
+    /// The current VMCS12 (tests).
+    #[cfg(test)]
+    pub(crate) fn test_current(&mut self) -> Option<&mut Vmcs12> {
+        self.current_mut()
     }
 
     /// VMfail(`n`): VMfailValid into the current VMCS12, else VMfailInvalid.
@@ -253,7 +295,8 @@ impl Hypervisor {
             return Action::Resume;
         }
         let rip = vcpu.read(guest::RIP);
-        let outcome = self.vmx_outcome(vcpu, platform, obs, exit);
+        let mut entry = Action::Resume;
+        let outcome = self.vmx_outcome(vcpu, platform, obs, exit, &mut entry);
         let instruction = exit.instruction;
         match outcome {
             VmxOutcome::FailValid(n) => platform.log(format_args!(
@@ -277,6 +320,8 @@ impl Hypervisor {
                 inject_exception(vcpu, vector, (vector == GP).then_some(0));
                 return Action::Resume;
             }
+            // L1 goes on at its host state, now or when L2 exits: nothing to skip.
+            VmxOutcome::Entered | VmxOutcome::EntryFailed => return entry,
             VmxOutcome::NotEmulated => {
                 return Action::End(GuestEnd::Unhandled {
                     reason: instruction.reason(),
@@ -297,6 +342,7 @@ impl Hypervisor {
         platform: &mut impl Platform,
         obs: &mut impl Observer,
         exit: VmxExit,
+        entry: &mut Action,
     ) -> VmxOutcome {
         let VmxExit {
             instruction,
@@ -438,8 +484,17 @@ impl Hypervisor {
                         platform.log(format_args!("nested: {instruction:?} refused: {why:?}"));
                         self.fail_nested(why.instruction_error())
                     }
-                    // The checks passed: the entry itself is not emulated yet.
-                    None => VmxOutcome::NotEmulated,
+                    None => match self.nested_entry(vcpu, platform, launch) {
+                        Ok(Action::Resume) => VmxOutcome::EntryFailed,
+                        Ok(action) => {
+                            *entry = action;
+                            VmxOutcome::Entered
+                        }
+                        Err(why) => {
+                            platform.log(format_args!("nested: {instruction:?}: {why}"));
+                            VmxOutcome::NotEmulated
+                        }
+                    },
                 }
             }
             VmxInstruction::Invept | VmxInstruction::Invvpid => ud,

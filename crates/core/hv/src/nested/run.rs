@@ -1,0 +1,318 @@
+//! The nested entry and exit paths on the hypervisor: L1's VMLAUNCH or VMRESUME that passed every
+//! check becomes an entry to L2 on VMCS02 ([`NestedSwitch::ToL2`]); an exit from L2 is either
+//! L1's, saved into its VMCS12 and reflected ([`NestedSwitch::ToL1`]), or L0's own, handled as
+//! L1's would be, and L2 goes on (with the event it was delivering re-injected).
+//!
+//! L0's exit stub saves and restores the general-purpose registers around every exit, and a VMX
+//! transition changes none of them but RSP and RIP (SDM 27.3, 28.5): L2 starts with the registers L1
+//! had at its VMLAUNCH, and L1 gets L2's at an exit, as on a CPU.
+
+use ihmi_vmcs::fields::{control, guest};
+use ihmi_vmcs::{ExitInformation, ExitReason, InterruptionInfo, VmExit};
+
+use super::l2::{self, Owner};
+use super::vmx::Level;
+use crate::policy::io::INTERCEPTED_PORTS;
+use crate::vcpu::{gpr, set_gpr};
+use crate::{
+    policy, skip_instruction, Action, GuestEnd, Hypervisor, NestedSwitch, Observation, Observer,
+    Platform, Vcpu,
+};
+
+/// The costs of the nested path so far (for reports and `ihmi bench --nested`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NestedStats {
+    /// Entries to L2 (VMLAUNCH and VMRESUME that passed their checks).
+    pub entries: u64,
+    /// Exits from L2.
+    pub l2_exits: u64,
+    /// Of those, the ones that went to L1.
+    pub reflected: u64,
+    /// Entries L1 asked for that failed the guest-state checks (an exit to L1 with reason 33).
+    pub entry_failures: u64,
+    /// L0 exits from the last reflected exit up to now, while L1 handles it.
+    pub(crate) pending_round_trip: Option<u64>,
+    /// The round trips of reflected exits (see [`Observation::L2Entry`]): their sum and largest.
+    pub round_trip_total: u64,
+    pub round_trip_max: u64,
+    pub round_trips: u64,
+}
+
+impl Hypervisor {
+    /// Whether L2 is running (VMCS02 current).
+    #[must_use]
+    pub fn in_l2(&self) -> bool {
+        self.nested.as_ref().is_some_and(|n| n.level == Level::L2)
+    }
+
+    /// An exit while L1 waits for its reflected exit to come back: counted into the round trip.
+    pub(crate) fn count_l1_exit(&mut self) {
+        if let Some(n) = self.nested.as_mut() {
+            if let Some(c) = n.stats.pending_round_trip.as_mut() {
+                *c += 1;
+            }
+        }
+    }
+
+    /// After L0 made the VMCS of `NestedSwitch` current, as [`Action::SwitchVmcs`] asked: VMCS02 is
+    /// written for L2 from VMCS12 and L0's controls, or VMCS01 gets L1's host state back.
+    pub fn on_vmcs_switched(
+        &mut self,
+        vcpu: &mut impl Vcpu,
+        obs: &mut impl Observer,
+        to: NestedSwitch,
+    ) -> Action {
+        let Some(n) = self.nested.as_mut() else {
+            return Action::End(GuestEnd::L0Stopped {
+                why: "a nested-VMX switch without nested VMX",
+            });
+        };
+        let l0 = n.l0;
+        let launch = n.launching;
+        let Some(v) = n.current_mut() else {
+            return Action::End(GuestEnd::L0Stopped {
+                why: "a nested-VMX switch without a current VMCS12",
+            });
+        };
+        match to {
+            NestedSwitch::ToL2 => {
+                l2::write_vmcs02(v, &l0, vcpu);
+                v.launched = true;
+                n.level = Level::L2;
+                n.stats.entries += 1;
+                let round_trip = n.stats.pending_round_trip.take();
+                if let Some(r) = round_trip {
+                    n.stats.round_trips += 1;
+                    n.stats.round_trip_total += r;
+                    n.stats.round_trip_max = n.stats.round_trip_max.max(r);
+                }
+                obs.observe(Observation::L2Entry { launch, round_trip });
+            }
+            NestedSwitch::ToL1 => {
+                l2::load_l1_host_state(v, vcpu);
+                n.level = Level::L1;
+            }
+        }
+        Action::Resume
+    }
+
+    /// L1's entry passed the checks before it (SDM 27.1-27.2); the guest-state checks (27.3) decide
+    /// between an entry to L2 and an exit to L1 with reason 33. `Some(action)` when the entry goes
+    /// on, `None` when it failed (L1 is at its host state already).
+    pub(crate) fn nested_entry(
+        &mut self,
+        vcpu: &mut impl Vcpu,
+        platform: &mut impl Platform,
+        launch: bool,
+    ) -> Result<Action, &'static str> {
+        let Some(n) = self.nested.as_mut() else {
+            return Err("no nested VMX");
+        };
+        let offer = *n.offer();
+        let Some(v) = n.current_mut() else {
+            return Err("no current VMCS12");
+        };
+        if let Err(why) = super::entry::check_guest_state(v, &offer) {
+            platform.log(format_args!(
+                "nested: VM entry to L2 failed the guest-state checks: {why}"
+            ));
+            let info = ExitInformation::entry_failure(ExitReason::EntryFailInvalidGuestState, 0);
+            for (f, value) in info.fields() {
+                let _ = v.set(f, value);
+            }
+            l2::load_l1_host_state(v, vcpu);
+            n.stats.entry_failures += 1;
+            return Ok(Action::Resume);
+        }
+        for count in [
+            control::VMENTRY_MSR_LOAD_COUNT,
+            control::VMEXIT_MSR_STORE_COUNT,
+            control::VMEXIT_MSR_LOAD_COUNT,
+        ] {
+            if v.read(count).unwrap_or(0) != 0 {
+                return Err("MSR-load and MSR-store areas are not emulated yet");
+            }
+        }
+        n.l0 = l2::L0Controls::read(vcpu);
+        n.launching = launch;
+        Ok(Action::SwitchVmcs(NestedSwitch::ToL2))
+    }
+
+    /// An exit while L2 runs (VMCS02 current).
+    pub(crate) fn on_l2_exit(
+        &mut self,
+        exit: VmExit,
+        vcpu: &mut impl Vcpu,
+        platform: &mut impl Platform,
+        obs: &mut impl Observer,
+    ) -> Action {
+        let memory = &self.memory;
+        let Some(n) = self.nested.as_mut() else {
+            return Action::End(GuestEnd::L0Stopped {
+                why: "an L2 exit without nested VMX",
+            });
+        };
+        let (l0, launching) = (n.l0, n.launching);
+        n.stats.l2_exits += 1;
+        let Some(v) = n.current_mut() else {
+            return Action::End(GuestEnd::L0Stopped {
+                why: "an L2 exit without a current VMCS12",
+            });
+        };
+        let read_l1 = |p: &dyn Platform, at: u64| {
+            let gpa = ihmi_addr::Gpa::new(at);
+            if !memory.is_guest_ram(gpa, 1) {
+                return None;
+            }
+            let mut b = [0u8; 1];
+            p.read_guest(gpa, &mut b).ok().map(|()| b[0])
+        };
+        let owner = match exit {
+            // VMCS02 failed an entry check L0 did not make itself: that is L1's guest state, and a
+            // VMLAUNCH that fails leaves the VMCS clear.
+            VmExit::EntryFailure { .. } => {
+                if launching {
+                    v.launched = false;
+                }
+                Owner::L1
+            }
+            _ => l2::owner(&exit, v, vcpu, &*platform, read_l1),
+        };
+        let reason = exit.reason();
+        let info = ExitInformation::read(|f| vcpu.read(f));
+        if owner == Owner::L1 {
+            l2::save_l2_state(v, &l0, vcpu);
+            for (f, value) in info.fields() {
+                let _ = v.set(f, value);
+            }
+            n.stats.reflected += 1;
+            // This exit and the entry that ends L1's handling of it count; L1's exits in between add.
+            n.stats.pending_round_trip = Some(1);
+            obs.observe(Observation::L2Exit {
+                reason,
+                reflected: true,
+            });
+            return Action::SwitchVmcs(NestedSwitch::ToL1);
+        }
+        obs.observe(Observation::L2Exit {
+            reason,
+            reflected: false,
+        });
+        let action = self.l0_handles_l2_exit(exit, vcpu, platform, obs);
+        // An event L2 was being delivered when L0 took the exit is delivered again (SDM 28.2.4),
+        // unless the handler injected one of its own.
+        let vectoring = InterruptionInfo::from_raw(info.idt_vectoring_info);
+        if action == Action::Resume && vectoring.valid() {
+            let pending = InterruptionInfo::from_raw(
+                vcpu.read(control::VMENTRY_INTERRUPTION_INFO_FIELD) as u32,
+            );
+            if !pending.valid() {
+                // Bit 12 of the vectoring information is undefined; the injection field reserves it.
+                vcpu.write(
+                    control::VMENTRY_INTERRUPTION_INFO_FIELD,
+                    u64::from(vectoring.raw() & !(1 << 12)),
+                );
+                if vectoring.error_code_valid() {
+                    vcpu.write(
+                        control::VMENTRY_EXCEPTION_ERR_CODE,
+                        u64::from(info.idt_vectoring_error),
+                    );
+                }
+                vcpu.write(
+                    control::VMENTRY_INSTRUCTION_LEN,
+                    u64::from(info.instruction_len),
+                );
+            }
+        }
+        action
+    }
+
+    /// An exit from L2 that L1 did not ask for: L0's own controls caused it, and L0 does what it
+    /// does for L1 (its I/O ports, its MSR policy, its EPT), or passes the access through as L1's
+    /// own setup would.
+    fn l0_handles_l2_exit(
+        &mut self,
+        exit: VmExit,
+        vcpu: &mut impl Vcpu,
+        platform: &mut impl Platform,
+        obs: &mut impl Observer,
+    ) -> Action {
+        let rip = vcpu.read(guest::RIP);
+        let unhandled = |reason, qualification| {
+            Action::End(GuestEnd::Unhandled {
+                reason,
+                qualification,
+                rip,
+            })
+        };
+        match exit {
+            // L0's exception bitmap, not L1's: the exception is L2's to take.
+            VmExit::Exception {
+                info,
+                error_code,
+                instruction_len,
+            } => policy::exception::reinject(vcpu, info, error_code, instruction_len),
+            VmExit::Nmi { .. } => {
+                policy::exception::reinject(vcpu, InterruptionInfo::nmi(), None, 0)
+            }
+            VmExit::PreemptionTimer => Action::Resume,
+            VmExit::Io {
+                qualification,
+                instruction,
+            } => {
+                let port = qualification.port();
+                if INTERCEPTED_PORTS.contains(&port) {
+                    return self.on_io(vcpu, platform, obs, qualification, instruction);
+                }
+                if qualification.is_string() || qualification.size() != 1 {
+                    // L1 lets L2 reach this port; L0 passes single bytes through and has no emulation
+                    // of string or wider accesses to the devices.
+                    platform.log(format_args!(
+                        "nested: L2's {}-byte{} access to port {port:#x} is not passed through",
+                        qualification.size(),
+                        if qualification.is_string() {
+                            " string"
+                        } else {
+                            ""
+                        }
+                    ));
+                    return unhandled(ExitReason::IoInstruction, qualification.raw());
+                }
+                if qualification.is_in() {
+                    let value = platform.port_in(port);
+                    let rax = gpr(vcpu, ihmi_vmcs::Gpr::Rax);
+                    set_gpr(vcpu, ihmi_vmcs::Gpr::Rax, (rax & !0xff) | u64::from(value));
+                } else {
+                    let value = gpr(vcpu, ihmi_vmcs::Gpr::Rax) as u8;
+                    platform.port_out(port, value);
+                }
+                skip_instruction(vcpu, instruction);
+                Action::Resume
+            }
+            VmExit::Rdmsr(i) => self.on_rdmsr(vcpu, platform, obs, i),
+            VmExit::Wrmsr(i) => self.on_wrmsr(vcpu, platform, obs, i),
+            VmExit::Hlt(i) => policy::exception::on_hlt(vcpu, i),
+            VmExit::EptViolation {
+                gpa,
+                gla,
+                qualification,
+            } => self.on_ept_violation(vcpu, platform, obs, gpa, gla, qualification),
+            VmExit::EptMisconfig { gpa } => Action::End(GuestEnd::EptMisconfig { gpa }),
+            VmExit::CrAccess { qualification, .. } => {
+                // Only CR4.VMXE is L0's alone; L2 changing it without L1 masking it is not emulated.
+                platform.log(format_args!(
+                    "nested: L2's control-register access {:#x} is L0's only and not emulated",
+                    qualification.raw()
+                ));
+                unhandled(ExitReason::CrAccess, qualification.raw())
+            }
+            other => unhandled(other.reason(), 0),
+        }
+    }
+
+    /// The round trip of reflected exits so far, for the end-of-run report.
+    #[must_use]
+    pub fn nested_stats(&self) -> Option<NestedStats> {
+        self.nested.as_ref().map(|n| n.stats)
+    }
+}

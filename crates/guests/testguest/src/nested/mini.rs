@@ -1,0 +1,444 @@
+//! `nested-mini` (nested VMX, milestone M2): the test guest as a tiny hypervisor (L1) runs a 64-bit
+//! guest of its own (L2) that shares its page tables, descriptor tables and handlers. L2 makes
+//! `NESTED_MINI_CPUIDS` CPUIDs, an `int3` (L1's exception bitmap has #BP: reflected to L1, which
+//! injects a #BP into L2 on its VMRESUME), a `ud2` (in no exception bitmap: L2's own handler takes
+//! it), a port read L1's I/O bitmap selects, one it does not, and a VMCALL. L1 checks each exit's
+//! information and that L2 saw what it should; L0 judges the exits and their cost
+//! (`ihmi_judge::scenario::check_nested_mini`).
+
+use ihmi_abi::{BootInfo, NESTED_MINI_CPUIDS};
+
+use super::{status, vmclear, vmptrld, vmread, vmwrite, vmxoff, vmxon, GOOD, VMCS};
+use crate::{idt, rdmsr, say};
+
+/// VMCS field encodings (SDM Appendix B).
+mod field {
+    pub const GUEST_SELECTORS: [u64; 8] = [0x800, 0x802, 0x804, 0x806, 0x808, 0x80a, 0x80c, 0x80e];
+    pub const GUEST_LIMITS: [u64; 8] = [
+        0x4800, 0x4802, 0x4804, 0x4806, 0x4808, 0x480a, 0x480c, 0x480e,
+    ];
+    pub const GUEST_ACCESS: [u64; 8] = [
+        0x4814, 0x4816, 0x4818, 0x481a, 0x481c, 0x481e, 0x4820, 0x4822,
+    ];
+    pub const GUEST_BASES: [u64; 8] = [
+        0x6806, 0x6808, 0x680a, 0x680c, 0x680e, 0x6810, 0x6812, 0x6814,
+    ];
+    pub const GUEST_GDTR_LIMIT: u64 = 0x4810;
+    pub const GUEST_IDTR_LIMIT: u64 = 0x4812;
+    pub const GUEST_GDTR_BASE: u64 = 0x6816;
+    pub const GUEST_IDTR_BASE: u64 = 0x6818;
+    pub const GUEST_LINK_POINTER: u64 = 0x2800;
+    pub const GUEST_EFER: u64 = 0x2806;
+    pub const GUEST_CR0: u64 = 0x6800;
+    pub const GUEST_CR3: u64 = 0x6802;
+    pub const GUEST_CR4: u64 = 0x6804;
+    pub const GUEST_DR7: u64 = 0x681a;
+    pub const GUEST_RSP: u64 = 0x681c;
+    pub const GUEST_RIP: u64 = 0x681e;
+    pub const GUEST_RFLAGS: u64 = 0x6820;
+    pub const HOST_SELECTORS: [u64; 7] = [0xc00, 0xc02, 0xc04, 0xc06, 0xc08, 0xc0a, 0xc0c];
+    pub const HOST_EFER: u64 = 0x2c02;
+    pub const HOST_CR0: u64 = 0x6c00;
+    pub const HOST_CR3: u64 = 0x6c02;
+    pub const HOST_CR4: u64 = 0x6c04;
+    pub const HOST_FS_BASE: u64 = 0x6c06;
+    pub const HOST_GS_BASE: u64 = 0x6c08;
+    pub const HOST_TR_BASE: u64 = 0x6c0a;
+    pub const HOST_GDTR_BASE: u64 = 0x6c0c;
+    pub const HOST_IDTR_BASE: u64 = 0x6c0e;
+    pub const PIN: u64 = 0x4000;
+    pub const PROC: u64 = 0x4002;
+    pub const EXCEPTION_BITMAP: u64 = 0x4004;
+    pub const EXIT: u64 = 0x400c;
+    pub const ENTRY: u64 = 0x4012;
+    pub const ENTRY_INTERRUPTION: u64 = 0x4016;
+    pub const IO_BITMAP_A: u64 = 0x2000;
+    pub const IO_BITMAP_B: u64 = 0x2002;
+    pub const EXIT_REASON: u64 = 0x4402;
+    pub const EXIT_INTERRUPTION: u64 = 0x4404;
+    pub const EXIT_INSTRUCTION_LEN: u64 = 0x440c;
+    pub const EXIT_QUALIFICATION: u64 = 0x6400;
+}
+
+/// The port L1's I/O bitmap selects, and one it leaves to L2.
+const WATCHED_PORT: u16 = 0x80;
+const FREE_PORT: u16 = 0x61;
+
+/// L2's general-purpose registers while L1 runs (a VM exit saves none of them).
+#[repr(C)]
+struct L2Regs(core::cell::UnsafeCell<[u64; 16]>);
+// SAFETY: only the entry stub below touches it, on the guest's one CPU.
+unsafe impl Sync for L2Regs {}
+#[no_mangle]
+static IHMI_L2_REGS: L2Regs = L2Regs(core::cell::UnsafeCell::new([0; 16]));
+/// Whether the next entry is a VMLAUNCH.
+#[no_mangle]
+static IHMI_L1_LAUNCH: core::sync::atomic::AtomicU8 = core::sync::atomic::AtomicU8::new(0);
+
+/// L2's stack and L1's I/O bitmaps (A: ports 0-0x7FFF, B: the rest).
+#[repr(C, align(4096))]
+struct Page(core::cell::UnsafeCell<[u8; 4096]>);
+// SAFETY: L2 uses its stack, L1 writes the bitmap once before the first entry.
+unsafe impl Sync for Page {}
+static L2_STACK: [Page; 2] = [
+    Page(core::cell::UnsafeCell::new([0; 4096])),
+    Page(core::cell::UnsafeCell::new([0; 4096])),
+];
+static IO_A: Page = Page(core::cell::UnsafeCell::new([0; 4096]));
+static IO_B: Page = Page(core::cell::UnsafeCell::new([0; 4096]));
+
+extern "C" {
+    /// Enters L2 (VMLAUNCH if `IHMI_L1_LAUNCH`, else VMRESUME) with `IHMI_L2_REGS`; returns 0 at
+    /// the next VM exit (L2's registers saved back), or RFLAGS if the entry failed.
+    fn ihmi_l1_enter() -> u64;
+    fn ihmi_l2_entry();
+}
+
+// The entry stub keeps L1's callee-saved registers on its stack, points the host RSP and RIP of the
+// VMCS at that stack and at the exit label, loads L2's registers and enters. Slots of IHMI_L2_REGS:
+// rax 0, rbx 8, rcx 16, rdx 24, rbp 32, rdi 40, r8 48 ... r15 104, rsi 112.
+core::arch::global_asm!(
+    ".global ihmi_l1_enter",
+    "ihmi_l1_enter:",
+    "push rbp",
+    "push rbx",
+    "push r12",
+    "push r13",
+    "push r14",
+    "push r15",
+    "mov rdx, 0x6c14",
+    "vmwrite rdx, rsp",
+    "lea rax, [rip + 2f]",
+    "mov rdx, 0x6c16",
+    "vmwrite rdx, rax",
+    "lea rsi, [rip + IHMI_L2_REGS]",
+    "mov rax, [rsi]",
+    "mov rbx, [rsi + 8]",
+    "mov rcx, [rsi + 16]",
+    "mov rdx, [rsi + 24]",
+    "mov rbp, [rsi + 32]",
+    "mov rdi, [rsi + 40]",
+    "mov r8, [rsi + 48]",
+    "mov r9, [rsi + 56]",
+    "mov r10, [rsi + 64]",
+    "mov r11, [rsi + 72]",
+    "mov r12, [rsi + 80]",
+    "mov r13, [rsi + 88]",
+    "mov r14, [rsi + 96]",
+    "mov r15, [rsi + 104]",
+    "test byte ptr [rip + IHMI_L1_LAUNCH], 1",
+    "mov rsi, [rsi + 112]",
+    "jnz 3f",
+    "vmresume",
+    "jmp 4f",
+    "3:",
+    "vmlaunch",
+    "4:",
+    "pushfq",
+    "pop rax",
+    "jmp 5f",
+    "2:",
+    "push rsi",
+    "lea rsi, [rip + IHMI_L2_REGS]",
+    "mov [rsi], rax",
+    "mov [rsi + 8], rbx",
+    "mov [rsi + 16], rcx",
+    "mov [rsi + 24], rdx",
+    "mov [rsi + 32], rbp",
+    "mov [rsi + 40], rdi",
+    "mov [rsi + 48], r8",
+    "mov [rsi + 56], r9",
+    "mov [rsi + 64], r10",
+    "mov [rsi + 72], r11",
+    "mov [rsi + 80], r12",
+    "mov [rsi + 88], r13",
+    "mov [rsi + 96], r14",
+    "mov [rsi + 104], r15",
+    "pop rax",
+    "mov [rsi + 112], rax",
+    "xor eax, eax",
+    "5:",
+    "pop r15",
+    "pop r14",
+    "pop r13",
+    "pop r12",
+    "pop rbx",
+    "pop rbp",
+    "ret",
+    // L2: the CPUIDs, int3, ud2 (skipped by L2's handler), the two port reads, VMCALL.
+    ".global ihmi_l2_entry",
+    "ihmi_l2_entry:",
+    "mov r12d, {cpuids}",
+    "6:",
+    "xor eax, eax",
+    "xor ecx, ecx",
+    "cpuid",
+    "dec r12d",
+    "jnz 6b",
+    "int3",
+    "ud2",
+    "in al, {watched}",
+    "in al, {free}",
+    "vmcall",
+    "7:",
+    "hlt",
+    "jmp 7b",
+    cpuids = const NESTED_MINI_CPUIDS,
+    watched = const WATCHED_PORT,
+    free = const FREE_PORT,
+);
+
+fn read_cr0() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR0 at CPL0 has no effect.
+    unsafe { core::arch::asm!("mov {v}, cr0", v = out(reg) v, options(nomem, nostack)) };
+    v
+}
+
+fn read_cr3() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR3 at CPL0 has no effect.
+    unsafe { core::arch::asm!("mov {v}, cr3", v = out(reg) v, options(nomem, nostack)) };
+    v
+}
+
+/// L1's descriptor-table registers and selectors as the CPU holds them now.
+struct Tables {
+    gdt: (u64, u16),
+    idt: (u64, u16),
+    /// ES, CS, SS, DS, FS, GS, TR.
+    selectors: [u16; 7],
+    tss: u64,
+}
+
+fn tables() -> Tables {
+    let mut gdtr = [0u8; 10];
+    let mut idtr = [0u8; 10];
+    let (es, cs, ss, ds, fs, gs, tr): (u16, u16, u16, u16, u16, u16, u16);
+    // SAFETY: SGDT stores 10 bytes into our buffer.
+    unsafe { core::arch::asm!("sgdt [{}]", in(reg) gdtr.as_mut_ptr(), options(nostack)) };
+    // SAFETY: SIDT stores 10 bytes into our buffer.
+    unsafe { core::arch::asm!("sidt [{}]", in(reg) idtr.as_mut_ptr(), options(nostack)) };
+    // SAFETY: reading segment registers and TR has no effect.
+    unsafe {
+        core::arch::asm!(
+            "mov {0:x}, es", "mov {1:x}, cs", "mov {2:x}, ss", "mov {3:x}, ds",
+            "mov {4:x}, fs", "mov {5:x}, gs", "str {6:x}",
+            out(reg) es, out(reg) cs, out(reg) ss, out(reg) ds, out(reg) fs, out(reg) gs,
+            out(reg) tr, options(nomem, nostack)
+        );
+    }
+    let split = |r: [u8; 10]| {
+        let limit = u16::from_le_bytes([r[0], r[1]]);
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&r[2..]);
+        (u64::from_le_bytes(b), limit)
+    };
+    let gdt = split(gdtr);
+    // The TSS descriptor (16 bytes in long mode) holds the base in four pieces.
+    let d = (gdt.0 + u64::from(tr & !7)) as *const [u64; 2];
+    // SAFETY: TR names a 16-byte descriptor within the GDT the CPU uses, which is mapped.
+    let [lo, hi] = unsafe { d.read_volatile() };
+    let tss = ((lo >> 16) & 0xff_ffff) | ((lo >> 56) << 24) | ((hi & 0xffff_ffff) << 32);
+    Tables {
+        gdt,
+        idt: split(idtr),
+        selectors: [es, cs, ss, ds, fs, gs, tr],
+        tss,
+    }
+}
+
+/// Fills the current VMCS for L2 (guest state: L1's own, at `ihmi_l2_entry` on its own stack) and
+/// for L1's return (host state: L1's now). Whether every VMWRITE succeeded.
+fn write_vmcs(t: &Tables) -> bool {
+    use field::*;
+    let efer = rdmsr(0xc000_0080);
+    let must = |m: u32| rdmsr(m) & 0xffff_ffff;
+    let stack_top = L2_STACK[1].0.get() as u64 + 4096;
+    let code = 0xa09b; // present, DPL 0, code, execute/read, accessed, L, G
+    let data = 0xc093; // present, DPL 0, data, read/write, accessed, D/B, G
+    let unusable = 1 << 16;
+    let [es, cs, ss, ds, fs, gs, tr] = t.selectors;
+    let mut writes: heapless_writes::List = heapless_writes::List::default();
+    for (i, sel) in [es, cs, ss, ds, fs, gs, 0, tr].into_iter().enumerate() {
+        let access = match i {
+            1 => code,
+            6 => unusable,
+            7 => 0x8b, // present busy 64-bit TSS
+            _ if sel == 0 => unusable,
+            _ => data,
+        };
+        let (base, limit) = match i {
+            7 => (t.tss, 0x67),
+            4 => (rdmsr(0xc000_0100), 0xffff_ffff),
+            5 => (rdmsr(0xc000_0101), 0xffff_ffff),
+            6 => (0, 0),
+            _ => (0, 0xffff_ffff),
+        };
+        writes.push(GUEST_SELECTORS[i], u64::from(sel));
+        writes.push(GUEST_ACCESS[i], access);
+        writes.push(GUEST_LIMITS[i], limit);
+        writes.push(GUEST_BASES[i], base);
+    }
+    for (f, v) in [
+        (GUEST_GDTR_BASE, t.gdt.0),
+        (GUEST_GDTR_LIMIT, u64::from(t.gdt.1)),
+        (GUEST_IDTR_BASE, t.idt.0),
+        (GUEST_IDTR_LIMIT, u64::from(t.idt.1)),
+        (GUEST_LINK_POINTER, u64::MAX),
+        (GUEST_EFER, efer),
+        (GUEST_CR0, read_cr0()),
+        (GUEST_CR3, read_cr3()),
+        (GUEST_CR4, super::read_cr4()),
+        (GUEST_DR7, 0x400),
+        (GUEST_RSP, stack_top),
+        (GUEST_RIP, ihmi_l2_entry as *const () as u64),
+        (GUEST_RFLAGS, 0x2),
+        (HOST_EFER, efer),
+        (HOST_CR0, read_cr0()),
+        (HOST_CR3, read_cr3()),
+        (HOST_CR4, super::read_cr4()),
+        (HOST_FS_BASE, rdmsr(0xc000_0100)),
+        (HOST_GS_BASE, rdmsr(0xc000_0101)),
+        (HOST_TR_BASE, t.tss),
+        (HOST_GDTR_BASE, t.gdt.0),
+        (HOST_IDTR_BASE, t.idt.0),
+        (PIN, must(0x48d)),
+        (PROC, must(0x48e) | 1 << 25),                    // I/O bitmaps
+        (EXCEPTION_BITMAP, 1 << 3),                       // #BP
+        (EXIT, must(0x48f) | 1 << 9 | 1 << 20 | 1 << 21), // 64-bit host, save/load EFER
+        (ENTRY, must(0x490) | 1 << 9 | 1 << 15),          // IA-32e guest, load EFER
+        (IO_BITMAP_A, IO_A.0.get() as u64),
+        (IO_BITMAP_B, IO_B.0.get() as u64),
+    ] {
+        writes.push(f, v);
+    }
+    for (i, &f) in HOST_SELECTORS.iter().enumerate() {
+        writes.push(f, u64::from(t.selectors[i]));
+    }
+    writes.all(|f, v| status(vmwrite(f, v)).is_ok())
+}
+
+/// A fixed list of VMWRITEs (the guest has no allocator).
+mod heapless_writes {
+    pub struct List {
+        items: [(u64, u64); 72],
+        len: usize,
+    }
+
+    impl Default for List {
+        fn default() -> Self {
+            Self {
+                items: [(0, 0); 72],
+                len: 0,
+            }
+        }
+    }
+
+    impl List {
+        pub fn push(&mut self, field: u64, value: u64) {
+            self.items[self.len] = (field, value);
+            self.len += 1;
+        }
+
+        pub fn all(&self, mut f: impl FnMut(u64, u64) -> bool) -> bool {
+            self.items[..self.len].iter().all(|&(a, b)| f(a, b))
+        }
+    }
+}
+
+pub fn run(_info: &BootInfo) -> u64 {
+    let mut failures = 0u64;
+    let mut check = |ok: bool, what: &str| {
+        say!(
+            "testguest: {what}: {}",
+            if ok { "as expected" } else { "WRONG" }
+        );
+        failures += u64::from(!ok);
+    };
+    let revision = rdmsr(0x480) as u32 & 0x7fff_ffff;
+    let (vmxon_region, vmcs) = (GOOD.prepare(revision), VMCS.prepare(revision));
+    // SAFETY: nothing else uses the bitmap yet; one bit: the watched port.
+    unsafe {
+        (*IO_A.0.get())[usize::from(WATCHED_PORT / 8)] |= 1 << (WATCHED_PORT % 8);
+    }
+    super::write_cr4(super::read_cr4() | super::CR4_VMXE);
+    check(status(vmxon(&vmxon_region)).is_ok(), "VMXON");
+    check(
+        status(vmclear(&vmcs)).is_ok() && status(vmptrld(&vmcs)).is_ok(),
+        "VMCLEAR and VMPTRLD of L2's VMCS",
+    );
+    check(
+        write_vmcs(&tables()),
+        "the VMWRITEs of L2's guest state, L1's host state, the controls",
+    );
+    let breakpoints = idt::breakpoints();
+    let mut cpuids = 0usize;
+    let mut seen = [false; 3]; // int3, the watched port, VMCALL
+    let mut wrong = None;
+    IHMI_L1_LAUNCH.store(1, core::sync::atomic::Ordering::SeqCst);
+    let ud_in_l2 = idt::expect_fault(6, 2, || loop {
+        // SAFETY: the VMCS is complete; the stub keeps L1's registers and stack.
+        let failed = unsafe { ihmi_l1_enter() };
+        IHMI_L1_LAUNCH.store(0, core::sync::atomic::Ordering::SeqCst);
+        if failed != 0 {
+            wrong = Some(("the entry failed", failed, vmread(0x4400).0));
+            break;
+        }
+        let reason = vmread(field::EXIT_REASON).0;
+        let len = vmread(field::EXIT_INSTRUCTION_LEN).0;
+        let rip = vmread(field::GUEST_RIP).0;
+        match reason {
+            10 => cpuids += 1,
+            0 => {
+                let info = vmread(field::EXIT_INTERRUPTION).0;
+                if info != 0x8000_0603 || len != 1 {
+                    wrong = Some(("int3's interruption information", info, len));
+                    break;
+                }
+                seen[0] = true;
+                // On to the next instruction, with a #BP (hardware exception, vector 3) injected.
+                vmwrite(field::ENTRY_INTERRUPTION, 0x8000_0303);
+            }
+            30 => {
+                let q = vmread(field::EXIT_QUALIFICATION).0;
+                // 1 byte, IN, not string, immediate operand, the port in bits 31:16.
+                if q != (u64::from(WATCHED_PORT) << 16) | 1 << 3 | 1 << 6 {
+                    wrong = Some(("the port read's qualification", q, len));
+                    break;
+                }
+                seen[1] = true;
+            }
+            18 => {
+                seen[2] = true;
+                break;
+            }
+            other => {
+                wrong = Some(("an exit L1 did not expect", other, rip));
+                break;
+            }
+        }
+        vmwrite(field::GUEST_RIP, rip + len);
+    });
+    if let Some((what, a, b)) = wrong {
+        say!("testguest: L2: {what}: {a:#x} {b:#x}");
+    }
+    check(wrong.is_none(), "every exit from L2 was one L1 expected");
+    check(
+        cpuids == NESTED_MINI_CPUIDS,
+        "each of L2's CPUIDs exited to L1",
+    );
+    check(
+        seen == [true; 3],
+        "int3, the watched port and VMCALL exited to L1",
+    );
+    check(ud_in_l2, "L2's ud2 was taken by L2's own handler");
+    check(
+        idt::breakpoints() == breakpoints + 1,
+        "the #BP L1 injected reached L2's handler",
+    );
+    check(status(vmclear(&vmcs)).is_ok(), "VMCLEAR");
+    check(status(vmxoff()).is_ok(), "VMXOFF");
+    super::write_cr4(super::read_cr4() & !super::CR4_VMXE);
+    failures
+}
