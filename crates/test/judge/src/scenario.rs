@@ -1174,14 +1174,17 @@ pub const NESTED_MAX_ROUND_TRIP: u64 = 12;
 
 /// `nested-mini`'s L2 exits in order (`crates/guests/testguest`, `run_mini`): the CPUIDs, its
 /// `int3` (L1's exception bitmap has #BP), a port read L1's I/O bitmap selects, one it does not
-/// (L0 passes it through: L1 let L2 have the port), and the VMCALL that ends it. Its `ud2` makes no
-/// exit at all: neither L0's nor L1's bitmap has #UD, so L2's own handler takes it.
-pub const NESTED_MINI_EXITS: [L2ExitStep; NESTED_MINI_CPUIDS + 4] = {
-    let mut steps = [L2ExitStep(ExitReason::Cpuid, true); NESTED_MINI_CPUIDS + 4];
+/// (L0 passes it through: L1 let L2 have the port), the VMCALL that ends its first run, and the
+/// timer interrupt of its second (L1 asked for external-interrupt exiting with acknowledge on
+/// exit). Its `ud2` makes no exit at all: neither L0's nor L1's bitmap has #UD, so L2's own
+/// handler takes it.
+pub const NESTED_MINI_EXITS: [L2ExitStep; NESTED_MINI_CPUIDS + 5] = {
+    let mut steps = [L2ExitStep(ExitReason::Cpuid, true); NESTED_MINI_CPUIDS + 5];
     steps[NESTED_MINI_CPUIDS] = L2ExitStep(ExitReason::ExceptionOrNmi, true);
     steps[NESTED_MINI_CPUIDS + 1] = L2ExitStep(ExitReason::IoInstruction, true);
     steps[NESTED_MINI_CPUIDS + 2] = L2ExitStep(ExitReason::IoInstruction, false);
     steps[NESTED_MINI_CPUIDS + 3] = L2ExitStep(ExitReason::Vmcall, true);
+    steps[NESTED_MINI_CPUIDS + 4] = L2ExitStep(ExitReason::ExternalInterrupt, true);
     steps
 };
 

@@ -1417,7 +1417,7 @@ fn nested_mini_needs_exactly_its_exits_one_launch_a_resume_per_reflection_and_ch
     // One CPUID fewer, the free port reflected, one exit more.
     let fewer = &NESTED_MINI_EXITS[1..];
     let mut wrong = NESTED_MINI_EXITS.to_vec();
-    let free = wrong.len() - 2;
+    let free = wrong.iter().position(|s| !s.1).unwrap();
     wrong[free].1 = true;
     let more = [
         NESTED_MINI_EXITS.as_slice(),

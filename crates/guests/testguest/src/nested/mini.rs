@@ -92,6 +92,7 @@ extern "C" {
     /// the next VM exit (L2's registers saved back), or RFLAGS if the entry failed.
     fn ihmi_l1_enter() -> u64;
     fn ihmi_l2_entry();
+    fn ihmi_l2_wait();
 }
 
 // The entry stub keeps L1's callee-saved registers on its stack, points the host RSP and RIP of the
@@ -183,24 +184,17 @@ core::arch::global_asm!(
     "7:",
     "hlt",
     "jmp 7b",
+    // L2's second run: interrupts on, waiting for the timer's (external-interrupt exiting).
+    ".global ihmi_l2_wait",
+    "ihmi_l2_wait:",
+    "sti",
+    "8:",
+    "pause",
+    "jmp 8b",
     cpuids = const NESTED_MINI_CPUIDS,
     watched = const WATCHED_PORT,
     free = const FREE_PORT,
 );
-
-fn read_cr0() -> u64 {
-    let v: u64;
-    // SAFETY: reading CR0 at CPL0 has no effect.
-    unsafe { core::arch::asm!("mov {v}, cr0", v = out(reg) v, options(nomem, nostack)) };
-    v
-}
-
-fn read_cr3() -> u64 {
-    let v: u64;
-    // SAFETY: reading CR3 at CPL0 has no effect.
-    unsafe { core::arch::asm!("mov {v}, cr3", v = out(reg) v, options(nomem, nostack)) };
-    v
-}
 
 /// L1's descriptor-table registers and selectors as the CPU holds them now.
 struct Tables {
@@ -287,16 +281,16 @@ fn write_vmcs(t: &Tables) -> bool {
         (GUEST_IDTR_LIMIT, u64::from(t.idt.1)),
         (GUEST_LINK_POINTER, u64::MAX),
         (GUEST_EFER, efer),
-        (GUEST_CR0, read_cr0()),
-        (GUEST_CR3, read_cr3()),
+        (GUEST_CR0, ihmi_rt::cpu::read_cr0()),
+        (GUEST_CR3, ihmi_rt::cpu::read_cr3()),
         (GUEST_CR4, super::read_cr4()),
         (GUEST_DR7, 0x400),
         (GUEST_RSP, stack_top),
         (GUEST_RIP, ihmi_l2_entry as *const () as u64),
         (GUEST_RFLAGS, 0x2),
         (HOST_EFER, efer),
-        (HOST_CR0, read_cr0()),
-        (HOST_CR3, read_cr3()),
+        (HOST_CR0, ihmi_rt::cpu::read_cr0()),
+        (HOST_CR3, ihmi_rt::cpu::read_cr3()),
         (HOST_CR4, super::read_cr4()),
         (HOST_FS_BASE, rdmsr(0xc000_0100)),
         (HOST_GS_BASE, rdmsr(0xc000_0101)),
@@ -347,6 +341,51 @@ mod heapless_writes {
     }
 }
 
+/// The PIT and the primary PIC (ports as the PC has them).
+const PIT_COMMAND: u16 = 0x43;
+const PIT_CHANNEL0: u16 = 0x40;
+const PIC_COMMAND: u16 = 0x20;
+const PIC_DATA: u16 = 0x21;
+
+fn outb(port: u16, value: u8) {
+    // SAFETY: the ports are the PIT's and the PIC's, which the guest owns; L0 passes them through.
+    unsafe { x86::io::outb(port, value) }
+}
+
+fn inb(port: u16) -> u8 {
+    // SAFETY: as for `outb`.
+    unsafe { x86::io::inb(port) }
+}
+
+/// L2's second run: with external-interrupt exiting and acknowledge-interrupt-on-exit added to the
+/// `pin` and `exit` controls of the first (read before it, so that no MSR read adds to the VMCALL's
+/// round trip), L2 waits
+/// with interrupts on while the PIT counts 1 ms; the interrupt exits to L1 with its vector. L1
+/// sends the PIC its end of interrupt and puts the PIC's mask back. The exit's interruption
+/// information, or `None` if the exit was something else.
+fn external_interrupt(pin: u64, exit: u64) -> Option<u64> {
+    let mask = inb(PIC_DATA);
+    // Channel 0, lobyte/hibyte, mode 2 (rate generator), 1193 ticks of 1.193 MHz.
+    outb(PIT_COMMAND, 0x34);
+    outb(PIT_CHANNEL0, (1193 & 0xff) as u8);
+    outb(PIT_CHANNEL0, (1193 >> 8) as u8);
+    outb(PIC_DATA, mask & !1);
+    let ok = [
+        (field::PIN, pin | 1),         // external-interrupt exiting
+        (field::EXIT, exit | 1 << 15), // acknowledge interrupt on exit
+        (field::GUEST_RIP, ihmi_l2_wait as *const () as u64),
+    ]
+    .iter()
+    .all(|&(f, v)| status(vmwrite(f, v)).is_ok());
+    // SAFETY: as for the first run; the VMCS is launched, so this is a VMRESUME.
+    let failed = ok.then(|| unsafe { ihmi_l1_enter() });
+    let reason = vmread(field::EXIT_REASON).0;
+    let info = vmread(field::EXIT_INTERRUPTION).0;
+    outb(PIC_COMMAND, 0x20); // end of interrupt
+    outb(PIC_DATA, mask);
+    (failed == Some(0) && reason == 1).then_some(info)
+}
+
 pub fn run(_info: &BootInfo) -> u64 {
     let mut failures = 0u64;
     let mut check = |ok: bool, what: &str| {
@@ -372,6 +411,7 @@ pub fn run(_info: &BootInfo) -> u64 {
         write_vmcs(&tables()),
         "the VMWRITEs of L2's guest state, L1's host state, the controls",
     );
+    let (pin, exit) = (vmread(field::PIN).0, vmread(field::EXIT).0);
     let breakpoints = idt::breakpoints();
     let mut cpuids = 0usize;
     let mut seen = [false; 3]; // int3, the watched port, VMCALL
@@ -420,6 +460,21 @@ pub fn run(_info: &BootInfo) -> u64 {
         }
         vmwrite(field::GUEST_RIP, rip + len);
     });
+    let interrupt = if wrong.is_none() {
+        external_interrupt(pin, exit)
+    } else {
+        None
+    };
+    check(
+        interrupt.is_some_and(|info| info >> 31 == 1 && (info >> 8) & 7 == 0),
+        "a timer interrupt during L2 exited to L1, acknowledged (its vector in the exit information)",
+    );
+    if let Some(info) = interrupt {
+        say!(
+            "testguest: L2's external interrupt: vector {:#x}",
+            info & 0xff
+        );
+    }
     if let Some((what, a, b)) = wrong {
         say!("testguest: L2: {what}: {a:#x} {b:#x}");
     }
