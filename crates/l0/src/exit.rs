@@ -187,10 +187,14 @@ pub fn finish(st: &mut L0State, end: GuestEnd) -> ! {
         }
         if n.round_trips > 0 {
             log!(
-                "nested: L0 exits per reflected exit (the exit, L1's handling, its VMRESUME): {} at most, {} in all over {}",
+                "nested: L0 exits per reflected exit (the exit, L1's handling, its VMRESUME): {} at most, {} in all over {}: {} reflected exits, {} VMRESUMEs, {} VMREADs and VMWRITEs, {} others",
                 n.round_trip_max,
                 n.round_trip_total,
-                n.round_trips
+                n.round_trips,
+                n.round_trips,
+                n.round_trips,
+                n.round_trip_vmread_vmwrite,
+                n.round_trip_other
             );
         }
     }

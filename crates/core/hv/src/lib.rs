@@ -105,7 +105,7 @@ impl Hypervisor {
             }
             return action;
         }
-        self.count_l1_exit();
+        self.count_l1_exit(exit.reason());
         let audit = self.audit(vcpu, platform, obs);
         let action = audit.unwrap_or_else(|| self.dispatch(exit, vcpu, platform, obs));
         if !matches!(action, Action::End(_)) {

@@ -31,11 +31,24 @@ pub struct NestedStats {
     /// Entries L1 asked for that failed the guest-state checks (an exit to L1 with reason 33).
     pub entry_failures: u64,
     /// L0 exits from the last reflected exit up to now, while L1 handles it.
-    pub(crate) pending_round_trip: Option<u64>,
+    pub(crate) pending_round_trip: Option<RoundTrip>,
     /// The round trips of reflected exits (see [`Observation::L2Entry`]): their sum and largest.
     pub round_trip_total: u64,
     pub round_trip_max: u64,
     pub round_trips: u64,
+    /// Of the L1 exits in those round trips, VMREADs and VMWRITEs (what VMCS shadowing removes), and
+    /// the others but the VMRESUMEs.
+    pub round_trip_vmread_vmwrite: u64,
+    pub round_trip_other: u64,
+}
+
+/// The L0 exits of one reflected exit so far: all of them, and L1's VMREADs/VMWRITEs and other
+/// exits among them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct RoundTrip {
+    exits: u64,
+    vmread_vmwrite: u64,
+    other: u64,
 }
 
 impl Hypervisor {
@@ -45,12 +58,19 @@ impl Hypervisor {
         self.nested.as_ref().is_some_and(|n| n.level == Level::L2)
     }
 
-    /// An exit while L1 waits for its reflected exit to come back: counted into the round trip.
-    pub(crate) fn count_l1_exit(&mut self) {
-        if let Some(n) = self.nested.as_mut() {
-            if let Some(c) = n.stats.pending_round_trip.as_mut() {
-                *c += 1;
-            }
+    /// An exit of L1's while it handles a reflected exit: counted into the round trip, and by kind.
+    pub(crate) fn count_l1_exit(&mut self, reason: ExitReason) {
+        let Some(n) = self.nested.as_mut() else {
+            return;
+        };
+        let Some(c) = n.stats.pending_round_trip.as_mut() else {
+            return;
+        };
+        c.exits += 1;
+        match reason {
+            ExitReason::Vmread | ExitReason::Vmwrite => c.vmread_vmwrite += 1,
+            ExitReason::Vmresume | ExitReason::Vmlaunch => {}
+            _ => c.other += 1,
         }
     }
 
@@ -80,12 +100,15 @@ impl Hypervisor {
                 v.launched = true;
                 n.level = Level::L2;
                 n.stats.entries += 1;
-                let round_trip = n.stats.pending_round_trip.take();
-                if let Some(r) = round_trip {
+                let finished = n.stats.pending_round_trip.take();
+                if let Some(r) = finished {
                     n.stats.round_trips += 1;
-                    n.stats.round_trip_total += r;
-                    n.stats.round_trip_max = n.stats.round_trip_max.max(r);
+                    n.stats.round_trip_total += r.exits;
+                    n.stats.round_trip_max = n.stats.round_trip_max.max(r.exits);
+                    n.stats.round_trip_vmread_vmwrite += r.vmread_vmwrite;
+                    n.stats.round_trip_other += r.other;
                 }
+                let round_trip = finished.map(|r| r.exits);
                 obs.observe(Observation::L2Entry { launch, round_trip });
             }
             NestedSwitch::ToL1 => {
@@ -187,7 +210,10 @@ impl Hypervisor {
             }
             n.stats.reflected += 1;
             // This exit and the entry that ends L1's handling of it count; L1's exits in between add.
-            n.stats.pending_round_trip = Some(1);
+            n.stats.pending_round_trip = Some(RoundTrip {
+                exits: 1,
+                ..RoundTrip::default()
+            });
             obs.observe(Observation::L2Exit {
                 reason,
                 reflected: true,

@@ -1242,6 +1242,44 @@ mod running_l2 {
         );
         let stats = h.nested_stats().unwrap();
         assert_eq!((stats.entries, stats.l2_exits, stats.reflected), (2, 2, 1));
+        assert_eq!(
+            (stats.round_trip_vmread_vmwrite, stats.round_trip_other),
+            (0, 0),
+            "L1 went straight to VMRESUME"
+        );
+    }
+
+    #[test]
+    fn l2_touching_l0_s_memory_is_l0_s_exit_and_ends_the_guest_with_the_region_named() {
+        let (mut h, mut p) = in_vmx_operation(vmcs12(&offer()));
+        assert_eq!(
+            h.handle_exit(&mut vmlaunch(), &mut p),
+            Action::SwitchVmcs(NestedSwitch::ToL2)
+        );
+        h.hv.on_vmcs_switched(&mut MockVcpu::default(), &mut h.rec, NestedSwitch::ToL2);
+        let mut read = MockVcpu::exited(48, L2_RIP, 3);
+        read.fields.insert(ro::EXIT_QUALIFICATION, 1); // a data read
+        read.fields
+            .insert(ro::GUEST_PHYSICAL_ADDR_FULL, crate::mock::L0_HOLE);
+        let action = h.handle_exit(&mut read, &mut p);
+        assert!(
+            matches!(
+                action,
+                Action::End(crate::GuestEnd::EptViolation {
+                    region: Some(crate::RegionKind::L0),
+                    ..
+                })
+            ),
+            "{action:?}"
+        );
+        assert_eq!(
+            l2_observations(&h).last(),
+            Some(&Observation::L2Exit {
+                reason: ExitReason::EptViolation,
+                reflected: false
+            }),
+            "never L1's: L2 runs under L0's EPT"
+        );
     }
 
     #[test]
