@@ -19,7 +19,7 @@ use crate::{
     Platform, Vcpu,
 };
 
-/// The costs of the nested path so far (for reports and `ihmi bench --nested`).
+/// The costs of the nested path so far (L0's end-of-run report; `ihmi bench --nested` to come).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NestedStats {
     /// Entries to L2 (VMLAUNCH and VMRESUME that passed their checks).
@@ -120,8 +120,9 @@ impl Hypervisor {
     }
 
     /// L1's entry passed the checks before it (SDM 27.1-27.2); the guest-state checks (27.3) decide
-    /// between an entry to L2 and an exit to L1 with reason 33. `Some(action)` when the entry goes
-    /// on, `None` when it failed (L1 is at its host state already).
+    /// between an entry to L2 and an exit to L1 with reason 33. `Ok(SwitchVmcs(ToL2))` when the
+    /// entry goes on, `Ok(Resume)` when it failed (L1 is at its host state already), `Err` for what
+    /// L0 does not emulate yet.
     pub(crate) fn nested_entry(
         &mut self,
         vcpu: &mut impl Vcpu,
@@ -315,8 +316,32 @@ impl Hypervisor {
                 skip_instruction(vcpu, instruction);
                 Action::Resume
             }
-            VmExit::Rdmsr(i) => self.on_rdmsr(vcpu, platform, obs, i),
-            VmExit::Wrmsr(i) => self.on_wrmsr(vcpu, platform, obs, i),
+            VmExit::Rdmsr(i) | VmExit::Wrmsr(i) => {
+                let write = matches!(exit, VmExit::Wrmsr(_));
+                let msr = vcpu.regs().rcx as u32;
+                if l0_takes_msr(msr, write) {
+                    // L0's policy, as for L1's own access (VMCS02 has no MSR bitmap: L0 decides).
+                    return if write {
+                        self.on_wrmsr(vcpu, platform, obs, i)
+                    } else {
+                        self.on_rdmsr(vcpu, platform, obs, i)
+                    };
+                }
+                match l2_msr(vcpu, msr, write) {
+                    Some(true) => {
+                        skip_instruction(vcpu, i);
+                        Action::Resume
+                    }
+                    Some(false) => Action::Resume,
+                    None => {
+                        platform.log(format_args!(
+                            "nested: L2's {} of MSR {msr:#x}, which L1 passes through, is not emulated",
+                            if write { "WRMSR" } else { "RDMSR" }
+                        ));
+                        unhandled(exit.reason(), u64::from(msr))
+                    }
+                }
+            }
             VmExit::Hlt(i) => policy::exception::on_hlt(vcpu, i),
             VmExit::EptViolation {
                 gpa,
@@ -341,4 +366,54 @@ impl Hypervisor {
     pub fn nested_stats(&self) -> Option<NestedStats> {
         self.nested.as_ref().map(|n| n.stats)
     }
+}
+
+/// Whether L0's MSR policy takes this access when L1 runs (its bitmap intercepts it, or the MSR is
+/// outside the bitmap's ranges, where every access exits).
+fn l0_takes_msr(msr: u32, write: bool) -> bool {
+    use crate::policy::msr::{INTERCEPTED, READ_INTERCEPTED, WRITE_INTERCEPTED};
+    let one_way = if write {
+        WRITE_INTERCEPTED
+    } else {
+        READ_INTERCEPTED
+    };
+    let in_bitmap = matches!(msr, 0..=0x1fff | 0xc000_0000..=0xc000_1fff);
+    !in_bitmap
+        || INTERCEPTED
+            .iter()
+            .chain(one_way)
+            .any(|&(a, b)| (a..=b).contains(&msr))
+}
+
+/// An MSR access of L2's that L1 passes through and L0 does not intercept: those whose value lives
+/// in the VMCS (VM entry loads them, VM exit saves them) are read and written there; `None` for the
+/// rest, which L0 cannot reach safely from root operation (the physical MSR may be L0's, and one
+/// that does not exist would fault in L0). `Some(true)`: done, step past it; `Some(false)`: the
+/// instruction faulted instead.
+fn l2_msr(vcpu: &mut impl Vcpu, msr: u32, write: bool) -> Option<bool> {
+    use ihmi_arch::msr::{IA32_FS_BASE, IA32_GS_BASE, IA32_SYSENTER_CS, IA32_SYSENTER_ESP};
+    let field = match msr {
+        IA32_FS_BASE => guest::FS_BASE,
+        IA32_GS_BASE => guest::GS_BASE,
+        IA32_SYSENTER_CS => guest::IA32_SYSENTER_CS,
+        IA32_SYSENTER_ESP => guest::IA32_SYSENTER_ESP,
+        _ => return None,
+    };
+    let regs = *vcpu.regs();
+    if write {
+        let value = (regs.rdx << 32) | (regs.rax & 0xffff_ffff);
+        let top = value >> 47;
+        if msr != IA32_SYSENTER_CS && top != 0 && top != 0x1_ffff {
+            // A non-canonical base: WRMSR's #GP(0).
+            crate::inject_exception(vcpu, ihmi_arch::vector::GP, Some(0));
+            return Some(false);
+        }
+        vcpu.write(field, value);
+    } else {
+        let value = vcpu.read(field);
+        let r = vcpu.regs();
+        r.rax = value & 0xffff_ffff;
+        r.rdx = value >> 32;
+    }
+    Some(true)
 }

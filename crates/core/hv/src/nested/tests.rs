@@ -1283,6 +1283,43 @@ mod running_l2 {
     }
 
     #[test]
+    fn an_msr_l1_passes_through_is_read_from_vmcs02_or_l0_s_policy_or_ends_the_guest_said_so() {
+        let mut v = vmcs12(&offer());
+        let proc = v.read(control::PRIMARY_PROCBASED_EXEC_CONTROLS).unwrap();
+        v.write(control::PRIMARY_PROCBASED_EXEC_CONTROLS, proc | 1 << 28)
+            .unwrap();
+        v.write(control::MSR_BITMAPS_ADDR_FULL, 0xa000).unwrap(); // all clear: L1 asks for none
+        let (mut h, mut p) = in_vmx_operation(v);
+        h.handle_exit(&mut vmlaunch(), &mut p);
+        h.hv.on_vmcs_switched(&mut MockVcpu::default(), &mut h.rec, NestedSwitch::ToL2);
+        let rdmsr = |msr: u32| {
+            let mut r = MockVcpu::exited(31, L2_RIP, 2);
+            r.regs.rcx = u64::from(msr);
+            r.fields.insert(guest::FS_BASE, 0x1234_5678_9000);
+            r
+        };
+        // FS base lives in the VMCS: L2 reads its own.
+        let mut fs = rdmsr(0xc000_0100);
+        assert_eq!(h.handle_exit(&mut fs, &mut p), Action::Resume);
+        assert_eq!((fs.regs.rax, fs.regs.rdx), (0x5678_9000, 0x1234));
+        assert_eq!(fs.fields[&guest::RIP], L2_RIP + 2);
+        // IA32_FEATURE_CONTROL is L0's to answer, as for L1 (the offer: locked, VMX on).
+        let mut fc = rdmsr(0x3a);
+        assert_eq!(h.handle_exit(&mut fc, &mut p), Action::Resume);
+        assert_eq!(fc.regs.rax, 5);
+        // An MSR L0 cannot reach for L2 from root operation ends the guest, said so.
+        let mut tsc = rdmsr(0x10);
+        assert!(matches!(
+            h.handle_exit(&mut tsc, &mut p),
+            Action::End(crate::GuestEnd::Unhandled {
+                qualification: 0x10,
+                ..
+            })
+        ));
+        assert!(p.logs().iter().any(|l| l.contains("MSR 0x10")));
+    }
+
+    #[test]
     fn an_entry_with_a_bad_guest_state_exits_to_l1_with_reason_33() {
         let mut bad = vmcs12(&offer());
         bad.write(guest::RFLAGS, 0).unwrap();
