@@ -36,6 +36,18 @@ impl Region {
     }
 }
 
+/// A check the guest reports on the console ("as expected" or "WRONG"), counting the wrong ones
+/// into `failures` (the scenario's exit code).
+fn checker(failures: &mut u64) -> impl FnMut(bool, &str) + '_ {
+    |ok, what| {
+        say!(
+            "testguest: {what}: {}",
+            if ok { "as expected" } else { "WRONG" }
+        );
+        *failures += u64::from(!ok);
+    }
+}
+
 /// VMXOFF (`0F 01 C4`, 3 bytes); returns RFLAGS after it.
 fn vmxoff() -> u64 {
     let rflags: u64;
@@ -69,13 +81,7 @@ fn status(rflags: u64) -> Result<(), bool> {
 
 pub fn run(info: &BootInfo) -> u64 {
     let mut failures = 0u64;
-    let mut check = |ok: bool, what: &str| {
-        say!(
-            "testguest: {what}: {}",
-            if ok { "as expected" } else { "WRONG" }
-        );
-        failures += u64::from(!ok);
-    };
+    let mut check = checker(&mut failures);
     // What a hypervisor checks before VMXON.
     check(
         ihmi_rt::cpu::cpuid(1, 0)[2] & (1 << 5) != 0,
@@ -164,6 +170,7 @@ pub fn run(info: &BootInfo) -> u64 {
         read_cr4() & CR4_VMXE == 0,
         "CR4.VMXE clears outside VMX operation",
     );
+    drop(check);
     failures
 }
 
@@ -273,13 +280,7 @@ pub fn run_vmcs(info: &BootInfo) -> u64 {
     const EXIT_REASON: u64 = 0x4402;
     const VM_INSTRUCTION_ERROR: u64 = 0x4400;
     let mut failures = 0u64;
-    let mut check = |ok: bool, what: &str| {
-        say!(
-            "testguest: {what}: {}",
-            if ok { "as expected" } else { "WRONG" }
-        );
-        failures += u64::from(!ok);
-    };
+    let mut check = checker(&mut failures);
     let revision = rdmsr(0x480) as u32 & 0x7fff_ffff;
     let (vmxon_region, vmcs, bad) = (
         GOOD.prepare(revision),
@@ -397,5 +398,6 @@ pub fn run_vmcs(info: &BootInfo) -> u64 {
     );
     check(status(vmxoff()).is_ok(), "VMXOFF: VMsucceed");
     write_cr4(read_cr4() & !CR4_VMXE);
+    drop(check);
     failures
 }

@@ -85,7 +85,7 @@ fn msr_area(a: u64, count: u64) -> bool {
 }
 
 /// Canonical in 48-bit linear addresses.
-const fn canonical(a: u64) -> bool {
+pub(crate) const fn canonical(a: u64) -> bool {
     let top = a >> 47;
     top == 0 || top == 0x1_ffff
 }

@@ -402,8 +402,7 @@ fn l2_msr(vcpu: &mut impl Vcpu, msr: u32, write: bool) -> Option<bool> {
     let regs = *vcpu.regs();
     if write {
         let value = (regs.rdx << 32) | (regs.rax & 0xffff_ffff);
-        let top = value >> 47;
-        if msr != IA32_SYSENTER_CS && top != 0 && top != 0x1_ffff {
+        if msr != IA32_SYSENTER_CS && !super::entry::canonical(value) {
             // A non-canonical base: WRMSR's #GP(0).
             crate::inject_exception(vcpu, ihmi_arch::vector::GP, Some(0));
             return Some(false);

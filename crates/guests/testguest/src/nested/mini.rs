@@ -388,13 +388,7 @@ fn external_interrupt(pin: u64, exit: u64) -> Option<u64> {
 
 pub fn run(_info: &BootInfo) -> u64 {
     let mut failures = 0u64;
-    let mut check = |ok: bool, what: &str| {
-        say!(
-            "testguest: {what}: {}",
-            if ok { "as expected" } else { "WRONG" }
-        );
-        failures += u64::from(!ok);
-    };
+    let mut check = super::checker(&mut failures);
     let revision = rdmsr(0x480) as u32 & 0x7fff_ffff;
     let (vmxon_region, vmcs) = (GOOD.prepare(revision), VMCS.prepare(revision));
     // SAFETY: nothing else uses the bitmap yet; one bit: the watched port.
@@ -495,5 +489,6 @@ pub fn run(_info: &BootInfo) -> u64 {
     check(status(vmclear(&vmcs)).is_ok(), "VMCLEAR");
     check(status(vmxoff()).is_ok(), "VMXOFF");
     super::write_cr4(super::read_cr4() & !super::CR4_VMXE);
+    drop(check);
     failures
 }
