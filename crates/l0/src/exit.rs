@@ -67,7 +67,9 @@ pub extern "C" fn on_exit(regs: &mut GuestRegs) {
         monitor_vm_exits: st.outbox.as_ref().map_or(0, outbox::MonitorVm::exits),
         invocations: st.monitor.as_ref().map_or(0, |m| m.invocations()),
     };
-    let mut vcpu = HwVcpu::new(st.vmcss.active(), regs);
+    // The shadow VMCS hangs off the guest's VMCS (VMCS01) only.
+    let shadow = st.shadow_vmcs.filter(|_| !st.hv.in_l2());
+    let mut vcpu = HwVcpu::new(st.vmcss.active(), regs).with_shadow_vmcs(shadow);
     let mut platform = st.machine.platform();
     let mut console = Console(Sink::Both);
     let mut observer = st.judge.observer(counts, &mut console);
@@ -112,7 +114,8 @@ fn nested_switch(st: &mut L0State, regs: &mut GuestRegs, to: NestedSwitch) -> Re
     unsafe { st.vmcss.switch_to(id) }.map_err(|_| GuestEnd::L0Stopped {
         why: "VMPTRLD of a nested VMCS failed",
     })?;
-    let mut vcpu = HwVcpu::new(st.vmcss.active(), regs);
+    let shadow = st.shadow_vmcs.filter(|_| to == NestedSwitch::ToL1);
+    let mut vcpu = HwVcpu::new(st.vmcss.active(), regs).with_shadow_vmcs(shadow);
     let counts = MonitorCounts {
         monitor_vm_exits: 0,
         invocations: 0,

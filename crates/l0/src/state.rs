@@ -57,6 +57,8 @@ pub struct L0State {
     pub guest_vmcs: VmcsId,
     /// The VMCS the guest's own guest runs on (VMCS02), when nested VMX is offered.
     pub nested_vmcs: Option<VmcsId>,
+    /// The guest's shadow VMCS, with VMCS shadowing.
+    pub shadow_vmcs: Option<ihmi_addr::Hpa>,
     /// The out-of-box monitor VM, when the scenario runs one.
     pub outbox: Option<MonitorVm>,
     /// The in-VM monitor, when the scenario runs one.

@@ -5,7 +5,7 @@
 
 use ihmi_abi::monitor::Mode;
 use ihmi_abi::Scenario;
-use ihmi_addr::{Gpa, GpaRange, Gva};
+use ihmi_addr::{Gpa, GpaRange, Gva, Hpa};
 use ihmi_hv::linux::gate::GateEntry;
 use ihmi_hv::linux::hooks::{ExecHook, HookSite};
 use ihmi_hv::{
@@ -178,7 +178,13 @@ pub fn setup(
     let guard = guard(&guest, monitor.as_ref(), &views, hook, gate, &memory)?;
 
     // The VMs: the out-of-box monitor VM's VMCS first, the guest's last (current at launch).
-    let (vmcss, guest_vmcs, nested_vmcs, outbox) = create_vms(
+    let Vms {
+        vmcss,
+        guest_vmcs,
+        nested_vmcs,
+        shadow_vmcs,
+        outbox,
+    } = create_vms(
         &memory,
         &vmx,
         tables,
@@ -225,7 +231,12 @@ pub fn setup(
         // Milestone M1 offers shadow paging only: no EPT for the guest's own guests yet.
         let offer = VirtualVmx::offer(&vmx.caps, NestedFeatures::ShadowPaging)
             .map_err(LoadError::NestedOffer)?;
-        hv.nested = Some(ihmi_hv::nested::vmx::NestedVmx::new(offer));
+        let nested = ihmi_hv::nested::vmx::NestedVmx::new(offer);
+        hv.nested = Some(if shadow_vmcs.is_some() {
+            nested.with_shadowing()
+        } else {
+            nested
+        });
         log!(
             "nested: VMX offered to the guest (shadow paging, VMCS revision {:#x})",
             ihmi_hv::nested::caps::VMCS12_REVISION
@@ -242,6 +253,7 @@ pub fn setup(
             vmcss,
             guest_vmcs,
             nested_vmcs,
+            shadow_vmcs,
             outbox,
             monitor,
             judge,
@@ -381,7 +393,7 @@ fn create_vms(
     views: &views::Views,
     boot_state: &GuestBoot,
     scenario: Scenario,
-) -> Result<(Vmcss, VmcsId, Option<VmcsId>, Option<MonitorVm>), LoadError> {
+) -> Result<Vms, LoadError> {
     let mut vmcss = Vmcss::new();
     let outbox = match (monitor, scenario.monitor_mode()) {
         (Some(m), Mode::OutBox) => Some(outbox::setup(
@@ -452,5 +464,97 @@ fn create_vms(
             fault.why
         );
     }
-    Ok((vmcss, guest_vmcs, nested_vmcs, outbox))
+    let shadow = if scenario.shadows_vmcs() {
+        Some(shadow_vmcs(&mut vmcss, vmx, frames)?)
+    } else {
+        None
+    };
+    Ok(Vms {
+        vmcss,
+        guest_vmcs,
+        nested_vmcs,
+        shadow_vmcs: shadow,
+        outbox,
+    })
+}
+
+/// The VMCSs of a scenario: the guest's (current at launch), with nested VMX the one its own guest
+/// runs on and the shadow VMCS, and the out-of-box monitor VM.
+struct Vms {
+    vmcss: Vmcss,
+    guest_vmcs: VmcsId,
+    nested_vmcs: Option<VmcsId>,
+    shadow_vmcs: Option<Hpa>,
+    outbox: Option<MonitorVm>,
+}
+
+/// VMCS shadowing for the guest hypervisor (SDM 25.10): a shadow VMCS, the VMREAD and VMWRITE
+/// bitmaps that let the shadowed fields through (`ihmi_hv::nested::shadow`), and the guest's VMCS
+/// (current) set to use them; its link pointer stays all ones until the guest has a current VMCS.
+/// Refused with the reason if the CPU cannot shadow or cannot take every shadowed field.
+fn shadow_vmcs(vmcss: &mut Vmcss, vmx: &Vmx, frames: &mut Pool) -> Result<Hpa, LoadError> {
+    use ihmi_hv::nested::shadow;
+    use ihmi_vmcs::fields::control;
+    use ihmi_vmcs::SecondaryControls;
+    if !vmx.features.vmcs_shadowing || !vmx.caps.vmwrite_any_field() {
+        return Err(LoadError::Cpu(
+            "this scenario needs VMCS shadowing and VMWRITE to any field (IA32_VMX_MISC bit 29); choose a CPU model with them (e.g. corei7_skylake_x)",
+        ));
+    }
+    let vmx_error = |what| move |error| LoadError::Vmx { what, error };
+    // SAFETY: VMX is on; the frame is a fresh pool frame, L0's for good.
+    let region = unsafe { ihmi_vmx::create_shadow(frames.frame()?, &vmx.caps) }
+        .map_err(vmx_error("the shadow VMCS"))?;
+    // SAFETY: VMX is on, `region` came from `create_shadow`, the guest's VMCS is current.
+    match unsafe {
+        ihmi_vmx::shadow_accepts(region, vmcss.active(), shadow::shadowed().map(|(f, _)| f))
+    } {
+        Ok(()) => {}
+        Err(Some(field)) => {
+            log!("vmx: the shadow VMCS refuses {field}");
+            return Err(LoadError::Cpu(
+                "the CPU's shadow VMCS lacks a field L0 shadows",
+            ));
+        }
+        Err(None) => return Err(LoadError::Cpu("VMPTRLD of the shadow VMCS failed")),
+    }
+    let bitmap = |write: bool, frames: &mut Pool| {
+        frames.page(|b: &mut FieldBitmap| {
+            b.0.fill(0xff);
+            for (f, writable) in shadow::shadowed() {
+                if writable || !write {
+                    for e in shadow::encodings(f) {
+                        let bit = (e & 0x7fff) as usize;
+                        b.0[bit / 8] &= !(1 << (bit % 8));
+                    }
+                }
+            }
+        })
+    };
+    let (read, write) = (bitmap(false, frames)?, bitmap(true, frames)?);
+    let vmcs = vmcss.active();
+    let secondary = vmcs.read(control::SECONDARY_PROCBASED_EXEC_CONTROLS)
+        | u64::from(SecondaryControls::VMCS_SHADOWING.bits());
+    for (f, v) in [
+        (control::VMREAD_BITMAP_ADDR_FULL, read.raw()),
+        (control::VMWRITE_BITMAP_ADDR_FULL, write.raw()),
+        (control::SECONDARY_PROCBASED_EXEC_CONTROLS, secondary),
+    ] {
+        vmcs.write(f, v)
+            .map_err(vmx_error("turning VMCS shadowing on"))?;
+    }
+    log!(
+        "nested: VMCS shadowing on (shadow VMCS at {:#x})",
+        region.raw()
+    );
+    Ok(region)
+}
+
+/// A VMREAD or VMWRITE bitmap (SDM 25.6.15): one bit per field encoding's bits 14:0, set to exit.
+#[repr(C, align(4096))]
+pub struct FieldBitmap(pub [u8; 4096]);
+
+// SAFETY: one page of bytes, `#[repr(C, align(4096))]`.
+unsafe impl crate::frames::PageLayout for FieldBitmap {
+    const PAGES: usize = 1;
 }

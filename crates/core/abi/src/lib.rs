@@ -254,6 +254,9 @@ pub enum Scenario {
     /// Nested VMX, milestone M2: the test guest as a tiny hypervisor runs a 64-bit guest of its own
     /// (L2), which makes the exits L1 asked for and some it did not; L1 injects an event into it.
     NestedMini,
+    /// `NestedMini` with VMCS shadowing: L1's VMREADs and VMWRITEs of the common fields make no
+    /// exits.
+    NestedMiniShadow,
 }
 
 /// CPUIDs `nested-mini`'s L2 makes; each is reflected to L1 (the test guest and L0's judge agree on
@@ -268,8 +271,8 @@ const LINUX_ATTACK_BASE: u32 = 40;
 impl Scenario {
     /// Every scenario, in the order `ihmi test` runs them (and the host's scenario table lists them):
     /// the test guest's, Linux's, the two benchmarks', the attack suite, then nested VMX's.
-    pub const ALL: [Scenario; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 3] = {
-        let mut all = [Self::Boot; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 3];
+    pub const ALL: [Scenario; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 4] = {
+        let mut all = [Self::Boot; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 4];
         let fixed = [
             Self::Boot,
             Self::EptGuard,
@@ -311,6 +314,7 @@ impl Scenario {
         all[i + j] = Self::NestedVmxon;
         all[i + j + 1] = Self::NestedVmcs;
         all[i + j + 2] = Self::NestedMini;
+        all[i + j + 3] = Self::NestedMiniShadow;
         all
     };
 
@@ -384,6 +388,7 @@ impl Scenario {
             Self::NestedVmxon => "nested-vmxon",
             Self::NestedVmcs => "nested-vmcs",
             Self::NestedMini => "nested-mini",
+            Self::NestedMiniShadow => "nested-mini-shadow",
         }
     }
 
@@ -392,8 +397,14 @@ impl Scenario {
     pub const fn offers_vmx(self) -> bool {
         matches!(
             self,
-            Self::NestedVmxon | Self::NestedVmcs | Self::NestedMini
+            Self::NestedVmxon | Self::NestedVmcs | Self::NestedMini | Self::NestedMiniShadow
         )
+    }
+
+    /// Whether L0 shadows the guest's VMCS12 (VMCS shadowing, NESTED.md A.2.5).
+    #[must_use]
+    pub const fn shadows_vmcs(self) -> bool {
+        matches!(self, Self::NestedMiniShadow)
     }
 
     /// The number stored in [`BootInfo::scenario`].
@@ -419,6 +430,7 @@ impl Scenario {
             Self::NestedVmxon => 19,
             Self::NestedVmcs => 20,
             Self::NestedMini => 21,
+            Self::NestedMiniShadow => 22,
         }
     }
 

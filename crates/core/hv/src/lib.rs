@@ -39,7 +39,7 @@ pub use linux::gate::{KernelImage, LinuxGate, Locked};
 pub use memory::{MemoryMap, RegionKind};
 pub use observe::{BenchMark, Observation, Observer, Unobserved};
 pub use platform::{MonitorWord, Platform, PlatformError};
-pub use vcpu::{GuestRegs, Vcpu};
+pub use vcpu::{GuestRegs, ShadowFields, Vcpu};
 
 pub(crate) use vcpu::{cpl, gpr, inject_exception, skip_instruction};
 

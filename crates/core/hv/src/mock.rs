@@ -19,7 +19,7 @@ use ihmi_vmcs::VmcsField;
 
 use ihmi_hv::{
     Alert, GuestRegs, MemoryMap, MonitorWord, Observation, Observer, Platform, PlatformError,
-    RegionKind, Vcpu,
+    RegionKind, ShadowFields, Vcpu,
 };
 
 /// Where the test memory map's L0 hole starts: guest RAM is 0..16 MiB except 8..9 MiB, which L0 owns.
@@ -64,6 +64,22 @@ pub struct MockVcpu {
     pub fields: BTreeMap<VmcsField, u64>,
     pub regs: GuestRegs,
     pub calls: Vec<Call>,
+    /// A shadow VMCS's fields, for VMCS shadowing (`None`: no shadow).
+    pub shadow: Option<BTreeMap<VmcsField, u64>>,
+}
+
+/// The address the mock's link pointer names when its shadow VMCS is linked.
+pub const MOCK_SHADOW_VMCS: u64 = 0x5ad0_0000;
+
+struct MockShadow<'a>(&'a mut BTreeMap<VmcsField, u64>);
+
+impl ShadowFields for MockShadow<'_> {
+    fn read(&mut self, field: VmcsField) -> u64 {
+        self.0.get(&field).copied().unwrap_or(0)
+    }
+    fn write(&mut self, field: VmcsField, value: u64) {
+        self.0.insert(field, value);
+    }
 }
 
 impl MockVcpu {
@@ -108,6 +124,22 @@ impl Vcpu for MockVcpu {
     }
     fn regs(&mut self) -> &mut GuestRegs {
         &mut self.regs
+    }
+    fn link_shadow(&mut self, linked: bool) -> bool {
+        if self.shadow.is_none() {
+            return false;
+        }
+        let link = if linked { MOCK_SHADOW_VMCS } else { u64::MAX };
+        self.write(guest::LINK_PTR_FULL, link);
+        true
+    }
+    fn with_shadow(&mut self, f: &mut dyn FnMut(&mut dyn ShadowFields)) -> bool {
+        let Some(mut shadow) = self.shadow.take() else {
+            return false;
+        };
+        f(&mut MockShadow(&mut shadow));
+        self.shadow = Some(shadow);
+        true
     }
 }
 

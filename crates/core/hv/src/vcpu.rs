@@ -37,6 +37,22 @@ pub trait Vcpu {
     fn write(&mut self, field: VmcsField, value: u64);
     /// The guest registers saved at exit, restored at entry.
     fn regs(&mut self) -> &mut GuestRegs;
+    /// VMCS shadowing: points the current VMCS's link pointer at the shadow VMCS L0 keeps for its
+    /// guest (`linked`), or at nothing (all ones). Whether there is a shadow VMCS.
+    fn link_shadow(&mut self, _linked: bool) -> bool {
+        false
+    }
+    /// VMCS shadowing: runs `f` on the shadow VMCS's fields (L0 makes it current for that, then the
+    /// current VMCS again). Whether there is a shadow VMCS (`f` runs only then).
+    fn with_shadow(&mut self, _f: &mut dyn FnMut(&mut dyn ShadowFields)) -> bool {
+        false
+    }
+}
+
+/// The fields of the shadow VMCS, while [`Vcpu::with_shadow`] has it current.
+pub trait ShadowFields {
+    fn read(&mut self, field: VmcsField) -> u64;
+    fn write(&mut self, field: VmcsField, value: u64);
 }
 
 /// The value of general-purpose register `r` at the exit (RSP from the guest-state area).

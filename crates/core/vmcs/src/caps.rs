@@ -126,6 +126,13 @@ impl VmxCapabilities {
         (self.misc & 0x1F) as u8
     }
 
+    /// IA32_VMX_MISC bit 29: VMWRITE may write any supported field, the VM-exit information
+    /// fields included (SDM A.6; VMCS shadowing needs it to put an exit's information into a
+    /// shadow VMCS).
+    pub const fn vmwrite_any_field(&self) -> bool {
+        self.misc & (1 << 29) != 0
+    }
+
     /// Highest index used in any VMCS encoding, IA32_VMX_VMCS_ENUM bits 9:1 (SDM A.9).
     pub const fn max_vmcs_index(&self) -> u16 {
         ((self.vmcs_enum >> 1) & 0x1FF) as u16

@@ -180,6 +180,20 @@ pub struct ExitInformation {
 }
 
 impl ExitInformation {
+    /// The exit-information fields, in the order of [`ExitInformation::fields`].
+    pub const FIELDS: [VmcsField; 10] = [
+        ro::EXIT_REASON,
+        ro::EXIT_QUALIFICATION,
+        ro::GUEST_LINEAR_ADDR,
+        ro::GUEST_PHYSICAL_ADDR_FULL,
+        ro::VMEXIT_INTERRUPTION_INFO,
+        ro::VMEXIT_INTERRUPTION_ERR_CODE,
+        ro::IDT_VECTORING_INFO,
+        ro::IDT_VECTORING_ERR_CODE,
+        ro::VMEXIT_INSTRUCTION_LEN,
+        ro::VMEXIT_INSTRUCTION_INFO,
+    ];
+
     /// Reads the current exit's information fields (`read` is a VMREAD of the current VMCS).
     pub fn read(mut read: impl FnMut(VmcsField) -> u64) -> Self {
         Self {
@@ -199,30 +213,19 @@ impl ExitInformation {
     /// The information fields with their values, to write into another VMCS.
     #[must_use]
     pub fn fields(&self) -> [(VmcsField, u64); 10] {
-        [
-            (ro::EXIT_REASON, u64::from(self.reason)),
-            (ro::EXIT_QUALIFICATION, self.qualification),
-            (ro::GUEST_LINEAR_ADDR, self.guest_linear),
-            (ro::GUEST_PHYSICAL_ADDR_FULL, self.guest_physical),
-            (
-                ro::VMEXIT_INTERRUPTION_INFO,
-                u64::from(self.interruption_info),
-            ),
-            (
-                ro::VMEXIT_INTERRUPTION_ERR_CODE,
-                u64::from(self.interruption_error),
-            ),
-            (ro::IDT_VECTORING_INFO, u64::from(self.idt_vectoring_info)),
-            (
-                ro::IDT_VECTORING_ERR_CODE,
-                u64::from(self.idt_vectoring_error),
-            ),
-            (ro::VMEXIT_INSTRUCTION_LEN, u64::from(self.instruction_len)),
-            (
-                ro::VMEXIT_INSTRUCTION_INFO,
-                u64::from(self.instruction_info),
-            ),
-        ]
+        let values = [
+            u64::from(self.reason),
+            self.qualification,
+            self.guest_linear,
+            self.guest_physical,
+            u64::from(self.interruption_info),
+            u64::from(self.interruption_error),
+            u64::from(self.idt_vectoring_info),
+            u64::from(self.idt_vectoring_error),
+            u64::from(self.instruction_len),
+            u64::from(self.instruction_info),
+        ];
+        core::array::from_fn(|i| (Self::FIELDS[i], values[i]))
     }
 
     /// The information of a VM-entry failure the hypervisor found itself (a guest-state check,

@@ -87,7 +87,7 @@ extern "C" fn guest_main(info: *const BootInfo) -> ! {
         Scenario::Bench(_) => bench::run(),
         Scenario::NestedVmxon => nested::run(&info),
         Scenario::NestedVmcs => nested::run_vmcs(&info),
-        Scenario::NestedMini => nested::mini::run(&info),
+        Scenario::NestedMini | Scenario::NestedMiniShadow => nested::mini::run(&info),
         // L0 breaks VM entry in these; the guest running at all is the failure.
         Scenario::EntryBadControl | Scenario::EntryBadGuestState => 97,
         // L0 boots Linux in this one; the test guest running at all is the failure.

@@ -214,7 +214,15 @@ mod tests {
             .iter()
             .map(|s| s.name)
             .collect();
-        assert_eq!(nested, ["nested-vmxon", "nested-vmcs", "nested-mini"]);
+        assert_eq!(
+            nested,
+            [
+                "nested-vmxon",
+                "nested-vmcs",
+                "nested-mini",
+                "nested-mini-shadow"
+            ]
+        );
         for s in known() {
             validate_name(s.name).unwrap();
             assert!(s.requires.contains(&Feature::Vmx) && s.requires.contains(&Feature::Ept));

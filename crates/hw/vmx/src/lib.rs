@@ -251,17 +251,86 @@ impl ActiveVmcs {
     }
 }
 
+/// A shadow VMCS (SDM 25.10) at `frame`: the revision identifier with bit 31 ("shadow VMCS") set,
+/// cleared. It is never current for an entry: a VMCS's link pointer names it, and L1's VMREAD and
+/// VMWRITE reach it without exits.
+///
+/// # Safety
+/// VMX operation is on; `frame` is identity-mapped and L0's for good.
+pub unsafe fn create_shadow(frame: Frame, caps: &VmxCapabilities) -> Result<Hpa, VmxError> {
+    let region = frame.start();
+    let p = region.raw() as *mut u32;
+    // SAFETY: the frame is L0's and identity-mapped (precondition).
+    unsafe { p.write_volatile((caps.revision_id() & 0x7fff_ffff) | 1 << 31) };
+    // SAFETY: VMX is on; the region carries the revision identifier.
+    unsafe { x86::bits64::vmx::vmclear(region.raw()) }
+        .map_err(|_| VmxError::VmclearFailed(region))?;
+    Ok(region)
+}
+
+/// The fields of a shadow VMCS while it is current (only [`HwVcpu::with_shadow`] makes it so).
+struct ShadowVmcs;
+
+impl ihmi_hv::ShadowFields for ShadowVmcs {
+    fn read(&mut self, field: VmcsField) -> u64 {
+        // SAFETY: the shadow VMCS is current; a field it lacks fails cleanly, and L0 checked at boot
+        // that it has every shadowed field (`shadow_accepts`).
+        unsafe { x86::bits64::vmx::vmread(field.raw()) }.unwrap_or(0)
+    }
+    fn write(&mut self, field: VmcsField, value: u64) {
+        // SAFETY: as for `read`.
+        let _ = unsafe { x86::bits64::vmx::vmwrite(field.raw(), value) };
+    }
+}
+
+/// Whether the shadow VMCS at `shadow` takes a VMWRITE of each of `fields` (L0's boot check before
+/// it turns VMCS shadowing on); the first it refuses, if any. `current` is made current again.
+///
+/// # Safety
+/// VMX operation is on; `shadow` came from [`create_shadow`]; `current` is the current VMCS.
+pub unsafe fn shadow_accepts(
+    shadow: Hpa,
+    current: &ActiveVmcs,
+    fields: impl Iterator<Item = VmcsField>,
+) -> Result<(), Option<VmcsField>> {
+    // SAFETY: preconditions.
+    unsafe { x86::bits64::vmx::vmptrld(shadow.raw()) }.map_err(|_| None)?;
+    let mut refused = None;
+    for f in fields {
+        // SAFETY: the shadow is current.
+        if unsafe { x86::bits64::vmx::vmwrite(f.raw(), 0) }.is_err() && refused.is_none() {
+            refused = Some(f);
+        }
+    }
+    // SAFETY: `current` was current before and is a configured VMCS.
+    unsafe { x86::bits64::vmx::vmptrld(current.region.raw()) }.map_err(|_| None)?;
+    refused.map_or(Ok(()), |f| Err(Some(f)))
+}
+
 /// The vCPU as the exit handler sees it: the current VMCS and the registers the exit stub saved.
 #[derive(Debug)]
 pub struct HwVcpu<'a> {
     vmcs: &'a mut ActiveVmcs,
     regs: &'a mut GuestRegs,
+    /// The shadow VMCS L0 keeps for this guest, with nested VMX and VMCS shadowing.
+    shadow: Option<Hpa>,
 }
 
 impl<'a> HwVcpu<'a> {
     /// Wraps the current VMCS and the saved registers of one exit.
     pub fn new(vmcs: &'a mut ActiveVmcs, regs: &'a mut GuestRegs) -> Self {
-        Self { vmcs, regs }
+        Self {
+            vmcs,
+            regs,
+            shadow: None,
+        }
+    }
+
+    /// With the guest's shadow VMCS (from [`create_shadow`]).
+    #[must_use]
+    pub fn with_shadow_vmcs(mut self, shadow: Option<Hpa>) -> Self {
+        self.shadow = shadow;
+        self
     }
 }
 
@@ -283,6 +352,32 @@ impl Vcpu for HwVcpu<'_> {
 
     fn regs(&mut self) -> &mut GuestRegs {
         self.regs
+    }
+
+    fn link_shadow(&mut self, linked: bool) -> bool {
+        let Some(shadow) = self.shadow else {
+            return false;
+        };
+        let link = if linked { shadow.raw() } else { u64::MAX };
+        self.write(ihmi_vmcs::fields::guest::LINK_PTR_FULL, link);
+        true
+    }
+
+    fn with_shadow(&mut self, f: &mut dyn FnMut(&mut dyn ihmi_hv::ShadowFields)) -> bool {
+        let Some(shadow) = self.shadow else {
+            return false;
+        };
+        // SAFETY: VMX is on and the shadow came from `create_shadow`; the current VMCS is made
+        // current again before anything else reads or writes a field.
+        if unsafe { x86::bits64::vmx::vmptrld(shadow.raw()) }.is_err() {
+            return false;
+        }
+        f(&mut ShadowVmcs);
+        // SAFETY: `self.vmcs` was current before and is a configured VMCS.
+        if unsafe { x86::bits64::vmx::vmptrld(self.vmcs.region.raw()) }.is_err() {
+            panic!("VMPTRLD of the current VMCS failed after its shadow's");
+        }
+        true
     }
 }
 

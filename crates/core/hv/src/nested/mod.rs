@@ -20,14 +20,17 @@
 //!   with reason 33);
 //! - [`l2`], VMCS02 as VMCS12's guest state merged with L0's own controls, what an exit from L2 saves
 //!   into VMCS12, L1's host state loaded back, and whose each exit from L2 is (L1's or L0's);
-//! - [`run`], the entry and exit paths on the hypervisor, and their costs.
+//! - [`run`], the entry and exit paths on the hypervisor, and their costs;
+//! - [`shadow`], VMCS shadowing: which fields L1 reads and writes without exits, and the copies
+//!   between the shadow VMCS and VMCS12.
 //!
-//! Next: VMCS shadowing, then Linux + KVM as L1 (NESTED.md milestones M2-shadow, M3).
+//! Next: Linux + KVM as L1 (NESTED.md milestone M3).
 
 pub mod caps;
 pub mod entry;
 pub mod l2;
 pub mod run;
+pub mod shadow;
 #[cfg(test)]
 mod tests;
 pub mod vmcs12;

@@ -114,6 +114,8 @@ impl Hypervisor {
             NestedSwitch::ToL1 => {
                 l2::load_l1_host_state(v, vcpu);
                 n.level = Level::L1;
+                // L1 reads the exit's information and L2's state from the shadow.
+                self.shadow_load(vcpu);
             }
         }
         Action::Resume
@@ -146,6 +148,7 @@ impl Hypervisor {
             }
             l2::load_l1_host_state(v, vcpu);
             n.stats.entry_failures += 1;
+            self.shadow_load(vcpu);
             return Ok(Action::Resume);
         }
         for count in [

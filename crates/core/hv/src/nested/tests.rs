@@ -1320,6 +1320,68 @@ mod running_l2 {
     }
 
     #[test]
+    fn with_vmcs_shadowing_l1_s_writes_in_the_shadow_reach_the_entry_and_the_exit_reaches_the_shadow(
+    ) {
+        use super::std::collections::BTreeMap;
+        let (mut h, mut p) = in_vmx_operation(vmcs12(&offer()));
+        let n = h.hv.nested.take().unwrap();
+        h.hv.nested = Some(n.with_shadowing());
+        // L1 wrote a new guest RIP with VMWRITE into the shadow, which made no exit.
+        let mut shadow = BTreeMap::new();
+        super::super::shadow::load(
+            h.hv.nested.as_mut().unwrap().test_current().unwrap(),
+            &mut {
+                struct Map<'a>(&'a mut BTreeMap<VmcsField, u64>);
+                impl crate::ShadowFields for Map<'_> {
+                    fn read(&mut self, f: VmcsField) -> u64 {
+                        self.0.get(&f).copied().unwrap_or(0)
+                    }
+                    fn write(&mut self, f: VmcsField, v: u64) {
+                        self.0.insert(f, v);
+                    }
+                }
+                Map(&mut shadow)
+            },
+        );
+        shadow.insert(guest::RIP, L2_RIP + 0x100);
+        let mut vmcs01 = vmlaunch();
+        vmcs01.shadow = Some(shadow);
+        assert_eq!(
+            h.handle_exit(&mut vmcs01, &mut p),
+            Action::SwitchVmcs(NestedSwitch::ToL2)
+        );
+        let mut vmcs02 = MockVcpu::default();
+        h.hv.on_vmcs_switched(&mut vmcs02, &mut h.rec, NestedSwitch::ToL2);
+        assert_eq!(
+            written(&vmcs02, guest::RIP),
+            L2_RIP + 0x100,
+            "the entry used the shadow's value"
+        );
+        // A reflected CPUID: its exit information lands in the shadow, which VMCS01 links.
+        let mut exit = MockVcpu::exited(10, L2_RIP + 0x104, 2);
+        assert_eq!(
+            h.handle_exit(&mut exit, &mut p),
+            Action::SwitchVmcs(NestedSwitch::ToL1)
+        );
+        let mut l1 = vmlaunch();
+        l1.shadow = vmcs01.shadow.take();
+        h.hv.on_vmcs_switched(&mut l1, &mut h.rec, NestedSwitch::ToL1);
+        let shadow = l1.shadow.as_ref().unwrap();
+        assert_eq!(shadow.get(&ro::EXIT_REASON), Some(&10));
+        assert_eq!(shadow.get(&guest::RIP), Some(&(L2_RIP + 0x104)));
+        assert_eq!(
+            written(&l1, guest::LINK_PTR_FULL),
+            crate::mock::MOCK_SHADOW_VMCS
+        );
+        // VMXOFF: no current VMCS, the link is all ones again.
+        let mut off = vmlaunch();
+        off.fields.insert(ro::EXIT_REASON, 26);
+        off.shadow = l1.shadow.take();
+        assert_eq!(h.handle_exit(&mut off, &mut p), Action::Resume);
+        assert_eq!(written(&off, guest::LINK_PTR_FULL), u64::MAX);
+    }
+
+    #[test]
     fn an_entry_with_a_bad_guest_state_exits_to_l1_with_reason_33() {
         let mut bad = vmcs12(&offer());
         bad.write(guest::RFLAGS, 0).unwrap();

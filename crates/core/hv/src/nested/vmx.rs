@@ -156,6 +156,8 @@ pub struct NestedVmx {
     /// Whether the entry in progress is a VMLAUNCH.
     pub(crate) launching: bool,
     pub(crate) stats: NestedStats,
+    /// Whether L1's VMREADs and VMWRITEs of the shadowed fields go to L0's shadow VMCS.
+    shadowing: bool,
 }
 
 impl NestedVmx {
@@ -171,7 +173,21 @@ impl NestedVmx {
             l0: L0Controls::default(),
             launching: false,
             stats: NestedStats::default(),
+            shadowing: false,
         }
+    }
+
+    /// With VMCS shadowing (L0 has a shadow VMCS for the guest, [`super::shadow`]).
+    #[must_use]
+    pub fn with_shadowing(mut self) -> Self {
+        self.shadowing = true;
+        self
+    }
+
+    /// Whether VMCS shadowing is on.
+    #[must_use]
+    pub const fn shadowing(&self) -> bool {
+        self.shadowing
     }
 
     /// The capability MSRs the guest reads.
@@ -296,7 +312,19 @@ impl Hypervisor {
         }
         let rip = vcpu.read(guest::RIP);
         let mut entry = Action::Resume;
+        // With VMCS shadowing, what L1 wrote in the shadow comes into VMCS12 before it is used.
+        let before = self.nested.as_ref().and_then(|n| n.current);
+        if !matches!(
+            exit.instruction,
+            VmxInstruction::Vmread | VmxInstruction::Vmwrite
+        ) {
+            self.shadow_store(vcpu);
+        }
         let outcome = self.vmx_outcome(vcpu, platform, obs, exit, &mut entry);
+        let after = self.nested.as_ref().and_then(|n| n.current);
+        if after != before {
+            self.shadow_load(vcpu);
+        }
         let instruction = exit.instruction;
         match outcome {
             VmxOutcome::FailValid(n) => platform.log(format_args!(
@@ -498,6 +526,33 @@ impl Hypervisor {
                 }
             }
             VmxInstruction::Invept | VmxInstruction::Invvpid => ud,
+        }
+    }
+
+    /// VMCS shadowing: the shadow's fields into the current VMCS12.
+    fn shadow_store(&mut self, vcpu: &mut impl Vcpu) {
+        let Some(n) = self.nested.as_mut().filter(|n| n.shadowing) else {
+            return;
+        };
+        if let Some(v) = n.current_mut() {
+            vcpu.with_shadow(&mut |shadow| super::shadow::store(v, shadow));
+        }
+    }
+
+    /// VMCS shadowing: the current VMCS12 into the shadow, linked from VMCS01 (current); without a
+    /// current VMCS12 the link is all ones, so a shadowed VMREAD or VMWRITE fails invalid.
+    pub(crate) fn shadow_load(&mut self, vcpu: &mut impl Vcpu) {
+        let Some(n) = self.nested.as_mut().filter(|n| n.shadowing) else {
+            return;
+        };
+        match n.current_mut() {
+            Some(v) => {
+                vcpu.with_shadow(&mut |shadow| super::shadow::load(v, shadow));
+                vcpu.link_shadow(true);
+            }
+            None => {
+                vcpu.link_shadow(false);
+            }
         }
     }
 
