@@ -104,10 +104,21 @@ fuzz_target!(|input: Input| {
     hv.outbox_monitor = input.outbox;
     // Chosen by the memory list's length, so the existing corpus keeps its meaning.
     if input.memory.len() % 2 == 1 {
-        hv.nested = Some(NestedVmx::new(
+        let nested = NestedVmx::new(
             VirtualVmx::offer(&vmx_host_caps(&[]), NestedFeatures::ShadowPaging).unwrap(),
-        ));
+        );
+        // Half of those with VMCS shadowing (the mock's shadow VMCS lives across the exits).
+        hv.nested = Some(if input.memory.len() % 4 == 3 {
+            nested.with_shadowing()
+        } else {
+            nested
+        });
     }
+    let mut shadow = hv
+        .nested
+        .as_ref()
+        .is_some_and(NestedVmx::shadowing)
+        .then(std::collections::BTreeMap::new);
     hv.guard = Some(
         Guard::new(
             ViewEptps {
@@ -150,8 +161,10 @@ fuzz_target!(|input: Input| {
             v.fields.insert(guest::SS_ACCESS_RIGHTS, 0xc0f3);
         }
         (v.regs.rax, v.regs.rcx, v.regs.rdx, v.regs.rbx) = (e.rax, e.rcx, e.rdx, e.rbx);
+        v.shadow = shadow.take();
         let seen_before = rec.seen.len();
         let action = hv.handle_exit(&mut v, &mut p, &mut rec);
+        shadow = v.shadow.take();
         let ended = rec.seen[seen_before..]
             .iter()
             .filter(|s| matches!(s, Seen::Other(Observation::Ended { .. })))
@@ -170,11 +183,15 @@ fuzz_target!(|input: Input| {
             // next fuzzed exits come from L2 (or L1 again).
             Action::SwitchVmcs(to) => {
                 assert_eq!(ended, 0);
-                let mut other = MockVcpu::default();
+                let mut other = MockVcpu {
+                    shadow: shadow.take(),
+                    ..MockVcpu::default()
+                };
                 assert_eq!(
                     hv.on_vmcs_switched(&mut other, &mut rec, to),
                     Action::Resume
                 );
+                shadow = other.shadow.take();
                 assert_eq!(hv.in_l2(), to == NestedSwitch::ToL2);
             }
         }
