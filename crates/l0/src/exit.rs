@@ -188,6 +188,10 @@ pub fn finish(st: &mut L0State, end: GuestEnd) -> ! {
                 n.reflected
             );
         }
+        if n.entries > 0 {
+            let shadowing = st.hv.nested.as_ref().is_some_and(|v| v.shadowing());
+            ihmi_judge::bench::nested_line(&n, shadowing, &mut Console(Sink::Both));
+        }
         if n.round_trips > 0 {
             log!(
                 "nested: L0 exits per reflected exit (the exit, L1's handling, its VMRESUME): {} at most, {} in all over {}: {} reflected exits, {} VMRESUMEs, {} VMREADs and VMWRITEs, {} others",

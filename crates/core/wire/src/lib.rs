@@ -143,6 +143,25 @@ pub struct BenchWindow<S> {
     pub vmcs_switches_per_invocation: u64,
 }
 
+/// The nested-VMX path's costs at the end of a run (`nested| {...}`): exits from L2, the reflected
+/// ones, and the L0 exits their round trips took (the exit, L1's handling, its VMRESUME), by kind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NestedLine {
+    pub l2_exits: u64,
+    pub reflected: u64,
+    /// Reflected exits L1 resumed from (completed round trips).
+    pub round_trips: u64,
+    /// L0 exits in those round trips, and the most in one.
+    pub round_trip_exits: u64,
+    pub round_trip_max: u64,
+    /// Of those, L1's VMREADs and VMWRITEs, and its other exits besides the VMRESUMEs.
+    pub vmread_vmwrite: u64,
+    pub other: u64,
+    /// Whether L1's VMCS was shadowed.
+    pub shadowing: bool,
+}
+
 /// Either `bench|` line.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[cfg_attr(feature = "std", derive(Deserialize))]

@@ -328,6 +328,26 @@ pub fn linux_table(rows: &[BenchRow]) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_nested_line_is_read_back_and_tabled_per_reflected_exit() {
+        let e9 = "guest| x\nnested| {\"l2_exits\":13,\"reflected\":12,\"round_trips\":11,\"round_trip_exits\":93,\"round_trip_max\":10,\"vmread_vmwrite\":71,\"other\":0,\"shadowing\":false}\nIHMI-PASS nested-mini\n";
+        let row = parse_nested("nested-mini", e9, Duration::from_millis(5400))
+            .unwrap()
+            .unwrap();
+        assert_eq!(row.line.round_trip_exits, 93);
+        let table = nested_table(&[row]);
+        assert!(
+            table.contains(
+                "| nested-mini | off | 13 | 12 | 8.45, 10 | 6.45 | 0.00 | 10991 | 5.4 s |"
+            ),
+            "{table}"
+        );
+        assert!(parse_nested("boot", "IHMI-PASS boot\n", Duration::ZERO)
+            .unwrap()
+            .is_none());
+        assert!(parse_nested("x", "nested| {\"l2_exits\":1}\n", Duration::ZERO).is_err());
+    }
     use super::*;
 
     const E9: &str = concat!(
@@ -422,4 +442,70 @@ mod tests {
         // 1000 instructions per operation, 4 of them priced as 2 system calls: 996 + 362 = 1358.
         assert_eq!(rows[0].modeled_cycles, 996.0 + 362.0);
     }
+}
+
+/// One run's `nested|` line, with the run's Bochs wall time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NestedRow {
+    pub scenario: String,
+    pub line: ihmi_wire::NestedLine,
+    pub wall: Duration,
+}
+
+/// The `nested|` line of one run's E9 output, if it has one.
+pub fn parse_nested(scenario: &str, e9: &str, wall: Duration) -> Result<Option<NestedRow>> {
+    for line in e9.lines() {
+        if let Some(json) = line.trim_end().strip_prefix("nested| ") {
+            let line: ihmi_wire::NestedLine =
+                serde_json::from_str(json).with_context(|| format!("bad nested line: {json}"))?;
+            return Ok(Some(NestedRow {
+                scenario: scenario.to_string(),
+                line,
+                wall,
+            }));
+        }
+    }
+    Ok(None)
+}
+
+/// The nested benchmark's table: per reflected exit of L2, the L0 exits (the exit, L1's handling,
+/// its VMRESUME) and their kinds, the modeled cycles (each L0 exit one exit round trip of the cost
+/// model), and the whole run's Bochs wall time beside.
+pub fn nested_table(rows: &[NestedRow]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| scenario | VMCS shadowing | L2 exits | reflected | L0 exits per reflected exit (mean, max) | of them L1 VMREAD/VMWRITE | L1 other | modeled cycles per reflected exit | Bochs wall (whole run) |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        let l = &r.line;
+        let per = |x: u64| {
+            if l.round_trips == 0 {
+                0.0
+            } else {
+                x as f64 / l.round_trips as f64
+            }
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {:.2}, {} | {:.2} | {:.2} | {:.0} | {:.1} s |",
+            r.scenario,
+            if l.shadowing { "on" } else { "off" },
+            l.l2_exits,
+            l.reflected,
+            per(l.round_trip_exits),
+            l.round_trip_max,
+            per(l.vmread_vmwrite),
+            per(l.other),
+            per(l.round_trip_exits) * COST.exit_round_trip,
+            r.wall.as_secs_f64()
+        );
+    }
+    let _ = writeln!(
+        out,
+        "modeled: {} cycles per L0 exit round trip (the cost model's figure); L0's own work per exit and L1's between exits not modeled",
+        COST.exit_round_trip
+    );
+    out
 }

@@ -144,8 +144,12 @@ enum Cmd {
         json: bool,
         /// The Linux overhead benchmark instead: a system-call loop and a fork + exec loop in the
         /// `tiny` Linux, per operation, with the overhead against no monitor
-        #[arg(long)]
+        #[arg(long, conflicts_with = "nested")]
         linux: bool,
+        /// The nested-VMX cost benchmark instead: L0 exits per exit of L2 that goes to L1, by kind,
+        /// without and with VMCS shadowing (our test guest as L1)
+        #[arg(long)]
+        nested: bool,
     },
     /// List the Bochs CPU models and which VMX features each exposes
     Models,
@@ -234,7 +238,10 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         ),
         Cmd::Fuzz { seconds, targets } => run_fuzz(seconds, &targets),
         Cmd::Attacks { json } => run_attacks(&cli.cpu, json),
-        Cmd::Bench { json, linux } => run_bench(&cli.cpu, json, linux),
+        Cmd::Bench {
+            json, nested: true, ..
+        } => run_nested_bench(&cli.cpu, json),
+        Cmd::Bench { json, linux, .. } => run_bench(&cli.cpu, json, linux),
     }
 }
 
@@ -286,6 +293,44 @@ fn run_bench(cpu_name: &str, json: bool, linux: bool) -> Result<ExitCode> {
     if json {
         for r in &rows {
             println!("{}", r.to_json());
+        }
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn run_nested_bench(cpu_name: &str, json: bool) -> Result<ExitCode> {
+    let model = cpu::select(cpu_name, scenario::BASE, "the nested benchmark")?;
+    let names: Vec<&str> = scenario::NESTED_BENCH_SCENARIOS
+        .iter()
+        .map(|s| s.name)
+        .collect();
+    let layout = Layout::discover()?;
+    bochs::install_interrupt_handler()?;
+    build_images(&layout, &names, &linux::GuestOptions::default())?;
+    let opts = batch_options(model);
+    let mut rows = Vec::new();
+    let mut ok = true;
+    for name in &names {
+        eprintln!("[ihmi] benchmark {name} (cpu {})", model.name);
+        let report = bochs::run(&layout, name, &opts)?;
+        if !report.verdict.is_pass() {
+            print_result(&layout, name, &report, None);
+            ok = false;
+            continue;
+        }
+        match bench::parse_nested(name, &report.e9, report.elapsed)? {
+            Some(row) => rows.push(row),
+            None => bail!("{name} passed but printed no `nested|` line"),
+        }
+    }
+    print!("{}", bench::nested_table(&rows));
+    if json {
+        for r in &rows {
+            println!("{}", serde_json::to_string(&r.line)?);
         }
     }
     Ok(if ok {

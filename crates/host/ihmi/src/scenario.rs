@@ -86,6 +86,13 @@ pub const BENCH_SCENARIOS: [Scenario; 3] = [
     Scenario::of(ihmi_abi::Scenario::Bench(Mode::OutBox)),
 ];
 
+/// The nested-VMX cost benchmark (`ihmi bench --nested`): the tiny L1's run without and with VMCS
+/// shadowing.
+pub const NESTED_BENCH_SCENARIOS: [Scenario; 2] = [
+    Scenario::of(ihmi_abi::Scenario::NestedMini),
+    Scenario::of(ihmi_abi::Scenario::NestedMiniShadow),
+];
+
 /// Whether `name` boots the Linux guest (and so needs its kernel and initramfs on the ISO).
 pub fn is_linux(name: &str) -> bool {
     ihmi_abi::Scenario::from_name(name).is_some_and(ihmi_abi::Scenario::is_linux)

@@ -257,6 +257,25 @@ pub fn check(mode: Mode, results: &[BenchResult]) -> Result<(), BenchFault> {
     Ok(())
 }
 
+/// The `nested|` line of a run with nested VMX (for `ihmi bench --nested`), from L0's counts.
+pub fn nested_line(
+    stats: &ihmi_hv::nested::run::NestedStats,
+    shadowing: bool,
+    out: &mut impl core::fmt::Write,
+) {
+    let line = ihmi_wire::NestedLine {
+        l2_exits: stats.l2_exits,
+        reflected: stats.reflected,
+        round_trips: stats.round_trips,
+        round_trip_exits: stats.round_trip_total,
+        round_trip_max: stats.round_trip_max,
+        vmread_vmwrite: stats.round_trip_vmread_vmwrite,
+        other: stats.round_trip_other,
+        shadowing,
+    };
+    let _ = writeln!(out, "nested| {}", ihmi_wire::Json(&line));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
