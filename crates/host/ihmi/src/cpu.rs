@@ -5,7 +5,8 @@
 //! - `bochs/cpu/cpudb/intel/*.cc`: `enable_cpu_extension(BX_ISA_VMX)` gives VMX, and each model's
 //!   `get_vmx_extensions_bitmask()` lists `BX_VMX_EPT`, `BX_VMX_UNRESTRICTED_GUEST`,
 //!   `BX_VMX_EPTP_SWITCHING` (VM function 0, i.e. VMFUNC EPTP switching, see `bochs/cpu/vmcs.cc`)
-//!   and `BX_VMX_EPT_EXCEPTION` (EPT-violation #VE);
+//!   `BX_VMX_EPT_EXCEPTION` (EPT-violation #VE) and `BX_VMX_VMCS_SHADOWING` (VMCS shadowing, which
+//!   every model with EPTP switching also lists: Haswell and later);
 //! - `bochs/cpu/cpudb/amd/*.cc` enable SVM at most, never VMX;
 //! - `bx_generic` takes its features from `cpuid:` options; with none given (our template sets none)
 //!   `bochs/config.cc` defaults `cpuid: vmx=1`, which is VMX without EPT.
@@ -26,16 +27,19 @@ pub enum Feature {
     Vmfunc,
     /// EPT-violation virtualization exception (#VE).
     VirtualizationException,
+    /// VMCS shadowing (for the guest hypervisor's VMREADs and VMWRITEs).
+    VmcsShadowing,
 }
 
 impl Feature {
     /// Every feature, in the order tables print them.
-    pub const ALL: [Feature; 5] = [
+    pub const ALL: [Feature; 6] = [
         Feature::Vmx,
         Feature::Ept,
         Feature::UnrestrictedGuest,
         Feature::Vmfunc,
         Feature::VirtualizationException,
+        Feature::VmcsShadowing,
     ];
 
     /// Short column name.
@@ -46,6 +50,7 @@ impl Feature {
             Feature::UnrestrictedGuest => "UG",
             Feature::Vmfunc => "VMFUNC",
             Feature::VirtualizationException => "#VE",
+            Feature::VmcsShadowing => "shadow",
         }
     }
 }
@@ -58,6 +63,7 @@ impl fmt::Display for Feature {
             Feature::UnrestrictedGuest => "unrestricted guest",
             Feature::Vmfunc => "VMFUNC (EPTP switching)",
             Feature::VirtualizationException => "#VE (EPT-violation virtualization exception)",
+            Feature::VmcsShadowing => "VMCS shadowing",
         })
     }
 }
@@ -71,6 +77,7 @@ pub struct CpuModel {
     pub unrestricted_guest: bool,
     pub vmfunc: bool,
     pub ve: bool,
+    pub vmcs_shadowing: bool,
 }
 
 impl CpuModel {
@@ -81,6 +88,7 @@ impl CpuModel {
             Feature::UnrestrictedGuest => self.unrestricted_guest,
             Feature::Vmfunc => self.vmfunc,
             Feature::VirtualizationException => self.ve,
+            Feature::VmcsShadowing => self.vmcs_shadowing,
         }
     }
 
@@ -101,6 +109,7 @@ const fn none(name: &'static str) -> CpuModel {
         unrestricted_guest: false,
         vmfunc: false,
         ve: false,
+        vmcs_shadowing: false,
     }
 }
 
@@ -128,6 +137,7 @@ const fn full(name: &'static str) -> CpuModel {
         unrestricted_guest: true,
         vmfunc: true,
         ve: true,
+        vmcs_shadowing: true,
     }
 }
 

@@ -11,6 +11,8 @@ use crate::events::Agreement;
 
 /// What every L0 scenario needs: L0 itself runs its guest under VMX with EPT.
 pub const BASE: &[Feature] = &[Feature::Vmx, Feature::Ept];
+/// A guest hypervisor's VMCS shadowed (`nested-mini-shadow`).
+pub const SHADOW: &[Feature] = &[Feature::Vmx, Feature::Ept, Feature::VmcsShadowing];
 
 /// One scenario L0 can run: `ihmi_abi::Scenario` (the catalogue L0 and the guests are built from)
 /// with what it needs from the CPU model.
@@ -31,6 +33,7 @@ impl Scenario {
             name: scenario.name(),
             requires: match scenario.monitor_mode() {
                 Mode::InBox => IN_BOX,
+                Mode::None | Mode::OutBox if scenario.shadows_vmcs() => SHADOW,
                 Mode::None | Mode::OutBox => BASE,
             },
         }
