@@ -2,9 +2,12 @@
 //! guest of its own (L2) that shares its page tables, descriptor tables and handlers. L2 makes
 //! `NESTED_MINI_CPUIDS` CPUIDs, an `int3` (L1's exception bitmap has #BP: reflected to L1, which
 //! injects a #BP into L2 on its VMRESUME), a `ud2` (in no exception bitmap: L2's own handler takes
-//! it), a port read L1's I/O bitmap selects, one it does not, and a VMCALL. L1 checks each exit's
-//! information and that L2 saw what it should; L0 judges the exits and their cost
-//! (`ihmi_judge::scenario::check_nested_mini`).
+//! it), a port read L1's I/O bitmap selects, one it does not, and a VMCALL. Then L1 turns on
+//! external-interrupt exiting with acknowledge-on-exit and runs L2 again, waiting with interrupts on
+//! until the PIT's interrupt exits to L1 with its vector. L1 checks each exit's information and that
+//! L2 saw what it should; L0 judges the exits and their cost (`ihmi_judge::scenario::
+//! check_nested_mini`). `nested-mini-shadow` runs the same code with L0 shadowing the VMCS: the
+//! guest cannot tell, only L0's exit counts differ.
 
 use ihmi_abi::{BootInfo, NESTED_MINI_CPUIDS};
 
