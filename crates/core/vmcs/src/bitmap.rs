@@ -49,6 +49,20 @@ impl MsrBitmap {
         Self([0; PAGE_SIZE])
     }
 
+    /// Where the bit for RDMSR (or, with `write`, WRMSR) of `msr` is in any MSR-bitmap page, such as
+    /// a guest hypervisor's in its own memory: byte offset and bit mask; `None` outside the covered
+    /// ranges, where every access exits.
+    pub const fn bit_of(msr: u32, write: bool) -> Option<(usize, u8)> {
+        Self::locate(
+            msr,
+            if write {
+                MsrAccess::Write
+            } else {
+                MsrAccess::Read
+            },
+        )
+    }
+
     /// Byte offset and bit of `msr` for `access`, or `None` outside the covered ranges.
     const fn locate(msr: u32, access: MsrAccess) -> Option<(usize, u8)> {
         let (half, n) = match msr {

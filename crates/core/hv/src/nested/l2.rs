@@ -20,8 +20,8 @@ use ihmi_arch::cr::{CR0_PG, CR4_VMXE};
 use ihmi_vmcs::fields::{control, guest, host};
 use ihmi_vmcs::{
     CrAccessQualification, CrAccessType, EntryControls, ExitControls, InterruptionInfo,
-    InterruptionType, IoQualification, PinbasedControls, PrimaryControls, SecondaryControls,
-    SegmentAccessRights, VmExit, VmcsField,
+    InterruptionType, IoQualification, MsrBitmap, PinbasedControls, PrimaryControls,
+    SecondaryControls, SegmentAccessRights, VmExit, VmcsField,
 };
 
 use super::vmcs12::Vmcs12;
@@ -557,16 +557,11 @@ fn msr_wanted(v: &Vmcs12, msr: u32, write: bool, read_l1: impl Fn(u64) -> Option
     if !primary12(v).contains(PrimaryControls::USE_MSR_BITMAPS) {
         return true;
     }
-    let (range, index) = match msr {
-        0..=0x1fff => (0u64, msr),
-        0xc000_0000..=0xc000_1fff => (1024, msr - 0xc000_0000),
-        _ => return true,
+    let Some((byte, bit)) = MsrBitmap::bit_of(msr, write) else {
+        return true;
     };
-    let at = read(v, control::MSR_BITMAPS_ADDR_FULL)
-        + range
-        + if write { 2048 } else { 0 }
-        + u64::from(index / 8);
-    read_l1(at).is_none_or(|b| b & (1 << (index % 8)) != 0)
+    let at = read(v, control::MSR_BITMAPS_ADDR_FULL) + byte as u64;
+    read_l1(at).is_none_or(|b| b & bit != 0)
 }
 
 /// A control-register access: CR0 and CR4 writes that change a bit L1 masks against its shadow,

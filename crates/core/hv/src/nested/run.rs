@@ -374,18 +374,15 @@ impl Hypervisor {
 /// Whether L0's MSR policy takes this access when L1 runs (its bitmap intercepts it, or the MSR is
 /// outside the bitmap's ranges, where every access exits).
 fn l0_takes_msr(msr: u32, write: bool) -> bool {
-    use crate::policy::msr::{INTERCEPTED, READ_INTERCEPTED, WRITE_INTERCEPTED};
+    use crate::policy::msr::{is_intercepted, READ_INTERCEPTED, WRITE_INTERCEPTED};
     let one_way = if write {
         WRITE_INTERCEPTED
     } else {
         READ_INTERCEPTED
     };
-    let in_bitmap = matches!(msr, 0..=0x1fff | 0xc000_0000..=0xc000_1fff);
-    !in_bitmap
-        || INTERCEPTED
-            .iter()
-            .chain(one_way)
-            .any(|&(a, b)| (a..=b).contains(&msr))
+    ihmi_vmcs::MsrBitmap::bit_of(msr, write).is_none()
+        || is_intercepted(msr)
+        || one_way.iter().any(|&(a, b)| (a..=b).contains(&msr))
 }
 
 /// An MSR access of L2's that L1 passes through and L0 does not intercept: those whose value lives
