@@ -204,6 +204,14 @@ pub fn finish(st: &mut L0State, end: GuestEnd) -> ! {
                 n.round_trip_other
             );
         }
+        if n.cpuid_round_trips > 0 {
+            log!(
+                "nested: of them CPUIDs: {} at most, {} in all over {}",
+                n.cpuid_round_trip_max,
+                n.cpuid_round_trip_total,
+                n.cpuid_round_trips
+            );
+        }
     }
     log!("exit counters ({} exits):", st.hv.counters.total());
     for (reason, count) in st.hv.counters.nonzero() {

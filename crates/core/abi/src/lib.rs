@@ -257,11 +257,25 @@ pub enum Scenario {
     /// `NestedMini` with VMCS shadowing: L1's VMREADs and VMWRITEs of the common fields make no
     /// exits.
     NestedMiniShadow,
+    /// Nested VMX, milestone M3: Linux with KVM built in (the `l1` kernel, `kvm_intel.ept=0`) is L1;
+    /// its /init runs `ihmi-l1-vmm --probe`, whose 64-bit L2 makes CPUIDs (each handled by KVM),
+    /// touches memory under KVM's shadow page tables and reports through port I/O the VMM relays.
+    NestedKvm,
+    /// `NestedKvm` with VMCS shadowing.
+    NestedKvmShadow,
 }
 
 /// CPUIDs `nested-mini`'s L2 makes; each is reflected to L1 (the test guest and L0's judge agree on
 /// it here).
 pub const NESTED_MINI_CPUIDS: usize = 8;
+
+/// `nested-kvm`: the CPUIDs the L1 VMM's probe L2 makes (each an exit KVM handles in L1's kernel),
+/// and the pages it writes and reads back (each a fault KVM's shadow paging fills in first).
+pub const NESTED_KVM_CPUIDS: u64 = 1000;
+pub const NESTED_KVM_PAGES: u64 = 256;
+/// How the L1 VMM's relayed line of its L2's report starts on L0's debug port: the VMM's prefix
+/// for what its L2 wrote, then the L2's own.
+pub const NESTED_KVM_L2_REPORT: &str = "l2: ihmi-l2: ";
 
 /// Raw numbers of the attack scenarios start here (`ATTACK_BASE + attack number`).
 const ATTACK_BASE: u32 = 100;
@@ -271,8 +285,8 @@ const LINUX_ATTACK_BASE: u32 = 40;
 impl Scenario {
     /// Every scenario, in the order `ihmi test` runs them (and the host's scenario table lists them):
     /// the test guest's, Linux's, the two benchmarks', the attack suite, then nested VMX's.
-    pub const ALL: [Scenario; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 4] = {
-        let mut all = [Self::Boot; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 4];
+    pub const ALL: [Scenario; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 6] = {
+        let mut all = [Self::Boot; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 6];
         let fixed = [
             Self::Boot,
             Self::EptGuard,
@@ -315,6 +329,8 @@ impl Scenario {
         all[i + j + 1] = Self::NestedVmcs;
         all[i + j + 2] = Self::NestedMini;
         all[i + j + 3] = Self::NestedMiniShadow;
+        all[i + j + 4] = Self::NestedKvm;
+        all[i + j + 5] = Self::NestedKvmShadow;
         all
     };
 
@@ -341,6 +357,8 @@ impl Scenario {
                 | Self::LinuxAttack(_)
                 | Self::LinuxSimOutbox
                 | Self::LinuxBench(_)
+                | Self::NestedKvm
+                | Self::NestedKvmShadow
         )
     }
 
@@ -389,6 +407,8 @@ impl Scenario {
             Self::NestedVmcs => "nested-vmcs",
             Self::NestedMini => "nested-mini",
             Self::NestedMiniShadow => "nested-mini-shadow",
+            Self::NestedKvm => "nested-kvm",
+            Self::NestedKvmShadow => "nested-kvm-shadow",
         }
     }
 
@@ -397,14 +417,19 @@ impl Scenario {
     pub const fn offers_vmx(self) -> bool {
         matches!(
             self,
-            Self::NestedVmxon | Self::NestedVmcs | Self::NestedMini | Self::NestedMiniShadow
+            Self::NestedVmxon
+                | Self::NestedVmcs
+                | Self::NestedMini
+                | Self::NestedMiniShadow
+                | Self::NestedKvm
+                | Self::NestedKvmShadow
         )
     }
 
     /// Whether L0 shadows the guest's VMCS12 (VMCS shadowing, NESTED.md A.2.5).
     #[must_use]
     pub const fn shadows_vmcs(self) -> bool {
-        matches!(self, Self::NestedMiniShadow)
+        matches!(self, Self::NestedMiniShadow | Self::NestedKvmShadow)
     }
 
     /// The number stored in [`BootInfo::scenario`].
@@ -431,6 +456,8 @@ impl Scenario {
             Self::NestedVmcs => 20,
             Self::NestedMini => 21,
             Self::NestedMiniShadow => 22,
+            Self::NestedKvm => 23,
+            Self::NestedKvmShadow => 24,
         }
     }
 

@@ -158,6 +158,10 @@ pub struct NestedLine {
     /// Of those, L1's VMREADs and VMWRITEs, and its other exits besides the VMRESUMEs.
     pub vmread_vmwrite: u64,
     pub other: u64,
+    /// The round trips of reflected CPUID exits alone, their L0 exits, and the most in one.
+    pub cpuid_round_trips: u64,
+    pub cpuid_round_trip_exits: u64,
+    pub cpuid_round_trip_max: u64,
     /// Whether L1's VMCS was shadowed.
     pub shadowing: bool,
 }

@@ -90,12 +90,14 @@ extern "C" fn guest_main(info: *const BootInfo) -> ! {
         Scenario::NestedMini | Scenario::NestedMiniShadow => nested::mini::run(&info),
         // L0 breaks VM entry in these; the guest running at all is the failure.
         Scenario::EntryBadControl | Scenario::EntryBadGuestState => 97,
-        // L0 boots Linux in this one; the test guest running at all is the failure.
+        // L0 boots Linux in these; the test guest running at all is the failure.
         Scenario::LinuxBoot
         | Scenario::LinuxSim
         | Scenario::LinuxAttack(_)
         | Scenario::LinuxSimOutbox
-        | Scenario::LinuxBench(_) => 96,
+        | Scenario::LinuxBench(_)
+        | Scenario::NestedKvm
+        | Scenario::NestedKvmShadow => 96,
     };
     done(code)
 }

@@ -331,7 +331,7 @@ mod tests {
 
     #[test]
     fn the_nested_line_is_read_back_and_tabled_per_reflected_exit() {
-        let e9 = "guest| x\nnested| {\"l2_exits\":13,\"reflected\":12,\"round_trips\":11,\"round_trip_exits\":93,\"round_trip_max\":10,\"vmread_vmwrite\":71,\"other\":0,\"shadowing\":false}\nIHMI-PASS nested-mini\n";
+        let e9 = "guest| x\nnested| {\"l2_exits\":13,\"reflected\":12,\"round_trips\":11,\"round_trip_exits\":93,\"round_trip_max\":10,\"vmread_vmwrite\":71,\"other\":0,\"cpuid_round_trips\":8,\"cpuid_round_trip_exits\":64,\"cpuid_round_trip_max\":8,\"shadowing\":false}\nIHMI-PASS nested-mini\n";
         let row = parse_nested("nested-mini", e9, Duration::from_millis(5400))
             .unwrap()
             .unwrap();
@@ -339,7 +339,7 @@ mod tests {
         let table = nested_table(&[row]);
         assert!(
             table.contains(
-                "| nested-mini | off | 13 | 12 | 8.45, 10 | 6.45 | 0.00 | 10991 | 5.4 s |"
+                "| nested-mini | off | 13 | 12 | 8.45, 10 | 6.45 | 0.00 | 10991 | 8.00, 8 | 5.4 s |"
             ),
             "{table}"
         );
@@ -475,9 +475,9 @@ pub fn nested_table(rows: &[NestedRow]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| scenario | VMCS shadowing | L2 exits | reflected | L0 exits per reflected exit (mean, max) | of them L1 VMREAD/VMWRITE | L1 other | modeled cycles per reflected exit | Bochs wall (whole run) |"
+        "| scenario | VMCS shadowing | L2 exits | reflected | L0 exits per reflected exit (mean, max) | of them L1 VMREAD/VMWRITE | L1 other | modeled cycles per reflected exit | per reflected CPUID (mean, max) | Bochs wall (whole run) |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         let l = &r.line;
         let per = |x: u64| {
@@ -487,9 +487,14 @@ pub fn nested_table(rows: &[NestedRow]) -> String {
                 x as f64 / l.round_trips as f64
             }
         };
+        let cpuid = if l.cpuid_round_trips == 0 {
+            0.0
+        } else {
+            l.cpuid_round_trip_exits as f64 / l.cpuid_round_trips as f64
+        };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {:.2}, {} | {:.2} | {:.2} | {:.0} | {:.1} s |",
+            "| {} | {} | {} | {} | {:.2}, {} | {:.2} | {:.2} | {:.0} | {:.2}, {} | {:.1} s |",
             r.scenario,
             if l.shadowing { "on" } else { "off" },
             l.l2_exits,
@@ -499,6 +504,8 @@ pub fn nested_table(rows: &[NestedRow]) -> String {
             per(l.vmread_vmwrite),
             per(l.other),
             per(l.round_trip_exits) * COST.exit_round_trip,
+            cpuid,
+            l.cpuid_round_trip_max,
             r.wall.as_secs_f64()
         );
     }

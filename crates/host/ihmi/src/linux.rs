@@ -4,6 +4,8 @@
 //! - `tiny`: Debian's `linux-source-6.1`, `make tinyconfig`, then `guest/linux/tiny.config` merged in;
 //!   built out of tree under `target/ihmi/linux/`, keyed by the source package's version and the
 //!   fragment, so a changed fragment rebuilds and an unchanged one never does.
+//! - `l1`: the same with `guest/linux/l1.config` merged on top (KVM built in), the guest hypervisor
+//!   of the nested-VMX scenarios; cached the same way, keyed by both fragments.
 
 use std::collections::hash_map::DefaultHasher;
 use std::fs;
@@ -39,6 +41,30 @@ pub enum Profile {
     Tiny,
     /// Debian's stock kernel (the package linux-image-amd64 depends on), downloaded, not installed.
     Debian,
+    /// The tiny kernel with KVM built in (guest/linux/l1.config on top): the guest hypervisor (L1)
+    /// of the nested-VMX scenarios, which run it whatever `--profile` says.
+    L1,
+}
+
+impl Profile {
+    /// The name `--profile` takes.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Tiny => "tiny",
+            Self::Debian => "debian",
+            Self::L1 => "l1",
+        }
+    }
+
+    /// The Kconfig fragments a kernel built here merges, in order, over `make tinyconfig`; none for
+    /// the downloaded one.
+    const fn fragments(self) -> &'static [&'static str] {
+        match self {
+            Self::Tiny => &["guest/linux/tiny.config"],
+            Self::L1 => &["guest/linux/tiny.config", "guest/linux/l1.config"],
+            Self::Debian => &[],
+        }
+    }
 }
 
 /// How a Linux guest is booted: its kernel, its command line and the programs the process-creation
@@ -179,6 +205,8 @@ pub const HOOK_SYMBOLS: &[&str] = &["entry_SYSCALL_64", "begin_new_exec", "__fen
 /// What a Linux scenario boots.
 #[derive(Debug, Clone)]
 pub struct LinuxImages {
+    /// Which kernel.
+    pub kernel_profile: Profile,
     pub kernel: PathBuf,
     pub system_map: PathBuf,
     /// The guest profile L0 gets: symbols and struct layouts (`ihmi_linux::LinuxProfile`).
@@ -201,18 +229,26 @@ const WORKLOAD_PROGRAMS: &[&str] = &[
     "ihmi-bench",
 ];
 const WORKLOAD_TARGET: &str = "x86_64-unknown-linux-gnu";
+/// The guest hypervisor's VMM (package `ihmi-l1-vmm`), in the `l1` kernel's initramfs only.
+const L1_VMM: &str = "ihmi-l1-vmm";
 
 /// Builds (or finds cached) the `tiny` kernel and a fresh initramfs.
 pub fn prepare(layout: &Layout, guest: &GuestOptions) -> Result<LinuxImages> {
     deps::ensure_linux()?;
     let (kernel, system_map, profile) = match guest.profile {
-        Profile::Tiny => tiny_kernel(layout)?,
+        Profile::Tiny | Profile::L1 => built_kernel(layout, guest.profile)?,
         Profile::Debian => debian_kernel(layout)?,
     };
-    let programs = build_workload(layout)?;
-    let (initrd, files) = build_initramfs(layout, &programs, &attacker_map(&system_map)?)?;
+    let programs = build_workload(layout, guest.profile == Profile::L1)?;
+    let (initrd, files) = build_initramfs(
+        layout,
+        guest.profile,
+        &programs,
+        &attacker_map(&system_map)?,
+    )?;
     let identities = files.identities(&guest.allow)?;
     Ok(LinuxImages {
+        kernel_profile: guest.profile,
         kernel,
         system_map,
         profile,
@@ -416,16 +452,27 @@ fn ensure_source(layout: &Layout) -> Result<PathBuf> {
     Ok(src)
 }
 
-/// The `tiny` kernel's bzImage, System.map and guest profile, building them if the cache has none for
-/// this source version and fragment.
-fn tiny_kernel(layout: &Layout) -> Result<(PathBuf, PathBuf, PathBuf)> {
-    let fragment_path = layout.root.join("guest/linux/tiny.config");
-    let fragment = fs::read(&fragment_path)
-        .with_context(|| format!("cannot read {}", fragment_path.display()))?;
+/// A kernel built here (`tiny`, `l1`): its bzImage, System.map and guest profile, building them if the
+/// cache has none for this source version and these fragments.
+fn built_kernel(layout: &Layout, which: Profile) -> Result<(PathBuf, PathBuf, PathBuf)> {
+    let fragments = which
+        .fragments()
+        .iter()
+        .map(|f| {
+            let path = layout.root.join(f);
+            let text =
+                fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            Ok((path, text))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let version = source_version()?;
     let mut h = DefaultHasher::new();
-    (&version, &fragment).hash(&mut h);
-    let dir = linux_dir(layout).join(format!("tiny-{version}-{:016x}", h.finish()));
+    version.hash(&mut h);
+    // The tiny kernel's key is the one it had before other profiles existed: its cache stays valid.
+    for (_, text) in &fragments {
+        text.hash(&mut h);
+    }
+    let dir = linux_dir(layout).join(format!("{}-{version}-{:016x}", which.name(), h.finish()));
     let (bzimage, system_map, profile) = (
         dir.join("bzImage"),
         dir.join("System.map"),
@@ -459,9 +506,10 @@ fn tiny_kernel(layout: &Layout) -> Result<(PathBuf, PathBuf, PathBuf)> {
             .args(args);
         c
     };
+    let name = which.name();
     eprintln!(
-        "[ihmi] configuring the tiny kernel (tinyconfig + {})",
-        fragment_path.display()
+        "[ihmi] configuring the {name} kernel (tinyconfig + {})",
+        which.fragments().join(" + ")
     );
     run(&mut make(&["-s", "tinyconfig"]), "make tinyconfig")?;
     run(
@@ -471,14 +519,16 @@ fn tiny_kernel(layout: &Layout) -> Result<(PathBuf, PathBuf, PathBuf)> {
             .arg("-O")
             .arg(&build)
             .arg(build.join(".config"))
-            .arg(&fragment_path)
+            .args(fragments.iter().map(|(path, _)| path))
             .stdout(Stdio::null()),
         "merge_config.sh",
     )?;
     run(&mut make(&["-s", "olddefconfig"]), "make olddefconfig")?;
-    check_config(&build.join(".config"), &fragment)?;
+    for (path, text) in &fragments {
+        check_config(&build.join(".config"), path, text)?;
+    }
     let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
-    eprintln!("[ihmi] building the tiny kernel with {jobs} jobs (about 2 minutes on 2 cores)");
+    eprintln!("[ihmi] building the {name} kernel with {jobs} jobs (about 2 minutes on 2 cores)");
     run(
         &mut make(&["-s", &format!("-j{jobs}"), "bzImage"]),
         "the kernel build",
@@ -561,7 +611,7 @@ pub fn guest_profile(system_map: &Path, vmlinux: &Path, config: &str) -> Result<
 
 /// Every `=y` and `=n` of the fragment must have survived Kconfig: a dependency it missed would build a
 /// kernel without what the monitors rely on, silently.
-fn check_config(config: &Path, fragment: &[u8]) -> Result<()> {
+fn check_config(config: &Path, fragment_path: &Path, fragment: &[u8]) -> Result<()> {
     let built = fs::read_to_string(config)?;
     for line in String::from_utf8_lossy(fragment).lines() {
         let line = line.trim();
@@ -576,7 +626,10 @@ fn check_config(config: &Path, fragment: &[u8]) -> Result<()> {
             _ => built.lines().any(|l| l == line),
         };
         if !ok {
-            bail!("{line} from guest/linux/tiny.config did not survive Kconfig (a missing dependency?)");
+            bail!(
+                "{line} from {} did not survive Kconfig (a missing dependency?)",
+                fragment_path.display()
+            );
         }
     }
     Ok(())
@@ -599,8 +652,9 @@ pub fn is_static_elf(elf: &[u8]) -> bool {
     })
 }
 
-/// Builds the workload programs as static binaries; returns (name, path) pairs.
-fn build_workload(layout: &Layout) -> Result<Vec<(&'static str, PathBuf)>> {
+/// Builds the workload programs (and with `vmm` the L1 VMM) as static binaries; returns (name, path)
+/// pairs.
+fn build_workload(layout: &Layout, vmm: bool) -> Result<Vec<(&'static str, PathBuf)>> {
     let target_dir = layout.root.join("target/linux-workload");
     let mut cmd = Command::new(cargo());
     cmd.current_dir(&layout.root)
@@ -612,6 +666,7 @@ fn build_workload(layout: &Layout) -> Result<Vec<(&'static str, PathBuf)>> {
             "--target",
             WORKLOAD_TARGET,
         ])
+        .args(if vmm { &["-p", L1_VMM][..] } else { &[] })
         .arg("--target-dir")
         .arg(&target_dir)
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
@@ -621,6 +676,7 @@ fn build_workload(layout: &Layout) -> Result<Vec<(&'static str, PathBuf)>> {
     run(&mut cmd, "building the workload programs")?;
     WORKLOAD_PROGRAMS
         .iter()
+        .chain(if vmm { &[L1_VMM][..] } else { &[] })
         .map(|name| {
             let path = target_dir.join(WORKLOAD_TARGET).join("release").join(name);
             let bytes =
@@ -671,6 +727,7 @@ fn attacker_map(system_map: &Path) -> Result<String> {
 
 fn build_initramfs(
     layout: &Layout,
+    profile: Profile,
     programs: &[(&str, PathBuf)],
     attacker_map: &str,
 ) -> Result<(PathBuf, InitramfsFiles)> {
@@ -710,7 +767,7 @@ fn build_initramfs(
     a.symlink("bin/sh", "busybox");
     kept.links
         .insert("bin/sh".to_string(), "busybox".to_string());
-    let out = linux_dir(layout).join("initrd.cpio.gz");
+    let out = linux_dir(layout).join(format!("initrd-{}.cpio.gz", profile.name()));
     fs::create_dir_all(linux_dir(layout))?;
     fs::write(&out, gzip(&a.finish())?)
         .with_context(|| format!("cannot write {}", out.display()))?;
@@ -807,10 +864,16 @@ mod tests {
         fs::create_dir_all(&dir).unwrap();
         let cfg = dir.join(".config");
         fs::write(&cfg, "CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C=y\n").unwrap();
-        assert!(check_config(&cfg, b"CONFIG_A=y\nCONFIG_B=n\n# comment\n").is_ok());
-        let err = check_config(&cfg, b"CONFIG_B=y\n").unwrap_err().to_string();
-        assert!(err.contains("CONFIG_B=y"), "{err}");
-        assert!(check_config(&cfg, b"CONFIG_C=n\n").is_err());
+        let frag = Path::new("guest/linux/x.config");
+        assert!(check_config(&cfg, frag, b"CONFIG_A=y\nCONFIG_B=n\n# comment\n").is_ok());
+        let err = check_config(&cfg, frag, b"CONFIG_B=y\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("CONFIG_B=y from guest/linux/x.config"),
+            "{err}"
+        );
+        assert!(check_config(&cfg, frag, b"CONFIG_C=n\n").is_err());
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -8,6 +8,7 @@ use ihmi_abi::Attack;
 
 use crate::cpu::Feature;
 use crate::events::Agreement;
+use crate::linux::Profile;
 
 /// What every L0 scenario needs: L0 itself runs its guest under VMX with EPT.
 pub const BASE: &[Feature] = &[Feature::Vmx, Feature::Ept];
@@ -69,7 +70,20 @@ pub fn kernel_args(name: &str) -> &'static str {
     match ihmi_abi::Scenario::from_name(name) {
         Some(ihmi_abi::Scenario::LinuxAttack(a)) => a.kernel_arg(),
         Some(ihmi_abi::Scenario::LinuxBench(_)) => "ihmi.bench",
+        // KVM on shadow paging (L0 offers L1 no EPT yet), with no VMX for its own guests.
+        Some(ihmi_abi::Scenario::NestedKvm | ihmi_abi::Scenario::NestedKvmShadow) => {
+            "ihmi.nested=kvm kvm_intel.ept=0 kvm_intel.nested=0"
+        }
         _ => "",
+    }
+}
+
+/// The Linux kernel scenario `name` boots: the nested scenarios' guest hypervisor is the `l1` kernel
+/// (KVM built in), whatever `--profile` asked; the others boot the one asked for.
+pub fn kernel_profile(name: &str, asked: Profile) -> Profile {
+    match ihmi_abi::Scenario::from_name(name) {
+        Some(s) if s.is_linux() && s.offers_vmx() => Profile::L1,
+        _ => asked,
     }
 }
 
@@ -91,9 +105,11 @@ pub const BENCH_SCENARIOS: [Scenario; 3] = [
 
 /// The nested-VMX cost benchmark (`ihmi bench --nested`): the tiny L1's run without and with VMCS
 /// shadowing.
-pub const NESTED_BENCH_SCENARIOS: [Scenario; 2] = [
+pub const NESTED_BENCH_SCENARIOS: [Scenario; 4] = [
     Scenario::of(ihmi_abi::Scenario::NestedMini),
     Scenario::of(ihmi_abi::Scenario::NestedMiniShadow),
+    Scenario::of(ihmi_abi::Scenario::NestedKvm),
+    Scenario::of(ihmi_abi::Scenario::NestedKvmShadow),
 ];
 
 /// Whether `name` boots the Linux guest (and so needs its kernel and initramfs on the ISO).
@@ -230,7 +246,9 @@ mod tests {
                 "nested-vmxon",
                 "nested-vmcs",
                 "nested-mini",
-                "nested-mini-shadow"
+                "nested-mini-shadow",
+                "nested-kvm",
+                "nested-kvm-shadow"
             ]
         );
         for s in known() {
@@ -262,5 +280,13 @@ mod tests {
         assert_eq!(requirements("testguest-demo"), DEMO.requires);
         assert!(is_known("boot") && !is_known("future-thing"));
         assert!(is_linux("linux-boot") && !is_linux("sim") && !is_linux("future-thing"));
+        assert_eq!(kernel_profile("nested-kvm", Profile::Debian), Profile::L1);
+        assert_eq!(
+            kernel_profile("linux-sim", Profile::Debian),
+            Profile::Debian
+        );
+        assert_eq!(kernel_profile("nested-mini", Profile::Tiny), Profile::Tiny);
+        assert!(!requirements("nested-kvm").contains(&Feature::VmcsShadowing));
+        assert!(requirements("nested-kvm-shadow").contains(&Feature::VmcsShadowing));
     }
 }

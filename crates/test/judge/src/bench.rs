@@ -271,6 +271,9 @@ pub fn nested_line(
         round_trip_max: stats.round_trip_max,
         vmread_vmwrite: stats.round_trip_vmread_vmwrite,
         other: stats.round_trip_other,
+        cpuid_round_trips: stats.cpuid_round_trips,
+        cpuid_round_trip_exits: stats.cpuid_round_trip_total,
+        cpuid_round_trip_max: stats.cpuid_round_trip_max,
         shadowing,
     };
     let _ = writeln!(out, "nested| {}", ihmi_wire::Json(&line));

@@ -51,6 +51,50 @@ pub struct NestedLog {
     pub round_trip_max: u64,
     pub round_trip_total: u64,
     pub round_trips: u64,
+    /// Every exit from L2, and the reflected ones, by count (`exits` keeps only the first few).
+    pub l2_exit_count: u64,
+    pub reflected: u64,
+    pub reflected_cpuid: u64,
+    /// The reason of the last reflected exit: the round trip L0 reports at the next entry is its.
+    last_reflected: Option<ExitReason>,
+    /// The round trips of reflected CPUID exits alone (NESTED.md A.6's measure): count, sum,
+    /// largest.
+    pub cpuid_round_trips: u64,
+    pub cpuid_round_trip_total: u64,
+    pub cpuid_round_trip_max: u64,
+}
+
+/// What `nested-kvm`'s L2 reported through the L1 VMM (`ihmi_abi::NESTED_KVM_L2_REPORT`): the
+/// CPUIDs it made, the vendor the last one returned, the pages it wrote and those that read back
+/// wrong.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct L2Report {
+    pub cpuids: u64,
+    pub vendor: [u8; 12],
+    pub pages: u64,
+    pub bad: u64,
+}
+
+impl L2Report {
+    /// Parses `cpuid=N vendor=VVVVVVVVVVVV pages=N bad=N` (the line after the report's prefix).
+    #[must_use]
+    pub fn parse(line: &[u8]) -> Option<Self> {
+        let rest = line.strip_prefix(b"cpuid=")?;
+        let space = rest.iter().position(|&b| b == b' ')?;
+        let cpuids = parse_decimal(&rest[..space])?;
+        let rest = rest[space + 1..].strip_prefix(b"vendor=")?;
+        let vendor: [u8; 12] = rest.get(..12)?.try_into().ok()?;
+        let rest = rest[12..].strip_prefix(b" pages=")?;
+        let space = rest.iter().position(|&b| b == b' ')?;
+        let pages = parse_decimal(&rest[..space])?;
+        let bad = parse_decimal(rest[space + 1..].strip_prefix(b"bad=")?)?;
+        Some(Self {
+            cpuids,
+            vendor,
+            pages,
+            bad,
+        })
+    }
 }
 
 /// One emulated VMX instruction and what it came to.
@@ -133,6 +177,10 @@ pub struct ScenarioLog {
     pub vmx: heapless_table::Table<VmxStep, MAX_VMX>,
     /// Nested VMX: L2's entries and exits.
     pub nested: NestedLog,
+    /// VMXOFFs of the guest that succeeded.
+    pub vmxoffs: u64,
+    /// `nested-kvm`: the L2's report as the L1 VMM relayed it (the last one).
+    pub l2_report: Option<L2Report>,
     bench_results: heapless_table::Table<crate::bench::BenchResult, 4>,
 }
 
@@ -162,6 +210,10 @@ impl ScenarioLog {
                 if let Some(n) = line.strip_prefix(loaded).and_then(parse_decimal) {
                     self.identity_loaded = Some(n);
                 }
+                let l2 = ihmi_abi::NESTED_KVM_L2_REPORT.as_bytes();
+                if let Some(report) = line.strip_prefix(l2).and_then(L2Report::parse) {
+                    self.l2_report = Some(report);
+                }
             }
             Observation::NmiTaken {
                 in_monitor_view,
@@ -175,7 +227,12 @@ impl ScenarioLog {
             Observation::Vmx {
                 instruction,
                 outcome,
-            } => self.vmx.push(VmxStep(instruction, outcome)),
+            } => {
+                if (instruction, outcome) == (VmxInstruction::Vmxoff, VmxOutcome::Succeed) {
+                    self.vmxoffs += 1;
+                }
+                self.vmx.push(VmxStep(instruction, outcome));
+            }
             Observation::L2Entry { launch, round_trip } => {
                 let n = &mut self.nested;
                 if launch {
@@ -187,10 +244,22 @@ impl ScenarioLog {
                     n.round_trips += 1;
                     n.round_trip_total += r;
                     n.round_trip_max = n.round_trip_max.max(r);
+                    if n.last_reflected == Some(ExitReason::Cpuid) {
+                        n.cpuid_round_trips += 1;
+                        n.cpuid_round_trip_total += r;
+                        n.cpuid_round_trip_max = n.cpuid_round_trip_max.max(r);
+                    }
                 }
             }
             Observation::L2Exit { reason, reflected } => {
-                self.nested.exits.push(L2ExitStep(reason, reflected));
+                let n = &mut self.nested;
+                n.exits.push(L2ExitStep(reason, reflected));
+                n.l2_exit_count += 1;
+                if reflected {
+                    n.reflected += 1;
+                    n.reflected_cpuid += u64::from(reason == ExitReason::Cpuid);
+                    n.last_reflected = Some(reason);
+                }
             }
             Observation::Alert(alert) => self.record_alert(alert),
             Observation::Ended { end, task } => {
@@ -716,6 +785,8 @@ fn check(
         Scenario::NestedVmcs => check_vmx_steps(log, &NESTED_VMCS_STEPS, "a VMCS in L0's memory"),
         Scenario::NestedMini => check_nested_mini(log, NESTED_MAX_ROUND_TRIP),
         Scenario::NestedMiniShadow => check_nested_mini(log, NESTED_MAX_ROUND_TRIP_SHADOW),
+        Scenario::NestedKvm => check_nested_kvm(log, NESTED_MAX_ROUND_TRIP),
+        Scenario::NestedKvmShadow => check_nested_kvm(log, NESTED_MAX_ROUND_TRIP_SHADOW),
         Scenario::Bench(mode) => {
             expect_done_zero(log)?;
             crate::bench::check(mode, log.bench_results()).map_err(FailReason::Bench)
@@ -1216,6 +1287,47 @@ fn check_nested_mini(log: &ScenarioLog, max_round_trip: u64) -> Result<(), FailR
         return Err(FailReason::NestedRun(
             "a reflected exit cost more L0 exits than the target",
         ));
+    }
+    Ok(())
+}
+
+/// `nested-kvm`: Linux booted as L1, its /init ran the L1 VMM's probe and powered off; the L2's
+/// report came back through KVM and the VMM (its CPUIDs, its pages written and read back intact);
+/// L0 saw at least that many CPUID exits of L2 reflected to L1, at no more than `max_round_trip` L0
+/// exits each on average (the exit, KVM's handling, its VMRESUME: NESTED.md A.6's targets,
+/// [`NESTED_MAX_ROUND_TRIP`] or [`NESTED_MAX_ROUND_TRIP_SHADOW`] with VMCS shadowing); KVM left VMX
+/// operation (VMXOFF) when the VM was gone; and nothing alerted.
+fn check_nested_kvm(log: &ScenarioLog, max_round_trip: u64) -> Result<(), FailReason> {
+    linux_run_ended_well(log)?;
+    let Some(report) = log.l2_report else {
+        return Err(FailReason::NestedRun(
+            "the L1 VMM relayed no report of its L2 (see the guest's console)",
+        ));
+    };
+    if report.cpuids != ihmi_abi::NESTED_KVM_CPUIDS
+        || report.pages != ihmi_abi::NESTED_KVM_PAGES
+        || report.bad != 0
+    {
+        return Err(FailReason::NestedRun(
+            "the L2's report is not the probe's CPUIDs and pages, all read back intact",
+        ));
+    }
+    let n = &log.nested;
+    if n.reflected_cpuid < ihmi_abi::NESTED_KVM_CPUIDS {
+        return Err(FailReason::NestedRun(
+            "fewer CPUID exits of L2 reached L1 than the L2 made",
+        ));
+    }
+    if n.cpuid_round_trips == 0 || n.cpuid_round_trip_total > max_round_trip * n.cpuid_round_trips {
+        return Err(FailReason::NestedRun(
+            "a reflected CPUID exit cost more L0 exits on average than the target",
+        ));
+    }
+    if log.vmxoffs == 0 {
+        return Err(FailReason::NestedRun("KVM never left VMX operation"));
+    }
+    if !log.alerts().is_empty() {
+        return Err(FailReason::NestedRun("L0 raised an alert"));
     }
     Ok(())
 }

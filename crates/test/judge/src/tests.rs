@@ -1431,3 +1431,116 @@ fn nested_mini_judged(s: Scenario, max_round_trip: u64) {
         Verdict::Fail(_)
     ));
 }
+
+/// `nested-kvm`'s verdict from what L0 observes: the relayed report, the reflected CPUIDs and their
+/// round trips, KVM's VMXOFF, no alert.
+#[test]
+fn nested_kvm_passes_only_for_the_whole_probe_at_the_target_cost() {
+    use crate::scenario::L2Report;
+    use ihmi_hv::nested::vmx::VmxOutcome;
+    use ihmi_hv::Observation;
+    use ihmi_vmcs::VmxInstruction;
+
+    assert_eq!(
+        L2Report::parse(b"cpuid=1000 vendor=GenuineIntel pages=256 bad=0"),
+        Some(L2Report {
+            cpuids: 1000,
+            vendor: *b"GenuineIntel",
+            pages: 256,
+            bad: 0
+        })
+    );
+    for bad in [
+        &b"cpuid=1000 vendor=Genuine pages=256 bad=0"[..],
+        b"cpuid=x vendor=GenuineIntel pages=256 bad=0",
+        b"cpuid=1000 vendor=GenuineIntel pages=256 bad=",
+        b"cpuid=1000 vendor=GenuineIntel pages=256",
+    ] {
+        assert_eq!(L2Report::parse(bad), None, "{}", bad.escape_ascii());
+    }
+
+    // `cpuids` CPUID exits reflected, each `per` L0 exits to its VMRESUME; a report line; KVM's
+    // VMXOFF; an alert if asked.
+    let run = |scenario: Scenario, report: &str, cpuids: u64, per: u64, vmxoff: bool| {
+        let mut h = hv(scenario);
+        let log = &mut h.judge.log;
+        let task = ihmi_hv::linux::TaskInfo {
+            task: 0xffff_8880_0000_0000,
+            pid: 1,
+            tgid: 1,
+            ppid: 0,
+            comm: *b"ihmi-poweroff\0\0\0",
+        };
+        log.record(&Observation::DebugLine {
+            line: report.as_bytes(),
+            exits: 0,
+        });
+        log.record(&Observation::L2Entry {
+            launch: true,
+            round_trip: None,
+        });
+        for _ in 0..cpuids {
+            log.record(&Observation::L2Exit {
+                reason: ExitReason::Cpuid,
+                reflected: true,
+            });
+            log.record(&Observation::L2Entry {
+                launch: false,
+                round_trip: Some(per),
+            });
+        }
+        // A #PF of KVM's shadow paging costs more; it is not a CPUID's.
+        log.record(&Observation::L2Exit {
+            reason: ExitReason::ExceptionOrNmi,
+            reflected: true,
+        });
+        log.record(&Observation::L2Entry {
+            launch: false,
+            round_trip: Some(40),
+        });
+        if vmxoff {
+            log.record(&Observation::Vmx {
+                instruction: VmxInstruction::Vmxoff,
+                outcome: VmxOutcome::Succeed,
+            });
+        }
+        log.end = Some(GuestEnd::ShutdownRequest);
+        log.end_task = Some(Ok(task));
+        judge(scenario, log, &h.hv.counters, Gpa::new(0), None)
+    };
+    let good = "l2: ihmi-l2: cpuid=1000 vendor=GenuineIntel pages=256 bad=0";
+    let n = ihmi_abi::NESTED_KVM_CPUIDS;
+    assert_eq!(run(Scenario::NestedKvm, good, n, 9, true), Verdict::Pass);
+    assert_eq!(
+        run(Scenario::NestedKvmShadow, good, n, 2, true),
+        Verdict::Pass
+    );
+    let fails = [
+        // Over the shadowed target of 3 on average.
+        run(Scenario::NestedKvmShadow, good, n, 4, true),
+        run(Scenario::NestedKvm, good, n, 13, true),
+        // Fewer reflected CPUIDs than the L2 made.
+        run(Scenario::NestedKvm, good, n - 1, 9, true),
+        // No VMXOFF.
+        run(Scenario::NestedKvm, good, n, 9, false),
+        // A report of another count, a bad page, none at all.
+        run(
+            Scenario::NestedKvm,
+            "l2: ihmi-l2: cpuid=999 vendor=GenuineIntel pages=256 bad=0",
+            n,
+            9,
+            true,
+        ),
+        run(
+            Scenario::NestedKvm,
+            "l2: ihmi-l2: cpuid=1000 vendor=GenuineIntel pages=256 bad=1",
+            n,
+            9,
+            true,
+        ),
+        run(Scenario::NestedKvm, "ihmi-init: done", n, 9, true),
+    ];
+    for (i, v) in fails.iter().enumerate() {
+        assert!(matches!(v, Verdict::Fail(_)), "case {i}: {v:?}");
+    }
+}

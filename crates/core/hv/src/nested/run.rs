@@ -40,12 +40,19 @@ pub struct NestedStats {
     /// the others but the VMRESUMEs.
     pub round_trip_vmread_vmwrite: u64,
     pub round_trip_other: u64,
+    /// The round trips of reflected CPUID exits alone (NESTED.md A.6's measure, the same work for
+    /// any L1): how many, their L0 exits, the most in one.
+    pub cpuid_round_trips: u64,
+    pub cpuid_round_trip_total: u64,
+    pub cpuid_round_trip_max: u64,
 }
 
 /// The L0 exits of one reflected exit so far: all of them, and L1's VMREADs/VMWRITEs and other
 /// exits among them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct RoundTrip {
+    /// Whether the reflected exit was a CPUID.
+    cpuid: bool,
     exits: u64,
     vmread_vmwrite: u64,
     other: u64,
@@ -107,6 +114,11 @@ impl Hypervisor {
                     n.stats.round_trip_max = n.stats.round_trip_max.max(r.exits);
                     n.stats.round_trip_vmread_vmwrite += r.vmread_vmwrite;
                     n.stats.round_trip_other += r.other;
+                    if r.cpuid {
+                        n.stats.cpuid_round_trips += 1;
+                        n.stats.cpuid_round_trip_total += r.exits;
+                        n.stats.cpuid_round_trip_max = n.stats.cpuid_round_trip_max.max(r.exits);
+                    }
                 }
                 let round_trip = finished.map(|r| r.exits);
                 obs.observe(Observation::L2Entry { launch, round_trip });
@@ -215,6 +227,7 @@ impl Hypervisor {
             n.stats.reflected += 1;
             // This exit and the entry that ends L1's handling of it count; L1's exits in between add.
             n.stats.pending_round_trip = Some(RoundTrip {
+                cpuid: reason == ExitReason::Cpuid,
                 exits: 1,
                 ..RoundTrip::default()
             });

@@ -352,6 +352,29 @@ mod vmx_operation {
     }
 
     #[test]
+    fn successes_are_logged_up_to_a_limit_failures_always() {
+        use crate::nested::vmx::LOGGED_SUCCESSES;
+        let (mut h, mut p) = nested();
+        let mut v = vmx_exit(VMXON, 4);
+        h.handle_exit(&mut v, &mut p);
+        // VMXON again: VMfailInvalid, then VMXOFF and VMXON, over the limit.
+        for _ in 0..LOGGED_SUCCESSES {
+            let mut v = vmx_exit(VMXOFF, 3);
+            h.handle_exit(&mut v, &mut p);
+            let mut v = vmx_exit(VMXON, 4);
+            h.handle_exit(&mut v, &mut p);
+        }
+        let mut v = vmx_exit(VMXON, 4);
+        h.handle_exit(&mut v, &mut p);
+        let logs = p.logs();
+        let vmx = |what: &str| logs.iter().filter(|l| l.contains(what)).count();
+        assert_eq!(vmx(": VMsucceed"), LOGGED_SUCCESSES as usize, "{logs:?}");
+        assert_eq!(vmx("later successes are counted, not logged"), 1);
+        assert_eq!(vmx("Vmxon at 0x100000: VMfailInvalid"), 1, "{logs:?}");
+        assert_eq!(outcomes(&h).len(), 2 + 2 * LOGGED_SUCCESSES as usize);
+    }
+
+    #[test]
     fn vmxon_and_vmxoff_follow_the_sdm() {
         let (mut h, mut p) = nested();
         // Right: VMsucceed, the status flags clear, past the instruction.
@@ -1246,6 +1269,15 @@ mod running_l2 {
             (stats.round_trip_vmread_vmwrite, stats.round_trip_other),
             (0, 0),
             "L1 went straight to VMRESUME"
+        );
+        assert_eq!(
+            (
+                stats.cpuid_round_trips,
+                stats.cpuid_round_trip_total,
+                stats.cpuid_round_trip_max
+            ),
+            (1, 2, 2),
+            "the reflected exit was a CPUID"
         );
     }
 

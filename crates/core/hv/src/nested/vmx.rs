@@ -158,7 +158,14 @@ pub struct NestedVmx {
     pub(crate) stats: NestedStats,
     /// Whether L1's VMREADs and VMWRITEs of the shadowed fields go to L0's shadow VMCS.
     shadowing: bool,
+    /// The VMX instructions that succeeded (or entered L2) and were logged: the first
+    /// [`LOGGED_SUCCESSES`]; a failure is always logged.
+    logged: u32,
 }
+
+/// How many successful VMX instructions L0 logs one line each (a guest hypervisor makes thousands:
+/// a VMRESUME per exit of its guest); the end-of-run counters cover the rest.
+pub const LOGGED_SUCCESSES: u32 = 64;
 
 impl NestedVmx {
     /// A guest offered `offer`, not in VMX operation.
@@ -174,6 +181,7 @@ impl NestedVmx {
             launching: false,
             stats: NestedStats::default(),
             shadowing: false,
+            logged: 0,
         }
     }
 
@@ -326,13 +334,26 @@ impl Hypervisor {
             self.shadow_load(vcpu);
         }
         let instruction = exit.instruction;
+        let logged = self.nested.as_mut().map_or(LOGGED_SUCCESSES, |n| {
+            let before = n.logged;
+            if matches!(outcome, VmxOutcome::Succeed | VmxOutcome::Entered) {
+                n.logged = n.logged.saturating_add(1);
+            }
+            before
+        });
         match outcome {
             VmxOutcome::FailValid(n) => platform.log(format_args!(
                 "nested: {instruction:?} at {rip:#x}: VMfailValid({n})"
             )),
+            VmxOutcome::Succeed | VmxOutcome::Entered if logged >= LOGGED_SUCCESSES => {}
             _ => platform.log(format_args!(
-                "nested: {instruction:?} at {rip:#x}: {}",
-                outcome.name()
+                "nested: {instruction:?} at {rip:#x}: {}{}",
+                outcome.name(),
+                if logged + 1 == LOGGED_SUCCESSES {
+                    " (later successes are counted, not logged)"
+                } else {
+                    ""
+                }
             )),
         }
         obs.observe(Observation::Vmx {

@@ -1,0 +1,347 @@
+//! `--probe`: one VM with 2 MiB of memory and one vCPU that starts in 64-bit long mode (L1's KVM runs
+//! with `ept=0`, so there is no unrestricted guest to start it in real mode), runs the [`l2`]
+//! program to its HLT and returns what that program reported.
+
+use std::ptr::NonNull;
+
+use anyhow::{bail, ensure, Context, Result};
+use kvm_bindings::{
+    kvm_regs, kvm_segment, kvm_userspace_memory_region, kvm_xcrs, CpuId, KVM_API_VERSION,
+    KVM_MAX_CPUID_ENTRIES,
+};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
+
+use crate::l2;
+
+// The guest-physical layout: code, stack below the page tables, the touched pages from 1 MiB.
+const MEM_SIZE: usize = 2 << 20;
+const CODE: u64 = 0x1000;
+const STACK_TOP: u64 = 0x8000;
+const PML4: u64 = 0x9000;
+const PDPT: u64 = 0xa000;
+const PD: u64 = 0xb000;
+// Three pages KVM needs for the real-mode TSS when there is no unrestricted guest, out of the way
+// below 4 GiB (the address QEMU uses).
+const TSS_ADDR: usize = 0xfffb_d000;
+const _: () = assert!(l2::TOUCH_END <= MEM_SIZE as u64 && PD + 0x1000 <= 0x10_0000);
+
+// SDM 4.5 4-level paging: present, writable, and (in a PDE) a 2 MiB page.
+const PTE_P: u64 = 1 << 0;
+const PTE_RW: u64 = 1 << 1;
+const PDE_PS: u64 = 1 << 7;
+// SDM 2.5 control registers, 2.2.1 IA32_EFER.
+const CR0_PE: u64 = 1 << 0;
+const CR0_MP: u64 = 1 << 1;
+const CR0_ET: u64 = 1 << 4;
+const CR0_NE: u64 = 1 << 5;
+const CR0_WP: u64 = 1 << 16;
+const CR0_PG: u64 = 1 << 31;
+// No OSXSAVE: with it clear, KVM leaves XCR0 alone around L2 entries.
+const CR4_PAE: u64 = 1 << 5;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+
+/// What the L2 program sent, and how many KVM_RUN returns it took.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeReport {
+    /// The CPUIDs L2 says it made.
+    pub cpuids: u32,
+    /// The last CPUID's vendor string (non-ASCII bytes escaped).
+    pub vendor: String,
+    /// The pages L2 says it wrote and read back.
+    pub pages: u32,
+    /// The pages that read back wrong.
+    pub bad: u32,
+    /// The KVM_RUN ioctls that returned to this process.
+    pub kvm_runs: u64,
+}
+
+impl ProbeReport {
+    /// L2's report as one line, built only from what L2 sent.
+    pub fn l2_line(&self) -> String {
+        format!(
+            "ihmi-l2: cpuid={} vendor={} pages={} bad={}",
+            self.cpuids, self.vendor, self.pages, self.bad
+        )
+    }
+}
+
+/// Runs the probe L2 with `cpuids` CPUIDs to its HLT.
+pub fn run(cpuids: u32) -> Result<ProbeReport> {
+    // Declared before the VM so that it is unmapped after the VM is gone.
+    let mut mem = GuestMemory::new(MEM_SIZE)?;
+    let kvm = Kvm::new().context("cannot open /dev/kvm (is KVM built in and are we root?)")?;
+    let api = kvm.get_api_version();
+    ensure!(
+        api == KVM_API_VERSION as i32,
+        "KVM API version {api}, expected {KVM_API_VERSION}"
+    );
+    let vm = kvm.create_vm().context("KVM_CREATE_VM")?;
+    vm.set_tss_address(TSS_ADDR).context("KVM_SET_TSS_ADDR")?;
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: MEM_SIZE as u64,
+        userspace_addr: mem.ptr.as_ptr() as u64,
+    };
+    // SAFETY: the region is `mem`'s whole mapping, which outlives `vm` (declared before it).
+    unsafe { vm.set_user_memory_region(region) }.context("KVM_SET_USER_MEMORY_REGION")?;
+
+    let mem = mem.as_mut_slice();
+    write_page_tables(mem);
+    let program = l2::program();
+    mem[CODE as usize..][..program.len()].copy_from_slice(program);
+
+    let mut vcpu = vm.create_vcpu(0).context("KVM_CREATE_VCPU")?;
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .context("KVM_GET_SUPPORTED_CPUID")?;
+    vcpu.set_cpuid2(&cpuid).context("KVM_SET_CPUID2")?;
+    if let Some(xcr0) = host_xcr0() {
+        let mut xcrs = kvm_xcrs {
+            nr_xcrs: 1,
+            ..Default::default()
+        };
+        // KVM refuses bits its CPUID does not offer (AMX, unless this process asked for it).
+        xcrs.xcrs[0].value = xcr0 & supported_xcr0(&cpuid);
+        vcpu.set_xcrs(&xcrs).context("KVM_SET_XCRS")?;
+    }
+    set_long_mode(&vcpu)?;
+    let regs = kvm_regs {
+        rip: CODE,
+        rsp: STACK_TOP,
+        rflags: 2,
+        rdi: cpuids.into(),
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).context("KVM_SET_REGS")?;
+    run_to_halt(&mut vcpu)
+}
+
+/// Identity-maps the first 2 MiB with one large page.
+fn write_page_tables(mem: &mut [u8]) {
+    let mut entry = |table: u64, value: u64| {
+        mem[table as usize..][..8].copy_from_slice(&value.to_le_bytes());
+    };
+    entry(PML4, PDPT | PTE_P | PTE_RW);
+    entry(PDPT, PD | PTE_P | PTE_RW);
+    entry(PD, PDE_PS | PTE_P | PTE_RW);
+}
+
+/// Flat 64-bit segments straight into the hidden parts (no GDT in memory: L2 loads no selector),
+/// paging on.
+fn set_long_mode(vcpu: &VcpuFd) -> Result<()> {
+    let mut sregs = vcpu.get_sregs().context("KVM_GET_SREGS")?;
+    let code = kvm_segment {
+        limit: 0xffff_ffff,
+        selector: 0x8,
+        type_: 0xb,
+        present: 1,
+        s: 1,
+        l: 1,
+        g: 1,
+        ..Default::default()
+    };
+    let data = kvm_segment {
+        selector: 0x10,
+        type_: 0x3,
+        db: 1,
+        l: 0,
+        ..code
+    };
+    sregs.cs = code;
+    (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
+    sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
+    sregs.cr3 = PML4;
+    sregs.cr4 = CR4_PAE;
+    sregs.efer = EFER_LME | EFER_LMA;
+    vcpu.set_sregs(&sregs).context("KVM_SET_SREGS")
+}
+
+/// The run loop: L2's OUTs collected, HLT ends it, any other exit is an error.
+fn run_to_halt(vcpu: &mut VcpuFd) -> Result<ProbeReport> {
+    let (mut vendor, mut values, mut kvm_runs) = (Vec::new(), Vec::new(), 0);
+    loop {
+        let exit = vcpu.run().context("KVM_RUN")?;
+        kvm_runs += 1;
+        let what = match exit {
+            VcpuExit::IoOut(l2::DEBUG_PORT, &[byte]) => {
+                vendor.push(byte);
+                continue;
+            }
+            VcpuExit::IoOut(l2::VALUE_PORT, &[a, b, c, d]) => {
+                values.push(u32::from_le_bytes([a, b, c, d]));
+                continue;
+            }
+            VcpuExit::Hlt => break,
+            VcpuExit::Shutdown => format!("Shutdown (triple fault) at {}", rip(vcpu)),
+            VcpuExit::InternalError => format!("InternalError at {}", rip(vcpu)),
+            other => describe(other),
+        };
+        bail!("unexpected exit {what} (KVM_RUN return {kvm_runs})");
+    }
+    let [cpuids, pages, bad] = values[..] else {
+        bail!(
+            "L2 sent {} values to port {:#x}, not 3",
+            values.len(),
+            l2::VALUE_PORT
+        );
+    };
+    ensure!(
+        vendor.len() == 12,
+        "L2 sent a {}-byte vendor, not 12",
+        vendor.len()
+    );
+    let vendor = vendor.escape_ascii().to_string();
+    Ok(ProbeReport {
+        cpuids,
+        vendor,
+        pages,
+        bad,
+        kvm_runs,
+    })
+}
+
+/// An exit the probe does not expect, with what KVM said about it.
+fn describe(exit: VcpuExit<'_>) -> String {
+    match exit {
+        VcpuExit::IoOut(port, d) => format!("IoOut of {} bytes to port {port:#x}", d.len()),
+        VcpuExit::IoIn(port, d) => format!("IoIn of {} bytes from port {port:#x}", d.len()),
+        VcpuExit::MmioRead(gpa, d) => format!("MmioRead of {} bytes at {gpa:#x}", d.len()),
+        VcpuExit::MmioWrite(gpa, d) => format!("MmioWrite of {} bytes at {gpa:#x}", d.len()),
+        VcpuExit::FailEntry(reason, cpu) => {
+            format!("FailEntry, hardware entry failure reason {reason:#x} on cpu {cpu}")
+        }
+        other => format!("{other:?}"),
+    }
+}
+
+/// The vCPU's RIP for an error message.
+fn rip(vcpu: &VcpuFd) -> String {
+    match vcpu.get_regs() {
+        Ok(regs) => format!("RIP {:#x}", regs.rip),
+        Err(e) => format!("unknown RIP (KVM_GET_REGS: {e})"),
+    }
+}
+
+/// The host's XCR0, if the OS enabled XSAVE (CPUID.1:ECX.OSXSAVE[bit 27]; XGETBV is #UD otherwise).
+fn host_xcr0() -> Option<u64> {
+    if core::arch::x86_64::__cpuid(1).ecx & (1 << 27) == 0 {
+        return None;
+    }
+    let (lo, hi): (u32, u32);
+    // SAFETY: OSXSAVE is set, so XGETBV of XCR0 is defined; it only reads a register.
+    unsafe {
+        core::arch::asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") hi,
+            options(nomem, nostack, preserves_flags));
+    }
+    Some(u64::from(hi) << 32 | u64::from(lo))
+}
+
+/// The XCR0 bits KVM's CPUID leaf 0xD offers the guest.
+fn supported_xcr0(cpuid: &CpuId) -> u64 {
+    cpuid
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 0xd && e.index == 0)
+        .map_or(0, |e| u64::from(e.edx) << 32 | u64::from(e.eax))
+}
+
+/// Anonymous memory for the guest, unmapped on drop.
+#[derive(Debug)]
+struct GuestMemory {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl GuestMemory {
+    fn new(len: usize) -> Result<Self> {
+        // SAFETY: a fresh anonymous mapping aliases nothing; the result is checked.
+        let ptr = unsafe {
+            libc::mmap(
+                core::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error()).context("mmap of the guest's memory");
+        }
+        let ptr = NonNull::new(ptr.cast()).context("mmap returned null")?;
+        Ok(Self { ptr, len })
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping is `len` bytes, readable and writable, and lives as long as `self`;
+        // the vCPU is not running while this borrow is alive.
+        unsafe { core::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for GuestMemory {
+    fn drop(&mut self) {
+        // SAFETY: this is the mapping `new` made, and nothing uses it after drop.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_tables_identity_map_2mib() {
+        let mut mem = vec![0u8; 0xc000];
+        write_page_tables(&mut mem);
+        let entry = |at: usize| u64::from_le_bytes(mem[at..at + 8].try_into().unwrap());
+        assert_eq!(entry(0x9000), 0xa003);
+        assert_eq!(entry(0xa000), 0xb003);
+        assert_eq!(entry(0xb000), 0x83);
+        assert_eq!(mem.iter().filter(|&&b| b != 0).count(), 5);
+    }
+
+    #[test]
+    fn report_line() {
+        let report = ProbeReport {
+            cpuids: 1000,
+            vendor: "GenuineIntel".into(),
+            pages: 256,
+            bad: 0,
+            kvm_runs: 16,
+        };
+        let line = report.l2_line();
+        assert_eq!(
+            line,
+            "ihmi-l2: cpuid=1000 vendor=GenuineIntel pages=256 bad=0"
+        );
+        assert!(format!("l2: {line}").starts_with(ihmi_abi::NESTED_KVM_L2_REPORT));
+    }
+
+    #[test]
+    fn program_fits_below_the_stack() {
+        let program = l2::program();
+        assert!(!program.is_empty() && CODE + program.len() as u64 <= STACK_TOP - 0x1000);
+        assert!(
+            program.ends_with(&[0xf4, 0xeb, 0xfd]),
+            "ends with hlt; jmp back to it"
+        );
+    }
+
+    /// Needs /dev/kvm (root): `cargo test -p ihmi-l1-vmm -- --ignored`.
+    #[test]
+    #[ignore = "needs /dev/kvm"]
+    fn probe_on_kvm() {
+        let report = run(10).unwrap();
+        assert_eq!(
+            (report.cpuids, report.pages, report.bad),
+            (10, l2::PAGES, 0)
+        );
+        assert_eq!(report.vendor.len(), 12);
+        // 3 counts + 12 vendor bytes + HLT: the CPUIDs and page faults stay in the kernel.
+        assert_eq!(report.kvm_runs, 16);
+    }
+}
