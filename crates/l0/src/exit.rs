@@ -204,6 +204,13 @@ pub fn finish(st: &mut L0State, end: GuestEnd) -> ! {
                 n.round_trip_other
             );
         }
+        if let Some(e) = st.hv.nested.as_ref().and_then(|v| v.ept02()) {
+            log!(
+                "nested: EPT02: {} pages filled from L1's EPT, emptied {} times (INVEPT, a new EPTP12, a full pool)",
+                e.fills,
+                e.resets
+            );
+        }
         if n.cpuid_round_trips > 0 {
             log!(
                 "nested: of them CPUIDs: {} at most, {} in all over {}",

@@ -6,6 +6,7 @@ use core::cell::UnsafeCell;
 use ihmi_addr::{Hpa, HpaRange, PAGE_SIZE};
 use ihmi_ept::{EptAlloc, EptTable, EptpList};
 use ihmi_frames::{Frame, FrameAllocator, FrameError};
+use ihmi_hv::nested::ept::Ept02Tables;
 use ihmi_vmcs::{IoBitmaps, MsrBitmap};
 
 use crate::error::LoadError;
@@ -121,5 +122,82 @@ impl EptAlloc for Pool {
         }
         // SAFETY: as in `table_mut`, shared.
         Some(unsafe { &*(hpa.raw() as *const EptTable) })
+    }
+}
+
+/// How many frames EPT02 (nested EPT) gets: 512 KiB of tables, enough for a few hundred MiB of L2
+/// memory touched in 4 KiB pages before EPT02 starts over.
+pub const EPT02_TABLES: usize = 128;
+
+/// The frames of EPT02's tables: contiguous pool frames of their own, handed out in order and all
+/// taken back at once when EPT02 is emptied (INVEPT, a new EPTP12, a full pool).
+pub struct Ept02Pool {
+    base: Hpa,
+    total: usize,
+    used: usize,
+}
+
+impl Ept02Pool {
+    /// `count` contiguous frames of `pool`.
+    pub fn new(pool: &mut Pool, count: usize) -> Result<Self, LoadError> {
+        let base = pool
+            .alloc
+            .alloc_contiguous(count, 1)
+            .ok_or(LoadError::OutOfFrames)?;
+        Ok(Self {
+            base,
+            total: count,
+            used: 0,
+        })
+    }
+
+    /// Where the first frame is.
+    pub const fn base(&self) -> Hpa {
+        self.base
+    }
+
+    /// How many frames it has.
+    pub const fn total(&self) -> usize {
+        self.total
+    }
+
+    /// Whether `hpa` is a table handed out since the last reset.
+    fn handed_out(&self, hpa: Hpa) -> bool {
+        hpa.is_aligned(PAGE_SIZE)
+            && hpa.raw() >= self.base.raw()
+            && (hpa.raw() - self.base.raw()) / PAGE_SIZE < self.used as u64
+    }
+}
+
+impl Ept02Tables for Ept02Pool {
+    fn alloc_zeroed(&mut self) -> Option<Hpa> {
+        if self.used == self.total {
+            return None;
+        }
+        let frame = Hpa::new(self.base.raw() + self.used as u64 * PAGE_SIZE);
+        self.used += 1;
+        zero(frame, 1);
+        Some(frame)
+    }
+
+    fn table_mut(&mut self, hpa: Hpa) -> Option<&mut EptTable> {
+        if !self.handed_out(hpa) {
+            return None;
+        }
+        // SAFETY: one of this pool's frames (checked): L0's, page-aligned, identity-mapped, used
+        // for nothing but EPT02's tables; `&mut self` guarantees no other reference to them.
+        Some(unsafe { &mut *(hpa.raw() as *mut EptTable) })
+    }
+
+    fn table(&self, hpa: Hpa) -> Option<&EptTable> {
+        if !self.handed_out(hpa) {
+            return None;
+        }
+        // SAFETY: as in `table_mut`, shared.
+        Some(unsafe { &*(hpa.raw() as *const EptTable) })
+    }
+
+    fn reset(&mut self) {
+        self.used = 0;
     }
 }

@@ -6,7 +6,8 @@ use core::fmt::{self, Write};
 use core::sync::atomic::{AtomicBool, Ordering};
 
 use ihmi_addr::{Gpa, GpaRange};
-use ihmi_ept::{EptView, Perm};
+use ihmi_ept::{EptMapping, EptView, Eptp, Perm};
+use ihmi_hv::nested::ept::Ept02Tables;
 use ihmi_hv::{MemoryMap, MonitorWord, Platform, PlatformError};
 use ihmi_rt::console::{Console, Sink};
 
@@ -26,6 +27,8 @@ pub(crate) struct HwPlatform<'a> {
     pub(crate) fence: &'a MemoryMap,
     /// The monitor words the exit policy may have written (the Linux gate's kernel entries).
     pub(crate) monitor_words: Option<&'a mut [GrantedWord; 3]>,
+    /// EPT02's tables, with nested EPT.
+    pub(crate) ept02: Option<&'a mut crate::frames::Ept02Pool>,
 }
 
 impl HwPlatform<'_> {
@@ -130,6 +133,19 @@ impl Platform for HwPlatform<'_> {
         unsafe {
             core::arch::asm!("xsetbv", in("ecx") 0u32, in("eax") xcr0 as u32, in("edx") (xcr0 >> 32) as u32, options(nostack, nomem))
         };
+    }
+
+    fn guest_mapping(&self, gpa: Gpa) -> Option<EptMapping> {
+        self.guest_view.lookup(&*self.frames, gpa)
+    }
+
+    fn ept02_tables(&mut self) -> Option<&mut dyn Ept02Tables> {
+        self.ept02.as_deref_mut().map(|t| t as &mut dyn Ept02Tables)
+    }
+
+    fn invept(&mut self, eptp: Eptp) {
+        // SAFETY: VMX is on; a single-context INVEPT of any EPTP only drops cached translations.
+        unsafe { ihmi_vmx::invept_single(eptp.raw()) };
     }
 
     fn port_in(&mut self, port: u16) -> u8 {

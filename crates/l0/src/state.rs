@@ -26,6 +26,8 @@ pub struct Machine {
     pub fence: MemoryMap,
     /// The monitor words the exit policy may have L0 write (the Linux gate's kernel entries).
     pub monitor_words: Option<[GrantedWord; 3]>,
+    /// EPT02's tables, with nested EPT.
+    pub ept02: Option<crate::frames::Ept02Pool>,
 }
 
 /// A word of monitor memory L0 may write for the exit policy, and what it last wrote there (its value
@@ -44,6 +46,7 @@ impl Machine {
             frames: &mut self.frames,
             fence: &self.fence,
             monitor_words: self.monitor_words.as_mut(),
+            ept02: self.ept02.as_mut(),
         }
     }
 }

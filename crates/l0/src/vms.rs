@@ -19,6 +19,7 @@ use ihmi_vmx::Vmcss;
 use crate::boot_info::BootInfo;
 use crate::error::LoadError;
 use crate::frames::Pool;
+use crate::frames::{Ept02Pool, EPT02_TABLES};
 use crate::guest::{GuestBoot, GuestRam, TestGuest};
 use crate::linux::LinuxGuest;
 use crate::memory::MemoryPlan;
@@ -226,11 +227,18 @@ pub fn setup(
         Guest::Test(_) => None,
     };
     hv.outbox_monitor = outbox.is_some();
+    let mut ept02 = None;
     if scenario.offers_vmx() {
         use ihmi_hv::nested::caps::{NestedFeatures, VirtualVmx};
-        // Milestone M1 offers shadow paging only: no EPT for the guest's own guests yet.
-        let offer = VirtualVmx::offer(&vmx.caps, NestedFeatures::ShadowPaging)
-            .map_err(LoadError::NestedOffer)?;
+        // Shadow paging (L1's guests run under L0's view of L1) unless the scenario offers nested
+        // EPT, whose EPT02 gets tables of its own.
+        let features = if scenario.offers_nested_ept() {
+            ept02 = Some(Ept02Pool::new(&mut frames, EPT02_TABLES)?);
+            NestedFeatures::NestedEpt
+        } else {
+            NestedFeatures::ShadowPaging
+        };
+        let offer = VirtualVmx::offer(&vmx.caps, features).map_err(LoadError::NestedOffer)?;
         let nested = ihmi_hv::nested::vmx::NestedVmx::new(offer);
         hv.nested = Some(if shadow_vmcs.is_some() {
             nested.with_shadowing()
@@ -238,9 +246,20 @@ pub fn setup(
             nested
         });
         log!(
-            "nested: VMX offered to the guest (shadow paging, VMCS revision {:#x})",
+            "nested: VMX offered to the guest ({}, VMCS revision {:#x})",
+            match features {
+                NestedFeatures::ShadowPaging => "shadow paging",
+                NestedFeatures::NestedEpt => "nested EPT",
+            },
             ihmi_hv::nested::caps::VMCS12_REVISION
         );
+        if let Some(pool) = &ept02 {
+            log!(
+                "nested: EPT02 gets {} tables at {:#x}",
+                pool.total(),
+                pool.base().raw()
+            );
+        }
     }
     let regs = GuestRegs {
         rdi: boot_state.boot_info.raw(),
@@ -265,6 +284,7 @@ pub fn setup(
                 frames,
                 fence,
                 monitor_words,
+                ept02,
             },
         },
         regs,

@@ -263,6 +263,9 @@ pub enum Scenario {
     NestedKvm,
     /// `NestedKvm` with VMCS shadowing.
     NestedKvmShadow,
+    /// Nested VMX, milestone M4: `NestedKvmShadow` with EPT offered to L1 (`kvm_intel.ept=1`): L2
+    /// runs on EPT02, which L0 builds from KVM's EPT12 and its own view of L1.
+    NestedKvmEpt,
 }
 
 /// CPUIDs `nested-mini`'s L2 makes; each is reflected to L1 (the test guest and L0's judge agree on
@@ -285,8 +288,8 @@ const LINUX_ATTACK_BASE: u32 = 40;
 impl Scenario {
     /// Every scenario, in the order `ihmi test` runs them (and the host's scenario table lists them):
     /// the test guest's, Linux's, the two benchmarks', the attack suite, then nested VMX's.
-    pub const ALL: [Scenario; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 6] = {
-        let mut all = [Self::Boot; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 6];
+    pub const ALL: [Scenario; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 7] = {
+        let mut all = [Self::Boot; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 7];
         let fixed = [
             Self::Boot,
             Self::EptGuard,
@@ -331,6 +334,7 @@ impl Scenario {
         all[i + j + 3] = Self::NestedMiniShadow;
         all[i + j + 4] = Self::NestedKvm;
         all[i + j + 5] = Self::NestedKvmShadow;
+        all[i + j + 6] = Self::NestedKvmEpt;
         all
     };
 
@@ -359,6 +363,7 @@ impl Scenario {
                 | Self::LinuxBench(_)
                 | Self::NestedKvm
                 | Self::NestedKvmShadow
+                | Self::NestedKvmEpt
         )
     }
 
@@ -409,6 +414,7 @@ impl Scenario {
             Self::NestedMiniShadow => "nested-mini-shadow",
             Self::NestedKvm => "nested-kvm",
             Self::NestedKvmShadow => "nested-kvm-shadow",
+            Self::NestedKvmEpt => "nested-kvm-ept",
         }
     }
 
@@ -423,13 +429,23 @@ impl Scenario {
                 | Self::NestedMiniShadow
                 | Self::NestedKvm
                 | Self::NestedKvmShadow
+                | Self::NestedKvmEpt
         )
+    }
+
+    /// Whether L0 offers the guest EPT for its own guests (nested EPT, NESTED.md A.2.8).
+    #[must_use]
+    pub const fn offers_nested_ept(self) -> bool {
+        matches!(self, Self::NestedKvmEpt)
     }
 
     /// Whether L0 shadows the guest's VMCS12 (VMCS shadowing, NESTED.md A.2.5).
     #[must_use]
     pub const fn shadows_vmcs(self) -> bool {
-        matches!(self, Self::NestedMiniShadow | Self::NestedKvmShadow)
+        matches!(
+            self,
+            Self::NestedMiniShadow | Self::NestedKvmShadow | Self::NestedKvmEpt
+        )
     }
 
     /// The number stored in [`BootInfo::scenario`].
@@ -458,6 +474,7 @@ impl Scenario {
             Self::NestedMiniShadow => 22,
             Self::NestedKvm => 23,
             Self::NestedKvmShadow => 24,
+            Self::NestedKvmEpt => 25,
         }
     }
 

@@ -13,7 +13,8 @@ use std::collections::BTreeMap;
 use std::string::{String, ToString};
 use std::vec::Vec;
 
-use ihmi_addr::{Gpa, GpaRange};
+use ihmi_addr::{Gpa, GpaRange, Hpa};
+use ihmi_ept::Perm;
 use ihmi_vmcs::fields::{guest, ro};
 use ihmi_vmcs::VmcsField;
 
@@ -57,6 +58,7 @@ pub enum Call {
     UnblockNmis,
     WriteMonitor(Gpa, u64),
     ProtectGuest(Gpa, u64, ihmi_ept::Perm),
+    Invept(u64),
 }
 
 #[derive(Debug, Default)]
@@ -167,6 +169,56 @@ pub struct MockPlatform {
     pub fence: Option<MemoryMap>,
     /// An NMI L0 took while it ran, which `take_nmi` hands over once.
     pub host_nmi: bool,
+    /// EPT02's tables, for nested EPT.
+    pub ept02: Option<MockEpt02Tables>,
+}
+
+/// EPT02's tables in a vector, at made-up host-physical addresses from [`MockEpt02Tables::BASE`].
+#[derive(Debug)]
+pub struct MockEpt02Tables {
+    tables: Vec<ihmi_ept::EptTable>,
+    used: usize,
+    /// Times every table was taken back.
+    pub resets: usize,
+}
+
+impl MockEpt02Tables {
+    /// Where the first table is.
+    pub const BASE: u64 = 0x8000_0000;
+
+    /// A pool of `n` tables.
+    pub fn new(n: usize) -> Self {
+        Self {
+            tables: (0..n).map(|_| ihmi_ept::EptTable::default()).collect(),
+            used: 0,
+            resets: 0,
+        }
+    }
+
+    fn slot(&self, hpa: Hpa) -> Option<usize> {
+        let i = hpa.raw().checked_sub(Self::BASE)? / 4096;
+        (i < self.used as u64).then_some(i as usize)
+    }
+}
+
+impl ihmi_hv::nested::ept::Ept02Tables for MockEpt02Tables {
+    fn alloc_zeroed(&mut self) -> Option<Hpa> {
+        let t = self.tables.get_mut(self.used)?;
+        *t = ihmi_ept::EptTable::default();
+        self.used += 1;
+        Some(Hpa::new(Self::BASE + (self.used as u64 - 1) * 4096))
+    }
+    fn table_mut(&mut self, hpa: Hpa) -> Option<&mut ihmi_ept::EptTable> {
+        let i = self.slot(hpa)?;
+        self.tables.get_mut(i)
+    }
+    fn table(&self, hpa: Hpa) -> Option<&ihmi_ept::EptTable> {
+        self.tables.get(self.slot(hpa)?)
+    }
+    fn reset(&mut self) {
+        self.used = 0;
+        self.resets += 1;
+    }
 }
 
 impl MockPlatform {
@@ -266,6 +318,24 @@ impl MockPlatform {
 }
 
 impl Platform for MockPlatform {
+    fn guest_mapping(&self, gpa: Gpa) -> Option<ihmi_ept::EptMapping> {
+        // L0's view of the guest: its RAM, identity-mapped, everything allowed.
+        self.fenced(gpa.align_down(4096), 4096).ok()?;
+        Some(ihmi_ept::EptMapping {
+            hpa: Hpa::new(gpa.raw()),
+            perm: Perm::RWX,
+            memtype: ihmi_ept::MemType::WriteBack,
+            large: false,
+        })
+    }
+    fn ept02_tables(&mut self) -> Option<&mut dyn ihmi_hv::nested::ept::Ept02Tables> {
+        self.ept02
+            .as_mut()
+            .map(|t| t as &mut dyn ihmi_hv::nested::ept::Ept02Tables)
+    }
+    fn invept(&mut self, eptp: ihmi_ept::Eptp) {
+        self.calls.borrow_mut().push(Call::Invept(eptp.raw()));
+    }
     fn host_cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4] {
         self.calls.borrow_mut().push(Call::HostCpuid(leaf, subleaf));
         // A host that has VMX (leaf 1 ECX bit 5) and nothing in the hypervisor range.

@@ -4,7 +4,9 @@
 use core::fmt;
 
 use ihmi_addr::{Gpa, GpaRange};
-use ihmi_ept::Perm;
+use ihmi_ept::{EptMapping, Eptp, Perm};
+
+use crate::nested::ept::Ept02Tables;
 
 /// Why the platform did not do what the exit policy asked. The policy turns each into a refusal, a
 /// message or a clean end of the guest: never an end of L0.
@@ -83,6 +85,14 @@ pub trait Platform {
     /// After an NMI exit: lifts the blocking of NMIs the exit left in L0 (the CPU's blocking lasts
     /// until an IRET), so the next NMI arrives at all.
     fn unblock_nmis(&mut self);
+    /// L0's own translation of the guest's page at `gpa` in its view 0 (where it is, what the guest
+    /// may do there, its memory type): what nested EPT intersects L1's EPT with. `None` for a page
+    /// the guest does not have (L0's and the monitor's frames among them).
+    fn guest_mapping(&self, gpa: Gpa) -> Option<EptMapping>;
+    /// The tables of the guest's guest's EPT (EPT02, nested EPT), where L0 keeps some.
+    fn ept02_tables(&mut self) -> Option<&mut dyn Ept02Tables>;
+    /// Invalidates what the CPU cached of the EPT `eptp` (a single-context INVEPT).
+    fn invept(&mut self, eptp: Eptp);
 }
 
 /// Reads one little-endian word of guest RAM.

@@ -97,7 +97,8 @@ extern "C" fn guest_main(info: *const BootInfo) -> ! {
         | Scenario::LinuxSimOutbox
         | Scenario::LinuxBench(_)
         | Scenario::NestedKvm
-        | Scenario::NestedKvmShadow => 96,
+        | Scenario::NestedKvmShadow
+        | Scenario::NestedKvmEpt => 96,
     };
     done(code)
 }

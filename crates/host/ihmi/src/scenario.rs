@@ -74,6 +74,10 @@ pub fn kernel_args(name: &str) -> &'static str {
         Some(ihmi_abi::Scenario::NestedKvm | ihmi_abi::Scenario::NestedKvmShadow) => {
             "ihmi.nested=kvm kvm_intel.ept=0 kvm_intel.nested=0"
         }
+        // KVM on EPT, which L0 offers this one.
+        Some(ihmi_abi::Scenario::NestedKvmEpt) => {
+            "ihmi.nested=kvm kvm_intel.ept=1 kvm_intel.nested=0"
+        }
         _ => "",
     }
 }
@@ -103,13 +107,14 @@ pub const BENCH_SCENARIOS: [Scenario; 3] = [
     Scenario::of(ihmi_abi::Scenario::Bench(Mode::OutBox)),
 ];
 
-/// The nested-VMX cost benchmark (`ihmi bench --nested`): the tiny L1's run without and with VMCS
-/// shadowing.
-pub const NESTED_BENCH_SCENARIOS: [Scenario; 4] = [
+/// The nested-VMX cost benchmark (`ihmi bench --nested`): the tiny L1's run and KVM's (shadow
+/// paging, then nested EPT), without and with VMCS shadowing.
+pub const NESTED_BENCH_SCENARIOS: [Scenario; 5] = [
     Scenario::of(ihmi_abi::Scenario::NestedMini),
     Scenario::of(ihmi_abi::Scenario::NestedMiniShadow),
     Scenario::of(ihmi_abi::Scenario::NestedKvm),
     Scenario::of(ihmi_abi::Scenario::NestedKvmShadow),
+    Scenario::of(ihmi_abi::Scenario::NestedKvmEpt),
 ];
 
 /// Whether `name` boots the Linux guest (and so needs its kernel and initramfs on the ISO).
@@ -248,7 +253,8 @@ mod tests {
                 "nested-mini",
                 "nested-mini-shadow",
                 "nested-kvm",
-                "nested-kvm-shadow"
+                "nested-kvm-shadow",
+                "nested-kvm-ept"
             ]
         );
         for s in known() {

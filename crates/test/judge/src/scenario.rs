@@ -55,6 +55,12 @@ pub struct NestedLog {
     pub l2_exit_count: u64,
     pub reflected: u64,
     pub reflected_cpuid: u64,
+    /// Nested EPT: L2's EPT violations reflected to L1 (EPT12 did not map the page yet), and those
+    /// L0 kept (each an EPT02 fill).
+    pub reflected_ept: u64,
+    pub ept_fills: u64,
+    /// L1's INVEPTs that succeeded.
+    pub invepts: u64,
     /// The reason of the last reflected exit: the round trip L0 reports at the next entry is its.
     last_reflected: Option<ExitReason>,
     /// The round trips of reflected CPUID exits alone (NESTED.md A.6's measure): count, sum,
@@ -228,8 +234,10 @@ impl ScenarioLog {
                 instruction,
                 outcome,
             } => {
-                if (instruction, outcome) == (VmxInstruction::Vmxoff, VmxOutcome::Succeed) {
-                    self.vmxoffs += 1;
+                match (instruction, outcome) {
+                    (VmxInstruction::Vmxoff, VmxOutcome::Succeed) => self.vmxoffs += 1,
+                    (VmxInstruction::Invept, VmxOutcome::Succeed) => self.nested.invepts += 1,
+                    _ => {}
                 }
                 self.vmx.push(VmxStep(instruction, outcome));
             }
@@ -255,6 +263,13 @@ impl ScenarioLog {
                 let n = &mut self.nested;
                 n.exits.push(L2ExitStep(reason, reflected));
                 n.l2_exit_count += 1;
+                if reason == ExitReason::EptViolation {
+                    if reflected {
+                        n.reflected_ept += 1;
+                    } else {
+                        n.ept_fills += 1;
+                    }
+                }
                 if reflected {
                     n.reflected += 1;
                     n.reflected_cpuid += u64::from(reason == ExitReason::Cpuid);
@@ -787,6 +802,10 @@ fn check(
         Scenario::NestedMiniShadow => check_nested_mini(log, NESTED_MAX_ROUND_TRIP_SHADOW),
         Scenario::NestedKvm => check_nested_kvm(log, NESTED_MAX_ROUND_TRIP),
         Scenario::NestedKvmShadow => check_nested_kvm(log, NESTED_MAX_ROUND_TRIP_SHADOW),
+        Scenario::NestedKvmEpt => {
+            check_nested_kvm(log, NESTED_MAX_ROUND_TRIP_SHADOW)?;
+            check_nested_ept(log)
+        }
         Scenario::Bench(mode) => {
             expect_done_zero(log)?;
             crate::bench::check(mode, log.bench_results()).map_err(FailReason::Bench)
@@ -1328,6 +1347,27 @@ fn check_nested_kvm(log: &ScenarioLog, max_round_trip: u64) -> Result<(), FailRe
     }
     if !log.alerts().is_empty() {
         return Err(FailReason::NestedRun("L0 raised an alert"));
+    }
+    Ok(())
+}
+
+/// `nested-kvm-ept`, on top of [`check_nested_kvm`]: KVM built its EPT12 on L2's first touches (at
+/// least one reflected EPT violation per page the probe wrote), L0 filled EPT02 from it (at least one
+/// fill per page), and L1's INVEPTs succeeded (KVM flushes its EPT context when it loads it).
+fn check_nested_ept(log: &ScenarioLog) -> Result<(), FailReason> {
+    let n = &log.nested;
+    if n.reflected_ept < ihmi_abi::NESTED_KVM_PAGES {
+        return Err(FailReason::NestedRun(
+            "fewer EPT violations reached L1 than the pages L2 touched",
+        ));
+    }
+    if n.ept_fills < ihmi_abi::NESTED_KVM_PAGES {
+        return Err(FailReason::NestedRun(
+            "L0 filled EPT02 fewer times than the pages L2 touched",
+        ));
+    }
+    if n.invepts == 0 {
+        return Err(FailReason::NestedRun("no INVEPT of L1's succeeded"));
     }
     Ok(())
 }

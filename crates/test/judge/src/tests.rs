@@ -1461,7 +1461,13 @@ fn nested_kvm_passes_only_for_the_whole_probe_at_the_target_cost() {
 
     // `cpuids` CPUID exits reflected, each `per` L0 exits to its VMRESUME; a report line; KVM's
     // VMXOFF; an alert if asked.
-    let run = |scenario: Scenario, report: &str, cpuids: u64, per: u64, vmxoff: bool| {
+    // With nested EPT, `(reflected, filled, invepts)`: EPT violations of L2's and L1's INVEPTs.
+    let run_ept = |scenario: Scenario,
+                   report: &str,
+                   cpuids: u64,
+                   per: u64,
+                   vmxoff: bool,
+                   (reflected_ept, fills, invepts): (u64, u64, u64)| {
         let mut h = hv(scenario);
         let log = &mut h.judge.log;
         let task = ihmi_hv::linux::TaskInfo {
@@ -1498,6 +1504,20 @@ fn nested_kvm_passes_only_for_the_whole_probe_at_the_target_cost() {
             launch: false,
             round_trip: Some(40),
         });
+        for (count, reflected) in [(reflected_ept, true), (fills, false)] {
+            for _ in 0..count {
+                log.record(&Observation::L2Exit {
+                    reason: ExitReason::EptViolation,
+                    reflected,
+                });
+            }
+        }
+        for _ in 0..invepts {
+            log.record(&Observation::Vmx {
+                instruction: VmxInstruction::Invept,
+                outcome: VmxOutcome::Succeed,
+            });
+        }
         if vmxoff {
             log.record(&Observation::Vmx {
                 instruction: VmxInstruction::Vmxoff,
@@ -1508,6 +1528,9 @@ fn nested_kvm_passes_only_for_the_whole_probe_at_the_target_cost() {
         log.end_task = Some(Ok(task));
         judge(scenario, log, &h.hv.counters, Gpa::new(0), None)
     };
+    let run = |scenario: Scenario, report: &str, cpuids: u64, per: u64, vmxoff: bool| {
+        run_ept(scenario, report, cpuids, per, vmxoff, (0, 0, 0))
+    };
     let good = "l2: ihmi-l2: cpuid=1000 vendor=GenuineIntel pages=256 bad=0";
     let n = ihmi_abi::NESTED_KVM_CPUIDS;
     assert_eq!(run(Scenario::NestedKvm, good, n, 9, true), Verdict::Pass);
@@ -1515,6 +1538,16 @@ fn nested_kvm_passes_only_for_the_whole_probe_at_the_target_cost() {
         run(Scenario::NestedKvmShadow, good, n, 2, true),
         Verdict::Pass
     );
+    let pages = ihmi_abi::NESTED_KVM_PAGES;
+    let ept = |v: (u64, u64, u64)| run_ept(Scenario::NestedKvmEpt, good, n, 2, true, v);
+    assert_eq!(ept((pages + 4, pages + 5, 1)), Verdict::Pass);
+    for short in [
+        (pages - 1, pages, 1),
+        (pages, pages - 1, 1),
+        (pages, pages, 0),
+    ] {
+        assert!(matches!(ept(short), Verdict::Fail(_)), "{short:?}");
+    }
     let fails = [
         // Over the shadowed target of 3 on average.
         run(Scenario::NestedKvmShadow, good, n, 4, true),

@@ -2,9 +2,9 @@
 //! for. Each control MSR's allowed-1 half is L0's policy for the milestone intersected with what the
 //! real CPU allows (a control L0 passes through into VMCS02 must exist underneath); its allowed-0 half
 //! is the architectural default-1 set (the TRUE MSRs with the bits the SDM lets be 0). Everything L0
-//! does not emulate is left out: no VM functions and no VMCS shadowing for L2 ever, no EPT until the
-//! nested-EPT milestone, no posted interrupts, no preemption timer (Linux 6.1's KVM turns it off on
-//! Bochs anyway), no unrestricted guest.
+//! does not emulate is left out: no VM functions and no VMCS shadowing for L2 ever, EPT only in the
+//! nested-EPT offer (4 KiB pages, no accessed/dirty flags), no posted interrupts, no preemption timer
+//! (Linux 6.1's KVM turns it off on Bochs anyway), no unrestricted guest, no VPID.
 //!
 //! `tests.rs` replays Linux 6.1's `setup_vmcs_config` acceptance on every offer, so a table that would
 //! make `kvm_intel` refuse to load fails `cargo test` (NESTED.md A.1.2, A.1.4).

@@ -127,6 +127,10 @@ fn check_controls(v: &Vmcs12, offer: &VirtualVmx) -> Result<(), &'static str> {
             Some(c) if within(proc2, c) => {}
             _ => return Err("secondary processor-based controls outside the offer"),
         }
+        let ept = u64::from(ihmi_vmcs::SecondaryControls::ENABLE_EPT.bits());
+        if proc2 & ept != 0 && !super::ept::eptp_valid(read(v, control::EPTP_FULL)) {
+            return Err("EPTP not one the offer supports (write-back, 4 levels, no A/D flags)");
+        }
     }
     let cr3_targets = (cap(msr::IA32_VMX_MISC) >> 16) & 0x1ff;
     if read(v, control::CR3_TARGET_COUNT) > cr3_targets {

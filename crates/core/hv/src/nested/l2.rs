@@ -12,7 +12,8 @@
 //! - CR0 and CR4 are owned by whoever masks them: the masks are ORed; a bit only L0 masks (CR4.VMXE)
 //!   reads as L2's own value, from VMCS12;
 //! - the EPTP is L0's: L2 runs in L1's memory under L0's normal view (shadow paging in L1, milestone
-//!   M2/M3), so it reaches nothing L1 cannot;
+//!   M2/M3), so it reaches nothing L1 cannot; or, when L1 gives L2 an EPT of its own, EPT02's
+//!   (`super::ept`, M4), which maps nothing EPT12 and L0's view do not both allow;
 //! - the VM-exit and VM-entry controls are L0's (64-bit host, IA32_EFER and IA32_PAT loaded), with
 //!   L2's mode from VMCS12 and acknowledge-interrupt-on-exit when L1 asked for it.
 
@@ -156,6 +157,31 @@ fn primary12(v: &Vmcs12) -> PrimaryControls {
     PrimaryControls::from_bits_retain(read(v, control::PRIMARY_PROCBASED_EXEC_CONTROLS) as u32)
 }
 
+/// L1's secondary controls, none unless it activated them.
+fn secondary12(v: &Vmcs12) -> SecondaryControls {
+    if primary12(v).contains(PrimaryControls::SECONDARY_CONTROLS) {
+        SecondaryControls::from_bits_retain(
+            read(v, control::SECONDARY_PROCBASED_EXEC_CONTROLS) as u32
+        )
+    } else {
+        SecondaryControls::empty()
+    }
+}
+
+/// The secondary controls of L1's that VMCS02 takes as they are: instructions L2 then runs
+/// without an exit (EPT is L0's own in VMCS02 whatever L1 says: `ept02` is its translation).
+const PASSED_SECONDARY: SecondaryControls = SecondaryControls::ENABLE_RDTSCP
+    .union(SecondaryControls::ENABLE_INVPCID)
+    .union(SecondaryControls::ENABLE_XSAVES_XRSTORS);
+
+/// L1's EPTP, when it gives L2 an EPT of its own (nested EPT).
+#[must_use]
+pub fn l1_eptp(v: &Vmcs12) -> Option<u64> {
+    secondary12(v)
+        .contains(SecondaryControls::ENABLE_EPT)
+        .then(|| read(v, control::EPTP_FULL))
+}
+
 fn exit12(v: &Vmcs12) -> ExitControls {
     ExitControls::from_bits_retain(read(v, control::VMEXIT_CONTROLS) as u32)
 }
@@ -171,7 +197,7 @@ const fn l0_only(l0_mask: u64, l1_mask: u64) -> u64 {
 }
 
 /// Writes VMCS02 (current) for an entry to L2 from `v` (checked) and L0's controls.
-pub fn write_vmcs02(v: &Vmcs12, l0: &L0Controls, vcpu: &mut impl Vcpu) {
+pub fn write_vmcs02(v: &Vmcs12, l0: &L0Controls, ept02: Option<u64>, vcpu: &mut impl Vcpu) {
     for &f in GUEST_STATE {
         vcpu.write(f, read(v, f));
     }
@@ -224,8 +250,14 @@ pub fn write_vmcs02(v: &Vmcs12, l0: &L0Controls, vcpu: &mut impl Vcpu) {
         control::PRIMARY_PROCBASED_EXEC_CONTROLS,
         u64::from(primary.bits()),
     );
-    let secondary = SecondaryControls::from_bits_retain(l0.secondary as u32)
+    // L0's secondary controls (EPT among them), and the instructions L1 lets L2 run that only pass
+    // through; never VM functions.
+    let l1_secondary = secondary12(v) & PASSED_SECONDARY;
+    let mut secondary = (SecondaryControls::from_bits_retain(l0.secondary as u32) | l1_secondary)
         & !SecondaryControls::ENABLE_VM_FUNCTIONS;
+    if ept02.is_some() {
+        secondary |= SecondaryControls::ENABLE_EPT;
+    }
     vcpu.write(
         control::SECONDARY_PROCBASED_EXEC_CONTROLS,
         u64::from(secondary.bits()),
@@ -271,7 +303,14 @@ pub fn write_vmcs02(v: &Vmcs12, l0: &L0Controls, vcpu: &mut impl Vcpu) {
         vcpu.write(mask_f, l0_mask | l1_mask);
         vcpu.write(shadow_f, shadow);
     }
-    vcpu.write(control::EPTP_FULL, l0.eptp);
+    if l1_secondary.contains(SecondaryControls::ENABLE_XSAVES_XRSTORS) {
+        vcpu.write(
+            control::XSS_EXITING_BITMAP_FULL,
+            read(v, control::XSS_EXITING_BITMAP_FULL),
+        );
+    }
+    // L1's own EPT: EPT02, built from it and L0's view (`super::ept`); else L0's view itself.
+    vcpu.write(control::EPTP_FULL, ept02.unwrap_or(l0.eptp));
     let mut exit = ExitControls::from_bits_retain(l0.exit as u32)
         & !(ExitControls::ACK_INTERRUPT_ON_EXIT | ExitControls::SAVE_VMX_PREEMPTION_TIMER);
     if exit12(v).contains(ExitControls::ACK_INTERRUPT_ON_EXIT) {

@@ -28,6 +28,7 @@
 
 pub mod caps;
 pub mod entry;
+pub mod ept;
 pub mod l2;
 pub mod run;
 pub mod shadow;

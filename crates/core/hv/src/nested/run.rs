@@ -7,9 +7,12 @@
 //! transition changes none of them but RSP and RIP (SDM 27.3, 28.5): L2 starts with the registers L1
 //! had at its VMLAUNCH, and L1 gets L2's at an exit, as on a CPU.
 
+use ihmi_addr::{Gpa, Gva};
+use ihmi_ept::Perm;
 use ihmi_vmcs::fields::{control, guest};
-use ihmi_vmcs::{ExitInformation, ExitReason, InterruptionInfo, VmExit};
+use ihmi_vmcs::{EptViolationQualification, ExitInformation, ExitReason, InterruptionInfo, VmExit};
 
+use super::ept::{self, Walk};
 use super::l2::{self, Owner};
 use super::vmx::Level;
 use crate::policy::io::INTERCEPTED_PORTS;
@@ -96,6 +99,7 @@ impl Hypervisor {
         };
         let l0 = n.l0;
         let launch = n.launching;
+        let ept02 = n.vmcs02_eptp;
         let Some(v) = n.current_mut() else {
             return Action::End(GuestEnd::L0Stopped {
                 why: "a nested-VMX switch without a current VMCS12",
@@ -103,7 +107,7 @@ impl Hypervisor {
         };
         match to {
             NestedSwitch::ToL2 => {
-                l2::write_vmcs02(v, &l0, vcpu);
+                l2::write_vmcs02(v, &l0, ept02, vcpu);
                 v.launched = true;
                 n.level = Level::L2;
                 n.stats.entries += 1;
@@ -172,9 +176,39 @@ impl Hypervisor {
                 return Err("MSR-load and MSR-store areas are not emulated yet");
             }
         }
+        let eptp12 = l2::l1_eptp(v);
         n.l0 = l2::L0Controls::read(vcpu);
         n.launching = launch;
+        n.vmcs02_eptp = match eptp12 {
+            None => None,
+            Some(eptp12) => Some(Self::ept02_for(n, platform, eptp12)?),
+        };
         Ok(Action::SwitchVmcs(NestedSwitch::ToL2))
+    }
+
+    /// EPT02 for `eptp12`, a new one (and the CPU's cached translations of the old one dropped)
+    /// when the last entry used another EPTP12 or none; its EPTP.
+    fn ept02_for(
+        n: &mut super::vmx::NestedVmx,
+        platform: &mut impl Platform,
+        eptp12: u64,
+    ) -> Result<u64, &'static str> {
+        if let Some(e) = n.ept02.as_ref().filter(|e| e.eptp12 == eptp12) {
+            return Ok(e.eptp().raw());
+        }
+        let tables = platform
+            .ept02_tables()
+            .ok_or("nested EPT without tables for EPT02")?;
+        let mut fresh = ept::Ept02::new(tables, eptp12).map_err(|_| "no room for EPT02's root")?;
+        // The costs go on across EPTP12s: the old EPT02 was emptied for the new one.
+        if let Some(old) = &n.ept02 {
+            fresh.fills = old.fills;
+            fresh.resets = old.resets + 1;
+        }
+        let eptp = fresh.eptp();
+        n.ept02 = Some(fresh);
+        platform.invept(eptp);
+        Ok(eptp.raw())
     }
 
     /// An exit while L2 runs (VMCS02 current).
@@ -206,6 +240,10 @@ impl Hypervisor {
             let mut b = [0u8; 1];
             p.read_guest(gpa, &mut b).ok().map(|()| b[0])
         };
+        // Nested EPT: what L1's EPT says of the page L2 touched decides whose the exit is.
+        let mut walk = None;
+        let mut reason = exit.reason();
+        let mut qualification = None;
         let owner = match exit {
             // VMCS02 failed an entry check L0 did not make itself: that is L1's guest state, and a
             // VMLAUNCH that fails leaves the VMCS clear.
@@ -215,13 +253,44 @@ impl Hypervisor {
                 }
                 Owner::L1
             }
+            VmExit::EptViolation {
+                gpa,
+                qualification: q,
+                ..
+            } if l2::l1_eptp(v).is_some() => {
+                let w = ept::walk(&*platform, l2::l1_eptp(v).unwrap_or(0), gpa);
+                walk = Some(w);
+                match w {
+                    Walk::Mapped { perm, .. } if perm.contains(ept::needed(q)) => Owner::L0,
+                    Walk::Unreadable { .. } => Owner::L0,
+                    // EPT12 does not allow it: L1's EPT violation, with EPT12's rights in it.
+                    Walk::Mapped { perm, .. } => {
+                        qualification = Some(ept::reflected_qualification(q, perm));
+                        Owner::L1
+                    }
+                    Walk::NotPresent => {
+                        qualification = Some(ept::reflected_qualification(q, Perm::empty()));
+                        Owner::L1
+                    }
+                    // EPT12 is malformed: an EPT misconfiguration of L1's (no qualification).
+                    Walk::Misconfig => {
+                        reason = ExitReason::EptMisconfig;
+                        qualification = Some(0);
+                        Owner::L1
+                    }
+                }
+            }
             _ => l2::owner(&exit, v, vcpu, &*platform, read_l1),
         };
-        let reason = exit.reason();
         let info = ExitInformation::read(|f| vcpu.read(f));
         if owner == Owner::L1 {
             l2::save_l2_state(v, &l0, vcpu);
-            for (f, value) in info.fields() {
+            let mut info12 = info;
+            if let Some(q) = qualification {
+                info12.reason = u32::from(reason.number());
+                info12.qualification = q;
+            }
+            for (f, value) in info12.fields() {
                 let _ = v.set(f, value);
             }
             n.stats.reflected += 1;
@@ -241,7 +310,25 @@ impl Hypervisor {
             reason,
             reflected: false,
         });
-        let action = self.l0_handles_l2_exit(exit, vcpu, platform, obs);
+        let action = match (exit, walk) {
+            (
+                VmExit::EptViolation {
+                    gpa,
+                    gla,
+                    qualification,
+                },
+                Some(Walk::Mapped { l1, perm }),
+            ) => self.fill_ept02(vcpu, platform, obs, (gpa, gla, qualification), l1, perm),
+            (VmExit::EptViolation { .. }, Some(Walk::Unreadable { table })) => {
+                platform.log(format_args!(
+                    "nested: L1's EPT has a table at {table}, which is not its RAM"
+                ));
+                Action::End(GuestEnd::L0Stopped {
+                    why: "L1's EPT has a table outside its RAM",
+                })
+            }
+            _ => self.l0_handles_l2_exit(exit, vcpu, platform, obs),
+        };
         // An event L2 was being delivered when L0 took the exit is delivered again (SDM 28.2.4),
         // unless the handler injected one of its own.
         let vectoring = InterruptionInfo::from_raw(info.idt_vectoring_info);
@@ -268,6 +355,61 @@ impl Hypervisor {
             }
         }
         action
+    }
+
+    /// Nested EPT: L2's access at `l2` that EPT12 allows (to `l1`, with `perm12`) goes into EPT02,
+    /// with the rights of EPT12 and of L0's own view of L1's page both, and L2 goes on. An access
+    /// L0's view does not give L1 is L0's EPT violation at `l1`, as if L1 had made it (an L0 or
+    /// monitor frame ends the guest, naming it; a locked page of a Linux L1 alerts too).
+    fn fill_ept02(
+        &mut self,
+        vcpu: &mut impl Vcpu,
+        platform: &mut impl Platform,
+        obs: &mut impl Observer,
+        (l2, gla, qualification): (Gpa, Option<Gva>, EptViolationQualification),
+        l1: Gpa,
+        perm12: Perm,
+    ) -> Action {
+        let needed = ept::needed(qualification);
+        let Some(m) = platform
+            .guest_mapping(l1)
+            .filter(|m| m.perm.contains(needed))
+        else {
+            return self.on_ept_violation(vcpu, platform, obs, l1, gla, qualification);
+        };
+        let Some(e) = self.nested.as_mut().and_then(|n| n.ept02.as_mut()) else {
+            return Action::End(GuestEnd::L0Stopped {
+                why: "an EPT violation of L2's without EPT02",
+            });
+        };
+        let Some(tables) = platform.ept02_tables() else {
+            return Action::End(GuestEnd::L0Stopped {
+                why: "nested EPT without tables for EPT02",
+            });
+        };
+        match e.fill(tables, l2, m, perm12 & m.perm) {
+            Ok(emptied) => {
+                // The EPT violation itself dropped what the CPU cached for this address (SDM
+                // 29.4.3.1); when EPT02 started over (maybe at another root), it forgets all of it.
+                if emptied {
+                    let eptp = e.eptp();
+                    platform.invept(eptp);
+                    vcpu.write(control::EPTP_FULL, eptp.raw());
+                    if let Some(n) = self.nested.as_mut() {
+                        n.vmcs02_eptp = Some(eptp.raw());
+                    }
+                }
+                Action::Resume
+            }
+            Err(why) => {
+                platform.log(format_args!(
+                    "nested: EPT02 could not map L2's {l2} (L1's {l1}): {why:?}"
+                ));
+                Action::End(GuestEnd::L0Stopped {
+                    why: "EPT02 could not map a page of L2's",
+                })
+            }
+        }
     }
 
     /// An exit from L2 that L1 did not ask for: L0's own controls caused it, and L0 does what it

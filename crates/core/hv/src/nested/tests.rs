@@ -974,7 +974,7 @@ mod running_l2 {
         )
         .unwrap();
         let mut vcpu = MockVcpu::default();
-        write_vmcs02(&v, &l0_controls(), &mut vcpu);
+        write_vmcs02(&v, &l0_controls(), None, &mut vcpu);
         assert_eq!(written(&vcpu, guest::RIP), L2_RIP);
         assert_eq!(written(&vcpu, guest::CR3), 0x1000);
         assert_eq!(written(&vcpu, guest::CR4), 0x2020 | CR4_VMXE);
@@ -1015,7 +1015,7 @@ mod running_l2 {
             .write(control::VMENTRY_CONTROLS, entry & !(1 << 15))
             .unwrap();
         let mut vcpu = MockVcpu::default();
-        write_vmcs02(&no_efer, &l0_controls(), &mut vcpu);
+        write_vmcs02(&no_efer, &l0_controls(), None, &mut vcpu);
         assert_eq!(written(&vcpu, guest::IA32_EFER_FULL), 0xd01);
         assert_eq!(written(&vcpu, guest::IA32_PAT_FULL), 0x0007_0406_0007_0406);
     }
@@ -1278,6 +1278,188 @@ mod running_l2 {
             ),
             (1, 2, 2),
             "the reflected exit was a CPUID"
+        );
+    }
+
+    /// Nested EPT: L1 in VMX operation with a VMCS12 that gives L2 the EPT12 at [`EPT12`], which
+    /// maps L2's page 0x1000 to L1's 0x50_0000 read and write, 0x2000 to L0's frame, and has a
+    /// malformed (write-only) entry for 0x3000; EPT02 has eight tables.
+    const EPT12: u64 = 0x30_0000;
+
+    fn nested_ept() -> (crate::testing::TestHv, MockPlatform) {
+        let offer = VirtualVmx::offer(&host_caps(&[]), NestedFeatures::NestedEpt).unwrap();
+        let mut v = vmcs12(&offer);
+        let proc = v.read(control::PRIMARY_PROCBASED_EXEC_CONTROLS).unwrap();
+        v.write(control::PRIMARY_PROCBASED_EXEC_CONTROLS, proc | 1 << 31)
+            .unwrap();
+        v.write(control::SECONDARY_PROCBASED_EXEC_CONTROLS, 1 << 1)
+            .unwrap();
+        v.write(control::EPTP_FULL, EPT12 | 0x1e).unwrap();
+        let mut h = hv();
+        let mut n = NestedVmx::new(offer);
+        n.test_make_current(ihmi_addr::Gpa::new(0x7000), v);
+        h.hv.nested = Some(n);
+        let mut p = platform_with_identity_paging();
+        p.write_bytes(0x7000, &VMCS12_REVISION.to_le_bytes());
+        p.write_u64(EPT12, (EPT12 + 0x1000) | 7);
+        p.write_u64(EPT12 + 0x1000, (EPT12 + 0x2000) | 7);
+        p.write_u64(EPT12 + 0x2000, (EPT12 + 0x3000) | 7);
+        p.write_u64(EPT12 + 0x3000 + 8, 0x50_0000 | 3 | 6 << 3);
+        p.write_u64(EPT12 + 0x3000 + 16, crate::mock::L0_HOLE | 7 | 6 << 3);
+        p.write_u64(EPT12 + 0x3000 + 24, 0x60_0000 | 2 | 6 << 3);
+        p.fence = Some(crate::mock::memory_with_l0_hole());
+        p.ept02 = Some(crate::mock::MockEpt02Tables::new(8));
+        (h, p)
+    }
+
+    /// An EPT violation of L2's at `gpa`: a read (1), write (2) or fetch (4), with a linear address,
+    /// L2's state what the entry wrote into `vmcs02`.
+    fn ept_violation(vmcs02: &MockVcpu, gpa: u64, access: u64) -> MockVcpu {
+        let mut v = MockVcpu::exited(48, L2_RIP, 3);
+        v.fields
+            .extend(vmcs02.fields.iter().filter(|(f, _)| **f != guest::RIP));
+        v.fields
+            .insert(ro::EXIT_QUALIFICATION, access | 1 << 7 | 1 << 8);
+        v.fields.insert(ro::GUEST_PHYSICAL_ADDR_FULL, gpa);
+        v
+    }
+
+    #[test]
+    fn nested_ept_fills_ept02_reflects_what_ept12_refuses_and_invept_empties_it() {
+        let (mut h, mut p) = nested_ept();
+        let enter = |h: &mut crate::testing::TestHv, p: &mut MockPlatform, mut exit: MockVcpu| {
+            assert_eq!(
+                h.handle_exit(&mut exit, p),
+                Action::SwitchVmcs(NestedSwitch::ToL2)
+            );
+            let mut vmcs02 = MockVcpu::default();
+            h.hv.on_vmcs_switched(&mut vmcs02, &mut h.rec, NestedSwitch::ToL2);
+            vmcs02
+        };
+        let vmcs02 = enter(&mut h, &mut p, vmlaunch());
+        // VMCS02 runs on EPT02 (write-back, 4 levels), not L0's view; L1's EPT stays on.
+        let root = crate::mock::MockEpt02Tables::BASE;
+        assert_eq!(written(&vmcs02, control::EPTP_FULL), root | 0x1e);
+        assert_ne!(
+            written(&vmcs02, control::SECONDARY_PROCBASED_EXEC_CONTROLS) & 1 << 1,
+            0
+        );
+        // L2 writes its page 0x1000: EPT02 maps it where EPT01 has L1's 0x50_0000, read and
+        // write; L2 goes on at the same instruction.
+        let mut w = ept_violation(&vmcs02, 0x1008, 2);
+        assert_eq!(h.handle_exit(&mut w, &mut p), Action::Resume);
+        assert_eq!(w.fields[&guest::RIP], L2_RIP, "no step past it");
+        let ept02 = |h: &crate::testing::TestHv, p: &mut MockPlatform, gpa: u64| {
+            let e = h.hv.nested.as_ref().unwrap().ept02.as_ref().unwrap();
+            e.lookup(p.ept02.as_mut().unwrap(), ihmi_addr::Gpa::new(gpa))
+        };
+        let m = ept02(&h, &mut p, 0x1000).unwrap();
+        assert_eq!(
+            (m.hpa.raw(), m.perm),
+            (0x50_0000, ihmi_ept::Perm::RW),
+            "EPT12's rights, within L0's"
+        );
+        // A fetch there: EPT12 does not allow it, so the violation is L1's, with EPT12's read and
+        // write in bits 5:3 of the qualification.
+        let mut x = ept_violation(&vmcs02, 0x1010, 4);
+        assert_eq!(
+            h.handle_exit(&mut x, &mut p),
+            Action::SwitchVmcs(NestedSwitch::ToL1)
+        );
+        let v = h.hv.nested.as_mut().unwrap().test_current().unwrap();
+        assert_eq!(v.read(ro::EXIT_REASON), Ok(48));
+        assert_eq!(
+            v.read(ro::EXIT_QUALIFICATION),
+            Ok(4 | 3 << 3 | 1 << 7 | 1 << 8)
+        );
+        assert_eq!(v.read(ro::GUEST_PHYSICAL_ADDR_FULL), Ok(0x1010));
+        h.hv.on_vmcs_switched(&mut vmlaunch(), &mut h.rec, NestedSwitch::ToL1);
+        let mut resume = vmlaunch();
+        resume.fields.insert(ro::EXIT_REASON, 24);
+        let vmcs02 = enter(&mut h, &mut p, resume);
+        assert_eq!(
+            written(&vmcs02, control::EPTP_FULL),
+            root | 0x1e,
+            "the same EPTP12: the same EPT02"
+        );
+        // A page EPT12 has no entry for: L1's violation, with no rights.
+        let mut none = ept_violation(&vmcs02, 0x9000, 1);
+        h.handle_exit(&mut none, &mut p);
+        let v = h.hv.nested.as_mut().unwrap().test_current().unwrap();
+        assert_eq!(v.read(ro::EXIT_QUALIFICATION), Ok(1 | 1 << 7 | 1 << 8));
+        h.hv.on_vmcs_switched(&mut vmlaunch(), &mut h.rec, NestedSwitch::ToL1);
+        let mut resume = vmlaunch();
+        resume.fields.insert(ro::EXIT_REASON, 24);
+        let vmcs02 = enter(&mut h, &mut p, resume);
+        // A malformed entry: L1's EPT misconfiguration (reason 49).
+        let mut bad = ept_violation(&vmcs02, 0x3000, 1);
+        h.handle_exit(&mut bad, &mut p);
+        let v = h.hv.nested.as_mut().unwrap().test_current().unwrap();
+        assert_eq!(v.read(ro::EXIT_REASON), Ok(49));
+        assert_eq!(v.read(ro::EXIT_QUALIFICATION), Ok(0));
+        h.hv.on_vmcs_switched(&mut vmlaunch(), &mut h.rec, NestedSwitch::ToL1);
+        assert_eq!(
+            l2_observations(&h)
+                .iter()
+                .filter_map(|o| match o {
+                    Observation::L2Exit { reason, reflected } => Some((*reason, *reflected)),
+                    _ => None,
+                })
+                .collect::<Vec<_>>(),
+            [
+                (ExitReason::EptViolation, false),
+                (ExitReason::EptViolation, true),
+                (ExitReason::EptViolation, true),
+                (ExitReason::EptMisconfig, true),
+            ]
+        );
+        // L1's INVEPT of all contexts (descriptor at 0x6000, type in RBX): EPT02 is emptied and the
+        // CPU told to forget it.
+        let invept = |kind: u64| {
+            let mut inv = vmlaunch();
+            inv.fields.insert(ro::EXIT_REASON, 50);
+            inv.fields.insert(
+                ro::VMEXIT_INSTRUCTION_INFO,
+                (2 << 7) | (3 << 15) | (1 << 22) | (3 << 28),
+            );
+            inv.regs.rax = 0x6000;
+            inv.regs.rbx = kind;
+            inv
+        };
+        let mut inv = invept(2);
+        p.write_u64(0x6000, EPT12 | 0x1e);
+        let invepts = |p: &MockPlatform| {
+            p.calls
+                .borrow()
+                .iter()
+                .filter(|c| matches!(c, crate::mock::Call::Invept(_)))
+                .count()
+        };
+        let before = invepts(&p);
+        assert_eq!(h.handle_exit(&mut inv, &mut p), Action::Resume);
+        assert_eq!(inv.fields[&guest::RFLAGS] & 0x41, 0, "VMsucceed");
+        assert_eq!(invepts(&p), before + 1);
+        assert!(ept02(&h, &mut p, 0x1000).is_none(), "EPT02 is empty");
+        // A type the offer lacks (3, single-context retaining globals): VMfailValid 28.
+        let mut inv3 = invept(3);
+        h.handle_exit(&mut inv3, &mut p);
+        let v = h.hv.nested.as_mut().unwrap().test_current().unwrap();
+        assert_eq!(v.read(super::super::vmcs12::VM_INSTRUCTION_ERROR), Ok(28));
+        // L2 reaching L0's frame through EPT12: L0's violation at that frame, naming it.
+        let mut resume = vmlaunch();
+        resume.fields.insert(ro::EXIT_REASON, 24);
+        let vmcs02 = enter(&mut h, &mut p, resume);
+        let mut l0 = ept_violation(&vmcs02, 0x2000, 1);
+        let action = h.handle_exit(&mut l0, &mut p);
+        assert!(
+            matches!(
+                action,
+                Action::End(crate::GuestEnd::EptViolation {
+                    region: Some(crate::RegionKind::L0),
+                    ..
+                })
+            ),
+            "{action:?}"
         );
     }
 

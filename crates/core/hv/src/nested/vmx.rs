@@ -7,7 +7,8 @@
 //! VMLAUNCH and VMRESUME make the checks that come before the entry (the launch state, MOV SS
 //! blocking, the controls and the host state: [`super::entry`]) and fail valid as the SDM says; then
 //! the guest-state checks, which fail with an exit to L1; an entry that passes them all runs L2
-//! ([`super::run`], [`super::l2`]). INVEPT and INVVPID are #UD: the offer has no EPT and no VPID.
+//! ([`super::run`], [`super::l2`]). INVEPT empties EPT02 (`super::ept`) where the offer has nested
+//! EPT and is #UD elsewhere; INVVPID is #UD: no offer has VPID.
 //!
 //! VMfail (SDM 31.2) is VMfailValid with the error number in the current VMCS12 when there is one,
 //! VMfailInvalid otherwise.
@@ -54,6 +55,7 @@ mod error {
     pub const UNSUPPORTED_COMPONENT: u32 = 12;
     pub const VMWRITE_READ_ONLY: u32 = 13;
     pub const VMXON_IN_ROOT: u32 = 15;
+    pub const INVEPT_INVALID_OPERAND: u32 = 28;
     pub const ENTRY_BLOCKED_BY_MOV_SS: u32 = 26;
 }
 
@@ -142,7 +144,7 @@ pub enum Level {
 
 /// The guest's VMX state: the capabilities L0 offers it, whether it is in VMX operation, its
 /// current VMCS and the VMCS12s L0 holds, which level runs, and the nested path's costs.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct NestedVmx {
     offer: VirtualVmx,
     /// The VMXON region, while the guest is in VMX operation.
@@ -161,6 +163,10 @@ pub struct NestedVmx {
     /// The VMX instructions that succeeded (or entered L2) and were logged: the first
     /// [`LOGGED_SUCCESSES`]; a failure is always logged.
     logged: u32,
+    /// Nested EPT: EPT02, for the EPTP12 of the last entry that used one.
+    pub(crate) ept02: Option<super::ept::Ept02>,
+    /// The EPTP VMCS02 gets at the entry in progress: EPT02's, or `None` for L0's own view.
+    pub(crate) vmcs02_eptp: Option<u64>,
 }
 
 /// How many successful VMX instructions L0 logs one line each (a guest hypervisor makes thousands:
@@ -168,6 +174,12 @@ pub struct NestedVmx {
 pub const LOGGED_SUCCESSES: u32 = 64;
 
 impl NestedVmx {
+    /// Nested EPT: EPT02 and its costs, once an entry used it.
+    #[must_use]
+    pub fn ept02(&self) -> Option<&super::ept::Ept02> {
+        self.ept02.as_ref()
+    }
+
     /// A guest offered `offer`, not in VMX operation.
     #[must_use]
     pub fn new(offer: VirtualVmx) -> Self {
@@ -182,6 +194,8 @@ impl NestedVmx {
             stats: NestedStats::default(),
             shadowing: false,
             logged: 0,
+            ept02: None,
+            vmcs02_eptp: None,
         }
     }
 
@@ -411,11 +425,13 @@ impl Hypervisor {
         // Common to all: no VMX outside protected mode, in virtual-8086 mode or compatibility mode
         // (the CPU checks those, and a register operand of VMXON, before it exits; they are checked
         // again here for the state the guest sees); VMXON also needs CR4.VMXE as the guest set it,
-        // the others VMX operation. The offer has no EPT and no VPID: INVEPT and INVVPID do not
-        // exist for the guest.
+        // the others VMX operation. INVEPT exists only with nested EPT offered; the offer has no
+        // VPID, so INVVPID does not exist for the guest.
+        let ept_offered = nested.offer().features() == super::caps::NestedFeatures::NestedEpt;
         let entered = match instruction {
             VmxInstruction::Vmxon => cr4 & CR4_VMXE != 0,
-            VmxInstruction::Invept | VmxInstruction::Invvpid => false,
+            VmxInstruction::Invept => in_vmx && ept_offered,
+            VmxInstruction::Invvpid => false,
             _ => in_vmx,
         };
         if !entered || cr0 & CR0_PE == 0 || vcpu.read(guest::RFLAGS) & RFLAGS_VM != 0 || compat_mode
@@ -546,8 +562,44 @@ impl Hypervisor {
                     },
                 }
             }
-            VmxInstruction::Invept | VmxInstruction::Invvpid => ud,
+            VmxInstruction::Invept => {
+                let kind = gpr(vcpu, Gpr::from_number(info.reg2()));
+                let Some(eptp) = self.read_operand(vcpu, platform, info, displacement, 8) else {
+                    return gp;
+                };
+                self.invept(platform, kind, eptp)
+            }
+            VmxInstruction::Invvpid => ud,
         }
+    }
+
+    /// INVEPT of `kind` (1: the EPT `eptp` names, 2: all) for L1: the EPT02 built from that EPT12
+    /// (or any) is emptied and the CPU forgets it; a type the offer lacks, or a single-context
+    /// EPTP L0 would not enter with, is VMfailValid 28 (SDM 31.3 INVEPT).
+    fn invept(&mut self, platform: &mut impl Platform, kind: u64, eptp: u64) -> VmxOutcome {
+        let single = match kind {
+            1 if super::ept::eptp_valid(eptp) => true,
+            2 => false,
+            _ => return self.fail_nested(error::INVEPT_INVALID_OPERAND),
+        };
+        let Some(n) = self.nested.as_mut() else {
+            return VmxOutcome::FailInvalid;
+        };
+        let root = |e: u64| e & !0xfff;
+        if let Some(e) = n
+            .ept02
+            .as_mut()
+            .filter(|e| !single || root(e.eptp12) == root(eptp))
+        {
+            let Some(tables) = platform.ept02_tables() else {
+                return VmxOutcome::NotEmulated;
+            };
+            if e.reset(tables).is_err() {
+                return VmxOutcome::NotEmulated;
+            }
+            platform.invept(e.eptp());
+        }
+        VmxOutcome::Succeed
     }
 
     /// VMCS shadowing: the shadow's fields into the current VMCS12.
