@@ -1,9 +1,9 @@
 //! The exit handler on a vCPU whose exits are arbitrary (any exit reason and exit-information
 //! fields, any registers), for a guest with an in-box monitor and a Linux system-call gate and hook
-//! (the guard's paths), over arbitrary guest memory, with nested VMX offered in half the runs (so
-//! VMX instructions with arbitrary operands reach the emulation). Whatever happens: no panic, each
-//! exit either resumes, calls the monitor or ends the guest with its end observed, and nothing is
-//! observed to end twice.
+//! (the guard's paths), over arbitrary guest memory, with nested VMX offered in half the runs (a
+//! quarter of those with nested EPT), so VMX instructions with arbitrary operands reach the
+//! emulation. Whatever happens: no panic, each exit either resumes, calls the monitor or ends the
+//! guest with its end observed, and nothing is observed to end twice.
 #![no_main]
 
 use arbitrary::Arbitrary;
@@ -104,9 +104,15 @@ fuzz_target!(|input: Input| {
     hv.outbox_monitor = input.outbox;
     // Chosen by the memory list's length, so the existing corpus keeps its meaning.
     if input.memory.len() % 2 == 1 {
-        let nested = NestedVmx::new(
-            VirtualVmx::offer(&vmx_host_caps(&[]), NestedFeatures::ShadowPaging).unwrap(),
-        );
+        // A quarter of those with nested EPT (INVEPT, EPT02 from the guest's EPT12 in the fuzzed
+        // memory), on a pool small enough to fill.
+        let features = if input.memory.len() % 8 == 5 {
+            p.ept02 = Some(ihmi_hv_mock::MockEpt02Tables::new(6));
+            NestedFeatures::NestedEpt
+        } else {
+            NestedFeatures::ShadowPaging
+        };
+        let nested = NestedVmx::new(VirtualVmx::offer(&vmx_host_caps(&[]), features).unwrap());
         // Half of those with VMCS shadowing (the mock's shadow VMCS lives across the exits).
         hv.nested = Some(if input.memory.len() % 4 == 3 {
             nested.with_shadowing()
