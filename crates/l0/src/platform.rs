@@ -115,15 +115,16 @@ impl Platform for HwPlatform<'_> {
     }
 
     fn read_msr(&mut self, msr: u32) -> u64 {
-        // SAFETY: ihmi-hv asks only for IA32_KERNEL_GS_BASE and IA32_LSTAR, which every x86-64 CPU
-        // has; L0 never changes them (nor runs SWAPGS or SYSCALL), so they hold the guest's values.
+        // SAFETY: ihmi-hv asks only for IA32_KERNEL_GS_BASE, IA32_LSTAR and IA32_CSTAR, which every
+        // x86-64 CPU has; L0 changes them only for the guest (never runs SWAPGS or SYSCALL), so they
+        // hold the guest's values.
         unsafe { ihmi_rt::cpu::rdmsr(msr) }
     }
 
     fn write_msr(&mut self, msr: u32, value: u64) {
-        // SAFETY: the exit policy passes only IA32_LSTAR here, with a canonical value it decided the
-        // guest may set. L0 never executes SYSCALL, so the guest's value can live in the real MSR
-        // while L0 runs.
+        // SAFETY: the exit policy passes only IA32_LSTAR and IA32_CSTAR here, with a canonical value
+        // it decided the guest (or, with nested VMX, its guest) may have. L0 never executes SYSCALL,
+        // so the guest's value can live in the real MSR while L0 runs.
         unsafe { ihmi_rt::cpu::wrmsr(msr, value) };
     }
 

@@ -69,9 +69,11 @@ pub trait Platform {
     /// Prints one line of guest text, already sanitised and prefixed. It must never reach the channel
     /// that carries L0's verdict markers.
     fn guest_text(&mut self, args: fmt::Arguments<'_>);
-    /// Writes an MSR the guest owns but L0 intercepts (IA32_LSTAR), once L0 has checked the value.
+    /// Writes an MSR the guest owns but L0 intercepts (IA32_LSTAR, IA32_CSTAR), once L0 has checked
+    /// the value.
     fn write_msr(&mut self, msr: u32, value: u64);
-    /// Reads an MSR that holds guest state L0 does not switch (IA32_KERNEL_GS_BASE, IA32_LSTAR).
+    /// Reads an MSR that holds guest state L0 does not switch (IA32_KERNEL_GS_BASE, IA32_LSTAR,
+    /// IA32_CSTAR).
     fn read_msr(&mut self, msr: u32) -> u64;
     /// Sets XCR0 to a value L0 has checked, on the guest's behalf (XSETBV always exits).
     fn xsetbv(&mut self, xcr0: u64);

@@ -183,6 +183,13 @@ impl Hypervisor {
             None => None,
             Some(eptp12) => Some(Self::ept02_for(n, platform, eptp12)?),
         };
+        // L2's LSTAR and CSTAR, where L1 set others than its own locked ones, go in for L2.
+        for (i, &msr) in super::vmx::L2_ENTRY_MSRS.iter().enumerate() {
+            if let Some(value) = n.l2_entry_msrs[i] {
+                n.l1_entry_msrs[i] = platform.read_msr(msr);
+                platform.write_msr(msr, value);
+            }
+        }
         Ok(Action::SwitchVmcs(NestedSwitch::ToL2))
     }
 
@@ -294,6 +301,12 @@ impl Hypervisor {
                 let _ = v.set(f, value);
             }
             n.stats.reflected += 1;
+            // L1's own LSTAR and CSTAR (the locked ones) are back before L1 runs again.
+            for (i, &msr) in super::vmx::L2_ENTRY_MSRS.iter().enumerate() {
+                if n.l2_entry_msrs[i].is_some() {
+                    platform.write_msr(msr, n.l1_entry_msrs[i]);
+                }
+            }
             // This exit and the entry that ends L1's handling of it count; L1's exits in between add.
             n.stats.pending_round_trip = Some(RoundTrip {
                 cpuid: reason == ExitReason::Cpuid,

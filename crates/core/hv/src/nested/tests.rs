@@ -1281,6 +1281,119 @@ mod running_l2 {
         );
     }
 
+    #[test]
+    fn l1_s_lstar_stays_locked_while_l2_s_is_in_the_cpu_only_while_l2_runs() {
+        use ihmi_arch::msr::IA32_LSTAR;
+        let (mut h, mut p) = in_vmx_operation(vmcs12(&offer()));
+        let (g, _) = crate::testing::guarded();
+        h.hv.guard = g.hv.guard;
+        p.write_u64(crate::testing::HOOK_GPA, crate::testing::GATE);
+        let lstar_writes = |p: &MockPlatform| {
+            p.calls
+                .borrow()
+                .iter()
+                .filter_map(|c| match c {
+                    crate::mock::Call::WriteMsr(IA32_LSTAR, v) => Some(*v),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        // L1's kernel sets its entry: installed and locked, as without nested VMX.
+        let entry = 0xffff_ffff_8100_0040;
+        h.handle_exit(&mut crate::testing::wrmsr_lstar(entry), &mut p);
+        p.msrs.insert(IA32_LSTAR, entry);
+        // KVM sets its guest's: no alert, no #GP, and not in the CPU while L1 runs.
+        let mut kvm = crate::testing::wrmsr_lstar(0x1234);
+        assert_eq!(h.handle_exit(&mut kvm, &mut p), Action::Resume);
+        assert_eq!(kvm.fields[&guest::RIP], 0x8002, "performed for L2");
+        assert!(h.rec.alerts().is_empty());
+        assert_eq!(lstar_writes(&p), [entry]);
+        // The entry to L2 puts it in; the exit to L1 takes L1's back.
+        let mut vmcs02 = MockVcpu::default();
+        assert_eq!(
+            h.handle_exit(&mut vmlaunch(), &mut p),
+            Action::SwitchVmcs(NestedSwitch::ToL2)
+        );
+        h.hv.on_vmcs_switched(&mut vmcs02, &mut h.rec, NestedSwitch::ToL2);
+        assert_eq!(lstar_writes(&p), [entry, 0x1234]);
+        let mut exit = MockVcpu::exited(10, L2_RIP + 4, 2);
+        exit.fields
+            .extend(vmcs02.fields.iter().filter(|(f, _)| **f != guest::RIP));
+        assert_eq!(
+            h.handle_exit(&mut exit, &mut p),
+            Action::SwitchVmcs(NestedSwitch::ToL1)
+        );
+        assert_eq!(lstar_writes(&p), [entry, 0x1234, entry]);
+        h.hv.on_vmcs_switched(&mut vmlaunch(), &mut h.rec, NestedSwitch::ToL1);
+        // KVM puts the host's back on its way to user space: L2 has none of its own any more.
+        h.handle_exit(&mut crate::testing::wrmsr_lstar(entry), &mut p);
+        let mut resume = vmlaunch();
+        resume.fields.insert(ro::EXIT_REASON, 24);
+        h.handle_exit(&mut resume, &mut p);
+        assert_eq!(lstar_writes(&p), [entry, 0x1234, entry], "nothing to load");
+        // Out of VMX operation, another value is L1's own again: refused, with the alert.
+        h.hv.on_vmcs_switched(&mut MockVcpu::default(), &mut h.rec, NestedSwitch::ToL2);
+        let mut exit = MockVcpu::exited(10, L2_RIP + 4, 2);
+        exit.fields
+            .extend(vmcs02.fields.iter().filter(|(f, _)| **f != guest::RIP));
+        h.handle_exit(&mut exit, &mut p);
+        h.hv.on_vmcs_switched(&mut vmlaunch(), &mut h.rec, NestedSwitch::ToL1);
+        let mut off = vmlaunch();
+        off.fields.insert(ro::EXIT_REASON, 26);
+        h.handle_exit(&mut off, &mut p);
+        let mut attack = crate::testing::wrmsr_lstar(0x1234);
+        h.handle_exit(&mut attack, &mut p);
+        assert_eq!(attack.fields[&guest::RIP], 0x8000, "#GP, not performed");
+        assert!(matches!(
+            h.rec.alerts().as_slice(),
+            [crate::Alert::EntryMsrWriteRefused { value: 0x1234, .. }]
+        ));
+    }
+
+    #[test]
+    fn l2_s_own_lstar_write_l1_lets_through_is_l2_s_and_l1_s_comes_back() {
+        use ihmi_arch::msr::IA32_LSTAR;
+        let mut v = vmcs12(&offer());
+        let proc = v.read(control::PRIMARY_PROCBASED_EXEC_CONTROLS).unwrap();
+        v.write(control::PRIMARY_PROCBASED_EXEC_CONTROLS, proc | 1 << 28)
+            .unwrap();
+        v.write(control::MSR_BITMAPS_ADDR_FULL, 0xa000).unwrap(); // all clear: L1 asks for none
+        let (mut h, mut p) = in_vmx_operation(v);
+        let (g, _) = crate::testing::guarded();
+        h.hv.guard = g.hv.guard;
+        p.write_u64(crate::testing::HOOK_GPA, crate::testing::GATE);
+        let entry = 0xffff_ffff_8100_0040;
+        h.handle_exit(&mut crate::testing::wrmsr_lstar(entry), &mut p);
+        p.msrs.insert(IA32_LSTAR, entry);
+        let mut vmcs02 = MockVcpu::default();
+        h.handle_exit(&mut vmlaunch(), &mut p);
+        h.hv.on_vmcs_switched(&mut vmcs02, &mut h.rec, NestedSwitch::ToL2);
+        // L2's WRMSR, which L1's bitmap lets through: into the CPU now, no alert.
+        let mut w = crate::testing::wrmsr_lstar(0x5678);
+        w.fields
+            .extend(vmcs02.fields.iter().filter(|(f, _)| **f != guest::RIP));
+        assert_eq!(h.handle_exit(&mut w, &mut p), Action::Resume);
+        assert!(h.rec.alerts().is_empty());
+        let mut exit = MockVcpu::exited(10, L2_RIP + 4, 2);
+        exit.fields
+            .extend(vmcs02.fields.iter().filter(|(f, _)| **f != guest::RIP));
+        h.handle_exit(&mut exit, &mut p);
+        let writes: Vec<u64> = p
+            .calls
+            .borrow()
+            .iter()
+            .filter_map(|c| match c {
+                crate::mock::Call::WriteMsr(IA32_LSTAR, v) => Some(*v),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            writes,
+            [entry, 0x5678, entry],
+            "L1's own is back at the exit"
+        );
+    }
+
     /// Nested EPT: L1 in VMX operation with a VMCS12 that gives L2 the EPT12 at [`EPT12`], which
     /// maps L2's page 0x1000 to L1's 0x50_0000 read and write, 0x2000 to L0's frame, and has a
     /// malformed (write-only) entry for 0x3000; EPT02 has eight tables.

@@ -167,7 +167,17 @@ pub struct NestedVmx {
     pub(crate) ept02: Option<super::ept::Ept02>,
     /// The EPTP VMCS02 gets at the entry in progress: EPT02's, or `None` for L0's own view.
     pub(crate) vmcs02_eptp: Option<u64>,
+    /// L2's system-call entry MSRs ([`L2_ENTRY_MSRS`]) where L1 set them in VMX operation to
+    /// other values than the ones L0 locked for L1 (KVM loads its guest's IA32_LSTAR before it
+    /// enters it): in the CPU only while L2 runs (NESTED.md A.2.9).
+    pub(crate) l2_entry_msrs: [Option<u64>; 2],
+    /// What the CPU had in them at the entry to L2, which it gets back at the exit to L1.
+    pub(crate) l1_entry_msrs: [u64; 2],
 }
+
+/// The system-call entry MSRs a guest hypervisor sets for its guest with WRMSR and L0 locks for
+/// L1 itself (IA32_SYSENTER_EIP is in the VMCS: VMCS02 has L2's own).
+pub const L2_ENTRY_MSRS: [u32; 2] = [ihmi_arch::msr::IA32_LSTAR, ihmi_arch::msr::IA32_CSTAR];
 
 /// How many successful VMX instructions L0 logs one line each (a guest hypervisor makes thousands:
 /// a VMRESUME per exit of its guest); the end-of-run counters cover the rest.
@@ -196,6 +206,8 @@ impl NestedVmx {
             logged: 0,
             ept02: None,
             vmcs02_eptp: None,
+            l2_entry_msrs: [None; 2],
+            l1_entry_msrs: [0; 2],
         }
     }
 
@@ -481,6 +493,8 @@ impl Hypervisor {
                 if let Some(n) = self.nested.as_mut() {
                     n.vmxon = None;
                     n.current = None;
+                    // Out of VMX operation there is no L2: LSTAR and CSTAR writes are L1's again.
+                    n.l2_entry_msrs = [None; 2];
                 }
                 VmxOutcome::Succeed
             }
