@@ -182,6 +182,21 @@ pub enum Alert {
         /// Where the guest executed it.
         rip: u64,
     },
+    /// VMLAUNCH or VMRESUME of a VMCS12 with an address the entry would use (a bitmap, an MSR
+    /// area, EPT12's root) in L0's or the monitor's memory: refused with VMfailValid 7.
+    VmxPointerRefused {
+        gpa: Gpa,
+        region: crate::RegionKind,
+        rip: u64,
+    },
+    /// L1's EPT12 maps a page of L2's onto L0's or the monitor's memory: nothing was mapped, and
+    /// the guest is stopped.
+    Ept12MappingRefused {
+        /// L2's page, and the L1-physical page EPT12 names for it.
+        l2: Gpa,
+        l1: Gpa,
+        region: crate::RegionKind,
+    },
     /// A word the hooks depend on no longer holds what L0 put there.
     HookTampered {
         /// Where the word lives.
@@ -214,6 +229,8 @@ impl Alert {
             Self::LockedWrite { .. } => "locked-write",
             Self::CrPinRefused { .. } => "cr-pin-refused",
             Self::VmxRegionRefused { .. } => "vmx-region-refused",
+            Self::VmxPointerRefused { .. } => "vmx-pointer-refused",
+            Self::Ept12MappingRefused { .. } => "ept12-mapping-refused",
         }
     }
 }
@@ -258,6 +275,16 @@ impl fmt::Display for Alert {
             Self::VmxRegionRefused { gpa, region, rip } => write!(
                 f,
                 ",\"gpa\":\"{gpa}\",\"region\":\"{}\",\"rip\":\"{rip:#x}\",\"action\":\"VMfailInvalid\"",
+                region.name()
+            )?,
+            Self::VmxPointerRefused { gpa, region, rip } => write!(
+                f,
+                ",\"gpa\":\"{gpa}\",\"region\":\"{}\",\"rip\":\"{rip:#x}\",\"action\":\"VMfailValid(7)\"",
+                region.name()
+            )?,
+            Self::Ept12MappingRefused { l2, l1, region } => write!(
+                f,
+                ",\"l2\":\"{l2}\",\"l1\":\"{l1}\",\"region\":\"{}\",\"action\":\"not mapped, guest stopped\"",
                 region.name()
             )?,
             Self::HookTampered {

@@ -174,6 +174,43 @@ const PASSED_SECONDARY: SecondaryControls = SecondaryControls::ENABLE_RDTSCP
     .union(SecondaryControls::ENABLE_INVPCID)
     .union(SecondaryControls::ENABLE_XSAVES_XRSTORS);
 
+/// The guest-physical ranges an entry with VMCS12 `v` uses (start, length): the I/O bitmaps and the
+/// MSR bitmap when their controls are on, the MSR-load and -store areas with entries, EPT12's root.
+pub fn entry_pointers(v: &Vmcs12) -> impl Iterator<Item = (u64, u64)> + '_ {
+    let primary = primary12(v);
+    let page = |on: bool, f| on.then(|| (read(v, f), PAGE));
+    let area = |count, addr| {
+        let n = read(v, count);
+        (n != 0).then(|| (read(v, addr), n.saturating_mul(16)))
+    };
+    let io = primary.contains(PrimaryControls::USE_IO_BITMAPS);
+    [
+        page(io, control::IO_BITMAP_A_ADDR_FULL),
+        page(io, control::IO_BITMAP_B_ADDR_FULL),
+        page(
+            primary.contains(PrimaryControls::USE_MSR_BITMAPS),
+            control::MSR_BITMAPS_ADDR_FULL,
+        ),
+        area(
+            control::VMENTRY_MSR_LOAD_COUNT,
+            control::VMENTRY_MSR_LOAD_ADDR_FULL,
+        ),
+        area(
+            control::VMEXIT_MSR_STORE_COUNT,
+            control::VMEXIT_MSR_STORE_ADDR_FULL,
+        ),
+        area(
+            control::VMEXIT_MSR_LOAD_COUNT,
+            control::VMEXIT_MSR_LOAD_ADDR_FULL,
+        ),
+        l1_eptp(v).map(|e| (e & !0xfff & ((1 << 52) - 1), PAGE)),
+    ]
+    .into_iter()
+    .flatten()
+}
+
+const PAGE: u64 = 4096;
+
 /// L1's EPTP, when it gives L2 an EPT of its own (nested EPT).
 #[must_use]
 pub fn l1_eptp(v: &Vmcs12) -> Option<u64> {

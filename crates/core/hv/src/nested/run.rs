@@ -18,8 +18,8 @@ use super::vmx::Level;
 use crate::policy::io::INTERCEPTED_PORTS;
 use crate::vcpu::{gpr, set_gpr};
 use crate::{
-    policy, skip_instruction, Action, GuestEnd, Hypervisor, NestedSwitch, Observation, Observer,
-    Platform, Vcpu,
+    policy, skip_instruction, Action, Alert, GuestEnd, Hypervisor, NestedSwitch, Observation,
+    Observer, Platform, RegionKind, Vcpu,
 };
 
 /// The costs of the nested path so far (L0's end-of-run report; `ihmi bench --nested` to come).
@@ -388,6 +388,16 @@ impl Hypervisor {
             .guest_mapping(l1)
             .filter(|m| m.perm.contains(needed))
         else {
+            if let Some(region @ (RegionKind::L0 | RegionKind::Monitor)) = self.memory.classify(l1)
+            {
+                let page = |a: Gpa| a.align_down(ihmi_addr::PAGE_SIZE);
+                let alert = Alert::Ept12MappingRefused {
+                    l2: page(l2),
+                    l1: page(l1),
+                    region,
+                };
+                self.alert(platform, obs, alert);
+            }
             return self.on_ept_violation(vcpu, platform, obs, l1, gla, qualification);
         };
         let Some(e) = self.nested.as_mut().and_then(|n| n.ept02.as_mut()) else {

@@ -1282,6 +1282,35 @@ mod running_l2 {
     }
 
     #[test]
+    fn an_entry_with_a_bitmap_or_msr_area_in_l0_s_memory_fails_valid_with_an_alert() {
+        let hole = crate::mock::L0_HOLE;
+        for (field, value) in [
+            (control::IO_BITMAP_B_ADDR_FULL, hole),
+            (control::VMEXIT_MSR_STORE_ADDR_FULL, hole + 0x100),
+        ] {
+            let mut v = vmcs12(&offer());
+            v.write(field, value).unwrap();
+            v.write(control::VMEXIT_MSR_STORE_COUNT, 1).unwrap();
+            let (mut h, mut p) = in_vmx_operation(v);
+            let mut launch = vmlaunch();
+            assert_eq!(h.handle_exit(&mut launch, &mut p), Action::Resume);
+            assert_eq!(launch.fields[&guest::RFLAGS] & 0x41, 0x40, "VMfailValid");
+            let v = h.hv.nested.as_mut().unwrap().test_current().unwrap();
+            assert_eq!(v.read(super::super::vmcs12::VM_INSTRUCTION_ERROR), Ok(7));
+            assert!(!h.in_l2());
+            assert!(
+                matches!(
+                    h.rec.alerts().as_slice(),
+                    [crate::Alert::VmxPointerRefused { gpa, region: crate::RegionKind::L0, .. }]
+                        if gpa.raw() == value
+                ),
+                "{:?}",
+                h.rec.alerts()
+            );
+        }
+    }
+
+    #[test]
     fn l1_s_lstar_stays_locked_while_l2_s_is_in_the_cpu_only_while_l2_runs() {
         use ihmi_arch::msr::IA32_LSTAR;
         let (mut h, mut p) = in_vmx_operation(vmcs12(&offer()));
@@ -1573,6 +1602,14 @@ mod running_l2 {
                 })
             ),
             "{action:?}"
+        );
+        assert_eq!(
+            h.rec.alerts().as_slice(),
+            [crate::Alert::Ept12MappingRefused {
+                l2: ihmi_addr::Gpa::new(0x2000),
+                l1: ihmi_addr::Gpa::new(crate::mock::L0_HOLE),
+                region: crate::RegionKind::L0,
+            }]
         );
     }
 

@@ -56,6 +56,7 @@ mod error {
     pub const VMWRITE_READ_ONLY: u32 = 13;
     pub const VMXON_IN_ROOT: u32 = 15;
     pub const INVEPT_INVALID_OPERAND: u32 = 28;
+    pub const ENTRY_INVALID_CONTROL_FIELDS: u32 = 7;
     pub const ENTRY_BLOCKED_BY_MOV_SS: u32 = 26;
 }
 
@@ -558,6 +559,11 @@ impl Hypervisor {
                 let refused = self
                     .current_vmcs12()
                     .and_then(|v| super::entry::check(v, &offer, launch, l1_ia32e).err());
+                // Every address the entry will use must be L1's memory: one in L0's or the
+                // monitor's is refused with an alert (NESTED.md B.3 12.7).
+                if refused.is_none() && self.entry_pointers_refused(vcpu, platform, obs) {
+                    return self.fail_nested(error::ENTRY_INVALID_CONTROL_FIELDS);
+                }
                 match refused {
                     Some(why) => {
                         platform.log(format_args!("nested: {instruction:?} refused: {why:?}"));
@@ -798,6 +804,56 @@ impl Hypervisor {
             done += n;
         }
         true
+    }
+
+    /// Whether a physical address the current VMCS12's entry would use (the I/O and MSR bitmaps,
+    /// the MSR-load and -store areas, EPT12's root) lies in L0's or the monitor's memory: each such
+    /// one is an alert.
+    fn entry_pointers_refused(
+        &mut self,
+        vcpu: &mut impl Vcpu,
+        platform: &mut impl Platform,
+        obs: &mut impl Observer,
+    ) -> bool {
+        let Some(v) = self.nested.as_mut().and_then(|n| n.current_mut()) else {
+            return false;
+        };
+        let mut used = [(0u64, 0u64); 7];
+        let mut n = 0;
+        for (start, len) in super::l2::entry_pointers(v) {
+            if let Some(slot) = used.get_mut(n) {
+                *slot = (start, len);
+                n += 1;
+            }
+        }
+        let mut refused = false;
+        for &(start, len) in &used[..n] {
+            let last = start.saturating_add(len.max(1) - 1);
+            let foreign =
+                [start, last]
+                    .into_iter()
+                    .find_map(|a| match self.memory.classify(Gpa::new(a)) {
+                        Some(kind @ (RegionKind::L0 | RegionKind::Monitor)) => Some((a, kind)),
+                        _ => None,
+                    });
+            if let Some((at, region)) = foreign {
+                let rip = vcpu.read(guest::RIP);
+                platform.log(format_args!(
+                    "nested: VM entry refused: VMCS12 points at {at:#x}, {region:?} memory"
+                ));
+                self.alert(
+                    platform,
+                    obs,
+                    Alert::VmxPointerRefused {
+                        gpa: Gpa::new(at),
+                        region,
+                        rip,
+                    },
+                );
+                refused = true;
+            }
+        }
+        refused
     }
 
     /// A VMX region pointer: 4 KiB aligned, within the physical-address width, a whole page of
