@@ -257,6 +257,10 @@ pub enum Scenario {
     /// `NestedMini` with VMCS shadowing: L1's VMREADs and VMWRITEs of the common fields make no
     /// exits.
     NestedMiniShadow,
+    /// Nested VMX, milestone M4 with the test guest as L1: `NestedMini` with an EPT of L1's for L2
+    /// (EPT12, filled on L2's EPT violations), then two attacks of a compromised L1 on L0 through
+    /// it: an entry with EPT12's root in L0's memory, and an EPT12 leaf onto L0's frame.
+    NestedMiniEpt,
     /// Nested VMX, milestone M3: Linux with KVM built in (the `l1` kernel, `kvm_intel.ept=0`) is L1;
     /// its /init runs `ihmi-l1-vmm --probe`, whose 64-bit L2 makes CPUIDs (each handled by KVM),
     /// touches memory under KVM's shadow page tables and reports through port I/O the VMM relays.
@@ -271,6 +275,10 @@ pub enum Scenario {
 /// CPUIDs `nested-mini`'s L2 makes; each is reflected to L1 (the test guest and L0's judge agree on
 /// it here).
 pub const NESTED_MINI_CPUIDS: usize = 8;
+
+/// `nested-mini-ept`: how the test guest's line on L0's debug port starts, before its last step
+/// (which L0 ends): then the number of its own checks that failed up to there.
+pub const NESTED_MINI_EPT_REPORT: &str = "nested-mini-ept: L1's checks failed: ";
 
 /// `nested-kvm`: the CPUIDs the L1 VMM's probe L2 makes (each an exit KVM handles in L1's kernel),
 /// and the pages it writes and reads back (each a fault KVM's shadow paging fills in first).
@@ -288,8 +296,8 @@ const LINUX_ATTACK_BASE: u32 = 40;
 impl Scenario {
     /// Every scenario, in the order `ihmi test` runs them (and the host's scenario table lists them):
     /// the test guest's, Linux's, the two benchmarks', the attack suite, then nested VMX's.
-    pub const ALL: [Scenario; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 7] = {
-        let mut all = [Self::Boot; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 7];
+    pub const ALL: [Scenario; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 8] = {
+        let mut all = [Self::Boot; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 8];
         let fixed = [
             Self::Boot,
             Self::EptGuard,
@@ -332,9 +340,10 @@ impl Scenario {
         all[i + j + 1] = Self::NestedVmcs;
         all[i + j + 2] = Self::NestedMini;
         all[i + j + 3] = Self::NestedMiniShadow;
-        all[i + j + 4] = Self::NestedKvm;
-        all[i + j + 5] = Self::NestedKvmShadow;
-        all[i + j + 6] = Self::NestedKvmEpt;
+        all[i + j + 4] = Self::NestedMiniEpt;
+        all[i + j + 5] = Self::NestedKvm;
+        all[i + j + 6] = Self::NestedKvmShadow;
+        all[i + j + 7] = Self::NestedKvmEpt;
         all
     };
 
@@ -412,6 +421,7 @@ impl Scenario {
             Self::NestedVmcs => "nested-vmcs",
             Self::NestedMini => "nested-mini",
             Self::NestedMiniShadow => "nested-mini-shadow",
+            Self::NestedMiniEpt => "nested-mini-ept",
             Self::NestedKvm => "nested-kvm",
             Self::NestedKvmShadow => "nested-kvm-shadow",
             Self::NestedKvmEpt => "nested-kvm-ept",
@@ -427,6 +437,7 @@ impl Scenario {
                 | Self::NestedVmcs
                 | Self::NestedMini
                 | Self::NestedMiniShadow
+                | Self::NestedMiniEpt
                 | Self::NestedKvm
                 | Self::NestedKvmShadow
                 | Self::NestedKvmEpt
@@ -436,7 +447,7 @@ impl Scenario {
     /// Whether L0 offers the guest EPT for its own guests (nested EPT, NESTED.md A.2.8).
     #[must_use]
     pub const fn offers_nested_ept(self) -> bool {
-        matches!(self, Self::NestedKvmEpt)
+        matches!(self, Self::NestedMiniEpt | Self::NestedKvmEpt)
     }
 
     /// Whether L0 shadows the guest's VMCS12 (VMCS shadowing, NESTED.md A.2.5).
@@ -475,6 +486,7 @@ impl Scenario {
             Self::NestedKvm => 23,
             Self::NestedKvmShadow => 24,
             Self::NestedKvmEpt => 25,
+            Self::NestedMiniEpt => 26,
         }
     }
 

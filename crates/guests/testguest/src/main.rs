@@ -88,6 +88,7 @@ extern "C" fn guest_main(info: *const BootInfo) -> ! {
         Scenario::NestedVmxon => nested::run(&info),
         Scenario::NestedVmcs => nested::run_vmcs(&info),
         Scenario::NestedMini | Scenario::NestedMiniShadow => nested::mini::run(&info),
+        Scenario::NestedMiniEpt => nested::mini::run_ept(&info),
         // L0 breaks VM entry in these; the guest running at all is the failure.
         Scenario::EntryBadControl | Scenario::EntryBadGuestState => 97,
         // L0 boots Linux in these; the test guest running at all is the failure.

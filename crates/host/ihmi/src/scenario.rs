@@ -252,6 +252,7 @@ mod tests {
                 "nested-vmcs",
                 "nested-mini",
                 "nested-mini-shadow",
+                "nested-mini-ept",
                 "nested-kvm",
                 "nested-kvm-shadow",
                 "nested-kvm-ept"

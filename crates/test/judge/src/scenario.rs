@@ -29,7 +29,7 @@ const MAX_ALERTS: usize = 16;
 /// Emulated VMX instructions the log keeps.
 const MAX_VMX: usize = 64;
 /// Exits from L2 the log keeps, in order.
-const MAX_L2_EXITS: usize = 32;
+const MAX_L2_EXITS: usize = 64;
 
 /// One exit from L2: its reason, and whether it went to L1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -187,6 +187,8 @@ pub struct ScenarioLog {
     pub vmxoffs: u64,
     /// `nested-kvm`: the L2's report as the L1 VMM relayed it (the last one).
     pub l2_report: Option<L2Report>,
+    /// `nested-mini-ept`: how many of its own checks L1 says failed before its last step.
+    pub l1_checks_failed: Option<u64>,
     bench_results: heapless_table::Table<crate::bench::BenchResult, 4>,
 }
 
@@ -215,6 +217,10 @@ impl ScenarioLog {
                 let loaded = ihmi_abi::attack::LINUX_IDENTITY_LOADER_REPORT.as_bytes();
                 if let Some(n) = line.strip_prefix(loaded).and_then(parse_decimal) {
                     self.identity_loaded = Some(n);
+                }
+                let l1 = ihmi_abi::NESTED_MINI_EPT_REPORT.as_bytes();
+                if let Some(n) = line.strip_prefix(l1).and_then(parse_decimal) {
+                    self.l1_checks_failed = Some(n);
                 }
                 let l2 = ihmi_abi::NESTED_KVM_L2_REPORT.as_bytes();
                 if let Some(report) = line.strip_prefix(l2).and_then(L2Report::parse) {
@@ -800,6 +806,7 @@ fn check(
         Scenario::NestedVmcs => check_vmx_steps(log, &NESTED_VMCS_STEPS, "a VMCS in L0's memory"),
         Scenario::NestedMini => check_nested_mini(log, NESTED_MAX_ROUND_TRIP),
         Scenario::NestedMiniShadow => check_nested_mini(log, NESTED_MAX_ROUND_TRIP_SHADOW),
+        Scenario::NestedMiniEpt => check_nested_mini_ept(log),
         Scenario::NestedKvm => check_nested_kvm(log, NESTED_MAX_ROUND_TRIP),
         Scenario::NestedKvmShadow => check_nested_kvm(log, NESTED_MAX_ROUND_TRIP_SHADOW),
         Scenario::NestedKvmEpt => {
@@ -1347,6 +1354,89 @@ fn check_nested_kvm(log: &ScenarioLog, max_round_trip: u64) -> Result<(), FailRe
     }
     if !log.alerts().is_empty() {
         return Err(FailReason::NestedRun("L0 raised an alert"));
+    }
+    Ok(())
+}
+
+/// `nested-mini-ept`: L1's own checks passed up to its last step (its report line: the exits it
+/// saw, its EPT12 filled on L2's EPT violations, the VMfailValid 7 of an entry with EPT12's root
+/// in L0's memory, INVEPT); L2's exits were `nested-mini`'s once its EPT violations are left out,
+/// with at least one reflected to L1 and one EPT02 fill, no reflected CPUID over the target of
+/// L0 exits ([`NESTED_MAX_ROUND_TRIP`]); both attacks on L0 were refused with
+/// their alerts (`vmx-pointer-refused` and `ept12-mapping-refused`, both at L0's memory); and
+/// the guest ended at L0's EPT violation in its own memory, where EPT12 pointed L2.
+fn check_nested_mini_ept(log: &ScenarioLog) -> Result<(), FailReason> {
+    match log.end {
+        None => return Err(FailReason::NotEnded),
+        Some(GuestEnd::EptViolation {
+            region: Some(RegionKind::L0),
+            ..
+        }) => {}
+        Some(got) => {
+            return Err(FailReason::WrongEnd {
+                expected: "an EPT violation in L0's memory, where L1's EPT12 pointed L2",
+                got,
+            })
+        }
+    }
+    if log.l1_checks_failed != Some(0) {
+        return Err(FailReason::NestedRun(
+            "L1's own checks did not all pass before its last step (its report line)",
+        ));
+    }
+    let n = &log.nested;
+    let mut mini = n
+        .exits
+        .as_slice()
+        .iter()
+        .filter(|s| s.0 != ExitReason::EptViolation);
+    let same = n.exits.dropped == 0
+        && NESTED_MINI_EXITS
+            .iter()
+            .all(|expected| mini.next() == Some(expected))
+        && mini.next().is_none();
+    if !same {
+        return Err(FailReason::NestedRun(
+            "its exits, EPT violations left out, were not nested-mini's",
+        ));
+    }
+    if n.reflected_ept == 0 || n.ept_fills == 0 {
+        return Err(FailReason::NestedRun(
+            "no EPT violation went to L1, or L0 filled EPT02 for none",
+        ));
+    }
+    // CPUIDs: after the others, L1 runs its checks (console hypercalls) before it resumes L2.
+    if n.cpuid_round_trips == 0 || n.cpuid_round_trip_max > NESTED_MAX_ROUND_TRIP {
+        return Err(FailReason::NestedRun(
+            "a reflected CPUID cost more L0 exits than the target",
+        ));
+    }
+    let alerted = |f: &dyn Fn(&Alert) -> bool| log.alerts().iter().any(f);
+    if !alerted(&|a| {
+        matches!(
+            a,
+            Alert::VmxPointerRefused {
+                region: RegionKind::L0,
+                ..
+            }
+        )
+    }) {
+        return Err(FailReason::AttackNotReported(
+            "a VM entry with EPT12's root in L0's memory",
+        ));
+    }
+    if !alerted(&|a| {
+        matches!(
+            a,
+            Alert::Ept12MappingRefused {
+                region: RegionKind::L0,
+                ..
+            }
+        )
+    }) {
+        return Err(FailReason::AttackNotReported(
+            "an EPT12 leaf onto L0's memory",
+        ));
     }
     Ok(())
 }

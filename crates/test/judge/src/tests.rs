@@ -1577,3 +1577,87 @@ fn nested_kvm_passes_only_for_the_whole_probe_at_the_target_cost() {
         assert!(matches!(v, Verdict::Fail(_)), "case {i}: {v:?}");
     }
 }
+
+/// `nested-mini-ept`: nested-mini's exits with EPT violations among them, L1's report of its checks,
+/// both attacks alerted, the end at L0's frame.
+#[test]
+fn nested_mini_ept_passes_only_with_both_attacks_refused_and_l1_s_checks_passed() {
+    use crate::scenario::NESTED_MINI_EXITS;
+    use ihmi_hv::{Alert, Observation};
+
+    let run = |report: &str, alerts: &[Alert], end: GuestEnd| {
+        let mut h = hv(Scenario::NestedMiniEpt);
+        let log = &mut h.judge.log;
+        log.record(&Observation::L2Entry {
+            launch: true,
+            round_trip: None,
+        });
+        for (i, step) in NESTED_MINI_EXITS.iter().enumerate() {
+            if i % 4 == 0 {
+                for reflected in [true, false] {
+                    log.record(&Observation::L2Exit {
+                        reason: ExitReason::EptViolation,
+                        reflected,
+                    });
+                }
+            }
+            log.record(&Observation::L2Exit {
+                reason: step.0,
+                reflected: step.1,
+            });
+            if step.1 {
+                log.record(&Observation::L2Entry {
+                    launch: false,
+                    round_trip: Some(8),
+                });
+            }
+        }
+        log.record(&Observation::DebugLine {
+            line: report.as_bytes(),
+            exits: 0,
+        });
+        for &a in alerts {
+            log.record(&Observation::Alert(a));
+        }
+        log.end = Some(end);
+        judge(
+            Scenario::NestedMiniEpt,
+            log,
+            &h.hv.counters,
+            Gpa::new(0),
+            None,
+        )
+    };
+    let pointer = Alert::VmxPointerRefused {
+        gpa: Gpa::new(0xfa0_0000),
+        region: RegionKind::L0,
+        rip: 0x100_2bd8,
+    };
+    let mapping = Alert::Ept12MappingRefused {
+        l2: Gpa::new(0x104_1000),
+        l1: Gpa::new(0xfa0_0000),
+        region: RegionKind::L0,
+    };
+    let at_l0 = GuestEnd::EptViolation {
+        gpa: Gpa::new(0xfa0_0000),
+        gla: None,
+        rip: 0x100_2c58,
+        qualification: ihmi_vmcs::EptViolationQualification::from_raw(1),
+        region: Some(RegionKind::L0),
+        view: None,
+    };
+    let ok = "nested-mini-ept: L1's checks failed: 0";
+    assert_eq!(run(ok, &[pointer, mapping], at_l0), Verdict::Pass);
+    for v in [
+        run(
+            "nested-mini-ept: L1's checks failed: 1",
+            &[pointer, mapping],
+            at_l0,
+        ),
+        run(ok, &[mapping], at_l0),
+        run(ok, &[pointer], at_l0),
+        run(ok, &[pointer, mapping], GuestEnd::ShutdownRequest),
+    ] {
+        assert!(matches!(v, Verdict::Fail(_)), "{v:?}");
+    }
+}

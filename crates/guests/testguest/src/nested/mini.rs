@@ -61,6 +61,14 @@ mod field {
     pub const EXIT_INTERRUPTION: u64 = 0x4404;
     pub const EXIT_INSTRUCTION_LEN: u64 = 0x440c;
     pub const EXIT_QUALIFICATION: u64 = 0x6400;
+    pub const SECONDARY: u64 = 0x401e;
+    pub const EPTP: u64 = 0x201a;
+    pub const GUEST_PHYSICAL: u64 = 0x2400;
+    pub const INSTRUCTION_ERROR: u64 = 0x4400;
+    pub const IDT_VECTORING: u64 = 0x4408;
+    pub const IDT_VECTORING_ERROR: u64 = 0x440a;
+    pub const ENTRY_ERROR_CODE: u64 = 0x4018;
+    pub const ENTRY_INSTRUCTION_LEN: u64 = 0x401a;
 }
 
 /// The port L1's I/O bitmap selects, and one it leaves to L2.
@@ -90,12 +98,118 @@ static L2_STACK: [Page; 2] = [
 static IO_A: Page = Page(core::cell::UnsafeCell::new([0; 4096]));
 static IO_B: Page = Page(core::cell::UnsafeCell::new([0; 4096]));
 
+/// `nested-mini-ept`: L1's EPT for L2 (EPT12), built a page at a time on L2's EPT violations,
+/// identity (L2 shares L1's memory): its tables, the first the root.
+const EPT12_TABLES: usize = 32;
+static EPT12: [Page; EPT12_TABLES] =
+    [const { Page(core::cell::UnsafeCell::new([0; 4096])) }; EPT12_TABLES];
+static EPT12_USED: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(1);
+/// The page L2 reads in the last step, which L1's EPT12 then maps onto a frame of L0's.
+static TARGET: Page = Page(core::cell::UnsafeCell::new([0; 4096]));
+
+/// EPTP of EPT12: write-back, 4-level walks.
+fn eptp12() -> u64 {
+    EPT12[0].0.get() as u64 | 0x1e
+}
+
+/// Maps L2's page at `gpa` onto L1's `target` in EPT12 with read, write and execute (write-back
+/// memory), making the tables on the way. Whether the tables had room.
+fn ept12_map(gpa: u64, target: u64) -> bool {
+    // The entry for `gpa` at `level` in the table at `table` (an address of one of EPT12's pages).
+    let entry = |table: u64, level: u64| {
+        let i = (gpa >> (12 + 9 * (level - 1))) & 0x1ff;
+        (table + i * 8) as *mut u64
+    };
+    let mut table = EPT12[0].0.get() as u64;
+    for level in [4u64, 3, 2] {
+        let e = entry(table, level);
+        // SAFETY: `e` is an entry of one of EPT12's pages, which only L1 writes, while L2 is not
+        // running.
+        let mut value = unsafe { e.read_volatile() };
+        if value & 7 == 0 {
+            let n = EPT12_USED.fetch_add(1, core::sync::atomic::Ordering::SeqCst);
+            let Some(next) = EPT12.get(n) else {
+                return false;
+            };
+            value = next.0.get() as u64 | 7;
+            // SAFETY: as above; `next` is a fresh table, zero since boot.
+            unsafe { e.write_volatile(value) };
+        }
+        table = value & !0xfff;
+    }
+    // SAFETY: as above: the page table just found or made.
+    unsafe { entry(table, 1).write_volatile((target & !0xfff) | 7 | 6 << 3) };
+    true
+}
+
+/// INVEPT of all contexts; RFLAGS after it.
+fn invept_all() -> u64 {
+    let descriptor = [eptp12(), 0u64];
+    let rflags: u64;
+    // SAFETY: INVEPT reads the 16-byte descriptor, which is ours, and changes no memory.
+    unsafe {
+        core::arch::asm!(
+            "invept {t}, xmmword ptr [{d}]",
+            "pushfq",
+            "pop {f}",
+            t = in(reg) 2u64,
+            d = in(reg) descriptor.as_ptr(),
+            f = out(reg) rflags,
+        )
+    };
+    rflags
+}
+
+/// The line L1 writes to L0's debug port before its last step (which L0 ends): how many of its own
+/// checks failed up to there.
+fn report(failures: u64) {
+    for b in ihmi_abi::NESTED_MINI_EPT_REPORT
+        .bytes()
+        .chain(DecimalDigits::new(failures))
+        .chain(core::iter::once(b'\n'))
+    {
+        outb(0xe9, b);
+    }
+}
+
+/// The decimal digits of a number, most significant first.
+struct DecimalDigits {
+    digits: [u8; 20],
+    at: usize,
+}
+
+impl DecimalDigits {
+    fn new(mut n: u64) -> Self {
+        let mut digits = [0u8; 20];
+        let mut at = 20;
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        Self { digits, at }
+    }
+}
+
+impl Iterator for DecimalDigits {
+    type Item = u8;
+    fn next(&mut self) -> Option<u8> {
+        let d = *self.digits.get(self.at)?;
+        self.at += 1;
+        Some(d)
+    }
+}
+
 extern "C" {
     /// Enters L2 (VMLAUNCH if `IHMI_L1_LAUNCH`, else VMRESUME) with `IHMI_L2_REGS`; returns 0 at
     /// the next VM exit (L2's registers saved back), or RFLAGS if the entry failed.
     fn ihmi_l1_enter() -> u64;
     fn ihmi_l2_entry();
     fn ihmi_l2_wait();
+    fn ihmi_l2_touch();
 }
 
 // The entry stub keeps L1's callee-saved registers on its stack, points the host RSP and RIP of the
@@ -194,6 +308,14 @@ core::arch::global_asm!(
     "8:",
     "pause",
     "jmp 8b",
+    // `nested-mini-ept`'s last step: L2 reads the page at RDI, then VMCALL.
+    ".global ihmi_l2_touch",
+    "ihmi_l2_touch:",
+    "mov rax, [rdi]",
+    "vmcall",
+    "9:",
+    "hlt",
+    "jmp 9b",
     cpuids = const NESTED_MINI_CPUIDS,
     watched = const WATCHED_PORT,
     free = const FREE_PORT,
@@ -247,7 +369,7 @@ fn tables() -> Tables {
 
 /// Fills the current VMCS for L2 (guest state: L1's own, at `ihmi_l2_entry` on its own stack) and
 /// for L1's return (host state: L1's now). Whether every VMWRITE succeeded.
-fn write_vmcs(t: &Tables) -> bool {
+fn write_vmcs(t: &Tables, ept: bool) -> bool {
     use field::*;
     let efer = rdmsr(0xc000_0080);
     let must = |m: u32| rdmsr(m) & 0xffff_ffff;
@@ -301,10 +423,10 @@ fn write_vmcs(t: &Tables) -> bool {
         (HOST_GDTR_BASE, t.gdt.0),
         (HOST_IDTR_BASE, t.idt.0),
         (PIN, must(0x48d)),
-        (PROC, must(0x48e) | 1 << 25),                    // I/O bitmaps
-        (EXCEPTION_BITMAP, 1 << 3),                       // #BP
-        (EXIT, must(0x48f) | 1 << 9 | 1 << 20 | 1 << 21), // 64-bit host, save/load EFER
-        (ENTRY, must(0x490) | 1 << 9 | 1 << 15),          // IA-32e guest, load EFER
+        (PROC, must(0x48e) | 1 << 25 | u64::from(ept) << 31), // I/O bitmaps, secondary
+        (EXCEPTION_BITMAP, 1 << 3),                           // #BP
+        (EXIT, must(0x48f) | 1 << 9 | 1 << 20 | 1 << 21),     // 64-bit host, save/load EFER
+        (ENTRY, must(0x490) | 1 << 9 | 1 << 15),              // IA-32e guest, load EFER
         (IO_BITMAP_A, IO_A.0.get() as u64),
         (IO_BITMAP_B, IO_B.0.get() as u64),
     ] {
@@ -312,6 +434,10 @@ fn write_vmcs(t: &Tables) -> bool {
     }
     for (i, &f) in HOST_SELECTORS.iter().enumerate() {
         writes.push(f, u64::from(t.selectors[i]));
+    }
+    if ept {
+        writes.push(SECONDARY, 1 << 1); // enable EPT
+        writes.push(EPTP, eptp12());
     }
     writes.all(|f, v| status(vmwrite(f, v)).is_ok())
 }
@@ -366,7 +492,7 @@ fn inb(port: u16) -> u8 {
 /// with interrupts on while the PIT counts 1 ms; the interrupt exits to L1 with its vector. L1
 /// sends the PIC its end of interrupt and puts the PIC's mask back. The exit's interruption
 /// information, or `None` if the exit was something else.
-fn external_interrupt(pin: u64, exit: u64) -> Option<u64> {
+fn external_interrupt(pin: u64, exit: u64, ept_faults: &mut u64) -> Option<u64> {
     let mask = inb(PIC_DATA);
     // Channel 0, lobyte/hibyte, mode 2 (rate generator), 1193 ticks of 1.193 MHz.
     outb(PIT_COMMAND, 0x34);
@@ -380,16 +506,57 @@ fn external_interrupt(pin: u64, exit: u64) -> Option<u64> {
     ]
     .iter()
     .all(|&(f, v)| status(vmwrite(f, v)).is_ok());
-    // SAFETY: as for the first run; the VMCS is launched, so this is a VMRESUME.
-    let failed = ok.then(|| unsafe { ihmi_l1_enter() });
-    let reason = vmread(field::EXIT_REASON).0;
+    let (failed, reason) = loop {
+        // SAFETY: as for the first run; the VMCS is launched, so this is a VMRESUME.
+        let failed = ok.then(|| unsafe { ihmi_l1_enter() });
+        let reason = vmread(field::EXIT_REASON).0;
+        // With EPT12, L2's first touch of a page is an EPT violation L1 maps it on.
+        if failed == Some(0) && reason == 48 && ept_map_faulting(ept_faults) {
+            continue;
+        }
+        break (failed, reason);
+    };
     let info = vmread(field::EXIT_INTERRUPTION).0;
     outb(PIC_COMMAND, 0x20); // end of interrupt
     outb(PIC_DATA, mask);
     (failed == Some(0) && reason == 1).then_some(info)
 }
 
-pub fn run(_info: &BootInfo) -> u64 {
+/// L2's EPT violation at the guest-physical address the exit names: L1 maps that page, identity,
+/// in EPT12, and an event the violation interrupted the delivery of (an injected #BP reaching
+/// L2's handler's page, say) is injected again, as the SDM asks of a hypervisor (28.2.4). Whether
+/// EPT12 had room.
+fn ept_map_faulting(faults: &mut u64) -> bool {
+    *faults += 1;
+    let gpa = vmread(field::GUEST_PHYSICAL).0 & !0xfff;
+    let vectoring = vmread(field::IDT_VECTORING).0;
+    if vectoring >> 31 == 1 {
+        // Bit 12 is undefined in the vectoring information and reserved in the injection field.
+        vmwrite(field::ENTRY_INTERRUPTION, vectoring & !(1 << 12));
+        if vectoring & (1 << 11) != 0 {
+            vmwrite(
+                field::ENTRY_ERROR_CODE,
+                vmread(field::IDT_VECTORING_ERROR).0,
+            );
+        }
+        vmwrite(
+            field::ENTRY_INSTRUCTION_LEN,
+            vmread(field::EXIT_INSTRUCTION_LEN).0,
+        );
+    }
+    ept12_map(gpa, gpa)
+}
+
+pub fn run(info: &BootInfo) -> u64 {
+    run_with(info, false)
+}
+
+/// `nested-mini-ept`: the same with an EPT of L1's for L2, then the two attacks on L0 through it.
+pub fn run_ept(info: &BootInfo) -> u64 {
+    run_with(info, true)
+}
+
+fn run_with(info: &BootInfo, ept: bool) -> u64 {
     let mut failures = 0u64;
     let mut check = super::checker(&mut failures);
     let revision = rdmsr(0x480) as u32 & 0x7fff_ffff;
@@ -405,12 +572,13 @@ pub fn run(_info: &BootInfo) -> u64 {
         "VMCLEAR and VMPTRLD of L2's VMCS",
     );
     check(
-        write_vmcs(&tables()),
+        write_vmcs(&tables(), ept),
         "the VMWRITEs of L2's guest state, L1's host state, the controls",
     );
     let (pin, exit) = (vmread(field::PIN).0, vmread(field::EXIT).0);
     let breakpoints = idt::breakpoints();
     let mut cpuids = 0usize;
+    let mut ept_faults = 0u64;
     let mut seen = [false; 3]; // int3, the watched port, VMCALL
     let mut wrong = None;
     IHMI_L1_LAUNCH.store(1, core::sync::atomic::Ordering::SeqCst);
@@ -426,6 +594,14 @@ pub fn run(_info: &BootInfo) -> u64 {
         let len = vmread(field::EXIT_INSTRUCTION_LEN).0;
         let rip = vmread(field::GUEST_RIP).0;
         match reason {
+            48 if ept => {
+                if !ept_map_faulting(&mut ept_faults) {
+                    wrong = Some(("no room in EPT12", ept_faults, rip));
+                    break;
+                }
+                // Not past anything: L2 makes the access again.
+                continue;
+            }
             10 => cpuids += 1,
             0 => {
                 let info = vmread(field::EXIT_INTERRUPTION).0;
@@ -458,7 +634,7 @@ pub fn run(_info: &BootInfo) -> u64 {
         vmwrite(field::GUEST_RIP, rip + len);
     });
     let interrupt = if wrong.is_none() {
-        external_interrupt(pin, exit)
+        external_interrupt(pin, exit, &mut ept_faults)
     } else {
         None
     };
@@ -489,6 +665,51 @@ pub fn run(_info: &BootInfo) -> u64 {
         idt::breakpoints() == breakpoints + 1,
         "the #BP L1 injected reached L2's handler",
     );
+    if ept {
+        check(
+            ept_faults > 0,
+            "L2's first touches of its pages were EPT violations L1 mapped in EPT12",
+        );
+        say!("testguest: L2's EPT violations L1 took: {ept_faults}");
+        let l0_frame = info.probe_gpa & !0xfff;
+        // An EPT12 root in L0's memory: L0 refuses the entry (VMfailValid 7) and alerts.
+        vmwrite(field::EPTP, l0_frame | 0x1e);
+        // SAFETY: the VMCS is launched; the entry fails, L1's state stays.
+        let failed = unsafe { ihmi_l1_enter() };
+        check(
+            status(failed) == Err(false) && vmread(field::INSTRUCTION_ERROR).0 == 7,
+            "VMRESUME with EPT12's root in L0's memory: VMfailValid 7",
+        );
+        vmwrite(field::EPTP, eptp12());
+        check(status(invept_all()).is_ok(), "INVEPT of all contexts");
+        // Last: EPT12 maps TARGET onto L0's frame and L2 reads it; L0 refuses the mapping and
+        // stops the guest, so L1 reports its checks first.
+        let target = TARGET.0.get() as u64;
+        check(ept12_map(target, l0_frame), "EPT12 remapped");
+        drop(check);
+        report(failures);
+        // SAFETY: slot 5 is RDI, which L2 reads from.
+        unsafe { (*IHMI_L2_REGS.0.get())[5] = target };
+        vmwrite(field::GUEST_RIP, ihmi_l2_touch as *const () as u64);
+        // Without the second run's interrupt exiting, and with interrupts off in L2: the PIT
+        // still ticks, faster than L1 handles an exit under Bochs.
+        vmwrite(field::PIN, pin);
+        vmwrite(field::GUEST_RFLAGS, 0x2);
+        let back = loop {
+            // SAFETY: as above; L0 ends the guest at L2's read.
+            let back = unsafe { ihmi_l1_enter() };
+            if back == 0 && vmread(field::EXIT_REASON).0 == 48 && ept_map_faulting(&mut ept_faults)
+            {
+                continue;
+            }
+            break back;
+        };
+        say!(
+            "testguest: L2 read L0's frame through EPT12 and L1 runs again (exit {:#x}, {back:#x})",
+            vmread(field::EXIT_REASON).0
+        );
+        return failures + 1;
+    }
     check(status(vmclear(&vmcs)).is_ok(), "VMCLEAR");
     check(status(vmxoff()).is_ok(), "VMXOFF");
     super::write_cr4(super::read_cr4() & !super::CR4_VMXE);
