@@ -122,9 +122,10 @@ impl Platform for HwPlatform<'_> {
     }
 
     fn write_msr(&mut self, msr: u32, value: u64) {
-        // SAFETY: the exit policy passes only IA32_LSTAR and IA32_CSTAR here, with a canonical value
-        // it decided the guest (or, with nested VMX, its guest) may have. L0 never executes SYSCALL,
-        // so the guest's value can live in the real MSR while L0 runs.
+        // SAFETY: the exit policy passes only IA32_LSTAR, IA32_CSTAR and (for a nested guest's guest)
+        // IA32_KERNEL_GS_BASE here, with a canonical value it decided the guest (or its guest) may
+        // have. L0 never executes SYSCALL or SWAPGS, so the guest's value can live in the real MSR
+        // while L0 runs.
         unsafe { ihmi_rt::cpu::wrmsr(msr, value) };
     }
 

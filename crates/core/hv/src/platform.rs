@@ -69,8 +69,8 @@ pub trait Platform {
     /// Prints one line of guest text, already sanitised and prefixed. It must never reach the channel
     /// that carries L0's verdict markers.
     fn guest_text(&mut self, args: fmt::Arguments<'_>);
-    /// Writes an MSR the guest owns but L0 intercepts (IA32_LSTAR, IA32_CSTAR), once L0 has checked
-    /// the value.
+    /// Writes an MSR that holds guest state L0 does not switch (IA32_LSTAR, IA32_CSTAR, and a nested
+    /// guest's guest's IA32_KERNEL_GS_BASE), once L0 has checked the value.
     fn write_msr(&mut self, msr: u32, value: u64);
     /// Reads an MSR that holds guest state L0 does not switch (IA32_KERNEL_GS_BASE, IA32_LSTAR,
     /// IA32_CSTAR).

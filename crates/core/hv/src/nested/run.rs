@@ -508,7 +508,7 @@ impl Hypervisor {
                         self.on_rdmsr(vcpu, platform, obs, i)
                     };
                 }
-                match l2_msr(vcpu, msr, write) {
+                match l2_msr(vcpu, platform, msr, write) {
                     Some(true) => {
                         skip_instruction(vcpu, i);
                         Action::Resume
@@ -564,30 +564,47 @@ fn l0_takes_msr(msr: u32, write: bool) -> bool {
 }
 
 /// An MSR access of L2's that L1 passes through and L0 does not intercept: those whose value lives
-/// in the VMCS (VM entry loads them, VM exit saves them) are read and written there; `None` for the
-/// rest, which L0 cannot reach safely from root operation (the physical MSR may be L0's, and one
-/// that does not exist would fault in L0). `Some(true)`: done, step past it; `Some(false)`: the
-/// instruction faulted instead.
-fn l2_msr(vcpu: &mut impl Vcpu, msr: u32, write: bool) -> Option<bool> {
-    use ihmi_arch::msr::{IA32_FS_BASE, IA32_GS_BASE, IA32_SYSENTER_CS, IA32_SYSENTER_ESP};
+/// in the VMCS (VM entry loads them, VM exit saves them) are read and written there, and
+/// IA32_KERNEL_GS_BASE, which no VMX transition switches and L0 never uses, in the CPU (where L1
+/// put L2's before the entry: KVM passes it through); `None` for the rest, which L0 cannot reach
+/// safely from root operation (the physical MSR may be L0's, and one that does not exist would
+/// fault in L0). `Some(true)`: done, step past it; `Some(false)`: the instruction faulted instead.
+fn l2_msr(
+    vcpu: &mut impl Vcpu,
+    platform: &mut impl Platform,
+    msr: u32,
+    write: bool,
+) -> Option<bool> {
+    use ihmi_arch::msr::{
+        IA32_FS_BASE, IA32_GS_BASE, IA32_KERNEL_GSBASE, IA32_SYSENTER_CS, IA32_SYSENTER_EIP,
+        IA32_SYSENTER_ESP,
+    };
     let field = match msr {
-        IA32_FS_BASE => guest::FS_BASE,
-        IA32_GS_BASE => guest::GS_BASE,
-        IA32_SYSENTER_CS => guest::IA32_SYSENTER_CS,
-        IA32_SYSENTER_ESP => guest::IA32_SYSENTER_ESP,
+        IA32_FS_BASE => Some(guest::FS_BASE),
+        IA32_GS_BASE => Some(guest::GS_BASE),
+        IA32_SYSENTER_CS => Some(guest::IA32_SYSENTER_CS),
+        IA32_SYSENTER_ESP => Some(guest::IA32_SYSENTER_ESP),
+        IA32_SYSENTER_EIP => Some(guest::IA32_SYSENTER_EIP),
+        IA32_KERNEL_GSBASE => None,
         _ => return None,
     };
     let regs = *vcpu.regs();
     if write {
         let value = (regs.rdx << 32) | (regs.rax & 0xffff_ffff);
         if msr != IA32_SYSENTER_CS && !super::entry::canonical(value) {
-            // A non-canonical base: WRMSR's #GP(0).
+            // A non-canonical base or address: WRMSR's #GP(0).
             crate::inject_exception(vcpu, ihmi_arch::vector::GP, Some(0));
             return Some(false);
         }
-        vcpu.write(field, value);
+        match field {
+            Some(f) => vcpu.write(f, value),
+            None => platform.write_msr(msr, value),
+        }
     } else {
-        let value = vcpu.read(field);
+        let value = match field {
+            Some(f) => vcpu.read(f),
+            None => platform.read_msr(msr),
+        };
         let r = vcpu.regs();
         r.rax = value & 0xffff_ffff;
         r.rdx = value >> 32;

@@ -1170,6 +1170,27 @@ mod running_l2 {
         v
     }
 
+    /// The guest was stopped at an EPT violation in L0's memory.
+    fn assert_ended_in_l0_memory(action: &Action) {
+        assert!(
+            matches!(
+                action,
+                Action::End(crate::GuestEnd::EptViolation {
+                    region: Some(crate::RegionKind::L0),
+                    ..
+                })
+            ),
+            "{action:?}"
+        );
+    }
+
+    /// L1's VMRESUME, in 64-bit ring 0 with CR4.VMXE set.
+    fn vmresume() -> MockVcpu {
+        let mut v = vmlaunch();
+        v.fields.insert(ro::EXIT_REASON, 24);
+        v
+    }
+
     fn l2_observations(h: &crate::testing::TestHv) -> Vec<Observation<'static>> {
         h.rec
             .seen
@@ -1227,8 +1248,7 @@ mod running_l2 {
         assert_eq!(v.read(guest::RIP), Ok(L2_RIP + 4));
         assert!(v.launched);
         // L1 resumes it: the round trip (the exit, this VMRESUME) is counted.
-        let mut resume = vmlaunch();
-        resume.fields.insert(ro::EXIT_REASON, 24);
+        let mut resume = vmresume();
         assert_eq!(
             h.handle_exit(&mut resume, &mut p),
             Action::SwitchVmcs(NestedSwitch::ToL2)
@@ -1356,8 +1376,7 @@ mod running_l2 {
         h.hv.on_vmcs_switched(&mut vmlaunch(), &mut h.rec, NestedSwitch::ToL1);
         // KVM puts the host's back on its way to user space: L2 has none of its own any more.
         h.handle_exit(&mut crate::testing::wrmsr_lstar(entry), &mut p);
-        let mut resume = vmlaunch();
-        resume.fields.insert(ro::EXIT_REASON, 24);
+        let mut resume = vmresume();
         h.handle_exit(&mut resume, &mut p);
         assert_eq!(lstar_writes(&p), [entry, 0x1234, entry], "nothing to load");
         // Out of VMX operation, another value is L1's own again: refused, with the alert.
@@ -1516,8 +1535,7 @@ mod running_l2 {
         );
         assert_eq!(v.read(ro::GUEST_PHYSICAL_ADDR_FULL), Ok(0x1010));
         h.hv.on_vmcs_switched(&mut vmlaunch(), &mut h.rec, NestedSwitch::ToL1);
-        let mut resume = vmlaunch();
-        resume.fields.insert(ro::EXIT_REASON, 24);
+        let resume = vmresume();
         let vmcs02 = enter(&mut h, &mut p, resume);
         assert_eq!(
             written(&vmcs02, control::EPTP_FULL),
@@ -1530,8 +1548,7 @@ mod running_l2 {
         let v = h.hv.nested.as_mut().unwrap().test_current().unwrap();
         assert_eq!(v.read(ro::EXIT_QUALIFICATION), Ok(1 | 1 << 7 | 1 << 8));
         h.hv.on_vmcs_switched(&mut vmlaunch(), &mut h.rec, NestedSwitch::ToL1);
-        let mut resume = vmlaunch();
-        resume.fields.insert(ro::EXIT_REASON, 24);
+        let resume = vmresume();
         let vmcs02 = enter(&mut h, &mut p, resume);
         // A malformed entry: L1's EPT misconfiguration (reason 49).
         let mut bad = ept_violation(&vmcs02, 0x3000, 1);
@@ -1588,21 +1605,11 @@ mod running_l2 {
         let v = h.hv.nested.as_mut().unwrap().test_current().unwrap();
         assert_eq!(v.read(super::super::vmcs12::VM_INSTRUCTION_ERROR), Ok(28));
         // L2 reaching L0's frame through EPT12: L0's violation at that frame, naming it.
-        let mut resume = vmlaunch();
-        resume.fields.insert(ro::EXIT_REASON, 24);
+        let resume = vmresume();
         let vmcs02 = enter(&mut h, &mut p, resume);
         let mut l0 = ept_violation(&vmcs02, 0x2000, 1);
         let action = h.handle_exit(&mut l0, &mut p);
-        assert!(
-            matches!(
-                action,
-                Action::End(crate::GuestEnd::EptViolation {
-                    region: Some(crate::RegionKind::L0),
-                    ..
-                })
-            ),
-            "{action:?}"
-        );
+        assert_ended_in_l0_memory(&action);
         assert_eq!(
             h.rec.alerts().as_slice(),
             [crate::Alert::Ept12MappingRefused {
@@ -1626,16 +1633,7 @@ mod running_l2 {
         read.fields
             .insert(ro::GUEST_PHYSICAL_ADDR_FULL, crate::mock::L0_HOLE);
         let action = h.handle_exit(&mut read, &mut p);
-        assert!(
-            matches!(
-                action,
-                Action::End(crate::GuestEnd::EptViolation {
-                    region: Some(crate::RegionKind::L0),
-                    ..
-                })
-            ),
-            "{action:?}"
-        );
+        assert_ended_in_l0_memory(&action);
         assert_eq!(
             l2_observations(&h).last(),
             Some(&Observation::L2Exit {
@@ -1667,6 +1665,19 @@ mod running_l2 {
         assert_eq!(h.handle_exit(&mut fs, &mut p), Action::Resume);
         assert_eq!((fs.regs.rax, fs.regs.rdx), (0x5678_9000, 0x1234));
         assert_eq!(fs.fields[&guest::RIP], L2_RIP + 2);
+        // IA32_KERNEL_GS_BASE is in the CPU, where L1 put L2's: L0 reads and writes it there.
+        p.msrs.insert(0xc000_0102, 0xffff_8880_0123_4000);
+        let mut kgs = rdmsr(0xc000_0102);
+        assert_eq!(h.handle_exit(&mut kgs, &mut p), Action::Resume);
+        assert_eq!((kgs.regs.rax, kgs.regs.rdx), (0x0123_4000, 0xffff_8880));
+        let mut w = rdmsr(0xc000_0102);
+        w.fields.insert(ro::EXIT_REASON, 32);
+        (w.regs.rax, w.regs.rdx) = (0x5000, 0xffff_8880);
+        assert_eq!(h.handle_exit(&mut w, &mut p), Action::Resume);
+        assert!(p.calls.borrow().contains(&crate::mock::Call::WriteMsr(
+            0xc000_0102,
+            0xffff_8880_0000_5000
+        )));
         // IA32_FEATURE_CONTROL is L0's to answer, as for L1 (the offer: locked, VMX on).
         let mut fc = rdmsr(0x3a);
         assert_eq!(h.handle_exit(&mut fc, &mut p), Action::Resume);
