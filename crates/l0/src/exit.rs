@@ -206,7 +206,7 @@ pub fn finish(st: &mut L0State, end: GuestEnd) -> ! {
         }
         if let Some(e) = st.hv.nested.as_ref().and_then(|v| v.ept02()) {
             log!(
-                "nested: EPT02: {} pages filled from L1's EPT, emptied {} times (INVEPT, a new EPTP12, a full pool)",
+                "nested: EPT02: {} pages filled from L1's EPT, emptied {} times (INVEPT, a new EPTP12, a full pool, L0's view changed)",
                 e.fills,
                 e.resets
             );

@@ -29,6 +29,8 @@ pub(crate) struct HwPlatform<'a> {
     pub(crate) monitor_words: Option<&'a mut [GrantedWord; 3]>,
     /// EPT02's tables, with nested EPT.
     pub(crate) ept02: Option<&'a mut crate::frames::Ept02Pool>,
+    /// How many times `protect_guest` changed the guest's view.
+    pub(crate) view_generation: &'a mut u64,
 }
 
 impl HwPlatform<'_> {
@@ -102,6 +104,7 @@ impl Platform for HwPlatform<'_> {
         // SAFETY: VMX is on and the view's EPTP is the one the guest runs with in view 0; a
         // single-context invalidation drops what the CPU cached of the old permissions.
         unsafe { ihmi_vmx::invept_single(self.guest_view.eptp().raw()) };
+        *self.view_generation += 1;
         Ok(())
     }
 
@@ -143,6 +146,10 @@ impl Platform for HwPlatform<'_> {
 
     fn ept02_tables(&mut self) -> Option<&mut dyn Ept02Tables> {
         self.ept02.as_deref_mut().map(|t| t as &mut dyn Ept02Tables)
+    }
+
+    fn guest_view_generation(&self) -> u64 {
+        *self.view_generation
     }
 
     fn invept(&mut self, eptp: Eptp) {

@@ -28,6 +28,8 @@ pub struct Machine {
     pub monitor_words: Option<[GrantedWord; 3]>,
     /// EPT02's tables, with nested EPT.
     pub ept02: Option<crate::frames::Ept02Pool>,
+    /// How many times the exit policy changed the guest's view (`Platform::guest_view_generation`).
+    pub view_generation: u64,
 }
 
 /// A word of monitor memory L0 may write for the exit policy, and what it last wrote there (its value
@@ -47,6 +49,7 @@ impl Machine {
             fence: &self.fence,
             monitor_words: self.monitor_words.as_mut(),
             ept02: self.ept02.as_mut(),
+            view_generation: &mut self.view_generation,
         }
     }
 }

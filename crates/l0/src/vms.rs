@@ -285,6 +285,7 @@ pub fn setup(
                 fence,
                 monitor_words,
                 ept02,
+                view_generation: 0,
             },
         },
         regs,

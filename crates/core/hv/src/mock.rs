@@ -171,6 +171,8 @@ pub struct MockPlatform {
     pub host_nmi: bool,
     /// EPT02's tables, for nested EPT.
     pub ept02: Option<MockEpt02Tables>,
+    /// `protect_guest` calls that changed the view.
+    pub view_generation: u64,
 }
 
 /// EPT02's tables in a vector, at made-up host-physical addresses from [`MockEpt02Tables::BASE`].
@@ -336,6 +338,9 @@ impl Platform for MockPlatform {
     fn invept(&mut self, eptp: ihmi_ept::Eptp) {
         self.calls.borrow_mut().push(Call::Invept(eptp.raw()));
     }
+    fn guest_view_generation(&self) -> u64 {
+        self.view_generation
+    }
     fn host_cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4] {
         self.calls.borrow_mut().push(Call::HostCpuid(leaf, subleaf));
         // A host that has VMX (leaf 1 ECX bit 5) and nothing in the hypervisor range.
@@ -402,7 +407,9 @@ impl Platform for MockPlatform {
         self.calls
             .borrow_mut()
             .push(Call::ProtectGuest(range.start, range.len(), perm));
-        self.attempt(Op::ProtectGuest, range.start, range.len())
+        self.attempt(Op::ProtectGuest, range.start, range.len())?;
+        self.view_generation += 1;
+        Ok(())
     }
     fn xsetbv(&mut self, xcr0: u64) {
         self.calls.borrow_mut().push(Call::Xsetbv(xcr0));

@@ -95,6 +95,9 @@ pub trait Platform {
     fn ept02_tables(&mut self) -> Option<&mut dyn Ept02Tables>;
     /// Invalidates what the CPU cached of the EPT `eptp` (a single-context INVEPT).
     fn invept(&mut self, eptp: Eptp);
+    /// How many times [`Platform::protect_guest`] has changed the guest's view so far: what nested
+    /// EPT built from the view before is stale after.
+    fn guest_view_generation(&self) -> u64;
 }
 
 /// Reads one little-endian word of guest RAM.

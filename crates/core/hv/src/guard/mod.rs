@@ -361,25 +361,15 @@ impl Hypervisor {
             .and_then(|(g, i)| g.entry_msrs[i]);
         let canonical = ihmi_arch::is_canonical(value);
         // A guest hypervisor in VMX operation sets its guest's LSTAR and CSTAR: L2's values, which
-        // the CPU holds only while L2 runs; L1's own stay locked (NESTED.md A.2.9).
-        let in_l2 = self.in_l2();
+        // the CPU holds only while L2 runs; L1's own stay locked (NESTED.md A.2.9). (L2's own
+        // accesses that L1 lets through never come here: `l2_entry_msr`.)
         let l2_slot = crate::nested::vmx::L2_ENTRY_MSRS
             .iter()
             .position(|&m| m == msr)
             .zip(self.nested.as_mut())
             .filter(|(_, n)| n.vmxon_region().is_some() && locked.is_some() && canonical);
         if let Some((i, n)) = l2_slot {
-            if in_l2 {
-                // L2's own write, which L1 let through: L1's value is what the CPU has unless the
-                // entry already put L2's in.
-                if n.l2_entry_msrs[i].is_none() {
-                    n.l1_entry_msrs[i] = platform.read_msr(msr);
-                }
-                n.l2_entry_msrs[i] = Some(value);
-                platform.write_msr(msr, value);
-            } else {
-                n.l2_entry_msrs[i] = (locked != Some(value)).then_some(value);
-            }
+            n.l2_entry_msrs[i] = (locked != Some(value)).then_some(value);
             obs.observe(Observation::Msr {
                 msr,
                 write: true,

@@ -150,8 +150,11 @@ pub struct Ept02 {
     view: EptView,
     /// Pages mapped (or made more permissive) on L2's EPT violations.
     pub fills: u64,
-    /// Times it was emptied (INVEPT, a new EPTP12, a full pool).
+    /// Times it was emptied (INVEPT, a new EPTP12, a full pool, a change of L0's view of L1).
     pub resets: u64,
+    /// [`crate::Platform::guest_view_generation`] when it was last emptied: a later change of L0's
+    /// view of L1 empties it again.
+    pub view_generation: u64,
 }
 
 /// Why a page could not go into EPT02.
@@ -167,7 +170,11 @@ pub enum FillError {
 
 impl Ept02 {
     /// An empty EPT02 for `eptp12`: every table of the last one taken back.
-    pub fn new(tables: &mut dyn Ept02Tables, eptp12: u64) -> Result<Self, FillError> {
+    pub fn new(
+        tables: &mut dyn Ept02Tables,
+        eptp12: u64,
+        view_generation: u64,
+    ) -> Result<Self, FillError> {
         tables.reset();
         let view = EptView::new(&mut Tables(tables)).map_err(|_| FillError::OutOfTables)?;
         Ok(Self {
@@ -175,6 +182,7 @@ impl Ept02 {
             view,
             fills: 0,
             resets: 0,
+            view_generation,
         })
     }
 
@@ -193,8 +201,9 @@ impl Ept02 {
     }
 
     /// Maps L2's page at `l2` to where `l1` (L0's mapping of L1's page) is, with `perm`. A page
-    /// already there gets `perm` instead (L1 made it more permissive without INVEPT, which the
-    /// SDM allows); a full pool empties EPT02 first. `Ok(true)` when EPT02 was emptied, so the
+    /// already there is mapped anew (L1 may have given it more rights, or another page, without
+    /// INVEPT after the violation, which the SDM allows: the violation dropped what the CPU had
+    /// cached for it); a full pool empties EPT02 first. `Ok(true)` when EPT02 was emptied, so the
     /// caller invalidates the CPU's cached translations of it.
     pub fn fill(
         &mut self,
@@ -208,13 +217,16 @@ impl Ept02 {
         let mut emptied = false;
         loop {
             let mut t = Tables(&mut *tables);
-            let done = match self
+            let mut done = self
                 .view
-                .map(&mut t, page, hpa, PAGE_SIZE, perm, l1.memtype)
-            {
-                Err(EptError::AlreadyMapped(_)) => self.view.protect(&mut t, page, PAGE_SIZE, perm),
-                other => other,
-            };
+                .map(&mut t, page, hpa, PAGE_SIZE, perm, l1.memtype);
+            if let Err(EptError::AlreadyMapped(_)) = done {
+                // Never only the rights of the old entry: its frame may not be this one.
+                done = self.view.unmap(&mut t, page, PAGE_SIZE).and_then(|()| {
+                    self.view
+                        .map(&mut t, page, hpa, PAGE_SIZE, perm, l1.memtype)
+                });
+            }
             match done {
                 Ok(()) => {
                     self.fills += 1;
@@ -228,6 +240,14 @@ impl Ept02 {
                 Err(e) => return Err(FillError::Ept(e)),
             }
         }
+    }
+
+    /// Drops EPT02's entry for L2's page at `l2`, if it has one: the violation there goes to L1,
+    /// which may map the page anew without INVEPT.
+    pub fn drop_page(&mut self, tables: &mut dyn Ept02Tables, l2: Gpa) {
+        let page = l2.align_down(PAGE_SIZE);
+        // Unmapping skips a page with no entry, and every table is one this view made.
+        let _ = self.view.unmap(&mut Tables(tables), page, PAGE_SIZE);
     }
 
     /// EPT02's translation of `l2`.
@@ -329,7 +349,7 @@ mod tests {
     fn fills_map_upgrade_and_start_over_when_the_pool_is_full() {
         // A root and three tables for the first page; the second page, 2 MiB on, needs a new PT.
         let mut pool = MockEpt02Tables::new(5);
-        let mut e = Ept02::new(&mut pool, EPTP12).unwrap();
+        let mut e = Ept02::new(&mut pool, EPTP12, 0).unwrap();
         assert_eq!(
             e.fill(&mut pool, Gpa::new(0x1234), ram(0x30_5000), Perm::READ),
             Ok(false)
@@ -345,6 +365,16 @@ mod tests {
             e.lookup(&mut pool, Gpa::new(0x1000)).unwrap().perm,
             Perm::RW
         );
+        // L1 pointed the page at another frame without INVEPT: the entry takes the new frame,
+        // never the old frame with the new rights.
+        assert_eq!(
+            e.fill(&mut pool, Gpa::new(0x1000), ram(0x31_0000), Perm::RW),
+            Ok(false)
+        );
+        let m = e.lookup(&mut pool, Gpa::new(0x1000)).unwrap();
+        assert_eq!((m.hpa.raw(), m.perm), (0x31_0000, Perm::RW));
+        e.drop_page(&mut pool, Gpa::new(0x1abc));
+        assert!(e.lookup(&mut pool, Gpa::new(0x1000)).is_none());
         // A page under another PD entry needs a fifth table: the last one.
         assert_eq!(
             e.fill(&mut pool, Gpa::new(0x20_0000), ram(0x40_0000), Perm::RWX),
@@ -355,12 +385,12 @@ mod tests {
             e.fill(&mut pool, Gpa::new(0x40_0000), ram(0x50_0000), Perm::RWX),
             Ok(true)
         );
-        assert_eq!((e.fills, e.resets), (4, 1));
+        assert_eq!((e.fills, e.resets), (5, 1));
         assert!(e.lookup(&mut pool, Gpa::new(0x1000)).is_none());
         assert!(e.lookup(&mut pool, Gpa::new(0x40_0000)).is_some());
         // A pool without room for one page's tables.
         let mut tiny = MockEpt02Tables::new(2);
-        let mut e = Ept02::new(&mut tiny, EPTP12).unwrap();
+        let mut e = Ept02::new(&mut tiny, EPTP12, 0).unwrap();
         assert_eq!(
             e.fill(&mut tiny, Gpa::new(0), ram(0), Perm::RWX),
             Err(FillError::OutOfTables)

@@ -340,11 +340,15 @@ pub fn write_vmcs02(v: &Vmcs12, l0: &L0Controls, ept02: Option<u64>, vcpu: &mut 
         vcpu.write(mask_f, l0_mask | l1_mask);
         vcpu.write(shadow_f, shadow);
     }
-    if l1_secondary.contains(SecondaryControls::ENABLE_XSAVES_XRSTORS) {
-        vcpu.write(
-            control::XSS_EXITING_BITMAP_FULL,
-            read(v, control::XSS_EXITING_BITMAP_FULL),
-        );
+    if secondary.contains(SecondaryControls::ENABLE_XSAVES_XRSTORS) {
+        // L1's XSS-exiting bitmap when it enabled XSAVES; none when only L0 did (L0 intercepts
+        // no XSAVES component).
+        let xss = if l1_secondary.contains(SecondaryControls::ENABLE_XSAVES_XRSTORS) {
+            read(v, control::XSS_EXITING_BITMAP_FULL)
+        } else {
+            0
+        };
+        vcpu.write(control::XSS_EXITING_BITMAP_FULL, xss);
     }
     // L1's own EPT: EPT02, built from it and L0's view (`super::ept`); else L0's view itself.
     vcpu.write(control::EPTP_FULL, ept02.unwrap_or(l0.eptp));

@@ -194,19 +194,26 @@ impl Hypervisor {
     }
 
     /// EPT02 for `eptp12`, a new one (and the CPU's cached translations of the old one dropped)
-    /// when the last entry used another EPTP12 or none; its EPTP.
+    /// when the last entry used another EPTP12 or none, or L0's view of L1 changed since; its
+    /// EPTP.
     fn ept02_for(
         n: &mut super::vmx::NestedVmx,
         platform: &mut impl Platform,
         eptp12: u64,
     ) -> Result<u64, &'static str> {
-        if let Some(e) = n.ept02.as_ref().filter(|e| e.eptp12 == eptp12) {
+        let generation = platform.guest_view_generation();
+        if let Some(e) = n
+            .ept02
+            .as_ref()
+            .filter(|e| e.eptp12 == eptp12 && e.view_generation == generation)
+        {
             return Ok(e.eptp().raw());
         }
         let tables = platform
             .ept02_tables()
             .ok_or("nested EPT without tables for EPT02")?;
-        let mut fresh = ept::Ept02::new(tables, eptp12).map_err(|_| "no room for EPT02's root")?;
+        let mut fresh =
+            ept::Ept02::new(tables, eptp12, generation).map_err(|_| "no room for EPT02's root")?;
         // The costs go on across EPTP12s: the old EPT02 was emptied for the new one.
         if let Some(old) = &n.ept02 {
             fresh.fills = old.fills;
@@ -234,6 +241,23 @@ impl Hypervisor {
         };
         let (l0, launching) = (n.l0, n.launching);
         n.stats.l2_exits += 1;
+        // L0 took rights away in its view of L1 since EPT02 was built from it: EPT02 starts over.
+        let generation = platform.guest_view_generation();
+        if let Some(e) = n.ept02.as_mut().filter(|e| e.view_generation != generation) {
+            if let Some(tables) = platform.ept02_tables() {
+                if e.reset(tables).is_err() {
+                    return Action::End(GuestEnd::L0Stopped {
+                        why: "no room for EPT02's root",
+                    });
+                }
+                e.view_generation = generation;
+                platform.invept(e.eptp());
+                if n.vmcs02_eptp.is_some() {
+                    vcpu.write(control::EPTP_FULL, e.eptp().raw());
+                    n.vmcs02_eptp = Some(e.eptp().raw());
+                }
+            }
+        }
         let Some(v) = n.current_mut() else {
             return Action::End(GuestEnd::L0Stopped {
                 why: "an L2 exit without a current VMCS12",
@@ -251,6 +275,7 @@ impl Hypervisor {
         let mut walk = None;
         let mut reason = exit.reason();
         let mut qualification = None;
+        let mut reflected_page = None;
         let owner = match exit {
             // VMCS02 failed an entry check L0 did not make itself: that is L1's guest state, and a
             // VMLAUNCH that fails leaves the VMCS clear.
@@ -273,16 +298,19 @@ impl Hypervisor {
                     // EPT12 does not allow it: L1's EPT violation, with EPT12's rights in it.
                     Walk::Mapped { perm, .. } => {
                         qualification = Some(ept::reflected_qualification(q, perm));
+                        reflected_page = Some(gpa);
                         Owner::L1
                     }
                     Walk::NotPresent => {
                         qualification = Some(ept::reflected_qualification(q, Perm::empty()));
+                        reflected_page = Some(gpa);
                         Owner::L1
                     }
                     // EPT12 is malformed: an EPT misconfiguration of L1's (no qualification).
                     Walk::Misconfig => {
                         reason = ExitReason::EptMisconfig;
                         qualification = Some(0);
+                        reflected_page = Some(gpa);
                         Owner::L1
                     }
                 }
@@ -299,6 +327,13 @@ impl Hypervisor {
             }
             for (f, value) in info12.fields() {
                 let _ = v.set(f, value);
+            }
+            // What EPT02 had for that page goes: L1 may map it anew without INVEPT, as the
+            // violation dropped what the CPU had cached of it.
+            if let (Some(page), Some(e)) = (reflected_page, n.ept02.as_mut()) {
+                if let Some(tables) = platform.ept02_tables() {
+                    e.drop_page(tables, page);
+                }
             }
             n.stats.reflected += 1;
             // L1's own LSTAR and CSTAR (the locked ones) are back before L1 runs again.
@@ -331,11 +366,29 @@ impl Hypervisor {
                     qualification,
                 },
                 Some(Walk::Mapped { l1, perm }),
-            ) => self.fill_ept02(vcpu, platform, obs, (gpa, gla, qualification), l1, perm),
+            ) => self.fill_ept02(
+                vcpu,
+                platform,
+                obs,
+                (gpa, gla, qualification, info.idt_vectoring_info),
+                l1,
+                perm,
+            ),
             (VmExit::EptViolation { .. }, Some(Walk::Unreadable { table })) => {
                 platform.log(format_args!(
                     "nested: L1's EPT has a table at {table}, which is not its RAM"
                 ));
+                if let Some(region @ (RegionKind::L0 | RegionKind::Monitor)) =
+                    self.memory.classify(table)
+                {
+                    let rip = vcpu.read(guest::RIP);
+                    let alert = Alert::VmxPointerRefused {
+                        gpa: table,
+                        region,
+                        rip,
+                    };
+                    self.alert(platform, obs, alert);
+                }
                 Action::End(GuestEnd::L0Stopped {
                     why: "L1's EPT has a table outside its RAM",
                 })
@@ -379,7 +432,7 @@ impl Hypervisor {
         vcpu: &mut impl Vcpu,
         platform: &mut impl Platform,
         obs: &mut impl Observer,
-        (l2, gla, qualification): (Gpa, Option<Gva>, EptViolationQualification),
+        (l2, gla, qualification, vectoring): (Gpa, Option<Gva>, EptViolationQualification, u32),
         l1: Gpa,
         perm12: Perm,
     ) -> Action {
@@ -421,6 +474,13 @@ impl Hypervisor {
                     if let Some(n) = self.nested.as_mut() {
                         n.vmcs02_eptp = Some(eptp.raw());
                     }
+                }
+                // A violation in an IRET that unblocked NMIs: L2 resumes with them blocked again,
+                // as the IRET left them (SDM 28.2.3), unless an event's delivery was interrupted.
+                let vectoring = InterruptionInfo::from_raw(vectoring);
+                if qualification.raw() & (1 << 12) != 0 && !vectoring.valid() {
+                    let state = vcpu.read(guest::INTERRUPTIBILITY_STATE);
+                    vcpu.write(guest::INTERRUPTIBILITY_STATE, state | 1 << 3);
                 }
                 Action::Resume
             }
@@ -500,6 +560,9 @@ impl Hypervisor {
             VmExit::Rdmsr(i) | VmExit::Wrmsr(i) => {
                 let write = matches!(exit, VmExit::Wrmsr(_));
                 let msr = vcpu.regs().rcx as u32;
+                if let Some(action) = self.l2_entry_msr(vcpu, platform, i, msr, write) {
+                    return action;
+                }
                 if l0_takes_msr(msr, write) {
                     // L0's policy, as for L1's own access (VMCS02 has no MSR bitmap: L0 decides).
                     return if write {
@@ -540,6 +603,48 @@ impl Hypervisor {
             }
             other => unhandled(other.reason(), 0),
         }
+    }
+
+    /// L2's access to a system-call entry MSR that L1 passes through: L2's own, never L1's (which
+    /// L0 may have locked): IA32_SYSENTER_EIP in VMCS02; IA32_LSTAR and IA32_CSTAR in the CPU
+    /// while L2 runs, kept as L2's to load at each entry, with L1's put back at each exit to L1.
+    /// `None` for any other MSR.
+    fn l2_entry_msr(
+        &mut self,
+        vcpu: &mut impl Vcpu,
+        platform: &mut impl Platform,
+        instruction: ihmi_vmcs::Instruction,
+        msr: u32,
+        write: bool,
+    ) -> Option<Action> {
+        if msr == ihmi_arch::msr::IA32_SYSENTER_EIP {
+            if l2_msr(vcpu, platform, msr, write) == Some(true) {
+                skip_instruction(vcpu, instruction);
+            }
+            return Some(Action::Resume);
+        }
+        let slot = super::vmx::L2_ENTRY_MSRS.iter().position(|&m| m == msr)?;
+        let n = self.nested.as_mut()?;
+        let regs = *vcpu.regs();
+        if write {
+            let value = (regs.rdx << 32) | (regs.rax & 0xffff_ffff);
+            if !super::entry::canonical(value) {
+                crate::inject_exception(vcpu, ihmi_arch::vector::GP, Some(0));
+                return Some(Action::Resume);
+            }
+            if n.l2_entry_msrs[slot].is_none() {
+                n.l1_entry_msrs[slot] = platform.read_msr(msr);
+            }
+            n.l2_entry_msrs[slot] = Some(value);
+            platform.write_msr(msr, value);
+        } else {
+            let value = platform.read_msr(msr);
+            let r = vcpu.regs();
+            r.rax = value & 0xffff_ffff;
+            r.rdx = value >> 32;
+        }
+        skip_instruction(vcpu, instruction);
+        Some(Action::Resume)
     }
 
     /// The round trip of reflected exits so far, for the end-of-run report.

@@ -1440,6 +1440,15 @@ mod running_l2 {
             [entry, 0x5678, entry],
             "L1's own is back at the exit"
         );
+        // L2's SYSENTER_EIP, which L1 lets through, is L2's in VMCS02: no alert, no #GP.
+        let mut se = crate::testing::wrmsr_lstar(0xffff_ffff_8100_2000);
+        se.regs.rcx = u64::from(ihmi_arch::msr::IA32_SYSENTER_EIP);
+        se.fields
+            .extend(vmcs02.fields.iter().filter(|(f, _)| **f != guest::RIP));
+        h.hv.on_vmcs_switched(&mut MockVcpu::default(), &mut h.rec, NestedSwitch::ToL2);
+        assert_eq!(h.handle_exit(&mut se, &mut p), Action::Resume);
+        assert_eq!(se.fields[&guest::IA32_SYSENTER_EIP], 0xffff_ffff_8100_2000);
+        assert!(h.rec.alerts().is_empty());
     }
 
     /// Nested EPT: L1 in VMX operation with a VMCS12 that gives L2 the EPT12 at [`EPT12`], which
@@ -1534,9 +1543,34 @@ mod running_l2 {
             Ok(4 | 3 << 3 | 1 << 7 | 1 << 8)
         );
         assert_eq!(v.read(ro::GUEST_PHYSICAL_ADDR_FULL), Ok(0x1010));
+        assert!(
+            ept02(&h, &mut p, 0x1000).is_none(),
+            "EPT02's entry for the page goes with the violation L1 gets"
+        );
         h.hv.on_vmcs_switched(&mut vmlaunch(), &mut h.rec, NestedSwitch::ToL1);
         let resume = vmresume();
         let vmcs02 = enter(&mut h, &mut p, resume);
+        // Filled again; then L0 takes rights away in its view of L1 (a gate opening, say): at
+        // L2's next exit EPT02 starts over, and the CPU forgets the old one.
+        let mut w = ept_violation(&vmcs02, 0x1008, 2);
+        assert_eq!(h.handle_exit(&mut w, &mut p), Action::Resume);
+        assert!(ept02(&h, &mut p, 0x1000).is_some());
+        p.view_generation += 1;
+        let invepts = |p: &MockPlatform| {
+            p.calls
+                .borrow()
+                .iter()
+                .filter(|c| matches!(c, crate::mock::Call::Invept(_)))
+                .count()
+        };
+        let before = invepts(&p);
+        let mut again = ept_violation(&vmcs02, 0x1008, 2);
+        again.fields.insert(ro::EXIT_QUALIFICATION, 2 | 1 << 12);
+        assert_eq!(h.handle_exit(&mut again, &mut p), Action::Resume);
+        assert_eq!(invepts(&p), before + 1);
+        assert_eq!(written(&again, control::EPTP_FULL), root | 0x1e);
+        // And a violation in an IRET that unblocked NMIs leaves them blocked again for L2.
+        assert_ne!(written(&again, guest::INTERRUPTIBILITY_STATE) & 1 << 3, 0);
         assert_eq!(
             written(&vmcs02, control::EPTP_FULL),
             root | 0x1e,
@@ -1568,6 +1602,8 @@ mod running_l2 {
             [
                 (ExitReason::EptViolation, false),
                 (ExitReason::EptViolation, true),
+                (ExitReason::EptViolation, false),
+                (ExitReason::EptViolation, false),
                 (ExitReason::EptViolation, true),
                 (ExitReason::EptMisconfig, true),
             ]
@@ -1587,13 +1623,6 @@ mod running_l2 {
         };
         let mut inv = invept(2);
         p.write_u64(0x6000, EPT12 | 0x1e);
-        let invepts = |p: &MockPlatform| {
-            p.calls
-                .borrow()
-                .iter()
-                .filter(|c| matches!(c, crate::mock::Call::Invept(_)))
-                .count()
-        };
         let before = invepts(&p);
         assert_eq!(h.handle_exit(&mut inv, &mut p), Action::Resume);
         assert_eq!(inv.fields[&guest::RFLAGS] & 0x41, 0, "VMsucceed");

@@ -376,7 +376,7 @@ impl Hypervisor {
             _ => platform.log(format_args!(
                 "nested: {instruction:?} at {rip:#x}: {}{}",
                 outcome.name(),
-                if logged + 1 == LOGGED_SUCCESSES {
+                if logged == LOGGED_SUCCESSES - 1 {
                     " (later successes are counted, not logged)"
                 } else {
                     ""
@@ -583,7 +583,11 @@ impl Hypervisor {
                 }
             }
             VmxInstruction::Invept => {
+                // The type first: an unsupported one fails before the descriptor is read.
                 let kind = gpr(vcpu, Gpr::from_number(info.reg2()));
+                if !matches!(kind, 1 | 2) {
+                    return self.fail_nested(error::INVEPT_INVALID_OPERAND);
+                }
                 let Some(eptp) = self.read_operand(vcpu, platform, info, displacement, 8) else {
                     return gp;
                 };
