@@ -1,13 +1,17 @@
 //! The probe's L2: position-independent 64-bit code the VMM copies into guest memory. It starts in
 //! long mode with the CPUID count in RDI, and reports only through port I/O (every OUT is an exit
 //! to the VMM): the CPUIDs it made, the pages it checked and the mismatches as 4-byte OUTs to
-//! [`VALUE_PORT`], in that order, then the last CPUID's vendor as 12 byte OUTs to [`DEBUG_PORT`];
-//! then HLT. It references nothing outside itself, and only guest-physical addresses below 2 MiB.
+//! [`VALUE_PORT`], in that order, then the last CPUID's vendor as 12 byte OUTs to [`DEBUG_PORT`],
+//! then one OUT to [`DONE_PORT`] (its end: with KVM's in-kernel interrupt controller a HLT stays
+//! in the kernel), then HLT. It references nothing outside itself, and only guest-physical
+//! addresses below 2 MiB.
 
 /// Where L2 writes the vendor string, a byte at a time.
 pub const DEBUG_PORT: u16 = 0xe9;
 /// Where L2 writes its counts, 4 bytes at a time.
 pub const VALUE_PORT: u16 = 0xea;
+/// Where L2 says it is done.
+pub const DONE_PORT: u16 = 0xeb;
 /// The pages L2 writes and reads back, one 64-bit pattern each.
 pub const PAGES: u32 = ihmi_abi::NESTED_KVM_PAGES as u32;
 /// The end of the guest-physical range L2 touches (from 1 MiB, 4 KiB a page).
@@ -84,6 +88,8 @@ core::arch::global_asm!(
     "    cmp ecx, 12",
     "    jne .Lvendor",
     // d. Done; a spurious wake-up halts again.
+    "    mov dx, {done_port}",
+    "    out dx, al",
     ".Lhalt:",
     "    hlt",
     "    jmp .Lhalt",
@@ -94,6 +100,7 @@ core::arch::global_asm!(
     pages = const PAGES,
     value_port = const VALUE_PORT,
     debug_port = const DEBUG_PORT,
+    done_port = const DONE_PORT,
 );
 
 extern "C" {

@@ -78,7 +78,7 @@ fn main() -> ExitCode {
         Mode::Probe { cpuids } => probe::run(cpuids).map(|report| {
             console.line(&format!("l2: {}", report.l2_line()));
             format!(
-                "probe done: L2 halted after {} KVM_RUN returns",
+                "probe done: L2 ended after {} KVM_RUN returns",
                 report.kvm_runs
             )
         }),
