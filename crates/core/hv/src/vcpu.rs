@@ -26,6 +26,20 @@ pub struct GuestRegs {
     pub rax: u64,
 }
 
+impl GuestRegs {
+    /// EDX:EAX, the 64-bit operand of WRMSR and XSETBV.
+    #[must_use]
+    pub const fn edx_eax(&self) -> u64 {
+        (self.rdx << 32) | (self.rax & 0xffff_ffff)
+    }
+
+    /// Puts `value` in EDX:EAX, as RDMSR returns it (the upper halves of RAX and RDX cleared).
+    pub fn set_edx_eax(&mut self, value: u64) {
+        self.rax = value & 0xffff_ffff;
+        self.rdx = value >> 32;
+    }
+}
+
 /// The current virtual CPU: its VMCS and saved registers.
 pub trait Vcpu {
     /// The exit that just happened, decoded from its exit-information fields by the VMX layer (no

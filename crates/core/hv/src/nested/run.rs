@@ -276,6 +276,7 @@ impl Hypervisor {
         let mut reason = exit.reason();
         let mut qualification = None;
         let mut reflected_page = None;
+        let eptp12 = l2::l1_eptp(v);
         let owner = match exit {
             // VMCS02 failed an entry check L0 did not make itself: that is L1's guest state, and a
             // VMLAUNCH that fails leaves the VMCS clear.
@@ -289,8 +290,8 @@ impl Hypervisor {
                 gpa,
                 qualification: q,
                 ..
-            } if l2::l1_eptp(v).is_some() => {
-                let w = ept::walk(&*platform, l2::l1_eptp(v).unwrap_or(0), gpa);
+            } if eptp12.is_some() => {
+                let w = ept::walk(&*platform, eptp12.unwrap_or(0), gpa);
                 walk = Some(w);
                 match w {
                     Walk::Mapped { perm, .. } if perm.contains(ept::needed(q)) => Owner::L0,
@@ -625,9 +626,8 @@ impl Hypervisor {
         }
         let slot = super::vmx::L2_ENTRY_MSRS.iter().position(|&m| m == msr)?;
         let n = self.nested.as_mut()?;
-        let regs = *vcpu.regs();
         if write {
-            let value = (regs.rdx << 32) | (regs.rax & 0xffff_ffff);
+            let value = vcpu.regs().edx_eax();
             if !super::entry::canonical(value) {
                 crate::inject_exception(vcpu, ihmi_arch::vector::GP, Some(0));
                 return Some(Action::Resume);
@@ -639,9 +639,7 @@ impl Hypervisor {
             platform.write_msr(msr, value);
         } else {
             let value = platform.read_msr(msr);
-            let r = vcpu.regs();
-            r.rax = value & 0xffff_ffff;
-            r.rdx = value >> 32;
+            vcpu.regs().set_edx_eax(value);
         }
         skip_instruction(vcpu, instruction);
         Some(Action::Resume)
@@ -693,9 +691,8 @@ fn l2_msr(
         IA32_KERNEL_GSBASE => None,
         _ => return None,
     };
-    let regs = *vcpu.regs();
     if write {
-        let value = (regs.rdx << 32) | (regs.rax & 0xffff_ffff);
+        let value = vcpu.regs().edx_eax();
         if msr != IA32_SYSENTER_CS && !super::entry::canonical(value) {
             // A non-canonical base or address: WRMSR's #GP(0).
             crate::inject_exception(vcpu, ihmi_arch::vector::GP, Some(0));
@@ -710,9 +707,7 @@ fn l2_msr(
             Some(f) => vcpu.read(f),
             None => platform.read_msr(msr),
         };
-        let r = vcpu.regs();
-        r.rax = value & 0xffff_ffff;
-        r.rdx = value >> 32;
+        vcpu.regs().set_edx_eax(value);
     }
     Some(true)
 }

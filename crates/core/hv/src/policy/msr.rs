@@ -78,9 +78,7 @@ impl Hypervisor {
         });
         match value {
             Some(v) => {
-                let regs = vcpu.regs();
-                regs.rax = v & 0xffff_ffff;
-                regs.rdx = v >> 32;
+                vcpu.regs().set_edx_eax(v);
                 skip_instruction(vcpu, instruction);
             }
             None => inject_exception(vcpu, GP, Some(0)),
@@ -98,7 +96,7 @@ impl Hypervisor {
         let regs = *vcpu.regs();
         let msr = regs.rcx as u32;
         if crate::guard::ENTRY_MSRS.contains(&msr) {
-            let value = (regs.rdx << 32) | (regs.rax & 0xffff_ffff);
+            let value = regs.edx_eax();
             return self.on_entry_msr_write(vcpu, platform, obs, msr, value, instruction);
         }
         // Every other intercepted MSR is read-only to the guest (feature control is locked; VMX MSRs do

@@ -30,7 +30,7 @@ impl Hypervisor {
     ) -> Action {
         let regs = *vcpu.regs();
         let index = regs.rcx as u32;
-        let value = (regs.rdx << 32) | (regs.rax & 0xffff_ffff);
+        let value = regs.edx_eax();
         let leaf = platform.host_cpuid(0xd, 0);
         let supported = u64::from(leaf[0]) | (u64::from(leaf[3]) << 32);
         let faulted = index != 0 || !valid_xcr0(value, supported);

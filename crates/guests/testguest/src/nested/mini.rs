@@ -163,44 +163,18 @@ fn invept_all() -> u64 {
 /// The line L1 writes to L0's debug port before its last step (which L0 ends): how many of its own
 /// checks failed up to there.
 fn report(failures: u64) {
-    for b in ihmi_abi::NESTED_MINI_EPT_REPORT
-        .bytes()
-        .chain(DecimalDigits::new(failures))
-        .chain(core::iter::once(b'\n'))
-    {
-        outb(0xe9, b);
-    }
-}
-
-/// The decimal digits of a number, most significant first.
-struct DecimalDigits {
-    digits: [u8; 20],
-    at: usize,
-}
-
-impl DecimalDigits {
-    fn new(mut n: u64) -> Self {
-        let mut digits = [0u8; 20];
-        let mut at = 20;
-        loop {
-            at -= 1;
-            digits[at] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
+    /// Port 0xE9, a byte per OUT: L0's debug port, whose lines L0's judge reads.
+    struct DebugPort;
+    impl core::fmt::Write for DebugPort {
+        fn write_str(&mut self, s: &str) -> core::fmt::Result {
+            s.bytes().for_each(|b| outb(0xe9, b));
+            Ok(())
         }
-        Self { digits, at }
     }
-}
-
-impl Iterator for DecimalDigits {
-    type Item = u8;
-    fn next(&mut self) -> Option<u8> {
-        let d = *self.digits.get(self.at)?;
-        self.at += 1;
-        Some(d)
-    }
+    let _ = core::fmt::Write::write_fmt(
+        &mut DebugPort,
+        format_args!("{}{failures}\n", ihmi_abi::NESTED_MINI_EPT_REPORT),
+    );
 }
 
 extern "C" {
@@ -477,7 +451,8 @@ const PIC_COMMAND: u16 = 0x20;
 const PIC_DATA: u16 = 0x21;
 
 fn outb(port: u16, value: u8) {
-    // SAFETY: the ports are the PIT's and the PIC's, which the guest owns; L0 passes them through.
+    // SAFETY: the ports are the PIT's and the PIC's, which the guest owns and L0 passes through,
+    // and L0's debug port (0xE9), which L0 intercepts; none changes memory.
     unsafe { x86::io::outb(port, value) }
 }
 
