@@ -270,6 +270,10 @@ pub enum Scenario {
     /// Nested VMX, milestone M4: `NestedKvmShadow` with EPT offered to L1 (`kvm_intel.ept=1`): L2
     /// runs on EPT02, which L0 builds from KVM's EPT12 and its own view of L1.
     NestedKvmEpt,
+    /// Nested VMX, milestone M5: `NestedKvmEpt` with a Linux L2 (`ihmi-l1-vmm --linux`, the `l1`
+    /// kernel again with a one-program initramfs), which boots to its /init and powers itself off.
+    /// Minutes under Bochs: in [`Scenario::SLOW`], not in `ihmi test`'s default set.
+    NestedLinux,
 }
 
 /// CPUIDs `nested-mini`'s L2 makes; each is reflected to L1 (the test guest and L0's judge agree on
@@ -288,6 +292,14 @@ pub const NESTED_KVM_PAGES: u64 = 256;
 /// for what its L2 wrote, then the L2's own.
 pub const NESTED_KVM_L2_REPORT: &str = "l2: ihmi-l2: ";
 
+/// `nested-linux`: the line L2's /init writes on its debug port, as the L1 VMM relays it (its
+/// prefix for L2's debug port, then the words after `--` on L2's kernel command line).
+pub const NESTED_LINUX_L2_INIT: &str = "l2: ihmi-l2-init: a Linux L2 ran its /init";
+/// How the L1 VMM relays each line of its L2's UART.
+pub const NESTED_LINUX_CONSOLE: &str = "l2 console: ";
+/// How the L1 VMM's last line starts when its Linux L2 powered itself off.
+pub const NESTED_LINUX_DONE: &str = "ihmi-l1-vmm: linux done: ";
+
 /// Raw numbers of the attack scenarios start here (`ATTACK_BASE + attack number`).
 const ATTACK_BASE: u32 = 100;
 /// And those of the Linux attacks after the first (`LINUX_ATTACK_BASE + attack number`).
@@ -296,8 +308,9 @@ const LINUX_ATTACK_BASE: u32 = 40;
 impl Scenario {
     /// Every scenario, in the order `ihmi test` runs them (and the host's scenario table lists them):
     /// the test guest's, Linux's, the two benchmarks', the attack suite, then nested VMX's.
-    pub const ALL: [Scenario; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 8] = {
-        let mut all = [Self::Boot; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 8];
+    /// The last [`Scenario::SLOW`]`.len()` are too slow for the default set.
+    pub const ALL: [Scenario; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 9] = {
+        let mut all = [Self::Boot; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 9];
         let fixed = [
             Self::Boot,
             Self::EptGuard,
@@ -344,8 +357,19 @@ impl Scenario {
         all[i + j + 5] = Self::NestedKvm;
         all[i + j + 6] = Self::NestedKvmShadow;
         all[i + j + 7] = Self::NestedKvmEpt;
+        all[i + j + 8] = Self::NestedLinux;
         all
     };
+
+    /// The scenarios that take minutes under Bochs, last in [`Scenario::ALL`]: `ihmi test` runs
+    /// them when named, not by default.
+    pub const SLOW: [Scenario; 1] = [Self::NestedLinux];
+
+    /// The default test set: [`Scenario::ALL`] without [`Scenario::SLOW`].
+    #[must_use]
+    pub fn default_set() -> &'static [Scenario] {
+        &Self::ALL[..Self::ALL.len() - Self::SLOW.len()]
+    }
 
     /// How the guest reaches the monitor in this scenario.
     #[must_use]
@@ -373,6 +397,7 @@ impl Scenario {
                 | Self::NestedKvm
                 | Self::NestedKvmShadow
                 | Self::NestedKvmEpt
+                | Self::NestedLinux
         )
     }
 
@@ -425,6 +450,7 @@ impl Scenario {
             Self::NestedKvm => "nested-kvm",
             Self::NestedKvmShadow => "nested-kvm-shadow",
             Self::NestedKvmEpt => "nested-kvm-ept",
+            Self::NestedLinux => "nested-linux",
         }
     }
 
@@ -441,13 +467,17 @@ impl Scenario {
                 | Self::NestedKvm
                 | Self::NestedKvmShadow
                 | Self::NestedKvmEpt
+                | Self::NestedLinux
         )
     }
 
     /// Whether L0 offers the guest EPT for its own guests (nested EPT, NESTED.md A.2.8).
     #[must_use]
     pub const fn offers_nested_ept(self) -> bool {
-        matches!(self, Self::NestedMiniEpt | Self::NestedKvmEpt)
+        matches!(
+            self,
+            Self::NestedMiniEpt | Self::NestedKvmEpt | Self::NestedLinux
+        )
     }
 
     /// Whether L0 shadows the guest's VMCS12 (VMCS shadowing, NESTED.md A.2.5).
@@ -455,7 +485,7 @@ impl Scenario {
     pub const fn shadows_vmcs(self) -> bool {
         matches!(
             self,
-            Self::NestedMiniShadow | Self::NestedKvmShadow | Self::NestedKvmEpt
+            Self::NestedMiniShadow | Self::NestedKvmShadow | Self::NestedKvmEpt | Self::NestedLinux
         )
     }
 
@@ -487,6 +517,7 @@ impl Scenario {
             Self::NestedKvmShadow => 24,
             Self::NestedKvmEpt => 25,
             Self::NestedMiniEpt => 26,
+            Self::NestedLinux => 27,
         }
     }
 
@@ -632,6 +663,9 @@ mod tests {
             assert_eq!(Scenario::from_raw(s.to_raw()), Some(s));
         }
         assert_eq!(Scenario::from_name("nope"), None);
+        let slow = &Scenario::ALL[Scenario::default_set().len()..];
+        assert_eq!(slow, Scenario::SLOW, "the slow ones last");
+        assert!(Scenario::default_set().contains(&Scenario::NestedKvmEpt));
         for a in LinuxAttack::ALL {
             let n = Scenario::ALL.iter().filter(|s| s.linux_attack() == Some(a));
             assert_eq!(n.count(), 1, "{a:?} once");

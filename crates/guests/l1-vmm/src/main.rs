@@ -3,24 +3,34 @@
 //! on an error, 2 on a bad command line.
 
 mod l2;
+mod linux;
 mod probe;
+mod vcpu;
 
 use std::process::ExitCode;
 
 use ihmi_linux_workload::DebugPort;
 
-const USAGE: &str = "usage: ihmi-l1-vmm --probe [--cpuids N]";
+const USAGE: &str = "usage: ihmi-l1-vmm --probe [--cpuids N]
+       ihmi-l1-vmm --linux BZIMAGE INITRD [--mem MIB] [--cmdline LINE] [--status SECS]";
+
+/// L2's kernel command line when `--cmdline` does not give one: its console on COM1 (and early
+/// output there too), no KASLR, a reset on panic that the VMM sees.
+const DEFAULT_CMDLINE: &str = "console=ttyS0 earlycon=uart8250,io,0x3f8 panic=-1 reboot=k";
 
 /// What to run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Mode {
     /// The long-mode L2 that makes `cpuids` CPUIDs, touches memory and reports.
     Probe { cpuids: u32 },
+    /// A Linux L2, run until its /init powers it off.
+    Linux(linux::Boot),
 }
 
 /// Parses the arguments after the program name; `Err` is what to print above the usage.
 fn parse(args: impl IntoIterator<Item = String>) -> Result<Mode, String> {
-    let (mut probe, mut cpuids) = (false, None);
+    let (mut probe, mut cpuids, mut linux) = (false, None, None);
+    let (mut mem_mib, mut cmdline, mut status_secs) = (None, None, None);
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -32,19 +42,58 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Mode, String> {
                     _ => return Err(format!("--cpuids {n}: not a count from 1 to {}", u32::MAX)),
                 }
             }
+            "--linux" => {
+                let kernel = args
+                    .next()
+                    .ok_or("--linux needs a bzImage and an initramfs")?;
+                let initrd = args
+                    .next()
+                    .ok_or("--linux needs an initramfs after the bzImage")?;
+                linux = Some((kernel, initrd));
+            }
+            "--mem" => {
+                let n = args.next().ok_or("--mem needs a size in MiB")?;
+                match n.parse::<u64>() {
+                    Ok(n) if linux::MEM_MIB.contains(&n) => mem_mib = Some(n),
+                    _ => {
+                        let (lo, hi) = linux::MEM_MIB.into_inner();
+                        return Err(format!("--mem {n}: not a size from {lo} to {hi} MiB"));
+                    }
+                }
+            }
+            "--cmdline" => cmdline = Some(args.next().ok_or("--cmdline needs a line")?),
+            "--status" => {
+                let n = args.next().ok_or("--status needs seconds")?;
+                match n.parse::<u64>() {
+                    Ok(n) if n > 0 => status_secs = Some(n),
+                    _ => return Err(format!("--status {n}: not a number of seconds from 1")),
+                }
+            }
             _ => return Err(format!("unknown argument {arg}")),
         }
     }
-    if !probe {
-        return Err("no mode given".into());
+    match (probe, linux) {
+        (true, None) if mem_mib.is_none() && cmdline.is_none() && status_secs.is_none() => {
+            let cpuids = cpuids.unwrap_or(ihmi_abi::NESTED_KVM_CPUIDS as u32);
+            Ok(Mode::Probe { cpuids })
+        }
+        (false, Some((kernel, initrd))) if cpuids.is_none() => Ok(Mode::Linux(linux::Boot {
+            kernel,
+            initrd,
+            cmdline: cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.into()),
+            mem_mib: mem_mib.unwrap_or(linux::DEFAULT_MEM_MIB),
+            status_secs: status_secs.unwrap_or(linux::DEFAULT_STATUS_SECS),
+        })),
+        (true, Some(_)) => Err("--probe and --linux are two modes: give one".into()),
+        (false, None) => Err("no mode given".into()),
+        (true, None) => Err("--mem, --cmdline and --status are for --linux".into()),
+        (false, Some(_)) => Err("--cpuids is for --probe".into()),
     }
-    let cpuids = cpuids.unwrap_or(ihmi_abi::NESTED_KVM_CPUIDS as u32);
-    Ok(Mode::Probe { cpuids })
 }
 
 /// L1's console and, when this process may use it, L0's debug port.
 #[derive(Debug)]
-struct Console(Option<DebugPort>);
+pub struct Console(Option<DebugPort>);
 
 impl Console {
     fn open() -> Self {
@@ -57,7 +106,7 @@ impl Console {
         }
     }
 
-    fn line(&self, line: &str) {
+    pub fn line(&self, line: &str) {
         println!("{line}");
         if let Some(port) = &self.0 {
             port.line(line);
@@ -82,6 +131,20 @@ fn main() -> ExitCode {
                 report.kvm_runs
             )
         }),
+        Mode::Linux(boot) => {
+            console.line(&format!(
+                "ihmi-l1-vmm: booting {} with {} ({} MiB): {}",
+                boot.kernel, boot.initrd, boot.mem_mib, boot.cmdline
+            ));
+            linux::run(&boot, &console).map(|r| {
+                format!(
+                    "linux done: L2 powered off after {} KVM_RUN returns and {} ms of L1's time; \
+                     {} console lines, {} debug-port lines, {} accesses to absent ports, {} to \
+                     absent MMIO",
+                    r.kvm_runs, r.millis, r.console_lines, r.debug_lines, r.other_io, r.mmio
+                )
+            })
+        }
     };
     match done {
         Ok(line) => {
@@ -110,6 +173,35 @@ mod tests {
     }
 
     #[test]
+    fn parses_linux() {
+        let boot = |kernel: &str, initrd: &str, cmdline: &str, mem_mib, status_secs| {
+            Ok(Mode::Linux(linux::Boot {
+                kernel: kernel.into(),
+                initrd: initrd.into(),
+                cmdline: cmdline.into(),
+                mem_mib,
+                status_secs,
+            }))
+        };
+        assert_eq!(args("--linux k i"), boot("k", "i", DEFAULT_CMDLINE, 64, 10));
+        let got = parse(
+            [
+                "--mem",
+                "48",
+                "--cmdline",
+                "console=ttyS0 -- a b",
+                "--linux",
+                "k",
+                "i",
+                "--status",
+                "2",
+            ]
+            .map(String::from),
+        );
+        assert_eq!(got, boot("k", "i", "console=ttyS0 -- a b", 48, 2));
+    }
+
+    #[test]
     fn rejects_bad_command_lines() {
         for bad in [
             "",
@@ -117,6 +209,16 @@ mod tests {
             "--probe --cpuids",
             "--probe --cpuids 0",
             "--probe -x",
+            "--linux",
+            "--linux k",
+            "--linux k i --probe",
+            "--linux k i --cpuids 3",
+            "--linux k i --mem 8",
+            "--linux k i --mem 2048",
+            "--linux k i --cmdline",
+            "--probe --mem 64",
+            "--probe --status 1",
+            "--linux k i --status 0",
         ] {
             assert!(args(bad).is_err(), "{bad:?}");
         }

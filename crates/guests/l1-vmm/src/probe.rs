@@ -5,41 +5,17 @@
 use std::ptr::NonNull;
 
 use anyhow::{bail, ensure, Context, Result};
-use kvm_bindings::{
-    kvm_regs, kvm_segment, kvm_userspace_memory_region, kvm_xcrs, CpuId, KVM_API_VERSION,
-    KVM_MAX_CPUID_ENTRIES,
-};
+use kvm_bindings::{kvm_regs, kvm_userspace_memory_region, KVM_API_VERSION};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 
-use crate::l2;
+use crate::{l2, vcpu};
 
 // The guest-physical layout: code, stack below the page tables, the touched pages from 1 MiB.
 const MEM_SIZE: usize = 2 << 20;
 const CODE: u64 = 0x1000;
 const STACK_TOP: u64 = 0x8000;
 const PML4: u64 = 0x9000;
-const PDPT: u64 = 0xa000;
-const PD: u64 = 0xb000;
-// Three pages KVM needs for the real-mode TSS when there is no unrestricted guest, out of the way
-// below 4 GiB (the address QEMU uses).
-const TSS_ADDR: usize = 0xfffb_d000;
-const _: () = assert!(l2::TOUCH_END <= MEM_SIZE as u64 && PD + 0x1000 <= 0x10_0000);
-
-// SDM 4.5 4-level paging: present, writable, and (in a PDE) a 2 MiB page.
-const PTE_P: u64 = 1 << 0;
-const PTE_RW: u64 = 1 << 1;
-const PDE_PS: u64 = 1 << 7;
-// SDM 2.5 control registers, 2.2.1 IA32_EFER.
-const CR0_PE: u64 = 1 << 0;
-const CR0_MP: u64 = 1 << 1;
-const CR0_ET: u64 = 1 << 4;
-const CR0_NE: u64 = 1 << 5;
-const CR0_WP: u64 = 1 << 16;
-const CR0_PG: u64 = 1 << 31;
-// No OSXSAVE: with it clear, KVM leaves XCR0 alone around L2 entries.
-const CR4_PAE: u64 = 1 << 5;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
+const _: () = assert!(l2::TOUCH_END <= MEM_SIZE as u64 && PML4 + 0x3000 <= 0x10_0000);
 
 /// What the L2 program sent, and how many KVM_RUN returns it took.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,7 +53,8 @@ pub fn run(cpuids: u32) -> Result<ProbeReport> {
         "KVM API version {api}, expected {KVM_API_VERSION}"
     );
     let vm = kvm.create_vm().context("KVM_CREATE_VM")?;
-    vm.set_tss_address(TSS_ADDR).context("KVM_SET_TSS_ADDR")?;
+    vm.set_tss_address(vcpu::TSS_ADDR)
+        .context("KVM_SET_TSS_ADDR")?;
     // KVM's in-kernel PIC, I/O APIC and local APIC: without them, creating the vCPU counts one
     // without a local APIC in a static key (`kvm_has_noapic_vcpu`), a patch of L1's kernel text,
     // which a monitor that protects that text refuses.
@@ -93,25 +70,15 @@ pub fn run(cpuids: u32) -> Result<ProbeReport> {
     unsafe { vm.set_user_memory_region(region) }.context("KVM_SET_USER_MEMORY_REGION")?;
 
     let mem = mem.as_mut_slice();
-    write_page_tables(mem);
+    // The first 2 MiB, with one large page.
+    vcpu::identity_map(mem, PML4, 1);
     let program = l2::program();
     mem[CODE as usize..][..program.len()].copy_from_slice(program);
 
     let mut vcpu = vm.create_vcpu(0).context("KVM_CREATE_VCPU")?;
-    let cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .context("KVM_GET_SUPPORTED_CPUID")?;
-    vcpu.set_cpuid2(&cpuid).context("KVM_SET_CPUID2")?;
-    if let Some(xcr0) = host_xcr0() {
-        let mut xcrs = kvm_xcrs {
-            nr_xcrs: 1,
-            ..Default::default()
-        };
-        // KVM refuses bits its CPUID does not offer (AMX, unless this process asked for it).
-        xcrs.xcrs[0].value = xcr0 & supported_xcr0(&cpuid);
-        vcpu.set_xcrs(&xcrs).context("KVM_SET_XCRS")?;
-    }
-    set_long_mode(&vcpu)?;
+    vcpu::set_cpuid(&kvm, &vcpu)?;
+    // No GDT in memory: the probe loads no selector.
+    vcpu::set_long_mode(&vcpu, PML4, None)?;
     let regs = kvm_regs {
         rip: CODE,
         rsp: STACK_TOP,
@@ -121,46 +88,6 @@ pub fn run(cpuids: u32) -> Result<ProbeReport> {
     };
     vcpu.set_regs(&regs).context("KVM_SET_REGS")?;
     run_to_halt(&mut vcpu)
-}
-
-/// Identity-maps the first 2 MiB with one large page.
-fn write_page_tables(mem: &mut [u8]) {
-    let mut entry = |table: u64, value: u64| {
-        mem[table as usize..][..8].copy_from_slice(&value.to_le_bytes());
-    };
-    entry(PML4, PDPT | PTE_P | PTE_RW);
-    entry(PDPT, PD | PTE_P | PTE_RW);
-    entry(PD, PDE_PS | PTE_P | PTE_RW);
-}
-
-/// Flat 64-bit segments straight into the hidden parts (no GDT in memory: L2 loads no selector),
-/// paging on.
-fn set_long_mode(vcpu: &VcpuFd) -> Result<()> {
-    let mut sregs = vcpu.get_sregs().context("KVM_GET_SREGS")?;
-    let code = kvm_segment {
-        limit: 0xffff_ffff,
-        selector: 0x8,
-        type_: 0xb,
-        present: 1,
-        s: 1,
-        l: 1,
-        g: 1,
-        ..Default::default()
-    };
-    let data = kvm_segment {
-        selector: 0x10,
-        type_: 0x3,
-        db: 1,
-        l: 0,
-        ..code
-    };
-    sregs.cs = code;
-    (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
-    sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
-    sregs.cr3 = PML4;
-    sregs.cr4 = CR4_PAE;
-    sregs.efer = EFER_LME | EFER_LMA;
-    vcpu.set_sregs(&sregs).context("KVM_SET_SREGS")
 }
 
 /// The run loop: L2's OUTs collected, its OUT to the done port ends it, any other exit is an
@@ -180,9 +107,9 @@ fn run_to_halt(vcpu: &mut VcpuFd) -> Result<ProbeReport> {
                 continue;
             }
             VcpuExit::IoOut(l2::DONE_PORT, _) => break,
-            VcpuExit::Shutdown => format!("Shutdown (triple fault) at {}", rip(vcpu)),
-            VcpuExit::InternalError => format!("InternalError at {}", rip(vcpu)),
-            other => describe(other),
+            VcpuExit::Shutdown => format!("Shutdown (triple fault) at {}", vcpu::rip(vcpu)),
+            VcpuExit::InternalError => format!("InternalError at {}", vcpu::rip(vcpu)),
+            other => vcpu::describe(other),
         };
         bail!("unexpected exit {what} (KVM_RUN return {kvm_runs})");
     }
@@ -206,51 +133,6 @@ fn run_to_halt(vcpu: &mut VcpuFd) -> Result<ProbeReport> {
         bad,
         kvm_runs,
     })
-}
-
-/// An exit the probe does not expect, with what KVM said about it.
-fn describe(exit: VcpuExit<'_>) -> String {
-    match exit {
-        VcpuExit::IoOut(port, d) => format!("IoOut of {} bytes to port {port:#x}", d.len()),
-        VcpuExit::IoIn(port, d) => format!("IoIn of {} bytes from port {port:#x}", d.len()),
-        VcpuExit::MmioRead(gpa, d) => format!("MmioRead of {} bytes at {gpa:#x}", d.len()),
-        VcpuExit::MmioWrite(gpa, d) => format!("MmioWrite of {} bytes at {gpa:#x}", d.len()),
-        VcpuExit::FailEntry(reason, cpu) => {
-            format!("FailEntry, hardware entry failure reason {reason:#x} on cpu {cpu}")
-        }
-        other => format!("{other:?}"),
-    }
-}
-
-/// The vCPU's RIP for an error message.
-fn rip(vcpu: &VcpuFd) -> String {
-    match vcpu.get_regs() {
-        Ok(regs) => format!("RIP {:#x}", regs.rip),
-        Err(e) => format!("unknown RIP (KVM_GET_REGS: {e})"),
-    }
-}
-
-/// The host's XCR0, if the OS enabled XSAVE (CPUID.1:ECX.OSXSAVE[bit 27]; XGETBV is #UD otherwise).
-fn host_xcr0() -> Option<u64> {
-    if core::arch::x86_64::__cpuid(1).ecx & (1 << 27) == 0 {
-        return None;
-    }
-    let (lo, hi): (u32, u32);
-    // SAFETY: OSXSAVE is set, so XGETBV of XCR0 is defined; it only reads a register.
-    unsafe {
-        core::arch::asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") hi,
-            options(nomem, nostack, preserves_flags));
-    }
-    Some(u64::from(hi) << 32 | u64::from(lo))
-}
-
-/// The XCR0 bits KVM's CPUID leaf 0xD offers the guest.
-fn supported_xcr0(cpuid: &CpuId) -> u64 {
-    cpuid
-        .as_slice()
-        .iter()
-        .find(|e| e.function == 0xd && e.index == 0)
-        .map_or(0, |e| u64::from(e.edx) << 32 | u64::from(e.eax))
 }
 
 /// Anonymous memory for the guest, unmapped on drop.
@@ -297,17 +179,6 @@ impl Drop for GuestMemory {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn page_tables_identity_map_2mib() {
-        let mut mem = vec![0u8; 0xc000];
-        write_page_tables(&mut mem);
-        let entry = |at: usize| u64::from_le_bytes(mem[at..at + 8].try_into().unwrap());
-        assert_eq!(entry(0x9000), 0xa003);
-        assert_eq!(entry(0xa000), 0xb003);
-        assert_eq!(entry(0xb000), 0x83);
-        assert_eq!(mem.iter().filter(|&&b| b != 0).count(), 5);
-    }
 
     #[test]
     fn report_line() {

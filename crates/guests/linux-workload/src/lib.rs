@@ -5,8 +5,10 @@
 
 use std::io;
 
-const DEBUG_PORT: u16 = 0xe9;
-const SHUTDOWN_PORT: u16 = 0x8900;
+/// The debug port: bytes written here reach L0 (and, from a guest of a guest, that guest's VMM).
+pub const DEBUG_PORT: u16 = 0xe9;
+/// The power-off port: "Shutdown" written here ends the run.
+pub const SHUTDOWN_PORT: u16 = 0x8900;
 
 /// OUT of one byte to a port [`grant`]ed to this process (one that is not faults the process).
 pub fn outb(port: u16, value: u8) {

@@ -99,7 +99,8 @@ extern "C" fn guest_main(info: *const BootInfo) -> ! {
         | Scenario::LinuxBench(_)
         | Scenario::NestedKvm
         | Scenario::NestedKvmShadow
-        | Scenario::NestedKvmEpt => 96,
+        | Scenario::NestedKvmEpt
+        | Scenario::NestedLinux => 96,
     };
     done(code)
 }

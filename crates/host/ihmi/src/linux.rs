@@ -239,12 +239,14 @@ pub fn prepare(layout: &Layout, guest: &GuestOptions) -> Result<LinuxImages> {
         Profile::Tiny | Profile::L1 => built_kernel(layout, guest.profile)?,
         Profile::Debian => debian_kernel(layout)?,
     };
-    let programs = build_workload(layout, guest.profile == Profile::L1)?;
+    let l1 = guest.profile == Profile::L1;
+    let programs = build_workload(layout, l1)?;
     let (initrd, files) = build_initramfs(
         layout,
         guest.profile,
         &programs,
         &attacker_map(&system_map)?,
+        l1.then_some(kernel.as_path()),
     )?;
     let identities = files.identities(&guest.allow)?;
     Ok(LinuxImages {
@@ -725,11 +727,14 @@ fn attacker_map(system_map: &Path) -> Result<String> {
     Ok(out)
 }
 
+/// With `l2_kernel` (the `l1` kernel's), also what the guest hypervisor's VMM boots as a Linux L2:
+/// that bzImage and [`l2_initramfs`], in /l2.
 fn build_initramfs(
     layout: &Layout,
     profile: Profile,
     programs: &[(&str, PathBuf)],
     attacker_map: &str,
+    l2_kernel: Option<&Path>,
 ) -> Result<(PathBuf, InitramfsFiles)> {
     let busybox =
         fs::read(deps::BUSYBOX).with_context(|| format!("cannot read {}", deps::BUSYBOX))?;
@@ -764,6 +769,22 @@ fn build_initramfs(
     for (name, path) in programs {
         file(&mut a, &format!("bin/{name}"), 0o755, fs::read(path)?);
     }
+    if let Some(kernel) = l2_kernel {
+        a.dir("l2");
+        let bzimage =
+            fs::read(kernel).with_context(|| format!("cannot read {}", kernel.display()))?;
+        file(&mut a, L2_KERNEL, 0o644, bzimage);
+        let (_, poweroff) = programs
+            .iter()
+            .find(|(name, _)| *name == "ihmi-poweroff")
+            .context("the L2's /init (ihmi-poweroff) was not built")?;
+        file(
+            &mut a,
+            L2_INITRD,
+            0o644,
+            l2_initramfs(&fs::read(poweroff)?)?,
+        );
+    }
     a.symlink("bin/sh", "busybox");
     kept.links
         .insert("bin/sh".to_string(), "busybox".to_string());
@@ -772,6 +793,21 @@ fn build_initramfs(
     fs::write(&out, gzip(&a.finish())?)
         .with_context(|| format!("cannot write {}", out.display()))?;
     Ok((out, kept))
+}
+
+/// Where the `l1` initramfs keeps the Linux L2's kernel and initramfs (`guest/linux/init` names
+/// them to `ihmi-l1-vmm --linux`).
+const L2_KERNEL: &str = "l2/bzImage";
+const L2_INITRD: &str = "l2/initrd.cpio.gz";
+
+/// The Linux L2's initramfs: one program, `init` (`ihmi-poweroff`, which writes its arguments on
+/// the debug port and powers off), and the console node the kernel opens for it.
+fn l2_initramfs(init: &[u8]) -> Result<Vec<u8>> {
+    let mut a = Archive::new();
+    a.dir("dev");
+    a.char_dev("dev/console", 0o600, 5, 1);
+    a.file("init", 0o755, init);
+    gzip(&a.finish())
 }
 
 /// The archive gzip-compressed (both kernel profiles have `CONFIG_RD_GZIP`): a third of the size, so
@@ -856,6 +892,31 @@ mod tests {
         assert!(!is_static_elf(&sh), "/bin/sh is dynamically linked");
         assert!(!is_static_elf(b"not an elf"));
         assert!(!is_static_elf(&[]));
+    }
+
+    #[test]
+    fn init_boots_the_l2_the_initramfs_carries_with_the_judged_line() {
+        let init = include_str!("../../../../guest/linux/init");
+        let line = ihmi_abi::NESTED_LINUX_L2_INIT.strip_prefix("l2: ").unwrap();
+        assert!(init.contains(&format!("-- {line}\"")), "{line}");
+        assert!(init.contains(&format!("--linux /{L2_KERNEL} /{L2_INITRD} ")));
+    }
+
+    #[test]
+    fn l2_initramfs_is_init_and_the_console() {
+        let gz = l2_initramfs(b"\x7fELF-ish").unwrap();
+        let mut raw = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut raw).unwrap();
+        let text = raw.escape_ascii().to_string();
+        for name in [
+            "dev\\x00",
+            "dev/console\\x00",
+            "init\\x00",
+            "\\x7fELF-ish",
+            "TRAILER!!!",
+        ] {
+            assert!(text.contains(name), "{name} in {text}");
+        }
     }
 
     #[test]

@@ -735,10 +735,14 @@ fn run_scenarios<'n>(
     built: &Built,
     tally: &mut Tally,
 ) -> HashMap<&'n str, String> {
-    let opts = batch_options(model);
+    let batch = batch_options(model);
     let mut outputs = HashMap::new();
     for name in names {
         eprintln!("[ihmi] running scenario {name} (cpu {})", model.name);
+        let opts = RunOptions {
+            timeout: scenario::batch_timeout(name).unwrap_or(batch.timeout),
+            ..batch
+        };
         match bochs::run(layout, name, &opts) {
             Ok(report) => {
                 print_result(
@@ -812,7 +816,7 @@ struct TestPlan {
 fn plan_tests(cpu_name: &str, only: Option<&str>) -> Result<TestPlan> {
     let selected: Vec<&'static Scenario> = match only {
         None => scenario::TEST_SCENARIOS.iter().collect(),
-        Some(name) => match scenario::TEST_SCENARIOS.iter().find(|s| s.name == name) {
+        Some(name) => match scenario::known().find(|s| s.name == name) {
             Some(s) => {
                 let model = cpu::select(cpu_name, s.requires, &format!("scenario {}", s.name))?;
                 return Ok(TestPlan {

@@ -41,8 +41,9 @@ impl Scenario {
     }
 }
 
-/// What `ihmi test` runs, in order: every scenario of `ihmi_abi::Scenario::ALL`.
-pub const TEST_SCENARIOS: [Scenario; ihmi_abi::Scenario::ALL.len()] = {
+/// Every scenario, in the order of `ihmi_abi::Scenario::ALL`: the default test set, then the slow
+/// ones (`ihmi_abi::Scenario::SLOW`), which `ihmi test --only NAME` runs.
+pub const ALL_SCENARIOS: [Scenario; ihmi_abi::Scenario::ALL.len()] = {
     let all = ihmi_abi::Scenario::ALL;
     let mut out = [DEMO; ihmi_abi::Scenario::ALL.len()];
     let mut i = 0;
@@ -52,6 +53,11 @@ pub const TEST_SCENARIOS: [Scenario; ihmi_abi::Scenario::ALL.len()] = {
     }
     out
 };
+
+/// What `ihmi test` runs by default, in order: all but the slow scenarios.
+pub const TEST_SCENARIOS: &[Scenario] = ALL_SCENARIOS
+    .split_at(ALL_SCENARIOS.len() - ihmi_abi::Scenario::SLOW.len())
+    .0;
 
 /// The attack suite (`ihmi attacks`), one scenario per attack of `ihmi_abi::Attack::ALL`.
 pub const ATTACK_SCENARIOS: [Scenario; Attack::ALL.len()] = {
@@ -77,6 +83,10 @@ pub fn kernel_args(name: &str) -> &'static str {
         // KVM on EPT, which L0 offers this one.
         Some(ihmi_abi::Scenario::NestedKvmEpt) => {
             "ihmi.nested=kvm kvm_intel.ept=1 kvm_intel.nested=0"
+        }
+        // The same KVM, booting a Linux L2.
+        Some(ihmi_abi::Scenario::NestedLinux) => {
+            "ihmi.nested=linux kvm_intel.ept=1 kvm_intel.nested=0"
         }
         _ => "",
     }
@@ -117,6 +127,18 @@ pub const NESTED_BENCH_SCENARIOS: [Scenario; 5] = [
     Scenario::of(ihmi_abi::Scenario::NestedKvmEpt),
 ];
 
+/// How long `ihmi test` gives `name` under Bochs when the default is too little: the slow
+/// scenarios (`ihmi_abi::Scenario::SLOW`) take minutes.
+pub fn batch_timeout(name: &str) -> Option<std::time::Duration> {
+    ihmi_abi::Scenario::from_name(name)
+        .filter(|s| ihmi_abi::Scenario::SLOW.contains(s))
+        .map(|_| std::time::Duration::from_secs(SLOW_TIMEOUT_SECS))
+}
+
+/// The slow scenarios' timeout: `nested-linux` takes about 175 s under Bochs, ten times that is room
+/// for a slower host.
+const SLOW_TIMEOUT_SECS: u64 = 1800;
+
 /// Whether `name` boots the Linux guest (and so needs its kernel and initramfs on the ISO).
 pub fn is_linux(name: &str) -> bool {
     ihmi_abi::Scenario::from_name(name).is_some_and(ihmi_abi::Scenario::is_linux)
@@ -140,7 +162,7 @@ pub const LINUX_DEMO: &str = "linux-sim";
 
 /// Every scenario `ihmi` knows (the demo is part of the test list).
 pub fn known() -> impl Iterator<Item = &'static Scenario> {
-    TEST_SCENARIOS.iter()
+    ALL_SCENARIOS.iter()
 }
 
 /// What the scenario called `name` needs. One `ihmi` does not list gets the base requirements, since L0
@@ -156,9 +178,9 @@ pub fn is_known(name: &str) -> bool {
     known().any(|s| s.name == name)
 }
 
-/// Names of the test scenarios, for messages.
+/// Names of the test scenarios (the slow ones too), for messages.
 pub fn test_names() -> String {
-    TEST_SCENARIOS
+    ALL_SCENARIOS
         .iter()
         .map(|s| s.name)
         .collect::<Vec<_>>()
@@ -258,6 +280,16 @@ mod tests {
                 "nested-kvm-ept"
             ]
         );
+        // The slow one is known, runs by name and is not in the default set.
+        let slow: Vec<_> = ALL_SCENARIOS[TEST_SCENARIOS.len()..]
+            .iter()
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(slow, ["nested-linux"]);
+        assert!(is_known("nested-linux") && is_linux("nested-linux"));
+        assert_eq!(kernel_profile("nested-linux", Profile::Tiny), Profile::L1);
+        assert_eq!(requirements("nested-linux"), SHADOW);
+        assert!(batch_timeout("nested-linux").is_some() && batch_timeout("nested-kvm").is_none());
         for s in known() {
             validate_name(s.name).unwrap();
             assert!(s.requires.contains(&Feature::Vmx) && s.requires.contains(&Feature::Ept));

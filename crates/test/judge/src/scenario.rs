@@ -103,6 +103,32 @@ impl L2Report {
     }
 }
 
+/// `nested-linux`: the lines the L1 VMM relayed from its Linux L2, and its own end.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct L2Linux {
+    /// Lines of L2's UART.
+    pub console_lines: u64,
+    /// Whether one of them was the L2 kernel's banner (`Linux version ...`).
+    pub banner: bool,
+    /// Whether L2's /init's line came, after the banner.
+    pub init: bool,
+    /// Whether the VMM said L2 powered itself off, after /init's line.
+    pub done: bool,
+}
+
+impl L2Linux {
+    fn record(&mut self, line: &[u8]) {
+        if let Some(text) = line.strip_prefix(ihmi_abi::NESTED_LINUX_CONSOLE.as_bytes()) {
+            self.console_lines += 1;
+            self.banner |= text.starts_with(b"Linux version ");
+        } else if line == ihmi_abi::NESTED_LINUX_L2_INIT.as_bytes() {
+            self.init |= self.banner;
+        } else if line.starts_with(ihmi_abi::NESTED_LINUX_DONE.as_bytes()) {
+            self.done |= self.init;
+        }
+    }
+}
+
 /// One emulated VMX instruction and what it came to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VmxStep(pub VmxInstruction, pub VmxOutcome);
@@ -189,6 +215,8 @@ pub struct ScenarioLog {
     pub l2_report: Option<L2Report>,
     /// `nested-mini-ept`: how many of its own checks L1 says failed before its last step.
     pub l1_checks_failed: Option<u64>,
+    /// `nested-linux`: what the L1 VMM relayed of its Linux L2.
+    pub l2_linux: L2Linux,
     bench_results: heapless_table::Table<crate::bench::BenchResult, 4>,
 }
 
@@ -226,6 +254,7 @@ impl ScenarioLog {
                 if let Some(report) = line.strip_prefix(l2).and_then(L2Report::parse) {
                     self.l2_report = Some(report);
                 }
+                self.l2_linux.record(line);
             }
             Observation::NmiTaken {
                 in_monitor_view,
@@ -813,6 +842,7 @@ fn check(
             check_nested_kvm(log, NESTED_MAX_ROUND_TRIP_SHADOW)?;
             check_nested_ept(log)
         }
+        Scenario::NestedLinux => check_nested_linux(log),
         Scenario::Bench(mode) => {
             expect_done_zero(log)?;
             crate::bench::check(mode, log.bench_results()).map_err(FailReason::Bench)
@@ -1347,6 +1377,43 @@ fn check_nested_kvm(log: &ScenarioLog, max_round_trip: u64) -> Result<(), FailRe
     if n.cpuid_round_trips == 0 || n.cpuid_round_trip_total > max_round_trip * n.cpuid_round_trips {
         return Err(FailReason::NestedRun(
             "a reflected CPUID exit cost more L0 exits on average than the target",
+        ));
+    }
+    if log.vmxoffs == 0 {
+        return Err(FailReason::NestedRun("KVM never left VMX operation"));
+    }
+    if !log.alerts().is_empty() {
+        return Err(FailReason::NestedRun("L0 raised an alert"));
+    }
+    Ok(())
+}
+
+/// `nested-linux`: L1's /init ended well; the L1 VMM relayed its L2's boot (the kernel's banner
+/// among the UART's lines), then the line L2's /init wrote on its debug port, then its own end
+/// when L2 powered itself off; L2's exits reached L1, its memory came through EPT02 after EPT
+/// violations L1 handled, and L1 invalidated EPT12 with an INVEPT L0 emulated; no alert.
+fn check_nested_linux(log: &ScenarioLog) -> Result<(), FailReason> {
+    linux_run_ended_well(log)?;
+    let l2 = &log.l2_linux;
+    if !l2.banner {
+        return Err(FailReason::NestedRun(
+            "the L1 VMM relayed no `Linux version` line from its L2's UART",
+        ));
+    }
+    if !l2.init {
+        return Err(FailReason::NestedRun(
+            "the L2's /init line did not come after its kernel's banner",
+        ));
+    }
+    if !l2.done {
+        return Err(FailReason::NestedRun(
+            "the L1 VMM did not say its L2 powered off after /init's line",
+        ));
+    }
+    let n = &log.nested;
+    if n.reflected == 0 || n.reflected_ept == 0 || n.ept_fills == 0 || n.invepts == 0 {
+        return Err(FailReason::NestedRun(
+            "L2's exits, EPT violations, EPT02 fills or L1's INVEPTs are missing",
         ));
     }
     if log.vmxoffs == 0 {

@@ -1661,3 +1661,96 @@ fn nested_mini_ept_passes_only_with_both_attacks_refused_and_l1_s_checks_passed(
         assert!(matches!(v, Verdict::Fail(_)), "{v:?}");
     }
 }
+
+#[test]
+fn nested_linux_passes_only_for_a_whole_relayed_boot_on_nested_ept() {
+    use ihmi_hv::nested::vmx::VmxOutcome;
+    use ihmi_hv::Observation;
+    use ihmi_vmcs::VmxInstruction;
+
+    let banner = std::format!(
+        "{}Linux version 6.1.192 (ihmi)",
+        ihmi_abi::NESTED_LINUX_CONSOLE
+    );
+    let other = std::format!(
+        "{}Run /init as init process",
+        ihmi_abi::NESTED_LINUX_CONSOLE
+    );
+    let init = String::from(ihmi_abi::NESTED_LINUX_L2_INIT);
+    let done = std::format!("{}L2 powered off", ihmi_abi::NESTED_LINUX_DONE);
+    // The relayed lines in order; L2's exits (reflected EPT violations and fills); INVEPTs;
+    // whether KVM left VMX operation.
+    let run = |lines: &[&str], (reflected_ept, fills, invepts): (u64, u64, u64), vmxoff: bool| {
+        let mut h = hv(Scenario::NestedLinux);
+        let log = &mut h.judge.log;
+        for line in lines {
+            log.record(&Observation::DebugLine {
+                line: line.as_bytes(),
+                exits: 0,
+            });
+        }
+        log.record(&Observation::L2Entry {
+            launch: true,
+            round_trip: None,
+        });
+        for (count, reflected) in [(reflected_ept, true), (fills, false)] {
+            for _ in 0..count {
+                log.record(&Observation::L2Exit {
+                    reason: ExitReason::EptViolation,
+                    reflected,
+                });
+            }
+        }
+        for _ in 0..invepts {
+            log.record(&Observation::Vmx {
+                instruction: VmxInstruction::Invept,
+                outcome: VmxOutcome::Succeed,
+            });
+        }
+        if vmxoff {
+            log.record(&Observation::Vmx {
+                instruction: VmxInstruction::Vmxoff,
+                outcome: VmxOutcome::Succeed,
+            });
+        }
+        log.end = Some(GuestEnd::ShutdownRequest);
+        log.end_task = Some(Ok(ihmi_hv::linux::TaskInfo {
+            task: 0xffff_8880_0000_0000,
+            pid: 1,
+            tgid: 1,
+            ppid: 0,
+            comm: *b"ihmi-poweroff\0\0\0",
+        }));
+        let l2 = log.l2_linux;
+        (
+            judge(
+                Scenario::NestedLinux,
+                log,
+                &h.hv.counters,
+                Gpa::new(0),
+                None,
+            ),
+            l2,
+        )
+    };
+    let whole = [&banner[..], &other, &init, &done];
+    let (verdict, l2) = run(&whole, (300, 400, 2), true);
+    assert_eq!(verdict, Verdict::Pass);
+    assert_eq!(l2.console_lines, 2);
+    let fails = [
+        // Out of order: /init's line before the banner, the end before /init's line.
+        run(&[&init[..], &banner, &done], (300, 400, 2), true).0,
+        run(&[&banner[..], &done, &init], (300, 400, 2), true).0,
+        // A line missing.
+        run(&[&banner[..], &init], (300, 400, 2), true).0,
+        run(&[&other[..], &init, &done], (300, 400, 2), true).0,
+        // No reflected EPT violation, no fill, no INVEPT, no VMXOFF.
+        run(&whole, (0, 400, 2), true).0,
+        run(&whole, (300, 0, 2), true).0,
+        run(&whole, (300, 400, 0), true).0,
+        run(&whole, (300, 400, 2), false).0,
+    ];
+    for (i, v) in fails.iter().enumerate() {
+        assert!(matches!(v, Verdict::Fail(_)), "case {i}: {v:?}");
+    }
+}
