@@ -292,6 +292,16 @@ pub const NESTED_KVM_PAGES: u64 = 256;
 /// for what its L2 wrote, then the L2's own.
 pub const NESTED_KVM_L2_REPORT: &str = "l2: ihmi-l2: ";
 
+/// The longest line L0 takes from a guest's debug port (0xE9): more bytes before the newline start
+/// a line of their own.
+pub const DEBUG_LINE_MAX: usize = 120;
+
+/// How the L1 VMM relays each line its L2 writes on the debug port (the probe's report and the
+/// Linux L2 init's line).
+pub const NESTED_L2_DEBUG: &str = "l2: ";
+/// How the L1 VMM's own lines start.
+pub const NESTED_L1_VMM: &str = "ihmi-l1-vmm: ";
+
 /// `nested-linux`: the line L2's /init writes on its debug port, as the L1 VMM relays it (its
 /// prefix for L2's debug port, then the words after `--` on L2's kernel command line).
 pub const NESTED_LINUX_L2_INIT: &str = "l2: ihmi-l2-init: a Linux L2 ran its /init";

@@ -91,7 +91,7 @@ pub struct LinuxReport {
     pub other_io: u64,
     /// MMIO accesses outside L2's RAM (the same).
     pub mmio: u64,
-    /// KVM_RUN ioctls that returned to this process.
+    /// KVM_RUN ioctls that returned with an exit (a status tick's EINTR is not one).
     pub kvm_runs: u64,
     /// L1's time from the first KVM_RUN to the power-off, in milliseconds.
     pub millis: u128,
@@ -141,7 +141,7 @@ impl<'a> Relay<'a> {
 
     fn flush(&mut self) {
         let text = self.line.escape_ascii().to_string();
-        self.console.line(&format!("{}{text}", self.prefix));
+        self.console.line(self.prefix, &text);
         self.line.clear();
         self.lines += 1;
     }
@@ -212,7 +212,7 @@ pub fn run(boot: &Boot, console: &Console) -> Result<LinuxReport> {
     let gdt_limit = (vcpu::GDT.len() * 8 - 1) as u16;
     vcpu::set_long_mode(&cpu, PML4, Some((GDT_ADDR, gdt_limit)))?;
     let regs = kvm_regs {
-        rip: HIGH_MEM + ENTRY_64,
+        rip: HIGH_MEM + ENTRY_64, // `load` checked the kernel is at HIGH_MEM
         rsi: ZERO_PAGE,
         rflags: 2,
         ..Default::default()
@@ -223,7 +223,7 @@ pub fn run(boot: &Boot, console: &Console) -> Result<LinuxReport> {
         Irq(irq),
         Relay::new(console, ihmi_abi::NESTED_LINUX_CONSOLE),
     );
-    let mut debug = Relay::new(console, "l2: ");
+    let mut debug = Relay::new(console, ihmi_abi::NESTED_L2_DEBUG);
     let report = run_to_power_off(&mut cpu, &mut serial, &mut debug, boot.status_secs);
     serial.writer_mut().finish();
     debug.finish();
@@ -369,12 +369,15 @@ fn run_to_power_off(
             Ok(exit) => exit,
             // The status tick: where L2 is, then on.
             Err(e) if e.errno() == libc::EINTR => {
-                debug.console.line(&format!(
-                    "ihmi-l1-vmm: L2 after {} s: {}, {kvm_runs} KVM_RUN returns, {} console lines",
-                    start.elapsed().as_secs(),
-                    status(cpu),
-                    serial.writer().lines
-                ));
+                debug.console.line(
+                    ihmi_abi::NESTED_L1_VMM,
+                    &format!(
+                        "L2 after {} s: {}, {kvm_runs} KVM_RUN returns, {} console lines",
+                        start.elapsed().as_secs(),
+                        status(cpu),
+                        serial.writer().lines
+                    ),
+                );
                 continue;
             }
             Err(e) => return Err(e).context("KVM_RUN"),
@@ -396,8 +399,11 @@ fn run_to_power_off(
                 continue;
             }
             VcpuExit::IoOut(SHUTDOWN_PORT, bytes) => {
+                // The last eight bytes are all the match needs.
                 shutdown.extend_from_slice(bytes);
-                if shutdown.ends_with(b"Shutdown") {
+                let keep = shutdown.len().saturating_sub(8);
+                shutdown.drain(..keep);
+                if shutdown == b"Shutdown" {
                     break;
                 }
                 continue;

@@ -15,7 +15,8 @@ const USAGE: &str = "usage: ihmi-l1-vmm --probe [--cpuids N]
        ihmi-l1-vmm --linux BZIMAGE INITRD [--mem MIB] [--cmdline LINE] [--status SECS]";
 
 /// L2's kernel command line when `--cmdline` does not give one: its console on COM1 (and early
-/// output there too), no KASLR, a reset on panic that the VMM sees.
+/// output there too), a reset on panic that the VMM sees. (No `nokaslr`: a kernel built without
+/// KASLR passes the word to its /init as an argument.)
 const DEFAULT_CMDLINE: &str = "console=ttyS0 earlycon=uart8250,io,0x3f8 panic=-1 reboot=k";
 
 /// What to run.
@@ -106,10 +107,34 @@ impl Console {
         }
     }
 
-    pub fn line(&self, line: &str) {
-        println!("{line}");
+    /// `prefix` and `text` as one line on L1's console, and on L0's debug port in pieces that
+    /// each fit one of L0's lines, every one with the prefix: text from L2 never reaches L0
+    /// without the prefix that says it is L2's.
+    pub fn line(&self, prefix: &str, text: &str) {
+        println!("{prefix}{text}");
         if let Some(port) = &self.0 {
-            port.line(line);
+            for piece in debug_pieces(prefix, text) {
+                port.line(&piece);
+            }
+        }
+    }
+}
+
+/// `text` cut at character boundaries into pieces of at most [`ihmi_abi::DEBUG_LINE_MAX`] bytes
+/// with `prefix` before each; one piece for an empty text.
+fn debug_pieces(prefix: &str, text: &str) -> Vec<String> {
+    let room = ihmi_abi::DEBUG_LINE_MAX.saturating_sub(prefix.len()).max(4);
+    let mut pieces = Vec::new();
+    let mut rest = text;
+    loop {
+        let mut cut = rest.len().min(room);
+        while !rest.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        pieces.push(format!("{prefix}{}", &rest[..cut]));
+        rest = &rest[cut..];
+        if rest.is_empty() {
+            return pieces;
         }
     }
 }
@@ -125,17 +150,20 @@ fn main() -> ExitCode {
     let console = Console::open();
     let done = match mode {
         Mode::Probe { cpuids } => probe::run(cpuids).map(|report| {
-            console.line(&format!("l2: {}", report.l2_line()));
+            console.line(ihmi_abi::NESTED_L2_DEBUG, &report.l2_line());
             format!(
                 "probe done: L2 ended after {} KVM_RUN returns",
                 report.kvm_runs
             )
         }),
         Mode::Linux(boot) => {
-            console.line(&format!(
-                "ihmi-l1-vmm: booting {} with {} ({} MiB): {}",
-                boot.kernel, boot.initrd, boot.mem_mib, boot.cmdline
-            ));
+            console.line(
+                ihmi_abi::NESTED_L1_VMM,
+                &format!(
+                    "booting {} with {} ({} MiB): {}",
+                    boot.kernel, boot.initrd, boot.mem_mib, boot.cmdline
+                ),
+            );
             linux::run(&boot, &console).map(|r| {
                 format!(
                     "linux done: L2 powered off after {} KVM_RUN returns and {} ms of L1's time; \
@@ -148,11 +176,11 @@ fn main() -> ExitCode {
     };
     match done {
         Ok(line) => {
-            console.line(&format!("ihmi-l1-vmm: {line}"));
+            console.line(ihmi_abi::NESTED_L1_VMM, &line);
             ExitCode::SUCCESS
         }
         Err(e) => {
-            console.line(&format!("ihmi-l1-vmm: error: {e:#}"));
+            console.line(ihmi_abi::NESTED_L1_VMM, &format!("error: {e:#}"));
             ExitCode::FAILURE
         }
     }
@@ -199,6 +227,31 @@ mod tests {
             .map(String::from),
         );
         assert_eq!(got, boot("k", "i", "console=ttyS0 -- a b", 48, 2));
+    }
+
+    #[test]
+    fn debug_pieces_fit_l0_lines_and_all_carry_the_prefix() {
+        let max = ihmi_abi::DEBUG_LINE_MAX;
+        assert_eq!(debug_pieces("p: ", ""), ["p: "]);
+        assert_eq!(debug_pieces("p: ", "abc"), ["p: abc"]);
+        let long = "x".repeat(300) + "é" + &"y".repeat(200);
+        let pieces = debug_pieces("l2 console: ", &long);
+        assert!(pieces
+            .iter()
+            .all(|p| p.len() <= max && p.starts_with("l2 console: ")));
+        let joined: String = pieces.iter().map(|p| &p["l2 console: ".len()..]).collect();
+        assert_eq!(joined, long);
+        assert_eq!(pieces[0].len(), max);
+        // The done line the judge looks for starts a piece.
+        let done = format!("{}linux done: ", ihmi_abi::NESTED_L1_VMM);
+        assert_eq!(done, ihmi_abi::NESTED_LINUX_DONE);
+        assert_eq!(
+            format!(
+                "{}ihmi-l2-init: a Linux L2 ran its /init",
+                ihmi_abi::NESTED_L2_DEBUG
+            ),
+            ihmi_abi::NESTED_LINUX_L2_INIT
+        );
     }
 
     #[test]

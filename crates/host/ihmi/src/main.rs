@@ -61,10 +61,9 @@ enum Cmd {
     Run {
         /// Scenario name, passed to L0 as `scenario=<name>`
         scenario: String,
-        /// Kill Bochs and FAIL after this many seconds
-        #[arg(long, value_name = "SECS", default_value_t = DEFAULT_TIMEOUT_SECS,
-              value_parser = clap::value_parser!(u64).range(1..))]
-        timeout: u64,
+        /// Kill Bochs and FAIL after this many seconds [default: 300, 1800 for the slow scenarios]
+        #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+        timeout: Option<u64>,
         /// Guest RAM in MiB
         #[arg(long, value_name = "N", default_value_t = DEFAULT_MEGS,
               value_parser = clap::value_parser!(u32).range(16..))]
@@ -190,7 +189,13 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             let opts = RunOptions {
                 cpu: model_for(&cli.cpu, &scenario)?,
                 megs,
-                timeout: Duration::from_secs(timeout),
+                timeout: timeout.map_or_else(
+                    || {
+                        scenario::batch_timeout(&scenario)
+                            .unwrap_or(Duration::from_secs(DEFAULT_TIMEOUT_SECS))
+                    },
+                    Duration::from_secs,
+                ),
                 quiet,
             };
             if !scenario::is_known(&scenario) {
@@ -949,7 +954,7 @@ mod tests {
         };
         assert_eq!(
             (scenario.as_str(), timeout, megs, quiet),
-            ("boot", 300, 256, false)
+            ("boot", None, 256, false)
         );
         assert_eq!(events, None);
         let with = parse(&["run", "linux-sim", "--events", "out.jsonl"]).unwrap();
@@ -976,7 +981,7 @@ mod tests {
         assert!(matches!(
             cli.command,
             Cmd::Run {
-                timeout: 20,
+                timeout: Some(20),
                 megs: 512,
                 quiet: true,
                 ..

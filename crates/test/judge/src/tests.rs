@@ -1693,6 +1693,13 @@ fn nested_linux_passes_only_for_a_whole_relayed_boot_on_nested_ept() {
             launch: true,
             round_trip: None,
         });
+        // Some CPUIDs, reflected: L2's reflected exits are not only its EPT violations.
+        for _ in 0..3 {
+            log.record(&Observation::L2Exit {
+                reason: ExitReason::Cpuid,
+                reflected: true,
+            });
+        }
         for (count, reflected) in [(reflected_ept, true), (fills, false)] {
             for _ in 0..count {
                 log.record(&Observation::L2Exit {

@@ -24,7 +24,7 @@ const KBC_RESET: u8 = 0xfe;
 /// Ports that exit to L0 (the VMCS I/O bitmaps are built from this list).
 pub const INTERCEPTED_PORTS: &[u16] = &[DEBUG_PORT, SHUTDOWN_PORT, RESET_PORT, KBC_PORT];
 
-const LINE_MAX: usize = 120;
+const LINE_MAX: usize = ihmi_abi::DEBUG_LINE_MAX;
 
 /// Collects debug-port bytes into lines.
 #[derive(Debug)]
