@@ -15,6 +15,7 @@ use crate::images::{cargo, Layout};
 pub const TARGETS: &[&str] = &[
     "btf_parse",
     "bzimage",
+    "multiboot_image",
     "linux_profile",
     "memory_map",
     "hypercall",
