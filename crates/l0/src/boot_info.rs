@@ -57,6 +57,30 @@ pub struct Modules {
     pub linux_profile: Option<&'static [u8]>,
     /// The Linux kernel, whose module line is `linux` then the kernel's command line.
     pub linux: Option<&'static [u8]>,
+    /// A multiboot kernel, whose module line is `kernel` then its command line.
+    pub kernel: Option<&'static [u8]>,
+    /// The multiboot kernel's modules, in order, each from a module line `kmodule` then the
+    /// module's command line.
+    pub kernel_modules: List<KernelModule, MAX_KERNEL_MODULES>,
+}
+
+/// Most modules L0 hands a multiboot kernel.
+pub const MAX_KERNEL_MODULES: usize = 4;
+
+/// A module for the multiboot kernel, as GRUB loaded it (L0 copies it into guest RAM).
+#[derive(Clone, Copy)]
+pub struct KernelModule {
+    pub bytes: &'static [u8],
+    pub cmdline: Line,
+}
+
+impl Default for KernelModule {
+    fn default() -> Self {
+        Self {
+            bytes: &[],
+            cmdline: Line::copy(""),
+        }
+    }
 }
 
 /// What the boot loader gave L0.
@@ -67,6 +91,8 @@ pub struct BootInfo {
     pub modules: Modules,
     /// The Linux kernel's command line, from its module line.
     pub linux_cmdline: Line,
+    /// The multiboot kernel's command line, from its module line.
+    pub kernel_cmdline: Line,
     /// RAM the firmware reports free, below [`MAPPED_LIMIT`].
     pub available: List<HpaRange, MAX_AREAS>,
     /// The firmware's whole map below [`MAPPED_LIMIT`], as the guest sees it (1:1).
@@ -142,6 +168,7 @@ pub fn read(magic: u32, info: u32) -> Result<BootInfo, LoadError> {
         .map_err(|_| too_many())?;
     let mut modules = Modules::default();
     let mut linux_cmdline = Line::copy("");
+    let mut kernel_cmdline = Line::copy("");
     for module in mbi.module_tags() {
         let range = HpaRange::new(
             Hpa::new(u64::from(module.start_address())),
@@ -167,6 +194,19 @@ pub fn read(magic: u32, info: u32) -> Result<BootInfo, LoadError> {
                 modules.linux = Some(bytes);
                 linux_cmdline = Line::copy(c.strip_prefix("linux").unwrap_or("").trim());
             }
+            Some(c) if c == "kernel" || c.starts_with("kernel ") => {
+                modules.kernel = Some(bytes);
+                kernel_cmdline = Line::copy(c.strip_prefix("kernel").unwrap_or("").trim());
+            }
+            Some(c) if c == "kmodule" || c.starts_with("kmodule ") => {
+                let cmdline = Line::copy(c.strip_prefix("kmodule").unwrap_or("").trim());
+                modules
+                    .kernel_modules
+                    .push(KernelModule { bytes, cmdline })
+                    .map_err(|_| LoadError::TooManyModules {
+                        max: MAX_KERNEL_MODULES,
+                    })?;
+            }
             _ => {}
         }
     }
@@ -175,6 +215,7 @@ pub fn read(magic: u32, info: u32) -> Result<BootInfo, LoadError> {
         cmdline,
         modules,
         linux_cmdline,
+        kernel_cmdline,
         available,
         firmware,
         owned,

@@ -59,6 +59,15 @@ pub enum LoadError {
     Linux(&'static str),
     /// The kernel command line does not fit.
     CmdlineTooLong,
+    /// A multiboot kernel cannot be booted as given.
+    Multiboot(ihmi_multiboot::Error),
+    /// A multiboot kernel would load below 1 MiB or outside guest RAM (over L0, or over a module
+    /// GRUB loaded: `owner`).
+    MultibootPlacement {
+        start: u64,
+        end: u64,
+        owner: Option<ihmi_addr::GpaRange>,
+    },
     /// A guest image or boot structure would land outside guest RAM.
     NotGuestRam { gpa: u64, len: u64 },
     /// No room for the monitor in guest RAM.
@@ -162,6 +171,20 @@ impl fmt::Display for LoadError {
             ),
             Self::Linux(what) => f.write_str(what),
             Self::CmdlineTooLong => f.write_str("the kernel command line is too long"),
+            Self::Multiboot(e) => write!(f, "multiboot kernel: {e}"),
+            Self::MultibootPlacement { start, end, owner } => {
+                write!(f, "the multiboot kernel loads at {start:#x}..{end:#x}, which ")?;
+                match owner {
+                    Some(r) => write!(
+                        f,
+                        "overlaps {:#x}..{:#x}, L0's own memory or a module GRUB loaded",
+                        r.start.raw(),
+                        r.end.raw()
+                    )?,
+                    None => f.write_str("is below 1 MiB or not all RAM")?,
+                }
+                f.write_str("; link the kernel at 16 MiB or higher (L0 sits at 1 MiB), or give the machine more memory")
+            }
             Self::NotGuestRam { gpa, len } => write!(
                 f,
                 "guest image or boot data at {gpa:#x}+{len:#x} is not in guest RAM"

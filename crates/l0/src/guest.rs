@@ -71,15 +71,27 @@ impl<'m> GuestRam<'m> {
     }
 }
 
+/// The mode the guest starts in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryMode {
+    /// 64-bit mode with L0's page tables ([`GuestBoot::cr3`]), the boot information in RDI and RSI
+    /// (our guest reads RDI, Linux's 64-bit entry RSI).
+    Long,
+    /// 32-bit protected mode with paging off (a multiboot kernel's entry): `eax` and `ebx` are the
+    /// loader's magic and the boot information's address. Needs "unrestricted guest".
+    Protected { eax: u32, ebx: u32 },
+}
+
 /// Where and how the guest starts.
 #[derive(Debug)]
 pub struct GuestBoot {
+    pub mode: EntryMode,
     pub entry: u64,
     pub cr3: Gpa,
     pub gdt: Gpa,
     pub gdt_limit: u16,
     pub stack_top: Gpa,
-    /// Handed to the guest in RDI and RSI (our guest reads RDI, Linux's 64-bit entry RSI).
+    /// The boot information ([`EntryMode`] says in which register).
     pub boot_info: Gpa,
     pub code_selector: u16,
     pub data_selector: u16,
@@ -194,6 +206,7 @@ impl<'a> TestGuest<'a> {
         // The stack must be guest RAM too.
         ram.bytes(Gpa::new(BOOT_STACK_TOP.raw() - 0x1_0000), 0x1_0000)?;
         Ok(GuestBoot {
+            mode: EntryMode::Long,
             entry: self.image.entry(),
             cr3,
             gdt: BOOT_GDT,
@@ -251,6 +264,8 @@ impl TableAlloc for BootTableAlloc<'_, '_> {
 pub const CODE64: u64 = 0x00af_9a00_0000_ffff;
 /// See [`CODE64`].
 pub const DATA: u64 = 0x00cf_9200_0000_ffff;
+/// A flat 32-bit code segment (a multiboot kernel's CS).
+pub const CODE32: u64 = 0x00cf_9a00_0000_ffff;
 
 /// The guest's first page tables, in low RAM: the first 4 GiB identity-mapped, writable and
 /// executable. The guest's page tables may map anything: the EPT, not the guest's tables, is what

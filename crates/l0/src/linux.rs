@@ -187,17 +187,7 @@ impl LinuxGuest {
         if let Some(pages) = gate_pages {
             params.set_setup_data(pages.start.raw());
         }
-        let owners = List::<(GpaRange, Owner), { ihmi_hv::memory::MAX_REGIONS }>::collect(
-            ram.map().regions().iter().map(|(r, kind)| {
-                let owner = match kind {
-                    RegionKind::GuestRam => Owner::Guest,
-                    RegionKind::Monitor => Owner::Monitor,
-                    RegionKind::L0 | RegionKind::Mmio => Owner::Other,
-                };
-                (*r, owner)
-            }),
-        )
-        .map_err(|_| LoadError::Linux("more memory regions than the e820 map takes"))?;
+        let owners = owners(ram.map())?;
         let (e820, n) = place::e820_map(firmware, owners.as_slice(), gate_pages)?;
         params.set_e820(&e820[..n.min(E820_MAX)])?;
         for e in &e820[..n] {
@@ -215,6 +205,7 @@ impl LinuxGuest {
         // The 64-bit boot protocol's GDT: __BOOT_CS at 0x10, __BOOT_DS at 0x18.
         let gdt_limit = guest::write_gdt(ram, &[0, 0, guest::CODE64, guest::DATA])?;
         Ok(GuestBoot {
+            mode: crate::guest::EntryMode::Long,
             entry: kernel.entry_64(),
             cr3,
             gdt: guest::BOOT_GDT,
@@ -243,4 +234,19 @@ impl Write for LineBuf {
         self.len = end;
         Ok(())
     }
+}
+
+/// Who owns each region of `map`, as the guest's e820 map (or multiboot memory map) reports it.
+pub fn owners(
+    map: &ihmi_hv::MemoryMap,
+) -> Result<List<(GpaRange, Owner), { ihmi_hv::memory::MAX_REGIONS }>, LoadError> {
+    List::collect(map.regions().iter().map(|(r, kind)| {
+        let owner = match kind {
+            RegionKind::GuestRam => Owner::Guest,
+            RegionKind::Monitor => Owner::Monitor,
+            RegionKind::L0 | RegionKind::Mmio => Owner::Other,
+        };
+        (*r, owner)
+    }))
+    .map_err(|_| LoadError::Linux("more memory regions than the e820 map takes"))
 }

@@ -22,6 +22,7 @@ mod guest;
 mod linux;
 mod memory;
 mod monitor;
+mod multiboot;
 mod outbox;
 mod platform;
 mod ranges;
@@ -63,8 +64,9 @@ fn scenario_name() -> &'static str {
     Scenario::from_raw(SCENARIO.load(Ordering::Relaxed)).map_or("unknown", Scenario::name)
 }
 
-#[no_mangle]
-extern "C" fn l0_main(magic: u32, info: u32) -> ! {
+/// The 64-bit entry from `boot.rs`: the loader's magic and boot information (CR0 and EFLAGS at entry
+/// are the multiboot test kernel's business, not L0's).
+extern "C" fn l0_main(magic: u32, info: u32, _cr0: u32, _eflags: u32) -> ! {
     ihmi_rt::console::init_serial();
     log!("");
     log!(

@@ -88,6 +88,7 @@ pub fn setup(
     })?;
     // No GDT, IDT or TSS in the monitor VM: it never loads a segment, and every exception exits.
     let boot = GuestBoot {
+        mode: crate::guest::EntryMode::Long,
         entry: m.outbox_entry,
         cr3: m.root,
         gdt: Gpa::new(0),

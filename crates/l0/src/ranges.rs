@@ -32,6 +32,12 @@ impl<T: Copy + Default, const N: usize> List<T, N> {
     }
 }
 
+impl<T: Copy + Default, const N: usize> Default for List<T, N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl<T: Copy + Default, const N: usize> List<T, N> {
     /// All of `iter`, or `Full` if it has more than `N` items.
     pub fn collect(iter: impl IntoIterator<Item = T>) -> Result<Self, Full> {

@@ -25,7 +25,7 @@ use crate::log;
 
 use crate::error::LoadError;
 use crate::frames::Pool;
-use crate::guest::GuestBoot;
+use crate::guest::{EntryMode, GuestBoot};
 
 /// CR0 and CR4 bits the guest starts with (SDM 2.5): protected mode, paging, FPU/SSE usable.
 const GUEST_CR0: u64 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
@@ -142,12 +142,14 @@ fn write_controls(
     let VmParams {
         eptp,
         eptp_list,
+        boot,
         exceptions,
         hlt_exits,
         audit_period,
         nmi_exiting,
-        ..
     } = *vm;
+    // A guest entered with paging off (a multiboot kernel) runs as an unrestricted guest (SDM 26.6).
+    let protected = matches!(boot.mode, EntryMode::Protected { .. });
     let timer = if audit_period.is_some() || nmi_exiting {
         PinbasedControls::VMX_PREEMPTION_TIMER
     } else {
@@ -205,18 +207,30 @@ fn write_controls(
     } else {
         SecondaryControls::empty()
     };
+    let unrestricted = if protected {
+        SecondaryControls::UNRESTRICTED_GUEST
+    } else {
+        SecondaryControls::empty()
+    };
     let secondary = caps
         .adjust_secondary(
-            SecondaryControls::ENABLE_EPT | vmfunc_required,
+            SecondaryControls::ENABLE_EPT | vmfunc_required | unrestricted,
             SecondaryControls::ENABLE_RDTSCP
                 | SecondaryControls::ENABLE_INVPCID
                 | SecondaryControls::ENABLE_XSAVES_XRSTORS,
         )
         .map_err(controls("secondary controls"))?;
     let exit = exit_controls(caps)?;
+    // The CPU keeps "IA-32e mode guest" equal to the guest's EFER.LMA at every exit (SDM 28.3), so a
+    // guest that turns on long mode itself is entered in it from then on.
+    let long = if protected {
+        EntryControls::empty()
+    } else {
+        EntryControls::IA32E_MODE_GUEST
+    };
     let entry = caps
         .adjust_entry(
-            EntryControls::IA32E_MODE_GUEST | EntryControls::LOAD_IA32_EFER,
+            long | EntryControls::LOAD_IA32_EFER,
             EntryControls::LOAD_IA32_PAT,
         )
         .map_err(controls("VM-entry controls"))?;
@@ -353,7 +367,9 @@ fn write_host_state(
     Ok(())
 }
 
-/// The guest state (SDM 25.4): 64-bit mode with the page tables, GDT and stack L0 prepared.
+/// The guest state (SDM 25.4): 64-bit mode with the page tables, GDT and stack L0 prepared, or
+/// for [`EntryMode::Protected`] the state a multiboot loader leaves (multiboot spec §3.2, multiboot2
+/// spec §3.3): protected mode with paging off, flat 32-bit segments, EFLAGS.IF and VM clear.
 fn write_guest_state(
     vmcs: &mut ActiveVmcs,
     caps: &VmxCapabilities,
@@ -362,14 +378,30 @@ fn write_guest_state(
 ) -> Result<(), SetupError> {
     // SAFETY: IA32_PAT exists on every x86-64 CPU.
     let pat = unsafe { ihmi_rt::cpu::rdmsr(IA32_PAT) };
-    vmcs.write(guest::CR0, caps.fix_cr0(GUEST_CR0, false))?;
+    let protected = matches!(boot.mode, EntryMode::Protected { .. });
+    let (cr0, cr4, efer, code) = if protected {
+        (
+            caps.fix_cr0(CR0_PE | CR0_ET | CR0_NE, true),
+            caps.fix_cr4(CR4_VMXE),
+            0,
+            SegmentAccessRights::code32(),
+        )
+    } else {
+        (
+            caps.fix_cr0(GUEST_CR0, false),
+            caps.fix_cr4(GUEST_CR4 | CR4_VMXE),
+            EFER_LME | EFER_LMA | EFER_NXE,
+            SegmentAccessRights::code64(),
+        )
+    };
+    vmcs.write(guest::CR0, cr0)?;
     vmcs.write(guest::CR3, boot.cr3.raw())?;
-    vmcs.write(guest::CR4, caps.fix_cr4(GUEST_CR4 | CR4_VMXE))?;
+    vmcs.write(guest::CR4, cr4)?;
     vmcs.write(guest::DR7, 0x400)?;
     vmcs.write(guest::RSP, boot.stack_top.raw())?;
     vmcs.write(guest::RIP, boot.entry)?;
     vmcs.write(guest::RFLAGS, 0x2)?;
-    let code = SegmentAccessRights::code64().raw();
+    let code = code.raw();
     let data = SegmentAccessRights::data().raw();
     vmcs.write(guest::CS_SELECTOR, u64::from(boot.code_selector))?;
     vmcs.write(guest::CS_BASE, 0)?;
@@ -431,7 +463,7 @@ fn write_guest_state(
     vmcs.write(guest::GDTR_LIMIT, u64::from(boot.gdt_limit))?;
     vmcs.write(guest::IDTR_BASE, 0)?;
     vmcs.write(guest::IDTR_LIMIT, 0)?;
-    vmcs.write(guest::IA32_EFER_FULL, EFER_LME | EFER_LMA | EFER_NXE)?;
+    vmcs.write(guest::IA32_EFER_FULL, efer)?;
     if entry.contains(EntryControls::LOAD_IA32_PAT) {
         vmcs.write(guest::IA32_PAT_FULL, pat)?;
     }

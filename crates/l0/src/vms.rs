@@ -20,10 +20,11 @@ use crate::boot_info::BootInfo;
 use crate::error::LoadError;
 use crate::frames::Pool;
 use crate::frames::{Ept02Pool, EPT02_TABLES};
-use crate::guest::{GuestBoot, GuestRam, TestGuest};
+use crate::guest::{EntryMode, GuestBoot, GuestRam, TestGuest};
 use crate::linux::LinuxGuest;
 use crate::memory::MemoryPlan;
 use crate::monitor::{self, Loaded, MonitorOs};
+use crate::multiboot::MultibootGuest;
 use crate::outbox::MonitorVm;
 use crate::ranges::Ranges;
 use crate::state::{GrantedWord, L0State, Machine};
@@ -39,6 +40,8 @@ pub enum Guest {
     Test(TestGuest<'static>),
     /// An unmodified Linux kernel.
     Linux(LinuxGuest),
+    /// A multiboot kernel.
+    Multiboot(MultibootGuest),
 }
 
 impl Guest {
@@ -47,6 +50,16 @@ impl Guest {
     pub fn prepare(boot: &BootInfo, memory: &MemoryMap) -> Result<Self, LoadError> {
         if boot.scenario.is_linux() {
             return Ok(Self::Linux(LinuxGuest::prepare(boot, memory)?));
+        }
+        if let Some(version) = boot.scenario.multiboot() {
+            let protocol = if version == 1 {
+                ihmi_multiboot::Protocol::V1
+            } else {
+                ihmi_multiboot::Protocol::V2
+            };
+            return Ok(Self::Multiboot(MultibootGuest::prepare(
+                boot, memory, protocol,
+            )?));
         }
         let bytes = boot.modules.testguest.ok_or(LoadError::MissingModule {
             name: "testguest",
@@ -60,7 +73,7 @@ impl Guest {
     fn protected_code(&self) -> Ranges {
         match self {
             Self::Test(t) => t.code,
-            Self::Linux(_) => Ranges::new(),
+            Self::Linux(_) | Self::Multiboot(_) => Ranges::new(),
         }
     }
 }
@@ -98,6 +111,12 @@ pub fn load_monitor(
                 taken,
                 boot.cmdline.value("allow").unwrap_or(""),
             )
+        }
+        Guest::Multiboot(_) => {
+            return Err(LoadError::MissingModule {
+                name: "monitor",
+                how: "a multiboot kernel runs without a monitor",
+            })
         }
         Guest::Test(t) => (
             MonitorOs::TestGuest {
@@ -163,7 +182,7 @@ pub fn setup(
         .filter(|_| mode == Mode::InBox)
         .map(|m| m.gate_gva);
     let probe = vmx.probe();
-    let (boot_state, hook) = load_guest(
+    let (boot_state, hook, handed) = load_guest(
         boot,
         &memory,
         &guest,
@@ -207,7 +226,7 @@ pub fn setup(
         (Mode::InBox, Some(m)) => (m.gate_vmfuncs, m.gate_cr3_loads),
         _ => (0, 0),
     };
-    let judge = Judge::new(
+    let mut judge = Judge::new(
         scenario,
         BenchContext {
             mode,
@@ -215,6 +234,7 @@ pub fn setup(
             cr3_loads,
         },
     );
+    judge.log.multiboot_handed = handed;
     let monitor_words = monitor
         .as_ref()
         .and_then(Loaded::granted_words_at_load)
@@ -224,7 +244,7 @@ pub fn setup(
     hv.guard = guard;
     hv.linux = match &guest {
         Guest::Linux(l) => Some(l.profile),
-        Guest::Test(_) => None,
+        Guest::Test(_) | Guest::Multiboot(_) => None,
     };
     hv.outbox_monitor = outbox.is_some();
     let mut ept02 = None;
@@ -261,10 +281,17 @@ pub fn setup(
             );
         }
     }
-    let regs = GuestRegs {
-        rdi: boot_state.boot_info.raw(),
-        rsi: boot_state.boot_info.raw(),
-        ..GuestRegs::default()
+    let regs = match boot_state.mode {
+        EntryMode::Long => GuestRegs {
+            rdi: boot_state.boot_info.raw(),
+            rsi: boot_state.boot_info.raw(),
+            ..GuestRegs::default()
+        },
+        EntryMode::Protected { eax, ebx } => GuestRegs {
+            rax: u64::from(eax),
+            rbx: u64::from(ebx),
+            ..GuestRegs::default()
+        },
     };
     Ok(Launch {
         state: L0State {
@@ -305,7 +332,7 @@ fn guard(
     let inbox = views.monitor.is_some();
     let linux = match guest {
         Guest::Linux(l) => monitor.map(|m| (l, m)),
-        Guest::Test(_) => None,
+        Guest::Test(_) | Guest::Multiboot(_) => None,
     };
     if !inbox && linux.is_none() {
         return Ok(None);
@@ -360,8 +387,9 @@ fn guard(
 }
 
 /// Loads the guest into its RAM: the test guest's image and boot information (and its hooks' gate
-/// pointer, with a monitor), or the Linux kernel, initrd and boot structures. Returns how it starts,
-/// and where the test guest's hook word is.
+/// pointer, with a monitor), the Linux kernel, initrd and boot structures, or the multiboot kernel,
+/// its modules and boot information. Returns how it starts, where the test guest's hook word is,
+/// and for a multiboot kernel the digest of what it was handed.
 #[allow(clippy::too_many_arguments)]
 fn load_guest(
     boot: &BootInfo,
@@ -373,7 +401,7 @@ fn load_guest(
     gate: Option<Gva>,
     probe: Gpa,
     vmx: &Vmx,
-) -> Result<(GuestBoot, Option<Gpa>), LoadError> {
+) -> Result<(GuestBoot, Option<Gpa>, Option<u64>), LoadError> {
     let mode = scenario.monitor_mode();
     // SAFETY: the guest has not run yet, guest RAM is identity-mapped below 4 GiB, and this is the
     // only writer of it (the monitor's frames were taken out of guest RAM already).
@@ -389,7 +417,11 @@ fn load_guest(
                 gate_pages,
                 vmx.page_1g,
             )?;
-            Ok((b, None))
+            Ok((b, None, None))
+        }
+        Guest::Multiboot(k) => {
+            let (b, handed) = k.load(&mut ram, boot.firmware.as_slice())?;
+            Ok((b, None, Some(handed)))
         }
         Guest::Test(t) => {
             let b = t.load(&mut ram, scenario, probe, mode, gate, vmx.page_1g)?;
@@ -397,7 +429,7 @@ fn load_guest(
                 Some(_) => Some(t.install_hook(&mut ram, mode, gate)?),
                 None => None,
             };
-            Ok((b, hook))
+            Ok((b, hook, None))
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod attack;
 pub mod bench;
 pub mod guest_os;
 pub mod monitor;
+pub mod multiboot;
 
 pub use attack::{Attack, LinuxAttack};
 
@@ -274,6 +275,13 @@ pub enum Scenario {
     /// kernel again with a one-program initramfs), which boots to its /init and powers itself off.
     /// Minutes under Bochs: in [`Scenario::SLOW`], not in `ihmi test`'s default set.
     NestedLinux,
+    /// L0 boots a multiboot kernel (ours, `ihmi-mbkernel`) as its guest by the first multiboot
+    /// protocol: 32-bit protected mode, paging off, the boot information of the multiboot spec with
+    /// the kernel's command line, its modules and the memory map. The kernel checks how it was
+    /// entered and reports a digest of what it was handed, which L0 compares with what it handed.
+    Multiboot1,
+    /// The same by the multiboot2 protocol.
+    Multiboot2,
 }
 
 /// CPUIDs `nested-mini`'s L2 makes; each is reflected to L1 (the test guest and L0's judge agree on
@@ -319,8 +327,8 @@ impl Scenario {
     /// Every scenario, in the order `ihmi test` runs them (and the host's scenario table lists them):
     /// the test guest's, Linux's, the two benchmarks', the attack suite, then nested VMX's.
     /// The last [`Scenario::SLOW`]`.len()` are too slow for the default set.
-    pub const ALL: [Scenario; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 9] = {
-        let mut all = [Self::Boot; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 9];
+    pub const ALL: [Scenario; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 11] = {
+        let mut all = [Self::Boot; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 11];
         let fixed = [
             Self::Boot,
             Self::EptGuard,
@@ -358,16 +366,18 @@ impl Scenario {
             all[i + j] = Self::Attack(Attack::ALL[j]);
             j += 1;
         }
-        // Then nested VMX's milestones.
-        all[i + j] = Self::NestedVmxon;
-        all[i + j + 1] = Self::NestedVmcs;
-        all[i + j + 2] = Self::NestedMini;
-        all[i + j + 3] = Self::NestedMiniShadow;
-        all[i + j + 4] = Self::NestedMiniEpt;
-        all[i + j + 5] = Self::NestedKvm;
-        all[i + j + 6] = Self::NestedKvmShadow;
-        all[i + j + 7] = Self::NestedKvmEpt;
-        all[i + j + 8] = Self::NestedLinux;
+        // Then multiboot kernels, and nested VMX's milestones.
+        all[i + j] = Self::Multiboot1;
+        all[i + j + 1] = Self::Multiboot2;
+        all[i + j + 2] = Self::NestedVmxon;
+        all[i + j + 3] = Self::NestedVmcs;
+        all[i + j + 4] = Self::NestedMini;
+        all[i + j + 5] = Self::NestedMiniShadow;
+        all[i + j + 6] = Self::NestedMiniEpt;
+        all[i + j + 7] = Self::NestedKvm;
+        all[i + j + 8] = Self::NestedKvmShadow;
+        all[i + j + 9] = Self::NestedKvmEpt;
+        all[i + j + 10] = Self::NestedLinux;
         all
     };
 
@@ -461,6 +471,18 @@ impl Scenario {
             Self::NestedKvmShadow => "nested-kvm-shadow",
             Self::NestedKvmEpt => "nested-kvm-ept",
             Self::NestedLinux => "nested-linux",
+            Self::Multiboot1 => "multiboot1",
+            Self::Multiboot2 => "multiboot2",
+        }
+    }
+
+    /// The multiboot protocol (1 or 2) by which L0 boots a multiboot kernel in this scenario.
+    #[must_use]
+    pub const fn multiboot(self) -> Option<u8> {
+        match self {
+            Self::Multiboot1 => Some(1),
+            Self::Multiboot2 => Some(2),
+            _ => None,
         }
     }
 
@@ -528,6 +550,8 @@ impl Scenario {
             Self::NestedKvmEpt => 25,
             Self::NestedMiniEpt => 26,
             Self::NestedLinux => 27,
+            Self::Multiboot1 => 28,
+            Self::Multiboot2 => 29,
         }
     }
 

@@ -24,7 +24,7 @@ const ONE_MIB: u64 = 0x10_0000;
 const LOW_MEMORY_END: u64 = 640 * 1024;
 
 /// One range of the physical memory map.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MemoryRange {
     pub base: u64,
     pub len: u64,

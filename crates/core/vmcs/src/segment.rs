@@ -33,6 +33,12 @@ impl SegmentAccessRights {
         Self(0xB | Self::S | Self::P | Self::L | Self::G)
     }
 
+    /// 32-bit ring-0 code segment: type 0xB (execute/read, accessed), S, P, D/B, G (0xC09B), the CS
+    /// a multiboot kernel is entered with.
+    pub const fn code32() -> Self {
+        Self(0xB | Self::S | Self::P | Self::DB | Self::G)
+    }
+
     /// Flat ring-0 data segment: type 3 (read/write, accessed), S, P, D/B, G (0xC093).
     pub const fn data() -> Self {
         Self(0x3 | Self::S | Self::P | Self::DB | Self::G)

@@ -91,7 +91,8 @@ extern "C" fn guest_main(info: *const BootInfo) -> ! {
         Scenario::NestedMiniEpt => nested::mini::run_ept(&info),
         // L0 breaks VM entry in these; the guest running at all is the failure.
         Scenario::EntryBadControl | Scenario::EntryBadGuestState => 97,
-        // L0 boots Linux in these; the test guest running at all is the failure.
+        // L0 boots Linux or a multiboot kernel in these; the test guest running at all is the
+        // failure.
         Scenario::LinuxBoot
         | Scenario::LinuxSim
         | Scenario::LinuxAttack(_)
@@ -100,7 +101,9 @@ extern "C" fn guest_main(info: *const BootInfo) -> ! {
         | Scenario::NestedKvm
         | Scenario::NestedKvmShadow
         | Scenario::NestedKvmEpt
-        | Scenario::NestedLinux => 96,
+        | Scenario::NestedLinux
+        | Scenario::Multiboot1
+        | Scenario::Multiboot2 => 96,
     };
     done(code)
 }

@@ -9,7 +9,12 @@ use anyhow::{bail, Context, Result};
 use crate::scenario::validate_name;
 
 /// The packages the bare-metal build produces, in the order GRUB loads them.
-const BARE_PACKAGES: &[&str] = &["ihmi-l0", "ihmi-testguest", "ihmi-monitor-image"];
+const BARE_PACKAGES: &[&str] = &[
+    "ihmi-l0",
+    "ihmi-testguest",
+    "ihmi-monitor-image",
+    "ihmi-mbkernel",
+];
 
 /// Codegen for the freestanding binaries (BRIEF.md section 3: static, no PIE). Only the bare build
 /// sees these flags; that is why it has its own target directory. `sha2` is built with its portable
@@ -74,6 +79,11 @@ impl Layout {
     }
 
     /// The in-VM monitor image (package `ihmi-monitor-image`, binary `ihmi-monitor`).
+    /// The multiboot test kernel (`multiboot1`, `multiboot2`).
+    pub fn mbkernel_elf(&self) -> PathBuf {
+        self.bare_binary("ihmi-mbkernel")
+    }
+
     pub fn monitor_elf(&self) -> PathBuf {
         self.bare_binary("ihmi-monitor")
     }
@@ -130,7 +140,7 @@ pub fn build_bare(layout: &Layout) -> Result<()> {
             BARE_PACKAGES.join(" and ")
         );
     }
-    for elf in [layout.l0_elf(), layout.guest_elf()] {
+    for elf in [layout.l0_elf(), layout.guest_elf(), layout.mbkernel_elf()] {
         if !elf.is_file() {
             bail!(
                 "cargo succeeded but {} is missing: does the crate define a binary of that name?",
@@ -145,7 +155,9 @@ pub fn build_bare(layout: &Layout) -> Result<()> {
 /// the monitor image as multiboot2 modules (L0 loads the monitor only for scenarios that use it). A
 /// Linux scenario adds the kernel, with its command line after the word `linux`, and the initramfs,
 /// which GRUB must pass on compressed (`--nounzip`; it would inflate it otherwise, below the tiny
-/// kernel's fixed 16 MiB) and the kernel inflates itself.
+/// kernel's fixed 16 MiB) and the kernel inflates itself. A multiboot scenario adds the multiboot
+/// test kernel (`kernel` then its command line) and its modules (`kmodule` then each one's; any
+/// file does, so the ISO's test guest and monitor images serve).
 pub fn grub_cfg(scenario: &str, linux_cmdline: Option<&str>, allow: Option<&str>) -> String {
     let allow = allow.map_or(String::new(), |a| format!(" allow={a}"));
     let linux = linux_cmdline.map_or(String::new(), |c| {
@@ -154,6 +166,18 @@ pub fn grub_cfg(scenario: &str, linux_cmdline: Option<&str>, allow: Option<&str>
              module2 /boot/linux-profile.txt linux-profile\n    "
         )
     });
+    let multiboot = match ihmi_abi::Scenario::from_name(scenario).and_then(|s| s.multiboot()) {
+        Some(_) => {
+            let [one, two] = ihmi_abi::multiboot::TEST_MODULES;
+            format!(
+                "module2 /boot/mbkernel.elf kernel {}\n    \
+                 module2 /boot/testguest.elf kmodule {one}\n    \
+                 module2 /boot/monitor.elf kmodule {two}\n    ",
+                ihmi_abi::multiboot::TEST_CMDLINE
+            )
+        }
+        None => String::new(),
+    };
     format!(
         "set timeout=0\n\
          set default=0\n\
@@ -161,7 +185,7 @@ pub fn grub_cfg(scenario: &str, linux_cmdline: Option<&str>, allow: Option<&str>
              multiboot2 /boot/ihmi-l0.elf scenario={scenario}{allow}\n    \
              module2 /boot/testguest.elf testguest\n    \
              module2 /boot/monitor.elf monitor\n    \
-             {linux}boot\n\
+             {linux}{multiboot}boot\n\
          }}\n"
     )
 }
@@ -182,6 +206,7 @@ pub fn make_iso(
         (layout.l0_elf(), boot.join("ihmi-l0.elf")),
         (layout.guest_elf(), boot.join("testguest.elf")),
         (layout.monitor_elf(), boot.join("monitor.elf")),
+        (layout.mbkernel_elf(), boot.join("mbkernel.elf")),
     ] {
         fs::copy(&from, &to).with_context(|| {
             format!(
@@ -273,6 +298,14 @@ mod tests {
              \x20   boot\n\
              }\n"
         );
+        // A multiboot scenario hands L0 the test kernel and its two modules, each with its line.
+        let mb = grub_cfg("multiboot1", None, None);
+        assert!(mb.contains(
+            "    module2 /boot/mbkernel.elf kernel ihmi-mbkernel first=1 second=two\n    \
+             module2 /boot/testguest.elf kmodule first-module with words\n    \
+             module2 /boot/monitor.elf kmodule second-module\n    boot\n"
+        ));
+        assert!(!grub_cfg("boot", None, None).contains("kernel"));
     }
 
     #[test]

@@ -12,6 +12,8 @@ use crate::linux::Profile;
 
 /// What every L0 scenario needs: L0 itself runs its guest under VMX with EPT.
 pub const BASE: &[Feature] = &[Feature::Vmx, Feature::Ept];
+/// A guest entered in protected mode with paging off (a multiboot kernel): unrestricted guest.
+pub const UNRESTRICTED: &[Feature] = &[Feature::Vmx, Feature::Ept, Feature::UnrestrictedGuest];
 /// A guest hypervisor's VMCS shadowed (`nested-mini-shadow`).
 pub const SHADOW: &[Feature] = &[Feature::Vmx, Feature::Ept, Feature::VmcsShadowing];
 
@@ -35,6 +37,7 @@ impl Scenario {
             requires: match scenario.monitor_mode() {
                 Mode::InBox => IN_BOX,
                 Mode::None | Mode::OutBox if scenario.shadows_vmcs() => SHADOW,
+                Mode::None | Mode::OutBox if scenario.multiboot().is_some() => UNRESTRICTED,
                 Mode::None | Mode::OutBox => BASE,
             },
         }
@@ -262,14 +265,17 @@ mod tests {
             );
             assert!(s.requires.contains(&Feature::Vmfunc));
         }
-        // Then nested VMX's milestones, last.
+        // Then the multiboot kernels, and nested VMX's milestones, last.
         let nested: Vec<_> = TEST_SCENARIOS[18 + linux.len() + Attack::ALL.len()..]
             .iter()
             .map(|s| s.name)
             .collect();
+        assert_eq!(requirements("multiboot1"), UNRESTRICTED);
         assert_eq!(
             nested,
             [
+                "multiboot1",
+                "multiboot2",
                 "nested-vmxon",
                 "nested-vmcs",
                 "nested-mini",

@@ -3,5 +3,6 @@
 
 pub mod console;
 pub mod cpu;
+pub mod entry;
 pub mod mem;
 pub mod tables;

@@ -217,6 +217,11 @@ pub struct ScenarioLog {
     pub l1_checks_failed: Option<u64>,
     /// `nested-linux`: what the L1 VMM relayed of its Linux L2.
     pub l2_linux: L2Linux,
+    /// `multiboot1`/`multiboot2`: the digest of what L0 handed the kernel (L0 sets it at boot)...
+    pub multiboot_handed: Option<u64>,
+    /// ...the digest the kernel reported of what it found, and how many of its own checks failed.
+    pub multiboot_found: Option<u64>,
+    pub multiboot_checks_failed: Option<u64>,
     bench_results: heapless_table::Table<crate::bench::BenchResult, 4>,
 }
 
@@ -255,6 +260,14 @@ impl ScenarioLog {
                     self.l2_report = Some(report);
                 }
                 self.l2_linux.record(line);
+                let handed = ihmi_abi::multiboot::HANDED.as_bytes();
+                if let Some(d) = line.strip_prefix(handed).and_then(parse_hex16) {
+                    self.multiboot_found = Some(d);
+                }
+                let failed = ihmi_abi::multiboot::CHECKS_FAILED.as_bytes();
+                if let Some(n) = line.strip_prefix(failed).and_then(parse_decimal) {
+                    self.multiboot_checks_failed = Some(n);
+                }
             }
             Observation::NmiTaken {
                 in_monitor_view,
@@ -589,12 +602,33 @@ pub enum FailReason {
     UnexpectedEntryFailure(EntryFailure),
     /// The scenario is about VM-entry failure, but the guest ran.
     EntryDidNotFail,
+    /// The multiboot kernel found other boot information than L0 handed it (the two digests; None:
+    /// not reported or not set).
+    MultibootHanded {
+        handed: Option<u64>,
+        found: Option<u64>,
+    },
+    /// The multiboot kernel's own checks of its entry and boot information failed (this many; None:
+    /// it never said).
+    MultibootChecks(Option<u64>),
 }
 
 impl fmt::Display for FailReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::NotEnded => f.write_str("guest has not ended"),
+            Self::MultibootHanded { handed, found } => write!(
+                f,
+                "the multiboot kernel found boot information with digest {} but L0 handed {}",
+                Hex16(*found),
+                Hex16(*handed)
+            ),
+            Self::MultibootChecks(Some(n)) => {
+                write!(f, "{n} of the multiboot kernel's own checks failed")
+            }
+            Self::MultibootChecks(None) => {
+                f.write_str("the multiboot kernel never reported its checks")
+            }
             Self::WrongEnd { expected, got } => write!(f, "expected {expected}, but {got}"),
             Self::GuestCheckFailed(code) => {
                 write!(f, "the guest's own checks failed (Done({code}))")
@@ -843,6 +877,7 @@ fn check(
             check_nested_ept(log)
         }
         Scenario::NestedLinux => check_nested_linux(log),
+        Scenario::Multiboot1 | Scenario::Multiboot2 => check_multiboot(log),
         Scenario::Bench(mode) => {
             expect_done_zero(log)?;
             crate::bench::check(mode, log.bench_results()).map_err(FailReason::Bench)
@@ -1555,6 +1590,54 @@ fn check_vmx_steps(
 }
 
 /// A whole line of ASCII digits as a number; `None` for anything else or an overflow.
+/// Exactly 16 hex digits (what the multiboot kernel prints a digest as), then a space or the end.
+fn parse_hex16(text: &[u8]) -> Option<u64> {
+    let (digits, rest) = text.split_at_checked(16)?;
+    if !(rest.is_empty() || rest[0] == b' ') {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        let v = (d as char).to_digit(16)?;
+        Some(n << 4 | u64::from(v))
+    })
+}
+
+/// A digest or "none", for [`FailReason::MultibootHanded`].
+struct Hex16(Option<u64>);
+
+impl fmt::Display for Hex16 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(v) => write!(f, "{v:016x}"),
+            None => f.write_str("none"),
+        }
+    }
+}
+
+/// `multiboot1`/`multiboot2`: the kernel powered off after its report, none of its own checks of
+/// its entry state and boot information failed, and the digest of what it found is the one of what
+/// L0 handed it.
+fn check_multiboot(log: &ScenarioLog) -> Result<(), FailReason> {
+    match log.end {
+        None => return Err(FailReason::NotEnded),
+        Some(GuestEnd::ShutdownRequest) => {}
+        Some(got) => {
+            return Err(FailReason::WrongEnd {
+                expected:
+                    "the multiboot kernel to report on port 0xE9 and power off through port 0x8900",
+                got,
+            })
+        }
+    }
+    if log.multiboot_checks_failed != Some(0) {
+        return Err(FailReason::MultibootChecks(log.multiboot_checks_failed));
+    }
+    match (log.multiboot_handed, log.multiboot_found) {
+        (Some(h), Some(f)) if h == f => Ok(()),
+        (handed, found) => Err(FailReason::MultibootHanded { handed, found }),
+    }
+}
+
 fn parse_decimal(digits: &[u8]) -> Option<u64> {
     if digits.is_empty() {
         return None;

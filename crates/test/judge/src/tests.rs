@@ -1761,3 +1761,85 @@ fn nested_linux_passes_only_for_a_whole_relayed_boot_on_nested_ept() {
         assert!(matches!(v, Verdict::Fail(_)), "case {i}: {v:?}");
     }
 }
+
+#[test]
+fn multiboot_passes_only_when_the_kernel_found_what_l0_handed_and_its_checks_held() {
+    use ihmi_abi::multiboot::{CHECKS_FAILED, HANDED};
+    use ihmi_hv::Observation;
+    let verdict = |handed: Option<u64>, lines: &[String], end: Option<GuestEnd>| {
+        let mut h = hv(Scenario::Multiboot2);
+        h.judge.log.multiboot_handed = handed;
+        for line in lines {
+            h.judge.log.record(&Observation::DebugLine {
+                line: line.as_bytes(),
+                exits: 0,
+            });
+        }
+        h.judge.log.end = end;
+        judge(
+            Scenario::Multiboot2,
+            &h.judge.log,
+            &h.hv.counters,
+            Gpa::new(0),
+            None,
+        )
+    };
+    let report = |digest: &str, failed: u64| {
+        [
+            std::format!("{HANDED}{digest} modules=2 ram=1 map=3"),
+            std::format!("{CHECKS_FAILED}{failed}"),
+        ]
+    };
+    let off = Some(GuestEnd::ShutdownRequest);
+    let d = 0x25e8_48cd_9d3c_4f78;
+    assert_eq!(
+        verdict(Some(d), &report("25e848cd9d3c4f78", 0), off),
+        Verdict::Pass
+    );
+    assert_eq!(
+        verdict(Some(d), &report("25e848cd9d3c4f79", 0), off),
+        Verdict::Fail(FailReason::MultibootHanded {
+            handed: Some(d),
+            found: Some(d + 1)
+        }),
+        "a digest that differs"
+    );
+    assert_eq!(
+        verdict(Some(d), &report("25e848cd9d3c4f78", 1), off),
+        Verdict::Fail(FailReason::MultibootChecks(Some(1))),
+        "a check of the kernel's own failed"
+    );
+    assert_eq!(
+        verdict(Some(d), &report("25e848cd9d3c4f78", 0)[..1], off),
+        Verdict::Fail(FailReason::MultibootChecks(None)),
+        "no line with the checks"
+    );
+    assert!(
+        matches!(
+            verdict(None, &report("25e848cd9d3c4f78", 0), off),
+            Verdict::Fail(FailReason::MultibootHanded { handed: None, .. })
+        ),
+        "L0 handed nothing it could compare"
+    );
+    for bad in ["25e848cd9d3c4f7", "25e848cd9d3c4f78x", "25e848cd9d3c4fzz"] {
+        assert!(
+            matches!(
+                verdict(Some(d), &report(bad, 0), off),
+                Verdict::Fail(FailReason::MultibootHanded { found: None, .. })
+            ),
+            "a digest that is not 16 hex digits: {bad}"
+        );
+    }
+    assert!(matches!(
+        verdict(
+            Some(d),
+            &report("25e848cd9d3c4f78", 0),
+            Some(GuestEnd::Done(0))
+        ),
+        Verdict::Fail(FailReason::WrongEnd { .. })
+    ));
+    assert_eq!(
+        verdict(Some(d), &report("25e848cd9d3c4f78", 0), None),
+        Verdict::Fail(FailReason::NotEnded)
+    );
+}
