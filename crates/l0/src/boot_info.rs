@@ -64,6 +64,38 @@ pub struct Modules {
     pub kernel_modules: List<KernelModule, MAX_KERNEL_MODULES>,
 }
 
+impl Modules {
+    /// Every module that starts at `old` now reads `moved` (L0 moved it: `multiboot::make_room`).
+    pub fn relocate(&mut self, old: u64, moved: &'static [u8]) {
+        let at = |m: &[u8]| m.as_ptr() as u64 == old;
+        for slot in [
+            &mut self.testguest,
+            &mut self.monitor,
+            &mut self.initrd,
+            &mut self.linux_profile,
+            &mut self.linux,
+            &mut self.kernel,
+        ] {
+            if slot.is_some_and(at) {
+                *slot = Some(moved);
+            }
+        }
+        let mut modules = self.kernel_modules;
+        for (i, m) in self.kernel_modules.as_slice().iter().enumerate() {
+            if at(m.bytes) {
+                modules.set(
+                    i,
+                    KernelModule {
+                        bytes: moved,
+                        cmdline: m.cmdline,
+                    },
+                );
+            }
+        }
+        self.kernel_modules = modules;
+    }
+}
+
 /// Most modules L0 hands a multiboot kernel.
 pub const MAX_KERNEL_MODULES: usize = 4;
 
@@ -93,6 +125,8 @@ pub struct BootInfo {
     pub linux_cmdline: Line,
     /// The multiboot kernel's command line, from its module line.
     pub kernel_cmdline: Line,
+    /// Modules L0 moved out of the multiboot kernel's way (`multiboot::make_room`).
+    pub modules_moved: u32,
     /// RAM the firmware reports free, below [`MAPPED_LIMIT`].
     pub available: List<HpaRange, MAX_AREAS>,
     /// The firmware's whole map below [`MAPPED_LIMIT`], as the guest sees it (1:1).
@@ -216,6 +250,7 @@ pub fn read(magic: u32, info: u32) -> Result<BootInfo, LoadError> {
         modules,
         linux_cmdline,
         kernel_cmdline,
+        modules_moved: 0,
         available,
         firmware,
         owned,

@@ -61,6 +61,8 @@ pub enum LoadError {
     CmdlineTooLong,
     /// A multiboot kernel cannot be booted as given.
     Multiboot(ihmi_multiboot::Error),
+    /// `multiboot=` on L0's command line is neither 1 nor 2.
+    MultibootProtocol,
     /// A multiboot kernel would load below 1 MiB or outside guest RAM (over L0, or over a module
     /// GRUB loaded: `owner`).
     MultibootPlacement {
@@ -172,6 +174,9 @@ impl fmt::Display for LoadError {
             Self::Linux(what) => f.write_str(what),
             Self::CmdlineTooLong => f.write_str("the kernel command line is too long"),
             Self::Multiboot(e) => write!(f, "multiboot kernel: {e}"),
+            Self::MultibootProtocol => f.write_str(
+                "`multiboot=` on L0's command line must be 1 or 2 (or absent: the kernel's header decides)",
+            ),
             Self::MultibootPlacement { start, end, owner } => {
                 write!(f, "the multiboot kernel loads at {start:#x}..{end:#x}, which ")?;
                 match owner {

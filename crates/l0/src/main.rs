@@ -87,7 +87,13 @@ fn boot(magic: u32, info: u32) -> Result<Infallible, LoadError> {
     log!("scenario: {}", scenario.name());
     let tables = ihmi_rt::tables::init(on_exception);
     enable_os_xsave();
-    let mut plan = memory::plan(&mut boot, scenario.is_linux())?;
+    // A multiboot kernel's modules out of its way first, and its span kept free of L0's pool.
+    let kernel_span = if scenario.is_multiboot() {
+        Some(multiboot::make_room(&mut boot)?)
+    } else {
+        None
+    };
+    let mut plan = memory::plan(&mut boot, scenario.is_linux(), kernel_span)?;
     let vmx = vmx::on(&mut plan.frames)?;
     if scenario.monitor_mode() == Mode::InBox && !vmx.features.eptp_switching {
         return Err(LoadError::Cpu(

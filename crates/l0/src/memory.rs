@@ -28,11 +28,22 @@ pub struct MemoryPlan {
 }
 
 /// Plans memory for the boot loader's map; `devices_below_4g` passes every gap through (a
-/// commodity kernel owns the machine's devices and firmware tables).
-pub fn plan(boot: &mut BootInfo, devices_below_4g: bool) -> Result<MemoryPlan, LoadError> {
+/// commodity kernel owns the machine's devices and firmware tables); the pool keeps clear of
+/// `keep_free` (where a multiboot kernel loads).
+pub fn plan(
+    boot: &mut BootInfo,
+    devices_below_4g: bool,
+    keep_free: Option<HpaRange>,
+) -> Result<MemoryPlan, LoadError> {
+    let mut taken = boot.owned;
+    if let Some(r) = keep_free {
+        taken.push(r).map_err(|_| LoadError::TooManyModules {
+            max: crate::boot_info::MAX_OWNED - 3,
+        })?;
+    }
     let pool = ihmi_hv::memory::choose_pool(
         boot.available.as_slice(),
-        boot.owned.as_slice(),
+        taken.as_slice(),
         POOL_SIZE,
         LARGE_PAGE_SIZE,
     )

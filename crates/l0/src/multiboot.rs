@@ -6,7 +6,7 @@
 //! the loader's magic in EAX, the boot information's address in EBX.
 
 use ihmi_abi::multiboot::Handed;
-use ihmi_addr::{Gpa, GpaRange, PAGE_SIZE};
+use ihmi_addr::{Gpa, GpaRange, Hpa, HpaRange, PAGE_SIZE};
 use ihmi_hv::MemoryMap;
 use ihmi_linux::place::{self, FirmwareRange};
 use ihmi_linux::E820_MAX;
@@ -28,6 +28,120 @@ const INFO_MAX: u64 = 0x4_0000 - 0x2_1000;
 /// A multiboot kernel is loaded at or above 1 MiB (both specifications' loaders refuse lower).
 const LOWEST_LOAD: u64 = 0x10_0000;
 
+/// The protocol the kernel is booted by: the scenario's, else `multiboot=1|2` on L0's command line,
+/// else `None` (its multiboot2 header if it has one, else its multiboot one).
+pub fn protocol(boot: &BootInfo) -> Result<Option<Protocol>, LoadError> {
+    let version = match boot.scenario.multiboot() {
+        Some(v) => Some(v),
+        None => match boot.cmdline.value("multiboot") {
+            Some("1") => Some(1),
+            Some("2") => Some(2),
+            Some(_) => return Err(LoadError::MultibootProtocol),
+            None => None,
+        },
+    };
+    Ok(version.map(|v| if v == 1 { Protocol::V1 } else { Protocol::V2 }))
+}
+
+/// Boot stage 1½, for a multiboot kernel: GRUB loaded the modules (the kernel's file among them)
+/// wherever it liked, often right where the kernel is linked to load (kvm-unit-tests' tests load
+/// at 4 MiB and span 12 MiB of BSS). Each module in the way of the kernel or of the modules' copies
+/// after it is moved to free RAM high up, and the boot information's copy is let go (everything in
+/// it was copied out already). Returns that span, which the frame pool must avoid as well. L0's own image in the way is an
+/// error: guest RAM is 1:1, and L0 cannot move.
+pub fn make_room(boot: &mut BootInfo) -> Result<HpaRange, LoadError> {
+    let image = boot.modules.kernel.ok_or(LoadError::MissingModule {
+        name: "kernel",
+        how: "the ISO must load the multiboot kernel with `module2 FILE kernel <command line>`",
+    })?;
+    let plan = KernelImage::parse(image, protocol(boot)?).map_err(LoadError::Multiboot)?;
+    let (low, high) = plan.span();
+    // The kernel, then its modules page-aligned after it (where `MultibootGuest::load` puts them).
+    let modules: u64 = boot
+        .modules
+        .kernel_modules
+        .as_slice()
+        .iter()
+        .map(|m| (m.bytes.len() as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE)
+        .sum();
+    let end = Hpa::new(high)
+        .align_up(PAGE_SIZE)
+        .and_then(|e| e.raw().checked_add(modules))
+        .ok_or(LoadError::MultibootPlacement {
+            start: low,
+            end: high,
+            owner: None,
+        })?;
+    let span = HpaRange::new(Hpa::new(low).align_down(PAGE_SIZE), Hpa::new(end));
+    let owned = boot.owned;
+    for (i, r) in owned.as_slice().iter().enumerate() {
+        if !r.overlaps(&span) {
+            continue;
+        }
+        match i {
+            // L0's image.
+            0 => {
+                return Err(LoadError::MultibootPlacement {
+                    start: low,
+                    end: high,
+                    owner: Some(GpaRange::new(
+                        Gpa::new(r.start.raw()),
+                        Gpa::new(r.end.raw()),
+                    )),
+                })
+            }
+            // The boot information: read and copied already.
+            1 => {
+                boot.owned.set(i, HpaRange::new(r.start, r.start));
+                log!("multiboot: the kernel loads over GRUB's boot information; L0 has read it");
+            }
+            _ => {
+                let len = r.len();
+                let mut taken = boot.owned;
+                taken.push(span).map_err(|_| LoadError::TooManyModules {
+                    max: crate::boot_info::MAX_OWNED - 3,
+                })?;
+                let size = len.div_ceil(PAGE_SIZE) * PAGE_SIZE;
+                let to = ihmi_hv::memory::choose_pool(
+                    boot.available.as_slice(),
+                    taken.as_slice(),
+                    size,
+                    PAGE_SIZE,
+                )
+                .ok_or(LoadError::MultibootPlacement {
+                    start: low,
+                    end: high,
+                    owner: Some(GpaRange::new(
+                        Gpa::new(r.start.raw()),
+                        Gpa::new(r.end.raw()),
+                    )),
+                })?;
+                let (from, dst) = (r.start.raw() as *const u8, to.start.raw() as *mut u8);
+                // SAFETY: `r` is a module GRUB loaded, L0's (in `owned`), read only through the slices
+                // in `boot.modules`, which `relocate` replaces below; `to` is free RAM below 4 GiB
+                // (available, overlapping nothing owned, identity-mapped), so the two do not overlap
+                // and nothing else refers to `to`.
+                unsafe { core::ptr::copy_nonoverlapping(from, dst, len as usize) };
+                // SAFETY: `to` now holds the module's `len` bytes, L0's from here on (in `owned`), never
+                // written again.
+                let moved: &'static [u8] =
+                    unsafe { core::slice::from_raw_parts(dst.cast_const(), len as usize) };
+                boot.modules.relocate(r.start.raw(), moved);
+                boot.modules_moved += 1;
+                boot.owned
+                    .set(i, HpaRange::new(to.start, Hpa::new(to.start.raw() + len)));
+                log!(
+                    "multiboot: module {:#x}..{:#x} moved to {:#x} (the kernel loads there)",
+                    r.start.raw(),
+                    r.end.raw(),
+                    to.start.raw()
+                );
+            }
+        }
+    }
+    Ok(span)
+}
+
 /// The kernel, its load plan, and what it is handed.
 pub struct MultibootGuest {
     pub plan: KernelImage<'static>,
@@ -37,17 +151,19 @@ pub struct MultibootGuest {
 }
 
 impl MultibootGuest {
-    /// The `kernel` module as a multiboot kernel booted by `protocol`, checked to load into guest RAM.
+    /// The `kernel` module as a multiboot kernel booted by `protocol` (`None`: by its multiboot2
+    /// header if it has one, else its multiboot one), checked to load into guest RAM.
     pub fn prepare(
         boot: &BootInfo,
         memory: &MemoryMap,
-        protocol: Protocol,
+        protocol: Option<Protocol>,
     ) -> Result<Self, LoadError> {
         let image = boot.modules.kernel.ok_or(LoadError::MissingModule {
             name: "kernel",
             how: "the ISO must load the multiboot kernel with `module2 FILE kernel <command line>`",
         })?;
-        let plan = KernelImage::parse(image, Some(protocol)).map_err(LoadError::Multiboot)?;
+        let plan = KernelImage::parse(image, protocol).map_err(LoadError::Multiboot)?;
+        let protocol = plan.header.protocol;
         let (low, high) = plan.span();
         log!(
             "multiboot: {protocol} kernel at {low:#x}..{high:#x}, entry {:#x}, {} segments",

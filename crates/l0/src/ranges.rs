@@ -30,6 +30,13 @@ impl<T: Copy + Default, const N: usize> List<T, N> {
     pub fn as_slice(&self) -> &[T] {
         &self.items[..self.len]
     }
+
+    /// Replaces item `i` (which must exist).
+    pub fn set(&mut self, i: usize, item: T) {
+        if let Some(slot) = self.items[..self.len].get_mut(i) {
+            *slot = item;
+        }
+    }
 }
 
 impl<T: Copy + Default, const N: usize> Default for List<T, N> {

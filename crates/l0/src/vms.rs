@@ -51,12 +51,8 @@ impl Guest {
         if boot.scenario.is_linux() {
             return Ok(Self::Linux(LinuxGuest::prepare(boot, memory)?));
         }
-        if let Some(version) = boot.scenario.multiboot() {
-            let protocol = if version == 1 {
-                ihmi_multiboot::Protocol::V1
-            } else {
-                ihmi_multiboot::Protocol::V2
-            };
+        if boot.scenario.is_multiboot() {
+            let protocol = crate::multiboot::protocol(boot)?;
             return Ok(Self::Multiboot(MultibootGuest::prepare(
                 boot, memory, protocol,
             )?));
@@ -235,6 +231,7 @@ pub fn setup(
         },
     );
     judge.log.multiboot_handed = handed;
+    judge.log.multiboot_moved = boot.modules_moved;
     let monitor_words = monitor
         .as_ref()
         .and_then(Loaded::granted_words_at_load)

@@ -282,6 +282,14 @@ pub enum Scenario {
     Multiboot1,
     /// The same by the multiboot2 protocol.
     Multiboot2,
+    /// A user's multiboot kernel (`ihmi run --kernel FILE`), by the protocol `multiboot=1|2` on L0's
+    /// command line names, else by its multiboot2 header if it has one, else by its first one. It
+    /// passes if it powers off (port 0x8900) or exits with status 0 through the isa-debug-exit port
+    /// (0xF4, as kvm-unit-tests do). Not in [`Scenario::ALL`]: it needs the user's file.
+    Kernel,
+    /// The same with VMX offered to the kernel as to a guest hypervisor (`--nested`): nested EPT and
+    /// VMCS shadowing, as in `nested-kvm-ept`.
+    KernelNested,
 }
 
 /// CPUIDs `nested-mini`'s L2 makes; each is reflected to L1 (the test guest and L0's judge agree on
@@ -473,10 +481,21 @@ impl Scenario {
             Self::NestedLinux => "nested-linux",
             Self::Multiboot1 => "multiboot1",
             Self::Multiboot2 => "multiboot2",
+            Self::Kernel => "kernel",
+            Self::KernelNested => "kernel-nested",
         }
     }
 
-    /// The multiboot protocol (1 or 2) by which L0 boots a multiboot kernel in this scenario.
+    /// Whether the guest is a multiboot kernel.
+    #[must_use]
+    pub const fn is_multiboot(self) -> bool {
+        matches!(
+            self,
+            Self::Multiboot1 | Self::Multiboot2 | Self::Kernel | Self::KernelNested
+        )
+    }
+
+    /// The multiboot protocol (1 or 2) this scenario boots its kernel by, when the scenario fixes it.
     #[must_use]
     pub const fn multiboot(self) -> Option<u8> {
         match self {
@@ -485,6 +504,10 @@ impl Scenario {
             _ => None,
         }
     }
+
+    /// The scenarios that boot a user's file (`ihmi run --kernel`), which [`Scenario::ALL`] leaves
+    /// out; [`Scenario::from_name`] and [`Scenario::from_raw`] know them.
+    pub const USER: [Scenario; 2] = [Self::Kernel, Self::KernelNested];
 
     /// Whether L0 offers the guest VMX (nested VMX, NESTED.md Part A).
     #[must_use]
@@ -500,6 +523,7 @@ impl Scenario {
                 | Self::NestedKvmShadow
                 | Self::NestedKvmEpt
                 | Self::NestedLinux
+                | Self::KernelNested
         )
     }
 
@@ -508,7 +532,7 @@ impl Scenario {
     pub const fn offers_nested_ept(self) -> bool {
         matches!(
             self,
-            Self::NestedMiniEpt | Self::NestedKvmEpt | Self::NestedLinux
+            Self::NestedMiniEpt | Self::NestedKvmEpt | Self::NestedLinux | Self::KernelNested
         )
     }
 
@@ -517,7 +541,11 @@ impl Scenario {
     pub const fn shadows_vmcs(self) -> bool {
         matches!(
             self,
-            Self::NestedMiniShadow | Self::NestedKvmShadow | Self::NestedKvmEpt | Self::NestedLinux
+            Self::NestedMiniShadow
+                | Self::NestedKvmShadow
+                | Self::NestedKvmEpt
+                | Self::NestedLinux
+                | Self::KernelNested
         )
     }
 
@@ -552,19 +580,27 @@ impl Scenario {
             Self::NestedLinux => 27,
             Self::Multiboot1 => 28,
             Self::Multiboot2 => 29,
+            Self::Kernel => 30,
+            Self::KernelNested => 31,
         }
     }
 
     /// Looks a scenario up by its command-line name.
     #[must_use]
     pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|s| s.name() == name)
+        Self::ALL
+            .into_iter()
+            .chain(Self::USER)
+            .find(|s| s.name() == name)
     }
 
     /// Decodes the number stored in [`BootInfo::scenario`].
     #[must_use]
     pub fn from_raw(raw: u32) -> Option<Self> {
-        Self::ALL.into_iter().find(|s| s.to_raw() == raw)
+        Self::ALL
+            .into_iter()
+            .chain(Self::USER)
+            .find(|s| s.to_raw() == raw)
     }
 }
 
@@ -692,7 +728,7 @@ mod tests {
 
     #[test]
     fn scenario_names_round_trip() {
-        for s in Scenario::ALL {
+        for s in Scenario::ALL.into_iter().chain(Scenario::USER) {
             assert_eq!(Scenario::from_name(s.name()), Some(s));
             assert_eq!(Scenario::from_raw(s.to_raw()), Some(s));
         }

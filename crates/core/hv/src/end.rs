@@ -51,6 +51,9 @@ pub enum GuestEnd {
     ShutdownRequest,
     /// The guest asked for a reset through port 0xCF9.
     ResetRequest,
+    /// The guest wrote this value to the isa-debug-exit port (0xF4): QEMU would exit with status
+    /// `(value << 1) | 1`, and kvm-unit-tests write 0 for success.
+    DebugExit(u32),
     /// The guest touched guest-physical memory its EPT does not allow.
     EptViolation {
         gpa: Gpa,
@@ -102,6 +105,11 @@ impl fmt::Display for GuestEnd {
             Self::Done(code) => write!(f, "guest called Done({code})"),
             Self::ShutdownRequest => f.write_str("guest requested shutdown (port 0x8900)"),
             Self::ResetRequest => f.write_str("guest requested reset (port 0xcf9)"),
+            Self::DebugExit(v) => write!(
+                f,
+                "guest exited through the isa-debug-exit port 0xf4 with {v} (status {})",
+                u64::from(*v) << 1 | 1
+            ),
             Self::EptViolation {
                 gpa,
                 gla,

@@ -115,6 +115,7 @@ extern "C" fn kernel_main(magic: u32, info: u32, cr0: u32, eflags: u32) -> ! {
         info != 0 && info.is_multiple_of(8),
         "boot information 8-byte aligned",
     );
+    checks.check(bss_is_zero(), "the BSS (16 MiB of it) is zero");
     if let Some(protocol) = protocol {
         // SAFETY: a multiboot loader put its magic in EAX, so EBX holds the physical address of its
         // boot information, which the entry's identity map (the first 4 GiB) covers and which
@@ -131,6 +132,19 @@ extern "C" fn kernel_main(magic: u32, info: u32, cr0: u32, eflags: u32) -> ! {
     }
     let _ = writeln!(DebugPort, "{CHECKS_FAILED}{}", checks.failed);
     power_off()
+}
+
+/// 16 MiB of BSS, which the loader must zero (ELF: memory size beyond the file's), and which puts
+/// the kernel's span over where GRUB loads modules.
+const BSS_WORDS: usize = 2 * 1024 * 1024;
+#[used]
+static mut BSS: [u64; BSS_WORDS] = [0; BSS_WORDS];
+
+fn bss_is_zero() -> bool {
+    let base = core::ptr::addr_of!(BSS).cast::<u64>();
+    // SAFETY: every word read is inside `BSS`, which nothing writes; volatile, so the reads are the
+    // memory's, not the initializer's.
+    (0..BSS_WORDS).all(|i| unsafe { core::ptr::read_volatile(base.wrapping_add(i)) } == 0)
 }
 
 /// Bochs's power-off port (L0 intercepts it); halts where there is none.

@@ -103,7 +103,9 @@ extern "C" fn guest_main(info: *const BootInfo) -> ! {
         | Scenario::NestedKvmEpt
         | Scenario::NestedLinux
         | Scenario::Multiboot1
-        | Scenario::Multiboot2 => 96,
+        | Scenario::Multiboot2
+        | Scenario::Kernel
+        | Scenario::KernelNested => 96,
     };
     done(code)
 }

@@ -155,10 +155,16 @@ pub fn build_bare(layout: &Layout) -> Result<()> {
 /// the monitor image as multiboot2 modules (L0 loads the monitor only for scenarios that use it). A
 /// Linux scenario adds the kernel, with its command line after the word `linux`, and the initramfs,
 /// which GRUB must pass on compressed (`--nounzip`; it would inflate it otherwise, below the tiny
-/// kernel's fixed 16 MiB) and the kernel inflates itself. A multiboot scenario adds the multiboot
-/// test kernel (`kernel` then its command line) and its modules (`kmodule` then each one's; any
-/// file does, so the ISO's test guest and monitor images serve).
-pub fn grub_cfg(scenario: &str, linux_cmdline: Option<&str>, allow: Option<&str>) -> String {
+/// kernel's fixed 16 MiB) and the kernel inflates itself. A multiboot kernel (the user's, or the
+/// test kernel of `multiboot1` and `multiboot2`) comes instead of the test guest and the monitor,
+/// with its modules (`kernel::UserKernel::grub_lines`), and L0's command line says the protocol
+/// the user asked for, if any.
+pub fn grub_cfg(
+    scenario: &str,
+    linux_cmdline: Option<&str>,
+    allow: Option<&str>,
+    kernel: Option<&crate::kernel::UserKernel>,
+) -> String {
     let allow = allow.map_or(String::new(), |a| format!(" allow={a}"));
     let linux = linux_cmdline.map_or(String::new(), |c| {
         format!(
@@ -166,26 +172,27 @@ pub fn grub_cfg(scenario: &str, linux_cmdline: Option<&str>, allow: Option<&str>
              module2 /boot/linux-profile.txt linux-profile\n    "
         )
     });
-    let multiboot = match ihmi_abi::Scenario::from_name(scenario).and_then(|s| s.multiboot()) {
-        Some(_) => {
-            let [one, two] = ihmi_abi::multiboot::TEST_MODULES;
-            format!(
-                "module2 /boot/mbkernel.elf kernel {}\n    \
-                 module2 /boot/testguest.elf kmodule {one}\n    \
-                 module2 /boot/monitor.elf kmodule {two}\n    ",
-                ihmi_abi::multiboot::TEST_CMDLINE
-            )
-        }
-        None => String::new(),
+    let fixed = ihmi_abi::Scenario::from_name(scenario).and_then(|s| s.multiboot());
+    let (protocol, guest) = match kernel {
+        Some(k) => (
+            k.protocol
+                .filter(|_| fixed.is_none())
+                .map_or(String::new(), |p| format!(" multiboot={p}")),
+            k.grub_lines(),
+        ),
+        None => (
+            String::new(),
+            "module2 /boot/testguest.elf testguest\n    \
+             module2 /boot/monitor.elf monitor\n    "
+                .to_string(),
+        ),
     };
     format!(
         "set timeout=0\n\
          set default=0\n\
          menuentry \"ihmi {scenario}\" {{\n    \
-             multiboot2 /boot/ihmi-l0.elf scenario={scenario}{allow}\n    \
-             module2 /boot/testguest.elf testguest\n    \
-             module2 /boot/monitor.elf monitor\n    \
-             {linux}{multiboot}boot\n\
+             multiboot2 /boot/ihmi-l0.elf scenario={scenario}{allow}{protocol}\n    \
+             {guest}{linux}boot\n\
          }}\n"
     )
 }
@@ -196,6 +203,7 @@ pub fn make_iso(
     layout: &Layout,
     scenario: &str,
     linux: Option<&crate::linux::LinuxImages>,
+    user: Option<&crate::kernel::UserKernel>,
 ) -> Result<PathBuf> {
     validate_name(scenario)?;
     let tree = layout.iso_tree();
@@ -206,7 +214,6 @@ pub fn make_iso(
         (layout.l0_elf(), boot.join("ihmi-l0.elf")),
         (layout.guest_elf(), boot.join("testguest.elf")),
         (layout.monitor_elf(), boot.join("monitor.elf")),
-        (layout.mbkernel_elf(), boot.join("mbkernel.elf")),
     ] {
         fs::copy(&from, &to).with_context(|| {
             format!(
@@ -232,6 +239,33 @@ pub fn make_iso(
                 .with_context(|| format!("cannot copy {}", from.display()))?;
         }
     }
+    // A multiboot kernel: the user's for `kernel`/`kernel-nested`, the test kernel for `multiboot1`
+    // and `multiboot2`.
+    let s = ihmi_abi::Scenario::from_name(scenario);
+    let test_kernel = s.and_then(|s| s.multiboot()).map(|p| {
+        crate::kernel::UserKernel::test(
+            layout.mbkernel_elf(),
+            [layout.guest_elf(), layout.monitor_elf()],
+            p,
+        )
+    });
+    let kernel = match (s.is_some_and(|s| s.is_multiboot()), &test_kernel, user) {
+        (true, Some(t), _) => Some(t),
+        (true, None, Some(u)) => Some(u),
+        (true, None, None) => {
+            bail!("scenario `{scenario}` boots a kernel of yours: `ihmi run --kernel FILE`")
+        }
+        (false, _, _) => None,
+    };
+    let dir = boot.join("kernel");
+    let _ = fs::remove_dir_all(&dir);
+    if let Some(k) = kernel {
+        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        for (from, to) in k.files() {
+            fs::copy(from, dir.join(&to))
+                .with_context(|| format!("cannot copy {}", from.display()))?;
+        }
+    }
     let cmdline = linux.map(|l| {
         let extra = crate::scenario::kernel_args(scenario);
         if extra.is_empty() {
@@ -246,6 +280,7 @@ pub fn make_iso(
             scenario,
             cmdline.as_deref(),
             linux.map(|l| l.allow.as_str()).filter(|a| !a.is_empty()),
+            kernel,
         ),
     )
     .context("cannot write grub.cfg")?;
@@ -280,6 +315,7 @@ mod tests {
             "linux-sim",
             Some("console=ttyS0 nokaslr"),
             Some("sha256:00ff,sha256:ab12"),
+            None,
         );
         assert!(linux.contains(
             "multiboot2 /boot/ihmi-l0.elf scenario=linux-sim allow=sha256:00ff,sha256:ab12\n"
@@ -288,7 +324,7 @@ mod tests {
             "    module2 /boot/bzImage linux console=ttyS0 nokaslr\n    module2 --nounzip /boot/initrd.cpio.gz initrd\n    module2 /boot/linux-profile.txt linux-profile\n    boot\n"
         ));
         assert_eq!(
-            grub_cfg("ept-guard", None, None),
+            grub_cfg("ept-guard", None, None, None),
             "set timeout=0\n\
              set default=0\n\
              menuentry \"ihmi ept-guard\" {\n\
@@ -298,14 +334,24 @@ mod tests {
              \x20   boot\n\
              }\n"
         );
-        // A multiboot scenario hands L0 the test kernel and its two modules, each with its line.
-        let mb = grub_cfg("multiboot1", None, None);
+        // A multiboot kernel comes instead of the test guest and monitor, with its modules; L0's
+        // line names the protocol the user asked for, not the one a scenario fixes.
+        let k = crate::kernel::UserKernel::test(
+            PathBuf::from("mb.elf"),
+            [PathBuf::from("a"), PathBuf::from("b")],
+            1,
+        );
+        let mb = grub_cfg("multiboot1", None, None, Some(&k));
         assert!(mb.contains(
-            "    module2 /boot/mbkernel.elf kernel ihmi-mbkernel first=1 second=two\n    \
-             module2 /boot/testguest.elf kmodule first-module with words\n    \
-             module2 /boot/monitor.elf kmodule second-module\n    boot\n"
+            "    multiboot2 /boot/ihmi-l0.elf scenario=multiboot1\n    \
+             module2 /boot/kernel/kernel kernel ihmi-mbkernel first=1 second=two\n    \
+             module2 /boot/kernel/module-0 kmodule first-module with words\n    \
+             module2 /boot/kernel/module-1 kmodule second-module\n    boot\n"
         ));
-        assert!(!grub_cfg("boot", None, None).contains("kernel"));
+        assert!(!mb.contains("testguest"));
+        let user = grub_cfg("kernel", None, None, Some(&k));
+        assert!(user.contains("scenario=kernel multiboot=1\n"));
+        assert!(!grub_cfg("boot", None, None, None).contains("kernel"));
     }
 
     #[test]

@@ -76,6 +76,8 @@ pub struct GuestOptions {
     /// Comma-separated programs: paths of files in the initramfs (hashed by the host) or
     /// `sha256:<64 hex digits>`; empty: monitor without enforcing.
     pub allow: String,
+    /// The user's multiboot kernel, for `ihmi run --kernel` (then there is no Linux guest).
+    pub kernel: Option<crate::kernel::UserKernel>,
 }
 
 impl Default for GuestOptions {
@@ -84,6 +86,7 @@ impl Default for GuestOptions {
             profile: Profile::Tiny,
             cmdline: DEFAULT_CMDLINE.to_string(),
             allow: DEFAULT_ALLOW.to_string(),
+            kernel: None,
         }
     }
 }
@@ -120,6 +123,7 @@ impl GuestOptions {
             profile,
             cmdline,
             allow: entries.join(","),
+            kernel: None,
         })
     }
 }

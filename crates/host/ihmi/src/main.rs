@@ -11,6 +11,7 @@ mod deps;
 mod events;
 mod fuzz;
 mod images;
+mod kernel;
 mod linux;
 mod scenario;
 mod symbols;
@@ -59,8 +60,24 @@ enum Cmd {
     Build,
     /// Build, then boot one scenario under Bochs; exit 0 on PASS, 1 on FAIL
     Run {
-        /// Scenario name, passed to L0 as `scenario=<name>`
-        scenario: String,
+        /// Scenario name, passed to L0 as `scenario=<name>` (none with --kernel)
+        #[arg(required_unless_present = "kernel", conflicts_with = "kernel")]
+        scenario: Option<String>,
+        /// Boot this multiboot kernel (v1 or v2; ELF32, ELF64 or address fields) as L0's guest
+        /// instead of a scenario's: L0 is its boot loader. It passes if it powers off through port
+        /// 0x8900 or exits with 0 through the isa-debug-exit port 0xF4 (as kvm-unit-tests do)
+        #[arg(long, value_name = "FILE")]
+        kernel: Option<PathBuf>,
+        /// A module for the --kernel, `FILE [ARGS]` (its command line is the file's name and the
+        /// arguments, as GRUB gives it); up to 4, in order
+        #[arg(long, value_name = "FILE [ARGS]", allow_hyphen_values = true)]
+        module: Vec<String>,
+        /// Boot the --kernel by this multiboot protocol (default: multiboot2 if it has that header)
+        #[arg(long, value_name = "1|2", value_parser = clap::value_parser!(u8).range(1..=2))]
+        multiboot: Option<u8>,
+        /// Offer the --kernel VMX, as to a guest hypervisor (nested EPT, VMCS shadowing)
+        #[arg(long)]
+        nested: bool,
         /// Kill Bochs and FAIL after this many seconds [default: 300, 1800 for the slow scenarios]
         #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
         timeout: Option<u64>,
@@ -71,9 +88,10 @@ enum Cmd {
         /// Do not stream the serial console (COM1)
         #[arg(long)]
         quiet: bool,
-        /// The Linux kernel's command line, for Linux scenarios
-        #[arg(long, value_name = "ARGS", default_value = linux::DEFAULT_CMDLINE)]
-        cmdline: String,
+        /// The kernel's command line: for Linux scenarios [default: "console=ttyS0,115200 nokaslr
+        /// panic=-1"], or the --kernel's arguments (after its file name, which comes first)
+        #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+        cmdline: Option<String>,
         /// Which Linux kernel Linux scenarios boot: `tiny` (built here), `debian` (Debian's stock
         /// kernel, downloaded; about 80 s to boot under Bochs) or `l1` (`tiny` with KVM built in,
         /// which the nested scenarios boot whatever this says)
@@ -178,6 +196,10 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Run {
             scenario,
+            kernel,
+            module,
+            multiboot,
+            nested,
             timeout,
             megs,
             quiet,
@@ -186,6 +208,21 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             allow,
             events,
         } => {
+            let user = match &kernel {
+                Some(k) => Some(user_kernel(k, cmdline.as_deref(), &module, multiboot)?),
+                None if !module.is_empty() || multiboot.is_some() || nested => {
+                    bail!("--module, --multiboot and --nested are for a kernel of yours: add --kernel FILE")
+                }
+                None => None,
+            };
+            let scenario = match (scenario, user.is_some()) {
+                (Some(s), _) => s,
+                (None, true) if nested => ihmi_abi::Scenario::KernelNested.name().to_string(),
+                (None, _) => ihmi_abi::Scenario::Kernel.name().to_string(),
+            };
+            if user.is_none() && is_user_scenario(&scenario) {
+                bail!("scenario `{scenario}` boots a kernel of yours: `ihmi run --kernel FILE`");
+            }
             let opts = RunOptions {
                 cpu: model_for(&cli.cpu, &scenario)?,
                 megs,
@@ -198,14 +235,21 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 ),
                 quiet,
             };
-            if !scenario::is_known(&scenario) {
+            if !scenario::is_known(&scenario) && !is_user_scenario(&scenario) {
                 eprintln!(
                     "[ihmi] note: `{scenario}` is not in ihmi's scenario list ({}); running \
                      it anyway",
                     scenario::test_names()
                 );
             }
-            let guest = linux::GuestOptions::new(profile, cmdline, allow)?;
+            let cmdline = match (&user, cmdline) {
+                (None, Some(c)) => c,
+                _ => linux::DEFAULT_CMDLINE.to_string(),
+            };
+            let guest = linux::GuestOptions {
+                kernel: user,
+                ..linux::GuestOptions::new(profile, cmdline, allow)?
+            };
             run_one(&scenario, &opts, &guest, events.as_deref()).map(|r| exit_code(&r))
         }
         Cmd::Demo { events, profile } => {
@@ -408,6 +452,23 @@ fn batch_options(model: &'static CpuModel) -> RunOptions {
 }
 
 /// The `--cpu` model, refused if it lacks what `scenario` needs.
+/// The user's multiboot kernel, checked against L0's image (built first, so its span is known).
+fn user_kernel(
+    kernel: &Path,
+    cmdline: Option<&str>,
+    modules: &[String],
+    protocol: Option<u8>,
+) -> Result<kernel::UserKernel> {
+    let layout = Layout::discover()?;
+    images::build_bare(&layout)?;
+    kernel::UserKernel::from_args(kernel, cmdline, modules, protocol, &layout.l0_elf())
+}
+
+/// Whether `name` is a scenario that boots the user's kernel.
+fn is_user_scenario(name: &str) -> bool {
+    ihmi_abi::Scenario::USER.iter().any(|s| s.name() == name)
+}
+
 fn model_for(name: &str, scenario: &str) -> Result<&'static CpuModel> {
     scenario::validate_name(scenario)?;
     Ok(cpu::select(
@@ -475,7 +536,7 @@ fn build_images(layout: &Layout, scenarios: &[&str], guest: &linux::GuestOptions
             let l = linux
                 .iter()
                 .find(|l| scenario::is_linux(s) && l.kernel_profile == profile);
-            images::make_iso(layout, s, l)
+            images::make_iso(layout, s, l, guest.kernel.as_ref())
         })
         .collect::<Result<_>>()?;
     let mut symbols = Vec::new();
@@ -953,14 +1014,58 @@ mod tests {
             panic!("expected run");
         };
         assert_eq!(
-            (scenario.as_str(), timeout, megs, quiet),
-            ("boot", None, 256, false)
+            (scenario.as_deref(), timeout, megs, quiet),
+            (Some("boot"), None, 256, false)
         );
         assert_eq!(events, None);
         let with = parse(&["run", "linux-sim", "--events", "out.jsonl"]).unwrap();
         assert!(
             matches!(with.command, Cmd::Run { events: Some(ref p), .. } if p == Path::new("out.jsonl"))
         );
+    }
+
+    #[test]
+    fn run_kernel_takes_no_scenario_and_its_flags_need_it() {
+        let cli = parse(&[
+            "run",
+            "--kernel",
+            "vmx.flat",
+            "--module",
+            "a.bin x y",
+            "--module",
+            "b.bin",
+            "--multiboot",
+            "1",
+            "--nested",
+            "--cmdline",
+            "-v",
+        ])
+        .unwrap();
+        let Cmd::Run {
+            scenario,
+            kernel,
+            module,
+            multiboot,
+            nested,
+            cmdline,
+            ..
+        } = cli.command
+        else {
+            panic!("expected run");
+        };
+        assert_eq!(scenario, None);
+        assert_eq!(kernel.as_deref(), Some(Path::new("vmx.flat")));
+        assert_eq!(module, ["a.bin x y", "b.bin"]);
+        assert_eq!((multiboot, nested), (Some(1), true));
+        assert_eq!(cmdline.as_deref(), Some("-v"));
+        // (`--module`, `--multiboot` and `--nested` without `--kernel` are refused when the run starts.)
+        for bad in [
+            &["run"][..],
+            &["run", "boot", "--kernel", "k"],
+            &["run", "--kernel", "k", "--multiboot", "3"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -14,6 +14,13 @@ use crate::linux::Profile;
 pub const BASE: &[Feature] = &[Feature::Vmx, Feature::Ept];
 /// A guest entered in protected mode with paging off (a multiboot kernel): unrestricted guest.
 pub const UNRESTRICTED: &[Feature] = &[Feature::Vmx, Feature::Ept, Feature::UnrestrictedGuest];
+/// A multiboot kernel offered VMX with VMCS shadowing (`kernel-nested`).
+pub const UNRESTRICTED_SHADOW: &[Feature] = &[
+    Feature::Vmx,
+    Feature::Ept,
+    Feature::UnrestrictedGuest,
+    Feature::VmcsShadowing,
+];
 /// A guest hypervisor's VMCS shadowed (`nested-mini-shadow`).
 pub const SHADOW: &[Feature] = &[Feature::Vmx, Feature::Ept, Feature::VmcsShadowing];
 
@@ -36,8 +43,11 @@ impl Scenario {
             name: scenario.name(),
             requires: match scenario.monitor_mode() {
                 Mode::InBox => IN_BOX,
+                Mode::None | Mode::OutBox if scenario.shadows_vmcs() && scenario.is_multiboot() => {
+                    UNRESTRICTED_SHADOW
+                }
                 Mode::None | Mode::OutBox if scenario.shadows_vmcs() => SHADOW,
-                Mode::None | Mode::OutBox if scenario.multiboot().is_some() => UNRESTRICTED,
+                Mode::None | Mode::OutBox if scenario.is_multiboot() => UNRESTRICTED,
                 Mode::None | Mode::OutBox => BASE,
             },
         }
@@ -172,9 +182,16 @@ pub fn known() -> impl Iterator<Item = &'static Scenario> {
 /// may know scenarios this table does not list yet.
 pub fn requirements(name: &str) -> &'static [Feature] {
     known()
+        .chain(&USER_SCENARIOS)
         .find(|s| s.name == name)
         .map_or(BASE, |s| s.requires)
 }
+
+/// The scenarios that boot the user's multiboot kernel (`ihmi run --kernel`), not in the test list.
+pub const USER_SCENARIOS: [Scenario; 2] = [
+    Scenario::of(ihmi_abi::Scenario::Kernel),
+    Scenario::of(ihmi_abi::Scenario::KernelNested),
+];
 
 /// Whether `ihmi` lists `name` among its scenarios.
 pub fn is_known(name: &str) -> bool {
@@ -271,6 +288,12 @@ mod tests {
             .map(|s| s.name)
             .collect();
         assert_eq!(requirements("multiboot1"), UNRESTRICTED);
+        assert_eq!(requirements("kernel"), UNRESTRICTED);
+        assert_eq!(requirements("kernel-nested"), UNRESTRICTED_SHADOW);
+        assert!(
+            !is_known("kernel"),
+            "not in the test list: it needs the user's file"
+        );
         assert_eq!(
             nested,
             [

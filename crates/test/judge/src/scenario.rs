@@ -219,6 +219,8 @@ pub struct ScenarioLog {
     pub l2_linux: L2Linux,
     /// `multiboot1`/`multiboot2`: the digest of what L0 handed the kernel (L0 sets it at boot)...
     pub multiboot_handed: Option<u64>,
+    /// How many modules L0 moved out of the multiboot kernel's way (L0 sets it at boot).
+    pub multiboot_moved: u32,
     /// ...the digest the kernel reported of what it found, and how many of its own checks failed.
     pub multiboot_found: Option<u64>,
     pub multiboot_checks_failed: Option<u64>,
@@ -611,6 +613,9 @@ pub enum FailReason {
     /// The multiboot kernel's own checks of its entry and boot information failed (this many; None:
     /// it never said).
     MultibootChecks(Option<u64>),
+    /// No module lay where the test kernel loads, so L0 moved none: the scenario no longer tests
+    /// moving them (GRUB placed them elsewhere).
+    MultibootNothingMoved,
 }
 
 impl fmt::Display for FailReason {
@@ -629,6 +634,9 @@ impl fmt::Display for FailReason {
             Self::MultibootChecks(None) => {
                 f.write_str("the multiboot kernel never reported its checks")
             }
+            Self::MultibootNothingMoved => f.write_str(
+                "no module lay where the multiboot test kernel loads, so L0 moved none: the scenario no longer tests moving them",
+            ),
             Self::WrongEnd { expected, got } => write!(f, "expected {expected}, but {got}"),
             Self::GuestCheckFailed(code) => {
                 write!(f, "the guest's own checks failed (Done({code}))")
@@ -878,6 +886,7 @@ fn check(
         }
         Scenario::NestedLinux => check_nested_linux(log),
         Scenario::Multiboot1 | Scenario::Multiboot2 => check_multiboot(log),
+        Scenario::Kernel | Scenario::KernelNested => check_user_kernel(log),
         Scenario::Bench(mode) => {
             expect_done_zero(log)?;
             crate::bench::check(mode, log.bench_results()).map_err(FailReason::Bench)
@@ -1615,8 +1624,8 @@ impl fmt::Display for Hex16 {
 }
 
 /// `multiboot1`/`multiboot2`: the kernel powered off after its report, none of its own checks of
-/// its entry state and boot information failed, and the digest of what it found is the one of what
-/// L0 handed it.
+/// its entry state and boot information failed, the digest of what it found is the one of what L0
+/// handed it, and L0 moved at least one of GRUB's modules out of its way to get there.
 fn check_multiboot(log: &ScenarioLog) -> Result<(), FailReason> {
     match log.end {
         None => return Err(FailReason::NotEnded),
@@ -1633,8 +1642,26 @@ fn check_multiboot(log: &ScenarioLog) -> Result<(), FailReason> {
         return Err(FailReason::MultibootChecks(log.multiboot_checks_failed));
     }
     match (log.multiboot_handed, log.multiboot_found) {
-        (Some(h), Some(f)) if h == f => Ok(()),
-        (handed, found) => Err(FailReason::MultibootHanded { handed, found }),
+        (Some(h), Some(f)) if h == f => {}
+        (handed, found) => return Err(FailReason::MultibootHanded { handed, found }),
+    }
+    if log.multiboot_moved == 0 {
+        return Err(FailReason::MultibootNothingMoved);
+    }
+    Ok(())
+}
+
+/// A user's multiboot kernel (`ihmi run --kernel`): it ended itself with success, by powering off
+/// or through the isa-debug-exit port with 0 (kvm-unit-tests' success); any other end is its failure,
+/// reported as it happened.
+fn check_user_kernel(log: &ScenarioLog) -> Result<(), FailReason> {
+    match log.end {
+        None => Err(FailReason::NotEnded),
+        Some(GuestEnd::ShutdownRequest | GuestEnd::DebugExit(0)) => Ok(()),
+        Some(got) => Err(FailReason::WrongEnd {
+            expected: "the kernel to power off (port 0x8900) or exit with 0 through port 0xf4",
+            got,
+        }),
     }
 }
 

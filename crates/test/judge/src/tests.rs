@@ -1769,6 +1769,7 @@ fn multiboot_passes_only_when_the_kernel_found_what_l0_handed_and_its_checks_hel
     let verdict = |handed: Option<u64>, lines: &[String], end: Option<GuestEnd>| {
         let mut h = hv(Scenario::Multiboot2);
         h.judge.log.multiboot_handed = handed;
+        h.judge.log.multiboot_moved = 1;
         for line in lines {
             h.judge.log.record(&Observation::DebugLine {
                 line: line.as_bytes(),
@@ -1842,4 +1843,56 @@ fn multiboot_passes_only_when_the_kernel_found_what_l0_handed_and_its_checks_hel
         verdict(Some(d), &report("25e848cd9d3c4f78", 0), None),
         Verdict::Fail(FailReason::NotEnded)
     );
+    // All well, but no module was in the kernel's way: the move was not tested.
+    let mut h = hv(Scenario::Multiboot1);
+    h.judge.log.multiboot_handed = Some(d);
+    for line in report("25e848cd9d3c4f78", 0) {
+        h.judge.log.record(&Observation::DebugLine {
+            line: line.as_bytes(),
+            exits: 0,
+        });
+    }
+    h.judge.log.end = off;
+    assert_eq!(
+        judge(
+            Scenario::Multiboot1,
+            &h.judge.log,
+            &h.hv.counters,
+            Gpa::new(0),
+            None
+        ),
+        Verdict::Fail(FailReason::MultibootNothingMoved)
+    );
+}
+
+#[test]
+fn a_user_kernel_passes_when_it_ends_itself_with_success() {
+    let verdict = |end: Option<GuestEnd>| {
+        let mut h = hv(Scenario::Kernel);
+        h.judge.log.end = end;
+        judge(
+            Scenario::Kernel,
+            &h.judge.log,
+            &h.hv.counters,
+            Gpa::new(0),
+            None,
+        )
+    };
+    assert_eq!(verdict(Some(GuestEnd::ShutdownRequest)), Verdict::Pass);
+    assert_eq!(verdict(Some(GuestEnd::DebugExit(0))), Verdict::Pass);
+    assert_eq!(verdict(None), Verdict::Fail(FailReason::NotEnded));
+    for end in [
+        GuestEnd::DebugExit(1),
+        GuestEnd::HaltedForever { rip: 0x10_0000 },
+        GuestEnd::TripleFault {
+            rip: 0x10_0000,
+            view: None,
+        },
+        GuestEnd::ResetRequest,
+    ] {
+        assert!(
+            matches!(verdict(Some(end)), Verdict::Fail(FailReason::WrongEnd { got, .. }) if got == end),
+            "{end:?}"
+        );
+    }
 }

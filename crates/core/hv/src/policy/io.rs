@@ -21,8 +21,20 @@ pub const KBC_PORT: u16 = 0x64;
 /// The keyboard controller command that resets the machine.
 const KBC_RESET: u8 = 0xfe;
 
+/// QEMU's isa-debug-exit device at its usual base (`-device isa-debug-exit,iobase=0xf4`): a write
+/// ends the machine with status `(value << 1) | 1`. Multiboot test suites (kvm-unit-tests) end
+/// their runs through it, so L0 ends the guest there with the value written. No PC device sits at
+/// 0xF4.
+pub const DEBUG_EXIT_PORT: u16 = 0xf4;
+
 /// Ports that exit to L0 (the VMCS I/O bitmaps are built from this list).
-pub const INTERCEPTED_PORTS: &[u16] = &[DEBUG_PORT, SHUTDOWN_PORT, RESET_PORT, KBC_PORT];
+pub const INTERCEPTED_PORTS: &[u16] = &[
+    DEBUG_PORT,
+    SHUTDOWN_PORT,
+    RESET_PORT,
+    KBC_PORT,
+    DEBUG_EXIT_PORT,
+];
 
 const LINE_MAX: usize = ihmi_abi::DEBUG_LINE_MAX;
 
@@ -139,6 +151,11 @@ impl Hypervisor {
             return Action::Resume;
         }
         let byte = vcpu.regs().rax as u8;
+        let value = match size {
+            1 => u32::from(byte),
+            2 => u32::from(vcpu.regs().rax as u16),
+            _ => vcpu.regs().rax as u32,
+        };
         match port {
             DEBUG_PORT => {
                 let exits = self.counters.total();
@@ -153,6 +170,7 @@ impl Hypervisor {
             RESET_PORT if byte & 0b100 != 0 => return Action::End(GuestEnd::ResetRequest),
             KBC_PORT if byte == KBC_RESET => return Action::End(GuestEnd::ResetRequest),
             KBC_PORT if size == 1 => platform.port_out(KBC_PORT, byte),
+            DEBUG_EXIT_PORT => return Action::End(GuestEnd::DebugExit(value)),
             _ => {}
         }
         skip_instruction(vcpu, instruction);

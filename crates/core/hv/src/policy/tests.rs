@@ -227,6 +227,18 @@ fn debug_port_lines_and_the_shutdown_port() {
         h.handle_exit(&mut io_out(0xcf9, 0x06), &mut p),
         Action::End(GuestEnd::ResetRequest)
     );
+    // isa-debug-exit: the value written, whatever its size (kvm-unit-tests write a 32-bit one).
+    assert_eq!(
+        h.handle_exit(&mut io_out(0xf4, 0), &mut p),
+        Action::End(GuestEnd::DebugExit(0))
+    );
+    let mut wide = MockVcpu::exited(EXIT_IO, 0x2000, 1);
+    wide.fields.insert(ro::EXIT_QUALIFICATION, (0xf4 << 16) | 3); // OUT DX, EAX
+    wide.regs.rax = 0xffff_ffff_0000_0102;
+    assert_eq!(
+        h.handle_exit(&mut wide, &mut p),
+        Action::End(GuestEnd::DebugExit(0x102))
+    );
 }
 
 #[test]
