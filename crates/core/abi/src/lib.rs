@@ -271,6 +271,10 @@ pub enum Scenario {
     /// Nested VMX, milestone M4: `NestedKvmShadow` with EPT offered to L1 (`kvm_intel.ept=1`): L2
     /// runs on EPT02, which L0 builds from KVM's EPT12 and its own view of L1.
     NestedKvmEpt,
+    /// `NestedKvmShadow` with both Linux monitors in the box in L1 (the system-call gate and the
+    /// exec hook, as `LinuxSim`): L1's /init runs the workload, then the L1 VMM's probe. The in-VM
+    /// monitor of a Linux guest that is also a guest hypervisor.
+    NestedKvmSim,
     /// Nested VMX, milestone M5: `NestedKvmEpt` with a Linux L2 (`ihmi-l1-vmm --linux`, the `l1`
     /// kernel again with a one-program initramfs), which boots to its /init and powers itself off.
     /// Minutes under Bochs: in [`Scenario::SLOW`], not in `ihmi test`'s default set.
@@ -335,8 +339,8 @@ impl Scenario {
     /// Every scenario, in the order `ihmi test` runs them (and the host's scenario table lists them):
     /// the test guest's, Linux's, the two benchmarks', the attack suite, then nested VMX's.
     /// The last [`Scenario::SLOW`]`.len()` are too slow for the default set.
-    pub const ALL: [Scenario; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 11] = {
-        let mut all = [Self::Boot; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 11];
+    pub const ALL: [Scenario; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 12] = {
+        let mut all = [Self::Boot; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 12];
         let fixed = [
             Self::Boot,
             Self::EptGuard,
@@ -385,7 +389,8 @@ impl Scenario {
         all[i + j + 7] = Self::NestedKvm;
         all[i + j + 8] = Self::NestedKvmShadow;
         all[i + j + 9] = Self::NestedKvmEpt;
-        all[i + j + 10] = Self::NestedLinux;
+        all[i + j + 10] = Self::NestedKvmSim;
+        all[i + j + 11] = Self::NestedLinux;
         all
     };
 
@@ -403,9 +408,11 @@ impl Scenario {
     #[must_use]
     pub const fn monitor_mode(self) -> monitor::Mode {
         match self {
-            Self::Sim | Self::Attack(_) | Self::LinuxSim | Self::LinuxAttack(_) => {
-                monitor::Mode::InBox
-            }
+            Self::Sim
+            | Self::Attack(_)
+            | Self::LinuxSim
+            | Self::LinuxAttack(_)
+            | Self::NestedKvmSim => monitor::Mode::InBox,
             Self::SimOutbox | Self::LinuxSimOutbox => monitor::Mode::OutBox,
             Self::Bench(mode) | Self::LinuxBench(mode) => mode,
             _ => monitor::Mode::None,
@@ -425,6 +432,7 @@ impl Scenario {
                 | Self::NestedKvm
                 | Self::NestedKvmShadow
                 | Self::NestedKvmEpt
+                | Self::NestedKvmSim
                 | Self::NestedLinux
         )
     }
@@ -478,6 +486,7 @@ impl Scenario {
             Self::NestedKvm => "nested-kvm",
             Self::NestedKvmShadow => "nested-kvm-shadow",
             Self::NestedKvmEpt => "nested-kvm-ept",
+            Self::NestedKvmSim => "nested-kvm-sim",
             Self::NestedLinux => "nested-linux",
             Self::Multiboot1 => "multiboot1",
             Self::Multiboot2 => "multiboot2",
@@ -522,6 +531,7 @@ impl Scenario {
                 | Self::NestedKvm
                 | Self::NestedKvmShadow
                 | Self::NestedKvmEpt
+                | Self::NestedKvmSim
                 | Self::NestedLinux
                 | Self::KernelNested
         )
@@ -543,6 +553,7 @@ impl Scenario {
             self,
             Self::NestedMiniShadow
                 | Self::NestedKvmShadow
+                | Self::NestedKvmSim
                 | Self::NestedKvmEpt
                 | Self::NestedLinux
                 | Self::KernelNested
@@ -582,6 +593,7 @@ impl Scenario {
             Self::Multiboot2 => 29,
             Self::Kernel => 30,
             Self::KernelNested => 31,
+            Self::NestedKvmSim => 32,
         }
     }
 

@@ -101,6 +101,7 @@ extern "C" fn guest_main(info: *const BootInfo) -> ! {
         | Scenario::NestedKvm
         | Scenario::NestedKvmShadow
         | Scenario::NestedKvmEpt
+        | Scenario::NestedKvmSim
         | Scenario::NestedLinux
         | Scenario::Multiboot1
         | Scenario::Multiboot2

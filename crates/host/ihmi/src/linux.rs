@@ -29,7 +29,8 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0,115200 nokaslr panic=-1";
 
 /// The programs a Linux guest may run unless `--allow` says otherwise, named by their files in the
 /// initramfs, allowed by their content: busybox (the shell that runs /init, and every applet, which
-/// are links to it), our workload programs, and nothing else: `ihmi-intruder` is refused.
+/// are links to it), our workload programs (and in the `l1` kernel's initramfs its VMM), and nothing
+/// else: `ihmi-intruder` is refused.
 pub const DEFAULT_ALLOW: &str =
     "/bin/busybox,/bin/ihmi-workload,/bin/ihmi-attack,/bin/ihmi-bench,/bin/ihmi-poweroff";
 
@@ -252,7 +253,13 @@ pub fn prepare(layout: &Layout, guest: &GuestOptions) -> Result<LinuxImages> {
         &attacker_map(&system_map)?,
         l1.then_some(kernel.as_path()),
     )?;
-    let identities = files.identities(&guest.allow)?;
+    // The default allow-list names the guest hypervisor's VMM too where the initramfs has it.
+    let allow = if l1 && guest.allow == DEFAULT_ALLOW {
+        format!("{DEFAULT_ALLOW},/bin/{L1_VMM}")
+    } else {
+        guest.allow.clone()
+    };
+    let identities = files.identities(&allow)?;
     Ok(LinuxImages {
         kernel_profile: guest.profile,
         kernel,

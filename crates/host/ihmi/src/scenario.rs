@@ -93,6 +93,10 @@ pub fn kernel_args(name: &str) -> &'static str {
         Some(ihmi_abi::Scenario::NestedKvm | ihmi_abi::Scenario::NestedKvmShadow) => {
             "ihmi.nested=kvm kvm_intel.ept=0 kvm_intel.nested=0"
         }
+        // The same KVM, after /init's workload under the in-box monitors.
+        Some(ihmi_abi::Scenario::NestedKvmSim) => {
+            "ihmi.nested=kvm-sim kvm_intel.ept=0 kvm_intel.nested=0"
+        }
         // KVM on EPT, which L0 offers this one.
         Some(ihmi_abi::Scenario::NestedKvmEpt) => {
             "ihmi.nested=kvm kvm_intel.ept=1 kvm_intel.nested=0"
@@ -306,7 +310,8 @@ mod tests {
                 "nested-mini-ept",
                 "nested-kvm",
                 "nested-kvm-shadow",
-                "nested-kvm-ept"
+                "nested-kvm-ept",
+                "nested-kvm-sim"
             ]
         );
         // The slow one is known, runs by name and is not in the default set.

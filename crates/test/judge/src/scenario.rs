@@ -217,6 +217,10 @@ pub struct ScenarioLog {
     pub l1_checks_failed: Option<u64>,
     /// `nested-linux`: what the L1 VMM relayed of its Linux L2.
     pub l2_linux: L2Linux,
+    /// `nested-kvm-sim`: the exec monitor let the L1 VMM start (allowed executions of it), and the
+    /// system-call monitor saw its `ioctl`s (to KVM).
+    pub vmm_execs_allowed: u64,
+    pub vmm_ioctls: u64,
     /// `multiboot1`/`multiboot2`: the digest of what L0 handed the kernel (L0 sets it at boot)...
     pub multiboot_handed: Option<u64>,
     /// How many modules L0 moved out of the multiboot kernel's way (L0 sets it at boot).
@@ -399,6 +403,18 @@ impl ScenarioLog {
                 digest: (event.detail >> ihmi_monitor::event::EXEC_IDENTITY_SHIFT == 0)
                     .then_some(event.args),
             });
+        }
+        if event.kind() == Some(EventKind::Exec)
+            && ihmi_monitor::event::nul_padded(&event.path) == LINUX_L1_VMM_PATH
+            && event.verdict == ihmi_abi::monitor::Verdict::Allow as i32
+        {
+            self.vmm_execs_allowed += 1;
+        }
+        if event.kind() == Some(EventKind::Syscall)
+            && comm == LINUX_L1_VMM
+            && event.nr == LINUX_IOCTL_NR
+        {
+            self.vmm_ioctls += 1;
         }
         let by_attacker = event.kind() == Some(EventKind::Syscall) && comm == b"ihmi-attack";
         if by_attacker && event.detail & ihmi_monitor::event::SYSCALL_EXEC_MAPPING != 0 {
@@ -883,6 +899,18 @@ fn check(
         Scenario::NestedKvmEpt => {
             check_nested_kvm(log, NESTED_MAX_ROUND_TRIP_SHADOW)?;
             check_nested_ept(log)
+        }
+        // The in-box monitors saw L1's workload as in `linux-sim`, and KVM ran its L2 as in
+        // `nested-kvm-shadow`: one does not get in the other's way.
+        Scenario::NestedKvmSim => {
+            check_linux_sim(log)?;
+            check_nested_kvm(log, NESTED_MAX_ROUND_TRIP_SHADOW)?;
+            if log.vmm_execs_allowed == 0 || log.vmm_ioctls == 0 {
+                return Err(FailReason::NestedRun(
+                    "the in-box monitors did not see the L1 VMM start (allowed) and drive KVM (ioctl)",
+                ));
+            }
+            Ok(())
         }
         Scenario::NestedLinux => check_nested_linux(log),
         Scenario::Multiboot1 | Scenario::Multiboot2 => check_multiboot(log),
@@ -1681,6 +1709,11 @@ fn parse_decimal(digits: &[u8]) -> Option<u64> {
 pub const LINUX_WORKLOAD: (&str, [u64; 3]) = ("ihmi-workload", [110, 102, 104]);
 /// Where /init runs it from.
 pub const LINUX_WORKLOAD_PATH: &[u8] = b"/bin/ihmi-workload";
+/// The guest hypervisor's VMM, where /init runs it from and its name once running, and the system
+/// call it drives KVM with (`ioctl`, x86-64).
+pub const LINUX_L1_VMM_PATH: &[u8] = b"/bin/ihmi-l1-vmm";
+pub const LINUX_L1_VMM: &[u8] = b"ihmi-l1-vmm";
+pub const LINUX_IOCTL_NR: u64 = 16;
 /// The program /init runs that the allow-list does not name, and its name once running.
 pub const LINUX_INTRUDER_PATH: &[u8] = b"/bin/ihmi-intruder";
 pub const LINUX_INTRUDER: &[u8] = b"ihmi-intruder";

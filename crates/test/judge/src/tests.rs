@@ -1896,3 +1896,48 @@ fn a_user_kernel_passes_when_it_ends_itself_with_success() {
         );
     }
 }
+
+#[test]
+fn nested_kvm_sim_counts_the_vmm_start_and_its_ioctls_only() {
+    use crate::scenario::{LINUX_IOCTL_NR, LINUX_L1_VMM, LINUX_L1_VMM_PATH};
+    use ihmi_monitor::event::EventKind;
+    let mut log = crate::ScenarioLog::default();
+    let event = |kind: EventKind, comm: &[u8], path: &[u8], nr: u64, allow: bool| {
+        let mut e = ihmi_monitor::Event {
+            kind: kind as u16,
+            nr,
+            verdict: if allow {
+                ihmi_abi::monitor::Verdict::Allow as i32
+            } else {
+                ihmi_abi::monitor::Verdict::Deny as i32
+            },
+            ..ihmi_monitor::Event::EMPTY
+        };
+        e.comm[..comm.len()].copy_from_slice(comm);
+        e.path[..path.len()].copy_from_slice(path);
+        e
+    };
+    for e in [
+        event(EventKind::Exec, b"init", LINUX_L1_VMM_PATH, 0, true),
+        event(EventKind::Exec, b"init", LINUX_L1_VMM_PATH, 0, false),
+        event(EventKind::Exec, b"init", b"/bin/ihmi-l1-vmmx", 0, true),
+        event(EventKind::Syscall, LINUX_L1_VMM, b"", LINUX_IOCTL_NR, true),
+        event(
+            EventKind::Syscall,
+            LINUX_L1_VMM,
+            b"",
+            LINUX_IOCTL_NR + 1,
+            true,
+        ),
+        event(
+            EventKind::Syscall,
+            b"ihmi-workload",
+            b"",
+            LINUX_IOCTL_NR,
+            true,
+        ),
+    ] {
+        log.record_monitor_event(&e);
+    }
+    assert_eq!((log.vmm_execs_allowed, log.vmm_ioctls), (1, 1));
+}
