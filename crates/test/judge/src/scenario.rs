@@ -61,6 +61,9 @@ pub struct NestedLog {
     pub ept_fills: u64,
     /// L1's INVEPTs that succeeded.
     pub invepts: u64,
+    /// L1's INVVPIDs that succeeded (a guest hypervisor that took the VPID offered with nested
+    /// EPT makes them).
+    pub invvpids: u64,
     /// The reason of the last reflected exit: the round trip L0 reports at the next entry is its.
     last_reflected: Option<ExitReason>,
     /// The round trips of reflected CPUID exits alone (NESTED.md A.6's measure): count, sum,
@@ -291,6 +294,7 @@ impl ScenarioLog {
                 match (instruction, outcome) {
                     (VmxInstruction::Vmxoff, VmxOutcome::Succeed) => self.vmxoffs += 1,
                     (VmxInstruction::Invept, VmxOutcome::Succeed) => self.nested.invepts += 1,
+                    (VmxInstruction::Invvpid, VmxOutcome::Succeed) => self.nested.invvpids += 1,
                     _ => {}
                 }
                 self.vmx.push(VmxStep(instruction, outcome));
@@ -898,7 +902,14 @@ fn check(
         Scenario::NestedKvmShadow => check_nested_kvm(log, NESTED_MAX_ROUND_TRIP_SHADOW),
         Scenario::NestedKvmEpt => {
             check_nested_kvm(log, NESTED_MAX_ROUND_TRIP_SHADOW)?;
-            check_nested_ept(log)
+            check_nested_ept(log)?;
+            // KVM took the VPID offered with nested EPT: it invalidates by VPID.
+            if log.nested.invvpids == 0 {
+                return Err(FailReason::NestedRun(
+                    "KVM made no INVVPID: it did not take the VPID L0 offers with nested EPT",
+                ));
+            }
+            Ok(())
         }
         // The in-box monitors saw L1's workload as in `linux-sim`, and KVM ran its L2 as in
         // `nested-kvm-shadow`: one does not get in the other's way.

@@ -1462,74 +1462,81 @@ fn nested_kvm_passes_only_for_the_whole_probe_at_the_target_cost() {
     // `cpuids` CPUID exits reflected, each `per` L0 exits to its VMRESUME; a report line; KVM's
     // VMXOFF; an alert if asked.
     // With nested EPT, `(reflected, filled, invepts)`: EPT violations of L2's and L1's INVEPTs.
-    let run_ept = |scenario: Scenario,
-                   report: &str,
-                   cpuids: u64,
-                   per: u64,
-                   vmxoff: bool,
-                   (reflected_ept, fills, invepts): (u64, u64, u64)| {
-        let mut h = hv(scenario);
-        let log = &mut h.judge.log;
-        let task = ihmi_hv::linux::TaskInfo {
-            task: 0xffff_8880_0000_0000,
-            pid: 1,
-            tgid: 1,
-            ppid: 0,
-            comm: *b"ihmi-poweroff\0\0\0",
-        };
-        log.record(&Observation::DebugLine {
-            line: report.as_bytes(),
-            exits: 0,
-        });
-        log.record(&Observation::L2Entry {
-            launch: true,
-            round_trip: None,
-        });
-        for _ in 0..cpuids {
+    let run_ept =
+        |scenario: Scenario,
+         report: &str,
+         cpuids: u64,
+         per: u64,
+         vmxoff: bool,
+         (reflected_ept, fills, invepts, invvpids): (u64, u64, u64, u64)| {
+            let mut h = hv(scenario);
+            let log = &mut h.judge.log;
+            let task = ihmi_hv::linux::TaskInfo {
+                task: 0xffff_8880_0000_0000,
+                pid: 1,
+                tgid: 1,
+                ppid: 0,
+                comm: *b"ihmi-poweroff\0\0\0",
+            };
+            log.record(&Observation::DebugLine {
+                line: report.as_bytes(),
+                exits: 0,
+            });
+            log.record(&Observation::L2Entry {
+                launch: true,
+                round_trip: None,
+            });
+            for _ in 0..cpuids {
+                log.record(&Observation::L2Exit {
+                    reason: ExitReason::Cpuid,
+                    reflected: true,
+                });
+                log.record(&Observation::L2Entry {
+                    launch: false,
+                    round_trip: Some(per),
+                });
+            }
+            // A #PF of KVM's shadow paging costs more; it is not a CPUID's.
             log.record(&Observation::L2Exit {
-                reason: ExitReason::Cpuid,
+                reason: ExitReason::ExceptionOrNmi,
                 reflected: true,
             });
             log.record(&Observation::L2Entry {
                 launch: false,
-                round_trip: Some(per),
+                round_trip: Some(40),
             });
-        }
-        // A #PF of KVM's shadow paging costs more; it is not a CPUID's.
-        log.record(&Observation::L2Exit {
-            reason: ExitReason::ExceptionOrNmi,
-            reflected: true,
-        });
-        log.record(&Observation::L2Entry {
-            launch: false,
-            round_trip: Some(40),
-        });
-        for (count, reflected) in [(reflected_ept, true), (fills, false)] {
-            for _ in 0..count {
-                log.record(&Observation::L2Exit {
-                    reason: ExitReason::EptViolation,
-                    reflected,
+            for (count, reflected) in [(reflected_ept, true), (fills, false)] {
+                for _ in 0..count {
+                    log.record(&Observation::L2Exit {
+                        reason: ExitReason::EptViolation,
+                        reflected,
+                    });
+                }
+            }
+            for _ in 0..invepts {
+                log.record(&Observation::Vmx {
+                    instruction: VmxInstruction::Invept,
+                    outcome: VmxOutcome::Succeed,
                 });
             }
-        }
-        for _ in 0..invepts {
-            log.record(&Observation::Vmx {
-                instruction: VmxInstruction::Invept,
-                outcome: VmxOutcome::Succeed,
-            });
-        }
-        if vmxoff {
-            log.record(&Observation::Vmx {
-                instruction: VmxInstruction::Vmxoff,
-                outcome: VmxOutcome::Succeed,
-            });
-        }
-        log.end = Some(GuestEnd::ShutdownRequest);
-        log.end_task = Some(Ok(task));
-        judge(scenario, log, &h.hv.counters, Gpa::new(0), None)
-    };
+            if vmxoff {
+                log.record(&Observation::Vmx {
+                    instruction: VmxInstruction::Vmxoff,
+                    outcome: VmxOutcome::Succeed,
+                });
+            }
+            for _ in 0..invvpids {
+                log.record(&Observation::Vmx {
+                    instruction: VmxInstruction::Invvpid,
+                    outcome: VmxOutcome::Succeed,
+                });
+            }
+            log.end = Some(GuestEnd::ShutdownRequest);
+            log.end_task = Some(Ok(task));
+            judge(scenario, log, &h.hv.counters, Gpa::new(0), None)
+        };
     let run = |scenario: Scenario, report: &str, cpuids: u64, per: u64, vmxoff: bool| {
-        run_ept(scenario, report, cpuids, per, vmxoff, (0, 0, 0))
+        run_ept(scenario, report, cpuids, per, vmxoff, (0, 0, 0, 0))
     };
     let good = "l2: ihmi-l2: cpuid=1000 vendor=GenuineIntel pages=256 bad=0";
     let n = ihmi_abi::NESTED_KVM_CPUIDS;
@@ -1539,12 +1546,13 @@ fn nested_kvm_passes_only_for_the_whole_probe_at_the_target_cost() {
         Verdict::Pass
     );
     let pages = ihmi_abi::NESTED_KVM_PAGES;
-    let ept = |v: (u64, u64, u64)| run_ept(Scenario::NestedKvmEpt, good, n, 2, true, v);
-    assert_eq!(ept((pages + 4, pages + 5, 1)), Verdict::Pass);
+    let ept = |v: (u64, u64, u64, u64)| run_ept(Scenario::NestedKvmEpt, good, n, 2, true, v);
+    assert_eq!(ept((pages + 4, pages + 5, 1, 1)), Verdict::Pass);
     for short in [
-        (pages - 1, pages, 1),
-        (pages, pages - 1, 1),
-        (pages, pages, 0),
+        (pages - 1, pages, 1, 1),
+        (pages, pages - 1, 1, 1),
+        (pages, pages, 0, 1),
+        (pages, pages, 1, 0),
     ] {
         assert!(matches!(ept(short), Verdict::Fail(_)), "{short:?}");
     }

@@ -59,6 +59,12 @@ const MISC_STORE_LMA: u64 = 1 << 5;
 // paging structures, INVEPT with single- and all-context types. No large pages, no accessed/dirty
 // flags: EPT02 is built 4 KiB at a time.
 const EPT_CAP_NESTED: u64 = (1 << 0) | (1 << 6) | (1 << 14) | (1 << 20) | (1 << 25) | (1 << 26);
+/// The VPID half of IA32_VMX_EPT_VPID_CAP offered with it: INVVPID (bit 32) with all four types
+/// (individual-address 40, single-context 41, all-context 42, single-context retaining globals 43).
+/// VPIDs are emulated, not the CPU's: L0 runs every VMCS, VMCS02 included, without VPID, so every
+/// VM entry and exit already flushes the linear and combined mappings L2 could have left (SDM
+/// 29.4.3.3); L1's INVVPID then only has to be checked, and L2 never sees a stale translation.
+pub const EPT_VPID_CAP_VPID: u64 = (1 << 32) | (1 << 40) | (1 << 41) | (1 << 42) | (1 << 43);
 
 /// The pin-based controls L0 offers: what it forwards to L2's VMCS (external interrupts, NMIs,
 /// virtual NMIs).
@@ -96,10 +102,12 @@ fn proc_policy(features: NestedFeatures) -> PrimaryControls {
     }
 }
 
-/// The secondary controls L0 offers with nested EPT: EPT, and the instructions that only pass
-/// through (RDTSCP, INVPCID, XSAVES/XRSTORS). Never VM functions, VMCS shadowing or VPID (not built).
+/// The secondary controls L0 offers with nested EPT: EPT, VPID (emulated: see [`EPT_VPID_CAP_VPID`]),
+/// and the instructions that only pass through (RDTSCP, INVPCID, XSAVES/XRSTORS). Never VM functions
+/// or VMCS shadowing.
 fn proc2_policy() -> SecondaryControls {
     SecondaryControls::ENABLE_EPT
+        | SecondaryControls::ENABLE_VPID
         | SecondaryControls::ENABLE_RDTSCP
         | SecondaryControls::ENABLE_INVPCID
         | SecondaryControls::ENABLE_XSAVES_XRSTORS
@@ -196,7 +204,9 @@ impl VirtualVmx {
         let (proc2, ept_vpid_cap) = match features {
             NestedFeatures::ShadowPaging => (0, 0),
             NestedFeatures::NestedEpt => {
-                let proc2 = proc2_policy().bits() & allowed1(msr::IA32_VMX_PROCBASED_CTLS2);
+                // VPID is offered whatever the CPU has: L0 emulates it without the CPU's.
+                let proc2 = (proc2_policy().bits() & allowed1(msr::IA32_VMX_PROCBASED_CTLS2))
+                    | SecondaryControls::ENABLE_VPID.bits();
                 let needed = SecondaryControls::ENABLE_EPT.bits();
                 let cap = host.raw_msr(msr::IA32_VMX_EPT_VPID_CAP).unwrap_or(0);
                 if proc2 & needed == 0 || cap & EPT_CAP_NESTED != EPT_CAP_NESTED {
@@ -205,7 +215,7 @@ impl VirtualVmx {
                         missing: needed,
                     });
                 }
-                (control(proc2, 0), EPT_CAP_NESTED)
+                (control(proc2, 0), EPT_CAP_NESTED | EPT_VPID_CAP_VPID)
             }
         };
         let max_index = fields::ALL.iter().map(|f| f.index()).max().unwrap_or(0);

@@ -131,6 +131,10 @@ fn check_controls(v: &Vmcs12, offer: &VirtualVmx) -> Result<(), &'static str> {
         if proc2 & ept != 0 && !super::ept::eptp_valid(read(v, control::EPTP_FULL)) {
             return Err("EPTP not one the offer supports (write-back, 4 levels, no A/D flags)");
         }
+        let vpid = u64::from(ihmi_vmcs::SecondaryControls::ENABLE_VPID.bits());
+        if proc2 & vpid != 0 && read(v, control::VPID) == 0 {
+            return Err("VPID enabled with VPID 0 (SDM 27.2.1.1)");
+        }
     }
     let cr3_targets = (cap(msr::IA32_VMX_MISC) >> 16) & 0x1ff;
     if read(v, control::CR3_TARGET_COUNT) > cr3_targets {

@@ -165,11 +165,44 @@ fn every_offer_is_one_linux_6_1_kvm_loads_on() {
             0,
             "no VM functions, no VMCS shadowing"
         );
+        // VPID exactly with nested EPT, with what hardware_setup keeps it for: INVVPID with the
+        // single- or the all-context type.
+        let cap = v.read_msr(msr::IA32_VMX_EPT_VPID_CAP).unwrap_or(0);
+        let vpid =
+            kvm.proc2 & PROC2_VPID != 0 && cap & (1 << 32) != 0 && cap & (1 << 41 | 1 << 42) != 0;
+        assert_eq!(vpid, features == NestedFeatures::NestedEpt, "{features:?}");
         assert_eq!(
-            (kvm.proc2 & PROC2_VPID, kvm.pin & (1 << 6 | 1 << 7)),
-            (0, 0)
+            kvm.pin & (1 << 6 | 1 << 7),
+            0,
+            "no posted interrupts, no timer"
         );
     }
+}
+
+#[test]
+fn invvpid_checks_its_descriptor_by_type() {
+    use crate::nested::vmx::invvpid;
+    const BAD: u32 = 28;
+    let canonical = 0xffff_8000_0000_1000;
+    // Individual-address: a VPID and a canonical address.
+    assert_eq!(invvpid(0, 5, canonical), Ok(()));
+    assert_eq!(invvpid(0, 0, canonical), Err(BAD));
+    assert_eq!(invvpid(0, 5, 0x0000_8000_0000_0000), Err(BAD));
+    // Single-context (and retaining globals): a VPID, any address.
+    for kind in [1, 3] {
+        assert_eq!(invvpid(kind, 1, 0x0000_8000_0000_0000), Ok(()));
+        assert_eq!(invvpid(kind, 0, 0), Err(BAD));
+    }
+    // All-context: nothing but the reserved bits.
+    assert_eq!(invvpid(2, 0, 0x0000_8000_0000_0000), Ok(()));
+    for kind in 0..4 {
+        assert_eq!(
+            invvpid(kind, 1 << 16 | 1, canonical),
+            Err(BAD),
+            "bits 63:16"
+        );
+    }
+    assert_eq!(invvpid(4, 1, canonical), Err(BAD));
 }
 
 #[test]
@@ -788,6 +821,30 @@ mod entry_checks {
         )
         .unwrap();
         assert_eq!(check(&gp, &o, true, true), Ok(()));
+    }
+
+    #[test]
+    fn vpid_comes_with_nested_ept_and_needs_a_nonzero_vpid() {
+        let o = VirtualVmx::offer(&host_caps(&[]), NestedFeatures::NestedEpt).unwrap();
+        let mut v = good(&o);
+        let proc = v.read(control::PRIMARY_PROCBASED_EXEC_CONTROLS).unwrap();
+        v.write(control::PRIMARY_PROCBASED_EXEC_CONTROLS, proc | 1 << 31)
+            .unwrap();
+        v.write(control::SECONDARY_PROCBASED_EXEC_CONTROLS, 1 << 5)
+            .unwrap();
+        assert_eq!(
+            check(&v, &o, true, true).map_err(EntryRefusal::instruction_error),
+            Err(7),
+            "VPID 0"
+        );
+        v.write(control::VPID, 1).unwrap();
+        assert_eq!(check(&v, &o, true, true), Ok(()));
+        // Without nested EPT there are no secondary controls to turn it on with.
+        let shadow = offer();
+        assert_eq!(
+            check(&v, &shadow, true, true).map_err(EntryRefusal::instruction_error),
+            Err(7)
+        );
     }
 }
 
@@ -1633,6 +1690,40 @@ mod running_l2 {
         h.handle_exit(&mut inv3, &mut p);
         let v = h.hv.nested.as_mut().unwrap().test_current().unwrap();
         assert_eq!(v.read(super::super::vmcs12::VM_INSTRUCTION_ERROR), Ok(28));
+        // INVVPID (exit 53), offered with nested EPT: the descriptor (VPID, then the address) read
+        // through the guest's page tables, checked, and nothing else to do.
+        let invvpid = |kind: u64, vpid: u64, address: u64, p: &mut MockPlatform| {
+            p.write_u64(0x6000, vpid);
+            p.write_u64(0x6008, address);
+            let mut inv = invept(kind);
+            inv.fields.insert(ro::EXIT_REASON, 53);
+            inv
+        };
+        for (kind, vpid, address, ok) in [
+            (0, 1, 0xffff_8000_0000_0000, true),
+            (1, 1, 0, true),
+            (2, 0, 0, true),
+            (3, 7, 0, true),
+            (0, 1, 0x0000_8000_0000_0000, false),
+            (1, 0, 0, false),
+            (2, 1 << 16, 0, false),
+            (4, 1, 0, false),
+        ] {
+            let mut inv = invvpid(kind, vpid, address, &mut p);
+            assert_eq!(h.handle_exit(&mut inv, &mut p), Action::Resume);
+            let flags = inv.fields[&guest::RFLAGS] & 0x41;
+            let v = h.hv.nested.as_mut().unwrap().test_current().unwrap();
+            let error = v.read(super::super::vmcs12::VM_INSTRUCTION_ERROR);
+            if ok {
+                assert_eq!(flags, 0, "VMsucceed: type {kind}, VPID {vpid:#x}");
+            } else {
+                assert_eq!(
+                    (flags, error),
+                    (0x40, Ok(28)),
+                    "type {kind}, VPID {vpid:#x}"
+                );
+            }
+        }
         // L2 reaching L0's frame through EPT12: L0's violation at that frame, naming it.
         let resume = vmresume();
         let vmcs02 = enter(&mut h, &mut p, resume);

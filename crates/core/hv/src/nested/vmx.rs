@@ -8,7 +8,8 @@
 //! blocking, the controls and the host state: [`super::entry`]) and fail valid as the SDM says; then
 //! the guest-state checks, which fail with an exit to L1; an entry that passes them all runs L2
 //! ([`super::run`], [`super::l2`]). INVEPT empties EPT02 (`super::ept`) where the offer has nested
-//! EPT and is #UD elsewhere; INVVPID is #UD: no offer has VPID.
+//! EPT and is #UD elsewhere; INVVPID, offered with it, checks its operands and succeeds (VPIDs are
+//! emulated: `super::caps::EPT_VPID_CAP_VPID`).
 //!
 //! VMfail (SDM 31.2) is VMfailValid with the error number in the current VMCS12 when there is one,
 //! VMfailInvalid otherwise.
@@ -438,13 +439,12 @@ impl Hypervisor {
         // Common to all: no VMX outside protected mode, in virtual-8086 mode or compatibility mode
         // (the CPU checks those, and a register operand of VMXON, before it exits; they are checked
         // again here for the state the guest sees); VMXON also needs CR4.VMXE as the guest set it,
-        // the others VMX operation. INVEPT exists only with nested EPT offered; the offer has no
-        // VPID, so INVVPID does not exist for the guest.
+        // the others VMX operation. INVEPT and INVVPID exist only with nested EPT offered (VPID
+        // comes with it).
         let ept_offered = nested.offer().features() == super::caps::NestedFeatures::NestedEpt;
         let entered = match instruction {
             VmxInstruction::Vmxon => cr4 & CR4_VMXE != 0,
-            VmxInstruction::Invept => in_vmx && ept_offered,
-            VmxInstruction::Invvpid => false,
+            VmxInstruction::Invept | VmxInstruction::Invvpid => in_vmx && ept_offered,
             _ => in_vmx,
         };
         if !entered || cr0 & CR0_PE == 0 || vcpu.read(guest::RFLAGS) & RFLAGS_VM != 0 || compat_mode
@@ -593,7 +593,22 @@ impl Hypervisor {
                 };
                 self.invept(platform, kind, eptp)
             }
-            VmxInstruction::Invvpid => ud,
+            VmxInstruction::Invvpid => {
+                // The type first (SDM 31.3 INVVPID: a type the capability MSR lacks fails before
+                // the descriptor is read), then the descriptor: VPID in bits 15:0, bits 63:16 zero,
+                // the linear address in bits 127:64.
+                let kind = gpr(vcpu, Gpr::from_number(info.reg2()));
+                if kind > 3 || super::caps::EPT_VPID_CAP_VPID & (1 << (40 + kind)) == 0 {
+                    return self.fail_nested(error::INVEPT_INVALID_OPERAND);
+                }
+                let low = self.read_operand(vcpu, platform, info, displacement, 8);
+                let high = self.read_operand(vcpu, platform, info, displacement.wrapping_add(8), 8);
+                let (Some(low), Some(address)) = (low, high) else {
+                    return gp;
+                };
+                invvpid(kind, low, address)
+                    .map_or_else(|e| self.fail_nested(e), |()| VmxOutcome::Succeed)
+            }
         }
     }
 
@@ -928,4 +943,24 @@ fn load_region(platform: &impl Platform, gpa: Gpa) -> Vmcs12 {
 fn save_region(platform: &mut impl Platform, gpa: Gpa, v: &Vmcs12) {
     // The region is a whole page of guest RAM (checked when it was loaded or cleared).
     let _ = platform.write_guest(Gpa::new(gpa.raw() + SAVED_AT as u64), &v.save());
+}
+
+/// INVVPID's descriptor checks for `kind` (SDM 31.3 INVVPID, "Operation"): bits 63:16 of the
+/// descriptor's first quadword must be zero; an individual-address invalidation needs a VPID and a
+/// canonical address, the single-context ones a VPID. Nothing is left to invalidate after them:
+/// VPIDs are emulated (`super::caps::EPT_VPID_CAP_VPID`). The error is the VMfail number.
+pub(crate) fn invvpid(kind: u64, descriptor: u64, address: u64) -> Result<(), u32> {
+    let vpid = descriptor & 0xffff;
+    let ok = descriptor >> 16 == 0
+        && match kind {
+            0 => vpid != 0 && ihmi_arch::is_canonical(address),
+            1 | 3 => vpid != 0,
+            2 => true,
+            _ => false,
+        };
+    if ok {
+        Ok(())
+    } else {
+        Err(error::INVEPT_INVALID_OPERAND)
+    }
 }
