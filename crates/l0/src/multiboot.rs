@@ -7,6 +7,7 @@
 
 use ihmi_abi::multiboot::Handed;
 use ihmi_addr::{Gpa, GpaRange, Hpa, HpaRange, PAGE_SIZE};
+use ihmi_hv::memory::RoomError;
 use ihmi_hv::MemoryMap;
 use ihmi_linux::place::{self, FirmwareRange};
 use ihmi_linux::E820_MAX;
@@ -73,71 +74,63 @@ pub fn make_room(boot: &mut BootInfo) -> Result<HpaRange, LoadError> {
             owner: None,
         })?;
     let span = HpaRange::new(Hpa::new(low).align_down(PAGE_SIZE), Hpa::new(end));
+    // The boot information (index 1) was read and copied already: it may simply go.
+    if let Some(info) = boot
+        .owned
+        .as_slice()
+        .get(1)
+        .copied()
+        .filter(|r| r.overlaps(&span))
+    {
+        boot.owned.set(1, HpaRange::new(info.start, info.start));
+        log!("multiboot: the kernel loads over GRUB's boot information; L0 has read it");
+    }
     let owned = boot.owned;
-    for (i, r) in owned.as_slice().iter().enumerate() {
-        if !r.overlaps(&span) {
+    let in_the_way = |i: usize| {
+        let r = owned.as_slice()[i];
+        LoadError::MultibootPlacement {
+            start: low,
+            end: high,
+            owner: Some(GpaRange::new(
+                Gpa::new(r.start.raw()),
+                Gpa::new(r.end.raw()),
+            )),
+        }
+    };
+    // L0's image (index 0) cannot move.
+    let moves = ihmi_hv::memory::make_room::<Hpa, { crate::boot_info::MAX_OWNED }>(
+        boot.available.as_slice(),
+        owned.as_slice(),
+        span,
+        PAGE_SIZE,
+        &[0],
+    )
+    .map_err(|e| match e {
+        RoomError::Fixed(i) | RoomError::NoRoom(i) => in_the_way(i),
+    })?;
+    for (i, to) in moves.iter().enumerate() {
+        let (Some(to), Some(r)) = (to, owned.as_slice().get(i)) else {
             continue;
-        }
-        match i {
-            // L0's image.
-            0 => {
-                return Err(LoadError::MultibootPlacement {
-                    start: low,
-                    end: high,
-                    owner: Some(GpaRange::new(
-                        Gpa::new(r.start.raw()),
-                        Gpa::new(r.end.raw()),
-                    )),
-                })
-            }
-            // The boot information: read and copied already.
-            1 => {
-                boot.owned.set(i, HpaRange::new(r.start, r.start));
-                log!("multiboot: the kernel loads over GRUB's boot information; L0 has read it");
-            }
-            _ => {
-                let len = r.len();
-                let mut taken = boot.owned;
-                taken.push(span).map_err(|_| LoadError::TooManyModules {
-                    max: crate::boot_info::MAX_OWNED - 3,
-                })?;
-                let size = len.div_ceil(PAGE_SIZE) * PAGE_SIZE;
-                let to = ihmi_hv::memory::choose_pool(
-                    boot.available.as_slice(),
-                    taken.as_slice(),
-                    size,
-                    PAGE_SIZE,
-                )
-                .ok_or(LoadError::MultibootPlacement {
-                    start: low,
-                    end: high,
-                    owner: Some(GpaRange::new(
-                        Gpa::new(r.start.raw()),
-                        Gpa::new(r.end.raw()),
-                    )),
-                })?;
-                let (from, dst) = (r.start.raw() as *const u8, to.start.raw() as *mut u8);
-                // SAFETY: `r` is a module GRUB loaded, L0's (in `owned`), read only through the slices
-                // in `boot.modules`, which `relocate` replaces below; `to` is free RAM below 4 GiB
-                // (available, overlapping nothing owned, identity-mapped), so the two do not overlap
-                // and nothing else refers to `to`.
-                unsafe { core::ptr::copy_nonoverlapping(from, dst, len as usize) };
-                // SAFETY: `to` now holds the module's `len` bytes, L0's from here on (in `owned`), never
-                // written again.
-                let moved: &'static [u8] =
-                    unsafe { core::slice::from_raw_parts(dst.cast_const(), len as usize) };
-                boot.modules.relocate(r.start.raw(), moved);
-                boot.modules_moved += 1;
-                boot.owned
-                    .set(i, HpaRange::new(to.start, Hpa::new(to.start.raw() + len)));
-                log!(
-                    "multiboot: module {:#x}..{:#x} moved to {:#x} (the kernel loads there)",
-                    r.start.raw(),
-                    r.end.raw(),
-                    to.start.raw()
-                );
-            }
-        }
+        };
+        let len = r.len() as usize;
+        let (from, dst) = (r.start.raw() as *const u8, to.start.raw() as *mut u8);
+        // SAFETY: `r` is a module GRUB loaded, L0's (in `owned`), read only through the slices in
+        // `boot.modules`, which `relocate` replaces below; `to` is free RAM below 4 GiB (available,
+        // clear of everything owned, of the span and of the other moves; identity-mapped), so the
+        // two do not overlap and nothing else refers to `to`.
+        unsafe { core::ptr::copy_nonoverlapping(from, dst, len) };
+        // SAFETY: `to` now holds the module's `len` bytes, L0's from here on (in `owned`), never
+        // written again.
+        let moved: &'static [u8] = unsafe { core::slice::from_raw_parts(dst.cast_const(), len) };
+        boot.modules.relocate(r.start.raw(), moved);
+        boot.modules_moved += 1;
+        boot.owned.set(i, *to);
+        log!(
+            "multiboot: module {:#x}..{:#x} moved to {:#x} (the kernel loads there)",
+            r.start.raw(),
+            r.end.raw(),
+            to.start.raw()
+        );
     }
     Ok(span)
 }

@@ -269,8 +269,81 @@ pub fn choose_pool<A: Address>(
     best
 }
 
+/// Why [`make_room`] could not free a span.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RoomError {
+    /// `taken[index]` overlaps the span and may not move.
+    Fixed(usize),
+    /// No free place of `taken[index]`'s size is left for it.
+    NoRoom(usize),
+}
+
+/// Frees `span` of what `taken` holds (a multiboot kernel's load span, where the boot loader put
+/// its modules): every range of `taken` that overlaps `span` gets a new place of its size (rounded
+/// up to `align`) in `available`, the highest free one ([`choose_pool`]), clear of `taken`, of
+/// `span` and of the places already given. `fixed` ranges (by index) cannot move: one in the way
+/// is an error. Returns the new place of each range of `taken` by index (`None`: it stays); at
+/// most `N` ranges are looked at, and `taken` must have no more.
+pub fn make_room<A: Address, const N: usize>(
+    available: &[Range<A>],
+    taken: &[Range<A>],
+    span: Range<A>,
+    align: u64,
+    fixed: &[usize],
+) -> Result<[Option<Range<A>>; N], RoomError> {
+    let empty = Range::new(A::from_raw(0), A::from_raw(0));
+    let mut moves = [None; N];
+    // What no new place may overlap: `taken` as it was (a move copies from there), the span, the
+    // places already given.
+    let mut busy = heapless_pieces::Busy::<A>::new(empty);
+    for r in taken.iter().copied().chain([span]) {
+        busy.push(r).ok_or(RoomError::NoRoom(0))?;
+    }
+    for (i, r) in taken.iter().enumerate().take(N) {
+        if !r.overlaps(&span) {
+            continue;
+        }
+        if fixed.contains(&i) {
+            return Err(RoomError::Fixed(i));
+        }
+        let len = r.end.to_raw() - r.start.to_raw();
+        let size = len.div_ceil(align) * align;
+        let to =
+            choose_pool(available, busy.as_slice(), size, align).ok_or(RoomError::NoRoom(i))?;
+        busy.push(to).ok_or(RoomError::NoRoom(i))?;
+        moves[i] = Some(Range::new(to.start, A::from_raw(to.start.to_raw() + len)));
+    }
+    Ok(moves)
+}
+
 mod heapless_pieces {
-    use ihmi_addr::GpaRange as PhysRange;
+    use ihmi_addr::{Address, GpaRange as PhysRange, Range};
+
+    /// Ranges no new place may overlap, for [`super::make_room`]: twice the input ranges and one.
+    pub struct Busy<A> {
+        items: [Range<A>; 2 * super::MAX_INPUT_RANGES + 1],
+        len: usize,
+    }
+
+    impl<A: Address> Busy<A> {
+        pub fn new(empty: Range<A>) -> Self {
+            Self {
+                items: [empty; 2 * super::MAX_INPUT_RANGES + 1],
+                len: 0,
+            }
+        }
+
+        /// Adds `r`; `None` if full.
+        pub fn push(&mut self, r: Range<A>) -> Option<()> {
+            *self.items.get_mut(self.len)? = r;
+            self.len += 1;
+            Some(())
+        }
+
+        pub fn as_slice(&self) -> &[Range<A>] {
+            &self.items[..self.len]
+        }
+    }
 
     /// As many pieces as a map has regions: cutting a map's regions out of one range never needs more.
     const MAX: usize = super::MAX_REGIONS;
@@ -550,6 +623,52 @@ mod tests {
         assert_eq!(
             m.add(range(0x100_0000, 0x100_1000), RegionKind::GuestRam),
             Err(MapError::Full)
+        );
+    }
+
+    #[test]
+    fn make_room_moves_what_lies_in_the_span_high_up_and_nothing_else() {
+        use ihmi_addr::{Hpa, HpaRange};
+        let r = |a: u64, b: u64| HpaRange::new(Hpa::new(a), Hpa::new(b));
+        let ram = [r(0x10_0000, 0x1000_0000)];
+        // L0 at 1 MiB, two modules inside the span [4 MiB, 16 MiB), one above it.
+        let taken = [
+            r(0x10_0000, 0x1c_0000),
+            r(0x4c_2000, 0x4f_cd80),
+            r(0x4f_d000, 0x4f_d016),
+            r(0x2000_0000, 0x2000_1000),
+        ];
+        let span = r(0x40_0000, 0x100_0000);
+        let moves = make_room::<Hpa, 8>(&ram, &taken, span, PAGE_SIZE, &[0]).unwrap();
+        assert_eq!(moves[0], None);
+        assert_eq!(moves[3], None, "not in the way");
+        let a = moves[1].unwrap();
+        let b = moves[2].unwrap();
+        assert_eq!(
+            a.end.raw() - a.start.raw(),
+            0x4f_cd80 - 0x4c_2000,
+            "its own length"
+        );
+        assert_eq!(b.end.raw() - b.start.raw(), 0x16);
+        assert_eq!(
+            a.start.raw(),
+            0x1000_0000 - 0x3b000,
+            "the highest page-aligned place"
+        );
+        for m in [a, b] {
+            assert!(m.start.is_aligned(PAGE_SIZE));
+            assert!(!m.overlaps(&span) && taken.iter().all(|t| !m.overlaps(t)));
+        }
+        assert!(!a.overlaps(&b), "two moves never share a place");
+        // L0 itself in the way cannot move; no room left is an error too.
+        assert_eq!(
+            make_room::<Hpa, 8>(&ram, &taken, r(0x18_0000, 0x20_0000), PAGE_SIZE, &[0]),
+            Err(RoomError::Fixed(0))
+        );
+        let tight = [r(0x40_0000, 0x100_0000)];
+        assert_eq!(
+            make_room::<Hpa, 8>(&tight, &taken, span, PAGE_SIZE, &[0]),
+            Err(RoomError::NoRoom(1))
         );
     }
 }
