@@ -188,7 +188,7 @@ impl fmt::Display for LoadError {
                     )?,
                     None => f.write_str("is below 1 MiB or not all RAM")?,
                 }
-                f.write_str("; link the kernel at 16 MiB or higher (L0 sits at 1 MiB), or give the machine more memory")
+                f.write_str("; link the kernel below 64 MiB (where L0 sits) or give it a smaller span, or give the machine more memory")
             }
             Self::NotGuestRam { gpa, len } => write!(
                 f,

@@ -75,14 +75,13 @@ pub fn make_room(boot: &mut BootInfo) -> Result<HpaRange, LoadError> {
         })?;
     let span = HpaRange::new(Hpa::new(low).align_down(PAGE_SIZE), Hpa::new(end));
     // The boot information (index 1) was read and copied already: it may simply go.
-    if let Some(info) = boot
+    if boot
         .owned
         .as_slice()
         .get(1)
-        .copied()
-        .filter(|r| r.overlaps(&span))
+        .is_some_and(|r| r.overlaps(&span))
     {
-        boot.owned.set(1, HpaRange::new(info.start, info.start));
+        boot.owned.remove(1);
         log!("multiboot: the kernel loads over GRUB's boot information; L0 has read it");
     }
     let owned = boot.owned;

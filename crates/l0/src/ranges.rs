@@ -31,6 +31,14 @@ impl<T: Copy + Default, const N: usize> List<T, N> {
         &self.items[..self.len]
     }
 
+    /// Removes item `i`, if it exists; the later ones move up one.
+    pub fn remove(&mut self, i: usize) {
+        if i < self.len {
+            self.items.copy_within(i + 1..self.len, i);
+            self.len -= 1;
+        }
+    }
+
     /// Replaces item `i` (which must exist).
     pub fn set(&mut self, i: usize, item: T) {
         if let Some(slot) = self.items[..self.len].get_mut(i) {

@@ -300,7 +300,7 @@ pub fn make_room<A: Address, const N: usize>(
         busy.push(r).ok_or(RoomError::NoRoom(0))?;
     }
     for (i, r) in taken.iter().enumerate().take(N) {
-        if !r.overlaps(&span) {
+        if r.start >= r.end || !r.overlaps(&span) {
             continue;
         }
         if fixed.contains(&i) {
@@ -640,6 +640,12 @@ mod tests {
         ];
         let span = r(0x40_0000, 0x100_0000);
         let moves = make_room::<Hpa, 8>(&ram, &taken, span, PAGE_SIZE, &[0]).unwrap();
+        let with_empty = [taken[0], r(0x50_0000, 0x50_0000)];
+        assert_eq!(
+            make_room::<Hpa, 8>(&ram, &with_empty, span, PAGE_SIZE, &[0]).unwrap()[1],
+            None,
+            "an empty range is in nobody's way"
+        );
         assert_eq!(moves[0], None);
         assert_eq!(moves[3], None, "not in the way");
         let a = moves[1].unwrap();

@@ -152,8 +152,8 @@ pub fn check_placement(bytes: &[u8], protocol: Option<u8>, l0: &[u8]) -> Result<
     if low < l0_high && l0_low < high {
         bail!(
             "it loads at {low:#x}..{high:#x}, over L0 itself ({l0_low:#x}..{l0_high:#x}; guest RAM is \
-             1:1, so a kernel cannot sit where L0 does); link it at {:#x} or higher (16 MiB is a \
-             safe choice)",
+             1:1, so a kernel cannot sit where L0 does); link it to end below {l0_low:#x} or start \
+             at {:#x} or higher",
             (l0_high + 0xf_ffff) & !0xf_ffff
         );
     }

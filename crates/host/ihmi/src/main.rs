@@ -81,9 +81,9 @@ enum Cmd {
         /// Kill Bochs and FAIL after this many seconds [default: 300, 1800 for the slow scenarios]
         #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
         timeout: Option<u64>,
-        /// Guest RAM in MiB
+        /// Guest RAM in MiB (L0 itself sits at 64 MiB)
         #[arg(long, value_name = "N", default_value_t = DEFAULT_MEGS,
-              value_parser = clap::value_parser!(u32).range(16..))]
+              value_parser = clap::value_parser!(u32).range(96..))]
         megs: u32,
         /// Do not stream the serial console (COM1)
         #[arg(long)]
