@@ -45,6 +45,9 @@ pub enum Observation<'a> {
         write: bool,
         faulted: bool,
     },
+    /// A guest hypervisor in VMX operation wrote its guest's value of a system-call entry MSR that
+    /// L0 locks for it (KVM loading L2's LSTAR or CSTAR): kept as L2's, loaded only while L2 runs.
+    L2EntryMsr { msr: u32 },
     /// XSETBV; `faulted` when the value was refused with #GP.
     Xsetbv { xcr0: u64, faulted: bool },
     /// An intercepted port access.

@@ -79,6 +79,9 @@ pub fn run(cpuids: u32) -> Result<ProbeReport> {
     vcpu::set_cpuid(&kvm, &vcpu)?;
     // No GDT in memory: the probe loads no selector.
     vcpu::set_long_mode(&vcpu, PML4, None)?;
+    // SYSCALL on, though the probe makes none: KVM loads its LSTAR (0) around each entry, a write
+    // of L2's LSTAR beside L1's, which L0 must keep apart when it locks L1's.
+    vcpu::enable_syscall(&vcpu)?;
     let regs = kvm_regs {
         rip: CODE,
         rsp: STACK_TOP,

@@ -18,6 +18,7 @@ const CR0_WP: u64 = 1 << 16;
 const CR0_PG: u64 = 1 << 31;
 // No OSXSAVE: with it clear, KVM leaves XCR0 alone around L2 entries (the Linux L2 sets its own).
 const CR4_PAE: u64 = 1 << 5;
+const EFER_SCE: u64 = 1 << 0;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 
@@ -97,6 +98,15 @@ pub fn set_long_mode(vcpu: &VcpuFd, cr3: u64, gdt: Option<(u64, u16)>) -> Result
     sregs.cr3 = cr3;
     sregs.cr4 = CR4_PAE;
     sregs.efer = EFER_LME | EFER_LMA;
+    vcpu.set_sregs(&sregs).context("KVM_SET_SREGS")
+}
+
+/// Turns on SYSCALL for the vCPU (EFER.SCE), as a 64-bit kernel would: KVM then loads the guest's
+/// system-call MSRs (STAR, LSTAR, SYSCALL_MASK) before each entry, and puts L1's back on the way to
+/// user space, which is how a guest hypervisor writes IA32_LSTAR for its guest.
+pub fn enable_syscall(vcpu: &VcpuFd) -> Result<()> {
+    let mut sregs = vcpu.get_sregs().context("KVM_GET_SREGS")?;
+    sregs.efer |= EFER_SCE;
     vcpu.set_sregs(&sregs).context("KVM_SET_SREGS")
 }
 

@@ -220,6 +220,8 @@ pub struct ScenarioLog {
     pub l1_checks_failed: Option<u64>,
     /// `nested-linux`: what the L1 VMM relayed of its Linux L2.
     pub l2_linux: L2Linux,
+    /// L1's writes of its guest's LSTAR or CSTAR in VMX operation, kept as L2's (L1's own locked).
+    pub l2_entry_msr_writes: u64,
     /// `nested-kvm-sim`: the exec monitor let the L1 VMM start (allowed executions of it), and the
     /// system-call monitor saw its `ioctl`s (to KVM).
     pub vmm_execs_allowed: u64,
@@ -335,6 +337,7 @@ impl ScenarioLog {
                 }
             }
             Observation::Alert(alert) => self.record_alert(alert),
+            Observation::L2EntryMsr { .. } => self.l2_entry_msr_writes += 1,
             Observation::Ended { end, task } => {
                 self.end = Some(end);
                 self.end_task = task;
@@ -919,6 +922,13 @@ fn check(
             if log.vmm_execs_allowed == 0 || log.vmm_ioctls == 0 {
                 return Err(FailReason::NestedRun(
                     "the in-box monitors did not see the L1 VMM start (allowed) and drive KVM (ioctl)",
+                ));
+            }
+            // The probe's L2 has EFER.SCE, so KVM loads its LSTAR before entering it while L1's own
+            // stays locked behind the gate.
+            if log.l2_entry_msr_writes == 0 {
+                return Err(FailReason::NestedRun(
+                    "KVM wrote no L2 LSTAR or CSTAR beside L1's locked ones",
                 ));
             }
             Ok(())

@@ -370,11 +370,7 @@ impl Hypervisor {
             .filter(|(_, n)| n.vmxon_region().is_some() && locked.is_some() && canonical);
         if let Some((i, n)) = l2_slot {
             n.l2_entry_msrs[i] = (locked != Some(value)).then_some(value);
-            obs.observe(Observation::Msr {
-                msr,
-                write: true,
-                faulted: false,
-            });
+            obs.observe(Observation::L2EntryMsr { msr });
             skip_instruction(vcpu, instruction);
             return Action::Resume;
         }

@@ -1414,6 +1414,13 @@ mod running_l2 {
         assert_eq!(kvm.fields[&guest::RIP], 0x8002, "performed for L2");
         assert!(h.rec.alerts().is_empty());
         assert_eq!(lstar_writes(&p), [entry]);
+        assert!(
+            h.rec.seen.iter().any(|s| matches!(
+                s,
+                crate::mock::Seen::Other(Observation::L2EntryMsr { msr: IA32_LSTAR })
+            )),
+            "observed as L2's"
+        );
         // The entry to L2 puts it in; the exit to L1 takes L1's back.
         let mut vmcs02 = MockVcpu::default();
         assert_eq!(
