@@ -30,6 +30,7 @@ pub mod caps;
 pub mod entry;
 pub mod ept;
 pub mod l2;
+pub mod msr_area;
 pub mod run;
 pub mod shadow;
 #[cfg(test)]

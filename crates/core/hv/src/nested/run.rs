@@ -10,10 +10,13 @@
 use ihmi_addr::{Gpa, Gva};
 use ihmi_ept::Perm;
 use ihmi_vmcs::fields::{control, guest};
-use ihmi_vmcs::{EptViolationQualification, ExitInformation, ExitReason, InterruptionInfo, VmExit};
+use ihmi_vmcs::{
+    EptViolationQualification, ExitInformation, ExitReason, InterruptionInfo, VmExit, VmcsField,
+};
 
 use super::ept::{self, Walk};
 use super::l2::{self, Owner};
+use super::msr_area::Area;
 use super::vmx::Level;
 use crate::policy::io::INTERCEPTED_PORTS;
 use crate::vcpu::{gpr, set_gpr};
@@ -167,14 +170,37 @@ impl Hypervisor {
             self.shadow_load(vcpu);
             return Ok(Action::Resume);
         }
-        for count in [
+        // The VM-entry MSR-load area (SDM 26.4): an entry L0 cannot load fails the VM entry with
+        // reason 34 and the entry's number, L1 back at its host state with its VM-exit MSR-load
+        // area loaded (SDM 26.8).
+        let entry_load = area(
+            v,
             control::VMENTRY_MSR_LOAD_COUNT,
-            control::VMEXIT_MSR_STORE_COUNT,
-            control::VMEXIT_MSR_LOAD_COUNT,
-        ] {
-            if v.read(count).unwrap_or(0) != 0 {
-                return Err("MSR-load and MSR-store areas are not emulated yet");
+            control::VMENTRY_MSR_LOAD_ADDR_FULL,
+        );
+        if let Err(number) = entry_load.load(platform, &self.memory) {
+            platform.log(format_args!(
+                "nested: VM entry to L2 failed loading entry {number} of its MSR-load area (L0 loads STAR, FMASK and KERNEL_GS_BASE, with values WRMSR takes)"
+            ));
+            let info = ExitInformation::entry_failure(ExitReason::EntryFailMsrLoading, number);
+            for (f, value) in info.fields() {
+                let _ = v.set(f, value);
             }
+            l2::load_l1_host_state(v, vcpu);
+            let exit_load = area(
+                v,
+                control::VMEXIT_MSR_LOAD_COUNT,
+                control::VMEXIT_MSR_LOAD_ADDR_FULL,
+            );
+            n.stats.entry_failures += 1;
+            if let Err(entry) = exit_load.load(platform, &self.memory) {
+                return Ok(Action::End(GuestEnd::VmxAbort {
+                    indicator: 4,
+                    entry,
+                }));
+            }
+            self.shadow_load(vcpu);
+            return Ok(Action::Resume);
         }
         let eptp12 = l2::l1_eptp(v);
         n.l0 = l2::L0Controls::read(vcpu);
@@ -329,6 +355,16 @@ impl Hypervisor {
             for (f, value) in info12.fields() {
                 let _ = v.set(f, value);
             }
+            let store = area(
+                v,
+                control::VMEXIT_MSR_STORE_COUNT,
+                control::VMEXIT_MSR_STORE_ADDR_FULL,
+            );
+            let load = area(
+                v,
+                control::VMEXIT_MSR_LOAD_COUNT,
+                control::VMEXIT_MSR_LOAD_ADDR_FULL,
+            );
             // What EPT02 had for that page goes: L1 may map it anew without INVEPT, as the
             // violation dropped what the CPU had cached of it.
             if let (Some(page), Some(e)) = (reflected_page, n.ept02.as_mut()) {
@@ -337,11 +373,25 @@ impl Hypervisor {
                 }
             }
             n.stats.reflected += 1;
+            // L1's VM-exit MSR-store area gets L2's values (SDM 28.4)...
+            if let Err(entry) = store.store(platform, memory) {
+                return Action::End(GuestEnd::VmxAbort {
+                    indicator: 1,
+                    entry,
+                });
+            }
             // L1's own LSTAR and CSTAR (the locked ones) are back before L1 runs again.
             for (i, &msr) in super::vmx::L2_ENTRY_MSRS.iter().enumerate() {
                 if n.l2_entry_msrs[i].is_some() {
                     platform.write_msr(msr, n.l1_entry_msrs[i]);
                 }
+            }
+            // ...and its VM-exit MSR-load area is loaded (SDM 28.6).
+            if let Err(entry) = load.load(platform, memory) {
+                return Action::End(GuestEnd::VmxAbort {
+                    indicator: 4,
+                    entry,
+                });
             }
             // This exit and the entry that ends L1's handling of it count; L1's exits in between add.
             n.stats.pending_round_trip = Some(RoundTrip {
@@ -710,4 +760,12 @@ fn l2_msr(
         vcpu.regs().set_edx_eax(value);
     }
     Some(true)
+}
+
+/// One of VMCS12's MSR areas, by its count and address fields.
+fn area(v: &super::vmcs12::Vmcs12, count: VmcsField, base: VmcsField) -> Area {
+    Area {
+        base: v.read(base).unwrap_or(0),
+        count: v.read(count).unwrap_or(0),
+    }
 }

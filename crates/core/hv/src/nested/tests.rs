@@ -1388,6 +1388,102 @@ mod running_l2 {
     }
 
     #[test]
+    fn msr_areas_load_l2_s_store_them_at_exit_and_load_l1_s_back() {
+        use super::super::msr_area::IA32_FMASK;
+        use ihmi_arch::msr::IA32_STAR;
+        const ENTRY_LOAD: u64 = 0xa000;
+        const EXIT_STORE: u64 = 0xa100;
+        const EXIT_LOAD: u64 = 0xa200;
+        let mut v = vmcs12(&offer());
+        for (f, value) in [
+            (control::VMENTRY_MSR_LOAD_COUNT, 2),
+            (control::VMENTRY_MSR_LOAD_ADDR_FULL, ENTRY_LOAD),
+            (control::VMEXIT_MSR_STORE_COUNT, 1),
+            (control::VMEXIT_MSR_STORE_ADDR_FULL, EXIT_STORE),
+            (control::VMEXIT_MSR_LOAD_COUNT, 1),
+            (control::VMEXIT_MSR_LOAD_ADDR_FULL, EXIT_LOAD),
+        ] {
+            v.write(f, value).unwrap();
+        }
+        let (mut h, mut p) = in_vmx_operation(v);
+        let entry = |p: &mut MockPlatform, at: u64, msr: u32, value: u64| {
+            p.write_u64(at, u64::from(msr));
+            p.write_u64(at + 8, value);
+        };
+        entry(&mut p, ENTRY_LOAD, IA32_STAR, 0x0023_0010_0000_0000);
+        entry(&mut p, ENTRY_LOAD + 16, IA32_FMASK, 0x4700);
+        entry(&mut p, EXIT_STORE, IA32_STAR, 0);
+        entry(&mut p, EXIT_LOAD, IA32_STAR, 0x0033_0008_0000_0000);
+        let writes = |p: &MockPlatform| {
+            p.calls
+                .borrow()
+                .iter()
+                .filter_map(|c| match c {
+                    crate::mock::Call::WriteMsr(m, v) => Some((*m, *v)),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        // VMLAUNCH: L2's STAR and FMASK go into the CPU.
+        assert_eq!(
+            h.handle_exit(&mut vmlaunch(), &mut p),
+            Action::SwitchVmcs(NestedSwitch::ToL2)
+        );
+        assert_eq!(
+            writes(&p),
+            [(IA32_STAR, 0x0023_0010_0000_0000), (IA32_FMASK, 0x4700)]
+        );
+        let mut vmcs02 = MockVcpu::default();
+        h.hv.on_vmcs_switched(&mut vmcs02, &mut h.rec, NestedSwitch::ToL2);
+        // L2 changed its STAR; its CPUID exits to L1: the store area gets it, L1's comes back.
+        p.msrs.insert(IA32_STAR, 0x0043_0018_0000_0000);
+        let mut exit = MockVcpu::exited(10, L2_RIP + 4, 2);
+        exit.fields
+            .extend(vmcs02.fields.iter().filter(|(f, _)| **f != guest::RIP));
+        assert_eq!(
+            h.handle_exit(&mut exit, &mut p),
+            Action::SwitchVmcs(NestedSwitch::ToL1)
+        );
+        assert_eq!(p.read_u64(EXIT_STORE + 8), 0x0043_0018_0000_0000);
+        assert_eq!(writes(&p).last(), Some(&(IA32_STAR, 0x0033_0008_0000_0000)));
+        h.hv.on_vmcs_switched(&mut vmlaunch(), &mut h.rec, NestedSwitch::ToL1);
+
+        // An entry L0 does not load (IA32_FEATURE_CONTROL, L0's): the VM entry fails with reason
+        // 34 and the entry's number, nothing of the area loaded, L1's exit area loaded.
+        entry(&mut p, ENTRY_LOAD + 16, 0x3a, 0);
+        let before = writes(&p).len();
+        let mut resume = vmresume();
+        assert_eq!(h.handle_exit(&mut resume, &mut p), Action::Resume);
+        let v = h.hv.nested.as_mut().unwrap().test_current().unwrap();
+        assert_eq!(v.read(ro::EXIT_REASON), Ok(34 | 1 << 31));
+        assert_eq!(v.read(ro::EXIT_QUALIFICATION), Ok(2));
+        assert_eq!(
+            &writes(&p)[before..],
+            [(IA32_STAR, 0x0033_0008_0000_0000)],
+            "only L1's exit area"
+        );
+        // An exit-store entry L0 does not store: a VMX abort ends the guest.
+        entry(&mut p, ENTRY_LOAD + 16, IA32_FMASK, 0);
+        entry(&mut p, EXIT_STORE, 0xc000_0082, 0);
+        let mut resume = vmresume();
+        assert_eq!(
+            h.handle_exit(&mut resume, &mut p),
+            Action::SwitchVmcs(NestedSwitch::ToL2)
+        );
+        h.hv.on_vmcs_switched(&mut vmcs02, &mut h.rec, NestedSwitch::ToL2);
+        let mut exit = MockVcpu::exited(10, L2_RIP + 4, 2);
+        exit.fields
+            .extend(vmcs02.fields.iter().filter(|(f, _)| **f != guest::RIP));
+        assert_eq!(
+            h.handle_exit(&mut exit, &mut p),
+            Action::End(crate::GuestEnd::VmxAbort {
+                indicator: 1,
+                entry: 1
+            })
+        );
+    }
+
+    #[test]
     fn l1_s_lstar_stays_locked_while_l2_s_is_in_the_cpu_only_while_l2_runs() {
         use ihmi_arch::msr::IA32_LSTAR;
         let (mut h, mut p) = in_vmx_operation(vmcs12(&offer()));

@@ -66,6 +66,12 @@ mod field {
     pub const GUEST_PHYSICAL: u64 = 0x2400;
     pub const INSTRUCTION_ERROR: u64 = 0x4400;
     pub const IDT_VECTORING: u64 = 0x4408;
+    pub const EXIT_MSR_STORE_COUNT: u64 = 0x400e;
+    pub const EXIT_MSR_LOAD_COUNT: u64 = 0x4010;
+    pub const ENTRY_MSR_LOAD_COUNT: u64 = 0x4014;
+    pub const EXIT_MSR_STORE_ADDR: u64 = 0x2006;
+    pub const EXIT_MSR_LOAD_ADDR: u64 = 0x2008;
+    pub const ENTRY_MSR_LOAD_ADDR: u64 = 0x200a;
     pub const IDT_VECTORING_ERROR: u64 = 0x440a;
     pub const ENTRY_ERROR_CODE: u64 = 0x4018;
     pub const ENTRY_INSTRUCTION_LEN: u64 = 0x401a;
@@ -97,6 +103,45 @@ static L2_STACK: [Page; 2] = [
 ];
 static IO_A: Page = Page(core::cell::UnsafeCell::new([0; 4096]));
 static IO_B: Page = Page(core::cell::UnsafeCell::new([0; 4096]));
+
+/// IA32_KERNEL_GS_BASE, which L1 gives L2 a value of its own through its MSR areas.
+const KERNEL_GS_BASE: u32 = 0xc000_0102;
+/// L2's value of it.
+const L2_KERNEL_GS_BASE: u64 = 0xffff_8880_1234_5000;
+
+/// One MSR-area entry (SDM 25.7.2): index, reserved, value; the areas are 16-byte aligned.
+#[repr(C, align(16))]
+struct MsrEntry(core::cell::UnsafeCell<[u64; 2]>);
+// SAFETY: L1 writes the entries before the first entry; L0 writes the store area at L2's exits,
+// while L1 does not run; L1 reads it after.
+unsafe impl Sync for MsrEntry {}
+/// The VM-entry MSR-load area (L2's value), the VM-exit MSR-store area (where L0 puts L2's value
+/// at each exit) and the VM-exit MSR-load area (L1's own value back).
+static ENTRY_LOAD: MsrEntry = MsrEntry(core::cell::UnsafeCell::new([0; 2]));
+static EXIT_STORE: MsrEntry = MsrEntry(core::cell::UnsafeCell::new([0; 2]));
+static EXIT_LOAD: MsrEntry = MsrEntry(core::cell::UnsafeCell::new([0; 2]));
+
+/// Fills the three areas, each one entry for IA32_KERNEL_GS_BASE: L2's value in, L1's `own` back;
+/// their addresses (identity: L1's physical ones).
+fn msr_areas(own: u64) -> [u64; 3] {
+    let areas = [
+        (&ENTRY_LOAD, L2_KERNEL_GS_BASE),
+        (&EXIT_STORE, 0),
+        (&EXIT_LOAD, own),
+    ];
+    for (area, value) in areas {
+        // SAFETY: nothing else touches the areas before the first entry.
+        unsafe { *area.0.get() = [u64::from(KERNEL_GS_BASE), value] };
+    }
+    areas.map(|(a, _)| a.0.get() as u64)
+}
+
+/// What L0 stored into the VM-exit MSR-store area at L2's last exit.
+fn stored_kernel_gs_base() -> u64 {
+    // SAFETY: L1 runs: L0 wrote the area at the last exit and does not now.
+    let entry: [u64; 2] = unsafe { core::ptr::read_volatile(EXIT_STORE.0.get()) };
+    entry[1]
+}
 
 /// `nested-mini-ept`: L1's EPT for L2 (EPT12), built a page at a time on L2's EPT violations,
 /// identity (L2 shares L1's memory): its tables, the first the root.
@@ -413,20 +458,33 @@ fn write_vmcs(t: &Tables, ept: bool) -> bool {
         writes.push(SECONDARY, 1 << 1); // enable EPT
         writes.push(EPTP, eptp12());
     }
+    // L2's own IA32_KERNEL_GS_BASE, in through the VM-entry MSR-load area, stored at each exit,
+    // and L1's back through the VM-exit MSR-load area.
+    let [entry_load, exit_store, exit_load] = msr_areas(rdmsr(KERNEL_GS_BASE));
+    for (f, v) in [
+        (ENTRY_MSR_LOAD_COUNT, 1),
+        (ENTRY_MSR_LOAD_ADDR, entry_load),
+        (EXIT_MSR_STORE_COUNT, 1),
+        (EXIT_MSR_STORE_ADDR, exit_store),
+        (EXIT_MSR_LOAD_COUNT, 1),
+        (EXIT_MSR_LOAD_ADDR, exit_load),
+    ] {
+        writes.push(f, v);
+    }
     writes.all(|f, v| status(vmwrite(f, v)).is_ok())
 }
 
 /// A fixed list of VMWRITEs (the guest has no allocator).
 mod heapless_writes {
     pub struct List {
-        items: [(u64, u64); 72],
+        items: [(u64, u64); 96],
         len: usize,
     }
 
     impl Default for List {
         fn default() -> Self {
             Self {
-                items: [(0, 0); 72],
+                items: [(0, 0); 96],
                 len: 0,
             }
         }
@@ -551,6 +609,7 @@ fn run_with(info: &BootInfo, ept: bool) -> u64 {
         "the VMWRITEs of L2's guest state, L1's host state, the controls",
     );
     let (pin, exit) = (vmread(field::PIN).0, vmread(field::EXIT).0);
+    let l1_kernel_gs_base = rdmsr(KERNEL_GS_BASE);
     let breakpoints = idt::breakpoints();
     let mut cpuids = 0usize;
     let mut ept_faults = 0u64;
@@ -636,6 +695,14 @@ fn run_with(info: &BootInfo, ept: bool) -> u64 {
         "int3, the watched port and VMCALL exited to L1",
     );
     check(ud_in_l2, "L2's ud2 was taken by L2's own handler");
+    check(
+        stored_kernel_gs_base() == L2_KERNEL_GS_BASE,
+        "L2's IA32_KERNEL_GS_BASE, loaded by the VM-entry MSR-load area, in the VM-exit MSR-store area",
+    );
+    check(
+        rdmsr(KERNEL_GS_BASE) == l1_kernel_gs_base,
+        "L1's IA32_KERNEL_GS_BASE back after L2's exits (the VM-exit MSR-load area)",
+    );
     check(
         idt::breakpoints() == breakpoints + 1,
         "the #BP L1 injected reached L2's handler",
