@@ -64,6 +64,8 @@ pub struct NestedLog {
     /// L1's INVVPIDs that succeeded (a guest hypervisor that took the VPID offered with nested
     /// EPT makes them).
     pub invvpids: u64,
+    /// L1's VMLAUNCHes of a launched VMCS, refused with VMfailValid 4.
+    pub relaunches_refused: u64,
     /// The reason of the last reflected exit: the round trip L0 reports at the next entry is its.
     last_reflected: Option<ExitReason>,
     /// The round trips of reflected CPUID exits alone (NESTED.md A.6's measure): count, sum,
@@ -297,6 +299,9 @@ impl ScenarioLog {
                     (VmxInstruction::Vmxoff, VmxOutcome::Succeed) => self.vmxoffs += 1,
                     (VmxInstruction::Invept, VmxOutcome::Succeed) => self.nested.invepts += 1,
                     (VmxInstruction::Invvpid, VmxOutcome::Succeed) => self.nested.invvpids += 1,
+                    (VmxInstruction::Vmlaunch, VmxOutcome::FailValid(4)) => {
+                        self.nested.relaunches_refused += 1;
+                    }
                     _ => {}
                 }
                 self.vmx.push(VmxStep(instruction, outcome));
@@ -1435,6 +1440,12 @@ fn check_nested_mini(log: &ScenarioLog, max_round_trip: u64) -> Result<(), FailR
     if n.round_trips != reflected - 1 || n.round_trip_max > max_round_trip {
         return Err(FailReason::NestedRun(
             "a reflected exit cost more L0 exits than the target",
+        ));
+    }
+    // After L2's runs, L1 tries VMLAUNCH of the launched VMCS: VMfailValid 4, and nothing runs.
+    if n.relaunches_refused != 1 {
+        return Err(FailReason::NestedRun(
+            "VMLAUNCH of the launched VMCS was not refused with VMfailValid 4, once",
         ));
     }
     Ok(())

@@ -1382,7 +1382,7 @@ fn nested_mini_judged(s: Scenario, max_round_trip: u64) {
     use ihmi_hv::Observation;
     // What L0 sees when L2 runs as it should: the launch, then each exit, then (after each reflected
     // one but the last) a VMRESUME with the round trip.
-    let run = |exits: &[L2ExitStep], round_trip: u64, end: GuestEnd| {
+    let run_with = |exits: &[L2ExitStep], round_trip: u64, end: GuestEnd, relaunches: usize| {
         let mut h = hv(s);
         let rec = |h: &mut Run, o: Observation<'_>| h.judge.log.record(&o);
         rec(
@@ -1404,11 +1404,29 @@ fn nested_mini_judged(s: Scenario, max_round_trip: u64) {
                 );
             }
         }
+        for _ in 0..relaunches {
+            rec(
+                &mut h,
+                Observation::Vmx {
+                    instruction: ihmi_vmcs::VmxInstruction::Vmlaunch,
+                    outcome: ihmi_hv::nested::vmx::VmxOutcome::FailValid(4),
+                },
+            );
+        }
         h.judge.log.end = Some(end);
         judge(s, &h.judge.log, &h.hv.counters, Gpa::new(0), None)
     };
+    let run =
+        |exits: &[L2ExitStep], round_trip: u64, end: GuestEnd| run_with(exits, round_trip, end, 1);
     let ok = GuestEnd::Done(0);
     assert_eq!(run(&NESTED_MINI_EXITS, 2, ok), Verdict::Pass);
+    // VMLAUNCH of the launched VMCS not refused, or refused twice.
+    for relaunches in [0, 2] {
+        assert!(matches!(
+            run_with(&NESTED_MINI_EXITS, 2, ok, relaunches),
+            Verdict::Fail(FailReason::NestedRun(_))
+        ));
+    }
     assert_eq!(run(&NESTED_MINI_EXITS, max_round_trip, ok), Verdict::Pass);
     let nested = |r: Verdict| matches!(r, Verdict::Fail(FailReason::NestedRun(_)));
     assert!(nested(run(&NESTED_MINI_EXITS, max_round_trip + 1, ok)));

@@ -752,6 +752,15 @@ fn run_with(info: &BootInfo, ept: bool) -> u64 {
         );
         return failures + 1;
     }
+    // VMLAUNCH of the VMCS L2 ran on, launched: VMfailValid 4, L1 goes on.
+    IHMI_L1_LAUNCH.store(1, core::sync::atomic::Ordering::SeqCst);
+    // SAFETY: the VMCS is complete and launched; the VMLAUNCH fails and L1's state stays.
+    let relaunch = unsafe { ihmi_l1_enter() };
+    IHMI_L1_LAUNCH.store(0, core::sync::atomic::Ordering::SeqCst);
+    check(
+        status(relaunch) == Err(false) && vmread(field::INSTRUCTION_ERROR).0 == 4,
+        "VMLAUNCH of the launched VMCS: VMfailValid 4",
+    );
     check(status(vmclear(&vmcs)).is_ok(), "VMCLEAR");
     check(status(vmxoff()).is_ok(), "VMXOFF");
     super::write_cr4(super::read_cr4() & !super::CR4_VMXE);
