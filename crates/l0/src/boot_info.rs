@@ -83,13 +83,7 @@ impl Modules {
         let mut modules = self.kernel_modules;
         for (i, m) in self.kernel_modules.as_slice().iter().enumerate() {
             if at(m.bytes) {
-                modules.set(
-                    i,
-                    KernelModule {
-                        bytes: moved,
-                        cmdline: m.cmdline,
-                    },
-                );
+                modules.set(i, KernelModule { bytes: moved, ..*m });
             }
         }
         self.kernel_modules = modules;
@@ -104,6 +98,9 @@ pub const MAX_KERNEL_MODULES: usize = 4;
 pub struct KernelModule {
     pub bytes: &'static [u8],
     pub cmdline: Line,
+    /// The digest of the bytes as GRUB loaded them (`ihmi_abi::multiboot::Handed::contents`),
+    /// taken before L0 moves or copies them: what the multiboot kernel must find.
+    pub digest: u64,
 }
 
 impl Default for KernelModule {
@@ -111,6 +108,7 @@ impl Default for KernelModule {
         Self {
             bytes: &[],
             cmdline: Line::copy(""),
+            digest: 0,
         }
     }
 }
@@ -234,9 +232,14 @@ pub fn read(magic: u32, info: u32) -> Result<BootInfo, LoadError> {
             }
             Some(c) if c == "kmodule" || c.starts_with("kmodule ") => {
                 let cmdline = Line::copy(c.strip_prefix("kmodule").unwrap_or("").trim());
+                let digest = ihmi_abi::multiboot::Handed::contents(bytes);
                 modules
                     .kernel_modules
-                    .push(KernelModule { bytes, cmdline })
+                    .push(KernelModule {
+                        bytes,
+                        cmdline,
+                        digest,
+                    })
                     .map_err(|_| LoadError::TooManyModules {
                         max: MAX_KERNEL_MODULES,
                     })?;

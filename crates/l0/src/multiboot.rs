@@ -106,6 +106,9 @@ pub fn make_room(boot: &mut BootInfo) -> Result<HpaRange, LoadError> {
     )
     .map_err(|e| match e {
         RoomError::Fixed(i) | RoomError::NoRoom(i) => in_the_way(i),
+        RoomError::TooMany => LoadError::TooManyModules {
+            max: crate::boot_info::MAX_OWNED - 3,
+        },
     })?;
     for (i, to) in moves.iter().enumerate() {
         let (Some(to), Some(r)) = (to, owned.as_slice().get(i)) else {
@@ -275,8 +278,14 @@ impl MultibootGuest {
             self.cmdline.as_str().as_bytes(),
             LOADER_NAME.as_bytes(),
         );
+        // Each module by its digest from GRUB's copy, not from the copies L0 made since: a move or
+        // a copy that changed a byte shows.
         for m in modules {
-            handed.module(m.bytes, m.cmdline.as_str().as_bytes());
+            handed.module_digest(
+                m.bytes.len() as u64,
+                m.digest,
+                m.cmdline.as_str().as_bytes(),
+            );
         }
         let ram_bytes = memory
             .iter()

@@ -118,17 +118,18 @@ impl Platform for HwPlatform<'_> {
     }
 
     fn read_msr(&mut self, msr: u32) -> u64 {
-        // SAFETY: ihmi-hv asks only for IA32_KERNEL_GS_BASE, IA32_LSTAR and IA32_CSTAR, which every
-        // x86-64 CPU has; L0 changes them only for the guest (never runs SWAPGS or SYSCALL), so they
-        // hold the guest's values.
+        // SAFETY: ihmi-hv asks only for IA32_KERNEL_GS_BASE, IA32_LSTAR, IA32_CSTAR and (for a
+        // nested guest's MSR areas) IA32_STAR and IA32_FMASK, which every x86-64 CPU has; L0 changes
+        // them only for the guest (never runs SWAPGS or SYSCALL), so they hold the guest's values.
         unsafe { ihmi_rt::cpu::rdmsr(msr) }
     }
 
     fn write_msr(&mut self, msr: u32, value: u64) {
         // SAFETY: the exit policy passes only IA32_LSTAR, IA32_CSTAR and (for a nested guest's guest)
-        // IA32_KERNEL_GS_BASE here, with a canonical value it decided the guest (or its guest) may
-        // have. L0 never executes SYSCALL or SWAPGS, so the guest's value can live in the real MSR
-        // while L0 runs.
+        // IA32_KERNEL_GS_BASE, IA32_STAR and IA32_FMASK here, with a value it checked WRMSR takes
+        // (canonical addresses, FMASK's reserved half clear: `ihmi_hv::nested::msr_area`) and that it
+        // decided the guest (or its guest) may have. L0 never executes SYSCALL or SWAPGS, so the
+        // guest's value can live in the real MSR while L0 runs.
         unsafe { ihmi_rt::cpu::wrmsr(msr, value) };
     }
 

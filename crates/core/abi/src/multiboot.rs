@@ -80,10 +80,22 @@ impl Handed {
 
     /// One module, in the order the boot information lists them.
     pub fn module(&mut self, contents: &[u8], cmdline: &[u8]) {
+        self.module_digest(contents.len() as u64, Self::contents(contents), cmdline);
+    }
+
+    /// The digest of a module's contents, for [`Handed::module_digest`].
+    #[must_use]
+    pub fn contents(contents: &[u8]) -> u64 {
         let mut inner = Digest::new();
         inner.bytes(contents);
-        self.digest.word(contents.len() as u64);
-        self.digest.word(inner.value());
+        inner.value()
+    }
+
+    /// One module by its length and the [`Handed::contents`] digest of its bytes, taken where they
+    /// were first (L0 takes it from the boot loader's copy, before it moves or copies anything).
+    pub fn module_digest(&mut self, len: u64, contents: u64, cmdline: &[u8]) {
+        self.digest.word(len);
+        self.digest.word(contents);
         self.digest.text(cmdline);
     }
 

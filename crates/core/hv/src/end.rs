@@ -88,8 +88,9 @@ pub enum GuestEnd {
         rip: u64,
         qualification: u64,
     },
-    /// A VM exit from L2 to L1 failed storing or loading an MSR of L1's VM-exit MSR areas (the
-    /// SDM's VMX abort, indicator 1 or 4; `entry` from 1): a CPU would shut down, L0 ends the guest.
+    /// Going back to L1 (an exit from L2, or a failed entry to it), storing or loading an MSR of
+    /// L1's VM-exit MSR areas failed (the SDM's VMX abort, indicator 1 or 4; `entry` from 1): a CPU
+    /// would shut down, L0 ends the guest.
     VmxAbort { indicator: u32, entry: u64 },
     /// L0 could not go on serving the guest (a VMX instruction of its own failed: an L0 or hardware
     /// fault, not the guest's), so it stopped the guest rather than itself.
@@ -109,8 +110,9 @@ impl fmt::Display for GuestEnd {
             Self::ShutdownRequest => f.write_str("guest requested shutdown (port 0x8900)"),
             Self::VmxAbort { indicator, entry } => write!(
                 f,
-                "L1's VM exit aborted (VMX-abort indicator {indicator}: {} MSR entry {entry} of its VM-exit area failed; L0 stores and loads only STAR, FMASK and KERNEL_GS_BASE there)",
-                if *indicator == 1 { "storing" } else { "loading" }
+                "VMX abort for L1 (indicator {indicator}): {} entry {entry} of its VM-exit MSR {} area failed (L0 stores and loads only STAR, FMASK and KERNEL_GS_BASE, on pages L1 may write)",
+                if *indicator == 1 { "storing" } else { "loading" },
+                if *indicator == 1 { "store" } else { "load" }
             ),
             Self::ResetRequest => f.write_str("guest requested reset (port 0xcf9)"),
             Self::DebugExit(v) => write!(

@@ -276,6 +276,8 @@ pub enum RoomError {
     Fixed(usize),
     /// No free place of `taken[index]`'s size is left for it.
     NoRoom(usize),
+    /// More ranges than [`MAX_INPUT_RANGES`] to keep apart.
+    TooMany,
 }
 
 /// Frees `span` of what `taken` holds (a multiboot kernel's load span, where the boot loader put
@@ -297,7 +299,7 @@ pub fn make_room<A: Address, const N: usize>(
     // places already given.
     let mut busy = heapless_pieces::Busy::<A>::new(empty);
     for r in taken.iter().copied().chain([span]) {
-        busy.push(r).ok_or(RoomError::NoRoom(0))?;
+        busy.push(r).ok_or(RoomError::TooMany)?;
     }
     for (i, r) in taken.iter().enumerate().take(N) {
         if r.start >= r.end || !r.overlaps(&span) {

@@ -173,6 +173,8 @@ pub struct MockPlatform {
     pub ept02: Option<MockEpt02Tables>,
     /// `protect_guest` calls that changed the view.
     pub view_generation: u64,
+    /// Guest pages (by address) L0's view keeps read + execute only, as `guest_mapping` says.
+    pub read_only: Vec<u64>,
 }
 
 /// EPT02's tables in a vector, at made-up host-physical addresses from [`MockEpt02Tables::BASE`].
@@ -323,9 +325,14 @@ impl Platform for MockPlatform {
     fn guest_mapping(&self, gpa: Gpa) -> Option<ihmi_ept::EptMapping> {
         // L0's view of the guest: its RAM, identity-mapped, everything allowed.
         self.fenced(gpa.align_down(4096), 4096).ok()?;
+        let page = gpa.align_down(4096).raw();
         Some(ihmi_ept::EptMapping {
             hpa: Hpa::new(gpa.raw()),
-            perm: Perm::RWX,
+            perm: if self.read_only.contains(&page) {
+                Perm::READ | Perm::EXECUTE
+            } else {
+                Perm::RWX
+            },
             memtype: ihmi_ept::MemType::WriteBack,
             large: false,
         })

@@ -46,7 +46,8 @@ pub enum Observation<'a> {
         faulted: bool,
     },
     /// A guest hypervisor in VMX operation wrote its guest's value of a system-call entry MSR that
-    /// L0 locks for it (KVM loading L2's LSTAR or CSTAR): kept as L2's, loaded only while L2 runs.
+    /// L0 locks for it, another than the locked one (KVM loading L2's LSTAR or CSTAR): kept as
+    /// L2's, loaded only while L2 runs.
     L2EntryMsr { msr: u32 },
     /// XSETBV; `faulted` when the value was refused with #GP.
     Xsetbv { xcr0: u64, faulted: bool },

@@ -134,8 +134,14 @@ pub(crate) fn skip_instruction(vcpu: &mut impl Vcpu, instruction: Instruction) {
     }
 }
 
-/// Injects a hardware exception (#GP, #UD, ...) into the guest at its current instruction.
+/// Injects a hardware exception (#GP, #UD, ...) into the guest at its current instruction. An
+/// unrestricted guest in real mode (CR0.PE clear: a multiboot kernel may go there) takes it without
+/// an error code, which VM entry would refuse there (SDM 27.2.1.3).
 pub(crate) fn inject_exception(vcpu: &mut impl Vcpu, vector: u8, error_code: Option<u32>) {
+    let unrestricted = u64::from(ihmi_vmcs::SecondaryControls::UNRESTRICTED_GUEST.bits());
+    let real_mode = vcpu.read(control::SECONDARY_PROCBASED_EXEC_CONTROLS) & unrestricted != 0
+        && vcpu.read(guest::CR0) & ihmi_arch::cr::CR0_PE == 0;
+    let error_code = error_code.filter(|_| !real_mode);
     if let Some(code) = error_code {
         vcpu.write(control::VMENTRY_EXCEPTION_ERR_CODE, u64::from(code));
     }
@@ -144,4 +150,30 @@ pub(crate) fn inject_exception(vcpu: &mut impl Vcpu, vector: u8, error_code: Opt
         control::VMENTRY_INTERRUPTION_INFO_FIELD,
         u64::from(info.raw()),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mock::MockVcpu;
+
+    #[test]
+    fn an_unrestricted_guest_in_real_mode_gets_exceptions_without_an_error_code() {
+        let gp = |secondary: u64, cr0: u64| {
+            let mut v = MockVcpu::exited(31, 0x1000, 2);
+            v.fields
+                .insert(control::SECONDARY_PROCBASED_EXEC_CONTROLS, secondary);
+            v.fields.insert(guest::CR0, cr0);
+            inject_exception(&mut v, 13, Some(0));
+            InterruptionInfo::from_raw(v.fields[&control::VMENTRY_INTERRUPTION_INFO_FIELD] as u32)
+        };
+        let unrestricted = u64::from(ihmi_vmcs::SecondaryControls::UNRESTRICTED_GUEST.bits());
+        assert!(
+            gp(unrestricted, 0x8000_0031).error_code_valid(),
+            "protected mode"
+        );
+        assert!(gp(0, 0x10).error_code_valid(), "not an unrestricted guest");
+        let real = gp(unrestricted, 0x10);
+        assert!(real.valid() && !real.error_code_valid(), "real mode");
+    }
 }

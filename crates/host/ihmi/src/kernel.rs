@@ -99,8 +99,10 @@ impl UserKernel {
     /// GRUB would read quotes, backslashes, `$`, `;` and newlines in a module line.
     fn check_lines(&self) -> Result<()> {
         for line in std::iter::once(&self.cmdline).chain(self.modules.iter().map(|(_, l)| l)) {
-            if line.contains(['"', '\'', '\n', '\\', '$', ';', '{', '}']) {
-                bail!("the command line `{line}` may not contain quotes, backslashes, braces, `$`, `;` or newlines (GRUB would read them)");
+            if line.contains([
+                '"', '\'', '\n', '\\', '$', ';', '{', '}', '#', '|', '&', '<', '>',
+            ]) {
+                bail!("the command line `{line}` may not contain quotes, backslashes, braces, `$`, `;`, `#`, `|`, `&`, `<`, `>` or newlines (GRUB would read them)");
             }
         }
         Ok(())

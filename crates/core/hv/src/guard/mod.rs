@@ -370,7 +370,16 @@ impl Hypervisor {
             .filter(|(_, n)| n.vmxon_region().is_some() && locked.is_some() && canonical);
         if let Some((i, n)) = l2_slot {
             n.l2_entry_msrs[i] = (locked != Some(value)).then_some(value);
-            obs.observe(Observation::L2EntryMsr { msr });
+            // L2's own value, or L1's locked one back (KVM on its way to user space).
+            obs.observe(if locked == Some(value) {
+                Observation::Msr {
+                    msr,
+                    write: true,
+                    faulted: false,
+                }
+            } else {
+                Observation::L2EntryMsr { msr }
+            });
             skip_instruction(vcpu, instruction);
             return Action::Resume;
         }

@@ -86,27 +86,30 @@ impl Area {
     }
 
     /// Loads the area into the CPU's MSRs, each entry checked first: `Err(n)` names the first entry
-    /// (from 1, as the SDM numbers them) that cannot be loaded, and then none is.
+    /// (from 1, as the SDM numbers them) that cannot be loaded, and then none is. What is loaded is
+    /// the copy that was checked, never L1's memory read again (a device of L1's could write it in
+    /// between).
     pub fn load(&self, platform: &mut impl Platform, memory: &MemoryMap) -> Result<(), u64> {
         if self.count > MAX_ENTRIES {
             return Err(MAX_ENTRIES + 1);
         }
-        for i in 0..self.count {
+        let mut checked = [(0u32, 0u64); MAX_ENTRIES as usize];
+        for (i, slot) in (0..self.count).zip(checked.iter_mut()) {
             match self.entry(&*platform, memory, i) {
-                Some(e) if loadable(&e) => {}
+                Some(e) if loadable(&e) => *slot = (e.index, e.data),
                 _ => return Err(i + 1),
             }
         }
-        for i in 0..self.count {
-            if let Some(e) = self.entry(&*platform, memory, i) {
-                platform.write_msr(e.index, e.data);
-            }
+        for &(index, data) in &checked[..self.count as usize] {
+            platform.write_msr(index, data);
         }
         Ok(())
     }
 
     /// Stores the CPU's values of the area's MSRs into it: `Err(n)` for the first entry (from 1)
-    /// that names one L0 does not store, or that it cannot write back.
+    /// that names one L0 does not store, or that it cannot write back: also one on a page L0's view
+    /// keeps read-only for L1 (a locked kernel page, the gate's tables), which L0 must not write for
+    /// L1 either.
     pub fn store(&self, platform: &mut impl Platform, memory: &MemoryMap) -> Result<(), u64> {
         if self.count > MAX_ENTRIES {
             return Err(MAX_ENTRIES + 1);
@@ -118,6 +121,12 @@ impl Area {
                 .ok_or(i + 1)?;
             let value = platform.read_msr(e.index);
             let at = Gpa::new(self.base + i * ENTRY + 8);
+            let writable = platform
+                .guest_mapping(at)
+                .is_some_and(|m| m.perm.contains(ihmi_ept::Perm::WRITE));
+            if !writable {
+                return Err(i + 1);
+            }
             platform
                 .write_guest(at, &value.to_le_bytes())
                 .map_err(|_| i + 1)?;
@@ -220,5 +229,11 @@ mod tests {
             Err(2),
             "LSTAR is not stored here"
         );
+        // An area on a page L0 keeps read-only for L1: nothing written there.
+        put(&mut p, 0x6010, IA32_FMASK, 0, 0xdead);
+        p.write_u64(0x6008, 0x2222);
+        p.read_only.push(0x6000);
+        assert_eq!(area.store(&mut p, &memory), Err(1));
+        assert_eq!(p.read_u64(0x6008), 0x2222, "not written");
     }
 }

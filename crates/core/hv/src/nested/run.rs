@@ -166,7 +166,20 @@ impl Hypervisor {
                 let _ = v.set(f, value);
             }
             l2::load_l1_host_state(v, vcpu);
+            // As after any VM-entry failure once guest state is loaded, L1's VM-exit MSR-load area
+            // is loaded (SDM 26.8).
+            let exit_load = area(
+                v,
+                control::VMEXIT_MSR_LOAD_COUNT,
+                control::VMEXIT_MSR_LOAD_ADDR_FULL,
+            );
             n.stats.entry_failures += 1;
+            if let Err(entry) = exit_load.load(platform, &self.memory) {
+                return Ok(Action::End(GuestEnd::VmxAbort {
+                    indicator: 4,
+                    entry,
+                }));
+            }
             self.shadow_load(vcpu);
             return Ok(Action::Resume);
         }
@@ -178,6 +191,10 @@ impl Hypervisor {
             control::VMENTRY_MSR_LOAD_COUNT,
             control::VMENTRY_MSR_LOAD_ADDR_FULL,
         );
+        // L1's values, should the CPU still fail the entry (VMCS02's guest state) after L0 loaded
+        // L2's.
+        let l1_area_msrs = (entry_load.count != 0)
+            .then(|| super::msr_area::AREA_MSRS.map(|m| platform.read_msr(m)));
         if let Err(number) = entry_load.load(platform, &self.memory) {
             platform.log(format_args!(
                 "nested: VM entry to L2 failed loading entry {number} of its MSR-load area (L0 loads STAR, FMASK and KERNEL_GS_BASE, with values WRMSR takes)"
@@ -203,6 +220,7 @@ impl Hypervisor {
             return Ok(Action::Resume);
         }
         let eptp12 = l2::l1_eptp(v);
+        n.l1_area_msrs = l1_area_msrs;
         n.l0 = l2::L0Controls::read(vcpu);
         n.launching = launch;
         n.vmcs02_eptp = match eptp12 {
@@ -373,8 +391,16 @@ impl Hypervisor {
                 }
             }
             n.stats.reflected += 1;
-            // L1's VM-exit MSR-store area gets L2's values (SDM 28.4)...
-            if let Err(entry) = store.store(platform, memory) {
+            if matches!(exit, VmExit::EntryFailure { .. }) {
+                // The CPU failed VMCS02's entry, which a CPU does before it loads an MSR: L1's
+                // values of the ones L0 loaded for it come back, and nothing is stored (SDM 26.8).
+                if let Some(saved) = n.l1_area_msrs.take() {
+                    for (&msr, value) in super::msr_area::AREA_MSRS.iter().zip(saved) {
+                        platform.write_msr(msr, value);
+                    }
+                }
+            } else if let Err(entry) = store.store(platform, memory) {
+                // L1's VM-exit MSR-store area gets L2's values (SDM 28.4)...
                 return Action::End(GuestEnd::VmxAbort {
                     indicator: 1,
                     entry,

@@ -626,6 +626,28 @@ mod vmx_operation {
             assert_eq!(error(&mut h, &mut p), n, "{pointer:#x}");
         }
         assert_eq!(h.rec.alerts().len(), 1);
+        // A region on a page L0 keeps read-only for the guest (a locked kernel page): L0 would
+        // write VMCS12 there at VMCLEAR, so both refuse it as an invalid address, with an alert.
+        p.write_bytes(REGION + 0x3000, &VMCS12_REVISION.to_le_bytes());
+        p.read_only.push(REGION + 0x3000);
+        for (reason, n) in [(VMPTRLD, 9), (VMCLEAR, 2)] {
+            p.write_u64(OPERAND, REGION + 0x3000);
+            let mut v = vmx_exit(reason, 4);
+            h.handle_exit(&mut v, &mut p);
+            assert_eq!(v.fields[&guest::RFLAGS] & 0x41, 0x40);
+            assert_eq!(error(&mut h, &mut p), n);
+        }
+        assert!(matches!(
+            h.rec.alerts().as_slice(),
+            [
+                _,
+                _,
+                crate::Alert::VmxRegionRefused {
+                    region: RegionKind::GuestRam,
+                    ..
+                }
+            ]
+        ));
         // VMCLEAR writes L0's copy into the region; the next VMPTRLD reads it back.
         p.write_u64(OPERAND, VMCS);
         h.handle_exit(&mut vmx_exit(VMCLEAR, 4), &mut p);
@@ -1448,6 +1470,32 @@ mod running_l2 {
         assert_eq!(writes(&p).last(), Some(&(IA32_STAR, 0x0033_0008_0000_0000)));
         h.hv.on_vmcs_switched(&mut vmlaunch(), &mut h.rec, NestedSwitch::ToL1);
 
+        // The CPU fails VMCS02's entry after L0 loaded L2's MSRs: L1's come back as they were
+        // before the entry, and nothing is stored.
+        p.msrs.insert(IA32_STAR, 0x0033_0008_0000_0000);
+        p.msrs.insert(IA32_FMASK, 0x4700_0000);
+        p.write_u64(EXIT_STORE + 8, 0x5555);
+        let mut resume = vmresume();
+        assert_eq!(
+            h.handle_exit(&mut resume, &mut p),
+            Action::SwitchVmcs(NestedSwitch::ToL2)
+        );
+        h.hv.on_vmcs_switched(&mut vmcs02, &mut h.rec, NestedSwitch::ToL2);
+        let before = writes(&p).len();
+        let mut failed = MockVcpu::exited(33 | 1 << 31, L2_RIP, 0);
+        failed
+            .fields
+            .extend(vmcs02.fields.iter().filter(|(f, _)| **f != guest::RIP));
+        assert_eq!(
+            h.handle_exit(&mut failed, &mut p),
+            Action::SwitchVmcs(NestedSwitch::ToL1)
+        );
+        let after = writes(&p)[before..].to_vec();
+        assert!(after.contains(&(IA32_STAR, 0x0033_0008_0000_0000)));
+        assert!(after.contains(&(IA32_FMASK, 0x4700_0000)), "{after:x?}");
+        assert_eq!(p.read_u64(EXIT_STORE + 8), 0x5555, "nothing stored");
+        h.hv.on_vmcs_switched(&mut vmlaunch(), &mut h.rec, NestedSwitch::ToL1);
+
         // An entry L0 does not load (IA32_FEATURE_CONTROL, L0's): the VM entry fails with reason
         // 34 and the entry's number, nothing of the area loaded, L1's exit area loaded.
         entry(&mut p, ENTRY_LOAD + 16, 0x3a, 0);
@@ -1534,8 +1582,16 @@ mod running_l2 {
         );
         assert_eq!(lstar_writes(&p), [entry, 0x1234, entry]);
         h.hv.on_vmcs_switched(&mut vmlaunch(), &mut h.rec, NestedSwitch::ToL1);
-        // KVM puts the host's back on its way to user space: L2 has none of its own any more.
+        // KVM puts the host's back on its way to user space: L2 has none of its own any more, and
+        // that write is not one of L2's.
         h.handle_exit(&mut crate::testing::wrmsr_lstar(entry), &mut p);
+        let l2_writes = h
+            .rec
+            .seen
+            .iter()
+            .filter(|s| matches!(s, crate::mock::Seen::Other(Observation::L2EntryMsr { .. })))
+            .count();
+        assert_eq!(l2_writes, 1);
         let mut resume = vmresume();
         h.handle_exit(&mut resume, &mut p);
         assert_eq!(lstar_writes(&p), [entry, 0x1234, entry], "nothing to load");

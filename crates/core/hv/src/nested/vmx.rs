@@ -120,6 +120,10 @@ pub enum RegionRefusal {
     NotGuestRam(Option<RegionKind>),
     /// The revision identifier is not L0's (or bit 31, "shadow VMCS", is set).
     Revision(u32),
+    /// A VMCS region in guest RAM that L0 keeps read-only for the guest (a locked kernel page, the
+    /// monitor's gate tables): L0 writes VMCS12 back into its region, which must not be a way
+    /// around that lock.
+    NotWritable,
 }
 
 impl core::fmt::Display for RegionRefusal {
@@ -131,6 +135,7 @@ impl core::fmt::Display for RegionRefusal {
             Self::NotGuestRam(Some(kind)) => write!(f, "not guest RAM ({})", kind.name()),
             Self::NotGuestRam(None) => f.write_str("not guest RAM"),
             Self::Revision(r) => write!(f, "revision identifier {r:#x}, not {VMCS12_REVISION:#x}"),
+            Self::NotWritable => f.write_str("guest RAM that L0 keeps read-only for the guest"),
         }
     }
 }
@@ -175,6 +180,10 @@ pub struct NestedVmx {
     pub(crate) l2_entry_msrs: [Option<u64>; 2],
     /// What the CPU had in them at the entry to L2, which it gets back at the exit to L1.
     pub(crate) l1_entry_msrs: [u64; 2],
+    /// L1's values of the MSRs an MSR area may load ([`super::msr_area::AREA_MSRS`]) from before
+    /// the last entry loaded its VM-entry MSR-load area: what they go back to if the CPU then
+    /// fails that entry, which a CPU fails before it loads any MSR.
+    pub(crate) l1_area_msrs: Option<[u64; super::msr_area::AREA_MSRS.len()]>,
 }
 
 /// The system-call entry MSRs a guest hypervisor sets for its guest with WRMSR and L0 locks for
@@ -210,6 +219,7 @@ impl NestedVmx {
             vmcs02_eptp: None,
             l2_entry_msrs: [None; 2],
             l1_entry_msrs: [0; 2],
+            l1_area_msrs: None,
         }
     }
 
@@ -895,6 +905,14 @@ impl Hypervisor {
             if !self.memory.is_guest_ram(gpa, PAGE_SIZE) {
                 return Err(RegionRefusal::NotGuestRam(self.memory.classify(gpa)));
             }
+            // A VMCS region gets L0's copy of VMCS12 written back into it (VMCLEAR, eviction).
+            let written = instruction != VmxInstruction::Vmxon;
+            let writable = platform
+                .guest_mapping(gpa)
+                .is_some_and(|m| m.perm.contains(ihmi_ept::Perm::WRITE));
+            if written && !writable {
+                return Err(RegionRefusal::NotWritable);
+            }
             if revision {
                 let mut rev = [0u8; 4];
                 platform
@@ -908,9 +926,15 @@ impl Hypervisor {
             Ok(gpa)
         })();
         if let Err(why) = checked {
-            if let RegionRefusal::NotGuestRam(Some(kind @ (RegionKind::L0 | RegionKind::Monitor))) =
-                why
-            {
+            let alerted = match why {
+                RegionRefusal::NotGuestRam(Some(kind @ (RegionKind::L0 | RegionKind::Monitor))) => {
+                    Some(kind)
+                }
+                // Guest RAM L0 locks: a compromised L1 trying to write it through L0.
+                RegionRefusal::NotWritable => Some(RegionKind::GuestRam),
+                _ => None,
+            };
+            if let Some(kind) = alerted {
                 let rip = vcpu.read(guest::RIP);
                 self.alert(
                     platform,
