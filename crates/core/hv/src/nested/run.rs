@@ -157,49 +157,38 @@ impl Hypervisor {
         let Some(v) = n.current_mut() else {
             return Err("no current VMCS12");
         };
-        if let Err(why) = super::entry::check_guest_state(v, &offer) {
-            platform.log(format_args!(
-                "nested: VM entry to L2 failed the guest-state checks: {why}"
-            ));
-            let info = ExitInformation::entry_failure(ExitReason::EntryFailInvalidGuestState, 0);
-            for (f, value) in info.fields() {
-                let _ = v.set(f, value);
+        // The guest-state checks (SDM 27.3), then the VM-entry MSR-load area (SDM 26.4): an entry
+        // L0 cannot load fails the VM entry with reason 34 and the entry's number.
+        let mut l1_area_msrs = None;
+        let failure = match super::entry::check_guest_state(v, &offer) {
+            Err(why) => {
+                platform.log(format_args!(
+                    "nested: VM entry to L2 failed the guest-state checks: {why}"
+                ));
+                Some((ExitReason::EntryFailInvalidGuestState, 0))
             }
-            l2::load_l1_host_state(v, vcpu);
-            // As after any VM-entry failure once guest state is loaded, L1's VM-exit MSR-load area
-            // is loaded (SDM 26.8).
-            let exit_load = area(
-                v,
-                control::VMEXIT_MSR_LOAD_COUNT,
-                control::VMEXIT_MSR_LOAD_ADDR_FULL,
-            );
-            n.stats.entry_failures += 1;
-            if let Err(entry) = exit_load.load(platform, &self.memory) {
-                return Ok(Action::End(GuestEnd::VmxAbort {
-                    indicator: 4,
-                    entry,
-                }));
+            Ok(()) => {
+                let entry_load = area(
+                    v,
+                    control::VMENTRY_MSR_LOAD_COUNT,
+                    control::VMENTRY_MSR_LOAD_ADDR_FULL,
+                );
+                // L1's values, should the CPU still fail the entry (VMCS02's guest state) after L0
+                // loaded L2's.
+                l1_area_msrs = (entry_load.count != 0)
+                    .then(|| super::msr_area::AREA_MSRS.map(|m| platform.read_msr(m)));
+                entry_load.load(platform, &self.memory).err().map(|number| {
+                    platform.log(format_args!(
+                        "nested: VM entry to L2 failed loading entry {number} of its MSR-load area (L0 loads STAR, FMASK and KERNEL_GS_BASE, with values WRMSR takes)"
+                    ));
+                    (ExitReason::EntryFailMsrLoading, number)
+                })
             }
-            self.shadow_load(vcpu);
-            return Ok(Action::Resume);
-        }
-        // The VM-entry MSR-load area (SDM 26.4): an entry L0 cannot load fails the VM entry with
-        // reason 34 and the entry's number, L1 back at its host state with its VM-exit MSR-load
-        // area loaded (SDM 26.8).
-        let entry_load = area(
-            v,
-            control::VMENTRY_MSR_LOAD_COUNT,
-            control::VMENTRY_MSR_LOAD_ADDR_FULL,
-        );
-        // L1's values, should the CPU still fail the entry (VMCS02's guest state) after L0 loaded
-        // L2's.
-        let l1_area_msrs = (entry_load.count != 0)
-            .then(|| super::msr_area::AREA_MSRS.map(|m| platform.read_msr(m)));
-        if let Err(number) = entry_load.load(platform, &self.memory) {
-            platform.log(format_args!(
-                "nested: VM entry to L2 failed loading entry {number} of its MSR-load area (L0 loads STAR, FMASK and KERNEL_GS_BASE, with values WRMSR takes)"
-            ));
-            let info = ExitInformation::entry_failure(ExitReason::EntryFailMsrLoading, number);
+        };
+        // Either failure is an exit to L1 at its host state, with its VM-exit MSR-load area
+        // loaded, as after any VM-entry failure once guest state is loaded (SDM 26.8).
+        if let Some((reason, qualification)) = failure {
+            let info = ExitInformation::entry_failure(reason, qualification);
             for (f, value) in info.fields() {
                 let _ = v.set(f, value);
             }
