@@ -99,6 +99,11 @@ fuzz_target!(|input: Input| {
             site_pa: Gpa::new(0x116_0f20),
             trampoline: Gva::new(0xffff_ffff_8200_0260),
         }),
+        kvm_exit_hook: Some(HookSite {
+            site: Gva::new(0xffff_ffff_8106_ec47),
+            site_pa: Gpa::new(0x106_ec47),
+            trampoline: Gva::new(0xffff_ffff_8200_02a0),
+        }),
     };
     let mut hv = Hypervisor::new(map);
     hv.outbox_monitor = input.outbox;

@@ -1,9 +1,10 @@
 //! The monitor's single entry point with guest-chosen request codes, arguments, CR3, per-CPU base,
-//! entry and caller stack (Linux exec requests checked against a fuzzed frame),
+//! entry and caller stack (Linux exec and KVM exit requests checked against a fuzzed
+//! frame),
 //! over guest memory the guest controls (its page tables, task structures, paths and the page cache
 //! of the program an exec runs included), for
 //! both guest kernels it knows. Whatever comes: no panic, a verdict for every call, at most one event
-//! per call, a rejected request answered `Rejected` with a `rejected` event, and a ring that stays
+//! per call (a KVM exit: one more per changed exit-handler entry), a rejected request answered `Rejected` with a `rejected` event, and a ring that stays
 //! consistent; every event's JSON line is one line that reads back.
 #![no_main]
 
@@ -13,8 +14,11 @@ use arbitrary::Arbitrary;
 use ihmi_abi::monitor::{Entry, Verdict};
 use ihmi_addr::{Gpa, Gva};
 use ihmi_monitor::{
-    CallContext, Event, EventKind, EventRing, FileLayout, Monitor, OsProfile, Policy,
+    CallContext, Event, EventKind, EventRing, FileLayout, KvmHook, Monitor, OsProfile, Policy,
 };
+
+/// Entries of the fuzzed KVM exit-handler table.
+const KVM_HANDLERS: usize = 4;
 use ihmi_paging::{Cr3, GuestPhysRead, PhysReadError};
 use ihmi_wire::EventLine;
 use libfuzzer_sys::fuzz_target;
@@ -86,6 +90,18 @@ fuzz_target!(|input: Input| {
                 page_struct_size: 64,
                 vmemmap_base: Gva::new(0xffff_ffff_8170_0000),
             })
+            // KVM's exit hook, over a four-entry exit-handler table in the kernel's image mapping.
+            .with_kvm(KvmHook {
+                returns: [0xffff_ffff_8200_0156, 0xffff_ffff_8106_ec4c],
+                exit_reason: 0x1a2c,
+                handlers: 0xffff_ffff_8100_8000,
+                handler_count: KVM_HANDLERS,
+                expected: {
+                    let mut e = [0; ihmi_abi::monitor::KVM_EXIT_HANDLERS_MAX];
+                    e[..KVM_HANDLERS].copy_from_slice(&[0xffff_ffff_8106_1000, 0, 7, 8]);
+                    e
+                },
+            })
     } else {
         OsProfile::testguest(Gva::new(0x10_2000))
     };
@@ -115,9 +131,11 @@ fuzz_target!(|input: Input| {
             &mut ring,
         );
         assert!(ring.is_consistent());
+        // One event per call at most, but for a KVM exit, which adds one per exit-handler entry
+        // found changed.
         assert!(
-            ring.produced() - produced <= 1,
-            "one event per call at most"
+            ring.produced() - produced <= 1 + KVM_HANDLERS as u64,
+            "one event per call at most, and one per changed handler"
         );
         if verdict == Verdict::Rejected && ring.produced() > produced {
             let mut last = None;

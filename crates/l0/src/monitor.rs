@@ -142,6 +142,9 @@ pub struct LinuxGateInfo {
     /// The same for the io_uring hook's trampoline.
     pub io_uring_trampoline: Gva,
     pub io_uring_return: Gva,
+    /// The same for the KVM exit hook's trampoline.
+    pub kvm_exit_trampoline: Gva,
+    pub kvm_exit_return: Gva,
     /// Out of the box: the call stub's VMCALL, the only place a `Monitor` hypercall of a Linux guest
     /// may come from.
     pub call_vmcall: Option<Gva>,
@@ -690,7 +693,11 @@ fn linux_gate(
     if b != a + 8 || c != b + 8 {
         return Err(image.misaligned("ihmi_gate_kernel_entry"));
     }
-    for imm in ["ihmi_hook_exec_gate_imm", "ihmi_hook_io_uring_gate_imm"] {
+    for imm in [
+        "ihmi_hook_exec_gate_imm",
+        "ihmi_hook_io_uring_gate_imm",
+        "ihmi_hook_kvm_exit_gate_imm",
+    ] {
         patch_movabs(mem, place, image, imm, in_gate(hook_call)?.raw())?;
     }
     // Where each trampoline is in the slot, and where its call of the gate returns.
@@ -707,6 +714,8 @@ fn linux_gate(
         hook_return: in_slot("ihmi_hook_exec_gate_return")?,
         io_uring_trampoline: in_slot("ihmi_hook_io_uring")?,
         io_uring_return: in_slot("ihmi_hook_io_uring_gate_return")?,
+        kvm_exit_trampoline: in_slot("ihmi_hook_kvm_exit")?,
+        kvm_exit_return: in_slot("ihmi_hook_kvm_exit_gate_return")?,
         hook_table: pages.hook_table,
         call_vmcall: if outbox {
             Some(in_gate("ihmi_outbox_call_vmcall")?)
@@ -715,6 +724,10 @@ fn linux_gate(
         },
     })
 }
+
+// The profile's exit-handler table fits the monitor's configuration as it is.
+const _: () =
+    assert!(ihmi_linux::profile::MAX_EXIT_HANDLERS == ihmi_abi::monitor::KVM_EXIT_HANDLERS_MAX);
 
 /// Writes the monitor's configuration (what it watches, where guest RAM is, the allow-list);
 /// returns where it is.
@@ -751,6 +764,7 @@ fn write_config(
         allowed_digests: list.digests,
         allowed_digest_count: list.digest_count,
         files: ihmi_abi::monitor::FileOffsets::default(),
+        kvm: ihmi_abi::monitor::KvmOffsets::default(),
     };
     if let MonitorOs::Linux(p) = os {
         // Linux programs are allowed by what they are, never by what they are called.
@@ -788,6 +802,16 @@ fn write_config(
                 config.io_uring_hook_return = g.io_uring_return.raw();
                 config.io_uring_site_return = site + 5;
                 config.io_kiocb_opcode_offset = opcode.offset;
+            }
+            if let Some(k) = &p.kvm {
+                let values = k.exit_handler_values();
+                let kvm = &mut config.kvm;
+                kvm.hook_return = g.kvm_exit_return.raw();
+                kvm.site_return = k.handle_exit + 5;
+                kvm.exit_reason_offset = k.exit_reason.offset;
+                kvm.exit_handlers = k.exit_handlers;
+                kvm.exit_handler_count = values.len() as u64;
+                kvm.exit_handler_values[..values.len()].copy_from_slice(values);
             }
         }
     }

@@ -380,6 +380,14 @@ fn guard(
             }),
             None => None,
         },
+        kvm_exit_hook: match &p.kvm {
+            Some(k) => Some(HookSite {
+                site: Gva::new(k.handle_exit),
+                site_pa: l.text_pa(k.handle_exit, memory)?,
+                trampoline: info.kvm_exit_trampoline,
+            }),
+            None => None,
+        },
     })))
 }
 

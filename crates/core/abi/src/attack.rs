@@ -292,3 +292,80 @@ impl LinuxAttack {
         Self::ALL.into_iter().find(|a| a.name() == name)
     }
 }
+
+/// The attacks on the in-hypervisor monitor's watch over KVM (NESTED.md B.3), each by L1's
+/// compromised root through /dev/mem, on the `l1` kernel (KVM built in), each a scenario
+/// `ihmi-attack-<name>` with `ihmi.attack=kvm-<name>` on L1's command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum IhmiAttack {
+    /// 12.5, a data-only hijack of KVM: rewrite one entry of KVM's exit-handler table
+    /// (`kvm_vmx_exit_handlers`, writable kernel data), run the L1 VMM's probe under it, put the
+    /// entry back. The monitor must report the entry at the next exit.
+    ExitHandler = 0,
+    /// 12.4 and 12.12: take the monitor's hook out of KVM's exit path by writing a 5-byte NOP over
+    /// the call at the start of `vmx_handle_exit` (kernel text). L0's lock on L1's text must stop
+    /// the write.
+    KvmText = 1,
+    /// 12.11, TOCTOU on VMCS12: while the L1 VMM's probe runs, overwrite every VMCS region of L1's
+    /// (the pages that start with L0's VMCS revision identifier) but their first word. VMCS12 lives
+    /// in L0's memory, so KVM's guest must run on as if nothing happened.
+    Vmcs12Region = 2,
+}
+
+impl IhmiAttack {
+    /// Every attack, in the order `ihmi test` runs them.
+    pub const ALL: [Self; 3] = [Self::ExitHandler, Self::KvmText, Self::Vmcs12Region];
+
+    /// The name in the scenario's (`ihmi-attack-` and this).
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::ExitHandler => "exit-handler",
+            Self::KvmText => "kvm-text",
+            Self::Vmcs12Region => "vmcs12-region",
+        }
+    }
+
+    /// The scenario's name.
+    #[must_use]
+    pub const fn scenario_name(self) -> &'static str {
+        match self {
+            Self::ExitHandler => "ihmi-attack-exit-handler",
+            Self::KvmText => "ihmi-attack-kvm-text",
+            Self::Vmcs12Region => "ihmi-attack-vmcs12-region",
+        }
+    }
+
+    /// What L1's command line says for it (the attacker looks for this word).
+    #[must_use]
+    pub const fn kernel_arg(self) -> &'static str {
+        match self {
+            Self::ExitHandler => "ihmi.attack=kvm-exit-handler",
+            Self::KvmText => "ihmi.attack=kvm-text",
+            Self::Vmcs12Region => "ihmi.attack=kvm-vmcs12-region",
+        }
+    }
+
+    /// The attack a command-line word names.
+    #[must_use]
+    pub fn from_kernel_arg(word: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.kernel_arg() == word)
+    }
+}
+
+/// How the `kvm-text` attacker's line on the debug port starts before it writes; then the physical
+/// address of the call it overwrites, in hex.
+pub const IHMI_KVM_TEXT_LINE: &str = "ihmi-attack: overwriting the call in vmx_handle_exit at ";
+
+/// How the `vmcs12-region` attacker's line on the debug port starts once it has overwritten the
+/// regions; then how many, in decimal.
+pub const IHMI_VMCS12_REGION_LINE: &str = "ihmi-attack: VMCS regions overwritten: ";
+/// The entry it rewrites: EXIT_REASON_VMCALL's, which the probe's L2 never makes, so KVM goes on
+/// running it; and the entry whose value it writes there: EXIT_REASON_HLT's (existing kernel code:
+/// the attack needs no code of its own in ring 0).
+pub const IHMI_EXIT_HANDLER_INDEX: u64 = 18;
+pub const IHMI_EXIT_HANDLER_SOURCE: u64 = 12;
+/// How the attacker's line on the debug port starts once it has rewritten the entry; then the entry's
+/// address, its value before and the value written, in hex.
+pub const IHMI_EXIT_HANDLER_LINE: &str = "ihmi-attack: exit handler rewritten: ";

@@ -275,6 +275,17 @@ pub enum Scenario {
     /// exec hook, as `LinuxSim`): L1's /init runs the workload, then the L1 VMM's probe. The in-VM
     /// monitor of a Linux guest that is also a guest hypervisor.
     NestedKvmSim,
+    /// In-hypervisor memory introspection (IHMI, NESTED.md Part B): `NestedKvmShadow` with the
+    /// monitor in the box in L1 and hooked into KVM's L2-exit path (`vmx_handle_exit`): one event per
+    /// exit KVM handles, each checked against the exit L0 reflected, and KVM's exit-handler table held
+    /// to the kernel image's values at every one.
+    IhmiKvm,
+    /// `IhmiKvm` under one attack of L1's compromised root ([`attack::IhmiAttack`], NESTED.md B.3).
+    IhmiAttack(attack::IhmiAttack),
+    /// `IhmiKvm` with the same monitor out of the box (CloudVisor-style, NESTED.md B.4): in a VM of
+    /// its own under L0, reached from the same hook by VMCALL, reading L1's memory by walking L1's
+    /// page tables in software. `ihmi test` compares its events with `IhmiKvm`'s.
+    IhmiKvmOutbox,
     /// Nested VMX, milestone M5: `NestedKvmEpt` with a Linux L2 (`ihmi-l1-vmm --linux`, the `l1`
     /// kernel again with a one-program initramfs), which boots to its /init and powers itself off.
     /// Minutes under Bochs: in [`Scenario::SLOW`], not in `ihmi test`'s default set.
@@ -334,13 +345,20 @@ pub const NESTED_LINUX_DONE: &str = "ihmi-l1-vmm: linux done: ";
 const ATTACK_BASE: u32 = 100;
 /// And those of the Linux attacks after the first (`LINUX_ATTACK_BASE + attack number`).
 const LINUX_ATTACK_BASE: u32 = 40;
+/// And those of the in-hypervisor monitor's attacks (`IHMI_ATTACK_BASE + attack number`).
+const IHMI_ATTACK_BASE: u32 = 70;
 
 impl Scenario {
     /// Every scenario, in the order `ihmi test` runs them (and the host's scenario table lists them):
     /// the test guest's, Linux's, the two benchmarks', the attack suite, then nested VMX's.
     /// The last [`Scenario::SLOW`]`.len()` are too slow for the default set.
-    pub const ALL: [Scenario; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 12] = {
-        let mut all = [Self::Boot; 18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 12];
+    pub const ALL: [Scenario;
+        18 + LinuxAttack::ALL.len() - 1 + Attack::ALL.len() + 14 + attack::IhmiAttack::ALL.len()] = {
+        let mut all = [Self::Boot;
+            18 + LinuxAttack::ALL.len() - 1
+                + Attack::ALL.len()
+                + 14
+                + attack::IhmiAttack::ALL.len()];
         let fixed = [
             Self::Boot,
             Self::EptGuard,
@@ -390,7 +408,14 @@ impl Scenario {
         all[i + j + 8] = Self::NestedKvmShadow;
         all[i + j + 9] = Self::NestedKvmEpt;
         all[i + j + 10] = Self::NestedKvmSim;
-        all[i + j + 11] = Self::NestedLinux;
+        all[i + j + 11] = Self::IhmiKvm;
+        all[i + j + 12] = Self::IhmiKvmOutbox;
+        let mut k = 0;
+        while k < attack::IhmiAttack::ALL.len() {
+            all[i + j + 13 + k] = Self::IhmiAttack(attack::IhmiAttack::ALL[k]);
+            k += 1;
+        }
+        all[i + j + 13 + k] = Self::NestedLinux;
         all
     };
 
@@ -412,8 +437,10 @@ impl Scenario {
             | Self::Attack(_)
             | Self::LinuxSim
             | Self::LinuxAttack(_)
-            | Self::NestedKvmSim => monitor::Mode::InBox,
-            Self::SimOutbox | Self::LinuxSimOutbox => monitor::Mode::OutBox,
+            | Self::NestedKvmSim
+            | Self::IhmiKvm
+            | Self::IhmiAttack(_) => monitor::Mode::InBox,
+            Self::SimOutbox | Self::LinuxSimOutbox | Self::IhmiKvmOutbox => monitor::Mode::OutBox,
             Self::Bench(mode) | Self::LinuxBench(mode) => mode,
             _ => monitor::Mode::None,
         }
@@ -433,6 +460,9 @@ impl Scenario {
                 | Self::NestedKvmShadow
                 | Self::NestedKvmEpt
                 | Self::NestedKvmSim
+                | Self::IhmiKvm
+                | Self::IhmiAttack(_)
+                | Self::IhmiKvmOutbox
                 | Self::NestedLinux
         )
     }
@@ -487,6 +517,9 @@ impl Scenario {
             Self::NestedKvmShadow => "nested-kvm-shadow",
             Self::NestedKvmEpt => "nested-kvm-ept",
             Self::NestedKvmSim => "nested-kvm-sim",
+            Self::IhmiKvm => "ihmi-kvm",
+            Self::IhmiAttack(a) => a.scenario_name(),
+            Self::IhmiKvmOutbox => "ihmi-kvm-outbox",
             Self::NestedLinux => "nested-linux",
             Self::Multiboot1 => "multiboot1",
             Self::Multiboot2 => "multiboot2",
@@ -532,6 +565,9 @@ impl Scenario {
                 | Self::NestedKvmShadow
                 | Self::NestedKvmEpt
                 | Self::NestedKvmSim
+                | Self::IhmiKvm
+                | Self::IhmiAttack(_)
+                | Self::IhmiKvmOutbox
                 | Self::NestedLinux
                 | Self::KernelNested
         )
@@ -554,6 +590,9 @@ impl Scenario {
             Self::NestedMiniShadow
                 | Self::NestedKvmShadow
                 | Self::NestedKvmSim
+                | Self::IhmiKvm
+                | Self::IhmiAttack(_)
+                | Self::IhmiKvmOutbox
                 | Self::NestedKvmEpt
                 | Self::NestedLinux
                 | Self::KernelNested
@@ -594,6 +633,9 @@ impl Scenario {
             Self::Kernel => 30,
             Self::KernelNested => 31,
             Self::NestedKvmSim => 32,
+            Self::IhmiKvm => 33,
+            Self::IhmiKvmOutbox => 34,
+            Self::IhmiAttack(a) => IHMI_ATTACK_BASE + a as u32,
         }
     }
 

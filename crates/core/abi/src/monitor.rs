@@ -26,6 +26,9 @@ pub enum RequestCode {
     /// Linux: an operation submitted through an io_uring ring is about to be issued: args = (GVA of
     /// the kernel's `io_kiocb`, 0, 0, 0).
     IoUring = 6,
+    /// Linux with KVM (the in-hypervisor monitor): KVM is about to handle an exit of its guest (L2):
+    /// args = (GVA of the `kvm_vcpu`, 0, 0, 0), from the hook in `vmx_handle_exit`.
+    KvmExit = 7,
 }
 
 /// Which way a request reached the monitor, as the gate code itself (in the box) or L0 (out of it)
@@ -121,6 +124,7 @@ impl RequestCode {
             4 => Self::SyscallInt80,
             5 => Self::SyscallSysenter,
             6 => Self::IoUring,
+            7 => Self::KvmExit,
             _ => return None,
         })
     }
@@ -221,6 +225,41 @@ pub struct MonitorConfig {
     pub allowed_digest_count: u64,
     /// Linux: where the kernel keeps an exec's file, for the program's identity.
     pub files: FileOffsets,
+    /// Linux with KVM: the KVM exit hook and what it audits; all zero without it.
+    pub kvm: KvmOffsets,
+}
+
+/// Most entries of KVM's exit-handler table the monitor holds (`ihmi_linux`'s `MAX_EXIT_HANDLERS`).
+pub const KVM_EXIT_HANDLERS_MAX: usize = 96;
+
+/// What the in-hypervisor monitor needs of a Linux kernel with KVM built in (from its System.map, BTF
+/// and image; see `ihmi_linux::KvmProfile`).
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+pub struct KvmOffsets {
+    /// Where the KVM exit trampoline's call of the gate returns, and where the hooked
+    /// `vmx_handle_exit`'s call of the trampoline returns: 0 without the hook.
+    pub hook_return: u64,
+    pub site_return: u64,
+    /// Offset of the exit reason (4 bytes) from a `kvm_vcpu` pointer.
+    pub exit_reason_offset: u64,
+    /// `kvm_vmx_exit_handlers`: its address, its entries, and their values in the kernel image.
+    pub exit_handlers: u64,
+    pub exit_handler_count: u64,
+    pub exit_handler_values: [u64; KVM_EXIT_HANDLERS_MAX],
+}
+
+impl Default for KvmOffsets {
+    fn default() -> Self {
+        Self {
+            hook_return: 0,
+            site_return: 0,
+            exit_reason_offset: 0,
+            exit_handlers: 0,
+            exit_handler_count: 0,
+            exit_handler_values: [0; KVM_EXIT_HANDLERS_MAX],
+        }
+    }
 }
 
 /// Where a Linux kernel keeps the bytes of the file an exec runs (offsets from its BTF; see the

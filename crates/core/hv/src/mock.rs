@@ -494,6 +494,7 @@ impl Observer for Recorder {
                 Seen::Other(Observation::Xsetbv { xcr0, faulted })
             }
             Observation::L2EntryMsr { msr } => Seen::Other(Observation::L2EntryMsr { msr }),
+            Observation::L1HostStateChecked => Seen::Other(Observation::L1HostStateChecked),
             Observation::Io { port, write } => Seen::Other(Observation::Io { port, write }),
             Observation::Alert(a) => Seen::Other(Observation::Alert(a)),
             Observation::L2Entry { launch, round_trip } => {

@@ -70,6 +70,10 @@ pub enum Observation<'a> {
         launch: bool,
         round_trip: Option<u64>,
     },
+    /// Nested VMX with Linux + KVM as L1: the VMCS12 host state of a VMLAUNCH or VMRESUME was L1's
+    /// live state, returning to KVM's `vmx_vmexit` ([`crate::nested::host_state`]); a mismatch is
+    /// an alert instead.
+    L1HostStateChecked,
     /// Nested VMX: an exit from L2, and whether it went to L1 (`reflected`) or was L0's own.
     L2Exit {
         reason: ihmi_vmcs::ExitReason,

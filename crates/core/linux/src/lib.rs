@@ -7,7 +7,7 @@ use core::fmt;
 pub mod place;
 pub mod profile;
 
-pub use profile::LinuxProfile;
+pub use profile::{KvmProfile, LinuxProfile};
 
 /// Offset of the setup header in a bzImage and in the zero page (boot.rst, "THE REAL-MODE KERNEL
 /// HEADER").

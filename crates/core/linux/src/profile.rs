@@ -13,7 +13,7 @@
 use core::fmt;
 
 /// The first line.
-const HEADER: &str = "ihmi-linux-profile 4";
+const HEADER: &str = "ihmi-linux-profile 5";
 
 /// The kernel PGD of a CR3: its root without PCID or flags and, when page-table isolation is built in
 /// (every PGD an 8 KiB pair, kernel half first), without bit 12, since a user CR3 points at the user
@@ -80,6 +80,53 @@ pub struct LinuxProfile {
     pub io_uring: Option<(u64, Field)>,
     /// Where the kernel keeps the bytes of the file an exec runs, for the program's identity.
     pub files: FileFields,
+    /// With KVM built in (the `l1` kernel): what the in-hypervisor monitor hooks and audits.
+    pub kvm: Option<KvmProfile>,
+}
+
+/// Most entries of KVM's exit-handler table a profile carries (6.1 has 76, one per basic exit reason up
+/// to `EXIT_REASON_NOTIFY`).
+pub const MAX_EXIT_HANDLERS: usize = 96;
+
+/// What the in-hypervisor monitor needs of a kernel with KVM (`kvm_intel`) built in: the hook point on
+/// the L2-exit path, where KVM keeps a vCPU's exit reason, and its exit-handler table with the values
+/// the kernel image gives it (the table is writable data, `static int (*kvm_vmx_exit_handlers[])`, so a
+/// root attacker can redirect an exit to code of its own without touching text).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvmProfile {
+    /// `vmx_handle_exit(struct kvm_vcpu *vcpu, fastpath_t)`: every exit of L2 that KVM handles, with
+    /// the vCPU in RDI.
+    pub handle_exit: u64,
+    /// `vmx_vmexit`: where every exit from KVM's guest returns (VMCS12's HOST_RIP).
+    pub vmx_vmexit: u64,
+    /// `vcpu_vmx.exit_reason` (4 bytes), as an offset from the `kvm_vcpu` pointer (`vcpu_vmx.vcpu`
+    /// taken off).
+    pub exit_reason: Field,
+    /// `kvm_vmx_exit_handlers`: where, how many entries, and each entry's value in the image.
+    pub exit_handlers: u64,
+    pub exit_handler_count: usize,
+    pub exit_handler_values: [u64; MAX_EXIT_HANDLERS],
+}
+
+impl Default for KvmProfile {
+    fn default() -> Self {
+        Self {
+            handle_exit: 0,
+            vmx_vmexit: 0,
+            exit_reason: Field::default(),
+            exit_handlers: 0,
+            exit_handler_count: 0,
+            exit_handler_values: [0; MAX_EXIT_HANDLERS],
+        }
+    }
+}
+
+impl KvmProfile {
+    /// The exit-handler table's entries as the kernel image has them.
+    #[must_use]
+    pub fn exit_handler_values(&self) -> &[u64] {
+        &self.exit_handler_values[..self.exit_handler_count.min(MAX_EXIT_HANDLERS)]
+    }
 }
 
 /// The members and sizes the monitor follows from a `linux_binprm` to its file's pages in the page
@@ -206,6 +253,8 @@ impl LinuxProfile {
         let mut seen = 0u32;
         // The io_uring entries are optional, but come together.
         let mut io_uring_seen = 0u8;
+        // So are the KVM entries.
+        let mut kvm_seen = 0u8;
         let mut files_seen = 0u32;
         for (i, line) in lines {
             let n = i + 1;
@@ -242,6 +291,16 @@ impl LinuxProfile {
                             io_uring_seen |= 1;
                             continue;
                         }
+                        "vmx_handle_exit" => {
+                            p.kvm.get_or_insert_with(Default::default).handle_exit = v;
+                            kvm_seen |= 1;
+                            continue;
+                        }
+                        "vmx_vmexit" => {
+                            p.kvm.get_or_insert_with(Default::default).vmx_vmexit = v;
+                            kvm_seen |= 8;
+                            continue;
+                        }
                         _ => return Err(ProfileError::Line(n)),
                     };
                     *slot = v;
@@ -263,6 +322,11 @@ impl LinuxProfile {
                             io_uring_seen |= 2;
                             continue;
                         }
+                        "kvm_vcpu.exit_reason" => {
+                            p.kvm.get_or_insert_with(Default::default).exit_reason = f;
+                            kvm_seen |= 2;
+                            continue;
+                        }
                         other => match FILE_FIELD_NAMES.iter().position(|&x| x == other) {
                             Some(i) => {
                                 *p.files.fields_mut()[i] = f;
@@ -274,6 +338,21 @@ impl LinuxProfile {
                     };
                     *slot = f;
                     seen |= 1 << bit;
+                }
+                ["table", "kvm_vmx_exit_handlers", at, values] => {
+                    let k = p.kvm.get_or_insert_with(Default::default);
+                    k.exit_handlers = num(at)?;
+                    let mut count = 0;
+                    for v in values.split(',') {
+                        let slot = k
+                            .exit_handler_values
+                            .get_mut(count)
+                            .ok_or(ProfileError::Implausible("table kvm_vmx_exit_handlers"))?;
+                        *slot = num(v)?;
+                        count += 1;
+                    }
+                    k.exit_handler_count = count;
+                    kvm_seen |= 4;
                 }
                 ["size", "page", value, ""] => {
                     p.files.page_size = num(value)?;
@@ -328,6 +407,21 @@ impl LinuxProfile {
             1 => return Err(ProfileError::Missing("field io_kiocb.opcode")),
             _ => return Err(ProfileError::Missing("symbol io_issue_sqe")),
         }
+        match kvm_seen {
+            0 | 15 => {}
+            s if s & 1 == 0 => return Err(ProfileError::Missing("symbol vmx_handle_exit")),
+            s if s & 8 == 0 => return Err(ProfileError::Missing("symbol vmx_vmexit")),
+            s if s & 2 == 0 => return Err(ProfileError::Missing("field kvm_vcpu.exit_reason")),
+            _ => return Err(ProfileError::Missing("table kvm_vmx_exit_handlers")),
+        }
+        if let Some(k) = &p.kvm {
+            if k.exit_reason.size != 4 {
+                return Err(ProfileError::Implausible("field kvm_vcpu.exit_reason"));
+            }
+            if k.exit_handlers % 8 != 0 || k.exit_handler_count == 0 {
+                return Err(ProfileError::Implausible("table kvm_vmx_exit_handlers"));
+            }
+        }
         Ok(p)
     }
 
@@ -375,6 +469,21 @@ impl fmt::Display for LinuxProfile {
                 "field io_kiocb.opcode {:#x} {}",
                 opcode.offset, opcode.size
             )?;
+        }
+        if let Some(k) = &self.kvm {
+            writeln!(f, "symbol vmx_handle_exit {:#x}", k.handle_exit)?;
+            writeln!(f, "symbol vmx_vmexit {:#x}", k.vmx_vmexit)?;
+            writeln!(
+                f,
+                "field kvm_vcpu.exit_reason {:#x} {}",
+                k.exit_reason.offset, k.exit_reason.size
+            )?;
+            write!(f, "table kvm_vmx_exit_handlers {:#x} ", k.exit_handlers)?;
+            for (i, v) in k.exit_handler_values().iter().enumerate() {
+                let sep = if i == 0 { "" } else { "," };
+                write!(f, "{sep}{v:#x}")?;
+            }
+            writeln!(f)?;
         }
         writeln!(f, "symbol vmemmap_base {:#x}", self.files.vmemmap_base)?;
         writeln!(f, "size page {}", self.files.page_size)?;
@@ -469,13 +578,29 @@ mod tests {
                 page_size: 64,
                 vmemmap_base: 0xffff_ffff_816b_1ca0,
             },
+            kvm: Some(KvmProfile {
+                handle_exit: 0xffff_ffff_8106_ca51,
+                vmx_vmexit: 0xffff_ffff_8127_7a0d,
+                exit_reason: Field {
+                    offset: 0x1a2c,
+                    size: 4,
+                },
+                exit_handlers: 0xffff_ffff_81c4_7940,
+                exit_handler_count: 3,
+                exit_handler_values: {
+                    let mut v = [0; MAX_EXIT_HANDLERS];
+                    v[0] = 0xffff_ffff_8106_1000;
+                    v[2] = 0xffff_ffff_8106_2000;
+                    v
+                },
+            }),
         }
     }
 
     #[test]
     fn written_profiles_read_back() {
         let text = sample().to_string();
-        assert!(text.starts_with("ihmi-linux-profile 4\n"));
+        assert!(text.starts_with("ihmi-linux-profile 5\n"));
         assert_eq!(LinuxProfile::parse(&text), Ok(sample()));
     }
 
@@ -500,6 +625,49 @@ mod tests {
         assert_eq!(
             LinuxProfile::parse(&without("io_issue_sqe")),
             Err(ProfileError::Missing("symbol io_issue_sqe"))
+        );
+    }
+
+    #[test]
+    fn the_kvm_entries_are_optional_but_come_together() {
+        let text = sample().to_string();
+        let without = |what: &str| -> std::string::String {
+            text.lines()
+                .filter(|l| !l.contains(what))
+                .map(|l| l.to_string() + "\n")
+                .collect()
+        };
+        let none = LinuxProfile {
+            kvm: None,
+            ..sample()
+        };
+        let no_kvm: std::string::String = text
+            .lines()
+            .filter(|l| !l.contains("kvm") && !l.contains("vmx_"))
+            .map(|l| l.to_string() + "\n")
+            .collect();
+        assert_eq!(LinuxProfile::parse(&no_kvm), Ok(none));
+        assert_eq!(
+            LinuxProfile::parse(&without("vmx_handle_exit")),
+            Err(ProfileError::Missing("symbol vmx_handle_exit"))
+        );
+        assert_eq!(
+            LinuxProfile::parse(&without("vmx_vmexit")),
+            Err(ProfileError::Missing("symbol vmx_vmexit"))
+        );
+        assert_eq!(
+            LinuxProfile::parse(&without("kvm_vmx_exit_handlers")),
+            Err(ProfileError::Missing("table kvm_vmx_exit_handlers"))
+        );
+        let long: std::string::String = (0..=MAX_EXIT_HANDLERS)
+            .map(|_| "0x1")
+            .collect::<std::vec::Vec<_>>()
+            .join(",");
+        let too_long = text.replace("0xffffffff81061000,0x0,0xffffffff81062000", &long);
+        assert_ne!(too_long, text);
+        assert_eq!(
+            LinuxProfile::parse(&too_long),
+            Err(ProfileError::Implausible("table kvm_vmx_exit_handlers"))
         );
     }
 

@@ -243,6 +243,34 @@ pub enum EventLine<S> {
         op: Option<S>,
         verdict: S,
     },
+    /// KVM (watched by the in-hypervisor monitor) is about to handle an exit of its guest.
+    KvmExit {
+        seq: u64,
+        tsc: u64,
+        mode: S,
+        /// The thread KVM runs in (the VMM's vCPU thread).
+        pid: u32,
+        comm: S,
+        /// The `kvm_vcpu` (a kernel address) and the exit reason as KVM has it.
+        vcpu: u64,
+        reason: u64,
+        /// The exit-handler table's entries the monitor checked on the way, and those that differ
+        /// from the kernel image's (each reported once as an `integrity` event).
+        handlers_checked: u64,
+        handlers_changed: u64,
+        verdict: S,
+    },
+    /// A property of the watched hypervisor that must hold does not: what was found, where.
+    Integrity {
+        seq: u64,
+        tsc: u64,
+        mode: S,
+        property: S,
+        index: u64,
+        address: u64,
+        expected: u64,
+        found: u64,
+    },
     /// A request the monitor's checkpoint refused.
     Rejected {
         seq: u64,
@@ -274,8 +302,9 @@ impl<S> EventLine<S> {
             Self::Syscall { pid, .. }
             | Self::ProcessCreate { pid, .. }
             | Self::Exec { pid, .. }
-            | Self::IoUring { pid, .. } => Some(*pid),
-            Self::Rejected { .. } | Self::Invalid { .. } => None,
+            | Self::IoUring { pid, .. }
+            | Self::KvmExit { pid, .. } => Some(*pid),
+            Self::Rejected { .. } | Self::Integrity { .. } | Self::Invalid { .. } => None,
         }
     }
 
@@ -286,6 +315,8 @@ impl<S> EventLine<S> {
             | Self::ProcessCreate { seq, .. }
             | Self::Exec { seq, .. }
             | Self::IoUring { seq, .. }
+            | Self::KvmExit { seq, .. }
+            | Self::Integrity { seq, .. }
             | Self::Rejected { seq, .. }
             | Self::Invalid { seq, .. } => *seq,
         }
@@ -332,7 +363,21 @@ impl EventLine<alloc::string::String> {
             Self::ProcessCreate { seq, tsc, mode, .. }
             | Self::Exec { seq, tsc, mode, .. }
             | Self::IoUring { seq, tsc, mode, .. }
+            | Self::Integrity { seq, tsc, mode, .. }
             | Self::Invalid { seq, tsc, mode, .. } => clear(seq, tsc, mode),
+            Self::KvmExit {
+                seq,
+                tsc,
+                mode,
+                vcpu,
+                ..
+            } => {
+                clear(seq, tsc, mode);
+                // Where KVM allocated the vCPU is the allocator's choice, as a user pointer is.
+                if args_aside {
+                    *vcpu = 0;
+                }
+            }
         }
         e
     }

@@ -167,6 +167,28 @@ mod host {
                 op: Some(Text::Str("mkdirat")),
                 verdict: Text::Str("allow"),
             },
+            EventLine::KvmExit {
+                seq: 6,
+                tsc: 15,
+                mode: Text::Str("inbox"),
+                pid: 40,
+                comm: Text::Bytes(b"ihmi-l1-vmm"),
+                vcpu: 0xffff_8880_0123_4000,
+                reason: 10,
+                handlers_checked: 76,
+                handlers_changed: 0,
+                verdict: Text::Str("allow"),
+            },
+            EventLine::Integrity {
+                seq: 7,
+                tsc: 16,
+                mode: Text::Str("inbox"),
+                property: Text::Str("kvm_exit_handlers"),
+                index: 10,
+                address: 0xffff_ffff_81c4_7990,
+                expected: 0xffff_ffff_8106_1000,
+                found: 0xffff_ffff_c000_0000,
+            },
         ];
         for (i, e) in events.iter().enumerate() {
             let s = line(e);

@@ -102,6 +102,9 @@ extern "C" fn guest_main(info: *const BootInfo) -> ! {
         | Scenario::NestedKvmShadow
         | Scenario::NestedKvmEpt
         | Scenario::NestedKvmSim
+        | Scenario::IhmiKvm
+        | Scenario::IhmiAttack(_)
+        | Scenario::IhmiKvmOutbox
         | Scenario::NestedLinux
         | Scenario::Multiboot1
         | Scenario::Multiboot2

@@ -31,6 +31,10 @@ pub struct Summary {
     pub execs: Vec<Exec>,
     /// Requests the monitor's checkpoint refused.
     pub rejected: u64,
+    /// Exits of KVM's guest the in-hypervisor monitor saw, and what it found broken (property,
+    /// address, expected, found).
+    pub kvm_exits: u64,
+    pub integrity: Vec<(String, u64, u64, u64)>,
     /// Events the ring dropped (L0's count), if the run said.
     pub dropped: Option<u64>,
 }
@@ -92,6 +96,14 @@ impl Summary {
                     pids.entry(comm).or_default().insert(pid);
                 }
                 EventLine::Rejected { .. } => s.rejected += 1,
+                EventLine::KvmExit { .. } => s.kvm_exits += 1,
+                EventLine::Integrity {
+                    property,
+                    address,
+                    expected,
+                    found,
+                    ..
+                } => s.integrity.push((property, address, expected, found)),
                 EventLine::ProcessCreate { .. } | EventLine::Invalid { .. } => {}
             }
         }
@@ -159,6 +171,19 @@ impl Summary {
                     out,
                     "  REFUSED: {} (pid {}, started by {}): {why}; execve failed with EPERM",
                     e.filename, e.pid, e.comm
+                );
+            }
+        }
+        if self.kvm_exits > 0 || !self.integrity.is_empty() {
+            let _ = writeln!(
+                out,
+                "  exits of KVM's guest seen by the in-hypervisor monitor: {}",
+                self.kvm_exits
+            );
+            for (property, address, expected, found) in &self.integrity {
+                let _ = writeln!(
+                    out,
+                    "  INTEGRITY: {property} at {address:#x} is {found:#x}, must be {expected:#x}"
                 );
             }
         }

@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context, Result};
 
 use ihmi_btf::Btf;
-use ihmi_linux::profile::{Field, FileFields, LinuxProfile};
+use ihmi_linux::profile::{Field, FileFields, KvmProfile, LinuxProfile};
 
 use crate::cpio::Archive;
 use crate::deps;
@@ -602,6 +602,10 @@ pub fn guest_profile(system_map: &Path, vmlinux: &Path, config: &str) -> Result<
             Some(at) => Some((at, member("io_kiocb", "opcode")?)),
             None => None,
         },
+        kvm: match map.get("vmx_handle_exit") {
+            Some(handle_exit) => Some(kvm_profile(&map, &file, &member, handle_exit, vmlinux)?),
+            None => None,
+        },
         files: FileFields {
             binprm_file: member("linux_binprm", "file")?,
             file_mapping: member("file", "f_mapping")?,
@@ -619,6 +623,69 @@ pub fn guest_profile(system_map: &Path, vmlinux: &Path, config: &str) -> Result<
             })?,
             vmemmap_base: map.require("vmemmap_base")?,
         },
+    })
+}
+
+/// What the in-hypervisor monitor needs of a kernel with KVM built in: the exit reason's place in a
+/// vCPU (BTF), and KVM's exit-handler table with its entries as the image has them (the symbol's size
+/// and bytes from the vmlinux ELF), which the monitor holds the live table to.
+fn kvm_profile(
+    map: &SystemMap,
+    file: &object::File<'_>,
+    member: &dyn Fn(&str, &str) -> Result<Field>,
+    handle_exit: u64,
+    vmlinux: &Path,
+) -> Result<KvmProfile> {
+    use ihmi_linux::profile::MAX_EXIT_HANDLERS;
+    use object::{Object, ObjectSection, ObjectSymbol};
+    let reason = member("vcpu_vmx", "exit_reason")?;
+    let vcpu = member("vcpu_vmx", "vcpu")?;
+    let offset = reason.offset.checked_sub(vcpu.offset).with_context(|| {
+        format!(
+            "vcpu_vmx.exit_reason is before vcpu_vmx.vcpu in {}",
+            vmlinux.display()
+        )
+    })?;
+    let table = "kvm_vmx_exit_handlers";
+    let at = map.require(table)?;
+    let sym = file
+        .symbol_by_name(table)
+        .with_context(|| format!("{} has no symbol {table}", vmlinux.display()))?;
+    if sym.address() != at || sym.size() == 0 || sym.size() % 8 != 0 {
+        bail!(
+            "{table} in {} is at {:#x} with {} bytes; System.map says {at:#x}",
+            vmlinux.display(),
+            sym.address(),
+            sym.size()
+        );
+    }
+    let count = usize::try_from(sym.size() / 8)?;
+    if count > MAX_EXIT_HANDLERS {
+        bail!("{table} has {count} entries, more than the {MAX_EXIT_HANDLERS} ihmi can hold");
+    }
+    let section = sym
+        .section_index()
+        .and_then(|i| file.section_by_index(i).ok())
+        .with_context(|| format!("{table} is in no section of {}", vmlinux.display()))?;
+    let bytes = section
+        .data_range(at, sym.size())
+        .ok()
+        .flatten()
+        .with_context(|| format!("cannot read {table} from {}", vmlinux.display()))?;
+    let mut values = [0u64; MAX_EXIT_HANDLERS];
+    for (v, b) in values.iter_mut().zip(bytes.chunks_exact(8)) {
+        *v = u64::from_le_bytes(b.try_into()?);
+    }
+    Ok(KvmProfile {
+        handle_exit,
+        vmx_vmexit: map.require("vmx_vmexit")?,
+        exit_reason: Field {
+            offset,
+            size: reason.size,
+        },
+        exit_handlers: at,
+        exit_handler_count: count,
+        exit_handler_values: values,
     })
 }
 
@@ -713,6 +780,10 @@ const ATTACKER_SYMBOLS: &[&str] = &[
     "proc_dointvec",
 ];
 
+/// Symbols only some kernels have, which an attack on what they have uses: KVM's exit-handler table
+/// and exit path (the `l1` kernel).
+const ATTACKER_SYMBOLS_IF_PRESENT: &[&str] = &["kvm_vmx_exit_handlers", "vmx_handle_exit"];
+
 /// What the compromised root knows of the kernel: the lines of its System.map (which distributions
 /// publish) for [`ATTACKER_SYMBOLS`], put in the initramfs as `/etc/ihmi-attacker.map`.
 fn attacker_map(system_map: &Path) -> Result<String> {
@@ -731,6 +802,15 @@ fn attacker_map(system_map: &Path) -> Result<String> {
             );
         }
         for l in lines {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    for name in ATTACKER_SYMBOLS_IF_PRESENT {
+        for l in text
+            .lines()
+            .filter(|l| l.split_whitespace().nth(2) == Some(name))
+        {
             out.push_str(l);
             out.push('\n');
         }

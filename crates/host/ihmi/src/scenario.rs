@@ -3,6 +3,7 @@
 
 use thiserror::Error;
 
+use ihmi_abi::attack::IhmiAttack;
 use ihmi_abi::monitor::Mode;
 use ihmi_abi::Attack;
 
@@ -90,9 +91,24 @@ pub fn kernel_args(name: &str) -> &'static str {
         Some(ihmi_abi::Scenario::LinuxAttack(a)) => a.kernel_arg(),
         Some(ihmi_abi::Scenario::LinuxBench(_)) => "ihmi.bench",
         // KVM on shadow paging (L0 offers L1 no EPT yet), with no VMX for its own guests.
-        Some(ihmi_abi::Scenario::NestedKvm | ihmi_abi::Scenario::NestedKvmShadow) => {
-            "ihmi.nested=kvm kvm_intel.ept=0 kvm_intel.nested=0"
-        }
+        Some(
+            ihmi_abi::Scenario::NestedKvm
+            | ihmi_abi::Scenario::NestedKvmShadow
+            | ihmi_abi::Scenario::IhmiKvm
+            | ihmi_abi::Scenario::IhmiKvmOutbox,
+        ) => "ihmi.nested=kvm kvm_intel.ept=0 kvm_intel.nested=0",
+        // KVM under the in-hypervisor monitor, with L1's root attacking KVM's exit-handler table.
+        Some(ihmi_abi::Scenario::IhmiAttack(a)) => match a {
+            IhmiAttack::ExitHandler => {
+                "ihmi.nested=kvm ihmi.attack=kvm-exit-handler kvm_intel.ept=0 kvm_intel.nested=0"
+            }
+            IhmiAttack::KvmText => {
+                "ihmi.nested=kvm ihmi.attack=kvm-text kvm_intel.ept=0 kvm_intel.nested=0"
+            }
+            IhmiAttack::Vmcs12Region => {
+                "ihmi.nested=kvm ihmi.attack=kvm-vmcs12-region kvm_intel.ept=0 kvm_intel.nested=0"
+            }
+        },
         // The same KVM, after /init's workload under the in-box monitors.
         Some(ihmi_abi::Scenario::NestedKvmSim) => {
             "ihmi.nested=kvm-sim kvm_intel.ept=0 kvm_intel.nested=0"
@@ -166,6 +182,7 @@ pub fn is_linux(name: &str) -> bool {
 pub const SAME_STREAM: &[(&str, &str, Agreement)] = &[
     ("sim", "sim-outbox", Agreement::Exact),
     ("linux-sim", "linux-sim-outbox", Agreement::Scheduled),
+    ("ihmi-kvm", "ihmi-kvm-outbox", Agreement::Scheduled),
 ];
 
 /// What in-box monitoring needs on top of [`BASE`]: VMFUNC EPTP switching for the gate.
@@ -311,9 +328,27 @@ mod tests {
                 "nested-kvm",
                 "nested-kvm-shadow",
                 "nested-kvm-ept",
-                "nested-kvm-sim"
+                "nested-kvm-sim",
+                "ihmi-kvm",
+                "ihmi-kvm-outbox",
+                "ihmi-attack-exit-handler",
+                "ihmi-attack-kvm-text",
+                "ihmi-attack-vmcs12-region"
             ]
         );
+        // Each IHMI attack tells the attacker which attack, by the word it looks for.
+        for a in IhmiAttack::ALL {
+            let args = kernel_args(a.scenario_name());
+            assert!(
+                args.split_whitespace().any(|w| w == a.kernel_arg()),
+                "{args}"
+            );
+            assert!(args.split_whitespace().any(|w| w == "ihmi.nested=kvm"));
+            assert_eq!(
+                kernel_profile(a.scenario_name(), Profile::Tiny),
+                Profile::L1
+            );
+        }
         // The slow one is known, runs by name and is not in the default set.
         let slow: Vec<_> = ALL_SCENARIOS[TEST_SCENARIOS.len()..]
             .iter()

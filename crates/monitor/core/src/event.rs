@@ -30,6 +30,42 @@ pub enum EventKind {
     /// Linux: an operation submitted through an io_uring ring is being issued: `pid` and `comm` are
     /// the submitting process (or its io_uring worker thread), `nr` the operation (`IORING_OP_*`).
     IoUring = 5,
+    /// Linux with KVM (the in-hypervisor monitor): KVM is about to handle an exit of its guest: `pid`
+    /// and `comm` are the thread it runs in (the VMM's vCPU thread), `nr` the exit reason as KVM has
+    /// it (basic reason in the low 16 bits), `args` = (the `kvm_vcpu`, exit-handler entries checked,
+    /// entries that differ from the image, 0).
+    KvmExit = 6,
+    /// A property of the watched hypervisor that must hold does not: `detail` is the
+    /// [`IntegrityProperty`], `nr` the index of what broke it (a table entry), `args` = (its address,
+    /// the value it must have, the value found, 0).
+    Integrity = 7,
+}
+
+/// What an `integrity` event found broken (NESTED.md B.1.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum IntegrityProperty {
+    /// P2: an entry of KVM's exit-handler table (`kvm_vmx_exit_handlers`) is not the image's value.
+    KvmExitHandlers = 1,
+}
+
+impl IntegrityProperty {
+    /// Decodes the stored property.
+    #[must_use]
+    pub const fn from_raw(raw: u16) -> Option<Self> {
+        match raw {
+            1 => Some(Self::KvmExitHandlers),
+            _ => None,
+        }
+    }
+
+    /// The `"property"` value in JSON.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::KvmExitHandlers => "kvm_exit_handlers",
+        }
+    }
 }
 
 impl EventKind {
@@ -42,6 +78,8 @@ impl EventKind {
             3 => Self::Rejected,
             4 => Self::Exec,
             5 => Self::IoUring,
+            6 => Self::KvmExit,
+            7 => Self::Integrity,
             _ => return None,
         })
     }
@@ -55,6 +93,8 @@ impl EventKind {
             Self::Rejected => "rejected",
             Self::Exec => "exec",
             Self::IoUring => "io_uring",
+            Self::KvmExit => "kvm_exit",
+            Self::Integrity => "integrity",
         }
     }
 }
@@ -287,6 +327,31 @@ impl Event {
                 opcode: self.nr,
                 op: os.io_uring_op_name(self.nr).map(Text::Str),
                 verdict,
+            },
+            EventKind::KvmExit => EventLine::KvmExit {
+                seq,
+                tsc,
+                mode,
+                pid: self.pid,
+                comm,
+                vcpu: self.args[0],
+                reason: self.nr,
+                handlers_checked: self.args[1],
+                handlers_changed: self.args[2],
+                verdict,
+            },
+            EventKind::Integrity => EventLine::Integrity {
+                seq,
+                tsc,
+                mode,
+                property: Text::Str(
+                    IntegrityProperty::from_raw(self.detail)
+                        .map_or("unknown", IntegrityProperty::name),
+                ),
+                index: self.nr,
+                address: self.args[0],
+                expected: self.args[1],
+                found: self.args[2],
             },
             EventKind::Rejected => EventLine::Rejected {
                 seq,

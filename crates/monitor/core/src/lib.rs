@@ -9,14 +9,16 @@ pub mod os;
 pub mod policy;
 
 pub use ihmi_abi::monitor::Entry;
-use ihmi_abi::monitor::{RequestCode, SyscallEntry, Verdict, PATH_LEN, PATH_MAX};
+use ihmi_abi::monitor::{
+    RequestCode, SyscallEntry, Verdict, KVM_EXIT_HANDLERS_MAX, PATH_LEN, PATH_MAX,
+};
 use ihmi_addr::Gva;
 use ihmi_paging::{Cr3, GuestPhysRead};
 
-pub use event::{Event, EventKind, EventRing, RejectReason};
+pub use event::{Event, EventKind, EventRing, IntegrityProperty, RejectReason};
 pub use identity::{DigestCache, FileLayout, IdentityError};
 pub use introspect::{IntrospectError, Introspector, TranslationCache};
-pub use os::{IoUringHook, OsProfile, ProcessInfo};
+pub use os::{IoUringHook, KvmHook, OsProfile, ProcessInfo};
 pub use policy::Policy;
 
 /// What the caller of the entry point knows that the guest cannot forge: the guest's CR3 at the call
@@ -65,6 +67,9 @@ struct State {
     percpu_base: u64,
     /// Linux: the digests of the programs hashed last.
     digests: DigestCache,
+    /// Linux with KVM: each exit-handler entry's value as last reported (the image's until a change
+    /// is found), so a changed entry is reported once per new value, not at every exit.
+    kvm_reported: [u64; KVM_EXIT_HANDLERS_MAX],
 }
 
 impl Monitor {
@@ -82,6 +87,10 @@ impl Monitor {
                 },
                 percpu_base: 0,
                 digests: DigestCache::new(),
+                kvm_reported: match os.kvm {
+                    Some(k) => k.expected,
+                    None => [0; KVM_EXIT_HANDLERS_MAX],
+                },
             },
             tlb: core::cell::RefCell::new(TranslationCache::new()),
         }
@@ -170,6 +179,7 @@ impl Monitor {
             Some(RequestCode::ProcessCreate) => st.on_process_create(&intro, args).map(Some),
             Some(RequestCode::Exec) => st.on_exec(&intro, args, ctx).map(Some),
             Some(RequestCode::IoUring) => st.on_io_uring(&intro, args, ctx).map(Some),
+            Some(RequestCode::KvmExit) => st.on_kvm_exit(&intro, args, ctx, ring).map(Some),
         };
         match outcome {
             Ok(None) => Verdict::Allow,
@@ -203,7 +213,10 @@ const fn linux_entry_makes(entry: Entry, r: RequestCode) -> bool {
             r,
             RequestCode::Syscall | RequestCode::SyscallInt80 | RequestCode::SyscallSysenter
         ),
-        Entry::CallGate => matches!(r, RequestCode::Exec | RequestCode::IoUring),
+        Entry::CallGate => matches!(
+            r,
+            RequestCode::Exec | RequestCode::IoUring | RequestCode::KvmExit
+        ),
         Entry::Unverified => false,
     }
 }
@@ -377,6 +390,77 @@ impl State {
             pid: who.pid,
             comm: who.comm,
             nr: u64::from(opcode[0]),
+            ..Event::EMPTY
+        })
+    }
+
+    /// args = (GVA of the `kvm_vcpu`, 0, 0, 0), from the hook in KVM's `vmx_handle_exit`, with its
+    /// frame on the calling stack as for exec requests: KVM is about to handle an exit of its guest.
+    /// The event names the exit (its reason, as KVM reads it from the VMCS L0 wrote for it) and the
+    /// process KVM runs in (the VMM's vCPU thread). On the way, the monitor holds KVM's exit-handler
+    /// table to its image values (integrity property P2 of NESTED.md B.1.3): a changed entry is an
+    /// `integrity` event, pushed before the exit's, once per new value. KVM goes on either way: it has
+    /// no path that fails an exit safely.
+    fn on_kvm_exit<M: GuestPhysRead>(
+        &mut self,
+        intro: &Introspector<'_, M>,
+        args: [u64; 4],
+        ctx: &CallContext,
+        ring: &mut EventRing,
+    ) -> Result<Event, RejectReason> {
+        let hook = self.os.kvm.ok_or(RejectReason::UnknownRequest)?;
+        if args[1..] != [0; 3] {
+            return Err(RejectReason::BadArgument);
+        }
+        self.check_hook_frame(intro, args[0], ctx.caller_rsp, hook.returns)?;
+        let vcpu = Gva::new(args[0]);
+        if !vcpu.is_canonical() || args[0] < KERNEL_HALF || !args[0].is_multiple_of(8) {
+            return Err(RejectReason::BadArgument);
+        }
+        let who = self.current(intro)?.ok_or(RejectReason::NoCurrentProcess)?;
+        let reason_at = args[0]
+            .checked_add(hook.exit_reason)
+            .ok_or(RejectReason::BadArgument)?;
+        let reason = intro
+            .read_u32(Gva::new(reason_at))
+            .map_err(|_| RejectReason::GuestMemory)?;
+        // The whole table in one read: a page or two of KVM's data.
+        let expected = hook.expected();
+        let mut table = [0u8; KVM_EXIT_HANDLERS_MAX * 8];
+        let table = &mut table[..expected.len() * 8];
+        intro
+            .read_gva(Gva::new(hook.handlers), table)
+            .map_err(|_| RejectReason::GuestMemory)?;
+        let mut changed = 0u64;
+        for (i, (found, &want)) in table.chunks_exact(8).zip(expected).enumerate() {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(found);
+            let found = u64::from_le_bytes(b);
+            if found == want {
+                self.kvm_reported[i] = want;
+                continue;
+            }
+            changed += 1;
+            if found != self.kvm_reported[i] {
+                self.kvm_reported[i] = found;
+                ring.push(Event {
+                    tsc: ctx.tsc,
+                    kind: EventKind::Integrity as u16,
+                    detail: IntegrityProperty::KvmExitHandlers as u16,
+                    verdict: Verdict::Allow as i32,
+                    nr: i as u64,
+                    args: [hook.handlers + i as u64 * 8, want, found, 0],
+                    ..Event::EMPTY
+                });
+            }
+        }
+        Ok(Event {
+            kind: EventKind::KvmExit as u16,
+            verdict: Verdict::Allow as i32,
+            pid: who.pid,
+            comm: who.comm,
+            nr: u64::from(reason),
+            args: [args[0], expected.len() as u64, changed, 0],
             ..Event::EMPTY
         })
     }

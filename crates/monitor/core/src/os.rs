@@ -3,6 +3,7 @@
 //! through these and takes nothing about the guest from its caller.
 
 use ihmi_abi::guest_os::{process_layout, COMM_LEN};
+use ihmi_abi::monitor::KVM_EXIT_HANDLERS_MAX;
 use ihmi_addr::Gva;
 use ihmi_paging::GuestPhysRead;
 
@@ -58,6 +59,29 @@ pub struct OsProfile {
     /// Linux: how to find the bytes of the file an exec runs, for its identity (none: no digests,
     /// and a program list refuses every exec).
     pub files: Option<crate::identity::FileLayout>,
+    /// Linux with KVM built in: the hook on KVM's L2-exit path and what it audits (none without it).
+    pub kvm: Option<KvmHook>,
+}
+
+/// What the in-hypervisor monitor needs for the hook in KVM's `vmx_handle_exit`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvmHook {
+    /// The two returns a real request has on its stack, as for exec requests.
+    pub returns: [u64; 2],
+    /// Offset of the exit reason (4 bytes) from the `kvm_vcpu` pointer.
+    pub exit_reason: u64,
+    /// `kvm_vmx_exit_handlers`: where, how many entries, and each entry's value in the kernel image.
+    pub handlers: u64,
+    pub handler_count: usize,
+    pub expected: [u64; KVM_EXIT_HANDLERS_MAX],
+}
+
+impl KvmHook {
+    /// The entries the table must hold.
+    #[must_use]
+    pub fn expected(&self) -> &[u64] {
+        &self.expected[..self.handler_count.min(KVM_EXIT_HANDLERS_MAX)]
+    }
 }
 
 /// What the monitor needs for a Linux kernel's io_uring hook.
@@ -97,6 +121,7 @@ impl OsProfile {
             exec_returns: None,
             io_uring: None,
             files: None,
+            kvm: None,
         }
     }
 
@@ -124,6 +149,7 @@ impl OsProfile {
             exec_returns: None,
             io_uring: None,
             files: None,
+            kvm: None,
         }
     }
 
@@ -143,6 +169,15 @@ impl OsProfile {
     pub const fn with_io_uring(self, hook: IoUringHook) -> Self {
         Self {
             io_uring: Some(hook),
+            ..self
+        }
+    }
+
+    /// The same profile, serving KVM exit requests from the hook in `vmx_handle_exit`.
+    #[must_use]
+    pub const fn with_kvm(self, hook: KvmHook) -> Self {
+        Self {
+            kvm: Some(hook),
             ..self
         }
     }

@@ -1031,6 +1031,148 @@ fn linux_io_uring_names_the_operation_from_the_kernel_s_request() {
     );
 }
 
+/// KVM's exit hook (`vmx_handle_exit`): each exit is an event with the reason read from the vCPU and
+/// the VMM thread it runs in; the exit-handler table is checked whole at each one, a changed entry is
+/// one `integrity` event per new value (not one per exit), and putting the entry back is quiet.
+#[test]
+fn kvm_exits_are_named_from_the_vcpu_and_the_exit_handler_table_is_held_to_the_image() {
+    let (mut g, cr3, _) = setup();
+    const TASK: u64 = KERNEL + 0x2000;
+    const PARENT: u64 = KERNEL + 0x2400;
+    const VCPU: u64 = KERNEL + 0x1800;
+    const REASON_OFFSET: u64 = 0x1a0;
+    // Three entries, the last one on the next page: the table is read in one go across it.
+    const TABLE: u64 = KERNEL + 0x1ff0;
+    const STACK: u64 = KERNEL + 0x3000;
+    const HOOK_RETURN: u64 = 0xffff_ffff_8200_02c3;
+    const SITE_RETURN: u64 = 0xffff_ffff_8106_ca56;
+    let image = [0xffff_ffff_8106_1000u64, 0, 0xffff_ffff_8106_2000];
+    g.write(CURRENT, &TASK.to_le_bytes());
+    g.write(TASK + 0x14, &77u32.to_le_bytes());
+    g.write(TASK + 0x18, &PARENT.to_le_bytes());
+    g.write(TASK + 0x40, b"ihmi-l1-vmm\0");
+    g.write(PARENT + 0x14, &1u32.to_le_bytes());
+    g.write(VCPU + REASON_OFFSET, &10u32.to_le_bytes()); // CPUID
+    for (i, v) in image.iter().enumerate() {
+        g.write(TABLE + 8 * i as u64, &v.to_le_bytes());
+    }
+    let mut frame = [0u64; 12];
+    frame[1] = HOOK_RETURN;
+    frame[6] = VCPU;
+    frame[11] = SITE_RETURN;
+    for (i, w) in frame.iter().enumerate() {
+        g.write(STACK + 8 * i as u64, &w.to_le_bytes());
+    }
+    let linux = OsProfile::linux(Gva::new(CURRENT), 0x14, 0x18, 0x40, false, 0x60);
+    let ctx = CallContext {
+        cr3,
+        tsc: 9,
+        percpu_base: 0,
+        entry: Entry::CallGate,
+        caller_rsp: STACK,
+    };
+    let mut ring = EventRing::new();
+    let args = [VCPU, 0, 0, 0];
+    let code = RequestCode::KvmExit as u64;
+    // A kernel without the hook configured refuses the request.
+    let mut without = Monitor::new(linux, Policy::allow_all());
+    assert_eq!(
+        without.handle(code, args, &ctx, &g, &mut ring),
+        Verdict::Rejected
+    );
+    assert_eq!(
+        RejectReason::from_raw(events(&mut ring)[0].detail),
+        Some(RejectReason::UnknownRequest)
+    );
+    let mut expected = [0; ihmi_abi::monitor::KVM_EXIT_HANDLERS_MAX];
+    expected[..3].copy_from_slice(&image);
+    let hook = KvmHook {
+        returns: [HOOK_RETURN, SITE_RETURN],
+        exit_reason: REASON_OFFSET,
+        handlers: TABLE,
+        handler_count: 3,
+        expected,
+    };
+    let mut m = Monitor::new(linux.with_kvm(hook), Policy::allow_all());
+    assert_eq!(m.handle(code, args, &ctx, &g, &mut ring), Verdict::Allow);
+    let e = events(&mut ring);
+    assert_eq!(e.len(), 1);
+    assert_eq!(
+        (e[0].kind(), e[0].nr, e[0].pid, e[0].args),
+        (Some(EventKind::KvmExit), 10, 77, [VCPU, 3, 0, 0])
+    );
+    let json = std::format!("{}", e[0].json("inbox", m.os()));
+    assert!(
+        json.contains(r#""event":"kvm_exit","#)
+            && json.contains(r#""comm":"ihmi-l1-vmm""#)
+            && json.contains(r#""reason":10,"handlers_checked":3,"handlers_changed":0"#),
+        "{json}"
+    );
+    // A root attacker points entry 2 at code of its own: reported once, with where and what, before
+    // the exit's own event; the next exits say the entry still differs but report nothing new.
+    const EVIL: u64 = 0xffff_ffff_c000_0000;
+    g.write(TABLE + 16, &EVIL.to_le_bytes());
+    for round in 0..3 {
+        assert_eq!(m.handle(code, args, &ctx, &g, &mut ring), Verdict::Allow);
+        let e = events(&mut ring);
+        let exit = e.last().unwrap();
+        assert_eq!((exit.kind(), exit.args[2]), (Some(EventKind::KvmExit), 1));
+        if round == 0 {
+            assert_eq!(e.len(), 2);
+            assert_eq!(
+                (e[0].kind(), e[0].detail, e[0].nr, e[0].args),
+                (
+                    Some(EventKind::Integrity),
+                    IntegrityProperty::KvmExitHandlers as u16,
+                    2,
+                    [TABLE + 16, image[2], EVIL, 0]
+                )
+            );
+            let json = std::format!("{}", e[0].json("inbox", m.os()));
+            assert!(
+                json.contains(r#""event":"integrity","#)
+                    && json.contains(r#""property":"kvm_exit_handlers","index":2"#),
+                "{json}"
+            );
+        } else {
+            assert_eq!(e.len(), 1, "reported once per new value");
+        }
+    }
+    // Another value is news again; the image's value back is quiet, and a later change is news.
+    g.write(TABLE + 16, &(EVIL + 8).to_le_bytes());
+    m.handle(code, args, &ctx, &g, &mut ring);
+    assert_eq!(events(&mut ring).len(), 2);
+    g.write(TABLE + 16, &image[2].to_le_bytes());
+    m.handle(code, args, &ctx, &g, &mut ring);
+    let e = events(&mut ring);
+    assert_eq!((e.len(), e[0].args[2]), (1, 0));
+    g.write(TABLE + 16, &EVIL.to_le_bytes());
+    m.handle(code, args, &ctx, &g, &mut ring);
+    assert_eq!(events(&mut ring).len(), 2);
+    // Not from the hook (another vCPU than the trampoline pushed), or a vCPU pointer that is no
+    // kernel address: refused.
+    for bad in [VCPU + 0x100, 0x1000] {
+        assert_eq!(
+            m.handle(code, [bad, 0, 0, 0], &ctx, &g, &mut ring),
+            Verdict::Rejected
+        );
+        assert_eq!(
+            RejectReason::from_raw(events(&mut ring)[0].detail),
+            Some(RejectReason::NotFromHook)
+        );
+    }
+    // Through a system-call gate: a forgery.
+    let sys = CallContext {
+        entry: Entry::SyscallGate,
+        ..ctx
+    };
+    assert_eq!(m.handle(code, args, &sys, &g, &mut ring), Verdict::Rejected);
+    assert_eq!(
+        RejectReason::from_raw(events(&mut ring)[0].detail),
+        Some(RejectReason::WrongEntry)
+    );
+}
+
 /// A loader inside an allowed program brings code in without an exec: the calls that make memory
 /// executable are flagged on their events (i386 numbers through the 32-bit entries).
 #[test]

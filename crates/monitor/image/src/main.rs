@@ -7,7 +7,9 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use ihmi_abi::monitor::{Entry, MonitorConfig, Verdict, CONFIG_MAGIC};
 use ihmi_addr::{Gpa, Gva};
-use ihmi_monitor::{CallContext, EventRing, FileLayout, IoUringHook, Monitor, OsProfile, Policy};
+use ihmi_monitor::{
+    CallContext, EventRing, FileLayout, IoUringHook, KvmHook, Monitor, OsProfile, Policy,
+};
 use ihmi_paging::{Cr3, GuestPhysRead, PhysReadError};
 
 ihmi_rt::provide_mem_functions!();
@@ -55,6 +57,14 @@ static IHMI_MONITOR_CONFIG: Cell<MonitorConfig> = Cell(UnsafeCell::new(MonitorCo
         chunk_shift: 0,
         page_struct_size: 0,
         vmemmap_base: 0,
+    },
+    kvm: ihmi_abi::monitor::KvmOffsets {
+        hook_return: 0,
+        site_return: 0,
+        exit_reason_offset: 0,
+        exit_handlers: 0,
+        exit_handler_count: 0,
+        exit_handler_values: [0; ihmi_abi::monitor::KVM_EXIT_HANDLERS_MAX],
     },
 }));
 
@@ -152,6 +162,19 @@ fn monitor(config: &MonitorConfig) -> &'static mut Monitor {
                 linux.with_io_uring(IoUringHook {
                     returns: [config.io_uring_hook_return, config.io_uring_site_return],
                     opcode: config.io_kiocb_opcode_offset,
+                })
+            } else {
+                linux
+            };
+            let k = &config.kvm;
+            let linux = if k.hook_return != 0 {
+                linux.with_kvm(KvmHook {
+                    returns: [k.hook_return, k.site_return],
+                    exit_reason: k.exit_reason_offset,
+                    handlers: k.exit_handlers,
+                    handler_count: (k.exit_handler_count as usize)
+                        .min(ihmi_abi::monitor::KVM_EXIT_HANDLERS_MAX),
+                    expected: k.exit_handler_values,
                 })
             } else {
                 linux
@@ -477,13 +500,14 @@ ihmi_gate_kernel_int80:
 
 // The Linux hooks' trampolines, in the gate page, which L0 also maps in a free 2 MiB slot of the
 // kernel's image mapping: the call L0 writes over the `__fentry__` NOP of the hooked function
-// (`begin_new_exec` for process creation, `io_issue_sqe` for io_uring) lands here with the function's
-// arguments live (RDI = the `linux_binprm`, or the `io_kiocb`) and the stack holding the return into
-// the function, then the return to its caller. Every register the function may read comes back as it
-// was. The monitor is reached through the call gate at its own address (L0 patches it in): the
-// trampoline's alias is not mapped in the monitor's address space. Any verdict but allow refuses: the
-// trampoline then returns -EPERM to the function's caller (the binary loader, which fails the `execve`
-// with it; io_uring, which completes the operation with it) without running it.
+// (`begin_new_exec` for process creation, `io_issue_sqe` for io_uring, KVM's `vmx_handle_exit` for the
+// in-hypervisor monitor) lands here with the function's arguments live (RDI = the `linux_binprm`, the
+// `io_kiocb`, the `kvm_vcpu`) and the stack holding the return into the function, then the return to
+// its caller. Every register the function may read comes back as it was. The monitor is reached
+// through the call gate at its own address (L0 patches it in): the trampoline's alias is not mapped in
+// the monitor's address space. Any verdict but allow refuses: the trampoline then returns -EPERM to
+// the function's caller (the binary loader, which fails the `execve` with it; io_uring, which completes
+// the operation with it; KVM, which ends KVM_RUN with it) without running it.
 core::arch::global_asm!(
     r#"
     .macro IHMI_HOOK_TRAMPOLINE name, request
@@ -530,9 +554,11 @@ core::arch::global_asm!(
 
     IHMI_HOOK_TRAMPOLINE ihmi_hook_exec, {exec_request}
     IHMI_HOOK_TRAMPOLINE ihmi_hook_io_uring, {io_uring_request}
+    IHMI_HOOK_TRAMPOLINE ihmi_hook_kvm_exit, {kvm_exit_request}
 "#,
     exec_request = const ihmi_abi::monitor::RequestCode::Exec as u64,
     io_uring_request = const ihmi_abi::monitor::RequestCode::IoUring as u64,
+    kvm_exit_request = const ihmi_abi::monitor::RequestCode::KvmExit as u64,
     eperm = const -1i64,
     options(att_syntax)
 );

@@ -2,6 +2,7 @@
 
 use core::fmt;
 
+use ihmi_abi::attack::IhmiAttack;
 use ihmi_abi::monitor::SyscallEntry;
 use ihmi_abi::{
     CpuidRecord, Hypercall, LinuxAttack, Scenario, Status, BAD_HYPERCALL_CASES, CPUID_LEAF_ABI,
@@ -66,6 +67,9 @@ pub struct NestedLog {
     pub invvpids: u64,
     /// L1's VMLAUNCHes of a launched VMCS, refused with VMfailValid 4.
     pub relaunches_refused: u64,
+    /// Entries whose VMCS12 host state L0 compared with L1's live state (Linux + KVM as L1), and
+    /// found equal.
+    pub host_state_checked: u64,
     /// The reason of the last reflected exit: the round trip L0 reports at the next entry is its.
     last_reflected: Option<ExitReason>,
     /// The round trips of reflected CPUID exits alone (NESTED.md A.6's measure): count, sum,
@@ -73,6 +77,72 @@ pub struct NestedLog {
     pub cpuid_round_trips: u64,
     pub cpuid_round_trip_total: u64,
     pub cpuid_round_trip_max: u64,
+}
+
+/// How the in-hypervisor monitor's events follow L2's exits: every exit L0 reflected to L1 must
+/// reach KVM's `vmx_handle_exit`, and so the monitor, as one `kvm_exit` event with the same basic
+/// reason, before L1 enters L2 again (KVM handles every exit of its guest there, bar the fast-path
+/// re-entries of 6.1's `vcpu_enter_guest`, which a CPUID and port I/O probe does not make).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KvmTrail {
+    /// The reflected exit (basic reason) that has not had its event yet.
+    pending: Option<u16>,
+    /// `kvm_exit` events, those that named the pending exit, and those that did not (no exit was
+    /// pending, or another reason).
+    pub events: u64,
+    pub matched: u64,
+    pub unmatched: u64,
+    /// Reflected exits after which L1 entered L2 again (or reflected another) with no event.
+    pub missed: u64,
+    /// The fewest and most exit-handler entries one event says the monitor checked.
+    pub handlers_checked: Option<(u64, u64)>,
+    /// Events that say some entry differs from the image; `integrity` events of the exit-handler
+    /// table, and the first one's (index, address, expected, found).
+    pub with_changed_handlers: u64,
+    pub integrity: u64,
+    pub first_integrity: Option<[u64; 4]>,
+}
+
+impl KvmTrail {
+    fn reflected(&mut self, reason: ExitReason) {
+        if self.pending.replace(reason.number()).is_some() {
+            self.missed += 1;
+        }
+    }
+
+    fn l2_entry(&mut self) {
+        if self.pending.take().is_some() {
+            self.missed += 1;
+        }
+    }
+
+    fn follow(&mut self, event: &Event) {
+        match event.kind() {
+            Some(EventKind::KvmExit) => {
+                self.events += 1;
+                match self.pending.take() {
+                    Some(r) if u64::from(r) == event.nr & 0xffff => self.matched += 1,
+                    _ => self.unmatched += 1,
+                }
+                let n = event.args[1];
+                self.handlers_checked = Some(match self.handlers_checked {
+                    Some((lo, hi)) => (lo.min(n), hi.max(n)),
+                    None => (n, n),
+                });
+                self.with_changed_handlers += u64::from(event.args[2] != 0);
+            }
+            Some(EventKind::Integrity)
+                if event.detail == ihmi_monitor::IntegrityProperty::KvmExitHandlers as u16 =>
+            {
+                self.integrity += 1;
+                if self.first_integrity.is_none() {
+                    self.first_integrity =
+                        Some([event.nr, event.args[0], event.args[1], event.args[2]]);
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 /// What `nested-kvm`'s L2 reported through the L1 VMM (`ihmi_abi::NESTED_KVM_L2_REPORT`): the
@@ -224,6 +294,15 @@ pub struct ScenarioLog {
     pub l2_linux: L2Linux,
     /// L1's writes of its guest's LSTAR or CSTAR in VMX operation, kept as L2's (L1's own locked).
     pub l2_entry_msr_writes: u64,
+    /// `ihmi-kvm`: the in-hypervisor monitor's KVM exit events against the exits L0 reflected.
+    pub kvm_trail: KvmTrail,
+    /// `ihmi-attack-exit-handler`: the entry the attacker says it rewrote (address, value before,
+    /// value written).
+    pub exit_handler_attack: Option<[u64; 3]>,
+    /// `ihmi-attack-kvm-text`: where the attacker says it writes; `ihmi-attack-vmcs12-region`: how
+    /// many VMCS regions it says it overwrote.
+    pub kvm_text_attack: Option<u64>,
+    pub vmcs12_regions_overwritten: Option<u64>,
     /// `nested-kvm-sim`: the exec monitor let the L1 VMM start (allowed executions of it), and the
     /// system-call monitor saw its `ioctl`s (to KVM).
     pub vmm_execs_allowed: u64,
@@ -273,6 +352,22 @@ impl ScenarioLog {
                     self.l2_report = Some(report);
                 }
                 self.l2_linux.record(line);
+                let rewritten = ihmi_abi::attack::IHMI_EXIT_HANDLER_LINE.as_bytes();
+                if let Some(words) = line.strip_prefix(rewritten).and_then(parse_hex_words) {
+                    self.exit_handler_attack = Some(words);
+                }
+                let text = ihmi_abi::attack::IHMI_KVM_TEXT_LINE.as_bytes();
+                if let Some(at) = line
+                    .strip_prefix(text)
+                    .and_then(|hex| hex.strip_prefix(b"0x"))
+                    .and_then(parse_hex)
+                {
+                    self.kvm_text_attack = Some(at);
+                }
+                let regions = ihmi_abi::attack::IHMI_VMCS12_REGION_LINE.as_bytes();
+                if let Some(n) = line.strip_prefix(regions).and_then(parse_decimal) {
+                    self.vmcs12_regions_overwritten = Some(n);
+                }
                 let handed = ihmi_abi::multiboot::HANDED.as_bytes();
                 if let Some(d) = line.strip_prefix(handed).and_then(parse_hex16) {
                     self.multiboot_found = Some(d);
@@ -307,6 +402,7 @@ impl ScenarioLog {
                 self.vmx.push(VmxStep(instruction, outcome));
             }
             Observation::L2Entry { launch, round_trip } => {
+                self.kvm_trail.l2_entry();
                 let n = &mut self.nested;
                 if launch {
                     n.launches += 1;
@@ -336,6 +432,7 @@ impl ScenarioLog {
                     }
                 }
                 if reflected {
+                    self.kvm_trail.reflected(reason);
                     n.reflected += 1;
                     n.reflected_cpuid += u64::from(reason == ExitReason::Cpuid);
                     n.last_reflected = Some(reason);
@@ -343,6 +440,7 @@ impl ScenarioLog {
             }
             Observation::Alert(alert) => self.record_alert(alert),
             Observation::L2EntryMsr { .. } => self.l2_entry_msr_writes += 1,
+            Observation::L1HostStateChecked => self.nested.host_state_checked += 1,
             Observation::Ended { end, task } => {
                 self.end = Some(end);
                 self.end_task = task;
@@ -380,6 +478,7 @@ impl ScenarioLog {
     /// Remembers an event L0 drained from the monitor's ring.
     pub fn record_monitor_event(&mut self, event: &Event) {
         self.monitor_drained += 1;
+        self.kvm_trail.follow(event);
         self.linux_trail.follow(event);
         if event.kind() == Some(EventKind::Rejected) {
             self.monitor_rejected += 1;
@@ -938,6 +1037,37 @@ fn check(
             }
             Ok(())
         }
+        Scenario::IhmiKvm | Scenario::IhmiKvmOutbox => check_ihmi_kvm(log, None),
+        // The monitor reported exactly the entry the attacker rewrote, as it was and as it became,
+        // and went on seeing every exit.
+        Scenario::IhmiAttack(IhmiAttack::ExitHandler) => match log.exit_handler_attack {
+            None => Err(FailReason::NestedRun(
+                "the attacker did not say it rewrote an exit-handler entry (see the guest's console)",
+            )),
+            Some([at, was, new]) => check_ihmi_kvm(
+                log,
+                Some([ihmi_abi::attack::IHMI_EXIT_HANDLER_INDEX, at, was, new]),
+            ),
+        },
+        // The write onto KVM's text (the monitor's call in `vmx_handle_exit`) was the one L0's
+        // lock on L1's text stopped, at the address the attacker named.
+        Scenario::IhmiAttack(IhmiAttack::KvmText) => {
+            check_locked_write(log, Locked::KernelText, "overwriting the monitor's call in KVM")?;
+            match (log.kvm_text_attack, log.end) {
+                (Some(at), Some(GuestEnd::EptViolation { gpa, .. })) if gpa.raw() == at => Ok(()),
+                _ => Err(FailReason::AttackNotBlocked(
+                    "overwriting the monitor's call in KVM (the write L0 stopped was another)",
+                )),
+            }
+        }
+        // L1's copy of VMCS12 was overwritten while KVM's guest ran, to no effect: the run is
+        // `ihmi-kvm`'s in every respect.
+        Scenario::IhmiAttack(IhmiAttack::Vmcs12Region) => match log.vmcs12_regions_overwritten {
+            Some(n) if n >= 1 => check_ihmi_kvm(log, None),
+            _ => Err(FailReason::NestedRun(
+                "the attacker did not say it overwrote VMCS regions (see the guest's console)",
+            )),
+        },
         Scenario::NestedLinux => check_nested_linux(log),
         Scenario::Multiboot1 | Scenario::Multiboot2 => check_multiboot(log),
         Scenario::Kernel | Scenario::KernelNested => check_user_kernel(log),
@@ -1486,6 +1616,60 @@ fn check_nested_kvm(log: &ScenarioLog, max_round_trip: u64) -> Result<(), FailRe
     kvm_left_vmx_without_alert(log)
 }
 
+/// `ihmi-kvm`: KVM ran its L2 as in `nested-kvm-shadow`, and the in-hypervisor monitor saw every exit
+/// KVM handled, each as the exit L0 reflected ([`KvmTrail`]), with the whole exit-handler table
+/// checked at each and found as the kernel image has it; L0 found VMCS12's host state to be L1's own
+/// at every entry (P3); nothing rejected or dropped. Under attack
+/// (`attacked`: the entry's index, address, value in the image and value written), the table was
+/// found changed and exactly that one `integrity` event says so.
+fn check_ihmi_kvm(log: &ScenarioLog, attacked: Option<[u64; 4]>) -> Result<(), FailReason> {
+    check_nested_kvm(log, NESTED_MAX_ROUND_TRIP_SHADOW)?;
+    expect_nothing_rejected(log)?;
+    if log.monitor_dropped != 0 {
+        return Err(FailReason::MonitorDropped(log.monitor_dropped));
+    }
+    let n = &log.nested;
+    if n.host_state_checked == 0 || n.host_state_checked != n.launches + n.resumes {
+        return Err(FailReason::NestedRun(
+            "L0 did not compare VMCS12's host state with L1's at every entry to L2",
+        ));
+    }
+    let t = &log.kvm_trail;
+    if t.events == 0 || t.events != log.nested.reflected {
+        return Err(FailReason::NestedRun(
+            "the in-hypervisor monitor's kvm_exit events are not one per exit L0 reflected to KVM",
+        ));
+    }
+    if t.matched != t.events || t.unmatched != 0 || t.missed != 0 {
+        return Err(FailReason::NestedRun(
+            "a kvm_exit event did not follow its reflected exit (another reason, or none before L2 ran again)",
+        ));
+    }
+    match t.handlers_checked {
+        Some((lo, hi)) if lo == hi && lo > 0 => {}
+        _ => {
+            return Err(FailReason::NestedRun(
+                "the monitor did not check the whole exit-handler table at every exit",
+            ))
+        }
+    }
+    match attacked {
+        None if t.integrity != 0 || t.with_changed_handlers != 0 => Err(FailReason::NestedRun(
+            "the monitor found KVM's exit-handler table changed, with nobody attacking it",
+        )),
+        None => Ok(()),
+        Some(entry) if t.integrity != 1 || t.first_integrity != Some(entry) => {
+            Err(FailReason::AttackNotReported(
+                "rewriting an entry of KVM's exit-handler table (one integrity event naming it)",
+            ))
+        }
+        Some(_) if t.with_changed_handlers == 0 => Err(FailReason::AttackNotReported(
+            "rewriting an entry of KVM's exit-handler table (no exit found it changed)",
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
 /// The end both KVM scenarios share: KVM's VMXOFF succeeded, and L0 raised no alert.
 fn kvm_left_vmx_without_alert(log: &ScenarioLog) -> Result<(), FailReason> {
     if log.vmxoffs == 0 {
@@ -1660,6 +1844,27 @@ fn check_vmx_steps(
 
 /// A whole line of ASCII digits as a number; `None` for anything else or an overflow.
 /// Exactly 16 hex digits (what the multiboot kernel prints a digest as), then a space or the end.
+/// Three `0x`-prefixed hexadecimal numbers separated by single spaces, and nothing else.
+fn parse_hex_words(text: &[u8]) -> Option<[u64; 3]> {
+    let mut out = [0u64; 3];
+    let mut words = text.split(|&b| b == b' ');
+    for slot in &mut out {
+        *slot = parse_hex(words.next()?.strip_prefix(b"0x")?)?;
+    }
+    words.next().is_none().then_some(out)
+}
+
+/// 1 to 16 hexadecimal digits, and nothing else.
+fn parse_hex(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 16 {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        let v = (d as char).to_digit(16)?;
+        Some(n << 4 | u64::from(v))
+    })
+}
+
 fn parse_hex16(text: &[u8]) -> Option<u64> {
     let (digits, rest) = text.split_at_checked(16)?;
     if !(rest.is_empty() || rest[0] == b' ') {

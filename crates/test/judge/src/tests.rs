@@ -1967,3 +1967,173 @@ fn nested_kvm_sim_counts_the_vmm_start_and_its_ioctls_only() {
     }
     assert_eq!((log.vmm_execs_allowed, log.vmm_ioctls), (1, 1));
 }
+
+/// `ihmi-kvm`: one `kvm_exit` event per reflected exit, each with the reason L0 reflected and before
+/// L1 enters L2 again, the whole exit-handler table checked at each and found unchanged; anything
+/// else fails.
+#[test]
+fn ihmi_kvm_passes_only_with_one_matching_event_per_reflected_exit() {
+    use ihmi_hv::nested::vmx::VmxOutcome;
+    use ihmi_hv::Observation;
+    use ihmi_monitor::{Event, EventKind, IntegrityProperty};
+    use ihmi_vmcs::VmxInstruction;
+
+    const VCPU: u64 = 0xffff_8880_0400_0000;
+    // How the run goes wrong, if it does.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Fault {
+        None,
+        MissedEvent,
+        WrongReason,
+        ExtraEvent,
+        PartialCheck,
+        Integrity,
+        HostUnchecked,
+    }
+    const AT: u64 = 0xffff_ffff_81c4_79d0;
+    const WAS: u64 = 0xffff_ffff_8106_1000;
+    const NEW: u64 = 0xffff_ffff_8106_2000;
+    // Under attack (`attack`: the attacker's line), every exit finds one entry changed, and the
+    // integrity event names `reported` (index, address, expected, found).
+    let run_attacked = |scenario: Scenario, fault: Fault, attack: Option<(&str, [u64; 4])>| {
+        let mut h = hv(scenario);
+        let log = &mut h.judge.log;
+        if let Some((line, _)) = attack {
+            log.record(&Observation::DebugLine {
+                line: line.as_bytes(),
+                exits: 0,
+            });
+        }
+        log.record(&Observation::DebugLine {
+            line: b"l2: ihmi-l2: cpuid=1000 vendor=GenuineIntel pages=256 bad=0",
+            exits: 0,
+        });
+        log.record(&Observation::L1HostStateChecked);
+        log.record(&Observation::L2Entry {
+            launch: true,
+            round_trip: None,
+        });
+        let changed = u64::from(attack.is_some());
+        let kvm_exit = |reason: ExitReason, checked: u64| Event {
+            kind: EventKind::KvmExit as u16,
+            nr: u64::from(reason.number()),
+            args: [VCPU, checked, changed, 0],
+            ..Event::EMPTY
+        };
+        let integrity = |[index, at, expected, found]: [u64; 4]| Event {
+            kind: EventKind::Integrity as u16,
+            detail: IntegrityProperty::KvmExitHandlers as u16,
+            nr: index,
+            args: [at, expected, found, 0],
+            ..Event::EMPTY
+        };
+        if let Some((_, reported)) = attack {
+            log.record_monitor_event(&integrity(reported));
+        }
+        let n = ihmi_abi::NESTED_KVM_CPUIDS;
+        for i in 0..n {
+            log.record(&Observation::L2Exit {
+                reason: ExitReason::Cpuid,
+                reflected: true,
+            });
+            let last = i == n - 1;
+            match fault {
+                Fault::MissedEvent if last => {}
+                Fault::WrongReason if last => {
+                    log.record_monitor_event(&kvm_exit(ExitReason::Hlt, 76));
+                }
+                Fault::PartialCheck if last => {
+                    log.record_monitor_event(&kvm_exit(ExitReason::Cpuid, 75));
+                }
+                Fault::Integrity if last => {
+                    log.record_monitor_event(&integrity([10, AT - 64, WAS, 0xdead]));
+                    log.record_monitor_event(&kvm_exit(ExitReason::Cpuid, 76));
+                }
+                _ => log.record_monitor_event(&kvm_exit(ExitReason::Cpuid, 76)),
+            }
+            if fault == Fault::ExtraEvent && last {
+                log.record_monitor_event(&kvm_exit(ExitReason::Cpuid, 76));
+            }
+            if !(fault == Fault::HostUnchecked && last) {
+                log.record(&Observation::L1HostStateChecked);
+            }
+            log.record(&Observation::L2Entry {
+                launch: false,
+                round_trip: Some(2),
+            });
+        }
+        log.record(&Observation::Vmx {
+            instruction: VmxInstruction::Vmxoff,
+            outcome: VmxOutcome::Succeed,
+        });
+        log.end = Some(GuestEnd::ShutdownRequest);
+        log.end_task = Some(Ok(ihmi_hv::linux::TaskInfo {
+            task: 0xffff_8880_0000_0000,
+            pid: 1,
+            tgid: 1,
+            ppid: 0,
+            comm: *b"ihmi-poweroff\0\0\0",
+        }));
+        judge(scenario, log, &h.hv.counters, Gpa::new(0), None)
+    };
+    let run = |fault: Fault| run_attacked(Scenario::IhmiKvm, fault, None);
+    assert_eq!(run(Fault::None), Verdict::Pass);
+    for fault in [
+        Fault::MissedEvent,
+        Fault::WrongReason,
+        Fault::ExtraEvent,
+        Fault::PartialCheck,
+        Fault::Integrity,
+        Fault::HostUnchecked,
+    ] {
+        assert!(
+            matches!(run(fault), Verdict::Fail(FailReason::NestedRun(_))),
+            "a faulty run passed"
+        );
+    }
+
+    // The attack: the monitor must name exactly the entry the attacker says it rewrote.
+    let line = std::format!(
+        "{}{AT:#x} {WAS:#x} {NEW:#x}",
+        ihmi_abi::attack::IHMI_EXIT_HANDLER_LINE
+    );
+    let index = ihmi_abi::attack::IHMI_EXIT_HANDLER_INDEX;
+    let attack = |reported: [u64; 4]| {
+        run_attacked(
+            Scenario::IhmiAttack(ihmi_abi::attack::IhmiAttack::ExitHandler),
+            Fault::None,
+            Some((&line, reported)),
+        )
+    };
+    assert_eq!(attack([index, AT, WAS, NEW]), Verdict::Pass);
+    for wrong in [
+        [index + 1, AT, WAS, NEW],
+        [index, AT + 8, WAS, NEW],
+        [index, AT, WAS, NEW + 1],
+    ] {
+        assert!(
+            matches!(
+                attack(wrong),
+                Verdict::Fail(FailReason::AttackNotReported(_))
+            ),
+            "{wrong:x?} passed"
+        );
+    }
+    // No line from the attacker, or an integrity event in a run nobody attacked: both fail.
+    assert!(matches!(
+        run_attacked(
+            Scenario::IhmiAttack(ihmi_abi::attack::IhmiAttack::ExitHandler),
+            Fault::None,
+            None
+        ),
+        Verdict::Fail(FailReason::NestedRun(_))
+    ));
+    assert!(matches!(
+        run_attacked(
+            Scenario::IhmiKvm,
+            Fault::None,
+            Some((&line, [index, AT, WAS, NEW]))
+        ),
+        Verdict::Fail(FailReason::NestedRun(_))
+    ));
+}

@@ -182,6 +182,16 @@ pub enum Alert {
         /// Where the guest executed it.
         rip: u64,
     },
+    /// VMLAUNCH or VMRESUME of a VMCS12 whose host state is not L1's live state, with Linux + KVM
+    /// as L1 (`crate::nested::host_state`): refused with VMfailValid 8.
+    Vmcs12HostState {
+        /// The field (`HOST_RIP`), L1's value (for HOST_RIP, KVM's `vmx_vmexit`), VMCS12's.
+        field: &'static str,
+        expected: u64,
+        found: u64,
+        /// Where L1 executed the VMLAUNCH or VMRESUME.
+        rip: u64,
+    },
     /// VMLAUNCH or VMRESUME of a VMCS12 with an address the entry would use (a bitmap, an MSR
     /// area, EPT12's root) in L0's or the monitor's memory: refused with VMfailValid 7.
     VmxPointerRefused {
@@ -230,6 +240,7 @@ impl Alert {
             Self::CrPinRefused { .. } => "cr-pin-refused",
             Self::VmxRegionRefused { .. } => "vmx-region-refused",
             Self::VmxPointerRefused { .. } => "vmx-pointer-refused",
+            Self::Vmcs12HostState { .. } => "vmcs12-host-state",
             Self::Ept12MappingRefused { .. } => "ept12-mapping-refused",
         }
     }
@@ -281,6 +292,15 @@ impl fmt::Display for Alert {
                 f,
                 ",\"gpa\":\"{gpa}\",\"region\":\"{}\",\"rip\":\"{rip:#x}\",\"action\":\"VMfailValid(7)\"",
                 region.name()
+            )?,
+            Self::Vmcs12HostState {
+                field,
+                expected,
+                found,
+                rip,
+            } => write!(
+                f,
+                ",\"field\":\"{field}\",\"expected\":\"{expected:#x}\",\"found\":\"{found:#x}\",\"rip\":\"{rip:#x}\",\"action\":\"VMfailValid(8)\""
             )?,
             Self::Ept12MappingRefused { l2, l1, region } => write!(
                 f,

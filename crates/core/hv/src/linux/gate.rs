@@ -72,6 +72,9 @@ pub struct LinuxGate {
     pub exec_hook: Option<ExecHook>,
     /// The io_uring hook, through the same slot, if the kernel has io_uring.
     pub io_uring_hook: Option<HookSite>,
+    /// The in-hypervisor monitor's hook on KVM's L2-exit path (`vmx_handle_exit`), through the same
+    /// slot, if the kernel has KVM built in.
+    pub kvm_exit_hook: Option<HookSite>,
     /// What of the booted kernel never changes again, guest-physical: L0 write-protects it in the
     /// guest view when the gate opens.
     pub kernel: KernelImage,
@@ -148,6 +151,8 @@ pub struct LinuxGuard {
     armed: Option<ArmedHook>,
     /// The io_uring hook's call, once installed.
     armed_io_uring: Option<ArmedCall>,
+    /// The KVM exit hook's call, once installed.
+    armed_kvm_exit: Option<ArmedCall>,
     /// What L0 write-protected when the gate opened.
     locked: [Option<(GpaRange, Locked)>; MAX_LOCKED],
     /// Whether the kernel runs with page-table isolation (its user halves in use), found when the
@@ -163,6 +168,7 @@ impl LinuxGuard {
             open: false,
             armed: None,
             armed_io_uring: None,
+            armed_kvm_exit: None,
             locked: [None; MAX_LOCKED],
             pti_in_use: false,
         }
@@ -247,6 +253,12 @@ impl LinuxGuard {
     #[must_use]
     pub const fn armed_io_uring(&self) -> Option<&ArmedCall> {
         self.armed_io_uring.as_ref()
+    }
+
+    /// The KVM exit hook's call, once installed.
+    #[must_use]
+    pub const fn armed_kvm_exit(&self) -> Option<&ArmedCall> {
+        self.armed_kvm_exit.as_ref()
     }
 
     /// What the audit checks: the gate's PML4 entry in every half it went into, and the hook's
@@ -526,24 +538,38 @@ impl Hypervisor {
             },
             None => None,
         };
-        // The io_uring hook goes through the slot the process-creation hook mapped.
-        linux.armed_io_uring = match (linux.armed, gate.io_uring_hook.as_ref()) {
-            (Some(_), Some(site)) => match arm_site(platform, site) {
-                Ok(armed) => armed,
-                Err(error) => {
-                    return Some(Action::End(GuestEnd::GuardFailed {
-                        what: "take out the io_uring hook it could not write-protect",
-                        error,
-                    }))
-                }
-            },
-            _ => None,
-        };
+        // The io_uring and KVM hooks go through the slot the process-creation hook mapped.
+        let sites = [
+            (gate.io_uring_hook, "io_uring"),
+            (gate.kvm_exit_hook, "KVM's exit path"),
+        ];
+        let mut armed_sites = [None; 2];
+        for (i, (site, what)) in sites.into_iter().enumerate() {
+            armed_sites[i] = match (linux.armed, site) {
+                (Some(_), Some(site)) => match arm_site(platform, &site, what) {
+                    Ok(armed) => armed,
+                    Err(error) => {
+                        for armed in armed_sites.iter().flatten() {
+                            let _ = hooks::remove_site(platform, armed);
+                        }
+                        return Some(Action::End(GuestEnd::GuardFailed {
+                            what: "take out a hook it could not write-protect",
+                            error,
+                        }));
+                    }
+                },
+                _ => None,
+            };
+        }
+        [linux.armed_io_uring, linux.armed_kvm_exit] = armed_sites;
         if let Err((what, error)) = linux.open_steps(platform, gate_range) {
             // Whatever step failed, the hooks would call a gate that is not safely open: take them
             // out.
-            if let Some(armed) = linux.armed_io_uring.take() {
-                let _ = hooks::remove_site(platform, &armed);
+            for armed in [linux.armed_io_uring.take(), linux.armed_kvm_exit.take()]
+                .iter()
+                .flatten()
+            {
+                let _ = hooks::remove_site(platform, armed);
             }
             if let Some(armed) = linux.armed.take() {
                 let _ = hooks::remove(platform, &armed);
@@ -610,21 +636,20 @@ fn protect_call<P: Platform>(
 fn arm_site(
     platform: &mut impl Platform,
     site: &HookSite,
+    what: &str,
 ) -> Result<Option<ArmedCall>, PlatformError> {
     let armed = match hooks::install_site(platform, site) {
         Ok(a) => a,
         Err(e) => {
-            platform.log(format_args!("linux: io_uring is not monitored: {e}"));
+            platform.log(format_args!("linux: {what} is not monitored: {e}"));
             return Ok(None);
         }
     };
-    if !protect_call(platform, &armed, "io_uring", |p| {
-        hooks::remove_site(p, &armed)
-    })? {
+    if !protect_call(platform, &armed, what, |p| hooks::remove_site(p, &armed))? {
         return Ok(None);
     }
     platform.log(format_args!(
-        "linux: io_issue_sqe at {} now calls the io_uring trampoline at {}",
+        "linux: the function at {} now calls the trampoline for {what} at {}",
         site.site, site.trampoline
     ));
     Ok(Some(armed))

@@ -46,6 +46,7 @@ fn the_running_linux_task_is_read_through_the_profile() {
         pti_pgd_pair: false,
         io_uring: None,
         files: Default::default(),
+        kvm: None,
     });
     let mut p = platform_with_identity_paging();
     // Per-CPU area at 0x10_0000 (the kernel's GS base); current_task -> task at 0x30_0000, whose

@@ -58,6 +58,7 @@ mod error {
     pub const VMXON_IN_ROOT: u32 = 15;
     pub const INVEPT_INVALID_OPERAND: u32 = 28;
     pub const ENTRY_INVALID_CONTROL_FIELDS: u32 = 7;
+    pub const ENTRY_INVALID_HOST_STATE: u32 = 8;
     pub const ENTRY_BLOCKED_BY_MOV_SS: u32 = 26;
 }
 
@@ -574,6 +575,10 @@ impl Hypervisor {
                 if refused.is_none() && self.entry_pointers_refused(vcpu, platform, obs) {
                     return self.fail_nested(error::ENTRY_INVALID_CONTROL_FIELDS);
                 }
+                // With KVM as L1, its host state must be its own (NESTED.md B.1.3 P3).
+                if refused.is_none() && self.host_state_refused(vcpu, platform, obs) {
+                    return self.fail_nested(error::ENTRY_INVALID_HOST_STATE);
+                }
                 match refused {
                     Some(why) => {
                         platform.log(format_args!("nested: {instruction:?} refused: {why:?}"));
@@ -838,6 +843,47 @@ impl Hypervisor {
     /// Whether a physical address the current VMCS12's entry would use (the I/O and MSR bitmaps,
     /// the MSR-load and -store areas, EPT12's root) lies in L0's or the monitor's memory: each such
     /// one is an alert.
+    /// With Linux + KVM as L1 (its profile names `vmx_vmexit`): whether the current VMCS12's host
+    /// state differs from L1's live state ([`super::host_state`]), with an alert naming the field
+    /// if it does; an observation that it matched if not.
+    fn host_state_refused(
+        &mut self,
+        vcpu: &mut impl Vcpu,
+        platform: &mut impl Platform,
+        obs: &mut impl Observer,
+    ) -> bool {
+        let Some(vmx_vmexit) = self.linux.and_then(|p| p.kvm).map(|k| k.vmx_vmexit) else {
+            return false;
+        };
+        let Some(v) = self.current_vmcs12() else {
+            return false;
+        };
+        match super::host_state::check(v, vcpu, vmx_vmexit) {
+            Ok(()) => {
+                obs.observe(Observation::L1HostStateChecked);
+                false
+            }
+            Err(m) => {
+                let rip = vcpu.read(guest::RIP);
+                platform.log(format_args!(
+                    "nested: VM entry refused: VMCS12's {} is {:#x}, L1's is {:#x}",
+                    m.field, m.found, m.expected
+                ));
+                self.alert(
+                    platform,
+                    obs,
+                    Alert::Vmcs12HostState {
+                        field: m.field,
+                        expected: m.expected,
+                        found: m.found,
+                        rip,
+                    },
+                );
+                true
+            }
+        }
+    }
+
     fn entry_pointers_refused(
         &mut self,
         vcpu: &mut impl Vcpu,

@@ -39,6 +39,16 @@
 //!   run allowed programs changed by a byte and under other names, and load code into its own
 //!   memory, which no exec brings in (`ihmi_abi::attack::LINUX_IDENTITY_RUNS`).
 //!
+//! - the in-hypervisor monitor's (`ihmi_abi::attack::IhmiAttack`, on the `l1` kernel):
+//!   - `kvm-exit-handler`: send an exit of KVM's guest to other code without touching text, by
+//!     rewriting an entry of KVM's exit-handler table (kernel data) through a /dev/mem mapping;
+//!     then run the L1 VMM's probe under it, and put the entry back;
+//!   - `kvm-text`: take the monitor's hook out of KVM by writing a NOP over the call L0 put at the
+//!     start of `vmx_handle_exit`, through a shared /dev/mem mapping of its page;
+//!   - `kvm-vmcs12-region`: start the probe, and once KVM has made its vCPU's VMCS current,
+//!     overwrite every VMCS region in RAM (pages that start with the VMCS revision identifier the
+//!     CPU reports) with the address of `_text`, as if to send the next exit from L2 there.
+//!
 //! Each step is told to L0 on port 0xE9. A blocked write or read stops the guest: it never returns.
 
 use std::fs::{self, File, OpenOptions};
@@ -61,6 +71,25 @@ fn say(line: &str) {
 
 fn main() -> ExitCode {
     let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    // The in-hypervisor monitor's attacks, which run on the `l1` kernel (KVM built in).
+    if let Some(a) = cmdline
+        .split_whitespace()
+        .find_map(ihmi_abi::attack::IhmiAttack::from_kernel_arg)
+    {
+        use ihmi_abi::attack::IhmiAttack;
+        let result = match a {
+            IhmiAttack::ExitHandler => kvm_exit_handler(),
+            IhmiAttack::KvmText => kvm_text(),
+            IhmiAttack::Vmcs12Region => vmcs12_region(&cmdline),
+        };
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                say(&format!("ihmi-attack: {e}"));
+                ExitCode::FAILURE
+            }
+        };
+    }
     let attack = cmdline
         .split_whitespace()
         .find_map(|w| w.strip_prefix("ihmi.attack="))
@@ -290,6 +319,142 @@ fn open_mem() -> Result<File, String> {
         .write(true)
         .open("/dev/mem")
         .map_err(|e| format!("/dev/mem: {e}"))
+}
+
+fn kvm_exit_handler() -> Result<(), String> {
+    use ihmi_abi::attack::{
+        IHMI_EXIT_HANDLER_INDEX, IHMI_EXIT_HANDLER_LINE, IHMI_EXIT_HANDLER_SOURCE,
+    };
+    let k = Kernel::learn()?;
+    let mem = open_mem()?;
+    let table = k.symbol("kvm_vmx_exit_handlers")?;
+    let at = table + 8 * IHMI_EXIT_HANDLER_INDEX;
+    let mut source = [0u8; 8];
+    mem.read_exact_at(&mut source, k.pa(table + 8 * IHMI_EXIT_HANDLER_SOURCE))
+        .map_err(|e| format!("reading the exit-handler table: {e}"))?;
+    let new = u64::from_le_bytes(source);
+    let page = PhysPage::map(&mem, k.pa(at)).map_err(|e| format!("mapping {at:#x}: {e}"))?;
+    let offset = (k.pa(at) % PAGE) as usize;
+    let was = page.read_u64(offset);
+    if new == was || new == 0 {
+        return Err(format!(
+            "entries {IHMI_EXIT_HANDLER_SOURCE} and {IHMI_EXIT_HANDLER_INDEX} of the table are {new:#x} and {was:#x}: nothing to redirect"
+        ));
+    }
+    page.write_u64(offset, new);
+    say(&format!(
+        "{IHMI_EXIT_HANDLER_LINE}{at:#x} {was:#x} {new:#x}"
+    ));
+    // KVM runs its guest with the entry changed: the monitor must see it at the next exit.
+    let status = std::process::Command::new("/bin/ihmi-l1-vmm")
+        .arg("--probe")
+        .status()
+        .map_err(|e| format!("/bin/ihmi-l1-vmm: {e}"))?;
+    page.write_u64(offset, was);
+    say(&format!(
+        "ihmi-attack: the probe ran under the rewritten table ({status}); entry put back"
+    ));
+    Ok(())
+}
+
+fn kvm_text() -> Result<(), String> {
+    let k = Kernel::learn()?;
+    let mem = open_mem()?;
+    let site = k.pa(k.symbol("vmx_handle_exit")?);
+    let page = PhysPage::map(&mem, site).map_err(|e| format!("mapping {site:#x}: {e}"))?;
+    let offset = (site % PAGE) as usize;
+    say(&format!(
+        "{}{site:#x}",
+        ihmi_abi::attack::IHMI_KVM_TEXT_LINE
+    ));
+    // NOP5 (`nopl 0x0(%rax,%rax,1)`), its first four bytes first.
+    page.write_u32(offset, u32::from_le_bytes([0x0f, 0x1f, 0x44, 0x00]));
+    page.write_u8(offset + 4, 0x00);
+    say("ihmi-attack: the monitor's call in vmx_handle_exit was overwritten: KVM runs unwatched");
+    Ok(())
+}
+
+fn vmcs12_region(cmdline: &str) -> Result<(), String> {
+    /// The VMCS revision identifier VMX reports (IA32_VMX_BASIC, bits 30:0): what KVM writes at the
+    /// start of every VMCS and VMXON region it allocates.
+    fn revision() -> Result<u32, String> {
+        let mut basic = [0u8; 8];
+        File::open("/dev/cpu/0/msr")
+            .and_then(|f| f.read_exact_at(&mut basic, 0x480))
+            .map_err(|e| format!("reading IA32_VMX_BASIC: {e}"))?;
+        Ok(u32::from_le_bytes([basic[0], basic[1], basic[2], basic[3]]) & 0x7fff_ffff)
+    }
+    let k = Kernel::learn()?;
+    let mem = open_mem()?;
+    let monitor = monitor_address(cmdline)?;
+    let revision = revision()?;
+    // All of RAM but the monitor's region, mapped once: the polling below makes no system call but
+    // its sleep.
+    let mut windows = Vec::new();
+    for (start, end) in system_ram()? {
+        let mut at = start & !(PAGE - 1);
+        while at < end {
+            let next = ((at / MONITOR_SIZE + 1) * MONITOR_SIZE).min(end);
+            if !(monitor..monitor + MONITOR_SIZE).contains(&at) {
+                let pages = PhysPage::map_range(&mem, at, next - at)
+                    .map_err(|e| format!("mapping {at:#x}: {e}"))?;
+                windows.push((at, pages));
+            }
+            at = next;
+        }
+    }
+    let regions = |windows: &[(u64, PhysPage)]| -> Vec<(usize, usize)> {
+        let mut found = Vec::new();
+        for (w, (_, pages)) in windows.iter().enumerate() {
+            for offset in (0..pages.len).step_by(PAGE as usize) {
+                if pages.read_u32(offset) == revision {
+                    found.push((w, offset));
+                }
+            }
+        }
+        found
+    };
+    // KVM's VMXON region is there from boot; its vCPU's VMCS comes with KVM_CREATE_VCPU, which
+    // makes it current (VMPTRLD) in the same call.
+    let before = regions(&windows).len();
+    let mut probe = std::process::Command::new("/bin/ihmi-l1-vmm")
+        .arg("--probe")
+        .spawn()
+        .map_err(|e| format!("/bin/ihmi-l1-vmm: {e}"))?;
+    let mut found = Vec::new();
+    for _ in 0..2000 {
+        found = regions(&windows);
+        if found.len() > before {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    if found.len() <= before {
+        let _ = probe.wait();
+        return Err(format!(
+            "no new VMCS region appeared while the probe ran ({before} before)"
+        ));
+    }
+    let evil = k.text_va;
+    for &(w, offset) in &found {
+        let pages = &windows[w].1;
+        // The first word (revision and abort indicator) stays: everything after it is the attacker's.
+        for word in (offset + 8..offset + PAGE as usize).step_by(8) {
+            pages.write_u64(word, evil);
+        }
+    }
+    say(&format!(
+        "{}{}",
+        ihmi_abi::attack::IHMI_VMCS12_REGION_LINE,
+        found.len()
+    ));
+    let status = probe
+        .wait()
+        .map_err(|e| format!("waiting for the probe: {e}"))?;
+    say(&format!(
+        "ihmi-attack: the probe ran on after its VMCS region was overwritten ({status})"
+    ));
+    Ok(())
 }
 
 fn kernel_text() -> Result<(), String> {
