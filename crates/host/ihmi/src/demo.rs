@@ -19,6 +19,25 @@ pub struct Exec {
     pub verdict: String,
 }
 
+/// A basic VM-exit reason's name (SDM Appendix C), for the reasons a KVM guest commonly makes.
+fn exit_reason_name(reason: u64) -> String {
+    match reason {
+        0 => "exception or NMI".into(),
+        1 => "external interrupt".into(),
+        7 => "interrupt window".into(),
+        10 => "CPUID".into(),
+        12 => "HLT".into(),
+        18 => "VMCALL".into(),
+        28 => "control-register access".into(),
+        30 => "I/O".into(),
+        31 => "RDMSR".into(),
+        32 => "WRMSR".into(),
+        48 => "EPT violation".into(),
+        49 => "EPT misconfiguration".into(),
+        n => format!("reason {n}"),
+    }
+}
+
 /// What the demo's monitors reported.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Summary {
@@ -31,10 +50,11 @@ pub struct Summary {
     pub execs: Vec<Exec>,
     /// Requests the monitor's checkpoint refused.
     pub rejected: u64,
-    /// Exits of KVM's guest the in-hypervisor monitor saw, and what it found broken (property,
-    /// address, expected, found).
+    /// Exits of KVM's guest the in-hypervisor monitor saw, by basic reason, and what it found
+    /// broken (property, index, address, expected, found).
     pub kvm_exits: u64,
-    pub integrity: Vec<(String, u64, u64, u64)>,
+    pub kvm_exit_reasons: BTreeMap<u64, u64>,
+    pub integrity: Vec<(String, u64, u64, u64, u64)>,
     /// Events the ring dropped (L0's count), if the run said.
     pub dropped: Option<u64>,
 }
@@ -96,14 +116,20 @@ impl Summary {
                     pids.entry(comm).or_default().insert(pid);
                 }
                 EventLine::Rejected { .. } => s.rejected += 1,
-                EventLine::KvmExit { .. } => s.kvm_exits += 1,
+                EventLine::KvmExit { reason, .. } => {
+                    s.kvm_exits += 1;
+                    *s.kvm_exit_reasons.entry(reason & 0xffff).or_default() += 1;
+                }
                 EventLine::Integrity {
                     property,
+                    index,
                     address,
                     expected,
                     found,
                     ..
-                } => s.integrity.push((property, address, expected, found)),
+                } => s
+                    .integrity
+                    .push((property, index, address, expected, found)),
                 EventLine::ProcessCreate { .. } | EventLine::Invalid { .. } => {}
             }
         }
@@ -175,15 +201,22 @@ impl Summary {
             }
         }
         if self.kvm_exits > 0 || !self.integrity.is_empty() {
+            let mut reasons: Vec<_> = self.kvm_exit_reasons.iter().collect();
+            reasons.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+            let reasons: Vec<String> = reasons
+                .iter()
+                .map(|(r, n)| format!("{} {n}", exit_reason_name(**r)))
+                .collect();
             let _ = writeln!(
                 out,
-                "  exits of KVM's guest seen by the in-hypervisor monitor: {}",
-                self.kvm_exits
+                "  exits of KVM's guest seen by the in-hypervisor monitor: {} ({})",
+                self.kvm_exits,
+                reasons.join(", ")
             );
-            for (property, address, expected, found) in &self.integrity {
+            for (property, index, address, expected, found) in &self.integrity {
                 let _ = writeln!(
                     out,
-                    "  INTEGRITY: {property} at {address:#x} is {found:#x}, must be {expected:#x}"
+                    "  INTEGRITY: {property}[{index}] at {address:#x} is {found:#x}, must be {expected:#x} (the kernel image's)"
                 );
             }
         }
@@ -225,5 +258,31 @@ monitor: 3 events, 0 dropped
         let text = s.render();
         assert!(text.contains("REFUSED: /bin/ihmi-intruder (pid 7, started by init): its content (sha256 7050b5940f81866d…) is not on the allow-list"), "{text}");
         assert!(text.contains("events dropped by a full ring: 0"));
+        assert!(!text.contains("KVM"), "no KVM part without KVM events");
+    }
+
+    #[test]
+    fn summary_counts_kvm_exits_by_reason_and_names_what_broke() {
+        let exit = |seq: u64, reason: u64| {
+            format!("event| {{\"event\":\"kvm_exit\",\"seq\":{seq},\"tsc\":1,\"mode\":\"inbox\",\"pid\":32,\"comm\":\"ihmi-l1-vmm\",\"vcpu\":1,\"reason\":{reason},\"handlers_checked\":76,\"handlers_changed\":1,\"verdict\":\"allow\"}}\n")
+        };
+        let out = [
+            "event| {\"event\":\"integrity\",\"seq\":0,\"tsc\":1,\"mode\":\"inbox\",\"property\":\"kvm_exit_handlers\",\"index\":18,\"address\":4096,\"expected\":16,\"found\":32}\n".to_string(),
+            exit(1, 10),
+            exit(2, 10),
+            exit(3, 0),
+        ]
+        .concat();
+        let s = Summary::from_output(&out).unwrap();
+        assert_eq!(s.kvm_exits, 3);
+        let text = s.render();
+        assert!(
+            text.contains("seen by the in-hypervisor monitor: 3 (CPUID 2, exception or NMI 1)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("INTEGRITY: kvm_exit_handlers[18] at 0x1000 is 0x20, must be 0x10"),
+            "{text}"
+        );
     }
 }

@@ -194,6 +194,10 @@ pub const DEMO: Scenario = Scenario::of(ihmi_abi::Scenario::Demo);
 /// What `ihmi demo` runs: the `tiny` Linux with both monitors in the box.
 pub const LINUX_DEMO: &str = "linux-sim";
 
+/// What `ihmi demo --nested` runs: Linux + KVM as L1 with the in-hypervisor monitor, and one
+/// tampering with KVM that the monitor reports.
+pub const NESTED_DEMO: &str = "ihmi-attack-exit-handler";
+
 /// Every scenario `ihmi` knows (the demo is part of the test list).
 pub fn known() -> impl Iterator<Item = &'static Scenario> {
     ALL_SCENARIOS.iter()
