@@ -74,6 +74,7 @@ pub extern "C" fn on_exit(regs: &mut GuestRegs) {
     let mut console = Console(Sink::Both);
     let mut observer = st.judge.observer(counts, &mut console);
     let action = st.hv.handle_exit(&mut vcpu, &mut platform, &mut observer);
+    check_hook_liveness(st);
     match action {
         Action::Resume => {}
         Action::End(end) => finish(st, end),
@@ -97,6 +98,29 @@ pub extern "C" fn on_exit(regs: &mut GuestRegs) {
                 finish(st, end);
             }
         }
+    }
+}
+
+/// With the in-hypervisor monitor hooked into L1's KVM: the hook still fires (P7,
+/// `ihmi_hv::nested::liveness`): the exits L0 reflected to L1 against the KVM exits the monitor
+/// served, said once as an alert if a whole window went by without one.
+fn check_hook_liveness(st: &mut L0State) {
+    let armed = st
+        .hv
+        .guard
+        .as_ref()
+        .and_then(|g| g.linux())
+        .is_some_and(|l| l.armed_kvm_exit().is_some());
+    let (Some(m), Some(n), true) = (st.monitor.as_ref(), st.hv.nested_stats(), armed) else {
+        return;
+    };
+    if let Some(s) = st.hook_liveness.check(n.reflected, m.kvm_exits()) {
+        let alert = ihmi_hv::Alert::MonitorStarved {
+            reflected: s.reflected,
+            served: s.served,
+        };
+        log!("alert| {alert}");
+        st.judge.log.record(&ihmi_hv::Observation::Alert(alert));
     }
 }
 
@@ -190,7 +214,18 @@ pub fn finish(st: &mut L0State, end: GuestEnd) -> ! {
         }
         if n.entries > 0 {
             let shadowing = st.hv.nested.as_ref().is_some_and(|v| v.shadowing());
-            ihmi_judge::bench::nested_line(&n, shadowing, &mut Console(Sink::Both));
+            let monitor = MonitorCounts {
+                monitor_vm_exits: st.outbox.as_ref().map_or(0, outbox::MonitorVm::exits),
+                invocations: st.monitor.as_ref().map_or(0, |m| m.invocations()),
+            };
+            let served = st.monitor.as_ref().map_or(0, |m| m.kvm_exits());
+            ihmi_judge::bench::nested_line(
+                &n,
+                shadowing,
+                monitor,
+                served,
+                &mut Console(Sink::Both),
+            );
         }
         if n.round_trips > 0 {
             log!(

@@ -177,6 +177,8 @@ pub struct Loaded {
     pub stack_top: u64,
     /// The monitor's count of its own invocations (an aligned `u64`, checked at load).
     invocations: Gpa,
+    /// And of the KVM exits it served (the in-hypervisor monitor's hook).
+    kvm_exits: Gpa,
     /// VMFUNC and CR3-load instructions in the gate, counted in its code by L0 at load.
     pub gate_vmfuncs: u64,
     /// See `gate_vmfuncs`.
@@ -225,11 +227,18 @@ impl Integrity {
 impl Loaded {
     /// How often the monitor's entry point has run.
     pub fn invocations(&self) -> u64 {
+        self.counter(self.invocations)
+    }
+
+    /// How many KVM exits the monitor served (`IHMI_KVM_EXITS`).
+    pub fn kvm_exits(&self) -> u64 {
+        self.counter(self.kvm_exits)
+    }
+
+    /// One of the monitor's `u64` counters, at `at`.
+    fn counter(&self, at: Gpa) -> u64 {
         self.memory
-            .bytes_ref(GpaRange::new(
-                self.invocations,
-                Gpa::new(self.invocations.raw() + 8),
-            ))
+            .bytes_ref(GpaRange::new(at, Gpa::new(at.raw() + 8)))
             .map_or(0, |b| {
                 // SAFETY: 8 bytes of the region, aligned (checked at load); a volatile read, since the
                 // monitor writes the counter behind the compiler's back (it is stopped now).
@@ -484,6 +493,10 @@ pub fn load(
     if !invocations.is_aligned(8) {
         return Err(image.misaligned("IHMI_INVOCATIONS"));
     }
+    let kvm_exits = place.at(image.symbol("IHMI_KVM_EXITS")?)?;
+    if !kvm_exits.is_aligned(8) {
+        return Err(image.misaligned("IHMI_KVM_EXITS"));
+    }
     let (gate_vmfuncs, gate_cr3_loads) = gate_switches(&mem, &image, &place, symbols.gate_end)?;
     let mut loaded = Loaded {
         memory: mem,
@@ -496,6 +509,7 @@ pub fn load(
         outbox_entry: image.symbol("ihmi_outbox_entry")?,
         stack_top: image.symbol("IHMI_MONITOR_STACK_TOP")?,
         invocations,
+        kvm_exits,
         gate_vmfuncs,
         gate_cr3_loads,
         fixed: Fixed {

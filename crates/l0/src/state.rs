@@ -67,6 +67,8 @@ pub struct L0State {
     pub shadow_vmcs: Option<ihmi_addr::Hpa>,
     /// The out-of-box monitor VM, when the scenario runs one.
     pub outbox: Option<MonitorVm>,
+    /// Whether the in-hypervisor monitor's hook in L1's KVM keeps firing (P7).
+    pub hook_liveness: ihmi_hv::nested::liveness::HookLiveness,
     /// The in-VM monitor, when the scenario runs one.
     pub monitor: Option<Loaded>,
     /// The scenario's judge: it observes the exits and the monitor's events.

@@ -298,6 +298,7 @@ pub fn setup(
             nested_vmcs,
             shadow_vmcs,
             outbox,
+            hook_liveness: Default::default(),
             monitor,
             judge,
             probe,

@@ -164,6 +164,16 @@ pub struct NestedLine {
     pub cpuid_round_trip_max: u64,
     /// Whether L1's VMCS was shadowed.
     pub shadowing: bool,
+    /// With a monitor (the in-hypervisor monitor in L1's KVM): its invocations (L1's system calls
+    /// and program starts included), the KVM exits it served (its hook in `vmx_handle_exit`), and
+    /// out of the box the monitor VM's own exits (one per invocation, the VMCALL that hands the
+    /// verdict back), which the round trips above do not count.
+    #[serde(default)]
+    pub monitor_invocations: u64,
+    #[serde(default)]
+    pub kvm_exits_served: u64,
+    #[serde(default)]
+    pub monitor_vm_exits: u64,
 }
 
 /// Either `bench|` line.

@@ -151,13 +151,16 @@ pub const BENCH_SCENARIOS: [Scenario; 3] = [
 ];
 
 /// The nested-VMX cost benchmark (`ihmi bench --nested`): the tiny L1's run and KVM's (shadow
-/// paging, then nested EPT), without and with VMCS shadowing.
-pub const NESTED_BENCH_SCENARIOS: [Scenario; 5] = [
+/// paging, then nested EPT), without and with VMCS shadowing; then KVM under the in-hypervisor
+/// monitor, in the box and out of it.
+pub const NESTED_BENCH_SCENARIOS: [Scenario; 7] = [
     Scenario::of(ihmi_abi::Scenario::NestedMini),
     Scenario::of(ihmi_abi::Scenario::NestedMiniShadow),
     Scenario::of(ihmi_abi::Scenario::NestedKvm),
     Scenario::of(ihmi_abi::Scenario::NestedKvmShadow),
     Scenario::of(ihmi_abi::Scenario::NestedKvmEpt),
+    Scenario::of(ihmi_abi::Scenario::IhmiKvm),
+    Scenario::of(ihmi_abi::Scenario::IhmiKvmOutbox),
 ];
 
 /// How long `ihmi test` gives `name` under Bochs when the default is too little: the slow

@@ -72,6 +72,11 @@ static IHMI_MONITOR_CONFIG: Cell<MonitorConfig> = Cell(UnsafeCell::new(MonitorCo
 #[no_mangle]
 static IHMI_INVOCATIONS: AtomicU64 = AtomicU64::new(0);
 
+/// KVM exits the monitor served (requests from the hook in `vmx_handle_exit` it allowed), which L0
+/// holds against the exits it reflected to KVM: a hook that stops firing shows here (liveness, P7).
+#[no_mangle]
+static IHMI_KVM_EXITS: AtomicU64 = AtomicU64::new(0);
+
 /// Drained by L0.
 #[no_mangle]
 static IHMI_EVENT_RING: Cell<EventRing> = Cell(UnsafeCell::new(EventRing::new()));
@@ -229,6 +234,9 @@ extern "C" fn ihmi_monitor_entry(code: u64, a0: u64, a1: u64, a2: u64, a3: u64) 
         caller_rsp,
     };
     let verdict = monitor(config).handle(code, [a0, a1, a2, a3], &ctx, &DirectMap { config }, ring);
+    if code == ihmi_abi::monitor::RequestCode::KvmExit as u64 && verdict == Verdict::Allow {
+        IHMI_KVM_EXITS.fetch_add(1, Ordering::Relaxed);
+    }
     if ring.wants_drain() {
         ask_l0_to_drain();
     }

@@ -261,6 +261,8 @@ pub fn check(mode: Mode, results: &[BenchResult]) -> Result<(), BenchFault> {
 pub fn nested_line(
     stats: &ihmi_hv::nested::run::NestedStats,
     shadowing: bool,
+    monitor: MonitorCounts,
+    kvm_exits_served: u64,
     out: &mut impl core::fmt::Write,
 ) {
     let line = ihmi_wire::NestedLine {
@@ -275,6 +277,9 @@ pub fn nested_line(
         cpuid_round_trip_exits: stats.cpuid_round_trip_total,
         cpuid_round_trip_max: stats.cpuid_round_trip_max,
         shadowing,
+        monitor_invocations: monitor.invocations,
+        kvm_exits_served,
+        monitor_vm_exits: monitor.monitor_vm_exits,
     };
     let _ = writeln!(out, "nested| {}", ihmi_wire::Json(&line));
 }

@@ -182,6 +182,13 @@ pub enum Alert {
         /// Where the guest executed it.
         rip: u64,
     },
+    /// The in-hypervisor monitor's hook in KVM's exit path stopped firing: a whole window of exits
+    /// reflected to L1 went by with no KVM exit served (`crate::nested::liveness`).
+    MonitorStarved {
+        /// Reflected exits in all, and KVM exits the monitor served in all.
+        reflected: u64,
+        served: u64,
+    },
     /// VMLAUNCH or VMRESUME of a VMCS12 whose host state is not L1's live state, with Linux + KVM
     /// as L1 (`crate::nested::host_state`): refused with VMfailValid 8.
     Vmcs12HostState {
@@ -241,6 +248,7 @@ impl Alert {
             Self::VmxRegionRefused { .. } => "vmx-region-refused",
             Self::VmxPointerRefused { .. } => "vmx-pointer-refused",
             Self::Vmcs12HostState { .. } => "vmcs12-host-state",
+            Self::MonitorStarved { .. } => "monitor-starved",
             Self::Ept12MappingRefused { .. } => "ept12-mapping-refused",
         }
     }
@@ -292,6 +300,11 @@ impl fmt::Display for Alert {
                 f,
                 ",\"gpa\":\"{gpa}\",\"region\":\"{}\",\"rip\":\"{rip:#x}\",\"action\":\"VMfailValid(7)\"",
                 region.name()
+            )?,
+            Self::MonitorStarved { reflected, served } => write!(
+                f,
+                ",\"reflected\":{reflected},\"served\":{served},\"window\":{},\"action\":\"reported\"",
+                crate::nested::liveness::WINDOW
             )?,
             Self::Vmcs12HostState {
                 field,

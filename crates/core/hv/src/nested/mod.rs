@@ -20,6 +20,7 @@
 //!   with reason 33);
 //! - [`host_state`], the in-hypervisor monitor's property P3 with KVM as L1: VMCS12's host state is
 //!   L1's live state at every VMLAUNCH and VMRESUME, returning to `vmx_vmexit` (VMfailValid 8);
+//! - [`liveness`], P7: the monitor's hook in KVM keeps firing, within a window of reflected exits;
 //! - [`l2`], VMCS02 as VMCS12's guest state merged with L0's own controls, what an exit from L2 saves
 //!   into VMCS12, L1's host state loaded back, and whose each exit from L2 is (L1's or L0's);
 //! - [`run`], the entry and exit paths on the hypervisor, and their costs;
@@ -33,6 +34,7 @@ pub mod entry;
 pub mod ept;
 pub mod host_state;
 pub mod l2;
+pub mod liveness;
 pub mod msr_area;
 pub mod run;
 pub mod shadow;
