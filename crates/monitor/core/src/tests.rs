@@ -960,27 +960,31 @@ fn linux_requests_need_their_own_entry_and_an_exec_needs_the_hook_s_frame() {
     );
 }
 
-/// An io_uring operation from the hook in `io_issue_sqe`: named from the `io_kiocb`'s opcode, with
-/// the hook's frame checked as for exec; a kernel without the hook configured refuses the request.
-#[test]
-fn linux_io_uring_names_the_operation_from_the_kernel_s_request() {
-    let (mut g, cr3, _) = setup();
+/// A Linux kernel in `setup`'s memory in the middle of a hooked call: the running task (`pid`,
+/// `comm`, its parent pid 1), the trampoline's frame on the kernel stack with `arg` in RDI and the
+/// two returns, and the call's context through the call gate. Returns the profile and the context.
+fn hooked_call(
+    g: &mut Guest,
+    cr3: Cr3,
+    pid: u32,
+    comm: &[u8],
+    arg: u64,
+    [hook_return, site_return]: [u64; 2],
+) -> (OsProfile, CallContext) {
     const TASK: u64 = KERNEL + 0x2000;
     const PARENT: u64 = KERNEL + 0x2400;
-    const REQ: u64 = KERNEL + 0x2800;
     const STACK: u64 = KERNEL + 0x3000;
-    const HOOK_RETURN: u64 = 0xffff_ffff_8200_0283;
-    const SITE_RETURN: u64 = 0xffff_ffff_8116_0f25;
     g.write(CURRENT, &TASK.to_le_bytes());
-    g.write(TASK + 0x14, &31u32.to_le_bytes());
+    g.write(TASK + 0x14, &pid.to_le_bytes());
     g.write(TASK + 0x18, &PARENT.to_le_bytes());
-    g.write(TASK + 0x40, b"iou-wrk-31\0");
+    let mut name = [0u8; COMM_LEN];
+    name[..comm.len()].copy_from_slice(comm);
+    g.write(TASK + 0x40, &name);
     g.write(PARENT + 0x14, &1u32.to_le_bytes());
-    g.write(REQ + 0x8, &[18]); // IORING_OP_OPENAT
     let mut frame = [0u64; 12];
-    frame[1] = HOOK_RETURN;
-    frame[6] = REQ;
-    frame[11] = SITE_RETURN;
+    frame[1] = hook_return;
+    frame[6] = arg;
+    frame[11] = site_return;
     for (i, w) in frame.iter().enumerate() {
         g.write(STACK + 8 * i as u64, &w.to_le_bytes());
     }
@@ -992,18 +996,50 @@ fn linux_io_uring_names_the_operation_from_the_kernel_s_request() {
         entry: Entry::CallGate,
         caller_rsp: STACK,
     };
+    (linux, ctx)
+}
+
+/// A kernel profile without the hook a request needs refuses the request as unknown.
+fn refused_without_the_hook(
+    linux: OsProfile,
+    code: u64,
+    args: [u64; 4],
+    ctx: &CallContext,
+    g: &Guest,
+) {
     let mut ring = EventRing::new();
-    let args = [REQ, 0, 0, 0];
-    let code = RequestCode::IoUring as u64;
     let mut without = Monitor::new(linux, Policy::allow_all());
     assert_eq!(
-        without.handle(code, args, &ctx, &g, &mut ring),
+        without.handle(code, args, ctx, g, &mut ring),
         Verdict::Rejected
     );
     assert_eq!(
         RejectReason::from_raw(events(&mut ring)[0].detail),
         Some(RejectReason::UnknownRequest)
     );
+}
+
+/// An io_uring operation from the hook in `io_issue_sqe`: named from the `io_kiocb`'s opcode, with
+/// the hook's frame checked as for exec; a kernel without the hook configured refuses the request.
+#[test]
+fn linux_io_uring_names_the_operation_from_the_kernel_s_request() {
+    let (mut g, cr3, _) = setup();
+    const REQ: u64 = KERNEL + 0x2800;
+    const HOOK_RETURN: u64 = 0xffff_ffff_8200_0283;
+    const SITE_RETURN: u64 = 0xffff_ffff_8116_0f25;
+    g.write(REQ + 0x8, &[18]); // IORING_OP_OPENAT
+    let (linux, ctx) = hooked_call(
+        &mut g,
+        cr3,
+        31,
+        b"iou-wrk-31",
+        REQ,
+        [HOOK_RETURN, SITE_RETURN],
+    );
+    let mut ring = EventRing::new();
+    let args = [REQ, 0, 0, 0];
+    let code = RequestCode::IoUring as u64;
+    refused_without_the_hook(linux, code, args, &ctx, &g);
     let hook = IoUringHook {
         returns: [HOOK_RETURN, SITE_RETURN],
         opcode: 0x8,
@@ -1037,53 +1073,29 @@ fn linux_io_uring_names_the_operation_from_the_kernel_s_request() {
 #[test]
 fn kvm_exits_are_named_from_the_vcpu_and_the_exit_handler_table_is_held_to_the_image() {
     let (mut g, cr3, _) = setup();
-    const TASK: u64 = KERNEL + 0x2000;
-    const PARENT: u64 = KERNEL + 0x2400;
     const VCPU: u64 = KERNEL + 0x1800;
     const REASON_OFFSET: u64 = 0x1a0;
     // Three entries, the last one on the next page: the table is read in one go across it.
     const TABLE: u64 = KERNEL + 0x1ff0;
-    const STACK: u64 = KERNEL + 0x3000;
     const HOOK_RETURN: u64 = 0xffff_ffff_8200_02c3;
     const SITE_RETURN: u64 = 0xffff_ffff_8106_ca56;
     let image = [0xffff_ffff_8106_1000u64, 0, 0xffff_ffff_8106_2000];
-    g.write(CURRENT, &TASK.to_le_bytes());
-    g.write(TASK + 0x14, &77u32.to_le_bytes());
-    g.write(TASK + 0x18, &PARENT.to_le_bytes());
-    g.write(TASK + 0x40, b"ihmi-l1-vmm\0");
-    g.write(PARENT + 0x14, &1u32.to_le_bytes());
     g.write(VCPU + REASON_OFFSET, &10u32.to_le_bytes()); // CPUID
     for (i, v) in image.iter().enumerate() {
         g.write(TABLE + 8 * i as u64, &v.to_le_bytes());
     }
-    let mut frame = [0u64; 12];
-    frame[1] = HOOK_RETURN;
-    frame[6] = VCPU;
-    frame[11] = SITE_RETURN;
-    for (i, w) in frame.iter().enumerate() {
-        g.write(STACK + 8 * i as u64, &w.to_le_bytes());
-    }
-    let linux = OsProfile::linux(Gva::new(CURRENT), 0x14, 0x18, 0x40, false, 0x60);
-    let ctx = CallContext {
+    let (linux, ctx) = hooked_call(
+        &mut g,
         cr3,
-        tsc: 9,
-        percpu_base: 0,
-        entry: Entry::CallGate,
-        caller_rsp: STACK,
-    };
+        77,
+        b"ihmi-l1-vmm",
+        VCPU,
+        [HOOK_RETURN, SITE_RETURN],
+    );
     let mut ring = EventRing::new();
     let args = [VCPU, 0, 0, 0];
     let code = RequestCode::KvmExit as u64;
-    // A kernel without the hook configured refuses the request.
-    let mut without = Monitor::new(linux, Policy::allow_all());
-    assert_eq!(
-        without.handle(code, args, &ctx, &g, &mut ring),
-        Verdict::Rejected
-    );
-    assert_eq!(
-        RejectReason::from_raw(events(&mut ring)[0].detail),
-        Some(RejectReason::UnknownRequest)
-    );
+    refused_without_the_hook(linux, code, args, &ctx, &g);
     let mut expected = [0; ihmi_abi::monitor::KVM_EXIT_HANDLERS_MAX];
     expected[..3].copy_from_slice(&image);
     let hook = KvmHook {
