@@ -1380,6 +1380,108 @@ mod running_l2 {
         );
     }
 
+    /// With Linux + KVM as L1 (a profile that names `vmx_vmexit`), an entry whose VMCS12 host state
+    /// is L1's own enters L2 and says it was checked; one whose HOST_RIP is anywhere but
+    /// `vmx_vmexit` (or whose HOST_RSP is not L1's stack) fails with VMfailValid 8 and an alert
+    /// naming the field; without the profile nothing is compared.
+    #[test]
+    fn with_kvm_as_l1_vmcs12_s_host_state_must_be_l1_s_own() {
+        const VMX_VMEXIT: u64 = 0xffff_ffff_8127_7a0d;
+        // L1 at its VMLAUNCH: the state KVM would have written into the host-state area.
+        let l1 = || {
+            let mut launch = vmlaunch();
+            for (f, value) in [
+                (guest::RSP, 0xffff_c900_0040_bd48),
+                (guest::CS_SELECTOR, 0x10),
+                (guest::TR_SELECTOR, 0x40),
+                (guest::TR_BASE, 0xffff_fe00_0000_3000),
+                (guest::GDTR_BASE, 0xffff_fe00_0000_1000),
+                (guest::IDTR_BASE, 0xffff_fe00_0000_0000),
+            ] {
+                launch.fields.insert(f, value);
+            }
+            launch
+        };
+        let kvm_s = |tamper: Option<(VmcsField, u64)>| {
+            let mut v = vmcs12(&offer());
+            let launch = l1();
+            for (h, g) in [
+                (host::RSP, guest::RSP),
+                (host::CR0, guest::CR0),
+                (host::CR3, guest::CR3),
+                (host::CS_SELECTOR, guest::CS_SELECTOR),
+                (host::TR_SELECTOR, guest::TR_SELECTOR),
+                (host::FS_BASE, guest::FS_BASE),
+                (host::GS_BASE, guest::GS_BASE),
+                (host::TR_BASE, guest::TR_BASE),
+                (host::GDTR_BASE, guest::GDTR_BASE),
+                (host::IDTR_BASE, guest::IDTR_BASE),
+            ] {
+                v.write(h, launch.fields.get(&g).copied().unwrap_or(0))
+                    .unwrap();
+            }
+            // CR4 as L1 reads it, VMXE through the read shadow.
+            v.write(host::CR4, 0x2020 | CR4_VMXE).unwrap();
+            v.write(host::RIP, VMX_VMEXIT).unwrap();
+            if let Some((f, value)) = tamper {
+                v.write(f, value).unwrap();
+            }
+            let (mut h, mut p) = in_vmx_operation(v);
+            h.hv.linux = Some(ihmi_linux::LinuxProfile {
+                kvm: Some(ihmi_linux::KvmProfile {
+                    vmx_vmexit: VMX_VMEXIT,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+            let mut launch = l1();
+            let action = h.handle_exit(&mut launch, &mut p);
+            (h, launch, action)
+        };
+        let checked = |h: &crate::testing::TestHv| {
+            h.rec
+                .seen
+                .iter()
+                .filter(|s| matches!(s, crate::mock::Seen::Other(Observation::L1HostStateChecked)))
+                .count()
+        };
+        let (h, _, action) = kvm_s(None);
+        assert_eq!(action, Action::SwitchVmcs(NestedSwitch::ToL2));
+        assert_eq!(checked(&h), 1);
+        assert!(h.rec.alerts().is_empty());
+        for (field, name, value) in [
+            (host::RIP, "HOST_RIP", 0xffff_ffff_c000_0000),
+            (host::RSP, "HOST_RSP", 0xffff_c900_0040_c000),
+        ] {
+            let (mut h, launch, action) = kvm_s(Some((field, value)));
+            assert_eq!(action, Action::Resume);
+            assert_eq!(launch.fields[&guest::RFLAGS] & 0x41, 0x40, "VMfailValid");
+            let v = h.hv.nested.as_mut().unwrap().test_current().unwrap();
+            assert_eq!(v.read(super::super::vmcs12::VM_INSTRUCTION_ERROR), Ok(8));
+            assert!(!h.in_l2());
+            assert_eq!(checked(&h), 0);
+            assert!(
+                matches!(
+                    h.rec.alerts().as_slice(),
+                    [crate::Alert::Vmcs12HostState { field: f, found, .. }]
+                        if *f == name && *found == value
+                ),
+                "{:?}",
+                h.rec.alerts()
+            );
+        }
+        // Without KVM's profile (another L1), nothing is compared: the same VMCS12 enters L2.
+        let mut v = vmcs12(&offer());
+        v.write(host::RIP, 0xffff_ffff_c000_0000).unwrap();
+        let (mut h, mut p) = in_vmx_operation(v);
+        let mut launch = vmlaunch();
+        assert_eq!(
+            h.handle_exit(&mut launch, &mut p),
+            Action::SwitchVmcs(NestedSwitch::ToL2)
+        );
+        assert_eq!(checked(&h), 0);
+    }
+
     #[test]
     fn an_entry_with_a_bitmap_or_msr_area_in_l0_s_memory_fails_valid_with_an_alert() {
         let hole = crate::mock::L0_HOLE;
