@@ -2137,3 +2137,49 @@ fn ihmi_kvm_passes_only_with_one_matching_event_per_reflected_exit() {
         Verdict::Fail(FailReason::NestedRun(_))
     ));
 }
+
+/// `ihmi-attack-kvm-text`: the refused write onto L1's text must be the one the attacker announced
+/// (the monitor's call in `vmx_handle_exit`), with its alert, while the attacker ran.
+#[test]
+fn the_kvm_text_attack_needs_the_refused_write_at_the_call_it_named() {
+    use ihmi_abi::attack::{IhmiAttack, IHMI_KVM_TEXT_LINE};
+    use ihmi_hv::{Alert, Locked, Observation};
+    use ihmi_vmcs::EptViolationQualification;
+    const CALL: u64 = 0x106_ec47;
+    let s = Scenario::IhmiAttack(IhmiAttack::KvmText);
+    let verdict = |announced: Option<u64>, refused_at: u64| {
+        let mut h = hv(s);
+        let line = announced.map(|at| std::format!("{IHMI_KVM_TEXT_LINE}{at:#x}"));
+        if let Some(line) = &line {
+            h.judge.log.record(&Observation::DebugLine {
+                line: line.as_bytes(),
+                exits: 0,
+            });
+        }
+        h.judge.log.record_alert(Alert::LockedWrite {
+            what: Locked::KernelText,
+            gpa: Gpa::new(refused_at),
+            rip: 0x7f96_5c35_cc95,
+        });
+        h.judge.log.end = Some(GuestEnd::EptViolation {
+            gpa: Gpa::new(refused_at),
+            gla: None,
+            rip: 0x7f96_5c35_cc95,
+            qualification: EptViolationQualification::from_raw(0x2),
+            region: Some(RegionKind::GuestRam),
+            view: Some(ihmi_hv::guard::views::GUEST_VIEW),
+        });
+        h.judge.log.end_task = Some(Ok(attacker_task(25)));
+        judge(s, &h.judge.log, &h.hv.counters, Gpa::new(0), None)
+    };
+    assert_eq!(verdict(Some(CALL), CALL), Verdict::Pass);
+    // Another text write refused, or no announcement: not this attack stopped.
+    assert!(matches!(
+        verdict(Some(CALL), CALL + 0x1000),
+        Verdict::Fail(FailReason::AttackNotBlocked(_))
+    ));
+    assert!(matches!(
+        verdict(None, CALL),
+        Verdict::Fail(FailReason::AttackNotBlocked(_))
+    ));
+}
