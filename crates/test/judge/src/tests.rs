@@ -1989,6 +1989,8 @@ fn ihmi_kvm_passes_only_with_one_matching_event_per_reflected_exit() {
         PartialCheck,
         Integrity,
         HostUnchecked,
+        /// Not a fault: the `vmcs12-region` attacker's line, which that scenario needs.
+        RegionLine,
     }
     const AT: u64 = 0xffff_ffff_81c4_79d0;
     const WAS: u64 = 0xffff_ffff_8106_1000;
@@ -1998,6 +2000,13 @@ fn ihmi_kvm_passes_only_with_one_matching_event_per_reflected_exit() {
     let run_attacked = |scenario: Scenario, fault: Fault, attack: Option<(&str, [u64; 4])>| {
         let mut h = hv(scenario);
         let log = &mut h.judge.log;
+        let region_line = std::format!("{}2", ihmi_abi::attack::IHMI_VMCS12_REGION_LINE);
+        if fault == Fault::RegionLine {
+            log.record(&Observation::DebugLine {
+                line: region_line.as_bytes(),
+                exits: 0,
+            });
+        }
         if let Some((line, _)) = attack {
             log.record(&Observation::DebugLine {
                 line: line.as_bytes(),
@@ -2119,6 +2128,22 @@ fn ihmi_kvm_passes_only_with_one_matching_event_per_reflected_exit() {
             "{wrong:x?} passed"
         );
     }
+    // TOCTOU on VMCS12: a run as clean as ihmi-kvm's, with the attacker's line, passes; without the
+    // line (the attack did not happen) it fails, and so does a changed table.
+    let region = Scenario::IhmiAttack(ihmi_abi::attack::IhmiAttack::Vmcs12Region);
+    assert_eq!(run_attacked(region, Fault::RegionLine, None), Verdict::Pass);
+    assert!(matches!(
+        run_attacked(region, Fault::None, None),
+        Verdict::Fail(FailReason::NestedRun(_))
+    ));
+    assert!(matches!(
+        run_attacked(
+            region,
+            Fault::RegionLine,
+            Some((&line, [index, AT, WAS, NEW]))
+        ),
+        Verdict::Fail(FailReason::NestedRun(_))
+    ));
     // No line from the attacker, or an integrity event in a run nobody attacked: both fail.
     assert!(matches!(
         run_attacked(
