@@ -597,6 +597,14 @@ mod tests {
         }
     }
 
+    /// The profile's lines but those that contain any of `what`.
+    fn lines_without(text: &str, what: &[&str]) -> std::string::String {
+        text.lines()
+            .filter(|l| !what.iter().any(|w| l.contains(w)))
+            .map(|l| l.to_string() + "\n")
+            .collect()
+    }
+
     #[test]
     fn written_profiles_read_back() {
         let text = sample().to_string();
@@ -607,12 +615,7 @@ mod tests {
     #[test]
     fn the_io_uring_entries_are_optional_but_come_together() {
         let text = sample().to_string();
-        let without = |what: &str| -> std::string::String {
-            text.lines()
-                .filter(|l| !l.contains(what))
-                .map(|l| l.to_string() + "\n")
-                .collect()
-        };
+        let without = |what: &str| lines_without(&text, &[what]);
         let none = LinuxProfile {
             io_uring: None,
             ..sample()
@@ -631,22 +634,15 @@ mod tests {
     #[test]
     fn the_kvm_entries_are_optional_but_come_together() {
         let text = sample().to_string();
-        let without = |what: &str| -> std::string::String {
-            text.lines()
-                .filter(|l| !l.contains(what))
-                .map(|l| l.to_string() + "\n")
-                .collect()
-        };
+        let without = |what: &str| lines_without(&text, &[what]);
         let none = LinuxProfile {
             kvm: None,
             ..sample()
         };
-        let no_kvm: std::string::String = text
-            .lines()
-            .filter(|l| !l.contains("kvm") && !l.contains("vmx_"))
-            .map(|l| l.to_string() + "\n")
-            .collect();
-        assert_eq!(LinuxProfile::parse(&no_kvm), Ok(none));
+        assert_eq!(
+            LinuxProfile::parse(&lines_without(&text, &["kvm", "vmx_"])),
+            Ok(none)
+        );
         assert_eq!(
             LinuxProfile::parse(&without("vmx_handle_exit")),
             Err(ProfileError::Missing("symbol vmx_handle_exit"))
@@ -674,11 +670,7 @@ mod tests {
     #[test]
     fn every_entry_is_required_and_checked() {
         let text = sample().to_string();
-        let without_comm: std::string::String = text
-            .lines()
-            .filter(|l| !l.contains(".comm"))
-            .map(|l| l.to_string() + "\n")
-            .collect();
+        let without_comm = lines_without(&text, &[".comm"]);
         assert_eq!(
             LinuxProfile::parse(&without_comm),
             Err(ProfileError::Missing("field task_struct.comm"))
@@ -694,11 +686,7 @@ mod tests {
             LinuxProfile::parse(&extra),
             Err(ProfileError::Line(_))
         ));
-        let without_slots: std::string::String = text
-            .lines()
-            .filter(|l| !l.contains("xa_node.slots"))
-            .map(|l| l.to_string() + "\n")
-            .collect();
+        let without_slots = lines_without(&text, &["xa_node.slots"]);
         assert_eq!(
             LinuxProfile::parse(&without_slots),
             Err(ProfileError::MissingField("xa_node.slots"))

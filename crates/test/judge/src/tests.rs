@@ -1746,14 +1746,7 @@ fn nested_linux_passes_only_for_a_whole_relayed_boot_on_nested_ept() {
                 outcome: VmxOutcome::Succeed,
             });
         }
-        log.end = Some(GuestEnd::ShutdownRequest);
-        log.end_task = Some(Ok(ihmi_hv::linux::TaskInfo {
-            task: 0xffff_8880_0000_0000,
-            pid: 1,
-            tgid: 1,
-            ppid: 0,
-            comm: *b"ihmi-poweroff\0\0\0",
-        }));
+        end_as_init_does(log);
         let l2 = log.l2_linux;
         (
             judge(
@@ -2075,14 +2068,7 @@ fn ihmi_kvm_passes_only_with_one_matching_event_per_reflected_exit() {
             instruction: VmxInstruction::Vmxoff,
             outcome: VmxOutcome::Succeed,
         });
-        log.end = Some(GuestEnd::ShutdownRequest);
-        log.end_task = Some(Ok(ihmi_hv::linux::TaskInfo {
-            task: 0xffff_8880_0000_0000,
-            pid: 1,
-            tgid: 1,
-            ppid: 0,
-            comm: *b"ihmi-poweroff\0\0\0",
-        }));
+        end_as_init_does(log);
         judge(scenario, log, &h.hv.counters, Gpa::new(0), None)
     };
     let run = |fault: Fault| run_attacked(Scenario::IhmiKvm, fault, None);
