@@ -391,17 +391,10 @@ fn vmcs12_region(cmdline: &str) -> Result<(), String> {
     // All of RAM but the monitor's region, mapped once: the polling below makes no system call but
     // its sleep.
     let mut windows = Vec::new();
-    for (start, end) in system_ram()? {
-        let mut at = start & !(PAGE - 1);
-        while at < end {
-            let next = ((at / MONITOR_SIZE + 1) * MONITOR_SIZE).min(end);
-            if !(monitor..monitor + MONITOR_SIZE).contains(&at) {
-                let pages = PhysPage::map_range(&mem, at, next - at)
-                    .map_err(|e| format!("mapping {at:#x}: {e}"))?;
-                windows.push((at, pages));
-            }
-            at = next;
-        }
+    for (at, next) in ram_windows(monitor)? {
+        let pages = PhysPage::map_range(&mem, at, next - at)
+            .map_err(|e| format!("mapping {at:#x}: {e}"))?;
+        windows.push((at, pages));
     }
     let regions = |windows: &[(u64, PhysPage)]| -> Vec<(usize, usize)> {
         let mut found = Vec::new();
@@ -550,6 +543,23 @@ fn system_ram() -> Result<Vec<(u64, u64)>, String> {
         .collect())
 }
 
+/// Guest RAM in 2 MiB-aligned windows `[start, end)`, the monitor's 2 MiB region (one whole window,
+/// which root must not touch: reading it stops the guest) left out.
+fn ram_windows(monitor: u64) -> Result<Vec<(u64, u64)>, String> {
+    let mut windows = Vec::new();
+    for (start, end) in system_ram()? {
+        let mut at = start & !(PAGE - 1);
+        while at < end {
+            let next = ((at / MONITOR_SIZE + 1) * MONITOR_SIZE).min(end);
+            if !(monitor..monitor + MONITOR_SIZE).contains(&at) {
+                windows.push((at, next));
+            }
+            at = next;
+        }
+    }
+    Ok(windows)
+}
+
 /// The physical address of one of this process's pages (root reads PFNs in /proc/self/pagemap).
 fn own_frame(va: *const u8) -> Result<u64, String> {
     let pagemap = File::open("/proc/self/pagemap").map_err(|e| format!("pagemap: {e}"))?;
@@ -614,26 +624,16 @@ fn process_pgd(cmdline: &str) -> Result<(), String> {
     // Every other page that holds the gate's entry in that slot is a process's PGD half: scan RAM.
     let kernel_pgd = user_half - PAGE;
     let mut changed = 0u64;
-    let window = MONITOR_SIZE; // 2 MiB windows; the monitor's region is one of them, skipped whole
-    for (start, end) in system_ram()? {
-        let mut at = start & !(PAGE - 1);
-        while at < end {
-            let next = ((at / window + 1) * window).min(end);
-            if (monitor..monitor + MONITOR_SIZE).contains(&at) {
-                at = next;
-                continue;
+    for (at, next) in ram_windows(monitor)? {
+        let pages = PhysPage::map_range(&mem, at, next - at)
+            .map_err(|e| format!("mapping {at:#x}: {e}"))?;
+        for page in (0..next - at).step_by(PAGE as usize) {
+            let pa = at + page;
+            let offset = page as usize + slot * 8;
+            if pa != kernel_pgd && pa != user_half && pages.read_u64(offset) == entry {
+                pages.write_u64(offset, forged);
+                changed += 1;
             }
-            let pages = PhysPage::map_range(&mem, at, next - at)
-                .map_err(|e| format!("mapping {at:#x}: {e}"))?;
-            for page in (0..next - at).step_by(PAGE as usize) {
-                let pa = at + page;
-                let offset = page as usize + slot * 8;
-                if pa != kernel_pgd && pa != user_half && pages.read_u64(offset) == entry {
-                    pages.write_u64(offset, forged);
-                    changed += 1;
-                }
-            }
-            at = next;
         }
     }
     say(&format!(
