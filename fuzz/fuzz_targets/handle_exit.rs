@@ -104,6 +104,11 @@ fuzz_target!(|input: Input| {
             site_pa: Gpa::new(0x106_ec47),
             trampoline: Gva::new(0xffff_ffff_8200_02a0),
         }),
+        l2_map_hook: Some(HookSite {
+            site: Gva::new(0xffff_ffff_8104_2b60),
+            site_pa: Gpa::new(0x104_2b60),
+            trampoline: Gva::new(0xffff_ffff_8200_0300),
+        }),
     };
     let mut hv = Hypervisor::new(map);
     hv.outbox_monitor = input.outbox;

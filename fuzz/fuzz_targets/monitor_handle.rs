@@ -14,7 +14,8 @@ use arbitrary::Arbitrary;
 use ihmi_abi::monitor::{Entry, Verdict};
 use ihmi_addr::{Gpa, Gva};
 use ihmi_monitor::{
-    CallContext, Event, EventKind, EventRing, FileLayout, KvmHook, Monitor, OsProfile, Policy,
+    CallContext, Event, EventKind, EventRing, FileLayout, KvmHook, KvmMapHook, Monitor, OsProfile,
+    Policy,
 };
 
 /// Entries of the fuzzed KVM exit-handler table.
@@ -101,6 +102,20 @@ fuzz_target!(|input: Input| {
                     e[..KVM_HANDLERS].copy_from_slice(&[0xffff_ffff_8106_1000, 0, 7, 8]);
                     e
                 },
+                // And its mapping hook, the kernel's image in the first 16 MiB of RAM.
+                map: Some(KvmMapHook {
+                    returns: [0xffff_ffff_8200_0313, 0xffff_ffff_8104_2b65],
+                    slot_base_gfn: 0x60,
+                    slot_npages: 0x68,
+                    slot_userspace_addr: 0x98,
+                    role: 0x2c,
+                    image: [
+                        [0x100_0000, 0x160_2000],
+                        [0x180_0000, 0x1a9_3000],
+                        [0x1c0_0000, 0x1d2_1000],
+                        [0x1ddb_000, 0x200_0000],
+                    ],
+                }),
             })
     } else {
         OsProfile::testguest(Gva::new(0x10_2000))
@@ -124,7 +139,7 @@ fuzz_target!(|input: Input| {
         };
         let produced = ring.produced();
         let verdict = monitor.handle(
-            u64::from(call.code % 8),
+            u64::from(call.code % 9),
             call.args,
             &ctx,
             &memory,
@@ -132,7 +147,7 @@ fuzz_target!(|input: Input| {
         );
         assert!(ring.is_consistent());
         // One event per call at most, but for a KVM exit, which adds one per exit-handler entry
-        // found changed.
+        // found changed, and a KVM mapping, which adds one when the frame is not the VM's own.
         assert!(
             ring.produced() - produced <= 1 + KVM_HANDLERS as u64,
             "one event per call at most, and one per changed handler"

@@ -219,11 +219,19 @@ pub fn finish(st: &mut L0State, end: GuestEnd) -> ! {
                 invocations: st.monitor.as_ref().map_or(0, |m| m.invocations()),
             };
             let served = st.monitor.as_ref().map_or(0, |m| m.kvm_exits());
+            let hooks = ihmi_judge::bench::HookCounts {
+                hook_counts: st.monitor.as_ref().map_or([0; 3], |m| m.hook_counts()),
+                gate_switches: match (&st.monitor, &st.outbox) {
+                    (Some(m), None) => [m.gate_vmfuncs, m.gate_cr3_loads],
+                    _ => [0; 2],
+                },
+            };
             ihmi_judge::bench::nested_line(
                 &n,
                 shadowing,
                 monitor,
                 served,
+                hooks,
                 &mut Console(Sink::Both),
             );
         }

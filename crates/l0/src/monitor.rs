@@ -3,7 +3,9 @@
 //! sees nothing of the monitor), patches the gates and writes the monitor's configuration. Where
 //! everything goes and what the words are comes from `ihmi-layout`; this module only writes.
 
-use ihmi_abi::monitor::{Mode, MonitorConfig, CONFIG_MAGIC, OS_LINUX, OS_TESTGUEST};
+use ihmi_abi::monitor::{
+    Mode, MonitorConfig, CONFIG_MAGIC, KERNEL_IMAGE_RANGES, OS_LINUX, OS_TESTGUEST,
+};
 use ihmi_addr::{Gpa, GpaRange, Gva, LARGE_PAGE_SIZE, PAGE_SIZE};
 use ihmi_hv::guard::views::{LinuxGatePages, MonitorLayout};
 use ihmi_hv::{MemoryMap, RegionKind};
@@ -31,22 +33,32 @@ pub const TESTGUEST_ALLOWED: &str = "init,worker,bench";
 pub enum MonitorOs {
     /// ihmi's test guest, whose `CURRENT_PROCESS` is at this address.
     TestGuest { current: Gva },
-    /// A Linux kernel, described by the profile the host derived from its System.map and BTF.
-    Linux(ihmi_linux::LinuxProfile),
+    /// A Linux kernel, described by the profile the host derived from its System.map and BTF, and
+    /// where what it keeps of its image (text, read-only data, data, zero-initialised data) is in
+    /// guest RAM.
+    Linux(ihmi_linux::LinuxProfile, [GpaRange; KERNEL_IMAGE_RANGES]),
 }
 
 impl MonitorOs {
     fn current_ptr(&self) -> Gva {
         match self {
             Self::TestGuest { current } => *current,
-            Self::Linux(p) => Gva::new(p.current_task),
+            Self::Linux(p, _) => Gva::new(p.current_task),
+        }
+    }
+
+    /// What a Linux kernel keeps of its image, guest-physical.
+    const fn image(&self) -> Option<[GpaRange; KERNEL_IMAGE_RANGES]> {
+        match self {
+            Self::TestGuest { .. } => None,
+            Self::Linux(_, image) => Some(*image),
         }
     }
 
     fn profile(&self) -> OsProfile {
         match self {
             Self::TestGuest { current } => OsProfile::testguest(*current),
-            Self::Linux(p) => OsProfile::linux(
+            Self::Linux(p, _) => OsProfile::linux(
                 Gva::new(p.current_task),
                 p.tgid.offset,
                 p.real_parent.offset,
@@ -145,6 +157,9 @@ pub struct LinuxGateInfo {
     /// The same for the KVM exit hook's trampoline.
     pub kvm_exit_trampoline: Gva,
     pub kvm_exit_return: Gva,
+    /// The same for the KVM mapping hook's trampoline.
+    pub l2_map_trampoline: Gva,
+    pub l2_map_return: Gva,
     /// Out of the box: the call stub's VMCALL, the only place a `Monitor` hypercall of a Linux guest
     /// may come from.
     pub call_vmcall: Option<Gva>,
@@ -179,6 +194,8 @@ pub struct Loaded {
     invocations: Gpa,
     /// And of the KVM exits it served (the in-hypervisor monitor's hook).
     kvm_exits: Gpa,
+    /// Its hook counts (`IHMI_HOOK_COUNTS`, an aligned `[u64; 3]`).
+    hook_counts: Gpa,
     /// VMFUNC and CR3-load instructions in the gate, counted in its code by L0 at load.
     pub gate_vmfuncs: u64,
     /// See `gate_vmfuncs`.
@@ -233,6 +250,12 @@ impl Loaded {
     /// How many KVM exits the monitor served (`IHMI_KVM_EXITS`).
     pub fn kvm_exits(&self) -> u64 {
         self.counter(self.kvm_exits)
+    }
+
+    /// What the monitor counted of its in-hypervisor hooks (`IHMI_HOOK_COUNTS`): the TSC ticks it spent
+    /// handling the KVM exits it served, the mappings it checked, and the ticks it spent on those.
+    pub fn hook_counts(&self) -> [u64; 3] {
+        [0, 1, 2].map(|i| self.counter(Gpa::new(self.hook_counts.raw() + 8 * i)))
     }
 
     /// One of the monitor's `u64` counters, at `at`.
@@ -398,7 +421,7 @@ pub fn load(
     // space maps it at the same address, so the gate continues after its CR3 load.
     let gate_gva = match os {
         MonitorOs::TestGuest { .. } => Gva::new(gate.start.raw()),
-        MonitorOs::Linux(_) => Gva::new(ihmi_abi::monitor::LINUX_GATE_GVA),
+        MonitorOs::Linux(..) => Gva::new(ihmi_abi::monitor::LINUX_GATE_GVA),
     };
     place.check_gate_address(gate_gva)?;
 
@@ -411,7 +434,7 @@ pub fn load(
         end: table_area.end,
     };
     let linux_pages = match os {
-        MonitorOs::Linux(_) => Some(linux_pages(&mut tables)?),
+        MonitorOs::Linux(..) => Some(linux_pages(&mut tables)?),
         MonitorOs::TestGuest { .. } => None,
     };
     let layout = MonitorLayout {
@@ -442,7 +465,7 @@ pub fn load(
         page_1g,
     )?;
     let linux_gate = match (linux_pages, os) {
-        (Some(pages), MonitorOs::Linux(p)) => Some(linux_gate(
+        (Some(pages), MonitorOs::Linux(p, _)) => Some(linux_gate(
             tables.memory,
             &image,
             &place,
@@ -497,6 +520,10 @@ pub fn load(
     if !kvm_exits.is_aligned(8) {
         return Err(image.misaligned("IHMI_KVM_EXITS"));
     }
+    let hook_counts = place.range(image.symbol("IHMI_HOOK_COUNTS")?, 3 * 8)?.start;
+    if !hook_counts.is_aligned(8) {
+        return Err(image.misaligned("IHMI_HOOK_COUNTS"));
+    }
     let (gate_vmfuncs, gate_cr3_loads) = gate_switches(&mem, &image, &place, symbols.gate_end)?;
     let mut loaded = Loaded {
         memory: mem,
@@ -510,6 +537,7 @@ pub fn load(
         stack_top: image.symbol("IHMI_MONITOR_STACK_TOP")?,
         invocations,
         kvm_exits,
+        hook_counts,
         gate_vmfuncs,
         gate_cr3_loads,
         fixed: Fixed {
@@ -711,6 +739,7 @@ fn linux_gate(
         "ihmi_hook_exec_gate_imm",
         "ihmi_hook_io_uring_gate_imm",
         "ihmi_hook_kvm_exit_gate_imm",
+        "ihmi_hook_l2_map_gate_imm",
     ] {
         patch_movabs(mem, place, image, imm, in_gate(hook_call)?.raw())?;
     }
@@ -730,6 +759,8 @@ fn linux_gate(
         io_uring_return: in_slot("ihmi_hook_io_uring_gate_return")?,
         kvm_exit_trampoline: in_slot("ihmi_hook_kvm_exit")?,
         kvm_exit_return: in_slot("ihmi_hook_kvm_exit_gate_return")?,
+        l2_map_trampoline: in_slot("ihmi_hook_l2_map")?,
+        l2_map_return: in_slot("ihmi_hook_l2_map_gate_return")?,
         hook_table: pages.hook_table,
         call_vmcall: if outbox {
             Some(in_gate("ihmi_outbox_call_vmcall")?)
@@ -780,7 +811,7 @@ fn write_config(
         files: ihmi_abi::monitor::FileOffsets::default(),
         kvm: ihmi_abi::monitor::KvmOffsets::default(),
     };
-    if let MonitorOs::Linux(p) = os {
+    if let MonitorOs::Linux(p, _) = os {
         // Linux programs are allowed by what they are, never by what they are called.
         if list.name_count > 0 {
             return Err(ihmi_layout::AllowError::NameNotIdentity.into());
@@ -826,6 +857,15 @@ fn write_config(
                 kvm.exit_handlers = k.exit_handlers;
                 kvm.exit_handler_count = values.len() as u64;
                 kvm.exit_handler_values[..values.len()].copy_from_slice(values);
+                kvm.map_hook_return = g.l2_map_return.raw();
+                kvm.map_site_return = k.make_spte + 5;
+                kvm.slot_base_gfn_offset = k.slot_base_gfn.offset;
+                kvm.slot_npages_offset = k.slot_npages.offset;
+                kvm.slot_userspace_addr_offset = k.slot_userspace_addr.offset;
+                kvm.mmu_page_role_offset = k.mmu_page_role.offset;
+                if let Some(image) = os.image() {
+                    kvm.image = image.map(|r| [r.start.raw(), r.end.raw()]);
+                }
             }
         }
     }

@@ -103,7 +103,15 @@ pub fn load_monitor(
                 .map_err(full)?;
             taken.push(l.span()).map_err(full)?;
             (
-                MonitorOs::Linux(l.profile),
+                MonitorOs::Linux(
+                    l.profile,
+                    [
+                        l.image_pages(l.profile.text, memory)?,
+                        l.image_pages(l.profile.rodata, memory)?,
+                        l.image_pages(l.profile.data, memory)?,
+                        l.image_pages(l.profile.bss, memory)?,
+                    ],
+                ),
                 taken,
                 boot.cmdline.value("allow").unwrap_or(""),
             )
@@ -386,6 +394,14 @@ fn guard(
                 site: Gva::new(k.handle_exit),
                 site_pa: l.text_pa(k.handle_exit, memory)?,
                 trampoline: info.kvm_exit_trampoline,
+            }),
+            None => None,
+        },
+        l2_map_hook: match &p.kvm {
+            Some(k) => Some(HookSite {
+                site: Gva::new(k.make_spte),
+                site_pa: l.text_pa(k.make_spte, memory)?,
+                trampoline: info.l2_map_trampoline,
             }),
             None => None,
         },

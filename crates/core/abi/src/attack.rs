@@ -311,11 +311,21 @@ pub enum IhmiAttack {
     /// (the pages that start with L0's VMCS revision identifier) but their first word. VMCS12 lives
     /// in L0's memory, so KVM's guest must run on as if nothing happened.
     Vmcs12Region = 2,
+    /// 12.1, remap an L2 page onto L1 kernel memory: the compromised root's VMM gives its guest a
+    /// page of memory that is a `/dev/mem` mapping of KVM's own text (the page of `vmx_handle_exit`),
+    /// and the guest writes a NOP over the monitor's call there. The monitor must report the mapping
+    /// when KVM makes it (`make_spte`), and L0's lock on L1's text must stop the write.
+    L2Map = 3,
 }
 
 impl IhmiAttack {
     /// Every attack, in the order `ihmi test` runs them.
-    pub const ALL: [Self; 3] = [Self::ExitHandler, Self::KvmText, Self::Vmcs12Region];
+    pub const ALL: [Self; 4] = [
+        Self::ExitHandler,
+        Self::KvmText,
+        Self::Vmcs12Region,
+        Self::L2Map,
+    ];
 
     /// The name in the scenario's (`ihmi-attack-` and this).
     #[must_use]
@@ -324,6 +334,7 @@ impl IhmiAttack {
             Self::ExitHandler => "exit-handler",
             Self::KvmText => "kvm-text",
             Self::Vmcs12Region => "vmcs12-region",
+            Self::L2Map => "l2-map",
         }
     }
 
@@ -334,6 +345,7 @@ impl IhmiAttack {
             Self::ExitHandler => "ihmi-attack-exit-handler",
             Self::KvmText => "ihmi-attack-kvm-text",
             Self::Vmcs12Region => "ihmi-attack-vmcs12-region",
+            Self::L2Map => "ihmi-attack-l2-map",
         }
     }
 
@@ -344,6 +356,7 @@ impl IhmiAttack {
             Self::ExitHandler => "ihmi.attack=kvm-exit-handler",
             Self::KvmText => "ihmi.attack=kvm-text",
             Self::Vmcs12Region => "ihmi.attack=kvm-vmcs12-region",
+            Self::L2Map => "ihmi.attack=kvm-l2-map",
         }
     }
 
@@ -353,6 +366,15 @@ impl IhmiAttack {
         Self::ALL.into_iter().find(|a| a.kernel_arg() == word)
     }
 }
+
+/// How the `kvm-l2-map` attacker's line on the debug port starts before it starts its VMM; then the
+/// physical address of the call its guest will overwrite, in hex.
+pub const IHMI_L2_MAP_LINE: &str =
+    "ihmi-attack: giving KVM's guest the page of vmx_handle_exit, to write at ";
+
+/// Where the `kvm-l2-map` attacker's VMM puts the page in its guest's physical memory (past the
+/// probe's own 2 MiB).
+pub const IHMI_L2_MAP_GPA: u64 = 0x20_0000;
 
 /// How the `kvm-text` attacker's line on the debug port starts before it writes; then the physical
 /// address of the call it overwrites, in hex.

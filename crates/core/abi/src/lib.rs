@@ -319,6 +319,8 @@ pub const NESTED_MINI_EPT_REPORT: &str = "nested-mini-ept: L1's checks failed: "
 /// and the pages it writes and reads back (each a fault KVM's shadow paging fills in first).
 pub const NESTED_KVM_CPUIDS: u64 = 1000;
 pub const NESTED_KVM_PAGES: u64 = 256;
+/// Where the pages it writes start, guest-physical (one after the other from there).
+pub const NESTED_KVM_TOUCH_BASE: u64 = 0x10_0000;
 /// How the L1 VMM's relayed line of its L2's report starts on L0's debug port: the VMM's prefix
 /// for what its L2 wrote, then the L2's own.
 pub const NESTED_KVM_L2_REPORT: &str = "l2: ihmi-l2: ";

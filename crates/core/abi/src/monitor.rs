@@ -29,6 +29,10 @@ pub enum RequestCode {
     /// Linux with KVM (the in-hypervisor monitor): KVM is about to handle an exit of its guest (L2):
     /// args = (GVA of the `kvm_vcpu`, 0, 0, 0), from the hook in `vmx_handle_exit`.
     KvmExit = 7,
+    /// Linux with KVM: KVM is about to make a mapping for its guest: args = (GVA of the `kvm_vcpu`,
+    /// GVA of the `kvm_memory_slot`, the guest frame number, the host frame number), from the hook in
+    /// `make_spte`.
+    L2Map = 8,
 }
 
 /// Which way a request reached the monitor, as the gate code itself (in the box) or L0 (out of it)
@@ -125,6 +129,7 @@ impl RequestCode {
             5 => Self::SyscallSysenter,
             6 => Self::IoUring,
             7 => Self::KvmExit,
+            8 => Self::L2Map,
             _ => return None,
         })
     }
@@ -247,7 +252,24 @@ pub struct KvmOffsets {
     pub exit_handlers: u64,
     pub exit_handler_count: u64,
     pub exit_handler_values: [u64; KVM_EXIT_HANDLERS_MAX],
+    /// The mapping hook (`make_spte`): where its trampoline's call of the gate returns and where the
+    /// hooked function's call of the trampoline returns, 0 without it.
+    pub map_hook_return: u64,
+    pub map_site_return: u64,
+    /// Offsets of `kvm_memory_slot.base_gfn`, `.npages`, `.userspace_addr` and of
+    /// `kvm_mmu_page.role`.
+    pub slot_base_gfn_offset: u64,
+    pub slot_npages_offset: u64,
+    pub slot_userspace_addr_offset: u64,
+    pub mmu_page_role_offset: u64,
+    /// What the watched kernel keeps of its image for good: its text, read-only data, data and
+    /// zero-initialised data, guest-physical `[start, end)` each. No mapping KVM makes for its guest
+    /// may reach into them.
+    pub image: [[u64; 2]; KERNEL_IMAGE_RANGES],
 }
+
+/// The ranges of [`KvmOffsets::image`].
+pub const KERNEL_IMAGE_RANGES: usize = 4;
 
 impl Default for KvmOffsets {
     fn default() -> Self {
@@ -258,6 +280,13 @@ impl Default for KvmOffsets {
             exit_handlers: 0,
             exit_handler_count: 0,
             exit_handler_values: [0; KVM_EXIT_HANDLERS_MAX],
+            map_hook_return: 0,
+            map_site_return: 0,
+            slot_base_gfn_offset: 0,
+            slot_npages_offset: 0,
+            slot_userspace_addr_offset: 0,
+            mmu_page_role_offset: 0,
+            image: [[0; 2]; KERNEL_IMAGE_RANGES],
         }
     }
 }

@@ -161,6 +161,7 @@ pub(crate) fn linux_guarded() -> (TestHv, MockPlatform, crate::LinuxGate) {
         call_vmcall: None,
         io_uring_hook: None,
         kvm_exit_hook: None,
+        l2_map_hook: None,
     };
     let guard = h.guard.unwrap();
     h.guard = Some(crate::Guard::new(guard.views, None).with_linux_gate(gate));

@@ -3,7 +3,7 @@
 //! the host writes it with [`fmt::Display`], L0 reads it with [`LinuxProfile::parse`].
 //!
 //! ```text
-//! ihmi-linux-profile 4
+//! ihmi-linux-profile 6
 //! symbol current_task 0xffffffff8180a8c0
 //! field task_struct.pid 0x4b8 4
 //! size page 64
@@ -13,7 +13,7 @@
 use core::fmt;
 
 /// The first line.
-const HEADER: &str = "ihmi-linux-profile 5";
+const HEADER: &str = "ihmi-linux-profile 6";
 
 /// The kernel PGD of a CR3: its root without PCID or flags and, when page-table isolation is built in
 /// (every PGD an 8 KiB pair, kernel half first), without bit 12, since a user CR3 points at the user
@@ -59,6 +59,12 @@ pub struct LinuxProfile {
     /// kernel frees at boot (`mark_rodata_ro`), so they are not included.
     pub text: [u64; 2],
     pub rodata: [u64; 2],
+    /// The kernel's data (`_sdata`..`__init_begin`) and zero-initialised data (`__bss_start`..
+    /// `__bss_stop`): with text and read-only data, what of its image the kernel keeps for good. The
+    /// rest (the gaps above, init code and data, the unused part of the brk area) goes back to the page
+    /// allocator at boot and may hold anything after.
+    pub data: [u64; 2],
+    pub bss: [u64; 2],
     /// The interrupt descriptor table (`idt_table`, one page).
     pub idt_table: u64,
     /// `task_struct.pid`.
@@ -106,7 +112,26 @@ pub struct KvmProfile {
     pub exit_handlers: u64,
     pub exit_handler_count: usize,
     pub exit_handler_values: [u64; MAX_EXIT_HANDLERS],
+    /// `make_spte(struct kvm_vcpu *, struct kvm_mmu_page *, const struct kvm_memory_slot *,
+    /// unsigned int pte_access, gfn_t, kvm_pfn_t, ...)`: every mapping KVM makes for its guest, shadow
+    /// paging and TDP alike, with the vCPU in RDI, the shadow page in RSI, the memslot in RDX, the
+    /// guest frame in R8 and the host frame in R9.
+    pub make_spte: u64,
+    /// `kvm_memory_slot.base_gfn`, `.npages`, `.userspace_addr` (8 bytes each), and
+    /// `kvm_mmu_page.role` (its low 4 bits are the level of the shadow page, 1 = 4 KiB).
+    pub slot_base_gfn: Field,
+    pub slot_npages: Field,
+    pub slot_userspace_addr: Field,
+    pub mmu_page_role: Field,
 }
+
+/// The `field` lines of the mapping hook's members, in [`KvmProfile`] order.
+const KVM_MAP_FIELD_NAMES: [&str; 4] = [
+    "kvm_memory_slot.base_gfn",
+    "kvm_memory_slot.npages",
+    "kvm_memory_slot.userspace_addr",
+    "kvm_mmu_page.role",
+];
 
 impl Default for KvmProfile {
     fn default() -> Self {
@@ -117,6 +142,11 @@ impl Default for KvmProfile {
             exit_handlers: 0,
             exit_handler_count: 0,
             exit_handler_values: [0; MAX_EXIT_HANDLERS],
+            make_spte: 0,
+            slot_base_gfn: Field::default(),
+            slot_npages: Field::default(),
+            slot_userspace_addr: Field::default(),
+            mmu_page_role: Field::default(),
         }
     }
 }
@@ -126,6 +156,26 @@ impl KvmProfile {
     #[must_use]
     pub fn exit_handler_values(&self) -> &[u64] {
         &self.exit_handler_values[..self.exit_handler_count.min(MAX_EXIT_HANDLERS)]
+    }
+
+    fn map_fields_mut(&mut self) -> [&mut Field; 4] {
+        [
+            &mut self.slot_base_gfn,
+            &mut self.slot_npages,
+            &mut self.slot_userspace_addr,
+            &mut self.mmu_page_role,
+        ]
+    }
+
+    /// The mapping hook's members, in `KVM_MAP_FIELD_NAMES` order.
+    #[must_use]
+    pub const fn map_fields(&self) -> [Field; 4] {
+        [
+            self.slot_base_gfn,
+            self.slot_npages,
+            self.slot_userspace_addr,
+            self.mmu_page_role,
+        ]
     }
 }
 
@@ -254,7 +304,7 @@ impl LinuxProfile {
         // The io_uring entries are optional, but come together.
         let mut io_uring_seen = 0u8;
         // So are the KVM entries.
-        let mut kvm_seen = 0u8;
+        let mut kvm_seen = 0u16;
         let mut files_seen = 0u32;
         for (i, line) in lines {
             let n = i + 1;
@@ -285,6 +335,10 @@ impl LinuxProfile {
                         "__start_rodata" => (&mut p.rodata[0], 13),
                         "__end_rodata" => (&mut p.rodata[1], 14),
                         "idt_table" => (&mut p.idt_table, 15),
+                        "_sdata" => (&mut p.data[0], 18),
+                        "__init_begin" => (&mut p.data[1], 19),
+                        "__bss_start" => (&mut p.bss[0], 20),
+                        "__bss_stop" => (&mut p.bss[1], 21),
                         "vmemmap_base" => (&mut p.files.vmemmap_base, 16),
                         "io_issue_sqe" => {
                             p.io_uring.get_or_insert_with(Default::default).0 = v;
@@ -299,6 +353,11 @@ impl LinuxProfile {
                         "vmx_vmexit" => {
                             p.kvm.get_or_insert_with(Default::default).vmx_vmexit = v;
                             kvm_seen |= 8;
+                            continue;
+                        }
+                        "make_spte" => {
+                            p.kvm.get_or_insert_with(Default::default).make_spte = v;
+                            kvm_seen |= 16;
                             continue;
                         }
                         _ => return Err(ProfileError::Line(n)),
@@ -327,14 +386,21 @@ impl LinuxProfile {
                             kvm_seen |= 2;
                             continue;
                         }
-                        other => match FILE_FIELD_NAMES.iter().position(|&x| x == other) {
-                            Some(i) => {
-                                *p.files.fields_mut()[i] = f;
-                                files_seen |= 1 << i;
+                        other => {
+                            if let Some(i) = KVM_MAP_FIELD_NAMES.iter().position(|&x| x == other) {
+                                *p.kvm.get_or_insert_with(Default::default).map_fields_mut()[i] = f;
+                                kvm_seen |= 32 << i;
                                 continue;
                             }
-                            None => return Err(ProfileError::Line(n)),
-                        },
+                            match FILE_FIELD_NAMES.iter().position(|&x| x == other) {
+                                Some(i) => {
+                                    *p.files.fields_mut()[i] = f;
+                                    files_seen |= 1 << i;
+                                    continue;
+                                }
+                                None => return Err(ProfileError::Line(n)),
+                            }
+                        }
                     };
                     *slot = f;
                     seen |= 1 << bit;
@@ -365,7 +431,7 @@ impl LinuxProfile {
                 _ => return Err(ProfileError::Line(n)),
             }
         }
-        const NAMES: [&str; 18] = [
+        const NAMES: [&str; 22] = [
             "symbol current_task",
             "symbol init_top_pgt",
             "symbol entry_SYSCALL_64",
@@ -384,6 +450,10 @@ impl LinuxProfile {
             "symbol idt_table",
             "symbol vmemmap_base",
             "size page",
+            "symbol _sdata",
+            "symbol __init_begin",
+            "symbol __bss_start",
+            "symbol __bss_stop",
         ];
         for (bit, name) in NAMES.iter().enumerate() {
             if seen & (1 << bit) == 0 {
@@ -402,17 +472,28 @@ impl LinuxProfile {
         if p.files.page_size == 0 {
             return Err(ProfileError::Implausible("size page"));
         }
+        if p.data[0] >= p.data[1] {
+            return Err(ProfileError::Implausible("symbol __init_begin"));
+        }
+        if p.bss[0] > p.bss[1] {
+            return Err(ProfileError::Implausible("symbol __bss_stop"));
+        }
         match io_uring_seen {
             0 | 3 => {}
             1 => return Err(ProfileError::Missing("field io_kiocb.opcode")),
             _ => return Err(ProfileError::Missing("symbol io_issue_sqe")),
         }
         match kvm_seen {
-            0 | 15 => {}
+            0 | 0x1ff => {}
             s if s & 1 == 0 => return Err(ProfileError::Missing("symbol vmx_handle_exit")),
             s if s & 8 == 0 => return Err(ProfileError::Missing("symbol vmx_vmexit")),
             s if s & 2 == 0 => return Err(ProfileError::Missing("field kvm_vcpu.exit_reason")),
-            _ => return Err(ProfileError::Missing("table kvm_vmx_exit_handlers")),
+            s if s & 4 == 0 => return Err(ProfileError::Missing("table kvm_vmx_exit_handlers")),
+            s if s & 16 == 0 => return Err(ProfileError::Missing("symbol make_spte")),
+            s => {
+                let i = (0..4).find(|i| s & (32 << i) == 0).unwrap_or(0);
+                return Err(ProfileError::MissingField(KVM_MAP_FIELD_NAMES[i]));
+            }
         }
         if let Some(k) = &p.kvm {
             if k.exit_reason.size != 4 {
@@ -420,6 +501,12 @@ impl LinuxProfile {
             }
             if k.exit_handlers % 8 != 0 || k.exit_handler_count == 0 {
                 return Err(ProfileError::Implausible("table kvm_vmx_exit_handlers"));
+            }
+            for (name, f) in KVM_MAP_FIELD_NAMES.iter().zip(k.map_fields()) {
+                let size = if *name == "kvm_mmu_page.role" { 4 } else { 8 };
+                if f.size != size || f.offset % size != 0 {
+                    return Err(ProfileError::Implausible(name));
+                }
             }
         }
         Ok(p)
@@ -446,6 +533,10 @@ impl fmt::Display for LinuxProfile {
             ("__start_rodata", self.rodata[0]),
             ("__end_rodata", self.rodata[1]),
             ("idt_table", self.idt_table),
+            ("_sdata", self.data[0]),
+            ("__init_begin", self.data[1]),
+            ("__bss_start", self.bss[0]),
+            ("__bss_stop", self.bss[1]),
         ] {
             writeln!(f, "symbol {name} {value:#x}")?;
         }
@@ -473,6 +564,10 @@ impl fmt::Display for LinuxProfile {
         if let Some(k) = &self.kvm {
             writeln!(f, "symbol vmx_handle_exit {:#x}", k.handle_exit)?;
             writeln!(f, "symbol vmx_vmexit {:#x}", k.vmx_vmexit)?;
+            writeln!(f, "symbol make_spte {:#x}", k.make_spte)?;
+            for (name, fld) in KVM_MAP_FIELD_NAMES.iter().zip(k.map_fields()) {
+                writeln!(f, "field {name} {:#x} {}", fld.offset, fld.size)?;
+            }
             writeln!(
                 f,
                 "field kvm_vcpu.exit_reason {:#x} {}",
@@ -510,6 +605,8 @@ mod tests {
             kernel_end: 0xffff_ffff_81c1_8000,
             text: [0xffff_ffff_8100_0000, 0xffff_ffff_8140_10b2],
             rodata: [0xffff_ffff_8160_0000, 0xffff_ffff_8181_0000],
+            data: [0xffff_ffff_81a0_0000, 0xffff_ffff_81b2_1000],
+            bss: [0xffff_ffff_81bd_b000, 0xffff_ffff_81e0_0000],
             idt_table: 0xffff_ffff_81bb_1000,
             pid: Field {
                 offset: 0x4b8,
@@ -593,6 +690,23 @@ mod tests {
                     v[2] = 0xffff_ffff_8106_2000;
                     v
                 },
+                make_spte: 0xffff_ffff_8104_2b60,
+                slot_base_gfn: Field {
+                    offset: 0x60,
+                    size: 8,
+                },
+                slot_npages: Field {
+                    offset: 0x68,
+                    size: 8,
+                },
+                slot_userspace_addr: Field {
+                    offset: 0x98,
+                    size: 8,
+                },
+                mmu_page_role: Field {
+                    offset: 0x2c,
+                    size: 4,
+                },
             }),
         }
     }
@@ -608,7 +722,7 @@ mod tests {
     #[test]
     fn written_profiles_read_back() {
         let text = sample().to_string();
-        assert!(text.starts_with("ihmi-linux-profile 5\n"));
+        assert!(text.starts_with("ihmi-linux-profile 6\n"));
         assert_eq!(LinuxProfile::parse(&text), Ok(sample()));
     }
 
@@ -640,8 +754,22 @@ mod tests {
             ..sample()
         };
         assert_eq!(
-            LinuxProfile::parse(&lines_without(&text, &["kvm", "vmx_"])),
+            LinuxProfile::parse(&lines_without(&text, &["kvm", "vmx_", "make_spte"])),
             Ok(none)
+        );
+        assert_eq!(
+            LinuxProfile::parse(&without("make_spte")),
+            Err(ProfileError::Missing("symbol make_spte"))
+        );
+        assert_eq!(
+            LinuxProfile::parse(&without("userspace_addr")),
+            Err(ProfileError::MissingField("kvm_memory_slot.userspace_addr"))
+        );
+        assert_eq!(
+            LinuxProfile::parse(
+                &text.replace("kvm_mmu_page.role 0x2c 4", "kvm_mmu_page.role 0x2c 8")
+            ),
+            Err(ProfileError::Implausible("kvm_mmu_page.role"))
         );
         assert_eq!(
             LinuxProfile::parse(&without("vmx_handle_exit")),

@@ -174,6 +174,20 @@ pub struct NestedLine {
     pub kvm_exits_served: u64,
     #[serde(default)]
     pub monitor_vm_exits: u64,
+    /// The monitor's own count of what its in-hypervisor hooks cost: the TSC ticks (instructions,
+    /// under Bochs) it spent handling the KVM exits it served, the mappings it checked (its hook in
+    /// `make_spte`) and the ticks spent on those; and in the box, the VMFUNCs and CR3 loads of one
+    /// pass through its gate (0 out of the box, where the passes are the VMCALLs counted above).
+    #[serde(default)]
+    pub kvm_exit_ticks: u64,
+    #[serde(default)]
+    pub l2_maps_checked: u64,
+    #[serde(default)]
+    pub l2_map_ticks: u64,
+    #[serde(default)]
+    pub gate_vmfuncs: u64,
+    #[serde(default)]
+    pub gate_cr3_loads: u64,
 }
 
 /// Either `bench|` line.
@@ -280,6 +294,30 @@ pub enum EventLine<S> {
         address: u64,
         expected: u64,
         found: u64,
+        /// What the found value is, for a property that tells kinds apart (`l2_memory`: the frame is
+        /// in the `kernel-image`, is `not-ram`, or the page is `outside-slot`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        what: Option<S>,
+    },
+    /// KVM (watched by the in-hypervisor monitor) is about to map a page of its guest.
+    L2Map {
+        seq: u64,
+        tsc: u64,
+        mode: S,
+        /// The thread KVM runs in (the VMM's vCPU thread, or the VMM's own).
+        pid: u32,
+        comm: S,
+        /// The `kvm_vcpu`; the guest frame and the frame of the watched kernel's memory it is mapped
+        /// to; the VMM's address of the guest page; the mapping's level (1: 4 KiB, 2: 2 MiB).
+        vcpu: u64,
+        gfn: u64,
+        pfn: u64,
+        hva: u64,
+        level: u64,
+        /// What the frame is: `vm` (the VM's own memory) or what makes it wrong (each also an
+        /// `integrity` event).
+        memory: S,
+        verdict: S,
     },
     /// A request the monitor's checkpoint refused.
     Rejected {
@@ -313,7 +351,8 @@ impl<S> EventLine<S> {
             | Self::ProcessCreate { pid, .. }
             | Self::Exec { pid, .. }
             | Self::IoUring { pid, .. }
-            | Self::KvmExit { pid, .. } => Some(*pid),
+            | Self::KvmExit { pid, .. }
+            | Self::L2Map { pid, .. } => Some(*pid),
             Self::Rejected { .. } | Self::Integrity { .. } | Self::Invalid { .. } => None,
         }
     }
@@ -326,6 +365,7 @@ impl<S> EventLine<S> {
             | Self::Exec { seq, .. }
             | Self::IoUring { seq, .. }
             | Self::KvmExit { seq, .. }
+            | Self::L2Map { seq, .. }
             | Self::Integrity { seq, .. }
             | Self::Rejected { seq, .. }
             | Self::Invalid { seq, .. } => *seq,
@@ -386,6 +426,22 @@ impl EventLine<alloc::string::String> {
                 // Where KVM allocated the vCPU is the allocator's choice, as a user pointer is.
                 if args_aside {
                     *vcpu = 0;
+                }
+            }
+            Self::L2Map {
+                seq,
+                tsc,
+                mode,
+                vcpu,
+                pfn,
+                hva,
+                ..
+            } => {
+                clear(seq, tsc, mode);
+                // The frames behind the guest's memory and the VMM's addresses of it are the
+                // allocators' choice.
+                if args_aside {
+                    (*vcpu, *pfn, *hva) = (0, 0, 0);
                 }
             }
         }

@@ -1,10 +1,11 @@
 //! The probe's L2: position-independent 64-bit code the VMM copies into guest memory. It starts in
-//! long mode with the CPUID count in RDI, and reports only through port I/O (every OUT is an exit
+//! long mode with the CPUID count in RDI (and, when RSI is not 0, first writes EDX at RSI: the
+//! attacker VMM's), and reports only through port I/O (every OUT is an exit
 //! to the VMM): the CPUIDs it made, the pages it checked and the mismatches as 4-byte OUTs to
 //! [`VALUE_PORT`], in that order, then the last CPUID's vendor as 12 byte OUTs to [`DEBUG_PORT`],
 //! then one OUT to [`DONE_PORT`] (its end: with KVM's in-kernel interrupt controller a HLT stays
 //! in the kernel), then HLT. It references nothing outside itself, and only guest-physical
-//! addresses below 2 MiB.
+//! addresses below 2 MiB (and the one the attacker gives it).
 
 /// Where L2 writes the vendor string, a byte at a time.
 pub const DEBUG_PORT: u16 = 0xe9;
@@ -16,7 +17,7 @@ pub const DONE_PORT: u16 = 0xeb;
 pub const PAGES: u32 = ihmi_abi::NESTED_KVM_PAGES as u32;
 /// The end of the guest-physical range L2 touches (from 1 MiB, 4 KiB a page).
 pub const TOUCH_END: u64 = TOUCH_BASE + PAGES as u64 * 0x1000;
-const TOUCH_BASE: u64 = 0x10_0000;
+const TOUCH_BASE: u64 = ihmi_abi::NESTED_KVM_TOUCH_BASE;
 /// Xored with each page's index, so a page that reads back another page's value is a mismatch.
 const PATTERN: u64 = 0x6968_6d69_6c32_0000;
 
@@ -26,6 +27,11 @@ core::arch::global_asm!(
     ".globl ihmi_l2_probe_start",
     ".globl ihmi_l2_probe_end",
     "ihmi_l2_probe_start:",
+    // 0. The attacker's write, if it asked for one.
+    "    test rsi, rsi",
+    "    jz .Lno_write",
+    "    mov [rsi], edx",
+    ".Lno_write:",
     // a. CPUID leaf 0, RDI times (at least once); R8D counts them, R10-R12 keep the vendor.
     "    xor r8d, r8d",
     "    mov r9, rdi",

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use ihmi_linux_workload::DebugPort;
 
-const USAGE: &str = "usage: ihmi-l1-vmm --probe [--cpuids N]
+const USAGE: &str = "usage: ihmi-l1-vmm --probe [--cpuids N] [--attack-alias PHYS]
        ihmi-l1-vmm --linux BZIMAGE INITRD [--mem MIB] [--cmdline LINE] [--status SECS]";
 
 /// L2's kernel command line when `--cmdline` does not give one: its console on COM1 (and early
@@ -22,15 +22,17 @@ const DEFAULT_CMDLINE: &str = "console=ttyS0 earlycon=uart8250,io,0x3f8 panic=-1
 /// What to run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Mode {
-    /// The long-mode L2 that makes `cpuids` CPUIDs, touches memory and reports.
-    Probe { cpuids: u32 },
+    /// The long-mode L2 that makes `cpuids` CPUIDs, touches memory and reports; with `alias`, L1's
+    /// compromised root's VMM, which first gives it the L1 page that holds this physical address
+    /// and has it write there (the `kvm-l2-map` attack).
+    Probe { cpuids: u32, alias: Option<u64> },
     /// A Linux L2, run until its /init powers it off.
     Linux(linux::Boot),
 }
 
 /// Parses the arguments after the program name; `Err` is what to print above the usage.
 fn parse(args: impl IntoIterator<Item = String>) -> Result<Mode, String> {
-    let (mut probe, mut cpuids, mut linux) = (false, None, None);
+    let (mut probe, mut cpuids, mut linux, mut alias) = (false, None, None, None);
     let (mut mem_mib, mut cmdline, mut status_secs) = (None, None, None);
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -41,6 +43,19 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Mode, String> {
                 match n.parse::<u32>() {
                     Ok(n) if n > 0 => cpuids = Some(n),
                     _ => return Err(format!("--cpuids {n}: not a count from 1 to {}", u32::MAX)),
+                }
+            }
+            "--attack-alias" => {
+                let a = args
+                    .next()
+                    .ok_or("--attack-alias needs a physical address")?;
+                match a.strip_prefix("0x").map(|h| u64::from_str_radix(h, 16)) {
+                    Some(Ok(pa)) if pa % 0x1000 <= 0x1000 - 4 => alias = Some(pa),
+                    _ => {
+                        return Err(format!(
+                            "--attack-alias {a}: not a hex physical address (0x...) with 4 bytes left in its page"
+                        ))
+                    }
                 }
             }
             "--linux" => {
@@ -76,19 +91,21 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Mode, String> {
     match (probe, linux) {
         (true, None) if mem_mib.is_none() && cmdline.is_none() && status_secs.is_none() => {
             let cpuids = cpuids.unwrap_or(ihmi_abi::NESTED_KVM_CPUIDS as u32);
-            Ok(Mode::Probe { cpuids })
+            Ok(Mode::Probe { cpuids, alias })
         }
-        (false, Some((kernel, initrd))) if cpuids.is_none() => Ok(Mode::Linux(linux::Boot {
-            kernel,
-            initrd,
-            cmdline: cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.into()),
-            mem_mib: mem_mib.unwrap_or(linux::DEFAULT_MEM_MIB),
-            status_secs: status_secs.unwrap_or(linux::DEFAULT_STATUS_SECS),
-        })),
+        (false, Some((kernel, initrd))) if cpuids.is_none() && alias.is_none() => {
+            Ok(Mode::Linux(linux::Boot {
+                kernel,
+                initrd,
+                cmdline: cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.into()),
+                mem_mib: mem_mib.unwrap_or(linux::DEFAULT_MEM_MIB),
+                status_secs: status_secs.unwrap_or(linux::DEFAULT_STATUS_SECS),
+            }))
+        }
         (true, Some(_)) => Err("--probe and --linux are two modes: give one".into()),
         (false, None) => Err("no mode given".into()),
         (true, None) => Err("--mem, --cmdline and --status are for --linux".into()),
-        (false, Some(_)) => Err("--cpuids is for --probe".into()),
+        (false, Some(_)) => Err("--cpuids and --attack-alias are for --probe".into()),
     }
 }
 
@@ -149,7 +166,7 @@ fn main() -> ExitCode {
     };
     let console = Console::open();
     let done = match mode {
-        Mode::Probe { cpuids } => probe::run(cpuids).map(|report| {
+        Mode::Probe { cpuids, alias } => probe::run(cpuids, alias).map(|report| {
             console.line(ihmi_abi::NESTED_L2_DEBUG, &report.l2_line());
             format!(
                 "probe done: L2 ended after {} KVM_RUN returns",
@@ -196,8 +213,13 @@ mod tests {
 
     #[test]
     fn parses_probe() {
-        assert_eq!(args("--probe"), Ok(Mode::Probe { cpuids: 1000 }));
-        assert_eq!(args("--cpuids 7 --probe"), Ok(Mode::Probe { cpuids: 7 }));
+        let probe = |cpuids, alias| Ok(Mode::Probe { cpuids, alias });
+        assert_eq!(args("--probe"), probe(1000, None));
+        assert_eq!(args("--cpuids 7 --probe"), probe(7, None));
+        assert_eq!(
+            args("--probe --attack-alias 0x106ec47"),
+            probe(1000, Some(0x106_ec47))
+        );
     }
 
     #[test]
@@ -271,6 +293,10 @@ mod tests {
             "--linux k i --cmdline",
             "--probe --mem 64",
             "--probe --status 1",
+            "--probe --attack-alias",
+            "--probe --attack-alias 106ec47",
+            "--probe --attack-alias 0x106effd",
+            "--linux k i --attack-alias 0x1000",
             "--linux k i --status 0",
         ] {
             assert!(args(bad).is_err(), "{bad:?}");

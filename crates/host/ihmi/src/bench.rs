@@ -541,3 +541,128 @@ pub fn nested_table(rows: &[NestedRow]) -> String {
     );
     out
 }
+
+/// What one pass into the in-hypervisor monitor and back costs in the model, without its work: in
+/// the box, the gate's VMFUNCs and CR3 loads; out of the box, the hook's VMCALL and the monitor VM's
+/// (two exit round trips). `None` for a run without the monitor.
+fn monitor_pass_cycles(l: &ihmi_wire::NestedLine) -> Option<f64> {
+    if l.kvm_exits_served == 0 {
+        return None;
+    }
+    Some(if l.monitor_vm_exits > 0 {
+        let per = l.monitor_vm_exits as f64 / l.monitor_invocations.max(1) as f64;
+        (1.0 + per) * COST.exit_round_trip
+    } else {
+        l.gate_vmfuncs as f64 * COST.vmfunc + l.gate_cr3_loads as f64 * COST.cr3_load
+    })
+}
+
+/// The in-hypervisor monitor's invocations, per run with it: the null invocation (a pass in and out,
+/// modeled), the real one at each KVM exit (the exit check: the vCPU's reason, the running thread,
+/// the whole exit-handler table; the monitor's own TSC ticks, which Bochs counts one per
+/// instruction, priced as instructions, plus the pass) and the check of one mapping (`make_spte`),
+/// then out of the box against in the box.
+pub fn nested_monitor_table(rows: &[NestedRow]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| scenario | null invocation (modeled cycles: the pass) | KVM exits served | monitor instructions per exit check | real invocation (modeled cycles) | mappings checked | monitor instructions per mapping check | mapping check (modeled cycles) |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    let mut priced = Vec::new();
+    for r in rows {
+        let l = &r.line;
+        let Some(pass) = monitor_pass_cycles(l) else {
+            continue;
+        };
+        let per_exit = l.kvm_exit_ticks as f64 / l.kvm_exits_served as f64;
+        let per_map = l.l2_map_ticks as f64 / l.l2_maps_checked.max(1) as f64;
+        let price = |instructions: f64| instructions * COST.cycles_per_instruction + pass;
+        let _ = writeln!(
+            out,
+            "| {} | {pass:.0} | {} | {per_exit:.0} | {:.0} | {} | {per_map:.0} | {:.0} |",
+            r.scenario,
+            l.kvm_exits_served,
+            price(per_exit),
+            l.l2_maps_checked,
+            price(per_map),
+        );
+        priced.push((
+            l.monitor_vm_exits > 0,
+            pass,
+            price(per_exit),
+            price(per_map),
+        ));
+    }
+    let inbox = priced.iter().find(|r| !r.0);
+    let outbox = priced.iter().find(|r| r.0);
+    if let (Some(i), Some(o)) = (inbox, outbox) {
+        let _ = writeln!(
+            out,
+            "out-of-box / in-box: null invocation {:.1}x, real invocation {:.1}x, mapping check {:.1}x",
+            o.1 / i.1,
+            o.2 / i.2,
+            o.3 / i.3
+        );
+    }
+    let _ = writeln!(
+        out,
+        "modeled: the monitor's instructions at {} cycle each (an assumption), the pass at {} cycles per VMFUNC, {} per CR3 load, {} per exit round trip; the trampoline's and the gate's own instructions not counted (a few dozen, both modes); {NOT_MODELED}",
+        COST.cycles_per_instruction, COST.vmfunc, COST.cr3_load, COST.exit_round_trip
+    );
+    out
+}
+
+#[cfg(test)]
+mod monitor_table_tests {
+    use super::*;
+
+    #[test]
+    fn the_monitor_table_sets_the_pass_beside_the_monitor_s_own_count() {
+        let line = |outbox: bool| ihmi_wire::NestedLine {
+            l2_exits: 10,
+            reflected: 10,
+            round_trips: 10,
+            round_trip_exits: 20,
+            round_trip_max: 2,
+            vmread_vmwrite: 0,
+            other: 0,
+            cpuid_round_trips: 0,
+            cpuid_round_trip_exits: 0,
+            cpuid_round_trip_max: 0,
+            shadowing: true,
+            monitor_invocations: 20,
+            kvm_exits_served: 10,
+            monitor_vm_exits: if outbox { 20 } else { 0 },
+            kvm_exit_ticks: 30_000,
+            l2_maps_checked: 4,
+            l2_map_ticks: 4_000,
+            gate_vmfuncs: if outbox { 0 } else { 2 },
+            gate_cr3_loads: if outbox { 0 } else { 2 },
+        };
+        let row = |name: &str, outbox| NestedRow {
+            scenario: name.into(),
+            line: line(outbox),
+            wall: Duration::ZERO,
+        };
+        let t = nested_monitor_table(&[row("ihmi-kvm", false), row("ihmi-kvm-outbox", true)]);
+        // In the box: 2 * 134 + 2 * 186 = 640 a pass; 3,000 instructions an exit check, 1,000 a
+        // mapping check. Out of it: two exit round trips, 2,600.
+        assert!(
+            t.contains("| ihmi-kvm | 640 | 10 | 3000 | 3640 | 4 | 1000 | 1640 |"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| ihmi-kvm-outbox | 2600 | 10 | 3000 | 5600 | 4 | 1000 | 3600 |"),
+            "{t}"
+        );
+        assert!(
+            t.contains("null invocation 4.1x, real invocation 1.5x, mapping check 2.2x"),
+            "{t}"
+        );
+        // A run without the monitor has no row.
+        let mut none = row("nested-kvm-shadow", false);
+        none.line.kvm_exits_served = 0;
+        assert!(!nested_monitor_table(&[none]).contains("nested-kvm-shadow"));
+    }
+}

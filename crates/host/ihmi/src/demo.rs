@@ -54,7 +54,11 @@ pub struct Summary {
     /// broken (property, index, address, expected, found).
     pub kvm_exits: u64,
     pub kvm_exit_reasons: BTreeMap<u64, u64>,
-    pub integrity: Vec<(String, u64, u64, u64, u64)>,
+    pub integrity: Vec<(String, u64, u64, u64, u64, Option<String>)>,
+    /// Mappings KVM made for its guest that the monitor checked, and those onto a frame that is not
+    /// the VM's own memory.
+    pub l2_maps: u64,
+    pub l2_maps_wrong: u64,
     /// Events the ring dropped (L0's count), if the run said.
     pub dropped: Option<u64>,
 }
@@ -126,10 +130,15 @@ impl Summary {
                     address,
                     expected,
                     found,
+                    what,
                     ..
                 } => s
                     .integrity
-                    .push((property, index, address, expected, found)),
+                    .push((property, index, address, expected, found, what)),
+                EventLine::L2Map { memory, .. } => {
+                    s.l2_maps += 1;
+                    s.l2_maps_wrong += u64::from(memory != "vm");
+                }
                 EventLine::ProcessCreate { .. } | EventLine::Invalid { .. } => {}
             }
         }
@@ -213,11 +222,22 @@ impl Summary {
                 self.kvm_exits,
                 reasons.join(", ")
             );
-            for (property, index, address, expected, found) in &self.integrity {
-                let _ = writeln!(
-                    out,
-                    "  INTEGRITY: {property}[{index}] at {address:#x} is {found:#x}, must be {expected:#x} (the kernel image's)"
-                );
+            let _ = writeln!(
+                out,
+                "  mappings KVM made for its guest, checked by the monitor: {} ({} onto memory not the VM's own)",
+                self.l2_maps, self.l2_maps_wrong
+            );
+            for (property, index, address, expected, found, what) in &self.integrity {
+                let _ = match what {
+                    Some(what) => writeln!(
+                        out,
+                        "  INTEGRITY: {property}: KVM maps its guest's {address:#x} onto {found:#x} ({what})"
+                    ),
+                    None => writeln!(
+                        out,
+                        "  INTEGRITY: {property}[{index}] at {address:#x} is {found:#x}, must be {expected:#x} (the kernel image's)"
+                    ),
+                };
             }
         }
         let _ = writeln!(

@@ -589,6 +589,8 @@ pub fn guest_profile(system_map: &Path, vmlinux: &Path, config: &str) -> Result<
         kernel_end: map.require("_end")?,
         text: [map.require("_stext")?, map.require("_etext")?],
         rodata: [map.require("__start_rodata")?, map.require("__end_rodata")?],
+        data: [map.require("_sdata")?, map.require("__init_begin")?],
+        bss: [map.require("__bss_start")?, map.require("__bss_stop")?],
         idt_table: map.require("idt_table")?,
         pid: field("pid")?,
         tgid: field("tgid")?,
@@ -686,6 +688,11 @@ fn kvm_profile(
         exit_handlers: at,
         exit_handler_count: count,
         exit_handler_values: values,
+        make_spte: map.require("make_spte")?,
+        slot_base_gfn: member("kvm_memory_slot", "base_gfn")?,
+        slot_npages: member("kvm_memory_slot", "npages")?,
+        slot_userspace_addr: member("kvm_memory_slot", "userspace_addr")?,
+        mmu_page_role: member("kvm_mmu_page", "role")?,
     })
 }
 

@@ -108,6 +108,9 @@ pub fn kernel_args(name: &str) -> &'static str {
             IhmiAttack::Vmcs12Region => {
                 "ihmi.nested=kvm ihmi.attack=kvm-vmcs12-region kvm_intel.ept=0 kvm_intel.nested=0"
             }
+            IhmiAttack::L2Map => {
+                "ihmi.nested=kvm ihmi.attack=kvm-l2-map kvm_intel.ept=0 kvm_intel.nested=0"
+            }
         },
         // The same KVM, after /init's workload under the in-box monitors.
         Some(ihmi_abi::Scenario::NestedKvmSim) => {
@@ -340,7 +343,8 @@ mod tests {
                 "ihmi-kvm-outbox",
                 "ihmi-attack-exit-handler",
                 "ihmi-attack-kvm-text",
-                "ihmi-attack-vmcs12-region"
+                "ihmi-attack-vmcs12-region",
+                "ihmi-attack-l2-map"
             ]
         );
         // Each IHMI attack tells the attacker which attack, by the word it looks for.

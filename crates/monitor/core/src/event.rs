@@ -37,8 +37,54 @@ pub enum EventKind {
     KvmExit = 6,
     /// A property of the watched hypervisor that must hold does not: `detail` is the
     /// [`IntegrityProperty`], `nr` the index of what broke it (a table entry), `args` = (its address,
-    /// the value it must have, the value found, 0).
+    /// the value it must have, the value found, 0); for [`IntegrityProperty::L2Memory`], `nr` is
+    /// the guest frame and `args` = (the guest-physical address, the VMM's address of the guest's own
+    /// memory there or 0, the frame found, the [`L2Memory`] class).
     Integrity = 7,
+    /// Linux with KVM: KVM is about to map a page of its guest: `pid` and `comm` are the thread it
+    /// runs in, `nr` the guest frame, `detail` the frame's [`L2Memory`] class, `args` = (the
+    /// `kvm_vcpu`, the host frame, the VMM's address of the guest page, the mapping's level: 1 for
+    /// 4 KiB, 2 for 2 MiB, 3 for 1 GiB).
+    L2Map = 8,
+}
+
+/// What the frame of a mapping KVM makes for its guest is (P4: only the VM's own memory is right).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum L2Memory {
+    /// Guest RAM of the watched kernel outside its image, inside the memslot: the VM's own memory.
+    Ok = 0,
+    /// The frame (or a frame of a large mapping) is in the watched kernel's image.
+    KernelImage = 1,
+    /// A frame is not RAM the watched kernel has: a monitor or L0 frame, or memory it never had.
+    NotRam = 2,
+    /// The guest frame is outside the memslot KVM says it belongs to.
+    OutsideSlot = 3,
+}
+
+impl L2Memory {
+    /// Decodes a stored class.
+    #[must_use]
+    pub const fn from_raw(raw: u64) -> Option<Self> {
+        Some(match raw {
+            0 => Self::Ok,
+            1 => Self::KernelImage,
+            2 => Self::NotRam,
+            3 => Self::OutsideSlot,
+            _ => return None,
+        })
+    }
+
+    /// The name in JSON.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Ok => "vm",
+            Self::KernelImage => "kernel-image",
+            Self::NotRam => "not-ram",
+            Self::OutsideSlot => "outside-slot",
+        }
+    }
 }
 
 /// What an `integrity` event found broken (NESTED.md B.1.3).
@@ -47,6 +93,8 @@ pub enum EventKind {
 pub enum IntegrityProperty {
     /// P2: an entry of KVM's exit-handler table (`kvm_vmx_exit_handlers`) is not the image's value.
     KvmExitHandlers = 1,
+    /// P4: KVM is mapping a page of its guest onto a frame that is not the VM's own memory.
+    L2Memory = 2,
 }
 
 impl IntegrityProperty {
@@ -55,6 +103,7 @@ impl IntegrityProperty {
     pub const fn from_raw(raw: u16) -> Option<Self> {
         match raw {
             1 => Some(Self::KvmExitHandlers),
+            2 => Some(Self::L2Memory),
             _ => None,
         }
     }
@@ -64,6 +113,7 @@ impl IntegrityProperty {
     pub const fn name(self) -> &'static str {
         match self {
             Self::KvmExitHandlers => "kvm_exit_handlers",
+            Self::L2Memory => "l2_memory",
         }
     }
 }
@@ -80,6 +130,7 @@ impl EventKind {
             5 => Self::IoUring,
             6 => Self::KvmExit,
             7 => Self::Integrity,
+            8 => Self::L2Map,
             _ => return None,
         })
     }
@@ -95,6 +146,7 @@ impl EventKind {
             Self::IoUring => "io_uring",
             Self::KvmExit => "kvm_exit",
             Self::Integrity => "integrity",
+            Self::L2Map => "l2_map",
         }
     }
 }
@@ -352,6 +404,28 @@ impl Event {
                 address: self.args[0],
                 expected: self.args[1],
                 found: self.args[2],
+                what: match IntegrityProperty::from_raw(self.detail) {
+                    Some(IntegrityProperty::L2Memory) => Some(Text::Str(
+                        L2Memory::from_raw(self.args[3]).map_or("unknown", L2Memory::name),
+                    )),
+                    _ => None,
+                },
+            },
+            EventKind::L2Map => EventLine::L2Map {
+                seq,
+                tsc,
+                mode,
+                pid: self.pid,
+                comm,
+                vcpu: self.args[0],
+                gfn: self.nr,
+                pfn: self.args[1],
+                hva: self.args[2],
+                level: self.args[3],
+                memory: Text::Str(
+                    L2Memory::from_raw(u64::from(self.detail)).map_or("unknown", L2Memory::name),
+                ),
+                verdict,
             },
             EventKind::Rejected => EventLine::Rejected {
                 seq,

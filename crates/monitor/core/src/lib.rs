@@ -15,10 +15,10 @@ use ihmi_abi::monitor::{
 use ihmi_addr::Gva;
 use ihmi_paging::{Cr3, GuestPhysRead};
 
-pub use event::{Event, EventKind, EventRing, IntegrityProperty, RejectReason};
+pub use event::{Event, EventKind, EventRing, IntegrityProperty, L2Memory, RejectReason};
 pub use identity::{DigestCache, FileLayout, IdentityError};
 pub use introspect::{IntrospectError, Introspector, TranslationCache};
-pub use os::{IoUringHook, KvmHook, OsProfile, ProcessInfo};
+pub use os::{IoUringHook, KvmHook, KvmMapHook, OsProfile, ProcessInfo};
 pub use policy::Policy;
 
 /// What the caller of the entry point knows that the guest cannot forge: the guest's CR3 at the call
@@ -180,6 +180,7 @@ impl Monitor {
             Some(RequestCode::Exec) => st.on_exec(&intro, args, ctx).map(Some),
             Some(RequestCode::IoUring) => st.on_io_uring(&intro, args, ctx).map(Some),
             Some(RequestCode::KvmExit) => st.on_kvm_exit(&intro, args, ctx, ring).map(Some),
+            Some(RequestCode::L2Map) => st.on_l2_map(&intro, args, ctx, ring).map(Some),
         };
         match outcome {
             Ok(None) => Verdict::Allow,
@@ -215,7 +216,7 @@ const fn linux_entry_makes(entry: Entry, r: RequestCode) -> bool {
         ),
         Entry::CallGate => matches!(
             r,
-            RequestCode::Exec | RequestCode::IoUring | RequestCode::KvmExit
+            RequestCode::Exec | RequestCode::IoUring | RequestCode::KvmExit | RequestCode::L2Map
         ),
         Entry::Unverified => false,
     }
@@ -242,6 +243,18 @@ const KERNEL_HALF: u64 = 0xffff_8000_0000_0000;
 const HOOK_FRAME_RETURN: u64 = 8;
 const HOOK_FRAME_ARG: u64 = 16 + 4 * 8;
 const HOOK_FRAME_SITE_RETURN: u64 = 16 + 9 * 8;
+/// The trampoline's saved R9, R8, RSI and RDX in the same frame.
+const HOOK_FRAME_R9: u64 = 16 + 2 * 8;
+const HOOK_FRAME_R8: u64 = 16 + 3 * 8;
+const HOOK_FRAME_RSI: u64 = 16 + 5 * 8;
+const HOOK_FRAME_RDX: u64 = 16 + 6 * 8;
+
+/// The deepest level a shadow page of KVM's has (5-level paging) and the frames a leaf of level
+/// `level` maps.
+const MAX_MMU_LEVEL: u64 = 5;
+const fn frames_at_level(level: u64) -> u64 {
+    1 << (9 * (level - 1))
+}
 
 impl State {
     fn current<M: GuestPhysRead>(
@@ -465,6 +478,114 @@ impl State {
         })
     }
 
+    /// args = (GVA of the `kvm_vcpu`, GVA of the `kvm_memory_slot`, guest frame, host frame), from the
+    /// hook in KVM's `make_spte`, with its frame on the calling stack as for exec requests (the
+    /// trampoline's saved RDX, R8 and R9 must be the arguments, its saved RSI is the shadow page): KVM
+    /// is about to map a page of its guest. The monitor holds the mapping to P4 of NESTED.md B.1.3:
+    /// the guest frame is inside the memslot, and every frame the mapping reaches (512 for a 2 MiB
+    /// one) is RAM of the watched kernel outside its image. The event names the mapping and its
+    /// class; a mapping that breaks P4 is also an `integrity` event, pushed before it. KVM goes on
+    /// either way (`make_spte` has no way to fail; L0 refuses what its own view does not allow, at
+    /// L2's first access).
+    fn on_l2_map<M: GuestPhysRead>(
+        &mut self,
+        intro: &Introspector<'_, M>,
+        args: [u64; 4],
+        ctx: &CallContext,
+        ring: &mut EventRing,
+    ) -> Result<Event, RejectReason> {
+        let hook = self
+            .os
+            .kvm
+            .and_then(|k| k.map)
+            .ok_or(RejectReason::UnknownRequest)?;
+        let [vcpu, slot, gfn, pfn] = args;
+        self.check_hook_frame(intro, vcpu, ctx.caller_rsp, hook.returns)?;
+        let frame = |offset: u64| -> Result<u64, RejectReason> {
+            let at = ctx
+                .caller_rsp
+                .checked_add(offset)
+                .ok_or(RejectReason::NotFromHook)?;
+            intro
+                .read_u64(Gva::new(at))
+                .map_err(|_| RejectReason::NotFromHook)
+        };
+        if frame(HOOK_FRAME_RDX)? != slot
+            || frame(HOOK_FRAME_R8)? != gfn
+            || frame(HOOK_FRAME_R9)? != pfn
+        {
+            return Err(RejectReason::NotFromHook);
+        }
+        let sp = frame(HOOK_FRAME_RSI)?;
+        let kernel_pointer =
+            |p: u64| Gva::new(p).is_canonical() && p >= KERNEL_HALF && p.is_multiple_of(8);
+        if !kernel_pointer(vcpu) || !kernel_pointer(slot) || !kernel_pointer(sp) {
+            return Err(RejectReason::BadArgument);
+        }
+        let read = |base: u64, offset: u64| -> Result<u64, RejectReason> {
+            let at = base.checked_add(offset).ok_or(RejectReason::BadArgument)?;
+            intro
+                .read_u64(Gva::new(at))
+                .map_err(|_| RejectReason::GuestMemory)
+        };
+        let base_gfn = read(slot, hook.slot_base_gfn)?;
+        let npages = read(slot, hook.slot_npages)?;
+        let userspace = read(slot, hook.slot_userspace_addr)?;
+        let role_at = sp.checked_add(hook.role).ok_or(RejectReason::BadArgument)?;
+        let level = u64::from(
+            intro
+                .read_u32(Gva::new(role_at))
+                .map_err(|_| RejectReason::GuestMemory)?
+                & 0xf,
+        );
+        if !(1..=MAX_MMU_LEVEL).contains(&level) {
+            return Err(RejectReason::BadArgument);
+        }
+        let who = self.current(intro)?.ok_or(RejectReason::NoCurrentProcess)?;
+        let span = frames_at_level(level);
+        let in_slot = gfn >= base_gfn && gfn - base_gfn < npages;
+        let hva = if in_slot {
+            userspace.wrapping_add((gfn - base_gfn) << 12)
+        } else {
+            0
+        };
+        let end = pfn.checked_add(span).ok_or(RejectReason::BadArgument)?;
+        let in_image = hook
+            .image
+            .iter()
+            .any(|&[start, stop]| pfn < stop.div_ceil(4096) && start >> 12 < end);
+        let class = if !in_slot {
+            L2Memory::OutsideSlot
+        } else if in_image {
+            L2Memory::KernelImage
+        } else if !frames_are_ram(intro, pfn, span) {
+            L2Memory::NotRam
+        } else {
+            L2Memory::Ok
+        };
+        if class != L2Memory::Ok {
+            ring.push(Event {
+                tsc: ctx.tsc,
+                kind: EventKind::Integrity as u16,
+                detail: IntegrityProperty::L2Memory as u16,
+                verdict: Verdict::Allow as i32,
+                nr: gfn,
+                args: [gfn << 12, hva, pfn << 12, class as u64],
+                ..Event::EMPTY
+            });
+        }
+        Ok(Event {
+            kind: EventKind::L2Map as u16,
+            detail: class as u16,
+            verdict: Verdict::Allow as i32,
+            pid: who.pid,
+            comm: who.comm,
+            nr: gfn,
+            args: [vcpu, pfn, hva, level],
+            ..Event::EMPTY
+        })
+    }
+
     /// The calling kernel stack must hold the frame a real hooked call leaves (see
     /// `IHMI_HOOK_TRAMPOLINE` in the monitor image): the return into the trampoline above the gate's
     /// saved RFLAGS, the trampoline's nine saved registers with RDI the argument it passed (the
@@ -532,6 +653,29 @@ impl State {
             comm: new.comm,
             ..Event::EMPTY
         })
+    }
+}
+
+/// Whether the `frames` frames from `pfn` on are all RAM of the watched kernel, as the monitor's reader
+/// has it (guest RAM only: a monitor or L0 frame, or an address the kernel never had, fails): one
+/// byte read at each frame's start, a 2 MiB step at a time for a large mapping (the regions L0 takes
+/// out of guest RAM are 2 MiB-aligned), and its last frame.
+fn frames_are_ram<M: GuestPhysRead>(intro: &Introspector<'_, M>, pfn: u64, frames: u64) -> bool {
+    const STEP: u64 = 512;
+    let mut byte = [0u8; 1];
+    let last = pfn + frames - 1;
+    let mut at = pfn;
+    loop {
+        if intro
+            .read_gpa(ihmi_addr::Gpa::new(at << 12), &mut byte)
+            .is_err()
+        {
+            return false;
+        }
+        if at == last {
+            return true;
+        }
+        at = (at + STEP).min(last);
     }
 }
 

@@ -74,6 +74,24 @@ pub struct KvmHook {
     pub handlers: u64,
     pub handler_count: usize,
     pub expected: [u64; KVM_EXIT_HANDLERS_MAX],
+    /// The hook in `make_spte` and what it checks, if L0 put it in.
+    pub map: Option<KvmMapHook>,
+}
+
+/// What the in-hypervisor monitor needs for the hook in KVM's `make_spte` (L2 memory isolation,
+/// NESTED.md B.1.3 P4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvmMapHook {
+    /// The two returns a real request has on its stack, as for exec requests.
+    pub returns: [u64; 2],
+    /// Offsets of `kvm_memory_slot.base_gfn`, `.npages`, `.userspace_addr` and `kvm_mmu_page.role`.
+    pub slot_base_gfn: u64,
+    pub slot_npages: u64,
+    pub slot_userspace_addr: u64,
+    pub role: u64,
+    /// What the watched kernel keeps of its image (text, read-only data, data, zero-initialised
+    /// data), guest-physical `[start, end)` each.
+    pub image: [[u64; 2]; ihmi_abi::monitor::KERNEL_IMAGE_RANGES],
 }
 
 impl KvmHook {

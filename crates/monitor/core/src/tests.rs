@@ -1104,6 +1104,7 @@ fn kvm_exits_are_named_from_the_vcpu_and_the_exit_handler_table_is_held_to_the_i
         handlers: TABLE,
         handler_count: 3,
         expected,
+        map: None,
     };
     let mut m = Monitor::new(linux.with_kvm(hook), Policy::allow_all());
     assert_eq!(m.handle(code, args, &ctx, &g, &mut ring), Verdict::Allow);
@@ -1182,6 +1183,145 @@ fn kvm_exits_are_named_from_the_vcpu_and_the_exit_handler_table_is_held_to_the_i
     assert_eq!(
         RejectReason::from_raw(events(&mut ring)[0].detail),
         Some(RejectReason::WrongEntry)
+    );
+}
+
+/// KVM's mapping hook (`make_spte`): every mapping is an event with its guest frame, host frame, the
+/// VMM's address of the page and the level read from the shadow page; a frame in the kernel's image,
+/// one that is not RAM (here: not in the test guest's memory), a large mapping that reaches into the
+/// image, and a guest frame outside its memslot are each an `l2_memory` integrity event first. The
+/// registers the trampoline saved must be the arguments.
+#[test]
+fn kvm_mappings_are_held_to_the_vm_s_own_memory() {
+    let (mut g, cr3, _) = setup();
+    const VCPU: u64 = KERNEL + 0x1800;
+    const SLOT: u64 = KERNEL + 0x1900;
+    const SP: u64 = KERNEL + 0x1a00;
+    const STACK: u64 = KERNEL + 0x3000;
+    const HOOK_RETURN: u64 = 0xffff_ffff_8200_0313;
+    const SITE_RETURN: u64 = 0xffff_ffff_8104_2b65;
+    const BASE_GFN: u64 = 0x100;
+    const USERSPACE: u64 = 0x7f00_0000_0000;
+    g.write(SLOT + 0x60, &BASE_GFN.to_le_bytes());
+    g.write(SLOT + 0x68, &0x200u64.to_le_bytes());
+    g.write(SLOT + 0x98, &USERSPACE.to_le_bytes());
+    let (linux, ctx) = hooked_call(
+        &mut g,
+        cr3,
+        77,
+        b"ihmi-l1-vmm",
+        VCPU,
+        [HOOK_RETURN, SITE_RETURN],
+    );
+    let code = RequestCode::L2Map as u64;
+    let ram = DATA_GPA >> 12;
+    let image_frame = ram + 1;
+    // The trampoline's saved R9, R8, RSI, RDX (the rest of its frame is `hooked_call`'s).
+    let frame_of = |g: &mut Guest, gfn: u64, pfn: u64, slot: u64| {
+        for (i, w) in [(4, pfn), (5, gfn), (7, SP), (8, slot)] {
+            g.write(STACK + 8 * i, &w.to_le_bytes());
+        }
+        [VCPU, slot, gfn, pfn]
+    };
+    let exit_only = KvmHook {
+        returns: [0xffff_ffff_8200_02c3, 0xffff_ffff_8106_ca56],
+        exit_reason: 0x1a0,
+        handlers: KERNEL + 0x1ff0,
+        handler_count: 0,
+        expected: [0; ihmi_abi::monitor::KVM_EXIT_HANDLERS_MAX],
+        map: None,
+    };
+    let args = frame_of(&mut g, 0x180, ram, SLOT);
+    refused_without_the_hook(linux.with_kvm(exit_only), code, args, &ctx, &g);
+    let hook = KvmHook {
+        map: Some(KvmMapHook {
+            returns: [HOOK_RETURN, SITE_RETURN],
+            slot_base_gfn: 0x60,
+            slot_npages: 0x68,
+            slot_userspace_addr: 0x98,
+            role: 0x2c,
+            image: [
+                [image_frame << 12, (image_frame << 12) + 0x800],
+                [0; 2],
+                [0; 2],
+                [0; 2],
+            ],
+        }),
+        ..exit_only
+    };
+    let mut m = Monitor::new(linux.with_kvm(hook), Policy::allow_all());
+    let mut ring = EventRing::new();
+    for (gfn, pfn, level, class) in [
+        (0x180, ram, 1, L2Memory::Ok),
+        (0x181, image_frame, 1, L2Memory::KernelImage),
+        (0x182, 0x9_0000, 1, L2Memory::NotRam),
+        (0x50, ram, 1, L2Memory::OutsideSlot),
+        (0x200, ram & !0x1ff, 2, L2Memory::KernelImage),
+    ] {
+        g.write(SP + 0x2c, &(0x100u32 | level as u32).to_le_bytes());
+        let args = frame_of(&mut g, gfn, pfn, SLOT);
+        assert_eq!(m.handle(code, args, &ctx, &g, &mut ring), Verdict::Allow);
+        let e = events(&mut ring);
+        let in_slot = gfn >= BASE_GFN;
+        let hva = if in_slot {
+            USERSPACE + ((gfn - BASE_GFN) << 12)
+        } else {
+            0
+        };
+        let map = e.last().unwrap();
+        assert_eq!(
+            (map.kind(), map.detail, map.nr, map.pid, map.args),
+            (
+                Some(EventKind::L2Map),
+                class as u16,
+                gfn,
+                77,
+                [VCPU, pfn, hva, level]
+            ),
+            "{gfn:#x}"
+        );
+        if class == L2Memory::Ok {
+            assert_eq!(e.len(), 1);
+            let json = std::format!("{}", map.json("inbox", m.os()));
+            assert!(
+                json.contains(r#""event":"l2_map","#)
+                    && json.contains(r#""memory":"vm","verdict":"allow""#),
+                "{json}"
+            );
+        } else {
+            assert_eq!(e.len(), 2, "{gfn:#x}");
+            assert_eq!(
+                (e[0].kind(), e[0].detail, e[0].nr, e[0].args),
+                (
+                    Some(EventKind::Integrity),
+                    IntegrityProperty::L2Memory as u16,
+                    gfn,
+                    [gfn << 12, hva, pfn << 12, class as u64]
+                )
+            );
+            let json = std::format!("{}", e[0].json("inbox", m.os()));
+            assert!(
+                json.contains(r#""property":"l2_memory","#)
+                    && json.contains(&std::format!(r#""what":"{}""#, class.name())),
+                "{json}"
+            );
+        }
+    }
+    // A saved register that is not the argument (R8, the guest frame): not the hook's call.
+    let mut args = frame_of(&mut g, 0x180, ram, SLOT);
+    args[2] += 1;
+    assert_eq!(m.handle(code, args, &ctx, &g, &mut ring), Verdict::Rejected);
+    assert_eq!(
+        RejectReason::from_raw(events(&mut ring)[0].detail),
+        Some(RejectReason::NotFromHook)
+    );
+    // A level no shadow page has: refused, not guessed.
+    g.write(SP + 0x2c, &0u32.to_le_bytes());
+    let args = frame_of(&mut g, 0x180, ram, SLOT);
+    assert_eq!(m.handle(code, args, &ctx, &g, &mut ring), Verdict::Rejected);
+    assert_eq!(
+        RejectReason::from_raw(events(&mut ring)[0].detail),
+        Some(RejectReason::BadArgument)
     );
 }
 

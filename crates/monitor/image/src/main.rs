@@ -8,7 +8,8 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use ihmi_abi::monitor::{Entry, MonitorConfig, Verdict, CONFIG_MAGIC};
 use ihmi_addr::{Gpa, Gva};
 use ihmi_monitor::{
-    CallContext, EventRing, FileLayout, IoUringHook, KvmHook, Monitor, OsProfile, Policy,
+    CallContext, EventRing, FileLayout, IoUringHook, KvmHook, KvmMapHook, Monitor, OsProfile,
+    Policy,
 };
 use ihmi_paging::{Cr3, GuestPhysRead, PhysReadError};
 
@@ -65,6 +66,13 @@ static IHMI_MONITOR_CONFIG: Cell<MonitorConfig> = Cell(UnsafeCell::new(MonitorCo
         exit_handlers: 0,
         exit_handler_count: 0,
         exit_handler_values: [0; ihmi_abi::monitor::KVM_EXIT_HANDLERS_MAX],
+        map_hook_return: 0,
+        map_site_return: 0,
+        slot_base_gfn_offset: 0,
+        slot_npages_offset: 0,
+        slot_userspace_addr_offset: 0,
+        mmu_page_role_offset: 0,
+        image: [[0; 2]; ihmi_abi::monitor::KERNEL_IMAGE_RANGES],
     },
 }));
 
@@ -76,6 +84,14 @@ static IHMI_INVOCATIONS: AtomicU64 = AtomicU64::new(0);
 /// holds against the exits it reflected to KVM: a hook that stops firing shows here (liveness, P7).
 #[no_mangle]
 static IHMI_KVM_EXITS: AtomicU64 = AtomicU64::new(0);
+
+/// The in-hypervisor hooks' costs, for `ihmi bench --nested` (L0 reads them while the monitor is
+/// stopped): the TSC ticks spent in the monitor's handling of the KVM exits it served, the mappings
+/// it checked (requests from the hook in `make_spte` it allowed), and the ticks spent on those. From
+/// the checkpoint's start to the event in the ring: the gate's own path is not in them (its VMFUNCs
+/// and CR3 loads are counted apart), nor the out-of-box VMCALLs.
+#[no_mangle]
+static IHMI_HOOK_COUNTS: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
 
 /// Drained by L0.
 #[no_mangle]
@@ -180,6 +196,14 @@ fn monitor(config: &MonitorConfig) -> &'static mut Monitor {
                     handler_count: (k.exit_handler_count as usize)
                         .min(ihmi_abi::monitor::KVM_EXIT_HANDLERS_MAX),
                     expected: k.exit_handler_values,
+                    map: (k.map_hook_return != 0).then_some(KvmMapHook {
+                        returns: [k.map_hook_return, k.map_site_return],
+                        slot_base_gfn: k.slot_base_gfn_offset,
+                        slot_npages: k.slot_npages_offset,
+                        slot_userspace_addr: k.slot_userspace_addr_offset,
+                        role: k.mmu_page_role_offset,
+                        image: k.image,
+                    }),
                 })
             } else {
                 linux
@@ -234,8 +258,15 @@ extern "C" fn ihmi_monitor_entry(code: u64, a0: u64, a1: u64, a2: u64, a3: u64) 
         caller_rsp,
     };
     let verdict = monitor(config).handle(code, [a0, a1, a2, a3], &ctx, &DirectMap { config }, ring);
-    if code == ihmi_abi::monitor::RequestCode::KvmExit as u64 && verdict == Verdict::Allow {
-        IHMI_KVM_EXITS.fetch_add(1, Ordering::Relaxed);
+    if verdict == Verdict::Allow {
+        let ticks = ihmi_rt::cpu::rdtsc().wrapping_sub(ctx.tsc);
+        if code == ihmi_abi::monitor::RequestCode::KvmExit as u64 {
+            IHMI_KVM_EXITS.fetch_add(1, Ordering::Relaxed);
+            IHMI_HOOK_COUNTS[0].fetch_add(ticks, Ordering::Relaxed);
+        } else if code == ihmi_abi::monitor::RequestCode::L2Map as u64 {
+            IHMI_HOOK_COUNTS[1].fetch_add(1, Ordering::Relaxed);
+            IHMI_HOOK_COUNTS[2].fetch_add(ticks, Ordering::Relaxed);
+        }
     }
     if ring.wants_drain() {
         ask_l0_to_drain();
@@ -508,17 +539,20 @@ ihmi_gate_kernel_int80:
 
 // The Linux hooks' trampolines, in the gate page, which L0 also maps in a free 2 MiB slot of the
 // kernel's image mapping: the call L0 writes over the `__fentry__` NOP of the hooked function
-// (`begin_new_exec` for process creation, `io_issue_sqe` for io_uring, KVM's `vmx_handle_exit` for the
-// in-hypervisor monitor) lands here with the function's arguments live (RDI = the `linux_binprm`, the
-// `io_kiocb`, the `kvm_vcpu`) and the stack holding the return into the function, then the return to
-// its caller. Every register the function may read comes back as it was. The monitor is reached
+// (`begin_new_exec` for process creation, `io_issue_sqe` for io_uring, KVM's `vmx_handle_exit` and
+// `make_spte` for the in-hypervisor monitor) lands here with the function's arguments live (RDI = the
+// `linux_binprm`, the `io_kiocb`, the `kvm_vcpu`; for `make_spte` also RDX = the memslot, R8 = the guest
+// frame, R9 = the host frame, which it passes on too) and the stack holding the return into the
+// function, then the return to its caller. Every register the function may read comes back as it was. The monitor is reached
 // through the call gate at its own address (L0 patches it in): the trampoline's alias is not mapped in
 // the monitor's address space. Any verdict but allow refuses: the trampoline then returns -EPERM to
 // the function's caller (the binary loader, which fails the `execve` with it; io_uring, which completes
-// the operation with it; KVM, which ends KVM_RUN with it) without running it.
+// the operation with it; KVM, which ends KVM_RUN with it) without running it. `make_spte` always runs:
+// it has no failure its callers handle (they would use an SPTE it never wrote), so the monitor only
+// watches it.
 core::arch::global_asm!(
     r#"
-    .macro IHMI_HOOK_TRAMPOLINE name, request
+    .macro IHMI_HOOK_TRAMPOLINE name, request, args=one
     .section .gate, "ax"
     .global \name
 \name:
@@ -532,11 +566,16 @@ core::arch::global_asm!(
     push %r9
     push %r10
     push %r11
-    mov %rdi, %rsi                 /* ihmi_monitor_entry(request, RDI, 0, 0, 0) */
-    mov $\request, %edi
-    xor %edx, %edx
+    .ifc \args, map
+    mov %r8, %rcx                  /* ihmi_monitor_entry(request, RDI, RDX, R8, R9) */
+    mov %r9, %r8
+    .else
+    xor %edx, %edx                 /* ihmi_monitor_entry(request, RDI, 0, 0, 0) */
     xor %ecx, %ecx
     xor %r8d, %r8d
+    .endif
+    mov %rdi, %rsi
+    mov $\request, %edi
     .global \name\()_gate_imm
 \name\()_gate_imm:
     movabs $0, %rax                /* L0 patches the call gate's address here */
@@ -553,7 +592,9 @@ core::arch::global_asm!(
     pop %rdx
     pop %rcx
     pop %rax
+    .ifnc \args, map
     jnz 1f
+    .endif
     ret                            /* on into the hooked function */
 1:  add $8, %rsp                   /* drop the return into it: return from it instead */
     mov ${eperm}, %rax
@@ -563,10 +604,12 @@ core::arch::global_asm!(
     IHMI_HOOK_TRAMPOLINE ihmi_hook_exec, {exec_request}
     IHMI_HOOK_TRAMPOLINE ihmi_hook_io_uring, {io_uring_request}
     IHMI_HOOK_TRAMPOLINE ihmi_hook_kvm_exit, {kvm_exit_request}
+    IHMI_HOOK_TRAMPOLINE ihmi_hook_l2_map, {l2_map_request}, map
 "#,
     exec_request = const ihmi_abi::monitor::RequestCode::Exec as u64,
     io_uring_request = const ihmi_abi::monitor::RequestCode::IoUring as u64,
     kvm_exit_request = const ihmi_abi::monitor::RequestCode::KvmExit as u64,
+    l2_map_request = const ihmi_abi::monitor::RequestCode::L2Map as u64,
     eperm = const -1i64,
     options(att_syntax)
 );
@@ -575,8 +618,8 @@ core::arch::global_asm!(
 // monitor itself runs in a VM of its own). The system-call stub is IA32_LSTAR's target: its VMCALL, at
 // an address L0 knows, is a system call for the monitor VM, after which every register is as the
 // SYSCALL left it and the stub jumps on to the kernel's entry. The call stub is what the
-// process-creation trampoline calls instead of the call gate: the `Monitor` hypercall (RAX), with the
-// request code in RBX and its first argument in RCX; the verdict comes back in RAX.
+// hook trampolines call instead of the call gate: the `Monitor` hypercall (RAX), with the request code in
+// RBX and its four arguments in RCX, RDX, RSI and RDI; the verdict comes back in RAX.
 core::arch::global_asm!(
     r#"
     .section .gate, "ax"
@@ -609,11 +652,11 @@ ihmi_outbox_int80_vmcall:
 ihmi_outbox_call:
     endbr64
     push %rbx
-    mov %rdi, %rbx
+    mov %rdi, %rbx                 /* the request; its arguments on in RCX, RDX, RSI, RDI */
+    mov %rcx, %rax
     mov %rsi, %rcx
-    xor %edx, %edx
-    xor %esi, %esi
-    xor %edi, %edi
+    mov %rax, %rsi
+    mov %r8, %rdi
     mov ${monitor_call}, %eax
     .global ihmi_outbox_call_vmcall
 ihmi_outbox_call_vmcall:

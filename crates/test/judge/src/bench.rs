@@ -22,6 +22,15 @@ pub struct MonitorCounts {
     pub invocations: u64,
 }
 
+/// What the in-hypervisor monitor counted of its hooks (its `IHMI_HOOK_COUNTS`: ticks handling KVM
+/// exits, mappings checked, ticks on those), and the VMFUNCs and CR3 loads of one pass through its
+/// gate in the box (none out of the box).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HookCounts {
+    pub hook_counts: [u64; 3],
+    pub gate_switches: [u64; 2],
+}
+
 /// One finished window.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BenchResult {
@@ -263,6 +272,7 @@ pub fn nested_line(
     shadowing: bool,
     monitor: MonitorCounts,
     kvm_exits_served: u64,
+    hooks: HookCounts,
     out: &mut impl core::fmt::Write,
 ) {
     let line = ihmi_wire::NestedLine {
@@ -280,6 +290,11 @@ pub fn nested_line(
         monitor_invocations: monitor.invocations,
         kvm_exits_served,
         monitor_vm_exits: monitor.monitor_vm_exits,
+        kvm_exit_ticks: hooks.hook_counts[0],
+        l2_maps_checked: hooks.hook_counts[1],
+        l2_map_ticks: hooks.hook_counts[2],
+        gate_vmfuncs: hooks.gate_switches[0],
+        gate_cr3_loads: hooks.gate_switches[1],
     };
     let _ = writeln!(out, "nested| {}", ihmi_wire::Json(&line));
 }

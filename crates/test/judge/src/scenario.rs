@@ -101,6 +101,15 @@ pub struct KvmTrail {
     pub with_changed_handlers: u64,
     pub integrity: u64,
     pub first_integrity: Option<[u64; 4]>,
+    /// `l2_map` events (KVM making a mapping for its guest), those onto memory not the VM's own, and
+    /// which of the probe's 512 guest frames (its 2 MiB) they covered, a bit each.
+    pub maps: u64,
+    pub maps_wrong: u64,
+    pub probe_frames_mapped: [u64; 8],
+    /// `integrity` events of L2 memory isolation, and the first one's (guest frame, guest-physical
+    /// address, the VMM's address, the frame found, its class).
+    pub l2_memory: u64,
+    pub first_l2_memory: Option<[u64; 5]>,
 }
 
 impl KvmTrail {
@@ -138,6 +147,26 @@ impl KvmTrail {
                 if self.first_integrity.is_none() {
                     self.first_integrity =
                         Some([event.nr, event.args[0], event.args[1], event.args[2]]);
+                }
+            }
+            Some(EventKind::Integrity)
+                if event.detail == ihmi_monitor::IntegrityProperty::L2Memory as u16 =>
+            {
+                self.l2_memory += 1;
+                if self.first_l2_memory.is_none() {
+                    let [address, hva, found, class] = event.args;
+                    self.first_l2_memory = Some([event.nr, address, hva, found, class]);
+                }
+            }
+            Some(EventKind::L2Map) => {
+                self.maps += 1;
+                self.maps_wrong += u64::from(event.detail != ihmi_monitor::L2Memory::Ok as u16);
+                // A level-2 mapping covers 512 frames, a level-3 one 512 * 512.
+                let level = event.args[3].clamp(1, 3);
+                let span = 1u64 << (9 * (level - 1));
+                let first = event.nr.min(512);
+                for gfn in first..event.nr.saturating_add(span).min(512) {
+                    self.probe_frames_mapped[(gfn / 64) as usize] |= 1 << (gfn % 64);
                 }
             }
             _ => {}
@@ -300,8 +329,9 @@ pub struct ScenarioLog {
     /// value written).
     pub exit_handler_attack: Option<[u64; 3]>,
     /// `ihmi-attack-kvm-text`: where the attacker says it writes; `ihmi-attack-vmcs12-region`: how
-    /// many VMCS regions it says it overwrote.
+    /// many VMCS regions it says it overwrote; `ihmi-attack-l2-map`: where it says its guest writes.
     pub kvm_text_attack: Option<u64>,
+    pub l2_map_attack: Option<u64>,
     pub vmcs12_regions_overwritten: Option<u64>,
     /// `nested-kvm-sim`: the exec monitor let the L1 VMM start (allowed executions of it), and the
     /// system-call monitor saw its `ioctl`s (to KVM).
@@ -363,6 +393,14 @@ impl ScenarioLog {
                     .and_then(parse_hex)
                 {
                     self.kvm_text_attack = Some(at);
+                }
+                let aliased = ihmi_abi::attack::IHMI_L2_MAP_LINE.as_bytes();
+                if let Some(at) = line
+                    .strip_prefix(aliased)
+                    .and_then(|hex| hex.strip_prefix(b"0x"))
+                    .and_then(parse_hex)
+                {
+                    self.l2_map_attack = Some(at);
                 }
                 let regions = ihmi_abi::attack::IHMI_VMCS12_REGION_LINE.as_bytes();
                 if let Some(n) = line.strip_prefix(regions).and_then(parse_decimal) {
@@ -1062,6 +1100,7 @@ fn check(
         }
         // L1's copy of VMCS12 was overwritten while KVM's guest ran, to no effect: the run is
         // `ihmi-kvm`'s in every respect.
+        Scenario::IhmiAttack(IhmiAttack::L2Map) => check_ihmi_l2_map(log),
         Scenario::IhmiAttack(IhmiAttack::Vmcs12Region) => match log.vmcs12_regions_overwritten {
             Some(n) if n >= 1 => check_ihmi_kvm(log, None),
             _ => Err(FailReason::NestedRun(
@@ -1653,6 +1692,21 @@ fn check_ihmi_kvm(log: &ScenarioLog, attacked: Option<[u64; 4]>) -> Result<(), F
             ))
         }
     }
+    // Every page the probe wrote came to it through a mapping the monitor checked, each onto the
+    // VM's own memory.
+    let touched = ihmi_abi::NESTED_KVM_TOUCH_BASE >> 12
+        ..(ihmi_abi::NESTED_KVM_TOUCH_BASE >> 12) + ihmi_abi::NESTED_KVM_PAGES;
+    let mapped = |gfn: u64| t.probe_frames_mapped[(gfn / 64) as usize] & (1 << (gfn % 64)) != 0;
+    if t.maps == 0 || !touched.clone().all(mapped) {
+        return Err(FailReason::NestedRun(
+            "a page the probe wrote had no l2_map event (KVM's make_spte unwatched)",
+        ));
+    }
+    if t.maps_wrong != 0 || t.l2_memory != 0 {
+        return Err(FailReason::NestedRun(
+            "the monitor found a mapping of KVM's onto memory not the VM's own, with nobody attacking",
+        ));
+    }
     match attacked {
         None if t.integrity != 0 || t.with_changed_handlers != 0 => Err(FailReason::NestedRun(
             "the monitor found KVM's exit-handler table changed, with nobody attacking it",
@@ -1668,6 +1722,63 @@ fn check_ihmi_kvm(log: &ScenarioLog, attacked: Option<[u64; 4]>) -> Result<(), F
         )),
         Some(_) => Ok(()),
     }
+}
+
+/// `ihmi-attack-l2-map`: the compromised root's VMM gave its guest the page of `vmx_handle_exit`
+/// (a /dev/mem mapping as guest memory). The monitor reported KVM's mapping of it, as the kernel
+/// image's frame the attacker named, when KVM made it; the guest's write there (from L2) was stopped
+/// by L0's lock on L1's text, at the address the attacker named, with a locked-write alert; nothing
+/// the monitor was asked was refused and no event was lost.
+fn check_ihmi_l2_map(log: &ScenarioLog) -> Result<(), FailReason> {
+    use ihmi_abi::attack::IHMI_L2_MAP_GPA;
+    let Some(site) = log.l2_map_attack else {
+        return Err(FailReason::NestedRun(
+            "the attacker did not say which page it gives its guest (see the guest's console)",
+        ));
+    };
+    expect_nothing_rejected(log)?;
+    if log.monitor_dropped != 0 {
+        return Err(FailReason::MonitorDropped(log.monitor_dropped));
+    }
+    let t = &log.kvm_trail;
+    let reported = [
+        IHMI_L2_MAP_GPA >> 12,
+        IHMI_L2_MAP_GPA,
+        site & !0xfff,
+        ihmi_monitor::L2Memory::KernelImage as u64,
+    ];
+    match t.first_l2_memory {
+        Some([gfn, address, _hva, found, class]) if [gfn, address, found, class] == reported => {}
+        _ => {
+            return Err(FailReason::AttackNotReported(
+                "mapping L1's kernel text into KVM's guest (no l2_memory integrity event naming the page)",
+            ))
+        }
+    }
+    let end_gpa = match log.end {
+        Some(GuestEnd::EptViolation {
+            gpa,
+            region: Some(RegionKind::GuestRam),
+            qualification,
+            ..
+        }) if qualification.write() => gpa,
+        Some(got) => {
+            return Err(FailReason::WrongEnd {
+                expected: "an EPT violation writing locked guest RAM",
+                got,
+            })
+        }
+        None => return Err(FailReason::NotEnded),
+    };
+    let locked = log.alerts().iter().any(|a| {
+        matches!(a, Alert::LockedWrite { what: Locked::KernelText, gpa, .. } if *gpa == end_gpa)
+    });
+    if end_gpa.raw() != site || !locked {
+        return Err(FailReason::AttackNotBlocked(
+            "KVM's guest writing L1's kernel text through its memory (the write L0 stopped was another)",
+        ));
+    }
+    Ok(())
 }
 
 /// The end both KVM scenarios share: KVM's VMXOFF succeeded, and L0 raised no alert.

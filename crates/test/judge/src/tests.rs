@@ -1982,6 +1982,10 @@ fn ihmi_kvm_passes_only_with_one_matching_event_per_reflected_exit() {
         PartialCheck,
         Integrity,
         HostUnchecked,
+        /// A page the probe wrote without its `l2_map` event.
+        UnmappedPage,
+        /// A mapping onto memory not the VM's own.
+        WrongMemory,
         /// Not a fault: the `vmcs12-region` attacker's line, which that scenario needs.
         RegionLine,
     }
@@ -2032,6 +2036,26 @@ fn ihmi_kvm_passes_only_with_one_matching_event_per_reflected_exit() {
         if let Some((_, reported)) = attack {
             log.record_monitor_event(&integrity(reported));
         }
+        // KVM maps the pages the probe writes, each onto the VM's own memory.
+        let first = ihmi_abi::NESTED_KVM_TOUCH_BASE >> 12;
+        for gfn in first..first + ihmi_abi::NESTED_KVM_PAGES {
+            let last = gfn == first + ihmi_abi::NESTED_KVM_PAGES - 1;
+            if fault == Fault::UnmappedPage && last {
+                continue;
+            }
+            let class = if fault == Fault::WrongMemory && last {
+                ihmi_monitor::L2Memory::NotRam
+            } else {
+                ihmi_monitor::L2Memory::Ok
+            };
+            log.record_monitor_event(&Event {
+                kind: EventKind::L2Map as u16,
+                detail: class as u16,
+                nr: gfn,
+                args: [VCPU, 0x3000 + gfn, 0x7f00_0000_0000 + (gfn << 12), 1],
+                ..Event::EMPTY
+            });
+        }
         let n = ihmi_abi::NESTED_KVM_CPUIDS;
         for i in 0..n {
             log.record(&Observation::L2Exit {
@@ -2080,6 +2104,8 @@ fn ihmi_kvm_passes_only_with_one_matching_event_per_reflected_exit() {
         Fault::PartialCheck,
         Fault::Integrity,
         Fault::HostUnchecked,
+        Fault::UnmappedPage,
+        Fault::WrongMemory,
     ] {
         assert!(
             matches!(run(fault), Verdict::Fail(FailReason::NestedRun(_))),
@@ -2145,6 +2171,82 @@ fn ihmi_kvm_passes_only_with_one_matching_event_per_reflected_exit() {
             Fault::None,
             Some((&line, [index, AT, WAS, NEW]))
         ),
+        Verdict::Fail(FailReason::NestedRun(_))
+    ));
+}
+
+/// `ihmi-attack-l2-map`: the monitor must report KVM's mapping of the very page the attacker's VMM gave
+/// its guest, as the kernel image's, and L0 must stop the guest's write at the address announced.
+#[test]
+fn the_l2_map_attack_needs_the_mapping_reported_and_the_write_refused() {
+    use ihmi_abi::attack::{IhmiAttack, IHMI_L2_MAP_GPA, IHMI_L2_MAP_LINE};
+    use ihmi_hv::{Alert, Locked, Observation};
+    use ihmi_monitor::{Event, EventKind, IntegrityProperty, L2Memory};
+    use ihmi_vmcs::EptViolationQualification;
+    const SITE: u64 = 0x106_ec47;
+    let s = Scenario::IhmiAttack(IhmiAttack::L2Map);
+    let verdict = |announced: bool, found: u64, class: L2Memory, refused_at: u64| {
+        let mut h = hv(s);
+        let log = &mut h.judge.log;
+        let line = std::format!("{IHMI_L2_MAP_LINE}{SITE:#x}");
+        if announced {
+            log.record(&Observation::DebugLine {
+                line: line.as_bytes(),
+                exits: 0,
+            });
+        }
+        let gfn = IHMI_L2_MAP_GPA >> 12;
+        log.record_monitor_event(&Event {
+            kind: EventKind::Integrity as u16,
+            detail: IntegrityProperty::L2Memory as u16,
+            nr: gfn,
+            args: [IHMI_L2_MAP_GPA, 0x7f00_0000_0000, found, class as u64],
+            ..Event::EMPTY
+        });
+        log.record_monitor_event(&Event {
+            kind: EventKind::L2Map as u16,
+            detail: class as u16,
+            nr: gfn,
+            args: [0xffff_8880_0400_0000, found >> 12, 0x7f00_0000_0000, 1],
+            ..Event::EMPTY
+        });
+        log.record_alert(Alert::LockedWrite {
+            what: Locked::KernelText,
+            gpa: Gpa::new(refused_at),
+            rip: 0x1005,
+        });
+        log.end = Some(GuestEnd::EptViolation {
+            gpa: Gpa::new(refused_at),
+            gla: None,
+            rip: 0x1005,
+            qualification: EptViolationQualification::from_raw(0x2),
+            region: Some(RegionKind::GuestRam),
+            view: Some(ihmi_hv::guard::views::GUEST_VIEW),
+        });
+        judge(s, log, &h.hv.counters, Gpa::new(0), None)
+    };
+    let page = SITE & !0xfff;
+    assert_eq!(
+        verdict(true, page, L2Memory::KernelImage, SITE),
+        Verdict::Pass
+    );
+    // The monitor named another frame, or called it something else: not reported.
+    for (found, class) in [
+        (page + 0x1000, L2Memory::KernelImage),
+        (page, L2Memory::NotRam),
+    ] {
+        assert!(matches!(
+            verdict(true, found, class, SITE),
+            Verdict::Fail(FailReason::AttackNotReported(_))
+        ));
+    }
+    // Another write refused: not this attack stopped; no announcement: no attack made.
+    assert!(matches!(
+        verdict(true, page, L2Memory::KernelImage, SITE + 8),
+        Verdict::Fail(FailReason::AttackNotBlocked(_))
+    ));
+    assert!(matches!(
+        verdict(false, page, L2Memory::KernelImage, SITE),
         Verdict::Fail(FailReason::NestedRun(_))
     ));
 }

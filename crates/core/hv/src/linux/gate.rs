@@ -75,6 +75,8 @@ pub struct LinuxGate {
     /// The in-hypervisor monitor's hook on KVM's L2-exit path (`vmx_handle_exit`), through the same
     /// slot, if the kernel has KVM built in.
     pub kvm_exit_hook: Option<HookSite>,
+    /// Its hook on KVM's mapping path (`make_spte`), through the same slot, with the exit hook.
+    pub l2_map_hook: Option<HookSite>,
     /// What of the booted kernel never changes again, guest-physical: L0 write-protects it in the
     /// guest view when the gate opens.
     pub kernel: KernelImage,
@@ -153,6 +155,8 @@ pub struct LinuxGuard {
     armed_io_uring: Option<ArmedCall>,
     /// The KVM exit hook's call, once installed.
     armed_kvm_exit: Option<ArmedCall>,
+    /// The KVM mapping hook's call, once installed.
+    armed_l2_map: Option<ArmedCall>,
     /// What L0 write-protected when the gate opened.
     locked: [Option<(GpaRange, Locked)>; MAX_LOCKED],
     /// Whether the kernel runs with page-table isolation (its user halves in use), found when the
@@ -169,6 +173,7 @@ impl LinuxGuard {
             armed: None,
             armed_io_uring: None,
             armed_kvm_exit: None,
+            armed_l2_map: None,
             locked: [None; MAX_LOCKED],
             pti_in_use: false,
         }
@@ -259,6 +264,12 @@ impl LinuxGuard {
     #[must_use]
     pub const fn armed_kvm_exit(&self) -> Option<&ArmedCall> {
         self.armed_kvm_exit.as_ref()
+    }
+
+    /// The KVM mapping hook's call, once installed.
+    #[must_use]
+    pub const fn armed_l2_map(&self) -> Option<&ArmedCall> {
+        self.armed_l2_map.as_ref()
     }
 
     /// What the audit checks: the gate's PML4 entry in every half it went into, and the hook's
@@ -542,8 +553,9 @@ impl Hypervisor {
         let sites = [
             (gate.io_uring_hook, "io_uring"),
             (gate.kvm_exit_hook, "KVM's exit path"),
+            (gate.l2_map_hook, "KVM's mapping path"),
         ];
-        let mut armed_sites = [None; 2];
+        let mut armed_sites = [None; 3];
         for (i, (site, what)) in sites.into_iter().enumerate() {
             armed_sites[i] = match (linux.armed, site) {
                 (Some(_), Some(site)) => match arm_site(platform, &site, what) {
@@ -561,13 +573,21 @@ impl Hypervisor {
                 _ => None,
             };
         }
-        [linux.armed_io_uring, linux.armed_kvm_exit] = armed_sites;
+        [
+            linux.armed_io_uring,
+            linux.armed_kvm_exit,
+            linux.armed_l2_map,
+        ] = armed_sites;
         if let Err((what, error)) = linux.open_steps(platform, gate_range) {
             // Whatever step failed, the hooks would call a gate that is not safely open: take them
             // out.
-            for armed in [linux.armed_io_uring.take(), linux.armed_kvm_exit.take()]
-                .iter()
-                .flatten()
+            for armed in [
+                linux.armed_io_uring.take(),
+                linux.armed_kvm_exit.take(),
+                linux.armed_l2_map.take(),
+            ]
+            .iter()
+            .flatten()
             {
                 let _ = hooks::remove_site(platform, armed);
             }

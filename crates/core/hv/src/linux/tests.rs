@@ -41,6 +41,8 @@ fn the_running_linux_task_is_read_through_the_profile() {
         kernel_end: 0,
         text: [0; 2],
         rodata: [0; 2],
+        data: [0; 2],
+        bss: [0; 2],
         idt_table: 0,
         binprm_filename: Field::default(),
         pti_pgd_pair: false,

@@ -47,7 +47,10 @@
 //!     start of `vmx_handle_exit`, through a shared /dev/mem mapping of its page;
 //!   - `kvm-vmcs12-region`: start the probe, and once KVM has made its vCPU's VMCS current,
 //!     overwrite every VMCS region in RAM (pages that start with the VMCS revision identifier the
-//!     CPU reports) with the address of `_text`, as if to send the next exit from L2 there.
+//!     CPU reports) with the address of `_text`, as if to send the next exit from L2 there;
+//!   - `kvm-l2-map`: be the VMM that gives its guest a page of L1's kernel (through a /dev/mem
+//!     mapping as the guest's memory): the page of `vmx_handle_exit`, where the guest writes a NOP
+//!     over the monitor's call, from inside KVM's guest.
 //!
 //! Each step is told to L0 on port 0xE9. A blocked write or read stops the guest: it never returns.
 
@@ -81,6 +84,7 @@ fn main() -> ExitCode {
             IhmiAttack::ExitHandler => kvm_exit_handler(),
             IhmiAttack::KvmText => kvm_text(),
             IhmiAttack::Vmcs12Region => vmcs12_region(&cmdline),
+            IhmiAttack::L2Map => kvm_l2_map(),
         };
         return match result {
             Ok(()) => ExitCode::SUCCESS,
@@ -446,6 +450,20 @@ fn vmcs12_region(cmdline: &str) -> Result<(), String> {
         .map_err(|e| format!("waiting for the probe: {e}"))?;
     say(&format!(
         "ihmi-attack: the probe ran on after its VMCS region was overwritten ({status})"
+    ));
+    Ok(())
+}
+
+fn kvm_l2_map() -> Result<(), String> {
+    let k = Kernel::learn()?;
+    let site = k.pa(k.symbol("vmx_handle_exit")?);
+    say(&format!("{}{site:#x}", ihmi_abi::attack::IHMI_L2_MAP_LINE));
+    let status = std::process::Command::new("/bin/ihmi-l1-vmm")
+        .args(["--probe", "--attack-alias", &format!("{site:#x}")])
+        .status()
+        .map_err(|e| format!("/bin/ihmi-l1-vmm: {e}"))?;
+    say(&format!(
+        "ihmi-attack: KVM's guest ran with the page of vmx_handle_exit as its memory ({status}): its write went through"
     ));
     Ok(())
 }
