@@ -316,15 +316,20 @@ pub enum IhmiAttack {
     /// and the guest writes a NOP over the monitor's call there. The monitor must report the mapping
     /// when KVM makes it (`make_spte`), and L0's lock on L1's text must stop the write.
     L2Map = 3,
+    /// 12.3 through KVM: the same VMM gives its guest a page of the monitor's (its last, which view 0
+    /// never maps), and the guest writes there. The monitor must report the mapping (not RAM of L1's),
+    /// and the guest's access must end at L0, in the monitor frame it named.
+    L2MapMonitor = 4,
 }
 
 impl IhmiAttack {
     /// Every attack, in the order `ihmi test` runs them.
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::ExitHandler,
         Self::KvmText,
         Self::Vmcs12Region,
         Self::L2Map,
+        Self::L2MapMonitor,
     ];
 
     /// The name in the scenario's (`ihmi-attack-` and this).
@@ -335,6 +340,7 @@ impl IhmiAttack {
             Self::KvmText => "kvm-text",
             Self::Vmcs12Region => "vmcs12-region",
             Self::L2Map => "l2-map",
+            Self::L2MapMonitor => "l2-map-monitor",
         }
     }
 
@@ -346,6 +352,7 @@ impl IhmiAttack {
             Self::KvmText => "ihmi-attack-kvm-text",
             Self::Vmcs12Region => "ihmi-attack-vmcs12-region",
             Self::L2Map => "ihmi-attack-l2-map",
+            Self::L2MapMonitor => "ihmi-attack-l2-map-monitor",
         }
     }
 
@@ -357,6 +364,7 @@ impl IhmiAttack {
             Self::KvmText => "ihmi.attack=kvm-text",
             Self::Vmcs12Region => "ihmi.attack=kvm-vmcs12-region",
             Self::L2Map => "ihmi.attack=kvm-l2-map",
+            Self::L2MapMonitor => "ihmi.attack=kvm-l2-map-monitor",
         }
     }
 
@@ -371,6 +379,11 @@ impl IhmiAttack {
 /// physical address of the call its guest will overwrite, in hex.
 pub const IHMI_L2_MAP_LINE: &str =
     "ihmi-attack: giving KVM's guest the page of vmx_handle_exit, to write at ";
+
+/// The same for `kvm-l2-map-monitor`: then the physical address in the monitor's page its guest will
+/// write at, in hex.
+pub const IHMI_L2_MAP_MONITOR_LINE: &str =
+    "ihmi-attack: giving KVM's guest the monitor's last page, to write at ";
 
 /// Where the `kvm-l2-map` attacker's VMM puts the page in its guest's physical memory (past the
 /// probe's own 2 MiB).

@@ -111,6 +111,9 @@ pub fn kernel_args(name: &str) -> &'static str {
             IhmiAttack::L2Map => {
                 "ihmi.nested=kvm ihmi.attack=kvm-l2-map kvm_intel.ept=0 kvm_intel.nested=0"
             }
+            IhmiAttack::L2MapMonitor => {
+                "ihmi.nested=kvm ihmi.attack=kvm-l2-map-monitor kvm_intel.ept=0 kvm_intel.nested=0"
+            }
         },
         // The same KVM, after /init's workload under the in-box monitors.
         Some(ihmi_abi::Scenario::NestedKvmSim) => {
@@ -344,7 +347,8 @@ mod tests {
                 "ihmi-attack-exit-handler",
                 "ihmi-attack-kvm-text",
                 "ihmi-attack-vmcs12-region",
-                "ihmi-attack-l2-map"
+                "ihmi-attack-l2-map",
+                "ihmi-attack-l2-map-monitor"
             ]
         );
         // Each IHMI attack tells the attacker which attack, by the word it looks for.

@@ -249,9 +249,9 @@ const HOOK_FRAME_R8: u64 = 16 + 3 * 8;
 const HOOK_FRAME_RSI: u64 = 16 + 5 * 8;
 const HOOK_FRAME_RDX: u64 = 16 + 6 * 8;
 
-/// The deepest level a shadow page of KVM's has (5-level paging) and the frames a leaf of level
-/// `level` maps.
-const MAX_MMU_LEVEL: u64 = 5;
+/// The highest level a leaf mapping has on x86 (1 GiB; KVM's shadow pages go to 5, but its leaves
+/// stop here) and the frames a leaf of level `level` maps.
+const MAX_LEAF_LEVEL: u64 = 3;
 const fn frames_at_level(level: u64) -> u64 {
     1 << (9 * (level - 1))
 }
@@ -483,7 +483,7 @@ impl State {
     /// trampoline's saved RDX, R8 and R9 must be the arguments, its saved RSI is the shadow page): KVM
     /// is about to map a page of its guest. The monitor holds the mapping to P4 of NESTED.md B.1.3:
     /// the guest frame is inside the memslot, and every frame the mapping reaches (512 for a 2 MiB
-    /// one) is RAM of the watched kernel outside its image. The event names the mapping and its
+    /// one) is RAM of the watched kernel outside its image, and all of them are inside the memslot. The event names the mapping and its
     /// class; a mapping that breaks P4 is also an `integrity` event, pushed before it. KVM goes on
     /// either way (`make_spte` has no way to fail; L0 refuses what its own view does not allow, at
     /// L2's first access).
@@ -538,12 +538,16 @@ impl State {
                 .map_err(|_| RejectReason::GuestMemory)?
                 & 0xf,
         );
-        if !(1..=MAX_MMU_LEVEL).contains(&level) {
+        if !(1..=MAX_LEAF_LEVEL).contains(&level) {
             return Err(RejectReason::BadArgument);
         }
         let who = self.current(intro)?.ok_or(RejectReason::NoCurrentProcess)?;
         let span = frames_at_level(level);
-        let in_slot = gfn >= base_gfn && gfn - base_gfn < npages;
+        // A large mapping lies within its memslot whole (KVM maps one only where it does).
+        let in_slot = gfn >= base_gfn
+            && (gfn - base_gfn)
+                .checked_add(span)
+                .is_some_and(|end| end <= npages);
         let hva = if in_slot {
             userspace.wrapping_add((gfn - base_gfn) << 12)
         } else {

@@ -1203,7 +1203,8 @@ fn kvm_mappings_are_held_to_the_vm_s_own_memory() {
     const BASE_GFN: u64 = 0x100;
     const USERSPACE: u64 = 0x7f00_0000_0000;
     g.write(SLOT + 0x60, &BASE_GFN.to_le_bytes());
-    g.write(SLOT + 0x68, &0x200u64.to_le_bytes());
+    const NPAGES: u64 = 0x400;
+    g.write(SLOT + 0x68, &NPAGES.to_le_bytes());
     g.write(SLOT + 0x98, &USERSPACE.to_le_bytes());
     let (linux, ctx) = hooked_call(
         &mut g,
@@ -1257,12 +1258,15 @@ fn kvm_mappings_are_held_to_the_vm_s_own_memory() {
         (0x182, 0x9_0000, 1, L2Memory::NotRam),
         (0x50, ram, 1, L2Memory::OutsideSlot),
         (0x200, ram & !0x1ff, 2, L2Memory::KernelImage),
+        // 2 MiB from near the slot's end: it would run past it.
+        (0x4ff, 0x20_0000, 2, L2Memory::OutsideSlot),
     ] {
         g.write(SP + 0x2c, &(0x100u32 | level as u32).to_le_bytes());
         let args = frame_of(&mut g, gfn, pfn, SLOT);
         assert_eq!(m.handle(code, args, &ctx, &g, &mut ring), Verdict::Allow);
         let e = events(&mut ring);
-        let in_slot = gfn >= BASE_GFN;
+        let span = 1 << (9 * (level - 1));
+        let in_slot = gfn >= BASE_GFN && gfn - BASE_GFN + span <= NPAGES;
         let hva = if in_slot {
             USERSPACE + ((gfn - BASE_GFN) << 12)
         } else {
@@ -1315,14 +1319,16 @@ fn kvm_mappings_are_held_to_the_vm_s_own_memory() {
         RejectReason::from_raw(events(&mut ring)[0].detail),
         Some(RejectReason::NotFromHook)
     );
-    // A level no shadow page has: refused, not guessed.
-    g.write(SP + 0x2c, &0u32.to_le_bytes());
-    let args = frame_of(&mut g, 0x180, ram, SLOT);
-    assert_eq!(m.handle(code, args, &ctx, &g, &mut ring), Verdict::Rejected);
-    assert_eq!(
-        RejectReason::from_raw(events(&mut ring)[0].detail),
-        Some(RejectReason::BadArgument)
-    );
+    // A level no leaf has: refused, not guessed.
+    for level in [0u32, 4] {
+        g.write(SP + 0x2c, &level.to_le_bytes());
+        let args = frame_of(&mut g, 0x180, ram, SLOT);
+        assert_eq!(m.handle(code, args, &ctx, &g, &mut ring), Verdict::Rejected);
+        assert_eq!(
+            RejectReason::from_raw(events(&mut ring)[0].detail),
+            Some(RejectReason::BadArgument)
+        );
+    }
 }
 
 /// A loader inside an allowed program brings code in without an exec: the calls that make memory

@@ -332,6 +332,8 @@ pub struct ScenarioLog {
     /// many VMCS regions it says it overwrote; `ihmi-attack-l2-map`: where it says its guest writes.
     pub kvm_text_attack: Option<u64>,
     pub l2_map_attack: Option<u64>,
+    /// `ihmi-attack-l2-map-monitor`: where in the monitor's page the attacker says its guest writes.
+    pub l2_map_monitor_attack: Option<u64>,
     pub vmcs12_regions_overwritten: Option<u64>,
     /// `nested-kvm-sim`: the exec monitor let the L1 VMM start (allowed executions of it), and the
     /// system-call monitor saw its `ioctl`s (to KVM).
@@ -401,6 +403,14 @@ impl ScenarioLog {
                     .and_then(parse_hex)
                 {
                     self.l2_map_attack = Some(at);
+                }
+                let aliased = ihmi_abi::attack::IHMI_L2_MAP_MONITOR_LINE.as_bytes();
+                if let Some(at) = line
+                    .strip_prefix(aliased)
+                    .and_then(|hex| hex.strip_prefix(b"0x"))
+                    .and_then(parse_hex)
+                {
+                    self.l2_map_monitor_attack = Some(at);
                 }
                 let regions = ihmi_abi::attack::IHMI_VMCS12_REGION_LINE.as_bytes();
                 if let Some(n) = line.strip_prefix(regions).and_then(parse_decimal) {
@@ -1100,7 +1110,9 @@ fn check(
         }
         // L1's copy of VMCS12 was overwritten while KVM's guest ran, to no effect: the run is
         // `ihmi-kvm`'s in every respect.
-        Scenario::IhmiAttack(IhmiAttack::L2Map) => check_ihmi_l2_map(log),
+        Scenario::IhmiAttack(a @ (IhmiAttack::L2Map | IhmiAttack::L2MapMonitor)) => {
+            check_ihmi_l2_map(log, a == IhmiAttack::L2MapMonitor)
+        }
         Scenario::IhmiAttack(IhmiAttack::Vmcs12Region) => match log.vmcs12_regions_overwritten {
             Some(n) if n >= 1 => check_ihmi_kvm(log, None),
             _ => Err(FailReason::NestedRun(
@@ -1728,10 +1740,17 @@ fn check_ihmi_kvm(log: &ScenarioLog, attacked: Option<[u64; 4]>) -> Result<(), F
 /// (a /dev/mem mapping as guest memory). The monitor reported KVM's mapping of it, as the kernel
 /// image's frame the attacker named, when KVM made it; the guest's write there (from L2) was stopped
 /// by L0's lock on L1's text, at the address the attacker named, with a locked-write alert; nothing
-/// the monitor was asked was refused and no event was lost.
-fn check_ihmi_l2_map(log: &ScenarioLog) -> Result<(), FailReason> {
+/// the monitor was asked was refused and no event was lost. `ihmi-attack-l2-map-monitor` (`monitor`):
+/// the same with a page of the monitor's, reported as not L1's RAM, the write ending at L0 in that
+/// monitor frame.
+fn check_ihmi_l2_map(log: &ScenarioLog, monitor: bool) -> Result<(), FailReason> {
     use ihmi_abi::attack::IHMI_L2_MAP_GPA;
-    let Some(site) = log.l2_map_attack else {
+    let announced = if monitor {
+        log.l2_map_monitor_attack
+    } else {
+        log.l2_map_attack
+    };
+    let Some(site) = announced else {
         return Err(FailReason::NestedRun(
             "the attacker did not say which page it gives its guest (see the guest's console)",
         ));
@@ -1745,37 +1764,50 @@ fn check_ihmi_l2_map(log: &ScenarioLog) -> Result<(), FailReason> {
         IHMI_L2_MAP_GPA >> 12,
         IHMI_L2_MAP_GPA,
         site & !0xfff,
-        ihmi_monitor::L2Memory::KernelImage as u64,
+        if monitor {
+            ihmi_monitor::L2Memory::NotRam
+        } else {
+            ihmi_monitor::L2Memory::KernelImage
+        } as u64,
     ];
     match t.first_l2_memory {
         Some([gfn, address, _hva, found, class]) if [gfn, address, found, class] == reported => {}
-        _ => {
-            return Err(FailReason::AttackNotReported(
-                "mapping L1's kernel text into KVM's guest (no l2_memory integrity event naming the page)",
-            ))
-        }
+        _ => return Err(FailReason::AttackNotReported(
+            "mapping a page not the VM's into KVM's guest (no l2_memory integrity event naming it)",
+        )),
     }
+    let region = if monitor {
+        RegionKind::Monitor
+    } else {
+        RegionKind::GuestRam
+    };
     let end_gpa = match log.end {
         Some(GuestEnd::EptViolation {
             gpa,
-            region: Some(RegionKind::GuestRam),
+            region: Some(r),
             qualification,
             ..
-        }) if qualification.write() => gpa,
+        }) if qualification.write() && r == region => gpa,
         Some(got) => {
             return Err(FailReason::WrongEnd {
-                expected: "an EPT violation writing locked guest RAM",
+                expected: if monitor {
+                    "an EPT violation writing a monitor frame"
+                } else {
+                    "an EPT violation writing locked guest RAM"
+                },
                 got,
             })
         }
         None => return Err(FailReason::NotEnded),
     };
-    let locked = log.alerts().iter().any(|a| {
-        matches!(a, Alert::LockedWrite { what: Locked::KernelText, gpa, .. } if *gpa == end_gpa)
-    });
+    // Guest RAM that is L1's text is locked, and L0 says so; a monitor frame is not L1's at all.
+    let locked = monitor
+        || log.alerts().iter().any(|a| {
+            matches!(a, Alert::LockedWrite { what: Locked::KernelText, gpa, .. } if *gpa == end_gpa)
+        });
     if end_gpa.raw() != site || !locked {
         return Err(FailReason::AttackNotBlocked(
-            "KVM's guest writing L1's kernel text through its memory (the write L0 stopped was another)",
+            "KVM's guest writing a page not the VM's through its memory (the write L0 stopped was another)",
         ));
     }
     Ok(())

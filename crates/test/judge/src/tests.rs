@@ -2251,6 +2251,64 @@ fn the_l2_map_attack_needs_the_mapping_reported_and_the_write_refused() {
     ));
 }
 
+/// `ihmi-attack-l2-map-monitor`: the mapping reported as not L1's RAM, at the monitor frame the
+/// attacker named, and the guest's write ending at L0 in that frame (no alert: it is not L1's).
+#[test]
+fn the_l2_map_monitor_attack_needs_the_frame_reported_and_the_write_ending_there() {
+    use ihmi_abi::attack::{IhmiAttack, IHMI_L2_MAP_GPA, IHMI_L2_MAP_MONITOR_LINE};
+    use ihmi_hv::Observation;
+    use ihmi_monitor::{Event, EventKind, IntegrityProperty, L2Memory};
+    use ihmi_vmcs::EptViolationQualification;
+    const SITE: u64 = 0xf9f_f800;
+    let s = Scenario::IhmiAttack(IhmiAttack::L2MapMonitor);
+    let verdict = |class: L2Memory, region: RegionKind, at: u64| {
+        let mut h = hv(s);
+        let log = &mut h.judge.log;
+        let line = std::format!("{IHMI_L2_MAP_MONITOR_LINE}{SITE:#x}");
+        log.record(&Observation::DebugLine {
+            line: line.as_bytes(),
+            exits: 0,
+        });
+        log.record_monitor_event(&Event {
+            kind: EventKind::Integrity as u16,
+            detail: IntegrityProperty::L2Memory as u16,
+            nr: IHMI_L2_MAP_GPA >> 12,
+            args: [
+                IHMI_L2_MAP_GPA,
+                0x7f00_0000_0000,
+                SITE & !0xfff,
+                class as u64,
+            ],
+            ..Event::EMPTY
+        });
+        log.end = Some(GuestEnd::EptViolation {
+            gpa: Gpa::new(at),
+            gla: None,
+            rip: 0x1005,
+            qualification: EptViolationQualification::from_raw(0x2),
+            region: Some(region),
+            view: Some(ihmi_hv::guard::views::GUEST_VIEW),
+        });
+        judge(s, log, &h.hv.counters, Gpa::new(0), None)
+    };
+    assert_eq!(
+        verdict(L2Memory::NotRam, RegionKind::Monitor, SITE),
+        Verdict::Pass
+    );
+    assert!(matches!(
+        verdict(L2Memory::KernelImage, RegionKind::Monitor, SITE),
+        Verdict::Fail(FailReason::AttackNotReported(_))
+    ));
+    assert!(matches!(
+        verdict(L2Memory::NotRam, RegionKind::GuestRam, SITE),
+        Verdict::Fail(FailReason::WrongEnd { .. })
+    ));
+    assert!(matches!(
+        verdict(L2Memory::NotRam, RegionKind::Monitor, SITE + 8),
+        Verdict::Fail(FailReason::AttackNotBlocked(_))
+    ));
+}
+
 /// `ihmi-attack-kvm-text`: the refused write onto L1's text must be the one the attacker announced
 /// (the monitor's call in `vmx_handle_exit`), with its alert, while the attacker ran.
 #[test]

@@ -50,7 +50,9 @@
 //!     CPU reports) with the address of `_text`, as if to send the next exit from L2 there;
 //!   - `kvm-l2-map`: be the VMM that gives its guest a page of L1's kernel (through a /dev/mem
 //!     mapping as the guest's memory): the page of `vmx_handle_exit`, where the guest writes a NOP
-//!     over the monitor's call, from inside KVM's guest.
+//!     over the monitor's call, from inside KVM's guest;
+//!   - `kvm-l2-map-monitor`: the same with the monitor's last page (from `ihmi.monitor=`), which
+//!     the guest writes.
 //!
 //! Each step is told to L0 on port 0xE9. A blocked write or read stops the guest: it never returns.
 
@@ -84,7 +86,8 @@ fn main() -> ExitCode {
             IhmiAttack::ExitHandler => kvm_exit_handler(),
             IhmiAttack::KvmText => kvm_text(),
             IhmiAttack::Vmcs12Region => vmcs12_region(&cmdline),
-            IhmiAttack::L2Map => kvm_l2_map(),
+            IhmiAttack::L2Map => kvm_l2_map(None),
+            IhmiAttack::L2MapMonitor => kvm_l2_map(Some(&cmdline)),
         };
         return match result {
             Ok(()) => ExitCode::SUCCESS,
@@ -454,16 +457,27 @@ fn vmcs12_region(cmdline: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn kvm_l2_map() -> Result<(), String> {
-    let k = Kernel::learn()?;
-    let site = k.pa(k.symbol("vmx_handle_exit")?);
-    say(&format!("{}{site:#x}", ihmi_abi::attack::IHMI_L2_MAP_LINE));
+/// The VMM that gives its guest a page that is not its memory: KVM's text where the monitor's call
+/// is, or with the command line (`ihmi.monitor=`) a page of the monitor's.
+fn kvm_l2_map(monitor: Option<&str>) -> Result<(), String> {
+    let (site, line) = match monitor {
+        None => {
+            let k = Kernel::learn()?;
+            let site = k.pa(k.symbol("vmx_handle_exit")?);
+            (site, ihmi_abi::attack::IHMI_L2_MAP_LINE)
+        }
+        Some(cmdline) => (
+            monitor_address(cmdline)? + MONITOR_SIZE - PAGE + 0x800,
+            ihmi_abi::attack::IHMI_L2_MAP_MONITOR_LINE,
+        ),
+    };
+    say(&format!("{line}{site:#x}"));
     let status = std::process::Command::new("/bin/ihmi-l1-vmm")
         .args(["--probe", "--attack-alias", &format!("{site:#x}")])
         .status()
         .map_err(|e| format!("/bin/ihmi-l1-vmm: {e}"))?;
     say(&format!(
-        "ihmi-attack: KVM's guest ran with the page of vmx_handle_exit as its memory ({status}): its write went through"
+        "ihmi-attack: KVM's guest ran with the page at {site:#x} as its memory ({status}): its write went through"
     ));
     Ok(())
 }
