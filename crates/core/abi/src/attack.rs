@@ -320,16 +320,21 @@ pub enum IhmiAttack {
     /// never maps), and the guest writes there. The monitor must report the mapping (not RAM of L1's),
     /// and the guest's access must end at L0, in the monitor frame it named.
     L2MapMonitor = 4,
+    /// 12.8, VMFUNC from L2: KVM's guest (the probe, with an IDT for #UD) executes VMFUNC leaf 0
+    /// with EPTP index 1, the monitor's view in L1's EPTP list. VMCS02 never has VM functions, so
+    /// the CPU raises #UD in L2 (KVM passes it back to its guest) and nothing switches.
+    L2Vmfunc = 5,
 }
 
 impl IhmiAttack {
     /// Every attack, in the order `ihmi test` runs them.
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::ExitHandler,
         Self::KvmText,
         Self::Vmcs12Region,
         Self::L2Map,
         Self::L2MapMonitor,
+        Self::L2Vmfunc,
     ];
 
     /// The name in the scenario's (`ihmi-attack-` and this).
@@ -341,6 +346,7 @@ impl IhmiAttack {
             Self::Vmcs12Region => "vmcs12-region",
             Self::L2Map => "l2-map",
             Self::L2MapMonitor => "l2-map-monitor",
+            Self::L2Vmfunc => "l2-vmfunc",
         }
     }
 
@@ -353,6 +359,7 @@ impl IhmiAttack {
             Self::Vmcs12Region => "ihmi-attack-vmcs12-region",
             Self::L2Map => "ihmi-attack-l2-map",
             Self::L2MapMonitor => "ihmi-attack-l2-map-monitor",
+            Self::L2Vmfunc => "ihmi-attack-l2-vmfunc",
         }
     }
 
@@ -365,6 +372,7 @@ impl IhmiAttack {
             Self::Vmcs12Region => "ihmi.attack=kvm-vmcs12-region",
             Self::L2Map => "ihmi.attack=kvm-l2-map",
             Self::L2MapMonitor => "ihmi.attack=kvm-l2-map-monitor",
+            Self::L2Vmfunc => "ihmi.attack=kvm-l2-vmfunc",
         }
     }
 
@@ -384,6 +392,11 @@ pub const IHMI_L2_MAP_LINE: &str =
 /// write at, in hex.
 pub const IHMI_L2_MAP_MONITOR_LINE: &str =
     "ihmi-attack: giving KVM's guest the monitor's last page, to write at ";
+
+/// How the L1 VMM's line reporting the `kvm-l2-vmfunc` guest's faults starts (after the L2 prefix the
+/// VMM puts on what its guest sent): then the #UD exceptions the guest's handler reported, in
+/// decimal.
+pub const IHMI_L2_VMFUNC_REPORT: &str = "l2: ihmi-l2: VMFUNC raised #UD, times: ";
 
 /// Where the `kvm-l2-map` attacker's VMM puts the page in its guest's physical memory (past the
 /// probe's own 2 MiB).

@@ -13,6 +13,8 @@ pub const DEBUG_PORT: u16 = 0xe9;
 pub const VALUE_PORT: u16 = 0xea;
 /// Where L2 says it is done.
 pub const DONE_PORT: u16 = 0xeb;
+/// Where L2's #UD handler says it took one (the byte is the vector, 6).
+pub const UD_PORT: u16 = 0xec;
 /// The pages L2 writes and reads back, one 64-bit pattern each.
 pub const PAGES: u32 = ihmi_abi::NESTED_KVM_PAGES as u32;
 /// The end of the guest-physical range L2 touches (from 1 MiB, 4 KiB a page).
@@ -32,6 +34,14 @@ core::arch::global_asm!(
     "    jz .Lno_write",
     "    mov [rsi], edx",
     ".Lno_write:",
+    // 0b. The attacker's VMFUNC, if it asked for one: leaf 0 (EPTP switching) to index 1. It must
+    //     fault (#UD, which the handler below reports and steps over) and change nothing.
+    "    test r15, r15",
+    "    jz .Lno_vmfunc",
+    "    xor eax, eax",
+    "    mov ecx, 1",
+    "    vmfunc",
+    ".Lno_vmfunc:",
     // a. CPUID leaf 0, RDI times (at least once); R8D counts them, R10-R12 keep the vendor.
     "    xor r8d, r8d",
     "    mov r9, rdi",
@@ -99,6 +109,19 @@ core::arch::global_asm!(
     ".Lhalt:",
     "    hlt",
     "    jmp .Lhalt",
+    // The #UD handler (IDT vector 6, when the VMM gives L2 an IDT): report, step over the 3-byte
+    // VMFUNC, return.
+    ".globl ihmi_l2_probe_ud",
+    "ihmi_l2_probe_ud:",
+    "    push rax",
+    "    push rdx",
+    "    mov dx, {ud_port}",
+    "    mov al, 6",
+    "    out dx, al",
+    "    pop rdx",
+    "    pop rax",
+    "    add qword ptr [rsp], 3",
+    "    iretq",
     "ihmi_l2_probe_end:",
     ".popsection",
     pattern = const PATTERN,
@@ -107,11 +130,20 @@ core::arch::global_asm!(
     value_port = const VALUE_PORT,
     debug_port = const DEBUG_PORT,
     done_port = const DONE_PORT,
+    ud_port = const UD_PORT,
 );
 
 extern "C" {
     static ihmi_l2_probe_start: u8;
+    static ihmi_l2_probe_ud: u8;
     static ihmi_l2_probe_end: u8;
+}
+
+/// Where the #UD handler is in [`program`].
+pub fn ud_handler_offset() -> u64 {
+    let start = &raw const ihmi_l2_probe_start;
+    let ud = &raw const ihmi_l2_probe_ud;
+    ud as u64 - start as u64
 }
 
 /// The L2 program's machine code.

@@ -11,7 +11,8 @@ use std::process::ExitCode;
 
 use ihmi_linux_workload::DebugPort;
 
-const USAGE: &str = "usage: ihmi-l1-vmm --probe [--cpuids N] [--attack-alias PHYS]
+const USAGE: &str =
+    "usage: ihmi-l1-vmm --probe [--cpuids N] [--attack-alias PHYS] [--attack-vmfunc]
        ihmi-l1-vmm --linux BZIMAGE INITRD [--mem MIB] [--cmdline LINE] [--status SECS]";
 
 /// L2's kernel command line when `--cmdline` does not give one: its console on COM1 (and early
@@ -24,8 +25,13 @@ const DEFAULT_CMDLINE: &str = "console=ttyS0 earlycon=uart8250,io,0x3f8 panic=-1
 enum Mode {
     /// The long-mode L2 that makes `cpuids` CPUIDs, touches memory and reports; with `alias`, L1's
     /// compromised root's VMM, which first gives it the L1 page that holds this physical address
-    /// and has it write there (the `kvm-l2-map` attack).
-    Probe { cpuids: u32, alias: Option<u64> },
+    /// and has it write there (the `kvm-l2-map` attack); with `vmfunc`, a guest that first executes
+    /// VMFUNC (the `kvm-l2-vmfunc` attack).
+    Probe {
+        cpuids: u32,
+        alias: Option<u64>,
+        vmfunc: bool,
+    },
     /// A Linux L2, run until its /init powers it off.
     Linux(linux::Boot),
 }
@@ -33,6 +39,7 @@ enum Mode {
 /// Parses the arguments after the program name; `Err` is what to print above the usage.
 fn parse(args: impl IntoIterator<Item = String>) -> Result<Mode, String> {
     let (mut probe, mut cpuids, mut linux, mut alias) = (false, None, None, None);
+    let mut vmfunc = false;
     let (mut mem_mib, mut cmdline, mut status_secs) = (None, None, None);
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -45,6 +52,7 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Mode, String> {
                     _ => return Err(format!("--cpuids {n}: not a count from 1 to {}", u32::MAX)),
                 }
             }
+            "--attack-vmfunc" => vmfunc = true,
             "--attack-alias" => {
                 let a = args
                     .next()
@@ -91,9 +99,13 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Mode, String> {
     match (probe, linux) {
         (true, None) if mem_mib.is_none() && cmdline.is_none() && status_secs.is_none() => {
             let cpuids = cpuids.unwrap_or(ihmi_abi::NESTED_KVM_CPUIDS as u32);
-            Ok(Mode::Probe { cpuids, alias })
+            Ok(Mode::Probe {
+                cpuids,
+                alias,
+                vmfunc,
+            })
         }
-        (false, Some((kernel, initrd))) if cpuids.is_none() && alias.is_none() => {
+        (false, Some((kernel, initrd))) if cpuids.is_none() && alias.is_none() && !vmfunc => {
             Ok(Mode::Linux(linux::Boot {
                 kernel,
                 initrd,
@@ -105,7 +117,9 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Mode, String> {
         (true, Some(_)) => Err("--probe and --linux are two modes: give one".into()),
         (false, None) => Err("no mode given".into()),
         (true, None) => Err("--mem, --cmdline and --status are for --linux".into()),
-        (false, Some(_)) => Err("--cpuids and --attack-alias are for --probe".into()),
+        (false, Some(_)) => {
+            Err("--cpuids, --attack-alias and --attack-vmfunc are for --probe".into())
+        }
     }
 }
 
@@ -166,8 +180,18 @@ fn main() -> ExitCode {
     };
     let console = Console::open();
     let done = match mode {
-        Mode::Probe { cpuids, alias } => probe::run(cpuids, alias).map(|report| {
+        Mode::Probe {
+            cpuids,
+            alias,
+            vmfunc,
+        } => probe::run(cpuids, alias, vmfunc).map(|report| {
             console.line(ihmi_abi::NESTED_L2_DEBUG, &report.l2_line());
+            if vmfunc {
+                console.line(
+                    ihmi_abi::NESTED_L2_DEBUG,
+                    &format!("ihmi-l2: VMFUNC raised #UD, times: {}", report.ud_faults),
+                );
+            }
             format!(
                 "probe done: L2 ended after {} KVM_RUN returns",
                 report.kvm_runs
@@ -213,12 +237,27 @@ mod tests {
 
     #[test]
     fn parses_probe() {
-        let probe = |cpuids, alias| Ok(Mode::Probe { cpuids, alias });
-        assert_eq!(args("--probe"), probe(1000, None));
-        assert_eq!(args("--cpuids 7 --probe"), probe(7, None));
+        let probe = |cpuids, alias, vmfunc| {
+            Ok(Mode::Probe {
+                cpuids,
+                alias,
+                vmfunc,
+            })
+        };
+        assert_eq!(args("--probe"), probe(1000, None, false));
+        assert_eq!(args("--cpuids 7 --probe"), probe(7, None, false));
         assert_eq!(
             args("--probe --attack-alias 0x106ec47"),
-            probe(1000, Some(0x106_ec47))
+            probe(1000, Some(0x106_ec47), false)
+        );
+        assert_eq!(args("--probe --attack-vmfunc"), probe(1000, None, true));
+        // The L2 prefix and the line's start are the judge's.
+        assert_eq!(
+            format!(
+                "{}ihmi-l2: VMFUNC raised #UD, times: ",
+                ihmi_abi::NESTED_L2_DEBUG
+            ),
+            ihmi_abi::attack::IHMI_L2_VMFUNC_REPORT
         );
     }
 
@@ -297,6 +336,7 @@ mod tests {
             "--probe --attack-alias 106ec47",
             "--probe --attack-alias 0x106effd",
             "--linux k i --attack-alias 0x1000",
+            "--linux k i --attack-vmfunc",
             "--linux k i --status 0",
         ] {
             assert!(args(bad).is_err(), "{bad:?}");

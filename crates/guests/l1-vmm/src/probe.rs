@@ -20,6 +20,11 @@ const MEM_SIZE: usize = 2 << 20;
 const CODE: u64 = 0x1000;
 const STACK_TOP: u64 = 0x8000;
 const PML4: u64 = 0x9000;
+// The `--attack-vmfunc` guest's descriptor tables: the boot GDT, and an IDT of 16 gates (only #UD's
+// present).
+const GDT: u64 = 0x500;
+const IDT: u64 = 0x600;
+const IDT_GATES: u64 = 16;
 const _: () = assert!(l2::TOUCH_END <= MEM_SIZE as u64 && PML4 + 0x3000 <= 0x10_0000);
 
 /// What the L2 program sent, and how many KVM_RUN returns it took.
@@ -35,6 +40,8 @@ pub struct ProbeReport {
     pub bad: u32,
     /// The KVM_RUN ioctls that returned to this process.
     pub kvm_runs: u64,
+    /// The #UD exceptions L2's handler reported.
+    pub ud_faults: u64,
 }
 
 impl ProbeReport {
@@ -50,8 +57,9 @@ impl ProbeReport {
 /// The first four bytes of a 5-byte NOP (`nopl 0x0(%rax,%rax,1)`), which the attacking L2 writes.
 const NOP4: u32 = u32::from_le_bytes([0x0f, 0x1f, 0x44, 0x00]);
 
-/// Runs the probe L2 with `cpuids` CPUIDs to its end; with `alias`, as the attacker's VMM.
-pub fn run(cpuids: u32, alias: Option<u64>) -> Result<ProbeReport> {
+/// Runs the probe L2 with `cpuids` CPUIDs to its end; with `alias`, as the attacker's VMM; with
+/// `vmfunc`, as a guest that executes VMFUNC first.
+pub fn run(cpuids: u32, alias: Option<u64>, vmfunc: bool) -> Result<ProbeReport> {
     // Declared before the VM so that they are unmapped after the VM is gone.
     let mut mem = GuestMemory::new(MEM_SIZE)?;
     let aliased = alias.map(GuestMemory::dev_mem).transpose()?;
@@ -96,10 +104,29 @@ pub fn run(cpuids: u32, alias: Option<u64>) -> Result<ProbeReport> {
     let program = l2::program();
     mem[CODE as usize..][..program.len()].copy_from_slice(program);
 
+    let gdt = if vmfunc {
+        // Exception delivery and IRETQ load CS from the GDT: it must be in memory then.
+        for (i, d) in vcpu::GDT.iter().enumerate() {
+            mem[GDT as usize + 8 * i..][..8].copy_from_slice(&d.to_le_bytes());
+        }
+        let handler = CODE + l2::ud_handler_offset();
+        let at = (IDT + 16 * 6) as usize;
+        mem[at..][..8].copy_from_slice(&interrupt_gate(handler).to_le_bytes());
+        mem[at + 8..][..8].copy_from_slice(&(handler >> 32).to_le_bytes());
+        Some((GDT, (vcpu::GDT.len() * 8 - 1) as u16))
+    } else {
+        None
+    };
+
     let mut vcpu = vm.create_vcpu(0).context("KVM_CREATE_VCPU")?;
     vcpu::set_cpuid(&kvm, &vcpu)?;
-    // No GDT in memory: the probe loads no selector.
-    vcpu::set_long_mode(&vcpu, PML4, None)?;
+    // No GDT in memory unless the guest takes exceptions: the probe loads no selector.
+    vcpu::set_long_mode(&vcpu, PML4, gdt)?;
+    if vmfunc {
+        let mut sregs = vcpu.get_sregs().context("KVM_GET_SREGS")?;
+        (sregs.idt.base, sregs.idt.limit) = (IDT, (IDT_GATES * 16 - 1) as u16);
+        vcpu.set_sregs(&sregs).context("KVM_SET_SREGS")?;
+    }
     // SYSCALL on, though the probe makes none: KVM loads its LSTAR (0) around each entry, a write
     // of L2's LSTAR beside L1's, which L0 must keep apart when it locks L1's.
     vcpu::enable_syscall(&vcpu)?;
@@ -110,6 +137,7 @@ pub fn run(cpuids: u32, alias: Option<u64>) -> Result<ProbeReport> {
         rdi: cpuids.into(),
         rsi: alias.map_or(0, |pa| ihmi_abi::attack::IHMI_L2_MAP_GPA + pa % 0x1000),
         rdx: NOP4.into(),
+        r15: vmfunc.into(),
         ..Default::default()
     };
     vcpu.set_regs(&regs).context("KVM_SET_REGS")?;
@@ -120,6 +148,7 @@ pub fn run(cpuids: u32, alias: Option<u64>) -> Result<ProbeReport> {
 /// error.
 fn run_to_halt(vcpu: &mut VcpuFd) -> Result<ProbeReport> {
     let (mut vendor, mut values, mut kvm_runs) = (Vec::new(), Vec::new(), 0);
+    let mut ud_faults = 0;
     loop {
         let exit = vcpu.run().context("KVM_RUN")?;
         kvm_runs += 1;
@@ -130,6 +159,10 @@ fn run_to_halt(vcpu: &mut VcpuFd) -> Result<ProbeReport> {
             }
             VcpuExit::IoOut(l2::VALUE_PORT, &[a, b, c, d]) => {
                 values.push(u32::from_le_bytes([a, b, c, d]));
+                continue;
+            }
+            VcpuExit::IoOut(l2::UD_PORT, &[6]) => {
+                ud_faults += 1;
                 continue;
             }
             VcpuExit::IoOut(l2::DONE_PORT, _) => break,
@@ -158,7 +191,18 @@ fn run_to_halt(vcpu: &mut VcpuFd) -> Result<ProbeReport> {
         pages,
         bad,
         kvm_runs,
+        ud_faults,
     })
+}
+
+/// The low 8 bytes of a 64-bit interrupt gate to `handler` through [`vcpu::BOOT_CS`], present, DPL 0,
+/// no IST (SDM 6.14.1); the high 8 are the handler's bits 63:32.
+fn interrupt_gate(handler: u64) -> u64 {
+    const PRESENT_INTERRUPT_GATE: u64 = 0x8e;
+    (handler & 0xffff)
+        | u64::from(vcpu::BOOT_CS) << 16
+        | PRESENT_INTERRUPT_GATE << 40
+        | (handler >> 16 & 0xffff) << 48
 }
 
 /// Anonymous memory for the guest, unmapped on drop.
@@ -243,6 +287,7 @@ mod tests {
             pages: 256,
             bad: 0,
             kvm_runs: 16,
+            ud_faults: 0,
         };
         let line = report.l2_line();
         assert_eq!(
@@ -257,16 +302,28 @@ mod tests {
         let program = l2::program();
         assert!(!program.is_empty() && CODE + program.len() as u64 <= STACK_TOP - 0x1000);
         assert!(
-            program.ends_with(&[0xee, 0xf4, 0xeb, 0xfd]),
-            "ends with its OUT to the done port, hlt and a jmp back to it"
+            program.windows(4).any(|w| w == [0xee, 0xf4, 0xeb, 0xfd]),
+            "its OUT to the done port, hlt and a jmp back to it"
         );
+        // The #UD handler is last, inside the program, and returns with IRETQ.
+        let ud = l2::ud_handler_offset() as usize;
+        assert!(ud < program.len() && program.ends_with(&[0x48, 0xcf]));
+    }
+
+    #[test]
+    fn the_ud_gate_points_at_the_handler_through_the_boot_code_segment() {
+        let gate = interrupt_gate(0x1234_5678_9abc);
+        assert_eq!(gate & 0xffff, 0x9abc);
+        assert_eq!(gate >> 16 & 0xffff, u64::from(vcpu::BOOT_CS));
+        assert_eq!(gate >> 40 & 0xff, 0x8e);
+        assert_eq!(gate >> 48, 0x5678);
     }
 
     /// Needs /dev/kvm (root): `cargo test -p ihmi-l1-vmm -- --ignored`.
     #[test]
     #[ignore = "needs /dev/kvm"]
     fn probe_on_kvm() {
-        let report = run(10, None).unwrap();
+        let report = run(10, None, false).unwrap();
         assert_eq!(
             (report.cpuids, report.pages, report.bad),
             (10, l2::PAGES, 0)

@@ -334,6 +334,11 @@ pub struct ScenarioLog {
     pub l2_map_attack: Option<u64>,
     /// `ihmi-attack-l2-map-monitor`: where in the monitor's page the attacker says its guest writes.
     pub l2_map_monitor_attack: Option<u64>,
+    /// `ihmi-attack-l2-vmfunc`: the #UD faults the guest's handler reported (through the L1 VMM),
+    /// and the exits from L2 L0 saw with reason VMFUNC (there must be none: VMCS02 has no VM
+    /// functions).
+    pub l2_vmfunc_faults: Option<u64>,
+    pub l2_vmfunc_exits: u64,
     pub vmcs12_regions_overwritten: Option<u64>,
     /// `nested-kvm-sim`: the exec monitor let the L1 VMM start (allowed executions of it), and the
     /// system-call monitor saw its `ioctl`s (to KVM).
@@ -412,6 +417,10 @@ impl ScenarioLog {
                 {
                     self.l2_map_monitor_attack = Some(at);
                 }
+                let faults = ihmi_abi::attack::IHMI_L2_VMFUNC_REPORT.as_bytes();
+                if let Some(n) = line.strip_prefix(faults).and_then(parse_decimal) {
+                    self.l2_vmfunc_faults = Some(n);
+                }
                 let regions = ihmi_abi::attack::IHMI_VMCS12_REGION_LINE.as_bytes();
                 if let Some(n) = line.strip_prefix(regions).and_then(parse_decimal) {
                     self.vmcs12_regions_overwritten = Some(n);
@@ -469,6 +478,7 @@ impl ScenarioLog {
                 }
             }
             Observation::L2Exit { reason, reflected } => {
+                self.l2_vmfunc_exits += u64::from(reason == ExitReason::Vmfunc);
                 let n = &mut self.nested;
                 n.exits.push(L2ExitStep(reason, reflected));
                 n.l2_exit_count += 1;
@@ -1110,6 +1120,22 @@ fn check(
         }
         // L1's copy of VMCS12 was overwritten while KVM's guest ran, to no effect: the run is
         // `ihmi-kvm`'s in every respect.
+        // L2's VMFUNC faulted in L2 (its handler said so once, through the VMM), never reached L0
+        // as a VMFUNC exit, and the run is otherwise `ihmi-kvm`'s (KVM reflected the #UD to its
+        // guest: one more exception exit, which the monitor saw like every other).
+        Scenario::IhmiAttack(IhmiAttack::L2Vmfunc) => {
+            if log.l2_vmfunc_exits != 0 {
+                return Err(FailReason::AttackNotBlocked(
+                    "VMFUNC from KVM's guest (L0 saw a VMFUNC exit: VMCS02 had VM functions)",
+                ));
+            }
+            if log.l2_vmfunc_faults != Some(1) {
+                return Err(FailReason::AttackNotBlocked(
+                    "VMFUNC from KVM's guest (its #UD handler did not report exactly one fault)",
+                ));
+            }
+            check_ihmi_kvm(log, None)
+        }
         Scenario::IhmiAttack(a @ (IhmiAttack::L2Map | IhmiAttack::L2MapMonitor)) => {
             check_ihmi_l2_map(log, a == IhmiAttack::L2MapMonitor)
         }

@@ -1988,6 +1988,10 @@ fn ihmi_kvm_passes_only_with_one_matching_event_per_reflected_exit() {
         WrongMemory,
         /// Not a fault: the `vmcs12-region` attacker's line, which that scenario needs.
         RegionLine,
+        /// Not a fault: the L1 VMM's line for the `kvm-l2-vmfunc` guest's one #UD.
+        VmfuncLine,
+        /// That line, and a VMFUNC exit from L2 (VMCS02 with VM functions).
+        VmfuncExit,
     }
     const AT: u64 = 0xffff_ffff_81c4_79d0;
     const WAS: u64 = 0xffff_ffff_8106_1000;
@@ -2002,6 +2006,19 @@ fn ihmi_kvm_passes_only_with_one_matching_event_per_reflected_exit() {
             log.record(&Observation::DebugLine {
                 line: region_line.as_bytes(),
                 exits: 0,
+            });
+        }
+        let vmfunc_line = std::format!("{}1", ihmi_abi::attack::IHMI_L2_VMFUNC_REPORT);
+        if matches!(fault, Fault::VmfuncLine | Fault::VmfuncExit) {
+            log.record(&Observation::DebugLine {
+                line: vmfunc_line.as_bytes(),
+                exits: 0,
+            });
+        }
+        if fault == Fault::VmfuncExit {
+            log.record(&Observation::L2Exit {
+                reason: ExitReason::Vmfunc,
+                reflected: false,
             });
         }
         if let Some((line, _)) = attack {
@@ -2156,6 +2173,15 @@ fn ihmi_kvm_passes_only_with_one_matching_event_per_reflected_exit() {
         ),
         Verdict::Fail(FailReason::NestedRun(_))
     ));
+    // VMFUNC from L2: one #UD reported and no VMFUNC exit passes; no report, or a VMFUNC exit, fails.
+    let vmfunc = Scenario::IhmiAttack(ihmi_abi::attack::IhmiAttack::L2Vmfunc);
+    assert_eq!(run_attacked(vmfunc, Fault::VmfuncLine, None), Verdict::Pass);
+    for fault in [Fault::None, Fault::VmfuncExit] {
+        assert!(matches!(
+            run_attacked(vmfunc, fault, None),
+            Verdict::Fail(FailReason::AttackNotBlocked(_))
+        ));
+    }
     // No line from the attacker, or an integrity event in a run nobody attacked: both fail.
     assert!(matches!(
         run_attacked(

@@ -52,7 +52,9 @@
 //!     mapping as the guest's memory): the page of `vmx_handle_exit`, where the guest writes a NOP
 //!     over the monitor's call, from inside KVM's guest;
 //!   - `kvm-l2-map-monitor`: the same with the monitor's last page (from `ihmi.monitor=`), which
-//!     the guest writes.
+//!     the guest writes;
+//!   - `kvm-l2-vmfunc`: run the probe as a guest that executes VMFUNC (EPTP index 1, the monitor's
+//!     view in L1's list), with a #UD handler that reports the fault and goes on.
 //!
 //! Each step is told to L0 on port 0xE9. A blocked write or read stops the guest: it never returns.
 
@@ -88,6 +90,7 @@ fn main() -> ExitCode {
             IhmiAttack::Vmcs12Region => vmcs12_region(&cmdline),
             IhmiAttack::L2Map => kvm_l2_map(None),
             IhmiAttack::L2MapMonitor => kvm_l2_map(Some(&cmdline)),
+            IhmiAttack::L2Vmfunc => kvm_l2_vmfunc(),
         };
         return match result {
             Ok(()) => ExitCode::SUCCESS,
@@ -480,6 +483,20 @@ fn kvm_l2_map(monitor: Option<&str>) -> Result<(), String> {
         "ihmi-attack: KVM's guest ran with the page at {site:#x} as its memory ({status}): its write went through"
     ));
     Ok(())
+}
+
+fn kvm_l2_vmfunc() -> Result<(), String> {
+    say("ihmi-attack: running KVM's guest with a VMFUNC to EPTP index 1");
+    let status = std::process::Command::new("/bin/ihmi-l1-vmm")
+        .args(["--probe", "--attack-vmfunc"])
+        .status()
+        .map_err(|e| format!("/bin/ihmi-l1-vmm: {e}"))?;
+    say(&format!("ihmi-attack: the probe ended ({status})"));
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("the L1 VMM failed ({status})"))
+    }
 }
 
 fn kernel_text() -> Result<(), String> {
