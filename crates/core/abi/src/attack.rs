@@ -324,17 +324,24 @@ pub enum IhmiAttack {
     /// with EPTP index 1, the monitor's view in L1's EPTP list. VMCS02 never has VM functions, so
     /// the CPU raises #UD in L2 (KVM passes it back to its guest) and nothing switches.
     L2Vmfunc = 5,
+    /// 12.6, rewrite VMCS12's host state: from ring 0 (the `forge` foothold: a page of its own made
+    /// supervisor-executable and run as a sysctl handler), VMWRITE HOST_RIP of the VMCS KVM made
+    /// current for its vCPU to the address of `_text`, as if to take the next exit of L2 there. L0's
+    /// host-state check must refuse KVM's next entry (VMfailValid 8) with a `vmcs12-host-state`
+    /// alert, and L1 must run on.
+    HostState = 6,
 }
 
 impl IhmiAttack {
     /// Every attack, in the order `ihmi test` runs them.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::ExitHandler,
         Self::KvmText,
         Self::Vmcs12Region,
         Self::L2Map,
         Self::L2MapMonitor,
         Self::L2Vmfunc,
+        Self::HostState,
     ];
 
     /// The name in the scenario's (`ihmi-attack-` and this).
@@ -347,6 +354,7 @@ impl IhmiAttack {
             Self::L2Map => "l2-map",
             Self::L2MapMonitor => "l2-map-monitor",
             Self::L2Vmfunc => "l2-vmfunc",
+            Self::HostState => "host-state",
         }
     }
 
@@ -360,6 +368,7 @@ impl IhmiAttack {
             Self::L2Map => "ihmi-attack-l2-map",
             Self::L2MapMonitor => "ihmi-attack-l2-map-monitor",
             Self::L2Vmfunc => "ihmi-attack-l2-vmfunc",
+            Self::HostState => "ihmi-attack-host-state",
         }
     }
 
@@ -373,6 +382,7 @@ impl IhmiAttack {
             Self::L2Map => "ihmi.attack=kvm-l2-map",
             Self::L2MapMonitor => "ihmi.attack=kvm-l2-map-monitor",
             Self::L2Vmfunc => "ihmi.attack=kvm-l2-vmfunc",
+            Self::HostState => "ihmi.attack=kvm-host-state",
         }
     }
 
@@ -397,6 +407,10 @@ pub const IHMI_L2_MAP_MONITOR_LINE: &str =
 /// VMM puts on what its guest sent): then the #UD exceptions the guest's handler reported, in
 /// decimal.
 pub const IHMI_L2_VMFUNC_REPORT: &str = "l2: ihmi-l2: VMFUNC raised #UD, times: ";
+
+/// How the `kvm-host-state` attacker's line starts once its VMWRITE went through: then the value it
+/// wrote into HOST_RIP, in hex.
+pub const IHMI_HOST_STATE_LINE: &str = "ihmi-attack: VMWRITE of KVM's HOST_RIP from ring 0 took ";
 
 /// Where the `kvm-l2-map` attacker's VMM puts the page in its guest's physical memory (past the
 /// probe's own 2 MiB).

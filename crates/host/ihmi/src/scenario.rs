@@ -117,6 +117,9 @@ pub fn kernel_args(name: &str) -> &'static str {
             IhmiAttack::L2Vmfunc => {
                 "ihmi.nested=kvm ihmi.attack=kvm-l2-vmfunc kvm_intel.ept=0 kvm_intel.nested=0"
             }
+            IhmiAttack::HostState => {
+                "ihmi.nested=kvm ihmi.attack=kvm-host-state kvm_intel.ept=0 kvm_intel.nested=0"
+            }
         },
         // The same KVM, after /init's workload under the in-box monitors.
         Some(ihmi_abi::Scenario::NestedKvmSim) => {
@@ -352,7 +355,8 @@ mod tests {
                 "ihmi-attack-vmcs12-region",
                 "ihmi-attack-l2-map",
                 "ihmi-attack-l2-map-monitor",
-                "ihmi-attack-l2-vmfunc"
+                "ihmi-attack-l2-vmfunc",
+                "ihmi-attack-host-state"
             ]
         );
         // Each IHMI attack tells the attacker which attack, by the word it looks for.

@@ -339,6 +339,8 @@ pub struct ScenarioLog {
     /// functions).
     pub l2_vmfunc_faults: Option<u64>,
     pub l2_vmfunc_exits: u64,
+    /// `ihmi-attack-host-state`: what the attacker says its VMWRITE put in HOST_RIP.
+    pub host_state_attack: Option<u64>,
     pub vmcs12_regions_overwritten: Option<u64>,
     /// `nested-kvm-sim`: the exec monitor let the L1 VMM start (allowed executions of it), and the
     /// system-call monitor saw its `ioctl`s (to KVM).
@@ -416,6 +418,14 @@ impl ScenarioLog {
                     .and_then(parse_hex)
                 {
                     self.l2_map_monitor_attack = Some(at);
+                }
+                let written = ihmi_abi::attack::IHMI_HOST_STATE_LINE.as_bytes();
+                if let Some(at) = line
+                    .strip_prefix(written)
+                    .and_then(|hex| hex.strip_prefix(b"0x"))
+                    .and_then(parse_hex)
+                {
+                    self.host_state_attack = Some(at);
                 }
                 let faults = ihmi_abi::attack::IHMI_L2_VMFUNC_REPORT.as_bytes();
                 if let Some(n) = line.strip_prefix(faults).and_then(parse_decimal) {
@@ -1135,6 +1145,24 @@ fn check(
                 ));
             }
             check_ihmi_kvm(log, None)
+        }
+        // The VMWRITE of HOST_RIP went through (host state is L1's to write), and L0 refused KVM's
+        // next entry for it, naming the field and the value; L1 ran on to /init's end.
+        Scenario::IhmiAttack(IhmiAttack::HostState) => {
+            let Some(evil) = log.host_state_attack else {
+                return Err(FailReason::NestedRun(
+                    "the attacker did not say its VMWRITE went through (see the guest's console)",
+                ));
+            };
+            let refused = log.alerts().iter().any(|a| {
+                matches!(a, Alert::Vmcs12HostState { field: "HOST_RIP", found, .. } if *found == evil)
+            });
+            if !refused {
+                return Err(FailReason::AttackNotBlocked(
+                    "rewriting VMCS12's HOST_RIP (no entry refused with a vmcs12-host-state alert naming it)",
+                ));
+            }
+            linux_run_ended_well(log)
         }
         Scenario::IhmiAttack(a @ (IhmiAttack::L2Map | IhmiAttack::L2MapMonitor)) => {
             check_ihmi_l2_map(log, a == IhmiAttack::L2MapMonitor)

