@@ -109,6 +109,16 @@ fuzz_target!(|input: Input| {
             site_pa: Gpa::new(0x104_2b60),
             trampoline: Gva::new(0xffff_ffff_8200_0300),
         }),
+        memslot_hook: Some(HookSite {
+            site: Gva::new(0xffff_ffff_8103_5962),
+            site_pa: Gpa::new(0x103_5962),
+            trampoline: Gva::new(0xffff_ffff_8200_0360),
+        }),
+        vcpu_create_hook: Some(HookSite {
+            site: Gva::new(0xffff_ffff_8103_78bf),
+            site_pa: Gpa::new(0x103_78bf),
+            trampoline: Gva::new(0xffff_ffff_8200_03c0),
+        }),
     };
     let mut hv = Hypervisor::new(map);
     hv.outbox_monitor = input.outbox;

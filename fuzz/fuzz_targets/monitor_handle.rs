@@ -14,8 +14,8 @@ use arbitrary::Arbitrary;
 use ihmi_abi::monitor::{Entry, Verdict};
 use ihmi_addr::{Gpa, Gva};
 use ihmi_monitor::{
-    CallContext, Event, EventKind, EventRing, FileLayout, KvmHook, KvmMapHook, Monitor, OsProfile,
-    Policy,
+    CallContext, Event, EventKind, EventRing, FileLayout, KvmHook, KvmMapHook, KvmVmHooks, Monitor,
+    OsProfile, Policy,
 };
 
 /// Entries of the fuzzed KVM exit-handler table.
@@ -116,6 +116,19 @@ fuzz_target!(|input: Input| {
                         [0x1ddb_000, 0x200_0000],
                     ],
                 }),
+                // And its memslot and vCPU hooks.
+                vm: Some(KvmVmHooks {
+                    memslot_returns: [0xffff_ffff_8200_0363, 0xffff_ffff_8103_5967],
+                    vcpu_returns: [0xffff_ffff_8200_03b3, 0xffff_ffff_8103_78c4],
+                    slot_base_gfn: 0x60,
+                    slot_npages: 0x68,
+                    slot_userspace_addr: 0x98,
+                    slot_id: 0xa4,
+                    slot_as_id: 0xa6,
+                    slot_flags: 0xa0,
+                    vcpu_kvm: 0,
+                    vcpu_id: 0x30,
+                }),
             })
     } else {
         OsProfile::testguest(Gva::new(0x10_2000))
@@ -139,7 +152,7 @@ fuzz_target!(|input: Input| {
         };
         let produced = ring.produced();
         let verdict = monitor.handle(
-            u64::from(call.code % 9),
+            u64::from(call.code % 11),
             call.args,
             &ctx,
             &memory,

@@ -157,9 +157,13 @@ pub struct LinuxGateInfo {
     /// The same for the KVM exit hook's trampoline.
     pub kvm_exit_trampoline: Gva,
     pub kvm_exit_return: Gva,
-    /// The same for the KVM mapping hook's trampoline.
+    /// The same for the KVM mapping hook's trampoline, and the memslot and vCPU hooks'.
     pub l2_map_trampoline: Gva,
     pub l2_map_return: Gva,
+    pub memslot_trampoline: Gva,
+    pub memslot_return: Gva,
+    pub vcpu_create_trampoline: Gva,
+    pub vcpu_create_return: Gva,
     /// Out of the box: the call stub's VMCALL, the only place a `Monitor` hypercall of a Linux guest
     /// may come from.
     pub call_vmcall: Option<Gva>,
@@ -740,6 +744,8 @@ fn linux_gate(
         "ihmi_hook_io_uring_gate_imm",
         "ihmi_hook_kvm_exit_gate_imm",
         "ihmi_hook_l2_map_gate_imm",
+        "ihmi_hook_memslot_gate_imm",
+        "ihmi_hook_vcpu_create_gate_imm",
     ] {
         patch_movabs(mem, place, image, imm, in_gate(hook_call)?.raw())?;
     }
@@ -761,6 +767,10 @@ fn linux_gate(
         kvm_exit_return: in_slot("ihmi_hook_kvm_exit_gate_return")?,
         l2_map_trampoline: in_slot("ihmi_hook_l2_map")?,
         l2_map_return: in_slot("ihmi_hook_l2_map_gate_return")?,
+        memslot_trampoline: in_slot("ihmi_hook_memslot")?,
+        memslot_return: in_slot("ihmi_hook_memslot_gate_return")?,
+        vcpu_create_trampoline: in_slot("ihmi_hook_vcpu_create")?,
+        vcpu_create_return: in_slot("ihmi_hook_vcpu_create_gate_return")?,
         hook_table: pages.hook_table,
         call_vmcall: if outbox {
             Some(in_gate("ihmi_outbox_call_vmcall")?)
@@ -866,6 +876,15 @@ fn write_config(
                 if let Some(image) = os.image() {
                     kvm.image = image.map(|r| [r.start.raw(), r.end.raw()]);
                 }
+                kvm.memslot_hook_return = g.memslot_return.raw();
+                kvm.memslot_site_return = k.commit_memory_region + 5;
+                kvm.vcpu_hook_return = g.vcpu_create_return.raw();
+                kvm.vcpu_site_return = k.vcpu_create + 5;
+                kvm.slot_id_offset = k.slot_id.offset;
+                kvm.slot_as_id_offset = k.slot_as_id.offset;
+                kvm.slot_flags_offset = k.slot_flags.offset;
+                kvm.vcpu_kvm_offset = k.vcpu_kvm.offset;
+                kvm.vcpu_id_offset = k.vcpu_id.offset;
             }
         }
     }

@@ -405,6 +405,22 @@ fn guard(
             }),
             None => None,
         },
+        memslot_hook: match &p.kvm {
+            Some(k) => Some(HookSite {
+                site: Gva::new(k.commit_memory_region),
+                site_pa: l.text_pa(k.commit_memory_region, memory)?,
+                trampoline: info.memslot_trampoline,
+            }),
+            None => None,
+        },
+        vcpu_create_hook: match &p.kvm {
+            Some(k) => Some(HookSite {
+                site: Gva::new(k.vcpu_create),
+                site_pa: l.text_pa(k.vcpu_create, memory)?,
+                trampoline: info.vcpu_create_trampoline,
+            }),
+            None => None,
+        },
     })))
 }
 

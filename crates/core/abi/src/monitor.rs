@@ -33,6 +33,13 @@ pub enum RequestCode {
     /// GVA of the `kvm_memory_slot`, the guest frame number, the host frame number), from the hook in
     /// `make_spte`.
     L2Map = 8,
+    /// Linux with KVM: KVM commits a memslot change it accepted: args = (GVA of the `kvm`, of the
+    /// old slot (0 when created), of the new slot (0 when deleted), the change: 0 create, 1 delete,
+    /// 2 move, 3 flags only), from the hook in `kvm_arch_commit_memory_region`.
+    Memslot = 9,
+    /// Linux with KVM: KVM creates a vCPU: args = (GVA of the `kvm_vcpu`, 0, 0, 0), from the hook
+    /// in `kvm_arch_vcpu_create`.
+    VcpuCreate = 10,
 }
 
 /// Which way a request reached the monitor, as the gate code itself (in the box) or L0 (out of it)
@@ -130,6 +137,8 @@ impl RequestCode {
             6 => Self::IoUring,
             7 => Self::KvmExit,
             8 => Self::L2Map,
+            9 => Self::Memslot,
+            10 => Self::VcpuCreate,
             _ => return None,
         })
     }
@@ -266,6 +275,18 @@ pub struct KvmOffsets {
     /// zero-initialised data, guest-physical `[start, end)` each. No mapping KVM makes for its guest
     /// may reach into them.
     pub image: [[u64; 2]; KERNEL_IMAGE_RANGES],
+    /// The memslot hook (`kvm_arch_commit_memory_region`) and the vCPU hook
+    /// (`kvm_arch_vcpu_create`): their returns as for the mapping hook, 0 without them.
+    pub memslot_hook_return: u64,
+    pub memslot_site_return: u64,
+    pub vcpu_hook_return: u64,
+    pub vcpu_site_return: u64,
+    /// Offsets of `kvm_memory_slot.id`, `.as_id`, `.flags`, and of `kvm_vcpu.kvm`, `.vcpu_id`.
+    pub slot_id_offset: u64,
+    pub slot_as_id_offset: u64,
+    pub slot_flags_offset: u64,
+    pub vcpu_kvm_offset: u64,
+    pub vcpu_id_offset: u64,
 }
 
 /// The ranges of [`KvmOffsets::image`].
@@ -287,6 +308,15 @@ impl Default for KvmOffsets {
             slot_userspace_addr_offset: 0,
             mmu_page_role_offset: 0,
             image: [[0; 2]; KERNEL_IMAGE_RANGES],
+            memslot_hook_return: 0,
+            memslot_site_return: 0,
+            vcpu_hook_return: 0,
+            vcpu_site_return: 0,
+            slot_id_offset: 0,
+            slot_as_id_offset: 0,
+            slot_flags_offset: 0,
+            vcpu_kvm_offset: 0,
+            vcpu_id_offset: 0,
         }
     }
 }

@@ -162,6 +162,8 @@ pub(crate) fn linux_guarded() -> (TestHv, MockPlatform, crate::LinuxGate) {
         io_uring_hook: None,
         kvm_exit_hook: None,
         l2_map_hook: None,
+        memslot_hook: None,
+        vcpu_create_hook: None,
     };
     let guard = h.guard.unwrap();
     h.guard = Some(crate::Guard::new(guard.views, None).with_linux_gate(gate));

@@ -3,7 +3,7 @@
 //! the host writes it with [`fmt::Display`], L0 reads it with [`LinuxProfile::parse`].
 //!
 //! ```text
-//! ihmi-linux-profile 6
+//! ihmi-linux-profile 7
 //! symbol current_task 0xffffffff8180a8c0
 //! field task_struct.pid 0x4b8 4
 //! size page 64
@@ -13,7 +13,7 @@
 use core::fmt;
 
 /// The first line.
-const HEADER: &str = "ihmi-linux-profile 6";
+const HEADER: &str = "ihmi-linux-profile 7";
 
 /// The kernel PGD of a CR3: its root without PCID or flags and, when page-table isolation is built in
 /// (every PGD an 8 KiB pair, kernel half first), without bit 12, since a user CR3 points at the user
@@ -123,14 +123,33 @@ pub struct KvmProfile {
     pub slot_npages: Field,
     pub slot_userspace_addr: Field,
     pub mmu_page_role: Field,
+    /// `kvm_arch_commit_memory_region(struct kvm *, struct kvm_memory_slot *old, const struct
+    /// kvm_memory_slot *new, enum kvm_mr_change)`: every memslot change KVM has accepted, as it
+    /// commits it; and `kvm_arch_vcpu_create(struct kvm_vcpu *)`: every vCPU KVM creates, with its
+    /// `kvm` and `vcpu_id` set.
+    pub commit_memory_region: u64,
+    pub vcpu_create: u64,
+    /// `kvm_memory_slot.id` (2 bytes), `.as_id` (2), `.flags` (4); `kvm_vcpu.kvm` (8) and
+    /// `.vcpu_id` (4).
+    pub slot_id: Field,
+    pub slot_as_id: Field,
+    pub slot_flags: Field,
+    pub vcpu_kvm: Field,
+    pub vcpu_id: Field,
 }
 
-/// The `field` lines of the mapping hook's members, in [`KvmProfile`] order.
-const KVM_MAP_FIELD_NAMES: [&str; 4] = [
-    "kvm_memory_slot.base_gfn",
-    "kvm_memory_slot.npages",
-    "kvm_memory_slot.userspace_addr",
-    "kvm_mmu_page.role",
+/// The `field` lines of the KVM hooks' members, in [`KvmProfile`] order, with the size each must
+/// have.
+const KVM_MAP_FIELD_NAMES: [(&str, u64); 9] = [
+    ("kvm_memory_slot.base_gfn", 8),
+    ("kvm_memory_slot.npages", 8),
+    ("kvm_memory_slot.userspace_addr", 8),
+    ("kvm_mmu_page.role", 4),
+    ("kvm_memory_slot.id", 2),
+    ("kvm_memory_slot.as_id", 2),
+    ("kvm_memory_slot.flags", 4),
+    ("kvm_vcpu.kvm", 8),
+    ("kvm_vcpu.vcpu_id", 4),
 ];
 
 impl Default for KvmProfile {
@@ -147,6 +166,13 @@ impl Default for KvmProfile {
             slot_npages: Field::default(),
             slot_userspace_addr: Field::default(),
             mmu_page_role: Field::default(),
+            commit_memory_region: 0,
+            vcpu_create: 0,
+            slot_id: Field::default(),
+            slot_as_id: Field::default(),
+            slot_flags: Field::default(),
+            vcpu_kvm: Field::default(),
+            vcpu_id: Field::default(),
         }
     }
 }
@@ -158,23 +184,33 @@ impl KvmProfile {
         &self.exit_handler_values[..self.exit_handler_count.min(MAX_EXIT_HANDLERS)]
     }
 
-    fn map_fields_mut(&mut self) -> [&mut Field; 4] {
+    fn map_fields_mut(&mut self) -> [&mut Field; 9] {
         [
             &mut self.slot_base_gfn,
             &mut self.slot_npages,
             &mut self.slot_userspace_addr,
             &mut self.mmu_page_role,
+            &mut self.slot_id,
+            &mut self.slot_as_id,
+            &mut self.slot_flags,
+            &mut self.vcpu_kvm,
+            &mut self.vcpu_id,
         ]
     }
 
     /// The mapping hook's members, in `KVM_MAP_FIELD_NAMES` order.
     #[must_use]
-    pub const fn map_fields(&self) -> [Field; 4] {
+    pub const fn map_fields(&self) -> [Field; 9] {
         [
             self.slot_base_gfn,
             self.slot_npages,
             self.slot_userspace_addr,
             self.mmu_page_role,
+            self.slot_id,
+            self.slot_as_id,
+            self.slot_flags,
+            self.vcpu_kvm,
+            self.vcpu_id,
         ]
     }
 }
@@ -304,7 +340,7 @@ impl LinuxProfile {
         // The io_uring entries are optional, but come together.
         let mut io_uring_seen = 0u8;
         // So are the KVM entries.
-        let mut kvm_seen = 0u16;
+        let mut kvm_seen = 0u32;
         let mut files_seen = 0u32;
         for (i, line) in lines {
             let n = i + 1;
@@ -360,6 +396,18 @@ impl LinuxProfile {
                             kvm_seen |= 16;
                             continue;
                         }
+                        "kvm_arch_commit_memory_region" => {
+                            p.kvm
+                                .get_or_insert_with(Default::default)
+                                .commit_memory_region = v;
+                            kvm_seen |= 32;
+                            continue;
+                        }
+                        "kvm_arch_vcpu_create" => {
+                            p.kvm.get_or_insert_with(Default::default).vcpu_create = v;
+                            kvm_seen |= 64;
+                            continue;
+                        }
                         _ => return Err(ProfileError::Line(n)),
                     };
                     *slot = v;
@@ -387,9 +435,9 @@ impl LinuxProfile {
                             continue;
                         }
                         other => {
-                            if let Some(i) = KVM_MAP_FIELD_NAMES.iter().position(|&x| x == other) {
+                            if let Some(i) = KVM_MAP_FIELD_NAMES.iter().position(|x| x.0 == other) {
                                 *p.kvm.get_or_insert_with(Default::default).map_fields_mut()[i] = f;
-                                kvm_seen |= 32 << i;
+                                kvm_seen |= 256 << i;
                                 continue;
                             }
                             match FILE_FIELD_NAMES.iter().position(|&x| x == other) {
@@ -484,15 +532,21 @@ impl LinuxProfile {
             _ => return Err(ProfileError::Missing("symbol io_issue_sqe")),
         }
         match kvm_seen {
-            0 | 0x1ff => {}
+            0 | 0x1_ff7f => {}
             s if s & 1 == 0 => return Err(ProfileError::Missing("symbol vmx_handle_exit")),
             s if s & 8 == 0 => return Err(ProfileError::Missing("symbol vmx_vmexit")),
             s if s & 2 == 0 => return Err(ProfileError::Missing("field kvm_vcpu.exit_reason")),
             s if s & 4 == 0 => return Err(ProfileError::Missing("table kvm_vmx_exit_handlers")),
             s if s & 16 == 0 => return Err(ProfileError::Missing("symbol make_spte")),
+            s if s & 32 == 0 => {
+                return Err(ProfileError::Missing(
+                    "symbol kvm_arch_commit_memory_region",
+                ))
+            }
+            s if s & 64 == 0 => return Err(ProfileError::Missing("symbol kvm_arch_vcpu_create")),
             s => {
-                let i = (0..4).find(|i| s & (32 << i) == 0).unwrap_or(0);
-                return Err(ProfileError::MissingField(KVM_MAP_FIELD_NAMES[i]));
+                let i = (0..9).find(|i| s & (256 << i) == 0).unwrap_or(0);
+                return Err(ProfileError::MissingField(KVM_MAP_FIELD_NAMES[i].0));
             }
         }
         if let Some(k) = &p.kvm {
@@ -502,8 +556,7 @@ impl LinuxProfile {
             if k.exit_handlers % 8 != 0 || k.exit_handler_count == 0 {
                 return Err(ProfileError::Implausible("table kvm_vmx_exit_handlers"));
             }
-            for (name, f) in KVM_MAP_FIELD_NAMES.iter().zip(k.map_fields()) {
-                let size = if *name == "kvm_mmu_page.role" { 4 } else { 8 };
+            for (&(name, size), f) in KVM_MAP_FIELD_NAMES.iter().zip(k.map_fields()) {
                 if f.size != size || f.offset % size != 0 {
                     return Err(ProfileError::Implausible(name));
                 }
@@ -565,7 +618,13 @@ impl fmt::Display for LinuxProfile {
             writeln!(f, "symbol vmx_handle_exit {:#x}", k.handle_exit)?;
             writeln!(f, "symbol vmx_vmexit {:#x}", k.vmx_vmexit)?;
             writeln!(f, "symbol make_spte {:#x}", k.make_spte)?;
-            for (name, fld) in KVM_MAP_FIELD_NAMES.iter().zip(k.map_fields()) {
+            writeln!(
+                f,
+                "symbol kvm_arch_commit_memory_region {:#x}",
+                k.commit_memory_region
+            )?;
+            writeln!(f, "symbol kvm_arch_vcpu_create {:#x}", k.vcpu_create)?;
+            for ((name, _), fld) in KVM_MAP_FIELD_NAMES.iter().zip(k.map_fields()) {
                 writeln!(f, "field {name} {:#x} {}", fld.offset, fld.size)?;
             }
             writeln!(
@@ -707,6 +766,25 @@ mod tests {
                     offset: 0x2c,
                     size: 4,
                 },
+                commit_memory_region: 0xffff_ffff_8103_5962,
+                vcpu_create: 0xffff_ffff_8103_78bf,
+                slot_id: Field {
+                    offset: 0xa4,
+                    size: 2,
+                },
+                slot_as_id: Field {
+                    offset: 0xa6,
+                    size: 2,
+                },
+                slot_flags: Field {
+                    offset: 0xa0,
+                    size: 4,
+                },
+                vcpu_kvm: Field { offset: 0, size: 8 },
+                vcpu_id: Field {
+                    offset: 0x30,
+                    size: 4,
+                },
             }),
         }
     }
@@ -722,7 +800,7 @@ mod tests {
     #[test]
     fn written_profiles_read_back() {
         let text = sample().to_string();
-        assert!(text.starts_with("ihmi-linux-profile 6\n"));
+        assert!(text.starts_with("ihmi-linux-profile 7\n"));
         assert_eq!(LinuxProfile::parse(&text), Ok(sample()));
     }
 
@@ -764,6 +842,14 @@ mod tests {
         assert_eq!(
             LinuxProfile::parse(&without("userspace_addr")),
             Err(ProfileError::MissingField("kvm_memory_slot.userspace_addr"))
+        );
+        assert_eq!(
+            LinuxProfile::parse(&without("kvm_arch_vcpu_create")),
+            Err(ProfileError::Missing("symbol kvm_arch_vcpu_create"))
+        );
+        assert_eq!(
+            LinuxProfile::parse(&without("vcpu_id")),
+            Err(ProfileError::MissingField("kvm_vcpu.vcpu_id"))
         );
         assert_eq!(
             LinuxProfile::parse(

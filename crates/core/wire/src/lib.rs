@@ -299,6 +299,37 @@ pub enum EventLine<S> {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         what: Option<S>,
     },
+    /// KVM (watched by the in-hypervisor monitor) commits a memslot change its VMM asked for.
+    Memslot {
+        seq: u64,
+        tsc: u64,
+        mode: S,
+        pid: u32,
+        comm: S,
+        /// The VM (`struct kvm`), the change (`create`, `delete`, `move`, `flags`), and the slot as
+        /// it is now: id, address space, first guest frame, frames, the VMM's address, flags.
+        kvm: u64,
+        change: S,
+        slot: u64,
+        as_id: u64,
+        base_gfn: u64,
+        npages: u64,
+        hva: u64,
+        flags: u64,
+        verdict: S,
+    },
+    /// KVM (watched by the in-hypervisor monitor) creates a vCPU.
+    VcpuCreate {
+        seq: u64,
+        tsc: u64,
+        mode: S,
+        pid: u32,
+        comm: S,
+        vcpu: u64,
+        kvm: u64,
+        vcpu_id: u64,
+        verdict: S,
+    },
     /// KVM (watched by the in-hypervisor monitor) is about to map a page of its guest.
     L2Map {
         seq: u64,
@@ -352,7 +383,9 @@ impl<S> EventLine<S> {
             | Self::Exec { pid, .. }
             | Self::IoUring { pid, .. }
             | Self::KvmExit { pid, .. }
-            | Self::L2Map { pid, .. } => Some(*pid),
+            | Self::L2Map { pid, .. }
+            | Self::Memslot { pid, .. }
+            | Self::VcpuCreate { pid, .. } => Some(*pid),
             Self::Rejected { .. } | Self::Integrity { .. } | Self::Invalid { .. } => None,
         }
     }
@@ -366,6 +399,8 @@ impl<S> EventLine<S> {
             | Self::IoUring { seq, .. }
             | Self::KvmExit { seq, .. }
             | Self::L2Map { seq, .. }
+            | Self::Memslot { seq, .. }
+            | Self::VcpuCreate { seq, .. }
             | Self::Integrity { seq, .. }
             | Self::Rejected { seq, .. }
             | Self::Invalid { seq, .. } => *seq,
@@ -426,6 +461,32 @@ impl EventLine<alloc::string::String> {
                 // Where KVM allocated the vCPU is the allocator's choice, as a user pointer is.
                 if args_aside {
                     *vcpu = 0;
+                }
+            }
+            Self::Memslot {
+                seq,
+                tsc,
+                mode,
+                kvm,
+                hva,
+                ..
+            } => {
+                clear(seq, tsc, mode);
+                if args_aside {
+                    (*kvm, *hva) = (0, 0);
+                }
+            }
+            Self::VcpuCreate {
+                seq,
+                tsc,
+                mode,
+                vcpu,
+                kvm,
+                ..
+            } => {
+                clear(seq, tsc, mode);
+                if args_aside {
+                    (*vcpu, *kvm) = (0, 0);
                 }
             }
             Self::L2Map {

@@ -59,6 +59,9 @@ pub struct Summary {
     /// the VM's own memory.
     pub l2_maps: u64,
     pub l2_maps_wrong: u64,
+    /// Memslot changes and vCPUs KVM made, as the monitor saw them.
+    pub memslots: u64,
+    pub vcpus: u64,
     /// Events the ring dropped (L0's count), if the run said.
     pub dropped: Option<u64>,
 }
@@ -135,6 +138,8 @@ impl Summary {
                 } => s
                     .integrity
                     .push((property, index, address, expected, found, what)),
+                EventLine::Memslot { .. } => s.memslots += 1,
+                EventLine::VcpuCreate { .. } => s.vcpus += 1,
                 EventLine::L2Map { memory, .. } => {
                     s.l2_maps += 1;
                     s.l2_maps_wrong += u64::from(memory != "vm");
@@ -226,6 +231,11 @@ impl Summary {
                 out,
                 "  mappings KVM made for its guest, checked by the monitor: {} ({} onto memory not the VM's own)",
                 self.l2_maps, self.l2_maps_wrong
+            );
+            let _ = writeln!(
+                out,
+                "  memslot changes KVM committed: {}; vCPUs it created: {}",
+                self.memslots, self.vcpus
             );
             for (property, index, address, expected, found, what) in &self.integrity {
                 let _ = match what {

@@ -693,6 +693,13 @@ fn kvm_profile(
         slot_npages: member("kvm_memory_slot", "npages")?,
         slot_userspace_addr: member("kvm_memory_slot", "userspace_addr")?,
         mmu_page_role: member("kvm_mmu_page", "role")?,
+        commit_memory_region: map.require("kvm_arch_commit_memory_region")?,
+        vcpu_create: map.require("kvm_arch_vcpu_create")?,
+        slot_id: member("kvm_memory_slot", "id")?,
+        slot_as_id: member("kvm_memory_slot", "as_id")?,
+        slot_flags: member("kvm_memory_slot", "flags")?,
+        vcpu_kvm: member("kvm_vcpu", "kvm")?,
+        vcpu_id: member("kvm_vcpu", "vcpu_id")?,
     })
 }
 

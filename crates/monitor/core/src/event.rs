@@ -46,6 +46,26 @@ pub enum EventKind {
     /// `kvm_vcpu`, the host frame, the VMM's address of the guest page, the mapping's level: 1 for
     /// 4 KiB, 2 for 2 MiB, 3 for 1 GiB).
     L2Map = 8,
+    /// Linux with KVM: KVM commits a memslot change: `pid` and `comm` are the thread (the VMM's),
+    /// `detail` the change (0 create, 1 delete, 2 move, 3 flags only), `nr` the slot's first guest
+    /// frame, `args` = (the `kvm`, its frames, the VMM's address of them, id | as_id << 16 | flags
+    /// << 32).
+    Memslot = 9,
+    /// Linux with KVM: KVM creates a vCPU: `nr` is its id, `args` = (the `kvm_vcpu`, its `kvm`, 0,
+    /// 0).
+    VcpuCreate = 10,
+}
+
+/// The name of a memslot change (`enum kvm_mr_change`).
+#[must_use]
+pub const fn memslot_change_name(change: u16) -> &'static str {
+    match change {
+        0 => "create",
+        1 => "delete",
+        2 => "move",
+        3 => "flags",
+        _ => "unknown",
+    }
 }
 
 /// What the frame of a mapping KVM makes for its guest is (P4: only the VM's own memory is right).
@@ -131,6 +151,8 @@ impl EventKind {
             6 => Self::KvmExit,
             7 => Self::Integrity,
             8 => Self::L2Map,
+            9 => Self::Memslot,
+            10 => Self::VcpuCreate,
             _ => return None,
         })
     }
@@ -147,6 +169,8 @@ impl EventKind {
             Self::KvmExit => "kvm_exit",
             Self::Integrity => "integrity",
             Self::L2Map => "l2_map",
+            Self::Memslot => "memslot",
+            Self::VcpuCreate => "vcpu_create",
         }
     }
 }
@@ -410,6 +434,33 @@ impl Event {
                     )),
                     _ => None,
                 },
+            },
+            EventKind::Memslot => EventLine::Memslot {
+                seq,
+                tsc,
+                mode,
+                pid: self.pid,
+                comm,
+                kvm: self.args[0],
+                change: Text::Str(memslot_change_name(self.detail)),
+                slot: self.args[3] & 0xffff,
+                as_id: (self.args[3] >> 16) & 0xffff,
+                base_gfn: self.nr,
+                npages: self.args[1],
+                hva: self.args[2],
+                flags: self.args[3] >> 32,
+                verdict,
+            },
+            EventKind::VcpuCreate => EventLine::VcpuCreate {
+                seq,
+                tsc,
+                mode,
+                pid: self.pid,
+                comm,
+                vcpu: self.args[0],
+                kvm: self.args[1],
+                vcpu_id: self.nr,
+                verdict,
             },
             EventKind::L2Map => EventLine::L2Map {
                 seq,

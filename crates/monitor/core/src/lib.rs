@@ -18,7 +18,7 @@ use ihmi_paging::{Cr3, GuestPhysRead};
 pub use event::{Event, EventKind, EventRing, IntegrityProperty, L2Memory, RejectReason};
 pub use identity::{DigestCache, FileLayout, IdentityError};
 pub use introspect::{IntrospectError, Introspector, TranslationCache};
-pub use os::{IoUringHook, KvmHook, KvmMapHook, OsProfile, ProcessInfo};
+pub use os::{IoUringHook, KvmHook, KvmMapHook, KvmVmHooks, OsProfile, ProcessInfo};
 pub use policy::Policy;
 
 /// What the caller of the entry point knows that the guest cannot forge: the guest's CR3 at the call
@@ -181,6 +181,8 @@ impl Monitor {
             Some(RequestCode::IoUring) => st.on_io_uring(&intro, args, ctx).map(Some),
             Some(RequestCode::KvmExit) => st.on_kvm_exit(&intro, args, ctx, ring).map(Some),
             Some(RequestCode::L2Map) => st.on_l2_map(&intro, args, ctx, ring).map(Some),
+            Some(RequestCode::Memslot) => st.on_memslot(&intro, args, ctx).map(Some),
+            Some(RequestCode::VcpuCreate) => st.on_vcpu_create(&intro, args, ctx).map(Some),
         };
         match outcome {
             Ok(None) => Verdict::Allow,
@@ -216,7 +218,12 @@ const fn linux_entry_makes(entry: Entry, r: RequestCode) -> bool {
         ),
         Entry::CallGate => matches!(
             r,
-            RequestCode::Exec | RequestCode::IoUring | RequestCode::KvmExit | RequestCode::L2Map
+            RequestCode::Exec
+                | RequestCode::IoUring
+                | RequestCode::KvmExit
+                | RequestCode::L2Map
+                | RequestCode::Memslot
+                | RequestCode::VcpuCreate
         ),
         Entry::Unverified => false,
     }
@@ -243,11 +250,12 @@ const KERNEL_HALF: u64 = 0xffff_8000_0000_0000;
 const HOOK_FRAME_RETURN: u64 = 8;
 const HOOK_FRAME_ARG: u64 = 16 + 4 * 8;
 const HOOK_FRAME_SITE_RETURN: u64 = 16 + 9 * 8;
-/// The trampoline's saved R9, R8, RSI and RDX in the same frame.
+/// The trampoline's saved R9, R8, RSI, RDX and RCX in the same frame.
 const HOOK_FRAME_R9: u64 = 16 + 2 * 8;
 const HOOK_FRAME_R8: u64 = 16 + 3 * 8;
 const HOOK_FRAME_RSI: u64 = 16 + 5 * 8;
 const HOOK_FRAME_RDX: u64 = 16 + 6 * 8;
+const HOOK_FRAME_RCX: u64 = 16 + 7 * 8;
 
 /// The highest level a leaf mapping has on x86 (1 GiB; KVM's shadow pages go to 5, but its leaves
 /// stop here) and the frames a leaf of level `level` maps.
@@ -586,6 +594,136 @@ impl State {
             comm: who.comm,
             nr: gfn,
             args: [vcpu, pfn, hva, level],
+            ..Event::EMPTY
+        })
+    }
+
+    /// args = (GVA of the `kvm`, the old slot or 0, the new slot or 0, the change), from the hook in
+    /// `kvm_arch_commit_memory_region`, its frame checked as for exec requests (the saved RSI, RDX
+    /// and RCX must be the other arguments): KVM commits a memslot change it accepted. The event
+    /// names the VM, the change and the slot as it is now (the old one for a deletion): its id and
+    /// address space, guest frames, the VMM's address of them and its flags.
+    fn on_memslot<M: GuestPhysRead>(
+        &mut self,
+        intro: &Introspector<'_, M>,
+        args: [u64; 4],
+        ctx: &CallContext,
+    ) -> Result<Event, RejectReason> {
+        let hook = self
+            .os
+            .kvm
+            .and_then(|k| k.vm)
+            .ok_or(RejectReason::UnknownRequest)?;
+        let [kvm, old, new, change] = args;
+        self.check_hook_frame(intro, kvm, ctx.caller_rsp, hook.memslot_returns)?;
+        let frame = |offset: u64| -> Result<u64, RejectReason> {
+            let at = ctx
+                .caller_rsp
+                .checked_add(offset)
+                .ok_or(RejectReason::NotFromHook)?;
+            intro
+                .read_u64(Gva::new(at))
+                .map_err(|_| RejectReason::NotFromHook)
+        };
+        if frame(HOOK_FRAME_RSI)? != old
+            || frame(HOOK_FRAME_RDX)? != new
+            || frame(HOOK_FRAME_RCX)? != change
+        {
+            return Err(RejectReason::NotFromHook);
+        }
+        // An `enum` (32 bits of RCX): KVM_MR_CREATE, _DELETE, _MOVE, _FLAGS_ONLY; only a deletion
+        // has no new slot.
+        let change = change & 0xffff_ffff;
+        let slot = match change {
+            1 => old,
+            0 | 2 | 3 => new,
+            _ => return Err(RejectReason::BadArgument),
+        };
+        let kernel_pointer =
+            |p: u64| Gva::new(p).is_canonical() && p >= KERNEL_HALF && p.is_multiple_of(8);
+        if !kernel_pointer(kvm) || !kernel_pointer(slot) {
+            return Err(RejectReason::BadArgument);
+        }
+        let at = |offset: u64| -> Result<Gva, RejectReason> {
+            slot.checked_add(offset)
+                .map(Gva::new)
+                .ok_or(RejectReason::BadArgument)
+        };
+        let read64 = |offset| {
+            intro
+                .read_u64(at(offset)?)
+                .map_err(|_| RejectReason::GuestMemory)
+        };
+        let read32 = |offset| {
+            intro
+                .read_u32(at(offset)?)
+                .map_err(|_| RejectReason::GuestMemory)
+        };
+        let base_gfn = read64(hook.slot_base_gfn)?;
+        let npages = read64(hook.slot_npages)?;
+        let hva = read64(hook.slot_userspace_addr)?;
+        let id = read32(hook.slot_id)? & 0xffff;
+        let as_id = read32(hook.slot_as_id)? & 0xffff;
+        let flags = read32(hook.slot_flags)?;
+        let who = self.current(intro)?.ok_or(RejectReason::NoCurrentProcess)?;
+        Ok(Event {
+            kind: EventKind::Memslot as u16,
+            detail: change as u16,
+            verdict: Verdict::Allow as i32,
+            pid: who.pid,
+            comm: who.comm,
+            nr: base_gfn,
+            args: [
+                kvm,
+                npages,
+                hva,
+                u64::from(id) | u64::from(as_id) << 16 | u64::from(flags) << 32,
+            ],
+            ..Event::EMPTY
+        })
+    }
+
+    /// args = (GVA of the `kvm_vcpu`, 0, 0, 0), from the hook in `kvm_arch_vcpu_create`, its frame
+    /// checked as for exec requests: KVM is creating a vCPU (its `kvm` and `vcpu_id` set). The event
+    /// names it, its VM and its id, and the thread that asked (the VMM's).
+    fn on_vcpu_create<M: GuestPhysRead>(
+        &mut self,
+        intro: &Introspector<'_, M>,
+        args: [u64; 4],
+        ctx: &CallContext,
+    ) -> Result<Event, RejectReason> {
+        let hook = self
+            .os
+            .kvm
+            .and_then(|k| k.vm)
+            .ok_or(RejectReason::UnknownRequest)?;
+        if args[1..] != [0; 3] {
+            return Err(RejectReason::BadArgument);
+        }
+        let vcpu = args[0];
+        self.check_hook_frame(intro, vcpu, ctx.caller_rsp, hook.vcpu_returns)?;
+        if !Gva::new(vcpu).is_canonical() || vcpu < KERNEL_HALF || !vcpu.is_multiple_of(8) {
+            return Err(RejectReason::BadArgument);
+        }
+        let at = |offset: u64| -> Result<Gva, RejectReason> {
+            vcpu.checked_add(offset)
+                .map(Gva::new)
+                .ok_or(RejectReason::BadArgument)
+        };
+        let kvm = intro
+            .read_u64(at(hook.vcpu_kvm)?)
+            .map_err(|_| RejectReason::GuestMemory)?;
+        let id = intro
+            .read_u32(at(hook.vcpu_id)?)
+            .map_err(|_| RejectReason::GuestMemory)?;
+        let who = self.current(intro)?.ok_or(RejectReason::NoCurrentProcess)?;
+        Ok(Event {
+            kind: EventKind::VcpuCreate as u16,
+            verdict: Verdict::Allow as i32,
+            pid: who.pid,
+            comm: who.comm,
+            nr: u64::from(id),
+            args: [vcpu, kvm, 0, 0],
             ..Event::EMPTY
         })
     }

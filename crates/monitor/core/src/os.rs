@@ -76,6 +76,26 @@ pub struct KvmHook {
     pub expected: [u64; KVM_EXIT_HANDLERS_MAX],
     /// The hook in `make_spte` and what it checks, if L0 put it in.
     pub map: Option<KvmMapHook>,
+    /// The hooks on memslot changes and vCPU creation, if L0 put them in.
+    pub vm: Option<KvmVmHooks>,
+}
+
+/// What the in-hypervisor monitor needs for the hooks in `kvm_arch_commit_memory_region` and
+/// `kvm_arch_vcpu_create`: their returns, and the members it reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvmVmHooks {
+    pub memslot_returns: [u64; 2],
+    pub vcpu_returns: [u64; 2],
+    /// Offsets of `kvm_memory_slot.base_gfn`, `.npages`, `.userspace_addr`, `.id`, `.as_id`,
+    /// `.flags`, and of `kvm_vcpu.kvm`, `.vcpu_id`.
+    pub slot_base_gfn: u64,
+    pub slot_npages: u64,
+    pub slot_userspace_addr: u64,
+    pub slot_id: u64,
+    pub slot_as_id: u64,
+    pub slot_flags: u64,
+    pub vcpu_kvm: u64,
+    pub vcpu_id: u64,
 }
 
 /// What the in-hypervisor monitor needs for the hook in KVM's `make_spte` (L2 memory isolation,

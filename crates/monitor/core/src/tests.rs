@@ -1105,6 +1105,7 @@ fn kvm_exits_are_named_from_the_vcpu_and_the_exit_handler_table_is_held_to_the_i
         handler_count: 3,
         expected,
         map: None,
+        vm: None,
     };
     let mut m = Monitor::new(linux.with_kvm(hook), Policy::allow_all());
     assert_eq!(m.handle(code, args, &ctx, &g, &mut ring), Verdict::Allow);
@@ -1231,6 +1232,7 @@ fn kvm_mappings_are_held_to_the_vm_s_own_memory() {
         handler_count: 0,
         expected: [0; ihmi_abi::monitor::KVM_EXIT_HANDLERS_MAX],
         map: None,
+        vm: None,
     };
     let args = frame_of(&mut g, 0x180, ram, SLOT);
     refused_without_the_hook(linux.with_kvm(exit_only), code, args, &ctx, &g);
@@ -1329,6 +1331,124 @@ fn kvm_mappings_are_held_to_the_vm_s_own_memory() {
             Some(RejectReason::BadArgument)
         );
     }
+}
+
+/// KVM's memslot and vCPU hooks: a committed change is an event with the slot as it now is (the old
+/// one for a deletion), a created vCPU one with its id and VM; the trampoline's saved registers must
+/// be the arguments, the change one KVM has.
+#[test]
+fn kvm_memslot_changes_and_vcpu_creations_are_events() {
+    let (mut g, cr3, _) = setup();
+    const KVM: u64 = KERNEL + 0x1200;
+    const OLD: u64 = KERNEL + 0x1800;
+    const NEW: u64 = KERNEL + 0x1900;
+    const VCPU: u64 = KERNEL + 0x1a00;
+    const STACK: u64 = KERNEL + 0x3000;
+    const RETURNS: [u64; 2] = [0xffff_ffff_8200_0363, 0xffff_ffff_8103_5967];
+    const VCPU_RETURNS: [u64; 2] = [0xffff_ffff_8200_03b3, 0xffff_ffff_8103_78c4];
+    let slot = |g: &mut Guest, at: u64, base: u64, npages: u64, id: u16| {
+        g.write(at + 0x60, &base.to_le_bytes());
+        g.write(at + 0x68, &npages.to_le_bytes());
+        g.write(at + 0x98, &0x7f00_0000_0000u64.to_le_bytes());
+        g.write(at + 0xa0, &1u32.to_le_bytes()); // KVM_MEM_LOG_DIRTY_PAGES
+        g.write(at + 0xa4, &id.to_le_bytes());
+        g.write(at + 0xa6, &0u16.to_le_bytes());
+    };
+    slot(&mut g, OLD, 0x100, 0x10, 3);
+    slot(&mut g, NEW, 0x200, 0x20, 3);
+    g.write(VCPU, &KVM.to_le_bytes());
+    g.write(VCPU + 0x30, &2u32.to_le_bytes());
+    let (linux, ctx) = hooked_call(&mut g, cr3, 77, b"ihmi-l1-vmm", KVM, RETURNS);
+    let set_frame = |g: &mut Guest, [_, old, new, change]: [u64; 4]| {
+        for (i, w) in [(7, old), (8, new), (9, change)] {
+            g.write(STACK + 8 * i, &w.to_le_bytes());
+        }
+    };
+    let code = RequestCode::Memslot as u64;
+    refused_without_the_hook(linux, code, [KVM, 0, NEW, 0], &ctx, &g);
+    let vm = KvmVmHooks {
+        memslot_returns: RETURNS,
+        vcpu_returns: VCPU_RETURNS,
+        slot_base_gfn: 0x60,
+        slot_npages: 0x68,
+        slot_userspace_addr: 0x98,
+        slot_id: 0xa4,
+        slot_as_id: 0xa6,
+        slot_flags: 0xa0,
+        vcpu_kvm: 0,
+        vcpu_id: 0x30,
+    };
+    let hook = KvmHook {
+        returns: [0xffff_ffff_8200_02c3, 0xffff_ffff_8106_ca56],
+        exit_reason: 0x1a0,
+        handlers: KERNEL + 0x1ff0,
+        handler_count: 0,
+        expected: [0; ihmi_abi::monitor::KVM_EXIT_HANDLERS_MAX],
+        map: None,
+        vm: Some(vm),
+    };
+    let mut m = Monitor::new(linux.with_kvm(hook), Policy::allow_all());
+    let mut ring = EventRing::new();
+    // Created (no old slot), moved, deleted (no new slot): the slot named is the live one. The
+    // enum's upper 32 bits of RCX are not KVM's.
+    for (args, base, npages, change) in [
+        ([KVM, 0, NEW, 0], 0x200, 0x20, "create"),
+        ([KVM, OLD, NEW, 0xdead_0000_0002], 0x200, 0x20, "move"),
+        ([KVM, OLD, 0, 1], 0x100, 0x10, "delete"),
+    ] {
+        set_frame(&mut g, args);
+        assert_eq!(m.handle(code, args, &ctx, &g, &mut ring), Verdict::Allow);
+        let e = events(&mut ring);
+        assert_eq!(e.len(), 1);
+        assert_eq!(
+            (e[0].kind(), e[0].nr, e[0].pid, e[0].args[..3].to_vec()),
+            (
+                Some(EventKind::Memslot),
+                base,
+                77,
+                std::vec![KVM, npages, 0x7f00_0000_0000]
+            )
+        );
+        let json = std::format!("{}", e[0].json("inbox", m.os()));
+        assert!(
+            json.contains(&std::format!(r#""change":"{change}","slot":3,"as_id":0,"#))
+                && json.contains(r#""flags":1,"verdict":"allow""#),
+            "{json}"
+        );
+    }
+    // A saved register that is not the argument, or a change KVM has not: refused.
+    let args = [KVM, 0, NEW, 0];
+    set_frame(&mut g, [KVM, 0, NEW + 8, 0]);
+    assert_eq!(m.handle(code, args, &ctx, &g, &mut ring), Verdict::Rejected);
+    assert_eq!(
+        RejectReason::from_raw(events(&mut ring)[0].detail),
+        Some(RejectReason::NotFromHook)
+    );
+    let args = [KVM, 0, NEW, 7];
+    set_frame(&mut g, args);
+    assert_eq!(m.handle(code, args, &ctx, &g, &mut ring), Verdict::Rejected);
+    assert_eq!(
+        RejectReason::from_raw(events(&mut ring)[0].detail),
+        Some(RejectReason::BadArgument)
+    );
+    // The vCPU: its id and VM read from it.
+    let (_, vctx) = hooked_call(&mut g, cr3, 77, b"ihmi-l1-vmm", VCPU, VCPU_RETURNS);
+    let code = RequestCode::VcpuCreate as u64;
+    assert_eq!(
+        m.handle(code, [VCPU, 0, 0, 0], &vctx, &g, &mut ring),
+        Verdict::Allow
+    );
+    let e = events(&mut ring);
+    assert_eq!(
+        (e[0].kind(), e[0].nr, e[0].args),
+        (Some(EventKind::VcpuCreate), 2, [VCPU, KVM, 0, 0])
+    );
+    let json = std::format!("{}", e[0].json("inbox", m.os()));
+    assert!(json.contains(r#""event":"vcpu_create","#), "{json}");
+    assert_eq!(
+        m.handle(code, [VCPU, 1, 0, 0], &vctx, &g, &mut ring),
+        Verdict::Rejected
+    );
 }
 
 /// A loader inside an allowed program brings code in without an exec: the calls that make memory

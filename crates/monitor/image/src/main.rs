@@ -8,8 +8,8 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use ihmi_abi::monitor::{Entry, MonitorConfig, Verdict, CONFIG_MAGIC};
 use ihmi_addr::{Gpa, Gva};
 use ihmi_monitor::{
-    CallContext, EventRing, FileLayout, IoUringHook, KvmHook, KvmMapHook, Monitor, OsProfile,
-    Policy,
+    CallContext, EventRing, FileLayout, IoUringHook, KvmHook, KvmMapHook, KvmVmHooks, Monitor,
+    OsProfile, Policy,
 };
 use ihmi_paging::{Cr3, GuestPhysRead, PhysReadError};
 
@@ -73,6 +73,15 @@ static IHMI_MONITOR_CONFIG: Cell<MonitorConfig> = Cell(UnsafeCell::new(MonitorCo
         slot_userspace_addr_offset: 0,
         mmu_page_role_offset: 0,
         image: [[0; 2]; ihmi_abi::monitor::KERNEL_IMAGE_RANGES],
+        memslot_hook_return: 0,
+        memslot_site_return: 0,
+        vcpu_hook_return: 0,
+        vcpu_site_return: 0,
+        slot_id_offset: 0,
+        slot_as_id_offset: 0,
+        slot_flags_offset: 0,
+        vcpu_kvm_offset: 0,
+        vcpu_id_offset: 0,
     },
 }));
 
@@ -204,6 +213,20 @@ fn monitor(config: &MonitorConfig) -> &'static mut Monitor {
                         role: k.mmu_page_role_offset,
                         image: k.image,
                     }),
+                    vm: (k.memslot_hook_return != 0 && k.vcpu_hook_return != 0).then_some(
+                        KvmVmHooks {
+                            memslot_returns: [k.memslot_hook_return, k.memslot_site_return],
+                            vcpu_returns: [k.vcpu_hook_return, k.vcpu_site_return],
+                            slot_base_gfn: k.slot_base_gfn_offset,
+                            slot_npages: k.slot_npages_offset,
+                            slot_userspace_addr: k.slot_userspace_addr_offset,
+                            slot_id: k.slot_id_offset,
+                            slot_as_id: k.slot_as_id_offset,
+                            slot_flags: k.slot_flags_offset,
+                            vcpu_kvm: k.vcpu_kvm_offset,
+                            vcpu_id: k.vcpu_id_offset,
+                        },
+                    ),
                 })
             } else {
                 linux
@@ -547,9 +570,11 @@ ihmi_gate_kernel_int80:
 // through the call gate at its own address (L0 patches it in): the trampoline's alias is not mapped in
 // the monitor's address space. Any verdict but allow refuses: the trampoline then returns -EPERM to
 // the function's caller (the binary loader, which fails the `execve` with it; io_uring, which completes
-// the operation with it; KVM, which ends KVM_RUN with it) without running it. `make_spte` always runs:
-// it has no failure its callers handle (they would use an SPTE it never wrote), so the monitor only
-// watches it.
+// the operation with it; KVM, which ends KVM_RUN with it, or KVM_CREATE_VCPU from
+// `kvm_arch_vcpu_create`) without running it. `make_spte` and `kvm_arch_commit_memory_region` always
+// run: they have no failure their callers handle (an SPTE never written, a memslot half committed),
+// so the monitor only watches them; the latter's trampoline passes RDI, RSI, RDX and RCX on (the
+// `kvm`, the old and new slots, the change).
 core::arch::global_asm!(
     r#"
     .macro IHMI_HOOK_TRAMPOLINE name, request, args=one
@@ -570,9 +595,15 @@ core::arch::global_asm!(
     mov %r8, %rcx                  /* ihmi_monitor_entry(request, RDI, RDX, R8, R9) */
     mov %r9, %r8
     .else
+    .ifc \args, four
+    mov %rcx, %r8                  /* ihmi_monitor_entry(request, RDI, RSI, RDX, RCX) */
+    mov %rdx, %rcx
+    mov %rsi, %rdx
+    .else
     xor %edx, %edx                 /* ihmi_monitor_entry(request, RDI, 0, 0, 0) */
     xor %ecx, %ecx
     xor %r8d, %r8d
+    .endif
     .endif
     mov %rdi, %rsi
     mov $\request, %edi
@@ -592,7 +623,7 @@ core::arch::global_asm!(
     pop %rdx
     pop %rcx
     pop %rax
-    .ifnc \args, map
+    .ifc \args, one
     jnz 1f
     .endif
     ret                            /* on into the hooked function */
@@ -605,11 +636,15 @@ core::arch::global_asm!(
     IHMI_HOOK_TRAMPOLINE ihmi_hook_io_uring, {io_uring_request}
     IHMI_HOOK_TRAMPOLINE ihmi_hook_kvm_exit, {kvm_exit_request}
     IHMI_HOOK_TRAMPOLINE ihmi_hook_l2_map, {l2_map_request}, map
+    IHMI_HOOK_TRAMPOLINE ihmi_hook_memslot, {memslot_request}, four
+    IHMI_HOOK_TRAMPOLINE ihmi_hook_vcpu_create, {vcpu_create_request}
 "#,
     exec_request = const ihmi_abi::monitor::RequestCode::Exec as u64,
     io_uring_request = const ihmi_abi::monitor::RequestCode::IoUring as u64,
     kvm_exit_request = const ihmi_abi::monitor::RequestCode::KvmExit as u64,
     l2_map_request = const ihmi_abi::monitor::RequestCode::L2Map as u64,
+    memslot_request = const ihmi_abi::monitor::RequestCode::Memslot as u64,
+    vcpu_create_request = const ihmi_abi::monitor::RequestCode::VcpuCreate as u64,
     eperm = const -1i64,
     options(att_syntax)
 );

@@ -110,6 +110,12 @@ pub struct KvmTrail {
     /// address, the VMM's address, the frame found, its class).
     pub l2_memory: u64,
     pub first_l2_memory: Option<[u64; 5]>,
+    /// `vcpu_create` events (the first vCPU's address and id), `kvm_exit` events of a vCPU no such
+    /// event named, and `memslot` creations of the probe's own slot (slot 0: its 2 MiB from 0).
+    pub vcpus_created: u64,
+    pub first_vcpu: Option<(u64, u64)>,
+    pub exits_of_unknown_vcpu: u64,
+    pub probe_slots: u64,
 }
 
 impl KvmTrail {
@@ -129,6 +135,9 @@ impl KvmTrail {
         match event.kind() {
             Some(EventKind::KvmExit) => {
                 self.events += 1;
+                if self.first_vcpu.map(|(v, _)| v) != Some(event.args[0]) {
+                    self.exits_of_unknown_vcpu += 1;
+                }
                 match self.pending.take() {
                     Some(r) if u64::from(r) == event.nr & 0xffff => self.matched += 1,
                     _ => self.unmatched += 1,
@@ -157,6 +166,19 @@ impl KvmTrail {
                     let [address, hva, found, class] = event.args;
                     self.first_l2_memory = Some([event.nr, address, hva, found, class]);
                 }
+            }
+            Some(EventKind::VcpuCreate) => {
+                self.vcpus_created += 1;
+                self.first_vcpu.get_or_insert((event.args[0], event.nr));
+            }
+            // Created, slot 0 of address space 0, guest frames 0 to 511.
+            Some(EventKind::Memslot)
+                if event.detail == 0
+                    && event.nr == 0
+                    && event.args[1] == 512
+                    && event.args[3] & 0xffff_ffff == 0 =>
+            {
+                self.probe_slots += 1;
             }
             Some(EventKind::L2Map) => {
                 self.maps += 1;
@@ -1757,6 +1779,23 @@ fn check_ihmi_kvm(log: &ScenarioLog, attacked: Option<[u64; 4]>) -> Result<(), F
                 "the monitor did not check the whole exit-handler table at every exit",
             ))
         }
+    }
+    // The probe's one vCPU and its one memslot were seen made, and every exit KVM handled was that
+    // vCPU's.
+    if t.vcpus_created != 1 || t.first_vcpu.map(|(_, id)| id) != Some(0) {
+        return Err(FailReason::NestedRun(
+            "the monitor did not see KVM create the probe's one vCPU (vcpu_create, id 0)",
+        ));
+    }
+    if t.exits_of_unknown_vcpu != 0 {
+        return Err(FailReason::NestedRun(
+            "a kvm_exit event named a vCPU no vcpu_create event did",
+        ));
+    }
+    if t.probe_slots != 1 {
+        return Err(FailReason::NestedRun(
+            "the monitor did not see KVM commit the probe's memslot (slot 0, 512 frames from 0)",
+        ));
     }
     // Every page the probe wrote came to it through a mapping the monitor checked, each onto the
     // VM's own memory.

@@ -1986,6 +1986,11 @@ fn ihmi_kvm_passes_only_with_one_matching_event_per_reflected_exit() {
         UnmappedPage,
         /// A mapping onto memory not the VM's own.
         WrongMemory,
+        /// No `vcpu_create` event, or an exit of a vCPU no such event named.
+        NoVcpu,
+        OtherVcpu,
+        /// No `memslot` event for the probe's slot.
+        NoSlot,
         /// Not a fault: the `vmcs12-region` attacker's line, which that scenario needs.
         RegionLine,
         /// Not a fault: the L1 VMM's line for the `kvm-l2-vmfunc` guest's one #UD.
@@ -2053,6 +2058,24 @@ fn ihmi_kvm_passes_only_with_one_matching_event_per_reflected_exit() {
         if let Some((_, reported)) = attack {
             log.record_monitor_event(&integrity(reported));
         }
+        // KVM makes the probe's memslot and its vCPU.
+        if fault != Fault::NoSlot {
+            log.record_monitor_event(&Event {
+                kind: EventKind::Memslot as u16,
+                detail: 0,
+                nr: 0,
+                args: [0xffff_8880_0500_0000, 512, 0x7f00_0000_0000, 0],
+                ..Event::EMPTY
+            });
+        }
+        if fault != Fault::NoVcpu {
+            log.record_monitor_event(&Event {
+                kind: EventKind::VcpuCreate as u16,
+                nr: 0,
+                args: [VCPU, 0xffff_8880_0500_0000, 0, 0],
+                ..Event::EMPTY
+            });
+        }
         // KVM maps the pages the probe writes, each onto the VM's own memory.
         let first = ihmi_abi::NESTED_KVM_TOUCH_BASE >> 12;
         for gfn in first..first + ihmi_abi::NESTED_KVM_PAGES {
@@ -2092,6 +2115,11 @@ fn ihmi_kvm_passes_only_with_one_matching_event_per_reflected_exit() {
                     log.record_monitor_event(&integrity([10, AT - 64, WAS, 0xdead]));
                     log.record_monitor_event(&kvm_exit(ExitReason::Cpuid, 76));
                 }
+                Fault::OtherVcpu if last => {
+                    let mut e = kvm_exit(ExitReason::Cpuid, 76);
+                    e.args[0] = VCPU + 0x4000;
+                    log.record_monitor_event(&e);
+                }
                 _ => log.record_monitor_event(&kvm_exit(ExitReason::Cpuid, 76)),
             }
             if fault == Fault::ExtraEvent && last {
@@ -2123,6 +2151,9 @@ fn ihmi_kvm_passes_only_with_one_matching_event_per_reflected_exit() {
         Fault::HostUnchecked,
         Fault::UnmappedPage,
         Fault::WrongMemory,
+        Fault::NoVcpu,
+        Fault::OtherVcpu,
+        Fault::NoSlot,
     ] {
         assert!(
             matches!(run(fault), Verdict::Fail(FailReason::NestedRun(_))),

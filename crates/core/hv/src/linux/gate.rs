@@ -77,6 +77,10 @@ pub struct LinuxGate {
     pub kvm_exit_hook: Option<HookSite>,
     /// Its hook on KVM's mapping path (`make_spte`), through the same slot, with the exit hook.
     pub l2_map_hook: Option<HookSite>,
+    /// Its hooks on KVM's memslot commits (`kvm_arch_commit_memory_region`) and vCPU creation
+    /// (`kvm_arch_vcpu_create`), the same way.
+    pub memslot_hook: Option<HookSite>,
+    pub vcpu_create_hook: Option<HookSite>,
     /// What of the booted kernel never changes again, guest-physical: L0 write-protects it in the
     /// guest view when the gate opens.
     pub kernel: KernelImage,
@@ -157,6 +161,9 @@ pub struct LinuxGuard {
     armed_kvm_exit: Option<ArmedCall>,
     /// The KVM mapping hook's call, once installed.
     armed_l2_map: Option<ArmedCall>,
+    /// The KVM memslot and vCPU hooks' calls, once installed.
+    armed_memslot: Option<ArmedCall>,
+    armed_vcpu_create: Option<ArmedCall>,
     /// What L0 write-protected when the gate opened.
     locked: [Option<(GpaRange, Locked)>; MAX_LOCKED],
     /// Whether the kernel runs with page-table isolation (its user halves in use), found when the
@@ -174,6 +181,8 @@ impl LinuxGuard {
             armed_io_uring: None,
             armed_kvm_exit: None,
             armed_l2_map: None,
+            armed_memslot: None,
+            armed_vcpu_create: None,
             locked: [None; MAX_LOCKED],
             pti_in_use: false,
         }
@@ -554,8 +563,10 @@ impl Hypervisor {
             (gate.io_uring_hook, "io_uring"),
             (gate.kvm_exit_hook, "KVM's exit path"),
             (gate.l2_map_hook, "KVM's mapping path"),
+            (gate.memslot_hook, "KVM's memslot commits"),
+            (gate.vcpu_create_hook, "KVM's vCPU creation"),
         ];
-        let mut armed_sites = [None; 3];
+        let mut armed_sites = [None; 5];
         for (i, (site, what)) in sites.into_iter().enumerate() {
             armed_sites[i] = match (linux.armed, site) {
                 (Some(_), Some(site)) => match arm_site(platform, &site, what) {
@@ -577,6 +588,8 @@ impl Hypervisor {
             linux.armed_io_uring,
             linux.armed_kvm_exit,
             linux.armed_l2_map,
+            linux.armed_memslot,
+            linux.armed_vcpu_create,
         ] = armed_sites;
         if let Err((what, error)) = linux.open_steps(platform, gate_range) {
             // Whatever step failed, the hooks would call a gate that is not safely open: take them
@@ -585,6 +598,8 @@ impl Hypervisor {
                 linux.armed_io_uring.take(),
                 linux.armed_kvm_exit.take(),
                 linux.armed_l2_map.take(),
+                linux.armed_memslot.take(),
+                linux.armed_vcpu_create.take(),
             ]
             .iter()
             .flatten()
