@@ -319,10 +319,12 @@ fn ask_l0_to_drain() {
 
 // The gate: this page is mapped at the same virtual address in the guest's and the monitor's address
 // spaces, executable in both views. Request code and arguments arrive as in a C call (RDI, RSI, RDX, RCX,
-// R8); the verdict returns in RAX; RFLAGS, RSP and CR3 come back exactly as they were.
+// R8); the verdict returns in RAX; RFLAGS, RSP and CR3 come back exactly as they were. Its own input
+// section, which the linker script puts first: the test guest calls the gate page's first byte, and
+// the order in which the compiler emits the `global_asm!` blocks is not the source's.
 core::arch::global_asm!(
     r#"
-    .section .gate, "ax"
+    .section .gate.entry, "ax"
     .global ihmi_gate_entry
 ihmi_gate_entry:
     endbr64                        /* a kernel with indirect branch tracking calls it indirectly */
@@ -562,11 +564,12 @@ ihmi_gate_kernel_int80:
 
 // The Linux hooks' trampolines, in the gate page, which L0 also maps in a free 2 MiB slot of the
 // kernel's image mapping: the call L0 writes over the `__fentry__` NOP of the hooked function
-// (`begin_new_exec` for process creation, `io_issue_sqe` for io_uring, KVM's `vmx_handle_exit` and
-// `make_spte` for the in-hypervisor monitor) lands here with the function's arguments live (RDI = the
-// `linux_binprm`, the `io_kiocb`, the `kvm_vcpu`; for `make_spte` also RDX = the memslot, R8 = the guest
-// frame, R9 = the host frame, which it passes on too) and the stack holding the return into the
-// function, then the return to its caller. Every register the function may read comes back as it was. The monitor is reached
+// (`begin_new_exec` for process creation, `io_issue_sqe` for io_uring; for the in-hypervisor monitor
+// KVM's `vmx_handle_exit`, `make_spte`, `kvm_arch_commit_memory_region` and `kvm_arch_vcpu_create`)
+// lands here with the function's arguments live (RDI = the `linux_binprm`, the `io_kiocb`, the
+// `kvm_vcpu`, the `kvm`; for `make_spte` also RDX = the memslot, R8 = the guest frame, R9 = the host
+// frame, which it passes on too) and the stack holding the return into the function, then the return
+// to its caller. Every register the function may read comes back as it was. The monitor is reached
 // through the call gate at its own address (L0 patches it in): the trampoline's alias is not mapped in
 // the monitor's address space. Any verdict but allow refuses: the trampoline then returns -EPERM to
 // the function's caller (the binary loader, which fails the `execve` with it; io_uring, which completes
