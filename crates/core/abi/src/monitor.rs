@@ -292,32 +292,37 @@ pub struct KvmOffsets {
 /// The ranges of [`KvmOffsets::image`].
 pub const KERNEL_IMAGE_RANGES: usize = 4;
 
+impl KvmOffsets {
+    /// No KVM hooks: every offset and return 0 (what `Default` gives, usable in a `static`).
+    pub const EMPTY: Self = Self {
+        hook_return: 0,
+        site_return: 0,
+        exit_reason_offset: 0,
+        exit_handlers: 0,
+        exit_handler_count: 0,
+        exit_handler_values: [0; KVM_EXIT_HANDLERS_MAX],
+        map_hook_return: 0,
+        map_site_return: 0,
+        slot_base_gfn_offset: 0,
+        slot_npages_offset: 0,
+        slot_userspace_addr_offset: 0,
+        mmu_page_role_offset: 0,
+        image: [[0; 2]; KERNEL_IMAGE_RANGES],
+        memslot_hook_return: 0,
+        memslot_site_return: 0,
+        vcpu_hook_return: 0,
+        vcpu_site_return: 0,
+        slot_id_offset: 0,
+        slot_as_id_offset: 0,
+        slot_flags_offset: 0,
+        vcpu_kvm_offset: 0,
+        vcpu_id_offset: 0,
+    };
+}
+
 impl Default for KvmOffsets {
     fn default() -> Self {
-        Self {
-            hook_return: 0,
-            site_return: 0,
-            exit_reason_offset: 0,
-            exit_handlers: 0,
-            exit_handler_count: 0,
-            exit_handler_values: [0; KVM_EXIT_HANDLERS_MAX],
-            map_hook_return: 0,
-            map_site_return: 0,
-            slot_base_gfn_offset: 0,
-            slot_npages_offset: 0,
-            slot_userspace_addr_offset: 0,
-            mmu_page_role_offset: 0,
-            image: [[0; 2]; KERNEL_IMAGE_RANGES],
-            memslot_hook_return: 0,
-            memslot_site_return: 0,
-            vcpu_hook_return: 0,
-            vcpu_site_return: 0,
-            slot_id_offset: 0,
-            slot_as_id_offset: 0,
-            slot_flags_offset: 0,
-            vcpu_kvm_offset: 0,
-            vcpu_id_offset: 0,
-        }
+        Self::EMPTY
     }
 }
 

@@ -434,8 +434,7 @@ impl State {
             return Err(RejectReason::BadArgument);
         }
         self.check_hook_frame(intro, args[0], ctx.caller_rsp, hook.returns)?;
-        let vcpu = Gva::new(args[0]);
-        if !vcpu.is_canonical() || args[0] < KERNEL_HALF || !args[0].is_multiple_of(8) {
+        if !is_kernel_pointer(args[0]) {
             return Err(RejectReason::BadArgument);
         }
         let who = self.current(intro)?.ok_or(RejectReason::NoCurrentProcess)?;
@@ -509,15 +508,7 @@ impl State {
             .ok_or(RejectReason::UnknownRequest)?;
         let [vcpu, slot, gfn, pfn] = args;
         self.check_hook_frame(intro, vcpu, ctx.caller_rsp, hook.returns)?;
-        let frame = |offset: u64| -> Result<u64, RejectReason> {
-            let at = ctx
-                .caller_rsp
-                .checked_add(offset)
-                .ok_or(RejectReason::NotFromHook)?;
-            intro
-                .read_u64(Gva::new(at))
-                .map_err(|_| RejectReason::NotFromHook)
-        };
+        let frame = |offset| hook_frame_word(intro, ctx.caller_rsp, offset);
         if frame(HOOK_FRAME_RDX)? != slot
             || frame(HOOK_FRAME_R8)? != gfn
             || frame(HOOK_FRAME_R9)? != pfn
@@ -525,9 +516,7 @@ impl State {
             return Err(RejectReason::NotFromHook);
         }
         let sp = frame(HOOK_FRAME_RSI)?;
-        let kernel_pointer =
-            |p: u64| Gva::new(p).is_canonical() && p >= KERNEL_HALF && p.is_multiple_of(8);
-        if !kernel_pointer(vcpu) || !kernel_pointer(slot) || !kernel_pointer(sp) {
+        if !is_kernel_pointer(vcpu) || !is_kernel_pointer(slot) || !is_kernel_pointer(sp) {
             return Err(RejectReason::BadArgument);
         }
         let read = |base: u64, offset: u64| -> Result<u64, RejectReason> {
@@ -616,15 +605,7 @@ impl State {
             .ok_or(RejectReason::UnknownRequest)?;
         let [kvm, old, new, change] = args;
         self.check_hook_frame(intro, kvm, ctx.caller_rsp, hook.memslot_returns)?;
-        let frame = |offset: u64| -> Result<u64, RejectReason> {
-            let at = ctx
-                .caller_rsp
-                .checked_add(offset)
-                .ok_or(RejectReason::NotFromHook)?;
-            intro
-                .read_u64(Gva::new(at))
-                .map_err(|_| RejectReason::NotFromHook)
-        };
+        let frame = |offset| hook_frame_word(intro, ctx.caller_rsp, offset);
         if frame(HOOK_FRAME_RSI)? != old
             || frame(HOOK_FRAME_RDX)? != new
             || frame(HOOK_FRAME_RCX)? != change
@@ -639,9 +620,7 @@ impl State {
             0 | 2 | 3 => new,
             _ => return Err(RejectReason::BadArgument),
         };
-        let kernel_pointer =
-            |p: u64| Gva::new(p).is_canonical() && p >= KERNEL_HALF && p.is_multiple_of(8);
-        if !kernel_pointer(kvm) || !kernel_pointer(slot) {
+        if !is_kernel_pointer(kvm) || !is_kernel_pointer(slot) {
             return Err(RejectReason::BadArgument);
         }
         let at = |offset: u64| -> Result<Gva, RejectReason> {
@@ -702,7 +681,7 @@ impl State {
         }
         let vcpu = args[0];
         self.check_hook_frame(intro, vcpu, ctx.caller_rsp, hook.vcpu_returns)?;
-        if !Gva::new(vcpu).is_canonical() || vcpu < KERNEL_HALF || !vcpu.is_multiple_of(8) {
+        if !is_kernel_pointer(vcpu) {
             return Err(RejectReason::BadArgument);
         }
         let at = |offset: u64| -> Result<Gva, RejectReason> {
@@ -739,14 +718,7 @@ impl State {
         caller_rsp: u64,
         [hook_return, site_return]: [u64; 2],
     ) -> Result<(), RejectReason> {
-        let at = |offset: u64| -> Result<u64, RejectReason> {
-            let gva = Gva::new(
-                caller_rsp
-                    .checked_add(offset)
-                    .ok_or(RejectReason::NotFromHook)?,
-            );
-            intro.read_u64(gva).map_err(|_| RejectReason::NotFromHook)
-        };
+        let at = |offset| hook_frame_word(intro, caller_rsp, offset);
         if at(HOOK_FRAME_RETURN)? != hook_return || at(HOOK_FRAME_ARG)? != arg {
             return Err(RejectReason::NotFromHook);
         }
@@ -796,6 +768,27 @@ impl State {
             ..Event::EMPTY
         })
     }
+}
+
+/// The word `offset` bytes above the caller's stack pointer at the gate, in a hooked call's frame (see
+/// `HOOK_FRAME_RETURN`); one that cannot be read is not a hook's frame.
+fn hook_frame_word<M: GuestPhysRead>(
+    intro: &Introspector<'_, M>,
+    caller_rsp: u64,
+    offset: u64,
+) -> Result<u64, RejectReason> {
+    let at = caller_rsp
+        .checked_add(offset)
+        .ok_or(RejectReason::NotFromHook)?;
+    intro
+        .read_u64(Gva::new(at))
+        .map_err(|_| RejectReason::NotFromHook)
+}
+
+/// Whether `p` can be a pointer to one of the kernel's structures: canonical, in the upper half,
+/// 8-byte aligned.
+fn is_kernel_pointer(p: u64) -> bool {
+    Gva::new(p).is_canonical() && p >= KERNEL_HALF && p.is_multiple_of(8)
 }
 
 /// Whether the `frames` frames from `pfn` on are all RAM of the watched kernel, as the monitor's reader

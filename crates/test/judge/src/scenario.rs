@@ -353,6 +353,7 @@ pub struct ScenarioLog {
     /// `ihmi-attack-kvm-text`: where the attacker says it writes; `ihmi-attack-vmcs12-region`: how
     /// many VMCS regions it says it overwrote; `ihmi-attack-l2-map`: where it says its guest writes.
     pub kvm_text_attack: Option<u64>,
+    pub vmcs12_regions_overwritten: Option<u64>,
     pub l2_map_attack: Option<u64>,
     /// `ihmi-attack-l2-map-monitor`: where in the monitor's page the attacker says its guest writes.
     pub l2_map_monitor_attack: Option<u64>,
@@ -363,7 +364,6 @@ pub struct ScenarioLog {
     pub l2_vmfunc_exits: u64,
     /// `ihmi-attack-host-state`: what the attacker says its VMWRITE put in HOST_RIP.
     pub host_state_attack: Option<u64>,
-    pub vmcs12_regions_overwritten: Option<u64>,
     /// `nested-kvm-sim`: the exec monitor let the L1 VMM start (allowed executions of it), and the
     /// system-call monitor saw its `ioctl`s (to KVM).
     pub vmm_execs_allowed: u64,
@@ -417,36 +417,16 @@ impl ScenarioLog {
                 if let Some(words) = line.strip_prefix(rewritten).and_then(parse_hex_words) {
                     self.exit_handler_attack = Some(words);
                 }
-                let text = ihmi_abi::attack::IHMI_KVM_TEXT_LINE.as_bytes();
-                if let Some(at) = line
-                    .strip_prefix(text)
-                    .and_then(|hex| hex.strip_prefix(b"0x"))
-                    .and_then(parse_hex)
-                {
+                if let Some(at) = hex_after(line, ihmi_abi::attack::IHMI_KVM_TEXT_LINE) {
                     self.kvm_text_attack = Some(at);
                 }
-                let aliased = ihmi_abi::attack::IHMI_L2_MAP_LINE.as_bytes();
-                if let Some(at) = line
-                    .strip_prefix(aliased)
-                    .and_then(|hex| hex.strip_prefix(b"0x"))
-                    .and_then(parse_hex)
-                {
+                if let Some(at) = hex_after(line, ihmi_abi::attack::IHMI_L2_MAP_LINE) {
                     self.l2_map_attack = Some(at);
                 }
-                let aliased = ihmi_abi::attack::IHMI_L2_MAP_MONITOR_LINE.as_bytes();
-                if let Some(at) = line
-                    .strip_prefix(aliased)
-                    .and_then(|hex| hex.strip_prefix(b"0x"))
-                    .and_then(parse_hex)
-                {
+                if let Some(at) = hex_after(line, ihmi_abi::attack::IHMI_L2_MAP_MONITOR_LINE) {
                     self.l2_map_monitor_attack = Some(at);
                 }
-                let written = ihmi_abi::attack::IHMI_HOST_STATE_LINE.as_bytes();
-                if let Some(at) = line
-                    .strip_prefix(written)
-                    .and_then(|hex| hex.strip_prefix(b"0x"))
-                    .and_then(parse_hex)
-                {
+                if let Some(at) = hex_after(line, ihmi_abi::attack::IHMI_HOST_STATE_LINE) {
                     self.host_state_attack = Some(at);
                 }
                 let faults = ihmi_abi::attack::IHMI_L2_VMFUNC_REPORT.as_bytes();
@@ -2091,6 +2071,14 @@ fn parse_hex_words(text: &[u8]) -> Option<[u64; 3]> {
 }
 
 /// 1 to 16 hexadecimal digits, and nothing else.
+/// The `0x`-prefixed hexadecimal number after `prefix` at the start of `line`, as the attackers end
+/// their announcements.
+fn hex_after(line: &[u8], prefix: &str) -> Option<u64> {
+    line.strip_prefix(prefix.as_bytes())
+        .and_then(|hex| hex.strip_prefix(b"0x"))
+        .and_then(parse_hex)
+}
+
 fn parse_hex(digits: &[u8]) -> Option<u64> {
     if digits.is_empty() || digits.len() > 16 {
         return None;
