@@ -200,6 +200,10 @@ pub struct Loaded {
     kvm_exits: Gpa,
     /// Its hook counts (`IHMI_HOOK_COUNTS`, an aligned `[u64; 3]`).
     hook_counts: Gpa,
+    /// With KVM in the watched kernel: the monitor's VMCS registry (`IHMI_KVM_VMCSS`, a
+    /// `KvmVmcsRegistry`, aligned, checked at load), which L0 holds L1's VMLAUNCHes and VMRESUMEs
+    /// to (P6).
+    pub vmcs_registry: Option<Gpa>,
     /// VMFUNC and CR3-load instructions in the gate, counted in its code by L0 at load.
     pub gate_vmfuncs: u64,
     /// See `gate_vmfuncs`.
@@ -528,6 +532,17 @@ pub fn load(
     if !hook_counts.is_aligned(8) {
         return Err(image.misaligned("IHMI_HOOK_COUNTS"));
     }
+    let vmcs_registry = match os {
+        MonitorOs::Linux(p, _) if p.kvm.is_some() => {
+            let size = core::mem::size_of::<ihmi_abi::monitor::KvmVmcsRegistry>() as u64;
+            let at = place.range(image.symbol("IHMI_KVM_VMCSS")?, size)?.start;
+            if !at.is_aligned(8) {
+                return Err(image.misaligned("IHMI_KVM_VMCSS"));
+            }
+            Some(at)
+        }
+        _ => None,
+    };
     let (gate_vmfuncs, gate_cr3_loads) = gate_switches(&mem, &image, &place, symbols.gate_end)?;
     let mut loaded = Loaded {
         memory: mem,
@@ -542,6 +557,7 @@ pub fn load(
         invocations,
         kvm_exits,
         hook_counts,
+        vmcs_registry,
         gate_vmfuncs,
         gate_cr3_loads,
         fixed: Fixed {
@@ -885,6 +901,8 @@ fn write_config(
                 kvm.slot_flags_offset = k.slot_flags.offset;
                 kvm.vcpu_kvm_offset = k.vcpu_kvm.offset;
                 kvm.vcpu_id_offset = k.vcpu_id.offset;
+                kvm.vcpu_vmcs01_offset = k.vcpu_vmcs01.offset;
+                kvm.vcpu_loaded_vmcs_offset = k.vcpu_loaded_vmcs.offset;
             }
         }
     }

@@ -27,6 +27,8 @@ pub(crate) struct HwPlatform<'a> {
     pub(crate) fence: &'a MemoryMap,
     /// The monitor words the exit policy may have written (the Linux gate's kernel entries).
     pub(crate) monitor_words: Option<&'a mut [GrantedWord; 3]>,
+    /// The in-hypervisor monitor's VMCS registry, in its frames.
+    pub(crate) vmcs_registry: Option<Gpa>,
     /// EPT02's tables, with nested EPT.
     pub(crate) ept02: Option<&'a mut crate::frames::Ept02Pool>,
     /// How many times `protect_guest` changed the guest's view.
@@ -83,6 +85,17 @@ impl Platform for HwPlatform<'_> {
         // and no reference to it is alive in L0.
         unsafe { core::ptr::write_volatile(gpa.raw() as *mut u64, value) };
         Ok(())
+    }
+
+    fn vmcs_registered(&self, vmcs: Gpa) -> Option<bool> {
+        let at = self.vmcs_registry?;
+        // SAFETY: the registry lies in the monitor's region, aligned (checked when L0 loaded the
+        // monitor), identity-mapped for L0; the monitor writes it only while it runs, and it is
+        // stopped now. A volatile read: it changes behind the compiler's back.
+        let registry = unsafe {
+            core::ptr::read_volatile(at.raw() as *const ihmi_abi::monitor::KvmVmcsRegistry)
+        };
+        Some(registry.holds(vmcs.raw()))
     }
 
     fn protect_guest(&mut self, range: GpaRange, perm: Perm) -> Result<(), PlatformError> {

@@ -26,6 +26,9 @@ pub struct Machine {
     pub fence: MemoryMap,
     /// The monitor words the exit policy may have L0 write (the Linux gate's kernel entries).
     pub monitor_words: Option<[GrantedWord; 3]>,
+    /// The in-hypervisor monitor's VMCS registry, which L0 reads (never writes) for the rogue-VMCS
+    /// check (`Platform::vmcs_registered`).
+    pub vmcs_registry: Option<Gpa>,
     /// EPT02's tables, with nested EPT.
     pub ept02: Option<crate::frames::Ept02Pool>,
     /// How many times the exit policy changed the guest's view (`Platform::guest_view_generation`).
@@ -48,6 +51,7 @@ impl Machine {
             frames: &mut self.frames,
             fence: &self.fence,
             monitor_words: self.monitor_words.as_mut(),
+            vmcs_registry: self.vmcs_registry,
             ept02: self.ept02.as_mut(),
             view_generation: &mut self.view_generation,
         }

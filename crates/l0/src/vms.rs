@@ -244,6 +244,7 @@ pub fn setup(
         .as_ref()
         .and_then(Loaded::granted_words_at_load)
         .map(|w| w.map(|(at, value)| GrantedWord { at, value }));
+    let vmcs_registry = monitor.as_ref().and_then(|m| m.vmcs_registry);
     let fence = memory.clone();
     let mut hv = Hypervisor::new(memory);
     hv.guard = guard;
@@ -317,6 +318,7 @@ pub fn setup(
                 frames,
                 fence,
                 monitor_words,
+                vmcs_registry,
                 ept02,
                 view_generation: 0,
             },

@@ -330,11 +330,17 @@ pub enum IhmiAttack {
     /// host-state check must refuse KVM's next entry (VMfailValid 8) with a `vmcs12-host-state`
     /// alert, and L1 must run on.
     HostState = 6,
+    /// 12.10, a rogue L2: from ring 0 (the same foothold), while KVM runs its guest, VMCLEAR and
+    /// VMPTRLD a VMCS region of the attacker's own (a page of its process with the revision
+    /// identifier) and VMLAUNCH it, then make KVM's VMCS current again. L0 must refuse the
+    /// VMLAUNCH (VMfailValid 7) with a `rogue-vmcs` alert naming the region, since no vCPU the
+    /// monitor saw KVM create has it, and KVM's guest must run on untouched.
+    RogueVmcs = 7,
 }
 
 impl IhmiAttack {
     /// Every attack, in the order `ihmi test` runs them.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::ExitHandler,
         Self::KvmText,
         Self::Vmcs12Region,
@@ -342,6 +348,7 @@ impl IhmiAttack {
         Self::L2MapMonitor,
         Self::L2Vmfunc,
         Self::HostState,
+        Self::RogueVmcs,
     ];
 
     /// The name in the scenario's (`ihmi-attack-` and this).
@@ -355,6 +362,7 @@ impl IhmiAttack {
             Self::L2MapMonitor => "l2-map-monitor",
             Self::L2Vmfunc => "l2-vmfunc",
             Self::HostState => "host-state",
+            Self::RogueVmcs => "rogue-vmcs",
         }
     }
 
@@ -369,6 +377,7 @@ impl IhmiAttack {
             Self::L2MapMonitor => "ihmi-attack-l2-map-monitor",
             Self::L2Vmfunc => "ihmi-attack-l2-vmfunc",
             Self::HostState => "ihmi-attack-host-state",
+            Self::RogueVmcs => "ihmi-attack-rogue-vmcs",
         }
     }
 
@@ -383,6 +392,7 @@ impl IhmiAttack {
             Self::L2MapMonitor => "ihmi.attack=kvm-l2-map-monitor",
             Self::L2Vmfunc => "ihmi.attack=kvm-l2-vmfunc",
             Self::HostState => "ihmi.attack=kvm-host-state",
+            Self::RogueVmcs => "ihmi.attack=kvm-rogue-vmcs",
         }
     }
 
@@ -411,6 +421,11 @@ pub const IHMI_L2_VMFUNC_REPORT: &str = "l2: ihmi-l2: VMFUNC raised #UD, times: 
 /// How the `kvm-host-state` attacker's line starts once its VMWRITE went through: then the value it
 /// wrote into HOST_RIP, in hex.
 pub const IHMI_HOST_STATE_LINE: &str = "ihmi-attack: VMWRITE of KVM's HOST_RIP from ring 0 took ";
+
+/// How the `kvm-rogue-vmcs` attacker's line starts once it ran its VMLAUNCH: then, in hex, its
+/// region's physical address, RFLAGS after the VMLAUNCH, the VM-instruction error VMREAD gave, and
+/// RFLAGS after it made KVM's VMCS current again.
+pub const IHMI_ROGUE_VMCS_LINE: &str = "ihmi-attack: VMLAUNCH of my own VMCS from ring 0: ";
 
 /// Where the `kvm-l2-map` attacker's VMM puts the page in its guest's physical memory (past the
 /// probe's own 2 MiB).

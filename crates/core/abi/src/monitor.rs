@@ -37,8 +37,8 @@ pub enum RequestCode {
     /// old slot (0 when created), of the new slot (0 when deleted), the change: 0 create, 1 delete,
     /// 2 move, 3 flags only), from the hook in `kvm_arch_commit_memory_region`.
     Memslot = 9,
-    /// Linux with KVM: KVM creates a vCPU: args = (GVA of the `kvm_vcpu`, 0, 0, 0), from the hook
-    /// in `kvm_arch_vcpu_create`.
+    /// Linux with KVM: KVM has created a vCPU: args = (GVA of the `kvm_vcpu`, 0, 0, 0), from the
+    /// hook in `kvm_arch_vcpu_postcreate`.
     VcpuCreate = 10,
 }
 
@@ -276,21 +276,76 @@ pub struct KvmOffsets {
     /// may reach into them.
     pub image: [[u64; 2]; KERNEL_IMAGE_RANGES],
     /// The memslot hook (`kvm_arch_commit_memory_region`) and the vCPU hook
-    /// (`kvm_arch_vcpu_create`): their returns as for the mapping hook, 0 without them.
+    /// (`kvm_arch_vcpu_postcreate`): their returns as for the mapping hook, 0 without them.
     pub memslot_hook_return: u64,
     pub memslot_site_return: u64,
     pub vcpu_hook_return: u64,
     pub vcpu_site_return: u64,
-    /// Offsets of `kvm_memory_slot.id`, `.as_id`, `.flags`, and of `kvm_vcpu.kvm`, `.vcpu_id`.
+    /// Offsets of `kvm_memory_slot.id`, `.as_id`, `.flags`, of `kvm_vcpu.kvm`, `.vcpu_id`, and of
+    /// `vcpu_vmx.vmcs01` and `.loaded_vmcs` from the `kvm_vcpu` pointer.
     pub slot_id_offset: u64,
     pub slot_as_id_offset: u64,
     pub slot_flags_offset: u64,
     pub vcpu_kvm_offset: u64,
     pub vcpu_id_offset: u64,
+    pub vcpu_vmcs01_offset: u64,
+    pub vcpu_loaded_vmcs_offset: u64,
 }
 
 /// The ranges of [`KvmOffsets::image`].
 pub const KERNEL_IMAGE_RANGES: usize = 4;
+
+/// The vCPUs the in-hypervisor monitor can hold in its VMCS registry at once.
+pub const KVM_VMCS_REGISTRY_LEN: usize = 64;
+
+/// The VMCS regions of the vCPUs L1's KVM created (NESTED.md B.1.3 P6, no rogue VMs): the monitor
+/// registers each vCPU from its hook in `kvm_arch_vcpu_postcreate`, and L0 refuses a VMLAUNCH or
+/// VMRESUME of any region not here. It lives in the monitor's frames (the image's
+/// `IHMI_KVM_VMCSS`), which L1 cannot reach; the monitor writes it, L0 only reads it. Each entry is
+/// `[the vCPU's address, its VMCS region's guest-physical address]`, `[0, 0]` when free.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct KvmVmcsRegistry {
+    pub entries: [[u64; 2]; KVM_VMCS_REGISTRY_LEN],
+}
+
+impl KvmVmcsRegistry {
+    /// Nothing registered.
+    pub const EMPTY: Self = Self {
+        entries: [[0; 2]; KVM_VMCS_REGISTRY_LEN],
+    };
+
+    /// Registers `vcpu`'s VMCS region `vmcs`. A vCPU at an address already registered replaces that
+    /// entry: KVM frees a vCPU before its memory holds another, so the old one is gone with its
+    /// VMCS. Whether there was room (a full registry registers nothing, and L0 then refuses the
+    /// vCPU's entries: it fails closed).
+    pub fn register(&mut self, vcpu: u64, vmcs: u64) -> bool {
+        let at = self
+            .entries
+            .iter()
+            .position(|e| e[0] == vcpu)
+            .or_else(|| self.entries.iter().position(|e| *e == [0, 0]));
+        match at {
+            Some(i) if vcpu != 0 => {
+                self.entries[i] = [vcpu, vmcs];
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether the VMCS region at `vmcs` is a registered vCPU's.
+    #[must_use]
+    pub fn holds(&self, vmcs: u64) -> bool {
+        vmcs != 0 && self.entries.iter().any(|e| e[0] != 0 && e[1] == vmcs)
+    }
+}
+
+impl Default for KvmVmcsRegistry {
+    fn default() -> Self {
+        Self::EMPTY
+    }
+}
 
 impl KvmOffsets {
     /// No KVM hooks: every offset and return 0 (what `Default` gives, usable in a `static`).
@@ -317,6 +372,8 @@ impl KvmOffsets {
         slot_flags_offset: 0,
         vcpu_kvm_offset: 0,
         vcpu_id_offset: 0,
+        vcpu_vmcs01_offset: 0,
+        vcpu_loaded_vmcs_offset: 0,
     };
 }
 
@@ -403,5 +460,31 @@ impl Mode {
             2 => Self::OutBox,
             _ => return None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_vmcs_registry_holds_what_was_registered_replaces_a_reused_vcpu_and_fails_closed() {
+        let mut r = KvmVmcsRegistry::EMPTY;
+        assert!(!r.holds(0x1000) && !r.holds(0));
+        assert!(r.register(0xffff_8880_0100_0000, 0x7000));
+        assert!(r.holds(0x7000));
+        // The same vCPU address again: the old vCPU is gone, and its VMCS with it.
+        assert!(r.register(0xffff_8880_0100_0000, 0x9000));
+        assert!(r.holds(0x9000) && !r.holds(0x7000));
+        // No vCPU, no entry.
+        assert!(!r.register(0, 0x5000));
+        assert!(!r.holds(0x5000));
+        for i in 1..KVM_VMCS_REGISTRY_LEN as u64 {
+            assert!(r.register(0xffff_8880_0200_0000 + i * 0x4000, 0x10_0000 + i * 0x1000));
+        }
+        // Full: the next vCPU is not registered, so L0 refuses its entries.
+        assert!(!r.register(0xffff_8880_0300_0000, 0x20_0000));
+        assert!(!r.holds(0x20_0000));
+        assert!(r.holds(0x10_0000 + 0x1000) && r.holds(0x9000));
     }
 }

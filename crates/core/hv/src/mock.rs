@@ -175,6 +175,8 @@ pub struct MockPlatform {
     pub view_generation: u64,
     /// Guest pages (by address) L0's view keeps read + execute only, as `guest_mapping` says.
     pub read_only: Vec<u64>,
+    /// The in-hypervisor monitor's VMCS registry, as `vmcs_registered` reads it: `None`, no monitor.
+    pub vmcs_registry: Option<Vec<u64>>,
 }
 
 /// EPT02's tables in a vector, at made-up host-physical addresses from [`MockEpt02Tables::BASE`].
@@ -381,6 +383,10 @@ impl Platform for MockPlatform {
         self.write_bytes(gpa.raw(), bytes);
         Ok(())
     }
+    fn vmcs_registered(&self, vmcs: Gpa) -> Option<bool> {
+        self.vmcs_registry.as_ref().map(|r| r.contains(&vmcs.raw()))
+    }
+
     fn write_monitor(&mut self, word: MonitorWord, value: u64) -> Result<(), PlatformError> {
         self.calls
             .borrow_mut()
@@ -495,6 +501,9 @@ impl Observer for Recorder {
             }
             Observation::L2EntryMsr { msr } => Seen::Other(Observation::L2EntryMsr { msr }),
             Observation::L1HostStateChecked => Seen::Other(Observation::L1HostStateChecked),
+            Observation::L1VmcsRegistered { gpa } => {
+                Seen::Other(Observation::L1VmcsRegistered { gpa })
+            }
             Observation::Io { port, write } => Seen::Other(Observation::Io { port, write }),
             Observation::Alert(a) => Seen::Other(Observation::Alert(a)),
             Observation::L2Entry { launch, round_trip } => {

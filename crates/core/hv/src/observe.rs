@@ -74,6 +74,9 @@ pub enum Observation<'a> {
     /// live state, returning to KVM's `vmx_vmexit` ([`crate::nested::host_state`]); a mismatch is
     /// an alert instead.
     L1HostStateChecked,
+    /// Nested VMX with the in-hypervisor monitor's VMCS registry: the VMCS of a VMLAUNCH or
+    /// VMRESUME was one the monitor registered as a KVM vCPU's (P6); any other is an alert instead.
+    L1VmcsRegistered { gpa: ihmi_addr::Gpa },
     /// Nested VMX: an exit from L2, and whether it went to L1 (`reflected`) or was L0's own.
     L2Exit {
         reason: ihmi_vmcs::ExitReason,

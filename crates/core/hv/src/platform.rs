@@ -61,6 +61,10 @@ pub trait Platform {
     fn write_guest(&mut self, gpa: Gpa, bytes: &[u8]) -> Result<(), PlatformError>;
     /// Writes the monitor word L0 granted; any other word is refused.
     fn write_monitor(&mut self, word: MonitorWord, value: u64) -> Result<(), PlatformError>;
+    /// With the in-hypervisor monitor watching L1's KVM: whether the monitor registered the VMCS
+    /// region at `vmcs` as a vCPU's that KVM created (NESTED.md B.1.3 P6); `None` when no monitor
+    /// keeps a registry, and nothing is checked.
+    fn vmcs_registered(&self, vmcs: Gpa) -> Option<bool>;
     /// Sets the permissions of `range` in the guest's EPT view (view 0) and invalidates what the CPU
     /// cached of it.
     fn protect_guest(&mut self, range: GpaRange, perm: Perm) -> Result<(), PlatformError>;

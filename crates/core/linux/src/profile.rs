@@ -3,7 +3,7 @@
 //! the host writes it with [`fmt::Display`], L0 reads it with [`LinuxProfile::parse`].
 //!
 //! ```text
-//! ihmi-linux-profile 7
+//! ihmi-linux-profile 8
 //! symbol current_task 0xffffffff8180a8c0
 //! field task_struct.pid 0x4b8 4
 //! size page 64
@@ -13,7 +13,7 @@
 use core::fmt;
 
 /// The first line.
-const HEADER: &str = "ihmi-linux-profile 7";
+const HEADER: &str = "ihmi-linux-profile 8";
 
 /// The kernel PGD of a CR3: its root without PCID or flags and, when page-table isolation is built in
 /// (every PGD an 8 KiB pair, kernel half first), without bit 12, since a user CR3 points at the user
@@ -125,8 +125,8 @@ pub struct KvmProfile {
     pub mmu_page_role: Field,
     /// `kvm_arch_commit_memory_region(struct kvm *, struct kvm_memory_slot *old, const struct
     /// kvm_memory_slot *new, enum kvm_mr_change)`: every memslot change KVM has accepted, as it
-    /// commits it; and `kvm_arch_vcpu_create(struct kvm_vcpu *)`: every vCPU KVM creates, with its
-    /// `kvm` and `vcpu_id` set.
+    /// commits it; and `kvm_arch_vcpu_postcreate(struct kvm_vcpu *)`: every vCPU KVM has created,
+    /// once its VMCS exists and before its VMM can run it.
     pub commit_memory_region: u64,
     pub vcpu_create: u64,
     /// `kvm_memory_slot.id` (2 bytes), `.as_id` (2), `.flags` (4); `kvm_vcpu.kvm` (8) and
@@ -136,11 +136,16 @@ pub struct KvmProfile {
     pub slot_flags: Field,
     pub vcpu_kvm: Field,
     pub vcpu_id: Field,
+    /// `vcpu_vmx.vmcs01` (the vCPU's own `loaded_vmcs`, whose first member is the `struct vmcs *`)
+    /// and `vcpu_vmx.loaded_vmcs` (8 bytes each), as offsets from the `kvm_vcpu` pointer: the VMCS
+    /// the vCPU runs its guest on, which the monitor registers for L0's rogue-VMCS check.
+    pub vcpu_vmcs01: Field,
+    pub vcpu_loaded_vmcs: Field,
 }
 
 /// The `field` lines of the KVM hooks' members, in [`KvmProfile`] order, with the size each must
 /// have.
-const KVM_MAP_FIELD_NAMES: [(&str, u64); 9] = [
+const KVM_MAP_FIELD_NAMES: [(&str, u64); 11] = [
     ("kvm_memory_slot.base_gfn", 8),
     ("kvm_memory_slot.npages", 8),
     ("kvm_memory_slot.userspace_addr", 8),
@@ -150,6 +155,8 @@ const KVM_MAP_FIELD_NAMES: [(&str, u64); 9] = [
     ("kvm_memory_slot.flags", 4),
     ("kvm_vcpu.kvm", 8),
     ("kvm_vcpu.vcpu_id", 4),
+    ("kvm_vcpu.vmcs01", 8),
+    ("kvm_vcpu.loaded_vmcs", 8),
 ];
 
 impl Default for KvmProfile {
@@ -173,6 +180,8 @@ impl Default for KvmProfile {
             slot_flags: Field::default(),
             vcpu_kvm: Field::default(),
             vcpu_id: Field::default(),
+            vcpu_vmcs01: Field::default(),
+            vcpu_loaded_vmcs: Field::default(),
         }
     }
 }
@@ -184,7 +193,7 @@ impl KvmProfile {
         &self.exit_handler_values[..self.exit_handler_count.min(MAX_EXIT_HANDLERS)]
     }
 
-    fn map_fields_mut(&mut self) -> [&mut Field; 9] {
+    fn map_fields_mut(&mut self) -> [&mut Field; 11] {
         [
             &mut self.slot_base_gfn,
             &mut self.slot_npages,
@@ -195,12 +204,14 @@ impl KvmProfile {
             &mut self.slot_flags,
             &mut self.vcpu_kvm,
             &mut self.vcpu_id,
+            &mut self.vcpu_vmcs01,
+            &mut self.vcpu_loaded_vmcs,
         ]
     }
 
     /// The mapping hook's members, in `KVM_MAP_FIELD_NAMES` order.
     #[must_use]
-    pub const fn map_fields(&self) -> [Field; 9] {
+    pub const fn map_fields(&self) -> [Field; 11] {
         [
             self.slot_base_gfn,
             self.slot_npages,
@@ -211,6 +222,8 @@ impl KvmProfile {
             self.slot_flags,
             self.vcpu_kvm,
             self.vcpu_id,
+            self.vcpu_vmcs01,
+            self.vcpu_loaded_vmcs,
         ]
     }
 }
@@ -403,7 +416,7 @@ impl LinuxProfile {
                             kvm_seen |= 32;
                             continue;
                         }
-                        "kvm_arch_vcpu_create" => {
+                        "kvm_arch_vcpu_postcreate" => {
                             p.kvm.get_or_insert_with(Default::default).vcpu_create = v;
                             kvm_seen |= 64;
                             continue;
@@ -532,7 +545,7 @@ impl LinuxProfile {
             _ => return Err(ProfileError::Missing("symbol io_issue_sqe")),
         }
         match kvm_seen {
-            0 | 0x1_ff7f => {}
+            0 | 0x7_ff7f => {}
             s if s & 1 == 0 => return Err(ProfileError::Missing("symbol vmx_handle_exit")),
             s if s & 8 == 0 => return Err(ProfileError::Missing("symbol vmx_vmexit")),
             s if s & 2 == 0 => return Err(ProfileError::Missing("field kvm_vcpu.exit_reason")),
@@ -543,9 +556,13 @@ impl LinuxProfile {
                     "symbol kvm_arch_commit_memory_region",
                 ))
             }
-            s if s & 64 == 0 => return Err(ProfileError::Missing("symbol kvm_arch_vcpu_create")),
+            s if s & 64 == 0 => {
+                return Err(ProfileError::Missing("symbol kvm_arch_vcpu_postcreate"))
+            }
             s => {
-                let i = (0..9).find(|i| s & (256 << i) == 0).unwrap_or(0);
+                let i = (0..KVM_MAP_FIELD_NAMES.len())
+                    .find(|i| s & (256 << i) == 0)
+                    .unwrap_or(0);
                 return Err(ProfileError::MissingField(KVM_MAP_FIELD_NAMES[i].0));
             }
         }
@@ -623,7 +640,7 @@ impl fmt::Display for LinuxProfile {
                 "symbol kvm_arch_commit_memory_region {:#x}",
                 k.commit_memory_region
             )?;
-            writeln!(f, "symbol kvm_arch_vcpu_create {:#x}", k.vcpu_create)?;
+            writeln!(f, "symbol kvm_arch_vcpu_postcreate {:#x}", k.vcpu_create)?;
             for ((name, _), fld) in KVM_MAP_FIELD_NAMES.iter().zip(k.map_fields()) {
                 writeln!(f, "field {name} {:#x} {}", fld.offset, fld.size)?;
             }
@@ -767,7 +784,7 @@ mod tests {
                     size: 4,
                 },
                 commit_memory_region: 0xffff_ffff_8103_5962,
-                vcpu_create: 0xffff_ffff_8103_78bf,
+                vcpu_create: 0xffff_ffff_8103_38a2,
                 slot_id: Field {
                     offset: 0xa4,
                     size: 2,
@@ -785,6 +802,14 @@ mod tests {
                     offset: 0x30,
                     size: 4,
                 },
+                vcpu_vmcs01: Field {
+                    offset: 0x1a30,
+                    size: 8,
+                },
+                vcpu_loaded_vmcs: Field {
+                    offset: 0x1ad0,
+                    size: 8,
+                },
             }),
         }
     }
@@ -800,7 +825,7 @@ mod tests {
     #[test]
     fn written_profiles_read_back() {
         let text = sample().to_string();
-        assert!(text.starts_with("ihmi-linux-profile 7\n"));
+        assert!(text.starts_with("ihmi-linux-profile 8\n"));
         assert_eq!(LinuxProfile::parse(&text), Ok(sample()));
     }
 
@@ -844,8 +869,8 @@ mod tests {
             Err(ProfileError::MissingField("kvm_memory_slot.userspace_addr"))
         );
         assert_eq!(
-            LinuxProfile::parse(&without("kvm_arch_vcpu_create")),
-            Err(ProfileError::Missing("symbol kvm_arch_vcpu_create"))
+            LinuxProfile::parse(&without("kvm_arch_vcpu_postcreate")),
+            Err(ProfileError::Missing("symbol kvm_arch_vcpu_postcreate"))
         );
         assert_eq!(
             LinuxProfile::parse(&without("vcpu_id")),

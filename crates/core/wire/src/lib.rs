@@ -328,6 +328,8 @@ pub enum EventLine<S> {
         vcpu: u64,
         kvm: u64,
         vcpu_id: u64,
+        /// The guest-physical address of the vCPU's VMCS region, which the monitor registered.
+        vmcs: u64,
         verdict: S,
     },
     /// KVM (watched by the in-hypervisor monitor) is about to map a page of its guest.
@@ -482,11 +484,12 @@ impl EventLine<alloc::string::String> {
                 mode,
                 vcpu,
                 kvm,
+                vmcs,
                 ..
             } => {
                 clear(seq, tsc, mode);
                 if args_aside {
-                    (*vcpu, *kvm) = (0, 0);
+                    (*vcpu, *kvm, *vmcs) = (0, 0, 0);
                 }
             }
             Self::L2Map {

@@ -648,6 +648,31 @@ fn kvm_profile(
             vmlinux.display()
         )
     })?;
+    // The vCPU's own VMCS: `vcpu_vmx.vmcs01` is a `struct loaded_vmcs`, whose `vmcs` pointer the
+    // monitor reads, so that pointer must be its first member.
+    let relative = |f: Field, name: &str| -> Result<Field> {
+        let offset = f.offset.checked_sub(vcpu.offset).with_context(|| {
+            format!(
+                "vcpu_vmx.{name} is before vcpu_vmx.vcpu in {}",
+                vmlinux.display()
+            )
+        })?;
+        Ok(Field {
+            offset,
+            size: f.size,
+        })
+    };
+    let vmcs = member("loaded_vmcs", "vmcs")?;
+    if vmcs.offset != 0 || vmcs.size != 8 {
+        bail!(
+            "loaded_vmcs.vmcs is at {:#x} ({} bytes) in {}; ihmi reads it as the first word",
+            vmcs.offset,
+            vmcs.size,
+            vmlinux.display()
+        );
+    }
+    let vmcs01 = relative(member("vcpu_vmx", "vmcs01")?, "vmcs01")?;
+    let loaded_vmcs = relative(member("vcpu_vmx", "loaded_vmcs")?, "loaded_vmcs")?;
     let table = "kvm_vmx_exit_handlers";
     let at = map.require(table)?;
     let sym = file
@@ -694,12 +719,18 @@ fn kvm_profile(
         slot_userspace_addr: member("kvm_memory_slot", "userspace_addr")?,
         mmu_page_role: member("kvm_mmu_page", "role")?,
         commit_memory_region: map.require("kvm_arch_commit_memory_region")?,
-        vcpu_create: map.require("kvm_arch_vcpu_create")?,
+        vcpu_create: map.require("kvm_arch_vcpu_postcreate")?,
         slot_id: member("kvm_memory_slot", "id")?,
         slot_as_id: member("kvm_memory_slot", "as_id")?,
         slot_flags: member("kvm_memory_slot", "flags")?,
         vcpu_kvm: member("kvm_vcpu", "kvm")?,
         vcpu_id: member("kvm_vcpu", "vcpu_id")?,
+        // The pointer, not the whole `loaded_vmcs`.
+        vcpu_vmcs01: Field {
+            offset: vmcs01.offset,
+            size: 8,
+        },
+        vcpu_loaded_vmcs: loaded_vmcs,
     })
 }
 

@@ -460,6 +460,7 @@ impl Event {
                 vcpu: self.args[0],
                 kvm: self.args[1],
                 vcpu_id: self.nr,
+                vmcs: self.args[2],
                 verdict,
             },
             EventKind::L2Map => EventLine::L2Map {

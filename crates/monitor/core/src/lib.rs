@@ -70,6 +70,9 @@ struct State {
     /// Linux with KVM: each exit-handler entry's value as last reported (the image's until a change
     /// is found), so a changed entry is reported once per new value, not at every exit.
     kvm_reported: [u64; KVM_EXIT_HANDLERS_MAX],
+    /// Linux with KVM: the vCPU created in this invocation and its VMCS region's guest-physical
+    /// address, for the image's VMCS registry (L0's rogue-VMCS check, P6).
+    created_vcpu: Option<[u64; 2]>,
 }
 
 impl Monitor {
@@ -91,6 +94,7 @@ impl Monitor {
                     Some(k) => k.expected,
                     None => [0; KVM_EXIT_HANDLERS_MAX],
                 },
+                created_vcpu: None,
             },
             tlb: core::cell::RefCell::new(TranslationCache::new()),
         }
@@ -118,6 +122,12 @@ impl Monitor {
     #[must_use]
     pub const fn stats(&self) -> &Stats {
         &self.state.stats
+    }
+
+    /// The vCPU the last invocation saw KVM create, as `[its address, its VMCS region's
+    /// guest-physical address]`, once: what the image registers for L0 (NESTED.md B.1.3 P6).
+    pub fn take_created_vcpu(&mut self) -> Option<[u64; 2]> {
+        self.state.created_vcpu.take()
     }
 
     /// The single entry point and its invocation checkpoint. `code` and `args` come from the guest and
@@ -662,9 +672,13 @@ impl State {
         })
     }
 
-    /// args = (GVA of the `kvm_vcpu`, 0, 0, 0), from the hook in `kvm_arch_vcpu_create`, its frame
-    /// checked as for exec requests: KVM is creating a vCPU (its `kvm` and `vcpu_id` set). The event
-    /// names it, its VM and its id, and the thread that asked (the VMM's).
+    /// args = (GVA of the `kvm_vcpu`, 0, 0, 0), from the hook in `kvm_arch_vcpu_postcreate`, its
+    /// frame checked as for exec requests: KVM has created a vCPU (its `kvm`, `vcpu_id` and VMCS
+    /// set) and its VMM cannot run it yet. The event names it, its VM, its id, its VMCS region and
+    /// the thread that asked (the VMM's); the vCPU and region are kept for the image to register
+    /// (P6: L0 refuses a VMLAUNCH or VMRESUME of any other region). The region is the one
+    /// `vcpu_vmx.vmcs01` points to, with `vcpu_vmx.loaded_vmcs` pointing at `vmcs01` as KVM leaves
+    /// it after creation; anything else is refused as a bad argument, and nothing is registered.
     fn on_vcpu_create<M: GuestPhysRead>(
         &mut self,
         intro: &Introspector<'_, M>,
@@ -695,14 +709,29 @@ impl State {
         let id = intro
             .read_u32(at(hook.vcpu_id)?)
             .map_err(|_| RejectReason::GuestMemory)?;
+        let vmcs01 = at(hook.vcpu_vmcs01)?;
+        let loaded = intro
+            .read_u64(at(hook.vcpu_loaded_vmcs)?)
+            .map_err(|_| RejectReason::GuestMemory)?;
+        let vmcs = intro
+            .read_u64(vmcs01)
+            .map_err(|_| RejectReason::GuestMemory)?;
+        if loaded != vmcs01.raw() || !is_kernel_pointer(vmcs) || vmcs & 0xfff != 0 {
+            return Err(RejectReason::BadArgument);
+        }
+        let region = intro
+            .translate(Gva::new(vmcs))
+            .map_err(|_| RejectReason::GuestMemory)?
+            .raw();
         let who = self.current(intro)?.ok_or(RejectReason::NoCurrentProcess)?;
+        self.created_vcpu = Some([vcpu, region]);
         Ok(Event {
             kind: EventKind::VcpuCreate as u16,
             verdict: Verdict::Allow as i32,
             pid: who.pid,
             comm: who.comm,
             nr: u64::from(id),
-            args: [vcpu, kvm, 0, 0],
+            args: [vcpu, kvm, region, 0],
             ..Event::EMPTY
         })
     }

@@ -81,13 +81,14 @@ pub struct KvmHook {
 }
 
 /// What the in-hypervisor monitor needs for the hooks in `kvm_arch_commit_memory_region` and
-/// `kvm_arch_vcpu_create`: their returns, and the members it reads.
+/// `kvm_arch_vcpu_postcreate`: their returns, and the members it reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvmVmHooks {
     pub memslot_returns: [u64; 2],
     pub vcpu_returns: [u64; 2],
     /// Offsets of `kvm_memory_slot.base_gfn`, `.npages`, `.userspace_addr`, `.id`, `.as_id`,
-    /// `.flags`, and of `kvm_vcpu.kvm`, `.vcpu_id`.
+    /// `.flags`, of `kvm_vcpu.kvm`, `.vcpu_id`, and of `vcpu_vmx.vmcs01` and `.loaded_vmcs` from the
+    /// `kvm_vcpu` pointer.
     pub slot_base_gfn: u64,
     pub slot_npages: u64,
     pub slot_userspace_addr: u64,
@@ -96,6 +97,8 @@ pub struct KvmVmHooks {
     pub slot_flags: u64,
     pub vcpu_kvm: u64,
     pub vcpu_id: u64,
+    pub vcpu_vmcs01: u64,
+    pub vcpu_loaded_vmcs: u64,
 }
 
 /// What the in-hypervisor monitor needs for the hook in KVM's `make_spte` (L2 memory isolation,

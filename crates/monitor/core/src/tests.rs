@@ -1377,7 +1377,14 @@ fn kvm_memslot_changes_and_vcpu_creations_are_events() {
         slot_flags: 0xa0,
         vcpu_kvm: 0,
         vcpu_id: 0x30,
+        vcpu_vmcs01: 0x80,
+        vcpu_loaded_vmcs: 0xd0,
     };
+    // The vCPU's VMCS, as KVM leaves it after creation: vmcs01 points at the region, loaded_vmcs
+    // at vmcs01.
+    const VMCS: u64 = KERNEL + 0x2000;
+    g.write(VCPU + 0x80, &VMCS.to_le_bytes());
+    g.write(VCPU + 0xd0, &(VCPU + 0x80).to_le_bytes());
     let hook = KvmHook {
         returns: [0xffff_ffff_8200_02c3, 0xffff_ffff_8106_ca56],
         exit_reason: 0x1a0,
@@ -1431,24 +1438,50 @@ fn kvm_memslot_changes_and_vcpu_creations_are_events() {
         RejectReason::from_raw(events(&mut ring)[0].detail),
         Some(RejectReason::BadArgument)
     );
-    // The vCPU: its id and VM read from it.
+    // The vCPU: its id, VM and VMCS region read from it, and the vCPU kept for the registry, once.
     let (_, vctx) = hooked_call(&mut g, cr3, 77, b"ihmi-l1-vmm", VCPU, VCPU_RETURNS);
     let code = RequestCode::VcpuCreate as u64;
+    assert_eq!(m.take_created_vcpu(), None);
     assert_eq!(
         m.handle(code, [VCPU, 0, 0, 0], &vctx, &g, &mut ring),
         Verdict::Allow
     );
+    let region = VMCS - KERNEL + DATA_GPA;
     let e = events(&mut ring);
     assert_eq!(
         (e[0].kind(), e[0].nr, e[0].args),
-        (Some(EventKind::VcpuCreate), 2, [VCPU, KVM, 0, 0])
+        (Some(EventKind::VcpuCreate), 2, [VCPU, KVM, region, 0])
     );
+    assert_eq!(m.take_created_vcpu(), Some([VCPU, region]));
+    assert_eq!(m.take_created_vcpu(), None);
     let json = std::format!("{}", e[0].json("inbox", m.os()));
-    assert!(json.contains(r#""event":"vcpu_create","#), "{json}");
+    assert!(
+        json.contains(r#""event":"vcpu_create","#)
+            && json.contains(&std::format!(r#""vmcs":{region},"#)),
+        "{json}"
+    );
     assert_eq!(
         m.handle(code, [VCPU, 1, 0, 0], &vctx, &g, &mut ring),
         Verdict::Rejected
     );
+    // Not as KVM leaves a new vCPU (loaded_vmcs elsewhere, or a region not page-aligned):
+    // refused, and nothing to register.
+    for (at, value) in [(0xd0, VCPU + 0x90), (0x80, VMCS + 8)] {
+        let saved = [(0x80, VMCS), (0xd0, VCPU + 0x80)];
+        g.write(VCPU + at, &value.to_le_bytes());
+        assert_eq!(
+            m.handle(code, [VCPU, 0, 0, 0], &vctx, &g, &mut ring),
+            Verdict::Rejected
+        );
+        assert_eq!(
+            RejectReason::from_raw(events(&mut ring)[0].detail),
+            Some(RejectReason::BadArgument)
+        );
+        assert_eq!(m.take_created_vcpu(), None);
+        for (at, v) in saved {
+            g.write(VCPU + at, &v.to_le_bytes());
+        }
+    }
 }
 
 /// A loader inside an allowed program brings code in without an exec: the calls that make memory

@@ -71,6 +71,13 @@ static IHMI_INVOCATIONS: AtomicU64 = AtomicU64::new(0);
 #[no_mangle]
 static IHMI_KVM_EXITS: AtomicU64 = AtomicU64::new(0);
 
+/// The VMCS regions of the vCPUs KVM created, registered from the hook in
+/// `kvm_arch_vcpu_postcreate`: L0 refuses L1's VMLAUNCH or VMRESUME of any other (no rogue VMs, P6).
+/// Only this image writes it; L0 reads it at those instructions.
+#[no_mangle]
+static IHMI_KVM_VMCSS: Cell<ihmi_abi::monitor::KvmVmcsRegistry> =
+    Cell(UnsafeCell::new(ihmi_abi::monitor::KvmVmcsRegistry::EMPTY));
+
 /// The in-hypervisor hooks' costs, for `ihmi bench --nested` (L0 reads them while the monitor is
 /// stopped): the TSC ticks spent in the monitor's handling of the KVM exits it served, the mappings
 /// it checked (requests from the hook in `make_spte` it allowed), and the ticks spent on those. From
@@ -202,6 +209,8 @@ fn monitor(config: &MonitorConfig) -> &'static mut Monitor {
                             slot_flags: k.slot_flags_offset,
                             vcpu_kvm: k.vcpu_kvm_offset,
                             vcpu_id: k.vcpu_id_offset,
+                            vcpu_vmcs01: k.vcpu_vmcs01_offset,
+                            vcpu_loaded_vmcs: k.vcpu_loaded_vmcs_offset,
                         },
                     ),
                 })
@@ -267,6 +276,11 @@ extern "C" fn ihmi_monitor_entry(code: u64, a0: u64, a1: u64, a2: u64, a3: u64) 
         } else if code == ihmi_abi::monitor::RequestCode::L2Map as u64 {
             IHMI_HOOK_COUNTS[1].fetch_add(1, Ordering::Relaxed);
             IHMI_HOOK_COUNTS[2].fetch_add(ticks(), Ordering::Relaxed);
+        } else if let Some([vcpu, vmcs]) = monitor(config).take_created_vcpu() {
+            // SAFETY: one invocation at a time; L0 reads the registry only while we are stopped.
+            let registry = unsafe { &mut *IHMI_KVM_VMCSS.0.get() };
+            // A full registry registers nothing: L0 then refuses that vCPU's entries (fail closed).
+            let _ = registry.register(vcpu, vmcs);
         }
     }
     if ring.wants_drain() {
@@ -543,7 +557,8 @@ ihmi_gate_kernel_int80:
 // The Linux hooks' trampolines, in the gate page, which L0 also maps in a free 2 MiB slot of the
 // kernel's image mapping: the call L0 writes over the `__fentry__` NOP of the hooked function
 // (`begin_new_exec` for process creation, `io_issue_sqe` for io_uring; for the in-hypervisor monitor
-// KVM's `vmx_handle_exit`, `make_spte`, `kvm_arch_commit_memory_region` and `kvm_arch_vcpu_create`)
+// KVM's `vmx_handle_exit`, `make_spte`, `kvm_arch_commit_memory_region` and
+// `kvm_arch_vcpu_postcreate`)
 // lands here with the function's arguments live (RDI = the `linux_binprm`, the `io_kiocb`, the
 // `kvm_vcpu`, the `kvm`; for `make_spte` also RDX = the memslot, R8 = the guest frame, R9 = the host
 // frame, which it passes on too) and the stack holding the return into the function, then the return
@@ -551,8 +566,9 @@ ihmi_gate_kernel_int80:
 // through the call gate at its own address (L0 patches it in): the trampoline's alias is not mapped in
 // the monitor's address space. Any verdict but allow refuses: the trampoline then returns -EPERM to
 // the function's caller (the binary loader, which fails the `execve` with it; io_uring, which completes
-// the operation with it; KVM, which ends KVM_RUN with it, or KVM_CREATE_VCPU from
-// `kvm_arch_vcpu_create`) without running it. `make_spte` and `kvm_arch_commit_memory_region` always
+// the operation with it; KVM, which ends KVM_RUN with it; `kvm_arch_vcpu_postcreate` returns
+// nothing, so a refused vCPU is left without the rest of its set-up and unregistered, and L0 refuses
+// its entries) without running it. `make_spte` and `kvm_arch_commit_memory_region` always
 // run: they have no failure their callers handle (an SPTE never written, a memslot half committed),
 // so the monitor only watches them; the latter's trampoline passes RDI, RSI, RDX and RCX on (the
 // `kvm`, the old and new slots, the change).

@@ -116,6 +116,11 @@ pub struct KvmTrail {
     pub first_vcpu: Option<(u64, u64)>,
     pub exits_of_unknown_vcpu: u64,
     pub probe_slots: u64,
+    /// The first vCPU's VMCS region (its `vcpu_create` event's `vmcs`), and L1's VMLAUNCHes and
+    /// VMRESUMEs that L0 found registered (P6): in all, and of a region other than that one.
+    pub first_vmcs: Option<u64>,
+    pub registered_entries: u64,
+    pub registered_other: u64,
 }
 
 impl KvmTrail {
@@ -170,6 +175,7 @@ impl KvmTrail {
             Some(EventKind::VcpuCreate) => {
                 self.vcpus_created += 1;
                 self.first_vcpu.get_or_insert((event.args[0], event.nr));
+                self.first_vmcs.get_or_insert(event.args[2]);
             }
             // Created, slot 0 of address space 0, guest frames 0 to 511.
             Some(EventKind::Memslot)
@@ -364,6 +370,9 @@ pub struct ScenarioLog {
     pub l2_vmfunc_exits: u64,
     /// `ihmi-attack-host-state`: what the attacker says its VMWRITE put in HOST_RIP.
     pub host_state_attack: Option<u64>,
+    /// `ihmi-attack-rogue-vmcs`: what the attacker says of its VMLAUNCH: its region, RFLAGS after
+    /// the VMLAUNCH, the VM-instruction error, RFLAGS after KVM's VMCS was made current again.
+    pub rogue_vmcs_attack: Option<[u64; 4]>,
     /// `nested-kvm-sim`: the exec monitor let the L1 VMM start (allowed executions of it), and the
     /// system-call monitor saw its `ioctl`s (to KVM).
     pub vmm_execs_allowed: u64,
@@ -414,7 +423,7 @@ impl ScenarioLog {
                 }
                 self.l2_linux.record(line);
                 let rewritten = ihmi_abi::attack::IHMI_EXIT_HANDLER_LINE.as_bytes();
-                if let Some(words) = line.strip_prefix(rewritten).and_then(parse_hex_words) {
+                if let Some(words) = line.strip_prefix(rewritten).and_then(parse_hex_words::<3>) {
                     self.exit_handler_attack = Some(words);
                 }
                 if let Some(at) = hex_after(line, ihmi_abi::attack::IHMI_KVM_TEXT_LINE) {
@@ -428,6 +437,10 @@ impl ScenarioLog {
                 }
                 if let Some(at) = hex_after(line, ihmi_abi::attack::IHMI_HOST_STATE_LINE) {
                     self.host_state_attack = Some(at);
+                }
+                let rogue = ihmi_abi::attack::IHMI_ROGUE_VMCS_LINE.as_bytes();
+                if let Some(words) = line.strip_prefix(rogue).and_then(parse_hex_words::<4>) {
+                    self.rogue_vmcs_attack = Some(words);
                 }
                 let faults = ihmi_abi::attack::IHMI_L2_VMFUNC_REPORT.as_bytes();
                 if let Some(n) = line.strip_prefix(faults).and_then(parse_decimal) {
@@ -511,6 +524,11 @@ impl ScenarioLog {
             Observation::Alert(alert) => self.record_alert(alert),
             Observation::L2EntryMsr { .. } => self.l2_entry_msr_writes += 1,
             Observation::L1HostStateChecked => self.nested.host_state_checked += 1,
+            Observation::L1VmcsRegistered { gpa } => {
+                let t = &mut self.kvm_trail;
+                t.registered_entries += 1;
+                t.registered_other += u64::from(t.first_vmcs != Some(gpa.raw()));
+            }
             Observation::Ended { end, task } => {
                 self.end = Some(end);
                 self.end_task = task;
@@ -1166,6 +1184,33 @@ fn check(
             }
             linux_run_ended_well(log)
         }
+        // The attacker's VMLAUNCH of its own region failed valid with error 7, refused by L0 with
+        // exactly one `rogue-vmcs` alert naming that region; KVM's VMCS came back as current, and
+        // the run is otherwise `ihmi-kvm`'s (KVM's guest ran on untouched).
+        Scenario::IhmiAttack(IhmiAttack::RogueVmcs) => {
+            let Some([region, rflags, error, restored]) = log.rogue_vmcs_attack else {
+                return Err(FailReason::NestedRun(
+                    "the attacker did not say it ran its VMLAUNCH (see the guest's console)",
+                ));
+            };
+            let refused = matches!(
+                log.alerts(),
+                [Alert::RogueVmcs { gpa, launch: true, .. }] if gpa.raw() == region
+            );
+            if !refused || rflags & 0x41 != 0x40 || error != 7 {
+                return Err(FailReason::AttackNotBlocked(
+                    "a VMLAUNCH of a VMCS no KVM vCPU has (not one VMfailValid 7 with one rogue-vmcs alert naming it)",
+                ));
+            }
+            if restored & 0x41 != 0 {
+                return Err(FailReason::NestedRun(
+                    "the attacker could not make KVM's VMCS current again",
+                ));
+            }
+            check_ihmi_kvm_allowing(log, None, &|a| {
+                matches!(a, Alert::RogueVmcs { gpa, .. } if gpa.raw() == region)
+            })
+        }
         Scenario::IhmiAttack(a @ (IhmiAttack::L2Map | IhmiAttack::L2MapMonitor)) => {
             check_ihmi_l2_map(log, a == IhmiAttack::L2MapMonitor)
         }
@@ -1695,6 +1740,15 @@ fn check_nested_mini(log: &ScenarioLog, max_round_trip: u64) -> Result<(), FailR
 /// [`NESTED_MAX_ROUND_TRIP`] or [`NESTED_MAX_ROUND_TRIP_SHADOW`] with VMCS shadowing); KVM left VMX
 /// operation (VMXOFF) when the VM was gone; and nothing alerted.
 fn check_nested_kvm(log: &ScenarioLog, max_round_trip: u64) -> Result<(), FailReason> {
+    check_nested_kvm_allowing(log, max_round_trip, &|_| false)
+}
+
+/// [`check_nested_kvm`], with the alerts `expected` says an attack raised (and nothing else).
+fn check_nested_kvm_allowing(
+    log: &ScenarioLog,
+    max_round_trip: u64,
+    expected: &dyn Fn(&Alert) -> bool,
+) -> Result<(), FailReason> {
     linux_run_ended_well(log)?;
     let Some(report) = log.l2_report else {
         return Err(FailReason::NestedRun(
@@ -1720,7 +1774,7 @@ fn check_nested_kvm(log: &ScenarioLog, max_round_trip: u64) -> Result<(), FailRe
             "a reflected CPUID exit cost more L0 exits on average than the target",
         ));
     }
-    kvm_left_vmx_without_alert(log)
+    kvm_left_vmx_without_alert(log, expected)
 }
 
 /// `ihmi-kvm`: KVM ran its L2 as in `nested-kvm-shadow`, and the in-hypervisor monitor saw every exit
@@ -1730,7 +1784,16 @@ fn check_nested_kvm(log: &ScenarioLog, max_round_trip: u64) -> Result<(), FailRe
 /// (`attacked`: the entry's index, address, value in the image and value written), the table was
 /// found changed and exactly that one `integrity` event says so.
 fn check_ihmi_kvm(log: &ScenarioLog, attacked: Option<[u64; 4]>) -> Result<(), FailReason> {
-    check_nested_kvm(log, NESTED_MAX_ROUND_TRIP_SHADOW)?;
+    check_ihmi_kvm_allowing(log, attacked, &|_| false)
+}
+
+/// [`check_ihmi_kvm`], with the alerts `expected` says an attack raised (and nothing else).
+fn check_ihmi_kvm_allowing(
+    log: &ScenarioLog,
+    attacked: Option<[u64; 4]>,
+    expected: &dyn Fn(&Alert) -> bool,
+) -> Result<(), FailReason> {
+    check_nested_kvm_allowing(log, NESTED_MAX_ROUND_TRIP_SHADOW, expected)?;
     expect_nothing_rejected(log)?;
     if log.monitor_dropped != 0 {
         return Err(FailReason::MonitorDropped(log.monitor_dropped));
@@ -1770,6 +1833,15 @@ fn check_ihmi_kvm(log: &ScenarioLog, attacked: Option<[u64; 4]>) -> Result<(), F
     if t.exits_of_unknown_vcpu != 0 {
         return Err(FailReason::NestedRun(
             "a kvm_exit event named a vCPU no vcpu_create event did",
+        ));
+    }
+    // P6: every entry KVM made was of the VMCS the monitor registered for that vCPU.
+    if t.first_vmcs.is_none_or(|v| v == 0 || v & 0xfff != 0)
+        || t.registered_entries != n.launches + n.resumes
+        || t.registered_other != 0
+    {
+        return Err(FailReason::NestedRun(
+            "L0 did not find every VMLAUNCH and VMRESUME to be of the VMCS the monitor registered for the probe's vCPU",
         ));
     }
     if t.probe_slots != 1 {
@@ -1887,11 +1959,14 @@ fn check_ihmi_l2_map(log: &ScenarioLog, monitor: bool) -> Result<(), FailReason>
 }
 
 /// The end both KVM scenarios share: KVM's VMXOFF succeeded, and L0 raised no alert.
-fn kvm_left_vmx_without_alert(log: &ScenarioLog) -> Result<(), FailReason> {
+fn kvm_left_vmx_without_alert(
+    log: &ScenarioLog,
+    expected: &dyn Fn(&Alert) -> bool,
+) -> Result<(), FailReason> {
     if log.vmxoffs == 0 {
         return Err(FailReason::NestedRun("KVM never left VMX operation"));
     }
-    if !log.alerts().is_empty() {
+    if !log.alerts().iter().all(expected) {
         return Err(FailReason::NestedRun("L0 raised an alert"));
     }
     Ok(())
@@ -1925,7 +2000,7 @@ fn check_nested_linux(log: &ScenarioLog) -> Result<(), FailReason> {
             "L2's exits, EPT violations, EPT02 fills or L1's INVEPTs are missing",
         ));
     }
-    kvm_left_vmx_without_alert(log)
+    kvm_left_vmx_without_alert(log, &|_| false)
 }
 
 /// `nested-mini-ept`: L1's own checks passed up to its last step (its report line: the exits it
@@ -2061,8 +2136,8 @@ fn check_vmx_steps(
 /// A whole line of ASCII digits as a number; `None` for anything else or an overflow.
 /// Exactly 16 hex digits (what the multiboot kernel prints a digest as), then a space or the end.
 /// Three `0x`-prefixed hexadecimal numbers separated by single spaces, and nothing else.
-fn parse_hex_words(text: &[u8]) -> Option<[u64; 3]> {
-    let mut out = [0u64; 3];
+fn parse_hex_words<const N: usize>(text: &[u8]) -> Option<[u64; N]> {
+    let mut out = [0u64; N];
     let mut words = text.split(|&b| b == b' ');
     for slot in &mut out {
         *slot = parse_hex(words.next()?.strip_prefix(b"0x")?)?;

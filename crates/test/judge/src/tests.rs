@@ -1972,6 +1972,7 @@ fn ihmi_kvm_passes_only_with_one_matching_event_per_reflected_exit() {
     use ihmi_vmcs::VmxInstruction;
 
     const VCPU: u64 = 0xffff_8880_0400_0000;
+    const VMCS: u64 = 0x2e1_8000;
     // How the run goes wrong, if it does.
     #[derive(Clone, Copy, PartialEq)]
     enum Fault {
@@ -1991,13 +1992,26 @@ fn ihmi_kvm_passes_only_with_one_matching_event_per_reflected_exit() {
         OtherVcpu,
         /// No `memslot` event for the probe's slot.
         NoSlot,
+        /// An entry L0 did not find registered (P6 unchecked), or found registered for a region
+        /// not the vCPU's.
+        Unregistered,
+        OtherVmcs,
         /// Not a fault: the `vmcs12-region` attacker's line, which that scenario needs.
         RegionLine,
         /// Not a fault: the L1 VMM's line for the `kvm-l2-vmfunc` guest's one #UD.
         VmfuncLine,
         /// That line, and a VMFUNC exit from L2 (VMCS02 with VM functions).
         VmfuncExit,
+        /// Not a fault but for its values: the `rogue-vmcs` attacker's line (its region, the
+        /// VM-instruction error, RFLAGS after KVM's VMCS came back) and the region of L0's
+        /// `rogue-vmcs` alert (none if 0).
+        Rogue {
+            error: u64,
+            restored: u64,
+            alert: u64,
+        },
     }
+    const ROGUE: u64 = 0x35_7000;
     const AT: u64 = 0xffff_ffff_81c4_79d0;
     const WAS: u64 = 0xffff_ffff_8106_1000;
     const NEW: u64 = 0xffff_ffff_8106_2000;
@@ -2026,6 +2040,28 @@ fn ihmi_kvm_passes_only_with_one_matching_event_per_reflected_exit() {
                 reflected: false,
             });
         }
+        if let Fault::Rogue {
+            error,
+            restored,
+            alert,
+        } = fault
+        {
+            let line = std::format!(
+                "{}{ROGUE:#x} 0x46 {error:#x} {restored:#x}",
+                ihmi_abi::attack::IHMI_ROGUE_VMCS_LINE
+            );
+            log.record(&Observation::DebugLine {
+                line: line.as_bytes(),
+                exits: 0,
+            });
+            if alert != 0 {
+                log.record(&Observation::Alert(ihmi_hv::Alert::RogueVmcs {
+                    gpa: Gpa::new(alert),
+                    launch: true,
+                    rip: 0xffff_8887_8000_0000,
+                }));
+            }
+        }
         if let Some((line, _)) = attack {
             log.record(&Observation::DebugLine {
                 line: line.as_bytes(),
@@ -2036,7 +2072,19 @@ fn ihmi_kvm_passes_only_with_one_matching_event_per_reflected_exit() {
             line: b"l2: ihmi-l2: cpuid=1000 vendor=GenuineIntel pages=256 bad=0",
             exits: 0,
         });
+        // KVM creates the probe's vCPU (the monitor registers its VMCS), then launches it.
+        if fault != Fault::NoVcpu {
+            log.record_monitor_event(&Event {
+                kind: EventKind::VcpuCreate as u16,
+                nr: 0,
+                args: [VCPU, 0xffff_8880_0500_0000, VMCS, 0],
+                ..Event::EMPTY
+            });
+        }
         log.record(&Observation::L1HostStateChecked);
+        log.record(&Observation::L1VmcsRegistered {
+            gpa: Gpa::new(VMCS),
+        });
         log.record(&Observation::L2Entry {
             launch: true,
             round_trip: None,
@@ -2058,21 +2106,13 @@ fn ihmi_kvm_passes_only_with_one_matching_event_per_reflected_exit() {
         if let Some((_, reported)) = attack {
             log.record_monitor_event(&integrity(reported));
         }
-        // KVM makes the probe's memslot and its vCPU.
+        // KVM makes the probe's memslot.
         if fault != Fault::NoSlot {
             log.record_monitor_event(&Event {
                 kind: EventKind::Memslot as u16,
                 detail: 0,
                 nr: 0,
                 args: [0xffff_8880_0500_0000, 512, 0x7f00_0000_0000, 0],
-                ..Event::EMPTY
-            });
-        }
-        if fault != Fault::NoVcpu {
-            log.record_monitor_event(&Event {
-                kind: EventKind::VcpuCreate as u16,
-                nr: 0,
-                args: [VCPU, 0xffff_8880_0500_0000, 0, 0],
                 ..Event::EMPTY
             });
         }
@@ -2128,6 +2168,15 @@ fn ihmi_kvm_passes_only_with_one_matching_event_per_reflected_exit() {
             if !(fault == Fault::HostUnchecked && last) {
                 log.record(&Observation::L1HostStateChecked);
             }
+            match fault {
+                Fault::Unregistered if last => {}
+                Fault::OtherVmcs if last => log.record(&Observation::L1VmcsRegistered {
+                    gpa: Gpa::new(VMCS + 0x1000),
+                }),
+                _ => log.record(&Observation::L1VmcsRegistered {
+                    gpa: Gpa::new(VMCS),
+                }),
+            }
             log.record(&Observation::L2Entry {
                 launch: false,
                 round_trip: Some(2),
@@ -2154,6 +2203,8 @@ fn ihmi_kvm_passes_only_with_one_matching_event_per_reflected_exit() {
         Fault::NoVcpu,
         Fault::OtherVcpu,
         Fault::NoSlot,
+        Fault::Unregistered,
+        Fault::OtherVmcs,
     ] {
         assert!(
             matches!(run(fault), Verdict::Fail(FailReason::NestedRun(_))),
@@ -2204,6 +2255,42 @@ fn ihmi_kvm_passes_only_with_one_matching_event_per_reflected_exit() {
         ),
         Verdict::Fail(FailReason::NestedRun(_))
     ));
+    // A rogue VMCS: the attacker's VMLAUNCH refused (error 7) with one alert naming its region,
+    // KVM's VMCS current again, and the run otherwise ihmi-kvm's, passes; no alert, an alert for
+    // another region, another error, no line, or the rogue alert in a run nobody attacked, fails.
+    let rogue = Scenario::IhmiAttack(ihmi_abi::attack::IhmiAttack::RogueVmcs);
+    let attacked = |error, restored, alert| Fault::Rogue {
+        error,
+        restored,
+        alert,
+    };
+    assert_eq!(
+        run_attacked(rogue, attacked(7, 0x2, ROGUE), None),
+        Verdict::Pass
+    );
+    for fault in [
+        attacked(7, 0x2, 0),
+        attacked(7, 0x2, ROGUE + 0x1000),
+        attacked(8, 0x2, ROGUE),
+    ] {
+        assert!(
+            matches!(
+                run_attacked(rogue, fault, None),
+                Verdict::Fail(FailReason::AttackNotBlocked(_))
+            ),
+            "a rogue VMLAUNCH not refused as such passed"
+        );
+    }
+    for (scenario, fault) in [
+        (rogue, attacked(7, 0x43, ROGUE)),
+        (rogue, Fault::None),
+        (Scenario::IhmiKvm, attacked(7, 0x2, ROGUE)),
+    ] {
+        assert!(matches!(
+            run_attacked(scenario, fault, None),
+            Verdict::Fail(FailReason::NestedRun(_))
+        ));
+    }
     // VMFUNC from L2: one #UD reported and no VMFUNC exit passes; no report, or a VMFUNC exit, fails.
     let vmfunc = Scenario::IhmiAttack(ihmi_abi::attack::IhmiAttack::L2Vmfunc);
     assert_eq!(run_attacked(vmfunc, Fault::VmfuncLine, None), Verdict::Pass);

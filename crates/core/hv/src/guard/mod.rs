@@ -199,6 +199,17 @@ pub enum Alert {
         /// Where L1 executed the VMLAUNCH or VMRESUME.
         rip: u64,
     },
+    /// VMLAUNCH or VMRESUME of a VMCS region that is no vCPU's KVM created, with the in-hypervisor
+    /// monitor's registry in place (`crate::nested` P6, no rogue VMs): refused with VMfailValid 7
+    /// before anything else of it is looked at.
+    RogueVmcs {
+        /// The region (VMCS12's guest-physical address).
+        gpa: Gpa,
+        /// VMLAUNCH (else VMRESUME).
+        launch: bool,
+        /// Where L1 executed it.
+        rip: u64,
+    },
     /// VMLAUNCH or VMRESUME of a VMCS12 with an address the entry would use (a bitmap, an MSR
     /// area, EPT12's root) in L0's or the monitor's memory: refused with VMfailValid 7.
     VmxPointerRefused {
@@ -248,6 +259,7 @@ impl Alert {
             Self::VmxRegionRefused { .. } => "vmx-region-refused",
             Self::VmxPointerRefused { .. } => "vmx-pointer-refused",
             Self::Vmcs12HostState { .. } => "vmcs12-host-state",
+            Self::RogueVmcs { .. } => "rogue-vmcs",
             Self::MonitorStarved { .. } => "monitor-starved",
             Self::Ept12MappingRefused { .. } => "ept12-mapping-refused",
         }
@@ -314,6 +326,11 @@ impl fmt::Display for Alert {
             } => write!(
                 f,
                 ",\"field\":\"{field}\",\"expected\":\"{expected:#x}\",\"found\":\"{found:#x}\",\"rip\":\"{rip:#x}\",\"action\":\"VMfailValid(8)\""
+            )?,
+            Self::RogueVmcs { gpa, launch, rip } => write!(
+                f,
+                ",\"gpa\":\"{gpa}\",\"instruction\":\"{}\",\"rip\":\"{rip:#x}\",\"action\":\"VMfailValid(7)\"",
+                if launch { "VMLAUNCH" } else { "VMRESUME" }
             )?,
             Self::Ept12MappingRefused { l2, l1, region } => write!(
                 f,

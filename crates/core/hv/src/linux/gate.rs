@@ -78,7 +78,7 @@ pub struct LinuxGate {
     /// Its hook on KVM's mapping path (`make_spte`), through the same slot, with the exit hook.
     pub l2_map_hook: Option<HookSite>,
     /// Its hooks on KVM's memslot commits (`kvm_arch_commit_memory_region`) and vCPU creation
-    /// (`kvm_arch_vcpu_create`), the same way.
+    /// (`kvm_arch_vcpu_postcreate`), the same way.
     pub memslot_hook: Option<HookSite>,
     pub vcpu_create_hook: Option<HookSite>,
     /// What of the booted kernel never changes again, guest-physical: L0 write-protects it in the

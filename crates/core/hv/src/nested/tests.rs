@@ -1482,6 +1482,61 @@ mod running_l2 {
         assert_eq!(checked(&h), 0);
     }
 
+    /// With the in-hypervisor monitor's VMCS registry (P6): a VMCS12 the monitor registered as a
+    /// KVM vCPU's enters L2; any other region, however well-formed, fails VMLAUNCH and VMRESUME with
+    /// VMfailValid 7 and a `rogue-vmcs` alert, before its contents are looked at (a malformed one
+    /// gets the alert too, not the consistency check's error); without a registry nothing is checked.
+    #[test]
+    fn with_the_monitor_s_registry_only_a_registered_vmcs_enters_l2() {
+        let run = |registry: Option<Vec<u64>>, resume: bool, malformed: bool| {
+            let mut v = vmcs12(&offer());
+            v.launched = resume;
+            if malformed {
+                // No VM-exit controls at all: the consistency checks would refuse it.
+                v.write(control::VMEXIT_CONTROLS, 0).unwrap();
+            }
+            let (mut h, mut p) = in_vmx_operation(v);
+            p.vmcs_registry = registry;
+            let mut at = if resume { vmresume() } else { vmlaunch() };
+            let action = h.handle_exit(&mut at, &mut p);
+            (h, at, action)
+        };
+        for resume in [false, true] {
+            for registry in [None, Some(super::std::vec![0x9000, 0x7000])] {
+                let (h, _, action) = run(registry, resume, false);
+                assert_eq!(action, Action::SwitchVmcs(NestedSwitch::ToL2));
+                assert!(h.rec.alerts().is_empty());
+            }
+            for (registry, malformed) in [
+                (super::std::vec![], false),
+                (super::std::vec![0x9000], false),
+                (super::std::vec![0x9000], true),
+            ] {
+                let (mut h, at, action) = run(Some(registry), resume, malformed);
+                assert_eq!(action, Action::Resume);
+                assert_eq!(at.fields[&guest::RFLAGS] & 0x41, 0x40, "VMfailValid");
+                let v = h.hv.nested.as_mut().unwrap().test_current().unwrap();
+                assert_eq!(v.read(super::super::vmcs12::VM_INSTRUCTION_ERROR), Ok(7));
+                assert!(!h.in_l2());
+                assert!(
+                    matches!(
+                        h.rec.alerts().as_slice(),
+                        [crate::Alert::RogueVmcs { gpa, launch, .. }]
+                            if gpa.raw() == 0x7000 && *launch != resume
+                    ),
+                    "{:?}",
+                    h.rec.alerts()
+                );
+            }
+        }
+        // Without the registry, the malformed one fails the consistency check as before, no alert.
+        let (mut h, _, action) = run(None, false, true);
+        assert_eq!(action, Action::Resume);
+        let v = h.hv.nested.as_mut().unwrap().test_current().unwrap();
+        assert_eq!(v.read(super::super::vmcs12::VM_INSTRUCTION_ERROR), Ok(7));
+        assert!(h.rec.alerts().is_empty());
+    }
+
     #[test]
     fn an_entry_with_a_bitmap_or_msr_area_in_l0_s_memory_fails_valid_with_an_alert() {
         let hole = crate::mock::L0_HOLE;

