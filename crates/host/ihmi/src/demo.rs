@@ -62,6 +62,8 @@ pub struct Summary {
     /// Memslot changes and vCPUs KVM made, as the monitor saw them.
     pub memslots: u64,
     pub vcpus: u64,
+    /// The VMCS regions the monitor registered for them (L0 lets no other enter L2).
+    pub vmcs_regions: Vec<u64>,
     /// Events the ring dropped (L0's count), if the run said.
     pub dropped: Option<u64>,
 }
@@ -139,7 +141,10 @@ impl Summary {
                     .integrity
                     .push((property, index, address, expected, found, what)),
                 EventLine::Memslot { .. } => s.memslots += 1,
-                EventLine::VcpuCreate { .. } => s.vcpus += 1,
+                EventLine::VcpuCreate { vmcs, .. } => {
+                    s.vcpus += 1;
+                    s.vmcs_regions.push(vmcs);
+                }
                 EventLine::L2Map { memory, .. } => {
                     s.l2_maps += 1;
                     s.l2_maps_wrong += u64::from(memory != "vm");
@@ -232,10 +237,17 @@ impl Summary {
                 "  mappings KVM made for its guest, checked by the monitor: {} ({} onto memory not the VM's own)",
                 self.l2_maps, self.l2_maps_wrong
             );
+            let regions: Vec<String> = self
+                .vmcs_regions
+                .iter()
+                .map(|r| format!("{r:#x}"))
+                .collect();
             let _ = writeln!(
                 out,
-                "  memslot changes KVM committed: {}; vCPUs it created: {}",
-                self.memslots, self.vcpus
+                "  memslot changes KVM committed: {}; vCPUs it created: {} (VMCS regions registered, the only ones L0 lets enter L2: {})",
+                self.memslots,
+                self.vcpus,
+                if regions.is_empty() { "none".to_string() } else { regions.join(", ") }
             );
             for (property, index, address, expected, found, what) in &self.integrity {
                 let _ = match what {
@@ -301,10 +313,17 @@ monitor: 3 events, 0 dropped
             exit(1, 10),
             exit(2, 10),
             exit(3, 0),
+            "event| {\"event\":\"vcpu_create\",\"seq\":4,\"tsc\":1,\"mode\":\"inbox\",\"pid\":32,\"comm\":\"ihmi-l1-vmm\",\"vcpu\":1,\"kvm\":2,\"vcpu_id\":0,\"vmcs\":48332800,\"verdict\":\"allow\"}\n".to_string(),
         ]
         .concat();
         let s = Summary::from_output(&out).unwrap();
         assert_eq!(s.kvm_exits, 3);
+        assert!(
+            s.render()
+                .contains("vCPUs it created: 1 (VMCS regions registered, the only ones L0 lets enter L2: 0x2e18000)"),
+            "{}",
+            s.render()
+        );
         let text = s.render();
         assert!(
             text.contains("seen by the in-hypervisor monitor: 3 (CPUID 2, exception or NMI 1)"),

@@ -276,11 +276,16 @@ extern "C" fn ihmi_monitor_entry(code: u64, a0: u64, a1: u64, a2: u64, a3: u64) 
         } else if code == ihmi_abi::monitor::RequestCode::L2Map as u64 {
             IHMI_HOOK_COUNTS[1].fetch_add(1, Ordering::Relaxed);
             IHMI_HOOK_COUNTS[2].fetch_add(ticks(), Ordering::Relaxed);
-        } else if let Some([vcpu, vmcs]) = monitor(config).take_created_vcpu() {
-            // SAFETY: one invocation at a time; L0 reads the registry only while we are stopped.
-            let registry = unsafe { &mut *IHMI_KVM_VMCSS.0.get() };
-            // A full registry registers nothing: L0 then refuses that vCPU's entries (fail closed).
-            let _ = registry.register(vcpu, vmcs);
+        } else if code == ihmi_abi::monitor::RequestCode::VcpuCreate as u64 {
+            // The vCPU's VMCS for L0's rogue-VMCS check (P6); off the system-call path.
+            if let Some([vcpu, vmcs]) = monitor(config).take_created_vcpu() {
+                // SAFETY: one invocation at a time; L0 reads the registry only while we are
+                // stopped.
+                let registry = unsafe { &mut *IHMI_KVM_VMCSS.0.get() };
+                // A full registry registers nothing: L0 then refuses that vCPU's entries (fail
+                // closed).
+                let _ = registry.register(vcpu, vmcs);
+            }
         }
     }
     if ring.wants_drain() {
