@@ -115,9 +115,14 @@ fuzz_target!(|input: Input| {
             trampoline: Gva::new(0xffff_ffff_8200_0360),
         }),
         vcpu_create_hook: Some(HookSite {
-            site: Gva::new(0xffff_ffff_8103_78bf),
-            site_pa: Gpa::new(0x103_78bf),
+            site: Gva::new(0xffff_ffff_8103_38a2),
+            site_pa: Gpa::new(0x103_38a2),
             trampoline: Gva::new(0xffff_ffff_8200_03c0),
+        }),
+        vcpu_destroy_hook: Some(HookSite {
+            site: Gva::new(0xffff_ffff_8103_391b),
+            site_pa: Gpa::new(0x103_391b),
+            trampoline: Gva::new(0xffff_ffff_8200_0420),
         }),
     };
     let mut hv = Hypervisor::new(map);

@@ -119,7 +119,8 @@ fuzz_target!(|input: Input| {
                 // And its memslot and vCPU hooks.
                 vm: Some(KvmVmHooks {
                     memslot_returns: [0xffff_ffff_8200_0363, 0xffff_ffff_8103_5967],
-                    vcpu_returns: [0xffff_ffff_8200_03b3, 0xffff_ffff_8103_78c4],
+                    vcpu_returns: [0xffff_ffff_8200_03b3, 0xffff_ffff_8103_38a7],
+                    vcpu_destroy_returns: [0xffff_ffff_8200_0413, 0xffff_ffff_8103_3920],
                     slot_base_gfn: 0x60,
                     slot_npages: 0x68,
                     slot_userspace_addr: 0x98,
@@ -128,6 +129,8 @@ fuzz_target!(|input: Input| {
                     slot_flags: 0xa0,
                     vcpu_kvm: 0,
                     vcpu_id: 0x30,
+                    vcpu_vmcs01: 0x80,
+                    vcpu_loaded_vmcs: 0xd0,
                 }),
             })
     } else {
@@ -152,7 +155,7 @@ fuzz_target!(|input: Input| {
         };
         let produced = ring.produced();
         let verdict = monitor.handle(
-            u64::from(call.code % 11),
+            u64::from(call.code % 12),
             call.args,
             &ctx,
             &memory,

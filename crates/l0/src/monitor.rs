@@ -164,6 +164,8 @@ pub struct LinuxGateInfo {
     pub memslot_return: Gva,
     pub vcpu_create_trampoline: Gva,
     pub vcpu_create_return: Gva,
+    pub vcpu_destroy_trampoline: Gva,
+    pub vcpu_destroy_return: Gva,
     /// Out of the box: the call stub's VMCALL, the only place a `Monitor` hypercall of a Linux guest
     /// may come from.
     pub call_vmcall: Option<Gva>,
@@ -762,6 +764,7 @@ fn linux_gate(
         "ihmi_hook_l2_map_gate_imm",
         "ihmi_hook_memslot_gate_imm",
         "ihmi_hook_vcpu_create_gate_imm",
+        "ihmi_hook_vcpu_destroy_gate_imm",
     ] {
         patch_movabs(mem, place, image, imm, in_gate(hook_call)?.raw())?;
     }
@@ -787,6 +790,8 @@ fn linux_gate(
         memslot_return: in_slot("ihmi_hook_memslot_gate_return")?,
         vcpu_create_trampoline: in_slot("ihmi_hook_vcpu_create")?,
         vcpu_create_return: in_slot("ihmi_hook_vcpu_create_gate_return")?,
+        vcpu_destroy_trampoline: in_slot("ihmi_hook_vcpu_destroy")?,
+        vcpu_destroy_return: in_slot("ihmi_hook_vcpu_destroy_gate_return")?,
         hook_table: pages.hook_table,
         call_vmcall: if outbox {
             Some(in_gate("ihmi_outbox_call_vmcall")?)
@@ -896,6 +901,8 @@ fn write_config(
                 kvm.memslot_site_return = k.commit_memory_region + 5;
                 kvm.vcpu_hook_return = g.vcpu_create_return.raw();
                 kvm.vcpu_site_return = k.vcpu_create + 5;
+                kvm.vcpu_destroy_hook_return = g.vcpu_destroy_return.raw();
+                kvm.vcpu_destroy_site_return = k.vcpu_destroy + 5;
                 kvm.slot_id_offset = k.slot_id.offset;
                 kvm.slot_as_id_offset = k.slot_as_id.offset;
                 kvm.slot_flags_offset = k.slot_flags.offset;

@@ -423,6 +423,14 @@ fn guard(
             }),
             None => None,
         },
+        vcpu_destroy_hook: match &p.kvm {
+            Some(k) => Some(HookSite {
+                site: Gva::new(k.vcpu_destroy),
+                site_pa: l.text_pa(k.vcpu_destroy, memory)?,
+                trampoline: info.vcpu_destroy_trampoline,
+            }),
+            None => None,
+        },
     })))
 }
 

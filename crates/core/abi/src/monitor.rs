@@ -40,6 +40,9 @@ pub enum RequestCode {
     /// Linux with KVM: KVM has created a vCPU: args = (GVA of the `kvm_vcpu`, 0, 0, 0), from the
     /// hook in `kvm_arch_vcpu_postcreate`.
     VcpuCreate = 10,
+    /// Linux with KVM: KVM is destroying a vCPU: args = (GVA of the `kvm_vcpu`, 0, 0, 0), from the
+    /// hook in `kvm_arch_vcpu_destroy`.
+    VcpuDestroy = 11,
 }
 
 /// Which way a request reached the monitor, as the gate code itself (in the box) or L0 (out of it)
@@ -139,6 +142,7 @@ impl RequestCode {
             8 => Self::L2Map,
             9 => Self::Memslot,
             10 => Self::VcpuCreate,
+            11 => Self::VcpuDestroy,
             _ => return None,
         })
     }
@@ -281,6 +285,9 @@ pub struct KvmOffsets {
     pub memslot_site_return: u64,
     pub vcpu_hook_return: u64,
     pub vcpu_site_return: u64,
+    /// The same for the hook on vCPU destruction (`kvm_arch_vcpu_destroy`).
+    pub vcpu_destroy_hook_return: u64,
+    pub vcpu_destroy_site_return: u64,
     /// Offsets of `kvm_memory_slot.id`, `.as_id`, `.flags`, of `kvm_vcpu.kvm`, `.vcpu_id`, and of
     /// `vcpu_vmx.vmcs01` and `.loaded_vmcs` from the `kvm_vcpu` pointer.
     pub slot_id_offset: u64,
@@ -334,6 +341,17 @@ impl KvmVmcsRegistry {
         }
     }
 
+    /// Takes `vcpu` out as KVM destroys it, its VMCS with it. Whether it was registered.
+    pub fn unregister(&mut self, vcpu: u64) -> bool {
+        match self.entries.iter_mut().find(|e| vcpu != 0 && e[0] == vcpu) {
+            Some(e) => {
+                *e = [0, 0];
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Whether the VMCS region at `vmcs` is a registered vCPU's.
     #[must_use]
     pub fn holds(&self, vmcs: u64) -> bool {
@@ -367,6 +385,8 @@ impl KvmOffsets {
         memslot_site_return: 0,
         vcpu_hook_return: 0,
         vcpu_site_return: 0,
+        vcpu_destroy_hook_return: 0,
+        vcpu_destroy_site_return: 0,
         slot_id_offset: 0,
         slot_as_id_offset: 0,
         slot_flags_offset: 0,
@@ -486,5 +506,10 @@ mod tests {
         assert!(!r.register(0xffff_8880_0300_0000, 0x20_0000));
         assert!(!r.holds(0x20_0000));
         assert!(r.holds(0x10_0000 + 0x1000) && r.holds(0x9000));
+        // Destroyed: its VMCS goes, and its entry takes the next vCPU.
+        assert!(r.unregister(0xffff_8880_0100_0000));
+        assert!(!r.holds(0x9000) && !r.unregister(0xffff_8880_0100_0000) && !r.unregister(0));
+        assert!(r.register(0xffff_8880_0300_0000, 0x20_0000));
+        assert!(r.holds(0x20_0000));
     }
 }

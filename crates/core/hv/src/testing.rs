@@ -164,6 +164,7 @@ pub(crate) fn linux_guarded() -> (TestHv, MockPlatform, crate::LinuxGate) {
         l2_map_hook: None,
         memslot_hook: None,
         vcpu_create_hook: None,
+        vcpu_destroy_hook: None,
     };
     let guard = h.guard.unwrap();
     h.guard = Some(crate::Guard::new(guard.views, None).with_linux_gate(gate));

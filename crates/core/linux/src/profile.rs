@@ -129,6 +129,8 @@ pub struct KvmProfile {
     /// once its VMCS exists and before its VMM can run it.
     pub commit_memory_region: u64,
     pub vcpu_create: u64,
+    /// `kvm_arch_vcpu_destroy(struct kvm_vcpu *)`: every vCPU KVM destroys, before it frees its VMCS.
+    pub vcpu_destroy: u64,
     /// `kvm_memory_slot.id` (2 bytes), `.as_id` (2), `.flags` (4); `kvm_vcpu.kvm` (8) and
     /// `.vcpu_id` (4).
     pub slot_id: Field,
@@ -175,6 +177,7 @@ impl Default for KvmProfile {
             mmu_page_role: Field::default(),
             commit_memory_region: 0,
             vcpu_create: 0,
+            vcpu_destroy: 0,
             slot_id: Field::default(),
             slot_as_id: Field::default(),
             slot_flags: Field::default(),
@@ -421,6 +424,11 @@ impl LinuxProfile {
                             kvm_seen |= 64;
                             continue;
                         }
+                        "kvm_arch_vcpu_destroy" => {
+                            p.kvm.get_or_insert_with(Default::default).vcpu_destroy = v;
+                            kvm_seen |= 128;
+                            continue;
+                        }
                         _ => return Err(ProfileError::Line(n)),
                     };
                     *slot = v;
@@ -545,7 +553,7 @@ impl LinuxProfile {
             _ => return Err(ProfileError::Missing("symbol io_issue_sqe")),
         }
         match kvm_seen {
-            0 | 0x7_ff7f => {}
+            0 | 0x7_ffff => {}
             s if s & 1 == 0 => return Err(ProfileError::Missing("symbol vmx_handle_exit")),
             s if s & 8 == 0 => return Err(ProfileError::Missing("symbol vmx_vmexit")),
             s if s & 2 == 0 => return Err(ProfileError::Missing("field kvm_vcpu.exit_reason")),
@@ -559,6 +567,7 @@ impl LinuxProfile {
             s if s & 64 == 0 => {
                 return Err(ProfileError::Missing("symbol kvm_arch_vcpu_postcreate"))
             }
+            s if s & 128 == 0 => return Err(ProfileError::Missing("symbol kvm_arch_vcpu_destroy")),
             s => {
                 let i = (0..KVM_MAP_FIELD_NAMES.len())
                     .find(|i| s & (256 << i) == 0)
@@ -641,6 +650,7 @@ impl fmt::Display for LinuxProfile {
                 k.commit_memory_region
             )?;
             writeln!(f, "symbol kvm_arch_vcpu_postcreate {:#x}", k.vcpu_create)?;
+            writeln!(f, "symbol kvm_arch_vcpu_destroy {:#x}", k.vcpu_destroy)?;
             for ((name, _), fld) in KVM_MAP_FIELD_NAMES.iter().zip(k.map_fields()) {
                 writeln!(f, "field {name} {:#x} {}", fld.offset, fld.size)?;
             }
@@ -785,6 +795,7 @@ mod tests {
                 },
                 commit_memory_region: 0xffff_ffff_8103_5962,
                 vcpu_create: 0xffff_ffff_8103_38a2,
+                vcpu_destroy: 0xffff_ffff_8103_391b,
                 slot_id: Field {
                     offset: 0xa4,
                     size: 2,

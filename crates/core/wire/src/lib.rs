@@ -319,6 +319,19 @@ pub enum EventLine<S> {
         verdict: S,
     },
     /// KVM (watched by the in-hypervisor monitor) creates a vCPU.
+    /// KVM destroying a vCPU (its VMCS leaves the monitor's registry).
+    VcpuDestroy {
+        seq: u64,
+        tsc: u64,
+        mode: S,
+        pid: u32,
+        comm: S,
+        vcpu: u64,
+        kvm: u64,
+        vcpu_id: u64,
+        vmcs: u64,
+        verdict: S,
+    },
     VcpuCreate {
         seq: u64,
         tsc: u64,
@@ -387,7 +400,8 @@ impl<S> EventLine<S> {
             | Self::KvmExit { pid, .. }
             | Self::L2Map { pid, .. }
             | Self::Memslot { pid, .. }
-            | Self::VcpuCreate { pid, .. } => Some(*pid),
+            | Self::VcpuCreate { pid, .. }
+            | Self::VcpuDestroy { pid, .. } => Some(*pid),
             Self::Rejected { .. } | Self::Integrity { .. } | Self::Invalid { .. } => None,
         }
     }
@@ -403,6 +417,7 @@ impl<S> EventLine<S> {
             | Self::L2Map { seq, .. }
             | Self::Memslot { seq, .. }
             | Self::VcpuCreate { seq, .. }
+            | Self::VcpuDestroy { seq, .. }
             | Self::Integrity { seq, .. }
             | Self::Rejected { seq, .. }
             | Self::Invalid { seq, .. } => *seq,
@@ -479,6 +494,15 @@ impl EventLine<alloc::string::String> {
                 }
             }
             Self::VcpuCreate {
+                seq,
+                tsc,
+                mode,
+                vcpu,
+                kvm,
+                vmcs,
+                ..
+            }
+            | Self::VcpuDestroy {
                 seq,
                 tsc,
                 mode,

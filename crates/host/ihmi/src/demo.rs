@@ -62,8 +62,10 @@ pub struct Summary {
     /// Memslot changes and vCPUs KVM made, as the monitor saw them.
     pub memslots: u64,
     pub vcpus: u64,
-    /// The VMCS regions the monitor registered for them (L0 lets no other enter L2).
+    /// The VMCS regions the monitor registered for them (L0 lets no other enter L2), and the vCPUs
+    /// KVM destroyed (their regions leave the registry).
     pub vmcs_regions: Vec<u64>,
+    pub vcpus_destroyed: u64,
     /// Events the ring dropped (L0's count), if the run said.
     pub dropped: Option<u64>,
 }
@@ -145,6 +147,7 @@ impl Summary {
                     s.vcpus += 1;
                     s.vmcs_regions.push(vmcs);
                 }
+                EventLine::VcpuDestroy { .. } => s.vcpus_destroyed += 1,
                 EventLine::L2Map { memory, .. } => {
                     s.l2_maps += 1;
                     s.l2_maps_wrong += u64::from(memory != "vm");
@@ -244,9 +247,10 @@ impl Summary {
                 .collect();
             let _ = writeln!(
                 out,
-                "  memslot changes KVM committed: {}; vCPUs it created: {} (VMCS regions registered, the only ones L0 lets enter L2: {})",
+                "  memslot changes KVM committed: {}; vCPUs it created: {}, destroyed: {} (VMCS regions registered, the only ones L0 lets enter L2: {})",
                 self.memslots,
                 self.vcpus,
+                self.vcpus_destroyed,
                 if regions.is_empty() { "none".to_string() } else { regions.join(", ") }
             );
             for (property, index, address, expected, found, what) in &self.integrity {
@@ -320,7 +324,7 @@ monitor: 3 events, 0 dropped
         assert_eq!(s.kvm_exits, 3);
         assert!(
             s.render()
-                .contains("vCPUs it created: 1 (VMCS regions registered, the only ones L0 lets enter L2: 0x2e18000)"),
+                .contains("vCPUs it created: 1, destroyed: 0 (VMCS regions registered, the only ones L0 lets enter L2: 0x2e18000)"),
             "{}",
             s.render()
         );

@@ -720,6 +720,7 @@ fn kvm_profile(
         mmu_page_role: member("kvm_mmu_page", "role")?,
         commit_memory_region: map.require("kvm_arch_commit_memory_region")?,
         vcpu_create: map.require("kvm_arch_vcpu_postcreate")?,
+        vcpu_destroy: map.require("kvm_arch_vcpu_destroy")?,
         slot_id: member("kvm_memory_slot", "id")?,
         slot_as_id: member("kvm_memory_slot", "as_id")?,
         slot_flags: member("kvm_memory_slot", "flags")?,

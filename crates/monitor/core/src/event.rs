@@ -54,6 +54,7 @@ pub enum EventKind {
     /// Linux with KVM: KVM creates a vCPU: `nr` is its id, `args` = (the `kvm_vcpu`, its `kvm`, 0,
     /// 0).
     VcpuCreate = 10,
+    VcpuDestroy = 11,
 }
 
 /// The name of a memslot change (`enum kvm_mr_change`).
@@ -153,6 +154,7 @@ impl EventKind {
             8 => Self::L2Map,
             9 => Self::Memslot,
             10 => Self::VcpuCreate,
+            11 => Self::VcpuDestroy,
             _ => return None,
         })
     }
@@ -171,6 +173,7 @@ impl EventKind {
             Self::L2Map => "l2_map",
             Self::Memslot => "memslot",
             Self::VcpuCreate => "vcpu_create",
+            Self::VcpuDestroy => "vcpu_destroy",
         }
     }
 }
@@ -449,6 +452,18 @@ impl Event {
                 npages: self.args[1],
                 hva: self.args[2],
                 flags: self.args[3] >> 32,
+                verdict,
+            },
+            EventKind::VcpuDestroy => EventLine::VcpuDestroy {
+                seq,
+                tsc,
+                mode,
+                pid: self.pid,
+                comm,
+                vcpu: self.args[0],
+                kvm: self.args[1],
+                vcpu_id: self.nr,
+                vmcs: self.args[2],
                 verdict,
             },
             EventKind::VcpuCreate => EventLine::VcpuCreate {

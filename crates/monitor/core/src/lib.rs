@@ -193,6 +193,7 @@ impl Monitor {
             Some(RequestCode::L2Map) => st.on_l2_map(&intro, args, ctx, ring).map(Some),
             Some(RequestCode::Memslot) => st.on_memslot(&intro, args, ctx).map(Some),
             Some(RequestCode::VcpuCreate) => st.on_vcpu_create(&intro, args, ctx).map(Some),
+            Some(RequestCode::VcpuDestroy) => st.on_vcpu_destroy(&intro, args, ctx).map(Some),
         };
         match outcome {
             Ok(None) => Verdict::Allow,
@@ -234,6 +235,7 @@ const fn linux_entry_makes(entry: Entry, r: RequestCode) -> bool {
                 | RequestCode::L2Map
                 | RequestCode::Memslot
                 | RequestCode::VcpuCreate
+                | RequestCode::VcpuDestroy
         ),
         Entry::Unverified => false,
     }
@@ -727,6 +729,58 @@ impl State {
         self.created_vcpu = Some([vcpu, region]);
         Ok(Event {
             kind: EventKind::VcpuCreate as u16,
+            verdict: Verdict::Allow as i32,
+            pid: who.pid,
+            comm: who.comm,
+            nr: u64::from(id),
+            args: [vcpu, kvm, region, 0],
+            ..Event::EMPTY
+        })
+    }
+
+    /// args = (GVA of the `kvm_vcpu`, 0, 0, 0), from the hook in `kvm_arch_vcpu_destroy`, its frame
+    /// checked as for exec requests: KVM is destroying a vCPU, whose VMCS it frees. The event names
+    /// it, its VM, its id and the region its `vmcs01` still points to; the image takes the vCPU out
+    /// of its VMCS registry (allowed requests only: a forged one leaves the registry as it is).
+    fn on_vcpu_destroy<M: GuestPhysRead>(
+        &mut self,
+        intro: &Introspector<'_, M>,
+        args: [u64; 4],
+        ctx: &CallContext,
+    ) -> Result<Event, RejectReason> {
+        let hook = self
+            .os
+            .kvm
+            .and_then(|k| k.vm)
+            .ok_or(RejectReason::UnknownRequest)?;
+        if args[1..] != [0; 3] {
+            return Err(RejectReason::BadArgument);
+        }
+        let vcpu = args[0];
+        self.check_hook_frame(intro, vcpu, ctx.caller_rsp, hook.vcpu_destroy_returns)?;
+        if !is_kernel_pointer(vcpu) {
+            return Err(RejectReason::BadArgument);
+        }
+        let at = |offset: u64| -> Result<Gva, RejectReason> {
+            vcpu.checked_add(offset)
+                .map(Gva::new)
+                .ok_or(RejectReason::BadArgument)
+        };
+        let read = |offset: u64| {
+            intro
+                .read_u64(at(offset)?)
+                .map_err(|_| RejectReason::GuestMemory)
+        };
+        let kvm = read(hook.vcpu_kvm)?;
+        let id = intro
+            .read_u32(at(hook.vcpu_id)?)
+            .map_err(|_| RejectReason::GuestMemory)?;
+        // The region as KVM still has it (0 if it cannot be translated: the vCPU goes regardless).
+        let vmcs = read(hook.vcpu_vmcs01)?;
+        let region = intro.translate(Gva::new(vmcs)).map_or(0, |g| g.raw());
+        let who = self.current(intro)?.ok_or(RejectReason::NoCurrentProcess)?;
+        Ok(Event {
+            kind: EventKind::VcpuDestroy as u16,
             verdict: Verdict::Allow as i32,
             pid: who.pid,
             comm: who.comm,

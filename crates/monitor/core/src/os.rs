@@ -86,6 +86,8 @@ pub struct KvmHook {
 pub struct KvmVmHooks {
     pub memslot_returns: [u64; 2],
     pub vcpu_returns: [u64; 2],
+    /// The two returns of the hook in `kvm_arch_vcpu_destroy`.
+    pub vcpu_destroy_returns: [u64; 2],
     /// Offsets of `kvm_memory_slot.base_gfn`, `.npages`, `.userspace_addr`, `.id`, `.as_id`,
     /// `.flags`, of `kvm_vcpu.kvm`, `.vcpu_id`, and of `vcpu_vmx.vmcs01` and `.loaded_vmcs` from the
     /// `kvm_vcpu` pointer.

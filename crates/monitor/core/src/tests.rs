@@ -1346,6 +1346,7 @@ fn kvm_memslot_changes_and_vcpu_creations_are_events() {
     const STACK: u64 = KERNEL + 0x3000;
     const RETURNS: [u64; 2] = [0xffff_ffff_8200_0363, 0xffff_ffff_8103_5967];
     const VCPU_RETURNS: [u64; 2] = [0xffff_ffff_8200_03b3, 0xffff_ffff_8103_78c4];
+    const DESTROY_RETURNS: [u64; 2] = [0xffff_ffff_8200_0403, 0xffff_ffff_8103_3920];
     let slot = |g: &mut Guest, at: u64, base: u64, npages: u64, id: u16| {
         g.write(at + 0x60, &base.to_le_bytes());
         g.write(at + 0x68, &npages.to_le_bytes());
@@ -1369,6 +1370,7 @@ fn kvm_memslot_changes_and_vcpu_creations_are_events() {
     let vm = KvmVmHooks {
         memslot_returns: RETURNS,
         vcpu_returns: VCPU_RETURNS,
+        vcpu_destroy_returns: DESTROY_RETURNS,
         slot_base_gfn: 0x60,
         slot_npages: 0x68,
         slot_userspace_addr: 0x98,
@@ -1463,6 +1465,32 @@ fn kvm_memslot_changes_and_vcpu_creations_are_events() {
     assert_eq!(
         m.handle(code, [VCPU, 1, 0, 0], &vctx, &g, &mut ring),
         Verdict::Rejected
+    );
+    // Destroyed: an event with its VMCS region, from the destroy hook's frame only (the creation
+    // hook's returns are not its).
+    let _ = events(&mut ring);
+    let (_, dctx) = hooked_call(&mut g, cr3, 77, b"ihmi-l1-vmm", VCPU, DESTROY_RETURNS);
+    let destroy = RequestCode::VcpuDestroy as u64;
+    assert_eq!(
+        m.handle(destroy, [VCPU, 0, 0, 0], &dctx, &g, &mut ring),
+        Verdict::Allow
+    );
+    let e = events(&mut ring);
+    assert_eq!(
+        (e[0].kind(), e[0].nr, e[0].args),
+        (Some(EventKind::VcpuDestroy), 2, [VCPU, KVM, region, 0])
+    );
+    let json = std::format!("{}", e[0].json("inbox", m.os()));
+    assert!(json.contains(r#""event":"vcpu_destroy","#), "{json}");
+    // The stack as the creation hook leaves it again.
+    let (_, vctx) = hooked_call(&mut g, cr3, 77, b"ihmi-l1-vmm", VCPU, VCPU_RETURNS);
+    assert_eq!(
+        m.handle(destroy, [VCPU, 0, 0, 0], &vctx, &g, &mut ring),
+        Verdict::Rejected
+    );
+    assert_eq!(
+        RejectReason::from_raw(events(&mut ring)[0].detail),
+        Some(RejectReason::NotFromHook)
     );
     // Not as KVM leaves a new vCPU (loaded_vmcs elsewhere, or a region not page-aligned):
     // refused, and nothing to register.

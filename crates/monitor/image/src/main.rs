@@ -201,6 +201,10 @@ fn monitor(config: &MonitorConfig) -> &'static mut Monitor {
                         KvmVmHooks {
                             memslot_returns: [k.memslot_hook_return, k.memslot_site_return],
                             vcpu_returns: [k.vcpu_hook_return, k.vcpu_site_return],
+                            vcpu_destroy_returns: [
+                                k.vcpu_destroy_hook_return,
+                                k.vcpu_destroy_site_return,
+                            ],
                             slot_base_gfn: k.slot_base_gfn_offset,
                             slot_npages: k.slot_npages_offset,
                             slot_userspace_addr: k.slot_userspace_addr_offset,
@@ -286,6 +290,10 @@ extern "C" fn ihmi_monitor_entry(code: u64, a0: u64, a1: u64, a2: u64, a3: u64) 
                 // closed).
                 let _ = registry.register(vcpu, vmcs);
             }
+        } else if code == ihmi_abi::monitor::RequestCode::VcpuDestroy as u64 {
+            // SAFETY: as above.
+            let registry = unsafe { &mut *IHMI_KVM_VMCSS.0.get() };
+            let _ = registry.unregister(a0);
         }
     }
     if ring.wants_drain() {
@@ -576,7 +584,8 @@ ihmi_gate_kernel_int80:
 // its entries) without running it. `make_spte` and `kvm_arch_commit_memory_region` always
 // run: they have no failure their callers handle (an SPTE never written, a memslot half committed),
 // so the monitor only watches them; the latter's trampoline passes RDI, RSI, RDX and RCX on (the
-// `kvm`, the old and new slots, the change).
+// `kvm`, the old and new slots, the change). `kvm_arch_vcpu_destroy` always runs too (`watch`: one
+// argument, never refused), since skipping it would leak the vCPU.
 core::arch::global_asm!(
     r#"
     .macro IHMI_HOOK_TRAMPOLINE name, request, args=one
@@ -640,6 +649,7 @@ core::arch::global_asm!(
     IHMI_HOOK_TRAMPOLINE ihmi_hook_l2_map, {l2_map_request}, map
     IHMI_HOOK_TRAMPOLINE ihmi_hook_memslot, {memslot_request}, four
     IHMI_HOOK_TRAMPOLINE ihmi_hook_vcpu_create, {vcpu_create_request}
+    IHMI_HOOK_TRAMPOLINE ihmi_hook_vcpu_destroy, {vcpu_destroy_request}, watch
 "#,
     exec_request = const ihmi_abi::monitor::RequestCode::Exec as u64,
     io_uring_request = const ihmi_abi::monitor::RequestCode::IoUring as u64,
@@ -647,6 +657,7 @@ core::arch::global_asm!(
     l2_map_request = const ihmi_abi::monitor::RequestCode::L2Map as u64,
     memslot_request = const ihmi_abi::monitor::RequestCode::Memslot as u64,
     vcpu_create_request = const ihmi_abi::monitor::RequestCode::VcpuCreate as u64,
+    vcpu_destroy_request = const ihmi_abi::monitor::RequestCode::VcpuDestroy as u64,
     eperm = const -1i64,
     options(att_syntax)
 );

@@ -121,6 +121,9 @@ pub struct KvmTrail {
     pub first_vmcs: Option<u64>,
     pub registered_entries: u64,
     pub registered_other: u64,
+    /// `vcpu_destroy` events, and those of the first vCPU with its region.
+    pub vcpus_destroyed: u64,
+    pub first_vcpu_destroyed: u64,
 }
 
 impl KvmTrail {
@@ -176,6 +179,12 @@ impl KvmTrail {
                 self.vcpus_created += 1;
                 self.first_vcpu.get_or_insert((event.args[0], event.nr));
                 self.first_vmcs.get_or_insert(event.args[2]);
+            }
+            Some(EventKind::VcpuDestroy) => {
+                self.vcpus_destroyed += 1;
+                let first = self.first_vcpu.map(|(v, _)| v) == Some(event.args[0])
+                    && self.first_vmcs == Some(event.args[2]);
+                self.first_vcpu_destroyed += u64::from(first);
             }
             // Created, slot 0 of address space 0, guest frames 0 to 511.
             Some(EventKind::Memslot)
@@ -1833,6 +1842,11 @@ fn check_ihmi_kvm_allowing(
     if t.exits_of_unknown_vcpu != 0 {
         return Err(FailReason::NestedRun(
             "a kvm_exit event named a vCPU no vcpu_create event did",
+        ));
+    }
+    if t.vcpus_destroyed != 1 || t.first_vcpu_destroyed != 1 {
+        return Err(FailReason::NestedRun(
+            "the monitor did not see KVM destroy the probe's vCPU, with its VMCS, once (vcpu_destroy)",
         ));
     }
     // P6: every entry KVM made was of the VMCS the monitor registered for that vCPU.

@@ -1996,6 +1996,8 @@ fn ihmi_kvm_passes_only_with_one_matching_event_per_reflected_exit() {
         /// not the vCPU's.
         Unregistered,
         OtherVmcs,
+        /// No `vcpu_destroy` event for the probe's vCPU.
+        NoDestroy,
         /// Not a fault: the `vmcs12-region` attacker's line, which that scenario needs.
         RegionLine,
         /// Not a fault: the L1 VMM's line for the `kvm-l2-vmfunc` guest's one #UD.
@@ -2182,6 +2184,15 @@ fn ihmi_kvm_passes_only_with_one_matching_event_per_reflected_exit() {
                 round_trip: Some(2),
             });
         }
+        // The VMM exits, and KVM destroys the vCPU.
+        if fault != Fault::NoDestroy {
+            log.record_monitor_event(&Event {
+                kind: EventKind::VcpuDestroy as u16,
+                nr: 0,
+                args: [VCPU, 0xffff_8880_0500_0000, VMCS, 0],
+                ..Event::EMPTY
+            });
+        }
         log.record(&Observation::Vmx {
             instruction: VmxInstruction::Vmxoff,
             outcome: VmxOutcome::Succeed,
@@ -2205,6 +2216,7 @@ fn ihmi_kvm_passes_only_with_one_matching_event_per_reflected_exit() {
         Fault::NoSlot,
         Fault::Unregistered,
         Fault::OtherVmcs,
+        Fault::NoDestroy,
     ] {
         assert!(
             matches!(run(fault), Verdict::Fail(FailReason::NestedRun(_))),

@@ -81,6 +81,8 @@ pub struct LinuxGate {
     /// (`kvm_arch_vcpu_postcreate`), the same way.
     pub memslot_hook: Option<HookSite>,
     pub vcpu_create_hook: Option<HookSite>,
+    /// And on vCPU destruction (`kvm_arch_vcpu_destroy`).
+    pub vcpu_destroy_hook: Option<HookSite>,
     /// What of the booted kernel never changes again, guest-physical: L0 write-protects it in the
     /// guest view when the gate opens.
     pub kernel: KernelImage,
@@ -164,6 +166,7 @@ pub struct LinuxGuard {
     /// The KVM memslot and vCPU hooks' calls, once installed.
     armed_memslot: Option<ArmedCall>,
     armed_vcpu_create: Option<ArmedCall>,
+    armed_vcpu_destroy: Option<ArmedCall>,
     /// What L0 write-protected when the gate opened.
     locked: [Option<(GpaRange, Locked)>; MAX_LOCKED],
     /// Whether the kernel runs with page-table isolation (its user halves in use), found when the
@@ -183,6 +186,7 @@ impl LinuxGuard {
             armed_l2_map: None,
             armed_memslot: None,
             armed_vcpu_create: None,
+            armed_vcpu_destroy: None,
             locked: [None; MAX_LOCKED],
             pti_in_use: false,
         }
@@ -565,8 +569,9 @@ impl Hypervisor {
             (gate.l2_map_hook, "KVM's mapping path"),
             (gate.memslot_hook, "KVM's memslot commits"),
             (gate.vcpu_create_hook, "KVM's vCPU creation"),
+            (gate.vcpu_destroy_hook, "KVM's vCPU destruction"),
         ];
-        let mut armed_sites = [None; 5];
+        let mut armed_sites = [None; 6];
         for (i, (site, what)) in sites.into_iter().enumerate() {
             armed_sites[i] = match (linux.armed, site) {
                 (Some(_), Some(site)) => match arm_site(platform, &site, what) {
@@ -590,6 +595,7 @@ impl Hypervisor {
             linux.armed_l2_map,
             linux.armed_memslot,
             linux.armed_vcpu_create,
+            linux.armed_vcpu_destroy,
         ] = armed_sites;
         if let Err((what, error)) = linux.open_steps(platform, gate_range) {
             // Whatever step failed, the hooks would call a gate that is not safely open: take them
@@ -600,6 +606,7 @@ impl Hypervisor {
                 linux.armed_l2_map.take(),
                 linux.armed_memslot.take(),
                 linux.armed_vcpu_create.take(),
+                linux.armed_vcpu_destroy.take(),
             ]
             .iter()
             .flatten()
