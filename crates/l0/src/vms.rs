@@ -357,6 +357,18 @@ fn guard(
     };
     let p = &l.profile;
     let pgd = l.text_pa(p.init_top_pgt, memory)?;
+    // A hook the kernel has (its function's address), through its trampoline in the slot.
+    let site = |at: Option<u64>, trampoline| -> Result<Option<HookSite>, LoadError> {
+        at.map(|at| {
+            Ok(HookSite {
+                site: Gva::new(at),
+                site_pa: l.text_pa(at, memory)?,
+                trampoline,
+            })
+        })
+        .transpose()
+    };
+    let kvm = p.kvm.as_ref();
     Ok(Some(guard.with_linux_gate(LinuxGate {
         entries: info.entries.map(|(gate, slot, outbox_vmcall)| GateEntry {
             gate,
@@ -383,54 +395,12 @@ fn guard(
             idt: l.image_pages([p.idt_table, p.idt_table + 1], memory)?,
         },
         call_vmcall: info.call_vmcall,
-        io_uring_hook: match p.io_uring {
-            Some((site, _)) => Some(HookSite {
-                site: Gva::new(site),
-                site_pa: l.text_pa(site, memory)?,
-                trampoline: info.io_uring_trampoline,
-            }),
-            None => None,
-        },
-        kvm_exit_hook: match &p.kvm {
-            Some(k) => Some(HookSite {
-                site: Gva::new(k.handle_exit),
-                site_pa: l.text_pa(k.handle_exit, memory)?,
-                trampoline: info.kvm_exit_trampoline,
-            }),
-            None => None,
-        },
-        l2_map_hook: match &p.kvm {
-            Some(k) => Some(HookSite {
-                site: Gva::new(k.make_spte),
-                site_pa: l.text_pa(k.make_spte, memory)?,
-                trampoline: info.l2_map_trampoline,
-            }),
-            None => None,
-        },
-        memslot_hook: match &p.kvm {
-            Some(k) => Some(HookSite {
-                site: Gva::new(k.commit_memory_region),
-                site_pa: l.text_pa(k.commit_memory_region, memory)?,
-                trampoline: info.memslot_trampoline,
-            }),
-            None => None,
-        },
-        vcpu_create_hook: match &p.kvm {
-            Some(k) => Some(HookSite {
-                site: Gva::new(k.vcpu_create),
-                site_pa: l.text_pa(k.vcpu_create, memory)?,
-                trampoline: info.vcpu_create_trampoline,
-            }),
-            None => None,
-        },
-        vcpu_destroy_hook: match &p.kvm {
-            Some(k) => Some(HookSite {
-                site: Gva::new(k.vcpu_destroy),
-                site_pa: l.text_pa(k.vcpu_destroy, memory)?,
-                trampoline: info.vcpu_destroy_trampoline,
-            }),
-            None => None,
-        },
+        io_uring_hook: site(p.io_uring.map(|(at, _)| at), info.io_uring_trampoline)?,
+        kvm_exit_hook: site(kvm.map(|k| k.handle_exit), info.kvm_exit_trampoline)?,
+        l2_map_hook: site(kvm.map(|k| k.make_spte), info.l2_map_trampoline)?,
+        memslot_hook: site(kvm.map(|k| k.commit_memory_region), info.memslot_trampoline)?,
+        vcpu_create_hook: site(kvm.map(|k| k.vcpu_create), info.vcpu_create_trampoline)?,
+        vcpu_destroy_hook: site(kvm.map(|k| k.vcpu_destroy), info.vcpu_destroy_trampoline)?,
     })))
 }
 

