@@ -336,11 +336,19 @@ pub enum IhmiAttack {
     /// VMLAUNCH (VMfailValid 7) with a `rogue-vmcs` alert naming the region, since no vCPU the
     /// monitor saw KVM create has it, and KVM's guest must run on untouched.
     RogueVmcs = 7,
+    /// 12.12, starve the monitor: from ring 0 (the same foothold), run KVM's guest from code of the
+    /// attacker's own, so that its exits never reach `vmx_handle_exit`. With interrupts off it makes
+    /// the VMCS KVM left current exit before L2's first instruction (interrupt-window exiting, L2's
+    /// IF set), gives it the host state L0 checks (its own stack, CR3 and FS base; HOST_RIP stays
+    /// KVM's `vmx_vmexit`) and VMRESUMEs it again and again, a frame of `__vmx_vcpu_run`'s forged on
+    /// its stack so that each exit returns to it; then it puts every field back. Every entry passes
+    /// P3 and P6; L0's liveness check (P7) must say `monitor-starved`, and KVM's guest must run on.
+    Starve = 8,
 }
 
 impl IhmiAttack {
     /// Every attack, in the order `ihmi test` runs them.
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::ExitHandler,
         Self::KvmText,
         Self::Vmcs12Region,
@@ -349,6 +357,7 @@ impl IhmiAttack {
         Self::L2Vmfunc,
         Self::HostState,
         Self::RogueVmcs,
+        Self::Starve,
     ];
 
     /// The name in the scenario's (`ihmi-attack-` and this).
@@ -363,6 +372,7 @@ impl IhmiAttack {
             Self::L2Vmfunc => "l2-vmfunc",
             Self::HostState => "host-state",
             Self::RogueVmcs => "rogue-vmcs",
+            Self::Starve => "starve",
         }
     }
 
@@ -378,6 +388,7 @@ impl IhmiAttack {
             Self::L2Vmfunc => "ihmi-attack-l2-vmfunc",
             Self::HostState => "ihmi-attack-host-state",
             Self::RogueVmcs => "ihmi-attack-rogue-vmcs",
+            Self::Starve => "ihmi-attack-starve",
         }
     }
 
@@ -393,6 +404,7 @@ impl IhmiAttack {
             Self::L2Vmfunc => "ihmi.attack=kvm-l2-vmfunc",
             Self::HostState => "ihmi.attack=kvm-host-state",
             Self::RogueVmcs => "ihmi.attack=kvm-rogue-vmcs",
+            Self::Starve => "ihmi.attack=kvm-starve",
         }
     }
 
@@ -426,6 +438,16 @@ pub const IHMI_HOST_STATE_LINE: &str = "ihmi-attack: VMWRITE of KVM's HOST_RIP f
 /// region's physical address, RFLAGS after the VMLAUNCH, the VM-instruction error VMREAD gave, and
 /// RFLAGS after it made KVM's VMCS current again.
 pub const IHMI_ROGUE_VMCS_LINE: &str = "ihmi-attack: VMLAUNCH of my own VMCS from ring 0: ";
+
+/// How the `kvm-starve` attacker's line starts once it ran KVM's guest from its own code: then, in
+/// hex, the VMCS (KVM's, from VMPTRST), the exits of L2 it took, the basic reason of the last one,
+/// and the RFLAGS bits (CF, ZF) of the VMWRITEs that put KVM's fields back, OR-ed (0: all went
+/// through).
+pub const IHMI_STARVE_LINE: &str = "ihmi-attack: KVM's guest run from my own code, exits kept: ";
+
+/// How many exits of L2 the `kvm-starve` attacker takes in its own code: two windows of L0's
+/// liveness check (`ihmi_hv::nested::liveness::WINDOW`, 64), so that one whole window falls inside.
+pub const IHMI_STARVE_EXITS: u64 = 160;
 
 /// Where the `kvm-l2-map` attacker's VMM puts the page in its guest's physical memory (past the
 /// probe's own 2 MiB).

@@ -824,6 +824,7 @@ const ATTACKER_SYMBOLS: &[&str] = &[
     "init_top_pgt",
     "printk_sysctls",
     "proc_dointvec",
+    "empty_zero_page",
 ];
 
 /// Symbols only some kernels have, which an attack on what they have uses: KVM's exit-handler table

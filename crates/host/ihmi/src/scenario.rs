@@ -123,6 +123,9 @@ pub fn kernel_args(name: &str) -> &'static str {
             IhmiAttack::RogueVmcs => {
                 "ihmi.nested=kvm ihmi.attack=kvm-rogue-vmcs kvm_intel.ept=0 kvm_intel.nested=0"
             }
+            IhmiAttack::Starve => {
+                "ihmi.nested=kvm ihmi.attack=kvm-starve kvm_intel.ept=0 kvm_intel.nested=0"
+            }
         },
         // The same KVM, after /init's workload under the in-box monitors.
         Some(ihmi_abi::Scenario::NestedKvmSim) => {
@@ -360,7 +363,8 @@ mod tests {
                 "ihmi-attack-l2-map-monitor",
                 "ihmi-attack-l2-vmfunc",
                 "ihmi-attack-host-state",
-                "ihmi-attack-rogue-vmcs"
+                "ihmi-attack-rogue-vmcs",
+                "ihmi-attack-starve"
             ]
         );
         // Each IHMI attack tells the attacker which attack, by the word it looks for.

