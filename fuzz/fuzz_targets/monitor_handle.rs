@@ -14,8 +14,8 @@ use arbitrary::Arbitrary;
 use ihmi_abi::monitor::{Entry, Verdict};
 use ihmi_addr::{Gpa, Gva};
 use ihmi_monitor::{
-    CallContext, Event, EventKind, EventRing, FileLayout, KvmHook, KvmMapHook, KvmVmHooks, Monitor,
-    OsProfile, Policy,
+    CallContext, Event, EventKind, EventRing, FileLayout, KvmHook, KvmMapHook, KvmOps, KvmVmHooks,
+    Monitor, OsProfile, Policy,
 };
 
 /// Entries of the fuzzed KVM exit-handler table.
@@ -131,6 +131,19 @@ fuzz_target!(|input: Input| {
                     vcpu_id: 0x30,
                     vcpu_vmcs01: 0x80,
                     vcpu_loaded_vmcs: 0xd0,
+                }),
+                // And `kvm_x86_ops`, 20 words of the kernel's data as they were at boot (a chunk
+                // and a part of one).
+                ops: Some(KvmOps {
+                    at: 0xffff_ffff_8100_9000,
+                    words: 20,
+                    expected: {
+                        let mut e = [0; ihmi_abi::monitor::KVM_X86_OPS_MAX];
+                        for (i, w) in e[..20].iter_mut().enumerate() {
+                            *w = 0xffff_ffff_8106_0000 + 0x40 * i as u64;
+                        }
+                        e
+                    },
                 }),
             })
     } else {

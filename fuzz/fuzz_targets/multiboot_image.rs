@@ -26,9 +26,22 @@ fuzz_target!(|data: &[u8]| {
         assert!(low <= high && high <= 1 << 32);
         // The image's own first bytes as a command line: any length, any content.
         let text = core::str::from_utf8(&data[..data.len().min(300)]).unwrap_or("");
-        let memory = [MemoryRange { base: 0, len: high, kind: MEMORY_AVAILABLE }];
-        let modules = [Module { start: 0x80_0000, end: 0x80_1000, cmdline: text }];
-        let info = BootInfo { cmdline: text, loader_name: "ihmi", modules: &modules, memory: &memory };
+        let memory = [MemoryRange {
+            base: 0,
+            len: high,
+            kind: MEMORY_AVAILABLE,
+        }];
+        let modules = [Module {
+            start: 0x80_0000,
+            end: 0x80_1000,
+            cmdline: text,
+        }];
+        let info = BootInfo {
+            cmdline: text,
+            loader_name: "ihmi",
+            modules: &modules,
+            memory: &memory,
+        };
         let mut area = [0u8; 1024];
         if let Ok(len) = info.write(kernel.header.protocol, &mut area, 0x9000) {
             assert!(len <= area.len());

@@ -5,7 +5,7 @@
 
 use core::fmt::Write;
 
-use ihmi_hv::{Action, GuestEnd, GuestRegs, NestedSwitch, Vcpu};
+use ihmi_hv::{Action, GuestEnd, GuestRegs, NestedSwitch, Platform, Vcpu};
 use ihmi_judge::{
     judge_entry_failure, AttackContext, EntryFailure, Facts, MonitorAudit, MonitorCounts, Verdict,
 };
@@ -13,6 +13,7 @@ use ihmi_rt::console::{Console, Sink};
 use ihmi_vmcs::{VmExit, VmInstructionError};
 use ihmi_vmx::HwVcpu;
 
+use crate::monitor::Loaded;
 use crate::state::{self, L0State};
 use crate::{dump_vmcs, log, outbox, power_off};
 
@@ -74,6 +75,7 @@ pub extern "C" fn on_exit(regs: &mut GuestRegs) {
     let mut console = Console(Sink::Both);
     let mut observer = st.judge.observer(counts, &mut console);
     let action = st.hv.handle_exit(&mut vcpu, &mut platform, &mut observer);
+    copy_kvm_ops(st);
     check_hook_liveness(st);
     match action {
         Action::Resume => {}
@@ -98,6 +100,31 @@ pub extern "C" fn on_exit(regs: &mut GuestRegs) {
                 finish(st, end);
             }
         }
+    }
+}
+
+/// With the in-hypervisor monitor hooked into L1's KVM, once the exit that armed the hooks (the
+/// kernel's first system call) is handled and before L1 runs on: `kvm_x86_ops` copied into the
+/// monitor's configuration, what P2 holds the live struct to.
+fn copy_kvm_ops(st: &mut L0State) {
+    if !st.monitor.as_ref().is_some_and(Loaded::kvm_ops_pending) {
+        return;
+    }
+    let armed = st
+        .hv
+        .guard
+        .as_ref()
+        .and_then(|g| g.linux())
+        .is_some_and(|l| l.armed_kvm_exit().is_some());
+    let (Some(m), true) = (st.monitor.as_mut(), armed) else {
+        return;
+    };
+    let platform = st.machine.platform();
+    match m.copy_kvm_ops(|gpa, buf| platform.read_guest(gpa, buf)) {
+        Ok(words) => {
+            log!("monitor: kvm_x86_ops as the boot left it: {words} words, held to from now on")
+        }
+        Err(why) => log!("monitor: kvm_x86_ops goes unwatched: {why}"),
     }
 }
 

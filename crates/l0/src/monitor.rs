@@ -4,7 +4,7 @@
 //! everything goes and what the words are comes from `ihmi-layout`; this module only writes.
 
 use ihmi_abi::monitor::{
-    Mode, MonitorConfig, CONFIG_MAGIC, KERNEL_IMAGE_RANGES, OS_LINUX, OS_TESTGUEST,
+    KvmOffsets, Mode, MonitorConfig, CONFIG_MAGIC, KERNEL_IMAGE_RANGES, OS_LINUX, OS_TESTGUEST,
 };
 use ihmi_addr::{Gpa, GpaRange, Gva, LARGE_PAGE_SIZE, PAGE_SIZE};
 use ihmi_hv::guard::views::{LinuxGatePages, MonitorLayout};
@@ -206,6 +206,9 @@ pub struct Loaded {
     /// `KvmVmcsRegistry`, aligned, checked at load), which L0 holds L1's VMLAUNCHes and VMRESUMEs
     /// to (P6).
     pub vmcs_registry: Option<Gpa>,
+    /// With KVM in the watched kernel: `kvm_x86_ops`, for L0 to copy into the configuration when the
+    /// kernel's boot is over ([`Loaded::copy_kvm_ops`]); `None` once copied, or without KVM.
+    kvm_ops: Option<KvmOpsCopy>,
     /// VMFUNC and CR3-load instructions in the gate, counted in its code by L0 at load.
     pub gate_vmfuncs: u64,
     /// See `gate_vmfuncs`.
@@ -215,6 +218,13 @@ pub struct Loaded {
     fixed: Fixed,
     /// Their checksum when L0 finished loading.
     pub checksum_at_load: u64,
+}
+
+/// Where the watched kernel keeps `kvm_x86_ops` (guest-physical) and how many words it has.
+#[derive(Clone, Copy, Debug)]
+struct KvmOpsCopy {
+    from: Gpa,
+    words: u64,
 }
 
 /// The parts of the monitor region that must never change after loading, and the two holes in them:
@@ -293,6 +303,45 @@ impl Loaded {
         };
         let setup = f.setup.unwrap_or(GpaRange::new(f.config.end, f.config.end));
         ihmi_layout::checksum([before, after, f.config, setup].map(bytes), bytes(f.tables))
+    }
+
+    /// Whether `kvm_x86_ops` is still to be copied ([`Self::copy_kvm_ops`]).
+    pub const fn kvm_ops_pending(&self) -> bool {
+        self.kvm_ops.is_some()
+    }
+
+    /// Copies KVM's `kvm_x86_ops` into the monitor's configuration, once: L0 calls this when the
+    /// watched kernel's boot is over (its first system call, where L0 opens the gate and arms the
+    /// hooks, before any can fire), when the vendor module has filled the struct in and no process has
+    /// run. The monitor holds the live struct to this copy (P2). The configuration is fixed from
+    /// then on: its checksum is taken again. `read` reads guest RAM; the words copied, or why not.
+    pub fn copy_kvm_ops(
+        &mut self,
+        read: impl FnOnce(Gpa, &mut [u8]) -> Result<(), ihmi_hv::PlatformError>,
+    ) -> Result<u64, &'static str> {
+        let copy = self.kvm_ops.take().ok_or("nothing to copy")?;
+        let words = copy.words.min(ihmi_abi::monitor::KVM_X86_OPS_MAX as u64);
+        let mut bytes = [0u8; ihmi_abi::monitor::KVM_X86_OPS_MAX * 8];
+        let bytes = &mut bytes[..words as usize * 8];
+        read(copy.from, bytes).map_err(|_| "kvm_x86_ops is not readable guest RAM")?;
+        let kvm = core::mem::offset_of!(MonitorConfig, kvm);
+        let at = |field: usize| Gpa::new(self.fixed.config.start.raw() + (kvm + field) as u64);
+        let count = GpaRange::new(
+            at(core::mem::offset_of!(KvmOffsets, x86_ops_words)),
+            Gpa::new(at(core::mem::offset_of!(KvmOffsets, x86_ops_words)).raw() + 8),
+        );
+        let values = at(core::mem::offset_of!(KvmOffsets, x86_ops_values));
+        let values = GpaRange::new(values, Gpa::new(values.raw() + bytes.len() as u64));
+        self.memory
+            .bytes(values)
+            .map_err(|_| "the configuration has no room")?
+            .copy_from_slice(bytes);
+        self.memory
+            .bytes(count)
+            .map_err(|_| "the configuration has no room")?
+            .copy_from_slice(&words.to_le_bytes());
+        self.checksum_at_load = self.checksum();
+        Ok(words)
     }
 
     /// The value of an aligned word of the region.
@@ -560,6 +609,7 @@ pub fn load(
         kvm_exits,
         hook_counts,
         vmcs_registry,
+        kvm_ops: kvm_ops_in(os),
         gate_vmfuncs,
         gate_cr3_loads,
         fixed: Fixed {
@@ -577,6 +627,26 @@ pub fn load(
     };
     loaded.checksum_at_load = loaded.checksum();
     Ok(loaded)
+}
+
+/// Where a Linux kernel with KVM keeps `kvm_x86_ops`, guest-physical: in its data, which L0 found in
+/// guest RAM (`MonitorOs::Linux`'s third range starts at the page of the data's first byte).
+fn kvm_ops_in(os: &MonitorOs) -> Option<KvmOpsCopy> {
+    let MonitorOs::Linux(p, image) = os else {
+        return None;
+    };
+    let k = p.kvm.as_ref()?;
+    let (data, words) = (p.data, k.x86_ops_size / 8);
+    let end = k.x86_ops.checked_add(k.x86_ops_size)?;
+    if k.x86_ops < data[0] || end > data[1] {
+        log!("monitor: kvm_x86_ops is not in the kernel's data; it goes unwatched");
+        return None;
+    }
+    let from = image[2].start.raw() + (k.x86_ops - (data[0] & !(PAGE_SIZE - 1)));
+    Some(KvmOpsCopy {
+        from: Gpa::new(from),
+        words,
+    })
 }
 
 /// The monitor's region: sized for the image and its tables, placed high in guest RAM clear of
@@ -910,6 +980,8 @@ fn write_config(
                 kvm.vcpu_id_offset = k.vcpu_id.offset;
                 kvm.vcpu_vmcs01_offset = k.vcpu_vmcs01.offset;
                 kvm.vcpu_loaded_vmcs_offset = k.vcpu_loaded_vmcs.offset;
+                // Its words come when the boot is over (`Loaded::copy_kvm_ops`).
+                kvm.x86_ops = k.x86_ops;
             }
         }
     }

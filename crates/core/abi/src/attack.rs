@@ -344,11 +344,16 @@ pub enum IhmiAttack {
     /// its stack so that each exit returns to it; then it puts every field back. Every entry passes
     /// P3 and P6; L0's liveness check (P7) must say `monitor-starved`, and KVM's guest must run on.
     Starve = 8,
+    /// 12.5's second half, a data-only hijack of `kvm_x86_ops`: rewrite its word that holds
+    /// `vmx_handle_exit` (the vendor's exit handler) with the next word's value, run the probe under
+    /// it, put it back. The struct is filled in at boot and never again; the monitor must report the
+    /// word, against the copy L0 took when the boot was over, within one pass of its checks.
+    KvmOps = 9,
 }
 
 impl IhmiAttack {
     /// Every attack, in the order `ihmi test` runs them.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::ExitHandler,
         Self::KvmText,
         Self::Vmcs12Region,
@@ -358,6 +363,7 @@ impl IhmiAttack {
         Self::HostState,
         Self::RogueVmcs,
         Self::Starve,
+        Self::KvmOps,
     ];
 
     /// The name in the scenario's (`ihmi-attack-` and this).
@@ -373,6 +379,7 @@ impl IhmiAttack {
             Self::HostState => "host-state",
             Self::RogueVmcs => "rogue-vmcs",
             Self::Starve => "starve",
+            Self::KvmOps => "kvm-ops",
         }
     }
 
@@ -389,6 +396,7 @@ impl IhmiAttack {
             Self::HostState => "ihmi-attack-host-state",
             Self::RogueVmcs => "ihmi-attack-rogue-vmcs",
             Self::Starve => "ihmi-attack-starve",
+            Self::KvmOps => "ihmi-attack-kvm-ops",
         }
     }
 
@@ -405,6 +413,7 @@ impl IhmiAttack {
             Self::HostState => "ihmi.attack=kvm-host-state",
             Self::RogueVmcs => "ihmi.attack=kvm-rogue-vmcs",
             Self::Starve => "ihmi.attack=kvm-starve",
+            Self::KvmOps => "ihmi.attack=kvm-ops",
         }
     }
 
@@ -444,6 +453,10 @@ pub const IHMI_ROGUE_VMCS_LINE: &str = "ihmi-attack: VMLAUNCH of my own VMCS fro
 /// and the RFLAGS bits (CF, ZF) of the VMWRITEs that put KVM's fields back, OR-ed (0: all went
 /// through).
 pub const IHMI_STARVE_LINE: &str = "ihmi-attack: KVM's guest run from my own code, exits kept: ";
+
+/// How the `kvm-ops` attacker's line starts once it rewrote the word: then, in hex, the word's index
+/// in `kvm_x86_ops`, its address, its value before and the value written.
+pub const IHMI_KVM_OPS_LINE: &str = "ihmi-attack: kvm_x86_ops word rewritten: ";
 
 /// How many exits of L2 the `kvm-starve` attacker takes in its own code: two windows of L0's
 /// liveness check (`ihmi_hv::nested::liveness::WINDOW`, 64), so that one whole window falls inside.

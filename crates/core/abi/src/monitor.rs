@@ -250,6 +250,10 @@ pub struct MonitorConfig {
 /// Most entries of KVM's exit-handler table the monitor holds (`ihmi_linux`'s `MAX_EXIT_HANDLERS`).
 pub const KVM_EXIT_HANDLERS_MAX: usize = 96;
 
+/// Most words of KVM's `kvm_x86_ops` the monitor holds (`ihmi_linux`'s `MAX_X86_OPS_WORDS`; 6.1's
+/// is 121).
+pub const KVM_X86_OPS_MAX: usize = 160;
+
 /// What the in-hypervisor monitor needs of a Linux kernel with KVM built in (from its System.map, BTF
 /// and image; see `ihmi_linux::KvmProfile`).
 #[derive(Clone, Copy, Debug)]
@@ -297,6 +301,13 @@ pub struct KvmOffsets {
     pub vcpu_id_offset: u64,
     pub vcpu_vmcs01_offset: u64,
     pub vcpu_loaded_vmcs_offset: u64,
+    /// KVM's `kvm_x86_ops` (the vendor module's operations, filled in once at boot from
+    /// `vmx_x86_ops` as `hardware_setup` left it): its address, and its words as L0 copied them when
+    /// the boot was over (the first system call, before any hook can fire), 0 words until then or
+    /// without KVM. The monitor holds the live struct to them (P2).
+    pub x86_ops: u64,
+    pub x86_ops_words: u64,
+    pub x86_ops_values: [u64; KVM_X86_OPS_MAX],
 }
 
 /// The ranges of [`KvmOffsets::image`].
@@ -394,6 +405,9 @@ impl KvmOffsets {
         vcpu_id_offset: 0,
         vcpu_vmcs01_offset: 0,
         vcpu_loaded_vmcs_offset: 0,
+        x86_ops: 0,
+        x86_ops_words: 0,
+        x86_ops_values: [0; KVM_X86_OPS_MAX],
     };
 }
 

@@ -3,17 +3,18 @@
 //! the host writes it with [`fmt::Display`], L0 reads it with [`LinuxProfile::parse`].
 //!
 //! ```text
-//! ihmi-linux-profile 8
+//! ihmi-linux-profile 9
 //! symbol current_task 0xffffffff8180a8c0
 //! field task_struct.pid 0x4b8 4
 //! size page 64
+//! object kvm_x86_ops 0xffffffff81d15720 968
 //! flag pti_pgd_pair 1
 //! ```
 
 use core::fmt;
 
 /// The first line.
-const HEADER: &str = "ihmi-linux-profile 8";
+const HEADER: &str = "ihmi-linux-profile 9";
 
 /// The kernel PGD of a CR3: its root without PCID or flags and, when page-table isolation is built in
 /// (every PGD an 8 KiB pair, kernel half first), without bit 12, since a user CR3 points at the user
@@ -143,7 +144,14 @@ pub struct KvmProfile {
     /// the vCPU runs its guest on, which the monitor registers for L0's rogue-VMCS check.
     pub vcpu_vmcs01: Field,
     pub vcpu_loaded_vmcs: Field,
+    /// `kvm_x86_ops` (`struct kvm_x86_ops`, writable data filled in at boot): its address and size in
+    /// bytes (a multiple of 8, at most [`MAX_X86_OPS_WORDS`] words).
+    pub x86_ops: u64,
+    pub x86_ops_size: u64,
 }
+
+/// Most words of `kvm_x86_ops` a profile may give (6.1's struct is 121).
+pub const MAX_X86_OPS_WORDS: u64 = 160;
 
 /// The `field` lines of the KVM hooks' members, in [`KvmProfile`] order, with the size each must
 /// have.
@@ -185,6 +193,8 @@ impl Default for KvmProfile {
             vcpu_id: Field::default(),
             vcpu_vmcs01: Field::default(),
             vcpu_loaded_vmcs: Field::default(),
+            x86_ops: 0,
+            x86_ops_size: 0,
         }
     }
 }
@@ -474,6 +484,12 @@ impl LinuxProfile {
                     *slot = f;
                     seen |= 1 << bit;
                 }
+                ["object", "kvm_x86_ops", at, size] => {
+                    let k = p.kvm.get_or_insert_with(Default::default);
+                    k.x86_ops = num(at)?;
+                    k.x86_ops_size = num(size)?;
+                    kvm_seen |= 1 << 19;
+                }
                 ["table", "kvm_vmx_exit_handlers", at, values] => {
                     let k = p.kvm.get_or_insert_with(Default::default);
                     k.exit_handlers = num(at)?;
@@ -553,7 +569,7 @@ impl LinuxProfile {
             _ => return Err(ProfileError::Missing("symbol io_issue_sqe")),
         }
         match kvm_seen {
-            0 | 0x7_ffff => {}
+            0 | 0xf_ffff => {}
             s if s & 1 == 0 => return Err(ProfileError::Missing("symbol vmx_handle_exit")),
             s if s & 8 == 0 => return Err(ProfileError::Missing("symbol vmx_vmexit")),
             s if s & 2 == 0 => return Err(ProfileError::Missing("field kvm_vcpu.exit_reason")),
@@ -568,6 +584,7 @@ impl LinuxProfile {
                 return Err(ProfileError::Missing("symbol kvm_arch_vcpu_postcreate"))
             }
             s if s & 128 == 0 => return Err(ProfileError::Missing("symbol kvm_arch_vcpu_destroy")),
+            s if s & (1 << 19) == 0 => return Err(ProfileError::Missing("object kvm_x86_ops")),
             s => {
                 let i = (0..KVM_MAP_FIELD_NAMES.len())
                     .find(|i| s & (256 << i) == 0)
@@ -581,6 +598,12 @@ impl LinuxProfile {
             }
             if k.exit_handlers % 8 != 0 || k.exit_handler_count == 0 {
                 return Err(ProfileError::Implausible("table kvm_vmx_exit_handlers"));
+            }
+            if k.x86_ops % 8 != 0
+                || k.x86_ops_size % 8 != 0
+                || !(1..=MAX_X86_OPS_WORDS).contains(&(k.x86_ops_size / 8))
+            {
+                return Err(ProfileError::Implausible("object kvm_x86_ops"));
             }
             for (&(name, size), f) in KVM_MAP_FIELD_NAMES.iter().zip(k.map_fields()) {
                 if f.size != size || f.offset % size != 0 {
@@ -659,6 +682,7 @@ impl fmt::Display for LinuxProfile {
                 "field kvm_vcpu.exit_reason {:#x} {}",
                 k.exit_reason.offset, k.exit_reason.size
             )?;
+            writeln!(f, "object kvm_x86_ops {:#x} {}", k.x86_ops, k.x86_ops_size)?;
             write!(f, "table kvm_vmx_exit_handlers {:#x} ", k.exit_handlers)?;
             for (i, v) in k.exit_handler_values().iter().enumerate() {
                 let sep = if i == 0 { "" } else { "," };
@@ -821,6 +845,8 @@ mod tests {
                     offset: 0x1ad0,
                     size: 8,
                 },
+                x86_ops: 0xffff_ffff_81d1_5720,
+                x86_ops_size: 0x3c8,
             }),
         }
     }
@@ -836,7 +862,7 @@ mod tests {
     #[test]
     fn written_profiles_read_back() {
         let text = sample().to_string();
-        assert!(text.starts_with("ihmi-linux-profile 8\n"));
+        assert!(text.starts_with("ihmi-linux-profile 9\n"));
         assert_eq!(LinuxProfile::parse(&text), Ok(sample()));
     }
 
@@ -887,6 +913,20 @@ mod tests {
             LinuxProfile::parse(&without("vcpu_id")),
             Err(ProfileError::MissingField("kvm_vcpu.vcpu_id"))
         );
+        assert_eq!(
+            LinuxProfile::parse(&without("kvm_x86_ops")),
+            Err(ProfileError::Missing("object kvm_x86_ops"))
+        );
+        for size in ["0x3c4", "0", "0x508"] {
+            assert_eq!(
+                LinuxProfile::parse(&text.replace(
+                    "kvm_x86_ops 0xffffffff81d15720 968",
+                    &std::format!("kvm_x86_ops 0xffffffff81d15720 {size}")
+                )),
+                Err(ProfileError::Implausible("object kvm_x86_ops")),
+                "{size}"
+            );
+        }
         assert_eq!(
             LinuxProfile::parse(
                 &text.replace("kvm_mmu_page.role 0x2c 4", "kvm_mmu_page.role 0x2c 8")

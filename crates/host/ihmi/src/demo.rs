@@ -261,7 +261,12 @@ impl Summary {
                     ),
                     None => writeln!(
                         out,
-                        "  INTEGRITY: {property}[{index}] at {address:#x} is {found:#x}, must be {expected:#x} (the kernel image's)"
+                        "  INTEGRITY: {property}[{index}] at {address:#x} is {found:#x}, must be {expected:#x} ({})",
+                        if property == "kvm_x86_ops" {
+                            "as the boot left it"
+                        } else {
+                            "the kernel image's"
+                        }
                     ),
                 };
             }

@@ -703,6 +703,25 @@ fn kvm_profile(
     for (v, b) in values.iter_mut().zip(bytes.chunks_exact(8)) {
         *v = u64::from_le_bytes(b.try_into()?);
     }
+    // `kvm_x86_ops`: its size from the ELF symbol; its values exist only once the kernel has booted
+    // (L0 copies them then).
+    let ops = "kvm_x86_ops";
+    let ops_at = map.require(ops)?;
+    let ops_sym = file
+        .symbol_by_name(ops)
+        .with_context(|| format!("{} has no symbol {ops}", vmlinux.display()))?;
+    if ops_sym.address() != ops_at
+        || ops_sym.size() % 8 != 0
+        || !(1..=ihmi_linux::profile::MAX_X86_OPS_WORDS).contains(&(ops_sym.size() / 8))
+    {
+        bail!(
+            "{ops} in {} is at {:#x} with {} bytes (System.map says {ops_at:#x}); ihmi holds up to {} words",
+            vmlinux.display(),
+            ops_sym.address(),
+            ops_sym.size(),
+            ihmi_linux::profile::MAX_X86_OPS_WORDS
+        );
+    }
     Ok(KvmProfile {
         handle_exit,
         vmx_vmexit: map.require("vmx_vmexit")?,
@@ -732,6 +751,8 @@ fn kvm_profile(
             size: 8,
         },
         vcpu_loaded_vmcs: loaded_vmcs,
+        x86_ops: ops_at,
+        x86_ops_size: ops_sym.size(),
     })
 }
 
@@ -829,7 +850,8 @@ const ATTACKER_SYMBOLS: &[&str] = &[
 
 /// Symbols only some kernels have, which an attack on what they have uses: KVM's exit-handler table
 /// and exit path (the `l1` kernel).
-const ATTACKER_SYMBOLS_IF_PRESENT: &[&str] = &["kvm_vmx_exit_handlers", "vmx_handle_exit"];
+const ATTACKER_SYMBOLS_IF_PRESENT: &[&str] =
+    &["kvm_vmx_exit_handlers", "vmx_handle_exit", "kvm_x86_ops"];
 
 /// What the compromised root knows of the kernel: the lines of its System.map (which distributions
 /// publish) for [`ATTACKER_SYMBOLS`], put in the initramfs as `/etc/ihmi-attacker.map`.

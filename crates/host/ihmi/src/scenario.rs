@@ -126,6 +126,9 @@ pub fn kernel_args(name: &str) -> &'static str {
             IhmiAttack::Starve => {
                 "ihmi.nested=kvm ihmi.attack=kvm-starve kvm_intel.ept=0 kvm_intel.nested=0"
             }
+            IhmiAttack::KvmOps => {
+                "ihmi.nested=kvm ihmi.attack=kvm-ops kvm_intel.ept=0 kvm_intel.nested=0"
+            }
         },
         // The same KVM, after /init's workload under the in-box monitors.
         Some(ihmi_abi::Scenario::NestedKvmSim) => {
@@ -364,7 +367,8 @@ mod tests {
                 "ihmi-attack-l2-vmfunc",
                 "ihmi-attack-host-state",
                 "ihmi-attack-rogue-vmcs",
-                "ihmi-attack-starve"
+                "ihmi-attack-starve",
+                "ihmi-attack-kvm-ops"
             ]
         );
         // Each IHMI attack tells the attacker which attack, by the word it looks for.

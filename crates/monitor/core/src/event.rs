@@ -116,6 +116,8 @@ pub enum IntegrityProperty {
     KvmExitHandlers = 1,
     /// P4: KVM is mapping a page of its guest onto a frame that is not the VM's own memory.
     L2Memory = 2,
+    /// P2: a word of KVM's `kvm_x86_ops` is not what it held when the boot was over.
+    KvmX86Ops = 3,
 }
 
 impl IntegrityProperty {
@@ -125,6 +127,7 @@ impl IntegrityProperty {
         match raw {
             1 => Some(Self::KvmExitHandlers),
             2 => Some(Self::L2Memory),
+            3 => Some(Self::KvmX86Ops),
             _ => None,
         }
     }
@@ -135,6 +138,7 @@ impl IntegrityProperty {
         match self {
             Self::KvmExitHandlers => "kvm_exit_handlers",
             Self::L2Memory => "l2_memory",
+            Self::KvmX86Ops => "kvm_x86_ops",
         }
     }
 }

@@ -10,15 +10,18 @@ pub mod policy;
 
 pub use ihmi_abi::monitor::Entry;
 use ihmi_abi::monitor::{
-    RequestCode, SyscallEntry, Verdict, KVM_EXIT_HANDLERS_MAX, PATH_LEN, PATH_MAX,
+    RequestCode, SyscallEntry, Verdict, KVM_EXIT_HANDLERS_MAX, KVM_X86_OPS_MAX, PATH_LEN, PATH_MAX,
 };
+
+/// Words of `kvm_x86_ops` the monitor checks at each KVM exit.
+pub const KVM_X86_OPS_CHUNK: usize = 16;
 use ihmi_addr::Gva;
 use ihmi_paging::{Cr3, GuestPhysRead};
 
 pub use event::{Event, EventKind, EventRing, IntegrityProperty, L2Memory, RejectReason};
 pub use identity::{DigestCache, FileLayout, IdentityError};
 pub use introspect::{IntrospectError, Introspector, TranslationCache};
-pub use os::{IoUringHook, KvmHook, KvmMapHook, KvmVmHooks, OsProfile, ProcessInfo};
+pub use os::{IoUringHook, KvmHook, KvmMapHook, KvmOps, KvmVmHooks, OsProfile, ProcessInfo};
 pub use policy::Policy;
 
 /// What the caller of the entry point knows that the guest cannot forge: the guest's CR3 at the call
@@ -70,6 +73,10 @@ struct State {
     /// Linux with KVM: each exit-handler entry's value as last reported (the image's until a change
     /// is found), so a changed entry is reported once per new value, not at every exit.
     kvm_reported: [u64; KVM_EXIT_HANDLERS_MAX],
+    /// The same for the words of `kvm_x86_ops`, and the next word to check (the struct is checked a
+    /// chunk at each exit).
+    kvm_ops_reported: [u64; KVM_X86_OPS_MAX],
+    kvm_ops_next: usize,
     /// Linux with KVM: the vCPU created in this invocation and its VMCS region's guest-physical
     /// address, for the image's VMCS registry (L0's rogue-VMCS check, P6).
     created_vcpu: Option<[u64; 2]>,
@@ -94,6 +101,11 @@ impl Monitor {
                     Some(k) => k.expected,
                     None => [0; KVM_EXIT_HANDLERS_MAX],
                 },
+                kvm_ops_reported: match os.kvm {
+                    Some(KvmHook { ops: Some(o), .. }) => o.expected,
+                    _ => [0; KVM_X86_OPS_MAX],
+                },
+                kvm_ops_next: 0,
                 created_vcpu: None,
             },
             tlb: core::cell::RefCell::new(TranslationCache::new()),
@@ -486,6 +498,9 @@ impl State {
                 });
             }
         }
+        if let Some(ops) = &hook.ops {
+            self.check_kvm_ops(intro, ops, ctx, ring)?;
+        }
         Ok(Event {
             kind: EventKind::KvmExit as u16,
             verdict: Verdict::Allow as i32,
@@ -495,6 +510,54 @@ impl State {
             args: [args[0], expected.len() as u64, changed, 0],
             ..Event::EMPTY
         })
+    }
+
+    /// The next [`KVM_X86_OPS_CHUNK`] words of `kvm_x86_ops`, held to their values when the boot was
+    /// over (P2: the struct is filled in once, at boot; some of KVM's calls still go through it,
+    /// `nested_ops` among them): a changed word is an `integrity` event, once per new value. A whole
+    /// pass takes `words / KVM_X86_OPS_CHUNK` exits, rounded up (8 for 6.1's 121 words).
+    fn check_kvm_ops<M: GuestPhysRead>(
+        &mut self,
+        intro: &Introspector<'_, M>,
+        ops: &KvmOps,
+        ctx: &CallContext,
+        ring: &mut EventRing,
+    ) -> Result<(), RejectReason> {
+        let expected = ops.expected();
+        let first = if self.kvm_ops_next < expected.len() {
+            self.kvm_ops_next
+        } else {
+            0
+        };
+        let end = (first + KVM_X86_OPS_CHUNK).min(expected.len());
+        let mut chunk = [0u8; KVM_X86_OPS_CHUNK * 8];
+        let chunk = &mut chunk[..(end - first) * 8];
+        let at = ops.at + first as u64 * 8;
+        intro
+            .read_gva(Gva::new(at), chunk)
+            .map_err(|_| RejectReason::GuestMemory)?;
+        for (i, found) in (first..end).zip(chunk.chunks_exact(8)) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(found);
+            let found = u64::from_le_bytes(b);
+            let want = expected[i];
+            if found == want {
+                self.kvm_ops_reported[i] = want;
+            } else if found != self.kvm_ops_reported[i] {
+                self.kvm_ops_reported[i] = found;
+                ring.push(Event {
+                    tsc: ctx.tsc,
+                    kind: EventKind::Integrity as u16,
+                    detail: IntegrityProperty::KvmX86Ops as u16,
+                    verdict: Verdict::Allow as i32,
+                    nr: i as u64,
+                    args: [ops.at + i as u64 * 8, want, found, 0],
+                    ..Event::EMPTY
+                });
+            }
+        }
+        self.kvm_ops_next = end;
+        Ok(())
     }
 
     /// args = (GVA of the `kvm_vcpu`, GVA of the `kvm_memory_slot`, guest frame, host frame), from the

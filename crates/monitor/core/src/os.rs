@@ -3,7 +3,7 @@
 //! through these and takes nothing about the guest from its caller.
 
 use ihmi_abi::guest_os::{process_layout, COMM_LEN};
-use ihmi_abi::monitor::KVM_EXIT_HANDLERS_MAX;
+use ihmi_abi::monitor::{KVM_EXIT_HANDLERS_MAX, KVM_X86_OPS_MAX};
 use ihmi_addr::Gva;
 use ihmi_paging::GuestPhysRead;
 
@@ -78,6 +78,25 @@ pub struct KvmHook {
     pub map: Option<KvmMapHook>,
     /// The hooks on memslot changes and vCPU creation, if L0 put them in.
     pub vm: Option<KvmVmHooks>,
+    /// `kvm_x86_ops` and its words when the boot was over, if L0 copied them.
+    pub ops: Option<KvmOps>,
+}
+
+/// KVM's `kvm_x86_ops`, held to the copy L0 took when the kernel's boot was over (P2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvmOps {
+    /// Its address, its words, and their values then.
+    pub at: u64,
+    pub words: usize,
+    pub expected: [u64; KVM_X86_OPS_MAX],
+}
+
+impl KvmOps {
+    /// The words the struct must hold.
+    #[must_use]
+    pub fn expected(&self) -> &[u64] {
+        &self.expected[..self.words.min(KVM_X86_OPS_MAX)]
+    }
 }
 
 /// What the in-hypervisor monitor needs for the hooks in `kvm_arch_commit_memory_region` and

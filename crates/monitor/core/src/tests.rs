@@ -1106,6 +1106,7 @@ fn kvm_exits_are_named_from_the_vcpu_and_the_exit_handler_table_is_held_to_the_i
         expected,
         map: None,
         vm: None,
+        ops: None,
     };
     let mut m = Monitor::new(linux.with_kvm(hook), Policy::allow_all());
     assert_eq!(m.handle(code, args, &ctx, &g, &mut ring), Verdict::Allow);
@@ -1187,6 +1188,89 @@ fn kvm_exits_are_named_from_the_vcpu_and_the_exit_handler_table_is_held_to_the_i
     );
 }
 
+/// KVM's `kvm_x86_ops` (P2) is held to the words L0 copied at boot, a chunk of them at each exit:
+/// a changed word is found within one pass and is one `integrity` event per new value, before the
+/// exit's own event; the exit's event is unchanged; the old value back is quiet.
+#[test]
+fn kvm_x86_ops_is_held_to_its_boot_time_words_a_chunk_at_each_exit() {
+    use crate::KVM_X86_OPS_CHUNK;
+    let (mut g, cr3, _) = setup();
+    const VCPU: u64 = KERNEL + 0x1800;
+    const OPS: u64 = KERNEL + 0x2800;
+    const WORDS: usize = KVM_X86_OPS_CHUNK + 4;
+    let mut expected = [0; ihmi_abi::monitor::KVM_X86_OPS_MAX];
+    for (i, v) in expected[..WORDS].iter_mut().enumerate() {
+        *v = 0xffff_ffff_8106_0000 + 0x40 * i as u64;
+        g.write(OPS + 8 * i as u64, &v.to_le_bytes());
+    }
+    let (linux, ctx) = hooked_call(
+        &mut g,
+        cr3,
+        77,
+        b"ihmi-l1-vmm",
+        VCPU,
+        [0xffff_ffff_8200_02c3, 0xffff_ffff_8106_ca56],
+    );
+    let hook = KvmHook {
+        returns: [0xffff_ffff_8200_02c3, 0xffff_ffff_8106_ca56],
+        exit_reason: 0x1a0,
+        handlers: KERNEL + 0x1ff0,
+        handler_count: 0,
+        expected: [0; ihmi_abi::monitor::KVM_EXIT_HANDLERS_MAX],
+        map: None,
+        vm: None,
+        ops: Some(KvmOps {
+            at: OPS,
+            words: WORDS,
+            expected,
+        }),
+    };
+    let mut m = Monitor::new(linux.with_kvm(hook), Policy::allow_all());
+    let code = RequestCode::KvmExit as u64;
+    let args = [VCPU, 0, 0, 0];
+    let mut ring = EventRing::new();
+    let exit = |m: &mut Monitor, g: &Guest, ring: &mut EventRing| {
+        assert_eq!(m.handle(code, args, &ctx, g, ring), Verdict::Allow);
+        let e = events(ring);
+        assert_eq!(e.last().unwrap().kind(), Some(EventKind::KvmExit));
+        e[..e.len() - 1].to_vec()
+    };
+    // Untouched: two exits make a pass, and nothing is said.
+    for _ in 0..4 {
+        assert!(exit(&mut m, &g, &mut ring).is_empty());
+    }
+    // A root attacker points `nested_ops` (here word 18, in the second chunk) at a table of its own.
+    const EVIL: u64 = 0xffff_8880_0bad_0000;
+    g.write(OPS + 8 * 18, &EVIL.to_le_bytes());
+    let mut said = std::vec::Vec::new();
+    for _ in 0..6 {
+        said.extend(exit(&mut m, &g, &mut ring));
+    }
+    assert_eq!(said.len(), 1, "once per new value");
+    assert_eq!(
+        (said[0].kind(), said[0].detail, said[0].nr, said[0].args),
+        (
+            Some(EventKind::Integrity),
+            IntegrityProperty::KvmX86Ops as u16,
+            18,
+            [OPS + 8 * 18, expected[18], EVIL, 0]
+        )
+    );
+    let json = std::format!("{}", said[0].json("inbox", m.os()));
+    assert!(
+        json.contains(r#""property":"kvm_x86_ops","index":18"#),
+        "{json}"
+    );
+    // Put back: quiet; changed again: news again.
+    g.write(OPS + 8 * 18, &expected[18].to_le_bytes());
+    for _ in 0..2 {
+        assert!(exit(&mut m, &g, &mut ring).is_empty());
+    }
+    g.write(OPS + 8 * 18, &EVIL.to_le_bytes());
+    let n: usize = (0..2).map(|_| exit(&mut m, &g, &mut ring).len()).sum();
+    assert_eq!(n, 1);
+}
+
 /// KVM's mapping hook (`make_spte`): every mapping is an event with its guest frame, host frame, the
 /// VMM's address of the page and the level read from the shadow page; a frame in the kernel's image,
 /// one that is not RAM (here: not in the test guest's memory), a large mapping that reaches into the
@@ -1233,6 +1317,7 @@ fn kvm_mappings_are_held_to_the_vm_s_own_memory() {
         expected: [0; ihmi_abi::monitor::KVM_EXIT_HANDLERS_MAX],
         map: None,
         vm: None,
+        ops: None,
     };
     let args = frame_of(&mut g, 0x180, ram, SLOT);
     refused_without_the_hook(linux.with_kvm(exit_only), code, args, &ctx, &g);
@@ -1395,6 +1480,7 @@ fn kvm_memslot_changes_and_vcpu_creations_are_events() {
         expected: [0; ihmi_abi::monitor::KVM_EXIT_HANDLERS_MAX],
         map: None,
         vm: Some(vm),
+        ops: None,
     };
     let mut m = Monitor::new(linux.with_kvm(hook), Policy::allow_all());
     let mut ring = EventRing::new();

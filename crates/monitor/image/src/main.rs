@@ -8,8 +8,8 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use ihmi_abi::monitor::{Entry, MonitorConfig, Verdict, CONFIG_MAGIC};
 use ihmi_addr::{Gpa, Gva};
 use ihmi_monitor::{
-    CallContext, EventRing, FileLayout, IoUringHook, KvmHook, KvmMapHook, KvmVmHooks, Monitor,
-    OsProfile, Policy,
+    CallContext, EventRing, FileLayout, IoUringHook, KvmHook, KvmMapHook, KvmOps, KvmVmHooks,
+    Monitor, OsProfile, Policy,
 };
 use ihmi_paging::{Cr3, GuestPhysRead, PhysReadError};
 
@@ -217,6 +217,12 @@ fn monitor(config: &MonitorConfig) -> &'static mut Monitor {
                             vcpu_loaded_vmcs: k.vcpu_loaded_vmcs_offset,
                         },
                     ),
+                    // L0 copied the struct when the boot was over, before any hook could fire.
+                    ops: (k.x86_ops != 0 && k.x86_ops_words != 0).then_some(KvmOps {
+                        at: k.x86_ops,
+                        words: (k.x86_ops_words as usize).min(ihmi_abi::monitor::KVM_X86_OPS_MAX),
+                        expected: k.x86_ops_values,
+                    }),
                 })
             } else {
                 linux

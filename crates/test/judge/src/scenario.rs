@@ -110,6 +110,9 @@ pub struct KvmTrail {
     /// address, the VMM's address, the frame found, its class).
     pub l2_memory: u64,
     pub first_l2_memory: Option<[u64; 5]>,
+    /// `integrity` events of `kvm_x86_ops`, and the first one's (index, address, expected, found).
+    pub x86_ops: u64,
+    pub first_x86_ops: Option<[u64; 4]>,
     /// `vcpu_create` events (the first vCPU's address and id), `kvm_exit` events of a vCPU no such
     /// event named, and `memslot` creations of the probe's own slot (slot 0: its 2 MiB from 0).
     pub vcpus_created: u64,
@@ -178,6 +181,17 @@ impl KvmTrail {
                     let [address, hva, found, class] = event.args;
                     self.first_l2_memory = Some([event.nr, address, hva, found, class]);
                 }
+            }
+            Some(EventKind::Integrity)
+                if event.detail == ihmi_monitor::IntegrityProperty::KvmX86Ops as u16 =>
+            {
+                self.x86_ops += 1;
+                self.first_x86_ops.get_or_insert([
+                    event.nr,
+                    event.args[0],
+                    event.args[1],
+                    event.args[2],
+                ]);
             }
             Some(EventKind::VcpuCreate) => {
                 self.vcpus_created += 1;
@@ -390,6 +404,9 @@ pub struct ScenarioLog {
     /// VMCS, the exits it took, the last one's basic reason, the RFLAGS bits of its putting KVM's
     /// fields back.
     pub starve_attack: Option<[u64; 4]>,
+    /// `ihmi-attack-kvm-ops`: the word the attacker says it rewrote: its index, address, value before
+    /// and value written.
+    pub kvm_ops_attack: Option<[u64; 4]>,
     /// `nested-kvm-sim`: the exec monitor let the L1 VMM start (allowed executions of it), and the
     /// system-call monitor saw its `ioctl`s (to KVM).
     pub vmm_execs_allowed: u64,
@@ -458,6 +475,10 @@ impl ScenarioLog {
                 let rogue = ihmi_abi::attack::IHMI_ROGUE_VMCS_LINE.as_bytes();
                 if let Some(words) = line.strip_prefix(rogue).and_then(parse_hex_words::<4>) {
                     self.rogue_vmcs_attack = Some(words);
+                }
+                let ops = ihmi_abi::attack::IHMI_KVM_OPS_LINE.as_bytes();
+                if let Some(words) = line.strip_prefix(ops).and_then(parse_hex_words::<4>) {
+                    self.kvm_ops_attack = Some(words);
                 }
                 let starve = ihmi_abi::attack::IHMI_STARVE_LINE.as_bytes();
                 if let Some(words) = line.strip_prefix(starve).and_then(parse_hex_words::<4>) {
@@ -1163,8 +1184,21 @@ fn check(
             )),
             Some([at, was, new]) => check_ihmi_kvm(
                 log,
-                Some([ihmi_abi::attack::IHMI_EXIT_HANDLER_INDEX, at, was, new]),
+                Some(Rewritten::ExitHandler([
+                    ihmi_abi::attack::IHMI_EXIT_HANDLER_INDEX,
+                    at,
+                    was,
+                    new,
+                ])),
             ),
+        },
+        // The monitor reported exactly the word of `kvm_x86_ops` the attacker rewrote, against L0's
+        // copy from the end of the boot, and went on seeing every exit.
+        Scenario::IhmiAttack(IhmiAttack::KvmOps) => match log.kvm_ops_attack {
+            None => Err(FailReason::NestedRun(
+                "the attacker did not say it rewrote a word of kvm_x86_ops (see the guest's console)",
+            )),
+            Some(word) => check_ihmi_kvm(log, Some(Rewritten::X86Ops(word))),
         },
         // The write onto KVM's text (the monitor's call in `vmx_handle_exit`) was the one L0's
         // lock on L1's text stopped, at the address the attacker named.
@@ -1846,8 +1880,16 @@ fn check_nested_kvm_allowing(
 /// at every entry (P3); nothing rejected or dropped. Under attack
 /// (`attacked`: the entry's index, address, value in the image and value written), the table was
 /// found changed and exactly that one `integrity` event says so.
-fn check_ihmi_kvm(log: &ScenarioLog, attacked: Option<[u64; 4]>) -> Result<(), FailReason> {
+fn check_ihmi_kvm(log: &ScenarioLog, attacked: Option<Rewritten>) -> Result<(), FailReason> {
     check_ihmi_kvm_allowing(log, attacked, 0, &|_| false)
+}
+
+/// What an attacker says it rewrote in KVM's control data (P2): an entry of the exit-handler table
+/// or a word of `kvm_x86_ops`, each as (index, address, value before, value written).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Rewritten {
+    ExitHandler([u64; 4]),
+    X86Ops([u64; 4]),
 }
 
 /// [`check_ihmi_kvm`], with the alerts `expected` says an attack raised (and nothing else), and
@@ -1855,7 +1897,7 @@ fn check_ihmi_kvm(log: &ScenarioLog, attacked: Option<[u64; 4]>) -> Result<(), F
 /// again after it).
 fn check_ihmi_kvm_allowing(
     log: &ScenarioLog,
-    attacked: Option<[u64; 4]>,
+    attacked: Option<Rewritten>,
     kept: u64,
     expected: &dyn Fn(&Alert) -> bool,
 ) -> Result<(), FailReason> {
@@ -1936,6 +1978,24 @@ fn check_ihmi_kvm_allowing(
         ));
     }
     match attacked {
+        Some(Rewritten::X86Ops(word)) if t.x86_ops != 1 || t.first_x86_ops != Some(word) => {
+            return Err(FailReason::AttackNotReported(
+                "rewriting a word of kvm_x86_ops (one integrity event naming it)",
+            ))
+        }
+        Some(Rewritten::X86Ops(_)) => {}
+        _ if t.x86_ops != 0 => {
+            return Err(FailReason::NestedRun(
+                "the monitor found kvm_x86_ops changed, with nobody attacking it",
+            ))
+        }
+        _ => {}
+    }
+    let handler = match attacked {
+        Some(Rewritten::ExitHandler(entry)) => Some(entry),
+        _ => None,
+    };
+    match handler {
         None if t.integrity != 0 || t.with_changed_handlers != 0 => Err(FailReason::NestedRun(
             "the monitor found KVM's exit-handler table changed, with nobody attacking it",
         )),

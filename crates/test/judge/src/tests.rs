@@ -2023,7 +2023,20 @@ fn ihmi_kvm_passes_only_with_one_matching_event_per_reflected_exit() {
             restored: u64,
             alert: bool,
         },
+        /// Not a fault but for its values: the `kvm-ops` attacker's line (if `said`: index 0x2d,
+        /// its address, the value before and the one written) and the monitor's `kvm_x86_ops`
+        /// integrity event (if any).
+        X86Ops {
+            said: bool,
+            reported: Option<[u64; 4]>,
+        },
     }
+    const OPS_WORD: [u64; 4] = [
+        0x2d,
+        0xffff_ffff_81d1_5888,
+        0xffff_ffff_8106_ec47,
+        0xffff_ffff_8106_9a10,
+    ];
     const ROGUE: u64 = 0x35_7000;
     const AT: u64 = 0xffff_ffff_81c4_79d0;
     const WAS: u64 = 0xffff_ffff_8106_1000;
@@ -2073,6 +2086,28 @@ fn ihmi_kvm_passes_only_with_one_matching_event_per_reflected_exit() {
                     launch: true,
                     rip: 0xffff_8887_8000_0000,
                 }));
+            }
+        }
+        if let Fault::X86Ops { said, reported } = fault {
+            if said {
+                let [i, at, was, new] = OPS_WORD;
+                let line = std::format!(
+                    "{}{i:#x} {at:#x} {was:#x} {new:#x}",
+                    ihmi_abi::attack::IHMI_KVM_OPS_LINE
+                );
+                log.record(&Observation::DebugLine {
+                    line: line.as_bytes(),
+                    exits: 0,
+                });
+            }
+            if let Some([i, at, expected, found]) = reported {
+                log.record_monitor_event(&Event {
+                    kind: EventKind::Integrity as u16,
+                    detail: IntegrityProperty::KvmX86Ops as u16,
+                    nr: i,
+                    args: [at, expected, found, 0],
+                    ..Event::EMPTY
+                });
             }
         }
         if let Some((line, _)) = attack {
@@ -2359,6 +2394,34 @@ fn ihmi_kvm_passes_only_with_one_matching_event_per_reflected_exit() {
         (rogue, attacked(7, 0x43, ROGUE)),
         (rogue, Fault::None),
         (Scenario::IhmiKvm, attacked(7, 0x2, ROGUE)),
+    ] {
+        assert!(matches!(
+            run_attacked(scenario, fault, None),
+            Verdict::Fail(FailReason::NestedRun(_))
+        ));
+    }
+    // kvm_x86_ops: the word the attacker names, reported once as it was and as it became, passes;
+    // no report, another word or value, no line, or a report in a run nobody attacked, fails.
+    let ops = Scenario::IhmiAttack(ihmi_abi::attack::IhmiAttack::KvmOps);
+    let x86 = |said, reported| Fault::X86Ops { said, reported };
+    assert_eq!(
+        run_attacked(ops, x86(true, Some(OPS_WORD)), None),
+        Verdict::Pass
+    );
+    let [i, at, was, new] = OPS_WORD;
+    for reported in [
+        None,
+        Some([i + 1, at + 8, was, new]),
+        Some([i, at, was, new + 1]),
+    ] {
+        assert!(matches!(
+            run_attacked(ops, x86(true, reported), None),
+            Verdict::Fail(FailReason::AttackNotReported(_))
+        ));
+    }
+    for (scenario, fault) in [
+        (ops, x86(false, Some(OPS_WORD))),
+        (Scenario::IhmiKvm, x86(false, Some(OPS_WORD))),
     ] {
         assert!(matches!(
             run_attacked(scenario, fault, None),

@@ -60,6 +60,8 @@
 //!     address of `_text`;
 //!   - `kvm-rogue-vmcs`: with the same foothold, VMLAUNCH a VMCS region of its own, then make
 //!     KVM's VMCS current again;
+//!   - `kvm-ops`: rewrite the word of `kvm_x86_ops` that holds `vmx_handle_exit` while the probe
+//!     runs;
 //!   - `kvm-starve`: with the same foothold, run KVM's own VMCS from its code, 160 exits of L2 kept
 //!     from `vmx_handle_exit` (each before L2's first instruction), then put KVM's fields back.
 //!
@@ -101,6 +103,7 @@ fn main() -> ExitCode {
             IhmiAttack::HostState => kvm_host_state(&cmdline),
             IhmiAttack::RogueVmcs => kvm_rogue_vmcs(&cmdline),
             IhmiAttack::Starve => kvm_starve(&cmdline),
+            IhmiAttack::KvmOps => kvm_ops(),
         };
         return match result {
             Ok(()) => ExitCode::SUCCESS,
@@ -339,6 +342,48 @@ fn open_mem() -> Result<File, String> {
         .write(true)
         .open("/dev/mem")
         .map_err(|e| format!("/dev/mem: {e}"))
+}
+
+/// 12.5 on `kvm_x86_ops`: the word that holds `vmx_handle_exit` (found by its value: the attacker has
+/// System.map, not the struct's layout) gets the next word's value while the probe runs. In 6.1 KVM
+/// calls that member through a static call patched at boot, so the change redirects nothing here;
+/// what it tests is that a change to any word of the struct is found.
+fn kvm_ops() -> Result<(), String> {
+    use ihmi_abi::attack::IHMI_KVM_OPS_LINE;
+    let k = Kernel::learn()?;
+    let mem = open_mem()?;
+    let ops = k.symbol("kvm_x86_ops")?;
+    let handler = k.symbol("vmx_handle_exit")?;
+    let mut words = [0u8; 8 * 160];
+    mem.read_exact_at(&mut words, k.pa(ops))
+        .map_err(|e| format!("reading kvm_x86_ops: {e}"))?;
+    let word = |i: usize| u64::from_le_bytes(words[8 * i..8 * i + 8].try_into().unwrap_or([0; 8]));
+    let index = (0..159)
+        .find(|&i| word(i) == handler)
+        .ok_or_else(|| format!("no word of kvm_x86_ops holds vmx_handle_exit ({handler:#x})"))?;
+    let (was, new) = (word(index), word(index + 1));
+    if new == was || new == 0 {
+        return Err(format!(
+            "words {index} and {} of kvm_x86_ops are {was:#x} and {new:#x}: nothing to redirect",
+            index + 1
+        ));
+    }
+    let at = ops + 8 * index as u64;
+    let page = PhysPage::map(&mem, k.pa(at)).map_err(|e| format!("mapping {at:#x}: {e}"))?;
+    let offset = (k.pa(at) % PAGE) as usize;
+    page.write_u64(offset, new);
+    say(&format!(
+        "{IHMI_KVM_OPS_LINE}{index:#x} {at:#x} {was:#x} {new:#x}"
+    ));
+    let status = std::process::Command::new("/bin/ihmi-l1-vmm")
+        .arg("--probe")
+        .status()
+        .map_err(|e| format!("/bin/ihmi-l1-vmm: {e}"))?;
+    page.write_u64(offset, was);
+    say(&format!(
+        "ihmi-attack: the probe ran under the rewritten kvm_x86_ops ({status}); word put back"
+    ));
+    Ok(())
 }
 
 fn kvm_exit_handler() -> Result<(), String> {
