@@ -162,6 +162,12 @@ pub struct NestedLine {
     pub cpuid_round_trips: u64,
     pub cpuid_round_trip_exits: u64,
     pub cpuid_round_trip_max: u64,
+    /// The same for reflected page faults (L2 touching a page its shadow-paging hypervisor had not
+    /// mapped yet): how many, their L0 exits.
+    #[serde(default)]
+    pub page_fault_round_trips: u64,
+    #[serde(default)]
+    pub page_fault_round_trip_exits: u64,
     /// Whether L1's VMCS was shadowed.
     pub shadowing: bool,
     /// With a monitor (the in-hypervisor monitor in L1's KVM): its invocations (L1's system calls

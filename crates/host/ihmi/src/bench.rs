@@ -613,6 +613,92 @@ pub fn nested_monitor_table(rows: &[NestedRow]) -> String {
     out
 }
 
+/// The probe's L2 workloads under KVM with no monitor (`nested-kvm-shadow`), the monitor in the box
+/// (`ihmi-kvm`) and out of it (`ihmi-kvm-outbox`), per iteration, modeled: the CPUID loop (each
+/// iteration one reflected exit KVM handles, so one exit check of the monitor's) and the
+/// memory-touch loop (per page: its reflected page faults, KVM's mapping of it and the monitor's
+/// checks of both). Each L0 exit of the round trips is an exit round trip of the model; the
+/// monitor's work is its own instructions at a cycle each, with in the box the gate's VMFUNCs and
+/// CR3 loads and out of it the monitor VM's own exit (the hooks' VMCALLs are L1 exits, inside the
+/// round trips). Empty without the three runs.
+pub fn nested_workload_table(rows: &[NestedRow]) -> String {
+    let find = |name: &str| rows.iter().find(|r| r.scenario == name).map(|r| &r.line);
+    let (Some(none), Some(inbox), Some(outbox)) = (
+        find("nested-kvm-shadow"),
+        find("ihmi-kvm"),
+        find("ihmi-kvm-outbox"),
+    ) else {
+        return String::new();
+    };
+    let pages = ihmi_abi::NESTED_KVM_PAGES as f64;
+    let ratio = |x: u64, n: u64| if n == 0 { 0.0 } else { x as f64 / n as f64 };
+    // Per iteration: (L0 exits, modeled cycles) of the CPUID loop and the memory-touch loop.
+    let costs = |l: &ihmi_wire::NestedLine| {
+        let extra = if l.kvm_exits_served == 0 {
+            0.0
+        } else if l.monitor_vm_exits > 0 {
+            ratio(l.monitor_vm_exits, l.monitor_invocations) * COST.exit_round_trip
+        } else {
+            l.gate_vmfuncs as f64 * COST.vmfunc + l.gate_cr3_loads as f64 * COST.cr3_load
+        };
+        let exit_check = ratio(l.kvm_exit_ticks, l.kvm_exits_served) * COST.cycles_per_instruction;
+        let map_check = ratio(l.l2_map_ticks, l.l2_maps_checked) * COST.cycles_per_instruction;
+        let monitored = l.kvm_exits_served > 0;
+        let cpuid_exits = ratio(l.cpuid_round_trip_exits, l.cpuid_round_trips);
+        let mut cpuid = cpuid_exits * COST.exit_round_trip;
+        let page_exits = l.page_fault_round_trip_exits as f64 / pages;
+        let mut page = page_exits * COST.exit_round_trip;
+        if monitored {
+            cpuid += exit_check + extra;
+            page += l.page_fault_round_trips as f64 / pages * (exit_check + extra)
+                + l.l2_maps_checked as f64 / pages * (map_check + extra);
+        }
+        ((cpuid_exits, cpuid), (page_exits, page))
+    };
+    let (n, i, o) = (costs(none), costs(inbox), costs(outbox));
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| L2 workload, per iteration: modeled cycles (L0 exits) | none (nested-kvm-shadow) | in the box (ihmi-kvm) | out of the box (ihmi-kvm-outbox) |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|");
+    let cell = |(exits, cycles): (f64, f64), base: f64| {
+        if base == cycles {
+            format!("{cycles:.0} ({exits:.2})")
+        } else {
+            format!(
+                "{cycles:.0} ({exits:.2}), {:+.0}%",
+                (cycles - base) / base * 100.0
+            )
+        }
+    };
+    let _ = writeln!(
+        out,
+        "| CPUID loop ({} iterations, one reflected exit each) | {} | {} | {} |",
+        ihmi_abi::NESTED_KVM_CPUIDS,
+        cell(n.0, n.0 .1),
+        cell(i.0, n.0 .1),
+        cell(o.0, n.0 .1)
+    );
+    let _ = writeln!(
+        out,
+        "| memory-touch loop ({} pages, per page; page faults reflected: {}, {}, {}) | {} | {} | {} |",
+        ihmi_abi::NESTED_KVM_PAGES,
+        none.page_fault_round_trips,
+        inbox.page_fault_round_trips,
+        outbox.page_fault_round_trips,
+        cell(n.1, n.1 .1),
+        cell(i.1, n.1 .1),
+        cell(o.1, n.1 .1)
+    );
+    let _ = writeln!(
+        out,
+        "modeled: {} cycles per L0 exit round trip, the monitor's instructions at {} cycle each, {} per VMFUNC, {} per CR3 load; L2's own instructions (the same in every mode) and L0's and L1's work between exits not modeled",
+        COST.exit_round_trip, COST.cycles_per_instruction, COST.vmfunc, COST.cr3_load
+    );
+    out
+}
+
 #[cfg(test)]
 mod monitor_table_tests {
     use super::*;
@@ -630,6 +716,8 @@ mod monitor_table_tests {
             cpuid_round_trips: 0,
             cpuid_round_trip_exits: 0,
             cpuid_round_trip_max: 0,
+            page_fault_round_trips: 0,
+            page_fault_round_trip_exits: 0,
             shadowing: true,
             monitor_invocations: 20,
             kvm_exits_served: 10,
@@ -663,6 +751,41 @@ mod monitor_table_tests {
         // A run without the monitor has no row.
         let mut none = row("nested-kvm-shadow", false);
         none.line.kvm_exits_served = 0;
-        assert!(!nested_monitor_table(&[none]).contains("nested-kvm-shadow"));
+        assert!(!nested_monitor_table(&[none.clone()]).contains("nested-kvm-shadow"));
+
+        // The workloads: 1,000 CPUIDs of 2 L0 exits each (3 out of the box: the hook's VMCALL),
+        // 256 page faults of 2 (3) exits and 256 mappings checked.
+        let kvm = |l: &mut ihmi_wire::NestedLine, outbox: bool| {
+            let per = if outbox { 3 } else { 2 };
+            l.cpuid_round_trips = 1000;
+            l.cpuid_round_trip_exits = 1000 * per;
+            l.page_fault_round_trips = 256;
+            l.page_fault_round_trip_exits = 256 * (per + u64::from(outbox));
+            l.kvm_exits_served = 1256;
+            l.monitor_invocations = 1512;
+            l.monitor_vm_exits = if outbox { 1512 } else { 0 };
+            l.kvm_exit_ticks = 1256 * 3000;
+            l.l2_maps_checked = 256;
+            l.l2_map_ticks = 256 * 1000;
+        };
+        kvm(&mut none.line, false);
+        none.line.kvm_exits_served = 0;
+        let (mut i, mut o) = (row("ihmi-kvm", false), row("ihmi-kvm-outbox", true));
+        kvm(&mut i.line, false);
+        kvm(&mut o.line, true);
+        let t = nested_workload_table(&[none.clone(), i.clone(), o.clone()]);
+        // None: 2 exits, 2,600 a CPUID; in the box + 3,000 + 640 = 6,240 (+140%); out of it
+        // 3 exits + 3,000 + 1,300 = 8,200 (+215%).
+        assert!(
+            t.contains("| CPUID loop (1000 iterations, one reflected exit each) | 2600 (2.00) | 6240 (2.00), +140% | 8200 (3.00), +215% |"),
+            "{t}"
+        );
+        // A page: none 2,600; in the box 2,600 + 3,640 + 1,640 = 7,880; out of it 4 exits
+        // (5,200) + 4,300 + 2,300 = 11,800.
+        assert!(
+            t.contains("| 2600 (2.00) | 7880 (2.00), +203% | 11800 (4.00), +354% |"),
+            "{t}"
+        );
+        assert!(nested_workload_table(&[none, i]).is_empty());
     }
 }

@@ -404,6 +404,8 @@ fn run_nested_bench(cpu_name: &str, json: bool) -> Result<ExitCode> {
     print!("{}", bench::nested_table(&rows));
     println!();
     print!("{}", bench::nested_monitor_table(&rows));
+    println!();
+    print!("{}", bench::nested_workload_table(&rows));
     if json {
         for r in &rows {
             println!("{}", serde_json::to_string(&r.line)?);

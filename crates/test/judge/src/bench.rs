@@ -286,6 +286,8 @@ pub fn nested_line(
         cpuid_round_trips: stats.cpuid_round_trips,
         cpuid_round_trip_exits: stats.cpuid_round_trip_total,
         cpuid_round_trip_max: stats.cpuid_round_trip_max,
+        page_fault_round_trips: stats.page_fault_round_trips,
+        page_fault_round_trip_exits: stats.page_fault_round_trip_total,
         shadowing,
         monitor_invocations: monitor.invocations,
         kvm_exits_served,

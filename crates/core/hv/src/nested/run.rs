@@ -51,18 +51,26 @@ pub struct NestedStats {
     pub cpuid_round_trips: u64,
     pub cpuid_round_trip_total: u64,
     pub cpuid_round_trip_max: u64,
+    /// The same for reflected page faults (shadow paging in L1: each is L2 touching a page its
+    /// hypervisor had not mapped yet): how many, their L0 exits.
+    pub page_fault_round_trips: u64,
+    pub page_fault_round_trip_total: u64,
 }
 
 /// The L0 exits of one reflected exit so far: all of them, and L1's VMREADs/VMWRITEs and other
 /// exits among them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct RoundTrip {
-    /// Whether the reflected exit was a CPUID.
+    /// Whether the reflected exit was a CPUID, or a page fault.
     cpuid: bool,
+    page_fault: bool,
     exits: u64,
     vmread_vmwrite: u64,
     other: u64,
 }
+
+/// The page-fault exception's vector.
+const PF_VECTOR: u8 = 14;
 
 impl Hypervisor {
     /// Whether L2 is running (VMCS02 current).
@@ -125,6 +133,10 @@ impl Hypervisor {
                         n.stats.cpuid_round_trips += 1;
                         n.stats.cpuid_round_trip_total += r.exits;
                         n.stats.cpuid_round_trip_max = n.stats.cpuid_round_trip_max.max(r.exits);
+                    }
+                    if r.page_fault {
+                        n.stats.page_fault_round_trips += 1;
+                        n.stats.page_fault_round_trip_total += r.exits;
                     }
                 }
                 let round_trip = finished.map(|r| r.exits);
@@ -411,6 +423,7 @@ impl Hypervisor {
             // This exit and the entry that ends L1's handling of it count; L1's exits in between add.
             n.stats.pending_round_trip = Some(RoundTrip {
                 cpuid: reason == ExitReason::Cpuid,
+                page_fault: matches!(exit, VmExit::Exception { info, .. } if info.vector() == PF_VECTOR),
                 exits: 1,
                 ..RoundTrip::default()
             });

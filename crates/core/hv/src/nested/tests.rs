@@ -1378,6 +1378,14 @@ mod running_l2 {
             (1, 2, 2),
             "the reflected exit was a CPUID"
         );
+        assert_eq!(
+            (
+                stats.page_fault_round_trips,
+                stats.page_fault_round_trip_total
+            ),
+            (0, 0),
+            "and not a page fault"
+        );
     }
 
     /// With Linux + KVM as L1 (a profile that names `vmx_vmexit`), an entry whose VMCS12 host state
