@@ -202,6 +202,11 @@ pub const LINUX_IO_URING_OPS: [u8; 4] = [18, 23, 19, 37];
 /// The `forge` attack's forged system-call request: `execve`, as if the running process had made it.
 pub const LINUX_FORGED_SYSCALL_NR: u64 = 59;
 
+/// How the `forge` attacker's line starts once its ring-0 code loaded another IDT (the direct-map
+/// alias of `idt_table`) and made an exit (a CPUID): then, in hex, the base it loaded, the IDTR base
+/// before, and the one after the exit.
+pub const LINUX_IDT_LINE: &str = "ihmi-attack: LIDT from ring 0, then an exit: ";
+
 /// How many `getpid` calls the `nmi` attack makes while the NMIs arrive.
 pub const LINUX_NMI_CALLS: u64 = 4_000;
 /// The fewest NMIs the `nmi` attack must have caused for its run to count.

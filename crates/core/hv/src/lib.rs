@@ -107,6 +107,9 @@ impl Hypervisor {
         }
         self.count_l1_exit(exit.reason());
         let audit = self.audit(vcpu, platform, obs);
+        if audit.is_none() {
+            self.audit_idtr(vcpu, platform, obs);
+        }
         let action = audit.unwrap_or_else(|| self.dispatch(exit, vcpu, platform, obs));
         if !matches!(action, Action::End(_)) {
             self.deliver_nmi(vcpu, platform, obs);

@@ -846,6 +846,7 @@ const ATTACKER_SYMBOLS: &[&str] = &[
     "printk_sysctls",
     "proc_dointvec",
     "empty_zero_page",
+    "idt_table",
 ];
 
 /// Symbols only some kernels have, which an attack on what they have uses: KVM's exit-handler table

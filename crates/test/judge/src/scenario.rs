@@ -407,6 +407,9 @@ pub struct ScenarioLog {
     /// `ihmi-attack-kvm-ops`: the word the attacker says it rewrote: its index, address, value before
     /// and value written.
     pub kvm_ops_attack: Option<[u64; 4]>,
+    /// `linux-attack-forge`: the IDT base the attacker's ring-0 code loaded, and IDTR's base before
+    /// and after the exit it made.
+    pub idt_attack: Option<[u64; 3]>,
     /// `nested-kvm-sim`: the exec monitor let the L1 VMM start (allowed executions of it), and the
     /// system-call monitor saw its `ioctl`s (to KVM).
     pub vmm_execs_allowed: u64,
@@ -475,6 +478,10 @@ impl ScenarioLog {
                 let rogue = ihmi_abi::attack::IHMI_ROGUE_VMCS_LINE.as_bytes();
                 if let Some(words) = line.strip_prefix(rogue).and_then(parse_hex_words::<4>) {
                     self.rogue_vmcs_attack = Some(words);
+                }
+                let idt = ihmi_abi::attack::LINUX_IDT_LINE.as_bytes();
+                if let Some(words) = line.strip_prefix(idt).and_then(parse_hex_words::<3>) {
+                    self.idt_attack = Some(words);
                 }
                 let ops = ihmi_abi::attack::IHMI_KVM_OPS_LINE.as_bytes();
                 if let Some(words) = line.strip_prefix(ops).and_then(parse_hex_words::<4>) {
@@ -1629,6 +1636,21 @@ fn check_forge(log: &ScenarioLog) -> Result<(), FailReason> {
         if !refused {
             return Err(FailReason::AttackNotReported(what));
         }
+    }
+    // Another IDT, loaded from ring 0: L0 found it at the exit that followed, said so and put the
+    // boot's back, which the attacker read after that exit.
+    let Some([loaded, before, after]) = log.idt_attack else {
+        return Err(FailReason::AttackNotReported(
+            "loading another IDT from ring 0 (the attacker did not say it ran)",
+        ));
+    };
+    let moved = log.alerts().iter().any(|a| {
+        matches!(a, Alert::IdtMoved { found, expected, .. } if *found == loaded && *expected == before)
+    });
+    if !moved || after != before || loaded == before {
+        return Err(FailReason::AttackNotBlocked(
+            "loading another IDT from ring 0 (no idt-moved alert naming it, or the IDT stayed)",
+        ));
     }
     Ok(())
 }

@@ -1157,7 +1157,22 @@ fn the_forge_attack_needs_both_forgeries_rejected_for_their_reason_and_both_pins
         cleared,
         rip: 0xffff_88ff_8000_0050,
     };
-    let run = |events: &[Event], alerts: &[ihmi_hv::Alert]| {
+    // The IDT the attacker loads (the direct-map alias of `idt_table`) and the boot's (the CPU
+    // entry area's read-only alias).
+    const LOADED: u64 = 0xffff_8880_01dd_c000;
+    const BOOT: u64 = 0xffff_fe00_0000_0000;
+    let idt_line = |after: u64| {
+        std::format!(
+            "{}{LOADED:#x} {BOOT:#x} {after:#x}",
+            ihmi_abi::attack::LINUX_IDT_LINE
+        )
+    };
+    let moved = ihmi_hv::Alert::IdtMoved {
+        found: LOADED,
+        expected: BOOT,
+        rip: 0xffff_88ff_8000_0120,
+    };
+    let run_idt = |events: &[Event], alerts: &[ihmi_hv::Alert], line: Option<&str>| {
         let mut h = hv(s);
         for e in events {
             h.judge.log.record_monitor_event(e);
@@ -1165,11 +1180,45 @@ fn the_forge_attack_needs_both_forgeries_rejected_for_their_reason_and_both_pins
         for a in alerts {
             h.judge.log.record_alert(*a);
         }
+        if let Some(line) = line {
+            h.judge.log.record(&ihmi_hv::Observation::DebugLine {
+                line: line.as_bytes(),
+                exits: 0,
+            });
+        }
         end_as_init_does(&mut h.judge.log);
         judge(s, &h.judge.log, &h.hv.counters, Gpa::new(0), None)
     };
+    let restored = idt_line(BOOT);
+    let run = |events: &[Event], alerts: &[ihmi_hv::Alert]| {
+        let mut all = alerts.to_vec();
+        all.push(moved);
+        run_idt(events, &all, Some(&restored))
+    };
     let pins = [pin(4, CR4_SMEP), pin(0, CR0_WP)];
     assert_eq!(run(&[syscall, exec], &pins), Verdict::Pass);
+    // The IDT: no line, no alert, an alert for another table, or the loaded one still there after
+    // the exit, fails.
+    let stayed = idt_line(LOADED);
+    let other = ihmi_hv::Alert::IdtMoved {
+        found: LOADED + 0x1000,
+        expected: BOOT,
+        rip: 0xffff_88ff_8000_0120,
+    };
+    for (alerts, line) in [
+        (&[pins[0], pins[1], moved][..], None),
+        (&pins[..], Some(restored.as_str())),
+        (&[pins[0], pins[1], other][..], Some(restored.as_str())),
+        (&[pins[0], pins[1], moved][..], Some(stayed.as_str())),
+    ] {
+        assert!(
+            matches!(
+                run_idt(&[syscall, exec], alerts, line),
+                Verdict::Fail(FailReason::AttackNotReported(_) | FailReason::AttackNotBlocked(_))
+            ),
+            "{line:?}"
+        );
+    }
     // A forgery accepted (no rejection), or rejected for another reason, fails.
     let other = rejected(RejectReason::BadArgument, RequestCode::Exec, 0);
     for events in [

@@ -169,6 +169,14 @@ pub enum Alert {
         /// Where the guest executed it.
         rip: u64,
     },
+    /// A booted Linux kernel's IDTR base was not where its boot left it at an exit (an LIDT of
+    /// another table, P5 in part): L0 put the boot's IDTR back.
+    IdtMoved {
+        /// The base L0 found, the boot's, and where the guest was at that exit.
+        found: u64,
+        expected: u64,
+        rip: u64,
+    },
     /// The guest wrote to what L0 locked when a Linux kernel's gate opened (its text, read-only
     /// data, IDT, or a page table on the gate's path); the write did not happen.
     LockedWrite { what: Locked, gpa: Gpa, rip: u64 },
@@ -256,6 +264,7 @@ impl Alert {
             Self::HookTampered { .. } => "hook-tampered",
             Self::LockedWrite { .. } => "locked-write",
             Self::CrPinRefused { .. } => "cr-pin-refused",
+            Self::IdtMoved { .. } => "idt-moved",
             Self::VmxRegionRefused { .. } => "vmx-region-refused",
             Self::VmxPointerRefused { .. } => "vmx-pointer-refused",
             Self::Vmcs12HostState { .. } => "vmcs12-host-state",
@@ -297,6 +306,14 @@ impl fmt::Display for Alert {
                 f,
                 ",\"cr\":{cr},\"value\":\"{value:#x}\",\"cleared\":\"{}\",\"rip\":\"{rip:#x}\",\"action\":\"#GP injected\"",
                 cr::PinNames { cr, bits: cleared }
+            )?,
+            Self::IdtMoved {
+                found,
+                expected,
+                rip,
+            } => write!(
+                f,
+                ",\"found\":\"{found:#x}\",\"expected\":\"{expected:#x}\",\"rip\":\"{rip:#x}\",\"action\":\"restored\""
             )?,
             Self::LockedWrite { what, gpa, rip } => write!(
                 f,

@@ -172,6 +172,8 @@ pub struct LinuxGuard {
     /// Whether the kernel runs with page-table isolation (its user halves in use), found when the
     /// gate opens.
     pti_in_use: bool,
+    /// The IDTR base and limit the boot left, found when the gate opens.
+    idtr: Option<(u64, u64)>,
 }
 
 impl LinuxGuard {
@@ -189,6 +191,7 @@ impl LinuxGuard {
             armed_vcpu_destroy: None,
             locked: [None; MAX_LOCKED],
             pti_in_use: false,
+            idtr: None,
         }
     }
 
@@ -619,8 +622,47 @@ impl Hypervisor {
             return Some(Action::End(GuestEnd::GuardFailed { what, error }));
         }
         linux.open = true;
+        linux.idtr = Some((vcpu.read(guest::IDTR_BASE), vcpu.read(guest::IDTR_LIMIT)));
         self.pin_control_registers(vcpu, platform);
         Some(Action::Resume)
+    }
+
+    /// L1's dispatch through its IDT (P5, in part): once the boot is over (the gate open), the IDTR
+    /// base stays where the boot left it. A kernel that has loaded another table (an LIDT from code
+    /// of an attacker's, which does not exit) is found at its next exit, which the audit period's
+    /// timer bounds: said as an `idt-moved` alert and its IDTR put back, base and limit. Checked in
+    /// the guest's own view only; the limit alone is not held (every VM exit L0 emulates for L1 sets
+    /// it to 0xFFFF, SDM 28.5.2, and a larger limit adds no vector).
+    pub(crate) fn audit_idtr(
+        &mut self,
+        vcpu: &mut impl Vcpu,
+        platform: &mut impl Platform,
+        obs: &mut impl crate::Observer,
+    ) {
+        let Some(guard) = self.guard.as_ref() else {
+            return;
+        };
+        let in_guest_view =
+            guard.views.monitor.is_none() || self.current_view(vcpu) == Some(GUEST_VIEW);
+        let Some((base, limit)) = guard.linux().and_then(|l| l.idtr) else {
+            return;
+        };
+        let found = vcpu.read(guest::IDTR_BASE);
+        if !in_guest_view || found == base {
+            return;
+        }
+        let rip = vcpu.read(guest::RIP);
+        vcpu.write(guest::IDTR_BASE, base);
+        vcpu.write(guest::IDTR_LIMIT, limit);
+        self.alert(
+            platform,
+            obs,
+            crate::Alert::IdtMoved {
+                found,
+                expected: base,
+                rip,
+            },
+        );
     }
 }
 

@@ -952,3 +952,51 @@ fn the_io_uring_hook_goes_in_through_the_same_slot_or_is_left_out_with_a_message
         }
     }
 }
+
+/// The IDTR base the boot left is held (P5, in part): an exit that finds another (an LIDT of the
+/// kernel's, which does not exit) is an `idt-moved` alert with the boot's IDTR written back; an
+/// exit that finds the boot's base with the limit a VM exit leaves (0xFFFF) is quiet.
+#[test]
+fn an_idt_moved_after_the_boot_is_put_back_at_the_next_exit() {
+    const IDT: u64 = 0xffff_fe00_0000_0000;
+    const ELSEWHERE: u64 = 0xffff_8880_01dd_c000;
+    let (mut h, mut p, _) = linux_guarded();
+    linux_kernel_memory(&mut p);
+    install_gate(&mut h, &mut p);
+    let mut v = first_syscall();
+    v.fields.insert(guest::IDTR_BASE, IDT);
+    v.fields.insert(guest::IDTR_LIMIT, 0xfff);
+    assert_eq!(h.handle_exit(&mut v, &mut p), Action::Resume);
+    let cpuid = |base: u64, limit: u64| {
+        let mut c = MockVcpu::exited(10, 0xffff_ffff_8100_2000, 2);
+        c.fields.insert(control::EPTP_FULL, GUEST_EPTP);
+        c.fields.insert(guest::CR3, LINUX_USER_CR3);
+        c.fields.insert(guest::IDTR_BASE, base);
+        c.fields.insert(guest::IDTR_LIMIT, limit);
+        c
+    };
+    let before = h.rec.alerts().len();
+    let mut c = cpuid(IDT, 0xffff);
+    assert_eq!(h.handle_exit(&mut c, &mut p), Action::Resume);
+    assert_eq!(h.rec.alerts().len(), before);
+    assert!(!c.writes().iter().any(|(f, _)| *f == guest::IDTR_BASE));
+    let mut c = cpuid(ELSEWHERE, 0x7f);
+    assert_eq!(h.handle_exit(&mut c, &mut p), Action::Resume);
+    assert_eq!(
+        h.rec.alerts().last(),
+        Some(&crate::Alert::IdtMoved {
+            found: ELSEWHERE,
+            expected: IDT,
+            rip: 0xffff_ffff_8100_2000,
+        })
+    );
+    assert_eq!(
+        (c.fields[&guest::IDTR_BASE], c.fields[&guest::IDTR_LIMIT]),
+        (IDT, 0xfff)
+    );
+    let json = std::format!("{}", h.rec.alerts().last().unwrap());
+    assert!(
+        json.contains("\"alert\":\"idt-moved\"") && json.contains("\"action\":\"restored\""),
+        "{json}"
+    );
+}

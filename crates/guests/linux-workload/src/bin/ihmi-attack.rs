@@ -31,7 +31,8 @@
 //!   table, through /dev/mem), point the `kernel.printk` sysctl's handler at it (the table is
 //!   kernel data), and read /proc/sys/kernel/printk. From there it calls the monitor's gate with a
 //!   forged system-call request and a forged exec request, and, each in a child, clears CR4.SMEP
-//!   and CR0.WP.
+//!   and CR0.WP; last, it loads another IDT (LIDT of `idt_table`'s direct-map alias) and makes an
+//!   exit (CPUID), reading IDTR before and after.
 //! - `io-uring`: create a file, write it, close it and make a directory through an io_uring ring,
 //!   whose operations a monitor of system calls alone sees only as `io_uring_enter`.
 //! - `identity`: run the refused `ihmi-intruder` as allowed programs (a copy and a hard link under
@@ -1157,7 +1158,9 @@ fn nmi() -> Result<(), String> {
 // forged frame: the VMCS into word 5 (-1: none), RFLAGS and the VM-instruction error of a VMRESUME
 // that failed into words 4 and 8, the exits taken into word 6, the last one's basic reason into
 // word 7, the fields it changes saved in words 9 to 14 and put back, the OR of RFLAGS after those
-// VMWRITEs into word 15. It returns 0 with nothing read.
+// VMWRITEs into word 15; 7 = with interrupts off, SIDT (its base into word 12), LIDT of a table at
+// word 2 (limit 0xFFF), a CPUID (an exit), SIDT (its base into word 13), then LIDT of the first
+// SIDT's value again. It returns 0 with nothing read.
 core::arch::global_asm!(
     r#"
     .section .rodata.ihmi_forge, "a"
@@ -1181,6 +1184,8 @@ ihmi_forge_code:
     je 5f
     cmp $6, %rdi
     je 60f
+    cmp $7, %rdi
+    je 70f
     jmp 9f
 1:  mov 16(%rax), %rdi
     mov 24(%rax), %rsi
@@ -1391,6 +1396,30 @@ ihmi_forge_code:
     pop %r12
     pop %rbp
     popfq
+    jmp 9f
+    // Operation 7. The pseudo-descriptors (2-byte limit, 8-byte base) go in words 5-6, 7-8 and
+    // 10-11; CPUID clobbers RBX, which the epilogue needs.
+70: pushfq
+    cli
+    lea ihmi_forge_data(%rip), %rcx
+    sidt 40(%rcx)
+    mov 42(%rcx), %rax
+    mov %rax, 96(%rcx)
+    movw $0xfff, 80(%rcx)
+    mov 16(%rcx), %rax
+    mov %rax, 82(%rcx)
+    lidt 80(%rcx)
+    push %rbx
+    xor %eax, %eax
+    xor %ecx, %ecx
+    cpuid
+    pop %rbx
+    lea ihmi_forge_data(%rip), %rcx
+    sidt 56(%rcx)
+    mov 58(%rcx), %rax
+    mov %rax, 104(%rcx)
+    lidt 40(%rcx)
+    popfq
 9:  movq $0, (%rbx)
     xor %eax, %eax
     pop %rbx
@@ -1423,7 +1452,9 @@ fn forge_payload() -> (&'static [u8], usize) {
 
 /// Where the attacker's page shows up in the kernel: the direct map's PML4 slot (273, as Linux
 /// without KASLR puts it), its page directory pointer table's entry 510, never used with 256 MiB.
-const FORGE_ALIAS: u64 = 0xffff_8880_0000_0000 + 510 * (1 << 30);
+const FORGE_ALIAS: u64 = DIRECT_MAP + 510 * (1 << 30);
+/// Where Linux without KASLR maps all of physical memory (`PAGE_OFFSET`).
+const DIRECT_MAP: u64 = 0xffff_8880_0000_0000;
 const DIRECT_MAP_SLOT: u64 = 273;
 /// A page-table entry for a supervisor page (or table): present, writable, accessed (and dirty),
 /// executable.
@@ -1626,9 +1657,28 @@ fn forge(cmdline: &str) -> Result<(), String> {
     let result = pins
         .into_iter()
         .try_for_each(|(op, what)| in_child(&ring0, op, what));
+    if let Err(e) = result {
+        ring0.leave(&mem)?;
+        return Err(e);
+    }
+    // Another IDT: the kernel's own table through its direct-map alias (so that nothing breaks if
+    // it stayed), loaded with LIDT, which does not exit; then an exit of the CPU's own (CPUID).
+    let idt = DIRECT_MAP + k.pa(k.symbol("idt_table")?);
+    ring0.set(2, idt);
+    let ran = ring0.run(7);
     ring0.leave(&mem)?;
-    result?;
-    say("ihmi-attack: ring-0 code ran, but the monitor rejected both forgeries and L0 kept the pins");
+    ran?;
+    let (before, after) = (ring0.get(12), ring0.get(13));
+    say(&format!(
+        "{}{idt:#x} {before:#x} {after:#x}",
+        ihmi_abi::attack::LINUX_IDT_LINE
+    ));
+    if after != before {
+        return Err(format!(
+            "the IDT loaded at {idt:#x} was still there after an exit ({after:#x})"
+        ));
+    }
+    say("ihmi-attack: ring-0 code ran, but the monitor rejected both forgeries, L0 kept the pins and put the IDT back");
     Ok(())
 }
 
