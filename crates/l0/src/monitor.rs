@@ -314,12 +314,17 @@ impl Loaded {
     /// watched kernel's boot is over (its first system call, where L0 opens the gate and arms the
     /// hooks, before any can fire), when the vendor module has filled the struct in and no process has
     /// run. The monitor holds the live struct to this copy (P2). The configuration is fixed from
-    /// then on: its checksum is taken again. `read` reads guest RAM; the words copied, or why not.
+    /// then on: its checksum is taken again, but only from a monitor that is still as L0 loaded it
+    /// (else nothing is copied and the audit goes on reporting the difference, never laundered into
+    /// a new checksum). `read` reads guest RAM; the words copied, or why not.
     pub fn copy_kvm_ops(
         &mut self,
         read: impl FnOnce(Gpa, &mut [u8]) -> Result<(), ihmi_hv::PlatformError>,
     ) -> Result<u64, &'static str> {
         let copy = self.kvm_ops.take().ok_or("nothing to copy")?;
+        if self.checksum() != self.checksum_at_load {
+            return Err("the monitor is not as L0 loaded it; nothing copied");
+        }
         let words = copy.words.min(ihmi_abi::monitor::KVM_X86_OPS_MAX as u64);
         let mut bytes = [0u8; ihmi_abi::monitor::KVM_X86_OPS_MAX * 8];
         let bytes = &mut bytes[..words as usize * 8];
