@@ -453,7 +453,9 @@ impl State {
         ctx: &CallContext,
         ring: &mut EventRing,
     ) -> Result<Event, RejectReason> {
-        let hook = self.os.kvm.ok_or(RejectReason::UnknownRequest)?;
+        // Borrowed, not copied: `KvmHook` holds the expected tables (2 KiB), which a copy at every
+        // exit would cost Bochs a tick a byte.
+        let hook = self.os.kvm.as_ref().ok_or(RejectReason::UnknownRequest)?;
         if args[1..] != [0; 3] {
             return Err(RejectReason::BadArgument);
         }
@@ -499,7 +501,14 @@ impl State {
             }
         }
         if let Some(ops) = &hook.ops {
-            self.check_kvm_ops(intro, ops, ctx, ring)?;
+            check_kvm_ops(
+                &mut self.kvm_ops_reported,
+                &mut self.kvm_ops_next,
+                intro,
+                ops,
+                ctx,
+                ring,
+            )?;
         }
         Ok(Event {
             kind: EventKind::KvmExit as u16,
@@ -510,54 +519,6 @@ impl State {
             args: [args[0], expected.len() as u64, changed, 0],
             ..Event::EMPTY
         })
-    }
-
-    /// The next [`KVM_X86_OPS_CHUNK`] words of `kvm_x86_ops`, held to their values when the boot was
-    /// over (P2: the struct is filled in once, at boot; some of KVM's calls still go through it,
-    /// `nested_ops` among them): a changed word is an `integrity` event, once per new value. A whole
-    /// pass takes `words / KVM_X86_OPS_CHUNK` exits, rounded up (8 for 6.1's 121 words).
-    fn check_kvm_ops<M: GuestPhysRead>(
-        &mut self,
-        intro: &Introspector<'_, M>,
-        ops: &KvmOps,
-        ctx: &CallContext,
-        ring: &mut EventRing,
-    ) -> Result<(), RejectReason> {
-        let expected = ops.expected();
-        let first = if self.kvm_ops_next < expected.len() {
-            self.kvm_ops_next
-        } else {
-            0
-        };
-        let end = (first + KVM_X86_OPS_CHUNK).min(expected.len());
-        let mut chunk = [0u8; KVM_X86_OPS_CHUNK * 8];
-        let chunk = &mut chunk[..(end - first) * 8];
-        let at = ops.at + first as u64 * 8;
-        intro
-            .read_gva(Gva::new(at), chunk)
-            .map_err(|_| RejectReason::GuestMemory)?;
-        for (i, found) in (first..end).zip(chunk.chunks_exact(8)) {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(found);
-            let found = u64::from_le_bytes(b);
-            let want = expected[i];
-            if found == want {
-                self.kvm_ops_reported[i] = want;
-            } else if found != self.kvm_ops_reported[i] {
-                self.kvm_ops_reported[i] = found;
-                ring.push(Event {
-                    tsc: ctx.tsc,
-                    kind: EventKind::Integrity as u16,
-                    detail: IntegrityProperty::KvmX86Ops as u16,
-                    verdict: Verdict::Allow as i32,
-                    nr: i as u64,
-                    args: [ops.at + i as u64 * 8, want, found, 0],
-                    ..Event::EMPTY
-                });
-            }
-        }
-        self.kvm_ops_next = end;
-        Ok(())
     }
 
     /// args = (GVA of the `kvm_vcpu`, GVA of the `kvm_memory_slot`, guest frame, host frame), from the
@@ -576,9 +537,11 @@ impl State {
         ctx: &CallContext,
         ring: &mut EventRing,
     ) -> Result<Event, RejectReason> {
+        // The mapping hook's part only (see `on_memslot`).
         let hook = self
             .os
             .kvm
+            .as_ref()
             .and_then(|k| k.map)
             .ok_or(RejectReason::UnknownRequest)?;
         let [vcpu, slot, gfn, pfn] = args;
@@ -672,9 +635,12 @@ impl State {
         args: [u64; 4],
         ctx: &CallContext,
     ) -> Result<Event, RejectReason> {
+        // The hooks' part only: copying all of `KvmHook` (its expected tables, 2 KiB) would cost
+        // Bochs a tick a byte at every call.
         let hook = self
             .os
             .kvm
+            .as_ref()
             .and_then(|k| k.vm)
             .ok_or(RejectReason::UnknownRequest)?;
         let [kvm, old, new, change] = args;
@@ -742,9 +708,12 @@ impl State {
         ctx: &CallContext,
         returns: fn(&os::KvmVmHooks) -> [u64; 2],
     ) -> Result<(os::KvmVmHooks, VcpuSeen), RejectReason> {
+        // The hooks' part only: copying all of `KvmHook` (its expected tables, 2 KiB) would cost
+        // Bochs a tick a byte at every call.
         let hook = self
             .os
             .kvm
+            .as_ref()
             .and_then(|k| k.vm)
             .ok_or(RejectReason::UnknownRequest)?;
         if args[1..] != [0; 3] {
@@ -913,6 +882,52 @@ fn member(base: u64, offset: u64) -> Result<Gva, RejectReason> {
     base.checked_add(offset)
         .map(Gva::new)
         .ok_or(RejectReason::BadArgument)
+}
+
+/// The next [`KVM_X86_OPS_CHUNK`] words of `kvm_x86_ops`, held to their values when the boot was over
+/// (P2: the struct is filled in once, at boot; some of KVM's calls still go through it, `nested_ops`
+/// among them): a changed word is an `integrity` event, once per new value (`reported` holds each
+/// word's value as last reported, `next` the next word to check). A whole pass takes
+/// `words / KVM_X86_OPS_CHUNK` exits, rounded up (8 for 6.1's 121 words).
+fn check_kvm_ops<M: GuestPhysRead>(
+    reported: &mut [u64; KVM_X86_OPS_MAX],
+    next: &mut usize,
+    intro: &Introspector<'_, M>,
+    ops: &KvmOps,
+    ctx: &CallContext,
+    ring: &mut EventRing,
+) -> Result<(), RejectReason> {
+    let expected = ops.expected();
+    let first = if *next < expected.len() { *next } else { 0 };
+    let end = (first + KVM_X86_OPS_CHUNK).min(expected.len());
+    let mut chunk = [0u8; KVM_X86_OPS_CHUNK * 8];
+    let chunk = &mut chunk[..(end - first) * 8];
+    let at = ops.at + first as u64 * 8;
+    intro
+        .read_gva(Gva::new(at), chunk)
+        .map_err(|_| RejectReason::GuestMemory)?;
+    for (i, found) in (first..end).zip(chunk.chunks_exact(8)) {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(found);
+        let found = u64::from_le_bytes(b);
+        let want = expected[i];
+        if found == want {
+            reported[i] = want;
+        } else if found != reported[i] {
+            reported[i] = found;
+            ring.push(Event {
+                tsc: ctx.tsc,
+                kind: EventKind::Integrity as u16,
+                detail: IntegrityProperty::KvmX86Ops as u16,
+                verdict: Verdict::Allow as i32,
+                nr: i as u64,
+                args: [ops.at + i as u64 * 8, want, found, 0],
+                ..Event::EMPTY
+            });
+        }
+    }
+    *next = end;
+    Ok(())
 }
 
 /// The word `offset` bytes above the caller's stack pointer at the gate, in a hooked call's frame (see
