@@ -12,9 +12,6 @@ pub use ihmi_abi::monitor::Entry;
 use ihmi_abi::monitor::{
     RequestCode, SyscallEntry, Verdict, KVM_EXIT_HANDLERS_MAX, KVM_X86_OPS_MAX, PATH_LEN, PATH_MAX,
 };
-
-/// Words of `kvm_x86_ops` the monitor checks at each KVM exit.
-pub const KVM_X86_OPS_CHUNK: usize = 16;
 use ihmi_addr::Gva;
 use ihmi_paging::{Cr3, GuestPhysRead};
 
@@ -23,6 +20,9 @@ pub use identity::{DigestCache, FileLayout, IdentityError};
 pub use introspect::{IntrospectError, Introspector, TranslationCache};
 pub use os::{IoUringHook, KvmHook, KvmMapHook, KvmOps, KvmVmHooks, OsProfile, ProcessInfo};
 pub use policy::Policy;
+
+/// Words of `kvm_x86_ops` the monitor checks at each KVM exit.
+pub const KVM_X86_OPS_CHUNK: usize = 16;
 
 /// What the caller of the entry point knows that the guest cannot forge: the guest's CR3 at the call
 /// (saved by the gate, or read from the VMCS by L0) and the time stamp.
@@ -477,29 +477,16 @@ impl State {
         intro
             .read_gva(Gva::new(hook.handlers), table)
             .map_err(|_| RejectReason::GuestMemory)?;
-        let mut changed = 0u64;
-        for (i, (found, &want)) in table.chunks_exact(8).zip(expected).enumerate() {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(found);
-            let found = u64::from_le_bytes(b);
-            if found == want {
-                self.kvm_reported[i] = want;
-                continue;
-            }
-            changed += 1;
-            if found != self.kvm_reported[i] {
-                self.kvm_reported[i] = found;
-                ring.push(Event {
-                    tsc: ctx.tsc,
-                    kind: EventKind::Integrity as u16,
-                    detail: IntegrityProperty::KvmExitHandlers as u16,
-                    verdict: Verdict::Allow as i32,
-                    nr: i as u64,
-                    args: [hook.handlers + i as u64 * 8, want, found, 0],
-                    ..Event::EMPTY
-                });
-            }
-        }
+        let changed = hold_words(
+            IntegrityProperty::KvmExitHandlers,
+            hook.handlers,
+            0,
+            table,
+            expected,
+            &mut self.kvm_reported,
+            ctx,
+            ring,
+        );
         if let Some(ops) = &hook.ops {
             check_kvm_ops(
                 &mut self.kvm_ops_reported,
@@ -906,28 +893,61 @@ fn check_kvm_ops<M: GuestPhysRead>(
     intro
         .read_gva(Gva::new(at), chunk)
         .map_err(|_| RejectReason::GuestMemory)?;
-    for (i, found) in (first..end).zip(chunk.chunks_exact(8)) {
+    hold_words(
+        IntegrityProperty::KvmX86Ops,
+        ops.at,
+        first,
+        chunk,
+        expected,
+        reported,
+        ctx,
+        ring,
+    );
+    *next = end;
+    Ok(())
+}
+
+/// Holds words of KVM's control data (P2) to what they must be: `found`, read from the table at
+/// `table` from its word `first` on, against `expected` (the whole table's). A word that differs is
+/// an `integrity` event of `property` (its index, address, the value it must have and the one
+/// found), once per new value: `reported` holds each word's value as last reported. Returns how
+/// many of the words read differ.
+#[allow(clippy::too_many_arguments)]
+fn hold_words(
+    property: IntegrityProperty,
+    table: u64,
+    first: usize,
+    found: &[u8],
+    expected: &[u64],
+    reported: &mut [u64],
+    ctx: &CallContext,
+    ring: &mut EventRing,
+) -> u64 {
+    let mut changed = 0;
+    for (i, found) in (first..).zip(found.chunks_exact(8)) {
         let mut b = [0u8; 8];
         b.copy_from_slice(found);
         let found = u64::from_le_bytes(b);
         let want = expected[i];
         if found == want {
             reported[i] = want;
-        } else if found != reported[i] {
+            continue;
+        }
+        changed += 1;
+        if found != reported[i] {
             reported[i] = found;
             ring.push(Event {
                 tsc: ctx.tsc,
                 kind: EventKind::Integrity as u16,
-                detail: IntegrityProperty::KvmX86Ops as u16,
+                detail: property as u16,
                 verdict: Verdict::Allow as i32,
                 nr: i as u64,
-                args: [ops.at + i as u64 * 8, want, found, 0],
+                args: [table + i as u64 * 8, want, found, 0],
                 ..Event::EMPTY
             });
         }
     }
-    *next = end;
-    Ok(())
+    changed
 }
 
 /// The word `offset` bytes above the caller's stack pointer at the gate, in a hooked call's frame (see

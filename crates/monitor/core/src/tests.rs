@@ -960,6 +960,21 @@ fn linux_requests_need_their_own_entry_and_an_exec_needs_the_hook_s_frame() {
     );
 }
 
+/// KVM's exit hook alone, as L0 arms it in front of `vmx_handle_exit`, over an empty exit-handler
+/// table (the returns are those `hooked_call` is given by the tests that use it).
+fn exit_hook_only() -> KvmHook {
+    KvmHook {
+        returns: [0xffff_ffff_8200_02c3, 0xffff_ffff_8106_ca56],
+        exit_reason: 0x1a0,
+        handlers: KERNEL + 0x1ff0,
+        handler_count: 0,
+        expected: [0; ihmi_abi::monitor::KVM_EXIT_HANDLERS_MAX],
+        map: None,
+        vm: None,
+        ops: None,
+    }
+}
+
 /// A Linux kernel in `setup`'s memory in the middle of a hooked call: the running task (`pid`,
 /// `comm`, its parent pid 1), the trampoline's frame on the kernel stack with `arg` in RDI and the
 /// two returns, and the call's context through the call gate. Returns the profile and the context.
@@ -1212,18 +1227,12 @@ fn kvm_x86_ops_is_held_to_its_boot_time_words_a_chunk_at_each_exit() {
         [0xffff_ffff_8200_02c3, 0xffff_ffff_8106_ca56],
     );
     let hook = KvmHook {
-        returns: [0xffff_ffff_8200_02c3, 0xffff_ffff_8106_ca56],
-        exit_reason: 0x1a0,
-        handlers: KERNEL + 0x1ff0,
-        handler_count: 0,
-        expected: [0; ihmi_abi::monitor::KVM_EXIT_HANDLERS_MAX],
-        map: None,
-        vm: None,
         ops: Some(KvmOps {
             at: OPS,
             words: WORDS,
             expected,
         }),
+        ..exit_hook_only()
     };
     let mut m = Monitor::new(linux.with_kvm(hook), Policy::allow_all());
     let code = RequestCode::KvmExit as u64;
@@ -1309,16 +1318,7 @@ fn kvm_mappings_are_held_to_the_vm_s_own_memory() {
         }
         [VCPU, slot, gfn, pfn]
     };
-    let exit_only = KvmHook {
-        returns: [0xffff_ffff_8200_02c3, 0xffff_ffff_8106_ca56],
-        exit_reason: 0x1a0,
-        handlers: KERNEL + 0x1ff0,
-        handler_count: 0,
-        expected: [0; ihmi_abi::monitor::KVM_EXIT_HANDLERS_MAX],
-        map: None,
-        vm: None,
-        ops: None,
-    };
+    let exit_only = exit_hook_only();
     let args = frame_of(&mut g, 0x180, ram, SLOT);
     refused_without_the_hook(linux.with_kvm(exit_only), code, args, &ctx, &g);
     let hook = KvmHook {
@@ -1473,14 +1473,8 @@ fn kvm_memslot_changes_and_vcpu_creations_are_events() {
     g.write(VCPU + 0x80, &VMCS.to_le_bytes());
     g.write(VCPU + 0xd0, &(VCPU + 0x80).to_le_bytes());
     let hook = KvmHook {
-        returns: [0xffff_ffff_8200_02c3, 0xffff_ffff_8106_ca56],
-        exit_reason: 0x1a0,
-        handlers: KERNEL + 0x1ff0,
-        handler_count: 0,
-        expected: [0; ihmi_abi::monitor::KVM_EXIT_HANDLERS_MAX],
-        map: None,
         vm: Some(vm),
-        ops: None,
+        ..exit_hook_only()
     };
     let mut m = Monitor::new(linux.with_kvm(hook), Policy::allow_all());
     let mut ring = EventRing::new();
