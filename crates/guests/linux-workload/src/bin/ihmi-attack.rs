@@ -1252,19 +1252,28 @@ ihmi_forge_code:
     cmpq $-1, 40(%r12)
     je 69f
     // KVM's values of what changes: HOST_RSP, HOST_CR3, HOST_FS_BASE, the primary processor-based
-    // controls, L2's RFLAGS and interruptibility state.
-    mov $0x6c14, %eax
-    vmread %rax, 72(%r12)
-    mov $0x6c02, %eax
-    vmread %rax, 80(%r12)
-    mov $0x6c06, %eax
-    vmread %rax, 88(%r12)
-    mov $0x4002, %eax
-    vmread %rax, 96(%r12)
-    mov $0x6820, %eax
-    vmread %rax, 104(%r12)
-    mov $0x4824, %eax
-    vmread %rax, 112(%r12)
+    // controls, L2's RFLAGS and interruptibility state (field encoding, data-block offset each).
+    .macro ihmi_starve_fields do
+    \do 0x6c14, 72
+    \do 0x6c02, 80
+    \do 0x6c06, 88
+    \do 0x4002, 96
+    \do 0x6820, 104
+    \do 0x4824, 112
+    .endm
+    .macro ihmi_starve_save field, at
+    mov $\field, %eax
+    vmread %rax, \at(%r12)
+    .endm
+    // Put back with the CF and ZF of each VMWRITE OR-ed into R13.
+    .macro ihmi_starve_restore field, at
+    mov $\field, %eax
+    vmwrite \at(%r12), %rax
+    pushfq
+    pop %rcx
+    or %rcx, %r13
+    .endm
+    ihmi_starve_fields ihmi_starve_save
     // The host state L0 compares with L1's at each entry: this address space and this process's
     // FS base (HOST_RSP is written before each VMRESUME).
     mov %cr3, %rdx
@@ -1358,36 +1367,7 @@ ihmi_forge_code:
     mov %r14, 48(%r12)
     // KVM's fields back, as its caches of them say they are.
     xor %r13d, %r13d
-    mov $0x6c14, %eax
-    vmwrite 72(%r12), %rax
-    pushfq
-    pop %rcx
-    or %rcx, %r13
-    mov $0x6c02, %eax
-    vmwrite 80(%r12), %rax
-    pushfq
-    pop %rcx
-    or %rcx, %r13
-    mov $0x6c06, %eax
-    vmwrite 88(%r12), %rax
-    pushfq
-    pop %rcx
-    or %rcx, %r13
-    mov $0x4002, %eax
-    vmwrite 96(%r12), %rax
-    pushfq
-    pop %rcx
-    or %rcx, %r13
-    mov $0x6820, %eax
-    vmwrite 104(%r12), %rax
-    pushfq
-    pop %rcx
-    or %rcx, %r13
-    mov $0x4824, %eax
-    vmwrite 112(%r12), %rax
-    pushfq
-    pop %rcx
-    or %rcx, %r13
+    ihmi_starve_fields ihmi_starve_restore
     and $0x41, %r13
     mov %r13, 120(%r12)
 69: pop %r15
