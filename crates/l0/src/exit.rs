@@ -103,6 +103,16 @@ pub extern "C" fn on_exit(regs: &mut GuestRegs) {
     }
 }
 
+/// Whether L0 has armed the in-hypervisor monitor's hook in L1's KVM (at the kernel's first system
+/// call, with the other hooks).
+fn kvm_exit_hook_armed(st: &L0State) -> bool {
+    st.hv
+        .guard
+        .as_ref()
+        .and_then(|g| g.linux())
+        .is_some_and(|l| l.armed_kvm_exit().is_some())
+}
+
 /// With the in-hypervisor monitor hooked into L1's KVM, once the exit that armed the hooks (the
 /// kernel's first system call) is handled and before L1 runs on: `kvm_x86_ops` copied into the
 /// monitor's configuration, what P2 holds the live struct to.
@@ -110,12 +120,7 @@ fn copy_kvm_ops(st: &mut L0State) {
     if !st.monitor.as_ref().is_some_and(Loaded::kvm_ops_pending) {
         return;
     }
-    let armed = st
-        .hv
-        .guard
-        .as_ref()
-        .and_then(|g| g.linux())
-        .is_some_and(|l| l.armed_kvm_exit().is_some());
+    let armed = kvm_exit_hook_armed(st);
     let (Some(m), true) = (st.monitor.as_mut(), armed) else {
         return;
     };
@@ -132,12 +137,7 @@ fn copy_kvm_ops(st: &mut L0State) {
 /// `ihmi_hv::nested::liveness`): the exits L0 reflected to L1 against the KVM exits the monitor
 /// served, said once as an alert if a whole window went by without one.
 fn check_hook_liveness(st: &mut L0State) {
-    let armed = st
-        .hv
-        .guard
-        .as_ref()
-        .and_then(|g| g.linux())
-        .is_some_and(|l| l.armed_kvm_exit().is_some());
+    let armed = kvm_exit_hook_armed(st);
     let (Some(m), Some(n), true) = (st.monitor.as_ref(), st.hv.nested_stats(), armed) else {
         return;
     };

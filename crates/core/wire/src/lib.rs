@@ -324,8 +324,8 @@ pub enum EventLine<S> {
         flags: u64,
         verdict: S,
     },
-    /// KVM (watched by the in-hypervisor monitor) creates a vCPU.
-    /// KVM destroying a vCPU (its VMCS leaves the monitor's registry).
+    /// KVM (watched by the in-hypervisor monitor) destroys a vCPU (its VMCS leaves the monitor's
+    /// registry).
     VcpuDestroy {
         seq: u64,
         tsc: u64,
@@ -338,6 +338,7 @@ pub enum EventLine<S> {
         vmcs: u64,
         verdict: S,
     },
+    /// KVM (watched by the in-hypervisor monitor) creates a vCPU.
     VcpuCreate {
         seq: u64,
         tsc: u64,
