@@ -559,6 +559,7 @@ pub fn load(
         os,
         allowed,
         linux_gate.as_ref(),
+        mode,
     )?;
     log!(
         "monitor: {} KiB at {:#x}, gate at {gate_gva}, CR3 {monitor_cr3:#x}, {} table frames",
@@ -882,6 +883,7 @@ const _: () =
 
 /// Writes the monitor's configuration (what it watches, where guest RAM is, the allow-list);
 /// returns where it is.
+#[allow(clippy::too_many_arguments)]
 fn write_config(
     mem: &mut MonitorMemory,
     image: &Image<'_>,
@@ -890,6 +892,7 @@ fn write_config(
     os: &MonitorOs,
     allowed: &str,
     linux_gate: Option<&LinuxGateInfo>,
+    mode: Mode,
 ) -> Result<GpaRange, LoadError> {
     let list = ihmi_layout::allow_list(allowed)?;
     let (ram, ram_count) = crate::guest::ram_ranges(memory);
@@ -916,6 +919,7 @@ fn write_config(
         allowed_digest_count: list.digest_count,
         files: ihmi_abi::monitor::FileOffsets::default(),
         kvm: ihmi_abi::monitor::KvmOffsets::default(),
+        linear: ihmi_abi::monitor::LinearMaps::default(),
     };
     if let MonitorOs::Linux(p, _) = os {
         // Linux programs are allowed by what they are, never by what they are called.
@@ -940,6 +944,14 @@ fn write_config(
             vmemmap_base: f.vmemmap_base,
         };
         config.os = OS_LINUX;
+        // In the box the monitor reads the kernel's linear mappings as native loads; out of it, as
+        // a monitor outside the guest, it walks the guest's tables for every page.
+        if mode == Mode::InBox {
+            config.linear = ihmi_abi::monitor::LinearMaps {
+                page_offset_base: p.page_offset_base,
+                image: [p.text[0], p.kernel_end],
+            };
+        }
         config.pid_offset = p.tgid.offset;
         config.parent_offset = p.real_parent.offset;
         config.comm_offset = p.comm.offset;

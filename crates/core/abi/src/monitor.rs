@@ -245,6 +245,23 @@ pub struct MonitorConfig {
     pub files: FileOffsets,
     /// Linux with KVM: the KVM exit hook and what it audits; all zero without it.
     pub kvm: KvmOffsets,
+    /// Linux in the box: the kernel's linear mappings, which the monitor reads without walking the
+    /// guest's page tables; all zero out of the box.
+    pub linear: LinearMaps,
+}
+
+/// Where a Linux kernel maps physical memory linearly: its direct map (all of RAM at one offset) and
+/// its image mapping (the kernel image at another). In the box the monitor reads those addresses as a
+/// subtraction and a load, after checking once, by a walk of the guest's own tables, that the kernel
+/// maps them so; out of the box L0 leaves this zero and every read walks the guest's tables in software,
+/// as a monitor outside the guest must (BRIEF.md section 1).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct LinearMaps {
+    /// The address of the kernel variable `page_offset_base` (where the direct map starts); 0: none.
+    pub page_offset_base: u64,
+    /// The kernel image's mapping, `_stext`..`_end` (guest-virtual); 0 when not known.
+    pub image: [u64; 2],
 }
 
 /// Most entries of KVM's exit-handler table the monitor holds (`ihmi_linux`'s `MAX_EXIT_HANDLERS`).

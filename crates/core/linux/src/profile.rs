@@ -3,7 +3,7 @@
 //! the host writes it with [`fmt::Display`], L0 reads it with [`LinuxProfile::parse`].
 //!
 //! ```text
-//! ihmi-linux-profile 9
+//! ihmi-linux-profile 10
 //! symbol current_task 0xffffffff8180a8c0
 //! field task_struct.pid 0x4b8 4
 //! size page 64
@@ -14,7 +14,7 @@
 use core::fmt;
 
 /// The first line.
-const HEADER: &str = "ihmi-linux-profile 9";
+const HEADER: &str = "ihmi-linux-profile 10";
 
 /// The kernel PGD of a CR3: its root without PCID or flags and, when page-table isolation is built in
 /// (every PGD an 8 KiB pair, kernel half first), without bit 12, since a user CR3 points at the user
@@ -68,6 +68,9 @@ pub struct LinuxProfile {
     pub bss: [u64; 2],
     /// The interrupt descriptor table (`idt_table`, one page).
     pub idt_table: u64,
+    /// The kernel variable `page_offset_base`: where the direct map of all physical memory starts
+    /// (chosen at boot with memory randomization; the monitor reads it there).
+    pub page_offset_base: u64,
     /// `task_struct.pid`.
     pub pid: Field,
     /// `task_struct.tgid`.
@@ -402,6 +405,7 @@ impl LinuxProfile {
                         "__bss_start" => (&mut p.bss[0], 20),
                         "__bss_stop" => (&mut p.bss[1], 21),
                         "vmemmap_base" => (&mut p.files.vmemmap_base, 16),
+                        "page_offset_base" => (&mut p.page_offset_base, 22),
                         "io_issue_sqe" => {
                             p.io_uring.get_or_insert_with(Default::default).0 = v;
                             io_uring_seen |= 1;
@@ -516,7 +520,7 @@ impl LinuxProfile {
                 _ => return Err(ProfileError::Line(n)),
             }
         }
-        const NAMES: [&str; 22] = [
+        const NAMES: [&str; 23] = [
             "symbol current_task",
             "symbol init_top_pgt",
             "symbol entry_SYSCALL_64",
@@ -539,6 +543,7 @@ impl LinuxProfile {
             "symbol __init_begin",
             "symbol __bss_start",
             "symbol __bss_stop",
+            "symbol page_offset_base",
         ];
         for (bit, name) in NAMES.iter().enumerate() {
             if seen & (1 << bit) == 0 {
@@ -639,6 +644,7 @@ impl fmt::Display for LinuxProfile {
             ("__init_begin", self.data[1]),
             ("__bss_start", self.bss[0]),
             ("__bss_stop", self.bss[1]),
+            ("page_offset_base", self.page_offset_base),
         ] {
             writeln!(f, "symbol {name} {value:#x}")?;
         }
@@ -718,6 +724,7 @@ mod tests {
             data: [0xffff_ffff_81a0_0000, 0xffff_ffff_81b2_1000],
             bss: [0xffff_ffff_81bd_b000, 0xffff_ffff_81e0_0000],
             idt_table: 0xffff_ffff_81bb_1000,
+            page_offset_base: 0xffff_ffff_816b_1ca8,
             pid: Field {
                 offset: 0x4b8,
                 size: 4,
@@ -862,7 +869,7 @@ mod tests {
     #[test]
     fn written_profiles_read_back() {
         let text = sample().to_string();
-        assert!(text.starts_with("ihmi-linux-profile 9\n"));
+        assert!(text.starts_with("ihmi-linux-profile 10\n"));
         assert_eq!(LinuxProfile::parse(&text), Ok(sample()));
     }
 

@@ -253,6 +253,13 @@ pub trait GuestPhysRead {
         self.read_bytes(gpa, &mut buf)?;
         Ok(u64::from_le_bytes(buf))
     }
+
+    /// Reads one little-endian `u32`.
+    fn read_u32(&self, gpa: Gpa) -> Result<u32, PhysReadError> {
+        let mut buf = [0u8; 4];
+        self.read_bytes(gpa, &mut buf)?;
+        Ok(u32::from_le_bytes(buf))
+    }
 }
 
 /// A successful walk: where the address goes and the rights combined over all levels (SDM 4.6).

@@ -592,6 +592,7 @@ pub fn guest_profile(system_map: &Path, vmlinux: &Path, config: &str) -> Result<
         data: [map.require("_sdata")?, map.require("__init_begin")?],
         bss: [map.require("__bss_start")?, map.require("__bss_stop")?],
         idt_table: map.require("idt_table")?,
+        page_offset_base: map.require("page_offset_base")?,
         pid: field("pid")?,
         tgid: field("tgid")?,
         comm: field("comm")?,

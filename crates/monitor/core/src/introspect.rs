@@ -115,12 +115,161 @@ impl TranslationCache {
     }
 }
 
+/// One linear mapping of a kernel: guest-virtual `[start, start + len)` is guest-physical
+/// `[gpa, gpa + len)`. Empty (`len` 0) matches nothing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinearWindow {
+    pub start: u64,
+    pub len: u64,
+    pub gpa: u64,
+}
+
+impl LinearWindow {
+    /// Where `n` bytes at `gva` are, if all of them are in the window.
+    #[inline(always)]
+    const fn gpa_of(&self, gva: u64, n: u64) -> Option<u64> {
+        let off = gva.wrapping_sub(self.start);
+        if off < self.len && n <= self.len - off {
+            Some(self.gpa + off)
+        } else {
+            None
+        }
+    }
+}
+
+/// Where a Linux kernel's linear mappings are, as [`LinearWindows::check`] found them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinearHints {
+    /// The kernel variable `page_offset_base` (its address): the direct map's start.
+    pub page_offset_base: Gva,
+    /// The kernel image's mapping, `[_stext, _end)`.
+    pub image: [u64; 2],
+    /// The end of the highest range of guest RAM: how far the direct map can reach.
+    pub ram_top: u64,
+}
+
+/// Pages of the kernel image, at most, between two probes of its mapping.
+const IMAGE_PROBE_STEP: u64 = 512 * PAGE_SIZE;
+/// Probes of the direct map, at most.
+const DIRECT_MAP_PROBES: u64 = 64;
+
+/// The kernel's linear mappings the monitor reads without walking the guest's page tables: its direct
+/// map of all RAM (`page_offset_base + pa`) and its image mapping (`_stext`.. at one offset from its
+/// frames). An address in either is a subtraction and a bounds check away from its frame; every read
+/// through it is still checked to be guest RAM by the reader underneath. Only the windows a walk of
+/// the guest's own tables confirmed are used, and that walk happens once: a kernel that later remaps a
+/// page of its direct map cannot make the monitor read another frame than the one the mapping names,
+/// which is where the kernel's own allocator put the object.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinearWindows {
+    /// The direct map, then the image mapping.
+    pub windows: [LinearWindow; 2],
+    /// The check has run (whatever it found).
+    pub checked: bool,
+}
+
+impl LinearWindows {
+    /// No window: every read walks.
+    pub const NONE: Self = Self {
+        windows: [LinearWindow {
+            start: 0,
+            len: 0,
+            gpa: 0,
+        }; 2],
+        checked: false,
+    };
+
+    /// Finds the windows `hints` describes and keeps each that the guest's own page tables (walked
+    /// by `intro`, which must have no windows itself) map as described: its first page must be mapped
+    /// there, and so must every probe the tables map at all (the kernel unmaps what it frees of its
+    /// image, and its direct map has RAM's holes; a linear read there still reaches only RAM).
+    pub fn check<M: GuestPhysRead>(intro: &Introspector<'_, M>, hints: &LinearHints) -> Self {
+        let walk = |gva: u64| {
+            ihmi_paging::translate(intro.mem, intro.cr3, Gva::new(gva))
+                .ok()
+                .map(|t| t.gpa.raw())
+        };
+        // `must` must be mapped there; every probe the tables map at all, too.
+        let holds = |w: &LinearWindow, must: u64, probes: &mut dyn Iterator<Item = u64>| {
+            if walk(w.start + must) != Some(w.gpa + must) {
+                return false;
+            }
+            for off in probes {
+                if walk(w.start + off).is_some_and(|gpa| gpa != w.gpa + off) {
+                    return false;
+                }
+            }
+            true
+        };
+        // The image: `_stext` is page-aligned; probed every 2 MiB and at its last page.
+        let [start, end] = hints.image;
+        let end = end.saturating_add(PAGE_SIZE - 1) & !(PAGE_SIZE - 1);
+        let image = match walk(start) {
+            Some(gpa) if start.is_multiple_of(PAGE_SIZE) && start >> 63 == 1 && end > start => {
+                let w = LinearWindow {
+                    start,
+                    len: end - start,
+                    gpa,
+                };
+                let mut probes = (0..w.len)
+                    .step_by(IMAGE_PROBE_STEP as usize)
+                    .chain([w.len - PAGE_SIZE]);
+                holds(&w, 0, &mut probes).then_some(w)
+            }
+            _ => None,
+        };
+        // The direct map: where `page_offset_base` says, as far as the top of RAM; probed evenly up
+        // to RAM's last page and at the image's first frame.
+        let base = intro.read_u64(hints.page_offset_base).unwrap_or(0);
+        let top = hints.ram_top & !(PAGE_SIZE - 1);
+        let direct = if base.is_multiple_of(PAGE_SIZE)
+            && base >> 63 == 1
+            && Gva::new(base).is_canonical()
+            && top > 0
+            && base.checked_add(top).is_some()
+        {
+            let w = LinearWindow {
+                start: base,
+                len: top,
+                gpa: 0,
+            };
+            let step = ((top / DIRECT_MAP_PROBES) & !(PAGE_SIZE - 1)).max(PAGE_SIZE);
+            let mut probes = (step..=top).step_by(step as usize).map(|o| o - PAGE_SIZE);
+            // The kernel's own first frame is RAM the direct map must cover.
+            let must = image.map_or(0, |i| i.gpa);
+            (must < top && holds(&w, must, &mut probes)).then_some(w)
+        } else {
+            None
+        };
+        Self {
+            windows: [direct.unwrap_or_default(), image.unwrap_or_default()],
+            checked: true,
+        }
+    }
+
+    /// The windows that held: the direct map, the image mapping.
+    #[must_use]
+    pub const fn held(&self) -> [bool; 2] {
+        [self.windows[0].len != 0, self.windows[1].len != 0]
+    }
+
+    /// Where `n` bytes at `gva` are, if one window holds them all.
+    #[inline(always)]
+    fn gpa_of(&self, gva: u64, n: u64) -> Option<u64> {
+        match self.windows[0].gpa_of(gva, n) {
+            Some(gpa) => Some(gpa),
+            None => self.windows[1].gpa_of(gva, n),
+        }
+    }
+}
+
 /// Guest memory as one address space (one guest CR3) sees it.
 #[derive(Debug)]
 pub struct Introspector<'m, M> {
     mem: &'m M,
     cr3: Cr3,
     cache: Option<&'m RefCell<TranslationCache>>,
+    linear: &'m LinearWindows,
 }
 
 impl<'m, M: GuestPhysRead> Introspector<'m, M> {
@@ -130,6 +279,7 @@ impl<'m, M: GuestPhysRead> Introspector<'m, M> {
             mem,
             cr3,
             cache: None,
+            linear: &LinearWindows::NONE,
         }
     }
 
@@ -139,7 +289,14 @@ impl<'m, M: GuestPhysRead> Introspector<'m, M> {
             mem,
             cr3,
             cache: Some(cache),
+            linear: &LinearWindows::NONE,
         }
+    }
+
+    /// The same, reading addresses in `linear`'s windows without a walk.
+    #[must_use]
+    pub const fn with_linear(self, linear: &'m LinearWindows) -> Self {
+        Self { linear, ..self }
     }
 
     /// The guest-physical page of the page at `page` (page-aligned), through the cache for kernel
@@ -173,10 +330,14 @@ impl<'m, M: GuestPhysRead> Introspector<'m, M> {
         Ok(ihmi_paging::translate(self.mem, self.cr3, gva)?.gpa)
     }
 
-    /// Guest-virtual read, each page translated through the guest's own tables (or the cache).
+    /// Guest-virtual read: in one linear window, straight from the frames it names; otherwise each
+    /// page translated through the guest's own tables (or the cache).
     pub fn read_gva(&self, gva: Gva, buf: &mut [u8]) -> Result<(), IntrospectError> {
         if buf.len() > MAX_READ {
             return Err(IntrospectError::TooLong(buf.len()));
+        }
+        if let Some(gpa) = self.linear.gpa_of(gva.raw(), buf.len() as u64) {
+            return Ok(self.mem.read_bytes(Gpa::new(gpa), buf)?);
         }
         if !gva.is_canonical() {
             return Err(IntrospectError::Walk(WalkError::NonCanonical(gva)));
@@ -216,8 +377,29 @@ impl<'m, M: GuestPhysRead> Introspector<'m, M> {
         Err(IntrospectError::Unterminated(gva))
     }
 
+    /// Where the `n` bytes at `gva` are, when they are in one page (or one window): a fixed-size read
+    /// then needs no copy. `None`: they cross a page outside the windows.
+    #[inline(always)]
+    fn fixed_gpa(&self, gva: Gva, n: u64) -> Result<Option<Gpa>, IntrospectError> {
+        if let Some(gpa) = self.linear.gpa_of(gva.raw(), n) {
+            return Ok(Some(Gpa::new(gpa)));
+        }
+        let offset = gva.raw() & (PAGE_SIZE - 1);
+        if offset + n > PAGE_SIZE {
+            return Ok(None);
+        }
+        if !gva.is_canonical() {
+            return Err(IntrospectError::Walk(WalkError::NonCanonical(gva)));
+        }
+        let page = self.page_gpa(Gva::new(gva.raw() - offset))?;
+        Ok(Some(Gpa::new(page.raw() + offset)))
+    }
+
     /// A little-endian `u32` at `gva`.
     pub fn read_u32(&self, gva: Gva) -> Result<u32, IntrospectError> {
+        if let Some(gpa) = self.fixed_gpa(gva, 4)? {
+            return Ok(self.mem.read_u32(gpa)?);
+        }
         let mut b = [0u8; 4];
         self.read_gva(gva, &mut b)?;
         Ok(u32::from_le_bytes(b))
@@ -225,6 +407,9 @@ impl<'m, M: GuestPhysRead> Introspector<'m, M> {
 
     /// A little-endian `u64` at `gva`.
     pub fn read_u64(&self, gva: Gva) -> Result<u64, IntrospectError> {
+        if let Some(gpa) = self.fixed_gpa(gva, 8)? {
+            return Ok(self.mem.read_u64(gpa)?);
+        }
         let mut b = [0u8; 8];
         self.read_gva(gva, &mut b)?;
         Ok(u64::from_le_bytes(b))

@@ -17,7 +17,9 @@ use ihmi_paging::{Cr3, GuestPhysRead};
 
 pub use event::{Event, EventKind, EventRing, IntegrityProperty, L2Memory, RejectReason};
 pub use identity::{DigestCache, FileLayout, IdentityError};
-pub use introspect::{IntrospectError, Introspector, TranslationCache};
+pub use introspect::{
+    IntrospectError, Introspector, LinearHints, LinearWindow, LinearWindows, TranslationCache,
+};
 pub use os::{IoUringHook, KvmHook, KvmMapHook, KvmOps, KvmVmHooks, OsProfile, ProcessInfo};
 pub use policy::Policy;
 
@@ -53,11 +55,13 @@ pub struct Stats {
     pub denied: u64,
 }
 
-/// The monitor: an OS profile, a policy, its counts, and (for Linux) its kernel-page translations.
+/// The monitor: an OS profile, a policy, its counts, and (for Linux) its kernel-page translations and
+/// the kernel's linear mappings it confirmed.
 #[derive(Clone, Debug)]
 pub struct Monitor {
     state: State,
     tlb: core::cell::RefCell<TranslationCache>,
+    linear: LinearWindows,
 }
 
 /// What the handlers change, apart from the translation cache they read through.
@@ -109,6 +113,7 @@ impl Monitor {
                 created_vcpu: None,
             },
             tlb: core::cell::RefCell::new(TranslationCache::new()),
+            linear: LinearWindows::NONE,
         }
     }
 
@@ -122,6 +127,13 @@ impl Monitor {
     #[must_use]
     pub fn translation_stats(&self) -> (u64, u64) {
         self.tlb.borrow().stats()
+    }
+
+    /// The kernel's linear mappings the monitor reads without a walk (none until its first Linux
+    /// invocation with [`OsProfile::linear`] checks them).
+    #[must_use]
+    pub const fn linear_windows(&self) -> &LinearWindows {
+        &self.linear
     }
 
     /// The OS profile (for encoding events).
@@ -156,7 +168,11 @@ impl Monitor {
         mem: &impl GuestPhysRead,
         ring: &mut EventRing,
     ) -> Verdict {
-        let Self { state: st, tlb } = self;
+        let Self {
+            state: st,
+            tlb,
+            linear,
+        } = self;
         st.stats.invocations = st.stats.invocations.wrapping_add(1);
         st.percpu_base = ctx.percpu_base;
         if !ring.is_consistent() {
@@ -167,7 +183,12 @@ impl Monitor {
         let kernel_cr3 = Cr3::new(st.os.kernel_cr3(ctx.cr3.raw()));
         // Linux's upper half is one mapping in every address space: its translations are kept.
         let intro = if st.os.family == os::OsFamily::Linux {
-            Introspector::with_cache(mem, kernel_cr3, tlb)
+            if let (Some(hints), false) = (st.os.linear, linear.checked) {
+                // Once, through the guest's own tables: the windows they confirm are read linearly.
+                *linear =
+                    LinearWindows::check(&Introspector::with_cache(mem, kernel_cr3, tlb), &hints);
+            }
+            Introspector::with_cache(mem, kernel_cr3, tlb).with_linear(linear)
         } else {
             Introspector::new(mem, kernel_cr3)
         };

@@ -61,6 +61,9 @@ pub struct OsProfile {
     pub files: Option<crate::identity::FileLayout>,
     /// Linux with KVM built in: the hook on KVM's L2-exit path and what it audits (none without it).
     pub kvm: Option<KvmHook>,
+    /// Linux, in the box: where the kernel's linear mappings are, for reads without a walk (none: every
+    /// read walks the guest's tables, as out of the box).
+    pub linear: Option<crate::introspect::LinearHints>,
 }
 
 /// What the in-hypervisor monitor needs for the hook in KVM's `vmx_handle_exit`.
@@ -184,6 +187,7 @@ impl OsProfile {
             io_uring: None,
             files: None,
             kvm: None,
+            linear: None,
         }
     }
 
@@ -212,6 +216,7 @@ impl OsProfile {
             io_uring: None,
             files: None,
             kvm: None,
+            linear: None,
         }
     }
 
@@ -240,6 +245,16 @@ impl OsProfile {
     pub const fn with_kvm(self, hook: KvmHook) -> Self {
         Self {
             kvm: Some(hook),
+            ..self
+        }
+    }
+
+    /// The same profile, reading the kernel's linear mappings `hints` describes without a walk, once
+    /// the guest's tables confirm them.
+    #[must_use]
+    pub const fn with_linear(self, hints: crate::introspect::LinearHints) -> Self {
+        Self {
+            linear: Some(hints),
             ..self
         }
     }

@@ -1636,3 +1636,156 @@ fn linux_calls_that_map_memory_executable_are_flagged() {
         assert_eq!(json.contains(r#""exec_mapping":true"#), flagged, "{json}");
     }
 }
+
+/// A Linux kernel's two linear mappings in a 4 MiB guest: its image at `IMAGE` (frames from
+/// `IMAGE_GPA`, with `page_offset_base` and `current_task` in it) and its direct map at `DIRECT`.
+const IMAGE: u64 = 0xffff_ffff_8100_0000;
+const IMAGE_GPA: u64 = 0x10_0000;
+const IMAGE_LEN: u64 = 4 * PAGE_SIZE;
+const DIRECT: u64 = 0xffff_8880_0000_0000;
+const RAM_TOP: u64 = 0x40_0000;
+const POB: u64 = IMAGE + 0x800;
+const TASK_GPA: u64 = 0x20_0000;
+
+fn linear_guest(direct_gpa: u64) -> (Guest, Cr3, LinearHints) {
+    let mut g = Guest::default();
+    for page in 0..RAM_TOP / PAGE_SIZE {
+        g.data.insert(page * PAGE_SIZE, Box::new([0; 4096]));
+    }
+    let mut pt = PageTableBuilder::new(&mut g).unwrap();
+    let f = MapFlags::WRITABLE;
+    pt.map(&mut g, Gva::new(IMAGE), Gpa::new(IMAGE_GPA), IMAGE_LEN, f)
+        .unwrap();
+    // Past the image, the tables map another frame: a read across its end must walk.
+    pt.map(
+        &mut g,
+        Gva::new(IMAGE + IMAGE_LEN),
+        Gpa::new(0x30_0000),
+        PAGE_SIZE,
+        f,
+    )
+    .unwrap();
+    pt.map(&mut g, Gva::new(DIRECT), Gpa::new(direct_gpa), RAM_TOP, f)
+        .unwrap();
+    let cr3 = pt.cr3();
+    let put = |g: &mut Guest, gpa: u64, bytes: &[u8]| {
+        for (i, &b) in bytes.iter().enumerate() {
+            let a = gpa + i as u64;
+            g.data.get_mut(&(a & !0xfff)).unwrap()[(a & 0xfff) as usize] = b;
+        }
+    };
+    put(&mut g, IMAGE_GPA + 0x800, &DIRECT.to_le_bytes());
+    put(&mut g, IMAGE_GPA, &(DIRECT + TASK_GPA).to_le_bytes());
+    put(&mut g, TASK_GPA + 0x14, &77u32.to_le_bytes());
+    put(&mut g, TASK_GPA + 0x40, b"linear\0");
+    put(
+        &mut g,
+        TASK_GPA + 0x18,
+        &(DIRECT + TASK_GPA + 0x400).to_le_bytes(),
+    );
+    put(&mut g, TASK_GPA + 0x400 + 0x14, &1u32.to_le_bytes());
+    put(&mut g, IMAGE_GPA + IMAGE_LEN - 4, &[1, 2, 3, 4]);
+    put(&mut g, 0x30_0000, &[5, 6, 7, 8]);
+    let hints = LinearHints {
+        page_offset_base: Gva::new(POB),
+        image: [IMAGE, IMAGE + IMAGE_LEN],
+        ram_top: RAM_TOP,
+    };
+    (g, cr3, hints)
+}
+
+#[test]
+fn linear_windows_are_read_without_a_walk_once_the_guest_s_tables_confirm_them() {
+    let (mut g, cr3, hints) = linear_guest(0);
+    let os = OsProfile::linux(Gva::new(IMAGE), 0x14, 0x18, 0x40, false, 0x60).with_linear(hints);
+    let mut m = Monitor::new(os, Policy::allow_all());
+    let mut ring = EventRing::new();
+    assert!(!m.linear_windows().checked);
+    let ctx = CallContext {
+        cr3,
+        tsc: 1,
+        percpu_base: 0,
+        entry: Entry::SyscallGate,
+        caller_rsp: 0,
+    };
+    let syscall = |m: &mut Monitor, g: &Guest, ring: &mut EventRing| {
+        let v = m.handle(RequestCode::Syscall as u64, [39, 0, 0, 0], &ctx, g, ring);
+        assert_eq!(v, Verdict::Allow);
+        events(ring)[0]
+    };
+    let e = syscall(&mut m, &g, &mut ring);
+    assert_eq!(e.pid, 77);
+    assert_eq!(event::comm_bytes(&e.comm), b"linear");
+    let w = *m.linear_windows();
+    assert!(w.checked);
+    assert_eq!(w.held(), [true, true]);
+    assert_eq!(
+        w.windows,
+        [
+            LinearWindow {
+                start: DIRECT,
+                len: RAM_TOP,
+                gpa: 0
+            },
+            LinearWindow {
+                start: IMAGE,
+                len: IMAGE_LEN,
+                gpa: IMAGE_GPA
+            }
+        ]
+    );
+
+    g.data.remove(&0x8000);
+    // The kernel remaps the task's 2 MiB of its direct map to frame 0 after the check: the monitor
+    // still reads the frame the direct map names, where the allocator put the task.
+    let leaf = g
+        .tables
+        .values_mut()
+        .flat_map(|t| t.entries.iter_mut())
+        .find(|e| e.is_present() && e.is_huge() && e.addr().raw() == TASK_GPA)
+        .unwrap();
+    *leaf = ihmi_paging::PageTableEntry::new(Gpa::new(0), leaf.flags());
+    let intro = Introspector::new(&g, cr3).with_linear(&w);
+    let walked = Introspector::new(&g, cr3);
+    let task_tgid = Gva::new(DIRECT + TASK_GPA + 0x14);
+    assert_eq!(intro.read_u32(task_tgid), Ok(77));
+    assert_eq!(walked.read_u32(task_tgid), Ok(0));
+    // Across the image window's end: the part past it comes through the walk, as without windows.
+    let at = Gva::new(IMAGE + IMAGE_LEN - 4);
+    assert_eq!(intro.read_u64(at), walked.read_u64(at));
+    assert_eq!(intro.read_u64(at), Ok(0x0807_0605_0403_0201));
+    // Outside guest RAM the direct map reads nothing, as the walk would not.
+    let hole = Gva::new(DIRECT + 0x8000);
+    assert!(intro.read_u64(hole).is_err());
+    assert!(walked.read_u64(hole).is_err());
+    // Past RAM's top no window holds, and the walk finds nothing mapped there.
+    assert!(intro.read_u64(Gva::new(DIRECT + RAM_TOP)).is_err());
+
+    // A direct map the tables do not confirm (here shifted by a page) is not used; the image's is.
+    let (g, cr3, hints) = linear_guest(PAGE_SIZE);
+    let w = LinearWindows::check(&Introspector::new(&g, cr3), &hints);
+    assert_eq!(w.held(), [false, true]);
+    let intro = Introspector::new(&g, cr3).with_linear(&w);
+    let at = Gva::new(DIRECT + TASK_GPA - PAGE_SIZE + 0x14);
+    assert_eq!(intro.read_u32(at), Ok(77), "read where the tables say");
+    // An image whose start is not a page is refused.
+    let bad = LinearHints {
+        image: [IMAGE + 1, IMAGE + IMAGE_LEN],
+        ..hints
+    };
+    assert_eq!(
+        LinearWindows::check(&Introspector::new(&g, cr3), &bad).held(),
+        [false, false]
+    );
+    // Without hints (out of the box) nothing is checked and every read walks.
+    let os = OsProfile::linux(Gva::new(IMAGE), 0x14, 0x18, 0x40, false, 0x60);
+    let mut m = Monitor::new(os, Policy::allow_all());
+    m.handle(
+        RequestCode::Syscall as u64,
+        [39, 0, 0, 0],
+        &ctx,
+        &g,
+        &mut ring,
+    );
+    assert_eq!(*m.linear_windows(), LinearWindows::NONE);
+}

@@ -9,7 +9,7 @@ use ihmi_abi::monitor::{Entry, MonitorConfig, Verdict, CONFIG_MAGIC};
 use ihmi_addr::{Gpa, Gva};
 use ihmi_monitor::{
     CallContext, EventRing, FileLayout, IoUringHook, KvmHook, KvmMapHook, KvmOps, KvmVmHooks,
-    Monitor, OsProfile, Policy,
+    LinearHints, Monitor, OsProfile, Policy,
 };
 use ihmi_paging::{Cr3, GuestPhysRead, PhysReadError};
 
@@ -60,6 +60,10 @@ static IHMI_MONITOR_CONFIG: Cell<MonitorConfig> = Cell(UnsafeCell::new(MonitorCo
         vmemmap_base: 0,
     },
     kvm: ihmi_abi::monitor::KvmOffsets::EMPTY,
+    linear: ihmi_abi::monitor::LinearMaps {
+        page_offset_base: 0,
+        image: [0; 2],
+    },
 }));
 
 /// Calls of the entry point, for L0's benchmark accounting (L0 reads it while the monitor is stopped).
@@ -119,9 +123,10 @@ struct DirectMap<'a> {
     config: &'a MonitorConfig,
 }
 
-impl GuestPhysRead for DirectMap<'_> {
-    fn read_bytes(&self, gpa: Gpa, buf: &mut [u8]) -> Result<(), PhysReadError> {
-        let len = buf.len() as u64;
+impl DirectMap<'_> {
+    /// Where the `len` bytes at `gpa` are in the monitor's address space, if they are all guest RAM.
+    #[inline(always)]
+    fn at(&self, gpa: Gpa, len: u64) -> Result<*const u8, PhysReadError> {
         let n = (self.config.ram_count as usize).min(self.config.ram.len());
         let inside = self.config.ram[..n].iter().any(|r| {
             gpa.raw() >= r.start
@@ -133,11 +138,35 @@ impl GuestPhysRead for DirectMap<'_> {
         if !inside {
             return Err(PhysReadError { gpa });
         }
-        let src = self.config.direct_map_base.wrapping_add(gpa.raw()) as *const u8;
-        // SAFETY: the range is guest RAM (checked against the configuration L0 wrote) and L0 mapped all
-        // guest RAM readable at `direct_map_base + gpa` in the monitor's page tables.
+        Ok(self.config.direct_map_base.wrapping_add(gpa.raw()) as *const u8)
+    }
+}
+
+// SAFETY (each read below): `at` checked the range is guest RAM against the configuration L0 wrote,
+// and L0 mapped all guest RAM readable at `direct_map_base + gpa` in the monitor's page tables.
+impl GuestPhysRead for DirectMap<'_> {
+    fn read_bytes(&self, gpa: Gpa, buf: &mut [u8]) -> Result<(), PhysReadError> {
+        let src = self.at(gpa, buf.len() as u64)?;
+        // SAFETY: see above.
         unsafe { core::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) };
         Ok(())
+    }
+
+    // A word is one load, not a byte copy: most of what the monitor reads is words.
+    fn read_u64(&self, gpa: Gpa) -> Result<u64, PhysReadError> {
+        let src = self.at(gpa, 8)?;
+        // SAFETY: see above; unaligned loads are allowed on x86.
+        Ok(u64::from_le(unsafe {
+            core::ptr::read_unaligned(src.cast::<u64>())
+        }))
+    }
+
+    fn read_u32(&self, gpa: Gpa) -> Result<u32, PhysReadError> {
+        let src = self.at(gpa, 4)?;
+        // SAFETY: see above.
+        Ok(u32::from_le(unsafe {
+            core::ptr::read_unaligned(src.cast::<u32>())
+        }))
     }
 }
 
@@ -229,7 +258,7 @@ fn monitor(config: &MonitorConfig) -> &'static mut Monitor {
             };
             let f = &config.files;
             // L0 writes a layout the profile's parser checked: 4 to 256 slots a node.
-            if f.vmemmap_base != 0 && (2..=8).contains(&f.chunk_shift) {
+            let linux = if f.vmemmap_base != 0 && (2..=8).contains(&f.chunk_shift) {
                 linux.with_files(FileLayout {
                     binprm_file: f.binprm_file,
                     file_mapping: f.file_mapping,
@@ -244,6 +273,24 @@ fn monitor(config: &MonitorConfig) -> &'static mut Monitor {
                     chunk_shift: f.chunk_shift as u32,
                     page_struct_size: f.page_struct_size,
                     vmemmap_base: Gva::new(f.vmemmap_base),
+                })
+            } else {
+                linux
+            };
+            // In the box L0 names the kernel's linear mappings; the monitor checks them at its first
+            // invocation.
+            let l = &config.linear;
+            if l.page_offset_base != 0 {
+                let n = (config.ram_count as usize).min(config.ram.len());
+                let ram_top = config.ram[..n]
+                    .iter()
+                    .map(|r| r.start.saturating_add(r.len))
+                    .max()
+                    .unwrap_or(0);
+                linux.with_linear(LinearHints {
+                    page_offset_base: Gva::new(l.page_offset_base),
+                    image: l.image,
+                    ram_top,
                 })
             } else {
                 linux

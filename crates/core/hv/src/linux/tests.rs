@@ -44,6 +44,7 @@ fn the_running_linux_task_is_read_through_the_profile() {
         data: [0; 2],
         bss: [0; 2],
         idt_table: 0,
+        page_offset_base: 0,
         binprm_filename: Field::default(),
         pti_pgd_pair: false,
         io_uring: None,
