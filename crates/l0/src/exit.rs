@@ -221,6 +221,22 @@ pub fn finish(st: &mut L0State, end: GuestEnd) -> ! {
         let ring = m.ring();
         let (produced, dropped) = (ring.produced(), ring.dropped());
         log!("monitor: {produced} events, {dropped} dropped");
+        let linear = m.linear_windows();
+        st.judge.set_linear_reads(linear);
+        if let Some([direct, image]) = linear {
+            let said = |len: u64| {
+                if len == 0 {
+                    "not held (read by walks)"
+                } else {
+                    "held"
+                }
+            };
+            log!(
+                "monitor: linear reads: direct map {} ({direct} bytes), kernel image {} ({image} bytes)",
+                said(direct),
+                said(image)
+            );
+        }
     }
     if let Some(o) = &st.outbox {
         log!(

@@ -202,6 +202,8 @@ pub struct Loaded {
     kvm_exits: Gpa,
     /// Its hook counts (`IHMI_HOOK_COUNTS`, an aligned `[u64; 3]`).
     hook_counts: Gpa,
+    /// What it found of the kernel's linear mappings (`IHMI_LINEAR`, an aligned `[u64; 3]`).
+    linear: Gpa,
     /// With KVM in the watched kernel: the monitor's VMCS registry (`IHMI_KVM_VMCSS`, a
     /// `KvmVmcsRegistry`, aligned, checked at load), which L0 holds L1's VMLAUNCHes and VMRESUMEs
     /// to (P6).
@@ -276,6 +278,14 @@ impl Loaded {
     /// handling the KVM exits it served, the mappings it checked, and the ticks it spent on those.
     pub fn hook_counts(&self) -> [u64; 3] {
         [0, 1, 2].map(|i| self.counter(Gpa::new(self.hook_counts.raw() + 8 * i)))
+    }
+
+    /// The kernel's linear mappings the monitor reads without a walk (`IHMI_LINEAR`): `None` before
+    /// it checked them (or when it does not: out of the box, the test guest), else the bytes of the
+    /// direct map and of the image mapping it holds (0: that window did not pass the check).
+    pub fn linear_windows(&self) -> Option<[u64; 2]> {
+        let at = |i: u64| self.counter(Gpa::new(self.linear.raw() + 8 * i));
+        (at(0) == 1).then(|| [at(1), at(2)])
     }
 
     /// One of the monitor's `u64` counters, at `at`.
@@ -589,6 +599,10 @@ pub fn load(
     if !hook_counts.is_aligned(8) {
         return Err(image.misaligned("IHMI_HOOK_COUNTS"));
     }
+    let linear = place.range(image.symbol("IHMI_LINEAR")?, 3 * 8)?.start;
+    if !linear.is_aligned(8) {
+        return Err(image.misaligned("IHMI_LINEAR"));
+    }
     let vmcs_registry = match os {
         MonitorOs::Linux(p, _) if p.kvm.is_some() => {
             let size = core::mem::size_of::<ihmi_abi::monitor::KvmVmcsRegistry>() as u64;
@@ -614,6 +628,7 @@ pub fn load(
         invocations,
         kvm_exits,
         hook_counts,
+        linear,
         vmcs_registry,
         kvm_ops: kvm_ops_in(os),
         gate_vmfuncs,

@@ -9,7 +9,7 @@ use ihmi_abi::monitor::{Entry, MonitorConfig, Verdict, CONFIG_MAGIC};
 use ihmi_addr::{Gpa, Gva};
 use ihmi_monitor::{
     CallContext, EventRing, FileLayout, IoUringHook, KvmHook, KvmMapHook, KvmOps, KvmVmHooks,
-    LinearHints, Monitor, OsProfile, Policy,
+    LinearHints, LinearWindows, Monitor, OsProfile, Policy,
 };
 use ihmi_paging::{Cr3, GuestPhysRead, PhysReadError};
 
@@ -89,6 +89,12 @@ static IHMI_KVM_VMCSS: Cell<ihmi_abi::monitor::KvmVmcsRegistry> =
 /// and CR3 loads are counted apart), nor the out-of-box VMCALLs.
 #[no_mangle]
 static IHMI_HOOK_COUNTS: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+
+/// The kernel's linear mappings the monitor reads without a walk, once its first Linux invocation has
+/// checked them against the guest's tables: checked (1) or not (0), then the direct map's and the
+/// image mapping's length in bytes (0: not held). L0 reports them at the end of a run.
+#[no_mangle]
+static IHMI_LINEAR: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
 
 /// Drained by L0.
 #[no_mangle]
@@ -324,6 +330,9 @@ extern "C" fn ihmi_monitor_entry(code: u64, a0: u64, a1: u64, a2: u64, a3: u64) 
         caller_rsp,
     };
     let verdict = monitor(config).handle(code, [a0, a1, a2, a3], &ctx, &DirectMap { config }, ring);
+    if IHMI_LINEAR[0].load(Ordering::Relaxed) == 0 {
+        publish_linear(monitor(config).linear_windows());
+    }
     // The KVM hooks' costs: a second TSC read for them alone, off the system-call path.
     if verdict == Verdict::Allow {
         let ticks = || ihmi_rt::cpu::rdtsc().wrapping_sub(ctx.tsc);
@@ -353,6 +362,16 @@ extern "C" fn ihmi_monitor_entry(code: u64, a0: u64, a1: u64, a2: u64, a3: u64) 
         ask_l0_to_drain();
     }
     verdict.to_raw()
+}
+
+/// What the check of the kernel's linear mappings found, for L0, once it has run.
+#[cold]
+fn publish_linear(w: &LinearWindows) {
+    if w.checked {
+        IHMI_LINEAR[1].store(w.windows[0].len, Ordering::Relaxed);
+        IHMI_LINEAR[2].store(w.windows[1].len, Ordering::Relaxed);
+        IHMI_LINEAR[0].store(1, Ordering::Relaxed);
+    }
 }
 
 /// One VMCALL from the monitor view: L0 drains the ring at the exit, so a flood loses nothing. L0

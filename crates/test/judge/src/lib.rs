@@ -90,6 +90,12 @@ impl Judge {
         self.log.monitor_dropped = dropped;
     }
 
+    /// What the monitor reported of the kernel's linear mappings at the end of the run
+    /// ([`ScenarioLog::linear_reads`]).
+    pub fn set_linear_reads(&mut self, found: Option<[u64; 2]>) {
+        self.log.linear_reads = found;
+    }
+
     /// The verdict on the finished run. An attack scenario also reports its `attack|` line on `out`.
     pub fn verdict(
         &self,

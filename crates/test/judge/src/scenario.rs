@@ -337,6 +337,10 @@ pub struct ScenarioLog {
     alerts: heapless_table::Table<Alert, MAX_ALERTS>,
     /// Events the monitor's ring dropped (its own count, read when L0 drained it).
     pub monitor_dropped: u64,
+    /// The kernel's linear mappings the monitor reads without a walk, as it reported them at the end:
+    /// `None` when it never checked them, else the bytes of the direct map and of the image mapping
+    /// it holds (0: that window failed the check).
+    pub linear_reads: Option<[u64; 2]>,
     /// Events L0 drained from the ring (the log keeps only the first [`MAX_MONITOR_EVENTS`]).
     pub monitor_drained: u64,
     /// Of those, requests the monitor's checkpoint rejected.
@@ -870,6 +874,12 @@ pub enum FailReason {
     AttackNotReported(&'static str),
     /// The monitor's events did not show the Linux workload's system calls (how far they got).
     WorkloadNotSeen(LinuxTrail),
+    /// In the box the monitor must read the kernel's direct map and image mapping without a walk;
+    /// out of the box it must not (the baseline walks by definition). What it reported.
+    LinearReads {
+        inbox: bool,
+        found: Option<[u64; 2]>,
+    },
     /// The benchmark's counts do not have the structure its mode must give.
     Bench(crate::bench::BenchFault),
     /// VM entry failed in a way the scenario did not ask for.
@@ -1031,6 +1041,14 @@ impl fmt::Display for FailReason {
                 f,
                 "the flood's {expected} calls gave {seen} events, {dropped} dropped, after {drains} high-water drains"
             ),
+            Self::LinearReads { inbox: true, found } => write!(
+                f,
+                "in the box the monitor must hold both linear windows (direct map, kernel image) after its check; it reported {found:?} (bytes held, None: never checked)"
+            ),
+            Self::LinearReads { inbox: false, found } => write!(
+                f,
+                "out of the box the monitor must walk every read; it reported linear windows {found:?}"
+            ),
             Self::WorkloadNotSeen(t) => write!(
                 f,
                 "the monitor saw {} of the workload's {} system calls ({} events named {}; pid {}, parent {}; its exec by pid {}); the intruder refused {} times, ran: {}",
@@ -1126,7 +1144,8 @@ fn check(
         // Linux booted, ran our /init, and /init's last program wrote its line on the debug port and
         // asked for the power-off L0 intercepts.
         Scenario::LinuxBoot => linux_run_ended_well(log),
-        Scenario::LinuxSim | Scenario::LinuxSimOutbox => check_linux_sim(log),
+        Scenario::LinuxSim => check_linux_sim(log, true),
+        Scenario::LinuxSimOutbox => check_linux_sim(log, false),
         Scenario::LinuxAttack(LinuxAttack::Root) => check_linux_attack(log),
         Scenario::LinuxAttack(LinuxAttack::KernelText) => {
             check_locked_write(log, Locked::KernelText, "patching kernel text")
@@ -1166,7 +1185,7 @@ fn check(
         // The in-box monitors saw L1's workload as in `linux-sim`, and KVM ran its L2 as in
         // `nested-kvm-shadow`: one does not get in the other's way.
         Scenario::NestedKvmSim => {
-            check_linux_sim(log)?;
+            check_linux_sim(log, true)?;
             check_nested_kvm(log, NESTED_MAX_ROUND_TRIP_SHADOW)?;
             if log.vmm_execs_allowed == 0 || log.vmm_ioctls == 0 {
                 return Err(FailReason::NestedRun(
@@ -1453,10 +1472,21 @@ fn expect_nothing_rejected(log: &ScenarioLog) -> Result<(), FailReason> {
 
 /// `linux-sim`, in the box or out of it: the monitors (in front of the kernel's SYSCALL entry, and in
 /// its exec path) saw the workload's program start and its calls, from the right process, and
-/// refused the intruder, with nothing rejected.
-fn check_linux_sim(log: &ScenarioLog) -> Result<(), FailReason> {
+/// refused the intruder, with nothing rejected; in the box it read the kernel's linear mappings
+/// without a walk, out of it with one.
+fn check_linux_sim(log: &ScenarioLog, inbox: bool) -> Result<(), FailReason> {
     linux_run_ended_well(log)?;
     expect_nothing_rejected(log)?;
+    let linear_ok = match log.linear_reads {
+        Some([direct, image]) => inbox && direct != 0 && image != 0,
+        None => !inbox,
+    };
+    if !linear_ok {
+        return Err(FailReason::LinearReads {
+            inbox,
+            found: log.linear_reads,
+        });
+    }
     if log.linux_trail.complete() {
         Ok(())
     } else {
