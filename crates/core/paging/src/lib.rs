@@ -260,6 +260,34 @@ pub trait GuestPhysRead {
         self.read_bytes(gpa, &mut buf)?;
         Ok(u32::from_le_bytes(buf))
     }
+
+    /// Hands `f` each of the `n` little-endian `u64` at `gpa` with its index, in order, without a
+    /// buffer; all of them must be readable before `f` sees the first. This default reads them
+    /// twice (a reader that can check the range once overrides it).
+    fn each_u64<F: FnMut(usize, u64)>(
+        &self,
+        gpa: Gpa,
+        n: usize,
+        mut f: F,
+    ) -> Result<(), PhysReadError>
+    where
+        Self: Sized,
+    {
+        let at = |i: usize| {
+            (i as u64)
+                .checked_mul(8)
+                .and_then(|o| gpa.raw().checked_add(o))
+                .map(Gpa::new)
+                .ok_or(PhysReadError { gpa })
+        };
+        for i in 0..n {
+            self.read_u64(at(i)?)?;
+        }
+        for i in 0..n {
+            f(i, self.read_u64(at(i)?)?);
+        }
+        Ok(())
+    }
 }
 
 /// A successful walk: where the address goes and the rights combined over all levels (SDM 4.6).

@@ -10,6 +10,10 @@ use ihmi_paging::{Cr3, GuestPhysRead, PhysReadError, WalkError};
 /// Longest single read, so no request can make the monitor copy without bound.
 pub const MAX_READ: usize = 4096;
 
+/// The most words [`Introspector::each_u64`] hands on: the largest table the monitor holds (KVM's
+/// exit handlers). Its buffer outside the windows is this size, zeroed at every call.
+pub const EACH_U64_MAX: usize = ihmi_abi::monitor::KVM_EXIT_HANDLERS_MAX;
+
 /// Why a read of guest memory failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IntrospectError {
@@ -134,6 +138,51 @@ impl LinearWindow {
         } else {
             None
         }
+    }
+}
+
+/// Guest RAM by 64 KiB granule, for a reader's quick check that a read is RAM: bit `g` is set when
+/// all of `[g << GRANULE_SHIFT, (g + 1) << GRANULE_SHIFT)` is RAM (so, for the monitor, none of it
+/// is a monitor or L0 frame). A read in a granule RAM fills only in part, or above what the bitmap
+/// covers ([`RamGranules::COVERS`]), is not held here and must be checked against the ranges
+/// themselves; this only makes the common case one bit test.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RamGranules([u64; GRANULE_WORDS]);
+
+const GRANULE_SHIFT: u32 = 16;
+/// 4 GiB in 64 KiB granules: an 8 KiB bitmap.
+const GRANULE_WORDS: usize = 1024;
+
+impl RamGranules {
+    /// No granule: every read takes the slow check.
+    pub const EMPTY: Self = Self([0; GRANULE_WORDS]);
+    /// Bytes of guest-physical memory the bitmap describes, from 0.
+    pub const COVERS: u64 = (GRANULE_WORDS as u64 * 64) << GRANULE_SHIFT;
+
+    /// Marks the granules one of the ranges `[start, end)` covers whole (a granule only two of them
+    /// cover together is left to the slow check, which also wants one range to hold a read).
+    pub fn fill(&mut self, ranges: impl Iterator<Item = (u64, u64)>) {
+        let granules = (GRANULE_WORDS * 64) as u64;
+        for (start, end) in ranges {
+            // The granules from the first that starts in the range to the last that ends in it.
+            let first = start.div_ceil(1 << GRANULE_SHIFT);
+            let last = (end >> GRANULE_SHIFT).min(granules);
+            for g in first..last {
+                self.0[(g / 64) as usize] |= 1 << (g % 64);
+            }
+        }
+    }
+
+    /// Whether the `len` bytes at `gpa` (none when `len` is 0) lie in one granule that is all RAM.
+    #[inline(always)]
+    #[must_use]
+    pub fn holds(&self, gpa: Gpa, len: u64) -> bool {
+        let g = gpa.raw() >> GRANULE_SHIFT;
+        let last = gpa.raw().wrapping_add(len.wrapping_sub(1)) >> GRANULE_SHIFT;
+        g == last
+            && len != 0
+            && g < (GRANULE_WORDS * 64) as u64
+            && self.0[(g / 64) as usize] >> (g % 64) & 1 != 0
     }
 }
 
@@ -395,8 +444,69 @@ impl<'m, M: GuestPhysRead> Introspector<'m, M> {
         Ok(Some(Gpa::new(page.raw() + offset)))
     }
 
-    /// A little-endian `u32` at `gva`.
+    /// A little-endian `u32` at `gva`. In a linear window this is inlined into the caller: the
+    /// window's bounds check and the reader's RAM check, then one load.
+    #[inline(always)]
     pub fn read_u32(&self, gva: Gva) -> Result<u32, IntrospectError> {
+        match self.linear.gpa_of(gva.raw(), 4) {
+            Some(gpa) => Ok(self.mem.read_u32(Gpa::new(gpa))?),
+            None => self.read_u32_walked(gva),
+        }
+    }
+
+    /// A little-endian `u64` at `gva` (inlined in a window, as [`Self::read_u32`]).
+    #[inline(always)]
+    pub fn read_u64(&self, gva: Gva) -> Result<u64, IntrospectError> {
+        match self.linear.gpa_of(gva.raw(), 8) {
+            Some(gpa) => Ok(self.mem.read_u64(Gpa::new(gpa))?),
+            None => self.read_u64_walked(gva),
+        }
+    }
+
+    /// `N` bytes at `gva` (a fixed-size field, such as a task's name): in a window one fixed-size
+    /// copy, inlined; elsewhere through [`Self::read_gva`].
+    #[inline(always)]
+    pub fn read_array<const N: usize>(&self, gva: Gva) -> Result<[u8; N], IntrospectError> {
+        const { assert!(N <= MAX_READ) };
+        let mut b = [0u8; N];
+        match self.linear.gpa_of(gva.raw(), N as u64) {
+            Some(gpa) => self.mem.read_bytes(Gpa::new(gpa), &mut b)?,
+            None => self.read_gva(gva, &mut b)?,
+        }
+        Ok(b)
+    }
+
+    /// Hands `f` each of the `n` little-endian `u64` at `gva` with its index, in order, once all of
+    /// them are known readable (a table of KVM's held word by word): in a window one RAM check for
+    /// the lot and a load each, with no copy; elsewhere read into a buffer first, a page at a time.
+    /// At most [`EACH_U64_MAX`] words.
+    pub fn each_u64<F: FnMut(usize, u64)>(
+        &self,
+        gva: Gva,
+        n: usize,
+        mut f: F,
+    ) -> Result<(), IntrospectError> {
+        if n > EACH_U64_MAX {
+            return Err(IntrospectError::TooLong(n.saturating_mul(8)));
+        }
+        let bytes = n as u64 * 8;
+        if let Some(gpa) = self.linear.gpa_of(gva.raw(), bytes) {
+            return Ok(self.mem.each_u64(Gpa::new(gpa), n, f)?);
+        }
+        let mut buf = [0u8; EACH_U64_MAX * 8];
+        let buf = &mut buf[..n * 8];
+        self.read_gva(gva, buf)?;
+        for (i, w) in buf.chunks_exact(8).enumerate() {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(w);
+            f(i, u64::from_le_bytes(b));
+        }
+        Ok(())
+    }
+
+    /// [`Self::read_u32`] outside the windows: one page's translation (or a split read).
+    #[inline(never)]
+    fn read_u32_walked(&self, gva: Gva) -> Result<u32, IntrospectError> {
         if let Some(gpa) = self.fixed_gpa(gva, 4)? {
             return Ok(self.mem.read_u32(gpa)?);
         }
@@ -405,8 +515,9 @@ impl<'m, M: GuestPhysRead> Introspector<'m, M> {
         Ok(u32::from_le_bytes(b))
     }
 
-    /// A little-endian `u64` at `gva`.
-    pub fn read_u64(&self, gva: Gva) -> Result<u64, IntrospectError> {
+    /// [`Self::read_u64`] outside the windows.
+    #[inline(never)]
+    fn read_u64_walked(&self, gva: Gva) -> Result<u64, IntrospectError> {
         if let Some(gpa) = self.fixed_gpa(gva, 8)? {
             return Ok(self.mem.read_u64(gpa)?);
         }

@@ -18,7 +18,8 @@ use ihmi_paging::{Cr3, GuestPhysRead};
 pub use event::{Event, EventKind, EventRing, IntegrityProperty, L2Memory, RejectReason};
 pub use identity::{DigestCache, FileLayout, IdentityError};
 pub use introspect::{
-    IntrospectError, Introspector, LinearHints, LinearWindow, LinearWindows, TranslationCache,
+    IntrospectError, Introspector, LinearHints, LinearWindow, LinearWindows, RamGranules,
+    TranslationCache,
 };
 pub use os::{IoUringHook, KvmHook, KvmMapHook, KvmOps, KvmVmHooks, OsProfile, ProcessInfo};
 pub use policy::Policy;
@@ -491,23 +492,18 @@ impl State {
         let reason = intro
             .read_u32(Gva::new(reason_at))
             .map_err(|_| RejectReason::GuestMemory)?;
-        // The whole table in one read: a page or two of KVM's data.
+        // The whole table, held word by word where it lies: a page or two of KVM's data.
         let expected = hook.expected();
-        let mut table = [0u8; KVM_EXIT_HANDLERS_MAX * 8];
-        let table = &mut table[..expected.len() * 8];
-        intro
-            .read_gva(Gva::new(hook.handlers), table)
-            .map_err(|_| RejectReason::GuestMemory)?;
         let changed = hold_words(
+            intro,
             IntegrityProperty::KvmExitHandlers,
             hook.handlers,
-            0,
-            table,
+            0..expected.len(),
             expected,
             &mut self.kvm_reported,
             ctx,
             ring,
-        );
+        )?;
         if let Some(ops) = &hook.ops {
             check_kvm_ops(
                 &mut self.kvm_ops_reported,
@@ -908,67 +904,67 @@ fn check_kvm_ops<M: GuestPhysRead>(
     let expected = ops.expected();
     let first = if *next < expected.len() { *next } else { 0 };
     let end = (first + KVM_X86_OPS_CHUNK).min(expected.len());
-    let mut chunk = [0u8; KVM_X86_OPS_CHUNK * 8];
-    let chunk = &mut chunk[..(end - first) * 8];
-    let at = ops.at + first as u64 * 8;
-    intro
-        .read_gva(Gva::new(at), chunk)
-        .map_err(|_| RejectReason::GuestMemory)?;
     hold_words(
+        intro,
         IntegrityProperty::KvmX86Ops,
         ops.at,
-        first,
-        chunk,
+        first..end,
         expected,
         reported,
         ctx,
         ring,
-    );
+    )?;
     *next = end;
     Ok(())
 }
 
-/// Holds words of KVM's control data (P2) to what they must be: `found`, read from the table at
-/// `table` from its word `first` on, against `expected` (the whole table's). A word that differs is
-/// an `integrity` event of `property` (its index, address, the value it must have and the one
-/// found), once per new value: `reported` holds each word's value as last reported. Returns how
-/// many of the words read differ.
+/// Holds words `words` of KVM's control data (P2) to what they must be: the table at `table`, read
+/// in guest memory, against `expected` (the whole table's). A word that differs is an `integrity`
+/// event of `property` (its index, address, the value it must have and the one found), once per
+/// new value: `reported` holds each word's value as last reported. Nothing is compared unless all
+/// the words can be read. Returns how many of them differ.
 #[allow(clippy::too_many_arguments)]
-fn hold_words(
+fn hold_words<M: GuestPhysRead>(
+    intro: &Introspector<'_, M>,
     property: IntegrityProperty,
     table: u64,
-    first: usize,
-    found: &[u8],
+    words: core::ops::Range<usize>,
     expected: &[u64],
     reported: &mut [u64],
     ctx: &CallContext,
     ring: &mut EventRing,
-) -> u64 {
+) -> Result<u64, RejectReason> {
+    let first = words.start;
+    let at = table
+        .checked_add(first as u64 * 8)
+        .ok_or(RejectReason::GuestMemory)?;
+    let expected = &expected[words.clone()];
+    let reported = &mut reported[words.clone()];
     let mut changed = 0;
-    for (i, found) in (first..).zip(found.chunks_exact(8)) {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(found);
-        let found = u64::from_le_bytes(b);
-        let want = expected[i];
-        if found == want {
-            reported[i] = want;
-            continue;
-        }
-        changed += 1;
-        if found != reported[i] {
-            reported[i] = found;
-            ring.push(Event {
-                tsc: ctx.tsc,
-                kind: EventKind::Integrity as u16,
-                detail: property as u16,
-                verdict: Verdict::Allow as i32,
-                nr: i as u64,
-                args: [table + i as u64 * 8, want, found, 0],
-                ..Event::EMPTY
-            });
-        }
-    }
-    changed
+    intro
+        .each_u64(Gva::new(at), words.len(), |k, found| {
+            let want = expected[k];
+            if found == want {
+                reported[k] = want;
+                return;
+            }
+            changed += 1;
+            if found != reported[k] {
+                reported[k] = found;
+                let i = first + k;
+                ring.push(Event {
+                    tsc: ctx.tsc,
+                    kind: EventKind::Integrity as u16,
+                    detail: property as u16,
+                    verdict: Verdict::Allow as i32,
+                    nr: i as u64,
+                    args: [table.wrapping_add(i as u64 * 8), want, found, 0],
+                    ..Event::EMPTY
+                });
+            }
+        })
+        .map_err(|_| RejectReason::GuestMemory)?;
+    Ok(changed)
 }
 
 /// The word `offset` bytes above the caller's stack pointer at the gate, in a hooked call's frame (see

@@ -381,8 +381,7 @@ impl OsProfile {
                 intro.read_u32(pid_at)?
             }
         };
-        let mut comm = [0u8; COMM_LEN];
-        intro.read_gva(at(self.comm)?, &mut comm)?;
+        let comm = intro.read_array::<COMM_LEN>(at(self.comm)?)?;
         Ok(ProcessInfo { pid, ppid, comm })
     }
 }

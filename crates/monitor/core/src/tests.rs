@@ -1789,3 +1789,109 @@ fn linear_windows_are_read_without_a_walk_once_the_guest_s_tables_confirm_them()
     );
     assert_eq!(*m.linear_windows(), LinearWindows::NONE);
 }
+
+#[test]
+fn ram_granules_hold_only_reads_inside_one_granule_that_is_all_ram() {
+    use crate::RamGranules;
+    const G: u64 = 64 << 10;
+    // The tiny Linux guest's RAM under L0 (256 MiB, the monitor's frames at 0xf800000 carved out).
+    let ram = [
+        (0, 0x9f000),
+        (0x10_0000, 0x42_9000),
+        (0xb9_f000, 0x400_0000),
+        (0x40c_b000, 0xf80_0000),
+    ];
+    let mut g = RamGranules::EMPTY;
+    assert!(
+        !g.holds(Gpa::new(0x100_0000), 8),
+        "an empty bitmap holds nothing"
+    );
+    g.fill(ram.iter().copied());
+    // Whole granules inside one range.
+    assert!(g.holds(Gpa::new(0x100_0000), 8));
+    assert!(
+        g.holds(Gpa::new(0xf7f_fff8), 8),
+        "the last bytes before the monitor"
+    );
+    assert!(g.holds(Gpa::new(0x100_0000), G), "a whole granule");
+    assert!(g.holds(Gpa::new(0), 8), "the first granule is RAM whole");
+    assert!(
+        g.holds(Gpa::new(0x40d_0000), 8),
+        "the first whole granule of a range"
+    );
+    // Granules RAM fills in part: the hole at 0x9f000, the first pages of a range that starts
+    // inside one, the monitor's frames and what is not RAM at all.
+    for gpa in [
+        0x9_0000, 0x9f_000, 0x42_8000, 0x40c_b000, 0x40c_f000, 0xf80_0000, 0xf80_1000, 0x400_0000,
+    ] {
+        assert!(!g.holds(Gpa::new(gpa), 8), "{gpa:#x}");
+    }
+    // A read that crosses into the next granule, even RAM to RAM, is not held.
+    assert!(!g.holds(Gpa::new(0x100_fffc), 8));
+    assert!(!g.holds(Gpa::new(0x100_0000), G + 1));
+    // No bytes, a length that wraps, an address past what the bitmap covers.
+    assert!(!g.holds(Gpa::new(0x100_0000), 0));
+    assert!(!g.holds(Gpa::new(0x100_0000), u64::MAX));
+    let mut all = RamGranules::EMPTY;
+    all.fill([(0, u64::MAX)].into_iter());
+    assert!(all.holds(Gpa::new(RamGranules::COVERS - 8), 8));
+    assert!(!all.holds(Gpa::new(RamGranules::COVERS), 8));
+    assert!(!all.holds(Gpa::new(u64::MAX - 3), 8));
+}
+
+#[test]
+fn each_u64_hands_on_the_same_words_in_a_window_and_through_the_walk_and_none_if_any_is_unreadable()
+{
+    use crate::introspect::EACH_U64_MAX;
+    let (mut g, cr3, hints) = linear_guest(0);
+    // A hole in RAM at 0x8000.
+    g.data.remove(&0x8000);
+    let w = LinearWindows::check(&Introspector::new(&g, cr3), &hints);
+    assert_eq!(w.held(), [true, true]);
+    let intro = Introspector::new(&g, cr3).with_linear(&w);
+    let walked = Introspector::new(&g, cr3);
+    let words = |i: &Introspector<'_, Guest>, at: u64, n: usize| {
+        let mut seen = Vec::new();
+        i.each_u64(Gva::new(at), n, |k, v| seen.push((k, v)))
+            .map(|()| seen)
+    };
+    // The task's first words, through the direct map and through the walk.
+    let at = DIRECT + TASK_GPA + 0x10;
+    let direct = words(&intro, at, 8).unwrap();
+    assert_eq!(direct, words(&walked, at, 8).unwrap());
+    assert_eq!(direct.len(), 8);
+    assert_eq!(direct[0], (0, 77 << 32), "tgid at +0x14");
+    assert_eq!(
+        direct[1],
+        (1, DIRECT + TASK_GPA + 0x400),
+        "the parent at +0x18"
+    );
+    assert_eq!(
+        direct[6],
+        (6, u64::from_le_bytes(*b"linear\0\0")),
+        "the name at +0x40"
+    );
+    // Across the image window's end the walk reads the part past it.
+    let at = IMAGE + IMAGE_LEN - 8;
+    assert_eq!(
+        words(&intro, at, 2).unwrap(),
+        std::vec![(0, 0x0403_0201 << 32), (1, 0x0807_0605)]
+    );
+    assert_eq!(words(&intro, at, 2), words(&walked, at, 2));
+    // A range that reaches a hole in RAM: an error, and no word handed on first.
+    let mut called = false;
+    let hole = DIRECT + 0x8000 - 16;
+    assert!(intro
+        .each_u64(Gva::new(hole), 4, |_, _| called = true)
+        .is_err());
+    assert!(walked
+        .each_u64(Gva::new(hole), 4, |_, _| called = true)
+        .is_err());
+    assert!(!called);
+    // More words than the monitor ever holds at once.
+    assert_eq!(
+        intro.each_u64(Gva::new(DIRECT + TASK_GPA), EACH_U64_MAX + 1, |_, _| {}),
+        Err(IntrospectError::TooLong((EACH_U64_MAX + 1) * 8))
+    );
+    assert_eq!(words(&intro, DIRECT + TASK_GPA, 0), Ok(Vec::new()));
+}

@@ -9,7 +9,7 @@ use ihmi_abi::monitor::{Entry, MonitorConfig, Verdict, CONFIG_MAGIC};
 use ihmi_addr::{Gpa, Gva};
 use ihmi_monitor::{
     CallContext, EventRing, FileLayout, IoUringHook, KvmHook, KvmMapHook, KvmOps, KvmVmHooks,
-    LinearHints, LinearWindows, Monitor, OsProfile, Policy,
+    LinearHints, LinearWindows, Monitor, OsProfile, Policy, RamGranules,
 };
 use ihmi_paging::{Cr3, GuestPhysRead, PhysReadError};
 
@@ -123,16 +123,37 @@ static IHMI_MONITOR_STACK: Cell<Stack> = Cell(UnsafeCell::new(Stack([0; STACK_SI
 
 static MONITOR: Cell<Option<Monitor>> = Cell(UnsafeCell::new(None));
 
+/// Guest RAM by granule, filled at the first invocation (see `monitor`). Monitor memory: the guest
+/// cannot reach it.
+static IHMI_RAM_GRANULES: Cell<RamGranules> = Cell(UnsafeCell::new(RamGranules::EMPTY));
+
 /// Guest-physical reads through the direct map, refused outside guest RAM so a guest pointer can never
 /// make the monitor fault or read its own (or L0's) frames.
 struct DirectMap<'a> {
     config: &'a MonitorConfig,
+    granules: &'a RamGranules,
 }
 
-impl DirectMap<'_> {
+impl<'a> DirectMap<'a> {
+    fn new(config: &'a MonitorConfig) -> Self {
+        // SAFETY: written only by `monitor`'s first call, which has returned; one invocation at a
+        // time.
+        let granules = unsafe { &*IHMI_RAM_GRANULES.0.get() };
+        Self { config, granules }
+    }
+
     /// Where the `len` bytes at `gpa` are in the monitor's address space, if they are all guest RAM.
     #[inline(always)]
     fn at(&self, gpa: Gpa, len: u64) -> Result<*const u8, PhysReadError> {
+        if self.granules.holds(gpa, len) {
+            return Ok(self.config.direct_map_base.wrapping_add(gpa.raw()) as *const u8);
+        }
+        self.at_scanned(gpa, len)
+    }
+
+    /// [`Self::at`] against the ranges themselves.
+    #[inline(never)]
+    fn at_scanned(&self, gpa: Gpa, len: u64) -> Result<*const u8, PhysReadError> {
         let n = (self.config.ram_count as usize).min(self.config.ram.len());
         let inside = self.config.ram[..n].iter().any(|r| {
             gpa.raw() >= r.start
@@ -148,9 +169,10 @@ impl DirectMap<'_> {
     }
 }
 
-// SAFETY (each read below): `at` checked the range is guest RAM against the configuration L0 wrote,
-// and L0 mapped all guest RAM readable at `direct_map_base + gpa` in the monitor's page tables.
+// SAFETY (each read below): `at` checked the range is guest RAM against the configuration L0 wrote
+// (through the granule bitmap derived from it, or its ranges themselves), and L0 mapped all guest RAM readable at `direct_map_base + gpa` in the monitor's page tables.
 impl GuestPhysRead for DirectMap<'_> {
+    #[inline(always)]
     fn read_bytes(&self, gpa: Gpa, buf: &mut [u8]) -> Result<(), PhysReadError> {
         let src = self.at(gpa, buf.len() as u64)?;
         // SAFETY: see above.
@@ -159,6 +181,7 @@ impl GuestPhysRead for DirectMap<'_> {
     }
 
     // A word is one load, not a byte copy: most of what the monitor reads is words.
+    #[inline(always)]
     fn read_u64(&self, gpa: Gpa) -> Result<u64, PhysReadError> {
         let src = self.at(gpa, 8)?;
         // SAFETY: see above; unaligned loads are allowed on x86.
@@ -167,6 +190,7 @@ impl GuestPhysRead for DirectMap<'_> {
         }))
     }
 
+    #[inline(always)]
     fn read_u32(&self, gpa: Gpa) -> Result<u32, PhysReadError> {
         let src = self.at(gpa, 4)?;
         // SAFETY: see above.
@@ -174,12 +198,40 @@ impl GuestPhysRead for DirectMap<'_> {
             core::ptr::read_unaligned(src.cast::<u32>())
         }))
     }
+
+    // One check for the whole range, then a load per word: no buffer to zero, no byte copy.
+    fn each_u64<F: FnMut(usize, u64)>(
+        &self,
+        gpa: Gpa,
+        n: usize,
+        mut f: F,
+    ) -> Result<(), PhysReadError> {
+        let len = (n as u64).checked_mul(8).ok_or(PhysReadError { gpa })?;
+        if n == 0 {
+            return Ok(());
+        }
+        let src = self.at(gpa, len)?.cast::<u64>();
+        for i in 0..n {
+            // SAFETY: see above; word `i` is inside the `len` bytes checked.
+            let word = unsafe { src.add(i) };
+            // SAFETY: as above.
+            f(i, u64::from_le(unsafe { core::ptr::read_unaligned(word) }));
+        }
+        Ok(())
+    }
 }
 
 fn monitor(config: &MonitorConfig) -> &'static mut Monitor {
     // SAFETY: one invocation at a time (see `Cell`); no other reference to MONITOR is alive.
     let slot = unsafe { &mut *MONITOR.0.get() };
     slot.get_or_insert_with(|| {
+        let ram = (config.ram_count as usize).min(config.ram.len());
+        // SAFETY: one invocation at a time, and no `DirectMap` exists yet in this one.
+        unsafe { &mut *IHMI_RAM_GRANULES.0.get() }.fill(
+            config.ram[..ram]
+                .iter()
+                .map(|r| (r.start, r.start.saturating_add(r.len))),
+        );
         let mut policy = Policy::allow_all();
         let n = (config.allowed_count as usize).min(config.allowed.len());
         for name in &config.allowed[..n] {
@@ -329,9 +381,10 @@ extern "C" fn ihmi_monitor_entry(code: u64, a0: u64, a1: u64, a2: u64, a3: u64) 
         entry: Entry::from_raw(entry),
         caller_rsp,
     };
-    let verdict = monitor(config).handle(code, [a0, a1, a2, a3], &ctx, &DirectMap { config }, ring);
+    let m = monitor(config);
+    let verdict = m.handle(code, [a0, a1, a2, a3], &ctx, &DirectMap::new(config), ring);
     if IHMI_LINEAR[0].load(Ordering::Relaxed) == 0 {
-        publish_linear(monitor(config).linear_windows());
+        publish_linear(m.linear_windows());
     }
     // The KVM hooks' costs: a second TSC read for them alone, off the system-call path.
     if verdict == Verdict::Allow {
@@ -344,7 +397,7 @@ extern "C" fn ihmi_monitor_entry(code: u64, a0: u64, a1: u64, a2: u64, a3: u64) 
             IHMI_HOOK_COUNTS[2].fetch_add(ticks(), Ordering::Relaxed);
         } else if code == ihmi_abi::monitor::RequestCode::VcpuCreate as u64 {
             // The vCPU's VMCS for L0's rogue-VMCS check (P6); off the system-call path.
-            if let Some([vcpu, vmcs]) = monitor(config).take_created_vcpu() {
+            if let Some([vcpu, vmcs]) = m.take_created_vcpu() {
                 // SAFETY: one invocation at a time; L0 reads the registry only while we are
                 // stopped.
                 let registry = unsafe { &mut *IHMI_KVM_VMCSS.0.get() };
