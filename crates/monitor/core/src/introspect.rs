@@ -11,8 +11,12 @@ use ihmi_paging::{Cr3, GuestPhysRead, PhysReadError, WalkError};
 pub const MAX_READ: usize = 4096;
 
 /// The most words [`Introspector::each_u64`] hands on: the largest table the monitor holds (KVM's
-/// exit handlers). Its buffer outside the windows is this size, zeroed at every call.
+/// exit handlers). Outside the windows it reads through a buffer of this size, or of
+/// [`SMALL_WORDS`] for a short range, zeroed at every call.
 pub const EACH_U64_MAX: usize = ihmi_abi::monitor::KVM_EXIT_HANDLERS_MAX;
+
+/// Up to this many words (a chunk of `kvm_x86_ops`), [`Introspector::each_u64`]'s buffer is small.
+const SMALL_WORDS: usize = crate::KVM_X86_OPS_CHUNK;
 
 /// Why a read of guest memory failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -493,8 +497,15 @@ impl<'m, M: GuestPhysRead> Introspector<'m, M> {
         if let Some(gpa) = self.linear.gpa_of(gva.raw(), bytes) {
             return Ok(self.mem.each_u64(Gpa::new(gpa), n, f)?);
         }
-        let mut buf = [0u8; EACH_U64_MAX * 8];
-        let buf = &mut buf[..n * 8];
+        // No larger a buffer than needed: zeroing it is paid a tick a byte under Bochs.
+        let mut small = [0u8; SMALL_WORDS * 8];
+        let mut full;
+        let buf: &mut [u8] = if n <= SMALL_WORDS {
+            &mut small[..n * 8]
+        } else {
+            full = [0u8; EACH_U64_MAX * 8];
+            &mut full[..n * 8]
+        };
         self.read_gva(gva, buf)?;
         for (i, w) in buf.chunks_exact(8).enumerate() {
             let mut b = [0u8; 8];

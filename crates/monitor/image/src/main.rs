@@ -383,7 +383,8 @@ extern "C" fn ihmi_monitor_entry(code: u64, a0: u64, a1: u64, a2: u64, a3: u64) 
     };
     let m = monitor(config);
     let verdict = m.handle(code, [a0, a1, a2, a3], &ctx, &DirectMap::new(config), ring);
-    if IHMI_LINEAR[0].load(Ordering::Relaxed) == 0 {
+    // Only a Linux monitor in the box has windows to check; once published, two loads a call.
+    if config.linear.page_offset_base != 0 && IHMI_LINEAR[0].load(Ordering::Relaxed) == 0 {
         publish_linear(m.linear_windows());
     }
     // The KVM hooks' costs: a second TSC read for them alone, off the system-call path.
