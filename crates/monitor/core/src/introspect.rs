@@ -12,7 +12,7 @@ pub const MAX_READ: usize = 4096;
 
 /// The most words [`Introspector::each_u64`] hands on: the largest table the monitor holds (KVM's
 /// exit handlers). Outside the windows it reads through a buffer of this size, or of
-/// [`SMALL_WORDS`] for a short range, zeroed at every call.
+/// 16 words for a short range (a chunk of `kvm_x86_ops`), zeroed at every call.
 pub const EACH_U64_MAX: usize = ihmi_abi::monitor::KVM_EXIT_HANDLERS_MAX;
 
 /// Up to this many words (a chunk of `kvm_x86_ops`), [`Introspector::each_u64`]'s buffer is small.
