@@ -156,21 +156,21 @@ pub struct RamGranules([u64; GRANULE_WORDS]);
 const GRANULE_SHIFT: u32 = 16;
 /// 4 GiB in 64 KiB granules: an 8 KiB bitmap.
 const GRANULE_WORDS: usize = 1024;
+const GRANULES: u64 = GRANULE_WORDS as u64 * 64;
 
 impl RamGranules {
     /// No granule: every read takes the slow check.
     pub const EMPTY: Self = Self([0; GRANULE_WORDS]);
     /// Bytes of guest-physical memory the bitmap describes, from 0.
-    pub const COVERS: u64 = (GRANULE_WORDS as u64 * 64) << GRANULE_SHIFT;
+    pub const COVERS: u64 = GRANULES << GRANULE_SHIFT;
 
     /// Marks the granules one of the ranges `[start, end)` covers whole (a granule only two of them
     /// cover together is left to the slow check, which also wants one range to hold a read).
     pub fn fill(&mut self, ranges: impl Iterator<Item = (u64, u64)>) {
-        let granules = (GRANULE_WORDS * 64) as u64;
         for (start, end) in ranges {
             // The granules from the first that starts in the range to the last that ends in it.
             let first = start.div_ceil(1 << GRANULE_SHIFT);
-            let last = (end >> GRANULE_SHIFT).min(granules);
+            let last = (end >> GRANULE_SHIFT).min(GRANULES);
             for g in first..last {
                 self.0[(g / 64) as usize] |= 1 << (g % 64);
             }
@@ -183,10 +183,7 @@ impl RamGranules {
     pub fn holds(&self, gpa: Gpa, len: u64) -> bool {
         let g = gpa.raw() >> GRANULE_SHIFT;
         let last = gpa.raw().wrapping_add(len.wrapping_sub(1)) >> GRANULE_SHIFT;
-        g == last
-            && len != 0
-            && g < (GRANULE_WORDS * 64) as u64
-            && self.0[(g / 64) as usize] >> (g % 64) & 1 != 0
+        g == last && len != 0 && g < GRANULES && self.0[(g / 64) as usize] >> (g % 64) & 1 != 0
     }
 }
 

@@ -170,7 +170,8 @@ impl<'a> DirectMap<'a> {
 }
 
 // SAFETY (each read below): `at` checked the range is guest RAM against the configuration L0 wrote
-// (through the granule bitmap derived from it, or its ranges themselves), and L0 mapped all guest RAM readable at `direct_map_base + gpa` in the monitor's page tables.
+// (through the granule bitmap derived from it, or its ranges themselves), and L0 mapped all guest
+// RAM readable at `direct_map_base + gpa` in the monitor's page tables.
 impl GuestPhysRead for DirectMap<'_> {
     #[inline(always)]
     fn read_bytes(&self, gpa: Gpa, buf: &mut [u8]) -> Result<(), PhysReadError> {
